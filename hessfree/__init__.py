@@ -1,0 +1,35 @@
+"""hessfree: Hessian-free second-order optimization for PyTorch.
+
+Exact curvature-vector products (:mod:`hessfree.curvature`), SciPy ``LinearOperator`` views of
+curvature (:mod:`hessfree.operators`), truncated conjugate gradient (:mod:`hessfree.cg`) and the
+Martens-style :class:`HessianFree` optimizer (:mod:`hessfree.optimizer`).
+"""
+
+from __future__ import annotations
+
+from ._flat import ParamLayout, trainable
+from .curvature import (
+    CurvatureProduct,
+    FisherProduct,
+    GGNProduct,
+    HessianProduct,
+    JacobianProduct,
+    hvp,
+    loss_hessian_product,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # products
+    "hvp",
+    "CurvatureProduct",
+    "HessianProduct",
+    "GGNProduct",
+    "FisherProduct",
+    "JacobianProduct",
+    "loss_hessian_product",
+    # helpers
+    "ParamLayout",
+    "trainable",
+]

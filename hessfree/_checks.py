@@ -1,0 +1,116 @@
+"""Argument validation shared by the core, the optimizer and the config loader.
+
+Every check raises ``ValueError`` for a bad value and ``TypeError`` for a bad type, with a
+message that names the argument, shows the value and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> float:
+    """Check a real number lies in an interval; return it as ``float``.
+
+    Example:
+        >>> check_number("damping", 0.5, low=0.0, low_open=True)
+        0.5
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}.")
+    value = float(value)
+    lo = "-inf" if low is None else repr(low)
+    hi = "inf" if high is None else repr(high)
+    interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    bad = math.isnan(value)
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value >= high if high_open else value > high
+    if bad:
+        raise ValueError(f"`{name}` must be in {interval}, got {value!r}.{(' ' + hint) if hint else ''}")
+    return value
+
+
+def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
+    """Check an integer lies in ``[low, high]``; return it.
+
+    Example:
+        >>> check_int("cg_max_iter", 250, low=1)
+        250
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"`{name}` must be an int {rng}, got {value!r}.")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """Check ``value`` is one of ``choices``.
+
+    Example:
+        >>> check_choice("curvature", "hess", ("ggn", "hessian"))
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `curvature` 'hess'; expected one of 'ggn', 'hessian'.
+    """
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Unknown `{name}` {value!r}; expected one of {listed}.")
+    return value  # type: ignore[return-value]
+
+
+def check_vector(name: str, v: object, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Check ``v`` is a flat tensor of the expected length, dtype and device (no host sync)."""
+    if not isinstance(v, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(v).__name__}.")
+    if v.dim() != 1 or v.numel() != numel:
+        raise ValueError(
+            f"`{name}` must be a flat vector of shape ({numel},), got shape {tuple(v.shape)}."
+        )
+    if v.dtype != dtype:
+        raise TypeError(f"`{name}` must have dtype {dtype}, got {v.dtype}; use v.to({dtype}).")
+    if v.device != device:
+        raise ValueError(f"`{name}` must be on device {device}, got {v.device}.")
+    return v
+
+
+def check_finite(name: str, v: Tensor) -> Tensor:
+    """Check ``v`` holds no NaN or Inf (one host sync on accelerators)."""
+    if not bool(torch.isfinite(v).all()):
+        bad = int((~torch.isfinite(v)).sum())
+        raise ValueError(f"`{name}` contains {bad} non-finite entries (NaN or Inf); expected finite values.")
+    return v
+
+
+def check_scalar_loss(name: str, loss: object) -> Tensor:
+    """Check ``loss`` is a 0-dim floating tensor with an autograd graph."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(loss).__name__}.")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"`{name}` must be a scalar (one element), got shape {tuple(loss.shape)}; "
+            "reduce it with .mean() or .sum()."
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"`{name}` has no autograd graph to the parameters (requires_grad=False); "
+            "compute it with gradients enabled from tensors that require grad."
+        )
+    return loss.reshape(())

@@ -1,0 +1,104 @@
+"""Flat views of parameter lists.
+
+Solvers and operators work on one flat 1-D tensor; models hold a list of tensors. A
+:class:`ParamLayout` converts between the two: :meth:`ParamLayout.split` returns *views* into a
+flat vector (no copy), :meth:`ParamLayout.cat` concatenates (one copy, unavoidable since the
+parameters live in separate storages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def trainable(params: Iterable[Tensor] | torch.nn.Module) -> list[Tensor]:
+    """Return the parameters that require gradients, in order.
+
+    Args:
+        params: An ``nn.Module`` (its ``parameters()`` are used) or an iterable of tensors.
+
+    Returns:
+        list[Tensor]: The tensors with ``requires_grad=True``.
+
+    Raises:
+        TypeError: If an element is not a tensor.
+        ValueError: If no tensor requires gradients.
+    """
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    if isinstance(params, Tensor):
+        params = [params]
+    out = []
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"`params[{i}]` must be a torch.Tensor, got {type(p).__name__}.")
+        if p.requires_grad:
+            out.append(p)
+    if not out:
+        raise ValueError(
+            "No parameter requires gradients; pass tensors with requires_grad=True "
+            "(e.g. model.parameters())."
+        )
+    return out
+
+
+class ParamLayout:
+    """Shapes of a parameter list and the maps between it and one flat vector.
+
+    Args:
+        params: The parameter tensors, all of one dtype and device.
+
+    Raises:
+        ValueError: If the tensors disagree in dtype or device, or the list is empty.
+
+    Example:
+        >>> w, b = torch.zeros(2, 3), torch.zeros(3)
+        >>> layout = ParamLayout([w, b])
+        >>> layout.numel
+        9
+        >>> [t.shape for t in layout.split(torch.arange(9.0))]
+        [torch.Size([2, 3]), torch.Size([3])]
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        params = list(params)
+        if not params:
+            raise ValueError("`params` is empty; expected at least one tensor.")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"All parameters must share one dtype, got {sorted(map(str, dtypes))}; "
+                "convert the model with .to(dtype)."
+            )
+        if len(devices) > 1:
+            raise ValueError(
+                f"All parameters must live on one device, got {sorted(map(str, devices))}."
+            )
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.numel = sum(self.numels)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+
+    def split(self, vec: Tensor) -> list[Tensor]:
+        """Views of ``vec`` shaped like the parameters (no copy)."""
+        return [c.view(s) for c, s in zip(vec.split(self.numels), self.shapes, strict=True)]
+
+    def cat(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """Concatenate tensors shaped like the parameters into one flat vector.
+
+        ``None`` entries (parameters an expression does not depend on) become zeros.
+        """
+        parts = [
+            torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1)
+            for t, n in zip(tensors, self.numels, strict=True)
+        ]
+        return torch.cat(parts)
+
+    def zeros(self) -> Tensor:
+        """A flat zero vector of the parameters' dtype and device."""
+        return torch.zeros(self.numel, dtype=self.dtype, device=self.device)

@@ -1,0 +1,559 @@
+r"""Exact curvature-vector products at a fixed point :math:`\theta`.
+
+Notation: :math:`\theta \in \mathbb{R}^n` the parameters (a list of tensors, flattened in order),
+:math:`f(\theta) = \ell(o(\theta))` a scalar loss of the model outputs :math:`o`,
+:math:`g = \nabla f`, :math:`H = \nabla^2 f` the Hessian, :math:`J = \partial o / \partial\theta`
+the output Jacobian, :math:`H_\ell = \partial^2 \ell / \partial o^2` the loss Hessian,
+:math:`G = J^\top H_\ell J` the generalized Gauss-Newton matrix (Schraudolph 2002) and
+:math:`F = \tfrac1N \sum_i g_i g_i^\top` the empirical Fisher (:math:`g_i` the gradient of
+example :math:`i`'s loss).
+
+How the products are computed, all with PyTorch autograd and nothing formed:
+
+* **Reverse mode** (backprop) gives vector-Jacobian products :math:`u \mapsto J^\top u`.
+* **Hessian** (Pearlmutter 1994): :math:`Hv = \nabla_\theta \langle g(\theta), v\rangle`. The
+  gradient is built once with ``create_graph=True``; every product is one more backward pass
+  through that graph, never a new forward pass.
+* **Jacobian** :math:`Jv` by the double-backward "R-op" trick: :math:`J^\top u` is linear in
+  :math:`u`, so :math:`Jv = \nabla_u \langle J^\top u, v\rangle`. For the Gauss-Newton product
+  the :math:`u` is the loss gradient :math:`\partial\ell/\partial o` itself, so the graph built
+  for the gradient serves every :math:`Jv` too.
+* **Gauss-Newton** :math:`Gv = J^\top (H_\ell (Jv))`, with :math:`H_\ell` in closed form for
+  MSE, softmax cross-entropy and BCE-with-logits (recognised from the loss's autograd node, so
+  no double backward through ``log_softmax``) and a double backward through the loss alone for
+  anything else.
+* **Empirical Fisher** :math:`Fv = s\,J^\top (\hat g_i\,\hat g_i^\top (Jv)_i)` where
+  :math:`\hat g_i = \partial f/\partial o_i` and :math:`s = N` for a mean over the ``N``
+  examples along dimension 0 of the outputs (``1`` for a sum): no per-example gradient is ever
+  materialised.
+
+Every product object exposes ``__call__(v)`` (validates ``v``: shape, dtype, device and
+finiteness, which costs one host sync on an accelerator) and ``matvec(v)`` (no checks, for
+solver loops). Vectors are flat 1-D tensors in parameter order.
+
+References:
+    Pearlmutter (1994), Fast exact multiplication by the Hessian, Neural Computation.
+    Schraudolph (2002), Fast curvature matrix-vector products for second-order gradient descent.
+    Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import check_finite, check_scalar_loss, check_vector
+from ._flat import ParamLayout
+from ._types import MatVec
+
+__all__ = [
+    "CurvatureProduct",
+    "HessianProduct",
+    "GGNProduct",
+    "FisherProduct",
+    "JacobianProduct",
+    "hvp",
+    "loss_hessian_product",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+    *,
+    create_graph: bool = False,
+    batched: bool = False,
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` keeping the graph and allowing unused inputs."""
+    return torch.autograd.grad(
+        outputs,
+        inputs,
+        grad_outputs=grad_outputs,
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
+        is_grads_batched=batched,
+    )
+
+
+def _batched_cat(layout: ParamLayout, parts: Sequence[Tensor | None], k: int) -> Tensor:
+    """Concatenate per-parameter results with a leading batch dim ``k`` into ``(k, n)``."""
+    cols = [
+        torch.zeros(k, n, dtype=layout.dtype, device=layout.device) if t is None else t.reshape(k, -1)
+        for t, n in zip(parts, layout.numels, strict=True)
+    ]
+    return torch.cat(cols, dim=1)
+
+
+def _batched_split(layout: ParamLayout, V: Tensor) -> list[Tensor]:
+    """Views of a ``(k, n)`` matrix shaped ``(k, *param.shape)``."""
+    k = V.shape[0]
+    return [c.view(k, *s) for c, s in zip(V.split(layout.numels, dim=1), layout.shapes, strict=True)]
+
+
+def _reaches(root: torch.autograd.graph.Node | None, targets: set, stop: set) -> bool:
+    """Whether the autograd graph from ``root`` reaches a node in ``targets`` avoiding ``stop``."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        if node in targets:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _accumulate_nodes(params: Sequence[Tensor]) -> set:
+    """The ``AccumulateGrad`` (or producing) nodes through which a graph reaches ``params``."""
+    nodes = set()
+    for p in params:
+        if p.grad_fn is not None:
+            nodes.add(p.grad_fn)
+        else:
+            # The leaf's AccumulateGrad node, as it appears in graphs that use the leaf.
+            nodes.add(p.view_as(p).grad_fn.next_functions[0][0])
+    return nodes
+
+
+# --------------------------------------------------------------------------------------------
+# base class
+# --------------------------------------------------------------------------------------------
+class CurvatureProduct:
+    """A linear map :math:`v \\mapsto Cv` on flat parameter vectors at a fixed point.
+
+    Subclasses implement :meth:`matvec` (and, where autograd can batch it, :meth:`matmat`).
+    """
+
+    layout: ParamLayout
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, n)`` with ``n`` the number of parameter entries."""
+        return (self.layout.numel, self.layout.numel)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """:math:`Cv` without validation (for solver loops)."""
+        raise NotImplementedError
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """:math:`C V^\\top` row by row: ``V`` is ``(k, n)``, the result ``(k, n)``.
+
+        Uses autograd's batched backward (``is_grads_batched``) and falls back to a loop over
+        rows where an operator has no batching rule.
+        """
+        try:
+            return self._matmat(V)
+        except (RuntimeError, NotImplementedError):
+            return torch.stack([self.matvec(v) for v in V])
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """:math:`Cv`, after checking ``v`` (shape, dtype, device, finiteness)."""
+        check_vector("v", v, self.layout.numel, self.layout.dtype, self.layout.device)
+        check_finite("v", v)
+        return self.matvec(v)
+
+    def damped(self, damping: float) -> MatVec:
+        """The Tikhonov-damped map :math:`v \\mapsto (C + \\lambda I)v` (unchecked, for solvers)."""
+        return lambda v: self.matvec(v).add_(v, alpha=damping)
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian
+# --------------------------------------------------------------------------------------------
+class HessianProduct(CurvatureProduct):
+    r"""Hessian-vector products of a scalar loss, reusing one first-order graph.
+
+    The gradient is computed once with ``create_graph=True``; each product
+    :math:`Hv = \nabla_\theta\langle g, v\rangle` is then one backward pass through that graph.
+
+    Args:
+        loss: A scalar tensor with an autograd graph to ``params``.
+        params: The tensors to differentiate with respect to.
+        grads: Optional gradients of ``loss`` already built with ``create_graph=True`` (for
+            closures that called ``backward(create_graph=True)``); then ``loss`` may be ``None``.
+
+    Raises:
+        ValueError: If ``loss`` is not a scalar or has no graph.
+        TypeError: If ``loss`` is not a tensor.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> H = HessianProduct((x**3).sum(), [x])  # H = diag(6x)
+        >>> H(torch.tensor([1.0, 1.0]))
+        tensor([ 6., 12.])
+    """
+
+    def __init__(
+        self,
+        loss: Tensor | None,
+        params: Sequence[Tensor],
+        *,
+        grads: Sequence[Tensor | None] | None = None,
+    ) -> None:
+        self.params = list(params)
+        self.layout = ParamLayout(self.params)
+        if grads is None:
+            loss = check_scalar_loss("loss", loss)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        grads = list(grads)
+        self.gradient = self.layout.cat([None if g is None else g.detach() for g in grads])
+        # Only gradient entries that still depend on θ carry second-order information; the
+        # others (e.g. parameters entering linearly) contribute zero rows.
+        self._idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self._grads = [grads[i] for i in self._idx]
+
+    def matvec(self, v: Tensor) -> Tensor:
+        if not self._grads:
+            return torch.zeros_like(v)
+        vs = self.layout.split(v)
+        return self.layout.cat(_grad(self._grads, self.params, [vs[i] for i in self._idx]))
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if not self._grads:
+            return torch.zeros_like(V)
+        vs = _batched_split(self.layout, V)
+        out = _grad(self._grads, self.params, [vs[i] for i in self._idx], batched=True)
+        return _batched_cat(self.layout, out, V.shape[0])
+
+
+def hvp(
+    f: Callable[..., Tensor],
+    x: Tensor | tuple[Tensor, ...],
+    v: Tensor | tuple[Tensor, ...],
+) -> Tensor | tuple[Tensor, ...]:
+    r"""Hessian-vector product of a scalar function, :math:`\nabla^2 f(x)\, v`, by double backward.
+
+    Args:
+        f: Maps ``x`` (a tensor, or a tuple of tensors passed as separate arguments) to a scalar.
+        x: The point; not modified and need not require grad.
+        v: The direction, shaped like ``x`` (a tuple for a tuple ``x``), or one flat tensor
+            with ``x``'s total number of entries.
+
+    Returns:
+        :math:`Hv` shaped like ``x``.
+
+    Raises:
+        TypeError: If ``x`` or ``v`` is not a (tuple of) floating tensor(s), or dtypes differ.
+        ValueError: If shapes or devices differ, ``v`` is not finite, or ``f(x)`` is not a scalar.
+
+    Example:
+        >>> from scipy.optimize import rosen_hess_prod
+        >>> def rosen(x):
+        ...     return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+        >>> x = torch.tensor([0.5, 1.5, -0.3], dtype=torch.float64)
+        >>> v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        >>> bool(torch.allclose(hvp(rosen, x, v), torch.from_numpy(rosen_hess_prod(x.numpy(), v.numpy()))))
+        True
+    """
+    is_tuple = isinstance(x, tuple)
+    xs = x if is_tuple else (x,)
+    for i, xi in enumerate(xs):
+        if not isinstance(xi, Tensor) or not xi.is_floating_point():
+            kind = type(xi).__name__ if not isinstance(xi, Tensor) else f"tensor of dtype {xi.dtype}"
+            raise TypeError(f"`x[{i}]` must be a floating-point tensor, got {kind}.")
+    prims = [xi.detach().requires_grad_(True) for xi in xs]
+    layout = ParamLayout(prims)
+    if isinstance(v, tuple):
+        if not is_tuple or len(v) != len(xs):
+            raise ValueError(f"`v` must match `x`'s structure: got a tuple of {len(v)} for x of {len(xs)}.")
+        for i, (vi, xi) in enumerate(zip(v, xs, strict=True)):
+            if not isinstance(vi, Tensor) or vi.shape != xi.shape:
+                shape = tuple(vi.shape) if isinstance(vi, Tensor) else type(vi).__name__
+                raise ValueError(f"`v[{i}]` must have shape {tuple(xi.shape)} like x[{i}], got {shape}.")
+        flat_v = layout.cat(v) if len(v) > 1 else v[0].reshape(-1)
+    elif isinstance(v, Tensor):
+        if not is_tuple and v.shape == xs[0].shape:
+            flat_v = v.reshape(-1)
+        elif v.dim() == 1 and v.numel() == layout.numel:
+            flat_v = v
+        else:
+            want = f"{tuple(xs[0].shape)} or ({layout.numel},)" if not is_tuple else f"({layout.numel},)"
+            raise ValueError(f"`v` must have shape {want}, got {tuple(v.shape)}.")
+    else:
+        raise TypeError(f"`v` must be a tensor or a tuple of tensors, got {type(v).__name__}.")
+    check_vector("v", flat_v, layout.numel, layout.dtype, layout.device)
+    check_finite("v", flat_v)
+    with torch.enable_grad():
+        loss = f(*prims)
+        if isinstance(loss, Tensor) and not loss.requires_grad and loss.numel() == 1:
+            return tuple(torch.zeros_like(p) for p in prims) if is_tuple else torch.zeros_like(prims[0])
+        out = HessianProduct(check_scalar_loss("f(x)", loss), prims).matvec(flat_v)
+    parts = [t.detach() for t in layout.split(out)]
+    return tuple(parts) if is_tuple else parts[0]
+
+
+# --------------------------------------------------------------------------------------------
+# loss Hessians in closed form
+# --------------------------------------------------------------------------------------------
+_MEAN, _SUM = 1, 2  # at::Reduction codes saved on loss autograd nodes
+
+
+def _neg_dim(dim: int, ndim: int) -> int:
+    return dim - ndim if dim >= 0 else dim
+
+
+def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
+    r"""The closed-form loss Hessian :math:`w \mapsto H_\ell w` if ``loss`` is a known loss of ``outputs``.
+
+    Recognises ``loss = mse_loss(outputs, t)``, ``cross_entropy(outputs, y)`` (class dimension 1,
+    no class weights) and ``binary_cross_entropy_with_logits(outputs, t)`` (no weights) with
+    ``'mean'`` or ``'sum'`` reduction, from the loss's autograd node. The returned map also
+    accepts ``w`` with extra leading (batch) dimensions.
+
+    * MSE: :math:`H_\ell = 2I/m` (:math:`m` = number of averaged entries, 1 for a sum).
+    * Cross-entropy: per row :math:`(\mathrm{diag}(p) - pp^\top)/m`, :math:`p = \mathrm{softmax}(o)`;
+      rows whose target is ``ignore_index`` contribute zero.
+    * BCE-with-logits: :math:`\mathrm{diag}(\sigma(o)(1-\sigma(o)))/m`.
+
+    Returns:
+        The map, or ``None`` if the loss is not recognised (callers then double-backward
+        through the loss, which is exact too).
+
+    Example:
+        >>> o = torch.randn(4, 3, requires_grad=True) * 1.0  # outputs: a non-leaf tensor
+        >>> hl = loss_hessian_product(torch.nn.functional.mse_loss(o, torch.zeros(4, 3)), o)
+        >>> hl(torch.ones(4, 3))[0]  # 2 / 12 on the diagonal
+        tensor([0.1667, 0.1667, 0.1667])
+    """
+    node = loss.grad_fn
+    if node is None or outputs.grad_fn is None or loss.numel() != 1:
+        return None
+    name = type(node).__name__
+    nxt = node.next_functions
+    o = outputs.detach()
+    reduction = getattr(node, "_saved_reduction", None)
+    if reduction not in (_MEAN, _SUM):
+        return None
+    if name == "MseLossBackward0" and nxt[0][0] is outputs.grad_fn:
+        scale = 2.0 / (o.numel() if reduction == _MEAN else 1)
+        return lambda w: w * scale
+    if name == "BinaryCrossEntropyWithLogitsBackward0" and nxt[0][0] is outputs.grad_fn:
+        if node._saved_weight is not None or node._saved_pos_weight is not None:
+            return None
+        s = torch.sigmoid(o)
+        d = s * (1 - s) / (o.numel() if reduction == _MEAN else 1)
+        return lambda w: w * d
+    if name == "NllLossBackward0" and type(nxt[0][0]).__name__ == "LogSoftmaxBackward0":
+        lsm = nxt[0][0]
+        if lsm.next_functions[0][0] is not outputs.grad_fn or node._saved_weight is not None:
+            return None
+        if o.dim() < 2 or lsm._saved_dim not in (1, 1 - o.dim()):
+            return None
+        cdim = _neg_dim(1, o.dim())
+        p = lsm._saved_result.detach().exp()
+        target = node._saved_target
+        keep = (target != node._saved_ignore_index).unsqueeze(1).to(p.dtype)
+        denom = node._saved_total_weight if reduction == _MEAN else 1.0
+        p = p * (keep / denom).sqrt()  # fold mask and 1/m into p and a diagonal factor
+        diag = p * (keep / denom).sqrt()
+
+        def ce(w: Tensor) -> Tensor:
+            return diag * w - p * (p * w).sum(cdim, keepdim=True)
+
+        return ce
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Jacobian, Gauss-Newton, Fisher
+# --------------------------------------------------------------------------------------------
+class JacobianProduct:
+    r"""Products with the Jacobian :math:`J = \partial o/\partial\theta` of outputs at a point.
+
+    :meth:`jvp` (:math:`v \mapsto Jv`, flat ``v`` in, outputs-shaped out) uses the double-backward
+    R-op trick on a graph built once on first use; :meth:`vjp` (:math:`u \mapsto J^\top u`,
+    outputs-shaped ``u`` in, flat out) is one backward pass.
+
+    Args:
+        outputs: The model outputs, with a graph to ``params``.
+        params: The parameters.
+        u: Internal: a tensor shaped like ``outputs`` such that a graph of :math:`J^\top u`
+            exists (set by :class:`GGNProduct`, which reuses the loss gradient).
+
+    Example:
+        >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+        >>> x = torch.tensor([1.0, -1.0])
+        >>> J = JacobianProduct(W @ x, [W])
+        >>> J.jvp(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # d(Wx)/dW_00 = [x_0, 0]
+        tensor([1., 0.])
+    """
+
+    def __init__(self, outputs: Tensor, params: Sequence[Tensor]) -> None:
+        if not isinstance(outputs, Tensor):
+            raise TypeError(f"`outputs` must be a torch.Tensor, got {type(outputs).__name__}.")
+        if not outputs.requires_grad:
+            raise ValueError(
+                "`outputs` has no autograd graph to the parameters (requires_grad=False); "
+                "compute them with gradients enabled."
+            )
+        self.outputs = outputs
+        self.params = list(params)
+        self.layout = ParamLayout(self.params)
+        self._u: Tensor | None = None
+        self._jtu: list[Tensor] = []
+        self._jtu_idx: list[int] = []
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(outputs.numel(), n)``."""
+        return (self.outputs.numel(), self.layout.numel)
+
+    def _set_rop_graph(self, u: Tensor, jtu: Sequence[Tensor | None]) -> None:
+        self._u = u
+        self._jtu_idx = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
+        self._jtu = [jtu[i] for i in self._jtu_idx]
+
+    def _ensure_rop_graph(self) -> None:
+        if self._u is None:
+            u = torch.zeros_like(self.outputs, requires_grad=True)
+            self._set_rop_graph(u, _grad([self.outputs], self.params, [u], create_graph=True))
+
+    def jvp(self, v: Tensor) -> Tensor:
+        """:math:`Jv` for a flat ``v``; returns a tensor shaped like ``outputs``."""
+        self._ensure_rop_graph()
+        if not self._jtu:
+            return torch.zeros_like(self.outputs)
+        vs = self.layout.split(v)
+        (out,) = _grad(self._jtu, [self._u], [vs[i] for i in self._jtu_idx])
+        return torch.zeros_like(self.outputs) if out is None else out
+
+    def jmp(self, V: Tensor) -> Tensor:
+        """Batched :meth:`jvp`: ``V`` is ``(k, n)``, the result ``(k, *outputs.shape)``."""
+        self._ensure_rop_graph()
+        k = V.shape[0]
+        if not self._jtu:
+            return self.outputs.new_zeros(k, *self.outputs.shape)
+        vs = _batched_split(self.layout, V)
+        (out,) = _grad(self._jtu, [self._u], [vs[i] for i in self._jtu_idx], batched=True)
+        return self.outputs.new_zeros(k, *self.outputs.shape) if out is None else out
+
+    def vjp(self, u: Tensor) -> Tensor:
+        """:math:`J^\\top u` for ``u`` shaped like ``outputs``; returns a flat vector."""
+        return self.layout.cat(_grad([self.outputs], self.params, [u]))
+
+    def vmp(self, U: Tensor) -> Tensor:
+        """Batched :meth:`vjp`: ``U`` is ``(k, *outputs.shape)``, the result ``(k, n)``."""
+        return _batched_cat(self.layout, _grad([self.outputs], self.params, [U], batched=True), U.shape[0])
+
+
+class GGNProduct(CurvatureProduct):
+    r"""Generalized Gauss-Newton products :math:`Gv = J^\top H_\ell J v` (Schraudolph 2002).
+
+    One set-up backward pass builds the gradient through ``outputs`` with ``create_graph=True``;
+    it yields the gradient (:attr:`gradient`), the graph for every :math:`Jv`, and the generic
+    loss Hessian. Each product is then a backward through that graph (:math:`Jv`), a closed-form
+    loss Hessian where :func:`loss_hessian_product` recognises the loss, and one backward
+    (:math:`J^\top`).
+
+    Args:
+        loss: Scalar loss computed from ``outputs`` (it may also depend on ``params`` directly,
+            e.g. a regulariser: that part enters the gradient but not :math:`G`).
+        outputs: The model outputs, with a graph to ``params``.
+        params: The parameters.
+
+    Raises:
+        ValueError: If ``loss`` is not a scalar, has no graph, or does not depend on ``outputs``.
+
+    Example:
+        >>> X = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> out = X @ w
+        >>> G = GGNProduct(0.5 * (out**2).sum(), out, [w])  # G = X^T X
+        >>> G(torch.tensor([1.0, 0.0]))
+        tensor([2., 2.])
+    """
+
+    def __init__(self, loss: Tensor, outputs: Tensor, params: Sequence[Tensor]) -> None:
+        loss = check_scalar_loss("loss", loss)
+        self.jacobian = JacobianProduct(outputs, params)
+        self.params, self.layout, self.outputs = self.jacobian.params, self.jacobian.layout, outputs
+        (go,) = torch.autograd.grad(loss, outputs, create_graph=True, retain_graph=True, allow_unused=True)
+        if go is None:
+            raise ValueError("`loss` does not depend on `outputs`; pass the outputs the loss was computed from.")
+        jtg = _grad([outputs], self.params, [go], create_graph=True)
+        self.jacobian._set_rop_graph(go, jtg)
+        self.output_grad = go.detach()
+        self.gradient = self.layout.cat([None if t is None else t.detach() for t in jtg])
+        if _reaches(loss.grad_fn, _accumulate_nodes(self.params), {outputs.grad_fn}):
+            # The loss also depends on θ directly (a regulariser): the full gradient needs it.
+            self.gradient = self.layout.cat(
+                torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
+            )
+        closed = loss_hessian_product(loss, outputs)
+        if closed is not None:
+            self._hl = closed
+        elif go.requires_grad:
+            self._hl = lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
+        else:  # loss linear in the outputs
+            self._hl = torch.zeros_like
+
+    def loss_hessian(self, w: Tensor) -> Tensor:
+        """:math:`H_\\ell w` for ``w`` shaped like ``outputs`` (or with a leading batch dim)."""
+        return self._hl(w)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        J = self.jacobian
+        return J.vjp(self.loss_hessian(J.jvp(v)))
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        J = self.jacobian
+        return J.vmp(self.loss_hessian(J.jmp(V)))
+
+
+class FisherProduct(GGNProduct):
+    r"""Empirical Fisher products :math:`Fv = \tfrac1N \sum_i g_i g_i^\top v` (mean reduction).
+
+    With :math:`\hat g_i = \partial f/\partial o_i` the loss gradient for example :math:`i`
+    (examples along dimension 0 of ``outputs``) and :math:`g_i = J_i^\top \hat g_i / c`
+    (:math:`c = 1/N` for ``'mean'``, :math:`1` for ``'sum'``), the product is
+    :math:`Fv = \tfrac{1}{c}\, J^\top\big(\hat g_i\,\langle \hat g_i, (Jv)_i\rangle\big)_i`,
+    i.e. a Gauss-Newton product with a rank-one-per-example "loss Hessian". No per-example
+    gradient is materialised. For ``'sum'`` the :math:`1/N` is dropped: :math:`F = \sum_i g_i g_i^\top`.
+
+    Args:
+        loss: Scalar loss, the mean (or sum) of per-example losses over dim 0 of ``outputs``.
+        outputs: The model outputs, examples along dimension 0.
+        params: The parameters.
+        reduction: ``'mean'`` (PyTorch losses' default) or ``'sum'``: how ``loss`` combines
+            the per-example losses.
+
+    Raises:
+        ValueError: For a bad ``reduction`` or as :class:`GGNProduct`.
+    """
+
+    def __init__(
+        self, loss: Tensor, outputs: Tensor, params: Sequence[Tensor], *, reduction: str = "mean"
+    ) -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"Unknown `reduction` {reduction!r}; expected one of 'mean', 'sum'.")
+        super().__init__(loss, outputs, params)
+        self.reduction = reduction
+        n = outputs.shape[0] if outputs.dim() > 0 else 1
+        scale = float(n) if reduction == "mean" else 1.0
+        G = self.output_grad
+
+        def fisher(w: Tensor) -> Tensor:
+            ex_dims = tuple(range(w.dim() - G.dim() + 1, w.dim()))
+            s = (G * w).sum(ex_dims, keepdim=True) if ex_dims else G * w
+            return G * s * scale
+
+        self._hl = fisher

@@ -1,0 +1,333 @@
+"""Curvature-vector products against dense float64 oracles (torch.autograd.functional, SciPy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import rosen_hess_prod
+from torch import nn
+
+from cases import dense
+from hessfree import FisherProduct, GGNProduct, HessianProduct, JacobianProduct, hvp, loss_hessian_product
+
+EXACT = dict(rtol=1e-10, atol=1e-12)
+
+
+def _vectors(n: int, k: int = 3, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(k, n, generator=gen, dtype=torch.float64)
+
+
+def _at_point(case):
+    model, x, y, loss_fn = case.build()
+    params = list(model.parameters())
+    out = model(x)
+    return model, x, y, loss_fn, params, out, loss_fn(out, y)
+
+
+def test_hessian_product_matches_dense_hessian(case):
+    model, x, y, loss_fn, params, out, loss = _at_point(case)
+    D = dense(model, x, y, loss_fn)
+    H = HessianProduct(loss, params)
+    for v in _vectors(D.H.shape[0]):
+        torch.testing.assert_close(H(v), D.H @ v, **EXACT)
+    torch.testing.assert_close(H.gradient, D.g, **EXACT)
+
+
+def test_ggn_product_matches_dense_ggn(case):
+    model, x, y, loss_fn, params, out, loss = _at_point(case)
+    D = dense(model, x, y, loss_fn)
+    G = GGNProduct(loss, out, params)
+    for v in _vectors(D.G.shape[0]):
+        torch.testing.assert_close(G(v), D.G @ v, **EXACT)
+    torch.testing.assert_close(G.gradient, D.g, **EXACT)
+
+
+def test_fisher_product_matches_per_example_gradients(case):
+    model, x, y, loss_fn, params, out, loss = _at_point(case)
+    D = dense(model, x, y, loss_fn)
+    Fp = FisherProduct(loss, out, params, reduction=D.reduction)
+    for v in _vectors(D.F.shape[0]):
+        torch.testing.assert_close(Fp(v), D.F @ v, **EXACT)
+
+
+def test_jacobian_products_match_dense_jacobian(case):
+    model, x, y, loss_fn, params, out, loss = _at_point(case)
+    D = dense(model, x, y, loss_fn)
+    J = JacobianProduct(out, params)
+    assert J.shape == tuple(D.J.shape)
+    v = _vectors(D.J.shape[1], 1)[0]
+    u = _vectors(D.J.shape[0], 1, seed=1)[0]
+    torch.testing.assert_close(J.jvp(v).reshape(-1), D.J @ v, **EXACT)
+    torch.testing.assert_close(J.vjp(u.view_as(out)), D.J.T @ u, **EXACT)
+
+
+def test_batched_products_match_single(case):
+    model, x, y, loss_fn, params, out, loss = _at_point(case)
+    n = sum(p.numel() for p in params)
+    V = _vectors(n, 4)
+    for prod in (HessianProduct(loss, params), GGNProduct(loss, out, params)):
+        expected = torch.stack([prod.matvec(v) for v in V])
+        torch.testing.assert_close(prod.matmat(V), expected, **EXACT)
+
+
+def test_products_are_symmetric(case):
+    model, x, y, loss_fn, params, out, loss = _at_point(case)
+    n = sum(p.numel() for p in params)
+    u, v = _vectors(n, 2, seed=5)
+    for prod in (HessianProduct(loss, params), GGNProduct(loss, out, params)):
+        torch.testing.assert_close(u @ prod(v), v @ prod(u), **EXACT)
+
+
+def test_repeated_products_agree():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    out = model(x)
+    G = GGNProduct(F.mse_loss(out, torch.zeros_like(out)), out, list(model.parameters()))
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    assert torch.equal(G(v), G(v))
+
+
+def test_ggn_equals_hessian_for_linear_model_with_mse():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    out = model(x)
+    loss = F.mse_loss(out, y)
+    params = list(model.parameters())
+    H, G = HessianProduct(loss, params), GGNProduct(loss, out, params)
+    for v in _vectors(H.shape[0]):
+        torch.testing.assert_close(G(v), H(v), **EXACT)
+
+
+def test_least_squares_closed_form():
+    """½‖Xθ − y‖² has H = G = XᵀX."""
+    torch.manual_seed(1)
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    theta = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    out = X @ theta
+    loss = 0.5 * ((out - y) ** 2).sum()
+    v = torch.randn(4, dtype=torch.float64)
+    torch.testing.assert_close(GGNProduct(loss, out, [theta])(v), X.T @ X @ v, **EXACT)
+    torch.testing.assert_close(HessianProduct(loss, [theta])(v), X.T @ X @ v, **EXACT)
+
+
+@pytest.mark.parametrize("name", ["mse_mean", "mse_sum", "ce_mean", "ce_sum", "ce_ignore", "bce_mean", "bce_sum"])
+def test_closed_form_loss_hessian_matches_double_backward(name):
+    torch.manual_seed(2)
+    o = (torch.randn(6, 4, dtype=torch.float64, requires_grad=True) * 1.0)
+    reduction = name.split("_")[1] if name != "ce_ignore" else "mean"
+    if name.startswith("mse"):
+        loss = F.mse_loss(o, torch.randn(6, 4, dtype=torch.float64), reduction=reduction)
+    elif name.startswith("ce"):
+        y = torch.randint(0, 4, (6,))
+        if name == "ce_ignore":
+            y[[1, 4]] = -100
+        loss = F.cross_entropy(o, y, reduction=reduction)
+    else:
+        loss = F.binary_cross_entropy_with_logits(o, torch.rand(6, 4, dtype=torch.float64), reduction=reduction)
+    hl = loss_hessian_product(loss, o)
+    assert hl is not None, "closed form not recognised"
+    from torch.autograd.functional import hessian
+
+    HL = hessian(lambda z: _reloss(name, z.view(6, 4), loss), o.detach().reshape(-1))
+    w = torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(hl(w).reshape(-1), HL @ w.reshape(-1), **EXACT)
+    # batched form: a leading dimension of vectors
+    W = torch.randn(3, 6, 4, dtype=torch.float64)
+    torch.testing.assert_close(hl(W), torch.stack([hl(wi) for wi in W]), **EXACT)
+
+
+def _reloss(name, z, loss):
+    node = loss.grad_fn
+    if name.startswith("mse"):
+        return F.mse_loss(z, node._saved_target, reduction=name.split("_")[1])
+    if name.startswith("ce"):
+        return F.cross_entropy(z, node._saved_target, reduction="mean" if name != "ce_sum" else "sum")
+    return F.binary_cross_entropy_with_logits(z, node._saved_target, reduction=name.split("_")[1])
+
+
+def test_unrecognised_loss_falls_back_to_double_backward():
+    torch.manual_seed(3)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out = model(x)
+    loss = (out**4).mean() + F.cross_entropy(out, torch.tensor([0, 1, 0, 1, 1]), label_smoothing=0.1)
+    assert loss_hessian_product(loss, out) is None
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    D = dense(model, x, labels, lambda o, t: (o**4).mean() + F.cross_entropy(o, t, label_smoothing=0.1))
+    v = torch.randn(D.G.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(GGNProduct(loss, out, list(model.parameters()))(v), D.G @ v, **EXACT)
+
+
+def test_ggn_gradient_includes_a_direct_regulariser():
+    torch.manual_seed(4)
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    params = list(model.parameters())
+    out = model(x)
+    loss = F.mse_loss(out, y) + 0.3 * model.weight.pow(2).sum()
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+    torch.testing.assert_close(GGNProduct(loss, out, params).gradient, expected, **EXACT)
+
+
+def test_unused_parameters_give_zeros():
+    torch.manual_seed(5)
+    used = nn.Linear(3, 2).double()
+    unused = nn.Linear(2, 2).double()
+    params = list(used.parameters()) + list(unused.parameters())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    out = used(x)
+    loss = F.mse_loss(out, torch.zeros_like(out))
+    n_used = sum(p.numel() for p in used.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    for prod in (HessianProduct(loss, params), GGNProduct(loss, out, params), FisherProduct(loss, out, params)):
+        r = prod(v)
+        assert r.shape == v.shape
+        assert torch.all(r[n_used:] == 0)
+        assert r[:n_used].abs().sum() > 0
+
+
+def test_loss_linear_in_params_has_zero_hessian():
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    H = HessianProduct((2 * w).sum(), [w])
+    assert torch.equal(H(torch.ones(3, dtype=torch.float64)), torch.zeros(3, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------- hvp()
+def test_hvp_matches_scipy_rosen_hess_prod():
+    def rosen(x):
+        return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+    rng = np.random.default_rng(0)
+    x, v = rng.normal(size=10), rng.normal(size=10)
+    out = hvp(rosen, torch.from_numpy(x), torch.from_numpy(v))
+    np.testing.assert_allclose(out.numpy(), rosen_hess_prod(x, v), rtol=1e-12, atol=1e-10)
+
+
+def test_hvp_tuple_input_matches_dense():
+    torch.manual_seed(6)
+    A = torch.randn(3, 2, dtype=torch.float64)
+
+    def f(a, b):
+        return (a.sin() @ A @ b.exp()).sum() + (a**2).sum() * (b**3).sum()
+
+    a, b = torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    va, vb = torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    H = torch.autograd.functional.hessian(lambda z: f(z[:3], z[3:]), torch.cat([a, b]))
+    expected = H @ torch.cat([va, vb])
+    ha, hb = hvp(f, (a, b), (va, vb))
+    torch.testing.assert_close(torch.cat([ha, hb]), expected, **EXACT)
+    ha2, hb2 = hvp(f, (a, b), torch.cat([va, vb]))
+    torch.testing.assert_close(torch.cat([ha2, hb2]), expected, **EXACT)
+
+
+def test_hvp_keeps_input_shape_and_does_not_modify_x():
+    x = torch.randn(2, 3, dtype=torch.float64)
+    x0 = x.clone()
+    out = hvp(lambda z: (z**3).sum(), x, torch.ones(2, 3, dtype=torch.float64))
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(out, 6 * x0, **EXACT)
+    assert torch.equal(x, x0) and not x.requires_grad
+
+
+def test_worked_example_matches_hand_derived_backward():
+    """z = wx + b, y = σ(z), L = ½(y − t)², R = ½w², 𝓛 = L + λR."""
+    x, t, lam = 1.5, 0.25, 0.1
+    theta = torch.tensor([0.7, -0.3], dtype=torch.float64, requires_grad=True)  # (w, b)
+
+    def objective(th):
+        w, b = th
+        z = w * x + b
+        y = torch.sigmoid(z)
+        return 0.5 * (y - t) ** 2 + lam * 0.5 * w**2
+
+    (grad,) = torch.autograd.grad(objective(theta), theta)
+    # the backward pass by hand
+    w, b = theta.detach()
+    z = w * x + b
+    y = torch.sigmoid(z)
+    L_bar, R_bar = 1.0, lam
+    y_bar = L_bar * (y - t)
+    z_bar = y_bar * y * (1 - y)
+    w_bar = z_bar * x + R_bar * w
+    b_bar = z_bar
+    torch.testing.assert_close(grad, torch.stack([w_bar, b_bar]), **EXACT)
+    x_input = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    (x_grad,) = torch.autograd.grad(0.5 * (torch.sigmoid(w * x_input + b) - t) ** 2, x_input)
+    torch.testing.assert_close(x_grad, z_bar * w, **EXACT)
+    H = torch.autograd.functional.hessian(objective, theta.detach())
+    v = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    torch.testing.assert_close(hvp(objective, theta.detach(), v), H @ v, **EXACT)
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_non_scalar_loss_is_rejected():
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"`loss` must be a scalar.*shape \(3,\)"):
+        HessianProduct(w * 2, [w])
+
+
+def test_loss_without_graph_is_rejected():
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="no autograd graph"):
+        HessianProduct(torch.tensor(1.0), [w])
+
+
+def test_loss_not_a_tensor_is_rejected():
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(TypeError, match="`loss` must be a torch.Tensor, got float"):
+        HessianProduct(1.0, [w])
+
+
+def test_vector_of_wrong_shape_dtype_device_or_with_nan_is_rejected():
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    H = HessianProduct((w**3).sum(), [w])
+    with pytest.raises(ValueError, match=r"shape \(3,\), got shape \(4,\)"):
+        H(torch.ones(4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype torch.float64, got torch.float32"):
+        H(torch.ones(3))
+    with pytest.raises(ValueError, match="non-finite"):
+        H(torch.tensor([1.0, float("nan"), 0.0], dtype=torch.float64))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        H([1.0, 2.0, 3.0])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            H(torch.ones(3, dtype=torch.float64, device="cuda"))
+
+
+def test_outputs_without_graph_and_loss_not_depending_on_outputs():
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="`outputs` has no autograd graph"):
+        JacobianProduct(torch.ones(3), [w])
+    out = w * 2
+    with pytest.raises(ValueError, match="does not depend on `outputs`"):
+        GGNProduct((w**2).sum(), out, [w])
+    with pytest.raises(ValueError, match="Unknown `reduction` 'avg'"):
+        FisherProduct((out**2).sum(), out, [w], reduction="avg")
+
+
+def test_hvp_bad_inputs():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"`v` must have shape \(3,\) or \(3,\), got \(2,\)"):
+        hvp(lambda z: (z**2).sum(), x, torch.zeros(2))
+    with pytest.raises(TypeError, match="floating-point"):
+        hvp(lambda z: (z**2).sum(), torch.zeros(3, dtype=torch.long), torch.zeros(3))
+    with pytest.raises(ValueError, match="`f\\(x\\)` must be a scalar"):
+        hvp(lambda z: z**2, x, torch.zeros(3))
+    with pytest.raises(ValueError, match="non-finite"):
+        hvp(lambda z: (z**2).sum(), x, torch.tensor([0.0, float("inf"), 0.0]))
+
+
+@pytest.mark.cuda
+def test_products_on_cuda_match_cpu(case):
+    model, x, y, loss_fn = case.build(device="cuda")
+    params = list(model.parameters())
+    out = model(x)
+    loss = loss_fn(out, y)
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, device="cuda")
+    D = dense(*case.build())
+    torch.testing.assert_close(GGNProduct(loss, out, params)(v).cpu(), D.G @ v.cpu(), **EXACT)
+    torch.testing.assert_close(HessianProduct(loss, params)(v).cpu(), D.H @ v.cpu(), **EXACT)
