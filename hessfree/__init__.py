@@ -8,6 +8,7 @@ Martens-style :class:`HessianFree` optimizer (:mod:`hessfree.optimizer`).
 from __future__ import annotations
 
 from ._flat import ParamLayout, trainable
+from .cg import CGResult, StopReason, cg
 from .curvature import (
     CurvatureProduct,
     FisherProduct,
@@ -17,6 +18,10 @@ from .curvature import (
     hvp,
     loss_hessian_product,
 )
+
+from .damping import reduction_ratio, update_damping
+from .optimizer import HessianFree, StepInfo
+from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
 __version__ = "0.1.0"
 
@@ -29,6 +34,17 @@ __all__ = [
     "FisherProduct",
     "JacobianProduct",
     "loss_hessian_product",
+    # solver
+    "cg",
+    "CGResult",
+    "StopReason",
+    # optimizer
+    "HessianFree",
+    "StepInfo",
+    "EmpiricalFisherDiagonal",
+    "PrecondContext",
+    "reduction_ratio",
+    "update_damping",
     # helpers
     "ParamLayout",
     "trainable",

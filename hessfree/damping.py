@@ -1,0 +1,69 @@
+r"""Levenberg-Marquardt adaptation of the Tikhonov damping :math:`\lambda` (Martens 2010, §4.1).
+
+Notation: :math:`f` the objective, :math:`q_\theta(p) = f(\theta) + g^\top p + \tfrac12 p^\top C p`
+its *undamped* quadratic model at :math:`\theta`, :math:`p` the (backtracked) step and
+
+.. math:: \rho = \frac{f(\theta + p) - f(\theta)}{q_\theta(p) - q_\theta(0)}
+
+the reduction ratio: how much of the predicted decrease was realised. The model is trusted more
+(:math:`\lambda` shrinks) when :math:`\rho > 3/4` and less (:math:`\lambda` grows) when
+:math:`\rho < 1/4`; a NaN ratio counts as a failure. The constants 3/2 and 2/3 are the paper's.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["reduction_ratio", "update_damping"]
+
+
+def reduction_ratio(actual: float, predicted: float) -> float:
+    r"""The Levenberg-Marquardt ratio :math:`\rho` = actual / predicted change of the objective.
+
+    Args:
+        actual: :math:`f(\theta + p) - f(\theta)`; ``inf`` or NaN when the trial loss was not finite.
+        predicted: :math:`q(p) - q(0)` of the undamped model (negative for a descent step).
+
+    Returns:
+        float: :math:`\rho`; ``-inf`` when the objective went up or was not finite (Martens'
+        reference code), NaN when the model predicted no decrease.
+
+    Example:
+        >>> reduction_ratio(-0.9, -1.0)
+        0.9
+        >>> reduction_ratio(0.1, -1.0)
+        -inf
+    """
+    if not math.isfinite(actual) or actual > 0:
+        return -math.inf
+    if not predicted < 0:
+        return math.nan
+    return actual / predicted
+
+
+def update_damping(
+    damping: float,
+    rho: float,
+    *,
+    increase: float = 1.5,
+    decrease: float = 2.0 / 3.0,
+    min_damping: float = 0.0,
+    max_damping: float = math.inf,
+) -> float:
+    r"""Return the next :math:`\lambda` from the reduction ratio :math:`\rho` (§4.1).
+
+    :math:`\rho < 1/4` or NaN: :math:`\lambda \leftarrow \text{increase}\cdot\lambda`;
+    :math:`\rho > 3/4`: :math:`\lambda \leftarrow \text{decrease}\cdot\lambda`; otherwise unchanged.
+    The result is clipped to ``[min_damping, max_damping]``.
+
+    Example:
+        >>> update_damping(1.0, 0.9)
+        0.6666666666666666
+        >>> update_damping(1.0, float("nan"))
+        1.5
+    """
+    if math.isnan(rho) or rho < 0.25:
+        damping *= increase
+    elif rho > 0.75:
+        damping *= decrease
+    return min(max(damping, min_damping), max_damping)

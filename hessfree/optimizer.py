@@ -1,0 +1,626 @@
+r"""Martens-style Hessian-free optimization as a ``torch.optim.Optimizer``.
+
+Notation: :math:`\theta` the parameters (all param groups together), :math:`f` the objective on
+the gradient batch including the L2 term :math:`\tfrac12\sum_k\kappa_k\|\theta_k\|^2` of each
+group's ``weight_decay`` :math:`\kappa_k`, :math:`g = \nabla f`, :math:`C` the curvature
+(Gauss-Newton by default, plus :math:`\kappa`) on the curvature batch, :math:`B = C + \lambda I`
+the damped curvature, :math:`q_\theta(p) = f(\theta) + g^\top p + \tfrac12 p^\top C p` the
+undamped quadratic model and :math:`\rho` the reduction ratio.
+
+One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference MATLAB code):
+
+1. Loss, gradient and the curvature products' graph at :math:`\theta` from **one** closure call
+   (the first-order graph is reused by every product).
+2. Truncated preconditioned CG on :math:`Bp = -g` (:func:`hessfree.cg`), warm-started from
+   ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the reference code),
+   stopping by the relative-progress rule (§4.4).
+3. CG backtracking (§4.6): from the last stored iterate walk back while the objective on the
+   gradient batch decreases.
+4. :math:`\rho` of the backtracked step with the undamped model, read off CG's :math:`\phi`
+   (no extra product); Levenberg-Marquardt update of :math:`\lambda` (§4.1).
+5. Armijo backtracking line search on the backtracked step (the reference code's: :math:`c =
+   10^{-2}`, rate × 0.8, up to 60 tries), else the step is rejected.
+
+Where our defaults differ from the paper: initial ``damping`` is 1 (the reference uses 45 on its
+own loss scaling: tune it so that :math:`\rho` lands in 0.75–0.95 after the first step); no
+preconditioner by default (``precond='martens'`` turns §4.7's on); the curvature batch is
+whatever ``curvature_closure`` evaluates (the reference cycles through quarter-size chunks).
+
+Closure styles, fastest first:
+
+* ``closure() -> (loss, outputs)`` without ``backward()``: enables Gauss-Newton and Fisher
+  curvature; evaluation-only calls (backtracking, line search) run under ``torch.no_grad()``.
+* ``closure() -> loss`` without ``backward()``: Hessian curvature, same cheap evaluations.
+* ``torch.optim.LBFGS`` style (``zero_grad``, ``loss.backward()``, ``return loss``): works
+  unchanged and gets exact Hessian products. During the first call of a step the optimizer makes
+  ``backward()`` build the gradient with ``create_graph=True`` (``torch.autograd.backward`` is
+  swapped for the duration of that call and restored, also on error; not thread-safe while the
+  call runs), and evaluation calls run the closure's backward too, which costs one backward
+  pass per evaluation that the other styles avoid.
+
+References:
+    Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.
+    Nocedal & Wright (2006), Numerical Optimization, 2nd ed., §3.1 (Armijo) and §4 (trust region).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import damping as _damping
+from ._checks import check_choice, check_int, check_number
+from ._flat import ParamLayout
+from ._types import MatVec
+from .cg import CGResult, StopReason, cg
+from .curvature import FisherProduct, GGNProduct, HessianProduct, JacobianProduct, loss_hessian_product
+from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
+
+__all__ = ["HessianFree", "StepInfo"]
+
+Closure = Callable[[], "Tensor | tuple[Tensor, Tensor]"]
+CURVATURES = ("auto", "ggn", "hessian", "fisher")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Diagnostics of one :meth:`HessianFree.step`.
+
+    Attributes:
+        loss: Objective at the start (closure loss plus the L2 term).
+        loss_after: Objective at the accepted point (``loss`` if the step was rejected).
+        accepted: Whether the parameters changed.
+        status: ``'accepted'``, ``'line_search_failed'``, ``'zero_gradient'``,
+            ``'non_finite_loss'``, ``'non_finite_gradient'`` or ``'non_finite_curvature'``.
+        rho: Reduction ratio of the backtracked step (NaN if not computed).
+        damping: :math:`\\lambda` used in this step's CG.
+        next_damping: :math:`\\lambda` after the Levenberg-Marquardt update.
+        cg_iters: CG iterations; ``cg_reason`` why CG stopped; ``cg_matvecs`` products.
+        backtrack_iter: CG iteration of the chosen (backtracked) iterate.
+        step_rate: Accepted Armijo rate (0 if rejected).
+        grad_norm: :math:`\\|g\\|`.
+        closure_calls: Closure evaluations in this step (curvature closure included).
+        time_products: Seconds spent in curvature products (on CUDA: launch time, async).
+        time_total: Seconds for the whole step.
+    """
+
+    loss: float
+    loss_after: float
+    accepted: bool
+    status: str
+    rho: float = math.nan
+    damping: float = math.nan
+    next_damping: float = math.nan
+    cg_iters: int = 0
+    cg_reason: str = ""
+    cg_matvecs: int = 0
+    backtrack_iter: int = 0
+    step_rate: float = 0.0
+    grad_norm: float = math.nan
+    closure_calls: int = 0
+    time_products: float = 0.0
+    time_total: float = 0.0
+
+
+@dataclass
+class _Evaluation:
+    """The closure's result at the current point, with whatever graph it carries."""
+
+    loss: Tensor
+    outputs: Tensor | None
+    grads: list[Tensor | None] | None  # set when the closure itself called backward()
+
+
+@dataclass
+class _Counter:
+    calls: int = 0
+    product_time: float = 0.0
+    timers: list[float] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _backward_builds_graph() -> Iterator[list[bool]]:
+    """Make ``Tensor.backward()`` use ``create_graph=True`` inside the block; restore after."""
+    called: list[bool] = []
+    original = torch.autograd.backward
+
+    def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs):
+        called.append(True)
+        return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
+
+    torch.autograd.backward = backward
+    try:
+        with warnings.catch_warnings():
+            # The parameter <-> .grad reference cycle it warns about is broken right after.
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            yield called
+    finally:
+        torch.autograd.backward = original
+
+
+class HessianFree(torch.optim.Optimizer):
+    r"""Hessian-free optimization (Martens 2010) with a ``torch.optim`` interface.
+
+    Args:
+        params: Parameters or param groups (``lr`` and ``weight_decay`` may differ per group;
+            all groups form one quadratic model). Tensors with ``requires_grad=False`` are skipped.
+        lr: Multiplies the accepted step (1 in the paper); backtracking, :math:`\rho` and the
+            line search work on the unscaled step, so ``StepInfo.loss_after`` is the objective
+            there.
+        curvature: ``'auto'`` (Gauss-Newton when the closure returns ``(loss, outputs)``, else the
+            Hessian), ``'ggn'``, ``'hessian'``, ``'fisher'`` (empirical Fisher, mean over dim 0 of
+            the outputs unless the loss node says ``'sum'``) or a callable
+            ``(loss, outputs, params) -> MatVec`` returning flat ``v -> C v``.
+        damping: Initial Tikhonov damping :math:`\lambda > 0`.
+        adapt_damping: Adapt :math:`\lambda` by the Levenberg-Marquardt rule (§4.1).
+        damping_increase: Factor > 1 applied when :math:`\rho < 1/4` (3/2 in the paper).
+        damping_decrease: Factor in (0, 1) applied when :math:`\rho > 3/4` (2/3 in the paper).
+        min_damping: Lower bound on :math:`\lambda`, >= 0.
+        max_damping: Upper bound on :math:`\lambda`, > ``min_damping``.
+        weight_decay: L2 coefficient :math:`\kappa` (per group), in gradient *and* curvature.
+        cg_max_iter: Most CG iterations per step (250 in the reference code).
+        cg_min_iter: CG iterations before the relative-progress stop may fire.
+        cg_rtol: CG also stops when :math:`\|r\| \le` ``cg_rtol`` :math:`\|g\|`.
+        cg_progress_tol: :math:`\epsilon` of the relative-progress stop (5e-4, §4.4).
+        cg_decay: Warm-start decay in [0, 1] (0.95 in the reference code; 0 = cold start).
+        backtrack: CG backtracking over the stored iterates (§4.6).
+        line_search: ``'armijo'`` or ``None``.
+        armijo_c: Sufficient-decrease constant in (0, 1) (1e-2 in the reference code).
+        line_search_shrink: Rate factor in (0, 1) (0.8 in the reference code).
+        line_search_max_iter: Most rates tried (60 in the reference code).
+        precond: ``None``, ``'martens'`` (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs
+            ``(loss, outputs)`` closures), a :class:`EmpiricalFisherDiagonal`, or a callable
+            ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal of :math:`M` or
+            :math:`r \mapsto M^{-1}r`.
+        max_failures: Consecutive non-finite steps tolerated before ``FloatingPointError``.
+        callback: Called with the :class:`StepInfo` after every step.
+        seed: Seed of the optimizer's own generator (preconditioner probes); the user's global
+            RNG is never touched.
+
+    Raises:
+        ValueError: If a hyperparameter is out of range (the message names it).
+        TypeError: If a hyperparameter has the wrong type.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+        >>> x = torch.zeros(2, requires_grad=True)
+        >>> opt = HessianFree([x], damping=1e-6)
+        >>> def closure():
+        ...     return 0.5 * x @ A @ x - x.sum()
+        >>> loss = opt.step(closure)
+        >>> torch.allclose(x, torch.linalg.solve(A, torch.ones(2)), atol=1e-4)
+        True
+
+    References:
+        Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.1-4.7.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1.0,
+        *,
+        curvature: str | Callable = "auto",
+        damping: float = 1.0,
+        adapt_damping: bool = True,
+        damping_increase: float = 1.5,
+        damping_decrease: float = 2.0 / 3.0,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e10,
+        weight_decay: float = 0.0,
+        cg_max_iter: int = 250,
+        cg_min_iter: int = 1,
+        cg_rtol: float = 1e-10,
+        cg_progress_tol: float = 5e-4,
+        cg_decay: float = 0.95,
+        backtrack: bool = True,
+        line_search: str | None = "armijo",
+        armijo_c: float = 1e-2,
+        line_search_shrink: float = 0.8,
+        line_search_max_iter: int = 60,
+        precond: str | EmpiricalFisherDiagonal | Callable | None = None,
+        max_failures: int = 10,
+        callback: Callable[[StepInfo], None] | None = None,
+        seed: int = 0,
+    ) -> None:
+        lr = check_number("lr", lr, low=0.0, low_open=True)
+        weight_decay = check_number("weight_decay", weight_decay, low=0.0)
+        if not callable(curvature):
+            check_choice("curvature", curvature, CURVATURES)
+        self.curvature = curvature
+        self.initial_damping = check_number("damping", damping, low=0.0, low_open=True)
+        self.adapt_damping = _check_bool("adapt_damping", adapt_damping)
+        self.damping_increase = check_number(
+            "damping_increase", damping_increase, low=1.0, low_open=True,
+            hint="did you swap it with `damping_decrease`?" if 0 < damping_increase < 1 else "",
+        )
+        self.damping_decrease = check_number(
+            "damping_decrease", damping_decrease, low=0.0, high=1.0, low_open=True, high_open=True,
+            hint="did you swap it with `damping_increase`?" if damping_decrease > 1 else "",
+        )
+        self.min_damping = check_number("min_damping", min_damping, low=0.0)
+        self.max_damping = check_number("max_damping", max_damping, low=self.min_damping, low_open=True)
+        if not self.min_damping <= self.initial_damping <= self.max_damping:
+            raise ValueError(
+                f"`damping` must be in [min_damping, max_damping] = [{self.min_damping!r}, "
+                f"{self.max_damping!r}], got {self.initial_damping!r}."
+            )
+        self.cg_max_iter = check_int("cg_max_iter", cg_max_iter, low=1)
+        self.cg_min_iter = check_int("cg_min_iter", cg_min_iter, low=0, high=self.cg_max_iter)
+        self.cg_rtol = check_number("cg_rtol", cg_rtol, low=0.0)
+        self.cg_progress_tol = check_number("cg_progress_tol", cg_progress_tol, low=0.0, low_open=True)
+        self.cg_decay = check_number("cg_decay", cg_decay, low=0.0, high=1.0)
+        self.backtrack = _check_bool("backtrack", backtrack)
+        if line_search is not None:
+            check_choice("line_search", line_search, ("armijo",))
+        self.line_search = line_search
+        self.armijo_c = check_number("armijo_c", armijo_c, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.line_search_shrink = check_number(
+            "line_search_shrink", line_search_shrink, low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        self.line_search_max_iter = check_int("line_search_max_iter", line_search_max_iter, low=1)
+        if precond == "martens":
+            precond = EmpiricalFisherDiagonal()
+        elif isinstance(precond, str):
+            raise ValueError(f"Unknown `precond` {precond!r}; expected None, 'martens' or a callable.")
+        elif precond is not None and not callable(precond):
+            raise TypeError(f"`precond` must be None, 'martens' or a callable, got {type(precond).__name__}.")
+        self.precond = precond
+        self.max_failures = check_int("max_failures", max_failures, low=1)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"`callback` must be callable or None, got {type(callback).__name__}.")
+        self.callback = callback
+        self.seed = check_int("seed", seed)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        for i, group in enumerate(self.param_groups):
+            check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0, low_open=True)
+            check_number(f"param_groups[{i}]['weight_decay']", group["weight_decay"], low=0.0)
+        if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
+            raise ValueError("No parameter requires gradients; HessianFree has nothing to optimize.")
+        self.last_step: StepInfo | None = None
+        self._generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------------------ state
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _global_state(self) -> dict:
+        """State shared by all groups, stored under the first parameter (as LBFGS does)."""
+        st = self.state[self._params()[0]]
+        if "damping" not in st:
+            st["damping"] = self.initial_damping
+            st["step"] = 0
+            st["failures"] = 0
+        return st
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        st = self._global_state()
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+            if "rng_state" in st:
+                # load_state_dict casts state tensors to the parameters' dtype: undo that
+                self._generator.set_state(st["rng_state"].to("cpu", torch.uint8))
+        return self._generator
+
+    @property
+    def damping(self) -> float:
+        """The current Tikhonov damping :math:`\\lambda`."""
+        return self._global_state()["damping"]
+
+    def _per_entry(self, layout: ParamLayout, key: str) -> float | Tensor:
+        """A group option as a scalar if uniform, else a flat vector over the parameters."""
+        values = [(g[key], p) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        first = values[0][0]
+        if all(v == first for v, _ in values):
+            return float(first)
+        return torch.cat([torch.full((p.numel(),), float(v), dtype=layout.dtype, device=layout.device) for v, p in values])
+
+    # ------------------------------------------------------------------------------ closures
+    def _call(self, closure: Closure, counter: _Counter, *, build_graph: bool, contract_a: bool) -> _Evaluation:
+        """Evaluate ``closure``; with ``build_graph`` capture what curvature products need."""
+        counter.calls += 1
+        if build_graph:
+            with torch.enable_grad(), _backward_builds_graph() as called:
+                result = closure()
+            loss, outputs = _unpack(result)
+            grads = None
+            if called:
+                params = self._params()
+                grads = [p.grad for p in params]
+                for p in params:  # break the parameter <-> graph-carrying .grad cycle
+                    if p.grad is not None:
+                        p.grad = p.grad.detach()
+            return _Evaluation(loss, outputs, grads)
+        ctx = torch.enable_grad() if contract_a else torch.no_grad()
+        with ctx:
+            loss, outputs = _unpack(closure())
+        return _Evaluation(loss.detach(), None, None)
+
+    def _objective_at(
+        self, closure: Closure, counter: _Counter, theta0: list[Tensor], d: list[Tensor], t: float,
+        contract_a: bool, l2: float | Tensor,
+    ) -> float:
+        """:math:`f(\\theta_0 + t d)` including the L2 term; ``inf`` if not finite."""
+        params = self._params()
+        with torch.no_grad():
+            torch._foreach_copy_(params, theta0)
+            torch._foreach_add_(params, d, alpha=t)
+        f = float(self._call(closure, counter, build_graph=False, contract_a=contract_a).loss)
+        f += self._l2(params, l2)
+        return f if math.isfinite(f) else math.inf
+
+    def _l2(self, params: list[Tensor], l2: float | Tensor) -> float:
+        if isinstance(l2, float):
+            if l2 == 0.0:
+                return 0.0
+            return 0.5 * l2 * float(sum(p.detach().square().sum() for p in params))
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        return 0.5 * float((l2 * flat.square()).sum())
+
+    # ------------------------------------------------------------------------------ curvature
+    def _curvature_product(self, ev: _Evaluation, params: list[Tensor]) -> tuple[MatVec, object]:
+        """Build ``v -> C v`` (undamped, without weight decay) from an evaluation."""
+        kind = self.curvature
+        if callable(kind):
+            return kind(ev.loss, ev.outputs, params), None
+        if kind == "auto":
+            kind = "ggn" if ev.outputs is not None else "hessian"
+        if kind in ("ggn", "fisher") and ev.outputs is None:
+            raise ValueError(
+                f"curvature={kind!r} needs the model outputs: make the closure return "
+                "(loss, outputs), or use curvature='hessian'."
+            )
+        if kind == "hessian":
+            prod = HessianProduct(ev.loss if ev.grads is None else None, params, grads=ev.grads)
+        elif kind == "ggn":
+            prod = GGNProduct(ev.loss, ev.outputs, params)
+        else:
+            prod = FisherProduct(ev.loss, ev.outputs, params, reduction=_reduction_of(ev.loss, ev.outputs))
+        return prod.matvec, prod
+
+    def _gradient(self, ev: _Evaluation, product: object, layout: ParamLayout, params: list[Tensor]) -> Tensor:
+        if isinstance(product, (HessianProduct, GGNProduct)):
+            return product.gradient
+        if ev.grads is not None:
+            return layout.cat([None if g is None else g.detach() for g in ev.grads])
+        return layout.cat(torch.autograd.grad(ev.loss, params, retain_graph=True, allow_unused=True))
+
+    def _preconditioner(
+        self, ev: _Evaluation, product: object, params: list[Tensor], lam: float, shift: float | Tensor
+    ) -> Tensor | MatVec | None:
+        if self.precond is None:
+            return None
+        if ev.outputs is None:
+            raise ValueError(
+                "The diagonal empirical-Fisher preconditioner needs per-example information: "
+                "make the closure return (loss, outputs), or pass precond=None."
+            )
+        if isinstance(product, GGNProduct):
+            jac, go = product.jacobian, product.output_grad
+        else:
+            jac = JacobianProduct(ev.outputs, params)
+            (go,) = torch.autograd.grad(ev.loss, ev.outputs, retain_graph=True)
+        ctx = PrecondContext(
+            jacobian=jac, output_grad=go, reduction=_reduction_of(ev.loss, ev.outputs),
+            damping=lam, shift=shift, generator=self._rng(go.device),
+        )
+        return self.precond(ctx)
+
+    # ------------------------------------------------------------------------------ step
+    def step(self, closure: Closure, curvature_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """Take one Hessian-free step.
+
+        Args:
+            closure: Re-evaluates the model on the gradient batch and returns the loss, or
+                ``(loss, outputs)``; it may call ``backward()`` (``torch.optim.LBFGS`` style).
+                It is called several times per step (backtracking, line search).
+            curvature_closure: Same contract on the curvature batch; its graph supplies the
+                curvature products. Default: ``closure``'s own graph.
+
+        Returns:
+            Tensor: The closure's loss at the starting point (as ``LBFGS.step`` does).
+
+        Raises:
+            TypeError: If ``closure`` is not callable or returns something other than a scalar
+                tensor or ``(loss, outputs)``.
+            ValueError: If the curvature or preconditioner needs outputs the closure does not give.
+            FloatingPointError: After ``max_failures`` consecutive non-finite steps.
+        """
+        if not callable(closure):
+            raise TypeError(
+                f"HessianFree.step needs a closure that re-evaluates the loss, got {closure!r}."
+            )
+        if curvature_closure is not None and not callable(curvature_closure):
+            raise TypeError(f"`curvature_closure` must be callable or None, got {curvature_closure!r}.")
+        t_start = time.perf_counter()
+        st = self._global_state()
+        params = self._params()
+        layout = ParamLayout(params)
+        counter = _Counter()
+        lam = st["damping"]
+        l2 = self._per_entry(layout, "weight_decay")
+        lr = self._per_entry(layout, "lr")
+
+        # ---- 1. loss, gradient and the curvature graph at θ0 ----
+        ev = self._call(closure, counter, build_graph=True, contract_a=False)
+        contract_a = ev.grads is not None
+        loss0 = ev.loss.detach()
+        f0 = float(loss0) + self._l2(params, l2)
+
+        def finish(status: str, **kw) -> Tensor:
+            info = StepInfo(
+                loss=f0, loss_after=kw.pop("loss_after", f0), accepted=status == "accepted", status=status,
+                damping=lam, next_damping=st["damping"], closure_calls=counter.calls,
+                time_products=counter.product_time, time_total=time.perf_counter() - t_start, **kw,
+            )
+            self.last_step = info
+            st["step"] += 1
+            if self._generator is not None:
+                st["rng_state"] = self._generator.get_state()
+            if self.callback is not None:
+                self.callback(info)
+            return loss0
+
+        if not math.isfinite(f0):
+            return self._reject(st, finish, "non_finite_loss", "the loss")
+        cev = ev
+        if curvature_closure is not None:
+            cev = self._call(curvature_closure, counter, build_graph=True, contract_a=False)
+        curv, product = self._curvature_product(cev, params)
+        grad_product = product if cev is ev else None
+        g = self._gradient(ev, grad_product, layout, params)
+        if not isinstance(l2, float) or l2 != 0.0:
+            theta_flat = layout.cat([p.detach() for p in params])
+            g = g.add(theta_flat * l2 if not isinstance(l2, float) else theta_flat.mul_(l2))
+        g_norm = float(torch.linalg.vector_norm(g))
+        if not math.isfinite(g_norm):
+            return self._reject(st, finish, "non_finite_gradient", "the gradient", grad_norm=g_norm)
+        if g_norm == 0.0:
+            return finish("zero_gradient", grad_norm=0.0)
+
+        # ---- 2. CG on (C + κ + λ) p = -g from the decayed previous solution ----
+        shift = l2 + lam  # float or per-entry vector
+        def damped(v: Tensor) -> Tensor:
+            t0 = time.perf_counter()
+            out = curv(v)
+            counter.product_time += time.perf_counter() - t0
+            return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
+
+        precond = self._preconditioner(ev, product, params, lam, l2)
+        warm = st.get("warm_start")
+        x0 = None
+        if warm is not None and self.cg_decay > 0 and warm.shape == g.shape:
+            x0 = warm.to(device=g.device, dtype=g.dtype) * self.cg_decay
+        result = cg(
+            damped, -g, x0, max_iter=self.cg_max_iter, min_iter=self.cg_min_iter, rtol=self.cg_rtol,
+            precond=precond, progress_tol=self.cg_progress_tol,
+        )
+        del curv, product, ev, cev  # free the curvature graph before the trial evaluations
+        cg_info = dict(
+            grad_norm=g_norm, cg_iters=result.num_iter, cg_reason=result.reason.value, cg_matvecs=result.num_matvec
+        )
+        if result.reason is StopReason.NON_FINITE:
+            st.pop("warm_start", None)
+            return self._reject(st, finish, "non_finite_curvature", "a curvature product", **cg_info)
+        st["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
+
+        # ---- 3. CG backtracking on the gradient batch ----
+        theta0 = [p.detach().clone() for p in params]
+
+        def f_at(x: Tensor, t: float) -> float:
+            return self._objective_at(closure, counter, theta0, layout.split(x), t, contract_a, l2)
+
+        try:
+            chosen = len(result.iterates) - 1
+            f_chosen = f_at(result.iterates[chosen], 1.0)
+            if self.backtrack:
+                for j in range(chosen - 1, -1, -1):
+                    f_j = f_at(result.iterates[j], 1.0)
+                    if not f_j < f_chosen:  # §4.6: stop at the first increase
+                        break
+                    chosen, f_chosen = j, f_j
+            p = result.iterates[chosen]
+
+            # ---- 4. ρ with the undamped model, read off CG's φ (no extra product) ----
+            gp = float(g @ p)
+            predicted = float(result.iterate_phi[chosen]) - 0.5 * lam * float(p @ p)
+            rho = _damping.reduction_ratio(f_chosen - f0, predicted)
+            if self.adapt_damping:
+                st["damping"] = _damping.update_damping(
+                    lam, rho, increase=self.damping_increase, decrease=self.damping_decrease,
+                    min_damping=self.min_damping, max_damping=self.max_damping,
+                )
+
+            # ---- 5. Armijo line search along the backtracked step ----
+            rate, f_new = 1.0, f_chosen
+            if not gp < 0.0:
+                rate = 0.0  # not a descent direction (e.g. a poor warm start and one CG step)
+            elif self.line_search is not None:
+                for _ in range(self.line_search_max_iter - 1):
+                    if f_new <= f0 + self.armijo_c * rate * gp:
+                        break
+                    rate *= self.line_search_shrink
+                    f_new = f_at(p, rate)
+                if not f_new <= f0 + self.armijo_c * rate * gp:
+                    rate = 0.0
+            elif not f_new < math.inf:
+                rate = 0.0
+            with torch.no_grad():
+                torch._foreach_copy_(params, theta0)
+                if rate > 0.0:
+                    if isinstance(lr, float):
+                        torch._foreach_add_(params, layout.split(p), alpha=rate * lr)
+                    else:
+                        torch._foreach_add_(params, layout.split(p * lr), alpha=rate)
+        except BaseException:
+            with torch.no_grad():
+                torch._foreach_copy_(params, theta0)
+            raise
+        info = dict(cg_info, rho=rho, backtrack_iter=result.iterations[chosen], step_rate=rate)
+        if rate == 0.0:
+            st["damping"] = _bounded(st["damping"] * (self.damping_increase if self.adapt_damping else 1.0), self)
+            return finish("line_search_failed", **info)
+        st["failures"] = 0
+        return finish("accepted", loss_after=f_new, **info)
+
+    def _reject(self, st: dict, finish: Callable, status: str, what: str, **kw) -> Tensor:
+        """Leave the parameters as they are, grow λ, count the failure, warn or raise."""
+        st["failures"] += 1
+        st["damping"] = _bounded(st["damping"] * self.damping_increase, self)
+        if st["failures"] >= self.max_failures:
+            raise FloatingPointError(
+                f"HessianFree: {st['failures']} consecutive steps had a non-finite value in {what}; "
+                f"the parameters were left unchanged each time (max_failures={self.max_failures}). "
+                "Check the model and data for NaN/Inf, lower the learning rate or raise `damping`."
+            )
+        warnings.warn(
+            f"HessianFree: non-finite value in {what}; step rejected, parameters unchanged, "
+            f"damping raised to {st['damping']:.3g}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return finish(status, **kw)
+
+
+def _bounded(lam: float, opt: HessianFree) -> float:
+    return min(max(lam, opt.min_damping), opt.max_damping)
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _unpack(result: object) -> tuple[Tensor, Tensor | None]:
+    """Split a closure's return value into ``(loss, outputs or None)``."""
+    outputs = None
+    if isinstance(result, (tuple, list)):
+        if len(result) != 2:
+            raise TypeError(
+                f"The closure must return a loss or (loss, outputs), got a {type(result).__name__} "
+                f"of length {len(result)}."
+            )
+        result, outputs = result
+        if not isinstance(outputs, Tensor):
+            raise TypeError(f"The closure's outputs must be a tensor, got {type(outputs).__name__}.")
+    if not isinstance(result, Tensor) or result.numel() != 1:
+        shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+        raise TypeError(f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}.")
+    return result.reshape(()), outputs
+
+
+def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
+    """'sum' if the loss node says so (MSE/CE/BCE), else 'mean' (PyTorch losses' default)."""
+    node = loss.grad_fn
+    return "sum" if getattr(node, "_saved_reduction", None) == 2 and loss_hessian_product(loss, outputs) else "mean"
