@@ -60,6 +60,7 @@ from ._checks import check_choice, check_int, check_number
 from ._flat import ParamLayout
 from ._types import MatVec
 from .cg import CGResult, StopReason, cg
+from .distributed import Averager
 from .curvature import FisherProduct, GGNProduct, HessianProduct, JacobianProduct, loss_hessian_product
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
@@ -183,6 +184,11 @@ class HessianFree(torch.optim.Optimizer):
         callback: Called with the :class:`StepInfo` after every step.
         seed: Seed of the optimizer's own generator (preconditioner probes); the user's global
             RNG is never touched.
+        process_group: Average over this ``torch.distributed`` group (default: the default
+            group when ``torch.distributed`` is initialised): the loss, the gradient, every
+            curvature product, the preconditioner statistics and every trial loss are averaged
+            with one collective each, so all ranks take the same step (see
+            :mod:`hessfree.distributed` for the weighting of unequal shards).
 
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it).
@@ -231,6 +237,7 @@ class HessianFree(torch.optim.Optimizer):
         max_failures: int = 10,
         callback: Callable[[StepInfo], None] | None = None,
         seed: int = 0,
+        process_group: object | None = None,
     ) -> None:
         lr = check_number("lr", lr, low=0.0, low_open=True)
         weight_decay = check_number("weight_decay", weight_decay, low=0.0)
@@ -280,6 +287,7 @@ class HessianFree(torch.optim.Optimizer):
             raise TypeError(f"`callback` must be callable or None, got {type(callback).__name__}.")
         self.callback = callback
         self.seed = check_int("seed", seed)
+        self._avg = Averager(process_group)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         for i, group in enumerate(self.param_groups):
             check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0, low_open=True)
@@ -355,8 +363,8 @@ class HessianFree(torch.optim.Optimizer):
         with torch.no_grad():
             torch._foreach_copy_(params, theta0)
             torch._foreach_add_(params, d, alpha=t)
-        f = float(self._call(closure, counter, build_graph=False, contract_a=contract_a).loss)
-        f += self._l2(params, l2)
+        loss = self._call(closure, counter, build_graph=False, contract_a=contract_a).loss
+        f = self._avg.mean_scalar(float(loss), loss) + self._l2(params, l2)
         return f if math.isfinite(f) else math.inf
 
     def _l2(self, params: list[Tensor], l2: float | Tensor) -> float:
@@ -412,7 +420,7 @@ class HessianFree(torch.optim.Optimizer):
             (go,) = torch.autograd.grad(ev.loss, ev.outputs, retain_graph=True)
         ctx = PrecondContext(
             jacobian=jac, output_grad=go, reduction=_reduction_of(ev.loss, ev.outputs),
-            damping=lam, shift=shift, generator=self._rng(go.device),
+            damping=lam, shift=shift, generator=self._rng(go.device), average=self._avg.mean,
         )
         return self.precond(ctx)
 
@@ -455,7 +463,9 @@ class HessianFree(torch.optim.Optimizer):
         ev = self._call(closure, counter, build_graph=True, contract_a=False)
         contract_a = ev.grads is not None
         loss0 = ev.loss.detach()
-        f0 = float(loss0) + self._l2(params, l2)
+        if st["step"] == 0:
+            self._avg.check_same(layout.cat([p.detach() for p in params]))
+        f0 = self._avg.mean_scalar(float(loss0), loss0) + self._l2(params, l2)
 
         def finish(status: str, **kw) -> Tensor:
             info = StepInfo(
@@ -478,7 +488,7 @@ class HessianFree(torch.optim.Optimizer):
             cev = self._call(curvature_closure, counter, build_graph=True, contract_a=False)
         curv, product = self._curvature_product(cev, params)
         grad_product = product if cev is ev else None
-        g = self._gradient(ev, grad_product, layout, params)
+        g = self._avg.mean(self._gradient(ev, grad_product, layout, params))
         if not isinstance(l2, float) or l2 != 0.0:
             theta_flat = layout.cat([p.detach() for p in params])
             g = g.add(theta_flat * l2 if not isinstance(l2, float) else theta_flat.mul_(l2))
@@ -492,7 +502,7 @@ class HessianFree(torch.optim.Optimizer):
         shift = l2 + lam  # float or per-entry vector
         def damped(v: Tensor) -> Tensor:
             t0 = time.perf_counter()
-            out = curv(v)
+            out = self._avg.mean(curv(v))
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 

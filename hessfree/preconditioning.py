@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ class PrecondContext:
         damping: The current :math:`\\lambda`.
         shift: The weight decay (a float, or a flat vector with one entry per parameter).
         generator: Random generator for probes, on the parameters' device.
+        average: Averages a statistic over data-parallel ranks (identity on one process).
     """
 
     jacobian: JacobianProduct
@@ -55,6 +57,7 @@ class PrecondContext:
     damping: float
     shift: float | Tensor
     generator: torch.Generator | None = None
+    average: Callable[[Tensor], Tensor] = lambda t: t
 
 
 class EmpiricalFisherDiagonal:
@@ -97,6 +100,6 @@ class EmpiricalFisherDiagonal:
 
     def __call__(self, ctx: PrecondContext) -> Tensor:
         """The diagonal of :math:`M`, for :func:`hessfree.cg`'s ``precond`` (``z = r / d``)."""
-        d = self.fisher_diagonal(ctx) + ctx.damping
+        d = ctx.average(self.fisher_diagonal(ctx)) + ctx.damping
         d = d + ctx.shift
         return d.pow_(self.exponent)

@@ -1,0 +1,57 @@
+"""Worker for tests/test_distributed.py: one rank of a data-parallel HF run (gloo, loopback).
+
+Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS [crash]
+With WORLD=1 it runs the single-process reference on the full batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from hessfree import EmpiricalFisherDiagonal, HessianFree
+
+
+def main() -> None:
+    rank, world, init_file, out_file, steps = sys.argv[1:6]
+    rank, world, steps = int(rank), int(world), int(steps)
+    crash = len(sys.argv) > 6
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=10),
+        )
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,), generator=gen)
+    shard = slice(rank * 64 // world, (rank + 1) * 64 // world)
+    Xs, ys = X[shard], y[shard]
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = HessianFree(model.parameters(), damping=0.5, cg_max_iter=20, precond=EmpiricalFisherDiagonal(num_probes=None))  # exact: rank-independent
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if crash and rank == 1 and calls[0] == 3:
+            os._exit(3)  # die mid-step, between collectives
+        out = model(Xs)
+        return F.cross_entropy(out, ys), out
+
+    for _ in range(steps):
+        opt.step(closure)
+    if rank == 0:
+        torch.manual_seed(1)
+        init = [p.detach() for p in nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double().parameters()]
+        torch.save({"final": [p.detach() for p in model.parameters()], "init": init}, out_file)
+
+
+if __name__ == "__main__":
+    main()

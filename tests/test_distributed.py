@@ -1,0 +1,67 @@
+"""Data-parallel HF over gloo on loopback: equals the single-process full-batch run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hessfree.distributed import Averager
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+
+def _launch(tmp_path: Path, world: int, steps: int, *extra: str) -> list[subprocess.Popen]:
+    init = tmp_path / f"init-{world}"
+    out = tmp_path / f"params-{world}.pt"
+    return [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(world), str(init), str(out), str(steps), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in range(world)
+    ]
+
+
+def test_two_gloo_ranks_equal_single_process_full_batch(tmp_path):
+    procs = _launch(tmp_path, 2, 4) + _launch(tmp_path, 1, 4)
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    dp = torch.load(tmp_path / "params-2.pt", weights_only=True)
+    single = torch.load(tmp_path / "params-1.pt", weights_only=True)
+    for a, b in zip(dp["final"], single["final"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    moved = max(float((a - b).abs().max()) for a, b in zip(single["final"], single["init"], strict=True))
+    assert moved > 1e-2, "the reference run did not train; the comparison would be vacuous"
+
+
+def test_a_crashed_rank_makes_the_survivor_exit_nonzero_within_timeout(tmp_path):
+    procs = _launch(tmp_path, 2, 3, "crash")
+    start = time.monotonic()
+    codes = []
+    for p in procs:
+        try:
+            p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail("a rank hung after its peer crashed")
+        codes.append(p.returncode)
+    assert codes[1] == 3
+    assert codes[0] != 0
+    assert time.monotonic() - start < 60
+
+
+def test_averager_is_identity_without_process_group():
+    a = Averager()
+    t = torch.tensor([1.0, 2.0])
+    assert a.mean(t) is t and a.mean_scalar(2.5, t) == 2.5
+    a.check_same(t)  # nothing to compare against
+    with pytest.raises(ValueError, match="not initialised"):
+        Averager(group=object())
