@@ -1,0 +1,442 @@
+r"""Truncated preconditioned conjugate gradient, the inner solver of Hessian-free optimization.
+
+Notation (used as variable names below):
+
+- :math:`A` — the symmetric matrix, seen only through products :math:`v \mapsto Av`
+  (in HF: the damped curvature :math:`B = C + \lambda I`).
+- :math:`b` — the right-hand side (in HF: :math:`b = -g`).
+- :math:`x_i` — the iterate after :math:`i` iterations; :math:`x_0` is the start.
+- :math:`r_i = A x_i - b` — the residual, kept with this sign throughout; it is the
+  gradient of :math:`\phi` at :math:`x_i`.
+- :math:`M`, :math:`z_i = M^{-1} r_i` — the preconditioner and the preconditioned residual.
+- :math:`p_i` — the search direction, :math:`p_0 = -z_0`.
+- :math:`\phi(x) = \tfrac12 x^\top A x - b^\top x = \tfrac12 x^\top (r - b)` — the
+  quadratic being minimized, evaluated from the residual without an extra product.
+  With :math:`b = -g`, :math:`\phi(p) = g^\top p + \tfrac12 p^\top A p = q(p) - q(0)`.
+- :math:`\alpha_i = r_i^\top z_i / p_i^\top A p_i` and
+  :math:`\beta_{i+1} = r_{i+1}^\top z_{i+1} / r_i^\top z_i` — step length and
+  conjugation coefficient of Nocedal & Wright (2006), Algorithm 5.3.
+
+The solver follows Algorithm 5.3 with Martens' (2010) changes for HF: the
+relative-progress stop (§4.4), a stop on non-positive curvature, warm starts through
+``x0`` (§4.5) and iterates kept on a geometric grid for CG backtracking (§4.6).
+
+All arithmetic stays on the device of ``b``. The scalars (:math:`r^\top z`,
+:math:`p^\top Ap`, :math:`\phi`) are 0-dim device tensors, the stop tests are evaluated
+on the device in every iteration and read back to the host only every ``check_every``
+iterations; after a stop has fired on the device, the remaining iterations of the block
+leave every quantity unchanged, so the result does not depend on ``check_every``.
+
+References:
+    Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.4–4.6.
+    Nocedal & Wright (2006), Numerical Optimization, 2nd ed., Algorithm 5.3.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+from hessfree._checks import check_int, check_number, check_vector
+from hessfree._types import MatVec
+
+__all__ = ["CGResult", "StopReason", "cg"]
+
+# §4.4: k = max(10, ceil(0.1 i)), from the paper and the reference code.
+_PROGRESS_MIN_GAP = 10
+_PROGRESS_GAP_DIVISOR = 10
+
+# Columns of the per-iteration flag table that the host reads back (see `_decode`).
+_FINITE_PAP, _POSITIVE_PAP, _FINITE_ALPHA, _FINITE_AFTER, _CONVERGED, _PROGRESS = range(6)
+
+
+class StopReason(enum.Enum):
+    """Why :func:`cg` stopped."""
+
+    #: :math:`\|r\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})`.
+    CONVERGED = "converged"
+    #: Martens' (2010, §4.4) relative-progress test fired.
+    RELATIVE_PROGRESS = "relative_progress"
+    #: ``max_iter`` iterations were done.
+    MAX_ITER = "max_iter"
+    #: :math:`p^\top A p \le 0`; the iterate before that direction is returned.
+    NEGATIVE_CURVATURE = "negative_curvature"
+    #: A NaN or Inf appeared (in ``b``, a product or the preconditioner).
+    NON_FINITE = "non_finite"
+
+
+@dataclass(frozen=True, eq=False)
+class CGResult:
+    r"""Outcome of :func:`cg`.
+
+    Attributes:
+        x: The final iterate :math:`x_{\mathrm{num\_iter}}`; the same tensor as
+            ``iterates[-1]``.
+        iterates: Iterates kept for CG backtracking (§4.6): those on the geometric grid,
+            plus the final one, in increasing iteration order.
+        iterations: The iteration number of each entry of ``iterates``.
+        iterate_phi: :math:`\phi` at each entry of ``iterates`` (1-D tensor).
+        phi_history: :math:`\phi(x_i)` for ``i = 0, ..., num_iter`` (1-D tensor of
+            length ``num_iter + 1``; entry 0 is the start).
+        num_iter: Completed iterations; ``x`` is :math:`x_{\mathrm{num\_iter}}`.
+        num_matvec: Products :math:`Av` evaluated, including the one for ``r_0`` when a
+            nonzero ``x0`` is given and the up to ``check_every - 1`` products spent after
+            a stop that the host only notices at the next read-back.
+        reason: Why CG stopped.
+    """
+
+    x: Tensor
+    iterates: list[Tensor]
+    iterations: list[int]
+    iterate_phi: Tensor
+    phi_history: Tensor
+    num_iter: int
+    num_matvec: int
+    reason: StopReason
+
+
+def cg(
+    matvec: MatVec,
+    b: Tensor,
+    x0: Tensor | None = None,
+    *,
+    max_iter: int = 250,
+    min_iter: int = 0,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+    precond: MatVec | Tensor | None = None,
+    progress_tol: float | None = 5e-4,
+    store_start: int = 5,
+    store_ratio: float = 1.3,
+    check_every: int | None = None,
+) -> CGResult:
+    r"""Approximately minimize a quadratic model by truncated, preconditioned CG.
+
+    Minimizes :math:`\phi(x) = \tfrac12 x^\top A x - b^\top x` using only products
+    :math:`v \mapsto Av`, by Algorithm 5.3 of Nocedal & Wright with the residual
+    :math:`r = Ax - b`. After iteration :math:`i` it stops, in this order of precedence, when
+
+    - :math:`p^\top A p \le 0` for the next direction (``NEGATIVE_CURVATURE``; :math:`x_i`
+      is returned, the iterate before the bad direction), or a NaN/Inf appears
+      (``NON_FINITE``; the last finite iterate is returned);
+    - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``);
+    - the relative-progress test of Martens (2010, §4.4) holds (``RELATIVE_PROGRESS``):
+      :math:`i > k`, :math:`\phi(x_i) < 0` and
+      :math:`(\phi(x_i) - \phi(x_{i-k}))/\phi(x_i) < k\epsilon` with
+      :math:`k = \max(10, \lceil 0.1 i \rceil)` and :math:`\epsilon` = ``progress_tol``;
+    - :math:`i` = ``max_iter`` (``MAX_ITER``).
+
+    The iterate :math:`x_i` is kept for backtracking when
+    :math:`i = \lceil \mathrm{store\_start} \cdot \mathrm{store\_ratio}^j \rceil` for some
+    :math:`j \ge 0` (5, 7, 9, 11, 15, 19, 25, 32, ... by default, as in Martens' code),
+    and the final iterate is always kept. :math:`\phi` is computed as
+    :math:`\tfrac12 x^\top (r - b)` from the recurrence residual, at no extra product.
+
+    Products are counted in ``num_matvec``: one per iteration, plus one for
+    :math:`r_0 = Ax_0 - b` when ``x0`` is given and not all zeros. CG is not
+    differentiable: inputs and products are detached.
+
+    Args:
+        matvec: Computes :math:`Av` for a symmetric :math:`A` from a 1-D tensor like ``b``;
+            must not modify its argument.
+        b: Right-hand side, 1-D floating-point tensor; never modified. In HF, :math:`-g`.
+        x0: Starting point, like ``b`` and finite; never modified. ``None`` means zeros.
+        max_iter: Most iterations, an int >= 1.
+        min_iter: The relative-progress test is not applied before this iteration; the
+            other stops are unaffected. An int in ``[0, max_iter]``.
+        rtol: Relative residual tolerance, a finite real >= 0.
+        atol: Absolute residual tolerance, a finite real >= 0.
+        precond: :math:`M^{-1}` for a symmetric positive-definite :math:`M`: ``None``
+            (no preconditioning), a callable :math:`r \mapsto M^{-1} r`, or a 1-D tensor
+            ``d`` like ``b`` holding the (positive) diagonal of :math:`M`, so
+            :math:`z = r / d`.
+        progress_tol: :math:`\epsilon` of the relative-progress test, a finite real > 0;
+            ``None`` turns the test off.
+        store_start: First grid iteration for stored iterates, an int >= 1.
+        store_ratio: Growth ratio of the grid, a finite real > 1. Grid points are computed
+            in exact decimal arithmetic: start 10 and ratio 1.1 give 10, 11, 13, not 10, 12.
+        check_every: Read the stop tests back to the host every this many iterations
+            (each read is a device synchronisation). ``None``: 1 on CPU, 8 otherwise.
+            Does not change the result, only ``num_matvec``.
+
+    Returns:
+        CGResult: final ``x``, stored ``iterates`` with their ``iterations`` and
+        ``iterate_phi``, ``phi_history``, ``num_iter``, ``num_matvec`` and ``reason``.
+
+    Raises:
+        TypeError: If ``matvec`` is not callable, ``b``/``x0`` is not a tensor, ``precond``
+            is neither ``None``, a callable nor a tensor, a dtype is not floating-point
+            or differs from ``b``'s, a number argument has the wrong type, or
+            ``matvec``/``precond`` returns something other than a tensor.
+        ValueError: If a number argument is out of range, ``b`` is not 1-D, ``x0`` or a
+            diagonal ``precond`` differs from ``b`` in shape or device, ``x0`` is not
+            finite, the diagonal is not positive and finite, or ``matvec``/``precond``
+            returns a tensor of the wrong shape or device.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> result = cg(lambda v: A @ v, b, rtol=1e-12)
+        >>> result.reason, result.num_iter
+        (<StopReason.CONVERGED: 'converged'>, 2)
+        >>> torch.allclose(A @ result.x, b)
+        True
+
+    References:
+        Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.4–4.6.
+        Nocedal & Wright (2006), Numerical Optimization, 2nd ed., Algorithm 5.3.
+    """
+    # ---- validation (metadata only; one sync for value checks on x0 / d) ----
+    if not callable(matvec):
+        raise TypeError(f"`matvec` must be callable (v -> A v), got {matvec!r}.")
+    _check_rhs(b)
+    max_iter = check_int("max_iter", max_iter, low=1)
+    min_iter = check_int("min_iter", min_iter, low=0, high=max_iter)
+    rtol = check_number("rtol", rtol, low=0.0, high=math.inf, high_open=True)
+    atol = check_number("atol", atol, low=0.0, high=math.inf, high_open=True)
+    if progress_tol is not None:
+        progress_tol = check_number(
+            "progress_tol",
+            progress_tol,
+            low=0.0,
+            high=math.inf,
+            low_open=True,
+            high_open=True,
+            hint="Pass None to turn the relative-progress stop off.",
+        )
+    store_start = check_int("store_start", store_start, low=1)
+    store_ratio = check_number(
+        "store_ratio", store_ratio, low=1.0, high=math.inf, low_open=True, high_open=True
+    )
+    if check_every is None:
+        check_every = 1 if b.device.type == "cpu" else 8
+    check_every = check_int("check_every", check_every, low=1)
+    if x0 is not None:
+        check_vector("x0", x0, b.numel(), b.dtype, b.device)
+    diag = None
+    if isinstance(precond, Tensor):
+        check_vector("precond", precond, b.numel(), b.dtype, b.device)
+        diag = precond.detach()
+    elif precond is not None and not callable(precond):
+        raise TypeError(
+            "`precond` must be None, a callable r -> M^{-1} r or a 1-D tensor holding "
+            f"the diagonal of M, got {precond!r}."
+        )
+    b = b.detach()
+    x0_nonzero = _check_values(x0, diag)
+
+    # ---- iteration 0: r_0 = A x_0 - b, z_0, p_0 = -z_0, phi_0 ----
+    dtype, device = b.dtype, b.device
+    zero = torch.zeros((), dtype=dtype, device=device)
+    num_matvec = 0
+    if x0_nonzero:
+        x = x0.detach().clone()
+        r = torch.sub(_checked_product(matvec, x, b, "matvec"), b)  # r_0 = A x_0 - b
+        num_matvec += 1
+    else:
+        x = torch.zeros_like(b)
+        r = torch.neg(b)
+    if diag is not None:
+        z = torch.empty_like(b)
+        torch.div(r, diag, out=z)
+    elif precond is not None:
+        z = _checked_product(precond, r, b, "precond")
+    else:
+        z = r
+    p = torch.neg(z)
+    rz = torch.dot(r, z)
+    buf = torch.empty_like(b)
+    history = torch.empty(max_iter + 1, dtype=dtype, device=device)
+    torch.sub(r, b, out=buf)
+    torch.dot(x, buf, out=history[0])
+    history[0].mul_(0.5)
+    # tol = max(rtol ||b||, atol); NaN if b is not finite, so no CONVERGED then.
+    tol = torch.linalg.vector_norm(b).mul_(rtol).clamp_(min=atol)
+    r_norm = torch.linalg.vector_norm(r)
+    finite0, converged0 = torch.stack(
+        [
+            torch.isfinite(rz) & torch.isfinite(history[0]) & torch.isfinite(r_norm),
+            r_norm <= tol,
+        ]
+    ).tolist()
+    if not finite0 or converged0:
+        reason = StopReason.CONVERGED if finite0 else StopReason.NON_FINITE
+        return _result(x, [], history, 0, num_matvec, reason)
+
+    # ---- iterations 1..max_iter, stop tests on the device ----
+    grid = _grid(store_start, store_ratio, max_iter)
+    stored: list[tuple[int, Tensor]] = []
+    flags = torch.empty(max_iter + 1, 6, dtype=torch.bool, device=device)
+    no = torch.zeros((), dtype=torch.bool, device=device)
+    running = torch.ones((), dtype=torch.bool, device=device)
+    first_unread = 1
+    num_iter, reason = max_iter, StopReason.MAX_ITER
+    for i in range(1, max_iter + 1):
+        Ap = (_checked_product(matvec, p, b, "matvec") if i == 1 else matvec(p)).detach()
+        num_matvec += 1
+        pAp = torch.dot(p, Ap)
+        alpha = rz / pAp
+        finite_pAp = torch.isfinite(pAp)
+        positive_pAp = pAp > 0
+        finite_alpha = torch.isfinite(alpha)  # pAp > 0 can still be so small that alpha = inf
+        # `go` masks the update: once a stop has fired, x, r and p stay as they were, so the
+        # result is that of check_every=1 and the products and the preconditioner spent
+        # until the next read-back see finite inputs. torch.where, not a multiply by 0, so
+        # that NaN/Inf in Ap or alpha cannot leak.
+        go = running & finite_pAp & positive_pAp & finite_alpha
+        alpha = torch.where(go, alpha, zero)
+        x.addcmul_(torch.where(go, p, zero, out=buf), alpha)
+        r.addcmul_(torch.where(go, Ap, zero, out=buf), alpha)
+        if diag is not None:
+            torch.div(r, diag, out=z)
+        elif precond is not None:
+            z = precond(r).detach()
+        rz_next = torch.dot(r, z)
+        phi = history[i]
+        torch.dot(x, torch.sub(r, b, out=buf), out=phi)  # phi = 1/2 x^T (r - b)
+        phi.mul_(0.5)
+        finite_after = torch.isfinite(rz_next) & torch.isfinite(phi)
+        converged = torch.linalg.vector_norm(r) <= tol
+        # §4.4 relative progress; i, k and the test i > k live on the host.
+        k = _progress_gap(i)
+        if progress_tol is not None and i > k and i >= min_iter:
+            progress = (phi < 0) & ((phi - history[i - k]) / phi < k * progress_tol)
+        else:
+            progress = no
+        torch.stack(
+            [finite_pAp, positive_pAp, finite_alpha, finite_after, converged, progress],
+            out=flags[i],
+        )
+        running = go & finite_after & ~converged & ~progress
+        beta = torch.where(running, rz_next / rz, 1.0)
+        p.mul_(beta).sub_(torch.where(running, z, zero, out=buf))  # p = -z + beta p
+        rz = rz_next  # used only through alpha and beta, both masked
+        if i in grid:
+            stored.append((i, x.clone()))
+        if i % check_every == 0 or i == max_iter:
+            stop = _decode(flags[first_unread : i + 1].tolist(), first_unread)
+            first_unread = i + 1
+            if stop is not None:
+                num_iter, reason = stop
+                break
+    return _result(x, stored, history, num_iter, num_matvec, reason)
+
+
+def _progress_gap(i: int) -> int:
+    """The gap k = max(10, ceil(0.1 i)) of the §4.4 test, in integers (0.1 * 110 > 11)."""
+    return max(_PROGRESS_MIN_GAP, -(-i // _PROGRESS_GAP_DIVISOR))
+
+
+def _decode(rows: list[list[bool]], first: int) -> tuple[int, StopReason] | None:
+    """The first stop in a block of flag rows (row ``j`` is iteration ``first + j``)."""
+    for i, row in enumerate(rows, start=first):
+        # The step from x_{i-1} could not be taken: return x_{i-1}.
+        if not row[_FINITE_PAP]:
+            return i - 1, StopReason.NON_FINITE
+        if not row[_POSITIVE_PAP]:
+            return i - 1, StopReason.NEGATIVE_CURVATURE
+        if not row[_FINITE_ALPHA]:
+            return i - 1, StopReason.NON_FINITE
+        # x_i was formed; a non-finite r^T z or phi ends CG after it (x_i is finite unless
+        # x + alpha p itself overflowed, which finite alpha and p cannot do short of ~max).
+        if not row[_FINITE_AFTER]:
+            return i, StopReason.NON_FINITE
+        if row[_CONVERGED]:
+            return i, StopReason.CONVERGED
+        if row[_PROGRESS]:
+            return i, StopReason.RELATIVE_PROGRESS
+    return None
+
+
+def _result(
+    x: Tensor,
+    stored: list[tuple[int, Tensor]],
+    history: Tensor,
+    num_iter: int,
+    num_matvec: int,
+    reason: StopReason,
+) -> CGResult:
+    # Iterates stored in iterations that the stop made no-ops are dropped; the final
+    # iterate is `x` itself rather than a copy.
+    kept = [(i, xi) for i, xi in stored if i < num_iter]
+    kept.append((num_iter, x))
+    iterations = [i for i, _ in kept]
+    phi_history = history[: num_iter + 1].clone()
+    return CGResult(
+        x=x,
+        iterates=[xi for _, xi in kept],
+        iterations=iterations,
+        iterate_phi=phi_history[iterations],
+        phi_history=phi_history,
+        num_iter=num_iter,
+        num_matvec=num_matvec,
+        reason=reason,
+    )
+
+
+def _grid(start: int, ratio: float, max_iter: int) -> set[int]:
+    """Iterations ceil(start * ratio**j), j >= 0, up to max_iter (Martens' code: 5, 1.3)."""
+    # Exact rationals from the decimal value avoid float ceil errors (10 * 1.1 -> 12).
+    exact_ratio = Fraction(repr(float(ratio)))
+    grid, value = set(), Fraction(start)
+    while value <= max_iter:
+        grid.add(math.ceil(value))
+        value *= exact_ratio
+    return grid
+
+
+def _checked_product(fn: MatVec, v: Tensor, b: Tensor, name: str) -> Tensor:
+    """``fn(v)`` detached, checked once to be a tensor like ``b``."""
+    out = fn(v)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"`{name}` must return a torch.Tensor, got {type(out).__name__}.")
+    if out.shape != b.shape or out.device != b.device:
+        raise ValueError(
+            f"`{name}` must return a tensor of shape {tuple(b.shape)} on {b.device}, like "
+            f"`b`; got shape {tuple(out.shape)} on {out.device}."
+        )
+    if out.dtype != b.dtype:
+        raise TypeError(
+            f"`{name}` must return a tensor of dtype {b.dtype}, like `b`; got {out.dtype}."
+        )
+    return out.detach()
+
+
+def _check_values(x0: Tensor | None, diag: Tensor | None) -> bool:
+    """Check x0 finite and diag positive, in one sync; return whether x0 is nonzero."""
+    if x0 is None and diag is None:
+        return False
+    checks = []
+    if x0 is not None:
+        checks += [torch.isfinite(x0).all(), (x0 != 0).any()]
+    if diag is not None:
+        checks += [((diag > 0) & torch.isfinite(diag)).all()]
+    values = torch.stack(checks).tolist()
+    if x0 is not None and not values[0]:
+        raise ValueError("`x0` must be finite, got a tensor containing NaN or Inf.")
+    if diag is not None and not values[-1]:
+        bad = diag[~((diag > 0) & torch.isfinite(diag))][0].item()
+        raise ValueError(
+            "`precond` as a diagonal tensor must be positive and finite (the diagonal of an "
+            f"SPD M), got an entry {bad!r}; add damping to the diagonal."
+        )
+    return x0 is not None and bool(values[1])
+
+
+def _check_rhs(b: object) -> None:
+    if not isinstance(b, Tensor):
+        raise TypeError(f"`b` must be a 1-D torch.Tensor, got {type(b).__name__}.")
+    if b.dim() != 1:
+        raise ValueError(
+            f"`b` must be a 1-D tensor (flatten parameters first), got shape {tuple(b.shape)}."
+        )
+    if not b.dtype.is_floating_point:
+        raise TypeError(
+            f"`b` must have a real floating-point dtype, got {b.dtype}; use b.double() or "
+            "b.float()."
+        )

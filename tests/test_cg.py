@@ -1,0 +1,563 @@
+"""Tests for hessfree.cg against dense solves, scipy's CG and a numpy reference CG."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import re
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+
+from hessfree.cg import CGResult, StopReason, cg
+
+# Not `import hessfree.cg as ...`: the package re-exports the function `cg`, which shadows
+# the submodule as an attribute of `hessfree`.
+cg_module = importlib.import_module("hessfree.cg")
+
+DTYPE = torch.float64
+SOLVE_RTOL = 1e-10
+EXACT = dict(rtol=1e-10, atol=1e-12)
+GRID = [5, 7, 9, 11, 15, 19, 25, 32, 41, 54, 69, 90]  # ceil(5 * 1.3**j), Martens' code
+
+
+# ---------------------------------------------------------------- problems and oracles
+def spd_system(n: int, cond: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = Q diag(linspace(1, cond)) Q^T with random orthogonal Q, and a random b."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = Q @ np.diag(np.linspace(1.0, cond, n)) @ Q.T
+    return torch.from_numpy((A + A.T) / 2), torch.from_numpy(rng.standard_normal(n))
+
+
+def log_diag_system(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal A with eigenvalues log-spaced in [1e-4, 1]: CG is slow for many iterations."""
+    rng = np.random.default_rng(seed)
+    return torch.logspace(-4, 0, n, dtype=DTYPE), torch.from_numpy(rng.standard_normal(n))
+
+
+def uniform_diag_system(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal A with 300 eigenvalues evenly spaced in [1, 1e4]: §4.4 stops CG near i = 70,
+    and float64 CG tracks exact CG (phi to ~1e-13) that far, unlike for clustered spectra."""
+    rng = np.random.default_rng(seed)
+    return torch.linspace(1.0, 1e4, 300, dtype=DTYPE), torch.from_numpy(rng.standard_normal(300))
+
+
+def indefinite_system(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal A with 30 eigenvalues in [1, 10] and two small negative ones."""
+    rng = np.random.default_rng(seed)
+    eig = np.concatenate([np.linspace(1.0, 10.0, 30), [-0.05, -0.1]])
+    return torch.from_numpy(eig), torch.from_numpy(rng.standard_normal(eig.size))
+
+
+def dense_phi(A: np.ndarray, b: np.ndarray, x: np.ndarray) -> float:
+    return float(0.5 * x @ A @ x - b @ x)
+
+
+def krylov_phi(d: np.ndarray, b: np.ndarray, num_iter: int) -> list[float]:
+    """min phi over the Krylov spaces K_i(A, b), i = 0..num_iter, for A = diag(d): exact CG's phi_i.
+
+    Independent of CG: an orthonormal Krylov basis V by Arnoldi with full (twice-applied)
+    reorthogonalisation, then phi_i = -1/2 c^T T^{-1} c with T = V^T A V and c = V^T b.
+    """
+    V = np.zeros((b.size, num_iter + 1))
+    T = np.zeros((num_iter, num_iter))
+    V[:, 0] = b / np.linalg.norm(b)
+    phis = [0.0]
+    for i in range(1, num_iter + 1):
+        AV = d * V[:, i - 1]
+        T[:i, i - 1] = T[i - 1, :i] = V[:, :i].T @ AV
+        c = V[:, :i].T @ b
+        phis.append(float(-0.5 * c @ np.linalg.solve(T[:i, :i], c)))
+        for _ in range(2):
+            AV = AV - V[:, :i] @ (V[:, :i].T @ AV)
+        V[:, i] = AV / np.linalg.norm(AV)
+    return phis
+
+
+def reference_cg(A: np.ndarray, b: np.ndarray, num_iter: int) -> tuple[list, list]:
+    """Textbook CG from zero in numpy (residual b - Ax): iterates and p^T A p values."""
+    x, r = np.zeros_like(b), b.copy()
+    p, xs, pAps = r.copy(), [np.zeros_like(b)], []
+    for _ in range(num_iter):
+        Ap = A @ p
+        pAps.append(float(p @ Ap))
+        if pAps[-1] <= 0:
+            break
+        alpha = (r @ r) / pAps[-1]
+        x = x + alpha * p
+        r_next = r - alpha * Ap
+        p = r_next + (r_next @ r_next) / (r @ r) * p
+        r = r_next
+        xs.append(x)
+    return xs, pAps
+
+
+def progress_stop(
+    phis: list[float], eps: float, min_iter: int = 0, times_k: bool = True
+) -> int | None:
+    """First i at which Martens' (2010, §4.4) rule holds; times_k=False is a known drift."""
+    for i in range(1, len(phis)):
+        k = max(10, math.ceil(i / 10))
+        bound = k * eps if times_k else eps
+        if i > k and i >= min_iter and phis[i] < 0 and (phis[i] - phis[i - k]) / phis[i] < bound:
+            return i
+    return None
+
+
+def nan_after(matvec, num_good: int, bad: float = float("nan")):
+    """Wrap `matvec` to return `bad` everywhere from product number num_good + 1 on."""
+    calls = [0]
+
+    def wrapped(v):
+        calls[0] += 1
+        out = matvec(v)
+        return out if calls[0] <= num_good else torch.full_like(out, bad)
+
+    return wrapped
+
+
+def diag_matvec(d):
+    return lambda v: d * v
+
+
+def assert_same_result(a: CGResult, b: CGResult) -> None:
+    assert (a.reason, a.num_iter, a.iterations) == (b.reason, b.num_iter, b.iterations)
+    assert torch.equal(a.x, b.x)
+    assert torch.equal(a.phi_history, b.phi_history)
+    assert torch.equal(a.iterate_phi, b.iterate_phi)
+    assert all(torch.equal(u, v) for u, v in zip(a.iterates, b.iterates, strict=True))
+
+
+# ---------------------------------------------------------------- solutions
+@pytest.mark.parametrize("n, seed", [(5, 0), (20, 1), (40, 2)])
+def test_cg_matches_numpy_solve(n, seed):
+    A, b = spd_system(n, cond=10.0, seed=seed)
+    result = cg(lambda v: A @ v, b, rtol=SOLVE_RTOL, progress_tol=None)
+    assert result.reason is StopReason.CONVERGED
+    assert result.num_iter <= n
+    assert result.num_matvec == result.num_iter
+    x_star = np.linalg.solve(A.numpy(), b.numpy())
+    # ||x - x*|| <= cond(A) * ||r|| / ||A|| ... <= cond * rtol * ||x*|| (one decade of slack)
+    err = np.linalg.norm(result.x.numpy() - x_star) / np.linalg.norm(x_star)
+    assert err <= 10.0 * 10.0 * SOLVE_RTOL
+    assert torch.linalg.vector_norm(A @ result.x - b) <= SOLVE_RTOL * torch.linalg.norm(b) * 10
+
+
+@pytest.mark.parametrize("preconditioned", [False, True], ids=["plain", "jacobi"])
+def test_cg_matches_scipy_cg(preconditioned):
+    A, b = spd_system(30, cond=100.0, seed=3)
+    A = A + torch.diag(torch.linspace(0.0, 50.0, 30, dtype=DTYPE))  # uneven diagonal
+    d = torch.diagonal(A).clone()
+    scipy_iters = [0]
+
+    def count(_):
+        scipy_iters[0] += 1
+
+    M = scipy.sparse.linalg.LinearOperator((30, 30), matvec=lambda r: r / d.numpy())
+    x_scipy, info = scipy.sparse.linalg.cg(
+        A.numpy(),
+        b.numpy(),
+        rtol=SOLVE_RTOL,
+        atol=0.0,
+        maxiter=200,
+        M=M if preconditioned else None,
+        callback=count,
+    )
+    assert info == 0
+    result = cg(
+        lambda v: A @ v,
+        b,
+        rtol=SOLVE_RTOL,
+        max_iter=200,
+        progress_tol=None,
+        precond=d if preconditioned else None,
+    )
+    assert result.reason is StopReason.CONVERGED
+    assert result.num_iter == scipy_iters[0]  # same algorithm, same ||r|| <= max(rtol||b||, atol)
+    torch.testing.assert_close(result.x, torch.from_numpy(x_scipy), rtol=1e-8, atol=0.0)
+
+
+def test_cg_jacobi_tensor_equals_callable_and_helps():
+    # Diagonally dominant, diagonal spread over four decades: Jacobi removes most of it.
+    rng = np.random.default_rng(4)
+    n = 60
+    E = rng.standard_normal((n, n)) * 0.1
+    A = torch.from_numpy(np.diag(np.logspace(0, 4, n)) + (E + E.T) / 2)
+    b = torch.from_numpy(rng.standard_normal(n))
+    d = torch.diagonal(A).clone()
+    kwargs = dict(rtol=SOLVE_RTOL, max_iter=500, progress_tol=None)
+    plain = cg(lambda v: A @ v, b, **kwargs)
+    by_tensor = cg(lambda v: A @ v, b, precond=d, **kwargs)
+    by_callable = cg(lambda v: A @ v, b, precond=lambda r: r / d, **kwargs)
+    assert plain.reason is by_tensor.reason is by_callable.reason is StopReason.CONVERGED
+    assert by_tensor.num_iter == by_callable.num_iter
+    torch.testing.assert_close(by_tensor.x, by_callable.x, **EXACT)
+    torch.testing.assert_close(by_tensor.x, torch.linalg.solve(A, b), rtol=1e-7, atol=0.0)
+    assert by_tensor.num_iter < plain.num_iter / 2
+
+
+def test_cg_warm_start_converges_and_inputs_unchanged():
+    A, b = spd_system(25, cond=50.0, seed=5)
+    x0 = torch.randn(25, dtype=DTYPE, generator=torch.Generator().manual_seed(5))
+    x0_copy, b_copy = x0.clone(), b.clone()
+    cold = cg(lambda v: A @ v, b, rtol=SOLVE_RTOL, progress_tol=None)
+    warm = cg(lambda v: A @ v, b, x0, rtol=SOLVE_RTOL, progress_tol=None)
+    assert warm.reason is StopReason.CONVERGED
+    assert warm.num_matvec == warm.num_iter + 1  # r_0 = A x_0 - b costs one product
+    torch.testing.assert_close(warm.x, cold.x, rtol=1e-8, atol=0.0)
+    assert torch.equal(x0, x0_copy) and torch.equal(b, b_copy)
+    assert warm.x.data_ptr() != x0.data_ptr()
+    torch.testing.assert_close(warm.phi_history[0], 0.5 * x0 @ A @ x0 - b @ x0, **EXACT)
+    # An all-zeros x0 is the cold start: no extra product, same iterates.
+    zeros = cg(lambda v: A @ v, b, torch.zeros(25, dtype=DTYPE), rtol=SOLVE_RTOL, progress_tol=None)
+    assert zeros.num_matvec == cold.num_matvec
+    assert torch.equal(zeros.x, cold.x)
+
+
+def test_cg_float32_smoke():
+    A, b = spd_system(20, cond=10.0, seed=12)
+    A, b = A.float(), b.float()
+    result = cg(lambda v: A @ v, b, rtol=1e-4)
+    assert result.reason is StopReason.CONVERGED and result.x.dtype == torch.float32
+    assert result.phi_history.dtype == torch.float32
+    torch.testing.assert_close(result.x, torch.linalg.solve(A, b), rtol=1e-3, atol=1e-5)
+
+
+def test_cg_zero_rhs_converges_without_products():
+    result = cg(lambda v: 2.0 * v, torch.zeros(4, dtype=DTYPE))
+    assert (result.reason, result.num_iter, result.num_matvec) == (StopReason.CONVERGED, 0, 0)
+    assert result.iterations == [0] and torch.equal(result.x, torch.zeros(4, dtype=DTYPE))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.num_iter = 3
+
+
+# ---------------------------------------------------------------- phi and stored iterates
+def test_cg_phi_history_matches_dense_and_decreases():
+    d, b = uniform_diag_system(seed=6)
+    result = cg(diag_matvec(d), b, rtol=0.0, max_iter=40, progress_tol=None)
+    assert result.reason is StopReason.MAX_ITER
+    phi = result.phi_history
+    assert phi.shape == (41,) and phi[0] == 0.0
+    assert torch.all(phi[1:] < phi[:-1])  # CG minimizes phi over growing Krylov spaces
+    # phi from the recurrence residual equals 1/2 x^T A x - b^T x at the stored iterates ...
+    An, bn = np.diag(d.numpy()), b.numpy()
+    dense = [dense_phi(An, bn, x.numpy()) for x in result.iterates]
+    torch.testing.assert_close(result.iterate_phi, torch.tensor(dense, dtype=DTYPE), **EXACT)
+    assert torch.equal(result.iterate_phi, phi[result.iterations])
+    # ... and every phi_i is the minimum over the i-th Krylov space.
+    exact = torch.tensor(krylov_phi(d.numpy(), bn, 40), dtype=DTYPE)
+    torch.testing.assert_close(phi, exact, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "max_iter, start, ratio, expected",
+    [
+        (30, 5, 1.3, [5, 7, 9, 11, 15, 19, 25, 30]),
+        (32, 5, 1.3, [5, 7, 9, 11, 15, 19, 25, 32]),
+        (4, 5, 1.3, [4]),
+        (30, 2, 2.0, [2, 4, 8, 16, 30]),
+        (14, 10, 1.1, [10, 11, 13, 14]),  # ceil(12.1) = 13; float 10 * 1.1 would give 12
+    ],
+)
+def test_cg_stored_iterations_on_geometric_grid(max_iter, start, ratio, expected):
+    A, b = log_diag_system(60, seed=7)
+    result = cg(
+        diag_matvec(A),
+        b,
+        rtol=0.0,
+        max_iter=max_iter,
+        progress_tol=None,
+        store_start=start,
+        store_ratio=ratio,
+    )
+    assert result.num_iter == max_iter
+    assert result.iterations == expected
+    assert result.iterates[-1] is result.x
+    for i, xi in zip(result.iterations, result.iterates, strict=True):
+        shorter = cg(diag_matvec(A), b, rtol=0.0, max_iter=i, progress_tol=None)
+        assert torch.equal(xi, shorter.x)
+
+
+def test_cg_default_grid_is_martens():
+    assert sorted(cg_module._grid(5, 1.3, 100)) == GRID
+
+
+# ---------------------------------------------------------------- stop rules
+def test_cg_relative_progress_gap():
+    gaps = {i: cg_module._progress_gap(i) for i in (1, 11, 100, 101, 110, 111, 250)}
+    assert gaps == {1: 10, 11: 10, 100: 10, 101: 11, 110: 11, 111: 12, 250: 25}
+
+
+def test_cg_relative_progress_matches_formula():
+    # Oracle: the formula in pure Python on exact CG's phi (Krylov minima); the rule's ratio
+    # is >= 8% away from k * eps at every iteration up to the stop, far above rounding.
+    d, b = uniform_diag_system(seed=0)
+    phis = krylov_phi(d.numpy(), b.numpy(), 90)
+    expected = progress_stop(phis, 5e-4)
+    assert expected is not None and expected > 20
+    # The test discriminates: known drifts from the paper (no x k, 100x tighter eps) differ.
+    assert progress_stop(phis, 5e-4, times_k=False) != expected
+    assert progress_stop(phis, 5e-6) != expected
+    result = cg(diag_matvec(d), b, rtol=0.0)
+    assert (result.reason, result.num_iter) == (StopReason.RELATIVE_PROGRESS, expected)
+    # min_iter postpones only this test.
+    late = progress_stop(phis, 5e-4, min_iter=expected + 7)
+    result = cg(diag_matvec(d), b, rtol=0.0, min_iter=expected + 7)
+    assert late == expected + 7
+    assert (result.reason, result.num_iter) == (StopReason.RELATIVE_PROGRESS, late)
+    # A larger epsilon stops earlier, exactly where the formula says.
+    early = progress_stop(phis, 5e-3)
+    assert early < expected
+    assert cg(diag_matvec(d), b, rtol=0.0, progress_tol=5e-3).num_iter == early
+    off = cg(diag_matvec(d), b, rtol=0.0, progress_tol=None)
+    assert (off.reason, off.num_iter) == (StopReason.MAX_ITER, 250)
+
+
+@pytest.mark.parametrize("start", ["near", "far"])
+def test_cg_relative_progress_after_warm_start(start):
+    # With x0 != 0, phi_0 != 0: "near" (HF's 0.95 x previous solution) makes the i > k
+    # condition decide (the rule would already hold at i = k = 10); "far" keeps phi > 0
+    # for ~50 iterations, where only the phi_i < 0 condition prevents a stop.
+    d, b = uniform_diag_system(seed=0)
+    if start == "near":
+        x0 = 0.95 * cg(diag_matvec(d), b, rtol=0.0, progress_tol=None, max_iter=60).x
+    else:
+        x0 = -10.0 * b / d
+    off = cg(diag_matvec(d), b, x0, rtol=0.0, progress_tol=None, max_iter=120)
+    phis = off.phi_history.tolist()
+    torch.testing.assert_close(off.phi_history[0], 0.5 * x0 @ (d * x0) - b @ x0, **EXACT)
+    if start == "near":
+        assert (phis[10] - phis[0]) / phis[10] < 10 * 5e-4
+    else:
+        assert phis[11] > 0
+    expected = progress_stop(phis, 5e-4)
+    result = cg(diag_matvec(d), b, x0, rtol=0.0)
+    assert (result.reason, result.num_iter) == (StopReason.RELATIVE_PROGRESS, expected)
+
+
+def test_cg_negative_curvature_returns_last_good_iterate():
+    d, b = indefinite_system(seed=0)
+    result = cg(diag_matvec(d), b, rtol=SOLVE_RTOL)
+    assert result.reason is StopReason.NEGATIVE_CURVATURE
+    _, pAps = reference_cg(np.diag(d.numpy()), b.numpy(), 50)
+    first_bad = next(i for i, pAp in enumerate(pAps, start=1) if pAp <= 0)
+    assert result.num_iter == first_bad - 1 >= 2
+    assert result.num_matvec == first_bad
+    assert torch.isfinite(result.x).all()
+    assert dense_phi(np.diag(d.numpy()), b.numpy(), result.x.numpy()) <= 0.0
+    before = cg(diag_matvec(d), b, rtol=SOLVE_RTOL, max_iter=result.num_iter)
+    assert torch.equal(result.x, before.x)
+    assert result.phi_history.shape == (result.num_iter + 1,)
+
+
+def test_cg_zero_curvature_stops_at_start():
+    result = cg(lambda v: torch.zeros_like(v), torch.ones(3, dtype=DTYPE))
+    assert (result.reason, result.num_iter) == (StopReason.NEGATIVE_CURVATURE, 0)
+    assert torch.equal(result.x, torch.zeros(3, dtype=DTYPE))
+
+
+def test_cg_max_iter_one_is_one_steepest_descent_step():
+    A, b = spd_system(10, cond=10.0, seed=8)
+    result = cg(lambda v: A @ v, b, max_iter=1)
+    assert (result.reason, result.num_iter, result.num_matvec) == (StopReason.MAX_ITER, 1, 1)
+    assert result.iterations == [1] and result.phi_history.shape == (2,)
+    torch.testing.assert_close(result.x, (b @ b) / (b @ A @ b) * b, **EXACT)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_cg_non_finite_product_returns_iterate_before(bad):
+    A, b = spd_system(20, cond=10.0, seed=9)
+    result = cg(nan_after(lambda v: A @ v, 2, bad), b, rtol=SOLVE_RTOL)
+    assert (result.reason, result.num_iter) == (StopReason.NON_FINITE, 2)
+    assert all(torch.isfinite(x).all() for x in result.iterates)
+    assert torch.isfinite(result.phi_history).all()
+    assert torch.equal(result.x, cg(lambda v: A @ v, b, max_iter=2).x)
+
+
+def test_cg_non_finite_b_or_preconditioner():
+    b = torch.tensor([1.0, float("nan"), 2.0], dtype=DTYPE)
+    result = cg(lambda v: 2.0 * v, b)
+    assert (result.reason, result.num_iter) == (StopReason.NON_FINITE, 0)
+    assert torch.equal(result.x, torch.zeros(3, dtype=DTYPE))
+    A, b = spd_system(20, cond=10.0, seed=10)
+    # The preconditioner is called once for z_0, then once per iteration: NaN at z_4.
+    result = cg(lambda v: A @ v, b, precond=nan_after(lambda r: r, 4), rtol=SOLVE_RTOL)
+    assert (result.reason, result.num_iter) == (StopReason.NON_FINITE, 4)
+    assert torch.isfinite(result.x).all()
+    assert torch.equal(result.x, cg(lambda v: A @ v, b, max_iter=4).x)
+
+
+# ---------------------------------------------------------------- host synchronisation
+def progress_case():
+    d, b = uniform_diag_system(0)
+    return diag_matvec(d), b, dict(rtol=0.0)
+
+
+def converged_case():
+    A, b = spd_system(40, 100.0, 0)
+    return (lambda v: A @ v), b, dict(rtol=SOLVE_RTOL, progress_tol=None)
+
+
+def negative_curvature_case():
+    d, b = indefinite_system(0)
+    return diag_matvec(d), b, {}
+
+
+def non_finite_case():
+    A, b = spd_system(20, 10.0, 9)
+    return nan_after(lambda v: A @ v, 2), b, {}
+
+
+# Each builds a fresh matvec (nan_after counts its calls) and stops CG with the named reason.
+CHECK_EVERY_CASES = {
+    "relative_progress": progress_case,
+    "converged": converged_case,
+    "negative_curvature": negative_curvature_case,
+    "non_finite": non_finite_case,
+}
+
+
+@pytest.mark.parametrize("name", list(CHECK_EVERY_CASES))
+def test_cg_check_every_does_not_change_result(name):
+    results = {}
+    for check_every in (1, 7):
+        matvec, b, kwargs = CHECK_EVERY_CASES[name]()
+        results[check_every] = cg(matvec, b, check_every=check_every, **kwargs)
+    one, seven = results[1], results[7]
+    assert one.reason.value == name
+    assert_same_result(one, seven)
+    # The stop fired mid-block: the masked no-op iterations really ran.
+    assert 0 < seven.num_matvec - one.num_matvec < 7
+
+
+@pytest.mark.parametrize("name", ["converged", "non_finite"])
+def test_cg_wasted_products_see_the_frozen_state(name):
+    # After a stop fired at iteration s (after x_s is formed, or before: NaN product), the
+    # rest of the block re-applies A and M^{-1} to the p and r of iteration s: no NaN ever
+    # reaches user callables, and nothing moves.
+    matvec, b, kwargs = CHECK_EVERY_CASES[name]()
+    seen = {"matvec": [], "precond": []}
+
+    def recording_matvec(v):
+        seen["matvec"].append(v.clone())
+        return matvec(v)
+
+    def recording_precond(r):
+        seen["precond"].append(r.clone())
+        return r
+
+    result = cg(recording_matvec, b, precond=recording_precond, check_every=7, **kwargs)
+    s = cg(*CHECK_EVERY_CASES[name]()[:2], check_every=1, **kwargs).num_matvec
+    assert result.num_matvec > s  # the stop fell mid-block
+    assert all(torch.isfinite(v).all() for v in seen["matvec"] + seen["precond"])
+    assert all(torch.equal(v, seen["matvec"][s - 1]) for v in seen["matvec"][s:])
+    # precond call j + 1 is on r_j; r stays r_s (r_{s-1} if x_s was never formed).
+    r_last = seen["precond"][result.num_iter]
+    assert all(torch.equal(r, r_last) for r in seen["precond"][result.num_iter + 1 :])
+
+
+def test_cg_reads_back_a_partial_last_block():
+    matvec, b, kwargs = converged_case()
+    full = cg(matvec, b, **kwargs)
+    assert full.reason is StopReason.CONVERGED
+    # max_iter is not a multiple of check_every: the stop lies in the unfinished last block.
+    late = cg(matvec, b, max_iter=full.num_iter + 1, check_every=100, **kwargs)
+    assert_same_result(full, late)
+
+
+def test_cg_reads_stop_tests_once_per_block(monkeypatch):
+    # Each _decode call is one device -> host read of a block of stop flags.
+    reads = []
+    original = cg_module._decode
+
+    def counting_decode(rows, first):
+        reads.append(len(rows))
+        return original(rows, first)
+
+    monkeypatch.setattr(cg_module, "_decode", counting_decode)
+    d, b = log_diag_system(60, seed=7)
+    cg(diag_matvec(d), b, rtol=0.0, max_iter=40, progress_tol=None, check_every=8)
+    assert reads == [8] * 5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cg_cuda_matches_cpu():
+    A, b = spd_system(50, cond=100.0, seed=11)
+    cpu = cg(lambda v: A @ v, b, rtol=SOLVE_RTOL)
+    Ac, bc = A.cuda(), b.cuda()
+    gpu = cg(lambda v: Ac @ v, bc, rtol=SOLVE_RTOL)  # default check_every = 8
+    assert (gpu.reason, gpu.num_iter) == (cpu.reason, cpu.num_iter)
+    assert gpu.x.device.type == "cuda"
+    torch.testing.assert_close(gpu.x.cpu(), cpu.x, rtol=1e-8, atol=0.0)
+
+
+# ---------------------------------------------------------------- validation
+def _b():
+    return torch.ones(3, dtype=DTYPE)
+
+
+ERROR_CASES = [
+    (dict(matvec=3), TypeError, "`matvec` must be callable (v -> A v), got 3."),
+    (dict(b=[1.0, 2.0]), TypeError, "`b` must be a 1-D torch.Tensor, got list."),
+    (dict(b=torch.ones(2, 2, dtype=DTYPE)), ValueError, "`b` must be a 1-D tensor"),
+    (
+        dict(b=torch.ones(3, dtype=torch.int64)),
+        TypeError,
+        "`b` must have a real floating-point dtype, got torch.int64",
+    ),
+    (dict(x0=torch.ones(4, dtype=DTYPE)), ValueError, "`x0` must be a flat vector of shape (3,)"),
+    (dict(x0=torch.ones(3, dtype=torch.float32)), TypeError, "`x0` must have dtype torch.float64"),
+    (dict(x0=torch.ones(3, dtype=DTYPE, device="meta")), ValueError, "`x0` must be on device cpu"),
+    (dict(x0=torch.tensor([0.0, math.inf, 0.0], dtype=DTYPE)), ValueError, "`x0` must be finite"),
+    (dict(x0=np.ones(3)), TypeError, "`x0` must be a torch.Tensor, got ndarray."),
+    (dict(max_iter=0), ValueError, "`max_iter` must be an int >= 1, got 0."),
+    (dict(max_iter=2.5), TypeError, "`max_iter` must be an int, got float 2.5."),
+    (dict(max_iter=True), TypeError, "`max_iter` must be an int, got bool True."),
+    (dict(min_iter=-1), ValueError, "`min_iter` must be an int in [0, 250], got -1."),
+    (dict(min_iter=300), ValueError, "`min_iter` must be an int in [0, 250], got 300."),
+    (dict(rtol=-1.0), ValueError, "`rtol` must be in [0.0, inf), got -1.0."),
+    (dict(rtol=math.nan), ValueError, "`rtol` must be in [0.0, inf), got nan."),
+    (dict(rtol=math.inf), ValueError, "`rtol` must be in [0.0, inf), got inf."),
+    (dict(rtol="1e-5"), TypeError, "`rtol` must be a real number, got str '1e-5'."),
+    (dict(atol=-0.5), ValueError, "`atol` must be in [0.0, inf), got -0.5."),
+    (
+        dict(progress_tol=0.0),
+        ValueError,
+        "`progress_tol` must be in (0.0, inf), got 0.0. Pass None to turn",
+    ),
+    (dict(store_start=0), ValueError, "`store_start` must be an int >= 1, got 0."),
+    (dict(store_ratio=1.0), ValueError, "`store_ratio` must be in (1.0, inf), got 1.0."),
+    (dict(check_every=0), ValueError, "`check_every` must be an int >= 1, got 0."),
+    (dict(precond="jacobi"), TypeError, "`precond` must be None, a callable"),
+    (dict(precond=torch.ones(4, dtype=DTYPE)), ValueError, "`precond` must be a flat vector"),
+    (
+        dict(precond=torch.tensor([1.0, 0.0, 2.0], dtype=DTYPE)),
+        ValueError,
+        "`precond` as a diagonal tensor must be positive and finite (the diagonal of an SPD M), "
+        "got an entry 0.0",
+    ),
+    (
+        dict(matvec=lambda v: v[:2]),
+        ValueError,
+        "`matvec` must return a tensor of shape (3,) on cpu, like `b`; got shape (2,) on cpu.",
+    ),
+    (dict(matvec=lambda v: v.float()), TypeError, "`matvec` must return a tensor of dtype"),
+    (dict(precond=lambda r: r.tolist()), TypeError, "`precond` must return a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    ERROR_CASES,
+    ids=[f"{next(iter(k))}-{i}" for i, (k, _, _) in enumerate(ERROR_CASES)],
+)
+def test_cg_rejects_bad_arguments(kwargs, error, message):
+    args = dict(matvec=lambda v: 2.0 * v, b=_b())
+    args.update(kwargs)
+    with pytest.raises(error, match=re.escape(message)):
+        cg(args.pop("matvec"), args.pop("b"), **args)
