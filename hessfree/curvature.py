@@ -114,12 +114,13 @@ def _reaches(root: torch.autograd.graph.Node | None, targets: set, stop: set) ->
 def _accumulate_nodes(params: Sequence[Tensor]) -> set:
     """The ``AccumulateGrad`` (or producing) nodes through which a graph reaches ``params``."""
     nodes = set()
-    for p in params:
-        if p.grad_fn is not None:
-            nodes.add(p.grad_fn)
-        else:
-            # The leaf's AccumulateGrad node, as it appears in graphs that use the leaf.
-            nodes.add(p.view_as(p).grad_fn.next_functions[0][0])
+    with torch.enable_grad():
+        for p in params:
+            if p.grad_fn is not None:
+                nodes.add(p.grad_fn)
+            else:
+                # The leaf's AccumulateGrad node, as it appears in graphs that use the leaf.
+                nodes.add(p.view_as(p).grad_fn.next_functions[0][0])
     return nodes
 
 

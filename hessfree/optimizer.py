@@ -339,8 +339,7 @@ class HessianFree(torch.optim.Optimizer):
         counter.calls += 1
         if build_graph:
             with torch.enable_grad(), _backward_builds_graph() as called:
-                result = closure()
-            loss, outputs = _unpack(result)
+                loss, outputs = _unpack(closure())
             grads = None
             if called:
                 params = self._params()
@@ -486,9 +485,10 @@ class HessianFree(torch.optim.Optimizer):
         cev = ev
         if curvature_closure is not None:
             cev = self._call(curvature_closure, counter, build_graph=True, contract_a=False)
-        curv, product = self._curvature_product(cev, params)
-        grad_product = product if cev is ev else None
-        g = self._avg.mean(self._gradient(ev, grad_product, layout, params))
+        with torch.enable_grad():  # the products differentiate graphs, whatever the caller's mode
+            curv, product = self._curvature_product(cev, params)
+            grad_product = product if cev is ev else None
+            g = self._avg.mean(self._gradient(ev, grad_product, layout, params))
         if not isinstance(l2, float) or l2 != 0.0:
             theta_flat = layout.cat([p.detach() for p in params])
             g = g.add(theta_flat * l2 if not isinstance(l2, float) else theta_flat.mul_(l2))
@@ -506,7 +506,8 @@ class HessianFree(torch.optim.Optimizer):
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
-        precond = self._preconditioner(ev, product, params, lam, l2)
+        with torch.enable_grad():
+            precond = self._preconditioner(ev, product, params, lam, l2)
         warm = st.get("warm_start")
         x0 = None
         if warm is not None and self.cg_decay > 0 and warm.shape == g.shape:
@@ -627,7 +628,7 @@ def _unpack(result: object) -> tuple[Tensor, Tensor | None]:
     if not isinstance(result, Tensor) or result.numel() != 1:
         shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
         raise TypeError(f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}.")
-    return result.reshape(()), outputs
+    return (result if result.dim() == 0 else result.reshape(())), outputs
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:

@@ -303,3 +303,18 @@ def test_bad_hyperparameter_types_are_rejected():
         HessianFree([torch.zeros(1, requires_grad=True)], adapt_damping="yes")
     with pytest.raises(ValueError, match="No parameter requires gradients"):
         HessianFree([torch.zeros(1)])
+
+
+def test_step_works_when_called_under_no_grad():
+    A, b = _quadratic(4, seed=1)
+    x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    out_layer = torch.nn.Identity()
+
+    def closure():
+        out = out_layer(x * 1.0)
+        return 0.5 * out @ A @ out - b @ out, out
+
+    opt = HessianFree([x], damping=1e-10, min_damping=0.0, precond="martens")
+    with torch.no_grad():
+        opt.step(closure)
+    torch.testing.assert_close(x.detach(), torch.linalg.solve(A, b), rtol=1e-6, atol=1e-8)
