@@ -15,6 +15,7 @@ from .curvature import (
     GGNProduct,
     HessianProduct,
     JacobianProduct,
+    StructurallyDampedGGN,
     hvp,
     loss_hessian_product,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "GGNProduct",
     "FisherProduct",
     "JacobianProduct",
+    "StructurallyDampedGGN",
     "loss_hessian_product",
     # solver
     "cg",

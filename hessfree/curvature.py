@@ -32,6 +32,8 @@ finiteness, which costs one host sync on an accelerator) and ``matvec(v)`` (no c
 solver loops). Vectors are flat 1-D tensors in parameter order.
 
 References:
+    Martens & Sutskever (2011), Learning recurrent neural networks with Hessian-free
+    optimization, ICML, §3.3 (structural damping).
     Pearlmutter (1994), Fast exact multiplication by the Hessian, Neural Computation.
     Schraudolph (2002), Fast curvature matrix-vector products for second-order gradient descent.
     Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.2.
@@ -53,6 +55,7 @@ __all__ = [
     "HessianProduct",
     "GGNProduct",
     "FisherProduct",
+    "StructurallyDampedGGN",
     "JacobianProduct",
     "hvp",
     "loss_hessian_product",
@@ -518,6 +521,75 @@ class GGNProduct(CurvatureProduct):
     def _matmat(self, V: Tensor) -> Tensor:
         J = self.jacobian
         return J.vmp(self.loss_hessian(J.jmp(V)))
+
+
+class StructurallyDampedGGN(GGNProduct):
+    r"""Gauss-Newton plus structural damping, :math:`(G + w\,J_h^\top J_h)v`, in one pass.
+
+    Structural damping (Martens & Sutskever 2011, §3.3) penalises changes of the hidden-state
+    trajectory :math:`h(\theta)` of a recurrent net: a Gauss-Newton term of the squared distance
+    :math:`\tfrac{w}{2}\|h(\theta + p) - h(\theta)\|^2`. Both Jacobians come from one graph:
+    the set-up backward pass differentiates ``(outputs, hidden)`` against
+    :math:`(\partial f/\partial o, u_h)` with a zero dummy :math:`u_h`, so one double-backward
+    pass gives :math:`J_o v` and :math:`J_h v` together and one backward pass applies both
+    transposes: a product costs about what a plain Gauss-Newton product costs.
+
+    Args:
+        loss: Scalar loss computed from ``outputs``.
+        outputs: The model outputs.
+        hidden: The hidden states to keep steady (any shape), with a graph to ``params``.
+        params: The parameters.
+        weight: :math:`w \ge 0`; the optimizer uses :math:`\lambda\mu/N` (:math:`N` = examples).
+
+    Example:
+        >>> W = torch.tensor([[0.5]], requires_grad=True)
+        >>> h = torch.tanh(torch.ones(3, 1) @ W.T)
+        >>> out = 2 * h
+        >>> P = StructurallyDampedGGN(0.5 * (out**2).sum(), out, h, [W], weight=1.0)
+        >>> d = float(1 - torch.tanh(torch.tensor(0.5)) ** 2)  # dh/dW per example
+        >>> bool(torch.isclose(P(torch.ones(1)), torch.tensor(3 * d * d * (4 + 1.0))))
+        True
+    """
+
+    def __init__(
+        self, loss: Tensor, outputs: Tensor, hidden: Tensor, params: Sequence[Tensor], *, weight: float
+    ) -> None:
+        super().__init__(loss, outputs, params)
+        if not isinstance(hidden, Tensor) or not hidden.requires_grad:
+            raise ValueError("`hidden` must be a tensor with an autograd graph to the parameters.")
+        if not weight >= 0:
+            raise ValueError(f"`weight` must be >= 0, got {weight!r}.")
+        self.hidden, self.weight = hidden, float(weight)
+        go = self.jacobian._u
+        u_h = torch.zeros_like(hidden, requires_grad=True)
+        jt = _grad([outputs, hidden], self.params, [go, u_h], create_graph=True)
+        self._us = [go, u_h]
+        self._idx = [i for i, t in enumerate(jt) if t is not None and t.requires_grad]
+        self._jt = [jt[i] for i in self._idx]
+
+    def _jvps(self, v: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
+        vs = _batched_split(self.layout, v) if batched else self.layout.split(v)
+        jo, jh = _grad(self._jt, self._us, [vs[i] for i in self._idx], batched=batched)
+        lead = (v.shape[0],) if batched else ()
+        jo = self.outputs.new_zeros(*lead, *self.outputs.shape) if jo is None else jo
+        jh = self.hidden.new_zeros(*lead, *self.hidden.shape) if jh is None else jh
+        return jo, jh
+
+    def matvec(self, v: Tensor) -> Tensor:
+        jo, jh = self._jvps(v, batched=False)
+        return self.layout.cat(
+            _grad([self.outputs, self.hidden], self.params, [self.loss_hessian(jo), jh * self.weight])
+        )
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        jo, jh = self._jvps(V, batched=True)
+        out = _grad([self.outputs, self.hidden], self.params, [self.loss_hessian(jo), jh * self.weight], batched=True)
+        return _batched_cat(self.layout, out, V.shape[0])
+
+    def hidden_energy(self, X: Tensor) -> Tensor:
+        r""":math:`\|J_h x\|^2` for each row ``x`` of ``X`` (``(k, n)``); a batched pass."""
+        _, jh = self._jvps(X, batched=True)
+        return jh.reshape(X.shape[0], -1).square().sum(1)
 
 
 class FisherProduct(GGNProduct):

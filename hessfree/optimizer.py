@@ -61,7 +61,14 @@ from ._flat import ParamLayout
 from ._types import MatVec
 from .cg import CGResult, StopReason, cg
 from .distributed import Averager
-from .curvature import FisherProduct, GGNProduct, HessianProduct, JacobianProduct, loss_hessian_product
+from .curvature import (
+    FisherProduct,
+    GGNProduct,
+    HessianProduct,
+    JacobianProduct,
+    StructurallyDampedGGN,
+    loss_hessian_product,
+)
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
 __all__ = ["HessianFree", "StepInfo"]
@@ -117,6 +124,7 @@ class _Evaluation:
     loss: Tensor
     outputs: Tensor | None
     grads: list[Tensor | None] | None  # set when the closure itself called backward()
+    hidden: Tensor | None = None  # for structural damping
 
 
 @dataclass
@@ -166,6 +174,12 @@ class HessianFree(torch.optim.Optimizer):
         min_damping: Lower bound on :math:`\lambda`, >= 0.
         max_damping: Upper bound on :math:`\lambda`, > ``min_damping``.
         weight_decay: L2 coefficient :math:`\kappa` (per group), in gradient *and* curvature.
+        structural_damping: :math:`\mu \ge 0` of Martens & Sutskever (2011, §3.3); 0.03 in the
+            paper for RNNs, 0 (off) by default. When positive, the closure returns
+            ``(loss, outputs, hidden)`` and CG's matrix gains
+            :math:`\lambda\mu\,J_h^\top J_h / N` (:math:`N` = ``hidden.shape[0]`` examples),
+            a Gauss-Newton penalty on changes of the hidden states, adapted with :math:`\lambda`
+            and left out of :math:`\rho`'s undamped model. Needs Gauss-Newton curvature.
         cg_max_iter: Most CG iterations per step (250 in the reference code).
         cg_min_iter: CG iterations before the relative-progress stop may fire.
         cg_rtol: CG also stops when :math:`\|r\| \le` ``cg_rtol`` :math:`\|g\|`.
@@ -223,6 +237,7 @@ class HessianFree(torch.optim.Optimizer):
         min_damping: float = 1e-8,
         max_damping: float = 1e10,
         weight_decay: float = 0.0,
+        structural_damping: float = 0.0,
         cg_max_iter: int = 250,
         cg_min_iter: int = 1,
         cg_rtol: float = 1e-10,
@@ -245,6 +260,12 @@ class HessianFree(torch.optim.Optimizer):
             check_choice("curvature", curvature, CURVATURES)
         self.curvature = curvature
         self.initial_damping = check_number("damping", damping, low=0.0, low_open=True)
+        self.structural_damping = check_number("structural_damping", structural_damping, low=0.0)
+        if self.structural_damping > 0 and curvature not in ("auto", "ggn"):
+            raise ValueError(
+                f"`structural_damping` > 0 needs Gauss-Newton curvature, got curvature={curvature!r}; "
+                "use curvature='ggn' (or 'auto')."
+            )
         self.adapt_damping = _check_bool("adapt_damping", adapt_damping)
         self.damping_increase = check_number(
             "damping_increase", damping_increase, low=1.0, low_open=True,
@@ -339,7 +360,7 @@ class HessianFree(torch.optim.Optimizer):
         counter.calls += 1
         if build_graph:
             with torch.enable_grad(), _backward_builds_graph() as called:
-                loss, outputs = _unpack(closure())
+                loss, outputs, hidden = _unpack(closure())
             grads = None
             if called:
                 params = self._params()
@@ -347,10 +368,10 @@ class HessianFree(torch.optim.Optimizer):
                 for p in params:  # break the parameter <-> graph-carrying .grad cycle
                     if p.grad is not None:
                         p.grad = p.grad.detach()
-            return _Evaluation(loss, outputs, grads)
+            return _Evaluation(loss, outputs, grads, hidden)
         ctx = torch.enable_grad() if contract_a else torch.no_grad()
         with ctx:
-            loss, outputs = _unpack(closure())
+            loss, _, _ = _unpack(closure())
         return _Evaluation(loss.detach(), None, None)
 
     def _objective_at(
@@ -387,7 +408,15 @@ class HessianFree(torch.optim.Optimizer):
                 f"curvature={kind!r} needs the model outputs: make the closure return "
                 "(loss, outputs), or use curvature='hessian'."
             )
-        if kind == "hessian":
+        if self.structural_damping > 0:
+            if ev.outputs is None or ev.hidden is None:
+                raise ValueError(
+                    "structural_damping > 0 needs the closure to return (loss, outputs, hidden)."
+                )
+            n = ev.hidden.shape[0] if ev.hidden.dim() > 0 else 1
+            weight = self._global_state()["damping"] * self.structural_damping / n
+            prod = StructurallyDampedGGN(ev.loss, ev.outputs, ev.hidden, params, weight=weight)
+        elif kind == "hessian":
             prod = HessianProduct(ev.loss if ev.grads is None else None, params, grads=ev.grads)
         elif kind == "ggn":
             prod = GGNProduct(ev.loss, ev.outputs, params)
@@ -516,7 +545,6 @@ class HessianFree(torch.optim.Optimizer):
             damped, -g, x0, max_iter=self.cg_max_iter, min_iter=self.cg_min_iter, rtol=self.cg_rtol,
             precond=precond, progress_tol=self.cg_progress_tol,
         )
-        del curv, product, ev, cev  # free the curvature graph before the trial evaluations
         cg_info = dict(
             grad_norm=g_norm, cg_iters=result.num_iter, cg_reason=result.reason.value, cg_matvecs=result.num_matvec
         )
@@ -524,6 +552,12 @@ class HessianFree(torch.optim.Optimizer):
             st.pop("warm_start", None)
             return self._reject(st, finish, "non_finite_curvature", "a curvature product", **cg_info)
         st["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
+        energy = None
+        if isinstance(product, StructurallyDampedGGN):
+            # the structural term is damping: leave it out of ρ's model (needs the graph, so now)
+            with torch.enable_grad():
+                energy = product.weight * product.hidden_energy(torch.stack(result.iterates))
+        del curv, product, ev, cev  # free the curvature graph before the trial evaluations
 
         # ---- 3. CG backtracking on the gradient batch ----
         theta0 = [p.detach().clone() for p in params]
@@ -545,6 +579,8 @@ class HessianFree(torch.optim.Optimizer):
             # ---- 4. ρ with the undamped model, read off CG's φ (no extra product) ----
             gp = float(g @ p)
             predicted = float(result.iterate_phi[chosen]) - 0.5 * lam * float(p @ p)
+            if energy is not None:
+                predicted -= 0.5 * float(energy[chosen])
             rho = _damping.reduction_ratio(f_chosen - f0, predicted)
             if self.adapt_damping:
                 st["damping"] = _damping.update_damping(
@@ -613,22 +649,24 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
-def _unpack(result: object) -> tuple[Tensor, Tensor | None]:
-    """Split a closure's return value into ``(loss, outputs or None)``."""
-    outputs = None
+def _unpack(result: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Split a closure's return value into ``(loss, outputs or None, hidden or None)``."""
+    outputs = hidden = None
     if isinstance(result, (tuple, list)):
-        if len(result) != 2:
+        if len(result) not in (2, 3):
             raise TypeError(
-                f"The closure must return a loss or (loss, outputs), got a {type(result).__name__} "
-                f"of length {len(result)}."
+                "The closure must return a loss, (loss, outputs) or (loss, outputs, hidden), got a "
+                f"{type(result).__name__} of length {len(result)}."
             )
-        result, outputs = result
-        if not isinstance(outputs, Tensor):
-            raise TypeError(f"The closure's outputs must be a tensor, got {type(outputs).__name__}.")
+        result, outputs, *rest = result
+        hidden = rest[0] if rest else None
+        for name, t in (("outputs", outputs), ("hidden states", hidden)):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"The closure's {name} must be a tensor, got {type(t).__name__}.")
     if not isinstance(result, Tensor) or result.numel() != 1:
         shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
         raise TypeError(f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}.")
-    return (result if result.dim() == 0 else result.reshape(())), outputs
+    return (result if result.dim() == 0 else result.reshape(())), outputs, hidden
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:

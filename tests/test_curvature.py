@@ -331,3 +331,56 @@ def test_products_on_cuda_match_cpu(case):
     D = dense(*case.build())
     torch.testing.assert_close(GGNProduct(loss, out, params)(v).cpu(), D.G @ v.cpu(), **EXACT)
     torch.testing.assert_close(HessianProduct(loss, params)(v).cpu(), D.H @ v.cpu(), **EXACT)
+
+
+def test_structurally_damped_ggn_matches_dense_ggn_plus_hidden_term():
+    torch.manual_seed(7)
+    from cases import UnrolledRNN, flat_params
+    from hessfree import StructurallyDampedGGN
+
+    model = UnrolledRNN(2, 3, 1).double()
+    x, y = torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+
+    def hidden_of(m, inp):
+        h = inp.new_zeros(inp.shape[0], 3)
+        hs = []
+        for t in range(inp.shape[1]):
+            h = m.cell(inp[:, t], h)
+            hs.append(h)
+        return torch.stack(hs, 1)
+
+    params = list(model.parameters())
+    hs = hidden_of(model, x)
+    out = model.readout(hs[:, -1])
+    loss = F.mse_loss(out, y)
+    P = StructurallyDampedGGN(loss, out, hs, params, weight=0.7)
+    D = dense(model, x, y, F.mse_loss)
+    theta = flat_params(model)
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in params]
+    shapes = [p.shape for p in params]
+
+    Jh = torch.autograd.functional.jacobian(
+        lambda t: _call_hidden(model, dict(zip(names, [c.view(sh) for c, sh in zip(t.split(sizes), shapes)])), x, hidden_of),
+        theta,
+    )
+    expected = D.G + 0.7 * Jh.T @ Jh
+    V = _vectors(theta.numel(), 3)
+    for v in V:
+        torch.testing.assert_close(P(v), expected @ v, **EXACT)
+    torch.testing.assert_close(P.matmat(V), V @ expected.T, **EXACT)
+    torch.testing.assert_close(P.hidden_energy(V), ((V @ Jh.T) ** 2).sum(1), **EXACT)
+    with pytest.raises(ValueError, match="`weight` must be >= 0"):
+        StructurallyDampedGGN(loss, out, hs, params, weight=-1.0)
+
+
+def _call_hidden(model, parts, x, hidden_of):
+    class Wrapper(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, inp):
+            return hidden_of(self.m, inp)
+
+    return torch.func.functional_call(Wrapper(model), {f"m.{k}": v for k, v in parts.items()}, (x,)).reshape(-1)

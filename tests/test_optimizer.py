@@ -271,7 +271,7 @@ def test_ggn_without_outputs_is_a_clear_error():
     with pytest.raises(TypeError, match="closure"):
         opt.step(None)
     with pytest.raises(TypeError, match=r"\(loss, outputs\)"):
-        opt.step(lambda: (w.sum(), w, w))
+        opt.step(lambda: (w.sum(), w, w, w))
 
 
 @pytest.mark.parametrize(
@@ -318,3 +318,28 @@ def test_step_works_when_called_under_no_grad():
     with torch.no_grad():
         opt.step(closure)
     torch.testing.assert_close(x.detach(), torch.linalg.solve(A, b), rtol=1e-6, atol=1e-8)
+
+
+def test_structural_damping_trains_an_rnn_and_validates_its_contract():
+    torch.manual_seed(4)
+    rnn = nn.RNN(2, 8, batch_first=True, nonlinearity="tanh").double()
+    head = nn.Linear(8, 1).double()
+    x = torch.rand(32, 10, 2, dtype=torch.float64)
+    y = x[:, :, :1].sum(1) / 10
+    params = list(rnn.parameters()) + list(head.parameters())
+    opt = HessianFree(params, structural_damping=0.03, cg_max_iter=30)
+
+    def closure():
+        hidden, _ = rnn(x)
+        out = head(hidden[:, -1])
+        return F.mse_loss(out, y), out, hidden
+
+    first = float(opt.step(closure))
+    for _ in range(10):
+        opt.step(closure)
+    assert opt.last_step.loss_after < 0.2 * first
+    assert math.isfinite(opt.last_step.rho)
+    with pytest.raises(ValueError, match=r"`structural_damping` > 0 needs Gauss-Newton curvature"):
+        HessianFree(params, structural_damping=0.03, curvature="hessian")
+    with pytest.raises(ValueError, match=r"\(loss, outputs, hidden\)"):
+        HessianFree(params, structural_damping=0.03).step(lambda: closure()[:2])
