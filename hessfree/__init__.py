@@ -21,6 +21,14 @@ from .curvature import (
 )
 
 from .damping import reduction_ratio, update_damping
+from .operators import (
+    CurvatureLinearOperator,
+    FisherLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    JacobianLinearOperator,
+    limit_blas_threads,
+)
 from .optimizer import HessianFree, StepInfo
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
@@ -36,6 +44,13 @@ __all__ = [
     "JacobianProduct",
     "StructurallyDampedGGN",
     "loss_hessian_product",
+    # operators
+    "CurvatureLinearOperator",
+    "HessianLinearOperator",
+    "GGNLinearOperator",
+    "FisherLinearOperator",
+    "JacobianLinearOperator",
+    "limit_blas_threads",
     # solver
     "cg",
     "CGResult",
