@@ -19,7 +19,6 @@ from .curvature import (
     hvp,
     loss_hessian_product,
 )
-
 from .damping import reduction_ratio, update_damping
 from .operators import (
     CurvatureLinearOperator,

@@ -34,14 +34,18 @@ def check_number(
     value = float(value)
     lo = "-inf" if low is None else repr(low)
     hi = "inf" if high is None else repr(high)
-    interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    interval = f"{left}{lo}, {hi}{right}"
     bad = math.isnan(value)
     if low is not None:
         bad |= value <= low if low_open else value < low
     if high is not None:
         bad |= value >= high if high_open else value > high
     if bad:
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}.{(' ' + hint) if hint else ''}")
+        raise ValueError(
+            f"`{name}` must be in {interval}, got {value!r}.{(' ' + hint) if hint else ''}"
+        )
     return value
 
 
@@ -76,7 +80,9 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_vector(name: str, v: object, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def check_vector(
+    name: str, v: object, numel: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     """Check ``v`` is a flat tensor of the expected length, dtype and device (no host sync)."""
     if not isinstance(v, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(v).__name__}.")
@@ -95,7 +101,9 @@ def check_finite(name: str, v: Tensor) -> Tensor:
     """Check ``v`` holds no NaN or Inf (one host sync on accelerators)."""
     if not bool(torch.isfinite(v).all()):
         bad = int((~torch.isfinite(v)).sum())
-        raise ValueError(f"`{name}` contains {bad} non-finite entries (NaN or Inf); expected finite values.")
+        raise ValueError(
+            f"`{name}` contains {bad} non-finite entries (NaN or Inf); expected finite values."
+        )
     return v
 
 

@@ -88,7 +88,9 @@ def _grad(
 def _batched_cat(layout: ParamLayout, parts: Sequence[Tensor | None], k: int) -> Tensor:
     """Concatenate per-parameter results with a leading batch dim ``k`` into ``(k, n)``."""
     cols = [
-        torch.zeros(k, n, dtype=layout.dtype, device=layout.device) if t is None else t.reshape(k, -1)
+        torch.zeros(k, n, dtype=layout.dtype, device=layout.device)
+        if t is None
+        else t.reshape(k, -1)
         for t, n in zip(parts, layout.numels, strict=True)
     ]
     return torch.cat(cols, dim=1)
@@ -97,7 +99,9 @@ def _batched_cat(layout: ParamLayout, parts: Sequence[Tensor | None], k: int) ->
 def _batched_split(layout: ParamLayout, V: Tensor) -> list[Tensor]:
     """Views of a ``(k, n)`` matrix shaped ``(k, *param.shape)``."""
     k = V.shape[0]
-    return [c.view(k, *s) for c, s in zip(V.split(layout.numels, dim=1), layout.shapes, strict=True)]
+    return [
+        c.view(k, *s) for c, s in zip(V.split(layout.numels, dim=1), layout.shapes, strict=True)
+    ]
 
 
 def _reaches(root: torch.autograd.graph.Node | None, targets: set, stop: set) -> bool:
@@ -265,24 +269,31 @@ def hvp(
         ...     return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
         >>> x = torch.tensor([0.5, 1.5, -0.3], dtype=torch.float64)
         >>> v = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-        >>> bool(torch.allclose(hvp(rosen, x, v), torch.from_numpy(rosen_hess_prod(x.numpy(), v.numpy()))))
+        >>> expected = torch.from_numpy(rosen_hess_prod(x.numpy(), v.numpy()))
+        >>> bool(torch.allclose(hvp(rosen, x, v), expected))
         True
     """
     is_tuple = isinstance(x, tuple)
     xs = x if is_tuple else (x,)
     for i, xi in enumerate(xs):
         if not isinstance(xi, Tensor) or not xi.is_floating_point():
-            kind = type(xi).__name__ if not isinstance(xi, Tensor) else f"tensor of dtype {xi.dtype}"
+            kind = (
+                type(xi).__name__ if not isinstance(xi, Tensor) else f"tensor of dtype {xi.dtype}"
+            )
             raise TypeError(f"`x[{i}]` must be a floating-point tensor, got {kind}.")
     prims = [xi.detach().requires_grad_(True) for xi in xs]
     layout = ParamLayout(prims)
     if isinstance(v, tuple):
         if not is_tuple or len(v) != len(xs):
-            raise ValueError(f"`v` must match `x`'s structure: got a tuple of {len(v)} for x of {len(xs)}.")
+            raise ValueError(
+                f"`v` must match `x`'s structure: got a tuple of {len(v)} for x of {len(xs)}."
+            )
         for i, (vi, xi) in enumerate(zip(v, xs, strict=True)):
             if not isinstance(vi, Tensor) or vi.shape != xi.shape:
                 shape = tuple(vi.shape) if isinstance(vi, Tensor) else type(vi).__name__
-                raise ValueError(f"`v[{i}]` must have shape {tuple(xi.shape)} like x[{i}], got {shape}.")
+                raise ValueError(
+                    f"`v[{i}]` must have shape {tuple(xi.shape)} like x[{i}], got {shape}."
+                )
         flat_v = layout.cat(v) if len(v) > 1 else v[0].reshape(-1)
     elif isinstance(v, Tensor):
         if not is_tuple and v.shape == xs[0].shape:
@@ -290,7 +301,11 @@ def hvp(
         elif v.dim() == 1 and v.numel() == layout.numel:
             flat_v = v
         else:
-            want = f"{tuple(xs[0].shape)} or ({layout.numel},)" if not is_tuple else f"({layout.numel},)"
+            want = (
+                f"{tuple(xs[0].shape)} or ({layout.numel},)"
+                if not is_tuple
+                else f"({layout.numel},)"
+            )
             raise ValueError(f"`v` must have shape {want}, got {tuple(v.shape)}.")
     else:
         raise TypeError(f"`v` must be a tensor or a tuple of tensors, got {type(v).__name__}.")
@@ -299,7 +314,11 @@ def hvp(
     with torch.enable_grad():
         loss = f(*prims)
         if isinstance(loss, Tensor) and not loss.requires_grad and loss.numel() == 1:
-            return tuple(torch.zeros_like(p) for p in prims) if is_tuple else torch.zeros_like(prims[0])
+            return (
+                tuple(torch.zeros_like(p) for p in prims)
+                if is_tuple
+                else torch.zeros_like(prims[0])
+            )
         out = HessianProduct(check_scalar_loss("f(x)", loss), prims).matvec(flat_v)
     parts = [t.detach() for t in layout.split(out)]
     return tuple(parts) if is_tuple else parts[0]
@@ -316,7 +335,7 @@ def _neg_dim(dim: int, ndim: int) -> int:
 
 
 def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
-    r"""The closed-form loss Hessian :math:`w \mapsto H_\ell w` if ``loss`` is a known loss of ``outputs``.
+    r"""The closed-form loss Hessian :math:`w \mapsto H_\ell w` if ``loss`` is a known loss.
 
     Recognises ``loss = mse_loss(outputs, t)``, ``cross_entropy(outputs, y)`` (class dimension 1,
     no class weights) and ``binary_cross_entropy_with_logits(outputs, t)`` (no weights) with
@@ -324,7 +343,8 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
     accepts ``w`` with extra leading (batch) dimensions.
 
     * MSE: :math:`H_\ell = 2I/m` (:math:`m` = number of averaged entries, 1 for a sum).
-    * Cross-entropy: per row :math:`(\mathrm{diag}(p) - pp^\top)/m`, :math:`p = \mathrm{softmax}(o)`;
+    * Cross-entropy: per row :math:`(\mathrm{diag}(p) - pp^\top)/m`,
+      :math:`p = \mathrm{softmax}(o)`;
       rows whose target is ``ignore_index`` contribute zero.
     * BCE-with-logits: :math:`\mathrm{diag}(\sigma(o)(1-\sigma(o)))/m`.
 
@@ -456,7 +476,9 @@ class JacobianProduct:
 
     def vmp(self, U: Tensor) -> Tensor:
         """Batched :meth:`vjp`: ``U`` is ``(k, *outputs.shape)``, the result ``(k, n)``."""
-        return _batched_cat(self.layout, _grad([self.outputs], self.params, [U], batched=True), U.shape[0])
+        return _batched_cat(
+            self.layout, _grad([self.outputs], self.params, [U], batched=True), U.shape[0]
+        )
 
 
 class GGNProduct(CurvatureProduct):
@@ -490,9 +512,13 @@ class GGNProduct(CurvatureProduct):
         loss = check_scalar_loss("loss", loss)
         self.jacobian = JacobianProduct(outputs, params)
         self.params, self.layout, self.outputs = self.jacobian.params, self.jacobian.layout, outputs
-        (go,) = torch.autograd.grad(loss, outputs, create_graph=True, retain_graph=True, allow_unused=True)
+        (go,) = torch.autograd.grad(
+            loss, outputs, create_graph=True, retain_graph=True, allow_unused=True
+        )
         if go is None:
-            raise ValueError("`loss` does not depend on `outputs`; pass the outputs the loss was computed from.")
+            raise ValueError(
+                "`loss` does not depend on `outputs`; pass the outputs the loss was computed from."
+            )
         jtg = _grad([outputs], self.params, [go], create_graph=True)
         self.jacobian._set_rop_graph(go, jtg)
         self.output_grad = go.detach()
@@ -552,7 +578,13 @@ class StructurallyDampedGGN(GGNProduct):
     """
 
     def __init__(
-        self, loss: Tensor, outputs: Tensor, hidden: Tensor, params: Sequence[Tensor], *, weight: float
+        self,
+        loss: Tensor,
+        outputs: Tensor,
+        hidden: Tensor,
+        params: Sequence[Tensor],
+        *,
+        weight: float,
     ) -> None:
         super().__init__(loss, outputs, params)
         if not isinstance(hidden, Tensor) or not hidden.requires_grad:
@@ -578,12 +610,19 @@ class StructurallyDampedGGN(GGNProduct):
     def matvec(self, v: Tensor) -> Tensor:
         jo, jh = self._jvps(v, batched=False)
         return self.layout.cat(
-            _grad([self.outputs, self.hidden], self.params, [self.loss_hessian(jo), jh * self.weight])
+            _grad(
+                [self.outputs, self.hidden], self.params, [self.loss_hessian(jo), jh * self.weight]
+            )
         )
 
     def _matmat(self, V: Tensor) -> Tensor:
         jo, jh = self._jvps(V, batched=True)
-        out = _grad([self.outputs, self.hidden], self.params, [self.loss_hessian(jo), jh * self.weight], batched=True)
+        out = _grad(
+            [self.outputs, self.hidden],
+            self.params,
+            [self.loss_hessian(jo), jh * self.weight],
+            batched=True,
+        )
         return _batched_cat(self.layout, out, V.shape[0])
 
     def hidden_energy(self, X: Tensor) -> Tensor:
@@ -600,7 +639,8 @@ class FisherProduct(GGNProduct):
     (:math:`c = 1/N` for ``'mean'``, :math:`1` for ``'sum'``), the product is
     :math:`Fv = \tfrac{1}{c}\, J^\top\big(\hat g_i\,\langle \hat g_i, (Jv)_i\rangle\big)_i`,
     i.e. a Gauss-Newton product with a rank-one-per-example "loss Hessian". No per-example
-    gradient is materialised. For ``'sum'`` the :math:`1/N` is dropped: :math:`F = \sum_i g_i g_i^\top`.
+    gradient is materialised. For ``'sum'`` the :math:`1/N` is dropped:
+    :math:`F = \sum_i g_i g_i^\top`.
 
     Args:
         loss: Scalar loss, the mean (or sum) of per-example losses over dim 0 of ``outputs``.

@@ -21,7 +21,8 @@ def reduction_ratio(actual: float, predicted: float) -> float:
     r"""The Levenberg-Marquardt ratio :math:`\rho` = actual / predicted change of the objective.
 
     Args:
-        actual: :math:`f(\theta + p) - f(\theta)`; ``inf`` or NaN when the trial loss was not finite.
+        actual: :math:`f(\theta + p) - f(\theta)`; ``inf`` or NaN when the trial loss was
+            not finite.
         predicted: :math:`q(p) - q(0)` of the undamped model (negative for a descent step).
 
     Returns:

@@ -43,7 +43,9 @@ class Averager:
         self.active = dist.is_available() and dist.is_initialized()
         self.group = group if group is not None else (dist.group.WORLD if self.active else None)
         if group is not None and not self.active:
-            raise ValueError("A `process_group` was given but torch.distributed is not initialised.")
+            raise ValueError(
+                "A `process_group` was given but torch.distributed is not initialised."
+            )
         self.world_size = dist.get_world_size(self.group) if self.active else 1
         self.rank = dist.get_rank(self.group) if self.active else 0
         self.weight = float(weight)
@@ -59,7 +61,11 @@ class Averager:
 
     def _device(self) -> torch.device:
         backend = dist.get_backend(self.group)
-        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
 
     def mean(self, t: Tensor) -> Tensor:
         """The (weighted) mean of ``t`` over the ranks, in place where possible; one collective."""
@@ -89,7 +95,8 @@ class Averager:
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
         if not torch.equal(hi, lo):
             raise ValueError(
-                f"Parameters differ across the {self.world_size} ranks (fingerprint max {hi.tolist()} "
+                f"Parameters differ across the {self.world_size} ranks "
+                f"(fingerprint max {hi.tolist()} "
                 f"vs min {lo.tolist()}); initialise every rank from the same seed or broadcast "
                 "rank 0's parameters before the first step."
             )

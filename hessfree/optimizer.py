@@ -59,8 +59,7 @@ from . import damping as _damping
 from ._checks import check_choice, check_int, check_number
 from ._flat import ParamLayout
 from ._types import MatVec
-from .cg import CGResult, StopReason, cg
-from .distributed import Averager
+from .cg import StopReason, cg
 from .curvature import (
     FisherProduct,
     GGNProduct,
@@ -69,6 +68,7 @@ from .curvature import (
     StructurallyDampedGGN,
     loss_hessian_product,
 )
+from .distributed import Averager
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
 __all__ = ["HessianFree", "StepInfo"]
@@ -140,7 +140,9 @@ def _backward_builds_graph() -> Iterator[list[bool]]:
     called: list[bool] = []
     original = torch.autograd.backward
 
-    def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs):
+    def backward(
+        tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
+    ):
         called.append(True)
         return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
 
@@ -263,20 +265,31 @@ class HessianFree(torch.optim.Optimizer):
         self.structural_damping = check_number("structural_damping", structural_damping, low=0.0)
         if self.structural_damping > 0 and curvature not in ("auto", "ggn"):
             raise ValueError(
-                f"`structural_damping` > 0 needs Gauss-Newton curvature, got curvature={curvature!r}; "
+                "`structural_damping` > 0 needs Gauss-Newton curvature, "
+                f"got curvature={curvature!r}; "
                 "use curvature='ggn' (or 'auto')."
             )
         self.adapt_damping = _check_bool("adapt_damping", adapt_damping)
         self.damping_increase = check_number(
-            "damping_increase", damping_increase, low=1.0, low_open=True,
+            "damping_increase",
+            damping_increase,
+            low=1.0,
+            low_open=True,
             hint="did you swap it with `damping_decrease`?" if 0 < damping_increase < 1 else "",
         )
         self.damping_decrease = check_number(
-            "damping_decrease", damping_decrease, low=0.0, high=1.0, low_open=True, high_open=True,
+            "damping_decrease",
+            damping_decrease,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=True,
             hint="did you swap it with `damping_increase`?" if damping_decrease > 1 else "",
         )
         self.min_damping = check_number("min_damping", min_damping, low=0.0)
-        self.max_damping = check_number("max_damping", max_damping, low=self.min_damping, low_open=True)
+        self.max_damping = check_number(
+            "max_damping", max_damping, low=self.min_damping, low_open=True
+        )
         if not self.min_damping <= self.initial_damping <= self.max_damping:
             raise ValueError(
                 f"`damping` must be in [min_damping, max_damping] = [{self.min_damping!r}, "
@@ -285,23 +298,36 @@ class HessianFree(torch.optim.Optimizer):
         self.cg_max_iter = check_int("cg_max_iter", cg_max_iter, low=1)
         self.cg_min_iter = check_int("cg_min_iter", cg_min_iter, low=0, high=self.cg_max_iter)
         self.cg_rtol = check_number("cg_rtol", cg_rtol, low=0.0)
-        self.cg_progress_tol = check_number("cg_progress_tol", cg_progress_tol, low=0.0, low_open=True)
+        self.cg_progress_tol = check_number(
+            "cg_progress_tol", cg_progress_tol, low=0.0, low_open=True
+        )
         self.cg_decay = check_number("cg_decay", cg_decay, low=0.0, high=1.0)
         self.backtrack = _check_bool("backtrack", backtrack)
         if line_search is not None:
             check_choice("line_search", line_search, ("armijo",))
         self.line_search = line_search
-        self.armijo_c = check_number("armijo_c", armijo_c, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.armijo_c = check_number(
+            "armijo_c", armijo_c, low=0.0, high=1.0, low_open=True, high_open=True
+        )
         self.line_search_shrink = check_number(
-            "line_search_shrink", line_search_shrink, low=0.0, high=1.0, low_open=True, high_open=True
+            "line_search_shrink",
+            line_search_shrink,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=True,
         )
         self.line_search_max_iter = check_int("line_search_max_iter", line_search_max_iter, low=1)
         if precond == "martens":
             precond = EmpiricalFisherDiagonal()
         elif isinstance(precond, str):
-            raise ValueError(f"Unknown `precond` {precond!r}; expected None, 'martens' or a callable.")
+            raise ValueError(
+                f"Unknown `precond` {precond!r}; expected None, 'martens' or a callable."
+            )
         elif precond is not None and not callable(precond):
-            raise TypeError(f"`precond` must be None, 'martens' or a callable, got {type(precond).__name__}.")
+            raise TypeError(
+                f"`precond` must be None, 'martens' or a callable, got {type(precond).__name__}."
+            )
         self.precond = precond
         self.max_failures = check_int("max_failures", max_failures, low=1)
         if callback is not None and not callable(callback):
@@ -314,7 +340,9 @@ class HessianFree(torch.optim.Optimizer):
             check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0, low_open=True)
             check_number(f"param_groups[{i}]['weight_decay']", group["weight_decay"], low=0.0)
         if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
-            raise ValueError("No parameter requires gradients; HessianFree has nothing to optimize.")
+            raise ValueError(
+                "No parameter requires gradients; HessianFree has nothing to optimize."
+            )
         self.last_step: StepInfo | None = None
         self._generator: torch.Generator | None = None
 
@@ -352,10 +380,17 @@ class HessianFree(torch.optim.Optimizer):
         first = values[0][0]
         if all(v == first for v, _ in values):
             return float(first)
-        return torch.cat([torch.full((p.numel(),), float(v), dtype=layout.dtype, device=layout.device) for v, p in values])
+        return torch.cat(
+            [
+                torch.full((p.numel(),), float(v), dtype=layout.dtype, device=layout.device)
+                for v, p in values
+            ]
+        )
 
     # ------------------------------------------------------------------------------ closures
-    def _call(self, closure: Closure, counter: _Counter, *, build_graph: bool, contract_a: bool) -> _Evaluation:
+    def _call(
+        self, closure: Closure, counter: _Counter, *, build_graph: bool, contract_a: bool
+    ) -> _Evaluation:
         """Evaluate ``closure``; with ``build_graph`` capture what curvature products need."""
         counter.calls += 1
         if build_graph:
@@ -375,8 +410,14 @@ class HessianFree(torch.optim.Optimizer):
         return _Evaluation(loss.detach(), None, None)
 
     def _objective_at(
-        self, closure: Closure, counter: _Counter, theta0: list[Tensor], d: list[Tensor], t: float,
-        contract_a: bool, l2: float | Tensor,
+        self,
+        closure: Closure,
+        counter: _Counter,
+        theta0: list[Tensor],
+        d: list[Tensor],
+        t: float,
+        contract_a: bool,
+        l2: float | Tensor,
     ) -> float:
         """:math:`f(\\theta_0 + t d)` including the L2 term; ``inf`` if not finite."""
         params = self._params()
@@ -421,18 +462,29 @@ class HessianFree(torch.optim.Optimizer):
         elif kind == "ggn":
             prod = GGNProduct(ev.loss, ev.outputs, params)
         else:
-            prod = FisherProduct(ev.loss, ev.outputs, params, reduction=_reduction_of(ev.loss, ev.outputs))
+            prod = FisherProduct(
+                ev.loss, ev.outputs, params, reduction=_reduction_of(ev.loss, ev.outputs)
+            )
         return prod.matvec, prod
 
-    def _gradient(self, ev: _Evaluation, product: object, layout: ParamLayout, params: list[Tensor]) -> Tensor:
+    def _gradient(
+        self, ev: _Evaluation, product: object, layout: ParamLayout, params: list[Tensor]
+    ) -> Tensor:
         if isinstance(product, (HessianProduct, GGNProduct)):
             return product.gradient
         if ev.grads is not None:
             return layout.cat([None if g is None else g.detach() for g in ev.grads])
-        return layout.cat(torch.autograd.grad(ev.loss, params, retain_graph=True, allow_unused=True))
+        return layout.cat(
+            torch.autograd.grad(ev.loss, params, retain_graph=True, allow_unused=True)
+        )
 
     def _preconditioner(
-        self, ev: _Evaluation, product: object, params: list[Tensor], lam: float, shift: float | Tensor
+        self,
+        ev: _Evaluation,
+        product: object,
+        params: list[Tensor],
+        lam: float,
+        shift: float | Tensor,
     ) -> Tensor | MatVec | None:
         if self.precond is None:
             return None
@@ -447,8 +499,13 @@ class HessianFree(torch.optim.Optimizer):
             jac = JacobianProduct(ev.outputs, params)
             (go,) = torch.autograd.grad(ev.loss, ev.outputs, retain_graph=True)
         ctx = PrecondContext(
-            jacobian=jac, output_grad=go, reduction=_reduction_of(ev.loss, ev.outputs),
-            damping=lam, shift=shift, generator=self._rng(go.device), average=self._avg.mean,
+            jacobian=jac,
+            output_grad=go,
+            reduction=_reduction_of(ev.loss, ev.outputs),
+            damping=lam,
+            shift=shift,
+            generator=self._rng(go.device),
+            average=self._avg.mean,
         )
         return self.precond(ctx)
 
@@ -477,7 +534,9 @@ class HessianFree(torch.optim.Optimizer):
                 f"HessianFree.step needs a closure that re-evaluates the loss, got {closure!r}."
             )
         if curvature_closure is not None and not callable(curvature_closure):
-            raise TypeError(f"`curvature_closure` must be callable or None, got {curvature_closure!r}.")
+            raise TypeError(
+                f"`curvature_closure` must be callable or None, got {curvature_closure!r}."
+            )
         t_start = time.perf_counter()
         st = self._global_state()
         params = self._params()
@@ -497,9 +556,16 @@ class HessianFree(torch.optim.Optimizer):
 
         def finish(status: str, **kw) -> Tensor:
             info = StepInfo(
-                loss=f0, loss_after=kw.pop("loss_after", f0), accepted=status == "accepted", status=status,
-                damping=lam, next_damping=st["damping"], closure_calls=counter.calls,
-                time_products=counter.product_time, time_total=time.perf_counter() - t_start, **kw,
+                loss=f0,
+                loss_after=kw.pop("loss_after", f0),
+                accepted=status == "accepted",
+                status=status,
+                damping=lam,
+                next_damping=st["damping"],
+                closure_calls=counter.calls,
+                time_products=counter.product_time,
+                time_total=time.perf_counter() - t_start,
+                **kw,
             )
             self.last_step = info
             st["step"] += 1
@@ -529,6 +595,7 @@ class HessianFree(torch.optim.Optimizer):
 
         # ---- 2. CG on (C + κ + λ) p = -g from the decayed previous solution ----
         shift = l2 + lam  # float or per-entry vector
+
         def damped(v: Tensor) -> Tensor:
             t0 = time.perf_counter()
             out = self._avg.mean(curv(v))
@@ -542,22 +609,33 @@ class HessianFree(torch.optim.Optimizer):
         if warm is not None and self.cg_decay > 0 and warm.shape == g.shape:
             x0 = warm.to(device=g.device, dtype=g.dtype) * self.cg_decay
         result = cg(
-            damped, -g, x0, max_iter=self.cg_max_iter, min_iter=self.cg_min_iter, rtol=self.cg_rtol,
-            precond=precond, progress_tol=self.cg_progress_tol,
+            damped,
+            -g,
+            x0,
+            max_iter=self.cg_max_iter,
+            min_iter=self.cg_min_iter,
+            rtol=self.cg_rtol,
+            precond=precond,
+            progress_tol=self.cg_progress_tol,
         )
         cg_info = dict(
-            grad_norm=g_norm, cg_iters=result.num_iter, cg_reason=result.reason.value, cg_matvecs=result.num_matvec
+            grad_norm=g_norm,
+            cg_iters=result.num_iter,
+            cg_reason=result.reason.value,
+            cg_matvecs=result.num_matvec,
         )
         if result.reason is StopReason.NON_FINITE:
             st.pop("warm_start", None)
-            return self._reject(st, finish, "non_finite_curvature", "a curvature product", **cg_info)
+            return self._reject(
+                st, finish, "non_finite_curvature", "a curvature product", **cg_info
+            )
         st["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
         energy = None
         if isinstance(product, StructurallyDampedGGN):
             # the structural term is damping: leave it out of ρ's model (needs the graph, so now)
             with torch.enable_grad():
                 energy = product.weight * product.hidden_energy(torch.stack(result.iterates))
-        del curv, product, ev, cev  # free the curvature graph before the trial evaluations
+        curv = product = ev = cev = None  # free the curvature graph before the trial evaluations
 
         # ---- 3. CG backtracking on the gradient batch ----
         theta0 = [p.detach().clone() for p in params]
@@ -584,8 +662,12 @@ class HessianFree(torch.optim.Optimizer):
             rho = _damping.reduction_ratio(f_chosen - f0, predicted)
             if self.adapt_damping:
                 st["damping"] = _damping.update_damping(
-                    lam, rho, increase=self.damping_increase, decrease=self.damping_decrease,
-                    min_damping=self.min_damping, max_damping=self.max_damping,
+                    lam,
+                    rho,
+                    increase=self.damping_increase,
+                    decrease=self.damping_decrease,
+                    min_damping=self.min_damping,
+                    max_damping=self.max_damping,
                 )
 
             # ---- 5. Armijo line search along the backtracked step ----
@@ -615,7 +697,9 @@ class HessianFree(torch.optim.Optimizer):
             raise
         info = dict(cg_info, rho=rho, backtrack_iter=result.iterations[chosen], step_rate=rate)
         if rate == 0.0:
-            st["damping"] = _bounded(st["damping"] * (self.damping_increase if self.adapt_damping else 1.0), self)
+            st["damping"] = _bounded(
+                st["damping"] * (self.damping_increase if self.adapt_damping else 1.0), self
+            )
             return finish("line_search_failed", **info)
         st["failures"] = 0
         return finish("accepted", loss_after=f_new, **info)
@@ -626,7 +710,8 @@ class HessianFree(torch.optim.Optimizer):
         st["damping"] = _bounded(st["damping"] * self.damping_increase, self)
         if st["failures"] >= self.max_failures:
             raise FloatingPointError(
-                f"HessianFree: {st['failures']} consecutive steps had a non-finite value in {what}; "
+                f"HessianFree: {st['failures']} consecutive steps had a non-finite value in "
+                f"{what}; "
                 f"the parameters were left unchanged each time (max_failures={self.max_failures}). "
                 "Check the model and data for NaN/Inf, lower the learning rate or raise `damping`."
             )
@@ -665,11 +750,17 @@ def _unpack(result: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
                 raise TypeError(f"The closure's {name} must be a tensor, got {type(t).__name__}.")
     if not isinstance(result, Tensor) or result.numel() != 1:
         shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
-        raise TypeError(f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}.")
+        raise TypeError(
+            f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}."
+        )
     return (result if result.dim() == 0 else result.reshape(())), outputs, hidden
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
     """'sum' if the loss node says so (MSE/CE/BCE), else 'mean' (PyTorch losses' default)."""
     node = loss.grad_fn
-    return "sum" if getattr(node, "_saved_reduction", None) == 2 and loss_hessian_product(loss, outputs) else "mean"
+    return (
+        "sum"
+        if getattr(node, "_saved_reduction", None) == 2 and loss_hessian_product(loss, outputs)
+        else "mean"
+    )

@@ -61,7 +61,7 @@ class PrecondContext:
 
 
 class EmpiricalFisherDiagonal:
-    r"""Martens' preconditioner :math:`M = [\mathrm{diag}(F) + \lambda + \kappa]^\alpha` as a diagonal.
+    r"""Martens' preconditioner :math:`M = [\mathrm{diag}(F) + \lambda + \kappa]^\alpha`, diagonal.
 
     Args:
         exponent: :math:`\alpha`, in ``[0, 1]``; 3/4 in the paper.
@@ -94,7 +94,9 @@ class EmpiricalFisherDiagonal:
             rows = ctx.jacobian.vmp(eye * G)
             return rows.square().sum(0) * scale
         shape = (self.num_probes, n) + (1,) * (G.dim() - 1)
-        signs = torch.randint(0, 2, shape, generator=ctx.generator, device=G.device).to(G.dtype) * 2 - 1
+        signs = (
+            torch.randint(0, 2, shape, generator=ctx.generator, device=G.device).to(G.dtype) * 2 - 1
+        )
         rows = ctx.jacobian.vmp(signs * G)
         return rows.square().mean(0) * scale
 

@@ -25,7 +25,10 @@ def main() -> None:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world,
             timeout=datetime.timedelta(seconds=10),
         )
     gen = torch.Generator().manual_seed(0)
@@ -35,7 +38,12 @@ def main() -> None:
     Xs, ys = X[shard], y[shard]
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    opt = HessianFree(model.parameters(), damping=0.5, cg_max_iter=20, precond=EmpiricalFisherDiagonal(num_probes=None))  # exact: rank-independent
+    opt = HessianFree(
+        model.parameters(),
+        damping=0.5,
+        cg_max_iter=20,
+        precond=EmpiricalFisherDiagonal(num_probes=None),
+    )  # exact: rank-independent
     calls = [0]
 
     def closure():
@@ -49,7 +57,12 @@ def main() -> None:
         opt.step(closure)
     if rank == 0:
         torch.manual_seed(1)
-        init = [p.detach() for p in nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double().parameters()]
+        init = [
+            p.detach()
+            for p in nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+            .double()
+            .parameters()
+        ]
         torch.save({"final": [p.detach() for p in model.parameters()], "init": init}, out_file)
 
 

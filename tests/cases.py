@@ -63,10 +63,18 @@ def _mlp(act: type[nn.Module], n_in: int, n_hidden: int, n_out: int) -> nn.Modul
 
 
 CASES = [
-    Case("mlp_tanh_mse", lambda: (_mlp(nn.Tanh, 4, 6, 3), torch.randn(5, 4), torch.randn(5, 3), F.mse_loss)),
+    Case(
+        "mlp_tanh_mse",
+        lambda: (_mlp(nn.Tanh, 4, 6, 3), torch.randn(5, 4), torch.randn(5, 3), F.mse_loss),
+    ),
     Case(
         "mlp_relu_ce",
-        lambda: (_mlp(nn.ReLU, 4, 6, 3), torch.randn(7, 4), torch.randint(0, 3, (7,)), F.cross_entropy),
+        lambda: (
+            _mlp(nn.ReLU, 4, 6, 3),
+            torch.randn(7, 4),
+            torch.randint(0, 3, (7,)),
+            F.cross_entropy,
+        ),
         seed=1,
     ),
     Case(
@@ -80,11 +88,18 @@ CASES = [
         seed=2,
     ),
     Case(
-        "cnn_ce", lambda: (SmallCNN(), torch.randn(4, 1, 6, 6), torch.randint(0, 4, (4,)), F.cross_entropy), seed=3
+        "cnn_ce",
+        lambda: (SmallCNN(), torch.randn(4, 1, 6, 6), torch.randint(0, 4, (4,)), F.cross_entropy),
+        seed=3,
     ),
     Case(
         "rnn_mse",
-        lambda: (UnrolledRNN(2, 4, 1), torch.randn(5, 3, 2), torch.randn(5, 1), nn.MSELoss(reduction="sum")),
+        lambda: (
+            UnrolledRNN(2, 4, 1),
+            torch.randn(5, 3, 2),
+            torch.randn(5, 1),
+            nn.MSELoss(reduction="sum"),
+        ),
         seed=4,
     ),
 ]
@@ -101,8 +116,8 @@ def functional(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
     sizes = [p.numel() for p in model.parameters()]
 
     def f(theta: Tensor, x: Tensor) -> Tensor:
-        parts = [c.view(s) for c, s in zip(theta.split(sizes), shapes)]
-        return functional_call(model, dict(zip(names, parts)), (x,))
+        parts = [c.view(s) for c, s in zip(theta.split(sizes), shapes, strict=False)]
+        return functional_call(model, dict(zip(names, parts, strict=False)), (x,))
 
     return f
 
@@ -136,9 +151,12 @@ def dense(model: nn.Module, x: Tensor, y: Tensor, loss_fn) -> Dense:
     # Per-example losses l_i = loss_fn(example i alone); the batch loss is c * sum_i l_i with
     # c = 1/N for mean-type losses and c = 1 for sum-type ones.
     N = x.shape[0]
-    Gi = torch.stack([
-        jacobian(lambda t, i=i: loss_fn(f(t, x[i : i + 1]), y[i : i + 1]), theta) for i in range(N)
-    ])
+    Gi = torch.stack(
+        [
+            jacobian(lambda t, i=i: loss_fn(f(t, x[i : i + 1]), y[i : i + 1]), theta)
+            for i in range(N)
+        ]
+    )
     total = sum(loss_fn(out[i : i + 1], y[i : i + 1]) for i in range(N))
     c = float(loss_fn(out, y) / total)
     reduction = "sum" if abs(c - 1) < 1e-9 else "mean"

@@ -10,7 +10,14 @@ from scipy.optimize import rosen_hess_prod
 from torch import nn
 
 from cases import dense
-from hessfree import FisherProduct, GGNProduct, HessianProduct, JacobianProduct, hvp, loss_hessian_product
+from hessfree import (
+    FisherProduct,
+    GGNProduct,
+    HessianProduct,
+    JacobianProduct,
+    hvp,
+    loss_hessian_product,
+)
 
 EXACT = dict(rtol=1e-10, atol=1e-12)
 
@@ -114,10 +121,12 @@ def test_least_squares_closed_form():
     torch.testing.assert_close(HessianProduct(loss, [theta])(v), X.T @ X @ v, **EXACT)
 
 
-@pytest.mark.parametrize("name", ["mse_mean", "mse_sum", "ce_mean", "ce_sum", "ce_ignore", "bce_mean", "bce_sum"])
+@pytest.mark.parametrize(
+    "name", ["mse_mean", "mse_sum", "ce_mean", "ce_sum", "ce_ignore", "bce_mean", "bce_sum"]
+)
 def test_closed_form_loss_hessian_matches_double_backward(name):
     torch.manual_seed(2)
-    o = (torch.randn(6, 4, dtype=torch.float64, requires_grad=True) * 1.0)
+    o = torch.randn(6, 4, dtype=torch.float64, requires_grad=True) * 1.0
     reduction = name.split("_")[1] if name != "ce_ignore" else "mean"
     if name.startswith("mse"):
         loss = F.mse_loss(o, torch.randn(6, 4, dtype=torch.float64), reduction=reduction)
@@ -127,7 +136,9 @@ def test_closed_form_loss_hessian_matches_double_backward(name):
             y[[1, 4]] = -100
         loss = F.cross_entropy(o, y, reduction=reduction)
     else:
-        loss = F.binary_cross_entropy_with_logits(o, torch.rand(6, 4, dtype=torch.float64), reduction=reduction)
+        loss = F.binary_cross_entropy_with_logits(
+            o, torch.rand(6, 4, dtype=torch.float64), reduction=reduction
+        )
     hl = loss_hessian_product(loss, o)
     assert hl is not None, "closed form not recognised"
     from torch.autograd.functional import hessian
@@ -145,7 +156,9 @@ def _reloss(name, z, loss):
     if name.startswith("mse"):
         return F.mse_loss(z, node._saved_target, reduction=name.split("_")[1])
     if name.startswith("ce"):
-        return F.cross_entropy(z, node._saved_target, reduction="mean" if name != "ce_sum" else "sum")
+        return F.cross_entropy(
+            z, node._saved_target, reduction="mean" if name != "ce_sum" else "sum"
+        )
     return F.binary_cross_entropy_with_logits(z, node._saved_target, reduction=name.split("_")[1])
 
 
@@ -154,10 +167,14 @@ def test_unrecognised_loss_falls_back_to_double_backward():
     model = nn.Linear(3, 2).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     out = model(x)
-    loss = (out**4).mean() + F.cross_entropy(out, torch.tensor([0, 1, 0, 1, 1]), label_smoothing=0.1)
+    loss = (out**4).mean() + F.cross_entropy(
+        out, torch.tensor([0, 1, 0, 1, 1]), label_smoothing=0.1
+    )
     assert loss_hessian_product(loss, out) is None
     labels = torch.tensor([0, 1, 0, 1, 1])
-    D = dense(model, x, labels, lambda o, t: (o**4).mean() + F.cross_entropy(o, t, label_smoothing=0.1))
+    D = dense(
+        model, x, labels, lambda o, t: (o**4).mean() + F.cross_entropy(o, t, label_smoothing=0.1)
+    )
     v = torch.randn(D.G.shape[0], dtype=torch.float64)
     torch.testing.assert_close(GGNProduct(loss, out, list(model.parameters()))(v), D.G @ v, **EXACT)
 
@@ -169,7 +186,9 @@ def test_ggn_gradient_includes_a_direct_regulariser():
     params = list(model.parameters())
     out = model(x)
     loss = F.mse_loss(out, y) + 0.3 * model.weight.pow(2).sum()
-    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+    expected = torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)]
+    )
     torch.testing.assert_close(GGNProduct(loss, out, params).gradient, expected, **EXACT)
 
 
@@ -183,7 +202,11 @@ def test_unused_parameters_give_zeros():
     loss = F.mse_loss(out, torch.zeros_like(out))
     n_used = sum(p.numel() for p in used.parameters())
     v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
-    for prod in (HessianProduct(loss, params), GGNProduct(loss, out, params), FisherProduct(loss, out, params)):
+    for prod in (
+        HessianProduct(loss, params),
+        GGNProduct(loss, out, params),
+        FisherProduct(loss, out, params),
+    ):
         r = prod(v)
         assert r.shape == v.shape
         assert torch.all(r[n_used:] == 0)
@@ -360,8 +383,11 @@ def test_structurally_damped_ggn_matches_dense_ggn_plus_hidden_term():
     sizes = [p.numel() for p in params]
     shapes = [p.shape for p in params]
 
+    def split(t):
+        return dict(zip(names, [c.view(sh) for c, sh in zip(t.split(sizes), shapes)]))  # noqa: B905
+
     Jh = torch.autograd.functional.jacobian(
-        lambda t: _call_hidden(model, dict(zip(names, [c.view(sh) for c, sh in zip(t.split(sizes), shapes)])), x, hidden_of),
+        lambda t: _call_hidden(model, split(t), x, hidden_of),
         theta,
     )
     expected = D.G + 0.7 * Jh.T @ Jh
@@ -383,4 +409,6 @@ def _call_hidden(model, parts, x, hidden_of):
         def forward(self, inp):
             return hidden_of(self.m, inp)
 
-    return torch.func.functional_call(Wrapper(model), {f"m.{k}": v for k, v in parts.items()}, (x,)).reshape(-1)
+    return torch.func.functional_call(
+        Wrapper(model), {f"m.{k}": v for k, v in parts.items()}, (x,)
+    ).reshape(-1)

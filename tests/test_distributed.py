@@ -22,8 +22,19 @@ def _launch(tmp_path: Path, world: int, steps: int, *extra: str) -> list[subproc
     out = tmp_path / f"params-{world}.pt"
     return [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), str(world), str(init), str(out), str(steps), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                str(WORKER),
+                str(r),
+                str(world),
+                str(init),
+                str(out),
+                str(steps),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for r in range(world)
     ]
@@ -38,7 +49,9 @@ def test_two_gloo_ranks_equal_single_process_full_batch(tmp_path):
     single = torch.load(tmp_path / "params-1.pt", weights_only=True)
     for a, b in zip(dp["final"], single["final"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    moved = max(float((a - b).abs().max()) for a, b in zip(single["final"], single["init"], strict=True))
+    moved = max(
+        float((a - b).abs().max()) for a, b in zip(single["final"], single["init"], strict=True)
+    )
     assert moved > 1e-2, "the reference run did not train; the comparison would be vacuous"
 
 

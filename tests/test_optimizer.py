@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -62,7 +60,9 @@ def test_logistic_regression_matches_scipy_minimize(style):
     Xt, yt = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
     lin = nn.Linear(30, 1).double()
     nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
-    opt = HessianFree([{"params": [lin.weight], "weight_decay": lam}, {"params": [lin.bias]}], damping=1e-3)
+    opt = HessianFree(
+        [{"params": [lin.weight], "weight_decay": lam}, {"params": [lin.bias]}], damping=1e-3
+    )
 
     def closure():  # unchanged torch.optim.LBFGS loop for style "lbfgs"
         opt.zero_grad()
@@ -124,18 +124,23 @@ def test_mlp_on_digits_reaches_full_training_accuracy():
 def test_curvature_closure_on_a_smaller_batch_and_fisher_and_preconditioner():
     torch.manual_seed(1)
     X, y = _digits(300)
-    for curvature, precond in [("ggn", EmpiricalFisherDiagonal(num_probes=2)), ("fisher", "martens")]:
+    for curvature, precond in [
+        ("ggn", EmpiricalFisherDiagonal(num_probes=2)),
+        ("fisher", "martens"),
+    ]:
         model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
-        opt = HessianFree(model.parameters(), curvature=curvature, precond=precond, cg_max_iter=30, damping=0.1)
+        opt = HessianFree(
+            model.parameters(), curvature=curvature, precond=precond, cg_max_iter=30, damping=0.1
+        )
         first = None
         for _ in range(10):
 
             def closure():
-                out = model(X)
+                out = model(X)  # noqa: B023  (used within this iteration)
                 return F.cross_entropy(out, y), out
 
             def curvature_closure():
-                out = model(X[:64])
+                out = model(X[:64])  # noqa: B023
                 return F.cross_entropy(out, y[:64]), out
 
             loss = float(opt.step(closure, curvature_closure))
@@ -177,7 +182,7 @@ def test_state_dict_resume_is_bit_identical():
     opt_c.load_state_dict(saved["opt"])
     assert opt_c.damping == opt_b.damping
     run(c, opt_c, 3)
-    for pa, pc in zip(a.parameters(), c.parameters()):
+    for pa, pc in zip(a.parameters(), c.parameters(), strict=False):
         assert torch.equal(pa, pc)
 
 
@@ -185,7 +190,7 @@ def test_non_finite_loss_leaves_parameters_bit_identical_and_raises_after_max_fa
     w = torch.tensor([1.0, 2.0], requires_grad=True)
     before = w.detach().clone()
     opt = HessianFree([w], damping=1.0, max_failures=3)
-    for i in range(2):
+    for _i in range(2):
         with pytest.warns(RuntimeWarning, match="non-finite value in the loss"):
             opt.step(lambda: (w * float("nan")).sum())
         assert torch.equal(w.detach(), before)
@@ -199,7 +204,7 @@ def test_non_finite_loss_leaves_parameters_bit_identical_and_raises_after_max_fa
 def test_non_finite_curvature_or_trial_loss_rejects_the_step():
     w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
     before = w.detach().clone()
-    opt = HessianFree([w], curvature=lambda loss, out, params: (lambda v: v * float("inf")))
+    opt = HessianFree([w], curvature=lambda loss, out, params: lambda v: v * float("inf"))
     with pytest.warns(RuntimeWarning, match="curvature product"):
         opt.step(lambda: (w**2).sum())
     assert torch.equal(w.detach(), before) and opt.last_step.status == "non_finite_curvature"
@@ -260,7 +265,9 @@ def test_per_group_lr_scales_the_step():
     opt = HessianFree([{"params": [a], "lr": 0.5}, {"params": [b]}], damping=1e-10, min_damping=0.0)
     opt.step(lambda: (a**2).sum() + (b**2).sum())
     torch.testing.assert_close(a.detach(), torch.tensor([1.0], dtype=torch.float64))
-    torch.testing.assert_close(b.detach(), torch.tensor([0.0], dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        b.detach(), torch.tensor([0.0], dtype=torch.float64), rtol=0, atol=1e-8
+    )
 
 
 def test_ggn_without_outputs_is_a_clear_error():
@@ -288,7 +295,10 @@ def test_ggn_without_outputs_is_a_clear_error():
         (dict(line_search="wolfe"), r"Unknown `line_search` 'wolfe'"),
         (dict(precond="jacobi"), r"Unknown `precond` 'jacobi'"),
         (dict(weight_decay=-1.0), r"`weight_decay` must be in \[0.0, inf\)"),
-        (dict(damping=1e-9, min_damping=1e-6), r"`damping` must be in \[min_damping, max_damping\]"),
+        (
+            dict(damping=1e-9, min_damping=1e-6),
+            r"`damping` must be in \[min_damping, max_damping\]",
+        ),
     ],
 )
 def test_bad_hyperparameters_are_rejected_in_init(kwargs, match):
