@@ -1,0 +1,218 @@
+"""The ``hessfree`` command line.
+
+``hessfree run CONFIG.yaml [--out DIR] [--resume DIR] [key=value ...]``, also as
+``python -m hessfree run ...``.
+
+Exit codes: 0 done; 2 a bad config, override, data file or run directory (the message lists
+every problem, no traceback); 130 / 143 interrupted by SIGINT / SIGTERM (resumable); 1 an
+unexpected error (with its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_DESCRIPTION = """\
+Hessian-free optimization experiments: train one or more optimizers side by side from the same
+initial weights on the same data, as a YAML config describes, and write metrics, a summary,
+plots and resumable checkpoints to a run directory."""
+
+_RUN_DESCRIPTION = """\
+Run the experiment CONFIG describes (see configs/*.yaml): the data, the model, the loss, the
+optimizers compared side by side (hessianfree with any HessianFree keyword argument, adam, sgd,
+lbfgs), their budget (steps, epochs and/or wall-clock seconds each), batch sizes, evaluation
+and output. The config is checked before any work: every unknown key, wrong type and
+out-of-range value is reported at once with its dotted path (exit code 2).
+
+The run directory (default runs/<name>-<timestamp>/) receives config.yaml (resolved, with
+overrides), metrics.jsonl (one line per evaluation), summary.json, loss_vs_seconds.png,
+loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
+checkpoints and exits with 130 / 143; --resume continues from there (bit-identical on CPU for
+step and epoch budgets; wall-clock budgets are not reproducible)."""
+
+_RUN_EPILOG = """\
+overrides:
+  dotted.key=value pairs change any config value before validation; values are YAML scalars
+  (or flow lists), list items are addressed by index:
+    hessfree run configs/quickstart.yaml optimizers.0.damping=10 budget.seconds=30
+    hessfree run configs/digits_mlp.yaml model.hidden_sizes=[64,32] seed=1 --out runs/try
+    hessfree run --resume runs/quickstart-20250101-120000
+
+config keys:
+  every key, with its default, is listed by 'hessfree run CONFIG.yaml --check' (the config as
+  it would run); the shipped configs/*.yaml explain the main ones in comments.
+
+exit codes:
+  0 done · 2 bad config, override, data or run directory · 130 SIGINT · 143 SIGTERM ·
+  1 unexpected error"""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and the ``run`` subcommand's parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="hessfree",
+        description=_DESCRIPTION,
+        formatter_class=fmt,
+        epilog="Run 'hessfree run --help' for the options of a run.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) an experiment from a YAML config",
+        description=_RUN_DESCRIPTION,
+        epilog=_RUN_EPILOG,
+        formatter_class=fmt,
+    )
+    run.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml | key=value",
+        help="the config file (optional with --resume), then any dotted.key=value overrides",
+    )
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        type=Path,
+        help="run directory to create (default: <output.dir>/<name>-<timestamp>)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        type=Path,
+        help="continue the interrupted run in DIR with its saved config.yaml; a CONFIG or "
+        "overrides given too must resolve to that same config",
+    )
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the config and print it resolved, then exit",
+    )
+    bars = run.add_mutually_exclusive_group()
+    bars.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show progress bars even when stdout is not a terminal",
+    )
+    bars.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show progress bars"
+    )
+    run.add_argument("--quiet", action="store_true", help="print only errors")
+    return parser, run
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hessfree")
+    except Exception:  # not installed: running from a checkout
+        return "unknown"
+
+
+def _diff(a: object, b: object, path: str = "") -> list[str]:
+    """Dotted paths at which two plain config trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += _diff(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in _diff(x, y, f"{path}.{i}")]
+    return [] if a == b else [path or "<top>"]
+
+
+def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
+    from hessfree.train.config import ConfigError, config_to_dict, dump_config, load_config
+    from hessfree.train.loop import Runner
+
+    overrides = [item for item in args.items if "=" in item]
+    files = [item for item in args.items if "=" not in item]
+    if len(files) > 1:
+        run_parser.error(
+            f"expected one CONFIG.yaml, got {', '.join(files)} (overrides look like key=value)"
+        )
+    if not files and args.resume is None:
+        run_parser.error("give a CONFIG.yaml to run (or --resume DIR)")
+    if args.resume is not None and args.out is not None:
+        run_parser.error(
+            "--out and --resume exclude each other: a resumed run stays in its directory"
+        )
+
+    if args.resume is not None:
+        saved_path = args.resume / "config.yaml"
+        if not saved_path.exists():
+            raise ConfigError([f"'{args.resume}' is not a run directory (no config.yaml)."])
+        config = load_config(saved_path)
+        if files or overrides:
+            asked = load_config(files[0] if files else saved_path, overrides)
+            changed = _diff(config_to_dict(config), config_to_dict(asked))
+            if changed:
+                raise ConfigError(
+                    [
+                        f"resuming needs the run's own config; these keys differ from "
+                        f"{saved_path}: {', '.join(changed)}. Drop CONFIG and the overrides "
+                        "to resume as saved, or start a new run."
+                    ]
+                )
+    else:
+        config = load_config(files[0], overrides)
+
+    if args.check:
+        print(dump_config(config), end="")
+        return 0
+    header = (
+        f"Resolved by hessfree {_version()} on {datetime.now():%Y-%m-%d %H:%M:%S} from "
+        f"{files[0] if files else '?'}"
+        + (f" with overrides: {' '.join(overrides)}" if overrides else "")
+    )
+    runner = Runner(
+        config,
+        args.resume if args.resume is not None else args.out,
+        resume=args.resume is not None,
+        progress=False if args.quiet else args.progress,
+        verbose=not args.quiet,
+        config_header=header,
+    )
+    return runner.run().exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hessfree`` console script and ``python -m hessfree``.
+
+    Returns:
+        int: the exit code (see the module docstring).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, run_parser = build_parser()
+    if argv[:1] == ["run"]:
+        # Intermixed: options may come between the config and the overrides.
+        args = run_parser.parse_intermixed_args(argv[1:])
+    else:
+        parser.parse_args(argv)  # --help, --version, or a usage error (exit 2)
+        return 2  # pragma: no cover - parse_args exits for anything but 'run'
+    from hessfree.train.config import ConfigError
+    from hessfree.train.data import DataError
+
+    try:
+        return _run(args, run_parser)
+    except (ConfigError, DataError) as err:
+        print(f"hessfree: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

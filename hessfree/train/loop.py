@@ -1,0 +1,736 @@
+"""The experiment loop: optimizers side by side, metrics, checkpoints, resume, signals.
+
+The optimizers of a config run one after another, each from the same initial weights (built
+once from ``seed``) and on the same data order (a per-optimizer ``torch.Generator`` seeded
+with ``seed`` draws each epoch's permutation). A step takes the next ``batch_size`` cases of
+the permutation (an epoch's remainder smaller than a batch is skipped); HF's curvature batch is
+the first ``curvature_batch_size`` cases of that gradient batch.
+
+Run directory (default ``<output.dir>/<name>-<YYYYmmdd-HHMMSS>/``)::
+
+    config.yaml          resolved config (defaults and overrides filled in)
+    metrics.jsonl        one line per evaluation (see hessfree.train.metrics)
+    summary.json         per optimizer: stop reason, final and best values, time to best
+    checkpoints/<label>.pt   model, optimizer, RNG and loop state of each optimizer
+    loss_vs_seconds.png, loss_vs_steps.png
+
+Checkpoints are written atomically every ``output.checkpoint_every`` steps, after the step-0
+evaluation and when an optimizer finishes. Resuming loads them, truncates ``metrics.jsonl`` to
+the length the latest one recorded (no duplicate or partial lines) and continues; with a step
+or epoch budget the result is bit-identical on the CPU to an uninterrupted run. A wall-clock
+budget (``budget.seconds``) or ``eval.every_seconds`` depends on the machine's speed and is
+not reproducible, resumed or not.
+
+SIGINT (Ctrl-C) and SIGTERM finish the current step, write a checkpoint and a summary, and end
+the run with status ``interrupted`` (the CLI exits with 128 + the signal number: 130, 143). A
+second signal abandons the step at once; the previous checkpoint stays valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hessfree.train.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+    write_text_atomic,
+)
+from hessfree.train.config import (
+    ConfigError,
+    ExperimentConfig,
+    OptimizerConfig,
+    config_digest,
+    dump_config,
+)
+from hessfree.train.data import Dataset, load_dataset
+from hessfree.train.metrics import MetricsLog, format_table, read_metrics, summarize
+from hessfree.train.models import build_model
+from hessfree.train.objectives import Objective, make_objective
+from hessfree.train.optimizers import build_optimizer, hf_diagnostics
+
+__all__ = [
+    "Runner",
+    "RunResult",
+    "RunStatus",
+    "StopReason",
+    "StepEvent",
+    "run_experiment",
+    "default_run_dir",
+    "resolve_device",
+]
+
+_CHECKPOINT_FORMAT = 1
+
+
+class StopReason(enum.Enum):
+    """Why an optimizer stopped."""
+
+    STEPS = "steps"
+    EPOCHS = "epochs"
+    SECONDS = "seconds"
+    DIVERGED = "diverged"
+    INTERRUPTED = "interrupted"
+
+
+class RunStatus(enum.Enum):
+    """How a run ended."""
+
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Passed to ``on_step`` after every optimizer step."""
+
+    label: str
+    step: int
+    epoch: float
+    seconds: float
+    batch_loss: float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of :meth:`Runner.run`.
+
+    Attributes:
+        run_dir: The run directory.
+        status: Completed or interrupted.
+        signal: The signal number that interrupted the run, else None.
+        summary: The content of ``summary.json``.
+    """
+
+    run_dir: Path
+    status: RunStatus
+    signal: int | None
+    summary: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when completed, 128 + the signal number when interrupted (130 for SIGINT)."""
+        return 0 if self.signal is None else 128 + self.signal
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@dataclass
+class _Progress:
+    """The loop state of one optimizer that a checkpoint must restore."""
+
+    step: int = 0
+    cases: int = 0
+    seconds: float = 0.0
+    perm: Tensor | None = None
+    position: int = 0
+    last_eval_step: int = -1
+    last_eval_seconds: float = 0.0
+    hf: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _scalar(loss: Tensor | float | tuple) -> float:
+    """A step's returned loss as a float (``(loss, outputs)`` pairs and graphs allowed)."""
+    if isinstance(loss, tuple):
+        loss = loss[0]
+    return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is ``cuda`` when available, else ``cpu``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Path:
+    """``<output.dir>/<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... if that exists."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = Path(config.output.dir) / f"{config.name}-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def _data_problems(cfg: ExperimentConfig, ds: Dataset, objective: Objective) -> list[str]:
+    """Config checks that need the loaded data."""
+    problems = []
+    n = ds.x_train.shape[0]
+    for i, opt in enumerate(cfg.optimizers):
+        bs = opt.batch_size or n
+        if bs > n:
+            problems.append(
+                f"`optimizers.{i}` ({opt.label}): batch_size {bs} exceeds the {n} "
+                f"training cases of {ds.name!r}."
+            )
+        if opt.curvature_batch_size is not None and opt.curvature_batch_size > bs:
+            problems.append(
+                f"`optimizers.{i}` ({opt.label}): curvature_batch_size "
+                f"{opt.curvature_batch_size} exceeds the gradient batch ({bs})."
+            )
+    kind = ds.target_kind
+    if objective.task != "reconstruction":
+        if kind is None:
+            problems.append(
+                f"{ds.name!r} has no targets; train an autoencoder (`model.name: autoencoder`)."
+            )
+        elif objective.task == "classification" and kind != "labels":
+            problems.append(
+                f"`loss.name` = 'cross_entropy' needs integer labels; {ds.name!r} has "
+                "real-valued targets; use 'mse'."
+            )
+        elif objective.task in ("regression", "binary") and kind != "values":
+            problems.append(
+                f"`loss.name` = {objective.loss_name!r} needs real-valued targets; "
+                f"{ds.name!r} has integer labels; use 'cross_entropy'."
+            )
+    if objective.task == "reconstruction" and objective.loss_name == "bce_with_logits":
+        lo, hi = float(ds.x_train.min()), float(ds.x_train.max())
+        if lo < 0 or hi > 1:
+            problems.append(
+                f"`loss.name` = 'bce_with_logits' reconstructs inputs in [0, 1]; "
+                f"{ds.name!r} inputs range over [{lo:.3g}, {hi:.3g}]; use 'mse'."
+            )
+    return problems
+
+
+def _num_outputs(objective: Objective, ds: Dataset) -> int | None:
+    if objective.task == "reconstruction":
+        return None
+    if objective.task == "classification":
+        return ds.num_classes
+    return int(ds.y_train.shape[1]) if ds.y_train is not None else None
+
+
+class Runner:
+    """Runs one experiment; see the module docstring for what it writes.
+
+    Args:
+        config: The validated config.
+        run_dir: The run directory; None: :func:`default_run_dir`. Must be new or empty
+            unless ``resume``.
+        resume: Continue the run in ``run_dir`` from its checkpoints.
+        progress: Show progress bars; None: as ``output.progress`` says.
+        verbose: Print start/stop lines and the summary table.
+        on_step: Called after every step with a :class:`StepEvent` (it may call
+            :meth:`request_stop`).
+        config_header: Comment lines opening the saved ``config.yaml``.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        run_dir: str | Path | None = None,
+        *,
+        resume: bool = False,
+        progress: bool | None = None,
+        verbose: bool = True,
+        on_step: Callable[[StepEvent], None] | None = None,
+        config_header: str = "",
+    ) -> None:
+        self.config = config
+        if resume and run_dir is None:
+            raise ValueError("`run_dir` is required to resume a run.")
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+        self.resume = resume
+        if progress is None:
+            progress = config.output.progress == "always" or (
+                config.output.progress == "auto" and sys.stdout.isatty()
+            )
+        self.progress = progress
+        self.verbose = verbose
+        self.on_step = on_step
+        self.config_header = config_header
+        self._stop_signal: int | None = None
+
+    # -- control ---------------------------------------------------------------------------
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Stop after the current step as if ``signum`` arrived (checkpoint, then return)."""
+        if self._stop_signal is None:
+            self._stop_signal = int(signum)
+
+    def _handle_signal(self, signum: int, frame: object) -> None:
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt  # second signal: abandon the step
+        self._stop_signal = signum
+        if self.verbose:
+            print(
+                f"\n{signal.Signals(signum).name}: finishing the current step, then checkpointing "
+                "(signal again to abort without a checkpoint).",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _say(self, text: str) -> None:
+        if self.verbose:
+            print(text, flush=True)
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.config
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = resolve_device(cfg.device)
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+        self.digest = config_digest(cfg)
+
+        options = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "name"}
+        if "seed" in options and options["seed"] is None:
+            options["seed"] = cfg.seed
+        ds = load_dataset(cfg.data.name, **options)
+        self.objective = make_objective(cfg.task, cfg.loss.name, cfg.loss.reduction, cfg.data.name)
+        problems = _data_problems(cfg, ds, self.objective)
+        if problems:
+            raise ConfigError(problems, f"{cfg.name} (after loading {cfg.data.name!r})")
+
+        model_options = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "name"}
+        torch.manual_seed(cfg.seed)
+        try:
+            model = build_model(
+                cfg.model.name,
+                input_shape=ds.input_shape,
+                num_outputs=_num_outputs(self.objective, ds),
+                **model_options,
+            )
+        except ValueError as err:
+            raise ConfigError([f"`model`: {err}"], cfg.name) from None
+        self.model = model.to(device=self.device, dtype=self.dtype)
+        self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+        ds = ds.to(self.device, self.dtype)
+        self.dataset = ds
+        self.x_train, self.t_train = ds.x_train, self.objective.targets(ds.x_train, ds.y_train)
+        m = cfg.eval.max_cases
+        self.eval_sets = {
+            "train": (ds.x_train[:m], self.t_train[:m]),
+            "test": (ds.x_test[:m], self.objective.targets(ds.x_test, ds.y_test)[:m]),
+        }
+        self._say(
+            f"data: {ds.description}; {ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test, "
+            f"inputs {ds.input_shape}"
+        )
+        num_params = sum(p.numel() for p in self.model.parameters())
+        self._say(
+            f"model: {cfg.model.name}, {num_params:,} parameters, {self.dtype} on {self.device}"
+        )
+
+    def _prepare_dir(self) -> dict[str, dict[str, Any]]:
+        """Create (or check, when resuming) the run directory; return existing checkpoints."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        if not self.resume:
+            if self.run_dir.exists() and any(self.run_dir.iterdir()):
+                raise ConfigError(
+                    [
+                        f"run directory '{self.run_dir}' is not empty; resume it with "
+                        f"--resume {self.run_dir} or choose another --out."
+                    ]
+                )
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(
+                self.run_dir / "config.yaml", dump_config(self.config, self.config_header)
+            )
+            return {}
+        if not (self.run_dir / "config.yaml").exists():
+            raise ConfigError([f"'{self.run_dir}' holds no config.yaml: not a run directory."])
+        found: dict[str, dict[str, Any]] = {}
+        gap = None
+        for opt in self.config.optimizers:
+            path = ckpt_dir / f"{opt.label}.pt"
+            if not path.exists():
+                gap = gap or path
+            elif gap is not None:
+                raise ConfigError(
+                    [
+                        f"'{gap}' is missing although a later optimizer's checkpoint "
+                        f"'{path}' exists; the run directory was edited."
+                    ]
+                )
+            else:
+                try:
+                    ckpt = load_checkpoint(path, map_location="cpu")
+                except ValueError as err:
+                    raise ConfigError([str(err)]) from None
+                if (
+                    ckpt.get("format") != _CHECKPOINT_FORMAT
+                    or ckpt.get("config_sha256") != self.digest
+                ):
+                    raise ConfigError(
+                        [
+                            f"checkpoint '{path}' was written for a different config (or "
+                            "format); resume with the run's own config.yaml."
+                        ]
+                    )
+                found[opt.label] = ckpt
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        return found
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Set up, train every optimizer, write the summary and plots.
+
+        ``num_threads`` applies for the duration of the run; torch's setting is restored after.
+
+        Raises:
+            ConfigError: The config does not fit the data, or the run directory is unusable.
+            DataError: The data is missing or corrupt.
+        """
+        threads = torch.get_num_threads()
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> RunResult:
+        self._setup()
+        checkpoints = self._prepare_dir()
+        truncate_to = 0
+        for ckpt in checkpoints.values():  # config order: the last one found is the latest
+            truncate_to = int(ckpt["metrics_bytes"])
+        if self.resume:
+            self._say(f"resuming {self.run_dir}")
+        outcomes: dict[str, dict[str, Any]] = {}
+        status, signum = RunStatus.COMPLETED, None
+        with MetricsLog(
+            self.run_dir / "metrics.jsonl", truncate_to=truncate_to if self.resume else None
+        ) as log:
+            self.log = log
+            with self._signals():
+                for index, spec in enumerate(self.config.optimizers):
+                    try:
+                        outcomes[spec.label] = self._train(index, spec, checkpoints.get(spec.label))
+                    except _Interrupted as stop:
+                        status, signum = RunStatus.INTERRUPTED, stop.signum
+                        outcomes[spec.label] = self._outcome(
+                            spec, StopReason.INTERRUPTED, self._current
+                        )
+                        break
+        summary = summarize(
+            read_metrics(self.run_dir / "metrics.jsonl"),
+            outcomes,
+            metric=self.objective.metric_name,
+            higher_is_better=self.objective.higher_is_better,
+            name=self.config.name,
+            status=status.value,
+        )
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        if status is RunStatus.COMPLETED and self.config.output.plots:
+            from hessfree.train.plots import plot_run
+
+            plot_run(self.run_dir)
+        self._say("\n" + format_table(summary))
+        if status is RunStatus.INTERRUPTED:
+            self._say(
+                f"\ninterrupted by {signal.Signals(signum).name}; resume with: "
+                f"hessfree run --resume {self.run_dir}"
+            )
+        else:
+            self._say(f"\nrun directory: {self.run_dir}")
+        return RunResult(self.run_dir, status, signum, summary)
+
+    def _outcome(self, spec: OptimizerConfig, reason: StopReason, st: _Progress) -> dict[str, Any]:
+        return {
+            "name": spec.name,
+            "stop_reason": reason.value,
+            "steps": st.step,
+            "epochs": st.cases / self.x_train.shape[0],
+            "seconds": st.seconds,
+        }
+
+    # -- one optimizer ---------------------------------------------------------------------
+
+    def _train(
+        self, index: int, spec: OptimizerConfig, ckpt: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        cfg, model = self.config, self.model
+        n = self.x_train.shape[0]
+        batch_size = spec.batch_size or n
+        curvature_size = spec.curvature_batch_size
+        if curvature_size is not None and curvature_size >= batch_size:
+            curvature_size = None  # the whole gradient batch: no separate closure needed
+
+        model.load_state_dict(self.initial_state)
+        model.train()
+        optimizer = build_optimizer(spec, model.parameters())
+        torch.manual_seed(cfg.seed)
+        data_gen = torch.Generator().manual_seed(cfg.seed)
+        st = _Progress()
+        self._current = st
+
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            data_gen.set_state(ckpt["data_rng"])
+            if self.device.type == "cuda" and ckpt.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+            st = _Progress(
+                step=ckpt["step"],
+                cases=ckpt["cases"],
+                seconds=ckpt["seconds"],
+                perm=ckpt["perm"],
+                position=ckpt["position"],
+                last_eval_step=ckpt["last_eval_step"],
+                last_eval_seconds=ckpt["last_eval_seconds"],
+                hf=dict(ckpt["hf"]),
+            )
+            self._current = st
+            if ckpt["finished"]:
+                self._say(
+                    f"[{index + 1}/{len(cfg.optimizers)}] {spec.label}: already finished "
+                    f"({ckpt['stop_reason']}, {st.step} steps)"
+                )
+                return self._outcome(spec, StopReason(ckpt["stop_reason"]), st)
+
+        def save(finished: bool = False, reason: StopReason | None = None) -> None:
+            save_checkpoint(
+                self.run_dir / "checkpoints" / f"{spec.label}.pt",
+                {
+                    "format": _CHECKPOINT_FORMAT,
+                    "config_sha256": self.digest,
+                    "label": spec.label,
+                    "finished": finished,
+                    "stop_reason": None if reason is None else reason.value,
+                    "step": st.step,
+                    "cases": st.cases,
+                    "seconds": st.seconds,
+                    "perm": st.perm,
+                    "position": st.position,
+                    "last_eval_step": st.last_eval_step,
+                    "last_eval_seconds": st.last_eval_seconds,
+                    "hf": st.hf,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "data_rng": data_gen.get_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all()
+                    if self.device.type == "cuda"
+                    else [],
+                    "metrics_bytes": self.log.tell(),
+                },
+            )
+
+        def evaluate(batch_loss: float | None) -> bool:
+            """Log one record; False if the training loss is no longer finite."""
+            record = {
+                "optimizer": spec.label,
+                "step": st.step,
+                "epoch": st.cases / n,
+                "seconds": st.seconds,
+                "batch_loss": batch_loss,
+                **self._evaluate(),
+                **st.hf,
+            }
+            self.log.append(record)
+            st.last_eval_step, st.last_eval_seconds = st.step, st.seconds
+            bar.set_postfix(
+                train=f"{record['train_loss']:.4g}",
+                test=f"{record['test_loss']:.4g}",
+                refresh=False,
+            )
+            return math.isfinite(record["train_loss"])
+
+        from tqdm.auto import tqdm
+
+        self._say(
+            f"[{index + 1}/{len(cfg.optimizers)}] {spec.label} ({spec.name}): batch {batch_size}"
+            + (f", curvature batch {curvature_size}" if curvature_size else "")
+        )
+        bar = tqdm(
+            total=spec.budget.steps,
+            initial=st.step,
+            desc=spec.label,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            leave=True,
+        )
+        try:
+            if ckpt is None:
+                evaluate(None)
+                save()
+            budget, every = spec.budget, cfg.eval
+            batch_loss = math.nan
+            while True:
+                reason = self._budget_reason(budget, st, n)
+                if reason is not None:
+                    break
+                if self._stop_signal is not None:
+                    save()
+                    raise _Interrupted(self._stop_signal)
+
+                # Every optimizer draws the same permutations: its data_gen is seeded alike.
+                if st.perm is None or st.position + batch_size > n:
+                    st.perm, st.position = torch.randperm(n, generator=data_gen), 0
+                idx = st.perm[st.position : st.position + batch_size].to(self.device)
+                st.position += batch_size
+                xb, tb = self.x_train.index_select(0, idx), self.t_train.index_select(0, idx)
+
+                start = time.perf_counter()
+                try:
+                    batch_loss = self._step(spec, optimizer, xb, tb, curvature_size)
+                except FloatingPointError as err:  # HF gives up after repeated non-finite steps
+                    self._say(f"    {spec.label}: {err}")
+                    batch_loss = math.nan
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                st.seconds += time.perf_counter() - start
+                st.step += 1
+                st.cases += batch_size
+                if spec.name == "hessianfree":
+                    st.hf = hf_diagnostics(optimizer)
+                bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(
+                        StepEvent(spec.label, st.step, st.cases / n, st.seconds, batch_loss)
+                    )
+
+                if not math.isfinite(batch_loss):
+                    reason = StopReason.DIVERGED
+                    break
+                if (every.every_steps is not None and st.step % every.every_steps == 0) or (
+                    every.every_seconds is not None
+                    and st.seconds - st.last_eval_seconds >= every.every_seconds
+                ):
+                    if not evaluate(batch_loss):
+                        reason = StopReason.DIVERGED
+                        break
+                if (
+                    cfg.output.checkpoint_every is not None
+                    and st.step % cfg.output.checkpoint_every == 0
+                ):
+                    save()
+            if st.last_eval_step != st.step:
+                evaluate(batch_loss)
+            save(finished=True, reason=reason)
+        finally:
+            bar.close()
+        self._say(
+            f"    {spec.label}: stopped by {reason.value} after {st.step} steps, "
+            f"{st.seconds:.3g} s of training"
+        )
+        return self._outcome(spec, reason, st)
+
+    @staticmethod
+    def _budget_reason(budget: Any, st: _Progress, n: int) -> StopReason | None:
+        if budget.steps is not None and st.step >= budget.steps:
+            return StopReason.STEPS
+        if budget.epochs is not None and st.cases >= budget.epochs * n - 1e-9:
+            return StopReason.EPOCHS
+        if budget.seconds is not None and st.seconds >= budget.seconds:
+            return StopReason.SECONDS
+        return None
+
+    def _step(
+        self,
+        spec: OptimizerConfig,
+        optimizer: torch.optim.Optimizer,
+        xb: Tensor,
+        tb: Tensor,
+        curvature_size: int | None,
+    ) -> float:
+        """One optimizer step on a batch; returns the batch loss before the step."""
+        model, loss_fn = self.model, self.objective.loss
+        if spec.name == "hessianfree":
+
+            def closure() -> tuple[Tensor, Tensor]:
+                outputs = model(xb)
+                return loss_fn(outputs, tb), outputs
+
+            curvature_closure = None
+            if curvature_size is not None:
+                xc, tc = xb[:curvature_size], tb[:curvature_size]
+
+                def curvature_closure() -> tuple[Tensor, Tensor]:
+                    outputs = model(xc)
+                    return loss_fn(outputs, tc), outputs
+
+            return _scalar(optimizer.step(closure, curvature_closure))
+        if spec.name == "lbfgs":
+
+            def lbfgs_closure() -> Tensor:
+                optimizer.zero_grad()
+                loss = loss_fn(model(xb), tb)
+                loss.backward()
+                return loss
+
+            return _scalar(optimizer.step(lbfgs_closure))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), tb)
+        loss.backward()
+        optimizer.step()
+        return _scalar(loss)
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        """Loss and metric on the train and test evaluation sets, in chunks, in eval mode."""
+        model, obj = self.model, self.objective
+        chunk = self.config.eval.batch_size
+        model.eval()
+        out: dict[str, float] = {}
+        try:
+            for split, (x, t) in self.eval_sets.items():
+                loss_sum = metric_sum = 0.0
+                for start in range(0, x.shape[0], chunk):
+                    xb, tb = x[start : start + chunk], t[start : start + chunk]
+                    outputs = model(xb)
+                    # Both reductions are means over cases: weight each chunk by its size.
+                    loss_sum += float(obj.loss(outputs, tb)) * xb.shape[0]
+                    metric_sum += float(obj.metric(outputs, tb)) * xb.shape[0]
+                out[f"{split}_loss"] = loss_sum / x.shape[0]
+                out[f"{split}_{obj.metric_name}"] = metric_sum / x.shape[0]
+        finally:
+            model.train()
+        return out
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    **options: Any,
+) -> RunResult:
+    """Run (or resume) an experiment; keyword options as for :class:`Runner`.
+
+    Returns:
+        RunResult: the run directory, status and summary.
+    """
+    return Runner(config, run_dir, resume=resume, **options).run()

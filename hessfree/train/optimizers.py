@@ -1,0 +1,65 @@
+"""Build the optimizers a config names, and read Hessian-free step diagnostics.
+
+``hessianfree`` is imported lazily from :mod:`hessfree.optimizer` (the runner sits above the
+core and the core never imports it); ``adam``, ``sgd`` and ``lbfgs`` are ``torch.optim``'s.
+Hyperparameters are passed through unchanged: the YAML keys are the constructors' keyword
+arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hessfree.train import config
+from hessfree.train.config import OptimizerConfig
+from hessfree.train.metrics import clean_value
+
+__all__ = ["build_optimizer", "hf_diagnostics"]
+
+
+def build_optimizer(spec: OptimizerConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    """Construct the optimizer of one config entry over ``params``.
+
+    Raises:
+        ValueError: Unknown optimizer name.
+    """
+    kwargs = dict(spec.hyperparameters)
+    if spec.name == "hessianfree":
+        return config._hessianfree_class()(params, **kwargs)
+    if spec.name == "adam":
+        kwargs["betas"] = tuple(kwargs["betas"])
+        return torch.optim.Adam(params, **kwargs)
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, **kwargs)
+    if spec.name == "lbfgs":
+        return torch.optim.LBFGS(params, **kwargs)
+    raise ValueError(
+        f"Unknown optimizer {spec.name!r}; expected 'hessianfree', 'adam', 'sgd' or 'lbfgs'."
+    )
+
+
+def hf_diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``hf_<field>`` for each field of ``optimizer.last_step`` (a frozen dataclass), if any.
+
+    Scalars (numbers, bools, strings, enums, one-element tensors) are kept; other fields
+    (vectors, nested objects) are skipped so a metrics line stays small.
+    """
+    last = getattr(optimizer, "last_step", None)
+    if last is None or not dataclasses.is_dataclass(last):
+        return {}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(last):
+        value = getattr(last, f.name)
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        value = clean_value(value)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[f"hf_{f.name}"] = value
+    return out

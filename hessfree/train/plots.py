@@ -1,0 +1,99 @@
+"""PNG plots of a run: loss (and the task metric) against training seconds and against steps.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no global backend
+switch). Each figure shows every optimizer: train on the left, test on the right, the loss on
+the top row and the task metric below.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hessfree.train.metrics import read_metrics
+
+__all__ = ["plot_metrics", "plot_run"]
+
+
+def plot_metrics(
+    records: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    metric: str | None = None,
+    title: str = "",
+) -> list[Path]:
+    """Write ``loss_vs_seconds.png`` and ``loss_vs_steps.png`` from metrics records.
+
+    Args:
+        records: ``metrics.jsonl`` records.
+        out_dir: Where to write the PNGs.
+        metric: The task metric (``accuracy``, ...) for the second row; None: loss only.
+        title: Figure title.
+
+    Returns:
+        list[Path]: the files written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    labels = list(dict.fromkeys(r["optimizer"] for r in records))
+    rows = [("loss", "loss")] + ([(metric, metric.replace("_", " "))] if metric else [])
+    written = []
+    for x_key, x_label, name in (
+        ("seconds", "training wall-clock (s)", "loss_vs_seconds.png"),
+        ("step", "step", "loss_vs_steps.png"),
+    ):
+        fig = Figure(figsize=(11, 3.6 * len(rows)))
+        # Fixed margins: a layout engine costs seconds per figure on a slow machine.
+        fig.subplots_adjust(
+            left=0.08,
+            right=0.98,
+            bottom=0.12 / len(rows),
+            top=1 - 0.1 / len(rows),
+            wspace=0.25,
+            hspace=0.3,
+        )
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(rows), 2, squeeze=False)
+        for row, (key, y_label) in enumerate(rows):
+            for col, split in enumerate(("train", "test")):
+                ax = axes[row][col]
+                positive = True
+                for label in labels:
+                    points = [
+                        (r[x_key], r.get(f"{split}_{key}"))
+                        for r in records
+                        if r["optimizer"] == label
+                    ]
+                    points = [(x, y) for x, y in points if isinstance(y, (int, float))]
+                    if points:
+                        xs, ys = zip(*points, strict=True)
+                        ax.plot(xs, ys, marker="." if len(xs) < 60 else None, label=label)
+                        positive &= min(ys) > 0
+                if key == "loss" and positive and records:
+                    ax.set_yscale("log")
+                ax.set_xlabel(x_label)
+                ax.set_ylabel(f"{split} {y_label}")
+                ax.grid(True, alpha=0.3)
+                if labels:
+                    ax.legend(fontsize="small")
+        if title:
+            fig.suptitle(title)
+        fig.savefig(out_dir / name, dpi=100)
+        written.append(out_dir / name)
+    return written
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Plot a run directory's ``metrics.jsonl`` next to it (metric name from ``summary.json``)."""
+    run_dir = Path(run_dir)
+    metric = None
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        metric = json.loads(summary.read_text()).get("metric")
+    return plot_metrics(
+        read_metrics(run_dir / "metrics.jsonl"), run_dir, metric=metric, title=run_dir.name
+    )

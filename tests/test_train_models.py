@@ -1,0 +1,152 @@
+"""Model factory, sparse initialisation, losses and metrics of the experiment runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessfree.train.models import MLP, Autoencoder, ConvNet, TanhRNN, build_model, sparse_init_
+from hessfree.train.objectives import make_loss, make_objective
+
+
+def test_autoencoder_is_mirrored_with_linear_code_and_logit_outputs():
+    torch.manual_seed(0)
+    ae = Autoencoder([784, 400, 200, 100, 50, 25, 6])
+    enc = [m for m in ae.encoder if isinstance(m, nn.Linear)]
+    dec = [m for m in ae.decoder if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in enc] == [
+        (784, 400),
+        (400, 200),
+        (200, 100),
+        (100, 50),
+        (50, 25),
+        (25, 6),
+    ]
+    assert [(m.in_features, m.out_features) for m in dec] == [
+        (6, 25),
+        (25, 50),
+        (50, 100),
+        (100, 200),
+        (200, 400),
+        (400, 784),
+    ]
+    assert isinstance(ae.encoder[-1], nn.Linear)  # linear code layer
+    assert isinstance(ae.decoder[-1], nn.Linear)  # logits: the loss applies the logistic
+    assert all(
+        isinstance(m, nn.Sigmoid)
+        for m in ae.modules()
+        if not isinstance(m, (nn.Linear, nn.Sequential, Autoencoder))
+    )
+    x = torch.rand(3, 1, 28, 28)
+    assert ae(x).shape == (3, 784) and ae.encode(x).shape == (3, 6)
+
+
+def test_sparse_init_gives_fifteen_incoming_connections_and_zero_biases():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 30), nn.Linear(30, 7), nn.Linear(7, 2), nn.Conv2d(3, 4, 3))
+    sparse_init_(model)
+    for layer, expected in zip(model, (15, 15, 7, 15), strict=True):
+        nonzero = (layer.weight.view(layer.weight.shape[0], -1) != 0).sum(dim=1)
+        assert bool((nonzero == expected).all()), (layer, nonzero)
+        assert bool((layer.bias == 0).all())
+    big = nn.Linear(2000, 500)
+    sparse_init_(big, generator=torch.Generator().manual_seed(0))
+    values = big.weight.detach()[big.weight != 0]
+    assert values.numel() == 500 * 15
+    assert abs(float(values.std()) - 1.0) < 0.05  # N(0, 1) weights
+
+
+def test_sparse_init_is_seeded():
+    a, b = nn.Linear(50, 20), nn.Linear(50, 20)
+    sparse_init_(a, generator=torch.Generator().manual_seed(1))
+    sparse_init_(b, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "options", "kind"),
+    [
+        ("mlp", (1, 8, 8), {"hidden_sizes": [16, 8], "activation": "relu"}, MLP),
+        ("mlp", (30,), {"hidden_sizes": []}, MLP),
+        ("cnn", (1, 8, 8), {"channels": [4, 8], "hidden_size": 16}, ConvNet),
+        ("cnn", (1, 28, 28), {}, ConvNet),
+        ("rnn", (12, 2), {"hidden_size": 10}, TanhRNN),
+    ],
+    ids=["mlp-image", "mlp-linear", "cnn-digits", "cnn-mnist", "rnn"],
+)
+def test_build_model_output_shapes(name, shape, options, kind):
+    torch.manual_seed(0)
+    model = build_model(name, input_shape=shape, num_outputs=3, **options)
+    assert isinstance(model, kind)
+    assert model(torch.rand(5, *shape)).shape == (5, 3)
+
+
+def test_build_model_sparse_option_and_seeding():
+    torch.manual_seed(0)
+    a = build_model("mlp", input_shape=(40,), num_outputs=10, init="sparse", sparse_connections=5)
+    assert int((a.net[0].weight != 0).sum(dim=1).max()) == 5
+    torch.manual_seed(0)
+    b = build_model("mlp", input_shape=(40,), num_outputs=10, init="sparse", sparse_connections=5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_build_model_errors():
+    with pytest.raises(ValueError, match=r"`layer_sizes\[0\]` = 100 must equal the input size 784"):
+        build_model("autoencoder", input_shape=(1, 28, 28), layer_sizes=[100, 6])
+    with pytest.raises(ValueError, match="needs sequence inputs"):
+        build_model("rnn", input_shape=(64,), num_outputs=1)
+    with pytest.raises(ValueError, match="needs image inputs"):
+        build_model("cnn", input_shape=(64,), num_outputs=1)
+    with pytest.raises(ValueError, match="Unknown model 'resnet'"):
+        build_model("resnet", input_shape=(3,), num_outputs=1)
+    with pytest.raises(ValueError, match="Bad options for model 'mlp'"):
+        build_model("mlp", input_shape=(3,), num_outputs=1, layers=2)
+
+
+def test_rnn_supports_double_backward():
+    torch.manual_seed(0)
+    rnn = TanhRNN(2, 4, 1)
+    loss = rnn(torch.rand(3, 5, 2)).square().sum()
+    params = list(rnn.parameters())
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    hv = torch.autograd.grad(sum((g * torch.ones_like(g)).sum() for g in grads), params)
+    assert all(h.shape == p.shape for h, p in zip(hv, params, strict=True))
+
+
+def test_loss_reductions():
+    torch.manual_seed(0)
+    z, t = torch.randn(4, 6), torch.rand(4, 6)
+    torch.testing.assert_close(make_loss("mse", "sum_per_case")(z, t), 6 * F.mse_loss(z, t))
+    torch.testing.assert_close(
+        make_loss("bce_with_logits", "sum_per_case")(z, t),
+        6 * F.binary_cross_entropy_with_logits(z, t),
+    )
+    y = torch.tensor([0, 5, 2, 1])
+    torch.testing.assert_close(
+        make_loss("cross_entropy", "sum_per_case")(z, y), F.cross_entropy(z, y)
+    )
+    with pytest.raises(ValueError, match="Unknown loss 'l1'"):
+        make_loss("l1")
+    with pytest.raises(ValueError, match="Unknown reduction 'sum'"):
+        make_loss("mse", "sum")
+
+
+def test_metrics():
+    obj = make_objective("classification", "cross_entropy", "mean")
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    assert float(obj.metric(logits, torch.tensor([0, 1, 1]))) == pytest.approx(2 / 3)
+    assert obj.higher_is_better
+    ae = make_objective("reconstruction", "bce_with_logits", "sum_per_case")
+    x = torch.rand(2, 1, 3, 3)
+    assert ae.targets(x, None).shape == (2, 9)
+    # Squared error per case of sigmoid(logits): sum over pixels, mean over cases.
+    logits = torch.randn(2, 9)
+    expected = (torch.sigmoid(logits) - x.flatten(1)).square().sum(1).mean()
+    torch.testing.assert_close(ae.metric(logits, x.flatten(1)), expected)
+    assert not ae.higher_is_better
+    add = make_objective("regression", "mse", "mean", dataset="addition")
+    pred, target = torch.tensor([[1.0], [1.03], [0.5]]), torch.tensor([[1.0], [1.0], [0.6]])
+    assert add.metric_name == "error_rate"
+    assert float(add.metric(pred, target)) == pytest.approx(1 / 3)
