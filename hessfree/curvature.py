@@ -361,6 +361,23 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
     node = loss.grad_fn
     if node is None or outputs.grad_fn is None or loss.numel() != 1:
         return None
+    # Peel constant factors off the top (e.g. a summed loss divided by the batch size).
+    factor = 1.0
+    while (kind := type(node).__name__) in ("MulBackward0", "DivBackward0"):
+        (first, _), (second, _) = node.next_functions
+        if second is None and first is not None:
+            other, node = node._saved_other, first
+        elif first is None and second is not None and kind == "MulBackward0":
+            other, node = node._saved_self, second
+        else:
+            return None
+        if other is None or other.numel() != 1:
+            return None
+        factor = factor / float(other) if kind == "DivBackward0" else factor * float(other)
+    return _closed_form(node, outputs, factor)
+
+
+def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float) -> MatVec | None:
     name = type(node).__name__
     nxt = node.next_functions
     o = outputs.detach()
@@ -368,13 +385,13 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
     if reduction not in (_MEAN, _SUM):
         return None
     if name == "MseLossBackward0" and nxt[0][0] is outputs.grad_fn:
-        scale = 2.0 / (o.numel() if reduction == _MEAN else 1)
+        scale = factor * 2.0 / (o.numel() if reduction == _MEAN else 1)
         return lambda w: w * scale
     if name == "BinaryCrossEntropyWithLogitsBackward0" and nxt[0][0] is outputs.grad_fn:
         if node._saved_weight is not None or node._saved_pos_weight is not None:
             return None
         s = torch.sigmoid(o)
-        d = s * (1 - s) / (o.numel() if reduction == _MEAN else 1)
+        d = s * (1 - s) * (factor / (o.numel() if reduction == _MEAN else 1))
         return lambda w: w * d
     if name == "NllLossBackward0" and type(nxt[0][0]).__name__ == "LogSoftmaxBackward0":
         lsm = nxt[0][0]
@@ -384,14 +401,13 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
             return None
         cdim = _neg_dim(1, o.dim())
         p = lsm._saved_result.detach().exp()
-        target = node._saved_target
-        keep = (target != node._saved_ignore_index).unsqueeze(1).to(p.dtype)
+        keep = (node._saved_target != node._saved_ignore_index).unsqueeze(1).to(p.dtype)
         denom = node._saved_total_weight if reduction == _MEAN else 1.0
-        p = p * (keep / denom).sqrt()  # fold mask and 1/m into p and a diagonal factor
-        diag = p * (keep / denom).sqrt()
+        coef = keep * (factor / denom)  # rows whose target is ignored contribute zero
 
         def ce(w: Tensor) -> Tensor:
-            return diag * w - p * (p * w).sum(cdim, keepdim=True)
+            pw = p * w
+            return coef * (pw - p * pw.sum(cdim, keepdim=True))
 
         return ce
     return None

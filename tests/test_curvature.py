@@ -151,6 +151,27 @@ def test_closed_form_loss_hessian_matches_double_backward(name):
     torch.testing.assert_close(hl(W), torch.stack([hl(wi) for wi in W]), **EXACT)
 
 
+@pytest.mark.parametrize("scale", ["div", "mul", "rmul", "tensor_div"])
+def test_closed_form_sees_through_constant_factors(scale):
+    torch.manual_seed(8)
+    o = torch.randn(5, 3, dtype=torch.float64, requires_grad=True) * 1.0
+    base = F.cross_entropy(o, torch.randint(0, 3, (5,)), reduction="sum")
+    loss = {
+        "div": base / 5,
+        "mul": base * 0.2,
+        "rmul": 0.2 * base,
+        "tensor_div": base / torch.tensor(5.0, dtype=torch.float64),
+    }[scale]
+    hl = loss_hessian_product(loss, o)
+    assert hl is not None
+    (go,) = torch.autograd.grad(loss, o, create_graph=True)
+    w = torch.randn(5, 3, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(go, o, w)
+    torch.testing.assert_close(hl(w), expected, **EXACT)
+    # a factor that depends on the outputs is not a constant: no closed form
+    assert loss_hessian_product(base / o.sum().detach().requires_grad_(), o) is None
+
+
 def _reloss(name, z, loss):
     node = loss.grad_fn
     if name.startswith("mse"):
