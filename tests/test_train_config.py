@@ -360,3 +360,9 @@ def test_config_sections_mirror_the_factories_keyword_arguments():
         keys = {f.name for f in dataclasses.fields(schema)} - {"name", "init", "sparse_connections"}
         params = set(inspect.signature(MODELS[name]).parameters) - {"input_shape", "num_outputs"}
         assert keys == params, name
+
+
+def test_config_structural_damping_needs_a_recurrent_model():
+    raw = minimal(optimizers=[{"name": "hessianfree", "structural_damping": 0.03}])
+    (problem,) = [p for p in problems_of(raw) if "structural_damping" in p]
+    assert "optimizers.0.structural_damping" in problem and "'mlp'" in problem

@@ -470,3 +470,27 @@ def test_hessianfree_giving_up_counts_as_divergence(tmp_path, monkeypatch):
     result = quiet(cfg, tmp_path / "run").run()
     assert result.summary["optimizers"]["hessianfree"]["stop_reason"] == "diverged"
     assert result.summary["optimizers"]["adam"]["stop_reason"] == "steps"
+
+
+def test_hessianfree_with_structural_damping_trains_the_rnn(tmp_path):
+    pytest.importorskip("hessfree.optimizer")
+    raw = {
+        "data": {"name": "addition", "length": 8, "num_train": 64, "num_test": 32},
+        "model": {"name": "rnn", "hidden_size": 8},
+        "optimizers": [
+            {
+                "name": "hessianfree",
+                "structural_damping": 0.03,
+                "cg_max_iter": 20,
+                "curvature_batch_size": 16,
+            }
+        ],
+        "budget": {"steps": 3},
+        "eval": {"every_steps": 1},
+        "output": {"plots": False},
+    }
+    quiet(parse_config(raw), tmp_path / "run").run()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    hf = [r for r in records if r["step"] > 0]
+    assert len(hf) == 3 and all(r["hf_status"] == "accepted" for r in hf)
+    assert hf[-1]["train_loss"] < records[0]["train_loss"]

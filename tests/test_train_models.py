@@ -150,3 +150,18 @@ def test_metrics():
     pred, target = torch.tensor([[1.0], [1.03], [0.5]]), torch.tensor([[1.0], [1.0], [0.6]])
     assert add.metric_name == "error_rate"
     assert float(add.metric(pred, target)) == pytest.approx(1 / 3)
+
+
+def test_rnn_hidden_states_match_forward():
+    torch.manual_seed(0)
+    rnn = TanhRNN(2, 4, 1)
+    x = torch.randn(3, 5, 2)
+    out, hidden = rnn.forward_with_hidden(x)
+    assert hidden.shape == (3, 5, 4)
+    torch.testing.assert_close(out, rnn(x))
+    torch.testing.assert_close(rnn.readout(hidden[:, -1]), out)
+    # the first state is tanh of the first input projection, the recurrence feeds the rest
+    torch.testing.assert_close(hidden[:, 0], torch.tanh(rnn.input(x[:, 0])))
+    torch.testing.assert_close(
+        hidden[:, 1], torch.tanh(rnn.input(x[:, 1]) + rnn.recurrent(hidden[:, 0]))
+    )

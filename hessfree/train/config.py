@@ -973,6 +973,15 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
             f"`model.name` = 'cnn' needs image data ({', '.join(_IMAGE_DATA)} or npz "
             f"with (N, C, H, W) inputs), got {cfg.data.name!r}."
         )
+    for i, opt in enumerate(cfg.optimizers):
+        mu = (
+            opt.hyperparameters.get("structural_damping", 0.0) if opt.name == "hessianfree" else 0.0
+        )
+        if isinstance(mu, (int, float)) and mu > 0 and cfg.model.name != "rnn":
+            problems.append(
+                f"`optimizers.{i}.structural_damping` = {mu!r} needs a recurrent model's hidden "
+                f"states, got `model.name` = {cfg.model.name!r}; use model 'rnn' or set it to 0."
+            )
     if cfg.data.name == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
         problems.append("`data.name` = 'mnist1d' needs the mnist1d package: pip install mnist1d.")
     if cfg.device == "cuda":

@@ -669,18 +669,27 @@ class Runner:
         """One optimizer step on a batch; returns the batch loss before the step."""
         model, loss_fn = self.model, self.objective.loss
         if spec.name == "hessianfree":
+            # structural damping needs the hidden states (Martens & Sutskever 2011, §3.3)
+            with_hidden = getattr(optimizer, "structural_damping", 0.0) > 0 and hasattr(
+                model, "forward_with_hidden"
+            )
 
-            def closure() -> tuple[Tensor, Tensor]:
-                outputs = model(xb)
-                return loss_fn(outputs, tb), outputs
+            def evaluate(x: Tensor, t: Tensor) -> tuple[Tensor, ...]:
+                if with_hidden:
+                    outputs, hidden = model.forward_with_hidden(x)
+                    return loss_fn(outputs, t), outputs, hidden
+                outputs = model(x)
+                return loss_fn(outputs, t), outputs
+
+            def closure() -> tuple[Tensor, ...]:
+                return evaluate(xb, tb)
 
             curvature_closure = None
             if curvature_size is not None:
                 xc, tc = xb[:curvature_size], tb[:curvature_size]
 
-                def curvature_closure() -> tuple[Tensor, Tensor]:
-                    outputs = model(xc)
-                    return loss_fn(outputs, tc), outputs
+                def curvature_closure() -> tuple[Tensor, ...]:
+                    return evaluate(xc, tc)
 
             return _scalar(optimizer.step(closure, curvature_closure))
         if spec.name == "lbfgs":

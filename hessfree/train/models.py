@@ -187,11 +187,18 @@ class TanhRNN(nn.Module):
         self.readout = nn.Linear(hidden_size, num_outputs)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (N, T, input_size)
+        return self.forward_with_hidden(x)[0]
+
+    def forward_with_hidden(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Outputs and the hidden states of every step, ``(N, T, hidden_size)``; the latter
+        for HF's structural damping (Martens & Sutskever 2011, §3.3)."""
         u = self.input(x)  # every step's input projection in one product
         h = torch.tanh(u[:, 0])
+        states = [h]
         for t in range(1, x.shape[1]):
             h = torch.tanh(u[:, t] + self.recurrent(h))
-        return self.readout(h)
+            states.append(h)
+        return self.readout(h), torch.stack(states, 1)
 
 
 @torch.no_grad()
