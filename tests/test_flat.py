@@ -1,0 +1,41 @@
+"""Flat views of parameter lists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hessfree import ParamLayout, trainable
+
+
+def test_split_returns_views_and_cat_inverts_it():
+    layout = ParamLayout([torch.zeros(2, 3), torch.zeros(4)])
+    v = torch.arange(10.0)
+    parts = layout.split(v)
+    assert [p.shape for p in parts] == [(2, 3), (4,)]
+    assert all(p.data_ptr() >= v.data_ptr() for p in parts)
+    parts[1][0] = -1.0  # a view: writes reach v
+    assert v[6] == -1.0
+    assert torch.equal(layout.cat(parts), v)
+    assert torch.equal(layout.cat([None, torch.ones(4)]), torch.tensor([0.0] * 6 + [1.0] * 4))
+
+
+def test_trainable_skips_frozen_and_keeps_order():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    model[0].bias.requires_grad_(False)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert [id(p) for p in trainable(model)] == [
+        id(dict(model.named_parameters())[n]) for n in names
+    ]
+
+
+def test_layout_errors():
+    with pytest.raises(ValueError, match="share one dtype"):
+        ParamLayout([torch.zeros(2), torch.zeros(2, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="empty"):
+        ParamLayout([])
+    with pytest.raises(ValueError, match="No parameter requires gradients"):
+        trainable([torch.zeros(2)])
+    with pytest.raises(TypeError, match=r"`params\[1\]` must be a torch.Tensor, got int"):
+        trainable([torch.zeros(1, requires_grad=True), 3])
