@@ -97,7 +97,7 @@ def test_rosenbrock_100d_with_exact_hessian_converges():
     torch.testing.assert_close(x.detach(), torch.ones(100, dtype=torch.float64), rtol=0, atol=1e-10)
 
 
-def _digits(n: int = 500):
+def _digits(n: int | None = 500):
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
@@ -106,7 +106,7 @@ def _digits(n: int = 500):
 
 def test_mlp_on_digits_reaches_full_training_accuracy():
     torch.manual_seed(0)
-    X, y = _digits()
+    X, y = _digits(n=None)  # all 1,797 images
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
     opt = HessianFree(model.parameters(), damping=1.0, cg_max_iter=50)
 
