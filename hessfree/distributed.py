@@ -76,6 +76,12 @@ class Averager:
         dist.all_reduce(t, group=self.group)
         return t.div_(self.total_weight)
 
+    def sum(self, t: Tensor) -> Tensor:
+        """The sum of ``t`` over the ranks, in place; one collective (identity without a group)."""
+        if self.active and self.world_size > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
     def mean_scalar(self, x: float, like: Tensor) -> float:
         """The mean of a Python float over the ranks (one collective on a 1-element buffer)."""
         if not self.active or self.world_size == 1:

@@ -97,6 +97,7 @@ from .curvature import (
     HessianProduct,
     JacobianProduct,
 )
+from .distributed import Averager
 
 __all__ = [
     "CurvatureLinearOperator",
@@ -380,6 +381,11 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             several batches, which always recompute per batch.
         progress: Show a tqdm progress bar over the batches of each product (needs tqdm).
         allow_training_mode: Accept Dropout/BatchNorm modules in training mode.
+        process_group: Sum the products over the ranks of this ``torch.distributed`` group
+            (default: the default group when ``torch.distributed`` is initialised), each rank
+            holding its own shard of the data: the operator is then the curvature over the
+            union of the shards, weighted by size for ``'mean'``. Every rank must call every
+            product (SciPy's solvers do, when each rank runs the same solve).
 
     Raises:
         TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, or a
@@ -401,8 +407,11 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         cache_graph: bool = True,
         progress: bool = False,
         allow_training_mode: bool = False,
+        process_group: object | None = None,
     ) -> None:
         _check_model(model, allow_training_mode)
+        self._ranks = Averager(process_group)
+        self._global_count: float | None = None
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
         self.params = _resolve_params(model, params)
@@ -419,7 +428,7 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         self._product: Any = None
         if single is not None and self.cache_graph:
             # One forward pass, here; every product reuses its graph.
-            self._product, _ = self._build(self._batch(single, "data"))
+            self._product, self._size = self._build(self._batch(single, "data"))
             return
         first = next(iter(self._data), None)  # validate shapes and the loss on one batch
         if first is None:
@@ -451,6 +460,7 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             )
         op = cls.__new__(cls)
         op._product, op._model, op._loss_fn, op._data, op._tqdm = product, None, None, None, None
+        op._ranks, op._global_count = Averager(), None
         op.params = list(getattr(product, "params", []))
         op.reduction, op.cache_graph = None, True
         _TorchLinearOperator.__init__(
@@ -536,11 +546,25 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             count += size
         if total is None:
             raise ValueError("`data` yielded no batches; pass a non-empty list or DataLoader.")
+        return self._across_ranks(total, count)
+
+    def _across_ranks(self, total: Tensor, count: int) -> Tensor:
+        r"""Finish :math:`\sum_b w_b r_b`: sum over the ranks, then divide by all the examples."""
+        if self._ranks.active and self._ranks.world_size > 1:
+            self._ranks.sum(total)
+            if self._global_count is None:  # the shards do not change: count them once
+                n = torch.tensor([float(count)], dtype=torch.float64, device=total.device)
+                self._global_count = float(self._ranks.sum(n))
+            count = self._global_count
         return total.div_(count) if self.reduction == "mean" else total
 
     def _apply(self, V: Tensor) -> Tensor:
         if self._product is not None:
-            return _product_rows(self._product, V)
+            out = _product_rows(self._product, V)
+            if self._model is None or not self._ranks.active:
+                return out
+            w = float(self._size) if self.reduction == "mean" else 1.0
+            return self._across_ranks(out.mul_(w), self._size)
 
         def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, int]:
             product, size = self._build(batch)
@@ -586,7 +610,11 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         if self._product is not None:
             if not hasattr(self._product, "gradient"):
                 raise TypeError(f"{type(self._product).__name__} has no `gradient`.")
-            return self._as_array(self._product.gradient)
+            g = self._product.gradient
+            if self._model is not None and self._ranks.active:
+                w = float(self._size) if self.reduction == "mean" else 1.0
+                g = self._across_ranks(g.clone().mul_(w), self._size)
+            return self._as_array(g)
 
         def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, int]:
             inputs, targets = batch

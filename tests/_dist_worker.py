@@ -1,7 +1,8 @@
 """Worker for tests/test_distributed.py: one rank of a data-parallel HF run (gloo, loopback).
 
-Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS [crash]
-With WORLD=1 it runs the single-process reference on the full batch.
+Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS [crash|operator]
+With WORLD=1 it runs the single-process reference on the full batch. ``operator`` computes
+SciPy-operator products over the rank's shard instead of training.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from hessfree import EmpiricalFisherDiagonal, HessianFree
+from hessfree import EmpiricalFisherDiagonal, FisherLinearOperator, GGNLinearOperator, HessianFree
 
 
 def main() -> None:
     rank, world, init_file, out_file, steps = sys.argv[1:6]
     rank, world, steps = int(rank), int(world), int(steps)
-    crash = len(sys.argv) > 6
+    mode = sys.argv[6] if len(sys.argv) > 6 else ""
+    crash = mode == "crash"
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group(
@@ -38,6 +40,23 @@ def main() -> None:
     Xs, ys = X[shard], y[shard]
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    if mode == "operator":
+        import numpy as np
+
+        v = np.random.default_rng(0).normal(size=sum(p.numel() for p in model.parameters()))
+        loss_fn = nn.CrossEntropyLoss()
+        one = GGNLinearOperator(model, loss_fn, (Xs, ys))
+        # ragged batches on this rank: 10 + the rest
+        many = FisherLinearOperator(model, loss_fn, [(Xs[:10], ys[:10]), (Xs[10:], ys[10:])])
+        result = {
+            "ggn": one @ v,
+            "grad": one.gradient(),
+            "fisher": many @ v,
+            "fgrad": many.gradient(),
+        }
+        if rank == 0:
+            torch.save({k: torch.from_numpy(np.asarray(a)) for k, a in result.items()}, out_file)
+        return
     opt = HessianFree(
         model.parameters(),
         damping=0.5,
