@@ -276,6 +276,8 @@ def cg(
     running = torch.ones((), dtype=torch.bool, device=device)
     first_unread = 1
     num_iter, reason = max_iter, StopReason.MAX_ITER
+    mask_vectors = check_every > 1
+    tol_sq = tol.square()
     for i in range(1, max_iter + 1):
         Ap = (_checked_product(matvec, p, b, "matvec") if i == 1 else matvec(p)).detach()
         num_matvec += 1
@@ -290,18 +292,25 @@ def cg(
         # that NaN/Inf in Ap or alpha cannot leak.
         go = running & finite_pAp & positive_pAp & finite_alpha
         alpha = torch.where(go, alpha, zero)
-        x.addcmul_(torch.where(go, p, zero, out=buf), alpha)
-        r.addcmul_(torch.where(go, Ap, zero, out=buf), alpha)
+        if mask_vectors:
+            x.addcmul_(torch.where(go, p, zero, out=buf), alpha)
+            r.addcmul_(torch.where(go, Ap, zero, out=buf), alpha)
+        else:
+            # Read back every iteration: a stop ends the loop before r or p are used again, and
+            # a finite pAp implies a finite Ap, so masking alpha alone keeps x intact.
+            x.addcmul_(p, alpha)
+            r.addcmul_(Ap, alpha)
         if diag is not None:
             torch.div(r, diag, out=z)
         elif precond is not None:
             z = precond(r).detach()
         rz_next = torch.dot(r, z)
+        rr = rz_next if z is r else torch.dot(r, r)
         phi = history[i]
         torch.dot(x, torch.sub(r, b, out=buf), out=phi)  # phi = 1/2 x^T (r - b)
         phi.mul_(0.5)
         finite_after = torch.isfinite(rz_next) & torch.isfinite(phi)
-        converged = torch.linalg.vector_norm(r) <= tol
+        converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass
         # §4.4 relative progress; i, k and the test i > k live on the host.
         k = _progress_gap(i)
         if progress_tol is not None and i > k and i >= min_iter:
@@ -314,7 +323,10 @@ def cg(
         )
         running = go & finite_after & ~converged & ~progress
         beta = torch.where(running, rz_next / rz, 1.0)
-        p.mul_(beta).sub_(torch.where(running, z, zero, out=buf))  # p = -z + beta p
+        if mask_vectors:
+            p.mul_(beta).sub_(torch.where(running, z, zero, out=buf))  # p = -z + beta p
+        else:
+            p.mul_(beta).sub_(z)
         rz = rz_next  # used only through alpha and beta, both masked
         if i in grid:
             stored.append((i, x.clone()))
