@@ -1,11 +1,13 @@
 """The ``hessfree`` command line.
 
 ``hessfree run CONFIG.yaml [--out DIR] [--resume DIR] [key=value ...]``, also as
-``python -m hessfree run ...``.
+``python -m hessfree run ...``; data-parallel over N processes as
+``torchrun --nproc_per_node=N -m hessfree run ...`` (see :mod:`hessfree.train.parallel`).
 
 Exit codes: 0 done; 2 a bad config, override, data file or run directory (the message lists
-every problem, no traceback); 130 / 143 interrupted by SIGINT / SIGTERM (resumable); 1 an
-unexpected error (with its traceback).
+every problem, no traceback); 3 another rank of a data-parallel run crashed, hung or could not
+be reached (one line); 130 / 143 interrupted by SIGINT / SIGTERM (resumable); 1 an unexpected
+error (with its traceback).
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ The run directory (default runs/<name>-<timestamp>/) receives config.yaml (resol
 overrides), metrics.jsonl (one line per evaluation), summary.json, loss_vs_seconds.png,
 loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
 checkpoints and exits with 130 / 143; --resume continues from there (bit-identical on CPU for
-step and epoch budgets; wall-clock budgets are not reproducible)."""
+step and epoch budgets; wall-clock budgets are not reproducible).
+
+Data-parallel: 'torchrun --nproc_per_node=N -m hessfree run CONFIG.yaml' splits every batch
+into N equal slices (batch sizes must be multiples of N) and takes the same steps as one
+process on the whole batch; gloo on CPU, NCCL on CUDA (cuda:LOCAL_RANK). Rank 0 alone writes the
+run directory. Resume with the same command plus --resume DIR. A rank that crashes or hangs
+stops the others within distributed.timeout_seconds (exit code 3)."""
 
 _RUN_EPILOG = """\
 overrides:
@@ -49,8 +57,8 @@ config keys:
   it would run); the shipped configs/*.yaml explain the main ones in comments.
 
 exit codes:
-  0 done · 2 bad config, override, data or run directory · 130 SIGINT · 143 SIGTERM ·
-  1 unexpected error"""
+  0 done · 2 bad config, override, data or run directory · 3 a peer rank failed or hung ·
+  130 SIGINT · 143 SIGTERM · 1 unexpected error"""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -156,7 +164,13 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
         config = load_config(saved_path)
         if files or overrides:
             asked = load_config(files[0] if files else saved_path, overrides)
-            changed = _diff(config_to_dict(config), config_to_dict(asked))
+            # A different timeout (`distributed.*`) does not change the results: allowed.
+            changed = [
+                key
+                for key in _diff(config_to_dict(config), config_to_dict(asked))
+                if not key.startswith("distributed.")
+            ]
+            config = asked
             if changed:
                 raise ConfigError(
                     [
@@ -203,12 +217,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2  # pragma: no cover - parse_args exits for anything but 'run'
     from hessfree.train.config import ConfigError
     from hessfree.train.data import DataError
+    from hessfree.train.parallel import PeerError
 
     try:
         return _run(args, run_parser)
     except (ConfigError, DataError) as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         return 2
+    except PeerError as err:
+        print(f"hessfree: error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)
         return 130

@@ -24,6 +24,7 @@ Layout of a config (every key optional unless marked)::
     curvature_batch_size: null  # HF curvature batch, a slice of the gradient batch
     eval: {every_steps: 10, every_seconds: null, max_cases: null, batch_size: 10000}
     output: {dir: runs, checkpoint_every: 100, plots: true, progress: auto}
+    distributed: {timeout_seconds: 300}   # torchrun runs only (see hessfree.train.parallel)
 
 Overrides (``optimizers.0.damping=10``) are applied to the raw mapping before validation, so
 they are checked exactly like the file. Values are YAML scalars; ``1e-3`` is read as a float
@@ -59,6 +60,7 @@ __all__ = [
     "BudgetConfig",
     "EvalConfig",
     "OutputConfig",
+    "DistributedConfig",
     "DATA_SCHEMAS",
     "MODEL_SCHEMAS",
     "OPTIMIZER_NAMES",
@@ -551,6 +553,23 @@ class OutputConfig:
     )
 
 
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Data-parallel runs under ``torchrun`` (ignored in a single process).
+
+    A rank that crashes makes the others fail at their next collective; one that hangs, after
+    ``timeout_seconds``. It also bounds the start-up rendezvous and how long the other ranks
+    wait while rank 0 alone evaluates and checkpoints, so keep it above the longest of those.
+    """
+
+    timeout_seconds: float = _field(
+        300.0,
+        "seconds a rank waits for the others (start-up and every collective) before giving up",
+        low=0.0,
+        low_open=True,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizers: hyperparameters are the keyword arguments of the optimizer's constructor.
 
@@ -637,6 +656,7 @@ class ExperimentConfig:
     curvature_batch_size: int | None
     eval: EvalConfig
     output: OutputConfig
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def task(self) -> str:
@@ -659,6 +679,7 @@ class _TopLevel:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 _TOP_KEYS = (
@@ -676,6 +697,7 @@ _TOP_KEYS = (
     "curvature_batch_size",
     "eval",
     "output",
+    "distributed",
 )
 
 
@@ -1117,6 +1139,7 @@ def parse_config(
         curvature_batch_size=top.curvature_batch_size,
         eval=top.eval,
         output=top.output,
+        distributed=top.distributed,
     )
     _check_combinations(cfg, problems)
     if problems:
@@ -1267,13 +1290,22 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return out
 
 
+def _yaml(plain: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(plain), sort_keys=False, default_flow_style=None, width=100)
+
+
 def dump_config(cfg: ExperimentConfig, header: str = "") -> str:
     """The resolved config as YAML text, optionally opened by ``header`` as comment lines."""
-    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
-    return comment + body
+    return comment + _yaml(config_to_dict(cfg))
 
 
 def config_digest(cfg: ExperimentConfig) -> str:
-    """SHA-256 of the resolved config (what a checkpoint must match to be resumed)."""
-    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()
+    """SHA-256 of the resolved config (what a checkpoint must match to be resumed).
+
+    The ``distributed`` section is left out: a timeout does not change the results, and runs
+    written before the section existed keep their digest.
+    """
+    plain = config_to_dict(cfg)
+    del plain["distributed"]
+    return hashlib.sha256(_yaml(plain).encode()).hexdigest()

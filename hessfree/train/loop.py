@@ -24,6 +24,15 @@ not reproducible, resumed or not.
 SIGINT (Ctrl-C) and SIGTERM finish the current step, write a checkpoint and a summary, and end
 the run with status ``interrupted`` (the CLI exits with 128 + the signal number: 130, 143). A
 second signal abandons the step at once; the previous checkpoint stays valid.
+
+Under ``torchrun --nproc_per_node=N`` the run is data-parallel (:mod:`hessfree.train.parallel`):
+every rank takes an equal slice of each batch (batch sizes must be multiples of N), the step
+equals a one-process step on the whole batch, decisions are agreed once per step, and rank 0
+alone evaluates and writes the run directory; the other ranks write nothing. A signal caught by
+any rank stops every rank after the step in which the ranks agree on it. ``--resume`` needs the
+same N and the run directory readable by every rank. A rank that dies or hangs makes the others
+stop with :class:`~hessfree.train.parallel.PeerError` (at once, or after
+``distributed.timeout_seconds``).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -63,6 +72,7 @@ from hessfree.train.metrics import MetricsLog, format_table, read_metrics, summa
 from hessfree.train.models import build_model
 from hessfree.train.objectives import Objective, make_objective
 from hessfree.train.optimizers import build_optimizer, hf_diagnostics
+from hessfree.train.parallel import Group, process_group
 
 __all__ = [
     "Runner",
@@ -114,7 +124,8 @@ class RunResult:
         run_dir: The run directory.
         status: Completed or interrupted.
         signal: The signal number that interrupted the run, else None.
-        summary: The content of ``summary.json``.
+        summary: The content of ``summary.json`` (empty on the ranks other than 0 of a
+            data-parallel run, which write nothing).
     """
 
     run_dir: Path
@@ -173,8 +184,10 @@ def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Pa
     return path
 
 
-def _data_problems(cfg: ExperimentConfig, ds: Dataset, objective: Objective) -> list[str]:
-    """Config checks that need the loaded data."""
+def _data_problems(
+    cfg: ExperimentConfig, ds: Dataset, objective: Objective, world_size: int = 1
+) -> list[str]:
+    """Config checks that need the loaded data (and the number of processes)."""
     problems = []
     n = ds.x_train.shape[0]
     for i, opt in enumerate(cfg.optimizers):
@@ -189,6 +202,20 @@ def _data_problems(cfg: ExperimentConfig, ds: Dataset, objective: Objective) -> 
                 f"`optimizers.{i}` ({opt.label}): curvature_batch_size "
                 f"{opt.curvature_batch_size} exceeds the gradient batch ({bs})."
             )
+        # Equal shards: the mean of the ranks' means is then the mean over the whole batch.
+        whole = "" if opt.batch_size else " (null: the whole training set)"
+        sizes = [("batch_size", bs, whole)]
+        if opt.curvature_batch_size is not None and opt.curvature_batch_size < bs:
+            sizes.append(("curvature_batch_size", opt.curvature_batch_size, ""))
+        for key, size, note in sizes:
+            if world_size > 1 and size % world_size:
+                low = size - size % world_size
+                problems.append(
+                    f"`optimizers.{i}` ({opt.label}): {key} {size}{note} is not a multiple of "
+                    f"the {world_size} processes; each rank takes an equal slice so that the "
+                    f"step equals a one-process step on the whole batch. Use "
+                    f"{key}={low or world_size} or {low + world_size}, or another process count."
+                )
     kind = ds.target_kind
     if objective.task != "reconstruction":
         if kind is None:
@@ -263,6 +290,7 @@ class Runner:
         self.on_step = on_step
         self.config_header = config_header
         self._stop_signal: int | None = None
+        self.group = Group()
 
     # -- control ---------------------------------------------------------------------------
 
@@ -307,7 +335,7 @@ class Runner:
         cfg = self.config
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
-        self.device = resolve_device(cfg.device)
+        self.device = self.group.device
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         self.digest = config_digest(cfg)
 
@@ -316,7 +344,7 @@ class Runner:
             options["seed"] = cfg.seed
         ds = load_dataset(cfg.data.name, **options)
         self.objective = make_objective(cfg.task, cfg.loss.name, cfg.loss.reduction, cfg.data.name)
-        problems = _data_problems(cfg, ds, self.objective)
+        problems = _data_problems(cfg, ds, self.objective, self.group.world_size)
         if problems:
             raise ConfigError(problems, f"{cfg.name} (after loading {cfg.data.name!r})")
 
@@ -354,7 +382,10 @@ class Runner:
     def _prepare_dir(self) -> dict[str, dict[str, Any]]:
         """Create (or check, when resuming) the run directory; return existing checkpoints."""
         ckpt_dir = self.run_dir / "checkpoints"
+        writer = self.group.rank == 0  # the other ranks of a data-parallel run only read
         if not self.resume:
+            if not writer:
+                return {}
             if self.run_dir.exists() and any(self.run_dir.iterdir()):
                 raise ConfigError(
                     [
@@ -397,8 +428,19 @@ class Runner:
                             "format); resume with the run's own config.yaml."
                         ]
                     )
+                written_by = int(ckpt.get("world_size", 1))
+                if written_by != self.group.world_size:
+                    raise ConfigError(
+                        [
+                            f"checkpoint '{path}' was written by a run over {written_by} "
+                            f"process(es), this one has {self.group.world_size}; resume with "
+                            f"the same number (torchrun --nproc_per_node={written_by}), since "
+                            "another one changes the rounding of every averaged quantity."
+                        ]
+                    )
                 found[opt.label] = ckpt
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if writer:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
         return found
 
     # -- the run ---------------------------------------------------------------------------
@@ -413,14 +455,36 @@ class Runner:
             DataError: The data is missing or corrupt.
         """
         threads = torch.get_num_threads()
+        cfg = self.config
         try:
-            return self._run()
+            with process_group(
+                resolve_device(cfg.device), cfg.distributed.timeout_seconds
+            ) as group:
+                self.group = group
+                if group.rank != 0:  # rank 0 speaks for a data-parallel run
+                    self.verbose = self.progress = False
+                return self._run()
         finally:
+            self.group = Group()
             torch.set_num_threads(threads)
 
+    def _start(self) -> dict[str, dict[str, Any]]:
+        """Set up and prepare the run directory, on every rank alike; return checkpoints."""
+        if not self.group.active:
+            self._setup()
+            return self._prepare_dir()
+        error, checkpoints = None, {}
+        try:
+            self._setup()
+            checkpoints = self._prepare_dir()
+        except Exception as err:  # every rank learns of it before anyone waits for a peer
+            error = err
+        self.run_dir = Path(self.group.agree_start(error, str(self.run_dir)))
+        return checkpoints
+
     def _run(self) -> RunResult:
-        self._setup()
-        checkpoints = self._prepare_dir()
+        checkpoints = self._start()
+        writer = self.group.rank == 0
         truncate_to = 0
         for ckpt in checkpoints.values():  # config order: the last one found is the latest
             truncate_to = int(ckpt["metrics_bytes"])
@@ -428,8 +492,12 @@ class Runner:
             self._say(f"resuming {self.run_dir}")
         outcomes: dict[str, dict[str, Any]] = {}
         status, signum = RunStatus.COMPLETED, None
-        with MetricsLog(
-            self.run_dir / "metrics.jsonl", truncate_to=truncate_to if self.resume else None
+        with (
+            MetricsLog(
+                self.run_dir / "metrics.jsonl", truncate_to=truncate_to if self.resume else None
+            )
+            if writer
+            else nullcontext()
         ) as log:
             self.log = log
             with self._signals():
@@ -442,6 +510,8 @@ class Runner:
                             spec, StopReason.INTERRUPTED, self._current
                         )
                         break
+        if not writer:
+            return RunResult(self.run_dir, status, signum, {})
         summary = summarize(
             read_metrics(self.run_dir / "metrics.jsonl"),
             outcomes,
@@ -479,7 +549,8 @@ class Runner:
     def _train(
         self, index: int, spec: OptimizerConfig, ckpt: dict[str, Any] | None
     ) -> dict[str, Any]:
-        cfg, model = self.config, self.model
+        cfg, model, group = self.config, self.model, self.group
+        writer = group.rank == 0
         n = self.x_train.shape[0]
         batch_size = spec.batch_size or n
         curvature_size = spec.curvature_batch_size
@@ -518,8 +589,11 @@ class Runner:
                     f"({ckpt['stop_reason']}, {st.step} steps)"
                 )
                 return self._outcome(spec, StopReason(ckpt["stop_reason"]), st)
+        group.check_same(model.parameters())
 
         def save(finished: bool = False, reason: StopReason | None = None) -> None:
+            if not writer:
+                return
             save_checkpoint(
                 self.run_dir / "checkpoints" / f"{spec.label}.pt",
                 {
@@ -544,11 +618,15 @@ class Runner:
                     if self.device.type == "cuda"
                     else [],
                     "metrics_bytes": self.log.tell(),
+                    "world_size": group.world_size,
                 },
             )
 
         def evaluate(batch_loss: float | None) -> bool:
-            """Log one record; False if the training loss is no longer finite."""
+            """Log one record (rank 0); False if the training loss is no longer finite."""
+            st.last_eval_step, st.last_eval_seconds = st.step, st.seconds
+            if not writer:
+                return True  # the caller agrees on rank 0's answer
             record = {
                 "optimizer": spec.label,
                 "step": st.step,
@@ -559,7 +637,6 @@ class Runner:
                 **st.hf,
             }
             self.log.append(record)
-            st.last_eval_step, st.last_eval_seconds = st.step, st.seconds
             bar.set_postfix(
                 train=f"{record['train_loss']:.4g}",
                 test=f"{record['test_loss']:.4g}",
@@ -588,30 +665,44 @@ class Runner:
                 save()
             budget, every = spec.budget, cfg.eval
             batch_loss = math.nan
+            agreed_signal: int | None = None  # a data-parallel run stops on agreed signals only
             while True:
                 reason = self._budget_reason(budget, st, n)
                 if reason is not None:
                     break
-                if self._stop_signal is not None:
+                signum = agreed_signal if group.active else self._stop_signal
+                if signum is not None:
                     save()
-                    raise _Interrupted(self._stop_signal)
+                    raise _Interrupted(signum)
 
                 # Every optimizer draws the same permutations: its data_gen is seeded alike.
+                # Every rank draws the same batch and takes its slice (all of it in one process).
                 if st.perm is None or st.position + batch_size > n:
                     st.perm, st.position = torch.randperm(n, generator=data_gen), 0
-                idx = st.perm[st.position : st.position + batch_size].to(self.device)
+                batch = st.perm[st.position : st.position + batch_size]
                 st.position += batch_size
+                idx = batch[group.shard(batch_size)].to(self.device)
                 xb, tb = self.x_train.index_select(0, idx), self.t_train.index_select(0, idx)
+                curvature = None
+                if curvature_size is not None:  # a slice of the first cases of the batch
+                    cidx = batch[:curvature_size][group.shard(curvature_size)].to(self.device)
+                    curvature = (
+                        self.x_train.index_select(0, cidx),
+                        self.t_train.index_select(0, cidx),
+                    )
 
                 start = time.perf_counter()
                 try:
-                    batch_loss = self._step(spec, optimizer, xb, tb, curvature_size)
+                    batch_loss = self._step(spec, optimizer, xb, tb, curvature)
                 except FloatingPointError as err:  # HF gives up after repeated non-finite steps
                     self._say(f"    {spec.label}: {err}")
                     batch_loss = math.nan
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                st.seconds += time.perf_counter() - start
+                batch_loss, seconds, agreed_signal = group.agree_step(
+                    batch_loss, time.perf_counter() - start, self._stop_signal
+                )
+                st.seconds += seconds
                 st.step += 1
                 st.cases += batch_size
                 if spec.name == "hessianfree":
@@ -629,7 +720,7 @@ class Runner:
                     every.every_seconds is not None
                     and st.seconds - st.last_eval_seconds >= every.every_seconds
                 ):
-                    if not evaluate(batch_loss):
+                    if not group.agree_flag(evaluate(batch_loss)):
                         reason = StopReason.DIVERGED
                         break
                 if (
@@ -664,9 +755,13 @@ class Runner:
         optimizer: torch.optim.Optimizer,
         xb: Tensor,
         tb: Tensor,
-        curvature_size: int | None,
+        curvature: tuple[Tensor, Tensor] | None,
     ) -> float:
-        """One optimizer step on a batch; returns the batch loss before the step."""
+        """One optimizer step on a batch (this rank's slice); returns its loss before the step.
+
+        HessianFree averages over the ranks by itself; the gradients of the others are
+        averaged here after ``backward`` (L-BFGS's loss too), so every rank takes the same step.
+        """
         model, loss_fn = self.model, self.objective.loss
         if spec.name == "hessianfree":
             # structural damping needs the hidden states (Martens & Sutskever 2011, §3.3)
@@ -685,25 +780,31 @@ class Runner:
                 return evaluate(xb, tb)
 
             curvature_closure = None
-            if curvature_size is not None:
-                xc, tc = xb[:curvature_size], tb[:curvature_size]
+            if curvature is not None:
+                xc, tc = curvature
 
                 def curvature_closure() -> tuple[Tensor, ...]:
                     return evaluate(xc, tc)
 
             return _scalar(optimizer.step(closure, curvature_closure))
         if spec.name == "lbfgs":
+            first: list[Tensor] = []
 
             def lbfgs_closure() -> Tensor:
                 optimizer.zero_grad()
                 loss = loss_fn(model(xb), tb)
                 loss.backward()
-                return loss
+                if not first:
+                    first.append(loss.detach())
+                # L-BFGS decides on this loss: it must be the batch mean, the same on every rank
+                return self.group.average_gradients(model.parameters(), loss)
 
-            return _scalar(optimizer.step(lbfgs_closure))
+            optimizer.step(lbfgs_closure)
+            return _scalar(first[0])
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), tb)
         loss.backward()
+        self.group.average_gradients(model.parameters())
         optimizer.step()
         return _scalar(loss)
 
