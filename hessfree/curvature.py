@@ -535,7 +535,7 @@ class GGNProduct(CurvatureProduct):
             raise ValueError(
                 "`loss` does not depend on `outputs`; pass the outputs the loss was computed from."
             )
-        jtg = _grad([outputs], self.params, [go], create_graph=True)
+        jtg = self._rop_graph(outputs, go)
         self.jacobian._set_rop_graph(go, jtg)
         self.output_grad = go.detach()
         self.gradient = self.layout.cat([None if t is None else t.detach() for t in jtg])
@@ -551,6 +551,10 @@ class GGNProduct(CurvatureProduct):
             self._hl = lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
         else:  # loss linear in the outputs
             self._hl = torch.zeros_like
+
+    def _rop_graph(self, outputs: Tensor, go: Tensor) -> Sequence[Tensor | None]:
+        """:math:`J^\\top \\partial f/\\partial o` with a graph, linear in ``go``."""
+        return _grad([outputs], self.params, [go], create_graph=True)
 
     def loss_hessian(self, w: Tensor) -> Tensor:
         """:math:`H_\\ell w` for ``w`` shaped like ``outputs`` (or with a leading batch dim)."""
@@ -602,18 +606,22 @@ class StructurallyDampedGGN(GGNProduct):
         *,
         weight: float,
     ) -> None:
-        super().__init__(loss, outputs, params)
         if not isinstance(hidden, Tensor) or not hidden.requires_grad:
             raise ValueError("`hidden` must be a tensor with an autograd graph to the parameters.")
         if not weight >= 0:
             raise ValueError(f"`weight` must be >= 0, got {weight!r}.")
         self.hidden, self.weight = hidden, float(weight)
-        go = self.jacobian._u
-        u_h = torch.zeros_like(hidden, requires_grad=True)
-        jt = _grad([outputs, hidden], self.params, [go, u_h], create_graph=True)
+        super().__init__(loss, outputs, params)  # builds the joint graph via _rop_graph
+
+    def _rop_graph(self, outputs: Tensor, go: Tensor) -> Sequence[Tensor | None]:
+        # One set-up pass for both Jacobians: J_o^T go + J_h^T u_h with a zero dummy u_h is the
+        # gradient's value and linear in (go, u_h).
+        u_h = torch.zeros_like(self.hidden, requires_grad=True)
+        jt = _grad([outputs, self.hidden], self.params, [go, u_h], create_graph=True)
         self._us = [go, u_h]
         self._idx = [i for i, t in enumerate(jt) if t is not None and t.requires_grad]
         self._jt = [jt[i] for i in self._idx]
+        return jt
 
     def _jvps(self, v: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
         vs = _batched_split(self.layout, v) if batched else self.layout.split(v)

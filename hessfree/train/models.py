@@ -192,11 +192,13 @@ class TanhRNN(nn.Module):
     def forward_with_hidden(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Outputs and the hidden states of every step, ``(N, T, hidden_size)``; the latter
         for HF's structural damping (Martens & Sutskever 2011, §3.3)."""
-        u = self.input(x)  # every step's input projection in one product
-        h = torch.tanh(u[:, 0])
+        # Every step's input projection in one product; unbind gives per-step views whose
+        # backward does not zero-fill a tensor the size of all steps (u[:, t] would: O(T^2)).
+        us = self.input(x).unbind(1)
+        h = torch.tanh(us[0])
         states = [h]
-        for t in range(1, x.shape[1]):
-            h = torch.tanh(u[:, t] + self.recurrent(h))
+        for u in us[1:]:
+            h = torch.tanh(u + self.recurrent(h))
             states.append(h)
         return self.readout(h), torch.stack(states, 1)
 
