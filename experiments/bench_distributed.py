@@ -225,14 +225,10 @@ def summarize(ranks: list[list[dict]], label: str, warmup: int) -> dict:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _bench_common import _cpu_model as cpu_model  # one definition for every report
+
+    return cpu_model()
 
 
 def _loadavg() -> str:
