@@ -50,7 +50,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -131,7 +131,6 @@ class _Evaluation:
 class _Counter:
     calls: int = 0
     product_time: float = 0.0
-    timers: list[float] = field(default_factory=list)
 
 
 @contextlib.contextmanager
