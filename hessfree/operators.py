@@ -350,6 +350,22 @@ class _TorchLinearOperator(LinearOperator):
         raise NotImplementedError
 
 
+def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
+    """``model(inputs)``, with a failure or a non-tensor result turned into a clear error."""
+    try:
+        outputs = model(inputs)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        raise ValueError(
+            f"`model` failed on `inputs` of shape {_shape(inputs)}: {err}. Check that the "
+            "inputs match the model (features, dtype, device)."
+        ) from err
+    if not isinstance(outputs, Tensor):
+        raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")
+    return outputs
+
+
 # --------------------------------------------------------------------------------------------
 # symmetric curvature operators
 # --------------------------------------------------------------------------------------------
@@ -481,18 +497,7 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         )
 
     def _forward(self, inputs: Any) -> Tensor:
-        try:
-            outputs = self._model(inputs)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as err:
-            raise ValueError(
-                f"`model` failed on `inputs` of shape {_shape(inputs)}: {err}. Check that the "
-                "inputs match the model (features, dtype, device)."
-            ) from err
-        if not isinstance(outputs, Tensor):
-            raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")
-        return outputs
+        return _call_model(self._model, inputs)
 
     def _loss(self, outputs: Tensor, targets: Any) -> Tensor:
         try:
@@ -781,18 +786,8 @@ class JacobianLinearOperator(_TorchLinearOperator):
         layout = ParamLayout(params)
         if isinstance(inputs, Tensor):
             inputs = inputs.to(layout.device)
-        try:
-            with torch.enable_grad():
-                outputs = model(inputs)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as err:
-            raise ValueError(
-                f"`model` failed on `inputs` of shape {_shape(inputs)}: {err}. Check that the "
-                "inputs match the model (features, dtype, device)."
-            ) from err
-        if not isinstance(outputs, Tensor):
-            raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")
+        with torch.enable_grad():
+            outputs = _call_model(model, inputs)
         self.params = params
         self._jacobian = JacobianProduct(outputs, params)
         #: The shape of ``model(inputs)``; rows of the operator are its entries in order.
