@@ -284,17 +284,7 @@ def curves_section(base: Path, report_dir: Path, quick: bool) -> list[str]:
             "",
             "*Quick mode: 2,000 training images and a budget of seconds (see the config).*",
         ]
-    return lines + [
-        "",
-        "<details><summary>resolved config</summary>",
-        "",
-        "```yaml",
-        config.rstrip(),
-        "```",
-        "",
-        "</details>",
-        "",
-    ]
+    return lines + _config_block("resolved config", config)
 
 
 def addition_section(base: Path, report_dir: Path) -> list[str]:
@@ -351,16 +341,7 @@ def addition_section(base: Path, report_dir: Path) -> list[str]:
         "sequences and each run gets minutes on one CPU thread, so a failure below means "
         "*not within this budget*, not *impossible for the optimizer*; solved lengths are "
         "evidence, unsolved ones are not.",
-        "",
-        f"<details><summary>resolved config (T = {lengths[0]})</summary>",
-        "",
-        "```yaml",
-        config.rstrip(),
-        "```",
-        "",
-        "</details>",
-        "",
-    ]
+    ] + _config_block(f"resolved config (T = {lengths[0]})", config)
 
 
 def write_report(base: Path, report: Path, quick: bool, info: dict[str, str], argv: str) -> None:
@@ -462,6 +443,21 @@ def main(argv: list[str] | None = None) -> int:
         info = json.loads((base / "machine.json").read_text())
     write_report(base, report, args.quick, info, " ".join(sys.argv[1:] if argv is None else argv))
     return 0
+
+
+def _config_block(title: str, config: str) -> list[str]:
+    """A collapsed markdown block holding a resolved YAML config."""
+    return [
+        "",
+        f"<details><summary>{title}</summary>",
+        "",
+        "```yaml",
+        config.rstrip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
 
 
 if __name__ == "__main__":
