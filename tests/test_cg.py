@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import math
 import re
+import weakref
 
 import numpy as np
 import pytest
@@ -561,3 +562,46 @@ def test_cg_rejects_bad_arguments(kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=re.escape(message)):
         cg(args.pop("matvec"), args.pop("b"), **args)
+
+
+# ---------------------------------------------------------------- memory
+class _LiveVectors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Tracks the distinct storages of the length-``n`` vectors that ops create."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.refs = n, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == self.n:
+                self.refs.append(weakref.ref(t))
+        return out
+
+    def alive(self) -> int:
+        return len({r().untyped_storage().data_ptr() for r in self.refs if r() is not None})
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_cg_holds_only_x_r_p_between_products(check_every):
+    A, b = spd_system(30, 1e3, seed=0)
+    mode, alive = _LiveVectors(30), []
+
+    def matvec(v):
+        alive.append(mode.alive())
+        return A @ v
+
+    with mode:  # no grid points within 10 iterations: nothing stored for backtracking
+        cg(
+            matvec,
+            b,
+            max_iter=10,
+            rtol=0.0,
+            progress_tol=None,
+            store_start=100,
+            check_every=check_every,
+        )
+    # b's detached alias, x, r and p; a scratch vector only when masking (check_every > 1);
+    # the previous product is freed before the next one
+    assert max(alive) == 4 + (check_every > 1)

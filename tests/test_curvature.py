@@ -361,7 +361,8 @@ def test_hvp_bad_inputs():
         hvp(lambda z: (z**2).sum(), torch.zeros(3, dtype=torch.long), torch.zeros(3))
     with pytest.raises(ValueError, match="`f\\(x\\)` must be a scalar"):
         hvp(lambda z: z**2, x, torch.zeros(3))
-    assert not torch.isfinite(hvp(lambda z: (z**2).sum(), x, torch.tensor([0.0, float("inf"), 0.0]))).all()
+    inf_v = torch.tensor([0.0, float("inf"), 0.0])
+    assert not torch.isfinite(hvp(lambda z: (z**2).sum(), x, inf_v)).all()
 
 
 @pytest.mark.cuda
