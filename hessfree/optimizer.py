@@ -207,6 +207,12 @@ class HessianFree(torch.optim.Optimizer):
             curvature product, the preconditioner statistics and every trial loss are averaged
             with one collective each, so all ranks take the same step (see
             :mod:`hessfree.distributed` for the weighting of unequal shards).
+        curvature_batch: ``'sharded'`` (each rank's curvature closure sees its own shard, so
+            every product is averaged with one collective) or ``'replicated'`` (every rank's
+            ``curvature_closure`` evaluates the same batch, so the products are equal on all
+            ranks and need no collective: only the gradient, the losses and statistics from
+            the gradient batch are averaged). Checked on the first step (two small
+            collectives); the same in one process.
 
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it).
@@ -258,6 +264,7 @@ class HessianFree(torch.optim.Optimizer):
         callback: Callable[[StepInfo], None] | None = None,
         seed: int = 0,
         process_group: object | None = None,
+        curvature_batch: str = "sharded",
     ) -> None:
         lr = check_number("lr", lr, low=0.0, low_open=True)
         weight_decay = check_number("weight_decay", weight_decay, low=0.0)
@@ -341,6 +348,9 @@ class HessianFree(torch.optim.Optimizer):
         self.callback = callback
         self.seed = check_int("seed", seed)
         self._avg = Averager(process_group)
+        self.curvature_batch = check_choice(
+            "curvature_batch", curvature_batch, ("sharded", "replicated")
+        )
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         for i, group in enumerate(self.param_groups):
             check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0, low_open=True)
@@ -511,9 +521,17 @@ class HessianFree(torch.optim.Optimizer):
             damping=lam,
             shift=shift,
             generator=self._rng(go.device),
-            average=self._avg.mean,
+            average=self._avg.mean if self._sharded(product) else _same,
         )
         return self.precond(ctx)
+
+    def _sharded(self, product: object) -> bool:
+        """Whether the preconditioner's statistics differ across ranks (and need averaging).
+
+        They come from ``product``'s curvature batch when it is a Gauss-Newton product, else
+        from the gradient batch, which is always sharded.
+        """
+        return self.curvature_batch == "sharded" or not isinstance(product, GGNProduct)
 
     # ------------------------------------------------------------------------------ step
     def step(self, closure: Closure, curvature_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -588,6 +606,9 @@ class HessianFree(torch.optim.Optimizer):
             cev = self._call(curvature_closure, counter, build_graph=True, contract_a=False)
         with torch.enable_grad():  # the products differentiate graphs, whatever the caller's mode
             curv, product = self._curvature_product(cev, params)
+            replicated = self.curvature_batch == "replicated"
+            if replicated and st["step"] == 0:
+                self._avg.check_replicated("curvature_batch='replicated'", cev.loss.detach())
             grad_product = product if cev is ev else None
             g = self._avg.mean(self._gradient(ev, grad_product, layout, params))
         if not isinstance(l2, float) or l2 != 0.0:
@@ -604,7 +625,7 @@ class HessianFree(torch.optim.Optimizer):
 
         def damped(v: Tensor) -> Tensor:
             t0 = time.perf_counter()
-            out = self._avg.mean(curv(v))
+            out = curv(v) if replicated else self._avg.mean(curv(v))
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
@@ -729,6 +750,10 @@ class HessianFree(torch.optim.Optimizer):
             stacklevel=3,
         )
         return finish(status, **kw)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def _bounded(lam: float, opt: HessianFree) -> float:
