@@ -8,6 +8,7 @@ Martens-style :class:`HessianFree` optimizer (:mod:`hessfree.optimizer`).
 from __future__ import annotations
 
 from ._flat import ParamLayout, trainable
+from .acceleration import ProductPolicy, accelerate
 from .cg import CGResult, StopReason, cg
 from .curvature import (
     CurvatureProduct,
@@ -43,6 +44,8 @@ __all__ = [
     "JacobianProduct",
     "StructurallyDampedGGN",
     "loss_hessian_product",
+    "ProductPolicy",
+    "accelerate",
     # operators
     "CurvatureLinearOperator",
     "HessianLinearOperator",

@@ -49,7 +49,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,7 @@ from . import damping as _damping
 from ._checks import check_choice, check_int, check_number
 from ._flat import ParamLayout
 from ._types import MatVec
+from .acceleration import ProductPolicy, accelerate
 from .cg import StopReason, cg
 from .curvature import (
     FisherProduct,
@@ -213,6 +214,9 @@ class HessianFree(torch.optim.Optimizer):
             ranks and need no collective: only the gradient, the losses and statistics from
             the gradient batch are averaged). Checked on the first step (two small
             collectives); the same in one process.
+        products: How curvature products run (:class:`hessfree.ProductPolicy`, or a mapping
+            of its fields): CUDA-graph replay and TF32/bf16 arithmetic, both off by default;
+            CG's iterates and scalars keep the parameters' dtype.
 
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it).
@@ -265,6 +269,7 @@ class HessianFree(torch.optim.Optimizer):
         seed: int = 0,
         process_group: object | None = None,
         curvature_batch: str = "sharded",
+        products: ProductPolicy | Mapping | None = None,
     ) -> None:
         lr = check_number("lr", lr, low=0.0, low_open=True)
         weight_decay = check_number("weight_decay", weight_decay, low=0.0)
@@ -348,6 +353,7 @@ class HessianFree(torch.optim.Optimizer):
         self.callback = callback
         self.seed = check_int("seed", seed)
         self._avg = Averager(process_group)
+        self.products = ProductPolicy.of(products)
         self.curvature_batch = check_choice(
             "curvature_batch", curvature_batch, ("sharded", "replicated")
         )
@@ -619,6 +625,7 @@ class HessianFree(torch.optim.Optimizer):
             return self._reject(st, finish, "non_finite_gradient", "the gradient", grad_norm=g_norm)
         if g_norm == 0.0:
             return finish("zero_gradient", grad_norm=0.0)
+        curv = accelerate(curv, g, self.products)  # CUDA graph / reduced precision, if asked
 
         # ---- 2. CG on (C + κ + λ) p = -g from the decayed previous solution ----
         shift = l2 + lam  # float or per-entry vector
