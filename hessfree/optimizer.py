@@ -638,10 +638,12 @@ class HessianFree(torch.optim.Optimizer):
 
         with torch.enable_grad():
             precond = self._preconditioner(ev, product, params, lam, l2)
-        warm = st.get("warm_start")
+        # popped and decayed in place: one vector, not two, besides CG's copy (set again below)
+        warm = st.pop("warm_start", None)
         x0 = None
         if warm is not None and self.cg_decay > 0 and warm.shape == g.shape:
-            x0 = warm.to(device=g.device, dtype=g.dtype) * self.cg_decay
+            x0 = warm.to(device=g.device, dtype=g.dtype).mul_(self.cg_decay)
+        warm = None
         result = cg(
             damped,
             -g,

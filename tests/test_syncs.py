@@ -1,5 +1,7 @@
 """Host reads of tensor values: none per product call, a bounded number per HF step.
 
+Also: the warm start costs no extra vector (memory of a step).
+
 On an accelerator every Python-level read of a tensor's value (``item``, ``tolist``,
 ``bool``, ``float``, ``int``, ``index``, ``nonzero``) waits for the device. A CPU has no such
 wait, so these tests count the reads themselves: the count is what CI can guard without a GPU.
@@ -110,3 +112,29 @@ def test_hf_step_reads_grow_only_with_check_every_reads_and_trials(monkeypatch, 
         if n == 10:
             assert num_reads <= 15
     assert fixed[10] == fixed[30] <= 7
+
+
+def test_warm_start_is_decayed_in_place_not_copied(monkeypatch):
+    import hessfree.optimizer as optimizer_module
+
+    model, x, y = _mlp_problem()
+    opt = HessianFree(model.parameters(), damping=1e-2, cg_max_iter=5, cg_decay=0.5)
+    seen, original = [], optimizer_module.cg
+
+    def spy(matvec, b, x0=None, **kwargs):
+        seen.append(x0)
+        return original(matvec, b, x0, **kwargs)
+
+    monkeypatch.setattr(optimizer_module, "cg", spy)
+
+    def closure():
+        out = model(x)
+        return F.cross_entropy(out, y), out
+
+    opt.step(closure)
+    warm = opt.state[next(model.parameters())]["warm_start"]
+    expected = warm.clone() * 0.5
+    opt.step(closure)
+    # the second CG starts from the first solution's own storage, scaled: no extra vector
+    assert seen[0] is None and seen[1].data_ptr() == warm.data_ptr()
+    torch.testing.assert_close(seen[1], expected)
