@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,3 +131,22 @@ def test_hf_step_with_cuda_graph_requested_on_cpu_equals_the_default_step():
 
     for a, b in zip(run(None), run({"cuda_graph": True}), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_matches_the_eager_product_on_cuda():
+    """Unverified in the session that wrote it (no GPU): capture either succeeds and replays
+    the eager product's values, or falls back with a warning and the same values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Sigmoid(), nn.Linear(40, 10)).cuda()
+    x, y = torch.randn(64, 20, device="cuda"), torch.randn(64, 10, device="cuda")
+    out = model(x)
+    G = GGNProduct(F.mse_loss(out, y), out, list(model.parameters()))
+    mv = accelerate(G.matvec, G.gradient, ProductPolicy(cuda_graph=True))
+    vs = [torch.randn(G.layout.numel, device="cuda") for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a failed capture is allowed here
+        outs = [mv(v) for v in vs]
+    for v, o in zip(vs, outs, strict=True):
+        torch.testing.assert_close(o, G.matvec(v), rtol=1e-5, atol=1e-6)
+    assert mv.mode == "cuda_graph" or mv.fallback_reason

@@ -138,3 +138,20 @@ def test_warm_start_is_decayed_in_place_not_copied(monkeypatch):
     # the second CG starts from the first solution's own storage, scaled: no extra vector
     assert seen[0] is None and seen[1].data_ptr() == warm.data_ptr()
     torch.testing.assert_close(seen[1], expected)
+
+
+@pytest.mark.cuda
+def test_public_products_do_not_synchronise_on_cuda():
+    """Unverified in the session that wrote it (no GPU)."""
+    model, x, y = _mlp_problem()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    out = model(x)
+    G = GGNProduct(F.cross_entropy(out, y), out, list(model.parameters()))
+    v = torch.randn(G.layout.numel, dtype=torch.float64, device="cuda")
+    G(v)  # lazy initialisation outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        G(v)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
