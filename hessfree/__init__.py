@@ -7,6 +7,7 @@ Martens-style :class:`HessianFree` optimizer (:mod:`hessfree.optimizer`).
 
 from __future__ import annotations
 
+from . import spectral  # used qualified: hessfree.spectral.top_eigenpairs
 from ._flat import ParamLayout, trainable
 from .cg import CGResult, StopReason, cg
 from .curvature import (
@@ -61,6 +62,8 @@ __all__ = [
     "PrecondContext",
     "reduction_ratio",
     "update_damping",
+    # submodules
+    "spectral",
     # helpers
     "ParamLayout",
     "trainable",
