@@ -29,7 +29,7 @@ from .operators import (
     JacobianLinearOperator,
     limit_blas_threads,
 )
-from .optimizer import HessianFree, StepInfo
+from .optimizer import HessianFree, StepInfo, StepStatus
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
 __version__ = "0.1.0"
@@ -58,6 +58,7 @@ __all__ = [
     # optimizer
     "HessianFree",
     "StepInfo",
+    "StepStatus",
     "EmpiricalFisherDiagonal",
     "PrecondContext",
     "reduction_ratio",
