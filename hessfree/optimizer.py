@@ -10,7 +10,8 @@ undamped quadratic model and :math:`\rho` the reduction ratio.
 One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference MATLAB code):
 
 1. Loss, gradient and the curvature products' graph at :math:`\theta` from **one** closure call
-   (the first-order graph is reused by every product).
+   (the first-order graph is reused by every product). ``torch.optim.LBFGS``'s first-order
+   test ends the step here: :math:`\max_i |g_i| \le` ``tolerance_grad`` → ``'converged'``.
 2. Truncated preconditioned CG on :math:`Bp = -g` (:func:`hessfree.cg`), warm-started from
    ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the reference code),
    stopping by the relative-progress rule (§4.4).
@@ -19,7 +20,9 @@ One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference M
 4. :math:`\rho` of the backtracked step with the undamped model, read off CG's :math:`\phi`
    (no extra product); Levenberg-Marquardt update of :math:`\lambda` (§4.1).
 5. Armijo backtracking line search on the backtracked step (the reference code's: :math:`c =
-   10^{-2}`, rate × 0.8, up to 60 tries), else the step is rejected.
+   10^{-2}`, rate × 0.8, up to 60 tries), else the step is rejected. A step that changed the
+   objective by less than ``tolerance_change``, or every parameter by at most that, is
+   ``'converged'`` (LBFGS's no-progress tests; ours, not the paper's).
 
 Where our defaults differ from the paper: initial ``damping`` is 1 (the reference uses 45 on its
 own loss scaling: tune it so that :math:`\rho` lands in 0.75–0.95 after the first step); no
@@ -37,6 +40,10 @@ Closure styles, fastest first:
   swapped for the duration of that call and restored, also on error; not thread-safe while the
   call runs), and evaluation calls run the closure's backward too, which costs one backward
   pass per evaluation that the other styles avoid.
+
+Dropout and train-mode BatchNorm make every closure call a different function (and each trial
+evaluation updates BatchNorm's running statistics); the first call of each closure is watched
+for such modules and a warning says so once, as the SciPy operators refuse them.
 
 References:
     Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.
@@ -261,8 +268,8 @@ class HessianFree(torch.optim.Optimizer):
             objective by less than ``tolerance_change`` or every parameter by at most
             ``tolerance_change`` is applied and reported ``'converged'``; so is a rejected step
             whose full length (× ``lr``) is at most ``tolerance_change`` in every parameter
-            (e.g. :math:`\lambda` pinned at ``max_damping``). 0 turns both tests off except
-            for exact zeros.
+            (e.g. :math:`\lambda` pinned at ``max_damping``). 0 turns these tests off (but
+            for a zero step).
         max_failures: Consecutive steps with a non-finite value (loss, gradient, curvature
             product, or every trial loss rejected with one of them NaN/Inf) tolerated before
             ``FloatingPointError``; any other step resets the count.
