@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
 from ._checks import check_choice, check_int, check_number
@@ -891,11 +892,20 @@ class HessianFree(torch.optim.Optimizer):
             self._watched.add(role)
             if found and not self._warned_stochastic:
                 self._warned_stochastic = True
+                names = [kind.__name__ for kind in found]
+                running = any(issubclass(kind, _BatchNorm) for kind in found)
+                dropout = not all(issubclass(kind, _BatchNorm) for kind in found)
                 warnings.warn(
-                    f"HessianFree: the {role} ran {_stochastic_modules_message(found)}, and "
-                    "every trial evaluation (backtracking, line search) updates BatchNorm's "
-                    "running statistics. Call model.eval() for the curvature (before step(), or "
-                    "inside a `curvature_closure`), or reuse one fixed dropout mask per step.",
+                    f"HessianFree: the {role} ran {_stochastic_modules_message(names)}"
+                    + (
+                        ", and every trial evaluation (backtracking, line search) updates "
+                        "BatchNorm's running statistics"
+                        if running
+                        else ""
+                    )
+                    + ". Call model.eval() for the curvature (before step(), or inside a "
+                    "`curvature_closure`)"
+                    + (", or reuse one fixed dropout mask per step." if dropout else "."),
                     UserWarning,
                     stacklevel=4,
                 )
@@ -903,13 +913,13 @@ class HessianFree(torch.optim.Optimizer):
 
 
 @contextlib.contextmanager
-def _stochastic_modules() -> Iterator[list[str]]:
-    """Record (by class name) the train-mode BatchNorm/Dropout modules run inside the block."""
-    found: list[str] = []
+def _stochastic_modules() -> Iterator[list[type]]:
+    """Record (by class) the train-mode BatchNorm/Dropout modules run inside the block."""
+    found: list[type] = []
 
     def hook(module: torch.nn.Module, args: object) -> None:
-        if _is_stochastic(module) and type(module).__name__ not in found:
-            found.append(type(module).__name__)
+        if _is_stochastic(module) and type(module) not in found:
+            found.append(type(module))
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
