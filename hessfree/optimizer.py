@@ -21,8 +21,9 @@ One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference M
 5. Armijo backtracking line search on the backtracked step (the reference code's: :math:`c =
    10^{-2}`, rate × 0.8, up to 60 tries), else the step is rejected.
 
-Where our defaults differ from the paper: initial ``damping`` is 1 (the reference uses 45 on its
-own loss scaling: tune it so that :math:`\rho` lands in 0.75–0.95 after the first step); no
+Where our defaults differ from the paper: initial ``damping='auto'`` calibrates :math:`\lambda`
+from the curvature along the gradient at the first step (:func:`hessfree.damping.calibrate_damping`;
+the reference uses a fixed 45 on its own loss scaling); no
 preconditioner by default (``precond='martens'`` turns §4.7's on); the curvature batch is
 whatever ``curvature_closure`` evaluates (the reference cycles through quarter-size chunks).
 
@@ -168,7 +169,10 @@ class HessianFree(torch.optim.Optimizer):
             Hessian), ``'ggn'``, ``'hessian'``, ``'fisher'`` (empirical Fisher, mean over dim 0 of
             the outputs unless the loss node says ``'sum'``) or a callable
             ``(loss, outputs, params) -> MatVec`` returning flat ``v -> C v``.
-        damping: Initial Tikhonov damping :math:`\lambda > 0`.
+        damping: Initial Tikhonov damping: ``'auto'`` (default) sets
+            :math:`\lambda_0 = |g^\top C g| / g^\top g` at the first step (one extra curvature
+            product; scale-free, see :func:`hessfree.damping.calibrate_damping`), or a number
+            :math:`\lambda > 0` to use as given. Until the first step, :attr:`damping` is NaN.
         adapt_damping: Adapt :math:`\lambda` by the Levenberg-Marquardt rule (§4.1).
         damping_increase: Factor > 1 applied when :math:`\rho < 1/4` (3/2 in the paper).
         damping_decrease: Factor in (0, 1) applied when :math:`\rho > 3/4` (2/3 in the paper).
@@ -231,7 +235,7 @@ class HessianFree(torch.optim.Optimizer):
         lr: float = 1.0,
         *,
         curvature: str | Callable = "auto",
-        damping: float = 1.0,
+        damping: float | str = "auto",
         adapt_damping: bool = True,
         damping_increase: float = 1.5,
         damping_decrease: float = 2.0 / 3.0,
@@ -260,7 +264,11 @@ class HessianFree(torch.optim.Optimizer):
         if not callable(curvature):
             check_choice("curvature", curvature, CURVATURES)
         self.curvature = curvature
-        self.initial_damping = check_number("damping", damping, low=0.0, low_open=True)
+        if isinstance(damping, str):
+            check_choice("damping", damping, ("auto",))
+            self.initial_damping = math.nan  # calibrated at the first step
+        else:
+            self.initial_damping = check_number("damping", damping, low=0.0, low_open=True)
         self.structural_damping = check_number("structural_damping", structural_damping, low=0.0)
         if self.structural_damping > 0 and curvature not in ("auto", "ggn"):
             raise ValueError(
@@ -289,7 +297,9 @@ class HessianFree(torch.optim.Optimizer):
         self.max_damping = check_number(
             "max_damping", max_damping, low=self.min_damping, low_open=True
         )
-        if not self.min_damping <= self.initial_damping <= self.max_damping:
+        if not math.isnan(self.initial_damping) and not (
+            self.min_damping <= self.initial_damping <= self.max_damping
+        ):
             raise ValueError(
                 f"`damping` must be in [min_damping, max_damping] = [{self.min_damping!r}, "
                 f"{self.max_damping!r}], got {self.initial_damping!r}."
@@ -454,7 +464,9 @@ class HessianFree(torch.optim.Optimizer):
                     "structural_damping > 0 needs the closure to return (loss, outputs, hidden)."
                 )
             n = ev.hidden.shape[0] if ev.hidden.dim() > 0 else 1
-            weight = self._global_state()["damping"] * self.structural_damping / n
+            lam = self._global_state()["damping"]
+            # damping='auto' before its calibration (NaN): products without the structural term
+            weight = 0.0 if math.isnan(lam) else lam * self.structural_damping / n
             prod = StructurallyDampedGGN(ev.loss, ev.outputs, ev.hidden, params, weight=weight)
         elif kind == "hessian":
             prod = HessianProduct(ev.loss if ev.grads is None else None, params, grads=ev.grads)
@@ -591,6 +603,16 @@ class HessianFree(torch.optim.Optimizer):
             return self._reject(st, finish, "non_finite_gradient", "the gradient", grad_norm=g_norm)
         if g_norm == 0.0:
             return finish("zero_gradient", grad_norm=0.0)
+        if math.isnan(lam):  # damping='auto': one product along g, on the first step only
+            with torch.enable_grad():
+                Cg = self._avg.mean(curv(g))
+            gCg = float(g @ Cg) + float((l2 * g) @ g)  # C includes the L2 term κ
+            lam = st["damping"] = _damping.calibrate_damping(
+                gCg, g_norm**2, min_damping=self.min_damping, max_damping=self.max_damping
+            )
+            if isinstance(product, StructurallyDampedGGN):
+                h = product.hidden
+                product.weight = lam * self.structural_damping / (h.shape[0] if h.dim() else 1)
 
         # ---- 2. CG on (C + κ + λ) p = -g from the decayed previous solution ----
         shift = l2 + lam  # float or per-entry vector
