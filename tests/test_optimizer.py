@@ -285,6 +285,7 @@ def test_ggn_without_outputs_is_a_clear_error():
     "kwargs, match",
     [
         (dict(damping=-0.1), r"`damping` must be in \(0.0, inf\), got -0.1"),
+        (dict(damping="big"), r"Unknown `damping` 'big'; expected one of 'auto'"),
         (dict(lr=0), r"`lr` must be in \(0.0, inf\)"),
         (dict(curvature="hess"), r"Unknown `curvature` 'hess'; expected one of 'auto', 'ggn'"),
         (dict(damping_decrease=1.5), r"did you swap it with `damping_increase`"),
