@@ -189,7 +189,13 @@ class HessianFree(torch.optim.Optimizer):
         cg_min_iter: CG iterations before the relative-progress stop may fire.
         cg_rtol: CG also stops when :math:`\|r\| \le` ``cg_rtol`` :math:`\|g\|`.
         cg_progress_tol: :math:`\epsilon` of the relative-progress stop (5e-4, §4.4).
-        cg_decay: Warm-start decay in [0, 1] (0.95 in the reference code; 0 = cold start).
+        cg_decay: Warm-start decay in [0, 1] (0.95 in the reference code; 0 = cold start), or
+            ``'auto'`` (default): 0.95 for Gauss-Newton, Fisher and callable curvature, 0 for the
+            Hessian. With an indefinite Hessian a warm start can put CG where the model is poor,
+            and negative curvature then returns an iterate that is no descent step; from a cold
+            start the iterate before negative curvature always is (Steihaug 1983). Measured on
+            ``experiments/scorecard.py``'s LBFGS-loop task: cold starts reached 2-6x lower loss
+            and no failed line searches.
         backtrack: CG backtracking over the stored iterates (§4.6).
         line_search: ``'armijo'`` or ``None``.
         armijo_c: Sufficient-decrease constant in (0, 1) (1e-2 in the reference code).
@@ -247,7 +253,7 @@ class HessianFree(torch.optim.Optimizer):
         cg_min_iter: int = 1,
         cg_rtol: float = 1e-10,
         cg_progress_tol: float = 5e-4,
-        cg_decay: float = 0.95,
+        cg_decay: float | str = "auto",
         backtrack: bool = True,
         line_search: str | None = "armijo",
         armijo_c: float = 1e-2,
@@ -310,7 +316,11 @@ class HessianFree(torch.optim.Optimizer):
         self.cg_progress_tol = check_number(
             "cg_progress_tol", cg_progress_tol, low=0.0, low_open=True
         )
-        self.cg_decay = check_number("cg_decay", cg_decay, low=0.0, high=1.0)
+        if isinstance(cg_decay, str):
+            check_choice("cg_decay", cg_decay, ("auto",))
+        else:
+            cg_decay = check_number("cg_decay", cg_decay, low=0.0, high=1.0)
+        self.cg_decay = cg_decay
         self.backtrack = _check_bool("backtrack", backtrack)
         if line_search is not None:
             check_choice("line_search", line_search, ("armijo",))
@@ -627,8 +637,11 @@ class HessianFree(torch.optim.Optimizer):
             precond = self._preconditioner(ev, product, params, lam, l2)
         warm = st.get("warm_start")
         x0 = None
-        if warm is not None and self.cg_decay > 0 and warm.shape == g.shape:
-            x0 = warm.to(device=g.device, dtype=g.dtype) * self.cg_decay
+        decay = self.cg_decay
+        if decay == "auto":  # §4.5's warm start for PSD curvature only (see cg_decay)
+            decay = 0.0 if isinstance(product, HessianProduct) else 0.95
+        if warm is not None and decay > 0 and warm.shape == g.shape:
+            x0 = warm.to(device=g.device, dtype=g.dtype) * decay
         result = cg(
             damped,
             -g,

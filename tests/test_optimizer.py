@@ -292,6 +292,7 @@ def test_ggn_without_outputs_is_a_clear_error():
         (dict(damping_increase=0.5), r"did you swap it with `damping_decrease`"),
         (dict(cg_max_iter=0), r"`cg_max_iter` must be an int >= 1, got 0"),
         (dict(cg_decay=1.5), r"`cg_decay` must be in \[0.0, 1.0\], got 1.5"),
+        (dict(cg_decay="warm"), r"Unknown `cg_decay` 'warm'"),
         (dict(armijo_c=1.0), r"`armijo_c` must be in \(0.0, 1.0\)"),
         (dict(line_search="wolfe"), r"Unknown `line_search` 'wolfe'"),
         (dict(precond="jacobi"), r"Unknown `precond` 'jacobi'"),
@@ -354,3 +355,22 @@ def test_structural_damping_trains_an_rnn_and_validates_its_contract():
         HessianFree(params, structural_damping=0.03, curvature="hessian")
     with pytest.raises(ValueError, match=r"\(loss, outputs, hidden\)"):
         HessianFree(params, structural_damping=0.03).step(lambda: closure()[:2])
+
+
+@pytest.mark.parametrize("closure_style, warm", [("loss", False), ("loss_outputs", True)])
+def test_cg_decay_auto_warm_starts_gauss_newton_only(closure_style, warm):
+    # A warm start costs one extra product (r_0 = A x_0 - b): cg_matvecs tells them apart.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    opt = HessianFree(model.parameters(), cg_max_iter=5)
+
+    def closure():
+        out = model(x)
+        loss = F.mse_loss(out, y)
+        return (loss, out) if closure_style == "loss_outputs" else loss
+
+    opt.step(closure)
+    opt.step(closure)
+    info = opt.last_step
+    assert info.cg_matvecs == info.cg_iters + (1 if warm else 0)
