@@ -556,7 +556,12 @@ def verdicts(results: dict) -> list[list[str]]:
 
     def add(task_key: str, target: str, value: str, ok: bool | None, why: str = "") -> None:
         mark = "–" if ok is None else ("met" if ok else "**missed**")
-        rows.append([task_key, target, value, mark, why])
+        rows.append([task_key, target, value, mark, why if ok is False else ""])
+
+    def pace(r: Run) -> str:
+        per = r.clock / r.steps if r.steps else math.nan
+        st = ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
+        return f"{r.name}: {r.steps} steps, {per:.3g} s/step" + (f" ({st})" if st else "")
 
     def hf_rows(s: dict) -> tuple[dict | None, dict | None]:
         d = next((x for x in s["rows"] if x["run"].family == "HF default"), None)
@@ -569,9 +574,10 @@ def verdicts(results: dict) -> list[list[str]]:
         s, task = res["summary"], res["task"]
         d, t = hf_rows(s)
         best_hf = min((x for x in (d, t) if x), key=lambda x: x["error"])
+        why = pace(best_hf["run"]) + "; " + pace(s["best_base"])
         if key == "curves":
             v = best_hf["error_ratio"]
-            add(key, "HF train error ≤ 1.0× best baseline", f"{v:.2f}× ({best_hf['run'].name})", v <= 1.0)
+            add(key, "HF train error ≤ 1.0× best baseline", f"{v:.2f}× ({best_hf['run'].name})", v <= 1.0, why)
         if key in ("mnist1d", "digits"):
             adam = next((x for x in s["rows"] if x["run"].family == "Adam"), None)
             if adam:
@@ -581,7 +587,13 @@ def verdicts(results: dict) -> list[list[str]]:
                 txt = ", ".join(
                     f"{_fmt(th, 2)} vs {_fmt(ta, 2)} s" for th, ta in zip(best_hf["times"], adam["times"])
                 )
-                add(key, "HF time to each loss target ≤ Adam's", f"{best_hf['run'].name}: {txt}", ok)
+                add(
+                    key,
+                    "HF time to each loss target ≤ Adam's",
+                    f"{best_hf['run'].name}: {txt}",
+                    ok,
+                    pace(best_hf["run"]) + "; " + pace(adam["run"]),
+                )
         if key == "digits":
             lb = next((x["run"] for x in s["rows"] if x["run"].family == "L-BFGS"), None)
             full = [r for r in res["finals"] if r.family.startswith("HF") and r.detail.startswith(f"batch {len(task.x)},")]
@@ -594,10 +606,11 @@ def verdicts(results: dict) -> list[list[str]]:
                     "full-batch HF time to 100% train accuracy ≤ 2× L-BFGS",
                     f"{_fmt(ratio, 2)}× ({_fmt(t_hf, 2)} s vs {_fmt(t_lb, 2)} s)",
                     ratio <= 2.0 if math.isfinite(ratio) else (math.isinf(t_lb) and math.isinf(t_hf) and None),
+                    "; ".join(pace(r) for r in (*full, lb)),
                 )
         if key == "swap":
             v = best_hf["error_ratio"]
-            add(key, "HF loss ≤ 2× L-BFGS at equal time", f"{v:.3g}× ({best_hf['run'].name})", v <= 2.0)
+            add(key, "HF loss ≤ 2× L-BFGS at equal time", f"{v:.3g}× ({best_hf['run'].name})", v <= 2.0, why)
         if key.startswith("addition"):
             length = int(key[len("addition") :])
             hf_best = best_hf["error"]
@@ -608,6 +621,7 @@ def verdicts(results: dict) -> list[list[str]]:
                 f"T = {length} solved (test error ≤ {SOLVED:g}) by HF" + (", not Adam" if length == 50 else ""),
                 txt,
                 (hf_best <= SOLVED and (adam is None or adam["error"] > SOLVED)) if length == 50 else None,
+                why,
             )
         if d and t:
             ratio = _ratio(d["error"], t["error"])
@@ -615,7 +629,13 @@ def verdicts(results: dict) -> list[list[str]]:
                 ok = d["error"] <= SOLVED or ratio <= 1.5
             else:
                 ok = ratio <= 1.5
-            add(key, "`HessianFree(params)` within 1.5× of tuned HF", f"{_fmt(ratio, 3)}×", ok)
+            add(
+                key,
+                "`HessianFree(params)` within 1.5× of tuned HF",
+                f"{_fmt(ratio, 3)}×",
+                ok,
+                pace(d["run"]) + "; " + pace(t["run"]),
+            )
     return rows
 
 
