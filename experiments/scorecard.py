@@ -125,6 +125,9 @@ def make_curves_task(quick: bool) -> Task:
     )
     if not quick:
         hf["500/125, cg≤250"] = dict(batch=500, curvature_batch=125, kw={})
+        hf["500/125, cg≤50, precond"] = dict(
+            batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, precond="martens")
+        )
     return Task(
         "curves",
         f"CURVES autoencoder 784-400-200-100-50-25-6 (sparse init), {n} generated images",
@@ -180,6 +183,9 @@ def _classifier(key: str, quick: bool) -> Task:
     )
     if not quick:
         hf["full batch"] = dict(batch=n, curvature_batch=n, kw={})
+        hf[f"full/{n // 4}, cg≤50, precond"] = dict(
+            batch=n, curvature_batch=n // 4, kw=dict(cg_max_iter=50, precond="martens")
+        )
         hf["1000/250, cg≤50"] = dict(batch=1000, curvature_batch=250, kw=dict(cg_max_iter=50))
     sizes = "-".join(str(s) for s in [x[0].numel(), *hidden, 10])
     if key == "mnist1d":
