@@ -13,7 +13,8 @@ One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference M
    (the first-order graph is reused by every product). ``torch.optim.LBFGS``'s first-order
    test ends the step here: :math:`\max_i |g_i| \le` ``tolerance_grad`` → ``'converged'``.
 2. Truncated preconditioned CG on :math:`Bp = -g` (:func:`hessfree.cg`), warm-started from
-   ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the reference code),
+   ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the reference code;
+   by default only for Gauss-Newton/Fisher curvature, the Hessian's CG starts cold),
    stopping by the relative-progress rule (§4.4).
 3. CG backtracking (§4.6): from the last stored iterate walk back while the objective on the
    gradient batch decreases.
