@@ -26,7 +26,7 @@ class CurvatureLinearOperator(_TorchLinearOperator):
     r"""A symmetric curvature matrix of a loss over data, as a SciPy ``LinearOperator``.
 
     The base of :class:`HessianLinearOperator`, :class:`GGNLinearOperator` and
-    :class:`FisherLinearOperator` (see the module docstring for :math:`L`, the weights
+    :class:`FisherLinearOperator` (see :mod:`hessfree.operators` for :math:`L`, the weights
     :math:`w_b` and the graph reuse). The operator is its own adjoint and transpose.
 
     Args:

@@ -28,7 +28,6 @@ def _shape(x: object) -> object:
     return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
 
 
-
 def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tensor]:
     if params is not None:
         return trainable(params)
@@ -152,7 +151,6 @@ def _import_tqdm() -> Callable[..., Any]:
             "`progress=True` needs tqdm; install it with `pip install tqdm`."
         ) from err
     return tqdm
-
 
 
 #: What to check when the model fails on its inputs (also the optimizer's closure hint).

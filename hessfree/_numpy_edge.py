@@ -49,7 +49,6 @@ def _edge_dtype(dtype: object, compute: torch.dtype) -> np.dtype:
     return edge
 
 
-
 class _TorchLinearOperator(LinearOperator):
     """Arrays in, torch products on the parameters' device and dtype, arrays out.
 
@@ -147,7 +146,7 @@ class _TorchLinearOperator(LinearOperator):
 
 
 class _IdentityOperator(LinearOperator):
-    """The identity on vectors of ``shape[1]`` entries, in ``dtype``; its own adjoint.
+    """The identity on vectors of ``shape[0]`` entries, in ``dtype``; its own adjoint.
 
     Like SciPy's private ``IdentityOperator``: every product returns its input unchanged, so
     ``op + lam * I`` gives bit for bit what ``op`` plus ``lam`` times the vector gives.
