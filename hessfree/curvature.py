@@ -455,7 +455,8 @@ class JacobianProduct:
                 )
             for k, o in enumerate(outputs):
                 if not isinstance(o, Tensor):
-                    raise TypeError(f"`outputs[{k}]` must be a torch.Tensor, got {type(o).__name__}.")
+                    kind = type(o).__name__
+                    raise TypeError(f"`outputs[{k}]` must be a torch.Tensor, got {kind}.")
         elif not isinstance(outputs, Tensor):
             raise TypeError(f"`outputs` must be a torch.Tensor, got {type(outputs).__name__}.")
         self._all = list(outputs) if self.is_sequence else [outputs]
@@ -482,7 +483,7 @@ class JacobianProduct:
     def _set_rop_graph(
         self, blocks: Sequence[int], us: Sequence[Tensor], jtu: Sequence[Tensor | None]
     ) -> None:
-        """Use :math:`\\sum_k J_k^\\top u_k` (with a graph, linear in the ``u_k``) for :meth:`jvp`."""
+        """Use :math:`\\sum_k J_k^\\top u_k` (a graph, linear in the ``u_k``) for :meth:`jvp`."""
         self._u_blocks, self._us = list(blocks), list(us)
         self._jtu_idx = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
         self._jtu = [jtu[i] for i in self._jtu_idx]
@@ -505,7 +506,7 @@ class JacobianProduct:
         return list(u) if self.is_sequence else [u]
 
     def jvp(self, v: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """:math:`Jv` for a flat ``v``; returns a tensor (tuple of tensors) shaped like ``outputs``."""
+        """:math:`Jv` for a flat ``v``; a tensor (tuple of tensors) shaped like ``outputs``."""
         self._ensure_rop_graph()
         if not self._jtu:
             return self._structure([None] * len(self._us), ())
@@ -529,7 +530,7 @@ class JacobianProduct:
         return self.layout.cat(_grad(outs, self.params, [us[k] for k in self._live]))
 
     def vmp(self, U: Tensor | Sequence[Tensor]) -> Tensor:
-        """Batched :meth:`vjp`: ``U`` (each block) is ``(k, *block.shape)``, the result ``(k, n)``."""
+        """Batched :meth:`vjp`: each block of ``U`` is ``(k, *block.shape)``; returns ``(k, n)``."""
         us = self._blocks(U)
         outs = [self._all[k] for k in self._live]
         parts = _grad(outs, self.params, [us[k] for k in self._live], batched=True)
@@ -586,7 +587,9 @@ class GGNProduct(CurvatureProduct):
         J = self.jacobian
         self.params, self.layout, self.outputs = J.params, J.layout, outputs
         live = [J._all[k] for k in J._live]
-        gos = torch.autograd.grad(loss, live, create_graph=True, retain_graph=True, allow_unused=True)
+        gos = torch.autograd.grad(
+            loss, live, create_graph=True, retain_graph=True, allow_unused=True
+        )
         blocks = [k for k, go in zip(J._live, gos, strict=True) if go is not None]
         if not blocks:
             raise ValueError(
@@ -617,12 +620,14 @@ class GGNProduct(CurvatureProduct):
         if closed is not None:
             self._hl = closed
         elif not curved:  # loss linear in the outputs
-            self._hl = (lambda w: tuple(map(torch.zeros_like, w))) if J.is_sequence else torch.zeros_like
+            self._hl = torch.zeros_like
+            if J.is_sequence:
+                self._hl = lambda w: tuple(map(torch.zeros_like, w))
         elif not J.is_sequence:
             go = gos[0]
             self._hl = lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
         else:
-            # H_ℓ w = ∂⟨∂ℓ/∂r, w⟩/∂r: a double backward through the residual-to-loss graph only
+            # H_ℓ w = ∂⟨∂ℓ/∂r, w⟩/∂r: double backward through the residual-to-loss graph only
             seeds = [gos[i] for i in curved]
 
             def hl(ws: Sequence[Tensor]) -> tuple[Tensor, ...]:
