@@ -329,7 +329,8 @@ def product_cost(prob: Problem, init: dict, rounds: int) -> dict[str, float]:
 
     def forward_mode_jv() -> None:
         with fwAD.dual_level():
-            d = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, params, vs, strict=True)}
+            duals = zip(names, params, vs, strict=True)
+            d = {n: fwAD.make_dual(p.detach(), t) for n, p, t in duals}
             _, out = prob.closure_for(_Dual(d))()
             [fwAD.unpack_dual(o).tangent for o in out]
 
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny problems and budgets (< 2 min)")
     ap.add_argument(
-        "--seconds", type=float, help="training seconds per method (default: Poisson 40, reaction 60)"
+        "--seconds", type=float, help="training seconds per method (Poisson 40, reaction 60)"
     )
     ap.add_argument("--switch", type=float, default=0.2, help="Adam's share before switching")
     ap.add_argument("--threads", type=int, default=2)
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> Path:
     png = args.out / f"{stem}.png"
     _plot(results, png)
     lines = [
-        f"# PINNs: Adam, L-BFGS, Adam → L-BFGS and Adam → HessianFree ({datetime.date.today()})",
+        f"# PINNs: Adam, L-BFGS, Adam → L-BFGS, Adam → HessianFree ({datetime.date.today()})",
         "",
         f"`python experiments/pinn.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
         f"training seconds per method {budgets}, Adam's share before a switch {args.switch:g}, "

@@ -80,7 +80,7 @@ from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
 __all__ = ["HessianFree", "StepInfo"]
 
-Closure = Callable[[], "Tensor | tuple[Tensor, Tensor]"]
+Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
 CURVATURES = ("auto", "ggn", "hessian", "fisher")
 
 
@@ -188,9 +188,10 @@ class HessianFree(torch.optim.Optimizer):
         lr: Multiplies the accepted step (1 in the paper); backtracking, :math:`\rho` and the
             line search work on the unscaled step, so ``StepInfo.loss_after`` is the objective
             there.
-        curvature: ``'auto'`` (Gauss-Newton when the closure returns ``(loss, outputs)``, else the
-            Hessian), ``'ggn'``, ``'hessian'``, ``'fisher'`` (empirical Fisher, mean over dim 0 of
-            the outputs unless the loss node says ``'sum'``) or a callable
+        curvature: ``'auto'`` (Gauss-Newton when the closure returns ``(loss, outputs)`` or
+            residual blocks ``(loss, (r_1, ..., r_K))``, else the Hessian), ``'ggn'``,
+            ``'hessian'``, ``'fisher'`` (empirical Fisher, mean over dim 0 of the outputs unless
+            the loss node says ``'sum'``; not for residual blocks) or a callable
             ``(loss, outputs, params) -> MatVec`` returning flat ``v -> C v``.
         damping: Initial Tikhonov damping :math:`\lambda > 0`.
         adapt_damping: Adapt :math:`\lambda` by the Levenberg-Marquardt rule (§4.1).
@@ -570,8 +571,9 @@ class HessianFree(torch.optim.Optimizer):
         """Take one Hessian-free step.
 
         Args:
-            closure: Re-evaluates the model on the gradient batch and returns the loss, or
-                ``(loss, outputs)``; it may call ``backward()`` (``torch.optim.LBFGS`` style).
+            closure: Re-evaluates the model on the gradient batch and returns the loss,
+                ``(loss, outputs)`` or ``(loss, (r_1, ..., r_K))``; it may call ``backward()``
+                (``torch.optim.LBFGS`` style) and ``torch.autograd.grad`` (input-derivatives).
                 It is called several times per step (backtracking, line search).
             curvature_closure: Same contract on the curvature batch; its graph supplies the
                 curvature products. Default: ``closure``'s own graph.
