@@ -384,6 +384,28 @@ def _table(runs: list[Run]) -> str:
     return md_table(header, rows)
 
 
+def _targets(results: dict, costs: dict) -> list[list[str]]:
+    """The issue's targets, each with what this run measured (HF = the tuned row)."""
+    rows = []
+    by = {k: {r.method: r for r in runs} for k, (_, runs) in results.items()}
+    if "poisson" in by:
+        hf = by["poisson"]["Adam → HF (tuned)"]
+        best = min(by["poisson"][m].error for m in BASELINES)
+        rows.append(["Poisson: HF error ≤ 0.1 × best baseline", f"{hf.error / best:.3g} ×",
+                     "met" if hf.error <= 0.1 * best else "**missed**"])
+    if "reaction" in by:
+        hf, lb = by["reaction"]["Adam → HF (tuned)"], by["reaction"]["Adam → L-BFGS"]
+        ok = hf.loss < lb.loss and hf.error < lb.error
+        rows.append(["Reaction: Adam → HF below Adam → L-BFGS in loss and error",
+                     f"loss {hf.loss / lb.loss:.3g} ×, error {hf.error / lb.error:.3g} ×",
+                     "met" if ok else "**missed**"])
+    for key, c in costs.items():
+        r = c["GN product (R-op Jv, graph reused)"][1]
+        rows.append([f"{key}: GN product ≤ 2 × gradient", f"{r:.2f} ×",
+                     "met" if r <= 2 else "**missed**"])
+    return rows
+
+
 def _plot(results: dict[str, tuple[Problem, list[Run]]], path: Path) -> None:
     import matplotlib
 
@@ -474,6 +496,8 @@ def main(argv: list[str] | None = None) -> Path:
         "",
         f"![relative L2 error against training seconds]({png.name})",
     ]
+    targets = _targets(results, costs)
+    lines += ["", "## Targets", "", md_table(["target", "measured", "verdict"], targets)]
     for key, (prob, runs) in results.items():
         lines += ["", f"## {prob.title}", "", "Adam learning-rate sweep "
                   f"({budgets[key] / len(lrs):.1f} s each; the lowest loss wins): "
