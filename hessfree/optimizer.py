@@ -88,7 +88,7 @@ from .curvature import (
     loss_hessian_product,
 )
 from .distributed import Averager
-from .operators import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
+from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]
