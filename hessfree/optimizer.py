@@ -35,7 +35,14 @@ Closure styles, fastest first:
 
 * ``closure() -> (loss, outputs)`` without ``backward()``: enables Gauss-Newton and Fisher
   curvature; evaluation-only calls (backtracking, line search) run under ``torch.no_grad()``.
+* ``closure() -> (loss, (r_1, ..., r_K))``: residual blocks, e.g. of a physics-informed loss
+  :math:`\sum_k w_k\,\mathrm{mean}(r_k^2)`; ``'auto'`` curvature is the exact Gauss-Newton
+  matrix :math:`\sum_{k,l} J_k^\top (H_\ell)_{kl} J_l` of any loss of the residuals
+  (:class:`~hessfree.GGNProduct`). No Fisher curvature or empirical-Fisher preconditioner.
 * ``closure() -> loss`` without ``backward()``: Hessian curvature, same cheap evaluations.
+* Closures that use autograd themselves (``torch.autograd.grad`` of the network with respect
+  to its inputs) work in every style: evaluation calls then run with gradients enabled, as
+  detected on the step's first call (or from a failed ``no_grad`` call, which is repeated).
 * ``torch.optim.LBFGS`` style (``zero_grad``, ``loss.backward()``, ``return loss``): works
   unchanged and gets exact Hessian products. During the first call of a step the optimizer makes
   ``backward()`` build the gradient with ``create_graph=True`` (``torch.autograd.backward`` is
@@ -82,12 +89,12 @@ from .curvature import (
     loss_hessian_product,
 )
 from .distributed import Averager
-from .operators import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
+from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]
 
-Closure = Callable[[], "Tensor | tuple[Tensor, Tensor]"]
+Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
 CURVATURES = ("auto", "ggn", "hessian", "fisher")
 # torch's messages for data that does not match the parameters (dtype, device, features)
 _MISMATCH = re.compile(
@@ -202,6 +209,23 @@ class _Counter:
 
 
 @contextlib.contextmanager
+def _watch_grad() -> Iterator[list[bool]]:
+    """Record whether ``torch.autograd.grad`` is called inside the block; restore after."""
+    called: list[bool] = []
+    original = torch.autograd.grad
+
+    def grad(*args, **kwargs):
+        called.append(True)
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = grad
+    try:
+        yield called
+    finally:
+        torch.autograd.grad = original
+
+
+@contextlib.contextmanager
 def _backward_builds_graph() -> Iterator[list[bool]]:
     """Make ``Tensor.backward()`` use ``create_graph=True`` inside the block; restore after."""
     called: list[bool] = []
@@ -234,9 +258,10 @@ class HessianFree(torch.optim.Optimizer):
             there. 0 is allowed (schedulers such as ``CosineAnnealingLR(eta_min=0)`` reach it);
             when every group's ``lr`` is 0 a step returns after one closure call with status
             ``'zero_lr'`` and nothing moves.
-        curvature: ``'auto'`` (Gauss-Newton when the closure returns ``(loss, outputs)``, else the
-            Hessian), ``'ggn'``, ``'hessian'``, ``'fisher'`` (empirical Fisher, mean over dim 0 of
-            the outputs unless the loss node says ``'sum'``) or a callable
+        curvature: ``'auto'`` (Gauss-Newton when the closure returns ``(loss, outputs)`` or
+            residual blocks ``(loss, (r_1, ..., r_K))``, else the Hessian), ``'ggn'``,
+            ``'hessian'``, ``'fisher'`` (empirical Fisher, mean over dim 0 of the outputs unless
+            the loss node says ``'sum'``; not for residual blocks) or a callable
             ``(loss, outputs, params) -> MatVec`` returning flat ``v -> C v``.
         damping: Initial Tikhonov damping: ``'auto'`` (default) sets
             :math:`\lambda_0 = |g^\top C g| / g^\top g` at the first step (one extra curvature
@@ -484,6 +509,7 @@ class HessianFree(torch.optim.Optimizer):
                 "No parameter requires gradients; HessianFree has nothing to optimize."
             )
         self.last_step: StepInfo | None = None
+        self._closure_uses_autograd = False  # set once a closure is seen to need autograd
         self._generator: torch.Generator | None = None
         # Closure roles whose first call was watched for train-mode BatchNorm/Dropout.
         self._watched: set[str] = set()
@@ -541,11 +567,21 @@ class HessianFree(torch.optim.Optimizer):
     def _call(
         self, closure: Closure, counter: _Counter, *, build_graph: bool, contract_a: bool
     ) -> _Evaluation:
-        """Evaluate ``closure``; with ``build_graph`` capture what curvature products need."""
+        """Evaluate ``closure``; with ``build_graph`` capture what curvature products need.
+
+        Evaluation-only calls run under ``torch.no_grad()`` unless the closure needs autograd
+        itself: when it called ``backward()`` (``contract_a``) or ``torch.autograd.grad`` (seen
+        during a graph-building call, e.g. a physics-informed residual differentiating the
+        network with respect to its inputs), or when a ``no_grad`` call failed with an autograd
+        error (a closure that imported ``grad`` under another name); the call is then repeated
+        with gradients enabled and later evaluations keep them.
+        """
         counter.calls += 1
         if build_graph:
-            with torch.enable_grad(), _backward_builds_graph() as called:
+            with torch.enable_grad(), _backward_builds_graph() as called, _watch_grad() as used:
                 loss, outputs, hidden = _unpack(closure())
+            if used:
+                self._closure_uses_autograd = True
             grads = None
             if called:
                 params = self._params()
@@ -554,9 +590,18 @@ class HessianFree(torch.optim.Optimizer):
                     if p.grad is not None:
                         p.grad = p.grad.detach()
             return _Evaluation(loss, outputs, grads, hidden)
-        ctx = torch.enable_grad() if contract_a else torch.no_grad()
-        with ctx:
-            loss, _, _ = _unpack(closure())
+        if contract_a or self._closure_uses_autograd:
+            with torch.enable_grad():
+                loss, _, _ = _unpack(closure())
+            return _Evaluation(loss.detach(), None, None)
+        try:
+            with torch.no_grad():
+                loss, _, _ = _unpack(closure())
+        except (RuntimeError, TypeError):
+            # e.g. "element 0 of tensors does not require grad": retry with autograd on
+            with torch.enable_grad():
+                loss, _, _ = _unpack(closure())
+            self._closure_uses_autograd = True
         return _Evaluation(loss.detach(), None, None)
 
     def _objective_at(
@@ -598,6 +643,13 @@ class HessianFree(torch.optim.Optimizer):
             raise ValueError(
                 f"curvature={kind!r} needs the model outputs: make the closure return "
                 "(loss, outputs), or use curvature='hessian'."
+            )
+        if isinstance(ev.outputs, tuple) and (kind == "fisher" or self.structural_damping > 0):
+            what = "curvature='fisher'" if kind == "fisher" else "structural_damping > 0"
+            raise ValueError(
+                f"{what} needs one outputs tensor with examples along dimension 0, but the "
+                "closure returned residual blocks (loss, (r_1, ..., r_K)); use curvature='ggn' "
+                "(or 'auto') and structural_damping=0."
             )
         if self.structural_damping > 0:
             if ev.outputs is None or ev.hidden is None:
@@ -645,6 +697,12 @@ class HessianFree(torch.optim.Optimizer):
                 "The diagonal empirical-Fisher preconditioner needs per-example information: "
                 "make the closure return (loss, outputs), or pass precond=None."
             )
+        if isinstance(ev.outputs, tuple):
+            raise ValueError(
+                "The diagonal empirical-Fisher preconditioner needs one outputs tensor with "
+                "examples along dimension 0, but the closure returned residual blocks "
+                "(loss, (r_1, ..., r_K)); pass precond=None."
+            )
         if isinstance(product, GGNProduct):
             jac, go = product.jacobian, product.output_grad
         else:
@@ -674,8 +732,9 @@ class HessianFree(torch.optim.Optimizer):
         """Take one Hessian-free step.
 
         Args:
-            closure: Re-evaluates the model on the gradient batch and returns the loss, or
-                ``(loss, outputs)``; it may call ``backward()`` (``torch.optim.LBFGS`` style).
+            closure: Re-evaluates the model on the gradient batch and returns the loss,
+                ``(loss, outputs)`` or ``(loss, (r_1, ..., r_K))``; it may call ``backward()``
+                (``torch.optim.LBFGS`` style) and ``torch.autograd.grad`` (input-derivatives).
                 It is called several times per step (backtracking, line search).
             curvature_closure: Same contract on the curvature batch; its graph supplies the
                 curvature products. Default: ``closure``'s own graph.
@@ -1017,19 +1076,31 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
-def _unpack(result: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Split a closure's return value into ``(loss, outputs or None, hidden or None)``."""
+def _unpack(
+    result: object,
+) -> tuple[Tensor, Tensor | tuple[Tensor, ...] | None, Tensor | None]:
+    """Split a closure's return into ``(loss, outputs or residual blocks or None, hidden)``."""
     outputs = hidden = None
     if isinstance(result, (tuple, list)):
         if len(result) not in (2, 3):
             raise TypeError(
-                "The closure must return a loss, (loss, outputs) or (loss, outputs, hidden), got a "
-                f"{type(result).__name__} of length {len(result)}."
+                "The closure must return a loss, (loss, outputs), (loss, (r_1, ..., r_K)) or "
+                f"(loss, outputs, hidden), got a {type(result).__name__} of length {len(result)}."
             )
         result, outputs, *rest = result
         hidden = rest[0] if rest else None
+        if isinstance(outputs, (tuple, list)):
+            if not outputs:
+                raise TypeError("The closure's residual blocks must be a non-empty tuple.")
+            for k, r in enumerate(outputs):
+                if not isinstance(r, Tensor):
+                    raise TypeError(
+                        f"The closure's residual block {k} must be a tensor, got "
+                        f"{type(r).__name__}."
+                    )
+            outputs = tuple(outputs)
         for name, t in (("outputs", outputs), ("hidden states", hidden)):
-            if t is not None and not isinstance(t, Tensor):
+            if t is not None and not isinstance(t, (Tensor, tuple)):
                 raise TypeError(f"The closure's {name} must be a tensor, got {type(t).__name__}.")
     if not isinstance(result, Tensor) or result.numel() != 1:
         shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__

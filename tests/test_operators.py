@@ -11,8 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.optimize import rosen_hess
-from scipy.sparse.linalg import LinearOperator, cg, eigsh, gmres, lobpcg, lsqr, minres, svds
-from scipy.sparse.linalg._interface import IdentityOperator
+from scipy.sparse import eye_array
+from scipy.sparse.linalg import (
+    LinearOperator,
+    aslinearoperator,
+    cg,
+    eigsh,
+    gmres,
+    lobpcg,
+    lsqr,
+    minres,
+    svds,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -45,6 +55,11 @@ def _matrix(D, kind: str) -> np.ndarray:
 def _vectors(n: int, k: int = 3, seed: int = 0) -> np.ndarray:
     """``(n, k)`` standard normal columns."""
     return np.random.default_rng(seed).standard_normal((n, k))
+
+
+def _identity(n: int) -> LinearOperator:
+    """A user's own :math:`I` from public SciPy (sparse, so nothing n x n is formed)."""
+    return aslinearoperator(eye_array(n))
 
 
 def _count_forwards(model: nn.Module) -> list[int]:
@@ -210,7 +225,7 @@ def test_cg_and_minres_with_shift_reach_the_dense_solution():
     b = _vectors(op.shape[0], 1)[:, 0]
     x_star = np.linalg.solve(A, b)
     eig = np.linalg.eigvalsh(A)
-    x_cg, info = cg(op + lam * IdentityOperator(op.shape), b, rtol=rtol, maxiter=1000)
+    x_cg, info = cg(op + lam * _identity(op.shape[0]), b, rtol=rtol, maxiter=1000)
     assert info == 0
     # ‖x − x*‖ ≤ ‖A⁻¹‖‖r‖ ≤ rtol‖b‖/λ_min(A), cg's stop rule ‖r‖ ≤ rtol‖b‖
     assert np.linalg.norm(x_cg - x_star) <= 1.01 * rtol * np.linalg.norm(b) / eig[0]
@@ -243,13 +258,42 @@ def test_operator_algebra_with_identity():
     lam, n = 0.3, op.shape[0]
     A = D.G.numpy() + lam * np.eye(n)
     V = _vectors(n, 2)
-    for damped in (op + lam * IdentityOperator(op.shape), op.damped(lam)):
+    for damped in (op + lam * _identity(op.shape[0]), op.damped(lam)):
         np.testing.assert_allclose(damped @ V[:, 0], A @ V[:, 0], **EXACT)
         np.testing.assert_allclose(damped.matmat(V), A @ V, **EXACT)
         np.testing.assert_allclose(damped.H @ V[:, 1], A @ V[:, 1], **EXACT)
     np.testing.assert_allclose((2.0 * op - op) @ V[:, 0], D.G.numpy() @ V[:, 0], **EXACT)
     with pytest.raises(ValueError, match="damping"):
         op.damped(-1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_damped_identity_matches_scipys_private_one_bit_for_bit(dtype):
+    """``damped`` uses our identity, not SciPy's private ``IdentityOperator``: same numbers."""
+    interface = pytest.importorskip("scipy.sparse.linalg._interface")
+    if not hasattr(interface, "IdentityOperator"):
+        pytest.skip("SciPy no longer has _interface.IdentityOperator to compare with")
+    model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
+    op = GGNLinearOperator(model, loss_fn, (x, y), dtype=dtype)
+    lam = 0.3
+    ours = op.damped(lam)
+    theirs = op + op.dtype.type(lam) * interface.IdentityOperator(op.shape, dtype=op.dtype)
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
+    V = _vectors(op.shape[0], 2).astype(dtype)
+    for apply in (
+        lambda A: A @ V[:, 0],
+        lambda A: A.matmat(V),
+        lambda A: A.H @ V[:, 1],
+        lambda A: A.T.matmat(V),
+        lambda A: A.rmatmat(V),
+    ):
+        a, b = apply(ours), apply(theirs)
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+    # the same algebra, so a SciPy solve takes the same iterates
+    b = V[:, 0]
+    np.testing.assert_array_equal(cg(ours, b, maxiter=20)[0], cg(theirs, b, maxiter=20)[0])
+    np.testing.assert_array_equal(op.damped(0.0) @ b, op @ b)
 
 
 @pytest.mark.parametrize("which", ["LA", "SA"])

@@ -1,0 +1,164 @@
+r"""The symmetric curvature operator over data, the base of the Hessian, GGN and Fisher ones.
+
+:class:`CurvatureLinearOperator` is a :class:`scipy.sparse.linalg.LinearOperator` whose
+products come from a *source* (:mod:`hessfree._product_sources`): the constructor's
+``(model, loss_fn, data)``, or one product object (:meth:`~CurvatureLinearOperator.from_product`).
+Both paths go through :meth:`~CurvatureLinearOperator._setup`, the one place the operator's
+state is set. Notation (:math:`L`, :math:`w_b`) as in :mod:`hessfree.operators`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+
+from ._checks import check_number
+from ._numpy_edge import _IdentityOperator, _TorchLinearOperator
+from ._product_sources import _DataProducts, _FixedProduct
+from .curvature import CurvatureProduct
+
+
+class CurvatureLinearOperator(_TorchLinearOperator):
+    r"""A symmetric curvature matrix of a loss over data, as a SciPy ``LinearOperator``.
+
+    The base of :class:`HessianLinearOperator`, :class:`GGNLinearOperator` and
+    :class:`FisherLinearOperator` (see :mod:`hessfree.operators` for :math:`L`, the weights
+    :math:`w_b` and the graph reuse). The operator is its own adjoint and transpose.
+
+    Args:
+        model: An ``nn.Module`` or a callable ``inputs -> outputs`` (a tensor, examples
+            along dimension 0).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, e.g. ``nn.MSELoss()`` or
+            ``F.cross_entropy``.
+        data: One ``(inputs, targets)`` batch (``inputs`` a tensor), or a re-iterable of
+            batches (a list, a ``DataLoader``; a generator is refused). Tensors are moved to
+            the parameters' device.
+        params: The tensors to differentiate with respect to; default: the trainable
+            parameters of ``model`` in ``model.parameters()`` order (required when ``model``
+            is not an ``nn.Module``).
+        reduction: How ``loss_fn`` reduces over examples, ``'mean'`` or ``'sum'``; read from
+            ``loss_fn.reduction`` when it has one, else defaults to ``'mean'``. It sets the
+            batch weights :math:`w_b` (and the Fisher's scale).
+        dtype: The dtype the operator presents to SciPy: ``None`` (the parameters' dtype) or
+            ``numpy.float32``/``numpy.float64``. Products always run in the parameters' dtype.
+        cache_graph: With one batch, build the first-order graph once and reuse it for every
+            product (``False``: one forward pass per product, less memory held). Ignored for
+            several batches, which always recompute per batch.
+        progress: Show a tqdm progress bar over the batches of each product (needs tqdm).
+        allow_training_mode: Accept Dropout/BatchNorm modules in training mode.
+        process_group: Sum the products over the ranks of this ``torch.distributed`` group
+            (default: the default group when ``torch.distributed`` is initialised), each rank
+            holding its own shard of the data: the operator is then the curvature over the
+            union of the shards, weighted by size for ``'mean'``. Every rank must call every
+            product (SciPy's solvers do, when each rank runs the same solve).
+
+    Raises:
+        TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, or a
+            one-shot iterator as ``data``.
+        ValueError: If ``data`` is empty or a batch has zero rows, ``model`` fails on the
+            inputs, ``loss_fn`` does not
+            return a scalar, ``reduction`` is not ``'mean'``/``'sum'``, or the model has
+            stochastic modules in training mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[Any], Tensor],
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        data: tuple[Any, Any] | Iterable[Sequence[Any]],
+        *,
+        params: Iterable[Tensor] | None = None,
+        reduction: str | None = None,
+        dtype: object = None,
+        cache_graph: bool = True,
+        progress: bool = False,
+        allow_training_mode: bool = False,
+        process_group: object | None = None,
+    ) -> None:
+        source = _DataProducts(
+            model,
+            loss_fn,
+            self._make_product,
+            name=type(self).__name__,
+            params=params,
+            reduction=reduction,
+            cache_graph=cache_graph,
+            progress=progress,
+            allow_training_mode=allow_training_mode,
+            process_group=process_group,
+        )
+        self._setup(source, dtype)
+        source.load(data)  # last, after the cheap checks: it may run a forward pass
+
+    @classmethod
+    def from_product(cls, product: Any, *, dtype: object = None) -> CurvatureLinearOperator:
+        """A symmetric operator from a fixed product, e.g. a :class:`~hessfree.GGNProduct`.
+
+        Args:
+            product: Any object with ``matvec`` (flat tensor in and out), ``shape`` ``(n, n)``,
+                ``dtype`` (a torch dtype) and ``device``; ``matmat`` (rows of a ``(k, n)``
+                tensor) is used when present. Assumed symmetric.
+            dtype: As for the constructor.
+
+        Raises:
+            TypeError: If ``product`` lacks one of those attributes.
+        """
+        source = _FixedProduct(product)
+        op = cls.__new__(cls)  # no (model, loss_fn, data) for __init__; _setup does the rest
+        op._setup(source, dtype)
+        return op
+
+    def _setup(self, source: _DataProducts | _FixedProduct, dtype: object) -> None:
+        """Set every attribute of the operator from its ``source`` (both constructors)."""
+        self._source = source
+        #: The tensors the operator differentiates with respect to, in flattening order.
+        self.params = source.params
+        #: ``'mean'`` or ``'sum'`` (``None`` for :meth:`from_product`).
+        self.reduction = source.reduction
+        self.cache_graph = source.cache_graph
+        super().__init__(source.shape, source.dtype, source.device, dtype)
+
+    def _make_product(self, loss: Tensor, outputs: Tensor) -> CurvatureProduct:
+        """The subclass's curvature of one batch's ``loss`` at its ``outputs``."""
+        raise NotImplementedError
+
+    def _mv(self, v: Tensor) -> Tensor:
+        return self._source.apply(v)
+
+    def _mm(self, V: Tensor) -> Tensor:
+        return self._source.apply(V)
+
+    # ---- symmetric: the operator is its own adjoint and transpose
+    _rmv, _rmm = _mv, _mm
+
+    def _adjoint(self) -> CurvatureLinearOperator:
+        return self
+
+    _transpose = _adjoint
+
+    def damped(self, damping: float) -> LinearOperator:
+        r"""The Tikhonov-damped operator :math:`C + \lambda I` (SciPy operator algebra).
+
+        Args:
+            damping: :math:`\lambda \ge 0`.
+
+        Raises:
+            ValueError: If ``damping < 0``.
+        """
+        lam = check_number("damping", damping, low=0.0)
+        return self + self.dtype.type(lam) * _IdentityOperator(self.shape, dtype=self.dtype)
+
+    def gradient(self) -> np.ndarray:
+        r"""The gradient :math:`g = \nabla L` over all the data, in the operator's dtype.
+
+        Free with a cached graph (it was computed when the graph was built); otherwise one
+        forward and backward pass per batch, without the second-order graph.
+
+        Raises:
+            TypeError: For an operator :meth:`from_product` whose product has no ``gradient``.
+        """
+        return self._as_array(self._source.gradient())

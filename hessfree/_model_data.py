@@ -1,0 +1,195 @@
+"""The ``(model, loss_fn, data)`` arguments of the operators: checks, batches, model calls.
+
+Every check raises ``TypeError`` for a wrong type and ``ValueError`` for a bad value, naming
+the argument (``data[3] inputs``) and suggesting a fix. The model and the loss are called only
+through :func:`_call_model` and :func:`_call_loss`, which turn their failures into such errors.
+Dropout and train-mode BatchNorm (:func:`_is_stochastic`) change the function between forward
+passes, so :func:`_check_model` refuses them unless asked not to; the optimizer shares the
+wording.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
+from ._checks import check_choice
+from ._flat import trainable
+
+
+def _shape(x: object) -> object:
+    """A short description of ``x`` for error messages: its shape, or its type."""
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tensor]:
+    if params is not None:
+        return trainable(params)
+    if isinstance(model, nn.Module):
+        return trainable(model)
+    raise TypeError(
+        f"`params` is required when `model` is not an nn.Module (got {type(model).__name__}); "
+        "pass the tensors to differentiate with respect to."
+    )
+
+
+def _is_stochastic(module: nn.Module) -> bool:
+    """Train-mode BatchNorm or Dropout (p > 0): the forward pass differs between calls."""
+    return module.training and (
+        isinstance(module, _BatchNorm) or (isinstance(module, _DropoutNd) and module.p > 0)
+    )
+
+
+def _stochastic_modules_message(found: Iterable[str]) -> str:
+    """The shared wording (operators and optimizer) for modules found by :func:`_is_stochastic`."""
+    return (
+        f"modules in training mode that change between forward passes: {', '.join(found)}; "
+        "curvature products would not come from one matrix"
+    )
+
+
+def _check_model(model: object, allow_training_mode: bool) -> None:
+    """Refuse modules whose forward pass differs between calls (cheap module scan)."""
+    if not callable(model):
+        raise TypeError(f"`model` must be an nn.Module or a callable, got {type(model).__name__}.")
+    if allow_training_mode:
+        return
+    module = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
+    if not isinstance(module, nn.Module):
+        return
+    found = [
+        f"{name or '<model>'} ({type(m).__name__})"
+        for name, m in module.named_modules()
+        if _is_stochastic(m)
+    ]
+    if found:
+        raise ValueError(
+            f"`model` has {_stochastic_modules_message(found)}. Call model.eval() before "
+            "building the operator, or pass allow_training_mode=True if the randomness is "
+            "intended."
+        )
+
+
+def _resolve_reduction(loss_fn: object, reduction: str | None) -> str:
+    """``loss_fn.reduction`` (or a ``functools.partial``'s keyword), else ``reduction``."""
+    own = getattr(loss_fn, "reduction", None)
+    if own is None and isinstance(loss_fn, functools.partial):
+        own = loss_fn.keywords.get("reduction")
+    if own is None:
+        return check_choice(
+            "reduction", "mean" if reduction is None else reduction, ("mean", "sum")
+        )
+    if reduction is not None and reduction != own:
+        raise ValueError(
+            f"`reduction` is {reduction!r} but `loss_fn.reduction` is {own!r}; drop the "
+            "`reduction` argument or make the two agree."
+        )
+    return check_choice("loss_fn.reduction", own, ("mean", "sum"))
+
+
+def _as_pair(batch: object, where: str) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = (
+            f"{type(batch).__name__} of length {len(batch)}"
+            if isinstance(batch, (tuple, list))
+            else type(batch).__name__
+        )
+        raise TypeError(f"`{where}` must be an (inputs, targets) pair, got a {got}.")
+    return batch[0], batch[1]
+
+
+def _single_batch(data: object) -> tuple[Any, Any] | None:
+    """``data`` as one ``(inputs, targets)`` pair, or ``None`` if it is an iterable of batches."""
+    if isinstance(data, Tensor):
+        raise TypeError(
+            "`data` must be an (inputs, targets) pair or an iterable of such pairs, got a "
+            f"tensor of shape {tuple(data.shape)}."
+        )
+    if isinstance(data, (tuple, list)):
+        if len(data) == 2 and isinstance(data[0], Tensor):
+            return data[0], data[1]
+        if len(data) == 1:
+            return _as_pair(data[0], "data[0]")
+        if len(data) == 0:
+            raise ValueError(
+                "`data` is empty; pass an (inputs, targets) pair or a non-empty list of them."
+            )
+        return None
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            "`data` must be an (inputs, targets) pair or an iterable of such pairs (a list, a "
+            f"DataLoader), got {type(data).__name__}."
+        )
+    if iter(data) is data:  # type: ignore[call-overload]
+        raise TypeError(
+            f"`data` is a one-shot iterator ({type(data).__name__}); every product iterates over "
+            "the data again, so pass a list of batches or a DataLoader."
+        )
+    return None
+
+
+def _check_rows(inputs: Any, where: str) -> None:
+    """Refuse a batch of zero examples (it would give zero products and a NaN mean loss)."""
+    if isinstance(inputs, Tensor) and inputs.dim() > 0 and inputs.shape[0] == 0:
+        raise ValueError(
+            f"`{where}` has zero rows (shape {tuple(inputs.shape)}); pass a batch with at least "
+            "one example, as for an empty `data`."
+        )
+
+
+def _import_tqdm() -> Callable[..., Any]:
+    try:
+        from tqdm import tqdm
+    except ImportError as err:
+        raise ImportError(
+            "`progress=True` needs tqdm; install it with `pip install tqdm`."
+        ) from err
+    return tqdm
+
+
+#: What to check when the model fails on its inputs (also the optimizer's closure hint).
+_INPUT_MISMATCH_HINT = "Check that the inputs match the model (features, dtype, device)."
+
+
+def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
+    """``model(inputs)``, with a failure or a non-tensor result turned into a clear error."""
+    try:
+        outputs = model(inputs)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        raise ValueError(
+            f"`model` failed on `inputs` of shape {_shape(inputs)}: {err}. {_INPUT_MISMATCH_HINT}"
+        ) from err
+    if not isinstance(outputs, Tensor):
+        raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")
+    return outputs
+
+
+def _call_loss(loss_fn: Callable[[Tensor, Any], Tensor], outputs: Tensor, targets: Any) -> Tensor:
+    """``loss_fn(outputs, targets)``, checked to be a scalar tensor, its failures worded."""
+    try:
+        loss = loss_fn(outputs, targets)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"`loss_fn` failed on outputs of shape {_shape(outputs)} and targets of shape "
+            f"{_shape(targets)}: {err}."
+        ) from err
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"`loss_fn(outputs, targets)` must return a tensor, got {type(loss).__name__}."
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"`loss_fn(outputs, targets)` must return a scalar, got shape {tuple(loss.shape)}; "
+            "use a loss with reduction='mean' or 'sum'."
+        )
+    return loss

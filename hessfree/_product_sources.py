@@ -1,0 +1,229 @@
+r"""Where a :class:`~hessfree.CurvatureLinearOperator` gets its products: data or one product.
+
+A *source* applies the curvature to a flat ``v`` or to the rows of a ``(k, n)`` ``V``
+(``apply``) and gives the gradient (``gradient``), both as tensors on the parameters' device.
+
+* :class:`_DataProducts` (the constructor): the curvature of
+  :math:`L(\theta) = \sum_b w_b \ell_b` over ``(model, loss_fn, data)``, with
+  :math:`w_b = N_b / N` for ``'mean'`` and :math:`1` for ``'sum'`` (notation of
+  :mod:`hessfree.operators`). One batch with ``cache_graph``: one product built at load and
+  reused; otherwise one forward pass and one product per batch and call. Sums over the ranks
+  of a process group when one is active.
+* :class:`_FixedProduct` (:meth:`~hessfree.CurvatureLinearOperator.from_product`): one
+  product object, used as it is; no data, no ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_scalar_loss
+from ._flat import ParamLayout
+from ._model_data import (
+    _as_pair,
+    _call_loss,
+    _call_model,
+    _check_model,
+    _check_rows,
+    _import_tqdm,
+    _resolve_params,
+    _resolve_reduction,
+    _single_batch,
+)
+from .curvature import CurvatureProduct
+from .distributed import Averager
+
+#: ``(loss, outputs) -> product`` for one batch: the operator's ``_make_product``.
+MakeProduct = Callable[[Tensor, Tensor], CurvatureProduct]
+
+
+def _product_rows(product: Any, V: Tensor) -> Tensor:
+    """``product`` applied to a flat ``V`` or to each row of a ``(k, n)`` ``V``."""
+    if V.dim() == 1:
+        return product.matvec(V)
+    if hasattr(product, "matmat"):
+        return product.matmat(V)
+    return torch.stack([product.matvec(v) for v in V])
+
+
+def _product_gradient(product: Any) -> Tensor:
+    if not hasattr(product, "gradient"):
+        raise TypeError(f"{type(product).__name__} has no `gradient`.")
+    return product.gradient
+
+
+class _FixedProduct:
+    """One product object (``matvec``, ``shape``, ``dtype``, ``device``), assumed symmetric."""
+
+    reduction = None
+    cache_graph = True
+
+    def __init__(self, product: Any) -> None:
+        missing = [a for a in ("matvec", "shape", "dtype", "device") if not hasattr(product, a)]
+        if missing:
+            raise TypeError(
+                f"`product` ({type(product).__name__}) lacks {', '.join(missing)}; expected an "
+                "object with matvec, shape, dtype and device like hessfree.HessianProduct."
+            )
+        self.product = product
+        self.params = list(getattr(product, "params", []))
+        self.shape = tuple(product.shape)
+        self.dtype, self.device = product.dtype, product.device
+
+    def apply(self, V: Tensor) -> Tensor:
+        return _product_rows(self.product, V)
+
+    def gradient(self) -> Tensor:
+        return _product_gradient(self.product)
+
+
+class _DataProducts:
+    """Products of the loss over ``(model, loss_fn, data)``; arguments as the operator's.
+
+    Built in two steps so that every cheap check runs before the data is touched: the
+    constructor checks ``model``, ``loss_fn``, ``params`` and ``reduction``; :meth:`load`
+    checks the data and, for one batch with ``cache_graph``, runs the one forward pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[Any], Tensor],
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        make_product: MakeProduct,
+        *,
+        name: str,
+        params: Iterable[Tensor] | None,
+        reduction: str | None,
+        cache_graph: bool,
+        progress: bool,
+        allow_training_mode: bool,
+        process_group: object | None,
+    ) -> None:
+        _check_model(model, allow_training_mode)
+        self._ranks = Averager(process_group)
+        self._global_count: float | None = None
+        if not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
+        self.params = _resolve_params(model, params)
+        self.layout = ParamLayout(self.params)
+        self.reduction = _resolve_reduction(loss_fn, reduction)
+        self.cache_graph = bool(cache_graph)
+        self._model, self._loss_fn, self._make_product = model, loss_fn, make_product
+        self._name = name
+        self._tqdm = _import_tqdm() if progress else None
+        n = self.layout.numel
+        self.shape, self.dtype, self.device = (n, n), self.layout.dtype, self.layout.device
+        self._data: Iterable[Sequence[Any]] = []
+        self._product: CurvatureProduct | None = None
+        self._size = 0
+
+    def load(self, data: tuple[Any, Any] | Iterable[Sequence[Any]]) -> None:
+        """Check ``data`` (shapes and the loss on its first batch); cache one batch's graph."""
+        single = _single_batch(data)
+        self._data = [single] if single is not None else data
+        if single is not None and self.cache_graph:
+            # One forward pass, here; every product reuses its graph.
+            self._product, self._size = self._build(self._batch(single, "data"))
+            return
+        first = next(iter(self._data), None)  # validate shapes and the loss on one batch
+        if first is None:
+            raise ValueError(
+                "`data` is empty; pass an (inputs, targets) pair or a non-empty list of them."
+            )
+        inputs, targets = self._batch(first, "data" if single is not None else "data[0]")
+        with torch.no_grad():
+            _call_loss(self._loss_fn, _call_model(self._model, inputs), targets)
+
+    # ---- one batch: move, forward, loss, product
+    def _batch(self, batch: object, where: str) -> tuple[Any, Any]:
+        inputs, targets = _as_pair(batch, where)
+        _check_rows(inputs, f"{where} inputs")
+        move = functools.partial(torch.Tensor.to, device=self.device, non_blocking=True)
+        return (
+            move(inputs) if isinstance(inputs, Tensor) else inputs,
+            move(targets) if isinstance(targets, Tensor) else targets,
+        )
+
+    def _build(self, batch: tuple[Any, Any]) -> tuple[CurvatureProduct, int]:
+        inputs, targets = batch
+        with torch.enable_grad():
+            outputs = _call_model(self._model, inputs)
+            loss = _call_loss(self._loss_fn, outputs, targets)
+            product = self._make_product(loss, outputs)
+        return product, (outputs.shape[0] if outputs.dim() else 1)
+
+    # ---- all the batches: sum_b w_b r_b, then over the ranks
+    def _batches(self) -> Iterator[tuple[Any, Any]]:
+        data = self._data
+        if self._tqdm is not None:
+            try:
+                total = len(data)  # type: ignore[arg-type]
+            except TypeError:  # e.g. a DataLoader over an IterableDataset
+                total = None
+            data = self._tqdm(data, total=total, desc=self._name, unit="batch", leave=False)
+        for i, batch in enumerate(data):
+            yield self._batch(batch, f"data[{i}]")
+
+    def _weighted_sum(self, per_batch: Callable[[tuple[Any, Any]], tuple[Tensor, int]]) -> Tensor:
+        """:math:`\\sum_b w_b r_b` over the batches of ``per_batch(batch) -> (r_b, N_b)``."""
+        total, count = None, 0
+        for batch in self._batches():
+            r, size = per_batch(batch)
+            # 'mean': sum N_b r_b / sum N_b, so a ragged last batch weighs only its share.
+            w = float(size) if self.reduction == "mean" else 1.0
+            total = r.mul_(w) if total is None else total.add_(r, alpha=w)
+            count += size
+        if total is None:
+            raise ValueError("`data` yielded no batches; pass a non-empty list or DataLoader.")
+        return self._across_ranks(total, count)
+
+    def _across_ranks(self, total: Tensor, count: int) -> Tensor:
+        r"""Finish :math:`\sum_b w_b r_b`: sum over the ranks, then divide by all the examples."""
+        if self._ranks.active and self._ranks.world_size > 1:
+            self._ranks.sum(total)
+            if self._global_count is None:  # the shards do not change: count them once
+                n = torch.tensor([float(count)], dtype=torch.float64, device=total.device)
+                self._global_count = float(self._ranks.sum(n))
+            count = self._global_count
+        return total.div_(count) if self.reduction == "mean" else total
+
+    def _cached_across_ranks(self, r: Tensor) -> Tensor:
+        """The cached batch's ``r`` as :math:`w_b r_b`, summed over the ranks (if any)."""
+        if not self._ranks.active:
+            return r
+        w = float(self._size) if self.reduction == "mean" else 1.0
+        return self._across_ranks(r.mul_(w), self._size)
+
+    # ---- the source's interface
+    def apply(self, V: Tensor) -> Tensor:
+        if self._product is not None:
+            return self._cached_across_ranks(_product_rows(self._product, V))
+
+        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, int]:
+            product, size = self._build(batch)
+            return _product_rows(product, V), size  # the batch's graph is freed on return
+
+        return self._weighted_sum(per_batch)
+
+    def gradient(self) -> Tensor:
+        """Free with a cached graph; else one forward and backward pass per batch."""
+        if self._product is not None:
+            g = _product_gradient(self._product)
+            return self._cached_across_ranks(g.clone()) if self._ranks.active else g
+
+        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, int]:
+            inputs, targets = batch
+            with torch.enable_grad():
+                outputs = _call_model(self._model, inputs)
+                loss = check_scalar_loss(
+                    "loss_fn(outputs, targets)", _call_loss(self._loss_fn, outputs, targets)
+                )
+                g = torch.autograd.grad(loss, self.params, allow_unused=True)
+            return self.layout.cat(g), (outputs.shape[0] if outputs.dim() else 1)
+
+        return self._weighted_sum(per_batch)
