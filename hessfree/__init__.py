@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import spectral  # used qualified: hessfree.spectral.top_eigenpairs
 from ._flat import ParamLayout, trainable
+from .acceleration import ProductPolicy, accelerate
 from .cg import CGResult, StopReason, cg
 from .curvature import (
     CurvatureProduct,
@@ -44,6 +45,8 @@ __all__ = [
     "JacobianProduct",
     "StructurallyDampedGGN",
     "loss_hessian_product",
+    "ProductPolicy",
+    "accelerate",
     # operators
     "CurvatureLinearOperator",
     "HessianLinearOperator",

@@ -97,16 +97,6 @@ def check_vector(
     return v
 
 
-def check_finite(name: str, v: Tensor) -> Tensor:
-    """Check ``v`` holds no NaN or Inf (one host sync on accelerators)."""
-    if not bool(torch.isfinite(v).all()):
-        bad = int((~torch.isfinite(v)).sum())
-        raise ValueError(
-            f"`{name}` contains {bad} non-finite entries (NaN or Inf); expected finite values."
-        )
-    return v
-
-
 def check_scalar_loss(name: str, loss: object) -> Tensor:
     """Check ``loss`` is a 0-dim floating tensor with an autograd graph."""
     if not isinstance(loss, Tensor):

@@ -258,11 +258,8 @@ def cg(
         z = r
     p = torch.neg(z)
     rz = torch.dot(r, z)
-    buf = torch.empty_like(b)
     history = torch.empty(max_iter + 1, dtype=dtype, device=device)
-    torch.sub(r, b, out=buf)
-    torch.dot(x, buf, out=history[0])
-    history[0].mul_(0.5)
+    _phi(x, r, b, out=history[0])
     # tol = max(rtol ||b||, atol); NaN if b is not finite, so no CONVERGED then.
     tol = torch.linalg.vector_norm(b).mul_(rtol).clamp_(min=atol)
     r_norm = torch.linalg.vector_norm(r)
@@ -285,6 +282,9 @@ def cg(
     first_unread = 1
     num_iter, reason = max_iter, StopReason.MAX_ITER
     mask_vectors = check_every > 1
+    # Vectors alive across iterations: x, r, p (z too with a preconditioner) and, only when
+    # masking, one scratch buffer; a product's output is dropped before the next product.
+    buf = torch.empty_like(b) if mask_vectors else None
     tol_sq = tol.square()
     pAp_first = zero
     for i in range(1, max_iter + 1):
@@ -311,15 +311,14 @@ def cg(
             # a finite pAp implies a finite Ap, so masking alpha alone keeps x intact.
             x.addcmul_(p, alpha)
             r.addcmul_(Ap, alpha)
+        Ap = None  # not needed again: free it before the next product allocates its own
         if diag is not None:
             torch.div(r, diag, out=z)
         elif precond is not None:
             z = precond(r).detach()
         rz_next = torch.dot(r, z)
         rr = rz_next if z is r else torch.dot(r, r)
-        phi = history[i]
-        torch.dot(x, torch.sub(r, b, out=buf), out=phi)  # phi = 1/2 x^T (r - b)
-        phi.mul_(0.5)
+        phi = _phi(x, r, b, out=history[i])
         finite_after = torch.isfinite(rz_next) & torch.isfinite(phi)
         converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass
         # §4.4 relative progress; i, k and the test i > k live on the host.
@@ -350,6 +349,12 @@ def cg(
     if reason is StopReason.NEGATIVE_CURVATURE and num_iter == 0:
         num_iter = _steepest_descent_step(x, z, rz, pAp_first, history)
     return _result(x, stored, history, num_iter, num_matvec, reason)
+
+
+def _phi(x: Tensor, r: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
+    """phi = 1/2 x^T (r - b), as two dot products into ``out``: no vector-sized temporary."""
+    torch.sub(torch.dot(x, r), torch.dot(x, b), out=out)
+    return out.mul_(0.5)
 
 
 def _steepest_descent_step(x: Tensor, z: Tensor, rz: Tensor, pAp: Tensor, history: Tensor) -> int:

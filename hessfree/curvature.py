@@ -27,9 +27,11 @@ How the products are computed, all with PyTorch autograd and nothing formed:
   examples along dimension 0 of the outputs (``1`` for a sum): no per-example gradient is ever
   materialised.
 
-Every product object exposes ``__call__(v)`` (validates ``v``: shape, dtype, device and
-finiteness, which costs one host sync on an accelerator) and ``matvec(v)`` (no checks, for
-solver loops). Vectors are flat 1-D tensors in parameter order.
+Every product object exposes ``__call__(v)`` (validates ``v``'s shape, dtype and device from
+its metadata, never reading its values, so a call makes no host-device synchronisation; a NaN
+or Inf in ``v`` gives a non-finite product, which :func:`hessfree.cg` reports as
+``NON_FINITE``) and ``matvec(v)`` (no checks, for solver loops). Vectors are flat 1-D tensors
+in parameter order.
 
 References:
     Martens & Sutskever (2011), Learning recurrent neural networks with Hessian-free
@@ -46,7 +48,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_finite, check_scalar_loss, check_vector
+from ._checks import check_scalar_loss, check_vector
 from ._flat import ParamLayout
 from ._types import MatVec
 
@@ -174,9 +176,12 @@ class CurvatureProduct:
         raise NotImplementedError
 
     def __call__(self, v: Tensor) -> Tensor:
-        """:math:`Cv`, after checking ``v`` (shape, dtype, device, finiteness)."""
+        """:math:`Cv`, after checking ``v``'s shape, dtype and device (no host sync).
+
+        Values are not inspected: reading them back would synchronise with the device on
+        every call. A non-finite ``v`` yields a non-finite :math:`Cv`.
+        """
         check_vector("v", v, self.layout.numel, self.layout.dtype, self.layout.device)
-        check_finite("v", v)
         return self.matvec(v)
 
     def damped(self, damping: float) -> MatVec:
@@ -261,7 +266,8 @@ def hvp(
 
     Raises:
         TypeError: If ``x`` or ``v`` is not a (tuple of) floating tensor(s), or dtypes differ.
-        ValueError: If shapes or devices differ, ``v`` is not finite, or ``f(x)`` is not a scalar.
+        ValueError: If shapes or devices differ or ``f(x)`` is not a scalar. Values of ``v``
+            are not read (no host sync): a non-finite ``v`` gives a non-finite result.
 
     Example:
         >>> from scipy.optimize import rosen_hess_prod
@@ -309,8 +315,7 @@ def hvp(
             raise ValueError(f"`v` must have shape {want}, got {tuple(v.shape)}.")
     else:
         raise TypeError(f"`v` must be a tensor or a tuple of tensors, got {type(v).__name__}.")
-    check_vector("v", flat_v, layout.numel, layout.dtype, layout.device)
-    check_finite("v", flat_v)
+    check_vector("v", flat_v, layout.numel, layout.dtype, layout.device)  # no host sync
     with torch.enable_grad():
         loss = f(*prims)
         if isinstance(loss, Tensor) and not loss.requires_grad and loss.numel() == 1:

@@ -106,3 +106,21 @@ class Averager:
                 f"vs min {lo.tolist()}); initialise every rank from the same seed or broadcast "
                 "rank 0's parameters before the first step."
             )
+
+    def check_replicated(self, what: str, value: Tensor, *, rtol: float = 1e-5) -> None:
+        """Raise if the scalar ``value`` differs across ranks by more than ``rtol``; two small
+        collectives (a tolerance, not equality: kernels may round differently per device)."""
+        if not self.active or self.world_size == 1:
+            return
+        x = value.detach().reshape(1).to(torch.float64)
+        hi, lo = x.clone(), x.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
+        high, low = float(hi), float(lo)
+        if not abs(high - low) <= rtol * max(abs(high), abs(low), 1e-30):
+            raise ValueError(
+                f"{what} needs every rank to evaluate the same curvature batch, but the "
+                f"curvature losses differ across the {self.world_size} ranks ({low!r} to "
+                f"{high!r}); give every rank the same curvature_closure batch, or use "
+                "curvature_batch='sharded'."
+            )

@@ -67,7 +67,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +78,7 @@ from . import damping as _damping
 from ._checks import check_choice, check_int, check_number
 from ._flat import ParamLayout
 from ._types import MatVec
+from .acceleration import ProductPolicy, accelerate
 from .cg import StopReason, cg
 from .curvature import (
     FisherProduct,
@@ -289,6 +290,9 @@ class HessianFree(torch.optim.Optimizer):
             start the iterate before negative curvature always is (Steihaug 1983). Measured on
             ``experiments/scorecard.py``'s LBFGS-loop task: cold starts reached 2-6x lower loss
             and no failed line searches.
+        cg_check_every: CG reads its stop tests back to the host every this many iterations
+            (each read is a device synchronisation); ``None``: 1 on CPU, 8 on accelerators.
+            Changes only how many products are spent after a stop, not the step.
         backtrack: CG backtracking over the stored iterates (§4.6).
         line_search: ``'armijo'`` or ``None``.
         armijo_c: Sufficient-decrease constant in (0, 1) (1e-2 in the reference code).
@@ -318,6 +322,15 @@ class HessianFree(torch.optim.Optimizer):
             curvature product, the preconditioner statistics and every trial loss are averaged
             with one collective each, so all ranks take the same step (see
             :mod:`hessfree.distributed` for the weighting of unequal shards).
+        curvature_batch: ``'sharded'`` (each rank's curvature closure sees its own shard, so
+            every product is averaged with one collective) or ``'replicated'`` (every rank's
+            ``curvature_closure`` evaluates the same batch, so the products are equal on all
+            ranks and need no collective: only the gradient, the losses and statistics from
+            the gradient batch are averaged). Checked on the first step (two small
+            collectives); the same in one process.
+        products: How curvature products run (:class:`hessfree.ProductPolicy`, or a mapping
+            of its fields): CUDA-graph replay and TF32/bf16 arithmetic, both off by default;
+            CG's iterates and scalars keep the parameters' dtype.
 
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it).
@@ -358,6 +371,7 @@ class HessianFree(torch.optim.Optimizer):
         cg_rtol: float = 1e-10,
         cg_progress_tol: float = 5e-4,
         cg_decay: float | str = "auto",
+        cg_check_every: int | None = None,
         backtrack: bool = True,
         line_search: str | None = "armijo",
         armijo_c: float = 1e-2,
@@ -370,6 +384,8 @@ class HessianFree(torch.optim.Optimizer):
         callback: Callable[[StepInfo], None] | None = None,
         seed: int = 0,
         process_group: object | None = None,
+        curvature_batch: str = "sharded",
+        products: ProductPolicy | Mapping | None = None,
     ) -> None:
         lr = check_number("lr", lr, low=0.0)
         tolerance_grad = check_number("tolerance_grad", tolerance_grad, low=0.0)
@@ -429,6 +445,9 @@ class HessianFree(torch.optim.Optimizer):
         else:
             cg_decay = check_number("cg_decay", cg_decay, low=0.0, high=1.0)
         self.cg_decay = cg_decay
+        self.cg_check_every = (
+            None if cg_check_every is None else check_int("cg_check_every", cg_check_every, low=1)
+        )
         self.backtrack = _check_bool("backtrack", backtrack)
         if line_search is not None:
             check_choice("line_search", line_search, ("armijo",))
@@ -462,6 +481,10 @@ class HessianFree(torch.optim.Optimizer):
         self.callback = callback
         self.seed = check_int("seed", seed)
         self._avg = Averager(process_group)
+        self.products = ProductPolicy.of(products)
+        self.curvature_batch = check_choice(
+            "curvature_batch", curvature_batch, ("sharded", "replicated")
+        )
         # The tolerances live in the defaults, as in LBFGS, so state_dict() carries them.
         defaults = dict(
             lr=lr,
@@ -692,9 +715,17 @@ class HessianFree(torch.optim.Optimizer):
             damping=lam,
             shift=shift,
             generator=self._rng(go.device),
-            average=self._avg.mean,
+            average=self._avg.mean if self._sharded(product) else _same,
         )
         return self.precond(ctx)
+
+    def _sharded(self, product: object) -> bool:
+        """Whether the preconditioner's statistics differ across ranks (and need averaging).
+
+        They come from ``product``'s curvature batch when it is a Gauss-Newton product, else
+        from the gradient batch, which is always sharded.
+        """
+        return self.curvature_batch == "sharded" or not isinstance(product, GGNProduct)
 
     # ------------------------------------------------------------------------------ step
     def step(self, closure: Closure, curvature_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -779,12 +810,13 @@ class HessianFree(torch.optim.Optimizer):
         if not isinstance(l2, float) or l2 != 0.0:
             theta_flat = layout.cat([p.detach() for p in params])
             g = g.add(theta_flat * l2 if not isinstance(l2, float) else theta_flat.mul_(l2))
-        g_norm = float(torch.linalg.vector_norm(g))
+        # one host read for both (each read is a device sync)
+        g_norm, g_max = torch.stack([torch.linalg.vector_norm(g), g.abs().max()]).tolist()
         if not math.isfinite(g_norm):
             return self._reject(
                 st, finish, StepStatus.NON_FINITE_GRADIENT, "the gradient", grad_norm=g_norm
             )
-        if float(g.abs().max()) <= tolerance_grad:  # LBFGS' first-order optimality test
+        if g_max <= tolerance_grad:  # LBFGS' first-order optimality test
             return finish(StepStatus.CONVERGED, grad_norm=g_norm)
         if not (lr.any() if isinstance(lr, Tensor) else lr):
             return finish(StepStatus.ZERO_LR, grad_norm=g_norm)  # nothing could move
@@ -793,9 +825,13 @@ class HessianFree(torch.optim.Optimizer):
             cev = self._first_call(curvature_closure, "curvature_closure", counter, layout)
             with torch.enable_grad():
                 curv, product = self._curvature_product(cev, params)
+        replicated = self.curvature_batch == "replicated"
+        if replicated and st["step"] == 0:
+            self._avg.check_replicated("curvature_batch='replicated'", cev.loss.detach())
+        curv = accelerate(curv, g, self.products)  # CUDA graph / reduced precision, if asked
         if math.isnan(lam):  # damping='auto': one product along g, on the first step only
             with torch.enable_grad():
-                Cg = self._avg.mean(curv(g))
+                Cg = curv(g) if replicated else self._avg.mean(curv(g))
             gCg = float(g @ Cg) + float((l2 * g) @ g)  # C includes the L2 term κ
             lam = st["damping"] = _damping.calibrate_damping(
                 gCg, g_norm**2, min_damping=self.min_damping, max_damping=self.max_damping
@@ -809,19 +845,21 @@ class HessianFree(torch.optim.Optimizer):
 
         def damped(v: Tensor) -> Tensor:
             t0 = time.perf_counter()
-            out = self._avg.mean(curv(v))
+            out = curv(v) if replicated else self._avg.mean(curv(v))
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
         with torch.enable_grad():
             precond = self._preconditioner(ev, product, params, lam, l2)
-        warm = st.get("warm_start")
+        # popped and decayed in place: one vector, not two, besides CG's copy (set again below)
+        warm = st.pop("warm_start", None)
         x0 = None
         decay = self.cg_decay
         if decay == "auto":  # §4.5's warm start for PSD curvature only (see cg_decay)
             decay = 0.0 if isinstance(product, HessianProduct) else 0.95
         if warm is not None and decay > 0 and warm.shape == g.shape:
-            x0 = warm.to(device=g.device, dtype=g.dtype) * decay
+            x0 = warm.to(device=g.device, dtype=g.dtype).mul_(decay)
+        warm = None
         result = cg(
             damped,
             -g,
@@ -831,6 +869,7 @@ class HessianFree(torch.optim.Optimizer):
             rtol=self.cg_rtol,
             precond=precond,
             progress_tol=self.cg_progress_tol,
+            check_every=self.cg_check_every,
         )
         cg_info = dict(
             grad_norm=g_norm,
@@ -1021,6 +1060,10 @@ def _stochastic_modules() -> Iterator[list[type]]:
         yield found
     finally:
         handle.remove()
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def _bounded(lam: float, opt: HessianFree) -> float:

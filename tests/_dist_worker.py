@@ -1,8 +1,10 @@
 """Worker for tests/test_distributed.py: one rank of a data-parallel HF run (gloo, loopback).
 
-Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS [crash|operator]
+Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS [crash|operator|replicated]
 With WORLD=1 it runs the single-process reference on the full batch. ``operator`` computes
-SciPy-operator products over the rank's shard instead of training.
+SciPy-operator products over the rank's shard instead of training. ``replicated`` gives every
+rank the same curvature batch (the first 40 examples) with ``curvature_batch='replicated'`` and
+records the all_reduce calls of each step.
 """
 
 from __future__ import annotations
@@ -57,13 +59,24 @@ def main() -> None:
         if rank == 0:
             torch.save({k: torch.from_numpy(np.asarray(a)) for k, a in result.items()}, out_file)
         return
+    replicated = mode == "replicated"
     opt = HessianFree(
         model.parameters(),
         damping=0.5,
         cg_max_iter=20,
         precond=EmpiricalFisherDiagonal(num_probes=None),
+        curvature_batch="replicated" if replicated else "sharded",
     )  # exact: rank-independent
     calls = [0]
+    reduces = [0]
+    if replicated and world > 1:
+        all_reduce = dist.all_reduce
+
+        def counted(*args, **kwargs):
+            reduces[0] += 1
+            return all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counted
 
     def closure():
         calls[0] += 1
@@ -72,8 +85,19 @@ def main() -> None:
         out = model(Xs)
         return F.cross_entropy(out, ys), out
 
+    def curvature_closure():
+        out = model(X[:40])
+        return F.cross_entropy(out, y[:40]), out
+
+    per_step = []
     for _ in range(steps):
-        opt.step(closure)
+        before = reduces[0]
+        opt.step(closure, curvature_closure if replicated else None)
+        info = opt.last_step
+        per_step.append((reduces[0] - before, info.closure_calls, info.cg_matvecs))
+    if world > 1:  # leave together: no rank tears the group down under a peer
+        dist.barrier()
+        dist.destroy_process_group()
     if rank == 0:
         torch.manual_seed(1)
         init = [
@@ -82,7 +106,10 @@ def main() -> None:
             .double()
             .parameters()
         ]
-        torch.save({"final": [p.detach() for p in model.parameters()], "init": init}, out_file)
+        torch.save(
+            {"final": [p.detach() for p in model.parameters()], "init": init, "steps": per_step},
+            out_file,
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import math
 import re
+import weakref
 
 import numpy as np
 import pytest
@@ -594,3 +595,46 @@ def test_cg_negative_curvature_at_first_direction_from_a_warm_start():
     assert (result.reason, result.num_iter) == (StopReason.NEGATIVE_CURVATURE, 1)
     torch.testing.assert_close(result.x, torch.tensor([1.0, 0.2], dtype=DTYPE), **EXACT)
     assert torch.equal(x0, torch.tensor([0.0, 0.2], dtype=DTYPE))  # x0 not mutated
+
+
+# ---------------------------------------------------------------- memory
+class _LiveVectors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Tracks the distinct storages of the length-``n`` vectors that ops create."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.refs = n, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == self.n:
+                self.refs.append(weakref.ref(t))
+        return out
+
+    def alive(self) -> int:
+        return len({r().untyped_storage().data_ptr() for r in self.refs if r() is not None})
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_cg_holds_only_x_r_p_between_products(check_every):
+    A, b = spd_system(30, 1e3, seed=0)
+    mode, alive = _LiveVectors(30), []
+
+    def matvec(v):
+        alive.append(mode.alive())
+        return A @ v
+
+    with mode:  # no grid points within 10 iterations: nothing stored for backtracking
+        cg(
+            matvec,
+            b,
+            max_iter=10,
+            rtol=0.0,
+            progress_tol=None,
+            store_start=100,
+            check_every=check_every,
+        )
+    # b's detached alias, x, r and p; a scratch vector only when masking (check_every > 1);
+    # the previous product is freed before the next one
+    assert max(alive) == 4 + (check_every > 1)

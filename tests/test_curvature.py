@@ -326,15 +326,15 @@ def test_loss_not_a_tensor_is_rejected():
         HessianProduct(1.0, [w])
 
 
-def test_vector_of_wrong_shape_dtype_device_or_with_nan_is_rejected():
+def test_vector_of_wrong_shape_dtype_or_device_is_rejected_and_nan_propagates():
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     H = HessianProduct((w**3).sum(), [w])
     with pytest.raises(ValueError, match=r"shape \(3,\), got shape \(4,\)"):
         H(torch.ones(4, dtype=torch.float64))
     with pytest.raises(TypeError, match="dtype torch.float64, got torch.float32"):
         H(torch.ones(3))
-    with pytest.raises(ValueError, match="non-finite"):
-        H(torch.tensor([1.0, float("nan"), 0.0], dtype=torch.float64))
+    # values are not read back (no host sync): a NaN in v gives a NaN in Hv
+    assert torch.isnan(H(torch.tensor([1.0, float("nan"), 0.0], dtype=torch.float64))).any()
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         H([1.0, 2.0, 3.0])
     if torch.cuda.is_available():
@@ -361,8 +361,8 @@ def test_hvp_bad_inputs():
         hvp(lambda z: (z**2).sum(), torch.zeros(3, dtype=torch.long), torch.zeros(3))
     with pytest.raises(ValueError, match="`f\\(x\\)` must be a scalar"):
         hvp(lambda z: z**2, x, torch.zeros(3))
-    with pytest.raises(ValueError, match="non-finite"):
-        hvp(lambda z: (z**2).sum(), x, torch.tensor([0.0, float("inf"), 0.0]))
+    inf_v = torch.tensor([0.0, float("inf"), 0.0])
+    assert not torch.isfinite(hvp(lambda z: (z**2).sum(), x, inf_v)).all()
 
 
 @pytest.mark.cuda

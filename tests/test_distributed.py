@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from hessfree import HessianFree
 from hessfree.distributed import Averager
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
@@ -91,3 +92,27 @@ def test_averager_is_identity_without_process_group():
     a.check_same(t)  # nothing to compare against
     with pytest.raises(ValueError, match="not initialised"):
         Averager(group=object())
+
+
+def test_replicated_curvature_batch_reduces_no_products(tmp_path):
+    """Every rank computes the products on the same 40 examples: the step equals the one
+    process run and each step's all_reduces are the loss, the gradient and one per trial
+    loss (every closure call but the first two, the gradient and curvature closures), none
+    per CG product."""
+    procs = _launch(tmp_path, 2, 3, "replicated") + _launch(tmp_path, 1, 3, "replicated")
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    dp = torch.load(tmp_path / "params-2.pt", weights_only=True)
+    single = torch.load(tmp_path / "params-1.pt", weights_only=True)
+    for a, b in zip(dp["final"], single["final"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for i, (reduces, closure_calls, matvecs) in enumerate(dp["steps"]):
+        assert matvecs > 2
+        # first step: also the parameters' and the curvature losses' agreement (2 + 2)
+        assert reduces == 2 + (closure_calls - 2) + (4 if i == 0 else 0)
+
+
+def test_curvature_batch_option_is_validated():
+    with pytest.raises(ValueError, match="Unknown `curvature_batch` 'shared'"):
+        HessianFree([torch.zeros(2, requires_grad=True)], curvature_batch="shared")

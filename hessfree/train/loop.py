@@ -554,8 +554,13 @@ class Runner:
         n = self.x_train.shape[0]
         batch_size = spec.batch_size or n
         curvature_size = spec.curvature_batch_size
+        # A replicated curvature batch is the same on every rank, so it needs its own closure
+        # even when it is the whole gradient batch (the gradient batch is sharded).
+        replicated = spec.hyperparameters.get("curvature_batch") == "replicated"
         if curvature_size is not None and curvature_size >= batch_size:
-            curvature_size = None  # the whole gradient batch: no separate closure needed
+            curvature_size = batch_size if replicated and group.active else None
+        elif curvature_size is None and replicated and group.active:
+            curvature_size = batch_size
 
         model.load_state_dict(self.initial_state)
         model.train()
@@ -685,7 +690,10 @@ class Runner:
                 xb, tb = self.x_train.index_select(0, idx), self.t_train.index_select(0, idx)
                 curvature = None
                 if curvature_size is not None:  # a slice of the first cases of the batch
-                    cidx = batch[:curvature_size][group.shard(curvature_size)].to(self.device)
+                    cidx = batch[:curvature_size]
+                    if not replicated:  # each rank its shard of the slice
+                        cidx = cidx[group.shard(curvature_size)]
+                    cidx = cidx.to(self.device)
                     curvature = (
                         self.x_train.index_select(0, cidx),
                         self.t_train.index_select(0, cidx),

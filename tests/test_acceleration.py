@@ -1,0 +1,152 @@
+"""ProductPolicy: validation, the eager fall-backs a CPU can exercise, and bf16 accuracy."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hessfree.acceleration as acceleration
+from hessfree import GGNProduct, HessianFree, ProductPolicy, accelerate, cg
+
+
+def _ggn(dtype: torch.dtype) -> GGNProduct:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Sigmoid(), nn.Linear(40, 10)).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 20, generator=gen).to(dtype)
+    y = torch.randn(64, 10, generator=gen).to(dtype)
+    out = model(x)
+    return GGNProduct(F.mse_loss(out, y), out, list(model.parameters()))
+
+
+def test_policy_validation():
+    with pytest.raises(ValueError, match="Unknown `precision` 'fp8'"):
+        ProductPolicy(precision="fp8")
+    with pytest.raises(TypeError, match="`cuda_graph` must be a bool"):
+        ProductPolicy(cuda_graph=1)
+    with pytest.raises(ValueError, match="`warmup`"):
+        ProductPolicy(warmup=0)
+    with pytest.raises(ValueError, match="Unknown `products` key"):
+        ProductPolicy.of({"graph": True})
+    with pytest.raises(TypeError, match="`products` must be None, a ProductPolicy"):
+        HessianFree([torch.zeros(2, requires_grad=True)], products="bf16")
+    assert ProductPolicy.of({"precision": "bf16"}) == ProductPolicy(precision="bf16")
+
+
+def test_default_policy_leaves_the_product_alone():
+    def matvec(v):
+        return 2 * v
+
+    assert accelerate(matvec, torch.zeros(3)) is matvec
+    assert accelerate(matvec, torch.zeros(3), ProductPolicy(precision="tf32")) is not matvec
+
+
+def test_cuda_graph_on_cpu_falls_back_to_the_eager_product():
+    G = _ggn(torch.float64)
+    v = torch.randn(G.layout.numel, dtype=torch.float64)
+    mv = accelerate(G.matvec, v, ProductPolicy(cuda_graph=True))
+    assert "CUDA device" in mv.fallback_reason
+    torch.testing.assert_close(mv(v), G.matvec(v), rtol=0, atol=0)
+    assert mv.mode == "eager"
+
+
+def test_failed_capture_warns_once_and_runs_eagerly(monkeypatch):
+    monkeypatch.setattr(acceleration, "_on_cuda", lambda like: True)
+
+    def capture(matvec, like, warmup):  # what a product that syncs raises under capture
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(acceleration, "_capture", capture)
+    A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    mv = accelerate(lambda v: A @ v, torch.zeros(2), ProductPolicy(cuda_graph=True))
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        out = mv(torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(out, torch.tensor([2.0, 1.0]))
+    out = mv(torch.tensor([0.0, 1.0]))  # no second warning, no second capture
+    torch.testing.assert_close(out, torch.tensor([1.0, 3.0]))
+    assert mv.mode == "eager" and "not permitted" in mv.fallback_reason
+
+
+def test_replay_copies_in_and_out_and_sends_other_shapes_to_the_eager_product():
+    A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    static_in, static_out = torch.zeros(2), torch.zeros(2)
+
+    def replay():  # stands in for CUDAGraph.replay: recorded kernels read in, write out
+        torch.matmul(A, static_in, out=static_out)
+
+    eager = []
+    def matvec(v):
+        eager.append(v)
+        return v * 0
+
+    replayed = acceleration._Replayed(matvec, static_in, static_out, replay)
+    first = replayed(torch.tensor([1.0, 0.0]))
+    second = replayed(torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(first, torch.tensor([2.0, 1.0]))  # not overwritten by the replay
+    torch.testing.assert_close(second, torch.tensor([1.0, 3.0]))
+    replayed(torch.zeros(3))
+    replayed(torch.zeros(2, dtype=torch.float64))
+    assert [tuple(v.shape) for v in eager] == [(3,), (2,)]
+
+
+def test_bf16_products_engage_and_stay_accurate():
+    G64, G32 = _ggn(torch.float64), _ggn(torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(G64.layout.numel, dtype=torch.float64, generator=gen)
+    exact = G64.matvec(v)
+    mv = accelerate(G32.matvec, v.float(), ProductPolicy(precision="bf16"))
+    out = mv(v.float())
+    assert out.dtype == torch.float32
+    err = float((out.double() - exact).norm() / exact.norm())
+    err32 = float((G32.matvec(v.float()).double() - exact).norm() / exact.norm())
+    # bf16 keeps 8 mantissa bits: far above float32's error, well below 2 %
+    assert err32 < 1e-5 < err < 2e-2
+    # CG on the bf16 product stays in float32 and lands near the float64 solution
+    b = -G64.gradient
+    damped64 = G64.damped(1e-2)
+
+    def damped_bf16(u):
+        return mv(u).add_(u, alpha=1e-2)
+
+    x64 = cg(damped64, b, max_iter=30, rtol=0.0, progress_tol=None).x
+    x16 = cg(damped_bf16, b.float(), max_iter=30, rtol=0.0, progress_tol=None).x
+    assert x16.dtype == torch.float32
+    assert float((x16.double() - x64).norm() / x64.norm()) < 5e-2
+
+
+def test_hf_step_with_cuda_graph_requested_on_cpu_equals_the_default_step():
+    def run(products):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(32, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,))
+        opt = HessianFree(model.parameters(), damping=0.5, cg_max_iter=10, products=products)
+        for _ in range(2):
+            opt.step(lambda: (F.cross_entropy(out := model(x), y), out))
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(run(None), run({"cuda_graph": True}), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_matches_the_eager_product_on_cuda():
+    """Unverified in the session that wrote it (no GPU): capture either succeeds and replays
+    the eager product's values, or falls back with a warning and the same values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Sigmoid(), nn.Linear(40, 10)).cuda()
+    x, y = torch.randn(64, 20, device="cuda"), torch.randn(64, 10, device="cuda")
+    out = model(x)
+    G = GGNProduct(F.mse_loss(out, y), out, list(model.parameters()))
+    mv = accelerate(G.matvec, G.gradient, ProductPolicy(cuda_graph=True))
+    vs = [torch.randn(G.layout.numel, device="cuda") for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a failed capture is allowed here
+        outs = [mv(v) for v in vs]
+    for v, o in zip(vs, outs, strict=True):
+        torch.testing.assert_close(o, G.matvec(v), rtol=1e-5, atol=1e-6)
+    assert mv.mode == "cuda_graph" or mv.fallback_reason
