@@ -23,16 +23,30 @@ def main() -> None:
     rank, world, init_file, out_file, steps = sys.argv[1:6]
     rank, world, steps = int(rank), int(world), int(steps)
     mode = sys.argv[6] if len(sys.argv) > 6 else ""
-    crash = mode == "crash"
     torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=10),
-        )
+    if world == 1:
+        work(rank, world, out_file, steps, mode)
+        return
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=10),
+    )
+    try:
+        work(rank, world, out_file, steps, mode)
+        # Ranks that reach gloo's teardown at interpreter exit at different times (rank 0 is
+        # still writing its result) may abort with "terminate called without an active
+        # exception": meet first, then leave the group.
+        dist.barrier()
+    finally:
+        # After a peer died the barrier is skipped (the error propagates); destroying is safe.
+        dist.destroy_process_group()
+
+
+def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
+    crash = mode == "crash"
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(64, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (64,), generator=gen)
