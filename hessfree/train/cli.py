@@ -183,6 +183,13 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
         config = load_config(files[0], overrides)
 
     if args.check:
+        if args.resume is None:
+            from hessfree.train.loop import default_run_dir, run_dir_problems
+
+            out = args.out if args.out is not None else default_run_dir(config)
+            problems = run_dir_problems(out, "output.dir" if args.out is None else "--out")
+            if problems:
+                raise ConfigError(problems, files[0])
         print(dump_config(config), end="")
         return 0
     header = (
@@ -215,13 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         parser.parse_args(argv)  # --help, --version, or a usage error (exit 2)
         return 2  # pragma: no cover - parse_args exits for anything but 'run'
+    from hessfree.train.checkpoint import CheckpointError
     from hessfree.train.config import ConfigError
     from hessfree.train.data import DataError
     from hessfree.train.parallel import PeerError
 
     try:
         return _run(args, run_parser)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         return 2
     except PeerError as err:

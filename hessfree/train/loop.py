@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import signal
 import sys
 import threading
@@ -56,6 +57,7 @@ from torch import Tensor
 
 from hessfree.train.checkpoint import (
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
     write_json_atomic,
     write_text_atomic,
@@ -184,6 +186,31 @@ def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Pa
     return path
 
 
+def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
+    """Why a new run directory could not be created at ``run_dir`` (empty: it can).
+
+    Checks the nearest existing ancestor: it must be a directory this process may write in.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
+    parent = run_dir
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return [
+            f"`{key}`: '{parent}' is a file, so the run directory '{run_dir}' cannot be "
+            "created under it; choose a directory."
+        ]
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return [
+            f"`{key}`: cannot create '{run_dir}': '{parent}' is not writable by this user; "
+            "choose a directory you can write to."
+        ]
+    return []
+
+
 def _data_problems(
     cfg: ExperimentConfig, ds: Dataset, objective: Objective, world_size: int = 1
 ) -> list[str]:
@@ -280,6 +307,7 @@ class Runner:
         if resume and run_dir is None:
             raise ValueError("`run_dir` is required to resume a run.")
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+        self.default_dir = run_dir is None
         self.resume = resume
         if progress is None:
             progress = config.output.progress == "always" or (
@@ -333,6 +361,11 @@ class Runner:
 
     def _setup(self) -> None:
         cfg = self.config
+        if not self.resume and self.group.rank == 0:
+            key = "output.dir" if self.default_dir else "--out"
+            problems = run_dir_problems(self.run_dir, key)
+            if problems:
+                raise ConfigError(problems, cfg.name)
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = self.group.device
@@ -393,13 +426,26 @@ class Runner:
                         f"--resume {self.run_dir} or choose another --out."
                     ]
                 )
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(
-                self.run_dir / "config.yaml", dump_config(self.config, self.config_header)
-            )
+            try:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(
+                    self.run_dir / "config.yaml", dump_config(self.config, self.config_header)
+                )
+            except OSError as err:
+                raise ConfigError(
+                    [f"cannot create the run directory '{self.run_dir}': {err.strerror or err}."]
+                ) from None
             return {}
         if not (self.run_dir / "config.yaml").exists():
             raise ConfigError([f"'{self.run_dir}' holds no config.yaml: not a run directory."])
+        if ckpt_dir.exists() and not ckpt_dir.is_dir():
+            raise ConfigError(
+                [
+                    f"'{ckpt_dir}' is a file, not the run's checkpoint directory; the run "
+                    "directory was edited. Move that file away (resuming then restarts every "
+                    "optimizer) or start a new run."
+                ]
+            )
         found: dict[str, dict[str, Any]] = {}
         gap = None
         for opt in self.config.optimizers:
@@ -414,10 +460,7 @@ class Runner:
                     ]
                 )
             else:
-                try:
-                    ckpt = load_checkpoint(path, map_location="cpu")
-                except ValueError as err:
-                    raise ConfigError([str(err)]) from None
+                ckpt = load_checkpoint(path, map_location="cpu")  # CheckpointError if damaged
                 if (
                     ckpt.get("format") != _CHECKPOINT_FORMAT
                     or ckpt.get("config_sha256") != self.digest
@@ -439,6 +482,25 @@ class Runner:
                         ]
                     )
                 found[opt.label] = ckpt
+        metrics = self.run_dir / "metrics.jsonl"
+        recorded = max((int(c.get("metrics_bytes", 0)) for c in found.values()), default=0)
+        size = metrics.stat().st_size if metrics.is_file() else 0
+        if metrics.exists() and not metrics.is_file():
+            raise ConfigError([f"'{metrics}' is not a file; the run directory was edited."])
+        if size < recorded:
+            raise ConfigError(
+                [
+                    f"'{metrics}' has {size} bytes, fewer than the {recorded} its latest "
+                    "checkpoint recorded: the metrics file was truncated or replaced. Restore it, "
+                    "or start a new run (resuming would lose records)."
+                ]
+            )
+        if writer:
+            # Only now that every check passed: the leftovers of a write killed mid-way.
+            for stale in remove_stale_temporaries(ckpt_dir) + remove_stale_temporaries(
+                self.run_dir
+            ):
+                self._say(f"removed {stale.name}, left by an interrupted write")
         if writer:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         return found
