@@ -97,7 +97,26 @@ class StopReason(enum.Enum):
     EPOCHS = "epochs"
     SECONDS = "seconds"
     DIVERGED = "diverged"
+    CONVERGED = "converged"
     INTERRUPTED = "interrupted"
+
+
+#: Stop reasons a larger budget on ``--resume`` lifts (the others are outcomes of training).
+_BUDGET_REASONS = ("steps", "epochs", "seconds")
+
+
+def _converged(spec: OptimizerConfig, optimizer: torch.optim.Optimizer, unchanged: bool) -> bool:
+    """Whether the step just taken says the optimizer has converged.
+
+    HessianFree reports it in ``last_step.status`` (``'converged'``: the gradient or the change
+    fell below ``tolerance_grad`` / ``tolerance_change``). torch's L-BFGS stops inside a step on
+    the same tolerances; on the whole training set, a step that left the parameters unchanged
+    means it will not move again.
+    """
+    if spec.name == "hessianfree":
+        status = getattr(getattr(optimizer, "last_step", None), "status", None)
+        return str(getattr(status, "value", status)) == "converged"
+    return spec.name == "lbfgs" and unchanged
 
 
 class RunStatus(enum.Enum):
@@ -753,6 +772,9 @@ class Runner:
                         self.t_train.index_select(0, cidx),
                     )
 
+                # L-BFGS on the whole set: a step that moves nothing has converged.
+                watch = spec.name == "lbfgs" and batch_size == n
+                before = [p.detach().clone() for p in model.parameters()] if watch else []
                 start = time.perf_counter()
                 try:
                     batch_loss = self._step(spec, optimizer, xb, tb, curvature)
@@ -790,6 +812,12 @@ class Runner:
                     and st.step % cfg.output.checkpoint_every == 0
                 ):
                     save()
+                unchanged = watch and all(
+                    torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+                )
+                if _converged(spec, optimizer, unchanged):
+                    reason = StopReason.CONVERGED
+                    break
             if st.last_eval_step != st.step:
                 evaluate(batch_loss)
             save(finished=True, reason=reason)
