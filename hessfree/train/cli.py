@@ -140,8 +140,34 @@ def _diff(a: object, b: object, path: str = "") -> list[str]:
     return [] if a == b else [path or "<top>"]
 
 
+def _inherit_budgets(saved: dict, overrides: list[str]) -> list[str]:
+    """Pass a global ``budget.KEY=v`` on to the entries whose saved budget inherited it.
+
+    A saved config spells out every optimizer's resolved budget, so ``budget.seconds=8``
+    alone would change only the global default; the entries that had the global value get
+    ``optimizers.I.budget.KEY=v`` too.
+    """
+    out = list(overrides)
+    for text in overrides:
+        key, _, value = text.partition("=")
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] != "budget":
+            continue
+        inherited = saved.get("budget", {}).get(parts[1])
+        for i, entry in enumerate(saved.get("optimizers", [])):
+            if (entry.get("budget") or {}).get(parts[1]) == inherited:
+                out.append(f"optimizers.{i}.budget.{parts[1]}={value}")
+    return out
+
+
 def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
-    from hessfree.train.config import ConfigError, config_to_dict, dump_config, load_config
+    from hessfree.train.config import (
+        ConfigError,
+        config_to_dict,
+        dump_config,
+        is_budget_key,
+        load_config,
+    )
     from hessfree.train.loop import Runner
 
     overrides = [item for item in args.items if "=" in item]
@@ -163,20 +189,24 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
             raise ConfigError([f"'{args.resume}' is not a run directory (no config.yaml)."])
         config = load_config(saved_path)
         if files or overrides:
+            if not files:
+                overrides = _inherit_budgets(config_to_dict(config), overrides)
             asked = load_config(files[0] if files else saved_path, overrides)
-            # A different timeout (`distributed.*`) does not change the results: allowed.
+            # A different timeout (`distributed.*`) does not change the results, and a budget
+            # only when the run stops (a finished run is extended): allowed.
             changed = [
                 key
                 for key in _diff(config_to_dict(config), config_to_dict(asked))
-                if not key.startswith("distributed.")
+                if not key.startswith("distributed.") and not is_budget_key(key)
             ]
             config = asked
             if changed:
                 raise ConfigError(
                     [
                         f"resuming needs the run's own config; these keys differ from "
-                        f"{saved_path}: {', '.join(changed)}. Drop CONFIG and the overrides "
-                        "to resume as saved, or start a new run."
+                        f"{saved_path}: {', '.join(changed)}. Only budget.* and "
+                        "distributed.* may change on resume; drop CONFIG and the other "
+                        "overrides to resume as saved, or start a new run."
                     ]
                 )
     else:

@@ -72,6 +72,8 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "config_digest",
+    "training_digest",
+    "is_budget_key",
     "safe_load_yaml",
     "infer_task",
 ]
@@ -1594,3 +1596,30 @@ def config_digest(cfg: ExperimentConfig) -> str:
     plain = config_to_dict(cfg)
     del plain["distributed"]
     return hashlib.sha256(_yaml(plain).encode()).hexdigest()
+
+
+def training_digest(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the resolved config less every budget: what a step's result depends on.
+
+    Two configs with equal training digests take the same steps; only when they stop differs,
+    so a run may be resumed with a larger (or smaller) budget.
+    """
+    plain = config_to_dict(cfg)
+    del plain["distributed"], plain["budget"]
+    for entry in plain["optimizers"]:
+        entry.pop("budget", None)
+        for phase in entry.get("phases", ()):
+            phase.pop("budget", None)
+    return hashlib.sha256(_yaml(plain).encode()).hexdigest()
+
+
+def is_budget_key(path: str) -> bool:
+    """Whether a dotted config path is a budget (which ``--resume`` may change).
+
+    Example:
+        >>> is_budget_key("budget.seconds"), is_budget_key("optimizers.1.budget.steps")
+        (True, True)
+        >>> is_budget_key("optimizers.0.lr")
+        False
+    """
+    return bool(re.fullmatch(r"(optimizers\.\d+\.(phases\.\d+\.)?)?budget(\..*)?", path))

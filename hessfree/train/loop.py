@@ -68,6 +68,7 @@ from hessfree.train.config import (
     OptimizerConfig,
     config_digest,
     dump_config,
+    training_digest,
 )
 from hessfree.train.data import Dataset, load_dataset
 from hessfree.train.metrics import MetricsLog, format_table, read_metrics, summarize
@@ -390,6 +391,7 @@ class Runner:
         self.device = self.group.device
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         self.digest = config_digest(cfg)
+        self.training_digest = training_digest(cfg)
 
         options = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "name"}
         if "seed" in options and options["seed"] is None:
@@ -480,10 +482,11 @@ class Runner:
                 )
             else:
                 ckpt = load_checkpoint(path, map_location="cpu")  # CheckpointError if damaged
-                if (
-                    ckpt.get("format") != _CHECKPOINT_FORMAT
-                    or ckpt.get("config_sha256") != self.digest
-                ):
+                # The same config, or (checkpoints that record it) the same but for budgets.
+                same = ckpt.get("config_sha256") == self.digest or (
+                    ckpt.get("training_sha256") == self.training_digest
+                )
+                if ckpt.get("format") != _CHECKPOINT_FORMAT or not same:
                     raise ConfigError(
                         [
                             f"checkpoint '{path}' was written for a different config (or "
@@ -513,6 +516,13 @@ class Runner:
                     "checkpoint recorded: the metrics file was truncated or replaced. Restore it, "
                     "or start a new run (resuming would lose records)."
                 ]
+            )
+        if writer and any(c.get("config_sha256") != self.digest for c in found.values()):
+            # Resumed under other budgets: the run directory describes the run as it goes on.
+            header = self.config_header or "Resolved by hessfree"
+            write_text_atomic(
+                self.run_dir / "config.yaml",
+                dump_config(self.config, f"{header}\nBudgets changed on resume."),
             )
         if writer:
             # Only now that every check passed: the leftovers of a write killed mid-way.
@@ -566,9 +576,9 @@ class Runner:
     def _run(self) -> RunResult:
         checkpoints = self._start()
         writer = self.group.rank == 0
-        truncate_to = 0
-        for ckpt in checkpoints.values():  # config order: the last one found is the latest
-            truncate_to = int(ckpt["metrics_bytes"])
+        # The latest checkpoint wrote the most (an optimizer continued under a larger budget
+        # on resume writes after the ones that followed it).
+        truncate_to = max((int(c["metrics_bytes"]) for c in checkpoints.values()), default=0)
         if self.resume:
             self._say(f"resuming {self.run_dir}")
         outcomes: dict[str, dict[str, Any]] = {}
@@ -664,7 +674,17 @@ class Runner:
                 hf=dict(ckpt["hf"]),
             )
             self._current = st
-            if ckpt["finished"]:
+            lifted = (
+                ckpt["finished"]
+                and ckpt["stop_reason"] in _BUDGET_REASONS
+                and self._budget_reason(spec.budget, st, self.x_train.shape[0]) is None
+            )
+            if lifted:
+                self._say(
+                    f"[{index + 1}/{len(cfg.optimizers)}] {spec.label}: continuing after "
+                    f"{st.step} steps under the larger budget"
+                )
+            elif ckpt["finished"]:
                 self._say(
                     f"[{index + 1}/{len(cfg.optimizers)}] {spec.label}: already finished "
                     f"({ckpt['stop_reason']}, {st.step} steps)"
@@ -680,6 +700,7 @@ class Runner:
                 {
                     "format": _CHECKPOINT_FORMAT,
                     "config_sha256": self.digest,
+                    "training_sha256": self.training_digest,
                     "label": spec.label,
                     "finished": finished,
                     "stop_reason": None if reason is None else reason.value,
