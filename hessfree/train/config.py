@@ -19,6 +19,10 @@ Layout of a config (every key optional unless marked)::
     optimizers:                       # required, one or more
       - {name: hessianfree, damping: 1.0, ...}   # every HessianFree keyword argument
       - {name: adam, lr: 1.0e-3, label: adam-fast, batch_size: 128, budget: {steps: 5000}}
+      - label: adam-then-hf           # phases: optimizers in sequence on the same weights,
+        phases:                       # each phase's budget counted from its start; the
+          - {name: adam, lr: 1.0e-3, budget: {steps: 500}}   # entry's budget (here the
+          - {name: hessianfree, damping: 1.0}                # global one) bounds the whole
     budget: {steps: null, epochs: null, seconds: null}   # per optimizer; first reached stops
     batch_size: null          # gradient batch; null = the whole training set
     curvature_batch_size: null  # HF curvature batch, a slice of the gradient batch
@@ -661,6 +665,7 @@ _TORCH_OPTIMIZERS: dict[str, type] = {
 #: Optimizer names a config may use.
 OPTIMIZER_NAMES = ("hessianfree", "adam", "sgd", "lbfgs")
 _ENTRY_KEYS = ("name", "label", "batch_size", "curvature_batch_size", "budget")
+_PHASED_KEYS = ("phases", "label", "budget")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -675,7 +680,12 @@ class OptimizerConfig:
         batch_size: Gradient batch; ``None`` is the whole training set.
         curvature_batch_size: HF only: curvature batch, a slice of the gradient batch;
             ``None`` is the whole gradient batch.
-        budget: This optimizer's budget (the global one with this entry's overrides).
+        budget: This optimizer's budget (the global one with this entry's overrides); for
+            a phase, the phase's own budget, counted from the phase's start.
+        phases: Optimizers run one after another on the same weights (``Adam for N steps,
+            then HessianFree``); empty for a plain entry. Each phase is a complete entry
+            with its own budget; ``name`` is then the phases' names joined by ``+`` and the
+            fields above other than ``label`` and ``budget`` are those of the first phase.
     """
 
     name: str
@@ -684,6 +694,12 @@ class OptimizerConfig:
     batch_size: int | None
     curvature_batch_size: int | None
     budget: BudgetConfig
+    phases: tuple[OptimizerConfig, ...] = ()
+
+    @property
+    def leaves(self) -> tuple[OptimizerConfig, ...]:
+        """The optimizers that take steps: the phases, or this entry alone."""
+        return self.phases or (self,)
 
 
 @dataclass(frozen=True)
@@ -909,10 +925,82 @@ def _merge_budget(base: BudgetConfig, raw: Any, path: str, problems: list[str]) 
     )
 
 
-def _parse_optimizer(
-    raw: Any, index: int, top: _TopLevel, problems: list[str]
+def _parse_phased(
+    raw: Mapping[str, Any], path: str, top: _TopLevel, problems: list[str]
 ) -> OptimizerConfig | None:
-    path = f"optimizers.{index}"
+    """An entry ``{phases: [entry, entry, ...], label, budget}``: optimizers in sequence."""
+    for key in raw:
+        if key not in _PHASED_KEYS:
+            problems.append(
+                _unknown_key(path, key, _PHASED_KEYS)[:-1]
+                + " (an entry with `phases` sets the optimizer keys in each phase)."
+            )
+    raw_phases = raw["phases"]
+    if not isinstance(raw_phases, list) or len(raw_phases) < 2:
+        problems.append(
+            f"`{path}.phases` must be a list of two or more optimizer entries run one after "
+            f"another, got {_show(raw_phases)}; a single optimizer is a plain entry."
+        )
+        return None
+    # A phase's budget is its own, counted from its start; the global one bounds the entry.
+    no_budget = dataclasses.replace(top, budget=BudgetConfig())
+    phases = []
+    for j, entry in enumerate(raw_phases):
+        where = f"{path}.phases.{j}"
+        if isinstance(entry, Mapping):
+            for key in ("phases", "label"):
+                if key in entry:
+                    problems.append(
+                        f"`{where}.{key}` is not allowed in a phase; set it on `{path}`."
+                    )
+        phase = _parse_optimizer(
+            {k: v for k, v in entry.items() if k not in ("phases", "label")}
+            if isinstance(entry, Mapping)
+            else entry,
+            index=None,
+            top=no_budget,
+            problems=problems,
+            path=where,
+        )
+        if phase is None:
+            return None
+        b = phase.budget
+        if j < len(raw_phases) - 1 and b.steps is None and b.epochs is None and b.seconds is None:
+            problems.append(
+                f"`{where}` ({phase.name}) has no budget, so the phases after it would never "
+                f"run: set `{where}.budget.steps`, `.epochs` or `.seconds`."
+            )
+        phases.append(phase)
+    names = "+".join(ph.name for ph in phases)
+    label = raw.get("label", names)
+    if not isinstance(label, str) or not _LABEL.match(label):
+        problems.append(
+            f"`{path}.label` must be a name of letters, digits and _.+- "
+            f"(it names files), got {_show(label)}."
+        )
+        label = names
+    first = phases[0]
+    return OptimizerConfig(
+        name=names,
+        label=label,
+        hyperparameters={},
+        batch_size=first.batch_size,
+        curvature_batch_size=first.curvature_batch_size,
+        budget=_merge_budget(top.budget, raw.get("budget"), f"{path}.budget", problems),
+        phases=tuple(phases),
+    )
+
+
+def _parse_optimizer(
+    raw: Any,
+    index: int | None,
+    top: _TopLevel,
+    problems: list[str],
+    path: str | None = None,
+) -> OptimizerConfig | None:
+    path = path or f"optimizers.{index}"
+    if isinstance(raw, Mapping) and "phases" in raw and index is not None:
+        return _parse_phased(raw, path, top, problems)
     if not isinstance(raw, Mapping):
         problems.append(
             f"`{path}` must be a mapping with a `name`, got {_type_name(raw)} {_show(raw)}."
@@ -1119,11 +1207,14 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
     before = len(problems)
     known = _known_data(cfg.data, problems)
     n = known.num_train
+    leaves = [
+        (f"optimizers.{i}" + (f".phases.{j}" if o.phases else ""), leaf)
+        for i, o in enumerate(cfg.optimizers)
+        for j, leaf in enumerate(o.leaves)
+    ]
     if n is not None and n >= 1 and len(problems) == before:
-        for i, opt in enumerate(cfg.optimizers):
-            where = (
-                "batch_size" if opt.batch_size == cfg.batch_size else f"optimizers.{i}.batch_size"
-            )
+        for entry_path, opt in leaves:
+            where = "batch_size" if opt.batch_size == cfg.batch_size else f"{entry_path}.batch_size"
             if (
                 opt.batch_size is not None
                 and opt.batch_size > n
@@ -1131,17 +1222,16 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
             ):
                 problems.append(
                     f"`{where}` = {opt.batch_size} exceeds the {n} training cases of "
-                    f"{cfg.data.name!r} (optimizers.{i}, {opt.label}); use at most {n}, or null "
+                    f"{cfg.data.name!r} ({entry_path}, {opt.label}); use at most {n}, or null "
                     "for the whole training set."
                 )
-            bs = opt.batch_size or n
             if (
                 opt.curvature_batch_size is not None
-                and opt.curvature_batch_size > bs
-                and (opt.batch_size is None)
+                and opt.curvature_batch_size > n
+                and opt.batch_size is None
             ):
                 problems.append(
-                    f"`optimizers.{i}.curvature_batch_size` = {opt.curvature_batch_size} "
+                    f"`{entry_path}.curvature_batch_size` = {opt.curvature_batch_size} "
                     f"exceeds the {n} training cases of {cfg.data.name!r} (its gradient batch)."
                 )
     itemsize = 8 if cfg.dtype == "float64" else 4
@@ -1198,7 +1288,7 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
             f"`model.name` = 'cnn' needs image data ({', '.join(_IMAGE_DATA)} or npz "
             f"with (N, C, H, W) inputs), got {cfg.data.name!r}."
         )
-    for i, opt in enumerate(cfg.optimizers):
+    for i, opt in ((i, leaf) for i, o in enumerate(cfg.optimizers) for leaf in o.leaves):
         mu = (
             opt.hyperparameters.get("structural_damping", 0.0) if opt.name == "hessianfree" else 0.0
         )
@@ -1228,21 +1318,27 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
         budget_reported = any(
             p.startswith(("`budget.", f"`optimizers.{i}.budget")) for p in problems
         )
-        if b.steps is None and b.epochs is None and b.seconds is None and not budget_reported:
+        last = opt.leaves[-1].budget if opt.phases else b  # a last phase may bound the entry
+        unbounded = all(
+            x.steps is None and x.epochs is None and x.seconds is None for x in (b, last)
+        )
+        if unbounded and not budget_reported:
             problems.append(
                 f"`optimizers.{i}` ({opt.label}) has no budget: set `budget.steps`, "
                 "`budget.epochs` or `budget.seconds` (globally or in the entry)."
             )
-        if (
-            opt.curvature_batch_size is not None
-            and opt.batch_size is not None
-            and opt.curvature_batch_size > opt.batch_size
-        ):
-            problems.append(
-                f"`optimizers.{i}.curvature_batch_size` = {opt.curvature_batch_size} "
-                f"exceeds its gradient batch_size {opt.batch_size}; the curvature "
-                "batch is a slice of the gradient batch."
-            )
+        for j, leaf in enumerate(opt.leaves):
+            where = f"optimizers.{i}" + (f".phases.{j}" if opt.phases else "")
+            if (
+                leaf.curvature_batch_size is not None
+                and leaf.batch_size is not None
+                and leaf.curvature_batch_size > leaf.batch_size
+            ):
+                problems.append(
+                    f"`{where}.curvature_batch_size` = {leaf.curvature_batch_size} "
+                    f"exceeds its gradient batch_size {leaf.batch_size}; the curvature "
+                    "batch is a slice of the gradient batch."
+                )
 
 
 def parse_config(
@@ -1564,17 +1660,29 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         if f.name == "optimizers":
             entries = []
             for opt in value:
-                entry: dict[str, Any] = {"name": opt.name, "label": opt.label}
-                entry.update(plain(opt.hyperparameters))
-                entry["batch_size"] = opt.batch_size
-                if opt.name == "hessianfree":
-                    entry["curvature_batch_size"] = opt.curvature_batch_size
-                entry["budget"] = plain(opt.budget)
-                entries.append(entry)
+                if opt.phases:
+                    phases = [_entry(ph, plain) for ph in opt.phases]
+                    for ph in phases:
+                        del ph["label"]
+                    entries.append(
+                        {"label": opt.label, "phases": phases, "budget": plain(opt.budget)}
+                    )
+                else:
+                    entries.append(_entry(opt, plain))
             out["optimizers"] = entries
         else:
             out[f.name] = plain(value)
     return out
+
+
+def _entry(opt: OptimizerConfig, plain: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": opt.name, "label": opt.label}
+    entry.update(plain(opt.hyperparameters))
+    entry["batch_size"] = opt.batch_size
+    if opt.name == "hessianfree":
+        entry["curvature_batch_size"] = opt.curvature_batch_size
+    entry["budget"] = plain(opt.budget)
+    return entry
 
 
 def _yaml(plain: Mapping[str, Any]) -> str:

@@ -179,6 +179,13 @@ class _Progress:
     last_eval_step: int = -1
     last_eval_seconds: float = 0.0
     hf: dict[str, Any] = dataclasses.field(default_factory=dict)
+    phase: int = 0  # the running phase of an entry with `phases`
+    phase_start: tuple[int, int, float] = (0, 0, 0.0)  # step, cases, seconds when it began
+
+    def in_phase(self) -> _Progress:
+        """Steps, cases and seconds since the running phase began (for its own budget)."""
+        step, cases, seconds = self.phase_start
+        return _Progress(self.step - step, self.cases - cases, self.seconds - seconds)
 
 
 def _scalar(loss: Tensor | float | tuple) -> float:
@@ -237,7 +244,12 @@ def _data_problems(
     """Config checks that need the loaded data (and the number of processes)."""
     problems = []
     n = ds.x_train.shape[0]
-    for i, opt in enumerate(cfg.optimizers):
+    leaves = [
+        (f"{i}.phases.{j}" if o.phases else str(i), leaf)
+        for i, o in enumerate(cfg.optimizers)
+        for j, leaf in enumerate(o.leaves)
+    ]
+    for i, opt in leaves:
         bs = opt.batch_size or n
         if bs > n:
             problems.append(
@@ -643,14 +655,13 @@ class Runner:
         cfg, model, group = self.config, self.model, self.group
         writer = group.rank == 0
         n = self.x_train.shape[0]
-        batch_size = spec.batch_size or n
-        curvature_size = spec.curvature_batch_size
-        if curvature_size is not None and curvature_size >= batch_size:
-            curvature_size = None  # the whole gradient batch: no separate closure needed
+        phase = int(ckpt.get("phase", 0)) if ckpt is not None else 0
+        leaf = spec.leaves[phase]  # the optimizer taking the steps (the phase running)
+        batch_size, curvature_size = self._batch_sizes(leaf, n)
 
         model.load_state_dict(self.initial_state)
         model.train()
-        optimizer = build_optimizer(spec, model.parameters())
+        optimizer = build_optimizer(leaf, model.parameters())
         torch.manual_seed(cfg.seed)
         data_gen = torch.Generator().manual_seed(cfg.seed)
         st = _Progress()
@@ -672,12 +683,15 @@ class Runner:
                 last_eval_step=ckpt["last_eval_step"],
                 last_eval_seconds=ckpt["last_eval_seconds"],
                 hf=dict(ckpt["hf"]),
+                phase=phase,
+                phase_start=tuple(ckpt.get("phase_start", (0, 0, 0.0))),
             )
             self._current = st
             lifted = (
                 ckpt["finished"]
                 and ckpt["stop_reason"] in _BUDGET_REASONS
-                and self._budget_reason(spec.budget, st, self.x_train.shape[0]) is None
+                and self._budget_reason(spec.budget, st, n) is None
+                and not (spec.phases and self._budget_reason(leaf.budget, st.in_phase(), n))
             )
             if lifted:
                 self._say(
@@ -712,6 +726,8 @@ class Runner:
                     "last_eval_step": st.last_eval_step,
                     "last_eval_seconds": st.last_eval_seconds,
                     "hf": st.hf,
+                    "phase": st.phase,
+                    "phase_start": list(st.phase_start),
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(),
@@ -738,6 +754,9 @@ class Runner:
                 **self._evaluate(),
                 **st.hf,
             }
+            if spec.phases:  # which phase took the steps up to here (plots mark the switches)
+                record["phase"] = st.phase
+                record["phase_name"] = spec.phases[st.phase].name
             self.log.append(record)
             bar.set_postfix(
                 train=f"{record['train_loss']:.4g}",
@@ -767,9 +786,34 @@ class Runner:
                 save()
             budget, every = spec.budget, cfg.eval
             batch_loss = math.nan
+            converged = False
             agreed_signal: int | None = None  # a data-parallel run stops on agreed signals only
             while True:
                 reason = self._budget_reason(budget, st, n)
+                switch = False
+                if reason is None and spec.phases:
+                    reason = self._budget_reason(leaf.budget, st.in_phase(), n)
+                    if converged:
+                        reason = StopReason.CONVERGED
+                    switch = reason is not None and st.phase + 1 < len(spec.phases)
+                if switch:
+                    # The phase's budget is spent: log where it ended, go on with the next.
+                    if st.last_eval_step != st.step and not group.agree_flag(evaluate(batch_loss)):
+                        reason = StopReason.DIVERGED
+                        break
+                    st.phase += 1
+                    st.phase_start = (st.step, st.cases, st.seconds)
+                    converged = False
+                    st.hf = {}
+                    leaf = spec.phases[st.phase]
+                    batch_size, curvature_size = self._batch_sizes(leaf, n)
+                    optimizer = build_optimizer(leaf, model.parameters())
+                    save()
+                    self._say(
+                        f"    {spec.label}: phase {st.phase + 1}/{len(spec.phases)} "
+                        f"({leaf.name}) from step {st.step}, batch {batch_size}"
+                    )
+                    continue
                 if reason is not None:
                     break
                 signum = agreed_signal if group.active else self._stop_signal
@@ -794,11 +838,11 @@ class Runner:
                     )
 
                 # L-BFGS on the whole set: a step that moves nothing has converged.
-                watch = spec.name == "lbfgs" and batch_size == n
+                watch = leaf.name == "lbfgs" and batch_size == n
                 before = [p.detach().clone() for p in model.parameters()] if watch else []
                 start = time.perf_counter()
                 try:
-                    batch_loss = self._step(spec, optimizer, xb, tb, curvature)
+                    batch_loss = self._step(leaf, optimizer, xb, tb, curvature)
                 except FloatingPointError as err:  # HF gives up after repeated non-finite steps
                     self._say(f"    {spec.label}: {err}")
                     batch_loss = math.nan
@@ -810,7 +854,7 @@ class Runner:
                 st.seconds += seconds
                 st.step += 1
                 st.cases += batch_size
-                if spec.name == "hessianfree":
+                if leaf.name == "hessianfree":
                     st.hf = hf_diagnostics(optimizer)
                 bar.update(1)
                 if self.on_step is not None:
@@ -836,9 +880,11 @@ class Runner:
                 unchanged = watch and all(
                     torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
                 )
-                if _converged(spec, optimizer, unchanged):
-                    reason = StopReason.CONVERGED
-                    break
+                if _converged(leaf, optimizer, unchanged):
+                    converged = True  # the entry stops, or its next phase begins
+                    if not (spec.phases and st.phase + 1 < len(spec.phases)):
+                        reason = StopReason.CONVERGED
+                        break
             if st.last_eval_step != st.step:
                 evaluate(batch_loss)
             save(finished=True, reason=reason)
@@ -849,6 +895,15 @@ class Runner:
             f"{st.seconds:.3g} s of training"
         )
         return self._outcome(spec, reason, st)
+
+    @staticmethod
+    def _batch_sizes(leaf: OptimizerConfig, n: int) -> tuple[int, int | None]:
+        """The gradient batch and HF's separate curvature batch (None: the gradient batch)."""
+        batch_size = leaf.batch_size or n
+        curvature_size = leaf.curvature_batch_size
+        if curvature_size is not None and curvature_size >= batch_size:
+            curvature_size = None  # the whole gradient batch: no separate closure needed
+        return batch_size, curvature_size
 
     @staticmethod
     def _budget_reason(budget: Any, st: _Progress, n: int) -> StopReason | None:
