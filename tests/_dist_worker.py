@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -36,13 +37,17 @@ def main() -> None:
     )
     try:
         work(rank, world, out_file, steps, mode)
-        # Ranks that reach gloo's teardown at interpreter exit at different times (rank 0 is
-        # still writing its result) may abort with "terminate called without an active
-        # exception": meet first, then leave the group.
-        dist.barrier()
-    finally:
-        # After a peer died the barrier is skipped (the error propagates); destroying is safe.
-        dist.destroy_process_group()
+    except BaseException:
+        # A peer died (the crash test): destroying the group or gloo's teardown at exit could
+        # wait on the dead peer, so report and leave at once, skipping both.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    # Ranks that reach gloo's teardown at interpreter exit at different times (rank 0 is
+    # still writing its result) may abort with "terminate called without an active
+    # exception": meet first, then leave the group.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:

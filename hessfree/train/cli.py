@@ -13,6 +13,7 @@ error (with its traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -264,6 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except PeerError as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # A group left after a peer failed: its teardown at interpreter exit could wait on
+            # the dead peer or abort (exit code -6 instead of 3). Leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
         return 3
     except KeyboardInterrupt:
         print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)

@@ -304,8 +304,11 @@ def _leave(
         PeerError: The barrier of a run that succeeded failed: another rank died or hung at
             the very end.
     """
-    if failed and not together and device.type == "cuda":
-        return  # after a failed NCCL collective, destroying the group can block; the process ends
+    if failed and not together:
+        # After a lone failure a peer may be dead or stuck in a collective: destroying the
+        # group can then block (seen with gloo as with NCCL). The process is ending; the CLI
+        # leaves with os._exit, skipping the teardown at exit as well.
+        return
     lost = None
     if not failed or together:
         try:
