@@ -7,6 +7,7 @@ Martens-style :class:`HessianFree` optimizer (:mod:`hessfree.optimizer`).
 
 from __future__ import annotations
 
+from . import spectral  # used qualified: hessfree.spectral.top_eigenpairs
 from ._flat import ParamLayout, trainable
 from .cg import CGResult, StopReason, cg
 from .curvature import (
@@ -28,7 +29,7 @@ from .operators import (
     JacobianLinearOperator,
     limit_blas_threads,
 )
-from .optimizer import HessianFree, StepInfo
+from .optimizer import HessianFree, StepInfo, StepStatus
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
 __version__ = "0.1.0"
@@ -57,10 +58,13 @@ __all__ = [
     # optimizer
     "HessianFree",
     "StepInfo",
+    "StepStatus",
     "EmpiricalFisherDiagonal",
     "PrecondContext",
     "reduction_ratio",
     "update_damping",
+    # submodules
+    "spectral",
     # helpers
     "ParamLayout",
     "trainable",

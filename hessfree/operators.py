@@ -151,6 +151,21 @@ def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tens
     )
 
 
+def _is_stochastic(module: nn.Module) -> bool:
+    """Train-mode BatchNorm or Dropout (p > 0): the forward pass differs between calls."""
+    return module.training and (
+        isinstance(module, _BatchNorm) or (isinstance(module, _DropoutNd) and module.p > 0)
+    )
+
+
+def _stochastic_modules_message(found: Iterable[str]) -> str:
+    """The shared wording (operators and optimizer) for modules found by :func:`_is_stochastic`."""
+    return (
+        f"modules in training mode that change between forward passes: {', '.join(found)}; "
+        "curvature products would not come from one matrix"
+    )
+
+
 def _check_model(model: object, allow_training_mode: bool) -> None:
     """Refuse modules whose forward pass differs between calls (cheap module scan)."""
     if not callable(model):
@@ -163,14 +178,13 @@ def _check_model(model: object, allow_training_mode: bool) -> None:
     found = [
         f"{name or '<model>'} ({type(m).__name__})"
         for name, m in module.named_modules()
-        if m.training and (isinstance(m, _BatchNorm) or (isinstance(m, _DropoutNd) and m.p > 0))
+        if _is_stochastic(m)
     ]
     if found:
         raise ValueError(
-            f"`model` has modules in training mode that change between forward passes: "
-            f"{', '.join(found)}; curvature products would not come from one matrix. Call "
-            "model.eval() before building the operator, or pass allow_training_mode=True if "
-            "the randomness is intended."
+            f"`model` has {_stochastic_modules_message(found)}. Call model.eval() before "
+            "building the operator, or pass allow_training_mode=True if the randomness is "
+            "intended."
         )
 
 
@@ -230,6 +244,15 @@ def _single_batch(data: object) -> tuple[Any, Any] | None:
             "the data again, so pass a list of batches or a DataLoader."
         )
     return None
+
+
+def _check_rows(inputs: Any, where: str) -> None:
+    """Refuse a batch of zero examples (it would give zero products and a NaN mean loss)."""
+    if isinstance(inputs, Tensor) and inputs.dim() > 0 and inputs.shape[0] == 0:
+        raise ValueError(
+            f"`{where}` has zero rows (shape {tuple(inputs.shape)}); pass a batch with at least "
+            "one example, as for an empty `data`."
+        )
 
 
 def _import_tqdm() -> Callable[..., Any]:
@@ -350,6 +373,10 @@ class _TorchLinearOperator(LinearOperator):
         raise NotImplementedError
 
 
+#: What to check when the model fails on its inputs (also the optimizer's closure hint).
+_INPUT_MISMATCH_HINT = "Check that the inputs match the model (features, dtype, device)."
+
+
 def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
     """``model(inputs)``, with a failure or a non-tensor result turned into a clear error."""
     try:
@@ -358,8 +385,7 @@ def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
         raise
     except RuntimeError as err:
         raise ValueError(
-            f"`model` failed on `inputs` of shape {_shape(inputs)}: {err}. Check that the "
-            "inputs match the model (features, dtype, device)."
+            f"`model` failed on `inputs` of shape {_shape(inputs)}: {err}. {_INPUT_MISMATCH_HINT}"
         ) from err
     if not isinstance(outputs, Tensor):
         raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")
@@ -406,7 +432,8 @@ class CurvatureLinearOperator(_TorchLinearOperator):
     Raises:
         TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, or a
             one-shot iterator as ``data``.
-        ValueError: If ``data`` is empty, ``model`` fails on the inputs, ``loss_fn`` does not
+        ValueError: If ``data`` is empty or a batch has zero rows, ``model`` fails on the
+            inputs, ``loss_fn`` does not
             return a scalar, ``reduction`` is not ``'mean'``/``'sum'``, or the model has
             stochastic modules in training mode.
     """
@@ -490,6 +517,7 @@ class CurvatureLinearOperator(_TorchLinearOperator):
 
     def _batch(self, batch: object, where: str) -> tuple[Any, Any]:
         inputs, targets = _as_pair(batch, where)
+        _check_rows(inputs, f"{where} inputs")
         move = functools.partial(torch.Tensor.to, device=self.device, non_blocking=True)
         return (
             move(inputs) if isinstance(inputs, Tensor) else inputs,
@@ -762,7 +790,8 @@ class JacobianLinearOperator(_TorchLinearOperator):
     Raises:
         TypeError: For a ``model``, ``params`` or ``dtype`` of the wrong type, or if the model
             does not return a tensor.
-        ValueError: If ``model`` fails on ``inputs`` or has stochastic modules in training mode.
+        ValueError: If ``inputs`` has zero rows, ``model`` fails on them, or it has stochastic
+            modules in training mode.
 
     Example:
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
@@ -784,6 +813,7 @@ class JacobianLinearOperator(_TorchLinearOperator):
         _check_model(model, allow_training_mode)
         params = _resolve_params(model, params)
         layout = ParamLayout(params)
+        _check_rows(inputs, "inputs")
         if isinstance(inputs, Tensor):
             inputs = inputs.to(layout.device)
         with torch.enable_grad():

@@ -10,7 +10,8 @@ undamped quadratic model and :math:`\rho` the reduction ratio.
 One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference MATLAB code):
 
 1. Loss, gradient and the curvature products' graph at :math:`\theta` from **one** closure call
-   (the first-order graph is reused by every product).
+   (the first-order graph is reused by every product). ``torch.optim.LBFGS``'s first-order
+   test ends the step here: :math:`\max_i |g_i| \le` ``tolerance_grad`` → ``'converged'``.
 2. Truncated preconditioned CG on :math:`Bp = -g` (:func:`hessfree.cg`), warm-started from
    ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the reference code),
    stopping by the relative-progress rule (§4.4).
@@ -19,7 +20,9 @@ One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference M
 4. :math:`\rho` of the backtracked step with the undamped model, read off CG's :math:`\phi`
    (no extra product); Levenberg-Marquardt update of :math:`\lambda` (§4.1).
 5. Armijo backtracking line search on the backtracked step (the reference code's: :math:`c =
-   10^{-2}`, rate × 0.8, up to 60 tries), else the step is rejected.
+   10^{-2}`, rate × 0.8, up to 60 tries), else the step is rejected. A step that changed the
+   objective by less than ``tolerance_change``, or every parameter by at most that, is
+   ``'converged'`` (LBFGS's no-progress tests; ours, not the paper's).
 
 Where our defaults differ from the paper: initial ``damping`` is 1 (the reference uses 45 on its
 own loss scaling: tune it so that :math:`\rho` lands in 0.75–0.95 after the first step); no
@@ -38,6 +41,10 @@ Closure styles, fastest first:
   call runs), and evaluation calls run the closure's backward too, which costs one backward
   pass per evaluation that the other styles avoid.
 
+Dropout and train-mode BatchNorm make every closure call a different function (and each trial
+evaluation updates BatchNorm's running statistics); the first call of each closure is watched
+for such modules and a warning says so once, as the SciPy operators refuse them.
+
 References:
     Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.
     Nocedal & Wright (2006), Numerical Optimization, 2nd ed., §3.1 (Armijo) and §4 (trust region).
@@ -46,7 +53,9 @@ References:
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +63,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
 from ._checks import check_choice, check_int, check_number
@@ -69,31 +79,86 @@ from .curvature import (
     loss_hessian_product,
 )
 from .distributed import Averager
+from .operators import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
-__all__ = ["HessianFree", "StepInfo"]
+__all__ = ["HessianFree", "StepInfo", "StepStatus"]
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor]"]
 CURVATURES = ("auto", "ggn", "hessian", "fisher")
+# torch's messages for data that does not match the parameters (dtype, device, features)
+_MISMATCH = re.compile(
+    r"dtype|scalar type|should be the same|same device|two devices|shapes cannot be multiplied"
+)
+
+
+class StepStatus(str, enum.Enum):
+    """What one :meth:`HessianFree.step` did; each member equals its string value.
+
+    ``StepStatus.CONVERGED == "converged"`` holds and ``str``/``format`` give the value, so
+    code that compares ``StepInfo.status`` with strings keeps working.
+    """
+
+    #: The parameters moved by the accepted step.
+    ACCEPTED = "accepted"
+    #: ``torch.optim.LBFGS``'s tests: :math:`\max_i |g_i| \le` ``tolerance_grad`` at the start
+    #: (returned after one closure call, nothing moved), or no progress: the accepted step
+    #: changed the objective by less than ``tolerance_change`` or every parameter by at most
+    #: ``tolerance_change`` (it was still applied), or a rejected step whose full length
+    #: (× ``lr``) was at most ``tolerance_change`` in every parameter.
+    CONVERGED = "converged"
+    #: No rate passed the line search, or the step was not a descent direction; nothing moved.
+    LINE_SEARCH_FAILED = "line_search_failed"
+    #: Every group's ``lr`` is 0 (e.g. a scheduler's ``eta_min=0``); one closure call,
+    #: nothing moved, :math:`\lambda` unchanged.
+    ZERO_LR = "zero_lr"
+    #: The closure's loss at the start was NaN or infinite.
+    NON_FINITE_LOSS = "non_finite_loss"
+    #: The gradient at the start had a NaN or infinite entry.
+    NON_FINITE_GRADIENT = "non_finite_gradient"
+    #: A curvature product (or the preconditioner) gave a NaN or infinite value inside CG.
+    NON_FINITE_CURVATURE = "non_finite_curvature"
+    #: No trial point was accepted and one of the trial losses (CG backtracking or line
+    #: search) was NaN or infinite.
+    NON_FINITE_TRIAL_LOSS = "non_finite_trial_loss"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_NON_FINITE = frozenset(
+    {
+        StepStatus.NON_FINITE_LOSS,
+        StepStatus.NON_FINITE_GRADIENT,
+        StepStatus.NON_FINITE_CURVATURE,
+        StepStatus.NON_FINITE_TRIAL_LOSS,
+    }
+)
 
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Diagnostics of one :meth:`HessianFree.step`.
+    r"""Diagnostics of one :meth:`HessianFree.step`.
 
     Attributes:
         loss: Objective at the start (closure loss plus the L2 term).
-        loss_after: Objective at the accepted point (``loss`` if the step was rejected).
-        accepted: Whether the parameters changed.
-        status: ``'accepted'``, ``'line_search_failed'``, ``'zero_gradient'``,
-            ``'non_finite_loss'``, ``'non_finite_gradient'`` or ``'non_finite_curvature'``.
-        rho: Reduction ratio of the backtracked step (NaN if not computed).
-        damping: :math:`\\lambda` used in this step's CG.
-        next_damping: :math:`\\lambda` after the Levenberg-Marquardt update.
+        loss_after: Objective at the accepted point (``loss`` if nothing moved).
+        accepted: Whether the parameters changed (an accepted step, or a ``'converged'`` one
+            whose tiny step was still applied).
+        status: A :class:`StepStatus`; compares equal to its string (``'accepted'``,
+            ``'converged'``, ``'line_search_failed'``, ``'zero_lr'``, ``'non_finite_loss'``,
+            ``'non_finite_gradient'``, ``'non_finite_curvature'``, ``'non_finite_trial_loss'``).
+        rho: Reduction ratio :math:`\rho` of the backtracked step at its full length (rate 1,
+            before the line search): NaN if not computed or the model predicted no decrease;
+            ``-inf`` (Martens' reference code) when that full step increased the objective or
+            gave a non-finite value, *even if the line search then found a decrease at a
+            smaller rate and the step was accepted* (``adapt_damping`` raised :math:`\lambda`).
+        damping: :math:`\lambda` used in this step's CG.
+        next_damping: :math:`\lambda` after the Levenberg-Marquardt update.
         cg_iters: CG iterations; ``cg_reason`` why CG stopped; ``cg_matvecs`` products.
         backtrack_iter: CG iteration of the chosen (backtracked) iterate.
         step_rate: Accepted Armijo rate (0 if rejected).
-        grad_norm: :math:`\\|g\\|`.
+        grad_norm: :math:`\|g\|`.
         closure_calls: Closure evaluations in this step (curvature closure included).
         time_products: Seconds spent in curvature products (on CUDA: launch time, async).
         time_total: Seconds for the whole step.
@@ -102,7 +167,7 @@ class StepInfo:
     loss: float
     loss_after: float
     accepted: bool
-    status: str
+    status: StepStatus
     rho: float = math.nan
     damping: float = math.nan
     next_damping: float = math.nan
@@ -163,7 +228,9 @@ class HessianFree(torch.optim.Optimizer):
             all groups form one quadratic model). Tensors with ``requires_grad=False`` are skipped.
         lr: Multiplies the accepted step (1 in the paper); backtracking, :math:`\rho` and the
             line search work on the unscaled step, so ``StepInfo.loss_after`` is the objective
-            there.
+            there. 0 is allowed (schedulers such as ``CosineAnnealingLR(eta_min=0)`` reach it);
+            when every group's ``lr`` is 0 a step returns after one closure call with status
+            ``'zero_lr'`` and nothing moves.
         curvature: ``'auto'`` (Gauss-Newton when the closure returns ``(loss, outputs)``, else the
             Hessian), ``'ggn'``, ``'hessian'``, ``'fisher'`` (empirical Fisher, mean over dim 0 of
             the outputs unless the loss node says ``'sum'``) or a callable
@@ -195,7 +262,18 @@ class HessianFree(torch.optim.Optimizer):
             ``(loss, outputs)`` closures), a :class:`EmpiricalFisherDiagonal`, or a callable
             ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal of :math:`M` or
             :math:`r \mapsto M^{-1}r`.
-        max_failures: Consecutive non-finite steps tolerated before ``FloatingPointError``.
+        tolerance_grad: ``torch.optim.LBFGS``'s first-order optimality test: a step whose
+            gradient has :math:`\max_i |g_i| \le` ``tolerance_grad`` (L2 term included)
+            returns after one closure call with status ``'converged'``, nothing moved.
+        tolerance_change: ``torch.optim.LBFGS``'s no-progress test: a step that changes the
+            objective by less than ``tolerance_change`` or every parameter by at most
+            ``tolerance_change`` is applied and reported ``'converged'``; so is a rejected step
+            whose full length (× ``lr``) is at most ``tolerance_change`` in every parameter
+            (e.g. :math:`\lambda` pinned at ``max_damping``). 0 turns these tests off (but
+            for a zero step).
+        max_failures: Consecutive steps with a non-finite value (loss, gradient, curvature
+            product, or every trial loss rejected with one of them NaN/Inf) tolerated before
+            ``FloatingPointError``; any other step resets the count.
         callback: Called with the :class:`StepInfo` after every step.
         seed: Seed of the optimizer's own generator (preconditioner probes); the user's global
             RNG is never touched.
@@ -250,12 +328,16 @@ class HessianFree(torch.optim.Optimizer):
         line_search_shrink: float = 0.8,
         line_search_max_iter: int = 60,
         precond: str | EmpiricalFisherDiagonal | Callable | None = None,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
         max_failures: int = 10,
         callback: Callable[[StepInfo], None] | None = None,
         seed: int = 0,
         process_group: object | None = None,
     ) -> None:
-        lr = check_number("lr", lr, low=0.0, low_open=True)
+        lr = check_number("lr", lr, low=0.0)
+        tolerance_grad = check_number("tolerance_grad", tolerance_grad, low=0.0)
+        tolerance_change = check_number("tolerance_change", tolerance_change, low=0.0)
         weight_decay = check_number("weight_decay", weight_decay, low=0.0)
         if not callable(curvature):
             check_choice("curvature", curvature, CURVATURES)
@@ -334,16 +416,41 @@ class HessianFree(torch.optim.Optimizer):
         self.callback = callback
         self.seed = check_int("seed", seed)
         self._avg = Averager(process_group)
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        # The tolerances live in the defaults, as in LBFGS, so state_dict() carries them.
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            tolerance_grad=tolerance_grad,
+            tolerance_change=tolerance_change,
+        )
+        super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
-            check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0, low_open=True)
+            check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0)
             check_number(f"param_groups[{i}]['weight_decay']", group["weight_decay"], low=0.0)
+            for key in ("tolerance_grad", "tolerance_change"):
+                check_number(f"param_groups[{i}][{key!r}]", group[key], low=0.0)
+                if group[key] != defaults[key]:
+                    raise ValueError(
+                        f"`param_groups[{i}][{key!r}]` is {group[key]!r} but `{key}` is "
+                        f"{defaults[key]!r}; all groups form one quadratic model, so pass "
+                        f"`{key}` to HessianFree instead of per group."
+                    )
         if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
             raise ValueError(
                 "No parameter requires gradients; HessianFree has nothing to optimize."
             )
         self.last_step: StepInfo | None = None
         self._generator: torch.Generator | None = None
+        # Closure roles whose first call was watched for train-mode BatchNorm/Dropout.
+        self._watched: set[str] = set()
+        self._warned_stochastic = False
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load as ``torch.optim.Optimizer`` does; state from before the tolerances gets ours."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key in ("tolerance_grad", "tolerance_change"):
+                group.setdefault(key, self.defaults[key])
 
     # ------------------------------------------------------------------------------ state
     def _params(self) -> list[Tensor]:
@@ -525,7 +632,9 @@ class HessianFree(torch.optim.Optimizer):
         Raises:
             TypeError: If ``closure`` is not callable or returns something other than a scalar
                 tensor or ``(loss, outputs)``.
-            ValueError: If the curvature or preconditioner needs outputs the closure does not give.
+            ValueError: If the curvature or preconditioner needs outputs the closure does not
+                give, or the closure's first call fails because its data does not match the
+                parameters (dtype, device or features; torch's error is chained).
             FloatingPointError: After ``max_failures`` consecutive non-finite steps.
         """
         if not callable(closure):
@@ -544,20 +653,24 @@ class HessianFree(torch.optim.Optimizer):
         lam = st["damping"]
         l2 = self._per_entry(layout, "weight_decay")
         lr = self._per_entry(layout, "lr")
+        group = self.param_groups[0]
+        tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
 
-        # ---- 1. loss, gradient and the curvature graph at θ0 ----
-        ev = self._call(closure, counter, build_graph=True, contract_a=False)
+        # ---- 1. loss and gradient at θ0 (the curvature graph too, without curvature_closure) ----
+        ev = self._first_call(closure, "closure", counter, layout)
         contract_a = ev.grads is not None
         loss0 = ev.loss.detach()
         if st["step"] == 0:
             self._avg.check_same(layout.cat([p.detach() for p in params]))
         f0 = self._avg.mean_scalar(float(loss0), loss0) + self._l2(params, l2)
 
-        def finish(status: str, **kw) -> Tensor:
+        def finish(status: StepStatus, *, accepted: bool = False, **kw) -> Tensor:
+            if status not in _NON_FINITE:
+                st["failures"] = 0  # max_failures counts *consecutive* non-finite steps
             info = StepInfo(
                 loss=f0,
                 loss_after=kw.pop("loss_after", f0),
-                accepted=status == "accepted",
+                accepted=accepted,
                 status=status,
                 damping=lam,
                 next_damping=st["damping"],
@@ -575,22 +688,29 @@ class HessianFree(torch.optim.Optimizer):
             return loss0
 
         if not math.isfinite(f0):
-            return self._reject(st, finish, "non_finite_loss", "the loss")
-        cev = ev
-        if curvature_closure is not None:
-            cev = self._call(curvature_closure, counter, build_graph=True, contract_a=False)
+            return self._reject(st, finish, StepStatus.NON_FINITE_LOSS, "the loss")
+        curv = product = None
         with torch.enable_grad():  # the products differentiate graphs, whatever the caller's mode
-            curv, product = self._curvature_product(cev, params)
-            grad_product = product if cev is ev else None
-            g = self._avg.mean(self._gradient(ev, grad_product, layout, params))
+            if curvature_closure is None:
+                curv, product = self._curvature_product(ev, params)
+            g = self._avg.mean(self._gradient(ev, product, layout, params))
         if not isinstance(l2, float) or l2 != 0.0:
             theta_flat = layout.cat([p.detach() for p in params])
             g = g.add(theta_flat * l2 if not isinstance(l2, float) else theta_flat.mul_(l2))
         g_norm = float(torch.linalg.vector_norm(g))
         if not math.isfinite(g_norm):
-            return self._reject(st, finish, "non_finite_gradient", "the gradient", grad_norm=g_norm)
-        if g_norm == 0.0:
-            return finish("zero_gradient", grad_norm=0.0)
+            return self._reject(
+                st, finish, StepStatus.NON_FINITE_GRADIENT, "the gradient", grad_norm=g_norm
+            )
+        if float(g.abs().max()) <= tolerance_grad:  # LBFGS' first-order optimality test
+            return finish(StepStatus.CONVERGED, grad_norm=g_norm)
+        if not (lr.any() if isinstance(lr, Tensor) else lr):
+            return finish(StepStatus.ZERO_LR, grad_norm=g_norm)  # nothing could move
+        cev = ev
+        if curvature_closure is not None:
+            cev = self._first_call(curvature_closure, "curvature_closure", counter, layout)
+            with torch.enable_grad():
+                curv, product = self._curvature_product(cev, params)
 
         # ---- 2. CG on (C + κ + λ) p = -g from the decayed previous solution ----
         shift = l2 + lam  # float or per-entry vector
@@ -626,7 +746,7 @@ class HessianFree(torch.optim.Optimizer):
         if result.reason is StopReason.NON_FINITE:
             st.pop("warm_start", None)
             return self._reject(
-                st, finish, "non_finite_curvature", "a curvature product", **cg_info
+                st, finish, StepStatus.NON_FINITE_CURVATURE, "a curvature product", **cg_info
             )
         st["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
         energy = None
@@ -638,9 +758,13 @@ class HessianFree(torch.optim.Optimizer):
 
         # ---- 3. CG backtracking on the gradient batch ----
         theta0 = [p.detach().clone() for p in params]
+        trial_non_finite = False
 
         def f_at(x: Tensor, t: float) -> float:
-            return self._objective_at(closure, counter, theta0, layout.split(x), t, contract_a, l2)
+            nonlocal trial_non_finite
+            f = self._objective_at(closure, counter, theta0, layout.split(x), t, contract_a, l2)
+            trial_non_finite |= f == math.inf  # _objective_at maps NaN and ±Inf to +inf
+            return f
 
         try:
             chosen = len(result.iterates) - 1
@@ -695,32 +819,113 @@ class HessianFree(torch.optim.Optimizer):
                 torch._foreach_copy_(params, theta0)
             raise
         info = dict(cg_info, rho=rho, backtrack_iter=result.iterations[chosen], step_rate=rate)
+        # LBFGS' no-progress tests, on the largest change of a parameter and of the objective
+        full_change = float((p.abs() * lr).max())
         if rate == 0.0:
             st["damping"] = _bounded(
                 st["damping"] * (self.damping_increase if self.adapt_damping else 1.0), self
             )
-            return finish("line_search_failed", **info)
-        st["failures"] = 0
-        return finish("accepted", loss_after=f_new, **info)
+            if trial_non_finite:
+                what = "a trial loss (CG backtracking or line search)"
+                return self._reject(
+                    st, finish, StepStatus.NON_FINITE_TRIAL_LOSS, what, grow=False, **info
+                )
+            if full_change <= tolerance_change:  # even the full step would not move anything
+                return finish(StepStatus.CONVERGED, **info)
+            return finish(StepStatus.LINE_SEARCH_FAILED, **info)
+        if rate * full_change <= tolerance_change or abs(f_new - f0) < tolerance_change:
+            return finish(StepStatus.CONVERGED, accepted=True, loss_after=f_new, **info)
+        return finish(StepStatus.ACCEPTED, accepted=True, loss_after=f_new, **info)
 
-    def _reject(self, st: dict, finish: Callable, status: str, what: str, **kw) -> Tensor:
+    def _reject(
+        self,
+        st: dict,
+        finish: Callable,
+        status: StepStatus,
+        what: str,
+        *,
+        grow: bool = True,
+        **kw,
+    ) -> Tensor:
         """Leave the parameters as they are, grow λ, count the failure, warn or raise."""
         st["failures"] += 1
-        st["damping"] = _bounded(st["damping"] * self.damping_increase, self)
+        if grow:
+            st["damping"] = _bounded(st["damping"] * self.damping_increase, self)
         if st["failures"] >= self.max_failures:
             raise FloatingPointError(
-                f"HessianFree: {st['failures']} consecutive steps had a non-finite value in "
-                f"{what}; "
-                f"the parameters were left unchanged each time (max_failures={self.max_failures}). "
-                "Check the model and data for NaN/Inf, lower the learning rate or raise `damping`."
+                f"HessianFree: {st['failures']} consecutive steps had a non-finite value (this "
+                f"one in {what}); the parameters were left unchanged each time "
+                f"(max_failures={self.max_failures}). Check the model and data for NaN/Inf, "
+                "lower the learning rate or raise `damping`."
             )
         warnings.warn(
             f"HessianFree: non-finite value in {what}; step rejected, parameters unchanged, "
             f"damping raised to {st['damping']:.3g}.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # _reject <- step <- torch.optim wrapper <- caller
         )
         return finish(status, **kw)
+
+    def _first_call(
+        self, closure: Closure, role: str, counter: _Counter, layout: ParamLayout
+    ) -> _Evaluation:
+        """A step's graph-building call of ``closure``, with two checks around it.
+
+        Data whose dtype (or device, or features) does not match the parameters gets the
+        operators' hint instead of torch's bare message. The first call of each closure role
+        over the optimizer's life runs with a global forward pre-hook that records train-mode
+        BatchNorm and Dropout modules (their autograd nodes cannot tell: CPU dropout is a plain
+        ``MulBackward0`` and InstanceNorm uses the batch-norm kernel); one warning in all.
+        """
+        watch = role not in self._watched
+        try:
+            with _stochastic_modules() if watch else contextlib.nullcontext([]) as found:
+                ev = self._call(closure, counter, build_graph=True, contract_a=False)
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError) or not _MISMATCH.search(str(err)):
+                raise
+            raise ValueError(
+                f"The {role} passed to HessianFree.step failed: {err}. {_INPUT_MISMATCH_HINT} "
+                f"The parameters are {layout.dtype} on {layout.device}."
+            ) from err
+        if watch:
+            self._watched.add(role)
+            if found and not self._warned_stochastic:
+                self._warned_stochastic = True
+                names = [kind.__name__ for kind in found]
+                running = any(issubclass(kind, _BatchNorm) for kind in found)
+                dropout = not all(issubclass(kind, _BatchNorm) for kind in found)
+                warnings.warn(
+                    f"HessianFree: the {role} ran {_stochastic_modules_message(names)}"
+                    + (
+                        ", and every trial evaluation (backtracking, line search) updates "
+                        "BatchNorm's running statistics"
+                        if running
+                        else ""
+                    )
+                    + ". Call model.eval() for the curvature (before step(), or inside a "
+                    "`curvature_closure`)"
+                    + (", or reuse one fixed dropout mask per step." if dropout else "."),
+                    UserWarning,
+                    stacklevel=4,
+                )
+        return ev
+
+
+@contextlib.contextmanager
+def _stochastic_modules() -> Iterator[list[type]]:
+    """Record (by class) the train-mode BatchNorm/Dropout modules run inside the block."""
+    found: list[type] = []
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        if _is_stochastic(module) and type(module) not in found:
+            found.append(type(module))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield found
+    finally:
+        handle.remove()
 
 
 def _bounded(lam: float, opt: HessianFree) -> float:

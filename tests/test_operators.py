@@ -461,6 +461,20 @@ def test_empty_data_is_refused():
         HessianLinearOperator(model, loss_fn, empty)
 
 
+def test_zero_row_batches_are_refused_like_empty_data():
+    # A zero-row batch used to give zero products and a NaN loss instead of an error.
+    model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
+    with pytest.raises(ValueError, match=r"`data inputs` has zero rows \(shape \(0, 4\)\)"):
+        GGNLinearOperator(model, loss_fn, (x[:0], y[:0]))
+    with pytest.raises(ValueError, match=r"`data\[0\] inputs` has zero rows"):
+        HessianLinearOperator(model, loss_fn, [(x[:0], y[:0]), (x, y)])
+    op = FisherLinearOperator(model, loss_fn, [(x, y), (x[:0], y[:0])])  # found at the product
+    with pytest.raises(ValueError, match=r"`data\[1\] inputs` has zero rows"):
+        op @ np.ones(op.shape[0])
+    with pytest.raises(ValueError, match=r"`inputs` has zero rows"):
+        JacobianLinearOperator(model, x[:0])
+
+
 def test_bad_argument_types_are_refused():
     model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
     with pytest.raises(TypeError, match="one-shot iterator"):

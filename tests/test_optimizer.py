@@ -209,7 +209,7 @@ def test_non_finite_curvature_or_trial_loss_rejects_the_step():
         opt.step(lambda: (w**2).sum())
     assert torch.equal(w.detach(), before) and opt.last_step.status == "non_finite_curvature"
 
-    # every trial point is non-finite: the line search fails, nothing moves
+    # every trial point is non-finite: the line search fails, nothing moves, and it is said
     opt = HessianFree([w], line_search_max_iter=5)
     calls = []
 
@@ -217,16 +217,18 @@ def test_non_finite_curvature_or_trial_loss_rejects_the_step():
         calls.append(1)
         return (w**2).sum() if len(calls) == 1 else (w**2).sum() * float("nan")
 
-    opt.step(closure)
+    with pytest.warns(RuntimeWarning, match="non-finite value in a trial loss"):
+        opt.step(closure)
     assert torch.equal(w.detach(), before)
-    assert opt.last_step.status == "line_search_failed" and opt.damping > 1.0
+    assert opt.last_step.status == "non_finite_trial_loss" and opt.damping > 1.0
 
 
-def test_zero_gradient_is_a_no_op():
+def test_zero_gradient_is_converged_after_one_closure_call():
     w = torch.zeros(3, requires_grad=True)
-    opt = HessianFree([w])
+    opt = HessianFree([w], tolerance_grad=0.0)  # exact zero passes even the strictest test
     opt.step(lambda: (w**2).sum())
-    assert torch.equal(w.detach(), torch.zeros(3)) and opt.last_step.status == "zero_gradient"
+    assert torch.equal(w.detach(), torch.zeros(3)) and opt.last_step.status == "converged"
+    assert opt.last_step.closure_calls == 1 and not opt.last_step.accepted
 
 
 def test_lbfgs_style_leaves_no_global_state_changed():
@@ -285,7 +287,9 @@ def test_ggn_without_outputs_is_a_clear_error():
     "kwargs, match",
     [
         (dict(damping=-0.1), r"`damping` must be in \(0.0, inf\), got -0.1"),
-        (dict(lr=0), r"`lr` must be in \(0.0, inf\)"),
+        (dict(lr=-0.1), r"`lr` must be in \[0.0, inf\), got -0.1"),
+        (dict(tolerance_grad=-1e-7), r"`tolerance_grad` must be in \[0.0, inf\), got -1e-07"),
+        (dict(tolerance_change=math.nan), r"`tolerance_change` must be in \[0.0, inf\)"),
         (dict(curvature="hess"), r"Unknown `curvature` 'hess'; expected one of 'auto', 'ggn'"),
         (dict(damping_decrease=1.5), r"did you swap it with `damping_increase`"),
         (dict(damping_increase=0.5), r"did you swap it with `damping_decrease`"),
@@ -353,3 +357,229 @@ def test_structural_damping_trains_an_rnn_and_validates_its_contract():
         HessianFree(params, structural_damping=0.03, curvature="hessian")
     with pytest.raises(ValueError, match=r"\(loss, outputs, hidden\)"):
         HessianFree(params, structural_damping=0.03).step(lambda: closure()[:2])
+
+
+# ------------------------------------------------------------------------------ convergence
+def test_converged_at_first_order_optimality_like_lbfgs():
+    # f = ½‖x − c‖², so g = x − c exactly; at max|g| = 1e-8 both optimizers stop after one call
+    c = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    start = c + torch.tensor([1e-8, -5e-9, 0.0], dtype=torch.float64)
+    for make, calls_of in [
+        (lambda x: HessianFree([x]), lambda opt, n: opt.last_step.closure_calls),
+        (lambda x: torch.optim.LBFGS([x]), lambda opt, n: n),
+    ]:
+        x = start.clone().requires_grad_(True)
+        opt, calls = make(x), []
+
+        def closure():
+            calls.append(1)  # noqa: B023
+            opt.zero_grad()  # noqa: B023
+            loss = 0.5 * ((x - c) ** 2).sum()  # noqa: B023
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert len(calls) == 1 and calls_of(opt, len(calls)) == 1
+        assert torch.equal(x.detach(), start)
+    assert opt.state_dict()["param_groups"][0]["tolerance_grad"] == 1e-7  # LBFGS' default
+    x = start.clone().requires_grad_(True)
+    # now 1e-8 is too large a gradient (and the 1e-16 decrease must not count as a stall)
+    hf = HessianFree([x], tolerance_grad=1e-9, tolerance_change=0.0)
+    hf.step(lambda: 0.5 * ((x - c) ** 2).sum())
+    assert hf.last_step.status == "accepted" and hf.last_step.closure_calls > 1
+
+
+def test_converged_when_every_parameter_changes_by_at_most_tolerance_change():
+    # f = ½ a x² with a = 1e12, x0 = 1e-6 and a fixed λ = 1e16: p = −a x0 / (a + λ) ≈ −1e-10,
+    # while the objective falls by g·|p| ≈ 1e-4 (so only the parameter test can fire)
+    a, lam = 1e12, 1e16
+    for tol, status in [(1e-9, "converged"), (1e-11, "accepted")]:
+        x = torch.tensor([1e-6], dtype=torch.float64, requires_grad=True)
+        opt = HessianFree(
+            [x], damping=lam, max_damping=1e20, adapt_damping=False, tolerance_change=tol
+        )
+        opt.step(lambda: 0.5 * a * (x**2).sum())  # noqa: B023
+        info = opt.last_step
+        assert info.status == status and info.accepted  # the tiny step is still applied
+        expected = 1e-6 - a * 1e-6 / (a + lam)
+        torch.testing.assert_close(x.detach(), torch.tensor([expected], dtype=torch.float64))
+        assert info.loss - info.loss_after > 1e-5
+
+
+def test_converged_when_the_objective_changes_by_less_than_tolerance_change():
+    # f = ½ a x² with a = 1e-12 at x0 = 1: one Newton step moves x by 1 and f by only 5e-13
+    for tol, status in [(1e-9, "converged"), (1e-13, "accepted")]:
+        x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree(
+            [x], damping=1e-20, min_damping=0.0, tolerance_grad=0.0, tolerance_change=tol
+        )
+        opt.step(lambda: 0.5e-12 * (x**2).sum())  # noqa: B023
+        assert opt.last_step.status == status and opt.last_step.accepted
+        assert abs(float(x.detach())) < 1e-6  # the step was applied: x went from 1 to ~0
+
+
+def test_rejected_step_too_small_to_move_anything_is_converged_not_failed():
+    # Every trial point is worse (the closure adds 10 after its first call), as at a loss floor.
+    # With λ = 1e10 the full step is 1e-10 per parameter: no progress possible → converged.
+    for lam, status in [(1e10, "converged"), (1.0, "line_search_failed")]:
+        w = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+        calls = []
+
+        def closure():
+            calls.append(1)  # noqa: B023
+            return (w**2).sum() + (0.0 if len(calls) == 1 else 10.0)  # noqa: B023
+
+        opt = HessianFree([w], damping=lam, line_search_max_iter=3)
+        opt.step(closure)
+        assert opt.last_step.status == status and not opt.last_step.accepted
+        assert torch.equal(w.detach(), torch.tensor([1.0, -1.0], dtype=torch.float64))
+
+
+def test_tolerances_round_trip_and_old_state_dicts_still_load():
+    w = torch.ones(2, requires_grad=True)
+    opt = HessianFree([w], tolerance_grad=1e-5, tolerance_change=0.0)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["tolerance_grad"] == 1e-5
+    assert sd["param_groups"][0]["tolerance_change"] == 0.0
+    other = HessianFree([torch.ones(2, requires_grad=True)])
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["tolerance_grad"] == 1e-5
+    for group in sd["param_groups"]:  # a checkpoint written before the tolerances existed
+        del group["tolerance_grad"], group["tolerance_change"]
+    other = HessianFree([torch.ones(2, requires_grad=True)], tolerance_grad=1e-3)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["tolerance_grad"] == 1e-3
+    with pytest.raises(ValueError, match=r"`param_groups\[1\]\['tolerance_grad'\]` is 0.1"):
+        other_group = {"params": [torch.ones(1, requires_grad=True)], "tolerance_grad": 0.1}
+        HessianFree([{"params": [w]}, other_group])
+
+
+# ------------------------------------------------------------------------------ lr = 0
+def test_lr_zero_from_a_scheduler_or_the_constructor_is_not_accepted():
+    A, b = _quadratic(4, seed=2)
+    x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], damping=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1, eta_min=0.0)
+    opt.step(lambda: 0.5 * x @ A @ x - b @ x)  # epoch 0 at lr=1, then the schedule ends at 0
+    x0 = x.detach().clone()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+    info = opt.last_step
+    assert info.status == "zero_lr" and not info.accepted and info.closure_calls == 1
+    assert torch.equal(x.detach(), x0) and info.loss_after == info.loss
+    assert opt.damping == info.damping == info.next_damping
+
+    # lr=0 at construction is allowed; a group with lr=0 stays put while the other moves
+    a = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    groups = [{"params": [a], "lr": 0.0}, {"params": [c]}]
+    opt = HessianFree(groups, lr=1.0, damping=1e-10, min_damping=0.0)
+    opt.step(lambda: (a**2).sum() + (c**2).sum())
+    assert opt.last_step.accepted and float(a.detach()) == 2.0 and abs(float(c.detach())) < 1e-8
+    HessianFree([a], lr=0.0)
+
+
+# ------------------------------------------------------------------------------ failures
+def test_nan_in_trial_losses_counts_toward_max_failures_and_warns():
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    before = w.detach().clone()
+    mode = {"trial": "nan", "first": True}
+
+    def closure():
+        loss = (w**2).sum()
+        if mode["first"]:  # each step's first call is finite, its trial calls are not
+            mode["first"] = False
+            return loss
+        return loss * float("nan") if mode["trial"] == "nan" else loss + 100.0
+
+    opt = HessianFree([w], max_failures=3, line_search_max_iter=4)
+
+    def step():
+        mode["first"] = True
+        return opt.step(closure)
+
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="non-finite value in a trial loss") as rec:
+            step()
+        assert rec[0].filename == __file__  # points at the caller, not at torch.optim
+        assert opt.last_step.status == "non_finite_trial_loss"
+    mode["trial"] = "finite"  # a finite rejected step in between resets the count
+    step()
+    assert opt.last_step.status == "line_search_failed"
+    mode["trial"] = "nan"
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning):
+            step()
+    with pytest.raises(FloatingPointError, match="3 consecutive steps had a non-finite value"):
+        step()
+    assert torch.equal(w.detach(), before)
+
+
+def test_accepted_step_after_a_failed_full_step_reports_rho_minus_inf():
+    # Documented convention: ρ is of the full step. The curvature 0.01 I (the true one is I)
+    # makes p = −100 x, which overshoots; the line search then accepts a smaller rate.
+    x = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    opt = HessianFree(
+        [x], curvature=lambda loss, out, params: lambda v: 0.01 * v, damping=1e-8, backtrack=False
+    )
+    opt.step(lambda: 0.5 * (x**2).sum())
+    info = opt.last_step
+    assert info.accepted and info.loss_after < info.loss and 0 < info.step_rate < 1
+    assert info.rho == -math.inf and opt.damping > 1e-8
+
+
+def test_status_is_an_enum_that_equals_its_string():
+    import json
+
+    from hessfree import StepStatus
+
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    opt = HessianFree([w], damping=1e-4)
+    opt.step(lambda: (w**2).sum())
+    status = opt.last_step.status
+    assert isinstance(status, StepStatus) and status is StepStatus.ACCEPTED
+    assert status == "accepted" and str(status) == "accepted" and f"{status}" == "accepted"
+    assert json.dumps(status) == '"accepted"' and {"accepted": 1}[status] == 1
+
+
+# ------------------------------------------------------------------------------ stochastic layers
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(6), nn.Dropout(0.5)], ids=["bn", "dropout"])
+def test_train_mode_batchnorm_and_dropout_warn_once_eval_mode_does_not(layer):
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), layer, nn.Tanh(), nn.Linear(6, 1)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+
+    def closure():
+        out = model(x)
+        return F.mse_loss(out, y), out
+
+    model.eval()
+    opt = HessianFree(model.parameters(), cg_max_iter=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)  # eval mode: one fixed function, no warning
+    model.train()
+    opt = HessianFree(model.parameters(), cg_max_iter=5)
+    name = type(layer).__name__
+    with pytest.warns(UserWarning, match=rf"training mode .*{name}.*model\.eval\(\)") as rec:
+        opt.step(closure)
+    assert rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)  # warned once per optimizer
+
+
+# ------------------------------------------------------------------------------ data mismatch
+def test_float32_data_for_a_float64_model_gets_the_operators_hint():
+    model = nn.Linear(3, 1).double()
+    x, y = torch.randn(8, 3), torch.randn(8, 1)  # float32
+    opt = HessianFree(model.parameters())
+    hint = r"Check that the inputs match the model \(features, dtype, device\)"
+    with pytest.raises(ValueError, match=rf"mat1 and mat2 .* same dtype.*{hint}.*float64") as e:
+        opt.step(lambda: F.mse_loss(model(x), y))
+    assert isinstance(e.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="boom"):  # other errors pass through unchanged
+        opt.step(lambda: (_ for _ in ()).throw(RuntimeError("boom")))

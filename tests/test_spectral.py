@@ -230,3 +230,28 @@ def test_estimators_reject_bad_arguments():
         hutchinson_trace(A, 10, seed="zero")
     with pytest.raises(ValueError, match="square"):
         hutchinson_diagonal(np.ones((3, 4)), 10)
+
+
+def test_spectral_is_reachable_as_an_attribute_after_import_hessfree():
+    # README: `import hessfree; hessfree.spectral.top_eigenpairs(H, k=5)`. Other tests have
+    # imported hessfree.spectral already, so load a fresh copy of the package under another name.
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import hessfree
+
+    init = Path(hessfree.__file__)
+    name = "_hessfree_fresh"
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[str(init.parent)]
+    )
+    fresh = importlib.util.module_from_spec(spec)
+    sys.modules[name] = fresh
+    try:
+        spec.loader.exec_module(fresh)
+        assert fresh.spectral.top_eigenpairs.__module__ == f"{name}.spectral"
+        assert "spectral" in fresh.__all__
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
