@@ -545,3 +545,12 @@ def test_lbfgs_that_no_longer_moves_on_the_whole_set_has_converged(tmp_path):
     cfg = tiny_config(tmp_path, optimizers=[lbfgs])
     result = quiet(cfg, tmp_path / "mini").run()
     assert result.summary["optimizers"]["lbfgs"]["stop_reason"] == "steps"
+
+
+def test_real_hessianfree_converged_status_stops_the_run(tmp_path):
+    hf = {"name": "hessianfree", "cg_max_iter": 5, "tolerance_grad": 1e3}  # max|g| is below
+    cfg = tiny_config(tmp_path, optimizers=[hf], batch_size=None)
+    result = quiet(cfg, tmp_path / "run").run()
+    entry = result.summary["optimizers"]["hessianfree"]
+    assert (entry["stop_reason"], entry["steps"]) == ("converged", 1)
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["hf_status"] == "converged"
