@@ -100,7 +100,16 @@ def test_optimizer_seed_and_float_counts_are_refused():
 def test_name_with_nul_in_the_file_is_refused(tmp_path, capsys):
     path = tmp_path / "n.yaml"
     path.write_text(yaml.safe_dump({**DIGITS, "name": "a\0b"}))
-    assert "control characters (NUL included)" in refused(["run", str(path), "--check"], capsys)
+    assert "`name` must not contain a NUL character" in refused(
+        ["run", str(path), "--check"], capsys
+    )
+
+
+def test_nul_in_a_path_is_refused(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({**DIGITS, "output": {"dir": "a\0b"}}))
+    err = refused(["run", str(path), "--quiet"], capsys)
+    assert "`output.dir` must not contain a NUL character" in err
 
 
 def test_output_dir_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys):

@@ -269,6 +269,9 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
         if not isinstance(value, str):
             problems.append(f"`{path}` must be a string, got {_type_name(value)} {_show(value)}.")
             return _INVALID
+        if "\0" in value:  # file names cannot hold it; the OS refuses it with a ValueError
+            problems.append(f"`{path}` must not contain a NUL character, got {_show(value)}.")
+            return _INVALID
     else:  # pragma: no cover - a schema bug, not a user error
         raise AssertionError(f"unsupported type hint {hint!r} at {path}")
 
