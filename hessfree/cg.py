@@ -64,7 +64,8 @@ class StopReason(enum.Enum):
     RELATIVE_PROGRESS = "relative_progress"
     #: ``max_iter`` iterations were done.
     MAX_ITER = "max_iter"
-    #: :math:`p^\top A p \le 0`; the iterate before that direction is returned.
+    #: :math:`p^\top A p \le 0`; the iterate before that direction is returned, or at the
+    #: first iteration a step along the (preconditioned) steepest-descent direction.
     NEGATIVE_CURVATURE = "negative_curvature"
     #: A NaN or Inf appeared (in ``b``, a product or the preconditioner).
     NON_FINITE = "non_finite"
@@ -122,7 +123,14 @@ def cg(
     :math:`r = Ax - b`. After iteration :math:`i` it stops, in this order of precedence, when
 
     - :math:`p^\top A p \le 0` for the next direction (``NEGATIVE_CURVATURE``; :math:`x_i`
-      is returned, the iterate before the bad direction), or a NaN/Inf appears
+      is returned, the iterate before the bad direction, as Steihaug (1983) and Toint (1981)
+      do without a trust region; if that happens at the very first direction
+      :math:`p_1 = -z_0`, the one along which :math:`\phi` decreases fastest, CG returns
+      :math:`x_1 = x_0 + \tau p_1` with :math:`\tau = r_0^\top z_0 / |p_1^\top A p_1|`,
+      the step length of CG with the curvature's sign flipped, rather than :math:`x_0`,
+      which would be no step at all from a cold start; ``num_iter`` is then 1 and
+      :math:`\phi(x_1)` is exact; zero curvature, where :math:`\tau` is infinite, still
+      returns :math:`x_0`), or a NaN/Inf appears
       (``NON_FINITE``; the last finite iterate is returned);
     - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``);
     - the relative-progress test of Martens (2010, §4.4) holds (``RELATIVE_PROGRESS``):
@@ -278,10 +286,13 @@ def cg(
     num_iter, reason = max_iter, StopReason.MAX_ITER
     mask_vectors = check_every > 1
     tol_sq = tol.square()
+    pAp_first = zero
     for i in range(1, max_iter + 1):
         Ap = (_checked_product(matvec, p, b, "matvec") if i == 1 else matvec(p)).detach()
         num_matvec += 1
         pAp = torch.dot(p, Ap)
+        if i == 1:
+            pAp_first = pAp
         alpha = rz / pAp
         finite_pAp = torch.isfinite(pAp)
         positive_pAp = pAp > 0
@@ -336,7 +347,27 @@ def cg(
             if stop is not None:
                 num_iter, reason = stop
                 break
+    if reason is StopReason.NEGATIVE_CURVATURE and num_iter == 0:
+        num_iter = _steepest_descent_step(x, z, rz, pAp_first, history)
     return _result(x, stored, history, num_iter, num_matvec, reason)
+
+
+def _steepest_descent_step(x: Tensor, z: Tensor, rz: Tensor, pAp: Tensor, history: Tensor) -> int:
+    r"""Negative curvature along the first direction :math:`p_1 = -z_0`: step along it, in place.
+
+    After a stop at iteration 1 the state is that of iteration 0 (every update was masked), so
+    ``z`` is :math:`z_0` and ``rz`` is :math:`r_0^\top z_0`. With
+    :math:`\tau = r_0^\top z_0 / |p_1^\top A p_1|`,
+    :math:`\phi(x_0 + \tau p_1) = \phi(x_0) - \tau r_0^\top z_0 + \tfrac12\tau^2 p_1^\top A p_1`.
+    Returns the iteration count of the result: 1, or 0 if :math:`\tau` is not finite (zero
+    curvature) and ``x`` is left as it was. One host read.
+    """
+    tau = rz / pAp.abs()
+    if not bool(torch.isfinite(tau) & (tau > 0)):
+        return 0
+    x.sub_(z, alpha=float(tau))
+    history[1] = history[0] - tau * rz + 0.5 * tau * tau * pAp
+    return 1
 
 
 def _progress_gap(i: int) -> int:

@@ -419,15 +419,20 @@ def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float
 class JacobianProduct:
     r"""Products with the Jacobian :math:`J = \partial o/\partial\theta` of outputs at a point.
 
-    :meth:`jvp` (:math:`v \mapsto Jv`, flat ``v`` in, outputs-shaped out) uses the double-backward
-    R-op trick on a graph built once on first use; :meth:`vjp` (:math:`u \mapsto J^\top u`,
-    outputs-shaped ``u`` in, flat out) is one backward pass.
+    The outputs are one tensor or a sequence of tensors :math:`o = (o_1, \dots, o_K)` (e.g. the
+    residual blocks of a physics-informed loss), whose Jacobian is the stacked
+    :math:`J = [J_1; \dots; J_K]`. :meth:`jvp` (:math:`v \mapsto Jv`, flat ``v`` in,
+    outputs-shaped out) uses the double-backward R-op trick on a graph built once on first use;
+    :meth:`vjp` (:math:`u \mapsto J^\top u = \sum_k J_k^\top u_k`, outputs-shaped ``u`` in, flat
+    out) is one backward pass. Blocks without a graph to the parameters have :math:`J_k = 0`.
 
     Args:
-        outputs: The model outputs, with a graph to ``params``.
+        outputs: The model outputs (a tensor or a sequence of tensors), with a graph to ``params``.
         params: The parameters.
-        u: Internal: a tensor shaped like ``outputs`` such that a graph of :math:`J^\top u`
-            exists (set by :class:`GGNProduct`, which reuses the loss gradient).
+
+    Raises:
+        TypeError: If ``outputs`` is not a tensor or a sequence of tensors.
+        ValueError: If no output has an autograd graph.
 
     Example:
         >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
@@ -435,12 +440,29 @@ class JacobianProduct:
         >>> J = JacobianProduct(W @ x, [W])
         >>> J.jvp(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # d(Wx)/dW_00 = [x_0, 0]
         tensor([1., 0.])
+        >>> J2 = JacobianProduct((W @ x, W.sum(0)), [W])  # two blocks
+        >>> J2.jvp(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        (tensor([1., 0.]), tensor([1., 0.]))
     """
 
-    def __init__(self, outputs: Tensor, params: Sequence[Tensor]) -> None:
-        if not isinstance(outputs, Tensor):
+    def __init__(self, outputs: Tensor | Sequence[Tensor], params: Sequence[Tensor]) -> None:
+        self.is_sequence = not isinstance(outputs, Tensor)
+        if self.is_sequence:
+            if not isinstance(outputs, (tuple, list)) or not outputs:
+                raise TypeError(
+                    "`outputs` must be a torch.Tensor or a non-empty tuple/list of tensors, got "
+                    f"{type(outputs).__name__}."
+                )
+            for k, o in enumerate(outputs):
+                if not isinstance(o, Tensor):
+                    kind = type(o).__name__
+                    raise TypeError(f"`outputs[{k}]` must be a torch.Tensor, got {kind}.")
+        elif not isinstance(outputs, Tensor):
             raise TypeError(f"`outputs` must be a torch.Tensor, got {type(outputs).__name__}.")
-        if not outputs.requires_grad:
+        self._all = list(outputs) if self.is_sequence else [outputs]
+        # Blocks that do not depend on θ have J_k = 0; autograd only sees the others.
+        self._live = [k for k, o in enumerate(self._all) if o.requires_grad]
+        if not self._live:
             raise ValueError(
                 "`outputs` has no autograd graph to the parameters (requires_grad=False); "
                 "compute them with gradients enabled."
@@ -448,53 +470,71 @@ class JacobianProduct:
         self.outputs = outputs
         self.params = list(params)
         self.layout = ParamLayout(self.params)
-        self._u: Tensor | None = None
+        self._u_blocks: list[int] = []  # blocks k with a linear seed u_k in the R-op graph
+        self._us: list[Tensor] = []
         self._jtu: list[Tensor] = []
         self._jtu_idx: list[int] = []
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(outputs.numel(), n)``."""
-        return (self.outputs.numel(), self.layout.numel)
+        """``(total number of output entries, n)``."""
+        return (sum(o.numel() for o in self._all), self.layout.numel)
 
-    def _set_rop_graph(self, u: Tensor, jtu: Sequence[Tensor | None]) -> None:
-        self._u = u
+    def _set_rop_graph(
+        self, blocks: Sequence[int], us: Sequence[Tensor], jtu: Sequence[Tensor | None]
+    ) -> None:
+        """Use :math:`\\sum_k J_k^\\top u_k` (a graph, linear in the ``u_k``) for :meth:`jvp`."""
+        self._u_blocks, self._us = list(blocks), list(us)
         self._jtu_idx = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
         self._jtu = [jtu[i] for i in self._jtu_idx]
 
     def _ensure_rop_graph(self) -> None:
-        if self._u is None:
-            u = torch.zeros_like(self.outputs, requires_grad=True)
-            self._set_rop_graph(u, _grad([self.outputs], self.params, [u], create_graph=True))
+        if not self._us:
+            outs = [self._all[k] for k in self._live]
+            us = [torch.zeros_like(o, requires_grad=True) for o in outs]
+            self._set_rop_graph(self._live, us, _grad(outs, self.params, us, create_graph=True))
 
-    def jvp(self, v: Tensor) -> Tensor:
-        """:math:`Jv` for a flat ``v``; returns a tensor shaped like ``outputs``."""
+    def _structure(self, parts: Sequence[Tensor | None], lead: tuple[int, ...]) -> Tensor | tuple:
+        """Place per-block results (``None`` = zero) back into the outputs' structure."""
+        out = [o.new_zeros(*lead, *o.shape) for o in self._all]
+        for k, t in zip(self._u_blocks, parts, strict=True):
+            if t is not None:
+                out[k] = t
+        return tuple(out) if self.is_sequence else out[0]
+
+    def _blocks(self, u: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        return list(u) if self.is_sequence else [u]
+
+    def jvp(self, v: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """:math:`Jv` for a flat ``v``; a tensor (tuple of tensors) shaped like ``outputs``."""
         self._ensure_rop_graph()
         if not self._jtu:
-            return torch.zeros_like(self.outputs)
+            return self._structure([None] * len(self._us), ())
         vs = self.layout.split(v)
-        (out,) = _grad(self._jtu, [self._u], [vs[i] for i in self._jtu_idx])
-        return torch.zeros_like(self.outputs) if out is None else out
+        return self._structure(_grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx]), ())
 
-    def jmp(self, V: Tensor) -> Tensor:
-        """Batched :meth:`jvp`: ``V`` is ``(k, n)``, the result ``(k, *outputs.shape)``."""
+    def jmp(self, V: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """Batched :meth:`jvp`: ``V`` is ``(k, n)``, each result block ``(k, *block.shape)``."""
         self._ensure_rop_graph()
         k = V.shape[0]
         if not self._jtu:
-            return self.outputs.new_zeros(k, *self.outputs.shape)
+            return self._structure([None] * len(self._us), (k,))
         vs = _batched_split(self.layout, V)
-        (out,) = _grad(self._jtu, [self._u], [vs[i] for i in self._jtu_idx], batched=True)
-        return self.outputs.new_zeros(k, *self.outputs.shape) if out is None else out
+        out = _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx], batched=True)
+        return self._structure(out, (k,))
 
-    def vjp(self, u: Tensor) -> Tensor:
+    def vjp(self, u: Tensor | Sequence[Tensor]) -> Tensor:
         """:math:`J^\\top u` for ``u`` shaped like ``outputs``; returns a flat vector."""
-        return self.layout.cat(_grad([self.outputs], self.params, [u]))
+        us = self._blocks(u)
+        outs = [self._all[k] for k in self._live]
+        return self.layout.cat(_grad(outs, self.params, [us[k] for k in self._live]))
 
-    def vmp(self, U: Tensor) -> Tensor:
-        """Batched :meth:`vjp`: ``U`` is ``(k, *outputs.shape)``, the result ``(k, n)``."""
-        return _batched_cat(
-            self.layout, _grad([self.outputs], self.params, [U], batched=True), U.shape[0]
-        )
+    def vmp(self, U: Tensor | Sequence[Tensor]) -> Tensor:
+        """Batched :meth:`vjp`: each block of ``U`` is ``(k, *block.shape)``; returns ``(k, n)``."""
+        us = self._blocks(U)
+        outs = [self._all[k] for k in self._live]
+        parts = _grad(outs, self.params, [us[k] for k in self._live], batched=True)
+        return _batched_cat(self.layout, parts, us[0].shape[0])
 
 
 class GGNProduct(CurvatureProduct):
@@ -506,10 +546,21 @@ class GGNProduct(CurvatureProduct):
     loss Hessian where :func:`loss_hessian_product` recognises the loss, and one backward
     (:math:`J^\top`).
 
+    The outputs may be a sequence of blocks :math:`(r_1, \dots, r_K)`, e.g. the residuals of a
+    physics-informed loss :math:`\ell = \sum_k w_k\,\mathrm{mean}(r_k^2)` whose interior residual
+    contains derivatives of the network with respect to its inputs. Then
+    :math:`G = \sum_{k,l} J_k^\top (H_\ell)_{kl} J_l` with :math:`H_\ell` the Hessian of the loss
+    with respect to all residual entries (block weights included), applied exactly by a double
+    backward through the small residual-to-loss part of the graph (for a weighted sum of squares
+    it is :math:`2w_k/m_k\,I` on block :math:`k`; any other function of the residuals works too).
+    All :math:`J_k v` come from one double-backward pass and all :math:`J_k^\top` from one
+    backward pass.
+
     Args:
         loss: Scalar loss computed from ``outputs`` (it may also depend on ``params`` directly,
             e.g. a regulariser: that part enters the gradient but not :math:`G`).
-        outputs: The model outputs, with a graph to ``params``.
+        outputs: The model outputs (a tensor or a sequence of tensors), with a graph to
+            ``params``.
         params: The parameters.
 
     Raises:
@@ -522,41 +573,79 @@ class GGNProduct(CurvatureProduct):
         >>> G = GGNProduct(0.5 * (out**2).sum(), out, [w])  # G = X^T X
         >>> G(torch.tensor([1.0, 0.0]))
         tensor([2., 2.])
+        >>> r1, r2 = X @ w - 1, 3 * w  # residual blocks, loss = mean(r1^2) + 0.5 sum(r2^2)
+        >>> G = GGNProduct((r1**2).mean() + 0.5 * (r2**2).sum(), (r1, r2), [w])  # XᵀX + 9I
+        >>> G(torch.tensor([1.0, 0.0]))
+        tensor([11.,  2.])
     """
 
-    def __init__(self, loss: Tensor, outputs: Tensor, params: Sequence[Tensor]) -> None:
+    def __init__(
+        self, loss: Tensor, outputs: Tensor | Sequence[Tensor], params: Sequence[Tensor]
+    ) -> None:
         loss = check_scalar_loss("loss", loss)
         self.jacobian = JacobianProduct(outputs, params)
-        self.params, self.layout, self.outputs = self.jacobian.params, self.jacobian.layout, outputs
-        (go,) = torch.autograd.grad(
-            loss, outputs, create_graph=True, retain_graph=True, allow_unused=True
+        J = self.jacobian
+        self.params, self.layout, self.outputs = J.params, J.layout, outputs
+        live = [J._all[k] for k in J._live]
+        gos = torch.autograd.grad(
+            loss, live, create_graph=True, retain_graph=True, allow_unused=True
         )
-        if go is None:
+        blocks = [k for k, go in zip(J._live, gos, strict=True) if go is not None]
+        if not blocks:
             raise ValueError(
                 "`loss` does not depend on `outputs`; pass the outputs the loss was computed from."
             )
-        jtg = self._rop_graph(outputs, go)
-        self.jacobian._set_rop_graph(go, jtg)
-        self.output_grad = go.detach()
+        gos = [go for go in gos if go is not None]
+        outs = [J._all[k] for k in blocks]
+        if J.is_sequence:
+            jtg = _grad(outs, self.params, gos, create_graph=True)
+            J._set_rop_graph(blocks, gos, jtg)
+            zeros = [torch.zeros_like(o) for o in J._all]
+            for k, go in zip(blocks, gos, strict=True):
+                zeros[k] = go.detach()
+            self.output_grad: Tensor | tuple[Tensor, ...] = tuple(zeros)
+        else:
+            jtg = self._rop_graph(outputs, gos[0])
+            J._set_rop_graph(blocks, gos, jtg)
+            self.output_grad = gos[0].detach()
         self.gradient = self.layout.cat([None if t is None else t.detach() for t in jtg])
-        if _reaches(loss.grad_fn, _accumulate_nodes(self.params), {outputs.grad_fn}):
+        stop = {o.grad_fn for o in outs}
+        if _reaches(loss.grad_fn, _accumulate_nodes(self.params), stop):
             # The loss also depends on θ directly (a regulariser): the full gradient needs it.
             self.gradient = self.layout.cat(
                 torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
             )
-        closed = loss_hessian_product(loss, outputs)
+        closed = None if J.is_sequence else loss_hessian_product(loss, outputs)
+        curved = [i for i, go in enumerate(gos) if go.requires_grad]
         if closed is not None:
             self._hl = closed
-        elif go.requires_grad:
-            self._hl = lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
-        else:  # loss linear in the outputs
+        elif not curved:  # loss linear in the outputs
             self._hl = torch.zeros_like
+            if J.is_sequence:
+                self._hl = lambda w: tuple(map(torch.zeros_like, w))
+        elif not J.is_sequence:
+            go = gos[0]
+            self._hl = lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
+        else:
+            # H_ℓ w = ∂⟨∂ℓ/∂r, w⟩/∂r: double backward through the residual-to-loss graph only
+            seeds = [gos[i] for i in curved]
+
+            def hl(ws: Sequence[Tensor]) -> tuple[Tensor, ...]:
+                batched = ws[0].dim() > J._all[0].dim()
+                parts = _grad(seeds, outs, [ws[blocks[i]] for i in curved], batched=batched)
+                res = [torch.zeros_like(w) for w in ws]
+                for k, t in zip(blocks, parts, strict=True):
+                    if t is not None:
+                        res[k] = t
+                return tuple(res)
+
+            self._hl = hl
 
     def _rop_graph(self, outputs: Tensor, go: Tensor) -> Sequence[Tensor | None]:
         """:math:`J^\\top \\partial f/\\partial o` with a graph, linear in ``go``."""
         return _grad([outputs], self.params, [go], create_graph=True)
 
-    def loss_hessian(self, w: Tensor) -> Tensor:
+    def loss_hessian(self, w: Tensor | Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
         """:math:`H_\\ell w` for ``w`` shaped like ``outputs`` (or with a leading batch dim)."""
         return self._hl(w)
 

@@ -8,13 +8,23 @@ its *undamped* quadratic model at :math:`\theta`, :math:`p` the (backtracked) st
 the reduction ratio: how much of the predicted decrease was realised. The model is trusted more
 (:math:`\lambda` shrinks) when :math:`\rho > 3/4` and less (:math:`\lambda` grows) when
 :math:`\rho < 1/4`; a NaN ratio counts as a failure. The constants 3/2 and 2/3 are the paper's.
+
+The *initial* :math:`\lambda` is scale-dependent: multiplying the loss by :math:`s` multiplies
+:math:`C` by :math:`s`, so a fixed number (the paper's 45, our former default 1) is right for one
+loss scaling only. :func:`calibrate_damping` (ours, not the paper's) picks it from the curvature
+along the gradient, the Rayleigh quotient :math:`g^\top C g / g^\top g`, which scales with the
+loss and costs one curvature product at the first step.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["reduction_ratio", "update_damping"]
+__all__ = ["AUTO_DAMPING_FACTOR", "calibrate_damping", "reduction_ratio", "update_damping"]
+
+# λ0 = AUTO_DAMPING_FACTOR · gᵀCg / gᵀg. Ours, chosen on experiments/scorecard.py's tasks
+# (see experiments/README.md): the LM rule then needs few steps to settle.
+AUTO_DAMPING_FACTOR = 1.0
 
 
 def reduction_ratio(actual: float, predicted: float) -> float:
@@ -68,3 +78,44 @@ def update_damping(
     elif rho > 0.75:
         damping *= decrease
     return min(max(damping, min_damping), max_damping)
+
+
+def calibrate_damping(
+    gCg: float,
+    gg: float,
+    *,
+    factor: float = AUTO_DAMPING_FACTOR,
+    min_damping: float = 0.0,
+    max_damping: float = math.inf,
+    fallback: float = 1.0,
+) -> float:
+    r"""A scale-free initial :math:`\lambda` from the curvature along the gradient (ours).
+
+    .. math:: \lambda_0 = \text{factor}\cdot\frac{|g^\top C g|}{g^\top g}
+
+    The Rayleigh quotient is the curvature the first CG iteration sees (from :math:`x_0 = 0`,
+    CG's first direction is :math:`-g`); it scales with the loss, so :math:`\lambda_0` does too
+    and the first step is a Newton step damped to about half along :math:`g` whatever the
+    loss scaling. The absolute value covers negative curvature along :math:`g` (Hessian mode).
+
+    Args:
+        gCg: :math:`g^\top C g` (undamped curvature, weight decay included).
+        gg: :math:`g^\top g`.
+        factor: Multiplier, > 0.
+        min_damping: Lower clip.
+        max_damping: Upper clip.
+        fallback: Returned (clipped) when the quotient is zero or not finite.
+
+    Returns:
+        float: :math:`\lambda_0` in ``[min_damping, max_damping]``.
+
+    Example:
+        >>> calibrate_damping(8.0, 2.0)
+        4.0
+        >>> calibrate_damping(0.0, 2.0)  # no curvature along g: the fallback
+        1.0
+    """
+    lam = factor * abs(gCg) / gg if gg > 0 else math.nan
+    if not (math.isfinite(lam) and lam > 0):
+        lam = fallback
+    return min(max(lam, min_damping), max_damping)

@@ -561,3 +561,36 @@ def test_cg_rejects_bad_arguments(kwargs, error, message):
     args.update(kwargs)
     with pytest.raises(error, match=re.escape(message)):
         cg(args.pop("matvec"), args.pop("b"), **args)
+
+
+def first_direction_negative_case():
+    """A = diag(-1, 1/2), b = (1, 0.1): p_1 = b has p_1ᵀAp_1 = -0.995 < 0."""
+    d = torch.tensor([-1.0, 0.5], dtype=DTYPE)
+    return diag_matvec(d), torch.tensor([1.0, 0.1], dtype=DTYPE), d
+
+
+@pytest.mark.parametrize("check_every", [1, 7])
+def test_cg_negative_curvature_at_first_direction_steps_along_it(check_every):
+    matvec, b, d = first_direction_negative_case()
+    result = cg(matvec, b, check_every=check_every)
+    pAp = float(b @ (d * b))
+    tau = float(b @ b) / abs(pAp)
+    assert (result.reason, result.num_iter, result.iterations) == (
+        StopReason.NEGATIVE_CURVATURE,
+        1,
+        [1],
+    )
+    torch.testing.assert_close(result.x, tau * b, **EXACT)
+    phi = dense_phi(np.diag(d.numpy()), b.numpy(), result.x.numpy())
+    assert phi < 0.0
+    assert float(result.iterate_phi[-1]) == pytest.approx(phi, rel=1e-12)
+    assert result.phi_history.shape == (2,)
+
+
+def test_cg_negative_curvature_at_first_direction_from_a_warm_start():
+    matvec, b, d = first_direction_negative_case()
+    x0 = torch.tensor([0.0, 0.2], dtype=DTYPE)  # r_0 = A x0 - b = (-1, 0): p_1 = (1, 0)
+    result = cg(matvec, b, x0)
+    assert (result.reason, result.num_iter) == (StopReason.NEGATIVE_CURVATURE, 1)
+    torch.testing.assert_close(result.x, torch.tensor([1.0, 0.2], dtype=DTYPE), **EXACT)
+    assert torch.equal(x0, torch.tensor([0.0, 0.2], dtype=DTYPE))  # x0 not mutated

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from hessfree import reduction_ratio, update_damping
+from hessfree import HessianFree, reduction_ratio, update_damping
+from hessfree.damping import AUTO_DAMPING_FACTOR, calibrate_damping
 
 
 @pytest.mark.parametrize(
@@ -36,3 +38,26 @@ def test_reduction_ratio_cases():
     assert reduction_ratio(math.inf, -1.0) == -math.inf  # trial loss not finite
     assert reduction_ratio(math.nan, -1.0) == -math.inf
     assert math.isnan(reduction_ratio(-0.5, 0.0))  # the model predicted no decrease
+
+
+def test_calibrate_damping_is_the_rayleigh_quotient_times_the_factor():
+    assert calibrate_damping(8.0, 2.0) == pytest.approx(4.0 * AUTO_DAMPING_FACTOR)
+    assert calibrate_damping(-8.0, 2.0, factor=0.5) == pytest.approx(2.0)  # |gᵀCg|: indefinite C
+    assert calibrate_damping(8.0, 2.0, max_damping=1.0) == 1.0
+    assert calibrate_damping(0.0, 2.0, fallback=0.3) == 0.3  # no curvature along g
+    assert calibrate_damping(math.nan, 2.0, min_damping=0.5, fallback=0.1) == 0.5
+
+
+def test_auto_damping_scales_with_the_loss():
+    # f(x) = s (½ xᵀAx - 1ᵀx): C = sA, so λ0 must be s times the unscaled one (scale-free).
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    lams = []
+    for s in (1.0, 1e3):
+        x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([x])
+        assert math.isnan(opt.damping)  # not calibrated before the first step
+        opt.step(lambda x=x, s=s: s * (0.5 * x @ A @ x - x.sum()))
+        lams.append(opt.last_step.damping)
+    g = -torch.ones(2, dtype=torch.float64)
+    assert lams[0] == pytest.approx(AUTO_DAMPING_FACTOR * float(g @ A @ g / (g @ g)), rel=1e-12)
+    assert lams[1] == pytest.approx(1e3 * lams[0], rel=1e-12)

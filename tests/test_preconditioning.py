@@ -67,7 +67,8 @@ def test_optimizer_uses_the_preconditioner():
     def run(precond):
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-        opt = HessianFree(model.parameters(), precond=precond, cg_max_iter=50)
+        # damping pinned: the test checks that λ reaches the preconditioner, not its default
+        opt = HessianFree(model.parameters(), precond=precond, cg_max_iter=50, damping=1.0)
 
         def closure():
             out = model(x)

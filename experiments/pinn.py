@@ -1,0 +1,517 @@
+"""Physics-informed networks: Adam, L-BFGS, Adam → L-BFGS and Adam → HessianFree at equal time.
+
+Two problems, each with a known exact solution:
+
+* **Poisson** :math:`-\\Delta u = f` on the unit square, :math:`u = \\sin(\\pi x)\\sin(\\pi y)`,
+  zero Dirichlet data; a 2-32-32-1 tanh MLP; collocation points on a grid.
+* **Reaction** (Rathore et al. 2024, ρ = 5): :math:`u_t - \\rho u(1-u) = 0` on
+  :math:`x \\in [0, 2\\pi]`, :math:`t \\in [0, 1]`, :math:`u(x, 0) = h(x) =
+  e^{-(x-\\pi)^2 / (2(\\pi/4)^2)}`, periodic in :math:`x`; exact
+  :math:`u = h e^{\\rho t} / (h e^{\\rho t} + 1 - h)`.
+
+Every closure returns ``(loss, (r_interior, r_boundary[, r_initial]))`` with the loss the sum
+of the blocks' mean squares, so HessianFree uses the exact Gauss-Newton matrix of the residuals.
+All methods start from the same weights, run in float64 on ``--threads`` threads for the same
+training wall-clock (evaluations of the error are not counted), and Adam's learning rate is
+picked by a short sweep on the final loss. Adam → X switches after ``--switch`` of the budget.
+The report also measures one Gauss-Newton product against one gradient of the same loss.
+
+Usage::
+
+    python experiments/pinn.py            # full run, about 11 minutes on 2 CPU cores
+    python experiments/pinn.py --quick    # smoke run, under 2 minutes
+
+References:
+    Müller & Zeinhofer (2023), Achieving high accuracy with PINNs via energy natural gradients.
+    Rathore, Lei, Frangella, Lu & Udell (2024), Challenges in training PINNs: a loss landscape
+    perspective, ICML, §2 (problems), §5 (Adam → L-BFGS), §7 (NysNewton-CG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _bench_common import _cpu_model, machine_tag, md_table  # noqa: E402
+
+from hessfree import GGNProduct, HessianFree  # noqa: E402
+
+DTYPE = torch.float64
+Closure = Callable[[], tuple[Tensor, tuple[Tensor, ...]]]
+
+# HessianFree for these small, smooth least-squares problems: little damping and many CG
+# iterations (the Gauss-Newton model is accurate; Martens' CG stop rule ends CG early anyway).
+HF_TUNED = dict(damping=1e-3, min_damping=1e-10, cg_max_iter=400, cg_decay=0.95)
+
+
+# --------------------------------------------------------------------------------------------
+# problems
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """A PDE: a network factory, a residual closure for a network, and test points."""
+
+    name: str
+    title: str
+    make_net: Callable[[], nn.Module]
+    closure_for: Callable[[nn.Module], Closure]
+    x_test: Tensor
+    u_test: Tensor
+
+
+def mlp(n_in: int, width: int, depth: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(n_in if i == 0 else width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 1)).to(DTYPE)
+
+
+def _derivatives(u: Tensor, x: Tensor) -> Tensor:
+    """Rows of :math:`\\nabla_x u`, keeping the graph (for residuals)."""
+    (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    return du
+
+
+def poisson(n: int, width: int) -> Problem:
+    g = torch.linspace(0, 1, n + 2, dtype=DTYPE)
+    x_in = torch.cartesian_prod(g[1:-1], g[1:-1])
+    e, z = torch.ones_like(g), torch.zeros_like(g)
+    x_b = torch.cat([torch.stack(p, 1) for p in ((g, z), (g, e), (z, g), (e, g))])
+    f = 2 * math.pi**2 * torch.sin(math.pi * x_in[:, 0]) * torch.sin(math.pi * x_in[:, 1])
+
+    def closure_for(net: nn.Module) -> Closure:
+        def closure():
+            x = x_in.clone().requires_grad_(True)
+            du = _derivatives(net(x).squeeze(1), x)
+            lap = sum(_derivatives(du[:, i], x)[:, i] for i in range(2))
+            r_interior = -lap - f
+            r_boundary = net(x_b).squeeze(1)
+            return (r_interior**2).mean() + (r_boundary**2).mean(), (r_interior, r_boundary)
+
+        return closure
+
+    gen = torch.Generator().manual_seed(123)
+    x_test = torch.rand(4096, 2, generator=gen, dtype=DTYPE)
+    u_test = torch.sin(math.pi * x_test[:, 0]) * torch.sin(math.pi * x_test[:, 1])
+    return Problem(
+        "poisson",
+        f"Poisson 2-D, {n}×{n} interior grid, 2-{width}-{width}-1 tanh",
+        lambda: mlp(2, width, 2),
+        closure_for,
+        x_test,
+        u_test,
+    )
+
+
+def reaction(nx: int, nt: int, width: int, rho: float = 5.0) -> Problem:
+    two_pi = 2 * math.pi
+    xs = torch.linspace(0, two_pi, nx + 1, dtype=DTYPE)[:-1]
+    ts = torch.linspace(0, 1, nt, dtype=DTYPE)  # t = 0 too: no room for a jump to u = 0
+    x_in = torch.cartesian_prod(xs, ts)
+
+    def h(x: Tensor) -> Tensor:
+        return torch.exp(-((x - math.pi) ** 2) / (2 * (math.pi / 4) ** 2))
+
+    x0 = torch.stack([xs, torch.zeros_like(xs)], 1)
+    u0 = h(xs)
+    left = torch.stack([torch.zeros_like(ts), ts], 1)
+    right = torch.stack([torch.full_like(ts, two_pi), ts], 1)
+
+    def exact(xt: Tensor) -> Tensor:
+        e = h(xt[:, 0]) * torch.exp(rho * xt[:, 1])
+        return e / (e + 1 - h(xt[:, 0]))
+
+    def closure_for(net: nn.Module) -> Closure:
+        def closure():
+            x = x_in.clone().requires_grad_(True)
+            u = net(x).squeeze(1)
+            r_interior = _derivatives(u, x)[:, 1] - rho * u * (1 - u)
+            r_boundary = (net(left) - net(right)).squeeze(1)
+            r_initial = net(x0).squeeze(1) - u0
+            loss = (r_interior**2).mean() + (r_boundary**2).mean() + (r_initial**2).mean()
+            return loss, (r_interior, r_boundary, r_initial)
+
+        return closure
+
+    gen = torch.Generator().manual_seed(123)
+    x_test = torch.rand(4096, 2, generator=gen, dtype=DTYPE) * torch.tensor([two_pi, 1.0])
+    return Problem(
+        "reaction",
+        f"Reaction ρ={rho:g}, {nx}×{nt} grid, 2-{width}-{width}-1 tanh",
+        lambda: mlp(2, width, 2),
+        closure_for,
+        x_test,
+        exact(x_test),
+    )
+
+
+def rel_l2(net: nn.Module, prob: Problem) -> float:
+    with torch.no_grad():
+        u = net(prob.x_test).squeeze(1)
+    return float(torch.linalg.vector_norm(u - prob.u_test) / torch.linalg.vector_norm(prob.u_test))
+
+
+# --------------------------------------------------------------------------------------------
+# training at equal wall-clock
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Records of one training run; ``loss``/``error`` are the last ones within the budget."""
+
+    method: str
+    budget: float
+    seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)
+    steps: int = 0
+    note: str = ""
+
+    @property
+    def last(self) -> int:
+        # a step that ends past the budget does not count: equal wall-clock for every method
+        return max(i for i, s in enumerate(self.seconds) if s <= self.budget)
+
+    @property
+    def loss(self) -> float:
+        return self.losses[self.last]
+
+    @property
+    def error(self) -> float:
+        return self.errors[self.last]
+
+
+def _adam(net: nn.Module, closure: Closure, lr: float) -> Callable[[], float]:
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+
+    def step() -> float:
+        opt.zero_grad()
+        loss, _ = closure()
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _lbfgs(net: nn.Module, closure: Closure) -> Callable[[], float]:
+    opt = torch.optim.LBFGS(
+        net.parameters(),
+        lr=1.0,
+        max_iter=10,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+    )
+
+    def lbfgs_closure():
+        opt.zero_grad()
+        loss, _ = closure()
+        loss.backward()
+        return loss
+
+    def step() -> float:
+        return float(opt.step(lbfgs_closure).detach())
+
+    return step
+
+
+def _hf(net: nn.Module, closure: Closure, kwargs: dict) -> Callable[[], float]:
+    opt = HessianFree(net.parameters(), **kwargs)
+
+    def step() -> float:
+        opt.step(closure)
+        return opt.last_step.loss_after
+
+    return step
+
+
+def train(
+    prob: Problem,
+    method: str,
+    init: dict,
+    budget: float,
+    *,
+    adam_lr: float,
+    switch: float,
+    hf_kwargs: dict | None = None,
+    record_every: float = 0.25,
+) -> Run:
+    """Train a copy of the initial weights with ``method`` for ``budget`` training seconds."""
+    net = prob.make_net()
+    net.load_state_dict(copy.deepcopy(init))
+    closure = prob.closure_for(net)
+    run = Run(method, budget)
+    first, _, second = method.partition(" → ")
+    phases = [(first, budget * switch if second else budget)]
+    if second:
+        phases.append((second, budget))
+    elapsed, last_record = 0.0, -math.inf
+    run.seconds.append(0.0)
+    run.losses.append(float(closure()[0].detach()))
+    run.errors.append(rel_l2(net, prob))
+    for name, until in phases:
+        if name == "Adam":
+            step = _adam(net, closure, adam_lr)
+        elif name == "L-BFGS":
+            step = _lbfgs(net, closure)
+        else:
+            step = _hf(net, closure, hf_kwargs or {})
+        while elapsed < until:
+            t0 = time.perf_counter()
+            loss = step()
+            elapsed += time.perf_counter() - t0
+            run.steps += elapsed <= budget
+            if not math.isfinite(loss):
+                run.note = f"non-finite loss at {elapsed:.1f} s"
+                break
+            if elapsed - last_record >= record_every or elapsed >= until or name != "Adam":
+                last_record = elapsed
+                run.seconds.append(elapsed)
+                run.losses.append(float(closure()[0].detach()))
+                run.errors.append(rel_l2(net, prob))
+        if run.note:
+            break
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# cost of a Gauss-Newton product
+# --------------------------------------------------------------------------------------------
+def product_cost(prob: Problem, init: dict, rounds: int) -> dict[str, float]:
+    """Median times (ms) and ratios of a gradient, a GN product and its set-up, interleaved."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    net = prob.make_net()
+    net.load_state_dict(init)
+    params = list(net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+    closure = prob.closure_for(net)
+    loss, blocks = closure()
+    G = GGNProduct(loss, blocks, params)
+    v = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    vs = [t.view_as(p) for t, p in zip(G.layout.split(v), params, strict=True)]
+
+    def gradient() -> None:
+        loss, _ = closure()
+        torch.autograd.grad(loss, params)
+
+    def setup() -> None:
+        loss, blocks = closure()
+        GGNProduct(loss, blocks, params)
+
+    class _Dual(nn.Module):  # the same network with dual (forward-mode) parameters
+        def __init__(self, d: dict) -> None:
+            super().__init__()
+            self.d = d
+
+        def forward(self, x: Tensor) -> Tensor:
+            return functional_call(net, self.d, (x,))
+
+    def forward_mode_jv() -> None:
+        with fwAD.dual_level():
+            duals = zip(names, params, vs, strict=True)
+            d = {n: fwAD.make_dual(p.detach(), t) for n, p, t in duals}
+            _, out = prob.closure_for(_Dual(d))()
+            [fwAD.unpack_dual(o).tangent for o in out]
+
+    fns = {
+        "gradient": gradient,
+        "GN product (R-op Jv, graph reused)": lambda: G.matvec(v),
+        "Jv by R-op (graph reused)": lambda: G.jacobian.jvp(v),
+        "Jv by forward mode (new forward pass)": forward_mode_jv,
+        "GN set-up (closure + graph, once per step)": setup,
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    ref = times["gradient"]
+    return {
+        k: (statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, ref)))
+        for k, t in times.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+BASELINES = ("Adam", "L-BFGS", "Adam → L-BFGS")
+
+
+def _table(runs: list[Run]) -> str:
+    base = [r for r in runs if r.method in BASELINES]
+    best_loss = min(r.loss for r in base)
+    best_err = min(r.error for r in base)
+    rows = [
+        [
+            r.method,
+            f"{r.loss:.3e}",
+            f"{r.error:.3e}",
+            f"{r.loss / best_loss:.3g}",
+            f"{r.error / best_err:.3g}",
+            r.steps,
+            f"{r.seconds[r.last]:.1f}",
+            r.note,
+        ]
+        for r in runs
+    ]
+    header = ["method", "final loss", "rel. L2 error", "loss / best baseline",
+              "error / best baseline", "steps", "at s", "note"]
+    return md_table(header, rows)
+
+
+def _targets(results: dict, costs: dict) -> list[list[str]]:
+    """The issue's targets, each with what this run measured (HF = the tuned row)."""
+    rows = []
+    by = {k: {r.method: r for r in runs} for k, (_, runs) in results.items()}
+    if "poisson" in by:
+        hf = by["poisson"]["Adam → HF (tuned)"]
+        best = min(by["poisson"][m].error for m in BASELINES)
+        rows.append(["Poisson: HF error ≤ 0.1 × best baseline", f"{hf.error / best:.3g} ×",
+                     "met" if hf.error <= 0.1 * best else "**missed**"])
+    if "reaction" in by:
+        hf, lb = by["reaction"]["Adam → HF (tuned)"], by["reaction"]["Adam → L-BFGS"]
+        ok = hf.loss < lb.loss and hf.error < lb.error
+        rows.append(["Reaction: Adam → HF below Adam → L-BFGS in loss and error",
+                     f"loss {hf.loss / lb.loss:.3g} ×, error {hf.error / lb.error:.3g} ×",
+                     "met" if ok else "**missed**"])
+    for key, c in costs.items():
+        r = c["GN product (R-op Jv, graph reused)"][1]
+        rows.append([f"{key}: GN product ≤ 2 × gradient", f"{r:.2f} ×",
+                     "met" if r <= 2 else "**missed**"])
+    return rows
+
+
+def _plot(results: dict[str, tuple[Problem, list[Run]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (prob, runs) in zip(axes[0], results.values(), strict=True):
+        for r in runs:
+            ax.semilogy(r.seconds, r.errors, label=r.method)
+        ax.set(title=prob.title, xlabel="training seconds", ylabel="relative L2 error")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny problems and budgets (< 2 min)")
+    ap.add_argument(
+        "--seconds", type=float, help="training seconds per method (Poisson 40, reaction 60)"
+    )
+    ap.add_argument("--switch", type=float, default=0.2, help="Adam's share before switching")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--problems", default="poisson,reaction")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    makers = {
+        "poisson": (lambda: poisson(6, 8)) if args.quick else (lambda: poisson(24, 32)),
+        "reaction": (lambda: reaction(12, 6, 8)) if args.quick else (lambda: reaction(48, 32, 32)),
+    }
+    lrs = (1e-3, 1e-2) if args.quick else (1e-3, 3e-3, 1e-2)
+    results: dict[str, tuple[Problem, list[Run]]] = {}
+    sweeps: dict[str, list[tuple[float, float, float]]] = {}
+    budgets: dict[str, float] = {}
+    costs: dict[str, dict[str, tuple[float, float]]] = {}
+    for key in args.problems.split(","):
+        prob = makers[key]()
+        budget = args.seconds or (2.0 if args.quick else {"poisson": 40.0, "reaction": 60.0}[key])
+        budgets[key] = budget
+        torch.manual_seed(args.seed)
+        init = copy.deepcopy(prob.make_net().state_dict())
+        costs[key] = product_cost(prob, init, rounds=2 if args.quick else 15)
+        sweep = [
+            (lr, (r := train(prob, "Adam", init, budget / len(lrs), adam_lr=lr, switch=1)).loss,
+             r.error)
+            for lr in lrs
+        ]
+        sweeps[key] = sweep
+        lr = min(sweep, key=lambda s: s[1] if math.isfinite(s[1]) else math.inf)[0]
+        kw = dict(adam_lr=lr, switch=args.switch)
+        runs = [
+            train(prob, "Adam", init, budget, **kw),
+            train(prob, "L-BFGS", init, budget, **kw),
+            train(prob, "Adam → L-BFGS", init, budget, **kw),
+            train(prob, "Adam → HF", init, budget, hf_kwargs={}, **kw),
+            train(prob, "Adam → HF", init, budget, hf_kwargs=HF_TUNED, **kw),
+        ]
+        runs[3].method, runs[4].method = "Adam → HF (defaults)", "Adam → HF (tuned)"
+        results[key] = (prob, runs)
+        print(f"{prob.title}:\n{_table(runs)}\n", flush=True)
+
+    stem = f"{datetime.date.today()}-{machine_tag()}-pinn{'-quick' if args.quick else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / f"{stem}.png"
+    _plot(results, png)
+    lines = [
+        f"# PINNs: Adam, L-BFGS, Adam → L-BFGS, Adam → HessianFree ({datetime.date.today()})",
+        "",
+        f"`python experiments/pinn.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
+        f"training seconds per method {budgets}, Adam's share before a switch {args.switch:g}, "
+        "float64, "
+        f"torch {torch.__version__} on {torch.get_num_threads()} threads, CPU {_cpu_model()} "
+        f"({os.cpu_count()} logical). Load average (1/5/15 min) at start "
+        f"{' '.join(f'{x:.2f}' for x in load_start)}, at end "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}: on a busy machine every method gets "
+        "fewer steps, so compare rows of one report, not reports.",
+        "",
+        f"HF defaults: `HessianFree(params)`; tuned: `HessianFree(params, **{HF_TUNED})`. "
+        "Ratios are to the best of the three baselines (Adam, L-BFGS, Adam → L-BFGS); below 1 "
+        "is better. Error = relative L2 error against the exact solution on 4,096 random "
+        "points.",
+        "",
+        f"![relative L2 error against training seconds]({png.name})",
+    ]
+    targets = _targets(results, costs)
+    lines += ["", "## Targets", "", md_table(["target", "measured", "verdict"], targets)]
+    for key, (prob, runs) in results.items():
+        lines += ["", f"## {prob.title}", "", "Adam learning-rate sweep "
+                  f"({budgets[key] / len(lrs):.1f} s each; the lowest loss wins): "
+                  + ", ".join(f"lr {lr:g}: loss {lo:.2e}, error {er:.2e}"
+                              for lr, lo, er in sweeps[key]), "", _table(runs), ""]
+        lines += ["Cost against one gradient of the same loss (closure + backward), interleaved, "
+                  "medians:", "",
+                  md_table(["", "ms", "× gradient"],
+                           [[k, f"{ms:.2f}", f"{r:.2f}"] for k, (ms, r) in costs[key].items()])]
+    report = args.out / f"{stem}.md"
+    report.write_text("\n".join(lines) + "\n")
+    print(f"wrote {report} and {png}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,800 @@
+"""Scorecard: does Hessian-free beat tuned first-order baselines at equal wall-clock? (issue 14)
+
+For every task, one run of this script
+
+1. **sweeps** the baselines on a short budget (Adam and SGD-momentum over learning rate *and*
+   mini-batch size; L-BFGS where the full batch is natural) and a few HF regimes (gradient
+   batch, curvature batch, CG budget), all interleaved, and keeps the best of each family by
+   the task's error at the end of the sweep budget;
+2. runs the **finals** at equal wall-clock, interleaved: the best Adam, the best SGD-momentum,
+   L-BFGS, ``HessianFree(params)`` with no arguments ("HF default", in the regime of the tuned
+   HF: only the optimizer's defaults are under test) and the best HF of the sweep ("HF tuned");
+3. reports each optimizer's final error and its time to targets (the best baseline's error
+   at 1/4, 1/2 and all of the budget) as **ratios to the best baseline of the same run**, and
+   the issue's targets as met / missed.
+
+Interleaving: the budget is cut into slices; in each slice every run, in a shuffled order,
+steps until its own clock reaches the slice's end, so load from other processes falls on all
+of them alike; a run's clock counts only its steps; errors are evaluated off the clock. Every
+run starts from a copy of one initial model and sees the same data order.
+
+::
+
+    python experiments/scorecard.py            # full: ~35 min on 2 CPU cores
+    python experiments/scorecard.py --quick    # < 5 min; no RNN tasks
+    python experiments/scorecard.py --device cuda
+    python experiments/scorecard.py --tasks swap,digits --quick
+
+Writes ``experiments/results/<date>-<machine>-scorecard[-quick].md`` and PNGs next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import Settings, machine_info, machine_tag, md_table, sync  # noqa: E402
+
+from hessfree import HessianFree  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ADDITION_TOL = 0.04  # Martens & Sutskever (2011): a case is wrong when off by more than this
+SOLVED = 0.01  # addition: solved at a test error rate <= 1%
+BASELINES = ("Adam", "SGD-momentum", "L-BFGS")
+
+
+# ---------------------------------------------------------------------------------- tasks
+@dataclass
+class Task:
+    """A problem, how its error is measured, and what is swept on it."""
+
+    key: str
+    title: str
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    loss: Callable[[Tensor, Tensor], Tensor]
+    error: Callable[[nn.Module], float]  # the reported error, lower is better, off the clock
+    error_name: str
+    budget: float  # seconds per final run
+    sweep_budget: float
+    adam: list[tuple[float, int]]  # (lr, batch size)
+    sgd: list[tuple[float, int]]
+    hf: dict[str, dict]  # name -> regime: batch, curvature_batch, closure, kwargs
+    hf_default_regime: dict | None = None  # None: the tuned HF's regime
+    lbfgs: dict[str, dict] = field(default_factory=dict)
+    accuracy: Callable[[nn.Module], float] | None = None  # train accuracy, for 100% targets
+    hidden: bool = False  # the model has forward_with_hidden (structural damping)
+    slices: int = 20  # evaluations per final run (half as many in the sweep)
+    notes: list[str] = field(default_factory=list)
+
+
+def bce_sum_per_case(z: Tensor, t: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(z, t, reduction="sum") / z.shape[0]
+
+
+def mse_sum_per_case(z: Tensor, t: Tensor) -> Tensor:
+    return F.mse_loss(z, t, reduction="sum") / z.shape[0]
+
+
+def _full(x: Tensor) -> int:
+    return x.shape[0]
+
+
+def make_curves_task(quick: bool) -> Task:
+    from hessfree.train.data import make_curves
+    from hessfree.train.models import build_model
+
+    n = 1000 if quick else 5000
+    x = make_curves(num_train=n, num_test=1, seed=10).x_train
+    torch.manual_seed(0)
+    model = build_model(
+        "autoencoder",
+        input_shape=(1, 28, 28),
+        layer_sizes=[784, 400, 200, 100, 50, 25, 6],
+        init="sparse",
+    )
+    flat = x.flatten(1)
+
+    @torch.no_grad()
+    def sq_error(m: nn.Module) -> float:
+        return float((torch.sigmoid(m(x)) - flat).square().sum() / n)
+
+    hf = {
+        f"full/{n // 4}, cg≤50": dict(batch=n, curvature_batch=n // 4, kw=dict(cg_max_iter=50)),
+        "1000/250, cg≤50": dict(batch=1000, curvature_batch=250, kw=dict(cg_max_iter=50)),
+        "500/125, cg≤50": dict(batch=500, curvature_batch=125, kw=dict(cg_max_iter=50)),
+        "250/62, cg≤10": dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=10)),
+    }
+    hf["500/125, cg≤50, λ0=1"] = dict(
+        batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, damping=1.0)
+    )
+    if not quick:
+        hf["500/125, cg≤250"] = dict(batch=500, curvature_batch=125, kw={})
+        hf["500/125, cg≤50, precond"] = dict(
+            batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, precond="martens")
+        )
+    return Task(
+        "curves",
+        f"CURVES autoencoder 784-400-200-100-50-25-6 (sparse init), {n} generated images",
+        model,
+        x,
+        flat,
+        bce_sum_per_case,
+        sq_error,
+        "train squared error per case",
+        budget=15.0 if quick else 90.0,
+        sweep_budget=4.0 if quick else 15.0,
+        adam=[(1e-3, 100), (3e-3, 100)] if quick else [(1e-3, 100), (3e-3, 100), (1e-3, 20), (3e-3, 500)],
+        sgd=[(3e-3, 100)] if quick else [(1e-3, 100), (3e-3, 100), (1e-3, 20)],
+        hf=hf,
+        notes=[
+            "loss: BCE-with-logits summed over pixels, mean over cases (Martens 2010); error: "
+            "squared reconstruction error per case on the whole training set",
+            f"budget scaled down from the issue's 330 s on 20,000 images to "
+            f"{15 if quick else 90} s on {n} images (2 CPU cores)",
+        ],
+    )
+
+
+def _classifier(key: str, quick: bool) -> Task:
+    from hessfree.train.data import load_digits, make_mnist1d
+    from hessfree.train.models import build_model
+
+    ds = make_mnist1d() if key == "mnist1d" else load_digits()
+    hidden = [256, 256] if key == "mnist1d" else [100]
+    torch.manual_seed(0)
+    model = build_model(
+        "mlp", input_shape=ds.input_shape, num_outputs=10, hidden_sizes=hidden, activation="tanh"
+    )
+    x, y = ds.x_train, ds.y_train
+    n = len(x)
+
+    @torch.no_grad()
+    def loss(m: nn.Module) -> float:
+        return float(F.cross_entropy(m(x), y))
+
+    @torch.no_grad()
+    def accuracy(m: nn.Module) -> float:
+        return float((m(x).argmax(1) == y).float().mean())
+
+    hf = {
+        "full batch, cg≤50": dict(batch=n, curvature_batch=n, kw=dict(cg_max_iter=50)),
+        f"full/{n // 4}, cg≤50": dict(batch=n, curvature_batch=n // 4, kw=dict(cg_max_iter=50)),
+        "500/100, cg≤20": dict(batch=500, curvature_batch=100, kw=dict(cg_max_iter=20)),
+        "256/64, cg≤10": dict(batch=256, curvature_batch=64, kw=dict(cg_max_iter=10)),
+    }
+    hf["full batch, cg≤50, λ0=1"] = dict(
+        batch=n, curvature_batch=n, kw=dict(cg_max_iter=50, damping=1.0)
+    )
+    if not quick:
+        hf["full batch"] = dict(batch=n, curvature_batch=n, kw={})
+        hf[f"full/{n // 4}, cg≤50, precond"] = dict(
+            batch=n, curvature_batch=n // 4, kw=dict(cg_max_iter=50, precond="martens")
+        )
+        hf["1000/250, cg≤50"] = dict(batch=1000, curvature_batch=250, kw=dict(cg_max_iter=50))
+    sizes = "-".join(str(s) for s in [x[0].numel(), *hidden, 10])
+    if key == "mnist1d":
+        budget, sweep = (8.0, 2.5) if quick else (30.0, 6.0)
+    else:
+        budget, sweep = (6.0, 2.0) if quick else (15.0, 4.0)
+    return Task(
+        key,
+        f"{'MNIST-1D' if key == 'mnist1d' else 'digits'} MLP {sizes} (tanh), {n} training cases",
+        model,
+        x,
+        y,
+        F.cross_entropy,
+        loss,
+        "train cross-entropy",
+        budget=budget,
+        sweep_budget=sweep,
+        slices=30 if key == "digits" else 20,
+        adam=[(1e-3, 100), (3e-3, 100), (1e-2, 100), (3e-3, 32), (1e-2, 500)][: 3 if quick else 5],
+        sgd=[(0.03, 100), (0.1, 100), (0.1, 32), (0.3, 500)][: 2 if quick else 4],
+        hf=hf,
+        hf_default_regime=dict(batch=n, curvature_batch=n, kw={}),
+        lbfgs={"L-BFGS": dict(max_iter=20, history_size=20)},
+        accuracy=accuracy,
+        notes=[
+            "loss and error: cross-entropy (mean) on the whole training set; HF default runs "
+            "full batch (gradient and curvature on every case), the simplest use"
+        ],
+    )
+
+
+def make_swap_task(quick: bool) -> Task:
+    """A user's ``torch.optim.LBFGS`` loop with only the optimizer line changed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(256, 2, generator=g) * 4 - 2
+    y = torch.sin(2 * x[:, :1]) * torch.cos(x[:, 1:]) + 0.1 * x[:, :1] ** 2
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
+    )
+
+    @torch.no_grad()
+    def loss(m: nn.Module) -> float:
+        return float(F.mse_loss(m(x), y))
+
+    hf = {
+        "defaults": dict(batch=256, curvature_batch=256, closure="lbfgs", kw={}),
+        "cg≤20": dict(batch=256, curvature_batch=256, closure="lbfgs", kw=dict(cg_max_iter=20)),
+        "cg≤50": dict(batch=256, curvature_batch=256, closure="lbfgs", kw=dict(cg_max_iter=50)),
+        "λ0=1, warm starts (the old defaults)": dict(
+            batch=256, curvature_batch=256, closure="lbfgs", kw=dict(damping=1.0, cg_decay=0.95)
+        ),
+    }
+    return Task(
+        "swap",
+        "unchanged LBFGS-style loop: tanh MLP 2-32-32-1 regression, 256 points, full batch",
+        model,
+        x,
+        y,
+        F.mse_loss,
+        loss,
+        "train MSE",
+        budget=4.0 if quick else 10.0,
+        sweep_budget=1.5 if quick else 4.0,
+        adam=[],
+        sgd=[],
+        hf=hf,
+        lbfgs={
+            "L-BFGS it20 h20": dict(max_iter=20, history_size=20),
+            "L-BFGS it5 h100": dict(max_iter=5, history_size=100),
+        },
+        notes=[
+            "closure: `opt.zero_grad(); loss = mse(model(x), y); loss.backward(); return loss`, "
+            "the same for L-BFGS and HF, so HF gets exact Hessian products"
+        ],
+    )
+
+
+def make_addition_task(length: int, seconds: float) -> Task:
+    from hessfree.train.data import make_addition
+    from hessfree.train.models import build_model
+
+    ds = make_addition(length=length, num_train=10_000, num_test=1000, seed=0)
+    torch.manual_seed(0)
+    model = build_model("rnn", input_shape=ds.input_shape, num_outputs=1, hidden_size=100)
+    xt, yt = ds.x_test, ds.y_test
+
+    @torch.no_grad()
+    def error_rate(m: nn.Module) -> float:
+        return float(((m(xt) - yt).abs() > ADDITION_TOL).float().mean())
+
+    tuned = dict(structural_damping=0.03, damping=0.1, cg_max_iter=100)
+    return Task(
+        f"addition{length}",
+        f"RNN addition problem, T = {length}, 100 tanh units, 10,000 training sequences",
+        model,
+        ds.x_train,
+        ds.y_train,
+        mse_sum_per_case,
+        error_rate,
+        "test error rate",
+        budget=seconds,
+        sweep_budget=min(15.0, seconds / 4),
+        slices=12,
+        adam=[(1e-3, 100), (3e-3, 100)],
+        sgd=[],
+        hf={"config (μ=0.03, λ0=0.1, cg≤100), 1000/100": dict(batch=1000, curvature_batch=100, kw=tuned)},
+        hf_default_regime=dict(batch=1000, curvature_batch=100, kw={}),
+        hidden=True,
+        notes=[
+            "configs/rnn_addition.yaml's HF (structural damping) is 'HF tuned' without a sweep; "
+            f"solved = test error rate ≤ {SOLVED:g} (cases off by > {ADDITION_TOL:g})"
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    name: str
+    family: str
+    model: nn.Module
+    step: Callable[[], None]
+    detail: str = ""
+    clock: float = 0.0
+    steps: int = 0
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (clock, error)
+    acc_curve: list[tuple[float, float]] = field(default_factory=list)
+    failed: str = ""
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+class _Batches:
+    """Reshuffled epochs of mini-batch indices, one generator per run (same order for all)."""
+
+    def __init__(self, n: int, size: int, device: torch.device) -> None:
+        self.n, self.size, self.device = n, min(size, n), device
+        self.gen = torch.Generator().manual_seed(0)
+        self.perm, self.i = torch.randperm(n, generator=self.gen), 0
+
+    def next(self) -> Tensor | None:
+        if self.size >= self.n:
+            return None  # full batch
+        if self.i + self.size > self.n:
+            self.perm, self.i = torch.randperm(self.n, generator=self.gen), 0
+        idx = self.perm[self.i : self.i + self.size]
+        self.i += self.size
+        return idx.to(self.device)
+
+
+def first_order_run(task: Task, family: str, lr: float, batch: int) -> Run:
+    m = copy.deepcopy(task.model)
+    opt = (
+        torch.optim.Adam(m.parameters(), lr=lr)
+        if family == "Adam"
+        else torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
+    )
+    batches = _Batches(len(task.x), batch, task.x.device)
+
+    def step() -> None:
+        idx = batches.next()
+        xb, yb = (task.x, task.y) if idx is None else (task.x[idx], task.y[idx])
+        opt.zero_grad(set_to_none=True)
+        task.loss(m(xb), yb).backward()
+        opt.step()
+
+    short = "Adam" if family == "Adam" else "SGD-m"
+    return Run(f"{short} lr={lr:g} b={batch}", family, m, step)
+
+
+def lbfgs_run(task: Task, name: str, kw: dict) -> Run:
+    m = copy.deepcopy(task.model)
+    opt = torch.optim.LBFGS(m.parameters(), lr=1.0, line_search_fn="strong_wolfe", **kw)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = task.loss(m(task.x), task.y)
+        loss.backward()
+        return loss
+
+    return Run(name, "L-BFGS", m, lambda: opt.step(closure), detail=str(kw))
+
+
+def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
+    m = copy.deepcopy(task.model)
+    opt = HessianFree(m.parameters(), **regime["kw"])
+    batches = _Batches(len(task.x), regime["batch"], task.x.device)
+    style = regime.get("closure", "outputs")
+    run = Run(name, family, m, lambda: None, detail=_regime_text(regime))
+
+    def forward(xb: Tensor, yb: Tensor) -> tuple:
+        if task.hidden and opt.structural_damping > 0:
+            out, h = m.forward_with_hidden(xb)
+            return task.loss(out, yb), out, h
+        out = m(xb)
+        return task.loss(out, yb), out
+
+    def step() -> None:
+        idx = batches.next()
+        xb, yb = (task.x, task.y) if idx is None else (task.x[idx], task.y[idx])
+        if style == "lbfgs":
+
+            def closure() -> Tensor:  # a torch.optim.LBFGS closure, unchanged
+                opt.zero_grad()
+                loss = task.loss(m(xb), yb)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        else:
+            c = min(regime["curvature_batch"], len(xb))
+            curvature = None if c >= len(xb) else (lambda: forward(xb[:c], yb[:c]))
+            opt.step(lambda: forward(xb, yb), curvature)
+        s = opt.last_step.status
+        run.statuses[s] = run.statuses.get(s, 0) + 1
+
+    run.step = step
+    return run
+
+
+def _regime_text(regime: dict) -> str:
+    kw = ", ".join(f"{k}={v}" for k, v in regime["kw"].items()) or "no arguments"
+    if regime.get("closure") == "lbfgs":
+        return f"LBFGS-style closure; {kw}"
+    return f"batch {regime['batch']}, curvature batch {regime['curvature_batch']}; {kw}"
+
+
+def interleave(runs: list[Run], task: Task, budget: float, slices: int, device: str) -> None:
+    """Run every run for ``budget`` seconds of its own clock, in shuffled turns per slice."""
+    rng = random.Random(0)
+    for r in runs:
+        r.curve.append((0.0, task.error(r.model)))
+        if task.accuracy is not None:
+            r.acc_curve.append((0.0, task.accuracy(r.model)))
+    for k in range(slices):
+        end = budget * (k + 1) / slices
+        order = list(runs)
+        rng.shuffle(order)
+        for r in order:
+            if r.failed:
+                continue
+            try:
+                while r.clock < end:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    r.step()
+                    sync(device)
+                    r.clock += time.perf_counter() - t0
+                    r.steps += 1
+            except Exception as err:  # noqa: BLE001 - a diverging run is a result, not a crash
+                r.failed = f"{type(err).__name__}: {str(err)[:100]}"
+            e = task.error(r.model)
+            r.curve.append((r.clock, e if math.isfinite(e) else math.inf))
+            if task.accuracy is not None:
+                r.acc_curve.append((r.clock, task.accuracy(r.model)))
+
+
+def final_error(r: Run) -> float:
+    return r.curve[-1][1] if not r.failed else math.inf
+
+
+def time_to(curve: list[tuple[float, float]], target: float, *, above: bool = False) -> float:
+    for t, v in curve:
+        if (v >= target) if above else (v <= target):
+            return t
+    return math.inf
+
+
+def value_at(curve: list[tuple[float, float]], t: float) -> float:
+    """The error recorded at the first evaluation at or after time ``t``."""
+    for tt, v in curve:
+        if tt >= t:
+            return v
+    return curve[-1][1]
+
+
+# ---------------------------------------------------------------------------------- one task
+def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -> dict:
+    dev = torch.device(args.device)
+    task.model.to(dev)
+    task.x, task.y = task.x.to(dev), task.y.to(dev)
+    slices = task.slices if not args.quick else max(8, task.slices // 2)
+
+    # ---- sweep ----
+    sweep: list[Run] = []
+    sweep += [first_order_run(task, "Adam", lr, b) for lr, b in task.adam]
+    sweep += [first_order_run(task, "SGD-momentum", lr, b) for lr, b in task.sgd]
+    sweep += [lbfgs_run(task, name, kw) for name, kw in task.lbfgs.items() if len(task.lbfgs) > 1]
+    sweep += [hf_run(task, name, "HF", regime) for name, regime in task.hf.items() if len(task.hf) > 1]
+    t0 = time.perf_counter()
+    if sweep:
+        interleave(sweep, task, task.sweep_budget, max(4, slices // 3), args.device)
+    log(
+        f"[{task.key}] sweep {time.perf_counter() - t0:.0f} s: "
+        + ", ".join(f"{r.name} {final_error(r):.3g}" for r in sweep)
+    )
+
+    def best(family: str) -> Run | None:
+        fam = [r for r in sweep if r.family == family]
+        return min(fam, key=final_error) if fam else None
+
+    # ---- finals at equal wall-clock ----
+    finals: list[Run] = []
+    for r in (best("Adam"), best("SGD-momentum")):
+        if r is not None:
+            lr, b = (float(r.name.split("lr=")[1].split()[0]), int(r.name.split("b=")[1]))
+            finals.append(first_order_run(task, r.family, lr, b))
+    if task.lbfgs:
+        name = best("L-BFGS").name if best("L-BFGS") else next(iter(task.lbfgs))
+        finals.append(lbfgs_run(task, name, task.lbfgs[name]))
+    hf_name = best("HF").name if best("HF") else next(iter(task.hf))
+    tuned = task.hf[hf_name]
+    default_regime = dict(task.hf_default_regime or tuned, kw={})
+    finals.append(hf_run(task, "HF default", "HF default", default_regime))
+    finals.append(hf_run(task, f"HF tuned: {hf_name}", "HF tuned", tuned))
+    t0 = time.perf_counter()
+    interleave(finals, task, task.budget, slices, args.device)
+    log(
+        f"[{task.key}] finals {time.perf_counter() - t0:.0f} s: "
+        + ", ".join(f"{r.name} {final_error(r):.3g} ({r.steps} steps)" for r in finals)
+    )
+    return dict(task=task, sweep=sweep, finals=finals)
+
+
+# ---------------------------------------------------------------------------------- report
+def _fmt(v: float, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if math.isinf(v):
+        return "never"
+    return f"{v:.{digits}g}"
+
+
+def _ratio(a: float, b: float) -> float:
+    if math.isinf(a) and math.isinf(b):
+        return math.nan
+    if b == 0:
+        return 1.0 if a == 0 else math.inf
+    return a / b
+
+
+def summarise(res: dict) -> dict:
+    """Best baseline, targets and ratios of one task's finals."""
+    task, finals = res["task"], res["finals"]
+    base = [r for r in finals if r.family in BASELINES]
+    best_base = min(base, key=final_error) if base else None
+    out = dict(best_base=best_base, targets=[], rows=[], target_run=None)
+    if best_base is None:
+        return out
+    # time targets: Adam's error at 1/4, 1/2 and all of the budget (the issue's "≤ Adam's")
+    ref = next((r for r in finals if r.family == "Adam" and not r.failed), best_base)
+    out["target_run"] = ref
+    targets = [value_at(ref.curve, task.budget * f) for f in (0.25, 0.5, 1.0)]
+    out["targets"] = targets
+    for r in finals:
+        times = [time_to(r.curve, tg) for tg in targets]
+        base_times = [time_to(best_base.curve, tg) for tg in targets]
+        out["rows"].append(
+            dict(
+                run=r,
+                error=final_error(r),
+                error_ratio=_ratio(final_error(r), final_error(best_base)),
+                times=times,
+                time_ratios=[_ratio(t, tb) for t, tb in zip(times, base_times)],
+                base_times=base_times,
+            )
+        )
+    return out
+
+
+def verdicts(results: dict) -> list[list[str]]:
+    """The issue's targets, met or missed, from this run."""
+    rows = []
+
+    def add(task_key: str, target: str, value: str, ok: bool | None, why: str = "") -> None:
+        mark = "–" if ok is None else ("met" if ok else "**missed**")
+        rows.append([task_key, target, value, mark, why if ok is False else ""])
+
+    def pace(r: Run) -> str:
+        per = r.clock / r.steps if r.steps else math.nan
+        st = ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
+        return f"{r.name}: {r.steps} steps, {per:.3g} s/step" + (f" ({st})" if st else "")
+
+    def hf_rows(s: dict) -> tuple[dict | None, dict | None]:
+        d = next((x for x in s["rows"] if x["run"].family == "HF default"), None)
+        t = next((x for x in s["rows"] if x["run"].family == "HF tuned"), None)
+        return d, t
+
+    for key, res in results.items():
+        if "error" in res:
+            continue
+        s, task = res["summary"], res["task"]
+        d, t = hf_rows(s)
+        best_hf = min((x for x in (d, t) if x), key=lambda x: x["error"])
+        why = pace(best_hf["run"]) + "; " + pace(s["best_base"])
+        if key == "curves":
+            v = best_hf["error_ratio"]
+            add(key, "HF train error ≤ 1.0× best baseline", f"{v:.2f}× ({best_hf['run'].name})", v <= 1.0, why)
+        if key in ("mnist1d", "digits"):
+            adam = next((x for x in s["rows"] if x["run"].family == "Adam"), None)
+            if adam:
+                ok = all(
+                    th <= ta for th, ta in zip(best_hf["times"], adam["times"]) if math.isfinite(ta)
+                ) and all(math.isfinite(th) or not math.isfinite(ta) for th, ta in zip(best_hf["times"], adam["times"]))
+                txt = ", ".join(
+                    f"{_fmt(th, 2)} vs {_fmt(ta, 2)} s" for th, ta in zip(best_hf["times"], adam["times"])
+                )
+                add(
+                    key,
+                    "HF time to each loss target ≤ Adam's",
+                    f"{best_hf['run'].name}: {txt}",
+                    ok,
+                    pace(best_hf["run"]) + "; " + pace(adam["run"]),
+                )
+        if key == "digits":
+            lb = next((x["run"] for x in s["rows"] if x["run"].family == "L-BFGS"), None)
+            full = [r for r in res["finals"] if r.family.startswith("HF") and r.detail.startswith(f"batch {len(task.x)},")]
+            if lb and full:
+                t_lb = time_to(lb.acc_curve, 1.0, above=True)
+                t_hf = min(time_to(r.acc_curve, 1.0, above=True) for r in full)
+                ratio = _ratio(t_hf, t_lb)
+                add(
+                    key,
+                    "full-batch HF time to 100% train accuracy ≤ 2× L-BFGS",
+                    f"{_fmt(ratio, 2)}× ({_fmt(t_hf, 2)} s vs {_fmt(t_lb, 2)} s)",
+                    ratio <= 2.0 if math.isfinite(ratio) else (math.isinf(t_lb) and math.isinf(t_hf) and None),
+                    "; ".join(pace(r) for r in (*full, lb)),
+                )
+        if key == "swap":
+            v = best_hf["error_ratio"]
+            add(key, "HF loss ≤ 2× L-BFGS at equal time", f"{v:.3g}× ({best_hf['run'].name})", v <= 2.0, why)
+        if key.startswith("addition"):
+            length = int(key[len("addition") :])
+            hf_best = best_hf["error"]
+            adam = next((x for x in s["rows"] if x["run"].family == "Adam"), None)
+            txt = f"HF {hf_best:.3f}, Adam {adam['error']:.3f}" if adam else f"HF {hf_best:.3f}"
+            add(
+                key,
+                f"T = {length} solved (test error ≤ {SOLVED:g}) by HF" + (", not Adam" if length == 50 else ""),
+                txt,
+                (hf_best <= SOLVED and (adam is None or adam["error"] > SOLVED)) if length == 50 else None,
+                why,
+            )
+        if d and t:
+            ratio = _ratio(d["error"], t["error"])
+            if key.startswith("addition"):
+                ok = d["error"] <= SOLVED or ratio <= 1.5
+            else:
+                ok = ratio <= 1.5
+            add(
+                key,
+                "`HessianFree(params)` within 1.5× of tuned HF",
+                f"{_fmt(ratio, 3)}×",
+                ok,
+                pace(d["run"]) + "; " + pace(t["run"]),
+            )
+    return rows
+
+
+def write_report(results: dict, args: argparse.Namespace, info: dict, path: Path) -> None:
+    lines = [
+        f"# Scorecard: Hessian-free vs tuned baselines at equal wall-clock ({'quick' if args.quick else 'full'} mode)\n",
+        f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `python experiments/scorecard.py"
+        f"{' --quick' if args.quick else ''}{'' if args.device == 'cpu' else ' --device ' + args.device}` "
+        f"in {results['_elapsed']:.0f} s. Method: `experiments/scorecard.py`'s docstring and "
+        "`experiments/README.md`. Ratios are HF / the best tuned baseline **of this run**; "
+        "times are each optimizer's own clock (evaluation excluded).\n",
+        md_table(["machine", ""], [[k, v] for k, v in info.items()]),
+        "",
+        f"Load average (1/5/15 min) at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.\n",
+        "## Targets of issue 14\n",
+        md_table(["task", "target", "this run", "verdict", "why (if missed)"], results["_verdicts"]),
+        "",
+    ]
+    for key, res in results.items():
+        if key.startswith("_"):
+            continue
+        if "error" in res:
+            lines.append(f"## {key}\n\nSkipped: {res['error']}\n")
+            continue
+        task, s = res["task"], res["summary"]
+        lines.append(f"## {task.title}\n")
+        lines += [f"- {n}" for n in task.notes]
+        lines.append(
+            f"- error: {task.error_name}; final budget {task.budget:g} s per run, sweep "
+            f"{task.sweep_budget:g} s per candidate"
+        )
+        if s["best_base"] is not None:
+            lines.append(
+                f"- best baseline (lowest final error): {s['best_base'].name}; time targets = "
+                f"{s['target_run'].name}'s error at ¼, ½ and all of the budget: "
+                f"{', '.join(_fmt(t, 4) for t in s['targets'])}; (×) = time / the best "
+                "baseline's time to the same target"
+            )
+        lines.append(f"\n![{key}]({path.stem}-{key}.png)\n")
+        head = ["optimizer", "setting", "steps", "final error", "× best"]
+        head += [f"s to ≤ {_fmt(t, 3)} (×)" for t in s["targets"]]
+        if task.accuracy is not None:
+            head.append("s to 100% train acc.")
+        head.append("HF step statuses / failure")
+        rows = []
+        for row in s["rows"]:
+            r = row["run"]
+            cells = [r.name, r.detail, str(r.steps), _fmt(row["error"], 4), _fmt(row["error_ratio"], 3)]
+            cells += [
+                f"{_fmt(t, 3)} ({_fmt(q, 2)})" for t, q in zip(row["times"], row["time_ratios"])
+            ]
+            if task.accuracy is not None:
+                cells.append(_fmt(time_to(r.acc_curve, 1.0, above=True), 3))
+            cells.append(
+                r.failed or ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
+            )
+            rows.append(cells)
+        lines.append(md_table(head, rows))
+        if res["sweep"]:
+            lines.append(
+                f"\n<details><summary>sweep ({task.sweep_budget:g} s each, interleaved)</summary>\n"
+            )
+            lines.append(
+                md_table(
+                    ["candidate", "family", "steps", "error at the end"],
+                    [[r.name, r.family, str(r.steps), _fmt(final_error(r), 4) + (f" ({r.failed})" if r.failed else "")] for r in res["sweep"]],
+                )
+            )
+            lines.append("\n</details>\n")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {
+        "Adam": "tab:orange",
+        "SGD-momentum": "tab:green",
+        "L-BFGS": "tab:red",
+        "HF default": "tab:cyan",
+        "HF tuned": "tab:blue",
+    }
+    for key, res in results.items():
+        if key.startswith("_") or "error" in res:
+            continue
+        task = res["task"]
+        fig, ax = plt.subplots(figsize=(6.5, 4.3))
+        for r in res["finals"]:
+            t = [c[0] for c in r.curve]
+            y = [max(c[1], 1e-4) if key.startswith("addition") else c[1] for c in r.curve]
+            ax.plot(t, y, color=colors.get(r.family, "k"), lw=1.6, label=r.name)
+        for tg in res["summary"]["targets"]:
+            ax.axhline(tg, color="k", lw=0.5, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer's own wall-clock time (s)")
+        ax.set_ylabel(task.error_name)
+        ax.set_title(task.title, fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path.parent / f"{path.stem}-{key}.png", dpi=100)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="< 5 min: small budgets, no RNN tasks")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stablest ratios)")
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of the task keys")
+    ap.add_argument("--addition-seconds", type=float, default=60.0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    makers: dict[str, Callable[[], Task]] = {
+        "curves": lambda: make_curves_task(args.quick),
+        "mnist1d": lambda: _classifier("mnist1d", args.quick),
+        "digits": lambda: _classifier("digits", args.quick),
+        "swap": lambda: make_swap_task(args.quick),
+    }
+    if not args.quick:
+        for length in (30, 50, 80):
+            makers[f"addition{length}"] = lambda t=length: make_addition_task(t, args.addition_seconds)
+    keys = args.tasks.split(",") if args.tasks else list(makers)
+    unknown = set(keys) - set(makers)
+    if unknown:
+        ap.error(f"unknown task(s) {sorted(unknown)}; expected some of {list(makers)}")
+    info = machine_info(Settings(device=args.device, threads=args.threads, quick=args.quick))
+    start = time.perf_counter()
+    results: dict = {}
+    for key in keys:
+        try:
+            task = makers[key]()
+        except Exception as err:  # noqa: BLE001 - e.g. mnist1d not installed
+            results[key] = dict(error=f"{type(err).__name__}: {err}")
+            continue
+        res = run_task(task, args, lambda s: print(s, flush=True))
+        res["summary"] = summarise(res)
+        results[key] = res
+    results["_elapsed"] = time.perf_counter() - start
+    results["_verdicts"] = verdicts({k: v for k, v in results.items() if not k.startswith("_")})
+    tag = machine_tag(gpu=args.device.startswith("cuda"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{datetime.date.today():%Y-%m-%d}-{tag}-scorecard{'-quick' if args.quick else ''}.md"
+    write_report(results, args, info, path)
+    plot(results, path)
+    print(f"wrote {path} ({results['_elapsed']:.0f} s)")
+    return path
+
+
+if __name__ == "__main__":
+    main()
