@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -25,16 +26,34 @@ def main() -> None:
     rank, world, init_file, out_file, steps = sys.argv[1:6]
     rank, world, steps = int(rank), int(world), int(steps)
     mode = sys.argv[6] if len(sys.argv) > 6 else ""
-    crash = mode == "crash"
     torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=10),
-        )
+    if world == 1:
+        work(rank, world, out_file, steps, mode)
+        return
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=10),
+    )
+    try:
+        work(rank, world, out_file, steps, mode)
+    except BaseException:
+        # A peer died (the crash test): destroying the group or gloo's teardown at exit could
+        # wait on the dead peer, so report and leave at once, skipping both.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    # Ranks that reach gloo's teardown at interpreter exit at different times (rank 0 is
+    # still writing its result) may abort with "terminate called without an active
+    # exception": meet first, then leave the group.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
+    crash = mode == "crash"
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(64, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (64,), generator=gen)

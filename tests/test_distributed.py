@@ -62,14 +62,15 @@ def test_a_crashed_rank_makes_the_survivor_exit_nonzero_within_timeout(tmp_path)
     codes = []
     for p in procs:
         try:
-            p.communicate(timeout=60)
+            # generous: on a loaded machine starting two processes that import torch is slow
+            p.communicate(timeout=180)
         except subprocess.TimeoutExpired:
             p.kill()
             pytest.fail("a rank hung after its peer crashed")
         codes.append(p.returncode)
     assert codes[1] == 3
-    assert codes[0] != 0
-    assert time.monotonic() - start < 60
+    assert codes[0] == 1  # a Python error after the peer vanished, not an abort in teardown
+    assert time.monotonic() - start < 180
 
 
 def test_scipy_operators_sum_over_ranks(tmp_path):

@@ -494,3 +494,63 @@ def test_hessianfree_with_structural_damping_trains_the_rnn(tmp_path):
     hf = [r for r in records if r["step"] > 0]
     assert len(hf) == 3 and all(r["hf_status"] == "accepted" for r in hf)
     assert hf[-1]["train_loss"] < records[0]["train_loss"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _StatusInfo:
+    loss: float
+    status: str
+
+
+class _ConvergingHessianFree(_FakeHessianFree):
+    """Reports ``status='converged'`` from its third step on, as HessianFree does once the
+    gradient or the change falls below ``tolerance_grad`` / ``tolerance_change``."""
+
+    def __init__(self, params, lr: float = 0.1, *, tolerance_grad: float = 1e-7):
+        super().__init__(params, lr)
+        self.steps = 0
+
+    def step(self, closure, curvature_closure=None):
+        loss = super().step(closure, curvature_closure)
+        self.steps += 1
+        status = "converged" if self.steps >= 3 else "accepted"
+        self.last_step = _StatusInfo(float(loss.detach()), status)
+        return loss
+
+
+def test_a_converged_hessianfree_step_ends_that_optimizer(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(config_module, "_hessianfree_class", lambda: _ConvergingHessianFree)
+    cfg = tiny_config(
+        tmp_path,
+        optimizers=[{"name": "hessianfree", "tolerance_grad": 1e-5}, {"name": "adam"}],
+    )
+    result = Runner(cfg, tmp_path / "run", progress=False).run()
+    entry = result.summary["optimizers"]["hessianfree"]
+    assert (entry["stop_reason"], entry["steps"]) == ("converged", 3)
+    assert result.summary["optimizers"]["adam"]["stop_reason"] == "steps"
+    out = capsys.readouterr().out
+    assert "stopped by converged after 3 steps" in out and "converged" in out.split("\n\n")[-2]
+    # a converged optimizer stays finished when the run is resumed
+    result = quiet(cfg, tmp_path / "run", resume=True).run()
+    assert result.summary["optimizers"]["hessianfree"]["stop_reason"] == "converged"
+
+
+def test_lbfgs_that_no_longer_moves_on_the_whole_set_has_converged(tmp_path):
+    lbfgs = {"name": "lbfgs", "max_iter": 3, "tolerance_grad": 1e3}  # |g| is below at once
+    cfg = tiny_config(tmp_path, optimizers=[lbfgs], batch_size=None)
+    result = quiet(cfg, tmp_path / "run").run()
+    assert result.summary["optimizers"]["lbfgs"]["stop_reason"] == "converged"
+    assert result.summary["optimizers"]["lbfgs"]["steps"] == 1
+    # on mini-batches a step without movement is only this batch's verdict: it goes on
+    cfg = tiny_config(tmp_path, optimizers=[lbfgs])
+    result = quiet(cfg, tmp_path / "mini").run()
+    assert result.summary["optimizers"]["lbfgs"]["stop_reason"] == "steps"
+
+
+def test_real_hessianfree_converged_status_stops_the_run(tmp_path):
+    hf = {"name": "hessianfree", "cg_max_iter": 5, "tolerance_grad": 1e3}  # max|g| is below
+    cfg = tiny_config(tmp_path, optimizers=[hf], batch_size=None)
+    result = quiet(cfg, tmp_path / "run").run()
+    entry = result.summary["optimizers"]["hessianfree"]
+    assert (entry["stop_reason"], entry["steps"]) == ("converged", 1)
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["hf_status"] == "converged"

@@ -13,6 +13,7 @@ error (with its traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -140,8 +141,34 @@ def _diff(a: object, b: object, path: str = "") -> list[str]:
     return [] if a == b else [path or "<top>"]
 
 
+def _inherit_budgets(saved: dict, overrides: list[str]) -> list[str]:
+    """Pass a global ``budget.KEY=v`` on to the entries whose saved budget inherited it.
+
+    A saved config spells out every optimizer's resolved budget, so ``budget.seconds=8``
+    alone would change only the global default; the entries that had the global value get
+    ``optimizers.I.budget.KEY=v`` too.
+    """
+    out = list(overrides)
+    for text in overrides:
+        key, _, value = text.partition("=")
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] != "budget":
+            continue
+        inherited = saved.get("budget", {}).get(parts[1])
+        for i, entry in enumerate(saved.get("optimizers", [])):
+            if (entry.get("budget") or {}).get(parts[1]) == inherited:
+                out.append(f"optimizers.{i}.budget.{parts[1]}={value}")
+    return out
+
+
 def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
-    from hessfree.train.config import ConfigError, config_to_dict, dump_config, load_config
+    from hessfree.train.config import (
+        ConfigError,
+        config_to_dict,
+        dump_config,
+        is_budget_key,
+        load_config,
+    )
     from hessfree.train.loop import Runner
 
     overrides = [item for item in args.items if "=" in item]
@@ -163,26 +190,37 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
             raise ConfigError([f"'{args.resume}' is not a run directory (no config.yaml)."])
         config = load_config(saved_path)
         if files or overrides:
+            if not files:
+                overrides = _inherit_budgets(config_to_dict(config), overrides)
             asked = load_config(files[0] if files else saved_path, overrides)
-            # A different timeout (`distributed.*`) does not change the results: allowed.
+            # A different timeout (`distributed.*`) does not change the results, and a budget
+            # only when the run stops (a finished run is extended): allowed.
             changed = [
                 key
                 for key in _diff(config_to_dict(config), config_to_dict(asked))
-                if not key.startswith("distributed.")
+                if not key.startswith("distributed.") and not is_budget_key(key)
             ]
             config = asked
             if changed:
                 raise ConfigError(
                     [
                         f"resuming needs the run's own config; these keys differ from "
-                        f"{saved_path}: {', '.join(changed)}. Drop CONFIG and the overrides "
-                        "to resume as saved, or start a new run."
+                        f"{saved_path}: {', '.join(changed)}. Only budget.* and "
+                        "distributed.* may change on resume; drop CONFIG and the other "
+                        "overrides to resume as saved, or start a new run."
                     ]
                 )
     else:
         config = load_config(files[0], overrides)
 
     if args.check:
+        if args.resume is None:
+            from hessfree.train.loop import default_run_dir, run_dir_problems
+
+            out = args.out if args.out is not None else default_run_dir(config)
+            problems = run_dir_problems(out, "output.dir" if args.out is None else "--out")
+            if problems:
+                raise ConfigError(problems, files[0])
         print(dump_config(config), end="")
         return 0
     header = (
@@ -215,17 +253,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         parser.parse_args(argv)  # --help, --version, or a usage error (exit 2)
         return 2  # pragma: no cover - parse_args exits for anything but 'run'
+    from hessfree.train.checkpoint import CheckpointError
     from hessfree.train.config import ConfigError
     from hessfree.train.data import DataError
     from hessfree.train.parallel import PeerError
 
     try:
         return _run(args, run_parser)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         return 2
     except PeerError as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # A group left after a peer failed: its teardown at interpreter exit could wait on
+            # the dead peer or abort (exit code -6 instead of 3). Leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
         return 3
     except KeyboardInterrupt:
         print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)

@@ -19,6 +19,10 @@ Layout of a config (every key optional unless marked)::
     optimizers:                       # required, one or more
       - {name: hessianfree, damping: 1.0, ...}   # every HessianFree keyword argument
       - {name: adam, lr: 1.0e-3, label: adam-fast, batch_size: 128, budget: {steps: 5000}}
+      - label: adam-then-hf           # phases: optimizers in sequence on the same weights,
+        phases:                       # each phase's budget counted from its start; the
+          - {name: adam, lr: 1.0e-3, budget: {steps: 500}}   # entry's budget (here the
+          - {name: hessianfree, damping: 1.0}                # global one) bounds the whole
     budget: {steps: null, epochs: null, seconds: null}   # per optimizer; first reached stops
     batch_size: null          # gradient batch; null = the whole training set
     curvature_batch_size: null  # HF curvature batch, a slice of the gradient batch
@@ -38,6 +42,7 @@ import difflib
 import hashlib
 import importlib.util
 import inspect
+import math
 import re
 import types
 import typing
@@ -71,9 +76,41 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "config_digest",
+    "training_digest",
+    "is_budget_key",
     "safe_load_yaml",
     "infer_task",
 ]
+
+
+#: Seeds reach scikit-learn and NumPy, which take at most 2**32 - 1.
+_MAX_SEED = 2**32 - 1
+#: torch.set_num_threads takes a C int; far more threads than any machine has is a typo.
+_MAX_THREADS = 1024
+#: gloo and NCCL hold the timeout in milliseconds in a C int: at most about 24.8 days.
+_MAX_TIMEOUT = 2_000_000.0
+#: Floats larger than this are not exact integers; a count given as one is refused.
+_MAX_EXACT_FLOAT_INT = 2**53
+#: Longest echo of a value in a message, and the most values a document may expand to
+#: (YAML aliases can make a few hundred bytes expand to millions of values).
+_MAX_SHOWN = 200
+_MAX_PROBLEM_CHARS = 1000
+_MAX_VALUES = 100_000
+
+
+def _show(value: object) -> str:
+    """``repr(value)``, cut to :data:`_MAX_SHOWN` characters (a huge value stays readable)."""
+    text = reprlib_repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 5] + " ...)"
+
+
+def reprlib_repr(value: object) -> str:
+    import reprlib  # noqa: PLC0415
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxstring, r.maxother = 3, 8, 8, 8, 120, 120
+    r.maxlong = 60
+    return r.repr(value)
 
 
 class ConfigError(ValueError):
@@ -85,7 +122,11 @@ class ConfigError(ValueError):
     """
 
     def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
-        self.problems = list(problems)
+        # Cap what is echoed: a message quoting a huge value must stay a few lines.
+        self.problems = [
+            p if len(p) <= _MAX_PROBLEM_CHARS else p[: _MAX_PROBLEM_CHARS - 20] + " ... (cut)"
+            for p in problems
+        ]
         self.source = source
         where = f" in {source}" if source else ""
         if len(self.problems) == 1:
@@ -100,7 +141,7 @@ class ConfigError(ValueError):
 # YAML: the safe loader, plus floats without a dot (1e-3) and an error on duplicate keys.
 
 
-class _SafeLoader(yaml.SafeLoader):
+class _SafeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser if built
     """``yaml.SafeLoader`` that reads ``1e-3`` as a float and rejects duplicate keys."""
 
 
@@ -171,7 +212,8 @@ def _suggest(key: object, allowed: Sequence[str]) -> str:
 
 def _unknown_key(path: str, key: object, allowed: Sequence[str]) -> str:
     listed = ", ".join(allowed)
-    return f"Unknown key `{_path(path, key)}`; {_suggest(key, allowed)}allowed keys: {listed}."
+    shown = _path(path, key if isinstance(key, str) and len(key) <= _MAX_SHOWN else _show(key))
+    return f"Unknown key `{shown}`; {_suggest(key, allowed)}allowed keys: {listed}."
 
 
 def _type_name(value: object) -> str:
@@ -199,7 +241,7 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
     if origin is tuple:
         (item,) = typing.get_args(hint)[:1]
         if not isinstance(value, (list, tuple)):
-            problems.append(f"`{path}` must be a list, got {_type_name(value)} {value!r}.")
+            problems.append(f"`{path}` must be a list, got {_type_name(value)} {_show(value)}.")
             return _INVALID
         items = [_convert(v, item, spec, _path(path, i), problems) for i, v in enumerate(value)]
         return _INVALID if any(v is _INVALID for v in items) else tuple(items)
@@ -208,22 +250,27 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
 
     if hint is bool:
         if not isinstance(value, bool):
-            problems.append(f"`{path}` must be true or false, got {_type_name(value)} {value!r}.")
+            problems.append(
+                f"`{path}` must be true or false, got {_type_name(value)} {_show(value)}."
+            )
             return _INVALID
     elif hint is int:
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT_FLOAT_INT:
             value = int(value)  # 1e4 in YAML is a float; accept it for a count
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"`{path}` must be an integer, got {_type_name(value)} {value!r}.")
+            problems.append(f"`{path}` must be an integer, got {_type_name(value)} {_show(value)}.")
             return _INVALID
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"`{path}` must be a number, got {_type_name(value)} {value!r}.")
+            problems.append(f"`{path}` must be a number, got {_type_name(value)} {_show(value)}.")
             return _INVALID
         value = float(value)
     elif hint is str:
         if not isinstance(value, str):
-            problems.append(f"`{path}` must be a string, got {_type_name(value)} {value!r}.")
+            problems.append(f"`{path}` must be a string, got {_type_name(value)} {_show(value)}.")
+            return _INVALID
+        if "\0" in value:  # file names cannot hold it; the OS refuses it with a ValueError
+            problems.append(f"`{path}` must not contain a NUL character, got {_show(value)}.")
             return _INVALID
     else:  # pragma: no cover - a schema bug, not a user error
         raise AssertionError(f"unsupported type hint {hint!r} at {path}")
@@ -238,7 +285,7 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
             else []
         )
         hint_text = f"; did you mean {close[0]!r}?" if close else "."
-        problems.append(f"`{path}` must be one of {listed}, got {value!r}{hint_text}")
+        problems.append(f"`{path}` must be one of {listed}, got {_show(value)}{hint_text}")
         return _INVALID
     if spec.low is not None or spec.high is not None:
         try:
@@ -272,7 +319,7 @@ def _build(cls: type, raw: Any, path: str, problems: list[str], *, skip: Sequenc
     """Build dataclass ``cls`` from a raw mapping, appending every problem to ``problems``."""
     if not isinstance(raw, Mapping):
         problems.append(
-            f"`{path}` must be a mapping of keys to values, got {_type_name(raw)} {raw!r}."
+            f"`{path}` must be a mapping of keys to values, got {_type_name(raw)} {_show(raw)}."
         )
         return _INVALID
     fields = _schema_fields(cls)
@@ -308,7 +355,9 @@ class CurvesData:
     thickness: float = _field(
         0.7, "stroke width: Gaussian profile std in pixels", low=0.1, high=5.0
     )
-    seed: int | None = _field(None, "generator seed; null: the experiment seed")
+    seed: int | None = _field(
+        None, "generator seed; null: the experiment seed", low=0, high=_MAX_SEED
+    )
 
 
 @dataclass(frozen=True)
@@ -319,7 +368,7 @@ class DigitsData:
     test_fraction: float = _field(
         0.25, "held-out fraction", low=0.0, high=1.0, low_open=True, high_open=True
     )
-    seed: int | None = _field(None, "split seed; null: the experiment seed")
+    seed: int | None = _field(None, "split seed; null: the experiment seed", low=0, high=_MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -330,7 +379,7 @@ class BreastCancerData:
     test_fraction: float = _field(
         0.25, "held-out fraction", low=0.0, high=1.0, low_open=True, high_open=True
     )
-    seed: int | None = _field(None, "split seed; null: the experiment seed")
+    seed: int | None = _field(None, "split seed; null: the experiment seed", low=0, high=_MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -343,7 +392,10 @@ class Mnist1dData:
         0.8, "training fraction", low=0.0, high=1.0, low_open=True, high_open=True
     )
     seed: int | None = _field(
-        None, "generator seed; null: the experiment seed (the package uses 42)"
+        None,
+        "generator seed; null: the experiment seed (the package uses 42)",
+        low=0,
+        high=_MAX_SEED,
     )
 
 
@@ -385,7 +437,9 @@ class AdditionData:
     length: int = _field(100, "sequence length T", low=4)
     num_train: int = _field(10_000, "training sequences", low=1)
     num_test: int = _field(1000, "test sequences", low=1)
-    seed: int | None = _field(None, "generator seed; null: the experiment seed")
+    seed: int | None = _field(
+        None, "generator seed; null: the experiment seed", low=0, high=_MAX_SEED
+    )
 
 
 DataConfig = (
@@ -567,6 +621,7 @@ class DistributedConfig:
         "seconds a rank waits for the others (start-up and every collective) before giving up",
         low=0.0,
         low_open=True,
+        high=_MAX_TIMEOUT,
     )
 
 
@@ -613,6 +668,7 @@ _TORCH_OPTIMIZERS: dict[str, type] = {
 #: Optimizer names a config may use.
 OPTIMIZER_NAMES = ("hessianfree", "adam", "sgd", "lbfgs")
 _ENTRY_KEYS = ("name", "label", "batch_size", "curvature_batch_size", "budget")
+_PHASED_KEYS = ("phases", "label", "budget")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -627,7 +683,12 @@ class OptimizerConfig:
         batch_size: Gradient batch; ``None`` is the whole training set.
         curvature_batch_size: HF only: curvature batch, a slice of the gradient batch;
             ``None`` is the whole gradient batch.
-        budget: This optimizer's budget (the global one with this entry's overrides).
+        budget: This optimizer's budget (the global one with this entry's overrides); for
+            a phase, the phase's own budget, counted from the phase's start.
+        phases: Optimizers run one after another on the same weights (``Adam for N steps,
+            then HessianFree``); empty for a plain entry. Each phase is a complete entry
+            with its own budget; ``name`` is then the phases' names joined by ``+`` and the
+            fields above other than ``label`` and ``budget`` are those of the first phase.
     """
 
     name: str
@@ -636,6 +697,12 @@ class OptimizerConfig:
     batch_size: int | None
     curvature_batch_size: int | None
     budget: BudgetConfig
+    phases: tuple[OptimizerConfig, ...] = ()
+
+    @property
+    def leaves(self) -> tuple[OptimizerConfig, ...]:
+        """The optimizers that take steps: the phases, or this entry alone."""
+        return self.phases or (self,)
 
 
 @dataclass(frozen=True)
@@ -667,10 +734,12 @@ class ExperimentConfig:
 @dataclass(frozen=True)
 class _TopLevel:
     name: str | None = _field(None, "run name; default: the config file's stem")
-    seed: int = _field(0, "seed of weights, data order and generated data", low=0)
+    seed: int = _field(0, "seed of weights, data order and generated data", low=0, high=_MAX_SEED)
     device: str = _field("cpu", "cpu, cuda or auto", choices=("cpu", "cuda", "auto"))
     dtype: str = _field("float32", "parameter and data dtype", choices=("float32", "float64"))
-    num_threads: int | None = _field(None, "torch.set_num_threads; null: torch's default", low=1)
+    num_threads: int | None = _field(
+        None, "torch.set_num_threads; null: torch's default", low=1, high=_MAX_THREADS
+    )
     batch_size: int | None = _field(None, "gradient batch; null: the whole training set", low=1)
     curvature_batch_size: int | None = _field(
         None, "HF curvature batch; null: the gradient batch", low=1
@@ -810,7 +879,7 @@ def _check_hessianfree(raw: Mapping[str, Any], path: str, problems: list[str]) -
     for key, value in given.items():
         message = construct({key: value})
         if message is not None:
-            problems.append(f"`{_path(path, key)}` = {value!r}: {message}")
+            problems.append(f"`{_path(path, key)}` = {_show(value)}: {message}")
             bad = True
     if not bad and given:
         message = construct(given)
@@ -830,17 +899,19 @@ def _pick_schema(
     raw: Any, path: str, registry: Mapping[str, type], problems: list[str], what: str
 ) -> type | None:
     if not isinstance(raw, Mapping):
-        problems.append(f"`{path}` must be a mapping with a `name`, got {_type_name(raw)} {raw!r}.")
+        problems.append(
+            f"`{path}` must be a mapping with a `name`, got {_type_name(raw)} {_show(raw)}."
+        )
         return None
     name = raw.get("name")
     choices = ", ".join(repr(n) for n in registry)
     if name is None:
         problems.append(f"`{path}.name` is required: the {what}, one of {choices}.")
         return None
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         hint = _suggest(name, list(registry)) if isinstance(name, str) else ""
         problems.append(
-            f"Unknown {what} `{path}.name` = {name!r}; {hint}expected one of {choices}."
+            f"Unknown {what} `{path}.name` = {_show(name)}; {hint}expected one of {choices}."
         )
         return None
     return registry[name]
@@ -857,12 +928,86 @@ def _merge_budget(base: BudgetConfig, raw: Any, path: str, problems: list[str]) 
     )
 
 
-def _parse_optimizer(
-    raw: Any, index: int, top: _TopLevel, problems: list[str]
+def _parse_phased(
+    raw: Mapping[str, Any], path: str, top: _TopLevel, problems: list[str]
 ) -> OptimizerConfig | None:
-    path = f"optimizers.{index}"
+    """An entry ``{phases: [entry, entry, ...], label, budget}``: optimizers in sequence."""
+    for key in raw:
+        if key not in _PHASED_KEYS:
+            problems.append(
+                _unknown_key(path, key, _PHASED_KEYS)[:-1]
+                + " (an entry with `phases` sets the optimizer keys in each phase)."
+            )
+    raw_phases = raw["phases"]
+    if not isinstance(raw_phases, list) or len(raw_phases) < 2:
+        problems.append(
+            f"`{path}.phases` must be a list of two or more optimizer entries run one after "
+            f"another, got {_show(raw_phases)}; a single optimizer is a plain entry."
+        )
+        return None
+    # A phase's budget is its own, counted from its start; the global one bounds the entry.
+    no_budget = dataclasses.replace(top, budget=BudgetConfig())
+    phases = []
+    for j, entry in enumerate(raw_phases):
+        where = f"{path}.phases.{j}"
+        if isinstance(entry, Mapping):
+            for key in ("phases", "label"):
+                if key in entry:
+                    problems.append(
+                        f"`{where}.{key}` is not allowed in a phase; set it on `{path}`."
+                    )
+        phase = _parse_optimizer(
+            {k: v for k, v in entry.items() if k not in ("phases", "label")}
+            if isinstance(entry, Mapping)
+            else entry,
+            index=None,
+            top=no_budget,
+            problems=problems,
+            path=where,
+        )
+        if phase is None:
+            return None
+        b = phase.budget
+        if j < len(raw_phases) - 1 and b.steps is None and b.epochs is None and b.seconds is None:
+            problems.append(
+                f"`{where}` ({phase.name}) has no budget, so the phases after it would never "
+                f"run: set `{where}.budget.steps`, `.epochs` or `.seconds`."
+            )
+        phases.append(phase)
+    names = "+".join(ph.name for ph in phases)
+    label = raw.get("label", names)
+    if not isinstance(label, str) or not _LABEL.match(label):
+        problems.append(
+            f"`{path}.label` must be a name of letters, digits and _.+- "
+            f"(it names files), got {_show(label)}."
+        )
+        label = names
+    first = phases[0]
+    return OptimizerConfig(
+        name=names,
+        label=label,
+        hyperparameters={},
+        batch_size=first.batch_size,
+        curvature_batch_size=first.curvature_batch_size,
+        budget=_merge_budget(top.budget, raw.get("budget"), f"{path}.budget", problems),
+        phases=tuple(phases),
+    )
+
+
+def _parse_optimizer(
+    raw: Any,
+    index: int | None,
+    top: _TopLevel,
+    problems: list[str],
+    path: str | None = None,
+) -> OptimizerConfig | None:
+    path = path or f"optimizers.{index}"
+    if isinstance(raw, Mapping) and "phases" in raw and index is not None:
+        return _parse_phased(raw, path, top, problems)
     if not isinstance(raw, Mapping):
-        problems.append(f"`{path}` must be a mapping with a `name`, got {_type_name(raw)} {raw!r}.")
+        problems.append(
+            f"`{path}` must be a mapping with a `name`, got {_type_name(raw)} {_show(raw)}."
+        )
         return None
     name = raw.get("name")
     choices = ", ".join(repr(n) for n in OPTIMIZER_NAMES)
@@ -872,7 +1017,7 @@ def _parse_optimizer(
         else:
             hint = _suggest(name, OPTIMIZER_NAMES) if isinstance(name, str) else ""
             problems.append(
-                f"Unknown optimizer `{path}.name` = {name!r}; {hint}expected one of {choices}."
+                f"Unknown optimizer `{path}.name` = {_show(name)}; {hint}expected one of {choices}."
             )
         return None
 
@@ -880,7 +1025,7 @@ def _parse_optimizer(
     if not isinstance(label, str) or not _LABEL.match(label):
         problems.append(
             f"`{path}.label` must be a name of letters, digits and _.+- "
-            f"(it names files), got {label!r}."
+            f"(it names files), got {_show(label)}."
         )
         label = name
     batch_size = top.batch_size
@@ -978,6 +1123,157 @@ def _resolve_loss(loss: LossConfig, data: Any, model: Any, problems: list[str]) 
     return LossConfig(name=name, reduction=reduction)
 
 
+@dataclass(frozen=True)
+class _KnownData:
+    """What a data section fixes without loading anything (None: decided by a file)."""
+
+    num_train: int | None
+    input_numel: int | None
+    num_outputs: int | None
+
+
+#: Cases and classes of scikit-learn's bundled sets.
+_BUNDLED = {"digits": (1797, 10, 64), "breast_cancer": (569, 2, 30)}
+
+
+def _known_data(data: Any, problems: list[str]) -> _KnownData:
+    """Sizes a data section fixes, and problems with its split that only sizes reveal."""
+    name = data.name
+    if name in _BUNDLED:
+        n, classes, numel = _BUNDLED[name]
+        # scikit-learn's train_test_split: ceil(f n) test cases, the rest for training; a
+        # stratified split needs at least one case of each class on either side.
+        n_test = math.ceil(data.test_fraction * n)
+        n_train = n - n_test
+        if min(n_test, n_train) < classes:
+            low = classes / n
+            problems.append(
+                f"`data.test_fraction` = {data.test_fraction!r} splits the {n} cases of "
+                f"{name!r} into {n_train} train / {n_test} test, fewer than its {classes} "
+                f"classes on one side; use a value in [{low:.4f}, {1 - low:.4f}]."
+            )
+        return _KnownData(n_train, numel, classes)
+    if name == "mnist1d":
+        n_train = int(data.num_samples * data.train_split)
+        if n_train < 1 or n_train >= data.num_samples:
+            problems.append(
+                f"`data.train_split` = {data.train_split!r} of {data.num_samples} cases leaves "
+                f"{n_train} for training and {data.num_samples - n_train} for testing; both "
+                "need at least one case."
+            )
+        return _KnownData(n_train, 40, 10)
+    if name == "curves":
+        return _KnownData(data.num_train, data.image_size**2, None)
+    if name == "addition":
+        return _KnownData(data.num_train, 2 * data.length, 1)
+    return _KnownData(None, 784 if name == "mnist" else None, 10 if name == "mnist" else None)
+
+
+def _num_parameters(model: Any, known: _KnownData) -> int:
+    """A lower bound on the model's parameter count from its config and the known data sizes."""
+    inputs, outputs = known.input_numel or 1, known.num_outputs or 1
+
+    def dense(sizes: Sequence[int]) -> int:
+        return sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))
+
+    if model.name == "mlp":
+        return dense([inputs, *model.hidden_sizes, outputs])
+    if model.name == "autoencoder":
+        sizes = list(model.layer_sizes or ())
+        return dense(sizes) + dense(sizes[::-1])
+    if model.name == "cnn":
+        channels = [1, *model.channels]
+        conv = sum((9 * a + 1) * b for a, b in zip(channels, channels[1:], strict=False))
+        return conv + dense([channels[-1], model.hidden_size, outputs])
+    if model.name == "rnn":
+        h = model.hidden_size
+        return h * (2 + h + 1) + (h + 1) * outputs
+    return 0  # pragma: no cover - every model is listed above
+
+
+def _physical_memory() -> int:
+    """This machine's physical memory in bytes (1 TiB if the system does not say)."""
+    import os  # noqa: PLC0415
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return 2**40
+
+
+def _gigabytes(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """Sizes known without loading data: splits, batch sizes, the memory of model and data."""
+    before = len(problems)
+    known = _known_data(cfg.data, problems)
+    n = known.num_train
+    leaves = [
+        (f"optimizers.{i}" + (f".phases.{j}" if o.phases else ""), leaf)
+        for i, o in enumerate(cfg.optimizers)
+        for j, leaf in enumerate(o.leaves)
+    ]
+    if n is not None and n >= 1 and len(problems) == before:
+        for entry_path, opt in leaves:
+            where = "batch_size" if opt.batch_size == cfg.batch_size else f"{entry_path}.batch_size"
+            if (
+                opt.batch_size is not None
+                and opt.batch_size > n
+                and not any(p.startswith(f"`{where}` ") for p in problems)
+            ):
+                problems.append(
+                    f"`{where}` = {opt.batch_size} exceeds the {n} training cases of "
+                    f"{cfg.data.name!r} ({entry_path}, {opt.label}); use at most {n}, or null "
+                    "for the whole training set."
+                )
+            if (
+                opt.curvature_batch_size is not None
+                and opt.curvature_batch_size > n
+                and opt.batch_size is None
+            ):
+                problems.append(
+                    f"`{entry_path}.curvature_batch_size` = {opt.curvature_batch_size} "
+                    f"exceeds the {n} training cases of {cfg.data.name!r} (its gradient batch)."
+                )
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    params = _num_parameters(cfg.model, known)
+    data_values = (known.input_numel or 0) * (n or 0) if cfg.data.name != "mnist" else 0
+    # Parameters, their gradients and at least one optimizer vector of the same size.
+    need = 3 * params * itemsize + data_values * itemsize
+    have = _physical_memory()
+    if need > have:
+        key = {"mlp": "hidden_sizes", "autoencoder": "layer_sizes", "cnn": "channels"}.get(
+            cfg.model.name, "hidden_size"
+        )
+        problems.append(
+            f"`model.{key}`: the model would have at least {params:,} parameters "
+            f"({_gigabytes(params * itemsize)} as {cfg.dtype}; training needs about "
+            f"{_gigabytes(need)} with gradients, optimizer state and "
+            f"{_gigabytes(data_values * itemsize)} of data), more than this machine's "
+            f"{_gigabytes(have)} of memory; use smaller layers or less data."
+        )
+
+
+_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+def _check_name(name: str, problems: list[str]) -> None:
+    """``name`` becomes a directory name under ``output.dir``: no separators, no escape."""
+    if not name or name in (".", "..") or ".." in name or _NAME_FORBIDDEN.search(name):
+        problems.append(
+            f"`name` = {_show(name)} names the run directory; it must be non-empty, without "
+            "'..', path separators (/ \\) or control characters (NUL included); e.g. "
+            "'quickstart-2'."
+        )
+    elif len(name.encode("utf-8", errors="replace")) > 200:
+        problems.append(
+            f"`name` is {len(name.encode('utf-8', errors='replace'))} bytes long; a run "
+            "directory name must stay under the file system's 255: use at most 200."
+        )
+
+
 def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
     """Checks between sections that need no data (those that do run after loading it)."""
     if cfg.model.name == "rnn" and cfg.data.name not in _SEQUENCE_DATA + ("npz",):
@@ -995,7 +1291,7 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
             f"`model.name` = 'cnn' needs image data ({', '.join(_IMAGE_DATA)} or npz "
             f"with (N, C, H, W) inputs), got {cfg.data.name!r}."
         )
-    for i, opt in enumerate(cfg.optimizers):
+    for i, opt in ((i, leaf) for i, o in enumerate(cfg.optimizers) for leaf in o.leaves):
         mu = (
             opt.hyperparameters.get("structural_damping", 0.0) if opt.name == "hessianfree" else 0.0
         )
@@ -1025,21 +1321,27 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
         budget_reported = any(
             p.startswith(("`budget.", f"`optimizers.{i}.budget")) for p in problems
         )
-        if b.steps is None and b.epochs is None and b.seconds is None and not budget_reported:
+        last = opt.leaves[-1].budget if opt.phases else b  # a last phase may bound the entry
+        unbounded = all(
+            x.steps is None and x.epochs is None and x.seconds is None for x in (b, last)
+        )
+        if unbounded and not budget_reported:
             problems.append(
                 f"`optimizers.{i}` ({opt.label}) has no budget: set `budget.steps`, "
                 "`budget.epochs` or `budget.seconds` (globally or in the entry)."
             )
-        if (
-            opt.curvature_batch_size is not None
-            and opt.batch_size is not None
-            and opt.curvature_batch_size > opt.batch_size
-        ):
-            problems.append(
-                f"`optimizers.{i}.curvature_batch_size` = {opt.curvature_batch_size} "
-                f"exceeds its gradient batch_size {opt.batch_size}; the curvature "
-                "batch is a slice of the gradient batch."
-            )
+        for j, leaf in enumerate(opt.leaves):
+            where = f"optimizers.{i}" + (f".phases.{j}" if opt.phases else "")
+            if (
+                leaf.curvature_batch_size is not None
+                and leaf.batch_size is not None
+                and leaf.curvature_batch_size > leaf.batch_size
+            ):
+                problems.append(
+                    f"`{where}.curvature_batch_size` = {leaf.curvature_batch_size} "
+                    f"exceeds its gradient batch_size {leaf.batch_size}; the curvature "
+                    "batch is a slice of the gradient batch."
+                )
 
 
 def parse_config(
@@ -1114,7 +1416,7 @@ def parse_config(
             f"one of {', '.join(repr(n) for n in OPTIMIZER_NAMES)}."
         )
     elif not isinstance(raw_opts, list) or not raw_opts:
-        problems.append(f"`optimizers` must be a non-empty list, got {raw_opts!r}.")
+        problems.append(f"`optimizers` must be a non-empty list, got {_show(raw_opts)}.")
     else:
         for i, entry in enumerate(raw_opts):
             opt = _parse_optimizer(entry, i, top, problems)
@@ -1122,7 +1424,8 @@ def parse_config(
                 optimizers.append(opt)
 
     loss = _resolve_loss(top.loss, data, model, problems)
-    if data is None or model is None or len(optimizers) != len(raw_opts or []):
+    wanted = len(raw_opts) if isinstance(raw_opts, list) else -1
+    if data is None or model is None or len(optimizers) != wanted:
         raise ConfigError(problems, source)
     cfg = ExperimentConfig(
         name=top.name or default_name,
@@ -1141,7 +1444,10 @@ def parse_config(
         output=top.output,
         distributed=top.distributed,
     )
+    _check_name(cfg.name, problems)
     _check_combinations(cfg, problems)
+    if not any(p.startswith(("`data", "`model", "`batch", "`optimizers")) for p in problems):
+        _check_sizes(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -1218,7 +1524,7 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
             else:
                 problems.append(
                     f"Override {text!r}: `{'.'.join(parts[:depth])}` is "
-                    f"{_type_name(node)} {node!r}, not a mapping or list."
+                    f"{_type_name(node)} {_show(node)}, not a mapping or list."
                 )
                 break
     if problems:
@@ -1245,18 +1551,98 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
             config has problems (all reported together).
     """
     path = Path(path)
+    raw = read_yaml_file(path)
+    raw = apply_overrides(raw, overrides)
     try:
-        text = path.read_text(encoding="utf-8")
+        return parse_config(raw, default_name=path.stem, source=str(path))
+    except ConfigError as err:
+        raise _blame_overrides(err, overrides, str(path)) from None
+
+
+def read_yaml_file(path: Path) -> Any:
+    """Read a YAML file as the safe loader parses it.
+
+    Raises:
+        ConfigError: The file cannot be read, is not UTF-8 text, is not valid YAML, or its
+            aliases expand it beyond :data:`_MAX_VALUES` values.
+    """
+    try:
+        data = path.read_bytes()
     except OSError as err:
         raise ConfigError(
             [f"cannot read the config file: {err.strerror or err}."], str(path)
         ) from None
     try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [
+                f"the file is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                f"{err.start}); save it as UTF-8, or check it is the YAML config you meant."
+            ],
+            str(path),
+        ) from None
+    try:
         raw = safe_load_yaml(text)
     except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], str(path)) from None
-    raw = apply_overrides(raw, overrides)
-    return parse_config(raw, default_name=path.stem, source=str(path))
+        raise ConfigError([f"not valid YAML: {_cut(str(err))}"], str(path)) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:
+        # PyYAML's constructors raise these for e.g. an impossible date or a 5,000-digit int.
+        raise ConfigError(
+            [f"not valid YAML: {type(err).__name__}: {_cut(str(err))}"], str(path)
+        ) from None
+    _check_expansion(raw, str(path))
+    return raw
+
+
+def _cut(text: str) -> str:
+    return (
+        text if len(text) <= _MAX_PROBLEM_CHARS // 2 else text[: _MAX_PROBLEM_CHARS // 2] + " ..."
+    )
+
+
+def _check_expansion(raw: Any, source: str) -> None:
+    """Refuse a document whose aliases expand it beyond :data:`_MAX_VALUES` values."""
+    count, stack = 0, [(raw, 0)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > _MAX_VALUES or depth > 100:
+            raise ConfigError(
+                [
+                    f"the document expands to more than {_MAX_VALUES:,} values or 100 levels "
+                    "(YAML aliases such as *a repeat their anchor); a config is far smaller."
+                ],
+                source,
+            )
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value)
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _blame_overrides(err: ConfigError, overrides: Sequence[str], source: str) -> ConfigError:
+    """Name the command-line override behind each problem it caused, not the file."""
+    if not overrides:
+        return err
+    keys = []
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        keys.append((key, text))
+    problems, blamed = [], 0
+    for problem in err.problems:
+        # The problem's own dotted path is the first `quoted` one it names.
+        first = re.search(r"`([^`]*)`", problem)
+        path = first.group(1) if first else ""
+        hit = next((text for key, text in keys if path == key or path.startswith(key + ".")), None)
+        if hit is None:
+            problems.append(problem)
+        else:
+            blamed += 1
+            problems.append(f"{problem} (from the command-line override {_show(hit)})")
+    where = "command-line overrides" if blamed == len(problems) else f"{source} + overrides"
+    return ConfigError(problems, where)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -1277,17 +1663,29 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         if f.name == "optimizers":
             entries = []
             for opt in value:
-                entry: dict[str, Any] = {"name": opt.name, "label": opt.label}
-                entry.update(plain(opt.hyperparameters))
-                entry["batch_size"] = opt.batch_size
-                if opt.name == "hessianfree":
-                    entry["curvature_batch_size"] = opt.curvature_batch_size
-                entry["budget"] = plain(opt.budget)
-                entries.append(entry)
+                if opt.phases:
+                    phases = [_entry(ph, plain) for ph in opt.phases]
+                    for ph in phases:
+                        del ph["label"]
+                    entries.append(
+                        {"label": opt.label, "phases": phases, "budget": plain(opt.budget)}
+                    )
+                else:
+                    entries.append(_entry(opt, plain))
             out["optimizers"] = entries
         else:
             out[f.name] = plain(value)
     return out
+
+
+def _entry(opt: OptimizerConfig, plain: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": opt.name, "label": opt.label}
+    entry.update(plain(opt.hyperparameters))
+    entry["batch_size"] = opt.batch_size
+    if opt.name == "hessianfree":
+        entry["curvature_batch_size"] = opt.curvature_batch_size
+    entry["budget"] = plain(opt.budget)
+    return entry
 
 
 def _yaml(plain: Mapping[str, Any]) -> str:
@@ -1309,3 +1707,30 @@ def config_digest(cfg: ExperimentConfig) -> str:
     plain = config_to_dict(cfg)
     del plain["distributed"]
     return hashlib.sha256(_yaml(plain).encode()).hexdigest()
+
+
+def training_digest(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the resolved config less every budget: what a step's result depends on.
+
+    Two configs with equal training digests take the same steps; only when they stop differs,
+    so a run may be resumed with a larger (or smaller) budget.
+    """
+    plain = config_to_dict(cfg)
+    del plain["distributed"], plain["budget"]
+    for entry in plain["optimizers"]:
+        entry.pop("budget", None)
+        for phase in entry.get("phases", ()):
+            phase.pop("budget", None)
+    return hashlib.sha256(_yaml(plain).encode()).hexdigest()
+
+
+def is_budget_key(path: str) -> bool:
+    """Whether a dotted config path is a budget (which ``--resume`` may change).
+
+    Example:
+        >>> is_budget_key("budget.seconds"), is_budget_key("optimizers.1.budget.steps")
+        (True, True)
+        >>> is_budget_key("optimizers.0.lr")
+        False
+    """
+    return bool(re.fullmatch(r"(optimizers\.\d+\.(phases\.\d+\.)?)?budget(\..*)?", path))

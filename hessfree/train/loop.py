@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import signal
 import sys
 import threading
@@ -56,6 +57,7 @@ from torch import Tensor
 
 from hessfree.train.checkpoint import (
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
     write_json_atomic,
     write_text_atomic,
@@ -66,6 +68,7 @@ from hessfree.train.config import (
     OptimizerConfig,
     config_digest,
     dump_config,
+    training_digest,
 )
 from hessfree.train.data import Dataset, load_dataset
 from hessfree.train.metrics import MetricsLog, format_table, read_metrics, summarize
@@ -95,7 +98,26 @@ class StopReason(enum.Enum):
     EPOCHS = "epochs"
     SECONDS = "seconds"
     DIVERGED = "diverged"
+    CONVERGED = "converged"
     INTERRUPTED = "interrupted"
+
+
+#: Stop reasons a larger budget on ``--resume`` lifts (the others are outcomes of training).
+_BUDGET_REASONS = ("steps", "epochs", "seconds")
+
+
+def _converged(spec: OptimizerConfig, optimizer: torch.optim.Optimizer, unchanged: bool) -> bool:
+    """Whether the step just taken says the optimizer has converged.
+
+    HessianFree reports it in ``last_step.status`` (``'converged'``: the gradient or the change
+    fell below ``tolerance_grad`` / ``tolerance_change``). torch's L-BFGS stops inside a step on
+    the same tolerances; on the whole training set, a step that left the parameters unchanged
+    means it will not move again.
+    """
+    if spec.name == "hessianfree":
+        status = getattr(getattr(optimizer, "last_step", None), "status", None)
+        return str(getattr(status, "value", status)) == "converged"
+    return spec.name == "lbfgs" and unchanged
 
 
 class RunStatus(enum.Enum):
@@ -157,6 +179,13 @@ class _Progress:
     last_eval_step: int = -1
     last_eval_seconds: float = 0.0
     hf: dict[str, Any] = dataclasses.field(default_factory=dict)
+    phase: int = 0  # the running phase of an entry with `phases`
+    phase_start: tuple[int, int, float] = (0, 0, 0.0)  # step, cases, seconds when it began
+
+    def in_phase(self) -> _Progress:
+        """Steps, cases and seconds since the running phase began (for its own budget)."""
+        step, cases, seconds = self.phase_start
+        return _Progress(self.step - step, self.cases - cases, self.seconds - seconds)
 
 
 def _scalar(loss: Tensor | float | tuple) -> float:
@@ -184,13 +213,43 @@ def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Pa
     return path
 
 
+def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
+    """Why a new run directory could not be created at ``run_dir`` (empty: it can).
+
+    Checks the nearest existing ancestor: it must be a directory this process may write in.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
+    parent = run_dir
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return [
+            f"`{key}`: '{parent}' is a file, so the run directory '{run_dir}' cannot be "
+            "created under it; choose a directory."
+        ]
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return [
+            f"`{key}`: cannot create '{run_dir}': '{parent}' is not writable by this user; "
+            "choose a directory you can write to."
+        ]
+    return []
+
+
 def _data_problems(
     cfg: ExperimentConfig, ds: Dataset, objective: Objective, world_size: int = 1
 ) -> list[str]:
     """Config checks that need the loaded data (and the number of processes)."""
     problems = []
     n = ds.x_train.shape[0]
-    for i, opt in enumerate(cfg.optimizers):
+    leaves = [
+        (f"{i}.phases.{j}" if o.phases else str(i), leaf)
+        for i, o in enumerate(cfg.optimizers)
+        for j, leaf in enumerate(o.leaves)
+    ]
+    for i, opt in leaves:
         bs = opt.batch_size or n
         if bs > n:
             problems.append(
@@ -280,6 +339,7 @@ class Runner:
         if resume and run_dir is None:
             raise ValueError("`run_dir` is required to resume a run.")
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+        self.default_dir = run_dir is None
         self.resume = resume
         if progress is None:
             progress = config.output.progress == "always" or (
@@ -333,11 +393,17 @@ class Runner:
 
     def _setup(self) -> None:
         cfg = self.config
+        if not self.resume and self.group.rank == 0:
+            key = "output.dir" if self.default_dir else "--out"
+            problems = run_dir_problems(self.run_dir, key)
+            if problems:
+                raise ConfigError(problems, cfg.name)
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = self.group.device
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         self.digest = config_digest(cfg)
+        self.training_digest = training_digest(cfg)
 
         options = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "name"}
         if "seed" in options and options["seed"] is None:
@@ -393,13 +459,26 @@ class Runner:
                         f"--resume {self.run_dir} or choose another --out."
                     ]
                 )
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(
-                self.run_dir / "config.yaml", dump_config(self.config, self.config_header)
-            )
+            try:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(
+                    self.run_dir / "config.yaml", dump_config(self.config, self.config_header)
+                )
+            except OSError as err:
+                raise ConfigError(
+                    [f"cannot create the run directory '{self.run_dir}': {err.strerror or err}."]
+                ) from None
             return {}
         if not (self.run_dir / "config.yaml").exists():
             raise ConfigError([f"'{self.run_dir}' holds no config.yaml: not a run directory."])
+        if ckpt_dir.exists() and not ckpt_dir.is_dir():
+            raise ConfigError(
+                [
+                    f"'{ckpt_dir}' is a file, not the run's checkpoint directory; the run "
+                    "directory was edited. Move that file away (resuming then restarts every "
+                    "optimizer) or start a new run."
+                ]
+            )
         found: dict[str, dict[str, Any]] = {}
         gap = None
         for opt in self.config.optimizers:
@@ -414,14 +493,12 @@ class Runner:
                     ]
                 )
             else:
-                try:
-                    ckpt = load_checkpoint(path, map_location="cpu")
-                except ValueError as err:
-                    raise ConfigError([str(err)]) from None
-                if (
-                    ckpt.get("format") != _CHECKPOINT_FORMAT
-                    or ckpt.get("config_sha256") != self.digest
-                ):
+                ckpt = load_checkpoint(path, map_location="cpu")  # CheckpointError if damaged
+                # The same config, or (checkpoints that record it) the same but for budgets.
+                same = ckpt.get("config_sha256") == self.digest or (
+                    ckpt.get("training_sha256") == self.training_digest
+                )
+                if ckpt.get("format") != _CHECKPOINT_FORMAT or not same:
                     raise ConfigError(
                         [
                             f"checkpoint '{path}' was written for a different config (or "
@@ -439,6 +516,32 @@ class Runner:
                         ]
                     )
                 found[opt.label] = ckpt
+        metrics = self.run_dir / "metrics.jsonl"
+        recorded = max((int(c.get("metrics_bytes", 0)) for c in found.values()), default=0)
+        size = metrics.stat().st_size if metrics.is_file() else 0
+        if metrics.exists() and not metrics.is_file():
+            raise ConfigError([f"'{metrics}' is not a file; the run directory was edited."])
+        if size < recorded:
+            raise ConfigError(
+                [
+                    f"'{metrics}' has {size} bytes, fewer than the {recorded} its latest "
+                    "checkpoint recorded: the metrics file was truncated or replaced. Restore it, "
+                    "or start a new run (resuming would lose records)."
+                ]
+            )
+        if writer and any(c.get("config_sha256") != self.digest for c in found.values()):
+            # Resumed under other budgets: the run directory describes the run as it goes on.
+            header = self.config_header or "Resolved by hessfree"
+            write_text_atomic(
+                self.run_dir / "config.yaml",
+                dump_config(self.config, f"{header}\nBudgets changed on resume."),
+            )
+        if writer:
+            # Only now that every check passed: the leftovers of a write killed mid-way.
+            for stale in remove_stale_temporaries(ckpt_dir) + remove_stale_temporaries(
+                self.run_dir
+            ):
+                self._say(f"removed {stale.name}, left by an interrupted write")
         if writer:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         return found
@@ -485,9 +588,9 @@ class Runner:
     def _run(self) -> RunResult:
         checkpoints = self._start()
         writer = self.group.rank == 0
-        truncate_to = 0
-        for ckpt in checkpoints.values():  # config order: the last one found is the latest
-            truncate_to = int(ckpt["metrics_bytes"])
+        # The latest checkpoint wrote the most (an optimizer continued under a larger budget
+        # on resume writes after the ones that followed it).
+        truncate_to = max((int(c["metrics_bytes"]) for c in checkpoints.values()), default=0)
         if self.resume:
             self._say(f"resuming {self.run_dir}")
         outcomes: dict[str, dict[str, Any]] = {}
@@ -552,19 +655,13 @@ class Runner:
         cfg, model, group = self.config, self.model, self.group
         writer = group.rank == 0
         n = self.x_train.shape[0]
-        batch_size = spec.batch_size or n
-        curvature_size = spec.curvature_batch_size
-        # A replicated curvature batch is the same on every rank, so it needs its own closure
-        # even when it is the whole gradient batch (the gradient batch is sharded).
-        replicated = spec.hyperparameters.get("curvature_batch") == "replicated"
-        if curvature_size is not None and curvature_size >= batch_size:
-            curvature_size = batch_size if replicated and group.active else None
-        elif curvature_size is None and replicated and group.active:
-            curvature_size = batch_size
+        phase = int(ckpt.get("phase", 0)) if ckpt is not None else 0
+        leaf = spec.leaves[phase]  # the optimizer taking the steps (the phase running)
+        batch_size, curvature_size, replicated = self._batch_sizes(leaf, n, group.active)
 
         model.load_state_dict(self.initial_state)
         model.train()
-        optimizer = build_optimizer(spec, model.parameters())
+        optimizer = build_optimizer(leaf, model.parameters())
         torch.manual_seed(cfg.seed)
         data_gen = torch.Generator().manual_seed(cfg.seed)
         st = _Progress()
@@ -586,9 +683,22 @@ class Runner:
                 last_eval_step=ckpt["last_eval_step"],
                 last_eval_seconds=ckpt["last_eval_seconds"],
                 hf=dict(ckpt["hf"]),
+                phase=phase,
+                phase_start=tuple(ckpt.get("phase_start", (0, 0, 0.0))),
             )
             self._current = st
-            if ckpt["finished"]:
+            lifted = (
+                ckpt["finished"]
+                and ckpt["stop_reason"] in _BUDGET_REASONS
+                and self._budget_reason(spec.budget, st, n) is None
+                and not (spec.phases and self._budget_reason(leaf.budget, st.in_phase(), n))
+            )
+            if lifted:
+                self._say(
+                    f"[{index + 1}/{len(cfg.optimizers)}] {spec.label}: continuing after "
+                    f"{st.step} steps under the larger budget"
+                )
+            elif ckpt["finished"]:
                 self._say(
                     f"[{index + 1}/{len(cfg.optimizers)}] {spec.label}: already finished "
                     f"({ckpt['stop_reason']}, {st.step} steps)"
@@ -604,6 +714,7 @@ class Runner:
                 {
                     "format": _CHECKPOINT_FORMAT,
                     "config_sha256": self.digest,
+                    "training_sha256": self.training_digest,
                     "label": spec.label,
                     "finished": finished,
                     "stop_reason": None if reason is None else reason.value,
@@ -615,6 +726,8 @@ class Runner:
                     "last_eval_step": st.last_eval_step,
                     "last_eval_seconds": st.last_eval_seconds,
                     "hf": st.hf,
+                    "phase": st.phase,
+                    "phase_start": list(st.phase_start),
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(),
@@ -641,6 +754,9 @@ class Runner:
                 **self._evaluate(),
                 **st.hf,
             }
+            if spec.phases:  # which phase took the steps up to here (plots mark the switches)
+                record["phase"] = st.phase
+                record["phase_name"] = spec.phases[st.phase].name
             self.log.append(record)
             bar.set_postfix(
                 train=f"{record['train_loss']:.4g}",
@@ -670,9 +786,36 @@ class Runner:
                 save()
             budget, every = spec.budget, cfg.eval
             batch_loss = math.nan
+            converged = False
             agreed_signal: int | None = None  # a data-parallel run stops on agreed signals only
             while True:
                 reason = self._budget_reason(budget, st, n)
+                switch = False
+                if reason is None and spec.phases:
+                    reason = self._budget_reason(leaf.budget, st.in_phase(), n)
+                    if converged:
+                        reason = StopReason.CONVERGED
+                    switch = reason is not None and st.phase + 1 < len(spec.phases)
+                if switch:
+                    # The phase's budget is spent: log where it ended, go on with the next.
+                    if st.last_eval_step != st.step and not group.agree_flag(evaluate(batch_loss)):
+                        reason = StopReason.DIVERGED
+                        break
+                    st.phase += 1
+                    st.phase_start = (st.step, st.cases, st.seconds)
+                    converged = False
+                    st.hf = {}
+                    leaf = spec.phases[st.phase]
+                    batch_size, curvature_size, replicated = self._batch_sizes(
+                        leaf, n, group.active
+                    )
+                    optimizer = build_optimizer(leaf, model.parameters())
+                    save()
+                    self._say(
+                        f"    {spec.label}: phase {st.phase + 1}/{len(spec.phases)} "
+                        f"({leaf.name}) from step {st.step}, batch {batch_size}"
+                    )
+                    continue
                 if reason is not None:
                     break
                 signum = agreed_signal if group.active else self._stop_signal
@@ -699,9 +842,12 @@ class Runner:
                         self.t_train.index_select(0, cidx),
                     )
 
+                # L-BFGS on the whole set: a step that moves nothing has converged.
+                watch = leaf.name == "lbfgs" and batch_size == n
+                before = [p.detach().clone() for p in model.parameters()] if watch else []
                 start = time.perf_counter()
                 try:
-                    batch_loss = self._step(spec, optimizer, xb, tb, curvature)
+                    batch_loss = self._step(leaf, optimizer, xb, tb, curvature)
                 except FloatingPointError as err:  # HF gives up after repeated non-finite steps
                     self._say(f"    {spec.label}: {err}")
                     batch_loss = math.nan
@@ -713,7 +859,7 @@ class Runner:
                 st.seconds += seconds
                 st.step += 1
                 st.cases += batch_size
-                if spec.name == "hessianfree":
+                if leaf.name == "hessianfree":
                     st.hf = hf_diagnostics(optimizer)
                 bar.update(1)
                 if self.on_step is not None:
@@ -736,6 +882,14 @@ class Runner:
                     and st.step % cfg.output.checkpoint_every == 0
                 ):
                     save()
+                unchanged = watch and all(
+                    torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+                )
+                if _converged(leaf, optimizer, unchanged):
+                    converged = True  # the entry stops, or its next phase begins
+                    if not (spec.phases and st.phase + 1 < len(spec.phases)):
+                        reason = StopReason.CONVERGED
+                        break
             if st.last_eval_step != st.step:
                 evaluate(batch_loss)
             save(finished=True, reason=reason)
@@ -746,6 +900,23 @@ class Runner:
             f"{st.seconds:.3g} s of training"
         )
         return self._outcome(spec, reason, st)
+
+    @staticmethod
+    def _batch_sizes(
+        leaf: OptimizerConfig, n: int, distributed: bool
+    ) -> tuple[int, int | None, bool]:
+        """The gradient batch, HF's separate curvature batch (None: the gradient batch), and
+        whether the curvature batch is replicated on every rank rather than sharded."""
+        batch_size = leaf.batch_size or n
+        curvature_size = leaf.curvature_batch_size
+        # A replicated curvature batch is the same on every rank, so it needs its own closure
+        # even when it is the whole gradient batch (the gradient batch is sharded).
+        replicated = leaf.hyperparameters.get("curvature_batch") == "replicated"
+        if curvature_size is not None and curvature_size >= batch_size:
+            curvature_size = batch_size if replicated and distributed else None
+        elif curvature_size is None and replicated and distributed:
+            curvature_size = batch_size
+        return batch_size, curvature_size, replicated
 
     @staticmethod
     def _budget_reason(budget: Any, st: _Progress, n: int) -> StopReason | None:

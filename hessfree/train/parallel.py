@@ -104,6 +104,8 @@ class Group:
         self.world_size = world_size
         self.device = device if device is not None else torch.device("cpu")
         self.active = world_size > 1
+        # Set when every rank raised the same start-up failure (:meth:`agree_start`).
+        self.failed_together = False
 
     def shard(self, n: int) -> slice:
         """This rank's slice of ``n`` cases (``n`` a multiple of the world size)."""
@@ -180,6 +182,7 @@ class Group:
         reports: list[Any] = [None] * self.world_size
         text = None if error is None else f"{type(error).__name__}: {_first_line(error)}"
         dist.all_gather_object(reports, (text, payload))
+        self.failed_together = any(failure is not None for failure, _ in reports)
         if error is not None:
             raise error
         for rank, (failure, _) in enumerate(reports):
@@ -267,12 +270,15 @@ def process_group(device: torch.device, timeout_seconds: float) -> Iterator[Grou
                 "launch with torchrun, which sets MASTER_ADDR and MASTER_PORT."
             ) from None
         owned = True
+    group = Group(rank, world, device)
     failed = False
     try:
-        yield Group(rank, world, device)
-    except Exception as err:
+        yield group
+    except BaseException as err:
         failed = True
-        if isinstance(err, PeerError) or not _is_collective_error(err):
+        if not isinstance(err, Exception) or isinstance(err, PeerError):
+            raise
+        if not _is_collective_error(err):
             raise
         raise PeerError(
             f"rank {rank} of {world}: lost contact with another rank (it crashed, was killed, "
@@ -280,6 +286,39 @@ def process_group(device: torch.device, timeout_seconds: float) -> Iterator[Grou
             f"checkpoints already written stay valid ({_first_line(err)})"
         ) from None
     finally:
-        # After a failed NCCL collective, destroying the group can block; the process ends.
-        if owned and not (failed and device.type == "cuda"):
-            dist.destroy_process_group()
+        if owned:
+            # Ranks that reach the teardown of gloo at interpreter exit at different times may
+            # abort ("terminate called without an active exception"): meet at a barrier first.
+            # Only where every rank took the same path: after a lone failure a peer may wait in
+            # another collective, and a barrier would hold this rank until the timeout.
+            who = f"rank {rank} of {world}"
+            _leave(failed, group.failed_together, device, who, timeout_seconds)
+
+
+def _leave(
+    failed: bool, together: bool, device: torch.device, who: str, timeout_seconds: float
+) -> None:
+    """Meet the other ranks at a barrier (when all got here alike); destroy the process group.
+
+    Raises:
+        PeerError: The barrier of a run that succeeded failed: another rank died or hung at
+            the very end.
+    """
+    if failed and not together:
+        # After a lone failure a peer may be dead or stuck in a collective: destroying the
+        # group can then block (seen with gloo as with NCCL). The process is ending; the CLI
+        # leaves with os._exit, skipping the teardown at exit as well.
+        return
+    lost = None
+    if not failed or together:
+        try:
+            dist.barrier()
+        except Exception as err:  # noqa: BLE001 -- any failure here means a lost peer
+            lost = err
+    dist.destroy_process_group()
+    if lost is not None and not failed:
+        raise PeerError(
+            f"{who}: lost contact with another rank at the end of the run (it crashed, was "
+            f"killed, or hung for more than distributed.timeout_seconds = {timeout_seconds:g} "
+            f"s); the run directory is complete ({_first_line(lost)})"
+        )

@@ -14,7 +14,26 @@ from typing import Any
 
 from hessfree.train.metrics import read_metrics
 
-__all__ = ["plot_metrics", "plot_run"]
+__all__ = ["plot_metrics", "plot_run", "phase_switches"]
+
+
+def phase_switches(records: Sequence[Mapping[str, Any]], x_key: str) -> list[tuple[float, str]]:
+    """Where an entry with ``phases`` switched optimizer: ``(x, name of the next phase)``.
+
+    The runner logs a record at the end of every phase, so the switch is at the last record
+    of a phase (``records`` are one optimizer's, in order).
+
+    Example:
+        >>> rs = [{"step": 0, "phase": 0}, {"step": 5, "phase": 0},
+        ...       {"step": 6, "phase": 1, "phase_name": "hessianfree"}]
+        >>> phase_switches(rs, "step")
+        [(5, 'hessianfree')]
+    """
+    out = []
+    for prev, cur in zip(records, records[1:], strict=False):
+        if "phase" in cur and cur["phase"] != prev.get("phase"):
+            out.append((prev[x_key], str(cur.get("phase_name", f"phase {cur['phase']}"))))
+    return out
 
 
 def plot_metrics(
@@ -62,17 +81,26 @@ def plot_metrics(
             for col, split in enumerate(("train", "test")):
                 ax = axes[row][col]
                 positive = True
-                for label in labels:
-                    points = [
-                        (r[x_key], r.get(f"{split}_{key}"))
-                        for r in records
-                        if r["optimizer"] == label
-                    ]
+                for k, label in enumerate(labels):
+                    mine = [r for r in records if r["optimizer"] == label]
+                    points = [(r[x_key], r.get(f"{split}_{key}")) for r in mine]
                     points = [(x, y) for x, y in points if isinstance(y, (int, float))]
                     if points:
                         xs, ys = zip(*points, strict=True)
-                        ax.plot(xs, ys, marker="." if len(xs) < 60 else None, label=label)
+                        (line,) = ax.plot(xs, ys, marker="." if len(xs) < 60 else None, label=label)
                         positive &= min(ys) > 0
+                        # an entry with phases: a dashed vertical line where it switched
+                        for x, phase in phase_switches(mine, x_key):
+                            ax.axvline(x, color=line.get_color(), linestyle="--", alpha=0.6)
+                            ax.annotate(
+                                f"→ {phase}",
+                                (x, 1.0),
+                                xycoords=("data", "axes fraction"),
+                                xytext=(3, -12 - 10 * k),  # one row per optimizer
+                                textcoords="offset points",
+                                fontsize="x-small",
+                                color=line.get_color(),
+                            )
                 if key == "loss" and positive and records:
                     ax.set_yscale("log")
                 ax.set_xlabel(x_label)
