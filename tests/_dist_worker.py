@@ -114,9 +114,6 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
         opt.step(closure, curvature_closure if replicated else None)
         info = opt.last_step
         per_step.append((reduces[0] - before, info.closure_calls, info.cg_matvecs))
-    if world > 1:  # leave together: no rank tears the group down under a peer
-        dist.barrier()
-        dist.destroy_process_group()
     if rank == 0:
         torch.manual_seed(1)
         init = [
