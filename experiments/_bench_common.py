@@ -212,6 +212,24 @@ def interleave(
     return out
 
 
+def advance(run: Any, end: float, device: str, width: int = 120) -> None:
+    """Step ``run`` until its own clock reaches ``end`` (seconds of stepping, synced on CUDA).
+
+    ``run`` has ``step()``, ``clock``, ``steps`` and ``failed``; an error raised by a step marks
+    the run failed (a diverging optimizer is a result, not a crash) and ends its stepping.
+    """
+    try:
+        while run.clock < end:
+            sync(device)
+            t0 = time.perf_counter()
+            run.step()
+            sync(device)
+            run.clock += time.perf_counter() - t0
+            run.steps += 1
+    except Exception as err:  # noqa: BLE001 - a diverging run is a result, not a crash
+        run.failed = f"{type(err).__name__}: {str(err)[:width]}"
+
+
 def quartiles(a: np.ndarray) -> tuple[float, float, float]:
     a = a[np.isfinite(a)]
     if a.size == 0:

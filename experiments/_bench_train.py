@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,11 +22,11 @@ import torch.nn.functional as F
 from _bench_common import (
     CURVES_SIZES,
     Settings,
+    advance,
     bce_sum_per_case,
     curves_images,
     fmt,
     md_table,
-    sync,
 )
 from _bench_steps import AE_DAMPING
 
@@ -261,16 +260,7 @@ def run_task(task: Task, settings: Settings, log: Callable[[str], None]) -> dict
         for r in order:
             if r.failed:
                 continue
-            try:
-                while r.clock < end:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    r.step()
-                    sync(device)
-                    r.clock += time.perf_counter() - t0
-                    r.steps += 1
-            except Exception as err:  # noqa: BLE001 - a diverging run is a result, not a crash
-                r.failed = f"{type(err).__name__}: {str(err)[:120]}"
+            advance(r, end, device)
             loss = _train_loss(task, r.model)
             r.curve.append((r.clock, loss if math.isfinite(loss) else math.inf))
     log(

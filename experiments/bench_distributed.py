@@ -312,6 +312,7 @@ def report(args: argparse.Namespace, results: dict, info: dict) -> str:
             f"{_ms(s['coll_min'])} | {100 * s['share_min']:.1f} % | {s['calls']:.0f} | "
             f"{s['mbytes']:.1f} | {speed} |"
         )
+
     def verdict(replicated: bool) -> str:
         rows = [
             s

@@ -351,7 +351,7 @@ def product_cost(prob: Problem, init: dict, rounds: int) -> dict[str, float]:
             times[k].append(time.perf_counter() - t0)
     ref = times["gradient"]
     return {
-        k: (statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, ref)))
+        k: (statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, ref, strict=False)))
         for k, t in times.items()
     }
 
@@ -379,8 +379,16 @@ def _table(runs: list[Run]) -> str:
         ]
         for r in runs
     ]
-    header = ["method", "final loss", "rel. L2 error", "loss / best baseline",
-              "error / best baseline", "steps", "at s", "note"]
+    header = [
+        "method",
+        "final loss",
+        "rel. L2 error",
+        "loss / best baseline",
+        "error / best baseline",
+        "steps",
+        "at s",
+        "note",
+    ]
     return md_table(header, rows)
 
 
@@ -391,18 +399,28 @@ def _targets(results: dict, costs: dict) -> list[list[str]]:
     if "poisson" in by:
         hf = by["poisson"]["Adam → HF (tuned)"]
         best = min(by["poisson"][m].error for m in BASELINES)
-        rows.append(["Poisson: HF error ≤ 0.1 × best baseline", f"{hf.error / best:.3g} ×",
-                     "met" if hf.error <= 0.1 * best else "**missed**"])
+        rows.append(
+            [
+                "Poisson: HF error ≤ 0.1 × best baseline",
+                f"{hf.error / best:.3g} ×",
+                "met" if hf.error <= 0.1 * best else "**missed**",
+            ]
+        )
     if "reaction" in by:
         hf, lb = by["reaction"]["Adam → HF (tuned)"], by["reaction"]["Adam → L-BFGS"]
         ok = hf.loss < lb.loss and hf.error < lb.error
-        rows.append(["Reaction: Adam → HF below Adam → L-BFGS in loss and error",
-                     f"loss {hf.loss / lb.loss:.3g} ×, error {hf.error / lb.error:.3g} ×",
-                     "met" if ok else "**missed**"])
+        rows.append(
+            [
+                "Reaction: Adam → HF below Adam → L-BFGS in loss and error",
+                f"loss {hf.loss / lb.loss:.3g} ×, error {hf.error / lb.error:.3g} ×",
+                "met" if ok else "**missed**",
+            ]
+        )
     for key, c in costs.items():
         r = c["GN product (R-op Jv, graph reused)"][1]
-        rows.append([f"{key}: GN product ≤ 2 × gradient", f"{r:.2f} ×",
-                     "met" if r <= 2 else "**missed**"])
+        rows.append(
+            [f"{key}: GN product ≤ 2 × gradient", f"{r:.2f} ×", "met" if r <= 2 else "**missed**"]
+        )
     return rows
 
 
@@ -455,8 +473,11 @@ def main(argv: list[str] | None = None) -> Path:
         init = copy.deepcopy(prob.make_net().state_dict())
         costs[key] = product_cost(prob, init, rounds=2 if args.quick else 15)
         sweep = [
-            (lr, (r := train(prob, "Adam", init, budget / len(lrs), adam_lr=lr, switch=1)).loss,
-             r.error)
+            (
+                lr,
+                (r := train(prob, "Adam", init, budget / len(lrs), adam_lr=lr, switch=1)).loss,
+                r.error,
+            )
             for lr in lrs
         ]
         sweeps[key] = sweep
@@ -499,14 +520,26 @@ def main(argv: list[str] | None = None) -> Path:
     targets = _targets(results, costs)
     lines += ["", "## Targets", "", md_table(["target", "measured", "verdict"], targets)]
     for key, (prob, runs) in results.items():
-        lines += ["", f"## {prob.title}", "", "Adam learning-rate sweep "
-                  f"({budgets[key] / len(lrs):.1f} s each; the lowest loss wins): "
-                  + ", ".join(f"lr {lr:g}: loss {lo:.2e}, error {er:.2e}"
-                              for lr, lo, er in sweeps[key]), "", _table(runs), ""]
-        lines += ["Cost against one gradient of the same loss (closure + backward), interleaved, "
-                  "medians:", "",
-                  md_table(["", "ms", "× gradient"],
-                           [[k, f"{ms:.2f}", f"{r:.2f}"] for k, (ms, r) in costs[key].items()])]
+        lines += [
+            "",
+            f"## {prob.title}",
+            "",
+            "Adam learning-rate sweep "
+            f"({budgets[key] / len(lrs):.1f} s each; the lowest loss wins): "
+            + ", ".join(f"lr {lr:g}: loss {lo:.2e}, error {er:.2e}" for lr, lo, er in sweeps[key]),
+            "",
+            _table(runs),
+            "",
+        ]
+        lines += [
+            "Cost against one gradient of the same loss (closure + backward), interleaved, "
+            "medians:",
+            "",
+            md_table(
+                ["", "ms", "× gradient"],
+                [[k, f"{ms:.2f}", f"{r:.2f}"] for k, (ms, r) in costs[key].items()],
+            ),
+        ]
     report = args.out / f"{stem}.md"
     report.write_text("\n".join(lines) + "\n")
     print(f"wrote {report} and {png}")

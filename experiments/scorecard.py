@@ -47,7 +47,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Settings, machine_info, machine_tag, md_table, sync  # noqa: E402
+from _bench_common import (  # noqa: E402
+    Settings,
+    advance,
+    machine_info,
+    machine_tag,
+    md_table,
+)
 
 from hessfree import HessianFree  # noqa: E402
 
@@ -139,7 +145,9 @@ def make_curves_task(quick: bool) -> Task:
         "train squared error per case",
         budget=15.0 if quick else 90.0,
         sweep_budget=4.0 if quick else 15.0,
-        adam=[(1e-3, 100), (3e-3, 100)] if quick else [(1e-3, 100), (3e-3, 100), (1e-3, 20), (3e-3, 500)],
+        adam=[(1e-3, 100), (3e-3, 100)]
+        if quick
+        else [(1e-3, 100), (3e-3, 100), (1e-3, 20), (3e-3, 500)],
         sgd=[(3e-3, 100)] if quick else [(1e-3, 100), (3e-3, 100), (1e-3, 20)],
         hf=hf,
         notes=[
@@ -292,7 +300,11 @@ def make_addition_task(length: int, seconds: float) -> Task:
         slices=12,
         adam=[(1e-3, 100), (3e-3, 100)],
         sgd=[],
-        hf={"config (μ=0.03, λ0=0.1, cg≤100), 1000/100": dict(batch=1000, curvature_batch=100, kw=tuned)},
+        hf={
+            "config (μ=0.03, λ0=0.1, cg≤100), 1000/100": dict(
+                batch=1000, curvature_batch=100, kw=tuned
+            )
+        },
         hf_default_regime=dict(batch=1000, curvature_batch=100, kw={}),
         hidden=True,
         notes=[
@@ -427,16 +439,7 @@ def interleave(runs: list[Run], task: Task, budget: float, slices: int, device: 
         for r in order:
             if r.failed:
                 continue
-            try:
-                while r.clock < end:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    r.step()
-                    sync(device)
-                    r.clock += time.perf_counter() - t0
-                    r.steps += 1
-            except Exception as err:  # noqa: BLE001 - a diverging run is a result, not a crash
-                r.failed = f"{type(err).__name__}: {str(err)[:100]}"
+            advance(r, end, device, width=100)
             e = task.error(r.model)
             r.curve.append((r.clock, e if math.isfinite(e) else math.inf))
             if task.accuracy is not None:
@@ -474,7 +477,9 @@ def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -
     sweep += [first_order_run(task, "Adam", lr, b) for lr, b in task.adam]
     sweep += [first_order_run(task, "SGD-momentum", lr, b) for lr, b in task.sgd]
     sweep += [lbfgs_run(task, name, kw) for name, kw in task.lbfgs.items() if len(task.lbfgs) > 1]
-    sweep += [hf_run(task, name, "HF", regime) for name, regime in task.hf.items() if len(task.hf) > 1]
+    sweep += [
+        hf_run(task, name, "HF", regime) for name, regime in task.hf.items() if len(task.hf) > 1
+    ]
     t0 = time.perf_counter()
     if sweep:
         interleave(sweep, task, task.sweep_budget, max(4, slices // 3), args.device)
@@ -549,7 +554,7 @@ def summarise(res: dict) -> dict:
                 error=final_error(r),
                 error_ratio=_ratio(final_error(r), final_error(best_base)),
                 times=times,
-                time_ratios=[_ratio(t, tb) for t, tb in zip(times, base_times)],
+                time_ratios=[_ratio(t, tb) for t, tb in zip(times, base_times, strict=False)],
                 base_times=base_times,
             )
         )
@@ -583,15 +588,25 @@ def verdicts(results: dict) -> list[list[str]]:
         why = pace(best_hf["run"]) + "; " + pace(s["best_base"])
         if key == "curves":
             v = best_hf["error_ratio"]
-            add(key, "HF train error ≤ 1.0× best baseline", f"{v:.2f}× ({best_hf['run'].name})", v <= 1.0, why)
+            add(
+                key,
+                "HF train error ≤ 1.0× best baseline",
+                f"{v:.2f}× ({best_hf['run'].name})",
+                v <= 1.0,
+                why,
+            )
         if key in ("mnist1d", "digits"):
             adam = next((x for x in s["rows"] if x["run"].family == "Adam"), None)
             if adam:
                 ok = all(
-                    th <= ta for th, ta in zip(best_hf["times"], adam["times"]) if math.isfinite(ta)
-                ) and all(math.isfinite(th) or not math.isfinite(ta) for th, ta in zip(best_hf["times"], adam["times"]))
+                    th <= ta for th, ta in zip(best_hf["times"], adam["times"], strict=False) if math.isfinite(ta)
+                ) and all(
+                    math.isfinite(th) or not math.isfinite(ta)
+                    for th, ta in zip(best_hf["times"], adam["times"], strict=False)
+                )
                 txt = ", ".join(
-                    f"{_fmt(th, 2)} vs {_fmt(ta, 2)} s" for th, ta in zip(best_hf["times"], adam["times"])
+                    f"{_fmt(th, 2)} vs {_fmt(ta, 2)} s"
+                    for th, ta in zip(best_hf["times"], adam["times"], strict=False)
                 )
                 add(
                     key,
@@ -602,7 +617,11 @@ def verdicts(results: dict) -> list[list[str]]:
                 )
         if key == "digits":
             lb = next((x["run"] for x in s["rows"] if x["run"].family == "L-BFGS"), None)
-            full = [r for r in res["finals"] if r.family.startswith("HF") and r.detail.startswith(f"batch {len(task.x)},")]
+            full = [
+                r
+                for r in res["finals"]
+                if r.family.startswith("HF") and r.detail.startswith(f"batch {len(task.x)},")
+            ]
             if lb and full:
                 t_lb = time_to(lb.acc_curve, 1.0, above=True)
                 t_hf = min(time_to(r.acc_curve, 1.0, above=True) for r in full)
@@ -611,12 +630,20 @@ def verdicts(results: dict) -> list[list[str]]:
                     key,
                     "full-batch HF time to 100% train accuracy ≤ 2× L-BFGS",
                     f"{_fmt(ratio, 2)}× ({_fmt(t_hf, 2)} s vs {_fmt(t_lb, 2)} s)",
-                    ratio <= 2.0 if math.isfinite(ratio) else (math.isinf(t_lb) and math.isinf(t_hf) and None),
+                    ratio <= 2.0
+                    if math.isfinite(ratio)
+                    else (math.isinf(t_lb) and math.isinf(t_hf) and None),
                     "; ".join(pace(r) for r in (*full, lb)),
                 )
         if key == "swap":
             v = best_hf["error_ratio"]
-            add(key, "HF loss ≤ 2× L-BFGS at equal time", f"{v:.3g}× ({best_hf['run'].name})", v <= 2.0, why)
+            add(
+                key,
+                "HF loss ≤ 2× L-BFGS at equal time",
+                f"{v:.3g}× ({best_hf['run'].name})",
+                v <= 2.0,
+                why,
+            )
         if key.startswith("addition"):
             length = int(key[len("addition") :])
             hf_best = best_hf["error"]
@@ -624,9 +651,12 @@ def verdicts(results: dict) -> list[list[str]]:
             txt = f"HF {hf_best:.3f}, Adam {adam['error']:.3f}" if adam else f"HF {hf_best:.3f}"
             add(
                 key,
-                f"T = {length} solved (test error ≤ {SOLVED:g}) by HF" + (", not Adam" if length == 50 else ""),
+                f"T = {length} solved (test error ≤ {SOLVED:g}) by HF"
+                + (", not Adam" if length == 50 else ""),
                 txt,
-                (hf_best <= SOLVED and (adam is None or adam["error"] > SOLVED)) if length == 50 else None,
+                (hf_best <= SOLVED and (adam is None or adam["error"] > SOLVED))
+                if length == 50
+                else None,
                 why,
             )
         if d and t:
@@ -657,7 +687,9 @@ def write_report(results: dict, args: argparse.Namespace, info: dict, path: Path
         "",
         f"Load average (1/5/15 min) at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.\n",
         "## Targets of issue 14\n",
-        md_table(["task", "target", "this run", "verdict", "why (if missed)"], results["_verdicts"]),
+        md_table(
+            ["task", "target", "this run", "verdict", "why (if missed)"], results["_verdicts"]
+        ),
         "",
     ]
     for key, res in results.items():
@@ -689,15 +721,19 @@ def write_report(results: dict, args: argparse.Namespace, info: dict, path: Path
         rows = []
         for row in s["rows"]:
             r = row["run"]
-            cells = [r.name, r.detail, str(r.steps), _fmt(row["error"], 4), _fmt(row["error_ratio"], 3)]
+            cells = [
+                r.name,
+                r.detail,
+                str(r.steps),
+                _fmt(row["error"], 4),
+                _fmt(row["error_ratio"], 3),
+            ]
             cells += [
-                f"{_fmt(t, 3)} ({_fmt(q, 2)})" for t, q in zip(row["times"], row["time_ratios"])
+                f"{_fmt(t, 3)} ({_fmt(q, 2)})" for t, q in zip(row["times"], row["time_ratios"], strict=False)
             ]
             if task.accuracy is not None:
                 cells.append(_fmt(time_to(r.acc_curve, 1.0, above=True), 3))
-            cells.append(
-                r.failed or ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
-            )
+            cells.append(r.failed or ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items())))
             rows.append(cells)
         lines.append(md_table(head, rows))
         if res["sweep"]:
@@ -707,7 +743,15 @@ def write_report(results: dict, args: argparse.Namespace, info: dict, path: Path
             lines.append(
                 md_table(
                     ["candidate", "family", "steps", "error at the end"],
-                    [[r.name, r.family, str(r.steps), _fmt(final_error(r), 4) + (f" ({r.failed})" if r.failed else "")] for r in res["sweep"]],
+                    [
+                        [
+                            r.name,
+                            r.family,
+                            str(r.steps),
+                            _fmt(final_error(r), 4) + (f" ({r.failed})" if r.failed else ""),
+                        ]
+                        for r in res["sweep"]
+                    ],
                 )
             )
             lines.append("\n</details>\n")
@@ -768,7 +812,9 @@ def main(argv: list[str] | None = None) -> Path:
     }
     if not args.quick:
         for length in (30, 50, 80):
-            makers[f"addition{length}"] = lambda t=length: make_addition_task(t, args.addition_seconds)
+            makers[f"addition{length}"] = lambda t=length: make_addition_task(
+                t, args.addition_seconds
+            )
     keys = args.tasks.split(",") if args.tasks else list(makers)
     unknown = set(keys) - set(makers)
     if unknown:
@@ -789,7 +835,10 @@ def main(argv: list[str] | None = None) -> Path:
     results["_verdicts"] = verdicts({k: v for k, v in results.items() if not k.startswith("_")})
     tag = machine_tag(gpu=args.device.startswith("cuda"))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{datetime.date.today():%Y-%m-%d}-{tag}-scorecard{'-quick' if args.quick else ''}.md"
+    path = (
+        args.out
+        / f"{datetime.date.today():%Y-%m-%d}-{tag}-scorecard{'-quick' if args.quick else ''}.md"
+    )
     write_report(results, args, info, path)
     plot(results, path)
     print(f"wrote {path} ({results['_elapsed']:.0f} s)")

@@ -181,7 +181,9 @@ class Accelerated:
         self.mode = "eager"
         self.fallback_reason: str | None = None
         if policy.cuda_graph and not _on_cuda(like):
-            self.fallback_reason = f"CUDA graphs need a CUDA device; the product is on {like.device}"
+            self.fallback_reason = (
+                f"CUDA graphs need a CUDA device; the product is on {like.device}"
+            )
 
     def _eager(self, v: Tensor) -> Tensor:
         with _precision(self._policy.precision, self._device):

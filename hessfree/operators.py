@@ -78,7 +78,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
+import numpy as np  # noqa: F401 -- the doctests below use it
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
@@ -302,4 +302,3 @@ class JacobianLinearOperator(_TorchLinearOperator):
         )
 
     _transpose = _adjoint
-

@@ -77,6 +77,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import damping as _damping
 from ._checks import check_choice, check_int, check_number
 from ._flat import ParamLayout
+from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
 from .cg import StopReason, cg
@@ -89,7 +90,6 @@ from .curvature import (
     loss_hessian_product,
 )
 from .distributed import Averager
-from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
 from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]

@@ -79,6 +79,7 @@ def test_replay_copies_in_and_out_and_sends_other_shapes_to_the_eager_product():
         torch.matmul(A, static_in, out=static_out)
 
     eager = []
+
     def matvec(v):
         eager.append(v)
         return v * 0

@@ -15,14 +15,18 @@ sys.path.insert(0, str(EXPERIMENTS))
 pinn = pytest.importorskip("pinn")
 
 
-@pytest.mark.parametrize("make", [lambda: pinn.poisson(4, 6), lambda: pinn.reaction(8, 4, 6)],
-                         ids=["poisson", "reaction"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: pinn.poisson(4, 6), lambda: pinn.reaction(8, 4, 6)],
+    ids=["poisson", "reaction"],
+)
 def test_pinn_adam_then_hf_records_within_budget(make):
     prob = make()
     torch.manual_seed(0)
     init = copy.deepcopy(prob.make_net().state_dict())
-    run = pinn.train(prob, "Adam → HF", init, 0.3, adam_lr=1e-3, switch=0.5,
-                     hf_kwargs=pinn.HF_TUNED)
+    run = pinn.train(
+        prob, "Adam → HF", init, 0.3, adam_lr=1e-3, switch=0.5, hf_kwargs=pinn.HF_TUNED
+    )
     # how many steps fit depends on the machine's load: check only what holds for any count
     assert run.seconds[0] == 0.0 and run.seconds[run.last] <= 0.3
     assert len(run.seconds) == len(run.losses) == len(run.errors)

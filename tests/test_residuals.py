@@ -83,8 +83,18 @@ class ResidualCase:
 
         def blocks_at(theta: Tensor) -> list[Tensor]:
             torch.set_rng_state(gen_state)  # the same collocation points on every call
-            ps = dict(zip(names, (t.view(s) for t, s in zip(
-                theta.split([s.numel() for s in shapes]), shapes, strict=True)), strict=True))
+            ps = dict(
+                zip(
+                    names,
+                    (
+                        t.view(s)
+                        for t, s in zip(
+                            theta.split([s.numel() for s in shapes]), shapes, strict=True
+                        )
+                    ),
+                    strict=True,
+                )
+            )
             return self.residuals(lambda x: functional_call(model, ps, (x,)))
 
         theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -197,8 +207,14 @@ def _poisson_closure(seed: int = 0, dtype=torch.float64):
     net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
     g = torch.linspace(0, 1, 6, dtype=dtype)
     xi = torch.cartesian_prod(g[1:-1], g[1:-1])
-    xb = torch.cat([torch.stack([g, 0 * g], 1), torch.stack([g, 0 * g + 1], 1),
-                    torch.stack([0 * g, g], 1), torch.stack([0 * g + 1, g], 1)])
+    xb = torch.cat(
+        [
+            torch.stack([g, 0 * g], 1),
+            torch.stack([g, 0 * g + 1], 1),
+            torch.stack([0 * g, g], 1),
+            torch.stack([0 * g + 1, g], 1),
+        ]
+    )
     f = 2 * math.pi**2 * torch.sin(math.pi * xi[:, 0]) * torch.sin(math.pi * xi[:, 1])
 
     def closure():
@@ -229,19 +245,31 @@ def test_pinn_step_solves_the_damped_gauss_newton_system():
 
     def row(r_i: Tensor) -> Tensor:
         parts = torch.autograd.grad(r_i, params, retain_graph=True, allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1)
-                          for t, p in zip(parts, params, strict=True)])
+        return torch.cat(
+            [
+                (torch.zeros_like(p) if t is None else t).reshape(-1)
+                for t, p in zip(parts, params, strict=True)
+            ]
+        )
 
     J = torch.stack([row(r_i) for b in blocks for r_i in b])
     sizes = [b.numel() for b in blocks]
     H = torch.autograd.functional.hessian(
         lambda r: sum((c**2).mean() for c in r.split(sizes)),
-        torch.cat([b.detach() for b in blocks]))
+        torch.cat([b.detach() for b in blocks]),
+    )
     g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)])
     lam = 1e-2
     expected = theta0 - torch.linalg.solve(J.T @ H @ J + lam * torch.eye(len(g), dtype=g.dtype), g)
-    opt = HessianFree(params, damping=lam, backtrack=False, line_search=None, cg_max_iter=500,
-                      cg_rtol=1e-13, cg_progress_tol=1e-14)
+    opt = HessianFree(
+        params,
+        damping=lam,
+        backtrack=False,
+        line_search=None,
+        cg_max_iter=500,
+        cg_rtol=1e-13,
+        cg_progress_tol=1e-14,
+    )
     opt.step(closure)
     theta1 = torch.cat([p.detach().reshape(-1) for p in params])
     torch.testing.assert_close(theta1, expected, rtol=1e-7, atol=1e-9)  # CG's rtol, not EXACT
@@ -285,13 +313,17 @@ def test_closure_with_aliased_grad_falls_back_to_grad_mode():
     opt = HessianFree([a], damping=1e-6)
     for _ in range(3):
         opt.step(closure)
-    torch.testing.assert_close(a.detach(), torch.tensor([1.0, 0.0], dtype=torch.float64),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        a.detach(), torch.tensor([1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-6
+    )
     assert opt._closure_uses_autograd and all(modes[-3:])
 
 
-@pytest.mark.parametrize("kwargs", [dict(curvature="fisher"), dict(precond="martens"),
-                                    dict(structural_damping=0.1)], ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(curvature="fisher"), dict(precond="martens"), dict(structural_damping=0.1)],
+    ids=str,
+)
 def test_residual_blocks_refuse_per_example_features(kwargs):
     net, closure = _poisson_closure()
     opt = HessianFree(net.parameters(), **kwargs)
