@@ -263,6 +263,8 @@ def test_resume_refuses_checkpoints_of_another_config(tmp_path):
 )
 def test_signal_finishes_the_step_and_checkpoints(tmp_path, signum, code):
     cfg = tiny_config(tmp_path, optimizers=[{"name": "adam"}])
+    # whatever the handlers were (SIG_IGN under `nohup` or a background job), they come back
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def send(ev):
         if ev.step == 3:
@@ -273,7 +275,7 @@ def test_signal_finishes_the_step_and_checkpoints(tmp_path, signum, code):
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "adam.pt")
     assert ckpt["step"] == 3 and not ckpt["finished"]
     assert ckpt["metrics_bytes"] == (tmp_path / "run" / "metrics.jsonl").stat().st_size
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # handlers restored
 
 
 # -- Hessian-free wiring --------------------------------------------------------------------
