@@ -136,7 +136,8 @@ def _rop_setup(
     and replace each ``u``-dependent one by a NaN placeholder of its shape (no storage), so those
     cotangents are freed when this call returns. Products are bit-for-bit those of the full
     graph; a backward formula that did read a placeholder would give a NaN product, which CG
-    reports as ``NON_FINITE``, never a silently wrong one. Not for higher derivatives.
+    reports as ``NON_FINITE``, never a silently wrong one. Cotangents saved while a convolution's
+    backward runs are kept (see ``_KEEP_COTANGENT_NODES``). Not for higher derivatives.
     """
     targets = set()  # the autograd edges (node, output number) of the u_k
     for u in us:
@@ -145,6 +146,8 @@ def _rop_setup(
     memo: dict = {}  # node -> whether its inputs reach a u_k
 
     def reaches(node: torch.autograd.graph.Node) -> bool:
+        if node in memo:
+            return memo[node]
         stack = [(node, False)]
         while stack:
             n, expanded = stack.pop()
@@ -163,8 +166,15 @@ def _rop_setup(
     def pack(t: Tensor) -> Tensor:
         if not t.requires_grad:
             return t
-        edge = torch.autograd.graph.get_gradient_edge(t)
-        if (edge.node, edge.output_nr) not in targets and not reaches(edge.node):
+        node = t.grad_fn
+        if node is None:  # a leaf: a parameter, or a u_k itself
+            edge = torch.autograd.graph.get_gradient_edge(t)
+            node, nr = edge.node, edge.output_nr
+        else:
+            nr = t.output_nr
+        if (node, nr) not in targets and not memo.get(node, False) and not reaches(node):
+            return t
+        if _keeps_cotangent(_current_node()):
             return t
         key = (t.dtype, t.device)
         if key not in nan:
@@ -177,6 +187,17 @@ def _rop_setup(
 
 def _identity(t: Tensor) -> Tensor:
     return t
+
+
+# The first-order backward nodes whose own backward reads the cotangent even where the R-op does
+# not need it: convolution's double backward makes a placeholder contiguous (a full-size NaN
+# copy, and time) in every product, so there the cotangent is kept as autograd would keep it.
+_KEEP_COTANGENT_NODES = ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv")
+_current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
+
+
+def _keeps_cotangent(node: object) -> bool:
+    return node is not None and type(node).__name__.startswith(_KEEP_COTANGENT_NODES)
 
 
 def _accumulate_nodes(params: Sequence[Tensor]) -> set:
