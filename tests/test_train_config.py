@@ -264,7 +264,7 @@ class _FakeHessianFree(torch.optim.Optimizer):
 
 @pytest.fixture
 def fake_hf(monkeypatch):
-    monkeypatch.setattr(config_module, "_hessianfree_class", lambda: _FakeHessianFree)
+    monkeypatch.setattr(config_module.hessianfree, "optimizer_class", lambda: _FakeHessianFree)
 
 
 def test_config_hessianfree_keys_come_from_the_signature(fake_hf):
@@ -309,7 +309,7 @@ def test_config_hessianfree_unavailable_is_a_config_error(monkeypatch):
     def missing():
         raise ImportError("No module named 'hessfree.optimizer'")
 
-    monkeypatch.setattr(config_module, "_hessianfree_class", missing)
+    monkeypatch.setattr(config_module.hessianfree, "optimizer_class", missing)
     (msg,) = problems_of(minimal(optimizers=[{"name": "hessianfree"}]))
     assert "optimizer 'hessianfree' is unavailable" in msg
 

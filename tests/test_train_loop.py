@@ -317,7 +317,7 @@ class _FakeHessianFree(torch.optim.Optimizer):
 
 
 def test_hessianfree_closures_batches_and_diagnostics(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, "_hessianfree_class", lambda: _FakeHessianFree)
+    monkeypatch.setattr(config_module.hessianfree, "optimizer_class", lambda: _FakeHessianFree)
     _FakeHessianFree.seen = []
     cfg = tiny_config(
         tmp_path,
@@ -467,7 +467,7 @@ class _GivingUp(_FakeHessianFree):
 
 
 def test_hessianfree_giving_up_counts_as_divergence(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, "_hessianfree_class", lambda: _GivingUp)
+    monkeypatch.setattr(config_module.hessianfree, "optimizer_class", lambda: _GivingUp)
     cfg = tiny_config(tmp_path, optimizers=[{"name": "hessianfree"}, {"name": "adam"}])
     result = quiet(cfg, tmp_path / "run").run()
     assert result.summary["optimizers"]["hessianfree"]["stop_reason"] == "diverged"
@@ -521,7 +521,9 @@ class _ConvergingHessianFree(_FakeHessianFree):
 
 
 def test_a_converged_hessianfree_step_ends_that_optimizer(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(config_module, "_hessianfree_class", lambda: _ConvergingHessianFree)
+    monkeypatch.setattr(
+        config_module.hessianfree, "optimizer_class", lambda: _ConvergingHessianFree
+    )
     cfg = tiny_config(
         tmp_path,
         optimizers=[{"name": "hessianfree", "tolerance_grad": 1e-5}, {"name": "adam"}],

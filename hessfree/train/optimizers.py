@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessfree.train import config
 from hessfree.train.config import OptimizerConfig
+from hessfree.train.config import hessianfree as hessianfree_keys
 from hessfree.train.metrics import clean_value
 
 __all__ = ["build_optimizer", "hf_diagnostics"]
@@ -30,7 +30,7 @@ def build_optimizer(spec: OptimizerConfig, params: Iterable[Tensor]) -> torch.op
     """
     kwargs = dict(spec.hyperparameters)
     if spec.name == "hessianfree":
-        return config._hessianfree_class()(params, **kwargs)
+        return hessianfree_keys.optimizer_class()(params, **kwargs)
     if spec.name == "adam":
         kwargs["betas"] = tuple(kwargs["betas"])
         return torch.optim.Adam(params, **kwargs)
