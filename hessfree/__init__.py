@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import spectral  # used qualified: hessfree.spectral.top_eigenpairs
 from ._flat import ParamLayout, trainable
+from ._settings import HFSettings
 from .acceleration import ProductPolicy, accelerate
 from .cg import CGResult, StopReason, cg
 from .curvature import (
@@ -60,6 +61,7 @@ __all__ = [
     "StopReason",
     # optimizer
     "HessianFree",
+    "HFSettings",
     "StepInfo",
     "StepStatus",
     "EmpiricalFisherDiagonal",

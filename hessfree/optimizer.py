@@ -75,9 +75,10 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
-from ._checks import check_choice, check_int, check_number
+from ._checks import check_number
 from ._flat import ParamLayout
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
+from ._settings import HFSettings
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
 from .cg import StopReason, cg
@@ -95,7 +96,6 @@ from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
-CURVATURES = ("auto", "ggn", "hessian", "fisher")
 # torch's messages for data that does not match the parameters (dtype, device, features)
 _MISMATCH = re.compile(
     r"dtype|scalar type|should be the same|same device|two devices|shapes cannot be multiplied"
@@ -387,123 +387,58 @@ class HessianFree(torch.optim.Optimizer):
         curvature_batch: str = "sharded",
         products: ProductPolicy | Mapping | None = None,
     ) -> None:
-        lr = check_number("lr", lr, low=0.0)
-        tolerance_grad = check_number("tolerance_grad", tolerance_grad, low=0.0)
-        tolerance_change = check_number("tolerance_change", tolerance_change, low=0.0)
-        weight_decay = check_number("weight_decay", weight_decay, low=0.0)
-        if not callable(curvature):
-            check_choice("curvature", curvature, CURVATURES)
-        self.curvature = curvature
-        if isinstance(damping, str):
-            check_choice("damping", damping, ("auto",))
-            self.initial_damping = math.nan  # calibrated at the first step
-        else:
-            self.initial_damping = check_number("damping", damping, low=0.0, low_open=True)
-        self.structural_damping = check_number("structural_damping", structural_damping, low=0.0)
-        if self.structural_damping > 0 and curvature not in ("auto", "ggn"):
-            raise ValueError(
-                "`structural_damping` > 0 needs Gauss-Newton curvature, "
-                f"got curvature={curvature!r}; "
-                "use curvature='ggn' (or 'auto')."
-            )
-        self.adapt_damping = _check_bool("adapt_damping", adapt_damping)
-        self.damping_increase = check_number(
-            "damping_increase",
-            damping_increase,
-            low=1.0,
-            low_open=True,
-            hint="did you swap it with `damping_decrease`?" if 0 < damping_increase < 1 else "",
-        )
-        self.damping_decrease = check_number(
-            "damping_decrease",
-            damping_decrease,
-            low=0.0,
-            high=1.0,
-            low_open=True,
-            high_open=True,
-            hint="did you swap it with `damping_increase`?" if damping_decrease > 1 else "",
-        )
-        self.min_damping = check_number("min_damping", min_damping, low=0.0)
-        self.max_damping = check_number(
-            "max_damping", max_damping, low=self.min_damping, low_open=True
-        )
-        if not math.isnan(self.initial_damping) and not (
-            self.min_damping <= self.initial_damping <= self.max_damping
-        ):
-            raise ValueError(
-                f"`damping` must be in [min_damping, max_damping] = [{self.min_damping!r}, "
-                f"{self.max_damping!r}], got {self.initial_damping!r}."
-            )
-        self.cg_max_iter = check_int("cg_max_iter", cg_max_iter, low=1)
-        self.cg_min_iter = check_int("cg_min_iter", cg_min_iter, low=0, high=self.cg_max_iter)
-        self.cg_rtol = check_number("cg_rtol", cg_rtol, low=0.0)
-        self.cg_progress_tol = check_number(
-            "cg_progress_tol", cg_progress_tol, low=0.0, low_open=True
-        )
-        if isinstance(cg_decay, str):
-            check_choice("cg_decay", cg_decay, ("auto",))
-        else:
-            cg_decay = check_number("cg_decay", cg_decay, low=0.0, high=1.0)
-        self.cg_decay = cg_decay
-        self.cg_check_every = (
-            None if cg_check_every is None else check_int("cg_check_every", cg_check_every, low=1)
-        )
-        self.backtrack = _check_bool("backtrack", backtrack)
-        if line_search is not None:
-            check_choice("line_search", line_search, ("armijo",))
-        self.line_search = line_search
-        self.armijo_c = check_number(
-            "armijo_c", armijo_c, low=0.0, high=1.0, low_open=True, high_open=True
-        )
-        self.line_search_shrink = check_number(
-            "line_search_shrink",
-            line_search_shrink,
-            low=0.0,
-            high=1.0,
-            low_open=True,
-            high_open=True,
-        )
-        self.line_search_max_iter = check_int("line_search_max_iter", line_search_max_iter, low=1)
-        if precond == "martens":
-            precond = EmpiricalFisherDiagonal()
-        elif isinstance(precond, str):
-            raise ValueError(
-                f"Unknown `precond` {precond!r}; expected None, 'martens' or a callable."
-            )
-        elif precond is not None and not callable(precond):
-            raise TypeError(
-                f"`precond` must be None, 'martens' or a callable, got {type(precond).__name__}."
-            )
-        self.precond = precond
-        self.max_failures = check_int("max_failures", max_failures, low=1)
-        if callback is not None and not callable(callback):
-            raise TypeError(f"`callback` must be callable or None, got {type(callback).__name__}.")
-        self.callback = callback
-        self.seed = check_int("seed", seed)
-        self._avg = Averager(process_group)
-        self.products = ProductPolicy.of(products)
-        self.curvature_batch = check_choice(
-            "curvature_batch", curvature_batch, ("sharded", "replicated")
-        )
-        # The tolerances live in the defaults, as in LBFGS, so state_dict() carries them.
-        defaults = dict(
+        self.settings = HFSettings(
             lr=lr,
+            curvature=curvature,
+            damping=damping,
+            adapt_damping=adapt_damping,
+            damping_increase=damping_increase,
+            damping_decrease=damping_decrease,
+            min_damping=min_damping,
+            max_damping=max_damping,
             weight_decay=weight_decay,
+            structural_damping=structural_damping,
+            cg_max_iter=cg_max_iter,
+            cg_min_iter=cg_min_iter,
+            cg_rtol=cg_rtol,
+            cg_progress_tol=cg_progress_tol,
+            cg_decay=cg_decay,
+            cg_check_every=cg_check_every,
+            backtrack=backtrack,
+            line_search=line_search,
+            armijo_c=armijo_c,
+            line_search_shrink=line_search_shrink,
+            line_search_max_iter=line_search_max_iter,
+            precond=precond,
             tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change,
+            max_failures=max_failures,
+            callback=callback,
+            seed=seed,
+            process_group=process_group,
+            curvature_batch=curvature_batch,
+            products=products,
         )
+        #: The preconditioner (``precond='martens'`` built as an :class:`EmpiricalFisherDiagonal`).
+        self.precond = EmpiricalFisherDiagonal() if precond == "martens" else precond
+        self._avg = Averager(process_group)
+        # Every plain hyperparameter lives in the defaults, as in LBFGS, so state_dict() carries
+        # them; all but lr and weight_decay are one per optimizer (one quadratic model).
+        defaults = self.settings.group_values()
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0)
             check_number(f"param_groups[{i}]['weight_decay']", group["weight_decay"], low=0.0)
             for key in ("tolerance_grad", "tolerance_change"):
                 check_number(f"param_groups[{i}][{key!r}]", group[key], low=0.0)
-                if group[key] != defaults[key]:
+            for key in HFSettings.GROUP_KEYS:
+                if key not in HFSettings.PER_GROUP and group[key] != defaults[key]:
                     raise ValueError(
                         f"`param_groups[{i}][{key!r}]` is {group[key]!r} but `{key}` is "
                         f"{defaults[key]!r}; all groups form one quadratic model, so pass "
                         f"`{key}` to HessianFree instead of per group."
                     )
+        self._group_view = self._shared_group_values()
         if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
             raise ValueError(
                 "No parameter requires gradients; HessianFree has nothing to optimize."
@@ -516,11 +451,39 @@ class HessianFree(torch.optim.Optimizer):
         self._warned_stochastic = False
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load as ``torch.optim.Optimizer`` does; state from before the tolerances gets ours."""
+        """Load as ``torch.optim.Optimizer`` does, hyperparameters included (as LBFGS does).
+
+        A state dict from before a hyperparameter was stored in the groups gets this
+        optimizer's value for it.
+        """
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            for key in ("tolerance_grad", "tolerance_change"):
+            for key in HFSettings.GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
+        self._current_settings()  # validate what was loaded
+
+    def __getattr__(self, name: str) -> object:
+        """Read a hyperparameter as an attribute (``opt.cg_max_iter``): ``self.settings``'s."""
+        settings = self.__dict__.get("settings")
+        if settings is not None and (name in HFSettings.keys() or name == "initial_damping"):
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _shared_group_values(self) -> dict:
+        group = self.param_groups[0]
+        return {k: group[k] for k in HFSettings.GROUP_KEYS if k not in HFSettings.PER_GROUP}
+
+    def _current_settings(self) -> HFSettings:
+        """:attr:`settings`, re-validated if the groups' hyperparameters were changed.
+
+        The param groups are the record (``state_dict``, ``load_state_dict``, edits such as
+        ``opt.param_groups[0]['cg_max_iter'] = 50``), as in LBFGS; all groups share group 0's.
+        """
+        values = self._shared_group_values()
+        if values != self._group_view:
+            self.settings = self.settings.replace(**values)
+            self._group_view = values
+        return self.settings
 
     # ------------------------------------------------------------------------------ state
     def _params(self) -> list[Tensor]:
@@ -530,7 +493,7 @@ class HessianFree(torch.optim.Optimizer):
         """State shared by all groups, stored under the first parameter (as LBFGS does)."""
         st = self.state[self._params()[0]]
         if "damping" not in st:
-            st["damping"] = self.initial_damping
+            st["damping"] = self.settings.initial_damping
             st["step"] = 0
             st["failures"] = 0
         return st
@@ -539,7 +502,7 @@ class HessianFree(torch.optim.Optimizer):
         st = self._global_state()
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
+            self._generator.manual_seed(self.settings.seed)
             if "rng_state" in st:
                 # load_state_dict casts state tensors to the parameters' dtype: undo that
                 self._generator.set_state(st["rng_state"].to("cpu", torch.uint8))
@@ -634,7 +597,7 @@ class HessianFree(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------ curvature
     def _curvature_product(self, ev: _Evaluation, params: list[Tensor]) -> tuple[MatVec, object]:
         """Build ``v -> C v`` (undamped, without weight decay) from an evaluation."""
-        kind = self.curvature
+        kind = self.settings.curvature
         if callable(kind):
             return kind(ev.loss, ev.outputs, params), None
         if kind == "auto":
@@ -644,14 +607,16 @@ class HessianFree(torch.optim.Optimizer):
                 f"curvature={kind!r} needs the model outputs: make the closure return "
                 "(loss, outputs), or use curvature='hessian'."
             )
-        if isinstance(ev.outputs, tuple) and (kind == "fisher" or self.structural_damping > 0):
+        if isinstance(ev.outputs, tuple) and (
+            kind == "fisher" or self.settings.structural_damping > 0
+        ):
             what = "curvature='fisher'" if kind == "fisher" else "structural_damping > 0"
             raise ValueError(
                 f"{what} needs one outputs tensor with examples along dimension 0, but the "
                 "closure returned residual blocks (loss, (r_1, ..., r_K)); use curvature='ggn' "
                 "(or 'auto') and structural_damping=0."
             )
-        if self.structural_damping > 0:
+        if self.settings.structural_damping > 0:
             if ev.outputs is None or ev.hidden is None:
                 raise ValueError(
                     "structural_damping > 0 needs the closure to return (loss, outputs, hidden)."
@@ -659,7 +624,7 @@ class HessianFree(torch.optim.Optimizer):
             n = ev.hidden.shape[0] if ev.hidden.dim() > 0 else 1
             lam = self._global_state()["damping"]
             # damping='auto' before its calibration (NaN): products without the structural term
-            weight = 0.0 if math.isnan(lam) else lam * self.structural_damping / n
+            weight = 0.0 if math.isnan(lam) else lam * self.settings.structural_damping / n
             prod = StructurallyDampedGGN(ev.loss, ev.outputs, ev.hidden, params, weight=weight)
         elif kind == "hessian":
             prod = HessianProduct(ev.loss if ev.grads is None else None, params, grads=ev.grads)
@@ -725,7 +690,7 @@ class HessianFree(torch.optim.Optimizer):
         They come from ``product``'s curvature batch when it is a Gauss-Newton product, else
         from the gradient batch, which is always sharded.
         """
-        return self.curvature_batch == "sharded" or not isinstance(product, GGNProduct)
+        return self.settings.curvature_batch == "sharded" or not isinstance(product, GGNProduct)
 
     # ------------------------------------------------------------------------------ step
     def step(self, closure: Closure, curvature_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -759,6 +724,7 @@ class HessianFree(torch.optim.Optimizer):
                 f"`curvature_closure` must be callable or None, got {curvature_closure!r}."
             )
         t_start = time.perf_counter()
+        settings = self._current_settings()
         st = self._global_state()
         params = self._params()
         layout = ParamLayout(params)
@@ -766,8 +732,7 @@ class HessianFree(torch.optim.Optimizer):
         lam = st["damping"]
         l2 = self._per_entry(layout, "weight_decay")
         lr = self._per_entry(layout, "lr")
-        group = self.param_groups[0]
-        tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
+        tolerance_grad, tolerance_change = settings.tolerance_grad, settings.tolerance_change
 
         # ---- 1. loss and gradient at θ0 (the curvature graph too, without curvature_closure) ----
         ev = self._first_call(closure, "closure", counter, layout)
@@ -796,8 +761,8 @@ class HessianFree(torch.optim.Optimizer):
             st["step"] += 1
             if self._generator is not None:
                 st["rng_state"] = self._generator.get_state()
-            if self.callback is not None:
-                self.callback(info)
+            if self.settings.callback is not None:
+                self.settings.callback(info)
             return loss0
 
         if not math.isfinite(f0):
@@ -825,20 +790,27 @@ class HessianFree(torch.optim.Optimizer):
             cev = self._first_call(curvature_closure, "curvature_closure", counter, layout)
             with torch.enable_grad():
                 curv, product = self._curvature_product(cev, params)
-        replicated = self.curvature_batch == "replicated"
+        replicated = self.settings.curvature_batch == "replicated"
         if replicated and st["step"] == 0:
             self._avg.check_replicated("curvature_batch='replicated'", cev.loss.detach())
-        curv = accelerate(curv, g, self.products)  # CUDA graph / reduced precision, if asked
+        curv = accelerate(
+            curv, g, self.settings.products
+        )  # CUDA graph / reduced precision, if asked
         if math.isnan(lam):  # damping='auto': one product along g, on the first step only
             with torch.enable_grad():
                 Cg = curv(g) if replicated else self._avg.mean(curv(g))
             gCg = float(g @ Cg) + float((l2 * g) @ g)  # C includes the L2 term κ
             lam = st["damping"] = _damping.calibrate_damping(
-                gCg, g_norm**2, min_damping=self.min_damping, max_damping=self.max_damping
+                gCg,
+                g_norm**2,
+                min_damping=self.settings.min_damping,
+                max_damping=self.settings.max_damping,
             )
             if isinstance(product, StructurallyDampedGGN):
                 h = product.hidden
-                product.weight = lam * self.structural_damping / (h.shape[0] if h.dim() else 1)
+                product.weight = (
+                    lam * self.settings.structural_damping / (h.shape[0] if h.dim() else 1)
+                )
 
         # ---- 2. CG on (C + κ + λ) p = -g from the decayed previous solution ----
         shift = l2 + lam  # float or per-entry vector
@@ -854,7 +826,7 @@ class HessianFree(torch.optim.Optimizer):
         # popped and decayed in place: one vector, not two, besides CG's copy (set again below)
         warm = st.pop("warm_start", None)
         x0 = None
-        decay = self.cg_decay
+        decay = self.settings.cg_decay
         if decay == "auto":  # §4.5's warm start for PSD curvature only (see cg_decay)
             decay = 0.0 if isinstance(product, HessianProduct) else 0.95
         if warm is not None and decay > 0 and warm.shape == g.shape:
@@ -864,12 +836,12 @@ class HessianFree(torch.optim.Optimizer):
             damped,
             -g,
             x0,
-            max_iter=self.cg_max_iter,
-            min_iter=self.cg_min_iter,
-            rtol=self.cg_rtol,
+            max_iter=self.settings.cg_max_iter,
+            min_iter=self.settings.cg_min_iter,
+            rtol=self.settings.cg_rtol,
             precond=precond,
-            progress_tol=self.cg_progress_tol,
-            check_every=self.cg_check_every,
+            progress_tol=self.settings.cg_progress_tol,
+            check_every=self.settings.cg_check_every,
         )
         cg_info = dict(
             grad_norm=g_norm,
@@ -903,7 +875,7 @@ class HessianFree(torch.optim.Optimizer):
         try:
             chosen = len(result.iterates) - 1
             f_chosen = f_at(result.iterates[chosen], 1.0)
-            if self.backtrack:
+            if self.settings.backtrack:
                 for j in range(chosen - 1, -1, -1):
                     f_j = f_at(result.iterates[j], 1.0)
                     if not f_j < f_chosen:  # §4.6: stop at the first increase
@@ -917,27 +889,27 @@ class HessianFree(torch.optim.Optimizer):
             if energy is not None:
                 predicted -= 0.5 * float(energy[chosen])
             rho = _damping.reduction_ratio(f_chosen - f0, predicted)
-            if self.adapt_damping:
+            if self.settings.adapt_damping:
                 st["damping"] = _damping.update_damping(
                     lam,
                     rho,
-                    increase=self.damping_increase,
-                    decrease=self.damping_decrease,
-                    min_damping=self.min_damping,
-                    max_damping=self.max_damping,
+                    increase=self.settings.damping_increase,
+                    decrease=self.settings.damping_decrease,
+                    min_damping=self.settings.min_damping,
+                    max_damping=self.settings.max_damping,
                 )
 
             # ---- 5. Armijo line search along the backtracked step ----
             rate, f_new = 1.0, f_chosen
             if not gp < 0.0:
                 rate = 0.0  # not a descent direction (e.g. a poor warm start and one CG step)
-            elif self.line_search is not None:
-                for _ in range(self.line_search_max_iter - 1):
-                    if f_new <= f0 + self.armijo_c * rate * gp:
+            elif self.settings.line_search is not None:
+                for _ in range(self.settings.line_search_max_iter - 1):
+                    if f_new <= f0 + self.settings.armijo_c * rate * gp:
                         break
-                    rate *= self.line_search_shrink
+                    rate *= self.settings.line_search_shrink
                     f_new = f_at(p, rate)
-                if not f_new <= f0 + self.armijo_c * rate * gp:
+                if not f_new <= f0 + self.settings.armijo_c * rate * gp:
                     rate = 0.0
             elif not f_new < math.inf:
                 rate = 0.0
@@ -957,7 +929,9 @@ class HessianFree(torch.optim.Optimizer):
         full_change = float((p.abs() * lr).max())
         if rate == 0.0:
             st["damping"] = _bounded(
-                st["damping"] * (self.damping_increase if self.adapt_damping else 1.0), self
+                st["damping"]
+                * (self.settings.damping_increase if self.settings.adapt_damping else 1.0),
+                self,
             )
             if trial_non_finite:
                 what = "a trial loss (CG backtracking or line search)"
@@ -984,13 +958,13 @@ class HessianFree(torch.optim.Optimizer):
         """Leave the parameters as they are, grow λ, count the failure, warn or raise."""
         st["failures"] += 1
         if grow:
-            st["damping"] = _bounded(st["damping"] * self.damping_increase, self)
-        if st["failures"] >= self.max_failures:
+            st["damping"] = _bounded(st["damping"] * self.settings.damping_increase, self)
+        if st["failures"] >= self.settings.max_failures:
             raise FloatingPointError(
                 f"HessianFree: {st['failures']} consecutive steps had a non-finite value (this "
                 f"one in {what}); the parameters were left unchanged each time "
-                f"(max_failures={self.max_failures}). Check the model and data for NaN/Inf, "
-                "lower the learning rate or raise `damping`."
+                f"(max_failures={self.settings.max_failures}). Check the model and data for "
+                "NaN/Inf, lower the learning rate or raise `damping`."
             )
         warnings.warn(
             f"HessianFree: non-finite value in {what}; step rejected, parameters unchanged, "
@@ -1067,13 +1041,7 @@ def _same(t: Tensor) -> Tensor:
 
 
 def _bounded(lam: float, opt: HessianFree) -> float:
-    return min(max(lam, opt.min_damping), opt.max_damping)
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
-    return value
+    return min(max(lam, opt.settings.min_damping), opt.settings.max_damping)
 
 
 def _unpack(
