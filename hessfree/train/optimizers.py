@@ -16,10 +16,16 @@ import torch
 from torch import Tensor
 
 from hessfree.train.config import OptimizerConfig
-from hessfree.train.config import hessianfree as hessianfree_keys
 from hessfree.train.metrics import clean_value
 
-__all__ = ["build_optimizer", "hf_diagnostics"]
+__all__ = ["build_optimizer", "hessianfree_class", "hf_diagnostics"]
+
+
+def hessianfree_class() -> type:
+    """:class:`hessfree.HessianFree`, imported when an HF entry is built."""
+    from hessfree import HessianFree  # noqa: PLC0415
+
+    return HessianFree
 
 
 def build_optimizer(spec: OptimizerConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
@@ -30,7 +36,7 @@ def build_optimizer(spec: OptimizerConfig, params: Iterable[Tensor]) -> torch.op
     """
     kwargs = dict(spec.hyperparameters)
     if spec.name == "hessianfree":
-        return hessianfree_keys.optimizer_class()(params, **kwargs)
+        return hessianfree_class()(params, **kwargs)
     if spec.name == "adam":
         kwargs["betas"] = tuple(kwargs["betas"])
         return torch.optim.Adam(params, **kwargs)
