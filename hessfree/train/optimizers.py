@@ -1,9 +1,9 @@
 """Build the optimizers a config names, and read Hessian-free step diagnostics.
 
-``hessianfree`` is imported lazily from :mod:`hessfree.optimizer` (the runner sits above the
-core and the core never imports it); ``adam``, ``sgd`` and ``lbfgs`` are ``torch.optim``'s.
-Hyperparameters are passed through unchanged: the YAML keys are the constructors' keyword
-arguments.
+``hessianfree`` is :class:`hessfree.HessianFree`, imported lazily (:func:`hessianfree_class`;
+the runner sits above the core and the core never imports it); ``adam``, ``sgd`` and
+``lbfgs`` are ``torch.optim``'s. Hyperparameters are passed through unchanged: the YAML keys
+are the constructors' keyword arguments.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Data sections feed the loaders in :mod:`hessfree.train.data`, model sections
 :func:`hessfree.train.models.build_model`, the torch optimizers' hyperparameters their
-constructors (HessianFree's keys come from the optimizer itself:
+constructors (HessianFree's keys are :class:`hessfree.HFSettings`' fields:
 :mod:`hessfree.train.config.hessianfree`). Each field's :func:`~.schema._field` spec is what
 the validator checks; the top-level keys are :class:`ExperimentConfig`'s fields.
 """
