@@ -140,9 +140,20 @@ class CurvatureProduct:
     """A linear map :math:`v \\mapsto Cv` on flat parameter vectors at a fixed point.
 
     Subclasses implement :meth:`matvec` (and, where autograd can batch it, :meth:`matmat`).
+    What :class:`~hessfree.HessianFree` reads besides the products (the product protocol):
+    :attr:`positive_semidefinite`, and :attr:`gradient`, :attr:`jacobian` and
+    :attr:`output_grad` where the set-up computed them (else ``None``).
     """
 
     layout: ParamLayout
+    #: Whether :math:`C \succeq 0` (Gauss-Newton, Fisher), so CG may warm-start (§4.5).
+    positive_semidefinite: bool = False
+    #: :math:`\nabla f`, flat, when the set-up computed it on the way (else ``None``).
+    gradient: Tensor | None = None
+    #: :math:`J = \partial o/\partial\theta` and :math:`\partial f/\partial o` of the outputs,
+    #: when the product is built from them (Gauss-Newton, Fisher; else ``None``).
+    jacobian: JacobianProduct | None = None
+    output_grad: Tensor | tuple[Tensor, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -583,6 +594,8 @@ class GGNProduct(CurvatureProduct):
         >>> G(torch.tensor([1.0, 0.0]))
         tensor([11.,  2.])
     """
+
+    positive_semidefinite = True
 
     def __init__(
         self, loss: Tensor, outputs: Tensor | Sequence[Tensor], params: Sequence[Tensor]
