@@ -86,7 +86,7 @@ from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modul
 from ._settings import HFSettings
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
-from .cg import CGResult, StopReason, cg
+from .cg import CGResult, CGStop, cg
 from .curvature import (
     FisherProduct,
     GGNProduct,
@@ -856,7 +856,7 @@ class HessianFree(torch.optim.Optimizer):
         run.report.update(
             cg_iters=result.num_iter, cg_reason=result.reason.value, cg_matvecs=result.num_matvec
         )
-        if result.reason is StopReason.NON_FINITE:
+        if result.reason is CGStop.NON_FINITE:
             state.pop("warm_start", None)
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, "a curvature product")
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
