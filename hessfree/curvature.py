@@ -633,31 +633,42 @@ class GGNProduct(CurvatureProduct):
             self.gradient = self.layout.cat(
                 torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
             )
+        self._hl = self._loss_hessian_map(loss, outputs, gos, blocks)
+
+    def _loss_hessian_map(
+        self,
+        loss: Tensor,
+        outputs: Tensor | Sequence[Tensor],
+        gos: list[Tensor],
+        blocks: list[int],
+    ) -> Callable:
+        """``w -> H_ℓ w`` from the set-up's output gradients ``gos`` of the live ``blocks``."""
+        J = self.jacobian
         closed = None if J.is_sequence else loss_hessian_product(loss, outputs)
         curved = [i for i, go in enumerate(gos) if go.requires_grad]
         if closed is not None:
-            self._hl = closed
-        elif not curved:  # loss linear in the outputs
-            self._hl = torch.zeros_like
+            return closed
+        if not curved:  # loss linear in the outputs
             if J.is_sequence:
-                self._hl = lambda w: tuple(map(torch.zeros_like, w))
-        elif not J.is_sequence:
+                return lambda w: tuple(map(torch.zeros_like, w))
+            return torch.zeros_like
+        if not J.is_sequence:
             go = gos[0]
-            self._hl = lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
-        else:
-            # H_ℓ w = ∂⟨∂ℓ/∂r, w⟩/∂r: double backward through the residual-to-loss graph only
-            seeds = [gos[i] for i in curved]
+            return lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
+        # H_ℓ w = ∂⟨∂ℓ/∂r, w⟩/∂r: double backward through the residual-to-loss graph only
+        outs = [J._all[k] for k in blocks]
+        seeds = [gos[i] for i in curved]
 
-            def hl(ws: Sequence[Tensor]) -> tuple[Tensor, ...]:
-                batched = ws[0].dim() > J._all[0].dim()
-                parts = _grad(seeds, outs, [ws[blocks[i]] for i in curved], batched=batched)
-                res = [torch.zeros_like(w) for w in ws]
-                for k, t in zip(blocks, parts, strict=True):
-                    if t is not None:
-                        res[k] = t
-                return tuple(res)
+        def hl(ws: Sequence[Tensor]) -> tuple[Tensor, ...]:
+            batched = ws[0].dim() > J._all[0].dim()
+            parts = _grad(seeds, outs, [ws[blocks[i]] for i in curved], batched=batched)
+            res = [torch.zeros_like(w) for w in ws]
+            for k, t in zip(blocks, parts, strict=True):
+                if t is not None:
+                    res[k] = t
+            return tuple(res)
 
-            self._hl = hl
+        return hl
 
     def _rop_graph(self, outputs: Tensor, go: Tensor) -> Sequence[Tensor | None]:
         """:math:`J^\\top \\partial f/\\partial o` with a graph, linear in ``go``."""
@@ -789,10 +800,19 @@ class FisherProduct(GGNProduct):
     ) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"Unknown `reduction` {reduction!r}; expected one of 'mean', 'sum'.")
+        self.reduction = reduction  # read by _loss_hessian_map during the set-up
         super().__init__(loss, outputs, params)
-        self.reduction = reduction
+
+    def _loss_hessian_map(
+        self,
+        loss: Tensor,
+        outputs: Tensor | Sequence[Tensor],
+        gos: list[Tensor],
+        blocks: list[int],
+    ) -> Callable:
+        """The rank-one-per-example map ``w -> ĝ ⟨ĝ, w⟩ / c`` in place of the loss Hessian."""
         n = outputs.shape[0] if outputs.dim() > 0 else 1
-        scale = float(n) if reduction == "mean" else 1.0
+        scale = float(n) if self.reduction == "mean" else 1.0
         G = self.output_grad
 
         def fisher(w: Tensor) -> Tensor:
@@ -800,4 +820,4 @@ class FisherProduct(GGNProduct):
             s = (G * w).sum(ex_dims, keepdim=True) if ex_dims else G * w
             return G * s * scale
 
-        self._hl = fisher
+        return fisher
