@@ -529,7 +529,7 @@ class JacobianProduct:
         vs = self.layout.split(v)
         return self._structure(_grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx]), ())
 
-    def jmp(self, V: Tensor) -> Tensor | tuple[Tensor, ...]:
+    def batched_jvp(self, V: Tensor) -> Tensor | tuple[Tensor, ...]:
         """Batched :meth:`jvp`: ``V`` is ``(k, n)``, each result block ``(k, *block.shape)``."""
         self._ensure_rop_graph()
         k = V.shape[0]
@@ -545,12 +545,16 @@ class JacobianProduct:
         outs = [self._all[k] for k in self._live]
         return self.layout.cat(_grad(outs, self.params, [us[k] for k in self._live]))
 
-    def vmp(self, U: Tensor | Sequence[Tensor]) -> Tensor:
+    def batched_vjp(self, U: Tensor | Sequence[Tensor]) -> Tensor:
         """Batched :meth:`vjp`: each block of ``U`` is ``(k, *block.shape)``; returns ``(k, n)``."""
         us = self._blocks(U)
         outs = [self._all[k] for k in self._live]
         parts = _grad(outs, self.params, [us[k] for k in self._live], batched=True)
         return _batched_cat(self.layout, parts, us[0].shape[0])
+
+    #: Former names of :meth:`batched_jvp` and :meth:`batched_vjp`.
+    jmp = batched_jvp
+    vmp = batched_vjp
 
 
 class GGNProduct(CurvatureProduct):
@@ -684,7 +688,7 @@ class GGNProduct(CurvatureProduct):
 
     def _matmat(self, V: Tensor) -> Tensor:
         J = self.jacobian
-        return J.vmp(self.loss_hessian(J.jmp(V)))
+        return J.batched_vjp(self.loss_hessian(J.batched_jvp(V)))
 
 
 class StructurallyDampedGGN(GGNProduct):

@@ -450,3 +450,8 @@ def test_fisher_product_does_not_build_the_loss_hessian_it_replaces(monkeypatch)
     assert calls == []
     GGNProduct(loss, out, [W])
     assert calls == [1]
+
+
+def test_jacobian_batched_products_keep_their_former_names():
+    assert JacobianProduct.jmp is JacobianProduct.batched_jvp
+    assert JacobianProduct.vmp is JacobianProduct.batched_vjp
