@@ -11,7 +11,7 @@ from . import spectral  # used qualified: hessfree.spectral.top_eigenpairs
 from ._flat import ParamLayout, trainable
 from ._settings import HFSettings
 from .acceleration import ProductPolicy, accelerate
-from .cg import CGResult, StopReason, cg
+from .cg import CGResult, CGStop, StopReason, cg
 from .curvature import (
     CurvatureProduct,
     FisherProduct,
@@ -58,7 +58,8 @@ __all__ = [
     # solver
     "cg",
     "CGResult",
-    "StopReason",
+    "CGStop",
+    "StopReason",  # former name of CGStop
     # optimizer
     "HessianFree",
     "HFSettings",

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from ._checks import check_choice, check_int, check_number
 from .acceleration import ProductPolicy
+from .damping import DampingPolicy
 
 __all__ = ["HFSettings"]
 
@@ -178,6 +179,16 @@ class HFSettings:
     def group_values(self) -> dict[str, Any]:
         """The values stored in each param group (:attr:`GROUP_KEYS`)."""
         return {k: getattr(self, k) for k in self.GROUP_KEYS}
+
+    def damping_policy(self) -> DampingPolicy:
+        """The rule that changes :math:`\\lambda` from step to step, with its bounds."""
+        return DampingPolicy(
+            adapt=self.adapt_damping,
+            increase=self.damping_increase,
+            decrease=self.damping_decrease,
+            min_damping=self.min_damping,
+            max_damping=self.max_damping,
+        )
 
     @property
     def initial_damping(self) -> float:
