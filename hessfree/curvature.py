@@ -145,23 +145,21 @@ def _rop_setup(
         targets.add((edge.node, edge.output_nr))
     memo: dict = {}  # node -> whether its inputs reach a u_k
 
-    def reaches(node: torch.autograd.graph.Node) -> bool:
-        if node in memo:
-            return memo[node]
-        stack = [(node, False)]
+    def reaches(root: torch.autograd.graph.Node) -> bool:
+        stack: list = [(root, None)]  # (node, its next_functions once expanded)
         while stack:
-            n, expanded = stack.pop()
+            n, nxt = stack.pop()
             if n in memo:
                 continue
-            nxt = [e for e in n.next_functions if e[0] is not None]
-            if expanded:
-                memo[n] = any(e in targets or memo[e[0]] for e in nxt)
+            if nxt is None:  # first visit: the inputs first, then n again
+                nxt = n.next_functions
+                stack.append((n, nxt))
+                stack.extend((m, None) for m, _ in nxt if m is not None and m not in memo)
             else:
-                stack.append((n, True))
-                stack.extend((e[0], False) for e in nxt if e[0] not in memo)
-        return memo[node]
+                memo[n] = any(e in targets or (e[0] is not None and memo[e[0]]) for e in nxt)
+        return memo[root]
 
-    nan: dict = {}
+    placeholders: dict = {}
 
     def pack(t: Tensor) -> Tensor:
         if not t.requires_grad:
@@ -172,14 +170,17 @@ def _rop_setup(
             node, nr = edge.node, edge.output_nr
         else:
             nr = t.output_nr
-        if (node, nr) not in targets and not memo.get(node, False) and not reaches(node):
-            return t
+        if (node, nr) not in targets:
+            dep = memo.get(node)
+            if not (reaches(node) if dep is None else dep):
+                return t
         if _keeps_cotangent(_current_node()):
             return t
-        key = (t.dtype, t.device)
-        if key not in nan:
-            nan[key] = torch.full((), math.nan, dtype=t.dtype, device=t.device)
-        return nan[key].expand(t.shape)
+        key = (t.shape, t.dtype, t.device)
+        if key not in placeholders:
+            nan = torch.full((), math.nan, dtype=t.dtype, device=t.device)
+            placeholders[key] = nan.expand(t.shape)
+        return placeholders[key]
 
     with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
         return _grad(outputs, params, us, create_graph=True)
