@@ -30,10 +30,12 @@ loss and costs one curvature product at the first step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 __all__ = [
     "AUTO_DAMPING_FACTOR",
     "DAMPING_RULES",
+    "DampingPolicy",
     "calibrate_damping",
     "reduction_ratio",
     "update_damping",
@@ -158,3 +160,65 @@ def calibrate_damping(
     if not (math.isfinite(lam) and lam > 0):
         lam = fallback
     return min(max(lam, min_damping), max_damping)
+
+
+@dataclass(frozen=True)
+class DampingPolicy:
+    r"""Every change :class:`~hessfree.HessianFree` makes to :math:`\lambda`, with its bounds.
+
+    Args:
+        adapt: Apply the Levenberg-Marquardt rule (``adapt_damping``).
+        rule: ``'martens'`` or ``'nielsen'`` (``damping_rule``; :func:`update_damping`).
+            :class:`~hessfree.HessianFree` passes ``'nielsen'`` by default.
+        increase: Factor > 1 for a poor step under ``'martens'`` (:math:`\rho < 1/4`), and
+            under either rule for a rejected or non-finite step.
+        decrease: Factor in (0, 1) for a good step (:math:`\rho > 3/4`) under ``'martens'``.
+        min_damping: Lower bound.
+        max_damping: Upper bound.
+
+    Example:
+        >>> policy = DampingPolicy(min_damping=1e-3, max_damping=10.0)
+        >>> policy.after_step(1.0, rho=0.9), policy.after_rejection(9.0)
+        (0.6666666666666666, 10.0)
+        >>> DampingPolicy(rule="nielsen").after_step(3.0, rho=1.0)
+        1.0
+    """
+
+    adapt: bool = True
+    rule: str = "martens"
+    increase: float = 1.5
+    decrease: float = 2.0 / 3.0
+    min_damping: float = 0.0
+    max_damping: float = math.inf
+
+    def clip(self, damping: float) -> float:
+        """``damping`` clipped to ``[min_damping, max_damping]``."""
+        return min(max(damping, self.min_damping), self.max_damping)
+
+    def initial(self, gCg: float, gg: float) -> float:
+        r""":math:`\lambda_0` for ``damping='auto'`` (:func:`calibrate_damping`), clipped."""
+        return calibrate_damping(
+            gCg, gg, min_damping=self.min_damping, max_damping=self.max_damping
+        )
+
+    def after_step(self, damping: float, rho: float) -> float:
+        r""":math:`\lambda` after a step with reduction ratio ``rho`` (:func:`update_damping`)."""
+        if not self.adapt:
+            return damping
+        return update_damping(
+            damping,
+            rho,
+            rule=self.rule,
+            increase=self.increase,
+            decrease=self.decrease,
+            min_damping=self.min_damping,
+            max_damping=self.max_damping,
+        )
+
+    def after_rejection(self, damping: float) -> float:
+        r""":math:`\lambda` after a rejected step (applied on top of :meth:`after_step`)."""
+        return self.clip(damping * (self.increase if self.adapt else 1.0))
+
+    def after_non_finite(self, damping: float) -> float:
+        r""":math:`\lambda` after a non-finite value (grown even without ``adapt``)."""
+        return self.clip(damping * self.increase)
