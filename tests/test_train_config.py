@@ -252,7 +252,11 @@ def test_config_hessianfree_keys_come_from_hfsettings():
     assert list(hf.hyperparameters) == [
         k for k in signature if k not in ("callback", "process_group")
     ]
-    assert isinstance(hf.hyperparameters["cg_rtol"], float)  # YAML int where the default is float
+    # a YAML int where the setting is a float, even where the default is 'auto' (cg_rtol, damping)
+    assert isinstance(hf.hyperparameters["cg_rtol"], float)
+    cfg = parse_config(minimal(optimizers=[{"name": "hessianfree", "damping": 10}]))
+    assert type(cfg.optimizers[0].hyperparameters["damping"]) is float
+    assert cfg.optimizers[0].hyperparameters["damping"] == 10.0
     assert hf.curvature_batch_size == 64
     (msg,) = problems_of(minimal(optimizers=[{"name": "hessianfree", "dampng": 1.0}]))
     assert "`optimizers.0.dampng`; did you mean `damping`?" in msg and "cg_max_iter" in msg

@@ -79,6 +79,15 @@ def check_hessianfree(raw: Mapping[str, Any], path: str, problems: list[str]) ->
         for _, message in settings.problems(given):
             key = _key_in_message(message, list(given))
             problems.append(f"`{_path(path, key) if key else path}`: {message}")
+            bad = True
+    if not bad and given:
+        # An integer where the setting holds a float (cg_rtol: 0, whose default is 'auto'):
+        # the float HFSettings normalises it to.
+        normalised = settings.from_kwargs(**given)
+        for key, value in given.items():
+            number = getattr(normalised, key)
+            if isinstance(value, int) and not isinstance(value, bool) and isinstance(number, float):
+                given[key] = number
     resolved = {k: v for k, v in defaults.items() if _plain(v)}
     resolved.update(given)
     return resolved
