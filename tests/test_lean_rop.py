@@ -67,6 +67,26 @@ def test_rop_graph_keeps_no_cotangent():
     assert seen[0].untyped_storage().data_ptr() in _saved_storages(edges)
 
 
+def test_rop_graph_keeps_convolution_cotangent():
+    """Convolution's double backward reads its cotangent (a placeholder would be copied to full
+    size in every product), so that one is kept; the linear layer's after it is dropped."""
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(1, 2, 3).double(), nn.Linear(8, 3).double()
+    seen: list[torch.Tensor] = []
+    h = conv(torch.randn(4, 1, 4, 4, dtype=torch.float64))
+    h.register_hook(lambda g: seen.append(g))
+    z = torch.tanh(h.flatten(1))
+    z.register_hook(lambda g: seen.append(g))
+    out = lin(z)
+    G = GGNProduct(
+        F.mse_loss(out, torch.zeros_like(out)), out, [*conv.parameters(), *lin.parameters()]
+    )
+    dz, dh = seen  # backward order: ∂ℓ/∂z, then ∂ℓ/∂h
+    saved = _saved_storages(G.jacobian._jtu)
+    assert dh.untyped_storage().data_ptr() in saved
+    assert dz.untyped_storage().data_ptr() not in saved
+
+
 def test_rop_graph_keeps_no_jtu_values():
     """Only the graph of Jᵀu is kept for the R-op, as edges: not its parameter-sized values."""
     out, loss, params = _two_layer([])
