@@ -82,6 +82,7 @@ from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
 from .cg import StopReason, cg
 from .curvature import (
+    CurvatureProduct,
     FisherProduct,
     GGNProduct,
     HessianProduct,
@@ -90,7 +91,7 @@ from .curvature import (
     loss_hessian_product,
 )
 from .distributed import Averager
-from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
+from .preconditioning import EmpiricalFisherDiagonal, NystromPreconditioner, PrecondContext
 
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]
 
@@ -299,9 +300,12 @@ class HessianFree(torch.optim.Optimizer):
         line_search_shrink: Rate factor in (0, 1) (0.8 in the reference code).
         line_search_max_iter: Most rates tried (60 in the reference code).
         precond: ``None``, ``'martens'`` (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs
-            ``(loss, outputs)`` closures), a :class:`EmpiricalFisherDiagonal`, or a callable
-            ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal of :math:`M` or
-            :math:`r \mapsto M^{-1}r`.
+            ``(loss, outputs)`` closures), ``'nystrom'`` (:class:`NystromPreconditioner`, rank
+            60 refreshed every 10 steps, from curvature products alone: for Gauss-Newton or
+            Fisher curvature with a fast-decaying spectrum, e.g. residual closures), an instance
+            of either, or a callable ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal
+            of :math:`M` or :math:`r \mapsto M^{-1}r` (a callable whose ``needs_outputs`` is
+            False gets ``PrecondContext.curvature`` and ``.gradient`` instead of outputs).
         tolerance_grad: ``torch.optim.LBFGS``'s first-order optimality test: a step whose
             gradient has :math:`\max_i |g_i| \le` ``tolerance_grad`` (L2 term included)
             returns after one closure call with status ``'converged'``, nothing moved.
@@ -466,13 +470,16 @@ class HessianFree(torch.optim.Optimizer):
         self.line_search_max_iter = check_int("line_search_max_iter", line_search_max_iter, low=1)
         if precond == "martens":
             precond = EmpiricalFisherDiagonal()
+        elif precond == "nystrom":
+            precond = NystromPreconditioner()
         elif isinstance(precond, str):
             raise ValueError(
-                f"Unknown `precond` {precond!r}; expected None, 'martens' or a callable."
+                f"Unknown `precond` {precond!r}; expected None, 'martens', 'nystrom' or a callable."
             )
         elif precond is not None and not callable(precond):
             raise TypeError(
-                f"`precond` must be None, 'martens' or a callable, got {type(precond).__name__}."
+                "`precond` must be None, 'martens', 'nystrom' or a callable, got "
+                f"{type(precond).__name__}."
             )
         self.precond = precond
         self.max_failures = check_int("max_failures", max_failures, low=1)
@@ -689,9 +696,14 @@ class HessianFree(torch.optim.Optimizer):
         params: list[Tensor],
         lam: float,
         shift: float | Tensor,
+        *,
+        curv: MatVec,
+        g: Tensor,
     ) -> Tensor | MatVec | None:
         if self.precond is None:
             return None
+        if not getattr(self.precond, "needs_outputs", True):  # curvature products only
+            return self.precond(self._curvature_context(product, lam, shift, curv, g))
         if ev.outputs is None:
             raise ValueError(
                 "The diagonal empirical-Fisher preconditioner needs per-example information: "
@@ -718,6 +730,30 @@ class HessianFree(torch.optim.Optimizer):
             average=self._avg.mean if self._sharded(product) else _same,
         )
         return self.precond(ctx)
+
+    def _curvature_context(
+        self, product: object, lam: float, shift: float | Tensor, curv: MatVec, g: Tensor
+    ) -> PrecondContext:
+        """A :class:`PrecondContext` with batched undamped products :math:`V(C + \\kappa)`."""
+        batched = isinstance(product, CurvatureProduct) and curv is product
+        replicated = self.curvature_batch == "replicated"
+
+        def products(V: Tensor) -> Tensor:
+            out = product.matmat(V) if batched else torch.stack([curv(v) for v in V])
+            out = out if replicated else self._avg.mean(out)
+            return out + V * shift
+
+        return PrecondContext(
+            jacobian=None,
+            output_grad=None,
+            reduction="mean",
+            damping=lam,
+            shift=shift,
+            generator=self._rng(g.device),
+            average=self._avg.mean if self._sharded(product) else _same,
+            curvature=products,
+            gradient=g,
+        )
 
     def _sharded(self, product: object) -> bool:
         """Whether the preconditioner's statistics differ across ranks (and need averaging).
@@ -850,7 +886,7 @@ class HessianFree(torch.optim.Optimizer):
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
         with torch.enable_grad():
-            precond = self._preconditioner(ev, product, params, lam, l2)
+            precond = self._preconditioner(ev, product, params, lam, l2, curv=curv, g=g)
         # popped and decayed in place: one vector, not two, besides CG's copy (set again below)
         warm = st.pop("warm_start", None)
         x0 = None
