@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from . import spectral  # used qualified: hessfree.spectral.top_eigenpairs
 from ._flat import ParamLayout, trainable
+from ._settings import HFSettings
 from .acceleration import ProductPolicy, accelerate
-from .cg import CGResult, StopReason, cg
+from .cg import CGResult, CGStop, StopReason, cg
 from .curvature import (
     CurvatureProduct,
     FisherProduct,
@@ -62,9 +63,11 @@ __all__ = [
     # solver
     "cg",
     "CGResult",
-    "StopReason",
+    "CGStop",
+    "StopReason",  # former name of CGStop
     # optimizer
     "HessianFree",
+    "HFSettings",
     "StepInfo",
     "StepStatus",
     "EmpiricalFisherDiagonal",

@@ -55,6 +55,8 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             holding its own shard of the data: the operator is then the curvature over the
             union of the shards, weighted by size for ``'mean'``. Every rank must call every
             product (SciPy's solvers do, when each rank runs the same solve).
+        _product: Private: the fixed product of :meth:`from_product` (``model``, ``loss_fn``
+            and ``data`` are then ``None`` and ignored).
 
     Raises:
         TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, or a
@@ -78,7 +80,11 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         progress: bool = False,
         allow_training_mode: bool = False,
         process_group: object | None = None,
+        _product: _FixedProduct | None = None,
     ) -> None:
+        if _product is not None:  # from_product: the product is the whole source
+            self._setup(_product, dtype)
+            return
         source = _DataProducts(
             model,
             loss_fn,
@@ -107,10 +113,7 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         Raises:
             TypeError: If ``product`` lacks one of those attributes.
         """
-        source = _FixedProduct(product)
-        op = cls.__new__(cls)  # no (model, loss_fn, data) for __init__; _setup does the rest
-        op._setup(source, dtype)
-        return op
+        return cls(None, None, None, dtype=dtype, _product=_FixedProduct(product))
 
     def _setup(self, source: _DataProducts | _FixedProduct, dtype: object) -> None:
         """Set every attribute of the operator from its ``source`` (both constructors)."""

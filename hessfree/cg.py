@@ -45,7 +45,7 @@ from torch import Tensor
 from hessfree._checks import check_int, check_number, check_vector
 from hessfree._types import MatVec
 
-__all__ = ["CGResult", "StopReason", "cg"]
+__all__ = ["CGResult", "CGStop", "StopReason", "cg"]
 
 # §4.4: k = max(10, ceil(0.1 i)), from the paper and the reference code.
 _PROGRESS_MIN_GAP = 10
@@ -55,8 +55,8 @@ _PROGRESS_GAP_DIVISOR = 10
 _FINITE_PAP, _POSITIVE_PAP, _FINITE_ALPHA, _FINITE_AFTER, _CONVERGED, _PROGRESS = range(6)
 
 
-class StopReason(enum.Enum):
-    """Why :func:`cg` stopped."""
+class CGStop(enum.Enum):
+    """Why :func:`cg` stopped (``CGResult.reason``); ``StopReason`` is its former name."""
 
     #: :math:`\|r\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})`.
     CONVERGED = "converged"
@@ -69,6 +69,10 @@ class StopReason(enum.Enum):
     NEGATIVE_CURVATURE = "negative_curvature"
     #: A NaN or Inf appeared (in ``b``, a product or the preconditioner).
     NON_FINITE = "non_finite"
+
+
+#: Former name of :class:`CGStop`, kept so existing imports work.
+StopReason = CGStop
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,7 +102,7 @@ class CGResult:
     phi_history: Tensor
     num_iter: int
     num_matvec: int
-    reason: StopReason
+    reason: CGStop
 
 
 def cg(
@@ -191,7 +195,7 @@ def cg(
         >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
         >>> result = cg(lambda v: A @ v, b, rtol=1e-12)
         >>> result.reason, result.num_iter
-        (<StopReason.CONVERGED: 'converged'>, 2)
+        (<CGStop.CONVERGED: 'converged'>, 2)
         >>> torch.allclose(A @ result.x, b)
         True
 
@@ -199,7 +203,150 @@ def cg(
         Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.4–4.6.
         Nocedal & Wright (2006), Numerical Optimization, 2nd ed., Algorithm 5.3.
     """
-    # ---- validation (metadata only; one sync for value checks on x0 / d) ----
+    opts = _check_arguments(
+        matvec,
+        b,
+        x0,
+        precond,
+        max_iter=max_iter,
+        min_iter=min_iter,
+        rtol=rtol,
+        atol=atol,
+        progress_tol=progress_tol,
+        store_start=store_start,
+        store_ratio=store_ratio,
+        check_every=check_every,
+    )
+    b, diag, max_iter, min_iter = b.detach(), opts.diag, opts.max_iter, opts.min_iter
+    progress_tol, check_every = opts.progress_tol, opts.check_every
+
+    # ---- iteration 0: r_0 = A x_0 - b, z_0, p_0 = -z_0, phi_0 ----
+    dtype, device = b.dtype, b.device
+    zero = torch.zeros((), dtype=dtype, device=device)
+    num_matvec = 0
+    if opts.x0_nonzero:
+        x = x0.detach().clone()
+        r = torch.sub(_checked_product(matvec, x, b, "matvec"), b)  # r_0 = A x_0 - b
+        num_matvec += 1
+    else:
+        x = torch.zeros_like(b)
+        r = torch.neg(b)
+    if diag is not None:
+        z = torch.empty_like(b)
+        torch.div(r, diag, out=z)
+    elif precond is not None:
+        z = _checked_product(precond, r, b, "precond")
+    else:
+        z = r
+    p = torch.neg(z)
+    rz = torch.dot(r, z)
+    history = torch.empty(max_iter + 1, dtype=dtype, device=device)
+    _phi(x, r, b, out=history[0])
+    # tol = max(rtol ||b||, atol); NaN if b is not finite, so no CONVERGED then.
+    tol = torch.linalg.vector_norm(b).mul_(opts.rtol).clamp_(min=opts.atol)
+    r_norm = torch.linalg.vector_norm(r)
+    finite0, converged0 = torch.stack(
+        [
+            torch.isfinite(rz) & torch.isfinite(history[0]) & torch.isfinite(r_norm),
+            r_norm <= tol,
+        ]
+    ).tolist()
+    if not finite0 or converged0:
+        reason = CGStop.CONVERGED if finite0 else CGStop.NON_FINITE
+        return _result(x, [], history, 0, num_matvec, reason)
+
+    # ---- iterations 1..max_iter, stop tests on the device ----
+    grid = _grid(opts.store_start, opts.store_ratio, max_iter)
+    stored: list[tuple[int, Tensor]] = []
+    flags = torch.empty(max_iter + 1, 6, dtype=torch.bool, device=device)
+    no = torch.zeros((), dtype=torch.bool, device=device)
+    running = torch.ones((), dtype=torch.bool, device=device)
+    first_unread = 1
+    num_iter, reason = max_iter, CGStop.MAX_ITER
+    mask_vectors = check_every > 1
+    # Vectors alive across iterations: x, r, p (z too with a preconditioner) and, only when
+    # masking, one scratch buffer; a product's output is dropped before the next product.
+    mask = (torch.empty_like(b), zero) if mask_vectors else None
+    tol_sq = tol.square()
+    pAp_first = zero
+    for i in range(1, max_iter + 1):
+        Ap = (_checked_product(matvec, p, b, "matvec") if i == 1 else matvec(p)).detach()
+        num_matvec += 1
+        pAp = torch.dot(p, Ap)
+        if i == 1:
+            pAp_first = pAp
+        alpha = rz / pAp  # α = rᵀz / pᵀAp
+        finite_pAp = torch.isfinite(pAp)
+        positive_pAp = pAp > 0
+        finite_alpha = torch.isfinite(alpha)  # pAp > 0 can still be so small that alpha = inf
+        # `go` masks the update: once a stop has fired, x, r and p stay as they were, so the
+        # result is that of check_every=1 (see _masked_add).
+        go = running & finite_pAp & positive_pAp & finite_alpha
+        alpha = torch.where(go, alpha, zero)
+        _masked_add(x, p, alpha, go, mask)  # x += α p
+        _masked_add(r, Ap, alpha, go, mask)  # r += α Ap
+        Ap = None  # not needed again: free it before the next product allocates its own
+        z = _precondition(r, z, diag, precond)  # z = M⁻¹ r
+        rz_next = torch.dot(r, z)
+        rr = rz_next if z is r else torch.dot(r, r)
+        phi = _phi(x, r, b, out=history[i])
+        finite_after = torch.isfinite(rz_next) & torch.isfinite(phi)
+        converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass
+        progress = _progress(phi, history, i, progress_tol, min_iter, no)
+        torch.stack(
+            [finite_pAp, positive_pAp, finite_alpha, finite_after, converged, progress],
+            out=flags[i],
+        )
+        running = go & finite_after & ~converged & ~progress
+        beta = torch.where(running, rz_next / rz, 1.0)  # β = r₊ᵀz₊ / rᵀz
+        p.mul_(beta)
+        _masked_add(p, z, -1.0, running, mask)  # p = -z + β p
+        rz = rz_next  # used only through alpha and beta, both masked
+        if i in grid:
+            stored.append((i, x.clone()))
+        if i % check_every == 0 or i == max_iter:
+            stop = _decode(flags[first_unread : i + 1].tolist(), first_unread)
+            first_unread = i + 1
+            if stop is not None:
+                num_iter, reason = stop
+                break
+    if reason is CGStop.NEGATIVE_CURVATURE and num_iter == 0:
+        num_iter = _steepest_descent_step(x, z, rz, pAp_first, history)
+    return _result(x, stored, history, num_iter, num_matvec, reason)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """:func:`cg`'s arguments after validation (numbers normalised, ``diag`` detached)."""
+
+    max_iter: int
+    min_iter: int
+    rtol: float
+    atol: float
+    progress_tol: float | None
+    store_start: int
+    store_ratio: float
+    check_every: int
+    diag: Tensor | None  # the diagonal of M when ``precond`` is a tensor
+    x0_nonzero: bool
+
+
+def _check_arguments(
+    matvec: object,
+    b: object,
+    x0: Tensor | None,
+    precond: object,
+    *,
+    max_iter: int,
+    min_iter: int,
+    rtol: float,
+    atol: float,
+    progress_tol: float | None,
+    store_start: int,
+    store_ratio: float,
+    check_every: int | None,
+) -> _Options:
+    """Validate :func:`cg`'s arguments (metadata; one sync for the values of ``x0``/``d``)."""
     if not callable(matvec):
         raise TypeError(f"`matvec` must be callable (v -> A v), got {matvec!r}.")
     _check_rhs(b)
@@ -235,120 +382,61 @@ def cg(
             "`precond` must be None, a callable r -> M^{-1} r or a 1-D tensor holding "
             f"the diagonal of M, got {precond!r}."
         )
-    b = b.detach()
-    x0_nonzero = _check_values(x0, diag)
+    return _Options(
+        max_iter=max_iter,
+        min_iter=min_iter,
+        rtol=rtol,
+        atol=atol,
+        progress_tol=progress_tol,
+        store_start=store_start,
+        store_ratio=store_ratio,
+        check_every=check_every,
+        diag=diag,
+        x0_nonzero=_check_values(x0, diag),
+    )
 
-    # ---- iteration 0: r_0 = A x_0 - b, z_0, p_0 = -z_0, phi_0 ----
-    dtype, device = b.dtype, b.device
-    zero = torch.zeros((), dtype=dtype, device=device)
-    num_matvec = 0
-    if x0_nonzero:
-        x = x0.detach().clone()
-        r = torch.sub(_checked_product(matvec, x, b, "matvec"), b)  # r_0 = A x_0 - b
-        num_matvec += 1
+
+def _masked_add(
+    v: Tensor, u: Tensor, alpha: Tensor | float, go: Tensor, mask: tuple[Tensor, Tensor] | None
+) -> None:
+    """``v += alpha * u`` in place, with ``u`` masked to 0 where ``go`` (0-dim bool) is false.
+
+    ``mask`` is ``(scratch buffer, zero)`` when ``check_every > 1``: ``u`` is then masked by
+    ``torch.where``, not by a multiply by 0, so that NaN/Inf in ``u`` cannot leak into the
+    iterations run after a stop until the next read-back. ``None`` (a read-back every
+    iteration): a stop ends the loop before ``r`` or ``p`` are used again, and ``alpha``
+    (masked by the caller) keeps ``x`` intact. ``alpha = -1.0`` subtracts.
+    """
+    if mask is not None:
+        buf, zero = mask
+        u = torch.where(go, u, zero, out=buf)
+    if isinstance(alpha, Tensor):
+        v.addcmul_(u, alpha)
     else:
-        x = torch.zeros_like(b)
-        r = torch.neg(b)
+        v.sub_(u)
+
+
+def _precondition(r: Tensor, z: Tensor, diag: Tensor | None, precond: MatVec | None) -> Tensor:
+    """:math:`z = M^{-1} r`: into ``z`` for a diagonal, a new tensor for a callable, else ``r``."""
     if diag is not None:
-        z = torch.empty_like(b)
-        torch.div(r, diag, out=z)
-    elif precond is not None:
-        z = _checked_product(precond, r, b, "precond")
-    else:
-        z = r
-    p = torch.neg(z)
-    rz = torch.dot(r, z)
-    history = torch.empty(max_iter + 1, dtype=dtype, device=device)
-    _phi(x, r, b, out=history[0])
-    # tol = max(rtol ||b||, atol); NaN if b is not finite, so no CONVERGED then.
-    tol = torch.linalg.vector_norm(b).mul_(rtol).clamp_(min=atol)
-    r_norm = torch.linalg.vector_norm(r)
-    finite0, converged0 = torch.stack(
-        [
-            torch.isfinite(rz) & torch.isfinite(history[0]) & torch.isfinite(r_norm),
-            r_norm <= tol,
-        ]
-    ).tolist()
-    if not finite0 or converged0:
-        reason = StopReason.CONVERGED if finite0 else StopReason.NON_FINITE
-        return _result(x, [], history, 0, num_matvec, reason)
+        return torch.div(r, diag, out=z)
+    if precond is not None:
+        return precond(r).detach()
+    return z  # z is r
 
-    # ---- iterations 1..max_iter, stop tests on the device ----
-    grid = _grid(store_start, store_ratio, max_iter)
-    stored: list[tuple[int, Tensor]] = []
-    flags = torch.empty(max_iter + 1, 6, dtype=torch.bool, device=device)
-    no = torch.zeros((), dtype=torch.bool, device=device)
-    running = torch.ones((), dtype=torch.bool, device=device)
-    first_unread = 1
-    num_iter, reason = max_iter, StopReason.MAX_ITER
-    mask_vectors = check_every > 1
-    # Vectors alive across iterations: x, r, p (z too with a preconditioner) and, only when
-    # masking, one scratch buffer; a product's output is dropped before the next product.
-    buf = torch.empty_like(b) if mask_vectors else None
-    tol_sq = tol.square()
-    pAp_first = zero
-    for i in range(1, max_iter + 1):
-        Ap = (_checked_product(matvec, p, b, "matvec") if i == 1 else matvec(p)).detach()
-        num_matvec += 1
-        pAp = torch.dot(p, Ap)
-        if i == 1:
-            pAp_first = pAp
-        alpha = rz / pAp
-        finite_pAp = torch.isfinite(pAp)
-        positive_pAp = pAp > 0
-        finite_alpha = torch.isfinite(alpha)  # pAp > 0 can still be so small that alpha = inf
-        # `go` masks the update: once a stop has fired, x, r and p stay as they were, so the
-        # result is that of check_every=1 and the products and the preconditioner spent
-        # until the next read-back see finite inputs. torch.where, not a multiply by 0, so
-        # that NaN/Inf in Ap or alpha cannot leak.
-        go = running & finite_pAp & positive_pAp & finite_alpha
-        alpha = torch.where(go, alpha, zero)
-        if mask_vectors:
-            x.addcmul_(torch.where(go, p, zero, out=buf), alpha)
-            r.addcmul_(torch.where(go, Ap, zero, out=buf), alpha)
-        else:
-            # Read back every iteration: a stop ends the loop before r or p are used again, and
-            # a finite pAp implies a finite Ap, so masking alpha alone keeps x intact.
-            x.addcmul_(p, alpha)
-            r.addcmul_(Ap, alpha)
-        Ap = None  # not needed again: free it before the next product allocates its own
-        if diag is not None:
-            torch.div(r, diag, out=z)
-        elif precond is not None:
-            z = precond(r).detach()
-        rz_next = torch.dot(r, z)
-        rr = rz_next if z is r else torch.dot(r, r)
-        phi = _phi(x, r, b, out=history[i])
-        finite_after = torch.isfinite(rz_next) & torch.isfinite(phi)
-        converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass
-        # §4.4 relative progress; i, k and the test i > k live on the host.
-        k = _progress_gap(i)
-        if progress_tol is not None and i > k and i >= min_iter:
-            progress = (phi < 0) & ((phi - history[i - k]) / phi < k * progress_tol)
-        else:
-            progress = no
-        torch.stack(
-            [finite_pAp, positive_pAp, finite_alpha, finite_after, converged, progress],
-            out=flags[i],
-        )
-        running = go & finite_after & ~converged & ~progress
-        beta = torch.where(running, rz_next / rz, 1.0)
-        if mask_vectors:
-            p.mul_(beta).sub_(torch.where(running, z, zero, out=buf))  # p = -z + beta p
-        else:
-            p.mul_(beta).sub_(z)
-        rz = rz_next  # used only through alpha and beta, both masked
-        if i in grid:
-            stored.append((i, x.clone()))
-        if i % check_every == 0 or i == max_iter:
-            stop = _decode(flags[first_unread : i + 1].tolist(), first_unread)
-            first_unread = i + 1
-            if stop is not None:
-                num_iter, reason = stop
-                break
-    if reason is StopReason.NEGATIVE_CURVATURE and num_iter == 0:
-        num_iter = _steepest_descent_step(x, z, rz, pAp_first, history)
-    return _result(x, stored, history, num_iter, num_matvec, reason)
+
+def _progress(
+    phi: Tensor, history: Tensor, i: int, progress_tol: float | None, min_iter: int, no: Tensor
+) -> Tensor:
+    r"""§4.4's relative-progress test at iteration ``i``, on the device (``no`` if it is off).
+
+    :math:`\phi_i < 0` and :math:`(\phi_i - \phi_{i-k}) / \phi_i < k\epsilon`, with
+    :math:`k = \max(10, \lceil 0.1 i \rceil)`; ``i``, ``k`` and the test ``i > k`` live on the host.
+    """
+    k = _progress_gap(i)
+    if progress_tol is None or i <= k or i < min_iter:
+        return no
+    return (phi < 0) & ((phi - history[i - k]) / phi < k * progress_tol)
 
 
 def _phi(x: Tensor, r: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
@@ -380,24 +468,24 @@ def _progress_gap(i: int) -> int:
     return max(_PROGRESS_MIN_GAP, -(-i // _PROGRESS_GAP_DIVISOR))
 
 
-def _decode(rows: list[list[bool]], first: int) -> tuple[int, StopReason] | None:
+def _decode(rows: list[list[bool]], first: int) -> tuple[int, CGStop] | None:
     """The first stop in a block of flag rows (row ``j`` is iteration ``first + j``)."""
     for i, row in enumerate(rows, start=first):
         # The step from x_{i-1} could not be taken: return x_{i-1}.
         if not row[_FINITE_PAP]:
-            return i - 1, StopReason.NON_FINITE
+            return i - 1, CGStop.NON_FINITE
         if not row[_POSITIVE_PAP]:
-            return i - 1, StopReason.NEGATIVE_CURVATURE
+            return i - 1, CGStop.NEGATIVE_CURVATURE
         if not row[_FINITE_ALPHA]:
-            return i - 1, StopReason.NON_FINITE
+            return i - 1, CGStop.NON_FINITE
         # x_i was formed; a non-finite r^T z or phi ends CG after it (x_i is finite unless
         # x + alpha p itself overflowed, which finite alpha and p cannot do short of ~max).
         if not row[_FINITE_AFTER]:
-            return i, StopReason.NON_FINITE
+            return i, CGStop.NON_FINITE
         if row[_CONVERGED]:
-            return i, StopReason.CONVERGED
+            return i, CGStop.CONVERGED
         if row[_PROGRESS]:
-            return i, StopReason.RELATIVE_PROGRESS
+            return i, CGStop.RELATIVE_PROGRESS
     return None
 
 
@@ -407,7 +495,7 @@ def _result(
     history: Tensor,
     num_iter: int,
     num_matvec: int,
-    reason: StopReason,
+    reason: CGStop,
 ) -> CGResult:
     # Iterates stored in iterations that the stop made no-ops are dropped; the final
     # iterate is `x` itself rather than a copy.

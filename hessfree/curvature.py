@@ -140,9 +140,20 @@ class CurvatureProduct:
     """A linear map :math:`v \\mapsto Cv` on flat parameter vectors at a fixed point.
 
     Subclasses implement :meth:`matvec` (and, where autograd can batch it, :meth:`matmat`).
+    What :class:`~hessfree.HessianFree` reads besides the products (the product protocol):
+    :attr:`positive_semidefinite`, and :attr:`gradient`, :attr:`jacobian` and
+    :attr:`output_grad` where the set-up computed them (else ``None``).
     """
 
     layout: ParamLayout
+    #: Whether :math:`C \succeq 0` (Gauss-Newton, Fisher), so CG may warm-start (§4.5).
+    positive_semidefinite: bool = False
+    #: :math:`\nabla f`, flat, when the set-up computed it on the way (else ``None``).
+    gradient: Tensor | None = None
+    #: :math:`J = \partial o/\partial\theta` and :math:`\partial f/\partial o` of the outputs,
+    #: when the product is built from them (Gauss-Newton, Fisher; else ``None``).
+    jacobian: JacobianProduct | None = None
+    output_grad: Tensor | tuple[Tensor, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -518,7 +529,7 @@ class JacobianProduct:
         vs = self.layout.split(v)
         return self._structure(_grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx]), ())
 
-    def jmp(self, V: Tensor) -> Tensor | tuple[Tensor, ...]:
+    def batched_jvp(self, V: Tensor) -> Tensor | tuple[Tensor, ...]:
         """Batched :meth:`jvp`: ``V`` is ``(k, n)``, each result block ``(k, *block.shape)``."""
         self._ensure_rop_graph()
         k = V.shape[0]
@@ -534,12 +545,16 @@ class JacobianProduct:
         outs = [self._all[k] for k in self._live]
         return self.layout.cat(_grad(outs, self.params, [us[k] for k in self._live]))
 
-    def vmp(self, U: Tensor | Sequence[Tensor]) -> Tensor:
+    def batched_vjp(self, U: Tensor | Sequence[Tensor]) -> Tensor:
         """Batched :meth:`vjp`: each block of ``U`` is ``(k, *block.shape)``; returns ``(k, n)``."""
         us = self._blocks(U)
         outs = [self._all[k] for k in self._live]
         parts = _grad(outs, self.params, [us[k] for k in self._live], batched=True)
         return _batched_cat(self.layout, parts, us[0].shape[0])
+
+    #: Former names of :meth:`batched_jvp` and :meth:`batched_vjp`.
+    jmp = batched_jvp
+    vmp = batched_vjp
 
 
 class GGNProduct(CurvatureProduct):
@@ -584,6 +599,8 @@ class GGNProduct(CurvatureProduct):
         tensor([11.,  2.])
     """
 
+    positive_semidefinite = True
+
     def __init__(
         self, loss: Tensor, outputs: Tensor | Sequence[Tensor], params: Sequence[Tensor]
     ) -> None:
@@ -620,31 +637,42 @@ class GGNProduct(CurvatureProduct):
             self.gradient = self.layout.cat(
                 torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
             )
+        self._hl = self._loss_hessian_map(loss, outputs, gos, blocks)
+
+    def _loss_hessian_map(
+        self,
+        loss: Tensor,
+        outputs: Tensor | Sequence[Tensor],
+        gos: list[Tensor],
+        blocks: list[int],
+    ) -> Callable:
+        """``w -> H_ℓ w`` from the set-up's output gradients ``gos`` of the live ``blocks``."""
+        J = self.jacobian
         closed = None if J.is_sequence else loss_hessian_product(loss, outputs)
         curved = [i for i, go in enumerate(gos) if go.requires_grad]
         if closed is not None:
-            self._hl = closed
-        elif not curved:  # loss linear in the outputs
-            self._hl = torch.zeros_like
+            return closed
+        if not curved:  # loss linear in the outputs
             if J.is_sequence:
-                self._hl = lambda w: tuple(map(torch.zeros_like, w))
-        elif not J.is_sequence:
+                return lambda w: tuple(map(torch.zeros_like, w))
+            return torch.zeros_like
+        if not J.is_sequence:
             go = gos[0]
-            self._hl = lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
-        else:
-            # H_ℓ w = ∂⟨∂ℓ/∂r, w⟩/∂r: double backward through the residual-to-loss graph only
-            seeds = [gos[i] for i in curved]
+            return lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
+        # H_ℓ w = ∂⟨∂ℓ/∂r, w⟩/∂r: double backward through the residual-to-loss graph only
+        outs = [J._all[k] for k in blocks]
+        seeds = [gos[i] for i in curved]
 
-            def hl(ws: Sequence[Tensor]) -> tuple[Tensor, ...]:
-                batched = ws[0].dim() > J._all[0].dim()
-                parts = _grad(seeds, outs, [ws[blocks[i]] for i in curved], batched=batched)
-                res = [torch.zeros_like(w) for w in ws]
-                for k, t in zip(blocks, parts, strict=True):
-                    if t is not None:
-                        res[k] = t
-                return tuple(res)
+        def hl(ws: Sequence[Tensor]) -> tuple[Tensor, ...]:
+            batched = ws[0].dim() > J._all[0].dim()
+            parts = _grad(seeds, outs, [ws[blocks[i]] for i in curved], batched=batched)
+            res = [torch.zeros_like(w) for w in ws]
+            for k, t in zip(blocks, parts, strict=True):
+                if t is not None:
+                    res[k] = t
+            return tuple(res)
 
-            self._hl = hl
+        return hl
 
     def _rop_graph(self, outputs: Tensor, go: Tensor) -> Sequence[Tensor | None]:
         """:math:`J^\\top \\partial f/\\partial o` with a graph, linear in ``go``."""
@@ -660,7 +688,7 @@ class GGNProduct(CurvatureProduct):
 
     def _matmat(self, V: Tensor) -> Tensor:
         J = self.jacobian
-        return J.vmp(self.loss_hessian(J.jmp(V)))
+        return J.batched_vjp(self.loss_hessian(J.batched_jvp(V)))
 
 
 class StructurallyDampedGGN(GGNProduct):
@@ -776,10 +804,19 @@ class FisherProduct(GGNProduct):
     ) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"Unknown `reduction` {reduction!r}; expected one of 'mean', 'sum'.")
+        self.reduction = reduction  # read by _loss_hessian_map during the set-up
         super().__init__(loss, outputs, params)
-        self.reduction = reduction
+
+    def _loss_hessian_map(
+        self,
+        loss: Tensor,
+        outputs: Tensor | Sequence[Tensor],
+        gos: list[Tensor],
+        blocks: list[int],
+    ) -> Callable:
+        """The rank-one-per-example map ``w -> ĝ ⟨ĝ, w⟩ / c`` in place of the loss Hessian."""
         n = outputs.shape[0] if outputs.dim() > 0 else 1
-        scale = float(n) if reduction == "mean" else 1.0
+        scale = float(n) if self.reduction == "mean" else 1.0
         G = self.output_grad
 
         def fisher(w: Tensor) -> Tensor:
@@ -787,4 +824,4 @@ class FisherProduct(GGNProduct):
             s = (G * w).sum(ex_dims, keepdim=True) if ex_dims else G * w
             return G * s * scale
 
-        self._hl = fisher
+        return fisher

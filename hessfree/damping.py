@@ -19,8 +19,15 @@ loss and costs one curvature product at the first step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-__all__ = ["AUTO_DAMPING_FACTOR", "calibrate_damping", "reduction_ratio", "update_damping"]
+__all__ = [
+    "AUTO_DAMPING_FACTOR",
+    "DampingPolicy",
+    "calibrate_damping",
+    "reduction_ratio",
+    "update_damping",
+]
 
 # λ0 = AUTO_DAMPING_FACTOR · gᵀCg / gᵀg. Ours, chosen on experiments/scorecard.py's tasks
 # (see experiments/README.md): the LM rule then needs few steps to settle.
@@ -119,3 +126,58 @@ def calibrate_damping(
     if not (math.isfinite(lam) and lam > 0):
         lam = fallback
     return min(max(lam, min_damping), max_damping)
+
+
+@dataclass(frozen=True)
+class DampingPolicy:
+    r"""Every change :class:`~hessfree.HessianFree` makes to :math:`\lambda`, with its bounds.
+
+    Args:
+        adapt: Apply the Levenberg-Marquardt rule (``adapt_damping``).
+        increase: Factor > 1 for a poor step (:math:`\rho < 1/4`, rejected or non-finite).
+        decrease: Factor in (0, 1) for a good step (:math:`\rho > 3/4`).
+        min_damping: Lower bound.
+        max_damping: Upper bound.
+
+    Example:
+        >>> policy = DampingPolicy(min_damping=1e-3, max_damping=10.0)
+        >>> policy.after_step(1.0, rho=0.9), policy.after_rejection(9.0)
+        (0.6666666666666666, 10.0)
+    """
+
+    adapt: bool = True
+    increase: float = 1.5
+    decrease: float = 2.0 / 3.0
+    min_damping: float = 0.0
+    max_damping: float = math.inf
+
+    def clip(self, damping: float) -> float:
+        """``damping`` clipped to ``[min_damping, max_damping]``."""
+        return min(max(damping, self.min_damping), self.max_damping)
+
+    def initial(self, gCg: float, gg: float) -> float:
+        r""":math:`\lambda_0` for ``damping='auto'`` (:func:`calibrate_damping`), clipped."""
+        return calibrate_damping(
+            gCg, gg, min_damping=self.min_damping, max_damping=self.max_damping
+        )
+
+    def after_step(self, damping: float, rho: float) -> float:
+        r""":math:`\lambda` after a step with reduction ratio ``rho`` (:func:`update_damping`)."""
+        if not self.adapt:
+            return damping
+        return update_damping(
+            damping,
+            rho,
+            increase=self.increase,
+            decrease=self.decrease,
+            min_damping=self.min_damping,
+            max_damping=self.max_damping,
+        )
+
+    def after_rejection(self, damping: float) -> float:
+        r""":math:`\lambda` after a rejected step (applied on top of :meth:`after_step`)."""
+        return self.clip(damping * (self.increase if self.adapt else 1.0))
+
+    def after_non_finite(self, damping: float) -> float:
+        r""":math:`\lambda` after a non-finite value (grown even without ``adapt``)."""
+        return self.clip(damping * self.increase)

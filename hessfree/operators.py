@@ -276,7 +276,7 @@ class JacobianLinearOperator(_TorchLinearOperator):
 
     def _mm(self, V: Tensor) -> Tensor:
         try:
-            return self._jacobian.jmp(V).reshape(V.shape[0], -1)
+            return self._jacobian.batched_jvp(V).reshape(V.shape[0], -1)
         except (RuntimeError, NotImplementedError):  # no batching rule for some op
             return torch.stack([self._mv(v) for v in V])
 
@@ -285,7 +285,7 @@ class JacobianLinearOperator(_TorchLinearOperator):
 
     def _rmm(self, U: Tensor) -> Tensor:
         try:
-            return self._jacobian.vmp(U.view(U.shape[0], *self.output_shape))
+            return self._jacobian.batched_vjp(U.view(U.shape[0], *self.output_shape))
         except (RuntimeError, NotImplementedError):
             return torch.stack([self._rmv(u) for u in U])
 

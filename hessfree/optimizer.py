@@ -7,28 +7,33 @@ group's ``weight_decay`` :math:`\kappa_k`, :math:`g = \nabla f`, :math:`C` the c
 the damped curvature, :math:`q_\theta(p) = f(\theta) + g^\top p + \tfrac12 p^\top C p` the
 undamped quadratic model and :math:`\rho` the reduction ratio.
 
-One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference MATLAB code):
+One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference MATLAB code), in
+phases named as the methods that run them:
 
-1. Loss, gradient and the curvature products' graph at :math:`\theta` from **one** closure call
-   (the first-order graph is reused by every product). ``torch.optim.LBFGS``'s first-order
-   test ends the step here: :math:`\max_i |g_i| \le` ``tolerance_grad`` → ``'converged'``.
-2. Truncated preconditioned CG on :math:`Bp = -g` (:func:`hessfree.cg`), warm-started from
-   ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the reference code;
-   by default only for Gauss-Newton/Fisher curvature, the Hessian's CG starts cold),
-   stopping by the relative-progress rule (§4.4).
-3. CG backtracking (§4.6): from the last stored iterate walk back while the objective on the
-   gradient batch decreases.
-4. :math:`\rho` of the backtracked step with the undamped model, read off CG's :math:`\phi`
-   (no extra product); Levenberg-Marquardt update of :math:`\lambda` (§4.1).
-5. Armijo backtracking line search on the backtracked step (the reference code's: :math:`c =
-   10^{-2}`, rate × 0.8, up to 60 tries), else the step is rejected. A step that changed the
-   objective by less than ``tolerance_change``, or every parameter by at most that, is
-   ``'converged'`` (LBFGS's no-progress tests; ours, not the paper's).
+1. *Evaluate* (``_evaluate_and_solve``): loss, gradient and the curvature products' graph at
+   :math:`\theta` from **one** closure call (the first-order graph is reused by every product).
+   ``torch.optim.LBFGS``'s first-order test ends the step here: :math:`\max_i |g_i| \le`
+   ``tolerance_grad`` → ``'converged'``.
+2. *Solve* (``_solve``): truncated preconditioned CG on :math:`Bp = -g` (:func:`hessfree.cg`),
+   warm-started from ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the
+   reference code; by default only for Gauss-Newton/Fisher curvature, the Hessian's CG starts
+   cold), stopping by the relative-progress rule (§4.4). The graphs are freed after this phase.
+3. *Backtrack* (§4.6, :func:`hessfree._line_search.backtrack`): from the last stored iterate
+   walk back while the objective on the gradient batch decreases.
+4. *Reduction ratio and damping* (``_reduction_ratio``, :class:`hessfree.damping.DampingPolicy`):
+   :math:`\rho` of the backtracked step with the undamped model, read off CG's :math:`\phi` (no
+   extra product); Levenberg-Marquardt update of :math:`\lambda` (§4.1).
+5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
+   on the backtracked step (the reference code's: :math:`c = 10^{-2}`, rate × 0.8, up to 60
+   tries), else the step is rejected. A step that changed the objective by less than
+   ``tolerance_change``, or every parameter by at most that, is ``'converged'`` (LBFGS's
+   no-progress tests; ours, not the paper's).
 
 Where our defaults differ from the paper: initial ``damping='auto'`` calibrates :math:`\lambda`
 from the curvature along the gradient at the first step (:func:`hessfree.damping.calibrate_damping`;
 the reference uses a fixed 45 on its own loss scaling); no
-preconditioner by default (``precond='martens'`` turns §4.7's on); the curvature batch is
+preconditioner by default (``precond='martens'`` turns §4.7's on) except a randomized Nyström
+one for residual-block closures (``precond='auto'``); the curvature batch is
 whatever ``curvature_closure`` evaluates (the reference cycles through quarter-size chunks).
 
 Closure styles, fastest first:
@@ -68,19 +73,21 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
-from ._checks import check_choice, check_int, check_number
+from ._checks import check_number
 from ._flat import ParamLayout
+from ._line_search import armijo, backtrack
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
+from ._settings import HFSettings
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
-from .cg import StopReason, cg
+from .cg import CGResult, CGStop, cg
 from .curvature import (
     CurvatureProduct,
     FisherProduct,
@@ -96,7 +103,6 @@ from .preconditioning import EmpiricalFisherDiagonal, NystromPreconditioner, Pre
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
-CURVATURES = ("auto", "ggn", "hessian", "fisher")
 # torch's messages for data that does not match the parameters (dtype, device, features)
 _MISMATCH = re.compile(
     r"dtype|scalar type|should be the same|same device|two devices|shapes cannot be multiplied"
@@ -173,6 +179,11 @@ class StepInfo:
         closure_calls: Closure evaluations in this step (curvature closure included).
         time_products: Seconds spent in curvature products (on CUDA: launch time, async).
         time_total: Seconds for the whole step.
+        time_phases: Seconds per phase of the step, for profiling: ``'evaluate'`` (the first
+            closure call and the objective), ``'curvature'`` (gradient, curvature closure,
+            product set-up, ``damping='auto'``'s calibration, preconditioner), ``'solve'``
+            (CG), ``'backtrack'`` and ``'line_search'`` (with the parameter update); phases the
+            step did not reach are absent. Host time (on CUDA: launch time, async).
     """
 
     loss: float
@@ -191,6 +202,7 @@ class StepInfo:
     closure_calls: int = 0
     time_products: float = 0.0
     time_total: float = 0.0
+    time_phases: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -207,6 +219,44 @@ class _Evaluation:
 class _Counter:
     calls: int = 0
     product_time: float = 0.0
+
+
+@dataclass
+class _StepRun:
+    """What one step carries from phase to phase (no autograd graph) and reports at its end."""
+
+    state: dict  # the optimizer's global state (λ, step count, failures, warm start)
+    params: list[Tensor]
+    layout: ParamLayout
+    l2: float | Tensor  # κ, a float or per entry
+    lr: float | Tensor
+    damping: float  # λ of this step's CG (NaN until damping='auto' is calibrated)
+    counter: _Counter = field(default_factory=_Counter)
+    t_start: float = field(default_factory=time.perf_counter)
+    t_lap: float = field(init=False)
+    times: dict[str, float] = field(default_factory=dict)  # StepInfo.time_phases
+    loss0: Tensor | None = None  # the closure's loss at θ0, returned by step()
+    f0: float = math.nan  # the objective at θ0 (L2 term included)
+    uses_backward: bool = False  # the closure calls backward() itself (LBFGS style)
+    report: dict = field(default_factory=dict)  # StepInfo fields known so far
+
+    def __post_init__(self) -> None:
+        self.t_lap = self.t_start
+
+    def lap(self, phase: str) -> None:
+        """Add the time since the previous lap to ``phase``."""
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - self.t_lap
+        self.t_lap = now
+
+
+@dataclass
+class _Solution:
+    """CG's answer, detached from every graph: what phases 3-5 need."""
+
+    g: Tensor  # the gradient (L2 term included)
+    result: CGResult
+    structural_energy: Tensor | None  # structural damping's energy per stored iterate
 
 
 @contextlib.contextmanager
@@ -299,13 +349,17 @@ class HessianFree(torch.optim.Optimizer):
         armijo_c: Sufficient-decrease constant in (0, 1) (1e-2 in the reference code).
         line_search_shrink: Rate factor in (0, 1) (0.8 in the reference code).
         line_search_max_iter: Most rates tried (60 in the reference code).
-        precond: ``None``, ``'martens'`` (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs
-            ``(loss, outputs)`` closures), ``'nystrom'`` (:class:`NystromPreconditioner`, rank
-            60 refreshed every 10 steps, from curvature products alone: for Gauss-Newton or
-            Fisher curvature with a fast-decaying spectrum, e.g. residual closures), an instance
-            of either, or a callable ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal
-            of :math:`M` or :math:`r \mapsto M^{-1}r` (a callable whose ``needs_outputs`` is
-            False gets ``PrecondContext.curvature`` and ``.gradient`` instead of outputs).
+        precond: ``'auto'`` (default): :class:`NystromPreconditioner` (rank 60, refreshed every
+            10 steps) when the closure returns residual blocks ``(loss, (r_1, ..., r_K))`` and
+            the curvature is Gauss-Newton, else none (a PINN's Gauss-Newton matrix has
+            eigenvalues over ~15 decades in its first 200, where plain CG resolves only the top
+            few dozen; measured in ``experiments/pinn.py``); ``None``; ``'martens'``
+            (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs ``(loss, outputs)`` closures);
+            ``'nystrom'`` (:class:`NystromPreconditioner` for any positive semi-definite
+            curvature, from batched products alone); an instance of either; or a callable
+            ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal of :math:`M` or
+            :math:`r \mapsto M^{-1}r` (a callable whose ``needs_outputs`` is False gets
+            ``PrecondContext.curvature`` and ``.gradient`` instead of outputs).
         tolerance_grad: ``torch.optim.LBFGS``'s first-order optimality test: a step whose
             gradient has :math:`\max_i |g_i| \le` ``tolerance_grad`` (L2 term included)
             returns after one closure call with status ``'converged'``, nothing moved.
@@ -381,7 +435,7 @@ class HessianFree(torch.optim.Optimizer):
         armijo_c: float = 1e-2,
         line_search_shrink: float = 0.8,
         line_search_max_iter: int = 60,
-        precond: str | EmpiricalFisherDiagonal | Callable | None = None,
+        precond: str | EmpiricalFisherDiagonal | NystromPreconditioner | Callable | None = "auto",
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
         max_failures: int = 10,
@@ -391,126 +445,61 @@ class HessianFree(torch.optim.Optimizer):
         curvature_batch: str = "sharded",
         products: ProductPolicy | Mapping | None = None,
     ) -> None:
-        lr = check_number("lr", lr, low=0.0)
-        tolerance_grad = check_number("tolerance_grad", tolerance_grad, low=0.0)
-        tolerance_change = check_number("tolerance_change", tolerance_change, low=0.0)
-        weight_decay = check_number("weight_decay", weight_decay, low=0.0)
-        if not callable(curvature):
-            check_choice("curvature", curvature, CURVATURES)
-        self.curvature = curvature
-        if isinstance(damping, str):
-            check_choice("damping", damping, ("auto",))
-            self.initial_damping = math.nan  # calibrated at the first step
-        else:
-            self.initial_damping = check_number("damping", damping, low=0.0, low_open=True)
-        self.structural_damping = check_number("structural_damping", structural_damping, low=0.0)
-        if self.structural_damping > 0 and curvature not in ("auto", "ggn"):
-            raise ValueError(
-                "`structural_damping` > 0 needs Gauss-Newton curvature, "
-                f"got curvature={curvature!r}; "
-                "use curvature='ggn' (or 'auto')."
-            )
-        self.adapt_damping = _check_bool("adapt_damping", adapt_damping)
-        self.damping_increase = check_number(
-            "damping_increase",
-            damping_increase,
-            low=1.0,
-            low_open=True,
-            hint="did you swap it with `damping_decrease`?" if 0 < damping_increase < 1 else "",
-        )
-        self.damping_decrease = check_number(
-            "damping_decrease",
-            damping_decrease,
-            low=0.0,
-            high=1.0,
-            low_open=True,
-            high_open=True,
-            hint="did you swap it with `damping_increase`?" if damping_decrease > 1 else "",
-        )
-        self.min_damping = check_number("min_damping", min_damping, low=0.0)
-        self.max_damping = check_number(
-            "max_damping", max_damping, low=self.min_damping, low_open=True
-        )
-        if not math.isnan(self.initial_damping) and not (
-            self.min_damping <= self.initial_damping <= self.max_damping
-        ):
-            raise ValueError(
-                f"`damping` must be in [min_damping, max_damping] = [{self.min_damping!r}, "
-                f"{self.max_damping!r}], got {self.initial_damping!r}."
-            )
-        self.cg_max_iter = check_int("cg_max_iter", cg_max_iter, low=1)
-        self.cg_min_iter = check_int("cg_min_iter", cg_min_iter, low=0, high=self.cg_max_iter)
-        self.cg_rtol = check_number("cg_rtol", cg_rtol, low=0.0)
-        self.cg_progress_tol = check_number(
-            "cg_progress_tol", cg_progress_tol, low=0.0, low_open=True
-        )
-        if isinstance(cg_decay, str):
-            check_choice("cg_decay", cg_decay, ("auto",))
-        else:
-            cg_decay = check_number("cg_decay", cg_decay, low=0.0, high=1.0)
-        self.cg_decay = cg_decay
-        self.cg_check_every = (
-            None if cg_check_every is None else check_int("cg_check_every", cg_check_every, low=1)
-        )
-        self.backtrack = _check_bool("backtrack", backtrack)
-        if line_search is not None:
-            check_choice("line_search", line_search, ("armijo",))
-        self.line_search = line_search
-        self.armijo_c = check_number(
-            "armijo_c", armijo_c, low=0.0, high=1.0, low_open=True, high_open=True
-        )
-        self.line_search_shrink = check_number(
-            "line_search_shrink",
-            line_search_shrink,
-            low=0.0,
-            high=1.0,
-            low_open=True,
-            high_open=True,
-        )
-        self.line_search_max_iter = check_int("line_search_max_iter", line_search_max_iter, low=1)
-        if precond == "martens":
-            precond = EmpiricalFisherDiagonal()
-        elif precond == "nystrom":
-            precond = NystromPreconditioner()
-        elif isinstance(precond, str):
-            raise ValueError(
-                f"Unknown `precond` {precond!r}; expected None, 'martens', 'nystrom' or a callable."
-            )
-        elif precond is not None and not callable(precond):
-            raise TypeError(
-                "`precond` must be None, 'martens', 'nystrom' or a callable, got "
-                f"{type(precond).__name__}."
-            )
-        self.precond = precond
-        self.max_failures = check_int("max_failures", max_failures, low=1)
-        if callback is not None and not callable(callback):
-            raise TypeError(f"`callback` must be callable or None, got {type(callback).__name__}.")
-        self.callback = callback
-        self.seed = check_int("seed", seed)
-        self._avg = Averager(process_group)
-        self.products = ProductPolicy.of(products)
-        self.curvature_batch = check_choice(
-            "curvature_batch", curvature_batch, ("sharded", "replicated")
-        )
-        # The tolerances live in the defaults, as in LBFGS, so state_dict() carries them.
-        defaults = dict(
+        self.settings = HFSettings(
             lr=lr,
+            curvature=curvature,
+            damping=damping,
+            adapt_damping=adapt_damping,
+            damping_increase=damping_increase,
+            damping_decrease=damping_decrease,
+            min_damping=min_damping,
+            max_damping=max_damping,
             weight_decay=weight_decay,
+            structural_damping=structural_damping,
+            cg_max_iter=cg_max_iter,
+            cg_min_iter=cg_min_iter,
+            cg_rtol=cg_rtol,
+            cg_progress_tol=cg_progress_tol,
+            cg_decay=cg_decay,
+            cg_check_every=cg_check_every,
+            backtrack=backtrack,
+            line_search=line_search,
+            armijo_c=armijo_c,
+            line_search_shrink=line_search_shrink,
+            line_search_max_iter=line_search_max_iter,
+            precond=precond,
             tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change,
+            max_failures=max_failures,
+            callback=callback,
+            seed=seed,
+            process_group=process_group,
+            curvature_batch=curvature_batch,
+            products=products,
         )
+        #: The preconditioner (``precond='martens'`` built as an :class:`EmpiricalFisherDiagonal`,
+        #: ``'nystrom'`` as a :class:`NystromPreconditioner`).
+        builders = {"martens": EmpiricalFisherDiagonal, "nystrom": NystromPreconditioner}
+        self.precond = builders[precond]() if precond in builders else precond
+        self._auto_precond: NystromPreconditioner | None = None  # built for precond='auto'
+        self._avg = Averager(process_group)
+        # Every plain hyperparameter lives in the defaults, as in LBFGS, so state_dict() carries
+        # them; all but lr and weight_decay are one per optimizer (one quadratic model).
+        defaults = self.settings.group_values()
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0)
             check_number(f"param_groups[{i}]['weight_decay']", group["weight_decay"], low=0.0)
             for key in ("tolerance_grad", "tolerance_change"):
                 check_number(f"param_groups[{i}][{key!r}]", group[key], low=0.0)
-                if group[key] != defaults[key]:
+            for key in HFSettings.GROUP_KEYS:
+                if key not in HFSettings.PER_GROUP and group[key] != defaults[key]:
                     raise ValueError(
                         f"`param_groups[{i}][{key!r}]` is {group[key]!r} but `{key}` is "
                         f"{defaults[key]!r}; all groups form one quadratic model, so pass "
                         f"`{key}` to HessianFree instead of per group."
                     )
+        self._group_view = self._shared_group_values()
         if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
             raise ValueError(
                 "No parameter requires gradients; HessianFree has nothing to optimize."
@@ -523,11 +512,39 @@ class HessianFree(torch.optim.Optimizer):
         self._warned_stochastic = False
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load as ``torch.optim.Optimizer`` does; state from before the tolerances gets ours."""
+        """Load as ``torch.optim.Optimizer`` does, hyperparameters included (as LBFGS does).
+
+        A state dict from before a hyperparameter was stored in the groups gets this
+        optimizer's value for it.
+        """
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            for key in ("tolerance_grad", "tolerance_change"):
+            for key in HFSettings.GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
+        self._current_settings()  # validate what was loaded
+
+    def __getattr__(self, name: str) -> object:
+        """Read a hyperparameter as an attribute (``opt.cg_max_iter``): ``self.settings``'s."""
+        settings = self.__dict__.get("settings")
+        if settings is not None and (name in HFSettings.keys() or name == "initial_damping"):
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _shared_group_values(self) -> dict:
+        group = self.param_groups[0]
+        return {k: group[k] for k in HFSettings.GROUP_KEYS if k not in HFSettings.PER_GROUP}
+
+    def _current_settings(self) -> HFSettings:
+        """:attr:`settings`, re-validated if the groups' hyperparameters were changed.
+
+        The param groups are the record (``state_dict``, ``load_state_dict``, edits such as
+        ``opt.param_groups[0]['cg_max_iter'] = 50``), as in LBFGS; all groups share group 0's.
+        """
+        values = self._shared_group_values()
+        if values != self._group_view:
+            self.settings = self.settings.replace(**values)
+            self._group_view = values
+        return self.settings
 
     # ------------------------------------------------------------------------------ state
     def _params(self) -> list[Tensor]:
@@ -535,21 +552,21 @@ class HessianFree(torch.optim.Optimizer):
 
     def _global_state(self) -> dict:
         """State shared by all groups, stored under the first parameter (as LBFGS does)."""
-        st = self.state[self._params()[0]]
-        if "damping" not in st:
-            st["damping"] = self.initial_damping
-            st["step"] = 0
-            st["failures"] = 0
-        return st
+        state = self.state[self._params()[0]]
+        if "damping" not in state:
+            state["damping"] = self.settings.initial_damping
+            state["step"] = 0
+            state["failures"] = 0
+        return state
 
     def _rng(self, device: torch.device) -> torch.Generator:
-        st = self._global_state()
+        state = self._global_state()
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-            if "rng_state" in st:
+            self._generator.manual_seed(self.settings.seed)
+            if "rng_state" in state:
                 # load_state_dict casts state tensors to the parameters' dtype: undo that
-                self._generator.set_state(st["rng_state"].to("cpu", torch.uint8))
+                self._generator.set_state(state["rng_state"].to("cpu", torch.uint8))
         return self._generator
 
     @property
@@ -572,12 +589,12 @@ class HessianFree(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ closures
     def _call(
-        self, closure: Closure, counter: _Counter, *, build_graph: bool, contract_a: bool
+        self, closure: Closure, counter: _Counter, *, build_graph: bool, uses_backward: bool
     ) -> _Evaluation:
         """Evaluate ``closure``; with ``build_graph`` capture what curvature products need.
 
         Evaluation-only calls run under ``torch.no_grad()`` unless the closure needs autograd
-        itself: when it called ``backward()`` (``contract_a``) or ``torch.autograd.grad`` (seen
+        itself: when it called ``backward()`` (``uses_backward``) or ``torch.autograd.grad`` (seen
         during a graph-building call, e.g. a physics-informed residual differentiating the
         network with respect to its inputs), or when a ``no_grad`` call failed with an autograd
         error (a closure that imported ``grad`` under another name); the call is then repeated
@@ -597,7 +614,7 @@ class HessianFree(torch.optim.Optimizer):
                     if p.grad is not None:
                         p.grad = p.grad.detach()
             return _Evaluation(loss, outputs, grads, hidden)
-        if contract_a or self._closure_uses_autograd:
+        if uses_backward or self._closure_uses_autograd:
             with torch.enable_grad():
                 loss, _, _ = _unpack(closure())
             return _Evaluation(loss.detach(), None, None)
@@ -618,7 +635,7 @@ class HessianFree(torch.optim.Optimizer):
         theta0: list[Tensor],
         d: list[Tensor],
         t: float,
-        contract_a: bool,
+        uses_backward: bool,
         l2: float | Tensor,
     ) -> float:
         """:math:`f(\\theta_0 + t d)` including the L2 term; ``inf`` if not finite."""
@@ -626,7 +643,7 @@ class HessianFree(torch.optim.Optimizer):
         with torch.no_grad():
             torch._foreach_copy_(params, theta0)
             torch._foreach_add_(params, d, alpha=t)
-        loss = self._call(closure, counter, build_graph=False, contract_a=contract_a).loss
+        loss = self._call(closure, counter, build_graph=False, uses_backward=uses_backward).loss
         f = self._avg.mean_scalar(float(loss), loss) + self._l2(params, l2)
         return f if math.isfinite(f) else math.inf
 
@@ -639,59 +656,71 @@ class HessianFree(torch.optim.Optimizer):
         return 0.5 * float((l2 * flat.square()).sum())
 
     # ------------------------------------------------------------------------------ curvature
-    def _curvature_product(self, ev: _Evaluation, params: list[Tensor]) -> tuple[MatVec, object]:
+    def _curvature_product(
+        self, evaluation: _Evaluation, params: list[Tensor]
+    ) -> tuple[MatVec, object]:
         """Build ``v -> C v`` (undamped, without weight decay) from an evaluation."""
-        kind = self.curvature
+        kind = self.settings.curvature
         if callable(kind):
-            return kind(ev.loss, ev.outputs, params), None
+            return kind(evaluation.loss, evaluation.outputs, params), None
         if kind == "auto":
-            kind = "ggn" if ev.outputs is not None else "hessian"
-        if kind in ("ggn", "fisher") and ev.outputs is None:
+            kind = "ggn" if evaluation.outputs is not None else "hessian"
+        if kind in ("ggn", "fisher") and evaluation.outputs is None:
             raise ValueError(
                 f"curvature={kind!r} needs the model outputs: make the closure return "
                 "(loss, outputs), or use curvature='hessian'."
             )
-        if isinstance(ev.outputs, tuple) and (kind == "fisher" or self.structural_damping > 0):
+        if isinstance(evaluation.outputs, tuple) and (
+            kind == "fisher" or self.settings.structural_damping > 0
+        ):
             what = "curvature='fisher'" if kind == "fisher" else "structural_damping > 0"
             raise ValueError(
                 f"{what} needs one outputs tensor with examples along dimension 0, but the "
                 "closure returned residual blocks (loss, (r_1, ..., r_K)); use curvature='ggn' "
                 "(or 'auto') and structural_damping=0."
             )
-        if self.structural_damping > 0:
-            if ev.outputs is None or ev.hidden is None:
+        if self.settings.structural_damping > 0:
+            if evaluation.outputs is None or evaluation.hidden is None:
                 raise ValueError(
                     "structural_damping > 0 needs the closure to return (loss, outputs, hidden)."
                 )
-            n = ev.hidden.shape[0] if ev.hidden.dim() > 0 else 1
             lam = self._global_state()["damping"]
             # damping='auto' before its calibration (NaN): products without the structural term
-            weight = 0.0 if math.isnan(lam) else lam * self.structural_damping / n
-            prod = StructurallyDampedGGN(ev.loss, ev.outputs, ev.hidden, params, weight=weight)
-        elif kind == "hessian":
-            prod = HessianProduct(ev.loss if ev.grads is None else None, params, grads=ev.grads)
-        elif kind == "ggn":
-            prod = GGNProduct(ev.loss, ev.outputs, params)
-        else:
-            prod = FisherProduct(
-                ev.loss, ev.outputs, params, reduction=_reduction_of(ev.loss, ev.outputs)
+            weight = _structural_weight(lam, self.settings.structural_damping, evaluation.hidden)
+            product = StructurallyDampedGGN(
+                evaluation.loss, evaluation.outputs, evaluation.hidden, params, weight=weight
             )
-        return prod.matvec, prod
+        elif kind == "hessian":
+            product = HessianProduct(
+                evaluation.loss if evaluation.grads is None else None,
+                params,
+                grads=evaluation.grads,
+            )
+        elif kind == "ggn":
+            product = GGNProduct(evaluation.loss, evaluation.outputs, params)
+        else:
+            product = FisherProduct(
+                evaluation.loss,
+                evaluation.outputs,
+                params,
+                reduction=_reduction_of(evaluation.loss, evaluation.outputs),
+            )
+        return product.matvec, product
 
     def _gradient(
-        self, ev: _Evaluation, product: object, layout: ParamLayout, params: list[Tensor]
+        self, evaluation: _Evaluation, product: object, layout: ParamLayout, params: list[Tensor]
     ) -> Tensor:
-        if isinstance(product, (HessianProduct, GGNProduct)):
-            return product.gradient
-        if ev.grads is not None:
-            return layout.cat([None if g is None else g.detach() for g in ev.grads])
+        if product is not None and product.gradient is not None:
+            return product.gradient  # computed by the product's set-up
+        if evaluation.grads is not None:
+            return layout.cat([None if g is None else g.detach() for g in evaluation.grads])
         return layout.cat(
-            torch.autograd.grad(ev.loss, params, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(evaluation.loss, params, retain_graph=True, allow_unused=True)
         )
 
     def _preconditioner(
         self,
-        ev: _Evaluation,
+        evaluation: _Evaluation,
         product: object,
         params: list[Tensor],
         lam: float,
@@ -700,30 +729,36 @@ class HessianFree(torch.optim.Optimizer):
         curv: MatVec,
         g: Tensor,
     ) -> Tensor | MatVec | None:
+        if self.precond == "auto":  # Nyström for residual blocks' Gauss-Newton, else none
+            if not (isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct)):
+                return None
+            if self._auto_precond is None:
+                self._auto_precond = NystromPreconditioner()
+            return self._auto_precond(self._curvature_context(product, lam, shift, curv, g))
         if self.precond is None:
             return None
         if not getattr(self.precond, "needs_outputs", True):  # curvature products only
             return self.precond(self._curvature_context(product, lam, shift, curv, g))
-        if ev.outputs is None:
+        if evaluation.outputs is None:
             raise ValueError(
                 "The diagonal empirical-Fisher preconditioner needs per-example information: "
                 "make the closure return (loss, outputs), or pass precond=None."
             )
-        if isinstance(ev.outputs, tuple):
+        if isinstance(evaluation.outputs, tuple):
             raise ValueError(
                 "The diagonal empirical-Fisher preconditioner needs one outputs tensor with "
                 "examples along dimension 0, but the closure returned residual blocks "
                 "(loss, (r_1, ..., r_K)); pass precond=None."
             )
-        if isinstance(product, GGNProduct):
+        if product is not None and product.jacobian is not None:
             jac, go = product.jacobian, product.output_grad
         else:
-            jac = JacobianProduct(ev.outputs, params)
-            (go,) = torch.autograd.grad(ev.loss, ev.outputs, retain_graph=True)
+            jac = JacobianProduct(evaluation.outputs, params)
+            (go,) = torch.autograd.grad(evaluation.loss, evaluation.outputs, retain_graph=True)
         ctx = PrecondContext(
             jacobian=jac,
             output_grad=go,
-            reduction=_reduction_of(ev.loss, ev.outputs),
+            reduction=_reduction_of(evaluation.loss, evaluation.outputs),
             damping=lam,
             shift=shift,
             generator=self._rng(go.device),
@@ -736,7 +771,7 @@ class HessianFree(torch.optim.Optimizer):
     ) -> PrecondContext:
         """A :class:`PrecondContext` with batched undamped products :math:`V(C + \\kappa)`."""
         batched = isinstance(product, CurvatureProduct) and curv is product
-        replicated = self.curvature_batch == "replicated"
+        replicated = self.settings.curvature_batch == "replicated"
 
         def products(V: Tensor) -> Tensor:
             out = product.matmat(V) if batched else torch.stack([curv(v) for v in V])
@@ -758,10 +793,11 @@ class HessianFree(torch.optim.Optimizer):
     def _sharded(self, product: object) -> bool:
         """Whether the preconditioner's statistics differ across ranks (and need averaging).
 
-        They come from ``product``'s curvature batch when it is a Gauss-Newton product, else
-        from the gradient batch, which is always sharded.
+        They come from ``product``'s curvature batch when it carries the outputs' Jacobian
+        (Gauss-Newton, Fisher), else from the gradient batch, which is always sharded.
         """
-        return self.curvature_batch == "sharded" or not isinstance(product, GGNProduct)
+        from_gradient_batch = product is None or product.jacobian is None
+        return self.settings.curvature_batch == "sharded" or from_gradient_batch
 
     # ------------------------------------------------------------------------------ step
     def step(self, closure: Closure, curvature_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -794,247 +830,298 @@ class HessianFree(torch.optim.Optimizer):
             raise TypeError(
                 f"`curvature_closure` must be callable or None, got {curvature_closure!r}."
             )
-        t_start = time.perf_counter()
-        st = self._global_state()
+        self._current_settings()
+        run = self._start_step()
+        # Phases 1-2 hold every autograd graph of the step; they are freed on return.
+        solution = self._evaluate_and_solve(closure, curvature_closure, run)
+        if solution is not None:  # else the step ended before or inside CG (StepInfo recorded)
+            self._backtrack_and_search(closure, solution, run)  # phases 3-5
+        return run.loss0
+
+    def _start_step(self) -> _StepRun:
+        state = self._global_state()
         params = self._params()
         layout = ParamLayout(params)
-        counter = _Counter()
-        lam = st["damping"]
-        l2 = self._per_entry(layout, "weight_decay")
-        lr = self._per_entry(layout, "lr")
-        group = self.param_groups[0]
-        tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
+        return _StepRun(
+            state=state,
+            params=params,
+            layout=layout,
+            l2=self._per_entry(layout, "weight_decay"),
+            lr=self._per_entry(layout, "lr"),
+            damping=state["damping"],
+        )
 
-        # ---- 1. loss and gradient at θ0 (the curvature graph too, without curvature_closure) ----
-        ev = self._first_call(closure, "closure", counter, layout)
-        contract_a = ev.grads is not None
-        loss0 = ev.loss.detach()
-        if st["step"] == 0:
+    def _evaluate_and_solve(
+        self, closure: Closure, curvature_closure: Closure | None, run: _StepRun
+    ) -> _Solution | None:
+        """Phases 1 (evaluate) and 2 (solve); ``None`` if the step ended here."""
+        settings, state, params, layout = self.settings, run.state, run.params, run.layout
+        # ---- 1. evaluate: loss and gradient at θ0 (and the curvature graph, from the same call
+        # unless a curvature_closure is given) ----
+        evaluation = self._first_call(closure, "closure", run.counter, layout)
+        run.uses_backward = evaluation.grads is not None
+        run.loss0 = evaluation.loss.detach()
+        if state["step"] == 0:
             self._avg.check_same(layout.cat([p.detach() for p in params]))
-        f0 = self._avg.mean_scalar(float(loss0), loss0) + self._l2(params, l2)
-
-        def finish(status: StepStatus, *, accepted: bool = False, **kw) -> Tensor:
-            if status not in _NON_FINITE:
-                st["failures"] = 0  # max_failures counts *consecutive* non-finite steps
-            info = StepInfo(
-                loss=f0,
-                loss_after=kw.pop("loss_after", f0),
-                accepted=accepted,
-                status=status,
-                damping=lam,
-                next_damping=st["damping"],
-                closure_calls=counter.calls,
-                time_products=counter.product_time,
-                time_total=time.perf_counter() - t_start,
-                **kw,
-            )
-            self.last_step = info
-            st["step"] += 1
-            if self._generator is not None:
-                st["rng_state"] = self._generator.get_state()
-            if self.callback is not None:
-                self.callback(info)
-            return loss0
-
-        if not math.isfinite(f0):
-            return self._reject(st, finish, StepStatus.NON_FINITE_LOSS, "the loss")
-        curv = product = None
+        run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
+        run.lap("evaluate")
+        if not math.isfinite(run.f0):
+            return self._reject(run, StepStatus.NON_FINITE_LOSS, "the loss")
+        curvature = product = None
         with torch.enable_grad():  # the products differentiate graphs, whatever the caller's mode
             if curvature_closure is None:
-                curv, product = self._curvature_product(ev, params)
-            g = self._avg.mean(self._gradient(ev, product, layout, params))
-        if not isinstance(l2, float) or l2 != 0.0:
-            theta_flat = layout.cat([p.detach() for p in params])
-            g = g.add(theta_flat * l2 if not isinstance(l2, float) else theta_flat.mul_(l2))
+                curvature, product = self._curvature_product(evaluation, params)
+            g = self._avg.mean(self._gradient(evaluation, product, layout, params))
+        g = _with_weight_decay(g, run.l2, layout, params)
         # one host read for both (each read is a device sync)
         g_norm, g_max = torch.stack([torch.linalg.vector_norm(g), g.abs().max()]).tolist()
+        run.report["grad_norm"] = g_norm
         if not math.isfinite(g_norm):
-            return self._reject(
-                st, finish, StepStatus.NON_FINITE_GRADIENT, "the gradient", grad_norm=g_norm
-            )
-        if g_max <= tolerance_grad:  # LBFGS' first-order optimality test
-            return finish(StepStatus.CONVERGED, grad_norm=g_norm)
-        if not (lr.any() if isinstance(lr, Tensor) else lr):
-            return finish(StepStatus.ZERO_LR, grad_norm=g_norm)  # nothing could move
-        cev = ev
+            return self._reject(run, StepStatus.NON_FINITE_GRADIENT, "the gradient")
+        if g_max <= settings.tolerance_grad:  # LBFGS' first-order optimality test
+            return self._finish(run, StepStatus.CONVERGED)
+        if not (run.lr.any() if isinstance(run.lr, Tensor) else run.lr):
+            return self._finish(run, StepStatus.ZERO_LR)  # nothing could move
+        curvature_evaluation = evaluation
         if curvature_closure is not None:
-            cev = self._first_call(curvature_closure, "curvature_closure", counter, layout)
-            with torch.enable_grad():
-                curv, product = self._curvature_product(cev, params)
-        replicated = self.curvature_batch == "replicated"
-        if replicated and st["step"] == 0:
-            self._avg.check_replicated("curvature_batch='replicated'", cev.loss.detach())
-        curv = accelerate(curv, g, self.products)  # CUDA graph / reduced precision, if asked
-        if math.isnan(lam):  # damping='auto': one product along g, on the first step only
-            with torch.enable_grad():
-                Cg = curv(g) if replicated else self._avg.mean(curv(g))
-            gCg = float(g @ Cg) + float((l2 * g) @ g)  # C includes the L2 term κ
-            lam = st["damping"] = _damping.calibrate_damping(
-                gCg, g_norm**2, min_damping=self.min_damping, max_damping=self.max_damping
+            curvature_evaluation = self._first_call(
+                curvature_closure, "curvature_closure", run.counter, layout
             )
-            if isinstance(product, StructurallyDampedGGN):
-                h = product.hidden
-                product.weight = lam * self.structural_damping / (h.shape[0] if h.dim() else 1)
+            with torch.enable_grad():
+                curvature, product = self._curvature_product(curvature_evaluation, params)
+        replicated = settings.curvature_batch == "replicated"
+        if replicated and state["step"] == 0:
+            self._avg.check_replicated(
+                "curvature_batch='replicated'", curvature_evaluation.loss.detach()
+            )
+        curvature = accelerate(curvature, g, settings.products)  # CUDA graph / low precision
+        if math.isnan(run.damping):  # damping='auto': one product along g, first step only
+            self._calibrate_damping(curvature, product, g, g_norm, run)
 
-        # ---- 2. CG on (C + κ + λ) p = -g from the decayed previous solution ----
-        shift = l2 + lam  # float or per-entry vector
+        # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
+        result = self._solve(curvature, product, evaluation, g, run)
+        run.report.update(
+            cg_iters=result.num_iter, cg_reason=result.reason.value, cg_matvecs=result.num_matvec
+        )
+        if result.reason is CGStop.NON_FINITE:
+            state.pop("warm_start", None)
+            return self._reject(run, StepStatus.NON_FINITE_CURVATURE, "a curvature product")
+        state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
+        structural_energy = None
+        if settings.structural_damping > 0:
+            # the structural term is damping: leave it out of ρ's model (needs the graph, so now)
+            with torch.enable_grad():
+                structural_energy = product.weight * product.hidden_energy(
+                    torch.stack(result.iterates)
+                )
+        run.lap("solve")
+        return _Solution(g, result, structural_energy)
+
+    def _calibrate_damping(
+        self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
+    ) -> None:
+        """``damping='auto'``: :math:`\\lambda_0` from :math:`g^\\top C g` (one product)."""
+        settings = self.settings
+        with torch.enable_grad():
+            Cg = curvature(g)
+            if settings.curvature_batch != "replicated":
+                Cg = self._avg.mean(Cg)
+        gCg = float(g @ Cg) + float((run.l2 * g) @ g)  # C includes the L2 term κ
+        lam = settings.damping_policy().initial(gCg, g_norm**2)
+        run.damping = run.state["damping"] = lam
+        if settings.structural_damping > 0:
+            product.weight = _structural_weight(lam, settings.structural_damping, product.hidden)
+
+    def _solve(
+        self,
+        curvature: MatVec,
+        product: object,
+        evaluation: _Evaluation,
+        g: Tensor,
+        run: _StepRun,
+    ) -> CGResult:
+        """Phase 2: truncated preconditioned CG on the damped system (§4.4, §4.5, §4.7)."""
+        settings, counter = self.settings, run.counter
+        shift = run.l2 + run.damping  # float or per-entry vector
+        replicated = settings.curvature_batch == "replicated"
 
         def damped(v: Tensor) -> Tensor:
             t0 = time.perf_counter()
-            out = curv(v) if replicated else self._avg.mean(curv(v))
+            out = curvature(v) if replicated else self._avg.mean(curvature(v))
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
         with torch.enable_grad():
-            precond = self._preconditioner(ev, product, params, lam, l2, curv=curv, g=g)
-        # popped and decayed in place: one vector, not two, besides CG's copy (set again below)
-        warm = st.pop("warm_start", None)
-        x0 = None
-        decay = self.cg_decay
-        if decay == "auto":  # §4.5's warm start for PSD curvature only (see cg_decay)
-            decay = 0.0 if isinstance(product, HessianProduct) else 0.95
-        if warm is not None and decay > 0 and warm.shape == g.shape:
-            x0 = warm.to(device=g.device, dtype=g.dtype).mul_(decay)
-        warm = None
-        result = cg(
+            precond = self._preconditioner(
+                evaluation, product, run.params, run.damping, run.l2, curv=curvature, g=g
+            )
+        x0 = self._warm_start(product, g, run.state)
+        run.lap("curvature")
+        return cg(
             damped,
             -g,
             x0,
-            max_iter=self.cg_max_iter,
-            min_iter=self.cg_min_iter,
-            rtol=self.cg_rtol,
+            max_iter=settings.cg_max_iter,
+            min_iter=settings.cg_min_iter,
+            rtol=settings.cg_rtol,
             precond=precond,
-            progress_tol=self.cg_progress_tol,
-            check_every=self.cg_check_every,
+            progress_tol=settings.cg_progress_tol,
+            check_every=settings.cg_check_every,
         )
-        cg_info = dict(
-            grad_norm=g_norm,
-            cg_iters=result.num_iter,
-            cg_reason=result.reason.value,
-            cg_matvecs=result.num_matvec,
-        )
-        if result.reason is StopReason.NON_FINITE:
-            st.pop("warm_start", None)
-            return self._reject(
-                st, finish, StepStatus.NON_FINITE_CURVATURE, "a curvature product", **cg_info
-            )
-        st["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
-        energy = None
-        if isinstance(product, StructurallyDampedGGN):
-            # the structural term is damping: leave it out of ρ's model (needs the graph, so now)
-            with torch.enable_grad():
-                energy = product.weight * product.hidden_energy(torch.stack(result.iterates))
-        curv = product = ev = cev = None  # free the curvature graph before the trial evaluations
 
-        # ---- 3. CG backtracking on the gradient batch ----
+    def _warm_start(self, product: object, g: Tensor, state: dict) -> Tensor | None:
+        """§4.5: ``cg_decay`` × the previous step's final CG iterate, or ``None`` (cold)."""
+        # popped and decayed in place: one vector, not two, besides CG's copy (set again after)
+        previous = state.pop("warm_start", None)
+        decay = self.settings.cg_decay
+        if decay == "auto":  # warm starts for positive semidefinite curvature only (cg_decay)
+            indefinite = product is not None and not product.positive_semidefinite
+            decay = 0.0 if indefinite else 0.95
+        if previous is None or not decay > 0 or previous.shape != g.shape:
+            return None
+        return previous.to(device=g.device, dtype=g.dtype).mul_(decay)
+
+    def _backtrack_and_search(self, closure: Closure, solution: _Solution, run: _StepRun) -> None:
+        """Phases 3 (backtrack), 4 (ρ and λ) and 5 (line search); the parameters then move."""
+        settings, state, params, layout = self.settings, run.state, run.params, run.layout
+        result = solution.result
         theta0 = [p.detach().clone() for p in params]
         trial_non_finite = False
 
-        def f_at(x: Tensor, t: float) -> float:
+        def objective(x: Tensor, rate: float = 1.0) -> float:
+            """:math:`f(\\theta_0 + t x)`; ``inf`` if not finite."""
             nonlocal trial_non_finite
-            f = self._objective_at(closure, counter, theta0, layout.split(x), t, contract_a, l2)
+            f = self._objective_at(
+                closure, run.counter, theta0, layout.split(x), rate, run.uses_backward, run.l2
+            )
             trial_non_finite |= f == math.inf  # _objective_at maps NaN and ±Inf to +inf
             return f
 
         try:
-            chosen = len(result.iterates) - 1
-            f_chosen = f_at(result.iterates[chosen], 1.0)
-            if self.backtrack:
-                for j in range(chosen - 1, -1, -1):
-                    f_j = f_at(result.iterates[j], 1.0)
-                    if not f_j < f_chosen:  # §4.6: stop at the first increase
-                        break
-                    chosen, f_chosen = j, f_j
+            # ---- 3. backtrack: CG backtracking on the gradient batch (§4.6) ----
+            chosen, f_chosen = backtrack(result.iterates, objective, enabled=settings.backtrack)
             p = result.iterates[chosen]
+            run.lap("backtrack")
 
-            # ---- 4. ρ with the undamped model, read off CG's φ (no extra product) ----
-            gp = float(g @ p)
-            predicted = float(result.iterate_phi[chosen]) - 0.5 * lam * float(p @ p)
-            if energy is not None:
-                predicted -= 0.5 * float(energy[chosen])
-            rho = _damping.reduction_ratio(f_chosen - f0, predicted)
-            if self.adapt_damping:
-                st["damping"] = _damping.update_damping(
-                    lam,
-                    rho,
-                    increase=self.damping_increase,
-                    decrease=self.damping_decrease,
-                    min_damping=self.min_damping,
-                    max_damping=self.max_damping,
-                )
+            # ---- 4. ρ with the undamped model and the Levenberg-Marquardt update of λ ----
+            rho = self._reduction_ratio(solution, chosen, f_chosen, run)
+            state["damping"] = settings.damping_policy().after_step(run.damping, rho)
 
-            # ---- 5. Armijo line search along the backtracked step ----
-            rate, f_new = 1.0, f_chosen
-            if not gp < 0.0:
-                rate = 0.0  # not a descent direction (e.g. a poor warm start and one CG step)
-            elif self.line_search is not None:
-                for _ in range(self.line_search_max_iter - 1):
-                    if f_new <= f0 + self.armijo_c * rate * gp:
-                        break
-                    rate *= self.line_search_shrink
-                    f_new = f_at(p, rate)
-                if not f_new <= f0 + self.armijo_c * rate * gp:
-                    rate = 0.0
-            elif not f_new < math.inf:
-                rate = 0.0
-            with torch.no_grad():
-                torch._foreach_copy_(params, theta0)
-                if rate > 0.0:
-                    if isinstance(lr, float):
-                        torch._foreach_add_(params, layout.split(p), alpha=rate * lr)
-                    else:
-                        torch._foreach_add_(params, layout.split(p * lr), alpha=rate)
+            # ---- 5. line search: Armijo along the backtracked step ----
+            rate, f_new = self._line_search(
+                lambda t: objective(p, t), run.f0, float(solution.g @ p), f_chosen
+            )
+            _move(params, theta0, layout, p, rate, run.lr)
+            run.lap("line_search")
         except BaseException:
             with torch.no_grad():
                 torch._foreach_copy_(params, theta0)
             raise
-        info = dict(cg_info, rho=rho, backtrack_iter=result.iterations[chosen], step_rate=rate)
+        run.report.update(rho=rho, backtrack_iter=result.iterations[chosen], step_rate=rate)
         # LBFGS' no-progress tests, on the largest change of a parameter and of the objective
-        full_change = float((p.abs() * lr).max())
+        full_change = float((p.abs() * run.lr).max())
+        tolerance_change = settings.tolerance_change
         if rate == 0.0:
-            st["damping"] = _bounded(
-                st["damping"] * (self.damping_increase if self.adapt_damping else 1.0), self
-            )
+            state["damping"] = settings.damping_policy().after_rejection(state["damping"])
             if trial_non_finite:
                 what = "a trial loss (CG backtracking or line search)"
-                return self._reject(
-                    st, finish, StepStatus.NON_FINITE_TRIAL_LOSS, what, grow=False, **info
-                )
+                return self._reject(run, StepStatus.NON_FINITE_TRIAL_LOSS, what, grow=False)
             if full_change <= tolerance_change:  # even the full step would not move anything
-                return finish(StepStatus.CONVERGED, **info)
-            return finish(StepStatus.LINE_SEARCH_FAILED, **info)
-        if rate * full_change <= tolerance_change or abs(f_new - f0) < tolerance_change:
-            return finish(StepStatus.CONVERGED, accepted=True, loss_after=f_new, **info)
-        return finish(StepStatus.ACCEPTED, accepted=True, loss_after=f_new, **info)
+                return self._finish(run, StepStatus.CONVERGED)
+            return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
+        status = StepStatus.ACCEPTED
+        if rate * full_change <= tolerance_change or abs(f_new - run.f0) < tolerance_change:
+            status = StepStatus.CONVERGED
+        return self._finish(run, status, accepted=True, loss_after=f_new)
 
-    def _reject(
+    def _reduction_ratio(
+        self, solution: _Solution, chosen: int, f_chosen: float, run: _StepRun
+    ) -> float:
+        """Phase 4: :math:`\\rho` of the chosen iterate, read off CG's :math:`\\phi` (no product).
+
+        The undamped model's change is CG's :math:`\\phi` less the damping's share:
+        :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy.
+        """
+        p = solution.result.iterates[chosen]
+        predicted = float(solution.result.iterate_phi[chosen]) - 0.5 * run.damping * float(p @ p)
+        if solution.structural_energy is not None:
+            predicted -= 0.5 * float(solution.structural_energy[chosen])
+        return _damping.reduction_ratio(f_chosen - run.f0, predicted)
+
+    def _line_search(
+        self, objective: Callable[[float], float], f0: float, slope: float, f_full: float
+    ) -> tuple[float, float]:
+        """Phase 5: the accepted rate (0: rejected) and the objective there."""
+        settings = self.settings
+        if not slope < 0.0:
+            return 0.0, f_full  # not a descent direction (e.g. a poor warm start, one CG step)
+        if settings.line_search is None:
+            return (1.0 if f_full < math.inf else 0.0), f_full
+        return armijo(
+            objective,
+            f0,
+            slope,
+            f_full,
+            c=settings.armijo_c,
+            shrink=settings.line_search_shrink,
+            max_iter=settings.line_search_max_iter,
+        )
+
+    def _finish(
         self,
-        st: dict,
-        finish: Callable,
+        run: _StepRun,
         status: StepStatus,
-        what: str,
         *,
-        grow: bool = True,
-        **kw,
-    ) -> Tensor:
-        """Leave the parameters as they are, grow λ, count the failure, warn or raise."""
-        st["failures"] += 1
+        accepted: bool = False,
+        loss_after: float | None = None,
+    ) -> None:
+        """Record the step's :class:`StepInfo` (``last_step``, callback): the step ends."""
+        state = run.state
+        if status not in _NON_FINITE:
+            state["failures"] = 0  # max_failures counts *consecutive* non-finite steps
+        info = StepInfo(
+            loss=run.f0,
+            loss_after=run.f0 if loss_after is None else loss_after,
+            accepted=accepted,
+            status=status,
+            damping=run.damping,
+            next_damping=state["damping"],
+            closure_calls=run.counter.calls,
+            time_products=run.counter.product_time,
+            time_total=time.perf_counter() - run.t_start,
+            time_phases=dict(run.times),
+            **run.report,
+        )
+        self.last_step = info
+        state["step"] += 1
+        if self._generator is not None:
+            state["rng_state"] = self._generator.get_state()
+        if self.settings.callback is not None:
+            self.settings.callback(info)
+
+    def _reject(self, run: _StepRun, status: StepStatus, what: str, *, grow: bool = True) -> None:
+        """Leave the parameters as they are, grow λ, count the failure, warn or raise.
+
+        Called from a phase method that ``step`` calls, so the warning points at the caller.
+        """
+        state, settings = run.state, self.settings
+        state["failures"] += 1
         if grow:
-            st["damping"] = _bounded(st["damping"] * self.damping_increase, self)
-        if st["failures"] >= self.max_failures:
+            state["damping"] = settings.damping_policy().after_non_finite(state["damping"])
+        if state["failures"] >= settings.max_failures:
             raise FloatingPointError(
-                f"HessianFree: {st['failures']} consecutive steps had a non-finite value (this "
+                f"HessianFree: {state['failures']} consecutive steps had a non-finite value (this "
                 f"one in {what}); the parameters were left unchanged each time "
-                f"(max_failures={self.max_failures}). Check the model and data for NaN/Inf, "
-                "lower the learning rate or raise `damping`."
+                f"(max_failures={settings.max_failures}). Check the model and data for "
+                "NaN/Inf, lower the learning rate or raise `damping`."
             )
         warnings.warn(
             f"HessianFree: non-finite value in {what}; step rejected, parameters unchanged, "
-            f"damping raised to {st['damping']:.3g}.",
+            f"damping raised to {state['damping']:.3g}.",
             RuntimeWarning,
-            stacklevel=4,  # _reject <- step <- torch.optim wrapper <- caller
+            stacklevel=5,  # _reject <- phase <- step <- torch.optim wrapper <- caller
         )
-        return finish(status, **kw)
+        return self._finish(run, status)
 
     def _first_call(
         self, closure: Closure, role: str, counter: _Counter, layout: ParamLayout
@@ -1050,7 +1137,7 @@ class HessianFree(torch.optim.Optimizer):
         watch = role not in self._watched
         try:
             with _stochastic_modules() if watch else contextlib.nullcontext([]) as found:
-                ev = self._call(closure, counter, build_graph=True, contract_a=False)
+                evaluation = self._call(closure, counter, build_graph=True, uses_backward=False)
         except RuntimeError as err:
             if isinstance(err, torch.OutOfMemoryError) or not _MISMATCH.search(str(err)):
                 raise
@@ -1077,9 +1164,9 @@ class HessianFree(torch.optim.Optimizer):
                     "`curvature_closure`)"
                     + (", or reuse one fixed dropout mask per step." if dropout else "."),
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=5,  # _first_call <- phase <- step <- torch.optim wrapper <- caller
                 )
-        return ev
+        return evaluation
 
 
 @contextlib.contextmanager
@@ -1102,14 +1189,40 @@ def _same(t: Tensor) -> Tensor:
     return t
 
 
-def _bounded(lam: float, opt: HessianFree) -> float:
-    return min(max(lam, opt.min_damping), opt.max_damping)
+def _structural_weight(damping: float, mu: float, hidden: Tensor) -> float:
+    """:math:`\\lambda\\mu/N` of the structural term (0 while ``damping='auto'`` is NaN)."""
+    if math.isnan(damping):
+        return 0.0
+    return damping * mu / (hidden.shape[0] if hidden.dim() > 0 else 1)
 
 
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
-    return value
+def _with_weight_decay(
+    g: Tensor, l2: float | Tensor, layout: ParamLayout, params: list[Tensor]
+) -> Tensor:
+    """:math:`g + \\kappa\\theta` (``l2`` a float or a per-entry vector)."""
+    if isinstance(l2, float) and l2 == 0.0:
+        return g
+    theta_flat = layout.cat([p.detach() for p in params])
+    return g.add(theta_flat * l2 if not isinstance(l2, float) else theta_flat.mul_(l2))
+
+
+def _move(
+    params: list[Tensor],
+    theta0: list[Tensor],
+    layout: ParamLayout,
+    p: Tensor,
+    rate: float,
+    lr: float | Tensor,
+) -> None:
+    """:math:`\\theta \\leftarrow \\theta_0 + \\text{rate}\\cdot\\text{lr}\\cdot p` (just
+    :math:`\\theta_0` for rate 0)."""
+    with torch.no_grad():
+        torch._foreach_copy_(params, theta0)
+        if rate > 0.0:
+            if isinstance(lr, float):
+                torch._foreach_add_(params, layout.split(p), alpha=rate * lr)
+            else:
+                torch._foreach_add_(params, layout.split(p * lr), alpha=rate)
 
 
 def _unpack(

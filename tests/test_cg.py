@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse.linalg
 import torch
 
-from hessfree.cg import CGResult, StopReason, cg
+from hessfree.cg import CGResult, CGStop, StopReason, cg
 
 # Not `import hessfree.cg as ...`: the package re-exports the function `cg`, which shadows
 # the submodule as an attribute of `hessfree`.
@@ -138,7 +138,7 @@ def assert_same_result(a: CGResult, b: CGResult) -> None:
 def test_cg_matches_numpy_solve(n, seed):
     A, b = spd_system(n, cond=10.0, seed=seed)
     result = cg(lambda v: A @ v, b, rtol=SOLVE_RTOL, progress_tol=None)
-    assert result.reason is StopReason.CONVERGED
+    assert result.reason is CGStop.CONVERGED
     assert result.num_iter <= n
     assert result.num_matvec == result.num_iter
     x_star = np.linalg.solve(A.numpy(), b.numpy())
@@ -177,7 +177,7 @@ def test_cg_matches_scipy_cg(preconditioned):
         progress_tol=None,
         precond=d if preconditioned else None,
     )
-    assert result.reason is StopReason.CONVERGED
+    assert result.reason is CGStop.CONVERGED
     assert result.num_iter == scipy_iters[0]  # same algorithm, same ||r|| <= max(rtol||b||, atol)
     torch.testing.assert_close(result.x, torch.from_numpy(x_scipy), rtol=1e-8, atol=0.0)
 
@@ -194,7 +194,7 @@ def test_cg_jacobi_tensor_equals_callable_and_helps():
     plain = cg(lambda v: A @ v, b, **kwargs)
     by_tensor = cg(lambda v: A @ v, b, precond=d, **kwargs)
     by_callable = cg(lambda v: A @ v, b, precond=lambda r: r / d, **kwargs)
-    assert plain.reason is by_tensor.reason is by_callable.reason is StopReason.CONVERGED
+    assert plain.reason is by_tensor.reason is by_callable.reason is CGStop.CONVERGED
     assert by_tensor.num_iter == by_callable.num_iter
     torch.testing.assert_close(by_tensor.x, by_callable.x, **EXACT)
     torch.testing.assert_close(by_tensor.x, torch.linalg.solve(A, b), rtol=1e-7, atol=0.0)
@@ -207,7 +207,7 @@ def test_cg_warm_start_converges_and_inputs_unchanged():
     x0_copy, b_copy = x0.clone(), b.clone()
     cold = cg(lambda v: A @ v, b, rtol=SOLVE_RTOL, progress_tol=None)
     warm = cg(lambda v: A @ v, b, x0, rtol=SOLVE_RTOL, progress_tol=None)
-    assert warm.reason is StopReason.CONVERGED
+    assert warm.reason is CGStop.CONVERGED
     assert warm.num_matvec == warm.num_iter + 1  # r_0 = A x_0 - b costs one product
     torch.testing.assert_close(warm.x, cold.x, rtol=1e-8, atol=0.0)
     assert torch.equal(x0, x0_copy) and torch.equal(b, b_copy)
@@ -223,14 +223,14 @@ def test_cg_float32_smoke():
     A, b = spd_system(20, cond=10.0, seed=12)
     A, b = A.float(), b.float()
     result = cg(lambda v: A @ v, b, rtol=1e-4)
-    assert result.reason is StopReason.CONVERGED and result.x.dtype == torch.float32
+    assert result.reason is CGStop.CONVERGED and result.x.dtype == torch.float32
     assert result.phi_history.dtype == torch.float32
     torch.testing.assert_close(result.x, torch.linalg.solve(A, b), rtol=1e-3, atol=1e-5)
 
 
 def test_cg_zero_rhs_converges_without_products():
     result = cg(lambda v: 2.0 * v, torch.zeros(4, dtype=DTYPE))
-    assert (result.reason, result.num_iter, result.num_matvec) == (StopReason.CONVERGED, 0, 0)
+    assert (result.reason, result.num_iter, result.num_matvec) == (CGStop.CONVERGED, 0, 0)
     assert result.iterations == [0] and torch.equal(result.x, torch.zeros(4, dtype=DTYPE))
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.num_iter = 3
@@ -240,7 +240,7 @@ def test_cg_zero_rhs_converges_without_products():
 def test_cg_phi_history_matches_dense_and_decreases():
     d, b = uniform_diag_system(seed=6)
     result = cg(diag_matvec(d), b, rtol=0.0, max_iter=40, progress_tol=None)
-    assert result.reason is StopReason.MAX_ITER
+    assert result.reason is CGStop.MAX_ITER
     phi = result.phi_history
     assert phi.shape == (41,) and phi[0] == 0.0
     assert torch.all(phi[1:] < phi[:-1])  # CG minimizes phi over growing Krylov spaces
@@ -304,18 +304,18 @@ def test_cg_relative_progress_matches_formula():
     assert progress_stop(phis, 5e-4, times_k=False) != expected
     assert progress_stop(phis, 5e-6) != expected
     result = cg(diag_matvec(d), b, rtol=0.0)
-    assert (result.reason, result.num_iter) == (StopReason.RELATIVE_PROGRESS, expected)
+    assert (result.reason, result.num_iter) == (CGStop.RELATIVE_PROGRESS, expected)
     # min_iter postpones only this test.
     late = progress_stop(phis, 5e-4, min_iter=expected + 7)
     result = cg(diag_matvec(d), b, rtol=0.0, min_iter=expected + 7)
     assert late == expected + 7
-    assert (result.reason, result.num_iter) == (StopReason.RELATIVE_PROGRESS, late)
+    assert (result.reason, result.num_iter) == (CGStop.RELATIVE_PROGRESS, late)
     # A larger epsilon stops earlier, exactly where the formula says.
     early = progress_stop(phis, 5e-3)
     assert early < expected
     assert cg(diag_matvec(d), b, rtol=0.0, progress_tol=5e-3).num_iter == early
     off = cg(diag_matvec(d), b, rtol=0.0, progress_tol=None)
-    assert (off.reason, off.num_iter) == (StopReason.MAX_ITER, 250)
+    assert (off.reason, off.num_iter) == (CGStop.MAX_ITER, 250)
 
 
 @pytest.mark.parametrize("start", ["near", "far"])
@@ -337,13 +337,13 @@ def test_cg_relative_progress_after_warm_start(start):
         assert phis[11] > 0
     expected = progress_stop(phis, 5e-4)
     result = cg(diag_matvec(d), b, x0, rtol=0.0)
-    assert (result.reason, result.num_iter) == (StopReason.RELATIVE_PROGRESS, expected)
+    assert (result.reason, result.num_iter) == (CGStop.RELATIVE_PROGRESS, expected)
 
 
 def test_cg_negative_curvature_returns_last_good_iterate():
     d, b = indefinite_system(seed=0)
     result = cg(diag_matvec(d), b, rtol=SOLVE_RTOL)
-    assert result.reason is StopReason.NEGATIVE_CURVATURE
+    assert result.reason is CGStop.NEGATIVE_CURVATURE
     _, pAps = reference_cg(np.diag(d.numpy()), b.numpy(), 50)
     first_bad = next(i for i, pAp in enumerate(pAps, start=1) if pAp <= 0)
     assert result.num_iter == first_bad - 1 >= 2
@@ -357,14 +357,14 @@ def test_cg_negative_curvature_returns_last_good_iterate():
 
 def test_cg_zero_curvature_stops_at_start():
     result = cg(lambda v: torch.zeros_like(v), torch.ones(3, dtype=DTYPE))
-    assert (result.reason, result.num_iter) == (StopReason.NEGATIVE_CURVATURE, 0)
+    assert (result.reason, result.num_iter) == (CGStop.NEGATIVE_CURVATURE, 0)
     assert torch.equal(result.x, torch.zeros(3, dtype=DTYPE))
 
 
 def test_cg_max_iter_one_is_one_steepest_descent_step():
     A, b = spd_system(10, cond=10.0, seed=8)
     result = cg(lambda v: A @ v, b, max_iter=1)
-    assert (result.reason, result.num_iter, result.num_matvec) == (StopReason.MAX_ITER, 1, 1)
+    assert (result.reason, result.num_iter, result.num_matvec) == (CGStop.MAX_ITER, 1, 1)
     assert result.iterations == [1] and result.phi_history.shape == (2,)
     torch.testing.assert_close(result.x, (b @ b) / (b @ A @ b) * b, **EXACT)
 
@@ -373,7 +373,7 @@ def test_cg_max_iter_one_is_one_steepest_descent_step():
 def test_cg_non_finite_product_returns_iterate_before(bad):
     A, b = spd_system(20, cond=10.0, seed=9)
     result = cg(nan_after(lambda v: A @ v, 2, bad), b, rtol=SOLVE_RTOL)
-    assert (result.reason, result.num_iter) == (StopReason.NON_FINITE, 2)
+    assert (result.reason, result.num_iter) == (CGStop.NON_FINITE, 2)
     assert all(torch.isfinite(x).all() for x in result.iterates)
     assert torch.isfinite(result.phi_history).all()
     assert torch.equal(result.x, cg(lambda v: A @ v, b, max_iter=2).x)
@@ -382,12 +382,12 @@ def test_cg_non_finite_product_returns_iterate_before(bad):
 def test_cg_non_finite_b_or_preconditioner():
     b = torch.tensor([1.0, float("nan"), 2.0], dtype=DTYPE)
     result = cg(lambda v: 2.0 * v, b)
-    assert (result.reason, result.num_iter) == (StopReason.NON_FINITE, 0)
+    assert (result.reason, result.num_iter) == (CGStop.NON_FINITE, 0)
     assert torch.equal(result.x, torch.zeros(3, dtype=DTYPE))
     A, b = spd_system(20, cond=10.0, seed=10)
     # The preconditioner is called once for z_0, then once per iteration: NaN at z_4.
     result = cg(lambda v: A @ v, b, precond=nan_after(lambda r: r, 4), rtol=SOLVE_RTOL)
-    assert (result.reason, result.num_iter) == (StopReason.NON_FINITE, 4)
+    assert (result.reason, result.num_iter) == (CGStop.NON_FINITE, 4)
     assert torch.isfinite(result.x).all()
     assert torch.equal(result.x, cg(lambda v: A @ v, b, max_iter=4).x)
 
@@ -464,7 +464,7 @@ def test_cg_wasted_products_see_the_frozen_state(name):
 def test_cg_reads_back_a_partial_last_block():
     matvec, b, kwargs = converged_case()
     full = cg(matvec, b, **kwargs)
-    assert full.reason is StopReason.CONVERGED
+    assert full.reason is CGStop.CONVERGED
     # max_iter is not a multiple of check_every: the stop lies in the unfinished last block.
     late = cg(matvec, b, max_iter=full.num_iter + 1, check_every=100, **kwargs)
     assert_same_result(full, late)
@@ -577,7 +577,7 @@ def test_cg_negative_curvature_at_first_direction_steps_along_it(check_every):
     pAp = float(b @ (d * b))
     tau = float(b @ b) / abs(pAp)
     assert (result.reason, result.num_iter, result.iterations) == (
-        StopReason.NEGATIVE_CURVATURE,
+        CGStop.NEGATIVE_CURVATURE,
         1,
         [1],
     )
@@ -592,7 +592,7 @@ def test_cg_negative_curvature_at_first_direction_from_a_warm_start():
     matvec, b, d = first_direction_negative_case()
     x0 = torch.tensor([0.0, 0.2], dtype=DTYPE)  # r_0 = A x0 - b = (-1, 0): p_1 = (1, 0)
     result = cg(matvec, b, x0)
-    assert (result.reason, result.num_iter) == (StopReason.NEGATIVE_CURVATURE, 1)
+    assert (result.reason, result.num_iter) == (CGStop.NEGATIVE_CURVATURE, 1)
     torch.testing.assert_close(result.x, torch.tensor([1.0, 0.2], dtype=DTYPE), **EXACT)
     assert torch.equal(x0, torch.tensor([0.0, 0.2], dtype=DTYPE))  # x0 not mutated
 
@@ -638,3 +638,7 @@ def test_cg_holds_only_x_r_p_between_products(check_every):
     # b's detached alias, x, r and p; a scratch vector only when masking (check_every > 1);
     # the previous product is freed before the next one
     assert max(alive) == 4 + (check_every > 1)
+
+
+def test_stop_reason_is_the_former_name_of_cg_stop():
+    assert StopReason is CGStop and StopReason.CONVERGED is CGStop.CONVERGED

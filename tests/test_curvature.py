@@ -433,3 +433,25 @@ def _call_hidden(model, parts, x, hidden_of):
     return torch.func.functional_call(
         Wrapper(model), {f"m.{k}": v for k, v in parts.items()}, (x,)
     ).reshape(-1)
+
+
+def test_fisher_product_does_not_build_the_loss_hessian_it_replaces(monkeypatch):
+    import hessfree.curvature as curvature_module
+
+    calls = []
+    real = curvature_module.loss_hessian_product
+    monkeypatch.setattr(
+        curvature_module, "loss_hessian_product", lambda *a: calls.append(1) or real(*a)
+    )
+    W = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out = torch.randn(5, 4, dtype=torch.float64) @ W.T
+    loss = torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 0, 1]))
+    FisherProduct(loss, out, [W])
+    assert calls == []
+    GGNProduct(loss, out, [W])
+    assert calls == [1]
+
+
+def test_jacobian_batched_products_keep_their_former_names():
+    assert JacobianProduct.jmp is JacobianProduct.batched_jvp
+    assert JacobianProduct.vmp is JacobianProduct.batched_vjp

@@ -61,3 +61,18 @@ def test_auto_damping_scales_with_the_loss():
     g = -torch.ones(2, dtype=torch.float64)
     assert lams[0] == pytest.approx(AUTO_DAMPING_FACTOR * float(g @ A @ g / (g @ g)), rel=1e-12)
     assert lams[1] == pytest.approx(1e3 * lams[0], rel=1e-12)
+
+
+def test_damping_policy_is_the_lm_rule_with_its_bounds():
+    from hessfree.damping import DampingPolicy
+
+    policy = DampingPolicy(increase=2.0, decrease=0.5, min_damping=0.1, max_damping=8.0)
+    assert policy.after_step(1.0, 0.9) == update_damping(1.0, 0.9, increase=2.0, decrease=0.5)
+    assert policy.after_step(1.0, 0.5) == 1.0
+    assert policy.after_step(6.0, float("nan")) == 8.0  # grown, then clipped
+    assert policy.after_step(0.15, 0.9) == 0.1
+    assert policy.after_rejection(3.0) == 6.0 and policy.after_non_finite(5.0) == 8.0
+    assert policy.initial(8.0, 2.0) == 4.0 and policy.initial(0.0, 2.0) == 1.0
+    frozen = DampingPolicy(adapt=False, increase=2.0, max_damping=8.0)
+    assert frozen.after_step(1.0, -math.inf) == 1.0 and frozen.after_rejection(1.0) == 1.0
+    assert frozen.after_non_finite(1.0) == 2.0  # a non-finite step grows λ even without adapt

@@ -607,3 +607,16 @@ def test_cg_decay_auto_warm_starts_gauss_newton_only(closure_style, warm):
     opt.step(closure)
     info = opt.last_step
     assert info.cg_matvecs == info.cg_iters + (1 if warm else 0)
+
+
+def test_step_info_times_each_phase_the_step_reached():
+    A, b = _quadratic(4, seed=5)
+    x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], damping=1e-3)
+    opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+    phases = opt.last_step.time_phases
+    assert list(phases) == ["evaluate", "curvature", "solve", "backtrack", "line_search"]
+    assert all(t >= 0.0 for t in phases.values())
+    assert sum(phases.values()) <= opt.last_step.time_total
+    opt.step(lambda: 0.0 * x.sum())  # zero gradient: converged after the evaluation
+    assert opt.last_step.status == "converged" and list(opt.last_step.time_phases) == ["evaluate"]

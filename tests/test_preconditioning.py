@@ -243,3 +243,33 @@ def test_bad_nystrom_arguments():
     ctx = PrecondContext(None, None, "mean", 1.0, 0.0)
     with pytest.raises(ValueError, match="needs curvature products and the gradient"):
         NystromPreconditioner()(ctx)
+
+
+def test_auto_preconditioner_is_nystrom_for_residual_blocks_only():
+    """precond='auto' (the default) sketches Gauss-Newton curvature of residual blocks, and
+    leaves (loss, outputs) closures unpreconditioned, as before."""
+    torch.manual_seed(0)
+    X = torch.randn(30, 4, dtype=torch.float64)
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+
+    def blocks():
+        r1, r2 = torch.tanh(X @ w) - 0.5, w[:2] - 1.0
+        return (r1**2).mean() + 0.5 * (r2**2).sum(), (r1, r2)
+
+    def outputs():
+        out = torch.tanh(X @ w)
+        return F.mse_loss(out, torch.full_like(out, 0.5)), out
+
+    opt = HessianFree([w], damping=1e-3)
+    assert opt.precond == "auto"
+    opt.step(outputs)
+    assert opt._auto_precond is None
+    opt.step(blocks)
+    pre = opt._auto_precond
+    assert isinstance(pre, NystromPreconditioner) and pre.rank == 60
+    # rank capped at n = 4: the sketch is the exact Gauss-Newton matrix at the step's start
+    assert pre.U.shape == (4, 4) and bool((pre.eigenvalues > 0).all())
+    # precond=None still means none
+    none = HessianFree([w], damping=1e-3, precond=None)
+    none.step(blocks)
+    assert none._auto_precond is None and none.precond is None

@@ -1,0 +1,92 @@
+r"""The two searches of one Hessian-free step, as pure functions of an objective.
+
+Notation: :math:`x_0, \dots, x_m` the CG iterates stored for backtracking (Martens 2010, §4.6),
+:math:`f(x)` the objective at :math:`\theta_0 + x` (one trial evaluation), :math:`f_0 =
+f(\theta_0)`, :math:`p` the backtracked step, :math:`s = g^\top p` its slope and :math:`t` the
+rate of the Armijo search (Nocedal & Wright 2006, §3.1; the constants of Martens' reference
+code are :class:`~hessfree.HessianFree`'s defaults). Neither function knows about models or
+parameters, as ``torch.optim.lbfgs`` keeps ``_strong_wolfe`` out of ``step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+__all__ = ["armijo", "backtrack"]
+
+X = TypeVar("X")
+
+
+def backtrack(
+    iterates: Sequence[X], objective: Callable[[X], float], *, enabled: bool = True
+) -> tuple[int, float]:
+    r"""CG backtracking (§4.6): from the last iterate, walk back while the objective decreases.
+
+    Evaluates :math:`f(x_m)`, then :math:`f(x_{m-1}), f(x_{m-2}), \dots` and stops at the first
+    that is not lower than the best so far. ``enabled=False`` keeps :math:`x_m` (one evaluation).
+
+    Returns:
+        tuple[int, float]: The chosen iterate's index and its objective.
+
+    Example:
+        >>> f = {0: 3.0, 1: 1.0, 2: 2.0, 3: 2.5}.__getitem__
+        >>> backtrack([0, 1, 2, 3], f)  # 2.5 -> 2.0 -> 1.0, then 3.0 is worse
+        (1, 1.0)
+        >>> backtrack([0, 1, 2, 3], f, enabled=False)
+        (3, 2.5)
+    """
+    chosen = len(iterates) - 1
+    f_chosen = objective(iterates[chosen])
+    if enabled:
+        for j in range(chosen - 1, -1, -1):
+            f_j = objective(iterates[j])
+            if not f_j < f_chosen:  # stop at the first increase (NaN counts as one)
+                break
+            chosen, f_chosen = j, f_j
+    return chosen, f_chosen
+
+
+def armijo(
+    objective: Callable[[float], float],
+    f0: float,
+    slope: float,
+    f1: float,
+    *,
+    c: float,
+    shrink: float,
+    max_iter: int,
+) -> tuple[float, float]:
+    r"""Backtracking Armijo search: the first rate :math:`t = \text{shrink}^k` decreasing enough.
+
+    Accepts :math:`t` when :math:`f(t) \le f_0 + c\,t\,s` (sufficient decrease), trying
+    :math:`t = 1, \text{shrink}, \text{shrink}^2, \dots`, at most ``max_iter`` rates in all.
+
+    Args:
+        objective: :math:`t \mapsto f(\theta_0 + t p)`.
+        f0: :math:`f(\theta_0)`.
+        slope: :math:`s = g^\top p < 0`.
+        f1: :math:`f(\theta_0 + p)`, already evaluated (by backtracking).
+        c: Sufficient-decrease constant in (0, 1).
+        shrink: Rate factor in (0, 1).
+        max_iter: Most rates tried, :math:`t = 1` included.
+
+    Returns:
+        tuple[float, float]: The accepted rate and the objective there, or ``(0.0, f)`` with
+        the last objective tried when no rate passed.
+
+    Example:
+        >>> armijo(lambda t: (t - 0.5) ** 2, 0.25, -1.0, 0.25, c=0.01, shrink=0.5, max_iter=10)
+        (0.5, 0.0)
+        >>> armijo(lambda t: 1.0, 0.0, -1.0, 1.0, c=0.01, shrink=0.5, max_iter=3)
+        (0.0, 1.0)
+    """
+    rate, f = 1.0, f1
+    for _ in range(max_iter - 1):
+        if f <= f0 + c * rate * slope:
+            break
+        rate *= shrink
+        f = objective(rate)
+    if not f <= f0 + c * rate * slope:
+        return 0.0, f
+    return rate, f

@@ -1,0 +1,299 @@
+r"""The hyperparameters of :class:`hessfree.HessianFree`, in one frozen, validated object.
+
+:class:`HFSettings` is the single place where a hyperparameter's name, default, type and allowed
+range live: :class:`~hessfree.HessianFree` builds one from its keyword arguments and stores the
+plain ones in its ``param_groups`` (so ``state_dict()`` carries them, as ``torch.optim.LBFGS``'s
+does), and the experiment runner's config schema validates a YAML entry with
+:meth:`HFSettings.from_kwargs` / :meth:`HFSettings.problems` without building an optimizer.
+Every check raises ``ValueError`` for a bad value and ``TypeError`` for a bad type, with a
+message that names the key, shows the value and says what is allowed (:mod:`hessfree._checks`).
+The meaning of each field is documented on :class:`~hessfree.HessianFree`'s arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._checks import check_choice, check_int, check_number
+from .acceleration import ProductPolicy
+from .damping import DampingPolicy
+
+__all__ = ["HFSettings"]
+
+CURVATURES = ("auto", "ggn", "hessian", "fisher")
+
+
+@dataclass(frozen=True)
+class HFSettings:
+    r"""All of :class:`~hessfree.HessianFree`'s hyperparameters, validated on construction.
+
+    The fields are :class:`~hessfree.HessianFree`'s keyword arguments (see there for their
+    meaning) with the same defaults. Numbers are stored as ``float``/``int``, ``products`` as a
+    :class:`~hessfree.ProductPolicy`; ``precond='auto'``, ``'martens'`` or ``'nystrom'`` stays the
+    string (the optimizer builds the preconditioner).
+
+    Raises:
+        ValueError: If a value is out of range (the message names the key and what is allowed).
+        TypeError: If a value has the wrong type.
+
+    Example:
+        >>> s = HFSettings(cg_max_iter=50)
+        >>> s.cg_max_iter, s.damping, s.initial_damping
+        (50, 'auto', nan)
+        >>> s.replace(damping=10).initial_damping
+        10.0
+        >>> HFSettings.from_kwargs(armijo_c=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: `armijo_c` must be in (0.0, 1.0), got 2.0.
+        >>> for key, message in HFSettings.problems({"cg_max_iter": 0, "line_search": "wolfe"}):
+        ...     print(key, "|", message)
+        cg_max_iter | `cg_max_iter` must be an int >= 1, got 0.
+        line_search | Unknown `line_search` 'wolfe'; expected one of 'armijo'.
+    """
+
+    lr: float = 1.0
+    curvature: str | Callable = "auto"
+    damping: float | str = "auto"
+    adapt_damping: bool = True
+    damping_increase: float = 1.5
+    damping_decrease: float = 2.0 / 3.0
+    min_damping: float = 1e-8
+    max_damping: float = 1e10
+    weight_decay: float = 0.0
+    structural_damping: float = 0.0
+    cg_max_iter: int = 250
+    cg_min_iter: int = 1
+    cg_rtol: float = 1e-10
+    cg_progress_tol: float = 5e-4
+    cg_decay: float | str = "auto"
+    cg_check_every: int | None = None
+    backtrack: bool = True
+    line_search: str | None = "armijo"
+    armijo_c: float = 1e-2
+    line_search_shrink: float = 0.8
+    line_search_max_iter: int = 60
+    precond: Any = "auto"  # 'auto', None, 'martens', 'nystrom', a preconditioner or a callable
+    tolerance_grad: float = 1e-7
+    tolerance_change: float = 1e-9
+    max_failures: int = 10
+    callback: Callable | None = None
+    seed: int = 0
+    process_group: object | None = None
+    curvature_batch: str = "sharded"
+    products: ProductPolicy | Mapping | None = None
+
+    #: Settings that may differ between param groups (the rest are one per optimizer).
+    PER_GROUP: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
+    #: Settings that take Python objects, which a YAML file cannot express.
+    PYTHON_ONLY: ClassVar[tuple[str, ...]] = ("callback", "process_group")
+    #: Settings kept in every param group, so ``state_dict()`` carries them: the plain-valued
+    #: ones (``curvature`` and ``precond`` may be callables, ``products`` is an object).
+    GROUP_KEYS: ClassVar[tuple[str, ...]] = (
+        "lr",
+        "weight_decay",
+        "tolerance_grad",
+        "tolerance_change",
+        "damping",
+        "adapt_damping",
+        "damping_increase",
+        "damping_decrease",
+        "min_damping",
+        "max_damping",
+        "structural_damping",
+        "cg_max_iter",
+        "cg_min_iter",
+        "cg_rtol",
+        "cg_progress_tol",
+        "cg_decay",
+        "cg_check_every",
+        "backtrack",
+        "line_search",
+        "armijo_c",
+        "line_search_shrink",
+        "line_search_max_iter",
+        "max_failures",
+        "seed",
+        "curvature_batch",
+    )
+
+    def __post_init__(self) -> None:
+        for key, value in _validated(self).items():
+            object.__setattr__(self, key, value)
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> HFSettings:
+        """Settings from keyword arguments; an unknown key is a ``TypeError`` listing the keys."""
+        unknown = [k for k in kwargs if k not in cls.keys()]
+        if unknown:
+            raise TypeError(
+                f"Unknown HessianFree setting `{unknown[0]}` = {kwargs[unknown[0]]!r}; expected "
+                f"one of {', '.join(cls.keys())}."
+            )
+        return cls(**kwargs)
+
+    @classmethod
+    def problems(cls, kwargs: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+        """Every problem with ``kwargs`` as ``(key, message)``; empty if they are valid.
+
+        Each key is checked alone (so each message belongs to one key), then, if all pass,
+        all together for the constraints between keys (``key`` is then the first key the
+        message names, or ``None``).
+        """
+        found: list[tuple[str | None, str]] = []
+        for key, value in kwargs.items():
+            try:
+                cls.from_kwargs(**{key: value})
+            except (TypeError, ValueError) as err:
+                found.append((key, str(err)))
+        if not found and kwargs:
+            try:
+                cls.from_kwargs(**kwargs)
+            except (TypeError, ValueError) as err:
+                message = str(err)
+                named = [k for k in kwargs if f"`{k}`" in message or f"{k}=" in message]
+                found.append((named[0] if named else None, message))
+        return found
+
+    def replace(self, **changes: Any) -> HFSettings:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------------ listing
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The setting names, in :class:`~hessfree.HessianFree`'s argument order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each setting's default, as written (``products=None``, not a policy object)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def group_values(self) -> dict[str, Any]:
+        """The values stored in each param group (:attr:`GROUP_KEYS`)."""
+        return {k: getattr(self, k) for k in self.GROUP_KEYS}
+
+    def damping_policy(self) -> DampingPolicy:
+        """The rule that changes :math:`\\lambda` from step to step, with its bounds."""
+        return DampingPolicy(
+            adapt=self.adapt_damping,
+            increase=self.damping_increase,
+            decrease=self.damping_decrease,
+            min_damping=self.min_damping,
+            max_damping=self.max_damping,
+        )
+
+    @property
+    def initial_damping(self) -> float:
+        """The initial :math:`\\lambda`: the number given, or NaN for ``'auto'`` (calibrated)."""
+        return math.nan if isinstance(self.damping, str) else self.damping
+
+
+def _validated(s: HFSettings) -> dict[str, Any]:
+    """Check every field of ``s`` (in the optimizer's historical order); return normalised ones."""
+    out: dict[str, Any] = {}
+    out["lr"] = check_number("lr", s.lr, low=0.0)
+    out["tolerance_grad"] = check_number("tolerance_grad", s.tolerance_grad, low=0.0)
+    out["tolerance_change"] = check_number("tolerance_change", s.tolerance_change, low=0.0)
+    out["weight_decay"] = check_number("weight_decay", s.weight_decay, low=0.0)
+    if not callable(s.curvature):
+        check_choice("curvature", s.curvature, CURVATURES)
+    if isinstance(s.damping, str):
+        check_choice("damping", s.damping, ("auto",))
+    else:
+        out["damping"] = check_number("damping", s.damping, low=0.0, low_open=True)
+    structural = out["structural_damping"] = check_number(
+        "structural_damping", s.structural_damping, low=0.0
+    )
+    if structural > 0 and s.curvature not in ("auto", "ggn"):
+        raise ValueError(
+            "`structural_damping` > 0 needs Gauss-Newton curvature, "
+            f"got curvature={s.curvature!r}; "
+            "use curvature='ggn' (or 'auto')."
+        )
+    _check_bool("adapt_damping", s.adapt_damping)
+    out["damping_increase"] = check_number(
+        "damping_increase",
+        s.damping_increase,
+        low=1.0,
+        low_open=True,
+        hint="did you swap it with `damping_decrease`?"
+        if _real_in(s.damping_increase, 0, 1)
+        else "",
+    )
+    out["damping_decrease"] = check_number(
+        "damping_decrease",
+        s.damping_decrease,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
+        hint="did you swap it with `damping_increase`?"
+        if _real_in(s.damping_decrease, 1, math.inf)
+        else "",
+    )
+    low = out["min_damping"] = check_number("min_damping", s.min_damping, low=0.0)
+    high = out["max_damping"] = check_number("max_damping", s.max_damping, low=low, low_open=True)
+    initial = out.get("damping", math.nan)
+    if not math.isnan(initial) and not (low <= initial <= high):
+        raise ValueError(
+            f"`damping` must be in [min_damping, max_damping] = [{low!r}, {high!r}], "
+            f"got {initial!r}."
+        )
+    out["cg_max_iter"] = check_int("cg_max_iter", s.cg_max_iter, low=1)
+    out["cg_min_iter"] = check_int("cg_min_iter", s.cg_min_iter, low=0, high=out["cg_max_iter"])
+    out["cg_rtol"] = check_number("cg_rtol", s.cg_rtol, low=0.0)
+    out["cg_progress_tol"] = check_number(
+        "cg_progress_tol", s.cg_progress_tol, low=0.0, low_open=True
+    )
+    if isinstance(s.cg_decay, str):
+        check_choice("cg_decay", s.cg_decay, ("auto",))
+    else:
+        out["cg_decay"] = check_number("cg_decay", s.cg_decay, low=0.0, high=1.0)
+    if s.cg_check_every is not None:
+        out["cg_check_every"] = check_int("cg_check_every", s.cg_check_every, low=1)
+    _check_bool("backtrack", s.backtrack)
+    if s.line_search is not None:
+        check_choice("line_search", s.line_search, ("armijo",))
+    out["armijo_c"] = check_number(
+        "armijo_c", s.armijo_c, low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    out["line_search_shrink"] = check_number(
+        "line_search_shrink", s.line_search_shrink, low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    out["line_search_max_iter"] = check_int("line_search_max_iter", s.line_search_max_iter, low=1)
+    if isinstance(s.precond, str) and s.precond not in ("auto", "martens", "nystrom"):
+        raise ValueError(
+            f"Unknown `precond` {s.precond!r}; expected 'auto', None, 'martens', 'nystrom' or a "
+            "callable."
+        )
+    if s.precond is not None and not isinstance(s.precond, str) and not callable(s.precond):
+        raise TypeError(
+            "`precond` must be 'auto', None, 'martens', 'nystrom' or a callable, got "
+            f"{type(s.precond).__name__}."
+        )
+    out["max_failures"] = check_int("max_failures", s.max_failures, low=1)
+    if s.callback is not None and not callable(s.callback):
+        raise TypeError(f"`callback` must be callable or None, got {type(s.callback).__name__}.")
+    out["seed"] = check_int("seed", s.seed)
+    out["products"] = ProductPolicy.of(s.products)
+    check_choice("curvature_batch", s.curvature_batch, ("sharded", "replicated"))
+    return out
+
+
+def _real_in(value: object, low: float, high: float) -> bool:
+    """Whether ``value`` is a real number strictly between ``low`` and ``high`` (for hints)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and low < value < high
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
+    return value
