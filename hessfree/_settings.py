@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from ._checks import check_choice, check_int, check_number
 from .acceleration import ProductPolicy
-from .damping import DampingPolicy
+from .damping import DAMPING_RULES, DampingPolicy
 
 __all__ = ["HFSettings"]
 
@@ -61,6 +61,7 @@ class HFSettings:
     curvature: str | Callable = "auto"
     damping: float | str = "auto"
     adapt_damping: bool = True
+    damping_rule: str = "nielsen"
     damping_increase: float = 1.5
     damping_decrease: float = 2.0 / 3.0
     min_damping: float = 1e-8
@@ -69,7 +70,7 @@ class HFSettings:
     structural_damping: float = 0.0
     cg_max_iter: int = 250
     cg_min_iter: int = 1
-    cg_rtol: float = 1e-10
+    cg_rtol: float | str = "auto"
     cg_progress_tol: float = 5e-4
     cg_decay: float | str = "auto"
     cg_check_every: int | None = None
@@ -101,6 +102,7 @@ class HFSettings:
         "tolerance_change",
         "damping",
         "adapt_damping",
+        "damping_rule",
         "damping_increase",
         "damping_decrease",
         "min_damping",
@@ -184,6 +186,7 @@ class HFSettings:
         """The rule that changes :math:`\\lambda` from step to step, with its bounds."""
         return DampingPolicy(
             adapt=self.adapt_damping,
+            rule=self.damping_rule,
             increase=self.damping_increase,
             decrease=self.damping_decrease,
             min_damping=self.min_damping,
@@ -219,6 +222,7 @@ def _validated(s: HFSettings) -> dict[str, Any]:
             "use curvature='ggn' (or 'auto')."
         )
     _check_bool("adapt_damping", s.adapt_damping)
+    check_choice("damping_rule", s.damping_rule, DAMPING_RULES)
     out["damping_increase"] = check_number(
         "damping_increase",
         s.damping_increase,
@@ -249,7 +253,10 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         )
     out["cg_max_iter"] = check_int("cg_max_iter", s.cg_max_iter, low=1)
     out["cg_min_iter"] = check_int("cg_min_iter", s.cg_min_iter, low=0, high=out["cg_max_iter"])
-    out["cg_rtol"] = check_number("cg_rtol", s.cg_rtol, low=0.0)
+    if isinstance(s.cg_rtol, str):
+        check_choice("cg_rtol", s.cg_rtol, ("auto",))
+    else:
+        out["cg_rtol"] = check_number("cg_rtol", s.cg_rtol, low=0.0)
     out["cg_progress_tol"] = check_number(
         "cg_progress_tol", s.cg_progress_tol, low=0.0, low_open=True
     )

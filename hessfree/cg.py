@@ -27,9 +27,15 @@ on the device in every iteration and read back to the host only every ``check_ev
 iterations; after a stop has fired on the device, the remaining iterations of the block
 leave every quantity unchanged, so the result does not depend on ``check_every``.
 
+How tightly to solve is the caller's choice (``rtol``); :func:`forcing_term` is the
+inexact-Newton choice of Eisenstat & Walker (1996), the default of
+:class:`~hessfree.HessianFree`: loose while the gradient falls slowly, tight as it falls fast.
+
 References:
     Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.4–4.6.
-    Nocedal & Wright (2006), Numerical Optimization, 2nd ed., Algorithm 5.3.
+    Nocedal & Wright (2006), Numerical Optimization, 2nd ed., Algorithm 5.3 and §7.1.
+    Eisenstat & Walker (1996), Choosing the forcing terms in an inexact Newton method,
+    SIAM J. Sci. Comput. 17(1), choice 2.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from torch import Tensor
 from hessfree._checks import check_int, check_number, check_vector
 from hessfree._types import MatVec
 
-__all__ = ["CGResult", "CGStop", "StopReason", "cg"]
+__all__ = ["CGResult", "CGStop", "StopReason", "cg", "forcing_term"]
 
 # §4.4: k = max(10, ceil(0.1 i)), from the paper and the reference code.
 _PROGRESS_MIN_GAP = 10
@@ -437,6 +443,61 @@ def _progress(
     if progress_tol is None or i <= k or i < min_iter:
         return no
     return (phi < 0) & ((phi - history[i - k]) / phi < k * progress_tol)
+
+
+def forcing_term(
+    grad_norm: float,
+    prev_grad_norm: float | None = None,
+    prev_eta: float | None = None,
+    *,
+    gamma: float = 0.9,
+    alpha: float = 2.0,
+    eta_max: float = 0.5,
+) -> float:
+    r"""Relative residual tolerance :math:`\eta_k` for CG at step :math:`k` (inexact Newton).
+
+    Eisenstat & Walker (1996), choice 2, with their safeguard:
+
+    .. math::
+        \eta_k = \min\Big(\eta_{\max},\; \max\big(\gamma (\|g_k\| / \|g_{k-1}\|)^\alpha,\;
+        s_k\big)\Big),\qquad
+        s_k = \gamma\,\eta_{k-1}^\alpha \text{ if } \gamma\,\eta_{k-1}^\alpha > 0.1
+        \text{ else } 0,
+
+    and :math:`\eta_0 = \eta_{\max}` (no previous step). CG then stops once
+    :math:`\|r\| \le \eta_k \|g_k\|` (``rtol`` of :func:`cg` with :math:`b = -g_k`). The ratio
+    of gradient norms makes it scale-free; the safeguard keeps :math:`\eta` from dropping
+    after one lucky step. With :math:`\alpha = 2` the outer iteration is locally quadratic
+    where Newton's is (Nocedal & Wright 2006, Theorem 7.2).
+
+    Args:
+        grad_norm: :math:`\|g_k\|`, finite and >= 0.
+        prev_grad_norm: :math:`\|g_{k-1}\|` (``None`` or 0 at the first step).
+        prev_eta: :math:`\eta_{k-1}` (``None`` at the first step: no safeguard).
+        gamma: :math:`\gamma` in (0, 1].
+        alpha: :math:`\alpha` in (1, 2].
+        eta_max: Upper bound in (0, 1).
+
+    Returns:
+        float: :math:`\eta_k` in ``[0, eta_max]``.
+
+    Example:
+        >>> forcing_term(1.0)  # first step
+        0.5
+        >>> round(forcing_term(0.1, 1.0, 0.3), 12)  # the gradient fell tenfold: 0.9 * 0.1**2
+        0.009
+        >>> forcing_term(0.1, 1.0, 0.5)  # ... right after a loose step: the safeguard 0.9 * 0.5**2
+        0.225
+    """
+    gamma = check_number("gamma", gamma, low=0.0, high=1.0, low_open=True)
+    alpha = check_number("alpha", alpha, low=1.0, high=2.0, low_open=True)
+    eta_max = check_number("eta_max", eta_max, low=0.0, high=1.0, low_open=True, high_open=True)
+    if not prev_grad_norm:
+        return eta_max
+    eta = gamma * (grad_norm / prev_grad_norm) ** alpha
+    if prev_eta is not None and gamma * prev_eta**alpha > 0.1:
+        eta = max(eta, gamma * prev_eta**alpha)
+    return min(eta_max, eta) if math.isfinite(eta) else eta_max
 
 
 def _phi(x: Tensor, r: Tensor, b: Tensor, *, out: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse.linalg
 import torch
 
-from hessfree.cg import CGResult, CGStop, StopReason, cg
+from hessfree.cg import CGResult, CGStop, StopReason, cg, forcing_term
 
 # Not `import hessfree.cg as ...`: the package re-exports the function `cg`, which shadows
 # the submodule as an attribute of `hessfree`.
@@ -642,3 +642,44 @@ def test_cg_holds_only_x_r_p_between_products(check_every):
 
 def test_stop_reason_is_the_former_name_of_cg_stop():
     assert StopReason is CGStop and StopReason.CONVERGED is CGStop.CONVERGED
+
+
+# ---------------------------------------------------------------- forcing terms (inexact Newton)
+def test_forcing_term_closed_forms():
+    # Eisenstat & Walker (1996), choice 2: gamma (g_k / g_{k-1})^alpha, safeguard, eta_max
+    assert forcing_term(3.0) == 0.5  # no previous step
+    assert forcing_term(3.0, 0.0) == 0.5
+    assert forcing_term(0.1, 1.0) == pytest.approx(0.9 * 0.01, rel=1e-12)
+    assert forcing_term(0.1, 1.0, 0.3) == pytest.approx(0.009, rel=1e-12)  # 0.9 * 0.09 < 0.1
+    assert forcing_term(0.1, 1.0, 0.5) == pytest.approx(0.9 * 0.25, rel=1e-12)  # safeguard
+    assert forcing_term(2.0, 1.0) == 0.5  # the gradient grew: capped
+    assert forcing_term(0.5, 1.0, gamma=1.0, alpha=1.5) == pytest.approx(0.5**1.5, rel=1e-12)
+    assert forcing_term(0.9, 1.0, eta_max=0.9) == pytest.approx(0.729, rel=1e-12)
+    # scale-free: only ratios enter
+    assert forcing_term(3e-7, 1e-6, 0.2) == pytest.approx(forcing_term(0.3, 1.0, 0.2), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(gamma=0.0), r"`gamma`"),
+        (dict(alpha=2.5), r"`alpha`"),
+        (dict(eta_max=1.0), r"`eta_max`"),
+    ],
+)
+def test_forcing_term_rejects_bad_constants(kw, match):
+    with pytest.raises(ValueError, match=match):
+        forcing_term(1.0, 2.0, **kw)
+
+
+@pytest.mark.parametrize("eta", [0.5, 0.1, 1e-3])
+def test_cg_loose_rtol_stops_where_textbook_cg_first_meets_it(eta):
+    # The forcing-term stop ||A x_i - b|| <= eta ||b||: the first such iterate of numpy's CG.
+    A, b = spd_system(40, cond=1e3, seed=4)
+    xs, _ = reference_cg(A.numpy(), b.numpy(), 40)
+    norms = [np.linalg.norm(A.numpy() @ x - b.numpy()) for x in xs]
+    expected = next(i for i, r in enumerate(norms) if r <= eta * np.linalg.norm(b.numpy()))
+    result = cg(lambda v: A @ v, b, rtol=eta, progress_tol=None)
+    assert result.reason is StopReason.CONVERGED
+    assert result.num_iter == expected
+    np.testing.assert_allclose(result.x.numpy(), xs[expected], rtol=1e-8, atol=1e-12)

@@ -1,4 +1,4 @@
-"""Levenberg-Marquardt rule of Martens (2010, §4.1)."""
+"""Levenberg-Marquardt rules: Martens (2010, §4.1) and Nielsen (1999)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,63 @@ def test_update_damping_thresholds(rho, expected):
 def test_update_damping_bounds_and_factors():
     assert update_damping(1.0, 0.0, increase=3.0, max_damping=2.0) == 2.0
     assert update_damping(1.0, 1.0, decrease=0.1, min_damping=0.5) == 0.5
+
+
+@pytest.mark.parametrize(
+    "rho, expected",
+    [
+        # λ·max(1/3, 1 - (2ρ - 1)³) for ρ > 0, closed forms
+        (0.5, 1.0),
+        (0.75, 0.875),
+        (0.1, 1.512),
+        (0.25, 1.125),
+        (0.9, 1 - 0.8**3),  # 0.488 > 1/3
+        (1.0, 1 / 3),
+        (3.0, 1 / 3),
+        (1e-12, 2.0),
+        # failures: ×2
+        (0.0, 2.0),
+        (-0.5, 2.0),
+        (-math.inf, 2.0),
+        (math.nan, 2.0),
+    ],
+)
+def test_update_damping_nielsen(rho, expected):
+    assert update_damping(1.0, rho, rule="nielsen") == pytest.approx(expected, rel=1e-9)
+    # increase/decrease belong to Martens' rule
+    assert update_damping(1.0, rho, rule="nielsen", increase=9.0, decrease=0.01) == pytest.approx(
+        expected, rel=1e-9
+    )
+
+
+def test_update_damping_nielsen_clips_and_unknown_rule():
+    assert update_damping(1.0, 1.0, rule="nielsen", min_damping=0.5) == 0.5
+    assert update_damping(1.0, -1.0, rule="nielsen", max_damping=1.5) == 1.5
+    with pytest.raises(ValueError, match=r"Unknown damping `rule` 'lm'.*'martens', 'nielsen'"):
+        update_damping(1.0, 0.5, rule="lm")
+
+
+@pytest.mark.parametrize("rule, factor", [(None, 1 / 3), ("nielsen", 1 / 3), ("martens", 2 / 3)])
+def test_optimizer_damping_rule_on_an_exact_model(rule, factor):
+    # A quadratic with its exact Hessian: the model is the objective, ρ = 1, so Nielsen's rule
+    # (the default) divides λ by 3 and Martens' multiplies it by 2/3.
+    gen = torch.Generator().manual_seed(3)
+    Q = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    A = Q @ Q.T + torch.eye(5, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    x = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    kw = {} if rule is None else {"damping_rule": rule}
+    opt = HessianFree([x], damping=0.3, curvature="hessian", **kw)
+    opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+    info = opt.last_step
+    assert info.status == "accepted" and info.rho == pytest.approx(1.0, abs=1e-9)
+    assert info.next_damping == pytest.approx(0.3 * factor, rel=1e-12)
+
+
+def test_optimizer_rejects_unknown_damping_rule():
+    x = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"Unknown `damping_rule` 'lm'; expected one of"):
+        HessianFree([x], damping_rule="lm")
 
 
 def test_reduction_ratio_cases():

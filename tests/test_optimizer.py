@@ -86,8 +86,18 @@ def test_rosenbrock_100d_with_exact_hessian_converges():
     x = torch.zeros(100, dtype=torch.float64, requires_grad=True)
     # cg_decay pinned to the warm start this test was written for: from cold starts (the Hessian
     # default) HF stops by `tolerance_grad` at f ≈ 4e-16 after a similar number of steps (155 vs
-    # 149), legitimately converged but above this test's 1e-20.
-    opt = HessianFree([x], damping=1.0, curvature="hessian", cg_decay=0.95)
+    # 149), legitimately converged but above this test's 1e-20. The rules are pinned too: with
+    # the default Nielsen damping and forcing-term CG it needs a third of the products (1053 vs
+    # 3001) but creeps along at f ≈ 1e-19 (x within 3e-11 of the minimiser), its loose solves
+    # slow once the gradient stops falling fast.
+    opt = HessianFree(
+        [x],
+        damping=1.0,
+        curvature="hessian",
+        cg_decay=0.95,
+        damping_rule="martens",
+        cg_rtol=1e-10,
+    )
 
     def rosen():
         return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
@@ -324,6 +334,54 @@ def test_bad_hyperparameter_types_are_rejected():
         HessianFree([torch.zeros(1)])
 
 
+def test_auto_cg_rtol_is_the_eisenstat_walker_forcing_sequence():
+    # Two steps on a quadratic with its exact Hessian (cold CG starts): each CG run stops at the
+    # first iterate of numpy's textbook CG on (A + λI) p = -g whose residual is at most
+    # η‖g‖, with η = 1/2, then 0.9 (‖g1‖/‖g0‖)² safeguarded by 0.9 · (1/2)² (closed forms).
+    rng = np.random.default_rng(5)
+    Q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    A_np = Q @ np.diag(np.logspace(0, 3, 30)) @ Q.T
+    A_np = (A_np + A_np.T) / 2
+    b_np = rng.standard_normal(30)
+    A, b = torch.from_numpy(A_np), torch.from_numpy(b_np)
+    x = torch.zeros(30, dtype=torch.float64, requires_grad=True)
+    infos = []
+    opt = HessianFree([x], damping=1.0, callback=infos.append)
+    etas, g_norms = [], []
+    for k in range(2):
+        x_k = x.detach().numpy().copy()
+        g = A_np @ x_k - b_np
+        g_norms.append(np.linalg.norm(g))
+        if k == 0:
+            eta = 0.5
+        else:
+            ratio = g_norms[-1] / g_norms[-2]
+            eta = min(0.5, max(0.9 * ratio**2, 0.9 * etas[-1] ** 2))
+        etas.append(eta)
+        opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+        B = A_np + infos[-1].damping * np.eye(30)
+        r, p, xs, norms = -g, -g, [np.zeros(30)], [np.linalg.norm(g)]  # textbook CG from 0
+        while norms[-1] > eta * np.linalg.norm(g):
+            alpha = (r @ r) / (p @ B @ p)
+            xs.append(xs[-1] + alpha * p)
+            r_next = r - alpha * (B @ p)
+            p, r = r_next + (r_next @ r_next) / (r @ r) * p, r_next
+            norms.append(np.linalg.norm(r))
+        assert infos[-1].cg_reason == "converged"
+        assert infos[-1].cg_iters == len(xs) - 1
+        assert infos[-1].status == "accepted" and infos[-1].step_rate == 1.0
+        np.testing.assert_allclose(x.detach().numpy(), x_k + xs[-1], rtol=1e-9, atol=1e-12)
+    assert infos[0].cg_iters >= 1 and etas[1] < 0.5
+
+
+def test_cg_rtol_validation():
+    x = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"Unknown `cg_rtol` 'loose'; expected one of 'auto'"):
+        HessianFree([x], cg_rtol="loose")
+    with pytest.raises(ValueError, match=r"cg_rtol"):
+        HessianFree([x], cg_rtol=-1.0)
+
+
 def test_step_works_when_called_under_no_grad():
     A, b = _quadratic(4, seed=1)
     x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
@@ -333,7 +391,7 @@ def test_step_works_when_called_under_no_grad():
         out = out_layer(x * 1.0)
         return 0.5 * out @ A @ out - b @ out, out
 
-    opt = HessianFree([x], damping=1e-10, min_damping=0.0, precond="martens")
+    opt = HessianFree([x], damping=1e-10, min_damping=0.0, precond="martens", cg_rtol=1e-12)
     with torch.no_grad():
         opt.step(closure)
     torch.testing.assert_close(x.detach(), torch.linalg.solve(A, b), rtol=1e-6, atol=1e-8)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from hessfree import HessianFree, HFSettings
 from hessfree.train import config as config_module
 from hessfree.train.config import (
     ConfigError,
@@ -236,56 +238,32 @@ def test_config_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
-class _FakeHessianFree(torch.optim.Optimizer):
-    """Stands in for hessfree.optimizer.HessianFree: same validation style, tiny signature."""
-
-    def __init__(
-        self,
-        params,
-        lr: float = 1.0,
-        *,
-        damping: float = 1.0,
-        cg_max_iter: int = 250,
-        curvature: str = "auto",
-        callback=None,
-    ):
-        if not isinstance(cg_max_iter, int):
-            raise TypeError(
-                f"`cg_max_iter` must be an int, got {type(cg_max_iter).__name__} {cg_max_iter!r}."
-            )
-        if damping <= 0:
-            raise ValueError(f"`damping` must be > 0, got {damping!r}.")
-        if curvature not in ("auto", "ggn"):
-            raise ValueError(f"Unknown `curvature` {curvature!r}; expected one of 'auto', 'ggn'.")
-        if lr > 10 * damping:
-            raise ValueError(f"`lr` must be <= 10 * `damping`, got {lr!r}.")
-        super().__init__(params, {"lr": lr})
-
-
-@pytest.fixture
-def fake_hf(monkeypatch):
-    monkeypatch.setattr(config_module, "_hessianfree_class", lambda: _FakeHessianFree)
-
-
-def test_config_hessianfree_keys_come_from_the_signature(fake_hf):
+def test_config_hessianfree_keys_come_from_hfsettings():
     cfg = parse_config(
-        minimal(optimizers=[{"name": "hessianfree", "damping": 10}], curvature_batch_size=64)
+        minimal(optimizers=[{"name": "hessianfree", "cg_rtol": 0}], curvature_batch_size=64)
     )
     (hf,) = cfg.optimizers
-    assert hf.hyperparameters == {
-        "lr": 1.0,
-        "damping": 10.0,
-        "cg_max_iter": 250,
-        "curvature": "auto",
-    }
-    assert isinstance(hf.hyperparameters["damping"], float)  # YAML int where the default is a float
+    # Every plain HFSettings default, in HessianFree's argument order; the Python-only ones
+    # (callback, process_group) are not config keys.
+    expected = {k: v for k, v in HFSettings.defaults().items() if k not in HFSettings.PYTHON_ONLY}
+    expected["cg_rtol"] = 0.0
+    assert hf.hyperparameters == expected
+    signature = [k for k in inspect.signature(HessianFree).parameters if k != "params"]
+    assert list(hf.hyperparameters) == [
+        k for k in signature if k not in ("callback", "process_group")
+    ]
+    # a YAML int where the setting is a float, even where the default is 'auto' (cg_rtol, damping)
+    assert isinstance(hf.hyperparameters["cg_rtol"], float)
+    cfg = parse_config(minimal(optimizers=[{"name": "hessianfree", "damping": 10}]))
+    assert type(cfg.optimizers[0].hyperparameters["damping"]) is float
+    assert cfg.optimizers[0].hyperparameters["damping"] == 10.0
     assert hf.curvature_batch_size == 64
     (msg,) = problems_of(minimal(optimizers=[{"name": "hessianfree", "dampng": 1.0}]))
     assert "`optimizers.0.dampng`; did you mean `damping`?" in msg and "cg_max_iter" in msg
     assert "callback" not in msg  # Python objects are not config keys
 
 
-def test_config_hessianfree_constructor_errors_get_dotted_paths(fake_hf):
+def test_config_hessianfree_setting_errors_get_dotted_paths():
     msgs = problems_of(
         minimal(
             optimizers=[
@@ -294,22 +272,26 @@ def test_config_hessianfree_constructor_errors_get_dotted_paths(fake_hf):
             ]
         )
     )
-    assert msgs == [
-        "`optimizers.1.damping` = -1.0: `damping` must be > 0, got -1.0.",
-        "`optimizers.1.cg_max_iter` = 2.5: `cg_max_iter` must be an int, got float 2.5.",
-        "`optimizers.1.curvature` = 'hess': "
-        "Unknown `curvature` 'hess'; expected one of 'auto', 'ggn'.",
-    ]
+    # The messages are HFSettings' (and so HessianFree's) own, behind each key's dotted path.
+    expected = []
+    for key, value in (("damping", -1), ("cg_max_iter", 2.5), ("curvature", "hess")):
+        with pytest.raises((TypeError, ValueError)) as err:
+            HessianFree([torch.zeros(1, requires_grad=True)], **{key: value})
+        expected.append(f"`optimizers.1.{key}` = {value!r}: {err.value}")
+    assert msgs == expected
+    assert msgs[0] == "`optimizers.1.damping` = -1: `damping` must be in (0.0, inf), got -1.0."
     # Each key is fine alone; only together do they break a constraint between keys.
-    (msg,) = problems_of(minimal(optimizers=[{"name": "hessianfree", "lr": 5.0, "damping": 0.2}]))
-    assert msg.startswith("`optimizers.0.lr`: `lr` must be <= 10 * `damping`")
+    (msg,) = problems_of(
+        minimal(optimizers=[{"name": "hessianfree", "min_damping": 1.0, "damping": 0.5}])
+    )
+    assert msg.startswith("`optimizers.0.damping`: `damping` must be in [min_damping, max_damping]")
 
 
 def test_config_hessianfree_unavailable_is_a_config_error(monkeypatch):
     def missing():
-        raise ImportError("No module named 'hessfree.optimizer'")
+        raise ImportError("No module named 'hessfree'")
 
-    monkeypatch.setattr(config_module, "_hessianfree_class", missing)
+    monkeypatch.setattr(config_module.hessianfree, "settings_class", missing)
     (msg,) = problems_of(minimal(optimizers=[{"name": "hessianfree"}]))
     assert "optimizer 'hessianfree' is unavailable" in msg
 

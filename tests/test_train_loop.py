@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hessfree.train import config as config_module
+from hessfree.train import optimizers as optimizers_module
 from hessfree.train.checkpoint import load_checkpoint
 from hessfree.train.config import ConfigError, parse_config
 from hessfree.train.loop import Runner, RunStatus, run_experiment
@@ -295,7 +296,7 @@ class _FakeHessianFree(torch.optim.Optimizer):
 
     seen: list = []
 
-    def __init__(self, params, lr: float = 0.1, *, damping: float = 1.0):
+    def __init__(self, params, lr: float = 0.1, **settings):  # the rest of HFSettings' keys
         super().__init__(params, {"lr": lr})
         self.last_step = None
 
@@ -317,7 +318,7 @@ class _FakeHessianFree(torch.optim.Optimizer):
 
 
 def test_hessianfree_closures_batches_and_diagnostics(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, "_hessianfree_class", lambda: _FakeHessianFree)
+    monkeypatch.setattr(optimizers_module, "hessianfree_class", lambda: _FakeHessianFree)
     _FakeHessianFree.seen = []
     cfg = tiny_config(
         tmp_path,
@@ -467,7 +468,7 @@ class _GivingUp(_FakeHessianFree):
 
 
 def test_hessianfree_giving_up_counts_as_divergence(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, "_hessianfree_class", lambda: _GivingUp)
+    monkeypatch.setattr(optimizers_module, "hessianfree_class", lambda: _GivingUp)
     cfg = tiny_config(tmp_path, optimizers=[{"name": "hessianfree"}, {"name": "adam"}])
     result = quiet(cfg, tmp_path / "run").run()
     assert result.summary["optimizers"]["hessianfree"]["stop_reason"] == "diverged"
@@ -508,7 +509,7 @@ class _ConvergingHessianFree(_FakeHessianFree):
     """Reports ``status='converged'`` from its third step on, as HessianFree does once the
     gradient or the change falls below ``tolerance_grad`` / ``tolerance_change``."""
 
-    def __init__(self, params, lr: float = 0.1, *, tolerance_grad: float = 1e-7):
+    def __init__(self, params, lr: float = 0.1, **settings):
         super().__init__(params, lr)
         self.steps = 0
 
@@ -521,7 +522,7 @@ class _ConvergingHessianFree(_FakeHessianFree):
 
 
 def test_a_converged_hessianfree_step_ends_that_optimizer(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(config_module, "_hessianfree_class", lambda: _ConvergingHessianFree)
+    monkeypatch.setattr(optimizers_module, "hessianfree_class", lambda: _ConvergingHessianFree)
     cfg = tiny_config(
         tmp_path,
         optimizers=[{"name": "hessianfree", "tolerance_grad": 1e-5}, {"name": "adam"}],

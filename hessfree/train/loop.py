@@ -33,6 +33,11 @@ any rank stops every rank after the step in which the ranks agree on it. ``--res
 same N and the run directory readable by every rank. A rank that dies or hangs makes the others
 stop with :class:`~hessfree.train.parallel.PeerError` (at once, or after
 ``distributed.timeout_seconds``).
+
+Units: :mod:`hessfree.train.rundir` (the run directory), :mod:`hessfree.train.progress` (the
+loop state a checkpoint restores), :mod:`hessfree.train.stepping` (one step per kind of
+optimizer, the curvature batch), :mod:`hessfree.train.evaluation`; this module holds the
+:class:`Runner` that drives them.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import os
 import signal
 import sys
 import threading
@@ -48,51 +52,53 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hessfree.train.checkpoint import (
-    load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
-)
+from hessfree.train.checkpoint import save_checkpoint, write_json_atomic
 from hessfree.train.config import (
     ConfigError,
     ExperimentConfig,
     OptimizerConfig,
     config_digest,
-    dump_config,
     training_digest,
 )
+from hessfree.train.config.checks import curvature_batch_fits, leaves, loss_fits_targets
 from hessfree.train.data import Dataset, load_dataset
+from hessfree.train.evaluation import evaluate
 from hessfree.train.metrics import MetricsLog, format_table, read_metrics, summarize
 from hessfree.train.models import build_model
 from hessfree.train.objectives import Objective, make_objective
 from hessfree.train.optimizers import build_optimizer, hf_diagnostics
 from hessfree.train.parallel import Group, process_group
+from hessfree.train.progress import Progress
+from hessfree.train.rundir import (
+    CHECKPOINT_FORMAT,
+    default_run_dir,
+    prepare_run_dir,
+    run_dir_problems,
+)
+from hessfree.train.stepping import batch_sizes, converged, take_step
 
 __all__ = [
     "Runner",
     "RunResult",
     "RunStatus",
+    "RunStop",
     "StopReason",
     "StepEvent",
     "run_experiment",
     "default_run_dir",
     "resolve_device",
+    "run_dir_problems",
 ]
 
-_CHECKPOINT_FORMAT = 1
 
-
-class StopReason(enum.Enum):
-    """Why an optimizer stopped."""
+class RunStop(enum.Enum):
+    """Why an optimizer stopped (:class:`hessfree.cg.StopReason` is why CG stopped)."""
 
     STEPS = "steps"
     EPOCHS = "epochs"
@@ -102,22 +108,22 @@ class StopReason(enum.Enum):
     INTERRUPTED = "interrupted"
 
 
+#: The name :class:`RunStop` had before; kept so that existing imports work.
+StopReason = RunStop
+
 #: Stop reasons a larger budget on ``--resume`` lifts (the others are outcomes of training).
 _BUDGET_REASONS = ("steps", "epochs", "seconds")
 
 
-def _converged(spec: OptimizerConfig, optimizer: torch.optim.Optimizer, unchanged: bool) -> bool:
-    """Whether the step just taken says the optimizer has converged.
-
-    HessianFree reports it in ``last_step.status`` (``'converged'``: the gradient or the change
-    fell below ``tolerance_grad`` / ``tolerance_change``). torch's L-BFGS stops inside a step on
-    the same tolerances; on the whole training set, a step that left the parameters unchanged
-    means it will not move again.
-    """
-    if spec.name == "hessianfree":
-        status = getattr(getattr(optimizer, "last_step", None), "status", None)
-        return str(getattr(status, "value", status)) == "converged"
-    return spec.name == "lbfgs" and unchanged
+def budget_reason(budget: Any, st: Progress, n: int) -> RunStop | None:
+    """The budget limit ``st`` has reached over ``n`` training cases, if any."""
+    if budget.steps is not None and st.step >= budget.steps:
+        return RunStop.STEPS
+    if budget.epochs is not None and st.cases >= budget.epochs * n - 1e-9:
+        return RunStop.EPOCHS
+    if budget.seconds is not None and st.seconds >= budget.seconds:
+        return RunStop.SECONDS
+    return None
 
 
 class RunStatus(enum.Enum):
@@ -167,75 +173,11 @@ class _Interrupted(Exception):
         self.signum = signum
 
 
-@dataclass
-class _Progress:
-    """The loop state of one optimizer that a checkpoint must restore."""
-
-    step: int = 0
-    cases: int = 0
-    seconds: float = 0.0
-    perm: Tensor | None = None
-    position: int = 0
-    last_eval_step: int = -1
-    last_eval_seconds: float = 0.0
-    hf: dict[str, Any] = dataclasses.field(default_factory=dict)
-    phase: int = 0  # the running phase of an entry with `phases`
-    phase_start: tuple[int, int, float] = (0, 0, 0.0)  # step, cases, seconds when it began
-
-    def in_phase(self) -> _Progress:
-        """Steps, cases and seconds since the running phase began (for its own budget)."""
-        step, cases, seconds = self.phase_start
-        return _Progress(self.step - step, self.cases - cases, self.seconds - seconds)
-
-
-def _scalar(loss: Tensor | float | tuple) -> float:
-    """A step's returned loss as a float (``(loss, outputs)`` pairs and graphs allowed)."""
-    if isinstance(loss, tuple):
-        loss = loss[0]
-    return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` is ``cuda`` when available, else ``cpu``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Path:
-    """``<output.dir>/<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... if that exists."""
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    base = Path(config.output.dir) / f"{config.name}-{stamp}"
-    path, k = base, 1
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
-
-
-def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
-    """Why a new run directory could not be created at ``run_dir`` (empty: it can).
-
-    Checks the nearest existing ancestor: it must be a directory this process may write in.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
-    parent = run_dir
-    while not parent.exists():
-        if parent.parent == parent:
-            break
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        return [
-            f"`{key}`: '{parent}' is a file, so the run directory '{run_dir}' cannot be "
-            "created under it; choose a directory."
-        ]
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        return [
-            f"`{key}`: cannot create '{run_dir}': '{parent}' is not writable by this user; "
-            "choose a directory you can write to."
-        ]
-    return []
 
 
 def _data_problems(
@@ -244,21 +186,16 @@ def _data_problems(
     """Config checks that need the loaded data (and the number of processes)."""
     problems = []
     n = ds.x_train.shape[0]
-    leaves = [
-        (f"{i}.phases.{j}" if o.phases else str(i), leaf)
-        for i, o in enumerate(cfg.optimizers)
-        for j, leaf in enumerate(o.leaves)
-    ]
-    for i, opt in leaves:
+    for path, opt in leaves(cfg):
         bs = opt.batch_size or n
         if bs > n:
             problems.append(
-                f"`optimizers.{i}` ({opt.label}): batch_size {bs} exceeds the {n} "
+                f"`{path}` ({opt.label}): batch_size {bs} exceeds the {n} "
                 f"training cases of {ds.name!r}."
             )
-        if opt.curvature_batch_size is not None and opt.curvature_batch_size > bs:
+        if not curvature_batch_fits(opt, n):
             problems.append(
-                f"`optimizers.{i}` ({opt.label}): curvature_batch_size "
+                f"`{path}` ({opt.label}): curvature_batch_size "
                 f"{opt.curvature_batch_size} exceeds the gradient batch ({bs})."
             )
         # Equal shards: the mean of the ranks' means is then the mean over the whole batch.
@@ -270,7 +207,7 @@ def _data_problems(
             if world_size > 1 and size % world_size:
                 low = size - size % world_size
                 problems.append(
-                    f"`optimizers.{i}` ({opt.label}): {key} {size}{note} is not a multiple of "
+                    f"`{path}` ({opt.label}): {key} {size}{note} is not a multiple of "
                     f"the {world_size} processes; each rank takes an equal slice so that the "
                     f"step equals a one-process step on the whole batch. Use "
                     f"{key}={low or world_size} or {low + world_size}, or another process count."
@@ -281,16 +218,17 @@ def _data_problems(
             problems.append(
                 f"{ds.name!r} has no targets; train an autoencoder (`model.name: autoencoder`)."
             )
-        elif objective.task == "classification" and kind != "labels":
-            problems.append(
-                f"`loss.name` = 'cross_entropy' needs integer labels; {ds.name!r} has "
-                "real-valued targets; use 'mse'."
-            )
-        elif objective.task in ("regression", "binary") and kind != "values":
-            problems.append(
-                f"`loss.name` = {objective.loss_name!r} needs real-valued targets; "
-                f"{ds.name!r} has integer labels; use 'cross_entropy'."
-            )
+        elif not loss_fits_targets(objective.loss_name, kind):
+            if objective.task == "classification":
+                problems.append(
+                    f"`loss.name` = 'cross_entropy' needs integer labels; {ds.name!r} has "
+                    "real-valued targets; use 'mse'."
+                )
+            else:
+                problems.append(
+                    f"`loss.name` = {objective.loss_name!r} needs real-valued targets; "
+                    f"{ds.name!r} has integer labels; use 'cross_entropy'."
+                )
     if objective.task == "reconstruction" and objective.loss_name == "bce_with_logits":
         lo, hi = float(ds.x_train.min()), float(ds.x_train.max())
         if lo < 0 or hi > 1:
@@ -307,6 +245,27 @@ def _num_outputs(objective: Objective, ds: Dataset) -> int | None:
     if objective.task == "classification":
         return ds.num_classes
     return int(ds.y_train.shape[1]) if ds.y_train is not None else None
+
+
+@dataclass
+class _Training:
+    """One optimizer entry while it trains: what its steps read and change."""
+
+    index: int
+    spec: OptimizerConfig
+    leaf: OptimizerConfig  # the optimizer taking the steps (the phase running)
+    optimizer: torch.optim.Optimizer
+    data_gen: torch.Generator
+    st: Progress
+    batch_size: int = 0
+    curvature_size: int | None = None
+    replicated: bool = False
+    bar: Any = None
+
+    def use(self, leaf: OptimizerConfig, n: int, distributed: bool) -> None:
+        """Take the steps with ``leaf`` from now on (its batch sizes with it)."""
+        self.leaf = leaf
+        self.batch_size, self.curvature_size, self.replicated = batch_sizes(leaf, n, distributed)
 
 
 class Runner:
@@ -447,104 +406,15 @@ class Runner:
 
     def _prepare_dir(self) -> dict[str, dict[str, Any]]:
         """Create (or check, when resuming) the run directory; return existing checkpoints."""
-        ckpt_dir = self.run_dir / "checkpoints"
-        writer = self.group.rank == 0  # the other ranks of a data-parallel run only read
-        if not self.resume:
-            if not writer:
-                return {}
-            if self.run_dir.exists() and any(self.run_dir.iterdir()):
-                raise ConfigError(
-                    [
-                        f"run directory '{self.run_dir}' is not empty; resume it with "
-                        f"--resume {self.run_dir} or choose another --out."
-                    ]
-                )
-            try:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(
-                    self.run_dir / "config.yaml", dump_config(self.config, self.config_header)
-                )
-            except OSError as err:
-                raise ConfigError(
-                    [f"cannot create the run directory '{self.run_dir}': {err.strerror or err}."]
-                ) from None
-            return {}
-        if not (self.run_dir / "config.yaml").exists():
-            raise ConfigError([f"'{self.run_dir}' holds no config.yaml: not a run directory."])
-        if ckpt_dir.exists() and not ckpt_dir.is_dir():
-            raise ConfigError(
-                [
-                    f"'{ckpt_dir}' is a file, not the run's checkpoint directory; the run "
-                    "directory was edited. Move that file away (resuming then restarts every "
-                    "optimizer) or start a new run."
-                ]
-            )
-        found: dict[str, dict[str, Any]] = {}
-        gap = None
-        for opt in self.config.optimizers:
-            path = ckpt_dir / f"{opt.label}.pt"
-            if not path.exists():
-                gap = gap or path
-            elif gap is not None:
-                raise ConfigError(
-                    [
-                        f"'{gap}' is missing although a later optimizer's checkpoint "
-                        f"'{path}' exists; the run directory was edited."
-                    ]
-                )
-            else:
-                ckpt = load_checkpoint(path, map_location="cpu")  # CheckpointError if damaged
-                # The same config, or (checkpoints that record it) the same but for budgets.
-                same = ckpt.get("config_sha256") == self.digest or (
-                    ckpt.get("training_sha256") == self.training_digest
-                )
-                if ckpt.get("format") != _CHECKPOINT_FORMAT or not same:
-                    raise ConfigError(
-                        [
-                            f"checkpoint '{path}' was written for a different config (or "
-                            "format); resume with the run's own config.yaml."
-                        ]
-                    )
-                written_by = int(ckpt.get("world_size", 1))
-                if written_by != self.group.world_size:
-                    raise ConfigError(
-                        [
-                            f"checkpoint '{path}' was written by a run over {written_by} "
-                            f"process(es), this one has {self.group.world_size}; resume with "
-                            f"the same number (torchrun --nproc_per_node={written_by}), since "
-                            "another one changes the rounding of every averaged quantity."
-                        ]
-                    )
-                found[opt.label] = ckpt
-        metrics = self.run_dir / "metrics.jsonl"
-        recorded = max((int(c.get("metrics_bytes", 0)) for c in found.values()), default=0)
-        size = metrics.stat().st_size if metrics.is_file() else 0
-        if metrics.exists() and not metrics.is_file():
-            raise ConfigError([f"'{metrics}' is not a file; the run directory was edited."])
-        if size < recorded:
-            raise ConfigError(
-                [
-                    f"'{metrics}' has {size} bytes, fewer than the {recorded} its latest "
-                    "checkpoint recorded: the metrics file was truncated or replaced. Restore it, "
-                    "or start a new run (resuming would lose records)."
-                ]
-            )
-        if writer and any(c.get("config_sha256") != self.digest for c in found.values()):
-            # Resumed under other budgets: the run directory describes the run as it goes on.
-            header = self.config_header or "Resolved by hessfree"
-            write_text_atomic(
-                self.run_dir / "config.yaml",
-                dump_config(self.config, f"{header}\nBudgets changed on resume."),
-            )
-        if writer:
-            # Only now that every check passed: the leftovers of a write killed mid-way.
-            for stale in remove_stale_temporaries(ckpt_dir) + remove_stale_temporaries(
-                self.run_dir
-            ):
-                self._say(f"removed {stale.name}, left by an interrupted write")
-        if writer:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-        return found
+        return prepare_run_dir(
+            self.run_dir,
+            self.config,
+            resume=self.resume,
+            writer=self.group.rank == 0,
+            world_size=self.group.world_size,
+            config_header=self.config_header,
+            say=self._say,
+        )
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -610,7 +480,7 @@ class Runner:
                     except _Interrupted as stop:
                         status, signum = RunStatus.INTERRUPTED, stop.signum
                         outcomes[spec.label] = self._outcome(
-                            spec, StopReason.INTERRUPTED, self._current
+                            spec, RunStop.INTERRUPTED, self._current
                         )
                         break
         if not writer:
@@ -638,7 +508,7 @@ class Runner:
             self._say(f"\nrun directory: {self.run_dir}")
         return RunResult(self.run_dir, status, signum, summary)
 
-    def _outcome(self, spec: OptimizerConfig, reason: StopReason, st: _Progress) -> dict[str, Any]:
+    def _outcome(self, spec: OptimizerConfig, reason: RunStop, st: Progress) -> dict[str, Any]:
         return {
             "name": spec.name,
             "stop_reason": reason.value,
@@ -652,20 +522,52 @@ class Runner:
     def _train(
         self, index: int, spec: OptimizerConfig, ckpt: dict[str, Any] | None
     ) -> dict[str, Any]:
+        cfg = self.config
+        t = self._begin(index, spec, ckpt)
+        if isinstance(t, dict):  # finished before, and its budget not raised
+            return t
+        from tqdm.auto import tqdm
+
+        self._say(
+            f"[{index + 1}/{len(cfg.optimizers)}] {spec.label} ({spec.name}): "
+            f"batch {t.batch_size}"
+            + (f", curvature batch {t.curvature_size}" if t.curvature_size else "")
+        )
+        t.bar = tqdm(
+            total=spec.budget.steps,
+            initial=t.st.step,
+            desc=spec.label,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            leave=True,
+        )
+        try:
+            reason = self._steps(t, fresh=ckpt is None)
+        finally:
+            t.bar.close()
+        self._say(
+            f"    {spec.label}: stopped by {reason.value} after {t.st.step} steps, "
+            f"{t.st.seconds:.3g} s of training"
+        )
+        return self._outcome(spec, reason, t.st)
+
+    def _begin(
+        self, index: int, spec: OptimizerConfig, ckpt: dict[str, Any] | None
+    ) -> _Training | dict[str, Any]:
+        """The initial weights and optimizer, or the checkpoint's; its outcome if finished."""
         cfg, model, group = self.config, self.model, self.group
-        writer = group.rank == 0
         n = self.x_train.shape[0]
         phase = int(ckpt.get("phase", 0)) if ckpt is not None else 0
-        leaf = spec.leaves[phase]  # the optimizer taking the steps (the phase running)
-        batch_size, curvature_size, replicated = self._batch_sizes(leaf, n, group.active)
-
+        leaf = spec.leaves[phase]
         model.load_state_dict(self.initial_state)
         model.train()
         optimizer = build_optimizer(leaf, model.parameters())
         torch.manual_seed(cfg.seed)
         data_gen = torch.Generator().manual_seed(cfg.seed)
-        st = _Progress()
-        self._current = st
+        t = _Training(index, spec, leaf, optimizer, data_gen, Progress())
+        t.use(leaf, n, group.active)
+        self._current = t.st
 
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
@@ -674,340 +576,201 @@ class Runner:
             data_gen.set_state(ckpt["data_rng"])
             if self.device.type == "cuda" and ckpt.get("cuda_rng"):
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-            st = _Progress(
-                step=ckpt["step"],
-                cases=ckpt["cases"],
-                seconds=ckpt["seconds"],
-                perm=ckpt["perm"],
-                position=ckpt["position"],
-                last_eval_step=ckpt["last_eval_step"],
-                last_eval_seconds=ckpt["last_eval_seconds"],
-                hf=dict(ckpt["hf"]),
-                phase=phase,
-                phase_start=tuple(ckpt.get("phase_start", (0, 0, 0.0))),
-            )
-            self._current = st
+            t.st = self._current = Progress.from_checkpoint(ckpt)
             lifted = (
                 ckpt["finished"]
                 and ckpt["stop_reason"] in _BUDGET_REASONS
-                and self._budget_reason(spec.budget, st, n) is None
-                and not (spec.phases and self._budget_reason(leaf.budget, st.in_phase(), n))
+                and budget_reason(spec.budget, t.st, n) is None
+                and not (spec.phases and budget_reason(leaf.budget, t.st.in_phase(), n))
             )
             if lifted:
                 self._say(
                     f"[{index + 1}/{len(cfg.optimizers)}] {spec.label}: continuing after "
-                    f"{st.step} steps under the larger budget"
+                    f"{t.st.step} steps under the larger budget"
                 )
             elif ckpt["finished"]:
                 self._say(
                     f"[{index + 1}/{len(cfg.optimizers)}] {spec.label}: already finished "
-                    f"({ckpt['stop_reason']}, {st.step} steps)"
+                    f"({ckpt['stop_reason']}, {t.st.step} steps)"
                 )
-                return self._outcome(spec, StopReason(ckpt["stop_reason"]), st)
+                return self._outcome(spec, RunStop(ckpt["stop_reason"]), t.st)
         group.check_same(model.parameters())
+        return t
 
-        def save(finished: bool = False, reason: StopReason | None = None) -> None:
-            if not writer:
-                return
-            save_checkpoint(
-                self.run_dir / "checkpoints" / f"{spec.label}.pt",
-                {
-                    "format": _CHECKPOINT_FORMAT,
-                    "config_sha256": self.digest,
-                    "training_sha256": self.training_digest,
-                    "label": spec.label,
-                    "finished": finished,
-                    "stop_reason": None if reason is None else reason.value,
-                    "step": st.step,
-                    "cases": st.cases,
-                    "seconds": st.seconds,
-                    "perm": st.perm,
-                    "position": st.position,
-                    "last_eval_step": st.last_eval_step,
-                    "last_eval_seconds": st.last_eval_seconds,
-                    "hf": st.hf,
-                    "phase": st.phase,
-                    "phase_start": list(st.phase_start),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "data_rng": data_gen.get_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all()
-                    if self.device.type == "cuda"
-                    else [],
-                    "metrics_bytes": self.log.tell(),
-                    "world_size": group.world_size,
-                },
-            )
-
-        def evaluate(batch_loss: float | None) -> bool:
-            """Log one record (rank 0); False if the training loss is no longer finite."""
-            st.last_eval_step, st.last_eval_seconds = st.step, st.seconds
-            if not writer:
-                return True  # the caller agrees on rank 0's answer
-            record = {
-                "optimizer": spec.label,
-                "step": st.step,
-                "epoch": st.cases / n,
-                "seconds": st.seconds,
-                "batch_loss": batch_loss,
-                **self._evaluate(),
-                **st.hf,
-            }
-            if spec.phases:  # which phase took the steps up to here (plots mark the switches)
-                record["phase"] = st.phase
-                record["phase_name"] = spec.phases[st.phase].name
-            self.log.append(record)
-            bar.set_postfix(
-                train=f"{record['train_loss']:.4g}",
-                test=f"{record['test_loss']:.4g}",
-                refresh=False,
-            )
-            return math.isfinite(record["train_loss"])
-
-        from tqdm.auto import tqdm
-
-        self._say(
-            f"[{index + 1}/{len(cfg.optimizers)}] {spec.label} ({spec.name}): batch {batch_size}"
-            + (f", curvature batch {curvature_size}" if curvature_size else "")
-        )
-        bar = tqdm(
-            total=spec.budget.steps,
-            initial=st.step,
-            desc=spec.label,
-            disable=not self.progress,
-            dynamic_ncols=True,
-            file=sys.stdout,
-            leave=True,
-        )
-        try:
-            if ckpt is None:
-                evaluate(None)
-                save()
-            budget, every = spec.budget, cfg.eval
-            batch_loss = math.nan
-            converged = False
-            agreed_signal: int | None = None  # a data-parallel run stops on agreed signals only
-            while True:
-                reason = self._budget_reason(budget, st, n)
-                switch = False
-                if reason is None and spec.phases:
-                    reason = self._budget_reason(leaf.budget, st.in_phase(), n)
-                    if converged:
-                        reason = StopReason.CONVERGED
-                    switch = reason is not None and st.phase + 1 < len(spec.phases)
-                if switch:
-                    # The phase's budget is spent: log where it ended, go on with the next.
-                    if st.last_eval_step != st.step and not group.agree_flag(evaluate(batch_loss)):
-                        reason = StopReason.DIVERGED
-                        break
-                    st.phase += 1
-                    st.phase_start = (st.step, st.cases, st.seconds)
-                    converged = False
-                    st.hf = {}
-                    leaf = spec.phases[st.phase]
-                    batch_size, curvature_size, replicated = self._batch_sizes(
-                        leaf, n, group.active
-                    )
-                    optimizer = build_optimizer(leaf, model.parameters())
-                    save()
-                    self._say(
-                        f"    {spec.label}: phase {st.phase + 1}/{len(spec.phases)} "
-                        f"({leaf.name}) from step {st.step}, batch {batch_size}"
-                    )
-                    continue
-                if reason is not None:
-                    break
-                signum = agreed_signal if group.active else self._stop_signal
-                if signum is not None:
-                    save()
-                    raise _Interrupted(signum)
-
-                # Every optimizer draws the same permutations: its data_gen is seeded alike.
-                # Every rank draws the same batch and takes its slice (all of it in one process).
-                if st.perm is None or st.position + batch_size > n:
-                    st.perm, st.position = torch.randperm(n, generator=data_gen), 0
-                batch = st.perm[st.position : st.position + batch_size]
-                st.position += batch_size
-                idx = batch[group.shard(batch_size)].to(self.device)
-                xb, tb = self.x_train.index_select(0, idx), self.t_train.index_select(0, idx)
-                curvature = None
-                if curvature_size is not None:  # a slice of the first cases of the batch
-                    cidx = batch[:curvature_size]
-                    if not replicated:  # each rank its shard of the slice
-                        cidx = cidx[group.shard(curvature_size)]
-                    cidx = cidx.to(self.device)
-                    curvature = (
-                        self.x_train.index_select(0, cidx),
-                        self.t_train.index_select(0, cidx),
-                    )
-
-                # L-BFGS on the whole set: a step that moves nothing has converged.
-                watch = leaf.name == "lbfgs" and batch_size == n
-                before = [p.detach().clone() for p in model.parameters()] if watch else []
-                start = time.perf_counter()
-                try:
-                    batch_loss = self._step(leaf, optimizer, xb, tb, curvature)
-                except FloatingPointError as err:  # HF gives up after repeated non-finite steps
-                    self._say(f"    {spec.label}: {err}")
-                    batch_loss = math.nan
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                batch_loss, seconds, agreed_signal = group.agree_step(
-                    batch_loss, time.perf_counter() - start, self._stop_signal
-                )
-                st.seconds += seconds
-                st.step += 1
-                st.cases += batch_size
-                if leaf.name == "hessianfree":
-                    st.hf = hf_diagnostics(optimizer)
-                bar.update(1)
-                if self.on_step is not None:
-                    self.on_step(
-                        StepEvent(spec.label, st.step, st.cases / n, st.seconds, batch_loss)
-                    )
-
-                if not math.isfinite(batch_loss):
-                    reason = StopReason.DIVERGED
-                    break
-                if (every.every_steps is not None and st.step % every.every_steps == 0) or (
-                    every.every_seconds is not None
-                    and st.seconds - st.last_eval_seconds >= every.every_seconds
+    def _steps(self, t: _Training, fresh: bool) -> RunStop:
+        """Step until a budget, divergence, convergence or a signal (raised) stops ``t``."""
+        cfg, model, group, spec, st = self.config, self.model, self.group, t.spec, t.st
+        n = self.x_train.shape[0]
+        if fresh:
+            self._log_eval(t, None)
+            self._save(t)
+        budget, every = spec.budget, cfg.eval
+        batch_loss = math.nan
+        is_converged = False
+        agreed_signal: int | None = None  # a data-parallel run stops on agreed signals only
+        while True:
+            reason = budget_reason(budget, st, n)
+            switch = False
+            if reason is None and spec.phases:
+                reason = budget_reason(t.leaf.budget, st.in_phase(), n)
+                if is_converged:
+                    reason = RunStop.CONVERGED
+                switch = reason is not None and st.phase + 1 < len(spec.phases)
+            if switch:
+                # The phase's budget is spent: log where it ended, go on with the next.
+                if st.last_eval_step != st.step and not group.agree_flag(
+                    self._log_eval(t, batch_loss)
                 ):
-                    if not group.agree_flag(evaluate(batch_loss)):
-                        reason = StopReason.DIVERGED
-                        break
-                if (
-                    cfg.output.checkpoint_every is not None
-                    and st.step % cfg.output.checkpoint_every == 0
-                ):
-                    save()
-                unchanged = watch and all(
-                    torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+                    reason = RunStop.DIVERGED
+                    break
+                self._next_phase(t)
+                is_converged = False
+                continue
+            if reason is not None:
+                break
+            signum = agreed_signal if group.active else self._stop_signal
+            if signum is not None:
+                self._save(t)
+                raise _Interrupted(signum)
+
+            batch, curvature = self._next_batch(t)
+            # L-BFGS on the whole set: a step that moves nothing has converged.
+            watch = t.leaf.name == "lbfgs" and t.batch_size == n
+            before = [p.detach().clone() for p in model.parameters()] if watch else []
+            start = time.perf_counter()
+            try:
+                batch_loss = take_step(
+                    t.leaf, t.optimizer, model, self.objective, group, batch, curvature
                 )
-                if _converged(leaf, optimizer, unchanged):
-                    converged = True  # the entry stops, or its next phase begins
-                    if not (spec.phases and st.phase + 1 < len(spec.phases)):
-                        reason = StopReason.CONVERGED
-                        break
-            if st.last_eval_step != st.step:
-                evaluate(batch_loss)
-            save(finished=True, reason=reason)
-        finally:
-            bar.close()
-        self._say(
-            f"    {spec.label}: stopped by {reason.value} after {st.step} steps, "
-            f"{st.seconds:.3g} s of training"
-        )
-        return self._outcome(spec, reason, st)
-
-    @staticmethod
-    def _batch_sizes(
-        leaf: OptimizerConfig, n: int, distributed: bool
-    ) -> tuple[int, int | None, bool]:
-        """The gradient batch, HF's separate curvature batch (None: the gradient batch), and
-        whether the curvature batch is replicated on every rank rather than sharded."""
-        batch_size = leaf.batch_size or n
-        curvature_size = leaf.curvature_batch_size
-        # A replicated curvature batch is the same on every rank, so it needs its own closure
-        # even when it is the whole gradient batch (the gradient batch is sharded).
-        replicated = leaf.hyperparameters.get("curvature_batch") == "replicated"
-        if curvature_size is not None and curvature_size >= batch_size:
-            curvature_size = batch_size if replicated and distributed else None
-        elif curvature_size is None and replicated and distributed:
-            curvature_size = batch_size
-        return batch_size, curvature_size, replicated
-
-    @staticmethod
-    def _budget_reason(budget: Any, st: _Progress, n: int) -> StopReason | None:
-        if budget.steps is not None and st.step >= budget.steps:
-            return StopReason.STEPS
-        if budget.epochs is not None and st.cases >= budget.epochs * n - 1e-9:
-            return StopReason.EPOCHS
-        if budget.seconds is not None and st.seconds >= budget.seconds:
-            return StopReason.SECONDS
-        return None
-
-    def _step(
-        self,
-        spec: OptimizerConfig,
-        optimizer: torch.optim.Optimizer,
-        xb: Tensor,
-        tb: Tensor,
-        curvature: tuple[Tensor, Tensor] | None,
-    ) -> float:
-        """One optimizer step on a batch (this rank's slice); returns its loss before the step.
-
-        HessianFree averages over the ranks by itself; the gradients of the others are
-        averaged here after ``backward`` (L-BFGS's loss too), so every rank takes the same step.
-        """
-        model, loss_fn = self.model, self.objective.loss
-        if spec.name == "hessianfree":
-            # structural damping needs the hidden states (Martens & Sutskever 2011, §3.3)
-            with_hidden = getattr(optimizer, "structural_damping", 0.0) > 0 and hasattr(
-                model, "forward_with_hidden"
+            except FloatingPointError as err:  # HF gives up after repeated non-finite steps
+                self._say(f"    {spec.label}: {err}")
+                batch_loss = math.nan
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            batch_loss, seconds, agreed_signal = group.agree_step(
+                batch_loss, time.perf_counter() - start, self._stop_signal
             )
+            st.seconds += seconds
+            st.step += 1
+            st.cases += t.batch_size
+            if t.leaf.name == "hessianfree":
+                st.hf = hf_diagnostics(t.optimizer)
+            t.bar.update(1)
+            if self.on_step is not None:
+                self.on_step(StepEvent(spec.label, st.step, st.cases / n, st.seconds, batch_loss))
 
-            def evaluate(x: Tensor, t: Tensor) -> tuple[Tensor, ...]:
-                if with_hidden:
-                    outputs, hidden = model.forward_with_hidden(x)
-                    return loss_fn(outputs, t), outputs, hidden
-                outputs = model(x)
-                return loss_fn(outputs, t), outputs
+            if not math.isfinite(batch_loss):
+                reason = RunStop.DIVERGED
+                break
+            if (every.every_steps is not None and st.step % every.every_steps == 0) or (
+                every.every_seconds is not None
+                and st.seconds - st.last_eval_seconds >= every.every_seconds
+            ):
+                if not group.agree_flag(self._log_eval(t, batch_loss)):
+                    reason = RunStop.DIVERGED
+                    break
+            if (
+                cfg.output.checkpoint_every is not None
+                and st.step % cfg.output.checkpoint_every == 0
+            ):
+                self._save(t)
+            unchanged = watch and all(
+                torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+            )
+            if converged(t.leaf, t.optimizer, unchanged):
+                is_converged = True  # the entry stops, or its next phase begins
+                if not (spec.phases and st.phase + 1 < len(spec.phases)):
+                    reason = RunStop.CONVERGED
+                    break
+        if st.last_eval_step != st.step:
+            self._log_eval(t, batch_loss)
+        self._save(t, finished=True, reason=reason)
+        return reason
 
-            def closure() -> tuple[Tensor, ...]:
-                return evaluate(xb, tb)
+    def _next_phase(self, t: _Training) -> None:
+        """Start the entry's next phase: a fresh optimizer on the same weights."""
+        st, spec = t.st, t.spec
+        st.phase += 1
+        st.phase_start = (st.step, st.cases, st.seconds)
+        st.hf = {}
+        t.use(spec.phases[st.phase], self.x_train.shape[0], self.group.active)
+        t.optimizer = build_optimizer(t.leaf, self.model.parameters())
+        self._save(t)
+        self._say(
+            f"    {spec.label}: phase {st.phase + 1}/{len(spec.phases)} "
+            f"({t.leaf.name}) from step {st.step}, batch {t.batch_size}"
+        )
 
-            curvature_closure = None
-            if curvature is not None:
-                xc, tc = curvature
+    def _next_batch(
+        self, t: _Training
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+        """This rank's slice of the next gradient batch, and of HF's curvature batch (the
+        first ``curvature_size`` cases of the gradient batch; None: the gradient batch)."""
+        st, group, n = t.st, self.group, self.x_train.shape[0]
+        # Every optimizer draws the same permutations: its data_gen is seeded alike.
+        # Every rank draws the same batch and takes its slice (all of it in one process).
+        if st.perm is None or st.position + t.batch_size > n:
+            st.perm, st.position = torch.randperm(n, generator=t.data_gen), 0
+        batch = st.perm[st.position : st.position + t.batch_size]
+        st.position += t.batch_size
+        idx = batch[group.shard(t.batch_size)].to(self.device)
+        xb, tb = self.x_train.index_select(0, idx), self.t_train.index_select(0, idx)
+        curvature = None
+        if t.curvature_size is not None:  # a slice of the first cases of the batch
+            cidx = batch[: t.curvature_size]
+            if not t.replicated:  # each rank its shard of the slice
+                cidx = cidx[group.shard(t.curvature_size)]
+            cidx = cidx.to(self.device)
+            curvature = (self.x_train.index_select(0, cidx), self.t_train.index_select(0, cidx))
+        return (xb, tb), curvature
 
-                def curvature_closure() -> tuple[Tensor, ...]:
-                    return evaluate(xc, tc)
+    def _save(self, t: _Training, finished: bool = False, reason: RunStop | None = None) -> None:
+        """Checkpoint ``t`` (rank 0): its progress, model, optimizer and RNG states."""
+        if self.group.rank != 0:
+            return
+        save_checkpoint(
+            self.run_dir / "checkpoints" / f"{t.spec.label}.pt",
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config_sha256": self.digest,
+                "training_sha256": self.training_digest,
+                "label": t.spec.label,
+                "finished": finished,
+                "stop_reason": None if reason is None else reason.value,
+                **t.st.to_checkpoint(),
+                "model": self.model.state_dict(),
+                "optimizer": t.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "data_rng": t.data_gen.get_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "metrics_bytes": self.log.tell(),
+                "world_size": self.group.world_size,
+            },
+        )
 
-            return _scalar(optimizer.step(closure, curvature_closure))
-        if spec.name == "lbfgs":
-            first: list[Tensor] = []
-
-            def lbfgs_closure() -> Tensor:
-                optimizer.zero_grad()
-                loss = loss_fn(model(xb), tb)
-                loss.backward()
-                if not first:
-                    first.append(loss.detach())
-                # L-BFGS decides on this loss: it must be the batch mean, the same on every rank
-                return self.group.average_gradients(model.parameters(), loss)
-
-            optimizer.step(lbfgs_closure)
-            return _scalar(first[0])
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), tb)
-        loss.backward()
-        self.group.average_gradients(model.parameters())
-        optimizer.step()
-        return _scalar(loss)
-
-    @torch.no_grad()
-    def _evaluate(self) -> dict[str, float]:
-        """Loss and metric on the train and test evaluation sets, in chunks, in eval mode."""
-        model, obj = self.model, self.objective
-        chunk = self.config.eval.batch_size
-        model.eval()
-        out: dict[str, float] = {}
-        try:
-            for split, (x, t) in self.eval_sets.items():
-                loss_sum = metric_sum = 0.0
-                for start in range(0, x.shape[0], chunk):
-                    xb, tb = x[start : start + chunk], t[start : start + chunk]
-                    outputs = model(xb)
-                    # Both reductions are means over cases: weight each chunk by its size.
-                    loss_sum += float(obj.loss(outputs, tb)) * xb.shape[0]
-                    metric_sum += float(obj.metric(outputs, tb)) * xb.shape[0]
-                out[f"{split}_loss"] = loss_sum / x.shape[0]
-                out[f"{split}_{obj.metric_name}"] = metric_sum / x.shape[0]
-        finally:
-            model.train()
-        return out
+    def _log_eval(self, t: _Training, batch_loss: float | None) -> bool:
+        """Log one evaluation record (rank 0); False if the training loss is no longer finite."""
+        st, spec = t.st, t.spec
+        st.last_eval_step, st.last_eval_seconds = st.step, st.seconds
+        if self.group.rank != 0:
+            return True  # the caller agrees on rank 0's answer
+        record = {
+            "optimizer": spec.label,
+            "step": st.step,
+            "epoch": st.cases / self.x_train.shape[0],
+            "seconds": st.seconds,
+            "batch_loss": batch_loss,
+            **evaluate(self.model, self.objective, self.eval_sets, self.config.eval.batch_size),
+            **st.hf,
+        }
+        if spec.phases:  # which phase took the steps up to here (plots mark the switches)
+            record["phase"] = st.phase
+            record["phase_name"] = spec.phases[st.phase].name
+        self.log.append(record)
+        t.bar.set_postfix(
+            train=f"{record['train_loss']:.4g}", test=f"{record['test_loss']:.4g}", refresh=False
+        )
+        return math.isfinite(record["train_loss"])
 
 
 def run_experiment(

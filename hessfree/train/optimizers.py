@@ -1,9 +1,9 @@
 """Build the optimizers a config names, and read Hessian-free step diagnostics.
 
-``hessianfree`` is imported lazily from :mod:`hessfree.optimizer` (the runner sits above the
-core and the core never imports it); ``adam``, ``sgd`` and ``lbfgs`` are ``torch.optim``'s.
-Hyperparameters are passed through unchanged: the YAML keys are the constructors' keyword
-arguments.
+``hessianfree`` is :class:`hessfree.HessianFree`, imported lazily (:func:`hessianfree_class`;
+the runner sits above the core and the core never imports it); ``adam``, ``sgd`` and
+``lbfgs`` are ``torch.optim``'s. Hyperparameters are passed through unchanged: the YAML keys
+are the constructors' keyword arguments.
 """
 
 from __future__ import annotations
@@ -15,11 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessfree.train import config
 from hessfree.train.config import OptimizerConfig
 from hessfree.train.metrics import clean_value
 
-__all__ = ["build_optimizer", "hf_diagnostics"]
+__all__ = ["build_optimizer", "hessianfree_class", "hf_diagnostics"]
+
+
+def hessianfree_class() -> type:
+    """:class:`hessfree.HessianFree`, imported when an HF entry is built."""
+    from hessfree import HessianFree  # noqa: PLC0415
+
+    return HessianFree
 
 
 def build_optimizer(spec: OptimizerConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
@@ -30,7 +36,7 @@ def build_optimizer(spec: OptimizerConfig, params: Iterable[Tensor]) -> torch.op
     """
     kwargs = dict(spec.hyperparameters)
     if spec.name == "hessianfree":
-        return config._hessianfree_class()(params, **kwargs)
+        return hessianfree_class()(params, **kwargs)
     if spec.name == "adam":
         kwargs["betas"] = tuple(kwargs["betas"])
         return torch.optim.Adam(params, **kwargs)

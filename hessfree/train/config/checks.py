@@ -1,0 +1,317 @@
+"""Checks between sections, made before any data is loaded (the loaded data's are the runner's).
+
+The loss is resolved from the model and the data (:func:`_resolve_loss`); model and data must
+fit each other; sizes a data section fixes (cases, classes, input size) bound the batch sizes
+and, with the model, the memory a run needs. Two rules are shared with the runner's checks
+after loading (``hessfree.train.loop._data_problems``): :func:`loss_fits_targets` and
+:func:`curvature_batch_fits`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hessfree.train.config.schema import _show
+from hessfree.train.config.sections import (
+    _DATA_TASK,
+    _IMAGE_DATA,
+    _SEQUENCE_DATA,
+    ExperimentConfig,
+    LossConfig,
+    OptimizerConfig,
+)
+
+#: The targets each loss trains on: integer class labels or real values.
+_LOSS_TARGETS = {"cross_entropy": "labels", "mse": "values", "bce_with_logits": "values"}
+#: The targets of each natural task of a dataset.
+_TASK_TARGETS = {"classification": "labels", "regression": "values"}
+
+
+def loss_fits_targets(loss: str, target_kind: str | None) -> bool:
+    """Whether ``loss`` trains on targets of ``target_kind`` (``labels`` or ``values``).
+
+    Example:
+        >>> loss_fits_targets("cross_entropy", "labels"), loss_fits_targets("mse", "labels")
+        (True, False)
+    """
+    return _LOSS_TARGETS.get(loss) == target_kind
+
+
+def curvature_batch_fits(leaf: OptimizerConfig, n: int | None) -> bool:
+    """Whether HF's curvature batch is a slice of the gradient batch (``batch_size``, or the
+    ``n`` training cases when it is null; ``n`` None: not known yet, nothing to compare)."""
+    gradient_batch = leaf.batch_size or n
+    return (
+        leaf.curvature_batch_size is None
+        or gradient_batch is None
+        or leaf.curvature_batch_size <= gradient_batch
+    )
+
+
+def leaves(cfg: ExperimentConfig) -> Iterator[tuple[str, OptimizerConfig]]:
+    """``(dotted path, leaf)`` for every optimizer that takes steps: ``optimizers.I`` for a
+    plain entry, ``optimizers.I.phases.J`` for a phase."""
+    for i, opt in enumerate(cfg.optimizers):
+        for j, leaf in enumerate(opt.leaves):
+            yield f"optimizers.{i}" + (f".phases.{j}" if opt.phases else ""), leaf
+
+
+def _resolve_loss(loss: LossConfig, data: Any, model: Any, problems: list[str]) -> LossConfig:
+    """Fill ``null`` loss entries from the model and data; reject pairs that cannot train."""
+    data_name, model_name = getattr(data, "name", None), getattr(model, "name", None)
+    natural = _DATA_TASK.get(data_name)
+    name, reduction = loss.name, loss.reduction
+    if name is None:
+        if model_name == "autoencoder":
+            name = "bce_with_logits"
+        elif natural == "classification":
+            name = "cross_entropy"
+        elif natural == "regression":
+            name = "mse"
+        elif data_name == "npz" and (getattr(data, "train_targets", None) is None):
+            problems.append(
+                "`loss.name` not set: npz data without targets trains an autoencoder; "
+                "set `model.name: autoencoder`."
+            )
+        elif data_name == "npz":
+            problems.append(
+                "`loss.name` must be set for npz data: 'cross_entropy' for integer "
+                "labels, 'mse' for real-valued targets, 'bce_with_logits' for targets in [0, 1]."
+            )
+        elif data_name == "curves":
+            problems.append("`model.name`: the curves data has no labels; use 'autoencoder'.")
+    if reduction is None:
+        reduction = "sum_per_case" if model_name == "autoencoder" else "mean"
+    if name is not None and model_name is not None and model_name != "autoencoder":
+        targets = _TASK_TARGETS.get(natural or "")
+        if targets == "labels" and not loss_fits_targets(name, targets):
+            problems.append(
+                f"`loss.name` = {name!r} does not fit the integer labels of "
+                f"{data_name!r}; use 'cross_entropy' (or model 'autoencoder')."
+            )
+        if targets == "values" and not loss_fits_targets(name, targets):
+            problems.append(
+                f"`loss.name` = 'cross_entropy' needs class labels; {data_name!r} has "
+                "real-valued targets; use 'mse'."
+            )
+        if data_name == "curves":
+            problems.append("`model.name`: the curves data has no labels; use 'autoencoder'.")
+    if model_name == "autoencoder" and name == "cross_entropy":
+        problems.append(
+            "`loss.name` = 'cross_entropy' cannot reconstruct inputs; "
+            "use 'bce_with_logits' (inputs in [0, 1]) or 'mse'."
+        )
+    return LossConfig(name=name, reduction=reduction)
+
+
+@dataclass(frozen=True)
+class _KnownData:
+    """What a data section fixes without loading anything (None: decided by a file)."""
+
+    num_train: int | None
+    input_numel: int | None
+    num_outputs: int | None
+
+
+#: Cases and classes of scikit-learn's bundled sets.
+_BUNDLED = {"digits": (1797, 10, 64), "breast_cancer": (569, 2, 30)}
+
+
+def _known_data(data: Any, problems: list[str]) -> _KnownData:
+    """Sizes a data section fixes, and problems with its split that only sizes reveal."""
+    name = data.name
+    if name in _BUNDLED:
+        n, classes, numel = _BUNDLED[name]
+        # scikit-learn's train_test_split: ceil(f n) test cases, the rest for training; a
+        # stratified split needs at least one case of each class on either side.
+        n_test = math.ceil(data.test_fraction * n)
+        n_train = n - n_test
+        if min(n_test, n_train) < classes:
+            low = classes / n
+            problems.append(
+                f"`data.test_fraction` = {data.test_fraction!r} splits the {n} cases of "
+                f"{name!r} into {n_train} train / {n_test} test, fewer than its {classes} "
+                f"classes on one side; use a value in [{low:.4f}, {1 - low:.4f}]."
+            )
+        return _KnownData(n_train, numel, classes)
+    if name == "mnist1d":
+        n_train = int(data.num_samples * data.train_split)
+        if n_train < 1 or n_train >= data.num_samples:
+            problems.append(
+                f"`data.train_split` = {data.train_split!r} of {data.num_samples} cases leaves "
+                f"{n_train} for training and {data.num_samples - n_train} for testing; both "
+                "need at least one case."
+            )
+        return _KnownData(n_train, 40, 10)
+    if name == "curves":
+        return _KnownData(data.num_train, data.image_size**2, None)
+    if name == "addition":
+        return _KnownData(data.num_train, 2 * data.length, 1)
+    return _KnownData(None, 784 if name == "mnist" else None, 10 if name == "mnist" else None)
+
+
+def _num_parameters(model: Any, known: _KnownData) -> int:
+    """A lower bound on the model's parameter count from its config and the known data sizes."""
+    inputs, outputs = known.input_numel or 1, known.num_outputs or 1
+
+    def dense(sizes: Sequence[int]) -> int:
+        return sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))
+
+    if model.name == "mlp":
+        return dense([inputs, *model.hidden_sizes, outputs])
+    if model.name == "autoencoder":
+        sizes = list(model.layer_sizes or ())
+        return dense(sizes) + dense(sizes[::-1])
+    if model.name == "cnn":
+        channels = [1, *model.channels]
+        conv = sum((9 * a + 1) * b for a, b in zip(channels, channels[1:], strict=False))
+        return conv + dense([channels[-1], model.hidden_size, outputs])
+    if model.name == "rnn":
+        h = model.hidden_size
+        return h * (2 + h + 1) + (h + 1) * outputs
+    return 0  # pragma: no cover - every model is listed above
+
+
+def _physical_memory() -> int:
+    """This machine's physical memory in bytes (1 TiB if the system does not say)."""
+    import os  # noqa: PLC0415
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return 2**40
+
+
+def _gigabytes(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """Sizes known without loading data: splits, batch sizes, the memory of model and data."""
+    before = len(problems)
+    known = _known_data(cfg.data, problems)
+    n = known.num_train
+    if n is not None and n >= 1 and len(problems) == before:
+        for entry_path, opt in leaves(cfg):
+            where = "batch_size" if opt.batch_size == cfg.batch_size else f"{entry_path}.batch_size"
+            if (
+                opt.batch_size is not None
+                and opt.batch_size > n
+                and not any(p.startswith(f"`{where}` ") for p in problems)
+            ):
+                problems.append(
+                    f"`{where}` = {opt.batch_size} exceeds the {n} training cases of "
+                    f"{cfg.data.name!r} ({entry_path}, {opt.label}); use at most {n}, or null "
+                    "for the whole training set."
+                )
+            if opt.batch_size is None and not curvature_batch_fits(opt, n):
+                problems.append(
+                    f"`{entry_path}.curvature_batch_size` = {opt.curvature_batch_size} "
+                    f"exceeds the {n} training cases of {cfg.data.name!r} (its gradient batch)."
+                )
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    params = _num_parameters(cfg.model, known)
+    data_values = (known.input_numel or 0) * (n or 0) if cfg.data.name != "mnist" else 0
+    # Parameters, their gradients and at least one optimizer vector of the same size.
+    need = 3 * params * itemsize + data_values * itemsize
+    have = _physical_memory()
+    if need > have:
+        key = {"mlp": "hidden_sizes", "autoencoder": "layer_sizes", "cnn": "channels"}.get(
+            cfg.model.name, "hidden_size"
+        )
+        problems.append(
+            f"`model.{key}`: the model would have at least {params:,} parameters "
+            f"({_gigabytes(params * itemsize)} as {cfg.dtype}; training needs about "
+            f"{_gigabytes(need)} with gradients, optimizer state and "
+            f"{_gigabytes(data_values * itemsize)} of data), more than this machine's "
+            f"{_gigabytes(have)} of memory; use smaller layers or less data."
+        )
+
+
+_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+def _check_name(name: str, problems: list[str]) -> None:
+    """``name`` becomes a directory name under ``output.dir``: no separators, no escape."""
+    if not name or name in (".", "..") or ".." in name or _NAME_FORBIDDEN.search(name):
+        problems.append(
+            f"`name` = {_show(name)} names the run directory; it must be non-empty, without "
+            "'..', path separators (/ \\) or control characters (NUL included); e.g. "
+            "'quickstart-2'."
+        )
+    elif len(name.encode("utf-8", errors="replace")) > 200:
+        problems.append(
+            f"`name` is {len(name.encode('utf-8', errors='replace'))} bytes long; a run "
+            "directory name must stay under the file system's 255: use at most 200."
+        )
+
+
+def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """Checks between sections that need no data (those that do run after loading it)."""
+    if cfg.model.name == "rnn" and cfg.data.name not in _SEQUENCE_DATA + ("npz",):
+        problems.append(
+            f"`model.name` = 'rnn' needs sequence data (e.g. 'addition'), got "
+            f"{cfg.data.name!r}; use 'mlp' or 'cnn'."
+        )
+    if cfg.data.name in _SEQUENCE_DATA and cfg.model.name in ("cnn", "autoencoder"):
+        problems.append(
+            f"`model.name` = {cfg.model.name!r} does not fit the sequence data "
+            f"{cfg.data.name!r}; use 'rnn' or 'mlp'."
+        )
+    if cfg.model.name == "cnn" and cfg.data.name not in _IMAGE_DATA + ("npz",):
+        problems.append(
+            f"`model.name` = 'cnn' needs image data ({', '.join(_IMAGE_DATA)} or npz "
+            f"with (N, C, H, W) inputs), got {cfg.data.name!r}."
+        )
+    for i, opt in ((i, leaf) for i, o in enumerate(cfg.optimizers) for leaf in o.leaves):
+        mu = (
+            opt.hyperparameters.get("structural_damping", 0.0) if opt.name == "hessianfree" else 0.0
+        )
+        if isinstance(mu, (int, float)) and mu > 0 and cfg.model.name != "rnn":
+            problems.append(
+                f"`optimizers.{i}.structural_damping` = {mu!r} needs a recurrent model's hidden "
+                f"states, got `model.name` = {cfg.model.name!r}; use model 'rnn' or set it to 0."
+            )
+    if cfg.data.name == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
+        problems.append("`data.name` = 'mnist1d' needs the mnist1d package: pip install mnist1d.")
+    if cfg.device == "cuda":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            problems.append(
+                "`device` = 'cuda' but torch.cuda.is_available() is False; use 'cpu' or 'auto'."
+            )
+    labels = [o.label for o in cfg.optimizers]
+    for label in sorted({x for x in labels if labels.count(x) > 1}):
+        where = ", ".join(f"optimizers.{i}" for i, x in enumerate(labels) if x == label)
+        problems.append(
+            f"Optimizer label {label!r} is used by {where}; give each a distinct `label`."
+        )
+    for i, opt in enumerate(cfg.optimizers):
+        b = opt.budget
+        # An invalid budget value was already reported; "no budget" would only echo it.
+        budget_reported = any(
+            p.startswith(("`budget.", f"`optimizers.{i}.budget")) for p in problems
+        )
+        last = opt.leaves[-1].budget if opt.phases else b  # a last phase may bound the entry
+        unbounded = all(
+            x.steps is None and x.epochs is None and x.seconds is None for x in (b, last)
+        )
+        if unbounded and not budget_reported:
+            problems.append(
+                f"`optimizers.{i}` ({opt.label}) has no budget: set `budget.steps`, "
+                "`budget.epochs` or `budget.seconds` (globally or in the entry)."
+            )
+        for j, leaf in enumerate(opt.leaves):
+            where = f"optimizers.{i}" + (f".phases.{j}" if opt.phases else "")
+            if leaf.batch_size is not None and not curvature_batch_fits(leaf, None):
+                problems.append(
+                    f"`{where}.curvature_batch_size` = {leaf.curvature_batch_size} "
+                    f"exceeds its gradient batch_size {leaf.batch_size}; the curvature "
+                    "batch is a slice of the gradient batch."
+                )

@@ -1,0 +1,93 @@
+"""HessianFree's config keys: the fields of :class:`hessfree.HFSettings`, checked by it.
+
+The keys, their defaults and every check come from :class:`~hessfree.HFSettings`, the core's
+one record of HessianFree's hyperparameters (imported lazily: :func:`settings_class`, which
+keeps ``import hessfree.train.config`` light). Each given key is checked alone, which pins
+its message to the key's dotted path; if all pass, all together for the constraints between
+keys. No optimizer is built here (:mod:`hessfree.train.optimizers` builds the real one).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hessfree.train.config.schema import _path, _show, _unknown_key
+from hessfree.train.config.sections import _ENTRY_KEYS
+
+
+def settings_class() -> type:
+    """:class:`hessfree.HFSettings`, imported when an HF entry is checked."""
+    from hessfree import HFSettings
+
+    return HFSettings
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _key_in_message(message: str, keys: Sequence[str]) -> str | None:
+    for key in keys:
+        if re.search(rf"[`'\"]{re.escape(key)}[`'\"]", message):
+            return key
+    return None
+
+
+def check_hessianfree(raw: Mapping[str, Any], path: str, problems: list[str]) -> dict[str, Any]:
+    """Validate an HF entry's hyperparameters; return them with every plain default filled in."""
+    try:
+        settings = settings_class()
+    except ImportError as err:
+        problems.append(
+            f"`{path}.name`: optimizer 'hessianfree' is unavailable "
+            f"(importing hessfree failed: {err})."
+        )
+        return {}
+    # Python objects (callback, process_group) are not config keys: YAML cannot express them.
+    defaults = {k: v for k, v in settings.defaults().items() if k not in settings.PYTHON_ONLY}
+    allowed = list(_ENTRY_KEYS) + list(defaults)
+    given: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _ENTRY_KEYS:
+            continue
+        if key not in defaults:
+            problems.append(_unknown_key(path, key, allowed))
+            continue
+        # A YAML integer where the default is a float (cg_rtol: 0) is meant as that float.
+        if (
+            isinstance(defaults[key], float)
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+        ):
+            value = float(value)
+        given[key] = value
+
+    bad = False
+    for key, value in given.items():
+        for _, message in settings.problems({key: value}):
+            problems.append(f"`{_path(path, key)}` = {_show(value)}: {message}")
+            bad = True
+    if not bad and given:
+        for _, message in settings.problems(given):
+            key = _key_in_message(message, list(given))
+            problems.append(f"`{_path(path, key) if key else path}`: {message}")
+            bad = True
+    if not bad and given:
+        # An integer where the setting holds a float (cg_rtol: 0, whose default is 'auto'):
+        # the float HFSettings normalises it to.
+        normalised = settings.from_kwargs(**given)
+        for key, value in given.items():
+            number = getattr(normalised, key)
+            if isinstance(value, int) and not isinstance(value, bool) and isinstance(number, float):
+                given[key] = number
+    resolved = {k: v for k, v in defaults.items() if _plain(v)}
+    resolved.update(given)
+    return resolved

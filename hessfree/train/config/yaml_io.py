@@ -1,0 +1,204 @@
+"""YAML in and out: the safe loader, reading a config file, dumping and digesting a config.
+
+The loader reads ``1e-3`` as a float (PyYAML's YAML 1.1 resolver would read a string) and
+refuses duplicate keys and documents whose aliases expand beyond :data:`_MAX_VALUES` values.
+A dumped config lists every key in :class:`~.sections.ExperimentConfig`'s field order; its
+SHA-256 is what a checkpoint must match to be resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hessfree.train.config.schema import _MAX_PROBLEM_CHARS, _MAX_VALUES, ConfigError
+from hessfree.train.config.sections import ExperimentConfig, OptimizerConfig
+
+# ---------------------------------------------------------------------------------------------
+# YAML: the safe loader, plus floats without a dot (1e-3) and an error on duplicate keys.
+
+
+class _SafeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser if built
+    """``yaml.SafeLoader`` that reads ``1e-3`` as a float and rejects duplicate keys."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _construct_mapping(loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    mapping: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            line = key_node.start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """Parse YAML with a safe loader (no Python objects), ``1e-3`` as float, no duplicate keys.
+
+    Example:
+        >>> safe_load_yaml("lr: 1e-3\\nsteps: 10")
+        {'lr': 0.001, 'steps': 10}
+    """
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 -- _SafeLoader subclasses SafeLoader
+
+
+def read_yaml_file(path: Path) -> Any:
+    """Read a YAML file as the safe loader parses it.
+
+    Raises:
+        ConfigError: The file cannot be read, is not UTF-8 text, is not valid YAML, or its
+            aliases expand it beyond :data:`_MAX_VALUES` values.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(
+            [f"cannot read the config file: {err.strerror or err}."], str(path)
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [
+                f"the file is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                f"{err.start}); save it as UTF-8, or check it is the YAML config you meant."
+            ],
+            str(path),
+        ) from None
+    try:
+        raw = safe_load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {_cut(str(err))}"], str(path)) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:
+        # PyYAML's constructors raise these for e.g. an impossible date or a 5,000-digit int.
+        raise ConfigError(
+            [f"not valid YAML: {type(err).__name__}: {_cut(str(err))}"], str(path)
+        ) from None
+    _check_expansion(raw, str(path))
+    return raw
+
+
+def _cut(text: str) -> str:
+    return (
+        text if len(text) <= _MAX_PROBLEM_CHARS // 2 else text[: _MAX_PROBLEM_CHARS // 2] + " ..."
+    )
+
+
+def _check_expansion(raw: Any, source: str) -> None:
+    """Refuse a document whose aliases expand it beyond :data:`_MAX_VALUES` values."""
+    count, stack = 0, [(raw, 0)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > _MAX_VALUES or depth > 100:
+            raise ConfigError(
+                [
+                    f"the document expands to more than {_MAX_VALUES:,} values or 100 levels "
+                    "(YAML aliases such as *a repeat their anchor); a config is far smaller."
+                ],
+                source,
+            )
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value)
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as plain YAML-ready values; :func:`parse_config` reads it back."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "optimizers":
+            entries = []
+            for opt in value:
+                if opt.phases:
+                    phases = [_entry(ph, plain) for ph in opt.phases]
+                    for ph in phases:
+                        del ph["label"]
+                    entries.append(
+                        {"label": opt.label, "phases": phases, "budget": plain(opt.budget)}
+                    )
+                else:
+                    entries.append(_entry(opt, plain))
+            out["optimizers"] = entries
+        else:
+            out[f.name] = plain(value)
+    return out
+
+
+def _entry(opt: OptimizerConfig, plain: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": opt.name, "label": opt.label}
+    entry.update(plain(opt.hyperparameters))
+    entry["batch_size"] = opt.batch_size
+    if opt.name == "hessianfree":
+        entry["curvature_batch_size"] = opt.curvature_batch_size
+    entry["budget"] = plain(opt.budget)
+    return entry
+
+
+def _yaml(plain: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(plain), sort_keys=False, default_flow_style=None, width=100)
+
+
+def dump_config(cfg: ExperimentConfig, header: str = "") -> str:
+    """The resolved config as YAML text, optionally opened by ``header`` as comment lines."""
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comment + _yaml(config_to_dict(cfg))
+
+
+def config_digest(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the resolved config (what a checkpoint must match to be resumed).
+
+    The ``distributed`` section is left out: a timeout does not change the results, and runs
+    written before the section existed keep their digest.
+    """
+    plain = config_to_dict(cfg)
+    del plain["distributed"]
+    return hashlib.sha256(_yaml(plain).encode()).hexdigest()
+
+
+def training_digest(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the resolved config less every budget: what a step's result depends on.
+
+    Two configs with equal training digests take the same steps; only when they stop differs,
+    so a run may be resumed with a larger (or smaller) budget.
+    """
+    plain = config_to_dict(cfg)
+    del plain["distributed"], plain["budget"]
+    for entry in plain["optimizers"]:
+        entry.pop("budget", None)
+        for phase in entry.get("phases", ()):
+            phase.pop("budget", None)
+    return hashlib.sha256(_yaml(plain).encode()).hexdigest()

@@ -1,0 +1,181 @@
+"""The run directory: its default name, whether it can be created, creating or checking it.
+
+A new run needs a new or empty directory it can write (:func:`run_dir_problems`, checked
+before any data is loaded); :func:`prepare_run_dir` creates it with the resolved
+``config.yaml``, or, on ``--resume``, checks it and returns each optimizer's checkpoint: the
+config (or all but its budgets) and the number of processes must match, checkpoints must not
+skip an optimizer, and ``metrics.jsonl`` must hold at least what the latest one recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hessfree.train.checkpoint import load_checkpoint, remove_stale_temporaries, write_text_atomic
+from hessfree.train.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_digest,
+    dump_config,
+    training_digest,
+)
+
+__all__ = ["CHECKPOINT_FORMAT", "default_run_dir", "prepare_run_dir", "run_dir_problems"]
+
+#: Written into every checkpoint; a checkpoint of another format is not resumed.
+CHECKPOINT_FORMAT = 1
+
+
+def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Path:
+    """``<output.dir>/<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... if that exists."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = Path(config.output.dir) / f"{config.name}-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
+    """Why a new run directory could not be created at ``run_dir`` (empty: it can).
+
+    Checks the nearest existing ancestor: it must be a directory this process may write in.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
+    parent = run_dir
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return [
+            f"`{key}`: '{parent}' is a file, so the run directory '{run_dir}' cannot be "
+            "created under it; choose a directory."
+        ]
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return [
+            f"`{key}`: cannot create '{run_dir}': '{parent}' is not writable by this user; "
+            "choose a directory you can write to."
+        ]
+    return []
+
+
+def prepare_run_dir(
+    run_dir: Path,
+    config: ExperimentConfig,
+    *,
+    resume: bool,
+    writer: bool,
+    world_size: int,
+    config_header: str = "",
+    say: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """Create (or check, when resuming) the run directory; return existing checkpoints.
+
+    Args:
+        writer: Whether this process writes (rank 0; the other ranks of a data-parallel run
+            only read).
+        world_size: The number of processes, which a resumed checkpoint must match.
+        say: Prints a line (about leftovers of an interrupted write it removes).
+
+    Raises:
+        ConfigError: The directory cannot be used (each message says why and what to do).
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    digest, training = config_digest(config), training_digest(config)
+    if not resume:
+        if not writer:
+            return {}
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                [
+                    f"run directory '{run_dir}' is not empty; resume it with "
+                    f"--resume {run_dir} or choose another --out."
+                ]
+            )
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / "config.yaml", dump_config(config, config_header))
+        except OSError as err:
+            raise ConfigError(
+                [f"cannot create the run directory '{run_dir}': {err.strerror or err}."]
+            ) from None
+        return {}
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError([f"'{run_dir}' holds no config.yaml: not a run directory."])
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise ConfigError(
+            [
+                f"'{ckpt_dir}' is a file, not the run's checkpoint directory; the run "
+                "directory was edited. Move that file away (resuming then restarts every "
+                "optimizer) or start a new run."
+            ]
+        )
+    found: dict[str, dict[str, Any]] = {}
+    gap = None
+    for opt in config.optimizers:
+        path = ckpt_dir / f"{opt.label}.pt"
+        if not path.exists():
+            gap = gap or path
+        elif gap is not None:
+            raise ConfigError(
+                [
+                    f"'{gap}' is missing although a later optimizer's checkpoint "
+                    f"'{path}' exists; the run directory was edited."
+                ]
+            )
+        else:
+            ckpt = load_checkpoint(path, map_location="cpu")  # CheckpointError if damaged
+            # The same config, or (checkpoints that record it) the same but for budgets.
+            same = ckpt.get("config_sha256") == digest or (ckpt.get("training_sha256") == training)
+            if ckpt.get("format") != CHECKPOINT_FORMAT or not same:
+                raise ConfigError(
+                    [
+                        f"checkpoint '{path}' was written for a different config (or "
+                        "format); resume with the run's own config.yaml."
+                    ]
+                )
+            written_by = int(ckpt.get("world_size", 1))
+            if written_by != world_size:
+                raise ConfigError(
+                    [
+                        f"checkpoint '{path}' was written by a run over {written_by} "
+                        f"process(es), this one has {world_size}; resume with "
+                        f"the same number (torchrun --nproc_per_node={written_by}), since "
+                        "another one changes the rounding of every averaged quantity."
+                    ]
+                )
+            found[opt.label] = ckpt
+    metrics = run_dir / "metrics.jsonl"
+    recorded = max((int(c.get("metrics_bytes", 0)) for c in found.values()), default=0)
+    size = metrics.stat().st_size if metrics.is_file() else 0
+    if metrics.exists() and not metrics.is_file():
+        raise ConfigError([f"'{metrics}' is not a file; the run directory was edited."])
+    if size < recorded:
+        raise ConfigError(
+            [
+                f"'{metrics}' has {size} bytes, fewer than the {recorded} its latest "
+                "checkpoint recorded: the metrics file was truncated or replaced. Restore it, "
+                "or start a new run (resuming would lose records)."
+            ]
+        )
+    if writer and any(c.get("config_sha256") != digest for c in found.values()):
+        # Resumed under other budgets: the run directory describes the run as it goes on.
+        header = config_header or "Resolved by hessfree"
+        write_text_atomic(
+            run_dir / "config.yaml",
+            dump_config(config, f"{header}\nBudgets changed on resume."),
+        )
+    if writer:
+        # Only now that every check passed: the leftovers of a write killed mid-way.
+        for stale in remove_stale_temporaries(ckpt_dir) + remove_stale_temporaries(run_dir):
+            say(f"removed {stale.name}, left by an interrupted write")
+    if writer:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    return found
