@@ -506,7 +506,9 @@ class HessianFree(torch.optim.Optimizer):
         #: The preconditioner (``precond='martens'`` built as an :class:`EmpiricalFisherDiagonal`,
         #: ``'nystrom'`` as a :class:`NystromPreconditioner`).
         builders = {"martens": EmpiricalFisherDiagonal, "nystrom": NystromPreconditioner}
-        self.precond = builders[precond]() if precond in builders else precond
+        self.precond = (
+            builders[precond]() if isinstance(precond, str) and precond in builders else precond
+        )
         self._auto_precond: NystromPreconditioner | None = None  # built for precond='auto'
         self._avg = Averager(process_group)
         # Every plain hyperparameter lives in the defaults, as in LBFGS, so state_dict() carries
