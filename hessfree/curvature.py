@@ -17,7 +17,9 @@ How the products are computed, all with PyTorch autograd and nothing formed:
 * **Jacobian** :math:`Jv` by the double-backward "R-op" trick: :math:`J^\top u` is linear in
   :math:`u`, so :math:`Jv = \nabla_u \langle J^\top u, v\rangle`. For the Gauss-Newton product
   the :math:`u` is the loss gradient :math:`\partial\ell/\partial o` itself, so the graph built
-  for the gradient serves every :math:`Jv` too.
+  for the gradient serves every :math:`Jv` too. That graph keeps only what the R-op reads (the
+  forward activations and weights, not the cotangents autograd would save alongside them: about
+  twice the forward pass's activations less; see ``_rop_setup``).
 * **Gauss-Newton** :math:`Gv = J^\top (H_\ell (Jv))`, with :math:`H_\ell` in closed form for
   MSE, softmax cross-entropy and BCE-with-logits (recognised from the loss's autograd node, so
   no double backward through ``log_softmax``) and a double backward through the loss alone for
@@ -43,6 +45,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -118,6 +121,84 @@ def _reaches(root: torch.autograd.graph.Node | None, targets: set, stop: set) ->
             return True
         stack.extend(n for n, _ in node.next_functions)
     return False
+
+
+def _rop_setup(
+    outputs: Sequence[Tensor], params: Sequence[Tensor], us: Sequence[Tensor]
+) -> tuple[Tensor | None, ...]:
+    r""":math:`J^\top u = \sum_k J_k^\top u_k` with a graph that serves only :math:`Jv`.
+
+    The R-op differentiates this graph with respect to the ``u_k`` alone. The graph is linear in
+    them, so a node's derivative with respect to its ``u``-dependent input needs only its other,
+    ``u``-free inputs (forward activations, weights); yet autograd saves both, because the
+    activations and weights require gradients: one saved cotangent per layer and operation, about
+    twice the forward graph's activations. Here saved-tensor hooks keep every ``u``-free tensor
+    and replace each ``u``-dependent one by a NaN placeholder of its shape (no storage), so those
+    cotangents are freed when this call returns. Products are bit-for-bit those of the full
+    graph; a backward formula that did read a placeholder would give a NaN product, which CG
+    reports as ``NON_FINITE``, never a silently wrong one. Cotangents saved while a convolution's
+    backward runs are kept (see ``_KEEP_COTANGENT_NODES``). Not for higher derivatives.
+    """
+    targets = set()  # the autograd edges (node, output number) of the u_k
+    for u in us:
+        edge = torch.autograd.graph.get_gradient_edge(u)
+        targets.add((edge.node, edge.output_nr))
+    memo: dict = {}  # node -> whether its inputs reach a u_k
+
+    def reaches(root: torch.autograd.graph.Node) -> bool:
+        stack: list = [(root, None)]  # (node, its next_functions once expanded)
+        while stack:
+            n, nxt = stack.pop()
+            if n in memo:
+                continue
+            if nxt is None:  # first visit: the inputs first, then n again
+                nxt = n.next_functions
+                stack.append((n, nxt))
+                stack.extend((m, None) for m, _ in nxt if m is not None and m not in memo)
+            else:
+                memo[n] = any(e in targets or (e[0] is not None and memo[e[0]]) for e in nxt)
+        return memo[root]
+
+    placeholders: dict = {}
+
+    def pack(t: Tensor) -> Tensor:
+        if not t.requires_grad:
+            return t
+        node = t.grad_fn
+        if node is None:  # a leaf: a parameter, or a u_k itself
+            edge = torch.autograd.graph.get_gradient_edge(t)
+            node, nr = edge.node, edge.output_nr
+        else:
+            nr = t.output_nr
+        if (node, nr) not in targets:
+            dep = memo.get(node)
+            if not (reaches(node) if dep is None else dep):
+                return t
+        if _keeps_cotangent(_current_node()):
+            return t
+        key = (t.shape, t.dtype, t.device)
+        if key not in placeholders:
+            nan = torch.full((), math.nan, dtype=t.dtype, device=t.device)
+            placeholders[key] = nan.expand(t.shape)
+        return placeholders[key]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+        return _grad(outputs, params, us, create_graph=True)
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+# The first-order backward nodes whose own backward reads the cotangent even where the R-op does
+# not need it: convolution's double backward makes a placeholder contiguous (a full-size NaN
+# copy, and time) in every product, so there the cotangent is kept as autograd would keep it.
+_KEEP_COTANGENT_NODES = ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv")
+_current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
+
+
+def _keeps_cotangent(node: object) -> bool:
+    return node is not None and type(node).__name__.startswith(_KEEP_COTANGENT_NODES)
 
 
 def _accumulate_nodes(params: Sequence[Tensor]) -> set:
@@ -488,7 +569,7 @@ class JacobianProduct:
         self.layout = ParamLayout(self.params)
         self._u_blocks: list[int] = []  # blocks k with a linear seed u_k in the R-op graph
         self._us: list[Tensor] = []
-        self._jtu: list[Tensor] = []
+        self._jtu: list[torch.autograd.graph.GradientEdge] = []
         self._jtu_idx: list[int] = []
 
     @property
@@ -502,13 +583,14 @@ class JacobianProduct:
         """Use :math:`\\sum_k J_k^\\top u_k` (a graph, linear in the ``u_k``) for :meth:`jvp`."""
         self._u_blocks, self._us = list(blocks), list(us)
         self._jtu_idx = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
-        self._jtu = [jtu[i] for i in self._jtu_idx]
+        # Only the graph is needed, not the values: keep the edges, so the tensors can go.
+        self._jtu = [torch.autograd.graph.get_gradient_edge(jtu[i]) for i in self._jtu_idx]
 
     def _ensure_rop_graph(self) -> None:
         if not self._us:
             outs = [self._all[k] for k in self._live]
             us = [torch.zeros_like(o, requires_grad=True) for o in outs]
-            self._set_rop_graph(self._live, us, _grad(outs, self.params, us, create_graph=True))
+            self._set_rop_graph(self._live, us, _rop_setup(outs, self.params, us))
 
     def _structure(self, parts: Sequence[Tensor | None], lead: tuple[int, ...]) -> Tensor | tuple:
         """Place per-block results (``None`` = zero) back into the outputs' structure."""
@@ -619,16 +701,19 @@ class GGNProduct(CurvatureProduct):
             )
         gos = [go for go in gos if go is not None]
         outs = [J._all[k] for k in blocks]
+        # The R-op's seeds: the values of ∂ℓ/∂o without their graph (which only a generic loss
+        # Hessian below needs; a closed form lets it go with `gos` at the end of __init__).
+        seeds = [go.detach().requires_grad_() for go in gos]
         if J.is_sequence:
-            jtg = _grad(outs, self.params, gos, create_graph=True)
-            J._set_rop_graph(blocks, gos, jtg)
+            jtg = _rop_setup(outs, self.params, seeds)
+            J._set_rop_graph(blocks, seeds, jtg)
             zeros = [torch.zeros_like(o) for o in J._all]
             for k, go in zip(blocks, gos, strict=True):
                 zeros[k] = go.detach()
             self.output_grad: Tensor | tuple[Tensor, ...] = tuple(zeros)
         else:
-            jtg = self._rop_graph(outputs, gos[0])
-            J._set_rop_graph(blocks, gos, jtg)
+            jtg = self._rop_graph(outputs, seeds[0])
+            J._set_rop_graph(blocks, seeds, jtg)
             self.output_grad = gos[0].detach()
         self.gradient = self.layout.cat([None if t is None else t.detach() for t in jtg])
         stop = {o.grad_fn for o in outs}
@@ -676,7 +761,7 @@ class GGNProduct(CurvatureProduct):
 
     def _rop_graph(self, outputs: Tensor, go: Tensor) -> Sequence[Tensor | None]:
         """:math:`J^\\top \\partial f/\\partial o` with a graph, linear in ``go``."""
-        return _grad([outputs], self.params, [go], create_graph=True)
+        return _rop_setup([outputs], self.params, [go])
 
     def loss_hessian(self, w: Tensor | Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
         """:math:`H_\\ell w` for ``w`` shaped like ``outputs`` (or with a leading batch dim)."""
@@ -739,10 +824,10 @@ class StructurallyDampedGGN(GGNProduct):
         # One set-up pass for both Jacobians: J_o^T go + J_h^T u_h with a zero dummy u_h is the
         # gradient's value and linear in (go, u_h).
         u_h = torch.zeros_like(self.hidden, requires_grad=True)
-        jt = _grad([outputs, self.hidden], self.params, [go, u_h], create_graph=True)
+        jt = _rop_setup([outputs, self.hidden], self.params, [go, u_h])
         self._us = [go, u_h]
         self._idx = [i for i, t in enumerate(jt) if t is not None and t.requires_grad]
-        self._jt = [jt[i] for i in self._idx]
+        self._jt = [torch.autograd.graph.get_gradient_edge(jt[i]) for i in self._idx]
         return jt
 
     def _jvps(self, v: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
