@@ -32,7 +32,12 @@ from .operators import (
     limit_blas_threads,
 )
 from .optimizer import HessianFree, StepInfo, StepStatus
-from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
+from .preconditioning import (
+    EmpiricalFisherDiagonal,
+    NystromPreconditioner,
+    PrecondContext,
+    nystrom_sketch,
+)
 
 __version__ = "0.1.0"
 
@@ -66,7 +71,9 @@ __all__ = [
     "StepInfo",
     "StepStatus",
     "EmpiricalFisherDiagonal",
+    "NystromPreconditioner",
     "PrecondContext",
+    "nystrom_sketch",
     "reduction_ratio",
     "update_damping",
     # submodules

@@ -34,8 +34,8 @@ class HFSettings:
 
     The fields are :class:`~hessfree.HessianFree`'s keyword arguments (see there for their
     meaning) with the same defaults. Numbers are stored as ``float``/``int``, ``products`` as a
-    :class:`~hessfree.ProductPolicy`; ``precond='martens'`` stays the string (the optimizer
-    builds the preconditioner).
+    :class:`~hessfree.ProductPolicy`; ``precond='auto'``, ``'martens'`` or ``'nystrom'`` stays the
+    string (the optimizer builds the preconditioner).
 
     Raises:
         ValueError: If a value is out of range (the message names the key and what is allowed).
@@ -80,7 +80,7 @@ class HFSettings:
     armijo_c: float = 1e-2
     line_search_shrink: float = 0.8
     line_search_max_iter: int = 60
-    precond: Any = None  # None, 'martens', an EmpiricalFisherDiagonal or a callable
+    precond: Any = "auto"  # 'auto', None, 'martens', 'nystrom', a preconditioner or a callable
     tolerance_grad: float = 1e-7
     tolerance_change: float = 1e-9
     max_failures: int = 10
@@ -282,13 +282,15 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         "line_search_shrink", s.line_search_shrink, low=0.0, high=1.0, low_open=True, high_open=True
     )
     out["line_search_max_iter"] = check_int("line_search_max_iter", s.line_search_max_iter, low=1)
-    if isinstance(s.precond, str) and s.precond != "martens":
+    if isinstance(s.precond, str) and s.precond not in ("auto", "martens", "nystrom"):
         raise ValueError(
-            f"Unknown `precond` {s.precond!r}; expected None, 'martens' or a callable."
+            f"Unknown `precond` {s.precond!r}; expected 'auto', None, 'martens', 'nystrom' or a "
+            "callable."
         )
     if s.precond is not None and not isinstance(s.precond, str) and not callable(s.precond):
         raise TypeError(
-            f"`precond` must be None, 'martens' or a callable, got {type(s.precond).__name__}."
+            "`precond` must be 'auto', None, 'martens', 'nystrom' or a callable, got "
+            f"{type(s.precond).__name__}."
         )
     out["max_failures"] = check_int("max_failures", s.max_failures, low=1)
     if s.callback is not None and not callable(s.callback):

@@ -39,8 +39,9 @@ from the curvature along the gradient at the first step (:func:`hessfree.damping
 the reference uses a fixed 45 on its own loss scaling); Nielsen's smooth update of
 :math:`\lambda` instead of §4.1's thresholds, and CG's residual stop from the Eisenstat-Walker
 forcing sequence instead of a fixed tolerance (both measured in ``experiments/README.md``); no
-preconditioner by default (``precond='martens'`` turns §4.7's on); a trust radius on CG's step
-with the Hessian (``trust_radius``); the curvature batch is
+preconditioner by default (``precond='martens'`` turns §4.7's on) except a randomized Nyström
+one for residual-block closures (``precond='auto'``); a trust radius on CG's step with the
+Hessian (``trust_radius``); the curvature batch is
 whatever ``curvature_closure`` evaluates (the reference cycles through quarter-size chunks).
 
 Closure styles, fastest first:
@@ -100,6 +101,7 @@ from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
 from .cg import CGResult, CGStop, cg, forcing_term
 from .curvature import (
+    CurvatureProduct,
     FisherProduct,
     GGNProduct,
     HessianProduct,
@@ -108,7 +110,7 @@ from .curvature import (
     loss_hessian_product,
 )
 from .distributed import Averager
-from .preconditioning import EmpiricalFisherDiagonal, PrecondContext
+from .preconditioning import EmpiricalFisherDiagonal, NystromPreconditioner, PrecondContext
 
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]
 
@@ -384,10 +386,17 @@ class HessianFree(torch.optim.Optimizer):
         armijo_c: Sufficient-decrease constant in (0, 1) (1e-2 in the reference code).
         line_search_shrink: Rate factor in (0, 1) (0.8 in the reference code).
         line_search_max_iter: Most rates tried (60 in the reference code).
-        precond: ``None``, ``'martens'`` (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs
-            ``(loss, outputs)`` closures), a :class:`EmpiricalFisherDiagonal`, or a callable
+        precond: ``'auto'`` (default): :class:`NystromPreconditioner` (rank 60, refreshed every
+            10 steps) when the closure returns residual blocks ``(loss, (r_1, ..., r_K))`` and
+            the curvature is Gauss-Newton, else none (a PINN's Gauss-Newton matrix has
+            eigenvalues over ~15 decades in its first 200, where plain CG resolves only the top
+            few dozen; measured in ``experiments/pinn.py``); ``None``; ``'martens'``
+            (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs ``(loss, outputs)`` closures);
+            ``'nystrom'`` (:class:`NystromPreconditioner` for any positive semi-definite
+            curvature, from batched products alone); an instance of either; or a callable
             ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal of :math:`M` or
-            :math:`r \mapsto M^{-1}r`.
+            :math:`r \mapsto M^{-1}r` (a callable whose ``needs_outputs`` is False gets
+            ``PrecondContext.curvature`` and ``.gradient`` instead of outputs).
         tolerance_grad: ``torch.optim.LBFGS``'s first-order optimality test: a step whose
             gradient has :math:`\max_i |g_i| \le` ``tolerance_grad`` (L2 term included)
             returns after one closure call with status ``'converged'``, nothing moved.
@@ -466,7 +475,7 @@ class HessianFree(torch.optim.Optimizer):
         armijo_c: float = 1e-2,
         line_search_shrink: float = 0.8,
         line_search_max_iter: int = 60,
-        precond: str | EmpiricalFisherDiagonal | Callable | None = None,
+        precond: str | EmpiricalFisherDiagonal | NystromPreconditioner | Callable | None = "auto",
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
         max_failures: int = 10,
@@ -510,8 +519,13 @@ class HessianFree(torch.optim.Optimizer):
             curvature_batch=curvature_batch,
             products=products,
         )
-        #: The preconditioner (``precond='martens'`` built as an :class:`EmpiricalFisherDiagonal`).
-        self.precond = EmpiricalFisherDiagonal() if precond == "martens" else precond
+        #: The preconditioner (``precond='martens'`` built as an :class:`EmpiricalFisherDiagonal`,
+        #: ``'nystrom'`` as a :class:`NystromPreconditioner`).
+        builders = {"martens": EmpiricalFisherDiagonal, "nystrom": NystromPreconditioner}
+        self.precond = (
+            builders[precond]() if isinstance(precond, str) and precond in builders else precond
+        )
+        self._auto_precond: NystromPreconditioner | None = None  # built for precond='auto'
         self._avg = Averager(process_group)
         # Every plain hyperparameter lives in the defaults, as in LBFGS, so state_dict() carries
         # them; all but lr and weight_decay are one per optimizer (one quadratic model).
@@ -755,9 +769,20 @@ class HessianFree(torch.optim.Optimizer):
         params: list[Tensor],
         lam: float,
         shift: float | Tensor,
+        *,
+        curv: MatVec,
+        g: Tensor,
     ) -> Tensor | MatVec | None:
+        if self.precond == "auto":  # Nyström for residual blocks' Gauss-Newton, else none
+            if not (isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct)):
+                return None
+            if self._auto_precond is None:
+                self._auto_precond = NystromPreconditioner()
+            return self._auto_precond(self._curvature_context(product, lam, shift, curv, g))
         if self.precond is None:
             return None
+        if not getattr(self.precond, "needs_outputs", True):  # curvature products only
+            return self.precond(self._curvature_context(product, lam, shift, curv, g))
         if evaluation.outputs is None:
             raise ValueError(
                 "The diagonal empirical-Fisher preconditioner needs per-example information: "
@@ -784,6 +809,30 @@ class HessianFree(torch.optim.Optimizer):
             average=self._avg.mean if self._sharded(product) else _same,
         )
         return self.precond(ctx)
+
+    def _curvature_context(
+        self, product: object, lam: float, shift: float | Tensor, curv: MatVec, g: Tensor
+    ) -> PrecondContext:
+        """A :class:`PrecondContext` with batched undamped products :math:`V(C + \\kappa)`."""
+        batched = isinstance(product, CurvatureProduct) and curv is product
+        replicated = self.settings.curvature_batch == "replicated"
+
+        def products(V: Tensor) -> Tensor:
+            out = product.matmat(V) if batched else torch.stack([curv(v) for v in V])
+            out = out if replicated else self._avg.mean(out)
+            return out + V * shift
+
+        return PrecondContext(
+            jacobian=None,
+            output_grad=None,
+            reduction="mean",
+            damping=lam,
+            shift=shift,
+            generator=self._rng(g.device),
+            average=self._avg.mean if self._sharded(product) else _same,
+            curvature=products,
+            gradient=g,
+        )
 
     def _sharded(self, product: object) -> bool:
         """Whether the preconditioner's statistics differ across ranks (and need averaging).
@@ -947,7 +996,9 @@ class HessianFree(torch.optim.Optimizer):
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
         with torch.enable_grad():
-            precond = self._preconditioner(evaluation, product, run.params, run.damping, run.l2)
+            precond = self._preconditioner(
+                evaluation, product, run.params, run.damping, run.l2, curv=curvature, g=g
+            )
         x0 = self._warm_start(product, g, run.state)
         rtol = settings.cg_rtol
         if rtol == "auto":  # inexact Newton: η from how fast ‖g‖ fell (Eisenstat & Walker 1996)

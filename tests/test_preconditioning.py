@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cases import dense
-from hessfree import EmpiricalFisherDiagonal, GGNProduct, HessianFree, PrecondContext
+from hessfree import (
+    EmpiricalFisherDiagonal,
+    GGNProduct,
+    HessianFree,
+    NystromPreconditioner,
+    PrecondContext,
+    StopReason,
+    cg,
+    nystrom_sketch,
+)
 
 
 def _context(case, generator=None, damping=0.0, shift=0.0):
@@ -94,3 +104,172 @@ def test_bad_preconditioner_arguments():
         EmpiricalFisherDiagonal(exponent=1.5)
     with pytest.raises(ValueError, match="`num_probes` must be an int >= 1, got 0"):
         EmpiricalFisherDiagonal(num_probes=0)
+
+
+# --------------------------------------------------------------------------------------------
+# randomized Nyström (Frangella, Tropp & Udell 2023)
+# --------------------------------------------------------------------------------------------
+def _spd(n=120, decay=0.7, rank=None, seed=0):
+    """A PSD matrix with eigenvalues 100·decay^i (only the first ``rank`` nonzero if given)."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = 100.0 * decay ** np.arange(n)
+    if rank is not None:
+        w[rank:] = 0.0
+    return (Q * w) @ Q.T, w
+
+
+def _matmat(A):
+    At = torch.from_numpy(A)
+    return lambda V: V @ At  # rows are vectors; A symmetric
+
+
+def test_nystrom_sketch_recovers_a_low_rank_matrix():
+    A, w = _spd(n=60, rank=8)
+    U, lam = nystrom_sketch(_matmat(A), 60, 12, generator=torch.Generator().manual_seed(0))
+    assert U.shape == (60, 12) and lam.shape == (12,)
+    np.testing.assert_allclose((U.T @ U).numpy(), np.eye(12), atol=1e-12)
+    np.testing.assert_allclose(lam[:8].numpy(), w[:8], rtol=1e-8)
+    assert float(lam[8:].abs().max()) < 1e-8
+    np.testing.assert_allclose(((U * lam) @ U.T).numpy(), A, atol=1e-8)
+
+
+def test_nystrom_preconditioner_matches_the_explicit_formula():
+    A, _ = _spd(n=50, decay=0.6)
+    pre = NystromPreconditioner(rank=10, refresh=3)
+    g = torch.zeros(50, dtype=torch.float64)
+    ctx = PrecondContext(
+        jacobian=None,
+        output_grad=None,
+        reduction="mean",
+        damping=0.01,
+        shift=0.0,
+        generator=torch.Generator().manual_seed(0),
+        curvature=_matmat(A),
+        gradient=g,
+    )
+    apply = pre(ctx)
+    U, lam = pre.U.numpy(), pre.eigenvalues.numpy()
+    mu = 0.01
+    P_inv = (lam[-1] + mu) * (U / (lam + mu)) @ U.T + np.eye(50) - U @ U.T  # eq. (1.4)
+    r = np.random.default_rng(1).standard_normal(50)
+    np.testing.assert_allclose(apply(torch.from_numpy(r)).numpy(), P_inv @ r, rtol=1e-12)
+    # a Nyström approximation lies below A (Loewner order) and, for a fast-decaying spectrum,
+    # has the top eigenvalues to within a few percent (numpy's eigvalsh as the oracle)
+    assert np.linalg.eigvalsh(A - (U * lam) @ U.T).min() > -1e-9
+    w = np.linalg.eigvalsh(A)[::-1]
+    np.testing.assert_allclose(lam[:3], w[:3], rtol=0.1)
+    assert np.all(lam <= w[:10] * (1 + 1e-9))
+    # refreshed on the first call and then every `refresh` calls; μ is read at every call
+    seen = []
+    original = pre.update
+    pre.update = lambda c: (seen.append(True), original(c))[1]
+    for _ in range(7):
+        pre(ctx)
+    assert len(seen) == 2  # calls 4 and 7 of 1..7 (call 1 was the one above)
+
+
+def test_nystrom_pcg_needs_fewer_iterations_than_plain_cg():
+    A, _ = _spd(n=200, decay=0.8)  # λ_60 ≈ 1.5e-4: P⁻¹(A + μI) has condition number ≈ 2.5
+    mu = 1e-4
+    At = torch.from_numpy(A + mu * np.eye(200))
+    b = torch.from_numpy(np.random.default_rng(2).standard_normal(200))
+    pre = NystromPreconditioner(rank=60)
+    ctx = PrecondContext(
+        jacobian=None,
+        output_grad=None,
+        reduction="mean",
+        damping=mu,
+        shift=0.0,
+        generator=torch.Generator().manual_seed(0),
+        curvature=_matmat(A),
+        gradient=b,
+    )
+    kw = dict(max_iter=500, rtol=1e-8, progress_tol=None)
+    plain = cg(lambda v: At @ v, b, **kw)
+    nys = cg(lambda v: At @ v, b, precond=pre(ctx), **kw)
+    assert nys.reason is StopReason.CONVERGED
+    assert nys.num_iter < plain.num_iter / 3, (nys.num_iter, plain.num_iter)
+    x = np.linalg.solve(A + mu * np.eye(200), b.numpy())
+    np.testing.assert_allclose(nys.x.numpy(), x, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+
+
+def test_nystrom_in_the_optimizer_with_residual_blocks():
+    """precond='nystrom' works with a residual closure (no per-example outputs) and sketches the
+    curvature with weight decay: its eigenvalues are the dense Gauss-Newton matrix's + κ."""
+    torch.manual_seed(0)
+    X = torch.randn(30, 4, dtype=torch.float64)
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+
+    def closure():
+        r1, r2 = torch.tanh(X @ w) - 0.5, w[:2] - 1.0
+        return (r1**2).mean() + 0.5 * (r2**2).sum(), (r1, r2)
+
+    pre = NystromPreconditioner(rank=4, refresh=100)
+    opt = HessianFree([w], precond=pre, weight_decay=0.1, damping=1e-3)
+    f0 = float(closure()[0].detach())
+    opt.step(closure)
+    # the sketch was taken at w = 0: G = (2/30) Xᵀ diag(tanh'(0)²) X + diag(1, 1, 0, 0), + κ
+    G = 2 / 30 * X.T @ X + torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    expect = torch.linalg.eigvalsh(G + 0.1 * torch.eye(4, dtype=torch.float64)).flip(0)
+    torch.testing.assert_close(pre.eigenvalues, expect, rtol=1e-8, atol=1e-10)
+    for _ in range(15):
+        opt.step(closure)
+    # the minimum of the same objective (L2 term included) by SciPy's BFGS
+    from scipy.optimize import minimize
+
+    Xn = X.numpy()
+
+    def objective(v):
+        return (
+            np.mean((np.tanh(Xn @ v) - 0.5) ** 2) + 0.5 * np.sum((v[:2] - 1.0) ** 2) + 0.05 * v @ v
+        )
+
+    best = minimize(objective, np.zeros(4), method="BFGS", options={"gtol": 1e-12}).fun
+    assert f0 > best + 0.1
+    assert objective(w.detach().numpy()) == pytest.approx(best, abs=1e-9)
+    assert HessianFree([w], precond="nystrom").precond.rank == 60
+
+
+def test_bad_nystrom_arguments():
+    with pytest.raises(ValueError, match="`rank` must be an int >= 1, got 0"):
+        NystromPreconditioner(rank=0)
+    with pytest.raises(ValueError, match="`refresh` must be an int >= 1, got 0"):
+        NystromPreconditioner(refresh=0)
+    with pytest.raises(ValueError, match=r"`rank` must be an int in \[1, 5\], got 6"):
+        nystrom_sketch(lambda V: V, 5, 6)
+    with pytest.raises(ValueError, match="Unknown `precond` 'nystroem'.*'nystrom'"):
+        HessianFree([torch.zeros(2, requires_grad=True)], precond="nystroem")
+    ctx = PrecondContext(None, None, "mean", 1.0, 0.0)
+    with pytest.raises(ValueError, match="needs curvature products and the gradient"):
+        NystromPreconditioner()(ctx)
+
+
+def test_auto_preconditioner_is_nystrom_for_residual_blocks_only():
+    """precond='auto' (the default) sketches Gauss-Newton curvature of residual blocks, and
+    leaves (loss, outputs) closures unpreconditioned, as before."""
+    torch.manual_seed(0)
+    X = torch.randn(30, 4, dtype=torch.float64)
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+
+    def blocks():
+        r1, r2 = torch.tanh(X @ w) - 0.5, w[:2] - 1.0
+        return (r1**2).mean() + 0.5 * (r2**2).sum(), (r1, r2)
+
+    def outputs():
+        out = torch.tanh(X @ w)
+        return F.mse_loss(out, torch.full_like(out, 0.5)), out
+
+    opt = HessianFree([w], damping=1e-3)
+    assert opt.precond == "auto"
+    opt.step(outputs)
+    assert opt._auto_precond is None
+    opt.step(blocks)
+    pre = opt._auto_precond
+    assert isinstance(pre, NystromPreconditioner) and pre.rank == 60
+    # rank capped at n = 4: the sketch is the exact Gauss-Newton matrix at the step's start
+    assert pre.U.shape == (4, 4) and bool((pre.eigenvalues > 0).all())
+    # precond=None still means none
+    none = HessianFree([w], damping=1e-3, precond=None)
+    none.step(blocks)
+    assert none._auto_precond is None and none.precond is None
