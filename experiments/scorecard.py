@@ -246,6 +246,9 @@ def make_swap_task(quick: bool) -> Task:
         "λ0=1, warm starts (the old defaults)": dict(
             batch=256, curvature_batch=256, closure="lbfgs", kw=dict(damping=1.0, cg_decay=0.95)
         ),
+        "no trust radius": dict(
+            batch=256, curvature_batch=256, closure="lbfgs", kw=dict(trust_radius=False)
+        ),
     }
     return Task(
         "swap",

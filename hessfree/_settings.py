@@ -75,6 +75,7 @@ class HFSettings:
     cg_decay: float | str = "auto"
     cg_check_every: int | None = None
     backtrack: bool = True
+    trust_radius: bool | str = "auto"
     line_search: str | None = "armijo"
     armijo_c: float = 1e-2
     line_search_shrink: float = 0.8
@@ -115,6 +116,7 @@ class HFSettings:
         "cg_decay",
         "cg_check_every",
         "backtrack",
+        "trust_radius",
         "line_search",
         "armijo_c",
         "line_search_shrink",
@@ -267,6 +269,10 @@ def _validated(s: HFSettings) -> dict[str, Any]:
     if s.cg_check_every is not None:
         out["cg_check_every"] = check_int("cg_check_every", s.cg_check_every, low=1)
     _check_bool("backtrack", s.backtrack)
+    if isinstance(s.trust_radius, str):
+        check_choice("trust_radius", s.trust_radius, ("auto",))
+    else:
+        _check_bool("trust_radius", s.trust_radius)
     if s.line_search is not None:
         check_choice("line_search", s.line_search, ("armijo",))
     out["armijo_c"] = check_number(

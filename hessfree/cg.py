@@ -59,6 +59,7 @@ _PROGRESS_GAP_DIVISOR = 10
 
 # Columns of the per-iteration flag table that the host reads back (see `_decode`).
 _FINITE_PAP, _POSITIVE_PAP, _FINITE_ALPHA, _FINITE_AFTER, _CONVERGED, _PROGRESS = range(6)
+_INSIDE = 6
 
 
 class CGStop(enum.Enum):
@@ -73,6 +74,9 @@ class CGStop(enum.Enum):
     #: :math:`p^\top A p \le 0`; the iterate before that direction is returned, or at the
     #: first iteration a step along the (preconditioned) steepest-descent direction.
     NEGATIVE_CURVATURE = "negative_curvature"
+    #: The next iterate would leave the ball :math:`\|x\| \le` ``max_norm``; the point where
+    #: the CG path crosses the sphere is returned (Steihaug 1983).
+    TRUST_RADIUS = "trust_radius"
     #: A NaN or Inf appeared (in ``b``, a product or the preconditioner).
     NON_FINITE = "non_finite"
 
@@ -125,6 +129,7 @@ def cg(
     store_start: int = 5,
     store_ratio: float = 1.3,
     check_every: int | None = None,
+    max_norm: float | None = None,
 ) -> CGResult:
     r"""Approximately minimize a quadratic model by truncated, preconditioned CG.
 
@@ -142,6 +147,12 @@ def cg(
       :math:`\phi(x_1)` is exact; zero curvature, where :math:`\tau` is infinite, still
       returns :math:`x_0`), or a NaN/Inf appears
       (``NON_FINITE``; the last finite iterate is returned);
+    - with ``max_norm`` :math:`= \Delta`, the step from :math:`x_i` would leave the ball
+      :math:`\|x\| \le \Delta` (``TRUST_RADIUS``; Steihaug 1983): CG returns the point
+      :math:`x_i + \tau p_{i+1}`, :math:`\tau \ge 0`, where its path crosses the sphere, with
+      its exact :math:`\phi`, as iteration :math:`i + 1`. From :math:`x_0 = 0` the iterates'
+      norms grow while the curvature stays positive (Steihaug's Theorem 2.1), so this is the
+      path's only crossing. A start outside the ball returns :math:`x_0`;
     - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``);
     - the relative-progress test of Martens (2010, §4.4) holds (``RELATIVE_PROGRESS``):
       :math:`i > k`, :math:`\phi(x_i) < 0` and
@@ -181,6 +192,8 @@ def cg(
         check_every: Read the stop tests back to the host every this many iterations
             (each read is a device synchronisation). ``None``: 1 on CPU, 8 otherwise.
             Does not change the result, only ``num_matvec``.
+        max_norm: Trust radius :math:`\Delta > 0` bounding :math:`\|x\|` (``TRUST_RADIUS``),
+            or ``None`` (unbounded). Costs two dot products per iteration.
 
     Returns:
         CGResult: final ``x``, stored ``iterates`` with their ``iterations`` and
@@ -222,6 +235,7 @@ def cg(
         store_start=store_start,
         store_ratio=store_ratio,
         check_every=check_every,
+        max_norm=max_norm,
     )
     b, diag, max_iter, min_iter = b.detach(), opts.diag, opts.max_iter, opts.min_iter
     progress_tol, check_every = opts.progress_tol, opts.check_every
@@ -264,7 +278,9 @@ def cg(
     # ---- iterations 1..max_iter, stop tests on the device ----
     grid = _grid(opts.store_start, opts.store_ratio, max_iter)
     stored: list[tuple[int, Tensor]] = []
-    flags = torch.empty(max_iter + 1, 6, dtype=torch.bool, device=device)
+    flags = torch.empty(max_iter + 1, 7, dtype=torch.bool, device=device)
+    radius_sq = None if opts.max_norm is None else opts.max_norm**2
+    xx = torch.dot(x, x)
     no = torch.zeros((), dtype=torch.bool, device=device)
     running = torch.ones((), dtype=torch.bool, device=device)
     first_unread = 1
@@ -285,9 +301,16 @@ def cg(
         finite_pAp = torch.isfinite(pAp)
         positive_pAp = pAp > 0
         finite_alpha = torch.isfinite(alpha)  # pAp > 0 can still be so small that alpha = inf
+        if radius_sq is None:
+            inside = running
+        else:  # ||x + alpha p||^2 before the update, so that x_{i-1} can be kept
+            xx_next = xx + 2 * alpha * torch.dot(x, p) + alpha * alpha * torch.dot(p, p)
+            inside = ~(xx_next > radius_sq)
         # `go` masks the update: once a stop has fired, x, r and p stay as they were, so the
         # result is that of check_every=1 (see _masked_add).
-        go = running & finite_pAp & positive_pAp & finite_alpha
+        go = running & finite_pAp & positive_pAp & finite_alpha & inside
+        if radius_sq is not None:
+            xx = torch.where(go, xx_next, xx)
         alpha = torch.where(go, alpha, zero)
         _masked_add(x, p, alpha, go, mask)  # x += α p
         _masked_add(r, Ap, alpha, go, mask)  # r += α Ap
@@ -300,7 +323,7 @@ def cg(
         converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass
         progress = _progress(phi, history, i, progress_tol, min_iter, no)
         torch.stack(
-            [finite_pAp, positive_pAp, finite_alpha, finite_after, converged, progress],
+            [finite_pAp, positive_pAp, finite_alpha, finite_after, converged, progress, inside],
             out=flags[i],
         )
         running = go & finite_after & ~converged & ~progress
@@ -318,6 +341,10 @@ def cg(
                 break
     if reason is CGStop.NEGATIVE_CURVATURE and num_iter == 0:
         num_iter = _steepest_descent_step(x, z, rz, pAp_first, history)
+    elif reason is CGStop.TRUST_RADIUS:
+        if mask is None:  # the stop ended the loop right after the unmasked p = -z + 1 p
+            p.add_(z)
+        num_iter = _to_boundary(x, r, p, pAp, radius_sq, history, num_iter)
     return _result(x, stored, history, num_iter, num_matvec, reason)
 
 
@@ -333,6 +360,7 @@ class _Options:
     store_start: int
     store_ratio: float
     check_every: int
+    max_norm: float | None
     diag: Tensor | None  # the diagonal of M when ``precond`` is a tensor
     x0_nonzero: bool
 
@@ -351,6 +379,7 @@ def _check_arguments(
     store_start: int,
     store_ratio: float,
     check_every: int | None,
+    max_norm: float | None,
 ) -> _Options:
     """Validate :func:`cg`'s arguments (metadata; one sync for the values of ``x0``/``d``)."""
     if not callable(matvec):
@@ -374,6 +403,8 @@ def _check_arguments(
     store_ratio = check_number(
         "store_ratio", store_ratio, low=1.0, high=math.inf, low_open=True, high_open=True
     )
+    if max_norm is not None:
+        max_norm = check_number("max_norm", max_norm, low=0.0, low_open=True)
     if check_every is None:
         check_every = 1 if b.device.type == "cpu" else 8
     check_every = check_int("check_every", check_every, low=1)
@@ -397,6 +428,7 @@ def _check_arguments(
         store_start=store_start,
         store_ratio=store_ratio,
         check_every=check_every,
+        max_norm=max_norm,
         diag=diag,
         x0_nonzero=_check_values(x0, diag),
     )
@@ -524,6 +556,26 @@ def _steepest_descent_step(x: Tensor, z: Tensor, rz: Tensor, pAp: Tensor, histor
     return 1
 
 
+def _to_boundary(
+    x: Tensor, r: Tensor, p: Tensor, pAp: Tensor, radius_sq: float, history: Tensor, i: int
+) -> int:
+    r"""Steihaug's last step: from :math:`x_i` along the frozen direction :math:`p` to the sphere.
+
+    :math:`\tau \ge 0` solves :math:`\|x + \tau p\|^2 = \Delta^2` (:math:`x` is inside, so
+    the root is real and nonnegative), and
+    :math:`\phi(x + \tau p) = \phi(x) + \tau r^\top p + \tfrac12\tau^2 p^\top A p`. Returns
+    the iteration count of the result, ``i + 1``. One host read.
+    """
+    xp, pp, xx = torch.dot(x, p), torch.dot(p, p), torch.dot(x, x)
+    tau = (torch.sqrt((xp * xp - pp * (xx - radius_sq)).clamp_(min=0.0)) - xp) / pp
+    tau, outside = torch.stack([tau, (xx > radius_sq).to(tau.dtype)]).tolist()
+    if outside or not (math.isfinite(tau) and tau > 0):  # a start outside: x_0 is returned
+        return i
+    history[i + 1] = history[i] + tau * torch.dot(r, p) + 0.5 * tau * tau * pAp
+    x.add_(p, alpha=tau)
+    return i + 1
+
+
 def _progress_gap(i: int) -> int:
     """The gap k = max(10, ceil(0.1 i)) of the §4.4 test, in integers (0.1 * 110 > 11)."""
     return max(_PROGRESS_MIN_GAP, -(-i // _PROGRESS_GAP_DIVISOR))
@@ -539,6 +591,8 @@ def _decode(rows: list[list[bool]], first: int) -> tuple[int, CGStop] | None:
             return i - 1, CGStop.NEGATIVE_CURVATURE
         if not row[_FINITE_ALPHA]:
             return i - 1, CGStop.NON_FINITE
+        if not row[_INSIDE]:
+            return i - 1, CGStop.TRUST_RADIUS
         # x_i was formed; a non-finite r^T z or phi ends CG after it (x_i is finite unless
         # x + alpha p itself overflowed, which finite alpha and p cannot do short of ~max).
         if not row[_FINITE_AFTER]:

@@ -18,14 +18,16 @@ phases named as the methods that run them:
    warm-started from ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the
    reference code; by default only for Gauss-Newton/Fisher curvature, the Hessian's CG starts
    cold), stopping by the relative-progress rule (§4.4) or once :math:`\|r\| \le \eta_k\|g\|`
-   with the inexact-Newton forcing term :math:`\eta_k` (Eisenstat & Walker 1996). The graphs are
-   freed after this phase.
+   with the inexact-Newton forcing term :math:`\eta_k` (Eisenstat & Walker 1996); with the
+   (indefinite) Hessian also where its path leaves the trust radius :math:`\|p\| \le \Delta`
+   (Steihaug 1983; ``trust_radius``). The graphs are freed after this phase.
 3. *Backtrack* (§4.6, :func:`hessfree._line_search.backtrack`): from the last stored iterate
    walk back while the objective on the gradient batch decreases.
 4. *Reduction ratio and damping* (``_reduction_ratio``, :class:`hessfree.damping.DampingPolicy`):
    :math:`\rho` of the backtracked step with the undamped model, read off CG's :math:`\phi` (no
    extra product); Levenberg-Marquardt update of :math:`\lambda` (Nielsen's rule by default,
-   §4.1's on request).
+   §4.1's on request); with ``trust_radius``, :math:`\Delta \leftarrow 2\|p\|` when
+   backtracking walked back, doubled after a step on the sphere with :math:`\rho > 3/4`.
 5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
    on the backtracked step (the reference code's: :math:`c = 10^{-2}`, rate × 0.8, up to 60
    tries), else the step is rejected. A step that changed the objective by less than
@@ -38,7 +40,8 @@ the reference uses a fixed 45 on its own loss scaling); Nielsen's smooth update 
 :math:`\lambda` instead of §4.1's thresholds, and CG's residual stop from the Eisenstat-Walker
 forcing sequence instead of a fixed tolerance (both measured in ``experiments/README.md``); no
 preconditioner by default (``precond='martens'`` turns §4.7's on) except a randomized Nyström
-one for residual-block closures (``precond='auto'``); the curvature batch is
+one for residual-block closures (``precond='auto'``); a trust radius on CG's step with the
+Hessian (``trust_radius``); the curvature batch is
 whatever ``curvature_closure`` evaluates (the reference cycles through quarter-size chunks).
 
 Closure styles, fastest first:
@@ -248,6 +251,7 @@ class _StepRun:
     f0: float = math.nan  # the objective at θ0 (L2 term included)
     uses_backward: bool = False  # the closure calls backward() itself (LBFGS style)
     report: dict = field(default_factory=dict)  # StepInfo fields known so far
+    bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
 
     def __post_init__(self) -> None:
         self.t_lap = self.t_start
@@ -368,6 +372,16 @@ class HessianFree(torch.optim.Optimizer):
             (each read is a device synchronisation); ``None``: 1 on CPU, 8 on accelerators.
             Changes only how many products are spent after a stop, not the step.
         backtrack: CG backtracking over the stored iterates (§4.6).
+        trust_radius: Bound CG's step by a radius :math:`\Delta` (Steihaug 1983): CG stops
+            where its path leaves :math:`\|p\| \le \Delta` and returns the crossing point
+            (``cg_reason`` ``'trust_radius'``). :math:`\Delta` starts infinite; when CG
+            backtracking walks back from the final iterate (the model overshot),
+            :math:`\Delta \leftarrow 2\|p\|` of the chosen step; when the step ended on the
+            sphere with :math:`\rho > 3/4`, :math:`\Delta` doubles. ``'auto'`` (default): on for
+            indefinite curvature (the Hessian), where :math:`\lambda` falls to ``min_damping``
+            while nearly flat directions blow the late CG iterates up, so CG spends most of
+            its products on iterates that backtracking then rejects; off for Gauss-Newton,
+            Fisher and callable curvature. Measured in ``experiments/README.md``.
         line_search: ``'armijo'`` or ``None``.
         armijo_c: Sufficient-decrease constant in (0, 1) (1e-2 in the reference code).
         line_search_shrink: Rate factor in (0, 1) (0.8 in the reference code).
@@ -456,6 +470,7 @@ class HessianFree(torch.optim.Optimizer):
         cg_decay: float | str = "auto",
         cg_check_every: int | None = None,
         backtrack: bool = True,
+        trust_radius: bool | str = "auto",
         line_search: str | None = "armijo",
         armijo_c: float = 1e-2,
         line_search_shrink: float = 0.8,
@@ -489,6 +504,7 @@ class HessianFree(torch.optim.Optimizer):
             cg_decay=cg_decay,
             cg_check_every=cg_check_every,
             backtrack=backtrack,
+            trust_radius=trust_radius,
             line_search=line_search,
             armijo_c=armijo_c,
             line_search_shrink=line_search_shrink,
@@ -989,6 +1005,7 @@ class HessianFree(torch.optim.Optimizer):
             st, g_norm = run.state, run.report["grad_norm"]
             rtol = forcing_term(g_norm, st.get("forcing_grad_norm"), st.get("forcing_eta"))
             st["forcing_grad_norm"], st["forcing_eta"] = g_norm, rtol
+        run.bounded = self._trust_radius(product)
         run.lap("curvature")
         return cg(
             damped,
@@ -1000,7 +1017,15 @@ class HessianFree(torch.optim.Optimizer):
             precond=precond,
             progress_tol=settings.cg_progress_tol,
             check_every=settings.cg_check_every,
+            max_norm=run.state.get("trust_radius") if run.bounded else None,
         )
+
+    def _trust_radius(self, product: object) -> bool:
+        """Whether CG's step is bounded by a trust radius (``trust_radius``)."""
+        on = self.settings.trust_radius
+        if on == "auto":
+            return product is not None and not product.positive_semidefinite
+        return on
 
     def _warm_start(self, product: object, g: Tensor, state: dict) -> Tensor | None:
         """§4.5: ``cg_decay`` × the previous step's final CG iterate, or ``None`` (cold)."""
@@ -1012,7 +1037,11 @@ class HessianFree(torch.optim.Optimizer):
             decay = 0.0 if indefinite else 0.95
         if previous is None or not decay > 0 or previous.shape != g.shape:
             return None
-        return previous.to(device=g.device, dtype=g.dtype).mul_(decay)
+        x0 = previous.to(device=g.device, dtype=g.dtype).mul_(decay)
+        radius = state.get("trust_radius")
+        if radius is not None and self._trust_radius(product):  # start inside the ball
+            x0.mul_(min(1.0, radius / max(float(x0.norm()), 1e-300)))
+        return x0
 
     def _backtrack_and_search(self, closure: Closure, solution: _Solution, run: _StepRun) -> None:
         """Phases 3 (backtrack), 4 (ρ and λ) and 5 (line search); the parameters then move."""
@@ -1039,6 +1068,8 @@ class HessianFree(torch.optim.Optimizer):
             # ---- 4. ρ with the undamped model and the Levenberg-Marquardt update of λ ----
             rho = self._reduction_ratio(solution, chosen, f_chosen, run)
             state["damping"] = settings.damping_policy().after_step(run.damping, rho)
+            if run.bounded:
+                self._update_radius(state, result, chosen, p, rho)
 
             # ---- 5. line search: Armijo along the backtracked step ----
             rate, f_new = self._line_search(
@@ -1066,6 +1097,14 @@ class HessianFree(torch.optim.Optimizer):
         if rate * full_change <= tolerance_change or abs(f_new - run.f0) < tolerance_change:
             status = StepStatus.CONVERGED
         return self._finish(run, status, accepted=True, loss_after=f_new)
+
+    @staticmethod
+    def _update_radius(state: dict, result: CGResult, chosen: int, p: Tensor, rho: float) -> None:
+        """Phase 4: the trust radius for the next CG (``trust_radius``)."""
+        if chosen < len(result.iterates) - 1:  # backtracking walked back: the model overshot
+            state["trust_radius"] = 2.0 * float(p.norm())
+        elif result.reason is CGStop.TRUST_RADIUS and rho > 0.75:
+            state["trust_radius"] = 2.0 * state["trust_radius"]
 
     def _reduction_ratio(
         self, solution: _Solution, chosen: int, f_chosen: float, run: _StepRun

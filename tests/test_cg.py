@@ -683,3 +683,69 @@ def test_cg_loose_rtol_stops_where_textbook_cg_first_meets_it(eta):
     assert result.reason is StopReason.CONVERGED
     assert result.num_iter == expected
     np.testing.assert_allclose(result.x.numpy(), xs[expected], rtol=1e-8, atol=1e-12)
+
+
+# ------------------------------------------------------------- trust radius (Steihaug 1983)
+def _steihaug_numpy(A: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, int]:
+    """Oracle: plain CG from 0 in numpy until the path leaves ||x|| <= radius; the crossing."""
+    x, r = np.zeros_like(b), -b.copy()
+    p = b.copy()
+    for i in range(1, 10 * len(b)):
+        alpha = (r @ r) / (p @ A @ p)
+        x_next = x + alpha * p
+        if np.linalg.norm(x_next) > radius:
+            # tau >= 0 with ||x + tau p|| = radius
+            a2, a1, a0 = p @ p, 2 * x @ p, x @ x - radius**2
+            tau = (-a1 + np.sqrt(a1 * a1 - 4 * a2 * a0)) / (2 * a2)
+            return x + tau * p, i
+        r_next = r + alpha * (A @ p)
+        p = -r_next + (r_next @ r_next) / (r @ r) * p
+        x, r = x_next, r_next
+    raise AssertionError("did not cross")
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+@pytest.mark.parametrize("fraction", [0.02, 0.3, 0.9])
+def test_cg_trust_radius_returns_steihaug_crossing(check_every, fraction):
+    A, b = spd_system(30, cond=100.0, seed=3)
+    A_np, b_np = A.numpy(), b.numpy()
+    radius = fraction * float(np.linalg.norm(np.linalg.solve(A_np, b_np)))
+    want, crossing = _steihaug_numpy(A_np, b_np, radius)
+    res = cg(lambda v: A @ v, b, rtol=1e-12, max_norm=radius, check_every=check_every)
+    assert res.reason is CGStop.TRUST_RADIUS
+    assert res.num_iter == crossing  # the crossing counts as the iteration that left the ball
+    np.testing.assert_allclose(res.x.numpy(), want, rtol=0, atol=1e-10 * radius)
+    assert float(res.x.norm()) == pytest.approx(radius, rel=1e-12)
+    phi = 0.5 * want @ A_np @ want - b_np @ want
+    assert float(res.phi_history[-1]) == pytest.approx(phi, rel=1e-10)
+    assert float(res.iterate_phi[-1]) == pytest.approx(phi, rel=1e-10)
+
+
+def test_cg_trust_radius_not_reached_changes_nothing():
+    A, b = spd_system(12, cond=50.0, seed=1)
+    free = cg(lambda v: A @ v, b, rtol=1e-10)
+    big = cg(lambda v: A @ v, b, rtol=1e-10, max_norm=10 * float(free.x.norm()))
+    assert big.reason is CGStop.CONVERGED and big.num_iter == free.num_iter
+    torch.testing.assert_close(big.x, free.x, rtol=0, atol=0)
+
+
+def test_cg_trust_radius_indefinite_stops_inside():
+    # A closed-form indefinite quadratic: the path crosses the sphere before negative curvature
+    # shows, so the answer is the crossing (numpy oracle on the positive block CG explores).
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, -1.0], dtype=DTYPE))
+    b = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=DTYPE)  # orthogonal to the negative direction
+    want, _ = _steihaug_numpy(np.diag([1.0, 2.0, 3.0]), np.ones(3), 0.5)
+    res = cg(lambda v: A @ v, b, rtol=1e-12, max_norm=0.5)
+    assert res.reason is CGStop.TRUST_RADIUS
+    np.testing.assert_allclose(res.x.numpy(), [*want, 0.0], atol=1e-12)
+
+
+def test_cg_trust_radius_start_outside_returns_start_and_bad_radius_is_named():
+    A, b = spd_system(5, cond=10.0, seed=0)
+    x0 = torch.full((5,), 10.0, dtype=DTYPE)
+    res = cg(lambda v: A @ v, b, x0, max_norm=1.0)
+    assert res.reason is CGStop.TRUST_RADIUS and res.num_iter == 0
+    torch.testing.assert_close(res.x, x0, rtol=0, atol=0)
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match=r"`max_norm` must be in \(0.0, inf\), got"):
+            cg(lambda v: A @ v, b, max_norm=bad)

@@ -678,3 +678,71 @@ def test_step_info_times_each_phase_the_step_reached():
     assert sum(phases.values()) <= opt.last_step.time_total
     opt.step(lambda: 0.0 * x.sum())  # zero gradient: converged after the evaluation
     assert opt.last_step.status == "converged" and list(opt.last_step.time_phases) == ["evaluate"]
+
+
+def _swap_problem():
+    """A tanh MLP regression in float64 whose exact Hessian is indefinite (the scorecard's
+    LBFGS-loop task, smaller), with an unchanged ``torch.optim.LBFGS``-style closure."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 2, generator=g, dtype=torch.float64) * 4 - 2
+    y = torch.sin(2 * x[:, :1]) * torch.cos(x[:, 1:])
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)
+    )
+    return model.double(), x, y
+
+
+@pytest.mark.parametrize("trust_radius", ["auto", False])
+def test_trust_radius_bounds_the_step_after_backtracking_walked_back(trust_radius):
+    model, x, y = _swap_problem()
+    opt = HessianFree(model.parameters(), trust_radius=trust_radius, cg_max_iter=40)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    def flat():
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    infos, steps = [], []
+    for _ in range(16 if trust_radius else 5):
+        before = flat()
+        opt.step(closure)
+        info = opt.last_step
+        assert info.accepted
+        infos.append(info)
+        steps.append(float((flat() - before).norm()) / info.step_rate)  # ||p||, lr = 1
+    reasons = {i.cg_reason for i in infos}
+    if trust_radius is False:
+        assert "trust_radius" not in reasons
+        return
+    assert "trust_radius" in reasons
+    walked_back = 0
+    for k in range(len(infos) - 1):
+        if infos[k].backtrack_iter < infos[k].cg_iters:  # the model overshot: radius 2 ||p_k||
+            walked_back += 1
+            assert steps[k + 1] <= 2 * steps[k] * (1 + 1e-9)
+        if infos[k].cg_reason == "trust_radius" and infos[k].backtrack_iter == infos[k].cg_iters:
+            assert steps[k] > 0  # the crossing itself was the step taken
+    assert walked_back > 0
+
+
+def test_trust_radius_auto_is_off_for_gauss_newton_and_checked():
+    model, x, y = _swap_problem()
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        out = model(x)
+        return F.mse_loss(out, y), out
+
+    for _ in range(10):
+        opt.step(closure)
+        assert opt.last_step.cg_reason != "trust_radius"
+    assert "trust_radius" not in opt.state[next(model.parameters())]
+    with pytest.raises(ValueError, match="trust_radius"):
+        HessianFree(model.parameters(), trust_radius="yes")
+    with pytest.raises((TypeError, ValueError), match="trust_radius"):
+        HessianFree(model.parameters(), trust_radius=1)
