@@ -407,29 +407,33 @@ def _table(runs: list[Run]) -> str:
 
 
 def _targets(results: dict, costs: dict) -> list[list[str]]:
-    """The issue's targets, each with what this run measured (HF = the tuned row)."""
+    """The issue's targets, each with what this run measured, for HF's defaults and tuned rows."""
     rows = []
     by = {k: {r.method: r for r in runs} for k, (_, runs) in results.items()}
+    hf_rows = ("Adam → HF (defaults)", "Adam → HF (tuned)")
     if "poisson" in by:
-        hf = by["poisson"]["Adam → HF (tuned)"]
         best = min(by["poisson"][m].error for m in BASELINES)
-        rows.append(
-            [
-                "Poisson: HF error ≤ 0.1 × best baseline",
-                f"{hf.error / best:.3g} ×",
-                "met" if hf.error <= 0.1 * best else "**missed**",
-            ]
-        )
+        for name in hf_rows:
+            hf = by["poisson"][name]
+            rows.append(
+                [
+                    f"Poisson: {name} error ≤ 0.1 × best baseline",
+                    f"{hf.error / best:.3g} ×",
+                    "met" if hf.error <= 0.1 * best else "**missed**",
+                ]
+            )
     if "reaction" in by:
-        hf, lb = by["reaction"]["Adam → HF (tuned)"], by["reaction"]["Adam → L-BFGS"]
-        ok = hf.loss < lb.loss and hf.error < lb.error
-        rows.append(
-            [
-                "Reaction: Adam → HF below Adam → L-BFGS in loss and error",
-                f"loss {hf.loss / lb.loss:.3g} ×, error {hf.error / lb.error:.3g} ×",
-                "met" if ok else "**missed**",
-            ]
-        )
+        lb = by["reaction"]["Adam → L-BFGS"]
+        for name in hf_rows:
+            hf = by["reaction"][name]
+            ok = hf.loss < lb.loss and hf.error < lb.error
+            rows.append(
+                [
+                    f"Reaction: {name} below Adam → L-BFGS in loss and error",
+                    f"loss {hf.loss / lb.loss:.3g} ×, error {hf.error / lb.error:.3g} ×",
+                    "met" if ok else "**missed**",
+                ]
+            )
     for key, c in costs.items():
         r = c["GN product (R-op Jv, graph reused)"][1]
         rows.append(
