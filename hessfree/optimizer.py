@@ -1002,9 +1002,9 @@ class HessianFree(torch.optim.Optimizer):
         x0 = self._warm_start(product, g, run.state)
         rtol = settings.cg_rtol
         if rtol == "auto":  # inexact Newton: η from how fast ‖g‖ fell (Eisenstat & Walker 1996)
-            st, g_norm = run.state, run.report["grad_norm"]
-            rtol = forcing_term(g_norm, st.get("forcing_grad_norm"), st.get("forcing_eta"))
-            st["forcing_grad_norm"], st["forcing_eta"] = g_norm, rtol
+            state, g_norm = run.state, run.report["grad_norm"]
+            rtol = forcing_term(g_norm, state.get("forcing_grad_norm"), state.get("forcing_eta"))
+            state["forcing_grad_norm"], state["forcing_eta"] = g_norm, rtol
         run.bounded = self._trust_radius(product)
         run.lap("curvature")
         return cg(
