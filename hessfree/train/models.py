@@ -213,7 +213,8 @@ class TanhRNN(nn.Module):
 
     Example:
         >>> rnn = TanhRNN(2, 8, 1, spectral_radius=1.2)
-        >>> round(float(torch.linalg.eigvals(rnn.recurrent.weight.double()).abs().max()), 6)
+        >>> w = rnn.recurrent.weight.detach().double()
+        >>> round(float(torch.linalg.eigvals(w).abs().max()), 6)
         1.2
     """
 
