@@ -413,11 +413,14 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
 
             opt.step(closure)
         else:
-            c = min(regime["curvature_batch"], len(xb))
+            c = min(round(regime["curvature_batch"] * batches.size / regime["batch"]), len(xb))
             curvature = None if c >= len(xb) else (lambda: forward(xb[:c], yb[:c]))
             opt.step(lambda: forward(xb, yb), curvature)
         s = opt.last_step.status
         run.statuses[s] = run.statuses.get(s, 0) + 1
+        if regime.get("grow"):  # growing batches: ×grow per step, curvature batch in proportion
+            growth = regime["grow"] ** (run.steps + 1)
+            batches.size = min(len(task.x), round(regime["batch"] * growth))
 
     run.step = step
     return run

@@ -130,6 +130,7 @@ def cg(
     store_ratio: float = 1.3,
     check_every: int | None = None,
     max_norm: float | None = None,
+    descent_stop: bool = False,
 ) -> CGResult:
     r"""Approximately minimize a quadratic model by truncated, preconditioned CG.
 
@@ -194,6 +195,9 @@ def cg(
             Does not change the result, only ``num_matvec``.
         max_norm: Trust radius :math:`\Delta > 0` bounding :math:`\|x\|` (``TRUST_RADIUS``),
             or ``None`` (unbounded). Costs two dot products per iteration.
+        descent_stop: From a nonzero ``x0``, the residual stop (``CONVERGED``) also needs
+            :math:`\phi(x_i) < 0`: a start whose residual is small but whose model value is
+            not below :math:`\phi(0)` is iterated on.
 
     Returns:
         CGResult: final ``x``, stored ``iterates`` with their ``iterations`` and
@@ -265,10 +269,14 @@ def cg(
     # tol = max(rtol ||b||, atol); NaN if b is not finite, so no CONVERGED then.
     tol = torch.linalg.vector_norm(b).mul_(opts.rtol).clamp_(min=opts.atol)
     r_norm = torch.linalg.vector_norm(r)
+    downhill = None  # descent_stop: phi < 0 (or b = 0, where phi -> 0 from above)
+    if descent_stop and opts.x0_nonzero:
+        b_zero = torch.linalg.vector_norm(b) == 0
+        downhill = b_zero | (history[0] < 0)
     finite0, converged0 = torch.stack(
         [
             torch.isfinite(rz) & torch.isfinite(history[0]) & torch.isfinite(r_norm),
-            r_norm <= tol,
+            (r_norm <= tol) if downhill is None else (r_norm <= tol) & downhill,
         ]
     ).tolist()
     if not finite0 or converged0:
@@ -321,6 +329,8 @@ def cg(
         phi = _phi(x, r, b, out=history[i])
         finite_after = torch.isfinite(rz_next) & torch.isfinite(phi)
         converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass
+        if downhill is not None:
+            converged = converged & (b_zero | (phi < 0))
         progress = _progress(phi, history, i, progress_tol, min_iter, no)
         torch.stack(
             [finite_pAp, positive_pAp, finite_alpha, finite_after, converged, progress, inside],
