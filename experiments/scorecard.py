@@ -122,7 +122,10 @@ def make_curves_task(quick: bool) -> Task:
 
     hf = {
         f"full/{n // 4}, cg≤50": dict(batch=n, curvature_batch=n // 4, kw=dict(cg_max_iter=50)),
-        "1000/250, cg≤50": dict(batch=1000, curvature_batch=250, kw=dict(cg_max_iter=50)),
+    }
+    if n > 1000:  # (in quick mode 1000 is the full batch, already above)
+        hf["1000/250, cg≤50"] = dict(batch=1000, curvature_batch=250, kw=dict(cg_max_iter=50))
+    hf |= {
         "500/125, cg≤50": dict(batch=500, curvature_batch=125, kw=dict(cg_max_iter=50)),
         "250/62, cg≤10": dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=10)),
     }
@@ -413,14 +416,11 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
 
             opt.step(closure)
         else:
-            c = min(round(regime["curvature_batch"] * batches.size / regime["batch"]), len(xb))
+            c = min(regime["curvature_batch"], len(xb))
             curvature = None if c >= len(xb) else (lambda: forward(xb[:c], yb[:c]))
             opt.step(lambda: forward(xb, yb), curvature)
         s = opt.last_step.status
         run.statuses[s] = run.statuses.get(s, 0) + 1
-        if regime.get("grow"):  # growing batches: ×grow per step, curvature batch in proportion
-            growth = regime["grow"] ** (run.steps + 1)
-            batches.size = min(len(task.x), round(regime["batch"] * growth))
 
     run.step = step
     return run
