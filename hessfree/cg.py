@@ -65,7 +65,8 @@ _INSIDE = 6
 class CGStop(enum.Enum):
     """Why :func:`cg` stopped (``CGResult.reason``); ``StopReason`` is its former name."""
 
-    #: :math:`\|r\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})`.
+    #: :math:`\|r\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (and :math:`\phi < 0`
+    #: with ``descent_stop`` from a nonzero start).
     CONVERGED = "converged"
     #: Martens' (2010, §4.4) relative-progress test fired.
     RELATIVE_PROGRESS = "relative_progress"
@@ -154,7 +155,8 @@ def cg(
       its exact :math:`\phi`, as iteration :math:`i + 1`. From :math:`x_0 = 0` the iterates'
       norms grow while the curvature stays positive (Steihaug's Theorem 2.1), so this is the
       path's only crossing. A start outside the ball returns :math:`x_0`;
-    - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``);
+    - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``; with
+      ``descent_stop`` and a nonzero ``x0``, only where also :math:`\phi(x_i) < 0`);
     - the relative-progress test of Martens (2010, §4.4) holds (``RELATIVE_PROGRESS``):
       :math:`i > k`, :math:`\phi(x_i) < 0` and
       :math:`(\phi(x_i) - \phi(x_{i-k}))/\phi(x_i) < k\epsilon` with
