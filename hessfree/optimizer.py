@@ -18,7 +18,9 @@ phases named as the methods that run them:
    warm-started from ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the
    reference code; by default only for Gauss-Newton/Fisher curvature, the Hessian's CG starts
    cold), stopping by the relative-progress rule (§4.4) or once :math:`\|r\| \le \eta_k\|g\|`
-   with the inexact-Newton forcing term :math:`\eta_k` (Eisenstat & Walker 1996); with the
+   with the inexact-Newton forcing term :math:`\eta_k` (Eisenstat & Walker 1996), the latter
+   only at an iterate with :math:`\phi < 0` (a warm start whose residual is small but which is
+   uphill on this step's model is iterated on, not returned: ``descent_stop``); with the
    (indefinite) Hessian also where its path leaves the trust radius :math:`\|p\| \le \Delta`
    (Steihaug 1983; ``trust_radius``). The graphs are freed after this phase.
 3. *Backtrack* (§4.6, :func:`hessfree._line_search.backtrack`): from the last stored iterate
@@ -367,7 +369,11 @@ class HessianFree(torch.optim.Optimizer):
             and negative curvature then returns an iterate that is no descent step; from a cold
             start the iterate before negative curvature always is (Steihaug 1983). Measured on
             ``experiments/scorecard.py``'s LBFGS-loop task: cold starts reached 2-6x lower loss
-            and no failed line searches.
+            and no failed line searches. A warm start is never CG's answer unless it is
+            downhill on this step's model (:math:`\phi(x_0) < 0`; :func:`hessfree.cg`'s
+            ``descent_stop``): on mini-batches with :math:`\lambda` at its floor, the previous
+            solve's iterate often has a small residual on the next batch but points uphill, and
+            CG returning it at once made 16 of 125 CURVES steps fail their line search.
         cg_check_every: CG reads its stop tests back to the host every this many iterations
             (each read is a device synchronisation); ``None``: 1 on CPU, 8 on accelerators.
             Changes only how many products are spent after a stop, not the step.
@@ -1018,6 +1024,7 @@ class HessianFree(torch.optim.Optimizer):
             progress_tol=settings.cg_progress_tol,
             check_every=settings.cg_check_every,
             max_norm=run.state.get("trust_radius") if run.bounded else None,
+            descent_stop=True,  # never stop on an uphill warm start (CURVES, #14)
         )
 
     def _trust_radius(self, product: object) -> bool:

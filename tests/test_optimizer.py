@@ -746,3 +746,61 @@ def test_trust_radius_auto_is_off_for_gauss_newton_and_checked():
         HessianFree(model.parameters(), trust_radius="yes")
     with pytest.raises((TypeError, ValueError), match="trust_radius"):
         HessianFree(model.parameters(), trust_radius=1)
+
+
+def _uphill_warm_start_problem():
+    """Least squares with A = X^T X / n = diag(1, 1/2, 1e-6) at w = 0, g = (-1, -1, 1e-3),
+    λ = 1e-6, and a stored warm start x0 = (1, 2, 4000) / 0.95 (cg_decay 0.95 makes it x0):
+    its residual ||(A + λ) x0 + g|| = 0.009 is below η0 ||g|| = ||g|| / 2, but
+    φ(x0) = 18.5 > 0 and g^T x0 = +1: uphill, as on CURVES when λ sits at its floor."""
+    mu = torch.tensor([1.0, 0.5, 1e-6], dtype=torch.float64)
+    n = 3
+    X = math.sqrt(n) * torch.diag(mu.sqrt())
+    g = torch.tensor([-1.0, -1.0, 1e-3], dtype=torch.float64)
+    y = -n * g / (X.diagonal())  # g = -X^T y / n at w = 0
+    model = nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+
+    def closure():
+        out = model(X).squeeze(1)
+        return 0.5 * (out - y).square().mean(), out
+
+    def loss_at(w: np.ndarray) -> float:  # the closed form, in numpy
+        r = X.numpy() @ w - y.numpy()
+        return float(0.5 * np.mean(r * r))
+
+    x0 = torch.tensor([1.0, 2.0, 4000.0], dtype=torch.float64)
+    return model, closure, loss_at, x0, g, mu
+
+
+def test_uphill_warm_start_is_iterated_on_not_returned(monkeypatch):
+    model, closure, loss_at, x0, g, mu = _uphill_warm_start_problem()
+    lam = 1e-6
+    phi0 = float(g @ x0 + 0.5 * x0 @ ((mu + lam) * x0))
+    assert phi0 > 0 and float(g @ x0) > 0
+    assert float(((mu + lam) * x0 + g).norm()) < 0.5 * float(g.norm())
+
+    def run() -> StepInfo:
+        with torch.no_grad():
+            model.weight.zero_()
+        opt = HessianFree(model.parameters(), damping=lam, min_damping=1e-12)
+        opt._global_state()["warm_start"] = x0 / 0.95
+        opt.step(closure)
+        return opt.last_step
+
+    info = run()
+    assert info.status == "accepted" and info.cg_iters >= 1
+    w = model.weight.detach().numpy().ravel()
+    assert loss_at(w) < loss_at(np.zeros(3))  # the closed-form loss fell
+    assert info.loss_after == pytest.approx(loss_at(w), rel=1e-12)
+    # the same step with CG's plain residual stop returns the start: rejected
+    import hessfree.optimizer as optimizer_module
+
+    plain_cg = optimizer_module.cg
+    monkeypatch.setattr(
+        optimizer_module, "cg", lambda *a, **k: plain_cg(*a, **{**k, "descent_stop": False})
+    )
+    info = run()
+    assert (info.status, info.cg_iters) == ("line_search_failed", 0)
+    assert np.array_equal(model.weight.detach().numpy().ravel(), np.zeros(3))
