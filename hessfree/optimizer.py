@@ -22,7 +22,9 @@ phases named as the methods that run them:
    (indefinite) Hessian also where its path leaves the trust radius :math:`\|p\| \le \Delta`
    (Steihaug 1983; ``trust_radius``), and (``cg_stop_on_increase``, ours) once the objective
    on the gradient batch at a stored iterate is not below the previous stored one's (a
-   forward evaluation each, reused by backtracking). The graphs are freed after this phase.
+   forward evaluation each, reused by backtracking). If CG ends, from a warm start, at no
+   descent direction (:math:`g^\top p \ge 0`: the step would be rejected), it is run again
+   from zero, where every iterate descends (ours). The graphs are freed after this phase.
 3. *Backtrack* (§4.6, :func:`hessfree._line_search.backtrack`): from the last stored iterate
    walk back while the objective on the gradient batch decreases.
 4. *Reduction ratio and damping* (``_reduction_ratio``, :class:`hessfree.damping.DampingPolicy`):
@@ -83,6 +85,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import math
 import re
@@ -385,7 +388,10 @@ class HessianFree(torch.optim.Optimizer):
             and negative curvature then returns an iterate that is no descent step; from a cold
             start the iterate before negative curvature always is (Steihaug 1983). Measured on
             ``experiments/scorecard.py``'s LBFGS-loop task: cold starts reached 2-6x lower loss
-            and no failed line searches.
+            and no failed line searches. Whatever the curvature, a warm-started CG that ends at
+            no descent direction is run again from zero (its products count in
+            ``StepInfo.cg_matvecs``): on CURVES 500/125 and the PINN reaction problem such
+            steps had been ``line_search_failed``.
         cg_check_every: CG reads its stop tests back to the host every this many iterations
             (each read is a device synchronisation); ``None``: 1 on CPU, 8 on accelerators.
             Changes only how many products are spent after a stop, not the step.
@@ -1073,19 +1079,33 @@ class HessianFree(torch.optim.Optimizer):
             state["forcing_grad_norm"], state["forcing_eta"] = g_norm, rtol
         run.bounded = self._trust_radius(product)
         run.lap("curvature")
-        return cg(
-            damped,
-            -g,
-            x0,
-            max_iter=settings.cg_max_iter,
-            min_iter=settings.cg_min_iter,
-            rtol=rtol,
-            precond=precond,
-            progress_tol=settings.cg_progress_tol,
-            check_every=settings.cg_check_every,
-            max_norm=run.state.get("trust_radius") if run.bounded else None,
-            monitor=self._objective_monitor(closure, run) if self._stop_on_increase(run) else None,
-        )
+
+        def solve(start: Tensor | None) -> CGResult:
+            return cg(
+                damped,
+                -g,
+                start,
+                max_iter=settings.cg_max_iter,
+                min_iter=settings.cg_min_iter,
+                rtol=rtol,
+                precond=precond,
+                progress_tol=settings.cg_progress_tol,
+                check_every=settings.cg_check_every,
+                max_norm=run.state.get("trust_radius") if run.bounded else None,
+                monitor=self._objective_monitor(closure, run)
+                if self._stop_on_increase(run)
+                else None,
+            )
+
+        result = solve(x0)
+        if x0 is not None and not float(g @ result.x) < 0:
+            # from the warm start CG stopped at no descent direction (the line search would
+            # reject the step): solve again from zero, where every iterate descends
+            run.trials.clear()
+            matvecs = result.num_matvec
+            result = solve(None)
+            result = dataclasses.replace(result, num_matvec=result.num_matvec + matvecs)
+        return result
 
     def _stop_on_increase(self, run: _StepRun) -> bool:
         """Whether CG checks the objective at its stored iterates (``cg_stop_on_increase``)."""

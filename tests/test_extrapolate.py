@@ -1,4 +1,5 @@
-"""Step extrapolation (``extrapolate``) and CG's objective check (``cg_stop_on_increase``).
+"""Step extrapolation (``extrapolate``), CG's objective check (``cg_stop_on_increase``) and
+the cold CG retry after a warm start that gives no descent direction.
 
 Oracles: closed forms (Newton on :math:`e^{-w}`), float64 NumPy evaluations of the objective
 along the accepted step, and runs of the same optimizer with the feature off (bitwise).
@@ -284,3 +285,38 @@ def test_stop_on_increase_changes_nothing_where_the_objective_keeps_falling():
         assert opt.last_step.cg_reason != "monitor"
         finals.append(x.detach().clone())
     assert torch.equal(*finals)
+
+
+# ------------------------------------------------------------------------------ cold retry
+def test_warm_start_that_gives_no_descent_direction_is_solved_again_cold():
+    """Step 1 solves A x = b1 (x1 = e1); step 2's objective has g2 = A x1 - b2 = (2, 10).
+    One CG iteration from the warm start x0 = 0.95 x1 (hand-computed below) is uphill, so the
+    step would be rejected; CG is run again from zero and the step is bitwise the cold one."""
+    A = torch.diag(torch.tensor([1.0, 100.0], dtype=torch.float64))
+    b1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    b2 = torch.tensor([-1.0, -10.0], dtype=torch.float64)
+    # the oracle: x0 - α r0 with r0 = A x0 + g2, α = r0ᵀr0 / r0ᵀA r0 (λ = 1e-6 neglected)
+    x0, g2 = np.array([0.95, 0.0]), np.array([2.0, 10.0])
+    r0 = np.diag([1.0, 100.0]) @ x0 + g2
+    warm = x0 - (r0 @ r0) / (r0 @ np.diag([1.0, 100.0]) @ r0) * r0
+    assert g2 @ warm > 0.5  # uphill
+    runs = []
+    for decay in (0.95, 0.0):
+        x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree(
+            [x],
+            damping=1e-6,
+            adapt_damping=False,
+            cg_rtol=1e-12,
+            cg_decay=decay,
+            curvature="hessian",
+            cg_max_iter=1,
+            extrapolate=False,
+        )
+        for b in (b1, b2):
+            opt.step(lambda b=b, x=x: 0.5 * x @ A @ x - b @ x)
+        runs.append((x.detach().clone(), opt.last_step))
+    (x_warm, info_warm), (x_cold, info_cold) = runs
+    assert info_warm.status == "accepted" and info_warm.cg_matvecs == 3  # r0, 1 iteration, cold
+    assert info_cold.cg_matvecs == 1
+    assert torch.equal(x_warm, x_cold)
