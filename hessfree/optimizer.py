@@ -397,10 +397,10 @@ class HessianFree(torch.optim.Optimizer):
             Changes only how many products are spent after a stop, not the step.
         cg_stop_on_increase: Evaluate the objective (on the gradient batch, one forward
             evaluation) at each iterate CG stores for backtracking (iterations 5, 7, 9, 12,
-            ...) and stop CG once it is not below the previous stored iterate's (or, at the
-            first, :math:`f(\theta_0)`); backtracking reuses these values. Where the damping
-            is small, CG's late iterates follow the model far beyond where it holds, and
-            backtracking then throws them away: this saves their products. ``'auto'``
+            ...) and stop CG once it is not below the previous stored iterate's, that one
+            having been below :math:`f(\theta_0)`; backtracking reuses these values. Where
+            the damping is small, CG's late iterates follow the model far beyond where it
+            holds, and backtracking then throws them away: this saves their products. ``'auto'``
             (default): on with ``backtrack``, except for closures that call ``backward()``
             themselves (each check would cost a backward pass). Measured in
             ``experiments/README.md`` (MNIST-1D full batch, CURVES mini-batch).
@@ -1098,7 +1098,11 @@ class HessianFree(torch.optim.Optimizer):
             )
 
         result = solve(x0)
-        if x0 is not None and not float(g @ result.x) < 0:
+        if (
+            x0 is not None
+            and result.reason is not CGStop.NON_FINITE
+            and not float(g @ result.x) < 0
+        ):
             # from the warm start CG stopped at no descent direction (the line search would
             # reject the step): solve again from zero, where every iterate descends
             run.trials.clear()
@@ -1112,7 +1116,7 @@ class HessianFree(torch.optim.Optimizer):
         on = self.settings.cg_stop_on_increase
         return (self.settings.backtrack and not run.uses_backward) if on == "auto" else on
 
-    def _objective_monitor(self, closure: Closure, run: _StepRun) -> Callable[[Tensor], bool]:
+    def _objective_monitor(self, closure: Closure, run: _StepRun) -> Callable[[int, Tensor], bool]:
         """CG's ``monitor``: the objective at each stored iterate (kept in ``run.trials`` for
         backtracking); True, CG stops, once it is not below the previous stored iterate's and
         that one was below :math:`f(\theta_0)` (until an iterate descends, CG goes on: a warm
@@ -1193,8 +1197,12 @@ class HessianFree(torch.optim.Optimizer):
             iterations = result.iterations
 
             def at_iterate(j: int) -> float:  # monitored iterates are not evaluated twice
+                nonlocal trial_non_finite
                 f = run.trials.get(iterations[j])
-                return objective(result.iterates[j]) if f is None else f
+                if f is None:
+                    return objective(result.iterates[j])
+                trial_non_finite |= f == math.inf
+                return f
 
             chosen, f_chosen = backtrack(
                 range(len(iterations)), at_iterate, enabled=settings.backtrack
