@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -80,6 +81,8 @@ class CGStop(enum.Enum):
     TRUST_RADIUS = "trust_radius"
     #: A NaN or Inf appeared (in ``b``, a product or the preconditioner).
     NON_FINITE = "non_finite"
+    #: ``monitor`` returned True at a stored iterate (e.g. the objective rose there).
+    MONITOR = "monitor"
 
 
 #: Former name of :class:`CGStop`, kept so existing imports work.
@@ -132,6 +135,7 @@ def cg(
     check_every: int | None = None,
     max_norm: float | None = None,
     descent_stop: bool = False,
+    monitor: Callable[[int, Tensor], bool] | None = None,
 ) -> CGResult:
     r"""Approximately minimize a quadratic model by truncated, preconditioned CG.
 
@@ -200,6 +204,10 @@ def cg(
         descent_stop: From a nonzero ``x0``, the residual stop (``CONVERGED``) also needs
             :math:`\phi(x_i) < 0`: a start whose residual is small but whose model value is
             not below :math:`\phi(0)` is iterated on.
+        monitor: Called as ``monitor(i, x_i)`` at every stored (grid) iterate once the
+            stop tests up to iteration ``i`` are read (one read then, whatever
+            ``check_every``); returning True stops CG there with ``MONITOR`` and
+            :math:`x_i` as the final iterate. ``x_i`` must not be modified.
 
     Returns:
         CGResult: final ``x``, stored ``iterates`` with their ``iterations`` and
@@ -243,6 +251,8 @@ def cg(
         check_every=check_every,
         max_norm=max_norm,
     )
+    if monitor is not None and not callable(monitor):
+        raise TypeError(f"`monitor` must be None or a callable (i, x) -> bool, got {monitor!r}.")
     b, diag, max_iter, min_iter = b.detach(), opts.diag, opts.max_iter, opts.min_iter
     progress_tol, check_every = opts.progress_tol, opts.check_every
 
@@ -345,11 +355,15 @@ def cg(
         rz = rz_next  # used only through alpha and beta, both masked
         if i in grid:
             stored.append((i, x.clone()))
-        if i % check_every == 0 or i == max_iter:
+        watch = monitor is not None and i in grid
+        if watch or i % check_every == 0 or i == max_iter:
             stop = _decode(flags[first_unread : i + 1].tolist(), first_unread)
             first_unread = i + 1
             if stop is not None:
                 num_iter, reason = stop
+                break
+            if watch and monitor(i, x):
+                num_iter, reason = i, CGStop.MONITOR
                 break
     if reason is CGStop.NEGATIVE_CURVATURE and num_iter == 0:
         num_iter = _steepest_descent_step(x, z, rz, pAp_first, history)
