@@ -52,8 +52,6 @@ MODES: dict[str, dict[str, Any]] = {
             "data.num_test=1000",
             "budget.seconds=20",
             "eval.every_seconds=2",
-            "optimizers.0.batch_size=1000",
-            "optimizers.0.curvature_batch_size=250",
         ],
         "addition_seconds": 15.0,
         "lengths": (30,),

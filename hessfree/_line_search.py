@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["armijo", "backtrack"]
+__all__ = ["armijo", "backtrack", "extrapolate"]
 
 X = TypeVar("X")
 
@@ -89,4 +89,37 @@ def armijo(
         f = objective(rate)
     if not f <= f0 + c * rate * slope:
         return 0.0, f
+    return rate, f
+
+
+def extrapolate(
+    objective: Callable[[float], float], f1: float, *, max_doublings: int
+) -> tuple[float, float]:
+    r"""Step doubling after an accepted full step: :math:`t = 2, 4, \dots` while :math:`f` falls.
+
+    Tries :math:`t = 2^k` for :math:`k = 1, 2, \dots` and stops at the first rate whose
+    objective is not strictly below the best so far (NaN counts as not below), or after
+    ``max_doublings`` rates.
+
+    Args:
+        objective: :math:`t \mapsto f(\theta_0 + t p)`.
+        f1: :math:`f(\theta_0 + p)`, the accepted full step's objective.
+        max_doublings: Most rates tried (0: none).
+
+    Returns:
+        tuple[float, float]: The best rate (1 if no doubling helped) and its objective.
+
+    Example:
+        >>> import math
+        >>> extrapolate(lambda t: math.exp(-t), math.exp(-1), max_doublings=3)  # still falling
+        (8.0, 0.00033546262790251185)
+        >>> extrapolate(lambda t: (t - 3) ** 2, 4.0, max_doublings=10)  # 4 -> 1 -> 1: stop
+        (2.0, 1.0)
+    """
+    rate, f = 1.0, f1
+    for _ in range(max_doublings):
+        f_next = objective(2.0 * rate)
+        if not f_next < f:
+            break
+        rate, f = 2.0 * rate, f_next
     return rate, f

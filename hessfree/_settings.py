@@ -74,8 +74,10 @@ class HFSettings:
     cg_progress_tol: float = 5e-4
     cg_decay: float | str = "auto"
     cg_check_every: int | None = None
+    cg_stop_on_increase: bool | str = "auto"
     backtrack: bool = True
     trust_radius: bool | str = "auto"
+    extrapolate: bool | str = "auto"
     line_search: str | None = "armijo"
     armijo_c: float = 1e-2
     line_search_shrink: float = 0.8
@@ -115,8 +117,10 @@ class HFSettings:
         "cg_progress_tol",
         "cg_decay",
         "cg_check_every",
+        "cg_stop_on_increase",
         "backtrack",
         "trust_radius",
+        "extrapolate",
         "line_search",
         "armijo_c",
         "line_search_shrink",
@@ -268,11 +272,13 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         out["cg_decay"] = check_number("cg_decay", s.cg_decay, low=0.0, high=1.0)
     if s.cg_check_every is not None:
         out["cg_check_every"] = check_int("cg_check_every", s.cg_check_every, low=1)
+    _check_auto_or_bool("cg_stop_on_increase", s.cg_stop_on_increase)
     _check_bool("backtrack", s.backtrack)
     if isinstance(s.trust_radius, str):
         check_choice("trust_radius", s.trust_radius, ("auto",))
     else:
         _check_bool("trust_radius", s.trust_radius)
+    _check_auto_or_bool("extrapolate", s.extrapolate)
     if s.line_search is not None:
         check_choice("line_search", s.line_search, ("armijo",))
     out["armijo_c"] = check_number(
@@ -310,3 +316,13 @@ def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}.")
     return value
+
+
+def _check_auto_or_bool(name: str, value: object) -> None:
+    """``'auto'``, True or False: another string is a ``ValueError``, another type a
+    ``TypeError``, each naming ``name`` and the value."""
+    if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
+        return
+    error = ValueError if isinstance(value, str) else TypeError
+    kind = "" if isinstance(value, str) else f"{type(value).__name__} "
+    raise error(f"`{name}` must be 'auto', True or False, got {kind}{value!r}.")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -65,7 +66,8 @@ _INSIDE = 6
 class CGStop(enum.Enum):
     """Why :func:`cg` stopped (``CGResult.reason``); ``StopReason`` is its former name."""
 
-    #: :math:`\|r\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})`.
+    #: :math:`\|r\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (and :math:`\phi < 0`
+    #: with ``descent_stop`` from a nonzero start).
     CONVERGED = "converged"
     #: Martens' (2010, §4.4) relative-progress test fired.
     RELATIVE_PROGRESS = "relative_progress"
@@ -79,6 +81,8 @@ class CGStop(enum.Enum):
     TRUST_RADIUS = "trust_radius"
     #: A NaN or Inf appeared (in ``b``, a product or the preconditioner).
     NON_FINITE = "non_finite"
+    #: ``monitor`` returned True at a stored iterate (e.g. the objective rose there).
+    MONITOR = "monitor"
 
 
 #: Former name of :class:`CGStop`, kept so existing imports work.
@@ -130,6 +134,8 @@ def cg(
     store_ratio: float = 1.3,
     check_every: int | None = None,
     max_norm: float | None = None,
+    descent_stop: bool = False,
+    monitor: Callable[[int, Tensor], bool] | None = None,
 ) -> CGResult:
     r"""Approximately minimize a quadratic model by truncated, preconditioned CG.
 
@@ -153,7 +159,8 @@ def cg(
       its exact :math:`\phi`, as iteration :math:`i + 1`. From :math:`x_0 = 0` the iterates'
       norms grow while the curvature stays positive (Steihaug's Theorem 2.1), so this is the
       path's only crossing. A start outside the ball returns :math:`x_0`;
-    - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``);
+    - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``; with
+      ``descent_stop`` and a nonzero ``x0``, only where also :math:`\phi(x_i) < 0`);
     - the relative-progress test of Martens (2010, §4.4) holds (``RELATIVE_PROGRESS``):
       :math:`i > k`, :math:`\phi(x_i) < 0` and
       :math:`(\phi(x_i) - \phi(x_{i-k}))/\phi(x_i) < k\epsilon` with
@@ -194,6 +201,13 @@ def cg(
             Does not change the result, only ``num_matvec``.
         max_norm: Trust radius :math:`\Delta > 0` bounding :math:`\|x\|` (``TRUST_RADIUS``),
             or ``None`` (unbounded). Costs two dot products per iteration.
+        descent_stop: From a nonzero ``x0``, the residual stop (``CONVERGED``) also needs
+            :math:`\phi(x_i) < 0`: a start whose residual is small but whose model value is
+            not below :math:`\phi(0)` is iterated on.
+        monitor: Called as ``monitor(i, x_i)`` at every stored (grid) iterate once the
+            stop tests up to iteration ``i`` are read (one read then, whatever
+            ``check_every``); returning True stops CG there with ``MONITOR`` and
+            :math:`x_i` as the final iterate. ``x_i`` must not be modified.
 
     Returns:
         CGResult: final ``x``, stored ``iterates`` with their ``iterations`` and
@@ -237,6 +251,8 @@ def cg(
         check_every=check_every,
         max_norm=max_norm,
     )
+    if monitor is not None and not callable(monitor):
+        raise TypeError(f"`monitor` must be None or a callable (i, x) -> bool, got {monitor!r}.")
     b, diag, max_iter, min_iter = b.detach(), opts.diag, opts.max_iter, opts.min_iter
     progress_tol, check_every = opts.progress_tol, opts.check_every
 
@@ -265,10 +281,14 @@ def cg(
     # tol = max(rtol ||b||, atol); NaN if b is not finite, so no CONVERGED then.
     tol = torch.linalg.vector_norm(b).mul_(opts.rtol).clamp_(min=opts.atol)
     r_norm = torch.linalg.vector_norm(r)
+    downhill = None  # descent_stop: phi < 0 (or b = 0, where phi -> 0 from above)
+    if descent_stop and opts.x0_nonzero:
+        b_zero = torch.linalg.vector_norm(b) == 0
+        downhill = b_zero | (history[0] < 0)
     finite0, converged0 = torch.stack(
         [
             torch.isfinite(rz) & torch.isfinite(history[0]) & torch.isfinite(r_norm),
-            r_norm <= tol,
+            (r_norm <= tol) if downhill is None else (r_norm <= tol) & downhill,
         ]
     ).tolist()
     if not finite0 or converged0:
@@ -321,6 +341,8 @@ def cg(
         phi = _phi(x, r, b, out=history[i])
         finite_after = torch.isfinite(rz_next) & torch.isfinite(phi)
         converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass
+        if downhill is not None:
+            converged = converged & (b_zero | (phi < 0))
         progress = _progress(phi, history, i, progress_tol, min_iter, no)
         torch.stack(
             [finite_pAp, positive_pAp, finite_alpha, finite_after, converged, progress, inside],
@@ -333,11 +355,15 @@ def cg(
         rz = rz_next  # used only through alpha and beta, both masked
         if i in grid:
             stored.append((i, x.clone()))
-        if i % check_every == 0 or i == max_iter:
+        watch = monitor is not None and i in grid
+        if watch or i % check_every == 0 or i == max_iter:
             stop = _decode(flags[first_unread : i + 1].tolist(), first_unread)
             first_unread = i + 1
             if stop is not None:
                 num_iter, reason = stop
+                break
+            if watch and monitor(i, x):
+                num_iter, reason = i, CGStop.MONITOR
                 break
     if reason is CGStop.NEGATIVE_CURVATURE and num_iter == 0:
         num_iter = _steepest_descent_step(x, z, rz, pAp_first, history)

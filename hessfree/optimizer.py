@@ -18,9 +18,15 @@ phases named as the methods that run them:
    warm-started from ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the
    reference code; by default only for Gauss-Newton/Fisher curvature, the Hessian's CG starts
    cold), stopping by the relative-progress rule (§4.4) or once :math:`\|r\| \le \eta_k\|g\|`
-   with the inexact-Newton forcing term :math:`\eta_k` (Eisenstat & Walker 1996); with the
+   with the inexact-Newton forcing term :math:`\eta_k` (Eisenstat & Walker 1996), the latter
+   only at an iterate with :math:`\phi < 0` (a warm start whose residual is small but which is
+   uphill on this step's model is iterated on, not returned: ``descent_stop``); with the
    (indefinite) Hessian also where its path leaves the trust radius :math:`\|p\| \le \Delta`
-   (Steihaug 1983; ``trust_radius``). The graphs are freed after this phase.
+   (Steihaug 1983; ``trust_radius``), and (``cg_stop_on_increase``, ours) once the objective
+   on the gradient batch at a stored iterate is not below the previous stored one's (a
+   forward evaluation each, reused by backtracking). If CG ends, from a warm start, at no
+   descent direction (:math:`g^\top p \ge 0`: the step would be rejected), it is run again
+   from zero, where every iterate descends (ours). The graphs are freed after this phase.
 3. *Backtrack* (§4.6, :func:`hessfree._line_search.backtrack`): from the last stored iterate
    walk back while the objective on the gradient batch decreases.
 4. *Reduction ratio and damping* (``_reduction_ratio``, :class:`hessfree.damping.DampingPolicy`):
@@ -30,7 +36,9 @@ phases named as the methods that run them:
    backtracking walked back, doubled after a step on the sphere with :math:`\rho > 3/4`.
 5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
    on the backtracked step (the reference code's: :math:`c = 10^{-2}`, rate × 0.8, up to 60
-   tries), else the step is rejected. A step that changed the objective by less than
+   tries), else the step is rejected; after an accepted full step with :math:`\rho > 1.05` on a
+   deterministic objective, rates 2, 4, ... while the objective keeps falling
+   (``extrapolate``, ours). A step that changed the objective by less than
    ``tolerance_change``, or every parameter by at most that, is ``'converged'`` (LBFGS's
    no-progress tests; ours, not the paper's).
 
@@ -79,6 +87,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import math
 import re
@@ -95,6 +104,7 @@ from . import damping as _damping
 from ._checks import check_number
 from ._flat import ParamLayout
 from ._line_search import armijo, backtrack
+from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
 from ._settings import HFSettings
 from ._types import MatVec
@@ -113,6 +123,15 @@ from .distributed import Averager
 from .preconditioning import EmpiricalFisherDiagonal, NystromPreconditioner, PrecondContext
 
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]
+
+#: ``extrapolate``: a full step is doubled only when its :math:`\rho` exceeds this (the model
+#: under-predicted the decrease clearly: ρ ≈ 1.26 for Newton on a loss like exp(-t); with
+#: ρ ≈ 1 the trials failed and cost an evaluation each), at most this many times.
+_EXTRAPOLATE_RHO = 1.05
+_EXTRAPOLATE_MAX = 10
+#: Relative difference below which the closure's objective at the start of a step counts as
+#: the previous step's ``loss_after`` (float roundoff of a reordered sum stays far below).
+_SAME_OBJECTIVE_RTOL = 1e-5
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
 # torch's messages for data that does not match the parameters (dtype, device, features)
@@ -184,9 +203,12 @@ class StepInfo:
             smaller rate and the step was accepted* (``adapt_damping`` raised :math:`\lambda`).
         damping: :math:`\lambda` used in this step's CG.
         next_damping: :math:`\lambda` after the Levenberg-Marquardt update.
-        cg_iters: CG iterations; ``cg_reason`` why CG stopped; ``cg_matvecs`` products.
+        cg_iters: CG iterations; ``cg_reason`` why CG stopped (a :class:`hessfree.CGStop`
+            value; ``'monitor'``: the objective rose at a stored iterate,
+            ``cg_stop_on_increase``); ``cg_matvecs`` products.
         backtrack_iter: CG iteration of the chosen (backtracked) iterate.
-        step_rate: Accepted Armijo rate (0 if rejected).
+        step_rate: Accepted rate (0 if rejected): the Armijo rate, or a power of 2 above 1
+            when ``extrapolate`` doubled the full step.
         grad_norm: :math:`\|g\|`.
         closure_calls: Closure evaluations in this step (curvature closure included).
         time_products: Seconds spent in curvature products (on CUDA: launch time, async).
@@ -252,6 +274,7 @@ class _StepRun:
     uses_backward: bool = False  # the closure calls backward() itself (LBFGS style)
     report: dict = field(default_factory=dict)  # StepInfo fields known so far
     bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
+    trials: dict[int, float] = field(default_factory=dict)  # f at CG iterates, by iteration
 
     def __post_init__(self) -> None:
         self.t_lap = self.t_start
@@ -367,10 +390,27 @@ class HessianFree(torch.optim.Optimizer):
             and negative curvature then returns an iterate that is no descent step; from a cold
             start the iterate before negative curvature always is (Steihaug 1983). Measured on
             ``experiments/scorecard.py``'s LBFGS-loop task: cold starts reached 2-6x lower loss
-            and no failed line searches.
+            and no failed line searches. A warm start is never CG's answer unless it is
+            downhill on this step's model (:math:`\phi(x_0) < 0`; :func:`hessfree.cg`'s
+            ``descent_stop``): on mini-batches with :math:`\lambda` at its floor, the previous
+            solve's iterate often has a small residual on the next batch but points uphill, and
+            CG returning it at once made 16 of 125 CURVES steps fail their line search.
+            If a warm-started CG still ends at no descent direction (it stopped for another
+            reason), it is run again from zero (its products count in
+            ``StepInfo.cg_matvecs``): on CURVES 500/125 and the PINN reaction problem such
+            steps had been ``line_search_failed``.
         cg_check_every: CG reads its stop tests back to the host every this many iterations
             (each read is a device synchronisation); ``None``: 1 on CPU, 8 on accelerators.
             Changes only how many products are spent after a stop, not the step.
+        cg_stop_on_increase: Evaluate the objective (on the gradient batch, one forward
+            evaluation) at each iterate CG stores for backtracking (iterations 5, 7, 9, 12,
+            ...) and stop CG once it is not below the previous stored iterate's, that one
+            having been below :math:`f(\theta_0)`; backtracking reuses these values. Where
+            the damping is small, CG's late iterates follow the model far beyond where it
+            holds, and backtracking then throws them away: this saves their products. ``'auto'``
+            (default): on with ``backtrack``, except for closures that call ``backward()``
+            themselves (each check would cost a backward pass). Measured in
+            ``experiments/README.md`` (MNIST-1D full batch, CURVES mini-batch).
         backtrack: CG backtracking over the stored iterates (§4.6).
         trust_radius: Bound CG's step by a radius :math:`\Delta` (Steihaug 1983): CG stops
             where its path leaves :math:`\|p\| \le \Delta` and returns the crossing point
@@ -382,6 +422,20 @@ class HessianFree(torch.optim.Optimizer):
             while nearly flat directions blow the late CG iterates up, so CG spends most of
             its products on iterates that backtracking then rejects; off for Gauss-Newton,
             Fisher and callable curvature. Measured in ``experiments/README.md``.
+        extrapolate: After a full step (rate 1) accepted with :math:`\rho > 1.05`, try rates
+            2, 4, ... (at most 10 doublings) while the objective keeps falling and keep the
+            best, forward evaluations only; a worse or non-finite trial leaves the parameters
+            at the best point. With ``adapt_damping``, :math:`\lambda` is then divided by the
+            rate too (the damping kept the step that many times too short). On a saturating
+            loss (a softmax fitting its training set) the loss behaves like :math:`e^{-t}`
+            along the step, where the Gauss-Newton step only divides it by about :math:`e`.
+            ``'auto'`` (default): only once the objective is seen to be deterministic, i.e.
+            the closure's value at the start of a step equals (to a relative 1e-5) the
+            previous step's ``loss_after`` at the same parameters; one mismatch (mini-batches,
+            dropout, parameters changed between steps) turns it off for good, since a doubled
+            step fits the batch it was measured on, not the next one (an ``lr`` other than 1
+            gives no evidence either way). ``True``: always (also on mini-batches);
+            ``False``: never. Measured in ``experiments/README.md``.
         line_search: ``'armijo'`` or ``None``.
         armijo_c: Sufficient-decrease constant in (0, 1) (1e-2 in the reference code).
         line_search_shrink: Rate factor in (0, 1) (0.8 in the reference code).
@@ -469,8 +523,10 @@ class HessianFree(torch.optim.Optimizer):
         cg_progress_tol: float = 5e-4,
         cg_decay: float | str = "auto",
         cg_check_every: int | None = None,
+        cg_stop_on_increase: bool | str = "auto",
         backtrack: bool = True,
         trust_radius: bool | str = "auto",
+        extrapolate: bool | str = "auto",
         line_search: str | None = "armijo",
         armijo_c: float = 1e-2,
         line_search_shrink: float = 0.8,
@@ -503,8 +559,10 @@ class HessianFree(torch.optim.Optimizer):
             cg_progress_tol=cg_progress_tol,
             cg_decay=cg_decay,
             cg_check_every=cg_check_every,
+            cg_stop_on_increase=cg_stop_on_increase,
             backtrack=backtrack,
             trust_radius=trust_radius,
+            extrapolate=extrapolate,
             line_search=line_search,
             armijo_c=armijo_c,
             line_search_shrink=line_search_shrink,
@@ -909,6 +967,7 @@ class HessianFree(torch.optim.Optimizer):
             self._avg.check_same(layout.cat([p.detach() for p in params]))
         run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
         run.lap("evaluate")
+        self._observe_objective(state, run.f0)
         if not math.isfinite(run.f0):
             return self._reject(run, StepStatus.NON_FINITE_LOSS, "the loss")
         curvature = product = None
@@ -943,7 +1002,7 @@ class HessianFree(torch.optim.Optimizer):
             self._calibrate_damping(curvature, product, g, g_norm, run)
 
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
-        result = self._solve(curvature, product, evaluation, g, run)
+        result = self._solve(curvature, product, evaluation, g, run, closure)
         run.report.update(
             cg_iters=result.num_iter, cg_reason=result.reason.value, cg_matvecs=result.num_matvec
         )
@@ -960,6 +1019,25 @@ class HessianFree(torch.optim.Optimizer):
                 )
         run.lap("solve")
         return _Solution(g, result, structural_energy)
+
+    @staticmethod
+    def _observe_objective(state: dict, f0: float) -> None:
+        """Whether the objective is deterministic: the closure's value at the start of this step
+        against the previous step's at the same parameters (``extrapolate='auto'``).
+
+        One mismatch (mini-batches, dropout, parameters changed between steps) switches
+        extrapolation off for good; a match switches it on unless one was ever seen.
+        """
+        previous = state.pop("objective_after", None)
+        if previous is None or state.get("deterministic") is False:
+            return
+        same = math.isclose(f0, previous, rel_tol=_SAME_OBJECTIVE_RTOL, abs_tol=0.0)
+        state["deterministic"] = same
+
+    def _extrapolating(self, state: dict) -> bool:
+        """Whether an accepted full step may be extended by doubling (``extrapolate``)."""
+        on = self.settings.extrapolate
+        return state.get("deterministic") is True if on == "auto" else on
 
     def _calibrate_damping(
         self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
@@ -983,6 +1061,7 @@ class HessianFree(torch.optim.Optimizer):
         evaluation: _Evaluation,
         g: Tensor,
         run: _StepRun,
+        closure: Closure,
     ) -> CGResult:
         """Phase 2: truncated preconditioned CG on the damped system (§4.4, §4.5, §4.7)."""
         settings, counter = self.settings, run.counter
@@ -1007,18 +1086,80 @@ class HessianFree(torch.optim.Optimizer):
             state["forcing_grad_norm"], state["forcing_eta"] = g_norm, rtol
         run.bounded = self._trust_radius(product)
         run.lap("curvature")
-        return cg(
-            damped,
-            -g,
-            x0,
-            max_iter=settings.cg_max_iter,
-            min_iter=settings.cg_min_iter,
-            rtol=rtol,
-            precond=precond,
-            progress_tol=settings.cg_progress_tol,
-            check_every=settings.cg_check_every,
-            max_norm=run.state.get("trust_radius") if run.bounded else None,
-        )
+
+        def solve(start: Tensor | None) -> CGResult:
+            return cg(
+                damped,
+                -g,
+                start,
+                max_iter=settings.cg_max_iter,
+                min_iter=settings.cg_min_iter,
+                rtol=rtol,
+                precond=precond,
+                progress_tol=settings.cg_progress_tol,
+                check_every=settings.cg_check_every,
+                max_norm=run.state.get("trust_radius") if run.bounded else None,
+                monitor=self._objective_monitor(closure, run)
+                if self._stop_on_increase(run)
+                else None,
+                descent_stop=True,  # never stop on an uphill warm start (CURVES, #14)
+            )
+
+        result = solve(x0)
+        if (
+            x0 is not None
+            and result.reason is not CGStop.NON_FINITE
+            and not float(g @ result.x) < 0
+        ):
+            # from the warm start CG stopped at no descent direction (the line search would
+            # reject the step): solve again from zero, where every iterate descends
+            run.trials.clear()
+            matvecs = result.num_matvec
+            result = solve(None)
+            result = dataclasses.replace(result, num_matvec=result.num_matvec + matvecs)
+        return result
+
+    def _stop_on_increase(self, run: _StepRun) -> bool:
+        """Whether CG checks the objective at its stored iterates (``cg_stop_on_increase``)."""
+        on = self.settings.cg_stop_on_increase
+        return (self.settings.backtrack and not run.uses_backward) if on == "auto" else on
+
+    def _objective_monitor(self, closure: Closure, run: _StepRun) -> Callable[[int, Tensor], bool]:
+        """CG's ``monitor``: the objective at each stored iterate (kept in ``run.trials`` for
+        backtracking); True, CG stops, once it is not below the previous stored iterate's and
+        that one was below :math:`f(\theta_0)` (until an iterate descends, CG goes on: a warm
+        start's first iterates may be worse than :math:`\theta_0`)."""
+        last = [math.inf]
+
+        def rose(i: int, x: Tensor) -> bool:
+            f = self._objective_swapped(closure, run, x)
+            run.trials[i] = f
+            stop = last[0] < run.f0 and not f < last[0]
+            last[0] = f
+            return stop
+
+        return rose
+
+    def _objective_swapped(self, closure: Closure, run: _StepRun, x: Tensor) -> float:
+        """:math:`f(\theta_0 + x)` while CG's graphs are alive: each parameter's data is
+        swapped for :math:`\theta_0 + x` and back (no in-place change the graphs would see);
+        the value is bitwise the one :meth:`_objective_at` gives at rate 1."""
+        params = run.params
+        originals = [p.data for p in params]
+        try:
+            with torch.no_grad():
+                for p, d in zip(params, run.layout.split(x), strict=True):
+                    moved = p.data.clone()
+                    moved.add_(d)
+                    p.data = moved
+            loss = self._call(
+                closure, run.counter, build_graph=False, uses_backward=run.uses_backward
+            ).loss
+            f = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
+        finally:
+            for p, original in zip(params, originals, strict=True):
+                p.data = original
+        return f if math.isfinite(f) else math.inf
 
     def _trust_radius(self, product: object) -> bool:
         """Whether CG's step is bounded by a trust radius (``trust_radius``)."""
@@ -1061,7 +1202,19 @@ class HessianFree(torch.optim.Optimizer):
 
         try:
             # ---- 3. backtrack: CG backtracking on the gradient batch (§4.6) ----
-            chosen, f_chosen = backtrack(result.iterates, objective, enabled=settings.backtrack)
+            iterations = result.iterations
+
+            def at_iterate(j: int) -> float:  # monitored iterates are not evaluated twice
+                nonlocal trial_non_finite
+                f = run.trials.get(iterations[j])
+                if f is None:
+                    return objective(result.iterates[j])
+                trial_non_finite |= f == math.inf
+                return f
+
+            chosen, f_chosen = backtrack(
+                range(len(iterations)), at_iterate, enabled=settings.backtrack
+            )
             p = result.iterates[chosen]
             run.lap("backtrack")
 
@@ -1075,6 +1228,12 @@ class HessianFree(torch.optim.Optimizer):
             rate, f_new = self._line_search(
                 lambda t: objective(p, t), run.f0, float(solution.g @ p), f_chosen
             )
+            if rate == 1.0 and rho > _EXTRAPOLATE_RHO and self._extrapolating(state):
+                rate, f_new = _extrapolate(
+                    lambda t: objective(p, t), f_new, max_doublings=_EXTRAPOLATE_MAX
+                )
+                if rate > 1.0 and settings.adapt_damping:  # the step was `rate` times too short
+                    state["damping"] = settings.damping_policy().clip(state["damping"] / rate)
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
         except BaseException:
@@ -1165,6 +1324,10 @@ class HessianFree(torch.optim.Optimizer):
             **run.report,
         )
         self.last_step = info
+        # the objective where the parameters now are, if it was evaluated exactly there
+        at_evaluated = not accepted or (isinstance(run.lr, float) and run.lr == 1.0)
+        if at_evaluated and math.isfinite(info.loss_after):
+            state["objective_after"] = info.loss_after
         state["step"] += 1
         if self._generator is not None:
             state["rng_state"] = self._generator.get_state()

@@ -749,3 +749,78 @@ def test_cg_trust_radius_start_outside_returns_start_and_bad_radius_is_named():
     for bad in (0.0, -1.0, math.nan):
         with pytest.raises(ValueError, match=r"`max_norm` must be in \(0.0, inf\), got"):
             cg(lambda v: A @ v, b, max_norm=bad)
+
+
+# ------------------------------------------------- descent_stop: no stop on an uphill start
+def _uphill_start_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A = diag(logspace(-6, 0, 12)), x0 = A^{-1} b + 300 e_0 along the tiny eigenvalue (b is 0
+    there): ||A x0 - b|| = 3e-4 is far below ||b||/2 = 0.0135, yet phi(x0) = phi* + 1/2 1e-6
+    300^2 = -0.0007 + 0.045 > 0, the small-residual, uphill warm start of a mini-batch HF step
+    with lambda at its floor (CURVES, issue 14)."""
+    d = torch.logspace(-6, 0, 12, dtype=DTYPE)
+    b = torch.zeros(12, dtype=DTYPE)
+    b[-3:] = torch.tensor([0.01, -0.02, 0.015], dtype=DTYPE)
+    x0 = b / d
+    x0[0] = 300.0  # d[0] x0[0] = 3e-4 in the residual; 1/2 d[0] x0[0]^2 = 0.045 in phi
+    return d, b, x0
+
+
+def _numpy_cg_from(A: np.ndarray, b: np.ndarray, x0: np.ndarray, num_iter: int) -> list:
+    """Textbook CG from x0 in numpy (residual b - Ax): the iterates x_0..x_num_iter."""
+    x, r = x0.copy(), b - A @ x0
+    p, xs = r.copy(), [x0.copy()]
+    for _ in range(num_iter):
+        if np.linalg.norm(r) == 0:
+            break
+        Ap = A @ p
+        alpha = (r @ r) / (p @ Ap)
+        x = x + alpha * p
+        r_next = r - alpha * Ap
+        p = r_next + (r_next @ r_next) / (r @ r) * p
+        r = r_next
+        xs.append(x)
+    return xs
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_cg_descent_stop_iterates_past_an_uphill_warm_start(check_every):
+    d, b, x0 = _uphill_start_case()
+    A = np.diag(d.numpy())
+    phi0 = dense_phi(A, b.numpy(), x0.numpy())
+    assert phi0 > 0 and np.linalg.norm(A @ x0.numpy() - b.numpy()) < 0.5 * np.linalg.norm(b)
+    matvec = diag_matvec(d)
+    plain = cg(matvec, b, x0, rtol=0.5, progress_tol=None, check_every=check_every)
+    assert (plain.reason, plain.num_iter) == (CGStop.CONVERGED, 0)  # returns the uphill start
+    assert torch.equal(plain.x, x0)
+    result = cg(
+        matvec, b, x0, rtol=0.5, progress_tol=None, check_every=check_every, descent_stop=True
+    )
+    # oracle: the first textbook-CG iterate from x0 with ||r|| <= ||b||/2 and phi < 0
+    xs = _numpy_cg_from(A, b.numpy(), x0.numpy(), 12)
+    expected = next(
+        i
+        for i, x in enumerate(xs)
+        if np.linalg.norm(A @ x - b.numpy()) <= 0.5 * np.linalg.norm(b.numpy())
+        and dense_phi(A, b.numpy(), x) < 0
+    )
+    assert expected > 0
+    assert (result.reason, result.num_iter) == (CGStop.CONVERGED, expected)
+    np.testing.assert_allclose(result.x.numpy(), xs[expected], rtol=1e-8, atol=1e-10)
+    assert float(result.phi_history[expected]) < 0
+    assert float(b @ result.x) > 0  # -g^T x > 0: a descent direction for g = -b
+
+
+def test_cg_descent_stop_changes_nothing_from_zero_or_a_downhill_start():
+    A, b = spd_system(25, cond=50.0, seed=5)
+    matvec = lambda v: A @ v  # noqa: E731
+    for x0 in (None, 0.5 * torch.linalg.solve(A, b)):  # phi(x0) < 0 for the second
+        a = cg(matvec, b, x0, rtol=0.3, progress_tol=None)
+        c = cg(matvec, b, x0, rtol=0.3, progress_tol=None, descent_stop=True)
+        assert_same_result(a, c)
+    # b = 0: phi only approaches 0 from above, so the residual test alone decides
+    x0 = torch.ones(25, dtype=DTYPE)
+    zero_b = torch.zeros(25, dtype=DTYPE)
+    a = cg(matvec, zero_b, x0, rtol=0.0, atol=1e-8, progress_tol=None)
+    c = cg(matvec, zero_b, x0, rtol=0.0, atol=1e-8, progress_tol=None, descent_stop=True)
+    assert_same_result(a, c)
+    assert a.reason is CGStop.CONVERGED

@@ -89,7 +89,9 @@ def test_rosenbrock_100d_with_exact_hessian_converges():
     # 149), legitimately converged but above this test's 1e-20. The rules are pinned too: with
     # the default Nielsen damping and forcing-term CG it needs a third of the products (1053 vs
     # 3001) but creeps along at f ≈ 1e-19 (x within 3e-11 of the minimiser), its loose solves
-    # slow once the gradient stops falling fast.
+    # slow once the gradient stops falling fast. Extrapolation (on by default for this
+    # deterministic objective) reaches the minimiser 3 steps sooner but lands at f ≈ 1e-17,
+    # where `tolerance_grad` stops it: pinned off too.
     opt = HessianFree(
         [x],
         damping=1.0,
@@ -97,6 +99,7 @@ def test_rosenbrock_100d_with_exact_hessian_converges():
         cg_decay=0.95,
         damping_rule="martens",
         cg_rtol=1e-10,
+        extrapolate=False,
     )
 
     def rosen():
@@ -404,7 +407,8 @@ def test_structural_damping_trains_an_rnn_and_validates_its_contract():
     x = torch.rand(32, 10, 2, dtype=torch.float64)
     y = x[:, :, :1].sum(1) / 10
     params = list(rnn.parameters()) + list(head.parameters())
-    opt = HessianFree(params, structural_damping=0.03, cg_max_iter=30)
+    # extrapolation pinned off: this checks a plain step's ρ (structural energy left out)
+    opt = HessianFree(params, structural_damping=0.03, cg_max_iter=30, extrapolate=False)
 
     def closure():
         hidden, _ = rnn(x)
@@ -746,3 +750,66 @@ def test_trust_radius_auto_is_off_for_gauss_newton_and_checked():
         HessianFree(model.parameters(), trust_radius="yes")
     with pytest.raises((TypeError, ValueError), match="trust_radius"):
         HessianFree(model.parameters(), trust_radius=1)
+
+
+def _uphill_warm_start_problem():
+    """Least squares with A = X^T X / n = diag(1, 1/2, 1e-6) at w = 0, g = (-1, -1, 1e-3),
+    λ = 1e-6, and a stored warm start x0 = (1, 2, 4000) / 0.95 (cg_decay 0.95 makes it x0):
+    its residual ||(A + λ) x0 + g|| = 0.009 is below η0 ||g|| = ||g|| / 2, but
+    φ(x0) = 18.5 > 0 and g^T x0 = +1: uphill, as on CURVES when λ sits at its floor."""
+    mu = torch.tensor([1.0, 0.5, 1e-6], dtype=torch.float64)
+    n = 3
+    X = math.sqrt(n) * torch.diag(mu.sqrt())
+    g = torch.tensor([-1.0, -1.0, 1e-3], dtype=torch.float64)
+    y = -n * g / (X.diagonal())  # g = -X^T y / n at w = 0
+    model = nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+
+    def closure():
+        out = model(X).squeeze(1)
+        return 0.5 * (out - y).square().mean(), out
+
+    def loss_at(w: np.ndarray) -> float:  # the closed form, in numpy
+        r = X.numpy() @ w - y.numpy()
+        return float(0.5 * np.mean(r * r))
+
+    x0 = torch.tensor([1.0, 2.0, 4000.0], dtype=torch.float64)
+    return model, closure, loss_at, x0, g, mu
+
+
+def test_uphill_warm_start_is_iterated_on_not_returned(monkeypatch):
+    model, closure, loss_at, x0, g, mu = _uphill_warm_start_problem()
+    lam = 1e-6
+    phi0 = float(g @ x0 + 0.5 * x0 @ ((mu + lam) * x0))
+    assert phi0 > 0 and float(g @ x0) > 0
+    assert float(((mu + lam) * x0 + g).norm()) < 0.5 * float(g.norm())
+
+    def run() -> StepInfo:
+        with torch.no_grad():
+            model.weight.zero_()
+        opt = HessianFree(model.parameters(), damping=lam, min_damping=1e-12)
+        opt._global_state()["warm_start"] = x0 / 0.95
+        opt.step(closure)
+        return opt.last_step
+
+    info = run()
+    assert info.status == "accepted" and info.cg_iters >= 1
+    w = model.weight.detach().numpy().ravel()
+    assert loss_at(w) < loss_at(np.zeros(3))  # the closed-form loss fell
+    assert info.loss_after == pytest.approx(loss_at(w), rel=1e-12)
+    kept = info.loss_after
+    # With CG's plain residual stop the warm start comes back uphill at once; only the cold
+    # retry (the fallback for a non-descent answer) saves the step, and from zero CG's first
+    # iterate is the exact minimizer along -g: x = -(g^T g / g^T (A + λ) g) g, a higher loss.
+    import hessfree.optimizer as optimizer_module
+
+    plain_cg = optimizer_module.cg
+    monkeypatch.setattr(
+        optimizer_module, "cg", lambda *a, **k: plain_cg(*a, **{**k, "descent_stop": False})
+    )
+    info = run()
+    cauchy = -float(g @ g) / float(g @ ((mu + lam) * g)) * g.numpy()
+    assert info.status == "accepted"
+    np.testing.assert_allclose(model.weight.detach().numpy().ravel(), cauchy, rtol=1e-10)
+    assert loss_at(cauchy) > kept

@@ -81,7 +81,9 @@ def test_public_products_read_no_values(monkeypatch):
 
 def _hf_step_reads(monkeypatch, cg_max_iter: int, check_every: int):
     model, x, y = _mlp_problem()
-    # rtol 0 and a negligible progress tolerance: CG runs exactly cg_max_iter iterations
+    # rtol 0 and a negligible progress tolerance: CG runs exactly cg_max_iter iterations; the
+    # objective check (one read of the stop tests and one loss at each stored iterate, 5, 7,
+    # 9, 12, ...: logarithmic in the iterations) would stop it where the loss rises: off
     opt = HessianFree(
         model.parameters(),
         damping=1e-3,
@@ -89,6 +91,7 @@ def _hf_step_reads(monkeypatch, cg_max_iter: int, check_every: int):
         cg_rtol=0.0,
         cg_progress_tol=1e-300,
         cg_check_every=check_every,
+        cg_stop_on_increase=False,
     )
 
     def closure():

@@ -287,6 +287,16 @@ def test_config_hessianfree_setting_errors_get_dotted_paths():
     assert msg.startswith("`optimizers.0.damping`: `damping` must be in [min_damping, max_damping]")
 
 
+def test_runner_config_takes_the_new_keys():
+    entry = {"name": "hessianfree", "extrapolate": False, "cg_stop_on_increase": "auto"}
+    cfg = parse_config(minimal(optimizers=[entry]))
+    assert cfg.optimizers[0].hyperparameters["extrapolate"] is False
+    (msg,) = problems_of(minimal(optimizers=[{"name": "hessianfree", "extrapolate": "on"}]))
+    assert msg == (
+        "`optimizers.0.extrapolate` = 'on': `extrapolate` must be 'auto', True or False, got 'on'."
+    )
+
+
 def test_config_hessianfree_unavailable_is_a_config_error(monkeypatch):
     def missing():
         raise ImportError("No module named 'hessfree'")
