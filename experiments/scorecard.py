@@ -294,7 +294,12 @@ def make_addition_task(length: int, seconds: float) -> Task:
         return float(((m(xt) - yt).abs() > ADDITION_TOL).float().mean())
 
     tuned = dict(  # configs/rnn_addition.yaml's HF
-        structural_damping=0.03, damping=0.1, cg_max_iter=25, damping_rule="martens", cg_rtol=1e-10
+        structural_damping=0.03,
+        damping=0.1,
+        cg_max_iter=25,
+        damping_rule="martens",
+        cg_rtol=1e-10,
+        cg_stop_on_increase=False,
     )
     return Task(
         f"addition{length}",
