@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,3 +166,94 @@ def test_rnn_hidden_states_match_forward():
     torch.testing.assert_close(
         hidden[:, 1], torch.tanh(rnn.input(x[:, 1]) + rnn.recurrent(hidden[:, 0]))
     )
+
+
+def _rnn_case(init="default", spectral_radius=None):
+    torch.manual_seed(3)
+    rnn = build_model(
+        "rnn",
+        input_shape=(6, 2),
+        num_outputs=1,
+        hidden_size=5,
+        init=init,
+        spectral_radius=spectral_radius,
+    ).double()
+    x = torch.rand(4, 6, 2, dtype=torch.float64)
+    return rnn, x
+
+
+def test_rnn_hidden_stack_has_torch_stack_derivatives():
+    """The hidden states' stack (unbind backward, see _StackSteps) against finite differences
+    (gradcheck / gradgradcheck) and forward-mode AD against the reverse-mode Jacobian."""
+    from hessfree.train.models import _StackSteps
+
+    states = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(5)]
+    torch.testing.assert_close(_StackSteps.apply(*states), torch.stack(states, 1))
+    assert torch.autograd.gradcheck(lambda *s: _StackSteps.apply(*s), states)
+    assert torch.autograd.gradgradcheck(lambda *s: _StackSteps.apply(*s).sin(), states)
+    tangents = [torch.randn_like(s) for s in states]
+    _, jvp = torch.func.jvp(lambda *s: _StackSteps.apply(*s), tuple(states), tuple(tangents))
+    torch.testing.assert_close(jvp, torch.stack(tangents, 1))
+
+
+def test_rnn_structurally_damped_products_match_dense_jacobians():
+    """HF's products on TanhRNN (its hidden-state stack included) against float64 Jacobians
+    from torch.autograd.functional: (J_o^T H_l J_o + w J_h^T J_h) v, one and batched."""
+    from hessfree import StructurallyDampedGGN
+
+    rnn, x = _rnn_case()
+    y = torch.rand(4, 1, dtype=torch.float64)
+    params = list(rnn.parameters())
+    names = [f"m.{n}" for n, _ in rnn.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def out_of(t):
+        state = dict(zip(names, _split(t, params), strict=True))
+        return torch.func.functional_call(_WithHidden(rnn), state, (x,))
+
+    Jo = torch.autograd.functional.jacobian(lambda t: out_of(t)[0].reshape(-1), theta)
+    Jh = torch.autograd.functional.jacobian(lambda t: out_of(t)[1].reshape(-1), theta)
+    w = 0.3
+    expected = 2 * Jo.T @ Jo / 4 + w * Jh.T @ Jh  # mse 'mean' over 4 cases: H_l = 2/4 I
+    out, hidden = rnn.forward_with_hidden(x)
+    P = StructurallyDampedGGN(F.mse_loss(out, y), out, hidden, params, weight=w)
+    V = torch.randn(3, theta.numel(), dtype=torch.float64)
+    for v in V:
+        torch.testing.assert_close(P(v), expected @ v)
+    torch.testing.assert_close(P.matmat(V), V @ expected.T)
+    torch.testing.assert_close(P.hidden_energy(V), ((V @ Jh.T) ** 2).sum(1))
+
+
+class _WithHidden(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m.forward_with_hidden(x)
+
+
+def _split(t, params):
+    sizes = [p.numel() for p in params]
+    return [c.view(p.shape) for c, p in zip(t.split(sizes), params, strict=True)]
+
+
+@pytest.mark.parametrize("init", ["default", "sparse"])
+def test_rnn_spectral_radius(init):
+    """The recurrent weights' largest |eigenvalue| (numpy.linalg) after init and rescaling."""
+    rnn, _ = _rnn_case(init, spectral_radius=1.2)
+    w = rnn.recurrent.weight.detach().numpy()
+    assert np.abs(np.linalg.eigvals(w)).max() == pytest.approx(1.2, rel=1e-6)
+    plain, _ = _rnn_case(init)  # same seed, no rescaling: the same matrix up to the scale
+    ratio = rnn.recurrent.weight / plain.recurrent.weight
+    finite = plain.recurrent.weight != 0
+    torch.testing.assert_close(ratio[finite], ratio[finite][:1].expand(int(finite.sum())))
+    if init == "sparse":  # the sparsity pattern (15 > 5 units here: all kept) and zero biases
+        assert float(rnn.input.bias.detach().abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="`spectral_radius` must be > 0 or None, got -1"):
+        TanhRNN(2, 3, 1, spectral_radius=-1.0)
+    zero = TanhRNN(2, 3, 1)
+    zero.spectral_radius = 1.0
+    torch.nn.init.zeros_(zero.recurrent.weight)
+    with pytest.raises(ValueError, match="spectral radius 0.0"):
+        zero.rescale_recurrent_()

@@ -167,6 +167,35 @@ class ConvNet(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+class _StackSteps(torch.autograd.Function):
+    """``torch.stack(states, 1)`` whose backward is ``unbind`` instead of ``T`` ``select`` s.
+
+    Equal values and derivatives; the difference is in the graph a backward pass *builds*
+    (``create_graph=True``, as for HF's R-op products). torch's stack backward takes each
+    step's gradient with ``select``, and differentiating a ``select`` zero-fills a tensor the
+    size of all the steps, once per step: :math:`O(T^2)` work in every Jacobian-vector product.
+    ``unbind`` is differentiated by one ``stack``: :math:`O(T)`.
+    """
+
+    generate_vmap_rule = True  # batched products run this backward under vmap
+
+    @staticmethod
+    def forward(*states: Tensor) -> Tensor:
+        return torch.stack(states, 1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        ctx.like = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
+        return grad.unbind(1)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor:
+        return torch.stack([torch.zeros_like(ctx.like) if t is None else t for t in tangents], 1)
+
+
 class TanhRNN(nn.Module):
     r"""Elman RNN with tanh units, read out (linearly) at the last step.
 
@@ -178,13 +207,54 @@ class TanhRNN(nn.Module):
         input_size: Channels per step.
         hidden_size: Hidden units (100 in Martens & Sutskever 2011).
         num_outputs: Outputs at the last step.
+        spectral_radius: Rescale :math:`W_h` to this spectral radius (largest
+            :math:`|\text{eigenvalue}|`) after initialisation; ``None`` keeps it as drawn.
+            :func:`build_model` rescales again after a sparse initialisation.
+
+    Example:
+        >>> rnn = TanhRNN(2, 8, 1, spectral_radius=1.2)
+        >>> w = rnn.recurrent.weight.detach().double()
+        >>> round(float(torch.linalg.eigvals(w).abs().max()), 6)
+        1.2
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_outputs: int) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_outputs: int,
+        spectral_radius: float | None = None,
+    ) -> None:
         super().__init__()
+        if spectral_radius is not None and not spectral_radius > 0:
+            raise ValueError(f"`spectral_radius` must be > 0 or None, got {spectral_radius!r}.")
+        self.spectral_radius = spectral_radius
         self.input = nn.Linear(input_size, hidden_size)
         self.recurrent = nn.Linear(hidden_size, hidden_size, bias=False)
         self.readout = nn.Linear(hidden_size, num_outputs)
+        self.rescale_recurrent_()
+
+    @torch.no_grad()
+    def rescale_recurrent_(self) -> TanhRNN:
+        """Scale :math:`W_h` in place to :attr:`spectral_radius` (nothing when it is None).
+
+        The radius of the recurrent map decides whether the hidden state forgets its past
+        (below 1) or keeps it; Martens & Sutskever (2011) start their RNNs near 1.2.
+
+        Raises:
+            ValueError: If :math:`W_h` has spectral radius 0 (e.g. all zeros): no scale fits.
+        """
+        if self.spectral_radius is None:
+            return self
+        w = self.recurrent.weight
+        radius = float(torch.linalg.eigvals(w.detach().double().cpu()).abs().max())
+        if not radius > 0:
+            raise ValueError(
+                f"The hidden-to-hidden weights have spectral radius {radius!r}; cannot rescale "
+                f"them to `spectral_radius` = {self.spectral_radius!r}."
+            )
+        w.mul_(self.spectral_radius / radius)
+        return self
 
     def forward(self, x: Tensor) -> Tensor:  # x: (N, T, input_size)
         return self.forward_with_hidden(x)[0]
@@ -200,7 +270,8 @@ class TanhRNN(nn.Module):
         for u in us[1:]:
             h = torch.tanh(u + self.recurrent(h))
             states.append(h)
-        return self.readout(h), torch.stack(states, 1)
+        # torch.stack's backward would cost O(T^2) in every curvature product (_StackSteps)
+        return self.readout(h), _StackSteps.apply(*states)
 
 
 @torch.no_grad()
@@ -270,13 +341,13 @@ def _build_cnn(input_shape, num_outputs, *, channels=(16, 32), hidden_size=64, a
     return ConvNet(input_shape, num_outputs, channels, hidden_size, activation)
 
 
-def _build_rnn(input_shape, num_outputs, *, hidden_size=100):
+def _build_rnn(input_shape, num_outputs, *, hidden_size=100, spectral_radius=None):
     if len(input_shape) != 2:
         raise ValueError(
             "TanhRNN needs sequence inputs (steps, channels), "
             f"got per-case shape {tuple(input_shape)}."
         )
-    return TanhRNN(int(input_shape[1]), hidden_size, num_outputs)
+    return TanhRNN(int(input_shape[1]), hidden_size, num_outputs, spectral_radius)
 
 
 #: Builder of each model name; its keyword arguments (and ``init``) are the ``model`` keys.
@@ -302,7 +373,7 @@ def build_model(
     Args:
         name: ``autoencoder`` (options: ``layer_sizes``, ``activation``), ``mlp``
             (``hidden_sizes``, ``activation``), ``cnn`` (``channels``, ``hidden_size``,
-            ``activation``) or ``rnn`` (``hidden_size``).
+            ``activation``) or ``rnn`` (``hidden_size``, ``spectral_radius``).
         input_shape: Shape of one input case, e.g. ``(1, 28, 28)``, ``(64,)``, ``(T, 2)``.
         num_outputs: Classes or regression outputs (ignored by the autoencoder).
         init: ``default`` (PyTorch's) or ``sparse`` (:func:`sparse_init_`, global RNG).
@@ -327,4 +398,6 @@ def build_model(
         raise ValueError(f"Bad options for model {name!r}: {err}.") from None
     if init == "sparse":
         sparse_init_(model, sparse_connections)
+        if isinstance(model, TanhRNN):
+            model.rescale_recurrent_()  # the radius applies to the weights as initialised
     return model

@@ -212,6 +212,13 @@ class RNNModel:
 
     name: str = "rnn"
     hidden_size: int = _field(100, "hidden units", low=1)
+    spectral_radius: float | None = _field(
+        None,
+        "after init, rescale the hidden-to-hidden weights to this spectral radius "
+        "(1.2 with init: sparse in Martens & Sutskever 2011); null: as initialised",
+        low=0.0,
+        low_open=True,
+    )
     init: str = _init()
     sparse_connections: int = _sparse_connections()
 
