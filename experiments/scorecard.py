@@ -692,11 +692,14 @@ def verdicts(results: dict) -> list[list[str]]:
     return rows
 
 
-def write_report(results: dict, args: argparse.Namespace, info: dict, path: Path) -> None:
+def write_report(
+    results: dict, args: argparse.Namespace, argv: list[str], info: dict, path: Path
+) -> None:
+    mode = "quick" if args.quick else "full"
+    command = " ".join(["python experiments/scorecard.py", *argv])  # as it was run
     lines = [
-        f"# Scorecard: Hessian-free vs tuned baselines at equal wall-clock ({'quick' if args.quick else 'full'} mode)\n",
-        f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `python experiments/scorecard.py"
-        f"{' --quick' if args.quick else ''}{'' if args.device == 'cpu' else ' --device ' + args.device}` "
+        f"# Scorecard: Hessian-free vs tuned baselines at equal wall-clock ({mode} mode)\n",
+        f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} by `{command}` "
         f"in {results['_elapsed']:.0f} s. Method: `experiments/scorecard.py`'s docstring and "
         "`experiments/README.md`. Ratios are HF / the best tuned baseline **of this run**; "
         "times are each optimizer's own clock (evaluation excluded).\n",
@@ -857,7 +860,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.out
         / f"{datetime.date.today():%Y-%m-%d}-{tag}-scorecard{'-quick' if args.quick else ''}.md"
     )
-    write_report(results, args, info, path)
+    write_report(results, args, sys.argv[1:] if argv is None else argv, info, path)
     plot(results, path)
     print(f"wrote {path} ({results['_elapsed']:.0f} s)")
     return path
