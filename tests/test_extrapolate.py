@@ -134,19 +134,50 @@ def test_stochastic_objective_never_extrapolates(per):
     assert opt.state[w]["deterministic"] is False
 
 
-def test_one_mismatch_turns_extrapolation_off_for_good():
+def test_a_mismatch_turns_extrapolation_off_until_three_matches():
+    """A mismatch turns 'auto' off; back on the full objective (a growing batch that reached
+    the whole set) the first start differs from the mini-batch's loss_after, the next three
+    match, and the third match turns it on again: the steps before double nothing, a later
+    one does and lands lower (checked in float64 NumPy) than the same steps without."""
+    X, y = _separable(n=200)
+    runs = {}
+    for extrapolate in ("auto", False):
+        w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([w], extrapolate=extrapolate)
+        full = _logistic_closure(X, y, w)
+        for _ in range(2):
+            opt.step(full)
+        opt.step(_logistic_closure(X[:100], y[:100], w))  # another objective: a mismatch
+        flags, rates = [], []
+        for _ in range(8):
+            opt.step(full)
+            flags.append(opt.state[w].get("deterministic"))
+            rates.append(opt.last_step.step_rate)
+        runs[extrapolate] = (flags, rates, _logistic_np(X, y, w.detach().numpy()))
+    flags, rates, f_auto = runs["auto"]
+    assert flags[:3] == [False, False, False] and all(flags[3:])
+    assert all(r <= 1.0 for r in rates[:3])
+    assert max(rates[3:]) > 1.0
+    _, rates_off, f_off = runs[False]
+    assert all(r <= 1.0 for r in rates_off)
+    assert f_auto < f_off
+
+
+def test_alternating_objectives_never_turn_extrapolation_back_on():
+    """Once a mismatch was seen: two matches then a mismatch, repeatedly (three steps per
+    mini-batch): the count restarts at every mismatch, so 'auto' stays off and no step is
+    doubled. (Without any mismatch before, the first batch's second step would count as
+    deterministic, as before.)"""
     X, y = _separable(n=200)
     w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     opt = HessianFree([w])
-    full = _logistic_closure(X, y, w)
-    for _ in range(2):
-        opt.step(full)
-    assert opt.state[w]["deterministic"] is True
-    opt.step(_logistic_closure(X[:100], y[:100], w))  # another objective: a mismatch
-    assert opt.state[w]["deterministic"] is False
-    for _ in range(4):
-        opt.step(full)
-        assert opt.last_step.step_rate <= 1.0
+    opt.step(_logistic_closure(X[150:], y[150:], w))
+    for k in range(3):
+        idx = torch.arange(50 * k, 50 * k + 50)
+        closure = _logistic_closure(X[idx], y[idx], w)
+        for _ in range(3):
+            opt.step(closure)
+            assert opt.last_step.step_rate <= 1.0
     assert opt.state[w]["deterministic"] is False
 
 

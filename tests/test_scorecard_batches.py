@@ -1,0 +1,62 @@
+"""``experiments/scorecard.py``'s mini-batch schedules: fixed and geometrically growing."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+scorecard = pytest.importorskip("scorecard")
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("size", "growth"), [(7, 1.0), (4, 1.1), (3, 1.5), (50, 2.0)])
+def test_batch_sizes_follow_the_geometric_closed_form(size, growth):
+    n = 40
+    b = scorecard._Batches(n, size, CPU, growth=growth)
+    for k in range(30):
+        # closed form: min(n, floor(size·growth^k)) (the float product equals it to rounding)
+        want = min(n, math.floor(size * growth**k + 1e-9))
+        idx = b.next()
+        got = n if idx is None else len(idx)
+        assert got == want, (k, got, want)
+
+
+def test_growing_batches_are_distinct_cases_within_an_epoch():
+    n = 100
+    b = scorecard._Batches(n, 5, CPU, growth=1.3)
+    seen: set[int] = set()
+    while (idx := b.next()) is not None:
+        ids = idx.tolist()
+        assert len(set(ids)) == len(ids) and all(0 <= i < n for i in ids)
+        if seen & set(ids):  # a new permutation started: the batch lies inside it
+            seen = set()
+        seen |= set(ids)
+        assert len(seen) <= n
+
+
+def test_fixed_batches_cover_each_epoch_once():
+    n = 12
+    b = scorecard._Batches(n, 4, CPU)
+    epoch = torch.cat([b.next() for _ in range(3)])
+    assert sorted(epoch.tolist()) == list(range(n))
+
+
+def test_growth_below_one_is_refused():
+    with pytest.raises(ValueError, match=r"`growth` must be >= 1, got 0.9"):
+        scorecard._Batches(10, 4, CPU, growth=0.9)
+
+
+def test_curvature_size_fixed_fraction_and_full():
+    fixed = dict(batch=500, curvature_batch=100)
+    assert scorecard._curvature_size(fixed, 500, 4000) == 100
+    grow = dict(batch=250, growth=1.1, curvature_batch=0.25)
+    assert scorecard._curvature_size(grow, 250, 4000) == 62  # round(62.5) to even
+    assert scorecard._curvature_size(grow, 3999, 4000) == 1000
+    assert scorecard._curvature_size(grow, 4000, 4000) == 4000
+    assert scorecard._curvature_size(dict(grow, curvature_batch=0.001), 10, 4000) == 1
