@@ -128,9 +128,7 @@ def make_curves_task(quick: bool) -> Task:
     hf |= {
         "500/125, cg≤50": dict(batch=500, curvature_batch=125, kw=dict(cg_max_iter=50)),
         "250/62, cg≤10": dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=10)),
-        "250/62, cg≤5, K-FAC": dict(
-            batch=250, curvature_batch=62, kw=dict(cg_max_iter=5), kfac=dict(max_dense=450)
-        ),
+        "250/62, cg≤5, K-FAC": dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=5), kfac={}),
     }
     hf["500/125, cg≤50, λ0=1"] = dict(
         batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, damping=1.0)
@@ -442,8 +440,8 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
 def _regime_text(regime: dict) -> str:
     kw = ", ".join(f"{k}={v}" for k, v in regime["kw"].items()) or "no arguments"
     if "kfac" in regime:
-        args = ", ".join(f"{k}={v}" for k, v in regime["kfac"].items())
-        kw += f", precond=KFACPreconditioner(model, {args})"
+        args = "".join(f", {k}={v}" for k, v in regime["kfac"].items())
+        kw += f", precond=KFACPreconditioner(model{args})"
     if regime.get("closure") == "lbfgs":
         return f"LBFGS-style closure; {kw}"
     return f"batch {regime['batch']}, curvature batch {regime['curvature_batch']}; {kw}"
