@@ -571,15 +571,15 @@ class KFACPreconditioner:
             mean_g = float(G.mean() if G.dim() == 1 else G.diagonal().mean())
             mean_a = float(A.mean() if A.dim() == 1 else A.diagonal().mean())
             m = mu + self.relative_damping * mean_g * mean_a
-            plan.append((iw, ib, side_a, side_g, m, layer.weight.shape[0]))
+            plan.append((iw, ib, _KronSolve(side_g, side_a, m), layer.weight.shape[0]))
 
         def apply(r: Tensor) -> Tensor:
             z = r.clone()
-            for iw, ib, side_a, side_g, m, out in plan:
+            for iw, ib, solve, out in plan:
                 V = r[offsets[iw] : offsets[iw + 1]].view(out, -1)
                 if ib is not None:
                     V = torch.cat([V, r[offsets[ib] : offsets[ib + 1]].view(out, 1)], 1)
-                Z = _kron_solve(V, side_g, side_a, m)
+                Z = solve(V)
                 if ib is None:
                     z[offsets[iw] : offsets[iw + 1]] = Z.reshape(-1)
                 else:
@@ -590,27 +590,36 @@ class KFACPreconditioner:
         return apply
 
 
-def _solve_right(X: Tensor, g: Tensor, side: _Side, mu: float) -> Tensor:
-    r"""Rows of ``X`` lie in left eigenspaces with eigenvalues ``g`` (one per row, or one for
-    all); divide by :math:`g\,a + \mu` over the right factor's eigenvalues :math:`a`.
+class _RightSolve:
+    r"""Division by :math:`g\,a + \mu` over the right factor's eigenvalues :math:`a`, for rows
+    in left eigenspaces with eigenvalues ``g`` (one per row, or one for all), precomputed.
 
     A truncated right factor (top eigenpairs :math:`Q, s` and the value :math:`\sigma` on the
     rest) costs one projection and one lift: with :math:`c = 1/(g\sigma + \mu)`,
     :math:`Y = c X + [(XQ) \odot (1/(g s^\top + \mu) - c)] Q^\top`.
     """
-    Q, values, rest = side
-    g = g.reshape(-1, 1)
-    if Q is None:
-        return X / (g * values + mu)
-    P = X @ Q
-    S = 1.0 / (g * values + mu)
-    if rest is None:
-        return (P * S) @ Q.T
-    c = 1.0 / (g * rest + mu)
-    return X * c + (P * (S - c)) @ Q.T
+
+    def __init__(self, g: Tensor, side: _Side, mu: float) -> None:
+        Q, values, rest = side
+        g = g.reshape(-1, 1)
+        self.Q = Q
+        self.QT = None if Q is None else Q.T.contiguous()
+        self.S = torch.reciprocal(g * values + mu)
+        self.c = None
+        if rest is not None:
+            self.c = torch.reciprocal(g * rest + mu)
+            self.S = self.S - self.c
+
+    def __call__(self, X: Tensor) -> Tensor:
+        if self.Q is None:
+            return X * self.S
+        P = torch.mm(X, self.Q).mul_(self.S)
+        if self.c is None:
+            return torch.mm(P, self.QT)
+        return torch.addmm(X * self.c, P, self.QT)
 
 
-def _kron_solve(V: Tensor, side_g: _Side, side_a: _Side, mu: float) -> Tensor:
+class _KronSolve:
     r""":math:`(G \otimes A + \mu I)^{-1}\mathrm{vec}(V)` with :math:`V` shaped (out, in).
 
     :math:`G` acts on rows, :math:`A` on columns. A truncated :math:`G` (top eigenvectors
@@ -618,11 +627,18 @@ def _kron_solve(V: Tensor, side_g: _Side, side_a: _Side, mu: float) -> Tensor:
     :math:`QQ^\top V` and the rest: with :math:`R_g` the right solve for row eigenvalue
     :math:`g`, the result is :math:`Q[R_s(Q^\top V) - R_\sigma(Q^\top V)] + R_\sigma(V)`.
     """
-    Q, values, rest = side_g
-    if Q is None:
-        return _solve_right(V, values, side_a, mu)
-    X = Q.T @ V
-    if rest is None:
-        return Q @ _solve_right(X, values, side_a, mu)
-    inner = _solve_right(X, values, side_a, mu) - _solve_right(X, rest, side_a, mu)
-    return Q @ inner + _solve_right(V, rest, side_a, mu)
+
+    def __init__(self, side_g: _Side, side_a: _Side, mu: float) -> None:
+        Q, values, rest = side_g
+        self.Q = Q
+        self.QT = None if Q is None else Q.T.contiguous()
+        self.top = _RightSolve(values, side_a, mu)
+        self.rest = None if rest is None else _RightSolve(rest, side_a, mu)
+
+    def __call__(self, V: Tensor) -> Tensor:
+        if self.Q is None:
+            return self.top(V)
+        X = torch.mm(self.QT, V)
+        if self.rest is None:
+            return torch.mm(self.Q, self.top(X))
+        return torch.addmm(self.rest(V), self.Q, self.top(X).sub_(self.rest(X)))
