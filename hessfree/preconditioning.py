@@ -466,15 +466,22 @@ class KFACPreconditioner:
         exact = self.num_probes is None and ctx.loss_hessian is not None
         probes = 1 if exact else U.shape[0]
         records = [self._seen[id(m)] for m in self.layers]
+        layer_outputs = [s for _, s in records]
         with torch.enable_grad():
-            deltas = torch.autograd.grad(
-                outputs,
-                [s for _, s in records],
-                U,
-                retain_graph=True,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
+            if U.shape[0] == 1:  # one probe: a plain backward pass, without vmap's overhead
+                deltas = torch.autograd.grad(
+                    outputs, layer_outputs, U[0], retain_graph=True, allow_unused=True
+                )
+                deltas = [None if d is None else d.unsqueeze(0) for d in deltas]
+            else:
+                deltas = torch.autograd.grad(
+                    outputs,
+                    layer_outputs,
+                    U,
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
         new = []
         for (a, s), d, layer in zip(records, deltas, self.layers, strict=True):
             a = a.detach().reshape(-1, a.shape[-1])
@@ -490,10 +497,9 @@ class KFACPreconditioner:
             self.factors = new
         else:
             w = self.decay
-            self.factors = [
-                (w * A0 + (1 - w) * A, w * G0 + (1 - w) * G)
-                for (A0, G0), (A, G) in zip(self.factors, new, strict=True)
-            ]
+            for (A0, G0), (A, G) in zip(self.factors, new, strict=True):
+                A0.mul_(w).add_(A, alpha=1 - w)
+                G0.mul_(w).add_(G, alpha=1 - w)
         previous = self.eigen or [(None, None)] * len(self.factors)
         self.eigen = [
             (self._eigen(A, pa), self._eigen(G, pg))

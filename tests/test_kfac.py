@@ -229,3 +229,19 @@ def test_subspace_iteration_converges_to_the_top_eigenpairs():
     np.testing.assert_allclose(values.numpy(), w[-2:], rtol=1e-8)
     np.testing.assert_allclose(np.abs(top.numpy().T @ Q[:, -2:]), np.eye(2), atol=1e-6)
     np.testing.assert_allclose(float(rest), w[:-2].mean(), rtol=1e-8)
+
+
+@pytest.mark.parametrize("num_probes", [1, 3])
+def test_probe_factor_has_the_exact_diagonal_for_squared_error(num_probes):
+    """With squared error H_ℓ = (2/m) I, so a Rademacher probe's G = (2/m) Σ_i ξ_i ξ_iᵀ has the
+    exact factor's diagonal N·2/m whatever the signs (one probe: the plain backward pass)."""
+    x, y = _data(n=5, d_in=3, d_out=4, seed=9)
+    model = nn.Linear(3, 4).to(DTYPE)
+    exact = KFACPreconditioner(model, num_probes=None)
+    probed = KFACPreconditioner(model, num_probes=num_probes)
+    ctx, _ = _context(model, x, y, F.mse_loss, 1.0)
+    exact(ctx)
+    probed(ctx)
+    torch.testing.assert_close(exact.factors[0][1], torch.eye(4, dtype=DTYPE) * 5 * 2 / 20)
+    torch.testing.assert_close(probed.factors[0][1].diagonal(), exact.factors[0][1].diagonal())
+    torch.testing.assert_close(probed.factors[0][0], exact.factors[0][0])
