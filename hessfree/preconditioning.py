@@ -331,11 +331,13 @@ class KFACPreconditioner:
     The layers' inputs and outputs are recorded by forward hooks on the modules during every
     graph-building forward pass; the statistics are taken from the most recent one, which in
     :meth:`HessianFree.step` is the curvature batch's (the closure's where there is no
-    ``curvature_closure``). Call :meth:`remove` to detach the hooks.
+    ``curvature_closure``); each call drops the recorded tensors (and so their graph). Call
+    :meth:`remove` to detach the hooks.
 
-    Measured (#14, the scorecard's quick CURVES task, 250/62 with at most 5 CG iterations): about
-    half the HF steps to a given training error, at about 1.4 times the cost of a step;
-    ``experiments/README.md`` has the numbers.
+    Measured (#14, the scorecard's quick CURVES task, 250/62 with at most 5 CG iterations, rank
+    32): about half the HF steps to a given training error at 1.15-1.4 times the cost of a step,
+    1.08-1.12× Adam's error at equal time against 1.18-1.21× without; ``experiments/README.md``
+    has the numbers.
 
     Args:
         model: The module whose ``nn.Linear`` submodules are preconditioned (their parameters
@@ -547,6 +549,7 @@ class KFACPreconditioner:
         if self.eigen is None or self._calls % self.refresh == 0:
             self.update(ctx)
             self._calls = 0
+        self._seen.clear()  # release the recorded forward pass's graph
         self._calls += 1
         shift = ctx.shift
         mu = ctx.damping + (float(shift.mean()) if isinstance(shift, Tensor) else shift)

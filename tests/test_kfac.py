@@ -157,6 +157,7 @@ def test_refresh_and_running_average():
     ctx2, _ = _context(model, x2, y, F.mse_loss, 1.0)
     K(ctx2)  # second call: no refresh
     torch.testing.assert_close(K.factors[0][0], A0)
+    ctx2, _ = _context(model, x2, y, F.mse_loss, 1.0)  # each step records a forward anew
     K(ctx2)  # third call: refresh, averaged with weight 1/2
     a2 = torch.cat([x2, torch.ones(7, 1, dtype=DTYPE)], 1)
     torch.testing.assert_close(K.factors[0][0], 0.5 * A0 + 0.5 * a2.T @ a2 / 7)
