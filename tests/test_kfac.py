@@ -221,8 +221,8 @@ def test_subspace_iteration_converges_to_the_top_eigenpairs():
     x = x * torch.linspace(0.2, 3.0, 6, dtype=DTYPE)  # spread the spectrum of A
     model = nn.Linear(6, 2).to(DTYPE)
     K = KFACPreconditioner(model, num_probes=None, decay=0.0, rank=2, relative_damping=0.0)
-    ctx, _ = _context(model, x, y, F.mse_loss, 1.0)
     for _ in range(200):
+        ctx, _ = _context(model, x, y, F.mse_loss, 1.0)  # a step's forward, then the call
         K(ctx)
     A = K.factors[0][0].numpy()
     w, Q = np.linalg.eigh(A)
