@@ -131,6 +131,9 @@ def make_curves_task(quick: bool) -> Task:
         "250/62, cg≤5, K-FAC rank 32": dict(
             batch=250, curvature_batch=62, kw=dict(cg_max_iter=5), kfac=dict(rank=32)
         ),
+        "500/62, cg≤5, K-FAC rank 32": dict(
+            batch=500, curvature_batch=62, kw=dict(cg_max_iter=5), kfac=dict(rank=32)
+        ),
     }
     hf["500/125, cg≤50, λ0=1"] = dict(
         batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, damping=1.0)
