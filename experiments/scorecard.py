@@ -55,7 +55,7 @@ from _bench_common import (  # noqa: E402
     md_table,
 )
 
-from hessfree import HessianFree  # noqa: E402
+from hessfree import HessianFree, KFACPreconditioner  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADDITION_TOL = 0.04  # Martens & Sutskever (2011): a case is wrong when off by more than this
@@ -128,6 +128,12 @@ def make_curves_task(quick: bool) -> Task:
     hf |= {
         "500/125, cg≤50": dict(batch=500, curvature_batch=125, kw=dict(cg_max_iter=50)),
         "250/62, cg≤10": dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=10)),
+        "250/62, cg≤5, K-FAC rank 32": dict(
+            batch=250, curvature_batch=62, kw=dict(cg_max_iter=5), kfac=dict(rank=32)
+        ),
+        "500/62, cg≤5, K-FAC rank 32": dict(
+            batch=500, curvature_batch=62, kw=dict(cg_max_iter=5), kfac=dict(rank=32)
+        ),
     }
     hf["500/125, cg≤50, λ0=1"] = dict(
         batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, damping=1.0)
@@ -427,7 +433,10 @@ def lbfgs_run(task: Task, name: str, kw: dict) -> Run:
 
 def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     m = copy.deepcopy(task.model)
-    opt = HessianFree(m.parameters(), **regime["kw"])
+    kw = dict(regime["kw"])
+    if "kfac" in regime:  # the preconditioner records the copy's layers
+        kw["precond"] = KFACPreconditioner(m, **regime["kfac"])
+    opt = HessianFree(m.parameters(), **kw)
     batches = _Batches(len(task.x), regime["batch"], task.x.device, regime.get("growth", 1.0))
     style = regime.get("closure", "outputs")
     run = Run(name, family, m, lambda: None, detail=_regime_text(regime))
@@ -478,6 +487,9 @@ def _curvature_size(regime: dict, batch: int, n: int) -> int:
 
 def _regime_text(regime: dict) -> str:
     kw = ", ".join(f"{k}={v}" for k, v in regime["kw"].items()) or "no arguments"
+    if "kfac" in regime:
+        args = "".join(f", {k}={v}" for k, v in regime["kfac"].items())
+        kw += f", precond=KFACPreconditioner(model{args})"
     if regime.get("closure") == "lbfgs":
         return f"LBFGS-style closure; {kw}"
     if regime.get("growth", 1.0) != 1.0:
@@ -566,7 +578,8 @@ def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -
         finals.append(lbfgs_run(task, name, task.lbfgs[name]))
     hf_name = best("HF").name if best("HF") else next(iter(task.hf))
     tuned = task.hf[hf_name]
-    default_regime = dict(task.hf_default_regime or tuned, kw={})
+    regime = task.hf_default_regime or tuned  # the defaults: no arguments, no preconditioner
+    default_regime = {k: v for k, v in regime.items() if k != "kfac"} | {"kw": {}}
     finals.append(hf_run(task, "HF default", "HF default", default_regime))
     finals.append(hf_run(task, f"HF tuned: {hf_name}", "HF tuned", tuned))
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from .operators import (
 from .optimizer import HessianFree, StepInfo, StepStatus
 from .preconditioning import (
     EmpiricalFisherDiagonal,
+    KFACPreconditioner,
     NystromPreconditioner,
     PrecondContext,
     nystrom_sketch,
@@ -71,6 +72,7 @@ __all__ = [
     "StepInfo",
     "StepStatus",
     "EmpiricalFisherDiagonal",
+    "KFACPreconditioner",
     "NystromPreconditioner",
     "PrecondContext",
     "nystrom_sketch",

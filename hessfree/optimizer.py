@@ -882,6 +882,9 @@ class HessianFree(torch.optim.Optimizer):
             shift=shift,
             generator=self._rng(go.device),
             average=self._avg.mean if self._sharded(product) else _same,
+            loss_hessian=product.loss_hessian
+            if isinstance(product, GGNProduct) and not isinstance(product, FisherProduct)
+            else None,
         )
         return self.precond(ctx)
 

@@ -219,6 +219,20 @@ def test_cg_warm_start_converges_and_inputs_unchanged():
     assert torch.equal(zeros.x, cold.x)
 
 
+def test_cg_warm_start_whose_square_overflows_or_underflows():
+    # x0's check is one dot product xᵀx; where that overflows (finite x0) or underflows
+    # (nonzero x0) the exact elementwise test decides, so such starts are still warm starts.
+    A = torch.diag(torch.tensor([2.0, 3.0, 4.0]))
+    b = torch.tensor([1.0, -1.0, 2.0])
+    for x0 in (torch.tensor([1e30, 0.0, -1e30]), torch.tensor([0.0, 1e-30, 0.0])):
+        assert not (0 < float(x0 @ x0) < math.inf)
+        result = cg(lambda v: A @ v, b, x0, max_iter=1, progress_tol=None)
+        assert result.num_matvec >= 1  # r_0 = A x_0 - b was formed: x0 counted as nonzero
+        torch.testing.assert_close(result.phi_history[0], 0.5 * x0 @ A @ x0 - b @ x0)
+    with pytest.raises(ValueError, match="`x0` must be finite"):
+        cg(lambda v: A @ v, b, torch.tensor([1e30, math.nan, 0.0]))
+
+
 def test_cg_float32_smoke():
     A, b = spd_system(20, cond=10.0, seed=12)
     A, b = A.float(), b.float()

@@ -1,0 +1,248 @@
+"""K-FAC preconditioner against dense float64 oracles (autograd Jacobians, numpy.linalg).
+
+A one-layer linear model with squared error has a Gauss-Newton matrix that is exactly a
+Kronecker product, so there the preconditioner must equal the dense damped inverse of the true
+curvature; on a deeper model it must equal the dense damped inverse of its own factors' Kronecker
+product (diagonal and truncated variants included), each built independently with numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessfree import GGNProduct, HessianFree, KFACPreconditioner, PrecondContext
+
+DTYPE = torch.float64
+
+
+def _data(n=7, d_in=3, d_out=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=DTYPE), torch.randn(
+        n, d_out, generator=g, dtype=DTYPE
+    )
+
+
+def _context(model, x, y, loss_fn, damping, seed=0):
+    out = model(x)  # the forward the hooks record
+    loss = loss_fn(out, y)
+    params = list(model.parameters())
+    P = GGNProduct(loss, out, params)
+    ctx = PrecondContext(
+        jacobian=P.jacobian,
+        output_grad=P.output_grad,
+        reduction="mean",
+        damping=damping,
+        shift=0.0,
+        generator=torch.Generator().manual_seed(seed),
+        loss_hessian=P.loss_hessian,
+    )
+    return ctx, params
+
+
+def _dense_ggn(model, x, y, loss_fn) -> np.ndarray:
+    """Jᵀ H_ℓ J in float64 from autograd.functional (independent of GGNProduct)."""
+    params = list(model.parameters())
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params])
+    shapes = [p.shape for p in params]
+
+    def outputs(flat):
+        chunks = flat.split([s.numel() for s in shapes])
+        ws = {
+            name: c.view(s)
+            for (name, _), c, s in zip(model.named_parameters(), chunks, shapes, strict=True)
+        }
+        return torch.func.functional_call(model, ws, (x,))
+
+    out0 = outputs(flat0).detach()
+    J = torch.autograd.functional.jacobian(outputs, flat0).reshape(out0.numel(), -1)
+    H = torch.autograd.functional.hessian(lambda o: loss_fn(o.view_as(out0), y), out0.reshape(-1))
+    return (J.T @ H @ J).numpy()
+
+
+def _layer_perm(layer: nn.Linear) -> np.ndarray:
+    """Flat positions (W row-major, then b) of the entries of [W, b] in row-major order."""
+    out, d_in = layer.weight.shape
+    idx = np.arange(out * d_in).reshape(out, d_in)
+    if layer.bias is not None:
+        idx = np.concatenate([idx, out * d_in + np.arange(out)[:, None]], 1)
+    return idx.reshape(-1)
+
+
+def test_one_linear_layer_equals_the_dense_damped_inverse_of_the_true_ggn():
+    x, y = _data()
+    model = nn.Linear(3, 2).to(DTYPE)
+    K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0)
+    mu = 0.3
+    ctx, params = _context(model, x, y, F.mse_loss, mu)
+    apply = K(ctx)
+    C = _dense_ggn(model, x, y, F.mse_loss)
+    r = np.random.default_rng(1).standard_normal(C.shape[0])
+    expected = np.linalg.solve(C + mu * np.eye(C.shape[0]), r)
+    torch.testing.assert_close(apply(torch.from_numpy(r)), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("variant", ["dense", "diagonal", "truncated"])
+def test_two_layers_equal_the_dense_inverse_of_their_own_factors(variant):
+    x, y = _data(n=9, d_in=4, d_out=3, seed=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+    kw = {"dense": {}, "diagonal": {"max_dense": 4}, "truncated": {"rank": 2}}[variant]
+    K = KFACPreconditioner(model, num_probes=3, relative_damping=0.1, **kw)
+    mu = 0.05
+    ctx, params = _context(model, x, y, F.mse_loss, mu)
+    apply = K(ctx)
+    n = sum(p.numel() for p in params)
+    M = np.zeros((n, n))
+    offset = 0
+    for layer, (A, G) in zip(K.layers, K.factors, strict=True):
+        blocks = []
+        for factor in (A, G):
+            f = factor.numpy()
+            if f.ndim == 1:  # kept diagonal (dimension above max_dense)
+                blocks.append(np.diag(f))
+                continue
+            w, Q = np.linalg.eigh(f)
+            w = np.clip(w, 0.0, None)
+            if variant == "truncated" and w.size > 2:  # top two eigenpairs + the rest's mean
+                top = Q[:, -2:]
+                rest = w[:-2].mean()
+                f = top @ np.diag(w[-2:]) @ top.T + rest * (np.eye(w.size) - top @ top.T)
+            else:
+                f = Q @ np.diag(w) @ Q.T
+            blocks.append(f)
+        A_, G_ = blocks
+        floor = 0.1 * np.trace(G_) / G_.shape[0] * np.trace(A_) / A_.shape[0]
+        if variant == "truncated":  # the floor uses the untruncated factors' mean eigenvalue
+            floor = 0.1 * float(G.diagonal().mean() * A.diagonal().mean())
+        size = A_.shape[0] * G_.shape[0]
+        pos = offset + _layer_perm(layer)
+        M[np.ix_(pos, pos)] = np.kron(G_, A_) + (mu + floor) * np.eye(size)
+        offset += size
+    r = np.random.default_rng(3).standard_normal(n)
+    expected = np.linalg.solve(M, r)
+    torch.testing.assert_close(apply(torch.from_numpy(r)), torch.from_numpy(expected))
+    if variant == "diagonal":
+        # A of 4+1 inputs and G of 5 outputs are kept diagonal, the last layer's G (3) dense
+        assert K.factors[0][0].dim() == K.factors[0][1].dim() == 1 and K.factors[1][1].dim() == 2
+
+
+def test_exact_output_factor_of_a_diagonal_loss_hessian():
+    """Without probes G of the last layer is Σ_i diag(h_i) for sigmoid cross-entropy."""
+    x, _ = _data(n=6, d_in=3, d_out=4, seed=4)
+    t = torch.rand(6, 4, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    model = nn.Linear(3, 4).to(DTYPE)
+    K = KFACPreconditioner(model, num_probes=None)
+    loss_fn = F.binary_cross_entropy_with_logits
+    ctx, _ = _context(model, x, t, loss_fn, 1.0)
+    K(ctx)
+    s = torch.sigmoid(model(x)).detach()
+    expected = torch.diag((s * (1 - s)).sum(0) / s.numel())  # H_ℓ = diag(σ(1-σ))/m
+    torch.testing.assert_close(K.factors[0][1], expected)
+    a = torch.cat([x, torch.ones(6, 1, dtype=DTYPE)], 1)
+    torch.testing.assert_close(K.factors[0][0], a.T @ a / 6)
+
+
+def test_refresh_and_running_average():
+    x, y = _data(seed=6)
+    model = nn.Linear(3, 2).to(DTYPE)
+    K = KFACPreconditioner(model, num_probes=None, refresh=2, decay=0.5)
+    ctx, _ = _context(model, x, y, F.mse_loss, 1.0)
+    K(ctx)
+    A0 = K.factors[0][0].clone()
+    x2 = 2 * x
+    ctx2, _ = _context(model, x2, y, F.mse_loss, 1.0)
+    K(ctx2)  # second call: no refresh
+    torch.testing.assert_close(K.factors[0][0], A0)
+    ctx2, _ = _context(model, x2, y, F.mse_loss, 1.0)  # each step records a forward anew
+    K(ctx2)  # third call: refresh, averaged with weight 1/2
+    a2 = torch.cat([x2, torch.ones(7, 1, dtype=DTYPE)], 1)
+    torch.testing.assert_close(K.factors[0][0], 0.5 * A0 + 0.5 * a2.T @ a2 / 7)
+
+
+def test_in_the_optimizer_reduces_the_loss():
+    x, y = _data(n=32, d_in=4, d_out=2, seed=7)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(DTYPE)
+    K = KFACPreconditioner(model)
+    opt = HessianFree(model.parameters(), precond=K, cg_max_iter=5)
+
+    def closure():
+        out = model(x)
+        return F.mse_loss(out, y), out
+
+    with torch.no_grad():
+        first = float(closure()[0])
+    for _ in range(5):
+        opt.step(closure)
+        assert opt.last_step.status == "accepted"
+    with torch.no_grad():
+        assert float(closure()[0]) < 0.7 * first
+    assert K.factors is not None
+    K.remove()
+    assert not model[0]._forward_hooks
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module or a sequence of nn.Linear"):
+        KFACPreconditioner([nn.Tanh()])
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        KFACPreconditioner(nn.Tanh())
+    with pytest.raises(ValueError, match="refresh"):
+        KFACPreconditioner(nn.Linear(2, 2), refresh=0)
+    with pytest.raises(ValueError, match="decay"):
+        KFACPreconditioner(nn.Linear(2, 2), decay=1.0)
+    with pytest.raises(ValueError, match="rank"):
+        KFACPreconditioner(nn.Linear(2, 2), rank=0)
+    # a layer that ran in no graph-building forward
+    x, y = _data()
+    model, other = nn.Linear(3, 2).to(DTYPE), nn.Linear(3, 2).to(DTYPE)
+    K = KFACPreconditioner(other)
+    ctx, _ = _context(model, x, y, F.mse_loss, 1.0)
+    with pytest.raises(ValueError, match="ran in no graph-building forward"):
+        K(ctx)
+    # the layer ran but the optimizer does not train its parameters
+    K2 = KFACPreconditioner([model, other])
+    ctx, _ = _context(model, x, y, F.mse_loss, 1.0)
+    other(x)
+    with pytest.raises(ValueError, match="not all among the optimizer's"):
+        K2(ctx)
+    with pytest.raises(ValueError, match="positive damping"):
+        KFACPreconditioner(model, num_probes=None)(_context(model, x, y, F.mse_loss, 0.0)[0])
+
+
+def test_subspace_iteration_converges_to_the_top_eigenpairs():
+    """Truncated factors are refreshed by subspace iteration from the previous eigenvectors:
+    with the same statistics every step, it converges to numpy's top eigenpairs."""
+    x, y = _data(n=40, d_in=6, d_out=2, seed=8)
+    x = x * torch.linspace(0.2, 3.0, 6, dtype=DTYPE)  # spread the spectrum of A
+    model = nn.Linear(6, 2).to(DTYPE)
+    K = KFACPreconditioner(model, num_probes=None, decay=0.0, rank=2, relative_damping=0.0)
+    for _ in range(200):
+        ctx, _ = _context(model, x, y, F.mse_loss, 1.0)  # a step's forward, then the call
+        K(ctx)
+    A = K.factors[0][0].numpy()
+    w, Q = np.linalg.eigh(A)
+    (top, values, rest) = K.eigen[0][0]
+    np.testing.assert_allclose(values.numpy(), w[-2:], rtol=1e-8)
+    np.testing.assert_allclose(np.abs(top.numpy().T @ Q[:, -2:]), np.eye(2), atol=1e-6)
+    np.testing.assert_allclose(float(rest), w[:-2].mean(), rtol=1e-8)
+
+
+@pytest.mark.parametrize("num_probes", [1, 3])
+def test_probe_factor_has_the_exact_diagonal_for_squared_error(num_probes):
+    """With squared error H_ℓ = (2/m) I, so a Rademacher probe's G = (2/m) Σ_i ξ_i ξ_iᵀ has the
+    exact factor's diagonal N·2/m whatever the signs (one probe: the plain backward pass)."""
+    x, y = _data(n=5, d_in=3, d_out=4, seed=9)
+    model = nn.Linear(3, 4).to(DTYPE)
+    exact = KFACPreconditioner(model, num_probes=None)
+    probed = KFACPreconditioner(model, num_probes=num_probes)
+    ctx, _ = _context(model, x, y, F.mse_loss, 1.0)
+    exact(ctx)
+    probed(ctx)
+    torch.testing.assert_close(exact.factors[0][1], torch.eye(4, dtype=DTYPE) * 5 * 2 / 20)
+    torch.testing.assert_close(probed.factors[0][1].diagonal(), exact.factors[0][1].diagonal())
+    torch.testing.assert_close(probed.factors[0][0], exact.factors[0][0])
