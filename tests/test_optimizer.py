@@ -377,6 +377,145 @@ def test_auto_cg_rtol_is_the_eisenstat_walker_forcing_sequence():
     assert infos[0].cg_iters >= 1 and etas[1] < 0.5
 
 
+def _textbook_cg(B: np.ndarray, g: np.ndarray, num_iter: int) -> tuple[np.ndarray, list]:
+    """numpy's CG on B p = -g from 0: the iterate after ``num_iter`` iterations and every
+    iterate's residual norm."""
+    r, p, x, norms = -g, -g, np.zeros_like(g), [np.linalg.norm(g)]
+    for _ in range(num_iter):
+        alpha = (r @ r) / (p @ B @ p)
+        x = x + alpha * p
+        r_next = r - alpha * (B @ p)
+        p, r = r_next + (r_next @ r_next) / (r @ r) * p, r_next
+        norms.append(np.linalg.norm(r))
+    return x, norms
+
+
+def _two_batch_quadratics(n: int = 12):
+    """Two 'mini-batches' of one least-squares problem: f_j(x) = ½ xᵀA_j x − b_jᵀx."""
+    rng = np.random.default_rng(7)
+    out = []
+    for _ in range(2):
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        out.append((Q @ np.diag(np.logspace(0, 2, n)) @ Q.T, rng.standard_normal(n)))
+    return [((A + A.T) / 2, b) for A, b in out]
+
+
+def test_cg_rtol_on_alternating_batches_auto_follows_ew_and_zero_runs_cg_to_max_iter():
+    # Alternating "mini-batches" (one per step). 'auto' keeps Eisenstat-Walker's η, computed
+    # here by forcing_term from the reported ‖g‖ (checked against numpy), also once the
+    # objective is seen stochastic; cg_rtol=0 (the setting for RNNs) lets CG run to
+    # cg_max_iter and land exactly on numpy's textbook CG iterate, where EW's η would have
+    # stopped it sooner.
+    from hessfree.cg import forcing_term
+
+    batches, n, iters = _two_batch_quadratics(), 12, 6
+    for rtol in ("auto", 0.0):
+        x = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree(
+            [x],
+            damping=1e-3,
+            adapt_damping=False,
+            cg_max_iter=iters,
+            trust_radius=False,
+            cg_rtol=rtol,
+        )
+        prev = (None, None)
+        for k in range(5):
+            A_np, b_np = batches[k % 2]
+            A, b = torch.from_numpy(A_np), torch.from_numpy(b_np)
+            x_k = x.detach().numpy().copy()
+            opt.step(lambda A=A, b=b, x=x: 0.5 * x @ A @ x - b @ x)
+            info = opt.last_step
+            g = A_np @ x_k - b_np
+            assert info.grad_norm == pytest.approx(np.linalg.norm(g), rel=1e-12)
+            eta_ew = forcing_term(info.grad_norm, *prev)
+            prev = (info.grad_norm, eta_ew)
+            step, norms = _textbook_cg(A_np + 1e-3 * np.eye(n), g, iters)
+            if rtol == "auto":
+                assert info.cg_rtol == eta_ew
+                continue
+            assert info.cg_rtol == 0.0 and info.cg_reason == "max_iter" and info.cg_iters == iters
+            assert info.accepted and info.step_rate == 1.0
+            np.testing.assert_allclose(x.detach().numpy(), x_k + step, rtol=1e-9, atol=1e-12)
+            if k == 1:  # EW's η here would have ended CG before cg_max_iter
+                assert min(norms[:iters]) <= eta_ew * norms[0]
+        assert opt.state[x]["deterministic"] is False
+
+
+def test_auto_cg_rtol_keeps_the_eisenstat_walker_sequence_on_a_deterministic_objective():
+    # Five steps on one quadratic: every η is forcing_term's chain of the reported ‖g‖.
+    from hessfree.cg import forcing_term
+
+    (A_np, b_np), _ = _two_batch_quadratics()
+    A, b = torch.from_numpy(A_np), torch.from_numpy(b_np)
+    x = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], damping=1.0)
+    prev_norm = prev_eta = None
+    for _ in range(5):
+        opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+        info = opt.last_step
+        eta = forcing_term(info.grad_norm, prev_norm, prev_eta)
+        assert info.cg_rtol == eta
+        prev_norm, prev_eta = info.grad_norm, eta
+    assert opt.state[x]["deterministic"] is True
+    assert prev_eta < 0.5  # the sequence did tighten
+
+
+def test_auto_objective_check_is_on_for_deterministic_and_stochastic_objectives():
+    # cg_stop_on_increase='auto' evaluates the objective at CG's stored iterates (a closure call
+    # each) for a closure that does not call backward(), on one batch or alternating ones: its
+    # closure calls per step equal those of an explicit True (False: fewer).
+    batches = _two_batch_quadratics()
+
+    def calls(check, alternate: bool) -> list[int]:
+        x = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+        out = torch.nn.Identity()
+        opt = HessianFree(
+            [x],
+            damping=1e-3,
+            adapt_damping=False,
+            cg_max_iter=9,
+            cg_rtol=0.0,
+            cg_stop_on_increase=check,
+        )
+        per_step = []
+        for k in range(4):
+            A_np, b_np = batches[k % 2 if alternate else 0]
+            A, b = torch.from_numpy(A_np), torch.from_numpy(b_np)
+
+            def closure(A=A, b=b):
+                y = out(x * 1.0)
+                return 0.5 * y @ A @ y - b @ y, y
+
+            opt.step(closure)
+            per_step.append(opt.last_step.closure_calls)
+        return per_step
+
+    for alternate in (False, True):
+        auto, on, off = (calls(c, alternate) for c in ("auto", True, False))
+        assert on != off  # the check costs closure calls here
+        assert auto == on  # deterministic or not, 'auto' checks (closures without backward)
+
+
+def test_the_forcing_sequence_travels_with_the_state_dict():
+    # After load_state_dict the next η continues forcing_term's chain (previous ‖g‖ and η).
+    from hessfree.cg import forcing_term
+
+    (A_np, b_np), _ = _two_batch_quadratics()
+    A, b = torch.from_numpy(A_np), torch.from_numpy(b_np)
+    x = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], damping=1.0)
+    for _ in range(2):
+        opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+    before = opt.last_step
+    other = HessianFree([x])
+    other.load_state_dict(opt.state_dict())
+    other.step(lambda: 0.5 * x @ A @ x - b @ x)
+    after = other.last_step
+    assert after.cg_rtol == forcing_term(after.grad_norm, before.grad_norm, before.cg_rtol)
+    assert after.cg_rtol != 0.5  # not a fresh start
+
+
 def test_cg_rtol_validation():
     x = torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match=r"Unknown `cg_rtol` 'loose'; expected one of 'auto'"):
