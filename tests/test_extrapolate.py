@@ -50,8 +50,13 @@ def test_extrapolation_on_exp_matches_closed_form():
     runs = {}
     for extrapolate in ("auto", False):
         w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-        opt = HessianFree(
-            [w], damping=1e-3, adapt_damping=False, curvature="hessian", extrapolate=extrapolate
+        opt = HessianFree(  # cold CG (cg_decay=0): each step is the closed-form damped Newton p
+            [w],
+            damping=1e-3,
+            adapt_damping=False,
+            curvature="hessian",
+            extrapolate=extrapolate,
+            cg_decay=0.0,
         )
         history = []
         for _ in range(2):

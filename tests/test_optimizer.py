@@ -84,8 +84,8 @@ def test_logistic_regression_matches_scipy_minimize(style):
 
 def test_rosenbrock_100d_with_exact_hessian_converges():
     x = torch.zeros(100, dtype=torch.float64, requires_grad=True)
-    # cg_decay pinned to the warm start this test was written for: from cold starts (the Hessian
-    # default) HF stops by `tolerance_grad` at f ≈ 4e-16 after a similar number of steps (155 vs
+    # cg_decay pinned to the warm start this test was written for: from cold starts HF stops
+    # by `tolerance_grad` at f ≈ 4e-16 after a similar number of steps (155 vs
     # 149), legitimately converged but above this test's 1e-20. The rules are pinned too: with
     # the default Nielsen damping and forcing-term CG it needs a third of the products (1053 vs
     # 3001) but creeps along at f ≈ 1e-19 (x within 3e-11 of the minimiser), its loose solves
@@ -338,8 +338,8 @@ def test_bad_hyperparameter_types_are_rejected():
 
 
 def test_auto_cg_rtol_is_the_eisenstat_walker_forcing_sequence():
-    # Two steps on a quadratic with its exact Hessian (cold CG starts): each CG run stops at the
-    # first iterate of numpy's textbook CG on (A + λI) p = -g whose residual is at most
+    # Two steps on a quadratic with its exact Hessian (cold CG starts, pinned): each CG run
+    # stops at the first iterate of numpy's textbook CG on (A + λI) p = -g whose residual is at most
     # η‖g‖, with η = 1/2, then 0.9 (‖g1‖/‖g0‖)² safeguarded by 0.9 · (1/2)² (closed forms).
     rng = np.random.default_rng(5)
     Q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
@@ -349,7 +349,7 @@ def test_auto_cg_rtol_is_the_eisenstat_walker_forcing_sequence():
     A, b = torch.from_numpy(A_np), torch.from_numpy(b_np)
     x = torch.zeros(30, dtype=torch.float64, requires_grad=True)
     infos = []
-    opt = HessianFree([x], damping=1.0, callback=infos.append)
+    opt = HessianFree([x], damping=1.0, cg_decay=0.0, callback=infos.append)
     etas, g_norms = [], []
     for k in range(2):
         x_k = x.detach().numpy().copy()
@@ -418,6 +418,7 @@ def test_cg_rtol_on_alternating_batches_auto_follows_ew_and_zero_runs_cg_to_max_
             cg_max_iter=iters,
             trust_radius=False,
             cg_rtol=rtol,
+            cg_decay=0.0,  # cold starts: the textbook CG from 0 is the oracle
         )
         prev = (None, None)
         for k in range(5):
@@ -791,13 +792,14 @@ def test_float32_data_for_a_float64_model_gets_the_operators_hint():
         opt.step(lambda: (_ for _ in ()).throw(RuntimeError("boom")))
 
 
-@pytest.mark.parametrize("closure_style, warm", [("loss", False), ("loss_outputs", True)])
-def test_cg_decay_auto_warm_starts_gauss_newton_only(closure_style, warm):
+@pytest.mark.parametrize("decay, warm", [("auto", True), (0.0, False), (0.5, True)])
+@pytest.mark.parametrize("closure_style", ["loss", "loss_outputs"])  # Hessian, Gauss-Newton
+def test_cg_decay_auto_warm_starts_every_curvature(closure_style, decay, warm):
     # A warm start costs one extra product (r_0 = A x_0 - b): cg_matvecs tells them apart.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
-    opt = HessianFree(model.parameters(), cg_max_iter=5)
+    opt = HessianFree(model.parameters(), cg_max_iter=5, cg_decay=decay)
 
     def closure():
         out = model(x)
