@@ -35,7 +35,10 @@ def main() -> None:
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=10),
+        # generous: the rendezvous waits for the slowest rank to import torch and start, which
+        # on a loaded 2-core machine can take many seconds; a dead peer is still noticed at
+        # once (its connection closes), so the crash test does not wait for this
+        timeout=datetime.timedelta(seconds=60),
     )
     try:
         work(rank, world, out_file, steps, mode)
