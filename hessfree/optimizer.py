@@ -16,9 +16,9 @@ phases named as the methods that run them:
    ``tolerance_grad`` → ``'converged'``.
 2. *Solve* (``_solve``): truncated preconditioned CG on :math:`Bp = -g` (:func:`hessfree.cg`),
    warm-started from ``cg_decay`` × the previous step's *final* CG iterate (§4.5; 0.95 in the
-   reference code and by default, for every curvature),
-   stopping by the relative-progress rule (§4.4) or once :math:`\|r\| \le \eta_k\|g\|`
-   with the inexact-Newton forcing term :math:`\eta_k` (Eisenstat & Walker 1996), the latter
+   reference code and by default, for every curvature), stopping by the relative-progress rule
+   (§4.4) or once :math:`\|r\| \le \eta_k\|g\|` with the inexact-Newton forcing term
+   :math:`\eta_k` (Eisenstat & Walker 1996), the latter
    only at an iterate with :math:`\phi < 0` (a warm start whose residual is small but which is
    uphill on this step's model is iterated on, not returned: ``descent_stop``); with the
    (indefinite) Hessian also where its path leaves the trust radius :math:`\|p\| \le \Delta`
