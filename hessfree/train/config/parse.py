@@ -97,6 +97,7 @@ def _schedule(
     ``curvature_fraction``) as :class:`OptimizerConfig` fields, every conflict refused.
 
     Returns the fields to set, with ``curvature_batch_size`` None when a fraction replaces it.
+    ``batch_size`` 0: the entry's batch_size was refused; nothing is compared with it.
     """
     out: dict[str, Any] = {}
     before = len(problems)
@@ -159,6 +160,8 @@ def _schedule(
                     f"`{path}.{key}` = {out[key]} only applies to a growing batch; set "
                     f"`{path}.batch_growth` > 1 or remove `{key}`."
                 )
+    elif batch_size == 0:  # batch_size itself was refused
+        pass
     elif batch_size is None:
         problems.append(
             f"`{path}.batch_growth` = {growth!r} grows `batch_size` from step to step, but "
@@ -269,7 +272,9 @@ def _parse_optimizer(
     if name is None:
         return None
     label = _check_label(raw.get("label", name), name, path, problems)
+    before = len(problems)
     batch_size = _batch_key(raw, "batch_size", top.batch_size, path, problems)
+    batch_size_ok = len(problems) == before  # else the schedule is not compared with it
     curvature_batch_size = top.curvature_batch_size if name == "hessianfree" else None
     if "curvature_batch_size" in raw and name != "hessianfree":
         problems.append(
@@ -279,7 +284,9 @@ def _parse_optimizer(
         curvature_batch_size = _batch_key(
             raw, "curvature_batch_size", curvature_batch_size, path, problems
         )
-    schedule = _schedule(raw, name, batch_size, curvature_batch_size, path, problems)
+    schedule = _schedule(
+        raw, name, batch_size if batch_size_ok else 0, curvature_batch_size, path, problems
+    )
     curvature_batch_size = schedule.pop("curvature_batch_size", curvature_batch_size)
     budget = _merge_budget(top.budget, raw.get("budget"), f"{path}.budget", problems)
 
