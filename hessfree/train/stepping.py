@@ -115,10 +115,11 @@ def describe_batches(leaf: OptimizerConfig, n: int) -> str:
         return text + (f", curvature batch {curvature}" if curvature else "")
     largest = min(leaf.batch_max or n, n)
     top = largest - largest % leaf.batch_multiple
-    k = 0
+    # The first step at the top: near log(B/b0)/log(g), corrected for the rounding.
+    k = max(0, math.ceil(math.log(top / size) / math.log(leaf.batch_growth)) - 2)
     while batch_sizes(leaf, n, False, k)[0] < top:
         k += 1
-    text = f"batch {size} growing x{leaf.batch_growth:g} per step to {top} (step {k})"
+    text = f"batch {size} growing x{leaf.batch_growth:.10g} per step to {top} (step {k})"
     if leaf.curvature_fraction is not None:
         until = " until the whole set" if top >= n else ""
         return text + f", curvature batch {leaf.curvature_fraction:g} of it{until}"
