@@ -361,7 +361,7 @@ _TORCH_OPTIMIZERS: dict[str, type] = {
 }
 #: Optimizer names a config may use.
 OPTIMIZER_NAMES = ("hessianfree", "adam", "sgd", "lbfgs")
-#: The batch schedule's keys of an entry (:func:`hessfree.train.stepping.scheduled_sizes`).
+#: The batch schedule's keys of an entry (:func:`hessfree.train.stepping.batch_sizes`).
 _SCHEDULE_KEYS = ("batch_growth", "batch_max", "batch_multiple", "curvature_fraction")
 _ENTRY_KEYS = ("name", "label", "batch_size", "curvature_batch_size", *_SCHEDULE_KEYS, "budget")
 _PHASED_KEYS = ("phases", "label", "budget")
