@@ -67,9 +67,9 @@ Closure styles, fastest first:
 * ``torch.optim.LBFGS`` style (``zero_grad``, ``loss.backward()``, ``return loss``): works
   unchanged and gets exact Hessian products. During the first call of a step the optimizer makes
   ``backward()`` build the gradient with ``create_graph=True`` (``torch.autograd.backward`` is
-  swapped for the duration of that call and restored, also on error; not thread-safe while the
-  call runs), and evaluation calls run the closure's backward too, which costs one backward
-  pass per evaluation that the other styles avoid.
+  hooked for the duration of that call and restored, also on error; calls from other threads
+  pass through unchanged), and evaluation calls run the closure's backward too, which costs one
+  backward pass per evaluation that the other styles avoid.
 
 Dropout and train-mode BatchNorm make every closure call a different function (and each trial
 evaluation updates BatchNorm's running statistics); the first call of each closure is watched
@@ -101,6 +101,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
+from ._autograd_hooks import AutogradHook
 from ._checks import check_number
 from ._flat import ParamLayout
 from ._line_search import armijo, backtrack
@@ -301,43 +302,29 @@ class _Solution:
     structural_energy: Tensor | None  # structural damping's energy per stored iterate
 
 
-@contextlib.contextmanager
-def _watch_grad() -> Iterator[list[bool]]:
-    """Record whether ``torch.autograd.grad`` is called inside the block; restore after."""
-    called: list[bool] = []
-    original = torch.autograd.grad
+def _create_graph_backward(
+    original, tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
+):
+    return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
 
-    def grad(*args, **kwargs):
-        called.append(True)
-        return original(*args, **kwargs)
 
-    torch.autograd.grad = grad
-    try:
-        yield called
-    finally:
-        torch.autograd.grad = original
+# Hooks for closure parsing (_autograd_hooks: other threads' calls pass through untouched).
+_GRAD_CALLS = AutogradHook("grad", lambda original, *args, **kwargs: original(*args, **kwargs))
+_GRAPH_BACKWARD = AutogradHook("backward", _create_graph_backward)
+
+
+def _watch_grad() -> contextlib.AbstractContextManager[list[bool]]:
+    """Record whether this thread calls ``torch.autograd.grad`` inside the block."""
+    return _GRAD_CALLS.active()
 
 
 @contextlib.contextmanager
 def _backward_builds_graph() -> Iterator[list[bool]]:
-    """Make ``Tensor.backward()`` use ``create_graph=True`` inside the block; restore after."""
-    called: list[bool] = []
-    original = torch.autograd.backward
-
-    def backward(
-        tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
-    ):
-        called.append(True)
-        return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
-
-    torch.autograd.backward = backward
-    try:
-        with warnings.catch_warnings():
-            # The parameter <-> .grad reference cycle it warns about is broken right after.
-            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            yield called
-    finally:
-        torch.autograd.backward = original
+    """Make this thread's ``Tensor.backward()`` use ``create_graph=True`` inside the block."""
+    with _GRAPH_BACKWARD.active() as called, warnings.catch_warnings():
+        # The parameter <-> .grad reference cycle it warns about is broken right after.
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        yield called
 
 
 class HessianFree(torch.optim.Optimizer):
