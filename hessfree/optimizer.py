@@ -212,6 +212,8 @@ class StepInfo:
             value; ``'monitor'``: the objective rose at a stored iterate,
             ``cg_stop_on_increase``); ``cg_matvecs`` products; ``cg_rtol`` the relative
             residual tolerance :math:`\eta` CG ran with (NaN if it did not run).
+        precond_matvecs: Curvature products the preconditioner spent this step (a
+            :class:`NystromPreconditioner`'s sketch: ``rank`` on the steps that refresh it).
         backtrack_iter: CG iteration of the chosen (backtracked) iterate.
         step_rate: Accepted rate (0 if rejected): the Armijo rate, or a power of 2 above 1
             when ``extrapolate`` doubled the full step.
@@ -236,6 +238,7 @@ class StepInfo:
     cg_iters: int = 0
     cg_reason: str = ""
     cg_matvecs: int = 0
+    precond_matvecs: int = 0
     cg_rtol: float = math.nan
     backtrack_iter: int = 0
     step_rate: float = 0.0
@@ -838,17 +841,18 @@ class HessianFree(torch.optim.Optimizer):
         *,
         curv: MatVec,
         g: Tensor,
+        run: _StepRun,
     ) -> Tensor | MatVec | None:
         if self.precond == "auto":  # Nyström for residual blocks' Gauss-Newton, else none
             if not (isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct)):
                 return None
             if self._auto_precond is None:
                 self._auto_precond = NystromPreconditioner()
-            return self._auto_precond(self._curvature_context(product, lam, shift, curv, g))
+            return self._auto_precond(self._curvature_context(product, lam, shift, curv, g, run))
         if self.precond is None:
             return None
         if not getattr(self.precond, "needs_outputs", True):  # curvature products only
-            return self.precond(self._curvature_context(product, lam, shift, curv, g))
+            return self.precond(self._curvature_context(product, lam, shift, curv, g, run))
         if evaluation.outputs is None:
             raise ValueError(
                 "The diagonal empirical-Fisher preconditioner needs per-example information: "
@@ -880,15 +884,27 @@ class HessianFree(torch.optim.Optimizer):
         return self.precond(ctx)
 
     def _curvature_context(
-        self, product: object, lam: float, shift: float | Tensor, curv: MatVec, g: Tensor
+        self,
+        product: object,
+        lam: float,
+        shift: float | Tensor,
+        curv: MatVec,
+        g: Tensor,
+        run: _StepRun,
     ) -> PrecondContext:
-        """A :class:`PrecondContext` with batched undamped products :math:`V(C + \\kappa)`."""
+        """A :class:`PrecondContext` with batched undamped products :math:`V(C + \\kappa)`.
+
+        Its products count in ``StepInfo.precond_matvecs`` and ``time_products``.
+        """
         batched = isinstance(product, CurvatureProduct) and curv is product
         replicated = self.settings.curvature_batch == "replicated"
 
         def products(V: Tensor) -> Tensor:
+            t0 = time.perf_counter()
             out = product.matmat(V) if batched else torch.stack([curv(v) for v in V])
             out = out if replicated else self._avg.mean(out)
+            run.counter.product_time += time.perf_counter() - t0
+            run.report["precond_matvecs"] = run.report.get("precond_matvecs", 0) + V.shape[0]
             return out + V * shift
 
         return PrecondContext(
@@ -1095,7 +1111,7 @@ class HessianFree(torch.optim.Optimizer):
 
         with torch.enable_grad():
             precond = self._preconditioner(
-                evaluation, product, run.params, run.damping, run.l2, curv=curvature, g=g
+                evaluation, product, run.params, run.damping, run.l2, curv=curvature, g=g, run=run
             )
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)
