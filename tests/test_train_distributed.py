@@ -166,6 +166,39 @@ def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path):
     assert list(ranks[1].iterdir()) == []  # rank 1 wrote nothing, not even a directory
 
 
+def test_two_ranks_equal_one_process_with_growing_batches(tmp_path):
+    # 48 cases; batch_multiple 2 keeps every grown batch and curvature batch splittable
+    config = write_config(
+        tmp_path,
+        optimizers=[
+            {"name": "hessianfree", "cg_max_iter": 10, "batch_size": 8, "batch_growth": 1.25,
+             "batch_multiple": 2, "curvature_fraction": 0.5},
+            {"name": "adam", "lr": 0.02, "batch_size": 6, "batch_growth": 1.5,
+             "batch_multiple": 2},
+        ],
+        budget={"steps": 10},
+    )  # fmt: skip
+    ranks = [tmp_path / "rank0", tmp_path / "rank1"]
+    procs = launch(config, ranks, "--out", "run")
+    reference(config, tmp_path / "ref")
+    for code, err in finish(procs):
+        assert code == 0, err
+    assert_same_training(ranks[0] / "run", tmp_path / "ref")
+    records = read_metrics(ranks[0] / "run" / "metrics.jsonl")
+    grown = [(r["optimizer"], r["step"], r["batch_size"]) for r in records]
+    # 8 * 1.25**k and 6 * 1.5**k rounded down to even, at most the 48 cases
+    assert grown == [
+        ("hessianfree", 0, 8), ("hessianfree", 2, 10), ("hessianfree", 4, 14),
+        ("hessianfree", 6, 24), ("hessianfree", 8, 38), ("hessianfree", 10, 48),
+        ("adam", 0, 6), ("adam", 2, 8), ("adam", 4, 20), ("adam", 6, 44),
+        ("adam", 8, 48), ("adam", 10, 48),
+    ]  # fmt: skip
+    assert grown == [
+        (r["optimizer"], r["step"], r["batch_size"])
+        for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    ]
+
+
 # -- faults ----------------------------------------------------------------------------------
 
 
