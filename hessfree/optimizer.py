@@ -684,29 +684,8 @@ class HessianFree(torch.optim.Optimizer):
 
     @property
     def damping(self) -> float:
-        """The current Tikhonov damping :math:`\\lambda`; settable between steps.
-
-        Setting it (a finite number > 0, clipped to ``[min_damping, max_damping]`` as the
-        damping rule's values are) replaces :math:`\\lambda` for the next step, e.g. to rescale
-        it when a caller changes the curvature batch (``experiments/scorecard.py``'s growing
-        batches divide it by the batch ratio when the curvature batch becomes the whole batch).
-        Before the first step under ``damping='auto'`` it also skips the calibration.
-
-        >>> opt = HessianFree([torch.zeros(2, requires_grad=True)], damping=1.0, min_damping=1e-3)
-        >>> opt.damping = 1e-6
-        >>> opt.damping
-        0.001
-        """
+        """The current Tikhonov damping :math:`\\lambda`."""
         return self._global_state()["damping"]
-
-    @damping.setter
-    def damping(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"`damping` must be a number > 0, got {value!r}.")
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"`damping` must be a finite number > 0, got {value!r}.")
-        state = self._global_state()
-        state["damping"] = self.settings.damping_policy().clip(float(value))
 
     def _per_entry(self, layout: ParamLayout, key: str) -> float | Tensor:
         """A group option as a scalar if uniform, else a flat vector over the parameters."""

@@ -954,31 +954,3 @@ def test_uphill_warm_start_is_iterated_on_not_returned(monkeypatch):
     assert info.status == "accepted"
     np.testing.assert_allclose(model.weight.detach().numpy().ravel(), cauchy, rtol=1e-10)
     assert loss_at(cauchy) > kept
-
-
-def test_setting_damping_is_used_by_the_next_step_and_skips_calibration():
-    # the step from 0 on ½xᵀAx − bᵀx with λ set to 3 (not adapted): (A + 3I)⁻¹b (numpy oracle)
-    A, b = _quadratic()
-    x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    opt = HessianFree([x], adapt_damping=False, cg_rtol=1e-14, extrapolate=False)
-    assert math.isnan(opt.damping)  # damping='auto' is calibrated at the first step ...
-    opt.damping = 3.0  # ... unless set
-    opt.step(lambda: 0.5 * x @ A @ x - b @ x)
-    want = np.linalg.solve(A.numpy() + 3.0 * np.eye(6), b.numpy())
-    np.testing.assert_allclose(x.detach().numpy(), want, rtol=1e-9, atol=1e-12)
-    assert opt.last_step.damping == 3.0 and opt.damping == 3.0
-    assert opt.state_dict()["state"][0]["damping"] == 3.0
-
-
-def test_setting_damping_clips_to_the_bounds_and_refuses_bad_values():
-    opt = HessianFree([torch.zeros(2, requires_grad=True)], min_damping=1e-3, max_damping=10.0)
-    opt.damping = 1e-6
-    assert opt.damping == 1e-3
-    opt.damping = 1e3
-    assert opt.damping == 10.0
-    for bad in (0.0, -1.0, math.inf, math.nan):
-        with pytest.raises(ValueError, match=r"`damping` must be a finite number > 0, got"):
-            opt.damping = bad
-    with pytest.raises(TypeError, match=r"`damping` must be a number > 0, got 'auto'"):
-        opt.damping = "auto"
-    assert opt.damping == 10.0
