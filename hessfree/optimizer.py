@@ -67,9 +67,9 @@ Closure styles, fastest first:
 * ``torch.optim.LBFGS`` style (``zero_grad``, ``loss.backward()``, ``return loss``): works
   unchanged and gets exact Hessian products. During the first call of a step the optimizer makes
   ``backward()`` build the gradient with ``create_graph=True`` (``torch.autograd.backward`` is
-  swapped for the duration of that call and restored, also on error; not thread-safe while the
-  call runs), and evaluation calls run the closure's backward too, which costs one backward
-  pass per evaluation that the other styles avoid.
+  hooked for the duration of that call and restored, also on error; calls from other threads
+  pass through unchanged), and evaluation calls run the closure's backward too, which costs one
+  backward pass per evaluation that the other styles avoid.
 
 Dropout and train-mode BatchNorm make every closure call a different function (and each trial
 evaluation updates BatchNorm's running statistics); the first call of each closure is watched
@@ -101,6 +101,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
+from ._autograd_hooks import AutogradHook
 from ._checks import check_number
 from ._flat import ParamLayout
 from ._line_search import armijo, backtrack
@@ -211,6 +212,8 @@ class StepInfo:
             value; ``'monitor'``: the objective rose at a stored iterate,
             ``cg_stop_on_increase``); ``cg_matvecs`` products; ``cg_rtol`` the relative
             residual tolerance :math:`\eta` CG ran with (NaN if it did not run).
+        precond_matvecs: Curvature products the preconditioner spent this step (a
+            :class:`NystromPreconditioner`'s sketch: ``rank`` on the steps that refresh it).
         backtrack_iter: CG iteration of the chosen (backtracked) iterate.
         step_rate: Accepted rate (0 if rejected): the Armijo rate, or a power of 2 above 1
             when ``extrapolate`` doubled the full step.
@@ -235,6 +238,7 @@ class StepInfo:
     cg_iters: int = 0
     cg_reason: str = ""
     cg_matvecs: int = 0
+    precond_matvecs: int = 0
     cg_rtol: float = math.nan
     backtrack_iter: int = 0
     step_rate: float = 0.0
@@ -301,43 +305,29 @@ class _Solution:
     structural_energy: Tensor | None  # structural damping's energy per stored iterate
 
 
-@contextlib.contextmanager
-def _watch_grad() -> Iterator[list[bool]]:
-    """Record whether ``torch.autograd.grad`` is called inside the block; restore after."""
-    called: list[bool] = []
-    original = torch.autograd.grad
+def _create_graph_backward(
+    original, tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
+):
+    return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
 
-    def grad(*args, **kwargs):
-        called.append(True)
-        return original(*args, **kwargs)
 
-    torch.autograd.grad = grad
-    try:
-        yield called
-    finally:
-        torch.autograd.grad = original
+# Hooks for closure parsing (_autograd_hooks: other threads' calls pass through untouched).
+_GRAD_CALLS = AutogradHook("grad", lambda original, *args, **kwargs: original(*args, **kwargs))
+_GRAPH_BACKWARD = AutogradHook("backward", _create_graph_backward)
+
+
+def _watch_grad() -> contextlib.AbstractContextManager[list[bool]]:
+    """Record whether this thread calls ``torch.autograd.grad`` inside the block."""
+    return _GRAD_CALLS.active()
 
 
 @contextlib.contextmanager
 def _backward_builds_graph() -> Iterator[list[bool]]:
-    """Make ``Tensor.backward()`` use ``create_graph=True`` inside the block; restore after."""
-    called: list[bool] = []
-    original = torch.autograd.backward
-
-    def backward(
-        tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
-    ):
-        called.append(True)
-        return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
-
-    torch.autograd.backward = backward
-    try:
-        with warnings.catch_warnings():
-            # The parameter <-> .grad reference cycle it warns about is broken right after.
-            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            yield called
-    finally:
-        torch.autograd.backward = original
+    """Make this thread's ``Tensor.backward()`` use ``create_graph=True`` inside the block."""
+    with _GRAPH_BACKWARD.active() as called, warnings.catch_warnings():
+        # The parameter <-> .grad reference cycle it warns about is broken right after.
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        yield called
 
 
 class HessianFree(torch.optim.Optimizer):
@@ -851,17 +841,18 @@ class HessianFree(torch.optim.Optimizer):
         *,
         curv: MatVec,
         g: Tensor,
+        run: _StepRun,
     ) -> Tensor | MatVec | None:
         if self.precond == "auto":  # Nyström for residual blocks' Gauss-Newton, else none
             if not (isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct)):
                 return None
             if self._auto_precond is None:
                 self._auto_precond = NystromPreconditioner()
-            return self._auto_precond(self._curvature_context(product, lam, shift, curv, g))
+            return self._auto_precond(self._curvature_context(product, lam, shift, curv, g, run))
         if self.precond is None:
             return None
         if not getattr(self.precond, "needs_outputs", True):  # curvature products only
-            return self.precond(self._curvature_context(product, lam, shift, curv, g))
+            return self.precond(self._curvature_context(product, lam, shift, curv, g, run))
         if evaluation.outputs is None:
             raise ValueError(
                 "The diagonal empirical-Fisher preconditioner needs per-example information: "
@@ -893,15 +884,27 @@ class HessianFree(torch.optim.Optimizer):
         return self.precond(ctx)
 
     def _curvature_context(
-        self, product: object, lam: float, shift: float | Tensor, curv: MatVec, g: Tensor
+        self,
+        product: object,
+        lam: float,
+        shift: float | Tensor,
+        curv: MatVec,
+        g: Tensor,
+        run: _StepRun,
     ) -> PrecondContext:
-        """A :class:`PrecondContext` with batched undamped products :math:`V(C + \\kappa)`."""
+        """A :class:`PrecondContext` with batched undamped products :math:`V(C + \\kappa)`.
+
+        Its products count in ``StepInfo.precond_matvecs`` and ``time_products``.
+        """
         batched = isinstance(product, CurvatureProduct) and curv is product
         replicated = self.settings.curvature_batch == "replicated"
 
         def products(V: Tensor) -> Tensor:
+            t0 = time.perf_counter()
             out = product.matmat(V) if batched else torch.stack([curv(v) for v in V])
             out = out if replicated else self._avg.mean(out)
+            run.counter.product_time += time.perf_counter() - t0
+            run.report["precond_matvecs"] = run.report.get("precond_matvecs", 0) + V.shape[0]
             return out + V * shift
 
         return PrecondContext(
@@ -1108,7 +1111,7 @@ class HessianFree(torch.optim.Optimizer):
 
         with torch.enable_grad():
             precond = self._preconditioner(
-                evaluation, product, run.params, run.damping, run.l2, curv=curvature, g=g
+                evaluation, product, run.params, run.damping, run.l2, curv=curvature, g=g, run=run
             )
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)

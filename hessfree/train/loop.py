@@ -4,7 +4,11 @@ The optimizers of a config run one after another, each from the same initial wei
 once from ``seed``) and on the same data order (a per-optimizer ``torch.Generator`` seeded
 with ``seed`` draws each epoch's permutation). A step takes the next ``batch_size`` cases of
 the permutation (an epoch's remainder smaller than a batch is skipped); HF's curvature batch is
-the first ``curvature_batch_size`` cases of that gradient batch.
+the first ``curvature_batch_size`` cases of that gradient batch, or its ``curvature_fraction``.
+With ``batch_growth`` > 1 the batch of step ``k`` of an entry (or phase) is ``batch_size *
+batch_growth**k`` cases, rounded down to a multiple of ``batch_multiple``, at most
+``batch_max`` (:func:`~hessfree.train.stepping.batch_sizes`): a function of the step count,
+so resume and data-parallel runs take the same sizes as one uninterrupted process.
 
 Run directory (default ``<output.dir>/<name>-<YYYYmmdd-HHMMSS>/``)::
 
@@ -26,7 +30,8 @@ the run with status ``interrupted`` (the CLI exits with 128 + the signal number:
 second signal abandons the step at once; the previous checkpoint stays valid.
 
 Under ``torchrun --nproc_per_node=N`` the run is data-parallel (:mod:`hessfree.train.parallel`):
-every rank takes an equal slice of each batch (batch sizes must be multiples of N), the step
+every rank takes an equal slice of each batch (batch sizes must be multiples of N; a growing
+batch's ``batch_multiple`` must be one), the step
 equals a one-process step on the whole batch, decisions are agreed once per step, and rank 0
 alone evaluates and writes the run directory; the other ranks write nothing. A signal caught by
 any rank stops every rank after the step in which the ranks agree on it. ``--resume`` needs the
@@ -81,7 +86,7 @@ from hessfree.train.rundir import (
     prepare_run_dir,
     run_dir_problems,
 )
-from hessfree.train.stepping import batch_sizes, converged, take_step
+from hessfree.train.stepping import batch_sizes, converged, describe_batches, take_step
 
 __all__ = [
     "Runner",
@@ -142,6 +147,7 @@ class StepEvent:
     epoch: float
     seconds: float
     batch_loss: float
+    batch_size: int = 0  # the gradient batch of the step (it varies under `batch_growth`)
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,11 @@ def _data_problems(
                 f"`{path}` ({opt.label}): batch_size {bs} exceeds the {n} "
                 f"training cases of {ds.name!r}."
             )
+        if opt.batch_max is not None and opt.batch_max > n:
+            problems.append(
+                f"`{path}.batch_max` = {opt.batch_max} ({opt.label}) exceeds the {n} training "
+                f"cases of {ds.name!r}; use at most {n}, or null for the whole training set."
+            )
         if not curvature_batch_fits(opt, n):
             problems.append(
                 f"`{path}` ({opt.label}): curvature_batch_size "
@@ -203,6 +214,18 @@ def _data_problems(
         sizes = [("batch_size", bs, whole)]
         if opt.curvature_batch_size is not None and opt.curvature_batch_size < bs:
             sizes.append(("curvature_batch_size", opt.curvature_batch_size, ""))
+        if opt.growing:  # every grown batch and curvature batch is a multiple of it
+            sizes.append(("batch_multiple", opt.batch_multiple, " (growing batches round to it)"))
+        elif opt.curvature_fraction is not None and world_size > 1:
+            c = batch_sizes(opt, n, False)[1]
+            replicated = opt.hyperparameters.get("curvature_batch") == "replicated"
+            if c is not None and c % world_size and not replicated:
+                problems.append(
+                    f"`{path}` ({opt.label}): curvature_fraction {opt.curvature_fraction:g} of "
+                    f"batch_size {bs} is {c} cases, not a multiple of the {world_size} "
+                    "processes; each rank takes an equal slice. Choose a fraction that gives a "
+                    "multiple, or curvature_batch_size."
+                )
         for key, size, note in sizes:
             if world_size > 1 and size % world_size:
                 low = size - size % world_size
@@ -262,10 +285,13 @@ class _Training:
     replicated: bool = False
     bar: Any = None
 
-    def use(self, leaf: OptimizerConfig, n: int, distributed: bool) -> None:
-        """Take the steps with ``leaf`` from now on (its batch sizes with it)."""
+    def use(self, leaf: OptimizerConfig, n: int, distributed: bool, step: int = 0) -> None:
+        """Take the steps with ``leaf`` from now on, with its batch sizes of step ``step``
+        (counted from the start of the entry or phase: a growing batch's position)."""
         self.leaf = leaf
-        self.batch_size, self.curvature_size, self.replicated = batch_sizes(leaf, n, distributed)
+        self.batch_size, self.curvature_size, self.replicated = batch_sizes(
+            leaf, n, distributed, step
+        )
 
 
 class Runner:
@@ -530,8 +556,7 @@ class Runner:
 
         self._say(
             f"[{index + 1}/{len(cfg.optimizers)}] {spec.label} ({spec.name}): "
-            f"batch {t.batch_size}"
-            + (f", curvature batch {t.curvature_size}" if t.curvature_size else "")
+            + describe_batches(t.leaf, self.x_train.shape[0])
         )
         t.bar = tqdm(
             total=spec.budget.steps,
@@ -657,7 +682,11 @@ class Runner:
                 st.hf = hf_diagnostics(t.optimizer)
             t.bar.update(1)
             if self.on_step is not None:
-                self.on_step(StepEvent(spec.label, st.step, st.cases / n, st.seconds, batch_loss))
+                self.on_step(
+                    StepEvent(
+                        spec.label, st.step, st.cases / n, st.seconds, batch_loss, t.batch_size
+                    )
+                )
 
             if not math.isfinite(batch_loss):
                 reason = RunStop.DIVERGED
@@ -698,15 +727,21 @@ class Runner:
         self._save(t)
         self._say(
             f"    {spec.label}: phase {st.phase + 1}/{len(spec.phases)} "
-            f"({t.leaf.name}) from step {st.step}, batch {t.batch_size}"
+            f"({t.leaf.name}) from step {st.step}, "
+            + describe_batches(t.leaf, self.x_train.shape[0])
         )
 
     def _next_batch(
         self, t: _Training
     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
         """This rank's slice of the next gradient batch, and of HF's curvature batch (the
-        first ``curvature_size`` cases of the gradient batch; None: the gradient batch)."""
+        first ``curvature_size`` cases of the gradient batch; None: the gradient batch).
+
+        The sizes are those of the step's place in the entry's (or phase's) schedule: a
+        function of the step count, which a checkpoint restores, so a resumed run and every
+        rank take the same sizes."""
         st, group, n = t.st, self.group, self.x_train.shape[0]
+        t.use(t.leaf, n, group.active, st.in_phase().step)
         # Every optimizer draws the same permutations: its data_gen is seeded alike.
         # Every rank draws the same batch and takes its slice (all of it in one process).
         if st.perm is None or st.position + t.batch_size > n:
@@ -763,6 +798,8 @@ class Runner:
             **evaluate(self.model, self.objective, self.eval_sets, self.config.eval.batch_size),
             **st.hf,
         }
+        if t.leaf.growing:  # the gradient batch of the last step (of the next, at step 0)
+            record["batch_size"] = t.batch_size
         if spec.phases:  # which phase took the steps up to here (plots mark the switches)
             record["phase"] = st.phase
             record["phase_name"] = spec.phases[st.phase].name

@@ -19,6 +19,10 @@ Layout of a config (every key optional unless marked)::
     optimizers:                       # required, one or more
       - {name: hessianfree, damping: 1.0, ...}   # every HessianFree keyword argument
       - {name: adam, lr: 1.0e-3, label: adam-fast, batch_size: 128, budget: {steps: 5000}}
+      - {name: hessianfree, label: hf-grow, batch_size: 250,   # growing batches: step k
+         batch_growth: 1.1, batch_max: null,     # takes floor(250 * 1.1**k) cases, at most
+         batch_multiple: 1,                      # batch_max (null: all), rounded down to a
+         curvature_fraction: 0.25}               # multiple; curvature on 1/4 of each batch
       - label: adam-then-hf           # phases: optimizers in sequence on the same weights,
         phases:                       # each phase's budget counted from its start; the
           - {name: adam, lr: 1.0e-3, budget: {steps: 500}}   # entry's budget (here the

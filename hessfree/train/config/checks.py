@@ -209,6 +209,12 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
                     f"{cfg.data.name!r} ({entry_path}, {opt.label}); use at most {n}, or null "
                     "for the whole training set."
                 )
+            if opt.batch_max is not None and opt.batch_max > n:
+                problems.append(
+                    f"`{entry_path}.batch_max` = {opt.batch_max} exceeds the {n} training "
+                    f"cases of {cfg.data.name!r} ({opt.label}); use at most {n}, or null for "
+                    "the whole training set."
+                )
             if opt.batch_size is None and not curvature_batch_fits(opt, n):
                 problems.append(
                     f"`{entry_path}.curvature_batch_size` = {opt.curvature_batch_size} "

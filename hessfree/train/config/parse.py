@@ -9,6 +9,7 @@ command-line overrides first.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,104 @@ def _batch_key(
     return default if value is _INVALID else value
 
 
+def _schedule(
+    raw: Mapping[str, Any],
+    name: str,
+    batch_size: int | None,
+    curvature_batch_size: int | None,
+    path: str,
+    problems: list[str],
+) -> dict[str, Any]:
+    """An entry's batch schedule (``batch_growth``, ``batch_max``, ``batch_multiple``,
+    ``curvature_fraction``) as :class:`OptimizerConfig` fields, every conflict refused.
+
+    Returns the fields to set, with ``curvature_batch_size`` None when a fraction replaces it.
+    ``batch_size`` 0: the entry's batch_size was refused; nothing is compared with it.
+    """
+    out: dict[str, Any] = {}
+    before = len(problems)
+
+    def refuse(key: str, allowed: str) -> None:
+        problems.append(f"`{path}.{key}` = {_show(raw[key])}: {allowed}.")
+
+    if "batch_growth" in raw:
+        g = raw["batch_growth"]
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (1.0 <= g < math.inf):
+            refuse(
+                "batch_growth",
+                "must be a finite number >= 1, the factor the batch grows by per step "
+                "(1: a fixed batch)",
+            )
+        else:
+            out["batch_growth"] = float(g)
+    for key, meaning in (
+        ("batch_max", "the largest growing batch; null: the whole training set"),
+        ("batch_multiple", "growing batches are rounded down to a multiple of it"),
+    ):
+        if key not in raw or (key == "batch_max" and raw[key] is None):
+            continue
+        v = raw[key]
+        if isinstance(v, float) and v.is_integer() and abs(v) <= 2**53:
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            null = " or null" if key == "batch_max" else ""
+            refuse(key, f"must be an integer >= 1{null} ({meaning})")
+        else:
+            out[key] = v
+    if "curvature_fraction" in raw and raw["curvature_fraction"] is not None:
+        f = raw["curvature_fraction"]
+        if name != "hessianfree":
+            problems.append(
+                f"`{path}.curvature_fraction` only applies to 'hessianfree', not {name!r}."
+            )
+        elif "curvature_batch_size" in raw and raw["curvature_batch_size"] is not None:
+            problems.append(
+                f"`{path}.curvature_fraction` = {_show(f)} and `{path}.curvature_batch_size` = "
+                f"{_show(raw['curvature_batch_size'])} both set the curvature batch; keep one."
+            )
+        elif isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            refuse(
+                "curvature_fraction",
+                "must be a number in (0, 1], the curvature batch's share of the gradient batch "
+                "(or null: use curvature_batch_size)",
+            )
+        else:
+            out["curvature_fraction"] = float(f)
+            out["curvature_batch_size"] = None
+    if len(problems) > before:
+        return {}
+    growth = out.get("batch_growth", 1.0)
+    multiple = out.get("batch_multiple", 1)
+    if growth == 1.0:
+        for key in ("batch_max", "batch_multiple"):
+            if key in out:
+                problems.append(
+                    f"`{path}.{key}` = {out[key]} only applies to a growing batch; set "
+                    f"`{path}.batch_growth` > 1 or remove `{key}`."
+                )
+    elif batch_size == 0:  # batch_size itself was refused
+        pass
+    elif batch_size is None:
+        problems.append(
+            f"`{path}.batch_growth` = {growth!r} grows `batch_size` from step to step, but "
+            "batch_size is null (the whole training set); set the starting batch_size."
+        )
+    else:
+        if out.get("batch_max") is not None and out["batch_max"] < batch_size:
+            problems.append(
+                f"`{path}.batch_max` = {out['batch_max']} is below the starting batch_size "
+                f"{batch_size}; use at least {batch_size}, or null for the whole training set."
+            )
+        if batch_size % multiple:
+            low = batch_size - batch_size % multiple
+            problems.append(
+                f"`{path}.batch_size` = {batch_size} is not a multiple of `{path}.batch_multiple`"
+                f" = {multiple}; use {low or multiple} or {low + multiple}."
+            )
+    out.setdefault("curvature_batch_size", curvature_batch_size)
+    return {} if len(problems) > before else out
+
+
 def _merge_budget(base: BudgetConfig, raw: Any, path: str, problems: list[str]) -> BudgetConfig:
     if raw is None:
         return base
@@ -152,6 +251,10 @@ def _parse_phased(
         curvature_batch_size=first.curvature_batch_size,
         budget=_merge_budget(top.budget, raw.get("budget"), f"{path}.budget", problems),
         phases=tuple(phases),
+        batch_growth=first.batch_growth,
+        batch_max=first.batch_max,
+        batch_multiple=first.batch_multiple,
+        curvature_fraction=first.curvature_fraction,
     )
 
 
@@ -169,7 +272,9 @@ def _parse_optimizer(
     if name is None:
         return None
     label = _check_label(raw.get("label", name), name, path, problems)
+    before = len(problems)
     batch_size = _batch_key(raw, "batch_size", top.batch_size, path, problems)
+    batch_size_ok = len(problems) == before  # else the schedule is not compared with it
     curvature_batch_size = top.curvature_batch_size if name == "hessianfree" else None
     if "curvature_batch_size" in raw and name != "hessianfree":
         problems.append(
@@ -179,6 +284,10 @@ def _parse_optimizer(
         curvature_batch_size = _batch_key(
             raw, "curvature_batch_size", curvature_batch_size, path, problems
         )
+    schedule = _schedule(
+        raw, name, batch_size if batch_size_ok else 0, curvature_batch_size, path, problems
+    )
+    curvature_batch_size = schedule.pop("curvature_batch_size", curvature_batch_size)
     budget = _merge_budget(top.budget, raw.get("budget"), f"{path}.budget", problems)
 
     if name == "hessianfree":
@@ -203,6 +312,7 @@ def _parse_optimizer(
         batch_size=batch_size,
         curvature_batch_size=curvature_batch_size,
         budget=budget,
+        **schedule,
     )
 
 

@@ -361,7 +361,9 @@ _TORCH_OPTIMIZERS: dict[str, type] = {
 }
 #: Optimizer names a config may use.
 OPTIMIZER_NAMES = ("hessianfree", "adam", "sgd", "lbfgs")
-_ENTRY_KEYS = ("name", "label", "batch_size", "curvature_batch_size", "budget")
+#: The batch schedule's keys of an entry (:func:`hessfree.train.stepping.batch_sizes`).
+_SCHEDULE_KEYS = ("batch_growth", "batch_max", "batch_multiple", "curvature_fraction")
+_ENTRY_KEYS = ("name", "label", "batch_size", "curvature_batch_size", *_SCHEDULE_KEYS, "budget")
 _PHASED_KEYS = ("phases", "label", "budget")
 
 
@@ -381,7 +383,16 @@ class OptimizerConfig:
         phases: Optimizers run one after another on the same weights (``Adam for N steps,
             then HessianFree``); empty for a plain entry. Each phase is a complete entry
             with its own budget; ``name`` is then the phases' names joined by ``+`` and the
-            fields above other than ``label`` and ``budget`` are those of the first phase.
+            fields other than ``label`` and ``budget`` are those of the first phase.
+        batch_growth: Growing batches (Friedlander & Schmidt 2012; Byrd, Chin, Nocedal & Wu
+            2012): step ``k`` of the entry (or phase) takes ``batch_size * batch_growth**k``
+            cases, rounded down, at most ``batch_max``; 1: a fixed batch.
+        batch_max: The largest growing batch; ``None`` is the whole training set.
+        batch_multiple: Growing batches are rounded down to a multiple of this (a data-parallel
+            run needs multiples of its process count).
+        curvature_fraction: HF only, instead of ``curvature_batch_size``: the curvature batch
+            is this fraction of the gradient batch (rounded, at least ``batch_multiple``); a
+            growing batch that has become the whole training set takes all of it.
     """
 
     name: str
@@ -391,6 +402,15 @@ class OptimizerConfig:
     curvature_batch_size: int | None
     budget: BudgetConfig
     phases: tuple[OptimizerConfig, ...] = ()
+    batch_growth: float = 1.0
+    batch_max: int | None = None
+    batch_multiple: int = 1
+    curvature_fraction: float | None = None
+
+    @property
+    def growing(self) -> bool:
+        """Whether the gradient batch grows from step to step."""
+        return self.batch_growth > 1.0
 
     @property
     def leaves(self) -> tuple[OptimizerConfig, ...]:

@@ -162,8 +162,17 @@ def _entry(opt: OptimizerConfig, plain: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": opt.name, "label": opt.label}
     entry.update(plain(opt.hyperparameters))
     entry["batch_size"] = opt.batch_size
+    # Schedule keys only when set: configs without them keep the digests they had.
+    if opt.growing:
+        entry["batch_growth"] = opt.batch_growth
+        entry["batch_max"] = opt.batch_max
+        if opt.batch_multiple != 1:
+            entry["batch_multiple"] = opt.batch_multiple
     if opt.name == "hessianfree":
-        entry["curvature_batch_size"] = opt.curvature_batch_size
+        if opt.curvature_fraction is not None:
+            entry["curvature_fraction"] = opt.curvature_fraction
+        else:
+            entry["curvature_batch_size"] = opt.curvature_batch_size
     entry["budget"] = plain(opt.budget)
     return entry
 
