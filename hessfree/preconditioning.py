@@ -408,6 +408,7 @@ class KFACPreconditioner:
         self._hooks = [m.register_forward_hook(self._record) for m in layers]
         self.factors: list[tuple[Tensor, Tensor]] | None = None  # (A, G) per layer
         self.eigen: list[tuple[_Side, _Side]] | None = None  # per layer: (A's, G's)
+        self._floors: list[Tensor] = []  # per layer: the damping floor
         self._calls = 0
 
     def __repr__(self) -> str:
@@ -507,6 +508,11 @@ class KFACPreconditioner:
             (self._eigen(A, pa), self._eigen(G, pg))
             for (A, G), (pa, pg) in zip(self.factors, previous, strict=True)
         ]
+        # the floor: relative_damping times the mean eigenvalue of G ⊗ A (kept on the device)
+        self._floors = [
+            self.relative_damping * _mean_eigenvalue(G) * _mean_eigenvalue(A)
+            for A, G in self.factors
+        ]
 
     def _second_moment(self, rows: Tensor, count: int) -> Tensor:
         r""":math:`\sum_i x_i x_i^\top / c` over the rows, only its diagonal above ``max_dense``."""
@@ -567,8 +573,9 @@ class KFACPreconditioner:
             offsets.append(offsets[-1] + p.numel())
         index = {id(p): i for i, p in enumerate(params)}
         plan = []
-        for layer, (side_a, side_g), (A, G) in zip(
-            self.layers, self.eigen, self.factors, strict=True
+        covered = 0
+        for layer, (side_a, side_g), floor in zip(
+            self.layers, self.eigen, self._floors, strict=True
         ):
             iw = index.get(id(layer.weight))
             ib = None if layer.bias is None else index.get(id(layer.bias))
@@ -577,26 +584,32 @@ class KFACPreconditioner:
                     f"KFACPreconditioner: the parameters of {layer} are not all among the "
                     "optimizer's; pass the model the optimizer trains."
                 )
-            mean_g = float(G.mean() if G.dim() == 1 else G.diagonal().mean())
-            mean_a = float(A.mean() if A.dim() == 1 else A.diagonal().mean())
-            m = mu + self.relative_damping * mean_g * mean_a
-            plan.append((iw, ib, _KronSolve(side_g, side_a, m), layer.weight.shape[0]))
+            w = slice(offsets[iw], offsets[iw + 1])
+            b = None if ib is None else slice(offsets[ib], offsets[ib + 1])
+            covered += layer.weight.numel() + (0 if ib is None else layer.bias.numel())
+            # the floor stays a tensor: no host read per call
+            solve = _KronSolve(side_g, side_a, floor + mu, layer.weight.shape[1])
+            plan.append((w, b, solve, layer.weight.shape))
+        whole = covered == offsets[-1]
 
         def apply(r: Tensor) -> Tensor:
-            z = r.clone()
-            for iw, ib, solve, out in plan:
-                V = r[offsets[iw] : offsets[iw + 1]].view(out, -1)
-                if ib is not None:
-                    V = torch.cat([V, r[offsets[ib] : offsets[ib + 1]].view(out, 1)], 1)
-                Z = solve(V)
-                if ib is None:
-                    z[offsets[iw] : offsets[iw + 1]] = Z.reshape(-1)
-                else:
-                    z[offsets[iw] : offsets[iw + 1]] = Z[:, :-1].reshape(-1)
-                    z[offsets[ib] : offsets[ib + 1]] = Z[:, -1]
+            # the weights and the bias of [W, b] are solved in place, without concatenation
+            z = torch.empty_like(r) if whole else r.clone()
+            for w, b, solve, shape in plan:
+                solve(
+                    r[w].view(shape),
+                    None if b is None else r[b],
+                    z[w].view(shape),
+                    None if b is None else z[b],
+                )
             return z
 
         return apply
+
+
+def _mean_eigenvalue(factor: Tensor) -> Tensor:
+    """The mean eigenvalue of a factor (dense, or its diagonal), a 0-dim tensor."""
+    return factor.mean() if factor.dim() == 1 else factor.diagonal().mean()
 
 
 class _RightSolve:
@@ -605,27 +618,53 @@ class _RightSolve:
 
     A truncated right factor (top eigenpairs :math:`Q, s` and the value :math:`\sigma` on the
     rest) costs one projection and one lift: with :math:`c = 1/(g\sigma + \mu)`,
-    :math:`Y = c X + [(XQ) \odot (1/(g s^\top + \mu) - c)] Q^\top`.
+    :math:`Y = c X + [(XQ) \odot (1/(g s^\top + \mu) - c)] Q^\top`. The rows
+    :math:`X = [X_w, x_b]` come split into the weights' columns (the first ``d_in``) and the
+    bias column (``None`` without a bias), and so do the results.
     """
 
-    def __init__(self, g: Tensor, side: _Side, mu: float) -> None:
+    def __init__(self, g: Tensor, side: _Side, mu: float | Tensor, d_in: int) -> None:
         Q, values, rest = side
         g = g.reshape(-1, 1)
-        self.Q = Q
-        self.QT = None if Q is None else Q.T.contiguous()
         self.S = torch.reciprocal(g * values + mu)
         self.c = None
         if rest is not None:
             self.c = torch.reciprocal(g * rest + mu)
             self.S = self.S - self.c
+        self.Q = Q
+        if Q is None:  # diagonal: the grid splits by columns
+            self.Sw, self.sb = self.S[:, :d_in], self.S[:, d_in:].reshape(-1)
+        else:
+            self.Qw, self.qb = Q[:d_in], Q[d_in:].reshape(-1)
+            self.QTw = self.Qw.T.contiguous()
+            self.cb = None if self.c is None else self.c.reshape(-1)
 
-    def __call__(self, X: Tensor) -> Tensor:
+    def __call__(
+        self,
+        Xw: Tensor,
+        xb: Tensor | None,
+        out_w: Tensor | None = None,
+        out_b: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         if self.Q is None:
-            return X * self.S
-        P = torch.mm(X, self.Q).mul_(self.S)
+            Yw = torch.mul(Xw, self.Sw) if out_w is None else torch.mul(Xw, self.Sw, out=out_w)
+            if xb is None:
+                return Yw, None
+            yb = torch.mul(xb, self.sb) if out_b is None else torch.mul(xb, self.sb, out=out_b)
+            return Yw, yb
+        P = torch.mm(Xw, self.Qw)
+        if xb is not None:
+            P.addr_(xb, self.qb)
+        P.mul_(self.S)
         if self.c is None:
-            return torch.mm(P, self.QT)
-        return torch.addmm(X * self.c, P, self.QT)
+            Yw = torch.mm(P, self.QTw) if out_w is None else torch.mm(P, self.QTw, out=out_w)
+            yb = None
+            if xb is not None:
+                yb = torch.mv(P, self.qb) if out_b is None else torch.mv(P, self.qb, out=out_b)
+            return Yw, yb
+        Yw = torch.addmm(Xw * self.c, P, self.QTw, out=out_w)
+        yb = None if xb is None else torch.addmv(xb * self.cb, P, self.qb, out=out_b)
+        return Yw, yb
 
 
 class _KronSolve:
@@ -635,19 +674,32 @@ class _KronSolve:
     :math:`Q`, value :math:`\sigma` on the complement) splits :math:`V` into
     :math:`QQ^\top V` and the rest: with :math:`R_g` the right solve for row eigenvalue
     :math:`g`, the result is :math:`Q[R_s(Q^\top V) - R_\sigma(Q^\top V)] + R_\sigma(V)`.
+    :math:`V = [V_w, v_b]` comes as the weights and the bias (``None`` without one), each a view
+    of the flat vector, and the result is written into ``out_w`` and ``out_b``.
     """
 
-    def __init__(self, side_g: _Side, side_a: _Side, mu: float) -> None:
+    def __init__(self, side_g: _Side, side_a: _Side, mu: float | Tensor, d_in: int) -> None:
         Q, values, rest = side_g
         self.Q = Q
         self.QT = None if Q is None else Q.T.contiguous()
-        self.top = _RightSolve(values, side_a, mu)
-        self.rest = None if rest is None else _RightSolve(rest, side_a, mu)
+        self.top = _RightSolve(values, side_a, mu, d_in)
+        self.rest = None if rest is None else _RightSolve(rest, side_a, mu, d_in)
 
-    def __call__(self, V: Tensor) -> Tensor:
+    def __call__(self, Vw: Tensor, vb: Tensor | None, out_w: Tensor, out_b: Tensor | None) -> None:
         if self.Q is None:
-            return self.top(V)
-        X = torch.mm(self.QT, V)
+            self.top(Vw, vb, out_w, out_b)
+            return
+        Xw = torch.mm(self.QT, Vw)
+        xb = None if vb is None else torch.mv(self.QT, vb)
+        Tw, tb = self.top(Xw, xb)
         if self.rest is None:
-            return torch.mm(self.Q, self.top(X))
-        return torch.addmm(self.rest(V), self.Q, self.top(X).sub_(self.rest(X)))
+            torch.mm(self.Q, Tw, out=out_w)
+            if vb is not None:
+                torch.mv(self.Q, tb, out=out_b)
+            return
+        Rw, rb = self.rest(Xw, xb)
+        Tw.sub_(Rw)
+        self.rest(Vw, vb, out_w, out_b)  # the complement's part, written in place
+        out_w.addmm_(self.Q, Tw)
+        if vb is not None:
+            out_b.addmv_(self.Q, tb.sub_(rb))

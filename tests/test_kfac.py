@@ -72,9 +72,10 @@ def _layer_perm(layer: nn.Linear) -> np.ndarray:
     return idx.reshape(-1)
 
 
-def test_one_linear_layer_equals_the_dense_damped_inverse_of_the_true_ggn():
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_linear_layer_equals_the_dense_damped_inverse_of_the_true_ggn(bias):
     x, y = _data()
-    model = nn.Linear(3, 2).to(DTYPE)
+    model = nn.Linear(3, 2, bias=bias).to(DTYPE)
     K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0)
     mu = 0.3
     ctx, params = _context(model, x, y, F.mse_loss, mu)
@@ -246,3 +247,27 @@ def test_probe_factor_has_the_exact_diagonal_for_squared_error(num_probes):
     torch.testing.assert_close(exact.factors[0][1], torch.eye(4, dtype=DTYPE) * 5 * 2 / 20)
     torch.testing.assert_close(probed.factors[0][1].diagonal(), exact.factors[0][1].diagonal())
     torch.testing.assert_close(probed.factors[0][0], exact.factors[0][0])
+
+
+def test_parameters_outside_the_layers_pass_through():
+    """A parameter of no nn.Linear layer is left as it is (z = r there), and a layer without a
+    bias next to one with a bias gets the dense inverse of its own factors' Kronecker product."""
+    x, y = _data(n=9, d_in=4, d_out=3, seed=10)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+    K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0)
+    mu = 0.2
+    ctx, params = _context(model, x, y, F.mse_loss, mu)
+    K(ctx)
+    extra = torch.zeros(3, dtype=DTYPE)  # e.g. a scale the optimizer also trains
+    apply = K.apply_with([extra, *params], mu)
+    r = torch.from_numpy(np.random.default_rng(4).standard_normal(3 + 20 + 18))
+    z = apply(r)
+    torch.testing.assert_close(z[:3], r[:3])
+    offset = 3
+    for layer, (A, G) in zip(K.layers, K.factors, strict=True):
+        M = np.kron(G.numpy(), A.numpy()) + mu * np.eye(A.shape[0] * G.shape[0])
+        pos = offset + _layer_perm(layer)
+        expected = np.linalg.solve(M, r.numpy()[pos])
+        torch.testing.assert_close(z[torch.from_numpy(pos)], torch.from_numpy(expected))
+        offset += pos.size

@@ -587,7 +587,7 @@ class Runner:
         leaf = spec.leaves[phase]
         model.load_state_dict(self.initial_state)
         model.train()
-        optimizer = build_optimizer(leaf, model.parameters())
+        optimizer = build_optimizer(leaf, model.parameters(), model)
         torch.manual_seed(cfg.seed)
         data_gen = torch.Generator().manual_seed(cfg.seed)
         t = _Training(index, spec, leaf, optimizer, data_gen, Progress())
@@ -723,7 +723,7 @@ class Runner:
         st.phase_start = (st.step, st.cases, st.seconds)
         st.hf = {}
         t.use(spec.phases[st.phase], self.x_train.shape[0], self.group.active)
-        t.optimizer = build_optimizer(t.leaf, self.model.parameters())
+        t.optimizer = build_optimizer(t.leaf, self.model.parameters(), self.model)
         self._save(t)
         self._say(
             f"    {spec.label}: phase {st.phase + 1}/{len(spec.phases)} "

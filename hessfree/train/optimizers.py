@@ -9,7 +9,8 @@ are the constructors' keyword arguments.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -28,14 +29,32 @@ def hessianfree_class() -> type:
     return HessianFree
 
 
-def build_optimizer(spec: OptimizerConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
+# The K-FAC preconditioner whose forward hooks are on a model, removed when the model's next
+# optimizer is built (a later phase or entry), so stale hooks never record its forward passes.
+_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def build_optimizer(
+    spec: OptimizerConfig, params: Iterable[Tensor], model: torch.nn.Module | None = None
+) -> torch.optim.Optimizer:
     """Construct the optimizer of one config entry over ``params``.
 
+    ``precond: {name: kfac, ...}`` (checked by the config) builds a
+    :class:`hessfree.KFACPreconditioner` on ``model``'s ``nn.Linear`` layers with the given
+    options.
+
     Raises:
-        ValueError: Unknown optimizer name.
+        ValueError: Unknown optimizer name; K-FAC without a ``model`` or on a model without
+            ``nn.Linear`` layers.
     """
+    if model is not None and model in _HOOKED:
+        _HOOKED.pop(model).remove()
     kwargs = dict(spec.hyperparameters)
     if spec.name == "hessianfree":
+        precond = kwargs.get("precond")
+        if isinstance(precond, Mapping) and precond.get("name") == "kfac":
+            kwargs["precond"] = _kfac(precond, model)
+            _HOOKED[model] = kwargs["precond"]
         return hessianfree_class()(params, **kwargs)
     if spec.name == "adam":
         kwargs["betas"] = tuple(kwargs["betas"])
@@ -47,6 +66,19 @@ def build_optimizer(spec: OptimizerConfig, params: Iterable[Tensor]) -> torch.op
     raise ValueError(
         f"Unknown optimizer {spec.name!r}; expected 'hessianfree', 'adam', 'sgd' or 'lbfgs'."
     )
+
+
+def _kfac(options: Mapping[str, Any], model: torch.nn.Module | None) -> Any:
+    from hessfree import KFACPreconditioner  # noqa: PLC0415
+
+    if model is None:
+        raise ValueError("precond: kfac needs the model whose nn.Linear layers it preconditions.")
+    if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
+        raise ValueError(
+            f"precond: kfac preconditions nn.Linear layers, but the model ({type(model).__name__})"
+            " has none; use precond: martens, nystrom or null."
+        )
+    return KFACPreconditioner(model, **{k: v for k, v in options.items() if k != "name"})
 
 
 def hf_diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -55,8 +55,11 @@ def check_hessianfree(raw: Mapping[str, Any], path: str, problems: list[str]) ->
     defaults = {k: v for k, v in settings.defaults().items() if k not in settings.PYTHON_ONLY}
     allowed = list(_ENTRY_KEYS) + list(defaults)
     given: dict[str, Any] = {}
+    # precond: kfac (with options) is the runner's: it needs the model, so it is built there
+    is_kfac = _is_kfac(raw.get("precond"))
+    kfac = check_kfac(raw["precond"], _path(path, "precond"), problems) if is_kfac else None
     for key, value in raw.items():
-        if key in _ENTRY_KEYS:
+        if key in _ENTRY_KEYS or (key == "precond" and is_kfac):
             continue
         if key not in defaults:
             problems.append(_unknown_key(path, key, allowed))
@@ -90,4 +93,64 @@ def check_hessianfree(raw: Mapping[str, Any], path: str, problems: list[str]) ->
                 given[key] = number
     resolved = {k: v for k, v in defaults.items() if _plain(v)}
     resolved.update(given)
+    if kfac is not None:
+        resolved["precond"] = kfac
     return resolved
+
+
+#: The options of ``precond: {name: kfac, ...}``: :class:`hessfree.KFACPreconditioner`'s
+#: keyword arguments (the model is the run's).
+KFAC_OPTIONS = ("refresh", "decay", "num_probes", "relative_damping", "max_dense", "rank")
+
+
+def _is_kfac(value: Any) -> bool:
+    return value == "kfac" or (isinstance(value, Mapping) and value.get("name") == "kfac")
+
+
+def check_kfac(value: Any, path: str, problems: list[str]) -> dict[str, Any] | None:
+    """Validate ``precond: kfac`` or ``precond: {name: kfac, <option>: ...}``.
+
+    Returns ``{'name': 'kfac', <option>: value, ...}`` with every option filled in (the
+    :class:`hessfree.KFACPreconditioner` defaults), or ``None`` after adding a problem.
+
+    >>> check_kfac({"name": "kfac", "rank": 16}, "optimizers[0].precond", [])["rank"]
+    16
+    >>> problems = []
+    >>> check_kfac({"name": "kfac", "rank": 0}, "optimizers[0].precond", problems)
+    >>> problems  # doctest: +ELLIPSIS
+    ['`optimizers[0].precond.rank` = 0: `rank` must be an int >= 1...']
+    """
+    import torch  # noqa: PLC0415
+
+    from hessfree import KFACPreconditioner  # noqa: PLC0415
+
+    options = {} if value == "kfac" else {k: v for k, v in value.items() if k != "name"}
+    unknown = [k for k in options if k not in KFAC_OPTIONS]
+    if unknown:
+        problems.append(_unknown_key(path, unknown[0], ["name", *KFAC_OPTIONS]))
+        return None
+    probe = torch.nn.Linear(1, 1)
+    bad = False
+    for key, v in options.items():
+        nullable = key in ("num_probes", "rank")
+        message = None
+        if isinstance(v, bool) or not (v is None or isinstance(v, (int, float))):
+            message = f"must be a number{' or null' if nullable else ''}."
+        elif v is None and not nullable:
+            message = "must be a number, not null."
+        elif isinstance(v, float) and key in ("refresh", "num_probes", "max_dense", "rank"):
+            message = "must be an integer."
+        else:
+            try:
+                KFACPreconditioner(probe, **{key: v}).remove()
+            except ValueError as err:
+                message = str(err)
+        if message is not None:
+            problems.append(f"`{_path(path, key)}` = {_show(v)}: {message}")
+            bad = True
+    if bad:
+        return None
+    defaults = KFACPreconditioner(probe)
+    probe_defaults = {k: getattr(defaults, k) for k in KFAC_OPTIONS}
+    defaults.remove()
+    return {"name": "kfac", **probe_defaults, **options}
