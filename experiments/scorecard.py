@@ -203,6 +203,13 @@ def _classifier(key: str, quick: bool) -> Task:
             hf[f"{n // 16}×{growth:g}/step, curvature ¼"] = dict(
                 batch=n // 16, growth=growth, curvature_batch=0.25, kw={}
             )
+        hf[f"{n // 16}×1.1/step, curvature ¼ to 4 full steps, cg≤10"] = dict(
+            batch=n // 16,
+            growth=1.1,
+            curvature_batch=0.25,
+            full_curvature_after=4,
+            kw=dict(cg_max_iter=10),
+        )
     if not quick:
         hf["full batch"] = dict(batch=n, curvature_batch=n, kw={})
         hf[f"full/{n // 4}, cg≤50, precond"] = dict(
@@ -440,6 +447,7 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     batches = _Batches(len(task.x), regime["batch"], task.x.device, regime.get("growth", 1.0))
     style = regime.get("closure", "outputs")
     run = Run(name, family, m, lambda: None, detail=_regime_text(regime))
+    full_steps = [0]  # steps taken on the whole training set
 
     def forward(xb: Tensor, yb: Tensor) -> tuple:
         if task.hidden and opt.structural_damping > 0:
@@ -461,7 +469,8 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
 
             opt.step(closure)
         else:
-            c = min(_curvature_size(regime, len(xb), len(task.x)), len(xb))
+            full_steps[0] += idx is None
+            c = min(_curvature_size(regime, len(xb), len(task.x), full_steps[0]), len(xb))
             curvature = None if c >= len(xb) else (lambda: forward(xb[:c], yb[:c]))
             opt.step(lambda: forward(xb, yb), curvature)
         s = opt.last_step.status
@@ -471,18 +480,25 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     return run
 
 
-def _curvature_size(regime: dict, batch: int, n: int) -> int:
+def _curvature_size(regime: dict, batch: int, n: int, full_steps: int = 0) -> int:
     """The curvature batch of a step on ``batch`` cases: fixed, or (a growing regime) the
-    fraction ``curvature_batch`` of the gradient batch and all of it once that is full.
+    fraction ``curvature_batch`` of the gradient batch and all of it once that is full — after
+    ``full_curvature_after`` steps on the full set (``full_steps`` counts them, this one too).
 
     >>> _curvature_size(dict(growth=1.1, curvature_batch=0.25), 400, 4000)
     100
     >>> _curvature_size(dict(growth=1.1, curvature_batch=0.25), 4000, 4000)
     4000
+    >>> late = dict(growth=1.1, curvature_batch=0.25, full_curvature_after=4)
+    >>> [_curvature_size(late, 4000, 4000, k) for k in (1, 4, 5)]
+    [1000, 1000, 4000]
     """
     if regime.get("growth", 1.0) == 1.0:
         return regime["curvature_batch"]
-    return batch if batch >= n else max(1, round(batch * regime["curvature_batch"]))
+    after = regime.get("full_curvature_after", 0)
+    if batch >= n and (after == 0 or full_steps > after):
+        return batch
+    return max(1, round(batch * regime["curvature_batch"]))
 
 
 def _regime_text(regime: dict) -> str:
@@ -493,9 +509,11 @@ def _regime_text(regime: dict) -> str:
     if regime.get("closure") == "lbfgs":
         return f"LBFGS-style closure; {kw}"
     if regime.get("growth", 1.0) != 1.0:
+        after = regime.get("full_curvature_after", 0)
+        until = f"for {after} steps after it is full" if after else "until full"
         return (
             f"batch {regime['batch']} growing ×{regime['growth']:g} per step to the full set, "
-            f"curvature batch {regime['curvature_batch']:g} of it until full, then all; {kw}"
+            f"curvature batch {regime['curvature_batch']:g} of it {until}, then all; {kw}"
         )
     return f"batch {regime['batch']}, curvature batch {regime['curvature_batch']}; {kw}"
 

@@ -60,3 +60,10 @@ def test_curvature_size_fixed_fraction_and_full():
     assert scorecard._curvature_size(grow, 3999, 4000) == 1000
     assert scorecard._curvature_size(grow, 4000, 4000) == 4000
     assert scorecard._curvature_size(dict(grow, curvature_batch=0.001), 10, 4000) == 1
+
+
+def test_curvature_stays_a_fraction_for_the_first_full_steps_when_asked():
+    late = dict(batch=250, growth=1.1, curvature_batch=0.25, full_curvature_after=2)
+    assert scorecard._curvature_size(late, 3999, 4000, 0) == 1000  # not full yet
+    sizes = [scorecard._curvature_size(late, 4000, 4000, k) for k in (1, 2, 3, 10)]
+    assert sizes == [1000, 1000, 4000, 4000]
