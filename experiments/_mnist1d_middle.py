@@ -57,6 +57,9 @@ CONTENDERS = {
     "k16_decay0.8": variant(kfac=dict(rank=16, decay=0.8)),
     "k16_g1.15": variant(kfac=dict(rank=16), growth=1.15),
     "k16_b125": variant(kfac=dict(rank=16), batch=125),
+    "k16_g105mid": variant(kfac=dict(rank=16), growth_mid=1.05),
+    "k16_exact": variant(kfac=dict(rank=16, num_probes=None)),
+    "k16_b500": variant(kfac=dict(rank=16), batch=500),
     "k16_nocheck": variant(kfac=dict(rank=16), kw=dict(cg_stop_on_increase=False)),
     "nocheck": variant(kw=dict(cg_stop_on_increase=False)),
     "martens": variant(kw=dict(damping_rule="martens")),
@@ -158,7 +161,9 @@ def main() -> None:
     print(f"Adam targets {[f'{t:.3g}' for t in targets]} at {[f'{t:.2f}' for t in at]} s")
     for r in runs[1:]:
         times = [sc.time_to(r.curve, t) for t in targets]
-        ratios = " / ".join(f"{t / a:.2f}" if math.isfinite(t) else "never" for t, a in zip(times, at))
+        ratios = " / ".join(
+            f"{t / a:.2f}" if math.isfinite(t) else "never" for t, a in zip(times, at)
+        )
         marks = {lv: sc.time_to(r.curve, lv) for lv in (1.0, 0.5, 0.3, 0.1)}
         mk = " ".join(f"{lv:g}@{t:.2f}" for lv, t in marks.items())
         print(
