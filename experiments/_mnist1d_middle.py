@@ -162,7 +162,7 @@ def main() -> None:
     for r in runs[1:]:
         times = [sc.time_to(r.curve, t) for t in targets]
         ratios = " / ".join(
-            f"{t / a:.2f}" if math.isfinite(t) else "never" for t, a in zip(times, at)
+            f"{t / a:.2f}" if math.isfinite(t) else "never" for t, a in zip(times, at, strict=True)
         )
         marks = {lv: sc.time_to(r.curve, lv) for lv in (1.0, 0.5, 0.3, 0.1)}
         mk = " ".join(f"{lv:g}@{t:.2f}" for lv, t in marks.items())
