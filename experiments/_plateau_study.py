@@ -68,7 +68,8 @@ def run(task, regimes, budget, slices):
     runs.append(ad)
     t0 = time.time()
     sc.interleave(runs, task, budget, slices, "cpu")
-    print(f"== {task.key} {budget}s wall {time.time() - t0:.0f}s load {open('/proc/loadavg').read().split()[:3]}")
+    load = open("/proc/loadavg").read().split()[:3]
+    print(f"== {task.key} {budget}s wall {time.time() - t0:.0f}s load {load}")
     for o in PlateauHF.made:
         print("  plateau latched at stochastic step", o.latched_at, "of", len(o._hist))
     PlateauHF.made.clear()
@@ -85,16 +86,29 @@ def main():
             t = sc.make_curves_task(True)
             base = dict(batch=250, curvature_batch=62, kw={})
             tuned = dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=10))
-            regs = {"default": (HessianFree, base), "default+plateau": (PlateauHF, base),
-                    "cg10": (HessianFree, tuned), "cg10+plateau": (PlateauHF, tuned)}
+            regs = {
+                "default": (HessianFree, base),
+                "default+plateau": (PlateauHF, base),
+                "cg10": (HessianFree, tuned),
+                "cg10+plateau": (PlateauHF, tuned),
+            }
             run(t, regs, 15.0, 6)
         elif key == "mnist1d":
             t = sc._classifier("mnist1d", True)
-            g = dict(batch=250, growth=1.1, curvature_batch=0.25, full_curvature_after=4,
-                     kw=dict(cg_max_iter=10))
+            g = dict(
+                batch=250,
+                growth=1.1,
+                curvature_batch=0.25,
+                full_curvature_after=4,
+                kw=dict(cg_max_iter=10),
+            )
             g0 = dict(batch=250, growth=1.1, curvature_batch=0.25, full_curvature_after=4, kw={})
-            regs = {"growing": (HessianFree, g), "growing+plateau": (PlateauHF, g),
-                    "growing nokw": (HessianFree, g0), "growing nokw+plateau": (PlateauHF, g0)}
+            regs = {
+                "growing": (HessianFree, g),
+                "growing+plateau": (PlateauHF, g),
+                "growing nokw": (HessianFree, g0),
+                "growing nokw+plateau": (PlateauHF, g0),
+            }
             run(t, regs, 8.0, 8)
         elif key.startswith("addition"):
             T = int(key[8:])
