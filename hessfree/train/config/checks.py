@@ -2,8 +2,8 @@
 
 The loss is resolved from the model and the data (:func:`_resolve_loss`); model and data must
 fit each other; sizes a data section fixes (cases, classes, input size) bound the batch sizes
-and, with the model, the memory a run needs. Two rules are shared with the runner's checks
-after loading (``hessfree.train.loop._data_problems``): :func:`loss_fits_targets` and
+and, with the model, the memory a run needs. Three rules are shared with the runner's checks
+after loading (``hessfree.train.loop._data_problems``): :func:`loss_fits_targets`,
 :func:`curvature_batch_fits` and :func:`full_steps_problem`.
 """
 

@@ -402,8 +402,8 @@ class OptimizerConfig:
             ``curvature_fraction_full_steps`` steps on it).
         curvature_fraction_full_steps: HF with a growing batch and ``curvature_fraction``
             only: the first this many steps on the whole training set still take the fraction
-            of it as their curvature batch (cheap products while λ is still
-            large), the steps after them all of it; 0: all of it from the first full step.
+            of it as their curvature batch (cheap products while λ is still large), the steps
+            after them all of it; 0: all of it from the first full step.
     """
 
     name: str
