@@ -64,6 +64,8 @@ CONTENDERS = {
     "k16_lr085": variant(kfac=dict(rank=16), kw=dict(lr=0.85)),
     "k16_g12early": variant(kfac=dict(rank=16), growth=1.2, growth_mid=1.1),
     "k16_g13early": variant(kfac=dict(rank=16), growth=1.3, growth_mid=1.1),
+    "k16_from1000": variant(kfac=dict(rank=16), kfac_from=1000),
+    "k16_from500": variant(kfac=dict(rank=16), kfac_from=500),
     "k16_damp005": variant(kfac=dict(rank=16), kw=dict(damping=0.05)),
     "k16_nocheck": variant(kfac=dict(rank=16), kw=dict(cg_stop_on_increase=False)),
     "nocheck": variant(kw=dict(cg_stop_on_increase=False)),
@@ -109,6 +111,7 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
     if "kfac" in regime:
         kw["precond"] = KFACPreconditioner(m, **regime["kfac"])
     opt = HessianFree(m.parameters(), **kw)
+    kfac = kw.get("precond")
     n = len(task.x)
     batches = GrowingBatches(
         n, regime["batch"], task.x.device, regime["growth"], growth_mid=regime.get("growth_mid")
@@ -133,6 +136,8 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
             curvature = lambda: forward(task.x[cidx], task.y[cidx])  # noqa: E731
         else:
             curvature = lambda: forward(xb[:c], yb[:c])  # noqa: E731
+        if "kfac_from" in regime:  # K-FAC only once the batch has that many cases
+            opt.precond = kfac if len(xb) >= regime["kfac_from"] else None
         t0 = time.perf_counter()
         opt.step(lambda: forward(xb, yb), curvature)
         s = opt.last_step
