@@ -44,8 +44,9 @@ so two threads may run (and record) the same module at once. Modules are patched
 the ``with`` block and restored on exit, also when the block raises.
 
 Curvature products differentiate the RNN twice; cuDNN's RNN kernels cannot, so on CUDA the
-recorded layers run with cuDNN disabled (torch's native kernels; a process-wide flag while the
-recorded call runs, as :func:`torch.backends.cudnn.flags` sets it).
+recorded layers run with cuDNN disabled while gradients are enabled (torch's native kernels;
+``torch.backends.cudnn.enabled`` is process-wide, so other threads' convolutions skip cuDNN
+for as long as a recorded call runs).
 
 References:
     Martens & Sutskever (2011), Learning recurrent neural networks with Hessian-free
@@ -321,8 +322,7 @@ def _dispatch(patch: _Patch, *args: Any, **kwargs: Any) -> Any:
         return patch.original(*args, **kwargs)
     input, hx = _bind(*args, **kwargs)
     cuda = input.is_cuda if isinstance(input, Tensor) else input.data.is_cuda
-    off = cuda and torch.is_grad_enabled() and torch.backends.cudnn.enabled
-    with torch.backends.cudnn.flags(enabled=False) if off else _nothing():
+    with _without_cudnn() if cuda and torch.is_grad_enabled() else _nothing():
         if isinstance(module, nn.RNNCellBase):
             h_new = patch.original(input, hx)
             h = h_new[0] if isinstance(h_new, tuple) else h_new
@@ -354,6 +354,26 @@ def _bind(input: Any = None, hx: Any = None) -> tuple[Any, Any]:
             f"{type(input).__name__}."
         )
     return input, hx
+
+
+_cudnn = {"users": 0, "saved": True}  # guarded by _lock
+
+
+class _without_cudnn:
+    """cuDNN off while any thread runs a recorded layer (only ``enabled``; other flags kept)."""
+
+    def __enter__(self) -> None:
+        with _lock:
+            if _cudnn["users"] == 0:
+                _cudnn["saved"] = torch.backends.cudnn.enabled
+                torch.backends.cudnn.enabled = False
+            _cudnn["users"] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with _lock:
+            _cudnn["users"] -= 1
+            if _cudnn["users"] == 0:
+                torch.backends.cudnn.enabled = _cudnn["saved"]
 
 
 class _nothing:

@@ -380,3 +380,23 @@ def test_bad_inputs_are_refused_with_clear_errors():
             return out.sum(), out, rec.hidden
 
         opt.step(closure)
+
+
+@pytest.mark.cuda
+def test_recorded_lstm_on_cuda_runs_without_cudnn_and_matches_cpu():
+    rcase = RECASE_CUDA
+    m, head, x, y = rcase.build()
+    params = [*m.parameters(), *head.parameters()]
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    want = StructurallyDampedGGN(*_recorded_closure(m, head, x, y), params, weight=0.7)(v)
+    m, head = m.cuda(), head.cuda()
+    params = [*m.parameters(), *head.parameters()]
+    assert torch.backends.cudnn.enabled
+    got = StructurallyDampedGGN(
+        *_recorded_closure(m, head, x.cuda(), y.cuda()), params, weight=0.7
+    )(v.cuda())
+    assert torch.backends.cudnn.enabled  # restored
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-11)
+
+
+RECASE_CUDA = RecurrentCase("lstm_2layer_bidir", nn.LSTM, dict(num_layers=2, bidirectional=True))
