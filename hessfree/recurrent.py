@@ -331,7 +331,13 @@ def _dispatch(patch: _Patch, *args: Any, **kwargs: Any) -> Any:
                 rec._add(name, h, 0 if batched else None)
             return h_new
         if module.num_layers == 1:
-            out, h_n = patch.original(input, hx)
+            result = patch.original(input, hx)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise TypeError(
+                    f"{type(module).__name__}.forward returned {type(result).__name__}; a "
+                    "recorded recurrent layer must return (output, h_n) as nn.RNN/GRU/LSTM do."
+                )
+            out, h_n = result
             sequences = [out]
         else:
             out, h_n, sequences = _layer_by_layer(module, input, hx)

@@ -369,6 +369,14 @@ def test_bad_inputs_are_refused_with_clear_errors():
         mark_hidden([1.0])
     with record_hidden(m), pytest.raises(TypeError, match="input must be a tensor or Packed"):
         m([1.0])
+
+    class OnlyOutput(nn.GRU):
+        def forward(self, x, hx=None):
+            return super().forward(x, hx)[0]
+
+    odd = OnlyOutput(2, 3)
+    with record_hidden(odd), pytest.raises(TypeError, match=r"must return \(output, h_n\)"):
+        odd(torch.randn(3, 2, 2))
     # the optimizer's own contract still names the closure's return
     opt = HessianFree(list(m.parameters()), structural_damping=0.1)
     with pytest.raises(RuntimeError, match=r"No forward pass of 'GRU'"):
