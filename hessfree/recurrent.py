@@ -135,8 +135,9 @@ class HiddenRecorder:
         s = self._state
         if getattr(s, "entered", False):
             raise RuntimeError("This recorder is already active in this thread; nest a new one.")
-        s.records, s.runs, s.entered = [], dict.fromkeys(self._layers, 0), True
+        s.records, s.runs, s.joined = [], dict.fromkeys(self._layers, 0), None
         _install(self._layers.values())
+        s.entered = True
         _active().append(self)
         return self
 
@@ -152,7 +153,8 @@ class HiddenRecorder:
     # ------------------------------------------------------------------ results
     @property
     def hidden(self) -> Tensor:
-        r"""Every recorded hidden state, ``(N, K)``: examples along dim 0, the rest flattened.
+        r"""Every recorded hidden state, ``(N, K)``: examples along dim 0, the rest flattened
+        and joined in the order recorded.
 
         Raises:
             RuntimeError: If the recorder was never entered in this thread, if nothing was
@@ -185,13 +187,16 @@ class HiddenRecorder:
                 f"moving the batch dimension there): {sorted(sizes)}; give mark_hidden the right "
                 "`batch_dim`."
             )
-        flats = [t for _, t in s.records]
-        return flats[0] if len(flats) == 1 else _CatColumns.apply(*flats)
+        if s.joined is None:  # one tensor per entry: rec.hidden is rec.hidden
+            flats = [t for _, t in s.records]
+            s.joined = flats[0] if len(flats) == 1 else _CatColumns.apply(*flats)
+        return s.joined
 
     def _add(self, name: str, h: Tensor, batch_dim: int | None) -> None:
         """Store ``h`` as ``(N, -1)``; ``batch_dim=None`` means unbatched (one example)."""
         h = h.unsqueeze(0) if batch_dim is None else h.movedim(batch_dim, 0)
         self._state.records.append((name, h.reshape(h.shape[0], -1)))
+        self._state.joined = None
         if name in self._state.runs:
             self._state.runs[name] += 1
 

@@ -329,6 +329,7 @@ def test_nesting_reuse_and_other_threads():
         with pytest.raises(RuntimeError, match="already active"):
             outer_rec.__enter__()
     assert inner.hidden.shape == (2, 12) and outer.hidden.shape == (2, 24)
+    assert outer.hidden is outer.hidden
     torch.testing.assert_close(seen["out"], m(x)[0])
     with outer_rec:  # re-entering starts empty
         m(x)
