@@ -460,16 +460,17 @@ class HessianFree(torch.optim.Optimizer):
         momentum: ``'off'`` (default) or ``'quadratic'``: the momentum form of Martens &
             Grosse (2015, §7; :mod:`hessfree._momentum`). The step becomes
             :math:`d = \alpha p + \beta\delta_0`, :math:`p` CG's backtracked iterate and
-            :math:`\delta_0` the previous accepted update (before ``lr``; none on the first
-            step or after a rejection, then :math:`\beta = 0`), with :math:`(\alpha, \beta)`
-            minimising the damped quadratic model on that plane (a 2x2 solve; :math:`p` is
-            kept where the model is not positive along it); :math:`\rho`, the line search and
-            the next :math:`\delta_0` then follow :math:`d`. Costs one curvature product and
-            one forward evaluation per step; ``StepInfo.momentum_alpha``/``momentum_beta``
-            report the pair. Not with ``structural_damping``. Not the default: on the CURVES
-            autoencoder's mini-batches it did not help at equal time (the warm start
-            :math:`x_0 = 0.95\,x_{k-1}` already carries the previous step, so
-            :math:`\beta \approx 0` and the extra cost buys nothing; ``experiments/README.md``).
+            :math:`\delta_0` the previous step's update (before ``lr``; none on the first
+            step or after a step that did not move, then :math:`\beta = 0`), with
+            :math:`(\alpha, \beta)` minimising the damped quadratic model on that plane (a
+            2x2 solve; :math:`p` is kept where the model is not positive along it);
+            :math:`\rho`, the line search and the next :math:`\delta_0` then follow :math:`d`.
+            Costs one curvature product and one forward evaluation per step;
+            ``StepInfo.momentum_alpha``/``momentum_beta`` report the pair. Not with
+            ``structural_damping``. Not the default: on the CURVES autoencoder's mini-batches
+            it did not help at equal time (the warm start :math:`x_0 = 0.95\,x_{k-1}` already
+            carries the previous step, so :math:`\beta \approx 0` and the extra cost buys
+            nothing; ``experiments/README.md``).
         line_search: ``'armijo'`` or ``None``.
         armijo_c: Sufficient-decrease constant in (0, 1) (1e-2 in the reference code).
         line_search_shrink: Rate factor in (0, 1) (0.8 in the reference code).
@@ -1325,11 +1326,8 @@ class HessianFree(torch.optim.Optimizer):
                 if rate > 1.0 and settings.adapt_damping:  # the step was `rate` times too short
                     state["damping"] = settings.damping_policy().clip(state["damping"] / rate)
             _move(params, theta0, layout, p, rate, run.lr)
-            if settings.momentum != "off":  # δ0 of the next step (before lr), none if rejected
-                if rate > 0.0:
-                    state["momentum_update"] = p.detach() * rate
-                else:
-                    state.pop("momentum_update", None)
+            if settings.momentum != "off" and rate > 0.0:  # δ0 of the next step (before lr)
+                state["momentum_update"] = p.detach() * rate
             run.lap("line_search")
         except BaseException:
             with torch.no_grad():
@@ -1440,6 +1438,8 @@ class HessianFree(torch.optim.Optimizer):
         state = run.state
         if status not in _NON_FINITE:
             state["failures"] = 0  # max_failures counts *consecutive* non-finite steps
+        if not accepted:  # momentum='quadratic': a step that did not move leaves no δ0
+            state.pop("momentum_update", None)
         info = StepInfo(
             loss=run.f0,
             loss_after=run.f0 if loss_after is None else loss_after,

@@ -55,7 +55,9 @@ def test_plane_step_degenerate_cases():
     assert plane_step(g, p, phi, g, torch.full_like(g, math.nan)) is None
 
 
-def _quadratic_run(momentum: str, steps: int, *, poison_at: int | None = None):
+def _quadratic_run(
+    momentum: str, steps: int, *, poison_at: int | None = None, poison_start: bool = False
+):
     """HF on f = x^T A x / 2 - b^T x with one cold CG iteration per step (p = the exact
     steepest-descent minimiser of the damped model), fixed λ; θ after every step, infos."""
     A, b = _spd(6, 3)
@@ -80,8 +82,8 @@ def _quadratic_run(momentum: str, steps: int, *, poison_at: int | None = None):
 
         def closure(k=k, x0=x0):
             f = 0.5 * x @ A @ x - b @ x
-            if k == poison_at and not torch.equal(x.detach(), x0):
-                return f * math.nan  # every trial point: NaN
+            if k == poison_at and (poison_start or not torch.equal(x.detach(), x0)):
+                return f * math.nan  # every trial point (or the start too): NaN
             return f
 
         opt.step(closure)
@@ -119,11 +121,17 @@ def test_momentum_step_is_the_dense_plane_minimiser_on_a_quadratic():
     assert all(math.isnan(i.momentum_alpha) for i in _quadratic_run("off", 2)[4])
 
 
-def test_a_rejected_momentum_step_leaves_the_parameters_and_forgets_the_update():
+@pytest.mark.parametrize("at_start", [False, True])
+def test_a_rejected_momentum_step_leaves_the_parameters_and_forgets_the_update(at_start):
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        _, _, _, thetas, infos, opt = _quadratic_run("quadratic", 4, poison_at=2)
-    assert infos[2].status == "non_finite_trial_loss" and not infos[2].accepted
-    assert infos[2].momentum_beta != 0.0  # the plane step was the one that failed
+        _, _, _, thetas, infos, opt = _quadratic_run(
+            "quadratic", 4, poison_at=2, poison_start=at_start
+        )
+    if at_start:  # the loss at θ0: the step ends before CG
+        assert infos[2].status == "non_finite_loss" and math.isnan(infos[2].momentum_beta)
+    else:
+        assert infos[2].status == "non_finite_trial_loss" and not infos[2].accepted
+        assert infos[2].momentum_beta != 0.0  # the plane step was the one that failed
     assert torch.equal(thetas[3], thetas[2])
     # the next step has no previous update: CG's step alone (β = 0)
     assert infos[3].accepted and infos[3].momentum_beta == 0.0
