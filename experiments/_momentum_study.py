@@ -1,5 +1,8 @@
 """Throwaway: HF's momentum form (momentum='quadratic') on the scorecard's CURVES quick task.
 
+The option was removed after these measurements (it helped on no task); the harness runs at
+commit 05ef4aa, where ``HessianFree(momentum='quadratic')`` exists.
+
 Interleaved runs from the same initial weights (scorecard.hf_run/interleave): Adam's best
 quick setting as the reference, the tuned HF (250/62, cg<=5, K-FAC rank 32) and the defaults
 (250/62, no arguments), each with momentum off and 'quadratic'. Modes (third argument):

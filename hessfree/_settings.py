@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ._checks import check_choice, check_int, check_number
-from ._momentum import MOMENTUM_CHOICES
 from .acceleration import ProductPolicy
 from .damping import DAMPING_RULES, DampingPolicy
 
@@ -79,7 +78,6 @@ class HFSettings:
     backtrack: bool = True
     trust_radius: bool | str = "auto"
     extrapolate: bool | str = "auto"
-    momentum: str = "off"
     line_search: str | None = "armijo"
     armijo_c: float = 1e-2
     line_search_shrink: float = 0.8
@@ -123,7 +121,6 @@ class HFSettings:
         "backtrack",
         "trust_radius",
         "extrapolate",
-        "momentum",
         "line_search",
         "armijo_c",
         "line_search_shrink",
@@ -282,7 +279,6 @@ def _validated(s: HFSettings) -> dict[str, Any]:
     else:
         _check_bool("trust_radius", s.trust_radius)
     _check_auto_or_bool("extrapolate", s.extrapolate)
-    _check_momentum(s.momentum, structural)
     if s.line_search is not None:
         check_choice("line_search", s.line_search, ("armijo",))
     out["armijo_c"] = check_number(
@@ -309,22 +305,6 @@ def _validated(s: HFSettings) -> dict[str, Any]:
     out["products"] = ProductPolicy.of(s.products)
     check_choice("curvature_batch", s.curvature_batch, ("sharded", "replicated"))
     return out
-
-
-def _check_momentum(value: object, structural: float) -> None:
-    """``momentum``: one of :data:`MOMENTUM_CHOICES`, and not with structural damping (whose
-    energy the plane's model would leave out of :math:`\rho`)."""
-    if not isinstance(value, str):
-        listed = ", ".join(repr(c) for c in MOMENTUM_CHOICES)
-        raise TypeError(
-            f"`momentum` must be one of {listed}, got {type(value).__name__} {value!r}."
-        )
-    check_choice("momentum", value, MOMENTUM_CHOICES)
-    if value != "off" and structural > 0:
-        raise ValueError(
-            f"`momentum` {value!r} does not support `structural_damping` > 0 (got "
-            f"{structural!r}); use momentum='off'."
-        )
 
 
 def _real_in(value: object, low: float, high: float) -> bool:

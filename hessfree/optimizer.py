@@ -107,7 +107,6 @@ from ._flat import ParamLayout
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
-from ._momentum import plane_step
 from ._settings import HFSettings
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
@@ -219,12 +218,6 @@ class StepInfo:
         step_rate: Accepted rate (0 if rejected): the Armijo rate, or a power of 2 above 1
             when ``extrapolate`` doubled the full step.
         grad_norm: :math:`\|g\|`.
-        momentum_alpha, momentum_beta: With ``momentum='quadratic'``, the step tried was
-            :math:`\alpha p + \beta\delta_0` (:math:`p` CG's backtracked iterate,
-            :math:`\delta_0` the previous accepted update): the model-optimal pair
-            (:math:`\beta = 0` without a previous update), or (1, 0) where the model is not
-            positive along :math:`p` (:math:`p` itself). NaN with ``momentum='off'`` or where
-            the step ended before backtracking.
         closure_calls: Closure evaluations in this step (curvature closure included).
         time_products: Seconds spent in curvature products (on CUDA: launch time, async).
         time_total: Seconds for the whole step.
@@ -250,8 +243,6 @@ class StepInfo:
     backtrack_iter: int = 0
     step_rate: float = 0.0
     grad_norm: float = math.nan
-    momentum_alpha: float = math.nan
-    momentum_beta: float = math.nan
     closure_calls: int = 0
     time_products: float = 0.0
     time_total: float = 0.0
@@ -312,7 +303,6 @@ class _Solution:
     g: Tensor  # the gradient (L2 term included)
     result: CGResult
     structural_energy: Tensor | None  # structural damping's energy per stored iterate
-    momentum: tuple[Tensor, Tensor] | None = None  # (δ0, B δ0) for momentum='quadratic'
 
 
 def _create_graph_backward(
@@ -459,20 +449,6 @@ class HessianFree(torch.optim.Optimizer):
             again (a growing batch that has reached the whole training set; an ``lr`` other
             than 1 gives no evidence either way). ``True``: always (also on mini-batches);
             ``False``: never. Measured in ``experiments/README.md``.
-        momentum: ``'off'`` (default) or ``'quadratic'``: the momentum form of Martens &
-            Grosse (2015, §7; :mod:`hessfree._momentum`). The step becomes
-            :math:`d = \alpha p + \beta\delta_0`, :math:`p` CG's backtracked iterate and
-            :math:`\delta_0` the previous step's update (before ``lr``; none on the first
-            step or after a step that did not move, then :math:`\beta = 0`), with
-            :math:`(\alpha, \beta)` minimising the damped quadratic model on that plane (a
-            2x2 solve; :math:`p` is kept where the model is not positive along it);
-            :math:`\rho`, the line search and the next :math:`\delta_0` then follow :math:`d`.
-            Costs one curvature product and one forward evaluation per step;
-            ``StepInfo.momentum_alpha``/``momentum_beta`` report the pair. Not with
-            ``structural_damping``. Not the default: on the CURVES autoencoder's mini-batches
-            it did not help at equal time (the warm start :math:`x_0 = 0.95\,x_{k-1}` already
-            carries the previous step, so :math:`\beta \approx 0` and the extra cost buys
-            nothing; ``experiments/README.md``).
         line_search: ``'armijo'`` or ``None``.
         armijo_c: Sufficient-decrease constant in (0, 1) (1e-2 in the reference code).
         line_search_shrink: Rate factor in (0, 1) (0.8 in the reference code).
@@ -564,7 +540,6 @@ class HessianFree(torch.optim.Optimizer):
         backtrack: bool = True,
         trust_radius: bool | str = "auto",
         extrapolate: bool | str = "auto",
-        momentum: str = "off",
         line_search: str | None = "armijo",
         armijo_c: float = 1e-2,
         line_search_shrink: float = 0.8,
@@ -601,7 +576,6 @@ class HessianFree(torch.optim.Optimizer):
             backtrack=backtrack,
             trust_radius=trust_radius,
             extrapolate=extrapolate,
-            momentum=momentum,
             line_search=line_search,
             armijo_c=armijo_c,
             line_search_shrink=line_search_shrink,
@@ -1066,7 +1040,6 @@ class HessianFree(torch.optim.Optimizer):
             state.pop("warm_start", None)
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, "a curvature product")
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
-        momentum = self._momentum_product(curvature, g, run)
         structural_energy = None
         if settings.structural_damping > 0:
             # the structural term is damping: leave it out of ρ's model (needs the graph, so now)
@@ -1075,7 +1048,7 @@ class HessianFree(torch.optim.Optimizer):
                     torch.stack(result.iterates)
                 )
         run.lap("solve")
-        return _Solution(g, result, structural_energy, momentum)
+        return _Solution(g, result, structural_energy)
 
     @staticmethod
     def _observe_objective(state: dict, f0: float) -> None:
@@ -1129,8 +1102,16 @@ class HessianFree(torch.optim.Optimizer):
         closure: Closure,
     ) -> CGResult:
         """Phase 2: truncated preconditioned CG on the damped system (§4.4, §4.5, §4.7)."""
-        settings = self.settings
-        damped = self._damped(curvature, run)
+        settings, counter = self.settings, run.counter
+        shift = run.l2 + run.damping  # float or per-entry vector
+        replicated = settings.curvature_batch == "replicated"
+
+        def damped(v: Tensor) -> Tensor:
+            t0 = time.perf_counter()
+            out = curvature(v) if replicated else self._avg.mean(curvature(v))
+            counter.product_time += time.perf_counter() - t0
+            return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
+
         with torch.enable_grad():
             precond = self._preconditioner(
                 evaluation, product, run.params, run.damping, run.l2, curv=curvature, g=g, run=run
@@ -1171,34 +1152,6 @@ class HessianFree(torch.optim.Optimizer):
             result = solve(None)
             result = dataclasses.replace(result, num_matvec=result.num_matvec + matvecs)
         return result
-
-    def _damped(self, curvature: MatVec, run: _StepRun) -> MatVec:
-        r"""CG's matrix :math:`v \mapsto (C + \kappa + \lambda) v`, timed, averaged over ranks."""
-        counter, shift = run.counter, run.l2 + run.damping  # shift: float or per-entry vector
-        replicated = self.settings.curvature_batch == "replicated"
-
-        def damped(v: Tensor) -> Tensor:
-            t0 = time.perf_counter()
-            out = curvature(v) if replicated else self._avg.mean(curvature(v))
-            counter.product_time += time.perf_counter() - t0
-            return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
-
-        return damped
-
-    def _momentum_product(
-        self, curvature: MatVec, g: Tensor, run: _StepRun
-    ) -> tuple[Tensor, Tensor] | None:
-        r"""``momentum='quadratic'``: :math:`(\delta_0, B\delta_0)`, or ``None`` (no previous
-        update, or a non-finite product: the step is then CG's alone)."""
-        if self.settings.momentum == "off":
-            return None
-        delta = run.state.get("momentum_update")
-        if delta is None or delta.shape != g.shape:
-            return None
-        delta = delta.to(device=g.device, dtype=g.dtype)
-        with torch.enable_grad():
-            u = self._damped(curvature, run)(delta)
-        return (delta, u) if bool(torch.isfinite(u).all()) else None
 
     def _cg_rtol(self, run: _StepRun) -> float:
         r"""CG's relative residual tolerance :math:`\eta_k` (``cg_rtol``), kept in
@@ -1307,13 +1260,10 @@ class HessianFree(torch.optim.Optimizer):
                 range(len(iterations)), at_iterate, enabled=settings.backtrack
             )
             p = result.iterates[chosen]
-            predicted = None  # the undamped model's change at p: read off CG's φ
-            if settings.momentum != "off":  # the plane α p + β δ0 (momentum='quadratic')
-                p, f_chosen, predicted = self._plane(solution, chosen, f_chosen, objective, run)
             run.lap("backtrack")
 
             # ---- 4. ρ with the undamped model and the Levenberg-Marquardt update of λ ----
-            rho = self._reduction_ratio(solution, chosen, f_chosen, run, predicted)
+            rho = self._reduction_ratio(solution, chosen, f_chosen, run)
             state["damping"] = settings.damping_policy().after_step(run.damping, rho)
             if run.bounded:
                 self._update_radius(state, result, chosen, p, rho)
@@ -1329,8 +1279,6 @@ class HessianFree(torch.optim.Optimizer):
                 if rate > 1.0 and settings.adapt_damping:  # the step was `rate` times too short
                     state["damping"] = settings.damping_policy().clip(state["damping"] / rate)
             _move(params, theta0, layout, p, rate, run.lr)
-            if settings.momentum != "off" and rate > 0.0:  # δ0 of the next step (before lr)
-                state["momentum_update"] = p.detach() * rate
             run.lap("line_search")
         except BaseException:
             with torch.no_grad():
@@ -1362,53 +1310,18 @@ class HessianFree(torch.optim.Optimizer):
             state["trust_radius"] = 2.0 * state["trust_radius"]
 
     def _reduction_ratio(
-        self,
-        solution: _Solution,
-        chosen: int,
-        f_chosen: float,
-        run: _StepRun,
-        predicted: float | None = None,
+        self, solution: _Solution, chosen: int, f_chosen: float, run: _StepRun
     ) -> float:
         """Phase 4: :math:`\\rho` of the chosen iterate, read off CG's :math:`\\phi` (no product).
 
         The undamped model's change is CG's :math:`\\phi` less the damping's share:
-        :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy. ``predicted``:
-        that change given (the momentum plane's step).
+        :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy.
         """
-        if predicted is not None:
-            return _damping.reduction_ratio(f_chosen - run.f0, predicted)
         p = solution.result.iterates[chosen]
         predicted = float(solution.result.iterate_phi[chosen]) - 0.5 * run.damping * float(p @ p)
         if solution.structural_energy is not None:
             predicted -= 0.5 * float(solution.structural_energy[chosen])
         return _damping.reduction_ratio(f_chosen - run.f0, predicted)
-
-    def _plane(
-        self,
-        solution: _Solution,
-        chosen: int,
-        f_chosen: float,
-        objective: Callable[[Tensor], float],
-        run: _StepRun,
-    ) -> tuple[Tensor, float, float | None]:
-        """Phase 3, ``momentum='quadratic'``: the step :math:`d = \\alpha p + \\beta\\delta_0`
-        (:math:`\\beta = 0` without a previous update), its objective (one evaluation) and
-        undamped model change; :math:`p` itself (model change ``None``: read off CG's
-        :math:`\\phi`) where the model is not positive along :math:`p`."""
-        result = solution.result
-        p = result.iterates[chosen]
-        run.report.update(momentum_alpha=1.0, momentum_beta=0.0)
-        delta, u = solution.momentum or (None, None)
-        plane = plane_step(solution.g, p, float(result.iterate_phi[chosen]), delta, u)
-        if plane is None or (plane.alpha == 1.0 and plane.beta == 0.0):
-            return p, f_chosen, None
-        d = p * plane.alpha
-        if delta is not None and plane.beta != 0.0:
-            d.add_(delta, alpha=plane.beta)
-        f_d = objective(d)
-        run.report.update(momentum_alpha=plane.alpha, momentum_beta=plane.beta)
-        # the undamped model: the damped one less ½ dᵀ(λ) d (κ stays: it is in the objective)
-        return d, f_d, plane.model - 0.5 * run.damping * float(d @ d)
 
     def _line_search(
         self, objective: Callable[[float], float], f0: float, slope: float, f_full: float
@@ -1441,8 +1354,6 @@ class HessianFree(torch.optim.Optimizer):
         state = run.state
         if status not in _NON_FINITE:
             state["failures"] = 0  # max_failures counts *consecutive* non-finite steps
-        if not accepted:  # momentum='quadratic': a step that did not move leaves no δ0
-            state.pop("momentum_update", None)
         info = StepInfo(
             loss=run.f0,
             loss_after=run.f0 if loss_after is None else loss_after,
