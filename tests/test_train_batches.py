@@ -1,6 +1,7 @@
 """Growing batches in the runner (`batch_growth`, `batch_max`, `batch_multiple`,
-`curvature_fraction`): sizes against closed forms in exact rational arithmetic, the cases drawn
-against a re-implementation of the runner's seeded sampling, resume, validation (exit 2)."""
+`curvature_fraction`, `curvature_fraction_full_steps`): sizes against closed forms in exact
+rational arithmetic, the cases drawn against a re-implementation of the runner's seeded
+sampling, resume, validation (exit 2)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,28 @@ def test_curvature_fraction_is_the_rounded_share_then_all_once_the_batch_is_full
     assert batch_sizes(capped, 100, False, 9)[:2] == (40, 20)
 
 
+@pytest.mark.parametrize("full_steps", [0, 1, 4, 7])
+@pytest.mark.parametrize(
+    ("start", "growth", "n", "multiple", "fraction"),
+    [(250, "1.1", 4000, 1, 0.25), (8, "1.5", 48, 4, 0.3), (10, "1.3", 100, 1, 0.25)],
+)
+def test_curvature_fraction_full_steps_keeps_the_share_for_that_many_full_set_steps(
+    start, growth, n, multiple, fraction, full_steps
+):
+    leaf = entry(batch_size=start, batch_growth=float(Fraction(growth)), batch_multiple=multiple,
+                 curvature_fraction=fraction, curvature_fraction_full_steps=full_steps)  # fmt: skip
+    sizes = [exact_size(start, Fraction(growth), k, n, multiple) for k in range(60)]
+    first_full = sizes.index(n)  # the oracle: count the steps at the whole set
+    for k, b in enumerate(sizes):
+        share = multiple * max(1, round(Fraction(b) * Fraction(fraction) / multiple))
+        c = b if b == n and k >= first_full + full_steps else share
+        assert batch_sizes(leaf, n, False, k)[:2] == (b, None if c == b else c), k
+    # steps on the whole set that took the share: exactly `full_steps`
+    shared = [k for k in range(60) if sizes[k] == n and batch_sizes(leaf, n, False, k)[1]]
+    assert shared == list(range(first_full, first_full + full_steps))
+    assert batch_sizes(leaf, n, False, 10**9)[:2] == (n, None)
+
+
 # -- the runner ------------------------------------------------------------------------------
 
 
@@ -153,6 +176,27 @@ def test_runner_draws_the_closed_form_sizes_from_the_seeded_permutations(tmp_pat
     )
 
 
+LATE = {**GROWING[0], "curvature_fraction_full_steps": 3}  # step 9 is the first at N = 100
+
+
+def test_runner_keeps_the_curvature_share_for_the_first_full_set_steps(tmp_path, monkeypatch):
+    cfg = parse_config(raw_config(tmp_path, [LATE]))
+    seen = record_batches(monkeypatch)
+    Runner(cfg, tmp_path / "run", progress=False, verbose=False).run()
+    sizes = [exact_size(10, Fraction("1.3"), k, N) for k in range(14)]
+    assert sizes.index(N) == 9
+    for k, (_, xb, cb) in enumerate(seen):
+        assert len(xb) == sizes[k]
+        c = sizes[k] if k >= 12 else max(1, round(Fraction(sizes[k]) / 4))
+        if c == sizes[k]:
+            assert cb is None, k
+        else:  # the first c cases of the gradient batch
+            assert torch.equal(cb, xb[:c]), k
+    assert [k for k, (_, xb, cb) in enumerate(seen) if len(xb) == N and cb is not None] == [
+        9, 10, 11
+    ]  # fmt: skip
+
+
 def test_phases_restart_the_schedule_at_the_phase_start(tmp_path, monkeypatch):
     raw = raw_config(
         tmp_path,
@@ -169,8 +213,15 @@ def test_phases_restart_the_schedule_at_the_phase_start(tmp_path, monkeypatch):
     assert sizes == [10, 20, 40, 4, 6, 9, 13]
 
 
-def test_resumed_growing_run_takes_the_same_batches_and_ends_bit_identical(tmp_path):
-    cfg = parse_config(raw_config(tmp_path, GROWING))
+@pytest.mark.parametrize(
+    ("hf_entry", "hf_stop"),
+    [(GROWING[0], 6), (LATE, 10)],  # LATE: stopped among the full-set steps with the share
+    ids=["growing", "full_steps"],
+)
+def test_resumed_growing_run_takes_the_same_batches_and_ends_bit_identical(
+    tmp_path, hf_entry, hf_stop
+):
+    cfg = parse_config(raw_config(tmp_path, [hf_entry, GROWING[1]]))
     full: list[tuple[str, int, int]] = []
     runner = Runner(cfg, tmp_path / "full", progress=False, verbose=False)
     runner.on_step = lambda ev: full.append((ev.label, ev.step, ev.batch_size))
@@ -181,12 +232,12 @@ def test_resumed_growing_run_takes_the_same_batches_and_ends_bit_identical(tmp_p
 
     def stop_mid_growth(ev):
         part.append((ev.label, ev.step, ev.batch_size))
-        if (ev.label, ev.step) in (("hessianfree", 6), ("adam", 9)):
+        if (ev.label, ev.step) in (("hessianfree", hf_stop), ("adam", 9)):
             runner.request_stop()
 
     runner.on_step = stop_mid_growth
     assert runner.run().status is RunStatus.INTERRUPTED
-    for _ in range(2):  # interrupted in each optimizer (6 and 9 are not checkpoint steps)
+    for _ in range(2):  # interrupted in each optimizer (6, 9, 10 are not checkpoint steps)
         resumed = Runner(cfg, tmp_path / "part", resume=True, progress=False, verbose=False)
         resumed.on_step = stop_mid_growth if _ == 0 else (
             lambda ev: part.append((ev.label, ev.step, ev.batch_size))
@@ -225,6 +276,7 @@ def hf(**keys) -> dict:
 
 FINITE = "must be a finite number >= 1"
 FRACTION = "must be a number in (0, 1]"
+STEPS = "must be an integer >= 0, the number of steps on the whole training set"
 BAD = [
     # (entry keys, the key named, text the message must hold)
     (hf(batch_growth=0.9), "batch_growth", f"0.9: {FINITE}"),
@@ -260,6 +312,52 @@ BAD = [
         "curvature_fraction",
         "only applies to 'hessianfree', not 'adam'",
     ),
+    *(
+        (
+            hf(batch_growth=1.1, curvature_fraction=0.25, curvature_fraction_full_steps=v),
+            "curvature_fraction_full_steps",
+            f"{shown}: {STEPS}",
+        )
+        for v, shown in ((-1, "-1"), (2.5, "2.5"), (True, "True"), ("4", "'4'"), ([4], "[4]"))
+    ),  # fmt: skip
+    (
+        hf(batch_growth=1.1, curvature_fraction_full_steps=4),
+        "curvature_fraction_full_steps",
+        "= 4 keeps `curvature_fraction` on the whole training set, but "
+        "`optimizers.0.curvature_fraction` is not set",
+    ),
+    (
+        hf(curvature_fraction=0.25, curvature_fraction_full_steps=4),
+        "curvature_fraction_full_steps",
+        "4 only applies to a growing batch",
+    ),
+    (
+        {"name": "adam", "batch_size": 50, "batch_growth": 1.1, "curvature_fraction_full_steps": 4},
+        "curvature_fraction_full_steps",
+        "only applies to 'hessianfree', not 'adam'",
+    ),
+    (
+        hf(
+            batch_growth=1.1,
+            batch_max=1000,
+            curvature_fraction=0.25,
+            curvature_fraction_full_steps=4,
+        ),
+        "curvature_fraction_full_steps",
+        "never becomes the whole training set (batch_max 1000 stops it at 1000 of the 1347 "
+        "cases), so curvature_fraction applies on every step; remove the key or change "
+        "batch_max",
+    ),  # fmt: skip
+    (
+        hf(
+            batch_growth=1.1,
+            batch_multiple=2,
+            curvature_fraction=0.25,
+            curvature_fraction_full_steps=4,
+        ),
+        "curvature_fraction_full_steps",
+        "(batch_multiple 2 rounds it down to 1346 of the 1347 cases)",
+    ),  # fmt: skip
 ]
 
 
@@ -294,6 +392,15 @@ def test_schedule_round_trips_through_the_dump_and_plain_entries_keep_their_dige
     assert (adam.batch_max, adam.batch_multiple) == (30, 2)
     plain = yaml.safe_load(dump_config(cfg))["optimizers"][2]
     assert not {"batch_growth", "batch_max", "batch_multiple", "curvature_fraction"} & set(plain)
+    assert "curvature_fraction_full_steps" not in yaml.safe_load(dump_config(cfg))["optimizers"][0]
+    # the full-set steps with the share, in an entry and in a phase
+    phased = {"label": "p", "phases": [{"name": "adam", "budget": {"steps": 2}}, LATE]}
+    late = parse_config(raw_config(tmp_path, [LATE, phased]))
+    dumped = yaml.safe_load(dump_config(late))["optimizers"]
+    assert dumped[0]["curvature_fraction_full_steps"] == 3
+    assert dumped[1]["phases"][1]["curvature_fraction_full_steps"] == 3
+    assert parse_config(yaml.safe_load(dump_config(late)), default_name="grow") == late
+    assert late.optimizers[1].phases[1].curvature_fraction_full_steps == 3
     # an entry's fraction replaces a top-level curvature_batch_size
     top = parse_config(raw_config(tmp_path, GROWING[:1], curvature_batch_size=4))
     assert top.optimizers[0].curvature_batch_size is None

@@ -4,7 +4,9 @@ The optimizers of a config run one after another, each from the same initial wei
 once from ``seed``) and on the same data order (a per-optimizer ``torch.Generator`` seeded
 with ``seed`` draws each epoch's permutation). A step takes the next ``batch_size`` cases of
 the permutation (an epoch's remainder smaller than a batch is skipped); HF's curvature batch is
-the first ``curvature_batch_size`` cases of that gradient batch, or its ``curvature_fraction``.
+the first ``curvature_batch_size`` cases of that gradient batch, or its ``curvature_fraction``
+(all of it once a growing batch is the whole set and ``curvature_fraction_full_steps`` steps
+have been taken on it).
 With ``batch_growth`` > 1 the batch of step ``k`` of an entry (or phase) is ``batch_size *
 batch_growth**k`` cases, rounded down to a multiple of ``batch_multiple``, at most
 ``batch_max`` (:func:`~hessfree.train.stepping.batch_sizes`): a function of the step count,
@@ -71,7 +73,12 @@ from hessfree.train.config import (
     config_digest,
     training_digest,
 )
-from hessfree.train.config.checks import curvature_batch_fits, leaves, loss_fits_targets
+from hessfree.train.config.checks import (
+    curvature_batch_fits,
+    full_steps_problem,
+    leaves,
+    loss_fits_targets,
+)
 from hessfree.train.data import Dataset, load_dataset
 from hessfree.train.evaluation import evaluate
 from hessfree.train.metrics import MetricsLog, format_table, read_metrics, summarize
@@ -204,6 +211,8 @@ def _data_problems(
                 f"`{path}.batch_max` = {opt.batch_max} ({opt.label}) exceeds the {n} training "
                 f"cases of {ds.name!r}; use at most {n}, or null for the whole training set."
             )
+        if (why := full_steps_problem(path, opt, n)) is not None:
+            problems.append(why)
         if not curvature_batch_fits(opt, n):
             problems.append(
                 f"`{path}` ({opt.label}): curvature_batch_size "

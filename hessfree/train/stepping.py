@@ -62,7 +62,9 @@ def batch_sizes(
     its ``curvature_fraction`` (rounded to a multiple of ``batch_multiple``, at least one);
     a growing batch that has become the whole training set takes all of it as its curvature
     batch (as ``experiments/scorecard.py``'s ``_curvature_size``: once the step is a
-    deterministic full-batch step, the curvature batch no longer safeguards the fit).
+    deterministic full-batch step, the curvature batch no longer safeguards the fit), after
+    ``curvature_fraction_full_steps`` steps on it that still take the fraction (the
+    scorecard's ``full_curvature_after``).
 
     Example:
         >>> from hessfree.train.config import BudgetConfig
@@ -73,6 +75,10 @@ def batch_sizes(
         ...                        batch_growth=1.1, curvature_fraction=0.25)
         >>> [batch_sizes(grow, 4000, False, k)[:2] for k in (0, 1, 29, 30)]
         [(250, 62), (275, 69), (3965, 991), (4000, None)]
+        >>> import dataclasses
+        >>> late = dataclasses.replace(grow, curvature_fraction_full_steps=4)
+        >>> [batch_sizes(late, 4000, False, k)[:2] for k in (29, 30, 33, 34)]
+        [(3965, 991), (4000, 1000), (4000, 1000), (4000, None)]
     """
     largest = min(leaf.batch_max or n, n)
     batch_size = grown_batch_size(
@@ -83,7 +89,7 @@ def batch_sizes(
         m = leaf.batch_multiple
         curvature_size = (
             batch_size
-            if leaf.growing and batch_size >= n
+            if leaf.growing and _full_since(leaf, step, n, largest)
             else m * max(1, round(batch_size * leaf.curvature_fraction / m))
         )
     # A replicated curvature batch is the same on every rank, so it needs its own closure
@@ -96,6 +102,22 @@ def batch_sizes(
     return batch_size, curvature_size, replicated
 
 
+def _full_since(leaf: OptimizerConfig, step: int, n: int, largest: int) -> bool:
+    """Whether a growing batch has covered the whole training set for more than
+    ``curvature_fraction_full_steps`` steps before step ``step`` (so this step's curvature batch
+    is all of it).
+
+    Sizes never shrink, so the first :math:`s` steps at the whole set are those whose batch
+    :math:`s` steps earlier was smaller: step :math:`k` is past them iff
+    :math:`b_{k-s} \\ge N` (:math:`k \\ge s`). A function of the step alone, as the sizes are.
+    """
+    back = step - leaf.curvature_fraction_full_steps
+    if back < 0:
+        return False
+    start = leaf.batch_size or n
+    return grown_batch_size(start, leaf.batch_growth, back, largest, leaf.batch_multiple) >= n
+
+
 def describe_batches(leaf: OptimizerConfig, n: int) -> str:
     """The batch schedule in words, for the runner's start line.
 
@@ -106,6 +128,10 @@ def describe_batches(leaf: OptimizerConfig, n: int) -> str:
         >>> print(describe_batches(grow, 4000).replace(", ", ",\\n"))
         batch 250 growing x1.1 per step to 4000 (step 30),
         curvature batch 0.25 of it until the whole set
+        >>> import dataclasses
+        >>> late = dataclasses.replace(grow, curvature_fraction_full_steps=4)
+        >>> describe_batches(late, 4000).split(", ")[1]
+        'curvature batch 0.25 of it until 4 steps on the whole set'
     """
     size, curvature, _ = batch_sizes(leaf, n, False)
     if not leaf.growing:
@@ -121,7 +147,12 @@ def describe_batches(leaf: OptimizerConfig, n: int) -> str:
         k += 1
     text = f"batch {size} growing x{leaf.batch_growth:.10g} per step to {top} (step {k})"
     if leaf.curvature_fraction is not None:
-        until = " until the whole set" if top >= n else ""
+        until = ""
+        if top >= n:
+            s = leaf.curvature_fraction_full_steps
+            until = (
+                f" until {s} step{'s' * (s != 1)} on the whole set" if s else " until the whole set"
+            )
         return text + f", curvature batch {leaf.curvature_fraction:g} of it{until}"
     return text + (f", curvature batch {curvature}" if curvature else "")
 

@@ -2,9 +2,9 @@
 
 The loss is resolved from the model and the data (:func:`_resolve_loss`); model and data must
 fit each other; sizes a data section fixes (cases, classes, input size) bound the batch sizes
-and, with the model, the memory a run needs. Two rules are shared with the runner's checks
-after loading (``hessfree.train.loop._data_problems``): :func:`loss_fits_targets` and
-:func:`curvature_batch_fits`.
+and, with the model, the memory a run needs. Three rules are shared with the runner's checks
+after loading (``hessfree.train.loop._data_problems``): :func:`loss_fits_targets`,
+:func:`curvature_batch_fits` and :func:`full_steps_problem`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,41 @@ def curvature_batch_fits(leaf: OptimizerConfig, n: int | None) -> bool:
         leaf.curvature_batch_size is None
         or gradient_batch is None
         or leaf.curvature_batch_size <= gradient_batch
+    )
+
+
+def full_steps_problem(path: str, leaf: OptimizerConfig, n: int) -> str | None:
+    """Why ``curvature_fraction_full_steps`` cannot apply to ``leaf`` on ``n`` training cases
+    (None: it can): a growing batch that ``batch_max`` or ``batch_multiple`` keeps below the
+    whole set never takes a full-set step, so the fraction applies on every step anyway.
+
+    Example:
+        >>> from hessfree.train.config import BudgetConfig
+        >>> leaf = OptimizerConfig("hessianfree", "hf", {}, 8, None, BudgetConfig(),
+        ...     batch_growth=1.5, batch_multiple=4, curvature_fraction=0.5,
+        ...     curvature_fraction_full_steps=2)
+        >>> full_steps_problem("optimizers.0", leaf, 48) is None
+        True
+        >>> print(full_steps_problem("optimizers.0", leaf, 50))  # doctest: +NORMALIZE_WHITESPACE
+        `optimizers.0.curvature_fraction_full_steps` = 2 (hf): the growing batch never becomes
+        the whole training set (batch_multiple 4 rounds it down to 48 of the 50 cases), so
+        curvature_fraction applies on every step; remove the key or change batch_multiple.
+    """
+    if not leaf.curvature_fraction_full_steps:
+        return None
+    top = min(leaf.batch_max or n, n)
+    if top < n:
+        why, key = f"batch_max {leaf.batch_max} stops it at {top} of the {n} cases", "batch_max"
+    elif top % leaf.batch_multiple:
+        top -= top % leaf.batch_multiple
+        why = f"batch_multiple {leaf.batch_multiple} rounds it down to {top} of the {n} cases"
+        key = "batch_multiple"
+    else:
+        return None
+    return (
+        f"`{path}.curvature_fraction_full_steps` = {leaf.curvature_fraction_full_steps} "
+        f"({leaf.label}): the growing batch never becomes the whole training set ({why}), so "
+        f"curvature_fraction applies on every step; remove the key or change {key}."
     )
 
 
@@ -215,6 +250,8 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
                     f"cases of {cfg.data.name!r} ({opt.label}); use at most {n}, or null for "
                     "the whole training set."
                 )
+            if (why := full_steps_problem(entry_path, opt, n)) is not None:
+                problems.append(why)
             if opt.batch_size is None and not curvature_batch_fits(opt, n):
                 problems.append(
                     f"`{entry_path}.curvature_batch_size` = {opt.curvature_batch_size} "

@@ -94,7 +94,8 @@ def _schedule(
     problems: list[str],
 ) -> dict[str, Any]:
     """An entry's batch schedule (``batch_growth``, ``batch_max``, ``batch_multiple``,
-    ``curvature_fraction``) as :class:`OptimizerConfig` fields, every conflict refused.
+    ``curvature_fraction``, ``curvature_fraction_full_steps``) as :class:`OptimizerConfig`
+    fields, every conflict refused.
 
     Returns the fields to set, with ``curvature_batch_size`` None when a fraction replaces it.
     ``batch_size`` 0: the entry's batch_size was refused; nothing is compared with it.
@@ -149,12 +150,32 @@ def _schedule(
         else:
             out["curvature_fraction"] = float(f)
             out["curvature_batch_size"] = None
+    key = "curvature_fraction_full_steps"
+    if key in raw and raw[key] is not None:
+        v = raw[key]
+        if isinstance(v, float) and v.is_integer() and abs(v) <= 2**53:
+            v = int(v)
+        if name != "hessianfree":
+            problems.append(f"`{path}.{key}` only applies to 'hessianfree', not {name!r}.")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            refuse(
+                key,
+                "must be an integer >= 0, the number of steps on the whole training set that "
+                "still take curvature_fraction of it (0: all of it from the first full step)",
+            )
+        elif raw.get("curvature_fraction") is None:
+            problems.append(
+                f"`{path}.{key}` = {v} keeps `curvature_fraction` on the whole training set, "
+                f"but `{path}.curvature_fraction` is not set; set it or remove `{key}`."
+            )
+        else:
+            out[key] = v
     if len(problems) > before:
         return {}
     growth = out.get("batch_growth", 1.0)
     multiple = out.get("batch_multiple", 1)
     if growth == 1.0:
-        for key in ("batch_max", "batch_multiple"):
+        for key in ("batch_max", "batch_multiple", "curvature_fraction_full_steps"):
             if key in out:
                 problems.append(
                     f"`{path}.{key}` = {out[key]} only applies to a growing batch; set "
@@ -255,6 +276,7 @@ def _parse_phased(
         batch_max=first.batch_max,
         batch_multiple=first.batch_multiple,
         curvature_fraction=first.curvature_fraction,
+        curvature_fraction_full_steps=first.curvature_fraction_full_steps,
     )
 
 

@@ -362,7 +362,13 @@ _TORCH_OPTIMIZERS: dict[str, type] = {
 #: Optimizer names a config may use.
 OPTIMIZER_NAMES = ("hessianfree", "adam", "sgd", "lbfgs")
 #: The batch schedule's keys of an entry (:func:`hessfree.train.stepping.batch_sizes`).
-_SCHEDULE_KEYS = ("batch_growth", "batch_max", "batch_multiple", "curvature_fraction")
+_SCHEDULE_KEYS = (
+    "batch_growth",
+    "batch_max",
+    "batch_multiple",
+    "curvature_fraction",
+    "curvature_fraction_full_steps",
+)
 _ENTRY_KEYS = ("name", "label", "batch_size", "curvature_batch_size", *_SCHEDULE_KEYS, "budget")
 _PHASED_KEYS = ("phases", "label", "budget")
 
@@ -392,7 +398,12 @@ class OptimizerConfig:
             run needs multiples of its process count).
         curvature_fraction: HF only, instead of ``curvature_batch_size``: the curvature batch
             is this fraction of the gradient batch (rounded, at least ``batch_multiple``); a
-            growing batch that has become the whole training set takes all of it.
+            growing batch that has become the whole training set takes all of it (after
+            ``curvature_fraction_full_steps`` steps on it).
+        curvature_fraction_full_steps: HF with a growing batch and ``curvature_fraction``
+            only: the first this many steps on the whole training set still take the fraction
+            of it as their curvature batch (cheap products while λ is still large), the steps
+            after them all of it; 0: all of it from the first full step.
     """
 
     name: str
@@ -406,6 +417,7 @@ class OptimizerConfig:
     batch_max: int | None = None
     batch_multiple: int = 1
     curvature_fraction: float | None = None
+    curvature_fraction_full_steps: int = 0
 
     @property
     def growing(self) -> bool:

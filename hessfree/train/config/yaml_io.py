@@ -171,6 +171,8 @@ def _entry(opt: OptimizerConfig, plain: Any) -> dict[str, Any]:
     if opt.name == "hessianfree":
         if opt.curvature_fraction is not None:
             entry["curvature_fraction"] = opt.curvature_fraction
+            if opt.curvature_fraction_full_steps:
+                entry["curvature_fraction_full_steps"] = opt.curvature_fraction_full_steps
         else:
             entry["curvature_batch_size"] = opt.curvature_batch_size
     entry["budget"] = plain(opt.budget)

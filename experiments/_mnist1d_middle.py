@@ -1,0 +1,196 @@
+"""MNIST-1D's middle phase (loss 1.5 -> 0.3): what makes HF reach Adam's ¼- and ½-budget losses
+sooner (#14). Throwaway harness; ``experiments/README.md`` records every result.
+
+Every contender is ``scorecard.py``'s quick MNIST-1D task and the scorecard's tuned regime
+(250 ×1.1/step, curvature ¼ to 4 full-batch steps, ``cg_max_iter=10``) with one change, run
+from the same initial weights and batch order, interleaved with Adam lr 0.01 b 100 (the
+sweep's pick) in 80 slices of an 8 s budget, so that a time to a target is that of the step that
+got there. Printed per contender: time to Adam's ¼ / ½ / full-budget losses as a ratio of
+Adam's, the final loss, steps, and a per-step trace (batch, curvature batch, λ, ρ, CG
+iterations and stop, backtracked iterate, seconds) with ``TRACE=1``.
+
+Usage (torch 1 thread)::
+
+    python experiments/_mnist1d_middle.py 8 ref,kfac,nocheck [repeats]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scorecard as sc  # noqa: E402
+
+from hessfree import HessianFree, KFACPreconditioner  # noqa: E402
+
+REF = dict(batch=250, growth=1.1, curvature_batch=0.25, full_curvature_after=4, kw={})
+BASE_KW = dict(cg_max_iter=10)
+
+
+def variant(**change) -> dict:
+    kw = dict(BASE_KW, **change.pop("kw", {}))
+    return dict(REF, **change, kw=kw)
+
+
+CONTENDERS = {
+    "ref": variant(),
+    "kfac": variant(kfac={}),
+    "kfac_r32": variant(kfac=dict(rank=32)),
+    "kfac_cg5": variant(kfac={}, kw=dict(cg_max_iter=5)),
+    "kfac_half": variant(kfac={}, curvature_batch=0.5),
+    "kfac_ref2": variant(kfac=dict(refresh=2)),
+    "kfac_r16": variant(kfac=dict(rank=16)),
+    "kfac_r8": variant(kfac=dict(rank=8)),
+    "kfac_r32_cg5": variant(kfac=dict(rank=32), kw=dict(cg_max_iter=5)),
+    "kfac_r32_ref2": variant(kfac=dict(rank=32, refresh=2)),
+    "kfac_r32_cg20": variant(kfac=dict(rank=32), kw=dict(cg_max_iter=20)),
+    "kfac_r32_all": variant(kfac=dict(rank=32), full_curvature_after=0),
+    "k16_eighth": variant(kfac=dict(rank=16), curvature_batch=0.125),
+    "k16_rd1e-3": variant(kfac=dict(rank=16, relative_damping=1e-3)),
+    "k16_rd0.1": variant(kfac=dict(rank=16, relative_damping=0.1)),
+    "k16_decay0.8": variant(kfac=dict(rank=16, decay=0.8)),
+    "k16_g1.15": variant(kfac=dict(rank=16), growth=1.15),
+    "k16_b125": variant(kfac=dict(rank=16), batch=125),
+    "k16_g105mid": variant(kfac=dict(rank=16), growth_mid=1.05),
+    "k16_exact": variant(kfac=dict(rank=16, num_probes=None)),
+    "k16_b500": variant(kfac=dict(rank=16), batch=500),
+    "k16_lr07": variant(kfac=dict(rank=16), kw=dict(lr=0.7)),
+    "k16_lr085": variant(kfac=dict(rank=16), kw=dict(lr=0.85)),
+    "k16_g12early": variant(kfac=dict(rank=16), growth=1.2, growth_mid=1.1),
+    "k16_g13early": variant(kfac=dict(rank=16), growth=1.3, growth_mid=1.1),
+    "k16_from1000": variant(kfac=dict(rank=16), kfac_from=1000),
+    "k16_from500": variant(kfac=dict(rank=16), kfac_from=500),
+    "k16_damp005": variant(kfac=dict(rank=16), kw=dict(damping=0.05)),
+    "k16_nocheck": variant(kfac=dict(rank=16), kw=dict(cg_stop_on_increase=False)),
+    "nocheck": variant(kw=dict(cg_stop_on_increase=False)),
+    "martens": variant(kw=dict(damping_rule="martens")),
+    "decay0": variant(kw=dict(cg_decay=0.0)),
+    "decay09": variant(kw=dict(cg_decay=0.9)),
+    "decay098": variant(kw=dict(cg_decay=0.98)),
+    "nobt": variant(kw=dict(backtrack=False)),
+    "nols": variant(kw=dict(line_search=None)),
+    "dec13": variant(kw=dict(damping_decrease=1 / 3)),
+    "cg20": variant(kw=dict(cg_max_iter=20)),
+    "cg5": variant(kw=dict(cg_max_iter=5)),
+    "check2": variant(kw=dict(cg_check_every=2)),
+    "disjoint": variant(disjoint=True),
+    "full8": variant(full_curvature_after=8),
+    "g115mid": variant(growth_mid=1.15),
+    "min_iter3": variant(kw=dict(cg_min_iter=3)),
+}
+
+
+class GrowingBatches(sc._Batches):
+    """``sc._Batches`` that also hands out the next ``c`` cases after the gradient batch (a
+    curvature batch disjoint from it), and optionally a different growth above 1,000 cases."""
+
+    def __init__(self, *args, growth_mid: float | None = None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.growth_mid = growth_mid
+
+    def next(self):
+        if self.growth_mid and self.size >= 1000:
+            self.growth = self.growth_mid
+        return super().next()
+
+    def disjoint(self, c: int):
+        # the c cases after the current batch in this epoch's permutation (wrapping)
+        idx = torch.cat([self.perm[self.i :], self.perm[: self.i]])[:c]
+        return idx
+
+
+def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
+    m = __import__("copy").deepcopy(task.model)
+    kw = dict(regime["kw"])
+    if "kfac" in regime:
+        kw["precond"] = KFACPreconditioner(m, **regime["kfac"])
+    opt = HessianFree(m.parameters(), **kw)
+    kfac = kw.get("precond")
+    n = len(task.x)
+    batches = GrowingBatches(
+        n, regime["batch"], task.x.device, regime["growth"], growth_mid=regime.get("growth_mid")
+    )
+    run = sc.Run(name, "HF", m, lambda: None, detail=str(regime))
+    run.trace = []
+    full_steps = [0]
+
+    def forward(xb, yb):
+        out = m(xb)
+        return task.loss(out, yb), out
+
+    def step() -> None:
+        idx = batches.next()
+        xb, yb = (task.x, task.y) if idx is None else (task.x[idx], task.y[idx])
+        full_steps[0] += idx is None
+        c = min(sc._curvature_size(regime, len(xb), n, full_steps[0]), len(xb))
+        if c >= len(xb):
+            curvature = None
+        elif regime.get("disjoint") and idx is not None:
+            cidx = batches.disjoint(c)
+            curvature = lambda: forward(task.x[cidx], task.y[cidx])  # noqa: E731
+        else:
+            curvature = lambda: forward(xb[:c], yb[:c])  # noqa: E731
+        if "kfac_from" in regime:  # K-FAC only once the batch has that many cases
+            opt.precond = kfac if len(xb) >= regime["kfac_from"] else None
+        t0 = time.perf_counter()
+        opt.step(lambda: forward(xb, yb), curvature)
+        s = opt.last_step
+        run.statuses[s.status] = run.statuses.get(s.status, 0) + 1
+        run.trace.append(
+            (len(xb), c, s.damping, s.rho, s.cg_iters, str(s.cg_reason), s.backtrack_iter,
+             s.step_rate, s.loss, time.perf_counter() - t0, s.closure_calls,
+             dict(s.time_phases), s.time_products)
+        )  # fmt: skip
+
+    run.step = step
+    return run
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    budget = float(sys.argv[1])
+    names = sys.argv[2].split(",")
+    repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    slices = int(os.environ.get("SLICES", 80))
+    print("uptime before:", os.popen("uptime").read().strip(), flush=True)
+    task = sc._classifier("mnist1d", quick=True)
+    runs = [sc.first_order_run(task, "Adam", 1e-2, 100)]
+    for r in range(repeats):
+        for name in names:
+            runs.append(hf_run(task, name if repeats == 1 else f"{name}#{r}", CONTENDERS[name]))
+    sc.interleave(runs, task, budget, slices, "cpu")
+    adam = runs[0]
+    targets = [sc.value_at(adam.curve, budget * q) for q in (0.25, 0.5, 1.0)]
+    at = [sc.time_to(adam.curve, t) for t in targets]
+    print(f"Adam targets {[f'{t:.3g}' for t in targets]} at {[f'{t:.2f}' for t in at]} s")
+    for r in runs[1:]:
+        times = [sc.time_to(r.curve, t) for t in targets]
+        ratios = " / ".join(
+            f"{t / a:.2f}" if math.isfinite(t) else "never" for t, a in zip(times, at, strict=True)
+        )
+        marks = {lv: sc.time_to(r.curve, lv) for lv in (1.0, 0.5, 0.3, 0.1)}
+        mk = " ".join(f"{lv:g}@{t:.2f}" for lv, t in marks.items())
+        print(
+            f"{r.name:12s} {ratios:22s} final {sc.final_error(r):.3g} steps {r.steps} "
+            f"[{mk}] {r.failed}"
+        )
+        if os.environ.get("TRACE"):
+            for k, t in enumerate(r.trace):
+                b, c, lam, rho, it, why, bt, rate, loss, sec, calls, phases, prod = t
+                ph = " ".join(f"{k[:4]}={v:.3f}" for k, v in phases.items())
+                print(
+                    f"   {k:3d} b={b:5d} c={c:5d} lam={lam:.2e} rho={rho:6.3f} cg={it:3d} "
+                    f"{why:10s} bt={bt} rate={rate:g} loss={loss:.4f} {sec:.3f}s "
+                    f"calls={calls} prod={prod:.3f} {ph}"
+                )
+    print("uptime after:", os.popen("uptime").read().strip(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
