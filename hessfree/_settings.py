@@ -250,7 +250,9 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         else "",
     )
     low = out["min_damping"] = check_number("min_damping", s.min_damping, low=0.0)
-    high = out["max_damping"] = check_number("max_damping", s.max_damping, low=low, low_open=True)
+    high = out["max_damping"] = check_number(
+        "max_damping", s.max_damping, low=low, high=math.inf, low_open=True
+    )
     initial = out.get("damping", math.nan)
     if not math.isnan(initial) and not (low <= initial <= high):
         raise ValueError(

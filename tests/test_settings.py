@@ -48,6 +48,30 @@ def test_settings_from_kwargs_names_the_key_the_value_and_what_is_allowed(kwargs
         HFSettings.from_kwargs(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "lr",
+        "weight_decay",
+        "structural_damping",
+        "min_damping",
+        "tolerance_grad",
+        "tolerance_change",
+        "cg_rtol",
+        "cg_progress_tol",
+    ],
+)
+def test_settings_refuse_an_infinite_value_with_no_upper_bound(key):
+    # the message says `[0.0, inf)`, so inf itself must be refused (it used to pass and turn
+    # the parameters or the objective into inf/NaN at the first step)
+    with pytest.raises(ValueError, match=rf"`{key}` must be in [\[(]0.0, inf\), got inf\."):
+        HFSettings(**{key: float("inf")})
+
+
+def test_settings_allow_an_unbounded_max_damping():
+    assert HFSettings(max_damping=float("inf")).max_damping == float("inf")
+
+
 def test_settings_problems_reports_each_key_then_the_constraints_between_keys():
     assert HFSettings.problems({"cg_max_iter": 50, "damping": 1.0}) == []
     found = HFSettings.problems({"cg_max_iter": 0, "armijo_c": 1.5, "seed": 1})

@@ -74,6 +74,10 @@ def refused(argv: list[str], capsys) -> str:
         ("name=a/b", r"path separators"),
         ("batch_size=5000", r"`batch_size` = 5000 exceeds the 1347 training cases"),
         ("optimizers.0.curvature_batch_size=5000", r"curvature_batch_size` = 5000 exceeds"),
+        ("optimizers.0.lr=.inf", r"`lr` must be in \[0.0, inf\), got inf"),
+        ("optimizers.0.weight_decay=.inf", r"`weight_decay` must be in \[0.0, inf\), got inf"),
+        ("optimizers.1.eps=.inf", r"`optimizers.1.eps` must be in .*, got inf"),
+        ("budget.seconds=.inf", r"`budget.seconds` must be in \(0.0, inf\), got inf"),
     ],
 )
 def test_values_that_would_crash_are_refused_at_check(tmp_path, capsys, override, match):
