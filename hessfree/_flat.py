@@ -91,10 +91,14 @@ class ParamLayout:
     def cat(self, tensors: Sequence[Tensor | None]) -> Tensor:
         """Concatenate tensors shaped like the parameters into one flat vector.
 
-        ``None`` entries (parameters an expression does not depend on) become zeros.
+        ``None`` entries (parameters an expression does not depend on) become zeros; sparse
+        ones (``nn.Embedding(sparse=True)``'s gradients) are made dense, as
+        ``torch.optim.LBFGS`` does.
         """
         parts = [
-            torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1)
+            torch.zeros(n, dtype=self.dtype, device=self.device)
+            if t is None
+            else (t.to_dense() if t.is_sparse else t).reshape(-1)
             for t, n in zip(tensors, self.numels, strict=True)
         ]
         return torch.cat(parts)
