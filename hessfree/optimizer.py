@@ -138,6 +138,11 @@ _SAME_OBJECTIVE_RTOL = 1e-5
 #: ``experiments/README.md``).
 _SAME_OBJECTIVE_AGAIN = 3
 
+#: Keys a param group may hold: HessianFree's and those torch's LR schedulers add.
+_GROUP_KEYS_KNOWN = frozenset(
+    ("params", "name", "initial_lr", "base_lr", "max_lr", "min_lr", *HFSettings.GROUP_KEYS)
+)
+
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
 # torch's messages for data that does not match the parameters (dtype, device, features)
 _MISMATCH = re.compile(
@@ -599,19 +604,7 @@ class HessianFree(torch.optim.Optimizer):
         # Every plain hyperparameter lives in the defaults, as in LBFGS, so state_dict() carries
         # them; all but lr and weight_decay are one per optimizer (one quadratic model).
         defaults = self.settings.group_values()
-        super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0)
-            check_number(f"param_groups[{i}]['weight_decay']", group["weight_decay"], low=0.0)
-            for key in ("tolerance_grad", "tolerance_change"):
-                check_number(f"param_groups[{i}][{key!r}]", group[key], low=0.0)
-            for key in HFSettings.GROUP_KEYS:
-                if key not in HFSettings.PER_GROUP and group[key] != defaults[key]:
-                    raise ValueError(
-                        f"`param_groups[{i}][{key!r}]` is {group[key]!r} but `{key}` is "
-                        f"{defaults[key]!r}; all groups form one quadratic model, so pass "
-                        f"`{key}` to HessianFree instead of per group."
-                    )
+        super().__init__(params, defaults)  # checks each group (add_param_group)
         self._group_view = self._shared_group_values()
         if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
             raise ValueError(
@@ -624,12 +617,83 @@ class HessianFree(torch.optim.Optimizer):
         self._watched: set[str] = set()
         self._warned_stochastic = False
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group as ``torch.optim.Optimizer`` does, after checking it.
+
+        Only ``lr`` and ``weight_decay`` may differ from the other groups (all groups form one
+        quadratic model); the parameters must be real floating-point tensors.
+
+        Raises:
+            ValueError: For a value out of range, a shared setting that differs from the other
+                groups', or a key HessianFree does not know (the group is not added).
+            TypeError: For complex parameters or a value of the wrong type.
+        """
+        i = len(self.param_groups)
+        if isinstance(param_group, dict):
+            unknown = sorted(set(param_group) - _GROUP_KEYS_KNOWN)
+            if unknown:
+                raise ValueError(
+                    f"`param_groups[{i}]` has unknown key(s) {unknown}; HessianFree's groups "
+                    f"take 'params' and {', '.join(map(repr, HFSettings.GROUP_KEYS))} (only "
+                    f"{' and '.join(map(repr, HFSettings.PER_GROUP))} may differ between groups)."
+                )
+        super().add_param_group(param_group)  # warns of duplicates, as torch does
+        group = self.param_groups[i]
+        group["params"] = list(dict.fromkeys(group["params"]))  # ... which would count twice
+        try:
+            self._check_group(i, group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    def _check_group(self, i: int, group: dict) -> None:
+        for key in ("lr", "weight_decay", "tolerance_grad", "tolerance_change"):
+            check_number(f"param_groups[{i}][{key!r}]", group[key], low=0.0)
+        for j, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise TypeError(
+                    f"`param_groups[{i}]['params'][{j}]` is complex ({p.dtype}); HessianFree "
+                    "needs real floating-point parameters: keep the real and imaginary parts "
+                    "as two real parameters (torch.complex(re, im) in the model)."
+                )
+        reference = self.param_groups[0] if i > 0 else self.defaults
+        for key in HFSettings.GROUP_KEYS:
+            if key not in HFSettings.PER_GROUP and group[key] != reference[key]:
+                raise ValueError(
+                    f"`param_groups[{i}][{key!r}]` is {group[key]!r} but `{key}` is "
+                    f"{reference[key]!r}; all groups form one quadratic model, so pass "
+                    f"`{key}` to HessianFree instead of per group."
+                )
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load as ``torch.optim.Optimizer`` does, hyperparameters included (as LBFGS does).
 
         A state dict from before a hyperparameter was stored in the groups gets this
-        optimizer's value for it.
+        optimizer's value for it. The groups' values are checked first: a state dict that is
+        refused leaves the optimizer as it was.
+
+        Raises:
+            ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
+                optimizer's group keys) or holds a value out of range.
+            TypeError: If a value has the wrong type.
         """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if not isinstance(groups, list | tuple) or "state" not in state_dict:
+            raise ValueError(
+                "`state_dict` must be a mapping with 'state' and 'param_groups' (as "
+                f"HessianFree.state_dict() returns), got {type(state_dict).__name__}"
+                + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, Mapping) else "")
+                + "."
+            )
+        for i, saved in enumerate(groups):
+            unknown = sorted(set(saved) - _GROUP_KEYS_KNOWN) if isinstance(saved, Mapping) else []
+            if unknown:
+                raise ValueError(
+                    f"`state_dict['param_groups'][{i}]` has key(s) {unknown} that HessianFree "
+                    "does not use: is it another optimizer's state dict?"
+                )
+            if isinstance(saved, Mapping):
+                self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in self.defaults})
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key in HFSettings.GROUP_KEYS:
@@ -653,6 +717,9 @@ class HessianFree(torch.optim.Optimizer):
         The param groups are the record (``state_dict``, ``load_state_dict``, edits such as
         ``opt.param_groups[0]['cg_max_iter'] = 50``), as in LBFGS; all groups share group 0's.
         """
+        for i, group in enumerate(self.param_groups):  # lr/weight_decay edits (schedulers)
+            for key in HFSettings.PER_GROUP:
+                check_number(f"param_groups[{i}][{key!r}]", group[key], low=0.0)
         values = self._shared_group_values()
         if values != self._group_view:
             self.settings = self.settings.replace(**values)
