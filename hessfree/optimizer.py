@@ -842,7 +842,7 @@ class HessianFree(torch.optim.Optimizer):
         """Build ``v -> C v`` (undamped, without weight decay) from an evaluation."""
         kind = self.settings.curvature
         if callable(kind):
-            return kind(evaluation.loss, evaluation.outputs, params), None
+            return _checked_curvature(kind(evaluation.loss, evaluation.outputs, params)), None
         if kind == "auto":
             kind = "ggn" if evaluation.outputs is not None else "hessian"
         if kind in ("ggn", "fisher") and evaluation.outputs is None:
@@ -921,9 +921,15 @@ class HessianFree(torch.optim.Optimizer):
         if not getattr(self.precond, "needs_outputs", True):  # curvature products only
             return self.precond(self._curvature_context(product, lam, shift, curv, g, run))
         if evaluation.outputs is None:
+            what = (
+                "The diagonal empirical-Fisher preconditioner"
+                if isinstance(self.precond, EmpiricalFisherDiagonal)
+                else f"`precond` {self.precond!r} (a callable without needs_outputs=False)"
+            )
             raise ValueError(
-                "The diagonal empirical-Fisher preconditioner needs per-example information: "
-                "make the closure return (loss, outputs), or pass precond=None."
+                f"{what} needs per-example information: make the closure return "
+                "(loss, outputs), give the callable a `needs_outputs = False` attribute to get "
+                "PrecondContext.curvature and .gradient instead, or pass precond=None."
             )
         if isinstance(evaluation.outputs, tuple):
             raise ValueError(
@@ -1530,6 +1536,27 @@ def _stochastic_modules() -> Iterator[list[type]]:
 
 def _same(t: Tensor) -> Tensor:
     return t
+
+
+def _checked_curvature(matvec: object) -> MatVec:
+    """A ``curvature=`` callable's product ``v -> C v``, checked to return ``v``'s shape."""
+    if not callable(matvec):
+        raise TypeError(
+            "The `curvature` callable must return a function v -> C v (flat tensors), got "
+            f"{type(matvec).__name__}."
+        )
+
+    def product(v: Tensor) -> Tensor:
+        out = matvec(v)
+        if not isinstance(out, Tensor) or out.shape != v.shape:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"The `curvature` callable's product must return a tensor of shape "
+                f"{tuple(v.shape)} like its input v, got {got}."
+            )
+        return out
+
+    return product
 
 
 def _structural_weight(damping: float, mu: float, hidden: Tensor) -> float:

@@ -793,6 +793,31 @@ def test_load_state_dict_refuses_foreign_or_bad_state_and_keeps_its_own(state_di
     assert opt.param_groups[0]["cg_max_iter"] == 7 and opt.cg_max_iter == 7
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"curvature": lambda loss, out, params: None}, TypeError, r"must return a function"),
+        (
+            {"curvature": lambda loss, out, params: lambda v: torch.ones(5, dtype=v.dtype)},
+            ValueError,
+            r"product must return a tensor of shape \(2,\) like its input v, got shape \(5,\)",
+        ),
+        (
+            {"precond": lambda ctx: torch.ones(2, dtype=torch.float64)},
+            ValueError,
+            r"`precond` <function .*> \(a callable without needs_outputs=False\) needs per-example",
+        ),
+    ],
+)
+def test_user_curvature_and_precond_callables_are_named_when_they_misbehave(kwargs, error, match):
+    A, _ = _xy_quadratic()
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], damping=1e-3, **kwargs)
+    with pytest.raises(error, match=match):
+        opt.step(lambda: 0.5 * x @ A @ x - x.sum())
+    assert x.tolist() == [0.3, -0.2]
+
+
 def test_lr_zero_from_a_scheduler_or_the_constructor_is_not_accepted():
     A, b = _quadratic(4, seed=2)
     x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
