@@ -123,3 +123,9 @@ def test_a_group_cannot_set_a_setting_shared_by_all_groups():
         HessianFree([{"params": [a]}, {"params": [b], "cg_max_iter": 5}])
     opt = HessianFree([{"params": [a]}, {"params": [b], "lr": 0.5}])
     assert [g["lr"] for g in opt.param_groups] == [1.0, 0.5]
+
+
+def test_min_damping_above_max_damping_names_both_keys():
+    problems = HFSettings.problems({"min_damping": 1e10})
+    assert problems and problems[0][0] == "min_damping"
+    assert "`min_damping` is 10000000000.0; `max_damping` must exceed it" in problems[0][1]
