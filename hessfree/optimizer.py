@@ -1182,10 +1182,20 @@ class HessianFree(torch.optim.Optimizer):
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
-        with torch.enable_grad():
-            precond = self._preconditioner(
-                evaluation, product, run.params, run.damping, run.l2, curv=curvature, g=g, run=run
-            )
+        try:
+            with torch.enable_grad():
+                precond = self._preconditioner(
+                    evaluation,
+                    product,
+                    run.params,
+                    run.damping,
+                    run.l2,
+                    curv=curvature,
+                    g=g,
+                    run=run,
+                )
+        except FloatingPointError:  # a Nyström sketch met NaN/Inf products: so will CG, at its
+            precond = None  # first product, and the step is rejected as non-finite curvature
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)

@@ -183,7 +183,9 @@ def nystrom_sketch(
         eigenvalue estimates in decreasing order (>= 0).
 
     Raises:
-        ValueError: If ``rank`` is not in ``[1, n]``.
+        ValueError: If ``n < 1``, ``rank`` is not in ``[1, n]`` or ``matmat`` returns another
+            shape.
+        FloatingPointError: If a product has a NaN or infinite entry.
 
     Example:
         >>> A = torch.diag(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
@@ -191,11 +193,21 @@ def nystrom_sketch(
         >>> torch.allclose(lam, torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
         True
     """
+    n = check_int("n", n, low=1)
     rank = check_int("rank", rank, low=1, high=n)
     omega = torch.randn(n, rank, generator=generator, dtype=dtype, device=device)
     omega = torch.linalg.qr(omega).Q
-    Y = matmat(omega.T).T  # (n, s)
-    nu = math.sqrt(n) * torch.finfo(dtype).eps * float(torch.linalg.matrix_norm(Y))
+    Y = matmat(omega.T)
+    if not isinstance(Y, Tensor) or tuple(Y.shape) != (rank, n):
+        got = f"shape {tuple(Y.shape)}" if isinstance(Y, Tensor) else type(Y).__name__
+        raise ValueError(f"`matmat` must return a ({rank}, {n}) tensor like its input, got {got}.")
+    Y = Y.T  # (n, s)
+    norm = float(torch.linalg.matrix_norm(Y))
+    if not math.isfinite(norm):
+        raise FloatingPointError(
+            "`matmat`'s products had a NaN or infinite entry: no sketch of a non-finite matrix."
+        )
+    nu = math.sqrt(n) * torch.finfo(dtype).eps * norm
     nu = max(nu, torch.finfo(dtype).tiny)
     Y = Y + nu * omega
     core = omega.T @ Y

@@ -818,6 +818,28 @@ def test_user_curvature_and_precond_callables_are_named_when_they_misbehave(kwar
     assert x.tolist() == [0.3, -0.2]
 
 
+@pytest.mark.parametrize("precond", ["auto", "nystrom"])
+def test_non_finite_curvature_under_a_nystrom_preconditioner_is_a_rejected_step(precond):
+    # The sketch meets the NaN products first: the step is rejected as non-finite curvature
+    # (was a LinAlgError from the sketch's Cholesky/eigh), and the next step goes on.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    opt = HessianFree(model.parameters(), precond=precond)
+
+    def closure(scale=1.0):
+        r = (model(X) - Y) * scale
+        return (r**2).mean(), (r,)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="non-finite value in a curvature product"):
+        opt.step(closure, lambda: closure(float("nan")))
+    assert opt.last_step.status == "non_finite_curvature"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    opt.step(closure)
+    assert opt.last_step.status == "accepted"
+
+
 def test_lr_zero_from_a_scheduler_or_the_constructor_is_not_accepted():
     A, b = _quadratic(4, seed=2)
     x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
