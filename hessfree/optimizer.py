@@ -121,7 +121,12 @@ from .curvature import (
     loss_hessian_product,
 )
 from .distributed import Averager
-from .preconditioning import EmpiricalFisherDiagonal, NystromPreconditioner, PrecondContext
+from .preconditioning import (
+    EmpiricalFisherDiagonal,
+    KFACPreconditioner,
+    NystromPreconditioner,
+    PrecondContext,
+)
 
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]
 
@@ -138,6 +143,8 @@ _SAME_OBJECTIVE_RTOL = 1e-5
 #: ``experiments/README.md``).
 _SAME_OBJECTIVE_AGAIN = 3
 
+#: Preconditioners whose failure on NaN/Inf curvature leaves the step to CG's own check.
+_BUILT_IN_PRECONDS = (NystromPreconditioner, KFACPreconditioner)
 #: Keys a param group may hold: HessianFree's and those torch's LR schedulers add.
 _GROUP_KEYS_KNOWN = frozenset(
     ("params", "name", "initial_lr", "base_lr", "max_lr", "min_lr", *HFSettings.GROUP_KEYS)
@@ -1194,8 +1201,14 @@ class HessianFree(torch.optim.Optimizer):
                     g=g,
                     run=run,
                 )
-        except FloatingPointError:  # a Nyström sketch met NaN/Inf products: so will CG, at its
-            precond = None  # first product, and the step is rejected as non-finite curvature
+        except (FloatingPointError, torch.linalg.LinAlgError):
+            # A built-in preconditioner (Nyström sketch, K-FAC factors) met NaN/Inf curvature:
+            # so will CG, at its first product, and the step is rejected as non-finite.
+            if not (self.precond == "auto" or isinstance(self.precond, _BUILT_IN_PRECONDS)):
+                raise
+            precond = None
+        if isinstance(self.precond, EmpiricalFisherDiagonal) and isinstance(precond, Tensor):
+            precond = precond.nan_to_num(nan=1.0, posinf=1.0, neginf=1.0)  # likewise; no sync
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)

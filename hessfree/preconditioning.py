@@ -509,17 +509,19 @@ class KFACPreconditioner:
             G = self._second_moment(d, probes)
             new.append((ctx.average(A), ctx.average(G)))
         if self.factors is None or self.decay == 0.0:
-            self.factors = new
-        else:
+            factors = new
+        else:  # out of place: kept only once their spectra exist (NaN/Inf makes eigh raise)
             w = self.decay
-            for (A0, G0), (A, G) in zip(self.factors, new, strict=True):
-                A0.mul_(w).add_(A, alpha=1 - w)
-                G0.mul_(w).add_(G, alpha=1 - w)
-        previous = self.eigen or [(None, None)] * len(self.factors)
+            factors = [
+                (A0 * w + A * (1 - w), G0 * w + G * (1 - w))
+                for (A0, G0), (A, G) in zip(self.factors, new, strict=True)
+            ]
+        previous = self.eigen or [(None, None)] * len(factors)
         self.eigen = [
             (self._eigen(A, pa), self._eigen(G, pg))
-            for (A, G), (pa, pg) in zip(self.factors, previous, strict=True)
+            for (A, G), (pa, pg) in zip(factors, previous, strict=True)
         ]
+        self.factors = factors
         # the floor: relative_damping times the mean eigenvalue of G ⊗ A (kept on the device)
         self._floors = [
             self.relative_damping * _mean_eigenvalue(G) * _mean_eigenvalue(A)

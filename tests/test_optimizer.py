@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import nn
 
-from hessfree import EmpiricalFisherDiagonal, HessianFree, StepInfo
+from hessfree import EmpiricalFisherDiagonal, HessianFree, KFACPreconditioner, StepInfo
 
 
 def _quadratic(n: int = 6, seed: int = 0):
@@ -818,18 +818,24 @@ def test_user_curvature_and_precond_callables_are_named_when_they_misbehave(kwar
     assert x.tolist() == [0.3, -0.2]
 
 
-@pytest.mark.parametrize("precond", ["auto", "nystrom"])
-def test_non_finite_curvature_under_a_nystrom_preconditioner_is_a_rejected_step(precond):
-    # The sketch meets the NaN products first: the step is rejected as non-finite curvature
-    # (was a LinAlgError from the sketch's Cholesky/eigh), and the next step goes on.
+@pytest.mark.parametrize("precond", ["auto", "nystrom", "martens", "kfac"])
+def test_non_finite_curvature_under_a_built_in_preconditioner_is_a_rejected_step(precond):
+    # The preconditioner meets the NaN products first: the step is rejected as non-finite
+    # curvature (was a LinAlgError from the sketch's Cholesky/eigh or K-FAC's eigh, or cg's
+    # "precond ... must be positive and finite"), and the next step goes on.
     torch.manual_seed(0)
-    model = nn.Linear(3, 2).double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
-    opt = HessianFree(model.parameters(), precond=precond)
+    residuals = precond in ("auto", "nystrom")
+    kfac = KFACPreconditioner(model) if precond == "kfac" else None
+    opt = HessianFree(model.parameters(), precond=kfac or precond)
 
     def closure(scale=1.0):
-        r = (model(X) - Y) * scale
-        return (r**2).mean(), (r,)
+        out = model(X) * scale
+        r = out - Y
+        return ((r**2).mean(), (r,)) if residuals else ((r**2).mean(), out)
+
+    opt.step(closure)  # K-FAC: finite factors to average the NaN ones into
 
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.warns(RuntimeWarning, match="non-finite value in a curvature product"):
@@ -838,6 +844,8 @@ def test_non_finite_curvature_under_a_nystrom_preconditioner_is_a_rejected_step(
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     opt.step(closure)
     assert opt.last_step.status == "accepted"
+    if kfac is not None:  # the NaN statistics were not averaged into the factors
+        assert all(torch.isfinite(A).all() and torch.isfinite(G).all() for A, G in kfac.factors)
 
 
 def test_lr_zero_from_a_scheduler_or_the_constructor_is_not_accepted():
