@@ -39,6 +39,7 @@ from .preconditioning import (
     PrecondContext,
     nystrom_sketch,
 )
+from .recurrent import HiddenRecorder, mark_hidden, record_hidden
 
 __version__ = "0.1.0"
 
@@ -78,6 +79,9 @@ __all__ = [
     "nystrom_sketch",
     "reduction_ratio",
     "update_damping",
+    "record_hidden",
+    "mark_hidden",
+    "HiddenRecorder",
     # submodules
     "spectral",
     # helpers

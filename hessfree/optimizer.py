@@ -382,6 +382,8 @@ class HessianFree(torch.optim.Optimizer):
             :math:`\lambda\mu\,J_h^\top J_h / N` (:math:`N` = ``hidden.shape[0]`` examples),
             a Gauss-Newton penalty on changes of the hidden states, adapted with :math:`\lambda`
             and left out of :math:`\rho`'s undamped model. Needs Gauss-Newton curvature.
+            :func:`hessfree.record_hidden` collects ``hidden`` from ``nn.RNN``/``GRU``/``LSTM``
+            layers (every layer and step) or from states marked by :func:`hessfree.mark_hidden`.
         cg_max_iter: Most CG iterations per step (250 in the reference code).
         cg_min_iter: CG iterations before the relative-progress stop may fire.
         cg_rtol: CG also stops when :math:`\|r\| \le \eta\|g\|`: ``'auto'`` (default) takes
@@ -869,7 +871,8 @@ class HessianFree(torch.optim.Optimizer):
         if self.settings.structural_damping > 0:
             if evaluation.outputs is None or evaluation.hidden is None:
                 raise ValueError(
-                    "structural_damping > 0 needs the closure to return (loss, outputs, hidden)."
+                    "structural_damping > 0 needs the closure to return (loss, outputs, hidden); "
+                    "hessfree.record_hidden(model) collects hidden from the forward pass."
                 )
             lam = self._global_state()["damping"]
             # damping='auto' before its calibration (NaN): products without the structural term

@@ -1,0 +1,411 @@
+"""record_hidden / mark_hidden: the recorded states give structural damping's exact product.
+
+Oracles: the recurrences written out by hand (torch's documented RNN/GRU/LSTM equations, no
+nn module) differentiated densely in float64 by ``torch.autograd.functional.jacobian``; the
+hand-threaded closure of the runner's TanhRNN for whole HF steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from hessfree import HessianFree, StructurallyDampedGGN, mark_hidden, record_hidden
+from hessfree import recurrent as rec_mod
+from hessfree.train.models import TanhRNN
+
+EXACT = dict(rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ cases
+@dataclass(frozen=True)
+class RecurrentCase:
+    name: str
+    kind: type
+    kwargs: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def build(self) -> tuple[nn.Module, nn.Linear, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(self.seed)
+        m = self.kind(2, 3, **self.kwargs).double()
+        D = 2 if m.bidirectional else 1
+        head = nn.Linear(D * (self.kwargs.get("proj_size", 0) or 3), 1).double()
+        N, T = 3, 4
+        shape = (N, T, 2) if m.batch_first else (T, N, 2)
+        x = torch.randn(shape, dtype=torch.float64)
+        return m, head, x, torch.randn(N, 1, dtype=torch.float64)
+
+
+RCASES = [
+    RecurrentCase("rnn_tanh", nn.RNN, dict(batch_first=True)),
+    RecurrentCase("rnn_relu_2layer", nn.RNN, dict(num_layers=2, nonlinearity="relu"), seed=1),
+    RecurrentCase("gru_2layer_bidir", nn.GRU, dict(num_layers=2, bidirectional=True)),
+    RecurrentCase("lstm_bidir_bf", nn.LSTM, dict(bidirectional=True, batch_first=True)),
+    RecurrentCase("lstm_2layer_proj", nn.LSTM, dict(num_layers=2, proj_size=2), seed=2),
+]
+
+
+def _cell(m: nn.RNNBase, p: dict, sfx: str, x, h, c):
+    """One step of torch's documented recurrences, from the parameter dict ``p``."""
+    gi = x @ p["weight_ih" + sfx].T + (p["bias_ih" + sfx] if m.bias else 0)
+    gh = h @ p["weight_hh" + sfx].T + (p["bias_hh" + sfx] if m.bias else 0)
+    if isinstance(m, nn.LSTM):
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if m.proj_size:
+            h = h @ p["weight_hr" + sfx].T
+        return h, c
+    if isinstance(m, nn.GRU):
+        ir, iz, in_ = gi.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return (1 - z) * n + z * h, c
+    return (torch.tanh if m.nonlinearity == "tanh" else torch.relu)(gi + gh), c
+
+
+def _manual(m: nn.RNNBase, p: dict, x):
+    """Every layer's output sequence ``(N, T, D*H_out)``, computed by hand (x is (N, T, in))."""
+    N, T, _ = x.shape
+    h_out = m.proj_size if isinstance(m, nn.LSTM) and m.proj_size else m.hidden_size
+    seqs, inp = [], x
+    for layer in range(m.num_layers):
+        dirs = []
+        for sfx, steps in (("", range(T)), ("_reverse", range(T - 1, -1, -1))):
+            if sfx and not m.bidirectional:
+                continue
+            h, c = x.new_zeros(N, h_out), x.new_zeros(N, m.hidden_size)
+            out = [None] * T
+            for t in steps:
+                h, c = _cell(m, p, f"_l{layer}{sfx}", inp[:, t], h, c)
+                out[t] = h
+            dirs.append(torch.stack(out, 1))
+        inp = torch.cat(dirs, -1)
+        seqs.append(inp)
+    return seqs
+
+
+def _flat_fns(m, head, x):
+    """``theta -> outputs`` and ``theta -> hidden`` (flat), by hand; ``theta`` in param order."""
+    named = [*m.named_parameters(), *(("head." + n, q) for n, q in head.named_parameters())]
+    sizes, shapes = [q.numel() for _, q in named], [q.shape for _, q in named]
+    xb = x if m.batch_first else x.transpose(0, 1)
+
+    def split(theta):
+        parts = [c.view(s) for c, s in zip(theta.split(sizes), shapes, strict=True)]
+        return dict(zip([n for n, _ in named], parts, strict=True))
+
+    def outputs(theta):
+        p = split(theta)
+        last = _manual(m, p, xb)[-1][:, -1]
+        return last @ p["head.weight"].T + p["head.bias"]
+
+    def hidden(theta):
+        return torch.cat([s.reshape(-1) for s in _manual(m, split(theta), xb)])
+
+    theta = torch.cat([q.detach().reshape(-1) for _, q in named])
+    return outputs, hidden, theta
+
+
+def _recorded_closure(m, head, x, y):
+    with record_hidden(m) as rec:
+        seq, _ = m(x)
+    last = seq[:, -1] if m.batch_first else seq[-1]
+    out = head(last)
+    return F.mse_loss(out, y), out, rec.hidden
+
+
+# ------------------------------------------------------------------------------ products
+@pytest.mark.parametrize("rcase", RCASES, ids=[c.name for c in RCASES])
+def test_recorded_structural_product_matches_dense_jacobians(rcase):
+    m, head, x, y = rcase.build()
+    params = [*m.parameters(), *head.parameters()]
+    loss, out, hidden = _recorded_closure(m, head, x, y)
+    out_fn, hid_fn, theta = _flat_fns(m, head, x)
+    # the hand-written recurrences are the module's (guards the oracle itself)
+    torch.testing.assert_close(out, out_fn(theta), **EXACT)
+    N = y.shape[0]
+    assert hidden.shape[0] == N and hidden.numel() == hid_fn(theta).numel()
+    Jo = torch.autograd.functional.jacobian(out_fn, theta).reshape(-1, theta.numel())
+    Jh = torch.autograd.functional.jacobian(hid_fn, theta)
+    w = 0.7
+    expected = Jo.T @ Jo * (2 / out.numel()) + w * Jh.T @ Jh  # MSE: H_l = 2/M I
+    P = StructurallyDampedGGN(loss, out, hidden, params, weight=w)
+    V = torch.randn(3, theta.numel(), dtype=torch.float64)
+    for v in V:
+        torch.testing.assert_close(P(v), expected @ v, **EXACT)
+    torch.testing.assert_close(P.matmat(V), V @ expected.T, **EXACT)
+    torch.testing.assert_close(P.hidden_energy(V), ((V @ Jh.T) ** 2).sum(1), **EXACT)
+
+
+def test_cell_loop_and_mark_hidden_record_every_step():
+    torch.manual_seed(3)
+    cell, U = nn.LSTMCell(2, 3).double(), torch.randn(3, 3, dtype=torch.float64)
+    U.requires_grad_(True)
+    x = torch.randn(5, 4, 2, dtype=torch.float64)  # (T, N, in)
+    with record_hidden(cell) as rec:
+        h = c = torch.zeros(4, 3, dtype=torch.float64)
+        hs, gs = [], []
+        for t in range(5):
+            h, c = cell(x[t], (h, c))
+            hs.append(h)
+            gs.append(mark_hidden(torch.tanh(h @ U)))  # a raw-op state, examples on dim 0
+    # LSTM cells: h only (c is not recorded); in call order: each step's h, then its mark
+    want = torch.cat([s for pair in zip(hs, gs, strict=True) for s in pair], 1)
+    got = rec.hidden
+    assert got.shape == (4, 30)
+    torch.testing.assert_close(got, want, **EXACT)
+    # the recorded tensor's Jacobian is the states' own: compare J^T u and its double backward
+    u = torch.randn_like(got)
+    params = [*cell.parameters(), U]
+    g = torch.autograd.grad((got * u).sum(), params, create_graph=True, retain_graph=True)
+    g_ref = torch.autograd.grad((want * u).sum(), params, create_graph=True, retain_graph=True)
+    torch.testing.assert_close(g, g_ref, **EXACT)
+    v = [torch.randn_like(p) for p in params]
+    gg = torch.autograd.grad(
+        sum((a * b).sum() for a, b in zip(g, v, strict=True)), params, retain_graph=True
+    )
+    gg_ref = torch.autograd.grad(sum((a * b).sum() for a, b in zip(g_ref, v, strict=True)), params)
+    torch.testing.assert_close(gg, gg_ref, **EXACT)
+
+
+def test_unbatched_and_packed_inputs_count_examples():
+    torch.manual_seed(5)
+    m = nn.GRU(2, 3, num_layers=2).double()
+    x = torch.randn(4, 2, dtype=torch.float64)  # unbatched (T, in): one example
+    with record_hidden(m) as rec:
+        out, h_n = m(x)
+    assert rec.hidden.shape == (1, 2 * 4 * 3)
+    torch.testing.assert_close((out, h_n), m(x), **EXACT)
+
+    xs = torch.randn(3, 5, 2, dtype=torch.float64)
+    lengths = torch.tensor([2, 5, 3])
+    packed = pack_padded_sequence(xs, lengths, batch_first=True, enforce_sorted=False)
+    with record_hidden(m) as rec:
+        out, h_n = m(packed)
+    ref_out, ref_hn = m(packed)
+    torch.testing.assert_close(out.data, ref_out.data, **EXACT)
+    torch.testing.assert_close(h_n, ref_hn, **EXACT)
+    hidden = rec.hidden.view(3, 2, 5, 3)  # (N, layer, T, H): padded steps are zeros
+    top = pad_packed_sequence(ref_out, batch_first=True)[0]
+    torch.testing.assert_close(hidden[:, 1], top, **EXACT)
+    for i, n in enumerate(lengths.tolist()):
+        assert hidden[i, :, n:].abs().sum() == 0 and hidden[i, :, :n].abs().min() > 0
+
+
+@pytest.mark.parametrize("rcase", RCASES, ids=[c.name for c in RCASES])
+def test_recorded_forward_equals_plain_forward(rcase):
+    m, _, x, _ = rcase.build()
+    D = 2 if m.bidirectional else 1
+    hx = torch.randn(D * m.num_layers, 3, m.proj_size or 3, dtype=torch.float64)
+    if rcase.kind is nn.LSTM:
+        hx = (hx, torch.randn(D * m.num_layers, 3, 3, dtype=torch.float64))
+    with record_hidden(m):
+        got = m(x, hx)
+    torch.testing.assert_close(got, m(x, hx), **EXACT)
+
+
+# ------------------------------------------------------------------------------ HF steps
+class _MarkedTanhRNN(TanhRNN):
+    """The runner's TanhRNN with its states marked instead of returned."""
+
+    def forward(self, x):
+        us = self.input(x).unbind(1)
+        h = mark_hidden(torch.tanh(us[0]))
+        for u in us[1:]:
+            h = mark_hidden(torch.tanh(u + self.recurrent(h)))
+        return self.readout(h)
+
+
+def test_hf_steps_via_recorder_equal_the_hand_threaded_tanh_rnn():
+    torch.manual_seed(6)
+    ref = TanhRNN(2, 5, 1, spectral_radius=1.1).double()
+    marked = _MarkedTanhRNN(2, 5, 1).double()
+    marked.load_state_dict(ref.state_dict())
+    rnn, head = nn.RNN(2, 5, batch_first=True).double(), nn.Linear(5, 1).double()
+    with torch.no_grad():
+        rnn.weight_ih_l0.copy_(ref.input.weight)
+        rnn.bias_ih_l0.copy_(ref.input.bias)
+        rnn.weight_hh_l0.copy_(ref.recurrent.weight)
+        rnn.bias_hh_l0.zero_()
+        head.load_state_dict(ref.readout.state_dict())
+    rnn.bias_hh_l0.requires_grad_(False)  # TanhRNN has one bias
+    x = torch.rand(16, 8, 2, dtype=torch.float64)
+    y = x[:, :, :1].sum(1) / 8
+
+    def threaded():
+        out, h = ref.forward_with_hidden(x)
+        return F.mse_loss(out, y), out, h
+
+    def via_module():
+        with record_hidden(rnn) as rec:
+            seq, _ = rnn(x)
+        out = head(seq[:, -1])
+        return F.mse_loss(out, y), out, rec.hidden
+
+    def via_marks():
+        with record_hidden() as rec:
+            out = marked(x)
+        return F.mse_loss(out, y), out, rec.hidden
+
+    groups = {
+        "threaded": (threaded, list(ref.parameters())),
+        "module": (
+            via_module,
+            [rnn.weight_ih_l0, rnn.bias_ih_l0, rnn.weight_hh_l0, *head.parameters()],
+        ),
+        "marks": (via_marks, list(marked.parameters())),
+    }
+    opts = {
+        k: HessianFree(ps, structural_damping=0.3, damping=1.0, cg_max_iter=20)
+        for k, (_, ps) in groups.items()
+    }
+    start = [p.detach().clone() for p in groups["threaded"][1]]
+    for _ in range(3):
+        for k, (closure, _) in groups.items():
+            opts[k].step(closure)
+        want = groups["threaded"][1]
+        # float64; products differ only in summation order, which CG's 20 iterations amplify
+        for k in ("module", "marks"):
+            for p, q in zip(groups[k][1], want, strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+            assert opts[k].last_step.status == opts["threaded"].last_step.status
+    # the structural term mattered: mu = 0 from the same start takes other steps
+    plain = TanhRNN(2, 5, 1).double()
+    with torch.no_grad():
+        for p, s in zip(plain.parameters(), start, strict=True):
+            p.copy_(s)
+    opt0 = HessianFree(list(plain.parameters()), damping=1.0, cg_max_iter=20)
+
+    def closure0():
+        out = plain(x)
+        return F.mse_loss(out, y), out
+
+    for _ in range(3):
+        opt0.step(closure0)
+    gap = max(
+        float((p - q).detach().abs().max()) for p, q in zip(plain.parameters(), want, strict=True)
+    )
+    assert gap > 1e-4
+
+
+# ------------------------------------------------------------------------------ hygiene
+def test_patches_are_removed_on_exit_and_on_error():
+    m = nn.LSTM(2, 3)
+    custom = nn.GRU(2, 3)
+    sentinel = custom.forward
+    custom.forward = sentinel  # an instance-level forward someone else installed
+    with record_hidden(m, custom):
+        assert "forward" in m.__dict__
+    assert "forward" not in m.__dict__ and custom.forward is sentinel and not rec_mod._patches
+    with pytest.raises(ZeroDivisionError), record_hidden(m, custom):
+        m(torch.randn(4, 1, 2))
+        raise ZeroDivisionError
+    assert "forward" not in m.__dict__ and custom.forward is sentinel and not rec_mod._patches
+    assert rec_mod._active() == []
+
+
+def test_nesting_reuse_and_other_threads():
+    m = nn.RNN(2, 3)
+    x = torch.randn(4, 2, 2)
+    outer_rec = record_hidden(m)
+    with outer_rec as outer:
+        with record_hidden(m) as inner:
+            m(x)
+        assert "forward" in m.__dict__  # still patched for the outer recorder
+        m(x)
+        # a forward pass in another thread is neither recorded nor disturbed
+        seen = {}
+        t = threading.Thread(target=lambda: seen.setdefault("out", m(x)[0]))
+        t.start()
+        t.join()
+        with pytest.raises(RuntimeError, match="already active"):
+            outer_rec.__enter__()
+    assert inner.hidden.shape == (2, 12) and outer.hidden.shape == (2, 24)
+    assert outer.hidden is outer.hidden
+    torch.testing.assert_close(seen["out"], m(x)[0])
+    with outer_rec:  # re-entering starts empty
+        m(x)
+    assert outer_rec.hidden.shape == (2, 12)
+
+
+def test_bad_inputs_are_refused_with_clear_errors():
+    with pytest.raises(TypeError, match="nn.Module arguments, got str at position 0"):
+        record_hidden("rnn")
+    with pytest.raises(ValueError, match=r"argument 0 \(Linear\) contains no recurrent layer"):
+        record_hidden(nn.Linear(2, 2))
+
+    class Custom(nn.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x, hx)
+
+    with pytest.raises(ValueError, match="num_layers=2 and overrides forward"):
+        record_hidden(Custom(2, 3, num_layers=2))
+    m, other = nn.GRU(2, 3), nn.GRU(2, 3)
+    with pytest.raises(RuntimeError, match="use the recorder as `with record_hidden"):
+        _ = record_hidden(m).hidden
+    with record_hidden(nn.Sequential(m, other)) as rec:
+        m(torch.randn(3, 2, 2))
+    with pytest.raises(RuntimeError, match=r"No forward pass of '1' \(GRU\) was recorded"):
+        _ = rec.hidden
+    with record_hidden() as rec:
+        pass
+    with pytest.raises(RuntimeError, match="mark_hidden"):
+        _ = rec.hidden
+    with record_hidden(m) as rec:
+        m(torch.randn(3, 2, 2))  # 2 examples
+        mark_hidden(torch.randn(5, 3))  # 5
+    with pytest.raises(ValueError, match="disagree on the number of examples"):
+        _ = rec.hidden
+    with pytest.raises(ValueError, match="`batch_dim` must index a dimension"):
+        mark_hidden(torch.zeros(2, 3), batch_dim=2)
+    with pytest.raises(TypeError, match="`h` must be a tensor"):
+        mark_hidden([1.0])
+    with record_hidden(m), pytest.raises(TypeError, match="input must be a tensor or Packed"):
+        m([1.0])
+
+    class OnlyOutput(nn.GRU):
+        def forward(self, x, hx=None):
+            return super().forward(x, hx)[0]
+
+    odd = OnlyOutput(2, 3)
+    with record_hidden(odd), pytest.raises(TypeError, match=r"must return \(output, h_n\)"):
+        odd(torch.randn(3, 2, 2))
+    # the optimizer's own contract still names the closure's return
+    opt = HessianFree(list(m.parameters()), structural_damping=0.1)
+    with pytest.raises(RuntimeError, match=r"No forward pass of 'GRU'"):
+
+        def closure():
+            with record_hidden(m) as rec:
+                pass
+            out = torch.ones(1, requires_grad=True)
+            return out.sum(), out, rec.hidden
+
+        opt.step(closure)
+
+
+@pytest.mark.cuda
+def test_recorded_lstm_on_cuda_runs_without_cudnn_and_matches_cpu():
+    rcase = RECASE_CUDA
+    m, head, x, y = rcase.build()
+    params = [*m.parameters(), *head.parameters()]
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    want = StructurallyDampedGGN(*_recorded_closure(m, head, x, y), params, weight=0.7)(v)
+    m, head = m.cuda(), head.cuda()
+    params = [*m.parameters(), *head.parameters()]
+    assert torch.backends.cudnn.enabled
+    got = StructurallyDampedGGN(
+        *_recorded_closure(m, head, x.cuda(), y.cuda()), params, weight=0.7
+    )(v.cuda())
+    assert torch.backends.cudnn.enabled  # restored
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-11)
+
+
+RECASE_CUDA = RecurrentCase("lstm_2layer_bidir", nn.LSTM, dict(num_layers=2, bidirectional=True))
