@@ -55,6 +55,6 @@ def test_non_tensor_params_are_named(call, match):
 
 def test_cat_makes_sparse_gradients_dense():
     layout = ParamLayout([torch.zeros(3, 2), torch.zeros(2)])
-    sparse = torch.sparse_coo_tensor([[1], [0]], [5.0], (3, 2))
+    sparse = torch.sparse_coo_tensor([[1], [0]], [5.0], (3, 2), check_invariants=True)
     flat = layout.cat([sparse, None])
     assert torch.equal(flat, torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
