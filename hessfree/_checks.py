@@ -25,9 +25,16 @@ def check_number(
 ) -> float:
     """Check a real number lies in an interval; return it as ``float``.
 
+    A missing bound is an open infinite end: ``high=None`` refuses ``inf`` (the message shows
+    ``inf)``) and ``low=None`` refuses ``-inf``; pass ``high=math.inf`` to allow ``inf``.
+
     Example:
         >>> check_number("damping", 0.5, low=0.0, low_open=True)
         0.5
+        >>> check_number("lr", float("inf"), low=0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `lr` must be in [0.0, inf), got inf.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}.")
@@ -37,7 +44,8 @@ def check_number(
     left = "(" if low_open or low is None else "["
     right = ")" if high_open or high is None else "]"
     interval = f"{left}{lo}, {hi}{right}"
-    bad = math.isnan(value)
+    bad = math.isnan(value) or (low is None and value == -math.inf)
+    bad |= high is None and value == math.inf
     if low is not None:
         bad |= value <= low if low_open else value < low
     if high is not None:

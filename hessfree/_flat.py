@@ -31,6 +31,11 @@ def trainable(params: Iterable[Tensor] | torch.nn.Module) -> list[Tensor]:
         params = params.parameters()
     if isinstance(params, Tensor):
         params = [params]
+    if not isinstance(params, Iterable):
+        raise TypeError(
+            "`params` must be an nn.Module, a tensor or an iterable of tensors, got "
+            f"{type(params).__name__}."
+        )
     out = []
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
@@ -67,6 +72,9 @@ class ParamLayout:
         params = list(params)
         if not params:
             raise ValueError("`params` is empty; expected at least one tensor.")
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"`params[{i}]` must be a torch.Tensor, got {type(p).__name__}.")
         dtypes = {p.dtype for p in params}
         devices = {p.device for p in params}
         if len(dtypes) > 1:
@@ -91,10 +99,14 @@ class ParamLayout:
     def cat(self, tensors: Sequence[Tensor | None]) -> Tensor:
         """Concatenate tensors shaped like the parameters into one flat vector.
 
-        ``None`` entries (parameters an expression does not depend on) become zeros.
+        ``None`` entries (parameters an expression does not depend on) become zeros; sparse
+        ones (``nn.Embedding(sparse=True)``'s gradients) are made dense, as
+        ``torch.optim.LBFGS`` does.
         """
         parts = [
-            torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1)
+            torch.zeros(n, dtype=self.dtype, device=self.device)
+            if t is None
+            else (t.to_dense() if t.is_sparse else t).reshape(-1)
             for t, n in zip(tensors, self.numels, strict=True)
         ]
         return torch.cat(parts)

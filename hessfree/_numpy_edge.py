@@ -101,6 +101,15 @@ class _TorchLinearOperator(LinearOperator):
                 f"{self.shape}, got {shape}."
             )
 
+    def dot(self, x: Any) -> Any:
+        """``self @ x``; an array of 3 or more dimensions is refused by its shape alone."""
+        if isinstance(x, np.ndarray) and x.ndim > 2:
+            raise ValueError(
+                f"`x` must have shape ({self.shape[1]},) or ({self.shape[1]}, k) for an operator "
+                f"of shape {self.shape}, got {x.shape}."
+            )
+        return super().dot(x)
+
     def matvec(self, x: Any) -> np.ndarray:
         self._check("x", x, self.shape[1], matrix=False)
         return super().matvec(x)
@@ -123,6 +132,8 @@ class _TorchLinearOperator(LinearOperator):
 
     def _matmat(self, X: Any) -> np.ndarray:
         X = X.toarray() if issparse(X) else X
+        if X.shape[1] == 0:  # no columns: nothing to multiply (autograd cannot batch 0 rows)
+            return np.zeros((self.shape[0], 0), dtype=self.dtype)
         return self._as_array(self._mm(self._as_tensor(X.T))).T
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
@@ -130,6 +141,8 @@ class _TorchLinearOperator(LinearOperator):
 
     def _rmatmat(self, X: Any) -> np.ndarray:
         X = X.toarray() if issparse(X) else X
+        if X.shape[1] == 0:
+            return np.zeros((self.shape[1], 0), dtype=self.dtype)
         return self._as_array(self._rmm(self._as_tensor(X.T))).T
 
     def _mv(self, v: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from ._checks import check_choice, check_int, check_number
 from .acceleration import ProductPolicy
+from .cg import _check_max_iter
 from .damping import DAMPING_RULES, DampingPolicy
 
 __all__ = ["HFSettings"]
@@ -250,14 +251,21 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         else "",
     )
     low = out["min_damping"] = check_number("min_damping", s.min_damping, low=0.0)
-    high = out["max_damping"] = check_number("max_damping", s.max_damping, low=low, low_open=True)
+    high = out["max_damping"] = check_number(
+        "max_damping",
+        s.max_damping,
+        low=low,
+        high=math.inf,
+        low_open=True,
+        hint=f"(`min_damping` is {low!r}; `max_damping` must exceed it)",
+    )
     initial = out.get("damping", math.nan)
     if not math.isnan(initial) and not (low <= initial <= high):
         raise ValueError(
             f"`damping` must be in [min_damping, max_damping] = [{low!r}, {high!r}], "
             f"got {initial!r}."
         )
-    out["cg_max_iter"] = check_int("cg_max_iter", s.cg_max_iter, low=1)
+    out["cg_max_iter"] = _check_max_iter("cg_max_iter", s.cg_max_iter)
     out["cg_min_iter"] = check_int("cg_min_iter", s.cg_min_iter, low=0, high=out["cg_max_iter"])
     if isinstance(s.cg_rtol, str):
         check_choice("cg_rtol", s.cg_rtol, ("auto",))

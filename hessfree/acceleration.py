@@ -217,6 +217,9 @@ def accelerate(matvec: MatVec, like: Tensor, policy: ProductPolicy | None = None
         like: A vector of the shape, dtype and device the products will see (not modified).
         policy: A :class:`ProductPolicy`; ``None`` means the defaults (no change).
 
+    Raises:
+        TypeError: If ``matvec`` is not callable or ``like`` not a tensor.
+
     Returns:
         A callable with ``matvec``'s contract whose outputs have ``like``'s dtype; an
         :class:`Accelerated` unless the policy is the default.
@@ -229,6 +232,10 @@ def accelerate(matvec: MatVec, like: Tensor, policy: ProductPolicy | None = None
         >>> mv(torch.tensor([1.0, 0.0]))
         tensor([2., 1.])
     """
+    if not callable(matvec):
+        raise TypeError(f"`matvec` must be callable (v -> C v), got {type(matvec).__name__}.")
+    if not isinstance(like, Tensor):
+        raise TypeError(f"`like` must be a torch.Tensor, got {type(like).__name__}.")
     policy = ProductPolicy.of(policy)
     if policy.is_default:
         return matvec

@@ -58,6 +58,24 @@ __all__ = ["CGResult", "CGStop", "StopReason", "cg", "forcing_term"]
 _PROGRESS_MIN_GAP = 10
 _PROGRESS_GAP_DIVISOR = 10
 
+#: Largest ``max_iter``: CG keeps 16 bytes per possible iteration (its φ history and stop
+#: flags), so an unbounded count would fail allocating before the first product.
+MAX_ITER_LIMIT = 1_000_000
+
+
+def _check_max_iter(name: str, value: object) -> int:
+    """An iteration cap in ``[1, MAX_ITER_LIMIT]``.
+
+    Example:
+        >>> _check_max_iter("cg_max_iter", 2**40)
+        Traceback (most recent call last):
+        ...
+        ValueError: `cg_max_iter` must be an int in [1, 1000000], got 1099511627776.
+    """
+    value = check_int(name, value, low=1)  # the message of 0 says >= 1
+    return check_int(name, value, low=1, high=MAX_ITER_LIMIT)
+
+
 # Columns of the per-iteration flag table that the host reads back (see `_decode`).
 _FINITE_PAP, _POSITIVE_PAP, _FINITE_ALPHA, _FINITE_AFTER, _CONVERGED, _PROGRESS = range(6)
 _INSIDE = 6
@@ -182,7 +200,7 @@ def cg(
             must not modify its argument.
         b: Right-hand side, 1-D floating-point tensor; never modified. In HF, :math:`-g`.
         x0: Starting point, like ``b`` and finite; never modified. ``None`` means zeros.
-        max_iter: Most iterations, an int >= 1.
+        max_iter: Most iterations, an int in ``[1, 10**6]``.
         min_iter: The relative-progress test is not applied before this iteration; the
             other stops are unaffected. An int in ``[0, max_iter]``.
         rtol: Relative residual tolerance, a finite real >= 0.
@@ -411,7 +429,7 @@ def _check_arguments(
     if not callable(matvec):
         raise TypeError(f"`matvec` must be callable (v -> A v), got {matvec!r}.")
     _check_rhs(b)
-    max_iter = check_int("max_iter", max_iter, low=1)
+    max_iter = _check_max_iter("max_iter", max_iter)
     min_iter = check_int("min_iter", min_iter, low=0, high=max_iter)
     rtol = check_number("rtol", rtol, low=0.0, high=math.inf, high_open=True)
     atol = check_number("atol", atol, low=0.0, high=math.inf, high_open=True)

@@ -615,7 +615,17 @@ class JacobianProduct:
         if not self._jtu:
             return self._structure([None] * len(self._us), ())
         vs = self.layout.split(v)
-        return self._structure(_grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx]), ())
+        try:
+            out = _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx])
+        except NotImplementedError as err:  # e.g. nn.Embedding(sparse=True)'s backward
+            raise NotImplementedError(
+                "A Jacobian-vector product (Gauss-Newton, Fisher or Jacobian curvature) needs "
+                "the double backward of every operation of the model, and one has none: "
+                f"{str(err).splitlines()[0][:200]} Layers with sparse gradients "
+                "(nn.Embedding(sparse=True)) have none: use sparse=False, or Hessian "
+                "curvature (curvature='hessian', or a closure that returns the loss alone)."
+            ) from err
+        return self._structure(out, ())
 
     def batched_jvp(self, V: Tensor) -> Tensor | tuple[Tensor, ...]:
         """Batched :meth:`jvp`: ``V`` is ``(k, n)``, each result block ``(k, *block.shape)``."""

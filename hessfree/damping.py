@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ._checks import check_number
+
 __all__ = [
     "AUTO_DAMPING_FACTOR",
     "DAMPING_RULES",
@@ -67,6 +69,8 @@ def reduction_ratio(actual: float, predicted: float) -> float:
         >>> reduction_ratio(0.1, -1.0)
         -inf
     """
+    _check_real("actual", actual)
+    _check_real("predicted", predicted)
     if not math.isfinite(actual) or actual > 0:
         return -math.inf
     if not predicted < 0:
@@ -106,6 +110,13 @@ def update_damping(
         >>> update_damping(1.0, 0.5, rule="nielsen"), update_damping(1.0, -1.0, rule="nielsen")
         (1.0, 2.0)
     """
+    if not (isinstance(damping, float) and math.isnan(damping)):  # NaN: not calibrated yet
+        check_number("damping", damping, low=0.0, high=math.inf)
+    _check_real("rho", rho)
+    check_number("increase", increase, low=1.0, high=math.inf)
+    check_number("decrease", decrease, low=0.0, high=1.0, low_open=True)
+    low = check_number("min_damping", min_damping, low=0.0, high=math.inf)
+    check_number("max_damping", max_damping, low=low, high=math.inf)
     if rule == "nielsen":
         if math.isnan(rho) or rho <= 0:
             damping *= 2.0
@@ -119,6 +130,12 @@ def update_damping(
     else:
         raise ValueError(f"Unknown damping `rule` {rule!r}; expected one of {DAMPING_RULES}.")
     return min(max(damping, min_damping), max_damping)
+
+
+def _check_real(name: str, value: object) -> None:
+    """A real number, NaN and ±inf included (they carry meaning here)."""
+    if not (isinstance(value, float) and math.isnan(value)):
+        check_number(name, value, low=-math.inf, high=math.inf)
 
 
 def calibrate_damping(

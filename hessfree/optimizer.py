@@ -121,7 +121,12 @@ from .curvature import (
     loss_hessian_product,
 )
 from .distributed import Averager
-from .preconditioning import EmpiricalFisherDiagonal, NystromPreconditioner, PrecondContext
+from .preconditioning import (
+    EmpiricalFisherDiagonal,
+    KFACPreconditioner,
+    NystromPreconditioner,
+    PrecondContext,
+)
 
 __all__ = ["HessianFree", "StepInfo", "StepStatus"]
 
@@ -137,6 +142,13 @@ _SAME_OBJECTIVE_RTOL = 1e-5
 #: (a growing batch that has reached the whole training set; measured on MNIST-1D in
 #: ``experiments/README.md``).
 _SAME_OBJECTIVE_AGAIN = 3
+
+#: Preconditioners whose failure on NaN/Inf curvature leaves the step to CG's own check.
+_BUILT_IN_PRECONDS = (NystromPreconditioner, KFACPreconditioner)
+#: Keys a param group may hold: HessianFree's and those torch's LR schedulers add.
+_GROUP_KEYS_KNOWN = frozenset(
+    ("params", "name", "initial_lr", "base_lr", "max_lr", "min_lr", *HFSettings.GROUP_KEYS)
+)
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
 # torch's messages for data that does not match the parameters (dtype, device, features)
@@ -601,19 +613,7 @@ class HessianFree(torch.optim.Optimizer):
         # Every plain hyperparameter lives in the defaults, as in LBFGS, so state_dict() carries
         # them; all but lr and weight_decay are one per optimizer (one quadratic model).
         defaults = self.settings.group_values()
-        super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            check_number(f"param_groups[{i}]['lr']", group["lr"], low=0.0)
-            check_number(f"param_groups[{i}]['weight_decay']", group["weight_decay"], low=0.0)
-            for key in ("tolerance_grad", "tolerance_change"):
-                check_number(f"param_groups[{i}][{key!r}]", group[key], low=0.0)
-            for key in HFSettings.GROUP_KEYS:
-                if key not in HFSettings.PER_GROUP and group[key] != defaults[key]:
-                    raise ValueError(
-                        f"`param_groups[{i}][{key!r}]` is {group[key]!r} but `{key}` is "
-                        f"{defaults[key]!r}; all groups form one quadratic model, so pass "
-                        f"`{key}` to HessianFree instead of per group."
-                    )
+        super().__init__(params, defaults)  # checks each group (add_param_group)
         self._group_view = self._shared_group_values()
         if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
             raise ValueError(
@@ -626,12 +626,83 @@ class HessianFree(torch.optim.Optimizer):
         self._watched: set[str] = set()
         self._warned_stochastic = False
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group as ``torch.optim.Optimizer`` does, after checking it.
+
+        Only ``lr`` and ``weight_decay`` may differ from the other groups (all groups form one
+        quadratic model); the parameters must be real floating-point tensors.
+
+        Raises:
+            ValueError: For a value out of range, a shared setting that differs from the other
+                groups', or a key HessianFree does not know (the group is not added).
+            TypeError: For complex parameters or a value of the wrong type.
+        """
+        i = len(self.param_groups)
+        if isinstance(param_group, dict):
+            unknown = sorted(set(param_group) - _GROUP_KEYS_KNOWN)
+            if unknown:
+                raise ValueError(
+                    f"`param_groups[{i}]` has unknown key(s) {unknown}; HessianFree's groups "
+                    f"take 'params' and {', '.join(map(repr, HFSettings.GROUP_KEYS))} (only "
+                    f"{' and '.join(map(repr, HFSettings.PER_GROUP))} may differ between groups)."
+                )
+        super().add_param_group(param_group)  # warns of duplicates, as torch does
+        group = self.param_groups[i]
+        group["params"] = list(dict.fromkeys(group["params"]))  # ... which would count twice
+        try:
+            self._check_group(i, group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    def _check_group(self, i: int, group: dict) -> None:
+        for key in ("lr", "weight_decay", "tolerance_grad", "tolerance_change"):
+            check_number(f"param_groups[{i}][{key!r}]", group[key], low=0.0)
+        for j, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise TypeError(
+                    f"`param_groups[{i}]['params'][{j}]` is complex ({p.dtype}); HessianFree "
+                    "needs real floating-point parameters: keep the real and imaginary parts "
+                    "as two real parameters (torch.complex(re, im) in the model)."
+                )
+        reference = self.param_groups[0] if i > 0 else self.defaults
+        for key in HFSettings.GROUP_KEYS:
+            if key not in HFSettings.PER_GROUP and group[key] != reference[key]:
+                raise ValueError(
+                    f"`param_groups[{i}][{key!r}]` is {group[key]!r} but `{key}` is "
+                    f"{reference[key]!r}; all groups form one quadratic model, so pass "
+                    f"`{key}` to HessianFree instead of per group."
+                )
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load as ``torch.optim.Optimizer`` does, hyperparameters included (as LBFGS does).
 
         A state dict from before a hyperparameter was stored in the groups gets this
-        optimizer's value for it.
+        optimizer's value for it. The groups' values are checked first: a state dict that is
+        refused leaves the optimizer as it was.
+
+        Raises:
+            ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
+                optimizer's group keys) or holds a value out of range.
+            TypeError: If a value has the wrong type.
         """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if not isinstance(groups, list | tuple) or "state" not in state_dict:
+            raise ValueError(
+                "`state_dict` must be a mapping with 'state' and 'param_groups' (as "
+                f"HessianFree.state_dict() returns), got {type(state_dict).__name__}"
+                + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, Mapping) else "")
+                + "."
+            )
+        for i, saved in enumerate(groups):
+            unknown = sorted(set(saved) - _GROUP_KEYS_KNOWN) if isinstance(saved, Mapping) else []
+            if unknown:
+                raise ValueError(
+                    f"`state_dict['param_groups'][{i}]` has key(s) {unknown} that HessianFree "
+                    "does not use: is it another optimizer's state dict?"
+                )
+            if isinstance(saved, Mapping):
+                self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in self.defaults})
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key in HFSettings.GROUP_KEYS:
@@ -655,6 +726,9 @@ class HessianFree(torch.optim.Optimizer):
         The param groups are the record (``state_dict``, ``load_state_dict``, edits such as
         ``opt.param_groups[0]['cg_max_iter'] = 50``), as in LBFGS; all groups share group 0's.
         """
+        for i, group in enumerate(self.param_groups):  # lr/weight_decay edits (schedulers)
+            for key in HFSettings.PER_GROUP:
+                check_number(f"param_groups[{i}][{key!r}]", group[key], low=0.0)
         values = self._shared_group_values()
         if values != self._group_view:
             self.settings = self.settings.replace(**values)
@@ -777,7 +851,7 @@ class HessianFree(torch.optim.Optimizer):
         """Build ``v -> C v`` (undamped, without weight decay) from an evaluation."""
         kind = self.settings.curvature
         if callable(kind):
-            return kind(evaluation.loss, evaluation.outputs, params), None
+            return _checked_curvature(kind(evaluation.loss, evaluation.outputs, params)), None
         if kind == "auto":
             kind = "ggn" if evaluation.outputs is not None else "hessian"
         if kind in ("ggn", "fisher") and evaluation.outputs is None:
@@ -857,9 +931,15 @@ class HessianFree(torch.optim.Optimizer):
         if not getattr(self.precond, "needs_outputs", True):  # curvature products only
             return self.precond(self._curvature_context(product, lam, shift, curv, g, run))
         if evaluation.outputs is None:
+            what = (
+                "The diagonal empirical-Fisher preconditioner"
+                if isinstance(self.precond, EmpiricalFisherDiagonal)
+                else f"`precond` {self.precond!r} (a callable without needs_outputs=False)"
+            )
             raise ValueError(
-                "The diagonal empirical-Fisher preconditioner needs per-example information: "
-                "make the closure return (loss, outputs), or pass precond=None."
+                f"{what} needs per-example information: make the closure return "
+                "(loss, outputs), give the callable a `needs_outputs = False` attribute to get "
+                "PrecondContext.curvature and .gradient instead, or pass precond=None."
             )
         if isinstance(evaluation.outputs, tuple):
             raise ValueError(
@@ -1112,10 +1192,26 @@ class HessianFree(torch.optim.Optimizer):
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
-        with torch.enable_grad():
-            precond = self._preconditioner(
-                evaluation, product, run.params, run.damping, run.l2, curv=curvature, g=g, run=run
-            )
+        try:
+            with torch.enable_grad():
+                precond = self._preconditioner(
+                    evaluation,
+                    product,
+                    run.params,
+                    run.damping,
+                    run.l2,
+                    curv=curvature,
+                    g=g,
+                    run=run,
+                )
+        except (FloatingPointError, torch.linalg.LinAlgError):
+            # A built-in preconditioner (Nyström sketch, K-FAC factors) met NaN/Inf curvature:
+            # so will CG, at its first product, and the step is rejected as non-finite.
+            if not (self.precond == "auto" or isinstance(self.precond, _BUILT_IN_PRECONDS)):
+                raise
+            precond = None
+        if isinstance(self.precond, EmpiricalFisherDiagonal) and isinstance(precond, Tensor):
+            precond = precond.nan_to_num(nan=1.0, posinf=1.0, neginf=1.0)  # likewise; no sync
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
@@ -1466,6 +1562,27 @@ def _stochastic_modules() -> Iterator[list[type]]:
 
 def _same(t: Tensor) -> Tensor:
     return t
+
+
+def _checked_curvature(matvec: object) -> MatVec:
+    """A ``curvature=`` callable's product ``v -> C v``, checked to return ``v``'s shape."""
+    if not callable(matvec):
+        raise TypeError(
+            "The `curvature` callable must return a function v -> C v (flat tensors), got "
+            f"{type(matvec).__name__}."
+        )
+
+    def product(v: Tensor) -> Tensor:
+        out = matvec(v)
+        if not isinstance(out, Tensor) or out.shape != v.shape:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"The `curvature` callable's product must return a tensor of shape "
+                f"{tuple(v.shape)} like its input v, got {got}."
+            )
+        return out
+
+    return product
 
 
 def _structural_weight(damping: float, mu: float, hidden: Tensor) -> float:

@@ -183,7 +183,9 @@ def nystrom_sketch(
         eigenvalue estimates in decreasing order (>= 0).
 
     Raises:
-        ValueError: If ``rank`` is not in ``[1, n]``.
+        ValueError: If ``n < 1``, ``rank`` is not in ``[1, n]`` or ``matmat`` returns another
+            shape.
+        FloatingPointError: If a product has a NaN or infinite entry.
 
     Example:
         >>> A = torch.diag(torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
@@ -191,11 +193,21 @@ def nystrom_sketch(
         >>> torch.allclose(lam, torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
         True
     """
+    n = check_int("n", n, low=1)
     rank = check_int("rank", rank, low=1, high=n)
     omega = torch.randn(n, rank, generator=generator, dtype=dtype, device=device)
     omega = torch.linalg.qr(omega).Q
-    Y = matmat(omega.T).T  # (n, s)
-    nu = math.sqrt(n) * torch.finfo(dtype).eps * float(torch.linalg.matrix_norm(Y))
+    Y = matmat(omega.T)
+    if not isinstance(Y, Tensor) or tuple(Y.shape) != (rank, n):
+        got = f"shape {tuple(Y.shape)}" if isinstance(Y, Tensor) else type(Y).__name__
+        raise ValueError(f"`matmat` must return a ({rank}, {n}) tensor like its input, got {got}.")
+    Y = Y.T  # (n, s)
+    norm = float(torch.linalg.matrix_norm(Y))
+    if not math.isfinite(norm):
+        raise FloatingPointError(
+            "`matmat`'s products had a NaN or infinite entry: no sketch of a non-finite matrix."
+        )
+    nu = math.sqrt(n) * torch.finfo(dtype).eps * norm
     nu = max(nu, torch.finfo(dtype).tiny)
     Y = Y + nu * omega
     core = omega.T @ Y
@@ -497,17 +509,19 @@ class KFACPreconditioner:
             G = self._second_moment(d, probes)
             new.append((ctx.average(A), ctx.average(G)))
         if self.factors is None or self.decay == 0.0:
-            self.factors = new
-        else:
+            factors = new
+        else:  # out of place: kept only once their spectra exist (NaN/Inf makes eigh raise)
             w = self.decay
-            for (A0, G0), (A, G) in zip(self.factors, new, strict=True):
-                A0.mul_(w).add_(A, alpha=1 - w)
-                G0.mul_(w).add_(G, alpha=1 - w)
-        previous = self.eigen or [(None, None)] * len(self.factors)
+            factors = [
+                (A0 * w + A * (1 - w), G0 * w + G * (1 - w))
+                for (A0, G0), (A, G) in zip(self.factors, new, strict=True)
+            ]
+        previous = self.eigen or [(None, None)] * len(factors)
         self.eigen = [
             (self._eigen(A, pa), self._eigen(G, pg))
-            for (A, G), (pa, pg) in zip(self.factors, previous, strict=True)
+            for (A, G), (pa, pg) in zip(factors, previous, strict=True)
         ]
+        self.factors = factors
         # the floor: relative_damping times the mean eigenvalue of G ⊗ A (kept on the device)
         self._floors = [
             self.relative_damping * _mean_eigenvalue(G) * _mean_eigenvalue(A)

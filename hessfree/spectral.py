@@ -198,10 +198,27 @@ def _extreme_eigenpairs(
         max_iter = check_int("max_iter", max_iter, low=1)
     # A seeded Gaussian start: reproducible, and almost surely not orthogonal to any eigenvector.
     v0 = _draw(_rng(seed), n, 1, _probe_dtype(op), gaussian=True)[:, 0]
-    values, vectors = eigsh(op, k=int(k), which=which, v0=v0, tol=tol, maxiter=max_iter)
+    values, vectors = eigsh(
+        _finite_products(op), k=int(k), which=which, v0=v0, tol=tol, maxiter=max_iter
+    )
     order = np.argsort(values)
     order = order[::-1] if which == "LA" else order
     return Eigenpairs(values[order], vectors[:, order])
+
+
+def _finite_products(op: LinearOperator) -> LinearOperator:
+    """``op`` with each product checked for NaN/Inf (else ARPACK fails with error -9999)."""
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        y = op.matvec(v)
+        if not np.isfinite(y).all():
+            raise FloatingPointError(
+                "A product A @ v had a NaN or infinite entry, so A has no eigenpairs to find; "
+                "check the model, data and damping for NaN/Inf."
+            )
+        return y
+
+    return LinearOperator(op.shape, matvec=matvec, rmatvec=matvec, dtype=op.dtype)
 
 
 def top_eigenpairs(
@@ -227,6 +244,7 @@ def top_eigenpairs(
         ValueError: If ``k`` is not in ``[1, n - 1]`` or ``A`` is not square.
         TypeError: For an ``A`` or ``seed`` of an unsupported type.
         scipy.sparse.linalg.ArpackNoConvergence: If ARPACK does not converge in ``max_iter``.
+        FloatingPointError: If a product of ``A`` has a NaN or infinite entry.
 
     Example:
         >>> pairs = top_eigenpairs(np.array([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 1.0]]))

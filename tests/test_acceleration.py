@@ -151,3 +151,16 @@ def test_cuda_graph_replay_matches_the_eager_product_on_cuda():
     for v, o in zip(vs, outs, strict=True):
         torch.testing.assert_close(o, G.matvec(v), rtol=1e-5, atol=1e-6)
     assert mv.mode == "cuda_graph" or mv.fallback_reason
+
+
+@pytest.mark.parametrize(
+    ("matvec", "like", "match"),
+    [
+        (3, torch.zeros(2), r"`matvec` must be callable \(v -> C v\), got int"),
+        (lambda v: v, 3, r"`like` must be a torch.Tensor, got int"),
+        (lambda v: v, [0.0, 0.0], r"`like` must be a torch.Tensor, got list"),
+    ],
+)
+def test_accelerate_names_a_bad_argument_even_with_the_default_policy(matvec, like, match):
+    with pytest.raises(TypeError, match=match):
+        accelerate(matvec, like)

@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse.linalg
 import torch
 
+from hessfree import HFSettings
 from hessfree.cg import CGResult, CGStop, StopReason, cg, forcing_term
 
 # Not `import hessfree.cg as ...`: the package re-exports the function `cg`, which shadows
@@ -838,3 +839,15 @@ def test_cg_descent_stop_changes_nothing_from_zero_or_a_downhill_start():
     c = cg(matvec, zero_b, x0, rtol=0.0, atol=1e-8, progress_tol=None, descent_stop=True)
     assert_same_result(a, c)
     assert a.reason is CGStop.CONVERGED
+
+
+def test_max_iter_beyond_the_limit_is_refused_before_allocating():
+    # 2**40 iterations would need ~16 TB of history and flags: a named refusal, not a
+    # failed allocation (and 2**70 not an overflow while unpacking the size)
+    for n in (2**40, 2**70):
+        with pytest.raises(
+            ValueError, match=rf"`max_iter` must be an int in \[1, 1000000\], got {n}"
+        ):
+            cg(lambda v: v, torch.ones(2, dtype=torch.float64), max_iter=n)
+        with pytest.raises(ValueError, match=r"`cg_max_iter` must be an int in \[1, 1000000\]"):
+            HFSettings(cg_max_iter=n)

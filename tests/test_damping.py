@@ -133,3 +133,25 @@ def test_damping_policy_is_the_lm_rule_with_its_bounds():
     frozen = DampingPolicy(adapt=False, increase=2.0, max_damping=8.0)
     assert frozen.after_step(1.0, -math.inf) == 1.0 and frozen.after_rejection(1.0) == 1.0
     assert frozen.after_non_finite(1.0) == 2.0  # a non-finite step grows λ even without adapt
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((-1.0, 0.5), {}, ValueError, r"`damping` must be in \[0.0, inf\], got -1.0"),
+        ((1.0, "0.5"), {}, TypeError, r"`rho` must be a real number, got str '0.5'"),
+        ((1.0, 0.5), {"increase": 0.5}, ValueError, r"`increase` must be in \[1.0, inf\]"),
+        ((1.0, 0.5), {"decrease": 1.5}, ValueError, r"`decrease` must be in \(0.0, 1.0\]"),
+        ((1.0, 0.5), {"min_damping": 2.0, "max_damping": 1.0}, ValueError, r"`max_damping`"),
+    ],
+)
+def test_update_damping_names_a_bad_argument(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        update_damping(*args, **kwargs)
+
+
+def test_reduction_ratio_names_a_bad_argument_and_keeps_nan_and_inf_meanings():
+    with pytest.raises(TypeError, match=r"`actual` must be a real number, got str 'a'"):
+        reduction_ratio("a", -1.0)
+    assert reduction_ratio(math.nan, -1.0) == -math.inf and math.isnan(reduction_ratio(-1.0, 0.0))
+    assert math.isnan(update_damping(math.nan, 0.5))  # λ not yet calibrated stays NaN

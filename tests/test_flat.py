@@ -39,3 +39,22 @@ def test_layout_errors():
         trainable([torch.zeros(2)])
     with pytest.raises(TypeError, match=r"`params\[1\]` must be a torch.Tensor, got int"):
         trainable([torch.zeros(1, requires_grad=True), 3])
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: trainable(3), r"`params` must be an nn.Module, a tensor or an iterable"),
+        (lambda: ParamLayout([torch.zeros(2), 1.0]), r"`params\[1\]` must be a torch.Tensor"),
+    ],
+)
+def test_non_tensor_params_are_named(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+def test_cat_makes_sparse_gradients_dense():
+    layout = ParamLayout([torch.zeros(3, 2), torch.zeros(2)])
+    sparse = torch.sparse_coo_tensor([[1], [0]], [5.0], (3, 2), check_invariants=True)
+    flat = layout.cat([sparse, None])
+    assert torch.equal(flat, torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0]))

@@ -458,6 +458,29 @@ def test_vectors_of_the_wrong_length_are_refused():
         J.rmatvec(np.ones(n))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("in_dtype", [np.float32, np.float64])
+def test_scipy_vector_shapes_and_dtypes_follow_the_dense_oracle(kind, in_dtype):
+    model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
+    M = _matrix(_dense("mlp_tanh_mse"), kind)
+    op = KINDS[kind](model, loss_fn, (x, y))
+    n = op.shape[0]
+    v = _vectors(n, 1)[:, 0].astype(in_dtype)
+    tol = EXACT if in_dtype == np.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for got, want_shape in ((op.matvec(v), (n,)), (op.matvec(v[:, None]), (n, 1))):
+        assert got.shape == want_shape and got.dtype == op.dtype == np.float64
+        np.testing.assert_allclose(got.reshape(-1), M @ v.astype(np.float64), **tol)
+    np.testing.assert_allclose(op.rmatvec(v), op.matvec(v), rtol=0, atol=0)  # symmetric
+    V = _vectors(n, 3).astype(in_dtype)
+    np.testing.assert_allclose(op.matmat(V), M @ V.astype(np.float64), **tol)
+    assert op.matmat(np.ones((n, 0))).shape == (n, 0)  # no columns: an empty result
+    assert (op @ np.ones((n, 0))).shape == (n, 0)
+    with pytest.raises(
+        ValueError, match=rf"`x` must have shape \({n},\) or \({n}, k\).*\(1, {n}, 1\)"
+    ):
+        op @ np.ones((1, n, 1))
+
+
 def test_inputs_that_do_not_fit_the_model_are_refused():
     model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
     wrong = torch.randn(5, 7, dtype=torch.float64)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import nn
 
-from hessfree import EmpiricalFisherDiagonal, HessianFree, StepInfo
+from hessfree import EmpiricalFisherDiagonal, HessianFree, KFACPreconditioner, StepInfo
 
 
 def _quadratic(n: int = 6, seed: int = 0):
@@ -662,6 +662,192 @@ def test_tolerances_round_trip_and_old_state_dicts_still_load():
 
 
 # ------------------------------------------------------------------------------ lr = 0
+# -- torch.optim conventions: groups, state dicts, unusual parameter lists ----------------------
+
+
+def _xy_quadratic():
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    return A, torch.linalg.solve(A, torch.ones(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("group", "error", "match"),
+    [
+        (
+            {"lr": -1.0},
+            ValueError,
+            r"`param_groups\[1\]\['lr'\]` must be in \[0.0, inf\), got -1.0",
+        ),
+        ({"lr": math.nan}, ValueError, r"`param_groups\[1\]\['lr'\]` .* got nan"),
+        ({"weight_decay": math.inf}, ValueError, r"\['weight_decay'\]` .* got inf"),
+        ({"cg_max_iter": 3}, ValueError, r"\['cg_max_iter'\]` is 3 but `cg_max_iter` is 250"),
+        ({"momentum": 0.9}, ValueError, r"unknown key\(s\) \['momentum'\]"),
+        (
+            {"params": [torch.zeros(2, dtype=torch.complex128, requires_grad=True)]},
+            TypeError,
+            "complex",
+        ),
+    ],
+)
+def test_add_param_group_checks_the_group_and_leaves_the_optimizer_unchanged(group, error, match):
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x])
+    with pytest.raises(error, match=match):
+        opt.add_param_group(
+            {"params": [torch.zeros(3, dtype=torch.float64, requires_grad=True)], **group}
+        )
+    assert len(opt.param_groups) == 1
+    # the constructor runs the same checks on each group
+    with pytest.raises(error, match=match.replace(r"\[1\]", r"\[0\]")):
+        HessianFree(
+            [{"params": [torch.zeros(3, dtype=torch.float64, requires_grad=True)], **group}]
+        )
+
+
+@pytest.mark.parametrize("lr", [-3.0, math.nan, math.inf])
+def test_an_edited_group_lr_out_of_range_is_refused_before_anything_moves(lr):
+    A, _ = _xy_quadratic()
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x])
+    opt.param_groups[0]["lr"] = lr  # e.g. a broken scheduler
+    with pytest.raises(ValueError, match=r"`param_groups\[0\]\['lr'\]` must be in"):
+        opt.step(lambda: 0.5 * x @ A @ x - x.sum())
+    assert x.tolist() == [0.3, -0.2]
+
+
+def test_duplicate_and_generator_params_step_like_one_list():
+    A, x_star = _xy_quadratic()
+    runs = []
+    for make in (lambda x: [x], lambda x: [x, x], lambda x: (p for p in [x])):
+        x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        with pytest.warns(UserWarning, match="duplicate") if len(list(make(x))) == 2 else _no_op():
+            opt = HessianFree(make(x), damping=1e-3)
+        for _ in range(4):
+            opt.step(lambda x=x: 0.5 * x @ A @ x - x.sum())
+        runs.append(x.detach().clone())
+    torch.testing.assert_close(runs[0], x_star, rtol=1e-6, atol=1e-8)
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0], rtol=0, atol=0)
+
+
+class _no_op:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("style", ["loss", "lbfgs", "loss_outputs"])
+def test_sparse_embedding_gradients_give_the_dense_embeddings_steps(style):
+    idx, target = (
+        torch.tensor([0, 3, 3]),
+        torch.randn(3, 2, generator=torch.Generator().manual_seed(0)),
+    )
+    weights = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        emb = nn.Embedding(5, 2, sparse=sparse).double()
+        opt = HessianFree(emb.parameters(), damping=1e-2)
+        w0 = emb.weight.detach().clone()
+
+        def closure(emb=emb, opt=opt):
+            out = emb(idx)
+            loss = ((out - target.double()) ** 2).sum()
+            if style == "lbfgs":
+                opt.zero_grad()
+                loss.backward()
+            return (loss, out) if style == "loss_outputs" else loss
+
+        if sparse and style == "loss_outputs":  # Gauss-Newton needs a double backward
+            with pytest.raises(NotImplementedError, match=r"nn.Embedding\(sparse=True\)"):
+                opt.step(closure)
+            assert torch.equal(emb.weight.detach(), w0)  # a failed step moves nothing
+            return
+        for _ in range(2):
+            opt.step(closure)
+        weights.append(emb.weight.detach().clone())
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-12, atol=1e-12)
+    assert not torch.equal(weights[0][[0, 3]], torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("state_dict", "match"),
+    [
+        ({"foo": 1}, r"must be a mapping with 'state' and 'param_groups'"),
+        (
+            torch.optim.LBFGS([torch.zeros(2, requires_grad=True)]).state_dict(),
+            r"key\(s\) \['history_size', 'line_search_fn', 'max_eval', 'max_iter'\]",
+        ),
+        ("bad_value", r"`cg_max_iter` must be an int >= 1, got -1"),
+    ],
+)
+def test_load_state_dict_refuses_foreign_or_bad_state_and_keeps_its_own(state_dict, match):
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], cg_max_iter=7)
+    if state_dict == "bad_value":
+        state_dict = opt.state_dict()
+        state_dict["param_groups"][0]["cg_max_iter"] = -1
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state_dict)
+    assert opt.param_groups[0]["cg_max_iter"] == 7 and opt.cg_max_iter == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"curvature": lambda loss, out, params: None}, TypeError, r"must return a function"),
+        (
+            {"curvature": lambda loss, out, params: lambda v: torch.ones(5, dtype=v.dtype)},
+            ValueError,
+            r"product must return a tensor of shape \(2,\) like its input v, got shape \(5,\)",
+        ),
+        (
+            {"precond": lambda ctx: torch.ones(2, dtype=torch.float64)},
+            ValueError,
+            r"`precond` <function .*> \(a callable without needs_outputs=False\) needs per-example",
+        ),
+    ],
+)
+def test_user_curvature_and_precond_callables_are_named_when_they_misbehave(kwargs, error, match):
+    A, _ = _xy_quadratic()
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], damping=1e-3, **kwargs)
+    with pytest.raises(error, match=match):
+        opt.step(lambda: 0.5 * x @ A @ x - x.sum())
+    assert x.tolist() == [0.3, -0.2]
+
+
+@pytest.mark.parametrize("precond", ["auto", "nystrom", "martens", "kfac"])
+def test_non_finite_curvature_under_a_built_in_preconditioner_is_a_rejected_step(precond):
+    # The preconditioner meets the NaN products first: the step is rejected as non-finite
+    # curvature (was a LinAlgError from the sketch's Cholesky/eigh or K-FAC's eigh, or cg's
+    # "precond ... must be positive and finite"), and the next step goes on.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    residuals = precond in ("auto", "nystrom")
+    kfac = KFACPreconditioner(model) if precond == "kfac" else None
+    opt = HessianFree(model.parameters(), precond=kfac or precond)
+
+    def closure(scale=1.0):
+        out = model(X) * scale
+        r = out - Y
+        return ((r**2).mean(), (r,)) if residuals else ((r**2).mean(), out)
+
+    opt.step(closure)  # K-FAC: finite factors to average the NaN ones into
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="non-finite value in a curvature product"):
+        opt.step(closure, lambda: closure(float("nan")))
+    assert opt.last_step.status == "non_finite_curvature"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    opt.step(closure)
+    assert opt.last_step.status == "accepted"
+    if kfac is not None:  # the NaN statistics were not averaged into the factors
+        assert all(torch.isfinite(A).all() and torch.isfinite(G).all() for A, G in kfac.factors)
+
+
 def test_lr_zero_from_a_scheduler_or_the_constructor_is_not_accepted():
     A, b = _quadratic(4, seed=2)
     x = torch.zeros(4, dtype=torch.float64, requires_grad=True)

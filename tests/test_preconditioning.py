@@ -276,3 +276,17 @@ def test_auto_preconditioner_is_nystrom_for_residual_blocks_only():
     none = HessianFree([w], damping=1e-3, precond=None)
     none.step(blocks)
     assert none._auto_precond is None and none.precond is None
+
+
+@pytest.mark.parametrize(
+    ("matmat", "n", "rank", "error", "match"),
+    [
+        (lambda V: V, 0, 1, ValueError, r"`n` must be an int >= 1, got 0"),
+        (lambda V: V[:1], 3, 2, ValueError, r"must return a \(2, 3\) tensor .* got shape \(1, 3\)"),
+        (lambda V: V * float("nan"), 3, 2, FloatingPointError, "NaN or infinite"),
+        (lambda V: V * float("inf"), 3, 2, FloatingPointError, "NaN or infinite"),
+    ],
+)
+def test_nystrom_sketch_names_bad_sizes_and_non_finite_products(matmat, n, rank, error, match):
+    with pytest.raises(error, match=match):
+        nystrom_sketch(matmat, n, rank)

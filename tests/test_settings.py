@@ -48,6 +48,30 @@ def test_settings_from_kwargs_names_the_key_the_value_and_what_is_allowed(kwargs
         HFSettings.from_kwargs(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "lr",
+        "weight_decay",
+        "structural_damping",
+        "min_damping",
+        "tolerance_grad",
+        "tolerance_change",
+        "cg_rtol",
+        "cg_progress_tol",
+    ],
+)
+def test_settings_refuse_an_infinite_value_with_no_upper_bound(key):
+    # the message says `[0.0, inf)`, so inf itself must be refused (it used to pass and turn
+    # the parameters or the objective into inf/NaN at the first step)
+    with pytest.raises(ValueError, match=rf"`{key}` must be in [\[(]0.0, inf\), got inf\."):
+        HFSettings(**{key: float("inf")})
+
+
+def test_settings_allow_an_unbounded_max_damping():
+    assert HFSettings(max_damping=float("inf")).max_damping == float("inf")
+
+
 def test_settings_problems_reports_each_key_then_the_constraints_between_keys():
     assert HFSettings.problems({"cg_max_iter": 50, "damping": 1.0}) == []
     found = HFSettings.problems({"cg_max_iter": 0, "armijo_c": 1.5, "seed": 1})
@@ -99,3 +123,9 @@ def test_a_group_cannot_set_a_setting_shared_by_all_groups():
         HessianFree([{"params": [a]}, {"params": [b], "cg_max_iter": 5}])
     opt = HessianFree([{"params": [a]}, {"params": [b], "lr": 0.5}])
     assert [g["lr"] for g in opt.param_groups] == [1.0, 0.5]
+
+
+def test_min_damping_above_max_damping_names_both_keys():
+    problems = HFSettings.problems({"min_damping": 1e10})
+    assert problems and problems[0][0] == "min_damping"
+    assert "`min_damping` is 10000000000.0; `max_damping` must exceed it" in problems[0][1]

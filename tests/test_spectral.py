@@ -255,3 +255,12 @@ def test_spectral_is_reachable_as_an_attribute_after_import_hessfree():
     finally:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]
+
+
+@pytest.mark.parametrize("fn", [top_eigenpairs, bottom_eigenpairs])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_eigenpairs_of_a_non_finite_operator_say_so(fn, bad):
+    A = np.diag([1.0, 2.0, 3.0, 4.0])
+    A[2, 2] = bad
+    with pytest.raises(FloatingPointError, match="NaN or infinite entry"):
+        fn(A)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from test_train_loop import tiny_npz
 
@@ -74,6 +75,10 @@ def refused(argv: list[str], capsys) -> str:
         ("name=a/b", r"path separators"),
         ("batch_size=5000", r"`batch_size` = 5000 exceeds the 1347 training cases"),
         ("optimizers.0.curvature_batch_size=5000", r"curvature_batch_size` = 5000 exceeds"),
+        ("optimizers.0.lr=.inf", r"`lr` must be in \[0.0, inf\), got inf"),
+        ("optimizers.0.weight_decay=.inf", r"`weight_decay` must be in \[0.0, inf\), got inf"),
+        ("optimizers.1.eps=.inf", r"`optimizers.1.eps` must be in .*, got inf"),
+        ("budget.seconds=.inf", r"`budget.seconds` must be in \(0.0, inf\), got inf"),
     ],
 )
 def test_values_that_would_crash_are_refused_at_check(tmp_path, capsys, override, match):
@@ -232,6 +237,41 @@ def test_truncated_or_random_checkpoint_says_damaged(finished_run, capsys, damag
     err = refused(["run", "--resume", str(finished_run), "--quiet"], capsys)
     assert "is damaged: it cannot be read as a checkpoint" in err
     assert "Invalid config" not in err and "weights_only" not in err
+
+
+def _set(state: dict, key: tuple[str, ...], value: object) -> None:
+    *parents, last = key
+    for part in parents:
+        state = state[part]
+    if value is KeyError:
+        del state[last]
+    else:
+        state[last] = value
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        (("model",), KeyError, r"missing key 'model'"),
+        (("model", "net.0.weight"), torch.zeros(3, 3), r"size mismatch for net.0.weight"),
+        (("optimizer", "param_groups"), KeyError, r"missing key 'param_groups'"),
+        (("step",), -5, r"step = -5"),
+        (("step",), "x", r"step = 'x'"),
+        (("perm",), torch.zeros(3, dtype=torch.long), r"perm of shape \(3,\), not \(\d+,\)"),
+        (("torch_rng",), torch.zeros(3, dtype=torch.uint8), r"RNG state"),
+    ],
+)
+def test_a_verified_checkpoint_that_does_not_fit_the_run_is_refused(
+    finished_run, capsys, key, value, match
+):
+    # Its digest matches (written by save_checkpoint), but its content cannot be resumed:
+    # a named refusal (exit 2), not a KeyError/RuntimeError traceback.
+    path = finished_run / "checkpoints" / "adam.pt"
+    state = load_checkpoint(path)
+    _set(state, key, value)
+    save_checkpoint(path, state)
+    err = refused(["run", "--resume", str(finished_run), "budget.steps=6", "--quiet"], capsys)
+    assert f"checkpoint '{path}' does not fit this run" in err and re.search(match, err), err
 
 
 def test_checkpoint_round_trip_and_legacy_files(tmp_path):

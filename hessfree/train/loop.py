@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hessfree.train.checkpoint import save_checkpoint, write_json_atomic
+from hessfree.train.checkpoint import CheckpointError, save_checkpoint, write_json_atomic
 from hessfree.train.config import (
     ConfigError,
     ExperimentConfig,
@@ -604,13 +604,7 @@ class Runner:
         self._current = t.st
 
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            data_gen.set_state(ckpt["data_rng"])
-            if self.device.type == "cuda" and ckpt.get("cuda_rng"):
-                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-            t.st = self._current = Progress.from_checkpoint(ckpt)
+            t.st = self._current = self._restore(spec, ckpt, optimizer, data_gen, n)
             lifted = (
                 ckpt["finished"]
                 and ckpt["stop_reason"] in _BUDGET_REASONS
@@ -630,6 +624,53 @@ class Runner:
                 return self._outcome(spec, RunStop(ckpt["stop_reason"]), t.st)
         group.check_same(model.parameters())
         return t
+
+    def _restore(
+        self,
+        spec: OptimizerConfig,
+        ckpt: dict[str, Any],
+        optimizer: torch.optim.Optimizer,
+        data_gen: torch.Generator,
+        n: int,
+    ) -> Progress:
+        """Load a checkpoint into the model, optimizer and RNGs; its progress.
+
+        Its digest was verified on load (:func:`~hessfree.train.checkpoint.load_checkpoint`);
+        a checkpoint that still does not fit this run (a key missing, a tensor of another shape,
+        a hyperparameter out of range) is a :class:`CheckpointError` naming the file.
+        """
+        path = self.run_dir / "checkpoints" / f"{spec.label}.pt"
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            data_gen.set_state(ckpt["data_rng"])
+            if self.device.type == "cuda" and ckpt.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+            st = Progress.from_checkpoint(ckpt)
+            finished, _ = ckpt["finished"], ckpt["stop_reason"]  # read below: present now
+            bad = [
+                f"{key} = {value!r}"
+                for key, value, ok in (
+                    ("step", st.step, isinstance(st.step, int) and st.step >= 0),
+                    ("position", st.position, isinstance(st.position, int) and 0 <= st.position),
+                    ("finished", finished, isinstance(finished, bool)),
+                )
+                if not ok
+            ]
+            if st.perm is not None and (
+                not isinstance(st.perm, Tensor) or tuple(st.perm.shape) != (n,)
+            ):
+                bad.append(f"perm of shape {tuple(getattr(st.perm, 'shape', ()))}, not ({n},)")
+            if bad:
+                raise ValueError(", ".join(bad))
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            what = f"missing key {err}" if isinstance(err, KeyError) else " ".join(str(err).split())
+            raise CheckpointError(
+                f"checkpoint '{path}' does not fit this run ({what[:300]}); "
+                f"{spec.label} was not resumed. Restore the file from a copy, or start a new run."
+            ) from None
+        return st
 
     def _steps(self, t: _Training, fresh: bool) -> RunStop:
         """Step until a budget, divergence, convergence or a signal (raised) stops ``t``."""
