@@ -145,9 +145,17 @@ _SAME_OBJECTIVE_AGAIN = 3
 
 #: Preconditioners whose failure on NaN/Inf curvature leaves the step to CG's own check.
 _BUILT_IN_PRECONDS = (NystromPreconditioner, KFACPreconditioner)
-#: Keys a param group may hold: HessianFree's and those torch's LR schedulers add.
-_GROUP_KEYS_KNOWN = frozenset(
-    ("params", "name", "initial_lr", "base_lr", "max_lr", "min_lr", *HFSettings.GROUP_KEYS)
+#: Other torch optimizers' hyperparameters: in a param group they would be silently ignored
+#: (``add_param_group``) or mark another optimizer's state dict (``load_state_dict``). Any other
+#: extra key (a user's tag, a scheduler's ``initial_lr`` or ``swa_lr``) is kept, as torch does.
+_FOREIGN_GROUP_KEYS = frozenset(
+    (
+        *("momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "alpha", "centered"),
+        *("lr_decay", "initial_accumulator_value", "rho", "lambd", "etas", "step_sizes"),
+        *("max_iter", "max_eval", "history_size", "line_search_fn"),  # LBFGS
+        *("maximize", "foreach", "fused", "capturable", "differentiable"),
+        "decoupled_weight_decay",
+    )
 )
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
@@ -639,11 +647,12 @@ class HessianFree(torch.optim.Optimizer):
         """
         i = len(self.param_groups)
         if isinstance(param_group, dict):
-            unknown = sorted(set(param_group) - _GROUP_KEYS_KNOWN)
-            if unknown:
+            foreign = sorted(set(param_group) & _FOREIGN_GROUP_KEYS)
+            if foreign:
                 raise ValueError(
-                    f"`param_groups[{i}]` has unknown key(s) {unknown}; HessianFree's groups "
-                    f"take 'params' and {', '.join(map(repr, HFSettings.GROUP_KEYS))} (only "
+                    f"`param_groups[{i}]` has other optimizers' key(s) {foreign}, which "
+                    f"HessianFree would ignore; its groups take 'params' and "
+                    f"{', '.join(map(repr, HFSettings.GROUP_KEYS))} (only "
                     f"{' and '.join(map(repr, HFSettings.PER_GROUP))} may differ between groups)."
                 )
         super().add_param_group(param_group)  # warns of duplicates, as torch does
@@ -695,10 +704,10 @@ class HessianFree(torch.optim.Optimizer):
                 + "."
             )
         for i, saved in enumerate(groups):
-            unknown = sorted(set(saved) - _GROUP_KEYS_KNOWN) if isinstance(saved, Mapping) else []
-            if unknown:
+            foreign = sorted(set(saved) & _FOREIGN_GROUP_KEYS) if isinstance(saved, Mapping) else []
+            if foreign:
                 raise ValueError(
-                    f"`state_dict['param_groups'][{i}]` has key(s) {unknown} that HessianFree "
+                    f"`state_dict['param_groups'][{i}]` has key(s) {foreign} that HessianFree "
                     "does not use: is it another optimizer's state dict?"
                 )
             if isinstance(saved, Mapping):

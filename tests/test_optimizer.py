@@ -681,7 +681,8 @@ def _xy_quadratic():
         ({"lr": math.nan}, ValueError, r"`param_groups\[1\]\['lr'\]` .* got nan"),
         ({"weight_decay": math.inf}, ValueError, r"\['weight_decay'\]` .* got inf"),
         ({"cg_max_iter": 3}, ValueError, r"\['cg_max_iter'\]` is 3 but `cg_max_iter` is 250"),
-        ({"momentum": 0.9}, ValueError, r"unknown key\(s\) \['momentum'\]"),
+        ({"momentum": 0.9}, ValueError, r"other optimizers' key\(s\) \['momentum'\]"),
+        ({"betas": (0.9, 0.99)}, ValueError, r"other optimizers' key\(s\) \['betas'\]"),
         (
             {"params": [torch.zeros(2, dtype=torch.complex128, requires_grad=True)]},
             TypeError,
@@ -769,6 +770,21 @@ def test_sparse_embedding_gradients_give_the_dense_embeddings_steps(style):
         weights.append(emb.weight.detach().clone())
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-12, atol=1e-12)
     assert not torch.equal(weights[0][[0, 3]], torch.zeros(2, 2, dtype=torch.float64))
+
+
+def test_extra_group_keys_of_users_and_schedulers_are_kept_as_torch_keeps_them():
+    # torch.optim keeps a param group's extra keys (a tag, SWALR's 'swa_lr'); so must a state
+    # dict that holds them load, or a scheduler-driven loop could not resume
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], cg_max_iter=7)
+    opt.add_param_group({"params": [y], "tag": "decoder", "lr": 0.5})
+    opt.param_groups[0]["swa_lr"] = 0.05
+    # the same layout, other settings
+    other = HessianFree([{"params": [x]}, {"params": [y]}], cg_max_iter=3)
+    other.load_state_dict(opt.state_dict())
+    assert other.param_groups[1]["tag"] == "decoder" and other.param_groups[0]["swa_lr"] == 0.05
+    assert other.cg_max_iter == 7 and other.param_groups[1]["lr"] == 0.5
 
 
 @pytest.mark.parametrize(
