@@ -67,3 +67,28 @@ def test_curvature_stays_a_fraction_for_the_first_full_steps_when_asked():
     assert scorecard._curvature_size(late, 3999, 4000, 0) == 1000  # not full yet
     sizes = [scorecard._curvature_size(late, 4000, 4000, k) for k in (1, 2, 3, 10)]
     assert sizes == [1000, 1000, 4000, 4000]
+
+
+def _row(family, error, times):
+    run = scorecard.Run(family, family, None, lambda: None, clock=10.0, steps=10)
+    return dict(run=run, error=error, error_ratio=1.0, times=times, time_ratios=[], base_times=[])
+
+
+@pytest.mark.parametrize(
+    ("default_times", "tuned_times", "met", "named"),
+    [
+        # both converged; the default ends lower but reaches the targets later: the time
+        # verdict is the tuned row's (met), not the lower final error's (missed)
+        ([10.0, 13.0, 13.0], [5.0, 5.0, 6.0], "met", "HF tuned"),
+        ([5.0, 5.0, 6.0], [10.0, 13.0, 13.0], "met", "HF default"),
+        ([10.0, 13.0, 13.0], [9.0, math.inf, 20.0], "**missed**", "HF default"),
+    ],
+)
+def test_the_time_target_verdict_takes_hfs_faster_row(default_times, tuned_times, met, named):
+    adam = _row("Adam", 3e-6, [7.5, 15.0, 30.0])
+    rows = [adam, _row("HF default", 5e-8, default_times), _row("HF tuned", 8e-8, tuned_times)]
+    summary = dict(rows=rows, best_base=adam["run"])
+    task = scorecard.Task(*["mnist1d"] + [None] * 6, "loss", 30.0, 6.0, adam=[], sgd=[], hf={})
+    results = {"mnist1d": dict(summary=summary, task=task, finals=[r["run"] for r in rows])}
+    (row,) = [v for v in scorecard.verdicts(results) if v[1].startswith("HF time")]
+    assert row[3] == met and row[2].startswith(named)
