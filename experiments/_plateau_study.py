@@ -78,6 +78,15 @@ def run(task, regimes, budget, slices):
     return runs
 
 
+def _with_and_without(regimes: dict) -> dict:
+    """Each regime as it is and with the plateau latch, in that order."""
+    out = {}
+    for name, regime in regimes.items():
+        out[name] = (HessianFree, regime)
+        out[f"{name}+plateau"] = (PlateauHF, regime)
+    return out
+
+
 def main():
     torch.set_num_threads(1)
     which = sys.argv[1:] or ["curves", "mnist1d", "addition30"]
@@ -86,13 +95,7 @@ def main():
             t = sc.make_curves_task(True)
             base = dict(batch=250, curvature_batch=62, kw={})
             tuned = dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=10))
-            regs = {
-                "default": (HessianFree, base),
-                "default+plateau": (PlateauHF, base),
-                "cg10": (HessianFree, tuned),
-                "cg10+plateau": (PlateauHF, tuned),
-            }
-            run(t, regs, 15.0, 6)
+            run(t, _with_and_without({"default": base, "cg10": tuned}), 15.0, 6)
         elif key == "mnist1d":
             t = sc._classifier("mnist1d", True)
             g = dict(
@@ -103,13 +106,7 @@ def main():
                 kw=dict(cg_max_iter=10),
             )
             g0 = dict(batch=250, growth=1.1, curvature_batch=0.25, full_curvature_after=4, kw={})
-            regs = {
-                "growing": (HessianFree, g),
-                "growing+plateau": (PlateauHF, g),
-                "growing nokw": (HessianFree, g0),
-                "growing nokw+plateau": (PlateauHF, g0),
-            }
-            run(t, regs, 8.0, 8)
+            run(t, _with_and_without({"growing": g, "growing nokw": g0}), 8.0, 8)
         elif key.startswith("addition"):
             T = int(key[8:])
             t = sc.make_addition_task(T, 60.0)

@@ -206,21 +206,17 @@ def _classifier(key: str, quick: bool) -> Task:
             hf[f"{n // 16}×{growth:g}/step, curvature ¼"] = dict(
                 batch=n // 16, growth=growth, curvature_batch=0.25, kw={}
             )
-        hf[f"{n // 16}×1.1/step, curvature ¼ to 4 full steps, cg≤10"] = dict(
+        late = dict(
             batch=n // 16,
             growth=1.1,
             curvature_batch=0.25,
             full_curvature_after=4,
             kw=dict(cg_max_iter=10),
         )
+        hf[f"{n // 16}×1.1/step, curvature ¼ to 4 full steps, cg≤10"] = late
         # the same with K-FAC (experiments/README.md, "MNIST-1D's middle phase")
-        hf[f"{n // 16}×1.1/step, curvature ¼ to 4 full steps, cg≤10, K-FAC rank 16"] = dict(
-            batch=n // 16,
-            growth=1.1,
-            curvature_batch=0.25,
-            full_curvature_after=4,
-            kw=dict(cg_max_iter=10),
-            kfac=dict(rank=16),
+        hf[f"{n // 16}×1.1/step, curvature ¼ to 4 full steps, cg≤10, K-FAC rank 16"] = late | dict(
+            kfac=dict(rank=16)
         )
     if not quick:
         hf["full batch"] = dict(batch=n, curvature_batch=n, kw={})
