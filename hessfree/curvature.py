@@ -611,6 +611,13 @@ class JacobianProduct:
 
     def jvp(self, v: Tensor) -> Tensor | tuple[Tensor, ...]:
         """:math:`Jv` for a flat ``v``; a tensor (tuple of tensors) shaped like ``outputs``."""
+        n = self.layout.numel
+        if not isinstance(v, Tensor) or v.shape != (n,):
+            got = f"shape {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(
+                f"`v` must be a flat tensor of shape ({n},), one entry per parameter entry, "
+                f"got {got}."
+            )
         self._ensure_rop_graph()
         if not self._jtu:
             return self._structure([None] * len(self._us), ())
@@ -640,6 +647,16 @@ class JacobianProduct:
     def vjp(self, u: Tensor | Sequence[Tensor]) -> Tensor:
         """:math:`J^\\top u` for ``u`` shaped like ``outputs``; returns a flat vector."""
         us = self._blocks(u)
+        if len(us) != len(self._all) or any(
+            not isinstance(b, Tensor) or b.shape != o.shape
+            for b, o in zip(us, self._all, strict=False)
+        ):
+            want = [tuple(o.shape) for o in self._all]
+            got = [tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__ for b in us]
+            raise ValueError(
+                f"`u` must be shaped like the outputs, {want if self.is_sequence else want[0]}, "
+                f"got {got if self.is_sequence else got[0]}."
+            )
         outs = [self._all[k] for k in self._live]
         return self.layout.cat(_grad(outs, self.params, [us[k] for k in self._live]))
 

@@ -455,3 +455,24 @@ def test_fisher_product_does_not_build_the_loss_hessian_it_replaces(monkeypatch)
 def test_jacobian_batched_products_keep_their_former_names():
     assert JacobianProduct.jmp is JacobianProduct.batched_jvp
     assert JacobianProduct.vmp is JacobianProduct.batched_vjp
+
+
+@pytest.mark.parametrize(
+    ("call", "arg", "match"),
+    [
+        ("jvp", torch.zeros(5), r"`v` must be a flat tensor of shape \(8,\), .* got shape \(5,\)"),
+        ("jvp", torch.zeros(8, 1), r"got shape \(8, 1\)"),
+        ("jvp", [0.0] * 8, r"got list"),
+        ("vjp", torch.zeros(4, 3), r"`u` must be shaped like the outputs, \(4, 2\), got \(4, 3\)"),
+        ("vjp", torch.zeros(8), r"got \(8,\)"),
+    ],
+)
+def test_jacobian_products_name_a_vector_of_the_wrong_shape(call, arg, match):
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)  # 8 parameter entries, outputs (4, 2)
+    J = JacobianProduct(lin(torch.randn(4, 3)), list(lin.parameters()))
+    with pytest.raises(ValueError, match=match):
+        getattr(J, call)(arg)
+    v = torch.randn(8)  # and the right shapes still agree with each other: <u, Jv> = <J'u, v>
+    u = torch.randn(4, 2)
+    torch.testing.assert_close((u * J.jvp(v)).sum(), J.vjp(u) @ v)
