@@ -55,6 +55,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -64,6 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from ._graph_ops import cat_last
 
 __all__ = ["HiddenRecorder", "record_hidden", "mark_hidden"]
 
@@ -189,7 +192,7 @@ class HiddenRecorder:
             )
         if s.joined is None:  # one tensor per entry: rec.hidden is rec.hidden
             flats = [t for _, t in s.records]
-            s.joined = flats[0] if len(flats) == 1 else _CatColumns.apply(*flats)
+            s.joined = cat_last(flats)
         return s.joined
 
     def _add(self, name: str, h: Tensor, batch_dim: int | None) -> None:
@@ -327,7 +330,7 @@ def _dispatch(patch: _Patch, *args: Any, **kwargs: Any) -> Any:
         return patch.original(*args, **kwargs)
     input, hx = _bind(*args, **kwargs)
     cuda = input.is_cuda if isinstance(input, Tensor) else input.data.is_cuda
-    with _without_cudnn() if cuda and torch.is_grad_enabled() else _nothing():
+    with _without_cudnn() if cuda and torch.is_grad_enabled() else contextlib.nullcontext():
         if isinstance(module, nn.RNNCellBase):
             h_new = patch.original(input, hx)
             h = h_new[0] if isinstance(h_new, tuple) else h_new
@@ -385,14 +388,6 @@ class _without_cudnn:
             _cudnn["users"] -= 1
             if _cudnn["users"] == 0:
                 torch.backends.cudnn.enabled = _cudnn["saved"]
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _base_of(module: nn.RNNBase) -> type | None:
@@ -456,35 +451,3 @@ def _slice(hx: Any, start: int, stop: int) -> Any:
     if isinstance(hx, tuple):
         return tuple(t[start:stop] for t in hx)
     return hx[start:stop]
-
-
-class _CatColumns(torch.autograd.Function):
-    """``torch.cat(flats, 1)`` whose backward is one ``split``, not one slice per input.
-
-    Differentiating a slice zero-fills a tensor the size of the whole concatenation, once per
-    input: with one record per time step (cells, :func:`mark_hidden`) that is :math:`O(T^2)`
-    work in every curvature product (HF's products differentiate the backward pass); a
-    ``split`` is differentiated by one ``cat``.
-    """
-
-    generate_vmap_rule = True  # batched products run this backward under vmap
-
-    @staticmethod
-    def forward(*flats: Tensor) -> Tensor:
-        return torch.cat(flats, -1)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        ctx.sizes = [t.shape[-1] for t in inputs]
-        ctx.like = inputs
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
-        return grad.split(ctx.sizes, -1)
-
-    @staticmethod
-    def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor:
-        parts = [
-            torch.zeros_like(x) if t is None else t for x, t in zip(ctx.like, tangents, strict=True)
-        ]
-        return torch.cat(parts, -1)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._graph_ops import cat_last
+
 __all__ = [
     "Autoencoder",
     "MLP",
@@ -167,35 +169,6 @@ class ConvNet(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-class _StackSteps(torch.autograd.Function):
-    """``torch.stack(states, 1)`` whose backward is ``unbind`` instead of ``T`` ``select`` s.
-
-    Equal values and derivatives; the difference is in the graph a backward pass *builds*
-    (``create_graph=True``, as for HF's R-op products). torch's stack backward takes each
-    step's gradient with ``select``, and differentiating a ``select`` zero-fills a tensor the
-    size of all the steps, once per step: :math:`O(T^2)` work in every Jacobian-vector product.
-    ``unbind`` is differentiated by one ``stack``: :math:`O(T)`.
-    """
-
-    generate_vmap_rule = True  # batched products run this backward under vmap
-
-    @staticmethod
-    def forward(*states: Tensor) -> Tensor:
-        return torch.stack(states, 1)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        ctx.like = inputs[0]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
-        return grad.unbind(1)
-
-    @staticmethod
-    def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor:
-        return torch.stack([torch.zeros_like(ctx.like) if t is None else t for t in tangents], 1)
-
-
 class TanhRNN(nn.Module):
     r"""Elman RNN with tanh units, read out (linearly) at the last step.
 
@@ -270,8 +243,8 @@ class TanhRNN(nn.Module):
         for u in us[1:]:
             h = torch.tanh(u + self.recurrent(h))
             states.append(h)
-        # torch.stack's backward would cost O(T^2) in every curvature product (_StackSteps)
-        return self.readout(h), _StackSteps.apply(*states)
+        # torch.stack's backward would cost O(T^2) in every curvature product (_graph_ops)
+        return self.readout(h), cat_last(states).unflatten(-1, (len(states), h.shape[-1]))
 
 
 @torch.no_grad()

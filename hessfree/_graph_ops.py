@@ -1,0 +1,57 @@
+"""Autograd ops whose backward builds a cheaper graph than torch's own, for curvature products.
+
+HF's Jacobian-vector products differentiate a backward pass (``create_graph=True``). torch's
+backward of a concatenation or stack takes each input's gradient with a slice or ``select``,
+and differentiating one zero-fills a tensor the size of the whole result, once per input:
+:math:`O(T^2)` work per product when a recurrent net joins its :math:`T` steps' states. The
+ops here use one ``split`` instead, which is differentiated by one ``cat``: :math:`O(T)`.
+Values and derivatives are torch's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["cat_last"]
+
+
+def cat_last(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.cat(tensors, -1)`` with a ``split`` backward (see the module docstring).
+
+    ``torch.stack(states, 1)`` of ``T`` states ``(N, H)`` is
+    ``cat_last(states).unflatten(-1, (T, H))``.
+
+    Example:
+        >>> a, b = torch.ones(2, 1), torch.zeros(2, 2)
+        >>> cat_last([a, b]).tolist()
+        [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    """
+    return tensors[0] if len(tensors) == 1 else _CatLast.apply(*tensors)
+
+
+class _CatLast(torch.autograd.Function):
+    generate_vmap_rule = True  # batched products run this backward under vmap
+
+    @staticmethod
+    def forward(*tensors: Tensor) -> Tensor:
+        return torch.cat(tensors, -1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        ctx.sizes = [t.shape[-1] for t in inputs]
+        ctx.like = inputs
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
+        return grad.split(ctx.sizes, -1)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Tensor | None) -> Tensor:
+        parts = [
+            torch.zeros_like(x) if t is None else t for x, t in zip(ctx.like, tangents, strict=True)
+        ]
+        return torch.cat(parts, -1)
