@@ -102,7 +102,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
 from ._autograd_hooks import AutogradHook
-from ._checks import check_number
+from ._checks import check_number, check_reaches_params
 from ._flat import ParamLayout
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
@@ -911,11 +911,13 @@ class HessianFree(torch.optim.Optimizer):
     ) -> Tensor:
         if product is not None and product.gradient is not None:
             return product.gradient  # computed by the product's set-up
-        if evaluation.grads is not None:
-            return layout.cat([None if g is None else g.detach() for g in evaluation.grads])
-        return layout.cat(
-            torch.autograd.grad(evaluation.loss, params, retain_graph=True, allow_unused=True)
-        )
+        grads = evaluation.grads
+        if grads is None:
+            grads = torch.autograd.grad(
+                evaluation.loss, params, retain_graph=True, allow_unused=True
+            )
+        check_reaches_params("loss", grads, len(params))  # zero blocks for some, not all
+        return layout.cat([None if g is None else g.detach() for g in grads])
 
     def _preconditioner(
         self,
@@ -1039,8 +1041,10 @@ class HessianFree(torch.optim.Optimizer):
             TypeError: If ``closure`` is not callable or returns something other than a scalar
                 tensor or ``(loss, outputs)``.
             ValueError: If the curvature or preconditioner needs outputs the closure does not
-                give, or the closure's first call fails because its data does not match the
-                parameters (dtype, device or features; torch's error is chained).
+                give, the closure's first call fails because its data does not match the
+                parameters (dtype, device or features; torch's error is chained), or its loss
+                depends on none of the parameters (before any update; parameters it does not
+                use among others are fine and stay where they are).
             FloatingPointError: After ``max_failures`` consecutive non-finite steps.
         """
         if not callable(closure):

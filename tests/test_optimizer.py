@@ -288,6 +288,59 @@ def test_per_group_lr_scales_the_step():
     )
 
 
+@pytest.mark.parametrize("style", ["hessian", "ggn", "backward"])
+def test_params_the_loss_does_not_use_stay_put_and_the_rest_steps_as_without_them(style):
+    # Zero rows and columns (allow_unused): the extra tensor's block of g and of (C + λI)p = -g
+    # is zero, so the used parameters follow the trajectory of an optimizer without it.
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    models = [nn.Linear(3, 2).double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    extra = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    precond = "martens" if style == "ggn" else None  # the diagonal needs the outputs
+    opts = [
+        HessianFree(list(models[0].parameters()), precond=precond),
+        HessianFree([*models[1].parameters(), extra], precond=precond),
+    ]
+    for _ in range(3):
+        for model, opt in zip(models, opts, strict=True):
+
+            def closure(model=model, opt=opt):
+                out = model(x)
+                loss = F.mse_loss(out, y)
+                if style == "backward":
+                    opt.zero_grad()
+                    loss.backward()
+                return (loss, out) if style == "ggn" else loss
+
+            opt.step(closure)
+    assert opts[1].last_step.accepted
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.equal(extra.detach(), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("style", ["hessian", "ggn", "backward", "callable"])
+def test_loss_reaching_no_parameter_is_refused_before_any_update(style):
+    w = torch.ones(3, requires_grad=True)
+    other = torch.ones(2, requires_grad=True)
+    x = torch.randn(5, 3)
+    curvature = (lambda loss, out, params: lambda v: v) if style == "callable" else "auto"
+    opt = HessianFree([other], curvature=curvature)
+
+    def closure():
+        out = x @ w
+        loss = (out**2).mean()
+        if style == "backward":
+            opt.zero_grad()
+            loss.backward()
+        return (loss, out) if style in ("ggn", "callable") else loss
+
+    with pytest.raises(ValueError, match="does not depend on any of the 1 tensor"):
+        opt.step(closure)
+    assert torch.equal(other.detach(), torch.ones(2))
+
+
 def test_ggn_without_outputs_is_a_clear_error():
     w = torch.ones(2, requires_grad=True)
     opt = HessianFree([w], curvature="ggn")
