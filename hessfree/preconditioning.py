@@ -369,6 +369,9 @@ class KFACPreconditioner:
         ValueError: If ``model`` has no ``nn.Linear`` layer or a number is out of range; when
             called, if a layer ran in no graph-building forward pass or its parameters are not
             the optimizer's, or the damping is not positive.
+        FloatingPointError: When called, if the new statistics (dense or diagonal factors) are
+            NaN or infinite; the factors keep their previous values and
+            :class:`~hessfree.HessianFree` rejects the step as ``non_finite_curvature``.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -510,12 +513,28 @@ class KFACPreconditioner:
             new.append((ctx.average(A), ctx.average(G)))
         if self.factors is None or self.decay == 0.0:
             factors = new
-        else:  # out of place: kept only once their spectra exist (NaN/Inf makes eigh raise)
+        else:  # out of place: kept only once checked finite and their spectra exist
             w = self.decay
             factors = [
                 (A0 * w + A * (1 - w), G0 * w + G * (1 - w))
                 for (A0, G0), (A, G) in zip(self.factors, new, strict=True)
             ]
+        # NaN/Inf statistics (e.g. a NaN curvature batch) must not enter the running factors.
+        # Dense factors' eigh would often raise, but diagonal ones (above max_dense) have no
+        # decomposition, and eigh's behaviour on NaN differs across devices: one check for all,
+        # one host read per refresh. HessianFree turns this error into a rejected step.
+        finite = torch.stack([torch.isfinite(F).all() for pair in factors for F in pair])
+        if not bool(finite.all()):
+            bad = [
+                f"layer {i} {'AG'[j]}"
+                for i, pair in enumerate(factors)
+                for j, F in enumerate(pair)
+                if not bool(torch.isfinite(F).all())
+            ]
+            raise FloatingPointError(
+                f"KFACPreconditioner: NaN or infinite curvature statistics ({', '.join(bad)}); "
+                "the factors keep their previous values."
+            )
         previous = self.eigen or [(None, None)] * len(factors)
         self.eigen = [
             (self._eigen(A, pa), self._eigen(G, pg))
@@ -566,10 +585,12 @@ class KFACPreconditioner:
 
     def __call__(self, ctx: PrecondContext) -> Callable[[Tensor], Tensor]:
         r""":math:`r \mapsto M^{-1}r` at the damping of ``ctx``, for :func:`hessfree.cg`."""
-        if self.eigen is None or self._calls % self.refresh == 0:
-            self.update(ctx)
-            self._calls = 0
-        self._seen.clear()  # release the recorded forward pass's graph
+        try:
+            if self.eigen is None or self._calls % self.refresh == 0:
+                self.update(ctx)
+                self._calls = 0
+        finally:
+            self._seen.clear()  # release the recorded forward pass's graph
         self._calls += 1
         shift = ctx.shift
         mu = ctx.damping + (float(shift.mean()) if isinstance(shift, Tensor) else shift)

@@ -887,7 +887,7 @@ def test_user_curvature_and_precond_callables_are_named_when_they_misbehave(kwar
     assert x.tolist() == [0.3, -0.2]
 
 
-@pytest.mark.parametrize("precond", ["auto", "nystrom", "martens", "kfac"])
+@pytest.mark.parametrize("precond", ["auto", "nystrom", "martens", "kfac", "kfac_diagonal"])
 def test_non_finite_curvature_under_a_built_in_preconditioner_is_a_rejected_step(precond):
     # The preconditioner meets the NaN products first: the step is rejected as non-finite
     # curvature (was a LinAlgError from the sketch's Cholesky/eigh or K-FAC's eigh, or cg's
@@ -896,7 +896,10 @@ def test_non_finite_curvature_under_a_built_in_preconditioner_is_a_rejected_step
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     residuals = precond in ("auto", "nystrom")
-    kfac = KFACPreconditioner(model) if precond == "kfac" else None
+    # kfac_diagonal: every factor above max_dense, kept diagonal (no eigh to meet the NaN)
+    kfac = None
+    if precond.startswith("kfac"):
+        kfac = KFACPreconditioner(model, max_dense=0 if precond == "kfac_diagonal" else 512)
     opt = HessianFree(model.parameters(), precond=kfac or precond)
 
     def closure(scale=1.0):
@@ -915,6 +918,7 @@ def test_non_finite_curvature_under_a_built_in_preconditioner_is_a_rejected_step
     assert opt.last_step.status == "accepted"
     if kfac is not None:  # the NaN statistics were not averaged into the factors
         assert all(torch.isfinite(A).all() and torch.isfinite(G).all() for A, G in kfac.factors)
+        assert all(A.dim() == (1 if precond == "kfac_diagonal" else 2) for A, _ in kfac.factors)
 
 
 def test_lr_zero_from_a_scheduler_or_the_constructor_is_not_accepted():
