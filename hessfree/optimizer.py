@@ -711,7 +711,9 @@ class HessianFree(torch.optim.Optimizer):
                     "does not use: is it another optimizer's state dict?"
                 )
             if isinstance(saved, Mapping):
-                self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in self.defaults})
+                # HFSettings' keys only: torch adds its own (differentiable, ...) to the defaults
+                keys = HFSettings.GROUP_KEYS
+                self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in keys})
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key in HFSettings.GROUP_KEYS:

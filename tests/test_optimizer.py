@@ -202,6 +202,19 @@ def test_state_dict_resume_is_bit_identical():
         assert torch.equal(pa, pc)
 
 
+def test_load_state_dict_twice_and_into_a_loaded_optimizer():
+    # torch's Optimizer.__setstate__ adds its own keys (differentiable, ...) to the defaults:
+    # a second load passed them to HFSettings, a TypeError.
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = HessianFree([w], damping=0.5)
+    opt.step(lambda: (w**4).sum())
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    opt.load_state_dict(saved)
+    assert opt.damping == saved["state"][0]["damping"]
+    assert opt.state_dict()["param_groups"][0]["damping"] == 0.5
+
+
 def test_non_finite_loss_leaves_parameters_bit_identical_and_raises_after_max_failures():
     w = torch.tensor([1.0, 2.0], requires_grad=True)
     before = w.detach().clone()
