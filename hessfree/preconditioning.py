@@ -259,6 +259,41 @@ class NystromPreconditioner:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank!r}, refresh={self.refresh!r})"
 
+    def state_dict(self) -> dict:
+        """The sketch and the step counter (what a resumed run needs to continue identically)."""
+        return {"U": self.U, "eigenvalues": self.eigenvalues, "calls": self._calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output, after checking it (refused: nothing changes).
+
+        Raises:
+            ValueError: If keys are missing, the counter is not an int >= 0, or the sketch's
+                shapes disagree (``U`` ``(n, k)``, ``eigenvalues`` ``(k,)``, ``k <= rank``) or
+                hold NaN/Inf.
+        """
+        U, lam, calls = _state_entries(self, state, ("U", "eigenvalues", "calls"))
+        if (U is None) != (lam is None):
+            raise ValueError(
+                f"{type(self).__name__} state: `U` and `eigenvalues` must both be set or both None."
+            )
+        if U is not None:
+            ok = (
+                isinstance(U, Tensor)
+                and isinstance(lam, Tensor)
+                and U.dim() == 2
+                and lam.shape == (U.shape[1],)
+                and U.shape[1] <= self.rank
+            )
+            if not ok:
+                raise ValueError(
+                    f"{type(self).__name__} state: expected `U` of shape (n, k) and "
+                    f"`eigenvalues` of shape (k,) with k <= rank={self.rank}, got "
+                    f"{_shape_of(U)} and {_shape_of(lam)}."
+                )
+            _check_finite(self, "U", U)
+            _check_finite(self, "eigenvalues", lam)
+        self.U, self.eigenvalues, self._calls = U, lam, calls
+
     def update(self, ctx: PrecondContext) -> None:
         """Recompute the sketch from ``ctx.curvature``."""
         if ctx.curvature is None or ctx.gradient is None:
@@ -302,6 +337,30 @@ class NystromPreconditioner:
 
 # A Kronecker factor's spectrum (Q, values, rest): see KFACPreconditioner._eigen
 _Side = tuple[Tensor | None, Tensor, Tensor | None]
+
+
+def _shape_of(x: object) -> object:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _state_entries(owner: object, state: object, keys: tuple[str, ...]) -> list:
+    """``state``'s values for ``keys`` (the last one an int >= 0 step counter), checked."""
+    name = type(owner).__name__
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"{name} state must be a dict with keys {list(keys)} (as {name}.state_dict() "
+            f"returns), got {got}."
+        )
+    calls = state[keys[-1]]
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+        raise ValueError(f"{name} state: `{keys[-1]}` must be an int >= 0, got {calls!r}.")
+    return [state[k] for k in keys]
+
+
+def _check_finite(owner: object, what: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{type(owner).__name__} state: `{what}` holds NaN or Inf values.")
 
 
 class KFACPreconditioner:
@@ -433,6 +492,98 @@ class KFACPreconditioner:
             f"relative_damping={self.relative_damping!r}, max_dense={self.max_dense!r}, "
             f"rank={self.rank!r})"
         )
+
+    def state_dict(self) -> dict:
+        """The running factors, their spectra and the step counter, as tensors and lists.
+
+        With them a resumed run continues the exact trajectory: the factors are running
+        averages over every refresh so far, and truncated spectra are refined from the
+        previous ones (subspace iteration), so neither can be rebuilt from one batch.
+        """
+        return {
+            "factors": None if self.factors is None else [list(f) for f in self.factors],
+            "eigen": None
+            if self.eigen is None
+            else [[list(side) for side in pair] for pair in self.eigen],
+            "calls": self._calls,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output, checked against the layers (else unchanged).
+
+        Tensors are moved to each layer's device and dtype.
+
+        Raises:
+            ValueError: If keys are missing, the counter is not an int >= 0, the number of
+                layers differs, a factor or spectrum has the wrong shape for its layer (dense
+                up to ``max_dense``, truncated above ``rank``), or a value is NaN/Inf.
+        """
+        factors, eigen, calls = _state_entries(self, state, ("factors", "eigen", "calls"))
+        if (factors is None) != (eigen is None):
+            raise ValueError(
+                "KFACPreconditioner state: `factors` and `eigen` must both be set or both None."
+            )
+        if factors is None:
+            self.factors = self.eigen = None
+            self._floors, self._calls = [], calls
+            return
+        n = len(self.layers)
+        if not (isinstance(factors, list | tuple) and isinstance(eigen, list | tuple)) or (
+            len(factors) != n or len(eigen) != n
+        ):
+            raise ValueError(
+                f"KFACPreconditioner state: expected `factors` and `eigen` for {n} layer(s), "
+                f"got {_count(factors)} and {_count(eigen)}: saved for another model?"
+            )
+        new_factors, new_eigen = [], []
+        for i, (layer, pair, sides) in enumerate(zip(self.layers, factors, eigen, strict=True)):
+            w = layer.weight
+            dims = (layer.in_features + (layer.bias is not None), layer.out_features)
+            fs, es = [], []
+            for j, (dim, which) in enumerate(zip(dims, "AG", strict=True)):
+                where = f"layer {i} ({layer}) {which}"
+                f = _item(pair, j)
+                want = (dim,) if dim > self.max_dense else (dim, dim)
+                if not isinstance(f, Tensor) or tuple(f.shape) != want:
+                    raise ValueError(
+                        f"KFACPreconditioner state: {where} factor must have shape {want}, got "
+                        f"{_shape_of(f)}."
+                    )
+                _check_finite(self, f"{where} factor", f)
+                fs.append(f.to(w.device, w.dtype))
+                es.append(self._checked_side(_item(sides, j), dim, where, w))
+            new_factors.append(tuple(fs))
+            new_eigen.append(tuple(es))
+        self.factors, self.eigen, self._calls = new_factors, new_eigen, calls
+        self._floors = [
+            self.relative_damping * _mean_eigenvalue(G) * _mean_eigenvalue(A)
+            for A, G in self.factors
+        ]
+
+    def _checked_side(self, side: object, dim: int, where: str, like: Tensor) -> _Side:
+        """One saved ``(Q, values, rest)``, of the shapes :meth:`_eigen` gives for ``dim``."""
+        if dim > self.max_dense:
+            want = (None, (dim,), None)
+        elif self.rank is None or dim <= self.rank:
+            want = ((dim, dim), (dim,), None)
+        else:
+            want = ((dim, self.rank), (self.rank,), ())
+        got = tuple(_item(side, k) for k in range(3))
+        if not (isinstance(side, list | tuple) and len(side) == 3) or any(
+            (t is not None) if w is None else not (isinstance(t, Tensor) and tuple(t.shape) == w)
+            for t, w in zip(got, want, strict=True)
+        ):
+            raise ValueError(
+                f"KFACPreconditioner state: {where} spectrum must be (Q, values, rest) of shapes "
+                f"{want}, got {tuple(None if t is None else _shape_of(t) for t in got)}."
+            )
+        out = []
+        for name, t in zip(("Q", "values", "rest"), got, strict=True):
+            if t is not None:
+                _check_finite(self, f"{where} spectrum {name}", t)
+                t = t.to(like.device, like.dtype)
+            out.append(t)
+        return tuple(out)  # type: ignore[return-value]
 
     def remove(self) -> None:
         """Detach the forward hooks."""
@@ -640,6 +791,15 @@ class KFACPreconditioner:
             return z
 
         return apply
+
+
+def _item(seq: object, k: int) -> object:
+    """``seq[k]`` of a saved list or tuple, else ``None`` (a shape check then names it)."""
+    return seq[k] if isinstance(seq, list | tuple) and k < len(seq) else None
+
+
+def _count(x: object) -> object:
+    return len(x) if isinstance(x, list | tuple) else type(x).__name__
 
 
 def _mean_eigenvalue(factor: Tensor) -> Tensor:

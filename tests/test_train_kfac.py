@@ -6,10 +6,13 @@ oracle is :class:`hessfree.KFACPreconditioner` itself, built directly with the s
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from hessfree import HessianFree, KFACPreconditioner
+from hessfree.train.checkpoint import load_checkpoint
 from hessfree.train.cli import main
 from hessfree.train.config import ConfigError, dump_config, parse_config
 from hessfree.train.loop import Runner, RunStatus
@@ -105,3 +108,30 @@ def test_runner_trains_with_kfac(tmp_path):
     cfg = tiny_config(tmp_path, optimizers=[entry, {"name": "adam", "lr": 0.01}])
     result = Runner(cfg, tmp_path / "run", progress=False, verbose=False).run()
     assert result.status is RunStatus.COMPLETED and result.exit_code == 0
+
+
+@pytest.mark.parametrize("kfac", [{"refresh": 2, "rank": 4}, {"max_dense": 4, "refresh": 1}])
+def test_interrupted_kfac_run_resumes_bit_identical(tmp_path, kfac):
+    # The factors are running averages (and truncated spectra refine the previous ones), so a
+    # resume that restarted them took another trajectory: they travel in the checkpoint.
+    from tests.test_train_loop import final_params, quiet, read_metrics, without_timing
+
+    entry = {"name": "hessianfree", "cg_max_iter": 5, "precond": {"name": "kfac", **kfac}}
+    cfg = tiny_config(tmp_path, optimizers=[entry], budget={"steps": 6})
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, checkpoint_every=1))
+    quiet(cfg, tmp_path / "full").run()
+    runner = quiet(cfg, tmp_path / "part")
+    runner.on_step = lambda ev: runner.request_stop() if ev.step == 3 else None
+    assert runner.run().status is RunStatus.INTERRUPTED
+    ckpt = load_checkpoint(tmp_path / "part" / "checkpoints" / "hessianfree.pt")
+    assert ckpt["optimizer"]["precond"]["type"] == "KFACPreconditioner"
+    assert ckpt["optimizer"]["precond"]["state"]["factors"] is not None
+    assert Runner(cfg, tmp_path / "part", resume=True, progress=False, verbose=False).run()
+    full, part = (
+        final_params(tmp_path / "full", "hessianfree"),
+        final_params(tmp_path / "part", "hessianfree"),
+    )
+    assert all(torch.equal(full[k], part[k]) for k in full)
+    assert without_timing(read_metrics(tmp_path / "part" / "metrics.jsonl")) == without_timing(
+        read_metrics(tmp_path / "full" / "metrics.jsonl")
+    )
