@@ -150,6 +150,20 @@ def test_output_dir_the_os_refuses_is_refused_before_any_work(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.npz", "tiny.yaml"]
 
 
+def test_a_non_empty_out_is_refused_at_check_and_before_loading_data(tmp_path, capsys):
+    # It was refused only by the run itself, after loading the data and building the model.
+    config = write_tiny(tmp_path)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    err = refused(["run", str(config), "--check", "--out", str(used)], capsys)
+    assert f"`--out`: the run directory '{used}' is not empty; resume it with --resume" in err
+    (tmp_path / "tiny.npz").unlink()  # a run that loaded the data first would name the file
+    err = refused(["run", str(config), "--quiet", "--out", str(used)], capsys)
+    assert "is not empty" in err and "tiny.npz" not in err
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere"
 )

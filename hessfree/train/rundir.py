@@ -53,11 +53,11 @@ def _exists(path: Path) -> bool:
 def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
     """Why a new run directory could not be created at ``run_dir`` (empty: it can).
 
-    Checks the nearest existing ancestor (a directory this process may write in), then tries:
-    creates the missing directories down to ``run_dir`` (or a probe directory inside an
-    existing ``run_dir``) and removes them again. ``os.access`` alone passes what only the
-    attempt refuses: root on a read-only or pseudo file system (``/proc``, ``/sys``), ACLs, a
-    name longer than the file system allows.
+    An existing ``run_dir`` must be an empty directory. Checks the nearest existing ancestor
+    (a directory this process may write in), then tries: creates the missing directories down
+    to ``run_dir`` (or a probe directory inside an existing ``run_dir``) and removes them
+    again. ``os.access`` alone passes what only the attempt refuses: root on a read-only or
+    pseudo file system (``/proc``, ``/sys``), ACLs, a name longer than the file system allows.
     """
     try:
         return _run_dir_problems(run_dir, key)
@@ -71,6 +71,11 @@ def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
 def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
     if run_dir.exists() and not run_dir.is_dir():
         return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
+    if run_dir.is_dir() and any(run_dir.iterdir()):  # as prepare_run_dir, but before any work
+        return [
+            f"`{key}`: the run directory '{run_dir}' is not empty; resume it with "
+            f"--resume {run_dir} or choose another directory."
+        ]
     parent = run_dir
     while not parent.exists():
         if parent.parent == parent:
