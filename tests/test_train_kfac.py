@@ -135,3 +135,23 @@ def test_interrupted_kfac_run_resumes_bit_identical(tmp_path, kfac):
     assert without_timing(read_metrics(tmp_path / "part" / "metrics.jsonl")) == without_timing(
         read_metrics(tmp_path / "full" / "metrics.jsonl")
     )
+
+
+def test_a_checkpoint_without_the_preconditioner_state_resumes_with_a_warning(tmp_path):
+    # Written by a version that did not save K-FAC's factors: resumable, but not identically.
+    from hessfree.train.checkpoint import save_checkpoint
+    from tests.test_train_loop import quiet
+
+    entry = {"name": "hessianfree", "cg_max_iter": 3, "precond": {"name": "kfac"}}
+    cfg = tiny_config(tmp_path, optimizers=[entry], budget={"steps": 4})
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, checkpoint_every=1))
+    runner = quiet(cfg, tmp_path / "run")
+    runner.on_step = lambda ev: runner.request_stop() if ev.step == 2 else None
+    assert runner.run().status is RunStatus.INTERRUPTED
+    path = tmp_path / "run" / "checkpoints" / "hessianfree.pt"
+    old = load_checkpoint(path)
+    del old["optimizer"]["precond"]
+    save_checkpoint(path, old)
+    with pytest.warns(RuntimeWarning, match="holds no preconditioner state .* restarts"):
+        result = quiet(cfg, tmp_path / "run", resume=True).run()
+    assert result.status is RunStatus.COMPLETED
