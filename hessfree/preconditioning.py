@@ -426,8 +426,9 @@ class KFACPreconditioner:
     Raises:
         TypeError: If ``model`` is neither a module nor a sequence of ``nn.Linear``.
         ValueError: If ``model`` has no ``nn.Linear`` layer or a number is out of range; when
-            called, if a layer ran in no graph-building forward pass or its parameters are not
-            the optimizer's, or the damping is not positive.
+            called, if a layer ran in no graph-building forward pass, ran more than once in one
+            call of ``model`` (shared weights: detected when ``model`` is a module), or its
+            parameters are not the optimizer's, or the damping is not positive.
         FloatingPointError: When called, if the new statistics (dense or diagonal factors) are
             NaN or infinite; the factors keep their previous values and
             :class:`~hessfree.HessianFree` rejects the step as ``non_finite_curvature``.
@@ -480,6 +481,15 @@ class KFACPreconditioner:
         self.rank = None if rank is None else check_int("rank", rank, low=1)
         self._seen: dict[int, tuple[Tensor, Tensor]] = {}
         self._hooks = [m.register_forward_hook(self._record) for m in layers]
+        # A layer that runs twice within one call of the model (shared weights, e.g. a
+        # recurrent step) would be described by its last call alone: the model's own calls
+        # delimit a forward pass, so such a layer is refused rather than half-measured.
+        self._in_pass = False
+        self._ran: set[int] = set()  # layers recorded in the current pass of the model
+        self._shared: dict[int, int] = {}  # layer -> calls within one pass, where > 1
+        if isinstance(model, torch.nn.Module):
+            self._hooks.append(model.register_forward_pre_hook(self._begin_pass))
+            self._hooks.append(model.register_forward_hook(self._end_pass, always_call=True))
         self.factors: list[tuple[Tensor, Tensor]] | None = None  # (A, G) per layer
         self.eigen: list[tuple[_Side, _Side]] | None = None  # per layer: (A's, G's)
         self._floors: list[Tensor] = []  # per layer: the damping floor
@@ -591,9 +601,19 @@ class KFACPreconditioner:
             h.remove()
         self._hooks = []
 
+    def _begin_pass(self, module: torch.nn.Module, args: tuple) -> None:
+        self._in_pass, self._ran = True, set()
+
+    def _end_pass(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        self._in_pass = False
+
     def _record(self, module: torch.nn.Module, args: tuple, output: Tensor) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
             self._seen[id(module)] = (args[0], output)
+            if self._in_pass:
+                if id(module) in self._ran:
+                    self._shared[id(module)] = self._shared.get(id(module), 1) + 1
+                self._ran.add(id(module))
 
     # ---- statistics ----
     def _probes(self, ctx: PrecondContext, outputs: Tensor) -> Tensor:
@@ -622,6 +642,15 @@ class KFACPreconditioner:
             raise ValueError(
                 "KFACPreconditioner needs one outputs tensor with examples along dimension 0: "
                 "make the closure return (loss, outputs)."
+            )
+        shared = [(i, m) for i, m in enumerate(self.layers) if id(m) in self._shared]
+        if shared:
+            i, m = shared[0]
+            raise ValueError(
+                f"KFACPreconditioner: layer {i} ({m}) ran {self._shared[id(m)]} times in one "
+                "forward pass of the model (shared weights, e.g. a recurrent step), and its "
+                "factors would describe its last call only; pass the layers that run once per "
+                "pass, KFACPreconditioner([layer, ...]), or use another preconditioner."
             )
         missing = [i for i, m in enumerate(self.layers) if id(m) not in self._seen]
         if missing:
@@ -742,6 +771,7 @@ class KFACPreconditioner:
                 self._calls = 0
         finally:
             self._seen.clear()  # release the recorded forward pass's graph
+            self._shared.clear()
         self._calls += 1
         shift = ctx.shift
         mu = ctx.damping + (float(shift.mean()) if isinstance(shift, Tensor) else shift)

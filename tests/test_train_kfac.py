@@ -66,6 +66,19 @@ def test_kfac_bad_options_name_the_key_the_value_and_what_is_allowed(options, me
     assert problem.startswith(message), problem
 
 
+def test_kfac_on_the_recurrent_model_is_refused_at_check():
+    cfg = {
+        "data": {"name": "addition", "length": 10},
+        "model": {"name": "rnn", "hidden_size": 8},
+        "optimizers": [{"name": "hessianfree", "precond": {"name": "kfac"}}],
+        "budget": {"steps": 1},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg)
+    (problem,) = info.value.problems
+    assert problem.startswith("`optimizers.0.precond` = kfac cannot precondition `model.name`")
+
+
 def test_other_precond_values_keep_hfsettings_messages():
     (problem,) = _problems("kfca")
     assert problem.startswith("`optimizers.0.precond` = 'kfca': Unknown `precond` 'kfca'")
