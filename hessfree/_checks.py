@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -120,3 +121,26 @@ def check_scalar_loss(name: str, loss: object) -> Tensor:
             "compute it with gradients enabled from tensors that require grad."
         )
     return loss.reshape(())
+
+
+def unreached_params_error(name: str, num_params: int) -> ValueError:
+    """The error for a loss (or outputs) ``name`` that depends on none of the parameters."""
+    return ValueError(
+        f"`{name}` does not depend on any of the {num_params} tensor(s) in `params`, so every "
+        "curvature product and the gradient would be zero. Pass the parameters it is computed "
+        "from (e.g. model.parameters() of the model that computed it); parameters it does not "
+        "use are allowed and get zero rows and columns."
+    )
+
+
+def check_reaches_params(name: str, parts: Sequence[Tensor | None], num_params: int) -> None:
+    """Refuse derivatives of ``name`` that are ``None`` for every parameter (no path to any).
+
+    ``parts`` are ``torch.autograd.grad(..., allow_unused=True)``'s results, one per parameter.
+    Some ``None`` are fine (``allow_unused`` semantics: a parameter that ``name`` does not use
+    has zero derivatives, hence zero rows and columns in every curvature matrix); all ``None``
+    would make every product and the gradient silently zero, almost always a wrong ``params``.
+    Reads no tensor values (no host sync).
+    """
+    if all(t is None for t in parts):
+        raise unreached_params_error(name, num_params)

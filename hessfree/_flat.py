@@ -57,7 +57,8 @@ class ParamLayout:
         params: The parameter tensors, all of one dtype and device.
 
     Raises:
-        ValueError: If the tensors disagree in dtype or device, or the list is empty.
+        ValueError: If the tensors disagree in dtype or device, the list is empty, or a tensor
+            appears twice (its entries would be two coordinates: doubled curvature blocks).
 
     Example:
         >>> w, b = torch.zeros(2, 3), torch.zeros(3)
@@ -75,6 +76,14 @@ class ParamLayout:
         for i, p in enumerate(params):
             if not isinstance(p, Tensor):
                 raise TypeError(f"`params[{i}]` must be a torch.Tensor, got {type(p).__name__}.")
+        first: dict[int, int] = {}
+        for i, p in enumerate(params):
+            j = first.setdefault(id(p), i)
+            if j != i:
+                raise ValueError(
+                    f"`params[{i}]` is the same tensor as `params[{j}]`; pass each parameter "
+                    "once (model.parameters() does), else its curvature blocks count twice."
+                )
         dtypes = {p.dtype for p in params}
         devices = {p.device for p in params}
         if len(dtypes) > 1:

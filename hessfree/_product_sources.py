@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_scalar_loss
+from ._checks import check_reaches_params, check_scalar_loss
 from ._flat import ParamLayout
 from ._model_data import (
     _as_pair,
@@ -224,6 +224,7 @@ class _DataProducts:
                     "loss_fn(outputs, targets)", _call_loss(self._loss_fn, outputs, targets)
                 )
                 g = torch.autograd.grad(loss, self.params, allow_unused=True)
+            check_reaches_params("loss_fn(outputs, targets)", g, len(self.params))
             return self.layout.cat(g), (outputs.shape[0] if outputs.dim() else 1)
 
         return self._weighted_sum(per_batch)

@@ -35,6 +35,11 @@ or Inf in ``v`` gives a non-finite product, which :func:`hessfree.cg` reports as
 ``NON_FINITE``) and ``matvec(v)`` (no checks, for solver loops). Vectors are flat 1-D tensors
 in parameter order.
 
+**Unused parameters.** As ``torch.autograd.grad(..., allow_unused=True)``: a parameter the loss
+(or the outputs) does not depend on has exact zero rows and columns in every matrix and a zero
+gradient, which is the true curvature. A loss that depends on *none* of ``params`` is refused
+with a ``ValueError`` (every product would be silently zero; the cause is a wrong ``params``).
+
 References:
     Martens & Sutskever (2011), Learning recurrent neural networks with Hessian-free
     optimization, ICML, §3.3 (structural damping).
@@ -51,7 +56,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_scalar_loss, check_vector
+from ._checks import check_reaches_params, check_scalar_loss, check_vector
 from ._flat import ParamLayout
 from ._types import MatVec
 
@@ -220,6 +225,16 @@ def _accumulate_nodes(params: Sequence[Tensor]) -> set:
     return nodes
 
 
+def _depends_on(tensors: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
+    """Whether some tensor's autograd graph reaches a parameter (a graph walk, no backward)."""
+    targets = _accumulate_nodes(params)
+    return any(
+        _reaches(torch.autograd.graph.get_gradient_edge(t).node, targets, set())
+        for t in tensors
+        if t.requires_grad
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # base class
 # --------------------------------------------------------------------------------------------
@@ -302,8 +317,11 @@ class HessianProduct(CurvatureProduct):
         grads: Optional gradients of ``loss`` already built with ``create_graph=True`` (for
             closures that called ``backward(create_graph=True)``); then ``loss`` may be ``None``.
 
+    A parameter the loss does not use gets zero rows and columns (``torch.autograd``'s
+    ``allow_unused``); a loss that uses none of them is refused.
+
     Raises:
-        ValueError: If ``loss`` is not a scalar or has no graph.
+        ValueError: If ``loss`` is not a scalar, has no graph, or depends on none of ``params``.
         TypeError: If ``loss`` is not a tensor.
 
     Example:
@@ -326,6 +344,7 @@ class HessianProduct(CurvatureProduct):
             loss = check_scalar_loss("loss", loss)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         grads = list(grads)
+        check_reaches_params("loss", grads, len(self.params))
         self.gradient = self.layout.cat([None if g is None else g.detach() for g in grads])
         # Only gradient entries that still depend on θ carry second-order information; the
         # others (e.g. parameters entering linearly) contribute zero rows.
@@ -422,7 +441,12 @@ def hvp(
                 if is_tuple
                 else torch.zeros_like(prims[0])
             )
-        out = HessianProduct(check_scalar_loss("f(x)", loss), prims).matvec(flat_v)
+        loss = check_scalar_loss("f(x)", loss)
+        grads = torch.autograd.grad(loss, prims, create_graph=True, allow_unused=True)
+        if all(g is None for g in grads):  # f reaches x nowhere: constant in x, so H = 0
+            out = torch.zeros_like(flat_v)
+        else:
+            out = HessianProduct(None, prims, grads=grads).matvec(flat_v)
     parts = [t.detach() for t in layout.split(out)]
     return tuple(parts) if is_tuple else parts[0]
 
@@ -535,7 +559,8 @@ class JacobianProduct:
 
     Raises:
         TypeError: If ``outputs`` is not a tensor or a sequence of tensors.
-        ValueError: If no output has an autograd graph.
+        ValueError: If no output has an autograd graph; on the first product, if the outputs
+            depend on none of ``params`` (parameters they do not use give zero columns).
 
     Example:
         >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
@@ -596,7 +621,9 @@ class JacobianProduct:
         if not self._us:
             outs = [self._all[k] for k in self._live]
             us = [torch.zeros_like(o, requires_grad=True) for o in outs]
-            self._set_rop_graph(self._live, us, _rop_setup(outs, self.params, us))
+            jtu = _rop_setup(outs, self.params, us)
+            check_reaches_params("outputs", jtu, len(self.params))
+            self._set_rop_graph(self._live, us, jtu)
 
     def _structure(self, parts: Sequence[Tensor | None], lead: tuple[int, ...]) -> Tensor | tuple:
         """Place per-block results (``None`` = zero) back into the outputs' structure."""
@@ -658,13 +685,16 @@ class JacobianProduct:
                 f"got {got if self.is_sequence else got[0]}."
             )
         outs = [self._all[k] for k in self._live]
-        return self.layout.cat(_grad(outs, self.params, [us[k] for k in self._live]))
+        parts = _grad(outs, self.params, [us[k] for k in self._live])
+        check_reaches_params("outputs", parts, len(self.params))
+        return self.layout.cat(parts)
 
     def batched_vjp(self, U: Tensor | Sequence[Tensor]) -> Tensor:
         """Batched :meth:`vjp`: each block of ``U`` is ``(k, *block.shape)``; returns ``(k, n)``."""
         us = self._blocks(U)
         outs = [self._all[k] for k in self._live]
         parts = _grad(outs, self.params, [us[k] for k in self._live], batched=True)
+        check_reaches_params("outputs", parts, len(self.params))
         return _batched_cat(self.layout, parts, us[0].shape[0])
 
     #: Former names of :meth:`batched_jvp` and :meth:`batched_vjp`.
@@ -699,7 +729,9 @@ class GGNProduct(CurvatureProduct):
         params: The parameters.
 
     Raises:
-        ValueError: If ``loss`` is not a scalar, has no graph, or does not depend on ``outputs``.
+        ValueError: If ``loss`` is not a scalar, has no graph, does not depend on ``outputs``,
+            or depends on none of ``params`` (parameters it does not use give zero rows and
+            columns).
 
     Example:
         >>> X = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
@@ -750,7 +782,12 @@ class GGNProduct(CurvatureProduct):
             self.output_grad = gos[0].detach()
         self.gradient = self.layout.cat([None if t is None else t.detach() for t in jtg])
         stop = {o.grad_fn for o in outs}
-        if _reaches(loss.grad_fn, _accumulate_nodes(self.params), stop):
+        direct = _reaches(loss.grad_fn, _accumulate_nodes(self.params), stop)
+        if not direct:  # then the loss reaches θ only through the outputs
+            check_reaches_params("loss", jtg, len(self.params))
+        # Outputs that reach no parameter (the loss only through a regulariser): J = 0, G = 0.
+        self._zero = all(t is None for t in jtg)
+        if direct:
             # The loss also depends on θ directly (a regulariser): the full gradient needs it.
             self.gradient = self.layout.cat(
                 torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
@@ -801,10 +838,14 @@ class GGNProduct(CurvatureProduct):
         return self._hl(w)
 
     def matvec(self, v: Tensor) -> Tensor:
+        if self._zero:
+            return torch.zeros_like(v)
         J = self.jacobian
         return J.vjp(self.loss_hessian(J.jvp(v)))
 
     def _matmat(self, V: Tensor) -> Tensor:
+        if self._zero:
+            return torch.zeros_like(V)
         J = self.jacobian
         return J.batched_vjp(self.loss_hessian(J.batched_jvp(V)))
 
@@ -872,6 +913,8 @@ class StructurallyDampedGGN(GGNProduct):
         return jo, jh
 
     def matvec(self, v: Tensor) -> Tensor:
+        if self._zero:
+            return torch.zeros_like(v)
         jo, jh = self._jvps(v, batched=False)
         return self.layout.cat(
             _grad(
@@ -880,6 +923,8 @@ class StructurallyDampedGGN(GGNProduct):
         )
 
     def _matmat(self, V: Tensor) -> Tensor:
+        if self._zero:
+            return torch.zeros_like(V)
         jo, jh = self._jvps(V, batched=True)
         out = _grad(
             [self.outputs, self.hidden],
@@ -891,6 +936,8 @@ class StructurallyDampedGGN(GGNProduct):
 
     def hidden_energy(self, X: Tensor) -> Tensor:
         r""":math:`\|J_h x\|^2` for each row ``x`` of ``X`` (``(k, n)``); a batched pass."""
+        if self._zero:
+            return X.new_zeros(X.shape[0])
         _, jh = self._jvps(X, batched=True)
         return jh.reshape(X.shape[0], -1).square().sum(1)
 

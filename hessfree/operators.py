@@ -83,7 +83,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from ._checks import check_scalar_loss
+from ._checks import check_scalar_loss, unreached_params_error
 from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._model_data import _call_model, _check_model, _check_rows, _resolve_params
@@ -95,6 +95,7 @@ from .curvature import (
     GGNProduct,
     HessianProduct,
     JacobianProduct,
+    _depends_on,
 )
 
 __all__ = [
@@ -237,8 +238,9 @@ class JacobianLinearOperator(_TorchLinearOperator):
     Raises:
         TypeError: For a ``model``, ``params`` or ``dtype`` of the wrong type, or if the model
             does not return a tensor.
-        ValueError: If ``inputs`` has zero rows, ``model`` fails on them, or it has stochastic
-            modules in training mode.
+        ValueError: If ``inputs`` has zero rows, ``model`` fails on them, its outputs depend
+            on none of ``params`` (some unused ones are fine: zero columns), or it has
+            stochastic modules in training mode.
 
     Example:
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
@@ -267,6 +269,8 @@ class JacobianLinearOperator(_TorchLinearOperator):
             outputs = _call_model(model, inputs)
         self.params = params
         self._jacobian = JacobianProduct(outputs, params)
+        if not _depends_on([outputs], params):  # here, not silently zero products later
+            raise unreached_params_error("model(inputs)", len(params))
         #: The shape of ``model(inputs)``; rows of the operator are its entries in order.
         self.output_shape = tuple(outputs.shape)
         super().__init__((outputs.numel(), layout.numel), layout.dtype, layout.device, dtype)

@@ -87,6 +87,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import enum
 import math
@@ -102,7 +103,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
 from ._autograd_hooks import AutogradHook
-from ._checks import check_number
+from ._checks import check_number, check_reaches_params
 from ._flat import ParamLayout
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
@@ -145,6 +146,11 @@ _SAME_OBJECTIVE_AGAIN = 3
 
 #: Preconditioners whose failure on NaN/Inf curvature leaves the step to CG's own check.
 _BUILT_IN_PRECONDS = (NystromPreconditioner, KFACPreconditioner)
+#: A built-in preconditioner's state before its first step.
+_EMPTY_PRECOND_STATE = {
+    NystromPreconditioner: {"U": None, "eigenvalues": None, "calls": 0},
+    KFACPreconditioner: {"factors": None, "eigen": None, "calls": 0},
+}
 #: Other torch optimizers' hyperparameters: in a param group they would be silently ignored
 #: (``add_param_group``) or mark another optimizer's state dict (``load_state_dict``). Any other
 #: extra key (a user's tag, a scheduler's ``initial_lr`` or ``swa_lr``) is kept, as torch does.
@@ -683,16 +689,44 @@ class HessianFree(torch.optim.Optimizer):
                     f"`{key}` to HessianFree instead of per group."
                 )
 
+    def _stateful_precond(self, create: bool = False) -> object | None:
+        """The built-in preconditioner whose state persists across steps, if any.
+
+        K-FAC's running factors and Nyström's sketch (``precond='nystrom'``, or ``'auto'``'s,
+        built on first use, or here with ``create``) are refreshed every few steps and averaged
+        over all of them: a resumed run continues identically only if they travel with the
+        optimizer's state.
+        """
+        if isinstance(self.precond, _BUILT_IN_PRECONDS):
+            return self.precond
+        if self.precond == "auto" and self._auto_precond is None and create:
+            self._auto_precond = NystromPreconditioner()
+        return self._auto_precond if self.precond == "auto" else None
+
+    def state_dict(self) -> dict:
+        """As ``torch.optim.Optimizer.state_dict``, plus ``'precond'``: a built-in
+        preconditioner's state (K-FAC's factors and spectra, Nyström's sketch, their step
+        counters), ``{'type': class name, 'state': ...}``, when the optimizer has one."""
+        out = super().state_dict()
+        precond = self._stateful_precond()
+        if precond is not None:
+            out["precond"] = {"type": type(precond).__name__, "state": precond.state_dict()}
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load as ``torch.optim.Optimizer`` does, hyperparameters included (as LBFGS does).
 
         A state dict from before a hyperparameter was stored in the groups gets this
-        optimizer's value for it. The groups' values are checked first: a state dict that is
-        refused leaves the optimizer as it was.
+        optimizer's value for it. The groups' values and the preconditioner's state are checked
+        first: a state dict that is refused leaves the optimizer as it was. A built-in
+        preconditioner (K-FAC, Nyström) gets the saved state, or starts afresh if there is none
+        (a state dict of an older version).
 
         Raises:
             ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
-                optimizer's group keys) or holds a value out of range.
+                optimizer's group keys), holds a value out of range, or a preconditioner state
+                that does not fit this optimizer's preconditioner (another kind, other layers
+                or shapes, NaN/Inf).
             TypeError: If a value has the wrong type.
         """
         groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
@@ -711,12 +745,41 @@ class HessianFree(torch.optim.Optimizer):
                     "does not use: is it another optimizer's state dict?"
                 )
             if isinstance(saved, Mapping):
-                self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in self.defaults})
-        super().load_state_dict(state_dict)
+                # HFSettings' keys only: torch adds its own (differentiable, ...) to the defaults
+                keys = HFSettings.GROUP_KEYS
+                self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in keys})
+        restore_precond = self._precond_loader(state_dict.get("precond"))
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "precond"})
+        restore_precond()
         for group in self.param_groups:
             for key in HFSettings.GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
         self._current_settings()  # validate what was loaded
+
+    def _precond_loader(self, saved: object) -> Callable[[], None]:
+        """Check a saved preconditioner state now; return what installs it (after the rest)."""
+        precond = self._stateful_precond(create=saved is not None)
+        if precond is None:
+            if saved is not None:
+                kind = saved.get("type") if isinstance(saved, Mapping) else type(saved).__name__
+                raise ValueError(
+                    f"`state_dict['precond']` holds a {kind} state, but this optimizer's "
+                    f"precond is {self.precond!r}; build it with the same preconditioner."
+                )
+            return lambda: None
+        fresh = copy.copy(precond)  # loaded and checked here, installed by the caller
+        if saved is None:  # no state saved: start afresh, as a new preconditioner would
+            fresh.load_state_dict(_EMPTY_PRECOND_STATE[type(precond)])
+        else:
+            kind = saved.get("type") if isinstance(saved, Mapping) else None
+            if kind != type(precond).__name__ or "state" not in saved:
+                raise ValueError(
+                    f"`state_dict['precond']` must be {{'type': {type(precond).__name__!r}, "
+                    f"'state': ...}} for this optimizer's {type(precond).__name__}, got "
+                    f"{kind!r}."
+                )
+            fresh.load_state_dict(saved["state"])
+        return lambda: precond.__dict__.update(fresh.__dict__)
 
     def __getattr__(self, name: str) -> object:
         """Read a hyperparameter as an attribute (``opt.cg_max_iter``): ``self.settings``'s."""
@@ -911,11 +974,13 @@ class HessianFree(torch.optim.Optimizer):
     ) -> Tensor:
         if product is not None and product.gradient is not None:
             return product.gradient  # computed by the product's set-up
-        if evaluation.grads is not None:
-            return layout.cat([None if g is None else g.detach() for g in evaluation.grads])
-        return layout.cat(
-            torch.autograd.grad(evaluation.loss, params, retain_graph=True, allow_unused=True)
-        )
+        grads = evaluation.grads
+        if grads is None:
+            grads = torch.autograd.grad(
+                evaluation.loss, params, retain_graph=True, allow_unused=True
+            )
+        check_reaches_params("loss", grads, len(params))  # zero blocks for some, not all
+        return layout.cat([None if g is None else g.detach() for g in grads])
 
     def _preconditioner(
         self,
@@ -1039,8 +1104,10 @@ class HessianFree(torch.optim.Optimizer):
             TypeError: If ``closure`` is not callable or returns something other than a scalar
                 tensor or ``(loss, outputs)``.
             ValueError: If the curvature or preconditioner needs outputs the closure does not
-                give, or the closure's first call fails because its data does not match the
-                parameters (dtype, device or features; torch's error is chained).
+                give, the closure's first call fails because its data does not match the
+                parameters (dtype, device or features; torch's error is chained), or its loss
+                depends on none of the parameters (before any update; parameters it does not
+                use among others are fine and stay where they are).
             FloatingPointError: After ``max_failures`` consecutive non-finite steps.
         """
         if not callable(closure):

@@ -259,6 +259,41 @@ class NystromPreconditioner:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank!r}, refresh={self.refresh!r})"
 
+    def state_dict(self) -> dict:
+        """The sketch and the step counter (what a resumed run needs to continue identically)."""
+        return {"U": self.U, "eigenvalues": self.eigenvalues, "calls": self._calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output, after checking it (refused: nothing changes).
+
+        Raises:
+            ValueError: If keys are missing, the counter is not an int >= 0, or the sketch's
+                shapes disagree (``U`` ``(n, k)``, ``eigenvalues`` ``(k,)``, ``k <= rank``) or
+                hold NaN/Inf.
+        """
+        U, lam, calls = _state_entries(self, state, ("U", "eigenvalues", "calls"))
+        if (U is None) != (lam is None):
+            raise ValueError(
+                f"{type(self).__name__} state: `U` and `eigenvalues` must both be set or both None."
+            )
+        if U is not None:
+            ok = (
+                isinstance(U, Tensor)
+                and isinstance(lam, Tensor)
+                and U.dim() == 2
+                and lam.shape == (U.shape[1],)
+                and U.shape[1] <= self.rank
+            )
+            if not ok:
+                raise ValueError(
+                    f"{type(self).__name__} state: expected `U` of shape (n, k) and "
+                    f"`eigenvalues` of shape (k,) with k <= rank={self.rank}, got "
+                    f"{_shape_of(U)} and {_shape_of(lam)}."
+                )
+            _check_finite(self, "U", U)
+            _check_finite(self, "eigenvalues", lam)
+        self.U, self.eigenvalues, self._calls = U, lam, calls
+
     def update(self, ctx: PrecondContext) -> None:
         """Recompute the sketch from ``ctx.curvature``."""
         if ctx.curvature is None or ctx.gradient is None:
@@ -302,6 +337,30 @@ class NystromPreconditioner:
 
 # A Kronecker factor's spectrum (Q, values, rest): see KFACPreconditioner._eigen
 _Side = tuple[Tensor | None, Tensor, Tensor | None]
+
+
+def _shape_of(x: object) -> object:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _state_entries(owner: object, state: object, keys: tuple[str, ...]) -> list:
+    """``state``'s values for ``keys`` (the last one an int >= 0 step counter), checked."""
+    name = type(owner).__name__
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"{name} state must be a dict with keys {list(keys)} (as {name}.state_dict() "
+            f"returns), got {got}."
+        )
+    calls = state[keys[-1]]
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+        raise ValueError(f"{name} state: `{keys[-1]}` must be an int >= 0, got {calls!r}.")
+    return [state[k] for k in keys]
+
+
+def _check_finite(owner: object, what: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{type(owner).__name__} state: `{what}` holds NaN or Inf values.")
 
 
 class KFACPreconditioner:
@@ -367,8 +426,12 @@ class KFACPreconditioner:
     Raises:
         TypeError: If ``model`` is neither a module nor a sequence of ``nn.Linear``.
         ValueError: If ``model`` has no ``nn.Linear`` layer or a number is out of range; when
-            called, if a layer ran in no graph-building forward pass or its parameters are not
-            the optimizer's, or the damping is not positive.
+            called, if a layer ran in no graph-building forward pass, ran more than once in one
+            call of ``model`` (shared weights: detected when ``model`` is a module), or its
+            parameters are not the optimizer's, or the damping is not positive.
+        FloatingPointError: When called, if the new statistics (dense or diagonal factors) are
+            NaN or infinite; the factors keep their previous values and
+            :class:`~hessfree.HessianFree` rejects the step as ``non_finite_curvature``.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -418,6 +481,15 @@ class KFACPreconditioner:
         self.rank = None if rank is None else check_int("rank", rank, low=1)
         self._seen: dict[int, tuple[Tensor, Tensor]] = {}
         self._hooks = [m.register_forward_hook(self._record) for m in layers]
+        # A layer that runs twice within one call of the model (shared weights, e.g. a
+        # recurrent step) would be described by its last call alone: the model's own calls
+        # delimit a forward pass, so such a layer is refused rather than half-measured.
+        self._in_pass = False
+        self._ran: set[int] = set()  # layers recorded in the current pass of the model
+        self._shared: dict[int, int] = {}  # layer -> calls within one pass, where > 1
+        if isinstance(model, torch.nn.Module):
+            self._hooks.append(model.register_forward_pre_hook(self._begin_pass))
+            self._hooks.append(model.register_forward_hook(self._end_pass, always_call=True))
         self.factors: list[tuple[Tensor, Tensor]] | None = None  # (A, G) per layer
         self.eigen: list[tuple[_Side, _Side]] | None = None  # per layer: (A's, G's)
         self._floors: list[Tensor] = []  # per layer: the damping floor
@@ -431,15 +503,117 @@ class KFACPreconditioner:
             f"rank={self.rank!r})"
         )
 
+    def state_dict(self) -> dict:
+        """The running factors, their spectra and the step counter, as tensors and lists.
+
+        With them a resumed run continues the exact trajectory: the factors are running
+        averages over every refresh so far, and truncated spectra are refined from the
+        previous ones (subspace iteration), so neither can be rebuilt from one batch.
+        """
+        return {
+            "factors": None if self.factors is None else [list(f) for f in self.factors],
+            "eigen": None
+            if self.eigen is None
+            else [[list(side) for side in pair] for pair in self.eigen],
+            "calls": self._calls,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output, checked against the layers (else unchanged).
+
+        Tensors are moved to each layer's device and dtype.
+
+        Raises:
+            ValueError: If keys are missing, the counter is not an int >= 0, the number of
+                layers differs, a factor or spectrum has the wrong shape for its layer (dense
+                up to ``max_dense``, truncated above ``rank``), or a value is NaN/Inf.
+        """
+        factors, eigen, calls = _state_entries(self, state, ("factors", "eigen", "calls"))
+        if (factors is None) != (eigen is None):
+            raise ValueError(
+                "KFACPreconditioner state: `factors` and `eigen` must both be set or both None."
+            )
+        if factors is None:
+            self.factors = self.eigen = None
+            self._floors, self._calls = [], calls
+            return
+        n = len(self.layers)
+        if not (isinstance(factors, list | tuple) and isinstance(eigen, list | tuple)) or (
+            len(factors) != n or len(eigen) != n
+        ):
+            raise ValueError(
+                f"KFACPreconditioner state: expected `factors` and `eigen` for {n} layer(s), "
+                f"got {_count(factors)} and {_count(eigen)}: saved for another model?"
+            )
+        new_factors, new_eigen = [], []
+        for i, (layer, pair, sides) in enumerate(zip(self.layers, factors, eigen, strict=True)):
+            w = layer.weight
+            dims = (layer.in_features + (layer.bias is not None), layer.out_features)
+            fs, es = [], []
+            for j, (dim, which) in enumerate(zip(dims, "AG", strict=True)):
+                where = f"layer {i} ({layer}) {which}"
+                f = _item(pair, j)
+                want = (dim,) if dim > self.max_dense else (dim, dim)
+                if not isinstance(f, Tensor) or tuple(f.shape) != want:
+                    raise ValueError(
+                        f"KFACPreconditioner state: {where} factor must have shape {want}, got "
+                        f"{_shape_of(f)}."
+                    )
+                _check_finite(self, f"{where} factor", f)
+                fs.append(f.to(w.device, w.dtype))
+                es.append(self._checked_side(_item(sides, j), dim, where, w))
+            new_factors.append(tuple(fs))
+            new_eigen.append(tuple(es))
+        self.factors, self.eigen, self._calls = new_factors, new_eigen, calls
+        self._floors = [
+            self.relative_damping * _mean_eigenvalue(G) * _mean_eigenvalue(A)
+            for A, G in self.factors
+        ]
+
+    def _checked_side(self, side: object, dim: int, where: str, like: Tensor) -> _Side:
+        """One saved ``(Q, values, rest)``, of the shapes :meth:`_eigen` gives for ``dim``."""
+        if dim > self.max_dense:
+            want = (None, (dim,), None)
+        elif self.rank is None or dim <= self.rank:
+            want = ((dim, dim), (dim,), None)
+        else:
+            want = ((dim, self.rank), (self.rank,), ())
+        got = tuple(_item(side, k) for k in range(3))
+        if not (isinstance(side, list | tuple) and len(side) == 3) or any(
+            (t is not None) if w is None else not (isinstance(t, Tensor) and tuple(t.shape) == w)
+            for t, w in zip(got, want, strict=True)
+        ):
+            raise ValueError(
+                f"KFACPreconditioner state: {where} spectrum must be (Q, values, rest) of shapes "
+                f"{want}, got {tuple(None if t is None else _shape_of(t) for t in got)}."
+            )
+        out = []
+        for name, t in zip(("Q", "values", "rest"), got, strict=True):
+            if t is not None:
+                _check_finite(self, f"{where} spectrum {name}", t)
+                t = t.to(like.device, like.dtype)
+            out.append(t)
+        return tuple(out)  # type: ignore[return-value]
+
     def remove(self) -> None:
         """Detach the forward hooks."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
 
+    def _begin_pass(self, module: torch.nn.Module, args: tuple) -> None:
+        self._in_pass, self._ran = True, set()
+
+    def _end_pass(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        self._in_pass = False
+
     def _record(self, module: torch.nn.Module, args: tuple, output: Tensor) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
             self._seen[id(module)] = (args[0], output)
+            if self._in_pass:
+                if id(module) in self._ran:
+                    self._shared[id(module)] = self._shared.get(id(module), 1) + 1
+                self._ran.add(id(module))
 
     # ---- statistics ----
     def _probes(self, ctx: PrecondContext, outputs: Tensor) -> Tensor:
@@ -468,6 +642,15 @@ class KFACPreconditioner:
             raise ValueError(
                 "KFACPreconditioner needs one outputs tensor with examples along dimension 0: "
                 "make the closure return (loss, outputs)."
+            )
+        shared = [(i, m) for i, m in enumerate(self.layers) if id(m) in self._shared]
+        if shared:
+            i, m = shared[0]
+            raise ValueError(
+                f"KFACPreconditioner: layer {i} ({m}) ran {self._shared[id(m)]} times in one "
+                "forward pass of the model (shared weights, e.g. a recurrent step), and its "
+                "factors would describe its last call only; pass the layers that run once per "
+                "pass, KFACPreconditioner([layer, ...]), or use another preconditioner."
             )
         missing = [i for i, m in enumerate(self.layers) if id(m) not in self._seen]
         if missing:
@@ -510,12 +693,28 @@ class KFACPreconditioner:
             new.append((ctx.average(A), ctx.average(G)))
         if self.factors is None or self.decay == 0.0:
             factors = new
-        else:  # out of place: kept only once their spectra exist (NaN/Inf makes eigh raise)
+        else:  # out of place: kept only once checked finite and their spectra exist
             w = self.decay
             factors = [
                 (A0 * w + A * (1 - w), G0 * w + G * (1 - w))
                 for (A0, G0), (A, G) in zip(self.factors, new, strict=True)
             ]
+        # NaN/Inf statistics (e.g. a NaN curvature batch) must not enter the running factors.
+        # Dense factors' eigh would often raise, but diagonal ones (above max_dense) have no
+        # decomposition, and eigh's behaviour on NaN differs across devices: one check for all,
+        # one host read per refresh. HessianFree turns this error into a rejected step.
+        finite = torch.stack([torch.isfinite(F).all() for pair in factors for F in pair])
+        if not bool(finite.all()):
+            bad = [
+                f"layer {i} {'AG'[j]}"
+                for i, pair in enumerate(factors)
+                for j, F in enumerate(pair)
+                if not bool(torch.isfinite(F).all())
+            ]
+            raise FloatingPointError(
+                f"KFACPreconditioner: NaN or infinite curvature statistics ({', '.join(bad)}); "
+                "the factors keep their previous values."
+            )
         previous = self.eigen or [(None, None)] * len(factors)
         self.eigen = [
             (self._eigen(A, pa), self._eigen(G, pg))
@@ -566,10 +765,13 @@ class KFACPreconditioner:
 
     def __call__(self, ctx: PrecondContext) -> Callable[[Tensor], Tensor]:
         r""":math:`r \mapsto M^{-1}r` at the damping of ``ctx``, for :func:`hessfree.cg`."""
-        if self.eigen is None or self._calls % self.refresh == 0:
-            self.update(ctx)
-            self._calls = 0
-        self._seen.clear()  # release the recorded forward pass's graph
+        try:
+            if self.eigen is None or self._calls % self.refresh == 0:
+                self.update(ctx)
+                self._calls = 0
+        finally:
+            self._seen.clear()  # release the recorded forward pass's graph
+            self._shared.clear()
         self._calls += 1
         shift = ctx.shift
         mu = ctx.damping + (float(shift.mean()) if isinstance(shift, Tensor) else shift)
@@ -619,6 +821,15 @@ class KFACPreconditioner:
             return z
 
         return apply
+
+
+def _item(seq: object, k: int) -> object:
+    """``seq[k]`` of a saved list or tuple, else ``None`` (a shape check then names it)."""
+    return seq[k] if isinstance(seq, list | tuple) and k < len(seq) else None
+
+
+def _count(x: object) -> object:
+    return len(x) if isinstance(x, list | tuple) else type(x).__name__
 
 
 def _mean_eigenvalue(factor: Tensor) -> Tensor:

@@ -41,7 +41,9 @@ an unbatched call counts as one example), which is how the optimizer finds :math
 
 Recording is per thread: a recorder sees only the forward passes of the thread that entered it,
 so two threads may run (and record) the same module at once. Modules are patched only inside
-the ``with`` block and restored on exit, also when the block raises.
+the ``with`` block and restored on exit, also when the block raises. A copy made inside the
+block (``copy.deepcopy``, ``torch.save`` of the module) is not patched: it runs its own
+parameters and records nothing; ``state_dict()`` holds tensors only and is unaffected.
 
 Curvature products differentiate the RNN twice; cuDNN's RNN kernels cannot, so on CUDA the
 recorded layers run with cuDNN disabled while gradients are enabled (torch's native kernels;
@@ -56,6 +58,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -292,13 +295,48 @@ class _Patch:
         self.original: Callable[..., Any] = module.forward
 
     def install(self) -> None:
-        self.module.forward = lambda *a, **kw: _dispatch(self, *a, **kw)
+        self.module.forward = _PatchedForward(self)
 
     def uninstall(self) -> None:
         if self.shadowed is None:
             self.module.__dict__.pop("forward", None)
         else:
             self.module.forward = self.shadowed
+
+
+class _PatchedForward:
+    """The ``forward`` a recorded module has while patched; copies of the module get none.
+
+    ``copy.deepcopy`` and pickling (``torch.save(model)``) copy a module's ``__dict__``, so
+    a copy made inside a ``with record_hidden(...)`` block would carry this object, which runs
+    the *original* module (its parameters, not the copy's) and stays patched forever. Both
+    instead give the copy its own unpatched forward: the class's, or the instance-level one
+    the patch shadows.
+    """
+
+    __slots__ = ("patch",)
+
+    def __init__(self, patch: _Patch) -> None:
+        self.patch = patch
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _dispatch(self.patch, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Callable[..., Any]:
+        # the module's copy is in memo already (deepcopy registers an object before its state)
+        module = memo.get(id(self.patch.module))
+        shadowed = copy.deepcopy(self.patch.shadowed, memo)
+        if module is None:  # the forward copied on its own: the unpatched one
+            return self.patch.original if shadowed is None else shadowed
+        return _unpatched_forward(module, shadowed)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unpatched_forward, (self.patch.module, self.patch.shadowed))
+
+
+def _unpatched_forward(module: nn.Module, shadowed: Callable[..., Any] | None) -> Any:
+    """A copied module's forward: the instance-level one it had, else its class's, bound."""
+    return shadowed if shadowed is not None else type(module).forward.__get__(module)
 
 
 def _install(layers: Iterator[nn.Module]) -> None:

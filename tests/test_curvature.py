@@ -213,25 +213,65 @@ def test_ggn_gradient_includes_a_direct_regulariser():
     torch.testing.assert_close(GGNProduct(loss, out, params).gradient, expected, **EXACT)
 
 
-def test_unused_parameters_give_zeros():
+def test_unused_parameters_give_zero_blocks():
+    # allow_unused semantics: a parameter the loss does not use has zero rows and columns
     torch.manual_seed(5)
     used = nn.Linear(3, 2).double()
     unused = nn.Linear(2, 2).double()
     params = list(used.parameters()) + list(unused.parameters())
-    x = torch.randn(4, 3, dtype=torch.float64)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     out = used(x)
-    loss = F.mse_loss(out, torch.zeros_like(out))
-    n_used = sum(p.numel() for p in used.parameters())
-    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
-    for prod in (
-        HessianProduct(loss, params),
-        GGNProduct(loss, out, params),
-        FisherProduct(loss, out, params),
+    loss = F.mse_loss(out, y)
+    D = dense(used, x, y, F.mse_loss)
+    n_used = D.H.shape[0]
+    n = sum(p.numel() for p in params)
+
+    def padded(M):
+        Z = torch.zeros(n, n, dtype=torch.float64)
+        Z[:n_used, :n_used] = M
+        return Z
+
+    v = _vectors(n, k=1)[0]
+    for prod, M in (
+        (HessianProduct(loss, params), D.H),
+        (GGNProduct(loss, out, params), D.G),
+        (FisherProduct(loss, out, params), D.F),
     ):
-        r = prod(v)
-        assert r.shape == v.shape
-        assert torch.all(r[n_used:] == 0)
-        assert r[:n_used].abs().sum() > 0
+        torch.testing.assert_close(prod(v), padded(M) @ v, **EXACT)
+        torch.testing.assert_close(prod.gradient[:n_used], D.g, **EXACT)
+        assert torch.equal(prod.gradient[n_used:], torch.zeros(n - n_used, dtype=torch.float64))
+    J = JacobianProduct(out, params)
+    torch.testing.assert_close(J.jvp(v).reshape(-1), D.J @ v[:n_used], **EXACT)
+
+
+def test_loss_reaching_no_parameter_is_refused():
+    # Every product and the gradient would be silently zero: a wrong `params`, said so.
+    model, other = nn.Linear(3, 2).double(), nn.Linear(2, 2).double()
+    params = list(other.parameters())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    out = model(x)
+    loss = F.mse_loss(out, torch.zeros_like(out))
+    v = torch.ones(6, dtype=torch.float64)
+    for build in (
+        lambda: HessianProduct(loss, params),
+        lambda: GGNProduct(loss, out, params),
+        lambda: FisherProduct(loss, out, params),
+        lambda: JacobianProduct(out, params).jvp(v),
+        lambda: JacobianProduct(out, params).vjp(torch.ones_like(out)),
+    ):
+        with pytest.raises(ValueError, match="does not depend on any of the 2 tensor"):
+            build()
+
+
+def test_ggn_with_outputs_unused_but_regulariser_is_zero_curvature():
+    # The loss reaches θ directly (a regulariser) but not through the outputs: G = 0, g = ∇R.
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    out = torch.randn(4, 2, dtype=torch.float64, requires_grad=True) * 2.0
+    loss = F.mse_loss(out, torch.zeros_like(out)) + (w**2).sum()
+    G = GGNProduct(loss, out, [w])
+    v = torch.ones(3, dtype=torch.float64)
+    assert torch.equal(G(v), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(G.gradient, 2 * w.detach(), **EXACT)
 
 
 def test_loss_linear_in_params_has_zero_hessian():
@@ -241,6 +281,14 @@ def test_loss_linear_in_params_has_zero_hessian():
 
 
 # ---------------------------------------------------------------------------------- hvp()
+def test_hvp_of_function_not_reaching_x_is_zero():
+    # hvp's x is the point, not a parameter list: a function constant in x has H = 0.
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, dtype=torch.float64)
+    out = hvp(lambda x: (w**3).sum() + 0 * x.detach().sum(), x, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(out, torch.zeros(3, dtype=torch.float64))
+
+
 def test_hvp_matches_scipy_rosen_hess_prod():
     def rosen(x):
         return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()

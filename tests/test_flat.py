@@ -58,3 +58,19 @@ def test_cat_makes_sparse_gradients_dense():
     sparse = torch.sparse_coo_tensor([[1], [0]], [5.0], (3, 2), check_invariants=True)
     flat = layout.cat([sparse, None])
     assert torch.equal(flat, torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+
+
+def test_a_parameter_listed_twice_is_refused_by_layouts_products_and_operators():
+    # Listed twice, a tensor was two coordinates: H came out as [[A, A], [A, A]], silently.
+    from hessfree import HessianLinearOperator, HessianProduct
+
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    match = r"`params\[2\]` is the same tensor as `params\[0\]`"
+    with pytest.raises(ValueError, match=match):
+        ParamLayout([w, torch.zeros(1), w])
+    with pytest.raises(ValueError, match=match):
+        HessianProduct((w**3).sum(), [w, w * 1.0, w])
+    model = nn.Linear(2, 1, bias=False).double()
+    data = (torch.eye(2, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"`params\[1\]` is the same tensor as `params\[0\]`"):
+        HessianLinearOperator(model, nn.MSELoss(), data, params=[model.weight, model.weight])

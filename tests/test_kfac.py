@@ -271,3 +271,50 @@ def test_parameters_outside_the_layers_pass_through():
         expected = np.linalg.solve(M, r.numpy()[pos])
         torch.testing.assert_close(z[torch.from_numpy(pos)], torch.from_numpy(expected))
         offset += pos.size
+
+
+@pytest.mark.parametrize("max_dense", [0, 512])
+def test_non_finite_statistics_are_refused_and_the_factors_kept(max_dense):
+    # Diagonal factors (above max_dense) have no eigh to fail on NaN: the same check as dense.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    x, y = _data()
+    kfac = KFACPreconditioner(model, max_dense=max_dense)
+    kfac(_context(model, x, y, F.mse_loss, 0.1)[0])
+    kept = [(A.clone(), G.clone()) for A, G in kfac.factors]
+    with pytest.raises(FloatingPointError, match="NaN or infinite curvature statistics"):
+        kfac(_context(model, x * float("nan"), y, F.mse_loss, 0.1)[0])
+    assert not kfac._seen  # the recorded graph is released all the same
+    for (A0, G0), (A, G) in zip(kept, kfac.factors, strict=True):
+        assert A.dim() == (1 if max_dense == 0 else 2)
+        assert torch.equal(A0, A) and torch.equal(G0, G)
+
+
+def test_a_layer_run_twice_in_one_pass_is_refused_and_direct_layer_calls_are_not():
+    # Shared weights (a recurrent step): the hooks kept the last call only, so the factors
+    # silently described one time step. A module given: its calls delimit a forward pass.
+    torch.manual_seed(0)
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.step, self.head = nn.Linear(3, 3).to(DTYPE), nn.Linear(3, 2).to(DTYPE)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.step(torch.tanh(self.step(x)))))
+
+    model = Recurrent()
+    x, y = _data()
+    kfac = KFACPreconditioner(model)
+    with pytest.raises(ValueError, match=r"layer 0 \(Linear.*\) ran 2 times in one forward pass"):
+        kfac(_context(model, x, y, F.mse_loss, 0.1)[0])
+    assert not kfac._seen and not kfac._shared and kfac.factors is None
+    # the layers given as a list, and the same layers called directly: no pass, no refusal
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    kfac = KFACPreconditioner(plain)
+    for _ in range(2):  # two graph-building calls between preconditioner calls: both fine
+        ctx = _context(plain, x, y, F.mse_loss, 0.1)[0]
+    plain[0](x)
+    plain[0](x)
+    kfac(ctx)
+    assert kfac.factors is not None

@@ -116,6 +116,39 @@ def test_params_subset_gives_the_diagonal_block():
     np.testing.assert_allclose(op @ np.eye(k), H[:k, :k], **EXACT)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_params_the_loss_does_not_use_give_zero_blocks(kind):
+    # allow_unused semantics: extra tensors get zero rows and columns, cached or not
+    model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
+    M = _matrix(_dense("mlp_tanh_mse"), kind)
+    k = M.shape[0]
+    extra = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    params = [*model.parameters(), extra]
+    padded = np.zeros((k + 3, k + 3))
+    padded[:k, :k] = M
+    V = _vectors(k + 3)
+    for data in ((x, y), [(x[:3], y[:3]), (x[3:], y[3:])]):
+        op = KINDS[kind](model, loss_fn, data, params=params)
+        np.testing.assert_allclose(op @ V, padded @ V, **EXACT)
+        np.testing.assert_allclose(op.gradient()[k:], np.zeros(3), **EXACT)
+
+
+def test_params_the_loss_does_not_use_at_all_are_refused():
+    model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
+    other = [torch.zeros(3, dtype=torch.float64, requires_grad=True)]
+    match = "does not depend on any of the 1 tensor"
+    for kind in KINDS.values():
+        with pytest.raises(ValueError, match=match):
+            kind(model, loss_fn, (x, y), params=other)
+        two = kind(model, loss_fn, [(x[:3], y[:3]), (x[3:], y[3:])], params=other)
+        with pytest.raises(ValueError, match=match):
+            two @ np.ones(3)
+        with pytest.raises(ValueError, match=match):
+            two.gradient()
+    with pytest.raises(ValueError, match=match):
+        JacobianLinearOperator(model, x, params=other)
+
+
 # ------------------------------------------------------------------------------ several batches
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("kind", KINDS)

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import nn
 
-from hessfree import EmpiricalFisherDiagonal, HessianFree, KFACPreconditioner, StepInfo
+from hessfree import (
+    EmpiricalFisherDiagonal,
+    HessianFree,
+    KFACPreconditioner,
+    NystromPreconditioner,
+    StepInfo,
+)
 
 
 def _quadratic(n: int = 6, seed: int = 0):
@@ -172,6 +178,9 @@ def test_state_dict_resume_is_bit_identical():
         torch.manual_seed(3)
         return nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
 
+    def options(model):
+        return dict(cg_max_iter=20, precond="martens")
+
     def run(model, opt, k):
         def closure():
             out = model(X)
@@ -180,13 +189,12 @@ def test_state_dict_resume_is_bit_identical():
         for _ in range(k):
             opt.step(closure)
 
-    kw = dict(cg_max_iter=20, precond="martens")
     a = make()
-    opt_a = HessianFree(a.parameters(), **kw)
+    opt_a = HessianFree(a.parameters(), **options(a))
     run(a, opt_a, 6)
 
     b = make()
-    opt_b = HessianFree(b.parameters(), **kw)
+    opt_b = HessianFree(b.parameters(), **options(b))
     run(b, opt_b, 3)
     buf = io.BytesIO()
     torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buf)
@@ -194,12 +202,121 @@ def test_state_dict_resume_is_bit_identical():
     saved = torch.load(buf, weights_only=True)
     c = make()
     c.load_state_dict(saved["model"])
-    opt_c = HessianFree(c.parameters(), **kw)
+    opt_c = HessianFree(c.parameters(), **options(c))
     opt_c.load_state_dict(saved["opt"])
     assert opt_c.damping == opt_b.damping
     run(c, opt_c, 3)
     for pa, pc in zip(a.parameters(), c.parameters(), strict=False):
         assert torch.equal(pa, pc)
+
+
+def test_load_state_dict_twice_and_into_a_loaded_optimizer():
+    # torch's Optimizer.__setstate__ adds its own keys (differentiable, ...) to the defaults:
+    # a second load passed them to HFSettings, a TypeError.
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = HessianFree([w], damping=0.5)
+    opt.step(lambda: (w**4).sum())
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    opt.load_state_dict(saved)
+    assert opt.damping == saved["state"][0]["damping"]
+    assert opt.state_dict()["param_groups"][0]["damping"] == 0.5
+
+
+@pytest.mark.parametrize("precond", ["kfac", "nystrom"])
+def test_state_dict_resume_with_a_stateful_preconditioner_is_bit_identical(precond):
+    # K-FAC's running factors (truncated: refined from the previous spectra) and Nyström's
+    # sketch, refreshed every few steps, travel in the state dict; without them a resumed
+    # run restarted them and took another trajectory.
+    torch.manual_seed(2)
+    X, Y = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+
+    def make():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        if precond == "kfac":
+            p = KFACPreconditioner(model, rank=3, refresh=2, max_dense=6)
+        else:
+            p = NystromPreconditioner(rank=6, refresh=3)
+        return model, HessianFree(model.parameters(), cg_max_iter=10, precond=p)
+
+    def run(model, opt, k):
+        for _ in range(k):
+
+            def closure():
+                out = model(X)
+                return F.mse_loss(out, Y), out
+
+            opt.step(closure)
+
+    a, opt_a = make()
+    run(a, opt_a, 4)
+    b, opt_b = make()
+    run(b, opt_b, 1)
+    buf = io.BytesIO()
+    torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    c, opt_c = make()
+    c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["opt"])
+    run(c, opt_c, 3)
+    assert all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
+
+
+def test_preconditioner_state_that_does_not_fit_is_refused_and_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    X, Y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    # layer 0: A diagonal (4 + 1 > max_dense), G truncated to rank 2; layer 1: G dense, full
+    kfac = KFACPreconditioner(model, max_dense=4, rank=2)
+    opt = HessianFree(model.parameters(), precond=kfac)
+    out = model(X)
+    opt.step(lambda: (F.mse_loss(out, Y), out))
+    saved = opt.state_dict()
+    state = saved["precond"]["state"]
+    assert [tuple(f.shape) for f in state["factors"][0]] == [(5,), (3, 3)]
+    assert [tuple(t.shape) for t in state["eigen"][0][1]] == [(3, 2), (2,), ()]
+    Q, values, rest = state["eigen"][1][1]
+    assert (tuple(Q.shape), tuple(values.shape), rest) == ((2, 2), (2,), None)
+    factors, damping = [tuple(p) for p in kfac.factors], opt.damping
+
+    def refused(bad, match):
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+        assert all(
+            a is b
+            for p, q in zip(factors, kfac.factors, strict=True)
+            for a, b in zip(p, q, strict=True)
+        )
+        assert opt.damping == damping
+
+    def edited(**changes):
+        return {**saved, "precond": {**saved["precond"], "state": {**state, **changes}}}
+
+    nan = [list(p) for p in state["factors"]]
+    nan[1][1] = nan[1][1] * float("nan")
+    refused(edited(factors=nan), r"layer 1 .* G factor` holds NaN")
+    refused(edited(factors=state["factors"][:1]), r"for 2 layer\(s\), got 1 and 2")
+    wide = [list(p) for p in state["factors"]]
+    wide[0][0] = torch.zeros(5, 5, dtype=torch.float64)
+    refused(edited(factors=wide), r"layer 0 .* A factor must have shape \(5,\), got \(5, 5\)")
+    spectra = [[list(side) for side in pair] for pair in state["eigen"]]
+    spectra[0][1][0] = torch.zeros(3, 3, dtype=torch.float64)
+    refused(edited(eigen=spectra), r"layer 0 .* G spectrum must be \(Q, values, rest\)")
+    refused(edited(calls=-1), r"`calls` must be an int >= 0")
+    refused({**saved, "precond": {"type": "NystromPreconditioner", "state": {}}}, "KFAC")
+    with pytest.raises(ValueError, match="holds a KFACPreconditioner state, but"):
+        HessianFree(model.parameters(), precond=None).load_state_dict(saved)
+    # a state dict without one (an older version's) starts the factors afresh
+    opt.load_state_dict({k: v for k, v in saved.items() if k != "precond"})
+    assert kfac.factors is None and kfac.eigen is None
+    opt.load_state_dict(saved)
+    assert all(
+        torch.equal(a, b)
+        for p, q in zip(factors, kfac.factors, strict=True)
+        for a, b in zip(p, q, strict=True)
+    )
 
 
 def test_non_finite_loss_leaves_parameters_bit_identical_and_raises_after_max_failures():
@@ -286,6 +403,59 @@ def test_per_group_lr_scales_the_step():
     torch.testing.assert_close(
         b.detach(), torch.tensor([0.0], dtype=torch.float64), rtol=0, atol=1e-8
     )
+
+
+@pytest.mark.parametrize("style", ["hessian", "ggn", "backward"])
+def test_params_the_loss_does_not_use_stay_put_and_the_rest_steps_as_without_them(style):
+    # Zero rows and columns (allow_unused): the extra tensor's block of g and of (C + λI)p = -g
+    # is zero, so the used parameters follow the trajectory of an optimizer without it.
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    models = [nn.Linear(3, 2).double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    extra = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    precond = "martens" if style == "ggn" else None  # the diagonal needs the outputs
+    opts = [
+        HessianFree(list(models[0].parameters()), precond=precond),
+        HessianFree([*models[1].parameters(), extra], precond=precond),
+    ]
+    for _ in range(3):
+        for model, opt in zip(models, opts, strict=True):
+
+            def closure(model=model, opt=opt):
+                out = model(x)
+                loss = F.mse_loss(out, y)
+                if style == "backward":
+                    opt.zero_grad()
+                    loss.backward()
+                return (loss, out) if style == "ggn" else loss
+
+            opt.step(closure)
+    assert opts[1].last_step.accepted
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert torch.equal(extra.detach(), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("style", ["hessian", "ggn", "backward", "callable"])
+def test_loss_reaching_no_parameter_is_refused_before_any_update(style):
+    w = torch.ones(3, requires_grad=True)
+    other = torch.ones(2, requires_grad=True)
+    x = torch.randn(5, 3)
+    curvature = (lambda loss, out, params: lambda v: v) if style == "callable" else "auto"
+    opt = HessianFree([other], curvature=curvature)
+
+    def closure():
+        out = x @ w
+        loss = (out**2).mean()
+        if style == "backward":
+            opt.zero_grad()
+            loss.backward()
+        return (loss, out) if style in ("ggn", "callable") else loss
+
+    with pytest.raises(ValueError, match="does not depend on any of the 1 tensor"):
+        opt.step(closure)
+    assert torch.equal(other.detach(), torch.ones(2))
 
 
 def test_ggn_without_outputs_is_a_clear_error():
@@ -834,7 +1004,7 @@ def test_user_curvature_and_precond_callables_are_named_when_they_misbehave(kwar
     assert x.tolist() == [0.3, -0.2]
 
 
-@pytest.mark.parametrize("precond", ["auto", "nystrom", "martens", "kfac"])
+@pytest.mark.parametrize("precond", ["auto", "nystrom", "martens", "kfac", "kfac_diagonal"])
 def test_non_finite_curvature_under_a_built_in_preconditioner_is_a_rejected_step(precond):
     # The preconditioner meets the NaN products first: the step is rejected as non-finite
     # curvature (was a LinAlgError from the sketch's Cholesky/eigh or K-FAC's eigh, or cg's
@@ -843,7 +1013,10 @@ def test_non_finite_curvature_under_a_built_in_preconditioner_is_a_rejected_step
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     residuals = precond in ("auto", "nystrom")
-    kfac = KFACPreconditioner(model) if precond == "kfac" else None
+    # kfac_diagonal: every factor above max_dense, kept diagonal (no eigh to meet the NaN)
+    kfac = None
+    if precond.startswith("kfac"):
+        kfac = KFACPreconditioner(model, max_dense=0 if precond == "kfac_diagonal" else 512)
     opt = HessianFree(model.parameters(), precond=kfac or precond)
 
     def closure(scale=1.0):
@@ -862,6 +1035,7 @@ def test_non_finite_curvature_under_a_built_in_preconditioner_is_a_rejected_step
     assert opt.last_step.status == "accepted"
     if kfac is not None:  # the NaN statistics were not averaged into the factors
         assert all(torch.isfinite(A).all() and torch.isfinite(G).all() for A, G in kfac.factors)
+        assert all(A.dim() == (1 if precond == "kfac_diagonal" else 2) for A, _ in kfac.factors)
 
 
 def test_lr_zero_from_a_scheduler_or_the_constructor_is_not_accepted():

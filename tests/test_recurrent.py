@@ -7,6 +7,8 @@ hand-threaded closure of the runner's TanhRNN for whole HF steps.
 
 from __future__ import annotations
 
+import copy
+import io
 import threading
 from dataclasses import dataclass, field
 
@@ -310,6 +312,57 @@ def test_patches_are_removed_on_exit_and_on_error():
         raise ZeroDivisionError
     assert "forward" not in m.__dict__ and custom.forward is sentinel and not rec_mod._patches
     assert rec_mod._active() == []
+
+
+class _TwoRNNs(nn.Module):  # at module level, so torch.save can pickle it
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(2, 3, batch_first=True)
+        self.lstm = nn.LSTM(3, 2, num_layers=2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(self.gru(x)[0])[0]
+
+
+def test_copies_made_while_recording_are_plain_modules():
+    # deepcopy / torch.save copy the instance __dict__, patch included: the copy ran the
+    # ORIGINAL module's parameters and stayed patched. Oracle: a fresh module, same weights.
+    torch.manual_seed(0)
+    model = _TwoRNNs()
+    custom = nn.RNN(2, 3)
+    custom.forward = custom.forward  # an instance-level forward of the user's own
+    x = torch.randn(4, 5, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with record_hidden(model) as rec, record_hidden(custom) as rec_custom:
+        model(x)
+        custom(x)
+        twin, custom_twin = copy.deepcopy(model), copy.deepcopy(custom)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        inside = model.state_dict()
+        twin(x)  # not one of the recorder's layers: records nothing
+    assert rec.hidden.shape == (4, 5 * 3 + 2 * 5 * 2)
+    assert rec_custom.hidden.shape == (5, 4 * 3)
+    assert inside.keys() == before.keys()
+    assert all(torch.equal(inside[k], v) for k, v in before.items())
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.5)
+    for copied in (twin, loaded):
+        fresh = _TwoRNNs()
+        fresh.load_state_dict(copied.state_dict())
+        assert torch.equal(copied(x), fresh(x))
+        assert not any(
+            isinstance(m.__dict__.get("forward"), rec_mod._PatchedForward) for m in copied.modules()
+        )
+        with record_hidden(copied) as own:  # and its own recorder sees it
+            copied(x)
+        assert own.hidden.shape == rec.hidden.shape
+    assert not torch.equal(twin(x), model(x))
+    assert custom_twin.forward.__self__ is custom_twin  # the user's forward, on the copy
+    assert "forward" not in model.gru.__dict__ and not rec_mod._patches
 
 
 def test_nesting_reuse_and_other_threads():

@@ -6,10 +6,13 @@ oracle is :class:`hessfree.KFACPreconditioner` itself, built directly with the s
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from hessfree import HessianFree, KFACPreconditioner
+from hessfree.train.checkpoint import load_checkpoint
 from hessfree.train.cli import main
 from hessfree.train.config import ConfigError, dump_config, parse_config
 from hessfree.train.loop import Runner, RunStatus
@@ -63,6 +66,19 @@ def test_kfac_bad_options_name_the_key_the_value_and_what_is_allowed(options, me
     assert problem.startswith(message), problem
 
 
+def test_kfac_on_the_recurrent_model_is_refused_at_check():
+    cfg = {
+        "data": {"name": "addition", "length": 10},
+        "model": {"name": "rnn", "hidden_size": 8},
+        "optimizers": [{"name": "hessianfree", "precond": {"name": "kfac"}}],
+        "budget": {"steps": 1},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg)
+    (problem,) = info.value.problems
+    assert problem.startswith("`optimizers.0.precond` = kfac cannot precondition `model.name`")
+
+
 def test_other_precond_values_keep_hfsettings_messages():
     (problem,) = _problems("kfca")
     assert problem.startswith("`optimizers.0.precond` = 'kfca': Unknown `precond` 'kfca'")
@@ -105,3 +121,50 @@ def test_runner_trains_with_kfac(tmp_path):
     cfg = tiny_config(tmp_path, optimizers=[entry, {"name": "adam", "lr": 0.01}])
     result = Runner(cfg, tmp_path / "run", progress=False, verbose=False).run()
     assert result.status is RunStatus.COMPLETED and result.exit_code == 0
+
+
+@pytest.mark.parametrize("kfac", [{"refresh": 2, "rank": 4}, {"max_dense": 4, "refresh": 1}])
+def test_interrupted_kfac_run_resumes_bit_identical(tmp_path, kfac):
+    # The factors are running averages (and truncated spectra refine the previous ones), so a
+    # resume that restarted them took another trajectory: they travel in the checkpoint.
+    from tests.test_train_loop import final_params, quiet, read_metrics, without_timing
+
+    entry = {"name": "hessianfree", "cg_max_iter": 5, "precond": {"name": "kfac", **kfac}}
+    cfg = tiny_config(tmp_path, optimizers=[entry], budget={"steps": 6})
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, checkpoint_every=1))
+    quiet(cfg, tmp_path / "full").run()
+    runner = quiet(cfg, tmp_path / "part")
+    runner.on_step = lambda ev: runner.request_stop() if ev.step == 3 else None
+    assert runner.run().status is RunStatus.INTERRUPTED
+    ckpt = load_checkpoint(tmp_path / "part" / "checkpoints" / "hessianfree.pt")
+    assert ckpt["optimizer"]["precond"]["type"] == "KFACPreconditioner"
+    assert ckpt["optimizer"]["precond"]["state"]["factors"] is not None
+    assert Runner(cfg, tmp_path / "part", resume=True, progress=False, verbose=False).run()
+    full, part = (
+        final_params(tmp_path / "full", "hessianfree"),
+        final_params(tmp_path / "part", "hessianfree"),
+    )
+    assert all(torch.equal(full[k], part[k]) for k in full)
+    assert without_timing(read_metrics(tmp_path / "part" / "metrics.jsonl")) == without_timing(
+        read_metrics(tmp_path / "full" / "metrics.jsonl")
+    )
+
+
+def test_a_checkpoint_without_the_preconditioner_state_resumes_with_a_warning(tmp_path):
+    # Written by a version that did not save K-FAC's factors: resumable, but not identically.
+    from hessfree.train.checkpoint import save_checkpoint
+    from tests.test_train_loop import quiet
+
+    entry = {"name": "hessianfree", "cg_max_iter": 3, "precond": {"name": "kfac"}}
+    cfg = tiny_config(tmp_path, optimizers=[entry], budget={"steps": 4})
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, checkpoint_every=1))
+    runner = quiet(cfg, tmp_path / "run")
+    runner.on_step = lambda ev: runner.request_stop() if ev.step == 2 else None
+    assert runner.run().status is RunStatus.INTERRUPTED
+    path = tmp_path / "run" / "checkpoints" / "hessianfree.pt"
+    old = load_checkpoint(path)
+    del old["optimizer"]["precond"]
+    save_checkpoint(path, old)
+    with pytest.warns(RuntimeWarning, match="holds no preconditioner state .* restarts"):
+        result = quiet(cfg, tmp_path / "run", resume=True).run()
+    assert result.status is RunStatus.COMPLETED

@@ -4,6 +4,7 @@ damaged run directories and checkpoints are named, never resumed silently (issue
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import struct
 from pathlib import Path
@@ -128,6 +129,53 @@ def test_output_dir_that_is_a_file_or_unwritable_is_refused(tmp_path, capsys):
     err = refused(["run", str(config), "--quiet", "--out", str(blocker)], capsys)
     assert "exists and is a file" in err and "`--out`" in err
     assert blocker.read_text() == "x"
+
+
+def test_output_dir_the_os_refuses_is_refused_before_any_work(tmp_path, capsys):
+    # os.access passes these (root, pseudo file systems, over-long names); only trying tells.
+    config = write_tiny(tmp_path)
+    long = tmp_path / ("x" * 300)  # above every file system's NAME_MAX (255)
+    err = refused(["run", str(config), "--check", f"output.dir={long}"], capsys)
+    assert "`output.dir`: cannot create the run directory" in err and "too long" in err
+    err = refused(["run", str(config), "--quiet", "--out", str(long / "run")], capsys)
+    assert "`--out`: cannot create the run directory" in err and "too long" in err
+    assert "not a run directory" in refused(["run", "--resume", str(long)], capsys)
+    if Path("/proc/self").is_dir():  # Linux: nothing can be made in /proc, even by root
+        err = refused(["run", str(config), "--check", "output.dir=/proc/hessfree-runs"], capsys)
+        assert "cannot create the run directory '/proc/hessfree-runs/tiny-" in err
+    # the check's own attempt leaves nothing behind
+    deep = tmp_path / "new" / "a"
+    assert main(["run", str(config), "--check", f"output.dir={deep}"]) == 0
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.npz", "tiny.yaml"]
+
+
+def test_a_non_empty_out_is_refused_at_check_and_before_loading_data(tmp_path, capsys):
+    # It was refused only by the run itself, after loading the data and building the model.
+    config = write_tiny(tmp_path)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    err = refused(["run", str(config), "--check", "--out", str(used)], capsys)
+    assert f"`--out`: the run directory '{used}' is not empty; resume it with --resume" in err
+    (tmp_path / "tiny.npz").unlink()  # a run that loaded the data first would name the file
+    err = refused(["run", str(config), "--quiet", "--out", str(used)], capsys)
+    assert "is not empty" in err and "tiny.npz" not in err
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere"
+)
+def test_output_dir_in_a_read_only_directory_is_refused(tmp_path, capsys):
+    config = write_tiny(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        err = refused(["run", str(config), "--check", f"output.dir={locked / 'runs'}"], capsys)
+        assert "`output.dir`" in err and "writ" in err
+    finally:
+        locked.chmod(0o755)
 
 
 def test_non_utf8_and_random_bytes_configs_are_refused(tmp_path, capsys):

@@ -186,7 +186,9 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
 
     if args.resume is not None:
         saved_path = args.resume / "config.yaml"
-        if not saved_path.exists():
+        from hessfree.train.rundir import _exists
+
+        if not _exists(saved_path):  # also a name too long to look up: not a run directory
             raise ConfigError([f"'{args.resume}' is not a run directory (no config.yaml)."])
         config = load_config(saved_path)
         if files or overrides:

@@ -56,6 +56,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -643,6 +644,15 @@ class Runner:
         try:
             self.model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
+            if "precond" in optimizer.state_dict() and "precond" not in ckpt["optimizer"]:
+                # written before preconditioner states were saved: resumable, not identically
+                warnings.warn(
+                    f"checkpoint '{path}' holds no preconditioner state (written by an older "
+                    f"version): {spec.label}'s preconditioner restarts from scratch, so the "
+                    "resumed run will not retrace the uninterrupted one.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             torch.set_rng_state(ckpt["torch_rng"])
             data_gen.set_state(ckpt["data_rng"])
             if self.device.type == "cuda" and ckpt.get("cuda_rng"):

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hessfree.train.checkpoint import atomic_write
 from hessfree.train.metrics import read_metrics
 
 __all__ = ["plot_metrics", "plot_run", "phase_switches"]
@@ -110,7 +111,8 @@ def plot_metrics(
                     ax.legend(fontsize="small")
         if title:
             fig.suptitle(title)
-        fig.savefig(out_dir / name, dpi=100)
+        # atomically: a run killed while plotting keeps the previous PNG, never half of one
+        atomic_write(out_dir / name, lambda f, fig=fig: fig.savefig(f, dpi=100, format="png"))
         written.append(out_dir / name)
     return written
 

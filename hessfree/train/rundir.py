@@ -10,6 +10,7 @@ skip an optimizer, and ``metrics.jsonl`` must hold at least what the latest one 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -35,19 +36,46 @@ def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Pa
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     base = Path(config.output.dir) / f"{config.name}-{stamp}"
     path, k = base, 1
-    while path.exists():
+    while _exists(path):
         k += 1
         path = base.with_name(f"{base.name}-{k}")
     return path
 
 
+def _exists(path: Path) -> bool:
+    """``path.exists()``, but ``False`` where the OS cannot even look (a name too long)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
     """Why a new run directory could not be created at ``run_dir`` (empty: it can).
 
-    Checks the nearest existing ancestor: it must be a directory this process may write in.
+    An existing ``run_dir`` must be an empty directory. Checks the nearest existing ancestor
+    (a directory this process may write in), then tries: creates the missing directories down
+    to ``run_dir`` (or a probe directory inside an existing ``run_dir``) and removes them
+    again. ``os.access`` alone passes what only the attempt refuses: root on a read-only or
+    pseudo file system (``/proc``, ``/sys``), ACLs, a name longer than the file system allows.
     """
+    try:
+        return _run_dir_problems(run_dir, key)
+    except OSError as err:  # e.g. a name too long to even stat
+        return [
+            f"`{key}`: cannot create the run directory '{run_dir}': "
+            f"{err.strerror or err}; choose another directory."
+        ]
+
+
+def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
     if run_dir.exists() and not run_dir.is_dir():
         return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
+    if run_dir.is_dir() and any(run_dir.iterdir()):  # as prepare_run_dir, but before any work
+        return [
+            f"`{key}`: the run directory '{run_dir}' is not empty; resume it with "
+            f"--resume {run_dir} or choose another directory."
+        ]
     parent = run_dir
     while not parent.exists():
         if parent.parent == parent:
@@ -63,7 +91,40 @@ def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
             f"`{key}`: cannot create '{run_dir}': '{parent}' is not writable by this user; "
             "choose a directory you can write to."
         ]
+    error = _try_creating(run_dir, parent)
+    if error is not None:
+        return [
+            f"`{key}`: cannot create the run directory '{run_dir}' (in '{parent}'): {error}; "
+            "choose a directory you can write to."
+        ]
     return []
+
+
+def _try_creating(run_dir: Path, existing: Path) -> str | None:
+    """Create the directories from ``existing`` down to ``run_dir`` and remove them again.
+
+    Returns the operating system's reason when that fails, else ``None``. Only directories
+    this call made are removed (innermost first), so nothing of the user's is touched.
+    """
+    made: list[Path] = []
+    try:
+        if run_dir.exists():  # an existing (empty) run directory: can files be made in it?
+            made.append(Path(tempfile.mkdtemp(prefix=".hessfree-check-", dir=run_dir)))
+        else:
+            for path in reversed([run_dir, *run_dir.parents]):
+                if path == existing or path in existing.parents or path.exists():
+                    continue
+                path.mkdir()
+                made.append(path)
+    except OSError as err:
+        return err.strerror or str(err)
+    finally:
+        for path in reversed(made):
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+    return None
 
 
 def prepare_run_dir(

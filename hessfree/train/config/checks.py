@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,6 +319,18 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
             problems.append(
                 f"`optimizers.{i}.structural_damping` = {mu!r} needs a recurrent model's hidden "
                 f"states, got `model.name` = {cfg.model.name!r}; use model 'rnn' or set it to 0."
+            )
+    for where, leaf in leaves(cfg):
+        precond = leaf.hyperparameters.get("precond") if leaf.name == "hessianfree" else None
+        if (
+            cfg.model.name == "rnn"
+            and isinstance(precond, Mapping)
+            and precond.get("name") == "kfac"
+        ):
+            problems.append(
+                f"`{where}.precond` = kfac cannot precondition `model.name` = 'rnn': its "
+                "recurrent layer runs once per time step (shared weights), which K-FAC's "
+                "factors do not describe; use precond: martens, nystrom or null."
             )
     if cfg.data.name == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
         problems.append("`data.name` = 'mnist1d' needs the mnist1d package: pip install mnist1d.")
