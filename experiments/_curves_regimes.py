@@ -39,6 +39,8 @@ def variants() -> dict[str, dict]:
         "k500/62c2r2": k(500, 62, 2, refresh=2),
         "k250/62c3r2": k(250, 62, 3, refresh=2),
         "k250/62c2r2d9": k(250, 62, 2, refresh=2, decay=0.9),
+        "k250/62c2r2md": k(250, 62, 2, refresh=2) | dict(kw=dict(cg_max_iter=2, min_damping=0.01)),
+        "k250/62c2r2rd3": k(250, 62, 2, refresh=2, relative_damping=0.03),
     }
 
 
@@ -48,6 +50,8 @@ def main() -> None:
     names = sys.argv[2].split(",")
     task = sc.make_curves_task("--quick" in sys.argv)
     runs = [sc.first_order_run(task, "Adam", 1e-3, 100)]
+    if "--b20" in sys.argv:  # the full scorecard's other best Adam
+        runs.append(sc.first_order_run(task, "Adam", 1e-3, 20))
     v = variants()
     runs += [sc.hf_run(task, n, "HF", v[n]) for n in names]
     print("load before", os.getloadavg())
