@@ -353,11 +353,16 @@ def cg(
         _masked_add(x, p, alpha, go, mask)  # x += α p
         _masked_add(r, Ap, alpha, go, mask)  # r += α Ap
         Ap = None  # not needed again: free it before the next product allocates its own
-        z = _precondition(r, z, diag, precond)  # z = M⁻¹ r
-        rz_next = torch.dot(r, z)
+        # z only feeds β and the next direction, which the last iteration never uses: a
+        # callable M⁻¹ (K-FAC's costs half a curvature product) is not applied for nothing.
+        # z and rᵀz then stay a consistent pair (the steepest-descent fallback reads them).
+        skip = i == max_iter and precond is not None and diag is None
+        if not skip:
+            z = _precondition(r, z, diag, precond)  # z = M⁻¹ r
+        rz_next = rz if skip else torch.dot(r, z)
         rr = rz_next if z is r else torch.dot(r, r)
         phi = _phi(x, r, b, out=history[i])
-        finite_after = torch.isfinite(rz_next) & torch.isfinite(phi)
+        finite_after = torch.isfinite(rr if skip else rz_next) & torch.isfinite(phi)
         converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass
         if downhill is not None:
             converged = converged & (b_zero | (phi < 0))

@@ -384,6 +384,68 @@ def test_cg_max_iter_one_is_one_steepest_descent_step():
     torch.testing.assert_close(result.x, (b @ b) / (b @ A @ b) * b, **EXACT)
 
 
+def reference_pcg(A: np.ndarray, b: np.ndarray, M: np.ndarray, x0: np.ndarray, k: int) -> list:
+    """Textbook preconditioned CG in numpy from ``x0`` (residual b - Ax, M the SPD
+    preconditioner as a matrix, z = M^{-1} r by a dense solve): the iterates x_0..x_k."""
+    x = x0.copy()
+    r = b - A @ x
+    z = np.linalg.solve(M, r)
+    p, xs = z.copy(), [x.copy()]
+    for _ in range(k):
+        Ap = A @ p
+        alpha = (r @ z) / (p @ Ap)
+        x = x + alpha * p
+        r_next = r - alpha * Ap
+        z_next = np.linalg.solve(M, r_next)
+        p = z_next + (r_next @ z_next) / (r @ z) * p
+        r, z = r_next, z_next
+        xs.append(x.copy())
+    return xs
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 5])
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_cg_truncated_skips_the_unused_last_preconditioning(max_iter, warm):
+    # At the last allowed iteration M^{-1} r only feeds the next direction, which is never
+    # used: a callable preconditioner runs max_iter times (z_0 and iterations 1..max_iter-1),
+    # and x and phi are those of textbook PCG.
+    A, b = spd_system(20, cond=1e3, seed=11)
+    rng = np.random.default_rng(12)
+    L = np.tril(rng.standard_normal((20, 20))) * 0.1 + np.eye(20)
+    M = L @ L.T  # SPD, not diagonal
+    M_inv = torch.from_numpy(np.linalg.inv(M))
+    x0 = torch.from_numpy(rng.standard_normal(20)) if warm else None
+    calls = [0]
+
+    def precond(r):
+        calls[0] += 1
+        return M_inv @ r
+
+    result = cg(lambda v: A @ v, b, x0=x0, precond=precond, max_iter=max_iter, rtol=0.0)
+    assert (result.reason, result.num_iter) == (CGStop.MAX_ITER, max_iter)
+    assert calls[0] == max_iter
+    start = np.zeros(20) if x0 is None else x0.numpy()
+    xs = reference_pcg(A.numpy(), b.numpy(), M, start, max_iter)
+    torch.testing.assert_close(result.x, torch.from_numpy(xs[-1]), rtol=1e-9, atol=1e-12)
+    phi = dense_phi(A.numpy(), b.numpy(), xs[-1])
+    assert float(result.phi_history[-1]) == pytest.approx(phi, rel=1e-9)
+
+
+def test_cg_preconditioned_negative_curvature_at_max_iter_one():
+    # The steepest-descent fallback at the first direction uses z_0 = M^{-1} r_0, which
+    # skipping the last preconditioning must leave in place: x_1 = tau (M^{-1} b) with
+    # tau = b^T M^{-1} b / |p^T A p|.
+    d, b = indefinite_system(seed=3)
+    m = torch.linspace(0.5, 2.0, d.numel(), dtype=DTYPE)
+    d = d.clone()
+    d[:] = -torch.abs(d)  # negative definite: the first direction has p^T A p < 0
+    result = cg(diag_matvec(d), b, precond=lambda r: r / m, max_iter=1)
+    assert (result.reason, result.num_iter) == (CGStop.NEGATIVE_CURVATURE, 1)
+    z = b / m
+    tau = (b @ z) / torch.abs(z @ (d * z))
+    torch.testing.assert_close(result.x, tau * z, **EXACT)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_cg_non_finite_product_returns_iterate_before(bad):
     A, b = spd_system(20, cond=10.0, seed=9)
