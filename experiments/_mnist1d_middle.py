@@ -95,6 +95,7 @@ CONTENDERS = {
     "k16_full0": variant(kfac=dict(rank=16), full_curvature_after=0),
     "k16_full2": variant(kfac=dict(rank=16), full_curvature_after=2),
     "k16_full8": variant(kfac=dict(rank=16), full_curvature_after=8),
+    "k16_decay0": variant(kfac=dict(rank=16), kw=dict(cg_decay=0.0)),
 }
 
 
