@@ -96,6 +96,9 @@ CONTENDERS = {
     "k16_full2": variant(kfac=dict(rank=16), full_curvature_after=2),
     "k16_full8": variant(kfac=dict(rank=16), full_curvature_after=8),
     "k16_decay0": variant(kfac=dict(rank=16), kw=dict(cg_decay=0.0)),
+    # products are half an early step's cost: cap the curvature batch of the growing phase
+    "k16_ccap500": variant(kfac=dict(rank=16), curvature_cap=500),
+    "k16_ccap300": variant(kfac=dict(rank=16), curvature_cap=300),
 }
 
 
@@ -143,6 +146,8 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
         xb, yb = (task.x, task.y) if idx is None else (task.x[idx], task.y[idx])
         full_steps[0] += idx is None
         c = min(sc._curvature_size(regime, len(xb), n, full_steps[0]), len(xb))
+        if "curvature_cap" in regime and c < len(xb):  # only while c is a fraction
+            c = min(c, regime["curvature_cap"])
         if c >= len(xb):
             curvature = None
         elif regime.get("disjoint") and idx is not None:
