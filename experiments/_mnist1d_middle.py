@@ -12,6 +12,7 @@ iterations and stop, backtracked iterate, seconds) with ``TRACE=1``.
 Usage (torch 1 thread)::
 
     python experiments/_mnist1d_middle.py 8 ref,kfac,nocheck [repeats]
+    python experiments/_mnist1d_middle.py passes   # what an HF step's passes cost
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ CONTENDERS = {
     "full8": variant(full_curvature_after=8),
     "g115mid": variant(growth_mid=1.15),
     "min_iter3": variant(kw=dict(cg_min_iter=3)),
+    # the first seconds (cheaper early steps): switches while the batch is below `small` cases
+    "k16_cg3small": variant(kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=3)),
+    "k16_nochecksmall": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_stop_on_increase=False)
+    ),
+    "k16_ref2small": variant(kfac=dict(rank=16), small=1000, small_refresh=2),
+    "k16_ref3small": variant(kfac=dict(rank=16), small=1000, small_refresh=3),
+    "k16_ref2": variant(kfac=dict(rank=16, refresh=2)),
+    "k16_full0": variant(kfac=dict(rank=16), full_curvature_after=0),
+    "k16_full2": variant(kfac=dict(rank=16), full_curvature_after=2),
+    "k16_full8": variant(kfac=dict(rank=16), full_curvature_after=8),
+    "k16_decay0": variant(kfac=dict(rank=16), kw=dict(cg_decay=0.0)),
+    # products are half an early step's cost: cap the curvature batch of the growing phase
+    "k16_ccap500": variant(kfac=dict(rank=16), curvature_cap=500),
+    "k16_ccap300": variant(kfac=dict(rank=16), curvature_cap=300),
 }
 
 
@@ -119,6 +135,7 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
     run = sc.Run(name, "HF", m, lambda: None, detail=str(regime))
     run.trace = []
     full_steps = [0]
+    kw_defaults = {key: opt.param_groups[0][key] for key in regime.get("small_kw", {})}
 
     def forward(xb, yb):
         out = m(xb)
@@ -129,6 +146,8 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
         xb, yb = (task.x, task.y) if idx is None else (task.x[idx], task.y[idx])
         full_steps[0] += idx is None
         c = min(sc._curvature_size(regime, len(xb), n, full_steps[0]), len(xb))
+        if "curvature_cap" in regime and c < len(xb):  # only while c is a fraction
+            c = min(c, regime["curvature_cap"])
         if c >= len(xb):
             curvature = None
         elif regime.get("disjoint") and idx is not None:
@@ -136,6 +155,12 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
             curvature = lambda: forward(task.x[cidx], task.y[cidx])  # noqa: E731
         else:
             curvature = lambda: forward(xb[:c], yb[:c])  # noqa: E731
+        if "small" in regime:  # settings (and K-FAC's refresh) while the batch is small
+            is_small = len(xb) < regime["small"]
+            for key, value in regime.get("small_kw", {}).items():
+                opt.param_groups[0][key] = value if is_small else kw_defaults[key]
+            if "small_refresh" in regime:
+                kfac.refresh = regime["small_refresh"] if is_small else 1
         if "kfac_from" in regime:  # K-FAC only once the batch has that many cases
             opt.precond = kfac if len(xb) >= regime["kfac_from"] else None
         t0 = time.perf_counter()
@@ -152,8 +177,53 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
     return run
 
 
+def passes() -> None:
+    """Cost of the passes an HF step is made of, in gradients (fwd + bwd) of the same cases:
+    medians over 60 interleaved rounds on the first 250 and 1,000 training cases."""
+    import statistics
+
+    from hessfree.curvature import GGNProduct
+
+    task = sc._classifier("mnist1d", quick=True)
+    m, params = task.model, list(task.model.parameters())
+    v = torch.randn(sum(p.numel() for p in params))
+    for c in (250, 1000):
+        xb, yb = task.x[:c], task.y[:c]
+        out = m(xb)
+        product = GGNProduct(task.loss(out, yb), out, params)
+        u = torch.randn_like(out)
+
+        def forward(xb=xb, yb=yb) -> None:
+            with torch.no_grad():
+                task.loss(m(xb), yb)
+
+        def set_up(xb=xb, yb=yb) -> None:  # forward with graph, set-up, first product
+            o = m(xb)
+            GGNProduct(task.loss(o, yb), o, params).matvec(v)
+
+        fns = {
+            "gradient": lambda xb=xb, yb=yb: torch.autograd.grad(task.loss(m(xb), yb), params),
+            "forward": forward,
+            "GGN product": lambda p=product: p.matvec(v),
+            "Jv": lambda p=product: p.jacobian.jvp(v),
+            "J^T u": lambda p=product, u=u: p.jacobian.vjp(u),
+            "set-up + 1 product": set_up,
+        }
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(60):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+        g = statistics.median(times["gradient"])
+        cells = ", ".join(f"{k} {statistics.median(t) / g:.2f}" for k, t in times.items())
+        print(f"{c} cases, in gradients ({g * 1e3:.2f} ms): {cells}")
+
+
 def main() -> None:
     torch.set_num_threads(1)
+    if sys.argv[1] == "passes":
+        return passes()
     budget = float(sys.argv[1])
     names = sys.argv[2].split(",")
     repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 1
@@ -169,7 +239,7 @@ def main() -> None:
     targets = [sc.value_at(adam.curve, budget * q) for q in (0.25, 0.5, 1.0)]
     at = [sc.time_to(adam.curve, t) for t in targets]
     print(f"Adam targets {[f'{t:.3g}' for t in targets]} at {[f'{t:.2f}' for t in at]} s")
-    for r in runs[1:]:
+    for r in runs:  # Adam's own row gives its times to the loss marks
         times = [sc.time_to(r.curve, t) for t in targets]
         ratios = " / ".join(
             f"{t / a:.2f}" if math.isfinite(t) else "never" for t, a in zip(times, at, strict=True)
