@@ -194,8 +194,17 @@ def latch(k: int = 2, m: int = 8, n: int = 10, cap: int | None = None) -> type:
     return Latch
 
 
+class Eta0(Recorded):
+    """η = 0 (relative-progress stop) once the objective is seen stochastic; check as default."""
+
+    def _cg_rtol(self, run):
+        eta = super()._cg_rtol(run)
+        return self._set_eta(run, 0.0 if run.state.get("deterministic") is False else eta)
+
+
 VARIANTS = {
     "default": Recorded,
+    "eta0": Eta0,
     "tight": tight(),
     "floor10": floor(),
     "transfer": transfer(),

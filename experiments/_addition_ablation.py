@@ -1,0 +1,123 @@
+"""Which of ``HessianFree``'s defaults keeps it on the addition plateau (#14)?
+
+The scorecard's addition task (``make_addition_task``: 100 tanh units, spectral radius 1.0,
+1,000-case gradient batches, 100-case curvature batches) with ``HessianFree`` built from the
+defaults plus one of the tuned config's settings, or from the tuned config
+(``configs/rnn_addition.yaml``) less one of them. Contenders start from the same weights, see
+the same batches and are interleaved as in ``scorecard.py`` (torch 1 thread). Usage::
+
+    python experiments/_addition_ablation.py 30 60 0 up      # defaults + one setting
+    python experiments/_addition_ablation.py 30 60 1 down    # tuned - one setting, seed 1
+    python experiments/_addition_ablation.py 30 60 0 default,tuned,+cg_rtol
+
+(length T, seconds per contender, model seed, contenders). Printed per contender: the final
+test error, the time it first reached 0.01, steps, CG iterations, η, stop reasons and
+``line_search_failed`` steps. Results: ``experiments/README.md``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scorecard as sc  # noqa: E402
+
+from hessfree import HessianFree  # noqa: E402
+
+TUNED = dict(
+    structural_damping=0.03,
+    damping=0.1,
+    cg_max_iter=25,
+    damping_rule="martens",
+    cg_rtol=1e-10,
+    cg_stop_on_increase=False,
+)
+SETTINGS = list(TUNED)
+
+VARIANTS = {"default": {}, "tuned": dict(TUNED)}
+VARIANTS |= {f"+{k}": {k: TUNED[k]} for k in SETTINGS}
+VARIANTS |= {f"-{k}": {j: v for j, v in TUNED.items() if j != k} for k in SETTINGS}
+# pairs the single switches point to
+VARIANTS["+cg_rtol+stop"] = dict(cg_rtol=1e-10, cg_stop_on_increase=False)
+VARIANTS["+cg_rtol+stop+sd"] = VARIANTS["+cg_rtol+stop"] | dict(structural_damping=0.03)
+GROUPS = {
+    "up": ["default"] + [f"+{k}" for k in SETTINGS],
+    "down": ["tuned"] + [f"-{k}" for k in SETTINGS],
+}
+
+
+class Recorded(HessianFree):
+    """``HessianFree`` that keeps every step's ``StepInfo``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.log = []
+
+    def step(self, *args, **kwargs):
+        out = super().step(*args, **kwargs)
+        self.log.append(self.last_step)
+        return out
+
+
+def summary(opt: Recorded) -> str:
+    log = opt.log
+    if not log:
+        return "    no steps"
+    it = np.array([s.cg_iters for s in log])
+    eta = np.array([s.cg_rtol for s in log])
+    reasons = dict(collections.Counter(s.cg_reason for s in log))
+    failed = sum(s.status == "line_search_failed" for s in log)
+    return (
+        f"    CG iterations median {np.median(it):.0f} mean {it.mean():.1f}; η median "
+        f"{np.nanmedian(eta):.3g}; stops {reasons}; line_search_failed {failed}; "
+        f"λ last {log[-1].damping:.2g}"
+    )
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    length, budget, seed = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+    names = GROUPS.get(sys.argv[4]) or sys.argv[4].split(",")
+    task = sc.make_addition_task(length, budget)
+    if seed:
+        from hessfree.train.models import build_model
+
+        torch.manual_seed(seed)
+        model = build_model(
+            "rnn", input_shape=(length, 2), num_outputs=1, hidden_size=100, spectral_radius=1.0
+        )
+        task = dataclasses.replace(task, model=model)
+    regime = task.hf_default_regime
+    runs, opts = [], []
+    sc.HessianFree = Recorded
+    for name in names:
+        runs.append(sc.hf_run(task, name, "HF", regime | {"kw": VARIANTS[name]}))
+    sc.HessianFree = HessianFree
+    print(f"T = {length}, {budget:g} s, seed {seed}; load {os.getloadavg()}", flush=True)
+    t0 = time.perf_counter()
+    sc.interleave(runs, task, budget, int(os.environ.get("SLICES", 12)), "cpu")
+    print(f"load {os.getloadavg()}, wall {time.perf_counter() - t0:.0f} s")
+    for r in runs:
+        solved = [t for t, e in r.curve if e <= 0.01]
+        print(
+            f"{r.name:18s} final {sc.final_error(r):.4g}, {r.steps} steps, "
+            f"≤ 0.01 at {solved[0] if solved else math.inf:.1f} s; "
+            f"curve {[round(e, 3) for _, e in r.curve]}"
+        )
+        for cell in r.step.__closure__ or []:
+            if isinstance(cell.cell_contents, Recorded):
+                opts.append(cell.cell_contents)
+                print(summary(cell.cell_contents), flush=True)
+
+
+if __name__ == "__main__":
+    main()
