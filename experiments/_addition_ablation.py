@@ -33,14 +33,7 @@ import scorecard as sc  # noqa: E402
 
 from hessfree import HessianFree  # noqa: E402
 
-TUNED = dict(
-    structural_damping=0.03,
-    damping=0.1,
-    cg_max_iter=25,
-    damping_rule="martens",
-    cg_rtol=1e-10,
-    cg_stop_on_increase=False,
-)
+TUNED = sc.ADDITION_TUNED
 SETTINGS = list(TUNED)
 
 VARIANTS = {"default": {}, "tuned": dict(TUNED)}

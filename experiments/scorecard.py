@@ -328,6 +328,16 @@ def make_swap_task(quick: bool) -> Task:
     )
 
 
+ADDITION_TUNED = dict(  # configs/rnn_addition.yaml's HF (also experiments/_addition_ablation.py)
+    structural_damping=0.03,
+    damping=0.1,
+    cg_max_iter=25,
+    damping_rule="martens",
+    cg_rtol=1e-10,
+    cg_stop_on_increase=False,
+)
+
+
 def make_addition_task(length: int, seconds: float) -> Task:
     from hessfree.train.data import make_addition
     from hessfree.train.models import build_model
@@ -343,14 +353,7 @@ def make_addition_task(length: int, seconds: float) -> Task:
     def error_rate(m: nn.Module) -> float:
         return float(((m(xt) - yt).abs() > ADDITION_TOL).float().mean())
 
-    tuned = dict(  # configs/rnn_addition.yaml's HF
-        structural_damping=0.03,
-        damping=0.1,
-        cg_max_iter=25,
-        damping_rule="martens",
-        cg_rtol=1e-10,
-        cg_stop_on_increase=False,
-    )
+    tuned = dict(ADDITION_TUNED)
     return Task(
         f"addition{length}",
         f"RNN addition problem, T = {length}, 100 tanh units, 10,000 training sequences",
