@@ -412,7 +412,8 @@ class KFACPreconditioner:
 
     Args:
         model: The module whose ``nn.Linear`` submodules are preconditioned (their parameters
-            must be among the optimizer's), or a sequence of ``nn.Linear`` modules.
+            must be among the optimizer's; a frozen layer, none of whose parameters requires
+            grad, is skipped, as in fine-tuning), or a sequence of ``nn.Linear`` modules.
         refresh: Recompute the factors every this many steps, an int >= 1.
         decay: Weight of the previous factors in the running average, in ``[0, 1)``.
         num_probes: Rademacher probes for :math:`G` (each one backward pass of the curvature
@@ -459,8 +460,13 @@ class KFACPreconditioner:
         max_dense: int = 512,
         rank: int | None = 64,
     ) -> None:
-        if isinstance(model, torch.nn.Module):
-            layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if isinstance(model, torch.nn.Module):  # frozen layers (no trainable parameter) skipped
+            layers = [
+                m
+                for m in model.modules()
+                if isinstance(m, torch.nn.Linear)
+                and any(p.requires_grad for p in m.parameters(recurse=False))
+            ]
         elif isinstance(model, Sequence) and all(isinstance(m, torch.nn.Linear) for m in model):
             layers = list(model)
         else:
@@ -469,7 +475,10 @@ class KFACPreconditioner:
                 f"{type(model).__name__}."
             )
         if not layers:
-            raise ValueError("`model` has no nn.Linear layer for KFACPreconditioner.")
+            raise ValueError(
+                "`model` has no nn.Linear layer with a trainable parameter (requires_grad) for "
+                "KFACPreconditioner."
+            )
         self.layers = layers
         self.refresh = check_int("refresh", refresh, low=1)
         self.decay = check_number("decay", decay, low=0.0, high=1.0, high_open=True)

@@ -192,6 +192,8 @@ def test_bad_arguments():
         KFACPreconditioner([nn.Tanh()])
     with pytest.raises(ValueError, match="no nn.Linear"):
         KFACPreconditioner(nn.Tanh())
+    with pytest.raises(ValueError, match="no nn.Linear layer with a trainable"):
+        KFACPreconditioner(nn.Linear(2, 2).requires_grad_(False))
     with pytest.raises(ValueError, match="refresh"):
         KFACPreconditioner(nn.Linear(2, 2), refresh=0)
     with pytest.raises(ValueError, match="decay"):
@@ -247,6 +249,47 @@ def test_probe_factor_has_the_exact_diagonal_for_squared_error(num_probes):
     torch.testing.assert_close(exact.factors[0][1], torch.eye(4, dtype=DTYPE) * 5 * 2 / 20)
     torch.testing.assert_close(probed.factors[0][1].diagonal(), exact.factors[0][1].diagonal())
     torch.testing.assert_close(probed.factors[0][0], exact.factors[0][0])
+
+
+def test_a_frozen_layer_is_skipped_and_the_trainable_block_is_the_true_ggn_inverse():
+    """Fine-tuning: with the first layer frozen, K-FAC of the model covers the last layer alone,
+    and there (squared error: a constant loss Hessian) its Kronecker product is that layer's
+    exact Gauss-Newton block, so the preconditioner is the block's dense damped inverse."""
+    x, y = _data(n=9, d_in=4, d_out=3, seed=11)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+    C = _dense_ggn(model, x, y, F.mse_loss)[25:, 25:]  # the last layer's block (after 20 + 5)
+    model[0].requires_grad_(False)
+    K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0)
+    assert K.layers == [model[2]]
+    mu = 0.25
+    out = model(x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    P = GGNProduct(F.mse_loss(out, y), out, params)
+    ctx = PrecondContext(
+        jacobian=P.jacobian,
+        output_grad=P.output_grad,
+        reduction="mean",
+        damping=mu,
+        shift=0.0,
+        generator=torch.Generator().manual_seed(0),
+        loss_hessian=P.loss_hessian,
+    )
+    apply = K(ctx)
+    r = np.random.default_rng(5).standard_normal(C.shape[0])
+    expected = np.linalg.solve(C + mu * np.eye(C.shape[0]), r)
+    torch.testing.assert_close(apply(torch.from_numpy(r)), torch.from_numpy(expected))
+    # and HessianFree trains the rest with it
+    opt = HessianFree(params, precond=K)
+    before = F.mse_loss(model(x), y).item()
+
+    def closure():
+        out = model(x)
+        return F.mse_loss(out, y), out
+
+    for _ in range(3):
+        opt.step(closure)
+    assert F.mse_loss(model(x), y).item() < before
 
 
 def test_parameters_outside_the_layers_pass_through():
