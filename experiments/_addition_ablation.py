@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scorecard as sc  # noqa: E402
+from _cg_stop_study import run_and_report  # noqa: E402
 
 from hessfree import HessianFree  # noqa: E402
 
@@ -90,26 +89,13 @@ def main() -> None:
         )
         task = dataclasses.replace(task, model=model)
     regime = task.hf_default_regime
-    runs, opts = [], []
+    runs = []
     sc.HessianFree = Recorded
     for name in names:
         runs.append(sc.hf_run(task, name, "HF", regime | {"kw": VARIANTS[name]}))
     sc.HessianFree = HessianFree
-    print(f"T = {length}, {budget:g} s, seed {seed}; load {os.getloadavg()}", flush=True)
-    t0 = time.perf_counter()
-    sc.interleave(runs, task, budget, int(os.environ.get("SLICES", 12)), "cpu")
-    print(f"load {os.getloadavg()}, wall {time.perf_counter() - t0:.0f} s")
-    for r in runs:
-        solved = [t for t, e in r.curve if e <= 0.01]
-        print(
-            f"{r.name:18s} final {sc.final_error(r):.4g}, {r.steps} steps, "
-            f"≤ 0.01 at {solved[0] if solved else math.inf:.1f} s; "
-            f"curve {[round(e, 3) for _, e in r.curve]}"
-        )
-        for cell in r.step.__closure__ or []:
-            if isinstance(cell.cell_contents, Recorded):
-                opts.append(cell.cell_contents)
-                print(summary(cell.cell_contents), flush=True)
+    header = f"T = {length}, {budget:g} s, seed {seed}"
+    run_and_report(runs, task, budget, int(os.environ.get("SLICES", 12)), header, summary)
 
 
 if __name__ == "__main__":

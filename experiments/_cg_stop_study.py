@@ -241,6 +241,26 @@ def summary(opt: Recorded) -> str:
     )
 
 
+def run_and_report(runs, task, budget: float, slices: int, header: str, describe) -> None:
+    """Interleave ``runs`` for ``budget`` seconds; print each one's final error, the time it
+    first reached 0.01 (the addition task's "solved") and its curve, then ``describe(opt)`` of
+    the optimizer its step closure holds (any object with a step ``log``)."""
+    print(f"{header}; load {os.getloadavg()}", flush=True)
+    t0 = time.perf_counter()
+    sc.interleave(runs, task, budget, slices, "cpu")
+    print(f"load {os.getloadavg()}, wall {time.perf_counter() - t0:.0f} s")
+    for r in runs:
+        solved = [t for t, e in r.curve if e <= 0.01]
+        print(
+            f"{r.name:18s} final {sc.final_error(r):.4g}, {r.steps} steps, "
+            f"≤ 0.01 at {solved[0] if solved else math.inf:.1f} s; "
+            f"curve {[round(e, 3) for _, e in r.curve]}"
+        )
+        for cell in r.step.__closure__ or []:
+            if isinstance(getattr(cell.cell_contents, "log", None), list):
+                print(describe(cell.cell_contents), flush=True)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     key, budget, names = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(",")
@@ -252,20 +272,8 @@ def main() -> None:
         sc.HessianFree = VARIANTS[name]
         runs.append(sc.hf_run(task, name, "HF default", regime))
     sc.HessianFree = HessianFree
-    print(f"{key}, {budget:g} s, regime {regime}; load {os.getloadavg()}", flush=True)
-    t0 = time.perf_counter()
-    sc.interleave(runs, task, budget, int(os.environ.get("SLICES", 8)), "cpu")
-    print(f"load {os.getloadavg()}, wall {time.perf_counter() - t0:.0f} s")
-    for r in runs:
-        solved = [t for t, e in r.curve if e <= 0.01]
-        print(
-            f"{r.name:16s} final {sc.final_error(r):.4g}, {r.steps} steps, "
-            f"≤ 0.01 at {solved[0] if solved else math.inf:.1f} s; "
-            f"curve {[round(e, 3) for _, e in r.curve]}"
-        )
-        for cell in r.step.__closure__ or []:
-            if isinstance(cell.cell_contents, Recorded):
-                print(summary(cell.cell_contents))
+    header = f"{key}, {budget:g} s, regime {regime}"
+    run_and_report(runs, task, budget, int(os.environ.get("SLICES", 8)), header, summary)
 
 
 if __name__ == "__main__":

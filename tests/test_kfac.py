@@ -29,7 +29,7 @@ def _data(n=7, d_in=3, d_out=2, seed=0):
 def _context(model, x, y, loss_fn, damping, seed=0):
     out = model(x)  # the forward the hooks record
     loss = loss_fn(out, y)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     P = GGNProduct(loss, out, params)
     ctx = PrecondContext(
         jacobian=P.jacobian,
@@ -263,18 +263,7 @@ def test_a_frozen_layer_is_skipped_and_the_trainable_block_is_the_true_ggn_inver
     K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0)
     assert K.layers == [model[2]]
     mu = 0.25
-    out = model(x)
-    params = [p for p in model.parameters() if p.requires_grad]
-    P = GGNProduct(F.mse_loss(out, y), out, params)
-    ctx = PrecondContext(
-        jacobian=P.jacobian,
-        output_grad=P.output_grad,
-        reduction="mean",
-        damping=mu,
-        shift=0.0,
-        generator=torch.Generator().manual_seed(0),
-        loss_hessian=P.loss_hessian,
-    )
+    ctx, params = _context(model, x, y, F.mse_loss, mu)
     apply = K(ctx)
     r = np.random.default_rng(5).standard_normal(C.shape[0])
     expected = np.linalg.solve(C + mu * np.eye(C.shape[0]), r)
