@@ -55,6 +55,8 @@ from _bench_common import (  # noqa: E402
     machine_info,
     machine_tag,
     md_table,
+    save_png,
+    save_text,
 )
 
 from hessfree import HessianFree, KFACPreconditioner  # noqa: E402
@@ -939,7 +941,7 @@ def write_report(
             )
             lines.append("\n</details>\n")
         lines.append("")
-    path.write_text("\n".join(lines))
+    save_text(path, "\n".join(lines))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -973,7 +975,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(task.title, fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path.parent / f"{path.stem}-{key}.png", dpi=100)
+        save_png(fig, path.parent / f"{path.stem}-{key}.png", dpi=100)
         plt.close(fig)
 
 
