@@ -41,6 +41,11 @@ VARIANTS |= {f"-{k}": {j: v for j, v in TUNED.items() if j != k} for k in SETTIN
 # pairs the single switches point to
 VARIANTS["+cg_rtol+stop"] = dict(cg_rtol=1e-10, cg_stop_on_increase=False)
 VARIANTS["+cg_rtol+stop+sd"] = VARIANTS["+cg_rtol+stop"] | dict(structural_damping=0.03)
+# structural damping off: the default ('auto') turns it on, as the closure gives hidden states
+VARIANTS["-structural_damping"]["structural_damping"] = 0.0
+VARIANTS["sd0"] = dict(structural_damping=0.0)  # the defaults before structural_damping='auto'
+
+
 GROUPS = {
     "up": ["default"] + [f"+{k}" for k in SETTINGS],
     "down": ["tuned"] + [f"-{k}" for k in SETTINGS],
@@ -58,6 +63,27 @@ class Recorded(HessianFree):
         out = super().step(*args, **kwargs)
         self.log.append(self.last_step)
         return out
+
+
+class SDForcing(Recorded):
+    """The Eisenstat-Walker η also where structural damping is in effect (the defaults give
+    η = 0 there): ``structural_damping='auto'`` alone."""
+
+    def _cg_rtol(self, run):
+        super()._cg_rtol(run)
+        eta = run.report["cg_rtol"] = run.state["forcing_eta"]
+        return eta
+
+
+class SDNoCheck(Recorded):
+    """The defaults without the objective check where structural damping is in effect."""
+
+    def _stop_on_increase(self, run):
+        return run.structural_damping == 0 and super()._stop_on_increase(run)
+
+
+#: contenders that change the optimizer's class, not its arguments
+CLASSES = {"sd-ew": SDForcing, "sd-nocheck": SDNoCheck}
 
 
 def summary(opt: Recorded) -> str:
@@ -90,9 +116,9 @@ def main() -> None:
         task = dataclasses.replace(task, model=model)
     regime = task.hf_default_regime
     runs = []
-    sc.HessianFree = Recorded
     for name in names:
-        runs.append(sc.hf_run(task, name, "HF", regime | {"kw": VARIANTS[name]}))
+        sc.HessianFree = CLASSES.get(name, Recorded)
+        runs.append(sc.hf_run(task, name, "HF", regime | {"kw": VARIANTS.get(name, {})}))
     sc.HessianFree = HessianFree
     header = f"T = {length}, {budget:g} s, seed {seed}"
     run_and_report(runs, task, budget, int(os.environ.get("SLICES", 12)), header, summary)

@@ -481,7 +481,7 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     full_steps = [0]  # steps taken on the whole training set
 
     def forward(xb: Tensor, yb: Tensor) -> tuple:
-        if task.hidden and opt.structural_damping > 0:
+        if task.hidden and opt.structural_damping != 0:  # a number > 0, or 'auto'
             out, h = m.forward_with_hidden(xb)
             return task.loss(out, yb), out, h
         out = m(xb)

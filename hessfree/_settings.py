@@ -68,7 +68,7 @@ class HFSettings:
     min_damping: float = 1e-8
     max_damping: float = 1e10
     weight_decay: float = 0.0
-    structural_damping: float = 0.0
+    structural_damping: float | str = "auto"
     cg_max_iter: int = 250
     cg_min_iter: int = 1
     cg_rtol: float | str = "auto"
@@ -219,9 +219,17 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         check_choice("damping", s.damping, ("auto",))
     else:
         out["damping"] = check_number("damping", s.damping, low=0.0, low_open=True)
-    structural = out["structural_damping"] = check_number(
-        "structural_damping", s.structural_damping, low=0.0
-    )
+    if isinstance(s.structural_damping, str):
+        if s.structural_damping != "auto":
+            raise ValueError(
+                "`structural_damping` must be 'auto' or a number >= 0, got "
+                f"{s.structural_damping!r}."
+            )
+        structural = 0.0  # 'auto' is on only where Gauss-Newton products and hidden states are
+    else:
+        structural = out["structural_damping"] = check_number(
+            "structural_damping", s.structural_damping, low=0.0
+        )
     if structural > 0 and s.curvature not in ("auto", "ggn"):
         raise ValueError(
             "`structural_damping` > 0 needs Gauss-Newton curvature, "

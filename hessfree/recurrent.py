@@ -211,10 +211,11 @@ def record_hidden(*modules: nn.Module) -> HiddenRecorder:
     r"""Record the hidden states a forward pass produces, for HF's structural damping.
 
     Use as ``with record_hidden(model) as rec: outputs = model(x)`` and return
-    ``(loss, outputs, rec.hidden)`` from the closure of a
-    ``HessianFree(..., structural_damping=mu)``. Each module given is searched for torch's
-    recurrent layers (itself included); what each records is in the module docstring (every
-    layer's, every direction's and every step's :math:`h`; LSTM: :math:`h`, not :math:`c`).
+    ``(loss, outputs, rec.hidden)`` from the closure of a ``HessianFree`` (its default
+    ``structural_damping='auto'`` is then μ = 0.03; or pass ``structural_damping=mu``). Each
+    module given is searched for torch's recurrent layers (itself included); what each records
+    is in the module docstring (every layer's, every direction's and every step's :math:`h`;
+    LSTM: :math:`h`, not :math:`c`).
     With no modules, only states wrapped in :func:`mark_hidden` are recorded (they are recorded
     in any case). The recorder may be built once and entered on every closure call; each entry
     starts empty.

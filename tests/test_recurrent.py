@@ -147,6 +147,93 @@ def test_recorded_structural_product_matches_dense_jacobians(rcase):
     torch.testing.assert_close(P.hidden_energy(V), ((V @ Jh.T) ** 2).sum(1), **EXACT)
 
 
+def _first_step(rcase, with_hidden: bool, **kwargs) -> torch.Tensor:
+    """θ1 − θ0 of a first HF step from ``rcase``'s weights: CG solved to 1e-13 and the step
+    taken whole (no backtracking, line search or extrapolation), so it is −B⁻¹g."""
+    m, head, x, y = rcase.build()
+    params = [*m.parameters(), *head.parameters()]
+    theta0 = torch.cat([q.detach().reshape(-1) for q in params])
+    opt = HessianFree(
+        params,
+        damping=0.5,
+        cg_rtol=1e-13,
+        cg_max_iter=500,
+        backtrack=False,
+        line_search=None,
+        extrapolate=False,
+        **kwargs,
+    )
+    opt.step(lambda: _recorded_closure(m, head, x, y)[: 3 if with_hidden else 2])
+    return torch.cat([q.detach().reshape(-1) for q in params]) - theta0
+
+
+def test_structural_damping_auto_is_003_with_hidden_states_and_off_without():
+    rcase = RCASES[0]
+    m, head, x, y = rcase.build()
+    params = [*m.parameters(), *head.parameters()]
+    loss, out, _ = _recorded_closure(m, head, x, y)
+    g = torch.cat([gi.reshape(-1) for gi in torch.autograd.grad(loss, params)])
+    out_fn, hid_fn, theta = _flat_fns(m, head, x)
+    Jo = torch.autograd.functional.jacobian(out_fn, theta).reshape(-1, theta.numel())
+    Jh = torch.autograd.functional.jacobian(hid_fn, theta)
+    lam, N = 0.5, y.shape[0]
+    G = Jo.T @ Jo * (2 / out.numel())  # MSE: H_l = 2/M I
+    eye = torch.eye(theta.numel(), dtype=torch.float64)
+
+    def newton(mu: float) -> torch.Tensor:  # (G + λI + λμ/N J_hᵀJ_h) p = −g, densely
+        return torch.linalg.solve(G + lam * eye + lam * mu / N * Jh.T @ Jh, -g)
+
+    solved = dict(rtol=1e-8, atol=1e-10)  # CG to a relative residual of 1e-13
+    auto = _first_step(rcase, with_hidden=True)
+    torch.testing.assert_close(auto, newton(0.03), **solved)
+    assert torch.equal(auto, _first_step(rcase, with_hidden=True, structural_damping=0.03))
+    assert not torch.allclose(newton(0.03), newton(0.0), rtol=1e-4)  # the term matters here
+    # no hidden states: no structural term, as with structural_damping=0
+    plain = _first_step(rcase, with_hidden=False)
+    torch.testing.assert_close(plain, newton(0.0), **solved)
+    assert torch.equal(plain, _first_step(rcase, with_hidden=True, structural_damping=0.0))
+    # nor where the term is not defined (Hessian curvature): no error, the Hessian's step
+    hess = _first_step(rcase, with_hidden=True, curvature="hessian")
+    assert torch.equal(hess, _first_step(rcase, with_hidden=False, curvature="hessian"))
+
+
+def test_auto_cg_rtol_is_zero_where_structural_damping_is_in_effect():
+    # cg_rtol='auto' follows the forcing sequence (η₀ = ½) unless the structural term is on:
+    # then CG runs with η = 0, step for step as with an explicit cg_rtol=0
+    rcase = RCASES[0]
+    runs = {}
+    for name, with_hidden, kwargs in [
+        ("auto", True, {}),
+        ("explicit", True, dict(structural_damping=0.03, cg_rtol=0.0)),
+        ("no hidden", False, {}),
+    ]:
+        m, head, x, y = rcase.build()
+        params = [*m.parameters(), *head.parameters()]
+        opt = HessianFree(params, cg_max_iter=30, **kwargs)
+        returned = 3 if with_hidden else 2
+        etas = []
+        for _ in range(3):
+            opt.step(lambda: _recorded_closure(m, head, x, y)[:returned])  # noqa: B023
+            etas.append(opt.last_step.cg_rtol)
+        runs[name] = (torch.cat([q.detach().reshape(-1) for q in params]), etas)
+    assert runs["auto"][1] == [0.0, 0.0, 0.0]
+    assert torch.equal(runs["auto"][0], runs["explicit"][0])
+    assert runs["no hidden"][1][0] == 0.5 and all(e > 0 for e in runs["no hidden"][1])
+
+
+def test_structural_damping_refuses_bad_values():
+    params = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"`structural_damping` must be 'auto' or a number >= 0, "):
+        HessianFree(params, structural_damping="on")
+    with pytest.raises(ValueError, match=r"structural_damping.*-0\.1"):
+        HessianFree(params, structural_damping=-0.1)
+    with pytest.raises(TypeError, match="structural_damping"):
+        HessianFree(params, structural_damping=[0.03])
+    with pytest.raises(ValueError, match=r"`structural_damping` > 0 needs Gauss-Newton"):
+        HessianFree(params, structural_damping=0.03, curvature="hessian")
+    HessianFree(params, structural_damping="auto", curvature="hessian")  # off there, no error
+
+
 def test_cell_loop_and_mark_hidden_record_every_step():
     torch.manual_seed(3)
     cell, U = nn.LSTMCell(2, 3).double(), torch.randn(3, 3, dtype=torch.float64)

@@ -210,8 +210,9 @@ def _hessianfree_step(
     curvature: tuple[Tensor, Tensor] | None,
 ) -> float:
     loss_fn = objective.loss
-    # structural damping needs the hidden states (Martens & Sutskever 2011, §3.3)
-    with_hidden = getattr(optimizer, "structural_damping", 0.0) > 0 and hasattr(
+    # structural damping needs the hidden states (Martens & Sutskever 2011, §3.3); 'auto' (the
+    # default) turns it on exactly when they are given
+    with_hidden = getattr(optimizer, "structural_damping", 0.0) != 0 and hasattr(
         model, "forward_with_hidden"
     )
 
