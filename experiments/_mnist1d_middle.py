@@ -218,6 +218,22 @@ CONTENDERS = {
             "ref2": dict(small_refresh=2),
             "c8": dict(small_curvature=0.125),
             "md003": dict(small_kw=dict(cg_max_iter=2, min_damping=0.003)),
+            "d0": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.0)),
+            "d05": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.5)),
+            "r8": dict(kfac=dict(rank=8)),
+            "d098": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.98)),
+            "d1": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=1.0)),
+            "d09": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.9)),
+            "b1000": dict(batch=1000),
+            "b2000h40": dict(batch=2000, hold=40),
+            "d098ref2": dict(
+                small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.98), small_refresh=2
+            ),
+            "d098c8": dict(
+                small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.98), small_curvature=0.125
+            ),
+            "cg1d098": dict(small_kw=dict(cg_max_iter=1, min_damping=0.01, cg_decay=0.98)),
+            "lr12": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, lr=1.2)),
         }.items()
     },
     "k16_cg1small_cfull": variant(
