@@ -228,6 +228,13 @@ CONTENDERS = {
             "c2": dict(small_curvature=0.5),
             "kdecay06": dict(kfac=dict(rank=16, decay=0.6)),
             "kdecay04": dict(kfac=dict(rank=16, decay=0.4)),
+            "k06d098": dict(
+                kfac=dict(rank=16, decay=0.6),
+                small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.98),
+            ),
+            "k06h10": dict(kfac=dict(rank=16, decay=0.6), hold=10),
+            "k06h40": dict(kfac=dict(rank=16, decay=0.6), hold=40),
+            "k06ref2": dict(kfac=dict(rank=16, decay=0.6), small_refresh=2),
             "kdecay0": dict(kfac=dict(rank=16, decay=0.0)),
             "kdecay08rd01": dict(kfac=dict(rank=16, decay=0.8, relative_damping=0.1)),
             "r32": dict(kfac=dict(rank=32)),
