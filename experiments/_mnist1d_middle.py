@@ -99,6 +99,161 @@ CONTENDERS = {
     # products are half an early step's cost: cap the curvature batch of the growing phase
     "k16_ccap500": variant(kfac=dict(rank=16), curvature_cap=500),
     "k16_ccap300": variant(kfac=dict(rank=16), curvature_cap=300),
+    # K-FAC-like early steps (2026-11-30-mnist1d-early.md): one or two CG iterations, i.e. the
+    # K-FAC direction scaled by the quadratic model, while the batch is small
+    "k16_cg1small": variant(kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=1)),
+    "k16_cg2small": variant(kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=2)),
+    "k16_cg1small_d0": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=1, cg_decay=0.0)
+    ),
+    "k16_cg1small_b100": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=1), batch=100
+    ),
+    "k16_cg2small_b100": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=2), batch=100
+    ),
+    # with one iteration ρ ≈ 1 and λ collapses to ~1e-6 in 15 steps; the later full solves
+    # then fail (ρ = -inf) until λ has doubled back: floor λ while small
+    "k16_cg1s_md03": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=1, min_damping=0.03)
+    ),
+    "k16_cg1s_md01": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=1, min_damping=0.01)
+    ),
+    "k16_cg1s_md03_d0": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=1, min_damping=0.03, cg_decay=0.0)
+    ),
+    "k16_cg2s_md03": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=2, min_damping=0.03)
+    ),
+    "k16_cg1s_md03_2000": variant(
+        kfac=dict(rank=16), small=2000, small_kw=dict(cg_max_iter=1, min_damping=0.03)
+    ),
+    "k16_cg2s_md03_2000": variant(
+        kfac=dict(rank=16), small=2000, small_kw=dict(cg_max_iter=2, min_damping=0.03)
+    ),
+    "k16_cg2s_md03_b100": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=2, min_damping=0.03), batch=100
+    ),
+    "k16_cg1s_md03_b100": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=1, min_damping=0.03), batch=100
+    ),
+    "k16_cg2s_md03_ref2": variant(
+        kfac=dict(rank=16),
+        small=1000,
+        small_kw=dict(cg_max_iter=2, min_damping=0.03),
+        small_refresh=2,
+    ),
+    "k16_cg2s_md05": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=2, min_damping=0.05)
+    ),
+    # early steps cost ~25 ms at 250-600 cases (fixed costs): bigger early batches are cheap
+    "k16_cg2s2k_b500": variant(
+        kfac=dict(rank=16), small=2000, small_kw=dict(cg_max_iter=2, min_damping=0.03), batch=500
+    ),
+    "k16_cg2s2k_b1000": variant(
+        kfac=dict(rank=16), small=2000, small_kw=dict(cg_max_iter=2, min_damping=0.03), batch=1000
+    ),
+    "k16_cg3s2k_md03": variant(
+        kfac=dict(rank=16), small=2000, small_kw=dict(cg_max_iter=3, min_damping=0.03)
+    ),
+    "k16_cg2s2k_md01": variant(
+        kfac=dict(rank=16), small=2000, small_kw=dict(cg_max_iter=2, min_damping=0.01)
+    ),
+    # stochastic K-FAC-like steps throughout: the batch stops growing at max_batch
+    "k16_cg2_max1000": variant(
+        kfac=dict(rank=16), max_batch=1000, kw=dict(cg_max_iter=2, min_damping=0.01)
+    ),
+    "k16_cg2_max2000": variant(
+        kfac=dict(rank=16), max_batch=2000, kw=dict(cg_max_iter=2, min_damping=0.01)
+    ),
+    "k16_cg5_max1000": variant(
+        kfac=dict(rank=16), max_batch=1000, kw=dict(cg_max_iter=5, min_damping=0.01)
+    ),
+    "k16_cg3_max2000": variant(
+        kfac=dict(rank=16), max_batch=2000, kw=dict(cg_max_iter=3, min_damping=0.01)
+    ),
+    "k16_cg1_max2000": variant(
+        kfac=dict(rank=16), max_batch=2000, kw=dict(cg_max_iter=1, min_damping=0.01)
+    ),
+    "k16_cg2_max2000_md03": variant(
+        kfac=dict(rank=16), max_batch=2000, kw=dict(cg_max_iter=2, min_damping=0.03)
+    ),
+    "k16_cg2_max2000_md0": variant(kfac=dict(rank=16), max_batch=2000, kw=dict(cg_max_iter=2)),
+    "k16_cg2_max3000": variant(
+        kfac=dict(rank=16), max_batch=3000, kw=dict(cg_max_iter=2, min_damping=0.01)
+    ),
+    "k16_cg10_max2000": variant(kfac=dict(rank=16), max_batch=2000),
+    # K-FAC-like (cg≤2, λ ≥ 0.01) until the batch is full, held at 2,000 cases for `hold`
+    # steps, then the tuned row's full-batch phase (cg≤10, ¼ curvature for 4 steps)
+    **{
+        f"k16_kl_hold{h}": variant(
+            kfac=dict(rank=16),
+            max_batch=2000,
+            hold=h,
+            small=4000,
+            small_kw=dict(cg_max_iter=2, min_damping=0.01),
+        )
+        for h in (10, 20, 40, 60)
+    },
+    **{
+        f"k16_kl20_{name}": variant(
+            **dict(
+                dict(
+                    kfac=dict(rank=16),
+                    max_batch=2000,
+                    hold=20,
+                    small=4000,
+                    small_kw=dict(cg_max_iter=2, min_damping=0.01),
+                ),
+                **change,
+            )
+        )
+        for name, change in {
+            "cg1": dict(small_kw=dict(cg_max_iter=1, min_damping=0.01)),
+            "b500": dict(batch=500),
+            "g12": dict(growth=1.2),
+            "max1500": dict(max_batch=1500, hold=27),
+            "max2500": dict(max_batch=2500, hold=16),
+            "ref2": dict(small_refresh=2),
+            "c8": dict(small_curvature=0.125),
+            "md003": dict(small_kw=dict(cg_max_iter=2, min_damping=0.003)),
+            "d0": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.0)),
+            "d05": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.5)),
+            "r8": dict(kfac=dict(rank=8)),
+            "d098": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.98)),
+            "d1": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=1.0)),
+            "d09": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.9)),
+            "kdecay08": dict(kfac=dict(rank=16, decay=0.8)),
+            "c2": dict(small_curvature=0.5),
+            "kdecay06": dict(kfac=dict(rank=16, decay=0.6)),
+            "kdecay04": dict(kfac=dict(rank=16, decay=0.4)),
+            "k06d098": dict(
+                kfac=dict(rank=16, decay=0.6),
+                small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.98),
+            ),
+            "k06h10": dict(kfac=dict(rank=16, decay=0.6), hold=10),
+            "k06h40": dict(kfac=dict(rank=16, decay=0.6), hold=40),
+            "k06ref2": dict(kfac=dict(rank=16, decay=0.6), small_refresh=2),
+            "kdecay0": dict(kfac=dict(rank=16, decay=0.0)),
+            "kdecay08rd01": dict(kfac=dict(rank=16, decay=0.8, relative_damping=0.1)),
+            "r32": dict(kfac=dict(rank=32)),
+            "rd0.1": dict(kfac=dict(rank=16, relative_damping=0.1)),
+            "b1000": dict(batch=1000),
+            "b2000h40": dict(batch=2000, hold=40),
+            "d098ref2": dict(
+                small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.98), small_refresh=2
+            ),
+            "d098c8": dict(
+                small_kw=dict(cg_max_iter=2, min_damping=0.01, cg_decay=0.98), small_curvature=0.125
+            ),
+            "cg1d098": dict(small_kw=dict(cg_max_iter=1, min_damping=0.01, cg_decay=0.98)),
+            "lr12": dict(small_kw=dict(cg_max_iter=2, min_damping=0.01, lr=1.2)),
+        }.items()
+    },
+    "k16_cg1small_cfull": variant(
+        kfac=dict(rank=16), small=1000, small_kw=dict(cg_max_iter=1), small_cfull=True
+    ),
 }
 
 
@@ -106,13 +261,25 @@ class GrowingBatches(sc._Batches):
     """``sc._Batches`` that also hands out the next ``c`` cases after the gradient batch (a
     curvature batch disjoint from it), and optionally a different growth above 1,000 cases."""
 
-    def __init__(self, *args, growth_mid: float | None = None, **kw) -> None:
+    def __init__(
+        self,
+        *args,
+        growth_mid: float | None = None,
+        max_batch: int | None = None,
+        hold: int | None = None,
+        **kw,
+    ) -> None:
         super().__init__(*args, **kw)
-        self.growth_mid = growth_mid
+        self.growth_mid, self.max_batch, self.hold, self.held = growth_mid, max_batch, hold, 0
 
     def next(self):
         if self.growth_mid and self.size >= 1000:
             self.growth = self.growth_mid
+        if self.max_batch and self.size >= self.max_batch:  # hold it there (for `hold` steps)
+            self.size = float(self.max_batch)
+            self.held += 1
+            if self.hold is not None and self.held > self.hold:
+                self.max_batch = None
         return super().next()
 
     def disjoint(self, c: int):
@@ -128,9 +295,25 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
         kw["precond"] = KFACPreconditioner(m, **regime["kfac"])
     opt = HessianFree(m.parameters(), **kw)
     kfac = kw.get("precond")
+    kfac_time = [0.0]
+    if kfac is not None:  # time K-FAC's factor updates (in the 'curvature' phase)
+        update = kfac.update
+
+        def timed_update(ctx, update=update):
+            t0 = time.perf_counter()
+            update(ctx)
+            kfac_time[0] += time.perf_counter() - t0
+
+        kfac.update = timed_update
     n = len(task.x)
     batches = GrowingBatches(
-        n, regime["batch"], task.x.device, regime["growth"], growth_mid=regime.get("growth_mid")
+        n,
+        regime["batch"],
+        task.x.device,
+        regime["growth"],
+        growth_mid=regime.get("growth_mid"),
+        max_batch=regime.get("max_batch"),
+        hold=regime.get("hold"),
     )
     run = sc.Run(name, "HF", m, lambda: None, detail=str(regime))
     run.trace = []
@@ -146,6 +329,10 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
         xb, yb = (task.x, task.y) if idx is None else (task.x[idx], task.y[idx])
         full_steps[0] += idx is None
         c = min(sc._curvature_size(regime, len(xb), n, full_steps[0]), len(xb))
+        if "small_curvature" in regime and len(xb) < regime["small"]:
+            c = max(1, round(len(xb) * regime["small_curvature"]))
+        if regime.get("small_cfull") and len(xb) < regime["small"]:
+            c = len(xb)  # curvature on the gradient batch's own graph while small
         if "curvature_cap" in regime and c < len(xb):  # only while c is a fraction
             c = min(c, regime["curvature_cap"])
         if c >= len(xb):
@@ -164,13 +351,14 @@ def hf_run(task: sc.Task, name: str, regime: dict) -> sc.Run:
         if "kfac_from" in regime:  # K-FAC only once the batch has that many cases
             opt.precond = kfac if len(xb) >= regime["kfac_from"] else None
         t0 = time.perf_counter()
+        kfac_time[0] = 0.0
         opt.step(lambda: forward(xb, yb), curvature)
         s = opt.last_step
         run.statuses[s.status] = run.statuses.get(s.status, 0) + 1
         run.trace.append(
             (len(xb), c, s.damping, s.rho, s.cg_iters, str(s.cg_reason), s.backtrack_iter,
              s.step_rate, s.loss, time.perf_counter() - t0, s.closure_calls,
-             dict(s.time_phases), s.time_products)
+             dict(s.time_phases, kfac=kfac_time[0]), s.time_products)
         )  # fmt: skip
 
     run.step = step
@@ -251,7 +439,7 @@ def main() -> None:
             f"[{mk}] {r.failed}"
         )
         if os.environ.get("TRACE"):
-            for k, t in enumerate(r.trace):
+            for k, t in enumerate(getattr(r, "trace", [])):
                 b, c, lam, rho, it, why, bt, rate, loss, sec, calls, phases, prod = t
                 ph = " ".join(f"{k[:4]}={v:.3f}" for k, v in phases.items())
                 print(

@@ -228,6 +228,19 @@ def _classifier(key: str, quick: bool) -> Task:
         hf[f"{n // 16}×1.1/step, curvature ¼ to 4 full steps, cg≤10, K-FAC rank 16"] = late | dict(
             kfac=dict(rank=16)
         )
+        # K-FAC-like steps until the batch is full (experiments/README.md, "MNIST-1D: K-FAC-like
+        # steps"): two CG iterations with λ ≥ 0.01 (one iteration's ρ ≈ 1 drives λ to ~1e-6,
+        # which the full solves then pay for), the batch held at half the set for 20 steps,
+        # K-FAC's factors averaged with weight 0.6 on the old ones (0.95: ~25 % later)
+        hf[
+            f"{n // 16}×1.1/step held at {n // 2}, cg≤2 λ≥0.01 until full, then as K-FAC row "
+            "(factor decay 0.6)"
+        ] = late | dict(
+            kfac=dict(rank=16, decay=0.6),
+            max_batch=n // 2,
+            hold=20,
+            early_kw=dict(cg_max_iter=2, min_damping=0.01),
+        )
     if not quick:
         hf["full batch"] = dict(batch=n, curvature_batch=n, kw={})
         hf[f"full/{n // 4}, cg≤50, precond"] = dict(
@@ -410,23 +423,47 @@ class _Batches:
 
     With ``growth`` > 1 the batch size is multiplied by it after every batch until it covers
     the training set (Friedlander & Schmidt 2012's geometric growth; a batch that would run
-    past the end of the epoch starts a new permutation).
+    past the end of the epoch starts a new permutation). With ``max_batch`` the growth stops at
+    that size for ``hold`` batches and then resumes from it (the K-FAC-like phase of MNIST-1D's
+    schedule, ``experiments/README.md``).
 
     >>> b = _Batches(10, 4, torch.device("cpu"), growth=1.5)
     >>> [len(b.next()), len(b.next()), len(b.next()), b.next()]
     [4, 6, 9, None]
+    >>> b = _Batches(10, 2, torch.device("cpu"), growth=2.0, max_batch=5, hold=2)
+    >>> [len(b.next()), len(b.next()), len(b.next()), len(b.next()), b.next()]
+    [2, 4, 5, 5, None]
     """
 
-    def __init__(self, n: int, size: int, device: torch.device, growth: float = 1.0) -> None:
+    def __init__(
+        self,
+        n: int,
+        size: int,
+        device: torch.device,
+        growth: float = 1.0,
+        max_batch: int | None = None,
+        hold: int = 1,
+    ) -> None:
         if not growth >= 1.0:
             raise ValueError(f"`growth` must be >= 1, got {growth!r}.")
+        if max_batch is not None and not max_batch >= size:
+            raise ValueError(f"`max_batch` must be >= the first batch {size}, got {max_batch!r}.")
+        if not hold >= 1:
+            raise ValueError(f"`hold` must be >= 1, got {hold!r}.")
         self.n, self.size, self.device, self.growth = n, float(min(size, n)), device, growth
+        self.max_batch, self.hold = max_batch, hold
         self.gen = torch.Generator().manual_seed(0)
         self.perm, self.i = torch.randperm(n, generator=self.gen), 0
 
     def next(self) -> Tensor | None:
         size = min(int(self.size), self.n)
-        self.size = min(self.size * self.growth, float(self.n))
+        if self.max_batch is not None and size >= self.max_batch:
+            size, self.size, self.hold = self.max_batch, float(self.max_batch), self.hold - 1
+            if self.hold == 0:  # held for `hold` batches: grow on from the cap
+                self.max_batch = None
+                self.size = min(self.size * self.growth, float(self.n))
+        else:
+            self.size = min(self.size * self.growth, float(self.n))
         if size >= self.n:
             return None  # full batch
         if self.i + size > self.n:
@@ -475,8 +512,19 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     if "kfac" in regime:  # the preconditioner records the copy's layers
         kw["precond"] = KFACPreconditioner(m, **regime["kfac"])
     opt = HessianFree(m.parameters(), **kw)
-    batches = _Batches(len(task.x), regime["batch"], task.x.device, regime.get("growth", 1.0))
+    batches = _Batches(
+        len(task.x),
+        regime["batch"],
+        task.x.device,
+        regime.get("growth", 1.0),
+        regime.get("max_batch"),
+        regime.get("hold", 1),
+    )
     style = regime.get("closure", "outputs")
+    # settings while the batch is below the full set (param-group edits, as a scheduler
+    # makes): the K-FAC-like early phase; the regime's kw from the first full-batch step on
+    early = regime.get("early_kw", {})
+    later = {key: opt.param_groups[0][key] for key in early}
     run = Run(name, family, m, lambda: None, detail=_regime_text(regime))
     full_steps = [0]  # steps taken on the whole training set
 
@@ -501,6 +549,8 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
             opt.step(closure)
         else:
             full_steps[0] += idx is None
+            for key, value in early.items():
+                opt.param_groups[0][key] = value if idx is not None else later[key]
             c = min(_curvature_size(regime, len(xb), len(task.x), full_steps[0]), len(xb))
             curvature = None if c >= len(xb) else (lambda: forward(xb[:c], yb[:c]))
             opt.step(lambda: forward(xb, yb), curvature)
@@ -542,9 +592,17 @@ def _regime_text(regime: dict) -> str:
     if regime.get("growth", 1.0) != 1.0:
         after = regime.get("full_curvature_after", 0)
         until = f"for {after} steps after it is full" if after else "until full"
+        held = (
+            f" (held at {regime['max_batch']} for {regime.get('hold', 1)} steps)"
+            if "max_batch" in regime
+            else ""
+        )
+        early = ", ".join(f"{k}={v}" for k, v in regime.get("early_kw", {}).items())
+        early = f"; {early} until the batch is full" if early else ""
         return (
-            f"batch {regime['batch']} growing ×{regime['growth']:g} per step to the full set, "
-            f"curvature batch {regime['curvature_batch']:g} of it {until}, then all; {kw}"
+            f"batch {regime['batch']} growing ×{regime['growth']:g} per step to the full set"
+            f"{held}, curvature batch {regime['curvature_batch']:g} of it {until}, then all; "
+            f"{kw}{early}"
         )
     return f"batch {regime['batch']}, curvature batch {regime['curvature_batch']}; {kw}"
 
@@ -630,7 +688,7 @@ def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -
     regime = task.hf_default_regime or tuned  # the defaults: no arguments, no preconditioner
     default_regime = {k: v for k, v in regime.items() if k != "kfac"} | {"kw": {}}
     finals.append(hf_run(task, "HF default", "HF default", default_regime))
-    same_regime = {k: v for k, v in tuned.items() if k != "kfac"} | {"kw": {}}
+    same_regime = {k: v for k, v in tuned.items() if k not in ("kfac", "early_kw")} | {"kw": {}}
     if same_regime != default_regime:
         # the defaults in the tuned HF's batch schedule too: no arguments against the tuned
         # settings, where the row above also compares schedules (which a closure, not the

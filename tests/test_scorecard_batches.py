@@ -94,6 +94,26 @@ def test_the_time_target_verdict_takes_hfs_faster_row(default_times, tuned_times
     assert row[3] == met and row[2].startswith(named)
 
 
+@pytest.mark.parametrize(("size", "growth", "cap", "hold"), [(4, 1.1, 7, 3), (3, 1.5, 20, 5)])
+def test_growth_holds_at_max_batch_then_resumes(size, growth, cap, hold):
+    n = 60
+    b = scorecard._Batches(n, size, CPU, growth=growth, max_batch=cap, hold=hold)
+    got = [n if (idx := b.next()) is None else len(idx) for _ in range(40)]
+    # closed form: the geometric sizes below the cap, `hold` batches of the cap, then the
+    # geometric sequence again from the cap, min(n, floor(cap·growth^k))
+    below = [s for k in range(40) if (s := math.floor(size * growth**k + 1e-9)) < cap]
+    above = [min(n, math.floor(cap * growth**k + 1e-9)) for k in range(1, 40)]
+    want = (below + [cap] * hold + above)[:40]
+    assert got == want
+
+
+def test_max_batch_and_hold_out_of_range_are_refused():
+    with pytest.raises(ValueError, match=r"`max_batch` must be >= the first batch 4, got 3"):
+        scorecard._Batches(10, 4, CPU, growth=1.1, max_batch=3)
+    with pytest.raises(ValueError, match=r"`hold` must be >= 1, got 0"):
+        scorecard._Batches(10, 4, CPU, growth=1.1, max_batch=6, hold=0)
+
+
 @pytest.mark.parametrize(
     ("default", "tuned", "verdict", "value"),
     [
