@@ -7,7 +7,7 @@ and, off the clock at the end of the slice, the gradient noise at the parameters
 mean of :math:`\\|g_B - g\\|^2 / \\|g\\|^2` over random 250-case batches ``B`` (``g`` the
 gradient on the whole training set; above 1 a mini-batch gradient is mostly noise).
 
-    python experiments/_curves_late.py BUDGET name[,name...] [--quick] [--slices N]
+    python experiments/_curves_late.py BUDGET name[,name...] [--quick] [--slices N] [--no-noise]
 
 Names are ``_curves_regimes.variants()``'s or this file's ``late_variants()``'s.
 """
@@ -39,7 +39,13 @@ def late_variants() -> dict[str, dict]:
         "k2r2nt.5": k2 | dict(norm_test=dict(theta=0.5)),
         "k2r2nt.5c": k2 | dict(norm_test=dict(theta=0.5), curvature_batch=0.25),
         "k2r2nt.7": k2 | dict(norm_test=dict(theta=0.7)),
+        "k2r2nt.9": k2 | dict(norm_test=dict(theta=0.9)),
+        "k2r2nt.7p8": k2 | dict(norm_test=dict(theta=0.7, parts=8, every=10)),
+        "k2r2nt.9p8": k2 | dict(norm_test=dict(theta=0.9, parts=8, every=10)),
         "k5nt.5": k5 | dict(norm_test=dict(theta=0.5)),
+        "k5nt.7": k5 | dict(norm_test=dict(theta=0.7)),
+        "k5nt.9": k5 | dict(norm_test=dict(theta=0.9)),
+        "k5nt.7p8": k5 | dict(norm_test=dict(theta=0.7, parts=8, every=10)),
     }
 
 
@@ -125,7 +131,7 @@ def main() -> None:
     def error_and_noise(m: torch.nn.Module) -> float:
         e = error(m)
         r = next(r for r in runs if r.model is m)
-        if r.clock > 0:
+        if r.clock > 0 and "--no-noise" not in sys.argv:
             noise[r.name].append(noise_ratio(task, m, 250, draws=4))
         return e
 

@@ -147,6 +147,15 @@ def make_curves_task(quick: bool) -> Task:
         batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, damping=1.0)
     )
     if not quick:
+        # the K-FAC-like row with its batch grown by Byrd et al.'s norm test (θ = 0.9): late,
+        # 250-case steps are noise (experiments/README.md, "CURVES late: batch noise")
+        hf["250→, cg≤2, K-FAC rank 32 refresh 2, norm test θ=0.9"] = dict(
+            batch=250,
+            curvature_batch=62,
+            kw=dict(cg_max_iter=2),
+            kfac=dict(rank=32, refresh=2),
+            norm_test=dict(theta=0.9),
+        )
         hf["500/125, cg≤250"] = dict(batch=500, curvature_batch=125, kw={})
         hf["500/125, cg≤50, precond"] = dict(
             batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, precond="martens")
@@ -532,7 +541,7 @@ def _norm_test_size(
     mean = G.mean(0)
     sigma2 = float((G - mean).square().sum()) / (k - 1) * (len(xb) / k)
     signal = theta**2 * float(mean.square().sum())
-    return math.ceil(sigma2 / signal) if signal > 0 else len(task.x)
+    return max(1, math.ceil(sigma2 / signal)) if signal > 0 else len(task.x)
 
 
 def _curvature_size(regime: dict, batch: int, n: int, full_steps: int = 0) -> int:
