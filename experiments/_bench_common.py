@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hessfree.train.checkpoint import atomic_write, write_text_atomic
+
 # ---------------------------------------------------------------------------------------------
 # settings shared by every section
 
@@ -67,6 +69,16 @@ class Settings:
             s.ae_budget, s.clf_budget = 4.0, 2.0
             s.scipy_iters, s.scipy_rounds = 5, 2
         return s
+
+
+def save_png(fig: Any, path: Any, dpi: int) -> None:
+    """``fig.savefig`` as PNG atomically: a killed run keeps the previous figure, never half."""
+    atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
+
+
+def save_text(path: Any, text: str) -> None:
+    """Write a report atomically (UTF-8): a killed run leaves the previous one whole."""
+    write_text_atomic(path, text)
 
 
 def sync(device: str) -> None:

@@ -32,6 +32,7 @@ from _bench_common import (
     quartiles,
     ratio_stats,
     run_in_worker,
+    save_png,
     verdict,
 )
 
@@ -551,5 +552,5 @@ def plot(results: dict, path: str) -> None:
         ax.set_title(key, fontsize=10)
     fig.suptitle("Curvature-vector products (blue: hessfree; red ticks: targets)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)

@@ -27,6 +27,7 @@ from _bench_common import (
     curves_images,
     fmt,
     md_table,
+    save_png,
 )
 from _bench_steps import AE_DAMPING
 
@@ -431,5 +432,5 @@ def plot(results: dict, plot_path: Callable[[str], str]) -> None:
         ax.set_title(task.title, fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(plot_path(key), dpi=110)
+        save_png(fig, plot_path(key), dpi=110)
         plt.close(fig)

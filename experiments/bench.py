@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
     import _bench_scipy
     import _bench_steps
     import _bench_train
-    from _bench_common import Settings, machine_info, machine_tag, md_table
+    from _bench_common import Settings, machine_info, machine_tag, md_table, save_text
 
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = set(sections) - {"products", "steps", "train", "scipy"}
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
     if "scipy" in results:
         lines.append(_bench_scipy.report(results["scipy"]))
     path = out_dir / f"{stem}.md"
-    path.write_text("\n".join(lines))
+    save_text(path, "\n".join(lines))
     log(f"report: {path}")
     return path
 

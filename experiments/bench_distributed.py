@@ -417,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     text = report(args, {k: results[k] for k in order}, info)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    from _bench_common import save_text
+
+    save_text(args.out, text)
     print(text)
     return 0
 

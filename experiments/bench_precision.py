@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _bench_common import _cpu_model, make_problem, md_table  # noqa: E402
+from _bench_common import _cpu_model, make_problem, md_table, save_text  # noqa: E402
 
 from hessfree import GGNProduct, ProductPolicy, accelerate, cg  # noqa: E402
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = args.out or HERE / "results" / f"{datetime.now():%Y-%m-%d}-precision.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    save_text(out, text)
     print(text)
     return 0
 

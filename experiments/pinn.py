@@ -50,7 +50,7 @@ if str(HERE.parent) not in sys.path:
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _bench_common import _cpu_model, machine_tag, md_table  # noqa: E402
+from _bench_common import _cpu_model, machine_tag, md_table, save_png, save_text  # noqa: E402
 
 from hessfree import GGNProduct, HessianFree  # noqa: E402
 
@@ -456,7 +456,7 @@ def _plot(results: dict[str, tuple[Problem, list[Run]]], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> Path:
             ),
         ]
     report = args.out / f"{stem}.md"
-    report.write_text("\n".join(lines) + "\n")
+    save_text(report, "\n".join(lines) + "\n")
     print(f"wrote {report} and {png}")
     return report
 

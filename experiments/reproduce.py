@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import save_png, save_text  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CURVES_CONFIG = REPO / "configs" / "curves_autoencoder.yaml"
 ADDITION_CONFIG = REPO / "configs" / "rnn_addition.yaml"
@@ -174,7 +177,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle("CURVES autoencoder (re-created data): squared reconstruction error")
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
 
 
 def plot_addition(runs: dict[int, list[dict]], path: Path) -> None:
@@ -200,7 +203,7 @@ def plot_addition(runs: dict[int, list[dict]], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle("Addition problem, 100-unit tanh RNN: test cases off by > 0.04")
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -361,7 +364,7 @@ def write_report(base: Path, report: Path, quick: bool, info: dict[str, str], ar
     if (base / "curves" / "summary.json").exists():
         body += curves_section(base, report.parent, quick)
     body += addition_section(base, report.parent)
-    report.write_text("\n".join(head + body), encoding="utf-8")
+    save_text(report, "\n".join(head + body))
     print(f"report: {report}")
 
 
@@ -436,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                     "other processes used the CPU during the runs: wall-clock budgets bought "
                     "less training than on an idle machine, and multi-threaded runs suffer most"
                 )
-        (base / "machine.json").write_text(json.dumps(info, indent=1))
+        save_text(base / "machine.json", json.dumps(info, indent=1))
     elif (base / "machine.json").exists():  # the machine the runs were made on
         info = json.loads((base / "machine.json").read_text())
     write_report(base, report, args.quick, info, " ".join(sys.argv[1:] if argv is None else argv))

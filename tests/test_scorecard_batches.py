@@ -146,3 +146,35 @@ def test_norm_test_regime_takes_a_fraction_of_the_batch_as_curvature():
     assert scorecard._curvature_size(regime, 400, 5000) == 100
     fixed = dict(batch=250, curvature_batch=62, norm_test=dict(theta=0.5))
     assert scorecard._curvature_size(fixed, 400, 5000) == 62
+
+
+@pytest.mark.parametrize(
+    ("default", "tuned", "verdict", "value"),
+    [
+        # both at float32's floor: 1.8e-7 vs 7.8e-8 is 2.3x in error, but the defaults reach
+        # the targets at most 1.4x later: judged by time (met)
+        ((1.8e-7, [7.0, 7.0, 8.4]), (7.8e-8, [5.0, 5.0, 6.0]), "met", "1.4× the time"),
+        # both at the floor, the defaults 1.9x slower to the last target: missed
+        ((1.8e-7, [7.3, 9.4, 11.5]), (7.8e-8, [5.0, 5.0, 6.0]), "**missed**", "1.92× the time"),
+        # the defaults above the floor: the error ratio decides, however fast they were
+        ((2e-6, [1.0, 1.0, 1.0]), (7.8e-8, [5.0, 5.0, 6.0]), "**missed**", "25.6×"),
+        # at the floor but the tuned row never reaches the targets: the error ratio decides
+        ((1e-7, [9.0, 9.0, 9.0]), (8e-8, [math.inf] * 3), "met", "1.25×"),
+    ],
+)
+def test_defaults_verdict_compares_times_once_both_are_at_the_floor(default, tuned, verdict, value):
+    adam = _row("Adam", 3e-6, [7.5, 15.0, 30.0])
+    d, t = _row("HF default", *default), _row("HF tuned", *tuned)
+    for r in (adam, d, t):
+        r["run"].name = r["run"].family
+    summary = dict(rows=[adam, d, t], best_base=adam["run"])
+    task = scorecard.Task(
+        *["swap"] + [None] * 6, "loss", 30.0, 6.0, adam=[], sgd=[], hf={}, floor=1e-6
+    )
+    results = {"swap": dict(summary=summary, task=task, finals=[r["run"] for r in summary["rows"]])}
+    (row,) = [
+        v
+        for v in scorecard.verdicts(results)
+        if v[1] == "`HessianFree(params)` within 1.5× of tuned HF"
+    ]
+    assert row[3] == verdict and row[2].startswith(value), row
