@@ -152,6 +152,15 @@ def make_curves_task(quick: bool) -> Task:
         batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, damping=1.0)
     )
     if not quick:
+        # the K-FAC-like row with its batch grown by Byrd et al.'s norm test (θ = 0.9): late,
+        # 250-case steps are noise (experiments/README.md, "CURVES late: batch noise")
+        hf["250→, cg≤2, K-FAC rank 32 refresh 2, norm test θ=0.9"] = dict(
+            batch=250,
+            curvature_batch=62,
+            kw=dict(cg_max_iter=2),
+            kfac=dict(rank=32, refresh=2),
+            norm_test=dict(theta=0.9),
+        )
         hf["500/125, cg≤250"] = dict(batch=500, curvature_batch=125, kw={})
         hf["500/125, cg≤50, precond"] = dict(
             batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, precond="martens")
@@ -527,6 +536,8 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     later = {key: opt.param_groups[0][key] for key in early}
     run = Run(name, family, m, lambda: None, detail=_regime_text(regime))
     full_steps = [0]  # steps taken on the whole training set
+    test = regime.get("norm_test")  # Byrd et al. (2012): grow the batch once it is noise
+    steps = [0]
 
     def forward(xb: Tensor, yb: Tensor) -> tuple:
         if task.hidden and opt.structural_damping != 0:  # a number > 0, or 'auto'
@@ -538,6 +549,10 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     def step() -> None:
         idx = batches.next()
         xb, yb = (task.x, task.y) if idx is None else (task.x[idx], task.y[idx])
+        steps[0] += 1
+        if test and idx is not None and steps[0] % test.get("every", 5) == 0:
+            size = _norm_test_size(task, m, xb, yb, test["theta"], test.get("parts", 4))
+            batches.size = min(max(batches.size, float(size)), float(len(task.x)))
         if style == "lbfgs":
 
             def closure() -> Tensor:  # a torch.optim.LBFGS closure, unchanged
@@ -561,6 +576,31 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     return run
 
 
+def _norm_test_size(
+    task: Task, m: nn.Module, xb: Tensor, yb: Tensor, theta: float, parts: int
+) -> int:
+    r"""The batch size Byrd et al.'s (2012, §3) norm test asks for at the current parameters.
+
+    The batch ``xb`` is cut into ``parts`` equal parts with gradients :math:`g_k` of the
+    per-case mean loss; their spread estimates the per-case gradient variance
+    :math:`\sigma^2 = \frac{m}{K-1}\sum_k \|g_k - \bar g\|^2` (:math:`m` cases a part), and
+    a batch of :math:`|S|` cases passes the test when :math:`\sigma^2/|S| \le \theta^2\|\bar
+    g\|^2`: the smallest such :math:`|S|` is returned (scale-free: both sides scale with the
+    loss). Costs one forward and backward pass of the batch.
+    """
+    params = [p for p in m.parameters() if p.requires_grad]
+    k = min(parts, len(xb))
+    grads = []
+    for xp, yp in zip(xb.tensor_split(k), yb.tensor_split(k), strict=True):
+        g = torch.autograd.grad(task.loss(m(xp), yp), params)
+        grads.append(torch.cat([t.flatten() for t in g]))
+    G = torch.stack(grads)
+    mean = G.mean(0)
+    sigma2 = float((G - mean).square().sum()) / (k - 1) * (len(xb) / k)
+    signal = theta**2 * float(mean.square().sum())
+    return max(1, math.ceil(sigma2 / signal)) if signal > 0 else len(task.x)
+
+
 def _curvature_size(regime: dict, batch: int, n: int, full_steps: int = 0) -> int:
     """The curvature batch of a step on ``batch`` cases: fixed, or (a growing regime) the
     fraction ``curvature_batch`` of the gradient batch and all of it once that is full — after
@@ -574,6 +614,8 @@ def _curvature_size(regime: dict, batch: int, n: int, full_steps: int = 0) -> in
     >>> [_curvature_size(late, 4000, 4000, k) for k in (1, 4, 5)]
     [1000, 1000, 4000]
     """
+    if isinstance(regime["curvature_batch"], float) and "norm_test" in regime:
+        return max(1, round(batch * regime["curvature_batch"]))  # a fraction of the batch
     if regime.get("growth", 1.0) == 1.0:
         return regime["curvature_batch"]
     after = regime.get("full_curvature_after", 0)
@@ -603,6 +645,14 @@ def _regime_text(regime: dict) -> str:
             f"batch {regime['batch']} growing ×{regime['growth']:g} per step to the full set"
             f"{held}, curvature batch {regime['curvature_batch']:g} of it {until}, then all; "
             f"{kw}{early}"
+        )
+    if "norm_test" in regime:
+        t = regime["norm_test"]
+        c = regime["curvature_batch"]
+        curv = f"{c:g} of it" if isinstance(c, float) else str(c)
+        return (
+            f"batch {regime['batch']} grown by Byrd et al.'s norm test (θ = {t['theta']:g}, "
+            f"every {t.get('every', 5)} steps), curvature batch {curv}; {kw}"
         )
     return f"batch {regime['batch']}, curvature batch {regime['curvature_batch']}; {kw}"
 

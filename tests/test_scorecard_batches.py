@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,59 @@ def test_max_batch_and_hold_out_of_range_are_refused():
         scorecard._Batches(10, 4, CPU, growth=1.1, max_batch=3)
     with pytest.raises(ValueError, match=r"`hold` must be >= 1, got 0"):
         scorecard._Batches(10, 4, CPU, growth=1.1, max_batch=6, hold=0)
+
+
+def _linear_task(n: int, d: int, seed: int) -> tuple[object, torch.nn.Module]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
+    task = scorecard.Task(
+        "t", "t", model, x, y, scorecard.mse_sum_per_case, None, "", 1.0, 1.0, [], [], {}
+    )
+    return task, model
+
+
+@pytest.mark.parametrize(("parts", "theta"), [(2, 0.5), (4, 0.5), (5, 0.9)])
+def test_norm_test_size_matches_numpy_closed_form(parts, theta):
+    # oracle: per-part gradients of a linear least-squares loss in closed form with numpy,
+    # 2/m X_kᵀ(X_k w − y_k) for the per-case mean of squared residuals
+    task, model = _linear_task(40, 3, seed=parts)
+    X, Y = task.x.numpy(), task.y.numpy()
+    w = model.weight.detach().numpy().T
+    G = np.stack(
+        [
+            2 / len(xk) * xk.T @ (xk @ w - yk)
+            for xk, yk in zip(np.array_split(X, parts), np.array_split(Y, parts), strict=True)
+        ]
+    )
+    G = G.reshape(parts, -1)
+    mean = G.mean(0)
+    sigma2 = ((G - mean) ** 2).sum() / (parts - 1) * (len(X) / parts)
+    want = math.ceil(sigma2 / (theta**2 * (mean**2).sum()))
+    got = scorecard._norm_test_size(task, model, task.x, task.y, theta, parts)
+    assert got == want
+
+
+def test_norm_test_grows_on_noise_and_not_on_signal():
+    # a consistent gradient (every case the same) needs one case; pure noise needs more than
+    # the batch holds (σ²/|S| ≈ ‖ḡ‖² > θ²‖ḡ‖²)
+    task, model = _linear_task(64, 3, seed=0)
+    same = task.x[:1].expand(64, 3).clone(), task.y[:1].expand(64, 1).clone()
+    assert scorecard._norm_test_size(task, model, *same, 0.5, 4) == 1
+    with torch.no_grad():  # at the least-squares solution the mean gradient is ~0: all noise
+        w = torch.linalg.lstsq(task.x, task.y).solution
+        model.weight.copy_(w.T)
+    assert scorecard._norm_test_size(task, model, task.x, task.y, 0.5, 4) > 64
+
+
+def test_norm_test_regime_takes_a_fraction_of_the_batch_as_curvature():
+    regime = dict(batch=250, curvature_batch=0.25, norm_test=dict(theta=0.5))
+    assert scorecard._curvature_size(regime, 400, 5000) == 100
+    fixed = dict(batch=250, curvature_batch=62, norm_test=dict(theta=0.5))
+    assert scorecard._curvature_size(fixed, 400, 5000) == 62
 
 
 @pytest.mark.parametrize(
