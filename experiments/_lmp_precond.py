@@ -33,6 +33,7 @@ def variants() -> dict[str, dict]:
         "lmp m=8": dict(precond=CGPairPreconditioner(8)),
         "lmp m=16": dict(precond=CGPairPreconditioner(16)),
         "lmp m=32": dict(precond=CGPairPreconditioner(32)),
+        "cg_max_iter=10": dict(cg_max_iter=10),
         "lmp m=16, cg_max_iter=10": dict(precond=CGPairPreconditioner(16), cg_max_iter=10),
     }
 
