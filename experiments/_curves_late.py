@@ -33,6 +33,9 @@ def late_variants() -> dict[str, dict]:
     k2 = dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=2), kfac=dict(rank=32, refresh=2))
     k2kw = k2["kw"]
     full = dict(kw=dict(cg_max_iter=10), early_kw=dict(cg_max_iter=2), full_curvature_batch=0.1)
+    full_g = full | dict(
+        kw=dict(cg_max_iter=10, min_damping=1e-2), early_kw=dict(cg_max_iter=2, min_damping=1e-8)
+    )
 
     def smooth(theta: float) -> dict:
         return dict(theta=theta, smooth=0.8, max_growth=2.0)
@@ -59,6 +62,15 @@ def late_variants() -> dict[str, dict]:
         "k2r2ns.9f": k2 | dict(norm_test=smooth(0.9)) | full,
         "k2r2nt.9f": k2 | dict(norm_test=dict(theta=0.9)) | full,
         "k2r2ns.5f": k2 | dict(norm_test=smooth(0.5)) | full,
+        # "g": "f" with λ floored at 1e-2 once full (λ sits at 1e-8 from the mini-batch phase;
+        # the full-batch steps went up, ρ = −∞, while λ climbed ×1.5 a step); the full-batch
+        # curvature cases are drawn afresh each step (scorecard: `full_curvature_batch`)
+        "k2r2ns.7g": k2 | dict(norm_test=smooth(0.7)) | full_g,
+        "k2r2ns.5g": k2 | dict(norm_test=smooth(0.5)) | full_g,
+        "k2r2ns.9g": k2 | dict(norm_test=smooth(0.9)) | full_g,
+        "k5ns.5f": k5 | dict(norm_test=smooth(0.5)) | full | dict(early_kw=dict(cg_max_iter=5)),
+        "k5ns.7f": k5 | dict(norm_test=smooth(0.7)) | full | dict(early_kw=dict(cg_max_iter=5)),
+        "k5ns.9f": k5 | dict(norm_test=smooth(0.9)) | full | dict(early_kw=dict(cg_max_iter=5)),
     }
 
 

@@ -290,3 +290,29 @@ def test_norm_test_run_grows_at_most_the_cap_a_test_and_switches_settings_when_f
     # the step after a test uses the grown size; 64 is reached by the third step's test
     assert iters == [2, 2, 2, 7, 7, 7]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_full_batch_curvature_cases_are_drawn_afresh_each_step():
+    # with `full_curvature_batch`, a full-batch step's curvature batch is c random cases of
+    # the set, not its first c: the recorded curvature inputs differ between steps, are
+    # distinct rows of the set, and are not the first c rows
+    task, model = _linear_task(64, 3, seed=2)
+    seen: list[torch.Tensor] = []
+    task.model, task.hidden = model, False
+    regime = dict(
+        batch=64, curvature_batch=4, kw={}, norm_test=dict(theta=0.5), full_curvature_batch=16
+    )
+    run = scorecard.hf_run(task, "full", "HF", regime)
+    hooked = next(m for m in run.model.modules() if isinstance(m, torch.nn.Linear))
+    hooked.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    picks = []
+    for _ in range(2):
+        seen.clear()
+        run.step()
+        curv = [x for x in seen if len(x) == 16]
+        assert curv, [len(x) for x in seen]
+        rows = [int(torch.nonzero((task.x == r).all(1))[0]) for r in curv[0]]
+        assert len(set(rows)) == 16
+        picks.append(sorted(rows))
+    assert picks[0] != picks[1]
+    assert picks[0] != list(range(16)) and picks[1] != list(range(16))
