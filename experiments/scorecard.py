@@ -163,6 +163,17 @@ def make_curves_task(quick: bool) -> Task:
             kfac=dict(rank=32, refresh=2),
             norm_test=dict(theta=0.9, smooth=0.8, max_growth=2.0),
         )
+        # θ = 0.7 grows sooner and reaches the whole set: from then on cg≤10 on 1/10 of it
+        # (drawn afresh each step), λ floored at 1e-2 (its cg≤2 full-batch steps went up)
+        hf["250→, cg≤2, K-FAC rank 32 refresh 2, smoothed norm test θ=0.7, then cg≤10"] = dict(
+            batch=250,
+            curvature_batch=62,
+            kw=dict(cg_max_iter=10, min_damping=1e-2),
+            early_kw=dict(cg_max_iter=2, min_damping=1e-8),
+            kfac=dict(rank=32, refresh=2),
+            norm_test=dict(theta=0.7, smooth=0.8, max_growth=2.0),
+            full_curvature_batch=0.1,
+        )
         hf["500/125, cg≤250"] = dict(batch=500, curvature_batch=125, kw={})
         hf["500/125, cg≤50, precond"] = dict(
             batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, precond="martens")
@@ -826,7 +837,9 @@ def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -
     hf_name = best("HF").name if best("HF") else next(iter(task.hf))
     tuned = task.hf[hf_name]
     regime = task.hf_default_regime or tuned  # the defaults: no arguments, no preconditioner
-    default_regime = {k: v for k, v in regime.items() if k != "kfac"} | {"kw": {}}
+    # (early_kw too: settings while the batch is below the full set are tuning, not defaults)
+    default_regime = {k: v for k, v in regime.items() if k not in ("kfac", "early_kw")}
+    default_regime |= {"kw": {}}
     finals.append(hf_run(task, "HF default", "HF default", default_regime))
     same_regime = {k: v for k, v in tuned.items() if k not in ("kfac", "early_kw")} | {"kw": {}}
     if same_regime != default_regime:
