@@ -68,6 +68,7 @@ def late_variants() -> dict[str, dict]:
         "k2r2ns.7g": k2 | dict(norm_test=smooth(0.7)) | full_g,
         "k2r2ns.5g": k2 | dict(norm_test=smooth(0.5)) | full_g,
         "k2r2ns.9g": k2 | dict(norm_test=smooth(0.9)) | full_g,
+        "k2r2ns.6g": k2 | dict(norm_test=smooth(0.6)) | full_g,
         "k5ns.5f": k5 | dict(norm_test=smooth(0.5)) | full | dict(early_kw=dict(cg_max_iter=5)),
         "k5ns.7f": k5 | dict(norm_test=smooth(0.7)) | full | dict(early_kw=dict(cg_max_iter=5)),
         "k5ns.9f": k5 | dict(norm_test=smooth(0.9)) | full | dict(early_kw=dict(cg_max_iter=5)),
