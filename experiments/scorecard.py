@@ -753,7 +753,8 @@ def _regime_text(regime: dict) -> str:
         late = ""
         if "full_curvature_batch" in regime:
             fc = regime["full_curvature_batch"]
-            late = f" ({fc:g} of it once full)" if isinstance(fc, float) else f" ({fc} once full)"
+            late = f"{fc:g} of it" if isinstance(fc, float) else str(fc)
+            late = f" ({late}, drawn afresh each step, once full)"
         early = ", ".join(f"{k}={v}" for k, v in regime.get("early_kw", {}).items())
         early = f"; {early} until the batch is full" if early else ""
         return (
