@@ -32,6 +32,14 @@ def late_variants() -> dict[str, dict]:
     k5 = dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=5), kfac=dict(rank=32))
     k2 = dict(batch=250, curvature_batch=62, kw=dict(cg_max_iter=2), kfac=dict(rank=32, refresh=2))
     k2kw = k2["kw"]
+    full = dict(kw=dict(cg_max_iter=10), early_kw=dict(cg_max_iter=2), full_curvature_batch=0.1)
+    full_g = full | dict(
+        kw=dict(cg_max_iter=10, min_damping=1e-2), early_kw=dict(cg_max_iter=2, min_damping=1e-8)
+    )
+
+    def smooth(theta: float) -> dict:
+        return dict(theta=theta, smooth=0.8, max_growth=2.0)
+
     return {
         "k5": k5,
         "k2r2": k2,
@@ -46,6 +54,24 @@ def late_variants() -> dict[str, dict]:
         "k5nt.7": k5 | dict(norm_test=dict(theta=0.7)),
         "k5nt.9": k5 | dict(norm_test=dict(theta=0.9)),
         "k5nt.7p8": k5 | dict(norm_test=dict(theta=0.7, parts=8, every=10)),
+        # the test smoothed over tests and capped at ×2 a test ("ns"); "f": once the batch is
+        # the whole set, cg≤10 on a curvature batch of 1/10 of it instead of cg≤2 on 62 cases
+        "k2r2ns.7": k2 | dict(norm_test=smooth(0.7)),
+        "k2r2ns.9": k2 | dict(norm_test=smooth(0.9)),
+        "k2r2ns.7f": k2 | dict(norm_test=smooth(0.7)) | full,
+        "k2r2ns.9f": k2 | dict(norm_test=smooth(0.9)) | full,
+        "k2r2nt.9f": k2 | dict(norm_test=dict(theta=0.9)) | full,
+        "k2r2ns.5f": k2 | dict(norm_test=smooth(0.5)) | full,
+        # "g": "f" with λ floored at 1e-2 once full (λ sits at 1e-8 from the mini-batch phase;
+        # the full-batch steps went up, ρ = −∞, while λ climbed ×1.5 a step); the full-batch
+        # curvature cases are drawn afresh each step (scorecard: `full_curvature_batch`)
+        "k2r2ns.7g": k2 | dict(norm_test=smooth(0.7)) | full_g,
+        "k2r2ns.5g": k2 | dict(norm_test=smooth(0.5)) | full_g,
+        "k2r2ns.9g": k2 | dict(norm_test=smooth(0.9)) | full_g,
+        "k2r2ns.6g": k2 | dict(norm_test=smooth(0.6)) | full_g,
+        "k5ns.5f": k5 | dict(norm_test=smooth(0.5)) | full | dict(early_kw=dict(cg_max_iter=5)),
+        "k5ns.7f": k5 | dict(norm_test=smooth(0.7)) | full | dict(early_kw=dict(cg_max_iter=5)),
+        "k5ns.9f": k5 | dict(norm_test=smooth(0.9)) | full | dict(early_kw=dict(cg_max_iter=5)),
     }
 
 

@@ -198,3 +198,121 @@ def test_defaults_verdict_compares_times_once_both_are_at_the_floor(default, tun
         if v[1] == "`HessianFree(params)` within 1.5× of tuned HF"
     ]
     assert row[3] == verdict and row[2].startswith(value), row
+
+
+def test_smoothed_norm_test_matches_the_exponential_average_closed_form():
+    # oracle: numpy's exponential averages of σ² and ‖ḡ‖² (first test unweighted), the size
+    # asked for σ̄²/(θ²·mean2̄), capped at ×max_growth of the current size, never shrinking
+    rng = np.random.default_rng(3)
+    sigma2, mean2 = rng.uniform(0.5, 50.0, 12), rng.uniform(0.01, 2.0, 12)
+    theta, a, cap = 0.7, 0.8, 2.0
+    test = scorecard._NormTest(theta=theta, smooth=a, max_growth=cap)
+    s_avg, m_avg, size = sigma2[0], mean2[0], 10.0
+    for k in range(12):
+        if k:
+            s_avg, m_avg = a * s_avg + (1 - a) * sigma2[k], a * m_avg + (1 - a) * mean2[k]
+        want = max(size, min(s_avg / (theta**2 * m_avg), cap * size))
+        got = test.next_size(float(sigma2[k]), float(mean2[k]), size)
+        assert got == pytest.approx(want, rel=1e-12), k
+        size = got
+
+
+def test_unsmoothed_uncapped_norm_test_is_byrds_rule():
+    # smooth 0, no cap: each test's own σ²/(θ²‖ḡ‖²), the same size `_norm_test_size` asks for
+    task, model = _linear_task(40, 3, seed=7)
+    sigma2, mean2 = scorecard._norm_test_stats(task, model, task.x, task.y, 4)
+    test = scorecard._NormTest(theta=0.5, parts=4)
+    got = test.next_size(sigma2, mean2, 1.0)
+    assert math.ceil(got) == scorecard._norm_test_size(task, model, task.x, task.y, 0.5, 4)
+    assert test.next_size(0.0, 1.0, got) == got  # never shrinks
+
+
+def test_norm_test_ignores_non_finite_stats_and_a_zero_gradient_asks_for_the_cap():
+    test = scorecard._NormTest(theta=0.9, smooth=0.5, max_growth=2.0)
+    assert test.next_size(math.nan, 1.0, 100.0) == 100.0
+    assert test.next_size(8.1, 1.0, 5.0) == pytest.approx(10.0)  # first finite test: 8.1/0.81
+    assert test.sigma2 == 8.1  # the NaN did not reach the average
+    assert test.next_size(1.0, math.inf, 10.0) == 10.0
+    zero = scorecard._NormTest(theta=0.9, max_growth=3.0)
+    assert zero.next_size(1.0, 0.0, 7.0) == 21.0  # ḡ = 0: all noise, grown by the cap
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(theta=0.0), r"`theta` must be a finite number > 0, got 0.0"),
+        (dict(theta=math.inf), r"`theta` must be a finite number > 0, got inf"),
+        (dict(theta=0.5, parts=1), r"`parts` must be an integer >= 2, got 1"),
+        (dict(theta=0.5, every=0), r"`every` must be an integer >= 1, got 0"),
+        (dict(theta=0.5, smooth=1.0), r"`smooth` must be in \[0, 1\), got 1.0"),
+        (dict(theta=0.5, max_growth=0.5), r"`max_growth` must be >= 1, got 0.5"),
+    ],
+)
+def test_norm_test_settings_out_of_range_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        scorecard._NormTest(**kwargs)
+
+
+def test_norm_test_regime_switches_curvature_once_the_batch_is_full():
+    regime = dict(batch=250, curvature_batch=62, norm_test={}, full_curvature_batch=0.1)
+    assert scorecard._curvature_size(regime, 2500, 5000) == 62
+    assert scorecard._curvature_size(regime, 5000, 5000) == 500
+    fixed = regime | dict(full_curvature_batch=1000)
+    assert scorecard._curvature_size(fixed, 5000, 5000) == 1000
+
+
+def test_norm_test_run_grows_at_most_the_cap_a_test_and_switches_settings_when_full():
+    # at the least-squares solution the mean gradient is ~0 and θ is small, so every test
+    # asks for far more than the set (≈ 8/θ² = 3,200 for 8 cases): the batch doubles per
+    # test (the cap) 8 → 16 → 32 → 64 (all), and the full-batch
+    # steps take the regime's kw (cg_max_iter=7) where the smaller ones took early_kw's 2
+    task, model = _linear_task(64, 3, seed=0)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(task.x, task.y).solution.T)
+    task.model, task.hidden = model, False
+    regime = dict(
+        batch=8,
+        curvature_batch=4,
+        kw=dict(cg_max_iter=7),
+        early_kw=dict(cg_max_iter=2),
+        norm_test=dict(theta=0.05, every=1, smooth=0.5, max_growth=2.0),
+        full_curvature_batch=0.25,
+    )
+    run = scorecard.hf_run(task, "nt", "HF", regime)
+    cells = {type(c.cell_contents).__name__: c.cell_contents for c in run.step.__closure__}
+    opt, batches = cells["HessianFree"], cells["_Batches"]
+    sizes, iters = [], []
+    for _ in range(6):
+        run.step()
+        sizes.append(batches.size)
+        iters.append(opt.param_groups[0]["cg_max_iter"])
+    assert sizes == [16.0, 32.0, 64.0, 64.0, 64.0, 64.0]
+    # the step after a test uses the grown size; 64 is reached by the third step's test
+    assert iters == [2, 2, 2, 7, 7, 7]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_full_batch_curvature_cases_are_drawn_afresh_each_step():
+    # with `full_curvature_batch`, a full-batch step's curvature batch is c random cases of
+    # the set, not its first c: the recorded curvature inputs differ between steps, are
+    # distinct rows of the set, and are not the first c rows
+    task, model = _linear_task(64, 3, seed=2)
+    seen: list[torch.Tensor] = []
+    task.model, task.hidden = model, False
+    regime = dict(
+        batch=64, curvature_batch=4, kw={}, norm_test=dict(theta=0.5), full_curvature_batch=16
+    )
+    run = scorecard.hf_run(task, "full", "HF", regime)
+    hooked = next(m for m in run.model.modules() if isinstance(m, torch.nn.Linear))
+    hooked.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    picks = []
+    for _ in range(2):
+        seen.clear()
+        run.step()
+        curv = [x for x in seen if len(x) == 16]
+        assert curv, [len(x) for x in seen]
+        rows = [int(torch.nonzero((task.x == r).all(1))[0]) for r in curv[0]]
+        assert len(set(rows)) == 16
+        picks.append(sorted(rows))
+    assert picks[0] != picks[1]
+    assert picks[0] != list(range(16)) and picks[1] != list(range(16))
