@@ -33,6 +33,7 @@ from .operators import (
 )
 from .optimizer import HessianFree, StepInfo, StepStatus
 from .preconditioning import (
+    CGPairPreconditioner,
     EmpiricalFisherDiagonal,
     KFACPreconditioner,
     NystromPreconditioner,
@@ -75,6 +76,7 @@ __all__ = [
     "EmpiricalFisherDiagonal",
     "KFACPreconditioner",
     "NystromPreconditioner",
+    "CGPairPreconditioner",
     "PrecondContext",
     "nystrom_sketch",
     "reduction_ratio",

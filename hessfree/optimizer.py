@@ -531,7 +531,9 @@ class HessianFree(torch.optim.Optimizer):
             curvature, from batched products alone); an instance of either; or a callable
             ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal of :math:`M` or
             :math:`r \mapsto M^{-1}r` (a callable whose ``needs_outputs`` is False gets
-            ``PrecondContext.curvature`` and ``.gradient`` instead of outputs).
+            ``PrecondContext.curvature`` and ``.gradient`` instead of outputs; one with a
+            ``watch(matvec) -> matvec`` method, as :class:`CGPairPreconditioner`, gets CG's
+            damped product wrapped by it).
         tolerance_grad: ``torch.optim.LBFGS``'s first-order optimality test: a step whose
             gradient has :math:`\max_i |g_i| \le` ``tolerance_grad`` (L2 term included)
             returns after one closure call with status ``'converged'``, nothing moved.
@@ -1334,6 +1336,9 @@ class HessianFree(torch.optim.Optimizer):
             precond = None
         if isinstance(self.precond, EmpiricalFisherDiagonal) and isinstance(precond, Tensor):
             precond = precond.nan_to_num(nan=1.0, posinf=1.0, neginf=1.0)  # likewise; no sync
+        watch = getattr(self.precond, "watch", None)
+        if callable(watch):  # e.g. CGPairPreconditioner: CG's own products become its pairs
+            damped = watch(damped)
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)

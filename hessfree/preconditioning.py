@@ -58,11 +58,13 @@ from ._checks import check_int, check_number
 from .curvature import JacobianProduct
 
 __all__ = [
+    "CGPairPreconditioner",
     "EmpiricalFisherDiagonal",
     "KFACPreconditioner",
     "NystromPreconditioner",
     "PrecondContext",
     "nystrom_sketch",
+    "two_loop",
 ]
 
 
@@ -937,3 +939,125 @@ class _KronSolve:
         out_w.addmm_(self.Q, Tw)
         if vb is not None:
             out_b.addmv_(self.Q, tb.sub_(rb))
+
+
+class CGPairPreconditioner:
+    r"""Limited-memory BFGS preconditioner from the previous CG run's products (Morales & Nocedal).
+
+    Every product :math:`v \mapsto Av` that CG evaluates with the damped curvature
+    :math:`A = C + \lambda I` is a curvature pair :math:`(s, y) = (v, Av)` at no extra cost.
+    The last ``history`` pairs of one step's CG run define, by the L-BFGS two-loop recursion
+    (Nocedal & Wright 2006, Algorithm 7.4), the inverse-Hessian approximation :math:`H` that
+    preconditions the next step's CG, :math:`M^{-1} = H`, with :math:`H_0 = \gamma I`,
+    :math:`\gamma = s^\top y / y^\top y` of the newest pair. Between steps only the damping is
+    known to change, so each pair's :math:`y` gets :math:`(\lambda_{\mathrm{new}} -
+    \lambda_{\mathrm{old}})\,s` (exact if :math:`C` did not move). Pairs with
+    :math:`s^\top y \le 0` or non-finite values are skipped. The first step (no pairs) runs
+    unpreconditioned.
+
+    The optimizer hands its damped product to :meth:`watch`, which records the pairs; the
+    pairs are not part of ``state_dict()`` (a resumed run starts one step unpreconditioned).
+
+    Args:
+        history: Pairs kept, an int >= 1 (``m``; 8-20 in Morales & Nocedal's tests).
+
+    Raises:
+        ValueError: If ``history`` is below 1.
+
+    Example:
+        >>> CGPairPreconditioner(history=16)
+        CGPairPreconditioner(history=16)
+
+    References:
+        Morales & Nocedal (2000), Automatic preconditioning by limited memory quasi-Newton
+        updating, SIAM J. Optim. 10(4), §2-3.
+        Nocedal & Wright (2006), Numerical Optimization, 2nd ed., Algorithm 7.4.
+    """
+
+    needs_outputs = False
+
+    def __init__(self, history: int = 16) -> None:
+        self.history = check_int("history", history, low=1)
+        self._recorded: list[tuple[Tensor, Tensor]] = []  # this step's (v, Av), newest last
+        self._pairs: list[tuple[Tensor, Tensor]] = []  # the previous step's, at _damping
+        self._damping = 0.0  # λ of ``_pairs``
+        self._step_damping = 0.0  # λ of the step now recording
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(history={self.history!r})"
+
+    def watch(self, matvec: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """``matvec`` that also records its last ``history`` pairs ``(v, Av)``."""
+
+        def recorded(v: Tensor) -> Tensor:
+            Av = matvec(v)
+            self._recorded.append((v.detach().clone(), Av.detach().clone()))
+            del self._recorded[: -self.history]
+            return Av
+
+        return recorded
+
+    def __call__(self, ctx: PrecondContext) -> Callable[[Tensor], Tensor] | None:
+        r""":math:`r \mapsto Hr` from the pairs recorded since the last call, at ``ctx.damping``."""
+        if self._recorded:  # the last CG run's pairs, taken at that step's damping
+            self._pairs, self._damping = self._recorded, self._step_damping
+            self._recorded = []
+        self._step_damping = ctx.damping
+        return self.apply_with(ctx.damping)
+
+    def apply_with(self, damping: float) -> Callable[[Tensor], Tensor] | None:
+        """The two-loop operator for damping ``damping`` (``None`` without usable pairs)."""
+        return two_loop(self._pairs, shift=damping - self._damping)
+
+
+def two_loop(
+    pairs: Sequence[tuple[Tensor, Tensor]], shift: float = 0.0
+) -> Callable[[Tensor], Tensor] | None:
+    r"""The L-BFGS inverse :math:`r \mapsto Hr` from pairs :math:`(s_i, y_i + \sigma s_i)`.
+
+    :math:`H` is the BFGS inverse update of :math:`H_0 = \gamma I` (:math:`\gamma = s^\top y /
+    y^\top y` of the newest usable pair) by the pairs oldest first; :math:`\sigma` is ``shift``.
+    It is symmetric positive definite, and :math:`H y_i = s_i` for the newest pair. Pairs with
+    :math:`s^\top y \le 0` or a non-finite :math:`s^\top y, y^\top y` are left out.
+
+    Args:
+        pairs: ``(s, y)`` 1-D tensors of one size, oldest first.
+        shift: :math:`\sigma`, added as :math:`y + \sigma s`.
+
+    Returns:
+        The operator, or ``None`` if no pair is usable.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
+        >>> S = torch.eye(2, dtype=torch.float64)  # pairs along both axes: H = A⁻¹ exactly
+        >>> two_loop([(s, A @ s) for s in S])(torch.tensor([1.0, 4.0], dtype=torch.float64))
+        tensor([1., 1.], dtype=torch.float64)
+
+    References:
+        Nocedal & Wright (2006), Numerical Optimization, 2nd ed., Algorithm 7.4 and eq. (7.20).
+    """
+    S, Y, rho = [], [], []
+    for s, y in pairs:
+        y = y + shift * s if shift else y
+        sy, yy = float(s @ y), float(y @ y)
+        if math.isfinite(sy) and math.isfinite(yy) and sy > 0 and yy > 0:
+            S.append(s)
+            Y.append(y)
+            rho.append(1.0 / sy)
+    if not S:
+        return None
+    gamma = 1.0 / (rho[-1] * float(Y[-1] @ Y[-1]))
+
+    def apply(r: Tensor) -> Tensor:
+        q = r.clone()
+        a = [0.0] * len(S)
+        for i in reversed(range(len(S))):
+            a[i] = rho[i] * (S[i] @ q)
+            q.sub_(Y[i] * a[i])
+        q.mul_(gamma)
+        for i in range(len(S)):
+            b = rho[i] * (Y[i] @ q)
+            q.add_(S[i] * (a[i] - b))
+        return q
+
+    return apply

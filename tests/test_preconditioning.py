@@ -10,6 +10,7 @@ from torch import nn
 
 from cases import dense
 from hessfree import (
+    CGPairPreconditioner,
     EmpiricalFisherDiagonal,
     GGNProduct,
     HessianFree,
@@ -19,6 +20,7 @@ from hessfree import (
     cg,
     nystrom_sketch,
 )
+from hessfree.preconditioning import two_loop
 
 
 def _context(case, generator=None, damping=0.0, shift=0.0):
@@ -290,3 +292,119 @@ def test_auto_preconditioner_is_nystrom_for_residual_blocks_only():
 def test_nystrom_sketch_names_bad_sizes_and_non_finite_products(matmat, n, rank, error, match):
     with pytest.raises(error, match=match):
         nystrom_sketch(matmat, n, rank)
+
+
+# --- CGPairPreconditioner: L-BFGS from CG's own products (Morales & Nocedal 2000) ---
+
+
+def _pairs_of(A: np.ndarray, m: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    S = np.random.default_rng(seed).standard_normal((m, A.shape[0]))
+    return [(torch.from_numpy(s), torch.from_numpy(A @ s)) for s in S]
+
+
+def _dense_bfgs_inverse(pairs) -> np.ndarray:
+    """H from H0 = γI by the BFGS inverse update, oldest pair first (N&W eq. 6.17, 7.20)."""
+    S = [s.numpy() for s, _ in pairs]
+    Y = [y.numpy() for _, y in pairs]
+    n = S[0].size
+    H = (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1]) * np.eye(n)
+    for s, y in zip(S, Y, strict=True):
+        rho = 1.0 / (s @ y)
+        V = np.eye(n) - rho * np.outer(y, s)
+        H = V.T @ H @ V + rho * np.outer(s, s)
+    return H
+
+
+def _as_matrix(apply, n: int) -> np.ndarray:
+    return torch.stack([apply(e) for e in torch.eye(n, dtype=torch.float64)], 1).numpy()
+
+
+def test_two_loop_matches_the_dense_bfgs_inverse():
+    A, _ = _spd(n=30, decay=0.8)
+    pairs = _pairs_of(A, 8, seed=3)
+    H = _as_matrix(two_loop(pairs), 30)
+    np.testing.assert_allclose(H, _dense_bfgs_inverse(pairs), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(H, H.T, rtol=1e-9, atol=1e-12)  # symmetric ...
+    assert np.linalg.eigvalsh(H).min() > 0  # ... positive definite
+    s, y = pairs[-1]
+    np.testing.assert_allclose(H @ y.numpy(), s.numpy(), rtol=1e-9)  # secant equation
+
+
+def test_two_loop_shift_and_skipped_pairs():
+    A, _ = _spd(n=20, decay=0.8)
+    pairs = _pairs_of(A, 5, seed=4)
+    shifted = _pairs_of(A + 0.3 * np.eye(20), 5, seed=4)  # the same s, y = (A + 0.3) s
+    np.testing.assert_allclose(
+        _as_matrix(two_loop(pairs, shift=0.3), 20),
+        _as_matrix(two_loop(shifted), 20),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    s = pairs[0][0]
+    bad = [(s, -s), (s, torch.full_like(s, float("nan"))), *pairs]  # sᵀy < 0, NaN: left out
+    np.testing.assert_allclose(
+        _as_matrix(two_loop(bad), 20), _as_matrix(two_loop(pairs), 20), rtol=1e-12
+    )
+    assert two_loop([(s, -s)]) is None and two_loop([]) is None
+
+
+def test_cg_pairs_cut_iterations_on_related_systems():
+    """A sequence of related SPD systems (the spectrum drifts 1 % a solve, as C does between HF
+    steps, and λ changes): each solve preconditioned by the previous one's products."""
+    rng = np.random.default_rng(5)
+    n = 150
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    ev = np.logspace(-3, 1, n)
+    pre = CGPairPreconditioner(history=20)
+    plain_iters, pair_iters = [], []
+    lam = 1e-2
+    for k in range(6):
+        A = torch.from_numpy((Q * (ev * (1 + 0.01 * k))) @ Q.T + lam * np.eye(n))
+        b = torch.from_numpy(rng.standard_normal(n))
+        ctx = PrecondContext(None, None, "mean", damping=lam, shift=0.0)
+        M = pre(ctx)
+        kw = dict(max_iter=500, rtol=1e-6, progress_tol=None)
+        plain = cg(lambda v, A=A: A @ v, b, **kw)
+        res = cg(pre.watch(lambda v, A=A: A @ v), b, precond=M, **kw)
+        assert res.reason is StopReason.CONVERGED
+        x = np.linalg.solve(A.numpy(), b.numpy())
+        np.testing.assert_allclose(res.x.numpy(), x, rtol=1e-4, atol=1e-4 * np.abs(x).max())
+        assert (M is None) == (k == 0)  # the first solve has no pairs yet
+        plain_iters.append(plain.num_iter)
+        pair_iters.append(res.num_iter)
+        lam *= 0.7  # pairs were taken at the old λ: corrected by (λ_new - λ_old) s
+    assert pair_iters[0] == plain_iters[0]
+    # modest, as in Morales & Nocedal: 894 vs 1051 (m = 20; all ~150 pairs: ~0.6×)
+    assert sum(pair_iters[1:]) < 0.9 * sum(plain_iters[1:]), (pair_iters, plain_iters)
+
+
+def test_cg_pair_preconditioner_in_the_optimizer():
+    """Recorded pairs are products of the damped Gauss-Newton matrix (closed form for least
+    squares: G = 2XᵀX/N, plus λ), and the optimizer reaches the least-squares solution."""
+    torch.manual_seed(0)
+    X = torch.randn(40, 6, dtype=torch.float64) * torch.logspace(0, 2, 6, dtype=torch.float64)
+    t = torch.randn(40, dtype=torch.float64)
+    w = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+
+    def closure():
+        out = X @ w
+        return F.mse_loss(out, t), out
+
+    pre = CGPairPreconditioner(history=4)
+    opt = HessianFree([w], precond=pre, damping=1e-2)
+    opt.step(closure)
+    lam = opt.last_step.damping
+    G = 2 * X.T @ X / 40 + lam * torch.eye(6, dtype=torch.float64)
+    assert 1 <= len(pre._recorded) <= 4
+    for s, y in pre._recorded:
+        torch.testing.assert_close(y, G @ s, rtol=1e-10, atol=1e-10)
+    for _ in range(20):
+        opt.step(closure)
+    best = torch.linalg.lstsq(X, t).solution
+    torch.testing.assert_close(w.detach(), best, rtol=1e-6, atol=1e-8)
+    assert torch.isfinite(w).all()
+
+
+def test_bad_cg_pair_history():
+    with pytest.raises(ValueError, match="history"):
+        CGPairPreconditioner(history=0)
