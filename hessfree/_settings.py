@@ -27,6 +27,10 @@ from .damping import DAMPING_RULES, DampingPolicy
 __all__ = ["HFSettings"]
 
 CURVATURES = ("auto", "ggn", "hessian", "fisher")
+#: ``cg_max_iter='auto'``: the reference code's 250 (Martens 2010), on structurally damped steps
+#: ``_SD_CG_MAX_ITER`` (``HessianFree``'s ``cg_max_iter``; the evidence is there).
+_AUTO_CG_MAX_ITER = 250
+_SD_CG_MAX_ITER = 25
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class HFSettings:
     max_damping: float = 1e10
     weight_decay: float = 0.0
     structural_damping: float | str = "auto"
-    cg_max_iter: int = 250
+    cg_max_iter: int | str = "auto"
     cg_min_iter: int = 1
     cg_rtol: float | str = "auto"
     cg_progress_tol: float = 5e-4
@@ -273,8 +277,12 @@ def _validated(s: HFSettings) -> dict[str, Any]:
             f"`damping` must be in [min_damping, max_damping] = [{low!r}, {high!r}], "
             f"got {initial!r}."
         )
-    out["cg_max_iter"] = _check_max_iter("cg_max_iter", s.cg_max_iter)
-    out["cg_min_iter"] = check_int("cg_min_iter", s.cg_min_iter, low=0, high=out["cg_max_iter"])
+    if isinstance(s.cg_max_iter, str):
+        check_choice("cg_max_iter", s.cg_max_iter, ("auto",))
+        most = _AUTO_CG_MAX_ITER  # 'auto' is this, or fewer on structurally damped steps
+    else:
+        most = out["cg_max_iter"] = _check_max_iter("cg_max_iter", s.cg_max_iter)
+    out["cg_min_iter"] = check_int("cg_min_iter", s.cg_min_iter, low=0, high=most)
     if isinstance(s.cg_rtol, str):
         check_choice("cg_rtol", s.cg_rtol, ("auto",))
     else:

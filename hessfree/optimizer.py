@@ -47,8 +47,9 @@ from the curvature along the gradient at the first step (:func:`hessfree.damping
 the reference uses a fixed 45 on its own loss scaling); Nielsen's smooth update of
 :math:`\lambda` instead of §4.1's thresholds, and CG's residual stop from the Eisenstat-Walker
 forcing sequence instead of a fixed tolerance (both measured in ``experiments/README.md``;
-η = 0 on steps with structural damping, which is on, μ = 0.03, wherever the closure returns
-hidden states: ``structural_damping='auto'``); no
+η = 0, at most 25 CG iterations and no objective check on steps with structural damping,
+which is on, μ = 0.03, wherever the closure returns hidden states:
+``structural_damping='auto'``); no
 preconditioner by default (``precond='martens'`` turns §4.7's on) except a randomized Nyström
 one for residual-block closures (``precond='auto'``); a trust radius on CG's step with the
 Hessian (``trust_radius``); the curvature batch is
@@ -110,7 +111,7 @@ from ._flat import ParamLayout
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
-from ._settings import HFSettings
+from ._settings import _AUTO_CG_MAX_ITER, _SD_CG_MAX_ITER, HFSettings
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
 from .cg import CGResult, CGStop, cg, forcing_term
@@ -412,7 +413,22 @@ class HessianFree(torch.optim.Optimizer):
             ``configs/rnn_addition.yaml`` without it stayed at test error 0.91-0.93 on 3 of 3
             seeds, against 0.002-0.017 with it; it costs nothing where no hidden states are
             given (``experiments/results/2026-11-30-defaults-rnn.md``).
-        cg_max_iter: Most CG iterations per step (250 in the reference code).
+        cg_max_iter: Most CG iterations per step, or ``'auto'`` (default): 250, the reference
+            code's, and 25 on steps where structural damping is in effect
+            (``structural_damping``), where ``cg_stop_on_increase='auto'`` is off too. Why: on
+            those steps CG runs with :math:`\eta = 0` (``cg_rtol``), and on an RNN's
+            mini-batches a long solve fits the gradient batch rather than the training set
+            (``configs/rnn_addition.yaml``: at T = 50 a cap of 100 had not solved addition in
+            210 s, 50 solved it at 113-133 s, 25 at 70-77 s); the objective check cut the
+            solves at about the same length but cost 4-5 extra forward passes of the gradient
+            batch a step (closure calls 8-9 against 4-5). Measured on the addition task of
+            ``experiments/scorecard.py`` (``experiments/_addition_combo.py``, interleaved, no
+            other argument): at T = 50 (150 s, seed 0) the check with 250 left the plateau at
+            151 s (test error 0.31 at the end), the cap of 25 without the check at 38 s, as the
+            tuned config, and solved it (0.009); against the config, T = 50 was solved at 0.91x
+            and 1.2x its time on seeds 1-2 and not in 150 s on seed 0 (0.051), T = 30 (60 s)
+            at 1.0x, 1.2x and 1.5x on three seeds and not on one (0.033)
+            (``experiments/README.md``). A number is used as given, on every step.
         cg_min_iter: CG iterations before the relative-progress stop may fire.
         cg_rtol: CG also stops when :math:`\|r\| \le \eta\|g\|`: ``'auto'`` (default) takes
             :math:`\eta` from the inexact-Newton forcing sequence of Eisenstat & Walker (1996,
@@ -435,8 +451,8 @@ class HessianFree(torch.optim.Optimizer):
             no other argument) the defaults with structural damping and η = 0 ended at test
             error 0.03-0.79, with the forcing term at 0.10-0.93, without structural damping at
             0.92-0.94 (``experiments/results/2026-11-30-defaults-rnn.md``; the tuned config
-            0-0.06, so RNNs still gain from ``configs/rnn_addition.yaml``'s ``damping=0.1`` and
-            ``cg_max_iter=25``).
+            0-0.06; since ``cg_max_iter='auto'`` caps those steps at 25 iterations without the
+            objective check, see there).
         cg_progress_tol: :math:`\epsilon` of the relative-progress stop (5e-4, §4.4).
         cg_decay: Warm-start decay in [0, 1] (0.95 in the reference code; 0 = cold start), or
             ``'auto'`` (default): 0.95 for every curvature. For the exact Hessian it was 0
@@ -473,6 +489,8 @@ class HessianFree(torch.optim.Optimizer):
             carry the long-range directions, and the check cut those solves (addition,
             ``cg_rtol=0``: test error 0.93 with it, 0.007-0.10 without in one seed; over three
             seeds 0.008-0.93 with it and 0.054-0.93 without, seed against seed; ``cg_rtol``).
+            So ``'auto'`` is off on steps where structural damping is in effect, which are
+            capped by ``cg_max_iter='auto'`` instead (25 iterations; the evidence is there).
         backtrack: CG backtracking over the stored iterates (§4.6).
         trust_radius: Bound CG's step by a radius :math:`\Delta` (Steihaug 1983): CG stops
             where its path leaves :math:`\|p\| \le \Delta` and returns the crossing point
@@ -582,7 +600,7 @@ class HessianFree(torch.optim.Optimizer):
         max_damping: float = 1e10,
         weight_decay: float = 0.0,
         structural_damping: float | str = "auto",
-        cg_max_iter: int = 250,
+        cg_max_iter: int | str = "auto",
         cg_min_iter: int = 1,
         cg_rtol: float | str = "auto",
         cg_progress_tol: float = 5e-4,
@@ -1326,13 +1344,15 @@ class HessianFree(torch.optim.Optimizer):
         run.bounded = self._trust_radius(product)
         run.lap("curvature")
 
+        max_iter = self._cg_max_iter(run)
+
         def solve(start: Tensor | None) -> CGResult:
             return cg(
                 damped,
                 -g,
                 start,
-                max_iter=settings.cg_max_iter,
-                min_iter=settings.cg_min_iter,
+                max_iter=max_iter,
+                min_iter=min(settings.cg_min_iter, max_iter),
                 rtol=rtol,
                 precond=precond,
                 progress_tol=settings.cg_progress_tol,
@@ -1373,10 +1393,21 @@ class HessianFree(torch.optim.Optimizer):
         run.report["cg_rtol"] = rtol
         return rtol
 
+    def _cg_max_iter(self, run: _StepRun) -> int:
+        """CG's iteration cap (``cg_max_iter``): ``'auto'`` is 250, or 25 on a structurally
+        damped step."""
+        most = self.settings.cg_max_iter
+        if most == "auto":
+            most = _SD_CG_MAX_ITER if run.structural_damping > 0 else _AUTO_CG_MAX_ITER
+        return most
+
     def _stop_on_increase(self, run: _StepRun) -> bool:
         """Whether CG checks the objective at its stored iterates (``cg_stop_on_increase``)."""
         on = self.settings.cg_stop_on_increase
-        return (self.settings.backtrack and not run.uses_backward) if on == "auto" else on
+        if on != "auto":
+            return on
+        # a structurally damped step is capped instead (cg_max_iter='auto'): no check forwards
+        return self.settings.backtrack and not run.uses_backward and run.structural_damping == 0
 
     def _objective_monitor(self, closure: Closure, run: _StepRun) -> Callable[[int, Tensor], bool]:
         """CG's ``monitor``: the objective at each stored iterate (kept in ``run.trials`` for

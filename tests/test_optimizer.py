@@ -850,7 +850,7 @@ def _xy_quadratic():
         ),
         ({"lr": math.nan}, ValueError, r"`param_groups\[1\]\['lr'\]` .* got nan"),
         ({"weight_decay": math.inf}, ValueError, r"\['weight_decay'\]` .* got inf"),
-        ({"cg_max_iter": 3}, ValueError, r"\['cg_max_iter'\]` is 3 but `cg_max_iter` is 250"),
+        ({"cg_max_iter": 3}, ValueError, r"\['cg_max_iter'\]` is 3 but `cg_max_iter` is 'auto'"),
         ({"momentum": 0.9}, ValueError, r"other optimizers' key\(s\) \['momentum'\]"),
         ({"betas": (0.9, 0.99)}, ValueError, r"other optimizers' key\(s\) \['betas'\]"),
         (

@@ -12,6 +12,7 @@ import io
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -352,8 +353,12 @@ def test_hf_steps_via_recorder_equal_the_hand_threaded_tanh_rnn():
         ),
         "marks": (via_marks, list(marked.parameters())),
     }
+    # the objective check pinned on (off by default under structural damping): it ends CG
+    # early here, which keeps the routes' roundoff below the tolerance below
     opts = {
-        k: HessianFree(ps, structural_damping=0.3, damping=1.0, cg_max_iter=20)
+        k: HessianFree(
+            ps, structural_damping=0.3, damping=1.0, cg_max_iter=20, cg_stop_on_increase=True
+        )
         for k, (_, ps) in groups.items()
     }
     start = [p.detach().clone() for p in groups["threaded"][1]]
@@ -549,3 +554,83 @@ def test_recorded_lstm_on_cuda_runs_without_cudnn_and_matches_cpu():
 
 
 RECASE_CUDA = RecurrentCase("lstm_2layer_bidir", nn.LSTM, dict(num_layers=2, bidirectional=True))
+
+
+# ------------------------------------------------------------------------------ CG budget
+def _linear_sd_problem():
+    """A linear model with hidden states: G = 2/M AᵀA (cond 1e4) and J_h = B exactly, so the
+    damped system is dense and known; CG needs ~100 iterations on it."""
+    g = torch.Generator().manual_seed(0)
+    M, n = 80, 40
+    U, _ = torch.linalg.qr(torch.randn(M, n, dtype=torch.float64, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    A = U * torch.logspace(0, -2, n, dtype=torch.float64) @ V.T * M**0.5
+    B = torch.randn(2 * M, n, dtype=torch.float64, generator=g)
+    y = torch.randn(M, 1, dtype=torch.float64, generator=g)
+
+    def step(hidden: bool = True, **kwargs) -> tuple[torch.Tensor, object]:
+        theta = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([theta], **kwargs)
+
+        def closure():
+            out = (A @ theta).unsqueeze(1)
+            got = (F.mse_loss(out, y), out, (B @ theta).reshape(M, 2))
+            return got if hidden else got[:2]
+
+        opt.step(closure)
+        return theta.detach(), opt.last_step
+
+    return A, B, y, step
+
+
+def test_auto_cg_budget_is_25_iterations_of_dense_cg_where_structural_damping_is_on():
+    A, B, y, step = _linear_sd_problem()
+    M, n = A.shape
+    lam, mu = 1e-4, 0.03
+    # the whole step is CG's last iterate; the progress stop pinned off so the cap is the stop
+    plain = dict(damping=lam, cg_progress_tol=1e-12, backtrack=False, line_search=None)
+    theta, info = step(**plain)
+    assert (info.cg_iters, info.cg_reason) == (25, "max_iter")
+    _, uncapped = step(**plain, cg_max_iter=250)  # an explicit number is kept
+    assert uncapped.cg_iters > 25
+    # oracle: 25 iterations of textbook CG from 0 on (G + λI + λμ/N BᵀB) p = −g in numpy
+    th0 = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    g = torch.autograd.grad(F.mse_loss((A @ th0).unsqueeze(1), y), th0)[0].numpy()
+    K = 2 / M * A.T @ A + lam * torch.eye(n, dtype=torch.float64) + lam * mu / M * B.T @ B
+    K = K.numpy()
+    x, r = np.zeros(n), -g
+    p = r.copy()
+    for _ in range(25):
+        Kp = K @ p
+        alpha = (r @ r) / (p @ Kp)
+        x, r_new = x + alpha * p, r - alpha * Kp
+        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+    # two CG codes part by roundoff growing with the condition number (~5e-5 here); the
+    # neighbouring iterates 24 and 26 differ from the 25th by > 4 %
+    err = np.abs(theta.numpy() - x).max() / np.abs(x).max()
+    assert err < 1e-3
+
+
+def test_structurally_damped_steps_skip_the_objective_check_and_others_keep_it():
+    _, _, _, step = _linear_sd_problem()
+    # the objective check evaluates the closure at stored iterates: calls beyond the first
+    # (and backtracking's) show it; cg_rtol=0 so CG runs long enough to reach them
+    kw = dict(damping=1e-4, cg_rtol=0.0, line_search=None, extrapolate=False)
+    _, sd = step(**kw)
+    _, sd_checked = step(**kw, cg_stop_on_increase=True)
+    _, no_hidden = step(hidden=False, **kw)
+    assert sd_checked.closure_calls > sd.closure_calls
+    assert no_hidden.closure_calls > sd.closure_calls
+    # without hidden states the defaults are bitwise cg_max_iter=250 with the check on
+    theta, _ = step(hidden=False, **kw)
+    assert torch.equal(theta, step(hidden=False, **kw, cg_max_iter=250)[0])
+
+
+def test_cg_max_iter_refuses_bad_values():
+    params = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"Unknown `cg_max_iter` 'many'; expected one of 'auto'"):
+        HessianFree(params, cg_max_iter="many")
+    with pytest.raises(ValueError, match=r"`cg_max_iter` must be an int >= 1, got 0"):
+        HessianFree(params, cg_max_iter=0)
+    with pytest.raises(ValueError, match=r"`cg_min_iter`.*300"):
+        HessianFree(params, cg_min_iter=300)  # 'auto' allows at most 250
