@@ -946,6 +946,32 @@ def _floor_time_ratio(row: dict, ref: dict) -> float:
     return max(ratios) if ratios else math.nan
 
 
+def _solve_time_ratio(default: Run, tuned: Run) -> tuple[float, str]:
+    """Addition's defaults-vs-tuned figure: the defaults' time to a solved test error (≤
+    ``SOLVED``) over the tuned run's; where the tuned run never solves it, the final errors'
+    ratio (0 where the defaults solved it, the tuned run not). A final-error ratio alone read
+    0.002 against 0 as never-within-1.5x however soon both solved it.
+
+    >>> r = lambda *curve: Run("x", "HF", None, lambda: None, curve=list(curve))
+    >>> _solve_time_ratio(r((0, 0.9), (30, 0.005)), r((0, 0.9), (20, 0.0)))
+    (1.5, '1.5× the time to solve (30 s vs 20 s)')
+    >>> _solve_time_ratio(r((0, 0.9), (60, 0.02)), r((0, 0.9), (20, 0.0)))[0]
+    inf
+    >>> _solve_time_ratio(r((0, 0.9), (60, 0.005)), r((0, 0.9), (60, 0.3)))[0]
+    0.0
+    """
+    td, tt = time_to(default.curve, SOLVED), time_to(tuned.curve, SOLVED)
+    if math.isfinite(tt):
+        ratio = td / tt if tt > 0 else (1.0 if td == 0 else math.inf)
+        if math.isfinite(td):
+            return ratio, f"{_fmt(ratio, 3)}× the time to solve ({td:.3g} s vs {tt:.3g} s)"
+        return ratio, f"never solved (tuned at {tt:.3g} s; final error {final_error(default):.3f})"
+    if math.isfinite(td):
+        return 0.0, f"solved at {td:.3g} s, tuned never"
+    ratio = _ratio(final_error(default), final_error(tuned))
+    return ratio, f"{_fmt(ratio, 3)}× the final error (neither solved it)"
+
+
 def verdicts(results: dict) -> list[list[str]]:
     """The issue's targets, met or missed, from this run."""
     rows = []
@@ -1049,7 +1075,8 @@ def verdicts(results: dict) -> list[list[str]]:
             ratio = _ratio(default["error"], t["error"])
             value = f"{_fmt(ratio, 3)}×"
             if key.startswith("addition"):
-                ok = default["error"] <= SOLVED or ratio <= 1.5
+                ratio, value = _solve_time_ratio(default["run"], t["run"])
+                ok = ratio <= 1.5
             elif max(default["error"], t["error"]) <= task.floor and math.isfinite(
                 _floor_time_ratio(default, t)
             ):

@@ -316,3 +316,32 @@ def test_full_batch_curvature_cases_are_drawn_afresh_each_step():
         picks.append(sorted(rows))
     assert picks[0] != picks[1]
     assert picks[0] != list(range(16)) and picks[1] != list(range(16))
+
+
+@pytest.mark.parametrize(
+    ("default_curve", "verdict", "value"),
+    [
+        # both solved: judged by the time to solve, not 0.002 / 0 (was "never×, met")
+        ([(0, 0.9), (10, 0.3), (20, 0.002)], "met", "1.33× the time to solve"),
+        ([(0, 0.9), (40, 0.3), (60, 0.009)], "**missed**", "4× the time to solve"),
+        ([(0, 0.9), (60, 0.02)], "**missed**", "never solved (tuned at 15 s"),
+    ],
+)
+def test_addition_defaults_verdict_is_the_time_to_solve(default_curve, verdict, value):
+    adam = _row("Adam", 0.3, [5.0, 30.0, 40.0])
+    d, t = _row("HF default", default_curve[-1][1], []), _row("HF tuned", 0.0, [])
+    d["run"].curve = default_curve
+    t["run"].curve = [(0, 0.9), (10, 0.2), (15, 0.0)]
+    for r in (adam, d, t):
+        r["run"].name = r["run"].family
+    summary = dict(rows=[adam, d, t], best_base=adam["run"])
+    task = scorecard.Task(*["addition50"] + [None] * 6, "error", 60.0, 15.0, adam=[], sgd=[], hf={})
+    results = {
+        "addition50": dict(summary=summary, task=task, finals=[r["run"] for r in summary["rows"]])
+    }
+    (row,) = [
+        v
+        for v in scorecard.verdicts(results)
+        if v[1] == "`HessianFree(params)` within 1.5× of tuned HF"
+    ]
+    assert row[3] == verdict and row[2].startswith(value), row
