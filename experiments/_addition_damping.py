@@ -6,11 +6,12 @@ the scorecard's task and regime: 1,000/100-case batches, hidden states returned,
 ``structural_damping='auto'`` is μ = 0.03), started from the same weights, interleaved:
 
 - ``T``: ``configs/rnn_addition.yaml``'s HF (λ₀ = 0.1, Martens' rule, CG ≤ 25, no check);
-- ``D``: the defaults of the code under test (``HessianFree(params)``; λ₀ = S's below);
+- ``D``: the defaults of the code under test (``HessianFree(params)``); since 2026-12-01 their
+  λ₀ is :math:`R/(1 + s)` = :math:`g^\\top C g / g^\\top D g`,
+  :math:`s = \\mu\\|J_h g\\|^2/(N g^\\top g)`: the first step damped to about half along g
+  counting the structural term λμ J_hᵀJ_h/N too;
 - ``R``: the defaults with the old λ₀ = :math:`R` (structural damping left out of the
   calibration: what ``damping='auto'`` did before 2026-12-01);
-- ``S``: the defaults with λ₀ = :math:`R/(1 + s)`, :math:`s = \\mu\\|J_h g\\|^2/(N g^\\top g)`:
-  the first step damped to about half along g counting the structural term λμ J_hᵀJ_h/N too;
 - ``A``: the defaults with Nielsen's decrease factor raised to the power k, k = the number of
   consecutive steps with ρ > 3/4 (the decrease speeds up while the model keeps predicting well,
   as Nielsen's ν speeds up the increase);
@@ -18,7 +19,7 @@ the scorecard's task and regime: 1,000/100-case batches, hidden states returned,
 
 Usage::
 
-    python experiments/_addition_damping.py run 30 45 0 T,D,S,A   # length, seconds, seed
+    python experiments/_addition_damping.py run 30 45 0 T,D,R,A   # length, seconds, seed
     python experiments/_addition_damping.py calib                 # R, s, λ₀ at the initial weights
 
 Each run appends its lines to ``results/2026-12-01-addition-defaults-damping.md``.
