@@ -1,8 +1,9 @@
-"""``experiments/scorecard.py``: the swap task's verdict at the loop's first-order test.
+"""``experiments/scorecard.py``: the swap task's verdicts when both runs stopped moving.
 
-Once max |∂f/∂θ| ≤ ``tolerance_grad`` a ``torch.optim.LBFGS``-style loop (and both optimizers
-inside it) stops moving, so two runs that both met the test are compared by the time they
-took to meet it; the final losses' ratio decides only where one of them never met it.
+A run stops moving when it meets the loop's first-order test (max |∂f/∂θ| ≤ ``tolerance_grad``,
+after which ``torch.optim.LBFGS`` and ``HessianFree`` return without a step) or when its loss
+is frozen (float32's floor). Two stopped runs are compared by their times to the lowest loss
+both reached; the final losses' ratio decides only where one of them still moves.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ def test_max_abs_grad_matches_the_least_squares_closed_form():
     assert all(p.grad is None for p in model.parameters())  # no .grad left behind
 
 
-def _run(family: str, final_loss: float, t_test: float, *, reach: bool = True):
-    """A run whose loss falls to ``final_loss`` and whose max |g| meets TOL at ``t_test``."""
+def _run(family: str, final_loss: float, t_stop: float, *, stops: str = "frozen"):
+    """A run whose loss falls to ``final_loss`` at ``t_stop`` (of 10 s); then, by ``stops``:
+    'frozen' stays there, 'test' stays there and meets max |g| ≤ TOL, 'moving' keeps falling.
+    """
     r = scorecard.Run(family, family, None, lambda: None)
-    r.curve = [(0.0, 1.0), (t_test, final_loss), (10.0, final_loss)]
-    g_end = TOL / 2 if reach else TOL * 3
-    r.grad_curve = [(0.0, 1.0), (t_test, g_end), (10.0, g_end)]
+    end = final_loss * (0.99 if stops == "moving" else 1.0)
+    r.curve = [(0.0, 1.0), (t_stop, final_loss), (8.0, final_loss), (10.0, end)]
+    g_end = TOL / 2 if stops == "test" else TOL * 3
+    r.grad_curve = [(0.0, 1.0), (t_stop, g_end), (10.0, g_end)]
     r.steps = 10
     return r
 
@@ -64,50 +68,50 @@ def _defaults_row(rows):
     ("t_default", "t_tuned", "met"),
     [(1.2, 1.0, True), (1.6, 1.0, False), (0.5, 2.0, True)],
 )
-def test_defaults_verdict_is_the_time_to_the_test_when_both_meet_it(t_default, t_tuned, met):
+def test_defaults_verdict_is_the_time_to_the_common_loss_when_both_stopped(t_default, t_tuned, met):
     # the defaults end at 2.3x the tuned loss (the full scorecard's figure): the loss ratio
-    # alone reads "missed" whatever the times
+    # alone reads "missed" whatever the times; the tuned run passes 2.3e-8 on its way down
     runs = [
-        _run("L-BFGS", 1e-6, 9.0, reach=False),
+        _run("L-BFGS", 1e-6, 9.0, stops="moving"),
         _run("HF default", 2.3e-8, t_default),
-        _run("HF tuned", 1e-8, t_tuned),
+        _run("HF tuned", 1e-8, t_tuned, stops="test"),
     ]
     row = _defaults_row(_swap_verdicts(runs))
     assert row[3] == ("met" if met else "**missed**")
-    assert f"{t_default / t_tuned:.3g}× the time to max |g|" in row[2]
-    assert "final losses 2.3e-08 and 1e-08" in row[2]
+    assert row[2].startswith(f"{t_default / t_tuned:.3g}× the time to 2.3e-08")
+    assert "both stopped: frozen, max |g| ≤ 1e-07" in row[2]
+    assert "final errors 2.3e-08 and 1e-08" in row[2]
 
 
-def test_defaults_verdict_stays_the_loss_ratio_when_one_never_meets_the_test():
+def test_defaults_verdict_stays_the_loss_ratio_when_one_still_moves():
     runs = [
-        _run("L-BFGS", 1e-6, 9.0, reach=False),
-        _run("HF default", 2.3e-8, 1.0, reach=False),  # faster, yet never met the test
+        _run("L-BFGS", 1e-6, 9.0, stops="moving"),
+        _run("HF default", 2.3e-8, 1.0, stops="moving"),  # faster, and still going down
         _run("HF tuned", 1e-8, 3.0),
     ]
     row = _defaults_row(_swap_verdicts(runs))
-    assert row[2] == "2.3×" and row[3] == "**missed**"
+    assert row[2] == f"{2.3e-8 * 0.99 / 1e-8:.3g}×" and row[3] == "**missed**"
 
 
-def test_lbfgs_verdict_uses_the_time_when_both_meet_the_test():
-    # L-BFGS ends lower (roundoff below the test), but HF met the loop's test 3x later
+def test_lbfgs_verdict_uses_the_time_when_both_stopped():
+    # L-BFGS stops lower, but HF stopped 3x later: missed; then L-BFGS still moving: the losses
     runs = [
         _run("L-BFGS", 1e-9, 1.0),
         _run("HF default", 1e-8, 3.0),
         _run("HF tuned", 1e-8, 3.0),
     ]
-    rows = _swap_verdicts(runs)
-    row = rows[("swap", "HF loss ≤ 2× L-BFGS at equal time")]
-    assert row[3] == "**missed**" and row[2].startswith("3× the time to max |g|")
-    runs[0] = _run("L-BFGS", 1e-6, 1.0, reach=False)  # L-BFGS never meets it: the losses
     row = _swap_verdicts(runs)[("swap", "HF loss ≤ 2× L-BFGS at equal time")]
-    assert row[3] == "met" and row[2].startswith("0.01×")
+    assert row[3] == "**missed**" and row[2].startswith("3× the time to 1e-08")
+    runs[0] = _run("L-BFGS", 1e-6, 1.0, stops="moving")
+    row = _swap_verdicts(runs)[("swap", "HF loss ≤ 2× L-BFGS at equal time")]
+    assert row[3] == "met" and row[2].startswith(f"{1e-8 / 0.99e-6:.3g}×")
 
 
-def test_first_order_ratio_needs_both_runs_to_meet_the_test():
-    a, b = _run("HF default", 1e-8, 2.0), _run("HF tuned", 1e-8, 4.0)
-    ratio, _ = scorecard._first_order_time_ratio(a, b, TOL)
+def test_stopped_needs_both_runs_stopped_and_none_failed():
+    a, b = _run("HF default", 1e-8, 2.0), _run("HF tuned", 1e-8, 4.0, stops="test")
+    ratio, _ = scorecard._stopped_time_ratio(a, b, TOL)
     assert ratio == 0.5
-    assert scorecard._first_order_time_ratio(a, _run("x", 1e-8, 4.0, reach=False), TOL) is None
+    assert scorecard._stopped_time_ratio(a, _run("x", 1e-8, 4.0, stops="moving"), TOL) is None
     a.failed = "RuntimeError: diverged"
-    assert scorecard._first_order_time_ratio(a, b, TOL) is None
+    assert scorecard._stopped_time_ratio(a, b, TOL) is None
     assert math.isinf(scorecard.time_to(b.grad_curve, TOL / 10))
