@@ -1000,7 +1000,7 @@ def _solve_time_ratio(default: Run, tuned: Run) -> tuple[float, str]:
 def _stopped(run: Run, tol: float | None) -> str:
     """Why ``run`` stopped moving within its budget, or '' if it did not.
 
-    'max |g| ≤ tol': it met the loop's first-order test (``torch.optim.LBFGS`` and
+    '‖g‖∞ ≤ tol': it met the loop's first-order test (``torch.optim.LBFGS`` and
     ``HessianFree`` both return without moving from then on); 'frozen': its error did not
     change at all over the last quarter of the budget (every evaluation there bit-identical
     to the final one: the steps no longer change the loss, e.g. at float32's resolution).
@@ -1013,12 +1013,12 @@ def _stopped(run: Run, tol: float | None) -> str:
     ('', '')
     >>> r.grad_curve = [(0, 1.0), (9, 5e-8)]
     >>> _stopped(r, 1e-7)
-    'max |g| ≤ 1e-07'
+    '‖g‖∞ ≤ 1e-07'
     """
     if run.failed:
         return ""
     if tol is not None and math.isfinite(time_to(run.grad_curve, tol)):
-        return f"max |g| ≤ {tol:g}"
+        return f"‖g‖∞ ≤ {tol:g}"
     end, final = run.curve[-1][0], run.curve[-1][1]
     last = [v for t, v in run.curve if t >= 0.75 * end]
     if end > 0 and len(last) >= 2 and all(v == final for v in last):
@@ -1237,7 +1237,7 @@ def write_report(
         if task.accuracy is not None:
             head.append("s to 100% train acc.")
         if task.tolerance_grad is not None:
-            head.append(f"s to max |g| ≤ {task.tolerance_grad:g}")
+            head.append(f"s to ‖g‖∞ ≤ {task.tolerance_grad:g}")
         head.append("HF step statuses / failure")
         rows = []
         for row in s["rows"]:

@@ -79,7 +79,7 @@ def test_defaults_verdict_is_the_time_to_the_common_loss_when_both_stopped(t_def
     row = _defaults_row(_swap_verdicts(runs))
     assert row[3] == ("met" if met else "**missed**")
     assert row[2].startswith(f"{t_default / t_tuned:.3g}× the time to 2.3e-08")
-    assert "both stopped: frozen, max |g| ≤ 1e-07" in row[2]
+    assert "both stopped: frozen, ‖g‖∞ ≤ 1e-07" in row[2]
     assert "final errors 2.3e-08 and 1e-08" in row[2]
 
 
