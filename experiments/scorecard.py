@@ -1015,7 +1015,7 @@ def _stopped(run: Run, tol: float | None) -> str:
     >>> _stopped(r, 1e-7)
     '‖g‖∞ ≤ 1e-07'
     """
-    if run.failed:
+    if run.failed or not run.curve:
         return ""
     if tol is not None and math.isfinite(time_to(run.grad_curve, tol)):
         return f"‖g‖∞ ≤ {tol:g}"
