@@ -15,8 +15,9 @@ evaluation off the clock, torch 1 thread):
 
 Contenders: ``torch.optim.LBFGS`` (max_iter 20, history 20, strong Wolfe; the scorecard's),
 HF with no arguments on the whole batch, the same with ``curvature_closure`` on a random ¼ or
-1/10 of the cases drawn afresh each step, or on the first ¼ every step (a fixed subset), and
-the scorecard's tuned HF row for the task. Reported: each run's time to L-BFGS's losses at ¼,
+1/10 of the cases drawn afresh each step, or on the first ¼ every step (a fixed subset), a
+fresh ¼ that switches to all cases at the first step whose λ update raised λ or after 10 steps
+(``switching_run``), and the scorecard's tuned HF row for the task. Reported: each run's time to L-BFGS's losses at ¼,
 ½ and all of the budget, over L-BFGS's time, and the defaults' time over the tuned row's.
 
     python experiments/_fullbatch_curvature.py [--budget S] [--repeats R] [--out PATH]
@@ -25,6 +26,7 @@ the scorecard's tuned HF row for the task. Reported: each run's time to L-BFGS's
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -38,6 +40,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scorecard  # noqa: E402
 from _bench_common import md_table, save_text  # noqa: E402
+
+from hessfree import HessianFree  # noqa: E402
 
 # the last full scorecard's tuned HF picks (results/2026-12-01-amd-epyc-2c-scorecard.md)
 TUNED = {
@@ -98,10 +102,48 @@ def regimes(n: int) -> dict[str, dict]:
     }
 
 
+def switching_run(task: scorecard.Task, name: str, rule: str) -> scorecard.Run:
+    """HF with no arguments, curvature on a fresh ¼ of the cases until ``rule`` says switch,
+    then on all of them: 'lambda-rise' at the first step whose Levenberg-Marquardt update
+    raised λ (the subsampled model predicted badly), 'steps=K' after K steps."""
+    m = copy.deepcopy(task.model)
+    opt = HessianFree(m.parameters())
+    n, gen = len(task.x), torch.Generator().manual_seed(1)
+    full = [False]
+
+    def forward(xb: torch.Tensor, yb: torch.Tensor) -> tuple:
+        out = m(xb)
+        return task.loss(out, yb), out
+
+    run = scorecard.Run(name, "HF", m, lambda: None, detail=rule)
+
+    def step() -> None:
+        curvature = None
+        if not full[0]:
+            pick = torch.randperm(n, generator=gen)[: n // 4]
+            curvature = lambda: forward(task.x[pick], task.y[pick])  # noqa: E731
+        opt.step(lambda: forward(task.x, task.y), curvature)
+        i = opt.last_step
+        if rule == "lambda-rise":
+            full[0] |= i.next_damping > i.damping
+        else:
+            full[0] |= run.steps + 1 >= int(rule.split("=")[1])
+        run.statuses[str(i.status)] = run.statuses.get(str(i.status), 0) + 1
+
+    run.step = step
+    return run
+
+
 def runs_for(task: scorecard.Task) -> list[scorecard.Run]:
     n = len(task.x)
     out = [scorecard.lbfgs_run(task, "L-BFGS", dict(max_iter=20, history_size=20))]
     out += [scorecard.hf_run(task, name, "HF", r) for name, r in regimes(n).items()]
+    out += [
+        switching_run(
+            task, "HF default, curvature ¼ fresh until λ first rises, then all", "lambda-rise"
+        ),
+        switching_run(task, "HF default, curvature ¼ fresh for 10 steps, then all", "steps=10"),
+    ]
     tuned = TUNED[task.key]
     out.append(scorecard.hf_run(task, f"HF tuned: {tuned}", "HF tuned", task.hf[tuned]))
     return out
