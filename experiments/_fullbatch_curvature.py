@@ -17,8 +17,8 @@ Contenders: ``torch.optim.LBFGS`` (max_iter 20, history 20, strong Wolfe; the sc
 HF with no arguments on the whole batch, the same with ``curvature_closure`` on a random ¼ or
 1/10 of the cases drawn afresh each step, or on the first ¼ every step (a fixed subset), a
 fresh ¼ that switches to all cases at the first step whose λ update raised λ or after 10 steps
-(``switching_run``), and the scorecard's tuned HF row for the task. Reported: each run's time to L-BFGS's losses at ¼,
-½ and all of the budget, over L-BFGS's time, and the defaults' time over the tuned row's.
+(``switching_run``), and the scorecard's tuned HF row for the task. Reported: each run's time
+to L-BFGS's losses at ¼, ½ and all of the budget, over L-BFGS's time and over the tuned row's.
 
     python experiments/_fullbatch_curvature.py [--budget S] [--repeats R] [--out PATH]
 """
