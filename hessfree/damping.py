@@ -24,7 +24,12 @@ The *initial* :math:`\lambda` is scale-dependent: multiplying the loss by :math:
 :math:`C` by :math:`s`, so a fixed number (the paper's 45, our former default 1) is right for one
 loss scaling only. :func:`calibrate_damping` (ours, not the paper's) picks it from the curvature
 along the gradient, the Rayleigh quotient :math:`g^\top C g / g^\top g`, which scales with the
-loss and costs one curvature product at the first step.
+loss and costs one curvature product at the first step. With structural damping (Martens &
+Sutskever 2011, §3.3) :math:`\lambda` multiplies :math:`D = I + (\mu/N) J_h^\top J_h`, not
+:math:`I`, and the quotient is taken against that metric, :math:`g^\top C g / g^\top D g`
+(:class:`~hessfree.HessianFree` passes :math:`g^\top D g` as ``gg``): on RNN addition
+:math:`g^\top D g` is 20-500 times :math:`g^\top g`, and against :math:`I` :math:`\lambda_0`
+(66-117) sat 3 decades above where :math:`\lambda` settles (``experiments/README.md``, 2026-12-01).
 """
 
 from __future__ import annotations
@@ -158,7 +163,8 @@ def calibrate_damping(
 
     Args:
         gCg: :math:`g^\top C g` (undamped curvature, weight decay included).
-        gg: :math:`g^\top g`.
+        gg: :math:`g^\top D g` for the metric :math:`D` that :math:`\lambda` multiplies:
+            :math:`g^\top g`, plus :math:`(\mu/N)\|J_h g\|^2` with structural damping.
         factor: Multiplier, > 0.
         min_damping: Lower clip.
         max_damping: Upper clip.

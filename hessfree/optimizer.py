@@ -381,8 +381,10 @@ class HessianFree(torch.optim.Optimizer):
             the loss node says ``'sum'``; not for residual blocks) or a callable
             ``(loss, outputs, params) -> MatVec`` returning flat ``v -> C v``.
         damping: Initial Tikhonov damping: ``'auto'`` (default) sets
-            :math:`\lambda_0 = |g^\top C g| / g^\top g` at the first step (one extra curvature
-            product; scale-free, see :func:`hessfree.damping.calibrate_damping`), or a number
+            :math:`\lambda_0 = |g^\top C g| / g^\top D g` at the first step (one extra curvature
+            product; scale-free, see :func:`hessfree.damping.calibrate_damping`), with
+            :math:`D = I`, or :math:`I + (\mu/N) J_h^\top J_h` where structural damping is in
+            effect (what :math:`\lambda` multiplies; one more Jacobian pass), or a number
             :math:`\lambda > 0` to use as given. Until the first step, :attr:`damping` is NaN.
         adapt_damping: Adapt :math:`\lambda` from :math:`\rho` after every step.
         damping_rule: How: ``'nielsen'`` (default; :math:`\lambda \leftarrow
@@ -1284,14 +1286,23 @@ class HessianFree(torch.optim.Optimizer):
     def _calibrate_damping(
         self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
     ) -> None:
-        """``damping='auto'``: :math:`\\lambda_0` from :math:`g^\\top C g` (one product)."""
+        """``damping='auto'``: :math:`\\lambda_0 = g^\\top C g / g^\\top D g` (one product), with
+        :math:`D = I + (\\mu/N) J_h^\\top J_h` the metric that :math:`\\lambda` multiplies
+        (:math:`D = I` without structural damping; with it, one more batched Jacobian pass)."""
         settings = self.settings
         with torch.enable_grad():
             Cg = curvature(g)
             if settings.curvature_batch != "replicated":
                 Cg = self._avg.mean(Cg)
+            gDg = g_norm**2
+            if run.structural_damping > 0:
+                # ‖J_h g‖²: the structural term's share of λ's metric along g (same averaging)
+                energy = product.hidden_energy(g.unsqueeze(0))[0] / _examples(product.hidden)
+                if settings.curvature_batch != "replicated":
+                    energy = self._avg.mean(energy)
+                gDg += run.structural_damping * float(energy)
         gCg = float(g @ Cg) + float((run.l2 * g) @ g)  # C includes the L2 term κ
-        lam = settings.damping_policy().initial(gCg, g_norm**2)
+        lam = settings.damping_policy().initial(gCg, gDg)
         run.damping = run.state["damping"] = lam
         if run.structural_damping > 0:
             product.weight = _structural_weight(lam, run.structural_damping, product.hidden)
@@ -1733,7 +1744,12 @@ def _structural_weight(damping: float, mu: float, hidden: Tensor) -> float:
     """:math:`\\lambda\\mu/N` of the structural term (0 while ``damping='auto'`` is NaN)."""
     if math.isnan(damping):
         return 0.0
-    return damping * mu / (hidden.shape[0] if hidden.dim() > 0 else 1)
+    return damping * mu / _examples(hidden)
+
+
+def _examples(hidden: Tensor) -> int:
+    """:math:`N`, the examples (dimension 0) of the recorded hidden states."""
+    return hidden.shape[0] if hidden.dim() > 0 else 1
 
 
 def _with_weight_decay(

@@ -155,3 +155,51 @@ def test_reduction_ratio_names_a_bad_argument_and_keeps_nan_and_inf_meanings():
         reduction_ratio("a", -1.0)
     assert reduction_ratio(math.nan, -1.0) == -math.inf and math.isnan(reduction_ratio(-1.0, 0.0))
     assert math.isnan(update_damping(math.nan, 0.5))  # λ not yet calibrated stays NaN
+
+
+def test_auto_damping_counts_the_structural_term_in_its_metric():
+    # With structural damping, λ multiplies D = I + (μ/N) J_hᵀJ_h, so 'auto' is the Rayleigh
+    # quotient gᵀCg / gᵀDg: C = J_oᵀJ_o/N (the GGN of ½ mean squared error) and J_h from dense
+    # float64 Jacobians of a small tanh recurrence in a flat parameter vector.
+    gen = torch.Generator().manual_seed(3)
+    n_ex, steps, width, mu = 6, 4, 3, 50.0
+    x = torch.randn(n_ex, steps, 2, generator=gen, dtype=torch.float64)
+    y = torch.randn(n_ex, 1, generator=gen, dtype=torch.float64)
+    size = 2 * width + width * width + width  # input, recurrent and readout weights
+    theta0 = 0.5 * torch.randn(size, generator=gen, dtype=torch.float64)
+
+    def forward(theta):
+        w_in = theta[: 2 * width].reshape(width, 2)
+        w_rec = theta[2 * width : 2 * width + width * width].reshape(width, width)
+        w_out = theta[2 * width + width * width :]
+        h, states = torch.zeros(n_ex, width, dtype=torch.float64), []
+        for t in range(steps):
+            h = torch.tanh(x[:, t] @ w_in.T + h @ w_rec.T)
+            states.append(h)
+        return (h @ w_out).unsqueeze(1), torch.stack(states, 1)
+
+    def loss_of(out):
+        return 0.5 * (out - y).square().sum() / n_ex
+
+    jacobian = torch.autograd.functional.jacobian
+    J_o = jacobian(lambda t: forward(t)[0], theta0).reshape(n_ex, size)
+    J_h = jacobian(lambda t: forward(t)[1], theta0).reshape(-1, size)
+    g = jacobian(lambda t: loss_of(forward(t)[0]), theta0)
+    gCg, Jg = float(g @ (J_o.T @ J_o / n_ex) @ g), J_h @ g
+    expected = gCg / float(g @ g + mu / n_ex * Jg @ Jg)
+
+    lams = {}
+    for sd in (mu, 0.0):
+        theta = theta0.clone().requires_grad_(True)
+        opt = HessianFree([theta], structural_damping=sd, cg_max_iter=2)  # λ₀ is set before CG
+
+        def closure(theta=theta, sd=sd):
+            out, hidden = forward(theta)
+            return (loss_of(out), out, hidden) if sd else (loss_of(out), out)
+
+        opt.step(closure)
+        lams[sd] = opt.last_step.damping
+    assert lams[mu] == pytest.approx(expected, rel=1e-10)
+    # without hidden states D = I: the plain Rayleigh quotient, strictly above the structural one
+    assert lams[0.0] == pytest.approx(gCg / float(g @ g), rel=1e-10)
+    assert lams[mu] < 0.9 * lams[0.0]
