@@ -57,9 +57,11 @@ def regimes(task: sc.Task) -> dict[str, dict]:
     r["ns70 late cg≤5 1/20"] = dict(
         r["ns70"], kw=dict(cg_max_iter=5, min_damping=1e-2), full_curvature_batch=0.05
     )
-    r["k2r2 λ≥1"] = dict(
-        batch=250, curvature_batch=62, kw=dict(cg_max_iter=2, min_damping=1.0), kfac=K
-    )
+    for cg, floor in ((2, 1.0), (2, 0.3), (2, 0.1), (3, 1.0)):
+        name = f"k{cg}r2 λ≥{floor:g}"
+        r[name] = dict(
+            batch=250, curvature_batch=62, kw=dict(cg_max_iter=cg, min_damping=floor), kfac=K
+        )
     r["k2r2@50/25"] = dict(batch=50, curvature_batch=25, kw=dict(cg_max_iter=2), kfac=K)
     r["k2r2@100/25"] = dict(batch=100, curvature_batch=25, kw=dict(cg_max_iter=2), kfac=K)
     r["cg2@50/25"] = dict(batch=50, curvature_batch=25, kw=dict(cg_max_iter=2))
