@@ -9,6 +9,7 @@ state is set. Notation (:math:`L`, :math:`w_b`) as in :mod:`hessfree.operators`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -85,10 +86,15 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         if _product is not None:  # from_product: the product is the whole source
             self._setup(_product, dtype)
             return
+        # A weak reference to the bound method: the source lives in the operator, so holding
+        # `self._make_product` would be a reference cycle that keeps the operator, its cached
+        # graph and the process group it averages over alive until the garbage collector runs
+        # (at interpreter exit, a process group destroyed then can abort gloo's teardown).
+        make_product = weakref.WeakMethod(self._make_product)
         source = _DataProducts(
             model,
             loss_fn,
-            self._make_product,
+            lambda loss, outputs: make_product()(loss, outputs),
             name=type(self).__name__,
             params=params,
             reduction=reduction,

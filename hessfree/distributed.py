@@ -41,7 +41,11 @@ class Averager:
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, weight: float = 1.0) -> None:
         self.active = dist.is_available() and dist.is_initialized()
-        self.group = group if group is not None else (dist.group.WORLD if self.active else None)
+        # None stands for the default group, which torch looks up at each collective: holding
+        # `dist.group.WORLD` would keep a destroyed group alive as long as this object (an
+        # optimizer or operator kept to the end of a script), and its teardown would then run
+        # during interpreter exit, after the peers have gone.
+        self.group = group
         if group is not None and not self.active:
             raise ValueError(
                 "A `process_group` was given but torch.distributed is not initialised."

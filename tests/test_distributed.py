@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hessfree import HessianFree
+from hessfree import GGNLinearOperator, HessianFree
 from hessfree.distributed import Averager
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
@@ -105,6 +105,33 @@ def test_averager_is_identity_without_process_group():
     a.check_same(t)  # nothing to compare against
     with pytest.raises(ValueError, match="not initialised"):
         Averager(group=object())
+
+
+def test_live_optimizer_and_operator_do_not_keep_a_destroyed_group_alive(tmp_path):
+    """An optimizer or operator kept to the end of a script must not keep the destroyed default
+    group alive: its teardown would then run at interpreter exit, after the peers have gone
+    (where gloo can abort). One in-process rank; the group is destroyed before the test ends."""
+    import weakref
+
+    # torch's first optimizer imports torch._dynamo, and that import, made while a group is
+    # alive, keeps the group to the end of the process (torch's own reference): import it first
+    import torch._dynamo  # noqa: F401
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        world = weakref.ref(dist.group.WORLD)
+        avg = Averager()
+        assert avg.active and avg.world_size == 1 and avg.rank == 0
+        assert float(avg.sum(torch.tensor([2.5]))) == 2.5  # the default group, looked up
+        model = torch.nn.Linear(3, 2).double()
+        x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+        op = GGNLinearOperator(model, torch.nn.MSELoss(), (x, y))
+        opt = HessianFree(model.parameters(), cg_max_iter=3)
+        opt.step(lambda: (torch.nn.functional.mse_loss(out := model(x), y), out))
+    finally:
+        dist.destroy_process_group()
+    assert world() is None, "a live Averager, operator or optimizer still holds the group"
+    assert op.shape == (8, 8) and opt.last_step is not None  # both still alive here
 
 
 def test_replicated_curvature_batch_reduces_no_products(tmp_path):

@@ -638,3 +638,30 @@ def test_cuda_operator_matches_dense(kind):
     np.testing.assert_allclose(op @ V, M @ V, **EXACT)
     J = JacobianLinearOperator(model, x)
     np.testing.assert_allclose(J @ V[:, 0], _dense("mlp_relu_ce").J.numpy() @ V[:, 0], **EXACT)
+
+
+@pytest.mark.parametrize("cls", [HessianLinearOperator, GGNLinearOperator, FisherLinearOperator])
+@pytest.mark.parametrize("batches", [1, 2])
+def test_an_operator_goes_with_its_last_reference(cls, batches):
+    """No reference cycle: the operator, its cached graph and the process group it averages
+    over are freed when its last reference goes, not when the garbage collector next runs
+    (for a process group, possibly at interpreter exit, after the peers have gone)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    data = (x, y) if batches == 1 else [(x[:2], y[:2]), (x[2:], y[2:])]
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        op = cls(model, nn.CrossEntropyLoss(), data)
+        op @ np.ones(op.shape[1])  # builds (and, for one batch, caches) products
+        alive = weakref.ref(op)
+        del op
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()
