@@ -13,6 +13,7 @@ import datetime
 import os
 import sys
 import traceback
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -51,8 +52,16 @@ def main() -> None:
     # Ranks that reach gloo's teardown at interpreter exit at different times (rank 0 is
     # still writing its result) may abort with "terminate called without an active
     # exception": meet first, then leave the group.
+    world_group = weakref.ref(dist.group.WORLD)
     dist.barrier()
     dist.destroy_process_group()
+    if world_group() is not None:
+        # torch keeps the group (the first optimizer imported torch._dynamo while it existed):
+        # destroyed during interpreter finalisation, gloo can abort ("terminate called without
+        # an active exception"), so leave without that teardown, as the CLI does
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:

@@ -182,3 +182,31 @@ def test_cli_resume_extends_a_finished_run_under_a_larger_budget(tiny_yaml, tmp_
     assert main(["run", "--resume", str(out), "--quiet", "seed=5", "budget.steps=12"]) == 2
     err = capsys.readouterr().err
     assert ": seed." in err and "budget" not in err.split("differ from")[1].split(".")[0]
+
+
+def test_a_rank_whose_destroyed_group_lives_on_leaves_without_the_teardown(monkeypatch, tmp_path):
+    """While the process group a run destroyed is still alive (torch keeps it once its first
+    optimizer imported torch._dynamo), main() ends the process with its exit code rather than
+    returning into an interpreter teardown that can abort gloo; otherwise it returns."""
+    import weakref
+
+    from hessfree.train import cli, parallel
+
+    class Left(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Left(code)
+
+    class StandIn:  # a group torch kept alive
+        pass
+
+    kept = StandIn()
+    monkeypatch.setattr(parallel, "_destroyed_group", weakref.ref(kept))
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    missing = str(tmp_path / "missing.yaml")
+    with pytest.raises(Left) as left:
+        main(["run", missing, "--quiet"])
+    assert left.value.args == (2,)  # the config error's code, not a teardown's
+    del kept
+    assert main(["run", missing, "--quiet"]) == 2

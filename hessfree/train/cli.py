@@ -245,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hessfree`` console script and ``python -m hessfree``.
 
     Returns:
-        int: the exit code (see the module docstring).
+        int: the exit code (see the module docstring). A torchrun rank whose destroyed process
+        group is still alive (:func:`hessfree.train.parallel.group_outlives_destroy`) does not
+        return: it flushes and ends the process with that code (``os._exit``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, run_parser = build_parser()
@@ -261,10 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hessfree.train.parallel import PeerError
 
     try:
-        return _run(args, run_parser)
+        code = _run(args, run_parser)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except PeerError as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         import torch.distributed as dist
@@ -272,13 +274,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized():
             # A group left after a peer failed: its teardown at interpreter exit could wait on
             # the dead peer or abort (exit code -6 instead of 3). Leave now.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(3)
-        return 3
+            _leave_now(3)
+        code = 3
     except KeyboardInterrupt:
         print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)
-        return 130
+        code = 130
+    from hessfree.train.parallel import group_outlives_destroy
+
+    if group_outlives_destroy():
+        # The destroyed gloo group would be torn down during interpreter finalisation, which
+        # can abort the process (-6 instead of this exit code): leave before that.
+        _leave_now(code)
+    return code
+
+
+def _leave_now(code: int) -> None:
+    """Flush and end the process at once with ``code``, skipping the interpreter's teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

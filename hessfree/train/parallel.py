@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -214,6 +215,23 @@ def _is_collective_error(err: BaseException) -> bool:
     )
 
 
+#: A weak reference to the process group :func:`process_group` created (and destroyed).
+_destroyed_group: weakref.ref | None = None
+
+
+def group_outlives_destroy() -> bool:
+    """Whether the process group :func:`process_group` created is still alive after its end.
+
+    ``destroy_process_group`` only unregisters the group; the object dies with its last
+    reference. torch itself keeps one to the end of the process when ``torch._dynamo`` is first
+    imported while a group exists (the first optimizer constructed imports it), and the gloo
+    group is then destroyed during interpreter finalisation, where its worker threads can abort
+    the process (SIGABRT, "terminate called without an active exception"; about 1 run in 15
+    on a loaded 2-core machine). The CLI then leaves with ``os._exit`` after flushing.
+    """
+    return _destroyed_group is not None and _destroyed_group() is not None
+
+
 @contextmanager
 def process_group(device: torch.device, timeout_seconds: float) -> Iterator[Group]:
     """Join the ``torchrun`` process group for the duration of a run, if launched by torchrun.
@@ -270,6 +288,8 @@ def process_group(device: torch.device, timeout_seconds: float) -> Iterator[Grou
                 "launch with torchrun, which sets MASTER_ADDR and MASTER_PORT."
             ) from None
         owned = True
+        global _destroyed_group
+        _destroyed_group = weakref.ref(dist.group.WORLD)  # see group_outlives_destroy
     group = Group(rank, world, device)
     failed = False
     try:
