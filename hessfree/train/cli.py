@@ -269,12 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 2
     except PeerError as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            # A group left after a peer failed: its teardown at interpreter exit could wait on
-            # the dead peer or abort (exit code -6 instead of 3). Leave now.
-            _leave_now(3)
         code = 3
     except KeyboardInterrupt:
         print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)
@@ -282,17 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hessfree.train.parallel import group_outlives_destroy
 
     if group_outlives_destroy():
-        # The destroyed gloo group would be torn down during interpreter finalisation, which
-        # can abort the process (-6 instead of this exit code): leave before that.
-        _leave_now(code)
+        # A group still alive (kept by torch, or left undestroyed after a peer failed) would be
+        # torn down during interpreter finalisation, which can wait on a dead peer or abort the
+        # process (-6 instead of this exit code): flush and leave before that.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
-
-
-def _leave_now(code: int) -> None:
-    """Flush and end the process at once with ``code``, skipping the interpreter's teardown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
