@@ -146,6 +146,9 @@ _SAME_OBJECTIVE_RTOL = 1e-5
 #: (a growing batch that has reached the whole training set; measured on MNIST-1D in
 #: ``experiments/README.md``).
 _SAME_OBJECTIVE_AGAIN = 3
+#: ``relative_min_damping='auto'``: the fraction of the curvature scale on a stochastic
+#: objective (CURVES: λ ≥ 0.28; ``experiments/README.md``, "lamfloor").
+_AUTO_RELATIVE_MIN_DAMPING = 0.01
 
 #: ``structural_damping='auto'``: μ where the curvature closure returns hidden states (Martens &
 #: Sutskever 2011, §3.3, and ``configs/rnn_addition.yaml``).
@@ -409,8 +412,11 @@ class HessianFree(torch.optim.Optimizer):
             :math:`c > 0` (one curvature product there if ``damping`` is a number; 0 when the
             quotient is not finite), and never below ``min_damping``, never above
             ``max_damping``. It scales with the loss, where ``min_damping`` is absolute.
-            0 (default): no such floor, and every step as without the argument. What it is
-            for: on mini-batches a few preconditioned CG iterations with :math:`\lambda` at
+            0 (default): no such floor, and every step as without the argument. ``'auto'``:
+            0.01 on steps where the objective is seen stochastic (the closure's value at the
+            start of a step differs from the previous step's at the same parameters, as
+            ``extrapolate='auto'`` detects it; mini-batches), 0 on a deterministic one. What
+            it is for: on mini-batches a few preconditioned CG iterations with :math:`\lambda` at
             ``min_damping`` fit the step's own batch, so late in a run the loss on the
             training set stalls or rises; the floor keeps those steps short. On the CURVES
             autoencoder (250/62 cases, 2 CG iterations, K-FAC; ``experiments/README.md``,
@@ -619,7 +625,7 @@ class HessianFree(torch.optim.Optimizer):
         damping_decrease: float = 2.0 / 3.0,
         min_damping: float = 1e-8,
         max_damping: float = 1e10,
-        relative_min_damping: float = 0.0,
+        relative_min_damping: float | str = 0.0,
         weight_decay: float = 0.0,
         structural_damping: float | str = "auto",
         cg_max_iter: int | str = "auto",
@@ -1201,9 +1207,6 @@ class HessianFree(torch.optim.Optimizer):
         state = self._global_state()
         params = self._params()
         layout = ParamLayout(params)
-        if self.settings.relative_min_damping > 0 and "damping_scale" in state:
-            # the floor may have been raised since the last step (a param-group edit)
-            state["damping"] = self._damping_policy(state).clip(state["damping"])
         return _StepRun(
             state=state,
             params=params,
@@ -1228,6 +1231,9 @@ class HessianFree(torch.optim.Optimizer):
         run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
         run.lap("evaluate")
         self._observe_objective(state, run.f0)
+        floor = self._relative_floor(state)
+        if run.damping < floor:  # the floor rose since the last step (an edit, or 'auto')
+            run.damping = state["damping"] = floor
         if not math.isfinite(run.f0):
             return self._reject(run, StepStatus.NON_FINITE_LOSS, "the loss")
         curvature = product = None
@@ -1259,7 +1265,7 @@ class HessianFree(torch.optim.Optimizer):
             )
         curvature = accelerate(curvature, g, settings.products)  # CUDA graph / low precision
         if math.isnan(run.damping) or (
-            settings.relative_min_damping > 0 and "damping_scale" not in state
+            self._relative_fraction(state) > 0 and "damping_scale" not in state
         ):  # damping='auto' or the relative floor: one product along g, once
             self._calibrate_damping(curvature, product, g, g_norm, run)
 
@@ -1341,13 +1347,27 @@ class HessianFree(torch.optim.Optimizer):
         if run.structural_damping > 0:
             product.weight = _structural_weight(lam, run.structural_damping, product.hidden)
 
+    def _relative_fraction(self, state: dict) -> float:
+        """``relative_min_damping`` in effect: ``'auto'`` is ``_AUTO_RELATIVE_MIN_DAMPING``
+        on a stochastic objective (:meth:`_observe_objective`) and 0 otherwise."""
+        c = self.settings.relative_min_damping
+        if c == "auto":
+            c = _AUTO_RELATIVE_MIN_DAMPING if state.get("deterministic") is False else 0.0
+        return c
+
+    def _relative_floor(self, state: dict) -> float:
+        """``relative_min_damping`` × the curvature scale (0 until that is known), at most
+        ``max_damping``."""
+        floor = self._relative_fraction(state) * state.get("damping_scale", 0.0)
+        return min(floor, self.settings.max_damping)
+
     def _damping_policy(self, state: dict) -> _damping.DampingPolicy:
-        """:meth:`HFSettings.damping_policy` with its lower bound raised to
-        ``relative_min_damping`` × the curvature scale once that is known."""
+        """:meth:`HFSettings.damping_policy` with its lower bound raised to the relative
+        floor (:meth:`_relative_floor`) where that is higher."""
         policy = self.settings.damping_policy()
-        floor = self.settings.relative_min_damping * state.get("damping_scale", 0.0)
+        floor = self._relative_floor(state)
         if floor > policy.min_damping:
-            policy = dataclasses.replace(policy, min_damping=min(floor, policy.max_damping))
+            policy = dataclasses.replace(policy, min_damping=floor)
         return policy
 
     def _solve(

@@ -1370,13 +1370,17 @@ def test_relative_min_damping_scales_with_the_loss():
     assert floors[0] == pytest.approx(0.05 * _rayleigh_np(A, -b.numpy()), rel=1e-12)
 
 
-def _logistic_steps(relative: float, steps: int = 12) -> tuple[list[StepInfo], float]:
-    """Logistic regression on mini-batches of 64 (seeded), float64; the StepInfos and the
-    quotient |gᵀHg|/gᵀg at the first batch from a dense float64 Hessian."""
+def _logistic_steps(
+    relative: float | str, steps: int = 12, same_batch: bool = False
+) -> tuple[list[StepInfo], float]:
+    """Logistic regression on mini-batches of 64 (seeded; or one batch throughout), float64;
+    the StepInfos and the quotient |gᵀHg|/gᵀg at the first batch from a dense Hessian."""
     X, y = _breast_cancer()
     X, y = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randperm(len(X), generator=gen)[:64] for _ in range(steps)]
+    if same_batch:
+        batches = batches[:1] * steps
     w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
 
     def f(w, idx):
@@ -1406,6 +1410,19 @@ def test_relative_min_damping_keeps_damping_above_the_floor_over_steps():
     assert all(i.damping_floor == 1e-8 for i in free)  # min_damping alone
 
 
+def test_relative_min_damping_auto_floors_only_a_stochastic_objective():
+    infos, quotient = _logistic_steps("auto", steps=6)
+    # step 0 cannot tell yet; from step 1 the batches differ: 0.01 × the first quotient
+    assert infos[0].damping_floor == 1e-8
+    for info in infos[1:]:
+        assert info.damping_floor == pytest.approx(0.01 * quotient, rel=1e-10)
+        assert info.next_damping >= info.damping_floor * (1 - 1e-12)
+    # one batch throughout is a deterministic objective: min_damping alone, λ falls below
+    same, _ = _logistic_steps("auto", steps=6, same_batch=True)
+    assert all(i.damping_floor == 1e-8 for i in same)
+    assert min(i.next_damping for i in same) < 0.01 * quotient
+
+
 def test_relative_min_damping_survives_state_dict_round_trip():
     A, b = _quadratic(seed=2)
     x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
@@ -1427,7 +1444,8 @@ def test_relative_min_damping_survives_state_dict_round_trip():
         (-0.1, ValueError, r"`relative_min_damping` must be in \[0.0, 1.0\], got -0.1\.$"),
         (30.0, ValueError, r"got 30.0\. It is a fraction .* use `min_damping`"),
         (math.nan, ValueError, r"`relative_min_damping` must be in \[0.0, 1.0\], got nan"),
-        ("auto", TypeError, r"`relative_min_damping` must be a real number, got str 'auto'"),
+        ("big", ValueError, r"Unknown `relative_min_damping` 'big'; expected one of 'auto'"),
+        (None, TypeError, r"`relative_min_damping` must be a real number, got NoneType None"),
     ],
 )
 def test_relative_min_damping_refuses_bad_values(value, error, match):
