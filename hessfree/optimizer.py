@@ -578,8 +578,9 @@ class HessianFree(torch.optim.Optimizer):
             for a zero step). As in LBFGS, whose ``step()`` call ends on them while the next
             call goes on, an accepted ``'converged'`` step moved the parameters and the next may
             move them again (on the scorecard's float32 swap regression the first came at step
-            147, loss 5.6e-7, and the run went on to 1.8e-8 by step 695): a loop that stops at convergence should stop at a
-            ``'converged'`` step that is not ``accepted`` (as ``hessfree run`` does). A step
+            147, loss 5.6e-7, and the run went on to 1.8e-8 by step 695): a loop that stops at
+            convergence should stop at a ``'converged'`` step that is not ``accepted`` (as
+            ``hessfree run`` does). A step
             below the objective's float resolution is ``'converged'`` whatever the tolerances
             (``StepInfo.converged_by``).
         max_failures: Consecutive steps with a non-finite value (loss, gradient, curvature
