@@ -24,7 +24,7 @@ run starts from a copy of one initial model and sees the same data order.
 
 ::
 
-    python experiments/scorecard.py            # full: ~40 min on 2 CPU cores
+    python experiments/scorecard.py            # full: ~42 min on 2 CPU cores
     python experiments/scorecard.py --quick    # < 5 min; no RNN tasks
     python experiments/scorecard.py --device cuda
     python experiments/scorecard.py --tasks swap,digits --quick
