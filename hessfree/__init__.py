@@ -31,7 +31,7 @@ from .operators import (
     JacobianLinearOperator,
     limit_blas_threads,
 )
-from .optimizer import HessianFree, StepInfo, StepStatus
+from .optimizer import Convergence, HessianFree, StepInfo, StepStatus
 from .preconditioning import (
     CGPairPreconditioner,
     EmpiricalFisherDiagonal,
@@ -73,6 +73,7 @@ __all__ = [
     "HFSettings",
     "StepInfo",
     "StepStatus",
+    "Convergence",
     "EmpiricalFisherDiagonal",
     "KFACPreconditioner",
     "NystromPreconditioner",

@@ -56,11 +56,14 @@ def armijo(
     c: float,
     shrink: float,
     max_iter: int,
+    resolution: float = 0.0,
 ) -> tuple[float, float]:
     r"""Backtracking Armijo search: the first rate :math:`t = \text{shrink}^k` decreasing enough.
 
     Accepts :math:`t` when :math:`f(t) \le f_0 + c\,t\,s` (sufficient decrease), trying
-    :math:`t = 1, \text{shrink}, \text{shrink}^2, \dots`, at most ``max_iter`` rates in all.
+    :math:`t = 1, \text{shrink}, \text{shrink}^2, \dots`, at most ``max_iter`` rates in all,
+    and none whose first-order decrease :math:`t|s|` is at most ``resolution`` (ours: such a
+    rate could only pass by a rounding error of :math:`f`, so it is not evaluated).
 
     Args:
         objective: :math:`t \mapsto f(\theta_0 + t p)`.
@@ -70,6 +73,7 @@ def armijo(
         c: Sufficient-decrease constant in (0, 1).
         shrink: Rate factor in (0, 1).
         max_iter: Most rates tried, :math:`t = 1` included.
+        resolution: Float resolution of :math:`f` (0: no limit); see above.
 
     Returns:
         tuple[float, float]: The accepted rate and the objective there, or ``(0.0, f)`` with
@@ -80,10 +84,14 @@ def armijo(
         (0.5, 0.0)
         >>> armijo(lambda t: 1.0, 0.0, -1.0, 1.0, c=0.01, shrink=0.5, max_iter=3)
         (0.0, 1.0)
+        >>> calls = []  # t = 1/2 and 1/4 are tried; 1/8 would decrease by at most 1/8: not tried
+        >>> armijo(lambda t: calls.append(t) or 1.0, 0.0, -1.0, 1.0, c=0.01, shrink=0.5,
+        ...        max_iter=60, resolution=0.125), calls
+        ((0.0, 1.0), [0.5, 0.25])
     """
     rate, f = 1.0, f1
     for _ in range(max_iter - 1):
-        if f <= f0 + c * rate * slope:
+        if f <= f0 + c * rate * slope or shrink * rate * -slope <= resolution:
             break
         rate *= shrink
         f = objective(rate)

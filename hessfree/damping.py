@@ -30,6 +30,14 @@ Sutskever 2011, §3.3) :math:`\lambda` multiplies :math:`D = I + (\mu/N) J_h^\to
 (:class:`~hessfree.HessianFree` passes :math:`g^\top D g` as ``gg``): on RNN addition
 :math:`g^\top D g` is 20-500 times :math:`g^\top g`, and against :math:`I` :math:`\lambda_0`
 (66-117) sat 3 decades above where :math:`\lambda` settles (``experiments/README.md``, 2026-12-01).
+
+At float precision's floor :math:`\rho` measures rounding, not the model: once both the actual
+and the predicted change are within a few units of :math:`\epsilon|f(\theta)|` (:math:`\epsilon`
+the machine epsilon of the loss's dtype), a step carries no information about :math:`C`
+(:func:`below_resolution`), and :class:`~hessfree.HessianFree` leaves :math:`\lambda` alone
+instead of reading :math:`\rho = -0` (a trial loss bit-identical to :math:`f(\theta)`) as a
+failed model. Measured on a float32 regression at its floor (``experiments/README.md``, freeze):
+λ had climbed from 1e-8 to its 1e10 cap, each step spending up to 61 closure calls.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ __all__ = [
     "AUTO_DAMPING_FACTOR",
     "DAMPING_RULES",
     "DampingPolicy",
+    "RESOLUTION_ULPS",
+    "below_resolution",
     "calibrate_damping",
     "reduction_ratio",
     "update_damping",
@@ -51,6 +61,12 @@ __all__ = [
 # λ0 = AUTO_DAMPING_FACTOR · gᵀCg / gᵀg. Ours, chosen on experiments/scorecard.py's tasks
 # (see experiments/README.md): the LM rule then needs few steps to settle.
 AUTO_DAMPING_FACTOR = 1.0
+
+#: A change of the objective :math:`f` within ``RESOLUTION_ULPS`` :math:`\cdot\,\epsilon|f|` is
+#: below its float resolution (:func:`below_resolution`). Ours: "a few ulps" (ε|f| is 1-2 ulps
+#: of f), room for the rounding of a reduced loss and of f + the L2 term in double. For a
+#: bfloat16 loss (ε = 2^-7) that is 3-6 % of f: every change a bf16 loss cannot resolve.
+RESOLUTION_ULPS = 8.0
 
 #: The rules :func:`update_damping` knows.
 DAMPING_RULES = ("martens", "nielsen")
@@ -81,6 +97,32 @@ def reduction_ratio(actual: float, predicted: float) -> float:
     if not predicted < 0:
         return math.nan
     return actual / predicted
+
+
+def below_resolution(actual: float, predicted: float, f0: float, eps: float) -> bool:
+    r"""Whether a step's actual and predicted changes are both below the float resolution of
+    the objective (ours): :math:`|\Delta f| \le \delta` and :math:`|\Delta q| \le \delta` with
+    :math:`\delta = \text{RESOLUTION\_ULPS}\cdot\epsilon\,|f_0|`.
+
+    Such a step carries no information about the quadratic model: :math:`\rho` is a ratio of
+    rounding errors (``-0.0`` when the trial loss is bit-identical to :math:`f_0`).
+
+    Args:
+        actual: :math:`f(\theta + p) - f(\theta)`.
+        predicted: :math:`q(p) - q(0)` of the undamped model.
+        f0: :math:`f(\theta)`.
+        eps: Machine epsilon of the loss's dtype (``torch.finfo(loss.dtype).eps``).
+
+    Returns:
+        bool: True when both changes are within :math:`\delta` (NaN or infinite: False).
+
+    Example:
+        >>> eps = 2.0**-23  # float32
+        >>> below_resolution(0.0, -1e-15, 2e-8, eps), below_resolution(0.0, -1e-12, 2e-8, eps)
+        (True, False)
+    """
+    delta = RESOLUTION_ULPS * eps * abs(f0)
+    return abs(actual) <= delta and abs(predicted) <= delta
 
 
 def update_damping(

@@ -29,18 +29,24 @@ phases named as the methods that run them:
    from zero, where every iterate descends (ours). The graphs are freed after this phase.
 3. *Backtrack* (§4.6, :func:`hessfree._line_search.backtrack`): from the last stored iterate
    walk back while the objective on the gradient batch decreases.
-4. *Reduction ratio and damping* (``_reduction_ratio``, :class:`hessfree.damping.DampingPolicy`):
+4. *Reduction ratio and damping* (``_predicted_change``, :class:`hessfree.damping.DampingPolicy`):
    :math:`\rho` of the backtracked step with the undamped model, read off CG's :math:`\phi` (no
    extra product); Levenberg-Marquardt update of :math:`\lambda` (Nielsen's rule by default,
-   §4.1's on request); with ``trust_radius``, :math:`\Delta \leftarrow 2\|p\|` when
+   §4.1's on request), except where the actual and the predicted change are both below the
+   objective's float resolution (:func:`hessfree.damping.below_resolution`, ours): there
+   :math:`\rho` measures rounding, so :math:`\lambda` stays, nothing moves and the step is
+   ``'converged'`` (``StepInfo.converged_by == 'float_resolution'``) after about two closure
+   calls; with ``trust_radius``, :math:`\Delta \leftarrow 2\|p\|` when
    backtracking walked back, doubled after a step on the sphere with :math:`\rho > 3/4`.
 5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
    on the backtracked step (the reference code's: :math:`c = 10^{-2}`, rate × 0.8, up to 60
-   tries), else the step is rejected; after an accepted full step with :math:`\rho > 1.05` on a
+   tries, none whose first-order decrease :math:`t|g^\top p|` is within the float resolution:
+   ours), else the step is rejected; after an accepted full step with :math:`\rho > 1.05` on a
    deterministic objective, rates 2, 4, ... while the objective keeps falling
    (``extrapolate``, ours). A step that changed the objective by less than
    ``tolerance_change``, or every parameter by at most that, is ``'converged'`` (LBFGS's
-   no-progress tests; ours, not the paper's).
+   no-progress tests; ours, not the paper's) and was still applied (``accepted``): LBFGS ends
+   one ``step()`` call of up to ``max_iter`` iterations on them and goes on at the next.
 
 Where our defaults differ from the paper: initial ``damping='auto'`` calibrates :math:`\lambda`
 from the curvature along the gradient at the first step (:func:`hessfree.damping.calibrate_damping`;
@@ -132,7 +138,7 @@ from .preconditioning import (
     PrecondContext,
 )
 
-__all__ = ["HessianFree", "StepInfo", "StepStatus"]
+__all__ = ["Convergence", "HessianFree", "StepInfo", "StepStatus"]
 
 #: ``extrapolate``: a full step is doubled only when its :math:`\rho` exceeds this (the model
 #: under-predicted the decrease clearly: ρ ≈ 1.26 for Newton on a loss like exp(-t); with
@@ -191,7 +197,9 @@ class StepStatus(str, enum.Enum):
     #: (returned after one closure call, nothing moved), or no progress: the accepted step
     #: changed the objective by less than ``tolerance_change`` or every parameter by at most
     #: ``tolerance_change`` (it was still applied), or a rejected step whose full length
-    #: (× ``lr``) was at most ``tolerance_change`` in every parameter.
+    #: (× ``lr``) was at most ``tolerance_change`` in every parameter; or a step whose actual
+    #: and predicted changes were below the objective's float resolution (not taken).
+    #: ``StepInfo.converged_by`` says which (a :class:`Convergence`).
     CONVERGED = "converged"
     #: No rate passed the line search, or the step was not a descent direction; nothing moved.
     LINE_SEARCH_FAILED = "line_search_failed"
@@ -207,6 +215,23 @@ class StepStatus(str, enum.Enum):
     #: No trial point was accepted and one of the trial losses (CG backtracking or line
     #: search) was NaN or infinite.
     NON_FINITE_TRIAL_LOSS = "non_finite_trial_loss"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Convergence(str, enum.Enum):
+    """Which test made a step ``'converged'`` (``StepInfo.converged_by``); equals its string."""
+
+    #: :math:`\max_i |g_i| \le` ``tolerance_grad`` at the start; nothing moved.
+    TOLERANCE_GRAD = "tolerance_grad"
+    #: The objective changed by less than ``tolerance_change``, or every parameter by at most
+    #: that (an accepted step, applied), or a rejected step's full length was at most that.
+    TOLERANCE_CHANGE = "tolerance_change"
+    #: The backtracked step's actual and predicted changes of the objective were both below its
+    #: float resolution (:func:`hessfree.damping.below_resolution`): the step was not taken and
+    #: :math:`\lambda` is unchanged (a float32 loss at its floor; about two closure calls).
+    FLOAT_RESOLUTION = "float_resolution"
 
     def __str__(self) -> str:
         return self.value
@@ -241,6 +266,10 @@ class StepInfo:
             smaller rate and the step was accepted* (``adapt_damping`` raised :math:`\lambda`).
         damping: :math:`\lambda` used in this step's CG.
         next_damping: :math:`\lambda` after the Levenberg-Marquardt update.
+        predicted_change: :math:`q(p) - q(0)` of the undamped model for the backtracked step
+            (:math:`\rho`'s denominator; NaN if not computed).
+        converged_by: For a ``'converged'`` step, which test (a :class:`Convergence`:
+            ``'tolerance_grad'``, ``'tolerance_change'``, ``'float_resolution'``), else None.
         cg_iters: CG iterations; ``cg_reason`` why CG stopped (a :class:`hessfree.CGStop`
             value; ``'monitor'``: the objective rose at a stored iterate,
             ``cg_stop_on_increase``); ``cg_matvecs`` products; ``cg_rtol`` the relative
@@ -268,6 +297,8 @@ class StepInfo:
     rho: float = math.nan
     damping: float = math.nan
     next_damping: float = math.nan
+    predicted_change: float = math.nan
+    converged_by: Convergence | None = None
     cg_iters: int = 0
     cg_reason: str = ""
     cg_matvecs: int = 0
@@ -544,7 +575,14 @@ class HessianFree(torch.optim.Optimizer):
             ``tolerance_change`` is applied and reported ``'converged'``; so is a rejected step
             whose full length (× ``lr``) is at most ``tolerance_change`` in every parameter
             (e.g. :math:`\lambda` pinned at ``max_damping``). 0 turns these tests off (but
-            for a zero step).
+            for a zero step). As in LBFGS, whose ``step()`` call ends on them while the next
+            call goes on, an accepted ``'converged'`` step moved the parameters and the next may
+            move them again (on the scorecard's float32 swap regression the first came at step
+            147, loss 5.6e-7, and the run went on to 1.8e-8 by step 695): a loop that stops at
+            convergence should stop at a ``'converged'`` step that is not ``accepted`` (as
+            ``hessfree run`` does). A step
+            below the objective's float resolution is ``'converged'`` whatever the tolerances
+            (``StepInfo.converged_by``).
         max_failures: Consecutive steps with a non-finite value (loss, gradient, curvature
             product, or every trial loss rejected with one of them NaN/Inf) tolerated before
             ``FloatingPointError``; any other step resets the count.
@@ -1218,6 +1256,7 @@ class HessianFree(torch.optim.Optimizer):
         if not math.isfinite(g_norm):
             return self._reject(run, StepStatus.NON_FINITE_GRADIENT, "the gradient")
         if g_max <= settings.tolerance_grad:  # LBFGS' first-order optimality test
+            run.report["converged_by"] = Convergence.TOLERANCE_GRAD
             return self._finish(run, StepStatus.CONVERGED)
         if not (run.lr.any() if isinstance(run.lr, Tensor) else run.lr):
             return self._finish(run, StepStatus.ZERO_LR)  # nothing could move
@@ -1514,14 +1553,30 @@ class HessianFree(torch.optim.Optimizer):
             run.lap("backtrack")
 
             # ---- 4. ρ with the undamped model and the Levenberg-Marquardt update of λ ----
-            rho = self._reduction_ratio(solution, chosen, f_chosen, run)
+            predicted = self._predicted_change(solution, chosen, run)
+            run.report["predicted_change"] = predicted
+            eps = torch.finfo(run.loss0.dtype).eps
+            if _damping.below_resolution(f_chosen - run.f0, predicted, run.f0, eps):
+                # float precision's floor: ρ would be a ratio of rounding errors (−0 for a
+                # bit-identical trial loss), no evidence against the model: λ stays, no line
+                # search, nothing moves (experiments/README.md, freeze)
+                _move(params, theta0, layout, p, 0.0, run.lr)
+                run.report.update(backtrack_iter=result.iterations[chosen], step_rate=0.0)
+                run.report["converged_by"] = Convergence.FLOAT_RESOLUTION
+                run.lap("line_search")
+                return self._finish(run, StepStatus.CONVERGED)
+            rho = _damping.reduction_ratio(f_chosen - run.f0, predicted)
             state["damping"] = settings.damping_policy().after_step(run.damping, rho)
             if run.bounded:
                 self._update_radius(state, result, chosen, p, rho)
 
             # ---- 5. line search: Armijo along the backtracked step ----
             rate, f_new = self._line_search(
-                lambda t: objective(p, t), run.f0, float(solution.g @ p), f_chosen
+                lambda t: objective(p, t),
+                run.f0,
+                float(solution.g @ p),
+                f_chosen,
+                _damping.RESOLUTION_ULPS * eps * abs(run.f0),
             )
             if rate == 1.0 and rho > _EXTRAPOLATE_RHO and self._extrapolating(state):
                 rate, f_new = _extrapolate(
@@ -1545,11 +1600,13 @@ class HessianFree(torch.optim.Optimizer):
                 what = "a trial loss (CG backtracking or line search)"
                 return self._reject(run, StepStatus.NON_FINITE_TRIAL_LOSS, what, grow=False)
             if full_change <= tolerance_change:  # even the full step would not move anything
+                run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
                 return self._finish(run, StepStatus.CONVERGED)
             return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
         status = StepStatus.ACCEPTED
         if rate * full_change <= tolerance_change or abs(f_new - run.f0) < tolerance_change:
             status = StepStatus.CONVERGED
+            run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
 
     @staticmethod
@@ -1560,10 +1617,10 @@ class HessianFree(torch.optim.Optimizer):
         elif result.reason is CGStop.TRUST_RADIUS and rho > 0.75:
             state["trust_radius"] = 2.0 * state["trust_radius"]
 
-    def _reduction_ratio(
-        self, solution: _Solution, chosen: int, f_chosen: float, run: _StepRun
-    ) -> float:
-        """Phase 4: :math:`\\rho` of the chosen iterate, read off CG's :math:`\\phi` (no product).
+    @staticmethod
+    def _predicted_change(solution: _Solution, chosen: int, run: _StepRun) -> float:
+        """Phase 4: :math:`q(p) - q(0)` of the undamped model at the chosen iterate (ρ's
+        denominator), read off CG's :math:`\\phi` (no product).
 
         The undamped model's change is CG's :math:`\\phi` less the damping's share:
         :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy.
@@ -1572,12 +1629,18 @@ class HessianFree(torch.optim.Optimizer):
         predicted = float(solution.result.iterate_phi[chosen]) - 0.5 * run.damping * float(p @ p)
         if solution.structural_energy is not None:
             predicted -= 0.5 * float(solution.structural_energy[chosen])
-        return _damping.reduction_ratio(f_chosen - run.f0, predicted)
+        return predicted
 
     def _line_search(
-        self, objective: Callable[[float], float], f0: float, slope: float, f_full: float
+        self,
+        objective: Callable[[float], float],
+        f0: float,
+        slope: float,
+        f_full: float,
+        resolution: float,
     ) -> tuple[float, float]:
-        """Phase 5: the accepted rate (0: rejected) and the objective there."""
+        """Phase 5: the accepted rate (0: rejected) and the objective there; no rate whose
+        first-order decrease is within the objective's float ``resolution`` is tried."""
         settings = self.settings
         if not slope < 0.0:
             return 0.0, f_full  # not a descent direction (e.g. a poor warm start, one CG step)
@@ -1591,6 +1654,7 @@ class HessianFree(torch.optim.Optimizer):
             c=settings.armijo_c,
             shrink=settings.line_search_shrink,
             max_iter=settings.line_search_max_iter,
+            resolution=resolution,
         )
 
     def _finish(

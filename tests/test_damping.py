@@ -203,3 +203,24 @@ def test_auto_damping_counts_the_structural_term_in_its_metric():
     # without hidden states D = I: the plain Rayleigh quotient, strictly above the structural one
     assert lams[0.0] == pytest.approx(gCg / float(g @ g), rel=1e-10)
     assert lams[mu] < 0.9 * lams[0.0]
+
+
+@pytest.mark.parametrize(
+    "actual, predicted, f0, expected",
+    [
+        (0.0, -1e-15, 2e-8, True),  # δ = 8 · 2^-23 · 2e-8 ≈ 1.9e-14
+        (-1.8e-14, 1.8e-14, 2e-8, True),
+        (0.0, -2e-14, 2e-8, False),  # the model predicts a resolvable decrease
+        (3e-14, -1e-15, 2e-8, False),  # the loss changed resolvably
+        (0.0, 0.0, 0.0, True),  # f0 = 0: only exact zeros
+        (0.0, -1e-30, 0.0, False),
+        (math.nan, -1e-15, 2e-8, False),
+        (math.inf, -1e-15, 2e-8, False),
+    ],
+)
+def test_below_resolution_is_within_a_few_ulps_of_the_loss(actual, predicted, f0, expected):
+    from hessfree.damping import RESOLUTION_ULPS, below_resolution
+
+    eps = torch.finfo(torch.float32).eps
+    assert RESOLUTION_ULPS * eps * 2e-8 == pytest.approx(1.907e-14, rel=1e-3)
+    assert below_resolution(actual, predicted, f0, eps) is expected

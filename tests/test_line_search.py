@@ -53,3 +53,37 @@ def test_armijo_gives_up_after_max_iter_rates_and_reports_zero():
     assert (rate, value) == (0.0, 1.0)
     assert calls == [0.5, 0.25, 0.125]  # t = 1 was given (f1); 4 rates in all
     assert armijo(f, 0.0, -1.0, math.inf, c=0.1, shrink=0.5, max_iter=1) == (0.0, math.inf)
+
+
+def test_armijo_tries_no_rate_whose_decrease_is_below_the_resolution():
+    # f = f0 everywhere (a loss at its float floor), slope -1: rates 0.5^k with 0.5^k > 1e-3
+    # are tried (k = 1..9), 0.5^10 < 1e-3 is not; without a resolution all 59 are
+    calls: list[float] = []
+
+    def f(t: float) -> float:
+        calls.append(t)
+        return 0.0
+
+    assert armijo(f, 0.0, -1.0, 0.0, c=0.1, shrink=0.5, max_iter=60, resolution=1e-3) == (
+        0.0,
+        0.0,
+    )
+    assert calls == [0.5**k for k in range(1, 10)]
+    calls.clear()
+    assert armijo(f, 0.0, -1.0, 0.0, c=0.1, shrink=0.5, max_iter=60) == (0.0, 0.0)
+    assert len(calls) == 59
+    # a rate that passes above the resolution is returned as before
+    a = 0.3
+    got = armijo(
+        lambda t: (t - a) ** 2,
+        a * a,
+        -2 * a,
+        0.49,
+        c=1e-2,
+        shrink=0.5,
+        max_iter=60,
+        resolution=1e-3,
+    )
+    assert got == armijo(
+        lambda t: (t - a) ** 2, a * a, -2 * a, 0.49, c=1e-2, shrink=0.5, max_iter=60
+    )

@@ -1330,3 +1330,61 @@ def test_uphill_warm_start_is_iterated_on_not_returned(monkeypatch):
     assert info.status == "accepted"
     np.testing.assert_allclose(model.weight.detach().numpy().ravel(), cauchy, rtol=1e-10)
     assert loss_at(cauchy) > kept
+
+
+# ------------------------------------------------------------------------------ float floor
+def _float32_quadratic(ulps_away: int):
+    """½xᵀAx − bᵀx in float32 from the float32 nearest its minimiser (numpy float64), moved
+    ``ulps_away`` ulps up in every entry. |f| ≈ 39, so the float32 loss resolves ~4e-6, while
+    the rounded gradient (~3e-5 > tolerance_grad) predicts a decrease of ~1e-12."""
+    rng = np.random.default_rng(0)
+    Q = rng.standard_normal((6, 6))
+    A, b = 100 * (Q @ Q.T + 6 * np.eye(6)), 100 * rng.standard_normal(6)
+    x = np.linalg.solve(A, b).astype(np.float32)
+    for _ in range(ulps_away):
+        x = np.nextafter(x, np.float32(np.inf))
+    A32, b32 = torch.tensor(A, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+    x = torch.tensor(x, requires_grad=True)
+    return x, lambda: 0.5 * x @ A32 @ x - b32 @ x, A, b
+
+
+@pytest.mark.parametrize("ulps_away", [0, 3])
+def test_step_below_float32_resolution_is_converged_without_raising_damping(ulps_away):
+    x, f, A, b = _float32_quadratic(ulps_away)
+    start = x.detach().clone()
+    opt = HessianFree([x])
+    lams = []
+    for _ in range(4):
+        opt.step(f)
+        info = opt.last_step
+        assert info.status == "converged" and info.converged_by == "float_resolution"
+        assert not info.accepted and info.step_rate == 0.0 and info.closure_calls <= 3
+        assert info.next_damping == info.damping  # ρ = −0 / rounding is no evidence
+        assert abs(info.predicted_change) < 1e-10  # vs |f| · 2^-23 ≈ 4.6e-6
+        lams.append(opt.damping)
+        assert torch.equal(x.detach(), start)  # bit-identical
+    assert lams == [lams[0]] * 4
+    # the oracle's gradient at the float32 point is nonzero: tolerance_grad did not fire
+    g = A @ start.double().numpy() - b
+    assert np.abs(g).max() > 1e-7
+
+
+def test_predicted_change_matches_the_float64_quadratic_model_far_from_the_floor():
+    # ordinary float64 quadratic: one damped Newton step d = −(A + λI)⁻¹g, accepted at rate 1,
+    # with predicted q(d) − q(0) = gᵀd + ½dᵀAd and ρ = actual / predicted (numpy oracles)
+    A, b = _quadratic()
+    An, bn = A.numpy(), b.numpy()
+    x0 = np.linspace(-1.0, 1.0, 6)
+    x = torch.tensor(x0, requires_grad=True)
+    lam = 3.0
+    opt = HessianFree([x], damping=lam, cg_rtol=1e-14, extrapolate=False)
+    opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+    info = opt.last_step
+    g = An @ x0 - bn
+    d = -np.linalg.solve(An + lam * np.eye(6), g)
+    np.testing.assert_allclose(x.detach().numpy(), x0 + d, rtol=1e-10, atol=1e-12)
+    predicted = g @ d + 0.5 * d @ An @ d
+    actual = (0.5 * (x0 + d) @ An @ (x0 + d) - bn @ (x0 + d)) - (0.5 * x0 @ An @ x0 - bn @ x0)
+    assert info.predicted_change == pytest.approx(predicted, rel=1e-10)
+    assert info.rho == pytest.approx(actual / predicted, rel=1e-9)
+    assert info.status == "accepted" and info.converged_by is None and info.step_rate == 1.0

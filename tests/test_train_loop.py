@@ -507,6 +507,7 @@ def test_hessianfree_with_structural_damping_trains_the_rnn(tmp_path):
 class _StatusInfo:
     loss: float
     status: str
+    accepted: bool = False
 
 
 class _ConvergingHessianFree(_FakeHessianFree):
@@ -517,12 +518,28 @@ class _ConvergingHessianFree(_FakeHessianFree):
         super().__init__(params, lr)
         self.steps = 0
 
+    moved = False  # whether its 'converged' steps were accepted (tolerance_change)
+
     def step(self, closure, curvature_closure=None):
         loss = super().step(closure, curvature_closure)
         self.steps += 1
         status = "converged" if self.steps >= 3 else "accepted"
-        self.last_step = _StatusInfo(float(loss.detach()), status)
+        self.last_step = _StatusInfo(float(loss.detach()), status, self.moved or self.steps < 3)
         return loss
+
+
+class _MovingConvergedHessianFree(_ConvergingHessianFree):
+    """'converged' and accepted from the third step on: tolerance_change steps that moved."""
+
+    moved = True
+
+
+def test_an_accepted_converged_hessianfree_step_does_not_end_that_optimizer(tmp_path, monkeypatch):
+    # LBFGS ends one step() call on tolerance_change and goes on at the next; so does the runner
+    monkeypatch.setattr(optimizers_module, "hessianfree_class", lambda: _MovingConvergedHessianFree)
+    cfg = tiny_config(tmp_path, optimizers=[{"name": "hessianfree"}])
+    entry = quiet(cfg, tmp_path / "run").run().summary["optimizers"]["hessianfree"]
+    assert entry["stop_reason"] == "steps" and entry["steps"] > 3
 
 
 def test_a_converged_hessianfree_step_ends_that_optimizer(tmp_path, monkeypatch, capsys):

@@ -161,13 +161,19 @@ def converged(spec: OptimizerConfig, optimizer: optim.Optimizer, unchanged: bool
     """Whether the step just taken says the optimizer has converged.
 
     HessianFree reports it in ``last_step.status`` (``'converged'``: the gradient or the change
-    fell below ``tolerance_grad`` / ``tolerance_change``). torch's L-BFGS stops inside a step on
-    the same tolerances; on the whole training set, a step that left the parameters unchanged
-    means it will not move again.
+    fell below ``tolerance_grad`` / ``tolerance_change``, or the step was below the loss's float
+    resolution), and it counts here only when the step left the parameters where they were
+    (``last_step.accepted`` False). torch's L-BFGS ends one ``step()`` call on the same
+    ``tolerance_change`` tests and goes on at the next: a 'converged' step that HessianFree
+    accepted moved the parameters (a loss change below the absolute 1e-9 on a loss of 1e-7 is
+    still 1 %), and the next step may move them again. On the whole training set, an L-BFGS
+    step that left the parameters unchanged means it will not move again.
     """
     if spec.name == "hessianfree":
-        status = getattr(getattr(optimizer, "last_step", None), "status", None)
-        return str(getattr(status, "value", status)) == "converged"
+        last = getattr(optimizer, "last_step", None)
+        status = getattr(last, "status", None)
+        moved = bool(getattr(last, "accepted", False))
+        return str(getattr(status, "value", status)) == "converged" and not moved
     return spec.name == "lbfgs" and unchanged
 
 
