@@ -71,6 +71,7 @@ class HFSettings:
     damping_decrease: float = 2.0 / 3.0
     min_damping: float = 1e-8
     max_damping: float = 1e10
+    relative_min_damping: float | str = 0.0
     weight_decay: float = 0.0
     structural_damping: float | str = "auto"
     cg_max_iter: int | str = "auto"
@@ -115,6 +116,7 @@ class HFSettings:
         "damping_decrease",
         "min_damping",
         "max_damping",
+        "relative_min_damping",
         "structural_damping",
         "cg_max_iter",
         "cg_min_iter",
@@ -271,6 +273,19 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         low_open=True,
         hint=f"(`min_damping` is {low!r}; `max_damping` must exceed it)",
     )
+    if isinstance(s.relative_min_damping, str):
+        check_choice("relative_min_damping", s.relative_min_damping, ("auto",))
+    else:
+        out["relative_min_damping"] = check_number(
+            "relative_min_damping",
+            s.relative_min_damping,
+            low=0.0,
+            high=1.0,
+            hint="It is a fraction of the curvature scale g'Cg/g'g; for an absolute floor on "
+            "the damping use `min_damping`."
+            if _real_in(s.relative_min_damping, 1, math.inf)
+            else "",
+        )
     initial = out.get("damping", math.nan)
     if not math.isnan(initial) and not (low <= initial <= high):
         raise ValueError(

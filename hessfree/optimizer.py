@@ -152,6 +152,9 @@ _SAME_OBJECTIVE_RTOL = 1e-5
 #: (a growing batch that has reached the whole training set; measured on MNIST-1D in
 #: ``experiments/README.md``).
 _SAME_OBJECTIVE_AGAIN = 3
+#: ``relative_min_damping='auto'``: the fraction of the curvature scale on a stochastic
+#: objective (CURVES: λ ≥ 0.28; ``experiments/README.md``, "lamfloor").
+_AUTO_RELATIVE_MIN_DAMPING = 0.01
 
 #: ``structural_damping='auto'``: μ where the curvature closure returns hidden states (Martens &
 #: Sutskever 2011, §3.3, and ``configs/rnn_addition.yaml``).
@@ -266,6 +269,8 @@ class StepInfo:
             smaller rate and the step was accepted* (``adapt_damping`` raised :math:`\lambda`).
         damping: :math:`\lambda` used in this step's CG.
         next_damping: :math:`\lambda` after the Levenberg-Marquardt update.
+        damping_floor: The lower bound on :math:`\lambda` in effect this step: ``min_damping``,
+            or ``relative_min_damping`` times the curvature scale if that is larger.
         predicted_change: :math:`q(p) - q(0)` of the undamped model for the backtracked step
             (:math:`\rho`'s denominator; NaN if not computed).
         converged_by: For a ``'converged'`` step, which test (a :class:`Convergence`:
@@ -297,6 +302,7 @@ class StepInfo:
     rho: float = math.nan
     damping: float = math.nan
     next_damping: float = math.nan
+    damping_floor: float = math.nan
     predicted_change: float = math.nan
     converged_by: Convergence | None = None
     cg_iters: int = 0
@@ -430,6 +436,25 @@ class HessianFree(torch.optim.Optimizer):
             (2/3 in the paper).
         min_damping: Lower bound on :math:`\lambda`, >= 0.
         max_damping: Upper bound on :math:`\lambda`, > ``min_damping``.
+        relative_min_damping: A lower bound on :math:`\lambda` relative to the problem's own
+            curvature scale, a fraction :math:`c \in [0, 1]`: :math:`\lambda \ge
+            c\,|g_0^\top C g_0| / g_0^\top D g_0`, the Rayleigh quotient of
+            ``damping='auto'`` (so :math:`c\lambda_0` under it) at the first step where
+            :math:`c > 0` (one curvature product there if ``damping`` is a number; 0 when the
+            quotient is not finite), and never below ``min_damping``, never above
+            ``max_damping``. It scales with the loss, where ``min_damping`` is absolute.
+            0 (default): no such floor, and every step as without the argument. ``'auto'``:
+            0.01 on steps where the objective is seen stochastic (the closure's value at the
+            start of a step differs from the previous step's at the same parameters, as
+            ``extrapolate='auto'`` detects it; mini-batches), 0 on a deterministic one. What
+            it is for: on mini-batches a few preconditioned CG iterations with :math:`\lambda` at
+            ``min_damping`` fit the step's own batch, so late in a run the loss on the
+            training set stalls or rises; the floor keeps those steps short. On the CURVES
+            autoencoder (250/62 cases, 2 CG iterations, K-FAC; ``experiments/README.md``,
+            "lamfloor") :math:`c = 0.01` is :math:`\lambda \ge 0.28`. On a deterministic
+            objective it stops the superlinear convergence that :math:`\lambda \to 0` gives:
+            leave it at 0 for full-batch training. :attr:`StepInfo.damping_floor` reports the
+            bound in effect.
         weight_decay: L2 coefficient :math:`\kappa` (per group), in gradient *and* curvature.
         structural_damping: :math:`\mu \ge 0` of Martens & Sutskever (2011, §3.3), or
             ``'auto'`` (default): 0.03, the paper's value for RNNs, on every step whose
@@ -638,6 +663,7 @@ class HessianFree(torch.optim.Optimizer):
         damping_decrease: float = 2.0 / 3.0,
         min_damping: float = 1e-8,
         max_damping: float = 1e10,
+        relative_min_damping: float | str = 0.0,
         weight_decay: float = 0.0,
         structural_damping: float | str = "auto",
         cg_max_iter: int | str = "auto",
@@ -674,6 +700,7 @@ class HessianFree(torch.optim.Optimizer):
             damping_decrease=damping_decrease,
             min_damping=min_damping,
             max_damping=max_damping,
+            relative_min_damping=relative_min_damping,
             weight_decay=weight_decay,
             structural_damping=structural_damping,
             cg_max_iter=cg_max_iter,
@@ -1242,6 +1269,9 @@ class HessianFree(torch.optim.Optimizer):
         run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
         run.lap("evaluate")
         self._observe_objective(state, run.f0)
+        floor = self._relative_floor(state)
+        if run.damping < floor:  # the floor rose since the last step (an edit, or 'auto')
+            run.damping = state["damping"] = floor
         if not math.isfinite(run.f0):
             return self._reject(run, StepStatus.NON_FINITE_LOSS, "the loss")
         curvature = product = None
@@ -1273,7 +1303,9 @@ class HessianFree(torch.optim.Optimizer):
                 "curvature_batch='replicated'", curvature_evaluation.loss.detach()
             )
         curvature = accelerate(curvature, g, settings.products)  # CUDA graph / low precision
-        if math.isnan(run.damping):  # damping='auto': one product along g, first step only
+        if math.isnan(run.damping) or (
+            self._relative_fraction(state) > 0 and "damping_scale" not in state
+        ):  # damping='auto' or the relative floor: one product along g, once
             self._calibrate_damping(curvature, product, g, g_norm, run)
 
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
@@ -1325,9 +1357,11 @@ class HessianFree(torch.optim.Optimizer):
     def _calibrate_damping(
         self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
     ) -> None:
-        """``damping='auto'``: :math:`\\lambda_0 = g^\\top C g / g^\\top D g` (one product), with
+        """The curvature scale :math:`|g^\\top C g| / g^\\top D g` (one product), with
         :math:`D = I + (\\mu/N) J_h^\\top J_h` the metric that :math:`\\lambda` multiplies
-        (:math:`D = I` without structural damping; with it, one more batched Jacobian pass)."""
+        (:math:`D = I` without structural damping; with it, one more batched Jacobian pass):
+        :math:`\\lambda_0` for ``damping='auto'``, and what ``relative_min_damping`` is a
+        fraction of (kept as ``state['damping_scale']``)."""
         settings = self.settings
         with torch.enable_grad():
             Cg = curvature(g)
@@ -1341,10 +1375,39 @@ class HessianFree(torch.optim.Optimizer):
                     energy = self._avg.mean(energy)
                 gDg += run.structural_damping * float(energy)
         gCg = float(g @ Cg) + float((run.l2 * g) @ g)  # C includes the L2 term κ
-        lam = settings.damping_policy().initial(gCg, gDg)
+        scale = abs(gCg) / gDg if gDg > 0 else math.nan
+        run.state["damping_scale"] = scale if math.isfinite(scale) else 0.0
+        policy = self._damping_policy(run.state)
+        if math.isnan(run.damping):
+            lam = policy.initial(gCg, gDg)
+        else:  # a given damping, raised to the relative floor if below it
+            lam = policy.clip(run.damping)
         run.damping = run.state["damping"] = lam
         if run.structural_damping > 0:
             product.weight = _structural_weight(lam, run.structural_damping, product.hidden)
+
+    def _relative_fraction(self, state: dict) -> float:
+        """``relative_min_damping`` in effect: ``'auto'`` is ``_AUTO_RELATIVE_MIN_DAMPING``
+        on a stochastic objective (:meth:`_observe_objective`) and 0 otherwise."""
+        c = self.settings.relative_min_damping
+        if c == "auto":
+            c = _AUTO_RELATIVE_MIN_DAMPING if state.get("deterministic") is False else 0.0
+        return c
+
+    def _relative_floor(self, state: dict) -> float:
+        """``relative_min_damping`` × the curvature scale (0 until that is known), at most
+        ``max_damping``."""
+        floor = self._relative_fraction(state) * state.get("damping_scale", 0.0)
+        return min(floor, self.settings.max_damping)
+
+    def _damping_policy(self, state: dict) -> _damping.DampingPolicy:
+        """:meth:`HFSettings.damping_policy` with its lower bound raised to the relative
+        floor (:meth:`_relative_floor`) where that is higher."""
+        policy = self.settings.damping_policy()
+        floor = self._relative_floor(state)
+        if floor > policy.min_damping:
+            policy = dataclasses.replace(policy, min_damping=floor)
+        return policy
 
     def _solve(
         self,
@@ -1566,7 +1629,7 @@ class HessianFree(torch.optim.Optimizer):
                 run.lap("line_search")
                 return self._finish(run, StepStatus.CONVERGED)
             rho = _damping.reduction_ratio(f_chosen - run.f0, predicted)
-            state["damping"] = settings.damping_policy().after_step(run.damping, rho)
+            state["damping"] = self._damping_policy(state).after_step(run.damping, rho)
             if run.bounded:
                 self._update_radius(state, result, chosen, p, rho)
 
@@ -1583,7 +1646,7 @@ class HessianFree(torch.optim.Optimizer):
                     lambda t: objective(p, t), f_new, max_doublings=_EXTRAPOLATE_MAX
                 )
                 if rate > 1.0 and settings.adapt_damping:  # the step was `rate` times too short
-                    state["damping"] = settings.damping_policy().clip(state["damping"] / rate)
+                    state["damping"] = self._damping_policy(state).clip(state["damping"] / rate)
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
         except BaseException:
@@ -1595,7 +1658,7 @@ class HessianFree(torch.optim.Optimizer):
         full_change = float((p.abs() * run.lr).max())
         tolerance_change = settings.tolerance_change
         if rate == 0.0:
-            state["damping"] = settings.damping_policy().after_rejection(state["damping"])
+            state["damping"] = self._damping_policy(state).after_rejection(state["damping"])
             if trial_non_finite:
                 what = "a trial loss (CG backtracking or line search)"
                 return self._reject(run, StepStatus.NON_FINITE_TRIAL_LOSS, what, grow=False)
@@ -1676,6 +1739,7 @@ class HessianFree(torch.optim.Optimizer):
             status=status,
             damping=run.damping,
             next_damping=state["damping"],
+            damping_floor=self._damping_policy(state).min_damping,
             closure_calls=run.counter.calls,
             time_products=run.counter.product_time,
             time_total=time.perf_counter() - run.t_start,
@@ -1701,7 +1765,7 @@ class HessianFree(torch.optim.Optimizer):
         state, settings = run.state, self.settings
         state["failures"] += 1
         if grow:
-            state["damping"] = settings.damping_policy().after_non_finite(state["damping"])
+            state["damping"] = self._damping_policy(state).after_non_finite(state["damping"])
         if state["failures"] >= settings.max_failures:
             raise FloatingPointError(
                 f"HessianFree: {state['failures']} consecutive steps had a non-finite value (this "

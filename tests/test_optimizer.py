@@ -1332,6 +1332,128 @@ def test_uphill_warm_start_is_iterated_on_not_returned(monkeypatch):
     assert loss_at(cauchy) > kept
 
 
+# ---- relative_min_damping: a floor on λ relative to the curvature scale gᵀCg/gᵀg ----
+
+
+def _rayleigh_np(A: torch.Tensor, g: np.ndarray) -> float:
+    A = A.numpy()
+    return float(g @ A @ g / (g @ g))
+
+
+@pytest.mark.parametrize("damping", ["auto", 1e-4])
+def test_relative_min_damping_is_the_fraction_of_the_first_rayleigh_quotient(damping):
+    A, b = _quadratic()
+    x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], damping=damping, relative_min_damping=0.1)
+    g0 = -b.numpy()  # ∇(½xᵀAx − bᵀx) at x = 0
+    floor = 0.1 * _rayleigh_np(A, g0)
+    opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+    info = opt.last_step
+    assert info.damping_floor == pytest.approx(floor, rel=1e-12)
+    # 'auto': λ0 is the quotient itself; a given λ below the floor is raised to it
+    expected = floor / 0.1 if damping == "auto" else floor
+    assert info.damping == pytest.approx(expected, rel=1e-12)
+    # the scale is the first step's: a later step keeps the same floor
+    opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+    assert opt.last_step.damping_floor == pytest.approx(floor, rel=1e-12)
+
+
+def test_relative_min_damping_scales_with_the_loss():
+    A, b = _quadratic(seed=1)
+    floors = []
+    for s in (1.0, 1e3):
+        x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([x], relative_min_damping=0.05)
+        opt.step(lambda s=s, x=x: s * (0.5 * x @ A @ x - b @ x))
+        floors.append(opt.last_step.damping_floor)
+    assert floors[1] == pytest.approx(1e3 * floors[0], rel=1e-10)
+    assert floors[0] == pytest.approx(0.05 * _rayleigh_np(A, -b.numpy()), rel=1e-12)
+
+
+def _logistic_steps(
+    relative: float | str, steps: int = 12, same_batch: bool = False
+) -> tuple[list[StepInfo], float]:
+    """Logistic regression on mini-batches of 64 (seeded; or one batch throughout), float64;
+    the StepInfos and the quotient |gᵀHg|/gᵀg at the first batch from a dense Hessian."""
+    X, y = _breast_cancer()
+    X, y = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randperm(len(X), generator=gen)[:64] for _ in range(steps)]
+    if same_batch:
+        batches = batches[:1] * steps
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+
+    def f(w, idx):
+        return F.binary_cross_entropy_with_logits(X[idx] @ w, y[idx])
+
+    H = torch.autograd.functional.hessian(lambda v: f(v, batches[0]), w.detach())
+    g = torch.autograd.grad(f(w, batches[0]), w)[0]
+    quotient = float(g @ H @ g / (g @ g))
+    opt = HessianFree([w], relative_min_damping=relative)
+    infos = []
+    for idx in batches:
+        opt.step(lambda idx=idx: f(w, idx))
+        infos.append(opt.last_step)
+    return infos, quotient
+
+
+def test_relative_min_damping_keeps_damping_above_the_floor_over_steps():
+    infos, quotient = _logistic_steps(0.2)
+    floor = 0.2 * quotient
+    for info in infos:
+        assert info.damping_floor == pytest.approx(floor, rel=1e-10)
+        assert info.damping >= floor * (1 - 1e-12) and info.next_damping >= floor * (1 - 1e-12)
+    # the floor binds: without it λ falls below it on these batches, with it λ reaches it
+    free, _ = _logistic_steps(0.0)
+    assert min(i.next_damping for i in free) < 0.1 * floor
+    assert min(i.next_damping for i in infos) == pytest.approx(floor, rel=1e-10)
+    assert all(i.damping_floor == 1e-8 for i in free)  # min_damping alone
+
+
+def test_relative_min_damping_auto_floors_only_a_stochastic_objective():
+    infos, quotient = _logistic_steps("auto", steps=6)
+    # step 0 cannot tell yet; from step 1 the batches differ: 0.01 × the first quotient
+    assert infos[0].damping_floor == 1e-8
+    for info in infos[1:]:
+        assert info.damping_floor == pytest.approx(0.01 * quotient, rel=1e-10)
+        assert info.next_damping >= info.damping_floor * (1 - 1e-12)
+    # one batch throughout is a deterministic objective: min_damping alone, λ falls below
+    same, _ = _logistic_steps("auto", steps=6, same_batch=True)
+    assert all(i.damping_floor == 1e-8 for i in same)
+    assert min(i.next_damping for i in same) < 0.01 * quotient
+
+
+def test_relative_min_damping_survives_state_dict_round_trip():
+    A, b = _quadratic(seed=2)
+    x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], relative_min_damping=0.3)
+    opt.step(lambda: 0.5 * x @ A @ x - b @ x)
+    floor = opt.last_step.damping_floor
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    again = HessianFree([x], relative_min_damping=0.3)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    again.step(lambda: 0.5 * x @ A @ x - b @ x)  # at a new x: the saved scale, not a new one
+    assert again.last_step.damping_floor == floor
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (-0.1, ValueError, r"`relative_min_damping` must be in \[0.0, 1.0\], got -0.1\.$"),
+        (30.0, ValueError, r"got 30.0\. It is a fraction .* use `min_damping`"),
+        (math.nan, ValueError, r"`relative_min_damping` must be in \[0.0, 1.0\], got nan"),
+        ("big", ValueError, r"Unknown `relative_min_damping` 'big'; expected one of 'auto'"),
+        (None, TypeError, r"`relative_min_damping` must be a real number, got NoneType None"),
+    ],
+)
+def test_relative_min_damping_refuses_bad_values(value, error, match):
+    x = torch.zeros(2, requires_grad=True)
+    with pytest.raises(error, match=match):
+        HessianFree([x], relative_min_damping=value)
+
+
 # ------------------------------------------------------------------------------ float floor
 def _float32_quadratic(ulps_away: int):
     """½xᵀAx − bᵀx in float32 from the float32 nearest its minimiser (numpy float64), moved
