@@ -25,6 +25,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,23 @@ def save_png(fig: Any, path: Any, dpi: int) -> None:
 def save_text(path: Any, text: str) -> None:
     """Write a report atomically (UTF-8): a killed run leaves the previous one whole."""
     write_text_atomic(path, text)
+
+
+class RawLog:
+    """A study script's log: each line printed as it comes and kept, so that the run (command
+    line, load averages, results) can be appended to a raw-results file as one code block."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def append_to(self, path: Path, title: str) -> None:
+        """Append the kept lines to ``path`` (atomically; a new file starts with ``# title``)."""
+        old = path.read_text() if path.exists() else f"# {title}\n"
+        save_text(path, old + "\n```\n" + "\n".join(self.lines) + "\n```\n")
 
 
 def sync(device: str) -> None:

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scorecard as sc  # noqa: E402
-from _bench_common import advance, save_text  # noqa: E402
+from _bench_common import RawLog, advance  # noqa: E402
 from _curves_small import regimes  # noqa: E402
 
 
@@ -160,12 +160,7 @@ def finals(log) -> None:
 
 def main() -> None:
     torch.set_num_threads(1)
-    lines: list[str] = []
-
-    def log(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
-
+    log = RawLog()
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     opts = dict(a.split("=", 1) if "=" in a else (a, "") for a in sys.argv[1:] if "--" in a[:2])
     log(f"`{' '.join(sys.argv[1:])}`; load before {os.getloadavg()}")
@@ -183,9 +178,10 @@ def main() -> None:
         )
     log(f"load after {os.getloadavg()}")
     if "--save" in opts:
-        out = Path(__file__).resolve().parent / "results" / "2026-12-01-hybrid.md"
-        old = out.read_text() if out.exists() else "# CURVES: Adam then HF (raw runs)\n"
-        save_text(out, old + "\n```\n" + "\n".join(lines) + "\n```\n")
+        log.append_to(
+            Path(__file__).resolve().parent / "results" / "2026-12-01-hybrid.md",
+            "CURVES: Adam then HF (raw runs)",
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scorecard as sc  # noqa: E402
-from _bench_common import save_text  # noqa: E402
+from _bench_common import RawLog  # noqa: E402
 
 K2 = dict(rank=32, refresh=2)
 FRACTIONS = (0.003, 0.005, 0.01, 0.02, 0.03)
@@ -118,12 +118,7 @@ def scale(n: int, log) -> None:
 
 def main() -> None:
     torch.set_num_threads(1)
-    lines: list[str] = []
-
-    def log(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
-
+    log = RawLog()
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     log(f"`{' '.join(sys.argv[1:])}`; load before {open('/proc/loadavg').read().strip()}")
     if args[0] == "scale":
@@ -132,9 +127,10 @@ def main() -> None:
         race(float(args[1]), int(args[2]), args[3].split(";"), "--quick" in sys.argv, log)
     log(f"load after {open('/proc/loadavg').read().strip()}")
     if "--save" in sys.argv:
-        out = Path(__file__).resolve().parent / "results" / "2026-12-01-lamfloor.md"
-        old = out.read_text() if out.exists() else "# lamfloor (raw runs)\n"
-        save_text(out, old + "\n```\n" + "\n".join(lines) + "\n```\n")
+        log.append_to(
+            Path(__file__).resolve().parent / "results" / "2026-12-01-lamfloor.md",
+            "lamfloor (raw runs)",
+        )
 
 
 if __name__ == "__main__":

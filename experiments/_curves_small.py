@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scorecard as sc  # noqa: E402
-from _bench_common import save_text  # noqa: E402
+from _bench_common import RawLog  # noqa: E402
 
 K = dict(rank=32, refresh=2)
 
@@ -168,12 +168,7 @@ def race(budget: float, slices: int, names: list[str], log) -> None:
 
 def main() -> None:
     torch.set_num_threads(1)
-    lines: list[str] = []
-
-    def log(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
-
+    log = RawLog()
     log(f"`{' '.join(sys.argv[1:])}`; load before {os.getloadavg()}")
     mode = sys.argv[1]
     if mode == "overhead":
@@ -185,9 +180,10 @@ def main() -> None:
         race(float(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(";"), log)
     log(f"load after {os.getloadavg()}")
     if "--save" in sys.argv:
-        out = Path(__file__).resolve().parent / "results" / "2026-12-01-curves-small-batch.md"
-        old = out.read_text() if out.exists() else "# CURVES at small batch (raw runs)\n"
-        save_text(out, old + "\n```\n" + "\n".join(lines) + "\n```\n")
+        log.append_to(
+            Path(__file__).resolve().parent / "results" / "2026-12-01-curves-small-batch.md",
+            "CURVES at small batch (raw runs)",
+        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scorecard as sc  # noqa: E402
-from _bench_common import save_text  # noqa: E402
+from _bench_common import RawLog  # noqa: E402
 
 
 def pairs(key: str, quick: bool) -> tuple[sc.Task, dict[str, dict]]:
@@ -49,12 +49,7 @@ def pairs(key: str, quick: bool) -> tuple[sc.Task, dict[str, dict]]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    lines: list[str] = []
-
-    def log(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
-
+    log = RawLog()
     key, quick = sys.argv[1], "--quick" in sys.argv
     log(f"`{' '.join(sys.argv[1:])}`; load before {open('/proc/loadavg').read().strip()}")
     task, regs = pairs(key, quick)
@@ -85,9 +80,10 @@ def main() -> None:
         )
     log(f"load after {open('/proc/loadavg').read().strip()}")
     if "--save" in sys.argv:
-        out = Path(__file__).resolve().parent / "results" / "2026-12-01-lamfloor.md"
-        old = out.read_text() if out.exists() else "# lamfloor (raw runs)\n"
-        save_text(out, old + "\n```\n" + "\n".join(lines) + "\n```\n")
+        log.append_to(
+            Path(__file__).resolve().parent / "results" / "2026-12-01-lamfloor.md",
+            "lamfloor (raw runs)",
+        )
 
 
 if __name__ == "__main__":
