@@ -36,7 +36,9 @@ and the predicted change are within a few units of :math:`\epsilon|f(\theta)|` (
 the machine epsilon of the loss's dtype), a step carries no information about :math:`C`
 (:func:`below_resolution`), and :class:`~hessfree.HessianFree` leaves :math:`\lambda` alone
 instead of reading :math:`\rho = -0` (a trial loss bit-identical to :math:`f(\theta)`) as a
-failed model. Measured on a float32 regression at its floor (``experiments/README.md``, freeze):
+failed model (unless :math:`\lambda` dominated the step, :math:`\lambda\|p\|^2 > p^\top C p`:
+then it lowers :math:`\lambda`, since a step that short says nothing about the loss's floor).
+Measured on a float32 regression at its floor (``experiments/README.md``, freeze):
 λ had climbed from 1e-8 to its 1e10 cap, each step spending up to 61 closure calls.
 """
 

@@ -36,7 +36,11 @@ phases named as the methods that run them:
    objective's float resolution (:func:`hessfree.damping.below_resolution`, ours): there
    :math:`\rho` measures rounding, so :math:`\lambda` stays, nothing moves and the step is
    ``'converged'`` (``StepInfo.converged_by == 'float_resolution'``) after about two closure
-   calls; with ``trust_radius``, :math:`\Delta \leftarrow 2\|p\|` when
+   calls, unless the damping's share of the model, :math:`\tfrac12\lambda\|p\|^2`, exceeds
+   the curvature's, :math:`\tfrac12 p^\top C p`: then :math:`\lambda`, not the loss's floor,
+   kept the step that short, so :math:`\lambda` is lowered as after :math:`\rho = 1` and the
+   step is ``'line_search_failed'`` (a large given or climbed :math:`\lambda` would otherwise
+   never move again); with ``trust_radius``, :math:`\Delta \leftarrow 2\|p\|` when
    backtracking walked back, doubled after a step on the sphere with :math:`\rho > 3/4`.
 5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
    on the backtracked step (the reference code's: :math:`c = 10^{-2}`, rate × 0.8, up to 60
@@ -204,7 +208,9 @@ class StepStatus(str, enum.Enum):
     #: and predicted changes were below the objective's float resolution (not taken).
     #: ``StepInfo.converged_by`` says which (a :class:`Convergence`).
     CONVERGED = "converged"
-    #: No rate passed the line search, or the step was not a descent direction; nothing moved.
+    #: No rate passed the line search, or the step was not a descent direction, or the step
+    #: was below the objective's float resolution only because :math:`\lambda` dominated it
+    #: (:math:`\lambda` is then lowered as after :math:`\rho = 1`); nothing moved.
     LINE_SEARCH_FAILED = "line_search_failed"
     #: Every group's ``lr`` is 0 (e.g. a scheduler's ``eta_min=0``); one closure call,
     #: nothing moved, :math:`\lambda` unchanged.
@@ -1621,12 +1627,18 @@ class HessianFree(torch.optim.Optimizer):
             eps = torch.finfo(run.loss0.dtype).eps
             if _damping.below_resolution(f_chosen - run.f0, predicted, run.f0, eps):
                 # float precision's floor: ρ would be a ratio of rounding errors (−0 for a
-                # bit-identical trial loss), no evidence against the model: λ stays, no line
-                # search, nothing moves (experiments/README.md, freeze)
+                # bit-identical trial loss), no evidence against the model: no line search,
+                # nothing moves (experiments/README.md, freeze)
                 _move(params, theta0, layout, p, 0.0, run.lr)
                 run.report.update(backtrack_iter=result.iterations[chosen], step_rate=0.0)
-                run.report["converged_by"] = Convergence.FLOAT_RESOLUTION
                 run.lap("line_search")
+                damped = float(result.iterate_phi[chosen]) - predicted  # ½λ‖p‖² (+ structural)
+                if damped > predicted - float(solution.g @ p):  # > ½pᵀCp: λ kept p this short
+                    # not the floor of the loss but of a step λ dominates (a large given or
+                    # climbed λ): λ stays too and nothing ever moves; lower it as after ρ = 1
+                    state["damping"] = self._damping_policy(state).after_step(run.damping, 1.0)
+                    return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
+                run.report["converged_by"] = Convergence.FLOAT_RESOLUTION  # λ stays
                 return self._finish(run, StepStatus.CONVERGED)
             rho = _damping.reduction_ratio(f_chosen - run.f0, predicted)
             state["damping"] = self._damping_policy(state).after_step(run.damping, rho)

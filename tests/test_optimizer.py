@@ -1491,6 +1491,31 @@ def test_step_below_float32_resolution_is_converged_without_raising_damping(ulps
     assert np.abs(g).max() > 1e-7
 
 
+@pytest.mark.parametrize("damping", [1e6, 1e10])
+def test_step_that_damping_keeps_below_resolution_lowers_damping_and_reaches_the_minimum(damping):
+    # far from the minimum, but λ so large that the damped step's actual and predicted changes
+    # are below float32's resolution of f ≈ 100 (λ‖p‖² ≫ pᵀAp): not the loss's floor, so λ
+    # must fall (nothing moves meanwhile) until the steps resolve, then HF converges to the
+    # numpy minimiser; keeping λ there would return 'converged' at f = 100 forever
+    rng = np.random.default_rng(1)
+    Q = rng.standard_normal((8, 8))
+    A, b = Q @ Q.T / 8 + 0.1 * np.eye(8), rng.standard_normal(8)
+    A32, b32 = torch.tensor(A, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+    x = torch.zeros(8, requires_grad=True)
+    f = lambda: 0.5 * x @ A32 @ x - b32 @ x + 100.0  # noqa: E731
+    opt = HessianFree([x], damping=damping, curvature="hessian")
+    opt.step(f)
+    first = opt.last_step
+    assert first.status == "line_search_failed" and first.converged_by is None
+    assert first.next_damping < first.damping and torch.equal(x.detach(), torch.zeros(8))
+    for _ in range(60):
+        opt.step(f)
+    x_star, xn = np.linalg.solve(A, b), x.detach().double().numpy()
+    gap = 0.5 * (xn - x_star) @ A @ (xn - x_star)  # f(x) − f(x*) in float64
+    assert gap <= 8 * 2.0**-23 * 100  # within the float32 resolution of f ≈ 95 (was 4.6 at x0)
+    assert opt.last_step.status == "converged"
+
+
 def test_predicted_change_matches_the_float64_quadratic_model_far_from_the_floor():
     # ordinary float64 quadratic: one damped Newton step d = −(A + λI)⁻¹g, accepted at rate 1,
     # with predicted q(d) − q(0) = gᵀd + ½dᵀAd and ρ = actual / predicted (numpy oracles)
