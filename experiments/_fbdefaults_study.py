@@ -278,7 +278,8 @@ def main() -> None:
         "# Full-batch defaults: λ schedule and forcing term on deterministic objectives",
         "",
         f"`python experiments/_fbdefaults_study.py --tasks {args.tasks} --seeds {args.seeds} "
-        f"--variants {args.variants}` in {time.perf_counter() - t_start:.0f} s; load average "
+        f"--variants {args.variants} --swap-budget {args.swap_budget:g} "
+        f"--budget {args.budget:g}` in {time.perf_counter() - t_start:.0f} s; load average "
         f"{' '.join(load0)} at the start, {' '.join(load1)} at the end; torch 1 thread. "
         "Targets per problem: the largest best loss of all variants, and the two points "
         "geometrically ⅓ and ⅔ of the way to it from the initial loss. Method: docstring.",
