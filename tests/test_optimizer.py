@@ -1225,7 +1225,8 @@ def _swap_problem():
 @pytest.mark.parametrize("trust_radius", ["auto", False])
 def test_trust_radius_bounds_the_step_after_backtracking_walked_back(trust_radius):
     model, x, y = _swap_problem()
-    opt = HessianFree(model.parameters(), trust_radius=trust_radius, cg_max_iter=40)
+    # a fixed η: the trajectory (radius stops at steps 5 and 12) does not hang on the forcing rule
+    opt = HessianFree(model.parameters(), trust_radius=trust_radius, cg_max_iter=40, cg_rtol=0.2)
 
     def closure():
         opt.zero_grad()
