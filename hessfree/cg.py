@@ -593,7 +593,8 @@ def relative_forcing_term(
     iteration is locally superlinear (Nocedal & Wright 2006, Theorem 7.2), whatever the
     step-to-step ratio :math:`\|g_k\|/\|g_{k-1}\|` (which :func:`forcing_term` uses and which
     stays near 1 on a non-convex loss whose gradient does not fall monotonically).
-    :class:`~hessfree.HessianFree` uses it on steps where the objective is seen deterministic.
+    :class:`~hessfree.HessianFree` uses it where the objective is seen deterministic from the
+    start.
 
     Args:
         grad_norm: :math:`\|g_k\|`, finite and >= 0.

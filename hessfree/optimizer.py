@@ -501,8 +501,9 @@ class HessianFree(torch.optim.Optimizer):
             the gradient falls slowly and tightly as it falls fast (scale-free; measured on
             ``experiments/scorecard.py``'s tasks: fewer products per step, faster to every
             target; ``StepInfo.cg_rtol`` reports the :math:`\eta` used). On steps where the
-            objective is seen deterministic (one function: the closure's value at the start of
-            a step equals the previous step's at the same parameters) :math:`\eta =
+            objective is seen deterministic from the start (one function: the closure's value
+            at the start of a step equals the previous step's at the same parameters; a batch
+            grown to the full set keeps the sequence above) :math:`\eta =
             \min(1/2, \sqrt{\|g_k\|/\|g_1\|})` instead (:func:`hessfree.cg.relative_forcing_term`;
             Dembo & Steihaug 1983, scale-free; :math:`g_1` the first such step's gradient): on a
             non-convex loss :math:`\|g\|` does not fall step to step, so the Eisenstat-Walker
@@ -1513,10 +1514,13 @@ class HessianFree(torch.optim.Optimizer):
             state, g_norm = run.state, run.report["grad_norm"]
             rtol = forcing_term(g_norm, state.get("forcing_grad_norm"), state.get("forcing_eta"))
             state["forcing_grad_norm"], state["forcing_eta"] = g_norm, rtol
-            if state.get("deterministic") is True:
-                # one function: η from the progress since the first such step, not from the
-                # last step's ‖g‖ ratio, which does not fall on a non-convex loss (experiments/
-                # README.md, fbdefaults); the EW sequence above goes on, for a batch change
+            if state.get("deterministic") is False:
+                state["forcing_seen_stochastic"] = True
+            elif state.get("deterministic") and not state.get("forcing_seen_stochastic"):
+                # one function from the start: η from the progress since the first such step,
+                # not from the last step's ‖g‖ ratio, which does not fall on a non-convex loss
+                # (experiments/README.md, fbdefaults). A batch that grew to the full set keeps
+                # EW's chain, already tight there (restarting at ½ cost MNIST-1D 1-2 steps)
                 g_first = state.setdefault("forcing_grad_norm0", g_norm)
                 if g_first > 0:
                     rtol = relative_forcing_term(g_norm, g_first)

@@ -640,6 +640,30 @@ def test_auto_cg_rtol_is_relative_to_the_first_deterministic_gradient():
     assert len(norms) >= 4 and min(eta, 0.5) < 0.1  # the rule did tighten
 
 
+def test_auto_cg_rtol_stays_eisenstat_walker_once_the_objective_was_seen_stochastic():
+    # Two alternating batches, then one batch for good (a batch grown to the full set): the
+    # objective is seen deterministic again, yet η stays forcing_term's chain of the reported
+    # ‖g‖ (the relative rule is for one function from the start).
+    from hessfree.cg import forcing_term
+
+    batches = _two_batch_quadratics()
+    x = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], damping=1.0)
+    prev, seen = (None, None), []
+    for k in range(9):
+        A_np, b_np = batches[k % 2 if k < 3 else 0]
+        A, b = torch.from_numpy(A_np), torch.from_numpy(b_np)
+        opt.step(lambda A=A, b=b: 0.5 * x @ A @ x - b @ x)
+        info = opt.last_step
+        if info.status == "converged":
+            break
+        eta = forcing_term(info.grad_norm, *prev)
+        assert info.cg_rtol == eta
+        prev = (info.grad_norm, eta)
+        seen.append(opt.state[x].get("deterministic"))
+    assert seen[1] is False and seen[-1] is True  # deterministic again, still EW
+
+
 def test_auto_objective_check_is_on_for_deterministic_and_stochastic_objectives():
     # cg_stop_on_increase='auto' evaluates the objective at CG's stored iterates (a closure call
     # each) for a closure that does not call backward(), on one batch or alternating ones: its
