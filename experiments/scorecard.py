@@ -1489,7 +1489,13 @@ def _sweep_lines(res: dict) -> list[str]:
     raced = {r.name for r in entrants}
     lines.append(
         md_table(
-            ["candidate", "family", "steps", f"error at {task.sweep_budget:g} s", "picked"],
+            [
+                "candidate",
+                "family",
+                "steps (with the runoff)",
+                f"error at {task.sweep_budget:g} s",
+                "picked",
+            ],
             [
                 [
                     r.name,
