@@ -71,8 +71,11 @@ SOLVED = 0.01  # addition: solved at a test error rate <= 1%
 BASELINES = ("Adam", "SGD-momentum", "L-BFGS")
 # the runoff after the sweep (``runoff_entrants``): per family the best RUNOFF_TOP candidates
 # within RUNOFF_MARGIN (relative) of the family's best sweep error run on to RUNOFF_FACTOR x the
-# sweep budget. On CURVES three HF rows 4 % apart at 30 s ordered differently at 90 s, and the
-# pick decided the verdict (experiments/README.md, "runoff (2026-12-01)")
+# sweep budget. On CURVES three HF rows within 4 % at 30 s, and which one the sweep picked
+# decided the verdict in two quiet runs (0.92x vs 1.13x Adam); their order depends on how many
+# steps a run gets (experiments/README.md, "runoff (2026-12-01)"). The margin takes in the
+# last quiet sweeps' near-ties (Adam b 20 vs b 100: 12 %; HF rows 2-12 %); the factor keeps
+# the full scorecard under 50 min (CURVES: 7-9 entrants x 30 s more)
 RUNOFF_TOP = 3
 RUNOFF_MARGIN = 0.2
 RUNOFF_FACTOR = 2.0
