@@ -508,8 +508,9 @@ class HessianFree(torch.optim.Optimizer):
             Dembo & Steihaug 1983, scale-free; :math:`g_1` the first such step's gradient): on a
             non-convex loss :math:`\|g\|` does not fall step to step, so the Eisenstat-Walker
             ratio kept :math:`\eta` at 1/2 for hundreds of steps (swap task, 5 initialisations:
-            0.70-0.99x the defaults' gradient equivalents to the same loss, MNIST-1D, digits
-            and a regression MLP 0.98-1.03x; ``experiments/README.md``, fbdefaults); a number
+            0.69-0.86x the defaults' gradient equivalents to the same loss on 4, 1.18x on one,
+            geometric mean 0.82; MNIST-1D, digits and a regression MLP 0.98-1.03x;
+            ``experiments/README.md``, fbdefaults); a number
             :math:`\ge 0` is a fixed :math:`\eta` (1e-10 before). On mini-batches the ratio
             compares two batches' gradients, noise around 1, so :math:`\eta` stays near 1/2:
             right for MNIST-1D's growing batches and CURVES (a step is then about the warm
