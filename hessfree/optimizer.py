@@ -463,7 +463,9 @@ class HessianFree(torch.optim.Optimizer):
             "release") :math:`c = 0.01` is :math:`\lambda \ge 0.28`; with no other argument
             the error at equal time fell to 0.84-0.96x that without the floor; on
             deterministic objectives, and on MNIST-1D's growing batch, every step is bitwise
-            as with 0. A number :math:`c > 0` floors every step, and on a deterministic
+            as with 0. The floor also raises a given ``damping`` (under
+            ``adapt_damping=False`` too): pass 0 to keep a fixed small :math:`\lambda` on
+            mini-batches. A number :math:`c > 0` floors every step, and on a deterministic
             objective stops the superlinear convergence that :math:`\lambda \to 0` gives.
             :attr:`StepInfo.damping_floor` reports the bound in effect.
         weight_decay: L2 coefficient :math:`\kappa` (per group), in gradient *and* curvature.
