@@ -461,7 +461,7 @@ class HessianFree(torch.optim.Optimizer):
             loss on the training set stalls or rises; the floor keeps those steps short. On
             the CURVES autoencoder (250/62 cases, ``experiments/README.md``, "lamfloor" and
             "release") :math:`c = 0.01` is :math:`\lambda \ge 0.28`; with no other argument
-            the error at equal time fell to 0.84-0.96x that without the floor; on
+            the error at equal time fell to 0.84-0.97x that without the floor (three races); on
             deterministic objectives, and on MNIST-1D's growing batch, every step is bitwise
             as with 0. The floor also raises a given ``damping`` (under
             ``adapt_damping=False`` too): pass 0 to keep a fixed small :math:`\lambda` on
