@@ -37,6 +37,9 @@ def regimes(task: sc.Task) -> dict[str, dict]:
         r["ns70"] = task.hf[
             "250→, cg≤2, K-FAC rank 32 refresh 2, smoothed norm test θ=0.7, then cg≤10"
         ]
+        # the norm test's growth with the relative floor below the whole set (wip-runoff)
+        ns = r["ns70"]
+        r["ns70 c0.01"] = dict(ns, early_kw=dict(ns["early_kw"], relative_min_damping=0.01))
     for floor in (0.3, 1.0):  # the absolute floors of "CURVES at small batch"
         r[f"k2r2 λ≥{floor:g}"] = dict(
             batch=250, curvature_batch=62, kw=dict(cg_max_iter=2, min_damping=floor), kfac=K2

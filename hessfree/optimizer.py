@@ -1698,7 +1698,7 @@ class HessianFree(torch.optim.Optimizer):
                 run.f0,
                 float(solution.g @ p),
                 f_chosen,
-                _damping.RESOLUTION_ULPS * eps * abs(run.f0),
+                _damping.resolution(run.f0, eps),
             )
             if rate == 1.0 and rho > _EXTRAPOLATE_RHO and self._extrapolating(state):
                 rate, f_new = _extrapolate(

@@ -224,3 +224,22 @@ def test_below_resolution_is_within_a_few_ulps_of_the_loss(actual, predicted, f0
     eps = torch.finfo(torch.float32).eps
     assert RESOLUTION_ULPS * eps * 2e-8 == pytest.approx(1.907e-14, rel=1e-3)
     assert below_resolution(actual, predicted, f0, eps) is expected
+
+
+@pytest.mark.parametrize(
+    "dtype, change, expected",
+    [
+        (torch.bfloat16, -0.03, False),  # 3 % of f: ~4 bf16 ulps, resolvable (8 ulps froze it)
+        (torch.bfloat16, -0.015, True),  # 2 · 2^-7 = 1.56 % of f
+        (torch.float16, -0.0015, True),  # 2 · 2^-10 = 0.195 %
+        (torch.float16, -0.0025, False),
+        (torch.float32, -8e-7, True),  # 8 · 2^-23 = 9.5e-7: float32 keeps 8 ulps
+        (torch.float32, -1.2e-6, False),
+    ],
+)
+def test_resolution_of_a_16_bit_loss_is_two_ulps(dtype, change, expected):
+    from hessfree.damping import below_resolution, resolution
+
+    eps = torch.finfo(dtype).eps
+    assert resolution(1.0, eps) == (2 if eps > 2.0**-23 else 8) * eps
+    assert below_resolution(change, change, 1.0, eps) is expected

@@ -1598,6 +1598,29 @@ def test_step_that_damping_keeps_below_resolution_lowers_damping_and_reaches_the
     assert opt.last_step.status == "converged"
 
 
+def test_bfloat16_step_resolvable_in_bfloat16_is_taken_not_frozen():
+    # a bfloat16 quadratic whose minimum is 4 % of f below the start: 8 bf16 ulps (6 % of f)
+    # froze it at x0 forever; at 2 ulps (1.6 %) the Newton step is taken and HF stops within
+    # bf16's resolution of f at the numpy minimiser (float64 oracle)
+    rng = np.random.default_rng(1)
+    Q = rng.standard_normal((8, 8))
+    A, b = Q @ Q.T / 8 + 0.5 * np.eye(8), rng.standard_normal(8)
+    x_star = np.linalg.solve(A, b)
+    c = 0.5 * b @ x_star / 0.04  # f(0) − f(x*) = 4 % of f(0)
+    Ab, bb = torch.tensor(A, dtype=torch.bfloat16), torch.tensor(b, dtype=torch.bfloat16)
+    x = torch.zeros(8, dtype=torch.bfloat16, requires_grad=True)
+    opt = HessianFree([x], damping=1e-6, curvature="hessian")
+    statuses = []
+    for _ in range(4):
+        opt.step(lambda: 0.5 * x @ Ab @ x - bb @ x + c)
+        statuses.append(opt.last_step.status)
+    assert statuses[0] == "accepted"
+    assert statuses[-1] == "converged" and opt.last_step.converged_by == "float_resolution"
+    xn = x.detach().double().numpy()
+    gap = 0.5 * (xn - x_star) @ A @ (xn - x_star)  # f(x) − f(x*) in float64
+    assert gap <= 2 * 2.0**-7 * c  # within bf16's resolution of f (was 4 % of f at x0)
+
+
 def test_predicted_change_matches_the_float64_quadratic_model_far_from_the_floor():
     # ordinary float64 quadratic: one damped Newton step d = −(A + λI)⁻¹g, accepted at rate 1,
     # with predicted q(d) − q(0) = gᵀd + ½dᵀAd and ρ = actual / predicted (numpy oracles)
