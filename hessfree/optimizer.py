@@ -463,10 +463,10 @@ class HessianFree(torch.optim.Optimizer):
             "release") :math:`c = 0.01` is :math:`\lambda \ge 0.28`; with no other argument
             the error at equal time fell to 0.84-0.97x that without the floor (three races); on
             deterministic objectives, and on MNIST-1D's growing batch, every step is bitwise
-            as with 0. The floor also raises a given ``damping`` (under
-            ``adapt_damping=False`` too): pass 0 to keep a fixed small :math:`\lambda` on
-            mini-batches. A number :math:`c > 0` floors every step, and on a deterministic
-            objective stops the superlinear convergence that :math:`\lambda \to 0` gives.
+            as with 0. ``'auto'`` also raises a given ``damping`` that is then adapted; under
+            ``adapt_damping=False`` it is 0 (a fixed :math:`\lambda` stays as given).
+            A number :math:`c > 0` floors every step, and on a deterministic objective stops
+            the superlinear convergence that :math:`\lambda \to 0` gives.
             :attr:`StepInfo.damping_floor` reports the bound in effect.
         weight_decay: L2 coefficient :math:`\kappa` (per group), in gradient *and* curvature.
         structural_damping: :math:`\mu \ge 0` of Martens & Sutskever (2011, §3.3), or
@@ -1404,10 +1404,12 @@ class HessianFree(torch.optim.Optimizer):
 
     def _relative_fraction(self, state: dict) -> float:
         """``relative_min_damping`` in effect: ``'auto'`` is ``_AUTO_RELATIVE_MIN_DAMPING``
-        on a stochastic objective (:meth:`_observe_objective`) and 0 otherwise."""
+        on a stochastic objective (:meth:`_observe_objective`) with ``adapt_damping``, and 0
+        otherwise."""
         c = self.settings.relative_min_damping
-        if c == "auto":
-            c = _AUTO_RELATIVE_MIN_DAMPING if state.get("deterministic") is False else 0.0
+        if c == "auto":  # a fixed λ (adapt_damping=False) is the caller's: not floored
+            stochastic = state.get("deterministic") is False and self.settings.adapt_damping
+            c = _AUTO_RELATIVE_MIN_DAMPING if stochastic else 0.0
         return c
 
     def _track_unfloored(self, state: dict, run: _StepRun) -> None:

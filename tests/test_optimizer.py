@@ -589,7 +589,7 @@ def test_cg_rtol_on_alternating_batches_auto_follows_ew_and_zero_runs_cg_to_max_
             trust_radius=False,
             cg_rtol=rtol,
             cg_decay=0.0,  # cold starts: the textbook CG from 0 is the oracle
-            relative_min_damping=0.0,  # λ = 1e-3 on these alternating batches, unfloored
+            # relative_min_damping='auto' (default) floors only an adapted λ: 1e-3 stays
         )
         prev = (None, None)
         for k in range(5):
