@@ -205,11 +205,12 @@ def make_curves_task(quick: bool) -> Task:
         # same runs; c = 0.005 0.983×, 0.02 1.038×; experiments/README.md, "lamfloor"). The
         # former λ ≥ 1 row (c ≈ 0.036) is gone: it lost every time (16.9 against 13.7 in the
         # last quiet 30 s sweep). The absolute λ ≥ 0.3 row stays: the hybrid below was measured
-        # with it (a relative floor there would be anchored at Adam's weights, unmeasured)
+        # with it (a relative floor there would be anchored at Adam's weights, unmeasured), so
+        # it keeps relative_min_damping=0 now that 'auto' is the default
         hf["250/62, cg≤2, K-FAC rank 32 refresh 2, λ≥0.3"] = dict(
             batch=250,
             curvature_batch=62,
-            kw=dict(cg_max_iter=2, min_damping=0.3),
+            kw=dict(cg_max_iter=2, min_damping=0.3, relative_min_damping=0.0),
             kfac=dict(rank=32, refresh=2),
         )
         hf["250/62, cg≤2, K-FAC rank 32 refresh 2, λ≥0.01·gᵀCg/gᵀg"] = dict(

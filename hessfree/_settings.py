@@ -71,7 +71,7 @@ class HFSettings:
     damping_decrease: float = 2.0 / 3.0
     min_damping: float = 1e-8
     max_damping: float = 1e10
-    relative_min_damping: float | str = 0.0
+    relative_min_damping: float | str = "auto"
     weight_decay: float = 0.0
     structural_damping: float | str = "auto"
     cg_max_iter: int | str = "auto"

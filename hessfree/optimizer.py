@@ -449,18 +449,25 @@ class HessianFree(torch.optim.Optimizer):
             :math:`c > 0` (one curvature product there if ``damping`` is a number; 0 when the
             quotient is not finite), and never below ``min_damping``, never above
             ``max_damping``. It scales with the loss, where ``min_damping`` is absolute.
-            0 (default): no such floor, and every step as without the argument. ``'auto'``:
-            0.01 on steps where the objective is seen stochastic (the closure's value at the
-            start of a step differs from the previous step's at the same parameters, as
-            ``extrapolate='auto'`` detects it; mini-batches), 0 on a deterministic one. What
-            it is for: on mini-batches a few preconditioned CG iterations with :math:`\lambda` at
-            ``min_damping`` fit the step's own batch, so late in a run the loss on the
-            training set stalls or rises; the floor keeps those steps short. On the CURVES
-            autoencoder (250/62 cases, 2 CG iterations, K-FAC; ``experiments/README.md``,
-            "lamfloor") :math:`c = 0.01` is :math:`\lambda \ge 0.28`. On a deterministic
-            objective it stops the superlinear convergence that :math:`\lambda \to 0` gives:
-            leave it at 0 for full-batch training. :attr:`StepInfo.damping_floor` reports the
-            bound in effect.
+            ``'auto'`` (default): 0.01 on steps where the objective is seen stochastic (the
+            closure's value at the start of a step differs from the previous step's at the
+            same parameters, as ``extrapolate='auto'`` detects it; mini-batches), 0 on a
+            deterministic one, so full-batch training runs bitwise as with 0 (no product
+            either: ``damping='auto'`` computes the quotient anyway). When the floor lifts (a
+            batch grown to the whole training set) :math:`\lambda` drops to the value the
+            Levenberg-Marquardt rule would have reached without it, from the same
+            :math:`\rho`. 0: no floor. What it is for: on mini-batches CG with
+            :math:`\lambda` at ``min_damping`` fits the step's own batch, so late in a run the
+            loss on the training set stalls or rises; the floor keeps those steps short. On
+            the CURVES autoencoder (250/62 cases, ``experiments/README.md``, "lamfloor" and
+            "release") :math:`c = 0.01` is :math:`\lambda \ge 0.28`; with no other argument
+            the error at equal time fell to 0.84-0.97x that without the floor (three races); on
+            deterministic objectives, and on MNIST-1D's growing batch, every step is bitwise
+            as with 0. ``'auto'`` also raises a given ``damping`` that is then adapted; under
+            ``adapt_damping=False`` it is 0 (a fixed :math:`\lambda` stays as given).
+            A number :math:`c > 0` floors every step, and on a deterministic objective stops
+            the superlinear convergence that :math:`\lambda \to 0` gives.
+            :attr:`StepInfo.damping_floor` reports the bound in effect.
         weight_decay: L2 coefficient :math:`\kappa` (per group), in gradient *and* curvature.
         structural_damping: :math:`\mu \ge 0` of Martens & Sutskever (2011, §3.3), or
             ``'auto'`` (default): 0.03, the paper's value for RNNs, on every step whose
@@ -679,7 +686,7 @@ class HessianFree(torch.optim.Optimizer):
         damping_decrease: float = 2.0 / 3.0,
         min_damping: float = 1e-8,
         max_damping: float = 1e10,
-        relative_min_damping: float | str = 0.0,
+        relative_min_damping: float | str = "auto",
         weight_decay: float = 0.0,
         structural_damping: float | str = "auto",
         cg_max_iter: int | str = "auto",
@@ -1285,6 +1292,7 @@ class HessianFree(torch.optim.Optimizer):
         run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
         run.lap("evaluate")
         self._observe_objective(state, run.f0)
+        self._track_unfloored(state, run)
         floor = self._relative_floor(state)
         if run.damping < floor:  # the floor rose since the last step (an edit, or 'auto')
             run.damping = state["damping"] = floor
@@ -1393,22 +1401,61 @@ class HessianFree(torch.optim.Optimizer):
         gCg = float(g @ Cg) + float((run.l2 * g) @ g)  # C includes the L2 term κ
         scale = abs(gCg) / gDg if gDg > 0 else math.nan
         run.state["damping_scale"] = scale if math.isfinite(scale) else 0.0
-        policy = self._damping_policy(run.state)
+        policy, unfloored = self._damping_policy(run.state), self.settings.damping_policy()
         if math.isnan(run.damping):
-            lam = policy.initial(gCg, gDg)
+            lam, shadow = policy.initial(gCg, gDg), unfloored.initial(gCg, gDg)
         else:  # a given damping, raised to the relative floor if below it
-            lam = policy.clip(run.damping)
+            lam, shadow = policy.clip(run.damping), unfloored.clip(run.damping)
         run.damping = run.state["damping"] = lam
+        if self._relative_fraction(run.state) > 0:
+            run.state["damping_unfloored"] = shadow
         if run.structural_damping > 0:
             product.weight = _structural_weight(lam, run.structural_damping, product.hidden)
 
     def _relative_fraction(self, state: dict) -> float:
         """``relative_min_damping`` in effect: ``'auto'`` is ``_AUTO_RELATIVE_MIN_DAMPING``
-        on a stochastic objective (:meth:`_observe_objective`) and 0 otherwise."""
+        on a stochastic objective (:meth:`_observe_objective`) with ``adapt_damping``, and 0
+        otherwise."""
         c = self.settings.relative_min_damping
-        if c == "auto":
-            c = _AUTO_RELATIVE_MIN_DAMPING if state.get("deterministic") is False else 0.0
+        if c == "auto":  # a fixed λ (adapt_damping=False) is the caller's: not floored
+            stochastic = state.get("deterministic") is False and self.settings.adapt_damping
+            c = _AUTO_RELATIVE_MIN_DAMPING if stochastic else 0.0
         return c
+
+    def _track_unfloored(self, state: dict, run: _StepRun) -> None:
+        r"""Start, keep or release the :math:`\lambda` the rule would have without the relative
+        floor (``state['damping_unfloored']``, updated by :meth:`_adapt_damping`).
+
+        While the floor is on (``relative_min_damping`` > 0 in effect), the unfloored
+        :math:`\lambda` follows every change the floored one gets, from the same :math:`\rho`
+        but clipped to ``min_damping`` only. When the floor lifts (``'auto'`` on an objective
+        seen deterministic again: a growing batch that became the whole set) :math:`\lambda`
+        drops to it: the floor's steps told the rule that the model was good, and without the
+        release :math:`\lambda` would start from the floor and come down by at most Nielsen's
+        1/3 a step (MNIST-1D's growing batch: ``experiments/README.md``, "release").
+        """
+        if self._relative_fraction(state) > 0:
+            if "damping_unfloored" not in state and not math.isnan(run.damping):
+                state["damping_unfloored"] = run.damping
+        elif "damping_unfloored" in state:
+            self._release_floor(state, run, state.pop("damping_unfloored"))
+
+    @staticmethod
+    def _release_floor(state: dict, run: _StepRun, unfloored: float) -> None:
+        r"""The relative floor lifted: :math:`\lambda` = the unfloored one, if lower."""
+        if unfloored < run.damping:
+            run.damping = state["damping"] = unfloored
+
+    def _adapt_damping(
+        self, state: dict, lam: float, change: Callable[[_damping.DampingPolicy, float], float]
+    ) -> None:
+        r"""``state['damping'] = change(policy, lam)`` under the floored policy, and the same
+        change to the unfloored :math:`\lambda` if one is tracked (:meth:`_track_unfloored`)."""
+        state["damping"] = change(self._damping_policy(state), lam)
+        if "damping_unfloored" in state:
+            state["damping_unfloored"] = change(
+                self.settings.damping_policy(), state["damping_unfloored"]
+            )
 
     def _relative_floor(self, state: dict) -> float:
         """``relative_min_damping`` × the curvature scale (0 until that is known), at most
@@ -1656,12 +1703,14 @@ class HessianFree(torch.optim.Optimizer):
                 if damped > predicted - float(solution.g @ p):  # > ½pᵀCp: λ kept p this short
                     # not the floor of the loss but of a step λ dominates (a large given or
                     # climbed λ): λ stays too and nothing ever moves; lower it as after ρ = 1
-                    state["damping"] = self._damping_policy(state).after_step(run.damping, 1.0)
+                    self._adapt_damping(
+                        state, run.damping, lambda pol, lam: pol.after_step(lam, 1.0)
+                    )
                     return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
                 run.report["converged_by"] = Convergence.FLOAT_RESOLUTION  # λ stays
                 return self._finish(run, StepStatus.CONVERGED)
             rho = _damping.reduction_ratio(f_chosen - run.f0, predicted)
-            state["damping"] = self._damping_policy(state).after_step(run.damping, rho)
+            self._adapt_damping(state, run.damping, lambda pol, lam: pol.after_step(lam, rho))
             if run.bounded:
                 self._update_radius(state, result, chosen, p, rho)
 
@@ -1678,7 +1727,9 @@ class HessianFree(torch.optim.Optimizer):
                     lambda t: objective(p, t), f_new, max_doublings=_EXTRAPOLATE_MAX
                 )
                 if rate > 1.0 and settings.adapt_damping:  # the step was `rate` times too short
-                    state["damping"] = self._damping_policy(state).clip(state["damping"] / rate)
+                    self._adapt_damping(
+                        state, state["damping"], lambda pol, lam: pol.clip(lam / rate)
+                    )
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
         except BaseException:
@@ -1690,7 +1741,7 @@ class HessianFree(torch.optim.Optimizer):
         full_change = float((p.abs() * run.lr).max())
         tolerance_change = settings.tolerance_change
         if rate == 0.0:
-            state["damping"] = self._damping_policy(state).after_rejection(state["damping"])
+            self._adapt_damping(state, state["damping"], lambda pol, lam: pol.after_rejection(lam))
             if trial_non_finite:
                 what = "a trial loss (CG backtracking or line search)"
                 return self._reject(run, StepStatus.NON_FINITE_TRIAL_LOSS, what, grow=False)
@@ -1797,7 +1848,7 @@ class HessianFree(torch.optim.Optimizer):
         state, settings = run.state, self.settings
         state["failures"] += 1
         if grow:
-            state["damping"] = self._damping_policy(state).after_non_finite(state["damping"])
+            self._adapt_damping(state, state["damping"], lambda pol, lam: pol.after_non_finite(lam))
         if state["failures"] >= settings.max_failures:
             raise FloatingPointError(
                 f"HessianFree: {state['failures']} consecutive steps had a non-finite value (this "

@@ -596,6 +596,7 @@ def test_cg_rtol_on_alternating_batches_auto_follows_ew_and_zero_runs_cg_to_max_
             trust_radius=False,
             cg_rtol=rtol,
             cg_decay=0.0,  # cold starts: the textbook CG from 0 is the oracle
+            # relative_min_damping='auto' (default) floors only an adapted λ: 1e-3 stays
         )
         prev = (None, None)
         for k in range(5):
@@ -1454,6 +1455,87 @@ def test_relative_min_damping_auto_floors_only_a_stochastic_objective():
     same, _ = _logistic_steps("auto", steps=6, same_batch=True)
     assert all(i.damping_floor == 1e-8 for i in same)
     assert min(i.next_damping for i in same) < 0.01 * quotient
+
+
+def _nielsen(lam: float, rho: float) -> float:
+    """Nielsen's rule written out (Madsen, Nielsen & Tingleff 2004, §3.2), ν = 2."""
+    return lam * max(1 / 3, 1 - (2 * rho - 1) ** 3) if rho > 0 else 2 * lam
+
+
+def test_relative_min_damping_auto_releases_damping_on_a_closed_form_quadratic():
+    # ½xᵀAx − b_kᵀx: a new b_k at steps 0-3 (mini-batches), one b from step 4 (the batch became
+    # the whole set). The model is exact, so ρ = 1 and the unfloored rule divides λ by 3 a step.
+    gen = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))[0]
+    A = Q @ torch.diag(torch.logspace(0, 4, 6, dtype=torch.float64)) @ Q.T
+    bs = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], relative_min_damping="auto")
+    infos = []
+    for k in range(9):
+        b = bs[min(k, 4)]
+        opt.step(lambda b=b: 0.5 * x @ A @ x - b @ x)
+        infos.append(opt.last_step)
+    lam0 = _rayleigh_np(A, -bs[0].numpy())  # damping='auto' at x = 0
+    floor = 0.01 * lam0
+    assert infos[0].damping == pytest.approx(lam0, rel=1e-12)
+    # steps 1-6 are floored: seen stochastic until the 3rd consecutive match (step 7)
+    for info in infos[1:7]:
+        assert info.damping_floor == pytest.approx(floor, rel=1e-12)
+    assert infos[6].next_damping == pytest.approx(floor, rel=1e-12)  # λ sat at the floor
+    # step 7: the floor lifts and λ is what ρ = 1 at every step gives without it, λ0 / 3⁷
+    assert infos[7].damping_floor == 1e-8
+    assert infos[7].damping == pytest.approx(lam0 / 3**7, rel=1e-9)
+    assert infos[7].damping < 0.1 * floor  # not the floor (the behaviour before the release)
+
+
+def test_relative_min_damping_auto_release_matches_the_unfloored_rule_on_logistic_regression():
+    # mini-batches of 64 for 6 steps, then the whole set: λ at the release equals Nielsen's
+    # rule (written out) applied from λ0 to every step's ρ without the floor; λ0 from a dense
+    # float64 Hessian
+    X, y = _breast_cancer()
+    X, y = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randperm(len(X), generator=gen)[:64] for _ in range(6)]
+    batches += [torch.arange(len(X))] * 6
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+
+    def f(w, idx):
+        return F.binary_cross_entropy_with_logits(X[idx] @ w, y[idx])
+
+    H = torch.autograd.functional.hessian(lambda v: f(v, batches[0]), w.detach())
+    g = torch.autograd.grad(f(w, batches[0]), w)[0]
+    lam0 = float(g @ H @ g / (g @ g))
+    opt = HessianFree([w], relative_min_damping="auto")
+    infos = []
+    for idx in batches:
+        opt.step(lambda idx=idx: f(w, idx))
+        infos.append(opt.last_step)
+    release = next(i for i, info in enumerate(infos) if i > 0 and info.damping_floor == 1e-8)
+    assert release == 9  # whole set from step 6; deterministic at its 3rd consecutive match
+    lam = lam0
+    for info in infos[:release]:
+        assert info.accepted  # no rejection: only ρ moves λ
+        lam = max(_nielsen(lam, info.rho), 1e-8)
+    floor = 0.01 * lam0
+    assert infos[release - 1].next_damping >= floor * (1 - 1e-12)  # floored until then
+    assert lam < 0.5 * floor  # the unfloored rule is below the floor: the release matters
+    assert infos[release].damping == pytest.approx(lam, rel=1e-9)
+
+
+def test_relative_min_damping_auto_is_bitwise_the_default_on_a_deterministic_objective():
+    A, b = _quadratic(seed=4)
+    runs = []
+    for relative in (0.0, "auto"):
+        x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([x], relative_min_damping=relative)
+        lams = []
+        for _ in range(6):
+            opt.step(lambda x=x: 0.5 * x @ A @ x - b @ x)
+            lams.append(opt.last_step.next_damping)
+        runs.append((x.detach().clone(), lams))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert "damping_unfloored" not in opt.state[x]
 
 
 def test_relative_min_damping_survives_state_dict_round_trip():
