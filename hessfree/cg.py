@@ -52,7 +52,7 @@ from torch import Tensor
 from hessfree._checks import check_int, check_number, check_vector
 from hessfree._types import MatVec
 
-__all__ = ["CGResult", "CGStop", "StopReason", "cg", "forcing_term"]
+__all__ = ["CGResult", "CGStop", "StopReason", "cg", "forcing_term", "relative_forcing_term"]
 
 # §4.4: k = max(10, ceil(0.1 i)), from the paper and the reference code.
 _PROGRESS_MIN_GAP = 10
@@ -579,6 +579,48 @@ def forcing_term(
     if prev_eta is not None and gamma * prev_eta**alpha > 0.1:
         eta = max(eta, gamma * prev_eta**alpha)
     return min(eta_max, eta) if math.isfinite(eta) else eta_max
+
+
+def relative_forcing_term(
+    grad_norm: float, first_grad_norm: float, *, eta_max: float = 0.5
+) -> float:
+    r"""Relative residual tolerance :math:`\eta_k` for CG from the progress since a first step.
+
+    .. math:: \eta_k = \min\big(\eta_{\max},\; \sqrt{\|g_k\| / \|g_0\|}\big)
+
+    Dembo & Steihaug's (1983) :math:`\eta_k = \min(\tfrac12, \sqrt{\|g_k\|})`, made
+    scale-free by :math:`\|g_0\|`: :math:`\eta_k \to 0` as :math:`g_k \to 0`, so the outer
+    iteration is locally superlinear (Nocedal & Wright 2006, Theorem 7.2), whatever the
+    step-to-step ratio :math:`\|g_k\|/\|g_{k-1}\|` (which :func:`forcing_term` uses and which
+    stays near 1 on a non-convex loss whose gradient does not fall monotonically).
+    :class:`~hessfree.HessianFree` uses it where the objective is seen deterministic from the
+    start.
+
+    Args:
+        grad_norm: :math:`\|g_k\|`, finite and >= 0.
+        first_grad_norm: :math:`\|g_0\|`, finite and > 0.
+        eta_max: Upper bound in (0, 1).
+
+    Returns:
+        float: :math:`\eta_k` in ``[0, eta_max]``.
+
+    Raises:
+        ValueError: If an argument is out of range.
+
+    Example:
+        >>> relative_forcing_term(2.0, 1.0)  # the gradient grew: the cap
+        0.5
+        >>> relative_forcing_term(0.01, 1.0)  # a hundredfold smaller: sqrt(0.01)
+        0.1
+
+    References:
+        Dembo & Steihaug (1983), Truncated-Newton algorithms for large-scale unconstrained
+        optimization, Math. Programming 26, eq. (3.2).
+    """
+    grad_norm = check_number("grad_norm", grad_norm, low=0.0)
+    first = check_number("first_grad_norm", first_grad_norm, low=0.0, low_open=True)
+    eta_max = check_number("eta_max", eta_max, low=0.0, high=1.0, low_open=True, high_open=True)
+    return min(eta_max, math.sqrt(grad_norm / first))
 
 
 def _phi(x: Tensor, r: Tensor, b: Tensor, *, out: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import scipy.sparse.linalg
 import torch
 
 from hessfree import HFSettings
-from hessfree.cg import CGResult, CGStop, StopReason, cg, forcing_term
+from hessfree.cg import CGResult, CGStop, StopReason, cg, forcing_term, relative_forcing_term
 
 # Not `import hessfree.cg as ...`: the package re-exports the function `cg`, which shadows
 # the submodule as an attribute of `hessfree`.
@@ -747,6 +747,30 @@ def test_forcing_term_closed_forms():
 def test_forcing_term_rejects_bad_constants(kw, match):
     with pytest.raises(ValueError, match=match):
         forcing_term(1.0, 2.0, **kw)
+
+
+def test_relative_forcing_term_closed_forms():
+    # min(η_max, √(‖g_k‖/‖g_0‖)): Dembo & Steihaug's √‖g‖ made scale-free
+    assert relative_forcing_term(1.0, 1.0) == 0.5
+    assert relative_forcing_term(4.0, 1.0) == 0.5  # the gradient grew: capped
+    assert relative_forcing_term(0.04, 1.0) == pytest.approx(0.2, rel=1e-12)
+    assert relative_forcing_term(4e-8, 1e-6) == pytest.approx(0.2, rel=1e-12)  # scale-free
+    assert relative_forcing_term(0.0, 1.0) == 0.0
+    assert relative_forcing_term(0.81, 1.0, eta_max=0.95) == pytest.approx(0.9, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "args, kw, match",
+    [
+        ((-1.0, 1.0), {}, r"`grad_norm` must be .*got -1\.0"),
+        ((1.0, 0.0), {}, r"`first_grad_norm` must be .*got 0\.0"),
+        ((1.0, math.inf), {}, r"`first_grad_norm`"),
+        ((1.0, 1.0), dict(eta_max=1.0), r"`eta_max`"),
+    ],
+)
+def test_relative_forcing_term_rejects_bad_values(args, kw, match):
+    with pytest.raises(ValueError, match=match):
+        relative_forcing_term(*args, **kw)
 
 
 @pytest.mark.parametrize("eta", [0.5, 0.1, 1e-3])
