@@ -21,8 +21,9 @@ For every task, one run of this script
 
 Interleaving: the budget is cut into slices; in each slice every run, in a shuffled order,
 steps until its own clock reaches the slice's end, so load from other processes falls on all
-of them alike; a run's clock counts only its steps; errors are evaluated off the clock. Every
-run starts from a copy of one initial model and sees the same data order.
+of them alike; a run's clock counts only its steps; errors are evaluated off the clock, at each
+slice's end and, in the finals, also at ½, ¼, ⅛ and 1/16 of the first slice (times to early
+targets). Every run starts from a copy of one initial model and sees the same data order.
 
 ::
 
