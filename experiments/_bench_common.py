@@ -242,11 +242,18 @@ def interleave(
     return out
 
 
-def advance(run: Any, end: float, device: str, width: int = 120) -> None:
+def advance(
+    run: Any,
+    end: float,
+    device: str,
+    width: int = 120,
+    after_step: Callable[[Any], None] | None = None,
+) -> None:
     """Step ``run`` until its own clock reaches ``end`` (seconds of stepping, synced on CUDA).
 
     ``run`` has ``step()``, ``clock``, ``steps`` and ``failed``; an error raised by a step marks
     the run failed (a diverging optimizer is a result, not a crash) and ends its stepping.
+    ``after_step(run)`` is called after every step, off the clock.
     """
     try:
         while run.clock < end:
@@ -256,6 +263,8 @@ def advance(run: Any, end: float, device: str, width: int = 120) -> None:
             sync(device)
             run.clock += time.perf_counter() - t0
             run.steps += 1
+            if after_step is not None:
+                after_step(run)
     except Exception as err:  # noqa: BLE001 - a diverging run is a result, not a crash
         run.failed = f"{type(err).__name__}: {str(err)[:width]}"
 

@@ -900,12 +900,28 @@ def interleave(
     device: str,
     start: float = 0.0,
     early: int = 0,
+    accuracy_steps: float = 0.0,
 ) -> None:
     """Run every run until its own clock reaches ``budget`` seconds, in shuffled turns per
     slice (:func:`slice_ends`, ``early`` extra points in the first slice); ``start`` > 0
     continues runs that already ran that long (the runoff), without evaluating their start
-    again."""
+    again. ``accuracy_steps`` > 0 (a task with an accuracy): the training accuracy is also
+    evaluated after every step, off the clock, until it first reaches 100 % or the run's clock
+    passes ``accuracy_steps`` seconds, so that the time to 100 % is a step's time, not the next
+    evaluation's (digits: L-BFGS gets there in 2 steps, HF in 10, both within 0.4 s)."""
     rng = random.Random(0)
+    hit: set[int] = set()  # runs whose accuracy reached 100 % (or that stopped looking)
+
+    def accuracy_hit(r: Run) -> None:
+        if id(r) in hit:
+            return
+        if r.clock > accuracy_steps:
+            hit.add(id(r))
+        elif task.accuracy(r.model) >= 1.0:
+            r.acc_curve.append((r.clock, 1.0))
+            hit.add(id(r))
+
+    watch = accuracy_hit if accuracy_steps > 0 and task.accuracy is not None else None
     for r in runs if start == 0 else []:
         r.curve.append((0.0, task.error(r.model)))
         if task.accuracy is not None:
@@ -918,7 +934,7 @@ def interleave(
         for r in order:
             if r.failed:
                 continue
-            advance(r, end, device, width=100)
+            advance(r, end, device, width=100, after_step=watch)
             e = task.error(r.model)
             r.curve.append((r.clock, e if math.isfinite(e) else math.inf))
             if task.accuracy is not None:
@@ -1081,7 +1097,15 @@ def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -
         h = task.hybrid
         finals.append(hybrid_run(task, h["lr"], h["batch"], h["fraction"] * task.budget, h["hf"]))
     t0 = time.perf_counter()
-    interleave(finals, task, task.budget, slices, args.device, early=FINAL_EARLY_POINTS)
+    interleave(
+        finals,
+        task,
+        task.budget,
+        slices,
+        args.device,
+        early=FINAL_EARLY_POINTS,
+        accuracy_steps=task.budget / 4,
+    )
     log(
         f"[{task.key}] finals {time.perf_counter() - t0:.0f} s: "
         + ", ".join(f"{r.name} {final_error(r):.3g} ({r.steps} steps)" for r in finals)

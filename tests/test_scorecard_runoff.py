@@ -190,3 +190,29 @@ def test_report_shows_the_runoff_entrants_their_errors_and_the_pick():
     assert "| Adam b100 | Adam | 0 | 15.1 | **yes** |" in text  # a family of one
     assert "| ns70 | HF | 0 | 16 |  (runoff) |" in text
     assert "error at 60 s" in text
+
+
+def test_interleave_records_the_step_at_which_accuracy_first_reaches_100_percent():
+    seen = []  # the step count at every accuracy evaluation
+
+    def accuracy(m: _Counter) -> float:
+        seen.append(m.n)
+        return 1.0 if m.n >= 3 else 0.0
+
+    task = scorecard.Task(
+        "count", "", _Counter(), torch.zeros(1), torch.zeros(1), None,
+        lambda m: float(m.n), "", 1.0, 0.01, [], [], {}, accuracy=accuracy,
+    )  # fmt: skip
+    m = _Counter()
+    run = scorecard.Run("u", "A", m, lambda: setattr(m, "n", m.n + 1))
+    scorecard.interleave([run], task, 0.02, 2, "cpu", accuracy_steps=1.0)
+    # evaluated at the start, after steps 1, 2, 3 (the hit: no per-step checks after it), then
+    # at the two slice ends, after many more steps
+    assert seen[:4] == [0, 1, 2, 3] and len(seen) == 6 and min(seen[4:]) > 3
+    hits = [t for t, a in run.acc_curve if a >= 1.0]
+    assert hits[0] < run.curve[1][0]  # the hit's time, before the first slice's evaluation
+    assert scorecard.time_to(run.acc_curve, 1.0, above=True) == hits[0]
+    seen.clear()
+    m.n, run.clock, run.acc_curve = 0, 0.0, []
+    scorecard.interleave([run], task, 0.02, 2, "cpu")  # accuracy_steps=0: slice ends only
+    assert len(seen) == 3
