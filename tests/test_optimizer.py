@@ -1405,16 +1405,18 @@ def test_relative_min_damping_scales_with_the_loss():
 
 
 def _logistic_steps(
-    relative: float | str, steps: int = 12, same_batch: bool = False
+    relative: float | str, steps: int = 12, same_batch: bool = False, full_steps: int = 0
 ) -> tuple[list[StepInfo], float]:
-    """Logistic regression on mini-batches of 64 (seeded; or one batch throughout), float64;
-    the StepInfos and the quotient |gᵀHg|/gᵀg at the first batch from a dense Hessian."""
+    """Logistic regression on mini-batches of 64 (seeded; or one batch throughout), then
+    ``full_steps`` on the whole set, float64; the StepInfos and the quotient |gᵀHg|/gᵀg at
+    the first batch from a dense Hessian."""
     X, y = _breast_cancer()
     X, y = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randperm(len(X), generator=gen)[:64] for _ in range(steps)]
     if same_batch:
         batches = batches[:1] * steps
+    batches += [torch.arange(len(X))] * full_steps
     w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
 
     def f(w, idx):
@@ -1493,24 +1495,7 @@ def test_relative_min_damping_auto_release_matches_the_unfloored_rule_on_logisti
     # mini-batches of 64 for 6 steps, then the whole set: λ at the release equals Nielsen's
     # rule (written out) applied from λ0 to every step's ρ without the floor; λ0 from a dense
     # float64 Hessian
-    X, y = _breast_cancer()
-    X, y = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randperm(len(X), generator=gen)[:64] for _ in range(6)]
-    batches += [torch.arange(len(X))] * 6
-    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
-
-    def f(w, idx):
-        return F.binary_cross_entropy_with_logits(X[idx] @ w, y[idx])
-
-    H = torch.autograd.functional.hessian(lambda v: f(v, batches[0]), w.detach())
-    g = torch.autograd.grad(f(w, batches[0]), w)[0]
-    lam0 = float(g @ H @ g / (g @ g))
-    opt = HessianFree([w], relative_min_damping="auto")
-    infos = []
-    for idx in batches:
-        opt.step(lambda idx=idx: f(w, idx))
-        infos.append(opt.last_step)
+    infos, lam0 = _logistic_steps("auto", steps=6, full_steps=6)
     release = next(i for i, info in enumerate(infos) if i > 0 and info.damping_floor == 1e-8)
     assert release == 9  # whole set from step 6; deterministic at its 3rd consecutive match
     lam = lam0
