@@ -1242,6 +1242,12 @@ class HessianFree(torch.optim.Optimizer):
             if recorded is not None:  # None: no graph-building call (cannot happen in step)
                 precond._observe(recorded, skip_shared=self.precond == "auto")
                 recorded.release()
+            if not precond.layers:
+                raise ValueError(
+                    "precond='kfac' found no nn.Linear layer whose weight (and bias) are among "
+                    "the optimizer's parameters in the closure's forward pass; pass another "
+                    "precond ('auto', None, 'martens', 'nystrom')."
+                )
         if not getattr(precond, "needs_outputs", True):  # curvature products only
             return precond(self._curvature_context(product, lam, shift, curv, g, run))
         fisher = "The diagonal empirical-Fisher preconditioner"
