@@ -8,11 +8,12 @@ defaults (equal, bit for bit, to ``'auto'`` with those settings), and the tuned 
 Prints errors at ¼, ½ and all of the budget, times to the run3 scorecard's targets
 (Adam's errors there) and, where the task has one, the time to 100 % training accuracy.
 
-    OPENBLAS_NUM_THREADS=1 python experiments/_kfacauto.py curves [seconds]
+    OPENBLAS_NUM_THREADS=1 python experiments/_kfacauto.py curves [seconds] [--more]
     OPENBLAS_NUM_THREADS=1 python experiments/_kfacauto.py mnist1d [seconds]
     OPENBLAS_NUM_THREADS=1 python experiments/_kfacauto.py mnist1d-schedule [seconds]
     OPENBLAS_NUM_THREADS=1 python experiments/_kfacauto.py digits [seconds]
     python experiments/_kfacauto.py hashes   # swap, addition: parameter hashes after N steps
+    OPENBLAS_NUM_THREADS=1 python experiments/_kfacauto.py hookcost  # the recording hook's cost
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ TARGETS = {
 OLD = dict(precond=None)  # 'auto' before: nothing for a (loss, outputs) closure
 
 
+def VARIANTS(base: dict) -> dict:  # noqa: N802 - more K-FAC settings, with --more
+    if "--more" not in sys.argv:
+        return {}
+    return {
+        "defaults + K-FAC r32 f2 decay 0.6": dict(
+            base, kw={}, kfac=dict(rank=32, refresh=2, decay=0.6)
+        ),
+    }
+
+
 def contenders(key: str) -> tuple[sc.Task, dict[str, dict], float]:
     if key == "curves":
         task = sc.make_curves_task(False)
@@ -45,6 +56,7 @@ def contenders(key: str) -> tuple[sc.Task, dict[str, dict], float]:
                 "defaults before (precond=None)": dict(base, kw=OLD),
                 "defaults now ('auto' → K-FAC r32 f2)": dict(base, kw={}),
                 "defaults + K-FAC r16 decay 0.6": dict(base, kw={}, kfac=dict(rank=16, decay=0.6)),
+                **VARIANTS(base),
                 "tuned: cg≤2, K-FAC r32 f2": tuned,
             },
             45.0,
@@ -64,6 +76,7 @@ def contenders(key: str) -> tuple[sc.Task, dict[str, dict], float]:
                 "defaults before (precond=None)": dict(base, kw=OLD),
                 "defaults now ('auto' → K-FAC r32 f2)": dict(base, kw={}),
                 "defaults + K-FAC r16 decay 0.6": dict(base, kw={}, kfac=dict(rank=16, decay=0.6)),
+                **VARIANTS(base),
                 "tuned: " + tuned_name: tuned,
             },
             30.0,
@@ -77,6 +90,7 @@ def contenders(key: str) -> tuple[sc.Task, dict[str, dict], float]:
             {
                 "defaults before (precond=None)": dict(base, kw=OLD),
                 "defaults now ('auto' → K-FAC r32 f2)": dict(base, kw={}),
+                **VARIANTS(base),
             },
             15.0,
         )
@@ -151,8 +165,44 @@ def hashes(steps: int = 30) -> None:
         print(f"{task.key} ({regime or 'no arguments'}): {param_hash(run.model)}")
 
 
+def hook_cost(reps: int = 30) -> None:
+    """A graph-building forward of CURVES' model (62 cases, the curvature batch) with and
+    without ``precond='kfac'``'s recording hook, alternated; the median ratio."""
+    import statistics
+    import time
+
+    from hessfree.preconditioning import _LinearPass
+
+    torch.set_num_threads(1)
+    print(f"load before {open('/proc/loadavg').read().strip()}")
+    m = sc.make_curves_task(False).model
+    x = sc.make_curves_task(False).x[:62]
+    params = list(m.parameters())
+    ratios = []
+    for rep in range(reps):
+        ts = {}
+        for mode in ("plain", "hook") if rep % 2 else ("hook", "plain"):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                if mode == "hook":
+                    rec = _LinearPass(params)
+                    with rec.recording():
+                        m(x)
+                    rec.release()
+                else:
+                    m(x)
+            ts[mode] = time.perf_counter() - t0
+        ratios.append(ts["hook"] / ts["plain"])
+    q = statistics.quantiles(ratios, n=4)
+    print(f"with/without the hook: median {statistics.median(ratios):.3f} ({q[0]:.3f}-{q[2]:.3f})")
+    print(f"load after {open('/proc/loadavg').read().strip()}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "hashes":
         hashes()
+    elif sys.argv[1] == "hookcost":
+        hook_cost()
     else:
-        timing(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else None)
+        args = [a for a in sys.argv[2:] if not a.startswith("--")]
+        timing(sys.argv[1], float(args[0]) if args else None)

@@ -60,10 +60,11 @@ forcing sequence instead of a fixed tolerance (both measured in ``experiments/RE
 η = 0, at most 25 CG iterations and no objective check on steps with structural damping,
 which is on, μ = 0.03, wherever the closure returns hidden states:
 ``structural_damping='auto'``); no
-preconditioner by default (``precond='martens'`` turns §4.7's on) except a randomized Nyström
-one for residual-block closures (``precond='auto'``); a trust radius on CG's step with the
-Hessian (``trust_radius``); the curvature batch is
-whatever ``curvature_closure`` evaluates (the reference cycles through quarter-size chunks).
+diagonal preconditioner by default (``precond='martens'`` turns §4.7's on) but K-FAC's
+(Martens & Grosse 2015) on the ``nn.Linear`` layers of ``(loss, outputs)`` closures and a
+randomized Nyström one for residual-block closures (``precond='auto'``); a trust radius on
+CG's step with the Hessian (``trust_radius``); the curvature batch is whatever
+``curvature_closure`` evaluates (the reference cycles through quarter-size chunks).
 
 Closure styles, fastest first:
 
@@ -609,17 +610,28 @@ class HessianFree(torch.optim.Optimizer):
         line_search_max_iter: Most rates tried (60 in the reference code).
         precond: ``'auto'`` (default): :class:`NystromPreconditioner` (rank 60, refreshed every
             10 steps) when the closure returns residual blocks ``(loss, (r_1, ..., r_K))`` and
-            the curvature is Gauss-Newton, else none (a PINN's Gauss-Newton matrix has
-            eigenvalues over ~15 decades in its first 200, where plain CG resolves only the top
-            few dozen; measured in ``experiments/pinn.py``); ``None``; ``'martens'``
-            (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs ``(loss, outputs)`` closures);
-            ``'nystrom'`` (:class:`NystromPreconditioner` for any positive semi-definite
-            curvature, from batched products alone); an instance of either; or a callable
-            ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal of :math:`M` or
-            :math:`r \mapsto M^{-1}r` (a callable whose ``needs_outputs`` is False gets
-            ``PrecondContext.curvature`` and ``.gradient`` instead of outputs; one with a
-            ``watch(matvec) -> matvec`` method, as :class:`CGPairPreconditioner`, gets CG's
-            damped product wrapped by it).
+            the curvature is Gauss-Newton (a PINN's Gauss-Newton matrix has eigenvalues over ~15
+            decades in its first 200, where plain CG resolves only the top few dozen; measured
+            in ``experiments/pinn.py``); ``'kfac'``'s K-FAC when it returns one outputs tensor
+            ``(loss, outputs)`` without hidden states, the curvature is Gauss-Newton and at
+            least one ``nn.Linear`` of the optimizer's parameters runs once in the closure
+            (layers that run more than once, shared weights, are left out; measured on the
+            scorecard's tasks in ``experiments/README.md``, "kfacauto"); else none.
+            ``None``; ``'martens'`` (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs
+            ``(loss, outputs)`` closures); ``'nystrom'`` (:class:`NystromPreconditioner` for any
+            positive semi-definite curvature, from batched products alone); ``'kfac'``
+            (:class:`KFACPreconditioner` with rank 32, refreshed every 2 steps, on the
+            ``nn.Linear`` layers found from the parameters alone: while the optimizer makes its
+            graph-building closure call, a global forward hook records each ``nn.Linear`` whose
+            weight and bias are the optimizer's, and is removed afterwards, also on an error;
+            the first step fixes the layers; one that runs twice in a closure call raises
+            ``ValueError``, as does finding none; its factors travel in :meth:`state_dict`);
+            an instance of these classes (``KFACPreconditioner(model)`` hooks the model's
+            layers itself); or a callable ``(PrecondContext) -> Tensor | MatVec`` giving the
+            diagonal of :math:`M` or :math:`r \mapsto M^{-1}r` (a callable whose
+            ``needs_outputs`` is False gets ``PrecondContext.curvature`` and ``.gradient``
+            instead of outputs; one with a ``watch(matvec) -> matvec`` method, as
+            :class:`CGPairPreconditioner`, gets CG's damped product wrapped by it).
         tolerance_grad: ``torch.optim.LBFGS``'s first-order optimality test: a step whose
             gradient has :math:`\max_i |g_i| \le` ``tolerance_grad`` (L2 term included)
             returns after one closure call with status ``'converged'``, nothing moved.
