@@ -615,8 +615,9 @@ class HessianFree(torch.optim.Optimizer):
             in ``experiments/pinn.py``); ``'kfac'``'s K-FAC when it returns one outputs tensor
             ``(loss, outputs)`` without hidden states, the curvature is Gauss-Newton and at
             least one ``nn.Linear`` of the optimizer's parameters runs once in the closure
-            (layers that run more than once, shared weights, are left out; measured on the
-            scorecard's tasks in ``experiments/README.md``, "kfacauto"); else none.
+            (layers that run more than once, shared weights, are left out, and a later step
+            that K-FAC refuses turns it off with a warning; measured on the scorecard's tasks
+            in ``experiments/README.md``, "kfacauto"); else none.
             ``None``; ``'martens'`` (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs
             ``(loss, outputs)`` closures); ``'nystrom'`` (:class:`NystromPreconditioner` for any
             positive semi-definite curvature, from batched products alone); ``'kfac'``
@@ -1247,8 +1248,36 @@ class HessianFree(torch.optim.Optimizer):
             precond = self._auto_kfac(evaluation, product)
             if precond is None:
                 return None
+            try:
+                return self._outputs_preconditioner(
+                    precond, evaluation, product, params, lam, shift
+                )
+            except ValueError as err:  # a default never raises: K-FAC off from here on
+                self._auto_kfac_off, self._auto_precond = True, None
+                warnings.warn(
+                    f"HessianFree: precond='auto' turned K-FAC off ({err}); pass precond='kfac' "
+                    "to get the error, or precond=None to silence this.",
+                    UserWarning,
+                    stacklevel=5,
+                )
+                return None
         if precond is None:
             return None
+        if not getattr(precond, "needs_outputs", True):  # curvature products only
+            return precond(self._curvature_context(product, lam, shift, curv, g, run))
+        return self._outputs_preconditioner(precond, evaluation, product, params, lam, shift)
+
+    def _outputs_preconditioner(
+        self,
+        precond: object,
+        evaluation: _Evaluation,
+        product: object,
+        params: list[Tensor],
+        lam: float,
+        shift: float | Tensor,
+    ) -> Tensor | MatVec | None:
+        """A preconditioner from the outputs' Jacobian and gradient (K-FAC, Martens' diagonal,
+        a callable), with the layers ``precond='kfac'`` recorded handed over first."""
         if getattr(precond, "_discovered", False):
             recorded, self._linear_pass = self._linear_pass, None
             if recorded is not None:  # None: no graph-building call (cannot happen in step)
@@ -1260,8 +1289,6 @@ class HessianFree(torch.optim.Optimizer):
                     "the optimizer's parameters in the closure's forward pass; pass another "
                     "precond ('auto', None, 'martens', 'nystrom')."
                 )
-        if not getattr(precond, "needs_outputs", True):  # curvature products only
-            return precond(self._curvature_context(product, lam, shift, curv, g, run))
         fisher = "The diagonal empirical-Fisher preconditioner"
         what = (
             fisher

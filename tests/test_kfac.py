@@ -441,6 +441,27 @@ def test_a_shared_layer_is_skipped_under_auto_and_refused_under_kfac():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_auto_turns_kfac_off_with_a_warning_when_a_layer_later_runs_twice():
+    x, y = _data()
+    model = _Shared()
+    twice = [False]
+
+    def closure():  # the step layer once at first; from the second step on twice
+        h = torch.tanh(model.step(x))
+        out = model.head(torch.tanh(model.step(h)) if twice[0] else h)
+        return F.mse_loss(out, y), out
+
+    opt = HessianFree(model.parameters())
+    opt.step(closure)
+    assert [m.weight for m in opt._auto_precond.layers] == [model.step.weight, model.head.weight]
+    twice[0] = True
+    with pytest.warns(UserWarning, match=r"precond='auto' turned K-FAC off \(K.*ran 2 times"):
+        for _ in range(2):  # refresh=2: the factors are recomputed, and the layer refused, at 3
+            opt.step(closure)
+    assert opt.last_step.status in ("accepted", "converged") and opt._auto_precond is None
+    assert not opt._records_linears()
+
+
 def test_the_global_hook_is_gone_after_step_also_when_the_closure_raises():
     x, y = _data()
     model = _mlp()
