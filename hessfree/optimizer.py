@@ -613,8 +613,9 @@ class HessianFree(torch.optim.Optimizer):
             the curvature is Gauss-Newton (a PINN's Gauss-Newton matrix has eigenvalues over ~15
             decades in its first 200, where plain CG resolves only the top few dozen; measured
             in ``experiments/pinn.py``); ``'kfac'``'s K-FAC when it returns one outputs tensor
-            ``(loss, outputs)`` without hidden states, the curvature is Gauss-Newton and at
-            least one ``nn.Linear`` of the optimizer's parameters runs once in the closure
+            ``(loss, outputs)`` without hidden states, the curvature is Gauss-Newton, the run is
+            on one process (K-FAC's probes are drawn per rank) and at least one
+            ``nn.Linear`` of the optimizer's parameters runs once in the closure
             (layers that run more than once, shared weights, are left out, and a later step
             that K-FAC refuses turns it off with a warning; measured on the scorecard's tasks
             in ``experiments/README.md``, "kfacauto"); else none.
@@ -1202,13 +1203,15 @@ class HessianFree(torch.optim.Optimizer):
         return getattr(self.precond, "_discovered", False)
 
     def _auto_kfac(self, evaluation: _Evaluation, product: object) -> KFACPreconditioner | None:
-        """``precond='auto'``'s K-FAC, where it applies: one outputs tensor, Gauss-Newton
-        curvature (not Fisher), no hidden states (structural damping) and at least one
+        """``precond='auto'``'s K-FAC, where it applies: one process, one outputs tensor,
+        Gauss-Newton curvature (not Fisher), no hidden states (structural damping) and at least one
         ``nn.Linear`` of the optimizer's that ran once in the recorded closure call; else
         ``None``, and no more recording."""
         kfac = self._auto_precond if isinstance(self._auto_precond, KFACPreconditioner) else None
         fit = (
             not self._auto_kfac_off
+            # K-FAC's probes are drawn per rank: two ranks would not take one process's steps
+            and self._avg.world_size == 1
             and isinstance(evaluation.outputs, Tensor)
             and evaluation.hidden is None
             and isinstance(product, GGNProduct)
