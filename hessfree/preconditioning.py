@@ -406,7 +406,9 @@ class KFACPreconditioner:
     graph-building forward pass; the statistics are taken from the most recent one, which in
     :meth:`HessianFree.step` is the curvature batch's (the closure's where there is no
     ``curvature_closure``); each call drops the recorded tensors (and so their graph). Call
-    :meth:`remove` to detach the hooks.
+    :meth:`remove` to detach the hooks. ``HessianFree(params, precond='kfac')`` (and
+    ``'auto'``) builds one without a model or hooks: the optimizer finds the layers from its
+    parameters and records their calls during its own closure call (:class:`_LinearPass`).
 
     Measured (#14, the scorecard's quick CURVES task, 250/62 with at most 5 CG iterations, rank
     32): about half the HF steps to a given training error at 1.15-1.4 times the cost of a step,
