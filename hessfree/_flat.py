@@ -13,6 +13,24 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+#: Dtypes whose CG runs in float32 (:func:`hessfree.cg`) and whose dot products accumulate in
+#: float32 (:func:`dot`): a float16 squared norm underflows to 0 below a norm of
+#: :math:`2.4 \cdot 10^{-4}` and overflows above 256; a bfloat16 one keeps 8 bits.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def dot(u: Tensor, v: Tensor) -> Tensor:
+    r""":math:`u^\top v` of 1-D tensors, in float32 for 16-bit ones (else ``torch.dot``).
+
+    Example:
+        >>> u = torch.full((4,), 2.0**-14, dtype=torch.float16)
+        >>> float(torch.dot(u, u)), float(dot(u, u)) == 2.0**-26  # below float16's 2**-24
+        (0.0, True)
+    """
+    if u.dtype in LOW_PRECISION:
+        return torch.dot(u.float(), v.float())
+    return torch.dot(u, v)
+
 
 def trainable(params: Iterable[Tensor] | torch.nn.Module) -> list[Tensor]:
     """Return the parameters that require gradients, in order.

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from hessfree._checks import check_int, check_number, check_vector
+from hessfree._flat import LOW_PRECISION
 from hessfree._types import MatVec
 
 __all__ = ["CGResult", "CGStop", "StopReason", "cg", "forcing_term", "relative_forcing_term"]
@@ -273,6 +274,23 @@ def cg(
         raise TypeError(f"`monitor` must be None or a callable (i, x) -> bool, got {monitor!r}.")
     b, diag, max_iter, min_iter = b.detach(), opts.diag, opts.max_iter, opts.min_iter
     progress_tol, check_every = opts.progress_tol, opts.check_every
+    out_dtype = b.dtype
+    if out_dtype in LOW_PRECISION:
+        # 16-bit b: CG's vectors and scalars in float32, each product in b's dtype on a
+        # power-of-two rescaled vector (_low_precision_product); x is returned in b's dtype.
+        matvec = _low_precision_product(matvec, b, "matvec")
+        if diag is not None:
+            diag = diag.float()
+        elif precond is not None:
+            precond = _low_precision_product(precond, b, "precond")
+        if monitor is not None:
+            monitor16 = monitor
+
+            def monitor(i: int, x: Tensor) -> bool:
+                return monitor16(i, x.to(out_dtype))
+
+        b = b.float()
+        x0 = None if x0 is None else x0.detach().float()
 
     # ---- iteration 0: r_0 = A x_0 - b, z_0, p_0 = -z_0, phi_0 ----
     dtype, device = b.dtype, b.device
@@ -311,7 +329,7 @@ def cg(
     ).tolist()
     if not finite0 or converged0:
         reason = CGStop.CONVERGED if finite0 else CGStop.NON_FINITE
-        return _result(x, [], history, 0, num_matvec, reason)
+        return _result(x, [], history, 0, num_matvec, reason, out_dtype)
 
     # ---- iterations 1..max_iter, stop tests on the device ----
     grid = _grid(opts.store_start, opts.store_ratio, max_iter)
@@ -394,7 +412,7 @@ def cg(
         if mask is None:  # the stop ended the loop right after the unmasked p = -z + 1 p
             p.add_(z)
         num_iter = _to_boundary(x, r, p, pAp, radius_sq, history, num_iter)
-    return _result(x, stored, history, num_iter, num_matvec, reason)
+    return _result(x, stored, history, num_iter, num_matvec, reason, out_dtype)
 
 
 @dataclass(frozen=True)
@@ -702,11 +720,15 @@ def _result(
     num_iter: int,
     num_matvec: int,
     reason: CGStop,
+    out_dtype: torch.dtype,
 ) -> CGResult:
     # Iterates stored in iterations that the stop made no-ops are dropped; the final
-    # iterate is `x` itself rather than a copy.
+    # iterate is `x` itself rather than a copy (a copy in b's dtype when CG ran in float32).
     kept = [(i, xi) for i, xi in stored if i < num_iter]
     kept.append((num_iter, x))
+    if x.dtype != out_dtype:
+        kept = [(i, xi.to(out_dtype)) for i, xi in kept]
+        x = kept[-1][1]
     iterations = [i for i, _ in kept]
     phi_history = history[: num_iter + 1].clone()
     return CGResult(
@@ -730,6 +752,27 @@ def _grid(start: int, ratio: float, max_iter: int) -> set[int]:
         grid.add(math.ceil(value))
         value *= exact_ratio
     return grid
+
+
+def _low_precision_product(fn: MatVec, b: Tensor, name: str) -> MatVec:
+    r"""``fn`` (linear, on vectors like the 16-bit ``b``) as a map of float32 vectors.
+
+    :math:`Av = 2^{e} A(2^{-e} v)` with :math:`2^{e-1} \le \max_j |v_j| < 2^{e}`: the
+    vector ``fn`` sees has its largest entry in :math:`[\tfrac12, 1)`, so neither it nor the
+    product leaves float16's range (:math:`6 \cdot 10^{-8}` to 65504) because of the
+    *magnitude* of :math:`v`, only by the operator's own norm; the result is cast to float32
+    before :math:`2^{e}` is applied. Multiplying by a power of two is exact in binary
+    floating point (short of sub-normals), so this is :math:`Av` in exact arithmetic. The
+    exponent stays on the device (no host read); a NaN/Inf in :math:`v` gives
+    :math:`e = 0` and passes through to the product.
+    """
+
+    def product(v: Tensor) -> Tensor:
+        e = torch.frexp(v.abs().amax()).exponent
+        out = _checked_product(fn, torch.ldexp(v, -e).to(b.dtype), b, name)
+        return torch.ldexp(out.float(), e)
+
+    return product
 
 
 def _checked_product(fn: MatVec, v: Tensor, b: Tensor, name: str) -> Tensor:
