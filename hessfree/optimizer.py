@@ -124,7 +124,7 @@ from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modul
 from ._settings import _AUTO_CG_MAX_ITER, _SD_CG_MAX_ITER, HFSettings
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
-from .cg import CGResult, CGStop, cg, forcing_term, relative_forcing_term
+from .cg import CGResult, CGStop, _low_precision_product, cg, forcing_term, relative_forcing_term
 from .curvature import (
     CurvatureProduct,
     FisherProduct,
@@ -1392,7 +1392,10 @@ class HessianFree(torch.optim.Optimizer):
         fraction of (kept as ``state['damping_scale']``)."""
         settings = self.settings
         with torch.enable_grad():
-            Cg = curvature(g)
+            if g.dtype in LOW_PRECISION:  # as CG runs it: in 16 bits on g rescaled, into float32
+                Cg = _low_precision_product(curvature, g, "curvature")(g.float())
+            else:
+                Cg = curvature(g)
             if settings.curvature_batch != "replicated":
                 Cg = self._avg.mean(Cg)
             gDg = g_norm**2

@@ -1717,3 +1717,30 @@ def test_float16_non_finite_curvature_after_a_warm_start_rejects_with_params_unc
     step = opt.last_step
     assert step.status == "non_finite_curvature" and step.cg_matvecs == 2
     assert torch.equal(w.detach(), before) and opt.damping > lam
+
+
+def test_float16_curvature_beyond_65504_is_calibrated_and_stepped():
+    # X scaled by 16: ‖g‖² and C g pass float16's 65504 at θ = 0. Every step was rejected as a
+    # non-finite curvature product; now λ's curvature scale gᵀCg/gᵀg is the float64 one
+    # (products on a rescaled g, dot products in float32) and the steps are taken.
+    X, _ = _float16_least_squares()
+    X = X * 16
+    y = X @ torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=torch.float16)
+    w = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    opt = HessianFree([w], extrapolate=False)
+
+    def closure():
+        out = X @ w
+        return 0.5 * ((out - y) ** 2).mean(), out
+
+    losses = []
+    for _ in range(3):
+        opt.step(closure)
+        assert opt.last_step.status == "accepted"
+        losses.append(opt.last_step.loss_after)
+    Xd, yd = X.double().numpy(), y.double().numpy()
+    C, g = Xd.T @ Xd / 32, -Xd.T @ yd / 32
+    assert np.abs(C @ g).max() > 65504 and g @ g > 65504
+    scale = opt.state[w]["damping_scale"]
+    assert scale == pytest.approx(g @ C @ g / (g @ g), rel=1e-2)  # float16 g and products
+    assert losses[0] > losses[1] > losses[2]
