@@ -27,6 +27,14 @@ on the device in every iteration and read back to the host only every ``check_ev
 iterations; after a stop has fired on the device, the remaining iterations of the block
 leave every quantity unchanged, so the result does not depend on ``check_every``.
 
+A 16-bit ``b`` (float16, bfloat16) is solved in float32: :math:`x, r, p, z` and the scalars
+are float32, each product runs in ``b``'s dtype on the vector rescaled by a power of two to a
+largest entry in :math:`[\tfrac12, 1)` (exact; :math:`Av = 2^e A(2^{-e}v)`) and is scaled back
+in float32, and ``x`` and the stored iterates are returned in ``b``'s dtype (``phi_history``
+stays float32). In float16 the squared norms :math:`r^\top z, p^\top Ap` leave the dtype's
+range (:math:`6 \cdot 10^{-8}` to 65504) once :math:`\|r\| < 2.4 \cdot 10^{-4}` or
+:math:`> 256`: :math:`r^\top r = 0` gave :math:`\beta = 0/0` and a NaN direction.
+
 How tightly to solve is the caller's choice (``rtol``); :func:`forcing_term` is the
 inexact-Newton choice of Eisenstat & Walker (1996), the default of
 :class:`~hessfree.HessianFree`: loose while the gradient falls slowly, tight as it falls fast.
@@ -200,6 +208,7 @@ def cg(
         matvec: Computes :math:`Av` for a symmetric :math:`A` from a 1-D tensor like ``b``;
             must not modify its argument.
         b: Right-hand side, 1-D floating-point tensor; never modified. In HF, :math:`-g`.
+            A float16/bfloat16 ``b`` is solved in float32 (see the module docstring).
         x0: Starting point, like ``b`` and finite; never modified. ``None`` means zeros.
         max_iter: Most iterations, an int in ``[1, 10**6]``.
         min_iter: The relative-progress test is not applied before this iteration; the

@@ -650,7 +650,8 @@ class HessianFree(torch.optim.Optimizer):
             collectives); the same in one process.
         products: How curvature products run (:class:`hessfree.ProductPolicy`, or a mapping
             of its fields): CUDA-graph replay and TF32/bf16 arithmetic, both off by default;
-            CG's iterates and scalars keep the parameters' dtype.
+            CG's iterates and scalars keep the parameters' dtype (float32 for 16-bit ones:
+            :func:`hessfree.cg`).
 
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it).
