@@ -27,7 +27,7 @@ on the device in every iteration and read back to the host only every ``check_ev
 iterations; after a stop has fired on the device, the remaining iterations of the block
 leave every quantity unchanged, so the result does not depend on ``check_every``.
 
-A 16-bit ``b`` (float16, bfloat16) is solved in float32: :math:`x, r, p, z` and the scalars
+A float16 ``b`` is solved in float32: :math:`x, r, p, z` and the scalars
 are float32, each product runs in ``b``'s dtype on the vector rescaled by a power of two to a
 largest entry in :math:`[\tfrac12, 1)` (exact; :math:`Av = 2^e A(2^{-e}v)`) and is scaled back
 in float32, and ``x`` and the stored iterates are returned in ``b``'s dtype (``phi_history``
@@ -208,7 +208,7 @@ def cg(
         matvec: Computes :math:`Av` for a symmetric :math:`A` from a 1-D tensor like ``b``;
             must not modify its argument.
         b: Right-hand side, 1-D floating-point tensor; never modified. In HF, :math:`-g`.
-            A float16/bfloat16 ``b`` is solved in float32 (see the module docstring).
+            A float16 ``b`` is solved in float32 (see the module docstring).
         x0: Starting point, like ``b`` and finite; never modified. ``None`` means zeros.
         max_iter: Most iterations, an int in ``[1, 10**6]``.
         min_iter: The relative-progress test is not applied before this iteration; the
@@ -285,7 +285,7 @@ def cg(
     progress_tol, check_every = opts.progress_tol, opts.check_every
     out_dtype = b.dtype
     if out_dtype in LOW_PRECISION:
-        # 16-bit b: CG's vectors and scalars in float32, each product in b's dtype on a
+        # float16 b: CG's vectors and scalars in float32, each product in b's dtype on a
         # power-of-two rescaled vector (_low_precision_product); x is returned in b's dtype.
         matvec = _low_precision_product(matvec, b, "matvec")
         if diag is not None:
@@ -764,7 +764,7 @@ def _grid(start: int, ratio: float, max_iter: int) -> set[int]:
 
 
 def _low_precision_product(fn: MatVec, b: Tensor, name: str) -> MatVec:
-    r"""``fn`` (linear, on vectors like the 16-bit ``b``) as a map of float32 vectors.
+    r"""``fn`` (linear, on vectors like the float16 ``b``) as a map of float32 vectors.
 
     :math:`Av = 2^{e} A(2^{-e} v)` with :math:`2^{e-1} \le \max_j |v_j| < 2^{e}`: the
     vector ``fn`` sees has its largest entry in :math:`[\tfrac12, 1)`, so neither it nor the

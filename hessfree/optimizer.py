@@ -650,7 +650,7 @@ class HessianFree(torch.optim.Optimizer):
             collectives); the same in one process.
         products: How curvature products run (:class:`hessfree.ProductPolicy`, or a mapping
             of its fields): CUDA-graph replay and TF32/bf16 arithmetic, both off by default;
-            CG's iterates and scalars keep the parameters' dtype (float32 for 16-bit ones:
+            CG's iterates and scalars keep the parameters' dtype (float32 for float16 ones:
             :func:`hessfree.cg`).
 
     Raises:
@@ -1306,7 +1306,7 @@ class HessianFree(torch.optim.Optimizer):
             g = self._avg.mean(self._gradient(evaluation, product, layout, params))
         g = _with_weight_decay(g, run.l2, layout, params)
         # one host read for both (each read is a device sync)
-        # (in float32 for a 16-bit g, whose norm overflows above 65504: _flat.LOW_PRECISION)
+        # (in float32 for a float16 g, whose norm overflows above 65504: _flat.LOW_PRECISION)
         wide = torch.float32 if g.dtype in LOW_PRECISION else g.dtype
         g_norm, g_max = torch.stack(
             [torch.linalg.vector_norm(g, dtype=wide), g.abs().max().to(wide)]
@@ -1393,7 +1393,7 @@ class HessianFree(torch.optim.Optimizer):
         fraction of (kept as ``state['damping_scale']``)."""
         settings = self.settings
         with torch.enable_grad():
-            if g.dtype in LOW_PRECISION:  # as CG runs it: in 16 bits on g rescaled, into float32
+            if g.dtype in LOW_PRECISION:  # as CG runs it: in float16 on g rescaled, into float32
                 Cg = _low_precision_product(curvature, g, "curvature")(g.float())
             else:
                 Cg = curvature(g)
@@ -1555,7 +1555,7 @@ class HessianFree(torch.optim.Optimizer):
             # from the warm start CG stopped at no descent direction (the line search would
             # reject the step): solve again from zero, where every iterate descends. A NaN/Inf
             # from the warm start (a product of the previous step's solution overflowing in
-            # 16 bits) is retried from zero too: a curvature that is non-finite itself fails
+            # float16) is retried from zero too: a curvature that is non-finite itself fails
             # again there, and only then is the step rejected.
             run.trials.clear()
             matvecs = result.num_matvec

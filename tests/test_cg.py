@@ -953,7 +953,8 @@ def test_cg_16bit_solves_where_its_squared_norms_leave_the_dtype(dtype, k):
     # b scaled by 2**k. In float16 CG's scalars are squared norms: at k = -13, rᵀr underflowed
     # to 0 after an iteration (β = 0/0 = NaN: HF's 'non-finite curvature product' in float16
     # runs); at k = 10, bᵀb overflowed 65504. CG now keeps its vectors and scalars in float32
-    # and runs each product in the 16-bit dtype on a vector rescaled by a power of two.
+    # and runs each product in float16 on a vector rescaled by a power of two. bfloat16 (float32's
+    # range) is solved in bfloat16, as before, to the same bound.
     A, _ = spd_system(6, 10.0, seed=3)
     A16, b16 = A.to(dtype), (_signed_b(6, seed=4) * 2.0**k).to(dtype)
     result = cg(lambda v: A16 @ v, b16, rtol=1e-2, max_iter=30)
