@@ -613,8 +613,9 @@ class HessianFree(torch.optim.Optimizer):
             the curvature is Gauss-Newton (a PINN's Gauss-Newton matrix has eigenvalues over ~15
             decades in its first 200, where plain CG resolves only the top few dozen; measured
             in ``experiments/pinn.py``); ``'kfac'``'s K-FAC when it returns one outputs tensor
-            ``(loss, outputs)`` without hidden states, the curvature is Gauss-Newton, the run is
-            on one process (K-FAC's probes are drawn per rank) and at least one
+            ``(loss, outputs)`` without hidden states, the curvature is Gauss-Newton, the
+            parameters are float32/64, the run is on one process (K-FAC's probes are drawn per
+            rank) and at least one
             ``nn.Linear`` of the optimizer's parameters runs once in the closure
             (layers that run more than once, shared weights, are left out, and a later step
             that K-FAC refuses turns it off with a warning; measured on the scorecard's tasks
@@ -1204,7 +1205,8 @@ class HessianFree(torch.optim.Optimizer):
         return getattr(self.precond, "_discovered", False)
 
     def _auto_kfac(self, evaluation: _Evaluation, product: object) -> KFACPreconditioner | None:
-        """``precond='auto'``'s K-FAC, where it applies: one process, one outputs tensor,
+        """``precond='auto'``'s K-FAC, where it applies: one process, float32/64 parameters,
+        one outputs tensor,
         Gauss-Newton curvature (not Fisher), no hidden states (structural damping) and at least one
         ``nn.Linear`` of the optimizer's that ran once in the recorded closure call; else
         ``None``, and no more recording."""
@@ -1213,6 +1215,8 @@ class HessianFree(torch.optim.Optimizer):
             not self._auto_kfac_off
             # K-FAC's probes are drawn per rank: two ranks would not take one process's steps
             and self._avg.world_size == 1
+            # 16-bit parameters: eigh has no float16 kernel on CPU, and K-FAC is unmeasured there
+            and all(p.dtype in (torch.float32, torch.float64) for p in self._params())
             and isinstance(evaluation.outputs, Tensor)
             and evaluation.hidden is None
             and isinstance(product, GGNProduct)

@@ -415,6 +415,20 @@ def test_auto_uses_kfac_for_outputs_closures_only():
     assert not torch.equal(runs["auto", "outputs"], runs["auto", "loss"])
 
 
+def test_auto_leaves_16_bit_parameters_unpreconditioned():
+    # eigh has no float16 CPU kernel: 'auto' must not build K-FAC there (it raised)
+    x, y = (t.to(torch.float16) for t in _data(n=9))
+    params = {}
+    for precond in ("auto", None):
+        m = _mlp().to(torch.float16)
+        opt = HessianFree(m.parameters(), precond=precond)
+        for _ in range(2):
+            opt.step(_outputs_closure(m, x, y))
+        assert opt.last_step.accepted
+        params[precond] = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    assert torch.equal(params["auto"], params[None])
+
+
 class _Shared(nn.Module):
     """A layer run twice per pass (shared weights) and a head run once."""
 
