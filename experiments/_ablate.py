@@ -62,6 +62,11 @@ def mnist_regimes() -> dict[str, dict]:
         # the early floor scale-free: c·λ₀ (λ₀ ≈ 0.47 here, so c = 0.02 ≈ the absolute 0.01)
         "T−early floor, c=0.02": tuned
         | dict(early_kw=dict(cg_max_iter=2, relative_min_damping=0.02)),
+        # what a rule could do with K-FAC at its defaults: cg≤2 on the stochastic steps only
+        # (and the relative floor at c = 0.02 or the 'auto' 0.01), nothing else tuned
+        "R: K-FAC defaults, cg≤2 & c=0.02 stochastic": held
+        | dict(kfac={}, early_kw=dict(cg_max_iter=2, relative_min_damping=0.02)),
+        "R: K-FAC defaults, cg≤2 stochastic": held | dict(kfac={}, early_kw=dict(cg_max_iter=2)),
     }
 
 
