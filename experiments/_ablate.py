@@ -80,6 +80,8 @@ def curves_regimes() -> dict[str, dict]:
         "D (defaults)": base,
         "D+cap 5": base | dict(kw=dict(cg_max_iter=5)),
         "D+cap 10": base | dict(kw=dict(cg_max_iter=10)),
+        # K-FAC at its defaults (rank 64, refresh 1, decay 0.95) with cg≤2: the rule-like row
+        "R: K-FAC defaults, cg≤2": base | dict(kw=dict(cg_max_iter=2), kfac={}),
     }
 
 
