@@ -13,6 +13,26 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+#: Dtypes whose CG runs in float32 (:func:`hessfree.cg`) and whose dot products accumulate in
+#: float32 (:func:`dot`): a float16 squared norm underflows to 0 below a norm of
+#: :math:`2.4 \cdot 10^{-4}` and overflows above 256. Not bfloat16, which has float32's range:
+#: float32 CG there made the final losses of experiments/_fp16_products.py 1.9x worse (8 of 8
+#: seeds; experiments/README.md, "fp16").
+LOW_PRECISION = (torch.float16,)
+
+
+def dot(u: Tensor, v: Tensor) -> Tensor:
+    r""":math:`u^\top v` of 1-D tensors, in float32 for float16 ones (else ``torch.dot``).
+
+    Example:
+        >>> u = torch.full((4,), 2.0**-14, dtype=torch.float16)
+        >>> float(torch.dot(u, u)), float(dot(u, u)) == 2.0**-26  # below float16's 2**-24
+        (0.0, True)
+    """
+    if u.dtype in LOW_PRECISION:
+        return torch.dot(u.float(), v.float())
+    return torch.dot(u, v)
+
 
 def trainable(params: Iterable[Tensor] | torch.nn.Module) -> list[Tensor]:
     """Return the parameters that require gradients, in order.

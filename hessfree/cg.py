@@ -27,6 +27,14 @@ on the device in every iteration and read back to the host only every ``check_ev
 iterations; after a stop has fired on the device, the remaining iterations of the block
 leave every quantity unchanged, so the result does not depend on ``check_every``.
 
+A float16 ``b`` is solved in float32: :math:`x, r, p, z` and the scalars
+are float32, each product runs in ``b``'s dtype on the vector rescaled by a power of two to a
+largest entry in :math:`[\tfrac12, 1)` (exact; :math:`Av = 2^e A(2^{-e}v)`) and is scaled back
+in float32, and ``x`` and the stored iterates are returned in ``b``'s dtype (``phi_history``
+stays float32). In float16 the squared norms :math:`r^\top z, p^\top Ap` leave the dtype's
+range (:math:`6 \cdot 10^{-8}` to 65504) once :math:`\|r\| < 2.4 \cdot 10^{-4}` or
+:math:`> 256`: :math:`r^\top r = 0` gave :math:`\beta = 0/0` and a NaN direction.
+
 How tightly to solve is the caller's choice (``rtol``); :func:`forcing_term` is the
 inexact-Newton choice of Eisenstat & Walker (1996), the default of
 :class:`~hessfree.HessianFree`: loose while the gradient falls slowly, tight as it falls fast.
@@ -50,6 +58,7 @@ import torch
 from torch import Tensor
 
 from hessfree._checks import check_int, check_number, check_vector
+from hessfree._flat import LOW_PRECISION
 from hessfree._types import MatVec
 
 __all__ = ["CGResult", "CGStop", "StopReason", "cg", "forcing_term", "relative_forcing_term"]
@@ -199,6 +208,7 @@ def cg(
         matvec: Computes :math:`Av` for a symmetric :math:`A` from a 1-D tensor like ``b``;
             must not modify its argument.
         b: Right-hand side, 1-D floating-point tensor; never modified. In HF, :math:`-g`.
+            A float16 ``b`` is solved in float32 (see the module docstring).
         x0: Starting point, like ``b`` and finite; never modified. ``None`` means zeros.
         max_iter: Most iterations, an int in ``[1, 10**6]``.
         min_iter: The relative-progress test is not applied before this iteration; the
@@ -273,6 +283,23 @@ def cg(
         raise TypeError(f"`monitor` must be None or a callable (i, x) -> bool, got {monitor!r}.")
     b, diag, max_iter, min_iter = b.detach(), opts.diag, opts.max_iter, opts.min_iter
     progress_tol, check_every = opts.progress_tol, opts.check_every
+    out_dtype = b.dtype
+    if out_dtype in LOW_PRECISION:
+        # float16 b: CG's vectors and scalars in float32, each product in b's dtype on a
+        # power-of-two rescaled vector (_low_precision_product); x is returned in b's dtype.
+        matvec = _low_precision_product(matvec, b, "matvec")
+        if diag is not None:
+            diag = diag.float()
+        elif precond is not None:
+            precond = _low_precision_product(precond, b, "precond")
+        if monitor is not None:
+            monitor16 = monitor
+
+            def monitor(i: int, x: Tensor) -> bool:
+                return monitor16(i, x.to(out_dtype))
+
+        b = b.float()
+        x0 = None if x0 is None else x0.detach().float()
 
     # ---- iteration 0: r_0 = A x_0 - b, z_0, p_0 = -z_0, phi_0 ----
     dtype, device = b.dtype, b.device
@@ -311,7 +338,7 @@ def cg(
     ).tolist()
     if not finite0 or converged0:
         reason = CGStop.CONVERGED if finite0 else CGStop.NON_FINITE
-        return _result(x, [], history, 0, num_matvec, reason)
+        return _result(x, [], history, 0, num_matvec, reason, out_dtype)
 
     # ---- iterations 1..max_iter, stop tests on the device ----
     grid = _grid(opts.store_start, opts.store_ratio, max_iter)
@@ -394,7 +421,7 @@ def cg(
         if mask is None:  # the stop ended the loop right after the unmasked p = -z + 1 p
             p.add_(z)
         num_iter = _to_boundary(x, r, p, pAp, radius_sq, history, num_iter)
-    return _result(x, stored, history, num_iter, num_matvec, reason)
+    return _result(x, stored, history, num_iter, num_matvec, reason, out_dtype)
 
 
 @dataclass(frozen=True)
@@ -702,11 +729,15 @@ def _result(
     num_iter: int,
     num_matvec: int,
     reason: CGStop,
+    out_dtype: torch.dtype,
 ) -> CGResult:
     # Iterates stored in iterations that the stop made no-ops are dropped; the final
-    # iterate is `x` itself rather than a copy.
+    # iterate is `x` itself rather than a copy (a copy in b's dtype when CG ran in float32).
     kept = [(i, xi) for i, xi in stored if i < num_iter]
     kept.append((num_iter, x))
+    if x.dtype != out_dtype:
+        kept = [(i, xi.to(out_dtype)) for i, xi in kept]
+        x = kept[-1][1]
     iterations = [i for i, _ in kept]
     phi_history = history[: num_iter + 1].clone()
     return CGResult(
@@ -730,6 +761,27 @@ def _grid(start: int, ratio: float, max_iter: int) -> set[int]:
         grid.add(math.ceil(value))
         value *= exact_ratio
     return grid
+
+
+def _low_precision_product(fn: MatVec, b: Tensor, name: str) -> MatVec:
+    r"""``fn`` (linear, on vectors like the float16 ``b``) as a map of float32 vectors.
+
+    :math:`Av = 2^{e} A(2^{-e} v)` with :math:`2^{e-1} \le \max_j |v_j| < 2^{e}`: the
+    vector ``fn`` sees has its largest entry in :math:`[\tfrac12, 1)`, so neither it nor the
+    product leaves float16's range (:math:`6 \cdot 10^{-8}` to 65504) because of the
+    *magnitude* of :math:`v`, only by the operator's own norm; the result is cast to float32
+    before :math:`2^{e}` is applied. Multiplying by a power of two is exact in binary
+    floating point (short of sub-normals), so this is :math:`Av` in exact arithmetic. The
+    exponent stays on the device (no host read); a NaN/Inf in :math:`v` gives
+    :math:`e = 0` and passes through to the product.
+    """
+
+    def product(v: Tensor) -> Tensor:
+        e = torch.frexp(v.abs().amax()).exponent
+        out = _checked_product(fn, torch.ldexp(v, -e).to(b.dtype), b, name)
+        return torch.ldexp(out.float(), e)
+
+    return product
 
 
 def _checked_product(fn: MatVec, v: Tensor, b: Tensor, name: str) -> Tensor:

@@ -117,14 +117,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import damping as _damping
 from ._autograd_hooks import AutogradHook
 from ._checks import check_number, check_reaches_params
-from ._flat import ParamLayout
+from ._flat import LOW_PRECISION, ParamLayout, dot
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
 from ._settings import _AUTO_CG_MAX_ITER, _SD_CG_MAX_ITER, HFSettings
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
-from .cg import CGResult, CGStop, cg, forcing_term, relative_forcing_term
+from .cg import CGResult, CGStop, _low_precision_product, cg, forcing_term, relative_forcing_term
 from .curvature import (
     CurvatureProduct,
     FisherProduct,
@@ -650,7 +650,8 @@ class HessianFree(torch.optim.Optimizer):
             collectives); the same in one process.
         products: How curvature products run (:class:`hessfree.ProductPolicy`, or a mapping
             of its fields): CUDA-graph replay and TF32/bf16 arithmetic, both off by default;
-            CG's iterates and scalars keep the parameters' dtype.
+            CG's iterates and scalars keep the parameters' dtype (float32 for float16 ones:
+            :func:`hessfree.cg`).
 
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it).
@@ -1305,7 +1306,11 @@ class HessianFree(torch.optim.Optimizer):
             g = self._avg.mean(self._gradient(evaluation, product, layout, params))
         g = _with_weight_decay(g, run.l2, layout, params)
         # one host read for both (each read is a device sync)
-        g_norm, g_max = torch.stack([torch.linalg.vector_norm(g), g.abs().max()]).tolist()
+        # (in float32 for a float16 g, whose norm overflows above 65504: _flat.LOW_PRECISION)
+        wide = torch.float32 if g.dtype in LOW_PRECISION else g.dtype
+        g_norm, g_max = torch.stack(
+            [torch.linalg.vector_norm(g, dtype=wide), g.abs().max().to(wide)]
+        ).tolist()
         run.report["grad_norm"] = g_norm
         if not math.isfinite(g_norm):
             return self._reject(run, StepStatus.NON_FINITE_GRADIENT, "the gradient")
@@ -1388,7 +1393,10 @@ class HessianFree(torch.optim.Optimizer):
         fraction of (kept as ``state['damping_scale']``)."""
         settings = self.settings
         with torch.enable_grad():
-            Cg = curvature(g)
+            if g.dtype in LOW_PRECISION:  # as CG runs it: in float16 on g rescaled, into float32
+                Cg = _low_precision_product(curvature, g, "curvature")(g.float())
+            else:
+                Cg = curvature(g)
             if settings.curvature_batch != "replicated":
                 Cg = self._avg.mean(Cg)
             gDg = g_norm**2
@@ -1398,7 +1406,7 @@ class HessianFree(torch.optim.Optimizer):
                 if settings.curvature_batch != "replicated":
                     energy = self._avg.mean(energy)
                 gDg += run.structural_damping * float(energy)
-        gCg = float(g @ Cg) + float((run.l2 * g) @ g)  # C includes the L2 term κ
+        gCg = float(dot(g, Cg)) + float(dot(run.l2 * g, g))  # C includes the L2 term κ
         scale = abs(gCg) / gDg if gDg > 0 else math.nan
         run.state["damping_scale"] = scale if math.isfinite(scale) else 0.0
         policy, unfloored = self._damping_policy(run.state), self.settings.damping_policy()
@@ -1541,13 +1549,14 @@ class HessianFree(torch.optim.Optimizer):
             )
 
         result = solve(x0)
-        if (
-            x0 is not None
-            and result.reason is not CGStop.NON_FINITE
-            and not float(g @ result.x) < 0
+        if x0 is not None and (
+            result.reason is CGStop.NON_FINITE or not float(dot(g, result.x)) < 0
         ):
             # from the warm start CG stopped at no descent direction (the line search would
-            # reject the step): solve again from zero, where every iterate descends
+            # reject the step): solve again from zero, where every iterate descends. A NaN/Inf
+            # from the warm start (a product of the previous step's solution overflowing in
+            # float16) is retried from zero too: a curvature that is non-finite itself fails
+            # again there, and only then is the step rejected.
             run.trials.clear()
             matvecs = result.num_matvec
             result = solve(None)
@@ -1700,7 +1709,7 @@ class HessianFree(torch.optim.Optimizer):
                 run.report.update(backtrack_iter=result.iterations[chosen], step_rate=0.0)
                 run.lap("line_search")
                 damped = float(result.iterate_phi[chosen]) - predicted  # ½λ‖p‖² (+ structural)
-                if damped > predicted - float(solution.g @ p):  # > ½pᵀCp: λ kept p this short
+                if damped > predicted - float(dot(solution.g, p)):  # > ½pᵀCp: λ kept p this short
                     # not the floor of the loss but of a step λ dominates (a large given or
                     # climbed λ): λ stays too and nothing ever moves; lower it as after ρ = 1
                     self._adapt_damping(
@@ -1718,7 +1727,7 @@ class HessianFree(torch.optim.Optimizer):
             rate, f_new = self._line_search(
                 lambda t: objective(p, t),
                 run.f0,
-                float(solution.g @ p),
+                float(dot(solution.g, p)),
                 f_chosen,
                 _damping.resolution(run.f0, eps),
             )
@@ -1772,7 +1781,9 @@ class HessianFree(torch.optim.Optimizer):
         :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy.
         """
         p = solution.result.iterates[chosen]
-        predicted = float(solution.result.iterate_phi[chosen]) - 0.5 * run.damping * float(p @ p)
+        predicted = float(solution.result.iterate_phi[chosen]) - 0.5 * run.damping * float(
+            dot(p, p)
+        )
         if solution.structural_energy is not None:
             predicted -= 0.5 * float(solution.structural_energy[chosen])
         return predicted

@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse.linalg
 import torch
 
+import hessfree
 from hessfree import HFSettings
 from hessfree.cg import CGResult, CGStop, StopReason, cg, forcing_term, relative_forcing_term
 
@@ -937,3 +938,70 @@ def test_max_iter_beyond_the_limit_is_refused_before_allocating():
             cg(lambda v: v, torch.ones(2, dtype=torch.float64), max_iter=n)
         with pytest.raises(ValueError, match=r"`cg_max_iter` must be an int in \[1, 1000000\]"):
             HFSettings(cg_max_iter=n)
+
+
+# ---------------------------------------------------------------- 16-bit right-hand sides
+def _signed_b(n: int, seed: int) -> torch.Tensor:
+    """Entries of magnitude in [1/2, 2]: a power-of-two rescaling keeps them normal in fp16."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.choice([-1.0, 1.0], n) * rng.uniform(0.5, 2.0, n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [-13, 0, 10])
+def test_cg_16bit_solves_where_its_squared_norms_leave_the_dtype(dtype, k):
+    # b scaled by 2**k. In float16 CG's scalars are squared norms: at k = -13, rᵀr underflowed
+    # to 0 after an iteration (β = 0/0 = NaN: HF's 'non-finite curvature product' in float16
+    # runs); at k = 10, bᵀb overflowed 65504. CG now keeps its vectors and scalars in float32
+    # and runs each product in float16 on a vector rescaled by a power of two. bfloat16 (float32's
+    # range) is solved in bfloat16, as before, to the same bound.
+    A, _ = spd_system(6, 10.0, seed=3)
+    A16, b16 = A.to(dtype), (_signed_b(6, seed=4) * 2.0**k).to(dtype)
+    result = cg(lambda v: A16 @ v, b16, rtol=1e-2, max_iter=30)
+    assert result.reason is CGStop.CONVERGED and result.x.dtype == dtype
+    x_star = np.linalg.solve(A16.double().numpy(), b16.double().numpy())  # float64 oracle
+    eps = torch.finfo(dtype).eps
+    # the residual test at 1e-2 and the products' rounding (~eps · ‖A‖‖v‖) bound the error
+    # by cond(A) · (1e-2 + 6 eps) relative to ‖x*‖
+    err = np.linalg.norm(result.x.double().numpy() - x_star) / np.linalg.norm(x_star)
+    assert err <= 10.0 * (1e-2 + 6 * eps)
+
+
+def test_cg_16bit_is_invariant_to_power_of_two_scaling_of_b():
+    # exact in binary arithmetic: x(2^k b) = 2^k x(b) and φ scales by 4^k, bit for bit in CG's
+    # float32 scalars (each product sees the same float16 vector, rescaled to max |v| in [½, 1))
+    A, _ = spd_system(6, 10.0, seed=3)
+    A16, b = A.half(), _signed_b(6, seed=4)
+    ref = cg(lambda v: A16 @ v, b.half(), rtol=1e-3, max_iter=30)
+    for k in (-13, 10):
+        result = cg(lambda v: A16 @ v, (b * 2.0**k).half(), rtol=1e-3, max_iter=30)
+        assert result.num_iter == ref.num_iter and result.reason is ref.reason
+        assert torch.equal(result.phi_history, ref.phi_history * 4.0**k)
+        torch.testing.assert_close(
+            result.x.double(), ref.x.double() * 2.0**k, rtol=2.0**-10, atol=2.0**-24
+        )
+
+
+def test_cg_16bit_products_are_exact_rescalings_of_the_float64_hessian():
+    # v with entries up to 2**12: the float16 Hessian product of v itself overflows 65504; on
+    # v rescaled to max |v| in [½, 1) and scaled back in float32 it is H v to float16's
+    # rounding (oracle: torch.autograd.functional.hessian in float64)
+    torch.manual_seed(0)
+    w64 = torch.randn(5, dtype=torch.float64)
+    X = torch.randn(8, 5, dtype=torch.float64)
+
+    def f(w):
+        return torch.tanh(X.to(w.dtype) @ w).square().sum() * 8
+
+    w16 = w64.half().requires_grad_()
+    product = hessfree.HessianProduct(f(w16), [w16])
+    v = torch.randn(5) * 2.0**12
+    assert not torch.isfinite(product(v.half())).all()  # what the float16 CG did before
+    scaled = cg_module._low_precision_product(product, torch.zeros(5, dtype=torch.float16), "m")
+    Hv = scaled(v)
+    assert Hv.dtype == torch.float32
+    H16 = torch.autograd.functional.hessian(f, w16.detach().double())  # at the stored w
+    expected = H16 @ v.double()
+    torch.testing.assert_close(
+        Hv.double(), expected, rtol=0, atol=2e-2 * float(expected.abs().max())
+    )

@@ -1658,3 +1658,89 @@ def test_predicted_change_matches_the_float64_quadratic_model_far_from_the_floor
     assert info.predicted_change == pytest.approx(predicted, rel=1e-10)
     assert info.rho == pytest.approx(actual / predicted, rel=1e-9)
     assert info.status == "accepted" and info.converged_by is None and info.step_rate == 1.0
+
+
+def _float16_least_squares() -> tuple[torch.Tensor, torch.Tensor]:
+    """X (32×4) and y = X θ* in float16 with θ* ≈ 2⁻¹³: at θ = 0, ‖g‖² ≈ 1e-7, a couple of
+    float16 sub-normals, and CG's next squared norms fall below float16's range."""
+    rng = np.random.default_rng(0)
+    X = torch.tensor(rng.standard_normal((32, 4)), dtype=torch.float16)
+    theta = torch.tensor(rng.uniform(0.5, 2.0, 4) * 2.0**-13, dtype=torch.float16)
+    return X, X @ theta
+
+
+def test_float16_step_is_the_float64_damped_newton_step():
+    # ½ mean((Xθ − y)²) in float16 from θ = 0: the step is −(XᵀX/N + λI)⁻¹ g (float64 oracle)
+    # to float16's resolution. CG's float16 scalars underflowed here: it stopped after one
+    # iteration as 'converged' (rᵀr and tol² both 0), 25 % off, and from then on at zero
+    # iterations on pᵀAp = 0 read as negative curvature.
+    X, y = _float16_least_squares()
+    w = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    lam = 1e-2
+    opt = HessianFree([w], damping=lam, adapt_damping=False, cg_rtol=1e-3, extrapolate=False)
+
+    def closure():
+        out = X @ w
+        return 0.5 * ((out - y) ** 2).mean(), out
+
+    opt.step(closure)
+    assert opt.last_step.status == "accepted" and opt.last_step.step_rate == 1.0
+    Xd, yd = X.double().numpy(), y.double().numpy()
+    p = np.linalg.solve(Xd.T @ Xd / 32 + lam * np.eye(4), Xd.T @ yd / 32)
+    err = np.linalg.norm(w.detach().double().numpy() - p) / np.linalg.norm(p)
+    assert err <= 4 * 2.0**-10  # CG's rtol 1e-3 and float16's rounding of w (ε = 2⁻¹⁰)
+
+
+def test_float16_non_finite_curvature_after_a_warm_start_rejects_with_params_unchanged():
+    # a curvature that is NaN itself: the warm start's solve fails, CG is retried from zero
+    # (one product each), fails again, and only then is the step rejected, bit for bit
+    X, y = _float16_least_squares()
+    w = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    broken = []
+    G = (X.T @ X).float() / 32
+
+    def curvature(loss, outputs, params):
+        return lambda v: v * float("nan") if broken else (G @ v.float()).half()
+
+    opt = HessianFree([w], damping=1e-2, curvature=curvature, extrapolate=False)
+
+    def closure():
+        out = X @ w
+        return 0.5 * ((out - y) ** 2).mean(), out
+
+    opt.step(closure)
+    assert opt.last_step.status == "accepted"
+    before, lam = w.detach().clone(), opt.damping
+    broken.append(True)
+    with pytest.warns(RuntimeWarning, match="curvature product"):
+        opt.step(closure)
+    step = opt.last_step
+    assert step.status == "non_finite_curvature" and step.cg_matvecs == 2
+    assert torch.equal(w.detach(), before) and opt.damping > lam
+
+
+def test_float16_curvature_beyond_65504_is_calibrated_and_stepped():
+    # X scaled by 16: ‖g‖² and C g pass float16's 65504 at θ = 0. Every step was rejected as a
+    # non-finite curvature product; now λ's curvature scale gᵀCg/gᵀg is the float64 one
+    # (products on a rescaled g, dot products in float32) and the steps are taken.
+    X, _ = _float16_least_squares()
+    X = X * 16
+    y = X @ torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=torch.float16)
+    w = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    opt = HessianFree([w], extrapolate=False)
+
+    def closure():
+        out = X @ w
+        return 0.5 * ((out - y) ** 2).mean(), out
+
+    losses = []
+    for _ in range(3):
+        opt.step(closure)
+        assert opt.last_step.status == "accepted"
+        losses.append(opt.last_step.loss_after)
+    Xd, yd = X.double().numpy(), y.double().numpy()
+    C, g = Xd.T @ Xd / 32, -Xd.T @ yd / 32
+    assert np.abs(C @ g).max() > 65504 and g @ g > 65504
+    scale = opt.state[w]["damping_scale"]
+    assert scale == pytest.approx(g @ C @ g / (g @ g), rel=1e-2)  # float16 g and products
+    assert losses[0] > losses[1] > losses[2]
