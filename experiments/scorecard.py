@@ -1078,7 +1078,10 @@ def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -
         finals.append(lbfgs_run(task, name, task.lbfgs[name]))
     hf_name = best("HF").name if best("HF") else next(iter(task.hf))
     tuned = task.hf[hf_name]
-    regime = task.hf_default_regime or tuned  # the defaults: no arguments, no preconditioner
+    # the defaults: no arguments; the tuned row's KFACPreconditioner(model) is dropped, and
+    # precond='auto' builds its own K-FAC from the parameters where the closure returns
+    # (loss, outputs) (experiments/README.md, "kfacauto")
+    regime = task.hf_default_regime or tuned
     # (early_kw too: settings while the batch is below the full set are tuning, not defaults)
     default_regime = {k: v for k, v in regime.items() if k not in ("kfac", "early_kw")}
     default_regime |= {"kw": {}}

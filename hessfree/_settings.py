@@ -327,14 +327,14 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         "line_search_shrink", s.line_search_shrink, low=0.0, high=1.0, low_open=True, high_open=True
     )
     out["line_search_max_iter"] = check_int("line_search_max_iter", s.line_search_max_iter, low=1)
-    if isinstance(s.precond, str) and s.precond not in ("auto", "martens", "nystrom"):
+    if isinstance(s.precond, str) and s.precond not in ("auto", "martens", "nystrom", "kfac"):
         raise ValueError(
-            f"Unknown `precond` {s.precond!r}; expected 'auto', None, 'martens', 'nystrom' or a "
-            "callable."
+            f"Unknown `precond` {s.precond!r}; expected 'auto', None, 'martens', 'nystrom', "
+            "'kfac' or a callable."
         )
     if s.precond is not None and not isinstance(s.precond, str) and not callable(s.precond):
         raise TypeError(
-            "`precond` must be 'auto', None, 'martens', 'nystrom' or a callable, got "
+            "`precond` must be 'auto', None, 'martens', 'nystrom', 'kfac' or a callable, got "
             f"{type(s.precond).__name__}."
         )
     out["max_failures"] = check_int("max_failures", s.max_failures, low=1)

@@ -60,10 +60,11 @@ forcing sequence instead of a fixed tolerance (both measured in ``experiments/RE
 η = 0, at most 25 CG iterations and no objective check on steps with structural damping,
 which is on, μ = 0.03, wherever the closure returns hidden states:
 ``structural_damping='auto'``); no
-preconditioner by default (``precond='martens'`` turns §4.7's on) except a randomized Nyström
-one for residual-block closures (``precond='auto'``); a trust radius on CG's step with the
-Hessian (``trust_radius``); the curvature batch is
-whatever ``curvature_closure`` evaluates (the reference cycles through quarter-size chunks).
+diagonal preconditioner by default (``precond='martens'`` turns §4.7's on) but K-FAC's
+(Martens & Grosse 2015) on the ``nn.Linear`` layers of ``(loss, outputs)`` closures and a
+randomized Nyström one for residual-block closures (``precond='auto'``); a trust radius on
+CG's step with the Hessian (``trust_radius``); the curvature batch is whatever
+``curvature_closure`` evaluates (the reference cycles through quarter-size chunks).
 
 Closure styles, fastest first:
 
@@ -140,6 +141,8 @@ from .preconditioning import (
     KFACPreconditioner,
     NystromPreconditioner,
     PrecondContext,
+    _Linear,
+    _LinearPass,
 )
 
 __all__ = ["Convergence", "HessianFree", "StepInfo", "StepStatus"]
@@ -166,6 +169,9 @@ _AUTO_STRUCTURAL_DAMPING = 0.03
 
 #: Preconditioners whose failure on NaN/Inf curvature leaves the step to CG's own check.
 _BUILT_IN_PRECONDS = (NystromPreconditioner, KFACPreconditioner)
+#: ``precond='kfac'`` (and ``'auto'``'s K-FAC): the settings of the scorecard's tuned CURVES
+#: row (``experiments/README.md``, "kfacauto").
+_KFAC_SETTINGS = dict(rank=32, refresh=2)
 #: A built-in preconditioner's state before its first step.
 _EMPTY_PRECOND_STATE = {
     NystromPreconditioner: {"U": None, "eigenvalues": None, "calls": 0},
@@ -604,17 +610,31 @@ class HessianFree(torch.optim.Optimizer):
         line_search_max_iter: Most rates tried (60 in the reference code).
         precond: ``'auto'`` (default): :class:`NystromPreconditioner` (rank 60, refreshed every
             10 steps) when the closure returns residual blocks ``(loss, (r_1, ..., r_K))`` and
-            the curvature is Gauss-Newton, else none (a PINN's Gauss-Newton matrix has
-            eigenvalues over ~15 decades in its first 200, where plain CG resolves only the top
-            few dozen; measured in ``experiments/pinn.py``); ``None``; ``'martens'``
-            (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs ``(loss, outputs)`` closures);
-            ``'nystrom'`` (:class:`NystromPreconditioner` for any positive semi-definite
-            curvature, from batched products alone); an instance of either; or a callable
-            ``(PrecondContext) -> Tensor | MatVec`` giving the diagonal of :math:`M` or
-            :math:`r \mapsto M^{-1}r` (a callable whose ``needs_outputs`` is False gets
-            ``PrecondContext.curvature`` and ``.gradient`` instead of outputs; one with a
-            ``watch(matvec) -> matvec`` method, as :class:`CGPairPreconditioner`, gets CG's
-            damped product wrapped by it).
+            the curvature is Gauss-Newton (a PINN's Gauss-Newton matrix has eigenvalues over ~15
+            decades in its first 200, where plain CG resolves only the top few dozen; measured
+            in ``experiments/pinn.py``); ``'kfac'``'s K-FAC when it returns one outputs tensor
+            ``(loss, outputs)`` without hidden states, the curvature is Gauss-Newton, the
+            parameters are float32/64, the run is on one process (K-FAC's probes are drawn per
+            rank) and at least one
+            ``nn.Linear`` of the optimizer's parameters runs once in the closure
+            (layers that run more than once, shared weights, are left out, and a later step
+            that K-FAC refuses turns it off with a warning; measured on the scorecard's tasks
+            in ``experiments/README.md``, "kfacauto"); else none.
+            ``None``; ``'martens'`` (:class:`EmpiricalFisherDiagonal` with α = 3/4; needs
+            ``(loss, outputs)`` closures); ``'nystrom'`` (:class:`NystromPreconditioner` for any
+            positive semi-definite curvature, from batched products alone); ``'kfac'``
+            (:class:`KFACPreconditioner` with rank 32, refreshed every 2 steps, on the
+            ``nn.Linear`` layers found from the parameters alone: while the optimizer makes its
+            graph-building closure call, a global forward hook records each ``nn.Linear`` whose
+            weight and bias are the optimizer's, and is removed afterwards, also on an error;
+            the first step fixes the layers; one that runs twice in a closure call raises
+            ``ValueError``, as does finding none; its factors travel in :meth:`state_dict`);
+            an instance of these classes (``KFACPreconditioner(model)`` hooks the model's
+            layers itself); or a callable ``(PrecondContext) -> Tensor | MatVec`` giving the
+            diagonal of :math:`M` or :math:`r \mapsto M^{-1}r` (a callable whose
+            ``needs_outputs`` is False gets ``PrecondContext.curvature`` and ``.gradient``
+            instead of outputs; one with a ``watch(matvec) -> matvec`` method, as
+            :class:`CGPairPreconditioner`, gets CG's damped product wrapped by it).
         tolerance_grad: ``torch.optim.LBFGS``'s first-order optimality test: a step whose
             gradient has :math:`\max_i |g_i| \le` ``tolerance_grad`` (L2 term included)
             returns after one closure call with status ``'converged'``, nothing moved.
@@ -753,11 +773,19 @@ class HessianFree(torch.optim.Optimizer):
         )
         #: The preconditioner (``precond='martens'`` built as an :class:`EmpiricalFisherDiagonal`,
         #: ``'nystrom'`` as a :class:`NystromPreconditioner`).
-        builders = {"martens": EmpiricalFisherDiagonal, "nystrom": NystromPreconditioner}
+        builders = {
+            "martens": EmpiricalFisherDiagonal,
+            "nystrom": NystromPreconditioner,
+            "kfac": lambda: KFACPreconditioner._discovering(**_KFAC_SETTINGS),
+        }
         self.precond = (
             builders[precond]() if isinstance(precond, str) and precond in builders else precond
         )
-        self._auto_precond: NystromPreconditioner | None = None  # built for precond='auto'
+        # built for precond='auto': Nyström (residual blocks) or K-FAC (one outputs tensor)
+        self._auto_precond: NystromPreconditioner | KFACPreconditioner | None = None
+        # precond='kfac' and 'auto': the nn.Linear calls of the last graph-building closure call
+        self._linear_pass: _LinearPass | None = None
+        self._auto_kfac_off = False  # 'auto' found the closure unfit for K-FAC: stop recording
         self._avg = Averager(process_group)
         # Every plain hyperparameter lives in the defaults, as in LBFGS, so state_dict() carries
         # them; all but lr and weight_decay are one per optimizer (one quadratic model).
@@ -824,28 +852,41 @@ class HessianFree(torch.optim.Optimizer):
                     f"`{key}` to HessianFree instead of per group."
                 )
 
-    def _stateful_precond(self, create: bool = False) -> object | None:
+    def _stateful_precond(self, create: str | None = None) -> object | None:
         """The built-in preconditioner whose state persists across steps, if any.
 
-        K-FAC's running factors and Nyström's sketch (``precond='nystrom'``, or ``'auto'``'s,
-        built on first use, or here with ``create``) are refreshed every few steps and averaged
-        over all of them: a resumed run continues identically only if they travel with the
-        optimizer's state.
+        K-FAC's running factors and Nyström's sketch (``precond='nystrom'`` or ``'kfac'``, or
+        ``'auto'``'s, built on first use, or here with ``create``, the kind's class name) are
+        refreshed every few steps and averaged over all of them: a resumed run continues
+        identically only if they travel with the optimizer's state.
         """
         if isinstance(self.precond, _BUILT_IN_PRECONDS):
             return self.precond
-        if self.precond == "auto" and self._auto_precond is None and create:
-            self._auto_precond = NystromPreconditioner()
+        if self.precond == "auto" and self._auto_precond is None and create is not None:
+            self._auto_precond = (
+                KFACPreconditioner._discovering(**_KFAC_SETTINGS)
+                if create == KFACPreconditioner.__name__
+                else NystromPreconditioner()
+            )
         return self._auto_precond if self.precond == "auto" else None
 
     def state_dict(self) -> dict:
         """As ``torch.optim.Optimizer.state_dict``, plus ``'precond'``: a built-in
         preconditioner's state (K-FAC's factors and spectra, Nyström's sketch, their step
-        counters), ``{'type': class name, 'state': ...}``, when the optimizer has one."""
+        counters), ``{'type': class name, 'state': ...}``, when the optimizer has one; K-FAC
+        found by the optimizer (``precond='kfac'``, ``'auto'``) adds ``'layers'``: each
+        layer's weight and bias as indices into the optimizer's parameters."""
         out = super().state_dict()
         precond = self._stateful_precond()
         if precond is not None:
-            out["precond"] = {"type": type(precond).__name__, "state": precond.state_dict()}
+            state = precond.state_dict()
+            if getattr(precond, "_discovered", False):
+                index = {id(p): i for i, p in enumerate(self._params())}
+                state["layers"] = [
+                    [index[id(m.weight)], None if m.bias is None else index[id(m.bias)]]
+                    for m in precond.layers
+                ]
+            out["precond"] = {"type": type(precond).__name__, "state": state}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -893,7 +934,8 @@ class HessianFree(torch.optim.Optimizer):
 
     def _precond_loader(self, saved: object) -> Callable[[], None]:
         """Check a saved preconditioner state now; return what installs it (after the rest)."""
-        precond = self._stateful_precond(create=saved is not None)
+        kind = saved.get("type") if isinstance(saved, Mapping) else type(saved).__name__
+        precond = self._stateful_precond(create=None if saved is None else kind)
         if precond is None:
             if saved is not None:
                 kind = saved.get("type") if isinstance(saved, Mapping) else type(saved).__name__
@@ -913,8 +955,32 @@ class HessianFree(torch.optim.Optimizer):
                     f"'state': ...}} for this optimizer's {type(precond).__name__}, got "
                     f"{kind!r}."
                 )
+            if getattr(precond, "_discovered", False):
+                fresh.layers = self._saved_layers(saved["state"])
             fresh.load_state_dict(saved["state"])
         return lambda: precond.__dict__.update(fresh.__dict__)
+
+    def _saved_layers(self, state: object) -> list[_Linear]:
+        """``precond='kfac'``'s layers from a saved state's parameter indices."""
+        params = self._params()
+        layers = state.get("layers", []) if isinstance(state, Mapping) else []
+        if layers is None:
+            return []
+        out = []
+        for k, pair in enumerate(layers if isinstance(layers, list | tuple) else [layers]):
+            ok = isinstance(pair, list | tuple) and len(pair) == 2
+            iw, ib = pair if ok else (None, None)
+            ok = ok and all(
+                i is None or (isinstance(i, int) and 0 <= i < len(params)) for i in (iw, ib)
+            )
+            if not ok or iw is None or params[iw].dim() != 2:
+                raise ValueError(
+                    f"`state_dict['precond']['state']['layers'][{k}]` must be [weight index, "
+                    f"bias index or None] into this optimizer's {len(params)} parameters (a "
+                    f"2-D weight), got {pair!r}: saved for another model?"
+                )
+            out.append(_Linear(params[iw], None if ib is None else params[ib]))
+        return out
 
     def __getattr__(self, name: str) -> object:
         """Read a hyperparameter as an attribute (``opt.cg_max_iter``): ``self.settings``'s."""
@@ -998,8 +1064,18 @@ class HessianFree(torch.optim.Optimizer):
         """
         counter.calls += 1
         if build_graph:
-            with torch.enable_grad(), _backward_builds_graph() as called, _watch_grad() as used:
+            # precond='kfac' (or 'auto'): the nn.Linear calls of this call, for K-FAC's factors
+            self._linear_pass = None
+            record = self._records_linears()
+            linears = _LinearPass(self._params()) if record else None
+            with (
+                torch.enable_grad(),
+                _backward_builds_graph() as called,
+                _watch_grad() as used,
+                linears.recording() if record else contextlib.nullcontext(),
+            ):
                 loss, outputs, hidden = _unpack(closure())
+            self._linear_pass = linears
             if used:
                 self._closure_uses_autograd = True
             grads = None
@@ -1121,6 +1197,43 @@ class HessianFree(torch.optim.Optimizer):
         check_reaches_params("loss", grads, len(params))  # zero blocks for some, not all
         return layout.cat([None if g is None else g.detach() for g in grads])
 
+    def _records_linears(self) -> bool:
+        """Whether graph-building closure calls record their ``nn.Linear`` calls (K-FAC found
+        by the optimizer: ``precond='kfac'``, or ``'auto'`` until the closure proved unfit)."""
+        if self.precond == "auto":
+            return not self._auto_kfac_off
+        return getattr(self.precond, "_discovered", False)
+
+    def _auto_kfac(self, evaluation: _Evaluation, product: object) -> KFACPreconditioner | None:
+        """``precond='auto'``'s K-FAC, where it applies: one process, float32/64 parameters,
+        one outputs tensor,
+        Gauss-Newton curvature (not Fisher), no hidden states (structural damping) and at least one
+        ``nn.Linear`` of the optimizer's that ran once in the recorded closure call; else
+        ``None``, and no more recording."""
+        kfac = self._auto_precond if isinstance(self._auto_precond, KFACPreconditioner) else None
+        fit = (
+            not self._auto_kfac_off
+            # K-FAC's probes are drawn per rank: two ranks would not take one process's steps
+            and self._avg.world_size == 1
+            # 16-bit parameters: eigh has no float16 kernel on CPU, and K-FAC is unmeasured there
+            and all(p.dtype in (torch.float32, torch.float64) for p in self._params())
+            and isinstance(evaluation.outputs, Tensor)
+            and evaluation.hidden is None
+            and isinstance(product, GGNProduct)
+            and not isinstance(product, FisherProduct | StructurallyDampedGGN)
+            and self._linear_pass is not None
+            and bool(
+                kfac.layers if kfac is not None else self._linear_pass.layers(skip_shared=True)
+            )
+        )
+        if not fit:
+            self._auto_kfac_off = True
+            self._linear_pass = None
+            return None
+        if kfac is None:
+            kfac = self._auto_precond = KFACPreconditioner._discovering(**_KFAC_SETTINGS)
+        return kfac
+
     def _preconditioner(
         self,
         evaluation: _Evaluation,
@@ -1133,22 +1246,66 @@ class HessianFree(torch.optim.Optimizer):
         g: Tensor,
         run: _StepRun,
     ) -> Tensor | MatVec | None:
-        if self.precond == "auto":  # Nyström for residual blocks' Gauss-Newton, else none
-            if not (isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct)):
+        precond = self.precond
+        if precond == "auto":  # Nyström for residual blocks' Gauss-Newton, K-FAC, or none
+            if isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct):
+                if self._auto_precond is None:
+                    self._auto_precond = NystromPreconditioner()
+                ctx = self._curvature_context(product, lam, shift, curv, g, run)
+                return self._auto_precond(ctx)
+            precond = self._auto_kfac(evaluation, product)
+            if precond is None:
                 return None
-            if self._auto_precond is None:
-                self._auto_precond = NystromPreconditioner()
-            return self._auto_precond(self._curvature_context(product, lam, shift, curv, g, run))
-        if self.precond is None:
+            try:
+                return self._outputs_preconditioner(
+                    precond, evaluation, product, params, lam, shift
+                )
+            except ValueError as err:  # a default never raises: K-FAC off from here on
+                self._auto_kfac_off, self._auto_precond = True, None
+                warnings.warn(
+                    f"HessianFree: precond='auto' turned K-FAC off ({err}); pass precond='kfac' "
+                    "to get the error, or precond=None to silence this.",
+                    UserWarning,
+                    stacklevel=5,
+                )
+                return None
+        if precond is None:
             return None
-        if not getattr(self.precond, "needs_outputs", True):  # curvature products only
-            return self.precond(self._curvature_context(product, lam, shift, curv, g, run))
+        if not getattr(precond, "needs_outputs", True):  # curvature products only
+            return precond(self._curvature_context(product, lam, shift, curv, g, run))
+        return self._outputs_preconditioner(precond, evaluation, product, params, lam, shift)
+
+    def _outputs_preconditioner(
+        self,
+        precond: object,
+        evaluation: _Evaluation,
+        product: object,
+        params: list[Tensor],
+        lam: float,
+        shift: float | Tensor,
+    ) -> Tensor | MatVec | None:
+        """A preconditioner from the outputs' Jacobian and gradient (K-FAC, Martens' diagonal,
+        a callable), with the layers ``precond='kfac'`` recorded handed over first."""
+        if getattr(precond, "_discovered", False):
+            recorded, self._linear_pass = self._linear_pass, None
+            if recorded is not None:  # None: no graph-building call (cannot happen in step)
+                precond._observe(recorded, skip_shared=self.precond == "auto")
+                recorded.release()
+            if not precond.layers:
+                raise ValueError(
+                    "precond='kfac' found no nn.Linear layer whose weight (and bias) are among "
+                    "the optimizer's parameters in the closure's forward pass; pass another "
+                    "precond ('auto', None, 'martens', 'nystrom')."
+                )
+        fisher = "The diagonal empirical-Fisher preconditioner"
+        what = (
+            fisher
+            if isinstance(precond, EmpiricalFisherDiagonal)
+            else "K-FAC"
+            if isinstance(precond, KFACPreconditioner)
+            else f"`precond` {precond!r} (a callable without needs_outputs=False)"
+        )
         if evaluation.outputs is None:
-            what = (
-                "The diagonal empirical-Fisher preconditioner"
-                if isinstance(self.precond, EmpiricalFisherDiagonal)
-                else f"`precond` {self.precond!r} (a callable without needs_outputs=False)"
-            )
             raise ValueError(
                 f"{what} needs per-example information: make the closure return "
                 "(loss, outputs), give the callable a `needs_outputs = False` attribute to get "
@@ -1156,7 +1313,8 @@ class HessianFree(torch.optim.Optimizer):
             )
         if isinstance(evaluation.outputs, tuple):
             raise ValueError(
-                "The diagonal empirical-Fisher preconditioner needs one outputs tensor with "
+                f"{what if isinstance(precond, KFACPreconditioner) else fisher} needs one "
+                "outputs tensor with "
                 "examples along dimension 0, but the closure returned residual blocks "
                 "(loss, (r_1, ..., r_K)); pass precond=None."
             )
@@ -1177,7 +1335,7 @@ class HessianFree(torch.optim.Optimizer):
             if isinstance(product, GGNProduct) and not isinstance(product, FisherProduct)
             else None,
         )
-        return self.precond(ctx)
+        return precond(ctx)
 
     def _curvature_context(
         self,
@@ -1260,7 +1418,10 @@ class HessianFree(torch.optim.Optimizer):
         self._current_settings()
         run = self._start_step()
         # Phases 1-2 hold every autograd graph of the step; they are freed on return.
-        solution = self._evaluate_and_solve(closure, curvature_closure, run)
+        try:
+            solution = self._evaluate_and_solve(closure, curvature_closure, run)
+        finally:
+            self._linear_pass = None  # the recorded layers' graph, if CG did not consume it
         if solution is not None:  # else the step ended before or inside CG (StepInfo recorded)
             self._backtrack_and_search(closure, solution, run)  # phases 3-5
         return run.loss0

@@ -47,8 +47,9 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -405,7 +406,9 @@ class KFACPreconditioner:
     graph-building forward pass; the statistics are taken from the most recent one, which in
     :meth:`HessianFree.step` is the curvature batch's (the closure's where there is no
     ``curvature_closure``); each call drops the recorded tensors (and so their graph). Call
-    :meth:`remove` to detach the hooks.
+    :meth:`remove` to detach the hooks. ``HessianFree(params, precond='kfac')`` (and
+    ``'auto'``) builds one without a model or hooks: the optimizer finds the layers from its
+    parameters and records their calls during its own closure call (:class:`_LinearPass`).
 
     Measured (#14, the scorecard's quick CURVES task, 250/62 with at most 5 CG iterations, rank
     32): about half the HF steps to a given training error at 1.15-1.4 times the cost of a step,
@@ -450,6 +453,7 @@ class KFACPreconditioner:
     """
 
     needs_outputs = True
+    _discovered = False  # True: layers found and recorded by HessianFree (precond='kfac')
 
     def __init__(
         self,
@@ -481,7 +485,41 @@ class KFACPreconditioner:
                 "`model` has no nn.Linear layer with a trainable parameter (requires_grad) for "
                 "KFACPreconditioner."
             )
+        self._configure(refresh, decay, num_probes, relative_damping, max_dense, rank)
         self.layers = layers
+        self._hooks = [m.register_forward_hook(self._record) for m in layers]
+        if isinstance(model, torch.nn.Module):
+            self._hooks.append(model.register_forward_pre_hook(self._begin_pass))
+            self._hooks.append(model.register_forward_hook(self._end_pass, always_call=True))
+
+    @classmethod
+    def _discovering(
+        cls,
+        *,
+        refresh: int = 1,
+        decay: float = 0.95,
+        num_probes: int | None = 1,
+        relative_damping: float = 0.01,
+        max_dense: int = 512,
+        rank: int | None = 64,
+    ) -> KFACPreconditioner:
+        """One without a model or hooks, for ``HessianFree(precond='kfac')``: its layers are
+        found and its forward passes recorded by the optimizer (:class:`_LinearPass`), and
+        handed over with :meth:`_observe`."""
+        self = cls.__new__(cls)
+        self._configure(refresh, decay, num_probes, relative_damping, max_dense, rank)
+        self.layers, self._hooks, self._discovered = [], [], True
+        return self
+
+    def _configure(
+        self,
+        refresh: int,
+        decay: float,
+        num_probes: int | None,
+        relative_damping: float,
+        max_dense: int,
+        rank: int | None,
+    ) -> None:
         self.refresh = check_int("refresh", refresh, low=1)
         self.decay = check_number("decay", decay, low=0.0, high=1.0, high_open=True)
         self.num_probes = None if num_probes is None else check_int("num_probes", num_probes, low=1)
@@ -490,21 +528,32 @@ class KFACPreconditioner:
         )
         self.max_dense = check_int("max_dense", max_dense, low=0)
         self.rank = None if rank is None else check_int("rank", rank, low=1)
-        self._seen: dict[int, tuple[Tensor, Tensor]] = {}
-        self._hooks = [m.register_forward_hook(self._record) for m in layers]
+        self._seen: dict[int, tuple[Tensor, Tensor]] = {}  # id(layer) -> (input, output)
         # A layer that runs twice within one call of the model (shared weights, e.g. a
         # recurrent step) would be described by its last call alone: the model's own calls
-        # delimit a forward pass, so such a layer is refused rather than half-measured.
+        # (or the optimizer's closure call) delimit a forward pass, so such a layer is refused
+        # rather than half-measured.
         self._in_pass = False
         self._ran: set[int] = set()  # layers recorded in the current pass of the model
         self._shared: dict[int, int] = {}  # layer -> calls within one pass, where > 1
-        if isinstance(model, torch.nn.Module):
-            self._hooks.append(model.register_forward_pre_hook(self._begin_pass))
-            self._hooks.append(model.register_forward_hook(self._end_pass, always_call=True))
         self.factors: list[tuple[Tensor, Tensor]] | None = None  # (A, G) per layer
         self.eigen: list[tuple[_Side, _Side]] | None = None  # per layer: (A's, G's)
         self._floors: list[Tensor] = []  # per layer: the damping floor
         self._calls = 0
+
+    def _observe(self, recorded: _LinearPass, *, skip_shared: bool = False) -> None:
+        """Take one recorded closure call's layers (the first call fixes them, in the order
+        they ran; without those that ran twice, with ``skip_shared``) and their inputs and
+        outputs, as the module hooks would have recorded them."""
+        if not self.layers:
+            self.layers = recorded.layers(skip_shared=skip_shared)
+        by_weight = {id(layer.weight): layer for layer in self.layers}
+        for key, (a, s) in recorded.records.items():
+            layer = by_weight.get(key)
+            if layer is not None:
+                self._seen[id(layer)] = (a, s)
+                if recorded.counts[key] > 1:
+                    self._shared[id(layer)] = recorded.counts[key]
 
     def __repr__(self) -> str:
         return (
@@ -659,7 +708,8 @@ class KFACPreconditioner:
             i, m = shared[0]
             raise ValueError(
                 f"KFACPreconditioner: layer {i} ({m}) ran {self._shared[id(m)]} times in one "
-                "forward pass of the model (shared weights, e.g. a recurrent step), and its "
+                "forward pass of the model (or one closure call, for precond='kfac'; shared "
+                "weights, e.g. a recurrent step), and its "
                 "factors would describe its last call only; pass the layers that run once per "
                 "pass, KFACPreconditioner([layer, ...]), or use another preconditioner."
             )
@@ -832,6 +882,74 @@ class KFACPreconditioner:
             return z
 
         return apply
+
+
+class _Linear:
+    """A linear layer known by its parameters alone (:class:`KFACPreconditioner` reads
+    ``weight``, ``bias``, ``in_features`` and ``out_features``): ``precond='kfac'``'s layers,
+    rebuilt from the optimizer's parameters when a saved state is loaded before any step."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.out_features, self.in_features = weight.shape
+
+    def __repr__(self) -> str:
+        return (
+            f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None})"
+        )
+
+
+class _LinearPass:
+    r"""The ``nn.Linear`` calls of one closure call, recorded by a global forward hook.
+
+    Only layers whose weight (and bias, if any) are among ``params`` count, and only calls
+    that build a graph (grad enabled, an output that requires grad). ``records`` maps the
+    weight's id to the last call's (input, output), ``counts`` to its calls in the pass (more
+    than one: shared weights, e.g. a recurrent cell), ``order`` the first calls' order.
+    :func:`torch.nn.modules.module.register_module_forward_hook` fires for every module in
+    every model while installed, so :meth:`recording` removes it on exit, also on an error.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._ids = {id(p) for p in params}
+        self.records: dict[int, tuple[Tensor, Tensor]] = {}
+        self.counts: dict[int, int] = {}
+        self.order: list[_Linear] = []
+
+    def _hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        if not (
+            isinstance(module, torch.nn.Linear)
+            and id(module.weight) in self._ids
+            and (module.bias is None or id(module.bias) in self._ids)
+            and torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+            and args
+            and isinstance(args[0], Tensor)
+        ):
+            return
+        key = id(module.weight)
+        if key not in self.counts:
+            self.order.append(_Linear(module.weight, module.bias))
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.records[key] = (args[0], output)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[_LinearPass]:
+        handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def layers(self, *, skip_shared: bool = False) -> list[_Linear]:
+        """The layers that ran, in order (without those that ran twice, with ``skip_shared``)."""
+        return [m for m in self.order if not (skip_shared and self.counts[id(m.weight)] > 1)]
+
+    def release(self) -> None:
+        """Drop the recorded tensors (and so their graph)."""
+        self.records.clear()
 
 
 def _item(seq: object, k: int) -> object:

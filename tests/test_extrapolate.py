@@ -284,6 +284,7 @@ def test_stop_on_increase_takes_the_step_of_cg_cut_at_that_iterate():
     bitwise that of the same optimizer without the check and ``cg_max_iter`` = that
     iteration (so swapping the parameters for the checks left the products untouched)."""
     kw = dict(damping=1e-6, adapt_damping=False, cg_rtol=0.0, cg_progress_tol=1e-12)
+    kw["precond"] = None  # plain CG, whose iterate here rises (K-FAC's does not)
     model, closure = _mlp_problem()
     opt = HessianFree(model.parameters(), cg_stop_on_increase=True, extrapolate=False, **kw)
     opt.step(closure)

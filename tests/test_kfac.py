@@ -8,6 +8,8 @@ product (diagonal and truncated variants included), each built independently wit
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -350,3 +352,203 @@ def test_a_layer_run_twice_in_one_pass_is_refused_and_direct_layer_calls_are_not
     plain[0](x)
     kfac(ctx)
     assert kfac.factors is not None
+
+
+# ---- precond='kfac': the layers found from the optimizer's parameters alone ----
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(DTYPE)
+
+
+def _outputs_closure(model, x, y):
+    def closure():
+        out = model(x)
+        return F.mse_loss(out, y), out
+
+    return closure
+
+
+def _global_hooks() -> int:
+    return len(torch.nn.modules.module._global_forward_hooks)
+
+
+def test_precond_kfac_equals_the_module_hooked_preconditioner_and_the_input_factor():
+    x, y = _data(n=9)
+    a, b = _mlp(), _mlp()
+    opt_a = HessianFree(a.parameters(), precond=KFACPreconditioner(a, rank=32, refresh=2))
+    opt_b = HessianFree(b.parameters(), precond="kfac")
+    opt_b.step(_outputs_closure(b, x, y))
+    # oracle: the first layer's A = E[[x; 1][x; 1]ᵀ] over the batch, in numpy
+    xb = np.hstack([x.numpy(), np.ones((len(x), 1))])
+    np.testing.assert_allclose(opt_b.precond.factors[0][0].numpy(), xb.T @ xb / len(x), 1e-12)
+    opt_a.step(_outputs_closure(a, x, y))
+    for _ in range(3):
+        opt_a.step(_outputs_closure(a, x, y))
+        opt_b.step(_outputs_closure(b, x, y))
+    assert len(opt_b.precond.layers) == 2
+    for (A1, G1), (A2, G2) in zip(opt_a.precond.factors, opt_b.precond.factors, strict=True):
+        assert torch.equal(A1, A2) and torch.equal(G1, G2)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_auto_uses_kfac_for_outputs_closures_only():
+    x, y = _data(n=9)
+    runs = {}
+    for precond, style in (
+        ("auto", "outputs"),
+        ("kfac", "outputs"),
+        ("auto", "loss"),
+        (None, "loss"),
+    ):
+        m = _mlp()
+        opt = HessianFree(m.parameters(), precond=precond)
+
+        def closure(m=m, style=style):
+            out = m(x)
+            return (F.mse_loss(out, y), out) if style == "outputs" else F.mse_loss(out, y)
+
+        for _ in range(3):
+            opt.step(closure)
+        runs[precond, style] = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    assert torch.equal(runs["auto", "outputs"], runs["kfac", "outputs"])
+    assert torch.equal(runs["auto", "loss"], runs[None, "loss"])  # the Hessian: no K-FAC
+    assert not torch.equal(runs["auto", "outputs"], runs["auto", "loss"])
+
+
+def test_auto_leaves_16_bit_parameters_unpreconditioned():
+    # eigh has no float16 CPU kernel: 'auto' must not build K-FAC there (it raised)
+    x, y = (t.to(torch.float16) for t in _data(n=9))
+    params = {}
+    for precond in ("auto", None):
+        m = _mlp().to(torch.float16)
+        opt = HessianFree(m.parameters(), precond=precond)
+        for _ in range(2):
+            opt.step(_outputs_closure(m, x, y))
+        assert opt.last_step.accepted
+        params[precond] = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    assert torch.equal(params["auto"], params[None])
+
+
+class _Shared(nn.Module):
+    """A layer run twice per pass (shared weights) and a head run once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.step, self.head = nn.Linear(3, 3).to(DTYPE), nn.Linear(3, 2).to(DTYPE)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.step(torch.tanh(self.step(x)))))
+
+
+def test_a_shared_layer_is_skipped_under_auto_and_refused_under_kfac():
+    x, y = _data()
+    model = _Shared()
+    opt = HessianFree(model.parameters())
+    opt.step(_outputs_closure(model, x, y))
+    layers = opt._auto_precond.layers
+    assert [m.weight for m in layers] == [model.head.weight]  # the head only
+    model = _Shared()
+    opt = HessianFree(model.parameters(), precond="kfac")
+    with pytest.raises(ValueError, match=r"layer 0 \(Linear.*\) ran 2 times"):
+        opt.step(_outputs_closure(model, x, y))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_auto_turns_kfac_off_with_a_warning_when_a_layer_later_runs_twice():
+    x, y = _data()
+    model = _Shared()
+    twice = [False]
+
+    def closure():  # the step layer once at first; from the second step on twice
+        h = torch.tanh(model.step(x))
+        out = model.head(torch.tanh(model.step(h)) if twice[0] else h)
+        return F.mse_loss(out, y), out
+
+    opt = HessianFree(model.parameters())
+    opt.step(closure)
+    assert [m.weight for m in opt._auto_precond.layers] == [model.step.weight, model.head.weight]
+    twice[0] = True
+    with pytest.warns(UserWarning, match=r"precond='auto' turned K-FAC off \(K.*ran 2 times"):
+        for _ in range(2):  # refresh=2: the factors are recomputed, and the layer refused, at 3
+            opt.step(closure)
+    assert opt.last_step.status in ("accepted", "converged") and opt._auto_precond is None
+    assert not opt._records_linears()
+
+
+def test_the_global_hook_is_gone_after_step_also_when_the_closure_raises():
+    x, y = _data()
+    model = _mlp()
+    before = _global_hooks()
+    opt = HessianFree(model.parameters(), precond="kfac")
+    opt.step(_outputs_closure(model, x, y))
+    assert _global_hooks() == before
+
+    def failing():
+        model(x)
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        opt.step(failing)
+    assert _global_hooks() == before and opt._linear_pass is None
+
+
+def test_a_model_used_outside_step_records_nothing():
+    x, y = _data(n=9)
+    x2, y2 = _data(n=9, seed=1)
+    used, twin = _mlp(), _mlp()
+    opts = [HessianFree(m.parameters(), precond="kfac") for m in (used, twin)]
+    for opt, m in zip(opts, (used, twin), strict=True):
+        opt.step(_outputs_closure(m, x, y))
+    F.mse_loss(used(x2), y2).backward()  # another batch with autograd, outside step()
+    assert opts[0]._linear_pass is None and not opts[0].precond._seen
+    for opt, m in zip(opts, (used, twin), strict=True):
+        m.zero_grad(set_to_none=True)
+        opt.step(_outputs_closure(m, x, y))
+    for (A1, G1), (A2, G2) in zip(opts[0].precond.factors, opts[1].precond.factors, strict=True):
+        assert torch.equal(A1, A2) and torch.equal(G1, G2)
+
+
+@pytest.mark.parametrize("precond", ["kfac", "auto"])
+def test_precond_kfac_state_dict_resumes_bitwise(precond):
+    x, y = _data(n=9)
+    model = _mlp()
+    opt = HessianFree(model.parameters(), precond=precond)
+    for _ in range(3):
+        opt.step(_outputs_closure(model, x, y))
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = copy.deepcopy(opt.state_dict())  # state_dict() shares the live tensors
+    assert saved["precond"]["state"]["layers"] == [[0, 1], [2, 3]]
+    for _ in range(3):
+        opt.step(_outputs_closure(model, x, y))
+    resumed = _mlp(seed=1)
+    resumed.load_state_dict(saved_model)
+    opt2 = HessianFree(resumed.parameters(), precond=precond)
+    opt2.load_state_dict(saved)  # before any step: the layers come from the saved indices
+    for _ in range(3):
+        opt2.step(_outputs_closure(resumed, x, y))
+    pairs = zip(model.parameters(), resumed.parameters(), strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
+
+
+def test_precond_kfac_bad_inputs_name_the_value():
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"Unknown `precond` 'kfc'.*'kfac'"):
+        HessianFree(_mlp().parameters(), precond="kfc")
+    model = _mlp()
+    opt = HessianFree(model.parameters(), precond="kfac")
+    with pytest.raises(ValueError, match=r"K-FAC needs per-example information"):
+        opt.step(lambda: F.mse_loss(model(x), y))
+    w = torch.zeros(3, 2, dtype=DTYPE, requires_grad=True)  # no nn.Linear at all
+    opt = HessianFree([w], precond="kfac")
+    with pytest.raises(ValueError, match=r"precond='kfac' found no nn.Linear layer"):
+        opt.step(lambda: (lambda out: ((out - y).square().mean(), out))(x @ w))
+    opt = HessianFree(model.parameters(), precond="kfac")
+    opt.step(_outputs_closure(model, x, y))
+    state = opt.state_dict()
+    state["precond"]["state"]["layers"][1] = [7, None]
+    fresh = HessianFree(_mlp().parameters(), precond="kfac")
+    with pytest.raises(
+        ValueError, match=r"\['layers'\]\[1\]` must be \[weight index.*got \[7, None\]"
+    ):
+        fresh.load_state_dict(state)

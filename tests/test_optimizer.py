@@ -1339,7 +1339,7 @@ def test_uphill_warm_start_is_iterated_on_not_returned(monkeypatch):
     def run() -> StepInfo:
         with torch.no_grad():
             model.weight.zero_()
-        opt = HessianFree(model.parameters(), damping=lam, min_damping=1e-12)
+        opt = HessianFree(model.parameters(), damping=lam, min_damping=1e-12, precond=None)
         opt._global_state()["warm_start"] = x0 / 0.95
         opt.step(closure)
         return opt.last_step

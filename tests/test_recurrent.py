@@ -190,7 +190,8 @@ def test_structural_damping_auto_is_003_with_hidden_states_and_off_without():
     assert torch.equal(auto, _first_step(rcase, with_hidden=True, structural_damping=0.03))
     assert not torch.allclose(newton(0.03), newton(0.0), rtol=1e-4)  # the term matters here
     # no hidden states: no structural term, as with structural_damping=0
-    plain = _first_step(rcase, with_hidden=False)
+    # (precond=None: 'auto' builds K-FAC for a closure without hidden states, not with them)
+    plain = _first_step(rcase, with_hidden=False, precond=None)
     torch.testing.assert_close(plain, newton(0.0), **solved)
     assert torch.equal(plain, _first_step(rcase, with_hidden=True, structural_damping=0.0))
     # nor where the term is not defined (Hessian curvature): no error, the Hessian's step

@@ -92,6 +92,7 @@ def _hf_step_reads(monkeypatch, cg_max_iter: int, check_every: int):
         cg_progress_tol=1e-300,
         cg_check_every=check_every,
         cg_stop_on_increase=False,
+        precond=None,  # 'auto''s K-FAC adds its finiteness read once per refresh
     )
 
     def closure():

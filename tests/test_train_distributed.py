@@ -56,7 +56,8 @@ def write_config(tmp_path: Path, **extra) -> Path:
         "model": {"name": "mlp", "hidden_sizes": [8]},
         "loss": {"name": "cross_entropy"},
         "optimizers": [
-            {"name": "hessianfree", "cg_max_iter": 10, "curvature_batch_size": 8},
+            # precond null: 'auto''s K-FAC runs on one process only (its probes are per rank)
+            {"name": "hessianfree", "cg_max_iter": 10, "curvature_batch_size": 8, "precond": None},
             {"name": "adam", "lr": 0.02},
         ],
         "budget": {"steps": 6},
@@ -172,6 +173,7 @@ def test_two_ranks_equal_one_process_with_growing_batches(tmp_path):
         tmp_path,
         optimizers=[
             {"name": "hessianfree", "cg_max_iter": 10, "batch_size": 8, "batch_growth": 1.25,
+             "precond": None,
              "batch_multiple": 2, "curvature_fraction": 0.5},
             {"name": "adam", "lr": 0.02, "batch_size": 6, "batch_growth": 1.5,
              "batch_multiple": 2},
