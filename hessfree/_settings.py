@@ -31,6 +31,10 @@ CURVATURES = ("auto", "ggn", "hessian", "fisher")
 #: ``_SD_CG_MAX_ITER`` (``HessianFree``'s ``cg_max_iter``; the evidence is there).
 _AUTO_CG_MAX_ITER = 250
 _SD_CG_MAX_ITER = 25
+#: ``cg_max_iter='auto'`` on a K-FAC-preconditioned step whose objective is seen stochastic
+#: (mini-batches): two CG iterations, the K-FAC-like regime of the scorecard's tuned CURVES and
+#: MNIST-1D rows (``experiments/README.md``, "ablate" and "kfac2").
+_KFAC_STOCHASTIC_CG_MAX_ITER = 2
 
 
 @dataclass(frozen=True)

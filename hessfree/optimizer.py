@@ -122,7 +122,12 @@ from ._flat import LOW_PRECISION, ParamLayout, dot
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
-from ._settings import _AUTO_CG_MAX_ITER, _SD_CG_MAX_ITER, HFSettings
+from ._settings import (
+    _AUTO_CG_MAX_ITER,
+    _KFAC_STOCHASTIC_CG_MAX_ITER,
+    _SD_CG_MAX_ITER,
+    HFSettings,
+)
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
 from .cg import CGResult, CGStop, _low_precision_product, cg, forcing_term, relative_forcing_term
@@ -505,7 +510,14 @@ class HessianFree(torch.optim.Optimizer):
             tuned config, and solved it (0.009); against the config, T = 50 was solved at 0.91x
             and 1.2x its time on seeds 1-2 and not in 150 s on seed 0 (0.051), T = 30 (60 s)
             at 1.0x, 1.2x and 1.5x on three seeds and not on one (0.033)
-            (``experiments/README.md``). A number is used as given, on every step.
+            (``experiments/README.md``). On a step preconditioned by K-FAC (``precond``
+            ``'auto'``'s or ``'kfac'``, or a :class:`KFACPreconditioner`) of an objective seen
+            stochastic (mini-batches, as ``extrapolate='auto'`` detects it), ``'auto'`` is 2:
+            K-FAC's direction with a two-dimensional Krylov correction, the regime of the
+            scorecard's tuned CURVES and MNIST-1D rows; K-FAC with 250 iterations or the cap
+            without K-FAC each recovered at most a quarter of the defaults' gap to them
+            (``experiments/README.md``, "ablate" and "kfac2"). A number is used as given, on
+            every step.
         cg_min_iter: CG iterations before the relative-progress stop may fire.
         cg_rtol: CG also stops when :math:`\|r\| \le \eta\|g\|`: ``'auto'`` (default) takes
             :math:`\eta` from the inexact-Newton forcing sequence of Eisenstat & Walker (1996,
@@ -1622,9 +1634,13 @@ class HessianFree(torch.optim.Optimizer):
         change to the unfloored :math:`\lambda` if one is tracked (:meth:`_track_unfloored`)."""
         state["damping"] = change(self._damping_policy(state), lam)
         if "damping_unfloored" in state:
-            state["damping_unfloored"] = change(
-                self.settings.damping_policy(), state["damping_unfloored"]
-            )
+            shadow = state["damping_unfloored"]
+            new = change(self.settings.damping_policy(), shadow)
+            # ρ ≈ 1 of a two-iteration K-FAC step (cg_max_iter='auto' on mini-batches) says the
+            # model is good along that short step, not for the 250-iteration solves that follow
+            # the release: lowered on each, λ reached 1e-8 and MNIST-1D's first whole-batch
+            # steps took 4-18 s (experiments/README.md, "kfac2"); raised, it is kept
+            state["damping_unfloored"] = max(new, shadow) if state.get("cg_capped") else new
 
     def _relative_floor(self, state: dict) -> float:
         """``relative_min_damping`` × the curvature scale (0 until that is known), at most
@@ -1689,7 +1705,7 @@ class HessianFree(torch.optim.Optimizer):
         run.bounded = self._trust_radius(product)
         run.lap("curvature")
 
-        max_iter = self._cg_max_iter(run)
+        max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
 
         def solve(start: Tensor | None) -> CGResult:
             return cg(
@@ -1749,12 +1765,27 @@ class HessianFree(torch.optim.Optimizer):
         run.report["cg_rtol"] = rtol
         return rtol
 
-    def _cg_max_iter(self, run: _StepRun) -> int:
-        """CG's iteration cap (``cg_max_iter``): ``'auto'`` is 250, or 25 on a structurally
-        damped step."""
+    def _kfac_in_use(self) -> bool:
+        """Whether CG is preconditioned by K-FAC (``'kfac'``, ``'auto'``'s, or an instance)."""
+        if self.precond == "auto":
+            return isinstance(self._auto_precond, KFACPreconditioner) and not self._auto_kfac_off
+        return isinstance(self.precond, KFACPreconditioner)
+
+    def _cg_max_iter(self, run: _StepRun, *, kfac: bool = False) -> int:
+        """CG's iteration cap (``cg_max_iter``): ``'auto'`` is 250, 25 on a structurally
+        damped step, and 2 on a K-FAC-preconditioned step of an objective seen stochastic."""
         most = self.settings.cg_max_iter
         if most == "auto":
-            most = _SD_CG_MAX_ITER if run.structural_damping > 0 else _AUTO_CG_MAX_ITER
+            if run.structural_damping > 0:
+                most = _SD_CG_MAX_ITER
+            elif kfac and run.state.get("deterministic") is False:
+                most = _KFAC_STOCHASTIC_CG_MAX_ITER
+            else:
+                most = _AUTO_CG_MAX_ITER
+        # the unfloored λ (_track_unfloored) learns nothing from such a step's ρ: see there
+        run.state["cg_capped"] = most == _KFAC_STOCHASTIC_CG_MAX_ITER and most != (
+            self.settings.cg_max_iter
+        )
         return most
 
     def _stop_on_increase(self, run: _StepRun) -> bool:

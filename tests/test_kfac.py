@@ -552,3 +552,72 @@ def test_precond_kfac_bad_inputs_name_the_value():
         ValueError, match=r"\['layers'\]\[1\]` must be \[weight index.*got \[7, None\]"
     ):
         fresh.load_state_dict(state)
+
+
+# ---- cg_max_iter='auto': two iterations on K-FAC-preconditioned steps seen stochastic ----
+def _alternating_steps(opt, model, batches, steps, caps=None):
+    """Steps on alternating mini-batches; ``caps[k]`` (if given) is set before step k."""
+    iters = []
+    for k in range(steps):
+        if caps is not None:
+            opt.param_groups[0]["cg_max_iter"] = caps[k]
+        opt.step(_outputs_closure(model, *batches[k % len(batches)]))
+        iters.append(opt.last_step.cg_iters)
+    return iters
+
+
+def test_auto_cg_cap_is_two_on_stochastic_kfac_steps_only():
+    batches = [_data(n=9, seed=1), _data(n=9, seed=2)]
+    steps = 6  # CG solved tightly (cg_rtol), so only the cap stops it early
+    # 'auto' with K-FAC on alternating batches: step 1 (one batch seen) as cap 250, then 2
+    a, b = _mlp(), _mlp()
+    opt_a = HessianFree(a.parameters(), precond="kfac", cg_rtol=1e-12)
+    opt_b = HessianFree(b.parameters(), precond="kfac", cg_rtol=1e-12)
+    iters_a = _alternating_steps(opt_a, a, batches, steps)
+    iters_b = _alternating_steps(opt_b, b, batches, steps, caps=[250] + [2] * (steps - 1))
+    assert iters_a == iters_b and max(iters_a[1:]) <= 2 < iters_a[0]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    # one batch (deterministic) or no K-FAC (precond=None): 'auto' is the cap of 250, bitwise
+    for precond, data in (("kfac", batches[:1]), (None, batches)):
+        c, d = _mlp(), _mlp()
+        opt_c = HessianFree(c.parameters(), precond=precond, cg_rtol=1e-12)
+        opt_d = HessianFree(d.parameters(), precond=precond, cg_max_iter=250, cg_rtol=1e-12)
+        iters_c = _alternating_steps(opt_c, c, data, steps)
+        assert iters_c == _alternating_steps(opt_d, d, data, steps)
+        assert max(iters_c[1:]) > 2  # the cap of 2 would have cut these solves
+        assert all(torch.equal(p, q) for p, q in zip(c.parameters(), d.parameters(), strict=True))
+    # an explicit cap is kept on stochastic K-FAC steps
+    e = _mlp()
+    opt_e = HessianFree(e.parameters(), precond="kfac", cg_max_iter=7, cg_rtol=1e-12)
+    assert max(_alternating_steps(opt_e, e, batches, steps)[1:]) > 2
+
+
+def test_capped_kfac_steps_do_not_lower_the_unfloored_damping():
+    # ρ of a two-iteration K-FAC step says nothing about the full solves after the floor's
+    # release: the unfloored λ may rise on such steps, never fall, so the release keeps λ
+    batches = [_data(n=9, seed=1), _data(n=9, seed=2)]
+    m = _mlp()
+    opt = HessianFree(m.parameters(), precond="kfac")
+    state = opt.state[next(iter(m.parameters()))]
+    shadows = []
+    for k in range(8):
+        opt.step(_outputs_closure(m, *batches[k % 2]))
+        if opt.last_step.cg_iters <= 2 and "damping_unfloored" in state:
+            shadows.append(state["damping_unfloored"])
+    assert len(shadows) >= 5 and shadows == sorted(shadows)
+    lam = opt.last_step.damping
+    for _ in range(5):  # one batch from here on: seen deterministic, the floor lifts
+        opt.step(_outputs_closure(m, *batches[0]))
+    assert "damping_unfloored" not in state
+    # without the hold the shadow would have fallen by 2/3 a step (ρ ≈ 1 on these steps)
+    assert shadows[-1] >= shadows[0]
+    assert opt.last_step.damping >= lam * (2 / 3) ** 5 * 0.999
+    # an explicit cap of 2 is the caller's: the unfloored λ follows ρ as on any step
+    m2 = _mlp()
+    opt2 = HessianFree(m2.parameters(), precond="kfac", cg_max_iter=2)
+    state2 = opt2.state[next(iter(m2.parameters()))]
+    seen = []
+    for k in range(8):
+        opt2.step(_outputs_closure(m2, *batches[k % 2]))
+        seen.append(state2.get("damping_unfloored", float("nan")))
+    assert min(seen[2:]) < seen[1]
