@@ -20,41 +20,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _resolution_16bit import problem  # noqa: E402
+from _resolution_16bit import train  # noqa: E402
 
 import hessfree  # noqa: E402
 
 
 def run(dtype: torch.dtype, steps: int, seed: int) -> tuple[float, collections.Counter]:
     """Final float32 loss and the count of each step status (and CG stop at 0 iterations)."""
-    X, y = problem(seed)
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(8, 64),
-        torch.nn.Tanh(),
-        torch.nn.Linear(64, 64),
-        torch.nn.Tanh(),
-        torch.nn.Linear(64, 1),
-    ).to(dtype)
-    Xd, yd = X.to(dtype), y.to(dtype)
-    opt = hessfree.HessianFree(model.parameters())
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(Xd), yd)
-        loss.backward()
-        return loss
-
     counts: collections.Counter = collections.Counter()
-    for _ in range(steps):
-        opt.step(closure)
-        s = opt.last_step
+    steps_ = train(dtype, steps, seed)
+    while True:
+        try:
+            s = next(steps_)
+        except StopIteration as done:
+            return done.value, counts
         counts[str(s.status.value)] += 1
         if s.cg_reason == "negative_curvature" and s.cg_iters == 0:
             counts["cg_negative_curvature_at_0"] += 1
-    with torch.no_grad():
-        final = torch.nn.functional.mse_loss(model.float()(X), y)
-    return float(final), counts
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
+from collections.abc import Iterator
 
 import torch
 
@@ -27,8 +28,9 @@ def problem(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return X, torch.tanh(X @ W) + 0.3 * torch.sin(3 * X[:, :1])
 
 
-def run(dtype: torch.dtype, steps: int, seed: int) -> tuple[float, int]:
-    """Final float32 loss and the number of 'float_resolution' steps."""
+def train(dtype: torch.dtype, steps: int, seed: int) -> Iterator[hessfree.StepInfo]:
+    """``HessianFree(params)`` on the regression in ``dtype``: each step's ``last_step``, then
+    (as the generator's return value) the final float32 loss on the float32 copy of the weights."""
     X, y = problem(seed)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
@@ -47,13 +49,22 @@ def run(dtype: torch.dtype, steps: int, seed: int) -> tuple[float, int]:
         loss.backward()
         return loss
 
-    counts: collections.Counter = collections.Counter()
     for _ in range(steps):
         opt.step(closure)
-        counts[opt.last_step.converged_by] += 1
+        yield opt.last_step
     with torch.no_grad():
-        final = torch.nn.functional.mse_loss(model.float()(X), y)
-    return float(final), counts["float_resolution"]
+        return float(torch.nn.functional.mse_loss(model.float()(X), y))
+
+
+def run(dtype: torch.dtype, steps: int, seed: int) -> tuple[float, int]:
+    """Final float32 loss and the number of 'float_resolution' steps."""
+    counts: collections.Counter = collections.Counter()
+    steps_ = train(dtype, steps, seed)
+    while True:
+        try:
+            counts[next(steps_).converged_by] += 1
+        except StopIteration as done:
+            return done.value, counts["float_resolution"]
 
 
 def main() -> None:
