@@ -173,6 +173,18 @@ def _with_cap(run: sc.Run, cap: int) -> sc.Run:
     return run
 
 
+def _count_deterministic(run: sc.Run, seen: dict[str, int]) -> sc.Run:
+    """``run`` counting its steps that start seen deterministic (where the rule applies)."""
+    step, opt = run.step, _ablate._optimizer(run)
+
+    def counted() -> None:
+        step()
+        seen[run.name] = seen.get(run.name, 0) + (opt._global_state().get("deterministic") is True)
+
+    run.step = counted
+    return run
+
+
 CAPS = {"defaults (cap 250)": 250, "cap 10": 10, "cap 20": 20}
 DIGITS_TARGETS = (9.095e-5, 1.099e-5, 1.678e-7)
 
@@ -180,19 +192,31 @@ DIGITS_TARGETS = (9.095e-5, 1.099e-5, 1.678e-7)
 def rules(key: str, seconds: float | None, reps: int, caps: dict[str, int]) -> None:
     torch.set_num_threads(1)
     print(f"`rules {key}`; load before {open('/proc/loadavg').read().strip()}")
-    task = sc._classifier("digits" if key == "digits" else "mnist1d", False)
+    if key == "curves":
+        task = sc.make_curves_task(False)
+    else:
+        task = sc._classifier("digits" if key == "digits" else "mnist1d", False)
     n = len(task.x)
     full = dict(batch=n, curvature_batch=n, kw={})
     targets = DIGITS_TARGETS if key == "digits" else TARGETS
     budget = seconds or (15.0 if key == "digits" else 30.0)
     tuned_name = next((k for k in task.hf if "held at" in k), None)
     base = full
+    seen: dict[str, int] = {}
+    if key == "curves":  # the defaults' scorecard regime is the tuned row's norm-test schedule
+        tuned_name = next(k for k in task.hf if "then cg≤10" in k)
+        tuned = task.hf[tuned_name]
+        base = {k: v for k, v in tuned.items() if k not in ("kfac", "early_kw", "kw")} | {"kw": {}}
+        targets = ()
     if key == "mnist1d-schedule":
         tuned = task.hf[tuned_name]
         base = {k: v for k, v in tuned.items() if k not in ("kfac", "early_kw", "kw")} | {"kw": {}}
     results: dict[str, list[list[float]]] = {}
     for rep in range(reps):
-        runs = [_with_cap(sc.hf_run(task, f"D {name}", "HF", base), c) for name, c in caps.items()]
+        runs = [
+            _with_cap(_count_deterministic(sc.hf_run(task, f"D {name}", "HF", base), seen), c)
+            for name, c in caps.items()
+        ]
         if tuned_name:
             runs.append(sc.hf_run(task, "tuned row", "HF", task.hf[tuned_name]))
         if key == "digits":
@@ -218,11 +242,15 @@ def rules(key: str, seconds: float | None, reps: int, caps: dict[str, int]) -> N
             ts.append(sc.time_to(r.acc_curve, 1.0, above=True))
             results.setdefault(r.name, []).append(ts)
             st = ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
+            st += f"; seen deterministic after {seen.pop(r.name, 0)}"
+            if key == "curves":
+                ts = [sc.value_at(r.curve, budget * f) for f in (0.25, 0.5, 1.0)]
+                results[r.name][-1] = ts
             print(f"| {r.name} | {r.steps} | {st} | " + " | ".join(f"{t:.3g}" for t in ts) + " |")
     print(f"\nload after {open('/proc/loadavg').read().strip()}")
     print("\nmedians over reps (ratio to the defaults' median; to the tuned row's):\n")
     med = {
-        k: [statistics.median(r[i] for r in v) for i in range(len(targets) + 1)]
+        k: [statistics.median(r[i] for r in v) for i in range(len(v[0]))]
         for k, v in results.items()
     }
     d0 = med[f"D {next(iter(caps))}"]

@@ -519,9 +519,9 @@ class HessianFree(torch.optim.Optimizer):
             without K-FAC each recovered at most a quarter of the defaults' gap to them
             (``experiments/README.md``, "ablate" and "kfac2"). On a K-FAC step of an objective
             seen deterministic (full batch) it is 5: MNIST-1D's full-batch defaults reached the
-            scorecard's last loss target in 0.74x the time of the cap of 250, and 0.48x in the
-            tuned batch schedule once the batch was the whole set, where those solves had run
-            long at a small :math:`\lambda`; digits' time to 100 % training accuracy 0.98x
+            scorecard's last loss target in 0.74-0.78x the time of the cap of 250, and 0.48x in
+            the tuned batch schedule once the batch was the whole set, where those solves had
+            run long at a small :math:`\lambda`; digits' time to 100 % training accuracy 0.98x
             (``experiments/README.md``, "wholebatch"). A number is used as given, on every
             step.
         cg_min_iter: CG iterations before the relative-progress stop may fire.
