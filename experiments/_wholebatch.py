@@ -12,9 +12,11 @@ K-FAC steps of a deterministic objective, interleaved as ``scorecard.interleave`
 or the tuned schedule; ``digits``: time to 100 % training accuracy, full batch.
 
     OPENBLAS_NUM_THREADS=1 python experiments/_wholebatch.py profile [steps]
-    OPENBLAS_NUM_THREADS=1 python experiments/_wholebatch.py rules mnist1d|mnist1d-schedule|digits
-        [seconds] [reps]
-    python experiments/_wholebatch.py hashes   # swap, addition, CURVES: parameter hashes
+    OPENBLAS_NUM_THREADS=1 python experiments/_wholebatch.py rules \
+        mnist1d|mnist1d-schedule|digits|curves [seconds] [reps] [--caps=250,5,10]
+    python experiments/_wholebatch.py hashes [steps]  # parameter hashes, 6 tasks
+
+(``curves``: training errors at ¼, ½ and all of the budget instead of times to targets.)
 """
 
 from __future__ import annotations
