@@ -58,6 +58,7 @@ def stepped(args) -> None:
         "poisson": (pinn.poisson(24, 32), args.poisson, 3e-3, 1000),
         "reaction": (pinn.reaction(48, 32, 32), args.reaction, 1e-2, 1700),
     }
+    probs = {k: probs[k] for k in args.problems.split(",")}
     settings = {"defaults": {}, "tuned": pinn.HF_TUNED}
     rules = {"new": HessianFree, "old": EWHessianFree}
     rows = []
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--switch", type=float, default=0.2)
     ap.add_argument("--settings", default="defaults,tuned")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--problems", default="poisson,reaction")
     ap.add_argument("--stepped", action="store_true", help="fixed Adam phase, HF round-robin")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
