@@ -6,14 +6,17 @@ Walker's step ratio. The old rule is what ``HessianFree`` still does once an obj
 been seen stochastic, so a run marked that way before its first step (``EWHessianFree``) is the
 old trajectory bitwise (checked: parameter hashes after 80 steps equal commit 45b5817's).
 
-Each repetition trains, from the same initial weights and with ``pinn.train`` (Adam for
-``--switch`` of the budget, then HF), every (problem, settings, rule) in turn, so load
-changes hit all of them alike. Prints a markdown table of final losses and relative L2 errors
-and their new/old ratios (medians over repetitions).
+Default mode: each repetition trains, from the same initial weights and with ``pinn.train``
+(Adam for ``--switch`` of the budget, then HF), every (problem, settings, rule) in turn, so load
+changes hit all of them alike; too noisy for a verdict (the timed Adam phase ends at a different
+point in every run). ``--stepped``: one fixed Adam phase per seed, then the HF runs stepped
+round-robin (:func:`stepped`), the measurement in ``results/2026-12-01-pinn.md``. Both print
+final losses, relative L2 errors and new/old ratios.
 
 Usage::
 
     OPENBLAS_NUM_THREADS=1 python experiments/_pinn_forcing.py --reps 2 --poisson 20 --reaction 30
+    OPENBLAS_NUM_THREADS=1 python experiments/_pinn_forcing.py --stepped --reps 2 --seed 0
 """
 
 from __future__ import annotations
