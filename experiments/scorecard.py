@@ -219,7 +219,10 @@ def make_curves_task(quick: bool) -> Task:
             kw=dict(cg_max_iter=2, min_damping=0.3, relative_min_damping=0.0),
             kfac=dict(rank=32, refresh=2),
         )
-        hf["500/125, cg≤250"] = dict(batch=500, curvature_batch=125, kw={})
+        # no arguments at 500/125: since precond='auto' gives K-FAC to (loss, outputs) closures,
+        # this is auto K-FAC with cg_max_iter='auto' (2 on its stochastic steps), not cg≤250;
+        # the rows above without a K-FAC entry get auto K-FAC too, under their own CG cap
+        hf["500/125, no arguments"] = dict(batch=500, curvature_batch=125, kw={})
         hf["500/125, cg≤50, precond"] = dict(
             batch=500, curvature_batch=125, kw=dict(cg_max_iter=50, precond="martens")
         )

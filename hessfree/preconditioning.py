@@ -401,6 +401,9 @@ class KFACPreconditioner:
     :math:`O(d_{out} d_{in}\,\mathrm{rank})`), refreshed by one step of subspace iteration
     from the previous eigenvectors. The factors are averaged with weight ``decay`` on the old
     ones (§5) and recomputed every ``refresh`` steps; in between only :math:`\mu` changes.
+    Factors of 16-bit layers are kept in float32 (float16 second moments underflow, and CPU
+    ``eigh`` has no 16-bit kernel); a 16-bit vector is solved in float32 and returned in its
+    dtype (float16 overflows where :math:`1/\mu` exceeds its range, which CG rejects).
 
     The layers' inputs and outputs are recorded by forward hooks on the modules during every
     graph-building forward pass; the statistics are taken from the most recent one, which in
@@ -581,7 +584,8 @@ class KFACPreconditioner:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output, checked against the layers (else unchanged).
 
-        Tensors are moved to each layer's device and dtype.
+        Tensors are moved to each layer's device and to the factors' dtype (the layer's, or
+        float32 for 16-bit layers).
 
         Raises:
             ValueError: If keys are missing, the counter is not an int >= 0, the number of
@@ -620,7 +624,7 @@ class KFACPreconditioner:
                         f"{_shape_of(f)}."
                     )
                 _check_finite(self, f"{where} factor", f)
-                fs.append(f.to(w.device, w.dtype))
+                fs.append(f.to(w.device, _factor_dtype(w)))
                 es.append(self._checked_side(_item(sides, j), dim, where, w))
             new_factors.append(tuple(fs))
             new_eigen.append(tuple(es))
@@ -651,7 +655,7 @@ class KFACPreconditioner:
         for name, t in zip(("Q", "values", "rest"), got, strict=True):
             if t is not None:
                 _check_finite(self, f"{where} spectrum {name}", t)
-                t = t.to(like.device, like.dtype)
+                t = t.to(like.device, _factor_dtype(like))
             out.append(t)
         return tuple(out)  # type: ignore[return-value]
 
@@ -743,12 +747,14 @@ class KFACPreconditioner:
                 )
         new = []
         for (a, s), d, layer in zip(records, deltas, self.layers, strict=True):
-            a = a.detach().reshape(-1, a.shape[-1])
+            # 16-bit layers: statistics in float32 (float16 squares underflow; no eigh kernel)
+            work = _factor_dtype(layer.weight)
+            a = a.detach().reshape(-1, a.shape[-1]).to(work)
             if layer.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
             if d is None:
                 d = torch.zeros((U.shape[0], *s.shape), dtype=s.dtype, device=s.device)
-            d = d.detach().reshape(-1, d.shape[-1])  # (probes × examples) rows
+            d = d.detach().reshape(-1, d.shape[-1]).to(work)  # (probes × examples) rows
             A = self._second_moment(a, a.shape[0])
             G = self._second_moment(d, probes)
             new.append((ctx.average(A), ctx.average(G)))
@@ -869,7 +875,11 @@ class KFACPreconditioner:
             plan.append((w, b, solve, layer.weight.shape))
         whole = covered == offsets[-1]
 
+        work = self.eigen[0][0][1].dtype if self.eigen else None  # the factors' dtype
+
         def apply(r: Tensor) -> Tensor:
+            # 16-bit vectors are solved in the factors' float32 and returned in their dtype
+            given, r = r, r.to(work)
             # the weights and the bias of [W, b] are solved in place, without concatenation
             z = torch.empty_like(r) if whole else r.clone()
             for w, b, solve, shape in plan:
@@ -879,9 +889,14 @@ class KFACPreconditioner:
                     z[w].view(shape),
                     None if b is None else z[b],
                 )
-            return z
+            return z.to(given.dtype)
 
         return apply
+
+
+def _factor_dtype(like: Tensor) -> torch.dtype:
+    """K-FAC's factors' dtype for a layer's parameter: its own, float32 for 16-bit ones."""
+    return torch.promote_types(like.dtype, torch.float32)
 
 
 class _Linear:

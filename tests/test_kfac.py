@@ -178,7 +178,7 @@ def test_in_the_optimizer_reduces_the_loss():
         return F.mse_loss(out, y), out
 
     with torch.no_grad():
-        first = float(closure()[0])
+        first = float(closure()[0].detach())
     for _ in range(5):
         opt.step(closure)
         assert opt.last_step.status == "accepted"
@@ -427,6 +427,41 @@ def test_auto_leaves_16_bit_parameters_unpreconditioned():
         assert opt.last_step.accepted
         params[precond] = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
     assert torch.equal(params["auto"], params[None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_layers_keep_float32_factors_and_match_the_dense_float64_inverse(dtype):
+    # eigh has no 16-bit CPU kernel and float16 squares underflow: the factors are float32;
+    # the oracle is the float64 GGN of the same (16-bit rounded) weights and data
+    x, y = _data()
+    model = nn.Linear(3, 2).to(dtype)
+    x16, y16 = x.to(dtype), y.to(dtype)
+    K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0)
+    mu = 0.3
+    ctx, _ = _context(model, x16, y16, F.mse_loss, mu)
+    apply = K(ctx)
+    assert all(f.dtype == torch.float32 for pair in K.factors for f in pair)
+    C = _dense_ggn(copy.deepcopy(model).to(DTYPE), x16.to(DTYPE), y16.to(DTYPE), F.mse_loss)
+    r = torch.from_numpy(np.random.default_rng(1).standard_normal(C.shape[0])).to(dtype)
+    expected = np.linalg.solve(C + mu * np.eye(C.shape[0]), r.to(DTYPE).numpy())
+    z = apply(r)
+    assert z.dtype == dtype
+    torch.testing.assert_close(z.to(DTYPE), torch.from_numpy(expected), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_precond_kfac_trains_16_bit_parameters(dtype):
+    # precond='kfac' on 16-bit parameters raised from eigh; now every step is accepted
+    x, y = _data(n=16)
+    m = _mlp().to(dtype)
+    opt = HessianFree(m.parameters(), precond="kfac")
+    closure = _outputs_closure(m, x.to(dtype), y.to(dtype))
+    first = float(closure()[0].detach())
+    for _ in range(4):
+        opt.step(closure)
+        assert opt.last_step.accepted
+    assert float(closure()[0].detach()) < 0.9 * first
+    assert all(p.dtype == dtype for p in m.parameters())
 
 
 class _Shared(nn.Module):
