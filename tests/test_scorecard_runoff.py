@@ -216,3 +216,37 @@ def test_interleave_records_the_step_at_which_accuracy_first_reaches_100_percent
     m.n, run.clock, run.acc_curve = 0, 0.0, []
     scorecard.interleave([run], task, 0.02, 2, "cpu")  # accuracy_steps=0: slice ends only
     assert len(seen) == 3
+
+
+def test_interleave_records_the_step_at_which_the_error_is_first_solved(monkeypatch):
+    seen = []  # the step count at every error evaluation
+
+    def error(m: _Counter) -> float:
+        seen.append(m.n)
+        return max(0, 5 - m.n) / 100  # 0.01 (solved) from step 4 on, 0 from step 5
+
+    task = scorecard.Task(
+        "count", "", _Counter(), torch.zeros(1), torch.zeros(1), None,
+        error, "", 1.0, 0.01, [], [], {}, solved=0.01,
+    )  # fmt: skip
+    m = _Counter()
+    run = scorecard.Run("u", "A", m, lambda: setattr(m, "n", m.n + 1))
+    monkeypatch.setattr(scorecard, "SOLVE_WATCH", 0.0)  # look after every step
+    scorecard.interleave([run], task, 0.02, 2, "cpu")
+    # the start and the two slice ends, and steps 1-4 (the hit at 4: no looks after it),
+    # whichever order the clock gives them
+    assert len(seen) == 7 and set(range(5)) <= set(seen)
+    first = next(p for p in run.curve if p[1] <= 0.01)
+    assert first[1] == 0.01  # step 4's error: the slice ends come thousands of steps later
+    assert scorecard.time_to(run.curve, 0.01) == first[0] < run.clock
+    # a look at most every SOLVE_WATCH seconds of the run's clock: one look in 0.02 s
+    seen.clear()
+    m.n, run.clock, run.curve = 0, 0.0, []
+    monkeypatch.setattr(scorecard, "SOLVE_WATCH", 10.0)
+    scorecard.interleave([run], task, 0.02, 2, "cpu")
+    assert 1 in seen and len(seen) == 4 and len(run.curve) == 3
+    # without ``solved``: slice ends only
+    seen.clear()
+    m.n, run.clock, run.curve, task.solved = 0, 0.0, [], None
+    scorecard.interleave([run], task, 0.02, 2, "cpu")
+    assert len(seen) == 3 and len(run.curve) == 3
