@@ -35,6 +35,11 @@ _SD_CG_MAX_ITER = 25
 #: (mini-batches): two CG iterations, the K-FAC-like regime of the scorecard's tuned CURVES and
 #: MNIST-1D rows (``experiments/README.md``, "ablate" and "kfac2").
 _KFAC_STOCHASTIC_CG_MAX_ITER = 2
+#: ``cg_max_iter='auto'`` on a K-FAC-preconditioned step of an objective seen deterministic
+#: (full batch, or a growing batch that has reached the set): five CG iterations; ours, from
+#: MNIST-1D's times to the scorecard's targets, full batch and in the tuned batch schedule
+#: (``experiments/README.md``, "wholebatch").
+_KFAC_DETERMINISTIC_CG_MAX_ITER = 5
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessfree import GGNProduct, HessianFree, KFACPreconditioner, PrecondContext
+from hessfree._settings import _KFAC_DETERMINISTIC_CG_MAX_ITER
 
 DTYPE = torch.float64
 
@@ -612,8 +613,8 @@ def test_auto_cg_cap_is_two_on_stochastic_kfac_steps_only():
     iters_b = _alternating_steps(opt_b, b, batches, steps, caps=[250] + [2] * (steps - 1))
     assert iters_a == iters_b and max(iters_a[1:]) <= 2 < iters_a[0]
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    # one batch (deterministic) or no K-FAC (precond=None): 'auto' is the cap of 250, bitwise
-    for precond, data in (("kfac", batches[:1]), (None, batches)):
+    # no K-FAC (precond=None): 'auto' is the cap of 250, bitwise
+    for precond, data in ((None, batches),):
         c, d = _mlp(), _mlp()
         opt_c = HessianFree(c.parameters(), precond=precond, cg_rtol=1e-12)
         opt_d = HessianFree(d.parameters(), precond=precond, cg_max_iter=250, cg_rtol=1e-12)
@@ -625,6 +626,33 @@ def test_auto_cg_cap_is_two_on_stochastic_kfac_steps_only():
     e = _mlp()
     opt_e = HessianFree(e.parameters(), precond="kfac", cg_max_iter=7, cg_rtol=1e-12)
     assert max(_alternating_steps(opt_e, e, batches, steps)[1:]) > 2
+
+
+def test_auto_cg_cap_is_five_on_deterministic_kfac_steps():
+    # one batch: step 0 (nothing seen yet) runs the cap of 250, every later step is seen
+    # deterministic and K-FAC-preconditioned: 'auto' = a cap of 5 set by hand, bitwise
+    assert _KFAC_DETERMINISTIC_CG_MAX_ITER == 5
+    data = [_data(n=9, seed=1)]
+    steps = 4  # CG solved tightly (cg_rtol), so only the cap stops it early
+    a, b, c = _mlp(), _mlp(), _mlp()
+    opt_a = HessianFree(a.parameters(), precond="kfac", cg_rtol=1e-12)
+    opt_b = HessianFree(b.parameters(), precond="kfac", cg_rtol=1e-12)
+    opt_c = HessianFree(c.parameters(), precond="kfac", cg_max_iter=250, cg_rtol=1e-12)
+    iters_a = _alternating_steps(opt_a, a, data, steps)
+    iters_b = _alternating_steps(opt_b, b, data, steps, caps=[250] + [5] * (steps - 1))
+    iters_c = _alternating_steps(opt_c, c, data, steps)
+    assert iters_a == iters_b and max(iters_a[1:]) == 5 < iters_a[0]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert max(iters_c[1:]) > 5  # the cap binds: these solves were longer
+    # an explicit cap is kept on deterministic K-FAC steps; without K-FAC 'auto' stays 250
+    d, e, f = _mlp(), _mlp(), _mlp()
+    opt_d = HessianFree(d.parameters(), precond="kfac", cg_max_iter=8, cg_rtol=1e-12)
+    assert max(_alternating_steps(opt_d, d, data, steps)[1:]) > 5
+    opt_e = HessianFree(e.parameters(), precond=None, cg_rtol=1e-12)
+    opt_f = HessianFree(f.parameters(), precond=None, cg_max_iter=250, cg_rtol=1e-12)
+    iters_e = _alternating_steps(opt_e, e, data, steps)
+    assert iters_e == _alternating_steps(opt_f, f, data, steps) and max(iters_e[1:]) > 5
+    assert all(torch.equal(p, q) for p, q in zip(e.parameters(), f.parameters(), strict=True))
 
 
 def test_capped_kfac_steps_do_not_lower_the_unfloored_damping():
