@@ -692,7 +692,8 @@ class HessianFree(torch.optim.Optimizer):
             :func:`hessfree.cg`).
 
     Raises:
-        ValueError: If a hyperparameter is out of range (the message names it).
+        ValueError: If a hyperparameter is out of range (the message names it), or no
+            parameter that requires gradients has an element.
         TypeError: If a hyperparameter has the wrong type.
 
     Example:
@@ -810,9 +811,15 @@ class HessianFree(torch.optim.Optimizer):
         defaults = self.settings.group_values()
         super().__init__(params, defaults)  # checks each group (add_param_group)
         self._group_view = self._shared_group_values()
-        if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
+        trained = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not trained:
             raise ValueError(
                 "No parameter requires gradients; HessianFree has nothing to optimize."
+            )
+        if not any(p.numel() for p in trained):
+            raise ValueError(
+                f"Every parameter that requires gradients has zero elements (shapes "
+                f"{[tuple(p.shape) for p in trained]}); HessianFree has nothing to optimize."
             )
         self.last_step: StepInfo | None = None
         self._closure_uses_autograd = False  # set once a closure is seen to need autograd

@@ -507,6 +507,27 @@ def test_bad_hyperparameter_types_are_rejected():
         HessianFree([torch.zeros(1)])
 
 
+def test_zero_element_parameters_are_skipped_and_alone_refused():
+    # an empty tensor among the parameters changes nothing (the same steps bit for bit as
+    # without it); only empty ones are refused in __init__, not by torch inside step()
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    runs = []
+    for extra in ([], [torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)]):
+        x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([*extra, x])
+        for _ in range(3):
+            opt.step(
+                lambda x=x, extra=extra: 0.5 * x @ A @ x - x.sum() + sum(e.sum() for e in extra)
+            )
+        runs.append(x.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    assert torch.allclose(
+        runs[0], torch.linalg.solve(A, torch.ones(2, dtype=torch.float64)), atol=0.1
+    )
+    with pytest.raises(ValueError, match=r"zero elements \(shapes \[\(0,\)\]\)"):
+        HessianFree([torch.zeros(0, requires_grad=True)])
+
+
 def test_auto_cg_rtol_is_eisenstat_walker_then_relative_on_a_deterministic_objective():
     # Six steps on a quadratic with its exact Hessian (cold CG starts, pinned): each CG run
     # stops at the first iterate of numpy's textbook CG on (A + λI) p = -g whose residual is at
