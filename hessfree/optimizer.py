@@ -105,6 +105,7 @@ import copy
 import dataclasses
 import enum
 import math
+import numbers
 import re
 import time
 import warnings
@@ -1099,7 +1100,8 @@ class HessianFree(torch.optim.Optimizer):
                 _watch_grad() as used,
                 linears.recording() if record else contextlib.nullcontext(),
             ):
-                loss, outputs, hidden = _unpack(closure())
+                result = closure()
+            loss, outputs, hidden = _unpack(self._backward_value(result, bool(called)))
             self._linear_pass = linears
             if used:
                 self._closure_uses_autograd = True
@@ -1113,7 +1115,7 @@ class HessianFree(torch.optim.Optimizer):
             return _Evaluation(loss, outputs, grads, hidden)
         if uses_backward or self._closure_uses_autograd:
             with torch.enable_grad():
-                loss, _, _ = _unpack(closure())
+                loss, _, _ = _unpack(self._backward_value(closure(), uses_backward))
             return _Evaluation(loss.detach(), None, None)
         try:
             with torch.no_grad():
@@ -1124,6 +1126,15 @@ class HessianFree(torch.optim.Optimizer):
                 loss, _, _ = _unpack(closure())
             self._closure_uses_autograd = True
         return _Evaluation(loss.detach(), None, None)
+
+    def _backward_value(self, result: object, called_backward: bool) -> object:
+        """A closure that called ``backward()`` may return ``loss.item()``, as
+        ``torch.optim.LBFGS`` takes ``float(closure())``: the value as a 0-d tensor of the
+        parameters' dtype (the gradient and the Hessian come from ``.grad``)."""
+        if called_backward and isinstance(result, numbers.Real) and not isinstance(result, bool):
+            p = self._params()[0]
+            return torch.tensor(float(result), dtype=p.dtype, device=p.device)
+        return result
 
     def _objective_at(
         self,
@@ -1414,7 +1425,8 @@ class HessianFree(torch.optim.Optimizer):
         Args:
             closure: Re-evaluates the model on the gradient batch and returns the loss,
                 ``(loss, outputs)`` or ``(loss, (r_1, ..., r_K))``; it may call ``backward()``
-                (``torch.optim.LBFGS`` style) and ``torch.autograd.grad`` (input-derivatives).
+                (``torch.optim.LBFGS`` style, and then return ``loss.item()`` too, as LBFGS
+                allows) and ``torch.autograd.grad`` (input-derivatives).
                 It is called several times per step (backtracking, line search).
             curvature_closure: Same contract on the curvature batch; its graph supplies the
                 curvature products. Default: ``closure``'s own graph.
@@ -2239,8 +2251,14 @@ def _unpack(
                 raise TypeError(f"The closure's {name} must be a tensor, got {type(t).__name__}.")
     if not isinstance(result, Tensor) or result.numel() != 1:
         shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+        hint = (
+            " (a number such as loss.item() only from a closure that calls loss.backward(), "
+            "torch.optim.LBFGS style)"
+            if isinstance(result, numbers.Real)
+            else ""
+        )
         raise TypeError(
-            f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}."
+            f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}{hint}."
         )
     return (result if result.dim() == 0 else result.reshape(())), outputs, hidden
 

@@ -383,6 +383,32 @@ def test_lbfgs_style_leaves_no_global_state_changed():
     assert torch.autograd.backward is original
 
 
+def test_lbfgs_closure_returning_a_float_steps_as_one_returning_the_tensor():
+    # torch.optim.LBFGS takes float(closure()), so its closures may return loss.item() after
+    # backward(): the same steps, bit for bit, as the closure returning the loss tensor (whose
+    # own oracle: scipy's rosen); without backward() a float has no gradient and is refused
+    from scipy.optimize import rosen
+
+    runs = []
+    for as_float in (False, True):
+        x = torch.tensor([-1.2, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([x])
+
+        def closure(x=x, opt=opt, as_float=as_float):
+            opt.zero_grad()
+            loss = (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+            loss.backward()
+            return loss.item() if as_float else loss
+
+        losses = [float(opt.step(closure)) for _ in range(5)]
+        runs.append((x.detach().clone(), losses, opt.last_step.status))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
+    assert runs[1][1][0] == rosen(np.array([-1.2, 1.0, 0.5])) and runs[1][1][-1] < runs[1][1][0]
+    w = torch.ones(2, requires_grad=True)
+    with pytest.raises(TypeError, match=r"got float \(a number such as loss.item\(\) only"):
+        HessianFree([w]).step(lambda: (w**2).sum().item())
+
+
 def test_requires_grad_false_parameters_are_skipped_and_callback_gets_info():
     frozen = torch.ones(2, requires_grad=False)
     w = torch.tensor([3.0, -1.0], requires_grad=True)
