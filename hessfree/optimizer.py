@@ -901,8 +901,13 @@ class HessianFree(torch.optim.Optimizer):
         preconditioner's state (K-FAC's factors and spectra, Nyström's sketch, their step
         counters), ``{'type': class name, 'state': ...}``, when the optimizer has one; K-FAC
         found by the optimizer (``precond='kfac'``, ``'auto'``) adds ``'layers'``: each
-        layer's weight and bias as indices into the optimizer's parameters."""
+        layer's weight and bias as indices into the optimizer's parameters.
+
+        A snapshot, unlike torch's optimizers' (whose per-parameter entries are the live state
+        dicts): later steps do not change it, nor does an optimizer that loaded it (no state
+        tensor is updated in place), so keeping one in memory needs no ``copy.deepcopy``."""
         out = super().state_dict()
+        out["state"] = {k: dict(v) for k, v in out["state"].items()}
         precond = self._stateful_precond()
         if precond is not None:
             state = precond.state_dict()
@@ -1870,14 +1875,15 @@ class HessianFree(torch.optim.Optimizer):
 
     def _warm_start(self, product: object, g: Tensor, state: dict) -> Tensor | None:
         """§4.5: ``cg_decay`` × the previous step's final CG iterate, or ``None`` (cold)."""
-        # popped and decayed in place: one vector, not two, besides CG's copy (set again after)
+        # popped (set again after CG), decayed out of place: a state_dict() taken earlier, or an
+        # optimizer that loaded it, holds this very tensor (torch's state dicts hold references)
         previous = state.pop("warm_start", None)
         decay = self.settings.cg_decay
         if decay == "auto":  # Martens' 0.95 for every curvature, the Hessian too (cg_decay)
             decay = 0.95
         if previous is None or not decay > 0 or previous.shape != g.shape:
             return None
-        x0 = previous.to(device=g.device, dtype=g.dtype).mul_(decay)
+        x0 = previous.to(device=g.device, dtype=g.dtype).mul(decay)
         radius = state.get("trust_radius")
         if radius is not None and self._trust_radius(product):  # start inside the ball
             x0.mul_(min(1.0, radius / max(float(x0.norm()), 1e-300)))

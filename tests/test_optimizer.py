@@ -210,6 +210,47 @@ def test_state_dict_resume_is_bit_identical():
         assert torch.equal(pa, pc)
 
 
+def test_state_dict_in_memory_is_not_changed_by_later_steps():
+    # torch's state dicts hold references to the state's tensors: the warm start decayed in
+    # place changed a state_dict() taken earlier, and the optimizer that loaded it (sharing
+    # the tensor) then started CG from 0.95² of it. Oracle: the same run through torch.save.
+    torch.manual_seed(2)
+    X, y = _digits(60)
+
+    def make():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
+        return model, HessianFree(model.parameters(), precond=None)
+
+    def run(model, opt, k):
+        for _ in range(k):
+            opt.step(lambda: (lambda out: (F.cross_entropy(out, y), out))(model(X)))
+
+    finals = []
+    for in_memory in (False, True):
+        a, opt_a = make()
+        run(a, opt_a, 1)
+        saved = opt_a.state_dict()
+        if not in_memory:
+            buf = io.BytesIO()
+            torch.save(saved, buf)
+            buf.seek(0)
+            saved = torch.load(buf, weights_only=True)
+        warm = saved["state"][0]["warm_start"].clone()
+        b, opt_b = make()
+        b.load_state_dict(a.state_dict())
+        opt_b.load_state_dict(saved)
+        for _ in range(2):  # interleaved, as two optimizers from one checkpoint would run
+            run(a, opt_a, 1)
+            run(b, opt_b, 1)
+        assert torch.equal(saved["state"][0]["warm_start"], warm)
+        assert all(
+            torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True)
+        )
+        finals.append([p.detach().clone() for p in b.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*finals, strict=True))
+
+
 def test_load_state_dict_twice_and_into_a_loaded_optimizer():
     # torch's Optimizer.__setstate__ adds its own keys (differentiable, ...) to the defaults:
     # a second load passed them to HFSettings, a TypeError.
