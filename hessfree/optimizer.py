@@ -1313,7 +1313,8 @@ class HessianFree(torch.optim.Optimizer):
         if precond is None:
             return None
         if not getattr(precond, "needs_outputs", True):  # curvature products only
-            return precond(self._curvature_context(product, lam, shift, curv, g, run))
+            ctx = self._curvature_context(product, lam, shift, curv, g, run)
+            return _user_precond(precond, ctx)
         return self._outputs_preconditioner(precond, evaluation, product, params, lam, shift)
 
     def _outputs_preconditioner(
@@ -1376,7 +1377,7 @@ class HessianFree(torch.optim.Optimizer):
             if isinstance(product, GGNProduct) and not isinstance(product, FisherProduct)
             else None,
         )
-        return precond(ctx)
+        return _user_precond(precond, ctx)
 
     def _curvature_context(
         self,
@@ -2165,6 +2166,22 @@ def _stochastic_modules() -> Iterator[list[type]]:
 
 def _same(t: Tensor) -> Tensor:
     return t
+
+
+def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | None:
+    """``precond(ctx)``; a callable's type or attribute error is worded (the usual cause: one
+    written ``r -> M^{-1} r``, as :func:`hessfree.cg`'s ``precond`` is, gets the context)."""
+    if isinstance(precond, EmpiricalFisherDiagonal | KFACPreconditioner | NystromPreconditioner):
+        return precond(ctx)
+    try:
+        return precond(ctx)
+    except (TypeError, AttributeError) as err:
+        raise TypeError(
+            f"`precond` {precond!r} failed on the hessfree.PrecondContext it is called with: "
+            f"{err}. HessianFree calls a precond callable with a PrecondContext and takes the "
+            "diagonal of M (a flat tensor) or a function r -> M^-1 r back; to pass r -> M^-1 r "
+            "itself (as to hessfree.cg), write precond=lambda ctx: apply."
+        ) from err
 
 
 def _checked_curvature(matvec: object) -> MatVec:

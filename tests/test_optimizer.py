@@ -450,6 +450,34 @@ def test_lbfgs_closure_returning_a_float_steps_as_one_returning_the_tensor():
         HessianFree([w]).step(lambda: (w**2).sum().item())
 
 
+def test_a_precond_callable_written_for_cg_gets_a_worded_error():
+    # hessfree.cg's precond is r -> M^-1 r; HessianFree's callable gets a PrecondContext.
+    # The mix-up failed inside the user's function ("unsupported operand ... PrecondContext");
+    # the parameters stay as they were, and the same function wrapped as the message says
+    # works: least squares, whose Gauss-Newton matrix is 2 XᵀX / N (oracle: numpy's lstsq).
+    X = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5], [2.0, 1.0]], dtype=torch.float64)
+    t = torch.tensor([1.0, 0.0, 2.0, -1.0], dtype=torch.float64)
+    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    diag = 2 * (X**2).sum(0) / 4
+
+    def closure():
+        out = X @ w
+        return F.mse_loss(out, t), out
+
+    def jacobi(r):
+        return r / diag
+
+    with pytest.raises(TypeError, match=r"PrecondContext.*precond=lambda ctx: apply") as err:
+        HessianFree([w], precond=jacobi).step(closure)
+    assert isinstance(err.value.__cause__, TypeError)
+    assert torch.equal(w.detach(), torch.zeros(2, dtype=torch.float64))
+    opt = HessianFree([w], precond=lambda ctx: jacobi, damping=1e-8)
+    for _ in range(3):
+        opt.step(closure)
+    expected = np.linalg.lstsq(X.numpy(), t.numpy(), rcond=None)[0]
+    np.testing.assert_allclose(w.detach().numpy(), expected, rtol=1e-6)
+
+
 def test_requires_grad_false_parameters_are_skipped_and_callback_gets_info():
     frozen = torch.ones(2, requires_grad=False)
     w = torch.tensor([3.0, -1.0], requires_grad=True)
