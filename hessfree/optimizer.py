@@ -401,13 +401,24 @@ def _create_graph_backward(
     return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
 
 
+def _retaining_grad(original, *args, **kwargs):
+    # A closure's own torch.autograd.grad (e.g. LBFGS style, assigning p.grad by hand) would
+    # free the loss's graph that the curvature products differentiate: keep it (values alike).
+    if len(args) > 3:
+        args = (*args[:3], True, *args[4:])
+    else:
+        kwargs["retain_graph"] = True
+    return original(*args, **kwargs)
+
+
 # Hooks for closure parsing (_autograd_hooks: other threads' calls pass through untouched).
-_GRAD_CALLS = AutogradHook("grad", lambda original, *args, **kwargs: original(*args, **kwargs))
+_GRAD_CALLS = AutogradHook("grad", _retaining_grad)
 _GRAPH_BACKWARD = AutogradHook("backward", _create_graph_backward)
 
 
 def _watch_grad() -> contextlib.AbstractContextManager[list[bool]]:
-    """Record whether this thread calls ``torch.autograd.grad`` inside the block."""
+    """Record whether this thread calls ``torch.autograd.grad`` inside the block (and make
+    those calls retain their graph)."""
     return _GRAD_CALLS.active()
 
 

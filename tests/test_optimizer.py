@@ -450,6 +450,30 @@ def test_lbfgs_closure_returning_a_float_steps_as_one_returning_the_tensor():
         HessianFree([w]).step(lambda: (w**2).sum().item())
 
 
+def test_closure_setting_grads_with_autograd_grad_steps_as_a_loss_closure():
+    # LBFGS reads p.grad, so a closure may set it from torch.autograd.grad (which frees the
+    # loss's graph): HessianFree failed with torch's "backward through the graph a second
+    # time"; its own products now find the graph, and the steps are bitwise those of the
+    # closure returning only the loss (oracle for the values: scipy's rosen)
+    from scipy.optimize import rosen
+
+    runs = []
+    for sets_grad in (False, True):
+        x = torch.tensor([-1.2, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([x])
+
+        def closure(x=x, sets_grad=sets_grad):
+            loss = (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+            if sets_grad:
+                (x.grad,) = torch.autograd.grad(loss, [x])
+            return loss
+
+        losses = [float(opt.step(closure)) for _ in range(4)]
+        runs.append((x.detach().clone(), losses))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert runs[1][1][0] == rosen(np.array([-1.2, 1.0, 0.5])) and runs[1][1][-1] < runs[1][1][0]
+
+
 def test_a_precond_callable_written_for_cg_gets_a_worded_error():
     # hessfree.cg's precond is r -> M^-1 r; HessianFree's callable gets a PrecondContext.
     # The mix-up failed inside the user's function ("unsupported operand ... PrecondContext");
