@@ -438,7 +438,7 @@ def hvp(
         else:
             want = (
                 f"{tuple(xs[0].shape)} or ({layout.numel},)"
-                if not is_tuple
+                if not is_tuple and xs[0].dim() != 1
                 else f"({layout.numel},)"
             )
             raise ValueError(f"`v` must have shape {want}, got {tuple(v.shape)}.")

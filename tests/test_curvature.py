@@ -418,8 +418,10 @@ def test_outputs_without_graph_and_loss_not_depending_on_outputs():
 
 def test_hvp_bad_inputs():
     x = torch.zeros(3)
-    with pytest.raises(ValueError, match=r"`v` must have shape \(3,\) or \(3,\), got \(2,\)"):
-        hvp(lambda z: (z**2).sum(), x, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"`v` must have shape \(3,\), got \(2,\)\.$"):
+        hvp(lambda z: (z**2).sum(), x, torch.zeros(2))  # (3,) once, not "(3,) or (3,)"
+    with pytest.raises(ValueError, match=r"`v` must have shape \(2, 3\) or \(6,\), got \(5,\)"):
+        hvp(lambda z: (z**2).sum(), torch.zeros(2, 3), torch.zeros(5))
     with pytest.raises(TypeError, match="floating-point"):
         hvp(lambda z: (z**2).sum(), torch.zeros(3, dtype=torch.long), torch.zeros(3))
     with pytest.raises(ValueError, match="`f\\(x\\)` must be a scalar"):
