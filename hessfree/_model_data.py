@@ -206,6 +206,12 @@ def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
         raise ValueError(
             f"`model` failed on `inputs` of shape {_shape(inputs)}: {err}. {_INPUT_MISMATCH_HINT}"
         ) from err
+    except TypeError as err:  # e.g. a tuple of inputs: it is passed as one argument
+        raise TypeError(
+            f"`model` failed on `inputs` ({_shape(inputs)}): {err}. The model is called "
+            "as model(inputs) with `inputs` as given (a tuple is not unpacked: pass "
+            "lambda args: model(*args) as the model for several inputs)."
+        ) from err
     if not isinstance(outputs, Tensor):
         raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")
     return outputs

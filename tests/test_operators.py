@@ -663,6 +663,19 @@ def test_bad_argument_types_are_refused():
         JacobianLinearOperator("model", x)
 
 
+def test_a_tuple_of_inputs_is_passed_whole_and_the_error_says_how_to_unpack():
+    # model(inputs) with a tuple failed with torch's bare "linear(): argument 'input' ... must
+    # be Tensor, not tuple"; the message's fix gives the dense Jacobian (cases.dense)
+    model, x, _, _ = BY_NAME["mlp_tanh_mse"].build()
+    with pytest.raises(
+        TypeError, match=r"tuple is not unpacked: pass lambda args: model\(\*args\)"
+    ):
+        JacobianLinearOperator(model, (x,))
+    op = JacobianLinearOperator(lambda args: model(*args), (x,), params=list(model.parameters()))
+    J = _dense("mlp_tanh_mse").J.numpy()
+    np.testing.assert_allclose(op @ np.eye(J.shape[1]), J, **EXACT)
+
+
 def test_callable_model_with_explicit_params():
     model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
     op = GGNLinearOperator(lambda inputs: model(inputs), loss_fn, (x, y), params=model.parameters())
