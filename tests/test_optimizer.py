@@ -474,6 +474,19 @@ def test_closure_setting_grads_with_autograd_grad_steps_as_a_loss_closure():
     assert runs[1][1][0] == rosen(np.array([-1.2, 1.0, 0.5])) and runs[1][1][-1] < runs[1][1][0]
 
 
+def test_step_under_inference_mode_names_it():
+    # torch.enable_grad() cannot undo inference_mode (unlike no_grad, where step works): the
+    # error said only "compute it with gradients enabled"; nothing moves
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = HessianFree([w])
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"under torch.inference_mode\(\)"):
+        opt.step(lambda: (w**2).sum())
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
+    with torch.no_grad():
+        opt.step(lambda: (w**2).sum())
+    assert opt.last_step.accepted
+
+
 def test_a_precond_callable_written_for_cg_gets_a_worded_error():
     # hessfree.cg's precond is r -> M^-1 r; HessianFree's callable gets a PrecondContext.
     # The mix-up failed inside the user's function ("unsupported operand ... PrecondContext");
