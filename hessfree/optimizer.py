@@ -915,10 +915,11 @@ class HessianFree(torch.optim.Optimizer):
         layer's weight and bias as indices into the optimizer's parameters.
 
         A snapshot, unlike torch's optimizers' (whose per-parameter entries are the live state
-        dicts): later steps do not change it, nor does an optimizer that loaded it (no state
-        tensor is updated in place), so keeping one in memory needs no ``copy.deepcopy``."""
+        dicts and tensors): the state's tensors are copied (the warm start, one vector; the
+        step updates it in place), so later steps do not change it and keeping one in memory
+        needs no ``copy.deepcopy``."""
         out = super().state_dict()
-        out["state"] = {k: dict(v) for k, v in out["state"].items()}
+        out["state"] = {k: _copied(v) for k, v in out["state"].items()}
         precond = self._stateful_precond()
         if precond is not None:
             state = precond.state_dict()
@@ -968,6 +969,8 @@ class HessianFree(torch.optim.Optimizer):
                 self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in keys})
         restore_precond = self._precond_loader(state_dict.get("precond"))
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "precond"})
+        for key, value in self.state.items():  # torch's load keeps the caller's tensors
+            self.state[key] = _copied(value)
         restore_precond()
         for group in self.param_groups:
             for key in HFSettings.GROUP_KEYS:
@@ -1887,15 +1890,15 @@ class HessianFree(torch.optim.Optimizer):
 
     def _warm_start(self, product: object, g: Tensor, state: dict) -> Tensor | None:
         """§4.5: ``cg_decay`` × the previous step's final CG iterate, or ``None`` (cold)."""
-        # popped (set again after CG), decayed out of place: a state_dict() taken earlier, or an
-        # optimizer that loaded it, holds this very tensor (torch's state dicts hold references)
+        # popped and decayed in place: one vector, not two, besides CG's copy (set again after);
+        # state_dict() and load_state_dict() copy it, so no state dict shares it
         previous = state.pop("warm_start", None)
         decay = self.settings.cg_decay
         if decay == "auto":  # Martens' 0.95 for every curvature, the Hessian too (cg_decay)
             decay = 0.95
         if previous is None or not decay > 0 or previous.shape != g.shape:
             return None
-        x0 = previous.to(device=g.device, dtype=g.dtype).mul(decay)
+        x0 = previous.to(device=g.device, dtype=g.dtype).mul_(decay)
         radius = state.get("trust_radius")
         if radius is not None and self._trust_radius(product):  # start inside the ball
             x0.mul_(min(1.0, radius / max(float(x0.norm()), 1e-300)))
@@ -2177,6 +2180,11 @@ def _stochastic_modules() -> Iterator[list[type]]:
 
 def _same(t: Tensor) -> Tensor:
     return t
+
+
+def _copied(state: Mapping) -> dict:
+    """A per-parameter state dict with its tensors copied (the step updates some in place)."""
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
 def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | None:
