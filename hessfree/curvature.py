@@ -279,7 +279,19 @@ class CurvatureProduct:
 
         Uses autograd's batched backward (``is_grads_batched``) and falls back to a loop over
         rows where an operator has no batching rule.
+
+        Raises:
+            ValueError: If ``V`` is not 2-D with ``n`` columns (``k = 0`` rows give ``(0, n)``).
         """
+        n = self.layout.numel
+        if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[1] != n:
+            got = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
+            raise ValueError(
+                f"`V` must be a (k, {n}) tensor, one vector per row (V.T for columns; "
+                f"V[None] for one vector), got {got}."
+            )
+        if V.shape[0] == 0:  # autograd cannot batch zero rows
+            return torch.zeros((0, n), dtype=self.layout.dtype, device=self.layout.device)
         try:
             return self._matmat(V)
         except (RuntimeError, NotImplementedError):
@@ -426,7 +438,7 @@ def hvp(
         else:
             want = (
                 f"{tuple(xs[0].shape)} or ({layout.numel},)"
-                if not is_tuple
+                if not is_tuple and xs[0].dim() != 1
                 else f"({layout.numel},)"
             )
             raise ValueError(f"`v` must have shape {want}, got {tuple(v.shape)}.")
