@@ -2,6 +2,8 @@
 
     python experiments/_prodcost.py --old /path/to/old/checkout --new /path/to/new/checkout
     python experiments/_prodcost.py ... --tasks poisson,reaction,mlp,cnn --procs 8 --rounds 20
+    python experiments/_prodcost.py ... --turns --procs 4 --rounds 100   # workers take turns
+    python experiments/_prodcost.py --lean --tasks poisson,mlp --rounds 40  # this checkout only
 
 Why: pinn.py's report put the Gauss-Newton product at 0.98-1.00x a gradient on 2026-11-30 and
 1.24-1.27x on 2026-12-01 (experiments/README.md, "prodcost"). Reports taken on different days
@@ -12,6 +14,11 @@ starts one worker process per (version, task), alternating the versions (ABBA or
 problems), then times the contenders ``--rounds`` times in pinn.py's way (a fixed order:
 gradient first; the ratio is taken per round against that round's gradient), or in bench.py's
 way (``--order shuffled``: a shuffled order per round, ``gc.collect(0)`` before each call).
+
+With ``--turns`` each repetition instead starts one live worker per version and task, and the
+two take turns round by round (ABBA): a burst of load falls on both versions alike. With
+``--lean`` the GN product and its set-up on the lean R-op graph are timed against the same on a
+plain ``create_graph`` graph, in one process.
 
 The summary gives, per version and contender, the median over all rounds of time / gradient,
 and the version ratio new / old of those medians; also a hash of each product vector on a fixed
