@@ -363,7 +363,7 @@ def main() -> None:
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--order", choices=("fixed", "shuffled"), default="fixed")
         p.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--old", default=str(HERE.parent.parent / "wt-prodcost-old"))
+    ap.add_argument("--old", help="checkout of the old version (e.g. a detached worktree)")
     ap.add_argument("--new", default=str(HERE.parent))
     ap.add_argument("--tasks", default="poisson,reaction")
     ap.add_argument("--procs", type=int, default=6)
@@ -383,6 +383,11 @@ def main() -> None:
         worker(args)
     elif args.lean:
         lean_ab(args)
+    elif not args.old or not (Path(args.old) / "hessfree").is_dir():
+        raise SystemExit(
+            f"`--old` must be a checkout holding hessfree/, got {args.old!r}; e.g. "
+            "`git worktree add --detach /tmp/old e11e817` and `--old /tmp/old`."
+        )
     else:
         driver(args)
 
