@@ -639,10 +639,14 @@ class JacobianProduct:
 
     def _structure(self, parts: Sequence[Tensor | None], lead: tuple[int, ...]) -> Tensor | tuple:
         """Place per-block results (``None`` = zero) back into the outputs' structure."""
-        out = [o.new_zeros(*lead, *o.shape) for o in self._all]
+        placed: list[Tensor | None] = [None] * len(self._all)
         for k, t in zip(self._u_blocks, parts, strict=True):
-            if t is not None:
-                out[k] = t
+            placed[k] = t
+        # zeros only where a block has no result: an output-sized fill per product otherwise
+        out = [
+            o.new_zeros(*lead, *o.shape) if t is None else t
+            for o, t in zip(self._all, placed, strict=True)
+        ]
         return tuple(out) if self.is_sequence else out[0]
 
     def _blocks(self, u: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -833,11 +837,12 @@ class GGNProduct(CurvatureProduct):
         def hl(ws: Sequence[Tensor]) -> tuple[Tensor, ...]:
             batched = ws[0].dim() > J._all[0].dim()
             parts = _grad(seeds, outs, [ws[blocks[i]] for i in curved], batched=batched)
-            res = [torch.zeros_like(w) for w in ws]
+            res: list[Tensor | None] = [None] * len(ws)
             for k, t in zip(blocks, parts, strict=True):
-                if t is not None:
-                    res[k] = t
-            return tuple(res)
+                res[k] = t
+            return tuple(
+                torch.zeros_like(w) if t is None else t for w, t in zip(ws, res, strict=True)
+            )
 
         return hl
 
