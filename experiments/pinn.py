@@ -32,8 +32,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -307,8 +309,17 @@ def train(
 # --------------------------------------------------------------------------------------------
 # cost of a Gauss-Newton product
 # --------------------------------------------------------------------------------------------
-def product_cost(prob: Problem, init: dict, rounds: int) -> dict[str, float]:
-    """Median times (ms) and ratios of a gradient, a GN product and its set-up, interleaved."""
+def product_cost(
+    prob: Problem, init: dict, rounds: int, threads: int = 1
+) -> dict[str, tuple[float, float, float, float]]:
+    """Median time (ms), and median and quartiles of the ratio to the gradient, of each call.
+
+    bench.py's method: every round calls every contender once in a shuffled order (seeded),
+    after ``gc.collect(0)``, and the ratio is taken against the same round's gradient; on
+    ``threads`` torch threads (restored afterwards). One thread by default: on two shared cores
+    two threads made the per-process median of the GN product's ratio range 0.57-2.48x for one
+    and the same code (experiments/README.md, "prodcost").
+    """
     import torch.autograd.forward_ad as fwAD
     from torch.func import functional_call
 
@@ -353,21 +364,28 @@ def product_cost(prob: Problem, init: dict, rounds: int) -> dict[str, float]:
         "GN set-up (closure + graph, once per step)": setup,
     }
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for fn in fns.values():
+            fn()  # warm-up
+        order, rng = list(fns), random.Random(0)
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for k in order:
+                gc.collect(0)
+                t0 = time.perf_counter()
+                fns[k]()
+                times[k].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
     ref = times["gradient"]
-    return {
-        k: (
-            statistics.median(t) * 1e3,
-            statistics.median(a / b for a, b in zip(t, ref, strict=False)),
-        )
-        for k, t in times.items()
-    }
+    out = {}
+    for k, t in times.items():
+        ratios = [a / b for a, b in zip(t, ref, strict=True)]
+        q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out[k] = (statistics.median(t) * 1e3, statistics.median(ratios), q1, q3)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,6 +422,16 @@ def _table(runs: list[Run]) -> str:
         "note",
     ]
     return md_table(header, rows)
+
+
+def _cost_table(cost: dict, threads: int, rounds: int) -> str:
+    """The product-cost table: median ms, median ratio to the gradient [quartiles]."""
+    rows = [[k, f"{ms:.2f}", f"{r:.2f} [{q1:.2f}–{q3:.2f}]"] for k, (ms, r, q1, q3) in cost.items()]
+    return (
+        "Cost against one gradient of the same loss (closure + backward), on "
+        f"{threads} thread(s), {rounds} rounds in a shuffled order, each ratio against its "
+        "round's gradient; median [quartiles]:\n\n" + md_table(["", "ms", "× gradient"], rows)
+    )
 
 
 def _targets(results: dict, costs: dict) -> list[list[str]]:
@@ -460,7 +488,7 @@ def _plot(results: dict[str, tuple[Problem, list[Run]]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny problems and budgets (< 2 min)")
     ap.add_argument(
@@ -471,7 +499,21 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--problems", default="poisson,reaction")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument(
+        "--product-threads",
+        type=int,
+        default=1,
+        help="torch threads while the products are timed (default 1: stable ratios on a shared "
+        "CPU, as bench.py)",
+    )
+    ap.add_argument("--product-rounds", type=int, help="timing rounds (default 60, --quick 3)")
+    ap.add_argument(
+        "--products-only",
+        action="store_true",
+        help="time the products against the gradient, print the tables, train nothing",
+    )
     args = ap.parse_args(argv)
+    args.product_rounds = args.product_rounds or (3 if args.quick else 60)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     makers = {
@@ -482,14 +524,18 @@ def main(argv: list[str] | None = None) -> Path:
     results: dict[str, tuple[Problem, list[Run]]] = {}
     sweeps: dict[str, list[tuple[float, float, float]]] = {}
     budgets: dict[str, float] = {}
-    costs: dict[str, dict[str, tuple[float, float]]] = {}
+    costs: dict[str, dict[str, tuple[float, float, float, float]]] = {}
     for key in args.problems.split(","):
         prob = makers[key]()
         budget = args.seconds or (2.0 if args.quick else {"poisson": 40.0, "reaction": 60.0}[key])
         budgets[key] = budget
         torch.manual_seed(args.seed)
         init = copy.deepcopy(prob.make_net().state_dict())
-        costs[key] = product_cost(prob, init, rounds=2 if args.quick else 15)
+        costs[key] = product_cost(prob, init, args.product_rounds, args.product_threads)
+        if args.products_only:
+            table = _cost_table(costs[key], args.product_threads, args.product_rounds)
+            print(f"{prob.title}:\n{table}\n", flush=True)
+            continue
         sweep = [
             (
                 lr,
@@ -511,6 +557,10 @@ def main(argv: list[str] | None = None) -> Path:
         runs[3].method, runs[4].method = "Adam → HF (defaults)", "Adam → HF (tuned)"
         results[key] = (prob, runs)
         print(f"{prob.title}:\n{_table(runs)}\n", flush=True)
+    if args.products_only:
+        load = f"{' '.join(f'{x:.2f}' for x in load_start)} -> {os.getloadavg()[0]:.2f}"
+        print(f"load average (1/5/15 min at start -> 1 min at end): {load}")
+        return None
 
     stem = f"{datetime.date.today()}-{machine_tag()}-pinn{'-quick' if args.quick else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -550,15 +600,7 @@ def main(argv: list[str] | None = None) -> Path:
             _table(runs),
             "",
         ]
-        lines += [
-            "Cost against one gradient of the same loss (closure + backward), interleaved, "
-            "medians:",
-            "",
-            md_table(
-                ["", "ms", "× gradient"],
-                [[k, f"{ms:.2f}", f"{r:.2f}"] for k, (ms, r) in costs[key].items()],
-            ),
-        ]
+        lines += [_cost_table(costs[key], args.product_threads, args.product_rounds)]
     report = args.out / f"{stem}.md"
     save_text(report, "\n".join(lines) + "\n")
     print(f"wrote {report} and {png}")

@@ -116,8 +116,14 @@ def check_scalar_loss(name: str, loss: object) -> Tensor:
             "reduce it with .mean() or .sum()."
         )
     if not loss.requires_grad:
+        where = (
+            " (it was computed under torch.inference_mode(), which torch.enable_grad() cannot "
+            "undo: call it outside that block)"
+            if loss.is_inference()
+            else ""
+        )
         raise ValueError(
-            f"`{name}` has no autograd graph to the parameters (requires_grad=False); "
+            f"`{name}` has no autograd graph to the parameters (requires_grad=False){where}; "
             "compute it with gradients enabled from tensors that require grad."
         )
     return loss.reshape(())

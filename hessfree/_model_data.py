@@ -93,6 +93,45 @@ def _resolve_reduction(loss_fn: object, reduction: str | None) -> str:
     return check_choice("loss_fn.reduction", own, ("mean", "sum"))
 
 
+def _class_weighting(loss_fn: object) -> tuple[Tensor | None, int] | None:
+    """``(weight, ignore_index)`` of a cross-entropy or NLL loss (module, function or a
+    ``functools.partial`` of the function), else ``None``."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss):
+        return loss_fn.weight, loss_fn.ignore_index
+    fn, keywords = loss_fn, {}
+    if isinstance(loss_fn, functools.partial):
+        fn, keywords = loss_fn.func, loss_fn.keywords
+    if fn is nn.functional.cross_entropy or fn is nn.functional.nll_loss:
+        return keywords.get("weight"), keywords.get("ignore_index", -100)
+    return None
+
+
+def _batch_count(loss_fn: object, outputs: Tensor, targets: Any) -> float:
+    r"""What a ``'mean'`` ``loss_fn`` divides this batch's summed loss by, in examples.
+
+    :math:`N_b`, the outputs' dimension 0, except for cross-entropy and NLL losses with class
+    indices as targets: torch divides their sum by the total class weight of the targets that
+    are not ``ignore_index`` (:math:`\sum_i w_{y_i}`, the count of kept targets without a
+    ``weight``), so batches with ignored or differently weighted targets have other shares of
+    the loss over all the data than :math:`N_b/N`. Returned in examples (scaled by
+    :math:`N_b` / the number of targets, so :math:`N_b` exactly when nothing is ignored and
+    there is no ``weight``).
+    """
+    n = outputs.shape[0] if outputs.dim() else 1
+    spec = _class_weighting(loss_fn)
+    if spec is None or not isinstance(targets, Tensor) or targets.is_floating_point():
+        return n  # probability targets: torch divides by the number of targets
+    weight, ignore_index = spec
+    kept = targets != ignore_index
+    if weight is None:
+        counted = float(kept.sum())
+    else:
+        counted = float(weight.to(outputs.device)[targets[kept]].sum())
+    if weight is None and counted == targets.numel():
+        return n  # the common case, bitwise as before
+    return counted * n / max(targets.numel(), 1)
+
+
 def _as_pair(batch: object, where: str) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         got = (
@@ -166,6 +205,12 @@ def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
     except RuntimeError as err:
         raise ValueError(
             f"`model` failed on `inputs` of shape {_shape(inputs)}: {err}. {_INPUT_MISMATCH_HINT}"
+        ) from err
+    except TypeError as err:  # e.g. a tuple of inputs: it is passed as one argument
+        raise TypeError(
+            f"`model` failed on `inputs` ({_shape(inputs)}): {err}. The model is called "
+            "as model(inputs) with `inputs` as given (a tuple is not unpacked: pass "
+            "lambda args: model(*args) as the model for several inputs)."
         ) from err
     if not isinstance(outputs, Tensor):
         raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")

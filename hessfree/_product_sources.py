@@ -26,6 +26,7 @@ from ._checks import check_reaches_params, check_scalar_loss
 from ._flat import ParamLayout
 from ._model_data import (
     _as_pair,
+    _batch_count,
     _call_loss,
     _call_model,
     _check_model,
@@ -120,7 +121,7 @@ class _DataProducts:
         self.shape, self.dtype, self.device = (n, n), self.layout.dtype, self.layout.device
         self._data: Iterable[Sequence[Any]] = []
         self._product: CurvatureProduct | None = None
-        self._size = 0
+        self._size: float = 0
 
     def load(self, data: tuple[Any, Any] | Iterable[Sequence[Any]]) -> None:
         """Check ``data`` (shapes and the loss on its first batch); cache one batch's graph."""
@@ -149,13 +150,13 @@ class _DataProducts:
             move(targets) if isinstance(targets, Tensor) else targets,
         )
 
-    def _build(self, batch: tuple[Any, Any]) -> tuple[CurvatureProduct, int]:
+    def _build(self, batch: tuple[Any, Any]) -> tuple[CurvatureProduct, float]:
         inputs, targets = batch
         with torch.enable_grad():
             outputs = _call_model(self._model, inputs)
             loss = _call_loss(self._loss_fn, outputs, targets)
             product = self._make_product(loss, outputs)
-        return product, (outputs.shape[0] if outputs.dim() else 1)
+        return product, _batch_count(self._loss_fn, outputs, targets)
 
     # ---- all the batches: sum_b w_b r_b, then over the ranks
     def _batches(self) -> Iterator[tuple[Any, Any]]:
@@ -169,20 +170,26 @@ class _DataProducts:
         for i, batch in enumerate(data):
             yield self._batch(batch, f"data[{i}]")
 
-    def _weighted_sum(self, per_batch: Callable[[tuple[Any, Any]], tuple[Tensor, int]]) -> Tensor:
-        """:math:`\\sum_b w_b r_b` over the batches of ``per_batch(batch) -> (r_b, N_b)``."""
+    def _weighted_sum(self, per_batch: Callable[[tuple[Any, Any]], tuple[Tensor, float]]) -> Tensor:
+        """:math:`\\sum_b w_b r_b` over the batches of ``per_batch(batch) -> (r_b, N_b)``
+        (:math:`N_b` the batch's share of a ``'mean'`` loss, :func:`_batch_count`)."""
         total, count = None, 0
         for batch in self._batches():
             r, size = per_batch(batch)
+            if size == 0 and self.reduction == "mean":
+                continue  # every target ignored: NaN loss, no share of the mean over the data
             # 'mean': sum N_b r_b / sum N_b, so a ragged last batch weighs only its share.
             w = float(size) if self.reduction == "mean" else 1.0
             total = r.mul_(w) if total is None else total.add_(r, alpha=w)
             count += size
         if total is None:
-            raise ValueError("`data` yielded no batches; pass a non-empty list or DataLoader.")
+            raise ValueError(
+                "`data` yielded no batches (or only batches whose targets are all the loss's "
+                "`ignore_index`); pass a non-empty list or DataLoader."
+            )
         return self._across_ranks(total, count)
 
-    def _across_ranks(self, total: Tensor, count: int) -> Tensor:
+    def _across_ranks(self, total: Tensor, count: float) -> Tensor:
         r"""Finish :math:`\sum_b w_b r_b`: sum over the ranks, then divide by all the examples."""
         if self._ranks.active and self._ranks.world_size > 1:
             self._ranks.sum(total)
@@ -204,7 +211,7 @@ class _DataProducts:
         if self._product is not None:
             return self._cached_across_ranks(_product_rows(self._product, V))
 
-        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, int]:
+        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, float]:
             product, size = self._build(batch)
             return _product_rows(product, V), size  # the batch's graph is freed on return
 
@@ -216,7 +223,7 @@ class _DataProducts:
             g = _product_gradient(self._product)
             return self._cached_across_ranks(g.clone()) if self._ranks.active else g
 
-        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, int]:
+        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, float]:
             inputs, targets = batch
             with torch.enable_grad():
                 outputs = _call_model(self._model, inputs)
@@ -225,6 +232,6 @@ class _DataProducts:
                 )
                 g = torch.autograd.grad(loss, self.params, allow_unused=True)
             check_reaches_params("loss_fn(outputs, targets)", g, len(self.params))
-            return self.layout.cat(g), (outputs.shape[0] if outputs.dim() else 1)
+            return self.layout.cat(g), _batch_count(self._loss_fn, outputs, targets)
 
         return self._weighted_sum(per_batch)

@@ -279,7 +279,19 @@ class CurvatureProduct:
 
         Uses autograd's batched backward (``is_grads_batched``) and falls back to a loop over
         rows where an operator has no batching rule.
+
+        Raises:
+            ValueError: If ``V`` is not 2-D with ``n`` columns (``k = 0`` rows give ``(0, n)``).
         """
+        n = self.layout.numel
+        if not isinstance(V, Tensor) or V.dim() != 2 or V.shape[1] != n:
+            got = tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__
+            raise ValueError(
+                f"`V` must be a (k, {n}) tensor, one vector per row (V.T for columns; "
+                f"V[None] for one vector), got {got}."
+            )
+        if V.shape[0] == 0:  # autograd cannot batch zero rows
+            return torch.zeros((0, n), dtype=self.layout.dtype, device=self.layout.device)
         try:
             return self._matmat(V)
         except (RuntimeError, NotImplementedError):
@@ -426,7 +438,7 @@ def hvp(
         else:
             want = (
                 f"{tuple(xs[0].shape)} or ({layout.numel},)"
-                if not is_tuple
+                if not is_tuple and xs[0].dim() != 1
                 else f"({layout.numel},)"
             )
             raise ValueError(f"`v` must have shape {want}, got {tuple(v.shape)}.")
@@ -627,10 +639,14 @@ class JacobianProduct:
 
     def _structure(self, parts: Sequence[Tensor | None], lead: tuple[int, ...]) -> Tensor | tuple:
         """Place per-block results (``None`` = zero) back into the outputs' structure."""
-        out = [o.new_zeros(*lead, *o.shape) for o in self._all]
+        placed: list[Tensor | None] = [None] * len(self._all)
         for k, t in zip(self._u_blocks, parts, strict=True):
-            if t is not None:
-                out[k] = t
+            placed[k] = t
+        # zeros only where a block has no result: an output-sized fill per product otherwise
+        out = [
+            o.new_zeros(*lead, *o.shape) if t is None else t
+            for o, t in zip(self._all, placed, strict=True)
+        ]
         return tuple(out) if self.is_sequence else out[0]
 
     def _blocks(self, u: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -821,11 +837,12 @@ class GGNProduct(CurvatureProduct):
         def hl(ws: Sequence[Tensor]) -> tuple[Tensor, ...]:
             batched = ws[0].dim() > J._all[0].dim()
             parts = _grad(seeds, outs, [ws[blocks[i]] for i in curved], batched=batched)
-            res = [torch.zeros_like(w) for w in ws]
+            res: list[Tensor | None] = [None] * len(ws)
             for k, t in zip(blocks, parts, strict=True):
-                if t is not None:
-                    res[k] = t
-            return tuple(res)
+                res[k] = t
+            return tuple(
+                torch.zeros_like(w) if t is None else t for w, t in zip(ws, res, strict=True)
+            )
 
         return hl
 

@@ -8,7 +8,10 @@ dimension 0, :math:`N = \sum_b N_b`), :math:`\ell_b = \ell(o_b, y_b)` the batch 
     L(\theta) = \sum_b w_b\, \ell_b, \qquad
     w_b = N_b / N \ \text{for reduction 'mean'}, \qquad w_b = 1 \ \text{for 'sum'},
 
-the loss over all the data (with ``'mean'`` a ragged last batch weighs only its share).
+the loss over all the data (with ``'mean'`` a ragged last batch weighs only its share; for
+cross-entropy and NLL losses with class-index targets, :math:`N_b` is what torch's ``'mean'``
+divides by, the batch's total class ``weight`` of the targets that are not ``ignore_index``,
+so the operator is the curvature of the loss on all the data at once).
 The operators are the curvature matrices of :math:`L` at the current :math:`\theta`:
 
 * :class:`HessianLinearOperator`: :math:`H = \nabla^2 L` (Pearlmutter 1994);

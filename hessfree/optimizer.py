@@ -107,6 +107,7 @@ import copy
 import dataclasses
 import enum
 import math
+import numbers
 import re
 import time
 import warnings
@@ -404,13 +405,24 @@ def _create_graph_backward(
     return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
 
 
+def _retaining_grad(original, *args, **kwargs):
+    # A closure's own torch.autograd.grad (e.g. LBFGS style, assigning p.grad by hand) would
+    # free the loss's graph that the curvature products differentiate: keep it (values alike).
+    if len(args) > 3:
+        args = (*args[:3], True, *args[4:])
+    else:
+        kwargs["retain_graph"] = True
+    return original(*args, **kwargs)
+
+
 # Hooks for closure parsing (_autograd_hooks: other threads' calls pass through untouched).
-_GRAD_CALLS = AutogradHook("grad", lambda original, *args, **kwargs: original(*args, **kwargs))
+_GRAD_CALLS = AutogradHook("grad", _retaining_grad)
 _GRAPH_BACKWARD = AutogradHook("backward", _create_graph_backward)
 
 
 def _watch_grad() -> contextlib.AbstractContextManager[list[bool]]:
-    """Record whether this thread calls ``torch.autograd.grad`` inside the block."""
+    """Record whether this thread calls ``torch.autograd.grad`` inside the block (and make
+    those calls retain their graph)."""
     return _GRAD_CALLS.active()
 
 
@@ -696,7 +708,8 @@ class HessianFree(torch.optim.Optimizer):
             :func:`hessfree.cg`).
 
     Raises:
-        ValueError: If a hyperparameter is out of range (the message names it).
+        ValueError: If a hyperparameter is out of range (the message names it), or no
+            parameter that requires gradients has an element.
         TypeError: If a hyperparameter has the wrong type.
 
     Example:
@@ -814,9 +827,15 @@ class HessianFree(torch.optim.Optimizer):
         defaults = self.settings.group_values()
         super().__init__(params, defaults)  # checks each group (add_param_group)
         self._group_view = self._shared_group_values()
-        if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
+        trained = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not trained:
             raise ValueError(
                 "No parameter requires gradients; HessianFree has nothing to optimize."
+            )
+        if not any(p.numel() for p in trained):
+            raise ValueError(
+                f"Every parameter that requires gradients has zero elements (shapes "
+                f"{[tuple(p.shape) for p in trained]}); HessianFree has nothing to optimize."
             )
         self.last_step: StepInfo | None = None
         self._closure_uses_autograd = False  # set once a closure is seen to need autograd
@@ -897,8 +916,14 @@ class HessianFree(torch.optim.Optimizer):
         preconditioner's state (K-FAC's factors and spectra, Nyström's sketch, their step
         counters), ``{'type': class name, 'state': ...}``, when the optimizer has one; K-FAC
         found by the optimizer (``precond='kfac'``, ``'auto'``) adds ``'layers'``: each
-        layer's weight and bias as indices into the optimizer's parameters."""
+        layer's weight and bias as indices into the optimizer's parameters.
+
+        A snapshot, unlike torch's optimizers' (whose per-parameter entries are the live state
+        dicts and tensors): the state's tensors are copied (the warm start, one vector; the
+        step updates it in place), so later steps do not change it and keeping one in memory
+        needs no ``copy.deepcopy``."""
         out = super().state_dict()
+        out["state"] = {k: _copied(v) for k, v in out["state"].items()}
         precond = self._stateful_precond()
         if precond is not None:
             state = precond.state_dict()
@@ -948,6 +973,8 @@ class HessianFree(torch.optim.Optimizer):
                 self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in keys})
         restore_precond = self._precond_loader(state_dict.get("precond"))
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "precond"})
+        for key, value in self.state.items():  # torch's load keeps the caller's tensors
+            self.state[key] = _copied(value)
         restore_precond()
         for group in self.param_groups:
             for key in HFSettings.GROUP_KEYS:
@@ -1096,7 +1123,8 @@ class HessianFree(torch.optim.Optimizer):
                 _watch_grad() as used,
                 linears.recording() if record else contextlib.nullcontext(),
             ):
-                loss, outputs, hidden = _unpack(closure())
+                result = closure()
+            loss, outputs, hidden = _unpack(self._backward_value(result, bool(called)))
             self._linear_pass = linears
             if used:
                 self._closure_uses_autograd = True
@@ -1110,7 +1138,7 @@ class HessianFree(torch.optim.Optimizer):
             return _Evaluation(loss, outputs, grads, hidden)
         if uses_backward or self._closure_uses_autograd:
             with torch.enable_grad():
-                loss, _, _ = _unpack(closure())
+                loss, _, _ = _unpack(self._backward_value(closure(), uses_backward))
             return _Evaluation(loss.detach(), None, None)
         try:
             with torch.no_grad():
@@ -1121,6 +1149,15 @@ class HessianFree(torch.optim.Optimizer):
                 loss, _, _ = _unpack(closure())
             self._closure_uses_autograd = True
         return _Evaluation(loss.detach(), None, None)
+
+    def _backward_value(self, result: object, called_backward: bool) -> object:
+        """A closure that called ``backward()`` may return ``loss.item()``, as
+        ``torch.optim.LBFGS`` takes ``float(closure())``: the value as a 0-d tensor of the
+        parameters' dtype (the gradient and the Hessian come from ``.grad``)."""
+        if called_backward and isinstance(result, numbers.Real) and not isinstance(result, bool):
+            p = self._params()[0]
+            return torch.tensor(float(result), dtype=p.dtype, device=p.device)
+        return result
 
     def _objective_at(
         self,
@@ -1294,7 +1331,8 @@ class HessianFree(torch.optim.Optimizer):
         if precond is None:
             return None
         if not getattr(precond, "needs_outputs", True):  # curvature products only
-            return precond(self._curvature_context(product, lam, shift, curv, g, run))
+            ctx = self._curvature_context(product, lam, shift, curv, g, run)
+            return _user_precond(precond, ctx)
         return self._outputs_preconditioner(precond, evaluation, product, params, lam, shift)
 
     def _outputs_preconditioner(
@@ -1357,7 +1395,7 @@ class HessianFree(torch.optim.Optimizer):
             if isinstance(product, GGNProduct) and not isinstance(product, FisherProduct)
             else None,
         )
-        return precond(ctx)
+        return _user_precond(precond, ctx)
 
     def _curvature_context(
         self,
@@ -1411,7 +1449,8 @@ class HessianFree(torch.optim.Optimizer):
         Args:
             closure: Re-evaluates the model on the gradient batch and returns the loss,
                 ``(loss, outputs)`` or ``(loss, (r_1, ..., r_K))``; it may call ``backward()``
-                (``torch.optim.LBFGS`` style) and ``torch.autograd.grad`` (input-derivatives).
+                (``torch.optim.LBFGS`` style, and then return ``loss.item()`` too, as LBFGS
+                allows) and ``torch.autograd.grad`` (input-derivatives).
                 It is called several times per step (backtracking, line search).
             curvature_closure: Same contract on the curvature batch; its graph supplies the
                 curvature products. Default: ``closure``'s own graph.
@@ -1851,7 +1890,8 @@ class HessianFree(torch.optim.Optimizer):
 
     def _warm_start(self, product: object, g: Tensor, state: dict) -> Tensor | None:
         """§4.5: ``cg_decay`` × the previous step's final CG iterate, or ``None`` (cold)."""
-        # popped and decayed in place: one vector, not two, besides CG's copy (set again after)
+        # popped and decayed in place: one vector, not two, besides CG's copy (set again after);
+        # state_dict() and load_state_dict() copy it, so no state dict shares it
         previous = state.pop("warm_start", None)
         decay = self.settings.cg_decay
         if decay == "auto":  # Martens' 0.95 for every curvature, the Hessian too (cg_decay)
@@ -2152,6 +2192,27 @@ def _same(t: Tensor) -> Tensor:
     return t
 
 
+def _copied(state: Mapping) -> dict:
+    """A per-parameter state dict with its tensors copied (the step updates some in place)."""
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | None:
+    """``precond(ctx)``; a callable's type or attribute error is worded (the usual cause: one
+    written ``r -> M^{-1} r``, as :func:`hessfree.cg`'s ``precond`` is, gets the context)."""
+    if isinstance(precond, EmpiricalFisherDiagonal | KFACPreconditioner | NystromPreconditioner):
+        return precond(ctx)
+    try:
+        return precond(ctx)
+    except (TypeError, AttributeError) as err:
+        raise TypeError(
+            f"`precond` {precond!r} failed on the hessfree.PrecondContext it is called with: "
+            f"{err}. HessianFree calls a precond callable with a PrecondContext and takes the "
+            "diagonal of M (a flat tensor) or a function r -> M^-1 r back; to pass r -> M^-1 r "
+            "itself (as to hessfree.cg), write precond=lambda ctx: apply."
+        ) from err
+
+
 def _checked_curvature(matvec: object) -> MatVec:
     """A ``curvature=`` callable's product ``v -> C v``, checked to return ``v``'s shape."""
     if not callable(matvec):
@@ -2242,8 +2303,14 @@ def _unpack(
                 raise TypeError(f"The closure's {name} must be a tensor, got {type(t).__name__}.")
     if not isinstance(result, Tensor) or result.numel() != 1:
         shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+        hint = (
+            " (a number such as loss.item() only from a closure that calls loss.backward(), "
+            "torch.optim.LBFGS style)"
+            if isinstance(result, numbers.Real)
+            else ""
+        )
         raise TypeError(
-            f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}."
+            f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}{hint}."
         )
     return (result if result.dim() == 0 else result.reshape(())), outputs, hidden
 

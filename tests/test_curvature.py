@@ -80,6 +80,21 @@ def test_batched_products_match_single(case):
         torch.testing.assert_close(prod.matmat(V), expected, **EXACT)
 
 
+def test_matmat_refuses_columns_and_vectors_and_takes_zero_rows():
+    # V is (k, n), one vector per row: a 1-D vector, V with n rows (columns), or a wrong n
+    # failed inside torch (IndexError, split_with_sizes) after a wasted batched attempt; zero
+    # rows failed in autograd. Oracle for the rows: a closed form, ½‖Xθ‖² has H = XᵀX.
+    X = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]], dtype=torch.float64)
+    theta = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    H = HessianProduct(0.5 * (X @ theta).square().sum(), [theta])
+    V = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
+    torch.testing.assert_close(H.matmat(V), V @ (X.T @ X), **EXACT)
+    assert H.matmat(V[:0]).shape == (0, 3)
+    for bad in (V[0], V[:, :2], torch.ones(3, 2, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"`V` must be a \(k, 3\) tensor"):
+            H.matmat(bad)
+
+
 def test_products_are_symmetric(case):
     model, x, y, loss_fn, params, out, loss = _at_point(case)
     n = sum(p.numel() for p in params)
@@ -403,8 +418,10 @@ def test_outputs_without_graph_and_loss_not_depending_on_outputs():
 
 def test_hvp_bad_inputs():
     x = torch.zeros(3)
-    with pytest.raises(ValueError, match=r"`v` must have shape \(3,\) or \(3,\), got \(2,\)"):
-        hvp(lambda z: (z**2).sum(), x, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"`v` must have shape \(3,\), got \(2,\)\.$"):
+        hvp(lambda z: (z**2).sum(), x, torch.zeros(2))  # (3,) once, not "(3,) or (3,)"
+    with pytest.raises(ValueError, match=r"`v` must have shape \(2, 3\) or \(6,\), got \(5,\)"):
+        hvp(lambda z: (z**2).sum(), torch.zeros(2, 3), torch.zeros(5))
     with pytest.raises(TypeError, match="floating-point"):
         hvp(lambda z: (z**2).sum(), torch.zeros(3, dtype=torch.long), torch.zeros(3))
     with pytest.raises(ValueError, match="`f\\(x\\)` must be a scalar"):

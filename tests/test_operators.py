@@ -23,10 +23,11 @@ from scipy.sparse.linalg import (
     minres,
     svds,
 )
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cases import CASES, dense
+from hessfree._flat import ParamLayout
 from hessfree.curvature import GGNProduct, HessianProduct
 from hessfree.operators import (
     CurvatureLinearOperator,
@@ -166,6 +167,75 @@ def test_batches_equal_the_concatenated_batch(kind, reduction):
         np.testing.assert_allclose(op @ V[:, 0], M @ V[:, 0], **EXACT)
         np.testing.assert_allclose(op @ V, M @ V, **EXACT)
         np.testing.assert_allclose(op.gradient(), D.g.numpy(), **EXACT)
+
+
+def _class_loss_case():
+    """A float64 MLP, 7 examples in 3 classes, class 1 ignored and classes weighted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1, 0, 1])  # batches below: 1 ignored of 2, 0 of 3, 2 of 2
+    weight = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    return model, x, y, weight
+
+
+@pytest.mark.parametrize(
+    "make_loss",
+    [
+        lambda w: nn.CrossEntropyLoss(weight=w, ignore_index=1),
+        lambda w: nn.CrossEntropyLoss(ignore_index=1),
+        lambda w: functools.partial(F.cross_entropy, weight=w, ignore_index=1),
+        lambda w: nn.NLLLoss(weight=w),
+    ],
+    ids=["ce_weight_ignore", "ce_ignore", "functional_ce_weight_ignore", "nll_weight"],
+)
+def test_batches_of_a_class_weighted_mean_weigh_by_their_targets(make_loss):
+    # torch's 'mean' divides by the targets' total class weight (ignored ones left out), so a
+    # batch's share of the loss over all the data is that weight, not its row count: the
+    # operators over 2 + 3 + 2 rows must equal the dense Hessian of the loss on all 7 at once
+    model, x, y, weight = _class_loss_case()
+    loss_fn = make_loss(weight)
+    params = list(model.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def full_loss(flat: Tensor) -> Tensor:
+        parts = dict(
+            zip(
+                [k for k, _ in model.named_parameters()],
+                ParamLayout(params).split(flat),
+                strict=True,
+            )
+        )
+        return loss_fn(torch.func.functional_call(model, parts, (x,)), y)
+
+    H = torch.autograd.functional.hessian(full_loss, theta).numpy()
+    g = torch.autograd.functional.jacobian(full_loss, theta).numpy()
+    batches = [(x[:2], y[:2]), (x[2:5], y[2:5]), (x[5:], y[5:])]
+    V = _vectors(theta.numel())
+    op = HessianLinearOperator(model, loss_fn, batches)
+    np.testing.assert_allclose(op @ V, H @ V, **EXACT)
+    np.testing.assert_allclose(op.gradient(), g, **EXACT)
+    # a linear last layer into cross-entropy: the GGN of the last layer's block is its Hessian
+    last = params[-2:]
+    G = GGNLinearOperator(model, loss_fn, batches, params=last)
+    Hl = HessianLinearOperator(model, loss_fn, [(x, y)], params=last)
+    n = G.shape[0]
+    np.testing.assert_allclose(G @ np.eye(n), Hl @ np.eye(n), **EXACT)
+
+
+def test_a_batch_whose_targets_are_all_ignored_adds_nothing():
+    model, x, y, _ = _class_loss_case()
+    loss_fn = nn.CrossEntropyLoss(ignore_index=1)
+    kept = [(x[:1], y[:1]), (x[2:4], y[2:4])]  # rows 1 and 6: class 1, ignored
+    with_ignored = kept + [(x[6:], y[6:])]
+    V = _vectors(HessianLinearOperator(model, loss_fn, kept).shape[0])
+    np.testing.assert_allclose(
+        HessianLinearOperator(model, loss_fn, with_ignored) @ V,
+        HessianLinearOperator(model, loss_fn, kept) @ V,
+        **EXACT,
+    )
+    with pytest.raises(ValueError, match="ignore_index"):
+        HessianLinearOperator(model, loss_fn, [(x[6:], y[6:]), (x[1:2], y[1:2])]) @ V[:, 0]
 
 
 def test_progress_bar_reports_batches(capsys):
@@ -591,6 +661,19 @@ def test_bad_argument_types_are_refused():
         HessianLinearOperator(model, loss_fn, (x, y), dtype=np.int32)
     with pytest.raises(TypeError, match="`model` must be an nn.Module or a callable"):
         JacobianLinearOperator("model", x)
+
+
+def test_a_tuple_of_inputs_is_passed_whole_and_the_error_says_how_to_unpack():
+    # model(inputs) with a tuple failed with torch's bare "linear(): argument 'input' ... must
+    # be Tensor, not tuple"; the message's fix gives the dense Jacobian (cases.dense)
+    model, x, _, _ = BY_NAME["mlp_tanh_mse"].build()
+    with pytest.raises(
+        TypeError, match=r"tuple is not unpacked: pass lambda args: model\(\*args\)"
+    ):
+        JacobianLinearOperator(model, (x,))
+    op = JacobianLinearOperator(lambda args: model(*args), (x,), params=list(model.parameters()))
+    J = _dense("mlp_tanh_mse").J.numpy()
+    np.testing.assert_allclose(op @ np.eye(J.shape[1]), J, **EXACT)
 
 
 def test_callable_model_with_explicit_params():

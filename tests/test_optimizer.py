@@ -210,6 +210,47 @@ def test_state_dict_resume_is_bit_identical():
         assert torch.equal(pa, pc)
 
 
+def test_state_dict_in_memory_is_not_changed_by_later_steps():
+    # torch's state dicts hold references to the state's tensors: the warm start decayed in
+    # place changed a state_dict() taken earlier, and the optimizer that loaded it (sharing
+    # the tensor) then started CG from 0.95² of it. Oracle: the same run through torch.save.
+    torch.manual_seed(2)
+    X, y = _digits(60)
+
+    def make():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
+        return model, HessianFree(model.parameters(), precond=None)
+
+    def run(model, opt, k):
+        for _ in range(k):
+            opt.step(lambda: (lambda out: (F.cross_entropy(out, y), out))(model(X)))
+
+    finals = []
+    for in_memory in (False, True):
+        a, opt_a = make()
+        run(a, opt_a, 1)
+        saved = opt_a.state_dict()
+        if not in_memory:
+            buf = io.BytesIO()
+            torch.save(saved, buf)
+            buf.seek(0)
+            saved = torch.load(buf, weights_only=True)
+        warm = saved["state"][0]["warm_start"].clone()
+        b, opt_b = make()
+        b.load_state_dict(a.state_dict())
+        opt_b.load_state_dict(saved)
+        for _ in range(2):  # interleaved, as two optimizers from one checkpoint would run
+            run(a, opt_a, 1)
+            run(b, opt_b, 1)
+        assert torch.equal(saved["state"][0]["warm_start"], warm)
+        assert all(
+            torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True)
+        )
+        finals.append([p.detach().clone() for p in b.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*finals, strict=True))
+
+
 def test_load_state_dict_twice_and_into_a_loaded_optimizer():
     # torch's Optimizer.__setstate__ adds its own keys (differentiable, ...) to the defaults:
     # a second load passed them to HFSettings, a TypeError.
@@ -383,6 +424,97 @@ def test_lbfgs_style_leaves_no_global_state_changed():
     assert torch.autograd.backward is original
 
 
+def test_lbfgs_closure_returning_a_float_steps_as_one_returning_the_tensor():
+    # torch.optim.LBFGS takes float(closure()), so its closures may return loss.item() after
+    # backward(): the same steps, bit for bit, as the closure returning the loss tensor (whose
+    # own oracle: scipy's rosen); without backward() a float has no gradient and is refused
+    from scipy.optimize import rosen
+
+    runs = []
+    for as_float in (False, True):
+        x = torch.tensor([-1.2, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([x])
+
+        def closure(x=x, opt=opt, as_float=as_float):
+            opt.zero_grad()
+            loss = (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+            loss.backward()
+            return loss.item() if as_float else loss
+
+        losses = [float(opt.step(closure)) for _ in range(5)]
+        runs.append((x.detach().clone(), losses, opt.last_step.status))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
+    assert runs[1][1][0] == rosen(np.array([-1.2, 1.0, 0.5])) and runs[1][1][-1] < runs[1][1][0]
+    w = torch.ones(2, requires_grad=True)
+    with pytest.raises(TypeError, match=r"got float \(a number such as loss.item\(\) only"):
+        HessianFree([w]).step(lambda: (w**2).sum().item())
+
+
+def test_closure_setting_grads_with_autograd_grad_steps_as_a_loss_closure():
+    # LBFGS reads p.grad, so a closure may set it from torch.autograd.grad (which frees the
+    # loss's graph): HessianFree failed with torch's "backward through the graph a second
+    # time"; its own products now find the graph, and the steps are bitwise those of the
+    # closure returning only the loss (oracle for the values: scipy's rosen)
+    from scipy.optimize import rosen
+
+    runs = []
+    for sets_grad in (False, True):
+        x = torch.tensor([-1.2, 1.0, 0.5], dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([x])
+
+        def closure(x=x, sets_grad=sets_grad):
+            loss = (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+            if sets_grad:
+                (x.grad,) = torch.autograd.grad(loss, [x])
+            return loss
+
+        losses = [float(opt.step(closure)) for _ in range(4)]
+        runs.append((x.detach().clone(), losses))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert runs[1][1][0] == rosen(np.array([-1.2, 1.0, 0.5])) and runs[1][1][-1] < runs[1][1][0]
+
+
+def test_step_under_inference_mode_names_it():
+    # torch.enable_grad() cannot undo inference_mode (unlike no_grad, where step works): the
+    # error said only "compute it with gradients enabled"; nothing moves
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = HessianFree([w])
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"under torch.inference_mode\(\)"):
+        opt.step(lambda: (w**2).sum())
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
+    with torch.no_grad():
+        opt.step(lambda: (w**2).sum())
+    assert opt.last_step.accepted
+
+
+def test_a_precond_callable_written_for_cg_gets_a_worded_error():
+    # hessfree.cg's precond is r -> M^-1 r; HessianFree's callable gets a PrecondContext.
+    # The mix-up failed inside the user's function ("unsupported operand ... PrecondContext");
+    # the parameters stay as they were, and the same function wrapped as the message says
+    # works: least squares, whose Gauss-Newton matrix is 2 XᵀX / N (oracle: numpy's lstsq).
+    X = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5], [2.0, 1.0]], dtype=torch.float64)
+    t = torch.tensor([1.0, 0.0, 2.0, -1.0], dtype=torch.float64)
+    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    diag = 2 * (X**2).sum(0) / 4
+
+    def closure():
+        out = X @ w
+        return F.mse_loss(out, t), out
+
+    def jacobi(r):
+        return r / diag
+
+    with pytest.raises(TypeError, match=r"PrecondContext.*precond=lambda ctx: apply") as err:
+        HessianFree([w], precond=jacobi).step(closure)
+    assert isinstance(err.value.__cause__, TypeError)
+    assert torch.equal(w.detach(), torch.zeros(2, dtype=torch.float64))
+    opt = HessianFree([w], precond=lambda ctx: jacobi, damping=1e-8)
+    for _ in range(3):
+        opt.step(closure)
+    expected = np.linalg.lstsq(X.numpy(), t.numpy(), rcond=None)[0]
+    np.testing.assert_allclose(w.detach().numpy(), expected, rtol=1e-6)
+
+
 def test_requires_grad_false_parameters_are_skipped_and_callback_gets_info():
     frozen = torch.ones(2, requires_grad=False)
     w = torch.tensor([3.0, -1.0], requires_grad=True)
@@ -505,6 +637,27 @@ def test_bad_hyperparameter_types_are_rejected():
         HessianFree([torch.zeros(1, requires_grad=True)], adapt_damping="yes")
     with pytest.raises(ValueError, match="No parameter requires gradients"):
         HessianFree([torch.zeros(1)])
+
+
+def test_zero_element_parameters_are_skipped_and_alone_refused():
+    # an empty tensor among the parameters changes nothing (the same steps bit for bit as
+    # without it); only empty ones are refused in __init__, not by torch inside step()
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    runs = []
+    for extra in ([], [torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)]):
+        x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        opt = HessianFree([*extra, x])
+        for _ in range(3):
+            opt.step(
+                lambda x=x, extra=extra: 0.5 * x @ A @ x - x.sum() + sum(e.sum() for e in extra)
+            )
+        runs.append(x.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    assert torch.allclose(
+        runs[0], torch.linalg.solve(A, torch.ones(2, dtype=torch.float64)), atol=0.1
+    )
+    with pytest.raises(ValueError, match=r"zero elements \(shapes \[\(0,\)\]\)"):
+        HessianFree([torch.zeros(0, requires_grad=True)])
 
 
 def test_auto_cg_rtol_is_eisenstat_walker_then_relative_on_a_deterministic_objective():

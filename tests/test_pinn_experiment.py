@@ -35,8 +35,23 @@ def test_pinn_adam_then_hf_records_within_budget(make):
 
 def test_pinn_product_cost_reports_ratios():
     prob = pinn.poisson(4, 6)
-    costs = pinn.product_cost(prob, prob.make_net().state_dict(), rounds=1)
-    assert costs["gradient"][1] == 1.0 and all(ms > 0 for ms, _ in costs.values())
+    threads = torch.get_num_threads()
+    costs = pinn.product_cost(prob, prob.make_net().state_dict(), rounds=3, threads=1)
+    assert costs["gradient"][1:] == (1.0, 1.0, 1.0)  # median and quartiles of time / itself
+    assert all(ms > 0 and q1 <= r <= q3 for ms, r, q1, q3 in costs.values())
+    assert torch.get_num_threads() == threads  # the timing's thread count is restored
+
+
+def test_pinn_products_only_trains_nothing(capsys):
+    threads = torch.get_num_threads()
+    try:
+        args = ["--quick", "--products-only", "--problems", "poisson", "--threads", "1"]
+        assert pinn.main(args) is None
+    finally:
+        torch.set_num_threads(threads)  # main sets --threads for the whole process
+    out = capsys.readouterr().out
+    assert "GN product (R-op Jv, graph reused)" in out and "load average" in out
+    assert "Adam" not in out  # no training table
 
 
 @pytest.mark.slow
