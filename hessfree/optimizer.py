@@ -26,12 +26,14 @@ phases named as the methods that run them:
    on the gradient batch at a stored iterate is not below the previous stored one's (a
    forward evaluation each, reused by backtracking). If CG ends, from a warm start, at no
    descent direction (:math:`g^\top p \ge 0`: the step would be rejected), it is run again
-   from zero, where every iterate descends (ours). The graphs are freed after this phase.
+   from zero, where every iterate descends (ours). The graphs are freed after this phase
+   (structural damping's curvature graph after phase 4's one product with it).
 3. *Backtrack* (§4.6, :func:`hessfree._line_search.backtrack`): from the last stored iterate
    walk back while the objective on the gradient batch decreases.
 4. *Reduction ratio and damping* (``_predicted_change``, :class:`hessfree.damping.DampingPolicy`):
    :math:`\rho` of the backtracked step with the undamped model, read off CG's :math:`\phi` (no
-   extra product); Levenberg-Marquardt update of :math:`\lambda` (Nielsen's rule by default,
+   extra product; with structural damping, one Jacobian product :math:`J_h p` at that step);
+   Levenberg-Marquardt update of :math:`\lambda` (Nielsen's rule by default,
    §4.1's on request), except where the actual and the predicted change are both below the
    objective's float resolution (:func:`hessfree.damping.below_resolution`, ours): there
    :math:`\rho` measures rounding, so :math:`\lambda` stays, nothing moves and the step is
@@ -388,11 +390,13 @@ class _StepRun:
 
 @dataclass
 class _Solution:
-    """CG's answer, detached from every graph: what phases 3-5 need."""
+    """CG's answer: what phases 3-5 need; detached from every graph but ``structural``'s."""
 
     g: Tensor  # the gradient (L2 term included)
     result: CGResult
-    structural_energy: Tensor | None  # structural damping's energy per stored iterate
+    # Structural damping's product, its curvature graph kept until phase 4 takes the energy of
+    # the one iterate backtracking chose (then dropped); None without structural damping.
+    structural: StructurallyDampedGGN | None = None
 
 
 def _create_graph_backward(
@@ -1474,7 +1478,8 @@ class HessianFree(torch.optim.Optimizer):
             )
         self._current_settings()
         run = self._start_step()
-        # Phases 1-2 hold every autograd graph of the step; they are freed on return.
+        # Phases 1-2 hold every autograd graph of the step; they are freed on return, but
+        # structural damping's curvature graph, which phase 4 reads once (_Solution).
         try:
             solution = self._evaluate_and_solve(closure, curvature_closure, run)
         finally:
@@ -1564,15 +1569,10 @@ class HessianFree(torch.optim.Optimizer):
             state.pop("warm_start", None)
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, "a curvature product")
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
-        structural_energy = None
-        if run.structural_damping > 0:
-            # the structural term is damping: leave it out of ρ's model (needs the graph, so now)
-            with torch.enable_grad():
-                structural_energy = product.weight * product.hidden_energy(
-                    torch.stack(result.iterates)
-                )
         run.lap("solve")
-        return _Solution(g, result, structural_energy)
+        # the structural term is damping, left out of ρ's model: its energy at the chosen
+        # iterate only (phase 4), not at every stored one (experiments/README.md, rnnstep)
+        return _Solution(g, result, product if run.structural_damping > 0 else None)
 
     @staticmethod
     def _observe_objective(state: dict, f0: float) -> None:
@@ -1939,6 +1939,11 @@ class HessianFree(torch.optim.Optimizer):
             run.lap("backtrack")
 
             # ---- 4. ρ with the undamped model and the Levenberg-Marquardt update of λ ----
+            if solution.structural is not None:
+                # its graph reads the parameters themselves (the R-op's saved tensors skip
+                # autograd's version check): back to θ0 from the last trial point first
+                with torch.no_grad():
+                    torch._foreach_copy_(params, theta0)
             predicted = self._predicted_change(solution, chosen, run)
             run.report["predicted_change"] = predicted
             eps = torch.finfo(run.loss0.dtype).eps
@@ -2016,17 +2021,22 @@ class HessianFree(torch.optim.Optimizer):
     @staticmethod
     def _predicted_change(solution: _Solution, chosen: int, run: _StepRun) -> float:
         """Phase 4: :math:`q(p) - q(0)` of the undamped model at the chosen iterate (ρ's
-        denominator), read off CG's :math:`\\phi` (no product).
+        denominator), read off CG's :math:`\\phi` (no curvature product).
 
         The undamped model's change is CG's :math:`\\phi` less the damping's share:
-        :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy.
+        :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy
+        :math:`\\tfrac12 w\\|J_h p\\|^2`, the one Jacobian product here, taken at the chosen
+        iterate alone (and once: it releases the curvature graph).
         """
         p = solution.result.iterates[chosen]
         predicted = float(solution.result.iterate_phi[chosen]) - 0.5 * run.damping * float(
             dot(p, p)
         )
-        if solution.structural_energy is not None:
-            predicted -= 0.5 * float(solution.structural_energy[chosen])
+        if solution.structural is not None:
+            product, solution.structural = solution.structural, None  # its graph goes now
+            with torch.enable_grad():  # differentiates the curvature graph, whatever the mode
+                energy = product.weight * product.hidden_energy(p.unsqueeze(0))
+            predicted -= 0.5 * float(energy[0])
         return predicted
 
     def _line_search(

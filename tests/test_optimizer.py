@@ -1897,3 +1897,54 @@ def test_float16_curvature_beyond_65504_is_calibrated_and_stepped():
     scale = opt.state[w]["damping_scale"]
     assert scale == pytest.approx(g @ C @ g / (g @ g), rel=1e-2)  # float16 g and products
     assert losses[0] > losses[1] > losses[2]
+
+
+def test_structural_damping_takes_the_energy_of_the_chosen_iterate_only(monkeypatch):
+    # ρ's model leaves the structural term out: predicted = gᵀp + ½pᵀGp with G = J_oᵀH_ℓJ_o
+    # (dense float64 Jacobian; H_ℓ = 2/N for a mean squared error), and the energy ‖J_h p‖² it
+    # subtracts from CG's φ is taken for the one backtracked p (one row), not every stored one
+    from hessfree._flat import ParamLayout
+    from hessfree.curvature import StructurallyDampedGGN
+
+    rows = []
+    energy = StructurallyDampedGGN.hidden_energy
+    monkeypatch.setattr(
+        StructurallyDampedGGN,
+        "hidden_energy",
+        lambda self, X: rows.append(X.shape[0]) or energy(self, X),
+    )
+    torch.manual_seed(5)
+    rnn = nn.RNN(2, 6, batch_first=True, nonlinearity="tanh").double()
+    head = nn.Linear(6, 1).double()
+    x = torch.rand(16, 5, 2, dtype=torch.float64)
+    y = x[:, :, :1].sum(1) / 5
+    modules = nn.ModuleList([rnn, head])
+    params = list(modules.parameters())
+    names = [n for n, _ in modules.named_parameters()]
+    opt = HessianFree(
+        params, damping=1.0, structural_damping=0.03, cg_max_iter=12, extrapolate=False
+    )
+
+    def outputs_of(flat: torch.Tensor) -> torch.Tensor:
+        values = dict(zip(names, ParamLayout(params).split(flat), strict=True))
+        part = [{k[2:]: v for k, v in values.items() if k[0] == str(i)} for i in (0, 1)]
+        hidden, _ = torch.func.functional_call(rnn, part[0], (x,))
+        return torch.func.functional_call(head, part[1], (hidden[:, -1],))
+
+    def closure():
+        hidden, _ = rnn(x)
+        out = head(hidden[:, -1])
+        return F.mse_loss(out, y), out, hidden
+
+    theta0 = torch.cat([p.detach().reshape(-1) for p in params])
+    out0 = outputs_of(theta0)
+    opt.step(closure)
+    info = opt.last_step
+    assert info.status == "accepted" and info.step_rate == 1.0 and info.cg_iters >= 7
+    assert rows == [1]  # before: one row per stored iterate (5, 7, ...: two or more)
+    p = torch.cat([q.detach().reshape(-1) for q in params]) - theta0
+    J = torch.func.jacrev(outputs_of)(theta0).reshape(16, -1)
+    g = J.T @ (2 * (out0.detach() - y) / 16).reshape(-1)
+    Jp = J @ p
+    predicted = float(g @ p + 0.5 * (2 / 16) * Jp @ Jp)
+    assert info.predicted_change == pytest.approx(predicted, rel=1e-9)
