@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hessfree.train import models
 from hessfree.train.models import MLP, Autoencoder, ConvNet, TanhRNN, build_model, sparse_init_
 from hessfree.train.objectives import make_loss, make_objective
 
@@ -260,3 +261,25 @@ def test_rnn_spectral_radius(init):
     torch.nn.init.zeros_(zero.recurrent.weight)
     with pytest.raises(ValueError, match="spectral radius 0.0"):
         zero.rescale_recurrent_()
+
+
+def test_tanh_rnn_forward_is_the_explicit_recursion_and_skips_the_states_copy(monkeypatch):
+    # oracle: h_t = tanh(W_x x_t + b + W_h h_{t-1}), h_0 = 0, written out in float64
+    torch.manual_seed(3)
+    rnn = TanhRNN(2, 4, 1, spectral_radius=1.1).double()
+    x = torch.randn(3, 6, 2, dtype=torch.float64)
+    wx, b, wh = rnn.input.weight, rnn.input.bias, rnn.recurrent.weight
+    h, states = torch.zeros(3, 4, dtype=torch.float64), []
+    for t in range(6):
+        h = torch.tanh(x[:, t] @ wx.T + b + h @ wh.T)
+        states.append(h)
+    out, hidden = rnn.forward_with_hidden(x)
+    torch.testing.assert_close(hidden, torch.stack(states, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, rnn.readout(h), rtol=1e-12, atol=1e-12)
+    # forward: the same outputs bit for bit, without concatenating the states it drops
+    calls = []
+    real = models.cat_last
+    monkeypatch.setattr(models, "cat_last", lambda ts: calls.append(len(ts)) or real(ts))
+    assert torch.equal(rnn(x), out) and calls == []
+    rnn.forward_with_hidden(x)
+    assert calls == [6]
