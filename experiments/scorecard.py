@@ -642,7 +642,8 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     curvature_gen = torch.Generator().manual_seed(1)
 
     def forward(xb: Tensor, yb: Tensor) -> tuple:
-        if task.hidden and opt.structural_damping != 0:  # a number > 0, or 'auto'
+        # a number > 0, or 'auto'; hidden states are read only from graph-building calls
+        if task.hidden and opt.structural_damping != 0 and torch.is_grad_enabled():
             out, h = m.forward_with_hidden(xb)
             return task.loss(out, yb), out, h
         out = m(xb)

@@ -635,3 +635,32 @@ def test_cg_max_iter_refuses_bad_values():
         HessianFree(params, cg_max_iter=0)
     with pytest.raises(ValueError, match=r"`cg_min_iter`.*300"):
         HessianFree(params, cg_min_iter=300)  # 'auto' allows at most 250
+
+
+@pytest.mark.parametrize("mu", ["auto", 0.03])
+@pytest.mark.parametrize("separate_curvature", [True, False])
+def test_a_closure_may_skip_hidden_states_under_no_grad(mu, separate_curvature):
+    # the documented contract: hidden states are read only from graph-building calls, so a
+    # closure that leaves them out of its no_grad evaluations takes the same steps bit for bit
+    def run(skip):
+        torch.manual_seed(2)
+        m = TanhRNN(2, 6, 1, spectral_radius=1.1).double()
+        x, y = torch.randn(40, 7, 2, dtype=torch.float64), torch.randn(40, 1, dtype=torch.float64)
+        opt = HessianFree(m.parameters(), structural_damping=mu)
+        skipped = []
+
+        def evaluate(xb, yb):
+            if skip and not torch.is_grad_enabled():
+                skipped.append(1)
+                out = m(xb)
+                return F.mse_loss(out, yb), out
+            out, h = m.forward_with_hidden(xb)
+            return F.mse_loss(out, yb), out, h
+
+        curvature = (lambda: evaluate(x[:10], y[:10])) if separate_curvature else None
+        for _ in range(3):
+            opt.step(lambda: evaluate(x, y), curvature)
+        return torch.cat([p.detach().flatten() for p in m.parameters()]), len(skipped)
+
+    (ref, _), (got, skipped) = run(False), run(True)
+    assert skipped > 0 and torch.equal(got, ref)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn, optim
 
 from hessfree.train.config import OptimizerConfig
@@ -223,7 +224,9 @@ def _hessianfree_step(
     )
 
     def evaluate(x: Tensor, t: Tensor) -> tuple[Tensor, ...]:
-        if with_hidden:
+        # the optimizer reads hidden states only from the calls that build a graph: its
+        # no_grad evaluations (line search, backtracking) skip their copy of every state
+        if with_hidden and torch.is_grad_enabled():
             outputs, hidden = model.forward_with_hidden(x)
             return loss_fn(outputs, t), outputs, hidden
         outputs = model(x)
