@@ -510,10 +510,11 @@ class HessianFree(torch.optim.Optimizer):
             layers (every layer and step) or from states marked by :func:`hessfree.mark_hidden`.
             ``hidden`` is read only from calls that build a graph: under ``torch.no_grad``
             (the extra loss evaluations) a closure may return ``(loss, outputs)`` and skip
-            collecting the states. Why on by default: on RNN addition (``experiments/scorecard.py``, T = 30, 60 s)
-            ``configs/rnn_addition.yaml`` without it stayed at test error 0.91-0.93 on 3 of 3
-            seeds, against 0.002-0.017 with it; it costs nothing where no hidden states are
-            given (``experiments/results/2026-11-30-defaults-rnn.md``).
+            collecting the states. Why on by default: on RNN addition
+            (``experiments/scorecard.py``, T = 30, 60 s) ``configs/rnn_addition.yaml`` without
+            it stayed at test error 0.91-0.93 on 3 of 3 seeds, against 0.002-0.017 with it; it
+            costs nothing where no hidden states are given
+            (``experiments/results/2026-11-30-defaults-rnn.md``).
         cg_max_iter: Most CG iterations per step, or ``'auto'`` (default): 250, the reference
             code's, and 25 on steps where structural damping is in effect
             (``structural_damping``), where ``cg_stop_on_increase='auto'`` is off too. Why: on
