@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -52,7 +50,14 @@ if str(HERE.parent) not in sys.path:
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _bench_common import _cpu_model, machine_tag, md_table, save_png, save_text  # noqa: E402
+from _bench_common import (  # noqa: E402
+    _cpu_model,
+    interleave,
+    machine_tag,
+    md_table,
+    save_png,
+    save_text,
+)
 
 from hessfree import GGNProduct, HessianFree  # noqa: E402
 
@@ -363,20 +368,10 @@ def product_cost(
         "Jv by forward mode (new forward pass)": forward_mode_jv,
         "GN set-up (closure + graph, once per step)": setup,
     }
-    times: dict[str, list[float]] = {k: [] for k in fns}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        for fn in fns.values():
-            fn()  # warm-up
-        order, rng = list(fns), random.Random(0)
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for k in order:
-                gc.collect(0)
-                t0 = time.perf_counter()
-                fns[k]()
-                times[k].append(time.perf_counter() - t0)
+    try:  # bench.py's loop: shuffled rounds, gc before each call
+        times = interleave(fns, rounds=rounds, device=v.device.type, seed=0, warmup=1).samples
     finally:
         torch.set_num_threads(before)
     ref = times["gradient"]
