@@ -276,10 +276,15 @@ def test_tanh_rnn_forward_is_the_explicit_recursion_and_skips_the_states_copy(mo
     out, hidden = rnn.forward_with_hidden(x)
     torch.testing.assert_close(hidden, torch.stack(states, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out, rnn.readout(h), rtol=1e-12, atol=1e-12)
-    # forward: the same outputs bit for bit, without concatenating the states it drops
+    # forward: the same outputs bit for bit, without concatenating the states it drops where
+    # no graph is built; with a graph, one node holds the loop (_tanh_recurrence) and its
+    # values are the loop's bit for bit
     calls = []
     real = models.cat_last
     monkeypatch.setattr(models, "cat_last", lambda ts: calls.append(len(ts)) or real(ts))
-    assert torch.equal(rnn(x), out) and calls == []
-    rnn.forward_with_hidden(x)
+    with torch.no_grad():
+        assert torch.equal(rnn(x), out) and calls == []
+        out0, hidden0 = rnn.forward_with_hidden(x)
     assert calls == [6]
+    assert torch.equal(out0, out) and torch.equal(hidden0, hidden)
+    assert torch.equal(rnn(x), out) and calls == [6]
