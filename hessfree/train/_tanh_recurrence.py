@@ -68,16 +68,16 @@ def _steps(like: Tensor, num_steps: int, *inputs: Tensor | None) -> Tensor | Non
     """An ``(N, T, H)`` buffer (``like`` a step) that a loop writes its steps into (``out=``),
     saving the final ``stack``; None where ``out=`` cannot be used: a graph is recorded, or
     one of ``inputs`` is a ``vmap`` wrapper."""
-    if torch.is_grad_enabled() or any(t is not None and _batched(t) for t in inputs):
+    if torch.is_grad_enabled() or any(_batched(t) for t in inputs):
         return None
     return like.new_empty(like.shape[0], num_steps, *like.shape[1:])
 
 
-def _batched(t: Tensor) -> bool:
+def _batched(t: Tensor | None) -> bool:
     """Whether ``t`` is a ``vmap`` wrapper (torch.func's, or the one behind
     ``is_grads_batched``): their batching rules have no ``out=``."""
     f = torch._C._functorch
-    return f.is_functorch_wrapped_tensor(t) or f.is_legacy_batchedtensor(t)
+    return t is not None and (f.is_functorch_wrapped_tensor(t) or f.is_legacy_batchedtensor(t))
 
 
 def _backprop(
@@ -124,10 +124,11 @@ def _tangents(
     else:
         e = torch.mul(Ds[0], dUs[0], out=_at(buf, 0))
     es = [e]
+    Wt, dWt = W.t(), None if dW is None else dW.t()
     for t in range(1, T):
-        c = e @ W.t() if dUs[t] is None else torch.addmm(dUs[t], e, W.t())
-        if dW is not None:
-            c = torch.addmm(c, Hs[t - 1], dW.t())
+        c = e @ Wt if dUs[t] is None else torch.addmm(dUs[t], e, Wt)
+        if dWt is not None:
+            c = torch.addmm(c, Hs[t - 1], dWt)
         e = torch.mul(c, Ds[t], out=_at(buf, t))
         es.append(e)
     return torch.stack(es, 1) if buf is None else buf
@@ -150,6 +151,10 @@ class _Recurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, G: Tensor | None, g: Tensor | None) -> tuple[Tensor, Tensor]:
         W, H = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(_batched(t) for t in (G, g, H)):
+            # under torch.func's transforms: autograd through the BPTT ops (a nested Function
+            # in a backward does not run under their vmap)
+            return _backprop(G, g, W, H)
         if torch.is_grad_enabled():  # create_graph: one node whose derivative is written out
             # W through a view, so that _Backprop can ask whether the engine needs its gradient
             return _Backprop.apply(G, g, W.view_as(W), H, _tanh_slopes(ctx, H))
@@ -224,13 +229,13 @@ class _Backprop(torch.autograd.Function):
                 else t.detach().requires_grad_()
                 for t in (G, g, W, H)
             ]
-            outs = _backprop(*ins)
+            outs = [(o, c) for o, c in zip(_backprop(*ins), (A, B), strict=True) if o.requires_grad]
             live = [t for t in ins if t is not None]
             grads = iter(
                 torch.autograd.grad(
-                    outs,
+                    [o for o, _ in outs],
                     live,
-                    (A, B),
+                    [c for _, c in outs],
                     create_graph=create,
                     allow_unused=True,
                     materialize_grads=True,
