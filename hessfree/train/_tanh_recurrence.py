@@ -22,8 +22,17 @@ weights, :math:`h_t = \tanh(u_t + W h_{t-1})` with :math:`h_0 = 0` (row vectors 
 
 Per step, autograd's own graph of the loop runs about five nodes in each pass (``tanh``'s
 backward, two ``mm``, two accumulating ``add``); here a step is two fused ``addmm`` and one
-``mul`` inside one node. Gradients equal autograd's up to the order of float sums
-(:math:`\bar W` accumulates in one ``addmm`` chain).
+``mul`` inside one node, written into one ``(N, T, H)`` buffer (no final ``stack``) where no
+graph is recorded and no ``vmap`` runs. :math:`D` is computed once per graph, on its first
+backward, and shared by every product. Gradients equal autograd's up to the order of float sums
+(:math:`\bar W` accumulates in one ``addmm`` chain). Under ``torch.func`` transforms the
+create-graph backward is plain autograd through the BPTT ops (their ``vmap`` does not run a
+Function nested in a backward): exact, without the written-out R-op.
+
+References:
+    Pearlmutter (1994), Fast exact multiplication by the Hessian, Neural Computation (the R-op).
+    Martens & Sutskever (2011), Learning recurrent neural networks with Hessian-free
+    optimization, ICML.
 """
 
 from __future__ import annotations

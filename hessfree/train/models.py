@@ -176,6 +176,10 @@ class TanhRNN(nn.Module):
     :math:`h_t = \tanh(W_x x_t + W_h h_{t-1} + b)`, :math:`h_0 = 0`, output
     :math:`W_o h_T + b_o`. Written as an explicit loop of differentiable ops (not ``nn.RNN``)
     so double backward and forward-mode AD work on every device (cuDNN's RNN supports neither).
+    Where a graph is built the loop is one autograd node (:mod:`._tanh_recurrence`) with BPTT
+    and its derivatives written out: the same values, gradients and curvature products up to
+    the order of float sums, without the engine's ~5 nodes per step in every backward pass (a
+    Gauss-Newton product ~0.77x, measured in ``experiments/_rnnprod.py``).
 
     Args:
         input_size: Channels per step.
