@@ -85,8 +85,13 @@ def _steps(like: Tensor, num_steps: int, *inputs: Tensor | None) -> Tensor | Non
 def _batched(t: Tensor | None) -> bool:
     """Whether ``t`` is a ``vmap`` wrapper (torch.func's, or the one behind
     ``is_grads_batched``): their batching rules have no ``out=``."""
+    if t is None:
+        return False
     f = torch._C._functorch
-    return t is not None and (f.is_functorch_wrapped_tensor(t) or f.is_legacy_batchedtensor(t))
+    try:
+        return bool(f.is_functorch_wrapped_tensor(t) or f.is_legacy_batchedtensor(t))
+    except AttributeError:  # a torch without these queries: take the generic, exact paths
+        return True
 
 
 def _backprop(
