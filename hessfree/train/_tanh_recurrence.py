@@ -82,6 +82,13 @@ def _steps(like: Tensor, num_steps: int, *inputs: Tensor | None) -> Tensor | Non
     return like.new_empty(like.shape[0], num_steps, *like.shape[1:])
 
 
+def _slopes(H: Tensor) -> Tensor:
+    """:math:`D = 1 - H^2` with one rounding (``addcmul``'s fused multiply-add, as ``tanh``'s own
+    backward): ``1 - H * H`` rounds :math:`H^2` first and cancels, 1e-6-1e-5 relative error
+    on saturated units (|h| > 0.9) instead of 3e-8."""
+    return torch.addcmul(torch.ones_like(H), H, H, value=-1)
+
+
 def _batched(t: Tensor | None) -> bool:
     """Whether ``t`` is a ``vmap`` wrapper (torch.func's, or the one behind
     ``is_grads_batched``): their batching rules have no ``out=``."""
@@ -99,7 +106,7 @@ def _backprop(
 ) -> tuple[Tensor, Tensor]:
     """BPTT: ``(dU, dW)`` for the cotangents ``G`` of ``H`` and ``g`` of :math:`h_T` (None:
     zero) in differentiable torch ops; ``D`` = 1 - H² when already at hand."""
-    D = 1 - H * H if D is None else D
+    D = _slopes(H) if D is None else D
     Ds, Hs = D.unbind(1), H.unbind(1)
     T = len(Ds)
     Gs = [None] * T if G is None else G.unbind(1)
@@ -128,7 +135,7 @@ def _tangents(
     W: Tensor, H: Tensor, dU: Tensor | None, dW: Tensor | None, D: Tensor | None = None
 ) -> Tensor:
     """The forward tangent of ``H`` for tangents ``dU`` of ``U`` and ``dW`` of ``W``."""
-    D = 1 - H * H if D is None else D
+    D = _slopes(H) if D is None else D
     Ds, Hs = D.unbind(1), H.unbind(1)
     T = len(Ds)
     dUs = [None] * T if dU is None else dU.unbind(1)
@@ -186,7 +193,7 @@ def _tanh_slopes(ctx: Any, H: Tensor) -> Tensor:
     reuses it), without a graph of its own: used only where no derivative in H is taken."""
     if ctx.D is None:
         with torch.no_grad():
-            ctx.D = 1 - H * H
+            ctx.D = _slopes(H)
     return ctx.D
 
 
