@@ -408,3 +408,24 @@ def test_tanh_rnn_graph_and_products_do_not_grow_by_the_engine_nodes_of_each_ste
     assert counts[10][0] == counts[20][0]
     per_step = (counts[20][1] - counts[10][1]) / 10
     assert per_step <= 12, counts
+
+
+def test_tanh_rnn_float32_backward_forms_tanh_slopes_with_one_rounding():
+    """The last step's gradient of TanhRNN's recurrence, D_T ⊙ G_T with D_T = 1 - h_T², against
+    the same arithmetic in float64 on the float32 states: on saturated units (|h| > 0.99) the
+    slope needs one rounding (as torch's tanh backward); rounding h² first cancels (relative
+    error up to ~1e-5 there)."""
+    from hessfree.train._tanh_recurrence import tanh_recurrence
+
+    torch.manual_seed(2)
+    u = (8 * torch.randn(256, 3, 8)).requires_grad_()  # most units saturated
+    w = 0.3 * torch.randn(8, 8)
+    H, _ = tanh_recurrence(u, w)
+    G = torch.randn_like(H)
+    (du,) = torch.autograd.grad(H, u, G)
+    h = H[:, -1].detach().double()
+    oracle = G[:, -1].double() * (1 - h * h)
+    sat = (h.abs() > 0.99) & (oracle != 0)
+    assert int(sat.sum()) > 500
+    rel = ((du[:, -1].double() - oracle).abs() / oracle.abs())[sat]
+    assert float(rel.max()) < 3e-7, float(rel.max())
