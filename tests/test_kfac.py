@@ -325,6 +325,44 @@ def test_non_finite_statistics_are_refused_and_the_factors_kept(max_dense):
         assert torch.equal(A0, A) and torch.equal(G0, G)
 
 
+def test_a_non_finite_float32_eigh_is_redone_in_float64(monkeypatch):
+    """LAPACK's float32 eigh (MKL) returned NaN, without an error, for a finite input factor
+    with exact zero rows (a CNN's dead ReLU units, batch 100): every HF step was then rejected
+    as a non-finite product. Simulated by an eigh that gives NaN in float32; the preconditioner
+    must still be the dense float64 damped inverse of its factors' Kronecker product."""
+    x, y = _data(n=9, d_in=4, d_out=3, seed=10)
+    x, y = x.float(), y.float()
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))  # float32 factors
+    real = torch.linalg.eigh
+
+    def eigh(a, *args, **kwargs):
+        values, vectors = real(a, *args, **kwargs)
+        if a.dtype == torch.float32:
+            return values * float("nan"), vectors * float("nan")
+        return values, vectors
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0)
+    mu = 0.2
+    ctx, params = _context(model, x, y, F.mse_loss, mu)
+    apply = K(ctx)
+    n = sum(p.numel() for p in params)
+    r = torch.from_numpy(np.random.default_rng(5).standard_normal(n)).float()
+    z = apply(r)
+    offset = 0
+    for layer, (A, G) in zip(K.layers, K.factors, strict=True):
+        assert A.dtype == G.dtype == torch.float32
+        M = np.kron(G.double().numpy(), A.double().numpy()) + mu * np.eye(A.shape[0] * G.shape[0])
+        pos = offset + _layer_perm(layer)
+        expected = np.linalg.solve(M, r.double().numpy()[pos])
+        # float32 factors, float32 r: float32's precision
+        torch.testing.assert_close(
+            z[torch.from_numpy(pos)].double(), torch.from_numpy(expected), rtol=1e-4, atol=1e-5
+        )
+        offset += pos.size
+
+
 def test_a_layer_run_twice_in_one_pass_is_refused_and_direct_layer_calls_are_not():
     # Shared weights (a recurrent step): the hooks kept the last call only, so the factors
     # silently described one time step. A module given: its calls delimit a forward pass.
