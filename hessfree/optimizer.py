@@ -181,6 +181,11 @@ _BUILT_IN_PRECONDS = (NystromPreconditioner, KFACPreconditioner)
 #: ``precond='kfac'`` (and ``'auto'``'s K-FAC): the settings of the scorecard's tuned CURVES
 #: row (``experiments/README.md``, "kfacauto").
 _KFAC_SETTINGS = dict(rank=32, refresh=2)
+#: ``precond='auto'``'s K-FAC only where its ``nn.Linear`` layers hold at least this share of
+#: the optimizer's parameters (ours): K-FAC's mini-batch regime caps CG at 2 iterations, which
+#: left a GRU or LSTM whose head (1% of the parameters) was the only layer nearly
+#: unpreconditioned and 4× behind precond=None (experiments/README.md, "unseen").
+_KFAC_MIN_COVERAGE = 0.5
 #: A built-in preconditioner's state before its first step.
 _EMPTY_PRECOND_STATE = {
     NystromPreconditioner: {"U": None, "eigenvalues": None, "calls": 0},
@@ -1287,6 +1292,7 @@ class HessianFree(torch.optim.Optimizer):
             and bool(
                 kfac.layers if kfac is not None else self._linear_pass.layers(skip_shared=True)
             )
+            and (kfac is not None or self._kfac_coverage() >= _KFAC_MIN_COVERAGE)
         )
         if not fit:
             self._auto_kfac_off = True
@@ -1295,6 +1301,19 @@ class HessianFree(torch.optim.Optimizer):
         if kfac is None:
             kfac = self._auto_precond = KFACPreconditioner._discovering(**_KFAC_SETTINGS)
         return kfac
+
+    def _kfac_coverage(self) -> float:
+        """The share of the optimizer's parameter entries in the recorded ``nn.Linear`` layers
+        (those that ran once), which ``precond='auto'``'s K-FAC would precondition."""
+        params = self._params()
+        own = {id(p) for p in params}
+        covered = sum(
+            p.numel()
+            for m in self._linear_pass.layers(skip_shared=True)
+            for p in (m.weight, m.bias)
+            if p is not None and id(p) in own
+        )
+        return covered / max(sum(p.numel() for p in params), 1)
 
     def _preconditioner(
         self,

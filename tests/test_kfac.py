@@ -454,6 +454,40 @@ def test_auto_uses_kfac_for_outputs_closures_only():
     assert not torch.equal(runs["auto", "outputs"], runs["auto", "loss"])
 
 
+@pytest.mark.parametrize("cell", [nn.GRU, nn.Linear])
+def test_auto_uses_kfac_only_where_its_layers_hold_half_the_parameters(cell):
+    """A GRU under a linear head: the head is the only nn.Linear, 21 of 195 parameters, and
+    'auto' runs as precond=None (K-FAC's mini-batch CG cap of 2 left the GRU nearly
+    unpreconditioned). An all-Linear model (the scorecard's tasks) still runs as 'kfac'."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 2, generator=g, dtype=DTYPE)
+    y = torch.randn(6, 3, generator=g, dtype=DTYPE)
+    runs = {}
+    for precond in ("auto", None, "kfac"):
+        torch.manual_seed(1)
+        body = cell(2, 6, batch_first=True) if cell is nn.GRU else cell(10, 6)
+        head = nn.Linear(6, 3)
+        model = nn.ModuleList([body, head]).to(DTYPE)
+
+        def forward(body=body, head=head):
+            if cell is nn.GRU:
+                return head(body(x)[0][:, -1])
+            return head(torch.tanh(body(x.reshape(6, 10))))
+
+        opt = HessianFree(model.parameters(), precond=precond, cg_max_iter=5)
+
+        def closure(forward=forward):
+            out = forward()
+            return F.mse_loss(out, y), out
+
+        for _ in range(2):
+            opt.step(closure)
+        runs[precond] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = None if cell is nn.GRU else "kfac"
+    assert torch.equal(runs["auto"], runs[expected])
+    assert not torch.equal(runs[None], runs["kfac"])  # the two differ: the test can fail
+
+
 def test_auto_leaves_16_bit_parameters_unpreconditioned():
     # eigh has no float16 CPU kernel: 'auto' must not build K-FAC there (it raised)
     x, y = (t.to(torch.float16) for t in _data(n=9))
