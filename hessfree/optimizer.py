@@ -657,8 +657,10 @@ class HessianFree(torch.optim.Optimizer):
             in ``experiments/pinn.py``); ``'kfac'``'s K-FAC when it returns one outputs tensor
             ``(loss, outputs)`` without hidden states, the curvature is Gauss-Newton, the
             parameters are float32/64, the run is on one process (K-FAC's probes are drawn per
-            rank) and at least one
-            ``nn.Linear`` of the optimizer's parameters runs once in the closure
+            rank) and the ``nn.Linear`` layers of the optimizer's parameters that run once in
+            the closure hold at least half its parameter entries (a GRU or LSTM under a linear
+            head does not: K-FAC's 2-iteration CG left it nearly unpreconditioned;
+            ``experiments/README.md``, "unseen")
             (layers that run more than once, shared weights, are left out, and a later step
             that K-FAC refuses turns it off with a warning; measured on the scorecard's tasks
             in ``experiments/README.md``, "kfacauto"); else none.
