@@ -456,7 +456,7 @@ def test_auto_uses_kfac_for_outputs_closures_only():
 
 @pytest.mark.parametrize("cell", [nn.GRU, nn.Linear])
 def test_auto_uses_kfac_only_where_its_layers_hold_half_the_parameters(cell):
-    """A GRU under a linear head: the head is the only nn.Linear, 21 of 195 parameters, and
+    """A GRU under a linear head: the head is the only nn.Linear, 21 of 201 parameters, and
     'auto' runs as precond=None (K-FAC's mini-batch CG cap of 2 left the GRU nearly
     unpreconditioned). An all-Linear model (the scorecard's tasks) still runs as 'kfac'."""
     g = torch.Generator().manual_seed(0)
