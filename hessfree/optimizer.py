@@ -1591,7 +1591,9 @@ class HessianFree(torch.optim.Optimizer):
         )
         if result.reason is CGStop.NON_FINITE:
             state.pop("warm_start", None)
-            return self._reject(run, StepStatus.NON_FINITE_CURVATURE, "a curvature product")
+            # no product yet: r = -g is finite (checked), so z = M^{-1} r was not
+            what = "a curvature product" if result.num_matvec else "the preconditioner"
+            return self._reject(run, StepStatus.NON_FINITE_CURVATURE, what)
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
         run.lap("solve")
         # the structural term is damping, left out of ρ's model: its energy at the chosen
