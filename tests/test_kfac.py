@@ -540,23 +540,24 @@ def test_precond_kfac_trains_16_bit_parameters(dtype):
 class _Shared(nn.Module):
     """A layer run twice per pass (shared weights) and a head run once."""
 
-    def __init__(self) -> None:
+    def __init__(self, d_out: int = 2) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.step, self.head = nn.Linear(3, 3).to(DTYPE), nn.Linear(3, 2).to(DTYPE)
+        self.step, self.head = nn.Linear(3, 3).to(DTYPE), nn.Linear(3, d_out).to(DTYPE)
 
     def forward(self, x):
         return self.head(torch.tanh(self.step(torch.tanh(self.step(x)))))
 
 
 def test_a_shared_layer_is_skipped_under_auto_and_refused_under_kfac():
-    x, y = _data()
-    model = _Shared()
+    # a head of 16 of the 28 parameters: 'auto' needs K-FAC's layers to hold at least half
+    x, y = _data(d_out=4)
+    model = _Shared(d_out=4)
     opt = HessianFree(model.parameters())
     opt.step(_outputs_closure(model, x, y))
     layers = opt._auto_precond.layers
     assert [m.weight for m in layers] == [model.head.weight]  # the head only
-    model = _Shared()
+    model = _Shared(d_out=4)
     opt = HessianFree(model.parameters(), precond="kfac")
     with pytest.raises(ValueError, match=r"layer 0 \(Linear.*\) ran 2 times"):
         opt.step(_outputs_closure(model, x, y))
