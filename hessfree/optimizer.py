@@ -181,6 +181,11 @@ _BUILT_IN_PRECONDS = (NystromPreconditioner, KFACPreconditioner)
 #: ``precond='kfac'`` (and ``'auto'``'s K-FAC): the settings of the scorecard's tuned CURVES
 #: row (``experiments/README.md``, "kfacauto").
 _KFAC_SETTINGS = dict(rank=32, refresh=2)
+#: ``precond='auto'``'s K-FAC only where its ``nn.Linear`` layers hold at least this share of
+#: the optimizer's parameters (ours): K-FAC's mini-batch regime caps CG at 2 iterations, which
+#: left a GRU or LSTM whose head (1% of the parameters) was the only layer nearly
+#: unpreconditioned and 4× behind precond=None (experiments/README.md, "unseen").
+_KFAC_MIN_COVERAGE = 0.5
 #: A built-in preconditioner's state before its first step.
 _EMPTY_PRECOND_STATE = {
     NystromPreconditioner: {"U": None, "eigenvalues": None, "calls": 0},
@@ -652,8 +657,10 @@ class HessianFree(torch.optim.Optimizer):
             in ``experiments/pinn.py``); ``'kfac'``'s K-FAC when it returns one outputs tensor
             ``(loss, outputs)`` without hidden states, the curvature is Gauss-Newton, the
             parameters are float32/64, the run is on one process (K-FAC's probes are drawn per
-            rank) and at least one
-            ``nn.Linear`` of the optimizer's parameters runs once in the closure
+            rank) and the ``nn.Linear`` layers of the optimizer's parameters that run once in
+            the closure hold at least half its parameter entries (a GRU or LSTM under a linear
+            head does not: K-FAC's 2-iteration CG left it nearly unpreconditioned;
+            ``experiments/README.md``, "unseen")
             (layers that run more than once, shared weights, are left out, and a later step
             that K-FAC refuses turns it off with a warning; measured on the scorecard's tasks
             in ``experiments/README.md``, "kfacauto"); else none.
@@ -1287,6 +1294,7 @@ class HessianFree(torch.optim.Optimizer):
             and bool(
                 kfac.layers if kfac is not None else self._linear_pass.layers(skip_shared=True)
             )
+            and (kfac is not None or self._kfac_coverage() >= _KFAC_MIN_COVERAGE)
         )
         if not fit:
             self._auto_kfac_off = True
@@ -1295,6 +1303,19 @@ class HessianFree(torch.optim.Optimizer):
         if kfac is None:
             kfac = self._auto_precond = KFACPreconditioner._discovering(**_KFAC_SETTINGS)
         return kfac
+
+    def _kfac_coverage(self) -> float:
+        """The share of the optimizer's parameter entries in the recorded ``nn.Linear`` layers
+        (those that ran once), which ``precond='auto'``'s K-FAC would precondition."""
+        params = self._params()
+        own = {id(p) for p in params}
+        covered = sum(
+            p.numel()
+            for m in self._linear_pass.layers(skip_shared=True)
+            for p in (m.weight, m.bias)
+            if p is not None and id(p) in own
+        )
+        return covered / max(sum(p.numel() for p in params), 1)
 
     def _preconditioner(
         self,
@@ -1570,7 +1591,9 @@ class HessianFree(torch.optim.Optimizer):
         )
         if result.reason is CGStop.NON_FINITE:
             state.pop("warm_start", None)
-            return self._reject(run, StepStatus.NON_FINITE_CURVATURE, "a curvature product")
+            # no product yet: r = -g is finite (checked), so z = M^{-1} r was not
+            what = "a curvature product" if result.num_matvec else "the preconditioner"
+            return self._reject(run, StepStatus.NON_FINITE_CURVATURE, what)
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
         run.lap("solve")
         # the structural term is damping, left out of ρ's model: its energy at the chosen

@@ -783,10 +783,11 @@ class KFACPreconditioner:
                 "the factors keep their previous values."
             )
         previous = self.eigen or [(None, None)] * len(factors)
-        self.eigen = [
+        eigen = [
             (self._eigen(A, pa), self._eigen(G, pg))
             for (A, G), (pa, pg) in zip(factors, previous, strict=True)
         ]
+        self.eigen = self._finite_eigen(factors, previous, eigen)
         self.factors = factors
         # the floor: relative_damping times the mean eigenvalue of G ⊗ A (kept on the device)
         self._floors = [
@@ -799,6 +800,45 @@ class KFACPreconditioner:
         if rows.shape[1] > self.max_dense:
             return rows.square().sum(0) / count
         return rows.T @ rows / count
+
+    def _finite_eigen(
+        self,
+        factors: list[tuple[Tensor, Tensor]],
+        previous: Sequence[tuple[_Side | None, _Side | None]],
+        eigen: list[tuple[_Side, _Side]],
+    ) -> list[tuple[_Side, _Side]]:
+        """``eigen``, with any spectrum that came back non-finite recomputed in float64.
+
+        LAPACK's float32 ``eigh`` (MKL's ``ssyevd`` on CPU) can return NaN, without an error,
+        for a finite factor: an input factor :math:`A` with exact zero rows (dead ReLU units
+        feeding the layer) and fewer examples than inputs did so on a CNN at batch 100, and
+        every step was then rejected as a non-finite curvature product. float64's ``eigh``
+        of the same factor is finite, so a spectrum is redone there and cast back; finite
+        spectra are kept as computed (one host read per refresh, beside the factors' check).
+        """
+        parts = [t for pair in eigen for side in pair for t in side if t is not None]
+        if bool(torch.stack([torch.isfinite(t).all() for t in parts]).all()):
+            return eigen
+        out = []
+        for (A, G), (pa, pg), pair in zip(factors, previous, eigen, strict=True):
+            fixed = []
+            for F, prev, side in zip((A, G), (pa, pg), pair, strict=True):
+                if all(t is None or bool(torch.isfinite(t).all()) for t in side):
+                    fixed.append(side)
+                    continue
+                wide = None if prev is None else tuple(
+                    None if t is None else t.double() for t in prev
+                )  # fmt: skip
+                side64 = self._eigen(F.double(), wide)  # type: ignore[arg-type]
+                fixed.append(tuple(None if t is None else t.to(F.dtype) for t in side64))
+            out.append(tuple(fixed))
+        parts = [t for pair in out for side in pair for t in side if t is not None]
+        if not bool(torch.stack([torch.isfinite(t).all() for t in parts]).all()):
+            raise FloatingPointError(
+                "KFACPreconditioner: a factor's eigendecomposition is not finite, even in "
+                "float64; the factors keep their previous values."
+            )
+        return out  # type: ignore[return-value]
 
     def _eigen(
         self, factor: Tensor, previous: _Side | None = None

@@ -325,6 +325,44 @@ def test_non_finite_statistics_are_refused_and_the_factors_kept(max_dense):
         assert torch.equal(A0, A) and torch.equal(G0, G)
 
 
+def test_a_non_finite_float32_eigh_is_redone_in_float64(monkeypatch):
+    """LAPACK's float32 eigh (MKL) returned NaN, without an error, for a finite input factor
+    with exact zero rows (a CNN's dead ReLU units, batch 100): every HF step was then rejected
+    as a non-finite product. Simulated by an eigh that gives NaN in float32; the preconditioner
+    must still be the dense float64 damped inverse of its factors' Kronecker product."""
+    x, y = _data(n=9, d_in=4, d_out=3, seed=10)
+    x, y = x.float(), y.float()
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))  # float32 factors
+    real = torch.linalg.eigh
+
+    def eigh(a, *args, **kwargs):
+        values, vectors = real(a, *args, **kwargs)
+        if a.dtype == torch.float32:
+            return values * float("nan"), vectors * float("nan")
+        return values, vectors
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0)
+    mu = 0.2
+    ctx, params = _context(model, x, y, F.mse_loss, mu)
+    apply = K(ctx)
+    n = sum(p.numel() for p in params)
+    r = torch.from_numpy(np.random.default_rng(5).standard_normal(n)).float()
+    z = apply(r)
+    offset = 0
+    for layer, (A, G) in zip(K.layers, K.factors, strict=True):
+        assert A.dtype == G.dtype == torch.float32
+        M = np.kron(G.double().numpy(), A.double().numpy()) + mu * np.eye(A.shape[0] * G.shape[0])
+        pos = offset + _layer_perm(layer)
+        expected = np.linalg.solve(M, r.double().numpy()[pos])
+        # float32 factors, float32 r: float32's precision
+        torch.testing.assert_close(
+            z[torch.from_numpy(pos)].double(), torch.from_numpy(expected), rtol=1e-4, atol=1e-5
+        )
+        offset += pos.size
+
+
 def test_a_layer_run_twice_in_one_pass_is_refused_and_direct_layer_calls_are_not():
     # Shared weights (a recurrent step): the hooks kept the last call only, so the factors
     # silently described one time step. A module given: its calls delimit a forward pass.
@@ -416,6 +454,40 @@ def test_auto_uses_kfac_for_outputs_closures_only():
     assert not torch.equal(runs["auto", "outputs"], runs["auto", "loss"])
 
 
+@pytest.mark.parametrize("cell", [nn.GRU, nn.Linear])
+def test_auto_uses_kfac_only_where_its_layers_hold_half_the_parameters(cell):
+    """A GRU under a linear head: the head is the only nn.Linear, 21 of 201 parameters, and
+    'auto' runs as precond=None (K-FAC's mini-batch CG cap of 2 left the GRU nearly
+    unpreconditioned). An all-Linear model (the scorecard's tasks) still runs as 'kfac'."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 2, generator=g, dtype=DTYPE)
+    y = torch.randn(6, 3, generator=g, dtype=DTYPE)
+    runs = {}
+    for precond in ("auto", None, "kfac"):
+        torch.manual_seed(1)
+        body = cell(2, 6, batch_first=True) if cell is nn.GRU else cell(10, 6)
+        head = nn.Linear(6, 3)
+        model = nn.ModuleList([body, head]).to(DTYPE)
+
+        def forward(body=body, head=head):
+            if cell is nn.GRU:
+                return head(body(x)[0][:, -1])
+            return head(torch.tanh(body(x.reshape(6, 10))))
+
+        opt = HessianFree(model.parameters(), precond=precond, cg_max_iter=5)
+
+        def closure(forward=forward):
+            out = forward()
+            return F.mse_loss(out, y), out
+
+        for _ in range(2):
+            opt.step(closure)
+        runs[precond] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = None if cell is nn.GRU else "kfac"
+    assert torch.equal(runs["auto"], runs[expected])
+    assert not torch.equal(runs[None], runs["kfac"])  # the two differ: the test can fail
+
+
 def test_auto_leaves_16_bit_parameters_unpreconditioned():
     # eigh has no float16 CPU kernel: 'auto' must not build K-FAC there (it raised)
     x, y = (t.to(torch.float16) for t in _data(n=9))
@@ -468,23 +540,24 @@ def test_precond_kfac_trains_16_bit_parameters(dtype):
 class _Shared(nn.Module):
     """A layer run twice per pass (shared weights) and a head run once."""
 
-    def __init__(self) -> None:
+    def __init__(self, d_out: int = 2) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.step, self.head = nn.Linear(3, 3).to(DTYPE), nn.Linear(3, 2).to(DTYPE)
+        self.step, self.head = nn.Linear(3, 3).to(DTYPE), nn.Linear(3, d_out).to(DTYPE)
 
     def forward(self, x):
         return self.head(torch.tanh(self.step(torch.tanh(self.step(x)))))
 
 
 def test_a_shared_layer_is_skipped_under_auto_and_refused_under_kfac():
-    x, y = _data()
-    model = _Shared()
+    # a head of 16 of the 28 parameters: 'auto' needs K-FAC's layers to hold at least half
+    x, y = _data(d_out=4)
+    model = _Shared(d_out=4)
     opt = HessianFree(model.parameters())
     opt.step(_outputs_closure(model, x, y))
     layers = opt._auto_precond.layers
     assert [m.weight for m in layers] == [model.head.weight]  # the head only
-    model = _Shared()
+    model = _Shared(d_out=4)
     opt = HessianFree(model.parameters(), precond="kfac")
     with pytest.raises(ValueError, match=r"layer 0 \(Linear.*\) ran 2 times"):
         opt.step(_outputs_closure(model, x, y))

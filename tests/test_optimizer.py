@@ -1224,6 +1224,28 @@ def test_non_finite_curvature_under_a_built_in_preconditioner_is_a_rejected_step
         assert all(A.dim() == (1 if precond == "kfac_diagonal" else 2) for A, _ in kfac.factors)
 
 
+def test_a_non_finite_preconditioner_is_named_as_such():
+    """A preconditioner that gives NaN before CG's first product (K-FAC's float32 eigh did, on
+    MKL) was reported as 'non-finite value in a curvature product'; the step is rejected and the
+    parameters stay bit-identical (oracle: the previous values), and the warning names it."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randn(8, 2, dtype=torch.float64)
+    opt = HessianFree(model.parameters(), precond=lambda ctx: lambda r: r * float("nan"))
+
+    def closure():
+        out = model(x)
+        return F.mse_loss(out, y), out
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="non-finite value in the preconditioner"):
+        opt.step(closure)
+    assert opt.last_step.status == "non_finite_curvature"
+    assert opt.last_step.cg_matvecs == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_lr_zero_from_a_scheduler_or_the_constructor_is_not_accepted():
     A, b = _quadratic(4, seed=2)
     x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
