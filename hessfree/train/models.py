@@ -179,7 +179,7 @@ class TanhRNN(nn.Module):
     Where a graph is built the loop is one autograd node (:mod:`._tanh_recurrence`) with BPTT
     and its derivatives written out: the same values, gradients and curvature products up to
     the order of float sums, without the engine's ~5 nodes per step in every backward pass (a
-    Gauss-Newton product ~0.77x, measured in ``experiments/_rnnprod.py``).
+    Gauss-Newton product 0.77-0.92x, measured in ``experiments/_rnnprod.py``).
 
     Args:
         input_size: Channels per step.
