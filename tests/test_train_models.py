@@ -276,10 +276,156 @@ def test_tanh_rnn_forward_is_the_explicit_recursion_and_skips_the_states_copy(mo
     out, hidden = rnn.forward_with_hidden(x)
     torch.testing.assert_close(hidden, torch.stack(states, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out, rnn.readout(h), rtol=1e-12, atol=1e-12)
-    # forward: the same outputs bit for bit, without concatenating the states it drops
+    # forward: the same outputs bit for bit, without concatenating the states it drops where
+    # no graph is built; with a graph, one node holds the loop (_tanh_recurrence) and its
+    # values are the loop's bit for bit
     calls = []
     real = models.cat_last
     monkeypatch.setattr(models, "cat_last", lambda ts: calls.append(len(ts)) or real(ts))
-    assert torch.equal(rnn(x), out) and calls == []
-    rnn.forward_with_hidden(x)
+    with torch.no_grad():
+        assert torch.equal(rnn(x), out) and calls == []
+        out0, hidden0 = rnn.forward_with_hidden(x)
     assert calls == [6]
+    assert torch.equal(out0, out) and torch.equal(hidden0, hidden)
+    assert torch.equal(rnn(x), out) and calls == [6]
+
+
+# ------------------------------------------------------------------ the fused recurrence node
+_EXACT = dict(rtol=1e-10, atol=1e-12)
+
+
+def _loop_outputs(theta, rnn, x):
+    """The explicit float64 loop h_t = tanh(W_x x_t + b + W_h h_{t-1}), plain autograd ops (the
+    oracle: independent of TanhRNN's fused node): (outputs, every state)."""
+    sizes = [p.numel() for p in rnn.parameters()]
+    wx, b, wh, wo, bo = (
+        c.view(p.shape) for c, p in zip(theta.split(sizes), rnn.parameters(), strict=True)
+    )
+    h, hs = torch.zeros(x.shape[0], wh.shape[0], dtype=x.dtype), []
+    for t in range(x.shape[1]):
+        h = torch.tanh(x[:, t] @ wx.T + b + h @ wh.T)
+        hs.append(h)
+    return h @ wo.T + bo, torch.stack(hs, 1)
+
+
+@pytest.mark.parametrize("steps", [1, 7])
+def test_tanh_rnn_products_match_the_explicit_loop_in_float64(steps):
+    """Gradient, Hessian, Gauss-Newton (plain and structurally damped, one and batched) and
+    forward-mode products of TanhRNN (its fused recurrence node, _tanh_recurrence) against
+    dense float64 matrices of the explicit loop from torch.autograd.functional."""
+    from hessfree import GGNProduct, HessianProduct, StructurallyDampedGGN
+
+    torch.manual_seed(5)
+    rnn = TanhRNN(2, 4, 1, spectral_radius=1.1).double()
+    x, y = torch.randn(3, steps, 2, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
+    params = list(rnn.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def f(t):
+        return F.mse_loss(_loop_outputs(t, rnn, x)[0], y)
+
+    Hf = torch.autograd.functional.hessian(f, theta)
+    Jo = torch.autograd.functional.jacobian(
+        lambda t: _loop_outputs(t, rnn, x)[0].reshape(-1), theta
+    )
+    Jh = torch.autograd.functional.jacobian(
+        lambda t: _loop_outputs(t, rnn, x)[1].reshape(-1), theta
+    )
+    G = 2 * Jo.T @ Jo / 3  # mse 'mean' over 3 cases: H_l = 2/3 I
+    V = torch.randn(2, theta.numel(), dtype=torch.float64)
+
+    out = rnn(x)
+    loss = F.mse_loss(out, y)
+    g = torch.cat(
+        [
+            t.reshape(-1)
+            for t in torch.autograd.grad(
+                loss, params, retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+        ]
+    )
+    torch.testing.assert_close(g, torch.autograd.functional.jacobian(f, theta), **_EXACT)
+    torch.testing.assert_close(HessianProduct(loss, params)(V[0]), Hf @ V[0], **_EXACT)
+    torch.testing.assert_close(GGNProduct(loss, out, params)(V[0]), G @ V[0], **_EXACT)
+    out, hidden = rnn.forward_with_hidden(x)
+    P = StructurallyDampedGGN(F.mse_loss(out, y), out, hidden, params, weight=0.3)
+    expected = G + 0.3 * Jh.T @ Jh
+    torch.testing.assert_close(P(V[0]), expected @ V[0], **_EXACT)
+    torch.testing.assert_close(P.matmat(V), V @ expected.T, **_EXACT)
+    torch.testing.assert_close(P.hidden_energy(V), ((V @ Jh.T) ** 2).sum(1), **_EXACT)
+    # forward mode through the node's jvp rule
+    names, sizes = [n for n, _ in rnn.named_parameters()], [p.numel() for p in params]
+
+    def call(t):
+        state = {n: c.view(p.shape) for n, c, p in zip(names, t.split(sizes), params, strict=True)}
+        return torch.func.functional_call(rnn, state, (x,))
+
+    with torch.enable_grad():
+        _, jv = torch.func.jvp(call, (theta,), (V[0],))
+    torch.testing.assert_close(jv.reshape(-1), Jo @ V[0], **_EXACT)
+
+
+def test_tanh_rnn_graph_and_products_do_not_grow_by_the_engine_nodes_of_each_step():
+    """One autograd node holds TanhRNN's loop: the forward graph's node count does not depend on
+    T, and a structurally damped Gauss-Newton product dispatches about 8 aten ops per step
+    (autograd's own graph of the loop: 28), counted with a dispatch mode."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hessfree import StructurallyDampedGGN
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    def nodes(root):
+        seen, stack = set(), [root]
+        while stack:
+            n = stack.pop()
+            if n is not None and n not in seen:
+                seen.add(n)
+                stack.extend(m for m, _ in n.next_functions)
+        return len(seen)
+
+    counts = {}
+    for steps in (10, 20):
+        torch.manual_seed(0)
+        rnn = TanhRNN(2, 4, 1).double()
+        x, y = torch.randn(3, steps, 2, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64)
+        out, hidden = rnn.forward_with_hidden(x)
+        loss = F.mse_loss(out, y)
+        P = StructurallyDampedGGN(loss, out, hidden, list(rnn.parameters()), weight=0.1)
+        v = torch.ones(P.layout.numel, dtype=torch.float64)
+        with Count() as c:
+            P.matvec(v)
+        counts[steps] = (nodes(loss.grad_fn) + nodes(hidden.grad_fn), sum(c.ops.values()))
+    assert counts[10][0] == counts[20][0]
+    per_step = (counts[20][1] - counts[10][1]) / 10
+    assert per_step <= 12, counts
+
+
+def test_tanh_rnn_float32_backward_forms_tanh_slopes_with_one_rounding():
+    """The last step's gradient of TanhRNN's recurrence, D_T ⊙ G_T with D_T = 1 - h_T², against
+    the same arithmetic in float64 on the float32 states: on saturated units (|h| > 0.99) the
+    slope needs one rounding (as torch's tanh backward); rounding h² first cancels (relative
+    error up to ~1e-5 there)."""
+    from hessfree.train._tanh_recurrence import tanh_recurrence
+
+    torch.manual_seed(2)
+    u = (8 * torch.randn(256, 3, 8)).requires_grad_()  # most units saturated
+    w = 0.3 * torch.randn(8, 8)
+    H, _ = tanh_recurrence(u, w)
+    G = torch.randn_like(H)
+    (du,) = torch.autograd.grad(H, u, G)
+    h = H[:, -1].detach().double()
+    oracle = G[:, -1].double() * (1 - h * h)
+    sat = (h.abs() > 0.99) & (oracle != 0)
+    assert int(sat.sum()) > 500
+    rel = ((du[:, -1].double() - oracle).abs() / oracle.abs())[sat]
+    assert float(rel.max()) < 3e-7, float(rel.max())
