@@ -175,6 +175,36 @@ def lbfgs_step(opt: torch.optim.Optimizer, closure: Callable) -> Callable[[], An
 # ---------------------------------------------------------------------------------------------
 
 
+def full_batch_run(
+    name: str, opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> Run:
+    """A full-batch MSE run: the ``(loss, outputs)`` closure for the run of that name, else the
+    LBFGS-style one (``zero_grad``, ``backward``, return the loss)."""
+
+    def full() -> torch.Tensor:
+        return nn.functional.mse_loss(model(x), y)
+
+    if name == "HF (loss, outputs)":
+
+        def closure() -> Any:
+            out = model(x)
+            return nn.functional.mse_loss(out, y), out
+
+    else:
+
+        def closure() -> Any:
+            opt.zero_grad()
+            loss = full()
+            loss.backward()
+            return loss
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return full().item()
+
+    return Run(name, lbfgs_step(opt, closure), evaluate, opt)
+
+
 def problem_logreg(budget: float) -> None:
     import scipy.optimize
 
@@ -532,28 +562,7 @@ def problem_tied(budget: float) -> None:
         else:
             opt = torch.optim.Adam(params, lr=1e-2)
 
-        def full(model: nn.Module = model) -> torch.Tensor:
-            return nn.functional.mse_loss(model(x), x)
-
-        if name == "HF (loss, outputs)":
-
-            def closure(model=model) -> Any:
-                out = model(x)
-                return nn.functional.mse_loss(out, x), out
-
-        else:
-
-            def closure(opt=opt, full=full) -> Any:
-                opt.zero_grad()
-                loss = full()
-                loss.backward()
-                return loss
-
-        def evaluate(full: Callable = full) -> float:
-            with torch.no_grad():
-                return full().item()
-
-        r = Run(name, lbfgs_step(opt, closure), evaluate, opt)
+        r = full_batch_run(name, opt, model, x, x)
         r.model = model  # type: ignore[attr-defined]
         runs.append(r)
     interleave(runs, budget, eval_every=budget / 30)
@@ -587,28 +596,7 @@ def problem_f64(budget: float) -> None:
         else:
             opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 
-        def full(model: nn.Module = model) -> torch.Tensor:
-            return nn.functional.mse_loss(model(x), y)
-
-        if name == "HF (loss, outputs)":
-
-            def closure(model=model) -> Any:
-                out = model(x)
-                return nn.functional.mse_loss(out, y), out
-
-        else:
-
-            def closure(opt=opt, full=full) -> Any:
-                opt.zero_grad()
-                loss = full()
-                loss.backward()
-                return loss
-
-        def evaluate(full: Callable = full) -> float:
-            with torch.no_grad():
-                return full().item()
-
-        runs.append(Run(name, lbfgs_step(opt, closure), evaluate, opt))
+        runs.append(full_batch_run(name, opt, model, x, y))
     interleave(runs, budget, eval_every=budget / 30)
     report("(g) float64 MLP 2-20-20-1 regression (tanh), 400 points, full batch", runs, "LBFGS")
 
