@@ -426,6 +426,15 @@ class Problem:
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """``(loss, outputs)`` on the batch: the closure every contender starts from."""
+        out = self.model(self.x)
+        return self.loss(out, self.y), out
+
+    def gradient(self) -> tuple[Tensor, ...]:
+        """One gradient of the loss (forward and backward): the unit products are timed in."""
+        return torch.autograd.grad(self.forward()[0], self.params)
+
 
 def make_problem(key: str, device: str, seed: int) -> Problem:
     """``autoencoder`` (a), ``mlp`` (b) or ``cnn`` (c) of the product benchmark."""

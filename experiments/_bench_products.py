@@ -140,13 +140,7 @@ def factories(
     vs = layout.split(v)
     notes: list[str] = []
 
-    def fwd():
-        out = model(x)
-        return loss_fn(out, y), out
-
-    def grad():
-        loss, _ = fwd()
-        return torch.autograd.grad(loss, params)
+    fwd, grad = prob.forward, prob.gradient
 
     def hvp_setup():
         return HessianProduct(fwd()[0], params)

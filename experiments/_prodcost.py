@@ -104,17 +104,11 @@ def _bench_fns(task: str) -> tuple[dict, dict, Any]:
     from hessfree import GGNProduct, HessianProduct, ParamLayout
 
     prob = make_problem(task, "cpu", 0)
-    model, x, y, loss_fn, params = prob.model, prob.x, prob.y, prob.loss, prob.params
+    params = prob.params
     layout = ParamLayout(params)
     v = torch.randn(layout.numel, generator=torch.Generator().manual_seed(0))
 
-    def fwd():
-        out = model(x)
-        return loss_fn(out, y), out
-
-    def grad():
-        loss, _ = fwd()
-        return torch.autograd.grad(loss, params)
+    fwd, grad = prob.forward, prob.gradient
 
     G = GGNProduct(*fwd(), params)
     H = HessianProduct(fwd()[0], params)
