@@ -8,12 +8,17 @@ minimum of the unfloored λ the relative floor tracks), the curvature scale s =
 the final error and a SHA-256 of the parameters (run once per code version: equal hashes =
 bitwise unchanged trajectories).
 
+``compare``: each regime with ``min_damping=1e-8`` (the former default, absolute) and with
+its own setting (``'auto'``), in one process for equal steps: the error at 1/8, 1/4, 1/2 and all
+of the steps, and whether the parameter hashes are equal.
+
 ``equiv``: ``_unseen.py``'s loss-scale problem (digits MLP, float64, full batch): the
 trajectory of ``HessianFree(params, tolerance_change=0)`` with a ``(loss, outputs)`` closure at
 loss × 1e3 / × 1e-3 / ``reduction='sum'`` against × 1, max relative parameter difference after
 each of ``--steps`` steps.
 
     python experiments/_lamscale.py floors [--tasks swap,digits,...] [--steps swap=580,...]
+    python experiments/_lamscale.py compare [--tasks swap,digits,mnist1d] [--steps swap=170,...]
     python experiments/_lamscale.py equiv [--steps 30] [--kw min_damping=0]
 """
 
@@ -89,11 +94,10 @@ def make(key: str) -> scorecard.Task:
 def regimes(key: str, task: scorecard.Task, which: str) -> dict[str, dict]:
     """The HF default (as ``scorecard.main`` builds it) and the tuned rows named in ``which``
     ('all', 'picked': :data:`PICKED`, or a ';' list of name prefixes)."""
-    tuned = next(iter(task.hf.values()))
-    base = task.hf_default_regime or tuned
+    picked = PICKED["addition" if key.startswith("addition") else key]
+    base = task.hf_default_regime or task.hf[picked]  # as scorecard.main: the tuned's schedule
     base = {k: v for k, v in base.items() if k not in ("kfac", "early_kw")} | {"kw": {}}
     out = {"HF default": base}
-    picked = PICKED["addition" if key.startswith("addition") else key]
     for name, regime in task.hf.items():
         if (
             name == picked
@@ -146,6 +150,59 @@ def floors(args: argparse.Namespace) -> None:
                 f"{task.error(run.model):.6e} | {h.hexdigest()[:16]} |",
                 flush=True,
             )
+    print(f"\nload {open('/proc/loadavg').read().strip()}")
+
+
+def _hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Each regime twice in one process: ``min_damping=1e-8`` (absolute: the former default,
+    bitwise) and the regime's own (``'auto'`` unless it sets one), for equal steps; the error
+    at 1/8, 1/4, 1/2 and all of them, the minimum λ and both hashes."""
+    steps = dict(STEPS)
+    for kv in filter(None, args.steps.split(",")):
+        k, v = kv.split("=")
+        steps[k] = int(v)
+    scorecard.HessianFree = Recording
+    print(f"hessfree from {hessfree.__file__}; load {open('/proc/loadavg').read().strip()}")
+    print(
+        "| task | regime | min_damping | steps | error at 1/8 / 1/4 / 1/2 / all of the steps "
+        "| min λ | scale s | statuses | sha256 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key in args.tasks.split(","):
+        task = make(key)
+        n = steps[key]
+        marks = {max(1, n // 8), max(1, n // 4), max(1, n // 2), n}
+        for name, regime in regimes(key, task, args.which).items():
+            hashes = []
+            for floor in (1e-8, "auto"):
+                kw = regime["kw"]
+                if floor != "auto" or "min_damping" not in kw:
+                    kw = kw | {"min_damping": floor}
+                Recording.log = []
+                run = scorecard.hf_run(task, name, "HF", regime | {"kw": kw})
+                errors = []
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for k in range(1, n + 1):
+                        run.step()
+                        if k in marks:
+                            errors.append(task.error(run.model))
+                hashes.append(_hash(run.model))
+                print(
+                    f"| {key} | {name[:50]} | {kw.get('min_damping')} | {n} | "
+                    + " / ".join(f"{e:.4g}" for e in errors)
+                    + f" | {min(r[0] for r in Recording.log):.3g} | {Recording.log[-1][2]:.4g} | "
+                    f"{dict(sorted(run.statuses.items()))} | {hashes[-1]} |",
+                    flush=True,
+                )
+            print(f"| {key} | {name[:50]} | bitwise equal: {hashes[0] == hashes[1]} |||||||")
     print(f"\nload {open('/proc/loadavg').read().strip()}")
 
 
@@ -205,12 +262,16 @@ def main() -> None:
     f.add_argument("--steps", default="")
     f.add_argument("--which", default="picked")
     f.add_argument("--seconds", type=float, default=85.0)
+    c = sub.add_parser("compare")
+    c.add_argument("--tasks", default="swap,digits,mnist1d")
+    c.add_argument("--steps", default="")
+    c.add_argument("--which", default="picked")
     e = sub.add_parser("equiv")
     e.add_argument("--steps", type=int, default=30)
     e.add_argument("--kw", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    floors(args) if args.cmd == "floors" else equiv(args)
+    {"floors": floors, "compare": compare, "equiv": equiv}[args.cmd](args)
 
 
 if __name__ == "__main__":

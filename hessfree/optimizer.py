@@ -481,8 +481,9 @@ class HessianFree(torch.optim.Optimizer):
             a quotient of 0 or not finite) the absolute :math:`10^{-8}`. So the floor, and the
             trajectory, scale with the loss: full batch, a ``(loss, outputs)`` closure's
             parameters after 30 steps at loss × 1e3, × 1e-3 and ``reduction='sum'`` agree with
-            × 1 to 2e-7 relative, against 0.26-0.40 with the absolute :math:`10^{-8}`, where
-            :math:`\lambda` reached the floor within 12 steps (``experiments/README.md``,
+            × 1 to 2e-7 relative, against 0.26-0.40 with the absolute :math:`10^{-8}`, which
+            :math:`\lambda` met within 13 steps (``tolerance_grad`` and ``tolerance_change`` 0:
+            they stay absolute, as in ``torch.optim.LBFGS``; ``experiments/README.md``,
             "lamscale"). A given ``damping`` must still be >= :math:`10^{-8}` under ``'auto'``.
         max_damping: Upper bound on :math:`\lambda`, > ``min_damping`` (> :math:`10^{-8}`
             under ``'auto'``; the floor never exceeds it).
