@@ -208,11 +208,13 @@ def test_interleave_stops_a_solved_run_after_its_slice_when_asked(monkeypatch):
     for stop in (False, True):
         m = Counter()
         runs.append(scorecard.Run(str(stop), "A", m, lambda m=m: setattr(m, "n", m.n + 1)))
-        scorecard.interleave(runs[-1:], task, 0.02, 4, "cpu", stop_solved=stop)
+        scorecard.interleave(runs[-1:], task, 0.2, 2, "cpu", stop_solved=stop)
     go_on, stopped = runs
     assert go_on.solve_steps == stopped.solve_steps == 3
-    assert len(go_on.curve) > len(stopped.curve)  # no evaluation after the solved slice
-    assert stopped.clock < 0.01 <= go_on.clock  # it took no turn in the later slices
+    # the start, the solve (after step 3), then one point per slice it took a turn in
+    assert [e for _, e in go_on.curve] == [1.0, 0.0, 0.0, 0.0]
+    assert [e for _, e in stopped.curve] == [1.0, 0.0, 0.0]
+    assert stopped.steps < go_on.steps and stopped.clock < go_on.clock
 
 
 def _tiny_task(seed: int, built: list) -> scorecard.Task:
