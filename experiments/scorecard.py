@@ -34,7 +34,7 @@ targets). Every run starts from a copy of one initial model and sees the same da
 
 ::
 
-    python experiments/scorecard.py            # full: ~46 min + ~12 min for --seeds 3 (2 CPUs)
+    python experiments/scorecard.py            # full: ~46 min + ~11 min for --seeds 3 (2 CPUs)
     python experiments/scorecard.py --quick    # < 5 min; no RNN tasks
     python experiments/scorecard.py --device cuda
     python experiments/scorecard.py --tasks swap,digits --quick
