@@ -1583,7 +1583,8 @@ class HessianFree(torch.optim.Optimizer):
             self._relative_fraction(state) > 0 and "damping_scale" not in state
         ):  # damping='auto' or the relative floor: one product along g, once
             self._calibrate_damping(curvature, product, g, g_norm, run)
-        elif self._relative_fraction(state) > 0:  # the floor follows a growing scale
+        elif state.get("deterministic") is False and self._relative_fraction(state) > 0:
+            # mini-batches: the floor follows a growing curvature scale
             self._raise_floor(curvature, product, g, g_norm, run)
 
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----

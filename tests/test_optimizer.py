@@ -1648,16 +1648,18 @@ def test_relative_min_damping_auto_releases_damping_on_a_closed_form_quadratic()
     bs = torch.randn(5, 6, generator=gen, dtype=torch.float64)
     x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     opt = HessianFree([x], relative_min_damping="auto")
-    infos = []
+    infos, quotients = [], []
     for k in range(9):
         b = bs[min(k, 4)]
+        quotients.append(_rayleigh_np(A, (A @ x.detach() - b).numpy()))  # at the step's start
         opt.step(lambda b=b: 0.5 * x @ A @ x - b @ x)
         infos.append(opt.last_step)
-    lam0 = _rayleigh_np(A, -bs[0].numpy())  # damping='auto' at x = 0
-    floor = 0.01 * lam0
+    lam0 = quotients[0]  # damping='auto' at x = 0
     assert infos[0].damping == pytest.approx(lam0, rel=1e-12)
-    # steps 1-6 are floored: seen stochastic until the 3rd consecutive match (step 7)
-    for info in infos[1:7]:
+    # steps 1-6 are floored (seen stochastic until the 3rd consecutive match, step 7) at
+    # 0.01 × the largest quotient so far
+    for k, info in enumerate(infos[1:7], 1):
+        floor = 0.01 * max(quotients[: k + 1])
         assert info.damping_floor == pytest.approx(floor, rel=1e-12)
     assert infos[6].next_damping == pytest.approx(floor, rel=1e-12)  # λ sat at the floor
     # step 7: the floor lifts and λ is what ρ = 1 at every step gives without it, λ0 / 3⁷
@@ -1696,6 +1698,33 @@ def test_relative_min_damping_auto_is_bitwise_the_default_on_a_deterministic_obj
         runs.append((x.detach().clone(), lams))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
     assert "damping_unfloored" not in opt.state[x]
+
+
+def test_relative_min_damping_follows_the_largest_rayleigh_quotient_on_mini_batches():
+    # least squares on batches whose inputs grow by s_k: the curvature s_k²XₖᵀXₖ/n grows with
+    # them (as a ReLU network's does while it trains). On a stochastic objective the floor is
+    # c × the largest |gᵀCg|/gᵀg met so far, each from a closed-form gradient and Hessian at
+    # the step's start; the first step's quotient alone would leave it 1/100 of that.
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(8, 20, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(8, 20, generator=gen, dtype=torch.float64)
+    scales = [1.0, 2.0, 1.5, 4.0, 3.0, 10.0, 6.0, 8.0]
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([w], relative_min_damping=0.1)
+    largest, first = 0.0, None
+    for k, s in enumerate(scales):
+        Xs, yk = s * X[k].numpy(), y[k].numpy()
+        wk = w.detach().numpy().copy()
+        g = Xs.T @ (Xs @ wk - yk) / len(yk)  # ∇ ½ mean((Xs w − y)²)
+        quotient = float(g @ (Xs.T @ Xs / len(yk)) @ g / (g @ g))
+        largest = max(largest, quotient)
+        first = quotient if first is None else first
+        Xt = torch.from_numpy(Xs)
+        opt.step(lambda Xt=Xt, yk=y[k]: 0.5 * ((Xt @ w - yk) ** 2).mean())
+        info = opt.last_step
+        assert info.damping_floor == pytest.approx(0.1 * largest, rel=1e-9)
+        assert info.damping >= info.damping_floor * (1 - 1e-12)
+    assert largest > 20 * first  # the floor rose: a fixed first-step scale would fail above
 
 
 def test_relative_min_damping_survives_state_dict_round_trip():
