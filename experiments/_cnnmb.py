@@ -17,10 +17,9 @@ import statistics
 import sys
 from typing import Any
 
+import _unseen
 import torch
 from torch import nn
-
-import _unseen  # noqa: I001 (experiments/ is on sys.path)
 
 import hessfree
 
@@ -54,8 +53,10 @@ def diag(steps: int, variants: dict[str, dict], makers: dict, seeds=(1,)) -> Non
                     for p in m.parameters())  # fmt: skip
         n_all = sum(p.numel() for p in model0.parameters())
         print(f"\n#### {mname}: {n_all} parameters, nn.Linear {n_lin / n_all:.0%}\n")
-        print("| variant | loss @⅓ | median loss ⅓→end | min | end | ρ med | λ first→med→last | "
-              "CG med (reasons) | rate<1 | rejected | conv share of |p| / of |g| (med) |")
+        print(
+            "| variant | loss @⅓ | median loss ⅓→end | min | end | ρ med | λ first→med→last | "
+            "CG med (reasons) | rate<1 | rejected | conv share of |p| / of |g| (med) |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for vname, kw, seed in [(v, k, s) for s in seeds for v, k in variants.items()]:
             model = copy.deepcopy(model0)
@@ -68,7 +69,7 @@ def diag(steps: int, variants: dict[str, dict], makers: dict, seeds=(1,)) -> Non
             gen = torch.Generator().manual_seed(seed)
             infos, shares, losses = [], [], []
 
-            def full() -> float:
+            def full(model: nn.Module = model) -> float:
                 with torch.no_grad():
                     return nn.functional.cross_entropy(model(x), y).item()
 
@@ -77,7 +78,7 @@ def diag(steps: int, variants: dict[str, dict], makers: dict, seeds=(1,)) -> Non
                 idx = torch.randint(len(y), (100,), generator=gen)
                 xb, yb = x[idx], y[idx]
 
-                def closure() -> Any:
+                def closure(model=model, xb=xb, yb=yb) -> Any:
                     out = model(xb)
                     return nn.functional.cross_entropy(out, yb), out
 
@@ -87,11 +88,15 @@ def diag(steps: int, variants: dict[str, dict], makers: dict, seeds=(1,)) -> Non
                 g = [p.grad.clone() for p in params]
                 with before_fix(old):
                     opt.step(closure)
-                d = [p.detach() - b for p, b in zip(params, before)]
+                d = [p.detach() - b for p, b in zip(params, before, strict=True)]
                 if conv:
-                    num = sum(t.square().sum() for t, p in zip(d, params) if id(p) in conv)
+                    num = sum(
+                        t.square().sum() for t, p in zip(d, params, strict=True) if id(p) in conv
+                    )
                     den = sum(t.square().sum() for t in d)
-                    gn = sum(t.square().sum() for t, p in zip(g, params) if id(p) in conv)
+                    gn = sum(
+                        t.square().sum() for t, p in zip(g, params, strict=True) if id(p) in conv
+                    )
                     gd = sum(t.square().sum() for t in g)
                     if den > 0:
                         shares.append(((num / den).sqrt().item(), (gn / gd).sqrt().item()))
@@ -107,8 +112,8 @@ def diag(steps: int, variants: dict[str, dict], makers: dict, seeds=(1,)) -> Non
                   f"{statistics.median(s[1] for s in shares):.3f}") if shares else "–"  # fmt: skip
             late = losses[len(losses) // 3 :]  # the full-set loss every 5 steps, after ⅓
             print(
-                f"| {vname} s{seed} | {losses[len(losses) // 3]:.3g} | {statistics.median(late):.3g} | "
-                f"{min(late):.3g} | {losses[-1]:.3g}"
+                f"| {vname} s{seed} | {losses[len(losses) // 3]:.3g} | "
+                f"{statistics.median(late):.3g} | {min(late):.3g} | {losses[-1]:.3g}"
                 + f" | {statistics.median(rho) if rho else float('nan'):.2f} | "
                 f"{lam[0]:.2g}→{statistics.median(lam):.2g}→{lam[-1]:.2g} | "
                 f"{statistics.median(i.cg_iters for i in infos):.0f} ({reasons}) | "
@@ -129,9 +134,12 @@ VARIANTS = {
 }
 
 
-def race(budget: float, make=None, title: str = "CNN") -> None:
+def race(
+    budget: float, make=None, title: str = "CNN", data=None, loss_fn=None, batch: int = 100
+) -> None:
     """HF defaults now and before (main's fixed floor), Adam at three rates: interleaved."""
-    x, y, _, _ = _unseen.digits()
+    x, y = data or _unseen.digits()[:2]
+    loss_fn = loss_fn or nn.functional.cross_entropy
     torch.manual_seed(0)
     model0 = (make or _unseen.cnn)()
     runs = []
@@ -142,34 +150,39 @@ def race(budget: float, make=None, title: str = "CNN") -> None:
         opt = (hessfree.HessianFree(model.parameters()) if hf
                else torch.optim.Adam(model.parameters(), lr=float(name.split()[1])))  # fmt: skip
 
-        def step(model=model, opt=opt, gen=gen, hf=hf, old=name.endswith("(main)")) -> None:
-            idx = torch.randint(len(y), (100,), generator=gen)
+        old = name.endswith("(main)")
+
+        def step(model=model, opt=opt, gen=gen, hf=hf, old=old) -> None:
+            idx = torch.randint(len(y), (batch,), generator=gen)
             xb, yb = x[idx], y[idx]
             if hf:
 
                 def closure() -> Any:
                     out = model(xb)
-                    return nn.functional.cross_entropy(out, yb), out
+                    return loss_fn(out, yb), out
 
                 with before_fix(old):
                     opt.step(closure)
             else:
                 opt.zero_grad()
-                nn.functional.cross_entropy(model(xb), yb).backward()
+                loss_fn(model(xb), yb).backward()
                 opt.step()
 
         def evaluate(model: nn.Module = model) -> float:
+            model.eval()  # BatchNorm's running statistics, no dropout; train mode restored
             with torch.no_grad():
-                return nn.functional.cross_entropy(model(x), y).item()
+                f = loss_fn(model(x), y).item()
+            model.train()
+            return f
 
         runs.append(_unseen.Run(name, step, evaluate, opt))
     _unseen.interleave(runs, budget, eval_every=budget / 20)
-    _unseen.report(f"{title} at batch 100, {budget:g} s each (full train-set loss)", runs, None)
+    _unseen.report(f"{title} at batch {batch}, {budget:g} s each (full train-set loss)", runs, None)
     for r in runs:
-        half = [f for t, f in r.curve if t >= r.curve[-1][0] / 2][0]
+        late = [f for t, f in r.curve if t >= r.curve[-1][0] / 2]
+        med = statistics.median(late)
         print(f"- {r.name}: {r.steps} steps, {r.clock / r.steps * 1e3:.3g} ms/step, loss at ½ "
-              f"{half:.4g}, median of the last half's points "
-              f"{statistics.median(f for t, f in r.curve if t >= r.curve[-1][0] / 2):.4g}")  # fmt: skip
+              f"{late[0]:.4g}, median of the last half's points {med:.4g}")  # fmt: skip
 
 
 def tasks(keys: list[str], budgets: dict[str, float]) -> None:
@@ -206,9 +219,41 @@ def tasks(keys: list[str], budgets: dict[str, float]) -> None:
         sys.stdout.flush()
 
 
+def cost(key: str, pairs: int) -> None:
+    """A step's time now over before, on a task whose trajectory the change leaves bitwise
+    alone: one step of each in turn (alternating which goes first), the ratio of the sums."""
+    import time
+
+    import _freeze_hashes
+    import scorecard as sc
+
+    task = _freeze_hashes.make(key)
+    base = task.hf_default_regime or next(iter(task.hf.values()))
+    base = {k: v for k, v in base.items() if k not in ("kfac", "early_kw")} | {"kw": {}}
+    now, old = (sc.hf_run(task, n, "HF", base) for n in ("now", "before"))
+    spent = {"now": [], "before": []}
+    for k in range(pairs):
+        for name in ("now", "before") if k % 2 == 0 else ("before", "now"):
+            r = now if name == "now" else old
+            with before_fix(name == "before"):
+                t0 = time.perf_counter()
+                r.step()
+                spent[name].append(time.perf_counter() - t0)
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(now.model.parameters(), old.model.parameters(), strict=True)
+    )
+    ratios = [a / b for a, b in zip(spent["now"], spent["before"], strict=True)]
+    print(
+        f"{key}: {pairs} steps each; parameters bitwise equal after them: {same}; time now / "
+        f"before: sum {sum(spent['now']) / sum(spent['before']):.3f}, median per step "
+        f"{statistics.median(ratios):.3f}; load {open('/proc/loadavg').read().strip()}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["diag", "race", "tasks"])
+    ap.add_argument("what", choices=["diag", "race", "tasks", "others", "cost"])
     ap.add_argument("--tasks", nargs="+", default=["curves", "mnist1d", "addition30"])
     ap.add_argument("--steps", type=int, default=90)
     ap.add_argument("--budget", type=float, default=8.0)
@@ -224,6 +269,20 @@ def main() -> None:
     elif a.what == "race":
         race(a.budget)
         race(a.budget, mlp, "MLP control")
+    elif a.what == "cost":
+        for key in a.tasks:
+            cost(key, a.steps)
+    elif a.what == "others":  # _unseen.py's other mini-batch problems
+        seq = _unseen.seq_data(1024, 30, 0)
+        for cell in (nn.GRU, nn.LSTM):
+            race(a.budget, lambda cell=cell: _unseen.SeqReg(cell), cell.__name__, seq,
+                 nn.functional.mse_loss, 128)  # fmt: skip
+
+        def bn() -> nn.Module:
+            return nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                                 nn.Dropout(0.2), nn.Linear(64, 10))  # fmt: skip
+
+        race(a.budget, bn, "BatchNorm + Dropout MLP")
     else:
         tasks(a.tasks, {"curves": 45.0, "mnist1d": 30.0, "addition30": 60.0} | (
             {k: a.budget for k in a.tasks} if a.budget != 8.0 else {}))  # fmt: skip
