@@ -260,6 +260,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--models", nargs="+", default=["CNN", "MLP control"])
+    ap.add_argument("--cells", nargs="+", default=["GRU", "LSTM", "BN"])
     a = ap.parse_args()
     print("load at start:", open("/proc/loadavg").read().strip())
     if a.what == "diag":
@@ -274,7 +275,7 @@ def main() -> None:
             cost(key, a.steps)
     elif a.what == "others":  # _unseen.py's other mini-batch problems
         seq = _unseen.seq_data(1024, 30, 0)
-        for cell in (nn.GRU, nn.LSTM):
+        for cell in [getattr(nn, c) for c in a.cells if c != "BN"]:
             race(a.budget, lambda cell=cell: _unseen.SeqReg(cell), cell.__name__, seq,
                  nn.functional.mse_loss, 128)  # fmt: skip
 
@@ -282,7 +283,8 @@ def main() -> None:
             return nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(),
                                  nn.Dropout(0.2), nn.Linear(64, 10))  # fmt: skip
 
-        race(a.budget, bn, "BatchNorm + Dropout MLP")
+        if "BN" in a.cells:
+            race(a.budget, bn, "BatchNorm + Dropout MLP")
     else:
         tasks(a.tasks, {"curves": 45.0, "mnist1d": 30.0, "addition30": 60.0} | (
             {k: a.budget for k in a.tasks} if a.budget != 8.0 else {}))  # fmt: skip

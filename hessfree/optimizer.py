@@ -172,8 +172,9 @@ _SAME_OBJECTIVE_AGAIN = 3
 #: objective (CURVES: λ ≥ 0.28; ``experiments/README.md``, "lamfloor").
 _AUTO_RELATIVE_MIN_DAMPING = 0.01
 
-#: On a stochastic objective the relative floor's scale is re-measured (one product along g)
-#: every this many steps (``HessianFree._raise_floor``; ``experiments/README.md``, "cnnmb").
+#: On K-FAC steps of a stochastic objective the relative floor's scale is re-measured (one
+#: product along g) every this many steps (``HessianFree._raise_floor``;
+#: ``experiments/README.md``, "cnnmb").
 _FLOOR_EVERY = 4
 
 #: ``structural_damping='auto'``: μ where the curvature closure returns hidden states (Martens &
@@ -485,11 +486,13 @@ class HessianFree(torch.optim.Optimizer):
             ``damping='auto'`` (so :math:`c\lambda_0` under it) at the first step where
             :math:`c > 0` (one curvature product there if ``damping`` is a number; 0 when the
             quotient is not finite), and never below ``min_damping``, never above
-            ``max_damping``. On an objective seen stochastic the quotient is measured again
-            every 4th step (one product along that step's :math:`g`) and the scale is the
-            largest so far: a ReLU CNN's grew 1,800-fold in 50 mini-batch steps, and with the
-            first step's scale :math:`\lambda` at the floor let Gauss-Newton steps fit each
-            100-case batch until the training loss rose (``experiments/README.md``, "cnnmb").
+            ``max_damping``. On K-FAC-preconditioned steps (``precond``) of an objective seen
+            stochastic the quotient is measured again every 4th step (one product along that
+            step's :math:`g`) and the scale is the largest so far: a ReLU CNN's grew 1,800-fold
+            in 50 mini-batch steps, and with the first step's scale :math:`\lambda` at the
+            floor let K-FAC steps fit each 100-case batch until the training loss rose; on a
+            GRU/LSTM without K-FAC the same rule held :math:`\lambda` 10x higher and was 3x
+            worse (``experiments/README.md``, "cnnmb").
             It scales with the loss, where ``min_damping`` is absolute.
             ``'auto'`` (default): 0.01 on steps where the objective is seen stochastic (the
             closure's value at the start of a step differs from the previous step's at the
@@ -1596,7 +1599,8 @@ class HessianFree(torch.optim.Optimizer):
             state.get("deterministic") is False
             and self._relative_fraction(state) > 0
             and state["step"] % _FLOOR_EVERY == 0
-        ):  # mini-batches: the floor follows a growing curvature scale
+            and self._kfac_in_use()
+        ):  # K-FAC on mini-batches: the floor follows a growing curvature scale
             self._raise_floor(curvature, product, g, g_norm, run)
 
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----

@@ -1648,20 +1648,16 @@ def test_relative_min_damping_auto_releases_damping_on_a_closed_form_quadratic()
     bs = torch.randn(5, 6, generator=gen, dtype=torch.float64)
     x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     opt = HessianFree([x], relative_min_damping="auto")
-    infos, quotients = [], []
+    infos = []
     for k in range(9):
         b = bs[min(k, 4)]
-        quotients.append(_rayleigh_np(A, (A @ x.detach() - b).numpy()))  # at the step's start
         opt.step(lambda b=b: 0.5 * x @ A @ x - b @ x)
         infos.append(opt.last_step)
-    lam0 = quotients[0]  # damping='auto' at x = 0
+    lam0 = _rayleigh_np(A, -bs[0].numpy())  # damping='auto' at x = 0
+    floor = 0.01 * lam0
     assert infos[0].damping == pytest.approx(lam0, rel=1e-12)
-    # steps 1-6 are floored (seen stochastic until the 3rd consecutive match, step 7) at
-    # 0.01 × the largest quotient so far
-    from hessfree.optimizer import _FLOOR_EVERY
-
-    for k, info in enumerate(infos[1:7], 1):
-        floor = 0.01 * max(quotients[: k + 1 : _FLOOR_EVERY])
+    # steps 1-6 are floored: seen stochastic until the 3rd consecutive match (step 7)
+    for info in infos[1:7]:
         assert info.damping_floor == pytest.approx(floor, rel=1e-12)
     assert infos[6].next_damping == pytest.approx(floor, rel=1e-12)  # λ sat at the floor
     # step 7: the floor lifts and λ is what ρ = 1 at every step gives without it, λ0 / 3⁷
@@ -1702,34 +1698,42 @@ def test_relative_min_damping_auto_is_bitwise_the_default_on_a_deterministic_obj
     assert "damping_unfloored" not in opt.state[x]
 
 
-def test_relative_min_damping_follows_the_largest_rayleigh_quotient_on_mini_batches():
+def test_relative_min_damping_follows_the_largest_rayleigh_quotient_under_kfac():
     # least squares on batches whose inputs grow by s_k: the curvature s_k²XₖᵀXₖ/n grows with
-    # them (as a ReLU network's does while it trains). On a stochastic objective the floor is
-    # c × the largest |gᵀCg|/gᵀg met at the first step and every _FLOOR_EVERY-th one, each
-    # from a closed-form gradient and Hessian at that step's start.
+    # them (as a ReLU network's does while it trains). On K-FAC steps of a stochastic objective
+    # the floor is c × the largest |gᵀCg|/gᵀg met at the first step and every
+    # _FLOOR_EVERY-th one, each from a closed-form gradient and Hessian at that step's start;
+    # without K-FAC (precond=None) it stays the first step's.
     from hessfree.optimizer import _FLOOR_EVERY
 
     gen = torch.Generator().manual_seed(5)
     scales = [1.0, 2.0, 1.5, 4.0, 5.0, 3.0, 10.0, 6.0, 12.0, 2.0]
     X = torch.randn(len(scales), 20, 4, generator=gen, dtype=torch.float64)
-    y = torch.randn(len(scales), 20, generator=gen, dtype=torch.float64)
-    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    opt = HessianFree([w], relative_min_damping=0.1)
-    largest, first = 0.0, None
-    for k, s in enumerate(scales):
-        Xs, yk = s * X[k].numpy(), y[k].numpy()
-        wk = w.detach().numpy().copy()
-        g = Xs.T @ (Xs @ wk - yk) / len(yk)  # ∇ ½ mean((Xs w − y)²)
-        quotient = float(g @ (Xs.T @ Xs / len(yk)) @ g / (g @ g))
-        if k % _FLOOR_EVERY == 0:
-            largest = max(largest, quotient)
-        first = quotient if first is None else first
-        Xt = torch.from_numpy(Xs)
-        opt.step(lambda Xt=Xt, yk=y[k]: 0.5 * ((Xt @ w - yk) ** 2).mean())
-        info = opt.last_step
-        assert info.damping_floor == pytest.approx(0.1 * largest, rel=1e-9)
-        assert info.damping >= info.damping_floor * (1 - 1e-12)
-    assert largest > 20 * first  # the floor rose: a fixed first-step scale would fail above
+    y = torch.randn(len(scales), 20, 1, generator=gen, dtype=torch.float64)
+    for precond in ("kfac", None):
+        lin = nn.Linear(4, 1, bias=False).double()
+        with torch.no_grad():
+            lin.weight.zero_()
+        opt = HessianFree(lin.parameters(), relative_min_damping=0.1, precond=precond)
+        largest, first = 0.0, None
+        for k, s in enumerate(scales):
+            Xs, yk = s * X[k].numpy(), y[k, :, 0].numpy()
+            wk = lin.weight.detach().numpy().ravel().copy()
+            g = Xs.T @ (Xs @ wk - yk) / len(yk)  # ∇ ½ mean((Xs w − y)²)
+            quotient = float(g @ (Xs.T @ Xs / len(yk)) @ g / (g @ g))
+            if k == 0 or (precond and k % _FLOOR_EVERY == 0):
+                largest = max(largest, quotient)
+            first = quotient if first is None else first
+
+            def closure(Xt=torch.from_numpy(Xs), yt=y[k], lin=lin):  # noqa: B008
+                out = lin(Xt)
+                return 0.5 * ((out - yt) ** 2).mean(), out
+
+            opt.step(closure)
+            info = opt.last_step
+            assert info.damping_floor == pytest.approx(0.1 * largest, rel=1e-9)
+            assert info.damping >= info.damping_floor * (1 - 1e-12)
+        assert (largest > 20 * first) == (precond == "kfac")  # the floor rose under K-FAC
 
 
 def test_relative_min_damping_survives_state_dict_round_trip():
