@@ -479,11 +479,12 @@ class HessianFree(torch.optim.Optimizer):
         damping_decrease: Factor in (0, 1) applied when :math:`\rho > 3/4` under ``'martens'``
             (2/3 in the paper).
         min_damping: Lower bound on :math:`\lambda`: a number >= 0 (absolute), or ``'auto'``
-            (default): :math:`10^{-8}\,|g_0^\top C g_0| / g_0^\top D g_0`, the same curvature
-            scale ``relative_min_damping`` is a fraction of, where the optimizer has measured
-            it (``damping='auto'`` does at the first step, ``relative_min_damping`` on the
-            first stochastic one), else (a given ``damping`` on a deterministic objective, or
-            a quotient of 0 or not finite) the absolute :math:`10^{-8}`. So the floor, and the
+            (default): :math:`10^{-8}\,|g_0^\top C g_0| / g_0^\top D g_0`, the curvature
+            scale ``relative_min_damping`` starts from (its first measurement, not K-FAC's
+            running maximum), where the optimizer has measured it (``damping='auto'`` does at
+            the first step, ``relative_min_damping`` on the first stochastic one), else (a
+            given ``damping`` on a deterministic objective, or a quotient of 0 or not finite)
+            the absolute :math:`10^{-8}`. So the floor, and the
             trajectory, scale with the loss: full batch, a ``(loss, outputs)`` closure's
             parameters after 30 steps at loss × 1e3, × 1e-3 and ``reduction='sum'`` agree with
             × 1 to 2e-7 relative, against 0.26-0.40 with the absolute :math:`10^{-8}`, which
@@ -1669,8 +1670,11 @@ class HessianFree(torch.optim.Optimizer):
         gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
         scale = abs(gCg) / gDg if gDg > 0 else math.nan
         run.state["damping_scale"] = scale if math.isfinite(scale) else 0.0
+        # min_damping='auto' keeps this first scale: the running maximum of _raise_floor raised
+        # MNIST-1D's whole-batch floor 7x and its final loss 3x ("lamscale")
+        run.state["min_damping_scale"] = run.state["damping_scale"]
         policy = self._damping_policy(run.state)
-        unfloored = self.settings.damping_policy(run.state["damping_scale"])
+        unfloored = self.settings.damping_policy(run.state["min_damping_scale"])
         if math.isnan(run.damping):
             lam, shadow = policy.initial(gCg, gDg), unfloored.initial(gCg, gDg)
         else:  # a given damping, raised to the relative floor if below it
@@ -1772,7 +1776,7 @@ class HessianFree(torch.optim.Optimizer):
         state["damping"] = change(self._damping_policy(state), lam)
         if "damping_unfloored" in state:
             shadow = state["damping_unfloored"]
-            new = change(self.settings.damping_policy(state.get("damping_scale", 0.0)), shadow)
+            new = change(self.settings.damping_policy(state.get("min_damping_scale", 0.0)), shadow)
             # ρ ≈ 1 of a two-iteration K-FAC step (cg_max_iter='auto' on mini-batches) says the
             # model is good along that short step, not for the 250-iteration solves that follow
             # the release: lowered on each, λ reached 1e-8 and MNIST-1D's first whole-batch
@@ -1789,7 +1793,7 @@ class HessianFree(torch.optim.Optimizer):
         """:meth:`HFSettings.damping_policy` with its lower bound raised to the relative
         floor (:meth:`_relative_floor`) where that is higher; ``min_damping='auto'`` is
         relative to the same curvature scale (:meth:`HFSettings.min_damping_at`)."""
-        policy = self.settings.damping_policy(state.get("damping_scale", 0.0))
+        policy = self.settings.damping_policy(state.get("min_damping_scale", 0.0))
         floor = self._relative_floor(state)
         if floor > policy.min_damping:
             policy = dataclasses.replace(policy, min_damping=floor)
