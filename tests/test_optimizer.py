@@ -1698,6 +1698,44 @@ def test_relative_min_damping_auto_is_bitwise_the_default_on_a_deterministic_obj
     assert "damping_unfloored" not in opt.state[x]
 
 
+def test_relative_min_damping_follows_the_largest_rayleigh_quotient_under_kfac():
+    # least squares on batches whose inputs grow by s_k: the curvature s_k²XₖᵀXₖ/n grows with
+    # them (as a ReLU network's does while it trains). On K-FAC steps of a stochastic objective
+    # the floor is c × the largest |gᵀCg|/gᵀg met at the first step and every
+    # _FLOOR_EVERY-th one, each from a closed-form gradient and Hessian at that step's start;
+    # without K-FAC (precond=None) it stays the first step's.
+    from hessfree.optimizer import _FLOOR_EVERY
+
+    gen = torch.Generator().manual_seed(5)
+    scales = [1.0, 2.0, 1.5, 4.0, 5.0, 3.0, 10.0, 6.0, 12.0, 2.0]
+    X = torch.randn(len(scales), 20, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(len(scales), 20, 1, generator=gen, dtype=torch.float64)
+    for precond in ("kfac", None):
+        lin = nn.Linear(4, 1, bias=False).double()
+        with torch.no_grad():
+            lin.weight.zero_()
+        opt = HessianFree(lin.parameters(), relative_min_damping=0.1, precond=precond)
+        largest, first = 0.0, None
+        for k, s in enumerate(scales):
+            Xs, yk = s * X[k].numpy(), y[k, :, 0].numpy()
+            wk = lin.weight.detach().numpy().ravel().copy()
+            g = Xs.T @ (Xs @ wk - yk) / len(yk)  # ∇ ½ mean((Xs w − y)²)
+            quotient = float(g @ (Xs.T @ Xs / len(yk)) @ g / (g @ g))
+            if k == 0 or (precond and k % _FLOOR_EVERY == 0):
+                largest = max(largest, quotient)
+            first = quotient if first is None else first
+
+            def closure(Xt=torch.from_numpy(Xs), yt=y[k], lin=lin):  # noqa: B008
+                out = lin(Xt)
+                return 0.5 * ((out - yt) ** 2).mean(), out
+
+            opt.step(closure)
+            info = opt.last_step
+            assert info.damping_floor == pytest.approx(0.1 * largest, rel=1e-9)
+            assert info.damping >= info.damping_floor * (1 - 1e-12)
+        assert (largest > 20 * first) == (precond == "kfac")  # the floor rose under K-FAC
+
+
 def test_relative_min_damping_survives_state_dict_round_trip():
     A, b = _quadratic(seed=2)
     x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
