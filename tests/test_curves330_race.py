@@ -1,0 +1,63 @@
+"""experiments/_curves330.py: its race takes exactly the runner's steps (issue 14)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_loop import final_params, quiet, tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+pytest.importorskip("hessfree.optimizer")
+import _curves330  # noqa: E402
+
+ENTRIES = [
+    {"name": "adam", "lr": 0.01, "weight_decay": 2e-5},
+    {"name": "hessianfree", "cg_max_iter": 3, "batch_size": 32, "curvature_batch_size": 8},
+    {
+        "label": "adam-hf",
+        "phases": [
+            {"name": "adam", "lr": 0.01, "budget": {"steps": 4}},
+            {"name": "hessianfree", "cg_max_iter": 2, "batch_size": 24},
+        ],
+    },
+]
+
+
+def test_race_runs_take_the_runners_steps_bit_for_bit(tmp_path):
+    """The oracle is the runner itself: after 9 steps each race run (an Adam entry, an HF
+    entry with its own curvature batch, and Adam for 4 steps then HF) holds the very weights
+    of the runner's checkpoint, so the race measures the config's rows, not look-alikes.
+    Fails if the race drew other batches, another curvature batch, or switched at another
+    step."""
+    cfg = tiny_config(tmp_path, optimizers=ENTRIES, budget={"steps": 9})
+    quiet(cfg, tmp_path / "run").run()
+    _, runs = _curves330.contenders(cfg)
+    for run, spec in zip(runs, cfg.optimizers, strict=True):
+        for _ in range(9):
+            run.step()
+        expected = final_params(tmp_path / "run", spec.label)
+        got = run.model.state_dict()
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (spec.label, key)
+    assert runs[2].phase_of() == 1
+
+
+def test_race_entries_are_valid_rows_of_the_shipped_config():
+    """Every contender parses as a row of configs/curves_autoencoder.yaml (the config's own
+    validation: keys, ranges, batch sizes against the 20,000 images); the hybrid's Adam phase
+    gets 1/8 of the budget."""
+    import yaml
+
+    from hessfree.train.config import parse_config
+
+    raw = yaml.safe_load(_curves330.CONFIG.read_text())
+    raw["optimizers"] = [_curves330.entry(n, 330.0) for n in _curves330.ENTRIES]
+    cfg = parse_config(raw)
+    hybrid = next(o for o in cfg.optimizers if o.label == "adam-then-hf")
+    assert hybrid.phases[0].budget.seconds == pytest.approx(41.25)
+    assert [p.name for p in hybrid.phases] == ["adam", "hessianfree"]
