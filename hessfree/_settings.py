@@ -40,6 +40,11 @@ _KFAC_STOCHASTIC_CG_MAX_ITER = 2
 #: MNIST-1D's times to the scorecard's targets, full batch and in the tuned batch schedule
 #: (``experiments/README.md``, "wholebatch").
 _KFAC_DETERMINISTIC_CG_MAX_ITER = 5
+#: ``min_damping='auto'``: this fraction of the curvature scale |gᵀCg|/gᵀDg where the optimizer
+#: has measured it, else this absolute value (the former default ``min_damping=1e-8``; ours).
+#: A fraction keeps the floor where it was for a loss of scale ~1 and moves it with the loss
+#: (``experiments/README.md``, "lamscale").
+AUTO_MIN_DAMPING = 1e-8
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class HFSettings:
     damping_rule: str = "nielsen"
     damping_increase: float = 1.5
     damping_decrease: float = 2.0 / 3.0
-    min_damping: float = 1e-8
+    min_damping: float | str = "auto"
     max_damping: float = 1e10
     relative_min_damping: float | str = "auto"
     weight_decay: float = 0.0
@@ -204,16 +209,39 @@ class HFSettings:
         """The values stored in each param group (:attr:`GROUP_KEYS`)."""
         return {k: getattr(self, k) for k in self.GROUP_KEYS}
 
-    def damping_policy(self) -> DampingPolicy:
-        """The rule that changes :math:`\\lambda` from step to step, with its bounds."""
+    def damping_policy(self, scale: float = 0.0) -> DampingPolicy:
+        """The rule that changes :math:`\\lambda` from step to step, with its bounds.
+
+        Args:
+            scale: The curvature scale :math:`|g^\\top C g| / g^\\top D g` the optimizer
+                measured (``state['damping_scale']``), or 0 where it has none: the lower
+                bound of ``min_damping='auto'`` is ``AUTO_MIN_DAMPING`` times it where it is
+                finite and > 0, else ``AUTO_MIN_DAMPING`` itself; a number is absolute.
+
+        Example:
+            >>> HFSettings().damping_policy(scale=300.0).min_damping
+            3e-06
+            >>> HFSettings().damping_policy().min_damping  # no scale measured
+            1e-08
+            >>> HFSettings(min_damping=0.0).damping_policy(scale=300.0).min_damping
+            0.0
+        """
         return DampingPolicy(
             adapt=self.adapt_damping,
             rule=self.damping_rule,
             increase=self.damping_increase,
             decrease=self.damping_decrease,
-            min_damping=self.min_damping,
+            min_damping=self.min_damping_at(scale),
             max_damping=self.max_damping,
         )
+
+    def min_damping_at(self, scale: float = 0.0) -> float:
+        """The lower bound on :math:`\\lambda` for the curvature scale ``scale`` (0: unknown),
+        at most ``max_damping`` (:meth:`damping_policy`)."""
+        if not isinstance(self.min_damping, str):
+            return self.min_damping
+        known = math.isfinite(scale) and scale > 0
+        return min(AUTO_MIN_DAMPING * scale if known else AUTO_MIN_DAMPING, self.max_damping)
 
     @property
     def initial_damping(self) -> float:
@@ -273,14 +301,24 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         if _real_in(s.damping_decrease, 1, math.inf)
         else "",
     )
-    low = out["min_damping"] = check_number("min_damping", s.min_damping, low=0.0)
+    if isinstance(s.min_damping, str):
+        if s.min_damping != "auto":
+            raise ValueError(
+                f"`min_damping` must be 'auto' or a number >= 0, got {s.min_damping!r}."
+            )
+        # 'auto' is AUTO_MIN_DAMPING × the curvature scale, or AUTO_MIN_DAMPING where that is
+        # unknown: `max_damping` and a given `damping` are checked against the latter
+        low, shown = AUTO_MIN_DAMPING, f"'auto' ({AUTO_MIN_DAMPING!r} before a curvature scale)"
+    else:
+        low = out["min_damping"] = check_number("min_damping", s.min_damping, low=0.0)
+        shown = repr(low)
     high = out["max_damping"] = check_number(
         "max_damping",
         s.max_damping,
         low=low,
         high=math.inf,
         low_open=True,
-        hint=f"(`min_damping` is {low!r}; `max_damping` must exceed it)",
+        hint=f"(`min_damping` is {shown}; `max_damping` must exceed it)",
     )
     if isinstance(s.relative_min_damping, str):
         check_choice("relative_min_damping", s.relative_min_damping, ("auto",))

@@ -478,8 +478,21 @@ class HessianFree(torch.optim.Optimizer):
             in the paper), and under either rule when a step is rejected.
         damping_decrease: Factor in (0, 1) applied when :math:`\rho > 3/4` under ``'martens'``
             (2/3 in the paper).
-        min_damping: Lower bound on :math:`\lambda`, >= 0.
-        max_damping: Upper bound on :math:`\lambda`, > ``min_damping``.
+        min_damping: Lower bound on :math:`\lambda`: a number >= 0 (absolute), or ``'auto'``
+            (default): :math:`10^{-8}\,|g_0^\top C g_0| / g_0^\top D g_0`, the curvature
+            scale ``relative_min_damping`` starts from (its first measurement, not K-FAC's
+            running maximum), where the optimizer has measured it (``damping='auto'`` does at
+            the first step, ``relative_min_damping`` on the first stochastic one), else (a
+            given ``damping`` on a deterministic objective, or a quotient of 0 or not finite)
+            the absolute :math:`10^{-8}`. So the floor, and the
+            trajectory, scale with the loss: full batch, a ``(loss, outputs)`` closure's
+            parameters after 30 steps at loss × 1e3, × 1e-3 and ``reduction='sum'`` agree with
+            × 1 to 2e-7 relative, against 0.26-0.40 with the absolute :math:`10^{-8}`, which
+            :math:`\lambda` met within 13 steps (``tolerance_grad`` and ``tolerance_change`` 0:
+            they stay absolute, as in ``torch.optim.LBFGS``; ``experiments/README.md``,
+            "lamscale"). A given ``damping`` must still be >= :math:`10^{-8}` under ``'auto'``.
+        max_damping: Upper bound on :math:`\lambda`, > ``min_damping`` (> :math:`10^{-8}`
+            under ``'auto'``; the floor never exceeds it).
         relative_min_damping: A lower bound on :math:`\lambda` relative to the problem's own
             curvature scale, a fraction :math:`c \in [0, 1]`: :math:`\lambda \ge
             c\,|g_0^\top C g_0| / g_0^\top D g_0`, the Rayleigh quotient of
@@ -493,7 +506,7 @@ class HessianFree(torch.optim.Optimizer):
             floor let K-FAC steps fit each 100-case batch until the training loss rose; on a
             GRU/LSTM without K-FAC the same rule held :math:`\lambda` 10x higher and was 3x
             worse (``experiments/README.md``, "cnnmb").
-            It scales with the loss, where ``min_damping`` is absolute.
+            It scales with the loss, as ``min_damping='auto'`` does.
             ``'auto'`` (default): 0.01 on steps where the objective is seen stochastic (the
             closure's value at the start of a step differs from the previous step's at the
             same parameters, as ``extrapolate='auto'`` detects it; mini-batches), 0 on a
@@ -762,7 +775,7 @@ class HessianFree(torch.optim.Optimizer):
         damping_rule: str = "nielsen",
         damping_increase: float = 1.5,
         damping_decrease: float = 2.0 / 3.0,
-        min_damping: float = 1e-8,
+        min_damping: float | str = "auto",
         max_damping: float = 1e10,
         relative_min_damping: float | str = "auto",
         weight_decay: float = 0.0,
@@ -1657,7 +1670,11 @@ class HessianFree(torch.optim.Optimizer):
         gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
         scale = abs(gCg) / gDg if gDg > 0 else math.nan
         run.state["damping_scale"] = scale if math.isfinite(scale) else 0.0
-        policy, unfloored = self._damping_policy(run.state), self.settings.damping_policy()
+        # min_damping='auto' keeps this first scale: the running maximum of _raise_floor raised
+        # MNIST-1D's whole-batch floor 7x and its final loss 3x ("lamscale")
+        run.state["min_damping_scale"] = run.state["damping_scale"]
+        policy = self._damping_policy(run.state)
+        unfloored = self.settings.damping_policy(run.state["min_damping_scale"])
         if math.isnan(run.damping):
             lam, shadow = policy.initial(gCg, gDg), unfloored.initial(gCg, gDg)
         else:  # a given damping, raised to the relative floor if below it
@@ -1759,7 +1776,7 @@ class HessianFree(torch.optim.Optimizer):
         state["damping"] = change(self._damping_policy(state), lam)
         if "damping_unfloored" in state:
             shadow = state["damping_unfloored"]
-            new = change(self.settings.damping_policy(), shadow)
+            new = change(self.settings.damping_policy(state.get("min_damping_scale", 0.0)), shadow)
             # ρ ≈ 1 of a two-iteration K-FAC step (cg_max_iter='auto' on mini-batches) says the
             # model is good along that short step, not for the 250-iteration solves that follow
             # the release: lowered on each, λ reached 1e-8 and MNIST-1D's first whole-batch
@@ -1774,8 +1791,9 @@ class HessianFree(torch.optim.Optimizer):
 
     def _damping_policy(self, state: dict) -> _damping.DampingPolicy:
         """:meth:`HFSettings.damping_policy` with its lower bound raised to the relative
-        floor (:meth:`_relative_floor`) where that is higher."""
-        policy = self.settings.damping_policy()
+        floor (:meth:`_relative_floor`) where that is higher; ``min_damping='auto'`` is
+        relative to the same curvature scale (:meth:`HFSettings.min_damping_at`)."""
+        policy = self.settings.damping_policy(state.get("min_damping_scale", 0.0))
         floor = self._relative_floor(state)
         if floor > policy.min_damping:
             policy = dataclasses.replace(policy, min_damping=floor)

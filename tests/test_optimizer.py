@@ -1618,19 +1618,20 @@ def test_relative_min_damping_keeps_damping_above_the_floor_over_steps():
     free, _ = _logistic_steps(0.0)
     assert min(i.next_damping for i in free) < 0.1 * floor
     assert min(i.next_damping for i in infos) == pytest.approx(floor, rel=1e-10)
-    assert all(i.damping_floor == 1e-8 for i in free)  # min_damping alone
+    # min_damping='auto' alone: 1e-8 × the same quotient
+    assert all(i.damping_floor == pytest.approx(1e-8 * quotient, rel=1e-10) for i in free)
 
 
 def test_relative_min_damping_auto_floors_only_a_stochastic_objective():
     infos, quotient = _logistic_steps("auto", steps=6)
     # step 0 cannot tell yet; from step 1 the batches differ: 0.01 × the first quotient
-    assert infos[0].damping_floor == 1e-8
+    assert infos[0].damping_floor == pytest.approx(1e-8 * quotient, rel=1e-10)
     for info in infos[1:]:
         assert info.damping_floor == pytest.approx(0.01 * quotient, rel=1e-10)
         assert info.next_damping >= info.damping_floor * (1 - 1e-12)
     # one batch throughout is a deterministic objective: min_damping alone, λ falls below
     same, _ = _logistic_steps("auto", steps=6, same_batch=True)
-    assert all(i.damping_floor == 1e-8 for i in same)
+    assert all(i.damping_floor == pytest.approx(1e-8 * quotient, rel=1e-10) for i in same)
     assert min(i.next_damping for i in same) < 0.01 * quotient
 
 
@@ -1661,7 +1662,7 @@ def test_relative_min_damping_auto_releases_damping_on_a_closed_form_quadratic()
         assert info.damping_floor == pytest.approx(floor, rel=1e-12)
     assert infos[6].next_damping == pytest.approx(floor, rel=1e-12)  # λ sat at the floor
     # step 7: the floor lifts and λ is what ρ = 1 at every step gives without it, λ0 / 3⁷
-    assert infos[7].damping_floor == 1e-8
+    assert infos[7].damping_floor == pytest.approx(1e-8 * lam0, rel=1e-12)  # min_damping='auto'
     assert infos[7].damping == pytest.approx(lam0 / 3**7, rel=1e-9)
     assert infos[7].damping < 0.1 * floor  # not the floor (the behaviour before the release)
 
@@ -1671,12 +1672,17 @@ def test_relative_min_damping_auto_release_matches_the_unfloored_rule_on_logisti
     # rule (written out) applied from λ0 to every step's ρ without the floor; λ0 from a dense
     # float64 Hessian
     infos, lam0 = _logistic_steps("auto", steps=6, full_steps=6)
-    release = next(i for i, info in enumerate(infos) if i > 0 and info.damping_floor == 1e-8)
+    auto_min = 1e-8 * lam0  # min_damping='auto'
+    release = next(
+        i
+        for i, info in enumerate(infos)
+        if i > 0 and info.damping_floor == pytest.approx(auto_min, rel=1e-12)
+    )
     assert release == 9  # whole set from step 6; deterministic at its 3rd consecutive match
     lam = lam0
     for info in infos[:release]:
         assert info.accepted  # no rejection: only ρ moves λ
-        lam = max(_nielsen(lam, info.rho), 1e-8)
+        lam = max(_nielsen(lam, info.rho), auto_min)
     floor = 0.01 * lam0
     assert infos[release - 1].next_damping >= floor * (1 - 1e-12)  # floored until then
     assert lam < 0.5 * floor  # the unfloored rule is below the floor: the release matters
@@ -2008,3 +2014,109 @@ def test_structural_damping_takes_the_energy_of_the_chosen_iterate_only(monkeypa
     Jp = J @ p
     predicted = float(g @ p + 0.5 * (2 / 16) * Jp @ Jp)
     assert info.predicted_change == pytest.approx(predicted, rel=1e-9)
+
+
+def _least_squares_run(scale: float, steps: int, **kw):
+    """HessianFree on ``scale`` · ½ mean((Xθ − y)²) from θ = 0 with a ``(loss, outputs)``
+    closure, float64: X (40×8) has singular values √40 · (1 … 1e-3), and two CG iterations a
+    step leave it unsolved for many steps, so ρ = 1 (an exact quadratic model) cuts λ by 3 a
+    step until the floor. Returns θ, the StepInfos, the optimizer and (X, y)."""
+    gen = torch.Generator().manual_seed(5)
+    n, d = 40, 8
+    U = torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    X = U @ torch.diag(torch.logspace(0, -3, d, dtype=torch.float64)) @ V.T * n**0.5
+    y = torch.randn(n, generator=gen, dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+    kw = dict(precond=None, cg_max_iter=2, tolerance_grad=0.0, tolerance_change=0.0) | kw
+    opt = HessianFree(model.parameters(), **kw)
+
+    def closure():
+        out = model(X).squeeze(1)
+        return scale * 0.5 * ((out - y) ** 2).mean(), out
+
+    infos = []
+    for _ in range(steps):
+        opt.step(closure)
+        infos.append(opt.last_step)
+    return model.weight.detach().flatten().clone(), infos, opt, (X, y)
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e-3])
+def test_min_damping_auto_makes_the_trajectory_loss_scale_free(scale):
+    # with the absolute 1e-8 the runs part once λ meets it (step 16 at scale 1; 2.7e-4 apart
+    # after 25 steps): a floor relative to the curvature scale moves with the loss
+    ref, ref_infos, _, _ = _least_squares_run(1.0, 25)
+    theta, infos, _, _ = _least_squares_run(scale, 25)
+    floor = ref_infos[-1].damping_floor
+    assert min(i.next_damping for i in ref_infos) == floor  # the floor binds at scale 1
+    assert infos[-1].damping_floor == pytest.approx(scale * floor, rel=1e-12)
+    torch.testing.assert_close(theta, ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
+
+
+def test_min_damping_auto_is_1e8_times_the_first_rayleigh_quotient():
+    scale = 30.0
+    _, infos, _, (X, y) = _least_squares_run(scale, 20)
+    # closed form at θ = 0: g = −s Xᵀy/n, the Gauss-Newton matrix (= Hessian) s XᵀX/n
+    X, y = X.numpy(), y.numpy()
+    n = len(y)
+    g = -scale * X.T @ y / n
+    quotient = float(g @ (scale * X.T @ X / n) @ g / (g @ g))
+    for info in infos:
+        assert info.damping_floor == pytest.approx(1e-8 * quotient, rel=1e-12)
+    assert min(i.next_damping for i in infos) == pytest.approx(1e-8 * quotient, rel=1e-12)
+    # a number is absolute, as before; so is 'auto' where no scale was measured (a given
+    # damping on a deterministic objective): the fallback 1e-8
+    for kw in (dict(min_damping=1e-8), dict(damping=1.0)):
+        _, infos, opt, _ = _least_squares_run(scale, 20, **kw)
+        assert all(i.damping_floor == 1e-8 for i in infos), kw
+        assert min(i.next_damping for i in infos) == 1e-8, kw
+    assert "damping_scale" not in opt.state[opt.param_groups[0]["params"][0]]
+
+
+def test_min_damping_auto_survives_state_dict_round_trip():
+    whole, _, _, _ = _least_squares_run(1e-3, 22)
+    _, _, opt, _ = _least_squares_run(1e-3, 14)
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    # the same model state, and a fresh optimizer loading the saved one: the rest bitwise
+    theta, _, again, (X, y) = _least_squares_run(1e-3, 14)
+    again.load_state_dict(torch.load(saved, weights_only=True))
+    assert again.param_groups[0]["min_damping"] == "auto"
+    model_weight = again.param_groups[0]["params"][0]
+
+    def closure():
+        out = X @ model_weight.squeeze(0)
+        return 1e-3 * 0.5 * ((out - y) ** 2).mean(), out
+
+    # the curvature scale comes from the state (a new one at this θ would differ)
+    for _ in range(8):
+        again.step(closure)
+    assert again.last_step.damping_floor == opt.last_step.damping_floor
+    assert torch.equal(model_weight.detach().flatten(), whole)
+
+
+_MIN_DAMPING_AUTO = r"`min_damping` is 'auto' \(1e-08 before a curvature scale\)"
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"min_damping": "big"}, ValueError, r"must be 'auto' or a number >= 0, got 'big'\.$"),
+        ({"min_damping": -1.0}, ValueError, r"`min_damping` must be in \[0.0, inf\), got -1.0"),
+        ({"min_damping": None}, TypeError, r"`min_damping` must be a real number, got NoneType"),
+        ({"max_damping": 1e-9}, ValueError, r"got 1e-09\. \(" + _MIN_DAMPING_AUTO),
+        (
+            {"damping": 1e-9},
+            ValueError,
+            r"`damping` must be in \[min_damping, max_damping\] = \[1e-08,",
+        ),
+    ],
+)
+def test_min_damping_refuses_bad_values(kw, error, match):
+    x = torch.zeros(2, requires_grad=True)
+    with pytest.raises(error, match=match):
+        HessianFree([x], **kw)
