@@ -108,11 +108,17 @@ def regimes(key: str, task: scorecard.Task, which: str) -> dict[str, dict]:
     return out
 
 
-def floors(args: argparse.Namespace) -> None:
+def _steps(args: argparse.Namespace) -> dict[str, int]:
+    """The step counts per task: ``STEPS`` with ``--steps key=n,...`` applied."""
     steps = dict(STEPS)
     for kv in filter(None, args.steps.split(",")):
         k, v = kv.split("=")
         steps[k] = int(v)
+    return steps
+
+
+def floors(args: argparse.Namespace) -> None:
+    steps = _steps(args)
     scorecard.HessianFree = Recording
     print(f"hessfree from {hessfree.__file__}; load {open('/proc/loadavg').read().strip()}")
     print(
@@ -131,9 +137,6 @@ def floors(args: argparse.Namespace) -> None:
                 while n < steps[key] and time.perf_counter() - t0 < args.seconds:
                     run.step()
                     n += 1
-            h = hashlib.sha256()
-            for p in run.model.parameters():
-                h.update(p.detach().cpu().numpy().tobytes())
             lams = [r[0] for r in Recording.log]
             shadow = min(r[1] for r in Recording.log)
             scale = Recording.log[-1][2]
@@ -147,7 +150,7 @@ def floors(args: argparse.Namespace) -> None:
             print(
                 f"| {key} | {name[:60]} | {n} | {low:.3g} | {shadow:.3g} | {scale:.4g} | "
                 f"{low / scale if scale else math.nan:.3g} | {hit} | {hit_rel} | "
-                f"{task.error(run.model):.6e} | {h.hexdigest()[:16]} |",
+                f"{task.error(run.model):.6e} | {_hash(run.model)} |",
                 flush=True,
             )
     print(f"\nload {open('/proc/loadavg').read().strip()}")
@@ -164,10 +167,7 @@ def compare(args: argparse.Namespace) -> None:
     """Each regime twice in one process: ``min_damping=1e-8`` (absolute: the former default,
     bitwise) and the regime's own (``'auto'`` unless it sets one), for equal steps; the error
     at 1/8, 1/4, 1/2 and all of them, the minimum λ and both hashes."""
-    steps = dict(STEPS)
-    for kv in filter(None, args.steps.split(",")):
-        k, v = kv.split("=")
-        steps[k] = int(v)
+    steps = _steps(args)
     scorecard.HessianFree = Recording
     print(f"hessfree from {hessfree.__file__}; load {open('/proc/loadavg').read().strip()}")
     print(
