@@ -169,11 +169,7 @@ def race(
                 opt.step()
 
         def evaluate(model: nn.Module = model) -> float:
-            model.eval()  # BatchNorm's running statistics, no dropout; train mode restored
-            with torch.no_grad():
-                f = loss_fn(model(x), y).item()
-            model.train()
-            return f
+            return _unseen.train_set_loss(model, loss_fn, x, y)
 
         runs.append(_unseen.Run(name, step, evaluate, opt))
     _unseen.interleave(runs, budget, eval_every=budget / 20)

@@ -307,6 +307,16 @@ def cnn() -> nn.Module:
     )
 
 
+def train_set_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The loss on the whole set in eval mode (BatchNorm's running statistics, no dropout),
+    train mode restored after."""
+    model.eval()
+    with torch.no_grad():
+        f = loss_fn(model(x), y).item()
+    model.train()
+    return f
+
+
 def minibatch_problem(
     title: str,
     make: Callable[[], nn.Module],
@@ -374,11 +384,7 @@ def minibatch_problem(
                 opt.step(closure)
 
         def evaluate(model: nn.Module = model) -> float:
-            model.eval()  # BatchNorm's running statistics, no dropout; train mode restored
-            with torch.no_grad():
-                f = loss_fn(model(x), y).item()
-            model.train()
-            return f
+            return train_set_loss(model, loss_fn, x, y)
 
         r = Run(name, step, evaluate, opt)
         r.model = model  # type: ignore[attr-defined]
