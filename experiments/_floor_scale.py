@@ -77,7 +77,7 @@ class Rescaled(Recorded):
         if prev is None:
             return
         st["damping_scale"] = self.combine(prev, st["damping_scale"])
-        lam = max(lam, self._relative_floor(st), self.settings.damping_policy().min_damping)
+        lam = max(lam, self._damping_policy(st).min_damping)
         run.damping = st["damping"] = lam
         if shadow is not None:
             st["damping_unfloored"] = shadow
