@@ -509,7 +509,10 @@ class HessianFree(torch.optim.Optimizer):
             × 1 to 2e-7 relative, against 0.26-0.40 with the absolute :math:`10^{-8}`, which
             :math:`\lambda` met within 13 steps (``tolerance_grad`` and ``tolerance_change`` 0:
             they stay absolute, as in ``torch.optim.LBFGS``; ``experiments/README.md``,
-            "lamscale"). A given ``damping`` must still be >= :math:`10^{-8}` under ``'auto'``.
+            "lamscale"). In float64 the fraction is :math:`10^{-8}\,\epsilon_{64}/\epsilon_{32}
+            \approx 1.9 \times 10^{-17}` instead (a float64 least-squares fit had stalled on
+            the float32 fraction; "unseenfb"). A given ``damping`` must still be >=
+            :math:`10^{-8}` under ``'auto'``.
         max_damping: Upper bound on :math:`\lambda`, > ``min_damping`` (> :math:`10^{-8}`
             under ``'auto'``; the floor never exceeds it).
         relative_min_damping: A lower bound on :math:`\lambda` relative to the problem's own
