@@ -8,7 +8,8 @@ setting of one side moved to the other's value (kwargs on top of the defaults):
   the first stochastic step, as T's does);
 - ``M``: D + ``damping_rule='martens'``;
 - ``F``: D + ``relative_min_damping=0``; ``TF``: T + the same;
-- ``TA``: T + ``damping='auto'`` (= D + M); ``TN``: T + ``damping_rule='nielsen'`` (= D + L).
+- ``TA``: T + ``damping='auto'`` (= D + M); ``TN``: T + ``damping_rule='nielsen'`` (= D + L);
+- ``T01``: T + ``relative_min_damping=0.01`` (a given floor, kept where 'auto' is now 0).
 
 Usage::
 
@@ -32,6 +33,7 @@ CAP = {30: 100, 50: 62, 80: 39}  # as _addseeds_counts.py: run7's steps in 60 s
 EXTRA = {
     "TA": dict(sc.ADDITION_TUNED, damping="auto"),
     "TN": dict(sc.ADDITION_TUNED, damping_rule="nielsen"),
+    "T01": dict(sc.ADDITION_TUNED, relative_min_damping=0.01),
 }
 
 
