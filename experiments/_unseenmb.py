@@ -46,6 +46,8 @@ SETTINGS: dict[str, dict] = {
     "cg_rtol=0": {"cg_rtol": 0.0},
     "cg_decay=0": {"cg_decay": 0.0},
     "cg_decay=0 + refresh": {"cg_decay": 0.0, "_floor": "all"},
+    "unmasked warm start": {"_floor": "unmasked"},
+    "unmasked, refresh": {"_floor": "unmasked all"},
 }
 
 
@@ -53,12 +55,25 @@ SETTINGS: dict[str, dict] = {
 def floor_mode(mode: str):
     """``'off'``: the relative floor keeps its first-step scale (before cnnmb's running
     maximum); ``'all'``: its scale is refreshed on every kind of step, not only K-FAC ones
-    (CG's iteration cap still sees whether K-FAC is in use); ``''``: as the code has it."""
+    (CG's iteration cap still sees whether K-FAC is in use); ``''``: as the code has it.
+    With ``'unmasked'`` in it: the warm start as before unseenmb (not zeroed where g = 0)."""
     hf = hessfree.HessianFree
-    saved = hf._raise_floor, hf._kfac_in_use, hf._cg_max_iter
+    saved = hf._raise_floor, hf._kfac_in_use, hf._cg_max_iter, hf._warm_start
+    if "unmasked" in mode:
+        masked = saved[3]
+
+        def unmasked(self, product, g, state):  # the mask is gated on a stochastic objective
+            seen = state.get("deterministic")
+            state["deterministic"] = None if seen is False else seen
+            try:
+                return masked(self, product, g, state)
+            finally:
+                state["deterministic"] = seen
+
+        hf._warm_start = unmasked
     if mode == "off":
         hf._raise_floor = lambda self, *args: None
-    elif mode == "all":
+    elif mode.endswith("all"):
         in_use, cap = saved[1], saved[2]
         hf._kfac_in_use = lambda self: True
         hf._cg_max_iter = lambda self, run, *, kfac=False: cap(
@@ -67,7 +82,7 @@ def floor_mode(mode: str):
     try:
         yield
     finally:
-        hf._raise_floor, hf._kfac_in_use, hf._cg_max_iter = saved
+        hf._raise_floor, hf._kfac_in_use, hf._cg_max_iter, hf._warm_start = saved
 
 
 # ---------------------------------------------------------------------------------------------
