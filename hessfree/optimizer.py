@@ -618,8 +618,6 @@ class HessianFree(torch.optim.Optimizer):
             ``torch.optim.LBFGS``-style loops, in three interleaved runs of 3-6 s (geometric
             mean 0.43-0.5x the cold runs' loss; over the first quarter of the budget 8-12 of 16;
             ``experiments/_warm_start_study.py``, ``experiments/README.md``).
-            On an objective seen stochastic the warm start is 0 where this batch's gradient is
-            exactly 0 (a parameter the batch does not touch, such as an embedding row).
             A warm start is never CG's answer unless it is
             downhill on this step's model (:math:`\phi(x_0) < 0`; :func:`hessfree.cg`'s
             ``descent_stop``): on mini-batches with :math:`\lambda` at its floor, the previous
@@ -1998,13 +1996,6 @@ class HessianFree(torch.optim.Optimizer):
         if previous is None or not decay > 0 or previous.shape != g.shape:
             return None
         x0 = previous.to(device=g.device, dtype=g.dtype).mul_(decay)
-        if state.get("deterministic") is False:
-            # a mini-batch that does not touch a parameter (an embedding row absent from it)
-            # gives it g = 0 and no curvature: the damped model's minimizer is 0 there, and
-            # the decayed previous step would be applied again, unseen by this batch's ρ and
-            # line search (bag-of-words model: 11 % of the table's movement; its loss after
-            # 200 steps 1.3-3x lower masked, 3 of 3 seeds; experiments/README.md, "unseenmb")
-            x0.mul_(g != 0)
         radius = state.get("trust_radius")
         if radius is not None and self._trust_radius(product):  # start inside the ball
             x0.mul_(min(1.0, radius / max(float(x0.norm()), 1e-300)))
