@@ -46,8 +46,8 @@ SETTINGS: dict[str, dict] = {
     "cg_rtol=0": {"cg_rtol": 0.0},
     "cg_decay=0": {"cg_decay": 0.0},
     "cg_decay=0 + refresh": {"cg_decay": 0.0, "_floor": "all"},
-    "unmasked warm start": {"_floor": "unmasked"},
-    "unmasked, refresh": {"_floor": "unmasked all"},
+    "masked warm start": {"_floor": "masked"},
+    "masked, refresh": {"_floor": "masked all"},
 }
 
 
@@ -56,21 +56,19 @@ def floor_mode(mode: str):
     """``'off'``: the relative floor keeps its first-step scale (before cnnmb's running
     maximum); ``'all'``: its scale is refreshed on every kind of step, not only K-FAC ones
     (CG's iteration cap still sees whether K-FAC is in use); ``''``: as the code has it.
-    With ``'unmasked'`` in it: the warm start as before unseenmb (not zeroed where g = 0)."""
+    With ``'masked'`` in it: the warm start 0 where this batch's gradient is exactly 0 (tried in
+    unseenmb, not adopted)."""
     hf = hessfree.HessianFree
     saved = hf._raise_floor, hf._kfac_in_use, hf._cg_max_iter, hf._warm_start
-    if "unmasked" in mode:
-        masked = saved[3]
+    if "masked" in mode:
+        plain = saved[3]
 
-        def unmasked(self, product, g, state):  # the mask is gated on a stochastic objective
-            seen = state.get("deterministic")
-            state["deterministic"] = None if seen is False else seen
-            try:
-                return masked(self, product, g, state)
-            finally:
-                state["deterministic"] = seen
+        def masked(self, product, g, state):  # on a stochastic objective only
+            stochastic = state.get("deterministic") is False
+            x0 = plain(self, product, g, state)
+            return x0.mul_(g != 0) if x0 is not None and stochastic else x0
 
-        hf._warm_start = unmasked
+        hf._warm_start = masked
     if mode == "off":
         hf._raise_floor = lambda self, *args: None
     elif mode.endswith("all"):
