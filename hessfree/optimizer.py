@@ -544,7 +544,12 @@ class HessianFree(torch.optim.Optimizer):
             the error at equal time fell to 0.84-0.97x that without the floor (three races); on
             deterministic objectives, and on MNIST-1D's growing batch, every step is bitwise
             as with 0. ``'auto'`` also raises a given ``damping`` that is then adapted; under
-            ``adapt_damping=False`` it is 0 (a fixed :math:`\lambda` stays as given).
+            ``adapt_damping=False`` it is 0 (a fixed :math:`\lambda` stays as given), and it
+            is 0 on steps after a structurally damped one (``structural_damping`` in effect: a
+            closure returning hidden states), whose :math:`\lambda\mu J_h^\top J_h` term and
+            25-iteration cap already keep mini-batch steps short: on RNN addition the floor
+            held :math:`\lambda` at 0.01-0.02 and the run on the initial plateau
+            (``experiments/README.md``, "add50d").
             A number :math:`c > 0` floors every step, and on a deterministic objective stops
             the superlinear convergence that :math:`\lambda \to 0` gives.
             :attr:`StepInfo.damping_floor` reports the bound in effect.
@@ -1264,6 +1269,7 @@ class HessianFree(torch.optim.Optimizer):
             on = kind == "ggn" and isinstance(evaluation.outputs, Tensor)
             mu = _AUTO_STRUCTURAL_DAMPING if on and evaluation.hidden is not None else 0.0
         run.structural_damping = mu
+        self._global_state()["structurally_damped"] = mu > 0
         if isinstance(evaluation.outputs, tuple) and (kind == "fisher" or mu > 0):
             what = "curvature='fisher'" if kind == "fisher" else "structural_damping > 0"
             raise ValueError(
@@ -1765,7 +1771,11 @@ class HessianFree(torch.optim.Optimizer):
         c = self.settings.relative_min_damping
         if c == "auto":  # a fixed λ (adapt_damping=False) is the caller's: not floored
             stochastic = state.get("deterministic") is False and self.settings.adapt_damping
-            c = _AUTO_RELATIVE_MIN_DAMPING if stochastic else 0.0
+            # structural damping (the last step's μ: the floor is set before this step's
+            # closure output resolves it) already damps the steps the floor is there for; on
+            # RNN addition the floor held λ on the plateau (experiments/README.md, "add50d")
+            structural = state.get("structurally_damped", False)
+            c = _AUTO_RELATIVE_MIN_DAMPING if stochastic and not structural else 0.0
         return c
 
     def _track_unfloored(self, state: dict, run: _StepRun) -> None:

@@ -157,6 +157,19 @@ def test_reduction_ratio_names_a_bad_argument_and_keeps_nan_and_inf_meanings():
     assert math.isnan(update_damping(math.nan, 0.5))  # λ not yet calibrated stays NaN
 
 
+def _tanh_recurrence(theta: torch.Tensor, x: torch.Tensor, width: int):
+    """A tanh RNN on ``x`` (examples, steps, 2) with input, recurrent and readout weights in one
+    flat float64 ``theta``: the last step's readout and every hidden state."""
+    w_in = theta[: 2 * width].reshape(width, 2)
+    w_rec = theta[2 * width : 2 * width + width * width].reshape(width, width)
+    w_out = theta[2 * width + width * width :]
+    h, states = torch.zeros(x.shape[0], width, dtype=torch.float64), []
+    for t in range(x.shape[1]):
+        h = torch.tanh(x[:, t] @ w_in.T + h @ w_rec.T)
+        states.append(h)
+    return (h @ w_out).unsqueeze(1), torch.stack(states, 1)
+
+
 def test_auto_damping_counts_the_structural_term_in_its_metric():
     # With structural damping, λ multiplies D = I + (μ/N) J_hᵀJ_h, so 'auto' is the Rayleigh
     # quotient gᵀCg / gᵀDg: C = J_oᵀJ_o/N (the GGN of ½ mean squared error) and J_h from dense
@@ -169,14 +182,7 @@ def test_auto_damping_counts_the_structural_term_in_its_metric():
     theta0 = 0.5 * torch.randn(size, generator=gen, dtype=torch.float64)
 
     def forward(theta):
-        w_in = theta[: 2 * width].reshape(width, 2)
-        w_rec = theta[2 * width : 2 * width + width * width].reshape(width, width)
-        w_out = theta[2 * width + width * width :]
-        h, states = torch.zeros(n_ex, width, dtype=torch.float64), []
-        for t in range(steps):
-            h = torch.tanh(x[:, t] @ w_in.T + h @ w_rec.T)
-            states.append(h)
-        return (h @ w_out).unsqueeze(1), torch.stack(states, 1)
+        return _tanh_recurrence(theta, x, width)
 
     def loss_of(out):
         return 0.5 * (out - y).square().sum() / n_ex
@@ -243,3 +249,58 @@ def test_resolution_of_a_16_bit_loss_is_two_ulps(dtype, change, expected):
     eps = torch.finfo(dtype).eps
     assert resolution(1.0, eps) == (2 if eps > 2.0**-23 else 8) * eps
     assert below_resolution(change, change, 1.0, eps) is expected
+
+
+def test_auto_relative_floor_is_off_where_structural_damping_is_on():
+    # relative_min_damping='auto' floors λ at 0.01 s on a stochastic objective, s = gᵀCg/gᵀDg
+    # of the first step; where structural damping is in effect it is 0 (only min_damping='auto'
+    # binds), while a given fraction and a closure without hidden states keep the
+    # floor. s from dense float64 Jacobians of a small tanh recurrence (as above); two batches
+    # taken in turns make the objective stochastic from the second step on.
+    gen = torch.Generator().manual_seed(5)
+    n_ex, steps, width, mu = 6, 4, 3, 0.03
+    xs = [torch.randn(n_ex, steps, 2, generator=gen, dtype=torch.float64) for _ in range(2)]
+    ys = [torch.randn(n_ex, 1, generator=gen, dtype=torch.float64) for _ in range(2)]
+    size = 2 * width + width * width + width
+    theta0 = 0.5 * torch.randn(size, generator=gen, dtype=torch.float64)
+
+    def forward(theta, x):
+        return _tanh_recurrence(theta, x, width)
+
+    def loss_of(out, y):
+        return 0.5 * (out - y).square().sum() / n_ex
+
+    jacobian = torch.autograd.functional.jacobian  # the first step's batch: xs[0], ys[0]
+    J_o = jacobian(lambda t: forward(t, xs[0])[0], theta0).reshape(n_ex, size)
+    J_h = jacobian(lambda t: forward(t, xs[0])[1], theta0).reshape(-1, size)
+    g = jacobian(lambda t: loss_of(forward(t, xs[0])[0], ys[0]), theta0)
+    gCg, Jg = float(g @ (J_o.T @ J_o / n_ex) @ g), J_h @ g
+    s_structural, s_plain = gCg / float(g @ g + mu / n_ex * Jg @ Jg), gCg / float(g @ g)
+
+    def floors(hidden: bool, **kwargs) -> list[float]:
+        theta = theta0.clone().requires_grad_(True)
+        opt = HessianFree([theta], cg_max_iter=3, **kwargs)
+        out = []
+        for k in range(3):
+            x, y = xs[k % 2], ys[k % 2]
+
+            def closure(x=x, y=y):
+                o, h = forward(theta, x)
+                return (loss_of(o, y), o, h) if hidden else (loss_of(o, y), o)
+
+            opt.step(closure)
+            out.append(opt.last_step.damping_floor)
+        return out
+
+    tight = dict(rel=1e-10)
+    # min_damping='auto' in float64: 1e-8 of the scale times eps64/eps32
+    share = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    # structurally damped: min_damping='auto' alone, on every step
+    assert floors(True) == pytest.approx([1e-8 * share * s_structural] * 3, **tight)
+    # a given fraction is applied as given: 0.01 s from the first stochastic step
+    given = floors(True, relative_min_damping=0.01)
+    assert given[1:] == pytest.approx([0.01 * s_structural] * 2, **tight)
+    # no hidden states (precond=None: 'auto' would build K-FAC): the 0.01 floor as before
+    plain = floors(False, precond=None)
+    assert plain[0] == pytest.approx(1e-8 * share * s_plain, **tight)
+    assert plain[1:] == pytest.approx([0.01 * s_plain] * 2, **tight)
