@@ -68,6 +68,9 @@ LATE: dict[str, dict] = {
     "g1.01m5k": _hf(
         batch_growth=1.01, batch_max=5000, curvature_batch_size=None, curvature_fraction=0.25
     ),
+    "g1.02m5k": _hf(
+        batch_growth=1.02, batch_max=5000, curvature_batch_size=None, curvature_fraction=0.25
+    ),
     # a larger λ floor at the same batch: smaller steps, less fitting of the batch
     "lam1": _hf(min_damping=1.0),
     "lam3": _hf(min_damping=3.0),
