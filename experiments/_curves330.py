@@ -73,12 +73,12 @@ ENTRIES: dict[str, dict] = {
     "hf-k2r2": K2R2,
     # Adam b 20 for 1/8 of the budget, then K2R2 from its weights (set per budget in ``entry``)
     "adam-then-hf": {"phases": [dict(_adam(1e-3, 20), budget={"seconds": None}), K2R2]},
-    # K2R2 for 135 s (where the quiet run stalls), then K2R2 on a batch growing x1.01 a step
+    # K2R2 for 1,100 steps (~135 s quiet, where it stalls), then on a batch growing x1.01 a step
     # from 250, curvature a quarter of it (experiments/README.md, "curvesgrow (2026-12-02)")
     "hf-grow": {
         "label": "hessianfree",
         "phases": [
-            dict(K2R2, budget={"seconds": 135}),
+            dict(K2R2, budget={"steps": 1100}),
             dict(
                 {k: v for k, v in K2R2.items() if k != "curvature_batch_size"},
                 batch_growth=1.01,
