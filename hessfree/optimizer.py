@@ -172,6 +172,25 @@ _SAME_OBJECTIVE_AGAIN = 3
 #: objective (CURVES: λ ≥ 0.28; ``experiments/README.md``, "lamfloor").
 _AUTO_RELATIVE_MIN_DAMPING = 0.01
 
+
+def _precision_share(dtype: torch.dtype) -> float:
+    r"""``min_damping='auto'``'s floor in the gradient's precision, as a share of float32's:
+    1 for float32 and the 16-bit types, :math:`\epsilon_{64}/\epsilon_{32} \approx 1.9
+    \times 10^{-9}` for float64 (ours). 1e-8 of the curvature scale is below float32's
+    resolution, but in float64 it capped the condition number a step resolves at ~1e8: a
+    float64 polynomial least-squares problem stalled at f - f* = 1.5e-6 after 150 steps,
+    where it reaches 3e-17 in 50 with the floor at eps's share (``experiments/README.md``,
+    "unseenfb").
+
+    Example:
+        >>> _precision_share(torch.float32), _precision_share(torch.bfloat16)
+        (1.0, 1.0)
+        >>> round(_precision_share(torch.float64) * 1e9, 2)
+        1.86
+    """
+    return min(1.0, torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
+
+
 #: On K-FAC steps of a stochastic objective the relative floor's scale is re-measured (one
 #: product along g) every this many steps (``HessianFree._raise_floor``;
 #: ``experiments/README.md``, "cnnmb").
@@ -490,7 +509,10 @@ class HessianFree(torch.optim.Optimizer):
             × 1 to 2e-7 relative, against 0.26-0.40 with the absolute :math:`10^{-8}`, which
             :math:`\lambda` met within 13 steps (``tolerance_grad`` and ``tolerance_change`` 0:
             they stay absolute, as in ``torch.optim.LBFGS``; ``experiments/README.md``,
-            "lamscale"). A given ``damping`` must still be >= :math:`10^{-8}` under ``'auto'``.
+            "lamscale"). In float64 the fraction is :math:`10^{-8}\,\epsilon_{64}/\epsilon_{32}
+            \approx 1.9 \times 10^{-17}` instead (a float64 least-squares fit had stalled on
+            the float32 fraction; "unseenfb"). A given ``damping`` must still be >=
+            :math:`10^{-8}` under ``'auto'``.
         max_damping: Upper bound on :math:`\lambda`, > ``min_damping`` (> :math:`10^{-8}`
             under ``'auto'``; the floor never exceeds it).
         relative_min_damping: A lower bound on :math:`\lambda` relative to the problem's own
@@ -1671,8 +1693,10 @@ class HessianFree(torch.optim.Optimizer):
         scale = abs(gCg) / gDg if gDg > 0 else math.nan
         run.state["damping_scale"] = scale if math.isfinite(scale) else 0.0
         # min_damping='auto' keeps this first scale: the running maximum of _raise_floor raised
-        # MNIST-1D's whole-batch floor 7x and its final loss 3x ("lamscale")
-        run.state["min_damping_scale"] = run.state["damping_scale"]
+        # MNIST-1D's whole-batch floor 7x and its final loss 3x ("lamscale"); in float64 at
+        # eps's share of it (_precision_share)
+        share = _precision_share(g.dtype)
+        run.state["min_damping_scale"] = run.state["damping_scale"] * share
         policy = self._damping_policy(run.state)
         unfloored = self.settings.damping_policy(run.state["min_damping_scale"])
         if math.isnan(run.damping):
