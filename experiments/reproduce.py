@@ -216,6 +216,17 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _single_name(name: str) -> str:
+    """An entry's optimizer name; a phased entry's (``hessianfree+hessianfree``) when every
+    phase is the same optimizer, else the joined names (no paper value).
+
+    >>> _single_name("hessianfree+hessianfree"), _single_name("adam+hessianfree")
+    ('hessianfree', 'adam+hessianfree')
+    """
+    names = set(name.split("+"))
+    return names.pop() if len(names) == 1 else name
+
+
 def curves_section(base: Path, report_dir: Path, quick: bool) -> list[str]:
     run_dir = base / "curves"
     summary, records = load_run(run_dir)
@@ -235,7 +246,7 @@ def curves_section(base: Path, report_dir: Path, quick: bool) -> list[str]:
                 _num(final.get("train_squared_error")),
                 _num(final.get("test_squared_error")),
                 f"{_num(best.get('value'))} @ {_num(best.get('seconds'), 3)} s",
-                _num(PAPER_CURVES.get(entry["name"])),
+                _num(PAPER_CURVES.get(_single_name(entry["name"]))),
             ]
         )
     ranked = sorted(finals, key=lambda k: finals[k].get("train_squared_error") or float("inf"))

@@ -61,3 +61,30 @@ def test_race_entries_are_valid_rows_of_the_shipped_config():
     hybrid = next(o for o in cfg.optimizers if o.label == "adam-then-hf")
     assert hybrid.phases[0].budget.seconds == pytest.approx(41.25)
     assert [p.name for p in hybrid.phases] == ["adam", "hessianfree"]
+
+
+def test_shipped_hf_row_is_the_raced_grow_entry():
+    """The shipped config's HF row is the race's ``hf-grow`` entry (the row measured is the row
+    shipped): the same phases, budgets and hyperparameters; its second phase's batches follow
+    the closed form floor(250 * 1.01**k) with a quarter (rounded) for curvature. Fails if the
+    config and the race drift apart, or if the schedule changes meaning."""
+    import math
+
+    import yaml
+
+    from hessfree.train.config import parse_config
+    from hessfree.train.stepping import batch_sizes
+
+    raw = yaml.safe_load(_curves330.CONFIG.read_text())
+    shipped = parse_config(raw).optimizers[0]
+    raw["optimizers"] = [_curves330.ENTRIES["hf-grow"]]
+    raced = parse_config(raw).optimizers[0]
+    assert shipped == raced
+    assert shipped.label == "hessianfree"  # reproduce.py's table and paper column read it
+    first, late = shipped.phases
+    assert first.budget.steps == 1100 and first.budget.seconds is None
+    n = 20000
+    for k in (0, 1, 70, 300):
+        b = math.floor(250 * 1.01**k)
+        assert batch_sizes(late, n, False, k)[:2] == (b, round(b / 4)), k
+    assert batch_sizes(first, n, False, 300)[:2] == (250, 62)
