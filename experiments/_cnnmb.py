@@ -145,28 +145,13 @@ def race(
     runs = []
     for name in ("HF now", "HF before (main)", "Adam 0.001", "Adam 0.003", "Adam 0.01"):
         model = copy.deepcopy(model0)
-        gen = torch.Generator().manual_seed(1)
         hf = name.startswith("HF")
         opt = (hessfree.HessianFree(model.parameters()) if hf
                else torch.optim.Adam(model.parameters(), lr=float(name.split()[1])))  # fmt: skip
-
         old = name.endswith("(main)")
-
-        def step(model=model, opt=opt, gen=gen, hf=hf, old=old) -> None:
-            idx = torch.randint(len(y), (batch,), generator=gen)
-            xb, yb = x[idx], y[idx]
-            if hf:
-
-                def closure() -> Any:
-                    out = model(xb)
-                    return loss_fn(out, yb), out
-
-                with before_fix(old):
-                    opt.step(closure)
-            else:
-                opt.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                opt.step()
+        step = _unseen.minibatch_step(
+            model, opt, x, y, batch, loss_fn, hf, lambda old=old: before_fix(old)
+        )
 
         def evaluate(model: nn.Module = model) -> float:
             return _unseen.train_set_loss(model, loss_fn, x, y)

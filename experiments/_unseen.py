@@ -17,6 +17,7 @@ Problems: logreg, cnn, gru, bn, scale, tied, f64. Writes a markdown table to std
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import statistics
@@ -315,6 +316,40 @@ def train_set_loss(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torc
         f = loss_fn(model(x), y).item()
     model.train()
     return f
+
+
+def minibatch_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: int,
+    loss_fn: Callable,
+    hf: bool,
+    mode: Callable[[], Any] = contextlib.nullcontext,
+) -> Callable[[], None]:
+    """A user's mini-batch step: ``batch`` cases drawn with replacement (generator seeded 1);
+    HF gets a ``(loss, outputs)`` closure and steps inside ``mode()`` (a variant's context),
+    anything else a plain backward and step."""
+    gen = torch.Generator().manual_seed(1)
+
+    def step() -> None:
+        idx = torch.randint(len(y), (batch,), generator=gen)
+        xb, yb = x[idx], y[idx]
+        if hf:
+
+            def closure() -> Any:
+                out = model(xb)
+                return loss_fn(out, yb), out
+
+            with mode():
+                opt.step(closure)
+        else:
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+
+    return step
 
 
 def minibatch_problem(

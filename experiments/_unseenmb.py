@@ -305,28 +305,14 @@ def race(key: str, budget: float, variants: list[str], lrs=(1e-3, 3e-3, 1e-2)) -
     runs = []
     for name, kw in contenders:
         model = copy.deepcopy(model0)
-        gen = torch.Generator().manual_seed(1)
         hf = name.startswith("HF")
         kw = dict(kw)
         old = kw.pop("_floor", "")
         opt = hessfree.HessianFree(model.parameters(), **kw) if hf else torch.optim.Adam(
             model.parameters(), **kw)  # fmt: skip
-
-        def step(model=model, opt=opt, gen=gen, hf=hf, old=old) -> None:
-            idx = torch.randint(len(y), (batch,), generator=gen)
-            xb, yb = x[idx], y[idx]
-            if hf:
-
-                def closure() -> Any:
-                    out = model(xb)
-                    return loss_fn(out, yb), out
-
-                with floor_mode(old):
-                    opt.step(closure)
-            else:
-                opt.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                opt.step()
+        step = _unseen.minibatch_step(
+            model, opt, x, y, batch, loss_fn, hf, lambda old=old: floor_mode(old)
+        )
 
         def evaluate(model: nn.Module = model) -> float:
             return _unseen.train_set_loss(model, loss_fn, x, y)
