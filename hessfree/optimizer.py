@@ -1879,6 +1879,8 @@ class HessianFree(torch.optim.Optimizer):
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
+        if run.bounded and "trust_radius" not in run.state:
+            self._initial_radius(run.state, g)
         run.lap("curvature")
 
         max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
@@ -2097,8 +2099,6 @@ class HessianFree(torch.optim.Optimizer):
                 return self._finish(run, StepStatus.CONVERGED)
             rho = _damping.reduction_ratio(f_chosen - run.f0, predicted)
             self._adapt_damping(state, run.damping, lambda pol, lam: pol.after_step(lam, rho))
-            if run.bounded:
-                self._update_radius(state, result, chosen, p, rho)
 
             # ---- 5. line search: Armijo along the backtracked step ----
             rate, f_new = self._line_search(
@@ -2116,6 +2116,8 @@ class HessianFree(torch.optim.Optimizer):
                     self._adapt_damping(
                         state, state["damping"], lambda pol, lam: pol.clip(lam / rate)
                     )
+            if run.bounded:
+                self._update_radius(state, result, chosen, p, rho, rate)
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
         except BaseException:
@@ -2142,9 +2144,33 @@ class HessianFree(torch.optim.Optimizer):
         return self._finish(run, status, accepted=True, loss_after=f_new)
 
     @staticmethod
-    def _update_radius(state: dict, result: CGResult, chosen: int, p: Tensor, rho: float) -> None:
-        """Phase 4: the trust radius for the next CG (``trust_radius``)."""
-        if chosen < len(result.iterates) - 1:  # backtracking walked back: the model overshot
+    def _initial_radius(state: dict, g: Tensor) -> None:
+        r"""Phase 2, first step with ``trust_radius``: :math:`\Delta_0 = \|g\| / s` with
+        :math:`s = |g^\top C g| / g^\top g` the curvature along :math:`g` measured for
+        ``damping='auto'`` (``state['damping_scale']``; :math:`\lambda_0 = s`): the length of
+        the step :math:`-g/s`, scale-free (ours). Left infinite where :math:`s` was not measured
+        (a given ``damping`` and no relative floor) or is 0. From a start near a saddle with
+        :math:`\Delta_0 = \infty`, CG's steps along nearly flat directions were ~1e14 long and
+        the first four line searches failed after 61 closure calls each
+        (experiments/README.md, negcurv)."""
+        scale = state.get("damping_scale", 0.0)
+        if scale > 0.0:
+            radius = float(g.norm()) / scale
+            if 0.0 < radius < math.inf:
+                state["trust_radius"] = radius
+
+    @staticmethod
+    def _update_radius(
+        state: dict, result: CGResult, chosen: int, p: Tensor, rho: float, rate: float
+    ) -> None:
+        """Phases 4-5: the trust radius for the next CG (``trust_radius``)."""
+        if 0.0 < rate < 1.0:
+            # the line search walked back along p as backtracking does along CG's path: the
+            # model is trusted as far as the step taken (ours). Without it Δ stayed infinite
+            # through a negative-curvature phase, whose steps the line search cut 5-100×
+            # (experiments/README.md, negcurv)
+            state["trust_radius"] = rate * float(p.norm())
+        elif chosen < len(result.iterates) - 1:  # backtracking walked back: the model overshot
             state["trust_radius"] = 2.0 * float(p.norm())
         elif result.reason is CGStop.TRUST_RADIUS and rho > 0.75:
             state["trust_radius"] = 2.0 * state["trust_radius"]

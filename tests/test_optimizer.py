@@ -1460,6 +1460,55 @@ def test_trust_radius_bounds_the_step_after_backtracking_walked_back(trust_radiu
     assert walked_back > 0
 
 
+def _saddle_problem():
+    """A deep linear net 4-4-4-2 in float64 from small weights: the origin is a saddle, the
+    exact Hessian is indefinite near it, and HF's first steps meet negative curvature."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(4, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    model.append(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.3)
+    return model.double(), x, y
+
+
+def test_exact_hessian_from_a_saddle_is_bounded_by_the_steps_taken():
+    # Near the saddle at 0 the exact Hessian is indefinite and nearly flat: with an infinite
+    # first radius CG's steps were ~1e14 long and the first four line searches failed (61
+    # closure calls each). Now Delta_0 = ||g|| / lambda_0, and after a step whose line search
+    # cut the full length to rate t the model is trusted to t||p||: the next step is no longer.
+    model, x, y = _saddle_problem()
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    def flat():
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    infos, steps = [], []
+    for _ in range(12):
+        before = flat()
+        opt.step(closure)
+        info = opt.last_step
+        assert info.accepted and info.loss_after < info.loss, info
+        infos.append(info)
+        steps.append(float((flat() - before).norm()) / info.step_rate)  # ||p||, lr = 1
+    first = infos[0]
+    assert steps[0] <= first.grad_norm / first.damping * (1 + 1e-9)
+    cut = [k for k in range(len(infos) - 1) if infos[k].step_rate < 1.0]
+    assert cut and "negative_curvature" in {i.cg_reason for i in infos}
+    for k in cut:
+        assert steps[k + 1] <= infos[k].step_rate * steps[k] * (1 + 1e-9)
+    assert infos[-1].loss_after < 1e-8  # f* = 0: y is a linear map of x (closed form)
+
+
 def test_trust_radius_auto_is_off_for_gauss_newton_and_checked():
     model, x, y = _swap_problem()
     opt = HessianFree(model.parameters())
