@@ -42,8 +42,10 @@ phases named as the methods that run them:
    the curvature's, :math:`\tfrac12 p^\top C p`: then :math:`\lambda`, not the loss's floor,
    kept the step that short, so :math:`\lambda` is lowered as after :math:`\rho = 1` and the
    step is ``'line_search_failed'`` (a large given or climbed :math:`\lambda` would otherwise
-   never move again); with ``trust_radius``, :math:`\Delta \leftarrow 2\|p\|` when
-   backtracking walked back, doubled after a step on the sphere with :math:`\rho > 3/4`.
+   never move again); with ``trust_radius`` (:math:`\Delta_0 = \|g\|/\lambda_0`),
+   :math:`\Delta \leftarrow t\|p\|` after phase 5 accepted a rate :math:`t < 1`, else
+   :math:`2\|p\|` when backtracking walked back, doubled after a step on the sphere with
+   :math:`\rho > 3/4`.
 5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
    on the backtracked step (the reference code's: :math:`c = 10^{-2}`, rate × 0.8, up to 60
    tries, none whose first-order decrease :math:`t|g^\top p|` is within the float resolution:
@@ -675,10 +677,14 @@ class HessianFree(torch.optim.Optimizer):
         backtrack: CG backtracking over the stored iterates (§4.6).
         trust_radius: Bound CG's step by a radius :math:`\Delta` (Steihaug 1983): CG stops
             where its path leaves :math:`\|p\| \le \Delta` and returns the crossing point
-            (``cg_reason`` ``'trust_radius'``). :math:`\Delta` starts infinite; when CG
-            backtracking walks back from the final iterate (the model overshot),
-            :math:`\Delta \leftarrow 2\|p\|` of the chosen step; when the step ended on the
-            sphere with :math:`\rho > 3/4`, :math:`\Delta` doubles. ``'auto'`` (default): on for
+            (``cg_reason`` ``'trust_radius'``), and a stop on negative curvature continues
+            along that direction to the sphere. :math:`\Delta_0 = \|g\|/s` with :math:`s`
+            the curvature along :math:`g` (:math:`\lambda_0` of ``damping='auto'``; infinite
+            where it is not measured); when the line search accepts a rate :math:`t < 1`,
+            :math:`\Delta \leftarrow t\|p\|`; else when CG backtracking walks back from the
+            final iterate (the model overshot), :math:`\Delta \leftarrow 2\|p\|` of the chosen
+            step; when the step ended on the sphere with :math:`\rho > 3/4`, :math:`\Delta`
+            doubles. ``'auto'`` (default): on for
             indefinite curvature (the Hessian), where :math:`\lambda` falls to ``min_damping``
             while nearly flat directions blow the late CG iterates up, so CG spends most of
             its products on iterates that backtracking then rejects; off for Gauss-Newton,
