@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _fbdefaults_study as fbd  # noqa: E402
 import _unseenfb as ufb  # noqa: E402
 
-from hessfree import HessianFree  # noqa: E402
+from hessfree import HessianFree, KFACPreconditioner  # noqa: E402
 
 
 class MainRule(HessianFree):
@@ -44,17 +44,48 @@ class TightRule(HessianFree):
         return super()._good_streak(state, rho, share)
 
 
+def _lower_kfac_floor(opt: HessianFree, value: float) -> None:
+    """``precond='auto'``'s K-FAC with ``relative_damping=value`` once the objective is seen
+    deterministic (part 2: K-FAC's floor on a deterministic objective)."""
+    kfac = getattr(opt, "_auto_precond", None)
+    if opt._global_state().get("deterministic") is True and isinstance(kfac, KFACPreconditioner):
+        kfac.relative_damping = value
+
+
+class KfacLow(HessianFree):
+    """``_lower_kfac_floor`` after every step (``KFAC_FLOOR``)."""
+
+    def step(self, closure, curvature_closure=None):  # noqa: ANN001, ANN201
+        loss = super().step(closure, curvature_closure)
+        _lower_kfac_floor(self, KFAC_FLOOR)
+        return loss
+
+
+KFAC_FLOOR = 1e-6
+
+
 def _make_run(name: str, prob: ufb.Problem, hf_kwargs: dict | None = None) -> ufb.Run:
-    if "[main]" not in name:
+    tag = re.search(r"\[(main|kfac)\]", name)
+    if tag is None:
         return _orig_make_run(name, prob, hf_kwargs)
-    run = _orig_make_run(re.sub(r"\[main\]", "", name), prob, hf_kwargs)
-    run.name = name
-    run.opt._streak_decrease = 1.0  # instance attribute: main's rule for this optimizer
+    run = _orig_make_run(name.replace(tag.group(0), ""), prob, hf_kwargs)
+    run.name, opt, inner = name, run.opt, run.step
+    if tag.group(1) == "main":
+        opt._streak_decrease = 1.0  # instance attribute: main's rule for this optimizer
+    else:
+
+        def step() -> object:
+            out = inner()
+            _lower_kfac_floor(opt, KFAC_FLOOR)
+            return out
+
+        run.step = step
     return run
 
 
 def _make_variant(name: str) -> type[HessianFree]:
-    return {"main": MainRule, "tight": TightRule}.get(name) or _orig_make_variant(name)
+    rules = {"main": MainRule, "tight": TightRule, "kfac": KfacLow}
+    return rules.get(name) or _orig_make_variant(name)
 
 
 _orig_make_run, _orig_make_variant = ufb.make_run, fbd.make_variant

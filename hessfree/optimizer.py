@@ -500,7 +500,12 @@ class HessianFree(torch.optim.Optimizer):
             or ``'martens'`` (§4.1's thresholds with ``damping_increase`` and
             ``damping_decrease``); see :func:`hessfree.damping.update_damping`. Measured on
             ``experiments/scorecard.py``'s tasks, Nielsen's smooth rule sheds an over-large
-            :math:`\lambda` in a few steps instead of dozens.
+            :math:`\lambda` in a few steps instead of dozens. On an objective seen
+            deterministic, ``'nielsen'`` also lowers :math:`\lambda` faster along a streak of
+            steps with :math:`|\rho - 1| \le 0.1` whose damping dominated the model
+            (:math:`\lambda\|p\|^2 > p^\top C p`): by :math:`\max(3^{1-s}, p^\top C p /
+            \lambda\|p\|^2)` more on the :math:`s`-th (ours; ``experiments/README.md``,
+            "fblam").
         damping_increase: Factor > 1 applied when :math:`\rho < 1/4` under ``'martens'`` (3/2
             in the paper), and under either rule when a step is rejected.
         damping_decrease: Factor in (0, 1) applied when :math:`\rho > 3/4` under ``'martens'``
