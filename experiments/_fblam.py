@@ -17,6 +17,7 @@ reached, load-free), variants ``defaults`` (this branch) and ``main``.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -61,7 +62,8 @@ class KfacLow(HessianFree):
         return loss
 
 
-KFAC_FLOOR = 1e-6
+#: ``FBLAM_KFAC_FLOOR`` in the environment overrides it
+KFAC_FLOOR = float(os.environ.get("FBLAM_KFAC_FLOOR", "1e-6"))
 
 
 def _make_run(name: str, prob: ufb.Problem, hf_kwargs: dict | None = None) -> ufb.Run:
