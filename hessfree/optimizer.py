@@ -414,6 +414,7 @@ class _StepRun:
     bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
     trials: dict[int, float] = field(default_factory=dict)  # f at CG iterates, by iteration
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
+    damped_change: float = math.nan  # ½λ‖p‖² (+ structural energy) at the chosen iterate
 
     def __post_init__(self) -> None:
         self.t_lap = self.t_start
@@ -2113,8 +2114,7 @@ class HessianFree(torch.optim.Optimizer):
             # λ's share of the step: ½λ‖p‖² over ½pᵀCp of the undamped model
             slope = float(dot(solution.g, p))
             half_pCp = predicted - slope
-            damped = float(result.iterate_phi[chosen]) - predicted
-            share = damped / half_pCp if half_pCp > 0 else math.nan
+            share = run.damped_change / half_pCp if half_pCp > 0 else math.nan
             streak = self._good_streak(state, rho, share)
             if streak > 1:  # λ, not the model, kept limiting the step: λ comes down faster,
                 # to no less than ⅓ of the curvature along the step (Nielsen's ⅓ of λ/share)
@@ -2217,14 +2217,16 @@ class HessianFree(torch.optim.Optimizer):
         iterate alone (and once: it releases the curvature graph).
         """
         p = solution.result.iterates[chosen]
-        predicted = float(solution.result.iterate_phi[chosen]) - 0.5 * run.damping * float(
-            dot(p, p)
-        )
+        damped = 0.5 * run.damping * float(dot(p, p))
+        predicted = float(solution.result.iterate_phi[chosen]) - damped
         if solution.structural is not None:
             product, solution.structural = solution.structural, None  # its graph goes now
             with torch.enable_grad():  # differentiates the curvature graph, whatever the mode
                 energy = product.weight * product.hidden_energy(p.unsqueeze(0))
-            predicted -= 0.5 * float(energy[0])
+            structural = 0.5 * float(energy[0])
+            predicted -= structural
+            damped += structural
+        run.damped_change = damped
         return predicted
 
     def _line_search(
