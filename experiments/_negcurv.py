@@ -5,10 +5,11 @@ loss: exact Hessian) for a fixed number of steps on ``_unseenfb``'s problems and
 step: f, λ, CG iterations and stop, backtracked iterate, predicted change, ρ, rate, Δ; then the
 cost (closure calls + CG products, load-free) to targets on f − f*.
 
-Variants (``--variant``): ``new`` the current code; ``old`` main's before negcurv: Δ infinite
-at first, none from the line search (only from backtracking) and CG's negative-curvature stop
-ignoring Δ (``hessfree.cg._negative_curvature_step`` patched back); ``nor0`` the current code
-without the initial Δ0 = ‖g‖/λ0; ``oldcg`` only CG's old stop; ``oldls`` Δ as on main.
+Variants (``--variant``): ``new`` the current code; ``old`` main's before negcurv: no Δ from
+the line search (only from backtracking) and CG's negative-curvature stop ignoring Δ
+(``hessfree.cg._negative_curvature_step`` patched back); ``oldcg`` only CG's old stop;
+``oldls`` Δ as on main. (Δ0 = ‖g‖/λ0, measured as ``r01``, was removed: it bounds convex
+problems' steps too.)
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=.:experiments python3 experiments/_negcurv.py deeplin \
         --steps 40 [--variant new,old] [--seed N] [--quiet]
@@ -51,16 +52,8 @@ def patched_cg(old: bool) -> Iterator[None]:
         _cgmod._negative_curvature_step = _NEW_NC
 
 
-class NoRadius0(hessfree.HessianFree):
-    """Without the initial radius Δ0 = ‖g‖/λ0 (Δ infinite until a step walks back)."""
-
-    @staticmethod
-    def _initial_radius(state, g):  # type: ignore[override]
-        return None
-
-
-class OldRadius(NoRadius0):
-    """main before negcurv: no Δ0, Δ from backtracking only, not from the line search."""
+class OldRadius(hessfree.HessianFree):
+    """main before negcurv: Δ from backtracking only, not from the line search."""
 
     @staticmethod
     def _update_radius(state, result, chosen, p, rho, rate):  # type: ignore[override]
@@ -71,9 +64,7 @@ def make_optimizer(
     variant: str, params: list, **kwargs: object
 ) -> tuple[torch.optim.Optimizer, bool]:
     """The optimizer of a variant and whether CG's old negative-curvature step is patched in."""
-    cls = {"old": OldRadius, "oldls": OldRadius, "nor0": NoRadius0}.get(
-        variant, hessfree.HessianFree
-    )
+    cls = {"old": OldRadius, "oldls": OldRadius}.get(variant, hessfree.HessianFree)
     return cls(params, **kwargs), variant in ("old", "oldcg")
 
 

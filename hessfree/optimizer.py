@@ -42,10 +42,9 @@ phases named as the methods that run them:
    the curvature's, :math:`\tfrac12 p^\top C p`: then :math:`\lambda`, not the loss's floor,
    kept the step that short, so :math:`\lambda` is lowered as after :math:`\rho = 1` and the
    step is ``'line_search_failed'`` (a large given or climbed :math:`\lambda` would otherwise
-   never move again); with ``trust_radius`` (:math:`\Delta_0 = \|g\|/\lambda_0`),
-   :math:`\Delta \leftarrow t\|p\|` after phase 5 accepted a rate :math:`t < 1`, else
-   :math:`2\|p\|` when backtracking walked back, doubled after a step on the sphere with
-   :math:`\rho > 3/4`.
+   never move again); with ``trust_radius``, :math:`\Delta \leftarrow t\|p\|` after phase 5
+   accepted a rate :math:`t < 1`, else :math:`2\|p\|` when backtracking walked back, doubled
+   after a step on the sphere with :math:`\rho > 3/4`.
 5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
    on the backtracked step (the reference code's: :math:`c = 10^{-2}`, rate × 0.8, up to 60
    tries, none whose first-order decrease :math:`t|g^\top p|` is within the float resolution:
@@ -692,9 +691,8 @@ class HessianFree(torch.optim.Optimizer):
         trust_radius: Bound CG's step by a radius :math:`\Delta` (Steihaug 1983): CG stops
             where its path leaves :math:`\|p\| \le \Delta` and returns the crossing point
             (``cg_reason`` ``'trust_radius'``), and a stop on negative curvature continues
-            along that direction to the sphere. :math:`\Delta_0 = \|g\|/s` with :math:`s`
-            the curvature along :math:`g` (:math:`\lambda_0` of ``damping='auto'``; infinite
-            where it is not measured); when the line search accepts a rate :math:`t < 1`,
+            along that direction to the sphere. :math:`\Delta` starts infinite; when the line
+            search accepts a rate :math:`t < 1`,
             :math:`\Delta \leftarrow t\|p\|`; else when CG backtracking walks back from the
             final iterate (the model overshot), :math:`\Delta \leftarrow 2\|p\|` of the chosen
             step; when the step ended on the sphere with :math:`\rho > 3/4`, :math:`\Delta`
@@ -1899,8 +1897,6 @@ class HessianFree(torch.optim.Optimizer):
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
-        if run.bounded and "trust_radius" not in run.state:
-            self._initial_radius(run.state, g)
         run.lap("curvature")
 
         max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
@@ -2205,22 +2201,6 @@ class HessianFree(torch.optim.Optimizer):
             return 0
         state["good_streak"] = streak = state.get("good_streak", 0) + 1
         return streak
-
-    @staticmethod
-    def _initial_radius(state: dict, g: Tensor) -> None:
-        r"""Phase 2, first step with ``trust_radius``: :math:`\Delta_0 = \|g\| / s` with
-        :math:`s = |g^\top C g| / g^\top g` the curvature along :math:`g` measured for
-        ``damping='auto'`` (``state['damping_scale']``; :math:`\lambda_0 = s`): the length of
-        the step :math:`-g/s`, scale-free (ours). Left infinite where :math:`s` was not measured
-        (a given ``damping`` and no relative floor) or is 0. From a start near a saddle with
-        :math:`\Delta_0 = \infty`, CG's steps along nearly flat directions were ~1e14 long and
-        the first four line searches failed after 61 closure calls each
-        (experiments/README.md, negcurv)."""
-        scale = state.get("damping_scale", 0.0)
-        if scale > 0.0:
-            radius = float(g.norm()) / scale
-            if 0.0 < radius < math.inf:
-                state["trust_radius"] = radius
 
     @staticmethod
     def _update_radius(
