@@ -125,6 +125,7 @@ from ._flat import LOW_PRECISION, ParamLayout, dot
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
+from ._rng import StepStream
 from ._settings import (
     _AUTO_CG_MAX_ITER,
     _KFAC_DETERMINISTIC_CG_MAX_ITER,
@@ -383,6 +384,8 @@ class _Evaluation:
 class _Counter:
     calls: int = 0
     product_time: float = 0.0
+    # replay_rng: every closure call of the step draws the first call's random numbers
+    stream: StepStream | None = None
 
 
 @dataclass
@@ -751,8 +754,8 @@ class HessianFree(torch.optim.Optimizer):
             product, or every trial loss rejected with one of them NaN/Inf) tolerated before
             ``FloatingPointError``; any other step resets the count.
         callback: Called with the :class:`StepInfo` after every step.
-        seed: Seed of the optimizer's own generator (preconditioner probes); the user's global
-            RNG is never touched.
+        seed: Seed of the optimizer's own generator (preconditioner probes); the optimizer
+            never draws from the global RNG (``replay_rng`` only saves and restores its state).
         process_group: Average over this ``torch.distributed`` group (default: the default
             group when ``torch.distributed`` is initialised): the loss, the gradient, every
             curvature product, the preconditioner statistics and every trial loss are averaged
@@ -768,6 +771,20 @@ class HessianFree(torch.optim.Optimizer):
             of its fields): CUDA-graph replay and TF32/bf16 arithmetic, both off by default;
             CG's iterates and scalars keep the parameters' dtype (float32 for float16 ones:
             :func:`hessfree.cg`).
+        replay_rng: One random stream per step (default ``True``): the state of torch's
+            default generators (the CPU's, and once CUDA is initialised those of the CUDA
+            devices holding parameters) is saved before the step's first closure call and put
+            back before every later one (a ``curvature_closure``'s, CG's objective checks,
+            backtracking, :math:`\rho`, the line search), so dropout, ``torch.rand`` noise or
+            stochastic depth draw the same numbers in every evaluation of the step: the
+            quadratic model, :math:`\rho` and the line search all see one function. After the
+            step the generators are where the first call left them (the stream advances by
+            one evaluation per step, as in an SGD step); a closure that draws nothing runs
+            bitwise as with ``False``. Each rank of a data-parallel run replays its own stream.
+            Draws from other generators (numpy, Python's ``random``, a ``torch.Generator``
+            passed to the model) are not replayed. ``False``: each call draws afresh (on a
+            LayerNorm + Dropout MLP, :math:`\rho = -\infty` on 28 % of the steps and
+            :math:`\lambda` climbing; ``experiments/README.md``, "dropoutrng").
 
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it), or no
@@ -830,6 +847,7 @@ class HessianFree(torch.optim.Optimizer):
         process_group: object | None = None,
         curvature_batch: str = "sharded",
         products: ProductPolicy | Mapping | None = None,
+        replay_rng: bool = True,
     ) -> None:
         self.settings = HFSettings(
             lr=lr,
@@ -867,6 +885,7 @@ class HessianFree(torch.optim.Optimizer):
             process_group=process_group,
             curvature_batch=curvature_batch,
             products=products,
+            replay_rng=replay_rng,
         )
         #: The preconditioner (``precond='martens'`` built as an :class:`EmpiricalFisherDiagonal`,
         #: ``'nystrom'`` as a :class:`NystromPreconditioner`).
@@ -1174,6 +1193,22 @@ class HessianFree(torch.optim.Optimizer):
         with gradients enabled and later evaluations keep them.
         """
         counter.calls += 1
+        stream = counter.stream
+        if stream is not None:
+            stream.before_call()
+        try:
+            return self._call_once(closure, build_graph, uses_backward, stream)
+        finally:
+            if stream is not None:
+                stream.after_call()
+
+    def _call_once(
+        self,
+        closure: Closure,
+        build_graph: bool,
+        uses_backward: bool,
+        stream: StepStream | None,
+    ) -> _Evaluation:
         if build_graph:
             # precond='kfac' (or 'auto'): the nn.Linear calls of this call, for K-FAC's factors
             self._linear_pass = None
@@ -1207,6 +1242,8 @@ class HessianFree(torch.optim.Optimizer):
                 loss, _, _ = _unpack(closure())
         except (RuntimeError, TypeError):
             # e.g. "element 0 of tensors does not require grad": retry with autograd on
+            if stream is not None:  # from the same random numbers
+                stream.before_call()
             with torch.enable_grad():
                 loss, _, _ = _unpack(closure())
             self._closure_uses_autograd = True
@@ -1558,18 +1595,22 @@ class HessianFree(torch.optim.Optimizer):
         # Phases 1-2 hold every autograd graph of the step; they are freed on return, but
         # structural damping's curvature graph, which phase 4 reads once (_Solution).
         try:
-            solution = self._evaluate_and_solve(closure, curvature_closure, run)
+            try:
+                solution = self._evaluate_and_solve(closure, curvature_closure, run)
+            finally:
+                self._linear_pass = None  # the recorded layers' graph, if CG did not consume it
+            if solution is not None:  # else the step ended before or inside CG (StepInfo recorded)
+                self._backtrack_and_search(closure, solution, run)  # phases 3-5
         finally:
-            self._linear_pass = None  # the recorded layers' graph, if CG did not consume it
-        if solution is not None:  # else the step ended before or inside CG (StepInfo recorded)
-            self._backtrack_and_search(closure, solution, run)  # phases 3-5
+            if run.counter.stream is not None:  # also on an error (_finish did it otherwise)
+                run.counter.stream.leave()
         return run.loss0
 
     def _start_step(self) -> _StepRun:
         state = self._global_state()
         params = self._params()
         layout = ParamLayout(params)
-        return _StepRun(
+        run = _StepRun(
             state=state,
             params=params,
             layout=layout,
@@ -1577,6 +1618,9 @@ class HessianFree(torch.optim.Optimizer):
             lr=self._per_entry(layout, "lr"),
             damping=state["damping"],
         )
+        if self.settings.replay_rng:  # saved before the step's first closure call
+            run.counter.stream = StepStream({p.device for p in params})
+        return run
 
     def _evaluate_and_solve(
         self, closure: Closure, curvature_closure: Closure | None, run: _StepRun
@@ -2230,6 +2274,8 @@ class HessianFree(torch.optim.Optimizer):
         state["step"] += 1
         if self._generator is not None:
             state["rng_state"] = self._generator.get_state()
+        if run.counter.stream is not None:  # before the callback, which may draw numbers
+            run.counter.stream.leave()
         if self.settings.callback is not None:
             self.settings.callback(info)
 
@@ -2267,6 +2313,7 @@ class HessianFree(torch.optim.Optimizer):
         over the optimizer's life runs with a global forward pre-hook that records train-mode
         BatchNorm and Dropout modules (their autograd nodes cannot tell: CPU dropout is a plain
         ``MulBackward0`` and InstanceNorm uses the batch-norm kernel); one warning in all.
+        Dropout alone is no reason to warn under ``replay_rng`` (one mask per step).
         """
         watch = role not in self._watched
         try:
@@ -2281,6 +2328,8 @@ class HessianFree(torch.optim.Optimizer):
             ) from err
         if watch:
             self._watched.add(role)
+            if self.settings.replay_rng:  # dropout draws one mask per step: one function
+                found = [kind for kind in found if issubclass(kind, _BatchNorm)]
             if found and not self._warned_stochastic:
                 self._warned_stochastic = True
                 names = [kind.__name__ for kind in found]
@@ -2296,7 +2345,11 @@ class HessianFree(torch.optim.Optimizer):
                     )
                     + ". Call model.eval() for the curvature (before step(), or inside a "
                     "`curvature_closure`)"
-                    + (", or reuse one fixed dropout mask per step." if dropout else "."),
+                    + (
+                        ", or pass replay_rng=True (the default) for one dropout mask per step."
+                        if dropout
+                        else "."
+                    ),
                     UserWarning,
                     stacklevel=5,  # _first_call <- phase <- step <- torch.optim wrapper <- caller
                 )
