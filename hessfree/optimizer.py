@@ -87,9 +87,13 @@ Closure styles, fastest first:
   pass through unchanged), and evaluation calls run the closure's backward too, which costs one
   backward pass per evaluation that the other styles avoid.
 
-Dropout and train-mode BatchNorm make every closure call a different function (and each trial
-evaluation updates BatchNorm's running statistics); the first call of each closure is watched
-for such modules and a warning says so once, as the SciPy operators refuse them.
+Randomness in the forward pass (dropout, ``torch.rand`` noise, stochastic depth) would make
+every closure call a different function; ``replay_rng`` (default) puts torch's default
+generators back to the step's start state before every call after the first, so the step's
+calls draw one set of masks (:mod:`hessfree._rng`). Train-mode BatchNorm stays a concern (each
+trial evaluation updates its running statistics): the first call of each closure is watched for
+it (and, with ``replay_rng=False``, for Dropout) and a warning says so once, as the SciPy
+operators refuse such modules.
 
 References:
     Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.
