@@ -1,15 +1,23 @@
-r"""One random stream per step: the default generators' states, saved and put back.
+r"""One random draw for the model, one for the trials: torch's default streams within a step.
 
-A Hessian-free step evaluates its closure several times: the graph-building call, then
-forward-only calls for CG's objective checks, backtracking, :math:`\rho` and the line search
-(and a ``curvature_closure``'s call). With dropout, ``torch.rand`` noise or stochastic depth in
-the forward pass, each call would draw new masks, so :math:`\rho` would compare the quadratic
-model of one function with the value of another (:math:`\rho = -\infty` on a quarter of the
-steps of a LayerNorm + Dropout MLP, :math:`\lambda` climbing; ``experiments/README.md``,
-"unseenmb" and "dropoutrng"). :class:`StepStream` makes the step's objective one function:
-the state of torch's default generators before the first call is put back before every later
-call, and at the end of the step the generators are left where the first call left them, so
-the stream advances by one evaluation per step (as one SGD step's would).
+A Hessian-free step evaluates its closure several times: the graph-building call (and a
+``curvature_closure``'s), then forward-only *trial* calls for CG's objective checks,
+backtracking, :math:`\rho` and the line search. With dropout, ``torch.rand`` noise or
+stochastic depth in the forward pass, each call would draw new masks, and :math:`\rho` compared
+:math:`f(\theta_0 + p)` under one mask with :math:`f(\theta_0)` under another: the loss's own
+mask noise, not the step, decided it (:math:`\rho = -\infty` on 28-34 % of the steps of two
+dropout MLPs; ``experiments/README.md``, "unseenmb" and "dropoutrng").
+
+:class:`StepStream` draws two sets per step. The model calls (the closure's first call and a
+``curvature_closure``'s) start from the step's start state, so gradient and curvature come from
+one mask :math:`m_1`. Every trial call starts from where the first call left the stream, so all
+trials share a second mask :math:`m_2`; the optimizer evaluates :math:`f(\theta_0; m_2)` once
+more and measures every change against it (common random numbers). Trials with :math:`m_1`
+itself were tried and not kept: :math:`\rho` is then measured on the mask the step was fitted
+to, λ sits at its floor and a Dropout(0.3) MLP's loss rose (3-13× the loss of fresh masks per
+call). After the step the stream is where the first trial call left it (two evaluations'
+draws). A closure that draws nothing from these generators is left alone: no state is put
+back and no extra evaluation runs.
 
 What is saved: the CPU generator (``torch.get_rng_state()``, about 5 KB) and, once CUDA is
 initialised, the default generator of each CUDA device holding a parameter (its Philox seed
@@ -27,10 +35,11 @@ __all__ = ["StepStream"]
 
 
 class StepStream:
-    """Replays torch's default random stream for every closure call of one step.
+    """Puts torch's default random streams back for each closure call of one step.
 
     Call :meth:`before_call` before, and :meth:`after_call` after, each closure call of the
-    step (the first one included), then :meth:`leave` once the step ends.
+    step (the first one included; ``trial`` for the forward-only evaluations), then
+    :meth:`leave` once the step ends.
 
     Args:
         devices: The devices of the parameters; those of type ``'cuda'`` get their default
@@ -38,13 +47,13 @@ class StepStream:
 
     Example:
         >>> stream = StepStream([torch.device("cpu")])
-        >>> stream.before_call(); a = torch.rand(3); stream.after_call()
-        >>> stream.before_call(); b = torch.rand(3); stream.after_call()
-        >>> torch.equal(a, b)  # the second call drew what the first did
-        True
-        >>> stream.leave(); c = torch.rand(3)  # the stream goes on after one call's draws
-        >>> torch.equal(c, a)
-        False
+        >>> draws = []
+        >>> for trial in (False, True, True):
+        ...     stream.before_call(trial=trial)
+        ...     draws.append(torch.rand(3))
+        ...     stream.after_call()
+        >>> stream.drew, torch.equal(draws[1], draws[2]), torch.equal(draws[0], draws[1])
+        (True, True, False)
     """
 
     def __init__(self, devices: Iterable[torch.device]) -> None:
@@ -55,9 +64,12 @@ class StepStream:
                     cuda.add(torch.cuda.current_device() if d.index is None else d.index)
         self._cuda = sorted(cuda)
         self._start = self._get()
-        self._after_first: tuple | None = None
-        self._calls = 0
+        self._after_model: tuple | None = None  # where the first call left the stream
+        self._after_trial: tuple | None = None  # where the first trial call left it
+        self._trial = False
         self._left = False
+        #: Whether the first call drew from the saved generators (else nothing is put back).
+        self.drew = False
 
     def _get(self) -> tuple:
         return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in self._cuda]
@@ -68,20 +80,32 @@ class StepStream:
         for i, state in zip(self._cuda, cuda, strict=True):
             torch.cuda.set_rng_state(state, i)
 
-    def before_call(self) -> None:
-        """Every call after the first starts from the state the first one started from."""
-        if self._calls:
-            self._set(self._start)
-        self._calls += 1
+    def before_call(self, *, trial: bool) -> None:
+        """Model calls after the first draw the first call's numbers, trial calls the first
+        trial's."""
+        self._trial = trial
+        if self.drew:
+            self._set(self._after_model if trial else self._start)
 
     def after_call(self) -> None:
-        """Keep where the first call left the stream (where :meth:`leave` puts it)."""
-        if self._after_first is None:
-            self._after_first = self._get()
+        """Keep where the first call and the first trial call left the stream."""
+        if self._after_model is None:
+            self._after_model = self._get()
+            self.drew = not all(
+                torch.equal(a, b)
+                for a, b in zip(
+                    [self._start[0], *self._start[1]],
+                    [self._after_model[0], *self._after_model[1]],
+                    strict=True,
+                )
+            )
+        elif self._trial and self._after_trial is None and self.drew:
+            self._after_trial = self._get()
 
     def leave(self) -> None:
-        """The step ends: the generators where the first call left them; once only (a second
-        call, e.g. after a callback that drew numbers, changes nothing)."""
-        if not self._left and self._after_first is not None and self._calls > 1:
-            self._set(self._after_first)
+        """The step ends: the stream where the first trial call (else the first call) left it;
+        once only (a second call, e.g. after a callback that drew numbers, changes nothing)."""
+        target = self._after_trial if self._after_trial is not None else self._after_model
+        if not self._left and self.drew and target is not None:
+            self._set(target)
         self._left = True

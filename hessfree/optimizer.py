@@ -408,6 +408,7 @@ class _StepRun:
     times: dict[str, float] = field(default_factory=dict)  # StepInfo.time_phases
     loss0: Tensor | None = None  # the closure's loss at θ0, returned by step()
     f0: float = math.nan  # the objective at θ0 (L2 term included)
+    f_base: float = math.nan  # f(θ0) as the trials see it: f0, or under replay_rng's trial draw
     uses_backward: bool = False  # the closure calls backward() itself (LBFGS style)
     report: dict = field(default_factory=dict)  # StepInfo fields known so far
     bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
@@ -1199,7 +1200,7 @@ class HessianFree(torch.optim.Optimizer):
         counter.calls += 1
         stream = counter.stream
         if stream is not None:
-            stream.before_call()
+            stream.before_call(trial=not build_graph)
         try:
             return self._call_once(closure, build_graph, uses_backward, stream)
         finally:
@@ -1247,7 +1248,7 @@ class HessianFree(torch.optim.Optimizer):
         except (RuntimeError, TypeError):
             # e.g. "element 0 of tensors does not require grad": retry with autograd on
             if stream is not None:  # from the same random numbers
-                stream.before_call()
+                stream.before_call(trial=True)
             with torch.enable_grad():
                 loss, _, _ = _unpack(closure())
             self._closure_uses_autograd = True
@@ -1692,6 +1693,14 @@ class HessianFree(torch.optim.Optimizer):
         ):  # K-FAC on mini-batches: the floor follows a growing curvature scale
             self._raise_floor(curvature, product, g, g_norm, run)
 
+        run.f_base = run.f0
+        if run.counter.stream is not None and run.counter.stream.drew:
+            # replay_rng: the trials share one fresh draw; f(θ0) under it is their baseline
+            loss = self._call(
+                closure, run.counter, build_graph=False, uses_backward=run.uses_backward
+            ).loss
+            f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
+            run.f_base = f_base if math.isfinite(f_base) else run.f0
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
         result = self._solve(curvature, product, evaluation, g, run, closure)
         run.report.update(
@@ -2033,7 +2042,7 @@ class HessianFree(torch.optim.Optimizer):
         def rose(i: int, x: Tensor) -> bool:
             f = self._objective_swapped(closure, run, x)
             run.trials[i] = f
-            stop = last[0] < run.f0 and not f < last[0]
+            stop = last[0] < run.f_base and not f < last[0]
             last[0] = f
             return stop
 
@@ -2126,7 +2135,7 @@ class HessianFree(torch.optim.Optimizer):
             predicted = self._predicted_change(solution, chosen, run)
             run.report["predicted_change"] = predicted
             eps = torch.finfo(run.loss0.dtype).eps
-            if _damping.below_resolution(f_chosen - run.f0, predicted, run.f0, eps):
+            if _damping.below_resolution(f_chosen - run.f_base, predicted, run.f_base, eps):
                 # float precision's floor: ρ would be a ratio of rounding errors (−0 for a
                 # bit-identical trial loss), no evidence against the model: no line search,
                 # nothing moves (experiments/README.md, freeze)
@@ -2143,7 +2152,7 @@ class HessianFree(torch.optim.Optimizer):
                     return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
                 run.report["converged_by"] = Convergence.FLOAT_RESOLUTION  # λ stays
                 return self._finish(run, StepStatus.CONVERGED)
-            rho = _damping.reduction_ratio(f_chosen - run.f0, predicted)
+            rho = _damping.reduction_ratio(f_chosen - run.f_base, predicted)
             self._adapt_damping(state, run.damping, lambda pol, lam: pol.after_step(lam, rho))
             if run.bounded:
                 self._update_radius(state, result, chosen, p, rho)
@@ -2151,10 +2160,10 @@ class HessianFree(torch.optim.Optimizer):
             # ---- 5. line search: Armijo along the backtracked step ----
             rate, f_new = self._line_search(
                 lambda t: objective(p, t),
-                run.f0,
+                run.f_base,
                 float(dot(solution.g, p)),
                 f_chosen,
-                _damping.resolution(run.f0, eps),
+                _damping.resolution(run.f_base, eps),
             )
             if rate == 1.0 and rho > _EXTRAPOLATE_RHO and self._extrapolating(state):
                 rate, f_new = _extrapolate(
@@ -2184,7 +2193,7 @@ class HessianFree(torch.optim.Optimizer):
                 return self._finish(run, StepStatus.CONVERGED)
             return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
         status = StepStatus.ACCEPTED
-        if rate * full_change <= tolerance_change or abs(f_new - run.f0) < tolerance_change:
+        if rate * full_change <= tolerance_change or abs(f_new - run.f_base) < tolerance_change:
             status = StepStatus.CONVERGED
             run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
