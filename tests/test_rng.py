@@ -71,7 +71,7 @@ def test_model_calls_share_one_dropout_mask_and_trial_calls_another(replay):
 
 def test_rho_is_the_ratio_of_the_trial_masks_change_to_the_model_masks_prediction():
     model, x, y, masks = _dropout_problem()
-    opt = HessianFree(model.parameters(), precond=None, damping=1.0)
+    opt = HessianFree(model.parameters(), precond=None, damping=1.0, replay_rng=True)
     theta0 = torch.cat([p.detach().flatten() for p in model.parameters()])
     opt.step(_closure(model, x, y))
     info = opt.last_step
@@ -101,7 +101,9 @@ def test_generator_after_a_step_is_where_two_forwards_leave_it():
     model, x, y, _ = _dropout_problem()
     closure = _closure(model, x, y)
     drawn: list[torch.Tensor] = []
-    opt = HessianFree(model.parameters(), callback=lambda info: drawn.append(torch.rand(2)))
+    opt = HessianFree(
+        model.parameters(), callback=lambda info: drawn.append(torch.rand(2)), replay_rng=True
+    )
     reference = _dropout_problem()[0]  # same weights, never stepped
     start = torch.get_rng_state()
     opt.step(closure)
@@ -131,7 +133,7 @@ def test_noise_in_an_lbfgs_style_closure_gives_the_closed_form_rho():
         loss.backward()
         return loss
 
-    opt = HessianFree([theta], damping=1e-3)
+    opt = HessianFree([theta], damping=1e-3, replay_rng=True)
     opt.step(closure)
     info = opt.last_step
     assert len(noises) == info.closure_calls >= 3
