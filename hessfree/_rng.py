@@ -5,7 +5,7 @@ A Hessian-free step evaluates its closure several times: the graph-building call
 backtracking, :math:`\rho` and the line search. With dropout, ``torch.rand`` noise or
 stochastic depth in the forward pass, each call would draw new masks, and :math:`\rho` compared
 :math:`f(\theta_0 + p)` under one mask with :math:`f(\theta_0)` under another: the loss's own
-mask noise, not the step, decided it (:math:`\rho = -\infty` on 28-34 % of the steps of two
+mask noise, not the step, decided it (:math:`\rho = -\infty` on 27-34 % of the steps of two
 dropout MLPs; ``experiments/README.md``, "unseenmb" and "dropoutrng").
 
 :class:`StepStream` draws two sets per step. The model calls (the closure's first call and a

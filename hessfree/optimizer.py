@@ -789,7 +789,7 @@ class HessianFree(torch.optim.Optimizer):
             replays its own stream (every rank must draw, or none). Draws from other
             generators (numpy, Python's ``random``, a ``torch.Generator`` of the caller's) are
             not replayed. Off by default: on two dropout MLPs (digits) it cut the steps with
-            :math:`\rho = -\infty` from 28-34 % to 1-8 % and lowered a LayerNorm + Dropout(0.1)
+            :math:`\rho = -\infty` from 27-34 % to 1-8 % and lowered a LayerNorm + Dropout(0.1)
             MLP's loss 2-6× (3 seeds, 200 steps; 2.4× in a 20 s race), but on a Dropout(0.3)
             MLP :math:`\rho` then sits below ¼ once the mask noise dominates the gradient and
             :math:`\lambda` climbs without bound (loss frozen after ~150 steps in 3 of 3 seeds,
