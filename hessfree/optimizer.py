@@ -161,6 +161,14 @@ __all__ = ["Convergence", "HessianFree", "StepInfo", "StepStatus"]
 #: ρ ≈ 1 the trials failed and cost an evaluation each), at most this many times.
 _EXTRAPOLATE_RHO = 1.05
 _EXTRAPOLATE_MAX = 10
+#: On a deterministic objective (Nielsen's rule, adapted λ), a step whose ρ is within
+#: ``_STREAK_RHO`` of 1 extends a streak of such steps; the s-th consecutive one lowers λ by
+#: ``_STREAK_DECREASE`` ** (s − 1) beyond Nielsen's ⅓ (⅓, ⅑, 1/27, ... in all), and any other
+#: step ends the streak (ours; the increase side of Nielsen's ν doubling, mirrored). From
+#: λ₀ = gᵀCg/gᵀg, ⅓ a step had spent whole time budgets with ρ ≈ 1 on every step
+#: (``experiments/README.md``, "unseenfb" and "fblam").
+_STREAK_RHO = 0.1
+_STREAK_DECREASE = 1.0 / 3.0
 #: Relative difference below which the closure's objective at the start of a step counts as
 #: the previous step's ``loss_after`` (float roundoff of a reordered sum stays far below).
 _SAME_OBJECTIVE_RTOL = 1e-5
@@ -406,6 +414,7 @@ class _StepRun:
     bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
     trials: dict[int, float] = field(default_factory=dict)  # f at CG iterates, by iteration
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
+    damped_change: float = math.nan  # ½λ‖p‖² (+ structural energy) at the chosen iterate
 
     def __post_init__(self) -> None:
         self.t_lap = self.t_start
@@ -492,7 +501,12 @@ class HessianFree(torch.optim.Optimizer):
             or ``'martens'`` (§4.1's thresholds with ``damping_increase`` and
             ``damping_decrease``); see :func:`hessfree.damping.update_damping`. Measured on
             ``experiments/scorecard.py``'s tasks, Nielsen's smooth rule sheds an over-large
-            :math:`\lambda` in a few steps instead of dozens.
+            :math:`\lambda` in a few steps instead of dozens. On an objective seen
+            deterministic, ``'nielsen'`` also lowers :math:`\lambda` faster along a streak of
+            steps with :math:`|\rho - 1| \le 0.1` whose damping dominated the model
+            (:math:`\lambda\|p\|^2 > p^\top C p`): by :math:`\max(3^{1-s}, p^\top C p /
+            \lambda\|p\|^2)` more on the :math:`s`-th (ours; ``experiments/README.md``,
+            "fblam").
         damping_increase: Factor > 1 applied when :math:`\rho < 1/4` under ``'martens'`` (3/2
             in the paper), and under either rule when a step is rejected.
         damping_decrease: Factor in (0, 1) applied when :math:`\rho > 3/4` under ``'martens'``
@@ -2097,6 +2111,16 @@ class HessianFree(torch.optim.Optimizer):
                 return self._finish(run, StepStatus.CONVERGED)
             rho = _damping.reduction_ratio(f_chosen - run.f0, predicted)
             self._adapt_damping(state, run.damping, lambda pol, lam: pol.after_step(lam, rho))
+            # λ's share of the step: ½λ‖p‖² over ½pᵀCp of the undamped model
+            slope = float(dot(solution.g, p))
+            half_pCp = predicted - slope
+            share = run.damped_change / half_pCp if half_pCp > 0 else math.nan
+            streak = self._good_streak(state, rho, share)
+            if streak > 1:  # λ, not the model, kept limiting the step: λ comes down faster,
+                # to no less than ⅓ of the curvature along the step (Nielsen's ⅓ of λ/share)
+                extra = self._streak_decrease ** (streak - 1)
+                extra = max(extra, 1.0 / share) if share > 1.0 else extra
+                self._adapt_damping(state, state["damping"], lambda pol, lam: pol.clip(lam * extra))
             if run.bounded:
                 self._update_radius(state, result, chosen, p, rho)
 
@@ -2104,7 +2128,7 @@ class HessianFree(torch.optim.Optimizer):
             rate, f_new = self._line_search(
                 lambda t: objective(p, t),
                 run.f0,
-                float(dot(solution.g, p)),
+                slope,
                 f_chosen,
                 _damping.resolution(run.f0, eps),
             )
@@ -2127,6 +2151,7 @@ class HessianFree(torch.optim.Optimizer):
         full_change = float((p.abs() * run.lr).max())
         tolerance_change = settings.tolerance_change
         if rate == 0.0:
+            state.pop("good_streak", None)
             self._adapt_damping(state, state["damping"], lambda pol, lam: pol.after_rejection(lam))
             if trial_non_finite:
                 what = "a trial loss (CG backtracking or line search)"
@@ -2140,6 +2165,38 @@ class HessianFree(torch.optim.Optimizer):
             status = StepStatus.CONVERGED
             run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
+
+    #: ``_STREAK_DECREASE`` (a class attribute so that experiments can compare against 1).
+    _streak_decrease = _STREAK_DECREASE
+
+    def _good_streak(self, state: dict, rho: float, share: float) -> int:
+        r"""Phase 4: the number of consecutive steps, this one included, whose :math:`\rho`
+        is within ``_STREAK_RHO`` of 1 and whose damping dominated the model
+        (``share`` = :math:`\lambda\|p\|^2 / p^\top C p > 1`), on a deterministic objective
+        under Nielsen's adapted rule (``state['good_streak']``); 0, and the streak ends, on
+        any other step.
+
+        Only a deterministic objective: there :math:`\rho` compares the model with the very
+        function it approximates, so :math:`\rho \approx 1` on steps that :math:`\lambda`
+        kept short is evidence that :math:`\lambda`, not the model, limits them; on
+        mini-batches a good :math:`\rho` measures one batch only. Only while :math:`\lambda`
+        dominates: on a GELU regression a streak that went on once :math:`\lambda` was 4 % of
+        the step's curvature cut :math:`\lambda` 81-fold and the next five steps failed
+        (``experiments/README.md``, "fblam").
+        """
+        settings = self.settings
+        eligible = (
+            state.get("deterministic") is True
+            and settings.adapt_damping
+            and settings.damping_rule == "nielsen"
+            and not state.get("structurally_damped", False)
+            and self._streak_decrease < 1.0
+        )
+        if not (eligible and abs(rho - 1.0) <= _STREAK_RHO and share > 1.0):
+            state.pop("good_streak", None)
+            return 0
+        state["good_streak"] = streak = state.get("good_streak", 0) + 1
+        return streak
 
     @staticmethod
     def _update_radius(state: dict, result: CGResult, chosen: int, p: Tensor, rho: float) -> None:
@@ -2160,14 +2217,16 @@ class HessianFree(torch.optim.Optimizer):
         iterate alone (and once: it releases the curvature graph).
         """
         p = solution.result.iterates[chosen]
-        predicted = float(solution.result.iterate_phi[chosen]) - 0.5 * run.damping * float(
-            dot(p, p)
-        )
+        damped = 0.5 * run.damping * float(dot(p, p))
+        predicted = float(solution.result.iterate_phi[chosen]) - damped
         if solution.structural is not None:
             product, solution.structural = solution.structural, None  # its graph goes now
             with torch.enable_grad():  # differentiates the curvature graph, whatever the mode
                 energy = product.weight * product.hidden_energy(p.unsqueeze(0))
-            predicted -= 0.5 * float(energy[0])
+            structural = 0.5 * float(energy[0])
+            predicted -= structural
+            damped += structural
+        run.damped_change = damped
         return predicted
 
     def _line_search(
@@ -2208,6 +2267,8 @@ class HessianFree(torch.optim.Optimizer):
         state = run.state
         if status not in _NON_FINITE:
             state["failures"] = 0  # max_failures counts *consecutive* non-finite steps
+        if not accepted:
+            state.pop("good_streak", None)  # a step that did not move ends a streak of good ones
         info = StepInfo(
             loss=run.f0,
             loss_after=run.f0 if loss_after is None else loss_after,
