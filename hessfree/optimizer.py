@@ -89,7 +89,9 @@ Closure styles, fastest first:
 
 Dropout and train-mode BatchNorm make every closure call a different function (and each trial
 evaluation updates BatchNorm's running statistics); the first call of each closure is watched
-for such modules and a warning says so once, as the SciPy operators refuse them.
+for such modules and a warning says so once, as the SciPy operators refuse them. With
+``replay_rng=True`` the model calls share one random draw and the trials another
+(:mod:`hessfree._rng`), and Dropout alone is no longer warned about.
 
 References:
     Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.
@@ -126,6 +128,7 @@ from ._flat import LOW_PRECISION, ParamLayout, dot
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
+from ._rng import StepStream
 from ._settings import (
     _AUTO_CG_MAX_ITER,
     _KFAC_DETERMINISTIC_CG_MAX_ITER,
@@ -162,6 +165,14 @@ __all__ = ["Convergence", "HessianFree", "StepInfo", "StepStatus"]
 #: ρ ≈ 1 the trials failed and cost an evaluation each), at most this many times.
 _EXTRAPOLATE_RHO = 1.05
 _EXTRAPOLATE_MAX = 10
+#: On a deterministic objective (Nielsen's rule, adapted λ), a step whose ρ is within
+#: ``_STREAK_RHO`` of 1 extends a streak of such steps; the s-th consecutive one lowers λ by
+#: ``_STREAK_DECREASE`` ** (s − 1) beyond Nielsen's ⅓ (⅓, ⅑, 1/27, ... in all), and any other
+#: step ends the streak (ours; the increase side of Nielsen's ν doubling, mirrored). From
+#: λ₀ = gᵀCg/gᵀg, ⅓ a step had spent whole time budgets with ρ ≈ 1 on every step
+#: (``experiments/README.md``, "unseenfb" and "fblam").
+_STREAK_RHO = 0.1
+_STREAK_DECREASE = 1.0 / 3.0
 #: Relative difference below which the closure's objective at the start of a step counts as
 #: the previous step's ``loss_after`` (float roundoff of a reordered sum stays far below).
 _SAME_OBJECTIVE_RTOL = 1e-5
@@ -416,6 +427,8 @@ class _Evaluation:
 class _Counter:
     calls: int = 0
     product_time: float = 0.0
+    # replay_rng: every closure call of the step draws the first call's random numbers
+    stream: StepStream | None = None
 
 
 @dataclass
@@ -434,11 +447,13 @@ class _StepRun:
     times: dict[str, float] = field(default_factory=dict)  # StepInfo.time_phases
     loss0: Tensor | None = None  # the closure's loss at θ0, returned by step()
     f0: float = math.nan  # the objective at θ0 (L2 term included)
+    f_base: float = math.nan  # f(θ0) as the trials see it: f0, or under replay_rng's trial draw
     uses_backward: bool = False  # the closure calls backward() itself (LBFGS style)
     report: dict = field(default_factory=dict)  # StepInfo fields known so far
     bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
     trials: dict[int, float] = field(default_factory=dict)  # f at CG iterates, by iteration
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
+    damped_change: float = math.nan  # ½λ‖p‖² (+ structural energy) at the chosen iterate
 
     def __post_init__(self) -> None:
         self.t_lap = self.t_start
@@ -525,7 +540,12 @@ class HessianFree(torch.optim.Optimizer):
             or ``'martens'`` (§4.1's thresholds with ``damping_increase`` and
             ``damping_decrease``); see :func:`hessfree.damping.update_damping`. Measured on
             ``experiments/scorecard.py``'s tasks, Nielsen's smooth rule sheds an over-large
-            :math:`\lambda` in a few steps instead of dozens.
+            :math:`\lambda` in a few steps instead of dozens. On an objective seen
+            deterministic, ``'nielsen'`` also lowers :math:`\lambda` faster along a streak of
+            steps with :math:`|\rho - 1| \le 0.1` whose damping dominated the model
+            (:math:`\lambda\|p\|^2 > p^\top C p`): by :math:`\max(3^{1-s}, p^\top C p /
+            \lambda\|p\|^2)` more on the :math:`s`-th (ours; ``experiments/README.md``,
+            "fblam").
         damping_increase: Factor > 1 applied when :math:`\rho < 1/4` under ``'martens'`` (3/2
             in the paper), and under either rule when a step is rejected.
         damping_decrease: Factor in (0, 1) applied when :math:`\rho > 3/4` under ``'martens'``
@@ -788,8 +808,8 @@ class HessianFree(torch.optim.Optimizer):
             product, or every trial loss rejected with one of them NaN/Inf) tolerated before
             ``FloatingPointError``; any other step resets the count.
         callback: Called with the :class:`StepInfo` after every step.
-        seed: Seed of the optimizer's own generator (preconditioner probes); the user's global
-            RNG is never touched.
+        seed: Seed of the optimizer's own generator (preconditioner probes); the optimizer
+            never draws from the global RNG (``replay_rng`` only saves and restores its state).
         process_group: Average over this ``torch.distributed`` group (default: the default
             group when ``torch.distributed`` is initialised): the loss, the gradient, every
             curvature product, the preconditioner statistics and every trial loss are averaged
@@ -805,6 +825,27 @@ class HessianFree(torch.optim.Optimizer):
             of its fields): CUDA-graph replay and TF32/bf16 arithmetic, both off by default;
             CG's iterates and scalars keep the parameters' dtype (float32 for float16 ones:
             :func:`hessfree.cg`).
+        replay_rng: Common random numbers within a step (default ``False``: every closure
+            call draws afresh). With ``True`` the state of torch's default generators (the
+            CPU's, and once CUDA is initialised those of the CUDA devices holding parameters)
+            is saved before the step's first closure call; the model calls (that one and a
+            ``curvature_closure``'s) draw the same numbers, so dropout, ``torch.rand`` noise or
+            stochastic depth give gradient and curvature one mask; the trial calls (CG's
+            objective checks, backtracking, :math:`\rho`, the line search) all draw a second
+            set, and :math:`f(\theta_0)` is evaluated once more under it (one extra forward
+            pass per step), so :math:`\rho` and the line search compare two points of one
+            function, on a mask the step was not fitted to. After the step the stream is where
+            the first trial call left it. A closure that draws nothing from these generators
+            runs bitwise as with ``False`` (no extra call). Each rank of a data-parallel run
+            replays its own stream (every rank must draw, or none). Draws from other
+            generators (numpy, Python's ``random``, a ``torch.Generator`` of the caller's) are
+            not replayed. Off by default: on two dropout MLPs (digits) it cut the steps with
+            :math:`\rho = -\infty` from 27-34 % to 1-8 % and lowered a LayerNorm + Dropout(0.1)
+            MLP's loss 2-6× (3 seeds, 200 steps; 2.4× in a 20 s race), but on a Dropout(0.3)
+            MLP :math:`\rho` then sits below ¼ once the mask noise dominates the gradient and
+            :math:`\lambda` climbs without bound (loss frozen after ~150 steps in 3 of 3 seeds,
+            0.8-2.0× the loss without it at 300); replaying the fitted mask in the trials too
+            was worse still (3-13×). ``experiments/README.md``, "dropoutrng".
 
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it), or no
@@ -867,6 +908,7 @@ class HessianFree(torch.optim.Optimizer):
         process_group: object | None = None,
         curvature_batch: str = "sharded",
         products: ProductPolicy | Mapping | None = None,
+        replay_rng: bool = False,
     ) -> None:
         self.settings = HFSettings(
             lr=lr,
@@ -904,6 +946,7 @@ class HessianFree(torch.optim.Optimizer):
             process_group=process_group,
             curvature_batch=curvature_batch,
             products=products,
+            replay_rng=replay_rng,
         )
         #: The preconditioner (``precond='martens'`` built as an :class:`EmpiricalFisherDiagonal`,
         #: ``'nystrom'`` as a :class:`NystromPreconditioner`).
@@ -1211,6 +1254,22 @@ class HessianFree(torch.optim.Optimizer):
         with gradients enabled and later evaluations keep them.
         """
         counter.calls += 1
+        stream = counter.stream
+        if stream is not None:
+            stream.before_call(trial=not build_graph)
+        try:
+            return self._call_once(closure, build_graph, uses_backward, stream)
+        finally:
+            if stream is not None:
+                stream.after_call()
+
+    def _call_once(
+        self,
+        closure: Closure,
+        build_graph: bool,
+        uses_backward: bool,
+        stream: StepStream | None,
+    ) -> _Evaluation:
         if build_graph:
             # precond='kfac' (or 'auto'): the nn.Linear calls of this call, for K-FAC's factors
             self._linear_pass = None
@@ -1244,6 +1303,8 @@ class HessianFree(torch.optim.Optimizer):
                 loss, _, _ = _unpack(closure())
         except (RuntimeError, TypeError):
             # e.g. "element 0 of tensors does not require grad": retry with autograd on
+            if stream is not None:  # from the same random numbers
+                stream.before_call(trial=True)
             with torch.enable_grad():
                 loss, _, _ = _unpack(closure())
             self._closure_uses_autograd = True
@@ -1595,18 +1656,22 @@ class HessianFree(torch.optim.Optimizer):
         # Phases 1-2 hold every autograd graph of the step; they are freed on return, but
         # structural damping's curvature graph, which phase 4 reads once (_Solution).
         try:
-            solution = self._evaluate_and_solve(closure, curvature_closure, run)
+            try:
+                solution = self._evaluate_and_solve(closure, curvature_closure, run)
+            finally:
+                self._linear_pass = None  # the recorded layers' graph, if CG did not consume it
+            if solution is not None:  # else the step ended before or inside CG (StepInfo recorded)
+                self._backtrack_and_search(closure, solution, run)  # phases 3-5
         finally:
-            self._linear_pass = None  # the recorded layers' graph, if CG did not consume it
-        if solution is not None:  # else the step ended before or inside CG (StepInfo recorded)
-            self._backtrack_and_search(closure, solution, run)  # phases 3-5
+            if run.counter.stream is not None:  # also on an error (_finish did it otherwise)
+                run.counter.stream.leave()
         return run.loss0
 
     def _start_step(self) -> _StepRun:
         state = self._global_state()
         params = self._params()
         layout = ParamLayout(params)
-        return _StepRun(
+        run = _StepRun(
             state=state,
             params=params,
             layout=layout,
@@ -1614,6 +1679,9 @@ class HessianFree(torch.optim.Optimizer):
             lr=self._per_entry(layout, "lr"),
             damping=state["damping"],
         )
+        if self.settings.replay_rng:  # saved before the step's first closure call
+            run.counter.stream = StepStream({p.device for p in params})
+        return run
 
     def _evaluate_and_solve(
         self, closure: Closure, curvature_closure: Closure | None, run: _StepRun
@@ -1685,6 +1753,14 @@ class HessianFree(torch.optim.Optimizer):
         ):  # mini-batches: the floor follows a growing curvature scale (plain CG: "mbfloor")
             self._raise_floor(curvature, product, g, g_norm, run)
 
+        run.f_base = run.f0
+        if run.counter.stream is not None and run.counter.stream.drew:
+            # replay_rng: the trials share one fresh draw; f(θ0) under it is their baseline
+            loss = self._call(
+                closure, run.counter, build_graph=False, uses_backward=run.uses_backward
+            ).loss
+            f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
+            run.f_base = f_base if math.isfinite(f_base) else run.f0
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
         result = self._solve(curvature, product, evaluation, g, run, closure)
         run.report.update(
@@ -2026,7 +2102,7 @@ class HessianFree(torch.optim.Optimizer):
         def rose(i: int, x: Tensor) -> bool:
             f = self._objective_swapped(closure, run, x)
             run.trials[i] = f
-            stop = last[0] < run.f0 and not f < last[0]
+            stop = last[0] < run.f_base and not f < last[0]
             last[0] = f
             return stop
 
@@ -2119,7 +2195,7 @@ class HessianFree(torch.optim.Optimizer):
             predicted = self._predicted_change(solution, chosen, run)
             run.report["predicted_change"] = predicted
             eps = torch.finfo(run.loss0.dtype).eps
-            if _damping.below_resolution(f_chosen - run.f0, predicted, run.f0, eps):
+            if _damping.below_resolution(f_chosen - run.f_base, predicted, run.f_base, eps):
                 # float precision's floor: ρ would be a ratio of rounding errors (−0 for a
                 # bit-identical trial loss), no evidence against the model: no line search,
                 # nothing moves (experiments/README.md, freeze)
@@ -2136,18 +2212,28 @@ class HessianFree(torch.optim.Optimizer):
                     return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
                 run.report["converged_by"] = Convergence.FLOAT_RESOLUTION  # λ stays
                 return self._finish(run, StepStatus.CONVERGED)
-            rho = _damping.reduction_ratio(f_chosen - run.f0, predicted)
+            rho = _damping.reduction_ratio(f_chosen - run.f_base, predicted)
             self._adapt_damping(state, run.damping, lambda pol, lam: pol.after_step(lam, rho))
+            # λ's share of the step: ½λ‖p‖² over ½pᵀCp of the undamped model
+            slope = float(dot(solution.g, p))
+            half_pCp = predicted - slope
+            share = run.damped_change / half_pCp if half_pCp > 0 else math.nan
+            streak = self._good_streak(state, rho, share)
+            if streak > 1:  # λ, not the model, kept limiting the step: λ comes down faster,
+                # to no less than ⅓ of the curvature along the step (Nielsen's ⅓ of λ/share)
+                extra = self._streak_decrease ** (streak - 1)
+                extra = max(extra, 1.0 / share) if share > 1.0 else extra
+                self._adapt_damping(state, state["damping"], lambda pol, lam: pol.clip(lam * extra))
             if run.bounded:
                 self._update_radius(state, result, chosen, p, rho)
 
             # ---- 5. line search: Armijo along the backtracked step ----
             rate, f_new = self._line_search(
                 lambda t: objective(p, t),
-                run.f0,
-                float(dot(solution.g, p)),
+                run.f_base,
+                slope,
                 f_chosen,
-                _damping.resolution(run.f0, eps),
+                _damping.resolution(run.f_base, eps),
             )
             if rate == 1.0 and rho > _EXTRAPOLATE_RHO and self._extrapolating(state):
                 rate, f_new = _extrapolate(
@@ -2168,6 +2254,7 @@ class HessianFree(torch.optim.Optimizer):
         full_change = float((p.abs() * run.lr).max())
         tolerance_change = settings.tolerance_change
         if rate == 0.0:
+            state.pop("good_streak", None)
             self._adapt_damping(state, state["damping"], lambda pol, lam: pol.after_rejection(lam))
             if trial_non_finite:
                 what = "a trial loss (CG backtracking or line search)"
@@ -2177,10 +2264,42 @@ class HessianFree(torch.optim.Optimizer):
                 return self._finish(run, StepStatus.CONVERGED)
             return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
         status = StepStatus.ACCEPTED
-        if rate * full_change <= tolerance_change or abs(f_new - run.f0) < tolerance_change:
+        if rate * full_change <= tolerance_change or abs(f_new - run.f_base) < tolerance_change:
             status = StepStatus.CONVERGED
             run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
+
+    #: ``_STREAK_DECREASE`` (a class attribute so that experiments can compare against 1).
+    _streak_decrease = _STREAK_DECREASE
+
+    def _good_streak(self, state: dict, rho: float, share: float) -> int:
+        r"""Phase 4: the number of consecutive steps, this one included, whose :math:`\rho`
+        is within ``_STREAK_RHO`` of 1 and whose damping dominated the model
+        (``share`` = :math:`\lambda\|p\|^2 / p^\top C p > 1`), on a deterministic objective
+        under Nielsen's adapted rule (``state['good_streak']``); 0, and the streak ends, on
+        any other step.
+
+        Only a deterministic objective: there :math:`\rho` compares the model with the very
+        function it approximates, so :math:`\rho \approx 1` on steps that :math:`\lambda`
+        kept short is evidence that :math:`\lambda`, not the model, limits them; on
+        mini-batches a good :math:`\rho` measures one batch only. Only while :math:`\lambda`
+        dominates: on a GELU regression a streak that went on once :math:`\lambda` was 4 % of
+        the step's curvature cut :math:`\lambda` 81-fold and the next five steps failed
+        (``experiments/README.md``, "fblam").
+        """
+        settings = self.settings
+        eligible = (
+            state.get("deterministic") is True
+            and settings.adapt_damping
+            and settings.damping_rule == "nielsen"
+            and not state.get("structurally_damped", False)
+            and self._streak_decrease < 1.0
+        )
+        if not (eligible and abs(rho - 1.0) <= _STREAK_RHO and share > 1.0):
+            state.pop("good_streak", None)
+            return 0
+        state["good_streak"] = streak = state.get("good_streak", 0) + 1
+        return streak
 
     @staticmethod
     def _update_radius(state: dict, result: CGResult, chosen: int, p: Tensor, rho: float) -> None:
@@ -2201,14 +2320,16 @@ class HessianFree(torch.optim.Optimizer):
         iterate alone (and once: it releases the curvature graph).
         """
         p = solution.result.iterates[chosen]
-        predicted = float(solution.result.iterate_phi[chosen]) - 0.5 * run.damping * float(
-            dot(p, p)
-        )
+        damped = 0.5 * run.damping * float(dot(p, p))
+        predicted = float(solution.result.iterate_phi[chosen]) - damped
         if solution.structural is not None:
             product, solution.structural = solution.structural, None  # its graph goes now
             with torch.enable_grad():  # differentiates the curvature graph, whatever the mode
                 energy = product.weight * product.hidden_energy(p.unsqueeze(0))
-            predicted -= 0.5 * float(energy[0])
+            structural = 0.5 * float(energy[0])
+            predicted -= structural
+            damped += structural
+        run.damped_change = damped
         return predicted
 
     def _line_search(
@@ -2249,6 +2370,8 @@ class HessianFree(torch.optim.Optimizer):
         state = run.state
         if status not in _NON_FINITE:
             state["failures"] = 0  # max_failures counts *consecutive* non-finite steps
+        if not accepted:
+            state.pop("good_streak", None)  # a step that did not move ends a streak of good ones
         info = StepInfo(
             loss=run.f0,
             loss_after=run.f0 if loss_after is None else loss_after,
@@ -2271,6 +2394,8 @@ class HessianFree(torch.optim.Optimizer):
         state["step"] += 1
         if self._generator is not None:
             state["rng_state"] = self._generator.get_state()
+        if run.counter.stream is not None:  # before the callback, which may draw numbers
+            run.counter.stream.leave()
         if self.settings.callback is not None:
             self.settings.callback(info)
 
@@ -2308,6 +2433,7 @@ class HessianFree(torch.optim.Optimizer):
         over the optimizer's life runs with a global forward pre-hook that records train-mode
         BatchNorm and Dropout modules (their autograd nodes cannot tell: CPU dropout is a plain
         ``MulBackward0`` and InstanceNorm uses the batch-norm kernel); one warning in all.
+        Dropout alone is no reason to warn under ``replay_rng`` (one mask per step).
         """
         watch = role not in self._watched
         try:
@@ -2322,6 +2448,8 @@ class HessianFree(torch.optim.Optimizer):
             ) from err
         if watch:
             self._watched.add(role)
+            if self.settings.replay_rng:  # dropout draws one mask per step: one function
+                found = [kind for kind in found if issubclass(kind, _BatchNorm)]
             if found and not self._warned_stochastic:
                 self._warned_stochastic = True
                 names = [kind.__name__ for kind in found]
@@ -2337,7 +2465,12 @@ class HessianFree(torch.optim.Optimizer):
                     )
                     + ". Call model.eval() for the curvature (before step(), or inside a "
                     "`curvature_closure`)"
-                    + (", or reuse one fixed dropout mask per step." if dropout else "."),
+                    + (
+                        ", or pass replay_rng=True (one dropout mask for the model, one for the "
+                        "trials)."
+                        if dropout
+                        else "."
+                    ),
                     UserWarning,
                     stacklevel=5,  # _first_call <- phase <- step <- torch.optim wrapper <- caller
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -1353,7 +1354,10 @@ def test_train_mode_batchnorm_and_dropout_warn_once_eval_mode_does_not(layer):
         warnings.simplefilter("error")
         opt.step(closure)  # eval mode: one fixed function, no warning
     model.train()
-    opt = HessianFree(model.parameters(), cg_max_iter=5)
+    # dropout warns only without replay_rng (with it, one mask per step: tests/test_rng.py)
+    opt = HessianFree(
+        model.parameters(), cg_max_iter=5, replay_rng=isinstance(layer, nn.BatchNorm1d)
+    )
     name = type(layer).__name__
     with pytest.warns(UserWarning, match=rf"training mode .*{name}.*model\.eval\(\)") as rec:
         opt.step(closure)
@@ -1427,6 +1431,9 @@ def test_trust_radius_bounds_the_step_after_backtracking_walked_back(trust_radiu
     model, x, y = _swap_problem()
     # a fixed η: the trajectory (radius stops at steps 5 and 12) does not hang on the forcing rule
     opt = HessianFree(model.parameters(), trust_radius=trust_radius, cg_max_iter=40, cg_rtol=0.2)
+    # and Nielsen's ⅓ a step without the deterministic streak (fblam): with the streak λ falls
+    # faster at steps 1-2, CG meets negative curvature at 3-5 and no radius stop comes in 30
+    opt._streak_decrease = 1.0
 
     def closure():
         opt.zero_grad()
@@ -2213,3 +2220,61 @@ def test_min_damping_auto_in_float64_resolves_an_ill_conditioned_least_squares_p
     theta, star, info = _ill_conditioned_least_squares_steps(30)
     np.testing.assert_allclose(theta, star, rtol=1e-6, atol=1e-6 * np.abs(star).max())
     assert info.damping_floor < 1e-15
+
+
+# ---- λ's accelerated descent on a deterministic objective (experiments/README.md, fblam) ----
+
+
+def _diagonal_quadratic_run(steps: int, shift: Callable[[int], float]):
+    """``steps`` HessianFree steps on f(x) = ½Σ a_i x_i² − Σ x_i + shift(k) (k the step;
+    exact Hessian, CG solved to 1e-12, so p = −(A + λI)⁻¹g and ρ = 1 up to roundoff), from
+    x = 0: the infos and the iterates."""
+    a = torch.tensor([1e2, 1.0, 1e-2, 1e-4], dtype=torch.float64)
+    x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    infos, xs = [], []
+    opt = HessianFree(
+        [x], cg_rtol=1e-12, tolerance_grad=0.0, tolerance_change=0.0, callback=infos.append
+    )
+    for k in range(steps):
+        opt.step(lambda k=k: 0.5 * (a * x * x).sum() - x.sum() + shift(k))
+        xs.append(x.detach().numpy().copy())
+    return a.numpy(), infos, xs
+
+
+def test_damping_falls_faster_while_it_dominates_the_steps_of_a_deterministic_objective():
+    # Closed form, step by step: p = −(A + λI)⁻¹g, ρ = 1 (a quadratic with its exact Hessian),
+    # λ₀ = gᵀAg/gᵀg, Nielsen's ⅓ a step, and from the second step (the first seen
+    # deterministic) a streak of steps whose damping dominates the model (share =
+    # λ‖p‖²/pᵀAp > 1) lowers λ further by max(⅓^(s−1), 1/share) on the s-th; a step with
+    # share ≤ 1 ends the streak. Main's rule (⅓ a step, λ₀/3^k) differs from step 3 on.
+    a, infos, xs = _diagonal_quadratic_run(8, lambda k: 0.0)
+    x, lam, streak, expected, shares = np.zeros(4), None, 0, [], []
+    for k in range(8):
+        g = a * x - 1.0
+        lam = g @ (a * g) / (g @ g) if lam is None else lam
+        expected.append(lam)
+        p = -g / (a + lam)
+        share = lam * (p @ p) / (p @ (a * p))
+        shares.append(share)
+        streak = streak + 1 if k >= 1 and share > 1.0 else 0
+        extra = max(3.0 ** -(streak - 1), 1.0 / share) if streak > 1 else 1.0
+        lam, x = lam / 3.0 * extra, x + p
+        np.testing.assert_allclose(xs[k], x, rtol=1e-9, atol=1e-12)
+    assert all(i.status == "accepted" and i.step_rate == 1.0 for i in infos)
+    assert all(abs(i.rho - 1.0) < 1e-9 for i in infos)
+    np.testing.assert_allclose([i.damping for i in infos], expected, rtol=1e-9)
+    # the trajectory has every case: the streak's ⅓^(s−1), the 1/share cap, the reset
+    assert shares[4] < 9.0 and shares[5] < 27.0 and shares[6] < 1.0 < min(shares[:6])
+    assert expected[3] < expected[0] / 3**3 / 2  # and main's λ₀/3^k is not it
+
+
+def test_damping_falls_by_nielsens_third_only_on_a_stochastic_objective():
+    # The same quadratic whose value shifts by a constant from step to step: the gradient,
+    # Hessian and ρ are unchanged, but the objective is never seen deterministic, so λ follows
+    # Nielsen's ⅓ a step (λ₀/3^k, closed form) down to relative_min_damping='auto''s floor,
+    # 0.01 λ₀ on a stochastic objective; no streak acceleration.
+    a, infos, _ = _diagonal_quadratic_run(6, lambda k: 1e-3 * k)
+    g = -np.ones(4)
+    lam0 = g @ (a * g) / (g @ g)
+    expected = [max(lam0 / 3.0**k, 0.01 * lam0) for k in range(6)]
+    np.testing.assert_allclose([i.damping for i in infos], expected, rtol=1e-9)
