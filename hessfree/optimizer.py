@@ -111,6 +111,7 @@ import enum
 import math
 import numbers
 import re
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -206,6 +207,38 @@ def _precision_share(dtype: torch.dtype) -> float:
 #: product along g) every this many steps (``HessianFree._raise_floor``;
 #: ``experiments/README.md``, "cnnmb").
 _FLOOR_EVERY = 4
+#: On plain-CG (not K-FAC) steps of a stochastic objective the scale is re-measured at those
+#: steps only where the closure's loss, each step's on a fresh batch, rose: the mean of the
+#: last ``_RISE_WINDOW`` steps' above that of the ``_RISE_WINDOW`` before by more than
+#: ``_RISE_Z`` standard errors (``_loss_rose``). A growing curvature scale then means steps
+#: that fit their own batch; without the rise it is batch noise (``experiments/README.md``,
+#: "mbfloor": GRU/LSTM regressions bitwise, CE classifiers 2-6x lower loss).
+_RISE_WINDOW = 8
+_RISE_Z = 1.0
+
+
+def _loss_rose(losses: list[float], window: int = _RISE_WINDOW, z: float = _RISE_Z) -> bool:
+    r"""Whether the last ``window`` losses' mean exceeds the ``window`` before's by more than
+    ``z`` standard errors, :math:`\bar b - \bar a > z \sqrt{(s_a^2 + s_b^2)/w}` (sample
+    variances; ``False`` with fewer than ``2 window`` losses).
+
+    On mini-batches each step's starting loss is on a batch its step was not fitted to, so a
+    rise is evidence from other data that the steps fit their own batches (the relative
+    floor's scale is stale, :meth:`HessianFree._raise_floor`); a curvature scale that only
+    fluctuates with the batch leaves it falling. No product, no host sync: floats the steps
+    already read.
+
+    Example:
+        >>> _loss_rose([1.0, 1.1] * 4 + [2.0, 2.1] * 4), _loss_rose([2.0, 2.1] * 4 + [1.0] * 8)
+        (True, False)
+    """
+    if len(losses) < 2 * window:
+        return False
+    a, b = losses[-2 * window : -window], losses[-window:]
+    rise = statistics.fmean(b) - statistics.fmean(a)
+    spread = math.sqrt((statistics.variance(a) + statistics.variance(b)) / window)
+    return rise > z * spread
+
 
 #: ``structural_damping='auto'``: μ where the curvature closure returns hidden states (Martens &
 #: Sutskever 2011, §3.3, and ``configs/rnn_addition.yaml``).
@@ -547,7 +580,11 @@ class HessianFree(torch.optim.Optimizer):
             in 50 mini-batch steps, and with the first step's scale :math:`\lambda` at the
             floor let K-FAC steps fit each 100-case batch until the training loss rose; on a
             GRU/LSTM without K-FAC the same rule held :math:`\lambda` 10x higher and was 3x
-            worse (``experiments/README.md``, "cnnmb").
+            worse (``experiments/README.md``, "cnnmb"). On plain-CG steps it is refreshed only
+            where the closure's starting loss (each step's on a fresh batch) rose over the
+            last 16 steps by > 1 standard error: a CNN, a GRU classifier and a bag of words
+            reached 0.29-0.58x the loss, the GRU/LSTM regressions' loss kept falling and their
+            runs stayed bitwise ("mbfloor").
             It scales with the loss, as ``min_damping='auto'`` does.
             ``'auto'`` (default): 0.01 on steps where the objective is seen stochastic (the
             closure's value at the start of a step differs from the previous step's at the
@@ -1661,6 +1698,10 @@ class HessianFree(torch.optim.Optimizer):
         run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
         run.lap("evaluate")
         self._observe_objective(state, run.f0)
+        if math.isfinite(run.f0):  # for _loss_rose: the fresh batches' losses
+            recent = state.setdefault("recent_losses", [])
+            recent.append(run.f0)
+            del recent[: -2 * _RISE_WINDOW]
         self._track_unfloored(state, run)
         floor = self._relative_floor(state)
         if run.damping < floor:  # the floor rose since the last step (an edit, or 'auto')
@@ -1708,8 +1749,8 @@ class HessianFree(torch.optim.Optimizer):
             state.get("deterministic") is False
             and self._relative_fraction(state) > 0
             and state["step"] % _FLOOR_EVERY == 0
-            and self._kfac_in_use()
-        ):  # K-FAC on mini-batches: the floor follows a growing curvature scale
+            and (self._kfac_in_use() or _loss_rose(state.get("recent_losses", [])))
+        ):  # mini-batches: the floor follows a growing curvature scale (plain CG: "mbfloor")
             self._raise_floor(curvature, product, g, g_norm, run)
 
         run.f_base = run.f0
