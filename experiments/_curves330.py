@@ -57,6 +57,14 @@ K2R2 = {
 }
 
 
+# the growing phase: from 250 cases x1.01 a step, curvature a quarter of the batch
+GROW = dict(
+    {k: v for k, v in K2R2.items() if k != "curvature_batch_size"},
+    batch_growth=1.01,
+    curvature_fraction=0.25,
+)
+
+
 def _adam(lr: float, batch: int) -> dict:
     return {"name": "adam", "lr": lr, "weight_decay": WD, "batch_size": batch}
 
@@ -74,18 +82,19 @@ ENTRIES: dict[str, dict] = {
     # Adam b 20 for 1/8 of the budget, then K2R2 from its weights (set per budget in ``entry``)
     "adam-then-hf": {"phases": [dict(_adam(1e-3, 20), budget={"seconds": None}), K2R2]},
     # K2R2 for 1,100 steps (~135 s quiet, where it stalls), then on a batch growing x1.01 a step
-    # from 250, curvature a quarter of it (experiments/README.md, "curvesgrow (2026-12-02)")
+    # from 250, curvature a quarter of it (experiments/README.md, "curvesgrow (2026-12-02)"),
+    # and from that phase's step 250 (batch 2,978) the same growth with λ >= 0.1, a fresh
+    # optimizer (experiments/README.md, "curveslate (2026-12-02)")
     "hf-grow": {
         "label": "hessianfree",
         "phases": [
             dict(K2R2, budget={"steps": 1100}),
-            dict(
-                {k: v for k, v in K2R2.items() if k != "curvature_batch_size"},
-                batch_growth=1.01,
-                curvature_fraction=0.25,
-            ),
+            dict(GROW, budget={"steps": 250}),
+            dict(GROW, batch_size=2978, min_damping=0.1),
         ],
     },
+    # the former two phases: the second's growth for the rest of the run, λ >= 0.3
+    "hf-grow2": {"phases": [dict(K2R2, budget={"steps": 1100}), GROW]},
     "adam-b200": _adam(1e-3, 200),  # the shipped Adam row
     "adam-b20": _adam(1e-3, 20),
     "adam-b50": _adam(1e-3, 50),

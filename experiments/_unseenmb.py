@@ -13,7 +13,8 @@ K-FAC in use).
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_unseenmb.py [problem ...] \
         [--budget S] [--variants NAME ...]
 
-Problems: ln, cnnbn, grucls, attn, reg1e3, embed, lsce; grureg (``_unseen.py``'s, a reference).
+Problems: ln, cnnbn, grucls, attn, reg1e3, embed, lsce; grureg (``_unseen.py``'s, a reference);
+drop (a dropout MLP, for ``replay_rng``: dropoutrng).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ SETTINGS: dict[str, dict] = {
     "cg_decay=0 + refresh": {"cg_decay": 0.0, "_floor": "all"},
     "masked warm start": {"_floor": "masked"},
     "masked, refresh": {"_floor": "masked all"},
+    "replay_rng=False": {"replay_rng": False},  # each closure call draws new dropout masks
 }
 
 
@@ -104,6 +106,22 @@ def ln() -> dict:
         )  # fmt: skip
 
     return dict(title="MLP + LayerNorm + Dropout(0.1), digits, CE, batch 64", make=make,
+                data=(x, y, xt, yt), loss=nn.functional.cross_entropy, batch=64,
+                metric="test acc", score=accuracy, higher=True)  # fmt: skip
+
+
+def drop() -> dict:
+    """MLP 64-256-256-10, ReLU, Dropout(0.3) after each hidden layer, digits, CE, batch 64."""
+    x, y, xt, yt = _unseen.digits()
+
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.3),
+            nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.3),
+            nn.Linear(256, 10),
+        )  # fmt: skip
+
+    return dict(title="MLP 64-256-256-10 + Dropout(0.3), digits, CE, batch 64", make=make,
                 data=(x, y, xt, yt), loss=nn.functional.cross_entropy, batch=64,
                 metric="test acc", score=accuracy, higher=True)  # fmt: skip
 
@@ -285,7 +303,7 @@ def grureg() -> dict:
 
 PROBLEMS: dict[str, Callable[[], dict]] = {
     "ln": ln, "cnnbn": cnnbn, "grucls": grucls, "attn": attn, "reg1e3": reg1e3,
-    "embed": embed, "lsce": lsce, "grureg": grureg,
+    "embed": embed, "lsce": lsce, "grureg": grureg, "drop": drop,
 }  # fmt: skip
 
 
@@ -390,22 +408,27 @@ def race(key: str, budget: float, variants: list[str], lrs=(1e-3, 3e-3, 1e-2)) -
     sys.stdout.flush()
 
 
-def equal_steps(key: str, n: int, variants: list[str], lrs=(1e-3, 3e-3, 1e-2)) -> None:
+def equal_steps(
+    key: str, n: int, variants: list[str], lrs=(1e-3, 3e-3, 1e-2), seed: int = 1
+) -> None:
     """Off the clock: ``n`` steps of each contender from the same weights and batches; the
-    train-set loss after ¼, ½ and all of them (how much a step buys, whatever it costs)."""
+    train-set loss after ¼, ½ and all of them (how much a step buys, whatever it costs).
+    ``seed`` seeds the batches and, per contender, the global stream (dropout's masks)."""
     p = PROBLEMS[key]()
     x, y, xt, yt = p["data"]
     loss_fn, batch = p["loss"], p["batch"]
     torch.manual_seed(0)
     model0 = p["make"]()
-    print(f"\n#### {key}: {n} steps each, off the clock\n")
-    print(f"| run | loss after {n // 4} | {n // 2} | {n} | {p['metric']} after {n} |")
-    print("|---|---|---|---|---|")
+    print(f"\n#### {key}: {n} steps each, off the clock, seed {seed}\n")
+    print(f"| run | loss after {n // 4} | {n // 2} | {n} | {p['metric']} after {n} | ρ=-inf |")
+    print("|---|---|---|---|---|---|")
     contenders = [("HF", {})] + [(f"HF {v}", SETTINGS[v]) for v in variants]
     contenders += [(f"Adam {lr:g}", {"lr": lr}) for lr in lrs]
     for name, kw in contenders:
         model = copy.deepcopy(model0)
-        gen = torch.Generator().manual_seed(1)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # the same dropout stream for every contender
+        minus_inf = 0
         kw = dict(kw)
         mode = kw.pop("_floor", "")
         hf = name.startswith("HF")
@@ -424,6 +447,7 @@ def equal_steps(key: str, n: int, variants: list[str], lrs=(1e-3, 3e-3, 1e-2)) -
                 with floor_mode(mode), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     opt.step(closure)
+                minus_inf += opt.last_step.rho == -math.inf
             else:
                 opt.zero_grad()
                 loss_fn(model(xb), yb).backward()
@@ -433,7 +457,8 @@ def equal_steps(key: str, n: int, variants: list[str], lrs=(1e-3, 3e-3, 1e-2)) -
         model.eval()
         with torch.no_grad():
             s = p["score"](model, xt, yt)
-        print(f"| {name} | " + " | ".join(f"{v:.4g}" for v in out) + f" | {s:.3f} |")
+        print(f"| {name} | " + " | ".join(f"{v:.4g}" for v in out) + f" | {s:.3f} | "
+              f"{minus_inf if hf else ''} |")  # fmt: skip
         sys.stdout.flush()
 
 
@@ -443,6 +468,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=20.0)
     ap.add_argument("--variants", nargs="*", default=[], choices=list(SETTINGS))
     ap.add_argument("--steps", type=int, default=0, help="equal steps off the clock instead")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1], help="with --steps")
     a = ap.parse_args()
     bad = [k for k in a.problems if k not in PROBLEMS]
     if bad:
@@ -450,7 +476,8 @@ def main() -> None:
     print("load at start:", open("/proc/loadavg").read().strip())
     for key in a.problems:
         if a.steps:
-            equal_steps(key, a.steps, a.variants)
+            for seed in a.seeds:
+                equal_steps(key, a.steps, a.variants, seed=seed)
         else:
             race(key, a.budget, a.variants)
     print("\nload at end:", open("/proc/loadavg").read().strip())

@@ -112,6 +112,7 @@ class HFSettings:
     process_group: object | None = None
     curvature_batch: str = "sharded"
     products: ProductPolicy | Mapping | None = None
+    replay_rng: bool = False
 
     #: Settings that may differ between param groups (the rest are one per optimizer).
     PER_GROUP: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
@@ -150,6 +151,7 @@ class HFSettings:
         "max_failures",
         "seed",
         "curvature_batch",
+        "replay_rng",
     )
 
     def __post_init__(self) -> None:
@@ -391,6 +393,7 @@ def _validated(s: HFSettings) -> dict[str, Any]:
     out["seed"] = check_int("seed", s.seed)
     out["products"] = ProductPolicy.of(s.products)
     check_choice("curvature_batch", s.curvature_batch, ("sharded", "replicated"))
+    _check_bool("replay_rng", s.replay_rng)
     return out
 
 

@@ -66,8 +66,11 @@ def test_race_entries_are_valid_rows_of_the_shipped_config():
 def test_shipped_hf_row_is_the_raced_grow_entry():
     """The shipped config's HF row is the race's ``hf-grow`` entry (the row measured is the row
     shipped): the same phases, budgets and hyperparameters; its second phase's batches follow
-    the closed form floor(250 * 1.01**k) with a quarter (rounded) for curvature. Fails if the
-    config and the race drift apart, or if the schedule changes meaning."""
+    the closed form floor(250 * 1.01**k) with a quarter (rounded) for curvature, and the third
+    phase (λ >= 0.1, "curveslate") starts at the batch the second's last step took (2,978 =
+    floor(250 * 1.01**249), the size the late races started from) and grows on from it as
+    floor(2978 * 1.01**k). Fails if the config and the race drift apart, or if the schedule
+    changes meaning."""
     import math
 
     import yaml
@@ -81,10 +84,16 @@ def test_shipped_hf_row_is_the_raced_grow_entry():
     raced = parse_config(raw).optimizers[0]
     assert shipped == raced
     assert shipped.label == "hessianfree"  # reproduce.py's table and paper column read it
-    first, late = shipped.phases
+    first, late, last = shipped.phases
     assert first.budget.steps == 1100 and first.budget.seconds is None
+    assert late.budget.steps == 250 and late.budget.seconds is None
     n = 20000
-    for k in (0, 1, 70, 300):
+    for k in (0, 1, 70, 249):
         b = math.floor(250 * 1.01**k)
         assert batch_sizes(late, n, False, k)[:2] == (b, round(b / 4)), k
+    assert batch_sizes(late, n, False, 249)[0] == batch_sizes(last, n, False, 0)[0] == 2978
+    for k in (1, 100, 180):
+        b = math.floor(2978 * 1.01**k)
+        assert batch_sizes(last, n, False, k)[:2] == (b, round(b / 4)), k
     assert batch_sizes(first, n, False, 300)[:2] == (250, 62)
+    assert [p.hyperparameters["min_damping"] for p in shipped.phases] == [0.3, 0.3, 0.1]

@@ -1354,7 +1354,10 @@ def test_train_mode_batchnorm_and_dropout_warn_once_eval_mode_does_not(layer):
         warnings.simplefilter("error")
         opt.step(closure)  # eval mode: one fixed function, no warning
     model.train()
-    opt = HessianFree(model.parameters(), cg_max_iter=5)
+    # dropout warns only without replay_rng (with it, one mask per step: tests/test_rng.py)
+    opt = HessianFree(
+        model.parameters(), cg_max_iter=5, replay_rng=isinstance(layer, nn.BatchNorm1d)
+    )
     name = type(layer).__name__
     with pytest.warns(UserWarning, match=rf"training mode .*{name}.*model\.eval\(\)") as rec:
         opt.step(closure)
@@ -1792,6 +1795,57 @@ def test_relative_min_damping_follows_the_largest_rayleigh_quotient_under_kfac()
             assert info.damping_floor == pytest.approx(0.1 * largest, rel=1e-9)
             assert info.damping >= info.damping_floor * (1 - 1e-12)
         assert (largest > 20 * first) == (precond == "kfac")  # the floor rose under K-FAC
+
+
+@pytest.mark.parametrize("offsets", ["rising", "falling"])
+def test_relative_min_damping_follows_plain_cg_curvature_only_where_the_loss_rose(offsets):
+    # plain-CG least squares (precond=None) on batches whose inputs grow by 1.1^k, so the
+    # curvature scale grows steadily; a constant added to batch k's loss (the closure's value,
+    # not g or C) rises or falls with k. Under relative_min_damping='auto' the floor is 0.01 ×
+    # the largest |gᵀCg|/gᵀg met at the first step and at every _FLOOR_EVERY-th step where the
+    # last _RISE_WINDOW starting losses' mean exceeds the _RISE_WINDOW before's by more than
+    # _RISE_Z standard errors (numpy, ddof=1), each quotient from the closed-form gradient and
+    # Hessian at that step's start. Rising: the floor follows the curvature (on main it stayed
+    # the first step's); falling: the first step's throughout ("mbfloor").
+    from hessfree.optimizer import _FLOOR_EVERY, _RISE_WINDOW, _RISE_Z
+
+    steps, w_ = 36, _RISE_WINDOW
+    gen = torch.Generator().manual_seed(7)
+    X = torch.randn(steps, 20, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(steps, 20, 1, generator=gen, dtype=torch.float64)
+    lin = nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.zero_()
+    opt = HessianFree(lin.parameters(), precond=None)
+    sign = 1.0 if offsets == "rising" else -1.0
+    losses, scale, raised = [], None, 0
+    for k in range(steps):
+        s, offset = 1.1**k, sign * 0.5 * k
+        Xs, yk = s * X[k].numpy(), y[k, :, 0].numpy()
+        wk = lin.weight.detach().numpy().ravel().copy()
+        r = Xs @ wk - yk
+        losses.append(offset + 0.5 * float(np.mean(r**2)))
+        g = Xs.T @ r / len(yk)  # ∇ ½ mean((Xs w − y)²)
+        quotient = float(g @ (Xs.T @ Xs / len(yk)) @ g / (g @ g))
+        if k == 0:
+            scale = quotient
+        elif k % _FLOOR_EVERY == 0 and len(losses) >= 2 * w_:
+            a, b = np.array(losses[-2 * w_ : -w_]), np.array(losses[-w_:])
+            if b.mean() - a.mean() > _RISE_Z * np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / w_):
+                raised += quotient > scale
+                scale = max(scale, quotient)
+
+        def closure(Xt=torch.from_numpy(Xs), yt=y[k], lin=lin, offset=offset):  # noqa: B008
+            out = lin(Xt)
+            return offset + 0.5 * ((out - yt) ** 2).mean(), out
+
+        opt.step(closure)
+        info = opt.last_step
+        assert info.loss == pytest.approx(losses[-1], rel=1e-12)
+        if k >= 1:  # from step 1 the objective is seen stochastic
+            assert info.damping_floor == pytest.approx(0.01 * scale, rel=1e-9)
+            assert info.damping >= info.damping_floor * (1 - 1e-12)
+    assert (raised >= 3) == (offsets == "rising")
 
 
 def test_relative_min_damping_survives_state_dict_round_trip():

@@ -1,0 +1,222 @@
+"""CURVES at 330 s: the config's late growing-batch phase, HF against HF (#14, "curveslate")
+
+``configs/curves_autoencoder.yaml``'s HF row trains 1,100 steps on 250 / 62 cases, then grows
+its batch x1.01 a step from 250 (curvature on a quarter of it). Quiet, that second phase takes
+~390-410 steps in the last ~210 s and ends at a batch of ~14,000, 0.6 steps/s; HF and Adam tie
+at 330 s (0.96x, 1.03x). This script races variants of the late phase from one saved state:
+
+* ``save K``: from ``_curves_grow.py``'s state (the first phase after 1,100 steps), ``K`` steps
+  of the shipped second phase (a fresh optimizer on the saved weights, as the runner's switch
+  builds one); weights, optimizer state, batch generator and the CPU seconds spent are saved.
+* ``race CPU SLICES names [--seed S]``: from that state, each contender (``LATE``) for ``CPU``
+  seconds of its own *CPU time* (``time.thread_time``; 1 torch thread, ``OPENBLAS_NUM_THREADS=1``,
+  so a step's compute is on this thread): the clock other processes' load slows least, so the
+  budget means the same amount of work in a loaded and in a quiet run (its scaling to the
+  quiet 2-thread reproduction is stated with the results). Interleaved as
+  ``scorecard.interleave`` (slices, a shuffled order per slice, the error off the clock: the
+  config's ``squared_error`` on the first 5,000 training cases). ``--seed S`` draws the batches
+  from a fresh permutation seeded with ``S`` instead of the saved generator (another sequence
+  of batches from the same weights).
+
+A contender either continues the shipped phase with its optimizer state and step counter
+(``batch_max``, ``curvature_fraction``: options of the same phase) or is a third phase: a fresh
+optimizer from the batch the shipped phase has reached (as the runner's ``phases:`` switch).
+
+    OPENBLAS_NUM_THREADS=1 python experiments/_curves_growlate.py save 250
+    OPENBLAS_NUM_THREADS=1 python experiments/_curves_growlate.py race 200 8 "ship;cap4k" [--save]
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import RawLog  # noqa: E402
+from _curves330 import GROW  # noqa: E402
+from _curves_grow import STATE as FIRST_STATE  # noqa: E402
+from _curves_grow import _setup, _stepper  # noqa: E402
+
+from hessfree.train.optimizers import build_optimizer  # noqa: E402
+
+STATE = Path(os.environ.get("CURVESLATE_STATE", "/tmp/curveslate/late_state.pt"))
+SHIP = copy.deepcopy(GROW)  # the second phase as raced (and shipped, until step 250 of it)
+
+
+def _late(cont: bool, **kw) -> tuple[dict, bool]:
+    e = copy.deepcopy(SHIP)
+    for k, v in kw.items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
+    return e, cont
+
+
+# name: (entry, continue the shipped phase's optimizer state and step counter?)
+# A third phase (cont False) starts from the batch the shipped phase reached: its
+# ``batch_size`` is set at race time (``None`` here) and ``batch_growth`` applies from there.
+LATE: dict[str, tuple[dict, bool]] = {
+    "ship": _late(True),
+    "cap4k": _late(True, batch_max=4000),
+    "cap6k": _late(True, batch_max=6000),
+    "cap8k": _late(True, batch_max=8000),
+    "curv8": _late(True, curvature_fraction=0.125),
+    "fresh": _late(False),  # the same phase, fresh optimizer: what a third phase's switch costs
+    "g1.005": _late(False, batch_growth=1.005),
+    "cg5": _late(False, cg_max_iter=5),
+    "cg5lam.1": _late(False, cg_max_iter=5, min_damping=0.1),
+    "lam.1": _late(False, min_damping=0.1),
+    "lam.1cap4k": _late(False, min_damping=0.1, batch_max=4000),
+    "lam.03": _late(False, min_damping=0.03),
+    "kfac1": _late(False, precond={"name": "kfac", "rank": 32, "refresh": 1}),
+}
+
+
+def _cpu() -> float:
+    return time.thread_time()
+
+
+def save(k: int, log) -> None:
+    first = torch.load(FIRST_STATE, weights_only=False)
+    cfg, runner, error = _setup([dict(copy.deepcopy(SHIP), label="ship")])
+    leaf = cfg.optimizers[0]
+    model = copy.deepcopy(runner.model)
+    model.load_state_dict(first["model"])
+    model.train()
+    opt = build_optimizer(leaf, model.parameters(), model)
+    gen = torch.Generator()
+    gen.set_state(first["gen"])
+    state = {"step": 0, "perm": first["perm"].clone(), "pos": first["pos"], "batch": 0}
+    step = _stepper(runner, leaf, model, opt, gen, state)
+    log(f"from the first phase after {first['steps']} steps: error {error(model):.3f}")
+    cpu = 0.0
+    for i in range(k):
+        t0 = _cpu()
+        step()
+        cpu += _cpu() - t0
+        if (i + 1) % 50 == 0 or i + 1 == k:
+            log(
+                f"phase-2 step {i + 1}: batch {state['batch']}, error {error(model):.3f}, "
+                f"λ {opt.last_step.damping:.3g}, CPU {cpu:.1f} s"
+            )
+    STATE.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "gen": gen.get_state(),
+            "perm": state["perm"],
+            "pos": state["pos"],
+            "steps": k,
+            "batch": state["batch"],
+            "cpu": cpu,
+        },
+        STATE,
+    )
+    log(f"saved {STATE}")
+
+
+class _Run:
+    def __init__(self, name, model, step, state, opt):
+        self.name, self.model, self.step, self.state, self.opt = name, model, step, state, opt
+        self.clock, self.steps, self.curve, self.marks, self.failed = 0.0, 0, [], [], ""
+
+
+def race(budget: float, slices: int, names: list[str], seed: int | None, log) -> None:
+    saved = torch.load(STATE, weights_only=False)
+    entries = []
+    for n in names:
+        e, cont = LATE[n]
+        e = dict(copy.deepcopy(e), label=n)
+        if not cont:
+            e["batch_size"] = saved["batch"]
+        entries.append(e)
+    cfg, runner, error = _setup(entries)
+    n_train = runner.x_train.shape[0]
+    runs = []
+    for name, leaf in zip(names, cfg.optimizers, strict=True):
+        model = copy.deepcopy(runner.model)
+        model.load_state_dict(saved["model"])
+        model.train()
+        opt = build_optimizer(leaf, model.parameters(), model)
+        cont = LATE[name][1]
+        if cont:
+            opt.load_state_dict(saved["opt"])
+        gen = torch.Generator()
+        if seed is None:
+            gen.set_state(saved["gen"])
+            perm, pos = saved["perm"].clone(), saved["pos"]
+        else:
+            gen.manual_seed(seed)
+            perm, pos = torch.randperm(n_train, generator=gen), 0
+        state = {"step": saved["steps"] if cont else 0, "perm": perm, "pos": pos, "batch": 0}
+        runs.append(_Run(name, model, _stepper(runner, leaf, model, opt, gen, state), state, opt))
+    start = error(runs[0].model)
+    for r in runs:
+        r.curve.append(start)
+    rng = random.Random(0)
+    for j in range(1, slices + 1):
+        end = budget * j / slices
+        order = list(runs)
+        rng.shuffle(order)
+        for r in order:
+            if r.failed:
+                continue
+            try:
+                while r.clock < end:
+                    t0 = _cpu()
+                    r.step()
+                    r.clock += _cpu() - t0
+                    r.steps += 1
+            except Exception as err:  # noqa: BLE001 - a diverging run is a result
+                r.failed = f"{type(err).__name__}: {str(err)[:100]}"
+            e = error(r.model)
+            r.curve.append(e if math.isfinite(e) else math.inf)
+            ls = r.opt.last_step
+            r.marks.append(f"{r.steps}/{r.state['batch']}/{ls.damping:.2g}" if ls else "-")
+    log(
+        f"from phase-2 step {saved['steps']} (batch {saved['batch']}, error {start:.3f}, "
+        f"{saved['cpu']:.0f} CPU s into phase 2); {budget:g} CPU s more each, {slices} slices; "
+        f"batches {'as saved' if seed is None else f'seed {seed}'}; 1 thread"
+    )
+    for r in runs:
+        line = " ".join(f"{e:6.3f}" for e in r.curve[1:])
+        log(f"{r.name:9s} {line}  steps {r.steps}  final {r.curve[-1]:.3f} {r.failed}")
+    log("steps/batch/λ at slice ends")
+    for r in runs:
+        log(f"{r.name:9s} {' '.join(r.marks)}")
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    log = RawLog()
+    argv = sys.argv[1:]
+    seed = None
+    if "--seed" in argv:
+        i = argv.index("--seed")
+        seed = int(argv[i + 1])
+        del argv[i : i + 2]
+    args = [a for a in argv if not a.startswith("--")]
+    log(f"`{' '.join(sys.argv[1:])}`; load before {open('/proc/loadavg').read().split()[:3]}")
+    if args[0] == "save":
+        save(int(args[1]), log)
+    else:
+        race(float(args[1]), int(args[2]), [n for n in args[3].split(";") if n], seed, log)
+    log(f"load after {open('/proc/loadavg').read().split()[:3]}")
+    if "--save" in argv:
+        log.append_to(
+            Path(__file__).resolve().parent / "results" / "2026-12-02-curveslate.md",
+            "CURVES at 330 s: the late growing-batch phase, HF against HF (raw runs)",
+        )
+
+
+if __name__ == "__main__":
+    main()

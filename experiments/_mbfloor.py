@@ -1,0 +1,276 @@
+"""The relative λ floor on plain-CG mini-batch steps: which refresh rule tells a growing
+curvature scale from batch noise (``experiments/README.md``, "mbfloor").
+
+Each rule replaces ``HessianFree._raise_floor`` and opens its gate on every step kind (every
+``_FLOOR_EVERY``-th step, one product along g, as on K-FAC steps); the scale samples, each step's
+starting loss f0 and predicted change q(p) - q(0) are kept on the optimizer for the rules:
+
+- ``gated``: main before "mbfloor" (plain-CG steps keep the first step's scale);
+- ``lib``: the library as it is (after "mbfloor": ``rise:1`` on plain-CG steps, bitwise);
+- ``max``: the running maximum on every step kind (unseenmb's "refresh every step kind");
+- ``trend``: the running maximum of the geometric mean of the last W samples, raised only when
+  the log-scale's least-squares slope over them is > T standard errors (a sustained trend);
+- ``heldout``: raised to the sample (running maximum) only when the loss of the *fresh* batches
+  over the last 2M steps fell by less than ``H`` × the decrease those steps predicted (a
+  held-out ρ, from losses the optimizer already has: the next batch's f0).
+
+Off the clock: N steps from the same weights, batch seeds given; train-set loss after N/4, N/2,
+N (load-free, deterministic).
+
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_mbfloor.py [problem ...] \
+        [--steps N] [--seeds 1 2 3] [--rules gated max trend heldout]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import statistics
+import sys
+import time
+import warnings
+from typing import Any
+
+import _unseen
+import _unseenmb
+import torch
+from torch import nn
+
+import hessfree
+import hessfree.optimizer as optimizer_module
+
+torch.set_num_threads(1)
+
+W, T = 6, 3.0  # trend: window (samples) and t-statistic
+M, H = 8, 0.25  # heldout: half-window (steps) and threshold
+
+
+def lstmreg() -> dict:
+    p = _unseenmb.grureg()
+    p["make"] = lambda: _unseen.SeqReg(nn.LSTM)
+    p["title"] = "(reference) _unseen.py's LSTM(2→32) regression, T = 30, MSE, batch 128"
+    return p
+
+
+PROBLEMS = dict(_unseenmb.PROBLEMS, lstmreg=lstmreg)
+
+
+def _trend(logs: list[float]) -> float:
+    """t-statistic of the least-squares slope of ``logs`` against 0, 1, …"""
+    n = len(logs)
+    xs = range(n)
+    xm, ym = (n - 1) / 2, statistics.fmean(logs)
+    sxx = sum((x - xm) ** 2 for x in xs)
+    b = sum((x - xm) * (y - ym) for x, y in zip(xs, logs, strict=True)) / sxx
+    res = sum((y - ym - b * (x - xm)) ** 2 for x, y in zip(xs, logs, strict=True))
+    se = math.sqrt(res / (n - 2) / sxx) if res > 0 else 0.0
+    return math.inf if se == 0 and b > 0 else (b / se if se > 0 else 0.0)
+
+
+def heldout_rho(f0: list[float], pred: list[float], m: int = M) -> float:
+    """(mean f0 of steps k-2m..k-m-1 minus mean f0 of k-m..k-1) / (-Σ q of the m steps between
+    the two halves' centres): the decrease fresh batches saw over what the steps predicted."""
+    if len(f0) < 2 * m:
+        return math.nan
+    a, b = statistics.fmean(f0[-2 * m : -m]), statistics.fmean(f0[-m:])
+    lo = len(pred) - 2 * m + m // 2
+    q = -sum(pred[lo : lo + m])
+    return (a - b) / q if q > 0 else math.nan
+
+
+def fresh_rise(f0: list[float], m: int = M) -> float:
+    """How many standard errors the mean starting loss of the last m steps (each on a fresh
+    batch) lies above that of the m steps before (the within-half spreads as the errors)."""
+    if len(f0) < 2 * m:
+        return math.nan
+    a, b = f0[-2 * m : -m], f0[-m:]
+    se = math.sqrt((statistics.variance(a) + statistics.variance(b)) / m)
+    d = statistics.fmean(b) - statistics.fmean(a)
+    return d / se if se > 0 else (math.inf if d > 0 else 0.0)
+
+
+def _raise_with(rule: str):
+    rule, _, arg = rule.partition(":")
+
+    def raise_floor(self, curvature, product, g, g_norm, run) -> None:
+        gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
+        scale = abs(gCg) / gDg if gDg > 0 else math.nan
+        state = run.state
+        if not math.isfinite(scale):
+            return
+        self._mb_samples.append(scale)
+        new = scale
+        if rule == "trend":
+            logs = [math.log(s) for s in self._mb_samples[-W:] if s > 0]
+            if len(logs) < W or _trend(logs) <= T:
+                return
+            new = math.exp(statistics.fmean(logs))
+        elif rule == "heldout":
+            h = heldout_rho(self._mb_f0 + [run.f0], self._mb_pred)
+            self._mb_h.append(h)
+            if not h < (float(arg) if arg else H):
+                return
+        elif rule == "rise":
+            z = fresh_rise(self._mb_f0 + [run.f0])
+            self._mb_h.append(z)
+            if not z > (float(arg) if arg else 2.0):
+                return
+        if new <= state.get("damping_scale", 0.0):
+            return
+        self._mb_raised += 1
+        state["damping_scale"] = new
+        lam = self._damping_policy(state).clip(run.damping)
+        if lam != run.damping:
+            run.damping = state["damping"] = lam
+
+    return raise_floor
+
+
+@contextlib.contextmanager
+def rule_mode(rule: str):
+    """``'lib'``: the library as it is; ``'gated'``: main's (no refresh on plain-CG steps);
+    the others: patched in here, the gate opened on every step kind."""
+    if rule == "lib":
+        yield
+        return
+    if rule == "gated":
+        saved_rose = optimizer_module._loss_rose
+        optimizer_module._loss_rose = lambda *a, **k: False
+        try:
+            yield
+        finally:
+            optimizer_module._loss_rose = saved_rose
+        return
+    hf = hessfree.HessianFree
+    saved = hf._raise_floor, hf._kfac_in_use, hf._cg_max_iter
+    in_use, cap = saved[1], saved[2]
+    hf._kfac_in_use = lambda self: True
+    hf._cg_max_iter = lambda self, run, *, kfac=False: cap(self, run, kfac=kfac and in_use(self))
+    if rule != "max":
+        hf._raise_floor = _raise_with(rule)
+    try:
+        yield
+    finally:
+        hf._raise_floor, hf._kfac_in_use, hf._cg_max_iter = saved
+
+
+def run(key: str, rule: str, n: int, seed: int) -> dict:
+    p = PROBLEMS[key]()
+    x, y, _, _ = p["data"]
+    loss_fn, batch = p["loss"], p["batch"]
+    torch.manual_seed(0)
+    model = p["make"]()
+    opt = hessfree.HessianFree(model.parameters())
+    opt._mb_samples, opt._mb_f0, opt._mb_pred, opt._mb_h, opt._mb_raised = [], [], [], [], 0
+    gen = torch.Generator().manual_seed(seed)
+    out, lam, flo = [], [], []
+    t0 = time.perf_counter()
+    for k in range(1, n + 1):
+        idx = torch.randint(len(y), (batch,), generator=gen)
+        xb, yb = x[idx], y[idx]
+
+        def closure(xb=xb, yb=yb) -> Any:
+            o = model(xb)
+            return loss_fn(o, yb), o
+
+        with rule_mode(rule), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(closure)
+        i = opt.last_step
+        opt._mb_f0.append(i.loss)
+        opt._mb_pred.append(i.predicted_change if math.isfinite(i.predicted_change) else 0.0)
+        lam.append(i.damping)
+        flo.append(i.damping_floor)
+        if k in (n // 4, n // 2, n):
+            out.append(_unseen.train_set_loss(model, loss_fn, x, y))
+    return dict(loss=out, lam=lam, flo=flo, samples=opt._mb_samples, h=opt._mb_h,
+                raised=opt._mb_raised, secs=time.perf_counter() - t0)  # fmt: skip
+
+
+def race(key: str, budget: float, rules: list[str]) -> None:
+    """The rules interleaved at equal stepping time (``_unseen.interleave``, evaluation off the
+    clock): the train-set loss at ¼, ½, 1× of ``budget``; batch seed 1, as ``_unseenmb``."""
+    p = PROBLEMS[key]()
+    x, y, _, _ = p["data"]
+    loss_fn, batch = p["loss"], p["batch"]
+    torch.manual_seed(0)
+    model0 = p["make"]()
+    runs = []
+    for rule in rules:
+        model = copy.deepcopy(model0)
+        opt = hessfree.HessianFree(model.parameters())
+        step = _unseen.minibatch_step(
+            model, opt, x, y, batch, loss_fn, True, lambda rule=rule: rule_mode(rule)
+        )
+        runs.append(
+            _unseen.Run(rule, step, lambda m=model: _unseen.train_set_loss(m, loss_fn, x, y), opt)
+        )
+    load0 = open("/proc/loadavg").read().split()[:3]
+    _unseen.interleave(runs, budget, eval_every=budget / 20)
+    load1 = open("/proc/loadavg").read().split()[:3]
+    print(f"\n#### race {key}: {budget:g} s each; load {' '.join(load0)} → {' '.join(load1)}\n")
+    print("| rule | steps | s/step vs first | loss ¼ | ½ | 1× | 1× / first rule's |")
+    print("|---|---|---|---|---|---|---|")
+
+    def at(r, frac: float) -> float:
+        return next(f for t, f in r.curve if t >= frac * budget or (t, f) == r.curve[-1])
+
+    first = runs[0]
+    for r in runs:
+        print(f"| {r.name} | {r.steps} | "
+              f"{r.clock / r.steps / (first.clock / first.steps):.3g} | "
+              + " | ".join(f"{at(r, f):.4g}" for f in (0.25, 0.5, 1.0))
+              + f" | {at(r, 1.0) / at(first, 1.0):.3g} |")  # fmt: skip
+    sys.stdout.flush()
+
+
+def _fmt(v: list[float], k: int = 6) -> str:
+    return "→".join(f"{x:.2g}" for x in _unseen._sample(v, k)) if v else "-"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "problems", nargs="*", default=["cnnbn", "grucls", "embed", "grureg", "lstmreg"]
+    )
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
+    ap.add_argument("--rules", nargs="*", default=["gated", "max", "trend", "heldout"])
+    ap.add_argument("--race", type=float, default=0.0, help="interleaved race of S s instead")
+    a = ap.parse_args()
+    print("load at start:", open("/proc/loadavg").read().strip())
+    if a.race:
+        for key in a.problems:
+            race(key, a.race, a.rules)
+        print("\nload at end:", open("/proc/loadavg").read().strip())
+        return
+    n = a.steps
+    for key in a.problems:
+        print(f"\n#### {key}: {n} steps, train-set loss after {n // 4} / {n // 2} / {n}\n")
+        print("| rule | seed | loss | λ | floor | scale samples | held-out ρ | raised |")
+        print("|---|---|---|---|---|---|---|---|")
+        finals: dict[str, list[float]] = {}
+        for seed in a.seeds:
+            for rule in a.rules:
+                r = run(key, rule, n, seed)
+                finals.setdefault(rule, []).append(r["loss"][-1])
+                print(f"| {rule} | {seed} | {' / '.join(f'{v:.4g}' for v in r['loss'])} | "
+                      f"{_fmt(r['lam'])} | {_fmt(r['flo'], 4)} | {_fmt(r['samples'], 8)} | "
+                      f"{_fmt(r['h'], 6)} | {r['raised']} |")  # fmt: skip
+                sys.stdout.flush()
+        base = finals.get("gated")
+        for rule, v in finals.items():
+            gm = (
+                math.exp(statistics.fmean(math.log(a / b) for a, b in zip(v, base, strict=True)))
+                if base
+                else math.nan
+            )
+            print(f"- {rule}: final {' / '.join(f'{x:.4g}' for x in v)}; geo-mean ratio to "
+                  f"gated {gm:.3g}")  # fmt: skip
+    print("\nload at end:", open("/proc/loadavg").read().strip())
+
+
+if __name__ == "__main__":
+    main()
