@@ -101,7 +101,8 @@ class CGStop(enum.Enum):
     #: ``max_iter`` iterations were done.
     MAX_ITER = "max_iter"
     #: :math:`p^\top A p \le 0`; the iterate before that direction is returned, or at the
-    #: first iteration a step along the (preconditioned) steepest-descent direction.
+    #: first iteration a step along the (preconditioned) steepest-descent direction; with
+    #: ``max_norm``, the point where that direction meets the sphere (Steihaug 1983).
     NEGATIVE_CURVATURE = "negative_curvature"
     #: The next iterate would leave the ball :math:`\|x\| \le` ``max_norm``; the point where
     #: the CG path crosses the sphere is returned (Steihaug 1983).
@@ -178,7 +179,11 @@ def cg(
       the step length of CG with the curvature's sign flipped, rather than :math:`x_0`,
       which would be no step at all from a cold start; ``num_iter`` is then 1 and
       :math:`\phi(x_1)` is exact; zero curvature, where :math:`\tau` is infinite, still
-      returns :math:`x_0`), or a NaN/Inf appears
+      returns :math:`x_0`); with ``max_norm`` :math:`= \Delta` instead the point where
+      :math:`x_i + \tau p_{i+1}`, :math:`\tau \ge 0`, meets the sphere
+      :math:`\|x\| = \Delta` (Steihaug 1983: :math:`\phi` falls without bound along
+      :math:`p_{i+1}`), at the first direction too, with its exact :math:`\phi`, as
+      iteration :math:`i + 1`; or a NaN/Inf appears
       (``NON_FINITE``; the last finite iterate is returned);
     - with ``max_norm`` :math:`= \Delta`, the step from :math:`x_i` would leave the ball
       :math:`\|x\| \le \Delta` (``TRUST_RADIUS``; Steihaug 1983): CG returns the point
@@ -227,8 +232,9 @@ def cg(
         check_every: Read the stop tests back to the host every this many iterations
             (each read is a device synchronisation). ``None``: 1 on CPU, 8 otherwise.
             Does not change the result, only ``num_matvec``.
-        max_norm: Trust radius :math:`\Delta > 0` bounding :math:`\|x\|` (``TRUST_RADIUS``),
-            or ``None`` (unbounded). Costs two dot products per iteration.
+        max_norm: Trust radius :math:`\Delta > 0` bounding :math:`\|x\|` (``TRUST_RADIUS``;
+            a ``NEGATIVE_CURVATURE`` stop steps to it), or ``None`` (unbounded). Costs two
+            dot products per iteration.
         descent_stop: From a nonzero ``x0``, the residual stop (``CONVERGED``) also needs
             :math:`\phi(x_i) < 0`: a start whose residual is small but whose model value is
             not below :math:`\phi(0)` is iterated on.
@@ -415,8 +421,11 @@ def cg(
             if watch and monitor(i, x):
                 num_iter, reason = i, CGStop.MONITOR
                 break
-    if reason is CGStop.NEGATIVE_CURVATURE and num_iter == 0:
-        num_iter = _steepest_descent_step(x, z, rz, pAp_first, history)
+    if reason is CGStop.NEGATIVE_CURVATURE:
+        curvature = pAp_first if num_iter == 0 else pAp
+        num_iter = _negative_curvature_step(
+            x, r, z, p, rz, curvature, radius_sq, history, num_iter, masked=mask is not None
+        )
     elif reason is CGStop.TRUST_RADIUS:
         if mask is None:  # the stop ended the loop right after the unmasked p = -z + 1 p
             p.add_(z)
@@ -654,6 +663,39 @@ def _phi(x: Tensor, r: Tensor, b: Tensor, *, out: Tensor) -> Tensor:
     """phi = 1/2 x^T (r - b), as two dot products into ``out``: no vector-sized temporary."""
     torch.sub(torch.dot(x, r), torch.dot(x, b), out=out)
     return out.mul_(0.5)
+
+
+def _negative_curvature_step(
+    x: Tensor,
+    r: Tensor,
+    z: Tensor,
+    p: Tensor,
+    rz: Tensor,
+    pAp: Tensor,
+    radius_sq: float | None,
+    history: Tensor,
+    i: int,
+    *,
+    masked: bool,
+) -> int:
+    r"""After a stop on :math:`p_{i+1}^\top A p_{i+1} \le 0` at :math:`x_i`: the result, in place.
+
+    With a trust radius :math:`\Delta` (Steihaug 1983; Nocedal & Wright, Algorithm 7.2):
+    :math:`x_i + \tau p_{i+1}` on the sphere :math:`\|x\| = \Delta`, :math:`\tau \ge 0`
+    (:math:`\phi` decreases along :math:`p_{i+1}` without bound, so the sphere is where the
+    model is trusted to), the first direction :math:`p_1 = -z_0` included. Without one:
+    :math:`x_i`, or at the first direction the step of :func:`_steepest_descent_step`.
+    Returns the iteration count of the result. The loop left ``p`` as :math:`p_{i+1}`, less
+    :math:`z_i` where the unmasked update :math:`p = -z + 1 \cdot p` ran after the stop
+    (``masked`` False); ``z`` and ``rz`` are :math:`z_i` and :math:`r_i^\top z_i`.
+    """
+    if radius_sq is None:
+        return _steepest_descent_step(x, z, rz, pAp, history) if i == 0 else i
+    if i == 0:
+        torch.neg(z, out=p)
+    elif not masked:
+        p.add_(z)
+    return _to_boundary(x, r, p, pAp, radius_sq, history, i)
 
 
 def _steepest_descent_step(x: Tensor, z: Tensor, rz: Tensor, pAp: Tensor, history: Tensor) -> int:

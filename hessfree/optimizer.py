@@ -42,8 +42,9 @@ phases named as the methods that run them:
    the curvature's, :math:`\tfrac12 p^\top C p`: then :math:`\lambda`, not the loss's floor,
    kept the step that short, so :math:`\lambda` is lowered as after :math:`\rho = 1` and the
    step is ``'line_search_failed'`` (a large given or climbed :math:`\lambda` would otherwise
-   never move again); with ``trust_radius``, :math:`\Delta \leftarrow 2\|p\|` when
-   backtracking walked back, doubled after a step on the sphere with :math:`\rho > 3/4`.
+   never move again); with ``trust_radius``, :math:`\Delta \leftarrow t\|p\|` after phase 5
+   accepted a rate :math:`t < 1`, else :math:`2\|p\|` when backtracking walked back, doubled
+   after a step on the sphere with :math:`\rho > 3/4`.
 5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
    on the backtracked step (the reference code's: :math:`c = 10^{-2}`, rate × 0.8, up to 60
    tries, none whose first-order decrease :math:`t|g^\top p|` is within the float resolution:
@@ -732,10 +733,13 @@ class HessianFree(torch.optim.Optimizer):
         backtrack: CG backtracking over the stored iterates (§4.6).
         trust_radius: Bound CG's step by a radius :math:`\Delta` (Steihaug 1983): CG stops
             where its path leaves :math:`\|p\| \le \Delta` and returns the crossing point
-            (``cg_reason`` ``'trust_radius'``). :math:`\Delta` starts infinite; when CG
-            backtracking walks back from the final iterate (the model overshot),
-            :math:`\Delta \leftarrow 2\|p\|` of the chosen step; when the step ended on the
-            sphere with :math:`\rho > 3/4`, :math:`\Delta` doubles. ``'auto'`` (default): on for
+            (``cg_reason`` ``'trust_radius'``), and a stop on negative curvature continues
+            along that direction to the sphere. :math:`\Delta` starts infinite; when the line
+            search accepts a rate :math:`t < 1`,
+            :math:`\Delta \leftarrow t\|p\|`; else when CG backtracking walks back from the
+            final iterate (the model overshot), :math:`\Delta \leftarrow 2\|p\|` of the chosen
+            step; when the step ended on the sphere with :math:`\rho > 3/4`, :math:`\Delta`
+            doubles. ``'auto'`` (default): on for
             indefinite curvature (the Hessian), where :math:`\lambda` falls to ``min_damping``
             while nearly flat directions blow the late CG iterates up, so CG spends most of
             its products on iterates that backtracking then rejects; off for Gauss-Newton,
@@ -2224,8 +2228,6 @@ class HessianFree(torch.optim.Optimizer):
                 extra = self._streak_decrease ** (streak - 1)
                 extra = max(extra, 1.0 / share) if share > 1.0 else extra
                 self._adapt_damping(state, state["damping"], lambda pol, lam: pol.clip(lam * extra))
-            if run.bounded:
-                self._update_radius(state, result, chosen, p, rho)
 
             # ---- 5. line search: Armijo along the backtracked step ----
             rate, f_new = self._line_search(
@@ -2243,6 +2245,8 @@ class HessianFree(torch.optim.Optimizer):
                     self._adapt_damping(
                         state, state["damping"], lambda pol, lam: pol.clip(lam / rate)
                     )
+            if run.bounded:
+                self._update_radius(state, result, chosen, p, rho, rate)
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
         except BaseException:
@@ -2302,9 +2306,17 @@ class HessianFree(torch.optim.Optimizer):
         return streak
 
     @staticmethod
-    def _update_radius(state: dict, result: CGResult, chosen: int, p: Tensor, rho: float) -> None:
-        """Phase 4: the trust radius for the next CG (``trust_radius``)."""
-        if chosen < len(result.iterates) - 1:  # backtracking walked back: the model overshot
+    def _update_radius(
+        state: dict, result: CGResult, chosen: int, p: Tensor, rho: float, rate: float
+    ) -> None:
+        """Phases 4-5: the trust radius for the next CG (``trust_radius``)."""
+        if 0.0 < rate < 1.0:
+            # the line search walked back along p as backtracking does along CG's path: the
+            # model is trusted as far as the step taken (ours). Without it Δ stayed infinite
+            # through a negative-curvature phase, whose steps the line search cut 5-100×
+            # (experiments/README.md, negcurv)
+            state["trust_radius"] = rate * float(p.norm())
+        elif chosen < len(result.iterates) - 1:  # backtracking walked back: the model overshot
             state["trust_radius"] = 2.0 * float(p.norm())
         elif result.reason is CGStop.TRUST_RADIUS and rho > 0.75:
             state["trust_radius"] = 2.0 * state["trust_radius"]

@@ -853,6 +853,55 @@ def test_cg_trust_radius_start_outside_returns_start_and_bad_radius_is_named():
             cg(lambda v: A @ v, b, max_norm=bad)
 
 
+def _to_sphere_numpy(x: np.ndarray, p: np.ndarray, radius: float) -> np.ndarray:
+    """The point x + tau p, tau >= 0, with ||x + tau p|| = radius (x inside)."""
+    a2, a1, a0 = p @ p, 2 * x @ p, x @ x - radius**2
+    return x + (-a1 + np.sqrt(a1 * a1 - 4 * a2 * a0)) / (2 * a2) * p
+
+
+@pytest.mark.parametrize("check_every", [1, 7])
+def test_cg_negative_curvature_at_first_direction_with_radius_steps_to_the_sphere(check_every):
+    # Steihaug (1983) with A = diag(-1, 1/2): phi falls without bound along p_1 = b, so the
+    # step ends on the sphere along b (without the radius it would be 1.01 b, beyond 0.5)
+    matvec, b, d = first_direction_negative_case()
+    radius = 0.5
+    res = cg(matvec, b, max_norm=radius, check_every=check_every)
+    want = radius * b.numpy() / np.linalg.norm(b.numpy())
+    assert (res.reason, res.num_iter) == (CGStop.NEGATIVE_CURVATURE, 1)
+    np.testing.assert_allclose(res.x.numpy(), want, rtol=1e-12, atol=0)
+    phi = dense_phi(np.diag(d.numpy()), b.numpy(), want)
+    assert float(res.iterate_phi[-1]) == pytest.approx(phi, rel=1e-12)
+    assert float(res.phi_history[-1]) == pytest.approx(phi, rel=1e-12)
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_cg_negative_curvature_later_with_radius_steps_to_the_sphere(check_every):
+    # A = diag(3, 2, -1/2), b = (1, 1, 1): p_1 = b has curvature 4.5 > 0, p_2 has negative
+    # curvature (numpy oracle: textbook CG, then x_1 + tau p_2 on the sphere, tau >= 0)
+    d = np.array([3.0, 2.0, -0.5])
+    A, b = np.diag(d), np.ones(3)
+    x, r, p = np.zeros(3), -b, b.copy()
+    alpha = (r @ r) / (p @ A @ p)
+    x1, r1 = x + alpha * p, r + alpha * (A @ p)
+    p2 = -r1 + (r1 @ r1) / (r @ r) * p
+    assert p2 @ A @ p2 < 0  # the case is what it says
+    radius = 2.0 * np.linalg.norm(x1)
+    want = _to_sphere_numpy(x1, p2, radius)
+    res = cg(
+        diag_matvec(torch.tensor(d, dtype=DTYPE)),
+        torch.tensor(b, dtype=DTYPE),
+        max_norm=radius,
+        check_every=check_every,
+    )
+    assert (res.reason, res.num_iter) == (CGStop.NEGATIVE_CURVATURE, 2)
+    np.testing.assert_allclose(res.x.numpy(), want, rtol=1e-12, atol=1e-14)
+    assert float(res.iterate_phi[-1]) == pytest.approx(dense_phi(A, b, want), rel=1e-12)
+    # without a radius: the iterate before the bad direction, as before
+    free = cg(diag_matvec(torch.tensor(d, dtype=DTYPE)), torch.tensor(b, dtype=DTYPE))
+    assert (free.reason, free.num_iter) == (CGStop.NEGATIVE_CURVATURE, 1)
+    np.testing.assert_allclose(free.x.numpy(), x1, rtol=1e-12)
+
+
 # ------------------------------------------------- descent_stop: no stop on an uphill start
 def _uphill_start_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A = diag(logspace(-6, 0, 12)), x0 = A^{-1} b + 300 e_0 along the tiny eigenvalue (b is 0

@@ -1467,6 +1467,51 @@ def test_trust_radius_bounds_the_step_after_backtracking_walked_back(trust_radiu
     assert walked_back > 0
 
 
+def _saddle_problem():
+    """A deep linear net 4-4-4-2 in float64 from small weights: the origin is a saddle, the
+    exact Hessian is indefinite near it, and HF's first steps meet negative curvature."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(4, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    model.append(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.6)
+    return model.double(), x, y
+
+
+def test_trust_radius_is_the_step_the_line_search_took():
+    # Near the saddle at 0 of a deep linear net the exact Hessian is indefinite: after a step
+    # whose line search cut the full length to rate t, the model is trusted to t||p||
+    # (main: Delta stayed infinite, or 2||p|| where backtracking walked back)
+    model, x, y = _saddle_problem()
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    def flat():
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    cut = 0
+    for _ in range(4):
+        before = flat()
+        opt.step(closure)
+        info = opt.last_step
+        if info.accepted and 0.0 < info.step_rate < 1.0:
+            cut += 1
+            p_norm = float((flat() - before).norm()) / info.step_rate  # ||p||, lr = 1
+            radius = opt.state[next(model.parameters())].get("trust_radius")
+            assert radius is not None
+            assert radius == pytest.approx(info.step_rate * p_norm, rel=1e-9)
+    assert cut > 0
+
+
 def test_trust_radius_auto_is_off_for_gauss_newton_and_checked():
     model, x, y = _swap_problem()
     opt = HessianFree(model.parameters())
