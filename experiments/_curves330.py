@@ -90,7 +90,7 @@ ENTRIES: dict[str, dict] = {
         "phases": [
             dict(K2R2, budget={"steps": 1100}),
             dict(GROW, budget={"steps": 250}),
-            dict(GROW, batch_size=2978, min_damping=0.1),
+            dict(GROW, batch_size=2978, min_damping=0.1, batch_max=4000),
         ],
     },
     # the former two phases: the second's growth for the rest of the run, λ >= 0.3
