@@ -584,8 +584,9 @@ class HessianFree(torch.optim.Optimizer):
             worse (``experiments/README.md``, "cnnmb"). On plain-CG steps it is refreshed only
             where the closure's starting loss (each step's on a fresh batch) rose over the
             last 16 steps by > 1 standard error: a CNN, a GRU classifier and a bag of words
-            reached 0.29-0.58x the loss, the GRU/LSTM regressions' loss kept falling and their
-            runs stayed bitwise ("mbfloor").
+            reached 0.29-0.58x the loss after 120 steps, where the GRU/LSTM regressions' runs
+            stayed bitwise; after 400 steps noise had raised their floor (1.1-1.4x the loss,
+            CNN 1.75x; GRU classifier 0.20x, bag of words 0.45x: "mbfloor").
             It scales with the loss, as ``min_damping='auto'`` does.
             ``'auto'`` (default): 0.01 on steps where the objective is seen stochastic (the
             closure's value at the start of a step differs from the previous step's at the
@@ -2445,7 +2446,8 @@ class HessianFree(torch.optim.Optimizer):
         over the optimizer's life runs with a global forward pre-hook that records train-mode
         BatchNorm and Dropout modules (their autograd nodes cannot tell: CPU dropout is a plain
         ``MulBackward0`` and InstanceNorm uses the batch-norm kernel); one warning in all.
-        Dropout alone is no reason to warn under ``replay_rng`` (one mask per step).
+        Dropout alone is no reason to warn under ``replay_rng`` (one mask for the model calls,
+        one for the trials).
         """
         watch = role not in self._watched
         try:
