@@ -13,6 +13,7 @@ saddle (weights × 0.3). Variants set ``HessianFree``'s trust-radius class attri
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=.:experiments python3 experiments/_negdelta.py \
         deeplin pinn lsq logreg saddle --seeds 0,1,2,3 --steps 40 --variants main,new
     ... _negdelta.py swap --seeds 0,1,2,3,4 --variants main,new [--budget 6000]
+    ... _negdelta.py swapcard --steps 580 --variants main,new
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import hessfree  # noqa: E402
 torch.set_num_threads(1)
 
 TARGETS = {
-    "deeplin": [1e-2, 1e-4, 1e-6],
-    "pinn": [1, 0.1, 0.03],
+    "deeplin": [1e-2, 1e-4, 1e-6, 1e-8],
+    "pinn": [1, 0.1, 0.03, 0.01],
     "saddle": [1e-2, 1e-4, 1e-8],
     "lsq": [1e-2, 1e-4, 1e-6],
     "logreg": [1e-2, 1e-4, 1e-5],
@@ -177,6 +178,50 @@ def swap(names: list[str], seeds: list[int], budget: float) -> None:
         )
 
 
+def swapcard(names: list[str], steps: int) -> None:
+    """The scorecard's own swap model and data (``_freeze_hashes.py``'s run: 580 steps of the
+    LBFGS closure), variants interleaved step by step: the first step where they differ, the
+    error and work (closure calls + products) at the end, and the work to the best error both
+    reached."""
+    import _fbdefaults_study as fb
+    import scorecard
+
+    task = scorecard.make_swap_task(quick=False)
+    runs = []
+    for n in names:
+        m = copy.deepcopy(task.model)
+        opt = make_class(n)(m.parameters())
+        runs.append(dict(name=n, m=m, opt=opt, c=fb._closure(task, m, opt, True), curve=[]))
+    spent = {n: 0 for n in names}
+    calls = {n: 0 for n in names}
+    fails = {n: 0 for n in names}
+    first_diff = None
+    for k in range(steps):
+        for r in runs:
+            r["opt"].step(r["c"])
+            i = r["opt"].last_step
+            spent[r["name"]] += i.closure_calls + i.cg_matvecs
+            calls[r["name"]] += i.closure_calls
+            fails[r["name"]] += i.status == "line_search_failed"
+            r["curve"].append((spent[r["name"]], task.error(r["m"])))
+        if first_diff is None and len({r["curve"][-1][1] for r in runs}) > 1:
+            first_diff = k
+    common = max(min(f for _, f in r["curve"]) for r in runs)
+    print(
+        f"swapcard {steps} steps, first differing step {first_diff}; best both reached {common:.4g}"
+    )
+    for r in runs:
+        n = r["name"]
+        to = next(g for g, f in r["curve"] if f <= common)
+        best = min(f for _, f in r["curve"])
+        print(
+            f"swapcard {n:8s} final {r['curve'][-1][1]:.4g} best {best:.4g}"
+            f" work {spent[n]} closure calls {calls[n]} failed searches {fails[n]} "
+            f"work to {common:.4g}: {to}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("problems", nargs="+")
@@ -189,6 +234,10 @@ def main() -> None:
     names = args.variants.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     print("load at start:", open("/proc/loadavg").read().strip(), flush=True)
+    if args.problems == ["swapcard"]:
+        swapcard(names, args.steps)
+        print("load at end:", open("/proc/loadavg").read().strip())
+        return
     if args.problems == ["swap"]:
         swap(names, seeds, args.budget)
         print("load at end:", open("/proc/loadavg").read().strip())
