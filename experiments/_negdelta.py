@@ -14,6 +14,7 @@ saddle (weights × 0.3). Variants set ``HessianFree``'s trust-radius class attri
         deeplin pinn lsq logreg saddle --seeds 0,1,2,3 --steps 40 --variants main,new
     ... _negdelta.py swap --seeds 0,1,2,3,4 --variants main,new [--budget 6000]
     ... _negdelta.py swapcard --steps 580 --variants main,new
+    ... _negdelta.py deeplin pinn --seeds 0,1 --timed 5   (rows "HF" = new, "HF old" = main)
 """
 
 from __future__ import annotations
@@ -230,10 +231,23 @@ def main() -> None:
     ap.add_argument("--variants", default="main,new")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--budget", type=float, default=6000, help="swap: gradient equivalents")
+    ap.add_argument("--timed", type=float, default=0.0, help="interleaved vs L-BFGS, s each")
     args = ap.parse_args()
     names = args.variants.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     print("load at start:", open("/proc/loadavg").read().strip(), flush=True)
+    if args.timed:  # _negcurv.timed's interleaved race, its "HF old" row = main here
+        import _negcurv
+
+        def make_optimizer(variant: str, params: list, **kwargs: object) -> tuple:
+            return make_class("main" if variant == "old" else "new")(params, **kwargs), False
+
+        _negcurv.make_optimizer = make_optimizer
+        for key in args.problems:
+            for seed in seeds:
+                _negcurv.timed(key, seed, args.timed)
+        print("load at end:", open("/proc/loadavg").read().strip())
+        return
     if args.problems == ["swapcard"]:
         swapcard(names, args.steps)
         print("load at end:", open("/proc/loadavg").read().strip())
