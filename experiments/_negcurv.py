@@ -9,7 +9,7 @@ Variants (``--variant``): ``new`` the current code; ``old`` main's before negcur
 the line search (only from backtracking) and CG's negative-curvature stop ignoring Δ
 (``hessfree.cg._negative_curvature_step`` patched back); ``oldcg`` only CG's old stop;
 ``oldls`` Δ as on main. (Δ0 = ‖g‖/λ0, measured as ``r01``, was removed: it bounds convex
-problems' steps too.)
+problems' steps too; negdelta brought it back with a lift, ``_negdelta.py``: ``new`` now has it.)
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=.:experiments python3 experiments/_negcurv.py deeplin \
         --steps 40 [--variant new,old] [--seed N] [--quiet]
@@ -53,11 +53,15 @@ def patched_cg(old: bool) -> Iterator[None]:
 
 
 class OldRadius(hessfree.HessianFree):
-    """main before negcurv: Δ from backtracking only, not from the line search."""
+    """main before negcurv: Δ from backtracking only, not from the line search (nor negdelta's
+    Δ₀, lift and failed-search radius)."""
 
-    @staticmethod
-    def _update_radius(state, result, chosen, p, rho, rate):  # type: ignore[override]
-        hessfree.HessianFree._update_radius(state, result, chosen, p, rho, 1.0)
+    _radius_initial = False
+    _radius_lift = False
+    _radius_after_failure = False
+
+    def _update_radius(self, state, result, chosen, p, rho, rate, smallest=1.0):  # type: ignore[no-untyped-def]
+        super()._update_radius(state, result, chosen, p, rho, 1.0, smallest)
 
 
 def make_optimizer(

@@ -43,7 +43,9 @@ phases named as the methods that run them:
    kept the step that short, so :math:`\lambda` is lowered as after :math:`\rho = 1` and the
    step is ``'line_search_failed'`` (a large given or climbed :math:`\lambda` would otherwise
    never move again); with ``trust_radius``, :math:`\Delta \leftarrow t\|p\|` after phase 5
-   accepted a rate :math:`t < 1`, else :math:`2\|p\|` when backtracking walked back, doubled
+   accepted a rate :math:`t < 1`, the smallest rate tried times :math:`\|p\|` after it failed,
+   else :math:`2\|p\|` when backtracking walked back, :math:`\infty` after a full step with
+   :math:`|\rho - 1| \le 0.1` inside the ball while CG has met no negative curvature, doubled
    after a step on the sphere with :math:`\rho > 3/4`.
 5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
    on the backtracked step (the reference code's: :math:`c = 10^{-2}`, rate × 0.8, up to 60
@@ -174,6 +176,9 @@ _EXTRAPOLATE_MAX = 10
 #: (``experiments/README.md``, "unseenfb" and "fblam").
 _STREAK_RHO = 0.1
 _STREAK_DECREASE = 1.0 / 3.0
+#: ``trust_radius``: a full step with :math:`|\rho - 1| \le` ``_RADIUS_LIFT_RHO`` that ended
+#: inside the ball, while CG has met no negative curvature, lifts :math:`\Delta` (ours; negdelta).
+_RADIUS_LIFT_RHO = 0.1
 #: Relative difference below which the closure's objective at the start of a step counts as
 #: the previous step's ``loss_after`` (float roundoff of a reordered sum stays far below).
 _SAME_OBJECTIVE_RTOL = 1e-5
@@ -740,12 +745,17 @@ class HessianFree(torch.optim.Optimizer):
         trust_radius: Bound CG's step by a radius :math:`\Delta` (Steihaug 1983): CG stops
             where its path leaves :math:`\|p\| \le \Delta` and returns the crossing point
             (``cg_reason`` ``'trust_radius'``), and a stop on negative curvature continues
-            along that direction to the sphere. :math:`\Delta` starts infinite; when the line
-            search accepts a rate :math:`t < 1`,
-            :math:`\Delta \leftarrow t\|p\|`; else when CG backtracking walks back from the
+            along that direction to the sphere. :math:`\Delta_0 = \|g\|/s` with
+            :math:`s = |g^\top Cg|/g^\top g` (the length of :math:`-g/\lambda_0` under
+            ``damping='auto'``; infinite where :math:`s` was not measured); when the line
+            search accepts a rate :math:`t < 1`, :math:`\Delta \leftarrow t\|p\|`; when it
+            fails, :math:`\Delta \leftarrow t_{\min}\|p\|` with :math:`t_{\min}` the
+            smallest rate tried; else when CG backtracking walks back from the
             final iterate (the model overshot), :math:`\Delta \leftarrow 2\|p\|` of the chosen
-            step; when the step ended on the sphere with :math:`\rho > 3/4`, :math:`\Delta`
-            doubles. ``'auto'`` (default): on for
+            step; after a full step with :math:`|\rho - 1| \le 0.1` that CG ended inside the
+            ball, :math:`\Delta = \infty` as long as CG has met no negative curvature (a convex
+            problem's first step); when the step ended on the sphere with
+            :math:`\rho > 3/4`, :math:`\Delta` doubles. ``'auto'`` (default): on for
             indefinite curvature (the Hessian), where :math:`\lambda` falls to ``min_damping``
             while nearly flat directions blow the late CG iterates up, so CG spends most of
             its products on iterates that backtracking then rejects; off for Gauss-Newton,
@@ -2006,6 +2016,9 @@ class HessianFree(torch.optim.Optimizer):
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
+        if run.bounded and "trust_radius" not in run.state:
+            self._initial_radius(run.state, g)
+        radius = run.state.get("trust_radius", math.inf) if run.bounded else math.inf
         run.lap("curvature")
 
         max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
@@ -2021,7 +2034,7 @@ class HessianFree(torch.optim.Optimizer):
                 precond=precond,
                 progress_tol=settings.cg_progress_tol,
                 check_every=settings.cg_check_every,
-                max_norm=run.state.get("trust_radius") if run.bounded else None,
+                max_norm=radius if radius < math.inf else None,
                 monitor=self._objective_monitor(closure, run)
                 if self._stop_on_increase(run)
                 else None,
@@ -2237,8 +2250,14 @@ class HessianFree(torch.optim.Optimizer):
                 self._adapt_damping(state, state["damping"], lambda pol, lam: pol.clip(lam * extra))
 
             # ---- 5. line search: Armijo along the backtracked step ----
+            smallest = [1.0]  # the smallest rate tried (a failed search's bound on Δ)
+
+            def along(t: float) -> float:
+                smallest[0] = min(smallest[0], t)
+                return objective(p, t)
+
             rate, f_new = self._line_search(
-                lambda t: objective(p, t),
+                along,
                 run.f_base,
                 slope,
                 f_chosen,
@@ -2253,7 +2272,7 @@ class HessianFree(torch.optim.Optimizer):
                         state, state["damping"], lambda pol, lam: pol.clip(lam / rate)
                     )
             if run.bounded:
-                self._update_radius(state, result, chosen, p, rho, rate)
+                self._update_radius(state, result, chosen, p, rho, rate, smallest[0])
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
         except BaseException:
@@ -2312,21 +2331,74 @@ class HessianFree(torch.optim.Optimizer):
         state["good_streak"] = streak = state.get("good_streak", 0) + 1
         return streak
 
-    @staticmethod
+    #: Trust-radius rules as class attributes, so that experiments can compare them with main's
+    #: (``experiments/_negdelta.py``): Δ₀ from the curvature scale, the lift inside the ball,
+    #: and Δ after a failed line search.
+    _radius_initial = True
+    _radius_lift = True
+    _radius_after_failure = True
+
+    def _initial_radius(self, state: dict, g: Tensor) -> None:
+        r"""Phase 2, first step with ``trust_radius``: :math:`\Delta_0 = \|g\| / s` with
+        :math:`s = |g^\top C g| / g^\top g` the curvature along :math:`g` measured for
+        ``damping='auto'`` and the relative floor (``state['damping_scale']``; :math:`\lambda_0
+        = s`): the length of the step :math:`-g/s`, scale-free (ours). Left infinite where
+        :math:`s` was not measured or is 0. From a start near a saddle with
+        :math:`\Delta_0 = \infty`, CG's steps along nearly flat directions were ~1e14 long and
+        the first four line searches failed after 61 closure calls each; on a convex problem
+        the first step, :math:`\|(C + \lambda_0 I)^{-1} g\| \le \|g\|/\lambda_0`, ends
+        inside the ball and with :math:`\rho \approx 1` lifts it (``_update_radius``)
+        (experiments/README.md, negcurv and negdelta)."""
+        scale = state.get("damping_scale", 0.0)
+        if self._radius_initial and scale > 0.0:
+            radius = float(g.norm()) / scale
+            if 0.0 < radius < math.inf:
+                state["trust_radius"] = radius
+
     def _update_radius(
-        state: dict, result: CGResult, chosen: int, p: Tensor, rho: float, rate: float
+        self,
+        state: dict,
+        result: CGResult,
+        chosen: int,
+        p: Tensor,
+        rho: float,
+        rate: float,
+        smallest: float = 1.0,
     ) -> None:
-        """Phases 4-5: the trust radius for the next CG (``trust_radius``)."""
+        r"""Phases 4-5: the trust radius for the next CG (``trust_radius``), from the
+        step's line-search ``rate`` (0: failed, after trying rates down to ``smallest``),
+        :math:`\rho` and where CG stopped. :math:`\Delta = \infty` (``math.inf`` in
+        ``state['trust_radius']``) bounds nothing."""
+        radius = state.get("trust_radius", math.inf)
+        if result.reason is CGStop.NEGATIVE_CURVATURE:
+            state["radius_negative_seen"] = True
         if 0.0 < rate < 1.0:
             # the line search walked back along p as backtracking does along CG's path: the
             # model is trusted as far as the step taken (ours). Without it Δ stayed infinite
             # through a negative-curvature phase, whose steps the line search cut 5-100×
             # (experiments/README.md, negcurv)
             state["trust_radius"] = rate * float(p.norm())
+        elif rate == 0.0 and self._radius_after_failure and float(p.norm()) > 0.0:
+            # no rate down to `smallest` decreased f enough: the model is not trusted that far
+            # (ours; main kept Δ: at a saddle with Δ = ∞ four searches failed, 61 calls each)
+            state["trust_radius"] = smallest * float(p.norm())
         elif chosen < len(result.iterates) - 1:  # backtracking walked back: the model overshot
             state["trust_radius"] = 2.0 * float(p.norm())
+        elif (
+            self._radius_lift
+            and abs(rho - 1.0) <= _RADIUS_LIFT_RHO
+            and rate >= 1.0
+            and result.reason is not CGStop.TRUST_RADIUS
+            and not state.get("radius_negative_seen", False)
+        ):
+            # the model held where CG stopped of itself, on curvature positive so far (a
+            # convex problem's first step ends inside Δ₀): Δ bounds nothing useful, and
+            # doubling it per step held a convex quadratic's steps to the sphere while λ fell
+            # 3-27× a step. After negative curvature the lift cost the PINN 1.13×
+            # (experiments/README.md, negdelta)
+            state["trust_radius"] = math.inf
         elif result.reason is CGStop.TRUST_RADIUS and rho > 0.75:
-            state["trust_radius"] = 2.0 * state["trust_radius"]
+            state["trust_radius"] = 2.0 * radius
 
     @staticmethod
     def _predicted_change(solution: _Solution, chosen: int, run: _StepRun) -> float:

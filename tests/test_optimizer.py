@@ -14,6 +14,7 @@ from scipy.optimize import minimize
 from torch import nn
 
 from hessfree import (
+    CGStop,
     EmpiricalFisherDiagonal,
     HessianFree,
     KFACPreconditioner,
@@ -1467,7 +1468,7 @@ def test_trust_radius_bounds_the_step_after_backtracking_walked_back(trust_radiu
     assert walked_back > 0
 
 
-def _saddle_problem():
+def _saddle_problem(scale: float = 0.6):
     """A deep linear net 4-4-4-2 in float64 from small weights: the origin is a saddle, the
     exact Hessian is indefinite near it, and HF's first steps meet negative curvature."""
     g = torch.Generator().manual_seed(0)
@@ -1478,7 +1479,7 @@ def _saddle_problem():
     model.append(nn.Linear(4, 2, bias=False))
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(0.6)
+            p.mul_(scale)
     return model.double(), x, y
 
 
@@ -1510,6 +1511,121 @@ def test_trust_radius_is_the_step_the_line_search_took():
             assert radius is not None
             assert radius == pytest.approx(info.step_rate * p_norm, rel=1e-9)
     assert cut > 0
+
+
+def test_first_trust_radius_is_the_gradient_over_the_curvature_scale():
+    # At the 4-4-4-2 net's saddle (weights × 0.3) CG meets negative curvature at once and goes
+    # to the sphere: the first step is Delta_0 = ||g|| / s long, s = |gᵀHg| / gᵀg from the dense
+    # float64 Hessian (oracle: torch.autograd.functional.hessian). main: Delta_0 = ∞, the step
+    # ~1e14 long and the first four line searches failed (61 closure calls each)
+    model, x, y = _saddle_problem(scale=0.3)
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        ws = torch.split(flat, [s.numel() for s in shapes])
+        out = x
+        for w, s in zip(ws, shapes, strict=True):
+            out = out @ w.reshape(s).T
+        return F.mse_loss(out, y)
+
+    g = torch.autograd.functional.jacobian(f, theta).numpy()
+    H = torch.autograd.functional.hessian(f, theta).numpy()
+    radius0 = np.linalg.norm(g) / (abs(g @ H @ g) / (g @ g))
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    info = opt.last_step
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert info.accepted and info.cg_reason == "negative_curvature"
+    p_norm = float((after - theta).norm()) / info.step_rate  # ||p||, lr = 1
+    assert p_norm == pytest.approx(radius0, rel=1e-9)
+
+
+def test_trust_radius_is_lifted_after_a_convex_first_step():
+    # f = ½ Σ a_i x_i² − Σ x_i (exact Hessian A = diag(a), κ = 1e6): the first step
+    # p = −(A + λ₀I)⁻¹g is no longer than Delta_0 = ||g||/λ₀ (λ₀ = s), ends inside the ball
+    # with ρ = 1 and no negative curvature so far: Delta is lifted (∞) and bounds no later step
+    # (main: Delta stayed unset; with Delta_0 and no lift it only doubled per step while λ fell
+    # 3-27× a step, and the closed-form trajectory of the fblam tests broke)
+    a = torch.tensor([1e2, 1.0, 1e-2, 1e-4], dtype=torch.float64)
+    x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], cg_rtol=1e-12, tolerance_grad=0.0, tolerance_change=0.0)
+    a_np, g = a.numpy(), -np.ones(4)
+    lam0 = g @ (a_np * g) / (g @ g)
+    p = -g / (a_np + lam0)
+    assert np.linalg.norm(p) < np.linalg.norm(g) / lam0  # inside Delta_0: closed form
+    opt.step(lambda: 0.5 * (a * x * x).sum() - x.sum())
+    np.testing.assert_allclose(x.detach().numpy(), p, rtol=1e-9)
+    assert opt.last_step.rho == pytest.approx(1.0, abs=1e-9)
+    assert opt.state[x]["trust_radius"] == math.inf
+    for _ in range(4):
+        opt.step(lambda: 0.5 * (a * x * x).sum() - x.sum())
+        assert opt.last_step.cg_reason != "trust_radius"
+
+
+def test_trust_radius_after_a_failed_line_search_is_the_smallest_rate_tried():
+    # A closure whose value is constant (1) while its gradient and Hessian are those of
+    # h = ½xᵀAx − bᵀx (A = diag(3, 1)): CG solves (A + λ₀I)p = −g exactly from x = 0, no rate
+    # 0.8^k (k < 60) satisfies Armijo, the step fails, and the model is trusted only to the
+    # smallest rate tried: Delta = 0.8^59 ||p|| (closed form). main: Delta stayed unset.
+    A = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], cg_rtol=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        h = 0.5 * (A * x * x).sum() - b @ x
+        loss = h - h.detach() + 1.0
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    info = opt.last_step
+    assert info.status == "line_search_failed" and not info.accepted
+    assert float(x.detach().abs().max()) == 0.0
+    g = -b.numpy()
+    lam0 = g @ (A.numpy() * g) / (g @ g)
+    p = -g / (A.numpy() + lam0)
+    assert opt.state[x]["trust_radius"] == pytest.approx(0.8**59 * np.linalg.norm(p), rel=1e-9)
+
+
+def test_update_radius_follows_the_rules_step_by_step():
+    # Delta after a sequence of (CG stop, backtracked or not, ρ, rate, smallest rate tried,
+    # ||p||), by hand: a cut line search → t||p||; a failed one → smallest·||p||; backtracking
+    # walked back → 2||p||; on the sphere with ρ > ¾ → 2Δ; a full step with |ρ − 1| ≤ 0.1 inside
+    # the ball → ∞ only before any negative curvature; anything else keeps Δ.
+    from types import SimpleNamespace
+
+    opt = HessianFree([torch.zeros(1, requires_grad=True)])
+    stop = CGStop
+
+    def update(state, reason, walked_back, rho, rate, smallest, p_norm):
+        result = SimpleNamespace(reason=reason, iterates=[None, None])
+        p = torch.tensor([p_norm, 0.0], dtype=torch.float64)
+        opt._update_radius(state, result, 0 if walked_back else 1, p, rho, rate, smallest)
+        return state.get("trust_radius")
+
+    convex = {"trust_radius": 2.0}
+    assert update(convex, stop.TRUST_RADIUS, False, 0.95, 1.0, 1.0, 2.0) == 4.0
+    assert update(convex, stop.TRUST_RADIUS, False, 0.5, 1.0, 1.0, 4.0) == 4.0
+    assert update(convex, stop.CONVERGED, False, 1.2, 1.0, 1.0, 1.0) == 4.0  # |ρ − 1| > 0.1
+    assert update(convex, stop.CONVERGED, False, 1.05, 1.0, 1.0, 1.0) == math.inf
+    indefinite = {"trust_radius": 2.0}
+    assert update(indefinite, stop.NEGATIVE_CURVATURE, False, -math.inf, 0.5, 0.5, 2.0) == 1.0
+    assert update(indefinite, stop.TRUST_RADIUS, False, 0.9, 1.0, 1.0, 1.0) == 2.0
+    assert update(indefinite, stop.CONVERGED, False, 1.0, 1.0, 1.0, 1.5) == 2.0  # no lift
+    assert update(indefinite, stop.CONVERGED, False, 0.3, 0.0, 0.8**5, 1.5) == pytest.approx(
+        0.8**5 * 1.5, rel=1e-12
+    )
+    assert update(indefinite, stop.CONVERGED, True, 0.9, 1.0, 1.0, 0.25) == 0.5
 
 
 def test_trust_radius_auto_is_off_for_gauss_newton_and_checked():
