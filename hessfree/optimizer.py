@@ -90,9 +90,9 @@ Closure styles, fastest first:
 
 Dropout and train-mode BatchNorm make every closure call a different function (and each trial
 evaluation updates BatchNorm's running statistics); the first call of each closure is watched
-for such modules and a warning says so once, as the SciPy operators refuse them. With
-``replay_rng=True`` the model calls share one random draw and the trials another
-(:mod:`hessfree._rng`), and Dropout alone is no longer warned about.
+for such modules and a warning says so once, as the SciPy operators refuse them. Under
+``replay_rng=True`` (the default) the model calls share one random draw and the trials another
+(:mod:`hessfree._rng`), and Dropout alone is not warned about.
 
 References:
     Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.
@@ -831,8 +831,8 @@ class HessianFree(torch.optim.Optimizer):
             of its fields): CUDA-graph replay and TF32/bf16 arithmetic, both off by default;
             CG's iterates and scalars keep the parameters' dtype (float32 for float16 ones:
             :func:`hessfree.cg`).
-        replay_rng: Common random numbers within a step (default ``False``: every closure
-            call draws afresh). With ``True`` the state of torch's default generators (the
+        replay_rng: Common random numbers within a step (default ``True``; ``False``: every
+            closure call draws afresh). With ``True`` the state of torch's default generators (the
             CPU's, and once CUDA is initialised those of the CUDA devices holding parameters)
             is saved before the step's first closure call; the model calls (that one and a
             ``curvature_closure``'s) draw the same numbers, so dropout, ``torch.rand`` noise or
@@ -845,13 +845,17 @@ class HessianFree(torch.optim.Optimizer):
             runs bitwise as with ``False`` (no extra call). Each rank of a data-parallel run
             replays its own stream (every rank must draw, or none). Draws from other
             generators (numpy, Python's ``random``, a ``torch.Generator`` of the caller's) are
-            not replayed. Off by default: on two dropout MLPs (digits) it cut the steps with
-            :math:`\rho = -\infty` from 27-34 % to 1-8 % and lowered a LayerNorm + Dropout(0.1)
-            MLP's loss 2-6× (3 seeds, 200 steps; 2.4× in a 20 s race), but on a Dropout(0.3)
-            MLP :math:`\rho` then sits below ¼ once the mask noise dominates the gradient and
-            :math:`\lambda` climbs without bound (loss frozen after ~150 steps in 3 of 3 seeds,
-            0.8-2.0× the loss without it at 300); replaying the fitted mask in the trials too
-            was worse still (3-13×). ``experiments/README.md``, "dropoutrng".
+            not replayed. On two dropout MLPs (digits) it cut the steps with
+            :math:`\rho = -\infty` from 27-34 % to 1-8 %. Alone it made :math:`\rho` sit below
+            ¼ once the mask noise dominated the gradient (:math:`\rho \to g_2^\top g_1 /
+            \|g_1\|^2`) and :math:`\lambda` climbed without bound (a Dropout(0.3) MLP's loss
+            frozen in 8 of 8 seeds); so a poor :math:`\rho` (or a rejection) whose deviation
+            from the model is within the loss's mask noise, the RMS of :math:`f(\theta_0; m_1)
+            - f(\theta_0; m_2)`, leaves :math:`\lambda` as it is. With that, on by default
+            since "dropdefault": at 300 equal steps (8 seeds) 0.69× the loss of fresh draws per
+            call on the Dropout(0.3) MLP and 0.34× on a LayerNorm + Dropout(0.1) MLP (but
+            1.7× at 75 steps on the latter); ``False`` gives the former behaviour.
+            ``experiments/README.md``, "dropoutrng" and "dropdefault".
 
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it), or no
@@ -914,7 +918,7 @@ class HessianFree(torch.optim.Optimizer):
         process_group: object | None = None,
         curvature_batch: str = "sharded",
         products: ProductPolicy | Mapping | None = None,
-        replay_rng: bool = False,
+        replay_rng: bool = True,
     ) -> None:
         self.settings = HFSettings(
             lr=lr,

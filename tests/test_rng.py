@@ -267,3 +267,12 @@ def test_damping_stays_bounded_when_noise_dominates_the_gradient(hold):
     optimum = np.linalg.solve(A.numpy(), np.ones(2))
     distance = np.linalg.norm(theta.detach().numpy() - optimum)
     assert (max(damping) < 100.0 and distance < 0.2) == hold  # ‖θ0 - θ*‖ = 0.45
+
+
+def test_replay_is_the_default():
+    # HessianFree(params): the trials share one dropout mask, another than the model call's
+    model, x, y, masks = _dropout_problem()
+    opt = HessianFree(model.parameters(), precond=None)
+    opt.step(_closure(model, x, y))
+    assert opt.last_step.closure_calls >= 3 and len(masks) == opt.last_step.closure_calls
+    assert all(torch.equal(m, masks[1]) for m in masks[1:]) and not torch.equal(masks[0], masks[1])
