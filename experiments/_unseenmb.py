@@ -458,8 +458,8 @@ def equal_steps(
     model0 = p["make"]()
     print(f"\n#### {key}: {n} steps each, off the clock, seed {seed}\n")
     print(f"| run | loss after {n // 4} | {n // 2} | {n} | {p['metric']} after {n} | ρ=-inf "
-          "| λ |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          f"| λ | median loss, every {max(n // 20, 1)} steps in ({n // 2}, {n}] |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     contenders = [("HF", {})] + [(f"HF {v}", SETTINGS[v]) for v in variants]
     contenders += [(f"Adam {lr:g}", {"lr": lr}) for lr in lrs]
     for name, kw in contenders:
@@ -474,7 +474,7 @@ def equal_steps(
         opt = hessfree.HessianFree(model.parameters(), **kw) if hf else torch.optim.Adam(
             model.parameters(), **kw)  # fmt: skip
         set_noise_rule(opt, noise)
-        lams = []
+        lams, late = [], []
         out = []
         for k in range(1, n + 1):
             idx = torch.randint(len(y), (batch,), generator=gen)
@@ -496,12 +496,15 @@ def equal_steps(
                 opt.step()
             if k in (n // 4, n // 2, n):
                 out.append(_unseen.train_set_loss(model, loss_fn, x, y))
+            if k > n // 2 and k % max(n // 20, 1) == 0:  # a steadier late figure than one point
+                late.append(out[-1] if k in (n // 2, n) else _unseen.train_set_loss(
+                    model, loss_fn, x, y))  # fmt: skip
         model.eval()
         with torch.no_grad():
             s = p["score"](model, xt, yt)
         lam = "→".join(f"{v:.2g}" for v in _unseen._sample(lams, 5)) if hf else ""
         print(f"| {name} | " + " | ".join(f"{v:.4g}" for v in out) + f" | {s:.3f} | "
-              f"{minus_inf if hf else ''} | {lam} |")  # fmt: skip
+              f"{minus_inf if hf else ''} | {lam} | {statistics.median(late):.4g} |")  # fmt: skip
         sys.stdout.flush()
 
 
