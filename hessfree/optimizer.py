@@ -852,9 +852,10 @@ class HessianFree(torch.optim.Optimizer):
             frozen in 8 of 8 seeds); so a poor :math:`\rho` (or a rejection) whose deviation
             from the model is within the loss's mask noise, the RMS of :math:`f(\theta_0; m_1)
             - f(\theta_0; m_2)`, leaves :math:`\lambda` as it is. With that, on by default
-            since "dropdefault": at 300 equal steps (8 seeds) 0.69× the loss of fresh draws per
-            call on the Dropout(0.3) MLP and 0.34× on a LayerNorm + Dropout(0.1) MLP (but
-            1.7× at 75 steps on the latter); ``False`` gives the former behaviour.
+            since "dropdefault": over steps 165-300 (8 seeds, median train loss) 0.66× the
+            loss of fresh draws per call on the Dropout(0.3) MLP and 0.83× on a LayerNorm +
+            Dropout(0.1) MLP (1.7× at 75 steps on the latter); one forward more per step.
+            ``False`` gives the former behaviour.
             ``experiments/README.md``, "dropoutrng" and "dropdefault".
 
     Raises:
