@@ -50,7 +50,34 @@ SETTINGS: dict[str, dict] = {
     "masked warm start": {"_floor": "masked"},
     "masked, refresh": {"_floor": "masked all"},
     "replay_rng=False": {"replay_rng": False},  # each closure call draws new dropout masks
+    # dropdefault: replay_rng's λ rule under mask noise (hold λ when |Δf − Δq| <= the noise)
+    "replay_rng=True": {"replay_rng": True},  # with the hold (dropdefault)
+    "replay as shipped": {"replay_rng": True, "_noise": "off"},  # dropoutrng's, no hold
+    "replay+noise": {"replay_rng": True},  # the same as replay_rng=True (tables' name)
+    "replay+pred": {"replay_rng": True, "_noise": "pred"},  # hold when |Δq| <= the noise
+    "replay+two": {"replay_rng": True, "_noise": "two"},  # raise on 2 poor steps, no descent
 }
+
+
+def set_noise_rule(opt: hessfree.HessianFree, rule: str | None) -> None:
+    """``--variants``' ``_noise``: replay_rng's hold of λ switched off, or replaced by one of
+    the rules tried and not kept (dropdefault)."""
+    if rule is None:
+        return
+    if rule == "off":
+        opt._hold_within_noise = False
+        return
+
+    def inconclusive(state, run, actual, predicted, rho) -> bool:
+        if not math.isfinite(run.mask_noise):
+            return False
+        if rule == "pred":  # the predicted decrease within the mask noise
+            return abs(predicted) <= run.mask_noise
+        poor, prev = not rho >= 0.25, state.get("poor_prev", False)  # "two"
+        state["poor_prev"] = poor
+        return not (poor and prev and not actual < 0)
+
+    opt._inconclusive = inconclusive
 
 
 @contextlib.contextmanager
@@ -326,8 +353,10 @@ def race(key: str, budget: float, variants: list[str], lrs=(1e-3, 3e-3, 1e-2)) -
         hf = name.startswith("HF")
         kw = dict(kw)
         old = kw.pop("_floor", "")
+        noise = kw.pop("_noise", None)
         opt = hessfree.HessianFree(model.parameters(), **kw) if hf else torch.optim.Adam(
             model.parameters(), **kw)  # fmt: skip
+        set_noise_rule(opt, noise)
         step = _unseen.minibatch_step(
             model, opt, x, y, batch, loss_fn, hf, lambda old=old: floor_mode(old)
         )
@@ -383,6 +412,14 @@ def race(key: str, budget: float, variants: list[str], lrs=(1e-3, 3e-3, 1e-2)) -
               f"{r.clock / max(r.steps, 1) / adam_step:.3g} | "
               + " | ".join(f"{v[0]:.4g}" for v in vals) + " | "
               + " | ".join(f"{v[1]:.3f}" for v in vals) + f" | {ratio} |")  # fmt: skip
+    # one evaluation is one draw of a spiky curve: the median over the second half is steadier
+    print("\n| run | median loss, evaluations in (½, 1×] | median " + p["metric"] + " |")
+    print("|---|---|---|")
+    for r in runs:
+        late = [i for i, (t, _) in enumerate(r.curve) if t > 0.5 * budget] or [-1]
+        print(f"| {r.name} | {statistics.median(r.curve[i][1] for i in late):.4g} | "
+              f"{statistics.median(r.scores[i] for i in late):.3f} |")  # fmt: skip
+    print()
     for r in runs:
         if r.failed or r.warns:
             print(f"- {r.name}: {r.failed} {' | '.join(sorted(set(r.warns)))[:400]}")
@@ -420,8 +457,9 @@ def equal_steps(
     torch.manual_seed(0)
     model0 = p["make"]()
     print(f"\n#### {key}: {n} steps each, off the clock, seed {seed}\n")
-    print(f"| run | loss after {n // 4} | {n // 2} | {n} | {p['metric']} after {n} | ρ=-inf |")
-    print("|---|---|---|---|---|---|")
+    print(f"| run | loss after {n // 4} | {n // 2} | {n} | {p['metric']} after {n} | ρ=-inf "
+          f"| λ | median loss, every {max(n // 20, 1)} steps in ({n // 2}, {n}] |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     contenders = [("HF", {})] + [(f"HF {v}", SETTINGS[v]) for v in variants]
     contenders += [(f"Adam {lr:g}", {"lr": lr}) for lr in lrs]
     for name, kw in contenders:
@@ -431,9 +469,12 @@ def equal_steps(
         minus_inf = 0
         kw = dict(kw)
         mode = kw.pop("_floor", "")
+        noise = kw.pop("_noise", None)
         hf = name.startswith("HF")
         opt = hessfree.HessianFree(model.parameters(), **kw) if hf else torch.optim.Adam(
             model.parameters(), **kw)  # fmt: skip
+        set_noise_rule(opt, noise)
+        lams, late = [], []
         out = []
         for k in range(1, n + 1):
             idx = torch.randint(len(y), (batch,), generator=gen)
@@ -448,17 +489,22 @@ def equal_steps(
                     warnings.simplefilter("ignore")
                     opt.step(closure)
                 minus_inf += opt.last_step.rho == -math.inf
+                lams.append(opt.last_step.damping)
             else:
                 opt.zero_grad()
                 loss_fn(model(xb), yb).backward()
                 opt.step()
             if k in (n // 4, n // 2, n):
                 out.append(_unseen.train_set_loss(model, loss_fn, x, y))
+            if k > n // 2 and k % max(n // 20, 1) == 0:  # a steadier late figure than one point
+                late.append(out[-1] if k in (n // 2, n) else _unseen.train_set_loss(
+                    model, loss_fn, x, y))  # fmt: skip
         model.eval()
         with torch.no_grad():
             s = p["score"](model, xt, yt)
+        lam = "→".join(f"{v:.2g}" for v in _unseen._sample(lams, 5)) if hf else ""
         print(f"| {name} | " + " | ".join(f"{v:.4g}" for v in out) + f" | {s:.3f} | "
-              f"{minus_inf if hf else ''} |")  # fmt: skip
+              f"{minus_inf if hf else ''} | {lam} | {statistics.median(late):.4g} |")  # fmt: skip
         sys.stdout.flush()
 
 
@@ -468,6 +514,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=20.0)
     ap.add_argument("--variants", nargs="*", default=[], choices=list(SETTINGS))
     ap.add_argument("--steps", type=int, default=0, help="equal steps off the clock instead")
+    ap.add_argument("--lrs", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2], help="Adam's")
     ap.add_argument("--seeds", type=int, nargs="*", default=[1], help="with --steps")
     a = ap.parse_args()
     bad = [k for k in a.problems if k not in PROBLEMS]
@@ -477,9 +524,9 @@ def main() -> None:
     for key in a.problems:
         if a.steps:
             for seed in a.seeds:
-                equal_steps(key, a.steps, a.variants, seed=seed)
+                equal_steps(key, a.steps, a.variants, lrs=tuple(a.lrs), seed=seed)
         else:
-            race(key, a.budget, a.variants)
+            race(key, a.budget, a.variants, lrs=tuple(a.lrs))
     print("\nload at end:", open("/proc/loadavg").read().strip())
 
 

@@ -17,9 +17,10 @@ itself were tried and not kept: :math:`\rho` is then measured on the mask the st
 to, λ sits at its floor and a Dropout(0.3) MLP's loss rose (3-13× the loss of fresh masks per
 call). After the step the stream is where the first trial call left it (two evaluations'
 draws). A closure that draws nothing from these generators is left alone: no state is put
-back and no extra evaluation runs. Off by default (``HessianFree(replay_rng=True)`` turns it
-on): on a Dropout(0.3) MLP the common-random-numbers :math:`\rho` sits below ¼ once the mask
-noise dominates the gradient, and :math:`\lambda` then climbs without bound.
+back and no extra evaluation runs. On by default (``HessianFree(replay_rng=False)`` turns it
+off). The common-random-numbers :math:`\rho` sits below ¼ once the mask noise dominates the
+gradient (on a Dropout(0.3) MLP), and :math:`\lambda` climbed without bound until a poor
+:math:`\rho` within the mask noise stopped raising it (``HessianFree._inconclusive``).
 
 What is saved: the CPU generator (``torch.get_rng_state()``, about 5 KB) and, once CUDA is
 initialised, the default generator of each CUDA device holding a parameter (its Philox seed

@@ -112,7 +112,7 @@ class HFSettings:
     process_group: object | None = None
     curvature_batch: str = "sharded"
     products: ProductPolicy | Mapping | None = None
-    replay_rng: bool = False
+    replay_rng: bool = True
 
     #: Settings that may differ between param groups (the rest are one per optimizer).
     PER_GROUP: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")

@@ -50,8 +50,8 @@ numbers in :mod:`hessfree._threads`)::
 passes, so products would not come from one matrix; the constructors refuse models with such
 modules in training mode (call ``model.eval()``, or pass ``allow_training_mode=True``).
 Randomness inside ``forward`` that is not a module (``F.dropout(x, training=True)``) is not
-detected. (:class:`~hessfree.HessianFree` offers another way: with ``replay_rng=True`` a
-step's model calls draw one set of random numbers and its trial calls another.)
+detected. (:class:`~hessfree.HessianFree` offers another way: with ``replay_rng=True``, its
+default, a step's model calls draw one set of random numbers and its trial calls another.)
 
 **Where the code lives.** This module: the public operators. The numpy edge and the identity
 of ``damped``: :mod:`hessfree._numpy_edge`; checks on ``(model, loss_fn, data)`` and the model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -201,3 +202,77 @@ def test_step_stream_leaves_a_stream_nothing_drew_from_alone():
     stream.after_call()
     stream.leave()
     assert torch.equal(torch.get_rng_state(), moved) and not torch.equal(moved, start)
+
+
+def _noisy_quadratic(scale: float, level: float, b: float = 1.0):
+    """f(θ; n) = ½θᵀAθ - (b + scale·n₁:₃)ᵀθ + level·n₀ with n ~ N(0, I) drawn per call
+    (torch.randn in an LBFGS-style closure), θ0 = 0; the draws are recorded."""
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    noises: list[torch.Tensor] = []
+
+    def closure(opt):
+        opt.zero_grad()
+        n = torch.randn(3, dtype=torch.float64)
+        noises.append(n)
+        loss = 0.5 * theta @ A @ theta - (b + scale * n[1:]) @ theta + level * n[0]
+        loss.backward()
+        return loss
+
+    return A, theta, noises, closure
+
+
+@pytest.mark.parametrize("level", [0.0, 100.0], ids=["no level noise", "level noise"])
+def test_a_poor_rho_within_the_mask_noise_keeps_damping(level):
+    # closed form at θ0 = 0: the mask noise ν = |f(0; n¹) - f(0; n²)| = level·|n¹₀ - n²₀|, the
+    # deviation Δf - Δq = scale·(n¹ - n²)₁:₃ᵀp; ρ < ¼ raises λ by Nielsen's factor (×1.5 more
+    # if the step is rejected) unless |Δf - Δq| <= ν, then λ stays
+    torch.manual_seed(3)
+    A, theta, noises, closure = _noisy_quadratic(scale=1.0, level=level, b=0.05)
+    lam = 1.0
+    opt = HessianFree([theta], damping=lam, relative_min_damping=0.0, replay_rng=True)
+    opt.step(lambda: closure(opt))
+    info = opt.last_step
+    n1, n2 = noises[0], noises[1]
+    assert all(torch.equal(n, n2) for n in noises[1:]) and not torch.equal(n1, n2)
+    p = opt.state[theta]["warm_start"]  # CG's last iterate: 2-D, no earlier one stored
+    predicted = float(-(0.05 + n1[1:]) @ p + 0.5 * p @ A @ p)
+    assert info.predicted_change == pytest.approx(predicted, rel=1e-9)
+    assert info.rho < 0.25  # the case the rule is about (seeded)
+    nu = level * abs(float(n1[0] - n2[0]))
+    assert opt.state[theta]["mask_noise_sq"] == pytest.approx(nu**2, rel=1e-9, abs=1e-30)
+    deviation = float((n1 - n2)[1:] @ p)  # Δf - Δq: the level noise cancels within a draw
+    if abs(deviation) <= nu:
+        expected = lam
+    else:
+        rho = info.rho
+        expected = lam * (2.0 if rho <= 0 else 1.0 - (2.0 * rho - 1.0) ** 3)
+        expected *= 1.5 if info.step_rate == 0 else 1.0
+    assert (level > 0) == (expected == lam)  # both branches are reached
+    assert info.next_damping == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("hold", [True, False], ids=["hold", "as before dropdefault"])
+def test_damping_stays_bounded_when_noise_dominates_the_gradient(hold):
+    # E f(θ; n) = ½θᵀAθ - 1ᵀθ, minimised at θ* = A⁻¹1 (numpy's solve); near θ* the gradient is
+    # all noise, ρ → g₂ᵀg₁/‖g₁‖² < ¼, and without the hold λ climbed every step and froze θ
+    torch.manual_seed(0)
+    A, theta, _, closure = _noisy_quadratic(scale=1.0, level=0.3)
+    opt = HessianFree([theta], replay_rng=True)
+    opt._hold_within_noise = hold
+    damping = []
+    for _ in range(60):
+        opt.step(lambda: closure(opt))
+        damping.append(opt.last_step.next_damping)
+    optimum = np.linalg.solve(A.numpy(), np.ones(2))
+    distance = np.linalg.norm(theta.detach().numpy() - optimum)
+    assert (max(damping) < 100.0 and distance < 0.2) == hold  # ‖θ0 - θ*‖ = 0.45
+
+
+def test_replay_is_the_default():
+    # HessianFree(params): the trials share one dropout mask, another than the model call's
+    model, x, y, masks = _dropout_problem()
+    opt = HessianFree(model.parameters(), precond=None)
+    opt.step(_closure(model, x, y))
+    assert opt.last_step.closure_calls >= 3 and len(masks) == opt.last_step.closure_calls
+    assert all(torch.equal(m, masks[1]) for m in masks[1:]) and not torch.equal(masks[0], masks[1])
