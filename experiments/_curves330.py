@@ -83,14 +83,14 @@ ENTRIES: dict[str, dict] = {
     "adam-then-hf": {"phases": [dict(_adam(1e-3, 20), budget={"seconds": None}), K2R2]},
     # K2R2 for 1,100 steps (~135 s quiet, where it stalls), then on a batch growing x1.01 a step
     # from 250, curvature a quarter of it (experiments/README.md, "curvesgrow (2026-12-02)"),
-    # and from that phase's step 250 (batch 2,978) the same growth with λ >= 0.1, a fresh
-    # optimizer (experiments/README.md, "curveslate (2026-12-02)")
+    # and from that phase's step 250 (batch 2,978) the same growth up to 4,000 cases with
+    # λ >= 0.03, a fresh optimizer (experiments/README.md, "curveslate", "curveslate2")
     "hf-grow": {
         "label": "hessianfree",
         "phases": [
             dict(K2R2, budget={"steps": 1100}),
             dict(GROW, budget={"steps": 250}),
-            dict(GROW, batch_size=2978, min_damping=0.1, batch_max=4000),
+            dict(GROW, batch_size=2978, min_damping=0.03, batch_max=4000),
         ],
     },
     # the former two phases: the second's growth for the rest of the run, λ >= 0.3

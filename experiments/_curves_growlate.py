@@ -18,12 +18,21 @@ at 330 s (0.96x, 1.03x). This script races variants of the late phase from one s
   from a fresh permutation seeded with ``S`` instead of the saved generator (another sequence
   of batches from the same weights).
 
-A contender either continues the shipped phase with its optimizer state and step counter
-(``batch_max``, ``curvature_fraction``: options of the same phase) or is a third phase: a fresh
-optimizer from the batch the shipped phase has reached (as the runner's ``phases:`` switch).
+A contender (``LATE``: entry and mode) either continues the second phase with its optimizer
+state and step counter (mode ``cont``: ``batch_max``, ``curvature_fraction`` are options of the
+same phase), or is a third phase from the batch the second phase has reached: a fresh optimizer,
+as the runner's ``phases:`` switch builds one (``third``), or the same settings with the second
+phase's optimizer state carried over (``carry``: K-FAC factors, λ, the CG warm start; the
+third phase's hyperparameters, not the saved ones, which ``load_state_dict`` would restore).
+``third`` is the third phase as shipped before "curveslate2" (λ >= 0.1, cap 4,000); the
+``3...`` entries change one setting of it; the config now ships ``3lam.03`` (λ >= 0.03).
 
+    OPENBLAS_NUM_THREADS=1 python experiments/_curves_grow.py save 1100
     OPENBLAS_NUM_THREADS=1 python experiments/_curves_growlate.py save 250
-    OPENBLAS_NUM_THREADS=1 python experiments/_curves_growlate.py race 200 8 "ship;cap4k" [--save]
+    OPENBLAS_NUM_THREADS=1 python experiments/_curves_growlate.py race 240 8 "third;3cap6k" [--save]
+    OPENBLAS_NUM_THREADS=1 python experiments/_curves_growlate.py race 240 8 "..." --seed 1
+
+The states go to ``CURVESGROW_STATE`` and ``CURVESLATE_STATE`` (defaults under ``/tmp``).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import RawLog  # noqa: E402
-from _curves330 import GROW  # noqa: E402
+from _curves330 import ENTRIES, GROW  # noqa: E402
 from _curves_grow import STATE as FIRST_STATE  # noqa: E402
 from _curves_grow import _setup, _stepper  # noqa: E402
 
@@ -50,34 +59,54 @@ STATE = Path(os.environ.get("CURVESLATE_STATE", "/tmp/curveslate/late_state.pt")
 SHIP = copy.deepcopy(GROW)  # the second phase as raced (and shipped, until step 250 of it)
 
 
-def _late(cont: bool, **kw) -> tuple[dict, bool]:
-    e = copy.deepcopy(SHIP)
+# the third phase as shipped before "curveslate2" (λ >= 0.1, batch x1.01 from 2,978, at most
+# 4,000): the baseline its races measured against; the config now ships its ``3lam.03``
+THIRD = dict(copy.deepcopy(GROW), batch_size=2978, min_damping=0.1, batch_max=4000)
+assert ENTRIES["hf-grow"]["phases"][2] == dict(THIRD, min_damping=0.03)
+MODES = ("cont", "third", "carry")
+
+
+def _late(mode: str, base: dict = SHIP, **kw) -> tuple[dict, str]:
+    e = copy.deepcopy(base)
     for k, v in kw.items():
         if v is None:
             e.pop(k, None)
         else:
             e[k] = v
-    return e, cont
+    return e, mode
 
 
-# name: (entry, continue the shipped phase's optimizer state and step counter?)
-# A third phase (cont False) starts from the batch the shipped phase reached: its
-# ``batch_size`` is set at race time (``None`` here) and ``batch_growth`` applies from there.
-LATE: dict[str, tuple[dict, bool]] = {
-    "ship": _late(True),
-    "cap4k": _late(True, batch_max=4000),
-    "cap6k": _late(True, batch_max=6000),
-    "cap8k": _late(True, batch_max=8000),
-    "curv8": _late(True, curvature_fraction=0.125),
-    "fresh": _late(False),  # the same phase, fresh optimizer: what a third phase's switch costs
-    "g1.005": _late(False, batch_growth=1.005),
-    "cg5": _late(False, cg_max_iter=5),
-    "cg5lam.1": _late(False, cg_max_iter=5, min_damping=0.1),
-    "lam.1": _late(False, min_damping=0.1),
-    "lam.1cap4k": _late(False, min_damping=0.1, batch_max=4000),
-    "lam.03": _late(False, min_damping=0.03),
-    "kfac1": _late(False, precond={"name": "kfac", "rank": 32, "refresh": 1}),
+# name: (entry, mode): ``cont`` continues the second phase's optimizer state and step counter;
+# ``third`` / ``carry`` start a third phase (fresh / carried state) from the batch the second
+# phase reached: its ``batch_size`` is set at race time and ``batch_growth`` applies from there.
+LATE: dict[str, tuple[dict, str]] = {
+    "ship": _late("cont"),
+    "cap4k": _late("cont", batch_max=4000),
+    "cap6k": _late("cont", batch_max=6000),
+    "cap8k": _late("cont", batch_max=8000),
+    "curv8": _late("cont", curvature_fraction=0.125),
+    "fresh": _late("third"),  # the same phase, fresh optimizer: what a switch costs
+    "g1.005": _late("third", batch_growth=1.005),
+    "cg5": _late("third", cg_max_iter=5),
+    "cg5lam.1": _late("third", cg_max_iter=5, min_damping=0.1),
+    "lam.1": _late("third", min_damping=0.1),
+    "lam.1cap4k": _late("third", min_damping=0.1, batch_max=4000),
+    "lam.03": _late("third", min_damping=0.03),
+    "kfac1": _late("third", precond={"name": "kfac", "rank": 32, "refresh": 1}),
+    # "curveslate2": the shipped third phase and one change each
+    "third": _late("third", THIRD),
+    "3carry": _late("carry", THIRD),  # the second phase's K-FAC factors, λ, warm start
+    "3cap3k": _late("third", THIRD, batch_max=3000),  # ~fixed: 2,978, then 3,000
+    "3cap6k": _late("third", THIRD, batch_max=6000),
+    "3cap8k": _late("third", THIRD, batch_max=8000),
+    "3cg5": _late("third", THIRD, cg_max_iter=5),
+    "3curv8": _late("third", THIRD, curvature_fraction=0.125),
+    "3lam.03": _late("third", THIRD, min_damping=0.03),
+    "3lam.01": _late("third", THIRD, min_damping=0.01),
+    "3lam.03cap3k": _late("third", THIRD, min_damping=0.03, batch_max=3000),
+    "3lam.03curv8": _late("third", THIRD, min_damping=0.03, curvature_fraction=0.125),
 }
+assert all(mode in MODES for _, mode in LATE.values())
 
 
 def _cpu() -> float:
@@ -134,9 +163,9 @@ def race(budget: float, slices: int, names: list[str], seed: int | None, log) ->
     saved = torch.load(STATE, weights_only=False)
     entries = []
     for n in names:
-        e, cont = LATE[n]
+        e, mode = LATE[n]
         e = dict(copy.deepcopy(e), label=n)
-        if not cont:
+        if mode != "cont":
             e["batch_size"] = saved["batch"]
         entries.append(e)
     cfg, runner, error = _setup(entries)
@@ -147,9 +176,13 @@ def race(budget: float, slices: int, names: list[str], seed: int | None, log) ->
         model.load_state_dict(saved["model"])
         model.train()
         opt = build_optimizer(leaf, model.parameters(), model)
-        cont = LATE[name][1]
+        mode = LATE[name][1]
+        cont = mode == "cont"
         if cont:
             opt.load_state_dict(saved["opt"])
+        elif mode == "carry":  # the saved state under this phase's hyperparameters
+            groups = opt.state_dict()["param_groups"]
+            opt.load_state_dict(dict(saved["opt"], param_groups=groups))
         gen = torch.Generator()
         if seed is None:
             gen.set_state(saved["gen"])
@@ -182,6 +215,8 @@ def race(budget: float, slices: int, names: list[str], seed: int | None, log) ->
             r.curve.append(e if math.isfinite(e) else math.inf)
             ls = r.opt.last_step
             r.marks.append(f"{r.steps}/{r.state['batch']}/{ls.damping:.2g}" if ls else "-")
+        # each slice as it ends, so that a stopped race still leaves its results
+        log(f"slice {j}: " + ", ".join(f"{r.name} {r.curve[-1]:.3f} ({r.marks[-1]})" for r in runs))
     log(
         f"from phase-2 step {saved['steps']} (batch {saved['batch']}, error {start:.3f}, "
         f"{saved['cpu']:.0f} CPU s into phase 2); {budget:g} CPU s more each, {slices} slices; "
@@ -202,9 +237,20 @@ def main() -> None:
     seed = None
     if "--seed" in argv:
         i = argv.index("--seed")
+        if i + 1 >= len(argv) or not argv[i + 1].isdigit():
+            sys.exit(f"--seed needs a non-negative integer, got {argv[i + 1 : i + 2]!r}")
         seed = int(argv[i + 1])
         del argv[i : i + 2]
     args = [a for a in argv if not a.startswith("--")]
+    shapes = {"save": 2, "race": 4}
+    if "-h" in argv or "--help" in argv or not args or len(args) != shapes.get(args[0], -1):
+        print(__doc__)
+        print(f"contenders (LATE): {', '.join(LATE)}")
+        sys.exit(0 if "-h" in argv or "--help" in argv else 2)
+    if args[0] == "race":
+        unknown = [n for n in args[3].split(";") if n and n not in LATE]
+        if unknown:
+            sys.exit(f"unknown contender(s) {unknown}; expected some of {', '.join(LATE)}")
     log(f"`{' '.join(sys.argv[1:])}`; load before {open('/proc/loadavg').read().split()[:3]}")
     if args[0] == "save":
         save(int(args[1]), log)

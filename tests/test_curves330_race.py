@@ -67,10 +67,10 @@ def test_shipped_hf_row_is_the_raced_grow_entry():
     """The shipped config's HF row is the race's ``hf-grow`` entry (the row measured is the row
     shipped): the same phases, budgets and hyperparameters; its second phase's batches follow
     the closed form floor(250 * 1.01**k) with a quarter (rounded) for curvature, and the third
-    phase (λ >= 0.1, "curveslate") starts at the batch the second's last step took (2,978 =
-    floor(250 * 1.01**249), the size the late races started from) and grows on from it as
-    floor(2978 * 1.01**k) up to its cap of 4,000. Fails if the config and the race drift
-    apart, or if the schedule changes meaning."""
+    phase (λ >= 0.03: "curveslate", "curveslate2") starts at the batch the second's last step
+    took (2,978 = floor(250 * 1.01**249), the size the late races started from) and grows on
+    from it as floor(2978 * 1.01**k) up to its cap of 4,000. Fails if the config and the race
+    drift apart, or if the schedule changes meaning (λ >= 0.1 in the third phase: checked)."""
     import math
 
     import yaml
@@ -98,4 +98,4 @@ def test_shipped_hf_row_is_the_raced_grow_entry():
     for k in (30, 100, 180):  # floor(2978 * 1.01**30) = 4,013: capped at 4,000 from there
         assert batch_sizes(last, n, False, k)[:2] == (4000, 1000), k
     assert batch_sizes(first, n, False, 300)[:2] == (250, 62)
-    assert [p.hyperparameters["min_damping"] for p in shipped.phases] == [0.3, 0.3, 0.1]
+    assert [p.hyperparameters["min_damping"] for p in shipped.phases] == [0.3, 0.3, 0.03]
