@@ -601,10 +601,11 @@ class HessianFree(torch.optim.Optimizer):
             GRU/LSTM without K-FAC the same rule held :math:`\lambda` 10x higher and was 3x
             worse (``experiments/README.md``, "cnnmb"). On plain-CG steps it is refreshed only
             where the closure's starting loss (each step's on a fresh batch) rose over the
-            last 16 steps by > 1 standard error: a CNN, a GRU classifier and a bag of words
-            reached 0.29-0.58x the loss after 120 steps, where the GRU/LSTM regressions' runs
-            stayed bitwise; after 400 steps noise had raised their floor (1.1-1.4x the loss,
-            CNN 1.75x; GRU classifier 0.20x, bag of words 0.45x: "mbfloor").
+            last 16 steps by > 1 standard error and by > 35 % of its level: a CNN, a GRU
+            classifier and a bag of words reached 0.29-0.58x the loss after 120 steps
+            ("mbfloor"); with 1 s.e. alone noise raised the GRU/LSTM regressions' floor over
+            400 steps (1.25-1.35x the loss), with the 35 % they end at 1.0-1.075x, the
+            classifiers at 0.18-0.70x, the bag of words 0.46x ("mbratchet").
             It scales with the loss, as ``min_damping='auto'`` does.
             ``'auto'`` (default): 0.01 on steps where the objective is seen stochastic (the
             closure's value at the start of a step differs from the previous step's at the
