@@ -200,6 +200,56 @@ def test_defaults_verdict_compares_times_once_both_are_at_the_floor(default, tun
     assert row[3] == verdict and row[2].startswith(value), row
 
 
+@pytest.mark.parametrize(
+    ("default_floor_times", "verdict", "value"),
+    [
+        # run11's digits: Adam's last target (5.1e-9) lies below float32's floor; the defaults
+        # (6.5e-8) never reach it, the tuned row (8.9e-10) does. Taken at the floor (1e-6) the
+        # targets are times 0.375 vs 0.203 s: 1.85x (missed), not the final losses' 73.7x
+        ([0.375, 0.375, 0.375], "**missed**", "1.85× the time"),
+        ([0.25, 0.25, 0.25], "met", "1.23× the time"),
+    ],
+)
+def test_defaults_verdict_takes_a_target_below_the_floor_at_the_floor(
+    default_floor_times, verdict, value
+):
+    adam = _row("Adam", 5.13e-9, [3.75, 7.5, 15.0])
+    d = _row("HF default", 6.52e-8, [0.375, 0.375, math.inf])
+    t = _row("HF tuned", 8.85e-10, [0.203, 0.203, 0.376])
+    d["floor_times"], t["floor_times"] = default_floor_times, [0.203, 0.203, 0.203]
+    for r in (adam, d, t):
+        r["run"].name = r["run"].family
+    summary = dict(rows=[adam, d, t], best_base=adam["run"])
+    task = scorecard.Task(  # keyed "swap" to skip digits' L-BFGS verdicts (no data here)
+        *["swap"] + [None] * 6, "loss", 15.0, 4.0, adam=[], sgd=[], hf={}, floor=1e-6
+    )
+    results = {"swap": dict(summary=summary, task=task, finals=[r["run"] for r in summary["rows"]])}
+    (row,) = [
+        v
+        for v in scorecard.verdicts(results)
+        if v[1] == "`HessianFree(params)` within 1.5× of tuned HF"
+    ]
+    assert row[3] == verdict and row[2].startswith(value), row
+
+
+def test_summarise_times_the_floor_targets_on_the_curves():
+    # oracle: the first evaluation at or below max(target, floor), read off the curve by hand
+    def run(family, curve):
+        return scorecard.Run(family, family, None, lambda: None, curve=curve)
+
+    adam = run("Adam", [(0.0, 1.0), (5.0, 1e-5), (10.0, 1e-7), (20.0, 1e-9)])
+    hf = run("HF", [(0.0, 1.0), (1.0, 1e-5), (2.0, 5e-7), (3.0, 1e-8)])
+    task = scorecard.Task(
+        *["digits"] + [None] * 6, "loss", 20.0, 4.0, adam=[], sgd=[], hf={}, floor=1e-6
+    )
+    out = scorecard.summarise(dict(task=task, finals=[adam, hf]))
+    assert out["targets"] == [1e-5, 1e-7, 1e-9]
+    rows = {r["run"].family: r for r in out["rows"]}
+    assert rows["HF"]["times"] == [1.0, 3.0, math.inf]
+    assert rows["HF"]["floor_times"] == [1.0, 2.0, 2.0]
+    assert rows["Adam"]["floor_times"] == [5.0, 10.0, 10.0]
+
+
 def test_smoothed_norm_test_matches_the_exponential_average_closed_form():
     # oracle: numpy's exponential averages of σ² and ‖ḡ‖² (first test unweighted), the size
     # asked for σ̄²/(θ²·mean2̄), capped at ×max_growth of the current size, never shrinking

@@ -250,3 +250,23 @@ def test_interleave_records_the_step_at_which_the_error_is_first_solved(monkeypa
     m.n, run.clock, run.curve, task.solved = 0, 0.0, [], None
     scorecard.interleave([run], task, 0.02, 2, "cpu")
     assert len(seen) == 3 and len(run.curve) == 3
+
+
+def test_interleave_records_the_error_after_every_step_while_the_clock_is_below_error_steps():
+    task = scorecard.Task(
+        "count", "", _Counter(), torch.zeros(1), torch.zeros(1), None,
+        lambda m: float(m.n), "", 1.0, 0.01, [], [], {},
+    )  # fmt: skip
+    m = _Counter()
+    run = scorecard.Run("u", "A", m, lambda: setattr(m, "n", m.n + 1))
+    scorecard.interleave([run], task, 0.02, 2, "cpu", error_steps=1.0)
+    # every step's error (= its step count) is on the curve, in order, at that step's clock,
+    # and the two slice ends repeat the last one
+    per_step = [e for _, e in run.curve]
+    assert sorted(set(per_step)) == [float(k) for k in range(run.steps + 1)]
+    assert [t for t, _ in run.curve] == sorted(t for t, _ in run.curve)
+    first = next(t for t, e in run.curve if e >= 3.0)
+    assert scorecard.time_to(run.curve, 3.0, above=True) == first < run.curve[-1][0]
+    m.n, run.clock, run.curve = 0, 0.0, []
+    scorecard.interleave([run], task, 0.02, 2, "cpu", error_steps=1e-12)  # past it at step 1
+    assert len(run.curve) == 3  # the start and the two slice ends
