@@ -6,7 +6,9 @@ Each rule replaces ``HessianFree._raise_floor`` and opens its gate on every step
 starting loss f0 and predicted change q(p) - q(0) are kept on the optimizer for the rules:
 
 - ``gated``: main before "mbfloor" (plain-CG steps keep the first step's scale);
-- ``lib``: the library as it is (after "mbfloor": ``rise:1`` on plain-CG steps, bitwise);
+- ``lib``: the library as it is (after "mbratchet": the rise test also asks the rise to be
+  > 35 % of the level; ``rel:0.35`` bitwise);
+- ``old``: the library after "mbfloor", before "mbratchet" (1 s.e. alone: the ratchet);
 - ``max``: the running maximum on every step kind (unseenmb's "refresh every step kind");
 - ``trend``: the running maximum of the geometric mean of the last W samples, raised only when
   the log-scale's least-squares slope over them is > T standard errors (a sustained trend);
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import math
 import statistics
 import sys
@@ -91,8 +94,93 @@ def fresh_rise(f0: list[float], m: int = M) -> float:
     return d / se if se > 0 else (math.inf if d > 0 else 0.0)
 
 
+def _loss_fell(losses: list[float], window: int = 8, z: float = 1.0) -> bool:
+    """The mirror of ``optimizer._loss_rose``: the last ``window`` losses' mean *below* the
+    ``window`` before's by more than ``z`` standard errors."""
+    return optimizer_module._loss_rose([-v for v in losses], window, z, share=0.0)
+
+
+def _down_rule(rule: str, arg: str):
+    """mbratchet: the library's rise test raises the scale to the sample (running maximum);
+    a way down for it (the gate is every ``_FLOOR_EVERY``-th step, as the library's):
+
+    - ``fall:reset``: where the fresh batches' loss *fell* by > 1 s.e. (``_loss_fell``), the
+      scale back to the first step's (no product);
+    - ``fall:geo``: there, to the geometric mean of the scale and the first (no product);
+    - ``fall:fresh``: there, one product: the scale to the sample, if lower (candidate (a));
+    - ``decay:H``: the raised part decays in log-scale towards the first with half-life H
+      steps (no product; candidate (c)); ``decay:H/Z``: with the rise test at Z s.e.;
+    - ``win:K``: the scale = max(first, samples taken in the last K steps) (no product;
+      candidate (b));
+    - ``prob:D``: probation: D steps after a raise, the scale goes back to what it was before
+      unless the last 8 losses' mean is below the mean of the 8 before the rise (no product);
+    - ``rel:R``: the library's running maximum, raised only where the rise is also more than
+      R of the earlier window's mean (a large effect, not only a significant one).
+    """
+
+    def raise_floor(self, curvature, product, g, g_norm, run) -> None:
+        state = run.state
+        first = state.setdefault("mb_first_scale", state.get("damping_scale", 0.0))
+        losses = state.get("recent_losses", [])
+        half, _, z = arg.partition("/")  # decay:H/Z: half-life H, rise test at Z s.e.
+        rose = optimizer_module._loss_rose(losses, z=float(z) if z else 1.0, share=0.0)
+        if rule == "rel" and rose:  # and by more than R of the level (a large effect)
+            before = statistics.fmean(losses[-16:-8])
+            rose = statistics.fmean(losses[-8:]) - before > float(half) * abs(before)
+        scale = state.get("damping_scale", 0.0)
+        if rule == "decay" and scale > first > 0:
+            h = float(half) if half else 100.0
+            scale = first * (scale / first) ** (2.0 ** (-optimizer_module._FLOOR_EVERY / h))
+        if rule == "win":
+            k = float(arg) if arg else 64.0
+            self._mb_win = [
+                (s, v) for s, v in getattr(self, "_mb_win", []) if state["step"] - s < k
+            ]
+            scale = max([first] + [v for _, v in self._mb_win])
+        if rule == "fall" and _loss_fell(losses):
+            self._mb_h.append(-1)
+            if arg == "reset":
+                scale = first
+            elif arg == "geo":
+                scale = math.sqrt(scale * first)
+            elif arg == "fresh":
+                gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
+                sample = abs(gCg) / gDg if gDg > 0 else math.nan
+                self._mb_samples.append(sample)
+                if math.isfinite(sample):
+                    scale = min(scale, sample)
+        if rule == "prob":  # probation: a raise D steps old stays only if the loss came back
+            pend = getattr(self, "_mb_pending", None)  # (step, scale before, mean before)
+            if pend and state["step"] - pend[0] >= (float(arg) if arg else 16.0):
+                self._mb_pending = None
+                if statistics.fmean(losses[-8:]) >= pend[2]:
+                    self._mb_h.append(-1)
+                    scale = min(scale, pend[1])
+        if rose:
+            self._mb_h.append(1)
+            if rule == "prob" and getattr(self, "_mb_pending", None) is None:
+                self._mb_pending = (state["step"], scale, statistics.fmean(losses[-16:-8]))
+            gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
+            sample = abs(gCg) / gDg if gDg > 0 else math.nan
+            if math.isfinite(sample):
+                self._mb_samples.append(sample)
+                if rule == "win":
+                    self._mb_win.append((state["step"], sample))
+                if sample > scale:
+                    self._mb_raised += 1
+                    scale = sample
+        state["damping_scale"] = scale
+        lam = self._damping_policy(state).clip(run.damping)
+        if lam != run.damping:
+            run.damping = state["damping"] = lam
+
+    return raise_floor
+
+
 def _raise_with(rule: str):
     rule, _, arg = rule.partition(":")
+    if rule in ("fall", "decay", "win", "prob", "rel"):
+        return _down_rule(rule, arg)
 
     def raise_floor(self, curvature, product, g, g_norm, run) -> None:
         gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
@@ -131,13 +219,16 @@ def _raise_with(rule: str):
 @contextlib.contextmanager
 def rule_mode(rule: str):
     """``'lib'``: the library as it is; ``'gated'``: main's (no refresh on plain-CG steps);
+    ``'old'``: the rise test before "mbratchet" (1 s.e., no share: the ratchet);
     the others: patched in here, the gate opened on every step kind."""
     if rule == "lib":
         yield
         return
-    if rule == "gated":
+    if rule in ("gated", "old"):
         saved_rose = optimizer_module._loss_rose
-        optimizer_module._loss_rose = lambda *a, **k: False
+        optimizer_module._loss_rose = (
+            (lambda *a, **k: False) if rule == "gated" else functools.partial(saved_rose, share=0.0)
+        )
         try:
             yield
         finally:
@@ -185,7 +276,7 @@ def run(key: str, rule: str, n: int, seed: int) -> dict:
         flo.append(i.damping_floor)
         if k in (n // 4, n // 2, n):
             out.append(_unseen.train_set_loss(model, loss_fn, x, y))
-    return dict(loss=out, lam=lam, flo=flo, samples=opt._mb_samples, h=opt._mb_h,
+    return dict(loss=out, lam=lam, flo=flo, samples=opt._mb_samples, h=opt._mb_h, f0=opt._mb_f0,
                 raised=opt._mb_raised, secs=time.perf_counter() - t0)  # fmt: skip
 
 
