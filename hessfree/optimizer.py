@@ -1793,7 +1793,7 @@ class HessianFree(torch.optim.Optimizer):
             self._raise_floor(curvature, product, g, g_norm, run)
 
         run.f_base = run.f0
-        if run.counter.stream is not None and run.counter.stream.drew:
+        if run.counter.stream is not None and self._any_rank_drew(run.counter.stream, g):
             # replay_rng: the trials share one fresh draw; f(θ0) under it is their baseline
             loss = self._call(
                 closure, run.counter, build_graph=False, uses_backward=run.uses_backward
@@ -2334,6 +2334,17 @@ class HessianFree(torch.optim.Optimizer):
     #: replay_rng: hold λ on a poor step within the mask noise (a class attribute so that
     #: experiments can compare against replay without it, "dropdefault").
     _hold_within_noise = True
+
+    def _any_rank_drew(self, stream: StepStream, like: Tensor) -> bool:
+        """replay_rng: whether the first call drew random numbers on this rank or, data
+        parallel, on any rank. The extra :math:`f(\theta_0; m_2)` evaluation averages over the
+        ranks (a collective), so every rank makes it or none: a rank whose closure draws
+        nothing evaluates its (deterministic) loss once more. One scalar collective per step in
+        a data-parallel run with replay on, none in one process; without it a closure drawing
+        on some ranks only left the ranks' collectives out of step."""
+        if self._avg.world_size == 1:
+            return stream.drew
+        return self._avg.mean_scalar(float(stream.drew), like) > 0.0
 
     @staticmethod
     def _observe_mask_noise(state: dict, run: _StepRun) -> None:

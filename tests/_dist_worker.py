@@ -1,10 +1,12 @@
 """Worker for tests/test_distributed.py: one rank of a data-parallel HF run (gloo, loopback).
 
-Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS [crash|operator|replicated]
+Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS
+[crash|operator|replicated|somedraw]
 With WORLD=1 it runs the single-process reference on the full batch. ``operator`` computes
 SciPy-operator products over the rank's shard instead of training. ``replicated`` gives every
 rank the same curvature batch (the first 40 examples) with ``curvature_batch='replicated'`` and
-records the all_reduce calls of each step.
+records the all_reduce calls of each step. ``somedraw``: rank 0's closure draws a random number
+(adding 0 × it to the loss), the other ranks' do not.
 """
 
 from __future__ import annotations
@@ -115,7 +117,10 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
         if crash and rank == 1 and calls[0] == 3:
             os._exit(3)  # die mid-step, between collectives
         out = model(Xs)
-        return F.cross_entropy(out, ys), out
+        loss = F.cross_entropy(out, ys)
+        if mode == "somedraw" and rank == 0:
+            loss = loss + 0.0 * torch.rand((), dtype=loss.dtype)  # draws; the value is exact
+        return loss, out
 
     def curvature_closure():
         out = model(X[:40])

@@ -136,16 +136,34 @@ def test_live_optimizer_and_operator_do_not_keep_a_destroyed_group_alive(tmp_pat
 
 def test_replicated_curvature_batch_reduces_no_products(tmp_path):
     """Every rank computes the products on the same 40 examples: the step equals the one
-    process run and each step's all_reduces are the loss, the gradient and one per trial
-    loss (every closure call but the first two, the gradient and curvature closures), none
-    per CG product."""
+    process run and each step's all_reduces are the loss, the gradient, replay_rng's
+    agreement on whether any rank drew random numbers, and one per trial loss (every closure
+    call but the first two, the gradient and curvature closures), none per CG product."""
     dp, single = _run_against_single(tmp_path, 3, "replicated")
     for a, b in zip(dp["final"], single["final"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     for i, (reduces, closure_calls, matvecs) in enumerate(dp["steps"]):
         assert matvecs > 2
         # first step: also the parameters' and the curvature losses' agreement (2 + 2)
-        assert reduces == 2 + (closure_calls - 2) + (4 if i == 0 else 0)
+        assert reduces == 3 + (closure_calls - 2) + (4 if i == 0 else 0)
+
+
+def test_a_closure_drawing_on_one_rank_only_keeps_the_ranks_in_step(tmp_path):
+    """replay_rng (the default) evaluates f(θ0) once more on a step whose closure drew random
+    numbers, and that evaluation is averaged over the ranks: rank 0's closure draws (adding
+    0 × torch.rand to its loss), rank 1's does not. Both ranks must make the evaluation, or
+    their collectives go out of step (a hang or a wrong sum); the run equals the single
+    process's, whose closure draws."""
+    dp, single = _run_against_single(tmp_path, 4, "somedraw")
+    for a, b in zip(dp["final"], single["final"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    moved = max(
+        float((a - b).abs().max()) for a, b in zip(single["final"], single["init"], strict=True)
+    )
+    assert moved > 1e-2, "the reference run did not train; the comparison would be vacuous"
+    # the single process drew: every step made the extra evaluation (4 calls: the model's,
+    # f(θ0; m2), at least one trial), as did both ranks
+    assert all(calls >= 3 for _, calls, _ in single["steps"])
 
 
 def test_curvature_batch_option_is_validated():
