@@ -1513,9 +1513,8 @@ def test_trust_radius_is_the_step_the_line_search_took():
     assert cut > 0
 
 
-def test_first_trust_radius_is_the_gradient_over_the_curvature_scale(monkeypatch):
-    # (opt-in: HessianFree._radius_initial, off by default; experiments/README.md, negdelta)
-    monkeypatch.setattr(HessianFree, "_radius_initial", True)
+def test_first_trust_radius_is_the_gradient_over_the_curvature_scale():
+    # (experiments/README.md, negdelta and negdelta2)
     # At the 4-4-4-2 net's saddle (weights × 0.3) CG meets negative curvature at once and goes
     # to the sphere: the first step is Delta_0 = ||g|| / s long, s = |gᵀHg| / gᵀg from the dense
     # float64 Hessian (oracle: torch.autograd.functional.hessian). main: Delta_0 = ∞, the step
@@ -1550,10 +1549,8 @@ def test_first_trust_radius_is_the_gradient_over_the_curvature_scale(monkeypatch
     assert p_norm == pytest.approx(radius0, rel=1e-9)
 
 
-def test_trust_radius_is_lifted_after_a_convex_first_step(monkeypatch):
-    # (opt-in: Δ₀ and the lift, off by default; experiments/README.md, negdelta)
-    monkeypatch.setattr(HessianFree, "_radius_initial", True)
-    monkeypatch.setattr(HessianFree, "_radius_lift", True)
+def test_trust_radius_is_lifted_after_a_convex_first_step():
+    # (experiments/README.md, negdelta and negdelta2)
     # f = ½ Σ a_i x_i² − Σ x_i (exact Hessian A = diag(a), κ = 1e6): the first step
     # p = −(A + λ₀I)⁻¹g is no longer than Delta_0 = ||g||/λ₀ (λ₀ = s), ends inside the ball
     # with ρ = 1 and no negative curvature so far: Delta is lifted (∞) and bounds no later step
@@ -1610,7 +1607,6 @@ def test_update_radius_follows_the_rules_step_by_step():
     from types import SimpleNamespace
 
     opt = HessianFree([torch.zeros(1, requires_grad=True)])
-    opt._radius_lift = True  # opt-in (off by default): its rule is checked here too
     stop = CGStop
 
     def update(state, reason, walked_back, rho, rate, smallest, p_norm):
