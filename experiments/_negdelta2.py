@@ -4,9 +4,9 @@ model-limited one, so that Δ₀ = ‖g‖/s can come on (exact Hessian, ``trust
 Same harness as ``_negdelta.py`` (costs = closure calls + CG products to targets on f − f*,
 load-free; final f − f* after ``--steps``), variants by subclassing ``HessianFree``:
 
-- ``cur``: the library as it is (Δ₀ off, lift off, failed-search radius on).
-- ``new``: negdelta's rules (Δ₀ = ‖g‖/s, lift to ∞ inside the ball with ρ ≈ 1 before any
-  negative curvature, failed-search radius).
+- ``cur``: main before this branch (Δ₀ off, lift off, failed-search radius on).
+- ``new``: negdelta's rules, the library's default since negdelta2 (Δ₀ = ‖g‖/s, lift to ∞
+  inside the ball with ρ ≈ 1 before any negative curvature, failed-search radius).
 - ``ray``: ``new`` + a full step on the sphere with |ρ − 1| ≤ 0.1 sets
   Δ ← max(2Δ, c·‖p‖), c = −gᵀp / pᵀBp the minimiser of the damped model along the ray
   through p (B = C + λI; c > 1 when the sphere cut CG short along that ray; ∞ if pᵀBp ≤ 0,
@@ -16,7 +16,7 @@ load-free; final f − f* after ``--steps``), variants by subclassing ``HessianF
   λ, limited a step the model predicted well.
 - ``kN``: ``new`` + Δ = ∞ after N consecutive full steps with |ρ − 1| ≤ 0.1 whose CG met no
   negative curvature (any stop).
-- ``rayk3``: ``ray`` and ``k3`` together.
+- ``mb<batch>`` (as the problem): mini-batches of that size, plain closure (``minibatch``).
 - ``--jitter 0.98,0.99,1,1.01,1.02``: each variant also with λ₀ (and so Δ₀) × each factor,
   as replicates besides the seeds: how far an 80-step final value moves under a perturbation
   that changes nothing in the rules (the noise floor of "final f − f* after 80 steps").
@@ -28,6 +28,7 @@ load-free; final f − f* after ``--steps``), variants by subclassing ``HessianF
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -54,8 +55,8 @@ def make_class(name: str) -> type:
                 run.state["damping_scale"] *= float(factor)
 
         return Perturbed
-    if name == "cur":
-        return hessfree.HessianFree
+    if name == "cur":  # main before negdelta2 (156257d): Δ₀ and the lift off
+        return _BASE("fail")
     base = _BASE("new")
     if name == "new":
         return base
@@ -146,6 +147,59 @@ def at_cost(curve: list[tuple[int, float]], budget: float) -> float:
     return f
 
 
+def minibatch(names: list[str], seeds: list[int], steps: int, batch: int) -> None:
+    """The user's LBFGS loop on mini-batches (exact Hessian, ``trust_radius='auto'`` on; the
+    objective is seen stochastic): multinomial logistic regression (``_unseenfb``'s data,
+    convex) and the deep linear net (indefinite), one batch per step drawn from a seeded
+    generator (the same sequence for every variant); full-batch f − f* after ``steps``."""
+    import torch
+
+    for key in ("logreg", "deeplin"):
+        finals: dict[str, list[float]] = {n: [] for n in names}
+        for seed in seeds:
+            prob = _negdelta.PROBLEMS[key](seed)
+            cells = prob.loss_of.__closure__ or ()
+            data = [c.cell_contents for c in cells if isinstance(c.cell_contents, torch.Tensor)]
+            x, y = data[0], data[1]
+            if x.shape[0] != y.shape[0]:
+                x, y = y, x
+            for n in names:
+                model = copy.deepcopy(prob.model)
+                opt = make_class(n)(list(model.parameters()))
+                gen = torch.Generator().manual_seed(1000 + seed)
+                fails = 0
+                for _ in range(steps):
+                    idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
+                    xb, yb = x[idx], y[idx]
+
+                    def closure(xb=xb, yb=yb, model=model, opt=opt, key=key):  # type: ignore[no-untyped-def]
+                        opt.zero_grad()
+                        if key == "logreg":
+                            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+                            loss = loss + 0.5e-3 * (model.weight**2).sum()
+                        else:
+                            loss = torch.nn.functional.mse_loss(model(xb), yb)
+                        loss.backward()
+                        return loss
+
+                    opt.step(closure)
+                    fails += opt.last_step.status == "line_search_failed"
+                with torch.enable_grad():
+                    final = prob.loss_of(model).item() - (prob.f_star or 0.0)
+                finals[n].append(final)
+                radius = opt._global_state().get("trust_radius")
+                print(
+                    f"mb {key} s{seed} {n:5s} f-f* {final:.4g} failed searches {fails} "
+                    f"Δ at the end {radius}",
+                    flush=True,
+                )
+        for n in names:
+            ratio = _negdelta.gmean(
+                [a / b for a, b in zip(finals[n], finals[names[0]], strict=True)]
+            )
+            print(f"mb {key} {n}: f-f* / {names[0]} gmean {ratio:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("problems", nargs="+")
@@ -161,6 +215,10 @@ def main() -> None:
     reps = [(s, f) for s in seeds for f in factors]
     gmean = _negdelta.gmean
     print("load at start:", open("/proc/loadavg").read().strip(), flush=True)
+    if args.problems[0].startswith("mb"):  # mb<batch>
+        minibatch(names, seeds, args.steps, int(args.problems[0][2:]))
+        print("load at end:", open("/proc/loadavg").read().strip())
+        return
     for key in args.problems:
         targets = _negdelta.TARGETS[key]
         res: dict[str, list[dict]] = {n: [] for n in names}
