@@ -1572,6 +1572,35 @@ def test_trust_radius_is_lifted_after_a_convex_first_step():
         assert opt.last_step.cg_reason != "trust_radius"
 
 
+def test_trust_radius_is_not_lifted_after_negative_curvature():
+    # f = ½xᵀAx − bᵀx, A = diag(1, −3), b = (1, 1), from x = 0 (exact Hessian): s = |gᵀAg|/gᵀg
+    # = 1 = λ₀, so gᵀ(A + λ₀I)g = 0 and CG meets negative curvature on its first direction,
+    # which it follows to the sphere ‖p‖ = Δ₀ = ‖g‖/s = √2 (numpy closed form); f is quadratic,
+    # so ρ = 1 and the full step is taken, yet Δ stays Δ₀: a good step after negative curvature
+    # does not lift the radius (the lift then cost the PINN 1.13×; experiments/README.md,
+    # negdelta). main: Δ₀ = ∞ and the step taken is 1.3e16 long (zero curvature along g).
+    A = torch.tensor([1.0, -3.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], cg_rtol=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (A * x * x).sum() - b @ x
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    info = opt.last_step
+    g = -b.numpy()
+    s = abs(g @ (A.numpy() * g)) / (g @ g)
+    radius0 = np.linalg.norm(g) / s
+    assert info.accepted and info.cg_reason == "negative_curvature" and info.step_rate == 1.0
+    assert np.linalg.norm(x.detach().numpy()) == pytest.approx(radius0, rel=1e-9)
+    assert info.rho == pytest.approx(1.0, abs=1e-9)
+    assert opt.state[x]["trust_radius"] == pytest.approx(radius0, rel=1e-12)
+
+
 def test_trust_radius_after_a_failed_line_search_is_the_smallest_rate_tried():
     # A closure whose value is constant (1) while its gradient and Hessian are those of
     # h = ½xᵀAx − bᵀx (A = diag(3, 1)): CG solves (A + λ₀I)p = −g exactly from x = 0, no rate
