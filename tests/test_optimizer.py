@@ -1513,9 +1513,8 @@ def test_trust_radius_is_the_step_the_line_search_took():
     assert cut > 0
 
 
-def test_first_trust_radius_is_the_gradient_over_the_curvature_scale(monkeypatch):
-    # (opt-in: HessianFree._radius_initial, off by default; experiments/README.md, negdelta)
-    monkeypatch.setattr(HessianFree, "_radius_initial", True)
+def test_first_trust_radius_is_the_gradient_over_the_curvature_scale():
+    # (experiments/README.md, negdelta and negdelta2)
     # At the 4-4-4-2 net's saddle (weights × 0.3) CG meets negative curvature at once and goes
     # to the sphere: the first step is Delta_0 = ||g|| / s long, s = |gᵀHg| / gᵀg from the dense
     # float64 Hessian (oracle: torch.autograd.functional.hessian). main: Delta_0 = ∞, the step
@@ -1550,10 +1549,8 @@ def test_first_trust_radius_is_the_gradient_over_the_curvature_scale(monkeypatch
     assert p_norm == pytest.approx(radius0, rel=1e-9)
 
 
-def test_trust_radius_is_lifted_after_a_convex_first_step(monkeypatch):
-    # (opt-in: Δ₀ and the lift, off by default; experiments/README.md, negdelta)
-    monkeypatch.setattr(HessianFree, "_radius_initial", True)
-    monkeypatch.setattr(HessianFree, "_radius_lift", True)
+def test_trust_radius_is_lifted_after_a_convex_first_step():
+    # (experiments/README.md, negdelta and negdelta2)
     # f = ½ Σ a_i x_i² − Σ x_i (exact Hessian A = diag(a), κ = 1e6): the first step
     # p = −(A + λ₀I)⁻¹g is no longer than Delta_0 = ||g||/λ₀ (λ₀ = s), ends inside the ball
     # with ρ = 1 and no negative curvature so far: Delta is lifted (∞) and bounds no later step
@@ -1573,6 +1570,35 @@ def test_trust_radius_is_lifted_after_a_convex_first_step(monkeypatch):
     for _ in range(4):
         opt.step(lambda: 0.5 * (a * x * x).sum() - x.sum())
         assert opt.last_step.cg_reason != "trust_radius"
+
+
+def test_trust_radius_is_not_lifted_after_negative_curvature():
+    # f = ½xᵀAx − bᵀx, A = diag(1, −3), b = (1, 1), from x = 0 (exact Hessian): s = |gᵀAg|/gᵀg
+    # = 1 = λ₀, so gᵀ(A + λ₀I)g = 0 and CG meets negative curvature on its first direction,
+    # which it follows to the sphere ‖p‖ = Δ₀ = ‖g‖/s = √2 (numpy closed form); f is quadratic,
+    # so ρ = 1 and the full step is taken, yet Δ stays Δ₀: a good step after negative curvature
+    # does not lift the radius (the lift then cost the PINN 1.13×; experiments/README.md,
+    # negdelta). main: Δ₀ = ∞ and the step taken is 1.3e16 long (zero curvature along g).
+    A = torch.tensor([1.0, -3.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([x], cg_rtol=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (A * x * x).sum() - b @ x
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    info = opt.last_step
+    g = -b.numpy()
+    s = abs(g @ (A.numpy() * g)) / (g @ g)
+    radius0 = np.linalg.norm(g) / s
+    assert info.accepted and info.cg_reason == "negative_curvature" and info.step_rate == 1.0
+    assert np.linalg.norm(x.detach().numpy()) == pytest.approx(radius0, rel=1e-9)
+    assert info.rho == pytest.approx(1.0, abs=1e-9)
+    assert opt.state[x]["trust_radius"] == pytest.approx(radius0, rel=1e-12)
 
 
 def test_trust_radius_after_a_failed_line_search_is_the_smallest_rate_tried():
@@ -1610,7 +1636,6 @@ def test_update_radius_follows_the_rules_step_by_step():
     from types import SimpleNamespace
 
     opt = HessianFree([torch.zeros(1, requires_grad=True)])
-    opt._radius_lift = True  # opt-in (off by default): its rule is checked here too
     stop = CGStop
 
     def update(state, reason, walked_back, rho, rate, smallest, p_norm):
