@@ -1944,16 +1944,25 @@ def test_relative_min_damping_follows_the_largest_rayleigh_quotient_under_kfac()
         assert (largest > 20 * first) == (precond == "kfac")  # the floor rose under K-FAC
 
 
-@pytest.mark.parametrize("offsets", ["rising", "falling"])
-def test_relative_min_damping_follows_plain_cg_curvature_only_where_the_loss_rose(offsets):
+@pytest.mark.parametrize(
+    ("offsets", "overshoots"),
+    [("rising", (13, 22, 27, 33)), ("rising", ()), ("falling", (13, 22, 27, 33))],
+    ids=["rising-overshoots", "rising-no-overshoot", "falling-overshoots"],
+)
+def test_relative_min_damping_follows_plain_cg_curvature_where_the_loss_rose_and_a_step_overshot(
+    offsets, overshoots
+):
     # plain-CG least squares (precond=None) on batches whose inputs grow by 1.1^k, so the
     # curvature scale grows steadily; a constant added to batch k's loss (the closure's value,
-    # not g or C) rises or falls with k. Under relative_min_damping='auto' the floor is 0.01 ×
-    # the largest |gᵀCg|/gᵀg met at the first step and at every _FLOOR_EVERY-th step where the
-    # last _RISE_WINDOW starting losses' mean exceeds the _RISE_WINDOW before's by more than
-    # _RISE_Z standard errors (numpy, ddof=1), each quotient from the closed-form gradient and
-    # Hessian at that step's start. Rising: the floor follows the curvature (on main it stayed
-    # the first step's); falling: the first step's throughout ("mbfloor").
+    # not g or C) rises or falls with k. On the steps in `overshoots` every trial point's
+    # loss is 10 higher (the step's first call, which builds g and C, is not), so the step is
+    # rejected: ρ < ¼; on the others ρ = 1 (a quadratic with its exact Gauss-Newton model).
+    # Under relative_min_damping='auto' the floor is 0.01 × the largest |gᵀCg|/gᵀg met at the
+    # first step and at every _FLOOR_EVERY-th step where (a) the last _RISE_WINDOW starting
+    # losses' mean exceeds the _RISE_WINDOW before's by more than _RISE_Z standard errors
+    # (numpy, ddof=1) and (b) one of the last _RISE_WINDOW steps overshot; each quotient from
+    # the closed-form gradient and Hessian at that step's start. Only rising-overshoots
+    # raises it; on main (rise alone, "mbfloor") rising-no-overshoot raised it too.
     from hessfree.optimizer import _FLOOR_EVERY, _RISE_WINDOW, _RISE_Z
 
     steps, w_ = 36, _RISE_WINDOW
@@ -1978,21 +1987,26 @@ def test_relative_min_damping_follows_plain_cg_curvature_only_where_the_loss_ros
             scale = quotient
         elif k % _FLOOR_EVERY == 0 and len(losses) >= 2 * w_:
             a, b = np.array(losses[-2 * w_ : -w_]), np.array(losses[-w_:])
-            if b.mean() - a.mean() > _RISE_Z * np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / w_):
+            rose = b.mean() - a.mean() > _RISE_Z * np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / w_)
+            if rose and any(k - w_ <= j < k for j in overshoots):
                 raised += quotient > scale
                 scale = max(scale, quotient)
+        calls = [0]
 
-        def closure(Xt=torch.from_numpy(Xs), yt=y[k], lin=lin, offset=offset):  # noqa: B008
+        def closure(Xt=torch.from_numpy(Xs), yt=y[k], lin=lin, offset=offset, k=k, calls=calls):  # noqa: B008
+            calls[0] += 1
             out = lin(Xt)
-            return offset + 0.5 * ((out - yt) ** 2).mean(), out
+            penalty = 10.0 if k in overshoots and calls[0] > 1 else 0.0
+            return offset + penalty + 0.5 * ((out - yt) ** 2).mean(), out
 
         opt.step(closure)
         info = opt.last_step
         assert info.loss == pytest.approx(losses[-1], rel=1e-12)
+        assert (info.rho >= 0.25) != (k in overshoots), (k, info.rho)
         if k >= 1:  # from step 1 the objective is seen stochastic
             assert info.damping_floor == pytest.approx(0.01 * scale, rel=1e-9)
             assert info.damping >= info.damping_floor * (1 - 1e-12)
-    assert (raised >= 3) == (offsets == "rising")
+    assert (raised >= 2) == (offsets == "rising" and bool(overshoots)), raised
 
 
 def test_relative_min_damping_survives_state_dict_round_trip():
