@@ -6,9 +6,11 @@ Each rule replaces ``HessianFree._raise_floor`` and opens its gate on every step
 starting loss f0 and predicted change q(p) - q(0) are kept on the optimizer for the rules:
 
 - ``gated``: main before "mbfloor" (plain-CG steps keep the first step's scale);
-- ``lib``: the library as it is (after "mbratchet": the rise test also asks the rise to be
-  > 35 % of the level; ``rel:0.35`` bitwise);
-- ``old``: the library after "mbfloor", before "mbratchet" (1 s.e. alone: the ratchet);
+- ``lib``: the library as it is (after "ratchet2": a rise of 1 s.e. *and* a step of the
+  same 8 that overshot its own batch, ρ < ¼; ``lib:zZ`` the same with the rise at Z s.e.);
+- ``old``: the library after "mbfloor" (1 s.e. alone: the ratchet; the shipped rule before
+  "ratchet2", as ``_RISE_SHARE = 0``);
+- ``overshot``: an overshoot in the last 8 steps alone (no rise test);
 - ``max``: the running maximum on every step kind (unseenmb's "refresh every step kind");
 - ``trend``: the running maximum of the geometric mean of the last W samples, raised only when
   the log-scale's least-squares slope over them is > T standard errors (a sustained trend);
@@ -29,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import json
 import math
 import statistics
 import sys
@@ -224,15 +227,22 @@ def rule_mode(rule: str):
     if rule == "lib":
         yield
         return
-    if rule in ("gated", "old"):
-        saved_rose = optimizer_module._loss_rose
-        optimizer_module._loss_rose = (
-            (lambda *a, **k: False) if rule == "gated" else functools.partial(saved_rose, share=0.0)
-        )
+    if rule in ("gated", "old", "overshot", "rise:z") or rule.startswith("lib:z"):
+        saved_rose, saved_need = optimizer_module._loss_rose, optimizer_module._RISE_NEEDS_OVERSHOOT
+        if rule == "gated":
+            optimizer_module._loss_rose = lambda *a, **k: False
+        elif rule == "old":  # the rise alone (mbfloor)
+            optimizer_module._loss_rose = functools.partial(saved_rose, share=0.0)
+            optimizer_module._RISE_NEEDS_OVERSHOOT = False
+        elif rule == "overshot":  # an overshoot in the window alone, no rise test
+            optimizer_module._loss_rose = lambda losses, *a, **k: len(losses) >= 16
+        else:  # lib:zZ: the library's rule with the rise test at Z s.e.
+            optimizer_module._loss_rose = functools.partial(saved_rose, z=float(rule[5:]))
         try:
             yield
         finally:
             optimizer_module._loss_rose = saved_rose
+            optimizer_module._RISE_NEEDS_OVERSHOOT = saved_need
         return
     hf = hessfree.HessianFree
     saved = hf._raise_floor, hf._kfac_in_use, hf._cg_max_iter
@@ -256,7 +266,7 @@ def run(key: str, rule: str, n: int, seed: int) -> dict:
     opt = hessfree.HessianFree(model.parameters())
     opt._mb_samples, opt._mb_f0, opt._mb_pred, opt._mb_h, opt._mb_raised = [], [], [], [], 0
     gen = torch.Generator().manual_seed(seed)
-    out, lam, flo = [], [], []
+    out, lam, flo, trace = [], [], [], []
     t0 = time.perf_counter()
     for k in range(1, n + 1):
         idx = torch.randint(len(y), (batch,), generator=gen)
@@ -274,10 +284,11 @@ def run(key: str, rule: str, n: int, seed: int) -> dict:
         opt._mb_pred.append(i.predicted_change if math.isfinite(i.predicted_change) else 0.0)
         lam.append(i.damping)
         flo.append(i.damping_floor)
+        trace.append((i.loss, i.loss_after, i.rho, i.predicted_change, i.damping, i.damping_floor))
         if k in (n // 4, n // 2, n):
             out.append(_unseen.train_set_loss(model, loss_fn, x, y))
     return dict(loss=out, lam=lam, flo=flo, samples=opt._mb_samples, h=opt._mb_h, f0=opt._mb_f0,
-                raised=opt._mb_raised, secs=time.perf_counter() - t0)  # fmt: skip
+                raised=opt._mb_raised, secs=time.perf_counter() - t0, trace=trace)  # fmt: skip
 
 
 def race(key: str, budget: float, rules: list[str]) -> None:
@@ -330,6 +341,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3])
     ap.add_argument("--rules", nargs="*", default=["gated", "max", "trend", "heldout"])
     ap.add_argument("--race", type=float, default=0.0, help="interleaved race of S s instead")
+    ap.add_argument("--dump", default="", help="append each run's per-step trace (JSON lines)")
     a = ap.parse_args()
     print("load at start:", open("/proc/loadavg").read().strip())
     if a.race:
@@ -347,6 +359,11 @@ def main() -> None:
             for rule in a.rules:
                 r = run(key, rule, n, seed)
                 finals.setdefault(rule, []).append(r["loss"][-1])
+                if a.dump:
+                    with open(a.dump, "a") as fh:
+                        keep = dict(problem=key, rule=rule, seed=seed, steps=n)
+                        keep.update({f: r[f] for f in ("loss", "secs", "raised", "trace")})
+                        fh.write(json.dumps(keep) + "\n")
                 print(f"| {rule} | {seed} | {' / '.join(f'{v:.4g}' for v in r['loss'])} | "
                       f"{_fmt(r['lam'])} | {_fmt(r['flo'], 4)} | {_fmt(r['samples'], 8)} | "
                       f"{_fmt(r['h'], 6)} | {r['raised']} |")  # fmt: skip

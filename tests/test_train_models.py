@@ -429,3 +429,31 @@ def test_tanh_rnn_float32_backward_forms_tanh_slopes_with_one_rounding():
     assert int(sat.sum()) > 500
     rel = ((du[:, -1].double() - oracle).abs() / oracle.abs())[sat]
     assert float(rel.max()) < 3e-7, float(rel.max())
+
+
+def test_tanh_rnn_slopes_are_rounded_once_without_vectorised_kernels_too():
+    """The same D_T = 1 - h_T² in a child process whose torch runs its scalar kernels
+    (``ATEN_CPU_CAPABILITY=default``, as on a CPU without AVX2), where ``addcmul`` rounds h²
+    first: the slopes must not depend on the CPU the suite runs on."""
+    import os
+    import subprocess
+    import sys
+
+    child = (
+        "import torch\n"
+        "from hessfree.train._tanh_recurrence import _slopes\n"
+        "torch.manual_seed(2)\n"
+        "h = torch.tanh(8 * torch.randn(4096))\n"
+        "oracle = 1 - h.double() ** 2\n"
+        "sat = (h.abs() > 0.99) & (oracle != 0)\n"
+        "rel = ((_slopes(h).double() - oracle).abs() / oracle.abs())[sat]\n"
+        "print(int(sat.sum()), float(rel.max()))\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    count, worst = out.stdout.split()
+    assert int(count) > 1500
+    assert float(worst) < 6.0e-8, worst  # float32's half ulp: one rounding of the exact value

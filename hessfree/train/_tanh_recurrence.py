@@ -83,10 +83,16 @@ def _steps(like: Tensor, num_steps: int, *inputs: Tensor | None) -> Tensor | Non
 
 
 def _slopes(H: Tensor) -> Tensor:
-    """:math:`D = 1 - H^2` with one rounding (``addcmul``'s fused multiply-add, as ``tanh``'s own
-    backward): ``1 - H * H`` rounds :math:`H^2` first and cancels, 1e-6-1e-5 relative error
-    on saturated units (|h| > 0.9) instead of 3e-8."""
-    return torch.addcmul(torch.ones_like(H), H, H, value=-1)
+    """:math:`D = 1 - H^2` rounded once to ``H``'s dtype, on any CPU. Below float64 it is
+    formed in float64 (:math:`h^2` of a float32 ``h`` is exact there, and so is
+    :math:`1 - h^2` for |h| ≥ 1/8), then rounded: ``addcmul`` alone fuses into one rounding
+    only in torch's vectorised kernels (without AVX2 it rounds :math:`h^2` first, relative
+    error up to ~1e-4 on saturated units, |h| > 0.99, instead of 6e-8). float64 ``H`` and MPS
+    (no float64) take ``addcmul``."""
+    if H.dtype == torch.float64 or H.device.type == "mps":
+        return torch.addcmul(torch.ones_like(H), H, H, value=-1)
+    wide = H.double()
+    return torch.addcmul(torch.ones_like(wide), wide, wide, value=-1).to(H.dtype)
 
 
 def _batched(t: Tensor | None) -> bool:
