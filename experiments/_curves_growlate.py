@@ -13,8 +13,10 @@ at 330 s (0.96x, 1.03x). This script races variants of the late phase from one s
   so a step's compute is on this thread): the clock other processes' load slows least, so the
   budget means the same amount of work in a loaded and in a quiet run (its scaling to the
   quiet 2-thread reproduction is stated with the results). Interleaved as
-  ``scorecard.interleave`` (slices, a shuffled order per slice, the error off the clock: the
-  config's ``squared_error`` on the first 5,000 training cases). ``--seed S`` draws the batches
+  ``scorecard.interleave`` (slices, a shuffled order per slice, the errors off the clock: the
+  config's ``squared_error`` on the first 5,000 training cases and, since "curvestest", on the
+  first 5,000 test images, as the runner's ``eval_sets`` and ``reproduce.py`` report them:
+  the late phase overfits the 20,000 training images). ``--seed S`` draws the batches
   from a fresh permutation seeded with ``S`` instead of the saved generator (another sequence
   of batches from the same weights).
 
@@ -25,7 +27,8 @@ as the runner's ``phases:`` switch builds one (``third``), or the same settings 
 phase's optimizer state carried over (``carry``: K-FAC factors, λ, the CG warm start; the
 third phase's hyperparameters, not the saved ones, which ``load_state_dict`` would restore).
 ``third`` is the third phase as shipped before "curveslate2" (λ >= 0.1, cap 4,000); the
-``3...`` entries change one setting of it; the config now ships ``3lam.03`` (λ >= 0.03).
+``3...`` entries change one setting of it; the config now ships ``3lam.03`` (λ >= 0.03),
+also named ``s3``, and the ``s3...`` entries change one setting of that ("curvestest").
 
     OPENBLAS_NUM_THREADS=1 python experiments/_curves_grow.py save 1100
     OPENBLAS_NUM_THREADS=1 python experiments/_curves_growlate.py save 250
@@ -53,6 +56,7 @@ from _curves330 import ENTRIES, GROW  # noqa: E402
 from _curves_grow import STATE as FIRST_STATE  # noqa: E402
 from _curves_grow import _setup, _stepper  # noqa: E402
 
+from hessfree.train.evaluation import evaluate  # noqa: E402
 from hessfree.train.optimizers import build_optimizer  # noqa: E402
 
 STATE = Path(os.environ.get("CURVESLATE_STATE", "/tmp/curveslate/late_state.pt"))
@@ -62,7 +66,8 @@ SHIP = copy.deepcopy(GROW)  # the second phase as raced (and shipped, until step
 # the third phase as shipped before "curveslate2" (λ >= 0.1, batch x1.01 from 2,978, at most
 # 4,000): the baseline its races measured against; the config now ships its ``3lam.03``
 THIRD = dict(copy.deepcopy(GROW), batch_size=2978, min_damping=0.1, batch_max=4000)
-assert ENTRIES["hf-grow"]["phases"][2] == dict(THIRD, min_damping=0.03)
+SHIP3 = dict(THIRD, min_damping=0.03)  # the third phase as shipped since "curveslate2"
+assert ENTRIES["hf-grow"]["phases"][2] == SHIP3
 MODES = ("cont", "third", "carry")
 
 
@@ -105,6 +110,22 @@ LATE: dict[str, tuple[dict, str]] = {
     "3lam.01": _late("third", THIRD, min_damping=0.01),
     "3lam.03cap3k": _late("third", THIRD, min_damping=0.03, batch_max=3000),
     "3lam.03curv8": _late("third", THIRD, min_damping=0.03, curvature_fraction=0.125),
+    # "curvestest": the third phase as shipped since "curveslate2" (λ >= 0.03, cap 4,000) and
+    # variants that might fit the 20,000 training images less (test error, not only train)
+    "s3": _late("third", SHIP3),
+    "s3lam.05": _late("third", SHIP3, min_damping=0.05),
+    "s3lam.1": _late("third", SHIP3, min_damping=0.1),  # = ``third``
+    "s3lam.2": _late("third", SHIP3, min_damping=0.2),
+    "s3wd1e-4": _late("third", SHIP3, weight_decay=1e-4),
+    "s3wd3e-4": _late("third", SHIP3, weight_decay=3e-4),
+    "s3wd1e-3": _late("third", SHIP3, weight_decay=1e-3),
+    "s3wd3e-3": _late("third", SHIP3, weight_decay=3e-3),
+    "s3wd1e-2": _late("third", SHIP3, weight_decay=1e-2),
+    "s3cap8k": _late("third", SHIP3, batch_max=8000),
+    "s3cap20k": _late("third", SHIP3, batch_max=20000),
+    "s3lam.1cap3k": _late("third", SHIP3, min_damping=0.1, batch_max=3000),
+    "s3lam.1curv8": _late("third", SHIP3, min_damping=0.1, curvature_fraction=0.125),
+    "s3lam.05curv8": _late("third", SHIP3, min_damping=0.05, curvature_fraction=0.125),
 }
 assert all(mode in MODES for _, mode in LATE.values())
 
@@ -157,6 +178,7 @@ class _Run:
     def __init__(self, name, model, step, state, opt):
         self.name, self.model, self.step, self.state, self.opt = name, model, step, state, opt
         self.clock, self.steps, self.curve, self.marks, self.failed = 0.0, 0, [], [], ""
+        self.test: list[float] = []  # test error at each slice end (as ``curve``: train)
 
 
 def race(budget: float, slices: int, names: list[str], seed: int | None, log) -> None:
@@ -170,6 +192,14 @@ def race(budget: float, slices: int, names: list[str], seed: int | None, log) ->
         entries.append(e)
     cfg, runner, error = _setup(entries)
     n_train = runner.x_train.shape[0]
+    # the test error as the runner reports it: the same metric on the first
+    # ``eval.max_cases`` (5,000) test images, ``runner.eval_sets["test"]``
+    test_metric = f"test_{runner.objective.metric_name}"
+    test_set = {"test": runner.eval_sets["test"]}
+
+    def test_error(m: torch.nn.Module) -> float:
+        return evaluate(m, runner.objective, test_set, cfg.eval.batch_size)[test_metric]
+
     runs = []
     for name, leaf in zip(names, cfg.optimizers, strict=True):
         model = copy.deepcopy(runner.model)
@@ -192,9 +222,10 @@ def race(budget: float, slices: int, names: list[str], seed: int | None, log) ->
             perm, pos = torch.randperm(n_train, generator=gen), 0
         state = {"step": saved["steps"] if cont else 0, "perm": perm, "pos": pos, "batch": 0}
         runs.append(_Run(name, model, _stepper(runner, leaf, model, opt, gen, state), state, opt))
-    start = error(runs[0].model)
+    start, start_test = error(runs[0].model), test_error(runs[0].model)
     for r in runs:
         r.curve.append(start)
+        r.test.append(start_test)
     rng = random.Random(0)
     for j in range(1, slices + 1):
         end = budget * j / slices
@@ -211,20 +242,32 @@ def race(budget: float, slices: int, names: list[str], seed: int | None, log) ->
                     r.steps += 1
             except Exception as err:  # noqa: BLE001 - a diverging run is a result
                 r.failed = f"{type(err).__name__}: {str(err)[:100]}"
-            e = error(r.model)
+            e, t = error(r.model), test_error(r.model)
             r.curve.append(e if math.isfinite(e) else math.inf)
+            r.test.append(t if math.isfinite(t) else math.inf)
             ls = r.opt.last_step
             r.marks.append(f"{r.steps}/{r.state['batch']}/{ls.damping:.2g}" if ls else "-")
         # each slice as it ends, so that a stopped race still leaves its results
-        log(f"slice {j}: " + ", ".join(f"{r.name} {r.curve[-1]:.3f} ({r.marks[-1]})" for r in runs))
+        log(
+            f"slice {j}: "
+            + ", ".join(
+                f"{r.name} {r.curve[-1]:.3f}/{r.test[-1]:.3f} ({r.marks[-1]})" for r in runs
+            )
+        )
     log(
         f"from phase-2 step {saved['steps']} (batch {saved['batch']}, error {start:.3f}, "
+        f"test {start_test:.3f}, "
         f"{saved['cpu']:.0f} CPU s into phase 2); {budget:g} CPU s more each, {slices} slices; "
         f"batches {'as saved' if seed is None else f'seed {seed}'}; 1 thread"
     )
+    log("train error at slice ends")
     for r in runs:
         line = " ".join(f"{e:6.3f}" for e in r.curve[1:])
         log(f"{r.name:9s} {line}  steps {r.steps}  final {r.curve[-1]:.3f} {r.failed}")
+    log("test error at slice ends")
+    for r in runs:
+        line = " ".join(f"{e:6.3f}" for e in r.test[1:])
+        log(f"{r.name:9s} {line}  min {min(r.test):.3f}  final {r.test[-1]:.3f}")
     log("steps/batch/λ at slice ends")
     for r in runs:
         log(f"{r.name:9s} {' '.join(r.marks)}")
@@ -259,8 +302,8 @@ def main() -> None:
     log(f"load after {open('/proc/loadavg').read().split()[:3]}")
     if "--save" in argv:
         log.append_to(
-            Path(__file__).resolve().parent / "results" / "2026-12-02-curveslate.md",
-            "CURVES at 330 s: the late growing-batch phase, HF against HF (raw runs)",
+            Path(__file__).resolve().parent / "results" / "2026-12-02-curvestest.md",
+            "CURVES at 330 s: the late phase's train and test error, HF against HF (raw runs)",
         )
 
 
