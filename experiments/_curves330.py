@@ -43,7 +43,7 @@ from hessfree.train.stepping import batch_sizes, take_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "curves_autoencoder.yaml"
-WD = 2.0e-5  # the config's L2, in every entry: one objective
+WD = 2.0e-5  # the config's L2, in every entry but hf-grow's last phase (1e-4: curvestest)
 # K-FAC-like HF (experiments/README.md, "CURVES at small batch", "hybrid (2026-12-01)")
 K2R2 = {
     "name": "hessianfree",
@@ -84,13 +84,14 @@ ENTRIES: dict[str, dict] = {
     # K2R2 for 1,100 steps (~135 s quiet, where it stalls), then on a batch growing x1.01 a step
     # from 250, curvature a quarter of it (experiments/README.md, "curvesgrow (2026-12-02)"),
     # and from that phase's step 250 (batch 2,978) the same growth up to 4,000 cases with
-    # λ >= 0.03, a fresh optimizer (experiments/README.md, "curveslate", "curveslate2")
+    # λ >= 0.03 and L2 1e-4, a fresh optimizer (experiments/README.md, "curveslate",
+    # "curveslate2", "curvestest")
     "hf-grow": {
         "label": "hessianfree",
         "phases": [
             dict(K2R2, budget={"steps": 1100}),
             dict(GROW, budget={"steps": 250}),
-            dict(GROW, batch_size=2978, min_damping=0.03, batch_max=4000),
+            dict(GROW, batch_size=2978, min_damping=0.03, batch_max=4000, weight_decay=1e-4),
         ],
     },
     # the former two phases: the second's growth for the rest of the run, λ >= 0.3
@@ -99,6 +100,7 @@ ENTRIES: dict[str, dict] = {
     "adam-b20": _adam(1e-3, 20),
     "adam-b50": _adam(1e-3, 50),
     "adam-b100": _adam(1e-3, 100),
+    "adam-b100-l2-1e-4": dict(_adam(1e-3, 100), weight_decay=1e-4),  # the shipped second Adam
     "adam-b20-lr3e-4": _adam(3e-4, 20),
     "adam-b50-lr3e-4": _adam(3e-4, 50),
     "sgd-config": {

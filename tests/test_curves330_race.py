@@ -99,3 +99,11 @@ def test_shipped_hf_row_is_the_raced_grow_entry():
         assert batch_sizes(last, n, False, k)[:2] == (4000, 1000), k
     assert batch_sizes(first, n, False, 300)[:2] == (250, 62)
     assert [p.hyperparameters["min_damping"] for p in shipped.phases] == [0.3, 0.3, 0.03]
+    # L2 x5 in the third phase only ("curvestest"), and an Adam row at that L2 beside Adam's
+    assert [p.hyperparameters["weight_decay"] for p in shipped.phases] == [2e-5, 2e-5, 1e-4]
+    adams = {
+        o.label: o.leaves[0].hyperparameters["weight_decay"]
+        for o in parse_config(yaml.safe_load(_curves330.CONFIG.read_text())).optimizers
+        if o.leaves[0].name == "adam"
+    }
+    assert adams == {"adam": 2e-5, "adam-l2-1e-4": 1e-4}
