@@ -259,11 +259,11 @@ def curves_section(base: Path, report_dir: Path, quick: bool) -> list[str]:
         "## 1. Deep autoencoder without pre-training (Martens 2010, §6)",
         "",
         "CURVES autoencoder 784-400-200-100-50-25-6 (mirrored decoder, logistic units, linear "
-        "6-unit code, logistic outputs with cross-entropy summed over pixels, L2 2e-5, "
-        "sparse initialisation), every optimizer from the same initial weights for the same "
-        "wall-clock budget. Error: squared reconstruction error per case (sum over the 784 "
-        "pixels, mean over cases: the paper's measure) on the first `eval.max_cases` training "
-        "and test images.",
+        "6-unit code, logistic outputs with cross-entropy summed over pixels, L2 2e-5 (1e-4 in "
+        "HF's third phase and the `adam-l2-1e-4` row), sparse initialisation), every optimizer "
+        "from the same initial weights for the same wall-clock budget. Error: squared "
+        "reconstruction error per case (sum over the 784 pixels, mean over cases: the paper's "
+        "measure) on the first `eval.max_cases` training and test images.",
         "",
         *_table(
             [
