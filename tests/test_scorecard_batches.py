@@ -95,6 +95,33 @@ def test_the_time_target_verdict_takes_hfs_faster_row(default_times, tuned_times
     assert row[3] == met and row[2].startswith(named)
 
 
+@pytest.mark.parametrize(
+    ("hf_floor_times", "met"),
+    [
+        # run13's MNIST-1D: Adam's last target (its final, 1.15e-8) lies below float32's floor
+        # (1e-6); HF converged at 4.3e-8 and "never" reached it. At the floor: 3.2 vs 7.5,
+        # 3.8 vs 15, 3.8 vs 21 s, all met (HF reached 1e-6 at 3.8 s, Adam at 21 s)
+        ([3.2, 3.8, 3.8], "met"),
+        ([3.2, 3.8, 25.0], "**missed**"),  # at the floor later than Adam: still missed
+    ],
+)
+def test_the_time_target_verdict_takes_a_target_below_the_floor_at_the_floor(hf_floor_times, met):
+    adam = _row("Adam", 1.15e-8, [7.5, 15.0, 30.0])
+    adam["floor_times"] = [7.5, 15.0, 21.0]
+    d = _row("HF default", 4.25e-8, [3.2, 3.8, math.inf])
+    d["floor_times"] = hf_floor_times
+    summary = dict(rows=[adam, d], best_base=adam["run"], targets=[1e-4, 1e-5, 1.15e-8])
+    task = scorecard.Task(
+        *["mnist1d"] + [None] * 6, "loss", 30.0, 6.0, adam=[], sgd=[], hf={}, floor=1e-6
+    )
+    results = {
+        "mnist1d": dict(summary=summary, task=task, finals=[r["run"] for r in summary["rows"]])
+    }
+    (row,) = [v for v in scorecard.verdicts(results) if v[1].startswith("HF time")]
+    assert row[3] == met, row
+    assert row[2].endswith("(a target below 1e-06 taken at 1e-06)"), row
+
+
 @pytest.mark.parametrize(("size", "growth", "cap", "hold"), [(4, 1.1, 7, 3), (3, 1.5, 20, 5)])
 def test_growth_holds_at_max_batch_then_resumes(size, growth, cap, hold):
     n = 60
