@@ -1989,8 +1989,9 @@ class HessianFree(torch.optim.Optimizer):
     def _floor_stale(state: dict) -> bool:
         r"""Whether a plain-CG mini-batch step should re-measure the relative floor's scale:
         the fresh batches' loss rose (:func:`_loss_rose`) *and* one of the last
-        ``_RISE_WINDOW`` steps overshot on its own batch (:math:`\rho < 1/4`, NaN or
-        rejected, unless held as mask noise: ``state['overshot_step']``).
+        ``_RISE_WINDOW`` steps overshot on its own batch (:math:`\rho < 1/4` or NaN, unless
+        held as mask noise: ``state['overshot_step']``; a step rejected before :math:`\rho`,
+        on a non-finite value, does not count).
 
         Two pieces of evidence on different data. The rise compares batches a step was not
         fitted to, so batch-to-batch noise passes it now and then (16 % of checks at 1 s.e.);
