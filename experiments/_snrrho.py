@@ -46,6 +46,7 @@ CONTENDERS: dict[str, tuple[str | None, int]] = {
     "default": (None, 0),
     "alt": (None, 1000),  # control: the default with other dropout masks
     "share": ("share", 0),  # replaysnr's snr-rho
+    "share/4": ("share", 0),  # s measured on every 4th step only, reused in between
 }
 WINDOWS = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0))
 EVALS = 60
@@ -68,6 +69,8 @@ class Contender:
             return inner(*args)
 
         self.opt._trial_gradient = counted
+        if name == "share/4":
+            self._every(4, counted)
         self.gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed + offset)
         self.rng = torch.get_rng_state()
@@ -76,6 +79,23 @@ class Contender:
         self.lams: list[float] = []
         self.shares: list[float] = []
         self.evaluate()
+
+    def _every(self, k: int, measured: Any) -> None:
+        """The share rule with s measured (one backward) on every ``k``-th step only; the
+        steps between make the plain f(θ₀; m₂) call and reuse the last s."""
+        opt, last = self.opt, [math.nan]
+
+        def sometimes(closure: Any, run: Any, g: torch.Tensor) -> torch.Tensor:
+            if run.state["step"] % k == 0:
+                loss = measured(closure, run, g)
+                last[0] = run.signal_share
+                return loss
+            counter = run.counter
+            loss = opt._call(closure, counter, build_graph=False, uses_backward=run.uses_backward)
+            run.signal_share = last[0]
+            return loss.loss
+
+        opt._trial_gradient = sometimes
 
     def evaluate(self) -> None:
         x, y = self.problem["data"][:2]
