@@ -146,11 +146,12 @@ def variant(mods: list[str]):
     - ``decay:H``: at a plain-CG check that does not fire, the floor scale's raised part
       (over the first step's) decays in log-scale with half-life H steps (no product);
     - ``quiet:Q`` (with ``decay:H``): decay only where no step overshot in the last Q steps;
+    - ``set``: a fired check sets the scale to max(first, this sample), not max(kept, sample);
     - ``ov2``: a fire needs two overshoots (ρ < ¼ or NaN) among the window's steps, not one;
     - ``jF``: the first step's scale × F (a control: how far a 1 % nudge moves the end).
     """
     hf = hessfree.HessianFree
-    saved = hf.__dict__["_floor_stale"], hf._calibrate_damping
+    saved = hf.__dict__["_floor_stale"], hf._calibrate_damping, hf._raise_floor
     stale0 = saved[0].__func__
     half = next((float(m[6:]) for m in mods if m.startswith("decay:")), 0.0)
     jit = next((float(m[1:]) for m in mods if m.startswith("j")), 1.0)
@@ -181,6 +182,13 @@ def variant(mods: list[str]):
             lam = self._damping_policy(run.state).clip(run.damping)
             run.damping = run.state["damping"] = lam
 
+    def set_floor(self, curvature, product, g, g_norm, run) -> None:
+        state = run.state
+        state["damping_scale"] = state.setdefault("first_scale", state["damping_scale"])
+        saved[2](self, curvature, product, g, g_norm, run)  # max(first, this sample)
+
+    if "set" in mods:
+        hf._raise_floor = set_floor
     if half or two:
         hf._floor_stale = staticmethod(floor_stale)
     if jit != 1.0:
@@ -188,7 +196,7 @@ def variant(mods: list[str]):
     try:
         yield
     finally:
-        hf._floor_stale, hf._calibrate_damping = saved
+        hf._floor_stale, hf._calibrate_damping, hf._raise_floor = saved
 
 
 def run(key: str, rule: str, n: int, seed: int, frozen: bool = True) -> dict:
