@@ -199,12 +199,14 @@ def burgers_exact(x: Tensor, t: Tensor, nu: float, n_quad: int = 4000) -> Tensor
     return -(torch.sin(math.pi * y) * w).sum(1) / w.sum(1)
 
 
-def burgers(n_in: int, n_b: int, width: int, depth: int = 3, n_test: int = 4096) -> Problem:
+def burgers(
+    n_in: int, n_b: int, width: int, depth: int = 3, n_test: int = 4096, seed: int = 7
+) -> Problem:
     """1-D viscous Burgers, :math:`\\nu = 0.01/\\pi` on :math:`[-1, 1] \\times [0, 1]`
     (Raissi, Perdikaris & Karniadakis 2019, §3.1), zero Dirichlet data; ``n_in`` random
-    collocation points, ``n_b`` on the initial line and on each wall."""
+    collocation points (drawn from ``seed``), ``n_b`` on the initial line and on each wall."""
     nu = 0.01 / math.pi
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(seed)
     x_in = torch.rand(n_in, 2, generator=gen, dtype=DTYPE) * torch.tensor([2.0, 1.0])
     x_in[:, 0] -= 1
     xs = torch.linspace(-1, 1, n_b, dtype=DTYPE)
