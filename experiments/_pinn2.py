@@ -39,6 +39,7 @@ from hessfree import HessianFree  # noqa: E402
 
 MAKERS = {
     "burgers": lambda: pinn.burgers(1000, 50, 20, 3),
+    "burgers4k": lambda: pinn.burgers(4000, 100, 20, 3),  # 4× the collocation points
     "helmholtz": lambda: pinn.helmholtz(24, 32),
     "convection": lambda: pinn.convection(48, 32, 32, 30.0),
     "poisson": lambda: pinn.poisson(24, 32),
