@@ -276,3 +276,55 @@ def test_replay_is_the_default():
     opt.step(_closure(model, x, y))
     assert opt.last_step.closure_calls >= 3 and len(masks) == opt.last_step.closure_calls
     assert all(torch.equal(m, masks[1]) for m in masks[1:]) and not torch.equal(masks[0], masks[1])
+
+
+def _nielsen(lam: float, rho: float) -> float:
+    """Nielsen's λ update (increase 2) in closed form, the oracle of ``damping_rule='nielsen'``."""
+    return lam * (2.0 if not rho > 0 else max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3))
+
+
+def test_signal_share_rule_raises_damping_only_below_half_the_share():
+    # _signal_share_rule='share' (on trial, snrrho), closed form at θ0 = 0: the gradients under
+    # the model's and the trials' draws are g₁ = -(b + n¹), g₂ = -(b + n²), s = g₂ᵀg₁/‖g₁‖²;
+    # λ rises (Nielsen, ×1.5 more if the step is rejected) only when s > 0 and ρ < s/2, else it
+    # stays or falls; the level noise (ν) plays no part
+    b, lam, raised = 0.3, 1.0, set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        A, theta, noises, closure = _noisy_quadratic(scale=1.0, level=100.0, b=b)
+        opt = HessianFree([theta], damping=lam, relative_min_damping=0.0, replay_rng=True)
+        opt._signal_share_rule = "share"
+        opt.step(lambda: closure(opt))  # noqa: B023 - called at once
+        info = opt.last_step
+        assert len(noises) == info.closure_calls  # g₂ from the f(θ0; n²) call: no extra call
+        g1, g2 = -(b + noises[0][1:]), -(b + noises[1][1:])
+        s = float(g2 @ g1 / (g1 @ g1))
+        rise = s > 0 and not info.rho >= 0.5 * s
+        expected = _nielsen(lam, info.rho)
+        if rise:
+            expected *= 1.5 if info.step_rate == 0 else 1.0
+        else:
+            expected = min(expected, lam)
+        assert info.next_damping == pytest.approx(expected, rel=1e-12)
+        raised.add(rise)
+    assert raised == {True, False}  # both branches are reached (seeded)
+
+
+def test_signal_share_rule_leaves_a_closure_without_randomness_alone():
+    # no draw: no gradient under a second draw (no extra backward), bitwise the default's run
+    runs = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+        x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+        opt = HessianFree(model.parameters())
+        backwards = []
+        if on:
+            opt._signal_share_rule = "share"
+            inner = opt._trial_gradient
+            opt._trial_gradient = lambda *a, i=inner, n=backwards: n.append(1) or i(*a)
+        for _ in range(3):
+            opt.step(_closure(model, x, y))
+        assert not backwards
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
