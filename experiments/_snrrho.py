@@ -1,9 +1,11 @@
 """snrrho: the signal-share λ rule under ``replay_rng`` against the default, at equal CPU time.
 
 replaysnr's ``snr-rho`` (λ rises only when ρ < s/2, s = g₂ᵀg₁/‖g₁‖² from the gradients under
-the model's and the trials' draws at θ₀) is in the library behind
+the model's and the trials' draws at θ₀) was in the library behind
 ``HessianFree._signal_share_rule = 'share'``, computing g₂ from the existing f(θ₀; m₂) call
-with one backward. A variant, ρ against the model with the trials' gradient,
+with one backward. It failed the gate (``drop`` 1.10× early) and was taken out again after the
+merge: this script runs on the library of commit 0bafc74 (``git worktree add /tmp/snr 27bc90a``
+and ``PYTHONPATH=/tmp/snr``), not on main. A variant, ρ against the model with the trials' gradient,
 ρ₂ = Δf / (g₂ᵀp + ½pᵀCp) with λ held when that model predicts no decrease, ran on seeds 1-8 and
 was removed (4.7-17× the default's loss on ``drop``: ρ₂ = 1 on any quadratic, so λ only falls).
 Here they race the default (replay + hold within ν) on

@@ -488,9 +488,6 @@ class _StepRun:
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
     damped_change: float = math.nan  # ½λ‖p‖² (+ structural energy) at the chosen iterate
     mask_noise: float = math.nan  # replay_rng: RMS of f(θ0; m1) − f(θ0; m2) over recent steps
-    # replay_rng with _signal_share_rule: s = g2ᵀg / ‖g‖², g2 the gradient under the trials'
-    # draw m2 at θ0 (rank averaged, L2 term included)
-    signal_share: float = math.nan
 
     def __post_init__(self) -> None:
         self.t_lap = self.t_start
@@ -1809,12 +1806,9 @@ class HessianFree(torch.optim.Optimizer):
         run.f_base = run.f0
         if run.counter.stream is not None and self._any_rank_drew(run.counter.stream, g):
             # replay_rng: the trials share one fresh draw; f(θ0) under it is their baseline
-            if self._signal_share_rule is None:
-                loss = self._call(
-                    closure, run.counter, build_graph=False, uses_backward=run.uses_backward
-                ).loss
-            else:  # the same call with one backward: the gradient under the trials' draw
-                loss = self._trial_gradient(closure, run, g)
+            loss = self._call(
+                closure, run.counter, build_graph=False, uses_backward=run.uses_backward
+            ).loss
             f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
             run.f_base = f_base if math.isfinite(f_base) else run.f0
             self._observe_mask_noise(state, run)
@@ -2416,45 +2410,11 @@ class HessianFree(torch.optim.Optimizer):
         (Dropout(0.3) MLP: 0.28 → 2.6e6, the loss frozen; ``experiments/README.md``,
         "dropoutrng" and "dropdefault"). The deviation shrinks with the step, so :math:`\lambda`
         stops growing where a step's effect is as large as the mask noise: where fresh masks
-        per call (no replay) had kept it by chance. With ``_signal_share_rule='share'`` (on
-        trial, "snrrho") the test is instead :math:`\rho \ge s/2` for the signal share
-        :math:`s` of :meth:`_trial_gradient`."""
-        if self._signal_share_rule == "share" and math.isfinite(run.signal_share):
-            # the share-corrected ρ/s at least Nielsen's neutral ½ (s ≤ 0: no signal to test)
-            return run.signal_share <= 0.0 or rho >= 0.5 * run.signal_share
+        per call (no replay) had kept it by chance. ``rho`` is unused here (experiments
+        replace this method)."""
         if not (self._hold_within_noise and math.isfinite(run.mask_noise)):
             return False
         return abs(actual - predicted) <= run.mask_noise
-
-    #: replay_rng, on trial (off: None; a class attribute so that experiments can switch it):
-    #: ``'share'`` raises λ only when ρ < s/2, s = g₂ᵀg₁/‖g₁‖² from the gradient under the
-    #: trials' draw (ν unused), at one backward per step (``experiments/README.md``,
-    #: "replaysnr" and "snrrho").
-    _signal_share_rule: str | None = None
-
-    def _trial_gradient(self, closure: Closure, run: _StepRun, g: Tensor) -> Tensor:
-        r"""replay_rng with ``_signal_share_rule``: :math:`f(\theta_0; m_2)`, the trials'
-        baseline, with its gradient :math:`g_2` (one backward added to the plain extra
-        forward: the same closure call), averaged over the ranks like :math:`g` so that every
-        rank computes the same signal share :math:`s = g_2^\top g / \|g\|^2`
-        (``run.signal_share``; one host read). Returns the loss."""
-        counter, params = run.counter, run.params
-        counter.calls += 1
-        counter.stream.before_call(trial=True)
-        try:
-            with torch.enable_grad():
-                result = closure()
-            loss, _, _ = _unpack(self._backward_value(result, run.uses_backward))
-            if run.uses_backward:  # an LBFGS-style closure: its own backward filled .grad
-                grads = [q.grad for q in params]
-            else:
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-        finally:
-            counter.stream.after_call()
-        g2 = self._avg.mean(run.layout.cat([None if q is None else q.detach() for q in grads]))
-        g2 = _with_weight_decay(g2, run.l2, run.layout, params)
-        run.signal_share = float(dot(g2, g) / dot(g, g))
-        return loss.detach()
 
     def _good_streak(self, state: dict, rho: float, share: float) -> int:
         r"""Phase 4: the number of consecutive steps, this one included, whose :math:`\rho`

@@ -1,15 +1,12 @@
 """Worker for tests/test_distributed.py: one rank of a data-parallel HF run (gloo, loopback).
 
 Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS
-[crash|operator|replicated|somedraw|share]
+[crash|operator|replicated|somedraw]
 With WORLD=1 it runs the single-process reference on the full batch. ``operator`` computes
 SciPy-operator products over the rank's shard instead of training. ``replicated`` gives every
 rank the same curvature batch (the first 40 examples) with ``curvature_batch='replicated'`` and
 records the all_reduce calls of each step. ``somedraw``: rank 0's closure draws a random number
-(adding 0 × it to the loss), the other ranks' do not. ``share``: every rank's closure draws
-its own noise (a random linear term, a per-rank seed) and the optimizer runs
-``_signal_share_rule='share'``; each rank saves its final parameters, λ per step and how often
-the rule's gradient ran (OUT_FILE.rankR).
+(adding 0 × it to the loss), the other ranks' do not.
 """
 
 from __future__ import annotations
@@ -106,18 +103,6 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
     )  # exact: rank-independent
     calls = [0]
     reduces = [0]
-    share = mode == "share"
-    backwards = [0]
-    if share:
-        opt._signal_share_rule = "share"
-        inner = opt._trial_gradient
-
-        def counted(*args):
-            backwards[0] += 1
-            return inner(*args)
-
-        opt._trial_gradient = counted
-        torch.manual_seed(100 + rank)  # each rank its own draws
     if replicated and world > 1:
         all_reduce = dist.all_reduce
 
@@ -135,9 +120,6 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
         loss = F.cross_entropy(out, ys)
         if mode == "somedraw" and rank == 0:
             loss = loss + 0.0 * torch.rand((), dtype=loss.dtype)  # draws; the value is exact
-        if share:  # noise in the gradient, unlike rank to rank and mask to mask
-            for p in model.parameters():
-                loss = loss + 0.3 * (torch.randn(p.shape, dtype=p.dtype) * p).sum()
         return loss, out
 
     def curvature_closure():
@@ -150,13 +132,6 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
         opt.step(closure, curvature_closure if replicated else None)
         info = opt.last_step
         per_step.append((reduces[0] - before, info.closure_calls, info.cg_matvecs))
-        if share:
-            per_step[-1] = info.next_damping
-    if share:
-        final = [p.detach() for p in model.parameters()]
-        result = {"final": final, "damping": per_step, "backwards": backwards[0]}
-        torch.save(result, f"{out_file}.rank{rank}")
-        return
     if rank == 0:
         torch.manual_seed(1)
         init = [

@@ -166,28 +166,6 @@ def test_a_closure_drawing_on_one_rank_only_keeps_the_ranks_in_step(tmp_path):
     assert all(calls >= 3 for _, calls, _ in single["steps"])
 
 
-@pytest.mark.slow  # two ranks starting torch: ~15 s under load; the rule is off by default
-def test_signal_share_rule_takes_the_same_decision_on_every_rank(tmp_path):
-    """_signal_share_rule='share' (on trial, snrrho): λ follows s = g₂ᵀg₁/‖g₁‖², computed
-    from the gradients under each rank's own draws; averaged over the ranks like g, s and so λ
-    and the parameters are the same on every rank (a rank-local s split them)."""
-    procs = _launch(tmp_path, 2, 6, "share")
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    r0, r1 = (torch.load(tmp_path / f"params-2.pt.rank{r}", weights_only=True) for r in (0, 1))
-    assert r0["backwards"] == r1["backwards"] == 6  # the rule ran on every step of both
-    assert r0["damping"] == r1["damping"] and len(set(r0["damping"])) > 2  # λ moved
-    for a, b in zip(r0["final"], r1["final"], strict=True):
-        assert torch.equal(a, b)
-
-
 def test_curvature_batch_option_is_validated():
     with pytest.raises(ValueError, match="Unknown `curvature_batch` 'shared'"):
         HessianFree([torch.zeros(2, requires_grad=True)], curvature_batch="shared")
