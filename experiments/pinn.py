@@ -1,6 +1,8 @@
 """Physics-informed networks: Adam, L-BFGS, Adam → L-BFGS and Adam → HessianFree at equal time.
 
-Two problems, each with a known exact solution:
+Two problems by default, each with a known exact solution (``--problems`` adds 1-D viscous
+Burgers, 2-D Helmholtz and convection β = 30: :func:`burgers`, :func:`helmholtz`,
+:func:`convection`; ``_pinn2.py`` races them):
 
 * **Poisson** :math:`-\\Delta u = f` on the unit square, :math:`u = \\sin(\\pi x)\\sin(\\pi y)`,
   zero Dirichlet data; a 2-32-32-1 tanh MLP; collocation points on a grid.
@@ -178,6 +180,140 @@ def reaction(nx: int, nt: int, width: int, rho: float = 5.0) -> Problem:
         closure_for,
         x_test,
         exact(x_test),
+    )
+
+
+def burgers_exact(x: Tensor, t: Tensor, nu: float, n_quad: int = 4000) -> Tensor:
+    """Viscous Burgers with :math:`u(x, 0) = -\\sin(\\pi x)`, by Cole-Hopf in float64.
+
+    :math:`u = -\\int \\sin(\\pi(x-\\eta)) F\\,d\\eta / \\int F\\,d\\eta` with
+    :math:`F = \\exp(-\\cos(\\pi(x-\\eta))/(2\\pi\\nu) - \\eta^2/(4\\nu t))`, by the
+    trapezoidal rule over :math:`\\pm 12` widths of the Gaussian (log-sum-exp scaled).
+    """
+    x, t = x.to(DTYPE), t.to(DTYPE).clamp(min=1e-8)
+    z = torch.linspace(-12.0, 12.0, n_quad, dtype=DTYPE)
+    eta = z[None, :] * torch.sqrt(4 * nu * t)[:, None]
+    y = x[:, None] - eta
+    log_f = -torch.cos(math.pi * y) / (2 * math.pi * nu) - z[None, :] ** 2
+    w = torch.exp(log_f - log_f.max(1, keepdim=True).values)
+    return -(torch.sin(math.pi * y) * w).sum(1) / w.sum(1)
+
+
+def burgers(
+    n_in: int, n_b: int, width: int, depth: int = 3, n_test: int = 4096, seed: int = 7
+) -> Problem:
+    """1-D viscous Burgers, :math:`\\nu = 0.01/\\pi` on :math:`[-1, 1] \\times [0, 1]`
+    (Raissi, Perdikaris & Karniadakis 2019, §3.1), zero Dirichlet data; ``n_in`` random
+    collocation points (drawn from ``seed``), ``n_b`` on the initial line and on each wall."""
+    nu = 0.01 / math.pi
+    gen = torch.Generator().manual_seed(seed)
+    x_in = torch.rand(n_in, 2, generator=gen, dtype=DTYPE) * torch.tensor([2.0, 1.0])
+    x_in[:, 0] -= 1
+    xs = torch.linspace(-1, 1, n_b, dtype=DTYPE)
+    ts = torch.linspace(0, 1, n_b, dtype=DTYPE)
+    x0 = torch.stack([xs, torch.zeros_like(xs)], 1)
+    u0 = -torch.sin(math.pi * xs)
+    x_wall = torch.cat([torch.stack([torch.full_like(ts, s), ts], 1) for s in (-1.0, 1.0)])
+
+    def closure_for(net: nn.Module) -> Closure:
+        def closure():
+            x = x_in.clone().requires_grad_(True)
+            u = net(x).squeeze(1)
+            du = _derivatives(u, x)
+            u_xx = _derivatives(du[:, 0], x)[:, 0]
+            r_interior = du[:, 1] + u * du[:, 0] - nu * u_xx
+            r_initial = net(x0).squeeze(1) - u0
+            r_boundary = net(x_wall).squeeze(1)
+            loss = (r_interior**2).mean() + (r_initial**2).mean() + (r_boundary**2).mean()
+            return loss, (r_interior, r_initial, r_boundary)
+
+        return closure
+
+    gen = torch.Generator().manual_seed(123)
+    x_test = torch.rand(n_test, 2, generator=gen, dtype=DTYPE) * torch.tensor([2.0, 1.0])
+    x_test[:, 0] -= 1
+    return Problem(
+        "burgers",
+        f"Burgers ν=0.01/π, {n_in} points, 2-{width}×{depth}-1 tanh",
+        lambda: mlp(2, width, depth),
+        closure_for,
+        x_test,
+        burgers_exact(x_test[:, 0], x_test[:, 1], nu),
+    )
+
+
+def helmholtz(n: int, width: int, a1: float = 1.0, a2: float = 4.0, k: float = 1.0) -> Problem:
+    """2-D Helmholtz :math:`\\Delta u + k^2 u = q` on :math:`[-1, 1]^2`, :math:`u =
+    \\sin(a_1\\pi x)\\sin(a_2\\pi y)` (Wang, Teng & Perdikaris 2021, §2.3), zero Dirichlet
+    data; collocation on an ``n`` × ``n`` interior grid."""
+    g = torch.linspace(-1, 1, n + 2, dtype=DTYPE)
+    x_in = torch.cartesian_prod(g[1:-1], g[1:-1])
+    e, z = torch.ones_like(g), -torch.ones_like(g)
+    x_b = torch.cat([torch.stack(p, 1) for p in ((g, z), (g, e), (z, g), (e, g))])
+
+    def exact(x: Tensor) -> Tensor:
+        return torch.sin(a1 * math.pi * x[:, 0]) * torch.sin(a2 * math.pi * x[:, 1])
+
+    q = (k**2 - (a1 * math.pi) ** 2 - (a2 * math.pi) ** 2) * exact(x_in)
+
+    def closure_for(net: nn.Module) -> Closure:
+        def closure():
+            x = x_in.clone().requires_grad_(True)
+            u = net(x).squeeze(1)
+            du = _derivatives(u, x)
+            lap = sum(_derivatives(du[:, i], x)[:, i] for i in range(2))
+            r_interior = lap + k**2 * u - q
+            r_boundary = net(x_b).squeeze(1)
+            return (r_interior**2).mean() + (r_boundary**2).mean(), (r_interior, r_boundary)
+
+        return closure
+
+    gen = torch.Generator().manual_seed(123)
+    x_test = torch.rand(4096, 2, generator=gen, dtype=DTYPE) * 2 - 1
+    return Problem(
+        "helmholtz",
+        f"Helmholtz a=({a1:g}, {a2:g}), {n}×{n} grid, 2-{width}-{width}-1 tanh",
+        lambda: mlp(2, width, 2),
+        closure_for,
+        x_test,
+        exact(x_test),
+    )
+
+
+def convection(nx: int, nt: int, width: int, beta: float = 30.0) -> Problem:
+    """1-D convection :math:`u_t + \\beta u_x = 0` on :math:`[0, 2\\pi] \\times [0, 1]`,
+    :math:`u(x, 0) = \\sin x`, periodic in :math:`x`; exact :math:`\\sin(x - \\beta t)`
+    (Krishnapriyan et al. 2021's failure mode; Rathore et al. 2024, §2)."""
+    two_pi = 2 * math.pi
+    xs = torch.linspace(0, two_pi, nx + 1, dtype=DTYPE)[:-1]
+    ts = torch.linspace(0, 1, nt, dtype=DTYPE)
+    x_in = torch.cartesian_prod(xs, ts)
+    x0 = torch.stack([xs, torch.zeros_like(xs)], 1)
+    u0 = torch.sin(xs)
+    left = torch.stack([torch.zeros_like(ts), ts], 1)
+    right = torch.stack([torch.full_like(ts, two_pi), ts], 1)
+
+    def closure_for(net: nn.Module) -> Closure:
+        def closure():
+            x = x_in.clone().requires_grad_(True)
+            du = _derivatives(net(x).squeeze(1), x)
+            r_interior = du[:, 1] + beta * du[:, 0]
+            r_boundary = (net(left) - net(right)).squeeze(1)
+            r_initial = net(x0).squeeze(1) - u0
+            loss = (r_interior**2).mean() + (r_boundary**2).mean() + (r_initial**2).mean()
+            return loss, (r_interior, r_boundary, r_initial)
+
+        return closure
+
+    gen = torch.Generator().manual_seed(123)
+    x_test = torch.rand(4096, 2, generator=gen, dtype=DTYPE) * torch.tensor([two_pi, 1.0])
+    return Problem(
+        "convection",
+        f"Convection β={beta:g}, {nx}×{nt} grid, 2-{width}-{width}-1 tanh",
+        lambda: mlp(2, width, 2),
+        closure_for,
+        x_test,
+        torch.sin(x_test[:, 0] - beta * x_test[:, 1]),
     )
 
 
@@ -491,7 +627,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     )
     ap.add_argument("--switch", type=float, default=0.2, help="Adam's share before switching")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--problems", default="poisson,reaction")
+    ap.add_argument(
+        "--problems",
+        default="poisson,reaction",
+        help="comma-separated, from poisson, reaction, burgers, helmholtz, convection",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument(
@@ -514,6 +654,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     makers = {
         "poisson": (lambda: poisson(6, 8)) if args.quick else (lambda: poisson(24, 32)),
         "reaction": (lambda: reaction(12, 6, 8)) if args.quick else (lambda: reaction(48, 32, 32)),
+        # not in the default --problems (experiments/README.md, "pinn2"):
+        "burgers": (lambda: burgers(200, 20, 8, 2))
+        if args.quick
+        else (lambda: burgers(1000, 50, 20)),
+        "helmholtz": (lambda: helmholtz(8, 8)) if args.quick else (lambda: helmholtz(24, 32)),
+        "convection": (lambda: convection(16, 8, 8))
+        if args.quick
+        else (lambda: convection(48, 32, 32)),
     }
     lrs = (1e-3, 1e-2) if args.quick else (1e-3, 3e-3, 1e-2)
     results: dict[str, tuple[Problem, list[Run]]] = {}
@@ -521,8 +669,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     budgets: dict[str, float] = {}
     costs: dict[str, dict[str, tuple[float, float, float, float]]] = {}
     for key in args.problems.split(","):
+        if key not in makers:
+            ap.error(f"unknown problem {key!r} in --problems; expected some of {', '.join(makers)}")
         prob = makers[key]()
-        budget = args.seconds or (2.0 if args.quick else {"poisson": 40.0, "reaction": 60.0}[key])
+        full = {"poisson": 40.0, "reaction": 60.0}.get(key, 30.0)
+        budget = args.seconds or (2.0 if args.quick else full)
         budgets[key] = budget
         torch.manual_seed(args.seed)
         init = copy.deepcopy(prob.make_net().state_dict())

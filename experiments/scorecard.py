@@ -15,8 +15,9 @@ For every task, one run of this script
    ("HF tuned"); where a task names a ``hybrid``, also Adam for a fraction of the budget and
    then an HF regime from Adam's weights, reported as its own family "Adam→HF" (never as HF
    tuned);
-3. reports each optimizer's final error and its time to targets (the best baseline's error
-   at 1/4, 1/2 and all of the budget) as **ratios to the best baseline of the same run**, and
+3. reports each optimizer's final error and its time to targets (the lowest error Adam has
+   reached by 1/4, 1/2 and all of the budget) as **ratios to the best baseline of the same
+   run**, and
    the issue's targets as met / missed;
 4. on a task with seeds (``Task.at_seed``: addition), reruns the finals' HF rows (the
    defaults and the tuned HF, as picked on seed 0) on seeds 1 .. ``--seeds`` - 1 (data and
@@ -475,7 +476,9 @@ def make_swap_task(quick: bool) -> Task:
     )
 
 
-ADDITION_TUNED = dict(  # configs/rnn_addition.yaml's HF (also experiments/_addition_ablation.py)
+# configs/rnn_addition.yaml's HF: the addition tools' 'T' (experiments/_add80.py, _add500.py,
+# _addition_ablation.py); the scorecard's tuned row until "addcfg"
+ADDITION_TUNED = dict(
     structural_damping=0.03,
     damping=0.1,
     cg_max_iter=25,
@@ -486,6 +489,13 @@ ADDITION_TUNED = dict(  # configs/rnn_addition.yaml's HF (also experiments/_addi
     # without it the config solved T = 50 on 1 of 3 seeds (2 with), with it 2 of 3
     relative_min_damping=0.01,
 )
+# The scorecard's addition rows (experiments/README.md, "addcfg"): gradient batch 500 for both
+# HF rows (the defaults' CPU to solve 0.745x / 0.871x the 1,000-case batch's at T = 30 / 50 over
+# seeds 0-3, and T = 80 solved on 4 of 4 seeds against 3), and the tuned row is the defaults:
+# no setting tried solved as many (length, seed) pairs in fewer steps (the config row above
+# stalls on its floor; lambda0 = 0.1, Martens' rule, floor 0 / 0.003 each lose at T = 50 or 80)
+ADDITION_REGIME = dict(batch=500, curvature_batch=100)
+ADDITION_HF_ROW = "HessianFree(params) (no setting beat it, addcfg), 500/100"
 
 
 def make_addition_task(length: int, seconds: float, seed: int = 0) -> Task:
@@ -512,7 +522,6 @@ def make_addition_task(length: int, seconds: float, seed: int = 0) -> Task:
     def error_rate(m: nn.Module) -> float:
         return float(((m(xt) - yt).abs() > ADDITION_TOL).float().mean())
 
-    tuned = dict(ADDITION_TUNED)
     return Task(
         f"addition{length}",
         f"RNN addition problem, T = {length}, 100 tanh units, 10,000 training sequences",
@@ -527,12 +536,8 @@ def make_addition_task(length: int, seconds: float, seed: int = 0) -> Task:
         slices=12,
         adam=[(1e-3, 100), (3e-3, 100)],
         sgd=[],
-        hf={
-            "config (μ=0.03, λ0=0.1, cg≤25), 1000/100": dict(
-                batch=1000, curvature_batch=100, kw=tuned
-            )
-        },
-        hf_default_regime=dict(batch=1000, curvature_batch=100, kw={}),
+        hf={ADDITION_HF_ROW: ADDITION_REGIME | {"kw": {}}},
+        hf_default_regime=ADDITION_REGIME | {"kw": {}},
         hidden=True,
         solved=SOLVED,
         at_seed=lambda s: make_addition_task(length, seconds, s),
@@ -541,7 +546,9 @@ def make_addition_task(length: int, seconds: float, seed: int = 0) -> Task:
         # there, 0.64 at T = 30) and take the full scorecard past 60 min
         seed_families=SEED_FAMILIES,
         notes=[
-            "configs/rnn_addition.yaml's HF (structural damping) is 'HF tuned' without a sweep; "
+            "'HF tuned' is HessianFree(params), as 'HF default': no setting tried beat the "
+            "defaults over seeds 0-3 (experiments/README.md, 'addcfg'; the config's HF stalls "
+            "on its relative damping floor); "
             f"solved = test error rate ≤ {SOLVED:g} (cases off by > {ADDITION_TOL:g}), "
             f"looked for off the clock every {SOLVE_WATCH:g} s of a run's clock"
         ],
@@ -1120,6 +1127,25 @@ def value_at(curve: list[tuple[float, float]], t: float) -> float:
     return curve[-1][1]
 
 
+def best_at(curve: list[tuple[float, float]], t: float) -> float:
+    """The lowest error recorded up to the first evaluation at or after time ``t`` (NaNs
+    skipped): what a run that keeps its best weights has reached by then, so a spike does not
+    turn a later target into an easier one.
+
+    >>> best_at([(0.0, 1.0), (1.0, 0.1), (2.0, 0.5), (3.0, float("nan"))], 2.0)
+    0.1
+    >>> best_at([(0.0, 1.0), (1.0, 0.1)], 0.5)  # the evaluation at 1.0 is the first after 0.5
+    0.1
+    """
+    best = math.inf
+    for tt, v in curve:
+        if v < best:  # False for NaN
+            best = v
+        if tt >= t:
+            break
+    return best if math.isfinite(best) else value_at(curve, t)
+
+
 # ---------------------------------------------------------------------------------- one task
 def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     dev = torch.device(args.device)
@@ -1434,10 +1460,14 @@ def summarise(res: dict) -> dict:
         out["seed_stats"] = seed_stats(res["seeds"], task.solved)
     if best_base is None:
         return out
-    # time targets: Adam's error at 1/4, 1/2 and all of the budget (the issue's "≤ Adam's")
+    # time targets: the lowest error Adam has reached by 1/4, 1/2 and all of the budget (the
+    # issue's "≤ Adam's"). Its best so far, not its error at that moment: run14's MNIST-1D Adam
+    # spiked late and ended at 4.7e-3, a level it had passed at 1.5 s, so its "final" target
+    # was easier than its ¼-budget one; with the best so far each target is at least as hard
+    # as the one before, and no target is easier than the error at that moment
     ref = next((r for r in finals if r.family == "Adam" and not r.failed), best_base)
     out["target_run"] = ref
-    targets = [value_at(ref.curve, task.budget * f) for f in (0.25, 0.5, 1.0)]
+    targets = [best_at(ref.curve, task.budget * f) for f in (0.25, 0.5, 1.0)]
     out["targets"] = targets
     # for the defaults-vs-tuned verdict at the floor: a target below the dtype's resolution
     # (Adam's final loss can be) is taken at the floor, where which row goes lower is roundoff
@@ -1779,7 +1809,7 @@ def write_report(
         if s["best_base"] is not None:
             lines.append(
                 f"- best baseline (lowest final error): {s['best_base'].name}; time targets = "
-                f"{s['target_run'].name}'s error at ¼, ½ and all of the budget: "
+                f"{s['target_run'].name}'s lowest error by ¼, ½ and all of the budget: "
                 f"{', '.join(_fmt(t, 4) for t in s['targets'])}; (×) = time / the best "
                 "baseline's time to the same target"
             )

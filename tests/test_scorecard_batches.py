@@ -277,6 +277,29 @@ def test_summarise_times_the_floor_targets_on_the_curves():
     assert rows["Adam"]["floor_times"] == [5.0, 10.0, 10.0]
 
 
+def test_time_targets_are_adams_best_so_far_not_a_late_spike():
+    # run14's MNIST-1D: Adam passed 4.7e-3 early, went lower, then spiked and ended at 4.7e-3.
+    # Oracle, read off the curve by hand: the lowest value at or before the first evaluation
+    # at or after ¼, ½ and all of the 20 s budget (5, 10, 20 s); NaN ignored
+    def run(family, curve):
+        return scorecard.Run(family, family, None, lambda: None, curve=curve)
+
+    adam = run(
+        "Adam",
+        [(0.0, 2.3), (1.5, 4.7e-3), (4.0, 2e-4), (6.0, 3e-4), (10.0, math.nan), (12.0, 8e-5),
+         (19.0, 4.7e-3), (21.0, 4.7e-3)],
+    )  # fmt: skip
+    hf = run("HF", [(0.0, 2.3), (2.6, 4.7e-3), (3.0, 1e-4), (5.0, 5e-5)])
+    task = scorecard.Task(
+        *["mnist1d"] + [None] * 6, "loss", 20.0, 4.0, adam=[], sgd=[], hf={}, floor=1e-6
+    )
+    out = scorecard.summarise(dict(task=task, finals=[adam, hf]))
+    assert out["targets"] == [2e-4, 2e-4, 8e-5]  # not 3e-4, NaN, 4.7e-3 (the values then)
+    rows = {r["run"].family: r for r in out["rows"]}
+    assert rows["HF"]["times"] == [3.0, 3.0, 5.0]
+    assert rows["Adam"]["times"] == [4.0, 4.0, 12.0]
+
+
 def test_smoothed_norm_test_matches_the_exponential_average_closed_form():
     # oracle: numpy's exponential averages of σ² and ‖ḡ‖² (first test unweighted), the size
     # asked for σ̄²/(θ²·mean2̄), capped at ×max_growth of the current size, never shrinking

@@ -282,3 +282,13 @@ def test_addition_task_seed_draws_the_data_and_the_initial_weights():
     for bad in (-1, 1.0, True):
         with pytest.raises(ValueError, match=rf"`seed` must be an int >= 0, got {bad!r}"):
             scorecard.make_addition_task(5, 60.0, bad)
+
+
+def test_addition_hf_rows_are_the_defaults_in_one_500_case_regime():
+    # "addcfg": no setting tried beat HessianFree(params) over seeds 0-3 at T = 30/50/80, and a
+    # 500-case gradient batch cut its CPU to solve; both rows share it, so the schedule-only
+    # extra row ("HF default (tuned schedule)") is not added
+    task = scorecard.make_addition_task(5, 60.0)
+    (regime,) = task.hf.values()
+    assert regime == {"batch": 500, "curvature_batch": 100, "kw": {}}
+    assert task.hf_default_regime == regime
