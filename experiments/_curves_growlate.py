@@ -66,8 +66,9 @@ SHIP = copy.deepcopy(GROW)  # the second phase as raced (and shipped, until step
 # the third phase as shipped before "curveslate2" (λ >= 0.1, batch x1.01 from 2,978, at most
 # 4,000): the baseline its races measured against; the config now ships its ``3lam.03``
 THIRD = dict(copy.deepcopy(GROW), batch_size=2978, min_damping=0.1, batch_max=4000)
-SHIP3 = dict(THIRD, min_damping=0.03)  # the third phase as shipped since "curveslate2"
-assert ENTRIES["hf-grow"]["phases"][2] == SHIP3
+SHIP3 = dict(THIRD, min_damping=0.03)  # the third phase from "curveslate2" to "curvestest"
+SHIP3L2 = dict(SHIP3, weight_decay=1e-4)  # ... and as shipped since "curvestest" (L2 1e-4)
+assert ENTRIES["hf-grow"]["phases"][2] == SHIP3L2
 MODES = ("cont", "third", "carry")
 
 

@@ -107,3 +107,26 @@ def test_shipped_hf_row_is_the_raced_grow_entry():
         if o.leaves[0].name == "adam"
     }
     assert adams == {"adam": 2e-5, "adam-l2-1e-4": 1e-4}
+
+
+def test_late_race_baselines_are_the_shipped_phases():
+    """The late-phase races (``_curves_growlate.py``, ``_curvesl2.py``) start from the shipped
+    second phase and measure against the shipped third phase (L2 1e-4 since "curvestest"):
+    the first phase, their second phase for 250 steps and their baseline third phase at the
+    batch the second reached (2,978) parse to the config's HF row. Fails if the config's row
+    changes and the races keep racing the former one (as ``_curves_growlate``'s import-time
+    check did, unnoticed, after "curvestest")."""
+    import _curves_growlate
+    import _curvesl2
+    import yaml
+
+    from hessfree.train.config import parse_config
+
+    raw = yaml.safe_load(_curves330.CONFIG.read_text())
+    shipped = parse_config(raw).optimizers[0]
+    p2, third = _curvesl2.THIRD["s3"]
+    first = dict(_curves330.K2R2, budget={"steps": 1100})
+    second = dict(_curvesl2.PHASE2[p2], budget={"steps": 250})
+    for late in (dict(third, batch_size=2978), _curves_growlate.SHIP3L2):
+        raw["optimizers"] = [{"label": "hessianfree", "phases": [first, second, late]}]
+        assert parse_config(raw).optimizers[0] == shipped
