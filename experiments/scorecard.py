@@ -13,9 +13,9 @@ For every task, one run of this script
    HF: only the optimizer's defaults are under test; where a task runs the defaults full batch
    instead, they also run in the tuned HF's batch schedule) and the best HF of the sweep
    ("HF tuned"; where that is ``HessianFree(params)`` in the defaults' regime, as on
-   addition, the two rows read one run instead of running it twice); where a task names a ``hybrid``, also Adam for a fraction of the budget and
-   then an HF regime from Adam's weights, reported as its own family "Adam→HF" (never as HF
-   tuned);
+   addition, the two rows read one run instead of running it twice); where a task names a
+   ``hybrid``, also Adam for a fraction of the budget and then an HF regime from Adam's
+   weights, reported as its own family "Adam→HF" (never as HF tuned);
 3. reports each optimizer's final error and its time to targets (the lowest error Adam has
    reached by 1/4, 1/2 and all of the budget) as **ratios to the best baseline of the same
    run**, and
