@@ -1224,11 +1224,59 @@ class HessianFree(torch.optim.Optimizer):
         return out
 
     def __getattr__(self, name: str) -> object:
-        """Read a hyperparameter as an attribute (``opt.cg_max_iter``): ``self.settings``'s."""
-        settings = self.__dict__.get("settings")
-        if settings is not None and (name in HFSettings.keys() or name == "initial_damping"):
-            return getattr(settings, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        """Read a hyperparameter as an attribute (``opt.cg_max_iter``).
+
+        The param groups are the record (schedulers and users edit them, as in torch.optim):
+        a group key reads the groups' current value, ``lr`` and ``weight_decay`` only while
+        every group has the same; the others (``curvature``, ``precond``, ...) are
+        ``self.settings``'s.
+        """
+        settings, groups = self.__dict__.get("settings"), self.__dict__.get("param_groups")
+        if settings is None or not (name in HFSettings.keys() or name == "initial_damping"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if groups and name in HFSettings.GROUP_KEYS:
+            values = [group[name] for group in groups]
+            if any(value != values[0] for value in values):
+                raise AttributeError(
+                    f"`{name}` differs between param groups ({values!r}); read "
+                    f"`opt.param_groups[i][{name!r}]`."
+                )
+            return values[0]
+        return getattr(settings, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Refuse ``opt.cg_max_iter = 50`` and the like once built: the attribute reads the
+        setting, but an assignment would only shadow it (the optimizer reads the groups).
+        Real attributes (``opt.precond``, the preconditioner the steps use) stay assignable."""
+        built = "_group_view" in self.__dict__  # set last in __init__, after self.precond
+        setting = name in HFSettings.keys() or name == "initial_damping"
+        if built and setting and name not in self.__dict__:
+            if name in HFSettings.GROUP_KEYS and name != "damping":
+                raise AttributeError(
+                    f"`opt.{name} = {value!r}` would not change HessianFree: its "
+                    "hyperparameters live in the param groups, as in torch.optim; set "
+                    f"`for group in opt.param_groups: group[{name!r}] = {value!r}`."
+                )
+            if name in ("damping", "initial_damping"):
+                raise AttributeError(
+                    f"`{name}` cannot be assigned: `opt.damping` is the current λ, which "
+                    "the optimizer adapts; pass the initial one as HessianFree(damping=...)."
+                )
+            raise AttributeError(
+                f"`{name}` is fixed at construction; build a new HessianFree(..., "
+                f"{name}=...) instead (load_state_dict(old.state_dict()) carries the state)."
+            )
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict:
+        """What ``copy.deepcopy`` and ``pickle`` keep: everything but the hooks (as torch).
+
+        torch's ``Optimizer.__getstate__`` keeps only ``defaults``, ``state`` and
+        ``param_groups`` (its optimizers keep nothing else); HessianFree's settings,
+        preconditioner and random generator must come along for the copy to step on.
+        """
+        hooks = [k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")]
+        return {k: v for k, v in self.__dict__.items() if k not in hooks}
 
     def _shared_group_values(self) -> dict:
         group = self.param_groups[0]
