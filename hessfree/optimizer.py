@@ -1152,6 +1152,19 @@ class HessianFree(torch.optim.Optimizer):
                 + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, Mapping) else "")
                 + "."
             )
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"`state_dict` has {len(groups)} param group(s) but this optimizer "
+                f"{len(self.param_groups)}: it was saved for another model or group layout."
+            )
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
+            n = len(saved.get("params", ())) if isinstance(saved, Mapping) else None
+            if n is not None and n != len(group["params"]):
+                raise ValueError(
+                    f"`state_dict['param_groups'][{i}]` holds {n} parameters in the state dict "
+                    f"but {len(group['params'])} here: it was saved for another model or group "
+                    "layout."
+                )
         for i, saved in enumerate(groups):
             foreign = sorted(set(saved) & _FOREIGN_GROUP_KEYS) if isinstance(saved, Mapping) else []
             if foreign:
@@ -1302,9 +1315,18 @@ class HessianFree(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _global_state(self) -> dict:
-        """State shared by all groups, stored under the first parameter (as LBFGS does)."""
+        """State shared by all groups, stored under the first parameter (as LBFGS does).
+
+        The first that requires gradients: freezing it mid-training (or unfreezing one before
+        it) moves the state to the new first one, instead of starting afresh there.
+        """
         state = self.state[self._params()[0]]
         if "damping" not in state:
+            held = next((s for s in self.state.values() if "damping" in s), None)
+            if held is not None:
+                state.update(held)
+                held.clear()
+                return state
             state["damping"] = self.settings.initial_damping
             state["step"] = 0
             state["failures"] = 0

@@ -119,6 +119,59 @@ def test_lr_attribute_reads_the_groups_current_value_as_a_scheduler_left_it():
         _ = opt.lr
 
 
+# ------------------------------------------------------------------------------ state
+def test_freezing_the_first_parameter_keeps_damping_and_the_step_count():
+    # The state all groups share (λ, step count, warm start) lived under the first parameter
+    # that requires grad: freezing it mid-training moved that key, and the next step started
+    # afresh (λ recalibrated, step 0). Oracle: freezing another parameter, which kept it.
+    counts = {}
+    for frozen in (0, 3):
+        model = _mlp()
+        opt = HessianFree(model.parameters(), precond=None)
+        for _ in range(3):
+            opt.step(_closure(model))
+        damping, step = opt.damping, opt.state_dict()["state"][0]["step"]
+        p = list(model.parameters())[frozen]
+        p.requires_grad_(False)
+        before = p.detach().clone()
+        opt.step(_closure(model))
+        assert opt.last_step.damping == damping and torch.equal(p, before)
+        steps = [s["step"] for s in opt.state_dict()["state"].values() if "step" in s]
+        counts[frozen] = (step, steps)
+        p.requires_grad_(True)  # and back: one shared state still
+        opt.step(_closure(model))
+        assert [s["step"] for s in opt.state_dict()["state"].values() if "step" in s] == [5]
+    assert counts[0] == counts[3] == (3, [4])
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            lambda ps: ps[:3],
+            r"\['param_groups'\]\[0\]` holds 4 parameters in the state dict but 3 here",
+        ),
+        (
+            lambda ps: [{"params": ps[:2]}, {"params": ps[2:]}],
+            r"has 1 param group\(s\) but this optimizer 2",
+        ),
+    ],
+)
+def test_load_state_dict_of_another_layout_names_the_counts_and_changes_nothing(build, match):
+    # torch said only "doesn't match the size of optimizer's group"; with K-FAC's state
+    # HessianFree said "layers[1] must be [weight index, ...]"
+    model = _mlp()
+    opt = HessianFree(model.parameters())
+    opt.step(_closure(model))
+    saved = opt.state_dict()
+    other = _mlp()
+    target = HessianFree(build(list(other.parameters())), cg_max_iter=7)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(saved)
+    assert target.cg_max_iter == 7 and not target.state
+    torch.optim.SGD(build(list(other.parameters())), lr=0.1)  # the layout itself is fine
+
+
 @pytest.mark.parametrize(
     ("saved", "loaded"), [(torch.float64, torch.float32), (torch.float32, torch.float64)]
 )
