@@ -95,6 +95,8 @@ def test_assigning_a_hyperparameter_attribute_is_refused_with_the_way_that_works
         opt.lr = 0.5
     with pytest.raises(AttributeError, match=r"`curvature` is fixed at construction"):
         opt.curvature = "hessian"
+    with pytest.raises(AttributeError, match=r"`damping` cannot be assigned.*\(damping=\.\.\.\)"):
+        opt.damping = 1.0  # the current λ (a property); was torch's "property has no setter"
     assert opt.cg_max_iter == "auto" and opt.lr == 1.0
     for group in opt.param_groups:  # the way the message names works, and is read back
         group["cg_max_iter"] = 3
