@@ -1113,8 +1113,12 @@ class HessianFree(torch.optim.Optimizer):
         A snapshot, unlike torch's optimizers' (whose per-parameter entries are the live state
         dicts and tensors): the state's tensors are copied (the warm start, one vector; the
         step updates it in place), so later steps do not change it and keeping one in memory
-        needs no ``copy.deepcopy``."""
-        out = super().state_dict()
+        needs no ``copy.deepcopy``.
+
+        Post-hooks (``register_state_dict_post_hook``) run last, as torch runs them, so they
+        see ``'precond'`` too."""
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            out = super().state_dict()
         out["state"] = {k: _copied(v) for k, v in out["state"].items()}
         precond = self._stateful_precond()
         if precond is not None:
@@ -1126,6 +1130,10 @@ class HessianFree(torch.optim.Optimizer):
                     for m in precond.layers
                 ]
             out["precond"] = {"type": type(precond).__name__, "state": state}
+        for hook in post_hooks:
+            result = hook(self, out)
+            if result is not None:
+                out = result
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -1135,7 +1143,9 @@ class HessianFree(torch.optim.Optimizer):
         optimizer's value for it. The groups' values and the preconditioner's state are checked
         first: a state dict that is refused leaves the optimizer as it was. A built-in
         preconditioner (K-FAC, Nyström) gets the saved state, or starts afresh if there is none
-        (a state dict of an older version).
+        (a state dict of an older version). Pre-hooks (``register_load_state_dict_pre_hook``)
+        run first, as torch runs them, so one may adapt a state dict saved for other
+        parameters before it is checked; post-hooks run once everything is loaded.
 
         Raises:
             ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
@@ -1144,6 +1154,12 @@ class HessianFree(torch.optim.Optimizer):
                 or shapes, NaN/Inf).
             TypeError: If a value has the wrong type.
         """
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # shallow copy, as torch's
+            for hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
         groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
         if not isinstance(groups, list | tuple) or "state" not in state_dict:
             raise ValueError(
@@ -1177,7 +1193,11 @@ class HessianFree(torch.optim.Optimizer):
                 keys = HFSettings.GROUP_KEYS
                 self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in keys})
         restore_precond = self._precond_loader(state_dict.get("precond"))
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "precond"})
+        with (
+            _hooks_held(self, "_optimizer_load_state_dict_pre_hooks"),
+            _hooks_held(self, "_optimizer_load_state_dict_post_hooks") as post_hooks,
+        ):
+            super().load_state_dict({k: v for k, v in state_dict.items() if k != "precond"})
         for key, value in self.state.items():  # torch's load keeps the caller's tensors
             self.state[key] = _copied(value)
         restore_precond()
@@ -1185,6 +1205,8 @@ class HessianFree(torch.optim.Optimizer):
             for key in HFSettings.GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
         self._current_settings()  # validate what was loaded
+        for hook in post_hooks:
+            hook(self)
 
     def _precond_loader(self, saved: object) -> Callable[[], None]:
         """Check a saved preconditioner state now; return what installs it (after the rest)."""
@@ -2780,6 +2802,18 @@ def _stochastic_modules() -> Iterator[list[type]]:
         yield found
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def _hooks_held(optimizer: torch.optim.Optimizer, name: str) -> Iterator[list[Callable]]:
+    """Hold back the torch.optim hooks stored in ``name`` from a ``super()`` call that would
+    run them before HessianFree's own part; the caller runs the yielded hooks at their place."""
+    hooks = getattr(optimizer, name)
+    setattr(optimizer, name, type(hooks)())
+    try:
+        yield list(hooks.values())
+    finally:
+        setattr(optimizer, name, hooks)
 
 
 def _same(t: Tensor) -> Tensor:

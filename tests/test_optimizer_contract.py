@@ -365,6 +365,34 @@ def test_optimizer_hooks_fire_once_per_step_and_per_state_dict_call():
     assert seen == ["step_pre", "step_post", "save_pre", "save_post", "load_pre", "load_post"]
 
 
+def test_state_dict_hooks_see_what_hessianfree_saves_and_may_adapt_what_it_loads():
+    # torch runs state_dict post-hooks last and load pre-hooks first, and its docs suggest a
+    # pre-hook to adapt a state dict saved for other parameters; HessianFree added 'precond'
+    # after the post-hooks and checked the dict (K-FAC's state) before the pre-hooks
+    model = _mlp()
+    opt = HessianFree(model.parameters())  # precond='auto': K-FAC, whose state is saved
+    opt.step(_closure(model))
+    saved_keys = []
+    opt.register_state_dict_post_hook(lambda o, sd: saved_keys.append(sorted(sd)))
+    saved = opt.state_dict()
+    assert saved_keys == [["param_groups", "precond", "state"]]
+
+    def drop_last_bias(o, sd):  # a model without the output bias, and without K-FAC
+        sd = copy.deepcopy(sd)
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:3]
+        sd["state"].pop(3, None)
+        sd.pop("precond")
+        return sd
+
+    other = _mlp()
+    target = HessianFree(list(other.parameters())[:3], precond=None)
+    target.register_load_state_dict_pre_hook(drop_last_bias)
+    loaded = []
+    target.register_load_state_dict_post_hook(lambda o: loaded.append(o.damping))
+    target.load_state_dict(saved)
+    assert loaded == [opt.damping] and "precond" in saved
+
+
 # ------------------------------------------------------------------------------ modules
 def test_orthogonal_parametrization_stays_orthogonal_and_descends():
     # the optimizer steps the parametrization's `original`; the weight the model uses is
