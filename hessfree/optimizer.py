@@ -1113,8 +1113,12 @@ class HessianFree(torch.optim.Optimizer):
         A snapshot, unlike torch's optimizers' (whose per-parameter entries are the live state
         dicts and tensors): the state's tensors are copied (the warm start, one vector; the
         step updates it in place), so later steps do not change it and keeping one in memory
-        needs no ``copy.deepcopy``."""
-        out = super().state_dict()
+        needs no ``copy.deepcopy``.
+
+        Post-hooks (``register_state_dict_post_hook``) run last, as torch runs them, so they
+        see ``'precond'`` too."""
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            out = super().state_dict()
         out["state"] = {k: _copied(v) for k, v in out["state"].items()}
         precond = self._stateful_precond()
         if precond is not None:
@@ -1126,6 +1130,10 @@ class HessianFree(torch.optim.Optimizer):
                     for m in precond.layers
                 ]
             out["precond"] = {"type": type(precond).__name__, "state": state}
+        for hook in post_hooks:
+            result = hook(self, out)
+            if result is not None:
+                out = result
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -1135,7 +1143,9 @@ class HessianFree(torch.optim.Optimizer):
         optimizer's value for it. The groups' values and the preconditioner's state are checked
         first: a state dict that is refused leaves the optimizer as it was. A built-in
         preconditioner (K-FAC, Nyström) gets the saved state, or starts afresh if there is none
-        (a state dict of an older version).
+        (a state dict of an older version). Pre-hooks (``register_load_state_dict_pre_hook``)
+        run first, as torch runs them, so one may adapt a state dict saved for other
+        parameters before it is checked; post-hooks run once everything is loaded.
 
         Raises:
             ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
@@ -1144,6 +1154,12 @@ class HessianFree(torch.optim.Optimizer):
                 or shapes, NaN/Inf).
             TypeError: If a value has the wrong type.
         """
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)  # shallow copy, as torch's
+            for hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
         groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
         if not isinstance(groups, list | tuple) or "state" not in state_dict:
             raise ValueError(
@@ -1152,6 +1168,19 @@ class HessianFree(torch.optim.Optimizer):
                 + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, Mapping) else "")
                 + "."
             )
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"`state_dict` has {len(groups)} param group(s) but this optimizer "
+                f"{len(self.param_groups)}: it was saved for another model or group layout."
+            )
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
+            n = len(saved.get("params", ())) if isinstance(saved, Mapping) else None
+            if n is not None and n != len(group["params"]):
+                raise ValueError(
+                    f"`state_dict['param_groups'][{i}]` holds {n} parameters in the state dict "
+                    f"but {len(group['params'])} here: it was saved for another model or group "
+                    "layout."
+                )
         for i, saved in enumerate(groups):
             foreign = sorted(set(saved) & _FOREIGN_GROUP_KEYS) if isinstance(saved, Mapping) else []
             if foreign:
@@ -1164,7 +1193,11 @@ class HessianFree(torch.optim.Optimizer):
                 keys = HFSettings.GROUP_KEYS
                 self.settings.replace(**{k: saved.get(k, self.defaults[k]) for k in keys})
         restore_precond = self._precond_loader(state_dict.get("precond"))
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "precond"})
+        with (
+            _hooks_held(self, "_optimizer_load_state_dict_pre_hooks"),
+            _hooks_held(self, "_optimizer_load_state_dict_post_hooks") as post_hooks,
+        ):
+            super().load_state_dict({k: v for k, v in state_dict.items() if k != "precond"})
         for key, value in self.state.items():  # torch's load keeps the caller's tensors
             self.state[key] = _copied(value)
         restore_precond()
@@ -1172,6 +1205,8 @@ class HessianFree(torch.optim.Optimizer):
             for key in HFSettings.GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
         self._current_settings()  # validate what was loaded
+        for hook in post_hooks:
+            hook(self)
 
     def _precond_loader(self, saved: object) -> Callable[[], None]:
         """Check a saved preconditioner state now; return what installs it (after the rest)."""
@@ -1224,11 +1259,59 @@ class HessianFree(torch.optim.Optimizer):
         return out
 
     def __getattr__(self, name: str) -> object:
-        """Read a hyperparameter as an attribute (``opt.cg_max_iter``): ``self.settings``'s."""
-        settings = self.__dict__.get("settings")
-        if settings is not None and (name in HFSettings.keys() or name == "initial_damping"):
-            return getattr(settings, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        """Read a hyperparameter as an attribute (``opt.cg_max_iter``).
+
+        The param groups are the record (schedulers and users edit them, as in torch.optim):
+        a group key reads the groups' current value, ``lr`` and ``weight_decay`` only while
+        every group has the same; the others (``curvature``, ``precond``, ...) are
+        ``self.settings``'s.
+        """
+        settings, groups = self.__dict__.get("settings"), self.__dict__.get("param_groups")
+        if settings is None or not (name in HFSettings.keys() or name == "initial_damping"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if groups and name in HFSettings.GROUP_KEYS:
+            values = [group[name] for group in groups]
+            if any(value != values[0] for value in values):
+                raise AttributeError(
+                    f"`{name}` differs between param groups ({values!r}); read "
+                    f"`opt.param_groups[i][{name!r}]`."
+                )
+            return values[0]
+        return getattr(settings, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Refuse ``opt.cg_max_iter = 50`` and the like once built: the attribute reads the
+        setting, but an assignment would only shadow it (the optimizer reads the groups).
+        Real attributes (``opt.precond``, the preconditioner the steps use) stay assignable."""
+        built = "_group_view" in self.__dict__  # set last in __init__, after self.precond
+        setting = name in HFSettings.keys() or name == "initial_damping"
+        if built and setting and name not in self.__dict__:
+            if name in HFSettings.GROUP_KEYS and name != "damping":
+                raise AttributeError(
+                    f"`opt.{name} = {value!r}` would not change HessianFree: its "
+                    "hyperparameters live in the param groups, as in torch.optim; set "
+                    f"`for group in opt.param_groups: group[{name!r}] = {value!r}`."
+                )
+            if name in ("damping", "initial_damping"):
+                raise AttributeError(
+                    f"`{name}` cannot be assigned: `opt.damping` is the current λ, which "
+                    "the optimizer adapts; pass the initial one as HessianFree(damping=...)."
+                )
+            raise AttributeError(
+                f"`{name}` is fixed at construction; build a new HessianFree(..., "
+                f"{name}=...) instead (load_state_dict(old.state_dict()) carries the state)."
+            )
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict:
+        """What ``copy.deepcopy`` and ``pickle`` keep: everything but the hooks (as torch).
+
+        torch's ``Optimizer.__getstate__`` keeps only ``defaults``, ``state`` and
+        ``param_groups`` (its optimizers keep nothing else); HessianFree's settings,
+        preconditioner and random generator must come along for the copy to step on.
+        """
+        hooks = [k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")]
+        return {k: v for k, v in self.__dict__.items() if k not in hooks}
 
     def _shared_group_values(self) -> dict:
         group = self.param_groups[0]
@@ -1254,9 +1337,18 @@ class HessianFree(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _global_state(self) -> dict:
-        """State shared by all groups, stored under the first parameter (as LBFGS does)."""
+        """State shared by all groups, stored under the first parameter (as LBFGS does).
+
+        The first that requires gradients: freezing it mid-training (or unfreezing one before
+        it) moves the state to the new first one, instead of starting afresh there.
+        """
         state = self.state[self._params()[0]]
         if "damping" not in state:
+            held = next((s for s in self.state.values() if "damping" in s), None)
+            if held is not None:
+                state.update(held)
+                held.clear()
+                return state
             state["damping"] = self.settings.initial_damping
             state["step"] = 0
             state["failures"] = 0
@@ -2710,6 +2802,18 @@ def _stochastic_modules() -> Iterator[list[type]]:
         yield found
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def _hooks_held(optimizer: torch.optim.Optimizer, name: str) -> Iterator[list[Callable]]:
+    """Hold back the torch.optim hooks stored in ``name`` from a ``super()`` call that would
+    run them before HessianFree's own part; the caller runs the yielded hooks at their place."""
+    hooks = getattr(optimizer, name)
+    setattr(optimizer, name, type(hooks)())
+    try:
+        yield list(hooks.values())
+    finally:
+        setattr(optimizer, name, hooks)
 
 
 def _same(t: Tensor) -> Tensor:
