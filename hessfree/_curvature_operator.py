@@ -68,6 +68,10 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             stochastic modules in training mode.
     """
 
+    #: How the matrix scales with the loss: 1 (Hessian, GGN: linear), 2 (the Fisher: quadratic
+    #: in the gradients), which sets how batches holding unequal shares of a mean combine.
+    _share_power = 1
+
     def __init__(
         self,
         model: nn.Module | Callable[[Any], Tensor],
@@ -102,6 +106,7 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             progress=progress,
             allow_training_mode=allow_training_mode,
             process_group=process_group,
+            share_power=self._share_power,
         )
         self._setup(source, dtype)
         source.load(data)  # last, after the cheap checks: it may run a forward pass

@@ -218,6 +218,10 @@ class FisherLinearOperator(CurvatureLinearOperator):
         array([68.])
     """
 
+    # Quadratic in the loss: over batches with unequal shares of a mean (class weights,
+    # ignore_index), each batch's Fisher is weighted by its share squared (_product_sources).
+    _share_power = 2
+
     def _make_product(self, loss: Tensor, outputs: Tensor) -> CurvatureProduct:
         return FisherProduct(loss, outputs, self.params, reduction=self.reduction)
 
