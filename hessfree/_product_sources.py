@@ -36,6 +36,7 @@ from ._model_data import (
     _call_model,
     _check_model,
     _check_rows,
+    _check_same_examples,
     _import_tqdm,
     _resolve_params,
     _resolve_reduction,
@@ -134,6 +135,8 @@ class _DataProducts:
     def load(self, data: tuple[Any, Any] | Iterable[Sequence[Any]]) -> None:
         """Check ``data`` (shapes and the loss on its first batch); cache one batch's graph."""
         single = _single_batch(data)
+        if single is None:
+            _check_same_examples(data)
         self._data = [single] if single is not None else data
         if single is not None and self.cache_graph:
             # One forward pass, here; every product reuses its graph.

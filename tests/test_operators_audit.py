@@ -142,6 +142,32 @@ def test_fisher_over_batches_is_the_fisher_of_all_the_data_for_class_weighted_lo
     )
 
 
+def test_a_dataloader_that_draws_other_examples_on_each_pass_is_refused():
+    # shuffle=True with drop_last=True drops a different remainder on every pass: products of
+    # different matrices, which CG and ARPACK cannot tell from one (15% apart here).
+    model, (x, y) = _mlp(), _ten_cases()
+    dataset = TensorDataset(x, y)
+    samplers = torch.utils.data
+    for loader, why in (
+        (DataLoader(dataset, batch_size=4, shuffle=True, drop_last=True), "drops a random 2"),
+        (DataLoader(dataset, 4, sampler=samplers.RandomSampler(dataset, True)), "replacement"),
+        (DataLoader(dataset, 4, sampler=samplers.RandomSampler(dataset, num_samples=6)), "subset"),
+        (DataLoader(dataset, 4, sampler=samplers.WeightedRandomSampler([1.0] * 10, 10)), "Weig"),
+    ):
+        with pytest.raises(ValueError, match=rf"different examples on every pass: .*{why}"):
+            GGNLinearOperator(model, F.mse_loss, loader)
+    # shuffling all the data only reorders a sum: accepted, and the full-data matrix
+    M = _oracle(model, x, y, F.mse_loss)["G"]
+    V = _vectors(M.shape[0])
+    torch.manual_seed(0)
+    for loader in (
+        DataLoader(dataset, batch_size=4, shuffle=True),
+        DataLoader(dataset, batch_size=5, shuffle=True, drop_last=True),  # nothing dropped
+        DataLoader(dataset, batch_size=4, sampler=samplers.SubsetRandomSampler(range(10))),
+    ):
+        np.testing.assert_allclose(GGNLinearOperator(model, F.mse_loss, loader) @ V, M @ V, **EXACT)
+
+
 # ------------------------------------------------------------------------------ model kinds
 class _Tagger(nn.Module):
     """A GRU sequence tagger: ``(N, T, 3)`` in, ``(N, T, C)`` or, for cross-entropy with the
