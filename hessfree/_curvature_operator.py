@@ -69,6 +69,8 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             inputs, ``loss_fn`` does not
             return a scalar, ``reduction`` is not ``'mean'``/``'sum'``, or the model has
             stochastic modules in training mode.
+        RuntimeError: From a product or :meth:`gradient` of a cached graph, if ``params``
+            changed in place since construction (build a new operator at the new parameters).
     """
 
     #: How the matrix scales with the loss: 1 (Hessian, GGN: linear), 2 (the Fisher: quadratic

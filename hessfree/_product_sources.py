@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_reaches_params, check_scalar_loss
+from ._checks import ParamVersions, check_reaches_params, check_scalar_loss
 from ._flat import ParamLayout
 from ._model_data import (
     _as_pair,
@@ -129,6 +129,7 @@ class _DataProducts:
         self.shape, self.dtype, self.device = (n, n), self.layout.dtype, self.layout.device
         self._data: Iterable[Sequence[Any]] = []
         self._product: CurvatureProduct | None = None
+        self._versions: ParamVersions | None = None  # of the cached product's parameters
         self._size: float = 0
         self._rows: float = 0
 
@@ -141,6 +142,7 @@ class _DataProducts:
         if single is not None and self.cache_graph:
             # One forward pass, here; every product reuses its graph.
             self._product, self._size, self._rows = self._build(self._batch(single, "data"))
+            self._versions = ParamVersions(self.params)
             return
         first = next(iter(self._data), None)  # validate shapes and the loss on one batch
         if first is None:
@@ -235,9 +237,17 @@ class _DataProducts:
         return self._across_ranks(r.mul_(w), self._size, self._rows, power)
 
     # ---- the source's interface
+    def _check_cache(self) -> None:
+        if self._versions is not None:
+            self._versions.check(
+                "Build a new operator at the new parameters, or pass cache_graph=False for "
+                "products at the current ones."
+            )
+
     def apply(self, V: Tensor) -> Tensor:
         power = self._share_power
         if self._product is not None:
+            self._check_cache()
             return self._cached_across_ranks(_product_rows(self._product, V), power)
 
         def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, float, float]:
@@ -249,6 +259,7 @@ class _DataProducts:
     def gradient(self) -> Tensor:
         """Free with a cached graph; else one forward and backward pass per batch."""
         if self._product is not None:
+            self._check_cache()
             g = _product_gradient(self._product)
             return self._cached_across_ranks(g.clone(), 1) if self._ranks.active else g
 

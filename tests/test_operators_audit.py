@@ -340,6 +340,30 @@ def test_wrong_lengths_and_bad_later_batches_are_named():
         op @ np.ones(n)
 
 
+def test_products_after_the_parameters_changed_in_place_are_refused():
+    # A cached graph holds the parameters it was built at: after optimizer.step() its products
+    # used to be the old curvature for some layers and torch's in-place error for others.
+    model, (x, y) = _mlp(), _ten_cases()
+    ops = [cls(model, F.mse_loss, (x, y)) for cls in KINDS.values()]
+    J = JacobianLinearOperator(model, x)
+    uncached = GGNLinearOperator(model, F.mse_loss, (x, y), cache_graph=False)
+    batched = GGNLinearOperator(model, F.mse_loss, [(x[:4], y[:4]), (x[4:], y[4:])])
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    v = _vectors(J.shape[1], 1)[:, 0]
+    for op in ops:
+        with pytest.raises(RuntimeError, match=r"changed in place.*0 \(shape \(5, 3\)\).*new"):
+            op @ v
+        with pytest.raises(RuntimeError, match="changed in place"):
+            op.gradient()
+    for apply in (lambda: J @ v, lambda: J.H @ np.ones(J.shape[0])):
+        with pytest.raises(RuntimeError, match="changed in place"):
+            apply()
+    G = _oracle(model, x, y, F.mse_loss)["G"]  # without a cache: the current parameters
+    np.testing.assert_allclose(uncached @ v, G @ v, **EXACT)
+    np.testing.assert_allclose(batched @ v, G @ v, **EXACT)
+
+
 # ------------------------------------------------------------------------------ cost
 def test_a_jacobian_and_a_cached_operator_run_one_forward_pass_in_all():
     model, (x, y) = _mlp(), _ten_cases()
