@@ -359,6 +359,16 @@ def test_products_after_the_parameters_changed_in_place_are_refused():
     for apply in (lambda: J @ v, lambda: J.H @ np.ones(J.shape[0])):
         with pytest.raises(RuntimeError, match="changed in place"):
             apply()
+    # a middle layer of a deeper net: the Jacobian's products mixed old activations with the
+    # new weights (23% off the current Jacobian in experiments/_ops.py), without a word
+    torch.manual_seed(0)
+    deep = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 2))
+    Jd = JacobianLinearOperator(deep.double(), x)
+    Jd @ np.ones(Jd.shape[1])  # builds the R-op graph
+    with torch.no_grad():
+        deep[2].weight.add_(0.1)
+    with pytest.raises(RuntimeError, match=r"parameter 2 \(shape \(5, 5\)\)"):
+        Jd @ np.ones(Jd.shape[1])
     G = _oracle(model, x, y, F.mse_loss)["G"]  # without a cache: the current parameters
     np.testing.assert_allclose(uncached @ v, G @ v, **EXACT)
     np.testing.assert_allclose(batched @ v, G @ v, **EXACT)
