@@ -198,8 +198,14 @@ class _DataProducts:
         (:math:`N_b` the batch's share of a ``'mean'`` loss, :func:`_batch_count`; :math:`R_b`
         its rows), ``power`` 1 for products linear in the loss, 2 for the Fisher."""
         total, count, rows = None, 0, 0
-        for batch in self._batches():
-            r, size, n = per_batch(batch)
+        for i, batch in enumerate(self._batches()):
+            try:
+                r, size, n = per_batch(batch)
+            except (ValueError, TypeError) as err:
+                if type(err) not in (ValueError, TypeError):
+                    raise
+                # which of many batches failed: the model's or the loss's message alone does not say
+                raise type(err)(f"In `data[{i}]`: {err}") from err
             if size == 0 and self.reduction == "mean":
                 continue  # every target ignored: NaN loss, no share of the mean over the data
             # 'mean': sum N_b r_b / sum N_b, so a ragged last batch weighs only its share.

@@ -335,8 +335,13 @@ def test_wrong_lengths_and_bad_later_batches_are_named():
     with pytest.raises(ValueError, match=rf"must have shape \({m}, k\).*got \({n}, 2\)"):
         J.rmatmat(np.ones((n, 2)))
     op = HessianLinearOperator(model, F.mse_loss, [(x[:4], y[:4]), (x[4:8], y[4:7])])
-    shapes = r"outputs of shape \(4, 2\) and targets of shape \(3, 2\)"
+    shapes = r"In `data\[1\]`: `loss_fn` failed on outputs of shape \(4, 2\) and targets of shape"
     with pytest.raises(ValueError, match=shapes), pytest.warns(UserWarning, match="target size"):
+        op @ np.ones(n)
+    op = GGNLinearOperator(model, F.mse_loss, [(x[:4], y[:4]), (x[4:], y[4:]), (x[:2, :2], y[:2])])
+    with pytest.raises(
+        ValueError, match=r"In `data\[2\]`: `model` failed on `inputs` of shape \(2, 2\)"
+    ):
         op @ np.ones(n)
 
 
