@@ -150,3 +150,33 @@ def check_reaches_params(name: str, parts: Sequence[Tensor | None], num_params: 
     """
     if all(t is None for t in parts):
         raise unreached_params_error(name, num_params)
+
+
+class ParamVersions:
+    """The in-place version counters of ``params`` when a graph over them was built.
+
+    A graph holds the parameters it was built at; after ``optimizer.step()`` or
+    ``load_state_dict`` its products would use the old values, or torch's in-place check
+    would fail, depending on which layer changed. :meth:`check` says so plainly instead.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.versions = [p._version for p in self.params]
+
+    def check(self, fix: str) -> None:
+        """Raise ``RuntimeError`` naming the first changed parameter and suggesting ``fix``."""
+        changed = [
+            i
+            for i, (p, v) in enumerate(zip(self.params, self.versions, strict=True))
+            if p._version != v
+        ]
+        if changed:
+            i = changed[0]
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            raise RuntimeError(
+                f"`params` changed in place since the operator was built: parameter {i} "
+                f"(shape {tuple(self.params[i].shape)}){more}, e.g. by optimizer.step() or "
+                "load_state_dict(). The operator holds the graph of the parameters it was "
+                f"built at, so its products would mix old and new values. {fix}"
+            )

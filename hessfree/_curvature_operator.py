@@ -36,8 +36,9 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, e.g. ``nn.MSELoss()`` or
             ``F.cross_entropy``.
         data: One ``(inputs, targets)`` batch (``inputs`` a tensor), or a re-iterable of
-            batches (a list, a ``DataLoader``; a generator is refused). Tensors are moved to
-            the parameters' device.
+            batches (a list, a ``DataLoader``; a generator is refused, and so is a
+            ``DataLoader`` that draws other examples on each pass, e.g. ``shuffle=True`` with
+            ``drop_last=True``). Tensors are moved to the parameters' device.
         params: The tensors to differentiate with respect to; default: the trainable
             parameters of ``model`` in ``model.parameters()`` order (required when ``model``
             is not an ``nn.Module``).
@@ -62,11 +63,19 @@ class CurvatureLinearOperator(_TorchLinearOperator):
     Raises:
         TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, or a
             one-shot iterator as ``data``.
-        ValueError: If ``data`` is empty or a batch has zero rows, ``model`` fails on the
+        ValueError: If ``data`` is empty, a batch has zero rows, a ``DataLoader`` draws
+            different examples on each pass (a random remainder dropped, a sampler with
+            replacement or of a random subset), ``model`` fails on the
             inputs, ``loss_fn`` does not
             return a scalar, ``reduction`` is not ``'mean'``/``'sum'``, or the model has
             stochastic modules in training mode.
+        RuntimeError: From a product or :meth:`gradient` of a cached graph, if ``params``
+            changed in place since construction (build a new operator at the new parameters).
     """
+
+    #: How the matrix scales with the loss: 1 (Hessian, GGN: linear), 2 (the Fisher: quadratic
+    #: in the gradients), which sets how batches holding unequal shares of a mean combine.
+    _share_power = 1
 
     def __init__(
         self,
@@ -102,6 +111,7 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             progress=progress,
             allow_training_mode=allow_training_mode,
             process_group=process_group,
+            share_power=self._share_power,
         )
         self._setup(source, dtype)
         source.load(data)  # last, after the cheap checks: it may run a forward pass

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from ._checks import check_choice
 from ._flat import trainable
@@ -171,6 +172,48 @@ def _single_batch(data: object) -> tuple[Any, Any] | None:
             "the data again, so pass a list of batches or a DataLoader."
         )
     return None
+
+
+def _redraw_reason(data: object) -> str | None:
+    """Why a ``DataLoader`` draws a different multiset of examples on each pass, or ``None``.
+
+    Shuffling only reorders a sum over all the data; drawing with replacement, a random subset
+    or dropping a random remainder changes the sum, so each product would have another matrix.
+    """
+    if not isinstance(data, DataLoader) or data.batch_size is None:
+        return None  # a custom batch_sampler: nothing known about its draws
+    sampler = data.sampler
+    if isinstance(sampler, WeightedRandomSampler):
+        return "a WeightedRandomSampler draws a random multiset of examples"
+    if isinstance(sampler, RandomSampler):
+        if sampler.replacement:
+            return "a RandomSampler with replacement=True draws a random multiset of examples"
+        if sampler.num_samples != len(sampler.data_source):
+            return (
+                f"a RandomSampler with num_samples={sampler.num_samples} of "
+                f"{len(sampler.data_source)} examples draws a random subset"
+            )
+    elif not isinstance(sampler, SubsetRandomSampler):
+        return None  # a fixed order: the same examples every pass
+    dropped = len(sampler) % data.batch_size if data.drop_last else 0
+    if dropped:
+        return (
+            f"shuffle=True with drop_last=True drops a random {dropped} of the {len(sampler)} "
+            f"examples ({len(sampler)} % batch_size {data.batch_size})"
+        )
+    return None
+
+
+def _check_same_examples(data: object) -> None:
+    """Refuse a ``DataLoader`` whose passes draw different examples (:func:`_redraw_reason`)."""
+    reason = _redraw_reason(data)
+    if reason is not None:
+        raise ValueError(
+            f"`data` is a DataLoader that draws different examples on every pass: {reason}. "
+            "Every product iterates over the data again, so the products would not come from "
+            "one matrix. Use shuffle=False (the curvature over all the data does not depend on "
+            "the order) and drop_last=False, or pass a fixed list of batches."
+        )
 
 
 def _check_rows(inputs: Any, where: str) -> None:

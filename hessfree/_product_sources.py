@@ -8,7 +8,12 @@ A *source* applies the curvature to a flat ``v`` or to the rows of a ``(k, n)`` 
   :math:`w_b = N_b / N` for ``'mean'`` and :math:`1` for ``'sum'`` (notation of
   :mod:`hessfree.operators`). One batch with ``cache_graph``: one product built at load and
   reused; otherwise one forward pass and one product per batch and call. Sums over the ranks
-  of a process group when one is active.
+  of a process group when one is active. The empirical Fisher is quadratic in the loss, not
+  linear: with ``share_power=2`` a ``'mean'`` weighs batch :math:`b`'s Fisher :math:`F_b`
+  (itself :math:`R_b \sum_{i \in b} \hat g_i \hat g_i^\top` over its :math:`R_b` rows) as
+  :math:`F = \tfrac{R}{N^2} \sum_b \tfrac{N_b^2}{R_b} F_b`, :math:`R = \sum_b R_b`: the Fisher
+  of the loss on all the data at once when batches hold unequal shares of it (class weights,
+  ``ignore_index``); the same as :math:`\sum_b w_b F_b` when :math:`N_b = R_b`.
 * :class:`_FixedProduct` (:meth:`~hessfree.CurvatureLinearOperator.from_product`): one
   product object, used as it is; no data, no ranks.
 """
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_reaches_params, check_scalar_loss
+from ._checks import ParamVersions, check_reaches_params, check_scalar_loss
 from ._flat import ParamLayout
 from ._model_data import (
     _as_pair,
@@ -31,6 +36,7 @@ from ._model_data import (
     _call_model,
     _check_model,
     _check_rows,
+    _check_same_examples,
     _import_tqdm,
     _resolve_params,
     _resolve_reduction,
@@ -104,10 +110,12 @@ class _DataProducts:
         progress: bool,
         allow_training_mode: bool,
         process_group: object | None,
+        share_power: int = 1,
     ) -> None:
         _check_model(model, allow_training_mode)
         self._ranks = Averager(process_group)
-        self._global_count: float | None = None
+        self._global_counts: tuple[float, float] | None = None  # (N, R) over all the ranks
+        self._share_power = share_power  # 1: H, G (linear in the loss); 2: the Fisher
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
         self.params = _resolve_params(model, params)
@@ -121,15 +129,20 @@ class _DataProducts:
         self.shape, self.dtype, self.device = (n, n), self.layout.dtype, self.layout.device
         self._data: Iterable[Sequence[Any]] = []
         self._product: CurvatureProduct | None = None
+        self._versions: ParamVersions | None = None  # of the cached product's parameters
         self._size: float = 0
+        self._rows: float = 0
 
     def load(self, data: tuple[Any, Any] | Iterable[Sequence[Any]]) -> None:
         """Check ``data`` (shapes and the loss on its first batch); cache one batch's graph."""
         single = _single_batch(data)
+        if single is None:
+            _check_same_examples(data)
         self._data = [single] if single is not None else data
         if single is not None and self.cache_graph:
             # One forward pass, here; every product reuses its graph.
-            self._product, self._size = self._build(self._batch(single, "data"))
+            self._product, self._size, self._rows = self._build(self._batch(single, "data"))
+            self._versions = ParamVersions(self.params)
             return
         first = next(iter(self._data), None)  # validate shapes and the loss on one batch
         if first is None:
@@ -150,13 +163,15 @@ class _DataProducts:
             move(targets) if isinstance(targets, Tensor) else targets,
         )
 
-    def _build(self, batch: tuple[Any, Any]) -> tuple[CurvatureProduct, float]:
+    def _build(self, batch: tuple[Any, Any]) -> tuple[CurvatureProduct, float, float]:
+        """The batch's product, its share :math:`N_b` of a ``'mean'`` and its rows :math:`R_b`."""
         inputs, targets = batch
         with torch.enable_grad():
             outputs = _call_model(self._model, inputs)
             loss = _call_loss(self._loss_fn, outputs, targets)
             product = self._make_product(loss, outputs)
-        return product, _batch_count(self._loss_fn, outputs, targets)
+        rows = outputs.shape[0] if outputs.dim() else 1
+        return product, _batch_count(self._loss_fn, outputs, targets), rows
 
     # ---- all the batches: sum_b w_b r_b, then over the ranks
     def _batches(self) -> Iterator[tuple[Any, Any]]:
@@ -170,60 +185,91 @@ class _DataProducts:
         for i, batch in enumerate(data):
             yield self._batch(batch, f"data[{i}]")
 
-    def _weighted_sum(self, per_batch: Callable[[tuple[Any, Any]], tuple[Tensor, float]]) -> Tensor:
-        """:math:`\\sum_b w_b r_b` over the batches of ``per_batch(batch) -> (r_b, N_b)``
-        (:math:`N_b` the batch's share of a ``'mean'`` loss, :func:`_batch_count`)."""
-        total, count = None, 0
-        for batch in self._batches():
-            r, size = per_batch(batch)
+    def _weight(self, size: float, rows: float, power: int) -> float:
+        """Batch :math:`b`'s weight before the final division (:meth:`_across_ranks`)."""
+        if self.reduction != "mean":
+            return 1.0
+        return float(size) if power == 1 else float(size) ** 2 / float(rows)
+
+    def _weighted_sum(
+        self, per_batch: Callable[[tuple[Any, Any]], tuple[Tensor, float, float]], power: int
+    ) -> Tensor:
+        """:math:`\\sum_b w_b r_b` over the batches of ``per_batch(batch) -> (r_b, N_b, R_b)``
+        (:math:`N_b` the batch's share of a ``'mean'`` loss, :func:`_batch_count`; :math:`R_b`
+        its rows), ``power`` 1 for products linear in the loss, 2 for the Fisher."""
+        total, count, rows = None, 0, 0
+        for i, batch in enumerate(self._batches()):
+            try:
+                r, size, n = per_batch(batch)
+            except (ValueError, TypeError) as err:
+                if type(err) not in (ValueError, TypeError):
+                    raise
+                # which of many batches failed: the model's or the loss's message alone does not say
+                raise type(err)(f"In `data[{i}]`: {err}") from err
             if size == 0 and self.reduction == "mean":
                 continue  # every target ignored: NaN loss, no share of the mean over the data
             # 'mean': sum N_b r_b / sum N_b, so a ragged last batch weighs only its share.
-            w = float(size) if self.reduction == "mean" else 1.0
+            w = self._weight(size, n, power)
             total = r.mul_(w) if total is None else total.add_(r, alpha=w)
             count += size
+            rows += n
         if total is None:
             raise ValueError(
                 "`data` yielded no batches (or only batches whose targets are all the loss's "
                 "`ignore_index`); pass a non-empty list or DataLoader."
             )
-        return self._across_ranks(total, count)
+        return self._across_ranks(total, count, rows, power)
 
-    def _across_ranks(self, total: Tensor, count: float) -> Tensor:
-        r"""Finish :math:`\sum_b w_b r_b`: sum over the ranks, then divide by all the examples."""
+    def _across_ranks(self, total: Tensor, count: float, rows: float, power: int) -> Tensor:
+        r"""Finish :math:`\sum_b w_b r_b`: sum over the ranks, then divide by all the examples
+        (:math:`N`; :math:`N^2/R` for the Fisher)."""
         if self._ranks.active and self._ranks.world_size > 1:
             self._ranks.sum(total)
-            if self._global_count is None:  # the shards do not change: count them once
-                n = torch.tensor([float(count)], dtype=torch.float64, device=total.device)
-                self._global_count = float(self._ranks.sum(n))
-            count = self._global_count
-        return total.div_(count) if self.reduction == "mean" else total
+            if self._global_counts is None:  # the shards do not change: count them once
+                n = torch.tensor([float(count), float(rows)], dtype=torch.float64)
+                n = self._ranks.sum(n.to(total.device)).tolist()
+                self._global_counts = (n[0], n[1])
+            count, rows = self._global_counts
+        if self.reduction != "mean":
+            return total
+        # N^2/R is N exactly when the shares are the rows, so then the same division as for H, G
+        return total.div_(count if power == 1 else float(count) ** 2 / float(rows))
 
-    def _cached_across_ranks(self, r: Tensor) -> Tensor:
+    def _cached_across_ranks(self, r: Tensor, power: int) -> Tensor:
         """The cached batch's ``r`` as :math:`w_b r_b`, summed over the ranks (if any)."""
         if not self._ranks.active:
             return r
-        w = float(self._size) if self.reduction == "mean" else 1.0
-        return self._across_ranks(r.mul_(w), self._size)
+        w = self._weight(self._size, self._rows, power)
+        return self._across_ranks(r.mul_(w), self._size, self._rows, power)
 
     # ---- the source's interface
+    def _check_cache(self) -> None:
+        if self._versions is not None:
+            self._versions.check(
+                "Build a new operator at the new parameters, or pass cache_graph=False for "
+                "products at the current ones."
+            )
+
     def apply(self, V: Tensor) -> Tensor:
+        power = self._share_power
         if self._product is not None:
-            return self._cached_across_ranks(_product_rows(self._product, V))
+            self._check_cache()
+            return self._cached_across_ranks(_product_rows(self._product, V), power)
 
-        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, float]:
-            product, size = self._build(batch)
-            return _product_rows(product, V), size  # the batch's graph is freed on return
+        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, float, float]:
+            product, size, rows = self._build(batch)
+            return _product_rows(product, V), size, rows  # the batch's graph is freed on return
 
-        return self._weighted_sum(per_batch)
+        return self._weighted_sum(per_batch, power)
 
     def gradient(self) -> Tensor:
         """Free with a cached graph; else one forward and backward pass per batch."""
         if self._product is not None:
+            self._check_cache()
             g = _product_gradient(self._product)
-            return self._cached_across_ranks(g.clone()) if self._ranks.active else g
+            return self._cached_across_ranks(g.clone(), 1) if self._ranks.active else g
 
-        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, float]:
+        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, float, float]:
             inputs, targets = batch
             with torch.enable_grad():
                 outputs = _call_model(self._model, inputs)
@@ -232,6 +278,7 @@ class _DataProducts:
                 )
                 g = torch.autograd.grad(loss, self.params, allow_unused=True)
             check_reaches_params("loss_fn(outputs, targets)", g, len(self.params))
-            return self.layout.cat(g), _batch_count(self._loss_fn, outputs, targets)
+            rows = outputs.shape[0] if outputs.dim() else 1
+            return self.layout.cat(g), _batch_count(self._loss_fn, outputs, targets), rows
 
-        return self._weighted_sum(per_batch)
+        return self._weighted_sum(per_batch, 1)

@@ -29,9 +29,12 @@ every product is autograd on the products of :mod:`hessfree.curvature`.
 
 **Graphs.** With one batch the first-order graph is built once, at construction, and every
 product reuses it (one forward pass in all); ``cache_graph=False`` trades that memory for a
-forward pass per product. With several batches each product runs one forward pass per batch
-(``progress=True`` shows a tqdm bar). ``matmat`` (``lobpcg``, probes in
-:mod:`hessfree.spectral`) goes through the batched products (``is_grads_batched``).
+forward pass per product. A cached graph (and the Jacobian's, always cached) belongs to the
+parameters it was built at: once they change in place (``optimizer.step()``), its products
+raise ``RuntimeError``; the uncached products follow the current parameters. With several
+batches each product runs one forward pass per batch (``progress=True`` shows a tqdm bar).
+``matmat`` (``lobpcg``, probes in :mod:`hessfree.spectral`) goes through the batched products
+(``is_grads_batched``).
 
 **The numpy edge.** Products run in the parameters' dtype and on their device. A float32
 model gives a float32 operator; ``dtype=numpy.float64`` presents it as float64 (for ARPACK's
@@ -87,7 +90,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from ._checks import check_scalar_loss, unreached_params_error
+from ._checks import ParamVersions, check_scalar_loss, unreached_params_error
 from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._model_data import _call_model, _check_model, _check_rows, _resolve_params
@@ -218,6 +221,10 @@ class FisherLinearOperator(CurvatureLinearOperator):
         array([68.])
     """
 
+    # Quadratic in the loss: over batches with unequal shares of a mean (class weights,
+    # ignore_index), each batch's Fisher is weighted by its share squared (_product_sources).
+    _share_power = 2
+
     def _make_product(self, loss: Tensor, outputs: Tensor) -> CurvatureProduct:
         return FisherProduct(loss, outputs, self.params, reduction=self.reduction)
 
@@ -245,6 +252,7 @@ class JacobianLinearOperator(_TorchLinearOperator):
         ValueError: If ``inputs`` has zero rows, ``model`` fails on them, its outputs depend
             on none of ``params`` (some unused ones are fine: zero columns), or it has
             stochastic modules in training mode.
+        RuntimeError: From a product, if ``params`` changed in place since construction.
 
     Example:
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
@@ -277,21 +285,29 @@ class JacobianLinearOperator(_TorchLinearOperator):
             raise unreached_params_error("model(inputs)", len(params))
         #: The shape of ``model(inputs)``; rows of the operator are its entries in order.
         self.output_shape = tuple(outputs.shape)
+        self._versions = ParamVersions(params)
         super().__init__((outputs.numel(), layout.numel), layout.dtype, layout.device, dtype)
 
+    def _check_fresh(self) -> None:
+        self._versions.check("Build a new JacobianLinearOperator at the new parameters.")
+
     def _mv(self, v: Tensor) -> Tensor:
+        self._check_fresh()
         return self._jacobian.jvp(v).reshape(-1)
 
     def _mm(self, V: Tensor) -> Tensor:
+        self._check_fresh()
         try:
             return self._jacobian.batched_jvp(V).reshape(V.shape[0], -1)
         except (RuntimeError, NotImplementedError):  # no batching rule for some op
             return torch.stack([self._mv(v) for v in V])
 
     def _rmv(self, u: Tensor) -> Tensor:
+        self._check_fresh()
         return self._jacobian.vjp(u.view(self.output_shape))
 
     def _rmm(self, U: Tensor) -> Tensor:
+        self._check_fresh()
         try:
             return self._jacobian.batched_vjp(U.view(U.shape[0], *self.output_shape))
         except (RuntimeError, NotImplementedError):

@@ -83,11 +83,17 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
         one = GGNLinearOperator(model, loss_fn, (Xs, ys))
         # ragged batches on this rank: 10 + the rest
         many = FisherLinearOperator(model, loss_fn, [(Xs[:10], ys[:10]), (Xs[10:], ys[10:])])
+        # batches and ranks holding unequal shares of the mean: the Fisher weighs them squared
+        w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+        weighted = nn.CrossEntropyLoss(weight=w, ignore_index=1)
+        shares = FisherLinearOperator(model, weighted, [(Xs[:10], ys[:10]), (Xs[10:], ys[10:])])
         result = {
             "ggn": one @ v,
             "grad": one.gradient(),
             "fisher": many @ v,
             "fgrad": many.gradient(),
+            "fisher_weighted": shares @ v,
+            "fisher_cached": FisherLinearOperator(model, weighted, (Xs, ys)) @ v,
         }
         if rank == 0:
             torch.save({k: torch.from_numpy(np.asarray(a)) for k, a in result.items()}, out_file)
