@@ -386,17 +386,19 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
 def _probe_step(name: str, hyperparameters: Mapping[str, Any], dtype: Any) -> str | None:
     """Why ``torch.optim``'s ``name`` refuses ``hyperparameters`` (None: it takes them).
 
-    Builds the optimizer on one parameter of the run's dtype and takes one step on
-    :math:`\tfrac12 p^2`: the constructor's own checks (SGD's ``nesterov`` needs momentum and
-    no dampening) and the step's (a learning rate beyond float32's range cannot scale float32
-    parameters) are the ones the run would meet after its directory was written.
+    Builds the optimizer on one two-element parameter of the run's dtype and takes one step on
+    :math:`\tfrac12 (p_1^2 + 4 p_2^2)` (not isotropic, so L-BFGS reaches its second iteration):
+    the constructor's own checks (SGD's ``nesterov`` needs momentum and no dampening) and the
+    step's (an ``lr`` beyond float32's range cannot scale float32 parameters; L-BFGS allocates
+    ``history_size`` entries) are the ones the run would meet after its directory was written.
     """
     import torch  # noqa: PLC0415
 
     kwargs = dict(hyperparameters)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    p = torch.ones(1, dtype=dtype, requires_grad=True)
+    p = torch.ones(2, dtype=dtype, requires_grad=True)
+    scale = torch.tensor([1.0, 4.0], dtype=dtype)
     try:
         optimizer = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "lbfgs": torch.optim.LBFGS}[
             name
@@ -404,13 +406,13 @@ def _probe_step(name: str, hyperparameters: Mapping[str, Any], dtype: Any) -> st
 
         def closure() -> Any:
             optimizer.zero_grad()
-            loss = 0.5 * (p * p).sum()
+            loss = 0.5 * (scale * p * p).sum()
             loss.backward()
             return loss
 
         optimizer.step(closure)
-    except (RuntimeError, ValueError, TypeError, OverflowError) as err:
-        return " ".join(str(err).split())
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as err:
+        return " ".join(str(err).split()) or type(err).__name__
     return None
 
 
@@ -433,6 +435,15 @@ def _check_constructors(cfg: ExperimentConfig, problems: list[str]) -> None:
                     f"{cfg.dtype} holds at most {largest:.4g}; use a smaller lr (1 is HF's own "
                     "step) or dtype: float64."
                 )
+            continue
+        history = hyper.get("history_size", 0)
+        if leaf.name == "lbfgs" and history * 8 > _physical_memory() // 4:
+            # Its first step allocates a list of history_size entries: not worth probing.
+            problems.append(
+                f"`{where}.history_size` = {_show(history)}: torch's L-BFGS allocates that many "
+                f"entries at its first step ({_gigabytes(history * 8)}), more than this machine "
+                "can spare; keep the last few tens of updates (the default is 100)."
+            )
             continue
         if _probe_step(leaf.name, hyper, dtype) is None:
             continue
