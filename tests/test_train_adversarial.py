@@ -189,6 +189,8 @@ def test_a_float32_range_value_is_accepted_in_float64(tmp_path, capsys):
         ("budget.seconds=.nan", r"`budget.seconds` must be in .*, got nan"),
         ("optimizers.1.damping=null", r"`optimizers.1.damping` = None"),
         ("optimizers.0.lr=[0.1]", r"`optimizers.0.lr` must be a number, got list"),
+        # A required key given as null passed and raised TypeError when the data loaded.
+        ("data.path=null", r"`data.path` is required, got null \(the .npz file"),
     ],
 )
 def test_numbers_that_would_fail_later_are_refused_up_front(tmp_path, capsys, override, match):

@@ -272,7 +272,9 @@ def _build(cls: type, raw: Any, path: str, problems: list[str], *, skip: Sequenc
     kwargs = {}
     for name, f in fields.items():
         spec = f.metadata.get("spec")
-        if name in raw:
+        if name in raw and raw[name] is None and spec is not None and spec.required:
+            problems.append(f"`{_path(path, name)}` is required, got null ({spec.help}).")
+        elif name in raw:
             value = _convert(raw[name], hints[name], spec, _path(path, name), problems)
             if value is not _INVALID:
                 kwargs[name] = value
