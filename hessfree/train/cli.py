@@ -260,11 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hessfree.train.checkpoint import CheckpointError
     from hessfree.train.config import ConfigError
     from hessfree.train.data import DataError
+    from hessfree.train.metrics import MetricsError
     from hessfree.train.parallel import PeerError
 
     try:
         code = _run(args, run_parser)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, MetricsError) as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         code = 2
     except PeerError as err:

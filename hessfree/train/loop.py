@@ -839,6 +839,7 @@ class Runner:
                 "data_rng": t.data_gen.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "metrics_bytes": self.log.tell(),
+                "metrics_sha256": self.log.sha256(),
                 "world_size": self.group.world_size,
             },
         )

@@ -16,6 +16,7 @@ field of ``HessianFree.last_step``.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MetricsLog", "read_metrics", "summarize", "format_table", "clean_value"]
+__all__ = ["MetricsLog", "MetricsError", "read_metrics", "summarize", "format_table", "clean_value"]
 
 
 def clean_value(value: Any) -> Any:
@@ -65,17 +66,23 @@ class MetricsLog:
                 )
             with open(self.path, "r+b") as f:
                 f.truncate(truncate_to)
+        self._sha256 = hashlib.sha256(self.path.read_bytes())
         self._file = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one record as one line and flush it."""
-        line = json.dumps(clean_value(dict(record)), allow_nan=False) + "\n"
-        self._file.write(line.encode("utf-8"))
+        line = (json.dumps(clean_value(dict(record)), allow_nan=False) + "\n").encode("utf-8")
+        self._file.write(line)
         self._file.flush()
+        self._sha256.update(line)
 
     def tell(self) -> int:
         """Bytes written so far (what a checkpoint records)."""
         return self._file.tell()
+
+    def sha256(self) -> str:
+        """SHA-256 of the file's :meth:`tell` bytes (what a checkpoint records with them)."""
+        return self._sha256.hexdigest()
 
     def close(self) -> None:
         self._file.close()
@@ -87,11 +94,33 @@ class MetricsLog:
         self.close()
 
 
+class MetricsError(ValueError):
+    """A complete line of a ``metrics.jsonl`` is not a JSON record: the file was damaged."""
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records of a ``metrics.jsonl`` (a partial last line is ignored)."""
+    """All complete records of a ``metrics.jsonl`` (a partial last line is ignored).
+
+    Raises:
+        MetricsError: A complete line is not a JSON object (the message names file and line).
+    """
     text = Path(path).read_bytes().decode("utf-8", errors="replace")
     lines = text.split("\n")
-    return [json.loads(line) for line in lines[:-1] if line.strip()]  # lines[-1]: '' or partial
+    records = []
+    for number, line in enumerate(lines[:-1], 1):  # lines[-1]: '' or partial
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise MetricsError(
+                f"'{path}' line {number} is not a JSON record ({line[:80]!r}): the metrics file "
+                "was damaged or edited. Restore it from a copy, or start a new run."
+            )
+        records.append(record)
+    return records
 
 
 def _best(records: Sequence[Mapping[str, Any]], key: str, higher: bool) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ skip an optimizer, and ``metrics.jsonl`` must hold at least what the latest one 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -226,6 +227,21 @@ def prepare_run_dir(
                 "or start a new run (resuming would lose records)."
             ]
         )
+    if recorded:
+        # Each checkpoint records the SHA-256 of the metrics it had written (older ones don't).
+        data = metrics.read_bytes()
+        for label, c in found.items():
+            digest_then, length = c.get("metrics_sha256"), int(c.get("metrics_bytes", 0))
+            if digest_then is not None and hashlib.sha256(data[:length]).hexdigest() != digest_then:
+                raise ConfigError(
+                    [
+                        f"'{metrics}' differs from what checkpoint '{ckpt_dir / label}.pt' "
+                        f"recorded: its first {length} bytes fail the SHA-256 stored with "
+                        "the checkpoint, so the metrics file was damaged or edited. Restore it "
+                        "from a copy, or start a new run (resuming would mix altered records "
+                        "into the summary)."
+                    ]
+                )
     if writer and any(c.get("config_sha256") != digest for c in found.values()):
         # Resumed under other budgets: the run directory describes the run as it goes on.
         header = config_header or "Resolved by hessfree"

@@ -9,6 +9,7 @@ after loading (``hessfree.train.loop._data_problems``): :func:`loss_fits_targets
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import re
@@ -21,6 +22,7 @@ from hessfree.train.config.sections import (
     _DATA_TASK,
     _IMAGE_DATA,
     _SEQUENCE_DATA,
+    _TORCH_OPTIMIZERS,
     ExperimentConfig,
     LossConfig,
     OptimizerConfig,
@@ -259,11 +261,19 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
                 )
     itemsize = 8 if cfg.dtype == "float64" else 4
     params = _num_parameters(cfg.model, known)
-    data_values = (known.input_numel or 0) * (n or 0) if cfg.data.name != "mnist" else 0
+    # The generated sets' test cases are made alongside (a test set beyond memory, too).
+    cases = (n or 0) + (getattr(cfg.data, "num_test", 0) or 0)
+    data_values = (known.input_numel or 0) * cases if cfg.data.name != "mnist" else 0
     # Parameters, their gradients and at least one optimizer vector of the same size.
     need = 3 * params * itemsize + data_values * itemsize
     have = _physical_memory()
-    if need > have:
+    if need > have and data_values * itemsize > have:
+        problems.append(
+            f"`data`: {cases:,} cases of {known.input_numel:,} values ({n:,} train, "
+            f"{cases - n:,} test) take {_gigabytes(data_values * itemsize)} as {cfg.dtype}, "
+            f"more than this machine's {_gigabytes(have)} of memory; use fewer cases."
+        )
+    elif need > have:
         key = {"mlp": "hidden_sizes", "autoencoder": "layer_sizes", "cnn": "channels"}.get(
             cfg.model.name, "hidden_size"
         )
@@ -332,6 +342,7 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
                 "recurrent layer runs once per time step (shared weights), which K-FAC's "
                 "factors do not describe; use precond: martens, nystrom or null."
             )
+    _check_constructors(cfg, problems)
     if cfg.data.name == "mnist1d" and importlib.util.find_spec("mnist1d") is None:
         problems.append("`data.name` = 'mnist1d' needs the mnist1d package: pip install mnist1d.")
     if cfg.device == "cuda":
@@ -370,3 +381,94 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
                     f"exceeds its gradient batch_size {leaf.batch_size}; the curvature "
                     "batch is a slice of the gradient batch."
                 )
+
+
+def _probe_step(name: str, hyperparameters: Mapping[str, Any], dtype: Any) -> str | None:
+    """Why ``torch.optim``'s ``name`` refuses ``hyperparameters`` (None: it takes them).
+
+    Builds the optimizer on one two-element parameter of the run's dtype and takes one step on
+    :math:`\tfrac12 (p_1^2 + 4 p_2^2)` (not isotropic, so L-BFGS reaches its second iteration):
+    the constructor's own checks (SGD's ``nesterov`` needs momentum and no dampening) and the
+    step's (an ``lr`` beyond float32's range cannot scale float32 parameters; L-BFGS allocates
+    ``history_size`` entries) are the ones the run would meet after its directory was written.
+    """
+    import torch  # noqa: PLC0415
+
+    kwargs = dict(hyperparameters)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    p = torch.ones(2, dtype=dtype, requires_grad=True)
+    scale = torch.tensor([1.0, 4.0], dtype=dtype)
+    try:
+        optimizer = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "lbfgs": torch.optim.LBFGS}[
+            name
+        ]([p], **kwargs)
+
+        def closure() -> Any:
+            optimizer.zero_grad()
+            loss = 0.5 * (scale * p * p).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as err:
+        return " ".join(str(err).split()) or type(err).__name__
+    return None
+
+
+def _check_constructors(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """Hyperparameters each key's range allows that the optimizer still refuses at its first
+    step: checked on a probe parameter (torch's optimizers), or against the dtype's range (HF's
+    ``lr``, which scales every step in the parameters' dtype)."""
+    import torch  # noqa: PLC0415
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+    largest = torch.finfo(dtype).max
+    for where, leaf in leaves(cfg):
+        hyper = leaf.hyperparameters
+        if leaf.name == "hessianfree":
+            lr = hyper.get("lr")
+            finite = isinstance(lr, (int, float)) and math.isfinite(lr)  # inf: its own check
+            if finite and not isinstance(lr, bool) and lr > largest:
+                problems.append(
+                    f"`{where}.lr` = {lr!r}: the step scales {cfg.dtype} parameters by it, and "
+                    f"{cfg.dtype} holds at most {largest:.4g}; use a smaller lr (1 is HF's own "
+                    "step) or dtype: float64."
+                )
+            continue
+        history = hyper.get("history_size", 0)
+        if leaf.name == "lbfgs" and history * 8 > _physical_memory() // 4:
+            # Its first step allocates a list of history_size entries: not worth probing.
+            problems.append(
+                f"`{where}.history_size` = {_show(history)}: torch's L-BFGS allocates that many "
+                f"entries at its first step ({_gigabytes(history * 8)}), more than this machine "
+                "can spare; keep the last few tens of updates (the default is 100)."
+            )
+            continue
+        if _probe_step(leaf.name, hyper, dtype) is None:
+            continue
+        # Blame the keys that fail alone; if none does, the combination.
+        defaults = _torch_defaults(leaf.name)
+        blamed = False
+        for key, value in hyper.items():
+            if value == defaults.get(key):
+                continue
+            why = _probe_step(leaf.name, {**defaults, key: value}, dtype)
+            if why is not None:
+                blamed = True
+                problems.append(
+                    f"`{where}.{key}` = {_show(value)}: torch.optim's {leaf.name!r} refuses it on "
+                    f"{cfg.dtype} parameters ({why[:200]}); use a value the optimizer accepts"
+                    + (" or dtype: float64." if "overflow" in why else ".")
+                )
+        if not blamed:
+            why = _probe_step(leaf.name, hyper, dtype)
+            problems.append(
+                f"`{where}` ({leaf.label}): torch.optim's {leaf.name!r} refuses these settings "
+                f"together ({(why or '')[:200]})."
+            )
+
+
+def _torch_defaults(name: str) -> dict[str, Any]:
+    """The default hyperparameters of torch optimizer ``name`` as the config resolves them."""
+    return dataclasses.asdict(_TORCH_OPTIMIZERS[name]())

@@ -44,8 +44,10 @@ from hessfree.train.config.sections import (
     MODEL_SCHEMAS,
     OPTIMIZER_NAMES,
     BudgetConfig,
+    EvalConfig,
     ExperimentConfig,
     OptimizerConfig,
+    OutputConfig,
     _TopLevel,
 )
 from hessfree.train.config.yaml_io import read_yaml_file
@@ -375,9 +377,20 @@ def parse_config(
         raise ConfigError(
             [f"the top level must be a mapping of keys to values, got {_type_name(raw)}."], source
         )
+    # A section's key written at the top level (`steps: 100`) is pointed to its section.
+    elsewhere = {
+        name: f"{section}.{name}"
+        for section, cls in (
+            ("budget", BudgetConfig),
+            ("eval", EvalConfig),
+            ("output", OutputConfig),
+        )
+        for name in _schema_fields(cls)
+    }
+    elsewhere["lr"] = "optimizers.0.lr"
     for key in raw:
         if key not in _TOP_KEYS:
-            problems.append(_unknown_key("", key, _TOP_KEYS))
+            problems.append(_unknown_key("", key, _TOP_KEYS, elsewhere))
     top = _build(
         _TopLevel, {k: v for k, v in raw.items() if k in _schema_fields(_TopLevel)}, "", problems
     )

@@ -110,15 +110,51 @@ def _path(prefix: str, key: object) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-def _suggest(key: object, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
+#: Other libraries' names for a key (no spelling is close enough for difflib to find them).
+_SYNONYMS = {
+    "learning_rate": "lr",
+    "step_size": "lr",
+    "lambda": "damping",
+    "lam": "damping",
+    "l2": "weight_decay",
+    "wd": "weight_decay",
+    "max_steps": "steps",
+    "num_steps": "steps",
+    "iterations": "steps",
+    "max_epochs": "epochs",
+    "num_epochs": "epochs",
+    "time": "seconds",
+    "max_seconds": "seconds",
+    "time_limit": "seconds",
+    "optimizer": "optimizers",
+    "dataset": "data",
+    "network": "model",
+    "threads": "num_threads",
+    "random_seed": "seed",
+}
+
+
+def _suggest(
+    key: object, allowed: Sequence[str], elsewhere: Mapping[str, str] | None = None
+) -> str:
+    """``did you mean `x`? `` for a misspelt key, a synonym (``learning_rate``: ``lr``) or, with
+    ``elsewhere`` (key: dotted path), a key that belongs in another section (``budget.steps``)."""
+    text = str(key)
+    wanted = _SYNONYMS.get(text.lower().replace("-", "_"), text.lower().replace("-", "_"))
+    if wanted in allowed and wanted != text:
+        return f"did you mean `{wanted}`? "
+    if elsewhere and wanted in elsewhere:
+        return f"did you mean `{elsewhere[wanted]}`? "
+    close = difflib.get_close_matches(text, list(allowed), n=1, cutoff=0.6)
     return f"did you mean `{close[0]}`? " if close else ""
 
 
-def _unknown_key(path: str, key: object, allowed: Sequence[str]) -> str:
+def _unknown_key(
+    path: str, key: object, allowed: Sequence[str], elsewhere: Mapping[str, str] | None = None
+) -> str:
     listed = ", ".join(allowed)
     shown = _path(path, key if isinstance(key, str) and len(key) <= _MAX_SHOWN else _show(key))
-    return f"Unknown key `{shown}`; {_suggest(key, allowed)}allowed keys: {listed}."
+    return f"Unknown key `{shown}`; {_suggest(key, allowed, elsewhere)}allowed keys: {listed}."
 
 
 def _type_name(value: object) -> str:
@@ -236,7 +272,9 @@ def _build(cls: type, raw: Any, path: str, problems: list[str], *, skip: Sequenc
     kwargs = {}
     for name, f in fields.items():
         spec = f.metadata.get("spec")
-        if name in raw:
+        if name in raw and raw[name] is None and spec is not None and spec.required:
+            problems.append(f"`{_path(path, name)}` is required, got null ({spec.help}).")
+        elif name in raw:
             value = _convert(raw[name], hints[name], spec, _path(path, name), problems)
             if value is not _INVALID:
                 kwargs[name] = value
