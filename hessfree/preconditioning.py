@@ -1014,8 +1014,7 @@ class _LinearPass:
         return [
             m
             for m in self.order
-            if self.counts[id(m.weight)] == 1
-            and not {id(m.weight), id(m.bias)} & self.elsewhere
+            if self.counts[id(m.weight)] == 1 and not {id(m.weight), id(m.bias)} & self.elsewhere
         ]
 
     def release(self) -> None:
