@@ -38,6 +38,9 @@ from hessfree.preconditioning import _LinearPass
 
 torch.set_num_threads(1)
 
+#: ``--seed``: the initial weights' seed of the tied/untied language model (0 elsewhere)
+SEED = 0
+
 
 # ------------------------------------------------------------------------------------------
 # data
@@ -329,7 +332,7 @@ def p_tied(tie: bool = True) -> Problem:
     y = s[2:]
 
     def model():
-        torch.manual_seed(0)
+        torch.manual_seed(SEED)
         return TiedLM(tie=tie)
 
     return Problem(model, _batcher(ctx, y, 100), F.cross_entropy, (ctx, y))
@@ -792,7 +795,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=[])
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    global SEED
+    SEED = args.seed
     for key in args.problems:
         if args.probe:
             probe(key, args.steps)
