@@ -6,17 +6,21 @@ and differentiating one zero-fills a tensor the size of the whole result, once p
 :math:`O(T^2)` work per product when a recurrent net joins its :math:`T` steps' states. The
 ops here use one ``split`` instead, which is differentiated by one ``cat``: :math:`O(T)`.
 Values and derivatives are torch's.
+
+:func:`twice_differentiable_attention` picks, for the code run inside it, the one
+scaled-dot-product-attention kernel whose backward is itself differentiable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["cat_last"]
+__all__ = ["cat_last", "twice_differentiable_attention"]
 
 
 def cat_last(tensors: Sequence[Tensor]) -> Tensor:
@@ -55,3 +59,24 @@ class _CatLast(torch.autograd.Function):
             torch.zeros_like(x) if t is None else t for x, t in zip(ctx.like, tangents, strict=True)
         ]
         return torch.cat(parts, -1)
+
+
+@contextlib.contextmanager
+def twice_differentiable_attention() -> Iterator[None]:
+    """Run ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention`` with
+    ``need_weights=False``, ``nn.TransformerEncoderLayer``) with its math kernel.
+
+    Why: torch picks a fused kernel (flash attention, also on CPU) whose backward has no
+    derivative, so every curvature product through it failed with "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented". The math
+    kernel computes the same function with differentiable ops. The choice is torch's
+    process-wide setting, restored on exit; without ``torch.nn.attention.sdpa_kernel``
+    (torch < 2.3) nothing changes.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

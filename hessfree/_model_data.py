@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, Wei
 
 from ._checks import check_choice
 from ._flat import trainable
+from ._graph_ops import twice_differentiable_attention
 
 
 def _shape(x: object) -> object:
@@ -242,7 +243,8 @@ _INPUT_MISMATCH_HINT = "Check that the inputs match the model (features, dtype, 
 def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
     """``model(inputs)``, with a failure or a non-tensor result turned into a clear error."""
     try:
-        outputs = model(inputs)
+        with twice_differentiable_attention():  # products differentiate the backward pass
+            outputs = model(inputs)
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as err:

@@ -128,6 +128,7 @@ from . import damping as _damping
 from ._autograd_hooks import AutogradHook
 from ._checks import check_number, check_reaches_params
 from ._flat import LOW_PRECISION, ParamLayout, dot
+from ._graph_ops import twice_differentiable_attention
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
@@ -1400,7 +1401,9 @@ class HessianFree(torch.optim.Optimizer):
         if stream is not None:
             stream.before_call(trial=not build_graph)
         try:
-            return self._call_once(closure, build_graph, uses_backward, stream)
+            # every call, not only graph-building ones: f(θ) and the trial losses from one kernel
+            with twice_differentiable_attention():
+                return self._call_once(closure, build_graph, uses_backward, stream)
         finally:
             if stream is not None:
                 stream.after_call()

@@ -971,8 +971,15 @@ class _LinearPass:
         self.records: dict[int, tuple[Tensor, Tensor]] = {}
         self.counts: dict[int, int] = {}
         self.order: list[_Linear] = []
+        # parameters of ours that another (not nn.Linear) module of the pass holds directly:
+        # a tied weight, e.g. an nn.Embedding's table reused as the output layer's weight
+        self.elsewhere: set[int] = set()
 
     def _hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        if not isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():
+            for p in module.parameters(recurse=False):
+                if id(p) in self._ids:
+                    self.elsewhere.add(id(p))
         if not (
             isinstance(module, torch.nn.Linear)
             and id(module.weight) in self._ids
@@ -999,8 +1006,16 @@ class _LinearPass:
             handle.remove()
 
     def layers(self, *, skip_shared: bool = False) -> list[_Linear]:
-        """The layers that ran, in order (without those that ran twice, with ``skip_shared``)."""
-        return [m for m in self.order if not (skip_shared and self.counts[id(m.weight)] > 1)]
+        """The layers that ran, in order (with ``skip_shared``: without those that ran twice
+        or whose weight or bias another module used, as K-FAC's factors would see only the
+        layer's share of that parameter's curvature)."""
+        if not skip_shared:
+            return list(self.order)
+        return [
+            m
+            for m in self.order
+            if self.counts[id(m.weight)] == 1 and not {id(m.weight), id(m.bias)} & self.elsewhere
+        ]
 
     def release(self) -> None:
         """Drop the recorded tensors (and so their graph)."""
