@@ -120,3 +120,43 @@ def test_new_pinn_problems_vanish_at_the_exact_solution(key):
     assert pinn.rel_l2(net, prob) < 1e-9
     baseline = prob.closure_for(prob.make_net())()[0]
     assert float(loss.detach()) < 1e-10 < float(baseline.detach())  # and a network does not vanish
+
+
+def _allen_cahn_gap(coarse, fine):
+    """Largest difference of two reference solutions on the coarse grid, per time frame."""
+    (xc, tc, uc), (xf, tf, uf) = coarse, fine
+    np.testing.assert_array_equal(xc, xf[::2])
+    np.testing.assert_array_equal(tc, tf)
+    return np.abs(uc - uf[:, ::2]).max(axis=1)
+
+
+def test_allen_cahn_reference_converges_on_a_grid_twice_as_fine():
+    # the initial condition exactly; then half the points against the defaults' grid (the
+    # step dt matters far less: halving it moves the defaults' solution by 5e-12)
+    x, _, u = pinn.allen_cahn_reference(512)
+    np.testing.assert_allclose(u[0], x**2 * np.cos(np.pi * x), rtol=0, atol=1e-14)
+    gap = _allen_cahn_gap((x, _, u), pinn.allen_cahn_reference())
+    assert gap[0] < 1e-14 and gap.max() < 2e-3  # measured 5.7e-4 at t = 0.01 (the kink at ±1)
+    assert gap[10:].max() < 4e-4 and gap[-1] < 1e-5  # measured 1.3e-4 and 1.4e-6
+    assert np.abs(u[-1]).max() < 1.0 + 1e-6 < np.abs(u[-1]).max() + 0.1  # the two phases, ±1
+
+
+@pytest.mark.slow
+def test_allen_cahn_reference_used_by_pinn_converges():
+    # the grid allen_cahn() tests against (1,024 points, dt 5e-4) against 2,048 and dt / 2
+    gap = _allen_cahn_gap(pinn.allen_cahn_reference(), pinn.allen_cahn_reference(2048, 2.5e-4))
+    assert gap.max() < 1e-3 and gap[10:].max() < 1e-4 and gap[-1] < 1e-8  # 2.6e-4 3.2e-5 1.3e-9
+
+
+def test_allen_cahn_problem_tests_on_the_reference_grid():
+    prob = pinn.allen_cahn(16, 4, 4, 1)
+    x, t, u = pinn.allen_cahn_reference()
+    assert prob.x_test.shape == (101 * 256, 2)
+    first = prob.x_test[:256]  # t = 0: the initial condition at every 4th reference point
+    torch.testing.assert_close(first[:, 0], torch.from_numpy(x[::4]))
+    assert float(first[:, 1].abs().max()) == 0.0
+    x0 = first[:, 0]
+    torch.testing.assert_close(prob.u_test[:256], x0**2 * torch.cos(math.pi * x0))
+    torch.testing.assert_close(prob.u_test[-256:], torch.from_numpy(u[-1, ::4]))
+    loss, blocks = prob.closure_for(prob.make_net())()
+    assert len(blocks) == 4 and math.isfinite(float(loss.detach()))
