@@ -37,12 +37,14 @@ def check_number(
         ...
         ValueError: `lr` must be in [0.0, inf), got inf.
     """
-    # a float first: the ABC check below costs more than the rest (checks run in every step)
-    if type(value) is not float and (
-        isinstance(value, bool) or not isinstance(value, numbers.Real)
-    ):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}.")
     value = float(value)
+    lo = "-inf" if low is None else repr(low)
+    hi = "inf" if high is None else repr(high)
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    interval = f"{left}{lo}, {hi}{right}"
     bad = math.isnan(value) or (low is None and value == -math.inf)
     bad |= high is None and value == math.inf
     if low is not None:
@@ -50,13 +52,8 @@ def check_number(
     if high is not None:
         bad |= value >= high if high_open else value > high
     if bad:
-        lo = "-inf" if low is None else repr(low)
-        hi = "inf" if high is None else repr(high)
-        left = "(" if low_open or low is None else "["
-        right = ")" if high_open or high is None else "]"
         raise ValueError(
-            f"`{name}` must be in {left}{lo}, {hi}{right}, got {value!r}."
-            f"{(' ' + hint) if hint else ''}"
+            f"`{name}` must be in {interval}, got {value!r}.{(' ' + hint) if hint else ''}"
         )
     return value
 
@@ -68,9 +65,7 @@ def check_int(name: str, value: object, *, low: int | None = None, high: int | N
         >>> check_int("cg_max_iter", 250, low=1)
         250
     """
-    if type(value) is not int and (
-        isinstance(value, bool) or not isinstance(value, numbers.Integral)
-    ):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):

@@ -49,7 +49,6 @@ References:
 from __future__ import annotations
 
 import enum
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -795,17 +794,15 @@ def _result(
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _grid(start: int, ratio: float, max_iter: int) -> frozenset[int]:
+def _grid(start: int, ratio: float, max_iter: int) -> set[int]:
     """Iterations ceil(start * ratio**j), j >= 0, up to max_iter (Martens' code: 5, 1.3)."""
-    # Exact rationals from the decimal value avoid float ceil errors (10 * 1.1 -> 12). Cached:
-    # parsing the Fraction cost a third of a 2-iteration CG call's own time (stepcost)
+    # Exact rationals from the decimal value avoid float ceil errors (10 * 1.1 -> 12).
     exact_ratio = Fraction(repr(float(ratio)))
     grid, value = set(), Fraction(start)
     while value <= max_iter:
         grid.add(math.ceil(value))
         value *= exact_ratio
-    return frozenset(grid)
+    return grid
 
 
 def _low_precision_product(fn: MatVec, b: Tensor, name: str) -> MatVec:
