@@ -292,3 +292,58 @@ def test_addition_hf_rows_are_the_defaults_in_one_500_case_regime():
     (regime,) = task.hf.values()
     assert regime == {"batch": 500, "curvature_batch": 100, "kw": {}}
     assert task.hf_default_regime == regime
+
+
+def _linear_fit_task(hf: dict, at_seed=None) -> scorecard.Task:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
+    model = torch.nn.Linear(3, 1).double()
+
+    @torch.no_grad()
+    def err(m: torch.nn.Module) -> float:
+        return float(scorecard.mse_sum_per_case(m(x), y))
+
+    return scorecard.Task(
+        "t",
+        "t",
+        model,
+        x,
+        y,
+        scorecard.mse_sum_per_case,
+        err,
+        "mse",
+        0.05,
+        0.05,
+        [],
+        [],
+        hf,
+        slices=4,
+        at_seed=at_seed,
+        solved=1e-6,
+        lbfgs={"L-BFGS": dict(max_iter=5)},
+    )
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_tuned_row_that_is_the_defaults_runs_once_and_both_rows_read_it(monkeypatch, same):
+    # addition's two HF rows are HessianFree(params) in one regime ("addcfg"), as is swap's
+    # when its sweep picks 'defaults': one run, read by both rows, not the same run twice
+    kw = {} if same else {"cg_max_iter": 3}
+    hf = {"r": {"batch": 16, "curvature_batch": 16, "kw": kw}}
+    made = []
+    real = scorecard.hf_run
+    monkeypatch.setattr(
+        scorecard, "hf_run", lambda tk, name, fam, reg: made.append(fam) or real(tk, name, fam, reg)
+    )
+    task = _linear_fit_task(hf, at_seed=lambda s: _linear_fit_task(hf))
+    args = argparse.Namespace(device="cpu", quick=False, seeds=2)
+    out = scorecard.run_task(task, args, lambda s: None)
+    assert made == (["HF default", "HF default"] if same else ["HF default", "HF tuned"] * 2)
+    for runs in (out["finals"], out["seeds"][1]):
+        d, t = (next(r for r in runs if r.family == f) for f in ("HF default", "HF tuned"))
+        assert scorecard._one_run(d, t) is same and (t.curve == d.curve) is same
+        assert ("the HF default run" in t.name) is same
+    v = scorecard.verdicts({"t": out | {"summary": scorecard.summarise(out)}})
+    (row,) = [r for r in v if r[1] == "`HessianFree(params)` within 1.5× of tuned HF"]
+    assert ("one run" in row[2]) is same
