@@ -73,10 +73,15 @@ def twice_differentiable_attention() -> Iterator[None]:
     process-wide setting, restored on exit; without ``torch.nn.attention.sdpa_kernel``
     (torch < 2.3) nothing changes.
     """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3
+    if _sdpa_kernel is None:  # torch < 2.3
         yield
         return
-    with sdpa_kernel(SDPBackend.MATH):
+    with _sdpa_kernel(_SDPBackend.MATH):
         yield
+
+
+try:  # resolved once: the context above wraps every closure call of a step
+    from torch.nn.attention import SDPBackend as _SDPBackend
+    from torch.nn.attention import sdpa_kernel as _sdpa_kernel
+except ImportError:  # torch < 2.3
+    _SDPBackend = _sdpa_kernel = None

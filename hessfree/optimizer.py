@@ -1268,7 +1268,7 @@ class HessianFree(torch.optim.Optimizer):
         ``self.settings``'s.
         """
         settings, groups = self.__dict__.get("settings"), self.__dict__.get("param_groups")
-        if settings is None or not (name in HFSettings.keys() or name == "initial_damping"):
+        if settings is None or name not in _SETTING_NAMES:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         if groups and name in HFSettings.GROUP_KEYS:
             values = [group[name] for group in groups]
@@ -1285,7 +1285,7 @@ class HessianFree(torch.optim.Optimizer):
         setting, but an assignment would only shadow it (the optimizer reads the groups).
         Real attributes (``opt.precond``, the preconditioner the steps use) stay assignable."""
         built = "_group_view" in self.__dict__  # set last in __init__, after self.precond
-        setting = name in HFSettings.keys() or name == "initial_damping"
+        setting = name in _SETTING_NAMES
         if built and setting and name not in self.__dict__:
             if name in HFSettings.GROUP_KEYS and name != "damping":
                 raise AttributeError(
@@ -2805,6 +2805,12 @@ def _stochastic_modules() -> Iterator[list[type]]:
         yield found
     finally:
         handle.remove()
+
+
+# what ``opt.<name>`` reads from the settings (``__getattr__``) and refuses to assign
+# (``__setattr__``, which every attribute assignment of a step passes through: a set, not
+# ``HFSettings.keys()``'s tuple rebuilt from the dataclass fields each time)
+_SETTING_NAMES = frozenset(HFSettings.keys()) | {"initial_damping"}
 
 
 @contextlib.contextmanager
