@@ -384,7 +384,7 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
 
 
 def _probe_step(name: str, hyperparameters: Mapping[str, Any], dtype: Any) -> str | None:
-    """Why ``torch.optim``'s ``name`` refuses ``hyperparameters`` (None: it takes them).
+    r"""Why ``torch.optim``'s ``name`` refuses ``hyperparameters`` (None: it takes them).
 
     Builds the optimizer on one two-element parameter of the run's dtype and takes one step on
     :math:`\tfrac12 (p_1^2 + 4 p_2^2)` (not isotropic, so L-BFGS reaches its second iteration):
