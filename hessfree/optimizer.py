@@ -2008,7 +2008,7 @@ class HessianFree(torch.optim.Optimizer):
     def _curvature_along(
         self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
     ) -> tuple[float, float]:
-        """:math:`(g^\top C g, g^\top D g)` (one product; see :meth:`_calibrate_damping`)."""
+        r""":math:`(g^\top C g, g^\top D g)` (one product; see :meth:`_calibrate_damping`)."""
         settings = self.settings
         with torch.enable_grad():
             if g.dtype in LOW_PRECISION:  # as CG runs it: in float16 on g rescaled, into float32
@@ -2268,7 +2268,7 @@ class HessianFree(torch.optim.Optimizer):
         return self.settings.backtrack and not run.uses_backward and run.structural_damping == 0
 
     def _objective_monitor(self, closure: Closure, run: _StepRun) -> Callable[[int, Tensor], bool]:
-        """CG's ``monitor``: the objective at each stored iterate (kept in ``run.trials`` for
+        r"""CG's ``monitor``: the objective at each stored iterate (kept in ``run.trials`` for
         backtracking); True, CG stops, once it is not below the previous stored iterate's and
         that one was below :math:`f(\theta_0)` (until an iterate descends, CG goes on: a warm
         start's first iterates may be worse than :math:`\theta_0`)."""
@@ -2284,7 +2284,7 @@ class HessianFree(torch.optim.Optimizer):
         return rose
 
     def _objective_swapped(self, closure: Closure, run: _StepRun, x: Tensor) -> float:
-        """:math:`f(\theta_0 + x)` while CG's graphs are alive: each parameter's data is
+        r""":math:`f(\theta_0 + x)` while CG's graphs are alive: each parameter's data is
         swapped for :math:`\theta_0 + x` and back (no in-place change the graphs would see);
         the value is bitwise the one :meth:`_objective_at` gives at rate 1."""
         params = run.params
@@ -2470,7 +2470,7 @@ class HessianFree(torch.optim.Optimizer):
     _hold_within_noise = True
 
     def _any_rank_drew(self, stream: StepStream, like: Tensor) -> bool:
-        """replay_rng: whether the first call drew random numbers on this rank or, data
+        r"""replay_rng: whether the first call drew random numbers on this rank or, data
         parallel, on any rank. The extra :math:`f(\theta_0; m_2)` evaluation averages over the
         ranks (a collective), so every rank makes it or none: a rank whose closure draws
         nothing evaluates its (deterministic) loss once more. One scalar collective per step in
