@@ -1126,9 +1126,13 @@ class HessianFree(torch.optim.Optimizer):
             state = precond.state_dict()
             if getattr(precond, "_discovered", False):
                 index = {id(p): i for i, p in enumerate(self._params())}
+                held = [(m.weight, m.bias) for m in precond.layers]
+                if any(id(p) not in index for pair in held for p in pair if p is not None):
+                    # a parameter frozen since the last step: the next step fixes the layers
+                    # again with fresh factors (KFACPreconditioner._observe); save that state
+                    state, held = {"factors": None, "eigen": None, "calls": 0}, []
                 state["layers"] = [
-                    [index[id(m.weight)], None if m.bias is None else index[id(m.bias)]]
-                    for m in precond.layers
+                    [index[id(w)], None if b is None else index[id(b)]] for w, b in held
                 ]
             out["precond"] = {"type": type(precond).__name__, "state": state}
         for hook in post_hooks:
