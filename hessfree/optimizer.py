@@ -824,8 +824,10 @@ class HessianFree(torch.optim.Optimizer):
             (:class:`KFACPreconditioner` with rank 32, refreshed every 2 steps, on the
             ``nn.Linear`` layers found from the parameters alone: while the optimizer makes its
             graph-building closure call, a global forward hook records each ``nn.Linear`` whose
-            weight and bias are the optimizer's, and is removed afterwards, also on an error;
-            the first step fixes the layers; one that runs twice in a closure call raises
+            weight is the optimizer's (a bias it does not train, frozen, counts as none), and
+            is removed afterwards, also on an error; the first step fixes the layers, and a step
+            after one of their parameters was frozen finds them again with fresh factors; one
+            that runs twice in a closure call raises
             ``ValueError``, as does finding none; its factors travel in :meth:`state_dict`);
             an instance of these classes (``KFACPreconditioner(model)`` hooks the model's
             layers itself); or a callable ``(PrecondContext) -> Tensor | MatVec`` giving the
@@ -1677,8 +1679,8 @@ class HessianFree(torch.optim.Optimizer):
                 recorded.release()
             if not precond.layers:
                 raise ValueError(
-                    "precond='kfac' found no nn.Linear layer whose weight (and bias) are among "
-                    "the optimizer's parameters in the closure's forward pass; pass another "
+                    "precond='kfac' found no nn.Linear layer whose weight is among the "
+                    "optimizer's parameters in the closure's forward pass; pass another "
                     "precond ('auto', None, 'martens', 'nystrom')."
                 )
         fisher = "The diagonal empirical-Fisher preconditioner"
