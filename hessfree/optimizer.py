@@ -2959,10 +2959,19 @@ def _unpack(
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
-    """'sum' if the loss node says so (MSE/CE/BCE), else 'mean' (PyTorch losses' default)."""
+    """'sum' if the loss node says so, else 'mean' (PyTorch losses' default).
+
+    The node of a torch loss on the outputs (or on their ``log_softmax``, as cross-entropy's
+    is): MSE, cross-entropy and BCE, also with class ``weight``, ``ignore_index`` or
+    ``pos_weight``. Requiring a closed-form loss Hessian here once took a summed weighted
+    cross-entropy for a mean, and its Fisher N times too large.
+    """
     node = loss.grad_fn
-    return (
-        "sum"
-        if getattr(node, "_saved_reduction", None) == 2 and loss_hessian_product(loss, outputs)
-        else "mean"
-    )
+    if getattr(node, "_saved_reduction", None) != 2:
+        return "mean"
+    if loss_hessian_product(loss, outputs) is not None:
+        return "sum"
+    first = node.next_functions[0][0] if node.next_functions else None
+    if type(first).__name__ == "LogSoftmaxBackward0":
+        first = first.next_functions[0][0]
+    return "sum" if first is not None and first is outputs.grad_fn else "mean"
