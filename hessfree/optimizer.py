@@ -826,7 +826,8 @@ class HessianFree(torch.optim.Optimizer):
             graph-building closure call, a global forward hook records each ``nn.Linear`` whose
             weight is the optimizer's (a bias it does not train, frozen, counts as none), and
             is removed afterwards, also on an error; the first step fixes the layers, and a step
-            after one of their parameters was frozen finds them again with fresh factors; one
+            after one of their parameters was frozen (or a frozen bias unfrozen) finds them
+            again with fresh factors; one
             that runs twice in a closure call raises
             ``ValueError``, as does finding none; its factors travel in :meth:`state_dict`);
             an instance of these classes (``KFACPreconditioner(model)`` hooks the model's

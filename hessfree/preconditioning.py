@@ -548,15 +548,15 @@ class KFACPreconditioner:
         """Take one recorded closure call's layers (the first call fixes them, in the order
         they ran; without those that ran twice, with ``skip_shared``) and their inputs and
         outputs, as the module hooks would have recorded them."""
+        biases = {id(m.weight): m.bias for m in recorded.order}
         if self.layers and any(
-            id(p) not in recorded.param_ids
+            any(id(p) not in recorded.param_ids for p in _params_of(m))
+            or (m.bias is None and biases.get(id(m.weight)) is not None)
             for m in self.layers
-            for p in (m.weight, m.bias)
-            if p is not None
         ):
-            # a parameter frozen (or dropped from the optimizer) since the layers were fixed:
-            # fix them again from this call, with fresh factors (a frozen bias leaves a layer
-            # without one, whose factors have another shape)
+            # a parameter frozen (or dropped from the optimizer) since the layers were fixed,
+            # or a frozen bias trained again: fix them again from this call, with fresh factors
+            # (a layer's factor A has a row and column for its bias only if it is trained)
             self.layers = []
             self.factors = self.eigen = None
             self._floors, self._calls = [], 0

@@ -812,7 +812,7 @@ def test_a_bias_frozen_mid_training_leaves_kfac_on_with_fresh_factors(precond):
     longer trains: 'auto' warned that it turned K-FAC off (advice: "pass the model the
     optimizer trains") and 'kfac' raised; state_dict() raised KeyError. Now the layers are
     found again, that one without a bias, and its input factor is fresh: the second moment of
-    the layer's inputs at that step (the oracle, in float64)."""
+    the layer's inputs at that step (the oracle, in float64). Unfrozen, the bias is back."""
     x, y = _data(n=9, d_in=3, d_out=2, seed=14)
     model = _mlp(seed=6)
     opt = HessianFree(model.parameters(), precond=precond)
@@ -831,6 +831,11 @@ def test_a_bias_frozen_mid_training_leaves_kfac_on_with_fresh_factors(precond):
     torch.testing.assert_close(K.factors[1][0], h.T @ h / 9, rtol=1e-12, atol=1e-14)
     assert torch.equal(model[2].bias, bias)
     assert opt.state_dict()["precond"]["state"]["layers"] == [[0, 1], [2, None]]
+    model[2].bias.requires_grad_(True)  # and trained again: the bias is back in its block
+    h1 = torch.cat([torch.tanh(model[0](x)).detach(), torch.ones(9, 1, dtype=DTYPE)], 1)
+    opt.step(closure)
+    assert [m.bias is None for m in K.layers] == [False, False]
+    torch.testing.assert_close(K.factors[1][0], h1.T @ h1 / 9, rtol=1e-12, atol=1e-14)
 
 
 def test_auto_with_a_frozen_weight_and_a_trained_bias_leaves_that_bias_unpreconditioned():
