@@ -95,7 +95,7 @@ def repro_frozen() -> None:
     print("\n## 2. K-FAC with a frozen bias or weight\n")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(32, 1, generator=g, dtype=torch.float64)
 
     def closure_of(model):
         def closure():
@@ -104,8 +104,9 @@ def repro_frozen() -> None:
 
         return closure
 
-    def run(precond, freeze_before=None, freeze_after=None):
-        model = _mlp([3, 2, 12, 2], seed=2)
+    def run(precond, freeze_before=None, freeze_after=None, save=False):
+        # the middle layer's weight is 120 of the 189 trained entries once its bias is frozen
+        model = _mlp([3, 2, 60, 1], seed=2)
         if freeze_before:
             freeze_before(model)
         opt = hessfree.HessianFree(model.parameters(), precond=precond)
@@ -114,7 +115,8 @@ def repro_frozen() -> None:
             for k in range(4):
                 if k == 2 and freeze_after:
                     freeze_after(model)
-                    opt.state_dict()  # a checkpoint between the freeze and the next step
+                    if save:  # a checkpoint between the freeze and the next step
+                        opt.state_dict()
                 opt.step(closure_of(model))
         kfac = opt._auto_precond if precond == "auto" else opt.precond
         layers = getattr(kfac, "layers", None)
@@ -138,8 +140,12 @@ def repro_frozen() -> None:
         _say(f"{precond}, nothing frozen", lambda p=precond: run(p))
         _say(f"{precond}, middle bias frozen from the start", lambda p=precond: run(p, bias))
         _say(f"{precond}, middle bias frozen after 2 steps", lambda p=precond: run(p, None, bias))
+        _say(
+            f"{precond}, middle bias frozen after 2 steps, then state_dict()",
+            lambda p=precond: run(p, None, bias, save=True),
+        )
         _say(f"{precond}, middle weight frozen from the start", lambda p=precond: run(p, weight))
-    model = _mlp([3, 2, 12, 2], seed=2)
+    model = _mlp([3, 2, 60, 1], seed=2)
     bias(model)
     kfac = hessfree.KFACPreconditioner(model)
     opt = hessfree.HessianFree(model.parameters(), precond=kfac)
@@ -180,12 +186,12 @@ def repro_rundir() -> None:
             rundir.write_text_atomic = real
         left = sorted(str(p.relative_to(tmp)) for p in (tmp / "runs").rglob("*"))
         print(f"- interrupted creation: exit {code}; left under {tmp.name}/: {left}")
-        for argv in (
-            ["run", str(config), "--quiet", "--out", str(out)],
-            ["run", "--resume", str(out), "--quiet"],
+        for label, argv in (
+            ("a new run, the same --out", ["run", str(config), "--quiet", "--out", str(out)]),
+            ("--resume DIR", ["run", "--resume", str(out), "--quiet"]),
         ):
             with contextlib.redirect_stderr(sys.stdout):
-                print(f"- `hessfree {' '.join(argv[:1] + argv[2:3])} ...`:", end=" ")
+                print(f"- {label}:", end=" ")
                 code = main(argv)
             print(f"  (exit {code})")
 
@@ -319,6 +325,13 @@ def _micro() -> None:
         with torch.enable_grad():
             model(x)
 
+    rec = _LinearPass(params)
+    act, seq = model[1], model
+    out = model(x)
+    for label, module in (("Tanh", act), ("Sequential", seq)):
+        t_orig = best(lambda m=module: _ORIGINAL_HOOK(rec, m, (x,), out))
+        t_lean = best(lambda m=module: _lean_hook(rec, m, (x,), out))
+        print(f"- _LinearPass._hook on a {label}: as is {t_orig:.2f} us, lean scan {t_lean:.2f} us")
     k = 300
     plain = best(forward_plain, k)
     orig = best(lambda: forward_with(_ORIGINAL_HOOK), k)
@@ -331,18 +344,18 @@ def _micro() -> None:
     del hf_opt
 
 
-def _cost(rounds: int, steps: int) -> None:
+def _cost(rounds: int, steps: int, widths: list[int], batch: int) -> None:
     import hessfree.optimizer as hf_opt
 
     load0 = os.getloadavg()
-    print(f"load average at start: {load0}")
-    _micro()
+    print(f"\nload average at start: {load0}")
     g = torch.Generator().manual_seed(3)
-    X = torch.randn(4000, 40, generator=g)
-    Y = torch.randint(0, 10, (4000,), generator=g)
-    base_model = _mlp([40, 256, 256, 10], seed=4).float()
+    X = torch.randn(4000, widths[0], generator=g)
+    Y = torch.randint(0, widths[-1], (4000,), generator=g)
+    base_model = _mlp(widths, seed=4).float()
     start = copy.deepcopy(base_model.state_dict())
-    batches = [torch.randint(0, 4000, (250,), generator=g) for _ in range(2 + steps)]
+    batches = [torch.randint(0, 4000, (batch,), generator=g) for _ in range(2 + steps)]
+    calls = []
     original_guard = hf_opt.twice_differentiable_attention
     variants = {
         "as is": (original_guard, _ORIGINAL_HOOK),
@@ -373,14 +386,17 @@ def _cost(rounds: int, steps: int) -> None:
                     return F.cross_entropy(out, yb), out
 
                 opt.step(closure)
+                if k >= 2 and name == "as is" and r == 0:
+                    calls.append(opt.last_step.closure_calls)
             cpu[name].append((time.process_time() - c0) / steps * 1e3)
             wall[name].append((time.perf_counter() - w0) / steps * 1e3)
             finals.setdefault(name, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     hf_opt.twice_differentiable_attention, _LinearPass._hook = original_guard, _ORIGINAL_HOOK
     load1 = os.getloadavg()
+    arch = "-".join(map(str, widths))
     print(
-        "\n### steps: HessianFree(params), MLP 40-256-256-10 float32, batch 250, "
-        f"{rounds} rounds x {steps} steps\n"
+        f"\n### steps: HessianFree(params), MLP {arch} float32, batch {batch}, "
+        f"{rounds} rounds x {steps} steps; closure calls a step: {calls}\n"
     )
     print(
         "| variant | CPU ms/step (median) | wall ms/step (median) | CPU ratio to 'as is' "
@@ -414,7 +430,9 @@ def main() -> None:
         repro_rundir()
         repro_fisher()
     else:
-        _cost(args.rounds, args.steps)
+        _micro()
+        _cost(args.rounds, args.steps, [40, 256, 256, 10], 250)  # the scorecard's MNIST-1D MLP
+        _cost(args.rounds, args.steps, [10, 32, 2], 32)  # a tiny one: the glue's largest share
 
 
 if __name__ == "__main__":
