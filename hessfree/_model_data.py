@@ -14,6 +14,7 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -153,7 +154,9 @@ def _single_batch(data: object) -> tuple[Any, Any] | None:
             f"tensor of shape {tuple(data.shape)}."
         )
     if isinstance(data, (tuple, list)):
-        if len(data) == 2 and isinstance(data[0], Tensor):
+        # an array is not a batch either: (array, targets) is one pair whose inputs the
+        # model call then refuses with the fix (a tensor), not "data[0] must be a pair"
+        if len(data) == 2 and isinstance(data[0], Tensor | np.ndarray):
             return data[0], data[1]
         if len(data) == 1:
             return _as_pair(data[0], "data[0]")
@@ -252,10 +255,16 @@ def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
             f"`model` failed on `inputs` of shape {_shape(inputs)}: {err}. {_INPUT_MISMATCH_HINT}"
         ) from err
     except TypeError as err:  # e.g. a tuple of inputs: it is passed as one argument
+        if isinstance(inputs, np.ndarray):
+            hint = "pass a tensor, torch.from_numpy(inputs)"
+        else:
+            hint = (
+                "a tuple is not unpacked: pass lambda args: model(*args) as the model for "
+                "several inputs"
+            )
         raise TypeError(
             f"`model` failed on `inputs` ({_shape(inputs)}): {err}. The model is called "
-            "as model(inputs) with `inputs` as given (a tuple is not unpacked: pass "
-            "lambda args: model(*args) as the model for several inputs)."
+            f"as model(inputs) with `inputs` as given ({hint})."
         ) from err
     if not isinstance(outputs, Tensor):
         raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")

@@ -82,10 +82,10 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np  # noqa: F401 -- the doctests below use it
+import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
@@ -93,7 +93,7 @@ from torch import Tensor, nn
 from ._checks import ParamVersions, check_scalar_loss, unreached_params_error
 from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
-from ._model_data import _call_model, _check_model, _check_rows, _resolve_params
+from ._model_data import _call_model, _check_model, _check_rows, _resolve_params, _shape
 from ._numpy_edge import _TorchLinearOperator
 from ._threads import limit_blas_threads
 from .curvature import (
@@ -232,6 +232,32 @@ class FisherLinearOperator(CurvatureLinearOperator):
 # --------------------------------------------------------------------------------------------
 # Jacobian
 # --------------------------------------------------------------------------------------------
+def _batches_like(inputs: object) -> bool:
+    """Whether ``inputs`` looks like the curvature operators' ``data`` (a list or tuple, a
+    ``DataLoader`` or another iterable that is not a tensor, string or mapping)."""
+    return not isinstance(inputs, Tensor | np.ndarray | str | bytes | Mapping) and isinstance(
+        inputs, Iterable
+    )
+
+
+def _batches_error(inputs: object, err: BaseException) -> TypeError:
+    """The Jacobian's error for a model that failed on a list, tuple or loader of inputs."""
+    if isinstance(inputs, list | tuple):
+        kinds = ", ".join(str(_shape(x)) for x in inputs[:4]) + (", ..." if len(inputs) > 4 else "")
+        what = f"a {type(inputs).__name__} of {len(inputs)} item(s) [{kinds}]"
+    else:
+        what = f"a {type(inputs).__name__}"
+    cause = err.__cause__ if isinstance(err.__cause__, TypeError | AttributeError) else err
+    return TypeError(
+        f"`model` failed on `inputs`, {what} ({cause}). JacobianLinearOperator calls "
+        "model(inputs) once, on one batch of inputs as given: unlike the curvature operators' "
+        "`data`, `inputs` is not an (inputs, targets) pair, a list of batches or a DataLoader. "
+        "Pass one tensor of inputs (torch.cat the batches' inputs; no targets: the Jacobian "
+        "has no loss). For a model of several inputs: a tuple is not unpacked: pass "
+        "lambda args: model(*args) as the model."
+    )
+
+
 class JacobianLinearOperator(_TorchLinearOperator):
     r"""The output Jacobian :math:`J = \partial o/\partial\theta` of ``model(inputs)``.
 
@@ -247,8 +273,9 @@ class JacobianLinearOperator(_TorchLinearOperator):
         allow_training_mode: As :class:`CurvatureLinearOperator`.
 
     Raises:
-        TypeError: For a ``model``, ``params`` or ``dtype`` of the wrong type, or if the model
-            does not return a tensor.
+        TypeError: For a ``model``, ``params`` or ``dtype`` of the wrong type, if the model
+            does not return a tensor, or if it fails on ``inputs`` given as a list, tuple or
+            ``DataLoader`` (the message says what ``inputs`` may be).
         ValueError: If ``inputs`` has zero rows, ``model`` fails on them, its outputs depend
             on none of ``params`` (some unused ones are fine: zero columns), or it has
             stochastic modules in training mode.
@@ -278,7 +305,12 @@ class JacobianLinearOperator(_TorchLinearOperator):
         if isinstance(inputs, Tensor):
             inputs = inputs.to(layout.device)
         with torch.enable_grad():
-            outputs = _call_model(model, inputs)
+            try:
+                outputs = _call_model(model, inputs)
+            except (TypeError, AttributeError) as err:
+                if not _batches_like(inputs):
+                    raise
+                raise _batches_error(inputs, err) from err
         self.params = params
         self._jacobian = JacobianProduct(outputs, params)
         if not _depends_on([outputs], params):  # here, not silently zero products later

@@ -824,8 +824,11 @@ class HessianFree(torch.optim.Optimizer):
             (:class:`KFACPreconditioner` with rank 32, refreshed every 2 steps, on the
             ``nn.Linear`` layers found from the parameters alone: while the optimizer makes its
             graph-building closure call, a global forward hook records each ``nn.Linear`` whose
-            weight and bias are the optimizer's, and is removed afterwards, also on an error;
-            the first step fixes the layers; one that runs twice in a closure call raises
+            weight is the optimizer's (a bias it does not train, frozen, counts as none), and
+            is removed afterwards, also on an error; the first step fixes the layers, and a step
+            after one of their parameters was frozen (or a frozen bias unfrozen) finds them
+            again with fresh factors; one
+            that runs twice in a closure call raises
             ``ValueError``, as does finding none; its factors travel in :meth:`state_dict`);
             an instance of these classes (``KFACPreconditioner(model)`` hooks the model's
             layers itself); or a callable ``(PrecondContext) -> Tensor | MatVec`` giving the
@@ -1126,9 +1129,13 @@ class HessianFree(torch.optim.Optimizer):
             state = precond.state_dict()
             if getattr(precond, "_discovered", False):
                 index = {id(p): i for i, p in enumerate(self._params())}
+                held = [(m.weight, m.bias) for m in precond.layers]
+                if any(id(p) not in index for pair in held for p in pair if p is not None):
+                    # a parameter frozen since the last step: the next step fixes the layers
+                    # again with fresh factors (KFACPreconditioner._observe); save that state
+                    state, held = {"factors": None, "eigen": None, "calls": 0}, []
                 state["layers"] = [
-                    [index[id(m.weight)], None if m.bias is None else index[id(m.bias)]]
-                    for m in precond.layers
+                    [index[id(w)], None if b is None else index[id(b)]] for w, b in held
                 ]
             out["precond"] = {"type": type(precond).__name__, "state": state}
         for hook in post_hooks:
@@ -1673,8 +1680,8 @@ class HessianFree(torch.optim.Optimizer):
                 recorded.release()
             if not precond.layers:
                 raise ValueError(
-                    "precond='kfac' found no nn.Linear layer whose weight (and bias) are among "
-                    "the optimizer's parameters in the closure's forward pass; pass another "
+                    "precond='kfac' found no nn.Linear layer whose weight is among the "
+                    "optimizer's parameters in the closure's forward pass; pass another "
                     "precond ('auto', None, 'martens', 'nystrom')."
                 )
         fisher = "The diagonal empirical-Fisher preconditioner"
@@ -2953,10 +2960,19 @@ def _unpack(
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
-    """'sum' if the loss node says so (MSE/CE/BCE), else 'mean' (PyTorch losses' default)."""
+    """'sum' if the loss node says so, else 'mean' (PyTorch losses' default).
+
+    The node of a torch loss on the outputs (or on their ``log_softmax``, as cross-entropy's
+    is): MSE, cross-entropy and BCE, also with class ``weight``, ``ignore_index`` or
+    ``pos_weight``. Requiring a closed-form loss Hessian here once took a summed weighted
+    cross-entropy for a mean, and its Fisher N times too large.
+    """
     node = loss.grad_fn
-    return (
-        "sum"
-        if getattr(node, "_saved_reduction", None) == 2 and loss_hessian_product(loss, outputs)
-        else "mean"
-    )
+    if getattr(node, "_saved_reduction", None) != 2:
+        return "mean"
+    if loss_hessian_product(loss, outputs) is not None:
+        return "sum"
+    first = node.next_functions[0][0] if node.next_functions else None
+    if type(first).__name__ == "LogSoftmaxBackward0":
+        first = first.next_functions[0][0]
+    return "sum" if first is not None and first is outputs.grad_fn else "mean"

@@ -548,6 +548,18 @@ class KFACPreconditioner:
         """Take one recorded closure call's layers (the first call fixes them, in the order
         they ran; without those that ran twice, with ``skip_shared``) and their inputs and
         outputs, as the module hooks would have recorded them."""
+        biases = {id(m.weight): m.bias for m in recorded.order}
+        if self.layers and any(
+            any(id(p) not in recorded.param_ids for p in _params_of(m))
+            or (m.bias is None and biases.get(id(m.weight)) is not None)
+            for m in self.layers
+        ):
+            # a parameter frozen (or dropped from the optimizer) since the layers were fixed,
+            # or a frozen bias trained again: fix them again from this call, with fresh factors
+            # (a layer's factor A has a row and column for its bias only if it is trained)
+            self.layers = []
+            self.factors = self.eigen = None
+            self._floors, self._calls = [], 0
         if not self.layers:
             self.layers = recorded.layers(skip_shared=skip_shared)
         by_weight = {id(layer.weight): layer for layer in self.layers}
@@ -718,6 +730,11 @@ class KFACPreconditioner:
                 "pass, KFACPreconditioner([layer, ...]), or use another preconditioner."
             )
         missing = [i for i, m in enumerate(self.layers) if id(m) not in self._seen]
+        frozen = [
+            i for i in missing if not any(p.requires_grad for p in _params_of(self.layers[i]))
+        ]
+        if frozen:  # no graph through it: frozen after the layers were fixed
+            raise ValueError(_untrained_message(frozen[0], self.layers[frozen[0]], {}))
         if missing:
             raise ValueError(
                 f"KFACPreconditioner: layer {missing[0]} ({self.layers[missing[0]]}) ran in no "
@@ -897,16 +914,13 @@ class KFACPreconditioner:
         index = {id(p): i for i, p in enumerate(params)}
         plan = []
         covered = 0
-        for layer, (side_a, side_g), floor in zip(
-            self.layers, self.eigen, self._floors, strict=True
+        for i, (layer, (side_a, side_g), floor) in enumerate(
+            zip(self.layers, self.eigen, self._floors, strict=True)
         ):
             iw = index.get(id(layer.weight))
             ib = None if layer.bias is None else index.get(id(layer.bias))
             if iw is None or (layer.bias is not None and ib is None):
-                raise ValueError(
-                    f"KFACPreconditioner: the parameters of {layer} are not all among the "
-                    "optimizer's; pass the model the optimizer trains."
-                )
+                raise ValueError(_untrained_message(i, layer, index))
             w = slice(offsets[iw], offsets[iw + 1])
             b = None if ib is None else slice(offsets[ib], offsets[ib + 1])
             covered += layer.weight.numel() + (0 if ib is None else layer.bias.numel())
@@ -934,6 +948,33 @@ class KFACPreconditioner:
         return apply
 
 
+def _params_of(layer: object) -> list[Tensor]:
+    """A layer's weight and (if any) bias."""
+    return [p for p in (layer.weight, layer.bias) if p is not None]
+
+
+def _untrained_message(i: int, layer: object, index: dict[int, int]) -> str:
+    """Why layer ``i``'s parameters are not all the optimizer's, and what to do."""
+    named = (("weight", layer.weight), ("bias", layer.bias))
+    missing = [name for name, p in named if p is not None and id(p) not in index]
+    what = " and ".join(missing) or "parameters"
+    if any(not p.requires_grad for _, p in named if p is not None):
+        return (
+            f"KFACPreconditioner: the {what} of layer {i} ({layer}) "
+            f"{'are' if len(missing) > 1 else 'is'} frozen (requires_grad=False), so not among "
+            "the optimizer's trained parameters, but a KFACPreconditioner preconditions each of "
+            "its layers' weight and bias together (built from a model, it skips only the "
+            "layers with no trainable parameter at that time). Pass it the layers whose "
+            "parameters are all trained, KFACPreconditioner([layer, ...]), or use "
+            "precond='kfac', which takes a frozen bias as none and follows later freezing."
+        )
+    return (
+        f"KFACPreconditioner: the {what} of layer {i} ({layer}) is not among the optimizer's "
+        "parameters; pass the optimizer every parameter of the layers K-FAC preconditions, "
+        "or K-FAC only the layers the optimizer trains (KFACPreconditioner([layer, ...]))."
+    )
+
+
 def _factor_dtype(like: Tensor) -> torch.dtype:
     """K-FAC's factors' dtype for a layer's parameter: its own, float32 for 16-bit ones."""
     return torch.promote_types(like.dtype, torch.float32)
@@ -958,8 +999,9 @@ class _Linear:
 class _LinearPass:
     r"""The ``nn.Linear`` calls of one closure call, recorded by a global forward hook.
 
-    Only layers whose weight (and bias, if any) are among ``params`` count, and only calls
-    that build a graph (grad enabled, an output that requires grad). ``records`` maps the
+    Only layers whose weight is among ``params`` count (a bias that is not, e.g. frozen, is
+    left out: the layer counts as one without a bias), and only calls that build a graph
+    (grad enabled, an output that requires grad). ``records`` maps the
     weight's id to the last call's (input, output), ``counts`` to its calls in the pass (more
     than one: shared weights, e.g. a recurrent cell), ``order`` the first calls' order.
     :func:`torch.nn.modules.module.register_module_forward_hook` fires for every module in
@@ -967,7 +1009,7 @@ class _LinearPass:
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
-        self._ids = {id(p) for p in params}
+        self.param_ids = {id(p) for p in params}
         self.records: dict[int, tuple[Tensor, Tensor]] = {}
         self.counts: dict[int, int] = {}
         self.order: list[_Linear] = []
@@ -978,12 +1020,11 @@ class _LinearPass:
     def _hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
         if not isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():
             for p in module.parameters(recurse=False):
-                if id(p) in self._ids:
+                if id(p) in self.param_ids:
                     self.elsewhere.add(id(p))
         if not (
             isinstance(module, torch.nn.Linear)
-            and id(module.weight) in self._ids
-            and (module.bias is None or id(module.bias) in self._ids)
+            and id(module.weight) in self.param_ids
             and torch.is_grad_enabled()
             and isinstance(output, Tensor)
             and output.requires_grad
@@ -993,7 +1034,10 @@ class _LinearPass:
             return
         key = id(module.weight)
         if key not in self.counts:
-            self.order.append(_Linear(module.weight, module.bias))
+            # a bias the optimizer does not train (frozen) is a constant: the layer is one
+            # without a bias for K-FAC (its block is the weight's alone, A without the 1s)
+            bias = module.bias
+            self.order.append(_Linear(module.weight, bias if id(bias) in self.param_ids else None))
         self.counts[key] = self.counts.get(key, 0) + 1
         self.records[key] = (args[0], output)
 

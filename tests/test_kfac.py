@@ -9,6 +9,7 @@ product (diagonal and truncated variants included), each built independently wit
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -214,7 +215,7 @@ def test_bad_arguments():
     K2 = KFACPreconditioner([model, other])
     ctx, _ = _context(model, x, y, F.mse_loss, 1.0)
     other(x)
-    with pytest.raises(ValueError, match="not all among the optimizer's"):
+    with pytest.raises(ValueError, match="not among the optimizer's parameters; pass the"):
         K2(ctx)
     with pytest.raises(ValueError, match="positive damping"):
         KFACPreconditioner(model, num_probes=None)(_context(model, x, y, F.mse_loss, 0.0)[0])
@@ -756,3 +757,114 @@ def test_capped_kfac_steps_do_not_lower_the_unfloored_damping():
         opt2.step(_outputs_closure(m2, *batches[k % 2]))
         seen.append(state2.get("damping_unfloored", float("nan")))
     assert min(seen[2:]) < seen[1]
+
+
+# ------------------------------------------------------------------ frozen biases and weights
+def test_kfac_takes_a_frozen_bias_as_none_and_is_the_weights_true_ggn_inverse():
+    """precond='kfac' found no layer when a layer's bias was frozen (and 'auto' turned K-FAC
+    off): the layer counts as one without a bias. Oracle: a linear layer with one output and
+    squared error, whose Gauss-Newton weight block is exactly G ⊗ A (G 1×1, so the one probe is
+    exact), at the optimizer's settings: the damped inverse with its floor of 0.01 times the
+    mean eigenvalue of G ⊗ A, the mean of the block's diagonal."""
+    x, y = _data(n=11, d_in=4, d_out=1, seed=12)
+    torch.manual_seed(4)
+    model = nn.Linear(4, 1).to(DTYPE)
+    C = _dense_ggn(model, x, y, F.mse_loss)[:4, :4]  # the weight's block (the bias is last)
+    model.bias.requires_grad_(False)
+    bias = model.bias.detach().clone()
+    opt = HessianFree(model.parameters(), precond="kfac")
+    opt.step(_outputs_closure(model, x, y))
+    K = opt.precond
+    assert [m.bias for m in K.layers] == [None] and torch.equal(model.bias, bias)
+    mu = 0.3
+    r = np.random.default_rng(6).standard_normal(4)
+    shift = mu + 0.01 * np.trace(C) / 4
+    expected = np.linalg.solve(C + shift * np.eye(4), r)
+    z = K.apply_with([model.weight], mu)(torch.from_numpy(r))
+    torch.testing.assert_close(z, torch.from_numpy(expected), rtol=1e-10, atol=1e-12)
+
+
+def test_auto_keeps_kfac_on_the_layers_of_a_model_with_a_frozen_bias():
+    """Freezing the middle layer's bias left 'auto' K-FAC's layers below half the parameters
+    and turned K-FAC off for the whole model; now the layer is kept, without its bias, and
+    'auto' steps as 'kfac' (the same layers)."""
+    x, y = _data(n=9, d_in=3, d_out=2, seed=13)
+    runs = {}
+    for precond in ("auto", "kfac"):
+        torch.manual_seed(5)
+        model = nn.Sequential(
+            nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 12), nn.Tanh(), nn.Linear(12, 2)
+        ).to(DTYPE)
+        model[2].bias.requires_grad_(False)
+        opt = HessianFree(model.parameters(), precond=precond)
+        for _ in range(3):
+            opt.step(_outputs_closure(model, x, y))
+        K = opt._auto_precond if precond == "auto" else opt.precond
+        assert isinstance(K, KFACPreconditioner)
+        assert [m.bias is None for m in K.layers] == [False, True, False]
+        runs[precond] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(runs["auto"], runs["kfac"])
+
+
+@pytest.mark.parametrize("precond", ["auto", "kfac"])
+def test_a_bias_frozen_mid_training_leaves_kfac_on_with_fresh_factors(precond):
+    """After a bias was frozen, the layers K-FAC had found held a parameter the optimizer no
+    longer trains: 'auto' warned that it turned K-FAC off (advice: "pass the model the
+    optimizer trains") and 'kfac' raised; state_dict() raised KeyError. Now the layers are
+    found again, that one without a bias, and its input factor is fresh: the second moment of
+    the layer's inputs at that step (the oracle, in float64). Unfrozen, the bias is back."""
+    x, y = _data(n=9, d_in=3, d_out=2, seed=14)
+    model = _mlp(seed=6)
+    opt = HessianFree(model.parameters(), precond=precond)
+    closure = _outputs_closure(model, x, y)
+    for _ in range(2):
+        opt.step(closure)
+    model[2].bias.requires_grad_(False)
+    assert opt.state_dict()["precond"]["state"]["layers"] == []  # found again at the next step
+    h = torch.tanh(model[0](x)).detach()  # the last layer's inputs at this step
+    bias = model[2].bias.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    K = opt._auto_precond if precond == "auto" else opt.precond
+    assert [m.bias is None for m in K.layers] == [False, True]
+    torch.testing.assert_close(K.factors[1][0], h.T @ h / 9, rtol=1e-12, atol=1e-14)
+    assert torch.equal(model[2].bias, bias)
+    assert opt.state_dict()["precond"]["state"]["layers"] == [[0, 1], [2, None]]
+    model[2].bias.requires_grad_(True)  # and trained again: the bias is back in its block
+    h1 = torch.cat([torch.tanh(model[0](x)).detach(), torch.ones(9, 1, dtype=DTYPE)], 1)
+    opt.step(closure)
+    assert [m.bias is None for m in K.layers] == [False, False]
+    torch.testing.assert_close(K.factors[1][0], h1.T @ h1 / 9, rtol=1e-12, atol=1e-14)
+
+
+def test_auto_with_a_frozen_weight_and_a_trained_bias_leaves_that_bias_unpreconditioned():
+    """The other half: a layer whose weight is frozen and bias trained is left out of K-FAC
+    (z = r on its bias), the other layers keep K-FAC, and the bias trains."""
+    x, y = _data(n=9, d_in=3, d_out=2, seed=15)
+    model = _mlp(seed=7)
+    model[0].weight.requires_grad_(False)
+    weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    opt = HessianFree(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.step(_outputs_closure(model, x, y))
+    K = opt._auto_precond
+    assert [m.weight for m in K.layers] == [model[2].weight]
+    assert torch.equal(model[0].weight, weight) and not torch.equal(model[0].bias, bias)
+    r = torch.randn(5 + 12, dtype=DTYPE)
+    z = K.apply_with([model[0].bias, model[2].weight, model[2].bias], 0.1)(r)
+    assert torch.equal(z[:5], r[:5])
+
+
+def test_a_kfac_built_from_a_model_names_a_frozen_bias_and_the_fix():
+    """KFACPreconditioner(model) keeps a layer with a frozen bias (its weight trains) and
+    preconditions the two together: the error said "pass the model the optimizer trains",
+    which the user had done."""
+    x, y = _data()
+    model = _mlp()
+    model[2].bias.requires_grad_(False)
+    opt = HessianFree(model.parameters(), precond=KFACPreconditioner(model))
+    with pytest.raises(ValueError, match=r"the bias of layer 1 .* is frozen.*precond='kfac'"):
+        opt.step(_outputs_closure(model, x, y))

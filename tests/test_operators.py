@@ -676,6 +676,35 @@ def test_a_tuple_of_inputs_is_passed_whole_and_the_error_says_how_to_unpack():
     np.testing.assert_allclose(op @ np.eye(J.shape[1]), J, **EXACT)
 
 
+def test_a_jacobian_given_batches_says_it_takes_one_batch_of_inputs():
+    # a list of batches, an (inputs, targets) pair or a DataLoader (the curvature operators'
+    # `data`) got the tuple hint alone, whose fix (model(*args)) does not fit them; the
+    # message's fix, one tensor of inputs, gives the dense Jacobian (cases.dense)
+    model, x, y, _ = BY_NAME["mlp_tanh_mse"].build()
+    batches = r"not an \(inputs, targets\) pair, a list of batches or a DataLoader.*torch\.cat"
+    shapes = str(tuple(x[:2].shape)).replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(
+        TypeError, match=rf"a list of 2 item\(s\) \[{shapes}, {shapes}\].*{batches}"
+    ):
+        JacobianLinearOperator(model, [x[:2], x[2:4]])
+    with pytest.raises(TypeError, match=rf"a list of 1 item\(s\) \[tuple\].*{batches}"):
+        JacobianLinearOperator(model, [(x, y)])
+    with pytest.raises(TypeError, match=rf"a DataLoader \(.*{batches}"):
+        JacobianLinearOperator(model, DataLoader(TensorDataset(x, y), batch_size=2))
+    J = _dense("mlp_tanh_mse").J.numpy()
+    op = JacobianLinearOperator(model, torch.cat([x[:2], x[2:]]))
+    np.testing.assert_allclose(op @ np.eye(J.shape[1]), J, **EXACT)
+
+
+def test_a_model_given_a_numpy_array_is_told_to_pass_a_tensor():
+    # the message was the tuple hint (model(*args)), which does not fit an array
+    model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
+    with pytest.raises(TypeError, match=r"\(ndarray\).*pass a tensor, torch\.from_numpy"):
+        JacobianLinearOperator(model, x.numpy())
+    with pytest.raises(TypeError, match=r"\(ndarray\).*pass a tensor, torch\.from_numpy"):
+        GGNLinearOperator(model, loss_fn, (x.numpy(), y))
+
+
 def test_callable_model_with_explicit_params():
     model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
     op = GGNLinearOperator(lambda inputs: model(inputs), loss_fn, (x, y), params=model.parameters())

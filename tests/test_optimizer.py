@@ -2487,3 +2487,75 @@ def test_damping_falls_by_nielsens_third_only_on_a_stochastic_objective():
     lam0 = g @ (a * g) / (g @ g)
     expected = [max(lam0 / 3.0**k, 0.01 * lam0) for k in range(6)]
     np.testing.assert_allclose([i.damping for i in infos], expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce_with_logits"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fisher_curvature_with_class_weights_and_ignore_index_is_the_weighted_fisher(
+    reduction, loss
+):
+    """curvature='fisher' with a loss that weighs its examples unequally (class ``weight``,
+    ``ignore_index``): the optimizer's product is the empirical Fisher with the loss's own
+    weighting, :math:`\\tfrac1N \\sum_i g_i g_i^\\top` with :math:`L = \\tfrac1N \\sum_i L_i`
+    (``'mean'``: :math:`L_i = N w_{y_i} \\ell_i / W`, :math:`W` the kept targets' weight; an
+    ignored example has :math:`g_i = 0`), as FisherLinearOperator's over batches of unequal
+    shares (fixed in "ops", 2026-12-02). BCE with ``pos_weight``: :math:`L_i` the example's
+    entries' losses (``'mean'``: over its :math:`k` entries). ``'sum'`` was taken for a mean
+    (a Fisher N times too large) where the loss had no closed-form Hessian. Oracle:
+    per-example gradients from torch.autograd.functional.jacobian in float64."""
+    from torch.func import functional_call
+
+    from hessfree import FisherLinearOperator
+
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, -1, 1, 0, -1, 2])
+    w = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
+    t = torch.rand(8, 3, generator=g, dtype=torch.float64)  # BCE's probability targets
+    torch.manual_seed(22)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    if loss == "cross_entropy":
+        loss_fn = nn.CrossEntropyLoss(weight=w, ignore_index=-1, reduction=reduction)
+    else:
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=w, reduction=reduction)
+        y = t
+    names = [name for name, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    sizes = [p.numel() for p in params]
+    n = sum(sizes)
+
+    def per_example(flat):
+        chunks = [c.view_as(p) for c, p in zip(flat.split(sizes), params, strict=True)]
+        out = functional_call(model, dict(zip(names, chunks, strict=True)), (x,))
+        if loss == "bce_with_logits":
+            losses = F.binary_cross_entropy_with_logits(out, y, pos_weight=w, reduction="none")
+            return losses.sum(1) / (3 if reduction == "mean" else 1)
+        losses = F.cross_entropy(out, y, weight=w, ignore_index=-1, reduction="none")
+        if reduction == "mean":  # L_i = N w_i l_i / W
+            return losses * 8 / w[y[y != -1]].sum()
+        return losses
+
+    Jl = torch.autograd.functional.jacobian(per_example, torch.cat([p.reshape(-1) for p in params]))
+    expected = Jl.T @ Jl / (8 if reduction == "mean" else 1)
+
+    class Capture:
+        needs_outputs = False
+        C = None
+
+        def __call__(self, ctx):
+            if self.C is None:
+                self.C = ctx.curvature(torch.eye(n, dtype=torch.float64))
+            return None
+
+    capture = Capture()
+    opt = HessianFree(model.parameters(), curvature="fisher", precond=capture)
+
+    def closure():
+        out = model(x)
+        return loss_fn(out, y), out
+
+    operator = FisherLinearOperator(model, loss_fn, [(x[:3], y[:3]), (x[3:], y[3:])])
+    dense_op = torch.from_numpy(operator @ np.eye(n))
+    opt.step(closure)
+    torch.testing.assert_close(capture.C, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dense_op, expected, rtol=1e-10, atol=1e-12)

@@ -484,7 +484,8 @@ def test_channels_last_conv_weights_step_as_contiguous_ones():
 
 
 def test_a_parameter_frozen_mid_training_stays_put_while_the_rest_step():
-    # precond=None: 'auto' turns K-FAC off for the whole model then, with a warning
+    # precond=None here; under 'auto', K-FAC finds its layers again at the next step
+    # (tests/test_kfac.py, test_a_bias_frozen_mid_training_leaves_kfac_on_with_fresh_factors)
     model = _mlp()
     opt = HessianFree(model.parameters(), precond=None)
     opt.step(_closure(model))

@@ -345,3 +345,54 @@ def test_resume_removes_temporaries_of_a_killed_write(finished_run, capsys):
         p.write_bytes(b"")
     assert main(["run", "--resume", str(finished_run), "--quiet"]) == 0
     assert not any(p.exists() for p in stale)
+
+
+def test_a_run_killed_while_creating_its_directory_leaves_nothing_in_the_way(
+    tmp_path, capsys, monkeypatch
+):
+    # The directory and its checkpoints/ were made before config.yaml was written: a kill
+    # between them left a directory a new run refused ("not empty; resume it") and --resume
+    # refused ("not a run directory"). Simulated by an interrupt while config.yaml is written;
+    # the run directory is now built under a hidden name and renamed, so nothing is left.
+    import hessfree.train.rundir as rundir
+
+    config = write_tiny(tmp_path)
+    out = tmp_path / "runs" / "r"
+
+    def killed(path, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "write_text_atomic", killed)
+    assert main(["run", str(config), "--quiet", "--out", str(out)]) == 130  # SIGINT's code
+    assert not out.exists() and list((tmp_path / "runs").iterdir()) == []
+    monkeypatch.undo()
+    assert main(["run", str(config), "--quiet", "--out", str(out)]) == 0
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "adam.pt").is_file()
+    capsys.readouterr()
+    # an existing empty directory is still a valid --out (replaced by the built one)
+    empty = tmp_path / "runs" / "empty"
+    empty.mkdir()
+    assert main(["run", str(config), "--quiet", "--out", str(empty)]) == 0
+    assert (empty / "config.yaml").is_file()
+
+
+def test_a_directory_left_by_an_interrupted_creation_is_explained(tmp_path, capsys):
+    # As earlier versions left it: checkpoints/ (and maybe config.yaml's temporary), no
+    # config.yaml. Both ways in name the directory, say nothing was trained and what to do.
+    config = write_tiny(tmp_path)
+    out = tmp_path / "runs" / "r"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / ".config.yaml.4242.0badf00d.tmp").write_bytes(b"name: ti")
+    explained = rf"'{re.escape(str(out))}' holds an empty checkpoints/ directory and no "
+    remove = rf"before any training.*Remove it \(rm -r '{re.escape(str(out))}'\)"
+    for argv in (
+        ["run", str(config), "--quiet", "--out", str(out)],
+        ["run", str(config), "--check", "--out", str(out)],
+        ["run", "--resume", str(out), "--quiet"],
+    ):
+        err = refused(argv, capsys)
+        assert re.search(explained, err) and re.search(remove, err.replace("\n", " ")), err
+    # anything else in it: not that case, the old messages
+    (out / "notes.txt").write_text("mine")
+    assert "is not empty; resume it" in refused(["run", str(config), "--out", str(out)], capsys)
+    assert "not a run directory" in refused(["run", "--resume", str(out)], capsys)

@@ -186,10 +186,15 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
 
     if args.resume is not None:
         saved_path = args.resume / "config.yaml"
-        from hessfree.train.rundir import _exists
+        from hessfree.train.rundir import _exists, partial_run_dir_message
 
         if not _exists(saved_path):  # also a name too long to look up: not a run directory
-            raise ConfigError([f"'{args.resume}' is not a run directory (no config.yaml)."])
+            raise ConfigError(
+                [
+                    partial_run_dir_message(args.resume)
+                    or f"'{args.resume}' is not a run directory (no config.yaml)."
+                ]
+            )
         config = load_config(saved_path)
         if files or overrides:
             if not files:

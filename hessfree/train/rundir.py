@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hessfree.train.checkpoint import load_checkpoint, remove_stale_temporaries, write_text_atomic
+from hessfree.train.checkpoint import (
+    TMP_SUFFIX,
+    load_checkpoint,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 from hessfree.train.config import (
     ConfigError,
     ExperimentConfig,
@@ -26,7 +33,13 @@ from hessfree.train.config import (
     training_digest,
 )
 
-__all__ = ["CHECKPOINT_FORMAT", "default_run_dir", "prepare_run_dir", "run_dir_problems"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "default_run_dir",
+    "partial_run_dir_message",
+    "prepare_run_dir",
+    "run_dir_problems",
+]
 
 #: Written into every checkpoint; a checkpoint of another format is not resumed.
 CHECKPOINT_FORMAT = 1
@@ -73,8 +86,11 @@ def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
     if run_dir.exists() and not run_dir.is_dir():
         return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
     if run_dir.is_dir() and any(run_dir.iterdir()):  # as prepare_run_dir, but before any work
+        partial = partial_run_dir_message(run_dir)
         return [
-            f"`{key}`: the run directory '{run_dir}' is not empty; resume it with "
+            f"`{key}`: {partial}"
+            if partial
+            else f"`{key}`: the run directory '{run_dir}' is not empty; resume it with "
             f"--resume {run_dir} or choose another directory."
         ]
     parent = run_dir
@@ -128,6 +144,59 @@ def _try_creating(run_dir: Path, existing: Path) -> str | None:
     return None
 
 
+def _create_run_dir(run_dir: Path, config_text: str) -> None:
+    """Create ``run_dir`` with its ``config.yaml`` and an empty ``checkpoints/`` at once.
+
+    Built under a hidden name beside it, then renamed: a kill leaves no run directory or a
+    whole one (at worst a hidden ``.<name>.partial-*`` beside it), never the ``checkpoints/``
+    without ``config.yaml`` that creating the two in turn could leave, which neither a new
+    run (not empty) nor ``--resume`` (no config) accepts. An existing empty ``run_dir`` is
+    replaced.
+    """
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir.with_name(f".{run_dir.name[:64]}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # with the umask's permissions, as run_dir.mkdir() would
+    try:
+        (tmp / "checkpoints").mkdir()
+        write_text_atomic(tmp / "config.yaml", config_text)
+        if os.name == "nt" and run_dir.is_dir():
+            run_dir.rmdir()  # Windows renames nothing onto a directory, even an empty one
+        os.replace(tmp, run_dir)  # POSIX: onto an empty directory too
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def partial_run_dir_message(run_dir: Path) -> str | None:
+    """What to do with a directory an interrupted run creation left, else ``None``.
+
+    Such a directory (made by versions that created ``checkpoints/`` before writing
+    ``config.yaml``) holds an empty ``checkpoints/`` and at most leftover temporary files, no
+    ``config.yaml``: nothing was trained in it.
+    """
+    try:
+        if not run_dir.is_dir() or (run_dir / "config.yaml").exists():
+            return None
+        ckpt_dir = run_dir / "checkpoints"
+        leftovers = [
+            p
+            for p in (*run_dir.iterdir(), *(ckpt_dir.iterdir() if ckpt_dir.is_dir() else ()))
+            if p != ckpt_dir
+        ]
+        if not ckpt_dir.is_dir() or any(
+            not (p.is_file() and p.name.startswith(".") and p.name.endswith(TMP_SUFFIX))
+            for p in leftovers
+        ):
+            return None
+    except OSError:
+        return None
+    return (
+        f"'{run_dir}' holds an empty checkpoints/ directory and no config.yaml: a run was "
+        "interrupted while creating it, before any training, so there is nothing to resume. "
+        f"Remove it (rm -r '{run_dir}') and start the run again, or choose another directory."
+    )
+
+
 def prepare_run_dir(
     run_dir: Path,
     config: ExperimentConfig,
@@ -157,20 +226,25 @@ def prepare_run_dir(
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(
                 [
-                    f"run directory '{run_dir}' is not empty; resume it with "
+                    partial_run_dir_message(run_dir)
+                    or f"run directory '{run_dir}' is not empty; resume it with "
                     f"--resume {run_dir} or choose another --out."
                 ]
             )
         try:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / "config.yaml", dump_config(config, config_header))
+            _create_run_dir(run_dir, dump_config(config, config_header))
         except OSError as err:
             raise ConfigError(
                 [f"cannot create the run directory '{run_dir}': {err.strerror or err}."]
             ) from None
         return {}
     if not (run_dir / "config.yaml").exists():
-        raise ConfigError([f"'{run_dir}' holds no config.yaml: not a run directory."])
+        raise ConfigError(
+            [
+                partial_run_dir_message(run_dir)
+                or f"'{run_dir}' holds no config.yaml: not a run directory."
+            ]
+        )
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ConfigError(
             [
