@@ -1079,19 +1079,22 @@ def _sample_known(
         prob = torch.sigmoid(o)
         y = (_draw(torch.rand, shape, generator, o) < prob).to(o.dtype)  # y~ ~ Bernoulli
         return _MCDraw(y, prob - y, factor / entries)  # E[s^2] = sigma (1 - sigma)
-    if name == "NllLossBackward0" and type(nxt[0][0]).__name__ == "LogSoftmaxBackward0":
-        lsm = nxt[0][0]
+    lsm = nxt[0][0] if name in ("NllLossBackward0", "NllLoss2DBackward0") else None
+    if lsm is not None and type(lsm).__name__ == "ViewBackward0":
+        lsm = lsm.next_functions[0][0]  # (N, C, d1, ...) outputs other than 4-D: viewed as 4-D
+    if type(lsm).__name__ == "LogSoftmaxBackward0":
         if lsm.next_functions[0][0] is not outputs.grad_fn or node._saved_weight is not None:
             return None
         if o.dim() < 2 or lsm._saved_dim not in (1, 1 - o.dim()):
             return None
         p = lsm._saved_result.detach().exp()
         num_classes = o.shape[1]
+        target = node._saved_target.reshape(o.shape[0], *o.shape[2:])
         # Inverse CDF, one uniform per example (and position): y~ = #{c : P(y <= c) < u}.
         u = _draw(torch.rand, (mc_samples, o.shape[0], *o.shape[2:]), generator, o)
         y = (p.cumsum(1) < u.unsqueeze(2)).sum(2).clamp_(max=num_classes - 1)
         onehot = torch.nn.functional.one_hot(y, num_classes).movedim(-1, 2).to(p.dtype)
-        keep = (node._saved_target != node._saved_ignore_index).unsqueeze(1).to(p.dtype)
+        keep = (target != node._saved_ignore_index).unsqueeze(1).to(p.dtype)
         grads = (p - onehot).mul_(keep)  # E[s s^T] = diag(p) - p p^T per example and position
         denom = node._saved_total_weight if reduction == _MEAN else 1.0  # a tensor: no sync
         return _MCDraw(y, grads, factor / denom)
