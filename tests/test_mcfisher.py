@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import cg, eigsh
 from torch import nn
 
-from hessfree import GGNLinearOperator, MCFisherLinearOperator, MCFisherProduct
+from hessfree import GGNLinearOperator, HessianFree, MCFisherLinearOperator, MCFisherProduct
 from hessfree.operators import _batch_seed
 
 EXACT = dict(rtol=1e-10, atol=1e-12)
@@ -276,3 +276,58 @@ def test_bad_seed_is_refused(value, error):
     model, loss_fn, x, y = _case("mse_mean")
     with pytest.raises(error, match=f"`seed` must be an int.*{value!r}"):
         MCFisherLinearOperator(model, loss_fn, (x, y), seed=value)
+
+
+# --------------------------------------------------------------------------------------------
+# HessianFree(curvature='fisher_mc')
+# --------------------------------------------------------------------------------------------
+def _classification(seed: int = 0):
+    torch.manual_seed(seed)
+    X = torch.randn(64, 5, dtype=F64)
+    y = (X @ torch.randn(5, 3, dtype=F64)).argmax(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return model, X, y
+
+
+def _train(curvature: str, seed: int, steps: int = 8) -> tuple[list[float], torch.Tensor]:
+    model, X, y = _classification()
+    # precond=None: no preconditioner probes, so the seed enters through the MC labels alone
+    opt = HessianFree(
+        model.parameters(), curvature=curvature, cg_max_iter=20, seed=seed, precond=None
+    )
+
+    def closure():
+        out = model(X)
+        return F.cross_entropy(out, y), out
+
+    state = torch.get_rng_state()
+    losses = [float(opt.step(closure)) for _ in range(steps)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is not drawn from
+    return losses, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_optimizer_fisher_mc_trains_with_labels_from_its_own_seed():
+    losses, theta = _train("fisher_mc", seed=0)
+    assert losses[-1] < 0.5 * losses[0]
+    _, again = _train("fisher_mc", seed=0)
+    assert torch.equal(again, theta)
+    _, other = _train("fisher_mc", seed=1)  # other labels, other steps
+    assert not torch.allclose(other, theta)
+    _, ggn = _train("ggn", seed=0)
+    assert not torch.allclose(ggn, theta)
+    assert torch.equal(_train("ggn", seed=1)[1], ggn)  # the seed reaches nothing else
+
+
+def test_optimizer_fisher_mc_refuses_what_it_cannot_sample():
+    model, X, y = _classification()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = HessianFree(model.parameters(), curvature="fisher_mc")
+    with pytest.raises(ValueError, match="node is HuberLossBackward0"):
+        opt.step(lambda: (F.huber_loss(model(X), F.one_hot(y, 3).to(F64)), model(X)))
+    with pytest.raises(ValueError, match="curvature='fisher_mc' needs the model outputs"):
+        opt.step(lambda: F.cross_entropy(model(X), y))
+    with pytest.raises(ValueError, match="curvature='fisher_mc' needs one outputs tensor"):
+        opt.step(lambda: (F.cross_entropy(model(X), y), (model(X),)))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    with pytest.raises(ValueError, match="'fisher_mc'"):  # the choices name it
+        HessianFree(model.parameters(), curvature="mc_fisher")
