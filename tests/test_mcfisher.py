@@ -332,3 +332,30 @@ def test_optimizer_fisher_mc_refuses_what_it_cannot_sample():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     with pytest.raises(ValueError, match="'fisher_mc'"):  # the choices name it
         HessianFree(model.parameters(), curvature="mc_fisher")
+
+
+def test_optimizer_fisher_mc_resumes_its_draws_from_a_state_dict():
+    model, X, y = _classification()
+
+    def closure_of(m):
+        def closure():
+            out = m(X)
+            return F.cross_entropy(out, y), out
+
+        return closure
+
+    def make(m):
+        return HessianFree(m.parameters(), curvature="fisher_mc", cg_max_iter=10, precond=None)
+
+    opt = make(model)
+    for _ in range(3):
+        opt.step(closure_of(model))
+    copy = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    copy.load_state_dict(model.state_dict())
+    resumed = make(copy)
+    resumed.load_state_dict(opt.state_dict())
+    for _ in range(3):  # the same labels only if the generator's state came along
+        opt.step(closure_of(model))
+        resumed.step(closure_of(copy))
+    for p, q in zip(model.parameters(), copy.parameters(), strict=True):
+        assert torch.equal(p, q)
