@@ -290,11 +290,11 @@ def _classification(seed: int = 0):
     return model, X, y
 
 
-def _train(curvature: str, seed: int, steps: int = 8) -> tuple[list[float], torch.Tensor]:
+def _train(curvature: str, seed: int, steps: int = 5) -> tuple[list[float], torch.Tensor]:
     model, X, y = _classification()
     # precond=None: no preconditioner probes, so the seed enters through the MC labels alone
     opt = HessianFree(
-        model.parameters(), curvature=curvature, cg_max_iter=20, seed=seed, precond=None
+        model.parameters(), curvature=curvature, cg_max_iter=10, seed=seed, precond=None
     )
 
     def closure():
