@@ -1092,10 +1092,15 @@ def _sample_known(
         target = node._saved_target.reshape(o.shape[0], *o.shape[2:])
         # Inverse CDF, one uniform per example (and position): y~ = #{c : P(y <= c) < u}.
         u = _draw(torch.rand, (mc_samples, o.shape[0], *o.shape[2:]), generator, o)
-        y = (p.cumsum(1) < u.unsqueeze(2)).sum(2).clamp_(max=num_classes - 1)
-        onehot = torch.nn.functional.one_hot(y, num_classes).movedim(-1, 2).to(p.dtype)
+        cdf = p.cumsum(1).movedim(1, -1).contiguous()  # (N, ..., C)
+        y = torch.searchsorted(cdf, u.movedim(0, -1).contiguous()).clamp_(max=num_classes - 1)
+        y = y.movedim(-1, 0)  # (M, N, ...)
+        grads = p.unsqueeze(0).repeat(mc_samples, *([1] * p.dim()))
+        grads.scatter_add_(
+            2, y.unsqueeze(2), grads.new_full((1,), -1.0).expand(y.unsqueeze(2).shape)
+        )
         keep = (target != node._saved_ignore_index).unsqueeze(1).to(p.dtype)
-        grads = (p - onehot).mul_(keep)  # E[s s^T] = diag(p) - p p^T per example and position
+        grads.mul_(keep)  # s = p - e_y~: E[s s^T] = diag(p) - p p^T per example and position
         denom = node._saved_total_weight if reduction == _MEAN else 1.0  # a tensor: no sync
         return _MCDraw(y, grads, factor / denom)
     return None
