@@ -353,10 +353,11 @@ class MCFisherLinearOperator(CurvatureLinearOperator):
         **kwargs: Any,
     ) -> None:
         self.mc_samples = check_int("mc_samples", mc_samples, low=1)
-        if seed is None:
+        if seed is None and kwargs.get("_product") is None:  # from_product draws nothing
             seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
-        #: The seed of the draws (each batch's generator is seeded from it).
-        self.seed = check_int("seed", seed, low=0)
+        #: The seed of the draws (each batch's generator is seeded from it; ``None`` for
+        #: :meth:`from_product`, whose product drew its labels already).
+        self.seed = None if seed is None else check_int("seed", seed, low=0)
         if callable(loss_fn):  # a non-callable gets the base class's TypeError
             _check_mc_loss_fn(loss_fn)
         super().__init__(model, loss_fn, data, **kwargs)

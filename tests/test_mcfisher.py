@@ -213,6 +213,16 @@ def test_batches_weigh_by_their_share_of_the_mean():
     np.testing.assert_allclose(_dense_of(Fop), expected, **EXACT)
 
 
+def test_from_product_wraps_a_drawn_product_without_drawing():
+    model, loss_fn, x, y = _case("bce_mean")
+    P = _product(model, loss_fn, x, y, mc_samples=2, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    op = MCFisherLinearOperator.from_product(P)
+    assert torch.equal(torch.get_rng_state(), state) and op.seed is None
+    n = op.shape[0]
+    np.testing.assert_allclose(_dense_of(op), P.matmat(torch.eye(n, dtype=F64)).numpy(), **EXACT)
+
+
 def test_default_seed_follows_torch_manual_seed():
     model, loss_fn, x, y = _case("mse_mean")
     torch.manual_seed(123)
