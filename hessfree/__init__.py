@@ -18,6 +18,7 @@ from .curvature import (
     GGNProduct,
     HessianProduct,
     JacobianProduct,
+    MCFisherProduct,
     StructurallyDampedGGN,
     hvp,
     loss_hessian_product,
@@ -29,6 +30,7 @@ from .operators import (
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
+    MCFisherLinearOperator,
     limit_blas_threads,
 )
 from .optimizer import Convergence, HessianFree, StepInfo, StepStatus
@@ -51,6 +53,7 @@ __all__ = [
     "HessianProduct",
     "GGNProduct",
     "FisherProduct",
+    "MCFisherProduct",
     "JacobianProduct",
     "StructurallyDampedGGN",
     "loss_hessian_product",
@@ -61,6 +64,7 @@ __all__ = [
     "HessianLinearOperator",
     "GGNLinearOperator",
     "FisherLinearOperator",
+    "MCFisherLinearOperator",
     "JacobianLinearOperator",
     "limit_blas_threads",
     # solver

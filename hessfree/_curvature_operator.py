@@ -99,11 +99,11 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         # `self._make_product` would be a reference cycle that keeps the operator, its cached
         # graph and the process group it averages over alive until the garbage collector runs
         # (at interpreter exit, a process group destroyed then can abort gloo's teardown).
-        make_product = weakref.WeakMethod(self._make_product)
+        make_product = weakref.WeakMethod(self._make_batch_product)
         source = _DataProducts(
             model,
             loss_fn,
-            lambda loss, outputs: make_product()(loss, outputs),
+            lambda loss, outputs, index: make_product()(loss, outputs, index),
             name=type(self).__name__,
             params=params,
             reduction=reduction,
@@ -144,6 +144,10 @@ class CurvatureLinearOperator(_TorchLinearOperator):
     def _make_product(self, loss: Tensor, outputs: Tensor) -> CurvatureProduct:
         """The subclass's curvature of one batch's ``loss`` at its ``outputs``."""
         raise NotImplementedError
+
+    def _make_batch_product(self, loss: Tensor, outputs: Tensor, index: int) -> CurvatureProduct:
+        """:meth:`_make_product` for batch ``index`` of ``data`` (for products that draw)."""
+        return self._make_product(loss, outputs)
 
     def _mv(self, v: Tensor) -> Tensor:
         return self._source.apply(v)

@@ -45,8 +45,9 @@ from ._model_data import (
 from .curvature import CurvatureProduct
 from .distributed import Averager
 
-#: ``(loss, outputs) -> product`` for one batch: the operator's ``_make_product``.
-MakeProduct = Callable[[Tensor, Tensor], CurvatureProduct]
+#: ``(loss, outputs, index) -> product`` for batch ``index`` (its place in ``data``; a product
+#: that draws random numbers seeds them from it, so every pass draws the same ones).
+MakeProduct = Callable[[Tensor, Tensor, int], CurvatureProduct]
 
 
 def _product_rows(product: Any, V: Tensor) -> Tensor:
@@ -141,7 +142,7 @@ class _DataProducts:
         self._data = [single] if single is not None else data
         if single is not None and self.cache_graph:
             # One forward pass, here; every product reuses its graph.
-            self._product, self._size, self._rows = self._build(self._batch(single, "data"))
+            self._product, self._size, self._rows = self._build(self._batch(single, "data"), 0)
             self._versions = ParamVersions(self.params)
             return
         first = next(iter(self._data), None)  # validate shapes and the loss on one batch
@@ -163,13 +164,14 @@ class _DataProducts:
             move(targets) if isinstance(targets, Tensor) else targets,
         )
 
-    def _build(self, batch: tuple[Any, Any]) -> tuple[CurvatureProduct, float, float]:
-        """The batch's product, its share :math:`N_b` of a ``'mean'`` and its rows :math:`R_b`."""
+    def _build(self, batch: tuple[Any, Any], index: int) -> tuple[CurvatureProduct, float, float]:
+        """Batch ``index``'s product, its share :math:`N_b` of a ``'mean'`` and its rows
+        :math:`R_b`."""
         inputs, targets = batch
         with torch.enable_grad():
             outputs = _call_model(self._model, inputs)
             loss = _call_loss(self._loss_fn, outputs, targets)
-            product = self._make_product(loss, outputs)
+            product = self._make_product(loss, outputs, index)
         rows = outputs.shape[0] if outputs.dim() else 1
         return product, _batch_count(self._loss_fn, outputs, targets), rows
 
@@ -192,15 +194,15 @@ class _DataProducts:
         return float(size) if power == 1 else float(size) ** 2 / float(rows)
 
     def _weighted_sum(
-        self, per_batch: Callable[[tuple[Any, Any]], tuple[Tensor, float, float]], power: int
+        self, per_batch: Callable[[tuple[Any, Any], int], tuple[Tensor, float, float]], power: int
     ) -> Tensor:
-        """:math:`\\sum_b w_b r_b` over the batches of ``per_batch(batch) -> (r_b, N_b, R_b)``
+        """:math:`\\sum_b w_b r_b` over the batches of ``per_batch(batch, b) -> (r_b, N_b, R_b)``
         (:math:`N_b` the batch's share of a ``'mean'`` loss, :func:`_batch_count`; :math:`R_b`
         its rows), ``power`` 1 for products linear in the loss, 2 for the Fisher."""
         total, count, rows = None, 0, 0
         for i, batch in enumerate(self._batches()):
             try:
-                r, size, n = per_batch(batch)
+                r, size, n = per_batch(batch, i)
             except (ValueError, TypeError) as err:
                 if type(err) not in (ValueError, TypeError):
                     raise
@@ -256,8 +258,8 @@ class _DataProducts:
             self._check_cache()
             return self._cached_across_ranks(_product_rows(self._product, V), power)
 
-        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, float, float]:
-            product, size, rows = self._build(batch)
+        def per_batch(batch: tuple[Any, Any], index: int) -> tuple[Tensor, float, float]:
+            product, size, rows = self._build(batch, index)
             return _product_rows(product, V), size, rows  # the batch's graph is freed on return
 
         return self._weighted_sum(per_batch, power)
@@ -269,7 +271,7 @@ class _DataProducts:
             g = _product_gradient(self._product)
             return self._cached_across_ranks(g.clone(), 1) if self._ranks.active else g
 
-        def per_batch(batch: tuple[Any, Any]) -> tuple[Tensor, float, float]:
+        def per_batch(batch: tuple[Any, Any], index: int) -> tuple[Tensor, float, float]:
             inputs, targets = batch
             with torch.enable_grad():
                 outputs = _call_model(self._model, inputs)

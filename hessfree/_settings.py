@@ -26,7 +26,7 @@ from .damping import DAMPING_RULES, DampingPolicy
 
 __all__ = ["HFSettings"]
 
-CURVATURES = ("auto", "ggn", "hessian", "fisher")
+CURVATURES = ("auto", "ggn", "hessian", "fisher", "fisher_mc")
 #: ``cg_max_iter='auto'``: the reference code's 250 (Martens 2010), on structurally damped steps
 #: ``_SD_CG_MAX_ITER`` (``HessianFree``'s ``cg_max_iter``; the evidence is there).
 _AUTO_CG_MAX_ITER = 250

@@ -28,6 +28,10 @@ How the products are computed, all with PyTorch autograd and nothing formed:
   :math:`\hat g_i = \partial f/\partial o_i` and :math:`s = N` for a mean over the ``N``
   examples along dimension 0 of the outputs (``1`` for a sum): no per-example gradient is ever
   materialised.
+* **Monte-Carlo Fisher** :math:`\hat F v = J^\top \hat H_\ell J v`, a Gauss-Newton product
+  whose :math:`H_\ell` is replaced by :math:`\tfrac{c}{M}\sum_m s_m s_m^\top` (per example),
+  :math:`s_m` the loss's output gradient at labels drawn once from the model's predictive
+  distribution: :math:`\mathbb E[\hat F] = G` for cross-entropy, MSE and BCE-with-logits.
 
 Every product object exposes ``__call__(v)`` (validates ``v``'s shape, dtype and device from
 its metadata, never reading its values, so a call makes no host-device synchronisation; a NaN
@@ -52,11 +56,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._checks import check_reaches_params, check_scalar_loss, check_vector
+from ._checks import check_int, check_reaches_params, check_scalar_loss, check_vector
 from ._flat import ParamLayout
 from ._types import MatVec
 
@@ -65,6 +70,7 @@ __all__ = [
     "HessianProduct",
     "GGNProduct",
     "FisherProduct",
+    "MCFisherProduct",
     "StructurallyDampedGGN",
     "JacobianProduct",
     "hvp",
@@ -497,10 +503,16 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
         >>> hl(torch.ones(4, 3))[0]  # 2 / 12 on the diagonal
         tensor([0.1667, 0.1667, 0.1667])
     """
+    peeled = _loss_node(loss, outputs)
+    return None if peeled is None else _closed_form(peeled[0], outputs, peeled[1])
+
+
+def _loss_node(loss: Tensor, outputs: Tensor) -> tuple[torch.autograd.graph.Node, float] | None:
+    """The loss's autograd node below constant factors, and their product (e.g. ``1/N`` of a
+    summed loss divided by the batch size); ``None`` if a factor is not a constant."""
     node = loss.grad_fn
     if node is None or outputs.grad_fn is None or loss.numel() != 1:
         return None
-    # Peel constant factors off the top (e.g. a summed loss divided by the batch size).
     factor = 1.0
     while (kind := type(node).__name__) in ("MulBackward0", "DivBackward0"):
         (first, _), (second, _) = node.next_functions
@@ -513,7 +525,7 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
         if other is None or other.numel() != 1:
             return None
         factor = factor / float(other) if kind == "DivBackward0" else factor * float(other)
-    return _closed_form(node, outputs, factor)
+    return node, factor
 
 
 def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float) -> MatVec | None:
@@ -1007,3 +1019,230 @@ class FisherProduct(GGNProduct):
             return G * s * scale
 
         return fisher
+
+
+# --------------------------------------------------------------------------------------------
+# Monte-Carlo Fisher
+# --------------------------------------------------------------------------------------------
+#: The losses :class:`MCFisherProduct` can sample labels for (error messages list them).
+MC_FISHER_LOSSES = (
+    "nn.CrossEntropyLoss (class-index targets, classes along dimension 1 of the outputs; no "
+    "`weight`, no `label_smoothing`), nn.MSELoss and nn.BCEWithLogitsLoss (no `weight`, no "
+    "`pos_weight`), or their torch.nn.functional forms, with reduction 'mean' or 'sum'"
+)
+
+
+class _MCDraw(NamedTuple):
+    """One draw of :class:`MCFisherProduct`'s labels (``M`` samples)."""
+
+    #: :math:`\tilde y_m`, ``(M, *targets.shape)``: class indices, or float targets.
+    targets: Tensor
+    #: :math:`s_m`, ``(M, *outputs.shape)``: the unit-scaled loss's output gradient at
+    #: :math:`\tilde y_m`, zero on rows whose target is ``ignore_index``.
+    grads: Tensor
+    #: :math:`c`, the loss's normalisation (its constant factor over what a mean divides by).
+    scale: float | Tensor
+
+
+def _draw(
+    sample: Callable[..., Tensor], shape: tuple, generator: torch.Generator | None, like: Tensor
+) -> Tensor:
+    """``sample(shape)`` (``torch.rand``/``torch.randn``) in ``like``'s dtype on ``like``'s
+    device, drawn on the generator's device (so a CPU generator draws the same numbers for a
+    CUDA model)."""
+    device = like.device if generator is None else generator.device
+    return sample(shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+
+
+def _sample_known(
+    node: torch.autograd.graph.Node,
+    outputs: Tensor,
+    factor: float,
+    mc_samples: int,
+    generator: torch.Generator | None,
+) -> _MCDraw | None:
+    """Sample the labels of a loss :func:`_closed_form` recognises; ``None`` for others."""
+    name, nxt, o = type(node).__name__, node.next_functions, outputs.detach()
+    reduction = getattr(node, "_saved_reduction", None)
+    if reduction not in (_MEAN, _SUM):
+        return None
+    entries = o.numel() if reduction == _MEAN else 1
+    shape = (mc_samples, *o.shape)
+    if name == "MseLossBackward0" and nxt[0][0] is outputs.grad_fn:
+        # sum (o - y)^2 is the negative log-likelihood of y ~ N(o, I/2) up to a constant:
+        # y~ = o + eps/sqrt(2), s = 2(o - y~) = -sqrt(2) eps, E[s s^T] = 2I, its Hessian.
+        eps = _draw(torch.randn, shape, generator, o)
+        return _MCDraw(o + eps * math.sqrt(0.5), eps * -math.sqrt(2.0), factor / entries)
+    if name == "BinaryCrossEntropyWithLogitsBackward0" and nxt[0][0] is outputs.grad_fn:
+        if node._saved_weight is not None or node._saved_pos_weight is not None:
+            return None
+        prob = torch.sigmoid(o)
+        y = (_draw(torch.rand, shape, generator, o) < prob).to(o.dtype)  # y~ ~ Bernoulli
+        return _MCDraw(y, prob - y, factor / entries)  # E[s^2] = sigma (1 - sigma)
+    lsm = nxt[0][0] if name in ("NllLossBackward0", "NllLoss2DBackward0") else None
+    if lsm is not None and type(lsm).__name__ == "ViewBackward0":
+        lsm = lsm.next_functions[0][0]  # (N, C, d1, ...) outputs other than 4-D: viewed as 4-D
+    if type(lsm).__name__ == "LogSoftmaxBackward0":
+        if lsm.next_functions[0][0] is not outputs.grad_fn or node._saved_weight is not None:
+            return None
+        if o.dim() < 2 or lsm._saved_dim not in (1, 1 - o.dim()):
+            return None
+        p = lsm._saved_result.detach().exp()
+        num_classes = o.shape[1]
+        target = node._saved_target.reshape(o.shape[0], *o.shape[2:])
+        # Inverse CDF, one uniform per example (and position): y~ = #{c : P(y <= c) < u}.
+        u = _draw(torch.rand, (mc_samples, o.shape[0], *o.shape[2:]), generator, o)
+        cdf = p.cumsum(1).movedim(1, -1).contiguous()  # (N, ..., C)
+        y = torch.searchsorted(cdf, u.movedim(0, -1).contiguous()).clamp_(max=num_classes - 1)
+        y = y.movedim(-1, 0)  # (M, N, ...)
+        grads = p.unsqueeze(0).repeat(mc_samples, *([1] * p.dim()))
+        grads.scatter_add_(
+            2, y.unsqueeze(2), grads.new_full((1,), -1.0).expand(y.unsqueeze(2).shape)
+        )
+        keep = (target != node._saved_ignore_index).unsqueeze(1).to(p.dtype)
+        grads.mul_(keep)  # s = p - e_y~: E[s s^T] = diag(p) - p p^T per example and position
+        denom = node._saved_total_weight if reduction == _MEAN else 1.0  # a tensor: no sync
+        return _MCDraw(y, grads, factor / denom)
+    return None
+
+
+def _sample_output_grads(
+    loss: Tensor, outputs: Tensor, mc_samples: int, generator: torch.Generator | None
+) -> _MCDraw:
+    """Labels drawn from the model's predictive distribution and their output gradients."""
+    peeled = _loss_node(loss, outputs)
+    if peeled is not None:
+        draw = _sample_known(peeled[0], outputs, peeled[1], mc_samples, generator)
+        if draw is not None:
+            return draw
+    found = type(loss.grad_fn if peeled is None else peeled[0]).__name__
+    raise ValueError(
+        "The Monte-Carlo Fisher samples labels from the distribution the loss is the negative "
+        f"log-likelihood of; it supports {MC_FISHER_LOSSES}, computed from `outputs` directly "
+        f"(constant factors allowed). Got a loss whose autograd node is {found}. For other "
+        "losses use GGNProduct/GGNLinearOperator (the matrix it estimates) or the empirical "
+        "Fisher (FisherProduct/FisherLinearOperator)."
+    )
+
+
+class MCFisherProduct(GGNProduct):
+    r"""Monte-Carlo Fisher products :math:`\hat F v = J^\top \hat H_\ell J v`, labels sampled once.
+
+    The Fisher of a loss that is a negative log-likelihood :math:`\ell_u(o, y) = -\log p(y|o)`
+    is :math:`J^\top \mathbb{E}_{\tilde y \sim p(\cdot|o)}[s s^\top] J` with
+    :math:`s = \partial \ell_u(o, \tilde y)/\partial o`. For softmax cross-entropy, squared error
+    and BCE-with-logits (exponential families with their canonical link)
+    :math:`\mathbb{E}[s s^\top] = \nabla^2_o \ell_u`, so the Fisher *is* the generalized
+    Gauss-Newton matrix :math:`G`. This product replaces the expectation by ``mc_samples``
+    draws :math:`\tilde y_1, \dots, \tilde y_M`, one per example (and position) each:
+
+    .. math::
+        \hat H_\ell = \frac{c}{M} \sum_{m=1}^M \operatorname{blockdiag}_i
+        \big(s_{m,i}\, s_{m,i}^\top\big), \qquad \mathbb{E}[\hat F] = G,
+
+    with :math:`i` the examples along dimension 0 of ``outputs`` (a rank-:math:`M` block per
+    example) and :math:`c` the loss's normalisation: :math:`1/m` for ``'mean'`` (:math:`m` the
+    number of entries it averages; for cross-entropy the targets that are not ``ignore_index``),
+    :math:`1` for ``'sum'``, times any constant factor on the loss. As for the closed-form loss
+    Hessians of :func:`loss_hessian_product`:
+
+    * cross-entropy: :math:`\tilde y \sim \mathrm{Categorical}(\mathrm{softmax}(o))`,
+      :math:`s = \mathrm{softmax}(o) - e_{\tilde y}`; rows whose target is ``ignore_index``
+      have :math:`s = 0`;
+    * MSE: :math:`\sum (o - y)^2` is the negative log-likelihood of :math:`y \sim \mathcal
+      N(o, \tfrac12 I)`, so :math:`\tilde y = o + \varepsilon/\sqrt2`, :math:`s = 2(o - \tilde
+      y) = -\sqrt2\,\varepsilon`, :math:`\varepsilon \sim \mathcal N(0, I)`;
+    * BCE-with-logits: :math:`\tilde y \sim \mathrm{Bernoulli}(\sigma(o))`,
+      :math:`s = \sigma(o) - \tilde y`.
+
+    The labels are drawn **once**, when the product is built: every product of one object is
+    the same matrix, as ``cg`` and ``eigsh`` need (drawing per product would hand them another
+    matrix at every iteration). Draw again by building a new product. Each product costs about
+    what a :class:`GGNProduct` costs (a :math:`Jv`, the rank-:math:`M` middle matrix, a
+    :math:`J^\top u`; 0.9-1.1x on 10-1000-class MLPs, ``experiments/README.md``, "mcfisher"):
+    hessfree's Gauss-Newton product needs no backward pass per output either, so sampling
+    buys no speed here; it gives the matrix curvlinops' ``FisherMCLinearOperator`` and
+    BackPACK's MC-sampled GGN compute, and K-FAC's usual one.
+    :attr:`gradient` is the gradient at the *true* targets.
+
+    Args:
+        loss: The loss of ``outputs``: cross-entropy (class indices), MSE or BCE-with-logits
+            (see :data:`MC_FISHER_LOSSES`), possibly times a constant.
+        outputs: The model outputs (one tensor), examples along dimension 0; for
+            cross-entropy, classes along dimension 1.
+        params: The parameters.
+        mc_samples: :math:`M \ge 1`, the labels drawn per example.
+        generator: The ``torch.Generator`` to draw from (its device may differ from the
+            outputs'; the draws then move); default: torch's default generator of the outputs'
+            device.
+
+    Raises:
+        TypeError: If ``mc_samples`` is not an int (``True`` and ``1.5`` included),
+            ``generator`` is not a ``torch.Generator`` or ``outputs`` is not a tensor.
+        ValueError: If ``mc_samples < 1``, the loss is not one of the supported ones (with
+            class weights, label smoothing, probability targets, ``pos_weight``, or a
+            regulariser added to it), or as :class:`GGNProduct`.
+
+    Example:
+        >>> w = torch.ones(1, requires_grad=True)
+        >>> out = torch.tensor([[1.0], [2.0]]) * w
+        >>> loss = torch.nn.functional.mse_loss(out, torch.zeros(2, 1), reduction="sum")
+        >>> F = MCFisherProduct(loss, out, [w], mc_samples=20000,
+        ...                     generator=torch.Generator().manual_seed(0))
+        >>> v = torch.ones(1)
+        >>> torch.equal(F(v), F(v)), round(float(F(v)) / 10, 1)  # G = 2 (1 + 4) = 10
+        (True, 1.0)
+
+    References:
+        Martens (2020), New insights and perspectives on the natural gradient method, JMLR
+        (the Fisher equals the GGN for these losses).
+        Martens & Grosse (2015), Optimizing neural networks with Kronecker-factored
+        approximate curvature, ICML (targets sampled from the model's distribution).
+    """
+
+    def __init__(
+        self,
+        loss: Tensor,
+        outputs: Tensor,
+        params: Sequence[Tensor],
+        *,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.mc_samples = check_int("mc_samples", mc_samples, low=1)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
+            )
+        if not isinstance(outputs, Tensor):
+            raise TypeError(
+                "`outputs` must be one tensor with examples along dimension 0 for the "
+                f"Monte-Carlo Fisher, got {type(outputs).__name__}."
+            )
+        check_scalar_loss("loss", loss)
+        # Before the set-up's backward passes, so an unsupported loss fails at once; on `loss`
+        # as given (check_scalar_loss's reshape would put a view node above the loss's own).
+        self._draw = _sample_output_grads(loss, outputs, self.mc_samples, generator)
+        #: :math:`\tilde y_m`, ``(M, *targets.shape)``: the sampled labels (class indices for
+        #: cross-entropy; drawn for ignored rows too, which the matrix leaves out).
+        self.sampled_targets = self._draw.targets
+        super().__init__(loss, outputs, params)
+
+    def _loss_hessian_map(
+        self,
+        loss: Tensor,
+        outputs: Tensor | Sequence[Tensor],
+        gos: list[Tensor],
+        blocks: list[int],
+    ) -> Callable:
+        """The sampled middle matrix ``w -> c/M sum_m s_m <s_m, w>_i`` in place of ``H_ℓ``."""
+        rows = outputs.shape[0] if outputs.dim() else 1
+        S = self._draw.grads.reshape(self.mc_samples, rows, -1)
+        scale = self._draw.scale / self.mc_samples
+
+        def mc_fisher(w: Tensor) -> Tensor:
+            W = w.reshape(-1, rows, S.shape[2])  # (k, rows, entries per row)
+            a = torch.einsum("mnr,knr->kmn", S, W)  # <s_{m,i}, w_i>
+            return torch.einsum("mnr,kmn->knr", S, a).reshape(w.shape).mul_(scale)
+
+        return mc_fisher

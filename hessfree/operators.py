@@ -18,6 +18,9 @@ The operators are the curvature matrices of :math:`L` at the current :math:`\the
 * :class:`GGNLinearOperator`: :math:`G = \sum_b w_b J_b^\top H_{\ell_b} J_b` (Schraudolph 2002);
 * :class:`FisherLinearOperator`: the empirical Fisher :math:`F = \tfrac1N \sum_i g_i g_i^\top`
   (``'sum'``: :math:`\sum_i g_i g_i^\top`), :math:`g_i` the gradient of example :math:`i`'s loss;
+* :class:`MCFisherLinearOperator`: the Monte-Carlo Fisher :math:`\hat F = \sum_b w_b J_b^\top
+  \hat H_{\ell_b} J_b` with labels drawn once from the model's predictive distribution
+  (:class:`~hessfree.MCFisherProduct`), :math:`\mathbb E[\hat F] = G`;
 * :class:`JacobianLinearOperator`: :math:`J = \partial o/\partial\theta`, shape
   ``(outputs.numel(), n)``; ``matvec`` is a JVP, ``rmatvec`` a VJP.
 
@@ -82,7 +85,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -90,18 +94,20 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from ._checks import ParamVersions, check_scalar_loss, unreached_params_error
+from ._checks import ParamVersions, check_int, check_scalar_loss, unreached_params_error
 from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._model_data import _call_model, _check_model, _check_rows, _resolve_params, _shape
 from ._numpy_edge import _TorchLinearOperator
 from ._threads import limit_blas_threads
 from .curvature import (
+    MC_FISHER_LOSSES,
     CurvatureProduct,
     FisherProduct,
     GGNProduct,
     HessianProduct,
     JacobianProduct,
+    MCFisherProduct,
     _depends_on,
 )
 
@@ -110,6 +116,7 @@ __all__ = [
     "HessianLinearOperator",
     "GGNLinearOperator",
     "FisherLinearOperator",
+    "MCFisherLinearOperator",
     "JacobianLinearOperator",
     "limit_blas_threads",
 ]
@@ -227,6 +234,140 @@ class FisherLinearOperator(CurvatureLinearOperator):
 
     def _make_product(self, loss: Tensor, outputs: Tensor) -> CurvatureProduct:
         return FisherProduct(loss, outputs, self.params, reduction=self.reduction)
+
+
+# The loss modules and functions MCFisherLinearOperator refuses at construction, before the data
+# (others, e.g. a lambda, are recognised from their autograd node at the first product).
+_MC_MODULES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+_MC_FUNCTIONS = (
+    nn.functional.cross_entropy,
+    nn.functional.mse_loss,
+    nn.functional.binary_cross_entropy_with_logits,
+)
+
+
+def _check_mc_loss_fn(loss_fn: object) -> None:
+    """Refuse a loss the Monte-Carlo Fisher cannot sample labels for, where it shows."""
+    fn, options = loss_fn, {}
+    if isinstance(loss_fn, functools.partial):
+        fn, options = loss_fn.func, dict(loss_fn.keywords)
+    if isinstance(fn, nn.Module):
+        if not isinstance(fn, nn.modules.loss._Loss):
+            return  # a user's module: its autograd node decides
+        if not isinstance(fn, _MC_MODULES):
+            found = f"nn.{type(fn).__name__}"
+        else:
+            options = {k: getattr(fn, k, None) for k in ("weight", "pos_weight")}
+            options["label_smoothing"] = getattr(fn, "label_smoothing", 0.0)
+            found = None
+    elif getattr(fn, "__module__", None) == "torch.nn.functional":
+        found = None if fn in _MC_FUNCTIONS else f"torch.nn.functional.{fn.__name__}"
+    else:
+        return
+    if found is None:
+        bad = [
+            k
+            for k in ("weight", "pos_weight", "label_smoothing")
+            if options.get(k) is not None and not (k == "label_smoothing" and options[k] == 0)
+        ]
+        if not bad:
+            return
+        found = f"{type(fn).__name__ if isinstance(fn, nn.Module) else fn.__name__} with `{bad[0]}`"
+    raise ValueError(
+        f"MCFisherLinearOperator supports {MC_FISHER_LOSSES}; got {found}. The Monte-Carlo "
+        "Fisher samples labels from the distribution the loss is the negative log-likelihood "
+        "of (class weights, label smoothing and pos_weight break that); for other losses use "
+        "GGNLinearOperator (the matrix it estimates) or FisherLinearOperator (the empirical "
+        "Fisher)."
+    )
+
+
+def _batch_seed(seed: int, index: int, rank: int) -> int:
+    """A seed for batch ``index`` on ``rank`` (an odd-multiplier mix, ours; any fixed map works)."""
+    mixed = seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB
+    return mixed % (1 << 63)
+
+
+class MCFisherLinearOperator(CurvatureLinearOperator):
+    r"""The Monte-Carlo Fisher :math:`\hat F = \sum_b w_b J_b^\top \hat H_{\ell_b} J_b`.
+
+    :math:`\hat H_{\ell_b}` is :class:`~hessfree.MCFisherProduct`'s sampled middle matrix:
+    ``mc_samples`` labels per example drawn from the model's predictive distribution
+    (categorical over the softmax for cross-entropy, Gaussian with variance ½ per entry for
+    MSE, Bernoulli for BCE-with-logits), so :math:`\mathbb E[\hat F] = G`, the
+    :class:`GGNLinearOperator`'s matrix: what curvlinops' ``FisherMCLinearOperator`` and
+    BackPACK's MC-sampled GGN compute. Positive semi-definite.
+
+    **One matrix.** The labels are drawn when a batch's product is built, from a generator
+    seeded by ``seed``, the batch's place in ``data`` and the rank: every product of one
+    operator (one cached batch, or each pass over several batches or ``cache_graph=False``)
+    uses the same labels, so ``cg``, ``minres`` and ``eigsh`` see one symmetric matrix. Build
+    a new operator (another ``seed``) for another draw.
+
+    **Batches.** Unlike the empirical Fisher, :math:`\hat F` is linear in the loss (an
+    estimate of :math:`G`), so batches combine with the weights :math:`w_b` of
+    :class:`GGNLinearOperator` (class-index shares of a ``'mean'``, ``ignore_index`` rows out).
+
+    Args:
+        model, loss_fn, data: As :class:`CurvatureLinearOperator`; ``loss_fn`` is
+            ``nn.CrossEntropyLoss`` (class indices), ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
+            (or the functional forms) with reduction ``'mean'`` or ``'sum'``.
+        mc_samples: :math:`M \ge 1`, labels drawn per example (the variance falls as
+            :math:`1/M`; the cost of a product barely changes).
+        seed: Seed of the draws (an int :math:`\ge 0`); default: drawn once from torch's
+            default CPU generator here, so ``torch.manual_seed`` makes it reproducible.
+        **kwargs: ``params``, ``reduction``, ``dtype``, ``cache_graph``, ``progress``,
+            ``allow_training_mode``, ``process_group``, as :class:`CurvatureLinearOperator`.
+
+    Raises:
+        TypeError: If ``mc_samples`` or ``seed`` is not an int (``True``, ``1.5``), or as
+            :class:`CurvatureLinearOperator`.
+        ValueError: If ``mc_samples < 1``, ``seed < 0``, or ``loss_fn`` is not a supported
+            loss (a module or function at construction; a callable wrapping one, at its first
+            product), or as :class:`CurvatureLinearOperator`.
+
+    Example:
+        >>> from scipy.sparse.linalg import cg
+        >>> model = torch.nn.Linear(3, 4).double()
+        >>> x, y = torch.randn(16, 3).double(), torch.randint(0, 4, (16,))
+        >>> F = MCFisherLinearOperator(model, torch.nn.CrossEntropyLoss(), (x, y), seed=0)
+        >>> v = np.ones(F.shape[0])
+        >>> bool(np.array_equal(F @ v, F @ v)), bool(v @ (F @ v) >= 0)
+        (True, True)
+        >>> p, info = cg(F.damped(1e-3), F.gradient(), rtol=1e-8)
+        >>> info
+        0
+
+    References:
+        Martens (2020), New insights and perspectives on the natural gradient method, JMLR.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[Any], Tensor],
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        data: tuple[Any, Any] | Iterable[Sequence[Any]],
+        *,
+        mc_samples: int = 1,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.mc_samples = check_int("mc_samples", mc_samples, low=1)
+        if seed is None and kwargs.get("_product") is None:  # from_product draws nothing
+            seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+        #: The seed of the draws (each batch's generator is seeded from it; ``None`` for
+        #: :meth:`from_product`, whose product drew its labels already).
+        self.seed = None if seed is None else check_int("seed", seed, low=0)
+        if callable(loss_fn):  # a non-callable gets the base class's TypeError
+            _check_mc_loss_fn(loss_fn)
+        super().__init__(model, loss_fn, data, **kwargs)
+
+    def _make_batch_product(self, loss: Tensor, outputs: Tensor, index: int) -> CurvatureProduct:
+        rank = self._source._ranks.rank if self._source._ranks.active else 0
+        generator = torch.Generator().manual_seed(_batch_seed(self.seed, index, rank))
+        return MCFisherProduct(
+            loss, outputs, self.params, mc_samples=self.mc_samples, generator=generator
+        )
 
 
 # --------------------------------------------------------------------------------------------

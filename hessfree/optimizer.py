@@ -149,6 +149,7 @@ from .curvature import (
     GGNProduct,
     HessianProduct,
     JacobianProduct,
+    MCFisherProduct,
     StructurallyDampedGGN,
     loss_hessian_product,
 )
@@ -561,8 +562,12 @@ class HessianFree(torch.optim.Optimizer):
         curvature: ``'auto'`` (Gauss-Newton when the closure returns ``(loss, outputs)`` or
             residual blocks ``(loss, (r_1, ..., r_K))``, else the Hessian), ``'ggn'``,
             ``'hessian'``, ``'fisher'`` (empirical Fisher, mean over dim 0 of the outputs unless
-            the loss node says ``'sum'``; not for residual blocks) or a callable
-            ``(loss, outputs, params) -> MatVec`` returning flat ``v -> C v``.
+            the loss node says ``'sum'``; not for residual blocks), ``'fisher_mc'`` (the
+            Monte-Carlo Fisher, :class:`~hessfree.MCFisherProduct` with one label per example
+            drawn from the model's predictive distribution at every step, from the optimizer's
+            generator (``seed``); cross-entropy, MSE or BCE-with-logits losses of one outputs
+            tensor) or a callable ``(loss, outputs, params) -> MatVec`` returning flat
+            ``v -> C v``.
         damping: Initial Tikhonov damping: ``'auto'`` (default) sets
             :math:`\lambda_0 = |g^\top C g| / g^\top D g` at the first step (one extra curvature
             product; scale-free, see :func:`hessfree.damping.calibrate_damping`), with
@@ -856,8 +861,9 @@ class HessianFree(torch.optim.Optimizer):
             product, or every trial loss rejected with one of them NaN/Inf) tolerated before
             ``FloatingPointError``; any other step resets the count.
         callback: Called with the :class:`StepInfo` after every step.
-        seed: Seed of the optimizer's own generator (preconditioner probes); the optimizer
-            never draws from the global RNG (``replay_rng`` only saves and restores its state).
+        seed: Seed of the optimizer's own generator (preconditioner probes, ``'fisher_mc'``
+            labels); the optimizer never draws from the global RNG (``replay_rng`` only saves
+            and restores its state).
         process_group: Average over this ``torch.distributed`` group (default: the default
             group when ``torch.distributed`` is initialised): the loss, the gradient, every
             curvature product, the preconditioner statistics and every trial loss are averaged
@@ -1509,7 +1515,7 @@ class HessianFree(torch.optim.Optimizer):
             return _checked_curvature(kind(evaluation.loss, evaluation.outputs, params)), None
         if kind == "auto":
             kind = "ggn" if evaluation.outputs is not None else "hessian"
-        if kind in ("ggn", "fisher") and evaluation.outputs is None:
+        if kind in ("ggn", "fisher", "fisher_mc") and evaluation.outputs is None:
             raise ValueError(
                 f"curvature={kind!r} needs the model outputs: make the closure return "
                 "(loss, outputs), or use curvature='hessian'."
@@ -1520,8 +1526,8 @@ class HessianFree(torch.optim.Optimizer):
             mu = _AUTO_STRUCTURAL_DAMPING if on and evaluation.hidden is not None else 0.0
         run.structural_damping = mu
         self._global_state()["structurally_damped"] = mu > 0
-        if isinstance(evaluation.outputs, tuple) and (kind == "fisher" or mu > 0):
-            what = "curvature='fisher'" if kind == "fisher" else "structural_damping > 0"
+        if isinstance(evaluation.outputs, tuple) and (kind in ("fisher", "fisher_mc") or mu > 0):
+            what = f"curvature={kind!r}" if kind != "ggn" else "structural_damping > 0"
             raise ValueError(
                 f"{what} needs one outputs tensor with examples along dimension 0, but the "
                 "closure returned residual blocks (loss, (r_1, ..., r_K)); use curvature='ggn' "
@@ -1547,6 +1553,11 @@ class HessianFree(torch.optim.Optimizer):
             )
         elif kind == "ggn":
             product = GGNProduct(evaluation.loss, evaluation.outputs, params)
+        elif kind == "fisher_mc":  # new labels every step, drawn from the optimizer's generator
+            generator = self._rng(evaluation.outputs.device)
+            product = MCFisherProduct(
+                evaluation.loss, evaluation.outputs, params, generator=generator
+            )
         else:
             product = FisherProduct(
                 evaluation.loss,

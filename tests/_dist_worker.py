@@ -66,6 +66,31 @@ def main() -> None:
         os._exit(0)
 
 
+def _mc_fisher(model, X, y, rank: int, world: int, v):
+    """The Monte-Carlo Fisher of a mean with ignored targets (unequal shares per rank), each
+    rank's labels drawn from its own seed: on two ranks the operator; in one process, the same
+    draws made shard by shard and weighted by each shard's share of the mean by hand."""
+    import torch.nn.functional as F
+
+    from hessfree import MCFisherLinearOperator, MCFisherProduct
+    from hessfree.operators import _batch_seed
+
+    loss_fn = nn.CrossEntropyLoss(ignore_index=1)
+    if world == 2:
+        shard = slice(rank * 32, (rank + 1) * 32)
+        return MCFisherLinearOperator(model, loss_fn, (X[shard], y[shard]), seed=5) @ v
+    total, kept = 0, float((y != 1).sum())
+    for r in range(2):
+        xs, ys = X[r * 32 : (r + 1) * 32], y[r * 32 : (r + 1) * 32]
+        out = model(xs)
+        gen = torch.Generator().manual_seed(_batch_seed(5, 0, r))
+        P = MCFisherProduct(
+            F.cross_entropy(out, ys, ignore_index=1), out, list(model.parameters()), generator=gen
+        )
+        total = total + float((ys != 1).sum()) / kept * P(torch.from_numpy(v)).numpy()
+    return total
+
+
 def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
     crash = mode == "crash"
     gen = torch.Generator().manual_seed(0)
@@ -94,6 +119,7 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
             "fgrad": many.gradient(),
             "fisher_weighted": shares @ v,
             "fisher_cached": FisherLinearOperator(model, weighted, (Xs, ys)) @ v,
+            "mc_fisher": _mc_fisher(model, X, y, rank, world, v),
         }
         if rank == 0:
             torch.save({k: torch.from_numpy(np.asarray(a)) for k, a in result.items()}, out_file)

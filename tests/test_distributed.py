@@ -93,9 +93,11 @@ def test_a_crashed_rank_makes_the_survivor_exit_nonzero_within_timeout(tmp_path)
 def test_scipy_operators_sum_over_ranks(tmp_path):
     """Shards of 32 examples on two ranks (one ragged split into 10 + 22 on each) equal the
     operator over all 64 examples in one process, also for a Fisher of a class-weighted mean
-    with ignored targets, whose batches and ranks hold unequal shares of the loss."""
+    with ignored targets, whose batches and ranks hold unequal shares of the loss; the
+    Monte-Carlo Fisher equals its per-rank draws weighted by each rank's share."""
     dp, single = _run_against_single(tmp_path, 0, "operator")
-    for key in ("ggn", "grad", "fisher", "fgrad", "fisher_weighted", "fisher_cached"):
+    keys = ("ggn", "grad", "fisher", "fgrad", "fisher_weighted", "fisher_cached", "mc_fisher")
+    for key in keys:
         torch.testing.assert_close(dp[key], single[key], rtol=1e-10, atol=1e-12)
 
 
