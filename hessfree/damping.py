@@ -47,16 +47,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from ._checks import check_number
 
 __all__ = [
     "AUTO_DAMPING_FACTOR",
+    "DAMPING_METRICS",
     "DAMPING_RULES",
     "DampingPolicy",
     "LOW_PRECISION_ULPS",
     "RESOLUTION_ULPS",
     "below_resolution",
     "calibrate_damping",
+    "marquardt_metric",
     "reduction_ratio",
     "resolution",
     "update_damping",
@@ -83,6 +88,11 @@ _FLOAT32_EPS = 2.0**-23
 
 #: The rules :func:`update_damping` knows.
 DAMPING_RULES = ("martens", "nielsen")
+
+#: The metrics :math:`D` that :math:`\lambda` multiplies (``damping_metric``): ``'identity'``,
+#: :math:`D = I` (Levenberg; Martens 2010), or ``'marquardt'``, Moré's running maximum of
+#: :math:`\mathrm{diag}(G)` (:func:`marquardt_metric`).
+DAMPING_METRICS = ("identity", "marquardt")
 
 
 def reduction_ratio(actual: float, predicted: float) -> float:
@@ -252,6 +262,46 @@ def calibrate_damping(
     if not (math.isfinite(lam) and lam > 0):
         lam = fallback
     return min(max(lam, min_damping), max_damping)
+
+
+def marquardt_metric(diagonal: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""Marquardt's scale-invariant metric :math:`D` for the damping term :math:`\lambda D`.
+
+    Moré (1978, §6) scales Levenberg-Marquardt by :math:`D_k^2` with
+    :math:`D_k = \max(D_{k-1}, \mathrm{diag}(J^\top J)^{1/2})` elementwise: the running
+    maximum, so that :math:`D` never shrinks. Here on :math:`\mathrm{diag}(G)` of the
+    Gauss-Newton matrix directly (:math:`G = J^\top H_\ell J`, :math:`H_\ell = I` gives Moré's
+    :math:`D^2`). Rescaling a parameter :math:`\theta_i \to s\,\theta_i` divides
+    :math:`G_{ii}`, :math:`D_{ii}` and :math:`g_i^2` alike by :math:`s^2`, so the damped model
+    :math:`g^\top p + \tfrac12 p^\top (G + \lambda D) p` and its minimiser are the same in
+    the original coordinates: :math:`\lambda` becomes a pure number, independent of each
+    parameter's units. Entries at most :math:`\epsilon\max_j D_{jj}` (:math:`\epsilon` the
+    dtype's machine epsilon; a parameter the outputs do not depend on) are raised to it, and
+    :math:`D = I` while the running maximum is all zero (ours: a zero entry would leave the
+    damped system singular there). Non-finite entries of ``diagonal`` are the caller's to
+    keep out of ``previous``.
+
+    Args:
+        diagonal: :math:`\mathrm{diag}(G)` at this step (negative estimates count as 0).
+        previous: The running maximum so far, or ``None`` (first step, or another layout).
+
+    Returns:
+        tuple[Tensor, Tensor]: the floored metric :math:`D` (flat) and the new running maximum.
+
+    Example:
+        >>> D, top = marquardt_metric(torch.tensor([4.0, 0.0, 1.0]))
+        >>> D[0].item(), D[2].item(), 0 < D[1].item() < 1e-5
+        (4.0, 1.0, True)
+        >>> marquardt_metric(torch.tensor([1.0, 1.0, 1.0]), top)[1]  # never shrinks
+        tensor([4., 1., 1.])
+    """
+    diagonal = diagonal.clamp(min=0.0)
+    if previous is not None and previous.shape == diagonal.shape:
+        diagonal = torch.maximum(previous.to(diagonal), diagonal)
+    top = diagonal.max()
+    eps = torch.finfo(diagonal.dtype).eps
+    D = torch.where(top > 0, diagonal.clamp(min=eps * top), torch.ones_like(diagonal))
+    return D, diagonal
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,11 @@ _SAME_OBJECTIVE_AGAIN = 3
 #: ``relative_min_damping='auto'``: the fraction of the curvature scale on a stochastic
 #: objective (CURVES: λ ≥ 0.28; ``experiments/README.md``, "lamfloor").
 _AUTO_RELATIVE_MIN_DAMPING = 0.01
+#: ``damping_metric='marquardt'``: diag(G) exactly where the outputs have at most this many
+#: entries in all, else from ``_MARQUARDT_PROBES`` Rademacher probes in the outputs' space
+#: (ours: the exact diagonal costs two batched backward passes per output entry).
+_MARQUARDT_EXACT_OUTPUTS = 1024
+_MARQUARDT_PROBES = 8
 
 
 def _precision_share(dtype: torch.dtype) -> float:
@@ -487,7 +492,9 @@ class _StepRun:
     bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
     trials: dict[int, float] = field(default_factory=dict)  # f at CG iterates, by iteration
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
-    damped_change: float = math.nan  # ½λ‖p‖² (+ structural energy) at the chosen iterate
+    damped_change: float = math.nan  # ½λpᵀDp (+ structural energy) at the chosen iterate
+    metric: Tensor | None = None  # damping_metric='marquardt': D, flat (None: D = I)
+    ggn_diagonal: Tensor | None = None  # damping_metric='marquardt': this step's diag(G) ≥ 0
     mask_noise: float = math.nan  # replay_rng: RMS of f(θ0; m1) − f(θ0; m2) over recent steps
 
     def __post_init__(self) -> None:
@@ -581,6 +588,24 @@ class HessianFree(torch.optim.Optimizer):
             (:math:`\lambda\|p\|^2 > p^\top C p`): by :math:`\max(3^{1-s}, p^\top C p /
             \lambda\|p\|^2)` more on the :math:`s`-th (ours; ``experiments/README.md``,
             "fblam").
+        damping_metric: What :math:`\lambda` multiplies: ``'identity'`` (default),
+            :math:`B = C + \lambda I` (Levenberg; Martens 2010), or ``'marquardt'``,
+            :math:`B = C + \lambda D` with :math:`D` the running maximum of
+            :math:`\mathrm{diag}(G)` over the steps (Moré 1978's scaled Levenberg-Marquardt;
+            :func:`hessfree.damping.marquardt_metric`), exact where the outputs have at most
+            1024 entries, else from 8 Rademacher probes in the outputs' space
+            (:meth:`hessfree.GGNProduct.diagonal`). CG, :math:`\lambda_0` (``'auto'``:
+            :math:`|g^\top C g| / g^\top D g`), :math:`\rho`'s undamped model and the
+            updates of :math:`\lambda` all use that :math:`D`; then :math:`\lambda` is a pure
+            number and the steps do not depend on each parameter's units. For models whose
+            parameters live on very different scales (a curve fit with amplitudes ~1e3 and
+            rates ~1e-2: the identity's :math:`\lambda`, set by the stiffest direction,
+            freezes the others). Needs Gauss-Newton curvature (``'auto'`` with outputs, or
+            ``'ggn'``; refused with ``'hessian'``, ``'fisher'``, a callable, or
+            ``structural_damping`` > 0, which ``'auto'`` then leaves off). A diagonal
+            preconditioner (``precond='martens'``) includes :math:`\lambda D` exactly, K-FAC
+            and Nyström the scalar :math:`\lambda\,\mathrm{mean}(D)`. Measured in
+            ``experiments/README.md``, "jacscale".
         damping_increase: Factor > 1 applied when :math:`\rho < 1/4` under ``'martens'`` (3/2
             in the paper), and under either rule when a step is rejected.
         damping_decrease: Factor in (0, 1) applied when :math:`\rho > 3/4` under ``'martens'``
@@ -929,6 +954,7 @@ class HessianFree(torch.optim.Optimizer):
         damping: float | str = "auto",
         adapt_damping: bool = True,
         damping_rule: str = "nielsen",
+        damping_metric: str = "identity",
         damping_increase: float = 1.5,
         damping_decrease: float = 2.0 / 3.0,
         min_damping: float | str = "auto",
@@ -967,6 +993,7 @@ class HessianFree(torch.optim.Optimizer):
             damping=damping,
             adapt_damping=adapt_damping,
             damping_rule=damping_rule,
+            damping_metric=damping_metric,
             damping_increase=damping_increase,
             damping_decrease=damping_decrease,
             min_damping=min_damping,
@@ -1510,6 +1537,7 @@ class HessianFree(torch.optim.Optimizer):
         mu = self.settings.structural_damping
         if mu == "auto":  # Martens & Sutskever's μ wherever their term is defined, else off
             on = kind == "ggn" and isinstance(evaluation.outputs, Tensor)
+            on = on and self.settings.damping_metric == "identity"  # one metric at a time
             mu = _AUTO_STRUCTURAL_DAMPING if on and evaluation.hidden is not None else 0.0
         run.structural_damping = mu
         self._global_state()["structurally_damped"] = mu > 0
@@ -1626,6 +1654,19 @@ class HessianFree(torch.optim.Optimizer):
         run: _StepRun,
     ) -> Tensor | MatVec | None:
         precond = self.precond
+        lam_diag, shift_diag = lam, shift
+        if run.metric is not None:
+            # Marquardt's λD: scalar-damped preconditioners (K-FAC, Nyström) get λ·mean(D); a
+            # diagonal one the exact λD, as damping + shift = λ·mean(D) + κ + λ(D − mean(D))
+            jacobi = run.ggn_diagonal + shift + lam * run.metric
+            mean = float(run.metric.mean())
+            lam_diag, shift_diag = lam * mean, shift + lam * (run.metric - mean)
+            lam = lam_diag
+            if precond == "auto" and self._auto_kfac(evaluation, product) is None:
+                # Jacobi on diag(G) + λD + κ: then CG's iterates, not only the damped model's
+                # minimiser, are invariant under a rescaling of the parameters (Nyström's
+                # sketch, 'auto' for residual blocks under λI, is not)
+                return torch.where(jacobi > 0, jacobi, torch.ones_like(jacobi))
         if precond == "auto":  # Nyström for residual blocks' Gauss-Newton, K-FAC, or none
             if isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct):
                 if self._auto_precond is None:
@@ -1637,7 +1678,7 @@ class HessianFree(torch.optim.Optimizer):
                 return None
             try:
                 return self._outputs_preconditioner(
-                    precond, evaluation, product, params, lam, shift
+                    precond, evaluation, product, params, lam_diag, shift_diag
                 )
             except ValueError as err:  # a default never raises: K-FAC off from here on
                 self._auto_kfac_off, self._auto_precond = True, None
@@ -1653,7 +1694,9 @@ class HessianFree(torch.optim.Optimizer):
         if not getattr(precond, "needs_outputs", True):  # curvature products only
             ctx = self._curvature_context(product, lam, shift, curv, g, run)
             return _user_precond(precond, ctx)
-        return self._outputs_preconditioner(precond, evaluation, product, params, lam, shift)
+        return self._outputs_preconditioner(
+            precond, evaluation, product, params, lam_diag, shift_diag
+        )
 
     def _outputs_preconditioner(
         self,
@@ -1886,6 +1929,8 @@ class HessianFree(torch.optim.Optimizer):
                 "curvature_batch='replicated'", curvature_evaluation.loss.detach()
             )
         curvature = accelerate(curvature, g, settings.products)  # CUDA graph / low precision
+        if settings.damping_metric == "marquardt":
+            run.metric = self._marquardt_metric(product, g, run)
         if math.isnan(run.damping) or (
             self._relative_fraction(state) > 0 and "damping_scale" not in state
         ):  # damping='auto' or the relative floor: one product along g, once
@@ -1949,6 +1994,39 @@ class HessianFree(torch.optim.Optimizer):
         """Whether an accepted full step may be extended by doubling (``extrapolate``)."""
         on = self.settings.extrapolate
         return state.get("deterministic") is True if on == "auto" else on
+
+    def _marquardt_metric(self, product: object, g: Tensor, run: _StepRun) -> Tensor:
+        r"""``damping_metric='marquardt'``: this step's :math:`D`, Moré's running maximum of
+        :math:`\mathrm{diag}(G)` (:func:`hessfree.damping.marquardt_metric`), kept as
+        ``state['damping_diagonal']``; a non-finite diagonal leaves it as it was (the step
+        is then rejected at CG's first product)."""
+        if not isinstance(product, GGNProduct) or isinstance(
+            product, FisherProduct | StructurallyDampedGGN
+        ):
+            raise ValueError(
+                "damping_metric='marquardt' needs Gauss-Newton curvature, but the closure "
+                "returned the loss alone (curvature='auto' is then the Hessian, whose diagonal "
+                "need not be positive); make the closure return (loss, outputs) or "
+                "(loss, (r_1, ..., r_K)), or use damping_metric='identity'."
+            )
+        total = product.jacobian.shape[0]
+        probes = None if total <= _MARQUARDT_EXACT_OUTPUTS else _MARQUARDT_PROBES
+        with torch.enable_grad():
+            diagonal = product.diagonal(num_probes=probes, generator=self._rng(g.device))
+        if self.settings.curvature_batch != "replicated":
+            diagonal = self._avg.mean(diagonal)
+        state = run.state
+        previous = state.get("damping_diagonal")
+        if previous is not None:
+            previous = previous.to(device=g.device, dtype=g.dtype)
+        if not bool(torch.isfinite(diagonal).all()):
+            run.ggn_diagonal = torch.zeros_like(g)
+            return (
+                torch.ones_like(g) if previous is None else _damping.marquardt_metric(previous)[0]
+            )
+        run.ggn_diagonal = diagonal.clamp(min=0.0)
+        metric, state["damping_diagonal"] = _damping.marquardt_metric(diagonal, previous)
+        return metric
 
     def _calibrate_damping(
         self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
@@ -2017,7 +2095,7 @@ class HessianFree(torch.optim.Optimizer):
                 Cg = curvature(g)
             if settings.curvature_batch != "replicated":
                 Cg = self._avg.mean(Cg)
-            gDg = g_norm**2
+            gDg = g_norm**2 if run.metric is None else float(dot(g * run.metric, g))
             if run.structural_damping > 0:
                 # ‖J_h g‖²: the structural term's share of λ's metric along g (same averaging)
                 energy = product.hidden_energy(g.unsqueeze(0))[0] / _examples(product.hidden)
@@ -2133,7 +2211,8 @@ class HessianFree(torch.optim.Optimizer):
     ) -> CGResult:
         """Phase 2: truncated preconditioned CG on the damped system (§4.4, §4.5, §4.7)."""
         settings, counter = self.settings, run.counter
-        shift = run.l2 + run.damping  # float or per-entry vector
+        # κ + λD: a float, or per entry (per-group weight decay, Marquardt's D)
+        shift = run.l2 + (run.damping if run.metric is None else run.damping * run.metric)
         replicated = settings.curvature_batch == "replicated"
 
         def damped(v: Tensor) -> Tensor:
@@ -2633,7 +2712,8 @@ class HessianFree(torch.optim.Optimizer):
         iterate alone (and once: it releases the curvature graph).
         """
         p = solution.result.iterates[chosen]
-        damped = 0.5 * run.damping * float(dot(p, p))
+        pDp = dot(p, p) if run.metric is None else dot(p * run.metric, p)
+        damped = 0.5 * run.damping * float(pDp)
         predicted = float(solution.result.iterate_phi[chosen]) - damped
         if solution.structural is not None:
             product, solution.structural = solution.structural, None  # its graph goes now
