@@ -31,6 +31,14 @@ Sutskever 2011, §3.3) :math:`\lambda` multiplies :math:`D = I + (\mu/N) J_h^\to
 :math:`g^\top D g` is 20-500 times :math:`g^\top g`, and against :math:`I` :math:`\lambda_0`
 (66-117) sat 3 decades above where :math:`\lambda` settles (``experiments/README.md``, 2026-12-01).
 
+What :math:`\lambda` multiplies is :math:`I` by default (Levenberg's damping, Martens 2010).
+:math:`\lambda I` is not invariant under a rescaling of the parameters: one :math:`\lambda`
+serves every coordinate, so where curvatures differ by decades it is set by the stiffest
+ones and the others barely move (a curve fit with amplitudes ~1e3 and rates ~1e-2 stalled
+for 400 steps, ``experiments/README.md``, "unseen3"). Marquardt's :math:`\lambda D` with
+:math:`D` a diagonal that transforms as the curvature does (:func:`marquardt_metric`,
+``damping_metric='marquardt'``) makes :math:`\lambda` a pure number (Moré 1978, §6).
+
 At float precision's floor :math:`\rho` measures rounding, not the model: once both the actual
 and the predicted change are within a few units of :math:`\epsilon|f(\theta)|` (:math:`\epsilon`
 the machine epsilon of the loss's dtype), a step carries no information about :math:`C`
@@ -40,6 +48,13 @@ failed model (unless :math:`\lambda` dominated the step, :math:`\lambda\|p\|^2 >
 then it lowers :math:`\lambda`, since a step that short says nothing about the loss's floor).
 Measured on a float32 regression at its floor (``experiments/README.md``, freeze):
 λ had climbed from 1e-8 to its 1e10 cap, each step spending up to 61 closure calls.
+
+References:
+    Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.1.
+    Marquardt (1963), An algorithm for least-squares estimation of nonlinear parameters,
+    J. SIAM 11(2).
+    Moré (1978), The Levenberg-Marquardt algorithm: implementation and theory, Numerical
+    Analysis, Lecture Notes in Mathematics 630, §6 (scaling).
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Notation: :math:`\theta` the parameters (all param groups together), :math:`f` t
 the gradient batch including the L2 term :math:`\tfrac12\sum_k\kappa_k\|\theta_k\|^2` of each
 group's ``weight_decay`` :math:`\kappa_k`, :math:`g = \nabla f`, :math:`C` the curvature
 (Gauss-Newton by default, plus :math:`\kappa`) on the curvature batch, :math:`B = C + \lambda I`
-the damped curvature, :math:`q_\theta(p) = f(\theta) + g^\top p + \tfrac12 p^\top C p` the
-undamped quadratic model and :math:`\rho` the reduction ratio.
+the damped curvature (:math:`C + \lambda D` with Marquardt's diagonal :math:`D` under
+``damping_metric='marquardt'``),
+:math:`q_\theta(p) = f(\theta) + g^\top p + \tfrac12 p^\top C p` the undamped quadratic model
+and :math:`\rho` the reduction ratio.
 
 One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference MATLAB code), in
 phases named as the methods that run them:
