@@ -295,6 +295,13 @@ def _validated(s: HFSettings) -> dict[str, Any]:
                 "curvature='ggn' (or 'auto' with a closure that returns (loss, outputs)), or "
                 "damping_metric='identity'."
             )
+        if s.trust_radius is True:
+            raise ValueError(
+                "damping_metric='marquardt' runs CG in Moré's scaled variables, where "
+                "`trust_radius`'s ball is not the one its radius is measured in; got "
+                "trust_radius=True, use 'auto' (off with Gauss-Newton curvature) or "
+                "damping_metric='identity'."
+            )
         if structural > 0:
             raise ValueError(
                 "damping_metric='marquardt' and `structural_damping` > 0 are two metrics for "

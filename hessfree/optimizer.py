@@ -497,6 +497,7 @@ class _StepRun:
     damped_change: float = math.nan  # ½λpᵀDp (+ structural energy) at the chosen iterate
     metric: Tensor | None = None  # damping_metric='marquardt': D, flat (None: D = I)
     ggn_diagonal: Tensor | None = None  # damping_metric='marquardt': this step's diag(G) ≥ 0
+    scaled_grad_norm: float = math.nan  # damping_metric='marquardt': ‖D^{-1/2} g‖
     mask_noise: float = math.nan  # replay_rng: RMS of f(θ0; m1) − f(θ0; m2) over recent steps
 
     def __post_init__(self) -> None:
@@ -2247,6 +2248,15 @@ class HessianFree(torch.optim.Optimizer):
         if callable(watch):  # e.g. CGPairPreconditioner: CG's own products become its pairs
             damped = watch(damped)
         x0 = self._warm_start(product, g, run.state)
+        b = -g
+        monitor = self._objective_monitor(closure, run) if self._stop_on_increase(run) else None
+        scale = None
+        if run.metric is not None:
+            # Moré's scaled variables y = D^{1/2} p: CG's Euclidean norms (its residual test,
+            # the forcing term's ‖g‖) become invariant under a rescaling of the parameters too
+            scale = run.metric.rsqrt()
+            damped, b, x0, precond, monitor = _scaled_system(scale, damped, b, x0, precond, monitor)
+            run.scaled_grad_norm = float(torch.linalg.vector_norm(b))
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
         if run.bounded and "trust_radius" not in run.state:
@@ -2257,9 +2267,9 @@ class HessianFree(torch.optim.Optimizer):
         max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
 
         def solve(start: Tensor | None) -> CGResult:
-            return cg(
+            result = cg(
                 damped,
-                -g,
+                b,
                 start,
                 max_iter=max_iter,
                 min_iter=min(settings.cg_min_iter, max_iter),
@@ -2268,10 +2278,13 @@ class HessianFree(torch.optim.Optimizer):
                 progress_tol=settings.cg_progress_tol,
                 check_every=settings.cg_check_every,
                 max_norm=radius if radius < math.inf else None,
-                monitor=self._objective_monitor(closure, run)
-                if self._stop_on_increase(run)
-                else None,
+                monitor=monitor,
                 descent_stop=True,  # never stop on an uphill warm start (CURVES, #14)
+            )
+            if scale is None:
+                return result
+            return dataclasses.replace(  # back to p = D^{-1/2} y
+                result, x=result.x * scale, iterates=[y * scale for y in result.iterates]
             )
 
         result = solve(x0)
@@ -2295,6 +2308,8 @@ class HessianFree(torch.optim.Optimizer):
         rtol = self.settings.cg_rtol
         if rtol == "auto":  # inexact Newton: η from how fast ‖g‖ fell (Eisenstat & Walker 1996)
             state, g_norm = run.state, run.report["grad_norm"]
+            if run.metric is not None:  # damping_metric='marquardt': ‖D^{-1/2} g‖ (_solve)
+                g_norm = run.scaled_grad_norm
             rtol = forcing_term(g_norm, state.get("forcing_grad_norm"), state.get("forcing_eta"))
             state["forcing_grad_norm"], state["forcing_eta"] = g_norm, rtol
             if state.get("deterministic") is False:
@@ -2930,6 +2945,39 @@ def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | N
             "diagonal of M (a flat tensor) or a function r -> M^-1 r back; to pass r -> M^-1 r "
             "itself (as to hessfree.cg), write precond=lambda ctx: apply."
         ) from err
+
+
+def _scaled_system(
+    scale: Tensor,
+    damped: MatVec,
+    b: Tensor,
+    x0: Tensor | None,
+    precond: Tensor | MatVec | None,
+    monitor: Callable[[int, Tensor], bool] | None,
+) -> tuple[MatVec, Tensor, Tensor | None, Tensor | MatVec | None, Callable | None]:
+    r"""CG's problem in the variables :math:`y = S^{-1}p`, :math:`S` = ``scale`` (diagonal):
+    :math:`(SBS)\,y = Sb` from :math:`\tilde B p = b`; a diagonal preconditioner :math:`d`
+    becomes :math:`S^2 d`, an operator :math:`M^{-1}` becomes :math:`S^{-1}M^{-1}S^{-1}`, and
+    the monitor sees :math:`p = Sy`."""
+
+    def scaled(v: Tensor) -> Tensor:
+        return damped(v * scale).mul_(scale)
+
+    if isinstance(precond, Tensor):
+        precond = precond * scale.square()
+    elif callable(precond):
+        inner = precond
+
+        def precond(r: Tensor) -> Tensor:
+            return inner(r / scale) / scale
+
+    watched = monitor
+    if watched is not None:
+
+        def monitor(i: int, y: Tensor) -> bool:
+            return watched(i, y * scale)
+
+    return scaled, b * scale, None if x0 is None else x0 / scale, precond, monitor
 
 
 def _checked_curvature(matvec: object) -> MatVec:

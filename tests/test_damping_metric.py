@@ -101,7 +101,7 @@ def test_cg_solves_the_damped_system_of_the_metric(metric):
     G, g = fit.dense()
     lam = 0.5 if metric == "marquardt" else 1e4
     opt = HessianFree(
-        fit.params, damping=lam, adapt_damping=False, cg_rtol=0.0,
+        fit.params, damping=lam, adapt_damping=False, cg_rtol=0.0, cg_stop_on_increase=False,
         damping_metric=metric, cg_progress_tol=1e-12,
     )  # fmt: skip
     opt.step(fit.closure)
@@ -191,6 +191,7 @@ def test_marquardt_preconditioner_gets_lambda_d():
         (dict(damping_metric="marquardt", curvature="hessian"), r"curvature='hessian'"),
         (dict(damping_metric="marquardt", curvature="fisher"), r"needs Gauss-Newton"),
         (dict(damping_metric="marquardt", structural_damping=0.1), r"structural_damping"),
+        (dict(damping_metric="marquardt", trust_radius=True), r"trust_radius=True"),
     ],
 )
 def test_damping_metric_refuses_bad_values(kwargs, match):
