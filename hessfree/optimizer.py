@@ -599,15 +599,19 @@ class HessianFree(torch.optim.Optimizer):
             1024 entries, else from 8 Rademacher probes in the outputs' space
             (:meth:`hessfree.GGNProduct.diagonal`). CG, :math:`\lambda_0` (``'auto'``:
             :math:`|g^\top C g| / g^\top D g`), :math:`\rho`'s undamped model and the
-            updates of :math:`\lambda` all use that :math:`D`; then :math:`\lambda` is a pure
-            number and the steps do not depend on each parameter's units. For models whose
+            updates of :math:`\lambda` all use that :math:`D`, and CG runs in Moré's scaled
+            variables :math:`y = D^{1/2}p` (its residual test and the forcing term's
+            :math:`\|g\|` in them); then :math:`\lambda` is a pure number and the steps do
+            not depend on each parameter's units (to rounding). For models whose
             parameters live on very different scales (a curve fit with amplitudes ~1e3 and
             rates ~1e-2: the identity's :math:`\lambda`, set by the stiffest direction,
             freezes the others). Needs Gauss-Newton curvature (``'auto'`` with outputs, or
             ``'ggn'``; refused with ``'hessian'``, ``'fisher'``, a callable, or
             ``structural_damping`` > 0, which ``'auto'`` then leaves off). A diagonal
             preconditioner (``precond='martens'``) includes :math:`\lambda D` exactly, K-FAC
-            and Nyström the scalar :math:`\lambda\,\mathrm{mean}(D)`. Measured in
+            and Nyström the scalar :math:`\lambda\,\mathrm{mean}(D)`; ``precond='auto'`` is
+            K-FAC where it would be under ``'identity'``, else Jacobi's
+            :math:`\mathrm{diag}(G) + \lambda D + \kappa`. Measured in
             ``experiments/README.md``, "jacscale".
         damping_increase: Factor > 1 applied when :math:`\rho < 1/4` under ``'martens'`` (3/2
             in the paper), and under either rule when a step is rejected.
@@ -1666,9 +1670,8 @@ class HessianFree(torch.optim.Optimizer):
             lam_diag, shift_diag = lam * mean, shift + lam * (run.metric - mean)
             lam = lam_diag
             if precond == "auto" and self._auto_kfac(evaluation, product) is None:
-                # Jacobi on diag(G) + λD + κ: then CG's iterates, not only the damped model's
-                # minimiser, are invariant under a rescaling of the parameters (Nyström's
-                # sketch, 'auto' for residual blocks under λI, is not)
+                # Jacobi on diag(G) + λD + κ where 'auto' has no K-FAC: exact and cheap, where
+                # Nyström's sketch ('auto' for residual blocks under λI) sees λ·mean(D) only
                 return torch.where(jacobi > 0, jacobi, torch.ones_like(jacobi))
         if precond == "auto":  # Nyström for residual blocks' Gauss-Newton, K-FAC, or none
             if isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct):
@@ -2249,13 +2252,12 @@ class HessianFree(torch.optim.Optimizer):
             damped = watch(damped)
         x0 = self._warm_start(product, g, run.state)
         b = -g
-        monitor = self._objective_monitor(closure, run) if self._stop_on_increase(run) else None
         scale = None
         if run.metric is not None:
             # Moré's scaled variables y = D^{1/2} p: CG's Euclidean norms (its residual test,
             # the forcing term's ‖g‖) become invariant under a rescaling of the parameters too
             scale = run.metric.rsqrt()
-            damped, b, x0, precond, monitor = _scaled_system(scale, damped, b, x0, precond, monitor)
+            damped, b, x0, precond = _scaled_system(scale, damped, b, x0, precond)
             run.scaled_grad_norm = float(torch.linalg.vector_norm(b))
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
@@ -2267,6 +2269,9 @@ class HessianFree(torch.optim.Optimizer):
         max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
 
         def solve(start: Tensor | None) -> CGResult:
+            monitor = self._objective_monitor(closure, run) if self._stop_on_increase(run) else None
+            if monitor is not None and scale is not None:
+                monitor = _scaled_monitor(monitor, scale)
             result = cg(
                 damped,
                 b,
@@ -2953,12 +2958,10 @@ def _scaled_system(
     b: Tensor,
     x0: Tensor | None,
     precond: Tensor | MatVec | None,
-    monitor: Callable[[int, Tensor], bool] | None,
-) -> tuple[MatVec, Tensor, Tensor | None, Tensor | MatVec | None, Callable | None]:
+) -> tuple[MatVec, Tensor, Tensor | None, Tensor | MatVec | None]:
     r"""CG's problem in the variables :math:`y = S^{-1}p`, :math:`S` = ``scale`` (diagonal):
     :math:`(SBS)\,y = Sb` from :math:`\tilde B p = b`; a diagonal preconditioner :math:`d`
-    becomes :math:`S^2 d`, an operator :math:`M^{-1}` becomes :math:`S^{-1}M^{-1}S^{-1}`, and
-    the monitor sees :math:`p = Sy`."""
+    becomes :math:`S^2 d`, an operator :math:`M^{-1}` becomes :math:`S^{-1}M^{-1}S^{-1}`."""
 
     def scaled(v: Tensor) -> Tensor:
         return damped(v * scale).mul_(scale)
@@ -2971,13 +2974,14 @@ def _scaled_system(
         def precond(r: Tensor) -> Tensor:
             return inner(r / scale) / scale
 
-    watched = monitor
-    if watched is not None:
+    return scaled, b * scale, None if x0 is None else x0 / scale, precond
 
-        def monitor(i: int, y: Tensor) -> bool:
-            return watched(i, y * scale)
 
-    return scaled, b * scale, None if x0 is None else x0 / scale, precond, monitor
+def _scaled_monitor(
+    monitor: Callable[[int, Tensor], bool], scale: Tensor
+) -> Callable[[int, Tensor], bool]:
+    """CG's ``monitor`` for :func:`_scaled_system`'s variables: it sees :math:`p = Sy`."""
+    return lambda i, y: monitor(i, y * scale)
 
 
 def _checked_curvature(matvec: object) -> MatVec:
