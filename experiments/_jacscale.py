@@ -113,7 +113,7 @@ class Run:
     wall: float = 0.0
     steps: int = 0
     failed: str = ""
-    curve: list = field(default_factory=list)  # (cpu, loss)
+    curve: list = field(default_factory=list)  # (cpu, loss, steps)
     infos: list = field(default_factory=list)
 
 
@@ -156,7 +156,7 @@ def evaluate(prob: Problem, m: nn.Module) -> float:
 
 def interleave(prob: Problem, runs: list[Run]) -> None:
     for r in runs:
-        r.curve.append((0.0, evaluate(prob, r.model)))
+        r.curve.append((0.0, evaluate(prob, r.model), 0))
     while True:
         live = [r for r in runs if not r.failed and r.cpu < prob.budget]
         if not live:
@@ -174,21 +174,22 @@ def interleave(prob: Problem, runs: list[Run]) -> None:
         r.steps += 1
         if isinstance(r.opt, hessfree.HessianFree):
             r.infos.append(r.opt.last_step)
-        r.curve.append((r.cpu, evaluate(prob, r.model)))
+        r.curve.append((r.cpu, evaluate(prob, r.model), r.steps))
 
 
 def at(curve, t):
     best = curve[0][1]
-    for s, f in curve:
+    for s, f, _ in curve:
         if s <= t + 1e-12:
             best = f
     return best
 
 
-def first_below(curve, target):
-    for s, f in curve:
-        if f <= target:
-            return s
+def first_below(curve, target, what: int = 0):
+    """CPU seconds (``what=0``) or steps (2) until the loss is at most ``target``."""
+    for point in curve:
+        if point[1] <= target:
+            return point[what]
     return math.inf
 
 
@@ -258,6 +259,8 @@ def run_problem(key: str, prob: Problem) -> str:
     variants = dict(VARIANTS)
     if key == "exps":  # no nn.Linear: 'auto' is already no preconditioner under λI
         variants.pop("HF precond=None (λI)")
+        variants["HF marquardt cg_rtol=0"] = {"damping_metric": "marquardt", "cg_rtol": 0.0}
+        variants["HF cg_rtol=0 (λI)"] = {"cg_rtol": 0.0}
     # warm-up: two steps of each contender, thrown away
     warm = make_runs(prob, init, variants)
     for r in warm:
@@ -272,7 +275,7 @@ def run_problem(key: str, prob: Problem) -> str:
     interleave(prob, runs)
     fits = scipy_fits(prob, init) if prob.residual else {}
     load1 = os.getloadavg()
-    best = min([min(f for _, f in r.curve) for r in runs] + [f for f, _, _ in fits.values()])
+    best = min([min(p[1] for p in r.curve) for r in runs] + [f for f, _, _ in fits.values()])
     f0 = runs[0].curve[0][1]
     target = best + 0.01 * (f0 - best)
     B = prob.budget
@@ -281,18 +284,20 @@ def run_problem(key: str, prob: Problem) -> str:
         "",
         f"f0 = {f0:.6g}; best seen f* = {best:.6g}; target f* + 1 % of (f0 − f*) = {target:.6g}",
         "",
-        "| contender | steps | loss at B/4 | B/2 | B | CPU s to target | wall s | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| contender | steps | loss at B/4 | B/2 | B | CPU s to target | steps to target | "
+        "wall s | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         q = [at(r.curve, B * f) for f in (0.25, 0.5, 1.0)]
         note = r.failed or hf_summary(r)
         lines.append(
             f"| {r.name} | {r.steps} | {q[0]:.4g} | {q[1]:.4g} | {q[2]:.4g} | "
-            f"{first_below(r.curve, target):.3g} | {r.wall:.3g} | {note} |"
+            f"{first_below(r.curve, target):.3g} | {first_below(r.curve, target, 2)} | "
+            f"{r.wall:.3g} | {note} |"
         )
     for name, (f, cpu, nfev) in fits.items():
-        lines.append(f"| {name} | nfev {nfev} | | | {f:.4g} | {cpu:.3g} (to its end) | | |")
+        lines.append(f"| {name} | nfev {nfev} | | | {f:.4g} | {cpu:.3g} (to its end) | | | |")
     base = next(r for r in runs if r.name == "HF defaults (λI)")
     marq = next(r for r in runs if r.name == "HF marquardt")
     ratios = [at(marq.curve, B * f) / at(base.curve, B * f) for f in (0.25, 0.5, 1.0)]

@@ -2092,23 +2092,29 @@ class HessianFree(torch.optim.Optimizer):
     def _curvature_along(
         self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
     ) -> tuple[float, float]:
-        r""":math:`(g^\top C g, g^\top D g)` (one product; see :meth:`_calibrate_damping`)."""
+        r""":math:`(g^\top C g, g^\top D g)` (one product; see :meth:`_calibrate_damping`).
+
+        Under ``damping_metric='marquardt'`` along :math:`v = D^{-1}g` instead, CG's first
+        direction in Moré's scaled variables: :math:`(v^\top C v, v^\top D v)`, whose
+        quotient is invariant under a rescaling of the parameters (:math:`g^\top C g` is not).
+        """
         settings = self.settings
+        v = g if run.metric is None else g / run.metric
         with torch.enable_grad():
-            if g.dtype in LOW_PRECISION:  # as CG runs it: in float16 on g rescaled, into float32
-                Cg = _low_precision_product(curvature, g, "curvature")(g.float())
+            if v.dtype in LOW_PRECISION:  # as CG runs it: in float16 on v rescaled, into float32
+                Cv = _low_precision_product(curvature, v, "curvature")(v.float())
             else:
-                Cg = curvature(g)
+                Cv = curvature(v)
             if settings.curvature_batch != "replicated":
-                Cg = self._avg.mean(Cg)
-            gDg = g_norm**2 if run.metric is None else float(dot(g * run.metric, g))
+                Cv = self._avg.mean(Cv)
+            gDg = g_norm**2 if run.metric is None else float(dot(g, v))  # vᵀDv = gᵀD⁻¹g
             if run.structural_damping > 0:
                 # ‖J_h g‖²: the structural term's share of λ's metric along g (same averaging)
                 energy = product.hidden_energy(g.unsqueeze(0))[0] / _examples(product.hidden)
                 if settings.curvature_batch != "replicated":
                     energy = self._avg.mean(energy)
                 gDg += run.structural_damping * float(energy)
-        gCg = float(dot(g, Cg)) + float(dot(run.l2 * g, g))  # C includes the L2 term κ
+        gCg = float(dot(v, Cv)) + float(dot(run.l2 * v, v))  # C includes the L2 term κ
         return gCg, gDg
 
     def _relative_fraction(self, state: dict) -> float:
