@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _unseen3 as U  # noqa: E402
 
 import hessfree  # noqa: E402
+from hessfree import optimizer as hf_optimizer  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -134,14 +135,22 @@ def make_runs(prob: Problem, init: dict, variants: dict[str, dict]) -> list[Run]
 
                 opt.step(closure)
         else:
+            kw = dict(kw)
+            exact = kw.pop("_exact_outputs", None)  # the optimizer's cut-over, for a variant
             opt = hessfree.HessianFree(m.parameters(), **kw)
 
-            def step(m=m, opt=opt):
+            def step(m=m, opt=opt, exact=exact):
                 def closure():
                     out = m(prob.x)
                     return prob.loss(out, prob.y), out
 
-                opt.step(closure)
+                saved = hf_optimizer._MARQUARDT_EXACT_OUTPUTS
+                if exact is not None:
+                    hf_optimizer._MARQUARDT_EXACT_OUTPUTS = exact
+                try:
+                    opt.step(closure)
+                finally:
+                    hf_optimizer._MARQUARDT_EXACT_OUTPUTS = saved
 
         runs.append(Run(name, m, step, opt))
     return runs
@@ -241,7 +250,7 @@ def hf_summary(r: Run) -> str:
     )
 
 
-VARIANTS = {
+VARIANTS: dict[str, dict] = {
     "HF defaults (λI)": {},
     "HF marquardt": {"damping_metric": "marquardt"},
     "HF precond=None (λI)": {"precond": None},
@@ -250,12 +259,32 @@ VARIANTS = {
 }
 
 
-def run_problem(key: str, prob: Problem) -> str:
+#: ``--diagonal``: Marquardt's diag(G) exact in every step, or from 8 output probes
+DIAGONAL: dict[str, dict] = {
+    "HF defaults (λI)": {},
+    "HF marquardt, exact diag": {"damping_metric": "marquardt", "_exact_outputs": 10**9},
+    "HF marquardt, 8 probes": {"damping_metric": "marquardt", "_exact_outputs": 0},
+    "HF marquardt precond=None, exact": {
+        "damping_metric": "marquardt",
+        "precond": None,
+        "_exact_outputs": 10**9,
+    },
+    "HF marquardt precond=None, 8 probes": {
+        "damping_metric": "marquardt",
+        "precond": None,
+        "_exact_outputs": 0,
+    },
+}
+
+
+def run_problem(key: str, prob: Problem, extra: dict[str, dict] | None = None) -> str:
     load0 = os.getloadavg()
     init_model = prob.model()
     init = {k: v.clone() for k, v in init_model.state_dict().items()}
-    variants = dict(VARIANTS)
-    if key == "exps":  # no nn.Linear: 'auto' is already no preconditioner under λI
+    variants = dict(VARIANTS) if extra is None else extra
+    if (
+        key == "exps" and extra is None
+    ):  # no nn.Linear: 'auto' is already no preconditioner under λI
         variants.pop("HF precond=None (λI)")
         variants["HF marquardt cg_rtol=0"] = {"damping_metric": "marquardt", "cg_rtol": 0.0}
         variants["HF cg_rtol=0 (λI)"] = {"cg_rtol": 0.0}
@@ -301,7 +330,7 @@ def run_problem(key: str, prob: Problem) -> str:
     for name, (f, cpu, nfev) in fits.items():
         lines.append(f"| {name} | nfev {nfev} | | | {f:.4g} | | | {cpu:.3g} (to its end) | | | |")
     base = next(r for r in runs if r.name == "HF defaults (λI)")
-    marq = next(r for r in runs if r.name == "HF marquardt")
+    marq = next(r for r in runs if r.name.startswith("HF marquardt"))
     ratios = [at(marq.curve, B * f) / at(base.curve, B * f) for f in (0.25, 0.5, 1.0)]
     lines += [
         "",
@@ -320,11 +349,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("problems", nargs="*", default=["exps", "scaled", "smallres", "digits"])
     ap.add_argument("--budget-scale", type=float, default=1.0)
+    ap.add_argument(
+        "--diagonal", action="store_true", help="exact diag(G) against 8 probes (the cut-over)"
+    )
     args = ap.parse_args()
     table = problems(args.budget_scale)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for key in args.problems:
-        print(run_problem(key, table[key]()), flush=True)
+        print(run_problem(key, table[key](), DIAGONAL if args.diagonal else None), flush=True)
 
 
 if __name__ == "__main__":

@@ -1661,27 +1661,28 @@ class HessianFree(torch.optim.Optimizer):
         run: _StepRun,
     ) -> Tensor | MatVec | None:
         precond = self.precond
-        lam_diag, shift_diag = lam, shift
+        lam_diag, shift_diag, jacobi = lam, shift, None
         if run.metric is not None:
             # Marquardt's λD: scalar-damped preconditioners (K-FAC, Nyström) get λ·mean(D); a
             # diagonal one the exact λD, as damping + shift = λ·mean(D) + κ + λ(D − mean(D))
             jacobi = run.ggn_diagonal + shift + lam * run.metric
+            # Jacobi on diag(G) + λD + κ where 'auto' has no K-FAC: exact and cheap, where
+            # Nyström's sketch ('auto' for residual blocks under λI) sees λ·mean(D) only
+            jacobi = torch.where(jacobi > 0, jacobi, torch.ones_like(jacobi))
             mean = float(run.metric.mean())
             lam_diag, shift_diag = lam * mean, shift + lam * (run.metric - mean)
             lam = lam_diag
-            if precond == "auto" and self._auto_kfac(evaluation, product) is None:
-                # Jacobi on diag(G) + λD + κ where 'auto' has no K-FAC: exact and cheap, where
-                # Nyström's sketch ('auto' for residual blocks under λI) sees λ·mean(D) only
-                return torch.where(jacobi > 0, jacobi, torch.ones_like(jacobi))
         if precond == "auto":  # Nyström for residual blocks' Gauss-Newton, K-FAC, or none
             if isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct):
+                if jacobi is not None:
+                    return jacobi
                 if self._auto_precond is None:
                     self._auto_precond = NystromPreconditioner()
                 ctx = self._curvature_context(product, lam, shift, curv, g, run)
                 return self._auto_precond(ctx)
             precond = self._auto_kfac(evaluation, product)
             if precond is None:
-                return None
+                return jacobi
             try:
                 return self._outputs_preconditioner(
                     precond, evaluation, product, params, lam_diag, shift_diag
