@@ -496,7 +496,6 @@ class _StepRun:
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
     damped_change: float = math.nan  # ½λpᵀDp (+ structural energy) at the chosen iterate
     metric: Tensor | None = None  # damping_metric='marquardt': D, flat (None: D = I)
-    ggn_diagonal: Tensor | None = None  # damping_metric='marquardt': this step's diag(G) ≥ 0
     scaled_grad_norm: float = math.nan  # damping_metric='marquardt': ‖D^{-1/2} g‖
     mask_noise: float = math.nan  # replay_rng: RMS of f(θ0; m1) − f(θ0; m2) over recent steps
 
@@ -610,8 +609,8 @@ class HessianFree(torch.optim.Optimizer):
             ``structural_damping`` > 0, which ``'auto'`` then leaves off). A diagonal
             preconditioner (``precond='martens'``) includes :math:`\lambda D` exactly, K-FAC
             and Nyström the scalar :math:`\lambda\,\mathrm{mean}(D)`, so ``precond='auto'``
-            is then Jacobi's :math:`\mathrm{diag}(G) + \lambda D + \kappa` (K-FAC under
-            Marquardt ended two MLP fits at 1.8-5.8× the defaults' loss). Measured in
+            is then none (the scaled variables are preconditioned by :math:`D` already; K-FAC
+            under Marquardt ended two MLP fits at 1.8-5.8× the defaults' loss). Measured in
             ``experiments/README.md``, "jacscale".
         damping_increase: Factor > 1 applied when :math:`\rho < 1/4` under ``'martens'`` (3/2
             in the paper), and under either rule when a step is rejected.
@@ -1661,21 +1660,20 @@ class HessianFree(torch.optim.Optimizer):
         run: _StepRun,
     ) -> Tensor | MatVec | None:
         precond = self.precond
-        lam_diag, shift_diag, jacobi = lam, shift, None
+        lam_diag, shift_diag = lam, shift
         if run.metric is not None:
+            if precond == "auto":
+                # none: CG runs in Moré's scaled variables, diagonally preconditioned by D
+                # already. K-FAC (and Nyström) see the scalar λ·mean(D) only: under Marquardt
+                # K-FAC ended a scaled-input and a well-scaled MLP fit at 5.8× and 1.8× the
+                # defaults' loss; Jacobi's diag(G) + λD + κ lost to none on 2 of 3 problems
+                # (experiments/README.md, "jacscale")
+                return None
             # Marquardt's λD: scalar-damped preconditioners (K-FAC, Nyström) get λ·mean(D); a
             # diagonal one the exact λD, as damping + shift = λ·mean(D) + κ + λ(D − mean(D))
-            jacobi = run.ggn_diagonal + shift + lam * run.metric
-            # precond='auto': Jacobi on diag(G) + λD + κ, exact and cheap, not K-FAC or
-            # Nyström, which see the scalar λ·mean(D) only: K-FAC under Marquardt ended the
-            # scaled-input and the well-scaled MLP fits at 5.8× and 1.8× the defaults' loss
-            # (experiments/README.md, "jacscale")
-            jacobi = torch.where(jacobi > 0, jacobi, torch.ones_like(jacobi))
             mean = float(run.metric.mean())
             lam_diag, shift_diag = lam * mean, shift + lam * (run.metric - mean)
             lam = lam_diag
-        if precond == "auto" and jacobi is not None:
-            return jacobi
         if precond == "auto":  # Nyström for residual blocks' Gauss-Newton, K-FAC, or none
             if isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct):
                 if self._auto_precond is None:
@@ -2029,11 +2027,9 @@ class HessianFree(torch.optim.Optimizer):
         if previous is not None:
             previous = previous.to(device=g.device, dtype=g.dtype)
         if not bool(torch.isfinite(diagonal).all()):
-            run.ggn_diagonal = torch.zeros_like(g)
             return (
                 torch.ones_like(g) if previous is None else _damping.marquardt_metric(previous)[0]
             )
-        run.ggn_diagonal = diagonal.clamp(min=0.0)
         metric, state["damping_diagonal"] = _damping.marquardt_metric(diagonal, previous)
         return metric
 

@@ -157,10 +157,11 @@ def test_marquardt_fits_the_badly_scaled_curve_that_identity_does_not():
     for metric in ("identity", "marquardt"):
         fit = _Exps()
         opt = HessianFree(fit.params, damping_metric=metric)
-        for _ in range(30):
+        for _ in range(60):
             opt.step(fit.closure)
         losses[metric] = float(fit.closure()[0].detach())
-    # noise variance 0.25: the least-squares fit ends near it, λI far above (amplitudes stuck)
+    # noise variance 0.25: the least-squares fit ends below it (0.188 from step 60), λI far
+    # above (the amplitudes stuck)
     assert losses["marquardt"] < 0.5 < 100 < losses["identity"]
 
 
