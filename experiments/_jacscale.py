@@ -21,6 +21,10 @@ step is one call: up to 20 iterations, as "unseen3" ran it). scipy's ``least_squ
 (``x_scale='jac'`` and the default ``x_scale=1``, method 'lm', Jacobian from torch) runs to its
 own convergence off the interleaving (median CPU of 3 calls).
 
+Since bb1511d ``precond='auto'`` under Marquardt is no preconditioner, so the "HF marquardt"
+and "HF marquardt precond=None" rows run the same code; the recorded tables
+(``results/2026-12-03-jacscale.md``) are from before, when "HF marquardt" was Jacobi's.
+
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_jacscale.py \
         [exps scaled smallres digits] [--budget-scale 1.0]
 """
