@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from ._checks import check_choice, check_int, check_number
 from .acceleration import ProductPolicy
 from .cg import _check_max_iter
-from .damping import DAMPING_RULES, DampingPolicy
+from .damping import DAMPING_METRICS, DAMPING_RULES, DampingPolicy
 
 __all__ = ["HFSettings"]
 
@@ -82,6 +82,7 @@ class HFSettings:
     damping: float | str = "auto"
     adapt_damping: bool = True
     damping_rule: str = "nielsen"
+    damping_metric: str = "identity"
     damping_increase: float = 1.5
     damping_decrease: float = 2.0 / 3.0
     min_damping: float | str = "auto"
@@ -128,6 +129,7 @@ class HFSettings:
         "damping",
         "adapt_damping",
         "damping_rule",
+        "damping_metric",
         "damping_increase",
         "damping_decrease",
         "min_damping",
@@ -284,6 +286,29 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         )
     _check_bool("adapt_damping", s.adapt_damping)
     check_choice("damping_rule", s.damping_rule, DAMPING_RULES)
+    check_choice("damping_metric", s.damping_metric, DAMPING_METRICS)
+    if s.damping_metric == "marquardt":
+        if callable(s.curvature) or s.curvature not in ("auto", "ggn"):
+            raise ValueError(
+                "damping_metric='marquardt' scales the damping by the Gauss-Newton diagonal "
+                f"and needs Gauss-Newton curvature, got curvature={s.curvature!r}; use "
+                "curvature='ggn' (or 'auto' with a closure that returns (loss, outputs)), or "
+                "damping_metric='identity'."
+            )
+        if s.trust_radius is True:
+            raise ValueError(
+                "damping_metric='marquardt' runs CG in Moré's scaled variables, where "
+                "`trust_radius`'s ball is not the one its radius is measured in; got "
+                "trust_radius=True, use 'auto' (off with Gauss-Newton curvature) or "
+                "damping_metric='identity'."
+            )
+        if structural > 0:
+            raise ValueError(
+                "damping_metric='marquardt' and `structural_damping` > 0 are two metrics for "
+                f"the damping, got structural_damping={s.structural_damping!r}; use one: "
+                "structural_damping=0 (or 'auto', off under 'marquardt'), or "
+                "damping_metric='identity'."
+            )
     out["damping_increase"] = check_number(
         "damping_increase",
         s.damping_increase,

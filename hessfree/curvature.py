@@ -872,6 +872,83 @@ class GGNProduct(CurvatureProduct):
         J = self.jacobian
         return J.vjp(self.loss_hessian(J.jvp(v)))
 
+    def diagonal(
+        self,
+        *,
+        num_probes: int | None = None,
+        generator: torch.Generator | None = None,
+        max_entries: int = 2**20,
+    ) -> Tensor:
+        r""":math:`\mathrm{diag}(G) = \mathrm{diag}(J^\top H_\ell J)`, exact or estimated.
+
+        Probes :math:`u` live in the *outputs'* space:
+        :math:`\mathrm{diag}(G) = \mathbb{E}[(J^\top u) \odot (J^\top H_\ell u)]` for any
+        :math:`u` with :math:`\mathbb{E}[uu^\top] = I`. Exact (``num_probes=None``) with the
+        :math:`M` unit vectors of the outputs (:math:`M` entries in all, batched in chunks of
+        at most ``max_entries`` :math:`/ n` rows); else the mean over ``num_probes``
+        Rademacher :math:`u`, unbiased but not always :math:`\ge 0`. Either way each term
+        transforms as :math:`G` does under a rescaling of the parameters
+        (:math:`\theta_i \to s_i\theta_i` multiplies entry :math:`i` by :math:`1/s_i^2`
+        exactly, probe by probe), which probes in the parameters' space (Hutchinson's
+        :math:`v \odot Gv`) do only on average. Cost: two batched backward passes per chunk
+        or per set of probes.
+
+        Args:
+            num_probes: Rademacher probes, or ``None`` for the exact diagonal.
+            generator: For the probes.
+            max_entries: Bound on the entries of one chunk's ``(rows, n)`` Jacobian block.
+
+        Returns:
+            Tensor: Flat, one entry per parameter entry.
+
+        Raises:
+            ValueError: If ``num_probes < 1`` or ``max_entries < 1``.
+
+        Example:
+            >>> X = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
+            >>> w = torch.zeros(2, requires_grad=True)
+            >>> out = X @ w
+            >>> GGNProduct(0.5 * (out**2).sum(), out, [w]).diagonal()  # diag(XᵀX)
+            tensor([2., 4.])
+        """
+        if num_probes is not None:
+            check_int("num_probes", num_probes, low=1)
+        check_int("max_entries", max_entries, low=1)
+        J = self.jacobian
+        n = self.layout.numel
+        blocks = J._all
+        like = blocks[J._live[0]]
+        if self._zero:
+            return like.new_zeros(n)
+        sizes = [o.numel() for o in blocks]
+
+        def shaped(U: Tensor) -> Tensor | tuple[Tensor, ...]:
+            """``(k, M)`` rows as outputs-shaped blocks with a leading ``k``."""
+            parts = [
+                u.reshape(U.shape[0], *o.shape)
+                for u, o in zip(U.split(sizes, dim=1), blocks, strict=True)
+            ]
+            return tuple(parts) if J.is_sequence else parts[0]
+
+        def term(U: Tensor) -> Tensor:
+            u = shaped(U)
+            return (J.batched_vjp(u) * J.batched_vjp(self.loss_hessian(u))).sum(0)
+
+        total = sum(sizes)
+        if num_probes is not None:
+            signs = torch.randint(
+                0, 2, (num_probes, total), generator=generator, device=like.device
+            )
+            return term(signs.to(like.dtype) * 2 - 1) / num_probes
+        rows = max(1, min(total, max_entries // max(n, 1)))
+        out = like.new_zeros(n)
+        for start in range(0, total, rows):
+            k = min(rows, total - start)
+            U = like.new_zeros(k, total)
+            U[torch.arange(k), torch.arange(start, start + k)] = 1.0
+            out += term(U)
+        return out
+
     def _matmat(self, V: Tensor) -> Tensor:
         if self._zero:
             return torch.zeros_like(V)

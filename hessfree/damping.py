@@ -31,6 +31,14 @@ Sutskever 2011, §3.3) :math:`\lambda` multiplies :math:`D = I + (\mu/N) J_h^\to
 :math:`g^\top D g` is 20-500 times :math:`g^\top g`, and against :math:`I` :math:`\lambda_0`
 (66-117) sat 3 decades above where :math:`\lambda` settles (``experiments/README.md``, 2026-12-01).
 
+What :math:`\lambda` multiplies is :math:`I` by default (Levenberg's damping, Martens 2010).
+:math:`\lambda I` is not invariant under a rescaling of the parameters: one :math:`\lambda`
+serves every coordinate, so where curvatures differ by decades it is set by the stiffest
+ones and the others barely move (a curve fit with amplitudes ~1e3 and rates ~1e-2 stalled
+for 400 steps, ``experiments/README.md``, "unseen3"). Marquardt's :math:`\lambda D` with
+:math:`D` a diagonal that transforms as the curvature does (:func:`marquardt_metric`,
+``damping_metric='marquardt'``) makes :math:`\lambda` a pure number (Moré 1978, §6).
+
 At float precision's floor :math:`\rho` measures rounding, not the model: once both the actual
 and the predicted change are within a few units of :math:`\epsilon|f(\theta)|` (:math:`\epsilon`
 the machine epsilon of the loss's dtype), a step carries no information about :math:`C`
@@ -40,6 +48,13 @@ failed model (unless :math:`\lambda` dominated the step, :math:`\lambda\|p\|^2 >
 then it lowers :math:`\lambda`, since a step that short says nothing about the loss's floor).
 Measured on a float32 regression at its floor (``experiments/README.md``, freeze):
 λ had climbed from 1e-8 to its 1e10 cap, each step spending up to 61 closure calls.
+
+References:
+    Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.1.
+    Marquardt (1963), An algorithm for least-squares estimation of nonlinear parameters,
+    J. SIAM 11(2).
+    Moré (1978), The Levenberg-Marquardt algorithm: implementation and theory, Numerical
+    Analysis, Lecture Notes in Mathematics 630, §6 (scaling).
 """
 
 from __future__ import annotations
@@ -47,16 +62,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from ._checks import check_number
 
 __all__ = [
     "AUTO_DAMPING_FACTOR",
+    "DAMPING_METRICS",
     "DAMPING_RULES",
     "DampingPolicy",
     "LOW_PRECISION_ULPS",
     "RESOLUTION_ULPS",
     "below_resolution",
     "calibrate_damping",
+    "marquardt_metric",
     "reduction_ratio",
     "resolution",
     "update_damping",
@@ -83,6 +103,11 @@ _FLOAT32_EPS = 2.0**-23
 
 #: The rules :func:`update_damping` knows.
 DAMPING_RULES = ("martens", "nielsen")
+
+#: The metrics :math:`D` that :math:`\lambda` multiplies (``damping_metric``): ``'identity'``,
+#: :math:`D = I` (Levenberg; Martens 2010), or ``'marquardt'``, Moré's running maximum of
+#: :math:`\mathrm{diag}(G)` (:func:`marquardt_metric`).
+DAMPING_METRICS = ("identity", "marquardt")
 
 
 def reduction_ratio(actual: float, predicted: float) -> float:
@@ -252,6 +277,46 @@ def calibrate_damping(
     if not (math.isfinite(lam) and lam > 0):
         lam = fallback
     return min(max(lam, min_damping), max_damping)
+
+
+def marquardt_metric(diagonal: Tensor, previous: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""Marquardt's scale-invariant metric :math:`D` for the damping term :math:`\lambda D`.
+
+    Moré (1978, §6) scales Levenberg-Marquardt by :math:`D_k^2` with
+    :math:`D_k = \max(D_{k-1}, \mathrm{diag}(J^\top J)^{1/2})` elementwise: the running
+    maximum, so that :math:`D` never shrinks. Here on :math:`\mathrm{diag}(G)` of the
+    Gauss-Newton matrix directly (:math:`G = J^\top H_\ell J`, :math:`H_\ell = I` gives Moré's
+    :math:`D^2`). Rescaling a parameter :math:`\theta_i \to s\,\theta_i` divides
+    :math:`G_{ii}`, :math:`D_{ii}` and :math:`g_i^2` alike by :math:`s^2`, so the damped model
+    :math:`g^\top p + \tfrac12 p^\top (G + \lambda D) p` and its minimiser are the same in
+    the original coordinates: :math:`\lambda` becomes a pure number, independent of each
+    parameter's units. Entries at most :math:`\epsilon\max_j D_{jj}` (:math:`\epsilon` the
+    dtype's machine epsilon; a parameter the outputs do not depend on) are raised to it, and
+    :math:`D = I` while the running maximum is all zero (ours: a zero entry would leave the
+    damped system singular there). Non-finite entries of ``diagonal`` are the caller's to
+    keep out of ``previous``.
+
+    Args:
+        diagonal: :math:`\mathrm{diag}(G)` at this step (negative estimates count as 0).
+        previous: The running maximum so far, or ``None`` (first step, or another layout).
+
+    Returns:
+        tuple[Tensor, Tensor]: the floored metric :math:`D` (flat) and the new running maximum.
+
+    Example:
+        >>> D, top = marquardt_metric(torch.tensor([4.0, 0.0, 1.0]))
+        >>> D[0].item(), D[2].item(), 0 < D[1].item() < 1e-5
+        (4.0, 1.0, True)
+        >>> marquardt_metric(torch.tensor([1.0, 1.0, 1.0]), top)[1]  # never shrinks
+        tensor([4., 1., 1.])
+    """
+    diagonal = diagonal.clamp(min=0.0)
+    if previous is not None and previous.shape == diagonal.shape:
+        diagonal = torch.maximum(previous.to(diagonal), diagonal)
+    top = diagonal.max()
+    eps = torch.finfo(diagonal.dtype).eps
+    D = torch.where(top > 0, diagonal.clamp(min=eps * top), torch.ones_like(diagonal))
+    return D, diagonal
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ Notation: :math:`\theta` the parameters (all param groups together), :math:`f` t
 the gradient batch including the L2 term :math:`\tfrac12\sum_k\kappa_k\|\theta_k\|^2` of each
 group's ``weight_decay`` :math:`\kappa_k`, :math:`g = \nabla f`, :math:`C` the curvature
 (Gauss-Newton by default, plus :math:`\kappa`) on the curvature batch, :math:`B = C + \lambda I`
-the damped curvature, :math:`q_\theta(p) = f(\theta) + g^\top p + \tfrac12 p^\top C p` the
-undamped quadratic model and :math:`\rho` the reduction ratio.
+the damped curvature (:math:`C + \lambda D` with Marquardt's diagonal :math:`D` under
+``damping_metric='marquardt'``),
+:math:`q_\theta(p) = f(\theta) + g^\top p + \tfrac12 p^\top C p` the undamped quadratic model
+and :math:`\rho` the reduction ratio.
 
 One :meth:`HessianFree.step` (Martens 2010, §4 and Algorithm 1; the reference MATLAB code), in
 phases named as the methods that run them:
@@ -191,6 +193,11 @@ _SAME_OBJECTIVE_AGAIN = 3
 #: ``relative_min_damping='auto'``: the fraction of the curvature scale on a stochastic
 #: objective (CURVES: λ ≥ 0.28; ``experiments/README.md``, "lamfloor").
 _AUTO_RELATIVE_MIN_DAMPING = 0.01
+#: ``damping_metric='marquardt'``: diag(G) exactly where the outputs have at most this many
+#: entries in all, else from ``_MARQUARDT_PROBES`` Rademacher probes in the outputs' space
+#: (ours: the exact diagonal costs two batched backward passes per output entry).
+_MARQUARDT_EXACT_OUTPUTS = 1024
+_MARQUARDT_PROBES = 8
 
 
 def _precision_share(dtype: torch.dtype) -> float:
@@ -488,7 +495,9 @@ class _StepRun:
     bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
     trials: dict[int, float] = field(default_factory=dict)  # f at CG iterates, by iteration
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
-    damped_change: float = math.nan  # ½λ‖p‖² (+ structural energy) at the chosen iterate
+    damped_change: float = math.nan  # ½λpᵀDp (+ structural energy) at the chosen iterate
+    metric: Tensor | None = None  # damping_metric='marquardt': D, flat (None: D = I)
+    scaled_grad_norm: float = math.nan  # damping_metric='marquardt': ‖D^{-1/2} g‖
     mask_noise: float = math.nan  # replay_rng: RMS of f(θ0; m1) − f(θ0; m2) over recent steps
 
     def __post_init__(self) -> None:
@@ -586,6 +595,28 @@ class HessianFree(torch.optim.Optimizer):
             (:math:`\lambda\|p\|^2 > p^\top C p`): by :math:`\max(3^{1-s}, p^\top C p /
             \lambda\|p\|^2)` more on the :math:`s`-th (ours; ``experiments/README.md``,
             "fblam").
+        damping_metric: What :math:`\lambda` multiplies: ``'identity'`` (default),
+            :math:`B = C + \lambda I` (Levenberg; Martens 2010), or ``'marquardt'``,
+            :math:`B = C + \lambda D` with :math:`D` the running maximum of
+            :math:`\mathrm{diag}(G)` over the steps (Moré 1978's scaled Levenberg-Marquardt;
+            :func:`hessfree.damping.marquardt_metric`), exact where the outputs have at most
+            1024 entries, else from 8 Rademacher probes in the outputs' space
+            (:meth:`hessfree.GGNProduct.diagonal`). CG, :math:`\lambda_0` (``'auto'``:
+            :math:`|g^\top C g| / g^\top D g`), :math:`\rho`'s undamped model and the
+            updates of :math:`\lambda` all use that :math:`D`, and CG runs in Moré's scaled
+            variables :math:`y = D^{1/2}p` (its residual test and the forcing term's
+            :math:`\|g\|` in them); then :math:`\lambda` is a pure number and the steps do
+            not depend on each parameter's units (to rounding). For models whose
+            parameters live on very different scales (a curve fit with amplitudes ~1e3 and
+            rates ~1e-2: the identity's :math:`\lambda`, set by the stiffest direction,
+            freezes the others). Needs Gauss-Newton curvature (``'auto'`` with outputs, or
+            ``'ggn'``; refused with ``'hessian'``, ``'fisher'``, a callable, or
+            ``structural_damping`` > 0, which ``'auto'`` then leaves off). A diagonal
+            preconditioner (``precond='martens'``) includes :math:`\lambda D` exactly, K-FAC
+            and Nyström the scalar :math:`\lambda\,\mathrm{mean}(D)`, so ``precond='auto'``
+            is then none (the scaled variables are preconditioned by :math:`D` already; K-FAC
+            under Marquardt ended two MLP fits at 1.8-5.8× the defaults' loss). Measured in
+            ``experiments/README.md``, "jacscale".
         damping_increase: Factor > 1 applied when :math:`\rho < 1/4` under ``'martens'`` (3/2
             in the paper), and under either rule when a step is rejected.
         damping_decrease: Factor in (0, 1) applied when :math:`\rho > 3/4` under ``'martens'``
@@ -938,6 +969,7 @@ class HessianFree(torch.optim.Optimizer):
         damping: float | str = "auto",
         adapt_damping: bool = True,
         damping_rule: str = "nielsen",
+        damping_metric: str = "identity",
         damping_increase: float = 1.5,
         damping_decrease: float = 2.0 / 3.0,
         min_damping: float | str = "auto",
@@ -976,6 +1008,7 @@ class HessianFree(torch.optim.Optimizer):
             damping=damping,
             adapt_damping=adapt_damping,
             damping_rule=damping_rule,
+            damping_metric=damping_metric,
             damping_increase=damping_increase,
             damping_decrease=damping_decrease,
             min_damping=min_damping,
@@ -1523,6 +1556,7 @@ class HessianFree(torch.optim.Optimizer):
         mu = self.settings.structural_damping
         if mu == "auto":  # Martens & Sutskever's μ wherever their term is defined, else off
             on = kind == "ggn" and isinstance(evaluation.outputs, Tensor)
+            on = on and self.settings.damping_metric == "identity"  # one metric at a time
             mu = _AUTO_STRUCTURAL_DAMPING if on and evaluation.hidden is not None else 0.0
         run.structural_damping = mu
         self._global_state()["structurally_damped"] = mu > 0
@@ -1583,8 +1617,8 @@ class HessianFree(torch.optim.Optimizer):
     def _records_linears(self) -> bool:
         """Whether graph-building closure calls record their ``nn.Linear`` calls (K-FAC found
         by the optimizer: ``precond='kfac'``, or ``'auto'`` until the closure proved unfit)."""
-        if self.precond == "auto":
-            return not self._auto_kfac_off
+        if self.precond == "auto":  # under damping_metric='marquardt' 'auto' is Jacobi's
+            return not self._auto_kfac_off and self.settings.damping_metric == "identity"
         return getattr(self.precond, "_discovered", False)
 
     def _auto_kfac(self, evaluation: _Evaluation, product: object) -> KFACPreconditioner | None:
@@ -1644,6 +1678,20 @@ class HessianFree(torch.optim.Optimizer):
         run: _StepRun,
     ) -> Tensor | MatVec | None:
         precond = self.precond
+        lam_diag, shift_diag = lam, shift
+        if run.metric is not None:
+            if precond == "auto":
+                # none: CG runs in Moré's scaled variables, diagonally preconditioned by D
+                # already. K-FAC (and Nyström) see the scalar λ·mean(D) only: under Marquardt
+                # K-FAC ended a scaled-input and a well-scaled MLP fit at 5.8× and 1.8× the
+                # defaults' loss; Jacobi's diag(G) + λD + κ lost to none on 2 of 3 problems
+                # (experiments/README.md, "jacscale")
+                return None
+            # Marquardt's λD: scalar-damped preconditioners (K-FAC, Nyström) get λ·mean(D); a
+            # diagonal one the exact λD, as damping + shift = λ·mean(D) + κ + λ(D − mean(D))
+            mean = float(run.metric.mean())
+            lam_diag, shift_diag = lam * mean, shift + lam * (run.metric - mean)
+            lam = lam_diag
         if precond == "auto":  # Nyström for residual blocks' Gauss-Newton, K-FAC, or none
             if isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct):
                 if self._auto_precond is None:
@@ -1655,7 +1703,7 @@ class HessianFree(torch.optim.Optimizer):
                 return None
             try:
                 return self._outputs_preconditioner(
-                    precond, evaluation, product, params, lam, shift
+                    precond, evaluation, product, params, lam_diag, shift_diag
                 )
             except ValueError as err:  # a default never raises: K-FAC off from here on
                 self._auto_kfac_off, self._auto_precond = True, None
@@ -1671,7 +1719,9 @@ class HessianFree(torch.optim.Optimizer):
         if not getattr(precond, "needs_outputs", True):  # curvature products only
             ctx = self._curvature_context(product, lam, shift, curv, g, run)
             return _user_precond(precond, ctx)
-        return self._outputs_preconditioner(precond, evaluation, product, params, lam, shift)
+        return self._outputs_preconditioner(
+            precond, evaluation, product, params, lam_diag, shift_diag
+        )
 
     def _outputs_preconditioner(
         self,
@@ -1904,6 +1954,8 @@ class HessianFree(torch.optim.Optimizer):
                 "curvature_batch='replicated'", curvature_evaluation.loss.detach()
             )
         curvature = accelerate(curvature, g, settings.products)  # CUDA graph / low precision
+        if settings.damping_metric == "marquardt":
+            run.metric = self._marquardt_metric(product, g, run)
         if math.isnan(run.damping) or (
             self._relative_fraction(state) > 0 and "damping_scale" not in state
         ):  # damping='auto' or the relative floor: one product along g, once
@@ -1968,6 +2020,37 @@ class HessianFree(torch.optim.Optimizer):
         on = self.settings.extrapolate
         return state.get("deterministic") is True if on == "auto" else on
 
+    def _marquardt_metric(self, product: object, g: Tensor, run: _StepRun) -> Tensor:
+        r"""``damping_metric='marquardt'``: this step's :math:`D`, Moré's running maximum of
+        :math:`\mathrm{diag}(G)` (:func:`hessfree.damping.marquardt_metric`), kept as
+        ``state['damping_diagonal']``; a non-finite diagonal leaves it as it was (the step
+        is then rejected at CG's first product)."""
+        if not isinstance(product, GGNProduct) or isinstance(
+            product, FisherProduct | StructurallyDampedGGN
+        ):
+            raise ValueError(
+                "damping_metric='marquardt' needs Gauss-Newton curvature, but the closure "
+                "returned the loss alone (curvature='auto' is then the Hessian, whose diagonal "
+                "need not be positive); make the closure return (loss, outputs) or "
+                "(loss, (r_1, ..., r_K)), or use damping_metric='identity'."
+            )
+        total = product.jacobian.shape[0]
+        probes = None if total <= _MARQUARDT_EXACT_OUTPUTS else _MARQUARDT_PROBES
+        with torch.enable_grad():
+            diagonal = product.diagonal(num_probes=probes, generator=self._rng(g.device))
+        if self.settings.curvature_batch != "replicated":
+            diagonal = self._avg.mean(diagonal)
+        state = run.state
+        previous = state.get("damping_diagonal")
+        if previous is not None:
+            previous = previous.to(device=g.device, dtype=g.dtype)
+        if not bool(torch.isfinite(diagonal).all()):
+            return (
+                torch.ones_like(g) if previous is None else _damping.marquardt_metric(previous)[0]
+            )
+        metric, state["damping_diagonal"] = _damping.marquardt_metric(diagonal, previous)
+        return metric
+
     def _calibrate_damping(
         self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
     ) -> None:
@@ -2026,23 +2109,29 @@ class HessianFree(torch.optim.Optimizer):
     def _curvature_along(
         self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
     ) -> tuple[float, float]:
-        r""":math:`(g^\top C g, g^\top D g)` (one product; see :meth:`_calibrate_damping`)."""
+        r""":math:`(g^\top C g, g^\top D g)` (one product; see :meth:`_calibrate_damping`).
+
+        Under ``damping_metric='marquardt'`` along :math:`v = D^{-1}g` instead, CG's first
+        direction in Moré's scaled variables: :math:`(v^\top C v, v^\top D v)`, whose
+        quotient is invariant under a rescaling of the parameters (:math:`g^\top C g` is not).
+        """
         settings = self.settings
+        v = g if run.metric is None else g / run.metric
         with torch.enable_grad():
-            if g.dtype in LOW_PRECISION:  # as CG runs it: in float16 on g rescaled, into float32
-                Cg = _low_precision_product(curvature, g, "curvature")(g.float())
+            if v.dtype in LOW_PRECISION:  # as CG runs it: in float16 on v rescaled, into float32
+                Cv = _low_precision_product(curvature, v, "curvature")(v.float())
             else:
-                Cg = curvature(g)
+                Cv = curvature(v)
             if settings.curvature_batch != "replicated":
-                Cg = self._avg.mean(Cg)
-            gDg = g_norm**2
+                Cv = self._avg.mean(Cv)
+            gDg = g_norm**2 if run.metric is None else float(dot(g, v))  # vᵀDv = gᵀD⁻¹g
             if run.structural_damping > 0:
                 # ‖J_h g‖²: the structural term's share of λ's metric along g (same averaging)
                 energy = product.hidden_energy(g.unsqueeze(0))[0] / _examples(product.hidden)
                 if settings.curvature_batch != "replicated":
                     energy = self._avg.mean(energy)
                 gDg += run.structural_damping * float(energy)
-        gCg = float(dot(g, Cg)) + float(dot(run.l2 * g, g))  # C includes the L2 term κ
+        gCg = float(dot(v, Cv)) + float(dot(run.l2 * v, v))  # C includes the L2 term κ
         return gCg, gDg
 
     def _relative_fraction(self, state: dict) -> float:
@@ -2151,7 +2240,8 @@ class HessianFree(torch.optim.Optimizer):
     ) -> CGResult:
         """Phase 2: truncated preconditioned CG on the damped system (§4.4, §4.5, §4.7)."""
         settings, counter = self.settings, run.counter
-        shift = run.l2 + run.damping  # float or per-entry vector
+        # κ + λD: a float, or per entry (per-group weight decay, Marquardt's D)
+        shift = run.l2 + (run.damping if run.metric is None else run.damping * run.metric)
         replicated = settings.curvature_batch == "replicated"
 
         def damped(v: Tensor) -> Tensor:
@@ -2184,6 +2274,14 @@ class HessianFree(torch.optim.Optimizer):
         if callable(watch):  # e.g. CGPairPreconditioner: CG's own products become its pairs
             damped = watch(damped)
         x0 = self._warm_start(product, g, run.state)
+        b = -g
+        scale = None
+        if run.metric is not None:
+            # Moré's scaled variables y = D^{1/2} p: CG's Euclidean norms (its residual test,
+            # the forcing term's ‖g‖) become invariant under a rescaling of the parameters too
+            scale = run.metric.rsqrt()
+            damped, b, x0, precond = _scaled_system(scale, damped, b, x0, precond)
+            run.scaled_grad_norm = float(torch.linalg.vector_norm(b))
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
         if run.bounded and "trust_radius" not in run.state:
@@ -2194,9 +2292,12 @@ class HessianFree(torch.optim.Optimizer):
         max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
 
         def solve(start: Tensor | None) -> CGResult:
-            return cg(
+            monitor = self._objective_monitor(closure, run) if self._stop_on_increase(run) else None
+            if monitor is not None and scale is not None:
+                monitor = _scaled_monitor(monitor, scale)
+            result = cg(
                 damped,
-                -g,
+                b,
                 start,
                 max_iter=max_iter,
                 min_iter=min(settings.cg_min_iter, max_iter),
@@ -2205,10 +2306,13 @@ class HessianFree(torch.optim.Optimizer):
                 progress_tol=settings.cg_progress_tol,
                 check_every=settings.cg_check_every,
                 max_norm=radius if radius < math.inf else None,
-                monitor=self._objective_monitor(closure, run)
-                if self._stop_on_increase(run)
-                else None,
+                monitor=monitor,
                 descent_stop=True,  # never stop on an uphill warm start (CURVES, #14)
+            )
+            if scale is None:
+                return result
+            return dataclasses.replace(  # back to p = D^{-1/2} y
+                result, x=result.x * scale, iterates=[y * scale for y in result.iterates]
             )
 
         result = solve(x0)
@@ -2232,6 +2336,8 @@ class HessianFree(torch.optim.Optimizer):
         rtol = self.settings.cg_rtol
         if rtol == "auto":  # inexact Newton: η from how fast ‖g‖ fell (Eisenstat & Walker 1996)
             state, g_norm = run.state, run.report["grad_norm"]
+            if run.metric is not None:  # damping_metric='marquardt': ‖D^{-1/2} g‖ (_solve)
+                g_norm = run.scaled_grad_norm
             rtol = forcing_term(g_norm, state.get("forcing_grad_norm"), state.get("forcing_eta"))
             state["forcing_grad_norm"], state["forcing_eta"] = g_norm, rtol
             if state.get("deterministic") is False:
@@ -2651,7 +2757,8 @@ class HessianFree(torch.optim.Optimizer):
         iterate alone (and once: it releases the curvature graph).
         """
         p = solution.result.iterates[chosen]
-        damped = 0.5 * run.damping * float(dot(p, p))
+        pDp = dot(p, p) if run.metric is None else dot(p * run.metric, p)
+        damped = 0.5 * run.damping * float(pDp)
         predicted = float(solution.result.iterate_phi[chosen]) - damped
         if solution.structural is not None:
             product, solution.structural = solution.structural, None  # its graph goes now
@@ -2866,6 +2973,38 @@ def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | N
             "diagonal of M (a flat tensor) or a function r -> M^-1 r back; to pass r -> M^-1 r "
             "itself (as to hessfree.cg), write precond=lambda ctx: apply."
         ) from err
+
+
+def _scaled_system(
+    scale: Tensor,
+    damped: MatVec,
+    b: Tensor,
+    x0: Tensor | None,
+    precond: Tensor | MatVec | None,
+) -> tuple[MatVec, Tensor, Tensor | None, Tensor | MatVec | None]:
+    r"""CG's problem in the variables :math:`y = S^{-1}p`, :math:`S` = ``scale`` (diagonal):
+    :math:`(SBS)\,y = Sb` from :math:`\tilde B p = b`; a diagonal preconditioner :math:`d`
+    becomes :math:`S^2 d`, an operator :math:`M^{-1}` becomes :math:`S^{-1}M^{-1}S^{-1}`."""
+
+    def scaled(v: Tensor) -> Tensor:
+        return damped(v * scale).mul_(scale)
+
+    if isinstance(precond, Tensor):
+        precond = precond * scale.square()
+    elif callable(precond):
+        inner = precond
+
+        def precond(r: Tensor) -> Tensor:
+            return inner(r / scale) / scale
+
+    return scaled, b * scale, None if x0 is None else x0 / scale, precond
+
+
+def _scaled_monitor(
+    monitor: Callable[[int, Tensor], bool], scale: Tensor
+) -> Callable[[int, Tensor], bool]:
+    """CG's ``monitor`` for :func:`_scaled_system`'s variables: it sees :math:`p = Sy`."""
+    return lambda i, y: monitor(i, y * scale)
 
 
 def _checked_curvature(matvec: object) -> MatVec:

@@ -78,8 +78,12 @@ class PrecondContext:
             outputs, e.g. a closure that returns only the loss).
         output_grad: :math:`\\partial f/\\partial o`, shaped like the outputs (or ``None``).
         reduction: ``'mean'`` or ``'sum'``: how the loss combines the examples along dim 0.
-        damping: The current :math:`\\lambda`.
-        shift: The weight decay (a float, or a flat vector with one entry per parameter).
+        damping: The current :math:`\\lambda` (``damping_metric='marquardt'``:
+            :math:`\\lambda\\,\\mathrm{mean}(D)`, a scalar stand-in for :math:`\\lambda D`).
+        shift: The weight decay (a float, or a flat vector with one entry per parameter);
+            under ``damping_metric='marquardt'`` a context with ``jacobian`` (one built from
+            the outputs) adds :math:`\\lambda(D - \\mathrm{mean}(D))`, so that
+            ``damping + shift`` is the damped diagonal :math:`\\lambda D + \\kappa` exactly.
         generator: Random generator for probes, on the parameters' device.
         average: Averages a statistic over data-parallel ranks (identity on one process).
         curvature: Products :math:`V \\mapsto V C^\\top` with the undamped curvature :math:`C`
