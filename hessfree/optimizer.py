@@ -119,6 +119,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -177,6 +178,14 @@ _EXTRAPOLATE_MAX = 10
 #: (``experiments/README.md``, "unseenfb" and "fblam").
 _STREAK_RHO = 0.1
 _STREAK_DECREASE = 1.0 / 3.0
+#: ``cg_max_iter``/``cg_rtol`` ``'auto'`` on a deterministic objective: the local (Newton) phase
+#: begins after ``_NEWTON_STEPS`` consecutive accepted full steps whose :math:`\rho` is within
+#: ``_NEWTON_RHO`` of 1 and whose decrease of the objective is at least ``_NEWTON_SLOW`` times
+#: the previous step's (an accurate model, yet linear progress: the truncated solve, not the
+#: model, limits the step); it ends at the first step that is not so accurate (ours; gnquad).
+_NEWTON_STEPS = 3
+_NEWTON_RHO = 0.25
+_NEWTON_SLOW = 0.5
 #: ``trust_radius``: a full step with :math:`|\rho - 1| \le` ``_RADIUS_LIFT_RHO`` that ended
 #: inside the ball, while CG has met no negative curvature, lifts :math:`\Delta` (ours; negdelta).
 _RADIUS_LIFT_RHO = 0.1
@@ -2226,6 +2235,11 @@ class HessianFree(torch.optim.Optimizer):
                 g_first = state.setdefault("forcing_grad_norm0", g_norm)
                 if g_first > 0:
                     rtol = relative_forcing_term(g_norm, g_first)
+                    eta = self._newton_rule.get("eta", "square")
+                    if state.get("newton") and eta == "square":
+                        rtol = min(rtol, g_norm / g_first)
+                    elif state.get("newton") and eta == "zero":
+                        rtol = 0.0
             if run.structural_damping > 0:
                 # Martens & Sutskever's CG: §4.4's stop alone. Loose solves give ρ ≈ 1, which
                 # drives λ, and with it the structural term λμ, to its floor (cg_rtol)
@@ -2250,7 +2264,8 @@ class HessianFree(torch.optim.Optimizer):
             elif kfac and run.state.get("deterministic") is False:
                 most = _KFAC_STOCHASTIC_CG_MAX_ITER
             elif kfac and run.state.get("deterministic") is True:
-                most = _KFAC_DETERMINISTIC_CG_MAX_ITER
+                newton = run.state.get("newton") and self._newton_rule.get("cap", True)
+                most = _AUTO_CG_MAX_ITER if newton else _KFAC_DETERMINISTIC_CG_MAX_ITER
             else:
                 most = _AUTO_CG_MAX_ITER
         # the unfloored λ (_track_unfloored) learns nothing from such a step's ρ: see there
@@ -2457,6 +2472,7 @@ class HessianFree(torch.optim.Optimizer):
                 run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
                 return self._finish(run, StepStatus.CONVERGED)
             return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
+        self._track_newton(state, run, rho, rate, run.f_base - f_new)
         status = StepStatus.ACCEPTED
         if rate * full_change <= tolerance_change or abs(f_new - run.f_base) < tolerance_change:
             status = StepStatus.CONVERGED
@@ -2510,6 +2526,40 @@ class HessianFree(torch.optim.Optimizer):
         if not (self._hold_within_noise and math.isfinite(run.mask_noise)):
             return False
         return abs(actual - predicted) <= run.mask_noise
+
+    #: The local-phase rule (a class attribute so that experiments can compare variants and
+    #: main's behaviour, ``rule=None``; experiments/_gnquad.py).
+    _newton_rule: ClassVar[dict] = {"rule": "slow", "cap": True, "eta": "square"}
+
+    def _track_newton(
+        self, state: dict, run: _StepRun, rho: float, rate: float, drop: float
+    ) -> None:
+        r"""Phase 5, an accepted step: whether the local (Newton) phase of a deterministic
+        objective has begun (``state['newton']``), where ``'auto'`` lifts K-FAC's CG cap and
+        tightens :math:`\eta` (``cg_max_iter``, ``cg_rtol``)."""
+        rule = self._newton_rule.get("rule")
+        accurate = (
+            rule is not None
+            and state.get("deterministic") is True
+            and not state.get("forcing_seen_stochastic")
+            and run.structural_damping == 0
+            and rate >= 1.0
+            and abs(rho - 1.0) <= _NEWTON_RHO
+        )
+        last = state.get("newton_decrease", math.inf)
+        state["newton_decrease"] = drop
+        if state.get("newton") and self._newton_rule.get("sticky", False):
+            return
+        if not accurate:
+            state.pop("newton", None)
+            state.pop("newton_streak", None)
+            return
+        if state.get("newton"):
+            return
+        slow = rule != "slow" or drop >= _NEWTON_SLOW * last
+        state["newton_streak"] = streak = state.get("newton_streak", 0) + 1 if slow else 0
+        if streak >= _NEWTON_STEPS:
+            state["newton"] = True
 
     def _good_streak(self, state: dict, rho: float, share: float) -> int:
         r"""Phase 4: the number of consecutive steps, this one included, whose :math:`\rho`
@@ -2685,6 +2735,8 @@ class HessianFree(torch.optim.Optimizer):
             state["failures"] = 0  # max_failures counts *consecutive* non-finite steps
         if not accepted:
             state.pop("good_streak", None)  # a step that did not move ends a streak of good ones
+            for key in ("newton", "newton_streak", "newton_decrease"):
+                state.pop(key, None)
         info = StepInfo(
             loss=run.f0,
             loss_after=run.f0 if loss_after is None else loss_after,
