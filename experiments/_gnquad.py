@@ -55,10 +55,14 @@ torch.set_num_threads(1)
 warnings.simplefilter("ignore")
 
 MAIN = {"rule": None}  # main's behaviour: no local phase
+_SHARE = {"rule": "share", "share": 1e-3, "full": True}
 RULES: dict[str, dict] = {
-    "local phase (slow, sticky, η=‖g‖/‖g1‖)": {"rule": "slow", "sticky": True, "eta": "square"},
-    "local phase (slow, sticky, η=0)": {"rule": "slow", "sticky": True, "eta": "zero"},
-    "local phase (slow, leaves, η=‖g‖/‖g1‖)": {"rule": "slow", "sticky": False, "eta": "square"},
+    "local phase (K-FAC, sticky, η=‖g‖/‖g1‖)": _SHARE | {"sticky": True, "eta": "square"},
+    "local phase (plain CG, sticky, η=‖g‖/‖g1‖)": _SHARE
+    | {"sticky": True, "eta": "square", "plain": True},
+    "local phase (plain CG, sticky, η=0)": _SHARE | {"sticky": True, "eta": "zero", "plain": True},
+    "local phase (plain CG, sticky, η kept)": _SHARE
+    | {"sticky": True, "eta": "keep", "plain": True},
 }
 
 
@@ -162,6 +166,7 @@ class Contender:
     steps: int = 0
     products: int = 0
     curve: list = field(default_factory=list)  # (cpu, f - f*)
+    opt: object = None
 
     def timed_step(self) -> None:
         c0, t0 = time.process_time(), time.perf_counter()
@@ -176,7 +181,7 @@ def hf_contender(prob: Problem, name: str, kw: dict, rule: dict) -> Contender:
 
     m = copy.deepcopy(prob.model)
     opt = hessfree.HessianFree(m.parameters(), **kw)
-    c = Contender(name, m, lambda: None)
+    c = Contender(name, m, lambda: None, opt=opt)
 
     def closure():
         out = m(prob.x)
@@ -239,6 +244,44 @@ def trace(key: str, steps: int) -> None:
         print(f"- {r.name}: {what} per step: {cells}")
         print(f"  CPU {r.cpu:.2f} s ({r.cpu / steps * 1e3:.1f} ms/step), products {r.products}")
     print()
+
+
+def diag(key: str, steps: int) -> None:
+    """Per step of main's defaults (no local phase): what a local-phase test could read."""
+    if key == "mnist1d":
+        import scorecard as sc
+
+        task = sc._classifier("mnist1d", False)
+        prob = Problem("mnist1d", task.model, task.x, task.y, F.cross_entropy, 0.0)
+    else:
+        prob = PROBLEMS[key]()
+    run = hf_contender(prob, "defaults", {}, MAIN)
+    import hessfree
+
+    opts = [o for o in (run.step.__closure__ or ()) if isinstance(o.cell_contents, object)]
+    opt = next(c.cell_contents for c in opts if isinstance(c.cell_contents, hessfree.HessianFree))
+    print(f"## diag {key}: main's defaults, {steps} steps; load {load()}\n")
+    print(
+        "| k | f − f* | ρ | rate | λ | λ share | Δ/Δprev | ‖g‖/‖g‖prev | ‖g‖/‖g1‖ | CG | stop | η |"
+    )
+    print("|---" * 12 + "|")
+    last_drop = last_g = g1 = math.nan
+    for k in range(steps):
+        run.timed_step()
+        i = opt.last_step
+        st = opt._global_state()
+        drop = i.loss - i.loss_after
+        g1 = i.grad_norm if k == 0 else g1
+        ratio_drop = drop / last_drop if last_drop else math.nan
+        ratio_g = i.grad_norm / last_g if last_g else math.nan
+        print(
+            f"| {k} | {gap(prob, run.model):.2e} | {i.rho:.3f} | {i.step_rate:g} "
+            f"| {i.damping:.1e} | {st.get('newton_share', math.nan):.1e} | {ratio_drop:.2f} "
+            f"| {ratio_g:.2f} | {i.grad_norm / g1:.1e} | {i.cg_iters} "
+            f"| {i.cg_reason} | {i.cg_rtol:.1e} |"
+        )
+        last_drop, last_g = drop, i.grad_norm
+    print(f"\nload after {load()}; CPU {run.cpu:.1f} s\n")
 
 
 def time_to(curve: list, level: float) -> float:
@@ -410,14 +453,16 @@ def gate(key: str, other: str, seeds: list[int], budget: float | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["trace", "race", "gate"])
+    ap.add_argument("mode", choices=["trace", "race", "gate", "diag"])
     ap.add_argument("what")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--budget", type=float, default=None)
     ap.add_argument("--other", default="/tmp/gnquad-main")
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
-    if args.mode == "trace":
+    if args.mode == "diag":
+        diag(args.what, args.steps)
+    elif args.mode == "trace":
         trace(args.what, args.steps)
     elif args.mode == "race":
         race(args.what, args.budget or 3.0)

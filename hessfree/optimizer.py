@@ -2169,6 +2169,13 @@ class HessianFree(torch.optim.Optimizer):
             if not (self.precond == "auto" or isinstance(self.precond, _BUILT_IN_PRECONDS)):
                 raise
             precond = None
+        if (
+            precond is not None
+            and run.state.get("newton")
+            and self._newton_rule.get("plain", False)
+            and self.precond == "auto"
+        ):
+            precond = None  # the local phase: plain CG on the damped Gauss-Newton system
         if isinstance(self.precond, EmpiricalFisherDiagonal) and isinstance(precond, Tensor):
             precond = precond.nan_to_num(nan=1.0, posinf=1.0, neginf=1.0)  # likewise; no sync
         watch = getattr(self.precond, "watch", None)
@@ -2472,7 +2479,7 @@ class HessianFree(torch.optim.Optimizer):
                 run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
                 return self._finish(run, StepStatus.CONVERGED)
             return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
-        self._track_newton(state, run, rho, rate, run.f_base - f_new)
+        self._track_newton(state, run, rho, rate, run.f_base - f_new, share)
         status = StepStatus.ACCEPTED
         if rate * full_change <= tolerance_change or abs(f_new - run.f_base) < tolerance_change:
             status = StepStatus.CONVERGED
@@ -2529,10 +2536,17 @@ class HessianFree(torch.optim.Optimizer):
 
     #: The local-phase rule (a class attribute so that experiments can compare variants and
     #: main's behaviour, ``rule=None``; experiments/_gnquad.py).
-    _newton_rule: ClassVar[dict] = {"rule": "slow", "cap": True, "eta": "square"}
+    _newton_rule: ClassVar[dict] = {
+        "rule": "share",
+        "share": 1e-3,
+        "full": True,
+        "sticky": True,
+        "eta": "square",
+        "plain": True,
+    }
 
     def _track_newton(
-        self, state: dict, run: _StepRun, rho: float, rate: float, drop: float
+        self, state: dict, run: _StepRun, rho: float, rate: float, drop: float, share: float
     ) -> None:
         r"""Phase 5, an accepted step: whether the local (Newton) phase of a deterministic
         objective has begun (``state['newton']``), where ``'auto'`` lifts K-FAC's CG cap and
@@ -2543,9 +2557,11 @@ class HessianFree(torch.optim.Optimizer):
             and state.get("deterministic") is True
             and not state.get("forcing_seen_stochastic")
             and run.structural_damping == 0
-            and rate >= 1.0
+            and (rate == 1.0 if self._newton_rule.get("full", False) else rate >= 1.0)
             and abs(rho - 1.0) <= _NEWTON_RHO
+            and not share > self._newton_rule.get("share", math.inf)
         )
+        state["newton_share"] = share
         last = state.get("newton_decrease", math.inf)
         state["newton_decrease"] = drop
         if state.get("newton") and self._newton_rule.get("sticky", False):
