@@ -393,6 +393,7 @@ def gate(key: str, other: str, seeds: list[int], budget: float | None) -> None:
         targets = DIGITS_TARGETS if key == "digits" else MNIST1D_TARGETS
     budget = budget or task0.budget
     rows: dict[str, list[list[float]]] = {}
+    fired: dict[str, int] = {}  # steps taken in the local phase (the branch's rule)
     for seed in seeds:
         task = _seeded(task0, seed)
         runs = []
@@ -401,10 +402,17 @@ def gate(key: str, other: str, seeds: list[int], budget: float | None) -> None:
             sc.HessianFree = mods["hessfree"].HessianFree
             r = sc.hf_run(task, k, "HF", regime)
             step = r.step
+            opt = next(
+                c.cell_contents
+                for c in step.__closure__
+                if type(c.cell_contents).__name__ == "HessianFree"
+            )
+            fired[k] = 0
 
-            def swapped(step=step, mods=mods) -> None:  # noqa: ANN001
+            def swapped(step=step, mods=mods, opt=opt, k=k) -> None:  # noqa: ANN001
                 _use(mods)
                 step()
+                fired[k] += bool(opt._global_state().get("newton"))
 
             r.step = swapped
             runs.append(r)
@@ -432,6 +440,7 @@ def gate(key: str, other: str, seeds: list[int], budget: float | None) -> None:
             fin = sc.final_error(r)
             rows.setdefault(r.name, []).append([*ts, acc, fin])
             st = ", ".join(f"{k} {v}" for k, v in sorted(r.statuses.items()))
+            st += f"; local phase on {fired[r.name]} steps"
             print(
                 f"| {r.name} | {r.steps} | {st} | "
                 + " | ".join(f"{t:.3g}" for t in ts)

@@ -494,6 +494,7 @@ class _StepRun:
     uses_backward: bool = False  # the closure calls backward() itself (LBFGS style)
     report: dict = field(default_factory=dict)  # StepInfo fields known so far
     bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
+    semidefinite: bool = False  # the curvature is positive semidefinite (Gauss-Newton, Fisher)
     trials: dict[int, float] = field(default_factory=dict)  # f at CG iterates, by iteration
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
     damped_change: float = math.nan  # ½λ‖p‖² (+ structural energy) at the chosen iterate
@@ -2184,6 +2185,7 @@ class HessianFree(torch.optim.Optimizer):
         x0 = self._warm_start(product, g, run.state)
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
+        run.semidefinite = product is not None and product.positive_semidefinite
         if run.bounded and "trust_radius" not in run.state:
             self._initial_radius(run.state, g)
         radius = run.state.get("trust_radius", math.inf) if run.bounded else math.inf
@@ -2557,6 +2559,8 @@ class HessianFree(torch.optim.Optimizer):
             and state.get("deterministic") is True
             and not state.get("forcing_seen_stochastic")
             and run.structural_damping == 0
+            and run.semidefinite
+            and not run.bounded
             and (rate == 1.0 if self._newton_rule.get("full", False) else rate >= 1.0)
             and abs(rho - 1.0) <= _NEWTON_RHO
             and not share > self._newton_rule.get("share", math.inf)
