@@ -371,7 +371,49 @@ def _seeded(task, seed: int):  # noqa: ANN001, ANN202
     return replace(task, model=m)
 
 
-def gate(key: str, other: str, seeds: list[int], budget: float | None) -> None:
+def _same(sc, packs, task0, regime, seeds, steps, key) -> None:  # noqa: ANN001
+    """``steps`` steps of main and of the branch per seed, alternating in blocks of 10: are the
+    parameters bitwise equal, how many steps were in the local phase, CPU per step."""
+    print(f"\n### {key}: {steps} steps per seed; load {load()}\n")
+    print("| seed | parameters bitwise equal | local-phase steps | CPU ms/step main, branch |")
+    print("|---|---|---|---|")
+    for seed in seeds:
+        task = _seeded(task0, seed)
+        runs, opts = {}, {}
+        for k, mods in packs.items():
+            _use(mods)
+            sc.HessianFree = mods["hessfree"].HessianFree
+            runs[k] = sc.hf_run(task, k, "HF", regime)
+            opts[k] = next(
+                c.cell_contents
+                for c in runs[k].step.__closure__
+                if type(c.cell_contents).__name__ == "HessianFree"
+            )
+        cpu = dict.fromkeys(packs, 0.0)
+        fired = 0
+        for block in range(0, steps, 10):
+            for k in packs if block % 20 == 0 else list(packs)[::-1]:
+                _use(packs[k])
+                c0 = time.process_time()
+                for _ in range(min(10, steps - block)):
+                    runs[k].step()
+                    fired += k == "branch" and bool(opts[k]._global_state().get("newton"))
+                cpu[k] += time.process_time() - c0
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(
+                runs["main"].model.parameters(), runs["branch"].model.parameters(), strict=True
+            )
+        )
+        print(
+            f"| {seed} | {same} | {fired} | {cpu['main'] / steps * 1e3:.2f}, "
+            f"{cpu['branch'] / steps * 1e3:.2f} |"
+        )
+        sys.stdout.flush()
+    print(f"\nload after {load()}")
+
+
+def gate(key: str, other: str, seeds: list[int], budget: float | None, steps: int = 0) -> None:
     packs = {"main": _package(other), "branch": _package(None)}
     _use(packs["branch"])
     import scorecard as sc
@@ -391,6 +433,8 @@ def gate(key: str, other: str, seeds: list[int], budget: float | None) -> None:
             regime = {k: v for k, v in tuned.items() if k not in ("kfac", "early_kw", "kw")}
             regime["kw"] = {}
         targets = DIGITS_TARGETS if key == "digits" else MNIST1D_TARGETS
+    if steps:
+        return _same(sc, packs, task0, regime, seeds, steps, key)
     budget = budget or task0.budget
     rows: dict[str, list[list[float]]] = {}
     fired: dict[str, int] = {}  # steps taken in the local phase (the branch's rule)
@@ -468,6 +512,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=None)
     ap.add_argument("--other", default="/tmp/gnquad-main")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--same", type=int, default=0, help="gate: N steps each, bitwise check")
     args = ap.parse_args()
     if args.mode == "diag":
         diag(args.what, args.steps)
@@ -476,7 +521,8 @@ def main() -> None:
     elif args.mode == "race":
         race(args.what, args.budget or 3.0)
     else:
-        gate(args.what, args.other, [int(s) for s in args.seeds.split(",")], args.budget)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        gate(args.what, args.other, seeds, args.budget, args.same)
 
 
 if __name__ == "__main__":
