@@ -284,6 +284,43 @@ def diag(key: str, steps: int) -> None:
     print(f"\nload after {load()}; CPU {run.cpu:.1f} s\n")
 
 
+def starts(key: str, steps: int, seeds: list[int]) -> None:
+    """Other starts of ``smallres``/``interp`` (the perturbation redrawn from ``seed``): f − f*
+    after ``steps`` steps, main's rule against the local phase (f* = the best either reached,
+    or 0 for ``interp``)."""
+    print(f"## starts {key}: {steps} steps; load {load()}\n")
+    print(
+        "| seed | main: f after ¼ / ½ / all | local phase: f after ¼ / ½ / all | phase from step |"
+    )
+    print("|---|---|---|---|")
+    for seed in seeds:
+        prob = PROBLEMS[key]()
+        with torch.no_grad():  # undo the problem's perturbation-free teacher? redraw around it
+            gen = torch.Generator().manual_seed(500 + seed)
+            for p in prob.model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        prob.fstar = 0.0
+        rule = hessfree_rule()
+        runs = [hf_contender(prob, "main", {}, MAIN), hf_contender(prob, "rule", {}, rule)]
+        entered = -1
+        for k in range(steps):
+            for r in runs:
+                r.timed_step()
+                r.curve.append((r.cpu, gap(prob, r.model)))
+            if entered < 0 and runs[1].opt._global_state().get("newton"):
+                entered = k
+        marks = [steps // 4 - 1, steps // 2 - 1, steps - 1]
+        cells = [" / ".join(f"{r.curve[i][1]:.2e}" for i in marks) for r in runs]
+        print(f"| {seed} | {cells[0]} | {cells[1]} | {entered} |")
+    print(f"\nload after {load()}")
+
+
+def hessfree_rule() -> dict:
+    import hessfree
+
+    return dict(hessfree.HessianFree._newton_rule)
+
+
 def time_to(curve: list, level: float) -> float:
     return next((t for t, v in curve if v <= level), math.inf)
 
@@ -506,7 +543,7 @@ def gate(key: str, other: str, seeds: list[int], budget: float | None, steps: in
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["trace", "race", "gate", "diag"])
+    ap.add_argument("mode", choices=["trace", "race", "gate", "diag", "starts"])
     ap.add_argument("what")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--budget", type=float, default=None)
@@ -514,7 +551,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--same", type=int, default=0, help="gate: N steps each, bitwise check")
     args = ap.parse_args()
-    if args.mode == "diag":
+    if args.mode == "starts":
+        starts(args.what, args.steps, [int(s) for s in args.seeds.split(",")])
+    elif args.mode == "diag":
         diag(args.what, args.steps)
     elif args.mode == "trace":
         trace(args.what, args.steps)
