@@ -295,7 +295,7 @@ def starts(key: str, steps: int, seeds: list[int]) -> None:
     print("|---|---|---|---|")
     for seed in seeds:
         prob = PROBLEMS[key]()
-        with torch.no_grad():  # undo the problem's perturbation-free teacher? redraw around it
+        with torch.no_grad():
             gen = torch.Generator().manual_seed(500 + seed)
             for p in prob.model.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))

@@ -2174,17 +2174,24 @@ class HessianFree(torch.optim.Optimizer):
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
+        plain = (  # the local phase (_NEWTON_STEPS): plain CG on the damped Gauss-Newton system
+            run.state.get("newton") and self._newton_rule.get("plain") and self.precond == "auto"
+        )
         try:
             with torch.enable_grad():
-                precond = self._preconditioner(
-                    evaluation,
-                    product,
-                    run.params,
-                    run.damping,
-                    run.l2,
-                    curv=curvature,
-                    g=g,
-                    run=run,
+                precond = (
+                    None
+                    if plain
+                    else self._preconditioner(
+                        evaluation,
+                        product,
+                        run.params,
+                        run.damping,
+                        run.l2,
+                        curv=curvature,
+                        g=g,
+                        run=run,
+                    )
                 )
         except (FloatingPointError, torch.linalg.LinAlgError):
             # A built-in preconditioner (Nyström sketch, K-FAC factors) met NaN/Inf curvature:
@@ -2192,13 +2199,6 @@ class HessianFree(torch.optim.Optimizer):
             if not (self.precond == "auto" or isinstance(self.precond, _BUILT_IN_PRECONDS)):
                 raise
             precond = None
-        if (
-            precond is not None
-            and run.state.get("newton")
-            and self._newton_rule.get("plain", False)
-            and self.precond == "auto"
-        ):
-            precond = None  # the local phase: plain CG on the damped Gauss-Newton system
         if isinstance(self.precond, EmpiricalFisherDiagonal) and isinstance(precond, Tensor):
             precond = precond.nan_to_num(nan=1.0, posinf=1.0, neginf=1.0)  # likewise; no sync
         watch = getattr(self.precond, "watch", None)
