@@ -716,7 +716,7 @@ class HessianFree(torch.optim.Optimizer):
             steps, until a step does not move) it is 250 and ``'auto'``'s K-FAC is dropped:
             plain CG, solved to ``cg_rtol``'s tighter :math:`\eta`. On a small-residual
             float64 fit (a 4-6-2 tanh MLP, teacher plus 1e-3 noise) f - f* went from 2.7e-6
-            after 50 steps (K-FAC's 5-iteration steps, linear) to 9e-17 from step 39, 3.7x
+            after 50 steps (K-FAC's 5-iteration steps, linear) to 9e-17 from step 39, 3.7-3.9x
             less CPU time to 2.4e-9 (strong-Wolfe L-BFGS stalled at 6.5e-8); digits, MNIST-1D
             (full batch and growing), CURVES, swap and addition never enter it (bitwise
             unchanged; ``experiments/README.md``, "gnquad"). A number is used as given, on
