@@ -14,20 +14,28 @@ zero residual, f* = 0), ``curve`` (a damped oscillation a e^{-bt} sin(wt + phi) 
 parameters, 200 noisy points; f* from scipy's ``least_squares``), ``digits`` (the scorecard's
 full-batch digits MLP, float32 cross-entropy, f* unknown: losses).
 
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_gnquad.py diag PROBLEM [--steps N]
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_gnquad.py trace PROBLEM [--steps N]
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_gnquad.py starts smallres|interp \
+        [--steps N] [--seeds 0,1,2]
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_gnquad.py race PROBLEM [--budget S]
     git archive main hessfree | tar -x -C /tmp/gnquad-main
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_gnquad.py gate TASK \\
-        --other /tmp/gnquad-main [--seeds 0,1,2] [--budget S]
+        --other /tmp/gnquad-main [--seeds 0,1,2] [--budget S] [--same N]
 
-``trace``: N steps of each HF variant, one step each in turn (1 thread), f - f* after every step,
-CPU seconds and curvature products. ``race``: every contender (HF variants and L-BFGS) stepped in
-turn until its own CPU clock (``time.process_time`` of its steps only) reaches the budget; f - f*
-on a time grid and the CPU time to relative accuracies. ``gate``: main's package (``--other``)
-against this branch, ``HessianFree(params)`` with no arguments, interleaved
-(``scorecard.interleave``, equal wall clock of stepping, same initial weights per seed) on the
-scorecard's ``digits``, ``mnist1d`` (full batch), ``schedule`` (MNIST-1D's growing batch) and
-``swap`` (the LBFGS-loop task); times to the targets and the final loss.
+``diag``: main's defaults per step, with what a local-phase test can read (ρ, rate, λ's share of
+the step's curvature, decrease and gradient ratios). ``starts``: other starting points (the start
+plus 0.1 N(0, 1) per weight), main against the local phase (``diag`` also takes ``mnist1d``, the
+scorecard's full-batch MNIST-1D). ``trace``: N steps of each HF variant, one step each in turn (1
+thread), f - f* after every step, CPU seconds and curvature products. ``race``: every contender (HF
+variants and L-BFGS) stepped in turn until its own CPU clock (``time.process_time`` of its steps
+only) reaches the budget; f - f* on a time grid and the CPU time to relative accuracies. ``gate``:
+main's package (``--other``) against this branch, ``HessianFree(params)`` with no arguments,
+interleaved (``scorecard.interleave``, equal wall clock of stepping, same initial weights per seed)
+on the scorecard's ``digits``, ``mnist1d`` (full batch), ``schedule`` (MNIST-1D's growing batch)
+and ``swap`` (the LBFGS-loop task); times to the targets and the final loss; with ``--same N``
+instead N steps of each, alternating blocks of 10: parameters bitwise equal or not, the steps in
+the local phase, CPU per step.
 """
 
 from __future__ import annotations
