@@ -195,9 +195,6 @@ _STREAK_DECREASE = 1.0 / 3.0
 _NEWTON_STEPS = 3
 _NEWTON_RHO = 0.25
 _NEWTON_SHARE = 1e-3
-#: A variant the study compared (``'slow'``): also require each decrease of the objective to
-#: be at least this share of the previous one (linear progress).
-_NEWTON_SLOW = 0.5
 #: ``trust_radius``: a full step with :math:`|\rho - 1| \le` ``_RADIUS_LIFT_RHO`` that ended
 #: inside the ball, while CG has met no negative curvature, lifts :math:`\Delta` (ours; negdelta).
 _RADIUS_LIFT_RHO = 0.1
@@ -2283,7 +2280,7 @@ class HessianFree(torch.optim.Optimizer):
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
         plain = (  # the local phase (_NEWTON_STEPS): plain CG on the damped Gauss-Newton system
-            run.state.get("newton") and self._newton_rule.get("plain") and self.precond == "auto"
+            run.state.get("newton") and self.precond == "auto"
         )
         try:
             with torch.enable_grad():
@@ -2390,11 +2387,8 @@ class HessianFree(torch.optim.Optimizer):
                 g_first = state.setdefault("forcing_grad_norm0", g_norm)
                 if g_first > 0:
                     rtol = relative_forcing_term(g_norm, g_first)
-                    eta = self._newton_rule.get("eta", "square")
-                    if state.get("newton") and eta == "square":
+                    if state.get("newton"):  # the local phase: η = O(‖g‖) (_track_newton)
                         rtol = min(rtol, g_norm / g_first)
-                    elif state.get("newton") and eta == "zero":
-                        rtol = 0.0
             if run.structural_damping > 0:
                 # Martens & Sutskever's CG: §4.4's stop alone. Loose solves give ρ ≈ 1, which
                 # drives λ, and with it the structural term λμ, to its floor (cg_rtol)
@@ -2419,7 +2413,7 @@ class HessianFree(torch.optim.Optimizer):
             elif kfac and run.state.get("deterministic") is False:
                 most = _KFAC_STOCHASTIC_CG_MAX_ITER
             elif kfac and run.state.get("deterministic") is True:
-                newton = run.state.get("newton") and self._newton_rule.get("cap", True)
+                newton = run.state.get("newton")
                 most = _AUTO_CG_MAX_ITER if newton else _KFAC_DETERMINISTIC_CG_MAX_ITER
             else:
                 most = _AUTO_CG_MAX_ITER
@@ -2627,7 +2621,7 @@ class HessianFree(torch.optim.Optimizer):
                 run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
                 return self._finish(run, StepStatus.CONVERGED)
             return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
-        self._track_newton(state, run, rho, rate, run.f_base - f_new, share)
+        self._track_newton(state, run, rho, rate, share)
         status = StepStatus.ACCEPTED
         if rate * full_change <= tolerance_change or abs(f_new - run.f_base) < tolerance_change:
             status = StepStatus.CONVERGED
@@ -2682,56 +2676,38 @@ class HessianFree(torch.optim.Optimizer):
             return False
         return abs(actual - predicted) <= run.mask_noise
 
-    #: The local-phase rule (_NEWTON_STEPS), a class attribute so that experiments can compare
-    #: main's behaviour (``rule=None``) and variants (experiments/_gnquad.py): ``share`` the
-    #: bound on λ's share, ``full`` only rate-1 steps count, ``sticky`` the phase lasts until a
-    #: step does not move (else until a step is not accurate), ``eta`` ``'square'``
-    #: (:math:`\eta \le \|g_k\|/\|g_1\|`), ``'zero'`` or ``'keep'``, ``plain`` drops
-    #: ``'auto'``'s K-FAC there, ``cap`` lifts K-FAC's cap of 5 to 250.
-    _newton_rule: ClassVar[dict] = {
-        "rule": "share",
-        "share": _NEWTON_SHARE,
-        "full": True,
-        "sticky": True,
-        "eta": "square",
-        "plain": True,
-        "cap": True,
-    }
+    #: The local phase (_NEWTON_STEPS) on or off: a class attribute for experiments/_gnquad.py's
+    #: comparison with the code before it (``False``); not a setting.
+    _newton_phase: ClassVar[bool] = True
 
     def _track_newton(
-        self, state: dict, run: _StepRun, rho: float, rate: float, drop: float, share: float
+        self, state: dict, run: _StepRun, rho: float, rate: float, share: float
     ) -> None:
         r"""Phase 5, an accepted step: whether the local (Newton) phase of a deterministic
         objective has begun (``state['newton']``; ``_NEWTON_STEPS``), where ``'auto'`` solves
         with plain CG, a cap of 250 and :math:`\eta \le \|g_k\|/\|g_1\|` (``cg_max_iter``,
         ``cg_rtol``): inexact Newton with :math:`\eta_k = O(\|g_k\|)`, which converges locally
         as fast as the exact Gauss-Newton iteration (quadratically on a zero-residual fit;
-        Dembo, Eisenstat & Steihaug 1982, §3)."""
-        rule = self._newton_rule.get("rule")
+        Dembo, Eisenstat & Steihaug 1982, §3). The phase lasts until a step does not move
+        (:meth:`_finish`)."""
+        state["newton_share"] = share
+        if state.get("newton"):
+            return
         accurate = (
-            rule is not None
+            self._newton_phase
             and state.get("deterministic") is True
             and not state.get("forcing_seen_stochastic")
             and run.structural_damping == 0
             and run.semidefinite
             and not run.bounded
-            and (rate == 1.0 if self._newton_rule.get("full", False) else rate >= 1.0)
+            and rate == 1.0
             and abs(rho - 1.0) <= _NEWTON_RHO
-            and share <= self._newton_rule.get("share", math.inf)  # NaN: no
+            and share <= _NEWTON_SHARE  # NaN: no
         )
-        state["newton_share"] = share
-        last = state.get("newton_decrease", math.inf)
-        state["newton_decrease"] = drop
-        if state.get("newton") and self._newton_rule.get("sticky", False):
-            return
         if not accurate:
-            state.pop("newton", None)
             state.pop("newton_streak", None)
             return
-        if state.get("newton"):
-            return
-        slow = rule != "slow" or drop >= _NEWTON_SLOW * last
-        state["newton_streak"] = streak = state.get("newton_streak", 0) + 1 if slow else 0
+        state["newton_streak"] = streak = state.get("newton_streak", 0) + 1
         if streak >= _NEWTON_STEPS:
             state["newton"] = True
 
@@ -2910,7 +2886,7 @@ class HessianFree(torch.optim.Optimizer):
             state["failures"] = 0  # max_failures counts *consecutive* non-finite steps
         if not accepted:
             state.pop("good_streak", None)  # a step that did not move ends a streak of good ones
-            for key in ("newton", "newton_streak", "newton_decrease"):
+            for key in ("newton", "newton_streak"):
                 state.pop(key, None)
         info = StepInfo(
             loss=run.f0,
