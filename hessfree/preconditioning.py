@@ -559,13 +559,12 @@ class KFACPreconditioner:
         block is ``G ⊗ A`` without the 1s, as for ``precond='kfac'``; a frozen weight leaves
         the layer out, its bias unpreconditioned). A change since the last call (freezing or
         unfreezing mid-training) fixes them again with fresh factors."""
-        fixed = tuple(
-            (id(m), _trained_bias(m) is not None) for m in self._candidates if m.weight.requires_grad
-        )
+        trained = [m for m in self._candidates if m.weight.requires_grad]
+        fixed = tuple((id(m), _trained_bias(m) is not None) for m in trained)
         if fixed == self._fixed:
             return
         self._fixed = fixed
-        self.layers = [m for m in self._candidates if m.weight.requires_grad]
+        self.layers = trained
         self.factors = self.eigen = None
         self._floors, self._calls = [], 0
 
