@@ -135,7 +135,7 @@ from ._graph_ops import twice_differentiable_attention
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
-from ._rng import StepStream
+from ._rng import StepStream, _batch_seed
 from ._settings import (
     _AUTO_CG_MAX_ITER,
     _KFAC_DETERMINISTIC_CG_MAX_ITER,
@@ -590,7 +590,9 @@ class HessianFree(torch.optim.Optimizer):
             the loss node says ``'sum'``; not for residual blocks), ``'fisher_mc'`` (the
             Monte-Carlo Fisher, :class:`~hessfree.MCFisherProduct` with one label per example
             drawn from the model's predictive distribution at every step, from the optimizer's
-            generator (``seed``); cross-entropy, MSE or BCE-with-logits losses of one outputs
+            generator (``seed``; data parallel with sharded curvature batches, from a
+            generator seeded by ``seed``, the step and the rank, so that the shards' labels are
+            independent); cross-entropy, MSE or BCE-with-logits losses of one outputs
             tensor) or a callable ``(loss, outputs, params) -> MatVec`` returning flat
             ``v -> C v``.
         damping: Initial Tikhonov damping: ``'auto'`` (default) sets
@@ -1440,6 +1442,18 @@ class HessianFree(torch.optim.Optimizer):
                 self._generator.set_state(state["rng_state"].to("cpu", torch.uint8))
         return self._generator
 
+    def _mc_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of ``'fisher_mc'``'s labels. One process, or ranks that evaluate one
+        replicated curvature batch (whose products must agree): the optimizer's own. Ranks with
+        their own shards: one seeded by (``seed``, step, rank), so each shard's labels are
+        drawn independently of the others' (the optimizer's generator, the same on every rank,
+        gave every shard the same numbers: correlated labels, a noisier average) and a resumed
+        step draws the same ones."""
+        if self._avg.world_size == 1 or self.settings.curvature_batch == "replicated":
+            return self._rng(device)
+        seed = _batch_seed(self.settings.seed, self._global_state()["step"], self._avg.rank)
+        return torch.Generator(device=device).manual_seed(seed)
+
     @property
     def damping(self) -> float:
         """The current Tikhonov damping :math:`\\lambda`."""
@@ -1616,8 +1630,8 @@ class HessianFree(torch.optim.Optimizer):
             )
         elif kind == "ggn":
             product = GGNProduct(evaluation.loss, evaluation.outputs, params)
-        elif kind == "fisher_mc":  # new labels every step, drawn from the optimizer's generator
-            generator = self._rng(evaluation.outputs.device)
+        elif kind == "fisher_mc":  # new labels every step
+            generator = self._mc_generator(evaluation.outputs.device)
             product = MCFisherProduct(
                 evaluation.loss, evaluation.outputs, params, generator=generator
             )
