@@ -168,9 +168,50 @@ def item4_summed_fisher() -> None:
         print(f"FisherLinearOperator(lambda: .sum(), {kw}) ratio {ratio:.4g}{warned}")
 
 
+def costs(rounds: int = 11, reps: int = 2000) -> None:
+    """Per-call cost of the checks added on the step path (branch only): the hooked K-FAC's
+    requires_grad scan (every call) and the Fisher's reduction read (every step), against a
+    no-op call; interleaved, medians over rounds, CPU and wall time, load average."""
+    import statistics
+    import time
+
+    from hessfree.curvature import _read_reduction
+
+    print("## costs (us per call; medians of", rounds, "rounds of", reps, "calls)")
+    print("load average at start:", os.getloadavg())
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)]).double()
+    K = KFACPreconditioner(model)
+    x = torch.randn(256, 64, dtype=DTYPE)
+    out = model(x)
+    loss = ((out - 1.0) ** 2).sum()
+    contenders = {
+        "no-op": lambda: None,
+        "K-FAC _fix_layers (8 layers)": K._fix_layers,
+        "_read_reduction": lambda: _read_reduction(loss, out),
+    }
+    times = {k: ([], []) for k in contenders}
+    for _ in range(rounds):
+        for name, f in contenders.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(reps):
+                f()
+            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            times[name][0].append(cpu / reps * 1e6)
+            times[name][1].append(wall / reps * 1e6)
+    for name, (cpu, wall) in times.items():
+        print(f"{name:30s} cpu {statistics.median(cpu):7.2f}  wall {statistics.median(wall):7.2f}")
+    print("load average at end:", os.getloadavg())
+
+
 if __name__ == "__main__":
+    import sys
+
     print("hessfree from", Path(hessfree.__file__).parent)
-    item1_frozen_bias()
-    item2_partial_dir()
-    item3_mc_seed()
-    item4_summed_fisher()
+    if sys.argv[1:] == ["costs"]:
+        costs()
+    else:
+        item1_frozen_bias()
+        item2_partial_dir()
+        item3_mc_seed()
+        item4_summed_fisher()
