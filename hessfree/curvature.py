@@ -585,8 +585,10 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
     the outputs or their ``log_softmax``), and a hand-written full ``.sum()`` or ``.mean()``
     of a tensor with the examples along dimension 0 (``((o - y)**2).sum()``,
     ``per_example.mean()``). A constant factor belongs to the per-example loss, except exactly
-    ``1/N`` on a sum, which makes it a mean (``.sum() / N``). Not readable: anything else at
-    the top, e.g. a regulariser added, or a Python ``sum`` over examples.
+    ``1/N`` on a sum, which makes it a mean (``.sum() / N``); a term added that does not
+    depend on the outputs (a weight penalty) is seen through, as :func:`_loss_node` does. Not
+    readable: anything else at the top, e.g. two terms of the outputs, or a Python ``sum`` over
+    examples.
     """
     peeled = _loss_node(loss, outputs)
     if peeled is None:
