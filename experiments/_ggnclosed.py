@@ -60,7 +60,9 @@ def problems():
     )
     torch.manual_seed(0)
     vocab, seq = 64, 32
-    lm = nn.Sequential(nn.Embedding(vocab, 64), nn.Linear(64, 128), nn.GELU(), nn.Linear(128, vocab))
+    lm = nn.Sequential(
+        nn.Embedding(vocab, 64), nn.Linear(64, 128), nn.GELU(), nn.Linear(128, vocab)
+    )
     tok = torch.randint(0, vocab, (64, seq))
     nxt = torch.roll(tok, -1, 1)
     out["token MLP LM, CE on logits.view(-1, V), 64×32"] = (
@@ -82,7 +84,6 @@ def time_products(model, x, loss_of, generic: bool) -> tuple[float, float]:
         out = model(x)
         G = GGNProduct(loss_of(out), out, params)
         t1 = time.process_time()
-        v = torch.ones(G.layout.numel if hasattr(G.layout, "numel") else G.gradient.numel())
         v = torch.randn(G.gradient.numel(), generator=torch.Generator().manual_seed(0))
         for _ in range(PRODUCTS):
             v = G(v)

@@ -69,7 +69,7 @@ def test_cross_entropy_on_reshaped_sequence_logits(reduction):
     o = _outputs(2, 5, 4)
     y = torch.tensor([[0, 3, -100, 1, 2], [2, -100, -100, 0, 3]])
     for view in (lambda z: z.view(-1, 4), lambda z: z.reshape(10, 4), lambda z: z.flatten(0, 1)):
-        _check(lambda z: F.cross_entropy(view(z), y.view(-1), reduction=reduction), o)
+        _check(lambda z, v=view: F.cross_entropy(v(z), y.view(-1), reduction=reduction), o)
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 4, 2), (2, 3, 2, 2, 2)])
@@ -108,7 +108,7 @@ def _dense_ggn(model, x, loss_of):
 
     def out_of(theta):
         parts, i = {}, 0
-        for n, p in zip(names, params):
+        for n, p in zip(names, params, strict=True):
             parts[n] = theta[i : i + p.numel()].view_as(p)
             i += p.numel()
         return torch.func.functional_call(model, parts, (x,))
