@@ -2931,9 +2931,16 @@ class HessianFree(torch.optim.Optimizer):
                 f"(max_failures={settings.max_failures}). Check the model and data for "
                 "NaN/Inf, lower the learning rate or raise `damping`."
             )
+        lam = state["damping"]
+        # damping='auto' before its first finite step has no λ yet (nan): say so, not "nan"
+        raised = (
+            f"damping raised to {lam:.3g}"
+            if math.isfinite(lam)
+            else "damping not set yet (damping='auto' measures it at the first finite step)"
+        )
         warnings.warn(
             f"HessianFree: non-finite value in {what}; step rejected, parameters unchanged, "
-            f"damping raised to {state['damping']:.3g}.",
+            f"{raised}.",
             RuntimeWarning,
             stacklevel=5,  # _reject <- phase <- step <- torch.optim wrapper <- caller
         )
