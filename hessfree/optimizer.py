@@ -3167,6 +3167,16 @@ def _unpack(
             )
         result, outputs, *rest = result
         hidden = rest[0] if rest else None
+        if (
+            isinstance(result, Tensor)
+            and result.numel() > 1
+            and isinstance(outputs, Tensor)
+            and outputs.numel() == 1
+        ):
+            raise TypeError(
+                f"The closure returned a tensor of shape {tuple(result.shape)} first and a "
+                "scalar second; the order is (loss, outputs): return the loss first."
+            )
         if isinstance(outputs, (tuple, list)):
             if not outputs:
                 raise TypeError("The closure's residual blocks must be a non-empty tuple.")

@@ -123,3 +123,16 @@ def test_non_finite_first_loss_warning_names_no_nan_damping():
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     opt.step(lambda: closure(x))  # the next finite step sets λ
     assert opt.last_step.accepted and np.isfinite(opt.damping)
+
+
+def test_closure_returning_outputs_then_loss_is_told_the_order():
+    model, (x, y) = nn.Linear(4, 2).double(), _data()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def swapped():
+        out = model(x)
+        return out, F.mse_loss(out, y)
+
+    with pytest.raises(TypeError, match=r"shape \(6, 2\) first.*\(loss, outputs\)"):
+        HessianFree(model.parameters()).step(swapped)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
