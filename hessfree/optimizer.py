@@ -3192,12 +3192,14 @@ def _unpack(
                 raise TypeError(f"The closure's {name} must be a tensor, got {type(t).__name__}.")
     if not isinstance(result, Tensor) or result.numel() != 1:
         shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
-        hint = (
-            " (a number such as loss.item() only from a closure that calls loss.backward(), "
-            "torch.optim.LBFGS style)"
-            if isinstance(result, numbers.Real)
-            else ""
-        )
+        hint = ""
+        if isinstance(result, numbers.Real):
+            hint = (
+                " (a number such as loss.item() only from a closure that calls loss.backward(), "
+                "torch.optim.LBFGS style)"
+            )
+        elif isinstance(result, Tensor) and result.numel() > 1:
+            hint = " (a loss per entry? reduce it: .mean(), or the loss's reduction='mean')"
         raise TypeError(
             f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}{hint}."
         )

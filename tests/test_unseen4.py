@@ -136,3 +136,14 @@ def test_closure_returning_outputs_then_loss_is_told_the_order():
     with pytest.raises(TypeError, match=r"shape \(6, 2\) first.*\(loss, outputs\)"):
         HessianFree(model.parameters()).step(swapped)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_closure_returning_unreduced_loss_is_told_to_reduce_it():
+    model, (x, y) = nn.Linear(4, 2).double(), _data()
+
+    def unreduced():
+        out = model(x)
+        return F.mse_loss(out, y, reduction="none"), out
+
+    with pytest.raises(TypeError, match=r"got \(6, 2\).*reduce it"):
+        HessianFree(model.parameters()).step(unreduced)
