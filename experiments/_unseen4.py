@@ -722,18 +722,71 @@ def cost(rounds: int = 11, per_round: int = 10) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------
+# spectral_norm: one power iteration per closure call, or one per step
+# ------------------------------------------------------------------------------------------
+def spectral(steps: int = 200) -> None:
+    """200 steps off the clock; ``once/step`` puts the ``_SpectralNorm`` modules in eval mode
+    after the step's first closure call (as Adam's one forward per step does)."""
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    global SEED
+    print("| seed | power iteration | closure | statuses | train loss |\n|---|---|---|---|---|")
+    for seed in (0, 1, 2):
+        SEED = seed
+        prob = p_spectral()
+        init = {k: v.clone() for k, v in prob.model().state_dict().items()}
+        for once in (False, True):
+            for lo in (False, True):
+                m = prob.model()
+                m.load_state_dict(init)
+                norms = [mod for mod in m.modules() if isinstance(mod, _SpectralNorm)]
+                opt = hessfree.HessianFree(m.parameters())
+                statuses: dict[str, int] = {}
+                for k in range(steps):
+                    xb, yb = prob.batches(k)
+                    calls = [0]
+
+                    def closure(
+                        m=m, opt=opt, xb=xb, yb=yb, calls=calls, lo=lo, once=once, norms=norms
+                    ):
+                        calls[0] += 1
+                        if once:
+                            for mod in norms:
+                                mod.train(calls[0] == 1)
+                        if lo:
+                            out = m(xb)
+                            return F.cross_entropy(out, yb), out
+                        opt.zero_grad()
+                        f = F.cross_entropy(m(xb), yb)
+                        f.backward()
+                        return f
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        opt.step(closure)
+                    key = str(opt.last_step.status)
+                    statuses[key] = statuses.get(key, 0) + 1
+                for mod in norms:
+                    mod.train(False)
+                with torch.no_grad():
+                    f = float(prob.loss(m(prob.full[0]), prob.full[1]))
+                how = "once per step" if once else "every call"
+                print(f"| {seed} | {how} | {'lo' if lo else 'hess'} | {statuses} | {f:.4g} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("problems", nargs="*", default=list(PROBLEMS))
-    ap.add_argument("--part", default="race", choices=["race", "ops", "misuse", "cost"])
+    ap.add_argument("--part", default="race", choices=["race", "ops", "misuse", "cost", "spectral"])
     ap.add_argument("--budget", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     global SEED
     SEED = args.seed
     print(f"torch {torch.__version__}, hessfree from {hessfree.__file__}")
-    if args.part in ("misuse", "cost"):
-        return misuse() if args.part == "misuse" else cost()
+    if args.part in ("misuse", "cost", "spectral"):
+        return {"misuse": misuse, "cost": cost, "spectral": spectral}[args.part]()
     if args.part == "ops":
         print("| problem | operator | n | vs dense float64 | warnings |\n|---|---|---|---|---|")
     for key in args.problems:
