@@ -16,9 +16,16 @@ Parts (``--part``):
 * ``ops``: on a tiny float64 instance of each model, ``GGNLinearOperator`` and
   ``HessianLinearOperator`` against dense ``J^T H_l J`` and Hessians from
   ``torch.autograd.functional`` (max relative error over 3 random vectors).
+* ``opscan``: the same for 30 single operations (linear algebra, scans, norms, pooling,
+  sampling) between a weight and a linear head: which double backward reads a cotangent that
+  the lean R-op graph drops (a NaN product).
+* ``misuse``: wrong closure returns, NaN/Inf data, unused parameters: the error or warning, and
+  whether the parameters stayed bit-identical.
+* ``spectral``: ``spectral_norm``'s power iteration at every closure call (as trained) or once
+  per step (the modules in eval mode after the step's first call), 200 steps.
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_unseen4.py [problem ...] \
-        [--part race|ops] [--budget S] [--seed N]
+        [--part race|ops|opscan|misuse|spectral] [--budget S] [--seed N]
 """
 
 from __future__ import annotations
@@ -670,59 +677,6 @@ def misuse() -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# cost of the first-product check (one sync per step), interleaved against no check
-# ------------------------------------------------------------------------------------------
-def cost(rounds: int = 11, per_round: int = 10) -> None:
-    from hessfree.curvature import JacobianProduct
-
-    checked = JacobianProduct._checked_lean
-
-    def unchecked(self, parts, again):  # main's behaviour: the lean graph's product as it is
-        self._rebuild = None
-        return parts
-
-    for key in ("spectral", "causal"):
-        prob = PROBLEMS[key]()
-        init = {k: v.clone() for k, v in prob.model().state_dict().items()}
-        runs = {}
-        for label in ("check", "no check"):
-            m = prob.model()
-            m.load_state_dict(init)
-            runs[label] = (m, hessfree.HessianFree(m.parameters()), [], [], [0])
-        load0 = os.getloadavg()
-        for rnd in range(rounds + 1):  # round 0 is warm-up
-            for label, (m, opt, walls, cpus, k) in runs.items():
-                JacobianProduct._checked_lean = checked if label == "check" else unchecked
-                t0, c0 = time.perf_counter(), time.process_time()
-                for _ in range(per_round):
-                    xb, yb = prob.batches(k[0])
-                    k[0] += 1
-
-                    def closure(m=m, xb=xb, yb=yb, loss=prob.loss):
-                        out = m(xb)
-                        return loss(out, yb), out
-
-                    opt.step(closure)
-                if rnd:
-                    walls.append((time.perf_counter() - t0) / per_round)
-                    cpus.append((time.process_time() - c0) / per_round)
-        JacobianProduct._checked_lean = checked
-        load1 = os.getloadavg()
-        (ma, *_), (mb, *_) = runs.values()
-        same = all(torch.equal(a, b) for a, b in zip(ma.parameters(), mb.parameters(), strict=True))
-        w = {k: statistics.median(v[2]) for k, v in runs.items()}
-        c = {k: statistics.median(v[3]) for k, v in runs.items()}
-        print(
-            f"{key}: step ms, median of {rounds} rounds of {per_round}: check "
-            f"{1e3 * w['check']:.2f} wall / {1e3 * c['check']:.2f} cpu, no check "
-            f"{1e3 * w['no check']:.2f} / {1e3 * c['no check']:.2f}; ratio check/no check "
-            f"wall {w['check'] / w['no check']:.3f}, "
-            f"cpu {c['check'] / c['no check']:.3f}; parameters bitwise equal: {same}; load "
-            f"{load0[0]:.2f} -> {load1[0]:.2f}"
-        )
-
-
-# ------------------------------------------------------------------------------------------
 # spectral_norm: one power iteration per closure call, or one per step
 # ------------------------------------------------------------------------------------------
 def spectral(steps: int = 200) -> None:
@@ -775,18 +729,131 @@ def spectral(steps: int = 200) -> None:
                 print(f"| {seed} | {how} | {'lo' if lo else 'hess'} | {statuses} | {f:.4g} |")
 
 
+# ------------------------------------------------------------------------------------------
+# which operations' double backward reads a cotangent (the lean R-op graph's placeholders)
+# ------------------------------------------------------------------------------------------
+class _Op(nn.Module):
+    def __init__(self, f: Callable) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # the head's initial weights
+        gen = torch.Generator().manual_seed(0)
+        eye = torch.eye(4, dtype=torch.float64)
+        self.W = nn.Parameter(torch.randn(4, 4, generator=gen, dtype=torch.float64) * 0.3 + eye)
+        self.f, self.head = f, nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.f(x, self.W))
+
+
+def _img(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    return (x @ W).reshape(-1, 1, 2, 2)
+
+
+OPS: dict[str, Callable] = {
+    "matrix_exp": lambda x, W: x @ torch.linalg.matrix_exp(W - W.T),
+    "inv": lambda x, W: x @ torch.linalg.inv(W),
+    "solve": lambda x, W: torch.linalg.solve(W, x.T).T,
+    "solve_triangular": lambda x, W: (
+        torch.linalg.solve_triangular(
+            torch.tril(W) + 2 * torch.eye(4, dtype=W.dtype), x.T, upper=False
+        ).T
+    ),
+    "lu_solve": lambda x, W: torch.linalg.lu_solve(*torch.linalg.lu_factor(W), x.T).T,
+    "pinv": lambda x, W: x @ torch.linalg.pinv(W),
+    "det": lambda x, W: x * torch.linalg.det(W),
+    "slogdet": lambda x, W: x * torch.linalg.slogdet(W)[1],
+    "eigh": lambda x, W: x * torch.linalg.eigvalsh(W + W.T),
+    "svdvals": lambda x, W: x * torch.linalg.svdvals(W),
+    "matrix_norm(2)": lambda x, W: x * torch.linalg.matrix_norm(W, ord=2),
+    "cholesky": lambda x, W: x @ torch.linalg.cholesky(W @ W.T + torch.eye(4, dtype=W.dtype)),
+    "qr": lambda x, W: x @ torch.linalg.qr(W)[0],
+    "householder_product": lambda x, W: (
+        x @ torch.linalg.householder_product(W, torch.tensor([1.2, 0.5, 0.3, 0.1], dtype=W.dtype))
+    ),
+    "matrix_power(3)": lambda x, W: x @ torch.linalg.matrix_power(W, 3),
+    "cumprod": lambda x, W: x * torch.cumprod(W[0], 0),
+    "logcumsumexp": lambda x, W: torch.logcumsumexp(x @ W, 1),
+    "prod": lambda x, W: x * W.prod(0),
+    "cdist": lambda x, W: torch.cdist(x, W),
+    "normalize": lambda x, W: F.normalize(x @ W, dim=1),
+    "rms_norm": lambda x, W: F.rms_norm(x @ W, (4,)),
+    "group_norm": lambda x, W: F.group_norm((x @ W).unsqueeze(-1), 2).squeeze(-1),
+    "softmax/logsumexp": lambda x, W: torch.softmax(x @ W, 1) * torch.logsumexp(x, 1, True),
+    "sort/amax": lambda x, W: torch.sort(x @ W, 1)[0] * (x @ W).amax(1, keepdim=True),
+    "atan2/pow1.5": lambda x, W: torch.atan2(x @ W, x) + (x @ W).abs().pow(1.5),
+    "rfft": lambda x, W: torch.fft.rfft(x @ W, dim=1).abs()[:, :2].repeat(1, 2),
+    "mish/silu/glu": lambda x, W: (
+        F.mish(x @ W) + F.silu(x @ W) + F.glu(torch.cat([x @ W, x], 1), 1)
+    ),
+    "max_pool2d": lambda x, W: F.max_pool2d(_img(x, W), 2).reshape(-1, 1).expand(-1, 4),
+    "avg_pool/interp": lambda x, W: F.interpolate(
+        F.avg_pool2d(_img(x, W), 1), size=(2, 2), mode="bilinear"
+    ).reshape(-1, 4),
+    "reflect pad/unfold": lambda x, W: (
+        F.unfold(F.pad(_img(x, W), (1, 1, 1, 1), "reflect"), 2).sum(-1).reshape(-1, 4)
+    ),
+    "grid_sample": lambda x, W: F.grid_sample(
+        _img(x, W), torch.tanh(x @ W).reshape(-1, 1, 2, 2)[..., :2].expand(-1, 2, 2, 2)
+    ).reshape(-1, 4),
+}
+
+
+def opscan() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    print("| operation | GGN vs dense float64 | Hessian vs dense float64 |\n|---|---|---|")
+    for name, f in OPS.items():
+        m = _Op(f)
+        names = [n for n, _ in m.named_parameters()]
+        shapes = [p.shape for _, p in m.named_parameters()]
+        theta = torch.cat([p.detach().reshape(-1) for _, p in m.named_parameters()])
+
+        def call(flat: torch.Tensor, m=m, names=names, shapes=shapes) -> torch.Tensor:
+            parts = flat.split([s.numel() for s in shapes])
+            params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+            return functional_call(m, params, (x,))
+
+        cells = []
+        for cls in (hessfree.GGNLinearOperator, hessfree.HessianLinearOperator):
+            try:
+                if cls is hessfree.GGNLinearOperator:
+                    J = torch.autograd.functional.jacobian(lambda t: call(t).reshape(-1), theta)
+                    dense = J.T @ J * (2 / y.numel())
+                else:
+                    dense = torch.autograd.functional.hessian(
+                        lambda t: F.mse_loss(call(t), y), theta
+                    )
+            except Exception as e:  # noqa: BLE001 - torch itself cannot: no oracle
+                cells.append(f"no oracle ({type(e).__name__})")
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    op = cls(m, nn.MSELoss(), [(x, y)])
+                    v = np.random.default_rng(0).standard_normal(op.shape[0])
+                    got, want = op @ v, dense.numpy() @ v
+                    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
+                    cells.append(f"{err:.1e}" if np.isfinite(err) else "**NaN**")
+                except Exception as e:  # noqa: BLE001 - a failure is a result
+                    cells.append(f"{type(e).__name__}: {str(e)[:90]}")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("problems", nargs="*", default=list(PROBLEMS))
-    ap.add_argument("--part", default="race", choices=["race", "ops", "misuse", "cost", "spectral"])
+    ap.add_argument(
+        "--part", default="race", choices=["race", "ops", "misuse", "cost", "spectral", "opscan"]
+    )
     ap.add_argument("--budget", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     global SEED
     SEED = args.seed
     print(f"torch {torch.__version__}, hessfree from {hessfree.__file__}")
-    if args.part in ("misuse", "cost", "spectral"):
-        return {"misuse": misuse, "cost": cost, "spectral": spectral}[args.part]()
+    if args.part in ("misuse", "spectral", "opscan"):
+        return {"misuse": misuse, "spectral": spectral, "opscan": opscan}[args.part]()
     if args.part == "ops":
         print("| problem | operator | n | vs dense float64 | warnings |\n|---|---|---|---|---|")
     for key in args.problems:

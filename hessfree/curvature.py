@@ -135,7 +135,7 @@ def _reaches(root: torch.autograd.graph.Node | None, targets: set, stop: set) ->
 
 
 def _rop_setup(
-    outputs: Sequence[Tensor], params: Sequence[Tensor], us: Sequence[Tensor], *, lean: bool = True
+    outputs: Sequence[Tensor], params: Sequence[Tensor], us: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
     r""":math:`J^\top u = \sum_k J_k^\top u_k` with a graph that serves only :math:`Jv`.
 
@@ -146,15 +146,11 @@ def _rop_setup(
     twice the forward graph's activations. Here saved-tensor hooks keep every ``u``-free tensor
     and replace each ``u``-dependent one by a NaN placeholder of its shape (no storage), so those
     cotangents are freed when this call returns. Products are bit-for-bit those of the full
-    graph. A backward formula that does read a placeholder gives a NaN product, never a silently
-    wrong one (``torch.linalg.matrix_exp``'s backward, nonlinear in its cotangent as computed,
-    runs in ``torch.nn.utils.parametrizations.orthogonal``): :class:`JacobianProduct` checks its
-    first product and, if it is not finite, rebuilds the graph with ``lean=False`` (autograd's
-    own, everything saved) and recomputes. Cotangents saved while a convolution's backward runs
-    are kept (see ``_KEEP_COTANGENT_NODES``). Not for higher derivatives.
+    graph; a backward formula that did read a placeholder would give a NaN product, which CG
+    reports as ``NON_FINITE``, never a silently wrong one. Cotangents saved while the backward of
+    a convolution, ``matrix_exp`` or ``logcumsumexp`` runs are kept (see
+    ``_KEEP_COTANGENT_NODES``). Not for higher derivatives.
     """
-    if not lean:
-        return _grad(outputs, params, us, create_graph=True)
     targets = set()  # the autograd edges (node, output number) of the u_k
     for u in us:
         edge = torch.autograd.graph.get_gradient_edge(u)
@@ -215,7 +211,19 @@ def _identity(t: Tensor) -> Tensor:
 # The first-order backward nodes whose own backward reads the cotangent even where the R-op does
 # not need it: convolution's double backward makes a placeholder contiguous (a full-size NaN
 # copy, and time) in every product, so there the cotangent is kept as autograd would keep it.
-_KEEP_COTANGENT_NODES = ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv")
+# Backward formulas nonlinear in the cotangent as computed (though linear in value), whose
+# double backward therefore reads it: a placeholder made every product NaN. matrix_exp's is the
+# exponential of a block matrix holding the cotangent (parametrizations.orthogonal);
+# logcumsumexp's takes the log of its positive and negative parts. The 30 operations checked
+# are in experiments/README.md, "unseen4".
+_KEEP_COTANGENT_NODES = (
+    "Convolution",
+    "CudnnConvolution",
+    "MkldnnConvolution",
+    "SlowConv",
+    "LinalgMatrixExp",
+    "Logcumsumexp",
+)
 _current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
 
 
@@ -631,8 +639,6 @@ class JacobianProduct:
         self._us: list[Tensor] = []
         self._jtu: list[torch.autograd.graph.GradientEdge] = []
         self._jtu_idx: list[int] = []
-        # Rebuilds the R-op graph in full (no placeholders); None once a first Jv was checked.
-        self._rebuild: Callable[[], None] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -640,22 +646,13 @@ class JacobianProduct:
         return (sum(o.numel() for o in self._all), self.layout.numel)
 
     def _set_rop_graph(
-        self,
-        blocks: Sequence[int],
-        us: Sequence[Tensor],
-        jtu: Sequence[Tensor | None],
-        rebuild: Callable[[], None] | None = None,
+        self, blocks: Sequence[int], us: Sequence[Tensor], jtu: Sequence[Tensor | None]
     ) -> None:
-        """Use :math:`\\sum_k J_k^\\top u_k` (a graph, linear in the ``u_k``) for :meth:`jvp`.
-
-        ``rebuild`` (given with a lean graph, see ``_rop_setup``) sets the full graph instead;
-        it runs if the first product is not finite.
-        """
+        """Use :math:`\\sum_k J_k^\\top u_k` (a graph, linear in the ``u_k``) for :meth:`jvp`."""
         self._u_blocks, self._us = list(blocks), list(us)
         self._jtu_idx = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
         # Only the graph is needed, not the values: keep the edges, so the tensors can go.
         self._jtu = [torch.autograd.graph.get_gradient_edge(jtu[i]) for i in self._jtu_idx]
-        self._rebuild = rebuild
 
     def _ensure_rop_graph(self) -> None:
         if not self._us:
@@ -663,28 +660,7 @@ class JacobianProduct:
             us = [torch.zeros_like(o, requires_grad=True) for o in outs]
             jtu = _rop_setup(outs, self.params, us)
             check_reaches_params("outputs", jtu, len(self.params))
-
-            def rebuild() -> None:
-                self._set_rop_graph(self._live, us, _rop_setup(outs, self.params, us, lean=False))
-
-            self._set_rop_graph(self._live, us, jtu, rebuild)
-
-    def _checked_lean(
-        self, parts: Sequence[Tensor | None], again: Callable[[], Sequence[Tensor | None]]
-    ) -> Sequence[Tensor | None]:
-        """The first product from a lean graph: if it is not finite, rebuild in full and redo.
-
-        One host-device synchronisation per graph; finite products are returned as they are.
-        """
-        rebuild, self._rebuild = self._rebuild, None
-        live = [t for t in parts if t is not None]
-        if rebuild is None or not live:
-            return parts
-        if bool(torch.stack([torch.isfinite(t).all() for t in live]).all()):
-            return parts
-        rebuild()
-        self._rebuild = None
-        return again()
+            self._set_rop_graph(self._live, us, jtu)
 
     def _structure(self, parts: Sequence[Tensor | None], lead: tuple[int, ...]) -> Tensor | tuple:
         """Place per-block results (``None`` = zero) back into the outputs' structure."""
@@ -715,10 +691,7 @@ class JacobianProduct:
             return self._structure([None] * len(self._us), ())
         vs = self.layout.split(v)
         try:
-            out = self._checked_lean(
-                _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx]),
-                lambda: _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx]),
-            )
+            out = _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx])
         except NotImplementedError as err:  # e.g. nn.Embedding(sparse=True)'s backward
             raise NotImplementedError(
                 "A Jacobian-vector product (Gauss-Newton, Fisher or Jacobian curvature) needs "
@@ -736,11 +709,7 @@ class JacobianProduct:
         if not self._jtu:
             return self._structure([None] * len(self._us), (k,))
         vs = _batched_split(self.layout, V)
-
-        def products() -> Sequence[Tensor | None]:
-            return _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx], batched=True)
-
-        out = self._checked_lean(products(), products)
+        out = _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx], batched=True)
         return self._structure(out, (k,))
 
     def vjp(self, u: Tensor | Sequence[Tensor]) -> Tensor:
@@ -843,22 +812,14 @@ class GGNProduct(CurvatureProduct):
         seeds = [go.detach().requires_grad_() for go in gos]
         if J.is_sequence:
             jtg = _rop_setup(outs, self.params, seeds)
-
-            def rebuild() -> None:
-                J._set_rop_graph(blocks, seeds, _rop_setup(outs, self.params, seeds, lean=False))
-
-            J._set_rop_graph(blocks, seeds, jtg, rebuild)
+            J._set_rop_graph(blocks, seeds, jtg)
             zeros = [torch.zeros_like(o) for o in J._all]
             for k, go in zip(blocks, gos, strict=True):
                 zeros[k] = go.detach()
             self.output_grad: Tensor | tuple[Tensor, ...] = tuple(zeros)
         else:
             jtg = self._rop_graph(outputs, seeds[0])
-
-            def rebuild() -> None:
-                J._set_rop_graph(blocks, seeds, self._rop_graph(outputs, seeds[0], lean=False))
-
-            J._set_rop_graph(blocks, seeds, jtg, rebuild)
+            J._set_rop_graph(blocks, seeds, jtg)
             self.output_grad = gos[0].detach()
         self.gradient = self.layout.cat([None if t is None else t.detach() for t in jtg])
         stop = {o.grad_fn for o in outs}
@@ -910,11 +871,9 @@ class GGNProduct(CurvatureProduct):
 
         return hl
 
-    def _rop_graph(
-        self, outputs: Tensor, go: Tensor, *, lean: bool = True
-    ) -> Sequence[Tensor | None]:
+    def _rop_graph(self, outputs: Tensor, go: Tensor) -> Sequence[Tensor | None]:
         """:math:`J^\\top \\partial f/\\partial o` with a graph, linear in ``go``."""
-        return _rop_setup([outputs], self.params, [go], lean=lean)
+        return _rop_setup([outputs], self.params, [go])
 
     def loss_hessian(self, w: Tensor | Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
         """:math:`H_\\ell w` for ``w`` shaped like ``outputs`` (or with a leading batch dim)."""
@@ -1054,13 +1013,11 @@ class StructurallyDampedGGN(GGNProduct):
         self.hidden, self.weight = hidden, float(weight)
         super().__init__(loss, outputs, params)  # builds the joint graph via _rop_graph
 
-    def _rop_graph(
-        self, outputs: Tensor, go: Tensor, *, lean: bool = True
-    ) -> Sequence[Tensor | None]:
+    def _rop_graph(self, outputs: Tensor, go: Tensor) -> Sequence[Tensor | None]:
         # One set-up pass for both Jacobians: J_o^T go + J_h^T u_h with a zero dummy u_h is the
         # gradient's value and linear in (go, u_h).
         u_h = torch.zeros_like(self.hidden, requires_grad=True)
-        jt = _rop_setup([outputs, self.hidden], self.params, [go, u_h], lean=lean)
+        jt = _rop_setup([outputs, self.hidden], self.params, [go, u_h])
         self._us = [go, u_h]
         self._idx = [i for i, t in enumerate(jt) if t is not None and t.requires_grad]
         self._jt = [torch.autograd.graph.get_gradient_edge(jt[i]) for i in self._idx]
@@ -1068,12 +1025,7 @@ class StructurallyDampedGGN(GGNProduct):
 
     def _jvps(self, v: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
         vs = _batched_split(self.layout, v) if batched else self.layout.split(v)
-
-        def products() -> Sequence[Tensor | None]:
-            return _grad(self._jt, self._us, [vs[i] for i in self._idx], batched=batched)
-
-        # the rebuild (of J's graph, through _rop_graph) renews self._jt as well
-        jo, jh = self.jacobian._checked_lean(products(), products)
+        jo, jh = _grad(self._jt, self._us, [vs[i] for i in self._idx], batched=batched)
         lead = (v.shape[0],) if batched else ()
         jo = self.outputs.new_zeros(*lead, *self.outputs.shape) if jo is None else jo
         jh = self.hidden.new_zeros(*lead, *self.hidden.shape) if jh is None else jh

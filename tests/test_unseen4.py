@@ -3,8 +3,9 @@
 ``torch.nn.utils.parametrizations.orthogonal`` maps a square weight through
 ``torch.linalg.matrix_exp``, whose backward is nonlinear in its cotangent as computed, so the R-op
 graph that drops cotangents (``_rop_setup``) gave NaN Gauss-Newton products, and every
-``(loss, outputs)`` step was rejected. The oracle is an explicit float64 :math:`J^\\top H_\\ell J`
-(:math:`J` from ``torch.autograd.functional.jacobian`` of the outputs in the flat parameters).
+``(loss, outputs)`` step was rejected; ``torch.logcumsumexp`` likewise. The oracle is an
+explicit float64 :math:`J^\\top H_\\ell J` (:math:`J` from
+``torch.autograd.functional.jacobian`` of the outputs in the flat parameters).
 """
 
 from __future__ import annotations
@@ -64,6 +65,34 @@ def test_ggn_operator_orthogonal_parametrization_matches_dense(orthogonal_map):
     dense = (J.T @ J * (2 / y.numel())).numpy()  # H_ℓ = 2/M I for the mean squared error
     v = np.random.default_rng(0).standard_normal(G.shape[0])
     np.testing.assert_allclose(G @ v, dense @ v, **EXACT)
+
+
+class _CumLogSumExp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.head = nn.Linear(4, 4).double(), nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.logcumsumexp(self.inner(x), dim=1))
+
+
+def test_ggn_operator_through_logcumsumexp_matches_dense():
+    """logcumsumexp's backward takes logs of the cotangent's parts: its double backward reads it."""
+    model, (x, y) = _CumLogSumExp(), _data()
+    G = GGNLinearOperator(model, nn.MSELoss(), [(x, y)])
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        parts = flat.split([s.numel() for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes, strict=True)}
+        return functional_call(model, params, (x,)).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(f, theta)
+    v = np.random.default_rng(1).standard_normal(G.shape[0])
+    np.testing.assert_allclose(G @ v, (J.T @ J * (2 / y.numel())).numpy() @ v, **EXACT)
 
 
 def test_ggn_product_matrix_exp_batched_and_repeated_products_match_dense():
