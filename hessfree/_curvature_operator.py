@@ -43,8 +43,10 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             parameters of ``model`` in ``model.parameters()`` order (required when ``model``
             is not an ``nn.Module``).
         reduction: How ``loss_fn`` reduces over examples, ``'mean'`` or ``'sum'``; read from
-            ``loss_fn.reduction`` when it has one, else defaults to ``'mean'``. It sets the
-            batch weights :math:`w_b` (and the Fisher's scale).
+            ``loss_fn.reduction`` when it has one, else defaults to ``'mean'`` (with a
+            warning, once, where the loss's autograd graph on the first batch is a sum over
+            the examples, e.g. a hand-written ``.sum()``). It sets the batch weights
+            :math:`w_b` (and the Fisher's scale).
         dtype: The dtype the operator presents to SciPy: ``None`` (the parameters' dtype) or
             ``numpy.float32``/``numpy.float64``. Products always run in the parameters' dtype.
         cache_graph: With one batch, build the first-order graph once and reuse it for every

@@ -21,6 +21,7 @@ A *source* applies the curvature to a flat ``v`` or to the rows of a ``(k, n)`` 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -42,7 +43,7 @@ from ._model_data import (
     _resolve_reduction,
     _single_batch,
 )
-from .curvature import CurvatureProduct
+from .curvature import CurvatureProduct, _read_reduction
 from .distributed import Averager
 
 #: ``(loss, outputs, index) -> product`` for batch ``index`` (its place in ``data``; a product
@@ -122,6 +123,13 @@ class _DataProducts:
         self.params = _resolve_params(model, params)
         self.layout = ParamLayout(self.params)
         self.reduction = _resolve_reduction(loss_fn, reduction)
+        # 'mean' by default for a loss_fn without a `reduction`: checked against its graph once
+        keyword = (
+            loss_fn.keywords.get("reduction") if isinstance(loss_fn, functools.partial) else None
+        )
+        self._unchecked_default = (
+            reduction is None and getattr(loss_fn, "reduction", None) is None and keyword is None
+        )
         self.cache_graph = bool(cache_graph)
         self._model, self._loss_fn, self._make_product = model, loss_fn, make_product
         self._name = name
@@ -171,9 +179,26 @@ class _DataProducts:
         with torch.enable_grad():
             outputs = _call_model(self._model, inputs)
             loss = _call_loss(self._loss_fn, outputs, targets)
+            if self._unchecked_default:
+                self._unchecked_default = False
+                self._check_default_reduction(loss, outputs)
             product = self._make_product(loss, outputs, index)
         rows = outputs.shape[0] if outputs.dim() else 1
         return product, _batch_count(self._loss_fn, outputs, targets), rows
+
+    def _check_default_reduction(self, loss: Tensor, outputs: Tensor) -> None:
+        """Warn when ``reduction`` defaulted to ``'mean'`` but the loss's graph is a sum over
+        the examples (a hand-written ``.sum()``): the Fisher would be N times too large, and
+        batches weighted by size instead of summed."""
+        if isinstance(outputs, Tensor) and _read_reduction(loss, outputs) == "sum":
+            warnings.warn(
+                f"{self._name}: `loss_fn` has no `reduction` attribute, so its reduction over "
+                "the examples is taken to be 'mean' (the default), but its autograd graph is a "
+                "sum over them (e.g. .sum()); as a mean, batches are weighted by their size "
+                "and the Fisher is N times too large. Pass reduction='sum' (or "
+                "reduction='mean' to keep the mean and silence this).",
+                stacklevel=5,
+            )
 
     # ---- all the batches: sum_b w_b r_b, then over the ranks
     def _batches(self) -> Iterator[tuple[Any, Any]]:

@@ -37,6 +37,14 @@ import torch
 __all__ = ["StepStream"]
 
 
+def _batch_seed(seed: int, index: int, rank: int) -> int:
+    """A seed for batch (or step) ``index`` on ``rank`` (an odd-multiplier mix, ours; any fixed
+    map works): :class:`~hessfree.MCFisherLinearOperator`'s batches and ``'fisher_mc'``'s steps
+    on sharded ranks draw their labels from it."""
+    mixed = seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB
+    return mixed % (1 << 63)
+
+
 class StepStream:
     """Puts torch's default random streams back for each closure call of one step.
 

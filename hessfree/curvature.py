@@ -541,6 +541,44 @@ def _loss_node(loss: Tensor, outputs: Tensor) -> tuple[torch.autograd.graph.Node
     return node, factor
 
 
+def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
+    """How ``loss`` combines the examples along dimension 0 of ``outputs``, read from its
+    autograd graph below constant factors: ``'sum'``, ``'mean'``, or ``None`` (not readable).
+
+    Read: a torch loss node (MSE, cross-entropy, NLL, BCE; ``'sum'`` only where its input is
+    the outputs or their ``log_softmax``), and a hand-written full ``.sum()`` or ``.mean()``
+    of a tensor with the examples along dimension 0 (``((o - y)**2).sum()``,
+    ``per_example.mean()``). A constant factor belongs to the per-example loss, except exactly
+    ``1/N`` on a sum, which makes it a mean (``.sum() / N``). Not readable: anything else at
+    the top, e.g. a regulariser added, or a Python ``sum`` over examples.
+    """
+    peeled = _loss_node(loss, outputs)
+    if peeled is None:
+        return None
+    node, factor = peeled
+    n = outputs.shape[0] if outputs.dim() > 0 else 1
+    code = getattr(node, "_saved_reduction", None)
+    if code == _MEAN:
+        return "mean"
+    if code == _SUM:
+        first = node.next_functions[0][0] if node.next_functions else None
+        if type(first).__name__ == "LogSoftmaxBackward0":
+            first = first.next_functions[0][0]
+        if first is None or first is not outputs.grad_fn:
+            return None
+        reduction = "sum"
+    elif type(node).__name__ in ("SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1"):
+        sizes = getattr(node, "_saved_self_sym_sizes", ())
+        if len(sizes) == 0 or int(sizes[0]) != n:  # not a reduction over the examples
+            return None
+        reduction = "mean" if type(node).__name__.startswith("Mean") else "sum"
+    else:
+        return None
+    if reduction == "sum" and n > 1 and math.isclose(factor, 1.0 / n, rel_tol=1e-12):
+        return "mean"  # .sum() / N
+    return reduction
+
+
 def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float) -> MatVec | None:
     name = type(node).__name__
     nxt = node.next_functions

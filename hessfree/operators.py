@@ -99,6 +99,7 @@ from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._model_data import _call_model, _check_model, _check_rows, _resolve_params, _shape
 from ._numpy_edge import _TorchLinearOperator
+from ._rng import _batch_seed
 from ._threads import limit_blas_threads
 from .curvature import (
     MC_FISHER_LOSSES,
@@ -280,12 +281,6 @@ def _check_mc_loss_fn(loss_fn: object) -> None:
         "GGNLinearOperator (the matrix it estimates) or FisherLinearOperator (the empirical "
         "Fisher)."
     )
-
-
-def _batch_seed(seed: int, index: int, rank: int) -> int:
-    """A seed for batch ``index`` on ``rank`` (an odd-multiplier mix, ours; any fixed map works)."""
-    mixed = seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB
-    return mixed % (1 << 63)
 
 
 class MCFisherLinearOperator(CurvatureLinearOperator):

@@ -135,7 +135,7 @@ from ._graph_ops import twice_differentiable_attention
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
-from ._rng import StepStream
+from ._rng import StepStream, _batch_seed
 from ._settings import (
     _AUTO_CG_MAX_ITER,
     _KFAC_DETERMINISTIC_CG_MAX_ITER,
@@ -154,7 +154,7 @@ from .curvature import (
     JacobianProduct,
     MCFisherProduct,
     StructurallyDampedGGN,
-    loss_hessian_product,
+    _read_reduction,
 )
 from .distributed import Averager
 from .preconditioning import (
@@ -586,13 +586,19 @@ class HessianFree(torch.optim.Optimizer):
             ``'zero_lr'`` and nothing moves.
         curvature: ``'auto'`` (Gauss-Newton when the closure returns ``(loss, outputs)`` or
             residual blocks ``(loss, (r_1, ..., r_K))``, else the Hessian), ``'ggn'``,
-            ``'hessian'``, ``'fisher'`` (empirical Fisher, mean over dim 0 of the outputs unless
-            the loss node says ``'sum'``; not for residual blocks), ``'fisher_mc'`` (the
-            Monte-Carlo Fisher, :class:`~hessfree.MCFisherProduct` with one label per example
-            drawn from the model's predictive distribution at every step, from the optimizer's
-            generator (``seed``); cross-entropy, MSE or BCE-with-logits losses of one outputs
-            tensor) or a callable ``(loss, outputs, params) -> MatVec`` returning flat
-            ``v -> C v``.
+            ``'hessian'``, ``'fisher'`` (empirical Fisher: a mean over dim 0 of the outputs,
+            :math:`\tfrac1N \sum_i g_i g_i^\top`, or a sum where the loss's graph says so: a
+            torch loss's ``reduction``, or a ``.sum()``/``.mean()`` over the examples, each
+            times a constant, ``.sum() / N`` a mean; other losses are taken for a mean, with
+            one warning: pass ``lambda loss, outputs, params: FisherProduct(loss, outputs,
+            params, reduction='sum').matvec`` for a sum; not for residual blocks),
+            ``'fisher_mc'`` (the Monte-Carlo Fisher, :class:`~hessfree.MCFisherProduct` with
+            one label per example drawn from the model's predictive distribution at every
+            step, from the optimizer's generator (``seed``; data parallel with sharded
+            curvature batches, from a generator seeded by ``seed``, the step and the rank, so
+            that the shards' labels are independent); cross-entropy, MSE or BCE-with-logits
+            losses of one outputs tensor) or a callable ``(loss, outputs, params) -> MatVec``
+            returning flat ``v -> C v``.
         damping: Initial Tikhonov damping: ``'auto'`` (default) sets
             :math:`\lambda_0 = |g^\top C g| / g^\top D g` at the first step (one extra curvature
             product; scale-free, see :func:`hessfree.damping.calibrate_damping`), with
@@ -1104,6 +1110,7 @@ class HessianFree(torch.optim.Optimizer):
         self.last_step: StepInfo | None = None
         self._closure_uses_autograd = False  # set once a closure is seen to need autograd
         self._generator: torch.Generator | None = None
+        self._reduction_warned = False  # curvature='fisher' warned of a loss it cannot read
         # Closure roles whose first call was watched for train-mode BatchNorm/Dropout.
         self._watched: set[str] = set()
         self._warned_stochastic = False
@@ -1440,6 +1447,18 @@ class HessianFree(torch.optim.Optimizer):
                 self._generator.set_state(state["rng_state"].to("cpu", torch.uint8))
         return self._generator
 
+    def _mc_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of ``'fisher_mc'``'s labels. One process, or ranks that evaluate one
+        replicated curvature batch (whose products must agree): the optimizer's own. Ranks with
+        their own shards: one seeded by (``seed``, step, rank), so each shard's labels are
+        drawn independently of the others' (the optimizer's generator, the same on every rank,
+        gave every shard the same numbers: correlated labels, a noisier average) and a resumed
+        step draws the same ones."""
+        if self._avg.world_size == 1 or self.settings.curvature_batch == "replicated":
+            return self._rng(device)
+        seed = _batch_seed(self.settings.seed, self._global_state()["step"], self._avg.rank)
+        return torch.Generator(device=device).manual_seed(seed)
+
     @property
     def damping(self) -> float:
         """The current Tikhonov damping :math:`\\lambda`."""
@@ -1616,19 +1635,36 @@ class HessianFree(torch.optim.Optimizer):
             )
         elif kind == "ggn":
             product = GGNProduct(evaluation.loss, evaluation.outputs, params)
-        elif kind == "fisher_mc":  # new labels every step, drawn from the optimizer's generator
-            generator = self._rng(evaluation.outputs.device)
+        elif kind == "fisher_mc":  # new labels every step
+            generator = self._mc_generator(evaluation.outputs.device)
             product = MCFisherProduct(
                 evaluation.loss, evaluation.outputs, params, generator=generator
             )
         else:
+            reduction = _read_reduction(evaluation.loss, evaluation.outputs)
+            if reduction is None:
+                reduction = "mean"
+                self._warn_unread_reduction()
             product = FisherProduct(
-                evaluation.loss,
-                evaluation.outputs,
-                params,
-                reduction=_reduction_of(evaluation.loss, evaluation.outputs),
+                evaluation.loss, evaluation.outputs, params, reduction=reduction
             )
         return product.matvec, product
+
+    def _warn_unread_reduction(self) -> None:
+        """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean."""
+        if self._reduction_warned:
+            return
+        self._reduction_warned = True
+        warnings.warn(
+            "curvature='fisher' cannot tell from the loss's autograd graph whether it sums or "
+            "averages the per-example losses (it reads torch losses' `reduction`, and a loss "
+            "that ends in .sum() or .mean() over the examples, times a constant), so it takes "
+            "it for a mean over dimension 0 of the outputs: F = (1/N) sum_i g_i g_i^T. If the "
+            "loss is a sum over the examples, that Fisher is N times too large; pass "
+            "curvature=lambda loss, outputs, params: FisherProduct(loss, outputs, params, "
+            "reduction='sum').matvec, or end the loss in .sum().",
+            stacklevel=6,
+        )
 
     def _gradient(
         self, evaluation: _Evaluation, product: object, layout: ParamLayout, params: list[Tensor]
@@ -3207,19 +3243,13 @@ def _unpack(
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
-    """'sum' if the loss node says so, else 'mean' (PyTorch losses' default).
+    """How the loss combines the examples (:func:`~hessfree.curvature._read_reduction`), and
+    'mean' (PyTorch losses' default) where the graph does not say.
 
-    The node of a torch loss on the outputs (or on their ``log_softmax``, as cross-entropy's
-    is): MSE, cross-entropy and BCE, also with class ``weight``, ``ignore_index`` or
-    ``pos_weight``. Requiring a closed-form loss Hessian here once took a summed weighted
-    cross-entropy for a mean, and its Fisher N times too large.
+    A torch loss on the outputs (or their ``log_softmax``), also with class ``weight``,
+    ``ignore_index`` or ``pos_weight``, or a hand-written ``.sum()``/``.mean()`` over the
+    examples, each times a constant. Requiring a closed-form loss Hessian here once took a
+    summed weighted cross-entropy for a mean, and reading the top node alone a hand-written
+    ``.sum()`` or ``0.5 * mse_loss(..., reduction='sum')``: their Fisher was N times too large.
     """
-    node = loss.grad_fn
-    if getattr(node, "_saved_reduction", None) != 2:
-        return "mean"
-    if loss_hessian_product(loss, outputs) is not None:
-        return "sum"
-    first = node.next_functions[0][0] if node.next_functions else None
-    if type(first).__name__ == "LogSoftmaxBackward0":
-        first = first.next_functions[0][0]
-    return "sum" if first is not None and first is outputs.grad_fn else "mean"
+    return _read_reduction(loss, outputs) or "mean"

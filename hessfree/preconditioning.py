@@ -423,9 +423,12 @@ class KFACPreconditioner:
     has the numbers.
 
     Args:
-        model: The module whose ``nn.Linear`` submodules are preconditioned (their parameters
-            must be among the optimizer's; a frozen layer, none of whose parameters requires
-            grad, is skipped, as in fine-tuning), or a sequence of ``nn.Linear`` modules.
+        model: The module whose ``nn.Linear`` submodules are preconditioned, or a sequence of
+            ``nn.Linear`` modules. Their trained parameters must be among the optimizer's;
+            which layers are covered follows ``requires_grad`` at every call, as for
+            ``precond='kfac'``: a layer with a frozen weight is left out (as in fine-tuning;
+            its bias, if trained, is unpreconditioned), a frozen bias counts as none, and a
+            change mid-training restarts the factors.
         refresh: Recompute the factors every this many steps, an int >= 1.
         decay: Weight of the previous factors in the running average, in ``[0, 1)``.
         num_probes: Rademacher probes for :math:`G` (each one backward pass of the curvature
@@ -438,7 +441,8 @@ class KFACPreconditioner:
 
     Raises:
         TypeError: If ``model`` is neither a module nor a sequence of ``nn.Linear``.
-        ValueError: If ``model`` has no ``nn.Linear`` layer or a number is out of range; when
+        ValueError: If ``model`` has no ``nn.Linear`` layer with a trainable weight or a
+            number is out of range; when
             called, if a layer ran in no graph-building forward pass, ran more than once in one
             call of ``model`` (shared weights: detected when ``model`` is a module), or its
             parameters are not the optimizer's, or the damping is not positive.
@@ -473,28 +477,29 @@ class KFACPreconditioner:
         max_dense: int = 512,
         rank: int | None = 64,
     ) -> None:
-        if isinstance(model, torch.nn.Module):  # frozen layers (no trainable parameter) skipped
-            layers = [
-                m
-                for m in model.modules()
-                if isinstance(m, torch.nn.Linear)
-                and any(p.requires_grad for p in m.parameters(recurse=False))
-            ]
+        if isinstance(model, torch.nn.Module):
+            candidates = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         elif isinstance(model, Sequence) and all(isinstance(m, torch.nn.Linear) for m in model):
-            layers = list(model)
+            candidates = list(model)
         else:
             raise TypeError(
                 "`model` must be an nn.Module or a sequence of nn.Linear modules, got "
                 f"{type(model).__name__}."
             )
-        if not layers:
+        if not any(m.weight.requires_grad for m in candidates):
+            frozen = f" ({len(candidates)} with a frozen one)" if candidates else ""
             raise ValueError(
-                "`model` has no nn.Linear layer with a trainable parameter (requires_grad) for "
-                "KFACPreconditioner."
+                f"`model` has no nn.Linear layer with a trainable weight (requires_grad)"
+                f"{frozen} for KFACPreconditioner; a layer with a frozen weight is left out "
+                "(its bias, if trained, unpreconditioned)."
             )
         self._configure(refresh, decay, num_probes, relative_damping, max_dense, rank)
-        self.layers = layers
-        self._hooks = [m.register_forward_hook(self._record) for m in layers]
+        # every candidate is hooked; which of them K-FAC covers follows requires_grad
+        # (_fix_layers), as precond='kfac' follows the optimizer's trained parameters
+        self._candidates = candidates
+        self._fixed: tuple = ()
+        self._fix_layers()
+        self._hooks = [m.register_forward_hook(self._record) for m in candidates]
         if isinstance(model, torch.nn.Module):
             self._hooks.append(model.register_forward_pre_hook(self._begin_pass))
             self._hooks.append(model.register_forward_hook(self._end_pass, always_call=True))
@@ -547,6 +552,21 @@ class KFACPreconditioner:
         self.eigen: list[tuple[_Side, _Side]] | None = None  # per layer: (A's, G's)
         self._floors: list[Tensor] = []  # per layer: the damping floor
         self._calls = 0
+
+    def _fix_layers(self) -> None:
+        """The hooked form's layers from ``requires_grad`` now: those whose weight trains, each
+        with its bias only if that trains too (a frozen bias is a constant, so the layer's
+        block is ``G ⊗ A`` without the 1s, as for ``precond='kfac'``; a frozen weight leaves
+        the layer out, its bias unpreconditioned). A change since the last call (freezing or
+        unfreezing mid-training) fixes them again with fresh factors."""
+        trained = [m for m in self._candidates if m.weight.requires_grad]
+        fixed = tuple((id(m), _trained_bias(m) is not None) for m in trained)
+        if fixed == self._fixed:
+            return
+        self._fixed = fixed
+        self.layers = trained
+        self.factors = self.eigen = None
+        self._floors, self._calls = [], 0
 
     def _observe(self, recorded: _LinearPass, *, skip_shared: bool = False) -> None:
         """Take one recorded closure call's layers (the first call fixes them, in the order
@@ -609,6 +629,8 @@ class KFACPreconditioner:
                 up to ``max_dense``, truncated above ``rank``), or a value is NaN/Inf.
         """
         factors, eigen, calls = _state_entries(self, state, ("factors", "eigen", "calls"))
+        if not self._discovered:
+            self._fix_layers()
         if (factors is None) != (eigen is None):
             raise ValueError(
                 "KFACPreconditioner state: `factors` and `eigen` must both be set or both None."
@@ -628,7 +650,7 @@ class KFACPreconditioner:
         new_factors, new_eigen = [], []
         for i, (layer, pair, sides) in enumerate(zip(self.layers, factors, eigen, strict=True)):
             w = layer.weight
-            dims = (layer.in_features + (layer.bias is not None), layer.out_features)
+            dims = (layer.in_features + (_trained_bias(layer) is not None), layer.out_features)
             fs, es = [], []
             for j, (dim, which) in enumerate(zip(dims, "AG", strict=True)):
                 where = f"layer {i} ({layer}) {which}"
@@ -771,7 +793,7 @@ class KFACPreconditioner:
             # 16-bit layers: statistics in float32 (float16 squares underflow; no eigh kernel)
             work = _factor_dtype(layer.weight)
             a = a.detach().reshape(-1, a.shape[-1]).to(work)
-            if layer.bias is not None:
+            if _trained_bias(layer) is not None:
                 a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
             if d is None:
                 d = torch.zeros((U.shape[0], *s.shape), dtype=s.dtype, device=s.device)
@@ -893,6 +915,8 @@ class KFACPreconditioner:
 
     def __call__(self, ctx: PrecondContext) -> Callable[[Tensor], Tensor]:
         r""":math:`r \mapsto M^{-1}r` at the damping of ``ctx``, for :func:`hessfree.cg`."""
+        if not self._discovered:
+            self._fix_layers()
         try:
             if self.eigen is None or self._calls % self.refresh == 0:
                 self.update(ctx)
@@ -921,10 +945,18 @@ class KFACPreconditioner:
         for i, (layer, (side_a, side_g), floor) in enumerate(
             zip(self.layers, self.eigen, self._floors, strict=True)
         ):
+            bias = _trained_bias(layer)
             iw = index.get(id(layer.weight))
-            ib = None if layer.bias is None else index.get(id(layer.bias))
-            if iw is None or (layer.bias is not None and ib is None):
+            ib = None if bias is None else index.get(id(bias))
+            if iw is None or (bias is not None and ib is None):
                 raise ValueError(_untrained_message(i, layer, index))
+            if _side_dim(side_a) != layer.in_features + (bias is not None):
+                raise ValueError(
+                    f"KFACPreconditioner: the bias of layer {i} ({layer}) was "
+                    f"{'frozen' if bias is None else 'unfrozen'} after its factors were "
+                    "computed; call the preconditioner with a context (a step) to compute them "
+                    "again."
+                )
             w = slice(offsets[iw], offsets[iw + 1])
             b = None if ib is None else slice(offsets[ib], offsets[ib + 1])
             covered += layer.weight.numel() + (0 if ib is None else layer.bias.numel())
@@ -952,6 +984,17 @@ class KFACPreconditioner:
         return apply
 
 
+def _trained_bias(layer: object) -> Tensor | None:
+    """A layer's bias as its K-FAC block holds it: ``None`` if it has none or it is frozen."""
+    bias = layer.bias
+    return bias if bias is not None and bias.requires_grad else None
+
+
+def _side_dim(side: _Side) -> int:
+    """The dimension of the factor a spectrum ``(Q, values, rest)`` came from."""
+    return side[0].shape[0] if side[0] is not None else side[1].shape[0]
+
+
 def _params_of(layer: object) -> list[Tensor]:
     """A layer's weight and (if any) bias."""
     return [p for p in (layer.weight, layer.bias) if p is not None]
@@ -963,14 +1006,14 @@ def _untrained_message(i: int, layer: object, index: dict[int, int]) -> str:
     missing = [name for name, p in named if p is not None and id(p) not in index]
     what = " and ".join(missing) or "parameters"
     if any(not p.requires_grad for _, p in named if p is not None):
+        # the layers follow requires_grad at every call: only reached when a parameter was
+        # frozen between the call that computed the factors and this use of them
         return (
             f"KFACPreconditioner: the {what} of layer {i} ({layer}) "
-            f"{'are' if len(missing) > 1 else 'is'} frozen (requires_grad=False), so not among "
-            "the optimizer's trained parameters, but a KFACPreconditioner preconditions each of "
-            "its layers' weight and bias together (built from a model, it skips only the "
-            "layers with no trainable parameter at that time). Pass it the layers whose "
-            "parameters are all trained, KFACPreconditioner([layer, ...]), or use "
-            "precond='kfac', which takes a frozen bias as none and follows later freezing."
+            f"{'are' if len(missing) > 1 else 'is'} frozen (requires_grad=False) since its "
+            "factors were computed; call the preconditioner with a context (a step) to find "
+            "its layers again (a layer with a frozen weight is left out, a frozen bias counts "
+            "as none)."
         )
     return (
         f"KFACPreconditioner: the {what} of layer {i} ({layer}) is not among the optimizer's "

@@ -1,12 +1,14 @@
 """Worker for tests/test_distributed.py: one rank of a data-parallel HF run (gloo, loopback).
 
 Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS
-[crash|operator|replicated|somedraw]
+[crash|operator|replicated|somedraw|mcfisher]
 With WORLD=1 it runs the single-process reference on the full batch. ``operator`` computes
 SciPy-operator products over the rank's shard instead of training. ``replicated`` gives every
 rank the same curvature batch (the first 40 examples) with ``curvature_batch='replicated'`` and
 records the all_reduce calls of each step. ``somedraw``: rank 0's closure draws a random number
-(adding 0 × it to the loss), the other ranks' do not.
+(adding 0 × it to the loss), the other ranks' do not. ``mcfisher``: ``curvature='fisher_mc'`` on
+sharded batches; each rank saves (to OUT_FILE.RANK) its parameters and, per step, the state of
+the generator its Monte-Carlo labels were drawn from.
 """
 
 from __future__ import annotations
@@ -91,6 +93,32 @@ def _mc_fisher(model, X, y, rank: int, world: int, v):
     return total
 
 
+def _mc_fisher_steps(model, Xs, ys, rank: int, out_file: str, steps: int) -> None:
+    """HF with the Monte-Carlo Fisher on this rank's shard, recording the generator state each
+    step's labels start from (the product is built once per step)."""
+    import hessfree.optimizer as optimizer
+
+    states = []
+    built = optimizer.MCFisherProduct
+
+    class Recorded(built):
+        def __init__(self, *args, generator=None, **kwargs):
+            states.append(generator.get_state().clone())
+            super().__init__(*args, generator=generator, **kwargs)
+
+    optimizer.MCFisherProduct = Recorded
+    opt = HessianFree(model.parameters(), curvature="fisher_mc", seed=3, cg_max_iter=5)
+
+    def closure():
+        out = model(Xs)
+        return F.cross_entropy(out, ys), out
+
+    for _ in range(steps):
+        opt.step(closure)
+    final = [p.detach() for p in model.parameters()]
+    torch.save({"final": final, "states": states}, f"{out_file}.{rank}")
+
+
 def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
     crash = mode == "crash"
     gen = torch.Generator().manual_seed(0)
@@ -123,6 +151,9 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
         }
         if rank == 0:
             torch.save({k: torch.from_numpy(np.asarray(a)) for k, a in result.items()}, out_file)
+        return
+    if mode == "mcfisher":
+        _mc_fisher_steps(model, Xs, ys, rank, out_file, steps)
         return
     replicated = mode == "replicated"
     opt = HessianFree(

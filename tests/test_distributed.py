@@ -169,6 +169,36 @@ def test_a_closure_drawing_on_one_rank_only_keeps_the_ranks_in_step(tmp_path):
     assert all(calls >= 3 for _, calls, _ in single["steps"])
 
 
+@pytest.mark.slow  # two processes that import torch: ~20 s on a loaded 2-core machine
+def test_mc_fisher_labels_are_drawn_per_rank_from_seed_step_and_rank(tmp_path):
+    """curvature='fisher_mc' on sharded batches: every rank drew its labels from the optimizer's
+    generator, the same numbers on every shard (labels correlated across ranks). Each step's
+    labels now come from a generator seeded by (seed, step, rank): the recorded states differ
+    between the ranks and equal that seed's, and the ranks stay in step."""
+    from hessfree._rng import _batch_seed
+
+    procs = _launch(tmp_path, 2, 3, "mcfisher")
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    runs = [torch.load(tmp_path / f"params-2.pt.{r}", weights_only=True) for r in range(2)]
+    assert [len(run["states"]) for run in runs] == [3, 3]
+    for step in range(3):
+        a, b = (run["states"][step] for run in runs)
+        assert not torch.equal(a, b)
+        for rank, state in enumerate((a, b)):
+            want = torch.Generator().manual_seed(_batch_seed(3, step, rank)).get_state()
+            assert torch.equal(state, want), (step, rank)
+    for x, y in zip(runs[0]["final"], runs[1]["final"], strict=True):
+        assert torch.equal(x, y)
+
+
 def test_curvature_batch_option_is_validated():
     with pytest.raises(ValueError, match="Unknown `curvature_batch` 'shared'"):
         HessianFree([torch.zeros(2, requires_grad=True)], curvature_batch="shared")

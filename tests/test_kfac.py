@@ -858,13 +858,72 @@ def test_auto_with_a_frozen_weight_and_a_trained_bias_leaves_that_bias_unprecond
     assert torch.equal(z[:5], r[:5])
 
 
-def test_a_kfac_built_from_a_model_names_a_frozen_bias_and_the_fix():
-    """KFACPreconditioner(model) keeps a layer with a frozen bias (its weight trains) and
-    preconditions the two together: the error said "pass the model the optimizer trains",
-    which the user had done."""
-    x, y = _data()
-    model = _mlp()
+def test_a_kfac_built_from_a_model_takes_a_frozen_bias_as_none():
+    """KFACPreconditioner(model) refused a layer whose bias was frozen (the weight trains);
+    now it counts as one without a bias, as precond='kfac' does. Oracle, float64, by hand:
+    the last layer's factors are A = hᵀh/n over its inputs h (no column of 1s) and, squared
+    error over n·m entries (H_ℓ = 2/(nm) I, exact probes), G = (2/m) I; the first layer keeps
+    its bias: A = [x, 1]ᵀ[x, 1]/n, G = Σ_i Σ_k δ_ik δ_ikᵀ with δ_ik = √(2/(nm)) (1 - h_i²) ⊙
+    W₂[k]. The last layer's block G ⊗ A is its exact Gauss-Newton block, so there the
+    preconditioner is the dense damped inverse of the true block (autograd.functional)."""
+    x, y = _data(n=7, d_in=3, d_out=2, seed=16)
+    model = _mlp(seed=8)
+    C = _dense_ggn(model, x, y, F.mse_loss)[20:30, 20:30]  # W₂'s block (after 15 + 5)
     model[2].bias.requires_grad_(False)
-    opt = HessianFree(model.parameters(), precond=KFACPreconditioner(model))
-    with pytest.raises(ValueError, match=r"the bias of layer 1 .* is frozen.*precond='kfac'"):
+    K = KFACPreconditioner(model, num_probes=None, decay=0.0, relative_damping=0.0)
+    assert K.layers == [model[0], model[2]]
+    mu = 0.2
+    ctx, params = _context(model, x, y, F.mse_loss, mu)
+    apply = K(ctx)
+    xs, W2 = x.numpy(), model[2].weight.detach().numpy()
+    h = np.tanh(xs @ model[0].weight.detach().numpy().T + model[0].bias.detach().numpy())
+    n, m = 7, 2
+    x1 = np.concatenate([xs, np.ones((n, 1))], 1)
+    deltas = np.sqrt(2 / (n * m)) * (1 - h**2)[:, None, :] * W2[None, :, :]  # (n, m, 5)
+    d = deltas.reshape(-1, 5)
+    expected = [(x1.T @ x1 / n, d.T @ d), (h.T @ h / n, 2 / m * np.eye(m))]
+    for (A, G), (A_, G_) in zip(K.factors, expected, strict=True):
+        np.testing.assert_allclose(A.numpy(), A_, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(G.numpy(), G_, rtol=1e-12, atol=1e-14)
+    r = np.random.default_rng(7).standard_normal(30)
+    z = apply(torch.from_numpy(r)).numpy()
+    np.testing.assert_allclose(z[20:], np.linalg.solve(C + mu * np.eye(10), r[20:]), rtol=1e-10)
+    # and HessianFree trains with it, the frozen bias untouched
+    bias = model[2].bias.detach().clone()
+    opt = HessianFree(params, precond=K)
+    before = F.mse_loss(model(x), y).item()
+    for _ in range(3):
         opt.step(_outputs_closure(model, x, y))
+    assert F.mse_loss(model(x), y).item() < before and torch.equal(model[2].bias, bias)
+
+
+def test_a_kfac_built_from_a_model_follows_freezing_as_precond_kfac_does():
+    """A frozen weight with a trained bias leaves that layer out (z = r on its bias), the
+    others keep K-FAC; a bias frozen or unfrozen mid-training restarts the factors with the
+    new shape (A fresh: the layer's inputs at that step). On main a frozen weight raised
+    "not among the optimizer's trained parameters" and a frozen bias "is frozen"."""
+    x, y = _data(n=9, d_in=3, d_out=2, seed=17)
+    model = _mlp(seed=9)
+    model[0].weight.requires_grad_(False)
+    K = KFACPreconditioner(model, decay=0.5)
+    assert K.layers == [model[2]]
+    ctx, params = _context(model, x, y, F.mse_loss, 0.1)
+    r = torch.randn(5 + 12, dtype=DTYPE)
+    z = K(ctx)(r)
+    assert [p.shape for p in params] == [(5,), (2, 5), (2,)] and torch.equal(z[:5], r[:5])
+    model[0].weight.requires_grad_(True)
+    model[2].bias.requires_grad_(False)
+    ctx, params = _context(model, x, y, F.mse_loss, 0.1)
+    K(ctx)
+    h = torch.tanh(model[0](x)).detach()
+    assert K.layers == [model[0], model[2]] and K.factors[1][0].shape == (5, 5)
+    torch.testing.assert_close(K.factors[1][0], h.T @ h / 9, rtol=1e-12, atol=1e-14)
+    model[2].bias.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"bias of layer 1 .* unfrozen after its factors"):
+        K.apply_with(list(model.parameters()), 0.1)
+    ctx, params = _context(model, x, y, F.mse_loss, 0.1)
+    K(ctx)
+    assert K.factors[1][0].shape == (6, 6)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"trainable weight \(requires_grad\) \(2 with a frozen"):
+        KFACPreconditioner(model)

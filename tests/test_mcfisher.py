@@ -369,3 +369,35 @@ def test_optimizer_fisher_mc_resumes_its_draws_from_a_state_dict():
         resumed.step(closure_of(copy))
     for p, q in zip(model.parameters(), copy.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_fisher_mc_on_sharded_ranks_draws_from_seed_step_and_rank():
+    """Data parallel with sharded curvature batches, every rank drew 'fisher_mc''s labels from
+    the optimizer's generator, the same numbers on every shard. Now from a generator seeded by
+    (seed, step, rank): the ranks differ, a step redraws the same. One process, or replicated
+    batches (whose products must agree across ranks): the optimizer's generator, as before.
+    (tests/test_distributed.py runs it on two gloo ranks, marked slow.)"""
+    import types
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    cpu = torch.device("cpu")
+
+    def draws(opt, rank, world=2):
+        opt._avg = types.SimpleNamespace(world_size=world, rank=rank)
+        return torch.rand(4, generator=opt._mc_generator(cpu))
+
+    opt = HessianFree(model.parameters(), curvature="fisher_mc", seed=3)
+    assert opt._mc_generator(cpu) is opt._rng(cpu)  # one process
+    opt.step(lambda: (F.cross_entropy(out := model(x), y), out))
+    a, b = draws(opt, 0), draws(opt, 1)
+    assert not torch.equal(a, b) and torch.equal(a, draws(opt, 0))
+    for rank, got in enumerate((a, b)):
+        want = torch.Generator().manual_seed(_batch_seed(3, 1, rank))  # after one step
+        assert torch.equal(got, torch.rand(4, generator=want))
+    replicated = HessianFree(
+        model.parameters(), curvature="fisher_mc", seed=3, curvature_batch="replicated"
+    )
+    replicated._avg = types.SimpleNamespace(world_size=2, rank=1)
+    assert replicated._mc_generator(cpu) is replicated._rng(cpu)

@@ -622,6 +622,37 @@ def test_reductions_other_than_mean_and_sum_are_refused():
     assert FisherLinearOperator(model, summed, (x, y)).reduction == "sum"
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_hand_written_sum_with_the_default_reduction_is_warned_of(cached):
+    """A loss_fn without a `reduction` (a lambda) is taken for a mean, as documented; where
+    its graph is a sum over the examples, that Fisher is N times too large (and batches would
+    be weighted by size): one warning says to pass reduction='sum', which matches the oracle
+    (per-example gradients, float64). A hand-written mean, or a given reduction: no warning."""
+    g = torch.Generator().manual_seed(27)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(28)
+    model = nn.Linear(3, 2).double()
+    rows = []
+    for i in range(6):
+        gi = torch.autograd.grad(((model(x[i]) - y[i]) ** 2).sum(), list(model.parameters()))
+        rows.append(torch.cat([t.reshape(-1) for t in gi]).numpy())
+    G = np.stack(rows)
+    summed = lambda o, t: ((o - t) ** 2).sum()  # noqa: E731
+    with pytest.warns(UserWarning, match=r"FisherLinearOperator: .* Pass reduction='sum'") as w:
+        op = FisherLinearOperator(model, summed, (x, y), cache_graph=cached)
+        for _ in range(2):
+            dense_mean = op @ np.eye(8)
+    assert len(w) == 1
+    np.testing.assert_allclose(dense_mean, 6 * G.T @ G, rtol=1e-10)  # as a mean: N times
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = FisherLinearOperator(model, summed, (x, y), reduction="sum", cache_graph=cached)
+        np.testing.assert_allclose(op @ np.eye(8), G.T @ G, rtol=1e-10, atol=1e-12)
+        meaned = lambda o, t: ((o - t) ** 2).sum(1).mean()  # noqa: E731
+        FisherLinearOperator(model, meaned, (x, y), cache_graph=cached) @ np.eye(8)
+
+
 def test_empty_data_is_refused():
     model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
     with pytest.raises(ValueError, match="`data` is empty"):

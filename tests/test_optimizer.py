@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -2559,3 +2560,119 @@ def test_fisher_curvature_with_class_weights_and_ignore_index_is_the_weighted_fi
     opt.step(closure)
     torch.testing.assert_close(capture.C, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(dense_op, expected, rtol=1e-10, atol=1e-12)
+
+
+_HAND_WRITTEN = {
+    # name: (the batch's loss, example i's loss l_i, 'mean' or 'sum' of the l_i)
+    "sum": (lambda o, y: ((o - y) ** 2).sum(), lambda o, y: ((o - y) ** 2).sum(1), "sum"),
+    "sum_of_sums": (
+        lambda o, y: ((o - y) ** 2).sum(1).sum(0),
+        lambda o, y: ((o - y) ** 2).sum(1),
+        "sum",
+    ),
+    "half_torch_sum": (
+        lambda o, y: 0.5 * F.mse_loss(o, y, reduction="sum"),
+        lambda o, y: 0.5 * ((o - y) ** 2).sum(1),
+        "sum",
+    ),
+    "sum_over_n": (
+        lambda o, y: ((o - y) ** 2).sum() / 8,
+        lambda o, y: ((o - y) ** 2).sum(1),
+        "mean",
+    ),
+    "mean_of_sums": (
+        lambda o, y: ((o - y) ** 2).sum(1).mean(),
+        lambda o, y: ((o - y) ** 2).sum(1),
+        "mean",
+    ),
+}
+
+
+def _capture_fisher(model, closure, n):
+    """The optimizer's curvature='fisher' matrix, read through a preconditioner's context."""
+    seen = {}
+
+    def capture(ctx):
+        seen.setdefault("C", ctx.curvature(torch.eye(n, dtype=torch.float64)))
+
+    capture.needs_outputs = False
+    HessianFree(model.parameters(), curvature="fisher", precond=capture).step(closure)
+    return seen["C"]
+
+
+@pytest.mark.parametrize("case", sorted(_HAND_WRITTEN))
+def test_fisher_curvature_reads_a_hand_written_sum_from_the_graph(case):
+    """curvature='fisher' with a hand-written summed loss (``((o - y)**2).sum()``, or a torch
+    loss with reduction='sum' times a constant) was taken for a mean: N = 8 times the Fisher.
+    The reduction is now read below constant factors (``.sum() / N`` is a mean). Oracle: the
+    per-example losses' Jacobian (torch.autograd.functional, float64), F = c JᵀJ with c = 1/N
+    for a mean and 1 for a sum."""
+    from torch.func import functional_call
+
+    loss_fn, per_example, reduction = _HAND_WRITTEN[case]
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    names = [name for name, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    sizes = [p.numel() for p in params]
+
+    def losses(flat):
+        chunks = [c.view_as(p) for c, p in zip(flat.split(sizes), params, strict=True)]
+        return per_example(functional_call(model, dict(zip(names, chunks, strict=True)), (x,)), y)
+
+    Jl = torch.autograd.functional.jacobian(losses, torch.cat([p.reshape(-1) for p in params]))
+    expected = Jl.T @ Jl / (8 if reduction == "mean" else 1)
+
+    def closure():
+        out = model(x)
+        return loss_fn(out, y), out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read, so no warning
+        C = _capture_fisher(model, closure, sum(sizes))
+    torch.testing.assert_close(C, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fisher_curvature_warns_once_of_a_loss_it_cannot_read():
+    """A Python sum over the examples (or anything else at the top of the graph) cannot be
+    read: it is taken for a mean, as documented, with one warning naming the way out, which
+    then gives the summed Fisher (oracle: per-example gradients, float64)."""
+    from hessfree import FisherProduct
+
+    g = torch.Generator().manual_seed(25)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(26)
+    model = nn.Linear(3, 2).double()
+
+    def closure():
+        out = model(x)
+        return sum(((out[i] - y[i]) ** 2).sum() for i in range(6)), out
+
+    opt = HessianFree(model.parameters(), curvature="fisher")
+    with pytest.warns(UserWarning, match=r"cannot tell.*reduction='sum'\)\.matvec") as caught:
+        for _ in range(2):
+            opt.step(closure)
+    assert len([w for w in caught if "cannot tell" in str(w.message)]) == 1
+    rows = []
+    for i in range(6):
+        gi = torch.autograd.grad(((model(x[i]) - y[i]) ** 2).sum(), list(model.parameters()))
+        rows.append(torch.cat([t.reshape(-1) for t in gi]))
+    G = torch.stack(rows)
+
+    def summed(loss, outputs, params):
+        return FisherProduct(loss, outputs, params, reduction="sum").matvec
+
+    seen = {}
+
+    def capture(ctx):
+        seen.setdefault("C", ctx.curvature(torch.eye(8, dtype=torch.float64)))
+
+    capture.needs_outputs = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HessianFree(model.parameters(), curvature=summed, precond=capture).step(closure)
+    torch.testing.assert_close(seen["C"], G.T @ G, rtol=1e-10, atol=1e-12)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -38,11 +41,19 @@ __all__ = [
     "default_run_dir",
     "partial_run_dir_message",
     "prepare_run_dir",
+    "remove_dead_partial_dirs",
     "run_dir_problems",
 ]
 
 #: Written into every checkpoint; a checkpoint of another format is not resumed.
 CHECKPOINT_FORMAT = 1
+
+#: A run directory is built in milliseconds (:func:`_create_run_dir`): a hidden partial one
+#: untouched for this long is dead whoever made it, on whatever host (ours, with margin).
+PARTIAL_MAX_AGE_S = 3600.0
+
+# `.<name>.partial-<host>-<pid>-<random>`; versions before 2026-12-03: `.<name>.partial-<random>`
+_PARTIAL_NAME = re.compile(r"\..+\.partial-(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f]{8}")
 
 
 def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Path:
@@ -148,13 +159,16 @@ def _create_run_dir(run_dir: Path, config_text: str) -> None:
     """Create ``run_dir`` with its ``config.yaml`` and an empty ``checkpoints/`` at once.
 
     Built under a hidden name beside it, then renamed: a kill leaves no run directory or a
-    whole one (at worst a hidden ``.<name>.partial-*`` beside it), never the ``checkpoints/``
+    whole one (at worst a hidden ``.<name>.partial-*`` beside it, which the next run in that
+    directory removes: :func:`remove_dead_partial_dirs`), never the ``checkpoints/``
     without ``config.yaml`` that creating the two in turn could leave, which neither a new
     run (not empty) nor ``--resume`` (no config) accepts. An existing empty ``run_dir`` is
     replaced.
     """
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir.with_name(f".{run_dir.name[:64]}.partial-{uuid.uuid4().hex[:8]}")
+    # host and pid in the name: a later run on this host can tell that its maker is dead
+    tag = f"{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = run_dir.with_name(f".{run_dir.name[:64]}.partial-{tag}")
     tmp.mkdir()  # with the umask's permissions, as run_dir.mkdir() would
     try:
         (tmp / "checkpoints").mkdir()
@@ -165,6 +179,85 @@ def _create_run_dir(run_dir: Path, config_text: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _host_tag() -> str:
+    """This host, as 8 hex digits (a hash of its name: any name fits a file name)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (``True`` where that cannot be told)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: another user's live process
+        return True
+    return True
+
+
+def _partial_leftovers_only(path: Path) -> bool:
+    """Whether ``path`` holds only what :func:`_create_run_dir` makes: ``checkpoints/`` (with
+    at most temporaries), ``config.yaml`` and hidden ``*.tmp`` files."""
+
+    def temporary(p: Path) -> bool:
+        return p.is_file() and p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
+
+    for p in path.iterdir():
+        if p.is_symlink():
+            return False
+        if p.name == "checkpoints" and p.is_dir():
+            if not all(temporary(q) and not q.is_symlink() for q in p.iterdir()):
+                return False
+        elif not (temporary(p) or (p.name == "config.yaml" and p.is_file())):
+            return False
+    return True
+
+
+def remove_dead_partial_dirs(
+    directory: Path, say: Callable[[str], None] = print, *, now: float | None = None
+) -> list[Path]:
+    """Remove the hidden ``.<name>.partial-*`` directories in ``directory`` whose creation
+    was killed (a SIGKILL between :func:`_create_run_dir`'s ``mkdir`` and its rename).
+
+    One counts as dead when its maker's process (named in it, on this host) no longer exists,
+    or when nothing in it changed for :data:`PARTIAL_MAX_AGE_S` (another host's, or one made
+    by versions that did not name the process); a live one is never touched. A dead one is
+    removed only if it holds nothing but what a creation writes; otherwise it is named, with
+    what to do. Returns the removed directories.
+    """
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = sorted(directory.iterdir()) if directory.is_dir() else []
+    except OSError:
+        return removed
+    for path in entries:
+        match = _PARTIAL_NAME.fullmatch(path.name)
+        try:
+            if match is None or path.is_symlink() or not path.is_dir():
+                continue
+            newest = max([path.stat().st_mtime, *(p.lstat().st_mtime for p in path.iterdir())])
+            dead = now - newest > PARTIAL_MAX_AGE_S or (
+                match["host"] == _host_tag() and not _pid_alive(int(match["pid"]))
+            )
+            if not dead:
+                continue
+            if not _partial_leftovers_only(path):
+                say(
+                    f"left '{path}': named like an interrupted run creation's directory, but "
+                    "it holds other files; remove it yourself if it is not yours"
+                )
+                continue
+            shutil.rmtree(path)
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            continue
+        removed.append(path)
+        say(f"removed {path.name}, left by a run killed while creating its directory")
+    return removed
 
 
 def partial_run_dir_message(run_dir: Path) -> str | None:
@@ -223,6 +316,7 @@ def prepare_run_dir(
     if not resume:
         if not writer:
             return {}
+        remove_dead_partial_dirs(run_dir.parent, say)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(
                 [
@@ -327,6 +421,7 @@ def prepare_run_dir(
         # Only now that every check passed: the leftovers of a write killed mid-way.
         for stale in remove_stale_temporaries(ckpt_dir) + remove_stale_temporaries(run_dir):
             say(f"removed {stale.name}, left by an interrupted write")
+        remove_dead_partial_dirs(run_dir.parent, say)
     if writer:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     return found
