@@ -147,8 +147,9 @@ def _rop_setup(
     and replace each ``u``-dependent one by a NaN placeholder of its shape (no storage), so those
     cotangents are freed when this call returns. Products are bit-for-bit those of the full
     graph; a backward formula that did read a placeholder would give a NaN product, which CG
-    reports as ``NON_FINITE``, never a silently wrong one. Cotangents saved while a convolution's
-    backward runs are kept (see ``_KEEP_COTANGENT_NODES``). Not for higher derivatives.
+    reports as ``NON_FINITE``, never a silently wrong one. Cotangents saved while the backward of
+    a convolution, ``matrix_exp`` or ``logcumsumexp`` runs are kept (see
+    ``_KEEP_COTANGENT_NODES``). Not for higher derivatives.
     """
     targets = set()  # the autograd edges (node, output number) of the u_k
     for u in us:
@@ -210,7 +211,19 @@ def _identity(t: Tensor) -> Tensor:
 # The first-order backward nodes whose own backward reads the cotangent even where the R-op does
 # not need it: convolution's double backward makes a placeholder contiguous (a full-size NaN
 # copy, and time) in every product, so there the cotangent is kept as autograd would keep it.
-_KEEP_COTANGENT_NODES = ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv")
+# Backward formulas nonlinear in the cotangent as computed (though linear in value), whose
+# double backward therefore reads it: a placeholder made every product NaN. matrix_exp's is the
+# exponential of a block matrix holding the cotangent (parametrizations.orthogonal);
+# logcumsumexp's takes the log of its positive and negative parts. The 30 operations checked
+# are in experiments/README.md, "unseen4".
+_KEEP_COTANGENT_NODES = (
+    "Convolution",
+    "CudnnConvolution",
+    "MkldnnConvolution",
+    "SlowConv",
+    "LinalgMatrixExp",
+    "Logcumsumexp",
+)
 _current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
 
 

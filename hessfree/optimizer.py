@@ -2982,9 +2982,16 @@ class HessianFree(torch.optim.Optimizer):
                 f"(max_failures={settings.max_failures}). Check the model and data for "
                 "NaN/Inf, lower the learning rate or raise `damping`."
             )
+        lam = state["damping"]
+        # damping='auto' before its first finite step has no λ yet (nan): say so, not "nan"
+        raised = (
+            f"damping raised to {lam:.3g}"
+            if math.isfinite(lam)
+            else "damping not set yet (damping='auto' measures it at the first finite step)"
+        )
         warnings.warn(
             f"HessianFree: non-finite value in {what}; step rejected, parameters unchanged, "
-            f"damping raised to {state['damping']:.3g}.",
+            f"{raised}.",
             RuntimeWarning,
             stacklevel=5,  # _reject <- phase <- step <- torch.optim wrapper <- caller
         )
@@ -3211,6 +3218,16 @@ def _unpack(
             )
         result, outputs, *rest = result
         hidden = rest[0] if rest else None
+        if (
+            isinstance(result, Tensor)
+            and result.numel() > 1
+            and isinstance(outputs, Tensor)
+            and outputs.numel() == 1
+        ):
+            raise TypeError(
+                f"The closure returned a tensor of shape {tuple(result.shape)} first and a "
+                "scalar second; the order is (loss, outputs): return the loss first."
+            )
         if isinstance(outputs, (tuple, list)):
             if not outputs:
                 raise TypeError("The closure's residual blocks must be a non-empty tuple.")
@@ -3226,12 +3243,14 @@ def _unpack(
                 raise TypeError(f"The closure's {name} must be a tensor, got {type(t).__name__}.")
     if not isinstance(result, Tensor) or result.numel() != 1:
         shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
-        hint = (
-            " (a number such as loss.item() only from a closure that calls loss.backward(), "
-            "torch.optim.LBFGS style)"
-            if isinstance(result, numbers.Real)
-            else ""
-        )
+        hint = ""
+        if isinstance(result, numbers.Real):
+            hint = (
+                " (a number such as loss.item() only from a closure that calls loss.backward(), "
+                "torch.optim.LBFGS style)"
+            )
+        elif isinstance(result, Tensor) and result.numel() > 1:
+            hint = " (a loss per entry? reduce it: .mean(), or the loss's reduction='mean')"
         raise TypeError(
             f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}{hint}."
         )
