@@ -394,7 +394,7 @@ def growing(steps: int, other: str) -> None:
                     gaps.append(float(F.mse_loss(m(x), y)) - fstar)
                 sizes.append(b)
                 phase.append(bool(opt._global_state().get("newton")))
-            first_full = sizes.index(n)
+            first_full = sizes.index(n) if n in sizes else -1
             entry = phase.index(True) if any(phase) else -1
             early = any(p and s < n for p, s in zip(phase, sizes, strict=True))
             print(
