@@ -126,7 +126,8 @@ def check_scalar_loss(name: str, loss: object) -> Tensor:
             f"`{name}` has no autograd graph to the parameters (requires_grad=False){where}; "
             "compute it with gradients enabled from tensors that require grad."
         )
-    return loss.reshape(())
+    # A 0-dim loss as given: a reshape would hide its node from the closed-form loss Hessians.
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def unreached_params_error(name: str, num_params: int) -> ValueError:

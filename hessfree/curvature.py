@@ -147,8 +147,9 @@ def _rop_setup(
     and replace each ``u``-dependent one by a NaN placeholder of its shape (no storage), so those
     cotangents are freed when this call returns. Products are bit-for-bit those of the full
     graph; a backward formula that did read a placeholder would give a NaN product, which CG
-    reports as ``NON_FINITE``, never a silently wrong one. Cotangents saved while a convolution's
-    backward runs are kept (see ``_KEEP_COTANGENT_NODES``). Not for higher derivatives.
+    reports as ``NON_FINITE``, never a silently wrong one. Cotangents saved while the backward of
+    a convolution, ``matrix_exp`` or ``logcumsumexp`` runs are kept (see
+    ``_KEEP_COTANGENT_NODES``). Not for higher derivatives.
     """
     targets = set()  # the autograd edges (node, output number) of the u_k
     for u in us:
@@ -210,7 +211,19 @@ def _identity(t: Tensor) -> Tensor:
 # The first-order backward nodes whose own backward reads the cotangent even where the R-op does
 # not need it: convolution's double backward makes a placeholder contiguous (a full-size NaN
 # copy, and time) in every product, so there the cotangent is kept as autograd would keep it.
-_KEEP_COTANGENT_NODES = ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv")
+# Backward formulas nonlinear in the cotangent as computed (though linear in value), whose
+# double backward therefore reads it: a placeholder made every product NaN. matrix_exp's is the
+# exponential of a block matrix holding the cotangent (parametrizations.orthogonal);
+# logcumsumexp's takes the log of its positive and negative parts. The 30 operations checked
+# are in experiments/README.md, "unseen4".
+_KEEP_COTANGENT_NODES = (
+    "Convolution",
+    "CudnnConvolution",
+    "MkldnnConvolution",
+    "SlowConv",
+    "LinalgMatrixExp",
+    "Logcumsumexp",
+)
 _current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
 
 
@@ -473,6 +486,20 @@ def hvp(
 # loss Hessians in closed form
 # --------------------------------------------------------------------------------------------
 _MEAN, _SUM = 1, 2  # at::Reduction codes saved on loss autograd nodes
+# Nodes that only reinterpret a tensor's elements in row-major order (or copy them).
+_RESHAPES = frozenset(
+    (
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "AliasBackward0",
+        "CloneBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+    )
+)
 
 
 def _neg_dim(dim: int, ndim: int) -> int:
@@ -483,8 +510,11 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
     r"""The closed-form loss Hessian :math:`w \mapsto H_\ell w` if ``loss`` is a known loss.
 
     Recognises ``loss = mse_loss(outputs, t)``, ``cross_entropy(outputs, y)`` (class dimension 1,
-    no class weights) and ``binary_cross_entropy_with_logits(outputs, t)`` (no weights) with
-    ``'mean'`` or ``'sum'`` reduction, from the loss's autograd node. The returned map also
+    no class weights or label smoothing; extra dimensions ``(N, C, d1, ...)`` too) and
+    ``binary_cross_entropy_with_logits(outputs, t)`` (no weights) with ``'mean'`` or ``'sum'``
+    reduction, from the loss's autograd node. The loss may be applied to a reshape of the outputs
+    (``cross_entropy(logits.view(-1, V), y.view(-1))``), scaled by constants, reshaped, and have
+    terms added that do not depend on the outputs (a weight penalty). The returned map also
     accepts ``w`` with extra leading (batch) dimensions.
 
     * MSE: :math:`H_\ell = 2I/m` (:math:`m` = number of averaged entries, 1 for a sum).
@@ -509,23 +539,55 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
 
 def _loss_node(loss: Tensor, outputs: Tensor) -> tuple[torch.autograd.graph.Node, float] | None:
     """The loss's autograd node below constant factors, and their product (e.g. ``1/N`` of a
-    summed loss divided by the batch size); ``None`` if a factor is not a constant."""
+    summed loss divided by the batch size); ``None`` if a factor is not a constant.
+
+    Also peeled: reshapes of the one-element loss (``.reshape(())``, ``.squeeze()``, ...), added
+    constants, and added terms that do not depend on ``outputs`` (a weight penalty written into
+    the loss): they leave the loss's Hessian with respect to the outputs as it is.
+    """
     node = loss.grad_fn
     if node is None or outputs.grad_fn is None or loss.numel() != 1:
         return None
     factor = 1.0
-    while (kind := type(node).__name__) in ("MulBackward0", "DivBackward0"):
-        (first, _), (second, _) = node.next_functions
-        if second is None and first is not None:
-            other, node = node._saved_other, first
-        elif first is None and second is not None and kind == "MulBackward0":
-            other, node = node._saved_self, second
+    while True:
+        kind = type(node).__name__
+        if kind in _RESHAPES or kind in ("AddBackward1", "SubBackward1"):  # one input
+            node = node.next_functions[0][0]
+        elif kind in ("MulBackward0", "DivBackward0"):
+            (first, _), (second, _) = node.next_functions
+            if second is None and first is not None:
+                other, node = node._saved_other, first
+            elif first is None and second is not None and kind == "MulBackward0":
+                other, node = node._saved_self, second
+            else:
+                return None
+            if other is None or other.numel() != 1:
+                return None
+            factor = factor / float(other) if kind == "DivBackward0" else factor * float(other)
+        elif kind in ("AddBackward0", "SubBackward0"):
+            (first, _), (second, _) = node.next_functions
+            target = {outputs.grad_fn}
+            on_first = first is not None and _reaches(first, target, set())
+            on_second = second is not None and _reaches(second, target, set())
+            if on_first == on_second:  # both terms depend on the outputs, or neither
+                return None
+            if on_second:  # a + alpha * b, a - alpha * b
+                alpha = float(getattr(node, "_saved_alpha", 1.0))
+                factor *= -alpha if kind == "SubBackward0" else alpha
+            node = first if on_first else second
         else:
+            return node, factor
+        if node is None:
             return None
-        if other is None or other.numel() != 1:
-            return None
-        factor = factor / float(other) if kind == "DivBackward0" else factor * float(other)
-    return node, factor
+
+
+def _from_outputs(fn: torch.autograd.graph.Node | None, outputs: Tensor) -> bool:
+    """Whether ``fn`` is the outputs' node, or reaches it through reshapes alone."""
+    while fn is not outputs.grad_fn:
+        if fn is None or type(fn).__name__ not in _RESHAPES:
+            return False
+        fn = fn.next_functions[0][0]
+    return True
 
 
 def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
@@ -536,8 +598,10 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
     the outputs or their ``log_softmax``), and a hand-written full ``.sum()`` or ``.mean()``
     of a tensor with the examples along dimension 0 (``((o - y)**2).sum()``,
     ``per_example.mean()``). A constant factor belongs to the per-example loss, except exactly
-    ``1/N`` on a sum, which makes it a mean (``.sum() / N``). Not readable: anything else at
-    the top, e.g. a regulariser added, or a Python ``sum`` over examples.
+    ``1/N`` on a sum, which makes it a mean (``.sum() / N``); a term added that does not
+    depend on the outputs (a weight penalty) is seen through, as :func:`_loss_node` does. Not
+    readable: anything else at the top, e.g. two terms of the outputs, or a Python ``sum`` over
+    examples.
     """
     peeled = _loss_node(loss, outputs)
     if peeled is None:
@@ -573,33 +637,40 @@ def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float
     reduction = getattr(node, "_saved_reduction", None)
     if reduction not in (_MEAN, _SUM):
         return None
-    if name == "MseLossBackward0" and nxt[0][0] is outputs.grad_fn:
+    if name == "MseLossBackward0" and _from_outputs(nxt[0][0], outputs):
         scale = factor * 2.0 / (o.numel() if reduction == _MEAN else 1)
         return lambda w: w * scale
-    if name == "BinaryCrossEntropyWithLogitsBackward0" and nxt[0][0] is outputs.grad_fn:
+    if name == "BinaryCrossEntropyWithLogitsBackward0" and _from_outputs(nxt[0][0], outputs):
         if node._saved_weight is not None or node._saved_pos_weight is not None:
             return None
         s = torch.sigmoid(o)
         d = s * (1 - s) * (factor / (o.numel() if reduction == _MEAN else 1))
         return lambda w: w * d
-    if name == "NllLossBackward0" and type(nxt[0][0]).__name__ == "LogSoftmaxBackward0":
-        lsm = nxt[0][0]
-        if lsm.next_functions[0][0] is not outputs.grad_fn or node._saved_weight is not None:
-            return None
-        if o.dim() < 2 or lsm._saved_dim not in (1, 1 - o.dim()):
-            return None
-        cdim = _neg_dim(1, o.dim())
-        p = lsm._saved_result.detach().exp()
-        keep = (node._saved_target != node._saved_ignore_index).unsqueeze(1).to(p.dtype)
-        denom = node._saved_total_weight if reduction == _MEAN else 1.0
-        coef = keep * (factor / denom)  # rows whose target is ignored contribute zero
+    if name not in ("NllLossBackward0", "NllLoss2DBackward0") or node._saved_weight is not None:
+        return None
+    lsm = nxt[0][0]
+    if name == "NllLoss2DBackward0" and type(lsm).__name__ == "ViewBackward0":
+        lsm = lsm.next_functions[0][0]  # (N, C, d1, ...) other than 4-D: viewed as 4-D
+    if type(lsm).__name__ != "LogSoftmaxBackward0" or not _from_outputs(
+        lsm.next_functions[0][0], outputs
+    ):
+        return None
+    p = lsm._saved_result.detach().exp()  # the outputs as cross-entropy saw them (reshaped)
+    if p.dim() < 2 or lsm._saved_dim not in (1, 1 - p.dim()):
+        return None
+    cdim = _neg_dim(1, p.dim())
+    target = node._saved_target.reshape(p.shape[0], *p.shape[2:])
+    keep = (target != node._saved_ignore_index).unsqueeze(1).to(p.dtype)
+    denom = node._saved_total_weight if reduction == _MEAN else 1.0
+    coef = keep * (factor / denom)  # positions whose target is ignored contribute zero
+    shape = o.shape
 
-        def ce(w: Tensor) -> Tensor:
-            pw = p * w
-            return coef * (pw - p * pw.sum(cdim, keepdim=True))
+    def ce(w: Tensor) -> Tensor:
+        lead = w.shape[: w.dim() - len(shape)]  # extra (batched) leading dimensions
+        pw = p * w.reshape(*lead, *p.shape)
+        return (coef * (pw - p * pw.sum(cdim, keepdim=True))).reshape(*lead, *shape)
 
-        return ce
-    return None
+    return ce
 
 
 # --------------------------------------------------------------------------------------------

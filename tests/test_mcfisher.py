@@ -261,9 +261,12 @@ def test_unsupported_loss_products_are_refused():
     params = list(model.parameters())
     with pytest.raises(ValueError, match="node is HuberLossBackward0"):
         MCFisherProduct(F.huber_loss(out, y), out, params)
-    reg = F.mse_loss(out, y) + sum(p.square().sum() for p in params)  # not a loss of `out` alone
+    both = F.mse_loss(out, y) + out.abs().mean()  # two terms of `out`: not one likelihood
     with pytest.raises(ValueError, match="node is AddBackward0"):
-        MCFisherProduct(reg, out, params)
+        MCFisherProduct(both, out, params)
+    # a weight penalty is no part of the likelihood: the draw is the MSE's, as the GGN's H_l is
+    reg = F.mse_loss(out, y) + sum(p.square().sum() for p in params)
+    assert MCFisherProduct(reg, out, params).sampled_targets.shape == (1, *out.shape)
     with pytest.raises(TypeError, match="one tensor"):
         MCFisherProduct(F.mse_loss(out, y), (out,), params)
     with pytest.raises(TypeError, match="torch.Generator"):
