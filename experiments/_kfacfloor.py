@@ -142,7 +142,7 @@ def cnnrace(names: list[str], budget: float) -> None:
         sys.stdout.flush()
 
 
-def hashes(key: str, names: list[str], steps: int) -> None:
+def hashes(key: str, names: list[str], steps: int, grow: bool = False) -> None:
     """The scorecard task's default regime (full size) for ``steps`` steps under each rule:
     the error, how many steps were on mini-batches, and a hash of the parameters."""
     import hashlib
@@ -151,6 +151,8 @@ def hashes(key: str, names: list[str], steps: int) -> None:
 
     task = sc._classifier(key, quick=False) if key != "curves" else sc.make_curves_task(False)
     base = task.hf_default_regime or next(iter(task.hf.values()))
+    if grow:  # _freeze_hashes.py's "mnist1dgrow": the growing batch, no arguments
+        base = dict(batch=250, growth=1.1, curvature_batch=0.25)
     base = {k: v for k, v in base.items() if k not in ("kfac", "early_kw")} | {"kw": {}}
     for name in names:
         r, opt = _seeded_run(sc, task, name, base, 0)
@@ -240,6 +242,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["cnn", "cnnrace", "curves", "hashes"])
     ap.add_argument("--task", default="mnist1d")
+    ap.add_argument("--grow", action="store_true")
     ap.add_argument("--rules", nargs="+", default=["main", "rise x2"])
     ap.add_argument("--steps", type=int, default=90)
     ap.add_argument("--budget", type=float, default=90.0)
@@ -252,7 +255,7 @@ def main() -> None:
     elif a.what == "cnnrace":
         cnnrace(a.rules, a.budget)
     elif a.what == "hashes":
-        hashes(a.task, a.rules, a.steps)
+        hashes(a.task, a.rules, a.steps, a.grow)
     else:
         curves(a.rules, a.budget, tuple(a.seeds), a.tuned_rule)
     print("\nload at end:", load())
