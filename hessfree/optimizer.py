@@ -238,13 +238,14 @@ def _precision_share(dtype: torch.dtype) -> float:
 #: ``2 _RISE_WINDOW`` steps (``experiments/README.md``, "cnnmb", "kfacfloor"), and then, as on
 #: plain-CG steps, where the floor is stale (``HessianFree._floor_stale``).
 _FLOOR_EVERY = 4
-#: On plain-CG (not K-FAC) steps of a stochastic objective the scale is re-measured at those
-#: steps only where the closure's loss, each step's on a fresh batch, rose: the mean of the
-#: last ``_RISE_WINDOW`` steps' above that of the ``_RISE_WINDOW`` before by more than
-#: ``_RISE_Z`` standard errors (``_loss_rose``). A growing curvature scale then means steps
-#: that fit their own batch; without the rise it is batch noise (``experiments/README.md``,
-#: "mbfloor": GRU/LSTM regressions bitwise, CE classifiers 2-6x lower loss). And only where a
-#: step of the window overshot (``_RISE_NEEDS_OVERSHOOT``, "ratchet2").
+#: On plain-CG steps of a stochastic objective (and K-FAC steps after the first 2 windows)
+#: the scale is re-measured at those steps only where the closure's loss, each step's on a
+#: fresh batch, rose: the mean of the last ``_RISE_WINDOW`` steps' above that of the
+#: ``_RISE_WINDOW`` before by more than ``_RISE_Z`` standard errors (``_loss_rose``). A
+#: growing curvature scale then means steps that fit their own batch; without the rise it is
+#: batch noise (``experiments/README.md``, "mbfloor": GRU/LSTM regressions bitwise, CE
+#: classifiers 2-6x lower loss). And only where a step of the window overshot
+#: (``_RISE_NEEDS_OVERSHOOT``, "ratchet2").
 _RISE_WINDOW = 8
 _RISE_Z = 1.0
 #: A step held below the float resolution counts as kept short by λ (and λ is lowered) only
