@@ -52,6 +52,10 @@ RULES = {
     "early": (_early, math.inf),  # the first 2 _RISE_WINDOW steps only
     "early+stale": (lambda self, st: _early(self, st) or self._floor_stale(st), math.inf),
 }
+RULES["early+rise"] = (
+    lambda self, st: _early(self, st) or hopt._loss_rose(st.get("recent_losses", [])),
+    math.inf,
+)
 RULES["adopted"] = RULES["early+stale"]  # the library's rule from this branch on
 
 
@@ -106,7 +110,9 @@ def cnn(names: list[str], steps: int, seeds: tuple[int, ...]) -> None:
     _cnnmb.diag(steps, variants, {"CNN": _cnnmb._unseen.cnn, "MLP control": _cnnmb.mlp}, seeds)
 
 
-def cnnrace(names: list[str], budget: float) -> None:
+def cnnrace(
+    names: list[str], budget: float, models: tuple[str, ...] = ("CNN", "MLP control")
+) -> None:
     """Interleaved equal-CPU-time runs on the CNN and the MLP control, one per rule (the
     batches of ``_unseen.minibatch_step``: seed 1)."""
     import _cnnmb
@@ -115,7 +121,13 @@ def cnnrace(names: list[str], budget: float) -> None:
 
     x, y = _unseen.digits()[:2]
     loss_fn = nn.functional.cross_entropy
-    for title, make in (("CNN", _unseen.cnn), ("MLP control", _cnnmb.mlp)):
+
+    def bn() -> nn.Module:  # _cnnmb.py others' BatchNorm + Dropout MLP (K-FAC)
+        return nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                             nn.Dropout(0.2), nn.Linear(64, 10))  # fmt: skip
+
+    makers = {"CNN": _unseen.cnn, "MLP control": _cnnmb.mlp, "BatchNorm + Dropout MLP": bn}
+    for title, make in ((t, makers[t]) for t in models):
         torch.manual_seed(0)
         model0 = make()
         runs = []
@@ -243,6 +255,7 @@ def main() -> None:
     ap.add_argument("what", choices=["cnn", "cnnrace", "curves", "hashes"])
     ap.add_argument("--task", default="mnist1d")
     ap.add_argument("--grow", action="store_true")
+    ap.add_argument("--models", nargs="+", default=["CNN", "MLP control"])
     ap.add_argument("--rules", nargs="+", default=["main", "rise x2"])
     ap.add_argument("--steps", type=int, default=90)
     ap.add_argument("--budget", type=float, default=90.0)
@@ -253,7 +266,7 @@ def main() -> None:
     if a.what == "cnn":
         cnn(a.rules, a.steps, tuple(a.seeds))
     elif a.what == "cnnrace":
-        cnnrace(a.rules, a.budget)
+        cnnrace(a.rules, a.budget, tuple(a.models))
     elif a.what == "hashes":
         hashes(a.task, a.rules, a.steps, a.grow)
     else:
