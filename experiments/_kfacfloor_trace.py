@@ -2,7 +2,7 @@
 full-set loss or error, parameter norm, λ, the floor's scale, ρ, and over the last 8 steps the
 mean own-batch reduction, the mean fresh-minus-fitted gap and the mean fresh-batch change.
 
-    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_kfacfloor_trace.py cnn|mlp|curves \
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_kfacfloor_trace.py cnn|mlp|bn|curves \
         RULE STEPS
 """
 
@@ -26,13 +26,15 @@ torch.set_num_threads(1)
 
 def main() -> None:
     which, name, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    if which in ("cnn", "mlp"):
+    if which in ("cnn", "mlp", "bn"):
         import _cnnmb
         import _unseen
 
         x, y, _, _ = _unseen.digits()
         torch.manual_seed(0)
-        model = (_unseen.cnn if which == "cnn" else _cnnmb.mlp)()
+        bn = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.2),
+                           nn.Linear(64, 10)) if which == "bn" else None  # fmt: skip
+        model = bn or (_unseen.cnn if which == "cnn" else _cnnmb.mlp)()
         opt = hessfree.HessianFree(model.parameters())
         gen = torch.Generator().manual_seed(1)
 
@@ -66,7 +68,7 @@ def main() -> None:
             step()
         i = opt.last_step
         infos.append(i)
-        if not (k < 12 or k % 4 == 3):
+        if not (k < 12 or k % 4 == 3) or (k > 40 and k % 40 != 39):
             continue
         w = infos[-9:]
         n = len(w) - 1
