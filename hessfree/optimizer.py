@@ -233,17 +233,19 @@ def _precision_share(dtype: torch.dtype) -> float:
     return min(1.0, torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
 
 
-#: On K-FAC steps of a stochastic objective the relative floor's scale is re-measured (one
-#: product along g) every this many steps (``HessianFree._raise_floor``;
-#: ``experiments/README.md``, "cnnmb").
+#: On a stochastic objective the relative floor's scale is re-measured (one product along g)
+#: at most every this many steps (``HessianFree._raise_floor``): on K-FAC steps, in the first
+#: ``2 _RISE_WINDOW`` steps (``experiments/README.md``, "cnnmb", "kfacfloor"), and then, as on
+#: plain-CG steps, where the floor is stale (``HessianFree._floor_stale``).
 _FLOOR_EVERY = 4
-#: On plain-CG (not K-FAC) steps of a stochastic objective the scale is re-measured at those
-#: steps only where the closure's loss, each step's on a fresh batch, rose: the mean of the
-#: last ``_RISE_WINDOW`` steps' above that of the ``_RISE_WINDOW`` before by more than
-#: ``_RISE_Z`` standard errors (``_loss_rose``). A growing curvature scale then means steps
-#: that fit their own batch; without the rise it is batch noise (``experiments/README.md``,
-#: "mbfloor": GRU/LSTM regressions bitwise, CE classifiers 2-6x lower loss). And only where a
-#: step of the window overshot (``_RISE_NEEDS_OVERSHOOT``, "ratchet2").
+#: On plain-CG steps of a stochastic objective (and K-FAC steps after the first 2 windows)
+#: the scale is re-measured at those steps only where the closure's loss, each step's on a
+#: fresh batch, rose: the mean of the last ``_RISE_WINDOW`` steps' above that of the
+#: ``_RISE_WINDOW`` before by more than ``_RISE_Z`` standard errors (``_loss_rose``). A
+#: growing curvature scale then means steps that fit their own batch; without the rise it is
+#: batch noise (``experiments/README.md``, "mbfloor": GRU/LSTM regressions bitwise, CE
+#: classifiers 2-6x lower loss). And only where a step of the window overshot
+#: (``_RISE_NEEDS_OVERSHOOT``, "ratchet2").
 _RISE_WINDOW = 8
 _RISE_Z = 1.0
 #: A step held below the float resolution counts as kept short by λ (and λ is lowered) only
@@ -2033,8 +2035,8 @@ class HessianFree(torch.optim.Optimizer):
             state.get("deterministic") is False
             and self._relative_fraction(state) > 0
             and state["step"] % _FLOOR_EVERY == 0
-            and (self._kfac_in_use() or self._floor_stale(state))
-        ):  # mini-batches: the floor follows a growing curvature scale (plain CG: "mbfloor")
+            and self._floor_due(state)
+        ):  # mini-batches: the floor follows a growing curvature scale ("mbfloor", "cnnmb")
             self._raise_floor(curvature, product, g, g_norm, run)
 
         run.f_base = run.f0
@@ -2163,7 +2165,8 @@ class HessianFree(torch.optim.Optimizer):
         steps that fit each 100-case batch then grew the weights' norm 3.4 → 200 and the
         training-set loss went up. A running maximum, not the latest value, since a
         mini-batch's quotient along its own noisy gradient jumps from step to step, and the
-        floor is there for the largest curvature the steps meet.
+        floor is there for the largest curvature the steps meet. When it is measured:
+        :meth:`_floor_due`.
         """
         gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
         scale = abs(gCg) / gDg if gDg > 0 else math.nan
@@ -2258,13 +2261,34 @@ class HessianFree(torch.optim.Optimizer):
             # steps took 4-18 s (experiments/README.md, "kfac2"); raised, it is kept
             state["damping_unfloored"] = max(new, shadow) if state.get("cg_capped") else new
 
+    def _floor_due(self, state: dict) -> bool:
+        r"""Whether this ``_FLOOR_EVERY``-th step of a stochastic objective re-measures the
+        relative floor's scale (:meth:`_raise_floor`): where the floor is stale
+        (:meth:`_floor_stale`: the fresh batches' loss rose and a step overshot), and on
+        K-FAC steps also while fewer than ``2 _RISE_WINDOW`` fresh losses are known (the
+        first ~16 steps, before :func:`_loss_rose` can judge).
+
+        Why the first steps: the scale of the first step, at the initial weights, is a poor
+        one where the curvature jumps as soon as training starts. On the mini-batch ReLU CNN
+        of "cnnmb" (``experiments/README.md``) the quotient went 0.2 → 30 by the 4th step, and
+        that one raise is the whole fix there (the scale then stayed put for 90 steps). Why not
+        later, as cnnmb's running maximum did at every 4th step: on CURVES' autoencoder at
+        batch 250 the quotient along the mini-batch gradient grows 28 → 6,000 over 400 steps
+        while the fresh batches' loss falls and λ ≈ 0.3 stays right (ρ ≈ 1); the ratchet held
+        λ at 1 % of it (22 at step 300) and the train error at 21.5 where the fixed floor
+        reached 12 ("kfacfloor"). After the first steps K-FAC steps follow plain CG's rule.
+        """
+        if self._kfac_in_use() and len(state.get("recent_losses", [])) < 2 * _RISE_WINDOW:
+            return True
+        return self._floor_stale(state)
+
     @staticmethod
     def _floor_stale(state: dict) -> bool:
-        r"""Whether a plain-CG mini-batch step should re-measure the relative floor's scale:
-        the fresh batches' loss rose (:func:`_loss_rose`) *and* one of the last
-        ``_RISE_WINDOW`` steps overshot on its own batch (:math:`\rho < 1/4` or NaN, unless
-        held as mask noise: ``state['overshot_step']``; a step rejected before :math:`\rho`,
-        on a non-finite value, does not count).
+        r"""Whether a mini-batch step (on K-FAC: after the first ones) should re-measure the
+        relative floor's scale: the fresh batches' loss rose (:func:`_loss_rose`) *and* one
+        of the last ``_RISE_WINDOW`` steps overshot on its own batch (:math:`\rho < 1/4` or
+        NaN, unless held as mask noise: ``state['overshot_step']``; a step rejected before
+        :math:`\rho`, on a non-finite value, does not count).
 
         Two pieces of evidence on different data. The rise compares batches a step was not
         fitted to, so batch-to-batch noise passes it now and then (16 % of checks at 1 s.e.);
