@@ -40,11 +40,9 @@ def _launch(tmp_path: Path, world: int, steps: int, *extra: str) -> list[subproc
     ]
 
 
-def _run_against_single(tmp_path: Path, steps: int, *extra: str) -> tuple[dict, dict]:
-    """Two ranks and a single process on the same task; their saved results. Every process is
-    waited for, and any still running when one fails or hangs is killed, so a failure never
-    leaves workers behind."""
-    procs = _launch(tmp_path, 2, steps, *extra) + _launch(tmp_path, 1, steps, *extra)
+def _wait_all(procs: list) -> None:
+    """Wait for every process; kill any still running when one fails or hangs, so that a
+    failure never leaves workers behind."""
     try:
         for p in procs:
             _, err = p.communicate(timeout=120)
@@ -54,6 +52,11 @@ def _run_against_single(tmp_path: Path, steps: int, *extra: str) -> tuple[dict, 
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+def _run_against_single(tmp_path: Path, steps: int, *extra: str) -> tuple[dict, dict]:
+    """Two ranks and a single process on the same task; their saved results (:func:`_wait_all`)."""
+    _wait_all(_launch(tmp_path, 2, steps, *extra) + _launch(tmp_path, 1, steps, *extra))
     dp = torch.load(tmp_path / "params-2.pt", weights_only=True)
     single = torch.load(tmp_path / "params-1.pt", weights_only=True)
     return dp, single
@@ -177,16 +180,7 @@ def test_mc_fisher_labels_are_drawn_per_rank_from_seed_step_and_rank(tmp_path):
     between the ranks and equal that seed's, and the ranks stay in step."""
     from hessfree._rng import _batch_seed
 
-    procs = _launch(tmp_path, 2, 3, "mcfisher")
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    _wait_all(_launch(tmp_path, 2, 3, "mcfisher"))
     runs = [torch.load(tmp_path / f"params-2.pt.{r}", weights_only=True) for r in range(2)]
     assert [len(run["states"]) for run in runs] == [3, 3]
     for step in range(3):
