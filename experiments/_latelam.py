@@ -13,11 +13,14 @@ stdout, per-step logs to ``--log`` (one JSON line per step).
 
 Rules (K-FAC steps; the early raises of "kfacfloor" are kept by all of them):
 ``main``: the library's (``_floor_stale``: the loss rose and a step overshot, then the scale
-jumps to the current quotient); ``early``: no raise after the first ``2 _RISE_WINDOW`` steps;
-``cap2``: a late raise multiplies the scale by at most 2.
+jumps to the current quotient); ``early``: no raise after the first ``2 _RISE_WINDOW`` steps
+(the counterfactual: is a late raise right or a ratchet?). ``analyze``: from the logs, each
+late raise, λ's position on the floor and ρ after it, and per 500 steps the median fresh-batch
+loss, ρ and λ.
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_latelam.py race --seeds 0 \
         --rules main early --budget 300 --log /tmp/latelam-s0.jsonl
+    PYTHONPATH=. python3 experiments/_latelam.py analyze --logs /tmp/latelam-s0.jsonl
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -45,32 +49,10 @@ def _early(state: dict) -> bool:
     return len(state.get("recent_losses", [])) < 2 * hopt._RISE_WINDOW
 
 
-def _capped_raise(factor: float):
-    """``_raise_floor`` with a late raise at most ``factor`` × the old scale."""
-    library = hopt.HessianFree._raise_floor
-
-    def raise_floor(self, curvature, product, g, g_norm, run) -> None:
-        state = run.state
-        if _early(state):
-            return library(self, curvature, product, g, g_norm, run)
-        gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
-        scale = abs(gCg) / gDg if gDg > 0 else math.nan
-        old = state.get("damping_scale", 0.0)
-        if not (math.isfinite(scale) and scale > old):
-            return
-        state["damping_scale"] = min(scale, factor * old)
-        lam = self._damping_policy(state).clip(run.damping)
-        if lam != run.damping:
-            run.damping = state["damping"] = lam
-
-    return raise_floor
-
-
 #: name: (floor_due replacement or None, raise_floor replacement or None)
 RULES = {
     "main": (None, None),
     "early": (lambda self, st: _early(st) if self._kfac_in_use() else self._floor_stale(st), None),
-    "cap2": (None, _capped_raise(2.0)),
 }
 
 
@@ -86,7 +68,7 @@ def rule(name: str, log: dict):
     inner = raise_ or saved[1]
 
     def raise_floor(self, *args) -> None:
-        log["checked"] = True
+        log["checked"] = log.get("checked", 0) + 1
         return inner(self, *args)
 
     cls._raise_floor = raise_floor
@@ -198,9 +180,49 @@ def _summary(seed: int, runs: list[dict], budget: float, marks, l0: str) -> None
     sys.stdout.flush()
 
 
+def analyze(paths: list[str]) -> None:
+    """From ``race``'s per-step logs: each late raise (step, scale, λ), and for each run the
+    share of steps after it whose λ sat on the floor with ρ > 3/4 (Levenberg-Marquardt would
+    have lowered λ), ρ's median, and the errors at the evaluations around it."""
+    for path in paths:
+        rows = [json.loads(line) for line in open(path)]  # noqa: SIM115
+        for name in dict.fromkeys(r["run"] for r in rows):
+            run = [r for r in rows if r["run"] == name]
+            raises = [r for r in run if r["raised"] and r["step"] > 2 * hopt._RISE_WINDOW]
+            first = raises[0]["step"] if raises else None
+            after = [r for r in run if first is not None and r["step"] > first]
+            pinned = [r for r in after if r["lam"] <= r["floor"] * (1 + 1e-6)]
+            good = [r for r in pinned if r["rho"] > 0.75]
+            rhos = [r["rho"] for r in after if math.isfinite(r["rho"])]
+            evs = [r for r in run if "train_error" in r]
+            print(f"{path} {name}: {len(run)} steps, late checks "
+                  f"{sum(1 for r in run if r['checked'] and r['step'] > 16)}, raises "
+                  + ", ".join(f"{r['step']} ({r['cpu']:.0f} s): scale {r['scale']:.4g} λ "
+                              f"{r['lam']:.3g}" for r in raises))  # fmt: skip
+            if after:
+                rho = statistics.median(rhos)
+                print(f"  after step {first}: λ on the floor {len(pinned)}/{len(after)} steps, "
+                      f"of them ρ > 3/4 {len(good)}; median ρ {rho:.3f}")  # fmt: skip
+            # the fresh batches' loss (each step's on a batch it was not fitted to) and ρ (on
+            # its own batch) per 500 steps: medians
+            bins = {}
+            for r in run:
+                bins.setdefault(r["step"] // 500, []).append(r)
+            print("  per 500 steps, median fresh-batch loss / ρ / λ: " + "; ".join(
+                f"{k * 500}+ {statistics.median(r['f0'] for r in b):.1f} / "
+                f"{statistics.median(r['rho'] for r in b if math.isfinite(r['rho'])):.2f} / "
+                f"{statistics.median(r['lam'] for r in b):.3g}"
+                for k, b in bins.items()))  # fmt: skip
+            pick = evs[:: max(1, len(evs) // 10)] + evs[-1:]
+            print("  step cpu train held-out: " + "; ".join(
+                f"{r['step']} {r['cpu']:.0f} {r['train_error']:.2f} {r['held_error']:.2f}"
+                for r in pick))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["race"])
+    ap.add_argument("what", choices=["race", "analyze"])
+    ap.add_argument("--logs", nargs="*", default=[])
     ap.add_argument("--rules", nargs="+", default=["main", "early"])
     ap.add_argument("--budget", type=float, default=300.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -208,7 +230,10 @@ def main() -> None:
     ap.add_argument("--log", default=None)
     a = ap.parse_args()
     print(f"hessfree from {hessfree.__file__}; load at start: {load()}", flush=True)
-    race(a.rules, a.budget, a.seeds, a.eval_every, a.log)
+    if a.what == "analyze":
+        analyze(a.logs)
+    else:
+        race(a.rules, a.budget, a.seeds, a.eval_every, a.log)
     print("\nload at end:", load(), flush=True)
 
 
