@@ -313,6 +313,9 @@ _KFAC_SETTINGS = dict(rank=32, refresh=2)
 #: left a GRU or LSTM whose head (1% of the parameters) was the only layer nearly
 #: unpreconditioned and 4× behind precond=None (experiments/README.md, "unseen").
 _KFAC_MIN_COVERAGE = 0.5
+#: ``precond='auto'``'s K-FAC takes ``nn.Conv1d``/``nn.Conv2d`` layers too (``'kfac'``
+#: always does): off until measured to help (experiments/README.md, "kfacconv").
+_AUTO_KFAC_CONV = False
 #: A built-in preconditioner's state before its first step.
 _EMPTY_PRECOND_STATE = {
     NystromPreconditioner: {"U": None, "eigenvalues": None, "calls": 0},
@@ -1338,13 +1341,15 @@ class HessianFree(torch.optim.Optimizer):
             ok = ok and all(
                 i is None or (isinstance(i, int) and 0 <= i < len(params)) for i in (iw, ib)
             )
-            if not ok or iw is None or params[iw].dim() != 2:
+            if not ok or iw is None or params[iw].dim() not in (2, 3, 4):
                 raise ValueError(
                     f"`state_dict['precond']['state']['layers'][{k}]` must be [weight index, "
                     f"bias index or None] into this optimizer's {len(params)} parameters (a "
-                    f"2-D weight), got {pair!r}: saved for another model?"
+                    f"2-D weight, or a 3-D/4-D convolution's), got {pair!r}: saved for another "
+                    "model?"
                 )
-            out.append(_Linear(params[iw], None if ib is None else params[ib]))
+            kind = "Linear" if params[iw].dim() == 2 else f"Conv{params[iw].dim() - 2}d"
+            out.append(_Linear(params[iw], None if ib is None else params[ib], kind))
         return out
 
     def __getattr__(self, name: str) -> object:
@@ -1519,7 +1524,9 @@ class HessianFree(torch.optim.Optimizer):
             # precond='kfac' (or 'auto'): the nn.Linear calls of this call, for K-FAC's factors
             self._linear_pass = None
             record = self._records_linears()
-            linears = _LinearPass(self._params()) if record else None
+            # 'auto' takes convolutions only once measured to help (_AUTO_KFAC_CONV)
+            conv = self.precond != "auto" or _AUTO_KFAC_CONV
+            linears = _LinearPass(self._params(), conv=conv) if record else None
             with (
                 torch.enable_grad(),
                 _backward_builds_graph() as called,
@@ -1812,9 +1819,10 @@ class HessianFree(torch.optim.Optimizer):
                 recorded.release()
             if not precond.layers:
                 raise ValueError(
-                    "precond='kfac' found no nn.Linear layer whose weight is among the "
-                    "optimizer's parameters in the closure's forward pass; pass another "
-                    "precond ('auto', None, 'martens', 'nystrom')."
+                    "precond='kfac' found no nn.Linear layer (nor nn.Conv1d/nn.Conv2d with "
+                    "groups=1 and zero padding) whose weight is among the optimizer's parameters "
+                    "in the closure's forward pass; pass another precond ('auto', None, "
+                    "'martens', 'nystrom')."
                 )
         fisher = "The diagonal empirical-Fisher preconditioner"
         what = (
