@@ -902,10 +902,13 @@ class HessianFree(torch.optim.Optimizer):
             ``(loss, outputs)`` closures); ``'nystrom'`` (:class:`NystromPreconditioner` for any
             positive semi-definite curvature, from batched products alone); ``'kfac'``
             (:class:`KFACPreconditioner` with rank 32, refreshed every 2 steps, on the
-            ``nn.Linear`` layers found from the parameters alone: while the optimizer makes its
-            graph-building closure call, a global forward hook records each ``nn.Linear`` whose
-            weight is the optimizer's (a bias it does not train, frozen, counts as none), and
-            is removed afterwards, also on an error; the first step fixes the layers, and a step
+            ``nn.Linear`` layers and the ``nn.Conv1d``/``nn.Conv2d`` ones (groups=1, zero
+            padding; others are left unpreconditioned; ``'auto'`` takes ``nn.Linear`` only:
+            conv K-FAC lost on a LeNet-style CNN, ``experiments/README.md``, "kfacconv") found
+            from the parameters alone: while the optimizer makes its graph-building closure
+            call, a global forward hook records each such layer whose weight is the
+            optimizer's (a bias it does not train, frozen, counts as none), and is removed
+            afterwards, also on an error; the first step fixes the layers, and a step
             after one of their parameters was frozen (or a frozen bias unfrozen) finds them
             again with fresh factors; one
             that runs twice in a closure call raises

@@ -371,7 +371,8 @@ def _check_finite(owner: object, what: str, t: Tensor) -> None:
 
 
 class KFACPreconditioner:
-    r"""Kronecker-factored block-diagonal preconditioner for ``nn.Linear`` layers (K-FAC).
+    r"""Kronecker-factored block-diagonal preconditioner for ``nn.Linear`` and convolution
+    layers (K-FAC, and KFC for ``nn.Conv1d``/``nn.Conv2d``).
 
     Martens & Grosse (2015), §3-§6: the curvature block of a linear layer
     :math:`s = \bar W \bar a` (:math:`\bar W = [W, b]`, :math:`\bar a = [a; 1]`) is
@@ -397,6 +398,25 @@ class KFACPreconditioner:
     where the inverse would amplify the directions the factors have not seen). Parameters outside
     the given layers are left unpreconditioned (:math:`z = r`).
 
+    Convolutions (Grosse & Martens 2016, KFC): the weight is the matrix :math:`W` of shape
+    (out_channels, in_channels·prod(kernel)), so that the output at position :math:`t` is
+    :math:`s_t = \bar W \bar a_t` with :math:`\bar a_t` the zero-padded input patch under
+    the kernel there (stride, padding, dilation as the module's; ``unfold``'s order, which is
+    the weight's own), and the 1 for the bias at every position. Under the paper's spatially
+    uncorrelated derivatives and spatial homogeneity the block is :math:`G \otimes A` with
+    :math:`A` the mean of :math:`\bar a_t \bar a_t^\top` over examples *and* positions and
+    :math:`G = \sum_{i,t} \mathbb{E}_\xi[\delta_{i,t}\delta_{i,t}^\top]` summed over them,
+    as for an ``nn.Linear`` applied to a sequence. The paper puts the positions' count
+    :math:`|T|` on the other factor (:math:`\Omega` summed, :math:`\Gamma` averaged); only the
+    product enters :math:`G \otimes A`, its eigenvalues :math:`s_G s_A^\top`, the floor (the
+    product of the two mean eigenvalues) and the running average, so both conventions give the
+    same preconditioner, and ``relative_damping`` keeps its meaning: a share of the mean
+    eigenvalue of the layer's approximate curvature block. KFC is exact for one output
+    position of a linear model under squared error; elsewhere it dropped curvature along the
+    gradient 1.4-8× on small digits CNNs (``experiments/README.md``, "kfacconv"). Grouped
+    convolutions (groups > 1) and padding modes other than ``'zeros'`` are not covered: named
+    in a sequence they raise, found in a module they are left out (unpreconditioned).
+
     Cost, for a layer with :math:`d_{out} \times d_{in}` weights, kept affordable on wide layers
     (their full inverse costs several curvature products per application): a factor of
     dimension above ``max_dense`` is kept diagonal (its second moments only); a dense factor of
@@ -415,7 +435,9 @@ class KFACPreconditioner:
     ``curvature_closure``); each call drops the recorded tensors (and so their graph). Call
     :meth:`remove` to detach the hooks. ``HessianFree(params, precond='kfac')`` (and
     ``'auto'``) builds one without a model or hooks: the optimizer finds the layers from its
-    parameters and records their calls during its own closure call (:class:`_LinearPass`).
+    parameters and records their calls during its own closure call (:class:`_LinearPass`);
+    ``'auto'`` takes ``nn.Linear`` layers only (convolutions ended a LeNet-style CNN 8-350×
+    worse; ``experiments/README.md``, "kfacconv").
 
     Measured (#14, the scorecard's quick CURVES task, 250/62 with at most 5 CG iterations, rank
     32): about half the HF steps to a given training error at 1.15-1.4 times the cost of a step,
@@ -423,8 +445,9 @@ class KFACPreconditioner:
     has the numbers.
 
     Args:
-        model: The module whose ``nn.Linear`` submodules are preconditioned, or a sequence of
-            ``nn.Linear`` modules. Their trained parameters must be among the optimizer's;
+        model: The module whose ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` submodules are
+            preconditioned (convolutions with groups=1 and zero padding), or a sequence of
+            such modules. Their trained parameters must be among the optimizer's;
             which layers are covered follows ``requires_grad`` at every call, as for
             ``precond='kfac'``: a layer with a frozen weight is left out (as in fine-tuning;
             its bias, if trained, is unpreconditioned), a frozen bias counts as none, and a
@@ -440,9 +463,10 @@ class KFACPreconditioner:
             int >= 1, or ``None`` (never truncated).
 
     Raises:
-        TypeError: If ``model`` is neither a module nor a sequence of ``nn.Linear``.
-        ValueError: If ``model`` has no ``nn.Linear`` layer with a trainable weight or a
-            number is out of range; when
+        TypeError: If ``model`` is neither a module nor a sequence of ``nn.Linear``,
+            ``nn.Conv1d`` or ``nn.Conv2d``.
+        ValueError: If ``model`` has no such layer with a trainable weight, the sequence holds
+            a grouped or non-zero-padded convolution, or a number is out of range; when
             called, if a layer ran in no graph-building forward pass, ran more than once in one
             call of ``model`` (shared weights: detected when ``model`` is a module), or its
             parameters are not the optimizer's, or the damping is not positive.
@@ -459,6 +483,8 @@ class KFACPreconditioner:
     References:
         Martens & Grosse (2015), Optimizing neural networks with Kronecker-factored approximate
         curvature, ICML, §3, §5 and §6.
+        Grosse & Martens (2016), A Kronecker-factored approximate Fisher matrix for convolution
+        layers, ICML, §3 (KFC: the patches, SUD and spatial homogeneity).
         George, Laurent, Bouthillier, Ballas & Vincent (2018), Fast approximate natural gradient
         descent in a Kronecker-factored eigenbasis, NeurIPS (the eigenbasis form).
     """
