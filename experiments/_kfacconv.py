@@ -60,19 +60,25 @@ def problem(name: str) -> tuple:
 
 @contextlib.contextmanager
 def conv_in_auto(on: bool):
-    saved = hfopt._AUTO_KFAC_CONV
+    """``'auto'`` with or without convolutions; for ``precond='kfac'`` (which always takes
+    them) off means main's: the recorded pass leaves them out."""
+    saved, saved_pass = hfopt._AUTO_KFAC_CONV, hfopt._LinearPass
     hfopt._AUTO_KFAC_CONV = on
+    if not on:
+        hfopt._LinearPass = lambda params, conv=True: saved_pass(params, conv=False)
     try:
         yield
     finally:
-        hfopt._AUTO_KFAC_CONV = saved
+        hfopt._AUTO_KFAC_CONV, hfopt._LinearPass = saved, saved_pass
 
 
 class Run:
-    def __init__(self, name: str, conv: bool, model: nn.Module, x, y, batch: int, seed: int):
+    def __init__(
+        self, name: str, conv: bool, model: nn.Module, x, y, batch: int, seed: int, precond="auto"
+    ):
         self.name, self.conv, self.model = name, conv, model
         self.x, self.y, self.batch = x, y, batch
-        self.opt = hessfree.HessianFree(model.parameters())
+        self.opt = hessfree.HessianFree(model.parameters(), precond=precond)
         self.gen = torch.Generator().manual_seed(seed)
         self.cpu = 0.0
         self.steps = 0
@@ -102,7 +108,7 @@ class Run:
         self.curve.append((self.cpu, f))
 
     def kfac_layers(self) -> str:
-        k = self.opt._auto_precond
+        k = self.opt._auto_precond if self.opt.precond == "auto" else self.opt.precond
         if not isinstance(k, hessfree.KFACPreconditioner) or self.opt._auto_kfac_off:
             return "none"
         return "+".join(m.kind for m in k.layers)
@@ -112,13 +118,13 @@ def time_to(curve, target: float) -> float:
     return next((t for t, f in curve if f <= target), math.inf)
 
 
-def race(name: str, seed: int, budget: float, every: float) -> dict:
+def race(name: str, seed: int, budget: float, every: float, precond: str = "auto") -> dict:
     make, x, y, batch = problem(name)
     torch.manual_seed(seed)
     model0 = make()
     runs = [
-        Run("main (linear only)", False, copy.deepcopy(model0), x, y, batch, seed),
-        Run("conv K-FAC", True, copy.deepcopy(model0), x, y, batch, seed),
+        Run("main (linear only)", False, copy.deepcopy(model0), x, y, batch, seed, precond),
+        Run("conv K-FAC", True, copy.deepcopy(model0), x, y, batch, seed, precond),
     ]
     load0 = os.getloadavg()[0]
     wall0 = time.perf_counter()
@@ -217,6 +223,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--budget", type=float, default=8.0)
     ap.add_argument("--every", type=float, default=0.5)
+    ap.add_argument("--precond", default="auto", help="auto, or kfac: precond='kfac' both")
     a = ap.parse_args()
     if a.ratios:
         print("| problem | weights | vᵀCv / vᵀ(G⊗A)v per layer: along the gradient / Gaussian |")
@@ -224,7 +231,10 @@ def main() -> None:
         for name in a.problems.split(","):
             curvature_ratios(name)
         return
-    print(f"hessfree from {hessfree.__file__}; budget {a.budget:g} s CPU each, 1 thread\n")
+    print(
+        f"hessfree from {hessfree.__file__}; precond={a.precond!r}; budget {a.budget:g} s CPU "
+        "each, 1 thread\n"
+    )
     print(
         "| problem | seed | main final loss | conv final loss | conv / main | t to main's loss "
         "at ½ (conv / main) | t to main's final (conv, share of budget) | steps main / conv | "
@@ -234,7 +244,7 @@ def main() -> None:
     results = []
     for name in a.problems.split(","):
         for seed in [int(s) for s in a.seeds.split(",")]:
-            results.append(race(name, seed, a.budget, a.every))
+            results.append(race(name, seed, a.budget, a.every, a.precond))
     print("\n| problem | geometric mean of conv / main final loss | worst |")
     print("|---|---|---|")
     logs = []
