@@ -313,9 +313,11 @@ _KFAC_SETTINGS = dict(rank=32, refresh=2)
 #: left a GRU or LSTM whose head (1% of the parameters) was the only layer nearly
 #: unpreconditioned and 4× behind precond=None (experiments/README.md, "unseen").
 _KFAC_MIN_COVERAGE = 0.5
-#: ``precond='auto'``'s K-FAC takes ``nn.Conv1d``/``nn.Conv2d`` layers too (``'kfac'``
-#: always does): off until measured to help (experiments/README.md, "kfacconv").
+#: ``precond='auto'``'s and ``'kfac'``'s K-FAC take ``nn.Conv1d``/``nn.Conv2d`` layers too
+#: (KFC): off, measured worse than K-FAC on the ``nn.Linear`` layers alone on three digits CNNs
+#: (experiments/README.md, "kfacconv"); ``KFACPreconditioner(model, include_conv=True)`` opts in.
 _AUTO_KFAC_CONV = False
+_KFAC_CONV = False
 #: A built-in preconditioner's state before its first step.
 _EMPTY_PRECOND_STATE = {
     NystromPreconditioner: {"U": None, "eigenvalues": None, "calls": 0},
@@ -902,11 +904,11 @@ class HessianFree(torch.optim.Optimizer):
             ``(loss, outputs)`` closures); ``'nystrom'`` (:class:`NystromPreconditioner` for any
             positive semi-definite curvature, from batched products alone); ``'kfac'``
             (:class:`KFACPreconditioner` with rank 32, refreshed every 2 steps, on the
-            ``nn.Linear`` layers and the ``nn.Conv1d``/``nn.Conv2d`` ones (groups=1, zero
-            padding; others are left unpreconditioned; ``'auto'`` takes ``nn.Linear`` only:
-            conv K-FAC lost on a LeNet-style CNN, ``experiments/README.md``, "kfacconv") found
-            from the parameters alone: while the optimizer makes its graph-building closure
-            call, a global forward hook records each such layer whose weight is the
+            ``nn.Linear`` layers found from the parameters alone (convolutions are left
+            unpreconditioned: K-FAC on them too, KFC, was worse on three digits CNNs,
+            ``experiments/README.md``, "kfacconv"; ``KFACPreconditioner(model,
+            include_conv=True)`` opts in): while the optimizer makes its graph-building closure
+            call, a global forward hook records each ``nn.Linear`` whose weight is the
             optimizer's (a bias it does not train, frozen, counts as none), and is removed
             afterwards, also on an error; the first step fixes the layers, and a step
             after one of their parameters was frozen (or a frozen bias unfrozen) finds them
@@ -1093,7 +1095,9 @@ class HessianFree(torch.optim.Optimizer):
         builders = {
             "martens": EmpiricalFisherDiagonal,
             "nystrom": NystromPreconditioner,
-            "kfac": lambda: KFACPreconditioner._discovering(**_KFAC_SETTINGS),
+            "kfac": lambda: KFACPreconditioner._discovering(
+                **_KFAC_SETTINGS, include_conv=_KFAC_CONV
+            ),
         }
         self.precond = (
             builders[precond]() if isinstance(precond, str) and precond in builders else precond
@@ -1188,7 +1192,7 @@ class HessianFree(torch.optim.Optimizer):
             return self.precond
         if self.precond == "auto" and self._auto_precond is None and create is not None:
             self._auto_precond = (
-                KFACPreconditioner._discovering(**_KFAC_SETTINGS)
+                KFACPreconditioner._discovering(**_KFAC_SETTINGS, include_conv=_AUTO_KFAC_CONV)
                 if create == KFACPreconditioner.__name__
                 else NystromPreconditioner()
             )
@@ -1527,8 +1531,8 @@ class HessianFree(torch.optim.Optimizer):
             # precond='kfac' (or 'auto'): the nn.Linear calls of this call, for K-FAC's factors
             self._linear_pass = None
             record = self._records_linears()
-            # 'auto' takes convolutions only once measured to help (_AUTO_KFAC_CONV)
-            conv = self.precond != "auto" or _AUTO_KFAC_CONV
+            # convolutions only where measured to help (_AUTO_KFAC_CONV, _KFAC_CONV)
+            conv = _AUTO_KFAC_CONV if self.precond == "auto" else _KFAC_CONV
             linears = _LinearPass(self._params(), conv=conv) if record else None
             with (
                 torch.enable_grad(),
@@ -1730,7 +1734,9 @@ class HessianFree(torch.optim.Optimizer):
             self._linear_pass = None
             return None
         if kfac is None:
-            kfac = self._auto_precond = KFACPreconditioner._discovering(**_KFAC_SETTINGS)
+            kfac = self._auto_precond = KFACPreconditioner._discovering(
+                **_KFAC_SETTINGS, include_conv=_AUTO_KFAC_CONV
+            )
         return kfac
 
     def _kfac_coverage(self) -> float:

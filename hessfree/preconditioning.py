@@ -415,7 +415,8 @@ class KFACPreconditioner:
     position of a linear model under squared error; elsewhere it dropped curvature along the
     gradient 1.4-8× on small digits CNNs (``experiments/README.md``, "kfacconv"). Grouped
     convolutions (groups > 1) and padding modes other than ``'zeros'`` are not covered: named
-    in a sequence they raise, found in a module they are left out (unpreconditioned).
+    in a sequence they raise, found in a module (``include_conv=True``) they are left out
+    (unpreconditioned).
 
     Cost, for a layer with :math:`d_{out} \times d_{in}` weights, kept affordable on wide layers
     (their full inverse costs several curvature products per application): a factor of
@@ -436,8 +437,8 @@ class KFACPreconditioner:
     :meth:`remove` to detach the hooks. ``HessianFree(params, precond='kfac')`` (and
     ``'auto'``) builds one without a model or hooks: the optimizer finds the layers from its
     parameters and records their calls during its own closure call (:class:`_LinearPass`);
-    ``'auto'`` takes ``nn.Linear`` layers only (convolutions ended a LeNet-style CNN 8-350×
-    worse; ``experiments/README.md``, "kfacconv").
+    both take ``nn.Linear`` layers only: K-FAC on the convolutions too ended three small
+    digits CNNs worse (``experiments/README.md``, "kfacconv"), so ``include_conv=True`` opts in.
 
     Measured (#14, the scorecard's quick CURVES task, 250/62 with at most 5 CG iterations, rank
     32): about half the HF steps to a given training error at 1.15-1.4 times the cost of a step,
@@ -461,6 +462,11 @@ class KFACPreconditioner:
         max_dense: Factors of a larger dimension are kept diagonal, an int >= 0.
         rank: Dense factors of a larger dimension are truncated to this many eigenpairs, an
             int >= 1, or ``None`` (never truncated).
+        include_conv: Also precondition ``model``'s ``nn.Conv1d``/``nn.Conv2d`` layers (KFC;
+            groups=1, zero padding), a bool; off by default, as under ``precond='kfac'`` and
+            ``'auto'``: on small digits CNNs it ended 1.6-98× worse than K-FAC on the
+            ``nn.Linear`` layers alone (``experiments/README.md``, "kfacconv"). Convolutions
+            named in a sequence ``model`` are taken either way.
 
     Raises:
         TypeError: If ``model`` is neither a module nor a sequence of ``nn.Linear``,
@@ -502,11 +508,15 @@ class KFACPreconditioner:
         relative_damping: float = 0.01,
         max_dense: int = 512,
         rank: int | None = 64,
+        include_conv: bool = False,
     ) -> None:
         kinds = torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d
+        if not isinstance(include_conv, bool):
+            raise TypeError(f"`include_conv` must be a bool, got {include_conv!r}.")
+        self.include_conv = include_conv
         if isinstance(model, torch.nn.Module):
             # convolutions K-FAC cannot take (groups > 1, non-zero padding) stay unpreconditioned
-            candidates = [m for m in model.modules() if _is_layer(m)]
+            candidates = [m for m in model.modules() if _is_layer(m, include_conv)]
         elif isinstance(model, Sequence) and all(isinstance(m, kinds) for m in model):
             candidates = list(model)
             for i, m in enumerate(candidates):
@@ -550,6 +560,7 @@ class KFACPreconditioner:
         relative_damping: float = 0.01,
         max_dense: int = 512,
         rank: int | None = 64,
+        include_conv: bool = False,
     ) -> KFACPreconditioner:
         """One without a model or hooks, for ``HessianFree(precond='kfac')``: its layers are
         found and its forward passes recorded by the optimizer (:class:`_LinearPass`), and
@@ -557,6 +568,7 @@ class KFACPreconditioner:
         self = cls.__new__(cls)
         self._configure(refresh, decay, num_probes, relative_damping, max_dense, rank)
         self.layers, self._hooks, self._discovered = [], [], True
+        self.include_conv = include_conv
         return self
 
     def _configure(
@@ -636,7 +648,7 @@ class KFACPreconditioner:
             f"{type(self).__name__}(layers={len(self.layers)}, refresh={self.refresh!r}, "
             f"decay={self.decay!r}, num_probes={self.num_probes!r}, "
             f"relative_damping={self.relative_damping!r}, max_dense={self.max_dense!r}, "
-            f"rank={self.rank!r})"
+            f"rank={self.rank!r}" + (", include_conv=True)" if self.include_conv else ")")
         )
 
     def state_dict(self) -> dict:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import hessfree.optimizer
 from hessfree import GGNProduct, HessianFree, KFACPreconditioner, PrecondContext
 
 DTYPE = torch.float64
@@ -28,6 +29,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kfac_conv(monkeypatch):
+    """precond='kfac' with convolutions (off by default: "kfacconv" measured them worse)."""
+    monkeypatch.setattr(hessfree.optimizer, "_KFAC_CONV", True)
 
 
 def _context(model, x, y, loss_fn, damping, seed=0):
@@ -86,7 +93,7 @@ def test_a_1x1_convolution_on_a_1x1_image_is_the_linear_layers_kfac(num_probes):
         conv[4].load_state_dict(lin[2].state_dict())
     applied = []
     for model in (lin, conv):
-        K = KFACPreconditioner(model, num_probes=num_probes)
+        K = KFACPreconditioner(model, include_conv=True, num_probes=num_probes)
         ctx, params = _context(model, x, y, F.mse_loss, 0.05)
         apply = K(ctx)
         applied.append((K, apply(torch.arange(44, dtype=DTYPE).sin())))
@@ -130,7 +137,7 @@ def test_conv_factors_equal_loop_patches_and_autograd_output_vectors():
     model = nn.Sequential(conv, head)
     model(x)  # materialise the lazy head
     y = torch.randn(3, 2, generator=g, dtype=DTYPE)
-    K = KFACPreconditioner(model, num_probes=None, rank=None)
+    K = KFACPreconditioner(model, include_conv=True, num_probes=None, rank=None)
     ctx, _ = _context(model, x, y, F.mse_loss, 0.1)
     K(ctx)
     A, G = K.factors[0]
@@ -169,7 +176,9 @@ def test_one_output_position_gives_the_dense_damped_inverse_of_the_true_ggn(case
     layer = (nn.Conv2d if kind == "conv2d" else nn.Conv1d)(2, 3, bias=bias, **kw)
     model = nn.Sequential(layer, nn.Flatten()).to(DTYPE)
     assert model(x).shape == (7, 3)  # one output position: KFC is exact here
-    K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0, rank=None)
+    K = KFACPreconditioner(
+        model, include_conv=True, num_probes=None, relative_damping=0.0, rank=None
+    )
     mu = 0.3
     ctx, _ = _context(model, x, y, F.mse_loss, mu)
     apply = K(ctx)
@@ -223,7 +232,7 @@ def _images(n=5, seed=5):
     )
 
 
-def test_precond_kfac_covers_conv_layers_and_resumes_bitwise_from_a_state_dict():
+def test_precond_kfac_covers_conv_layers_and_resumes_bitwise_from_a_state_dict(kfac_conv):
     x, y = _images(n=3)
     model = _cnn()
     opt = HessianFree(model.parameters(), precond="kfac")
@@ -245,14 +254,14 @@ def test_precond_kfac_covers_conv_layers_and_resumes_bitwise_from_a_state_dict()
     assert all(torch.equal(p, q) for p, q in pairs)
 
 
-def test_a_conv_with_a_frozen_bias_is_its_weights_true_ggn_inverse_and_a_frozen_weight_is_out():
+def test_a_frozen_conv_bias_gives_the_true_ggn_inverse_a_frozen_weight_leaves_it_out(kfac_conv):
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(6, 2, 3, 3, generator=g, dtype=DTYPE), torch.randn(6, 3, generator=g)
     y = y.to(DTYPE)
     torch.manual_seed(6)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()).to(DTYPE)
     model[0].bias.requires_grad_(False)
-    K = KFACPreconditioner(model, num_probes=None, relative_damping=0.0)
+    K = KFACPreconditioner(model, include_conv=True, num_probes=None, relative_damping=0.0)
     ctx, _ = _context(model, x, y, F.mse_loss, 0.2)
     apply = K(ctx)
     assert K.factors[0][0].shape == (18, 18)  # no bias row
@@ -272,13 +281,13 @@ def test_a_conv_with_a_frozen_bias_is_its_weights_true_ggn_inverse_and_a_frozen_
 
 
 @pytest.mark.parametrize("what", ["groups", "padding_mode"])
-def test_unsupported_convs_are_refused_when_named_and_left_out_when_found(what):
+def test_unsupported_convs_are_refused_when_named_and_left_out_when_found(what, kfac_conv):
     kw = {"groups": dict(groups=2), "padding_mode": dict(padding_mode="reflect")}[what]
     model = _cnn(**kw)
     named = "groups=2" if what == "groups" else "padding_mode='reflect'"
     with pytest.raises(ValueError, match=rf"layer 0 \(Conv2d.*\): {named}.*only"):
         KFACPreconditioner([model[0], model[2]])
-    assert [m.weight for m in KFACPreconditioner(model).layers] == [
+    assert [m.weight for m in KFACPreconditioner(model, include_conv=True).layers] == [
         model[2].weight,
         model[4].weight,
     ]
@@ -302,14 +311,29 @@ class _Twice(nn.Module):
         return self.head(self.conv(torch.tanh(self.conv(x))).flatten(1))
 
 
-def test_a_conv_called_twice_is_refused_under_kfac_and_by_the_hooked_form():
+def test_a_conv_called_twice_is_refused_under_kfac_and_by_the_hooked_form(kfac_conv):
     x, y = _images()
     torch.manual_seed(0)
     model = _Twice().to(DTYPE)
     opt = HessianFree(model.parameters(), precond="kfac")
     with pytest.raises(ValueError, match=r"layer 0 \(Conv2d.*\) ran 2 times"):
         opt.step(_closure(model, x, y))
-    K = KFACPreconditioner(model)
+    K = KFACPreconditioner(model, include_conv=True)
     ctx, _ = _context(model, x, y, F.mse_loss, 1.0)
     with pytest.raises(ValueError, match=r"layer 0 \(Conv2d.*\) ran 2 times in one forward"):
         K(ctx)
+
+
+def test_convolutions_are_left_out_unless_asked_for():
+    x, y = _images()
+    for precond in ("kfac", "auto"):
+        model = _cnn()
+        opt = HessianFree(model.parameters(), precond=precond)
+        opt.step(_closure(model, x, y))
+        kfac = opt.precond if precond == "kfac" else opt._auto_precond
+        assert kfac is None or [m.weight for m in kfac.layers] == [model[4].weight]
+    model = _cnn()
+    assert [m.weight for m in KFACPreconditioner(model).layers] == [model[4].weight]
+    assert len(KFACPreconditioner(model, include_conv=True).layers) == 3
+    with pytest.raises(TypeError, match="`include_conv` must be a bool, got 1"):
+        KFACPreconditioner(model, include_conv=1)
