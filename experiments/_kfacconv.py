@@ -2,7 +2,8 @@
 
 ``HessianFree(params)`` (no arguments, ``precond='auto'``) with ``_AUTO_KFAC_CONV`` on (auto's
 K-FAC takes ``nn.Conv2d`` layers, and counts them toward its 50 % coverage gate) against off
-(main's behaviour: ``nn.Linear`` layers only), from the same weights on the same batch
+(main's behaviour: ``nn.Linear`` layers only; ``--precond kfac``: the same for
+``precond='kfac'`` and ``_KFAC_CONV``), from the same weights on the same batch
 sequence, interleaved in one process at equal CPU time (``time.process_time``, 1 thread): the
 contender with the least CPU time so far takes the next step. Evaluation (full train-set
 loss, eval mode) is off the clock. Problems: ``cnn`` (``_unseen.py``'s, as in "cnnmb": 2 conv
@@ -10,7 +11,10 @@ loss, eval mode) is off the clock. Problems: ``cnn`` (``_unseen.py``'s, as in "c
 ``lenet`` (conv-tanh-avgpool, conv-tanh, 64-32-10 head, batch 100), all on digits 8×8.
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_kfacconv.py \
-        [--problems cnn,cnnbn,lenet] [--seeds 1,2,3] [--budget 8]
+        [--problems cnn,cnnbn,lenet] [--seeds 1,2,3] [--budget 8] [--precond kfac] [--ratios]
+
+``--ratios``: off the clock, per layer vᵀCv / vᵀ(G⊗A)v (exact GGN against K-FAC's factors of
+the same batch) along the gradient's block and a Gaussian one (:func:`curvature_ratios`).
 """
 
 from __future__ import annotations
@@ -60,16 +64,13 @@ def problem(name: str) -> tuple:
 
 @contextlib.contextmanager
 def conv_in_auto(on: bool):
-    """``'auto'`` with or without convolutions; for ``precond='kfac'`` (which always takes
-    them) off means main's: the recorded pass leaves them out."""
-    saved, saved_pass = hfopt._AUTO_KFAC_CONV, hfopt._LinearPass
-    hfopt._AUTO_KFAC_CONV = on
-    if not on:
-        hfopt._LinearPass = lambda params, conv=True: saved_pass(params, conv=False)
+    """``precond='auto'``'s and ``'kfac'``'s K-FAC with convolutions (on) or without (main's)."""
+    saved = hfopt._AUTO_KFAC_CONV, hfopt._KFAC_CONV
+    hfopt._AUTO_KFAC_CONV = hfopt._KFAC_CONV = on
     try:
         yield
     finally:
-        hfopt._AUTO_KFAC_CONV, hfopt._LinearPass = saved, saved_pass
+        hfopt._AUTO_KFAC_CONV, hfopt._KFAC_CONV = saved
 
 
 class Run:
