@@ -196,6 +196,7 @@ def test_one_output_position_gives_the_dense_damped_inverse_of_the_true_ggn(case
         dict(kernel_size=4, padding="same"),  # conv1d, even kernel: torch pads one more right
     ],
 )
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's notice
 def test_patches_times_the_weight_matrix_is_the_convolution(kw):
     from hessfree.preconditioning import _Patches
 
