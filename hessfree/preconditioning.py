@@ -470,7 +470,7 @@ class KFACPreconditioner:
 
     Raises:
         TypeError: If ``model`` is neither a module nor a sequence of ``nn.Linear``,
-            ``nn.Conv1d`` or ``nn.Conv2d``.
+            ``nn.Conv1d`` or ``nn.Conv2d``, or ``include_conv`` is not a bool.
         ValueError: If ``model`` has no such layer with a trainable weight, the sequence holds
             a grouped or non-zero-padded convolution, or a number is out of range; when
             called, if a layer ran in no graph-building forward pass, ran more than once in one
