@@ -1827,11 +1827,17 @@ class HessianFree(torch.optim.Optimizer):
                 precond._observe(recorded, skip_shared=self.precond == "auto")
                 recorded.release()
             if not precond.layers:
+                convs = " (nor nn.Conv1d/nn.Conv2d with groups=1 and zero padding)"
                 raise ValueError(
-                    "precond='kfac' found no nn.Linear layer (nor nn.Conv1d/nn.Conv2d with "
-                    "groups=1 and zero padding) whose weight is among the optimizer's parameters "
-                    "in the closure's forward pass; pass another precond ('auto', None, "
-                    "'martens', 'nystrom')."
+                    f"precond='kfac' found no nn.Linear layer{convs if _KFAC_CONV else ''} "
+                    "whose weight is among the optimizer's parameters in the closure's forward "
+                    "pass; pass another precond ('auto', None, 'martens', 'nystrom')"
+                    + (
+                        ""
+                        if _KFAC_CONV
+                        else ", or KFACPreconditioner(model, include_conv=True) for convolutions"
+                    )
+                    + "."
                 )
         fisher = "The diagonal empirical-Fisher preconditioner"
         what = (
