@@ -23,7 +23,7 @@ closure); ``clip`` (``lo`` plus gradient-norm clipping of the step at 1, as RNN 
 ``nofloor`` (``relative_min_damping=0``); ``floor10`` (``relative_min_damping=0.1``); ``sd``
 (structural damping, Martens & Sutskever 2011 §3.3: the closure returns the LSTM's hidden
 states from ``hessfree.record_hidden``, ``structural_damping='auto'`` is then μ = 0.03, and
-the relative floor is off).
+the relative floor is off); ``cold`` (``cg_decay=0``: no warm start, CG from 0 each step).
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_lstmrise.py diag --seeds 0 1 2 3 4
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_lstmrise.py remedy --seeds 0 1 2
@@ -61,7 +61,11 @@ def held_out(n: int = 512, tmax: int = 20, seed: int = 1012) -> tuple[torch.Tens
 
 
 def make_opt(variant: str, model) -> hessfree.HessianFree:
-    kw = {"nofloor": {"relative_min_damping": 0.0}, "floor10": {"relative_min_damping": 0.1}}
+    kw = {
+        "nofloor": {"relative_min_damping": 0.0},
+        "floor10": {"relative_min_damping": 0.1},
+        "cold": {"cg_decay": 0.0},
+    }
     return hessfree.HessianFree(model.parameters(), **kw.get(variant, {}))
 
 

@@ -56,17 +56,18 @@ def test_interleave_own_rng_gives_runs_of_one_rule_the_same_masks():
     clock interleaves them in; sharing the global generator (the default) they differ from the
     first step (the second run draws the masks after the first run's), and the global stream is
     left where the shared runs' draws took it, not where ``own_rng`` found it."""
-    runs, history = _dropout_runs()
-    before = torch.get_rng_state()
-    _unseen.interleave(runs, budget=0.05, eval_every=0.02, own_rng=7)
-    assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is untouched
-    (a, b), k = history, min(len(history[0]), len(history[1]))
-    assert k >= 1 and not any(r.failed for r in runs)
-    for pa, pb in zip(a[:k], b[:k], strict=True):
-        assert all(torch.equal(p, q) for p, q in zip(pa, pb, strict=True))
-    runs, history = _dropout_runs()
-    before = torch.get_rng_state()
-    _unseen.interleave(runs, budget=0.05, eval_every=0.02)
-    assert not torch.equal(torch.get_rng_state(), before)
-    first = zip(history[0][0], history[1][0], strict=True)
-    assert not all(torch.equal(p, q) for p, q in first)
+    with torch.random.fork_rng(devices=[]):  # leave the global stream to later tests
+        runs, history = _dropout_runs()
+        before = torch.get_rng_state()
+        _unseen.interleave(runs, budget=0.05, eval_every=0.02, own_rng=7)
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is untouched
+        (a, b), k = history, min(len(history[0]), len(history[1]))
+        assert k >= 1 and not any(r.failed for r in runs)
+        for pa, pb in zip(a[:k], b[:k], strict=True):
+            assert all(torch.equal(p, q) for p, q in zip(pa, pb, strict=True))
+        runs, history = _dropout_runs()
+        before = torch.get_rng_state()
+        _unseen.interleave(runs, budget=0.05, eval_every=0.02)
+        assert not torch.equal(torch.get_rng_state(), before)
+        first = zip(history[0][0], history[1][0], strict=True)
+        assert not all(torch.equal(p, q) for p, q in first)
