@@ -238,7 +238,7 @@ def remedy(seeds: list[int], steps: int, variants: list[str]) -> None:
         f"(load {load0[0]:.2f})\n\n| seed | variant | "
         + " | ".join(f"{f:g}×" for f in fr)
         + " | min train | ρ median | λ median |\n|"
-        + "---|" * 7
+        + "---|" * 8
     )
     finals: dict[str, list[float]] = {v: [] for v in variants}
     for s in seeds:
