@@ -194,6 +194,7 @@ class GGNLinearOperator(CurvatureLinearOperator):
 
     Example:
         >>> nn = torch.nn
+        >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
         >>> x, y = torch.randn(5, 2), torch.randn(5, 1)
         >>> G = GGNLinearOperator(model, torch.nn.MSELoss(), (x, y), dtype=np.float64)
