@@ -630,6 +630,15 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
     return reduction
 
 
+def _same_rows(node: torch.autograd.graph.Node, p: Tensor) -> bool:
+    """Whether the NLL ``node`` sees the log-softmax result ``p`` with its examples and classes
+    where they were normalised: the view torch puts between ``(N, C, d1, ...)`` and the 4-D NLL
+    keeps the leading ``(N, C)``; a user's view that regroups them, e.g. ``(N, K)`` seen as
+    ``(N', C, d, 1)``, would make the classes of one NLL row straddle softmax rows."""
+    seen = node._saved_self.shape if type(node).__name__ == "NllLoss2DBackward0" else p.shape
+    return tuple(seen[:2]) == tuple(p.shape[:2])
+
+
 def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float) -> MatVec | None:
     name = type(node).__name__
     nxt = node.next_functions
@@ -656,7 +665,7 @@ def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float
     ):
         return None
     p = lsm._saved_result.detach().exp()  # the outputs as cross-entropy saw them (reshaped)
-    if p.dim() < 2 or lsm._saved_dim not in (1, 1 - p.dim()):
+    if p.dim() < 2 or lsm._saved_dim not in (1, 1 - p.dim()) or not _same_rows(node, p):
         return None
     cdim = _neg_dim(1, p.dim())
     target = node._saved_target.reshape(p.shape[0], *p.shape[2:])
@@ -1271,9 +1280,9 @@ def _sample_known(
     if type(lsm).__name__ == "LogSoftmaxBackward0":
         if lsm.next_functions[0][0] is not outputs.grad_fn or node._saved_weight is not None:
             return None
-        if o.dim() < 2 or lsm._saved_dim not in (1, 1 - o.dim()):
-            return None
         p = lsm._saved_result.detach().exp()
+        if o.dim() < 2 or lsm._saved_dim not in (1, 1 - o.dim()) or not _same_rows(node, p):
+            return None
         num_classes = o.shape[1]
         target = node._saved_target.reshape(o.shape[0], *o.shape[2:])
         # Inverse CDF, one uniform per example (and position): y~ = #{c : P(y <= c) < u}.
