@@ -595,13 +595,13 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
     autograd graph below constant factors: ``'sum'``, ``'mean'``, or ``None`` (not readable).
 
     Read: a torch loss node (MSE, cross-entropy, NLL, BCE; ``'sum'`` only where its input is
-    the outputs or their ``log_softmax``), and a hand-written full ``.sum()`` or ``.mean()``
-    of a tensor with the examples along dimension 0 (``((o - y)**2).sum()``,
-    ``per_example.mean()``). A constant factor belongs to the per-example loss, except exactly
-    ``1/N`` on a sum, which makes it a mean (``.sum() / N``); a term added that does not
-    depend on the outputs (a weight penalty) is seen through, as :func:`_loss_node` does. Not
-    readable: anything else at the top, e.g. two terms of the outputs, or a Python ``sum`` over
-    examples.
+    the outputs or their ``log_softmax``, either through reshapes), and a hand-written full
+    ``.sum()`` or ``.mean()`` of a tensor with the examples along dimension 0
+    (``((o - y)**2).sum()``, ``per_example.mean()``). A constant factor belongs to the
+    per-example loss, except exactly ``1/N`` on a sum, which makes it a mean (``.sum() / N``);
+    a term added that does not depend on the outputs (a weight penalty) is seen through, as
+    :func:`_loss_node` does. Not readable: anything else at the top, e.g. two terms of the
+    outputs, or a Python ``sum`` over examples.
     """
     peeled = _loss_node(loss, outputs)
     if peeled is None:
@@ -615,7 +615,9 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
         first = node.next_functions[0][0] if node.next_functions else None
         if type(first).__name__ == "LogSoftmaxBackward0":
             first = first.next_functions[0][0]
-        if first is None or first is not outputs.grad_fn:
+        # a sum over every entry of a reshape of the outputs is a sum over the examples too
+        # (a language model's cross_entropy(logits.view(-1, V), y.view(-1), reduction='sum'))
+        if not _from_outputs(first, outputs):
             return None
         reduction = "sum"
     elif type(node).__name__ in ("SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1"):
