@@ -641,12 +641,21 @@ def _same_rows(node: torch.autograd.graph.Node, p: Tensor) -> bool:
     return tuple(seen[:2]) == tuple(p.shape[:2])
 
 
+def _targets_free(node: torch.autograd.graph.Node, outputs: Tensor) -> bool:
+    """Whether the loss ``node``'s inputs other than the first (its target, weights) are free
+    of ``outputs``: a target computed from them with its graph (``mse_loss(o, o.roll(1, 0))``,
+    a soft target not detached) puts a second path from the outputs into the loss, and the
+    closed forms, which differentiate the first input alone, would be wrong."""
+    target = {outputs.grad_fn}
+    return not any(_reaches(n, target, set()) for n, _ in node.next_functions[1:])
+
+
 def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float) -> MatVec | None:
     name = type(node).__name__
     nxt = node.next_functions
     o = outputs.detach()
     reduction = getattr(node, "_saved_reduction", None)
-    if reduction not in (_MEAN, _SUM):
+    if reduction not in (_MEAN, _SUM) or not _targets_free(node, outputs):
         return None
     if name == "MseLossBackward0" and _from_outputs(nxt[0][0], outputs):
         scale = factor * 2.0 / (o.numel() if reduction == _MEAN else 1)
@@ -1261,7 +1270,7 @@ def _sample_known(
     """Sample the labels of a loss :func:`_closed_form` recognises; ``None`` for others."""
     name, nxt, o = type(node).__name__, node.next_functions, outputs.detach()
     reduction = getattr(node, "_saved_reduction", None)
-    if reduction not in (_MEAN, _SUM):
+    if reduction not in (_MEAN, _SUM) or not _targets_free(node, outputs):
         return None
     entries = o.numel() if reduction == _MEAN else 1
     shape = (mc_samples, *o.shape)

@@ -175,3 +175,28 @@ def test_nll_on_views_that_keep_examples_and_classes_stays_closed_form():
     y = torch.randint(0, 4, (3, 6, 1), generator=gen)
     # (N, C, d, e) seen as (N, C, d*e, 1): the positions keep their row-major order
     _check(lambda z: F.nll_loss(F.log_softmax(z, 1).view(3, 4, 6, 1), y), o)
+
+
+@pytest.mark.parametrize("case", ["mse_rolled", "bce_soft_self"])
+def test_a_target_computed_from_the_outputs_is_exact(case):
+    # The loss reaches the outputs through its target too (a consistency loss; a soft target
+    # not detached). The closed forms differentiate the first input alone: MSE's 2I/m was
+    # used, and BCE's diag(σ(1-σ))/m, for a loss Hessian that is neither.
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def loss_of(z):
+        if case == "mse_rolled":
+            return F.mse_loss(z, z.roll(1, 0))
+        return F.binary_cross_entropy_with_logits(z, torch.sigmoid(z.flip(0)))
+
+    out = model(x)
+    assert loss_hessian_product(loss_of(out), out) is None
+    G = GGNProduct(loss_of(out), out, list(model.parameters()))
+    dense = _dense_ggn(model, x, loss_of)
+    gen = torch.Generator().manual_seed(2)
+    for v in torch.randn(3, dense.shape[0], generator=gen, dtype=torch.float64):
+        torch.testing.assert_close(G(v), dense @ v, **EXACT)
+    with pytest.raises(ValueError, match="Monte-Carlo Fisher"):
+        MCFisherProduct(loss_of(out), out, list(model.parameters()))
