@@ -632,6 +632,16 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
     return reduction
 
 
+def _class_dim(lsm: torch.autograd.graph.Node, ndim: int) -> int:
+    """The dimension a ``LogSoftmaxBackward0`` node normalised, as a non-negative index. Its
+    ``_saved_dim`` reads a negative dimension as an unsigned 64-bit integer (``dim=-1`` is
+    2**64 - 1), so ``log_softmax(z, -1)`` on ``(N, C)`` logits once went unrecognised."""
+    dim = int(lsm._saved_dim)
+    if dim >= 2**63:
+        dim -= 2**64
+    return dim + ndim if dim < 0 else dim
+
+
 def _same_rows(node: torch.autograd.graph.Node, p: Tensor) -> bool:
     """Whether the NLL ``node`` sees the log-softmax result ``p`` with its examples and classes
     where they were normalised: the view torch puts between ``(N, C, d1, ...)`` and the 4-D NLL
@@ -676,7 +686,7 @@ def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float
     ):
         return None
     p = lsm._saved_result.detach().exp()  # the outputs as cross-entropy saw them (reshaped)
-    if p.dim() < 2 or lsm._saved_dim not in (1, 1 - p.dim()) or not _same_rows(node, p):
+    if p.dim() < 2 or _class_dim(lsm, p.dim()) != 1 or not _same_rows(node, p):
         return None
     cdim = _neg_dim(1, p.dim())
     target = node._saved_target.reshape(p.shape[0], *p.shape[2:])
@@ -1292,7 +1302,7 @@ def _sample_known(
         if lsm.next_functions[0][0] is not outputs.grad_fn or node._saved_weight is not None:
             return None
         p = lsm._saved_result.detach().exp()
-        if o.dim() < 2 or lsm._saved_dim not in (1, 1 - o.dim()) or not _same_rows(node, p):
+        if o.dim() < 2 or _class_dim(lsm, o.dim()) != 1 or not _same_rows(node, p):
             return None
         num_classes = o.shape[1]
         target = node._saved_target.reshape(o.shape[0], *o.shape[2:])

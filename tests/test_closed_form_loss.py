@@ -200,3 +200,15 @@ def test_a_target_computed_from_the_outputs_is_exact(case):
         torch.testing.assert_close(G(v), dense @ v, **EXACT)
     with pytest.raises(ValueError, match="Monte-Carlo Fisher"):
         MCFisherProduct(loss_of(out), out, list(model.parameters()))
+
+
+def test_log_softmax_over_a_negative_dim_is_recognised():
+    # LogSoftmaxBackward0 reads dim=-1 back as 2**64 - 1, so nll_loss(log_softmax(z, -1), y),
+    # a common idiom, double-backwarded through the loss; the class dimension counted from
+    # the end is recognised now, and a log_softmax over another dimension is still refused.
+    y = torch.tensor([0, 2, 1, 1, 0])
+    _check(lambda z: F.nll_loss(F.log_softmax(z, -1), y), _outputs(5, 3))
+    y3 = torch.tensor([[0, 1], [2, 2], [1, 0]])
+    _check(lambda z: F.nll_loss(F.log_softmax(z, -2), y3), _outputs(3, 3, 2))
+    o = _outputs(3, 3, 2)
+    assert loss_hessian_product(F.nll_loss(F.log_softmax(o, -1), y3 % 2), o) is None
