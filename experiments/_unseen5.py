@@ -3,6 +3,7 @@
     OPENBLAS_NUM_THREADS=1 python experiments/_unseen5.py fuzz      # Part A: loss shapes
     OPENBLAS_NUM_THREADS=1 python experiments/_unseen5.py checks    # Part B (a), (c), (d)
     OPENBLAS_NUM_THREADS=1 python experiments/_unseen5.py race [--seconds 4] [--seeds 0,1]
+    OPENBLAS_NUM_THREADS=1 python experiments/_unseen5.py cost      # log_softmax(z, -1) product
 
 ``fuzz``: for each loss shape, the float64 GGN Jᵀ H_ℓ J (J and H_ℓ from
 torch.autograd.functional) against ``GGNProduct``, the product ``HessianFree`` builds from a
@@ -472,9 +473,47 @@ def race(args) -> None:
             )
 
 
+def cost(args) -> None:
+    """Product cost of nll_loss(log_softmax(z, -1), y): closed form (now) against the double
+    backward main used for it (forced here by writing the loss as ``-(-loss)``), interleaved,
+    CPU time per product, medians over rounds of 20 products each."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10))
+    x, y = torch.randn(1024, 64), torch.randint(0, 10, (1024,))
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    v = torch.randn(n)
+
+    def build(generic: bool):
+        out = model(x)
+        loss = F.nll_loss(F.log_softmax(out, -1), y)
+        return hessfree.GGNProduct((-loss).neg() if generic else loss, out, params)
+
+    products = {"closed": build(False), "double backward": build(True)}
+    assert "_closed_form" in products["closed"]._hl.__qualname__
+    times = {k: [] for k in products}
+    load0 = os.getloadavg()[0]
+    for _ in range(3):  # warm-up
+        for p in products.values():
+            p(v)
+    for _ in range(args.rounds):
+        for k, p in products.items():
+            t0 = time.process_time()
+            for _ in range(20):
+                p(v)
+            times[k].append((time.process_time() - t0) / 20)
+    load1 = os.getloadavg()[0]
+    med = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
+    print(f"load {load0:.1f}/{load1:.1f}; MLP 64-256-10, N=1024; median CPU ms per product:")
+    for k, t in med.items():
+        print(f"  {k}: {1e3 * t:.3f}")
+    print(f"  ratio closed / double backward: {med['closed'] / med['double backward']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("fuzz", "checks", "race"))
+    parser.add_argument("what", choices=("fuzz", "checks", "race", "cost"))
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--n", type=int, default=256)
@@ -486,6 +525,8 @@ def main() -> None:
         fuzz()
     elif args.what == "checks":
         checks(args)
+    elif args.what == "cost":
+        cost(args)
     else:
         race(args)
 
