@@ -613,7 +613,9 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
         return "mean"
     if code == _SUM:
         first = node.next_functions[0][0] if node.next_functions else None
-        if type(first).__name__ == "LogSoftmaxBackward0":
+        while first is not outputs.grad_fn and type(first).__name__ in _RESHAPES:
+            first = first.next_functions[0][0]  # torch's 4-D view for (N, C, d) NLL
+        if first is not outputs.grad_fn and type(first).__name__ == "LogSoftmaxBackward0":
             first = first.next_functions[0][0]
         # a sum over every entry of a reshape of the outputs is a sum over the examples too
         # (a language model's cross_entropy(logits.view(-1, V), y.view(-1), reduction='sum'))

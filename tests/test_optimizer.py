@@ -2650,6 +2650,10 @@ _SUMMED_ON_A_RESHAPE = {
         lambda o, y: F.cross_entropy(o.view(-1, 5), y.view(-1), reduction="sum"),
         lambda o, y: F.cross_entropy(o.view(-1, 5), y.view(-1), reduction="none").view(4, 3).sum(1),
     ),
+    "ce_positions": (  # classes along dimension 1 (3), 5 positions: torch's 4-D NLL view
+        lambda o, y: F.cross_entropy(o, y, reduction="sum"),
+        lambda o, y: F.cross_entropy(o, y, reduction="none").sum(1),
+    ),
     "mse_flatten": (
         lambda o, y: F.mse_loss(o.flatten(1), y.flatten(1).double(), reduction="sum"),
         lambda o, y: ((o - y.double()) ** 2).sum((1, 2)),
@@ -2672,6 +2676,8 @@ def test_fisher_curvature_reads_a_summed_torch_loss_on_a_reshape_of_the_outputs(
     y = torch.randint(0, 5, (4, 3), generator=g)
     if case == "mse_flatten":
         y = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    elif case == "ce_positions":
+        y = torch.randint(0, 3, (4, 5), generator=g)
     torch.manual_seed(28)
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 5)).double()
     names = [name for name, _ in model.named_parameters()]
