@@ -313,6 +313,11 @@ _KFAC_SETTINGS = dict(rank=32, refresh=2)
 #: left a GRU or LSTM whose head (1% of the parameters) was the only layer nearly
 #: unpreconditioned and 4× behind precond=None (experiments/README.md, "unseen").
 _KFAC_MIN_COVERAGE = 0.5
+#: ``precond='auto'``'s and ``'kfac'``'s K-FAC take ``nn.Conv1d``/``nn.Conv2d`` layers too
+#: (KFC): off, measured worse than K-FAC on the ``nn.Linear`` layers alone on three digits CNNs
+#: (experiments/README.md, "kfacconv"); ``KFACPreconditioner(model, include_conv=True)`` opts in.
+_AUTO_KFAC_CONV = False
+_KFAC_CONV = False
 #: A built-in preconditioner's state before its first step.
 _EMPTY_PRECOND_STATE = {
     NystromPreconditioner: {"U": None, "eigenvalues": None, "calls": 0},
@@ -899,10 +904,13 @@ class HessianFree(torch.optim.Optimizer):
             ``(loss, outputs)`` closures); ``'nystrom'`` (:class:`NystromPreconditioner` for any
             positive semi-definite curvature, from batched products alone); ``'kfac'``
             (:class:`KFACPreconditioner` with rank 32, refreshed every 2 steps, on the
-            ``nn.Linear`` layers found from the parameters alone: while the optimizer makes its
-            graph-building closure call, a global forward hook records each ``nn.Linear`` whose
-            weight is the optimizer's (a bias it does not train, frozen, counts as none), and
-            is removed afterwards, also on an error; the first step fixes the layers, and a step
+            ``nn.Linear`` layers found from the parameters alone (convolutions are left
+            unpreconditioned: K-FAC on them too, KFC, was worse on three digits CNNs,
+            ``experiments/README.md``, "kfacconv"; ``KFACPreconditioner(model,
+            include_conv=True)`` opts in): while the optimizer makes its graph-building closure
+            call, a global forward hook records each ``nn.Linear`` whose weight is the
+            optimizer's (a bias it does not train, frozen, counts as none), and is removed
+            afterwards, also on an error; the first step fixes the layers, and a step
             after one of their parameters was frozen (or a frozen bias unfrozen) finds them
             again with fresh factors; one
             that runs twice in a closure call raises
@@ -1087,7 +1095,9 @@ class HessianFree(torch.optim.Optimizer):
         builders = {
             "martens": EmpiricalFisherDiagonal,
             "nystrom": NystromPreconditioner,
-            "kfac": lambda: KFACPreconditioner._discovering(**_KFAC_SETTINGS),
+            "kfac": lambda: KFACPreconditioner._discovering(
+                **_KFAC_SETTINGS, include_conv=_KFAC_CONV
+            ),
         }
         self.precond = (
             builders[precond]() if isinstance(precond, str) and precond in builders else precond
@@ -1182,7 +1192,7 @@ class HessianFree(torch.optim.Optimizer):
             return self.precond
         if self.precond == "auto" and self._auto_precond is None and create is not None:
             self._auto_precond = (
-                KFACPreconditioner._discovering(**_KFAC_SETTINGS)
+                KFACPreconditioner._discovering(**_KFAC_SETTINGS, include_conv=_AUTO_KFAC_CONV)
                 if create == KFACPreconditioner.__name__
                 else NystromPreconditioner()
             )
@@ -1338,13 +1348,15 @@ class HessianFree(torch.optim.Optimizer):
             ok = ok and all(
                 i is None or (isinstance(i, int) and 0 <= i < len(params)) for i in (iw, ib)
             )
-            if not ok or iw is None or params[iw].dim() != 2:
+            if not ok or iw is None or params[iw].dim() not in (2, 3, 4):
                 raise ValueError(
                     f"`state_dict['precond']['state']['layers'][{k}]` must be [weight index, "
                     f"bias index or None] into this optimizer's {len(params)} parameters (a "
-                    f"2-D weight), got {pair!r}: saved for another model?"
+                    f"2-D weight, or a 3-D/4-D convolution's), got {pair!r}: saved for another "
+                    "model?"
                 )
-            out.append(_Linear(params[iw], None if ib is None else params[ib]))
+            kind = "Linear" if params[iw].dim() == 2 else f"Conv{params[iw].dim() - 2}d"
+            out.append(_Linear(params[iw], None if ib is None else params[ib], kind))
         return out
 
     def __getattr__(self, name: str) -> object:
@@ -1519,7 +1531,9 @@ class HessianFree(torch.optim.Optimizer):
             # precond='kfac' (or 'auto'): the nn.Linear calls of this call, for K-FAC's factors
             self._linear_pass = None
             record = self._records_linears()
-            linears = _LinearPass(self._params()) if record else None
+            # convolutions only where measured to help (_AUTO_KFAC_CONV, _KFAC_CONV)
+            conv = _AUTO_KFAC_CONV if self.precond == "auto" else _KFAC_CONV
+            linears = _LinearPass(self._params(), conv=conv) if record else None
             with (
                 torch.enable_grad(),
                 _backward_builds_graph() as called,
@@ -1720,7 +1734,9 @@ class HessianFree(torch.optim.Optimizer):
             self._linear_pass = None
             return None
         if kfac is None:
-            kfac = self._auto_precond = KFACPreconditioner._discovering(**_KFAC_SETTINGS)
+            kfac = self._auto_precond = KFACPreconditioner._discovering(
+                **_KFAC_SETTINGS, include_conv=_AUTO_KFAC_CONV
+            )
         return kfac
 
     def _kfac_coverage(self) -> float:
@@ -1811,10 +1827,17 @@ class HessianFree(torch.optim.Optimizer):
                 precond._observe(recorded, skip_shared=self.precond == "auto")
                 recorded.release()
             if not precond.layers:
+                convs = " (nor nn.Conv1d/nn.Conv2d with groups=1 and zero padding)"
                 raise ValueError(
-                    "precond='kfac' found no nn.Linear layer whose weight is among the "
-                    "optimizer's parameters in the closure's forward pass; pass another "
-                    "precond ('auto', None, 'martens', 'nystrom')."
+                    f"precond='kfac' found no nn.Linear layer{convs if _KFAC_CONV else ''} "
+                    "whose weight is among the optimizer's parameters in the closure's forward "
+                    "pass; pass another precond ('auto', None, 'martens', 'nystrom')"
+                    + (
+                        ""
+                        if _KFAC_CONV
+                        else ", or KFACPreconditioner(model, include_conv=True) for convolutions"
+                    )
+                    + "."
                 )
         fisher = "The diagonal empirical-Fisher preconditioner"
         what = (

@@ -371,7 +371,8 @@ def _check_finite(owner: object, what: str, t: Tensor) -> None:
 
 
 class KFACPreconditioner:
-    r"""Kronecker-factored block-diagonal preconditioner for ``nn.Linear`` layers (K-FAC).
+    r"""Kronecker-factored block-diagonal preconditioner for ``nn.Linear`` and convolution
+    layers (K-FAC, and KFC for ``nn.Conv1d``/``nn.Conv2d``).
 
     Martens & Grosse (2015), §3-§6: the curvature block of a linear layer
     :math:`s = \bar W \bar a` (:math:`\bar W = [W, b]`, :math:`\bar a = [a; 1]`) is
@@ -397,6 +398,26 @@ class KFACPreconditioner:
     where the inverse would amplify the directions the factors have not seen). Parameters outside
     the given layers are left unpreconditioned (:math:`z = r`).
 
+    Convolutions (Grosse & Martens 2016, KFC): the weight is the matrix :math:`W` of shape
+    (out_channels, in_channels·prod(kernel)), so that the output at position :math:`t` is
+    :math:`s_t = \bar W \bar a_t` with :math:`\bar a_t` the zero-padded input patch under
+    the kernel there (stride, padding, dilation as the module's; ``unfold``'s order, which is
+    the weight's own), and the 1 for the bias at every position. Under the paper's spatially
+    uncorrelated derivatives and spatial homogeneity the block is :math:`G \otimes A` with
+    :math:`A` the mean of :math:`\bar a_t \bar a_t^\top` over examples *and* positions and
+    :math:`G = \sum_{i,t} \mathbb{E}_\xi[\delta_{i,t}\delta_{i,t}^\top]` summed over them,
+    as for an ``nn.Linear`` applied to a sequence. The paper puts the positions' count
+    :math:`|T|` on the other factor (:math:`\Omega` summed, :math:`\Gamma` averaged); only the
+    product enters :math:`G \otimes A`, its eigenvalues :math:`s_G s_A^\top`, the floor (the
+    product of the two mean eigenvalues) and the running average, so both conventions give the
+    same preconditioner, and ``relative_damping`` keeps its meaning: a share of the mean
+    eigenvalue of the layer's approximate curvature block. KFC is exact for one output
+    position of a linear model under squared error; elsewhere it dropped curvature along the
+    gradient 1.4-8× on small digits CNNs (``experiments/README.md``, "kfacconv"). Grouped
+    convolutions (groups > 1) and padding modes other than ``'zeros'`` are not covered: named
+    in a sequence they raise, found in a module (``include_conv=True``) they are left out
+    (unpreconditioned).
+
     Cost, for a layer with :math:`d_{out} \times d_{in}` weights, kept affordable on wide layers
     (their full inverse costs several curvature products per application): a factor of
     dimension above ``max_dense`` is kept diagonal (its second moments only); a dense factor of
@@ -415,7 +436,9 @@ class KFACPreconditioner:
     ``curvature_closure``); each call drops the recorded tensors (and so their graph). Call
     :meth:`remove` to detach the hooks. ``HessianFree(params, precond='kfac')`` (and
     ``'auto'``) builds one without a model or hooks: the optimizer finds the layers from its
-    parameters and records their calls during its own closure call (:class:`_LinearPass`).
+    parameters and records their calls during its own closure call (:class:`_LinearPass`);
+    both take ``nn.Linear`` layers only: K-FAC on the convolutions too ended three small
+    digits CNNs worse (``experiments/README.md``, "kfacconv"), so ``include_conv=True`` opts in.
 
     Measured (#14, the scorecard's quick CURVES task, 250/62 with at most 5 CG iterations, rank
     32): about half the HF steps to a given training error at 1.15-1.4 times the cost of a step,
@@ -423,8 +446,9 @@ class KFACPreconditioner:
     has the numbers.
 
     Args:
-        model: The module whose ``nn.Linear`` submodules are preconditioned, or a sequence of
-            ``nn.Linear`` modules. Their trained parameters must be among the optimizer's;
+        model: The module whose ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` submodules are
+            preconditioned (convolutions with groups=1 and zero padding), or a sequence of
+            such modules. Their trained parameters must be among the optimizer's;
             which layers are covered follows ``requires_grad`` at every call, as for
             ``precond='kfac'``: a layer with a frozen weight is left out (as in fine-tuning;
             its bias, if trained, is unpreconditioned), a frozen bias counts as none, and a
@@ -438,11 +462,17 @@ class KFACPreconditioner:
         max_dense: Factors of a larger dimension are kept diagonal, an int >= 0.
         rank: Dense factors of a larger dimension are truncated to this many eigenpairs, an
             int >= 1, or ``None`` (never truncated).
+        include_conv: Also precondition ``model``'s ``nn.Conv1d``/``nn.Conv2d`` layers (KFC;
+            groups=1, zero padding), a bool; off by default, as under ``precond='kfac'`` and
+            ``'auto'``: on small digits CNNs it ended 1.6-98× worse than K-FAC on the
+            ``nn.Linear`` layers alone (``experiments/README.md``, "kfacconv"). Convolutions
+            named in a sequence ``model`` are taken either way.
 
     Raises:
-        TypeError: If ``model`` is neither a module nor a sequence of ``nn.Linear``.
-        ValueError: If ``model`` has no ``nn.Linear`` layer with a trainable weight or a
-            number is out of range; when
+        TypeError: If ``model`` is neither a module nor a sequence of ``nn.Linear``,
+            ``nn.Conv1d`` or ``nn.Conv2d``, or ``include_conv`` is not a bool.
+        ValueError: If ``model`` has no such layer with a trainable weight, the sequence holds
+            a grouped or non-zero-padded convolution, or a number is out of range; when
             called, if a layer ran in no graph-building forward pass, ran more than once in one
             call of ``model`` (shared weights: detected when ``model`` is a module), or its
             parameters are not the optimizer's, or the damping is not positive.
@@ -459,6 +489,8 @@ class KFACPreconditioner:
     References:
         Martens & Grosse (2015), Optimizing neural networks with Kronecker-factored approximate
         curvature, ICML, §3, §5 and §6.
+        Grosse & Martens (2016), A Kronecker-factored approximate Fisher matrix for convolution
+        layers, ICML, §3 (KFC: the patches, SUD and spatial homogeneity).
         George, Laurent, Bouthillier, Ballas & Vincent (2018), Fast approximate natural gradient
         descent in a Kronecker-factored eigenbasis, NeurIPS (the eigenbasis form).
     """
@@ -476,22 +508,36 @@ class KFACPreconditioner:
         relative_damping: float = 0.01,
         max_dense: int = 512,
         rank: int | None = 64,
+        include_conv: bool = False,
     ) -> None:
+        kinds = torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d
+        if not isinstance(include_conv, bool):
+            raise TypeError(f"`include_conv` must be a bool, got {include_conv!r}.")
+        self.include_conv = include_conv
         if isinstance(model, torch.nn.Module):
-            candidates = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        elif isinstance(model, Sequence) and all(isinstance(m, torch.nn.Linear) for m in model):
+            # convolutions K-FAC cannot take (groups > 1, non-zero padding) stay unpreconditioned
+            candidates = [m for m in model.modules() if _is_layer(m, include_conv)]
+        elif isinstance(model, Sequence) and all(isinstance(m, kinds) for m in model):
             candidates = list(model)
+            for i, m in enumerate(candidates):
+                why = None if isinstance(m, torch.nn.Linear) else _unsupported(m)
+                if why is not None:
+                    raise ValueError(
+                        f"KFACPreconditioner cannot precondition layer {i} ({m}): {why}. Leave "
+                        "it out of the sequence (its parameters then stay unpreconditioned)."
+                    )
         else:
             raise TypeError(
-                "`model` must be an nn.Module or a sequence of nn.Linear modules, got "
-                f"{type(model).__name__}."
+                "`model` must be an nn.Module or a sequence of nn.Linear, nn.Conv1d or "
+                f"nn.Conv2d modules, got {type(model).__name__}."
             )
         if not any(m.weight.requires_grad for m in candidates):
             frozen = f" ({len(candidates)} with a frozen one)" if candidates else ""
             raise ValueError(
-                f"`model` has no nn.Linear layer with a trainable weight (requires_grad)"
-                f"{frozen} for KFACPreconditioner; a layer with a frozen weight is left out "
-                "(its bias, if trained, unpreconditioned)."
+                "`model` has no nn.Linear, nn.Conv1d or nn.Conv2d (groups=1, zero padding) "
+                f"layer with a trainable weight (requires_grad){frozen} for KFACPreconditioner; "
+                "a layer with a frozen weight is left out (its bias, if trained, "
+                "unpreconditioned)."
             )
         self._configure(refresh, decay, num_probes, relative_damping, max_dense, rank)
         # every candidate is hooked; which of them K-FAC covers follows requires_grad
@@ -514,6 +560,7 @@ class KFACPreconditioner:
         relative_damping: float = 0.01,
         max_dense: int = 512,
         rank: int | None = 64,
+        include_conv: bool = False,
     ) -> KFACPreconditioner:
         """One without a model or hooks, for ``HessianFree(precond='kfac')``: its layers are
         found and its forward passes recorded by the optimizer (:class:`_LinearPass`), and
@@ -521,6 +568,7 @@ class KFACPreconditioner:
         self = cls.__new__(cls)
         self._configure(refresh, decay, num_probes, relative_damping, max_dense, rank)
         self.layers, self._hooks, self._discovered = [], [], True
+        self.include_conv = include_conv
         return self
 
     def _configure(
@@ -540,7 +588,8 @@ class KFACPreconditioner:
         )
         self.max_dense = check_int("max_dense", max_dense, low=0)
         self.rank = None if rank is None else check_int("rank", rank, low=1)
-        self._seen: dict[int, tuple[Tensor, Tensor]] = {}  # id(layer) -> (input, output)
+        # id(layer) -> (input, output, geometry: _Patches for a convolution, None for Linear)
+        self._seen: dict[int, tuple[Tensor, Tensor, _Patches | None]] = {}
         # A layer that runs twice within one call of the model (shared weights, e.g. a
         # recurrent step) would be described by its last call alone: the model's own calls
         # (or the optimizer's closure call) delimit a forward pass, so such a layer is refused
@@ -587,10 +636,10 @@ class KFACPreconditioner:
         if not self.layers:
             self.layers = recorded.layers(skip_shared=skip_shared)
         by_weight = {id(layer.weight): layer for layer in self.layers}
-        for key, (a, s) in recorded.records.items():
+        for key, record in recorded.records.items():
             layer = by_weight.get(key)
             if layer is not None:
-                self._seen[id(layer)] = (a, s)
+                self._seen[id(layer)] = record
                 if recorded.counts[key] > 1:
                     self._shared[id(layer)] = recorded.counts[key]
 
@@ -599,7 +648,7 @@ class KFACPreconditioner:
             f"{type(self).__name__}(layers={len(self.layers)}, refresh={self.refresh!r}, "
             f"decay={self.decay!r}, num_probes={self.num_probes!r}, "
             f"relative_damping={self.relative_damping!r}, max_dense={self.max_dense!r}, "
-            f"rank={self.rank!r})"
+            f"rank={self.rank!r}" + (", include_conv=True)" if self.include_conv else ")")
         )
 
     def state_dict(self) -> dict:
@@ -650,7 +699,8 @@ class KFACPreconditioner:
         new_factors, new_eigen = [], []
         for i, (layer, pair, sides) in enumerate(zip(self.layers, factors, eigen, strict=True)):
             w = layer.weight
-            dims = (layer.in_features + (_trained_bias(layer) is not None), layer.out_features)
+            d_out, d_in = _dims(layer)
+            dims = (d_in + (_trained_bias(layer) is not None), d_out)
             fs, es = [], []
             for j, (dim, which) in enumerate(zip(dims, "AG", strict=True)):
                 where = f"layer {i} ({layer}) {which}"
@@ -711,7 +761,7 @@ class KFACPreconditioner:
 
     def _record(self, module: torch.nn.Module, args: tuple, output: Tensor) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
-            self._seen[id(module)] = (args[0], output)
+            self._seen[id(module)] = (args[0], output, _geometry(module))
             if self._in_pass:
                 if id(module) in self._ran:
                     self._shared[id(module)] = self._shared.get(id(module), 1) + 1
@@ -772,7 +822,7 @@ class KFACPreconditioner:
         exact = self.num_probes is None and ctx.loss_hessian is not None
         probes = 1 if exact else U.shape[0]
         records = [self._seen[id(m)] for m in self.layers]
-        layer_outputs = [s for _, s in records]
+        layer_outputs = [s for _, s, _ in records]
         with torch.enable_grad():
             if U.shape[0] == 1:  # one probe: a plain backward pass, without vmap's overhead
                 deltas = torch.autograd.grad(
@@ -789,16 +839,17 @@ class KFACPreconditioner:
                     allow_unused=True,
                 )
         new = []
-        for (a, s), d, layer in zip(records, deltas, self.layers, strict=True):
+        for (a, s, geometry), d, layer in zip(records, deltas, self.layers, strict=True):
             # 16-bit layers: statistics in float32 (float16 squares underflow; no eigh kernel)
             work = _factor_dtype(layer.weight)
-            a = a.detach().reshape(-1, a.shape[-1]).to(work)
-            if _trained_bias(layer) is not None:
-                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+            bias = _trained_bias(layer) is not None
             if d is None:
                 d = torch.zeros((U.shape[0], *s.shape), dtype=s.dtype, device=s.device)
-            d = d.detach().reshape(-1, d.shape[-1]).to(work)  # (probes × examples) rows
-            A = self._second_moment(a, a.shape[0])
+            d = d.detach()
+            if geometry is not None:  # a convolution: channels last, a row per position
+                d = d.movedim(d.dim() - geometry.dims - 1, -1)
+            d = d.reshape(-1, d.shape[-1]).to(work)  # (probes × examples × positions) rows
+            A = self._input_moment(a.detach(), geometry, bias, work)
             G = self._second_moment(d, probes)
             new.append((ctx.average(A), ctx.average(G)))
         if self.factors is None or self.decay == 0.0:
@@ -837,6 +888,30 @@ class KFACPreconditioner:
             self.relative_damping * _mean_eigenvalue(G) * _mean_eigenvalue(A)
             for A, G in self.factors
         ]
+
+    def _input_moment(
+        self, a: Tensor, geometry: _Patches | None, bias: bool, work: torch.dtype
+    ) -> Tensor:
+        r""":math:`A`: the mean of :math:`\bar a \bar a^\top` over the rows of the layer's
+        input (examples, and positions of a sequence or of a convolution's output: its
+        patches), a 1 appended for the bias. A convolution's patches are unfolded a few
+        examples at a time (all of them at once would be ``prod(kernel)`` times the input)."""
+        if geometry is None:
+            chunks = [a.reshape(-1, a.shape[-1])]
+        else:
+            if a.dim() == geometry.dims + 1:  # unbatched
+                a = a.unsqueeze(0)
+            size = max(1, a[0].numel() * math.prod(geometry.kernel))  # ~ one example's rows
+            chunks = a.split(max(1, (1 << 22) // size))
+        total, count = None, 0
+        for chunk in chunks:
+            rows = (chunk if geometry is None else geometry.rows(chunk)).to(work)
+            if bias:
+                rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
+            moment = self._second_moment(rows, 1)
+            total = moment if total is None else total.add_(moment)
+            count += rows.shape[0]
+        return total / count
 
     def _second_moment(self, rows: Tensor, count: int) -> Tensor:
         r""":math:`\sum_i x_i x_i^\top / c` over the rows, only its diagonal above ``max_dense``."""
@@ -950,7 +1025,8 @@ class KFACPreconditioner:
             ib = None if bias is None else index.get(id(bias))
             if iw is None or (bias is not None and ib is None):
                 raise ValueError(_untrained_message(i, layer, index))
-            if _side_dim(side_a) != layer.in_features + (bias is not None):
+            d_out, d_in = _dims(layer)
+            if _side_dim(side_a) != d_in + (bias is not None):
                 raise ValueError(
                     f"KFACPreconditioner: the bias of layer {i} ({layer}) was "
                     f"{'frozen' if bias is None else 'unfrozen'} after its factors were "
@@ -961,8 +1037,8 @@ class KFACPreconditioner:
             b = None if ib is None else slice(offsets[ib], offsets[ib + 1])
             covered += layer.weight.numel() + (0 if ib is None else layer.bias.numel())
             # the floor stays a tensor: no host read per call
-            solve = _KronSolve(side_g, side_a, floor + mu, layer.weight.shape[1])
-            plan.append((w, b, solve, layer.weight.shape))
+            solve = _KronSolve(side_g, side_a, floor + mu, d_in)
+            plan.append((w, b, solve, (d_out, d_in)))
         whole = covered == offsets[-1]
 
         work = self.eigen[0][0][1].dtype if self.eigen else None  # the factors' dtype
@@ -1028,49 +1104,134 @@ def _factor_dtype(like: Tensor) -> torch.dtype:
 
 
 class _Linear:
-    """A linear layer known by its parameters alone (:class:`KFACPreconditioner` reads
-    ``weight``, ``bias``, ``in_features`` and ``out_features``): ``precond='kfac'``'s layers,
-    rebuilt from the optimizer's parameters when a saved state is loaded before any step."""
+    """A K-FAC layer known by its parameters alone (:class:`KFACPreconditioner` reads
+    ``weight`` and ``bias``): ``precond='kfac'``'s layers, also rebuilt from the optimizer's
+    parameters when a saved state is loaded before any step. A convolution's weight is the
+    matrix ``weight.view(out_channels, -1)`` (its geometry travels with each recorded call,
+    :class:`_Patches`)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        self.weight, self.bias = weight, bias
-        self.out_features, self.in_features = weight.shape
+    def __init__(self, weight: Tensor, bias: Tensor | None, kind: str = "Linear") -> None:
+        self.weight, self.bias, self.kind = weight, bias, kind
+        self.out_features, self.in_features = _dims(self)
 
     def __repr__(self) -> str:
+        if self.weight.dim() == 2:
+            return (
+                f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None})"
+            )
+        return f"{self.kind}(weight={tuple(self.weight.shape)}, bias={self.bias is not None})"
+
+
+def _dims(layer: object) -> tuple[int, int]:
+    """A layer's weight as K-FAC's matrix: (out, in), ``in`` = in_channels × prod(kernel)."""
+    w = layer.weight
+    return w.shape[0], w[0].numel()
+
+
+def _unsupported(module: torch.nn.Module) -> str | None:
+    """Why K-FAC cannot take this ``nn.Conv1d``/``nn.Conv2d`` (``None``: it can)."""
+    if module.groups != 1:
         return (
-            f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None})"
+            f"groups={module.groups} (a grouped convolution's weight is block-diagonal over "
+            "its groups, not one Kronecker-factored block; only groups=1 is supported)"
         )
+    if module.padding_mode != "zeros":
+        return (
+            f"padding_mode={module.padding_mode!r} (its patches are not zero-padded "
+            "unfoldings; only 'zeros' is supported)"
+        )
+    return None
+
+
+def _is_layer(module: torch.nn.Module, conv: bool = True) -> bool:
+    """Whether K-FAC takes ``module``: an ``nn.Linear``, or (with ``conv``) an ``nn.Conv1d``
+    or ``nn.Conv2d`` with groups=1 and zero padding."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return (
+        conv
+        and isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d)
+        and _unsupported(module) is None
+    )
+
+
+class _Patches:
+    r"""How a convolution's input unfolds into the patches its weight multiplies.
+
+    ``rows(x)`` gives, for an input ``(N, C, *spatial)`` (or unbatched ``(C, *spatial)``),
+    the ``(N·L, C·prod(kernel))`` matrix whose row for example ``n`` and output position
+    ``t`` is the patch :math:`a_{n,t}` with :math:`s_{n,:,t} = W a_{n,t} + b` (``W`` the weight
+    as an ``(out, C·prod(kernel))`` matrix, rows in ``torch.nn.functional.unfold``'s order,
+    which is the weight's own). Zero padding (numbers, ``'valid'`` or ``'same'``, the extra
+    one on the right as torch pads), stride and dilation as the module's; 1-D convolutions
+    as 2-D ones of height 1.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.dims = len(module.kernel_size)
+        k, d = module.kernel_size, module.dilation
+        if module.padding == "valid":
+            pads = [(0, 0)] * self.dims
+        elif module.padding == "same":
+            pads = [(d[i] * (k[i] - 1) // 2, d[i] * (k[i] - 1) - d[i] * (k[i] - 1) // 2)
+                    for i in range(self.dims)]  # fmt: skip
+        else:
+            pads = [(p, p) for p in module.padding]
+        self.pad = tuple(x for pair in reversed(pads) for x in pair)  # F.pad: last dim first
+        lift = (1,) if self.dims == 1 else ()
+        self.kernel, self.dilation = lift + tuple(k), lift + tuple(d)
+        self.stride = lift + tuple(module.stride)
+
+    def rows(self, x: Tensor) -> Tensor:
+        if x.dim() == self.dims + 1:  # unbatched
+            x = x.unsqueeze(0)
+        if any(self.pad):
+            x = torch.nn.functional.pad(x, self.pad)
+        if self.dims == 1:
+            x = x.unsqueeze(2)
+        cols = torch.nn.functional.unfold(x, self.kernel, self.dilation, 0, self.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _geometry(module: torch.nn.Module) -> _Patches | None:
+    """A recorded call's geometry: ``None`` for ``nn.Linear``, the patches for a convolution."""
+    return None if isinstance(module, torch.nn.Linear) else _Patches(module)
 
 
 class _LinearPass:
-    r"""The ``nn.Linear`` calls of one closure call, recorded by a global forward hook.
+    r"""The ``nn.Linear`` (and, with ``conv``, ``nn.Conv1d``/``nn.Conv2d``) calls of one
+    closure call, recorded by a global forward hook.
 
     Only layers whose weight is among ``params`` count (a bias that is not, e.g. frozen, is
     left out: the layer counts as one without a bias), and only calls that build a graph
-    (grad enabled, an output that requires grad). ``records`` maps the
-    weight's id to the last call's (input, output), ``counts`` to its calls in the pass (more
-    than one: shared weights, e.g. a recurrent cell), ``order`` the first calls' order.
-    :func:`torch.nn.modules.module.register_module_forward_hook` fires for every module in
-    every model while installed, so :meth:`recording` removes it on exit, also on an error.
+    (grad enabled, an output that requires grad). Convolutions K-FAC cannot take (groups > 1,
+    padding other than zeros: :func:`_unsupported`) are not layers (their parameters stay
+    unpreconditioned). ``records`` maps the weight's id to the last call's (input, output,
+    geometry: :class:`_Patches`, ``None`` for ``nn.Linear``), ``counts`` to its calls in the
+    pass (more than one: shared weights, e.g. a recurrent cell), ``order`` the first calls'
+    order. :func:`torch.nn.modules.module.register_module_forward_hook` fires for every module
+    in every model while installed, so :meth:`recording` removes it on exit, also on an error.
     """
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], *, conv: bool = True) -> None:
         self.param_ids = {id(p) for p in params}
-        self.records: dict[int, tuple[Tensor, Tensor]] = {}
+        self.conv = conv
+        self.records: dict[int, tuple[Tensor, Tensor, _Patches | None]] = {}
         self.counts: dict[int, int] = {}
         self.order: list[_Linear] = []
-        # parameters of ours that another (not nn.Linear) module of the pass holds directly:
+        # parameters of ours that another (not a layer) module of the pass holds directly:
         # a tied weight, e.g. an nn.Embedding's table reused as the output layer's weight
         self.elsewhere: set[int] = set()
 
     def _hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
-        if not isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():
+        layer = _is_layer(module, self.conv)
+        if not layer and torch.is_grad_enabled():
             for p in module.parameters(recurse=False):
                 if id(p) in self.param_ids:
                     self.elsewhere.add(id(p))
         if not (
-            isinstance(module, torch.nn.Linear)
+            layer
             and id(module.weight) in self.param_ids
             and torch.is_grad_enabled()
             and isinstance(output, Tensor)
@@ -1084,9 +1245,10 @@ class _LinearPass:
             # a bias the optimizer does not train (frozen) is a constant: the layer is one
             # without a bias for K-FAC (its block is the weight's alone, A without the 1s)
             bias = module.bias
-            self.order.append(_Linear(module.weight, bias if id(bias) in self.param_ids else None))
+            bias = bias if id(bias) in self.param_ids else None
+            self.order.append(_Linear(module.weight, bias, type(module).__name__))
         self.counts[key] = self.counts.get(key, 0) + 1
-        self.records[key] = (args[0], output)
+        self.records[key] = (args[0], output, _geometry(module))
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[_LinearPass]:

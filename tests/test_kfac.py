@@ -196,7 +196,7 @@ def test_bad_arguments():
         KFACPreconditioner([nn.Tanh()])
     with pytest.raises(ValueError, match="no nn.Linear"):
         KFACPreconditioner(nn.Tanh())
-    with pytest.raises(ValueError, match="no nn.Linear layer with a trainable"):
+    with pytest.raises(ValueError, match=r"no nn.Linear, nn.Conv1d or nn.Conv2d .* with a train"):
         KFACPreconditioner(nn.Linear(2, 2).requires_grad_(False))
     with pytest.raises(ValueError, match="refresh"):
         KFACPreconditioner(nn.Linear(2, 2), refresh=0)
