@@ -1398,8 +1398,11 @@ class MCFisherProduct(GGNProduct):
         TypeError: If ``mc_samples`` is not an int (``True`` and ``1.5`` included),
             ``generator`` is not a ``torch.Generator`` or ``outputs`` is not a tensor.
         ValueError: If ``mc_samples < 1``, the loss is not one of the supported ones (with
-            class weights, label smoothing, probability targets, ``pos_weight``, or a
-            regulariser added to it), or as :class:`GGNProduct`.
+            class weights, label smoothing, probability targets, ``pos_weight``, a target
+            computed from the outputs, or on a reshape of the outputs; a term added that
+            does not depend on the outputs, such as a weight penalty, is accepted: only the
+            likelihood part is sampled, as the GGN's :math:`H_\ell` holds only it), or as
+            :class:`GGNProduct`.
 
     Example:
         >>> w = torch.ones(1, requires_grad=True)
