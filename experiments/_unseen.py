@@ -62,12 +62,47 @@ class Run:
     curve: list[tuple[float, float]] = field(default_factory=list)
     infos: list[Any] = field(default_factory=list)
     warns: list[str] = field(default_factory=list)
+    rng: torch.Tensor | None = None  # the run's own CPU generator state (interleave's own_rng)
 
 
-def interleave(runs: list[Run], budget: float, eval_every: float) -> None:
-    """Advance the run with the least stepping time until every run has spent ``budget``."""
+@contextlib.contextmanager
+def _own_stream(r: Run, advance: bool = True) -> Any:
+    """Torch's global CPU generator set to ``r``'s own state inside, put back after (where
+    ``r.rng`` is set; else the runs share the global generator). ``advance=False``: what is
+    drawn inside (an evaluation, at clock-dependent times) does not move ``r``'s stream."""
+    if r.rng is None:
+        yield
+        return
+    shared = torch.get_rng_state()
+    torch.set_rng_state(r.rng)
+    try:
+        yield
+    finally:
+        if advance:
+            r.rng = torch.get_rng_state()
+        torch.set_rng_state(shared)
+
+
+def interleave(
+    runs: list[Run], budget: float, eval_every: float, own_rng: int | None = None
+) -> None:
+    """Advance the run with the least stepping time until every run has spent ``budget``.
+
+    ``own_rng``: each run draws from its own copy of torch's global CPU generator, seeded with
+    ``own_rng`` and swapped in around each of its steps, so what a run draws (Dropout masks,
+    ``torch.rand`` in its closure) does not depend on the order the clock interleaves the runs
+    in, and two runs of one rule draw the same masks; its evaluations (at clock-dependent
+    times) draw from a copy of it and leave it where it was. ``None`` (the
+    default, as the recorded results ran): the runs share the global generator, and two runs
+    of one rule on a Dropout MLP ended 14x apart (``experiments/README.md``, "kfacfloor",
+    "lstmrise"). The optimizer's own replay (``replay_rng``) saves and restores the global
+    generator within a step, so it works either way; CUDA generators are not swapped.
+    """
     for r in runs:
-        r.curve.append((0.0, r.evaluate()))
+        if own_rng is not None:
+            r.rng = torch.Generator().manual_seed(own_rng).get_state()
+        with _own_stream(r, advance=False):
+            r.curve.append((0.0, r.evaluate()))
     next_eval = {r.name: eval_every for r in runs}
     while True:
         live = [r for r in runs if not r.failed and r.clock < budget]
@@ -78,7 +113,8 @@ def interleave(runs: list[Run], budget: float, eval_every: float) -> None:
             warnings.simplefilter("always")
             t0 = time.perf_counter()
             try:
-                r.step()
+                with _own_stream(r):
+                    r.step()
             except Exception as err:  # noqa: BLE001 - a failing optimizer is a result
                 r.failed = f"{type(err).__name__}: {str(err)[:160]}"
             r.clock += time.perf_counter() - t0
@@ -88,7 +124,8 @@ def interleave(runs: list[Run], budget: float, eval_every: float) -> None:
             r.infos.append(r.opt.last_step)
         if r.clock >= next_eval[r.name] or r.clock >= budget or r.failed:
             next_eval[r.name] = r.clock + eval_every
-            r.curve.append((r.clock, r.evaluate()))
+            with _own_stream(r, advance=False):
+                r.curve.append((r.clock, r.evaluate()))
 
 
 def time_to(curve: list[tuple[float, float]], target: float) -> float:

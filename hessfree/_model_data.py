@@ -266,6 +266,15 @@ def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
             f"`model` failed on `inputs` ({_shape(inputs)}): {err}. The model is called "
             f"as model(inputs) with `inputs` as given ({hint})."
         ) from err
+    if isinstance(outputs, (tuple, list)):  # several heads
+        raise TypeError(
+            f"`model(inputs)` must return one tensor, got a {type(outputs).__name__} of "
+            f"{len(outputs)} (a model with several heads?). The operators need one outputs "
+            "tensor with the examples along dimension 0: return torch.cat of the heads' outputs "
+            "(flattened per example) and split it in `loss_fn`; or use GGNProduct(loss, "
+            "(o_1, ..., o_K), params), or HessianFree with a (loss, (o_1, ..., o_K)) closure, "
+            "which take several output blocks."
+        )
     if not isinstance(outputs, Tensor):
         raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")
     return outputs

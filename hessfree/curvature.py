@@ -595,13 +595,13 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
     autograd graph below constant factors: ``'sum'``, ``'mean'``, or ``None`` (not readable).
 
     Read: a torch loss node (MSE, cross-entropy, NLL, BCE; ``'sum'`` only where its input is
-    the outputs or their ``log_softmax``), and a hand-written full ``.sum()`` or ``.mean()``
-    of a tensor with the examples along dimension 0 (``((o - y)**2).sum()``,
-    ``per_example.mean()``). A constant factor belongs to the per-example loss, except exactly
-    ``1/N`` on a sum, which makes it a mean (``.sum() / N``); a term added that does not
-    depend on the outputs (a weight penalty) is seen through, as :func:`_loss_node` does. Not
-    readable: anything else at the top, e.g. two terms of the outputs, or a Python ``sum`` over
-    examples.
+    the outputs or their ``log_softmax``, either through reshapes), and a hand-written full
+    ``.sum()`` or ``.mean()`` of a tensor with the examples along dimension 0
+    (``((o - y)**2).sum()``, ``per_example.mean()``). A constant factor belongs to the
+    per-example loss, except exactly ``1/N`` on a sum, which makes it a mean (``.sum() / N``);
+    a term added that does not depend on the outputs (a weight penalty) is seen through, as
+    :func:`_loss_node` does. Not readable: anything else at the top, e.g. two terms of the
+    outputs, or a Python ``sum`` over examples.
     """
     peeled = _loss_node(loss, outputs)
     if peeled is None:
@@ -613,9 +613,13 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
         return "mean"
     if code == _SUM:
         first = node.next_functions[0][0] if node.next_functions else None
-        if type(first).__name__ == "LogSoftmaxBackward0":
+        while first is not outputs.grad_fn and type(first).__name__ in _RESHAPES:
+            first = first.next_functions[0][0]  # torch's 4-D view for (N, C, d) NLL
+        if first is not outputs.grad_fn and type(first).__name__ == "LogSoftmaxBackward0":
             first = first.next_functions[0][0]
-        if first is None or first is not outputs.grad_fn:
+        # a sum over every entry of a reshape of the outputs is a sum over the examples too
+        # (a language model's cross_entropy(logits.view(-1, V), y.view(-1), reduction='sum'))
+        if not _from_outputs(first, outputs):
             return None
         reduction = "sum"
     elif type(node).__name__ in ("SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1"):
@@ -630,12 +634,40 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
     return reduction
 
 
+def _class_dim(lsm: torch.autograd.graph.Node, ndim: int) -> int:
+    """The dimension a ``LogSoftmaxBackward0`` node normalised, as a non-negative index. Its
+    ``_saved_dim`` reads a negative dimension as an unsigned 64-bit integer (``dim=-1`` is
+    2**64 - 1), so ``log_softmax(z, -1)`` on ``(N, C)`` logits once went unrecognised."""
+    dim = int(lsm._saved_dim)
+    if dim >= 2**63:
+        dim -= 2**64
+    return dim + ndim if dim < 0 else dim
+
+
+def _same_rows(node: torch.autograd.graph.Node, p: Tensor) -> bool:
+    """Whether the NLL ``node`` sees the log-softmax result ``p`` with its examples and classes
+    where they were normalised: the view torch puts between ``(N, C, d1, ...)`` and the 4-D NLL
+    keeps the leading ``(N, C)``; a user's view that regroups them, e.g. ``(N, K)`` seen as
+    ``(N', C, d, 1)``, would make the classes of one NLL row straddle softmax rows."""
+    seen = node._saved_self.shape if type(node).__name__ == "NllLoss2DBackward0" else p.shape
+    return tuple(seen[:2]) == tuple(p.shape[:2])
+
+
+def _targets_free(node: torch.autograd.graph.Node, outputs: Tensor) -> bool:
+    """Whether the loss ``node``'s inputs other than the first (its target, weights) are free
+    of ``outputs``: a target computed from them with its graph (``mse_loss(o, o.roll(1, 0))``,
+    a soft target not detached) puts a second path from the outputs into the loss, and the
+    closed forms, which differentiate the first input alone, would be wrong."""
+    target = {outputs.grad_fn}
+    return not any(_reaches(n, target, set()) for n, _ in node.next_functions[1:])
+
+
 def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float) -> MatVec | None:
     name = type(node).__name__
     nxt = node.next_functions
     o = outputs.detach()
     reduction = getattr(node, "_saved_reduction", None)
-    if reduction not in (_MEAN, _SUM):
+    if reduction not in (_MEAN, _SUM) or not _targets_free(node, outputs):
         return None
     if name == "MseLossBackward0" and _from_outputs(nxt[0][0], outputs):
         scale = factor * 2.0 / (o.numel() if reduction == _MEAN else 1)
@@ -656,7 +688,7 @@ def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float
     ):
         return None
     p = lsm._saved_result.detach().exp()  # the outputs as cross-entropy saw them (reshaped)
-    if p.dim() < 2 or lsm._saved_dim not in (1, 1 - p.dim()):
+    if p.dim() < 2 or _class_dim(lsm, p.dim()) != 1 or not _same_rows(node, p):
         return None
     cdim = _neg_dim(1, p.dim())
     target = node._saved_target.reshape(p.shape[0], *p.shape[2:])
@@ -1250,7 +1282,7 @@ def _sample_known(
     """Sample the labels of a loss :func:`_closed_form` recognises; ``None`` for others."""
     name, nxt, o = type(node).__name__, node.next_functions, outputs.detach()
     reduction = getattr(node, "_saved_reduction", None)
-    if reduction not in (_MEAN, _SUM):
+    if reduction not in (_MEAN, _SUM) or not _targets_free(node, outputs):
         return None
     entries = o.numel() if reduction == _MEAN else 1
     shape = (mc_samples, *o.shape)
@@ -1271,9 +1303,9 @@ def _sample_known(
     if type(lsm).__name__ == "LogSoftmaxBackward0":
         if lsm.next_functions[0][0] is not outputs.grad_fn or node._saved_weight is not None:
             return None
-        if o.dim() < 2 or lsm._saved_dim not in (1, 1 - o.dim()):
-            return None
         p = lsm._saved_result.detach().exp()
+        if o.dim() < 2 or _class_dim(lsm, o.dim()) != 1 or not _same_rows(node, p):
+            return None
         num_classes = o.shape[1]
         target = node._saved_target.reshape(o.shape[0], *o.shape[2:])
         # Inverse CDF, one uniform per example (and position): y~ = #{c : P(y <= c) < u}.
@@ -1366,8 +1398,11 @@ class MCFisherProduct(GGNProduct):
         TypeError: If ``mc_samples`` is not an int (``True`` and ``1.5`` included),
             ``generator`` is not a ``torch.Generator`` or ``outputs`` is not a tensor.
         ValueError: If ``mc_samples < 1``, the loss is not one of the supported ones (with
-            class weights, label smoothing, probability targets, ``pos_weight``, or a
-            regulariser added to it), or as :class:`GGNProduct`.
+            class weights, label smoothing, probability targets, ``pos_weight``, a target
+            computed from the outputs, or on a reshape of the outputs; a term added that
+            does not depend on the outputs, such as a weight penalty, is accepted: only the
+            likelihood part is sampled, as the GGN's :math:`H_\ell` holds only it), or as
+            :class:`GGNProduct`.
 
     Example:
         >>> w = torch.ones(1, requires_grad=True)

@@ -194,6 +194,7 @@ class GGNLinearOperator(CurvatureLinearOperator):
 
     Example:
         >>> nn = torch.nn
+        >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
         >>> x, y = torch.randn(5, 2), torch.randn(5, 1)
         >>> G = GGNLinearOperator(model, torch.nn.MSELoss(), (x, y), dtype=np.float64)
@@ -323,11 +324,12 @@ class MCFisherLinearOperator(CurvatureLinearOperator):
 
     Example:
         >>> from scipy.sparse.linalg import cg
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 4).double()
         >>> x, y = torch.randn(16, 3).double(), torch.randint(0, 4, (16,))
         >>> F = MCFisherLinearOperator(model, torch.nn.CrossEntropyLoss(), (x, y), seed=0)
-        >>> v = np.ones(F.shape[0])
-        >>> bool(np.array_equal(F @ v, F @ v)), bool(v @ (F @ v) >= 0)
+        >>> v = np.random.default_rng(0).standard_normal(F.shape[0])  # not ones: a null direction
+        >>> bool(np.array_equal(F @ v, F @ v)), bool(v @ (F @ v) > 0)
         (True, True)
         >>> p, info = cg(F.damped(1e-3), F.gradient(), rtol=1e-8)
         >>> info

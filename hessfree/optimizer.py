@@ -2288,8 +2288,11 @@ class HessianFree(torch.optim.Optimizer):
         r"""Whether this ``_FLOOR_EVERY``-th step of a stochastic objective re-measures the
         relative floor's scale (:meth:`_raise_floor`): where the floor is stale
         (:meth:`_floor_stale`: the fresh batches' loss rose and a step overshot), and on
-        K-FAC steps also while fewer than ``2 _RISE_WINDOW`` fresh losses are known (the
-        first ~16 steps, before :func:`_loss_rose` can judge).
+        K-FAC steps also in the first ``2 _RISE_WINDOW`` steps (before :func:`_loss_rose`
+        can judge). Counted in steps, not in the fresh losses kept: a state dict without
+        them (saved before ``recent_losses`` was kept) at step 20 re-entered the window for
+        16 more steps (the same as before wherever at most one of the first 16 losses was
+        non-finite: ``recent_losses`` holds finite ones only).
 
         Why the first steps: the scale of the first step, at the initial weights, is a poor
         one where the curvature jumps as soon as training starts. On the mini-batch ReLU CNN
@@ -2301,7 +2304,7 @@ class HessianFree(torch.optim.Optimizer):
         λ at 1 % of it (22 at step 300) and the train error at 21.5 where the fixed floor
         reached 12 ("kfacfloor"). After the first steps K-FAC steps follow plain CG's rule.
         """
-        if self._kfac_in_use() and len(state.get("recent_losses", [])) < 2 * _RISE_WINDOW:
+        if self._kfac_in_use() and state["step"] < 2 * _RISE_WINDOW:
             return True
         return self._floor_stale(state)
 

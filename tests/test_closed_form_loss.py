@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
 
-from hessfree import GGNProduct, loss_hessian_product
+from hessfree import GGNProduct, MCFisherProduct, loss_hessian_product
 
 EXACT = dict(rtol=1e-10, atol=1e-12)
 
@@ -140,3 +140,75 @@ def test_ggn_product_uses_the_closed_form_and_matches_dense(case):
     gen = torch.Generator().manual_seed(2)
     for v in torch.randn(3, dense.shape[0], generator=gen, dtype=torch.float64):
         torch.testing.assert_close(G(v), dense @ v, **EXACT)
+
+
+@pytest.mark.parametrize("case", ["regroup", "split_classes"])
+def test_nll_on_a_view_that_regroups_softmax_rows_is_exact(case):
+    # log_softmax over (N, K), then a user's view to 4-D NLL input whose (examples, classes)
+    # are not the softmax's: one NLL row's classes straddle softmax rows. The closed form once
+    # took the classes for the softmax's (a wrong product) or failed to reshape the targets.
+    torch.manual_seed(0)
+    k, view, y = {
+        "regroup": (3, (3, 3, 2, 1), torch.tensor([[[0], [0]], [[1], [2]], [[2], [0]]])),
+        "split_classes": (8, (6, 4, 2, 1), torch.tensor([[0, 1], [3, 1], [0, 2]] * 2)[..., None]),
+    }[case]
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, k)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def loss_of(z):
+        return F.nll_loss(F.log_softmax(z, 1).view(*view), y)
+
+    out = model(x)
+    assert loss_hessian_product(loss_of(out), out) is None
+    G = GGNProduct(loss_of(out), out, list(model.parameters()))
+    dense = _dense_ggn(model, x, loss_of)
+    gen = torch.Generator().manual_seed(2)
+    for v in torch.randn(3, dense.shape[0], generator=gen, dtype=torch.float64):
+        torch.testing.assert_close(G(v), dense @ v, **EXACT)
+    with pytest.raises(ValueError, match="Monte-Carlo Fisher"):
+        MCFisherProduct(loss_of(out), out, list(model.parameters()))
+
+
+def test_nll_on_views_that_keep_examples_and_classes_stays_closed_form():
+    o = _outputs(3, 4, 2, 3)
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 4, (3, 6, 1), generator=gen)
+    # (N, C, d, e) seen as (N, C, d*e, 1): the positions keep their row-major order
+    _check(lambda z: F.nll_loss(F.log_softmax(z, 1).view(3, 4, 6, 1), y), o)
+
+
+@pytest.mark.parametrize("case", ["mse_rolled", "bce_soft_self"])
+def test_a_target_computed_from_the_outputs_is_exact(case):
+    # The loss reaches the outputs through its target too (a consistency loss; a soft target
+    # not detached). The closed forms differentiate the first input alone: MSE's 2I/m was
+    # used, and BCE's diag(σ(1-σ))/m, for a loss Hessian that is neither.
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def loss_of(z):
+        if case == "mse_rolled":
+            return F.mse_loss(z, z.roll(1, 0))
+        return F.binary_cross_entropy_with_logits(z, torch.sigmoid(z.flip(0)))
+
+    out = model(x)
+    assert loss_hessian_product(loss_of(out), out) is None
+    G = GGNProduct(loss_of(out), out, list(model.parameters()))
+    dense = _dense_ggn(model, x, loss_of)
+    gen = torch.Generator().manual_seed(2)
+    for v in torch.randn(3, dense.shape[0], generator=gen, dtype=torch.float64):
+        torch.testing.assert_close(G(v), dense @ v, **EXACT)
+    with pytest.raises(ValueError, match="Monte-Carlo Fisher"):
+        MCFisherProduct(loss_of(out), out, list(model.parameters()))
+
+
+def test_log_softmax_over_a_negative_dim_is_recognised():
+    # LogSoftmaxBackward0 reads dim=-1 back as 2**64 - 1, so nll_loss(log_softmax(z, -1), y),
+    # a common idiom, double-backwarded through the loss; the class dimension counted from
+    # the end is recognised now, and a log_softmax over another dimension is still refused.
+    y = torch.tensor([0, 2, 1, 1, 0])
+    _check(lambda z: F.nll_loss(F.log_softmax(z, -1), y), _outputs(5, 3))
+    y3 = torch.tensor([[0, 1], [2, 2], [1, 0]])
+    _check(lambda z: F.nll_loss(F.log_softmax(z, -2), y3), _outputs(3, 3, 2))
+    o = _outputs(3, 3, 2)
+    assert loss_hessian_product(F.nll_loss(F.log_softmax(o, -1), y3 % 2), o) is None

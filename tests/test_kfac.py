@@ -641,6 +641,46 @@ def test_precond_kfac_state_dict_resumes_bitwise(precond):
     assert all(torch.equal(p, q) for p, q in pairs)
 
 
+def test_kfac_state_dict_without_recent_losses_resumes_past_the_first_floor_window(monkeypatch):
+    """K-FAC re-measures the relative floor's scale at every 4th of the first 16 steps only
+    (``_floor_due``). A state dict saved before ``recent_losses`` was kept (or without it) at
+    step 16 re-entered that window for 16 more steps (3-4 extra products, λ ratcheted up): the
+    window counted the fresh losses it held, not the steps. Oracle: the run that kept its whole
+    state, from the same point: the same re-measurements and bitwise the same parameters."""
+    batches = [_data(n=9, seed=1), _data(n=9, seed=2)]
+    raised: list[tuple[int, int]] = []
+    original_raise = HessianFree._raise_floor
+
+    def spy(self, curvature, product, g, g_norm, run):
+        raised.append((id(self), run.state["step"]))
+        return original_raise(self, curvature, product, g, g_norm, run)
+
+    monkeypatch.setattr(HessianFree, "_raise_floor", spy)
+    model = _mlp()
+    opt = HessianFree(model.parameters(), precond="kfac")
+    for k in range(16):
+        opt.step(_outputs_closure(model, *batches[k % 2]))
+    assert [s for i, s in raised if i == id(opt)] == [4, 8, 12]  # the window, and no rise
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = copy.deepcopy(opt.state_dict())
+    old = copy.deepcopy(saved)
+    for entry in old["state"].values():
+        entry.pop("recent_losses", None)
+    runs = []
+    for sd in (saved, old):
+        m = _mlp(seed=1)
+        m.load_state_dict(saved_model)
+        o = HessianFree(m.parameters(), precond="kfac")
+        o.load_state_dict(sd)
+        for k in range(16, 25):  # the checks at steps 16, 20 and 24
+            o.step(_outputs_closure(m, *batches[k % 2]))
+        runs.append((m, [s for i, s in raised if i == id(o)]))
+    (kept, kept_raises), (resumed, resumed_raises) = runs
+    assert resumed_raises == kept_raises == []
+    pairs = zip(kept.parameters(), resumed.parameters(), strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
+
+
 def test_precond_kfac_bad_inputs_name_the_value():
     x, y = _data()
     with pytest.raises(ValueError, match=r"Unknown `precond` 'kfc'.*'kfac'"):

@@ -736,6 +736,39 @@ def test_a_model_given_a_numpy_array_is_told_to_pass_a_tensor():
         GGNLinearOperator(model, loss_fn, (x.numpy(), y))
 
 
+def test_a_model_with_several_heads_is_told_how_to_join_them():
+    # a tuple of heads got "must return a tensor, got tuple"; the message now names the ways
+    # that work, and the first of them gives the Gauss-Newton matrix of the two-block closure
+    torch.manual_seed(3)
+    trunk, cls, reg = nn.Linear(4, 5).double(), nn.Linear(5, 3).double(), nn.Linear(5, 2).double()
+    params = [*trunk.parameters(), *cls.parameters(), *reg.parameters()]
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y, t = torch.tensor([0, 2, 1, 1, 0, 2]), torch.randn(6, 2, dtype=torch.float64)
+
+    def heads(inputs):
+        h = torch.tanh(trunk(inputs))
+        return cls(h), reg(h)
+
+    def loss_fn(o, y):
+        return F.cross_entropy(o[0], y[0]) + F.smooth_l1_loss(o[1], y[1])
+
+    with pytest.raises(
+        TypeError, match=r"one tensor, got a tuple of 2 .*several heads.*torch\.cat"
+    ):
+        GGNLinearOperator(heads, loss_fn, (x, (y, t)), params=params)
+    joined = GGNLinearOperator(
+        lambda inputs: torch.cat(heads(inputs), 1),
+        lambda o, y: loss_fn(o.split([3, 2], 1), y),
+        (x, (y, t)),
+        params=params,
+    )
+    a, b = heads(x)
+    blocks = GGNProduct(loss_fn((a, b), (y, t)), (a, b), params)
+    eye = np.eye(joined.shape[0])
+    expected = torch.stack([blocks(torch.from_numpy(e)) for e in eye], 1).numpy()
+    np.testing.assert_allclose(joined @ eye, expected, **EXACT)
+
+
 def test_callable_model_with_explicit_params():
     model, x, y, loss_fn = BY_NAME["mlp_tanh_mse"].build()
     op = GGNLinearOperator(lambda inputs: model(inputs), loss_fn, (x, y), params=model.parameters())

@@ -2644,6 +2644,62 @@ def test_fisher_curvature_reads_a_hand_written_sum_from_the_graph(case):
     torch.testing.assert_close(C, expected, rtol=1e-10, atol=1e-12)
 
 
+_SUMMED_ON_A_RESHAPE = {
+    # (loss of outputs (4, 3, 5) and targets, per-example losses (4,))
+    "ce_lm_view": (
+        lambda o, y: F.cross_entropy(o.view(-1, 5), y.view(-1), reduction="sum"),
+        lambda o, y: F.cross_entropy(o.view(-1, 5), y.view(-1), reduction="none").view(4, 3).sum(1),
+    ),
+    "ce_positions": (  # classes along dimension 1 (3), 5 positions: torch's 4-D NLL view
+        lambda o, y: F.cross_entropy(o, y, reduction="sum"),
+        lambda o, y: F.cross_entropy(o, y, reduction="none").sum(1),
+    ),
+    "mse_flatten": (
+        lambda o, y: F.mse_loss(o.flatten(1), y.flatten(1).double(), reduction="sum"),
+        lambda o, y: ((o - y.double()) ** 2).sum((1, 2)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_SUMMED_ON_A_RESHAPE))
+def test_fisher_curvature_reads_a_summed_torch_loss_on_a_reshape_of_the_outputs(case):
+    """A torch loss with reduction='sum' applied to a reshape of the outputs (a language
+    model's ``cross_entropy(logits.view(-1, V), y.view(-1), reduction='sum')``) was not read:
+    taken for a mean with a warning, its Fisher was N = 4 times too large. Oracle: the
+    per-example (per-sequence) losses' Jacobian (torch.autograd.functional, float64),
+    F = JᵀJ."""
+    from torch.func import functional_call
+
+    loss_fn, per_example = _SUMMED_ON_A_RESHAPE[case]
+    g = torch.Generator().manual_seed(27)
+    x = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (4, 3), generator=g)
+    if case == "mse_flatten":
+        y = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    elif case == "ce_positions":
+        y = torch.randint(0, 3, (4, 5), generator=g)
+    torch.manual_seed(28)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 5)).double()
+    names = [name for name, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    sizes = [p.numel() for p in params]
+
+    def losses(flat):
+        chunks = [c.view_as(p) for c, p in zip(flat.split(sizes), params, strict=True)]
+        return per_example(functional_call(model, dict(zip(names, chunks, strict=True)), (x,)), y)
+
+    Jl = torch.autograd.functional.jacobian(losses, torch.cat([p.reshape(-1) for p in params]))
+
+    def closure():
+        out = model(x)
+        return loss_fn(out, y), out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read, so no warning
+        C = _capture_fisher(model, closure, sum(sizes))
+    torch.testing.assert_close(C, Jl.T @ Jl, rtol=1e-10, atol=1e-12)
+
+
 def test_fisher_curvature_warns_once_of_a_loss_it_cannot_read():
     """A Python sum over the examples (or anything else at the top of the graph) cannot be
     read: it is taken for a mean, as documented, with one warning naming the way out, which
