@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kfac import _context  # the same PrecondContext of a GGN as the linear tests'
 from torch import nn
 
 import hessfree.optimizer
-from hessfree import GGNProduct, HessianFree, KFACPreconditioner, PrecondContext
+from hessfree import HessianFree, KFACPreconditioner
 
 DTYPE = torch.float64
 
@@ -35,23 +36,6 @@ def _one_thread():
 def kfac_conv(monkeypatch):
     """precond='kfac' with convolutions (off by default: "kfacconv" measured them worse)."""
     monkeypatch.setattr(hessfree.optimizer, "_KFAC_CONV", True)
-
-
-def _context(model, x, y, loss_fn, damping, seed=0):
-    out = model(x)  # the forward the hooks record
-    loss = loss_fn(out, y)
-    params = [p for p in model.parameters() if p.requires_grad]
-    P = GGNProduct(loss, out, params)
-    ctx = PrecondContext(
-        jacobian=P.jacobian,
-        output_grad=P.output_grad,
-        reduction="mean",
-        damping=damping,
-        shift=0.0,
-        generator=torch.Generator().manual_seed(seed),
-        loss_hessian=P.loss_hessian,
-    )
-    return ctx, params
 
 
 def _dense_ggn(model, x, y, loss_fn) -> np.ndarray:
