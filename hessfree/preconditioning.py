@@ -446,9 +446,10 @@ class KFACPreconditioner:
     has the numbers.
 
     Args:
-        model: The module whose ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` submodules are
-            preconditioned (convolutions with groups=1 and zero padding), or a sequence of
-            such modules. Their trained parameters must be among the optimizer's;
+        model: The module whose ``nn.Linear`` submodules (with ``include_conv``, also its
+            ``nn.Conv1d``/``nn.Conv2d`` ones with groups=1 and zero padding) are
+            preconditioned, or a sequence of such modules. Their trained parameters must be
+            among the optimizer's;
             which layers are covered follows ``requires_grad`` at every call, as for
             ``precond='kfac'``: a layer with a frozen weight is left out (as in fine-tuning;
             its bias, if trained, is unpreconditioned), a frozen bias counts as none, and a

@@ -142,6 +142,19 @@ def test_ggn_product_uses_the_closed_form_and_matches_dense(case):
         torch.testing.assert_close(G(v), dense @ v, **EXACT)
 
 
+def _assert_refused_and_exact(model, x, loss_of):
+    """The closed form and MC-Fisher refuse the loss; the generic GGN product is exact."""
+    out = model(x)
+    assert loss_hessian_product(loss_of(out), out) is None
+    G = GGNProduct(loss_of(out), out, list(model.parameters()))
+    dense = _dense_ggn(model, x, loss_of)
+    gen = torch.Generator().manual_seed(2)
+    for v in torch.randn(3, dense.shape[0], generator=gen, dtype=torch.float64):
+        torch.testing.assert_close(G(v), dense @ v, **EXACT)
+    with pytest.raises(ValueError, match="Monte-Carlo Fisher"):
+        MCFisherProduct(loss_of(out), out, list(model.parameters()))
+
+
 @pytest.mark.parametrize("case", ["regroup", "split_classes"])
 def test_nll_on_a_view_that_regroups_softmax_rows_is_exact(case):
     # log_softmax over (N, K), then a user's view to 4-D NLL input whose (examples, classes)
@@ -158,15 +171,7 @@ def test_nll_on_a_view_that_regroups_softmax_rows_is_exact(case):
     def loss_of(z):
         return F.nll_loss(F.log_softmax(z, 1).view(*view), y)
 
-    out = model(x)
-    assert loss_hessian_product(loss_of(out), out) is None
-    G = GGNProduct(loss_of(out), out, list(model.parameters()))
-    dense = _dense_ggn(model, x, loss_of)
-    gen = torch.Generator().manual_seed(2)
-    for v in torch.randn(3, dense.shape[0], generator=gen, dtype=torch.float64):
-        torch.testing.assert_close(G(v), dense @ v, **EXACT)
-    with pytest.raises(ValueError, match="Monte-Carlo Fisher"):
-        MCFisherProduct(loss_of(out), out, list(model.parameters()))
+    _assert_refused_and_exact(model, x, loss_of)
 
 
 def test_nll_on_views_that_keep_examples_and_classes_stays_closed_form():
@@ -191,15 +196,7 @@ def test_a_target_computed_from_the_outputs_is_exact(case):
             return F.mse_loss(z, z.roll(1, 0))
         return F.binary_cross_entropy_with_logits(z, torch.sigmoid(z.flip(0)))
 
-    out = model(x)
-    assert loss_hessian_product(loss_of(out), out) is None
-    G = GGNProduct(loss_of(out), out, list(model.parameters()))
-    dense = _dense_ggn(model, x, loss_of)
-    gen = torch.Generator().manual_seed(2)
-    for v in torch.randn(3, dense.shape[0], generator=gen, dtype=torch.float64):
-        torch.testing.assert_close(G(v), dense @ v, **EXACT)
-    with pytest.raises(ValueError, match="Monte-Carlo Fisher"):
-        MCFisherProduct(loss_of(out), out, list(model.parameters()))
+    _assert_refused_and_exact(model, x, loss_of)
 
 
 def test_log_softmax_over_a_negative_dim_is_recognised():
