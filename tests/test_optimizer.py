@@ -2608,21 +2608,11 @@ def _capture_fisher(model, closure, n):
     return seen["C"]
 
 
-@pytest.mark.parametrize("case", sorted(_HAND_WRITTEN))
-def test_fisher_curvature_reads_a_hand_written_sum_from_the_graph(case):
-    """curvature='fisher' with a hand-written summed loss (``((o - y)**2).sum()``, or a torch
-    loss with reduction='sum' times a constant) was taken for a mean: N = 8 times the Fisher.
-    The reduction is now read below constant factors (``.sum() / N`` is a mean). Oracle: the
-    per-example losses' Jacobian (torch.autograd.functional, float64), F = c JᵀJ with c = 1/N
-    for a mean and 1 for a sum."""
+def _per_example_gram(model, x, y, per_example):
+    """JᵀJ of the per-example losses w.r.t. all parameters (torch.autograd.functional, an
+    oracle independent of the optimizer), and the parameter count."""
     from torch.func import functional_call
 
-    loss_fn, per_example, reduction = _HAND_WRITTEN[case]
-    g = torch.Generator().manual_seed(23)
-    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(8, 2, generator=g, dtype=torch.float64)
-    torch.manual_seed(24)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     names = [name for name, _ in model.named_parameters()]
     params = [p.detach() for p in model.parameters()]
     sizes = [p.numel() for p in params]
@@ -2632,7 +2622,25 @@ def test_fisher_curvature_reads_a_hand_written_sum_from_the_graph(case):
         return per_example(functional_call(model, dict(zip(names, chunks, strict=True)), (x,)), y)
 
     Jl = torch.autograd.functional.jacobian(losses, torch.cat([p.reshape(-1) for p in params]))
-    expected = Jl.T @ Jl / (8 if reduction == "mean" else 1)
+    return Jl.T @ Jl, sum(sizes)
+
+
+@pytest.mark.parametrize("case", sorted(_HAND_WRITTEN))
+def test_fisher_curvature_reads_a_hand_written_sum_from_the_graph(case):
+    """curvature='fisher' with a hand-written summed loss (``((o - y)**2).sum()``, or a torch
+    loss with reduction='sum' times a constant) was taken for a mean: N = 8 times the Fisher.
+    The reduction is now read below constant factors (``.sum() / N`` is a mean). Oracle: the
+    per-example losses' Jacobian (torch.autograd.functional, float64), F = c JᵀJ with c = 1/N
+    for a mean and 1 for a sum."""
+
+    loss_fn, per_example, reduction = _HAND_WRITTEN[case]
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    JtJ, size = _per_example_gram(model, x, y, per_example)
+    expected = JtJ / (8 if reduction == "mean" else 1)
 
     def closure():
         out = model(x)
@@ -2640,7 +2648,7 @@ def test_fisher_curvature_reads_a_hand_written_sum_from_the_graph(case):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # read, so no warning
-        C = _capture_fisher(model, closure, sum(sizes))
+        C = _capture_fisher(model, closure, size)
     torch.testing.assert_close(C, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -2668,7 +2676,6 @@ def test_fisher_curvature_reads_a_summed_torch_loss_on_a_reshape_of_the_outputs(
     taken for a mean with a warning, its Fisher was N = 4 times too large. Oracle: the
     per-example (per-sequence) losses' Jacobian (torch.autograd.functional, float64),
     F = JᵀJ."""
-    from torch.func import functional_call
 
     loss_fn, per_example = _SUMMED_ON_A_RESHAPE[case]
     g = torch.Generator().manual_seed(27)
@@ -2680,15 +2687,7 @@ def test_fisher_curvature_reads_a_summed_torch_loss_on_a_reshape_of_the_outputs(
         y = torch.randint(0, 3, (4, 5), generator=g)
     torch.manual_seed(28)
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 5)).double()
-    names = [name for name, _ in model.named_parameters()]
-    params = [p.detach() for p in model.parameters()]
-    sizes = [p.numel() for p in params]
-
-    def losses(flat):
-        chunks = [c.view_as(p) for c, p in zip(flat.split(sizes), params, strict=True)]
-        return per_example(functional_call(model, dict(zip(names, chunks, strict=True)), (x,)), y)
-
-    Jl = torch.autograd.functional.jacobian(losses, torch.cat([p.reshape(-1) for p in params]))
+    JtJ, size = _per_example_gram(model, x, y, per_example)
 
     def closure():
         out = model(x)
@@ -2696,8 +2695,8 @@ def test_fisher_curvature_reads_a_summed_torch_loss_on_a_reshape_of_the_outputs(
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # read, so no warning
-        C = _capture_fisher(model, closure, sum(sizes))
-    torch.testing.assert_close(C, Jl.T @ Jl, rtol=1e-10, atol=1e-12)
+        C = _capture_fisher(model, closure, size)
+    torch.testing.assert_close(C, JtJ, rtol=1e-10, atol=1e-12)
 
 
 def test_fisher_curvature_warns_once_of_a_loss_it_cannot_read():
