@@ -10,7 +10,7 @@ over the targets' entropy), the other unseen5 families (``conv1d``, ``tiedlm``, 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_newtonexit.py trace PROBLEM \\
         [--seed S] [--steps N] [--variant NAME]
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_newtonexit.py race PROBLEM \\
-        [--seeds 0,1,2] [--seconds 4,12] [--variants a,b] [--adam]
+        [--seeds 0,1,2] [--seconds 4,12] [--variants a,b] [--adam] [--double]
 
 ``trace``: per step, gap, ρ, rate, λ, λ's share, CG iterations and stop, the step's CPU seconds
 (``time.process_time``), its cost in passes (below) and whether the phase is on. ``race``: the
@@ -62,6 +62,9 @@ def load() -> str:
 class Problem:
     """A model, a ``(loss, outputs)`` closure builder and the gap of a model."""
 
+    #: ``--double``: an unseen5 family in float64 (is the phase's cost on deconv float32's?)
+    double = False
+
     def __init__(self, key: str, seed: int) -> None:
         self.key, self.seed = key, seed
         if key in GNENTRY:
@@ -70,6 +73,8 @@ class Problem:
             self.floor = p.fstar
         else:
             self.model, self.loss, self.x, self.y = U.family(key, 512, seed)
+            if self.double:
+                self.model, self.x, self.y = self.model.double(), self.x.double(), self.y.double()
             self.floor = U._floor(key, self.loss, self.y)
 
     def gap(self, m: torch.nn.Module) -> float:
@@ -311,7 +316,9 @@ def main() -> None:
     ap.add_argument("--variant", default="rule")
     ap.add_argument("--variants", default="rule,exit-rate,entry-slow,cap-grow")
     ap.add_argument("--adam", action="store_true")
+    ap.add_argument("--double", action="store_true", help="unseen5 families in float64")
     a = ap.parse_args()
+    Problem.double = a.double
     if a.what == "trace":
         trace(a.problem, a.seed, a.steps, a.variant)
     else:
