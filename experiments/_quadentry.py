@@ -50,6 +50,47 @@ N.VARIANTS["quad"] = {}  # the library's rule on this branch
 N.VARIANTS["main"] = {"_loss_quadratic": lambda self, run: True}  # main's: no loss test
 
 
+class Tiny:
+    """``tinybce``/``tinyce``/``tinymse``: a 3-6-4 tanh MLP (float64) fitted to a same-architecture
+    teacher on 64 inputs: BCE against σ(teacher), cross-entropy against softmax(teacher), or
+    MSE against the teacher; realizable, so the gap is the loss minus its closed-form floor
+    (the targets' entropy; 0 for MSE)."""
+
+    def __init__(self, key: str, seed: int) -> None:
+        self.key, self.seed = key, seed
+        torch.manual_seed(seed)
+        teacher, self.model = self.net(), self.net()
+        self.x = torch.randn(
+            64, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+        with torch.no_grad():
+            t = teacher(self.x)
+        if key == "tinybce":
+            self.y = torch.sigmoid(t)
+            self.loss = F.binary_cross_entropy_with_logits
+            self.floor = float(F.binary_cross_entropy(self.y, self.y))
+        elif key == "tinyce":
+            self.y = torch.softmax(t, 1)
+            self.loss = F.cross_entropy
+            self.floor = float(-(self.y * self.y.log()).sum(1).mean())
+        else:
+            self.y, self.loss, self.floor = t, F.mse_loss, 0.0
+
+    @staticmethod
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4)
+        ).double()
+
+    def gap(self, m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(self.loss(m(self.x), self.y)) - self.floor
+
+
+_Problem = N.Problem
+N.Problem = lambda key, seed: Tiny(key, seed) if key.startswith("tiny") else _Problem(key, seed)
+
+
 def load() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -129,8 +170,8 @@ def _closure(prob, m):  # noqa: ANN001, ANN202
     return closure
 
 
-def same(key: str, seeds: list[int], steps: int, seconds: float) -> None:
-    print(f"## same {key}: main's rule and this branch's, {steps} steps or {seconds} CPU s\n")
+def same(key: str, seeds: list[int], steps: int, seconds: float, pair: list[str]) -> None:
+    print(f"## same {key}: {' and '.join(pair)}, {steps} steps or {seconds} CPU s\n")
     print(
         "| seed | steps | phase from (main) | phase from (quad) | gap main | gap quad "
         "| bitwise equal | CPU main | CPU quad |"
@@ -139,7 +180,7 @@ def same(key: str, seeds: list[int], steps: int, seconds: float) -> None:
     for seed in seeds:
         prob = Pinn(key[5:], seed) if key.startswith("pinn:") else N.Problem(key, seed)
         models = [copy.deepcopy(prob.model) for _ in range(2)]
-        opts = [N.make_opt(m, v) for m, v in zip(models, ("main", "quad"), strict=True)]
+        opts = [N.make_opt(m, v) for m, v in zip(models, pair, strict=True)]
         closures = [_closure(prob, m) for m in models]
         since, cpu, equal, k = [None, None], [0.0, 0.0], True, 0
         load0 = load()
@@ -174,12 +215,19 @@ def main() -> None:
     ap.add_argument("--seconds", default="4,12")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--variants", default="main,quad,no-phase")
+    ap.add_argument("--pair", default="main,quad", help="same: the two variants compared")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     if a.what == "probe":
         probe()
     elif a.what == "same":
-        same(a.problem, seeds, a.steps, max(float(s) for s in a.seconds.split(",")))
+        same(
+            a.problem,
+            seeds,
+            a.steps,
+            max(float(s) for s in a.seconds.split(",")),
+            a.pair.split(","),
+        )
     else:
         budgets = [float(s) for s in a.seconds.split(",")]
         N.race(a.problem, seeds, budgets, a.variants.split(","), False)
