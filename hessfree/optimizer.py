@@ -2817,11 +2817,12 @@ class HessianFree(torch.optim.Optimizer):
             state["newton"] = True
 
     #: :meth:`_loss_quadratic`'s bound on the relative change of :math:`H_\ell u` from one
-    #: measured step to the next (ours; "quadentry": at the phase's entry on main it was
-    #: 8e-4-9e-3 on small teacher fits with cross-entropy/BCE, where the phase paid, and
-    #: 3e-2-0.35 on the deconvolution decoder, language model and mixture density fits, where it
-    #: did not; exactly 0 for a sum of squares). A class attribute for experiments/_quadentry.py.
-    _loss_change_max: ClassVar[float] = 2e-2
+    #: measured step to the next; ``None``: rounding, ``_PROBE_ULPS`` ε of the outputs' dtype
+    #: (a sum of squares gives exactly 0 on CPU). A class attribute for
+    #: experiments/_quadentry.py: a tolerance of 2e-2 let the deconvolution decoder (3e-2-7e-2
+    #: a step at main's entry) into the phase later, as its steps shrank, and lost what the
+    #: exact test gained there ("quadentry").
+    _loss_change_max: ClassVar[float | None] = None
 
     def _loss_quadratic(self, run: _StepRun) -> bool:
         r"""Whether the outer loss looks quadratic in the outputs (its Hessian :math:`H_\ell`
@@ -2838,7 +2839,11 @@ class HessianFree(torch.optim.Optimizer):
         if probe is None:
             return True
         before, self._loss_probe_seen = getattr(self, "_loss_probe_seen", None), probe
-        return before is None or _probe_change(before, probe) <= self._loss_change_max
+        limit = self._loss_change_max
+        if limit is None:
+            dtype = (probe[0] if isinstance(probe, tuple) else probe).dtype
+            limit = _PROBE_ULPS * torch.finfo(dtype).eps
+        return before is None or _probe_change(before, probe) <= limit
 
     def _good_streak(self, state: dict, rho: float, share: float) -> int:
         r"""Phase 4: the number of consecutive steps, this one included, whose :math:`\rho`
@@ -3166,6 +3171,9 @@ def _hooks_held(optimizer: torch.optim.Optimizer, name: str) -> Iterator[list[Ca
 
 #: _loss_probe's u: a generator of its own (no other stream moves), the same u every step
 _PROBE_SEED = 20261203
+#: _loss_quadratic: a relative change of H_ℓu up to this many ε(dtype) is rounding (a margin
+#: for reduction order off the CPU; a quadratic loss gives the same bits there)
+_PROBE_ULPS = 64
 
 
 def _loss_probe(product: object) -> Tensor | tuple[Tensor, ...] | None:
