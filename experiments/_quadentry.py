@@ -180,9 +180,10 @@ def _closure(prob, m):  # noqa: ANN001, ANN202
 
 def same(key: str, seeds: list[int], steps: int, seconds: float, pair: list[str]) -> None:
     print(f"## same {key}: {' and '.join(pair)}, {steps} steps or {seconds} CPU s\n")
+    a, b = pair
     print(
-        "| seed | steps | phase from (main) | phase from (quad) | gap main | gap quad "
-        "| bitwise equal | CPU main | CPU quad |"
+        f"| seed | steps | phase from ({a}) | phase from ({b}) | gap {a} | gap {b} "
+        f"| bitwise equal | CPU {a} | CPU {b} |"
     )
     print("|---" * 9 + "|")
     for seed in seeds:
