@@ -189,10 +189,11 @@ _STREAK_DECREASE = 1.0 / 3.0
 #: ``_NEWTON_SHARE``: the model is accurate and the damping no longer shapes the step, the
 #: Gauss-Newton regime of Levenberg-Marquardt; and only for an outer loss quadratic in the
 #: outputs (:meth:`HessianFree._loss_quadratic`; "quadentry"). From there CG is
-#: unpreconditioned (``'auto'``'s K-FAC is dropped), capped at 250 and :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does
-#: not move (ours; experiments/README.md, gnquad: on MNIST-1D and digits full batch no rate-1
-#: step had a share below 6.1e-3 and the late steps extrapolate, ρ 1.2-1.3; on a small-residual
-#: fit the share fell below 1e-3 with ρ ≈ 1 while K-FAC's 5-iteration steps converged linearly).
+#: unpreconditioned (``'auto'``'s K-FAC is dropped), capped at 250 and
+#: :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does not move (ours; experiments/README.md,
+#: gnquad: on MNIST-1D and digits full batch no rate-1 step had a share below 6.1e-3 and the
+#: late steps extrapolate, ρ 1.2-1.3; on a small-residual fit the share fell below 1e-3 with
+#: ρ ≈ 1 while K-FAC's 5-iteration steps converged linearly).
 _NEWTON_STEPS = 3
 _NEWTON_RHO = 0.25
 _NEWTON_SHARE = 1e-3
