@@ -144,7 +144,8 @@ def spectrum(args) -> None:
                 ev = torch.linalg.eigvalsh(B.double())
                 neg = float((ev[:, 0] < -1e-6 * ev[:, -1].abs()).float().mean())
                 ratio = float(ev[:, 0].min() / ev[:, -1].max())
-                print(f"| {step} | {float(loss.detach()):.4f} | {neg:.0%} | {ratio:.3g} | {err:.1e} |")
+                cells = f"{float(loss.detach()):.4f} | {neg:.0%} | {ratio:.3g} | {err:.1e}"
+                print(f"| {step} | {cells} |")
             opt.step(closure)
 
 
@@ -328,6 +329,48 @@ def race(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# heads: the two-head model's curvature per head
+# --------------------------------------------------------------------------------------------
+def heads(args) -> None:
+    """Along the gradient g, the curvature g^T G_h g / g^T g of each head's term of the
+    two-head loss (CE on the class head, SmoothL1 on the regression head), and the share of
+    each head in the gradient, at the start and after 50, 100 and 200 HF steps."""
+    from _unseen5 import two_head_loss
+
+    for seed in (0, 1):
+        model, loss_fn, x, y = family("twohead", args.n, seed)
+        opt = hessfree.HessianFree(model.parameters())
+        closure = _closure(model, loss_fn, x, y)
+        params = list(model.parameters())
+        print(f"twohead seed {seed}")
+        print("| step | loss | CE gᵀGg/gᵀg | SmoothL1 gᵀGg/gᵀg | ‖g_CE‖ | ‖g_SmoothL1‖ |")
+        print("|---|---|---|---|---|---|")
+        for step in range(201):
+            if step in (0, 50, 100, 200):
+                out = model(x)
+                g = hessfree.GGNProduct(two_head_loss(out, y), out, params).gradient
+                cells = []
+                grads = []
+                for h, term in enumerate(
+                    (
+                        lambda o, y=y: F.cross_entropy(o[0], y[0]),
+                        lambda o, y=y: F.smooth_l1_loss(o[1], y[1], beta=0.5),
+                    )
+                ):
+                    out = model(x)
+                    head = hessfree.GGNProduct(term(out), out[h], params)
+                    cells.append(float(g @ head(g) / (g @ g)))
+                    grads.append(float(head.gradient.norm()))
+                with torch.no_grad():
+                    loss = float(loss_fn(model(x), y))
+                print(
+                    f"| {step} | {loss:.4f} | {cells[0]:.3g} | {cells[1]:.3g} | "
+                    f"{grads[0]:.3g} | {grads[1]:.3g} |"
+                )
+            opt.step(closure)
+
+
+# --------------------------------------------------------------------------------------------
 # same: the families the change must leave alone
 # --------------------------------------------------------------------------------------------
 def same(args) -> None:
@@ -370,6 +413,12 @@ def cost(args) -> None:
     products = {"default": build(False), "generic": build(True)}
     for k, p in products.items():
         print(k, p._hl.__qualname__)
+    ggn = products["default"]
+    w = ggn.jacobian.jvp(v)
+    products["H_ℓ part alone"] = lambda _v: ggn.loss_hessian(w)
+    products["gradient (forward + backward)"] = lambda _v: torch.autograd.grad(
+        loss_fn(model(x), y), params
+    )
     times = {k: [] for k in products}
     load0 = os.getloadavg()[0]
     for _ in range(3):
@@ -387,11 +436,13 @@ def cost(args) -> None:
     for k, t in med.items():
         print(f"  {k}: {1e3 * t:.3f}")
     print(f"  ratio default / generic: {med['default'] / med['generic']:.3f}")
+    print(f"  H_ℓ share of a product: {med['H_ℓ part alone'] / med['default']:.3f}")
+    print(f"  product / gradient: {med['default'] / med['gradient (forward + backward)']:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("trace", "spectrum", "race", "cost", "same"))
+    parser.add_argument("what", choices=("trace", "spectrum", "race", "cost", "same", "heads"))
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--n", type=int, default=256)
@@ -401,7 +452,9 @@ def main() -> None:
     parser.add_argument("--variants", default="default")
     parser.add_argument("--variant", default="default")
     args = parser.parse_args()
-    {"trace": trace, "spectrum": spectrum, "race": race, "cost": cost, "same": same}[args.what](args)
+    what = {"trace": trace, "spectrum": spectrum, "race": race, "cost": cost, "same": same}
+    what["heads"] = heads
+    what[args.what](args)
 
 
 if __name__ == "__main__":
