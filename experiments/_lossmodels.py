@@ -417,7 +417,7 @@ def cost(args) -> None:
     w = ggn.jacobian.jvp(v)
     products["H_ℓ part alone"] = lambda _v: ggn.loss_hessian(w)
     products["gradient (forward + backward)"] = lambda _v: torch.autograd.grad(
-        loss_fn(model(x), y), params
+        loss_fn(model(x), y), params, allow_unused=True
     )
     times = {k: [] for k in products}
     load0 = os.getloadavg()[0]
