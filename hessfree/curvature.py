@@ -23,7 +23,8 @@ How the products are computed, all with PyTorch autograd and nothing formed:
 * **Gauss-Newton** :math:`Gv = J^\top (H_\ell (Jv))`, with :math:`H_\ell` in closed form for
   MSE, softmax cross-entropy and BCE-with-logits (recognised from the loss's autograd node, so
   no double backward through ``log_softmax``) and a double backward through the loss alone for
-  anything else.
+  anything else; a loss not convex in the outputs and separable over the examples gets
+  :math:`|H_\ell|` per example's block, so :math:`G` stays semidefinite (``_absolute_blocks``).
 * **Empirical Fisher** :math:`Fv = s\,J^\top (\hat g_i\,\hat g_i^\top (Jv)_i)` where
   :math:`\hat g_i = \partial f/\partial o_i` and :math:`s = N` for a mean over the ``N``
   examples along dimension 0 of the outputs (``1`` for a sum): no per-example gradient is ever
@@ -947,7 +948,10 @@ class GGNProduct(CurvatureProduct):
     it yields the gradient (:attr:`gradient`), the graph for every :math:`Jv`, and the generic
     loss Hessian. Each product is then a backward through that graph (:math:`Jv`), a closed-form
     loss Hessian where :func:`loss_hessian_product` recognises the loss, and one backward
-    (:math:`J^\top`).
+    (:math:`J^\top`). For a loss not convex in one outputs tensor (a mixture density's NLL)
+    that is a sum over the examples, :math:`H_\ell` is replaced by the absolute value of each
+    example's block, keeping :math:`G` positive semidefinite (Schraudolph 2002 assumes a
+    convex loss; see ``_absolute_blocks``).
 
     The outputs may be a sequence of blocks :math:`(r_1, \dots, r_K)`, e.g. the residuals of a
     physics-informed loss :math:`\ell = \sum_k w_k\,\mathrm{mean}(r_k^2)` whose interior residual
