@@ -760,9 +760,11 @@ def _absolute_blocks(go: Tensor, outputs: Tensor) -> MatVec | None:
     B = cols[:k].permute(1, 2, 0)  # B[i, a, b] = ∂²ℓ/∂o_ia ∂o_ib
     B = 0.5 * (B + B.transpose(1, 2))
     eps = torch.finfo(outputs.dtype).eps
-    tau = math.sqrt(eps) * B.diagonal(dim1=1, dim2=2).abs().amax()
-    eye = torch.eye(k, dtype=B.dtype, device=B.device)
-    _, info = torch.linalg.cholesky_ex(B + tau * eye)
+    # 16-bit blocks are factorized in float32 (no 16-bit Cholesky)
+    work = B.to(torch.promote_types(B.dtype, torch.float32))
+    tau = math.sqrt(eps) * work.diagonal(dim1=1, dim2=2).abs().amax()
+    eye = torch.eye(k, dtype=work.dtype, device=work.device)
+    _, info = torch.linalg.cholesky_ex(work + tau * eye)
     if not bool(info.any()):  # every block semidefinite (to τ): a convex loss
         return None
     if not bool(torch.isfinite(cols).all()):
