@@ -23,8 +23,9 @@ How the products are computed, all with PyTorch autograd and nothing formed:
 * **Gauss-Newton** :math:`Gv = J^\top (H_\ell (Jv))`, with :math:`H_\ell` in closed form for
   MSE, softmax cross-entropy and BCE-with-logits (recognised from the loss's autograd node, so
   no double backward through ``log_softmax``) and a double backward through the loss alone for
-  anything else; a loss not convex in the outputs and separable over the examples gets
-  :math:`|H_\ell|` per example's block, so :math:`G` stays semidefinite (``_absolute_blocks``).
+  anything else; for a loss not convex in the outputs and separable over the examples the
+  optimizer takes :math:`|H_\ell|` per example's block, so its :math:`G` stays semidefinite
+  (``GGNProduct(..., loss_hessian='absolute')``, ``_absolute_blocks``).
 * **Empirical Fisher** :math:`Fv = s\,J^\top (\hat g_i\,\hat g_i^\top (Jv)_i)` where
   :math:`\hat g_i = \partial f/\partial o_i` and :math:`s = N` for a mean over the ``N``
   examples along dimension 0 of the outputs (``1`` for a sum): no per-example gradient is ever
@@ -958,10 +959,12 @@ class GGNProduct(CurvatureProduct):
     it yields the gradient (:attr:`gradient`), the graph for every :math:`Jv`, and the generic
     loss Hessian. Each product is then a backward through that graph (:math:`Jv`), a closed-form
     loss Hessian where :func:`loss_hessian_product` recognises the loss, and one backward
-    (:math:`J^\top`). For a loss not convex in one outputs tensor (a mixture density's NLL)
-    that is a sum over the examples, :math:`H_\ell` is replaced by the absolute value of each
-    example's block, keeping :math:`G` positive semidefinite (Schraudolph 2002 assumes a
-    convex loss; see ``_absolute_blocks``).
+    (:math:`J^\top`). :math:`G` is positive semidefinite for a loss convex in the outputs
+    (Schraudolph 2002 assumes one); for a loss that is not (a mixture density's or a
+    heteroscedastic Gaussian's NLL), ``loss_hessian='absolute'`` replaces :math:`H_\ell` by the
+    absolute value of each example's block where the loss is a sum over examples
+    (``_absolute_blocks``; what :class:`~hessfree.HessianFree` uses), and the default
+    ``'exact'`` keeps :math:`J^\top H_\ell J`, indefinite there.
 
     The outputs may be a sequence of blocks :math:`(r_1, \dots, r_K)`, e.g. the residuals of a
     physics-informed loss :math:`\ell = \sum_k w_k\,\mathrm{mean}(r_k^2)` whose interior residual
@@ -979,11 +982,15 @@ class GGNProduct(CurvatureProduct):
         outputs: The model outputs (a tensor or a sequence of tensors), with a graph to
             ``params``.
         params: The parameters.
+        loss_hessian: ``'exact'`` (default) for :math:`H_\ell` itself, ``'absolute'`` for
+            :math:`|H_\ell|` per example's block on a generic loss found not convex in a single
+            outputs tensor (a closed-form or convex loss, one coupling the examples, or more
+            than 16 entries per example keep :math:`H_\ell`).
 
     Raises:
         ValueError: If ``loss`` is not a scalar, has no graph, does not depend on ``outputs``,
             or depends on none of ``params`` (parameters it does not use give zero rows and
-            columns).
+            columns), or ``loss_hessian`` is neither ``'exact'`` nor ``'absolute'``.
 
     Example:
         >>> X = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
@@ -998,11 +1005,20 @@ class GGNProduct(CurvatureProduct):
         tensor([11.,  2.])
     """
 
-    positive_semidefinite = True
+    positive_semidefinite = True  # for a convex loss, or with ``loss_hessian='absolute'``
+    _absolute = False
 
     def __init__(
-        self, loss: Tensor, outputs: Tensor | Sequence[Tensor], params: Sequence[Tensor]
+        self,
+        loss: Tensor,
+        outputs: Tensor | Sequence[Tensor],
+        params: Sequence[Tensor],
+        *,
+        loss_hessian: str = "exact",
     ) -> None:
+        if loss_hessian not in ("exact", "absolute"):
+            raise ValueError(f"`loss_hessian` must be 'exact' or 'absolute', got {loss_hessian!r}.")
+        self._absolute = loss_hessian == "absolute"
         loss = check_scalar_loss("loss", loss)
         self.jacobian = JacobianProduct(outputs, params)
         J = self.jacobian
@@ -1065,7 +1081,7 @@ class GGNProduct(CurvatureProduct):
             return torch.zeros_like
         if not J.is_sequence:
             go = gos[0]
-            absolute = _absolute_blocks(go, outputs)
+            absolute = _absolute_blocks(go, outputs) if self._absolute else None
             if absolute is not None:  # a non-convex loss: |H_ℓ| keeps G semidefinite
                 return absolute
             return lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]
@@ -1200,6 +1216,7 @@ class StructurallyDampedGGN(GGNProduct):
         hidden: The hidden states to keep steady (any shape), with a graph to ``params``.
         params: The parameters.
         weight: :math:`w \ge 0`; the optimizer uses :math:`\lambda\mu/N` (:math:`N` = examples).
+        loss_hessian: As :class:`GGNProduct`'s (the optimizer passes ``'absolute'``).
 
     Example:
         >>> W = torch.tensor([[0.5]], requires_grad=True)
@@ -1219,13 +1236,15 @@ class StructurallyDampedGGN(GGNProduct):
         params: Sequence[Tensor],
         *,
         weight: float,
+        loss_hessian: str = "exact",
     ) -> None:
         if not isinstance(hidden, Tensor) or not hidden.requires_grad:
             raise ValueError("`hidden` must be a tensor with an autograd graph to the parameters.")
         if not weight >= 0:
             raise ValueError(f"`weight` must be >= 0, got {weight!r}.")
         self.hidden, self.weight = hidden, float(weight)
-        super().__init__(loss, outputs, params)  # builds the joint graph via _rop_graph
+        # builds the joint graph via _rop_graph
+        super().__init__(loss, outputs, params, loss_hessian=loss_hessian)
 
     def _rop_graph(self, outputs: Tensor, go: Tensor) -> Sequence[Tensor | None]:
         # One set-up pass for both Jacobians: J_o^T go + J_h^T u_h with a zero dummy u_h is the

@@ -13,6 +13,7 @@ from cases import dense, flat_params, functional
 from hessfree import (
     FisherProduct,
     GGNProduct,
+    HessianFree,
     HessianProduct,
     JacobianProduct,
     hvp,
@@ -253,7 +254,8 @@ def _nonconvex_case(name: str):
     assert negative  # the premise: H_ℓ is indefinite here
     G = D.J.T @ torch.from_numpy(absolute) @ D.J
     out = model(x)
-    return GGNProduct(loss_fn(out, y), out, list(model.parameters())), G
+    params = list(model.parameters())
+    return GGNProduct(loss_fn(out, y), out, params, loss_hessian="absolute"), G
 
 
 @pytest.mark.parametrize("name", sorted(NONCONVEX))
@@ -274,6 +276,52 @@ def test_ggn_of_a_nonconvex_loss_is_semidefinite(name):
     lam = torch.linalg.eigvalsh(0.5 * (M + M.T))
     assert G.positive_semidefinite
     assert lam.min() >= -1e-12 * lam.abs().max(), lam.min()
+
+
+@pytest.mark.parametrize("name", sorted(NONCONVEX))
+def test_ggn_keeps_the_exact_loss_hessian_of_a_nonconvex_loss_by_default(name):
+    # the operators' G is Jᵀ H_ℓ J as defined (indefinite here); only 'absolute' takes |·|
+    loss_fn, k = NONCONVEX[name]
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, k)).double()
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * x)
+    D = dense(model, x, y, loss_fn)
+    out = model(x)
+    oracle = D.G  # Jᵀ H_ℓ J from autograd.functional
+    assert torch.linalg.eigvalsh(oracle).min() < 0  # the premise: indefinite
+    G = GGNProduct(loss_fn(out, y), out, list(model.parameters()))
+    for v in _vectors(oracle.shape[0]):
+        torch.testing.assert_close(G(v), oracle @ v, **EXACT)
+    with pytest.raises(ValueError, match="'exact' or 'absolute', got 'abs'"):
+        GGNProduct(loss_fn(out, y), out, list(model.parameters()), loss_hessian="abs")
+
+
+def test_optimizer_uses_absolute_loss_hessian_blocks(monkeypatch):
+    # HessianFree's Gauss-Newton products must be semidefinite for CG: it asks for |H_ℓ|
+    import hessfree.optimizer as optimizer_module
+
+    made = []
+
+    class Spy(GGNProduct):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("loss_hessian"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer_module, "GGNProduct", Spy)
+    loss_fn, k = NONCONVEX["mixture"]
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, k)).double()
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * x)
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        out = model(x)
+        return loss_fn(out, y), out
+
+    opt.step(closure)
+    assert made and set(made) == {"absolute"}
 
 
 def test_ggn_keeps_the_exact_loss_hessian_of_a_loss_coupling_the_examples():

@@ -3,8 +3,7 @@
 The oracle is :math:`G = J^\\top H_\\ell J` built densely: :math:`J` from
 ``torch.autograd.functional.jacobian`` of the outputs with respect to the flat parameters,
 :math:`H_\\ell` from ``torch.autograd.functional.hessian`` of the loss with respect to the
-outputs (for a loss not convex in the outputs, :math:`|H_\\ell|` per example's block). Each
-loss is one a user's ``(loss, outputs)`` closure might return; most are not
+outputs. Each loss is one a user's ``(loss, outputs)`` closure might return; most are not
 recognised by :func:`hessfree.loss_hessian_product` and go through the double-backward path,
 cross-entropy with ``ignore_index`` goes through the closed form.
 """
@@ -84,11 +83,6 @@ LOSSES = [
 ]
 
 
-#: Losses not convex in the outputs (a Gaussian NLL in mean and variance): hessfree's GGN uses
-#: |H_ℓ| per example there (``hessfree.curvature._absolute_blocks``).
-NONCONVEX = {"gaussian_nll"}
-
-
 def _problem(name: str):
     gen = torch.Generator().manual_seed(3)
     n_out, y = _targets(name, gen)
@@ -113,13 +107,6 @@ def _explicit_ggn(model: nn.Module, x: torch.Tensor, name: str, y: object) -> to
     out = outputs_of(theta).detach()
     H = torch.autograd.functional.hessian(lambda o: _loss(name, o, y), out)  # (N, K, N, K)
     m, p = out.numel(), theta.numel()
-    if name in NONCONVEX:  # the GGN takes |·| of each example's (K, K) block of H_ℓ
-        k = out.shape[1]
-        blocks = torch.stack([H[i, :, i, :] for i in range(N)])
-        lam, U = torch.linalg.eigh(blocks)
-        assert lam.min() < 0  # the premise: not convex here
-        H = torch.block_diag(*((U * lam.abs().unsqueeze(1)) @ U.transpose(1, 2)))
-        assert H.shape == (N * k, N * k)
     J, H = J.reshape(m, p), H.reshape(m, m)
     return J.T @ H @ J
 
