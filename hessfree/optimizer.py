@@ -1648,7 +1648,12 @@ class HessianFree(torch.optim.Optimizer):
             # damping='auto' before its calibration (NaN): products without the structural term
             weight = _structural_weight(lam, mu, evaluation.hidden)
             product = StructurallyDampedGGN(
-                evaluation.loss, evaluation.outputs, evaluation.hidden, params, weight=weight
+                evaluation.loss,
+                evaluation.outputs,
+                evaluation.hidden,
+                params,
+                weight=weight,
+                loss_hessian="absolute",
             )
         elif kind == "hessian":
             product = HessianProduct(
@@ -1657,7 +1662,10 @@ class HessianFree(torch.optim.Optimizer):
                 grads=evaluation.grads,
             )
         elif kind == "ggn":
-            product = GGNProduct(evaluation.loss, evaluation.outputs, params)
+            # |H_ℓ| on a loss not convex in the outputs: CG needs a semidefinite G
+            product = GGNProduct(
+                evaluation.loss, evaluation.outputs, params, loss_hessian="absolute"
+            )
         elif kind == "fisher_mc":  # new labels every step
             generator = self._mc_generator(evaluation.outputs.device)
             product = MCFisherProduct(

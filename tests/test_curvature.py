@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from scipy.optimize import rosen_hess_prod
 from torch import nn
 
-from cases import dense
+from cases import dense, flat_params, functional
 from hessfree import (
     FisherProduct,
     GGNProduct,
+    HessianFree,
     HessianProduct,
     JacobianProduct,
     hvp,
@@ -213,6 +214,137 @@ def test_unrecognised_loss_falls_back_to_double_backward():
     )
     v = torch.randn(D.G.shape[0], dtype=torch.float64)
     torch.testing.assert_close(GGNProduct(loss, out, list(model.parameters()))(v), D.G @ v, **EXACT)
+
+
+def _mixture_nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Two-component Gaussian mixture NLL; outputs (logits, means, log-scales)."""
+    logit, mu, log_s = out[:, :2], out[:, 2:4], out[:, 4:]
+    log_n = -0.5 * ((y - mu) / log_s.exp()) ** 2 - log_s
+    return -torch.logsumexp(F.log_softmax(logit, 1) + log_n, 1).mean()
+
+
+def _gaussian_nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Heteroscedastic Gaussian NLL in (mean, log-variance)."""
+    return F.gaussian_nll_loss(out[:, :1], y, out[:, 1:].exp(), reduction="sum")
+
+
+NONCONVEX = {"mixture": (_mixture_nll, 6), "gaussian_nll": (_gaussian_nll, 2)}
+
+
+def _nonconvex_case(name: str):
+    """A tanh MLP under a loss not convex in its outputs, and the dense float64 oracle
+    Jᵀ|H_ℓ|J: H_ℓ from autograd.functional.hessian, |·| per example's block (numpy eigh)."""
+    from torch.autograd.functional import hessian
+
+    loss_fn, k = NONCONVEX[name]
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, k)).double()
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * x)
+    D = dense(model, x, y, loss_fn)
+    out = model(x).detach()
+    HL = hessian(lambda o: loss_fn(o.view_as(out), y), out.reshape(-1)).numpy()
+    absolute = np.zeros_like(HL)
+    negative = False
+    for i in range(out.shape[0]):
+        block = slice(i * k, (i + 1) * k)
+        lam, U = np.linalg.eigh(HL[block, block])
+        negative |= bool(lam.min() < -1e-8 * abs(lam).max())
+        absolute[block, block] = (U * abs(lam)) @ U.T
+    assert negative  # the premise: H_ℓ is indefinite here
+    G = D.J.T @ torch.from_numpy(absolute) @ D.J
+    out = model(x)
+    params = list(model.parameters())
+    return GGNProduct(loss_fn(out, y), out, params, loss_hessian="absolute"), G
+
+
+@pytest.mark.parametrize("name", sorted(NONCONVEX))
+def test_ggn_of_a_nonconvex_loss_uses_absolute_loss_hessian_blocks(name):
+    G, oracle = _nonconvex_case(name)
+    V = _vectors(oracle.shape[0])
+    for v in V:
+        torch.testing.assert_close(G(v), oracle @ v, **EXACT)
+    torch.testing.assert_close(G.matmat(V), V @ oracle.T, **EXACT)
+    torch.testing.assert_close(G.diagonal(), oracle.diagonal(), **EXACT)
+
+
+@pytest.mark.parametrize("name", sorted(NONCONVEX))
+def test_ggn_of_a_nonconvex_loss_is_semidefinite(name):
+    G, _ = _nonconvex_case(name)
+    n = G.shape[0]
+    M = torch.stack([G(e) for e in torch.eye(n, dtype=torch.float64)], 1)
+    lam = torch.linalg.eigvalsh(0.5 * (M + M.T))
+    assert G.positive_semidefinite
+    assert lam.min() >= -1e-12 * lam.abs().max(), lam.min()
+
+
+@pytest.mark.parametrize("name", sorted(NONCONVEX))
+def test_ggn_keeps_the_exact_loss_hessian_of_a_nonconvex_loss_by_default(name):
+    # the operators' G is Jᵀ H_ℓ J as defined (indefinite here); only 'absolute' takes |·|
+    loss_fn, k = NONCONVEX[name]
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, k)).double()
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * x)
+    D = dense(model, x, y, loss_fn)
+    out = model(x)
+    oracle = D.G  # Jᵀ H_ℓ J from autograd.functional
+    assert torch.linalg.eigvalsh(oracle).min() < 0  # the premise: indefinite
+    G = GGNProduct(loss_fn(out, y), out, list(model.parameters()))
+    for v in _vectors(oracle.shape[0]):
+        torch.testing.assert_close(G(v), oracle @ v, **EXACT)
+    with pytest.raises(ValueError, match="'exact' or 'absolute', got 'abs'"):
+        GGNProduct(loss_fn(out, y), out, list(model.parameters()), loss_hessian="abs")
+
+
+def test_optimizer_uses_absolute_loss_hessian_blocks(monkeypatch):
+    # HessianFree's Gauss-Newton products must be semidefinite for CG: it asks for |H_ℓ|
+    import hessfree.optimizer as optimizer_module
+
+    made = []
+
+    class Spy(GGNProduct):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("loss_hessian"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer_module, "GGNProduct", Spy)
+    loss_fn, k = NONCONVEX["mixture"]
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, k)).double()
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
+    y = torch.sin(3 * x)
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        out = model(x)
+        return loss_fn(out, y), out
+
+    opt.step(closure)
+    assert made and set(made) == {"absolute"}
+
+
+def test_ggn_keeps_the_exact_loss_hessian_of_a_loss_coupling_the_examples():
+    # indefinite but not a sum over examples: no per-example blocks to take |·| of
+    torch.manual_seed(6)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    from torch.autograd.functional import hessian, jacobian
+
+    def coupled(o):
+        return (o.mean(0) ** 2).sum() - 0.5 * (o**2).mean()
+
+    f = functional(model)
+    J = jacobian(lambda t: f(t, x).reshape(-1), flat_params(model))
+    out = model(x)
+    params = list(model.parameters())
+    HL = hessian(lambda o: coupled(o.view(5, 2)), out.detach().reshape(-1))
+    oracle = J.T @ HL @ J
+    assert torch.linalg.eigvalsh(oracle).min() < 0  # the premise: indefinite
+    G = GGNProduct(coupled(out), out, params)
+    for v in _vectors(oracle.shape[0]):
+        torch.testing.assert_close(G(v), oracle @ v, **EXACT)
 
 
 def test_ggn_gradient_includes_a_direct_regulariser():
