@@ -12,23 +12,28 @@ local phase at all.
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_quadentry.py race PROBLEM \\
         [--seeds 0,1,2] [--seconds 4,12] [--variants main,quad,no-phase]
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_quadentry.py same PROBLEM \\
-        [--seeds 0,1,2] [--steps N] [--seconds S]
+        [--seeds 0,1,2] [--steps N] [--seconds S] [--pair main,quad]
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_quadentry.py change PROBLEM \\
+        [--seeds S] [--steps N]
 
 ``probe``: the detector's verdict on losses known to be quadratic in the outputs or not, at two
 random output points (the oracle is the loss's formula). ``race``: ``_newtonexit.race`` (1
 thread, contenders interleaved one step each from the same weights, CPU =
 ``time.process_time`` of each contender's own steps). ``same``: ``main`` and ``quad`` from the
 same weights for N steps (or S CPU seconds of ``main``): the step the phase began, the final
-gap, and whether the parameters are bitwise equal after every step. PROBLEM: gnentry's
+gap, and whether the parameters are bitwise equal after every step. ``change``: per step of
+main's rule, the relative max-norm change of H_ℓu since the previous step. PROBLEM: gnentry's
 ``smallres``, ``interp``, ``sine``; unseen5's families (``deconv``, ``twohead``, ``mdn``,
-``tiedlm``, ...); ``pinn:KEY`` (``_pinn3.MAKERS``: poisson, reaction, helmholtz, burgers,
-allen; the ``(loss, residual blocks)`` closure, HF from the initial weights).
+``tiedlm``, ...); ``tinybce``, ``tinyce``, ``tinymse`` (:class:`Tiny`); ``pinn:KEY``
+(``_pinn3.MAKERS``: poisson, reaction, helmholtz, burgers, allen; the ``(loss, residual
+blocks)`` closure, HF from the initial weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -216,9 +221,50 @@ def same(key: str, seeds: list[int], steps: int, seconds: float, pair: list[str]
     print(f"\nload {load0} -> {load()}\n")
 
 
+# ------------------------------------------------------------------------------------------
+# change: how far H_ℓu moves per step under main's rule
+# ------------------------------------------------------------------------------------------
+class _Change(O.HessianFree):
+    """main's rule, recording the relative max-norm change of H_ℓu between consecutive steps
+    (measured at every step, in the phase too)."""
+
+    change = math.nan
+
+    def _loss_quadratic(self, run):  # noqa: ANN001, ANN202
+        return True
+
+    def _solve(self, curvature, product, evaluation, g, run, closure):  # noqa: ANN001, ANN202
+        out = super()._solve(curvature, product, evaluation, g, run, closure)
+        probe = O._loss_probe(product)
+        before, self._seen = getattr(self, "_seen", None), probe
+        if probe is not None and before is not None:
+            self.change = O._probe_change(before, probe)
+        return out
+
+
+def change(key: str, seed: int, steps: int) -> None:
+    prob = N.Problem(key, seed)
+    m = copy.deepcopy(prob.model)
+    opt = _Change(m.parameters())
+    closure = _closure(prob, m)
+    print(f"## change {key} seed {seed}, main's rule; load {load()}\n")
+    print("| k | gap | ρ | rate | CG | change of H_ℓu | phase |")
+    print("|---" * 7 + "|")
+    for k in range(steps):
+        opt.step(closure)
+        i = opt.last_step
+        on = "on" if opt._global_state().get("newton") else ""
+        print(
+            f"| {k} | {prob.gap(m):.3e} | {i.rho:.3f} | {i.step_rate:.2g} | {i.cg_iters} "
+            f"| {opt.change:.2e} | {on} |",
+            flush=True,
+        )
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["probe", "race", "same"])
+    ap.add_argument("what", choices=["probe", "race", "same", "change"])
     ap.add_argument("problem", nargs="?", default="")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--seconds", default="4,12")
@@ -229,6 +275,8 @@ def main() -> None:
     seeds = [int(s) for s in a.seeds.split(",")]
     if a.what == "probe":
         probe()
+    elif a.what == "change":
+        change(a.problem, seeds[0], a.steps)
     elif a.what == "same":
         same(
             a.problem,
