@@ -187,11 +187,13 @@ _STREAK_DECREASE = 1.0 / 3.0
 #: extrapolation) whose :math:`\rho` is within ``_NEWTON_RHO`` of 1 and where :math:`\lambda`'s
 #: share of the step's curvature, :math:`\lambda\|p\|^2 / p^\top C p`, is at most
 #: ``_NEWTON_SHARE``: the model is accurate and the damping no longer shapes the step, the
-#: Gauss-Newton regime of Levenberg-Marquardt. From there CG is unpreconditioned (``'auto'``'s
-#: K-FAC is dropped), capped at 250 and :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does
-#: not move (ours; experiments/README.md, gnquad: on MNIST-1D and digits full batch no rate-1
-#: step had a share below 6.1e-3 and the late steps extrapolate, ρ 1.2-1.3; on a small-residual
-#: fit the share fell below 1e-3 with ρ ≈ 1 while K-FAC's 5-iteration steps converged linearly).
+#: Gauss-Newton regime of Levenberg-Marquardt; and only for an outer loss quadratic in the
+#: outputs (:meth:`HessianFree._loss_quadratic`; "quadentry"). From there CG is
+#: unpreconditioned (``'auto'``'s K-FAC is dropped), capped at 250 and
+#: :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does not move (ours; experiments/README.md,
+#: gnquad: on MNIST-1D and digits full batch no rate-1 step had a share below 6.1e-3 and the
+#: late steps extrapolate, ρ 1.2-1.3; on a small-residual fit the share fell below 1e-3 with
+#: ρ ≈ 1 while K-FAC's 5-iteration steps converged linearly).
 _NEWTON_STEPS = 3
 _NEWTON_RHO = 0.25
 _NEWTON_SHARE = 1e-3
@@ -516,6 +518,7 @@ class _StepRun:
     report: dict = field(default_factory=dict)  # StepInfo fields known so far
     bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
     semidefinite: bool = False  # the curvature is positive semidefinite (Gauss-Newton, Fisher)
+    loss_probe: Tensor | tuple[Tensor, ...] | None = None  # H_ℓu, fixed u (_loss_quadratic)
     trials: dict[int, float] = field(default_factory=dict)  # f at CG iterates, by iteration
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
     damped_change: float = math.nan  # ½λpᵀDp (+ structural energy) at the chosen iterate
@@ -2421,6 +2424,8 @@ class HessianFree(torch.optim.Optimizer):
         rtol = self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
         run.semidefinite = product is not None and product.positive_semidefinite
+        if run.state.get("deterministic") is True and not run.state.get("newton"):
+            run.loss_probe = _loss_probe(product)
         if run.bounded and "trust_radius" not in run.state:
             self._initial_radius(run.state, g)
         radius = run.state.get("trust_radius", math.inf) if run.bounded else math.inf
@@ -2812,6 +2817,7 @@ class HessianFree(torch.optim.Optimizer):
             and rate == 1.0
             and abs(rho - 1.0) <= _NEWTON_RHO
             and share <= _NEWTON_SHARE  # NaN: no
+            and self._loss_quadratic(run)
         )
         if not accurate:
             state.pop("newton_streak", None)
@@ -2819,6 +2825,35 @@ class HessianFree(torch.optim.Optimizer):
         state["newton_streak"] = streak = state.get("newton_streak", 0) + 1
         if streak >= _NEWTON_STEPS:
             state["newton"] = True
+
+    #: :meth:`_loss_quadratic`'s bound on the relative change of :math:`H_\ell u` from one
+    #: measured step to the next; ``None``: rounding, ``_PROBE_ULPS`` ε of the outputs' dtype
+    #: (a sum of squares gives exactly 0 on CPU). A class attribute for
+    #: experiments/_quadentry.py: a tolerance of 2e-2 let the deconvolution decoder (3e-2-7e-2
+    #: a step at main's entry) into the phase later, as its steps shrank, and lost what the
+    #: exact test gained there ("quadentry").
+    _loss_change_max: ClassVar[float | None] = None
+
+    def _loss_quadratic(self, run: _StepRun) -> bool:
+        r"""Whether the outer loss looks quadratic in the outputs (its Hessian :math:`H_\ell`
+        independent of them), the condition for the local phase besides the streak
+        (:meth:`_track_newton`): :math:`H_\ell u` for one fixed random output-space :math:`u`
+        (:func:`_loss_probe`) equals, to rounding, its value at the previous step where it was
+        measured. For a sum of squares (MSE, a PINN's weighted residual blocks) the
+        Gauss-Newton model is then the exact loss of the linearised network and stays accurate
+        over the phase's long solves; for cross-entropy, BCE or a mixture likelihood
+        :math:`H_\ell` moves with the outputs and the phase's long solves paid off on none of
+        the fits measured (ours; experiments/README.md, "newtonexit", "quadentry"). True where
+        no probe exists (other curvatures: entry as before) or at the first measurement."""
+        probe = run.loss_probe
+        if probe is None:
+            return True
+        before, self._loss_probe_seen = getattr(self, "_loss_probe_seen", None), probe
+        limit = self._loss_change_max
+        if limit is None:
+            dtype = (probe[0] if isinstance(probe, tuple) else probe).dtype
+            limit = _PROBE_ULPS * torch.finfo(dtype).eps
+        return before is None or _probe_change(before, probe) <= limit
 
     def _good_streak(self, state: dict, rho: float, share: float) -> int:
         r"""Phase 4: the number of consecutive steps, this one included, whose :math:`\rho`
@@ -3142,6 +3177,43 @@ def _hooks_held(optimizer: torch.optim.Optimizer, name: str) -> Iterator[list[Ca
         yield list(hooks.values())
     finally:
         setattr(optimizer, name, hooks)
+
+
+#: _loss_probe's u: a generator of its own (no other stream moves), the same u every step
+_PROBE_SEED = 20261203
+#: _loss_quadratic: a relative change of H_ℓu up to this many ε(dtype) is rounding (a margin
+#: for reduction order off the CPU; a quadratic loss gives the same bits there)
+_PROBE_ULPS = 64
+
+
+def _loss_probe(product: object) -> Tensor | tuple[Tensor, ...] | None:
+    r""":math:`H_\ell u` of a Gauss-Newton product for a fixed random :math:`u` shaped like its
+    outputs (blocks too), or ``None`` for any other curvature. One output-space product: a
+    closed form, or a double backward through the outputs-to-loss graph only."""
+    if type(product) is not GGNProduct:
+        return None
+    outputs = product.outputs
+    seq = isinstance(outputs, (tuple, list))
+    blocks = tuple(outputs) if seq else (outputs,)
+    gen = torch.Generator(device=blocks[0].device).manual_seed(_PROBE_SEED)
+    u = tuple(torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in blocks)
+    hu = product.loss_hessian(u if seq else u[0])
+    return tuple(t.detach() for t in hu) if isinstance(hu, tuple) else hu.detach()
+
+
+def _probe_change(a: Tensor | tuple[Tensor, ...], b: Tensor | tuple[Tensor, ...]) -> float:
+    r"""The relative change :math:`\max_k \|b_k - a_k\|_\infty / \|a_k\|_\infty` between two
+    :func:`_loss_probe` results (blocks :math:`k`): 0 for a quadratic loss (the same bits on
+    CPU), infinite if the shapes differ."""
+    a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
+        return math.inf
+    change = 0.0
+    for x, y in zip(a, b, strict=True):
+        diff = float((y - x).abs().max()) if x.numel() else 0.0
+        if diff > 0.0:
+            change = max(change, diff / max(float(x.abs().max()), torch.finfo(x.dtype).tiny))
+    return change
 
 
 def _same(t: Tensor) -> Tensor:
