@@ -84,7 +84,11 @@ def test_a_soft_target_bce_fit_stays_out_of_the_local_phase_and_still_converges(
     with torch.no_grad():
         y = torch.sigmoid(teacher(x))
     floor = float(F.binary_cross_entropy(y, y))  # the entropy of the soft targets
-    opt = HessianFree(model.parameters())
+
+    class QuadEntry(HessianFree):  # the rule is off by default ("quadentry": tinyce)
+        _quad_entry = True
+
+    opt = QuadEntry(model.parameters())
 
     def closure():
         out = model(x)
