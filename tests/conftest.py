@@ -18,3 +18,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])
 def case(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny products on a loaded 2-core machine: two threads made such tests up to 20-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

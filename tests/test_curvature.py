@@ -231,17 +231,24 @@ def _gaussian_nll(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 NONCONVEX = {"mixture": (_mixture_nll, 6), "gaussian_nll": (_gaussian_nll, 2)}
 
 
-def _nonconvex_case(name: str):
-    """A tanh MLP under a loss not convex in its outputs, and the dense float64 oracle
-    Jᵀ|H_ℓ|J: H_ℓ from autograd.functional.hessian, |·| per example's block (numpy eigh)."""
-    from torch.autograd.functional import hessian
-
+def _nonconvex_fit(name: str):
+    """A float64 tanh MLP on 5 points under a loss not convex in its outputs, and its dense
+    oracles (``cases.dense``: J, H_ℓ's Jᵀ H_ℓ J, ...)."""
     loss_fn, k = NONCONVEX[name]
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, k)).double()
     x = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
     y = torch.sin(3 * x)
-    D = dense(model, x, y, loss_fn)
+    return model, x, y, loss_fn, dense(model, x, y, loss_fn)
+
+
+def _nonconvex_case(name: str):
+    """A tanh MLP under a loss not convex in its outputs, and the dense float64 oracle
+    Jᵀ|H_ℓ|J: H_ℓ from autograd.functional.hessian, |·| per example's block (numpy eigh)."""
+    from torch.autograd.functional import hessian
+
+    model, x, y, loss_fn, D = _nonconvex_fit(name)
+    k = NONCONVEX[name][1]
     out = model(x).detach()
     HL = hessian(lambda o: loss_fn(o.view_as(out), y), out.reshape(-1)).numpy()
     absolute = np.zeros_like(HL)
@@ -281,12 +288,7 @@ def test_ggn_of_a_nonconvex_loss_is_semidefinite(name):
 @pytest.mark.parametrize("name", sorted(NONCONVEX))
 def test_ggn_keeps_the_exact_loss_hessian_of_a_nonconvex_loss_by_default(name):
     # the operators' G is Jᵀ H_ℓ J as defined (indefinite here); only 'absolute' takes |·|
-    loss_fn, k = NONCONVEX[name]
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, k)).double()
-    x = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
-    y = torch.sin(3 * x)
-    D = dense(model, x, y, loss_fn)
+    model, x, y, loss_fn, D = _nonconvex_fit(name)
     out = model(x)
     oracle = D.G  # Jᵀ H_ℓ J from autograd.functional
     assert torch.linalg.eigvalsh(oracle).min() < 0  # the premise: indefinite
@@ -309,11 +311,7 @@ def test_optimizer_uses_absolute_loss_hessian_blocks(monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(optimizer_module, "GGNProduct", Spy)
-    loss_fn, k = NONCONVEX["mixture"]
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, k)).double()
-    x = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
-    y = torch.sin(3 * x)
+    model, x, y, loss_fn, _ = _nonconvex_fit("mixture")
     opt = HessianFree(model.parameters())
 
     def closure():

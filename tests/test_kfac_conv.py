@@ -24,12 +24,8 @@ DTYPE = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """Small convolutions on 2 shared cores: one thread is ~50x faster than two waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

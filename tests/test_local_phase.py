@@ -4,7 +4,6 @@ objective: once the model is accurate and progress linear, CG solves tightly (gn
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from scipy.optimize import least_squares
@@ -60,15 +59,6 @@ def _least_squares_optimum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
         gtol=1e-14,
     )
     return float(np.mean(sol.fun**2))
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny products: two threads on a loaded 2-core machine made this test 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_defaults_converge_superlinearly_on_a_small_residual_full_batch(one_thread):

@@ -16,14 +16,6 @@ from hessfree.optimizer import _PROBE_SEED, _loss_probe, _probe_change
 DTYPE = torch.float64
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _probe_at(loss_fn, seed: int):
     """H_ℓu of a linear model's outputs at the inputs of ``seed`` (the weights are fixed)."""
     w = torch.randn(5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
