@@ -187,8 +187,8 @@ _STREAK_DECREASE = 1.0 / 3.0
 #: extrapolation) whose :math:`\rho` is within ``_NEWTON_RHO`` of 1 and where :math:`\lambda`'s
 #: share of the step's curvature, :math:`\lambda\|p\|^2 / p^\top C p`, is at most
 #: ``_NEWTON_SHARE``: the model is accurate and the damping no longer shapes the step, the
-#: Gauss-Newton regime of Levenberg-Marquardt; and only for an outer loss quadratic in the
-#: outputs (:meth:`HessianFree._loss_quadratic`; "quadentry"). From there CG is
+#: Gauss-Newton regime of Levenberg-Marquardt (with ``HessianFree._quad_entry``, off by
+#: default, also only for an outer loss quadratic in the outputs: "quadentry"). From there CG is
 #: unpreconditioned (``'auto'``'s K-FAC is dropped), capped at 250 and
 #: :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does not move (ours; experiments/README.md,
 #: gnquad: on MNIST-1D and digits full batch no rate-1 step had a share below 6.1e-3 and the
