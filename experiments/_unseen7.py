@@ -262,7 +262,7 @@ def p_deq(seed: int) -> Problem:
                    model, F.mse_loss, (x, y))  # fmt: skip
 
 
-def p_scaled(seed: int, dtype: torch.dtype = torch.float32) -> Problem:
+def p_scaled(seed: int, dtype: torch.dtype = torch.float32, standardize: bool = False) -> Problem:
     g = torch.Generator().manual_seed(5)
     x = torch.randn(600, 6, generator=g, dtype=torch.float64)
     t1 = torch.tanh(x @ torch.randn(6, 16, generator=g, dtype=torch.float64))
@@ -271,10 +271,13 @@ def p_scaled(seed: int, dtype: torch.dtype = torch.float32) -> Problem:
     y = y + 0.01 * torch.tensor([1.0, 30.0, 1000.0], dtype=torch.float64) * torch.randn(
         y.shape, generator=g, dtype=torch.float64
     )
+    if standardize:  # what a user would do first: each target to unit variance
+        y = y / y.std(0)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
                           nn.Linear(32, 3)).to(dtype)  # fmt: skip
     name = "float32" if dtype == torch.float32 else "float64"
+    name += ", targets standardized" if standardize else ""
     return Problem(f"3-output regression, target scales 1 / 30 / 1000, tanh MLP, MSE, {name}",
                    model, F.mse_loss, (x.to(dtype), y.to(dtype)))  # fmt: skip
 
@@ -329,6 +332,7 @@ PROBLEMS: dict[str, Callable[[int], Problem]] = {
     "deq": p_deq,
     "scaled32": p_scaled,
     "scaled64": lambda seed: p_scaled(seed, torch.float64),
+    "scaled64std": lambda seed: p_scaled(seed, torch.float64, standardize=True),
     "mixer": p_mixer,
 }
 VARIANTS: dict[str, dict] = {
@@ -566,6 +570,7 @@ OPS_SETUP: dict[str, tuple[int | None, torch.dtype, torch.dtype, Any]] = {
     "deq": (12, torch.float64, torch.float64, None),
     "scaled32": (12, torch.float32, torch.float32, np.float64),  # float32 shown as float64
     "scaled64": (12, torch.float64, torch.float64, None),
+    "scaled64std": (12, torch.float64, torch.float64, None),
     "mixer": (12, torch.float32, torch.float32, np.float64),
 }
 
@@ -773,10 +778,35 @@ def smoke(keys: list[str]) -> None:
             print(f"| {key} | {style} | {before:.4g} → {r.evaluate():.4g} | {statuses} | {out} |")
 
 
+def stall(key: str = "scaled64", steps: int = 70) -> None:
+    """The curvature where ``HF lo`` stalls: extreme eigenvalues of H and G (float64, eigsh)."""
+    prob = PROBLEMS[key](0)
+    r = make_run("HF lo", prob, 0)
+    for _ in range(steps):
+        r.step()
+    data = prob.data
+    H = hessfree.HessianLinearOperator(r.model, prob.loss_fn, data)
+    G = hessfree.GGNLinearOperator(r.model, prob.loss_fn, data)
+    eig = {
+        "H largest": sla.eigsh(H, k=1, which="LA", return_eigenvectors=False)[0],
+        "H smallest": sla.eigsh(H, k=1, which="SA", return_eigenvectors=False)[0],
+        "G largest": sla.eigsh(G, k=1, which="LA", return_eigenvectors=False)[0],
+    }
+    with torch.no_grad():
+        res = (r.model(data[0]) - data[1]).abs().mean(0)
+    g = H.gradient()
+    print(f"\n#### stall: {key} `HF lo` after {steps} steps, loss {r.evaluate():.6g}\n")
+    print(f"mean |residual| per output {[f'{v:.3g}' for v in res.tolist()]}; ‖g‖ "
+          f"{np.linalg.norm(g):.3g}; gᵀHg/gᵀg {g @ (H @ g) / (g @ g):.3g}, gᵀGg/gᵀg "
+          f"{g @ (G @ g) / (g @ g):.3g}")  # fmt: skip
+    print("; ".join(f"{k} {v:.4g}" for k, v in eig.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("problems", nargs="*", default=list(PROBLEMS))
-    ap.add_argument("--part", default="race", choices=["race", "trace", "ops", "misuse", "smoke"])
+    parts = ["race", "trace", "ops", "misuse", "smoke", "stall"]
+    ap.add_argument("--part", default="race", choices=parts)
     ap.add_argument("--budget", type=float, default=4.0)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--name", default="HF lo")
@@ -792,6 +822,9 @@ def main() -> None:
         return
     if args.part == "smoke":
         smoke(args.problems)
+        return
+    if args.part == "stall":
+        stall()
         return
     for key in args.problems:
         for seed in map(int, args.seeds.split(",")):
