@@ -343,6 +343,13 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+class _NoLocalPhase(hessfree.HessianFree):
+    """``HF lo[nophase]``: the defaults without the local (Newton) phase (diagnosis only; the
+    class attribute experiments/_gnquad.py uses)."""
+
+    _newton_phase = False
+
+
 # ------------------------------------------------------------------------------------------
 # runs
 # ------------------------------------------------------------------------------------------
@@ -368,8 +375,9 @@ def make_run(name: str, prob: Problem, seed: int) -> Run:
     g = torch.Generator().manual_seed(100 + seed)  # the same batch stream for every run
     base = name.split("[")[0]
     if name.startswith("HF"):
-        kwargs = VARIANTS[name.split("[")[1][:-1]] if "[" in name else {}
-        opt: Any = hessfree.HessianFree(model.parameters(), **kwargs)
+        variant = name.split("[")[1][:-1] if "[" in name else ""
+        cls = _NoLocalPhase if variant == "nophase" else hessfree.HessianFree
+        opt: Any = cls(model.parameters(), **VARIANTS.get(variant, {}))
     elif name.startswith("Adam"):
         opt = torch.optim.Adam(params, lr=float(name.split()[1]))
     else:
