@@ -34,11 +34,15 @@ LBFGS-style closure (``zero_grad``, ``backward``, return the loss); ``HF lo`` = 
 'strong_wolfe')`` full batch; ``Adam <lr>`` at 1e-3 / 3e-3 / 1e-2 / 3e-2 on batches of 64
 (``Adam256 <lr>``: batches of 256).
 
-Parts: ``race`` (the tables), ``trace`` (HF's per-step record), ``ops`` (operators against
-dense float64 matrices), ``misuse`` (wrong closures, arguments and operator inputs).
+Parts: ``smoke`` (three steps per closure style), ``race`` (the tables), ``trace`` (HF's
+per-step record), ``stall`` (extreme eigenvalues of H and G where ``HF lo`` stalls on
+``scaled64``), ``ops`` (operators against dense float64 matrices), ``misuse`` (wrong closures,
+arguments and operator inputs). ``scaled64std``: ``scaled64`` with each target standardized.
+Variants (diagnosis only): ``HF lo[none]`` (``precond=None``), ``[cg250]``, ``[hess]``
+(``curvature='hessian'``), ``[marq]``, ``[nophase]`` (the local phase off).
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_unseen7.py [problem ...] \
-        [--part race|trace|ops|misuse] [--budget S] [--seeds 0,1]
+        [--part smoke|race|trace|stall|ops|misuse] [--budget S] [--seeds 0,1]
 """
 
 from __future__ import annotations
