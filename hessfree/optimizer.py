@@ -1782,8 +1782,10 @@ class HessianFree(torch.optim.Optimizer):
         state = self._global_state()
         if state.get("gn_failed") is True:
             return state.get("deterministic") is True
-        if state.get("deterministic") is not True:
+        if state.get("deterministic") is not True:  # mini-batches: the first-step verdict lapses
             state.pop("gn_recent", None)
+            if state["step"] > 0:
+                state.pop("gn_failed", None)
             return False
         if evaluation.hidden is not None or not isinstance(evaluation.outputs, Tensor):
             return False
