@@ -197,6 +197,13 @@ _STREAK_DECREASE = 1.0 / 3.0
 _NEWTON_STEPS = 3
 _NEWTON_RHO = 0.25
 _NEWTON_SHARE = 1e-3
+#: The local phase ends where the outer loss's Hessian :math:`H_\ell` changed by more than
+#: this (relative, along a fixed random output-space direction) over the phase's own step
+#: (``HessianFree._check_phase_range``; ours). Measured over the phase's first steps
+#: (experiments/README.md, "phaserule"): 0 on squared-error fits and PINN residual blocks,
+#: 6e-4-1.5e-2 on small realizable soft-target CE/BCE fits, where the phase reaches 1e-13,
+#: and 0.1-1.2 on the decoder, two-head, mixture and tied-LM models, where it costs.
+_PHASE_RANGE = 1.0 / 32.0
 #: ``trust_radius``: a full step with :math:`|\rho - 1| \le` ``_RADIUS_LIFT_RHO`` that ended
 #: inside the ball, while CG has met no negative curvature, lifts :math:`\Delta` (ours; negdelta).
 _RADIUS_LIFT_RHO = 0.1
@@ -2115,6 +2122,7 @@ class HessianFree(torch.optim.Optimizer):
             state["deterministic"], state["matches"] = False, 0
             state.pop("newton", None)  # the local phase is for one function (_track_newton)
             state.pop("newton_streak", None)
+            state.pop("newton_reentry_grad_norm", None)  # _check_phase_range's, for that one
         elif state.get("deterministic") is False:
             state["matches"] = state.get("matches", 0) + 1
             if state["matches"] >= _SAME_OBJECTIVE_AGAIN:
@@ -2382,6 +2390,8 @@ class HessianFree(torch.optim.Optimizer):
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
+        if run.state.get("newton") and self._phase_exit:
+            self._check_phase_range(product, run)  # may end the phase before this solve
         plain = (  # the local phase (_NEWTON_STEPS): plain CG on the damped Gauss-Newton system
             run.state.get("newton") and self.precond == "auto"
         )
@@ -2819,6 +2829,9 @@ class HessianFree(torch.optim.Optimizer):
             and abs(rho - 1.0) <= _NEWTON_RHO
             and share <= _NEWTON_SHARE  # NaN: no
             and self._loss_quadratic(run)
+            # after a phase left for its range (_check_phase_range): only once ‖g‖ has fallen
+            # by the factor that brings the change over a Newton step within the bound
+            and run.report["grad_norm"] <= state.get("newton_reentry_grad_norm", math.inf)
         )
         if not accurate:
             state.pop("newton_streak", None)
@@ -2826,6 +2839,43 @@ class HessianFree(torch.optim.Optimizer):
         state["newton_streak"] = streak = state.get("newton_streak", 0) + 1
         if streak >= _NEWTON_STEPS:
             state["newton"] = True
+
+    #: The local phase's range test (:meth:`_check_phase_range`) on or off: a class attribute
+    #: for experiments/_phaserule.py's comparison with the phase before it (``False``).
+    _phase_exit: ClassVar[bool] = True
+
+    def _check_phase_range(self, product: object, run: _StepRun) -> None:
+        r"""Phase 2 of a step in the local phase: end the phase if the loss's curvature moved
+        too far over the phase's previous step (``_PHASE_RANGE``; ours).
+
+        :math:`\delta = \|H_\ell(\theta_k) u - H_\ell(\theta_{k-1}) u\|_\infty / \|H_\ell
+        (\theta_{k-1}) u\|_\infty` for the fixed random output-space :math:`u` of
+        :func:`_loss_probe`, between the starts of two consecutive phase steps: the relative
+        change of the outer loss's Hessian over a Newton step, the quantity Newton's local
+        theory asks to be small (Kantorovich: :math:`\|H(\theta + p) - H(\theta)\| \ll \|H\|`
+        over the Newton step :math:`p`; Nocedal & Wright 2006, Thm. 3.5). A sum of squares has
+        :math:`\delta = 0` (the phase is unchanged there); cross-entropy, BCE or a mixture
+        likelihood have :math:`\delta` of the order of the step's change of the outputs.
+        Above the bound the phase ends before this step's solve, and it may begin again only
+        once :math:`\|g\|` has fallen to :math:`\|g_k\|\,` ``_PHASE_RANGE`` :math:`/\delta`
+        (near a minimum the Newton step, and with it :math:`\delta`, shrinks with
+        :math:`\|g\|`). One output-space product and one scalar per phase step (averaged
+        over the ranks, so that all leave together); none for other curvatures (no probe)."""
+        state = run.state
+        probe = _loss_probe(product)
+        before = getattr(self, "_phase_probe", None)
+        self._phase_probe = None if probe is None else (state["step"], probe)
+        if probe is None or before is None or before[0] != state["step"] - 1:
+            return  # the phase's first step, or a curvature without H_ℓ
+        like = probe[0] if isinstance(probe, tuple) else probe
+        change = self._avg.mean_scalar(_probe_change(before[1], probe), like)
+        if change <= _PHASE_RANGE:
+            return
+        state.pop("newton", None)
+        state.pop("newton_streak", None)
+        bound = run.report["grad_norm"] * _PHASE_RANGE / change if math.isfinite(change) else 0.0
+        state["newton_reentry_grad_norm"] = bound
+        self._phase_probe = None
 
     #: Whether the local phase also needs :meth:`_loss_quadratic` (off: main's entry). Built
     #: and measured in "quadentry", not adopted: it gained on the deconvolution decoder
