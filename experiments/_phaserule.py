@@ -49,6 +49,8 @@ warnings.simplefilter("ignore")
 # main: the phase as before this topic; range: the library's (HessianFree._check_phase_range)
 N.VARIANTS["main"] = {"_phase_exit": False}
 N.VARIANTS["range"] = {}
+N.VARIANTS["range64"] = {"_phase_range": 1 / 64}  # a tighter bound
+N.VARIANTS["range16"] = {"_phase_range": 1 / 16}  # a looser one
 
 
 def load() -> str:

@@ -2840,9 +2840,10 @@ class HessianFree(torch.optim.Optimizer):
         if streak >= _NEWTON_STEPS:
             state["newton"] = True
 
-    #: The local phase's range test (:meth:`_check_phase_range`) on or off: a class attribute
-    #: for experiments/_phaserule.py's comparison with the phase before it (``False``).
+    #: The local phase's range test (:meth:`_check_phase_range`) on or off, and its bound:
+    #: class attributes for experiments/_phaserule.py (``False``: the phase before it).
     _phase_exit: ClassVar[bool] = True
+    _phase_range: ClassVar[float] = _PHASE_RANGE
 
     def _check_phase_range(self, product: object, run: _StepRun) -> None:
         r"""Phase 2 of a step in the local phase: end the phase if the loss's curvature moved
@@ -2861,19 +2862,22 @@ class HessianFree(torch.optim.Optimizer):
         (near a minimum the Newton step, and with it :math:`\delta`, shrinks with
         :math:`\|g\|`). One output-space product and one scalar per phase step (averaged
         over the ranks, so that all leave together); none for other curvatures (no probe)."""
-        state = run.state
+        state, g_norm = run.state, run.report["grad_norm"]
         probe = _loss_probe(product)
         before = getattr(self, "_phase_probe", None)
-        self._phase_probe = None if probe is None else (state["step"], probe)
+        self._phase_probe = None if probe is None else (state["step"], probe, g_norm)
         if probe is None or before is None or before[0] != state["step"] - 1:
             return  # the phase's first step, or a curvature without H_ℓ
         like = probe[0] if isinstance(probe, tuple) else probe
         change = self._avg.mean_scalar(_probe_change(before[1], probe), like)
-        if change <= _PHASE_RANGE:
+        if change <= self._phase_range:
             return
-        state.pop("newton", None)
-        state.pop("newton_streak", None)
-        bound = run.report["grad_norm"] * _PHASE_RANGE / change if math.isfinite(change) else 0.0
+        for key in ("newton", "newton_streak", "warm_start"):
+            # the warm start too: the phase's long solution is the range just found too far,
+            # and K-FAC's 5-iteration solves from it stayed there (ρ = −∞ for ~10 steps)
+            state.pop(key, None)
+        # ‖g‖ where that Newton step was computed (the step's end can have a larger one)
+        bound = before[2] * self._phase_range / change if math.isfinite(change) else 0.0
         state["newton_reentry_grad_norm"] = bound
         self._phase_probe = None
 
