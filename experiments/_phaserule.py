@@ -42,7 +42,7 @@ import _newtonexit as N  # noqa: E402
 import _quadentry as Q  # noqa: E402
 
 import hessfree.optimizer as O  # noqa: E402
-from hessfree import GGNProduct, HessianFree  # noqa: E402
+from hessfree import GGNProduct  # noqa: E402
 
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
@@ -167,19 +167,20 @@ def measure(key: str, seeds: list[int], steps: int, seconds: float) -> list[dict
             speed5=statistics.median(r["speed"] / speed_ref for r in first),
             gap_entry=rows[entry - 1]["gap"] if entry else math.nan,
             gap=rows[-1]["gap"],
-            cpu_phase=sum(
-                r["cpu"] - (rows[r["k"] - 1]["cpu"] if r["k"] else 0.0) for r in ph
-            ),
+            cpu_phase=sum(r["cpu"] - (rows[r["k"] - 1]["cpu"] if r["k"] else 0.0) for r in ph),
             cpu=cpu,
         )
         summaries.append(s)
         print(f"\nload after {load()}\n")
-    print("| problem | seed | n | phase from | phase steps | converged (first 5) | first 5 stops "
-          "| median ρ (first 5) | len / pre | ΔH_ℓu | speed ÷ pre | gap at entry | gap at end |")
+    print(
+        "| problem | seed | n | phase from | phase steps | converged (first 5) | first 5 stops "
+        "| median ρ (first 5) | len / pre | ΔH_ℓu | speed ÷ pre | gap at entry | gap at end |"
+    )
     print("|---" * 13 + "|")
     for s in summaries:
         if s["entry"] is None:
-            print(f"| {s['key']} | {s['seed']} | {s['n']} | never | | | | | | | | | {s['gap']:.2e} |")
+            never = f"| {s['key']} | {s['seed']} | {s['n']} | never |"
+            print(never + " |" * 8 + f" {s['gap']:.2e} |")
             continue
         print(
             f"| {s['key']} | {s['seed']} | {s['n']} | {s['entry']} | {s['steps']} "
