@@ -6,6 +6,7 @@ message that names the argument, shows the value and says what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Sequence
@@ -72,6 +73,26 @@ def check_int(name: str, value: object, *, low: int | None = None, high: int | N
         rng = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"`{name}` must be an int {rng}, got {value!r}.")
     return value
+
+
+def closest_name(text: str, allowed: Sequence[str]) -> str | None:
+    """The allowed name ``text`` most likely misspells, or None.
+
+    The same words in another order first (``max_cg_iter`` is ``cg_max_iter``, not the closer
+    string ``max_iter``), then :func:`difflib.get_close_matches`.
+
+    Example:
+        >>> closest_name("max_cg_iter", ["max_iter", "cg_max_iter"])
+        'cg_max_iter'
+        >>> closest_name("lerning_rate", ["lr", "learning_rate"])
+        'learning_rate'
+    """
+    words = sorted(text.lower().replace("-", "_").split("_"))
+    for name in allowed:
+        if sorted(name.split("_")) == words and name != text:
+            return name
+    close = difflib.get_close_matches(text, list(allowed), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

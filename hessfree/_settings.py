@@ -107,6 +107,8 @@ class HFSettings:
     precond: Any = "auto"  # 'auto', None, 'martens', 'nystrom', a preconditioner or a callable
     tolerance_grad: float = 1e-7
     tolerance_change: float = 1e-9
+    max_iter: int = 1
+    max_eval: int | None = None
     max_failures: int = 10
     callback: Callable | None = None
     seed: int = 0
@@ -126,6 +128,8 @@ class HFSettings:
         "weight_decay",
         "tolerance_grad",
         "tolerance_change",
+        "max_iter",
+        "max_eval",
         "damping",
         "adapt_damping",
         "damping_rule",
@@ -413,6 +417,9 @@ def _validated(s: HFSettings) -> dict[str, Any]:
             f"{type(s.precond).__name__}."
         )
     out["max_failures"] = check_int("max_failures", s.max_failures, low=1)
+    out["max_iter"] = check_int("max_iter", s.max_iter, low=1)
+    if s.max_eval is not None:
+        out["max_eval"] = check_int("max_eval", s.max_eval, low=1)
     if s.callback is not None and not callable(s.callback):
         raise TypeError(f"`callback` must be callable or None, got {type(s.callback).__name__}.")
     out["seed"] = check_int("seed", s.seed)

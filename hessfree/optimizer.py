@@ -115,13 +115,15 @@ import dataclasses
 import enum
 import math
 import numbers
+import os
 import re
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -129,7 +131,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
 from ._autograd_hooks import AutogradHook
-from ._checks import check_number, check_reaches_params
+from ._checks import check_number, check_reaches_params, closest_name
 from ._flat import LOW_PRECISION, ParamLayout, dot
 from ._graph_ops import twice_differentiable_attention
 from ._line_search import armijo, backtrack
@@ -339,7 +341,7 @@ _FOREIGN_GROUP_KEYS = frozenset(
     (
         *("momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "alpha", "centered"),
         *("lr_decay", "initial_accumulator_value", "rho", "lambd", "etas", "step_sizes"),
-        *("max_iter", "max_eval", "history_size", "line_search_fn"),  # LBFGS
+        *("history_size", "line_search_fn"),  # LBFGS (max_iter, max_eval: ours too)
         *("maximize", "foreach", "fused", "capturable", "differentiable"),
         "decoupled_weight_decay",
     )
@@ -415,6 +417,50 @@ _NON_FINITE = frozenset(
         StepStatus.NON_FINITE_TRIAL_LOSS,
     }
 )
+
+
+#: ``torch.optim.LBFGS``'s arguments that HessianFree has no use for, and why (the rest of
+#: LBFGS's, ``lr``, ``max_iter``, ``max_eval`` and the tolerances, mean the same here).
+_LBFGS_ONLY = {
+    "history_size": "the number of past steps LBFGS's curvature estimate keeps; HessianFree "
+    "computes curvature products afresh each step and keeps no history",
+    "line_search_fn": "LBFGS's line search; HessianFree backtracks over CG's iterates, then "
+    "runs its own (`line_search='armijo'`, the default, or None)",
+}
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH_OPTIM = os.path.dirname(os.path.abspath(torch.optim.__file__))
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function point at
+    the first frame outside hessfree and torch.optim (the user's ``opt.step(...)`` line),
+    however deep in the step it is issued."""
+    level, frame = 2, sys._getframe(2)  # 2: the frame that calls warnings.warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith((_HERE, _TORCH_OPTIM)):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _unknown_argument_message(key: str, value: object) -> str:
+    """The TypeError for a keyword argument HessianFree does not take."""
+    if key in _LBFGS_ONLY:
+        return (
+            f"HessianFree got torch.optim.LBFGS's `{key}`={value!r}: {_LBFGS_ONLY[key]}. "
+            "Drop the argument; the LBFGS loop itself works unchanged."
+        )
+    close = closest_name(key, HFSettings.keys())
+    hint = f" Did you mean `{close}`?" if close else ""
+    return (
+        f"HessianFree got an unexpected keyword argument `{key}`={value!r}.{hint} Its "
+        f"arguments: params, {', '.join(HFSettings.keys())}."
+    )
+
+
+#: The steps after which a :meth:`HessianFree.step` call with ``max_iter`` > 1 takes no further
+#: step (LBFGS ends its call on its tolerances too).
+_ENDS_A_CALL = (StepStatus.CONVERGED, StepStatus.ZERO_LR)
 
 
 @dataclass(frozen=True)
@@ -947,6 +993,17 @@ class HessianFree(torch.optim.Optimizer):
             ``hessfree run`` does). A step
             below the objective's float resolution is ``'converged'`` whatever the tolerances
             (``StepInfo.converged_by``).
+        max_iter: HF steps per :meth:`step` call, as ``torch.optim.LBFGS``'s ``max_iter`` is
+            its iterations per call (so a loop that calls ``step`` once with
+            ``max_iter=N``, as PINN codes do with LBFGS, trains for up to N steps). The
+            default 1 is one HF step per call. A call ends early after a ``'converged'`` or
+            ``'zero_lr'`` step, or once its steps have called the closure ``max_eval`` times;
+            :attr:`last_step` and ``callback`` describe each step, and the call returns the
+            loss at its start, as LBFGS's does.
+        max_eval: The closure calls (curvature closure included) after which a :meth:`step`
+            call starts no further step; None (default): no limit but ``max_iter``. An HF step
+            calls the closure 2-5 times, so LBFGS's default of ``max_iter`` × 5/4 would cut
+            ``max_iter`` short; it is not copied.
         max_failures: Consecutive steps with a non-finite value (loss, gradient, curvature
             product, or every trial loss rejected with one of them NaN/Inf) tolerated before
             ``FloatingPointError``; any other step resets the count.
@@ -1053,6 +1110,8 @@ class HessianFree(torch.optim.Optimizer):
         precond: str | EmpiricalFisherDiagonal | NystromPreconditioner | Callable | None = "auto",
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
+        max_iter: int = 1,
+        max_eval: int | None = None,
         max_failures: int = 10,
         callback: Callable[[StepInfo], None] | None = None,
         seed: int = 0,
@@ -1060,7 +1119,10 @@ class HessianFree(torch.optim.Optimizer):
         curvature_batch: str = "sharded",
         products: ProductPolicy | Mapping | None = None,
         replay_rng: bool = True,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise TypeError(_unknown_argument_message(*next(iter(unknown.items()))))
         self.settings = HFSettings(
             lr=lr,
             curvature=curvature,
@@ -1092,6 +1154,8 @@ class HessianFree(torch.optim.Optimizer):
             precond=precond,
             tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change,
+            max_iter=max_iter,
+            max_eval=max_eval,
             max_failures=max_failures,
             callback=callback,
             seed=seed,
@@ -1701,7 +1765,7 @@ class HessianFree(torch.optim.Optimizer):
             "loss is a sum over the examples, that Fisher is N times too large; pass "
             "curvature=lambda loss, outputs, params: FisherProduct(loss, outputs, params, "
             "reduction='sum').matvec, or end the loss in .sum().",
-            stacklevel=6,
+            stacklevel=_caller_level(),
         )
 
     def _gradient(
@@ -1816,7 +1880,7 @@ class HessianFree(torch.optim.Optimizer):
                     f"HessianFree: precond='auto' turned K-FAC off ({err}); pass precond='kfac' "
                     "to get the error, or precond=None to silence this.",
                     UserWarning,
-                    stacklevel=5,
+                    stacklevel=_caller_level(),
                 )
                 return None
         if precond is None:
@@ -1944,7 +2008,7 @@ class HessianFree(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ step
     def step(self, closure: Closure, curvature_closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """Take one Hessian-free step.
+        """Take one Hessian-free step (``max_iter`` of them, as LBFGS iterates in one call).
 
         Args:
             closure: Re-evaluates the model on the gradient batch and returns the loss,
@@ -1956,7 +2020,8 @@ class HessianFree(torch.optim.Optimizer):
                 curvature products. Default: ``closure``'s own graph.
 
         Returns:
-            Tensor: The closure's loss at the starting point (as ``LBFGS.step`` does).
+            Tensor: The closure's loss at the starting point (as ``LBFGS.step`` does; with
+            ``max_iter`` > 1, the point where the call started).
 
         Raises:
             TypeError: If ``closure`` is not callable or returns something other than a scalar
@@ -1976,6 +2041,18 @@ class HessianFree(torch.optim.Optimizer):
             raise TypeError(
                 f"`curvature_closure` must be callable or None, got {curvature_closure!r}."
             )
+        loss0 = self._one_step(closure, curvature_closure)
+        calls = self.last_step.closure_calls if self.last_step is not None else 0
+        for _ in range(self.settings.max_iter - 1):  # as LBFGS ends its call on a tolerance
+            if self.last_step is None or self.last_step.status in _ENDS_A_CALL:
+                break
+            if self.settings.max_eval is not None and calls >= self.settings.max_eval:
+                break
+            self._one_step(closure, curvature_closure)
+            calls += self.last_step.closure_calls
+        return loss0
+
+    def _one_step(self, closure: Closure, curvature_closure: Closure | None) -> Tensor:
         self._current_settings()
         run = self._start_step()
         # Phases 1-2 hold every autograd graph of the step; they are freed on return, but
@@ -3150,7 +3227,7 @@ class HessianFree(torch.optim.Optimizer):
             f"HessianFree: non-finite value in {what}; step rejected, parameters unchanged, "
             f"{raised}.",
             RuntimeWarning,
-            stacklevel=5,  # _reject <- phase <- step <- torch.optim wrapper <- caller
+            stacklevel=_caller_level(),
         )
         return self._finish(run, status)
 
@@ -3204,7 +3281,7 @@ class HessianFree(torch.optim.Optimizer):
                         else "."
                     ),
                     UserWarning,
-                    stacklevel=5,  # _first_call <- phase <- step <- torch.optim wrapper <- caller
+                    stacklevel=_caller_level(),
                 )
         return evaluation
 

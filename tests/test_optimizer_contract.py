@@ -12,6 +12,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -495,3 +496,92 @@ def test_a_parameter_frozen_mid_training_stays_put_while_the_rest_step():
         opt.step(_closure(model))
     after = _params(model)
     assert torch.equal(after[3], before[3]) and not torch.equal(after[2], before[2])
+
+
+# ---- LBFGS's per-call budget: max_iter steps (and max_eval closure calls) in one step() call ----
+def test_max_iter_takes_that_many_steps_in_one_call_bitwise_as_separate_calls(one_thread):
+    runs = {}
+    for key, per_call, calls in (("one call", 6, 1), ("six calls", 1, 6)):
+        model = _mlp()
+        opt = HessianFree(model.parameters(), max_iter=per_call)
+        closure = _closure(model)
+        losses = [opt.step(closure) for _ in range(calls)]
+        runs[key] = (_params(model), opt.state[next(iter(opt.state))]["step"], losses[0])
+    assert runs["one call"][1] == runs["six calls"][1] == 6
+    assert _equal(runs["one call"][0], runs["six calls"][0])
+    # the call returns the loss where it started, as LBFGS.step does
+    assert torch.equal(runs["one call"][2], runs["six calls"][2])
+
+
+def test_one_call_with_an_lbfgs_budget_fits_to_scipys_optimum_and_ends_on_convergence():
+    # the PINN codes' pattern: LBFGS(params, max_iter=N, ...) and a single opt.step(closure)
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    t = torch.linspace(0, 4, 40, dtype=torch.float64)
+    y = 2.0 * torch.exp(-1.3 * t) + 0.5 + 0.01 * torch.sin(7 * t)
+    theta = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    steps = []
+    opt = HessianFree([theta], max_iter=500, callback=steps.append)
+
+    def closure():
+        opt.zero_grad()
+        loss = (theta[0] * torch.exp(-theta[1] * t) + theta[2] - y).square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    ref = scipy_optimize.least_squares(
+        lambda p: p[0] * np.exp(-p[1] * t.numpy()) + p[2] - y.numpy(),
+        [1.0, 1.0, 0.0],
+        method="lm",
+        xtol=1e-15,
+        ftol=1e-15,
+    ).x
+    np.testing.assert_allclose(theta.detach().numpy(), ref, rtol=1e-6)
+    # (10 steps here; LBFGS strong Wolfe took 15 iterations) and the call ends at the first
+    # 'converged' step, as LBFGS's ends on its tolerances
+    assert len(steps) < 500 and steps[-1].status == "converged"
+    assert all(s.status != "converged" for s in steps[:-1])
+
+
+def test_max_eval_stops_starting_steps_once_the_closure_calls_reach_it(one_thread):
+    model = _mlp()
+    inner, calls = _closure(model), []
+
+    def closure():
+        calls.append(1)
+        return inner()
+
+    steps = []
+    opt = HessianFree(model.parameters(), max_iter=100, max_eval=12, callback=steps.append)
+    opt.step(closure)
+    assert sum(s.closure_calls for s in steps) == len(calls)
+    assert len(calls) >= 12 and len(calls) - steps[-1].closure_calls < 12
+    assert 1 < len(steps) < 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"line_search_fn": "strong_wolfe"}, r"LBFGS's `line_search_fn`='strong_wolfe': "),
+        ({"history_size": 50}, r"LBFGS's `history_size`=50: .* keeps no history\. Drop"),
+        ({"cg_maxiter": 5}, r"`cg_maxiter`=5\. Did you mean `cg_max_iter`\?"),
+        ({"max_iter": 0}, r"`max_iter` must be an int >= 1, got 0"),
+        ({"max_eval": 2.5}, r"`max_eval` must be an int, got float 2.5"),
+    ],
+)
+def test_lbfgs_only_and_misspelt_arguments_are_refused_with_what_to_do(kwargs, match):
+    error = ValueError if "max_iter" in kwargs else TypeError
+    with pytest.raises(error, match=match):
+        HessianFree(_mlp().parameters(), **kwargs)
+
+
+def test_a_state_dict_from_before_max_iter_loads_with_this_optimizers_value():
+    model = _mlp()
+    opt = HessianFree(model.parameters())
+    opt.step(_closure(model))
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["max_iter"], group["max_eval"]
+    other = HessianFree(model.parameters(), max_iter=3)
+    other.load_state_dict(saved)
+    assert other.param_groups[0]["max_iter"] == 3 and other.param_groups[0]["max_eval"] is None

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hessfree._checks import check_int, check_number
+from hessfree._checks import check_int, check_number, closest_name
 
 #: Seeds reach scikit-learn and NumPy, which take at most 2**32 - 1.
 _MAX_SEED = 2**32 - 1
@@ -145,8 +145,8 @@ def _suggest(
         return f"did you mean `{wanted}`? "
     if elsewhere and wanted in elsewhere:
         return f"did you mean `{elsewhere[wanted]}`? "
-    close = difflib.get_close_matches(text, list(allowed), n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`? " if close else ""
+    close = closest_name(text, allowed)
+    return f"did you mean `{close}`? " if close else ""
 
 
 def _unknown_key(
