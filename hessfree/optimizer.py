@@ -192,7 +192,8 @@ _STREAK_DECREASE = 1.0 / 3.0
 #: Gauss-Newton regime of Levenberg-Marquardt (with ``HessianFree._quad_entry``, off by
 #: default, also only for an outer loss quadratic in the outputs: "quadentry"). From there CG is
 #: unpreconditioned (``'auto'``'s K-FAC is dropped), capped at 250 and
-#: :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does not move (ours; experiments/README.md,
+#: :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does not move or moved the loss's Hessian too
+#: far (``_PHASE_RANGE``) (ours; experiments/README.md,
 #: gnquad: on MNIST-1D and digits full batch no rate-1 step had a share below 6.1e-3 and the
 #: late steps extrapolate, ρ 1.2-1.3; on a small-residual fit the share fell below 1e-3 with
 #: ρ ≈ 1 while K-FAC's 5-iteration steps converged linearly).
@@ -2889,7 +2890,9 @@ class HessianFree(torch.optim.Optimizer):
         ``cg_rtol``): inexact Newton with :math:`\eta_k = O(\|g_k\|)`, which converges locally
         as fast as the exact Gauss-Newton iteration (quadratically on a zero-residual fit;
         Dembo, Eisenstat & Steihaug 1982, §3). The phase lasts until a step does not move
-        (:meth:`_finish`) or the objective changes (:meth:`_observe_objective`). A growing
+        (:meth:`_finish`), the objective changes (:meth:`_observe_objective`) or a phase step
+        changed the loss's Hessian by more than ``_PHASE_RANGE`` (:meth:`_check_phase_range`,
+        which also bounds ‖g‖ for the next start). A growing
         batch is seen deterministic only after it has been the whole set on
         ``_SAME_OBJECTIVE_AGAIN`` consecutive steps, so the phase cannot begin while it is
         partial."""
