@@ -1058,7 +1058,8 @@ class HessianFree(torch.optim.Optimizer):
     Raises:
         ValueError: If a hyperparameter is out of range (the message names it), or no
             parameter that requires gradients has an element.
-        TypeError: If a hyperparameter has the wrong type.
+        TypeError: If a hyperparameter has the wrong type, or ``params`` is a module
+            (pass ``model.parameters()``).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -1186,6 +1187,12 @@ class HessianFree(torch.optim.Optimizer):
         # Every plain hyperparameter lives in the defaults, as in LBFGS, so state_dict() carries
         # them; all but lr and weight_decay are one per optimizer (one quadratic model).
         defaults = self.settings.group_values()
+        if isinstance(params, torch.nn.Module):
+            # torch.optim's own message here is "'Net' object is not iterable"
+            raise TypeError(
+                f"`params` must be an iterable of tensors or of dicts (parameter groups), got "
+                f"the module {type(params).__name__}; pass model.parameters()."
+            )
         super().__init__(params, defaults)  # checks each group (add_param_group)
         self._group_view = self._shared_group_values()
         trained = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
