@@ -2951,8 +2951,11 @@ class HessianFree(torch.optim.Optimizer):
         over the ranks, so that all leave together); none for other curvatures (no probe)."""
         state, g_norm = run.state, run.report["grad_norm"]
         probe = _loss_probe(product)
-        before = getattr(self, "_phase_probe", None)
-        self._phase_probe = None if probe is None else (state["step"], probe, g_norm)
+        # in the state, so that a run resumed from state_dict() (or a pickled copy) decides as
+        # the uninterrupted one
+        before = state.pop("phase_probe", None)
+        if probe is not None:
+            state["phase_probe"] = (state["step"], probe, g_norm)
         if probe is None or before is None or before[0] != state["step"] - 1:
             return  # the phase's first step, or a curvature without H_ℓ
         like = probe[0] if isinstance(probe, tuple) else probe
@@ -2966,7 +2969,7 @@ class HessianFree(torch.optim.Optimizer):
         # ‖g‖ where that Newton step was computed (the step's end can have a larger one)
         bound = before[2] * self._phase_range / change if math.isfinite(change) else 0.0
         state["newton_reentry_grad_norm"] = bound
-        self._phase_probe = None
+        state.pop("phase_probe", None)
 
     #: Whether the local phase also needs :meth:`_loss_quadratic` (off: main's entry). Built
     #: and measured in "quadentry", not adopted: it gained on the deconvolution decoder

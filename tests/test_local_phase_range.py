@@ -5,6 +5,8 @@ it changed by 0.1-1.2."""
 
 from __future__ import annotations
 
+import io
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,3 +69,38 @@ def test_the_local_phase_ends_where_the_loss_hessian_moved_too_far_over_its_step
     # once (main's phase never ends on a step that moved)
     assert decisions and decisions[-1][1]
     assert all((change > _PHASE_RANGE) == left for change, left in decisions)
+
+
+def test_a_run_resumed_inside_the_phase_leaves_it_where_the_uninterrupted_run_does(one_thread):
+    # the previous phase step's H_ℓu lives in the optimizer's state: a resume from state_dict()
+    # just before the exit decides as the uninterrupted run (oracle: that run, bitwise)
+    def run(steps: int, resume_at: int | None = None):
+        model, x, y = _sharp_soft_target_fit()
+        opt = HessianFree(model.parameters())
+
+        def closure():
+            out = model(x)
+            return F.cross_entropy(out, y), out
+
+        exit_step = None
+        for k in range(steps):
+            if k == resume_at:
+                buffer = io.BytesIO()
+                torch.save((model.state_dict(), opt.state_dict()), buffer)
+                buffer.seek(0)
+                weights, saved = torch.load(buffer, weights_only=True)
+                model, _, _ = _sharp_soft_target_fit()
+                model.load_state_dict(weights)
+                opt = HessianFree(model.parameters())
+                opt.load_state_dict(saved)
+            was_on = bool(opt._global_state().get("newton"))
+            opt.step(closure)
+            if was_on and not opt._global_state().get("newton") and exit_step is None:
+                exit_step = k
+        return [p.detach().clone() for p in model.parameters()], exit_step
+
+    uninterrupted, exit_step = run(40)
+    assert exit_step is not None  # the phase left for its range within 40 steps
+    resumed, resumed_exit = run(40, resume_at=exit_step)
+    assert resumed_exit == exit_step
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed, strict=True))
