@@ -2061,6 +2061,7 @@ class HessianFree(torch.optim.Optimizer):
         return loss0
 
     def _one_step(self, closure: Closure, curvature_closure: Closure | None) -> Tensor:
+        """One HF step (:meth:`step` takes ``max_iter`` of them); the loss at its start."""
         self._current_settings()
         run = self._start_step()
         # Phases 1-2 hold every autograd graph of the step; they are freed on return, but
