@@ -1305,6 +1305,15 @@ class FisherProduct(GGNProduct):
     gradient is materialised. For ``'sum'`` the :math:`1/N` is dropped:
     :math:`F = \sum_i g_i g_i^\top`.
 
+    :math:`N` is the number of rows of ``outputs``, all of them examples: a loss that averages
+    over a subset of the rows (a node-classification mask, ``cross_entropy(o[mask],
+    y[mask])``, or ``ignore_index`` targets) gets :math:`g_i = (N/M)\,\nabla\ell_i` on its
+    :math:`M` counted rows and 0 elsewhere, so :math:`F` is :math:`N/M` times the
+    :math:`\tfrac1M \sum_i \nabla\ell_i\nabla\ell_i^\top` of those rows (4× for 60 of 240
+    nodes; ``experiments/README.md``, "unseen7"). For the latter, compute the loss from the
+    counted rows and pass them: ``om = o[mask]``, ``loss = cross_entropy(om, y[mask])``,
+    ``FisherProduct(loss, om, params)``.
+
     Args:
         loss: Scalar loss, the mean (or sum) of per-example losses over dim 0 of ``outputs``.
         outputs: The model outputs, examples along dimension 0.

@@ -192,13 +192,21 @@ _STREAK_DECREASE = 1.0 / 3.0
 #: Gauss-Newton regime of Levenberg-Marquardt (with ``HessianFree._quad_entry``, off by
 #: default, also only for an outer loss quadratic in the outputs: "quadentry"). From there CG is
 #: unpreconditioned (``'auto'``'s K-FAC is dropped), capped at 250 and
-#: :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does not move (ours; experiments/README.md,
+#: :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does not move or moved the loss's Hessian too
+#: far (``_PHASE_RANGE``) (ours; experiments/README.md,
 #: gnquad: on MNIST-1D and digits full batch no rate-1 step had a share below 6.1e-3 and the
 #: late steps extrapolate, ρ 1.2-1.3; on a small-residual fit the share fell below 1e-3 with
 #: ρ ≈ 1 while K-FAC's 5-iteration steps converged linearly).
 _NEWTON_STEPS = 3
 _NEWTON_RHO = 0.25
 _NEWTON_SHARE = 1e-3
+#: The local phase ends where the outer loss's Hessian :math:`H_\ell` changed by more than
+#: this (relative, along a fixed random output-space direction) over the phase's own step
+#: (``HessianFree._check_phase_range``; ours). Measured over the phase's first steps
+#: (experiments/README.md, "phaserule"): 0 on squared-error fits and PINN residual blocks,
+#: 6e-4-1.5e-2 on small realizable soft-target CE/BCE fits, where the phase reaches 1e-13,
+#: and 0.1-1.2 on the decoder, two-head, mixture and tied-LM models, where it costs.
+_PHASE_RANGE = 1.0 / 32.0
 #: ``trust_radius``: a full step with :math:`|\rho - 1| \le` ``_RADIUS_LIFT_RHO`` that ended
 #: inside the ball, while CG has met no negative curvature, lifts :math:`\Delta` (ours; negdelta).
 _RADIUS_LIFT_RHO = 0.1
@@ -2133,6 +2141,7 @@ class HessianFree(torch.optim.Optimizer):
         return loss0
 
     def _one_step(self, closure: Closure, curvature_closure: Closure | None) -> Tensor:
+        """One HF step (:meth:`step` takes ``max_iter`` of them); the loss at its start."""
         self._current_settings()
         run = self._start_step()
         # Phases 1-2 hold every autograd graph of the step; they are freed on return, but
@@ -2280,6 +2289,7 @@ class HessianFree(torch.optim.Optimizer):
             state["deterministic"], state["matches"] = False, 0
             state.pop("newton", None)  # the local phase is for one function (_track_newton)
             state.pop("newton_streak", None)
+            state.pop("newton_reentry_grad_norm", None)  # _check_phase_range's, for that one
         elif state.get("deterministic") is False:
             state["matches"] = state.get("matches", 0) + 1
             if state["matches"] >= _SAME_OBJECTIVE_AGAIN:
@@ -2547,6 +2557,8 @@ class HessianFree(torch.optim.Optimizer):
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
+        if run.state.get("newton") and self._phase_exit:
+            self._check_phase_range(product, run)  # may end the phase before this solve
         plain = (  # the local phase (_NEWTON_STEPS): plain CG on the damped Gauss-Newton system
             run.state.get("newton") and self.precond == "auto"
         )
@@ -2967,7 +2979,9 @@ class HessianFree(torch.optim.Optimizer):
         ``cg_rtol``): inexact Newton with :math:`\eta_k = O(\|g_k\|)`, which converges locally
         as fast as the exact Gauss-Newton iteration (quadratically on a zero-residual fit;
         Dembo, Eisenstat & Steihaug 1982, §3). The phase lasts until a step does not move
-        (:meth:`_finish`) or the objective changes (:meth:`_observe_objective`). A growing
+        (:meth:`_finish`), the objective changes (:meth:`_observe_objective`) or a phase step
+        changed the loss's Hessian by more than ``_PHASE_RANGE`` (:meth:`_check_phase_range`,
+        which also bounds ‖g‖ for the next start). A growing
         batch is seen deterministic only after it has been the whole set on
         ``_SAME_OBJECTIVE_AGAIN`` consecutive steps, so the phase cannot begin while it is
         partial."""
@@ -2984,6 +2998,9 @@ class HessianFree(torch.optim.Optimizer):
             and abs(rho - 1.0) <= _NEWTON_RHO
             and share <= _NEWTON_SHARE  # NaN: no
             and self._loss_quadratic(run)
+            # after a phase left for its range (_check_phase_range): only once ‖g‖ has fallen
+            # by the factor that brings the change over a Newton step within the bound
+            and run.report["grad_norm"] <= state.get("newton_reentry_grad_norm", math.inf)
         )
         if not accurate:
             state.pop("newton_streak", None)
@@ -2991,6 +3008,50 @@ class HessianFree(torch.optim.Optimizer):
         state["newton_streak"] = streak = state.get("newton_streak", 0) + 1
         if streak >= _NEWTON_STEPS:
             state["newton"] = True
+
+    #: The local phase's range test (:meth:`_check_phase_range`) on or off, and its bound:
+    #: class attributes for experiments/_phaserule.py (``False``: the phase before it).
+    _phase_exit: ClassVar[bool] = True
+    _phase_range: ClassVar[float] = _PHASE_RANGE
+
+    def _check_phase_range(self, product: object, run: _StepRun) -> None:
+        r"""Phase 2 of a step in the local phase: end the phase if the loss's curvature moved
+        too far over the phase's previous step (``_PHASE_RANGE``; ours).
+
+        :math:`\delta = \|H_\ell(\theta_k) u - H_\ell(\theta_{k-1}) u\|_\infty / \|H_\ell
+        (\theta_{k-1}) u\|_\infty` for the fixed random output-space :math:`u` of
+        :func:`_loss_probe`, between the starts of two consecutive phase steps: the relative
+        change of the outer loss's Hessian over a Newton step, the quantity Newton's local
+        theory asks to be small (Kantorovich: :math:`\|H(\theta + p) - H(\theta)\| \ll \|H\|`
+        over the Newton step :math:`p`; Nocedal & Wright 2006, Thm. 3.5). A sum of squares has
+        :math:`\delta = 0` (the phase is unchanged there); cross-entropy, BCE or a mixture
+        likelihood have :math:`\delta` of the order of the step's change of the outputs.
+        Above the bound the phase ends before this step's solve, and it may begin again only
+        once :math:`\|g\|` has fallen to :math:`\|g_k\|\,` ``_PHASE_RANGE`` :math:`/\delta`
+        (near a minimum the Newton step, and with it :math:`\delta`, shrinks with
+        :math:`\|g\|`). One output-space product and one scalar per phase step (averaged
+        over the ranks, so that all leave together); none for other curvatures (no probe)."""
+        state, g_norm = run.state, run.report["grad_norm"]
+        probe = _loss_probe(product)
+        # in the state, so that a run resumed from state_dict() (or a pickled copy) decides as
+        # the uninterrupted one
+        before = state.pop("phase_probe", None)
+        if probe is not None:
+            state["phase_probe"] = (state["step"], probe, g_norm)
+        if probe is None or before is None or before[0] != state["step"] - 1:
+            return  # the phase's first step, or a curvature without H_ℓ
+        like = probe[0] if isinstance(probe, tuple) else probe
+        change = self._avg.mean_scalar(_probe_change(before[1], probe), like)
+        if change <= self._phase_range:
+            return
+        for key in ("newton", "newton_streak", "warm_start"):
+            # the warm start too: the phase's long solution is the range just found too far,
+            # and K-FAC's 5-iteration solves from it stayed there (ρ = −∞ for ~10 steps)
+            state.pop(key, None)
+        # ‖g‖ where that Newton step was computed (the step's end can have a larger one)
+        bound = before[2] * self._phase_range / change if math.isfinite(change) else 0.0
+        state["newton_reentry_grad_norm"] = bound
+        state.pop("phase_probe", None)
 
     #: Whether the local phase also needs :meth:`_loss_quadratic` (off: main's entry). Built
     #: and measured in "quadentry", not adopted: it gained on the deconvolution decoder

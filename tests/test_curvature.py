@@ -671,3 +671,27 @@ def test_jacobian_products_name_a_vector_of_the_wrong_shape(call, arg, match):
     v = torch.randn(8)  # and the right shapes still agree with each other: <u, Jv> = <J'u, v>
     u = torch.randn(4, 2)
     torch.testing.assert_close((u * J.jvp(v)).sum(), J.vjp(u) @ v)
+
+
+def test_fisher_of_a_masked_loss_counts_every_row_unless_given_the_masked_rows():
+    # FisherProduct's docstring: a mean over M of N rows gives (N/M) × the M rows' Fisher;
+    # outputs = the masked rows gives it exactly (oracle: per-example gradients by autograd)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 4, (12,))
+    mask = torch.tensor([0, 3, 4, 9])
+    params = list(model.parameters())
+    rows = []
+    for i in mask:
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    G = torch.stack(rows)
+    fisher = G.T @ G / len(mask)  # (1/M) Σ ∇ℓ_i ∇ℓ_iᵀ over the counted rows
+    o = model(x)
+    om = o[mask]
+    loss = F.cross_entropy(om, y[mask])
+    every_row = FisherProduct(loss, o, params)
+    counted = FisherProduct(loss, om, params)
+    for v in _vectors(fisher.shape[0]):
+        torch.testing.assert_close(counted(v), fisher @ v, **EXACT)
+        torch.testing.assert_close(every_row(v), 12 / 4 * (fisher @ v), **EXACT)
