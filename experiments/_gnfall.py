@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _gnentry as E  # noqa: E402
 import _unseen7 as U7  # noqa: E402
 
-from hessfree import HessianFree  # noqa: E402
+from hessfree import HessianFree, StepStatus  # noqa: E402
 from hessfree.curvature import GGNProduct, HessianProduct  # noqa: E402
 
 torch.set_num_threads(1)
@@ -107,6 +107,19 @@ class Rule(HessianFree):
     _gn_fallback = True
 
 
+class FirstNoStep(HessianFree):
+    """``first``, but step 0 does not take the Gauss-Newton step the test condemned: the
+    parameters stay, and the Hessian starts from θ0 at step 1 (as ``hess``, one solve later)."""
+
+    _gn_first_test = True
+
+    def _backtrack_and_search(self, closure, solution, run) -> None:
+        state = run.state
+        if state["step"] == 0 and state.get("gn_failed") == "first_step":
+            return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
+        return super()._backtrack_and_search(closure, solution, run)
+
+
 def make_opt(model: nn.Module, variant: str) -> torch.optim.Optimizer:
     if variant == "lbfgs":
         return torch.optim.LBFGS(model.parameters(), line_search_fn="strong_wolfe")
@@ -114,6 +127,8 @@ def make_opt(model: nn.Module, variant: str) -> torch.optim.Optimizer:
         return HessianFree(model.parameters(), curvature="hessian")
     if variant == "first":  # the first-step test: x'Hx <= 0 < x'Gx along step 0's solution
         return type("First", (HessianFree,), {"_gn_first_test": True})(model.parameters())
+    if variant == "first0":
+        return FirstNoStep(model.parameters())
     if variant == "firstkeep":  # the same, λ kept at the switch (no recalibration)
         attrs = {"_gn_first_test": True, "_gn_restart": False}
         return type("FirstKeep", (HessianFree,), attrs)(model.parameters())
