@@ -1698,6 +1698,8 @@ class HessianFree(torch.optim.Optimizer):
             return _checked_curvature(kind(evaluation.loss, evaluation.outputs, params)), None
         if kind == "auto":
             kind = "ggn" if evaluation.outputs is not None else "hessian"
+            if kind == "ggn" and self._gauss_newton_failed(evaluation, run):
+                kind = "hessian"
         if kind in ("ggn", "fisher", "fisher_mc") and evaluation.outputs is None:
             raise ValueError(
                 f"curvature={kind!r} needs the model outputs: make the closure return "
@@ -1759,6 +1761,84 @@ class HessianFree(torch.optim.Optimizer):
                 evaluation.loss, evaluation.outputs, params, reduction=reduction
             )
         return product.matvec, product
+
+    #: The Gauss-Newton fallback (topic "gnfall"), off; class attributes for
+    #: experiments/_gnfall.py. ``_gn_fallback``: switch after ``_GN_FAIL_STEPS`` failing steps
+    #: of the last ``_GN_FAIL_WINDOW``; ``_gn_first_test``: switch when the exact Hessian has
+    #: no positive curvature along the first Gauss-Newton step (one Hessian product, once).
+    #: Neither passed its gate (experiments/README.md, "gnfall").
+    _gn_fallback: ClassVar[bool] = False
+    _gn_first_test: ClassVar[bool] = False
+    _GN_FAIL_STEPS: ClassVar[int] = 4
+    _GN_FAIL_WINDOW: ClassVar[int] = 6
+    _gn_restart: ClassVar[bool] = True
+
+    def _gauss_newton_failed(self, evaluation: _Evaluation, run: _StepRun) -> bool:
+        r"""Phase 1, ``curvature='auto'`` with outputs: whether the Gauss-Newton model has been
+        seen to fail on this deterministic objective, so that the exact Hessian (with its trust
+        radius) takes over for the rest of the run (``state['gn_failed']``).
+
+        A step fails when its full step raised the objective or the undamped model predicted
+        the wrong sign (:math:`\rho < 0`, :math:`-\infty` included) and :math:`\lambda` rose:
+        on a deterministic objective that is the model, not noise. On a large-residual fit
+        :math:`H = G + \sum_i r_i \nabla^2 r_i` has curvature :math:`G \succeq 0` cannot
+        represent (Dennis, Gay & Welsch 1981, NL2SOL; Nocedal & Wright 2006, §10.3), and
+        :math:`\lambda` then climbs while the steps shrink (experiments/README.md, "unseen7",
+        "gnfall"). Reads the previous step's :class:`StepInfo` (and ``_first_step_curvature``'s
+        verdict); no product, no host sync.
+        """
+        state = self._global_state()
+        if state.get("gn_failed") is True:
+            return state.get("deterministic") is True
+        if state.get("deterministic") is not True:  # mini-batches: the first-step verdict lapses
+            state.pop("gn_recent", None)
+            if state["step"] > 0:
+                state.pop("gn_failed", None)
+            return False
+        if evaluation.hidden is not None or not isinstance(evaluation.outputs, Tensor):
+            return False
+        switch = state.pop("gn_failed", None) == "first_step"
+        info = self.last_step
+        if self._gn_fallback and info is not None:
+            failed = info.rho < 0.0 and info.next_damping > info.damping
+            recent = state.setdefault("gn_recent", [])
+            recent.append(failed)
+            del recent[: -self._GN_FAIL_WINDOW]
+            switch = switch or sum(recent) >= self._GN_FAIL_STEPS
+        if not switch:
+            return False
+        state["gn_failed"] = True
+        state.pop("gn_recent", None)
+        # a fresh start for the Hessian: Δ₀ from its scale, λ₀ recalibrated under
+        # damping='auto', no warm start from the Gauss-Newton solves
+        for key in ("trust_radius", "warm_start"):
+            state.pop(key, None)
+        if self._gn_restart and math.isnan(self.settings.initial_damping):
+            run.damping = state["damping"] = math.nan
+        return True
+
+    def _first_step_curvature(self, evaluation: _Evaluation, product: object, x: Tensor) -> None:
+        r"""Phase 2 of the first step under ``curvature='auto'`` with outputs
+        (``_gn_first_test``): :math:`x^\top H x` along CG's Gauss-Newton solution :math:`x`
+        (one Hessian product on the step's graph, one host read); where it is :math:`\le 0`
+        while :math:`x^\top G x > 0` the exact Hessian takes over from the next step, if the
+        objective is then seen deterministic (:meth:`_gauss_newton_failed`)."""
+        state = self._global_state()
+        if not (
+            self._gn_first_test
+            and state["step"] == 0
+            and self.settings.curvature == "auto"
+            and isinstance(product, GGNProduct)
+            and type(product) is GGNProduct
+            and evaluation.grads is None
+            and evaluation.hidden is None
+        ):
+            return
+        with torch.enable_grad():
+            Hx = HessianProduct(evaluation.loss, self._params()).matvec(x)
+        xHx, xGx = torch.stack([x @ Hx, x @ product.matvec(x)]).tolist()
+        if xHx <= 0.0 < xGx:
+            state["gn_failed"] = "first_step"
 
     def _warn_unread_reduction(self) -> None:
         """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean."""
@@ -2186,6 +2266,7 @@ class HessianFree(torch.optim.Optimizer):
             what = "a curvature product" if result.num_matvec else "the preconditioner"
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, what)
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
+        self._first_step_curvature(curvature_evaluation, product, result.x)
         run.lap("solve")
         # the structural term is damping, left out of ρ's model: its energy at the chosen
         # iterate only (phase 4), not at every stored one (experiments/README.md, rnnstep)
