@@ -1,0 +1,270 @@
+"""CG returning the warm start with 0 iterations (topic "cgwarm").
+
+From a nonzero warm start x0 = 0.95·p_prev (Martens 2010, §4.5) CG's residual test can hold
+before any iteration: main's ``cg`` then returns x0 itself, and the step repeats the previous
+direction, scaled. The library now lets ``min_iter`` (``cg_min_iter``, default 1) gate the
+residual test from a nonzero start as well, so a warm-started solve does at least one
+iteration. Both behaviours live in this process: the library's ``cg`` is wrapped, and a
+contender whose mode is ``"main"`` calls it with ``min_iter=0`` (main's behaviour exactly, with
+the default ``cg_min_iter=1``: the relative-progress test cannot fire before iteration 11
+anyway; checked by the parameter hashes of ``count``, which equal main's).
+
+Parts:
+
+* ``count``: how often a solve returns with 0 iterations, and what the step does then (ρ,
+  accepted, λ before → after, the warm start's relative residual ‖Ax0 − b‖/‖b‖ against η,
+  φ(x0)), on ``_stiff.py``'s six fits (both closures, seeds 0 and 1, a fixed number of steps,
+  main mode) and on ``_freeze_hashes.py``'s scorecard trajectories (main mode; prints the
+  hashes, which must equal main's).
+* ``race``: ``_stiff.race`` with contenders ``HF`` / ``HF lo`` (main mode), ``HF[w1]`` /
+  ``HF lo[w1]`` (the library: ≥ 1 iteration from a warm start) and torch ``LBFGS sw``,
+  interleaved by each run's own CPU time, same start; then time to target and final error of
+  each w1 run over its main run, and the work (closure calls + products) to target.
+
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_cgwarm.py --part count
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_cgwarm.py --part race [problem ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _freeze_hashes as fh  # noqa: E402
+import _stiff as st  # noqa: E402
+import scorecard  # noqa: E402
+
+import hessfree  # noqa: E402
+import hessfree.optimizer as hfo  # noqa: E402
+
+torch.set_num_threads(1)
+
+_library_cg = hfo.cg
+MODE = {"now": "w1"}  # "main": min_iter=0 (main's cg); "w1": the library as it is
+WARM: list[dict[str, float]] = []  # per warm-started solve in the current step (count part)
+
+
+def _dispatch_cg(matvec, b, x0=None, **kw):  # noqa: ANN001, ANN003, ANN202
+    """The library's ``cg``; in main mode with ``min_iter=0``. Records the warm start's
+    relative residual and φ from CG's own first product (no extra product)."""
+    if MODE["now"] == "main":
+        kw["min_iter"] = 0
+    first: dict[str, Any] = {}
+
+    def watched(v):  # noqa: ANN001, ANN202
+        out = matvec(v)
+        if not first:
+            first["Ax0"] = out.detach().clone()
+        return out
+
+    warm = x0 is not None and bool(torch.any(x0 != 0))
+    result = _library_cg(watched if warm else matvec, b, x0, **kw)
+    if warm:
+        r0 = first["Ax0"] - b
+        WARM.append(
+            dict(
+                res=float(torch.linalg.vector_norm(r0) / torch.linalg.vector_norm(b)),
+                phi0=float(0.5 * torch.dot(x0, r0 - b)),
+                iters=result.num_iter,
+            )
+        )
+    return result
+
+
+hfo.cg = _dispatch_cg
+
+
+class Mode(st.Traced):
+    """``HessianFree`` whose steps run CG in ``mode``."""
+
+    mode = "main"
+
+    def step(self, closure):  # noqa: ANN001, ANN201
+        MODE["now"] = self.mode
+        try:
+            return super().step(closure)
+        finally:
+            MODE["now"] = "w1"
+
+
+class Warm1(Mode):
+    mode = "w1"
+
+
+st.VARIANTS[""] = Mode
+st.VARIANTS["w1"] = Warm1
+
+
+# ------------------------------------------------------------------------------------------
+# count
+# ------------------------------------------------------------------------------------------
+def _zero_rows(infos: list, warms: list, label: str) -> tuple[int, int, list[str]]:
+    """Steps whose CG did 0 iterations from a warm start: count, steps, table rows."""
+    rows, n = [], 0
+    for k, (s, w) in enumerate(zip(infos, warms, strict=True)):
+        if w is not None and w["iters"] == 0 and s.cg_reason == "converged":
+            n += 1
+            rows.append(
+                f"| {label} | {k} | {s.rho:.3f} | {s.status} | {s.damping:.2e} → "
+                f"{s.next_damping:.2e} | {w['res']:.3f} / {s.cg_rtol:.3f} | {w['phi0']:.3e} |"
+            )
+    return n, len(infos), rows
+
+
+def _stepped(opt: hessfree.HessianFree, do_step) -> tuple[Any, dict | None]:  # noqa: ANN001
+    WARM.clear()
+    do_step()
+    return opt.last_step, (WARM[0] if WARM else None)
+
+
+def count_stiff(steps: int) -> None:
+    print(f"\n#### 0-iteration solves, `_stiff.py`'s fits, main mode, {steps} steps\n")
+    table, totals = [], []
+    for key, make in st.PROBLEMS.items():
+        for seed in (0, 1):
+            prob = make(seed)
+            for name in ("HF", "HF lo"):
+                run = st.make_run(name, prob, seed)
+                infos, warms = [], []
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for _ in range(steps):
+                        s, w = _stepped(run.opt, run.step)
+                        if s is None or (infos and s is infos[-1]):
+                            break
+                        infos.append(s)
+                        warms.append(w)
+                        if str(s.status) == "converged":
+                            break
+                n, total, rows = _zero_rows(infos, warms, f"{key} {seed} {name}")
+                totals.append(f"{key} {seed} {name}: {n}/{total}")
+                table += rows
+    print("; ".join(totals))
+    print("\n| run | step | ρ | status | λ → next λ | ‖r0‖/‖b‖ / η | φ(x0) |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(table))
+
+
+def count_freeze(tasks: list[str]) -> None:
+    print("\n#### 0-iteration solves, scorecard freeze trajectories (main mode)\n")
+    MODE["now"] = "main"
+    original = hessfree.HessianFree.step
+    log: list[tuple[Any, dict | None]] = []
+
+    def logged(self, closure=None):  # noqa: ANN001, ANN202
+        WARM.clear()
+        out = original(self, closure)
+        log.append((self.last_step, WARM[0] if WARM else None))
+        return out
+
+    hessfree.HessianFree.step = logged
+    table = []
+    try:
+        for key in tasks:
+            task = fh.make(key)
+            base = task.hf["defaults"] if key == "swap" else task.hf_default_regime
+            base = fh.REGIMES.get(key) or base or next(iter(task.hf.values()))
+            base = {k: v for k, v in base.items() if k not in ("kfac", "early_kw")} | {"kw": {}}
+            run = scorecard.hf_run(task, "defaults", "HF", base)
+            log.clear()
+            for _ in range(fh.STEPS[key]):
+                run.step()
+            h = hashlib.sha256()
+            for p in run.model.parameters():
+                h.update(p.detach().cpu().numpy().tobytes())
+            infos = [s for s, _ in log]
+            n, total, rows = _zero_rows(infos, [w for _, w in log], key)
+            warm = sum(w is not None for _, w in log)
+            print(f"{key}: {n} of {total} steps ({warm} warm-started); sha256 {h.hexdigest()[:8]}")
+            table += rows
+    finally:
+        hessfree.HessianFree.step = original
+        MODE["now"] = "w1"
+    print("\n| run | step | ρ | status | λ → next λ | ‖r0‖/‖b‖ / η | φ(x0) |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(table))
+
+
+# ------------------------------------------------------------------------------------------
+# race
+# ------------------------------------------------------------------------------------------
+def race(keys: list[str], seeds: list[int], scale: float) -> None:
+    names = ["HF", "HF[w1]", "HF lo", "HF lo[w1]", "LBFGS sw"]
+    rows: list = []
+    captured: dict = {}
+    interleave = st.u6.interleave
+
+    def capture(runs, budget, eval_every):  # noqa: ANN001, ANN202
+        captured["runs"] = runs
+        return interleave(runs, budget, eval_every)
+
+    st.u6.interleave = capture
+    ratios = []
+    try:
+        for key in keys:
+            for seed in seeds:
+                st.race(key, seed, st.BUDGET[key] * scale, names, rows)
+                runs = {r.name: r for r in captured["runs"]}
+                zero = {
+                    n: sum(1 for s in r.infos if s.cg_iters == 0 and s.cg_reason == "converged")
+                    for n, r in runs.items()
+                    if r.infos
+                }
+                print(f"\n0-iteration converged solves: {zero}; CPU s: "
+                      + ", ".join(f"{n} {r.clock:.2f}" for n, r in runs.items()))  # fmt: skip
+                ratios.append((key, seed, {r[2]: r for r in rows if r[0] == key and r[1] == seed}))
+    finally:
+        st.u6.interleave = interleave
+    print("\n#### w1 / main: time to target (CPU s), final f − f*; LBFGS sw / main\n")
+    print("| problem, seed | HF: w1 / main | HF lo: w1 / main | LBFGS sw / HF | LBFGS sw / HF lo |")
+    print("|---|---|---|---|---|")
+
+    def ratio(a: tuple, b: tuple) -> str:
+        ta, tb = a[3], b[3]
+        tq = f"{ta / tb:.3g}" if math.isfinite(ta) and math.isfinite(tb) and tb > 0 else (
+            f"{ta:.3g} / {tb:.3g}")  # fmt: skip
+        return f"{tq} ({a[4] / b[4]:.2g})"
+
+    for key, seed, mine in ratios:
+        cells = [
+            ratio(mine["HF[w1]"], mine["HF"]),
+            ratio(mine["HF lo[w1]"], mine["HF lo"]),
+            ratio(mine["LBFGS sw"], mine["HF"]),
+            ratio(mine["LBFGS sw"], mine["HF lo"]),
+        ]
+        print(f"| {key} {seed} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("problems", nargs="*", default=list(st.PROBLEMS))
+    ap.add_argument("--part", default="race", choices=["race", "count", "freeze"])
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--scale", type=float, default=1.0, help="× _stiff.BUDGET")
+    ap.add_argument("--steps", type=int, default=40, help="count: steps per stiff run")
+    ap.add_argument("--tasks", default=",".join(fh.STEPS))
+    args = ap.parse_args()
+    load0, c0, w0 = os.getloadavg(), time.process_time(), time.perf_counter()
+    if args.part == "count":
+        count_stiff(args.steps)
+    elif args.part == "freeze":
+        count_freeze(args.tasks.split(","))
+    else:
+        race(args.problems, [int(s) for s in args.seeds.split(",")], args.scale)
+    load1 = os.getloadavg()
+    print(f"\nload {load0[0]:.2f} → {load1[0]:.2f}; {time.process_time() - c0:.0f} CPU s, "
+          f"{time.perf_counter() - w0:.0f} s wall")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
