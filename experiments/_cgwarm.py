@@ -89,10 +89,10 @@ class Mode(st.Traced):
 
     mode = "main"
 
-    def step(self, closure):  # noqa: ANN001, ANN201
+    def step(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         MODE["now"] = self.mode
         try:
-            return super().step(closure)
+            return super().step(*args, **kwargs)
         finally:
             MODE["now"] = "w1"
 
@@ -161,9 +161,9 @@ def count_freeze(tasks: list[str]) -> None:
     original = hessfree.HessianFree.step
     log: list[tuple[Any, dict | None]] = []
 
-    def logged(self, closure=None):  # noqa: ANN001, ANN202
+    def logged(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         WARM.clear()
-        out = original(self, closure)
+        out = original(self, *args, **kwargs)
         log.append((self.last_step, WARM[0] if WARM else None))
         return out
 
@@ -245,20 +245,202 @@ def race(keys: list[str], seeds: list[int], scale: float) -> None:
         print(f"| {key} {seed} | " + " | ".join(cells) + " |")
 
 
+# ------------------------------------------------------------------------------------------
+# gate: a scorecard task whose freeze hash changed, main against w1 at equal CPU time
+# ------------------------------------------------------------------------------------------
+BUILT: list[hessfree.HessianFree] = []
+
+
+class _Registered:
+    def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        super().__init__(*args, **kwargs)
+        BUILT.append(self)
+
+
+class GateMain(_Registered, Mode):
+    pass
+
+
+class GateWarm1(_Registered, Warm1):
+    pass
+
+
+def _reinit(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seed 0: the scorecard's weights; else every layer's ``reset_parameters`` under ``seed``."""
+    import copy
+
+    model = copy.deepcopy(model)
+    if seed:
+        torch.manual_seed(seed)
+        for mod in model.modules():
+            if hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+    return model
+
+
+def gate(key: str, seeds: list[int], budget: float) -> None:
+    import dataclasses
+
+    task = fh.make(key)
+    base = task.hf["defaults"] if key == "swap" else task.hf_default_regime
+    base = fh.REGIMES.get(key) or base or next(iter(task.hf.values()))
+    base = {k: v for k, v in base.items() if k not in ("kfac", "early_kw")} | {"kw": {}}
+    builder = scorecard.HessianFree
+    print(f"\n#### gate {key}: main against w1, {budget:g} CPU s each, interleaved\n")
+    print("| seed | run | steps | error at ¼ / ½ / 1 | work (calls + products) | "
+          "0-iteration solves | load |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    summary = []
+    for seed in seeds:
+        t = dataclasses.replace(task, model=_reinit(task.model, seed))
+        runs, opts = {}, {}
+        for name, cls in (("main", GateMain), ("w1", GateWarm1)):
+            scorecard.HessianFree = cls
+            BUILT.clear()
+            runs[name] = scorecard.hf_run(t, name, "HF", base)
+            opts[name] = BUILT[0]
+        scorecard.HessianFree = builder
+        clock = dict.fromkeys(runs, 0.0)
+        curve = {n: [(0.0, t.error(r.model))] for n, r in runs.items()}
+        work = dict.fromkeys(runs, 0)
+        zero = dict.fromkeys(runs, 0)
+        load0 = os.getloadavg()[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            while min(clock.values()) < budget:
+                n = min(clock, key=clock.get)
+                c0 = time.process_time()
+                runs[n].step()
+                clock[n] += time.process_time() - c0
+                s = opts[n].last_step
+                work[n] += s.closure_calls + s.cg_matvecs
+                zero[n] += s.cg_iters == 0 and s.cg_reason == "converged"
+                curve[n].append((clock[n], t.error(runs[n].model)))
+        load1 = os.getloadavg()[0]
+        at = {n: [st.u6.best_at(c, f * budget) for f in (0.25, 0.5, 1.0)] for n, c in curve.items()}
+        for n, r in runs.items():
+            errs = " / ".join(f"{e:.3e}" for e in at[n])
+            print(f"| {seed} | {n} | {r.steps or len(curve[n]) - 1} | {errs} | {work[n]} | "
+                  f"{zero[n]} | {load0:.2f} → {load1:.2f} |")  # fmt: skip
+        # time to main's error at ½ and at the end of the budget: w1 / main
+        ratios = []
+        for target in (at["main"][1], at["main"][2]):
+            tm, tw = st.u6.time_to(curve["main"], target), st.u6.time_to(curve["w1"], target)
+            ratios.append(tw / tm if tm > 0 else math.nan)
+        final = at["w1"][2] / at["main"][2]
+        summary.append(
+            f"seed {seed}: time to main's ½-budget error {ratios[0]:.3g}, to its "
+            f"final error {ratios[1]:.3g}; final error w1 / main {final:.3g}"
+        )
+    print("\n" + "\n".join(summary))
+
+
+# ------------------------------------------------------------------------------------------
+# smallres: tests/test_local_phase.py's small-residual fit over start seeds
+# ------------------------------------------------------------------------------------------
+def _small_residual(seed: int) -> tuple:
+    """``tests/test_local_phase.py``'s ``_small_residual`` with the start's noise seeded by
+    ``seed`` (the test's start is seed 1): a 4-6-2 tanh MLP fitted to a teacher of its shape
+    plus 1e-3 noise, float64, 300 points."""
+    dtype = torch.float64
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 4, generator=gen, dtype=dtype)
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(123)
+        return torch.nn.Sequential(
+            torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)
+        ).to(dtype)
+
+    with torch.no_grad():
+        y = make()(x) + 1e-3 * torch.randn(300, 2, generator=gen, dtype=dtype)
+        model = make()
+        for p in model.parameters():
+            noise = torch.Generator().manual_seed(seed)
+            p.add_(0.3 * torch.randn(p.shape, generator=noise, dtype=dtype))
+    return model, x, y
+
+
+def smallres(seeds: list[int], steps: int) -> None:
+    """Steps (and CPU s) to f − f* ≤ 1e-8 f* of main and w1 on ``test_local_phase``'s 4-6-2
+    tanh fit (``(loss, outputs)`` closure), the start's noise seeded by ``seed`` (the test's
+    start is seed 1); the two runs are stepped alternately."""
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import test_local_phase as tlp
+
+    print(f"\n#### smallres: steps (CPU s) to f − f* ≤ 1e-8 f*, at most {steps} steps\n")
+    print("| start seed | main | w1 | main's 0-iteration solves | final (f − f*)/f* main / w1 |")
+    print("|---|---|---|---|---|")
+    ratios = []
+    for seed in seeds:
+        model, x, y = _small_residual(seed)
+        runs = {}
+        for name, cls in (("main", Mode), ("w1", Warm1)):
+            import copy
+
+            m = copy.deepcopy(model)
+            runs[name] = (m, cls(m.parameters()))
+        first = copy.deepcopy(model)
+        hit = dict.fromkeys(runs, (math.inf, math.inf))
+        clock = dict.fromkeys(runs, 0.0)
+        zero = 0
+        for k in range(1, steps + 1):
+            for name, (m, opt) in runs.items():
+                if math.isfinite(hit[name][0]):
+                    continue
+
+                def closure(m=m, x=x, y=y):  # noqa: ANN001, ANN202
+                    out = m(x)
+                    return F.mse_loss(out, y), out
+
+                c0 = time.process_time()
+                opt.step(closure)
+                clock[name] += time.process_time() - c0
+                s = opt.last_step
+                zero += name == "main" and s.cg_iters == 0 and s.cg_reason == "converged"
+                runs[name] = (m, opt)
+                with torch.no_grad():
+                    f = float(F.mse_loss(m(x), y))
+                if k == 1:
+                    fstar = tlp._least_squares_optimum(first, x, y)
+                if f - fstar <= 1e-8 * fstar:
+                    hit[name] = (k, clock[name])
+        cell = {n: f"{h[0]} ({h[1]:.2f})" for n, h in hit.items()}
+        if math.isfinite(hit["main"][0]) and math.isfinite(hit["w1"][0]):
+            ratios.append(hit["w1"][0] / hit["main"][0])
+        with torch.no_grad():
+            gaps = [(float(F.mse_loss(m(x), y)) - fstar) / fstar for m, _ in runs.values()]
+        gap = " / ".join(f"{g:.2g}" for g in gaps)
+        print(f"| {seed} | {cell['main']} | {cell['w1']} | {zero} | {gap} |")
+    finite = [r for r in ratios if math.isfinite(r)]
+    if finite:
+        print(f"\nw1 / main steps where both reached it: {', '.join(f'{r:.3g}' for r in finite)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("problems", nargs="*", default=list(st.PROBLEMS))
-    ap.add_argument("--part", default="race", choices=["race", "count", "freeze"])
+    ap.add_argument(
+        "--part", default="race", choices=["race", "count", "freeze", "gate", "smallres"]
+    )
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--scale", type=float, default=1.0, help="× _stiff.BUDGET")
     ap.add_argument("--steps", type=int, default=40, help="count: steps per stiff run")
     ap.add_argument("--tasks", default=",".join(fh.STEPS))
+    ap.add_argument("--budget", type=float, default=20.0, help="gate: CPU s per run")
     args = ap.parse_args()
     load0, c0, w0 = os.getloadavg(), time.process_time(), time.perf_counter()
     if args.part == "count":
         count_stiff(args.steps)
     elif args.part == "freeze":
         count_freeze(args.tasks.split(","))
+    elif args.part == "smallres":
+        smallres([int(s) for s in args.seeds.split(",")], args.steps)
+    elif args.part == "gate":
+        for key in args.tasks.split(","):
+            gate(key, [int(s) for s in args.seeds.split(",")], args.budget)
     else:
         race(args.problems, [int(s) for s in args.seeds.split(",")], args.scale)
     load1 = os.getloadavg()
