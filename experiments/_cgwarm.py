@@ -1,25 +1,28 @@
 """CG returning the warm start with 0 iterations (topic "cgwarm").
 
 From a nonzero warm start x0 = 0.95·p_prev (Martens 2010, §4.5) CG's residual test can hold
-before any iteration: main's ``cg`` then returns x0 itself, and the step repeats the previous
-direction, scaled. The library now lets ``min_iter`` (``cg_min_iter``, default 1) gate the
-residual test from a nonzero start as well, so a warm-started solve does at least one
-iteration. Both behaviours live in this process: the library's ``cg`` is wrapped, and a
-contender whose mode is ``"main"`` calls it with ``min_iter=0`` (main's behaviour exactly, with
-the default ``cg_min_iter=1``: the relative-progress test cannot fire before iteration 11
-anyway; checked by the parameter hashes of ``count``, which equal main's).
+before any iteration: the library's ``cg`` then returns x0 itself, and the step repeats the
+previous direction, scaled. Candidate ``w1``: ``min_iter`` (``cg_min_iter``, default 1) gates
+the residual test from a nonzero start as well, so a warm-started solve does at least one
+iteration (``cg_w1`` below: the library's ``cg`` source with that rule patched in at import, two
+lines; the patch fails loudly if ``hessfree/cg.py`` no longer has the lines it edits). It was
+measured and not adopted (experiments/README.md, "cgwarm"). Contenders whose mode is ``"main"``
+call the library's ``cg`` unchanged, ``"w1"`` ones ``cg_w1``; both live in this process.
 
 Parts:
 
 * ``count``: how often a solve returns with 0 iterations, and what the step does then (ρ,
   accepted, λ before → after, the warm start's relative residual ‖Ax0 − b‖/‖b‖ against η,
   φ(x0)), on ``_stiff.py``'s six fits (both closures, seeds 0 and 1, a fixed number of steps,
-  main mode) and on ``_freeze_hashes.py``'s scorecard trajectories (main mode; prints the
-  hashes, which must equal main's).
-* ``race``: ``_stiff.race`` with contenders ``HF`` / ``HF lo`` (main mode), ``HF[w1]`` /
-  ``HF lo[w1]`` (the library: ≥ 1 iteration from a warm start) and torch ``LBFGS sw``,
-  interleaved by each run's own CPU time, same start; then time to target and final error of
-  each w1 run over its main run, and the work (closure calls + products) to target.
+  main mode) and (``freeze``) on ``_freeze_hashes.py``'s scorecard trajectories (main mode, or
+  ``--mode w1``; prints the parameter hashes).
+* ``race``: ``_stiff.race`` with contenders ``HF`` / ``HF lo`` (main), ``HF[w1]`` /
+  ``HF lo[w1]`` and torch ``LBFGS sw``, interleaved by each run's own CPU time, same start;
+  then time to target and final error of each w1 run over its main run.
+* ``gate``: a scorecard task (``--tasks mnist1d``) at its freeze regime, main against w1
+  interleaved by CPU time, from the scorecard's weights (seed 0) and re-initialised ones.
+* ``smallres``: ``tests/test_local_phase.py``'s small-residual fit over start seeds: steps
+  to f − f* ≤ 1e-8 f* (the test asks it of seed 1 within 45 steps).
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_cgwarm.py --part count
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python3 experiments/_cgwarm.py --part race [problem ...]
@@ -50,15 +53,53 @@ import hessfree.optimizer as hfo  # noqa: E402
 torch.set_num_threads(1)
 
 _library_cg = hfo.cg
-MODE = {"now": "w1"}  # "main": min_iter=0 (main's cg); "w1": the library as it is
+MODE = {"now": "main"}  # the mode of the step being taken: "main" or "w1"
 WARM: list[dict[str, float]] = []  # per warm-started solve in the current step (count part)
+
+# w1: the residual test waits for min_iter from a nonzero start, at iteration 0 and in the loop
+_W1_EDITS = [
+    (
+        "    if not finite0 or converged0:\n",
+        "    converged0 = converged0 and not (opts.x0_nonzero and min_iter > 0)\n"
+        "    if not finite0 or converged0:\n",
+    ),
+    (
+        "        converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass\n",
+        "        converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass\n"
+        "        if opts.x0_nonzero and i < min_iter:  # host-side: no sync\n"
+        "            converged = no\n",
+    ),
+]
+
+
+def _w1_cg() -> Any:
+    import importlib
+    import inspect
+
+    module = importlib.import_module("hessfree.cg")
+    source = inspect.getsource(module)
+    for old, new in _W1_EDITS:
+        if source.count(old) != 1:
+            raise RuntimeError(f"hessfree/cg.py changed: {old.strip()!r} is not there once")
+        source = source.replace(old, new)
+    import types
+
+    copy = types.ModuleType("_cgwarm_w1_cg")
+    sys.modules[copy.__name__] = copy  # dataclasses look their module up
+    exec(compile(source, "<hessfree/cg.py, w1>", "exec"), copy.__dict__)  # noqa: S102
+    # the optimizer compares reasons by identity: the copy returns the library's own types
+    copy.CGStop = copy.StopReason = module.CGStop
+    copy.CGResult = module.CGResult
+    return copy.cg
+
+
+cg_w1 = _w1_cg()
 
 
 def _dispatch_cg(matvec, b, x0=None, **kw):  # noqa: ANN001, ANN003, ANN202
     """The library's ``cg``; in main mode with ``min_iter=0``. Records the warm start's
     relative residual and φ from CG's own first product (no extra product)."""
-    if MODE["now"] == "main":
-        kw["min_iter"] = 0
+    solve = _library_cg if MODE["now"] == "main" else cg_w1
     first: dict[str, Any] = {}
 
     def watched(v):  # noqa: ANN001, ANN202
@@ -68,7 +109,7 @@ def _dispatch_cg(matvec, b, x0=None, **kw):  # noqa: ANN001, ANN003, ANN202
         return out
 
     warm = x0 is not None and bool(torch.any(x0 != 0))
-    result = _library_cg(watched if warm else matvec, b, x0, **kw)
+    result = solve(watched if warm else matvec, b, x0, **kw)
     if warm:
         r0 = first["Ax0"] - b
         WARM.append(
@@ -94,7 +135,7 @@ class Mode(st.Traced):
         try:
             return super().step(*args, **kwargs)
         finally:
-            MODE["now"] = "w1"
+            MODE["now"] = "main"
 
 
 class Warm1(Mode):
@@ -155,9 +196,9 @@ def count_stiff(steps: int) -> None:
     print("\n".join(table))
 
 
-def count_freeze(tasks: list[str]) -> None:
-    print("\n#### 0-iteration solves, scorecard freeze trajectories (main mode)\n")
-    MODE["now"] = "main"
+def count_freeze(tasks: list[str], mode: str) -> None:
+    print(f"\n#### 0-iteration solves, scorecard freeze trajectories ({mode} mode)\n")
+    MODE["now"] = mode
     original = hessfree.HessianFree.step
     log: list[tuple[Any, dict | None]] = []
 
@@ -189,7 +230,7 @@ def count_freeze(tasks: list[str]) -> None:
             table += rows
     finally:
         hessfree.HessianFree.step = original
-        MODE["now"] = "w1"
+        MODE["now"] = "main"
     print("\n| run | step | ρ | status | λ → next λ | ‖r0‖/‖b‖ / η | φ(x0) |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(table))
@@ -429,13 +470,14 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="× _stiff.BUDGET")
     ap.add_argument("--steps", type=int, default=40, help="count: steps per stiff run")
     ap.add_argument("--tasks", default=",".join(fh.STEPS))
+    ap.add_argument("--mode", default="main", choices=["main", "w1"], help="freeze: cg used")
     ap.add_argument("--budget", type=float, default=20.0, help="gate: CPU s per run")
     args = ap.parse_args()
     load0, c0, w0 = os.getloadavg(), time.process_time(), time.perf_counter()
     if args.part == "count":
         count_stiff(args.steps)
     elif args.part == "freeze":
-        count_freeze(args.tasks.split(","))
+        count_freeze(args.tasks.split(","), args.mode)
     elif args.part == "smallres":
         smallres([int(s) for s in args.seeds.split(",")], args.steps)
     elif args.part == "gate":

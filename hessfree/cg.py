@@ -192,10 +192,7 @@ def cg(
       norms grow while the curvature stays positive (Steihaug's Theorem 2.1), so this is the
       path's only crossing. A start outside the ball returns :math:`x_0`;
     - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``; with
-      ``descent_stop`` and a nonzero ``x0``, only where also :math:`\phi(x_i) < 0`; from a
-      nonzero ``x0``, only once :math:`i \ge` ``min_iter``, so that a warm start which
-      already meets the test is still improved on: returned as it is, it repeats the
-      previous step's direction);
+      ``descent_stop`` and a nonzero ``x0``, only where also :math:`\phi(x_i) < 0`);
     - the relative-progress test of Martens (2010, §4.4) holds (``RELATIVE_PROGRESS``):
       :math:`i > k`, :math:`\phi(x_i) < 0` and
       :math:`(\phi(x_i) - \phi(x_{i-k}))/\phi(x_i) < k\epsilon` with
@@ -219,9 +216,8 @@ def cg(
             A float16 ``b`` is solved in float32 (see the module docstring).
         x0: Starting point, like ``b`` and finite; never modified. ``None`` means zeros.
         max_iter: Most iterations, an int in ``[1, 10**6]``.
-        min_iter: Neither the relative-progress test nor, from a nonzero ``x0``, the
-            residual test (``CONVERGED``) is applied before this iteration; the other
-            stops are unaffected. An int in ``[0, max_iter]``.
+        min_iter: The relative-progress test is not applied before this iteration; the
+            other stops are unaffected. An int in ``[0, max_iter]``.
         rtol: Relative residual tolerance, a finite real >= 0.
         atol: Absolute residual tolerance, a finite real >= 0.
         precond: :math:`M^{-1}` for a symmetric positive-definite :math:`M`: ``None``
@@ -346,9 +342,6 @@ def cg(
             (r_norm <= tol) if downhill is None else (r_norm <= tol) & downhill,
         ]
     ).tolist()
-    # A warm start that meets the residual test is iterated on until min_iter: one
-    # iteration costs one product and can only lower phi (experiments/README.md, cgwarm)
-    converged0 = converged0 and not (opts.x0_nonzero and min_iter > 0)
     if not finite0 or converged0:
         reason = CGStop.CONVERGED if finite0 else CGStop.NON_FINITE
         return _result(x, [], history, 0, num_matvec, reason, out_dtype)
@@ -404,8 +397,6 @@ def cg(
         phi = _phi(x, r, b, out=history[i])
         finite_after = torch.isfinite(rr if skip else rz_next) & torch.isfinite(phi)
         converged = rr <= tol_sq  # ||r|| <= tol without the norm's extra pass
-        if opts.x0_nonzero and i < min_iter:  # host-side: no sync
-            converged = no
         if downhill is not None:
             converged = converged & (b_zero | (phi < 0))
         progress = _progress(phi, history, i, progress_tol, min_iter, no)

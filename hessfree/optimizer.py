@@ -827,8 +827,7 @@ class HessianFree(torch.optim.Optimizer):
             while it is partial; a changed objective ends it (the same fit on a batch grown
             1.3x a step: f - f* 1.9e-8 f* at step 54, 2 f* before; "gnentry"). A number is
             used as given, on every step.
-        cg_min_iter: CG iterations before the relative-progress stop may fire, and before
-            the residual test may end a warm-started solve (:func:`hessfree.cg.cg`'s ``min_iter``).
+        cg_min_iter: CG iterations before the relative-progress stop may fire.
         cg_rtol: CG also stops when :math:`\|r\| \le \eta\|g\|`: ``'auto'`` (default) takes
             :math:`\eta` from the inexact-Newton forcing sequence of Eisenstat & Walker (1996,
             choice 2; :func:`hessfree.cg.forcing_term`): 1/2 at the first step, then
