@@ -116,6 +116,11 @@ def _dispatch_cg(matvec, b, x0=None, **kw):  # noqa: ANN001, ANN003, ANN202
             dict(
                 res=float(torch.linalg.vector_norm(r0) / torch.linalg.vector_norm(b)),
                 phi0=float(0.5 * torch.dot(x0, r0 - b)),
+                xAx=float(torch.dot(x0, first["Ax0"])),  # λ's share needs λ: _zero_rows
+                xx=float(torch.dot(x0, x0)),
+                cos=float(
+                    torch.dot(x0, b) / (torch.linalg.vector_norm(x0) * torch.linalg.vector_norm(b))
+                ),
                 iters=result.num_iter,
             )
         )
@@ -157,7 +162,8 @@ def _zero_rows(infos: list, warms: list, label: str) -> tuple[int, int, list[str
             n += 1
             rows.append(
                 f"| {label} | {k} | {s.rho:.3f} | {s.status} | {s.damping:.2e} → "
-                f"{s.next_damping:.2e} | {w['res']:.3f} / {s.cg_rtol:.3f} | {w['phi0']:.3e} |"
+                f"{s.next_damping:.2e} | {w['res']:.3f} / {s.cg_rtol:.3f} | {w['phi0']:.3e} | "
+                f"{s.damping * w['xx'] / w['xAx']:.3g} | {w['cos']:.4f} |"
             )
     return n, len(infos), rows
 
@@ -191,8 +197,11 @@ def count_stiff(steps: int) -> None:
                 totals.append(f"{key} {seed} {name}: {n}/{total}")
                 table += rows
     print("; ".join(totals))
-    print("\n| run | step | ρ | status | λ → next λ | ‖r0‖/‖b‖ / η | φ(x0) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| run | step | ρ | status | λ → next λ | ‖r0‖/‖b‖ / η | φ(x0) | λ‖x0‖²/x0ᵀBx0 "
+        "| cos(x0, −g) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(table))
 
 
@@ -231,8 +240,11 @@ def count_freeze(tasks: list[str], mode: str) -> None:
     finally:
         hessfree.HessianFree.step = original
         MODE["now"] = "main"
-    print("\n| run | step | ρ | status | λ → next λ | ‖r0‖/‖b‖ / η | φ(x0) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| run | step | ρ | status | λ → next λ | ‖r0‖/‖b‖ / η | φ(x0) | λ‖x0‖²/x0ᵀBx0 "
+        "| cos(x0, −g) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(table))
 
 
