@@ -31,6 +31,7 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import math
 import os
@@ -53,7 +54,8 @@ import hessfree.optimizer as hfo  # noqa: E402
 torch.set_num_threads(1)
 
 _library_cg = hfo.cg
-MODE = {"now": "main"}  # the mode of the step being taken: "main" or "w1"
+MODE = {"now": "main"}  # the mode of the step being taken: "main", "w1" or "fit"
+CANDIDATE = {"name": "w1"}  # race, gate, smallres: the candidate raced against main
 WARM: list[dict[str, float]] = []  # per warm-started solve in the current step (count part)
 
 # w1: the residual test waits for min_iter from a nonzero start, at iteration 0 and in the loop
@@ -99,7 +101,7 @@ cg_w1 = _w1_cg()
 def _dispatch_cg(matvec, b, x0=None, **kw):  # noqa: ANN001, ANN003, ANN202
     """The library's ``cg``; in main mode with ``min_iter=0``. Records the warm start's
     relative residual and φ from CG's own first product (no extra product)."""
-    solve = _library_cg if MODE["now"] == "main" else cg_w1
+    solve = cg_w1 if MODE["now"] == "w1" else _library_cg
     first: dict[str, Any] = {}
 
     def watched(v):  # noqa: ANN001, ANN202
@@ -110,6 +112,8 @@ def _dispatch_cg(matvec, b, x0=None, **kw):  # noqa: ANN001, ANN003, ANN202
 
     warm = x0 is not None and bool(torch.any(x0 != 0))
     result = solve(watched if warm else matvec, b, x0, **kw)
+    if MODE["now"] == "fit" and warm and result.num_iter == 0:
+        result = _fitted(result, x0, first["Ax0"], b)
     if warm:
         r0 = first["Ax0"] - b
         WARM.append(
@@ -125,6 +129,21 @@ def _dispatch_cg(matvec, b, x0=None, **kw):  # noqa: ANN001, ANN003, ANN202
             )
         )
     return result
+
+
+def _fitted(result: Any, x0: torch.Tensor, Ax0: torch.Tensor, b: torch.Tensor) -> Any:
+    """Candidate ``fit``: a warm start returned with 0 iterations (``CONVERGED``) is rescaled to
+    the minimiser of φ along it, s = bᵀx0 / x0ᵀAx0, from the product CG already made (no extra
+    product): x0's direction is kept, its length (the previous λ's) is refitted."""
+    if result.reason is not hfo.CGStop.CONVERGED:
+        return result
+    xAx, bx = torch.dot(x0, Ax0), torch.dot(b, x0)
+    if not (float(xAx) > 0 and float(bx) > 0):
+        return result
+    scale = bx / xAx
+    x = x0 * scale
+    phi = (0.5 * scale * scale * xAx - scale * bx).reshape(1)
+    return dataclasses.replace(result, x=x, iterates=[x], iterate_phi=phi.clone(), phi_history=phi)
 
 
 hfo.cg = _dispatch_cg
@@ -147,8 +166,13 @@ class Warm1(Mode):
     mode = "w1"
 
 
+class Fitted(Mode):
+    mode = "fit"
+
+
 st.VARIANTS[""] = Mode
 st.VARIANTS["w1"] = Warm1
+st.VARIANTS["fit"] = Fitted
 
 
 # ------------------------------------------------------------------------------------------
@@ -252,7 +276,8 @@ def count_freeze(tasks: list[str], mode: str) -> None:
 # race
 # ------------------------------------------------------------------------------------------
 def race(keys: list[str], seeds: list[int], scale: float) -> None:
-    names = ["HF", "HF[w1]", "HF lo", "HF lo[w1]", "LBFGS sw"]
+    v = CANDIDATE["name"]
+    names = ["HF", f"HF[{v}]", "HF lo", f"HF lo[{v}]", "LBFGS sw"]
     rows: list = []
     captured: dict = {}
     interleave = st.u6.interleave
@@ -278,8 +303,10 @@ def race(keys: list[str], seeds: list[int], scale: float) -> None:
                 ratios.append((key, seed, {r[2]: r for r in rows if r[0] == key and r[1] == seed}))
     finally:
         st.u6.interleave = interleave
-    print("\n#### w1 / main: time to target (CPU s), final f − f*; LBFGS sw / main\n")
-    print("| problem, seed | HF: w1 / main | HF lo: w1 / main | LBFGS sw / HF | LBFGS sw / HF lo |")
+    print(f"\n#### {v} / main: time to target (CPU s), final f − f*; LBFGS sw / main\n")
+    print(
+        f"| problem, seed | HF: {v} / main | HF lo: {v} / main | LBFGS sw / HF | LBFGS sw / HF lo |"
+    )
     print("|---|---|---|---|---|")
 
     def ratio(a: tuple, b: tuple) -> str:
@@ -290,8 +317,8 @@ def race(keys: list[str], seeds: list[int], scale: float) -> None:
 
     for key, seed, mine in ratios:
         cells = [
-            ratio(mine["HF[w1]"], mine["HF"]),
-            ratio(mine["HF lo[w1]"], mine["HF lo"]),
+            ratio(mine[f"HF[{v}]"], mine["HF"]),
+            ratio(mine[f"HF lo[{v}]"], mine["HF lo"]),
             ratio(mine["LBFGS sw"], mine["HF"]),
             ratio(mine["LBFGS sw"], mine["HF lo"]),
         ]
@@ -318,6 +345,10 @@ class GateWarm1(_Registered, Warm1):
     pass
 
 
+class GateFit(_Registered, Fitted):
+    pass
+
+
 def _reinit(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Seed 0: the scorecard's weights; else every layer's ``reset_parameters`` under ``seed``."""
     import copy
@@ -339,7 +370,8 @@ def gate(key: str, seeds: list[int], budget: float) -> None:
     base = fh.REGIMES.get(key) or base or next(iter(task.hf.values()))
     base = {k: v for k, v in base.items() if k not in ("kfac", "early_kw")} | {"kw": {}}
     builder = scorecard.HessianFree
-    print(f"\n#### gate {key}: main against w1, {budget:g} CPU s each, interleaved\n")
+    v = CANDIDATE["name"]
+    print(f"\n#### gate {key}: main against {v}, {budget:g} CPU s each, interleaved\n")
     print("| seed | run | steps | error at ¼ / ½ / 1 | work (calls + products) | "
           "0-iteration solves | load |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
@@ -347,7 +379,7 @@ def gate(key: str, seeds: list[int], budget: float) -> None:
     for seed in seeds:
         t = dataclasses.replace(task, model=_reinit(task.model, seed))
         runs, opts = {}, {}
-        for name, cls in (("main", GateMain), ("w1", GateWarm1)):
+        for name, cls in (("main", GateMain), (v, GateWarm1 if v == "w1" else GateFit)):
             scorecard.HessianFree = cls
             BUILT.clear()
             runs[name] = scorecard.hf_run(t, name, "HF", base)
@@ -378,12 +410,12 @@ def gate(key: str, seeds: list[int], budget: float) -> None:
         # time to main's error at ½ and at the end of the budget: w1 / main
         ratios = []
         for target in (at["main"][1], at["main"][2]):
-            tm, tw = st.u6.time_to(curve["main"], target), st.u6.time_to(curve["w1"], target)
+            tm, tw = st.u6.time_to(curve["main"], target), st.u6.time_to(curve[v], target)
             ratios.append(tw / tm if tm > 0 else math.nan)
-        final = at["w1"][2] / at["main"][2]
+        final = at[v][2] / at["main"][2]
         summary.append(
             f"seed {seed}: time to main's ½-budget error {ratios[0]:.3g}, to its "
-            f"final error {ratios[1]:.3g}; final error w1 / main {final:.3g}"
+            f"final error {ratios[1]:.3g}; final error {v} / main {final:.3g}"
         )
     print("\n" + "\n".join(summary))
 
@@ -424,13 +456,14 @@ def smallres(seeds: list[int], steps: int) -> None:
     import test_local_phase as tlp
 
     print(f"\n#### smallres: steps (CPU s) to f − f* ≤ 1e-8 f*, at most {steps} steps\n")
-    print("| start seed | main | w1 | main's 0-iteration solves | final (f − f*)/f* main / w1 |")
+    v = CANDIDATE["name"]
+    print(f"| start seed | main | {v} | main's 0-iteration solves | final (f − f*)/f* main / {v} |")
     print("|---|---|---|---|---|")
     ratios = []
     for seed in seeds:
         model, x, y = _small_residual(seed)
         runs = {}
-        for name, cls in (("main", Mode), ("w1", Warm1)):
+        for name, cls in (("main", Mode), (v, Warm1 if v == "w1" else Fitted)):
             import copy
 
             m = copy.deepcopy(model)
@@ -461,15 +494,15 @@ def smallres(seeds: list[int], steps: int) -> None:
                 if f - fstar <= 1e-8 * fstar:
                     hit[name] = (k, clock[name])
         cell = {n: f"{h[0]} ({h[1]:.2f})" for n, h in hit.items()}
-        if math.isfinite(hit["main"][0]) and math.isfinite(hit["w1"][0]):
-            ratios.append(hit["w1"][0] / hit["main"][0])
+        if math.isfinite(hit["main"][0]) and math.isfinite(hit[v][0]):
+            ratios.append(hit[v][0] / hit["main"][0])
         with torch.no_grad():
             gaps = [(float(F.mse_loss(m(x), y)) - fstar) / fstar for m, _ in runs.values()]
         gap = " / ".join(f"{g:.2g}" for g in gaps)
-        print(f"| {seed} | {cell['main']} | {cell['w1']} | {zero} | {gap} |")
+        print(f"| {seed} | {cell['main']} | {cell[v]} | {zero} | {gap} |")
     finite = [r for r in ratios if math.isfinite(r)]
     if finite:
-        print(f"\nw1 / main steps where both reached it: {', '.join(f'{r:.3g}' for r in finite)}")
+        print(f"\n{v} / main steps where both reached it: {', '.join(f'{r:.3g}' for r in finite)}")
 
 
 def main() -> None:
@@ -482,9 +515,11 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="× _stiff.BUDGET")
     ap.add_argument("--steps", type=int, default=40, help="count: steps per stiff run")
     ap.add_argument("--tasks", default=",".join(fh.STEPS))
-    ap.add_argument("--mode", default="main", choices=["main", "w1"], help="freeze: cg used")
+    ap.add_argument("--mode", default="main", choices=["main", "w1", "fit"], help="freeze: mode")
+    ap.add_argument("--candidate", default="w1", choices=["w1", "fit"])
     ap.add_argument("--budget", type=float, default=20.0, help="gate: CPU s per run")
     args = ap.parse_args()
+    CANDIDATE["name"] = args.candidate
     load0, c0, w0 = os.getloadavg(), time.process_time(), time.perf_counter()
     if args.part == "count":
         count_stiff(args.steps)
