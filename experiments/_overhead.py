@@ -15,10 +15,11 @@ Each runs with both closures: ``lbfgs`` (``zero_grad``, loss, ``backward``, retu
 and ``lo`` (return ``(loss, outputs)``); digits only ``lo``, swap only ``lbfgs`` (their
 scorecard regimes).
 
-``profile``: where a step's time goes (one package). Exclusive wall time per category, by a
+``profile``: where a step's time goes (one package). Exclusive CPU time per category, by a
 timer of our own around the optimizer's methods (a stack: a nested call's time is taken out
 of its caller's): the user's closure (forward, and backward for ``lbfgs``), curvature products
-(the matvec CG and the damping calibration call), the gradient by ``autograd.grad`` (``lo``),
+(the matvec CG and the damping calibration call), the curvature set-up (``_curvature_product``:
+the Gauss-Newton graph and, for ``lo``, the gradient from it), ``_gradient`` (what is left of it),
 CG's own loop (``cg()`` less its products), the line search and backtracking (less the
 closure calls inside), the preconditioner's set-up, and the rest of ``step()`` (settings,
 checks, state, ``last_step``'s record, graph set-up); host reads (``.item()``, ``.tolist()``,
@@ -159,7 +160,7 @@ def _closure(spec: Spec, style: str, model: nn.Module, opt: torch.optim.Optimize
 
 
 def _gradient_time(spec: Spec, reps: int = 200) -> float:
-    """Median seconds of one forward + backward (an ``lbfgs`` closure call)."""
+    """Median CPU seconds of one forward + backward (an ``lbfgs`` closure call)."""
     model = copy.deepcopy(spec.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     closure = _closure(spec, "lbfgs", model, opt)
@@ -167,9 +168,9 @@ def _gradient_time(spec: Spec, reps: int = 200) -> float:
         closure()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         closure()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return statistics.median(times)
 
 
@@ -179,7 +180,8 @@ def load() -> tuple[float, float, float]:
 
 # ------------------------------------------------------------------------------- profile
 class _Timer:
-    """Exclusive wall time per category: a nested timed call is taken out of its caller."""
+    """Exclusive CPU time per category (``time.process_time``: the machine is shared, so wall
+    time would count other processes' turns): a nested timed call is taken out of its caller."""
 
     def __init__(self) -> None:
         self.total: dict[str, float] = defaultdict(float)
@@ -189,11 +191,11 @@ class _Timer:
         def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             frame = [category, 0.0]
             self.stack.append(frame)
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                dt = time.perf_counter() - t0
+                dt = time.process_time() - t0
                 self.stack.pop()
                 self.total[category] += dt - frame[1]
                 if self.stack:
@@ -243,7 +245,7 @@ def _instrument(hessfree, timer: _Timer) -> Callable[[], None]:  # noqa: ANN001
         return curvature, product
 
     saved.append((HF, "_curvature_product", original_product))
-    HF._curvature_product = timer.wrap("bookkeeping", curvature_product)
+    HF._curvature_product = timer.wrap("curvature set-up", curvature_product)
     patch(HF, "_gradient", "gradient")
     patch(opt_mod, "cg", "cg loop")
     patch(HF, "_backtrack_and_search", "line search")
@@ -282,10 +284,10 @@ def profile(names: list[str], rounds: int) -> None:
             timer = _Timer()
             undo = _instrument(hessfree, timer)
             try:
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 for _ in range(rounds):
                     infos = _trajectory(hessfree, spec, style, wrap=partial(timer.wrap, "closure"))
-                total = time.perf_counter() - t0
+                total = time.process_time() - t0
             finally:
                 undo()
             # the same steps uninstrumented, for the plain step time
@@ -307,12 +309,12 @@ def profile(names: list[str], rounds: int) -> None:
                 f"{style}: {spec.steps} steps × {rounds}; load {l0[0]:.2f} -> {load()[0]:.2f}"
             )
             print(
-                f"step {plain * 1e3:.3f} ms wall ({plain_cpu * 1e3:.3f} CPU); gradient "
-                f"{grad * 1e3:.3f} ms; step / gradient {plain / grad:.1f}; per step: closure "
-                f"calls {calls:.2f}, CG iterations {cg_iters:.2f}, CG products {matvecs:.2f}; "
-                f"instrumented step {total / n * 1e3:.3f} ms"
+                f"step {plain_cpu * 1e3:.3f} ms CPU ({plain * 1e3:.3f} wall); gradient "
+                f"{grad * 1e3:.3f} ms CPU; step / gradient {plain_cpu / grad:.1f}; per step: "
+                f"closure calls {calls:.2f}, CG iterations {cg_iters:.2f}, CG products "
+                f"{matvecs:.2f}; instrumented step {total / n * 1e3:.3f} ms CPU"
             )
-            print("| category | ms a step | share |\n|---|---|---|")
+            print("| category | CPU ms a step | share |\n|---|---|---|")
             for k, v in sorted(timer.total.items(), key=lambda kv: -kv[1]):
                 print(f"| {k} | {v / n * 1e3:.3f} | {v / total:.0%} |")
             per = {k: v / spec.steps for k, v in sorted(reads.counts.items())}
