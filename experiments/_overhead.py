@@ -39,6 +39,11 @@ bitwise. Loads (``os.getloadavg``) at the start and end of each problem.
     python3 experiments/_overhead.py profile [--problems exp3,mlp] [--rounds 20]
     git archive main hessfree | tar -x -C /tmp/overhead-main
     python3 experiments/_overhead.py ab --other /tmp/overhead-main [--rounds 15]
+    python3 experiments/_overhead.py micro --other /tmp/overhead-main
+    python3 experiments/_overhead.py proto   # CG's loop against a host-scalar sketch
+
+``proto``: the library's ``cg()`` per iteration against a plain CG whose scalars live on the host
+(study-only; the lever left on CG's loop).
 """
 
 from __future__ import annotations
@@ -477,6 +482,76 @@ def micro(other: str, rounds: int) -> None:
     print(f"load {load()[0]:.2f}")
 
 
+def _host_scalar_cg(matvec: Callable, b: torch.Tensor, max_iter: int, rtol: float) -> int:
+    """Plain CG with α, β, φ and the stop tests as Python floats (one host read of pᵀAp and
+    one of rᵀr an iteration): a study-only sketch of how cheap CG's loop could be on CPU, not
+    the library's algorithm (no preconditioner, no §4.4 progress test, no masking), and not
+    bitwise with it (``add_(alpha=float)`` may fuse differently from ``addcmul_``)."""
+    x = torch.zeros_like(b)
+    r = -b
+    p = b.clone()
+    rr = float(torch.dot(r, r))
+    tol_sq = (rtol * float(torch.linalg.vector_norm(b))) ** 2
+    for i in range(1, max_iter + 1):
+        Ap = matvec(p)
+        pAp = float(torch.dot(p, Ap))
+        if not (math.isfinite(pAp) and pAp > 0):
+            return i
+        alpha = rr / pAp
+        x.add_(p, alpha=alpha)
+        r.add_(Ap, alpha=alpha)
+        rr_next = float(torch.dot(r, r))
+        if rr_next <= tol_sq:
+            return i
+        p.mul_(rr_next / rr).sub_(r)
+        rr = rr_next
+    return max_iter
+
+
+def proto(rounds: int) -> None:
+    """Per-iteration CPU cost of the library's ``cg()`` against ``_host_scalar_cg`` (the next
+    lever on CG's loop, measured for the lead; not adopted): a diagonal SPD system (spectrum
+    1 ... 1e3) of n = 50, 65 and 1,185 unknowns (rosen, the MLP, swap), 20 and 40 iterations
+    (rtol 0, ``progress_tol=None``); the difference of the two counts over 20 iterations, so
+    each call's fixed cost cancels."""
+    import hessfree
+
+    cg_fn = sys.modules["hessfree.cg"].cg
+    print(f"load {load()[0]:.2f}")
+    print("| n | library cg µs an iteration | host-scalar sketch µs an iteration | ratio |")
+    print("|---|---|---|---|")
+    for n in (50, 65, 1185):
+        d = torch.logspace(0, 3, n, dtype=torch.float64)
+        b = torch.ones(n, dtype=torch.float64)
+
+        def matvec(v: torch.Tensor, d: torch.Tensor = d) -> torch.Tensor:
+            return d * v
+
+        def lib(k: int, b: torch.Tensor = b, matvec: Callable = matvec) -> int:
+            return cg_fn(matvec, b, max_iter=k, rtol=0.0, progress_tol=None).num_iter
+
+        def sketch(k: int, b: torch.Tensor = b, matvec: Callable = matvec) -> int:
+            return _host_scalar_cg(matvec, b, k, 0.0)
+
+        # both must run every iteration asked for (no early stop), else the difference lies
+        assert [lib(20), lib(40), sketch(20), sketch(40)] == [20, 40, 20, 40]
+
+        per: dict[str, list[float]] = {"lib": [], "sketch": []}
+        for _ in range(rounds):
+            for name, fn in (("lib", lib), ("sketch", sketch)):
+                cost = {}
+                for k in (20, 40):
+                    c0 = time.process_time()
+                    for _ in range(100):
+                        fn(k)
+                    cost[k] = (time.process_time() - c0) / 100
+                per[name].append((cost[40] - cost[20]) / 20)
+        lib_us = statistics.median(per["lib"]) * 1e6
+        sketch_us = statistics.median(per["sketch"]) * 1e6
+        print(f"| {n} | {lib_us:.1f} | {sketch_us:.1f} | {sketch_us / lib_us:.2f} |")
+    print(f"load {load()[0]:.2f}; hessfree from {hessfree.__file__}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -488,6 +563,8 @@ def main() -> None:
     q.add_argument("--problems", default="exp3,misra1a,rosen,mlp,digits,swap")
     q.add_argument("--rounds", type=int, default=15)
     q.add_argument("--this", default=None, help="another folder for 'this' (an A/A control)")
+    pr = sub.add_parser("proto")
+    pr.add_argument("--rounds", type=int, default=9)
     m = sub.add_parser("micro")
     m.add_argument("--other", required=True)
     m.add_argument("--rounds", type=int, default=15)
@@ -495,6 +572,8 @@ def main() -> None:
     names = args.problems.split(",") if hasattr(args, "problems") else []
     if args.cmd == "profile":
         profile(names, args.rounds)
+    elif args.cmd == "proto":
+        proto(args.rounds)
     elif args.cmd == "micro":
         micro(args.other, args.rounds)
     else:
