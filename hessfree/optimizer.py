@@ -601,6 +601,29 @@ class _Solution:
     structural: StructurallyDampedGGN | None = None
 
 
+@dataclass(frozen=True)
+class _AtChosen:
+    """Phases 4-5's scalars at the chosen iterate :math:`p`, read to the host together."""
+
+    phi: float  # CG's φ(p), damped model
+    pDp: float  # pᵀDp (D = I, or the Marquardt metric)
+    slope: float  # gᵀp
+    full_change: float  # max |lr · p|: LBFGS' tolerance_change test on a parameter
+    p_norm: float  # ‖p‖ for the trust radius (NaN when no radius bounds the step)
+
+    @classmethod
+    def read(cls, g: Tensor, result: CGResult, chosen: int, run: _StepRun) -> _AtChosen:
+        """One host read (each is a device sync) instead of one per scalar. Each value is
+        widened to float64 before the stack, exactly, so it equals its own ``float()``."""
+        p = result.iterates[chosen]
+        pDp = dot(p, p) if run.metric is None else dot(p * run.metric, p)
+        values = [result.iterate_phi[chosen], pDp, dot(g, p), (p.abs() * run.lr).max()]
+        if run.bounded:
+            values.append(p.norm())
+        wide = torch.stack([v.to(torch.float64) for v in values]).tolist()
+        return cls(*wide[:4], wide[4] if run.bounded else math.nan)
+
+
 def _create_graph_backward(
     original, tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
 ):
@@ -2407,15 +2430,22 @@ class HessianFree(torch.optim.Optimizer):
                 Cv = curvature(v)
             if settings.curvature_batch != "replicated":
                 Cv = self._avg.mean(Cv)
-            gDg = g_norm**2 if run.metric is None else float(dot(g, v))  # vᵀDv = gᵀD⁻¹g
+            # vᵀCv, κvᵀv, then vᵀDv = gᵀD⁻¹g and ‖J_h g‖² where needed: one host read
+            values = [dot(v, Cv), dot(run.l2 * v, v)]  # C includes the L2 term κ
+            if run.metric is not None:
+                values.append(dot(g, v))
             if run.structural_damping > 0:
                 # ‖J_h g‖²: the structural term's share of λ's metric along g (same averaging)
                 energy = product.hidden_energy(g.unsqueeze(0))[0] / _examples(product.hidden)
                 if settings.curvature_batch != "replicated":
                     energy = self._avg.mean(energy)
-                gDg += run.structural_damping * float(energy)
-        gCg = float(dot(v, Cv)) + float(dot(run.l2 * v, v))  # C includes the L2 term κ
-        return gCg, gDg
+                values.append(energy)
+        # widened to float64 first, exactly: each value equals its own float()
+        vCv, l2_vv, *rest = torch.stack([t.to(torch.float64) for t in values]).tolist()
+        gDg = g_norm**2 if run.metric is None else rest.pop(0)
+        if run.structural_damping > 0:
+            gDg += run.structural_damping * rest.pop(0)
+        return vCv + l2_vv, gDg
 
     def _relative_fraction(self, state: dict) -> float:
         """``relative_min_damping`` in effect: ``'auto'`` is ``_AUTO_RELATIVE_MIN_DAMPING``
@@ -2821,7 +2851,8 @@ class HessianFree(torch.optim.Optimizer):
                 # autograd's version check): back to θ0 from the last trial point first
                 with torch.no_grad():
                     torch._foreach_copy_(params, theta0)
-            predicted = self._predicted_change(solution, chosen, run)
+            at = _AtChosen.read(solution.g, result, chosen, run)
+            predicted = self._predicted_change(solution, chosen, run, at)
             run.report["predicted_change"] = predicted
             eps = torch.finfo(run.loss0.dtype).eps
             if _damping.below_resolution(f_chosen - run.f_base, predicted, run.f_base, eps):
@@ -2831,8 +2862,8 @@ class HessianFree(torch.optim.Optimizer):
                 _move(params, theta0, layout, p, 0.0, run.lr)
                 run.report.update(backtrack_iter=result.iterations[chosen], step_rate=0.0)
                 run.lap("line_search")
-                damped = float(result.iterate_phi[chosen]) - predicted  # ½λ‖p‖² (+ structural)
-                half_pCp = predicted - float(dot(solution.g, p))
+                damped = at.phi - predicted  # ½λ‖p‖² (+ structural)
+                half_pCp = predicted - at.slope
                 if damped > _DAMPING_DOMINATES * half_pCp:  # λ‖p‖² > 2pᵀCp: λ kept p short
                     # not the floor of the loss but of a step λ dominates (a large given or
                     # climbed λ): λ stays too and nothing ever moves; lower it as after ρ = 1
@@ -2854,7 +2885,7 @@ class HessianFree(torch.optim.Optimizer):
 
             self._adapt_damping(state, run.damping, after_step)
             # λ's share of the step: ½λ‖p‖² over ½pᵀCp of the undamped model
-            slope = float(dot(solution.g, p))
+            slope = at.slope
             half_pCp = predicted - slope
             share = run.damped_change / half_pCp if half_pCp > 0 else math.nan
             streak = self._good_streak(state, rho, share)
@@ -2887,7 +2918,9 @@ class HessianFree(torch.optim.Optimizer):
                         state, state["damping"], lambda pol, lam: pol.clip(lam / rate)
                     )
             if run.bounded:
-                self._update_radius(state, result, chosen, p, rho, rate, smallest[0])
+                self._update_radius(
+                    state, result, chosen, p, rho, rate, smallest[0], p_norm=at.p_norm
+                )
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
         except BaseException:
@@ -2896,7 +2929,7 @@ class HessianFree(torch.optim.Optimizer):
             raise
         run.report.update(rho=rho, backtrack_iter=result.iterations[chosen], step_rate=rate)
         # LBFGS' no-progress tests, on the largest change of a parameter and of the objective
-        full_change = float((p.abs() * run.lr).max())
+        full_change = at.full_change
         tolerance_change = settings.tolerance_change
         if rate == 0.0:
             state.pop("good_streak", None)
@@ -3158,12 +3191,16 @@ class HessianFree(torch.optim.Optimizer):
         rho: float,
         rate: float,
         smallest: float = 1.0,
+        *,
+        p_norm: float | None = None,
     ) -> None:
         r"""Phases 4-5: the trust radius for the next CG (``trust_radius``), from the
         step's line-search ``rate`` (0: failed, after trying rates down to ``smallest``),
         :math:`\rho` and where CG stopped. :math:`\Delta = \infty` (``math.inf`` in
-        ``state['trust_radius']``) bounds nothing."""
+        ``state['trust_radius']``) bounds nothing. ``p_norm``: :math:`\|p\|` if already read."""
         radius = state.get("trust_radius", math.inf)
+        if p_norm is None:
+            p_norm = float(p.norm())
         if result.reason is CGStop.NEGATIVE_CURVATURE:
             state["radius_negative_seen"] = True
         if 0.0 < rate < 1.0:
@@ -3171,21 +3208,21 @@ class HessianFree(torch.optim.Optimizer):
             # model is trusted as far as the step taken (ours). Without it Δ stayed infinite
             # through a negative-curvature phase, whose steps the line search cut 5-100×
             # (experiments/README.md, negcurv)
-            state["trust_radius"] = rate * float(p.norm())
+            state["trust_radius"] = rate * p_norm
         elif (
             rate == 0.0
             and self._radius_after_failure
             and state.get("deterministic") is not False
-            and float(p.norm()) > 0.0
+            and p_norm > 0.0
         ):
             # no rate down to `smallest` decreased f enough: the model is not trusted that far
             # (ours; main kept Δ: at a saddle with Δ = ∞ four searches failed, 61 calls each).
             # Not where the objective is seen stochastic: there a search fails on noise, and a
             # radius of 0.8⁵⁹‖p‖ that only doubles per step froze a noisy quadratic 0.74 from
             # its minimiser (tests/test_rng.py, noise dominating the gradient)
-            state["trust_radius"] = smallest * float(p.norm())
+            state["trust_radius"] = smallest * p_norm
         elif chosen < len(result.iterates) - 1:  # backtracking walked back: the model overshot
-            state["trust_radius"] = 2.0 * float(p.norm())
+            state["trust_radius"] = 2.0 * p_norm
         elif (
             self._radius_lift
             and abs(rho - 1.0) <= _RADIUS_LIFT_RHO
@@ -3203,19 +3240,23 @@ class HessianFree(torch.optim.Optimizer):
             state["trust_radius"] = 2.0 * radius
 
     @staticmethod
-    def _predicted_change(solution: _Solution, chosen: int, run: _StepRun) -> float:
+    def _predicted_change(
+        solution: _Solution, chosen: int, run: _StepRun, at: _AtChosen | None = None
+    ) -> float:
         """Phase 4: :math:`q(p) - q(0)` of the undamped model at the chosen iterate (ρ's
         denominator), read off CG's :math:`\\phi` (no curvature product).
 
         The undamped model's change is CG's :math:`\\phi` less the damping's share:
         :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy
         :math:`\\tfrac12 w\\|J_h p\\|^2`, the one Jacobian product here, taken at the chosen
-        iterate alone (and once: it releases the curvature graph).
+        iterate alone (and once: it releases the curvature graph). ``at``: the scalars at
+        :math:`p` if already read.
         """
         p = solution.result.iterates[chosen]
-        pDp = dot(p, p) if run.metric is None else dot(p * run.metric, p)
-        damped = 0.5 * run.damping * float(pDp)
-        predicted = float(solution.result.iterate_phi[chosen]) - damped
+        if at is None:
+            at = _AtChosen.read(solution.g, solution.result, chosen, run)
+        damped = 0.5 * run.damping * at.pDp
+        predicted = at.phi - damped
         if solution.structural is not None:
             product, solution.structural = solution.structural, None  # its graph goes now
             with torch.enable_grad():  # differentiates the curvature graph, whatever the mode
