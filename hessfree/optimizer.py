@@ -1594,13 +1594,47 @@ class HessianFree(torch.optim.Optimizer):
         stream = counter.stream
         if stream is not None:
             stream.before_call(trial=not build_graph)
+        params = self._params()
+        versions = [(p._version, p.data_ptr()) for p in params]
         try:
             # every call, not only graph-building ones: f(θ) and the trial losses from one kernel
             with twice_differentiable_attention():
-                return self._call_once(closure, build_graph, uses_backward, stream)
+                evaluation = self._call_once(closure, build_graph, uses_backward, stream)
         finally:
             if stream is not None:
                 stream.after_call()
+        self._check_unmodified(params, versions)
+        return evaluation
+
+    def _check_unmodified(self, params: list[Tensor], versions: list[tuple[int, int]]) -> None:
+        """Refuse a closure that wrote into a parameter (``p.add_``, ``p.clamp_``, ...).
+
+        HessianFree calls the closure at θ and at trial points θ + t·p and compares the losses;
+        a closure that moves the parameters itself makes every comparison wrong and the step
+        lands nowhere the quadratic model meant (measured: accepted steps that drifted by the
+        closure's own change per call, "unseen8"). A write bumps the tensor's version counter.
+        A cuDNN RNN re-homing its weights into one buffer (``flatten_parameters``) bumps it too
+        but moves the storage, so only a write into the same memory counts.
+        """
+        for p, (v, ptr) in zip(params, versions, strict=True):
+            if p._version == v or p.data_ptr() != ptr:
+                continue
+            name = self._param_name(p)
+            raise ValueError(
+                f"The closure modified {name} (shape {tuple(p.shape)}) in place (its version "
+                f"counter went {v} -> {p._version}). HessianFree.step calls the closure at the "
+                "current parameters and at trial points and needs it to only compute the loss "
+                "there; move the update out of the closure (e.g. clamp or project after "
+                "opt.step(closure)). The parameters keep the closure's change; the step made "
+                "none."
+            )
+
+    def _param_name(self, p: Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    return f"`param_groups[{gi}]['params'][{pi}]`"
+        return "a parameter"
 
     def _call_once(
         self,
