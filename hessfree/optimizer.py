@@ -1234,7 +1234,13 @@ class HessianFree(torch.optim.Optimizer):
                     f"{', '.join(map(repr, HFSettings.GROUP_KEYS))} (only "
                     f"{' and '.join(map(repr, HFSettings.PER_GROUP))} may differ between groups)."
                 )
-        super().add_param_group(param_group)  # warns of duplicates, as torch does
+        try:
+            super().add_param_group(param_group)  # warns of duplicates, as torch does
+        except ValueError as err:
+            clearer = self._group_error(i, param_group, err)
+            if clearer is None:
+                raise
+            raise clearer from err
         group = self.param_groups[i]
         group["params"] = list(dict.fromkeys(group["params"]))  # ... which would count twice
         try:
@@ -1242,6 +1248,35 @@ class HessianFree(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()  # leave the optimizer as it was
             raise
+
+    def _group_error(self, i: int, param_group: object, err: ValueError) -> ValueError | None:
+        """torch's "can't optimize a non-leaf Tensor" and "some parameters appear in more than
+        one parameter group", with the offending parameter named (torch normalized the group's
+        ``'params'`` to a list before raising)."""
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if not isinstance(params, list):
+            return None
+        groups = self.param_groups
+        seen = {id(q): (gi, k) for gi, g in enumerate(groups) for k, q in enumerate(g["params"])}
+        for j, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                continue
+            name = f"`param_groups[{i}]['params'][{j}]` (shape {tuple(p.shape)})"
+            if "non-leaf" in str(err) and not (p.is_leaf or p.retains_grad):
+                return ValueError(
+                    f"{name} is not a leaf tensor: it was computed from other tensors "
+                    f"(grad_fn={type(p.grad_fn).__name__}), so a step could not change it. Pass "
+                    "the parameters themselves, e.g. model.parameters() (or a leaf made by "
+                    "t.detach().requires_grad_())."
+                )
+            if "more than one parameter group" in str(err) and id(p) in seen:
+                gi, k = seen[id(p)]
+                return ValueError(
+                    f"{name} is already `param_groups[{gi}]['params'][{k}]`; a parameter may be "
+                    "in one parameter group only (as in every torch.optim optimizer): remove it "
+                    "from one of them."
+                )
+        return None
 
     def _check_group(self, i: int, group: dict) -> None:
         for key in ("lr", "weight_decay", "tolerance_grad", "tolerance_change"):

@@ -240,3 +240,23 @@ def test_closure_that_reassigns_parameter_storage_is_not_refused():
 
     opt.step(closure)
     assert opt.last_step.accepted
+
+
+# ------------------------------------------------------------------------------------------
+# parameter groups: the offending parameter named
+# ------------------------------------------------------------------------------------------
+def test_parameter_in_two_groups_is_named():
+    model = _DeepSets()
+    params = list(model.parameters())
+    # main: torch's "some parameters appear in more than one parameter group", unnamed
+    with pytest.raises(ValueError, match=r"`param_groups\[1\]\['params'\]\[1\]` \(shape \(4,\)\) "
+                       r"is already `param_groups\[0\]\['params'\]\[1\]`"):  # fmt: skip
+        HessianFree([{"params": params}, {"params": [nn.Parameter(torch.zeros(2)), params[1]]}])
+
+
+def test_non_leaf_parameter_is_named():
+    w = torch.ones(3, requires_grad=True)
+    # main: torch's "can't optimize a non-leaf Tensor", unnamed
+    with pytest.raises(ValueError, match=r"`param_groups\[0\]\['params'\]\[1\]` \(shape \(3,\)\) "
+                       r"is not a leaf tensor.*MulBackward0"):  # fmt: skip
+        HessianFree([w, w * 2])
