@@ -1264,7 +1264,7 @@ class HessianFree(torch.optim.Optimizer):
             name = f"`param_groups[{i}]['params'][{j}]` (shape {tuple(p.shape)})"
             if "non-leaf" in str(err) and not (p.is_leaf or p.retains_grad):
                 return ValueError(
-                    f"{name} is not a leaf tensor: it was computed from other tensors "
+                    f"{name} is a non-leaf tensor: it was computed from other tensors "
                     f"(grad_fn={type(p.grad_fn).__name__}), so a step could not change it. Pass "
                     "the parameters themselves, e.g. model.parameters() (or a leaf made by "
                     "t.detach().requires_grad_())."
@@ -1272,9 +1272,9 @@ class HessianFree(torch.optim.Optimizer):
             if "more than one parameter group" in str(err) and id(p) in seen:
                 gi, k = seen[id(p)]
                 return ValueError(
-                    f"{name} is already `param_groups[{gi}]['params'][{k}]`; a parameter may be "
-                    "in one parameter group only (as in every torch.optim optimizer): remove it "
-                    "from one of them."
+                    f"{name} appears in more than one parameter group: it is already "
+                    f"`param_groups[{gi}]['params'][{k}]`; a parameter may be in one group only "
+                    "(as in every torch.optim optimizer): remove it from one of them."
                 )
         return None
 

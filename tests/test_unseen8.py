@@ -249,8 +249,11 @@ def test_parameter_in_two_groups_is_named():
     model = _DeepSets()
     params = list(model.parameters())
     # main: torch's "some parameters appear in more than one parameter group", unnamed
-    with pytest.raises(ValueError, match=r"`param_groups\[1\]\['params'\]\[1\]` \(shape \(4,\)\) "
-                       r"is already `param_groups\[0\]\['params'\]\[1\]`"):  # fmt: skip
+    match = (
+        r"`param_groups\[1\]\['params'\]\[1\]` \(shape \(4,\)\) appears in more than one "
+        r"parameter group: it is already `param_groups\[0\]\['params'\]\[1\]`"
+    )
+    with pytest.raises(ValueError, match=match):
         HessianFree([{"params": params}, {"params": [nn.Parameter(torch.zeros(2)), params[1]]}])
 
 
@@ -258,5 +261,5 @@ def test_non_leaf_parameter_is_named():
     w = torch.ones(3, requires_grad=True)
     # main: torch's "can't optimize a non-leaf Tensor", unnamed
     with pytest.raises(ValueError, match=r"`param_groups\[0\]\['params'\]\[1\]` \(shape \(3,\)\) "
-                       r"is not a leaf tensor.*MulBackward0"):  # fmt: skip
+                       r"is a non-leaf tensor.*MulBackward0"):  # fmt: skip
         HessianFree([w, w * 2])
