@@ -1649,7 +1649,8 @@ class HessianFree(torch.optim.Optimizer):
         lands nowhere the quadratic model meant (measured: accepted steps that drifted by the
         closure's own change per call, "unseen8"). A write bumps the tensor's version counter.
         A cuDNN RNN re-homing its weights into one buffer (``flatten_parameters``) bumps it too
-        but moves the storage, so only a write into the same memory counts.
+        but moves the storage, so only a write into the same memory counts. A write through
+        ``p.data`` bypasses the counter and goes unseen.
         """
         for p, (v, ptr) in zip(params, versions, strict=True):
             if p._version == v or p.data_ptr() != ptr:
