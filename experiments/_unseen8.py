@@ -807,10 +807,35 @@ def _load_other(m: nn.Module, other: nn.Module, prob: Problem) -> str:
     return f"status {opt.last_step.status}"
 
 
+def capcost(budget: float = 2.0) -> None:
+    """What ``[blk64]`` costs a *convex* generic loss with 32 outputs per example: an MLP
+    64-64-32 on the digits regressing a fixed tanh projection, loss ``(o − y).pow(2).mean()``
+    (no closed form in the library), full batch, cap 16 vs 64, interleaved by CPU time."""
+    x, _ = _digits()
+    y = torch.tanh(x @ torch.randn(64, 32, generator=torch.Generator().manual_seed(5)))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32))
+    prob = Problem("convex generic loss, 32 outputs", net,
+                   lambda o, t: (o - t).pow(2).mean(), (x, y))  # fmt: skip
+    runs = [make_run(n, prob, 0) for n in ("HF lo", "HF lo[blk64]")]
+    load0 = os.getloadavg()
+    interleave(runs, budget, eval_every=budget / 10)
+    load1 = os.getloadavg()
+    print(f"\n#### capcost: {prob.title}, {budget:g} CPU s each; load {load0[0]:.2f} → "
+          f"{load1[0]:.2f}\n")  # fmt: skip
+    print("| run | steps | CPU s / step | loss at end | first 5 losses |")
+    print("|---|---|---|---|---|")
+    for r in runs:
+        first = ", ".join(f"{i.loss:.6g}" for i in r.infos[:5])
+        per = r.clock / r.steps
+        print(f"| {r.name} | {r.steps} | {per:.4f} | {r.curve[-1][1]:.4g} | {first} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("problems", nargs="*", default=list(PROBLEMS))
-    ap.add_argument("--part", default="race", choices=["race", "trace", "ops", "misuse", "smoke"])
+    parts = ["race", "trace", "ops", "misuse", "smoke", "capcost"]
+    ap.add_argument("--part", default="race", choices=parts)
     ap.add_argument("--budget", type=float, default=3.0)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--name", default="HF lo")
@@ -819,6 +844,9 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}")  # fmt: skip
+    if args.part == "capcost":
+        capcost(args.budget)
+        return
     if args.part in ("ops", "misuse", "smoke"):
         {"ops": ops, "misuse": misuse, "smoke": smoke}[args.part](args.problems)
         return
