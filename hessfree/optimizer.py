@@ -1661,8 +1661,10 @@ class HessianFree(torch.optim.Optimizer):
                 f"counter went {v} -> {p._version}). HessianFree.step calls the closure at the "
                 "current parameters and at trial points and needs it to only compute the loss "
                 "there; move the update out of the closure (e.g. clamp or project after "
-                "opt.step(closure)). The parameters keep the closure's change; the step made "
-                "none."
+                "opt.step(closure)). A module that renormalizes its weight in its forward "
+                "writes too (nn.Embedding(max_norm=...)): drop max_norm and renormalize after "
+                "each step (torch.embedding_renorm_ under torch.no_grad()). The parameters keep "
+                "the closure's change; the step made none."
             )
 
     def _param_name(self, p: Tensor) -> str:

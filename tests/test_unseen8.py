@@ -225,6 +225,29 @@ def test_closure_that_modifies_a_parameter_is_refused(style):
     assert opt.state_dict()["state"][0]["step"] == 0  # no step was counted
 
 
+def test_embedding_max_norm_is_refused_with_the_way_out():
+    # nn.Embedding(max_norm=...) renormalizes looked-up rows in place in every forward: the
+    # same write as a clamp in the closure; the error names the module's option and the fix
+    torch.manual_seed(0)
+    emb, lin = nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 1)
+    with torch.no_grad():
+        emb.weight.mul_(3.0)  # rows above max_norm, so the forward renormalizes them
+    before = [p.detach().clone() for p in (*emb.parameters(), *lin.parameters())]
+    x, y = torch.randint(0, 10, (32,)), torch.randn(32, 1)
+    opt = HessianFree([*emb.parameters(), *lin.parameters()])
+
+    def closure():
+        out = lin(emb(x))
+        return F.mse_loss(out, y), out
+
+    with pytest.raises(ValueError, match=r"nn\.Embedding\(max_norm=\.\.\.\)"):
+        opt.step(closure)
+    rows = before[0][x.unique()]  # what the forward did: looked-up rows scaled to norm 1
+    renormed = rows / rows.norm(dim=1, keepdim=True).clamp_min(1.0)
+    torch.testing.assert_close(emb.weight[x.unique()], renormed, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(a, p) for a, p in zip(before[1:], lin.parameters(), strict=True))
+
+
 def test_closure_that_reassigns_parameter_storage_is_not_refused():
     """A write into new memory (what a cuDNN RNN's ``flatten_parameters`` does to its weights,
     values unchanged) is no modification of the values the step is about."""
