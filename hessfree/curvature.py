@@ -57,6 +57,7 @@ References:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -92,14 +93,47 @@ def _grad(
     batched: bool = False,
 ) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad`` keeping the graph and allowing unused inputs."""
-    return torch.autograd.grad(
-        outputs,
-        inputs,
-        grad_outputs=grad_outputs,
-        retain_graph=True,
-        create_graph=create_graph,
-        allow_unused=True,
-        is_grads_batched=batched,
+    try:
+        return torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs=grad_outputs,
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+    except RuntimeError as err:
+        clearer = _missing_second_derivative(err)
+        if clearer is None:
+            raise
+        raise clearer from err
+
+
+_NO_DERIVATIVE = re.compile(r"derivative for (aten::\w+?)(_backward)? is not implemented")
+
+
+def _missing_second_derivative(err: RuntimeError) -> NotImplementedError | None:
+    """A worded error for torch's "derivative for aten::<op>_backward is not implemented".
+
+    Curvature products differentiate a gradient once more; an op whose backward torch cannot
+    differentiate (``F.ctc_loss``'s ``aten::_ctc_loss_backward``) stops them with torch's
+    one-line message, which names neither the op the user wrote nor a way out. The empirical
+    Fisher needs only first derivatives of the loss in the outputs, so it works when the op is
+    in the loss (measured on CTC, ``experiments/README.md``, "unseen8").
+    """
+    match = _NO_DERIVATIVE.search(str(err))
+    if match is None:
+        return None
+    op, backward = match.group(1), match.group(1) + (match.group(2) or "")
+    return NotImplementedError(
+        f"A curvature product needs the derivative of {backward} (the backward of {op}, an "
+        "op in the model or the loss), which torch does not implement, so second derivatives "
+        f"cannot pass through {op}. If it is in the loss (after the model outputs), use the "
+        "empirical Fisher, which needs only the loss's first derivative: "
+        "HessianFree(..., curvature='fisher') with a closure that returns (loss, outputs), or "
+        "FisherLinearOperator. Otherwise write the op with operations torch can differentiate "
+        f"twice. (torch: {err})"
     )
 
 

@@ -1257,7 +1257,13 @@ class HessianFree(torch.optim.Optimizer):
                     f"{', '.join(map(repr, HFSettings.GROUP_KEYS))} (only "
                     f"{' and '.join(map(repr, HFSettings.PER_GROUP))} may differ between groups)."
                 )
-        super().add_param_group(param_group)  # warns of duplicates, as torch does
+        try:
+            super().add_param_group(param_group)  # warns of duplicates, as torch does
+        except ValueError as err:
+            clearer = self._group_error(i, param_group, err)
+            if clearer is None:
+                raise
+            raise clearer from err
         group = self.param_groups[i]
         group["params"] = list(dict.fromkeys(group["params"]))  # ... which would count twice
         try:
@@ -1265,6 +1271,35 @@ class HessianFree(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()  # leave the optimizer as it was
             raise
+
+    def _group_error(self, i: int, param_group: object, err: ValueError) -> ValueError | None:
+        """torch's "can't optimize a non-leaf Tensor" and "some parameters appear in more than
+        one parameter group", with the offending parameter named (torch normalized the group's
+        ``'params'`` to a list before raising)."""
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if not isinstance(params, list):
+            return None
+        groups = self.param_groups
+        seen = {id(q): (gi, k) for gi, g in enumerate(groups) for k, q in enumerate(g["params"])}
+        for j, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                continue
+            name = f"`param_groups[{i}]['params'][{j}]` (shape {tuple(p.shape)})"
+            if "non-leaf" in str(err) and not (p.is_leaf or p.retains_grad):
+                return ValueError(
+                    f"{name} is a non-leaf tensor: it was computed from other tensors "
+                    f"(grad_fn={type(p.grad_fn).__name__}), so a step could not change it. Pass "
+                    "the parameters themselves, e.g. model.parameters() (or a leaf made by "
+                    "t.detach().requires_grad_())."
+                )
+            if "more than one parameter group" in str(err) and id(p) in seen:
+                gi, k = seen[id(p)]
+                return ValueError(
+                    f"{name} appears in more than one parameter group: it is already "
+                    f"`param_groups[{gi}]['params'][{k}]`; a parameter may be in one group only "
+                    "(as in every torch.optim optimizer): remove it from one of them."
+                )
+        return None
 
     def _check_group(self, i: int, group: dict) -> None:
         for key in ("lr", "weight_decay", "tolerance_grad", "tolerance_change"):
@@ -1617,13 +1652,50 @@ class HessianFree(torch.optim.Optimizer):
         stream = counter.stream
         if stream is not None:
             stream.before_call(trial=not build_graph)
+        params = self._params()
+        versions = [(p._version, p.data_ptr()) for p in params]
         try:
             # every call, not only graph-building ones: f(θ) and the trial losses from one kernel
             with twice_differentiable_attention():
-                return self._call_once(closure, build_graph, uses_backward, stream)
+                evaluation = self._call_once(closure, build_graph, uses_backward, stream)
         finally:
             if stream is not None:
                 stream.after_call()
+        self._check_unmodified(params, versions)
+        return evaluation
+
+    def _check_unmodified(self, params: list[Tensor], versions: list[tuple[int, int]]) -> None:
+        """Refuse a closure that wrote into a parameter (``p.add_``, ``p.clamp_``, ...).
+
+        HessianFree calls the closure at θ and at trial points θ + t·p and compares the losses;
+        a closure that moves the parameters itself makes every comparison wrong and the step
+        lands nowhere the quadratic model meant (measured: accepted steps that drifted by the
+        closure's own change per call, "unseen8"). A write bumps the tensor's version counter.
+        A cuDNN RNN re-homing its weights into one buffer (``flatten_parameters``) bumps it too
+        but moves the storage, so only a write into the same memory counts. A write through
+        ``p.data`` bypasses the counter and goes unseen.
+        """
+        for p, (v, ptr) in zip(params, versions, strict=True):
+            if p._version == v or p.data_ptr() != ptr:
+                continue
+            name = self._param_name(p)
+            raise ValueError(
+                f"The closure modified {name} (shape {tuple(p.shape)}) in place (its version "
+                f"counter went {v} -> {p._version}). HessianFree.step calls the closure at the "
+                "current parameters and at trial points and needs it to only compute the loss "
+                "there; move the update out of the closure (e.g. clamp or project after "
+                "opt.step(closure)). A module that renormalizes its weight in its forward "
+                "writes too (nn.Embedding(max_norm=...)): drop max_norm and renormalize after "
+                "each step (torch.embedding_renorm_ under torch.no_grad()). The parameters keep "
+                "the closure's change; the step made none."
+            )
+
+    def _param_name(self, p: Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    return f"`param_groups[{gi}]['params'][{pi}]`"
+        return "a parameter"
 
     def _call_once(
         self,
