@@ -577,6 +577,7 @@ class _StepRun:
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
     damped_change: float = math.nan  # ½λpᵀDp (+ structural energy) at the chosen iterate
     metric: Tensor | None = None  # damping_metric='marquardt': D, flat (None: D = I)
+    at_chosen: _AtChosen | None = None  # phases 4-5's scalars at the chosen iterate (one read)
     scaled_grad_norm: float = math.nan  # damping_metric='marquardt': ‖D^{-1/2} g‖
     mask_noise: float = math.nan  # replay_rng: RMS of f(θ0; m1) − f(θ0; m2) over recent steps
 
@@ -609,7 +610,6 @@ class _AtChosen:
     pDp: float  # pᵀDp (D = I, or the Marquardt metric)
     slope: float  # gᵀp
     full_change: float  # max |lr · p|: LBFGS' tolerance_change test on a parameter
-    p_norm: float  # ‖p‖ for the trust radius (NaN when no radius bounds the step)
 
     @classmethod
     def read(cls, g: Tensor, result: CGResult, chosen: int, run: _StepRun) -> _AtChosen:
@@ -618,10 +618,7 @@ class _AtChosen:
         p = result.iterates[chosen]
         pDp = dot(p, p) if run.metric is None else dot(p * run.metric, p)
         values = [result.iterate_phi[chosen], pDp, dot(g, p), (p.abs() * run.lr).max()]
-        if run.bounded:
-            values.append(p.norm())
-        wide = torch.stack([v.to(torch.float64) for v in values]).tolist()
-        return cls(*wide[:4], wide[4] if run.bounded else math.nan)
+        return cls(*torch.stack([v.to(torch.float64) for v in values]).tolist())
 
 
 def _create_graph_backward(
@@ -2923,8 +2920,8 @@ class HessianFree(torch.optim.Optimizer):
                 # autograd's version check): back to θ0 from the last trial point first
                 with torch.no_grad():
                     torch._foreach_copy_(params, theta0)
-            at = _AtChosen.read(solution.g, result, chosen, run)
-            predicted = self._predicted_change(solution, chosen, run, at)
+            at = run.at_chosen = _AtChosen.read(solution.g, result, chosen, run)
+            predicted = self._predicted_change(solution, chosen, run)
             run.report["predicted_change"] = predicted
             eps = torch.finfo(run.loss0.dtype).eps
             if _damping.below_resolution(f_chosen - run.f_base, predicted, run.f_base, eps):
@@ -2990,9 +2987,7 @@ class HessianFree(torch.optim.Optimizer):
                         state, state["damping"], lambda pol, lam: pol.clip(lam / rate)
                     )
             if run.bounded:
-                self._update_radius(
-                    state, result, chosen, p, rho, rate, smallest[0], p_norm=at.p_norm
-                )
+                self._update_radius(state, result, chosen, p, rho, rate, smallest[0])
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
         except BaseException:
@@ -3263,16 +3258,12 @@ class HessianFree(torch.optim.Optimizer):
         rho: float,
         rate: float,
         smallest: float = 1.0,
-        *,
-        p_norm: float | None = None,
     ) -> None:
         r"""Phases 4-5: the trust radius for the next CG (``trust_radius``), from the
         step's line-search ``rate`` (0: failed, after trying rates down to ``smallest``),
         :math:`\rho` and where CG stopped. :math:`\Delta = \infty` (``math.inf`` in
-        ``state['trust_radius']``) bounds nothing. ``p_norm``: :math:`\|p\|` if already read."""
+        ``state['trust_radius']``) bounds nothing."""
         radius = state.get("trust_radius", math.inf)
-        if p_norm is None:
-            p_norm = float(p.norm())
         if result.reason is CGStop.NEGATIVE_CURVATURE:
             state["radius_negative_seen"] = True
         if 0.0 < rate < 1.0:
@@ -3280,21 +3271,21 @@ class HessianFree(torch.optim.Optimizer):
             # model is trusted as far as the step taken (ours). Without it Δ stayed infinite
             # through a negative-curvature phase, whose steps the line search cut 5-100×
             # (experiments/README.md, negcurv)
-            state["trust_radius"] = rate * p_norm
+            state["trust_radius"] = rate * float(p.norm())
         elif (
             rate == 0.0
             and self._radius_after_failure
             and state.get("deterministic") is not False
-            and p_norm > 0.0
+            and float(p.norm()) > 0.0
         ):
             # no rate down to `smallest` decreased f enough: the model is not trusted that far
             # (ours; main kept Δ: at a saddle with Δ = ∞ four searches failed, 61 calls each).
             # Not where the objective is seen stochastic: there a search fails on noise, and a
             # radius of 0.8⁵⁹‖p‖ that only doubles per step froze a noisy quadratic 0.74 from
             # its minimiser (tests/test_rng.py, noise dominating the gradient)
-            state["trust_radius"] = smallest * p_norm
+            state["trust_radius"] = smallest * float(p.norm())
         elif chosen < len(result.iterates) - 1:  # backtracking walked back: the model overshot
-            state["trust_radius"] = 2.0 * p_norm
+            state["trust_radius"] = 2.0 * float(p.norm())
         elif (
             self._radius_lift
             and abs(rho - 1.0) <= _RADIUS_LIFT_RHO
@@ -3312,19 +3303,18 @@ class HessianFree(torch.optim.Optimizer):
             state["trust_radius"] = 2.0 * radius
 
     @staticmethod
-    def _predicted_change(
-        solution: _Solution, chosen: int, run: _StepRun, at: _AtChosen | None = None
-    ) -> float:
+    def _predicted_change(solution: _Solution, chosen: int, run: _StepRun) -> float:
         """Phase 4: :math:`q(p) - q(0)` of the undamped model at the chosen iterate (ρ's
         denominator), read off CG's :math:`\\phi` (no curvature product).
 
         The undamped model's change is CG's :math:`\\phi` less the damping's share:
         :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy
         :math:`\\tfrac12 w\\|J_h p\\|^2`, the one Jacobian product here, taken at the chosen
-        iterate alone (and once: it releases the curvature graph). ``at``: the scalars at
-        :math:`p` if already read.
+        iterate alone (and once: it releases the curvature graph). The scalars at :math:`p`
+        are ``run.at_chosen``'s if phase 4 read them already.
         """
         p = solution.result.iterates[chosen]
+        at = run.at_chosen
         if at is None:
             at = _AtChosen.read(solution.g, solution.result, chosen, run)
         damped = 0.5 * run.damping * at.pDp

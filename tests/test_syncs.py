@@ -133,19 +133,17 @@ def test_chosen_scalars_read_together_equal_each_own_read(dtype):
     lr = torch.rand(50, generator=gen, dtype=torch.float64).to(dtype)
     phi = torch.tensor([0.3, -1.0 / 3.0], dtype=torch.float32 if dtype != torch.float64 else dtype)
     result = SimpleNamespace(iterates=[p * 2, p], iterate_phi=phi)
-    run = SimpleNamespace(metric=metric, lr=lr, bounded=True)
-    at = _AtChosen.read(g, result, 1, run)
+    at = _AtChosen.read(g, result, 1, SimpleNamespace(metric=metric, lr=lr))
     # the oracle: each scalar's own float(), as main read them one at a time
     expected = (
         float(phi[1]),
         float(dot(p * metric, p)),
         float(dot(g, p)),
         float((p.abs() * lr).max()),
-        float(p.norm()),
     )
-    assert (at.phi, at.pDp, at.slope, at.full_change, at.p_norm) == expected
-    unbounded = _AtChosen.read(g, result, 1, SimpleNamespace(metric=None, lr=1.0, bounded=False))
-    assert unbounded.pDp == float(dot(p, p)) and math.isnan(unbounded.p_norm)
+    assert (at.phi, at.pDp, at.slope, at.full_change) == expected
+    plain = _AtChosen.read(g, result, 1, SimpleNamespace(metric=None, lr=0.5))
+    assert (plain.pDp, plain.full_change) == (float(dot(p, p)), float((p.abs() * 0.5).max()))
 
 
 def test_warm_start_is_decayed_in_place_not_copied(monkeypatch):
