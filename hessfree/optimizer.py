@@ -388,6 +388,13 @@ class StepStatus(str, enum.Enum):
     #: No trial point was accepted and one of the trial losses (CG backtracking or line
     #: search) was NaN or infinite.
     NON_FINITE_TRIAL_LOSS = "non_finite_trial_loss"
+    #: The first step under ``curvature='auto'`` with a ``(loss, outputs)`` closure: the
+    #: exact Hessian had no positive curvature along the Gauss-Newton step CG found
+    #: (:math:`x^\top H x \le 0 < x^\top G x`, a large-residual fit), so the step was not
+    #: taken (parameters bit-identical, :math:`\lambda` unchanged) and, if the objective is
+    #: then seen deterministic, the next step starts over from here with exact Hessian
+    #: products; on mini-batches Gauss-Newton continues.
+    GAUSS_NEWTON_WITHDRAWN = "gauss_newton_withdrawn"
 
     def __str__(self) -> str:
         return self.value
@@ -1762,11 +1769,11 @@ class HessianFree(torch.optim.Optimizer):
             )
         return product.matvec, product
 
-    #: The Gauss-Newton fallback (topic "gnfall"), off; class attributes for
-    #: experiments/_gnfall.py. ``_gn_fallback``: switch after ``_GN_FAIL_STEPS`` failing steps
-    #: of the last ``_GN_FAIL_WINDOW``; ``_gn_first_test``: switch when the exact Hessian has
-    #: no positive curvature along the first Gauss-Newton step (one Hessian product, once).
-    #: Neither passed its gate (experiments/README.md, "gnfall").
+    #: The Gauss-Newton fallback (topics "gnfall", "first0"); class attributes for
+    #: experiments/_gnfall.py and _first0.py. ``_gn_fallback`` (off: failed its gate): switch
+    #: after ``_GN_FAIL_STEPS`` failing steps of the last ``_GN_FAIL_WINDOW``;
+    #: ``_gn_first_test``: withdraw the first step and switch when the exact Hessian has no
+    #: positive curvature along its Gauss-Newton solution (one Hessian product, once).
     _gn_fallback: ClassVar[bool] = False
     _gn_first_test: ClassVar[bool] = False
     _GN_FAIL_STEPS: ClassVar[int] = 4
@@ -1817,28 +1824,39 @@ class HessianFree(torch.optim.Optimizer):
             run.damping = state["damping"] = math.nan
         return True
 
-    def _first_step_curvature(self, evaluation: _Evaluation, product: object, x: Tensor) -> None:
+    def _first_step_curvature(self, evaluation: _Evaluation, product: object, x: Tensor) -> bool:
         r"""Phase 2 of the first step under ``curvature='auto'`` with outputs
-        (``_gn_first_test``): :math:`x^\top H x` along CG's Gauss-Newton solution :math:`x`
-        (one Hessian product on the step's graph, one host read); where it is :math:`\le 0`
-        while :math:`x^\top G x > 0` the exact Hessian takes over from the next step, if the
-        objective is then seen deterministic (:meth:`_gauss_newton_failed`)."""
+        (``_gn_first_test``): whether to withdraw the step because the exact Hessian has no
+        positive curvature along CG's Gauss-Newton solution :math:`x`.
+
+        With :math:`H = G + \sum_i (\partial\ell/\partial o_i)\,\nabla^2 o_i`, the second term
+        is the residuals times the model's second derivatives; where
+        :math:`x^\top H x \le 0 < x^\top G x` it outweighs :math:`G` along the very step
+        :math:`G` proposes (a large-residual fit; Dennis, Gay & Welsch 1981; Nocedal & Wright
+        2006, §10.3): the step is not taken and the exact Hessian takes over from the next
+        step, if the objective is then seen deterministic (:meth:`_gauss_newton_failed`).
+        One Hessian and one Gauss-Newton product on the step's graph, one host read, once
+        per optimizer (experiments/README.md, "gnfall" and "first0").
+        """
         state = self._global_state()
         if not (
             self._gn_first_test
             and state["step"] == 0
             and self.settings.curvature == "auto"
-            and isinstance(product, GGNProduct)
             and type(product) is GGNProduct
             and evaluation.grads is None
             and evaluation.hidden is None
         ):
-            return
+            return False
         with torch.enable_grad():
             Hx = HessianProduct(evaluation.loss, self._params()).matvec(x)
-        xHx, xGx = torch.stack([x @ Hx, x @ product.matvec(x)]).tolist()
-        if xHx <= 0.0 < xGx:
-            state["gn_failed"] = "first_step"
+        # data-parallel: the ranks' mean, so that all of them decide alike
+        curvatures = self._avg.mean(torch.stack([x @ Hx, x @ product.matvec(x)]))
+        xHx, xGx = curvatures.tolist()
+        if not xHx <= 0.0 < xGx:  # NaN included: no evidence, Gauss-Newton stays
+            return False
+        state["gn_failed"] = "first_step"
+        return True
 
     def _warn_unread_reduction(self) -> None:
         """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean."""
@@ -2266,7 +2284,9 @@ class HessianFree(torch.optim.Optimizer):
             what = "a curvature product" if result.num_matvec else "the preconditioner"
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, what)
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
-        self._first_step_curvature(curvature_evaluation, product, result.x)
+        if self._first_step_curvature(curvature_evaluation, product, result.x):
+            run.lap("solve")  # a step G's model would misjudge: not taken (gnfall, first0)
+            return self._finish(run, StepStatus.GAUSS_NEWTON_WITHDRAWN)
         run.lap("solve")
         # the structural term is damping, left out of ρ's model: its energy at the chosen
         # iterate only (phase 4), not at every stored one (experiments/README.md, rnnstep)
