@@ -1792,7 +1792,7 @@ class HessianFree(torch.optim.Optimizer):
         represent (Dennis, Gay & Welsch 1981, NL2SOL; Nocedal & Wright 2006, §10.3), and
         :math:`\lambda` then climbs while the steps shrink (experiments/README.md, "unseen7",
         "gnfall"). Reads the previous step's :class:`StepInfo` (and ``_first_step_curvature``'s
-        verdict); no product, no host sync.
+        verdict, ``state['gn_first_step']``); no product, no host sync.
         """
         state = self._global_state()
         if state.get("gn_failed") is True:
@@ -1800,11 +1800,11 @@ class HessianFree(torch.optim.Optimizer):
         if state.get("deterministic") is not True:  # mini-batches: the first-step verdict lapses
             state.pop("gn_recent", None)
             if state["step"] > 0:
-                state.pop("gn_failed", None)
+                state.pop("gn_first_step", None)
             return False
         if evaluation.hidden is not None or not isinstance(evaluation.outputs, Tensor):
             return False
-        switch = state.pop("gn_failed", None) == "first_step"
+        switch = state.pop("gn_first_step", False) is True
         info = self.last_step
         if self._gn_fallback and info is not None:
             failed = info.rho < 0.0 and info.next_damping > info.damping
@@ -1855,7 +1855,9 @@ class HessianFree(torch.optim.Optimizer):
         xHx, xGx = curvatures.tolist()
         if not xHx <= 0.0 < xGx:  # NaN included: no evidence, Gauss-Newton stays
             return False
-        state["gn_failed"] = "first_step"
+        # a bool, not a string: torch's load_state_dict rebuilds iterables in the state
+        # element by element, and a str came back as the text of a generator
+        state["gn_first_step"] = True
         return True
 
     def _warn_unread_reduction(self) -> None:
