@@ -84,8 +84,23 @@ NIST = {
     "rat43": (
         lambda b, x: b[0] / (1 + torch.exp(b[1] - b[2] * x)) ** (1 / b[3]),
         list(range(1, 16)),
-        [16.08, 33.83, 65.80, 97.20, 191.55, 326.20, 386.87, 520.53, 590.03, 651.92, 724.93,
-         699.56, 689.96, 637.56, 717.41],
+        [
+            16.08,
+            33.83,
+            65.80,
+            97.20,
+            191.55,
+            326.20,
+            386.87,
+            520.53,
+            590.03,
+            651.92,
+            724.93,
+            699.56,
+            689.96,
+            637.56,
+            717.41,
+        ],
         [100.0, 10.0, 1.0, 1.0],
         8.7864049080e03,
     ),  # fmt: skip
@@ -99,8 +114,24 @@ NIST = {
     "mgh10": (
         lambda b, x: b[0] * torch.exp(b[1] / (x + b[2])),
         list(range(50, 126, 5)),
-        [34780, 28610, 23650, 19630, 16370, 13720, 11540, 9744, 8261, 7030, 6005, 5147, 4427,
-         3820, 3307, 2872],
+        [
+            34780,
+            28610,
+            23650,
+            19630,
+            16370,
+            13720,
+            11540,
+            9744,
+            8261,
+            7030,
+            6005,
+            5147,
+            4427,
+            3820,
+            3307,
+            2872,
+        ],
         [2.0, 400000.0, 25000.0],
         8.7945855171e01,
     ),  # fmt: skip
@@ -241,7 +272,8 @@ def oracle() -> None:
              for s in (start, fstar_start(key))),
             key=lambda r: r.cost,
         )  # fmt: skip
-        print(f"| {key} | {len(x)} | {2 * best.cost:.10g} | {rss:.10g} | {2 * best.cost / len(x):.8g} |")
+        n = len(x)
+        print(f"| {key} | {n} | {2 * best.cost:.10g} | {rss:.10g} | {2 * best.cost / n:.8g} |")
 
 
 def fstar_start(key: str) -> list[float]:
@@ -298,8 +330,10 @@ VARIANTS = ("main", "first0", "hess", "lbfgs")
 def race(keys: list[str], seeds: list[int], budget: float) -> list[dict]:
     print(f"## race {budget:g} s CPU each, seeds {seeds}; load {load()}\n")
     head = " | ".join(VARIANTS)
-    print(f"| problem | seed | {head} | first0/main | first0/lbfgs | hess/lbfgs | "
-          "CPU s to 1.01·best: " + " / ".join(VARIANTS) + " | steps | withdrawn | load |")
+    print(
+        f"| problem | seed | {head} | first0/main | first0/lbfgs | hess/lbfgs | "
+        "CPU s to 1.01·best: " + " / ".join(VARIANTS) + " | steps | withdrawn | load |"
+    )
     print("|---|---|" + "---|" * len(VARIANTS) + "---|---|---|---|---|---|---|")
     out = []
     for key in keys:
@@ -345,8 +379,9 @@ def race(keys: list[str], seeds: list[int], budget: float) -> list[dict]:
             out.append(row)
             vals = " | ".join(f"{final[v]:.6g}" for v in VARIANTS)
             tts = " / ".join(f"{tt[v]:.2f}" for v in VARIANTS)
-            print(f"| {key} | {seed} | {vals} | {final['first0'] / final['main']:.3g} | "
-                  f"{final['first0'] / final['lbfgs']:.3g} | {final['hess'] / final['lbfgs']:.3g} | "
+            ratios = [final["first0"] / final["main"], final["first0"] / final["lbfgs"],
+                      final["hess"] / final["lbfgs"]]  # fmt: skip
+            print(f"| {key} | {seed} | {vals} | " + " | ".join(f"{v:.3g}" for v in ratios) + " | "
                   f"{tts} | {'/'.join(str(r['steps']) for r in runs)} | {row['withdrawn']} | "
                   f"{l0} → {load()} |", flush=True)  # fmt: skip
     return out
@@ -369,8 +404,9 @@ def steps_table(key: str, seeds: list[int], steps: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-def cost_one(key: str, on: bool) -> None:
-    """One step 0 in this (fresh) process; prints JSON: CPU, wall, peak RSS before / after."""
+def cost_one(key: str, on: bool, more: int = 0) -> None:
+    """One step 0 in this (fresh) process, then ``more`` steps; prints JSON: step 0's CPU and
+    wall time, peak RSS before and after it and after the ``more`` steps."""
     model, x, y, loss_fn = problem(key, 0)
     opt = make_opt(model, "first0" if on else "main")
 
@@ -383,31 +419,42 @@ def cost_one(key: str, on: bool) -> None:
     opt.step(closure)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(cpu=cpu, wall=wall, rss0=before, rss1=after,
-                          status=str(opt.last_step.status), cg=opt.last_step.cg_iters)))  # fmt: skip
+    status, cg = str(opt.last_step.status), opt.last_step.cg_iters
+    for _ in range(more):  # the run's later peak: does step 0's extra product raise it?
+        opt.step(closure)
+    later = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(dict(cpu=cpu, wall=wall, rss0=before, rss1=after, rss_later=later,
+                          status=status, cg=cg)))  # fmt: skip
 
 
-def cost(repeats: int) -> None:
+def cost(keys: list[str], repeats: int, more: int) -> None:
     print(f"## step 0's cost, test off / on (fresh process each, interleaved); load {load()}\n")
-    print("| task | test | CPU s (median) | wall s (median) | peak RSS rise in step 0, MiB "
-          "(median) | peak RSS after, MiB | CG iters | status |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| task | test | CPU s (median) | wall s (median) | peak RSS rise in step 0, MiB "
+        "(median) | peak RSS after, MiB | after step N, MiB | CG iters | status |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    for key in FIRST_ONLY:
+    for key in keys:
         res = {False: [], True: []}
         for _ in range(repeats):
             for on in (False, True):
                 p = subprocess.run(
-                    [sys.executable, __file__, "cost-one", key] + (["--on"] if on else []),
+                    [sys.executable, __file__, "cost-one", key, "--steps", str(more)]
+                    + (["--on"] if on else []),
                     capture_output=True, text=True, env=env, check=True,
                 )  # fmt: skip
                 res[on].append(json.loads(p.stdout.strip().splitlines()[-1]))
         for on in (False, True):
             rs = res[on]
-            med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+
+            def med(k: str, rs: list[dict] = rs) -> float:
+                return statistics.median(r[k] for r in rs)
+
             rise = statistics.median((r["rss1"] - r["rss0"]) / 1024 for r in rs)
             print(f"| {key} | {'on' if on else 'off'} | {med('cpu'):.3f} | {med('wall'):.3f} | "
-                  f"{rise:.1f} | {med('rss1') / 1024:.0f} | {rs[0]['cg']} | {rs[0]['status']} |",
+                  f"{rise:.1f} | {med('rss1') / 1024:.0f} | {med('rss_later') / 1024:.0f} | "
+                  f"{rs[0]['cg']} | {rs[0]['status']} |",
                   flush=True)  # fmt: skip
         c = [b["cpu"] / a["cpu"] for a, b in zip(res[False], res[True], strict=True)]
         print(f"| {key} | on/off CPU ratio per pair | {', '.join(f'{v:.3f}' for v in c)} |")
@@ -434,9 +481,9 @@ def main() -> None:
         keys = NEW + OLD + CONTROLS if a.problem == "all" else a.problem.split(",")
         race(list(keys), seeds, a.seconds)
     elif a.mode == "cost":
-        cost(a.repeats)
+        cost(list(FIRST_ONLY) if a.problem == "all" else a.problem.split(","), a.repeats, a.steps)
     elif a.mode == "cost-one":
-        cost_one(a.problem, a.on)
+        cost_one(a.problem, a.on, a.steps)
     else:
         steps_table(a.problem, seeds, a.steps)
 
