@@ -1848,6 +1848,8 @@ class HessianFree(torch.optim.Optimizer):
             and type(product) is GGNProduct
             and evaluation.grads is None
             and evaluation.hidden is None
+            and isinstance(evaluation.outputs, Tensor)  # residual blocks: no switch (PINNs)
+            and self.settings.damping_metric == "identity"  # Marquardt's D needs G
             and not _bounded_outer_gradient(evaluation.loss, evaluation.outputs)
         ):
             return False
@@ -3459,11 +3461,9 @@ _BOUNDED_GRADIENT_LOSSES = frozenset(
 )
 
 
-def _bounded_outer_gradient(loss: Tensor, outputs: object) -> bool:
+def _bounded_outer_gradient(loss: Tensor, outputs: Tensor) -> bool:
     """Whether ``loss`` is one of :data:`_BOUNDED_GRADIENT_LOSSES` of ``outputs`` (up to
     constant factors and reshapes; :func:`hessfree.curvature._loss_node`)."""
-    if not isinstance(outputs, Tensor):
-        return False
     peeled = _loss_node(loss, outputs)
     return peeled is not None and type(peeled[0]).__name__ in _BOUNDED_GRADIENT_LOSSES
 
