@@ -13,7 +13,8 @@ residual sums of squares: BoxBOD 1.1680088766E+03, Rat43 8.7864049080E+03, Rat42
 1 + 0.1 N(0, 1) from generator 500 + s); ``gauss`` (misspecified: one Gaussian peak fitted to
 two), ``heavy`` (a 1-24-24-1 tanh MLP on sin(2x) plus N(0, 3²) noise), ``scales2`` (a 4-20-2
 tanh MLP, two outputs of scales 1 and 300 on a different target family than unseen7's),
-``outliers`` (a e^{-bt} + c on 10 % gross outliers). gnfall's ``scaled64``, ``misfit``, ``noisy``.
+``outliers`` (a e^{-bt} + c on 10 % gross outliers), ``exps`` (jacscale's a₁e^{-k₁t} + a₂e^{-k₂t}
++ c, amplitudes ~1e3, one start; seeds ignored). gnfall's ``scaled64``, ``misfit``, ``noisy``.
 Controls: gnentry's ``smallres``, ``interp``, ``sine``, ``osborne``, the scorecard's full-batch
 ``digits``, quadentry's ``tinyce``; first step only: the scorecard's ``mnist1d`` and ``curves``
 (the CURVES autoencoder, full batch).
@@ -202,6 +203,11 @@ def problem(key: str, seed: int):
         y2 = 300 * (x[:, 2:3] * x[:, 3:4] + 0.5 * x[:, :1] ** 2)
         y = torch.cat([y1, y2], 1) + 0.02 * torch.randn(500, 2, generator=g, dtype=torch.float64)
         return _mlp([4, 20, 2], seed), x, y, F.mse_loss
+    if key == "exps":  # jacscale's badly scaled two-exponential fit (one start)
+        import _jacscale as J
+
+        prob = J.problems(1.0)["exps"]()
+        return prob.model(), prob.x, prob.y, prob.loss
     if key == "tinyce":
         import _quadentry as Qe
 
