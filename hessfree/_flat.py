@@ -123,7 +123,9 @@ class ParamLayout:
 
     def split(self, vec: Tensor) -> list[Tensor]:
         """Views of ``vec`` shaped like the parameters (no copy)."""
-        return [c.view(s) for c, s in zip(vec.split(self.numels), self.shapes, strict=True)]
+        # split_with_sizes: Tensor.split's Python wrapper costs as much as the views here
+        parts = vec.split_with_sizes(self.numels)
+        return [c.view(s) for c, s in zip(parts, self.shapes, strict=True)]
 
     def cat(self, tensors: Sequence[Tensor | None]) -> Tensor:
         """Concatenate tensors shaped like the parameters into one flat vector.

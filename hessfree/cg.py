@@ -49,6 +49,7 @@ References:
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -794,7 +795,8 @@ def _result(
     )
 
 
-def _grid(start: int, ratio: float, max_iter: int) -> set[int]:
+@functools.lru_cache(maxsize=64)  # every cg() call asks again: ~50 us of Fraction arithmetic
+def _grid(start: int, ratio: float, max_iter: int) -> frozenset[int]:
     """Iterations ceil(start * ratio**j), j >= 0, up to max_iter (Martens' code: 5, 1.3)."""
     # Exact rationals from the decimal value avoid float ceil errors (10 * 1.1 -> 12).
     exact_ratio = Fraction(repr(float(ratio)))
@@ -802,7 +804,7 @@ def _grid(start: int, ratio: float, max_iter: int) -> set[int]:
     while value <= max_iter:
         grid.add(math.ceil(value))
         value *= exact_ratio
-    return grid
+    return frozenset(grid)
 
 
 def _low_precision_product(fn: MatVec, b: Tensor, name: str) -> MatVec:

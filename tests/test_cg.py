@@ -7,6 +7,7 @@ import importlib
 import math
 import re
 import weakref
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -301,6 +302,16 @@ def test_cg_stored_iterations_on_geometric_grid(max_iter, start, ratio, expected
 
 def test_cg_default_grid_is_martens():
     assert sorted(cg_module._grid(5, 1.3, 100)) == GRID
+
+
+def test_cg_grid_cache_keys_on_every_argument():
+    # _grid is memoized (every cg() call asks for it): a key missing an argument would hand
+    # one call's grid to another; each grid against its closed form ceil(start * ratio**j)
+    for start, ratio, max_iter in [(5, 1.3, 100), (5, 1.3, 20), (2, 1.3, 100), (5, 2.0, 100)]:
+        grid = cg_module._grid(start, ratio, max_iter)
+        assert isinstance(grid, frozenset)  # callers cannot corrupt the cached value
+        exact = {math.ceil(start * Fraction(str(ratio)) ** j) for j in range(40)}
+        assert grid == {i for i in exact if i <= max_iter}
 
 
 # ---------------------------------------------------------------- stop rules
