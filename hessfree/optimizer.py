@@ -156,6 +156,7 @@ from .curvature import (
     JacobianProduct,
     MCFisherProduct,
     StructurallyDampedGGN,
+    _loss_node,
     _read_reduction,
 )
 from .distributed import Averager
@@ -388,6 +389,13 @@ class StepStatus(str, enum.Enum):
     #: No trial point was accepted and one of the trial losses (CG backtracking or line
     #: search) was NaN or infinite.
     NON_FINITE_TRIAL_LOSS = "non_finite_trial_loss"
+    #: The first step under ``curvature='auto'`` with a ``(loss, outputs)`` closure: the
+    #: exact Hessian had no positive curvature along the Gauss-Newton step CG found
+    #: (:math:`x^\top H x \le 0 < x^\top G x`, a large-residual fit), so the step was not
+    #: taken (parameters bit-identical, :math:`\lambda` unchanged) and, if the objective is
+    #: then seen deterministic, the next step starts over from here with exact Hessian
+    #: products; on mini-batches Gauss-Newton continues.
+    GAUSS_NEWTON_WITHDRAWN = "gauss_newton_withdrawn"
 
     def __str__(self) -> str:
         return self.value
@@ -1854,13 +1862,14 @@ class HessianFree(torch.optim.Optimizer):
             )
         return product.matvec, product
 
-    #: The Gauss-Newton fallback (topic "gnfall"), off; class attributes for
-    #: experiments/_gnfall.py. ``_gn_fallback``: switch after ``_GN_FAIL_STEPS`` failing steps
-    #: of the last ``_GN_FAIL_WINDOW``; ``_gn_first_test``: switch when the exact Hessian has
-    #: no positive curvature along the first Gauss-Newton step (one Hessian product, once).
-    #: Neither passed its gate (experiments/README.md, "gnfall").
+    #: The Gauss-Newton fallback (topics "gnfall", "first0"); class attributes for
+    #: experiments/_gnfall.py and _first0.py. ``_gn_fallback`` (off: failed its gate): switch
+    #: after ``_GN_FAIL_STEPS`` failing steps of the last ``_GN_FAIL_WINDOW``;
+    #: ``_gn_first_test`` (on): withdraw the first step and switch when the exact Hessian has
+    #: no positive curvature along its Gauss-Newton solution (one Hessian product, once; not
+    #: for cross-entropy / BCE losses).
     _gn_fallback: ClassVar[bool] = False
-    _gn_first_test: ClassVar[bool] = False
+    _gn_first_test: ClassVar[bool] = True
     _GN_FAIL_STEPS: ClassVar[int] = 4
     _GN_FAIL_WINDOW: ClassVar[int] = 6
     _gn_restart: ClassVar[bool] = True
@@ -1877,7 +1886,7 @@ class HessianFree(torch.optim.Optimizer):
         represent (Dennis, Gay & Welsch 1981, NL2SOL; Nocedal & Wright 2006, §10.3), and
         :math:`\lambda` then climbs while the steps shrink (experiments/README.md, "unseen7",
         "gnfall"). Reads the previous step's :class:`StepInfo` (and ``_first_step_curvature``'s
-        verdict); no product, no host sync.
+        verdict, ``state['gn_first_step']``); no product, no host sync.
         """
         state = self._global_state()
         if state.get("gn_failed") is True:
@@ -1885,11 +1894,11 @@ class HessianFree(torch.optim.Optimizer):
         if state.get("deterministic") is not True:  # mini-batches: the first-step verdict lapses
             state.pop("gn_recent", None)
             if state["step"] > 0:
-                state.pop("gn_failed", None)
+                state.pop("gn_first_step", None)
             return False
         if evaluation.hidden is not None or not isinstance(evaluation.outputs, Tensor):
             return False
-        switch = state.pop("gn_failed", None) == "first_step"
+        switch = state.pop("gn_first_step", False) is True
         info = self.last_step
         if self._gn_fallback and info is not None:
             failed = info.rho < 0.0 and info.next_damping > info.damping
@@ -1909,28 +1918,44 @@ class HessianFree(torch.optim.Optimizer):
             run.damping = state["damping"] = math.nan
         return True
 
-    def _first_step_curvature(self, evaluation: _Evaluation, product: object, x: Tensor) -> None:
+    def _first_step_curvature(self, evaluation: _Evaluation, product: object, x: Tensor) -> bool:
         r"""Phase 2 of the first step under ``curvature='auto'`` with outputs
-        (``_gn_first_test``): :math:`x^\top H x` along CG's Gauss-Newton solution :math:`x`
-        (one Hessian product on the step's graph, one host read); where it is :math:`\le 0`
-        while :math:`x^\top G x > 0` the exact Hessian takes over from the next step, if the
-        objective is then seen deterministic (:meth:`_gauss_newton_failed`)."""
+        (``_gn_first_test``): whether to withdraw the step because the exact Hessian has no
+        positive curvature along CG's Gauss-Newton solution :math:`x`.
+
+        With :math:`H = G + \sum_i (\partial\ell/\partial o_i)\,\nabla^2 o_i`, the second term
+        is the residuals times the model's second derivatives; where
+        :math:`x^\top H x \le 0 < x^\top G x` it outweighs :math:`G` along the very step
+        :math:`G` proposes (a large-residual fit; Dennis, Gay & Welsch 1981; Nocedal & Wright
+        2006, §10.3): the step is not taken and the exact Hessian takes over from the next
+        step, if the objective is then seen deterministic (:meth:`_gauss_newton_failed`).
+        One Hessian and one Gauss-Newton product on the step's graph, one host read, once
+        per optimizer (experiments/README.md, "gnfall" and "first0").
+        """
         state = self._global_state()
         if not (
             self._gn_first_test
             and state["step"] == 0
             and self.settings.curvature == "auto"
-            and isinstance(product, GGNProduct)
             and type(product) is GGNProduct
             and evaluation.grads is None
             and evaluation.hidden is None
+            and isinstance(evaluation.outputs, Tensor)  # residual blocks: no switch (PINNs)
+            and self.settings.damping_metric == "identity"  # Marquardt's D needs G
+            and not _bounded_outer_gradient(evaluation.loss, evaluation.outputs)
         ):
-            return
+            return False
         with torch.enable_grad():
             Hx = HessianProduct(evaluation.loss, self._params()).matvec(x)
-        xHx, xGx = torch.stack([x @ Hx, x @ product.matvec(x)]).tolist()
-        if xHx <= 0.0 < xGx:
-            state["gn_failed"] = "first_step"
+        # data-parallel: the ranks' mean, so that all of them decide alike
+        curvatures = self._avg.mean(torch.stack([x @ Hx, x @ product.matvec(x)]))
+        xHx, xGx = curvatures.tolist()
+        if not xHx <= 0.0 < xGx:  # NaN included: no evidence, Gauss-Newton stays
+            return False
+        # a bool, not a string: torch's load_state_dict rebuilds iterables in the state
+        # element by element, and a str came back as the text of a generator
+        state["gn_first_step"] = True
+        return True
 
     def _warn_unread_reduction(self) -> None:
         """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean."""
@@ -2358,7 +2383,9 @@ class HessianFree(torch.optim.Optimizer):
             what = "a curvature product" if result.num_matvec else "the preconditioner"
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, what)
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
-        self._first_step_curvature(curvature_evaluation, product, result.x)
+        if self._first_step_curvature(curvature_evaluation, product, result.x):
+            run.lap("solve")  # a step G's model would misjudge: not taken (gnfall, first0)
+            return self._finish(run, StepStatus.GAUSS_NEWTON_WITHDRAWN)
         run.lap("solve")
         # the structural term is damping, left out of ρ's model: its energy at the chosen
         # iterate only (phase 4), not at every stored one (experiments/README.md, rnnstep)
@@ -3523,6 +3550,25 @@ _PROBE_SEED = 20261203
 #: _loss_quadratic: a relative change of H_ℓu up to this many ε(dtype) is rounding (a margin
 #: for reduction order off the CPU; a quadratic loss gives the same bits there)
 _PROBE_ULPS = 64
+
+
+#: Losses whose gradient in the outputs is bounded whatever the targets (softmax or sigmoid
+#: minus a target: cross-entropy, NLL, BCE with logits). ``_first_step_curvature`` skips them:
+#: the term that makes H indefinite where G is not, the outputs' gradient times the model's
+#: second derivatives, grows with the residuals only for losses like a sum of squares; on the
+#: classifiers and the autoencoder measured xᵀHx / xᵀGx was 0.91-1.18 at step 0, and the
+#: Hessian product cost their first step 1.4-1.7× its CPU time (ours; experiments/README.md,
+#: "first0").
+_BOUNDED_GRADIENT_LOSSES = frozenset(
+    {"NllLossBackward0", "NllLoss2DBackward0", "BinaryCrossEntropyWithLogitsBackward0"}
+)
+
+
+def _bounded_outer_gradient(loss: Tensor, outputs: Tensor) -> bool:
+    """Whether ``loss`` is one of :data:`_BOUNDED_GRADIENT_LOSSES` of ``outputs`` (up to
+    constant factors and reshapes; :func:`hessfree.curvature._loss_node`)."""
+    peeled = _loss_node(loss, outputs)
+    return peeled is not None and type(peeled[0]).__name__ in _BOUNDED_GRADIENT_LOSSES
 
 
 def _loss_probe(product: object) -> Tensor | tuple[Tensor, ...] | None:
