@@ -585,6 +585,7 @@ class _StepRun:
     structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
     damped_change: float = math.nan  # ½λpᵀDp (+ structural energy) at the chosen iterate
     metric: Tensor | None = None  # damping_metric='marquardt': D, flat (None: D = I)
+    at_chosen: _AtChosen | None = None  # phases 4-5's scalars at the chosen iterate (one read)
     scaled_grad_norm: float = math.nan  # damping_metric='marquardt': ‖D^{-1/2} g‖
     mask_noise: float = math.nan  # replay_rng: RMS of f(θ0; m1) − f(θ0; m2) over recent steps
 
@@ -607,6 +608,25 @@ class _Solution:
     # Structural damping's product, its curvature graph kept until phase 4 takes the energy of
     # the one iterate backtracking chose (then dropped); None without structural damping.
     structural: StructurallyDampedGGN | None = None
+
+
+@dataclass(frozen=True)
+class _AtChosen:
+    """Phases 4-5's scalars at the chosen iterate :math:`p`, read to the host together."""
+
+    phi: float  # CG's φ(p), damped model
+    pDp: float  # pᵀDp (D = I, or the Marquardt metric)
+    slope: float  # gᵀp
+    full_change: float  # max |lr · p|: LBFGS' tolerance_change test on a parameter
+
+    @classmethod
+    def read(cls, g: Tensor, result: CGResult, chosen: int, run: _StepRun) -> _AtChosen:
+        """One host read (each is a device sync) instead of one per scalar. Each value is
+        widened to float64 before the stack, exactly, so it equals its own ``float()``."""
+        p = result.iterates[chosen]
+        pDp = dot(p, p) if run.metric is None else dot(p * run.metric, p)
+        values = [result.iterate_phi[chosen], pDp, dot(g, p), (p.abs() * run.lr).max()]
+        return cls(*torch.stack([v.to(torch.float64) for v in values]).tolist())
 
 
 def _create_graph_backward(
@@ -2506,15 +2526,22 @@ class HessianFree(torch.optim.Optimizer):
                 Cv = curvature(v)
             if settings.curvature_batch != "replicated":
                 Cv = self._avg.mean(Cv)
-            gDg = g_norm**2 if run.metric is None else float(dot(g, v))  # vᵀDv = gᵀD⁻¹g
+            # vᵀCv, κvᵀv, then vᵀDv = gᵀD⁻¹g and ‖J_h g‖² where needed: one host read
+            values = [dot(v, Cv), dot(run.l2 * v, v)]  # C includes the L2 term κ
+            if run.metric is not None:
+                values.append(dot(g, v))
             if run.structural_damping > 0:
                 # ‖J_h g‖²: the structural term's share of λ's metric along g (same averaging)
                 energy = product.hidden_energy(g.unsqueeze(0))[0] / _examples(product.hidden)
                 if settings.curvature_batch != "replicated":
                     energy = self._avg.mean(energy)
-                gDg += run.structural_damping * float(energy)
-        gCg = float(dot(v, Cv)) + float(dot(run.l2 * v, v))  # C includes the L2 term κ
-        return gCg, gDg
+                values.append(energy)
+        # widened to float64 first, exactly: each value equals its own float()
+        vCv, l2_vv, *rest = torch.stack([t.to(torch.float64) for t in values]).tolist()
+        gDg = g_norm**2 if run.metric is None else rest.pop(0)
+        if run.structural_damping > 0:
+            gDg += run.structural_damping * rest.pop(0)
+        return vCv + l2_vv, gDg
 
     def _relative_fraction(self, state: dict) -> float:
         """``relative_min_damping`` in effect: ``'auto'`` is ``_AUTO_RELATIVE_MIN_DAMPING``
@@ -2920,6 +2947,7 @@ class HessianFree(torch.optim.Optimizer):
                 # autograd's version check): back to θ0 from the last trial point first
                 with torch.no_grad():
                     torch._foreach_copy_(params, theta0)
+            at = run.at_chosen = _AtChosen.read(solution.g, result, chosen, run)
             predicted = self._predicted_change(solution, chosen, run)
             run.report["predicted_change"] = predicted
             eps = torch.finfo(run.loss0.dtype).eps
@@ -2930,8 +2958,8 @@ class HessianFree(torch.optim.Optimizer):
                 _move(params, theta0, layout, p, 0.0, run.lr)
                 run.report.update(backtrack_iter=result.iterations[chosen], step_rate=0.0)
                 run.lap("line_search")
-                damped = float(result.iterate_phi[chosen]) - predicted  # ½λ‖p‖² (+ structural)
-                half_pCp = predicted - float(dot(solution.g, p))
+                damped = at.phi - predicted  # ½λ‖p‖² (+ structural)
+                half_pCp = predicted - at.slope
                 if damped > _DAMPING_DOMINATES * half_pCp:  # λ‖p‖² > 2pᵀCp: λ kept p short
                     # not the floor of the loss but of a step λ dominates (a large given or
                     # climbed λ): λ stays too and nothing ever moves; lower it as after ρ = 1
@@ -2953,7 +2981,7 @@ class HessianFree(torch.optim.Optimizer):
 
             self._adapt_damping(state, run.damping, after_step)
             # λ's share of the step: ½λ‖p‖² over ½pᵀCp of the undamped model
-            slope = float(dot(solution.g, p))
+            slope = at.slope
             half_pCp = predicted - slope
             share = run.damped_change / half_pCp if half_pCp > 0 else math.nan
             streak = self._good_streak(state, rho, share)
@@ -2995,7 +3023,7 @@ class HessianFree(torch.optim.Optimizer):
             raise
         run.report.update(rho=rho, backtrack_iter=result.iterations[chosen], step_rate=rate)
         # LBFGS' no-progress tests, on the largest change of a parameter and of the objective
-        full_change = float((p.abs() * run.lr).max())
+        full_change = at.full_change
         tolerance_change = settings.tolerance_change
         if rate == 0.0:
             state.pop("good_streak", None)
@@ -3309,12 +3337,15 @@ class HessianFree(torch.optim.Optimizer):
         The undamped model's change is CG's :math:`\\phi` less the damping's share:
         :math:`\\tfrac12\\lambda\\|p\\|^2` and the structural-damping energy
         :math:`\\tfrac12 w\\|J_h p\\|^2`, the one Jacobian product here, taken at the chosen
-        iterate alone (and once: it releases the curvature graph).
+        iterate alone (and once: it releases the curvature graph). The scalars at :math:`p`
+        are ``run.at_chosen``'s if phase 4 read them already.
         """
         p = solution.result.iterates[chosen]
-        pDp = dot(p, p) if run.metric is None else dot(p * run.metric, p)
-        damped = 0.5 * run.damping * float(pDp)
-        predicted = float(solution.result.iterate_phi[chosen]) - damped
+        at = run.at_chosen
+        if at is None:
+            at = _AtChosen.read(solution.g, solution.result, chosen, run)
+        damped = 0.5 * run.damping * at.pDp
+        predicted = at.phi - damped
         if solution.structural is not None:
             product, solution.structural = solution.structural, None  # its graph goes now
             with torch.enable_grad():  # differentiates the curvature graph, whatever the mode
