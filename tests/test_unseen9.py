@@ -1,0 +1,73 @@
+"""How users drive the operators and the optimizer (unseen9): workflow misuse, with oracles.
+
+Each product is checked against an explicit float64 matrix of the loss on all the data
+(``torch.autograd.functional`` through ``torch.func.functional_call``), never against
+hessfree's own products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.functional import hessian, jacobian
+from torch.func import functional_call
+
+from hessfree import GGNLinearOperator, HessianLinearOperator
+
+EXACT = dict(rtol=1e-10, atol=1e-12)
+
+
+def _dropout_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 2)).double()
+
+
+def _data() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(8, 3, generator=g, dtype=torch.float64),
+        torch.randn(8, 2, generator=g, dtype=torch.float64),
+    )
+
+
+def _dense(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, np.ndarray]:
+    """Float64 Hessian and Gauss-Newton matrix of the mean squared error of the eval-mode
+    model on all of ``x`` (its dropout off)."""
+    named = dict(model.named_parameters())
+    shapes, sizes = [p.shape for p in named.values()], [p.numel() for p in named.values()]
+    theta = torch.cat([p.detach().reshape(-1) for p in named.values()])
+
+    def f(t: Tensor) -> Tensor:
+        parts = [c.view(s) for c, s in zip(t.split(sizes), shapes, strict=True)]
+        return functional_call(model, dict(zip(named, parts, strict=True)), (x,))
+
+    out = f(theta).detach()
+    J = jacobian(lambda t: f(t).reshape(-1), theta)
+    HL = hessian(lambda o: F.mse_loss(o.view_as(out), y), out.reshape(-1))
+    H = hessian(lambda t: F.mse_loss(f(t), y), theta)
+    return dict(H=H.numpy(), G=(J.T @ HL @ J).numpy())
+
+
+@pytest.mark.parametrize(
+    "kind, batches", [("G", 2), ("H", 1)], ids=["ggn-two-batches", "hessian-uncached"]
+)
+def test_an_operator_refuses_products_once_the_model_is_back_in_training_mode(kind, batches):
+    # The constructor refuses train-mode Dropout; a model.train() after it (a training loop
+    # between two eigsh calls) made every uncached product draw another dropout mask, silently.
+    model, (x, y) = _dropout_mlp().eval(), _data()
+    data = (x, y) if batches == 1 else list(zip(x.split(4), y.split(4), strict=True))
+    cls = GGNLinearOperator if kind == "G" else HessianLinearOperator
+    op = cls(model, nn.MSELoss(), data, cache_graph=False)
+    v = np.random.default_rng(0).standard_normal(op.shape[0])
+    model.train()
+    with pytest.raises(
+        RuntimeError, match=r"1 \(Dropout\).*training mode after the operator was built"
+    ):
+        op @ v
+    with pytest.raises(RuntimeError, match="model.eval()"):
+        op.gradient()
+    model.eval()
+    np.testing.assert_allclose(op @ v, _dense(model, x, y)[kind] @ v, **EXACT)
