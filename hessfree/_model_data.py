@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, Wei
 
 from ._checks import check_choice
 from ._flat import trainable
-from ._graph_ops import twice_differentiable_attention
+from ._graph_ops import twice_differentiable_attention, twice_differentiable_weight_norm
 
 
 def _shape(x: object) -> object:
@@ -264,7 +264,8 @@ _INPUT_MISMATCH_HINT = "Check that the inputs match the model (features, dtype, 
 def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
     """``model(inputs)``, with a failure or a non-tensor result turned into a clear error."""
     try:
-        with twice_differentiable_attention():  # products differentiate the backward pass
+        # products differentiate the backward pass
+        with twice_differentiable_attention(), twice_differentiable_weight_norm():
             outputs = model(inputs)
     except torch.OutOfMemoryError:
         raise
