@@ -132,3 +132,29 @@ def test_hessian_free_on_weight_norm_takes_the_newton_step_of_the_hand_written_h
     step = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - theta
     expected = -np.linalg.solve(H + lam * np.eye(len(H)), g.numpy())
     np.testing.assert_allclose(step.numpy(), expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("style", ["lbfgs", "loss-outputs"])
+def test_embedding_bag_is_refused_with_the_layer_to_use_instead_and_nothing_moves(style):
+    # torch differentiates F.embedding_bag once only; main raised torch's bare
+    # "the derivative for '_embedding_bag_backward' is not implemented" (LBFGS-style
+    # closure) or advised Hessian curvature, which fails the same way
+    torch.manual_seed(0)
+    bag, head = nn.EmbeddingBag(10, 4, mode="mean"), nn.Linear(4, 2)
+    x, y = torch.randint(0, 10, (16, 5)), torch.randn(16, 2)
+    opt = HessianFree([*bag.parameters(), *head.parameters()])
+    before = [p.detach().clone() for p in (*bag.parameters(), *head.parameters())]
+
+    def closure():
+        out = head(torch.tanh(bag(x)))
+        loss = F.mse_loss(out, y)
+        if style == "lbfgs":
+            opt.zero_grad()
+            loss.backward()
+            return loss
+        return loss, out
+
+    with pytest.raises(NotImplementedError, match=r"_embedding_bag_backward.*use nn\.Embedding"):
+        opt.step(closure)
+    after = [*bag.parameters(), *head.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
