@@ -120,6 +120,15 @@ _TWICE_DIFFERENTIABLE_INSTEAD = {
         " For nn.EmbeddingBag (F.embedding_bag): use nn.Embedding and reduce over each bag "
         "(e.g. emb(x).mean(1), or a sum weighted by a mask for ragged bags)."
     ),
+    # torch's default compute mode takes the matmul path only above 25 rows on either side
+    "_cdist": (
+        " For torch.cdist (p=2): pass compute_mode='use_mm_for_euclid_dist', whose backward "
+        "torch differentiates twice (the default uses it only above 25 rows)."
+    ),
+    "_pdist": (
+        " For F.pdist: use torch.cdist(x, x, compute_mode='use_mm_for_euclid_dist') and its "
+        "entries above the diagonal."
+    ),
 }
 
 

@@ -158,3 +158,37 @@ def test_embedding_bag_is_refused_with_the_layer_to_use_instead_and_nothing_move
         opt.step(closure)
     after = [*bag.parameters(), *head.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_cdist_below_its_matmul_threshold_is_refused_with_the_compute_mode_that_works():
+    # torch.cdist on at most 25 rows takes a kernel torch differentiates once; the error now
+    # names compute_mode='use_mm_for_euclid_dist', and with it the Hessian matches the dense one
+    torch.manual_seed(0)
+    centers = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    x, y = _data()
+
+    def model(mode: str) -> nn.Module:
+        class RBF(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.c = centers
+
+            def forward(self, z: Tensor) -> Tensor:
+                return torch.exp(-(torch.cdist(z, self.c, compute_mode=mode) ** 2))[:, :2]
+
+        return RBF()
+
+    with pytest.raises(NotImplementedError, match="_cdist_backward.*use_mm_for_euclid_dist"):
+        HessianLinearOperator(
+            model("use_mm_for_euclid_dist_if_necessary"), nn.MSELoss(), (x, y)
+        ) @ np.ones(12)
+    fixed = model("use_mm_for_euclid_dist")
+
+    def loss(c: Tensor) -> Tensor:
+        return F.mse_loss(torch.exp(-((x[:, None] - c[None]) ** 2).sum(-1))[:, :2], y)
+
+    H = hessian(loss, centers.detach()).reshape(12, 12).numpy()
+    v = np.random.default_rng(0).standard_normal(12)
+    np.testing.assert_allclose(
+        HessianLinearOperator(fixed, nn.MSELoss(), (x, y)) @ v, H @ v, **EXACT
+    )
