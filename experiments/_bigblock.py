@@ -78,8 +78,9 @@ def race(seeds: list[int], budget: float) -> None:
                 rhos = [i.rho for i in r.infos if i.rho is not None and math.isfinite(i.rho)]
                 notes = [_stops(r.infos), f"{statistics.median(rhos):.3g}" if rhos else "",
                          f"{r.infos[-1].damping:.3g}"]  # fmt: skip
-            print(f"| {r.name} | {r.steps} | {r.clock / r.steps:.4f} | {half:.4g} / {end:.4g} | "
-                  f"{end / ref:.3g} | {end / main:.3g} | {' | '.join(notes)} |", flush=True)  # fmt: skip
+            row = [r.name, str(r.steps), f"{r.clock / r.steps:.4f}", f"{half:.4g} / {end:.4g}",
+                   f"{end / ref:.3g}", f"{end / main:.3g}", *notes]  # fmt: skip
+            print("| " + " | ".join(row) + " |", flush=True)
 
 
 def _capcost_problem() -> u8.Problem:
