@@ -25,10 +25,10 @@ def _cosine_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _siamese(k: int = 24):
-    """A float64 tanh MLP embedding 24 pairs in 12-d: ``k = 24`` outputs per example."""
+    """A float64 tanh MLP embedding 16 pairs in 12-d: ``k = 24`` outputs per example."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 2, 6, generator=g, dtype=torch.float64)
-    y = torch.where(torch.rand(24, generator=g) < 0.5, 1.0, -1.0).double()
+    x = torch.randn(16, 2, 6, generator=g, dtype=torch.float64)
+    y = torch.where(torch.rand(16, generator=g) < 0.5, 1.0, -1.0).double()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, k // 2)).double()
 
