@@ -1960,8 +1960,11 @@ class HessianFree(torch.optim.Optimizer):
             and not _bounded_outer_gradient(evaluation.loss, evaluation.outputs)
         ):
             return False
-        with torch.enable_grad():
-            Hx = HessianProduct(evaluation.loss, self._params()).matvec(x)
+        try:
+            with torch.enable_grad():
+                Hx = HessianProduct(evaluation.loss, self._params()).matvec(x)
+        except RuntimeError:  # no double backward through the whole graph (or no memory for
+            return False  # one): no evidence, and Gauss-Newton goes on as without the test
         # data-parallel: the ranks' mean, so that all of them decide alike
         curvatures = self._avg.mean(torch.stack([x @ Hx, x @ product.matvec(x)]))
         xHx, xGx = curvatures.tolist()

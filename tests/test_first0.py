@@ -187,3 +187,24 @@ def test_first0_skips_the_hessian_product_for_cross_entropy(monkeypatch):
         made.clear()
         opt.step(closure)
         assert len(made) == (0 if loss_fn is F.cross_entropy else 1)
+
+
+def test_first0_a_hessian_product_that_fails_leaves_gauss_newton_as_without_the_test(monkeypatch):
+    # the test is optional evidence: a graph the Hessian product cannot go through (an op
+    # without a double backward along the activations, or no memory for it) must not end a
+    # Gauss-Newton run that works; the step is then the test-free optimizer's, bit for bit
+    import hessfree.optimizer as optimizer_module
+
+    def fail(self, v):
+        raise RuntimeError("derivative for aten::foo_backward is not implemented")
+
+    monkeypatch.setattr(optimizer_module.HessianProduct, "matvec", fail)
+    results = {}
+    for cls in (_On, _Off):
+        model = _BoxBOD(_STARTS["start1"])  # a start where the test fires (above)
+        opt = cls(model.parameters())
+        opt.step(_closure(model))
+        results[cls] = (opt.last_step.status, model.b.detach().clone())
+    assert results[_On][0] is StepStatus.ACCEPTED
+    assert results[_On][0] == results[_Off][0]
+    assert torch.equal(results[_On][1], results[_Off][1])
