@@ -773,7 +773,7 @@ def _closed_form(node: torch.autograd.graph.Node, outputs: Tensor, factor: float
 _MAX_BLOCK = 16
 
 
-def _absolute_blocks(go: Tensor, outputs: Tensor) -> MatVec | None:
+def _absolute_blocks(go: Tensor, outputs: Tensor, max_block: int | None = None) -> MatVec | None:
     r"""``w -> |H_ℓ| w`` for a loss that is a sum of per-example terms and not convex in the
     outputs, else ``None`` (then :math:`H_\ell` itself is used).
 
@@ -794,13 +794,15 @@ def _absolute_blocks(go: Tensor, outputs: Tensor) -> MatVec | None:
     So do a loss coupling the examples (one more product, with a fixed dense probe, checks
     that :math:`H_\ell` is block-diagonal), ``K`` above ``_MAX_BLOCK``, an op autograd cannot
     batch, or blocks whose eigenvalues are all above :math:`-\sqrt{\epsilon}` times the
-    largest magnitude.
+    largest magnitude. ``max_block`` (default ``_MAX_BLOCK``) raises the cap where the caller
+    already knows the loss is not convex (:class:`~hessfree.HessianFree` after a negative-curvature
+    stop; memory :math:`NK^2`).
     """
     if outputs.dim() < 1 or outputs.shape[0] == 0 or not outputs.is_floating_point():
         return None
     n = outputs.shape[0]
     k = outputs.numel() // n
-    if k > _MAX_BLOCK:
+    if k > (_MAX_BLOCK if max_block is None else max_block):
         return None
     probes = outputs.new_zeros(k + 1, n, k)
     probes[torch.arange(k), :, torch.arange(k)] = 1.0
@@ -1043,12 +1045,17 @@ class GGNProduct(CurvatureProduct):
         loss_hessian: ``'exact'`` (default) for :math:`H_\ell` itself, ``'absolute'`` for
             :math:`|H_\ell|` per example's block on a generic loss found not convex in a single
             outputs tensor (a closed-form or convex loss, one coupling the examples, or more
-            than 16 entries per example keep :math:`H_\ell`).
+            than ``max_block`` entries per example keep :math:`H_\ell`).
+        max_block: With ``loss_hessian='absolute'``, the most entries per example whose blocks
+            are formed (``None``: 16; memory and set-up cost grow as :math:`NK^2` and
+            :math:`K + 1` products). :class:`~hessfree.HessianFree` raises it to 64 once CG has
+            met negative curvature, which a convex loss never gives it.
 
     Raises:
         ValueError: If ``loss`` is not a scalar, has no graph, does not depend on ``outputs``,
             or depends on none of ``params`` (parameters it does not use give zero rows and
-            columns), or ``loss_hessian`` is neither ``'exact'`` nor ``'absolute'``.
+            columns), ``loss_hessian`` is neither ``'exact'`` nor ``'absolute'``, or
+            ``max_block`` is not ``None`` or an int >= 1.
 
     Example:
         >>> X = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
@@ -1065,6 +1072,7 @@ class GGNProduct(CurvatureProduct):
 
     positive_semidefinite = True  # for a convex loss, or with ``loss_hessian='absolute'``
     _absolute = False
+    _max_block: int | None = None
 
     def __init__(
         self,
@@ -1073,10 +1081,16 @@ class GGNProduct(CurvatureProduct):
         params: Sequence[Tensor],
         *,
         loss_hessian: str = "exact",
+        max_block: int | None = None,
     ) -> None:
         if loss_hessian not in ("exact", "absolute"):
             raise ValueError(f"`loss_hessian` must be 'exact' or 'absolute', got {loss_hessian!r}.")
+        if max_block is not None and (
+            isinstance(max_block, bool) or not isinstance(max_block, int) or max_block < 1
+        ):
+            raise ValueError(f"`max_block` must be None or an int >= 1, got {max_block!r}.")
         self._absolute = loss_hessian == "absolute"
+        self._max_block = max_block
         loss = check_scalar_loss("loss", loss)
         self.jacobian = JacobianProduct(outputs, params)
         J = self.jacobian
@@ -1139,7 +1153,7 @@ class GGNProduct(CurvatureProduct):
             return torch.zeros_like
         if not J.is_sequence:
             go = gos[0]
-            absolute = _absolute_blocks(go, outputs) if self._absolute else None
+            absolute = _absolute_blocks(go, outputs, self._max_block) if self._absolute else None
             if absolute is not None:  # a non-convex loss: |H_ℓ| keeps G semidefinite
                 return absolute
             return lambda w: _grad([go], [outputs], [w], batched=w.dim() > outputs.dim())[0]

@@ -1843,9 +1843,15 @@ class HessianFree(torch.optim.Optimizer):
                 grads=evaluation.grads,
             )
         elif kind == "ggn":
-            # |H_ℓ| on a loss not convex in the outputs: CG needs a semidefinite G
+            # |H_ℓ| on a loss not convex in the outputs: CG needs a semidefinite G; blocks of
+            # more entries per example once CG has shown the loss is not convex (bigblock)
+            shown = self._global_state().get("loss_not_convex") is True
             product = GGNProduct(
-                evaluation.loss, evaluation.outputs, params, loss_hessian="absolute"
+                evaluation.loss,
+                evaluation.outputs,
+                params,
+                loss_hessian="absolute",
+                max_block=self._max_block_not_convex if shown else None,
             )
         elif kind == "fisher_mc":  # new labels every step
             generator = self._mc_generator(evaluation.outputs.device)
@@ -1873,6 +1879,15 @@ class HessianFree(torch.optim.Optimizer):
     _GN_FAIL_STEPS: ClassVar[int] = 4
     _GN_FAIL_WINDOW: ClassVar[int] = 6
     _gn_restart: ClassVar[bool] = True
+    #: Topic "bigblock": after a Gauss-Newton solve stops on negative curvature, which a convex
+    #: loss cannot give (:math:`G + \lambda I` is then positive definite up to rounding),
+    #: ``state['loss_not_convex']`` (a bool) is set and later steps form |H_ℓ| blocks for up to
+    #: this many outputs per example instead of 16 (ours; 64 from experiments/_bigblock.py). A
+    #: convex loss never pays the ``K + 1`` set-up products for ``K`` above 16.
+    _max_block_not_convex: ClassVar[int] = 64
+    #: Whether the step whose solve first met negative curvature is solved again at once with
+    #: the larger blocks (off: next steps only; experiments/_bigblock.py, "resolve").
+    _resolve_not_convex: ClassVar[bool] = False
 
     def _gauss_newton_failed(self, evaluation: _Evaluation, run: _StepRun) -> bool:
         r"""Phase 1, ``curvature='auto'`` with outputs: whether the Gauss-Newton model has been
@@ -2377,6 +2392,17 @@ class HessianFree(torch.optim.Optimizer):
             self._observe_mask_noise(state, run)
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
         result = self._solve(curvature, product, evaluation, g, run, closure)
+        if (
+            self._resolve_not_convex
+            and result.reason is CGStop.NEGATIVE_CURVATURE
+            and type(product) is GGNProduct
+            and state.get("loss_not_convex") is not True
+        ):  # study only (bigblock): solve this step again with the larger blocks
+            state["loss_not_convex"] = True
+            with torch.enable_grad():
+                curvature, product = self._curvature_product(curvature_evaluation, params, run)
+            curvature = accelerate(curvature, g, settings.products)
+            result = self._solve(curvature, product, evaluation, g, run, closure)
         run.report.update(
             cg_iters=result.num_iter, cg_reason=result.reason.value, cg_matvecs=result.num_matvec
         )
@@ -2386,6 +2412,9 @@ class HessianFree(torch.optim.Optimizer):
             what = "a curvature product" if result.num_matvec else "the preconditioner"
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, what)
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
+        if result.reason is CGStop.NEGATIVE_CURVATURE and type(product) is GGNProduct:
+            # the same on every rank: CG's scalars come from averaged products (bigblock)
+            state["loss_not_convex"] = True
         if self._first_step_curvature(curvature_evaluation, product, result.x):
             run.lap("solve")  # a step G's model would misjudge: not taken (gnfall, first0)
             return self._finish(run, StepStatus.GAUSS_NEWTON_WITHDRAWN)
