@@ -8,19 +8,22 @@ ops here use one ``split`` instead, which is differentiated by one ``cat``: :mat
 Values and derivatives are torch's.
 
 :func:`twice_differentiable_attention` picks, for the code run inside it, the one
-scaled-dot-product-attention kernel whose backward is itself differentiable.
+scaled-dot-product-attention kernel whose backward is itself differentiable;
+:func:`twice_differentiable_weight_norm` computes weight normalization with ops whose double
+backward is right.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["cat_last", "twice_differentiable_attention"]
+__all__ = ["cat_last", "twice_differentiable_attention", "twice_differentiable_weight_norm"]
 
 
 def cat_last(tensors: Sequence[Tensor]) -> Tensor:
@@ -85,3 +88,35 @@ try:  # resolved once: the context above wraps every closure call of a step
     from torch.nn.attention import sdpa_kernel as _sdpa_kernel
 except ImportError:  # torch < 2.3
     _SDPBackend = _sdpa_kernel = None
+
+
+def _composite_weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    r""":math:`w = g\,v / \lVert v \rVert` (the norm over every dimension but ``dim``; over
+    all of ``v`` for ``dim=-1``): the formula torch's ``_weight_norm`` uses when it does not
+    take its fused kernel."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+@contextlib.contextmanager
+def twice_differentiable_weight_norm() -> Iterator[None]:
+    r"""Run weight normalization (``nn.utils.parametrizations.weight_norm`` and the older
+    ``nn.utils.weight_norm``) with composite ops whose double backward is right.
+
+    Why: for ``dim=0`` (the default) or the last dimension torch computes
+    :math:`w = g\,v/\lVert v\rVert` with a fused kernel (``_weight_norm_interface``) whose
+    double backward is wrong (``torch.autograd.gradgradcheck`` fails for dims 0 and 1 of a
+    matrix, torch 2.13 on CPU; ``dim=-1`` takes the composite path and passes), so every
+    Hessian product through such a layer was silently off (first derivatives, and so
+    Gauss-Newton products, were right). The values are torch's to rounding. ``torch._weight_norm``
+    is swapped process-wide for the duration and restored on exit, as the attention kernel
+    choice above is.
+    """
+    holders = [torch, sys.modules.get("torch.nn.utils.weight_norm")]  # the old API imported it
+    saved = [(h, h._weight_norm) for h in holders if h is not None and hasattr(h, "_weight_norm")]
+    for holder, _ in saved:
+        holder._weight_norm = _composite_weight_norm
+    try:
+        yield
+    finally:
+        for holder, original in saved:
+            holder._weight_norm = original

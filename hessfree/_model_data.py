@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, Wei
 
 from ._checks import check_choice
 from ._flat import trainable
-from ._graph_ops import twice_differentiable_attention
+from ._graph_ops import twice_differentiable_attention, twice_differentiable_weight_norm
 
 
 def _shape(x: object) -> object:
@@ -42,6 +42,9 @@ def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tens
     )
 
 
+_MODAL = (_BatchNorm, _DropoutNd)  # the modules whose training mode _is_stochastic reads
+
+
 def _is_stochastic(module: nn.Module) -> bool:
     """Train-mode BatchNorm or Dropout (p > 0): the forward pass differs between calls."""
     return module.training and (
@@ -57,25 +60,40 @@ def _stochastic_modules_message(found: Iterable[str]) -> str:
     )
 
 
-def _check_model(model: object, allow_training_mode: bool) -> None:
-    """Refuse modules whose forward pass differs between calls (cheap module scan)."""
+def _check_model(model: object, allow_training_mode: bool) -> list[tuple[str, nn.Module]]:
+    """Refuse modules whose forward pass differs between calls (cheap module scan).
+
+    Returns the model's BatchNorm and Dropout modules, named (none with
+    ``allow_training_mode``), for :func:`_check_modes_kept` before later forward passes.
+    """
     if not callable(model):
         raise TypeError(f"`model` must be an nn.Module or a callable, got {type(model).__name__}.")
     if allow_training_mode:
-        return
+        return []
     module = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
     if not isinstance(module, nn.Module):
-        return
-    found = [
-        f"{name or '<model>'} ({type(m).__name__})"
-        for name, m in module.named_modules()
-        if _is_stochastic(m)
-    ]
+        return []
+    modes = [(name, m) for name, m in module.named_modules() if isinstance(m, _MODAL)]
+    found = [f"{name or '<model>'} ({type(m).__name__})" for name, m in modes if _is_stochastic(m)]
     if found:
         raise ValueError(
             f"`model` has {_stochastic_modules_message(found)}. Call model.eval() before "
             "building the operator, or pass allow_training_mode=True if the randomness is "
             "intended."
+        )
+    return modes
+
+
+def _check_modes_kept(modes: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a product once ``model.train()`` made a module :func:`_check_model` accepted
+    stochastic: each product's forward passes would then draw another matrix."""
+    found = [f"{name or '<model>'} ({type(m).__name__})" for name, m in modes if _is_stochastic(m)]
+    if found:
+        raise RuntimeError(
+            f"`model` now has {_stochastic_modules_message(found)}: it was put in training "
+            "mode after the operator was built (e.g. model.train() between products). Call "
+            "model.eval() before using the operator (and model.train() after), or build it "
+            "with allow_training_mode=True if the randomness is intended."
         )
 
 
@@ -246,7 +264,8 @@ _INPUT_MISMATCH_HINT = "Check that the inputs match the model (features, dtype, 
 def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
     """``model(inputs)``, with a failure or a non-tensor result turned into a clear error."""
     try:
-        with twice_differentiable_attention():  # products differentiate the backward pass
+        # products differentiate the backward pass
+        with twice_differentiable_attention(), twice_differentiable_weight_norm():
             outputs = model(inputs)
     except torch.OutOfMemoryError:
         raise

@@ -36,6 +36,7 @@ from ._model_data import (
     _call_loss,
     _call_model,
     _check_model,
+    _check_modes_kept,
     _check_rows,
     _check_same_examples,
     _import_tqdm,
@@ -114,7 +115,8 @@ class _DataProducts:
         process_group: object | None,
         share_power: int = 1,
     ) -> None:
-        _check_model(model, allow_training_mode)
+        # Dropout/BatchNorm: refused in training mode now, and checked again per product
+        self._modes = _check_model(model, allow_training_mode)
         self._ranks = Averager(process_group)
         self._global_counts: tuple[float, float] | None = None  # (N, R) over all the ranks
         self._share_power = share_power  # 1: H, G (linear in the loss); 2: the Fisher
@@ -283,6 +285,8 @@ class _DataProducts:
             self._check_cache()
             return self._cached_across_ranks(_product_rows(self._product, V), power)
 
+        _check_modes_kept(self._modes)  # forward passes below: model.train() since?
+
         def per_batch(batch: tuple[Any, Any], index: int) -> tuple[Tensor, float, float]:
             product, size, rows = self._build(batch, index)
             return _product_rows(product, V), size, rows  # the batch's graph is freed on return
@@ -295,6 +299,8 @@ class _DataProducts:
             self._check_cache()
             g = _product_gradient(self._product)
             return self._cached_across_ranks(g.clone(), 1) if self._ranks.active else g
+
+        _check_modes_kept(self._modes)
 
         def per_batch(batch: tuple[Any, Any], index: int) -> tuple[Tensor, float, float]:
             inputs, targets = batch

@@ -103,17 +103,38 @@ def _grad(
             allow_unused=True,
             is_grads_batched=batched,
         )
-    except RuntimeError as err:
+    except (RuntimeError, NotImplementedError) as err:
         clearer = _missing_second_derivative(err)
         if clearer is None:
             raise
         raise clearer from err
 
 
-_NO_DERIVATIVE = re.compile(r"derivative for (aten::\w+?)(_backward)? is not implemented")
+# torch words it "derivative for aten::<op>_backward is not implemented" (RuntimeError) or
+# "the derivative for '<op>_backward' is not implemented." (NotImplementedError)
+_NO_DERIVATIVE = re.compile(r"derivative for '?((?:aten::)?\w+?)(_backward)?'? is not implemented")
+
+#: Ops torch differentiates only once, with the layer a user can write instead.
+_TWICE_DIFFERENTIABLE_INSTEAD = {
+    "_embedding_bag": (
+        " For nn.EmbeddingBag (F.embedding_bag): use nn.Embedding and reduce over each bag "
+        "(e.g. emb(x).mean(1), or a sum weighted by a mask for ragged bags)."
+    ),
+    # torch's default compute mode takes the matmul path only above 25 rows on either side
+    "_cdist": (
+        " For torch.cdist (p=2): pass compute_mode='use_mm_for_euclid_dist', whose backward "
+        "torch differentiates twice (the default uses it only above 25 rows)."
+    ),
+    "_pdist": (
+        " For F.pdist: use torch.cdist(x, x, compute_mode='use_mm_for_euclid_dist') and its "
+        "entries above the diagonal."
+    ),
+}
 
 
-def _missing_second_derivative(err: RuntimeError) -> NotImplementedError | None:
+def _missing_second_derivative(
+    err: RuntimeError | NotImplementedError,
+) -> NotImplementedError | None:
     """A worded error for torch's "derivative for aten::<op>_backward is not implemented".
 
     Curvature products differentiate a gradient once more; an op whose backward torch cannot
@@ -133,7 +154,8 @@ def _missing_second_derivative(err: RuntimeError) -> NotImplementedError | None:
         "empirical Fisher, which needs only the loss's first derivative: "
         "HessianFree(..., curvature='fisher') with a closure that returns (loss, outputs), or "
         "FisherLinearOperator. Otherwise write the op with operations torch can differentiate "
-        f"twice. (torch: {err})"
+        f"twice.{_TWICE_DIFFERENTIABLE_INSTEAD.get(op.removeprefix('aten::'), '')} "
+        f"(torch: {err})"
     )
 
 
@@ -938,6 +960,8 @@ class JacobianProduct:
         try:
             out = _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx])
         except NotImplementedError as err:  # e.g. nn.Embedding(sparse=True)'s backward
+            if _NO_DERIVATIVE.search(str(err.__cause__)):  # worded by _grad already
+                raise
             raise NotImplementedError(
                 "A Jacobian-vector product (Gauss-Newton, Fisher or Jacobian curvature) needs "
                 "the double backward of every operation of the model, and one has none: "

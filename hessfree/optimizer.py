@@ -133,7 +133,7 @@ from . import damping as _damping
 from ._autograd_hooks import AutogradHook
 from ._checks import check_number, check_reaches_params, closest_name
 from ._flat import LOW_PRECISION, ParamLayout, dot
-from ._graph_ops import twice_differentiable_attention
+from ._graph_ops import twice_differentiable_attention, twice_differentiable_weight_norm
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
 from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
@@ -1661,7 +1661,7 @@ class HessianFree(torch.optim.Optimizer):
         versions = [(p._version, p.data_ptr()) for p in params]
         try:
             # every call, not only graph-building ones: f(θ) and the trial losses from one kernel
-            with twice_differentiable_attention():
+            with twice_differentiable_attention(), twice_differentiable_weight_norm():
                 evaluation = self._call_once(closure, build_graph, uses_backward, stream)
         finally:
             if stream is not None:
