@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import spectral  # used qualified: hessfree.spectral.top_eigenpairs
 from ._flat import ParamLayout, trainable
+from ._graph_ops import twice_differentiable_weight_norm
 from ._settings import HFSettings
 from .acceleration import ProductPolicy, accelerate
 from .cg import CGResult, CGStop, StopReason, cg
@@ -94,4 +95,5 @@ __all__ = [
     # helpers
     "ParamLayout",
     "trainable",
+    "twice_differentiable_weight_norm",
 ]

@@ -23,7 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["cat_last", "twice_differentiable_attention", "twice_differentiable_weight_norm"]
+__all__ = [
+    "cat_last",
+    "fused_weight_norm_in",
+    "twice_differentiable_attention",
+    "twice_differentiable_weight_norm",
+]
 
 
 def cat_last(tensors: Sequence[Tensor]) -> Tensor:
@@ -109,7 +114,17 @@ def twice_differentiable_weight_norm() -> Iterator[None]:
     Hessian product through such a layer was silently off (first derivatives, and so
     Gauss-Newton products, were right). The values are torch's to rounding. ``torch._weight_norm``
     is swapped process-wide for the duration and restored on exit, as the attention kernel
-    choice above is.
+    choice above is. HessianFree's closure calls, the operators' model calls and :func:`hvp`
+    run inside it; a :class:`~hessfree.HessianProduct` of a loss computed outside it through
+    the fused kernel is refused (:func:`fused_weight_norm_in`).
+
+    Example:
+        >>> layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 2))
+        >>> x = torch.randn(4, 3)
+        >>> with twice_differentiable_weight_norm():
+        ...     loss = layer(x).square().sum()
+        >>> fused_weight_norm_in(loss), fused_weight_norm_in(layer(x).square().sum())
+        (False, True)
     """
     holders = [torch, sys.modules.get("torch.nn.utils.weight_norm")]  # the old API imported it
     saved = [(h, h._weight_norm) for h in holders if h is not None and hasattr(h, "_weight_norm")]
@@ -120,3 +135,23 @@ def twice_differentiable_weight_norm() -> Iterator[None]:
     finally:
         for holder, original in saved:
             holder._weight_norm = original
+
+
+#: The autograd node of torch's fused weight-norm kernel, whose double backward is wrong.
+_FUSED_WEIGHT_NORM = "WeightNormInterfaceBackward0"
+
+
+def fused_weight_norm_in(root: Tensor) -> bool:
+    """Whether ``root``'s autograd graph passes through torch's fused weight-norm kernel
+    (:func:`twice_differentiable_weight_norm`): a walk over the graph's nodes, ~1 µs each."""
+    stack = [root.grad_fn]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == _FUSED_WEIGHT_NORM:
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False

@@ -66,6 +66,7 @@ from torch import Tensor
 
 from ._checks import check_int, check_reaches_params, check_scalar_loss, check_vector
 from ._flat import ParamLayout
+from ._graph_ops import fused_weight_norm_in, twice_differentiable_weight_norm
 from ._types import MatVec
 
 __all__ = [
@@ -431,6 +432,17 @@ class HessianProduct(CurvatureProduct):
         self.layout = ParamLayout(self.params)
         if grads is None:
             loss = check_scalar_loss("loss", loss)
+            if fused_weight_norm_in(loss):
+                raise ValueError(
+                    "`loss` was computed through torch's fused weight-norm kernel "
+                    "(nn.utils.parametrizations.weight_norm, nn.utils.weight_norm; autograd node "
+                    "WeightNormInterfaceBackward0), whose double backward is wrong "
+                    "(torch.autograd.gradgradcheck fails), so Hessian products through it "
+                    "would be silently off. Compute the loss inside "
+                    "`with hessfree.twice_differentiable_weight_norm():` (the same values by "
+                    "the composite formula), or let hessfree call the model (HessianFree's "
+                    "closure, HessianLinearOperator(model, ...), hvp) where this is done for you."
+                )
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         grads = list(grads)
         check_reaches_params("loss", grads, len(self.params))
@@ -522,7 +534,7 @@ def hvp(
     else:
         raise TypeError(f"`v` must be a tensor or a tuple of tensors, got {type(v).__name__}.")
     check_vector("v", flat_v, layout.numel, layout.dtype, layout.device)  # no host sync
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable_weight_norm():  # torch's fused one is wrong
         loss = f(*prims)
         if isinstance(loss, Tensor) and not loss.requires_grad and loss.numel() == 1:
             return (

@@ -97,6 +97,7 @@ from torch import Tensor, nn
 from ._checks import ParamVersions, check_int, check_scalar_loss, unreached_params_error
 from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
+from ._graph_ops import twice_differentiable_weight_norm
 from ._model_data import _call_model, _check_model, _check_rows, _resolve_params, _shape
 from ._numpy_edge import _TorchLinearOperator
 from ._rng import _batch_seed
@@ -179,7 +180,8 @@ class HessianLinearOperator(CurvatureLinearOperator):
             raise TypeError(f"`x` must be a floating-point tensor, got {kind}.")
         z = x.detach().reshape(-1).clone().requires_grad_(True)
         with torch.enable_grad():
-            loss = check_scalar_loss("f(x)", f(z.view_as(x)))
+            with twice_differentiable_weight_norm():  # torch's fused kernel: wrong Hessian
+                loss = check_scalar_loss("f(x)", f(z.view_as(x)))
             product = HessianProduct(loss, [z])
         return cls.from_product(product, dtype=dtype)
 

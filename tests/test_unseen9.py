@@ -15,7 +15,14 @@ from torch import Tensor, nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
-from hessfree import GGNLinearOperator, HessianFree, HessianLinearOperator
+from hessfree import (
+    GGNLinearOperator,
+    HessianFree,
+    HessianLinearOperator,
+    HessianProduct,
+    hvp,
+    twice_differentiable_weight_norm,
+)
 
 EXACT = dict(rtol=1e-10, atol=1e-12)
 
@@ -192,3 +199,41 @@ def test_cdist_below_its_matmul_threshold_is_refused_with_the_compute_mode_that_
     np.testing.assert_allclose(
         HessianLinearOperator(fixed, nn.MSELoss(), (x, y)) @ v, H @ v, **EXACT
     )
+
+
+def _flat_weight_norm_loss(model: nn.Module, x: Tensor, y: Tensor):
+    """The MSE of ``model`` as a function of its flat parameters, evaluated by the model
+    itself (so through torch's fused weight-norm kernel, unless guarded)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def f(t: Tensor) -> Tensor:
+        parts = [c.view(s) for c, s in zip(t.split(sizes), shapes, strict=True)]
+        return F.mse_loss(functional_call(model, dict(zip(names, parts, strict=True)), (x,)), y)
+
+    return f
+
+
+def test_hvp_and_from_function_through_weight_norm_match_the_hand_written_hessian():
+    # hvp and HessianLinearOperator.from_function evaluate f themselves: they guard it as the
+    # closures do (main: off by the fused kernel's wrong double backward)
+    model, x, y, theta, H = _weight_norm_case()
+    f = _flat_weight_norm_loss(model, x, y)
+    v = torch.from_numpy(np.random.default_rng(1).standard_normal(theta.numel()))
+    np.testing.assert_allclose(hvp(f, theta, v).numpy(), H @ v.numpy(), **EXACT)
+    op = HessianLinearOperator.from_function(f, theta)
+    np.testing.assert_allclose(op @ v.numpy(), H @ v.numpy(), **EXACT)
+
+
+def test_hessian_product_of_a_loss_built_through_fused_weight_norm_is_refused():
+    # a loss the user computed: its graph is already the fused kernel's, so the product would
+    # be silently wrong; refused with the guard, under which it matches the hand-written one
+    model, x, y, theta, H = _weight_norm_case()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="twice_differentiable_weight_norm"):
+        HessianProduct(F.mse_loss(model(x), y), params)
+    with twice_differentiable_weight_norm():
+        loss = F.mse_loss(model(x), y)
+    v = torch.from_numpy(np.random.default_rng(2).standard_normal(theta.numel()))
+    np.testing.assert_allclose(HessianProduct(loss, params)(v).numpy(), H @ v.numpy(), **EXACT)
