@@ -104,7 +104,7 @@ def _grad(
             allow_unused=True,
             is_grads_batched=batched,
         )
-    except (RuntimeError, NotImplementedError) as err:
+    except RuntimeError as err:  # NotImplementedError included (a subclass)
         clearer = _missing_second_derivative(err)
         if clearer is None:
             raise
