@@ -149,9 +149,13 @@ def flow_nll(out: Tensor, _y: Tensor) -> Tensor:
     return (0.5 * z.pow(2).sum(-1) + 0.5 * z.shape[1] * math.log(2 * math.pi) - logdet).mean()
 
 
-def pinball(out: Tensor, y: Tensor, q: Tensor = torch.tensor([0.1, 0.5, 0.9])) -> Tensor:
-    e = y - out  # (N, 3 quantiles), y broadcast
-    q = q.to(out)
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def pinball(out: Tensor, y: Tensor) -> Tensor:
+    """The quantile (pinball) loss of outputs (N, 3) predicting QUANTILES of targets (N, 1)."""
+    e = y - out
+    q = torch.tensor(QUANTILES, dtype=out.dtype)
     return torch.maximum(q * e, (q - 1) * e).mean()
 
 
@@ -428,12 +432,12 @@ def part_race(budget: float = 2.0) -> None:
         spent = dict.fromkeys(names, 0.0)
         failed = {}
 
-        def closure_for(k):
+        def closure_for(k, models=models, opts=opts, loss_fn=loss_fn, x=x, y=y):
             m, o = models[k], opts[k]
             if k == "lo":
                 return lambda: (lambda out: (loss_fn(out, y), out))(m(x))
 
-            def c():
+            def c(m=m, o=o, loss_fn=loss_fn, x=x, y=y):
                 o.zero_grad()
                 loss = loss_fn(m(x), y)
                 loss.backward()
