@@ -124,3 +124,87 @@ def test_trial_losses_of_an_eval_mode_encoder_are_the_loss_autograd_sees():
             assert opt.last_step.status == "accepted"
     assert not caught  # (main: "nested tensors are in prototype stage", from the fast path)
     assert torch.backends.mha.get_fastpath_enabled()  # torch's setting restored
+
+
+# ------------------------------------------------------------------ operators (guards)
+
+
+class _DispatchMoE(nn.Module):
+    """Top-1 routing: each expert runs on its routed rows only, joined by ``index_add``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(3, 3)
+        self.experts = nn.ModuleList(nn.Linear(3, 2) for _ in range(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        top, idx = self.gate(x).topk(1, dim=-1)
+        w = torch.sigmoid(top)
+        y = x.new_zeros(x.shape[0], 2)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            y = y.index_add(0, rows, w[rows, slot].unsqueeze(-1) * torch.tanh(expert(x[rows])))
+        return y
+
+
+class _TiedAE(nn.Module):
+    """The decoder is the encoder's weight, transposed (``F.linear(h, W.t())``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(3, 2)
+        self.dec_bias = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.sigmoid(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+
+
+class _Odd(nn.Module):
+    """A 0-dim scale, a zero-size head, a non-contiguous weight and a frozen layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.a.weight = nn.Parameter(self.a.weight.detach().t().contiguous().t())
+        self.frozen = nn.Linear(4, 4).requires_grad_(False)
+        self.b = nn.Linear(4, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+            self.empty = nn.Linear(4, 0)
+        self.scale = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.frozen(torch.tanh(self.a(x))))
+        return torch.cat([self.b(h) * self.scale, self.empty(h)], -1)
+
+
+def _dense(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> dict[str, np.ndarray]:
+    """Float64 H and Jᵀ H_ℓ J of ``loss_fn(model(x), y)`` over the trained parameters."""
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    shapes, sizes = [p.shape for p in named.values()], [p.numel() for p in named.values()]
+    theta = torch.cat([p.detach().reshape(-1) for p in named.values()])
+
+    def f(t: Tensor) -> Tensor:
+        parts = [c.view(s) for c, s in zip(t.split(sizes), shapes, strict=True)]
+        return functional_call(model, dict(zip(named, parts, strict=True)), (x,))
+
+    out = f(theta).detach()
+    J = jacobian(lambda t: f(t).reshape(-1), theta)
+    HL = hessian(lambda o: loss_fn(o.view_as(out), y), out.reshape(-1))
+    H = hessian(lambda t: loss_fn(f(t), y), theta)
+    return dict(H=H.numpy(), G=(J.T @ HL @ J).numpy())
+
+
+@pytest.mark.parametrize("name", ["moe-dispatch", "tied-transpose", "odd-params"])
+def test_operators_match_dense_float64_matrices(name):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    model = {"moe-dispatch": _DispatchMoE, "tied-transpose": _TiedAE, "odd-params": _Odd}[name]()
+    model = model.double()
+    y = torch.rand(10, 3 if name != "moe-dispatch" else 2, generator=g, dtype=torch.float64)
+    loss_fn = F.binary_cross_entropy_with_logits if name == "tied-transpose" else F.mse_loss
+    ref = _dense(model, loss_fn, x, y)
+    for kind, cls in (("H", HessianLinearOperator), ("G", GGNLinearOperator)):
+        op = cls(model, loss_fn, (x, y))
+        np.testing.assert_allclose(op @ np.eye(op.shape[0]), ref[kind], **EXACT)
