@@ -468,7 +468,7 @@ def _run_hf(model, loss_fn, x, y, style: str, steps: int, **kw) -> dict:
         return loss_fn(out, y), out
 
     closure = hess if style == "hess" else lo
-    with torch.no_grad():
+    with torch.enable_grad():
         first = float(loss_fn(model(x), y))
     statuses, msgs = [], []
     with warnings.catch_warnings(record=True) as w:
@@ -480,7 +480,7 @@ def _run_hf(model, loss_fn, x, y, style: str, steps: int, **kw) -> dict:
         except Exception as err:  # noqa: BLE001
             msgs.append(f"{type(err).__name__}: {str(err)[:200]}")
         msgs += sorted({str(m.message)[:120] for m in w})
-    with torch.no_grad():
+    with torch.enable_grad():  # as the closures see it (no_grad: attention's fast path)
         last = float(loss_fn(model(x), y))
     return dict(first=first, last=last, statuses=statuses, msgs=msgs, opt=opt)
 
@@ -488,10 +488,13 @@ def _run_hf(model, loss_fn, x, y, style: str, steps: int, **kw) -> dict:
 def part_steps() -> None:
     print("\n## steps: 15 default HessianFree steps per closure style\n")
     print("| case | style | loss 0 | loss 15 | statuses | messages |\n|---|---|---|---|---|---|")
+    settings = [("hess", {}), ("lo", {}), ("lo", {"curvature": "hessian"})]
+    settings += [("lo", {"curvature": "fisher"})]
     for case in _cases(64):
-        for style in ("hess", "lo"):
+        for style, kw in settings:
             model, loss_fn, x, y = case.build()
-            r = _run_hf(model, loss_fn, x, y, style, 15)
+            r = _run_hf(model, loss_fn, x, y, style, 15, **kw)
+            style = style + "".join(f" {v}" for v in kw.values())
             from collections import Counter
 
             st = ", ".join(f"{k} {v}" for k, v in Counter(r["statuses"]).items())
@@ -562,6 +565,76 @@ def part_race(budget: float = 2.0, only: tuple[str, ...] = ()) -> None:
         print(f"| {case.name} | " + " | ".join(res) + f" | {load0:.1f}-{os.getloadavg()[0]:.1f} |")
 
 
+def part_smooth(budget: float = 3.0) -> None:
+    """K-FAC's reduction on a label-smoothed, summed cross-entropy: before (the reduction not
+    read, taken as 'mean') against after (read from the NLL term), interleaved by CPU time."""
+    import copy
+
+    import hessfree.optimizer as hfopt
+    from hessfree.curvature import _loss_node, _read_reduction
+
+    def before(loss, outputs):  # main's reading: nothing through the two-term graph
+        return None if _loss_node(loss, outputs) is None else _read_reduction(loss, outputs)
+
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    X = torch.tensor(data.data / 16.0, dtype=torch.float32)
+    Y = torch.tensor(data.target)
+    print(
+        f"\n## smooth: digits MLP 64-64-10, CE label_smoothing=0.1, reduction='sum', {budget} s\n"
+    )
+    print("| batch | seed | before | after | after/before | Adam 1e-3 (mean CE) | load |")
+    print("|---|---|---|---|---|---|---|")
+
+    def loss_fn(o, y):
+        return F.cross_entropy(o, y, label_smoothing=0.1, reduction="sum")
+
+    for batch in (len(X), 250):
+        for seed in (0, 1):
+            load0 = os.getloadavg()[0]
+            torch.manual_seed(seed)
+            m0 = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+            names = ["before", "after", "adam"]
+            ms = {k: copy.deepcopy(m0) for k in names}
+            opts = {k: HessianFree(ms[k].parameters()) for k in ("before", "after")}
+            opts["adam"] = torch.optim.Adam(ms["adam"].parameters(), lr=1e-3)
+            gens = {k: torch.Generator().manual_seed(100 + seed) for k in names}
+            spent = dict.fromkeys(names, 0.0)
+            while min(spent.values()) < budget:
+                for k in names:
+                    if spent[k] >= budget:
+                        continue
+                    m, o = ms[k], opts[k]
+                    bs = 64 if k == "adam" else batch
+                    idx = torch.randperm(len(X), generator=gens[k])[:bs]
+                    xb, yb = X[idx], Y[idx]
+                    hfopt._read_reduction = before if k == "before" else _read_reduction
+                    t0 = time.process_time()
+                    if k == "adam":
+                        o.zero_grad()
+                        F.cross_entropy(m(xb), yb, label_smoothing=0.1).backward()
+                        o.step()
+                    else:
+
+                        def c(m=m, xb=xb, yb=yb):
+                            out = m(xb)
+                            return loss_fn(out, yb), out
+
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            o.step(c)
+                    spent[k] += time.process_time() - t0
+            hfopt._read_reduction = _read_reduction
+            with torch.no_grad():
+                r = {k: float(F.cross_entropy(ms[k](X), Y, label_smoothing=0.1)) for k in names}
+            print(
+                f"| {batch} | {seed} | {r['before']:.4f} | {r['after']:.4f} | "
+                f"{r['after'] / r['before']:.3f} | {r['adam']:.4f} | "
+                f"{load0:.1f}-{os.getloadavg()[0]:.1f} |"
+            )
+
+
 if __name__ == "__main__":
     parts = sys.argv[1:2] or ["ops", "steps", "race"]
     print(f"torch {torch.__version__}, load {os.getloadavg()}, threads {torch.get_num_threads()}")
@@ -569,5 +642,5 @@ if __name__ == "__main__":
         if part == "race":  # optional case names after it
             part_race(only=tuple(sys.argv[2:]))
         else:
-            {"ops": part_ops, "steps": part_steps}[part]()
+            {"ops": part_ops, "steps": part_steps, "smooth": part_smooth}[part]()
     _ = pad_packed_sequence  # imported for users reading the GRU case

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
-from hessfree import GGNLinearOperator, HessianFree, HessianLinearOperator
+from hessfree import (
+    FisherLinearOperator,
+    GGNLinearOperator,
+    HessianFree,
+    HessianLinearOperator,
+)
 
 EXACT = dict(rtol=1e-10, atol=1e-12)
 
@@ -208,3 +213,56 @@ def test_operators_match_dense_float64_matrices(name):
     for kind, cls in (("H", HessianLinearOperator), ("G", GGNLinearOperator)):
         op = cls(model, loss_fn, (x, y))
         np.testing.assert_allclose(op @ np.eye(op.shape[0]), ref[kind], **EXACT)
+
+
+# ------------------------------------------------------------------ label-smoothed sums
+
+
+def _smoothed_data() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    y[::4] = -100  # ignored rows, as torch's smoothing term masks them too
+    return model, x, y
+
+
+def _summed_smoothed_ce(o: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(o, y, label_smoothing=0.1, reduction="sum")
+
+
+def _per_example_fisher(model: nn.Module, x: Tensor, y: Tensor) -> np.ndarray:
+    """Σ_i ∇ℓ_i ∇ℓ_iᵀ of the summed loss's per-example terms (``torch.func``)."""
+    named = dict(model.named_parameters())
+
+    def one(p: dict, xi: Tensor, yi: Tensor) -> Tensor:
+        return _summed_smoothed_ce(functional_call(model, p, (xi[None],)), yi[None])
+
+    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(named, x, y)
+    G = torch.cat([grads[k].reshape(len(x), -1) for k in named], 1)
+    return (G.T @ G).detach().numpy()
+
+
+def test_a_label_smoothed_summed_cross_entropy_reads_as_a_sum():
+    # torch's label-smoothed cross-entropy is two terms of the outputs (NLL + smoothing), which
+    # the reduction reading gave up on: main took this sum for a mean, silently, in
+    # FisherLinearOperator (the Fisher 12x too large here, no warning) and, with a warning, in
+    # HessianFree(curvature='fisher') and K-FAC's scale.
+    model, x, y = _smoothed_data()
+    oracle = _per_example_fisher(model, x, y)
+    with pytest.warns(UserWarning, match="its autograd graph is a sum"):
+        FisherLinearOperator(model, _summed_smoothed_ce, (x, y))
+    op = FisherLinearOperator(model, _summed_smoothed_ce, (x, y), reduction="sum")
+    np.testing.assert_allclose(op @ np.eye(op.shape[0]), oracle, **EXACT)
+
+    opt = HessianFree(model.parameters(), curvature="fisher")
+
+    def closure() -> tuple[Tensor, Tensor]:
+        out = model(x)
+        return _summed_smoothed_ce(out, y), out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # main: "cannot tell ... whether it sums or averages"
+        opt.step(closure)
+    assert opt.last_step.status == "accepted"
