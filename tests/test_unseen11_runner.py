@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import pytest
 from test_train_robust import snapshot, write_tiny
@@ -91,3 +92,24 @@ def test_unseen11_a_diverged_model_reports_no_accuracy(tmp_path):
     best = summary["optimizers"]["sgd"]["best"]["test_accuracy"]
     assert any(r["step"] == best["step"] and r["test_loss"] is not None for r in records)
     assert summary["optimizers"]["sgd"]["stop_reason"] == "diverged"
+
+
+def test_unseen11_a_unicode_run_name_plots_without_glyph_warnings(tmp_path):
+    """main: a run directory named in a script DejaVu Sans lacks (the plot title) printed
+    matplotlib's "Glyph ... missing from font(s)" on stderr, once per glyph and figure."""
+    from hessfree.train.plots import plot_metrics
+
+    records = [
+        {
+            "optimizer": "adam",
+            "step": s,
+            "seconds": 0.1 * s,
+            "train_loss": 1 / (s + 1),
+            "test_loss": 1,
+        }
+        for s in range(3)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = plot_metrics(records, tmp_path, title="run ü 日本")
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
