@@ -2747,7 +2747,7 @@ class HessianFree(torch.optim.Optimizer):
         watch = getattr(self.precond, "watch", None)
         if callable(watch):  # e.g. CGPairPreconditioner: CG's own products become its pairs
             damped = watch(damped)
-        x0 = self._warm_start(product, g, run.state)
+        x0 = self._warm_start(product, g, run.state, run.layout)
         b = -g
         scale = None
         if run.metric is not None:
@@ -2923,8 +2923,11 @@ class HessianFree(torch.optim.Optimizer):
             return product is not None and not product.positive_semidefinite
         return on
 
-    def _warm_start(self, product: object, g: Tensor, state: dict) -> Tensor | None:
-        """§4.5: ``cg_decay`` × the previous step's final CG iterate, or ``None`` (cold)."""
+    def _warm_start(
+        self, product: object, g: Tensor, state: dict, layout: ParamLayout | None = None
+    ) -> Tensor | None:
+        """§4.5: ``cg_decay`` × the previous step's final CG iterate, or ``None`` (cold); zero
+        on the parameters whose gradient is zero throughout this step (with ``layout``)."""
         # popped and decayed in place: one vector, not two, besides CG's copy (set again after);
         # state_dict() and load_state_dict() copy it, so no state dict shares it
         previous = state.pop("warm_start", None)
@@ -2934,6 +2937,13 @@ class HessianFree(torch.optim.Optimizer):
         if previous is None or not decay > 0 or previous.shape != g.shape:
             return None
         x0 = previous.to(device=g.device, dtype=g.dtype).mul_(decay)
+        if layout is not None and len(layout.numels) > 1:
+            # A parameter the loss did not reach this step (an unused branch, an expert no
+            # example was routed to) has no gradient and no curvature: the damped model's
+            # minimiser leaves it alone, but CG hardly shrinks a warm start there (its residual
+            # is λ·x0), so the previous move went on, 0.37-0.93x of it per step while unused
+            # ("unseen10"). A zero gradient block is read without a host sync.
+            x0.mul_(_reached(g, layout))
         radius = state.get("trust_radius")
         if radius is not None and self._trust_radius(product):  # start inside the ball
             x0.mul_(min(1.0, radius / max(float(x0.norm()), 1e-300)))
@@ -3802,6 +3812,20 @@ def _unpack(
             f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}{hint}."
         )
     return (result if result.dim() == 0 else result.reshape(())), outputs, hidden
+
+
+def _reached(g: Tensor, layout: ParamLayout) -> Tensor:
+    """1 on the entries of parameters with a nonzero gradient block in ``g``, else 0 (one
+    ``index_add_`` and one gather; the block index is cached on ``layout``)."""
+    block = getattr(layout, "_block_index", None)
+    if block is None or block.device != g.device:
+        sizes = torch.tensor(layout.numels, device=g.device)
+        block = torch.repeat_interleave(
+            torch.arange(len(layout.numels), device=g.device), sizes, output_size=layout.numel
+        )
+        layout._block_index = block
+    mass = g.new_zeros(len(layout.numels)).index_add_(0, block, g.abs())
+    return (mass != 0).to(g.dtype)[block]
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:

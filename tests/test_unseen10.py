@@ -266,3 +266,42 @@ def test_a_label_smoothed_summed_cross_entropy_reads_as_a_sum():
         warnings.simplefilter("error")  # main: "cannot tell ... whether it sums or averages"
         opt.step(closure)
     assert opt.last_step.status == "accepted"
+
+
+# ------------------------------------------------------------------ unused in some steps
+
+
+@pytest.mark.parametrize("style", ["hess", "loss-outputs"])
+def test_a_parameter_unused_in_a_step_does_not_move_in_it(style):
+    # A branch the loss skips in this step (an MoE expert no example was routed to) has no
+    # gradient and no curvature, so the damped quadratic's minimiser leaves it at 0 (and
+    # torch.optim skips a parameter whose .grad is None). On main the warm start carried the
+    # previous step's move on: 0.37-0.93x of it per unused step.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 2).double(), nn.Linear(4, 2).double()
+    opt = HessianFree([*a.parameters(), *b.parameters()])
+    for use_b in (True, False, False, True, False):
+
+        def f(use_b=use_b) -> Tensor:
+            return a(x) + b(x) if use_b else a(x)
+
+        def lbfgs_style() -> Tensor:
+            opt.zero_grad()
+            loss = F.mse_loss(f(), y)
+            loss.backward()
+            return loss
+
+        def loss_outputs() -> tuple[Tensor, Tensor]:
+            out = f()
+            return F.mse_loss(out, y), out
+
+        before = [p.detach().clone() for p in b.parameters()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 'auto' turns K-FAC off once b stops running
+            opt.step(lbfgs_style if style == "hess" else loss_outputs)
+        assert opt.last_step.status == "accepted"
+        moved = any(not torch.equal(p, q) for p, q in zip(b.parameters(), before, strict=True))
+        assert moved == use_b
