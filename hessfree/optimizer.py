@@ -2936,14 +2936,16 @@ class HessianFree(torch.optim.Optimizer):
             decay = 0.95
         if previous is None or not decay > 0 or previous.shape != g.shape:
             return None
-        x0 = previous.to(device=g.device, dtype=g.dtype).mul_(decay)
+        x0 = previous.to(device=g.device, dtype=g.dtype)
         if layout is not None and len(layout.numels) > 1:
             # A parameter the loss did not reach this step (an unused branch, an expert no
             # example was routed to) has no gradient and no curvature: the damped model's
             # minimiser leaves it alone, but CG hardly shrinks a warm start there (its residual
             # is λ·x0), so the previous move went on, 0.37-0.93x of it per step while unused
-            # ("unseen10"). A zero gradient block is read without a host sync.
-            x0.mul_(_reached(g, layout))
+            # ("unseen10"). Read per block without a host sync, applied with the decay.
+            _decay_reached(x0, g, layout, decay)
+        else:
+            x0.mul_(decay)
         radius = state.get("trust_radius")
         if radius is not None and self._trust_radius(product):  # start inside the ball
             x0.mul_(min(1.0, radius / max(float(x0.norm()), 1e-300)))
@@ -3814,18 +3816,12 @@ def _unpack(
     return (result if result.dim() == 0 else result.reshape(())), outputs, hidden
 
 
-def _reached(g: Tensor, layout: ParamLayout) -> Tensor:
-    """1 on the entries of parameters with a nonzero gradient block in ``g``, else 0 (one
-    ``index_add_`` and one gather; the block index is cached on ``layout``)."""
-    block = getattr(layout, "_block_index", None)
-    if block is None or block.device != g.device:
-        sizes = torch.tensor(layout.numels, device=g.device)
-        block = torch.repeat_interleave(
-            torch.arange(len(layout.numels), device=g.device), sizes, output_size=layout.numel
-        )
-        layout._block_index = block
-    mass = g.new_zeros(len(layout.numels)).index_add_(0, block, g.abs())
-    return (mass != 0).to(g.dtype)[block]
+def _decay_reached(x0: Tensor, g: Tensor, layout: ParamLayout, decay: float) -> None:
+    """``x0 *= decay`` on the parameters whose block of ``g`` is nonzero, ``x0 *= 0`` on the
+    others (in place; one foreach 1-norm of ``g``, one foreach product)."""
+    norms = torch.stack(torch._foreach_norm(g.split_with_sizes(layout.numels), ord=1))
+    keep = (norms != 0).to(x0.dtype).mul_(decay)  # a NaN norm keeps the block
+    torch._foreach_mul_(list(x0.split_with_sizes(layout.numels)), list(keep.unbind()))
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
