@@ -2941,7 +2941,7 @@ class HessianFree(torch.optim.Optimizer):
             # A parameter the loss did not reach this step (an unused branch, an expert no
             # example was routed to) has no gradient and no curvature: the damped model's
             # minimiser leaves it alone, but CG hardly shrinks a warm start there (its residual
-            # is λ·x0), so the previous move went on, 0.37-0.93x of it per step while unused
+            # is λ·x0), so the previous move went on, 0.06-0.89x of it per step while unused
             # ("unseen10"). Read per block without a host sync, applied with the decay.
             _decay_reached(x0, g, layout, decay)
         else:
