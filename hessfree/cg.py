@@ -637,8 +637,7 @@ class _HostTests:
         if self.radius_sq is not None:
             f = self.round
             xp, pp = torch.dot(x, p).item(), torch.dot(p, p).item()
-            # xx + (2 alpha) xp + (alpha alpha) pp, left to right as the tensor expression
-            xx_next = f(f(self.xx + f(f(2 * alpha_h) * xp)) + f(f(alpha_h * alpha_h) * pp))
+            xx_next = _norm_sq_next(f, self.xx, alpha_h, xp, pp)
             inside = not xx_next > self.radius_sq
         self.inside = inside
         self.row = [math.isfinite(pAp_h), pAp_h > 0, math.isfinite(alpha_h)]
@@ -670,7 +669,7 @@ class _HostTests:
         progress = False
         k = _progress_gap(i)
         if self.progress_tol is not None and i > k and i >= self.min_iter and phi < 0:
-            progress = f(f(phi - self.phi[i - k]) / phi) < f(k * self.progress_tol)
+            progress = _progress_quotient(f, phi, self.phi[i - k]) < f(k * self.progress_tol)
         self.row += [finite_after, converged, progress, self.inside]  # _decode's columns
         self.running = self.go and finite_after and not converged and not progress
         return rz_next / rz if self.running else self.one
@@ -681,6 +680,19 @@ class _HostTests:
     def phi_history(self) -> Tensor:
         """φ(x_0), ..., φ(x_i) as a tensor (the post-loop steps write one entry past the last)."""
         return torch.tensor(self.phi, dtype=self.dtype, device=self.device)
+
+
+def _norm_sq_next(
+    f: Callable[[float], float], xx: float, alpha: float, xp: float, pp: float
+) -> float:
+    """||x + alpha p||^2 = xx + (2 alpha) xp + (alpha alpha) pp, rounded by ``f`` after each
+    operation, left to right as :class:`_DeviceTests` evaluates it in tensors."""
+    return f(f(xx + f(f(2 * alpha) * xp)) + f(f(alpha * alpha) * pp))
+
+
+def _progress_quotient(f: Callable[[float], float], phi: float, phi_old: float) -> float:
+    """(phi - phi_old) / phi, rounded by ``f`` after each operation, as :func:`_progress`."""
+    return f(f(phi - phi_old) / phi)
 
 
 def _round_float32(value: float) -> float:
