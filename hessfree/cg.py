@@ -666,10 +666,7 @@ class _HostTests:
         converged = rr_h <= self.tol_sq
         if self.b_zero is not None:
             converged = converged and (self.b_zero or phi < 0)
-        progress = False
-        k = _progress_gap(i)
-        if self.progress_tol is not None and i > k and i >= self.min_iter and phi < 0:
-            progress = _progress_quotient(f, phi, self.phi[i - k]) < f(k * self.progress_tol)
+        progress = _host_progress(f, self.phi, i, self.progress_tol, self.min_iter)
         self.row += [finite_after, converged, progress, self.inside]  # _decode's columns
         self.running = self.go and finite_after and not converged and not progress
         return rz_next / rz if self.running else self.one
@@ -688,6 +685,22 @@ def _norm_sq_next(
     """||x + alpha p||^2 = xx + (2 alpha) xp + (alpha alpha) pp, rounded by ``f`` after each
     operation, left to right as :class:`_DeviceTests` evaluates it in tensors."""
     return f(f(xx + f(f(2 * alpha) * xp)) + f(f(alpha * alpha) * pp))
+
+
+def _host_progress(
+    f: Callable[[float], float],
+    history: list[float],
+    i: int,
+    progress_tol: float | None,
+    min_iter: int,
+) -> bool:
+    """:func:`_progress` on host floats rounded by ``f`` after each operation; the threshold
+    k ε too, as torch rounds a Python float compared with a float32 tensor."""
+    k = _progress_gap(i)
+    if progress_tol is None or i <= k or i < min_iter:
+        return False
+    phi = history[i]
+    return phi < 0 and _progress_quotient(f, phi, history[i - k]) < f(k * progress_tol)
 
 
 def _progress_quotient(f: Callable[[float], float], phi: float, phi_old: float) -> float:

@@ -230,22 +230,45 @@ def test_round_float32_matches_torch_cast():
 def test_host_scalar_helpers_match_tensor_arithmetic():
     """_norm_sq_next and _progress_quotient against the 0-dim float32 expressions they replace."""
     gen = torch.Generator().manual_seed(1)
-    xx, alpha, xp, pp, phi, old = (_random_float32(gen, 4000) for _ in range(6))
+    xx, alpha, xp, pp, phi, old = (_random_float32(gen, 3000) for _ in range(6))
     xx, pp = xx.abs(), pp.abs()
     f = cg_module._round_float32
-    for a, s, u, v, ph, o in zip(*(t.tolist() for t in (xx, alpha, xp, pp, phi, old)), strict=True):
+    values = zip(*(t.tolist() for t in (xx, alpha, xp, pp, phi, old)), strict=True)
+    for a, s, u, v, ph, o in values:
         ta, ts, tu, tv, tph, to = (
             torch.tensor(w, dtype=torch.float32) for w in (a, s, u, v, ph, o)
         )
         device = ta + 2 * ts * tu + ts * ts * tv
         host = cg_module._norm_sq_next(f, a, s, u, v)
         assert torch.equal(_bits(device), _bits(torch.tensor(host, dtype=torch.float32)))
-        if ph == 0:  # the library asks only where phi < 0
-            continue
-        quotient = cg_module._progress_quotient(f, ph, o)
-        assert torch.equal(
-            _bits((tph - to) / tph), _bits(torch.tensor(quotient, dtype=torch.float32))
-        )
+        if ph != 0:  # the library asks only where phi < 0
+            host = cg_module._progress_quotient(f, ph, o)
+            assert torch.equal(
+                _bits((tph - to) / tph), _bits(torch.tensor(host, dtype=torch.float32))
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_progress_matches_device_progress(dtype):
+    """_host_progress against _progress on histories whose quotient sits at k ε (± 1 ulp)."""
+    gen = torch.Generator().manual_seed(3)
+    f = cg_module._round_float32 if dtype == torch.float32 else float
+    no = torch.zeros((), dtype=torch.bool)
+    outcomes = set()
+    for i in (5, 11, 25, 150, 400):
+        k = cg_module._progress_gap(i)
+        for tol in (torch.rand(60, generator=gen, dtype=torch.float64) * 0.01).tolist():
+            history = -torch.rand(i + 1, generator=gen, dtype=torch.float64).to(dtype)
+            # phi_{i-k} = phi_i (1 - k tol): the quotient lands on the threshold, give or take
+            history[i - k] = history[i] * (1 - k * tol)
+            history[i - k] = torch.nextafter(history[i - k], -history[i - k] * (i % 3 - 1))
+            device = cg_module._progress(history[i], history, i, tol, 0, no)
+            host = cg_module._host_progress(f, history.tolist(), i, tol, 0)
+            assert bool(device) == host
+            outcomes.add(host)
+        assert not cg_module._host_progress(f, history.tolist(), i, None, 0)
+        assert not cg_module._host_progress(f, history.tolist(), i, 0.01, i + 1)
+    assert outcomes == {True, False}
 
 
 def test_host_threshold_is_rounded_like_a_tensor_comparison():
