@@ -363,7 +363,8 @@ def cg(
     # Vectors alive across iterations: x, r, p (z too with a preconditioner) and, only when
     # masking, one scratch buffer; a product's output is dropped before the next product.
     mask = (torch.empty_like(b), zero) if mask_vectors else None
-    if _HOST_SCALARS and device.type == "cpu" and not mask_vectors:
+    # On CPU a read every iteration costs no wait: the scalar work in host floats (bitwise).
+    if _HOST_SCALARS and device.type == "cpu" and not mask_vectors and dtype in _HOST_DTYPES:
         tests: _HostTests | _DeviceTests = _HostTests(
             history, tol_sq, b_zero, x, radius_sq, progress_tol, min_iter
         )
@@ -506,6 +507,8 @@ def _check_arguments(
 
 #: Private switch for tests: False sends CPU solves through the device tests as well.
 _HOST_SCALARS = True
+#: The dtypes whose 0-dim arithmetic _HostTests reproduces (bfloat16 CG stays on tensors).
+_HOST_DTYPES = (torch.float32, torch.float64)
 
 
 class _DeviceTests:
@@ -666,8 +669,9 @@ class _HostTests:
         phi = f(0.5 * f(torch.dot(x, r).item() - torch.dot(x, b).item()))  # as _phi
         self.phi.append(phi)
         rr_h = rr.item()
-        last = rr_h if skip or rr is rz_next else rz_next.item()
-        finite_after = math.isfinite(last) and math.isfinite(phi)
+        # r₊ᵀz₊, or rᵀr where the last M⁻¹ was skipped (rz_next is then the old rᵀz)
+        rz_h = rr_h if skip or rr is rz_next else rz_next.item()
+        finite_after = math.isfinite(rz_h) and math.isfinite(phi)
         converged = rr_h <= self.tol_sq
         if self.b_zero is not None:
             converged = converged and (self.b_zero or phi < 0)
@@ -680,7 +684,7 @@ class _HostTests:
         return _decode([self.row], i)
 
     def phi_history(self) -> Tensor:
-        """φ(x_0), ..., φ(x_i) as a tensor (the post-loop steps write one entry past the last)."""
+        """φ(x_0), ..., φ(x_i) as a tensor, i the last iteration run (a stop's included)."""
         return torch.tensor(self.phi, dtype=self.dtype, device=self.device)
 
 

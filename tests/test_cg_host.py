@@ -18,7 +18,12 @@ from hessfree.cg import CGResult, CGStop, cg
 
 cg_module = importlib.import_module("hessfree.cg")
 
-_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16}
+_BITS = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -185,11 +190,13 @@ def test_cg_host_monitor_calls_and_stop(monkeypatch, dtype):
     _assert_identical(host, device)
 
 
-def test_cg_host_float16_rhs(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cg_host_16_bit_rhs(monkeypatch, dtype):
+    """float16 b runs CG in float32 (the host path); bfloat16 in bfloat16 (the device tests)."""
     A, b = _system(24, 11, torch.float32)
-    A16, b16 = A.half(), b.half()
-    host, device, _, _ = _solve_both(monkeypatch, lambda v: A16 @ v, b16, rtol=1e-3)
-    assert host.x.dtype == torch.float16 and host.phi_history.dtype == torch.float32
+    A16, b16 = A.to(dtype), b.to(dtype)
+    host, device, _, _ = _solve_both(monkeypatch, lambda v: A16 @ v, b16, rtol=1e-2)
+    assert host.x.dtype == dtype and host.phi_history.dtype != torch.float64
     _assert_identical(host, device)
 
 
@@ -206,7 +213,11 @@ def test_cg_host_path_taken_on_cpu_only_with_a_read_every_iteration(monkeypatch)
     cg(lambda v: A @ v, b)
     assert built == [1]
     cg(lambda v: A @ v, b, check_every=2)  # masked updates: the device path
-    assert built == [1]
+    cg(lambda v: A.float() @ v, b.float())
+    assert built == [1, 1]
+    A16 = A.to(torch.bfloat16)
+    cg(lambda v: A16 @ v, b.to(torch.bfloat16))  # bfloat16 arithmetic: the device path
+    assert built == [1, 1]
 
 
 def _random_float32(gen: torch.Generator, size: int) -> torch.Tensor:
