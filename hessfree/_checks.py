@@ -174,31 +174,65 @@ def check_reaches_params(name: str, parts: Sequence[Tensor | None], num_params: 
         raise unreached_params_error(name, num_params)
 
 
+def converted_params_error(
+    params: Sequence[Tensor], dtype: torch.dtype, device: torch.device, fix: str
+) -> RuntimeError | None:
+    """The error for parameters no longer of the ``dtype``/``device`` an operator was built
+    for (``model.double()``, ``model.to(...)`` since), or ``None`` if all still are."""
+    for i, p in enumerate(params):
+        if p.dtype != dtype or p.device != device:
+            return RuntimeError(
+                f"`params` were converted since the operator was built: parameter {i} (shape "
+                f"{tuple(p.shape)}) is now {p.dtype} on {p.device}, the operator was built for "
+                f"{dtype} on {device} (e.g. model.double() or model.to(...) after building "
+                f"it). {fix}"
+            )
+    return None
+
+
 class ParamVersions:
     """The in-place version counters of ``params`` when a graph over them was built.
 
     A graph holds the parameters it was built at; after ``optimizer.step()`` or
     ``load_state_dict`` its products would use the old values, or torch's in-place check
     would fail, depending on which layer changed. :meth:`check` says so plainly instead.
+    Assigning ``p.data`` (``torch.nn.utils.vector_to_parameters`` does) or converting the
+    model (``model.double()``, ``.to()``) swaps a parameter's tensor without touching its
+    version counter, so the tensors are compared too: each is held (a detached alias, no
+    copy) so that its memory, hence its address, cannot be handed to a new tensor.
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)
         self.versions = [p._version for p in self.params]
+        self.held = [p.detach() for p in self.params]
+        self.ptrs = [h.data_ptr() for h in self.held]
 
     def check(self, fix: str) -> None:
         """Raise ``RuntimeError`` naming the first changed parameter and suggesting ``fix``."""
+        held = self.held[0] if self.held else None
+        if held is not None:
+            fix_new = "Build a new operator for the converted model."
+            err = converted_params_error(self.params, held.dtype, held.device, fix_new)
+            if err is not None:
+                raise err
         changed = [
             i
-            for i, (p, v) in enumerate(zip(self.params, self.versions, strict=True))
-            if p._version != v
+            for i, (p, v, ptr) in enumerate(zip(self.params, self.versions, self.ptrs, strict=True))
+            if p._version != v or p.data_ptr() != ptr
         ]
         if changed:
             i = changed[0]
             more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            how = (
+                "changed in place since the operator was built: parameter {i} (shape {s}){more}, "
+                "e.g. by optimizer.step() or load_state_dict()"
+                if self.params[i]._version != self.versions[i]
+                else "had their tensors replaced since the operator was built: parameter {i} "
+                "(shape {s}){more} holds other data (p.data = ..., e.g. by "
+                "torch.nn.utils.vector_to_parameters)"
+            ).format(i=i, s=tuple(self.params[i].shape), more=more)
             raise RuntimeError(
-                f"`params` changed in place since the operator was built: parameter {i} "
-                f"(shape {tuple(self.params[i].shape)}){more}, e.g. by optimizer.step() or "
-                "load_state_dict(). The operator holds the graph of the parameters it was "
-                f"built at, so its products would mix old and new values. {fix}"
+                f"`params` {how}. The operator holds the graph of the parameters it was built "
+                f"at, so its products would mix old and new values. {fix}"
             )

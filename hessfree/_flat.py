@@ -59,7 +59,7 @@ def trainable(params: Iterable[Tensor] | torch.nn.Module) -> list[Tensor]:
     out = []
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
-            raise TypeError(f"`params[{i}]` must be a torch.Tensor, got {type(p).__name__}.")
+            raise TypeError(f"`params[{i}]` must be a torch.Tensor, got {_kind(p)}.")
         if p.requires_grad:
             out.append(p)
     if not out:
@@ -68,6 +68,21 @@ def trainable(params: Iterable[Tensor] | torch.nn.Module) -> list[Tensor]:
             "(e.g. model.parameters())."
         )
     return out
+
+
+def _kind(item: object) -> str:
+    """What a non-tensor ``params`` item is, with the fix for the usual mistakes."""
+    if isinstance(item, str):
+        return (
+            f"the str {item!r}: parameters are passed as tensors, not names (e.g. "
+            "[dict(model.named_parameters())[name] for name in names])"
+        )
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return (
+            f"a ({item[0]!r}, ...) pair: pass model.parameters(), or "
+            "[p for _, p in model.named_parameters()], not model.named_parameters()"
+        )
+    return type(item).__name__
 
 
 class ParamLayout:

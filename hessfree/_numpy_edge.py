@@ -66,6 +66,23 @@ class _TorchLinearOperator(LinearOperator):
         self._edge = _TORCH_OF[edge]
         super().__init__(edge, shape)
 
+    # ---- copies: a shallow copy shares the products; pickling and deep copies are refused
+    def __copy__(self) -> _TorchLinearOperator:
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        return copy
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        # Without this, pickle and copy.deepcopy fail deep inside with torch's "Only Tensors
+        # created explicitly by the user (graph leaves) support the deepcopy protocol" (which
+        # points at weight_norm) or "Can't pickle local object".
+        raise TypeError(
+            f"A {type(self).__name__} cannot be pickled or deep-copied: it holds the model's "
+            "live parameters and autograd graphs over them, which belong to this process. "
+            "Save the model's state_dict (and the data) instead and build the operator again "
+            "where it is needed; copy.copy gives a second view of the same operator."
+        )
+
     # ---- conversions
     def _as_tensor(self, x: np.ndarray) -> Tensor:
         """``x`` as a tensor in the compute dtype on the device; shares memory when it can."""

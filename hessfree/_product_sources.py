@@ -28,7 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import ParamVersions, check_reaches_params, check_scalar_loss
+from ._checks import (
+    ParamVersions,
+    check_reaches_params,
+    check_scalar_loss,
+    converted_params_error,
+)
 from ._flat import ParamLayout
 from ._model_data import (
     _as_pair,
@@ -279,6 +284,15 @@ class _DataProducts:
                 "products at the current ones."
             )
 
+    def _check_unconverted(self) -> None:
+        """Refuse parameters converted since construction (``model.double()``): the products
+        run in the dtype and on the device the operator was built for."""
+        err = converted_params_error(
+            self.params, self.dtype, self.device, "Build a new operator for the converted model."
+        )
+        if err is not None:
+            raise err
+
     def apply(self, V: Tensor) -> Tensor:
         power = self._share_power
         if self._product is not None:
@@ -286,6 +300,7 @@ class _DataProducts:
             return self._cached_across_ranks(_product_rows(self._product, V), power)
 
         _check_modes_kept(self._modes)  # forward passes below: model.train() since?
+        self._check_unconverted()
 
         def per_batch(batch: tuple[Any, Any], index: int) -> tuple[Tensor, float, float]:
             product, size, rows = self._build(batch, index)
@@ -301,6 +316,7 @@ class _DataProducts:
             return self._cached_across_ranks(g.clone(), 1) if self._ranks.active else g
 
         _check_modes_kept(self._modes)
+        self._check_unconverted()
 
         def per_batch(batch: tuple[Any, Any], index: int) -> tuple[Tensor, float, float]:
             inputs, targets = batch

@@ -158,6 +158,7 @@ def test_two_ranks_equal_one_process_and_only_rank_0_writes(tmp_path):
     last = read_metrics(tmp_path / "ref" / "metrics.jsonl")[-1]["train_loss"]
     assert last < first - 0.1, "the reference did not train; the comparison would be vacuous"
     assert {p.name for p in run.iterdir()} == {
+        ".lock",  # rank 0's hold on the run directory while it writes
         "config.yaml",
         "metrics.jsonl",
         "summary.json",

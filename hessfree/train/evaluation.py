@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +20,12 @@ def evaluate(
     chunk: int,
 ) -> dict[str, float]:
     """``<split>_loss`` and ``<split>_<metric>`` for each set, in chunks of ``chunk`` cases,
-    in eval mode (the model is back in train mode afterwards)."""
+    in eval mode (the model is back in train mode afterwards).
+
+    Where a split's loss is not finite (a diverged model), its metric is NaN too (``null`` in
+    ``metrics.jsonl``): an argmax over NaN logits is no prediction, and its accuracy would
+    otherwise enter the summary's best values.
+    """
     model.eval()
     out: dict[str, float] = {}
     try:
@@ -31,7 +38,8 @@ def evaluate(
                 loss_sum += float(objective.loss(outputs, tb)) * xb.shape[0]
                 metric_sum += float(objective.metric(outputs, tb)) * xb.shape[0]
             out[f"{split}_loss"] = loss_sum / x.shape[0]
-            out[f"{split}_{objective.metric_name}"] = metric_sum / x.shape[0]
+            metric = metric_sum / x.shape[0] if math.isfinite(loss_sum) else math.nan
+            out[f"{split}_{objective.metric_name}"] = metric
     finally:
         model.train()
     return out

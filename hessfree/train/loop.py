@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import math
 import signal
 import sys
@@ -91,6 +92,7 @@ from hessfree.train.progress import Progress
 from hessfree.train.rundir import (
     CHECKPOINT_FORMAT,
     default_run_dir,
+    lock_run_dir,
     prepare_run_dir,
     run_dir_problems,
 )
@@ -346,6 +348,7 @@ class Runner:
         self.config_header = config_header
         self._stop_signal: int | None = None
         self.group = Group()
+        self._lock: Any = None  # the run directory's lock while this process writes it
 
     # -- control ---------------------------------------------------------------------------
 
@@ -441,16 +444,26 @@ class Runner:
         )
 
     def _prepare_dir(self) -> dict[str, dict[str, Any]]:
-        """Create (or check, when resuming) the run directory; return existing checkpoints."""
-        return prepare_run_dir(
+        """Create (or check, when resuming) the run directory; return existing checkpoints.
+
+        The writing process holds the directory's lock (:func:`lock_run_dir`) for the run:
+        a resume takes it before reading anything, a new run as soon as it has created it.
+        """
+        writer = self.group.rank == 0
+        if writer and self.resume and (self.run_dir / "config.yaml").is_file():
+            self._lock = lock_run_dir(self.run_dir)
+        found = prepare_run_dir(
             self.run_dir,
             self.config,
             resume=self.resume,
-            writer=self.group.rank == 0,
+            writer=writer,
             world_size=self.group.world_size,
             config_header=self.config_header,
             say=self._say,
         )
+        if writer and not self.resume:
+            self._lock = lock_run_dir(self.run_dir)
+        return found
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -476,6 +489,9 @@ class Runner:
         finally:
             self.group = Group()
             torch.set_num_threads(threads)
+            if self._lock is not None:
+                self._lock.close()  # releases the run directory
+                self._lock = None
 
     def _start(self) -> dict[str, dict[str, Any]]:
         """Set up and prepare the run directory, on every rank alike; return checkpoints."""
@@ -494,6 +510,10 @@ class Runner:
     def _run(self) -> RunResult:
         checkpoints = self._start()
         writer = self.group.rank == 0
+        plots = writer and self.config.output.plots
+        if plots and importlib.util.find_spec("matplotlib") is None:
+            print(_no_plots_message(), file=sys.stderr, flush=True)  # before the work
+            plots = False
         # The latest checkpoint wrote the most (an optimizer continued under a larger budget
         # on resume writes after the ones that followed it).
         truncate_to = max((int(c["metrics_bytes"]) for c in checkpoints.values()), default=0)
@@ -530,10 +550,8 @@ class Runner:
             status=status.value,
         )
         write_json_atomic(self.run_dir / "summary.json", summary)
-        if status is RunStatus.COMPLETED and self.config.output.plots:
-            from hessfree.train.plots import plot_run
-
-            plot_run(self.run_dir)
+        if status is RunStatus.COMPLETED and plots:
+            self._plot()
         self._say("\n" + format_table(summary))
         if status is RunStatus.INTERRUPTED:
             self._say(
@@ -543,6 +561,15 @@ class Runner:
         else:
             self._say(f"\nrun directory: {self.run_dir}")
         return RunResult(self.run_dir, status, signum, summary)
+
+    def _plot(self) -> None:
+        """Write the plots; without matplotlib, say so (stderr) instead of failing the run."""
+        from hessfree.train.plots import plot_run
+
+        try:
+            plot_run(self.run_dir)
+        except ImportError as err:
+            print(_no_plots_message(err), file=sys.stderr, flush=True)
 
     def _outcome(self, spec: OptimizerConfig, reason: RunStop, st: Progress) -> dict[str, Any]:
         return {
@@ -869,6 +896,16 @@ class Runner:
             train=f"{record['train_loss']:.4g}", test=f"{record['test_loss']:.4g}", refresh=False
         )
         return math.isfinite(record["train_loss"])
+
+
+def _no_plots_message(err: BaseException | None = None) -> str:
+    why = f" ({err})" if err is not None else ""
+    return (
+        f"hessfree: warning: matplotlib cannot be imported{why}, so this run writes no "
+        "plots (metrics.jsonl and summary.json hold every number; plot them later with "
+        "hessfree.train.plots.plot_run(RUN_DIR)). Install matplotlib, or set "
+        "output.plots=false to silence this."
+    )
 
 
 def run_experiment(

@@ -8,6 +8,7 @@ the top row and the task metric below.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,11 @@ def plot_metrics(
         if title:
             fig.suptitle(title)
         # atomically: a run killed while plotting keeps the previous PNG, never half of one
-        atomic_write(out_dir / name, lambda f, fig=fig: fig.savefig(f, dpi=100, format="png"))
+        with warnings.catch_warnings():
+            # a title (the run directory's name) in a script the font lacks, e.g. CJK: drawn
+            # as boxes, and matplotlib warns once per glyph per figure on stderr
+            warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font", UserWarning)
+            atomic_write(out_dir / name, lambda f, fig=fig: fig.savefig(f, dpi=100, format="png"))
         written.append(out_dir / name)
     return written
 

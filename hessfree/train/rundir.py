@@ -39,6 +39,7 @@ from hessfree.train.config import (
 __all__ = [
     "CHECKPOINT_FORMAT",
     "default_run_dir",
+    "lock_run_dir",
     "partial_run_dir_message",
     "prepare_run_dir",
     "remove_dead_partial_dirs",
@@ -47,6 +48,9 @@ __all__ = [
 
 #: Written into every checkpoint; a checkpoint of another format is not resumed.
 CHECKPOINT_FORMAT = 1
+
+#: The lock file a writing run holds in its run directory (:func:`lock_run_dir`).
+LOCK_NAME = ".lock"
 
 #: A run directory is built in milliseconds (:func:`_create_run_dir`): a hidden partial one
 #: untouched for this long is dead whoever made it, on whatever host (ours, with margin).
@@ -288,6 +292,55 @@ def partial_run_dir_message(run_dir: Path) -> str | None:
         "interrupted while creating it, before any training, so there is nothing to resume. "
         f"Remove it (rm -r '{run_dir}') and start the run again, or choose another directory."
     )
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """Hold ``run_dir`` for this process's run: an exclusive ``flock`` on its ``.lock``.
+
+    Two processes writing one run directory (``--resume`` while the run, or another resume of
+    it, is still going) interleave ``metrics.jsonl`` and the checkpoints, and each removes the
+    other's in-flight temporary files as leftovers of a killed write. The lock is advisory,
+    released by the kernel when the process ends however it ends (no stale locks), and kept
+    as a file (removing it would let a third process lock another inode). A no-op without
+    ``fcntl`` (Windows).
+
+    Returns:
+        The open lock file (close it to release), or ``None`` where locks are unavailable.
+
+    Raises:
+        ConfigError: Another process holds the lock (the message gives its pid and host).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    path = run_dir / LOCK_NAME
+    try:
+        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+    except OSError as err:
+        raise ConfigError(
+            [f"cannot open the run directory's lock file '{path}': {err.strerror or err}."]
+        ) from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = " ".join(f.read(200).split()) or "unknown"
+        f.close()
+        raise ConfigError(
+            [
+                f"run directory '{run_dir}' is in use by another hessfree process ({holder}): "
+                "the run, or a resume of it, is still going. Wait for it to end (SIGINT or "
+                f"SIGTERM make it checkpoint and stop), then resume with --resume {run_dir}; "
+                "two processes writing one run directory would interleave its metrics and "
+                "checkpoints."
+            ]
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def prepare_run_dir(
