@@ -626,7 +626,7 @@ class _HostTests:
         min_iter: int,
     ) -> None:
         self.dtype, self.device = history.dtype, history.device
-        f = _round_float32 if self.dtype == torch.float32 else float
+        f = _float32_rounding() if self.dtype == torch.float32 else float
         self.round = f
         self.phi = [history[0].item()]
         self.tol_sq = tol_sq.item()
@@ -717,13 +717,16 @@ def _progress_quotient(f: Callable[[float], float], phi: float, phi_old: float) 
     return f(f(phi - phi_old) / phi)
 
 
-def _round_float32(value: float) -> float:
-    """``value`` rounded to the nearest float32 (ties to even; Inf beyond float32's range)."""
-    _FLOAT32[0] = value
-    return _FLOAT32[0]
+def _float32_rounding() -> Callable[[float], float]:
+    """A function rounding a float to the nearest float32 (ties to even; Inf beyond float32's
+    range), through a one-element buffer of its own: no state shared between threads."""
+    buffer = array.array("f", [0.0])
 
+    def round_float32(value: float) -> float:
+        buffer[0] = value
+        return buffer[0]
 
-_FLOAT32 = array.array("f", [0.0])
+    return round_float32
 
 
 def _masked_add(

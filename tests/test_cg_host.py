@@ -234,7 +234,8 @@ def test_round_float32_matches_torch_cast():
     )
     edge = torch.tensor([3.4028235677973366e38, 3.4028235677973362e38, -1e39, 1e-46, 7e-46])
     d = torch.cat([d, edge.double()])
-    ours = torch.tensor([cg_module._round_float32(v) for v in d.tolist()], dtype=torch.float32)
+    round_float32 = cg_module._float32_rounding()
+    ours = torch.tensor([round_float32(v) for v in d.tolist()], dtype=torch.float32)
     assert torch.equal(_bits(ours), _bits(d.float()))
 
 
@@ -243,7 +244,7 @@ def test_host_scalar_helpers_match_tensor_arithmetic():
     gen = torch.Generator().manual_seed(1)
     xx, alpha, xp, pp, phi, old = (_random_float32(gen, 3000) for _ in range(6))
     xx, pp = xx.abs(), pp.abs()
-    f = cg_module._round_float32
+    f = cg_module._float32_rounding()
     values = zip(*(t.tolist() for t in (xx, alpha, xp, pp, phi, old)), strict=True)
     for a, s, u, v, ph, o in values:
         ta, ts, tu, tv, tph, to = (
@@ -263,7 +264,7 @@ def test_host_scalar_helpers_match_tensor_arithmetic():
 def test_host_progress_matches_device_progress(dtype):
     """_host_progress against _progress on histories whose quotient sits at k ε (± 1 ulp)."""
     gen = torch.Generator().manual_seed(3)
-    f = cg_module._round_float32 if dtype == torch.float32 else float
+    f = cg_module._float32_rounding() if dtype == torch.float32 else float
     no = torch.zeros((), dtype=torch.bool)
     outcomes = set()
     for i in (5, 11, 25, 150, 400):
@@ -285,7 +286,7 @@ def test_host_progress_matches_device_progress(dtype):
 def test_host_threshold_is_rounded_like_a_tensor_comparison():
     """``t < c`` for a float32 tensor rounds the Python float c to float32 first."""
     gen = torch.Generator().manual_seed(2)
-    f = cg_module._round_float32
+    f = cg_module._float32_rounding()
     for c in (torch.rand(500, generator=gen, dtype=torch.float64) * 0.2).tolist():
         for q in (f(c), np.nextafter(np.float32(f(c)), np.float32(1)).item()):
             assert bool(torch.tensor(q, dtype=torch.float32) < c) == (q < f(c))
