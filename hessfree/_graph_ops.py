@@ -80,12 +80,34 @@ def twice_differentiable_attention() -> Iterator[None]:
     kernel computes the same function with differentiable ops. The choice is torch's
     process-wide setting, restored on exit; without ``torch.nn.attention.sdpa_kernel``
     (torch < 2.3) nothing changes.
+
+    The "fast path" of ``nn.MultiheadAttention`` and ``nn.TransformerEncoder`` is turned off
+    too (``torch.backends.mha``, also process-wide and restored). torch takes it in eval mode
+    when autograd is off, so HessianFree's evaluation-only calls (trial losses under
+    ``no_grad``) ran another kernel than the graph-building call at θ, and an encoder given a
+    right-padded ``src_key_padding_mask`` returns zeros at the padded positions there (nested
+    tensors) where the graph-building call returns attention outputs: f(θ) and f(θ + p) came
+    from two functions (a loss pooling over all positions: 12 of 15 steps failed their line
+    search, "unseen10").
     """
-    if _sdpa_kernel is None:  # torch < 2.3
-        yield
-        return
-    with _sdpa_kernel(_SDPBackend.MATH):
-        yield
+    fastpath = _mha_fastpath()
+    if fastpath is not None:
+        torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        if _sdpa_kernel is None:  # torch < 2.3
+            yield
+        else:
+            with _sdpa_kernel(_SDPBackend.MATH):
+                yield
+    finally:
+        if fastpath is not None:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _mha_fastpath() -> bool | None:
+    """torch's setting for attention's fast path (``None``: this torch has no switch)."""
+    mha = getattr(torch.backends, "mha", None)
+    return None if mha is None else mha.get_fastpath_enabled()
 
 
 try:  # resolved once: the context above wraps every closure call of a step

@@ -660,6 +660,52 @@ def _from_outputs(fn: torch.autograd.graph.Node | None, outputs: Tensor) -> bool
     return True
 
 
+def _label_smoothed_nll(
+    loss: Tensor, outputs: Tensor
+) -> tuple[torch.autograd.graph.Node, float] | None:
+    r"""torch's label-smoothed cross-entropy, :math:`(1-\varepsilon)\,\mathrm{NLL}(s) +
+    \tfrac{\varepsilon}{C}\,\mathrm{smooth}(s)` of :math:`s = \mathrm{log\_softmax}(o)`, below
+    constant factors: its NLL node and the factors' product, else ``None``.
+
+    torch reduces both terms with the loss's one ``reduction``, and the smoothing term's graph
+    (a masked sum, divided by the kept rows' count or weight for ``'mean'``) reaches the outputs
+    only through the NLL's log-softmax, so the NLL node says how the loss combines the
+    examples (:func:`_read_reduction`). Not for the loss Hessian: the NLL is one term of two.
+    """
+    node, factor = loss.grad_fn, 1.0
+    while node is not None and type(node).__name__ != "AddBackward0":
+        kind = type(node).__name__
+        if kind in ("MulBackward0", "DivBackward0") and node.next_functions[1][0] is None:
+            other = node._saved_other
+            if other is None or other.numel() != 1:
+                return None
+            factor = factor / float(other) if kind == "DivBackward0" else factor * float(other)
+        elif kind == "MulBackward1":  # times a Python number
+            factor *= float(node._saved_other)
+        elif kind not in _RESHAPES:
+            return None
+        node = node.next_functions[0][0]
+    if node is None or float(getattr(node, "_saved_alpha", 1.0)) != 1.0:
+        return None
+    terms = []
+    for term, _ in node.next_functions:
+        while term is not None and type(term).__name__ == "MulBackward1":  # 1 - ε, ε / C
+            term = term.next_functions[0][0]
+        terms.append(term)
+    nll = [t for t in terms if type(t).__name__ in ("NllLossBackward0", "NllLoss2DBackward0")]
+    if len(nll) != 1 or None in terms:
+        return None
+    lsm = nll[0].next_functions[0][0]
+    while lsm is not None and type(lsm).__name__ in _RESHAPES:  # torch's 4-D view
+        lsm = lsm.next_functions[0][0]
+    if type(lsm).__name__ != "LogSoftmaxBackward0":
+        return None
+    other = terms[1] if terms[0] is nll[0] else terms[0]
+    if _reaches(other, {outputs.grad_fn}, {lsm}) or not _reaches(other, {lsm}, set()):
+        return None  # not the smoothing term of this log-softmax
+    return nll[0], factor
+
+
 def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
     """How ``loss`` combines the examples along dimension 0 of ``outputs``, read from its
     autograd graph below constant factors: ``'sum'``, ``'mean'``, or ``None`` (not readable).
@@ -673,7 +719,7 @@ def _read_reduction(loss: Tensor, outputs: Tensor) -> str | None:
     :func:`_loss_node` does. Not readable: anything else at the top, e.g. two terms of the
     outputs, or a Python ``sum`` over examples.
     """
-    peeled = _loss_node(loss, outputs)
+    peeled = _loss_node(loss, outputs) or _label_smoothed_nll(loss, outputs)
     if peeled is None:
         return None
     node, factor = peeled

@@ -2747,7 +2747,7 @@ class HessianFree(torch.optim.Optimizer):
         watch = getattr(self.precond, "watch", None)
         if callable(watch):  # e.g. CGPairPreconditioner: CG's own products become its pairs
             damped = watch(damped)
-        x0 = self._warm_start(product, g, run.state)
+        x0 = self._warm_start(product, g, run.state, run.layout)
         b = -g
         scale = None
         if run.metric is not None:
@@ -2923,8 +2923,11 @@ class HessianFree(torch.optim.Optimizer):
             return product is not None and not product.positive_semidefinite
         return on
 
-    def _warm_start(self, product: object, g: Tensor, state: dict) -> Tensor | None:
-        """§4.5: ``cg_decay`` × the previous step's final CG iterate, or ``None`` (cold)."""
+    def _warm_start(
+        self, product: object, g: Tensor, state: dict, layout: ParamLayout | None = None
+    ) -> Tensor | None:
+        """§4.5: ``cg_decay`` × the previous step's final CG iterate, or ``None`` (cold); zero
+        on the parameters whose gradient is zero throughout this step (with ``layout``)."""
         # popped and decayed in place: one vector, not two, besides CG's copy (set again after);
         # state_dict() and load_state_dict() copy it, so no state dict shares it
         previous = state.pop("warm_start", None)
@@ -2933,7 +2936,16 @@ class HessianFree(torch.optim.Optimizer):
             decay = 0.95
         if previous is None or not decay > 0 or previous.shape != g.shape:
             return None
-        x0 = previous.to(device=g.device, dtype=g.dtype).mul_(decay)
+        x0 = previous.to(device=g.device, dtype=g.dtype)
+        if layout is not None and len(layout.numels) > 1:
+            # A parameter the loss did not reach this step (an unused branch, an expert no
+            # example was routed to) has no gradient and no curvature: the damped model's
+            # minimiser leaves it alone, but CG hardly shrinks a warm start there (its residual
+            # is λ·x0), so the previous move went on, 0.06-0.89x of it per step while unused
+            # ("unseen10"). Read per block without a host sync, applied with the decay.
+            _decay_reached(x0, g, layout, decay)
+        else:
+            x0.mul_(decay)
         radius = state.get("trust_radius")
         if radius is not None and self._trust_radius(product):  # start inside the ball
             x0.mul_(min(1.0, radius / max(float(x0.norm()), 1e-300)))
@@ -3802,6 +3814,14 @@ def _unpack(
             f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}{hint}."
         )
     return (result if result.dim() == 0 else result.reshape(())), outputs, hidden
+
+
+def _decay_reached(x0: Tensor, g: Tensor, layout: ParamLayout, decay: float) -> None:
+    """``x0 *= decay`` on the parameters whose block of ``g`` is nonzero, ``x0 *= 0`` on the
+    others (in place; one foreach 1-norm of ``g``, one foreach product)."""
+    norms = torch.stack(torch._foreach_norm(g.split_with_sizes(layout.numels), ord=1))
+    keep = (norms != 0).to(x0.dtype).mul_(decay)  # a NaN norm keeps the block
+    torch._foreach_mul_(list(x0.split_with_sizes(layout.numels)), list(keep.unbind()))
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:

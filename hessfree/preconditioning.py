@@ -1231,9 +1231,11 @@ class _LinearPass:
             for p in module.parameters(recurse=False):
                 if id(p) in self.param_ids:
                     self.elsewhere.add(id(p))
+        # a layer without weights (nn.Linear(4, 0)) has no factors to form: left out
         if not (
             layer
             and id(module.weight) in self.param_ids
+            and module.weight.numel() > 0
             and torch.is_grad_enabled()
             and isinstance(output, Tensor)
             and output.requires_grad
