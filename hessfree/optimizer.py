@@ -3818,9 +3818,15 @@ def _unpack(
 
 def _decay_reached(x0: Tensor, g: Tensor, layout: ParamLayout, decay: float) -> None:
     """``x0 *= decay`` on the parameters whose block of ``g`` is nonzero, ``x0 *= 0`` on the
-    others (in place; one foreach 1-norm of ``g``, one foreach product)."""
+    others (in place; one foreach 1-norm of ``g``, one foreach product by 0 or 1).
+
+    The decay is applied as before (a Python float: a float16/bfloat16 ``x0`` is not scaled
+    by decay rounded to its dtype) and the mask separately, exact in every dtype, so a step
+    whose parameters all got a gradient warm-starts bit for bit as without the mask.
+    """
+    x0.mul_(decay)
     norms = torch.stack(torch._foreach_norm(g.split_with_sizes(layout.numels), ord=1))
-    keep = (norms != 0).to(x0.dtype).mul_(decay)  # a NaN norm keeps the block
+    keep = (norms != 0).to(x0.dtype)  # a NaN norm keeps the block
     torch._foreach_mul_(list(x0.split_with_sizes(layout.numels)), list(keep.unbind()))
 
 

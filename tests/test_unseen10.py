@@ -23,6 +23,7 @@ from hessfree import (
     GGNLinearOperator,
     HessianFree,
     HessianLinearOperator,
+    ParamLayout,
 )
 
 EXACT = dict(rtol=1e-10, atol=1e-12)
@@ -305,3 +306,20 @@ def test_a_parameter_unused_in_a_step_does_not_move_in_it(style):
         assert opt.last_step.status == "accepted"
         moved = any(not torch.equal(p, q) for p, q in zip(b.parameters(), before, strict=True))
         assert moved == use_b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_warm_start_mask_keeps_the_decay_of_every_dtype(dtype):
+    # The zero-gradient mask must not change how the decay scales the blocks that got a
+    # gradient: x0 * 0.95 as a Python float, not 0.95 rounded to bfloat16 (0.949...).
+    from hessfree.optimizer import _decay_reached
+
+    layout = ParamLayout([torch.zeros(3, 4, dtype=dtype), torch.zeros(5, dtype=dtype)])
+    x0 = torch.randn(17, generator=torch.Generator().manual_seed(0)).to(dtype)
+    g = torch.randn(17, generator=torch.Generator().manual_seed(1)).to(dtype)
+    g[12:] = 0  # the second parameter got no gradient
+    got = x0.clone()
+    _decay_reached(got, g, layout, 0.95)
+    expected = x0.clone().mul_(0.95)
+    expected[12:] = 0
+    assert torch.equal(got, expected)
