@@ -35,10 +35,14 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             along dimension 0).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, e.g. ``nn.MSELoss()`` or
             ``F.cross_entropy``.
-        data: One ``(inputs, targets)`` batch (``inputs`` a tensor), or a re-iterable of
-            batches (a list, a ``DataLoader``; a generator is refused, and so is a
-            ``DataLoader`` that draws other examples on each pass, e.g. ``shuffle=True`` with
-            ``drop_last=True``). Tensors are moved to the parameters' device.
+        data: One ``(inputs, targets)`` batch (``inputs`` a tensor, or a tuple or dict of
+            them for a model of several inputs when ``targets`` is a tensor), or a
+            re-iterable of batches (a list, a ``DataLoader``; a generator is refused, and so
+            are an iterable whose ``__iter__`` returns the same iterator every time, a
+            ``DataLoader`` over such an ``IterableDataset``, and a ``DataLoader`` that draws
+            other examples on each pass, e.g. ``shuffle=True`` with ``drop_last=True``).
+            Tensors are moved to the parameters' device (those inside a tuple or dict of
+            inputs are not: put them there yourself).
         params: The tensors to differentiate with respect to; default: the trainable
             parameters of ``model`` in ``model.parameters()`` order (required when ``model``
             is not an ``nn.Module``).
@@ -63,8 +67,10 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             and ``data`` are then ``None`` and ignored).
 
     Raises:
-        TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, or a
-            one-shot iterator as ``data``.
+        TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, a
+            ``data`` that can be iterated only once, a batch that is not an ``(inputs,
+            targets)`` pair (a dict batch: the message shows a ``collate_fn``), or numpy
+            targets.
         ValueError: If ``data`` is empty, a batch has zero rows, a ``DataLoader`` draws
             different examples on each pass (a random remainder dropped, a sampler with
             replacement or of a random subset), ``model`` fails on the

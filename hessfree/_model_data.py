@@ -11,7 +11,7 @@ wording.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
-from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from ._checks import check_choice
 from ._flat import trainable
@@ -160,7 +166,16 @@ def _as_pair(batch: object, where: str) -> tuple[Any, Any]:
             if isinstance(batch, (tuple, list))
             else type(batch).__name__
         )
-        raise TypeError(f"`{where}` must be an (inputs, targets) pair, got a {got}.")
+        # a Dataset of dicts (Hugging Face style) batches into dicts: say how to pair them
+        hint = (
+            f" A dict batch (keys {', '.join(map(repr, list(batch)[:4]))}) is not split "
+            "into inputs and targets for you: give the DataLoader a collate_fn that returns "
+            "the pair, e.g. collate_fn=lambda rows: (default_collate([r['x'] for r in rows]), "
+            "default_collate([r['y'] for r in rows]))."
+            if isinstance(batch, Mapping)
+            else ""
+        )
+        raise TypeError(f"`{where}` must be an (inputs, targets) pair, got a {got}.{hint}")
     return batch[0], batch[1]
 
 
@@ -173,8 +188,12 @@ def _single_batch(data: object) -> tuple[Any, Any] | None:
         )
     if isinstance(data, (tuple, list)):
         # an array is not a batch either: (array, targets) is one pair whose inputs the
-        # model call then refuses with the fix (a tensor), not "data[0] must be a pair"
-        if len(data) == 2 and isinstance(data[0], Tensor | np.ndarray):
+        # model call then refuses with the fix (a tensor), not "data[0] must be a pair";
+        # nor is a tensor of targets, so (inputs, targets) with inputs a tuple or dict (a
+        # model of several inputs) is one pair too, not two batches
+        if len(data) == 2 and (
+            isinstance(data[0], Tensor | np.ndarray) or isinstance(data[1], Tensor | np.ndarray)
+        ):
             return data[0], data[1]
         if len(data) == 1:
             return _as_pair(data[0], "data[0]")
@@ -193,6 +212,37 @@ def _single_batch(data: object) -> tuple[Any, Any] | None:
             f"`data` is a one-shot iterator ({type(data).__name__}); every product iterates over "
             "the data again, so pass a list of batches or a DataLoader."
         )
+    reason = _one_pass_reason(data)
+    if reason is not None:
+        raise TypeError(
+            f"`data` can be iterated only once: {reason}. Every product iterates over the data "
+            "again (and the constructor reads its first batch), so a second pass would see "
+            "what the first left: pass a list of batches, a DataLoader over a map-style "
+            "Dataset, or make __iter__ start a new pass on every call."
+        )
+    return None
+
+
+def _one_pass_reason(data: object) -> str | None:
+    """Why ``data`` hands out the same iterator on every pass, or ``None``.
+
+    A class whose ``__iter__`` returns one iterator made once (``return self.gen``), or a
+    ``DataLoader`` over an ``IterableDataset`` that does: every pass would continue where the
+    last stopped, so the first product silently misses the batch the constructor read and
+    later ones see no data. Two ``iter`` calls tell (a generator function's body does not
+    run until the first ``next``); a ``DataLoader`` is not asked itself, since one with
+    ``persistent_workers=True`` rightly returns its one iterator, reset.
+    """
+    if isinstance(data, DataLoader):
+        dataset = data.dataset
+        if isinstance(dataset, IterableDataset) and iter(dataset) is iter(dataset):
+            return (
+                f"it is a DataLoader over an IterableDataset ({type(dataset).__name__}) whose "
+                "__iter__ returns the same iterator on every call"
+            )
+        return None
+    if iter(data) is iter(data):  # type: ignore[call-overload]
+        return f"its __iter__ ({type(data).__name__}) returns the same iterator on every call"
     return None
 
 
@@ -309,6 +359,16 @@ def _call_loss(loss_fn: Callable[[Tensor, Any], Tensor], outputs: Tensor, target
         raise ValueError(
             f"`loss_fn` failed on outputs of shape {_shape(outputs)} and targets of shape "
             f"{_shape(targets)}: {err}."
+        ) from err
+    except TypeError as err:  # e.g. numpy targets: torch's own words are "'int' object ..."
+        hint = (
+            " The targets are a numpy array: pass a tensor, torch.from_numpy(targets)."
+            if isinstance(targets, np.ndarray)
+            else ""
+        )
+        raise TypeError(
+            f"`loss_fn` failed on outputs of shape {_shape(outputs)} and targets "
+            f"({_shape(targets)}): {err}.{hint}"
         ) from err
     if not isinstance(loss, Tensor):
         raise TypeError(

@@ -9,13 +9,16 @@ probes. Every test is seeded and takes well under a second.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse.linalg as sla
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.functional import hessian
 from torch.func import functional_call
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from hessfree import GGNLinearOperator, HessianLinearOperator
 from hessfree.spectral import hutchinson_diagonal
 
 
@@ -54,6 +57,91 @@ def _full(op: sla.LinearOperator) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Defects (each test fails on main 5f60056)
 # --------------------------------------------------------------------------------------------
+class _OneShotBatches:
+    """A re-iterable in name only: ``__iter__`` returns one iterator made once."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = iter(batches)
+
+    def __iter__(self):
+        return self.batches
+
+
+class _OneShotRows(IterableDataset):
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.rows = iter(list(zip(x, y, strict=True)))
+
+    def __iter__(self):
+        return self.rows
+
+
+class _FreshRows(IterableDataset):
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        yield from zip(self.x, self.y, strict=True)
+
+
+def test_operators12_data_that_can_be_iterated_only_once_is_refused() -> None:
+    # main: the constructor's shape check took the first batch, so the first product summed
+    # the rest (0.31 max abs off the Hessian of all the data, silently) and the second said
+    # "`data` yielded no batches ... pass a non-empty list"
+    model, (x, y) = _mlp(), _data()
+    batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    with pytest.raises(TypeError, match=r"iterated only once: its __iter__ \(_OneShotBatches\)"):
+        HessianLinearOperator(model, nn.MSELoss(), _OneShotBatches(batches))
+    loader = DataLoader(_OneShotRows(x, y), batch_size=4)
+    with pytest.raises(TypeError, match=r"DataLoader over an IterableDataset \(_OneShotRows\)"):
+        GGNLinearOperator(model, nn.MSELoss(), loader)
+    # an IterableDataset whose __iter__ starts a new pass is fine: the full-data Hessian
+    H = HessianLinearOperator(model, nn.MSELoss(), DataLoader(_FreshRows(x, y), batch_size=4))
+    dense = _dense_hessian(model, x, y, {})
+    for _ in range(2):
+        np.testing.assert_allclose(_full(H), dense, rtol=0, atol=1e-13)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+
+    def forward(self, inputs: tuple[Tensor, Tensor] | dict[str, Tensor]) -> Tensor:
+        u, v = (inputs["u"], inputs["v"]) if isinstance(inputs, dict) else inputs
+        return self.a(u) * torch.tanh(self.b(v))
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_operators12_one_batch_of_structured_inputs_is_one_batch(kind: str) -> None:
+    # main: ((u, v), y) and ({"u": u, "v": v}, y) were read as two batches: "too many values
+    # to unpack (expected 2)" (the model got u alone) and "`data[0]` must be an (inputs,
+    # targets) pair, got a dict"
+    torch.manual_seed(0)
+    model, (x, y) = _TwoInputs(), _data()
+    inputs = (x, x.flip(0)) if kind == "tuple" else {"u": x, "v": x.flip(0)}
+    H = HessianLinearOperator(model, nn.MSELoss(), (inputs, y))
+    dense = _dense_hessian(model, inputs, y, {})
+    np.testing.assert_allclose(_full(H), dense, rtol=0, atol=1e-13)
+
+
+def test_operators12_numpy_targets_and_dict_batches_are_told_the_fix() -> None:
+    # main: numpy targets failed inside torch with "'int' object is not callable"; a
+    # DataLoader over a Dataset of dicts got no hint how to make pairs
+    model, (x, y) = _mlp(), _data()
+    with pytest.raises(TypeError, match=r"targets \(ndarray\).*torch\.from_numpy\(targets\)"):
+        HessianLinearOperator(model, nn.MSELoss(), (x, y.numpy()))
+
+    class Rows(Dataset):
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, i: int) -> dict[str, Tensor]:
+            return {"x": x[i], "y": y[i]}
+
+    with pytest.raises(TypeError, match=r"got a dict\. A dict batch \(keys 'x', 'y'\).*collate_fn"):
+        HessianLinearOperator(model, nn.MSELoss(), DataLoader(Rows(), batch_size=4))
+
+
 def test_operators12_diagonal_standard_error_survives_a_dominant_diagonal() -> None:
     # main: the sum of squares minus m * mean^2 cancelled: standard errors of 0 or 61x the
     # probes' own standard deviation for a diagonal 1e8 with off-diagonal entries ~1e-2
