@@ -57,7 +57,9 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             product (``False``: one forward pass per product, less memory held). Ignored for
             several batches, which always recompute per batch.
         progress: Show a tqdm progress bar over the batches of each product (needs tqdm).
-        allow_training_mode: Accept Dropout/BatchNorm modules in training mode.
+        allow_training_mode: Accept Dropout/BatchNorm modules in training mode (BatchNorm
+            then normalises each batch by its own statistics, and products leave the running
+            statistics as they were; see :mod:`hessfree.operators`).
         process_group: Sum the products over the ranks of this ``torch.distributed`` group
             (default: the default group when ``torch.distributed`` is initialised), each rank
             holding its own shard of the data: the operator is then the curvature over the

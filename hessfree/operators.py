@@ -55,6 +55,11 @@ numbers in :mod:`hessfree._threads`)::
 **Stochastic layers.** Dropout and train-mode BatchNorm change the function between forward
 passes, so products would not come from one matrix; the constructors refuse models with such
 modules in training mode (call ``model.eval()``, or pass ``allow_training_mode=True``).
+With ``allow_training_mode=True`` a train-mode BatchNorm normalises each batch by its own
+statistics: the operator is :math:`\sum_b w_b \nabla^2 \ell_b` of those per-batch losses, a
+fixed matrix that depends on how ``data`` is batched (with one batch, the curvature of the
+train-mode loss on all of it), and its forward passes leave the running statistics as they
+were (the operators read the model, they do not train it).
 Randomness inside ``forward`` that is not a module (``F.dropout(x, training=True)``) is not
 detected. (:class:`~hessfree.HessianFree` offers another way: with ``replay_rng=True``, its
 default, a step's model calls draw one set of random numbers and its trial calls another.)

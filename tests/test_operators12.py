@@ -18,7 +18,7 @@ from torch.autograd.functional import hessian
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from hessfree import GGNLinearOperator, HessianLinearOperator
+from hessfree import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
 from hessfree.spectral import hutchinson_diagonal
 
 
@@ -140,6 +140,25 @@ def test_operators12_numpy_targets_and_dict_batches_are_told_the_fix() -> None:
 
     with pytest.raises(TypeError, match=r"got a dict\. A dict batch \(keys 'x', 'y'\).*collate_fn"):
         HessianLinearOperator(model, nn.MSELoss(), DataLoader(Rows(), batch_size=4))
+
+
+def test_operators12_products_leave_train_mode_batchnorm_statistics_alone() -> None:
+    # main: every forward pass of a product updated the running statistics (12 updates and
+    # running_mean 0.40 away after 6 products over 2 batches), changing the eval-mode model
+    model, (x, y) = _mlp(nn.BatchNorm1d(4)), _data(12)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    H = HessianLinearOperator(model, nn.MSELoss(), batches, allow_training_mode=True)
+    H1 = HessianLinearOperator(model, nn.MSELoss(), (x, y), allow_training_mode=True)
+    JacobianLinearOperator(model, x, allow_training_mode=True)
+    products = _full(H)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    # what it is: each batch normalised by its own statistics, batches weighted by size
+    halves = [_dense_hessian(model, xb, yb, buffers) for xb, yb in batches]
+    np.testing.assert_allclose(products, (halves[0] + halves[1]) / 2, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(_full(H1), _dense_hessian(model, x, y, buffers), atol=1e-13)
+    assert np.abs(products - _full(H1)).max() > 0.1  # so the batching matters, as documented
 
 
 def test_operators12_diagonal_standard_error_survives_a_dominant_diagonal() -> None:
