@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.sparse.linalg as sla
 import torch
 import torch.nn.functional as F
@@ -175,3 +176,40 @@ def test_operators12_diagonal_standard_error_survives_a_dominant_diagonal() -> N
     samples = Z * (A @ Z)
     np.testing.assert_allclose(est.std_error, samples.std(axis=1, ddof=1) / np.sqrt(m), rtol=1e-6)
     np.testing.assert_allclose(est.estimate, samples.mean(axis=1), rtol=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# Guards: SciPy uses no earlier test made, right on main too
+# --------------------------------------------------------------------------------------------
+def test_operators12_scipy_norm_exponential_and_both_ends_match_the_dense_hessian() -> None:
+    model, (x, y) = _mlp(), _data()
+    H = HessianLinearOperator(model, nn.MSELoss(), (x, y))
+    dense = _dense_hessian(model, x, y, {})
+    v = np.linspace(-1.0, 1.0, H.shape[0])
+    # onenormest (products with H and H.T) gives a lower bound, from random sign columns
+    # drawn with numpy's global generator: seeded, it is this matrix's dense 1-norm
+    np.random.seed(0)  # noqa: NPY002 (the generator SciPy draws from)
+    assert sla.onenormest(H) == pytest.approx(np.abs(dense).sum(axis=0).max(), rel=1e-12)
+    np.testing.assert_allclose(
+        sla.expm_multiply(-H, v, traceA=-np.trace(dense)),
+        scipy.linalg.expm(-dense) @ v,
+        rtol=0,
+        atol=1e-12,
+    )
+    ends = np.sort(sla.eigsh(H, k=4, which="BE", return_eigenvectors=False))
+    eig = np.linalg.eigvalsh(dense)
+    np.testing.assert_allclose(ends, eig[[0, 1, -2, -1]], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(_full(H**2), dense @ dense, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(_full(H @ (3 * H) - H), 3 * dense @ dense - dense, atol=1e-13)
+
+
+@pytest.mark.parametrize("in_dtype", [np.int64, np.float16, np.bool_])
+def test_operators12_a_float32_operator_returns_float32_for_any_real_input(in_dtype) -> None:
+    model, (x, y) = _mlp(), _data()
+    G32 = GGNLinearOperator(_mlp().float(), nn.MSELoss(), (x.float(), y.float()))
+    G64 = GGNLinearOperator(model, nn.MSELoss(), (x, y))
+    v = (np.arange(G32.shape[0]) % 2).astype(in_dtype)
+    for V in [v, v[:, None], np.stack([v, 1 - v], axis=1)]:
+        out = G32 @ V
+        assert out.dtype == np.float32 and out.shape == V.shape
+        np.testing.assert_allclose(out, G64 @ V.astype(np.float64), rtol=1e-5, atol=1e-5)
