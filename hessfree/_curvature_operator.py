@@ -18,7 +18,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from ._checks import check_number
-from ._numpy_edge import _IdentityOperator, _TorchLinearOperator
+from ._numpy_edge import _IdentityOperator, _outside_inference_mode, _TorchLinearOperator
 from ._product_sources import _DataProducts, _FixedProduct
 from .curvature import CurvatureProduct
 
@@ -124,7 +124,8 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             share_power=self._share_power,
         )
         self._setup(source, dtype)
-        source.load(data)  # last, after the cheap checks: it may run a forward pass
+        with _outside_inference_mode():  # as the products (_numpy_edge)
+            source.load(data)  # last, after the cheap checks: it may run a forward pass
 
     @classmethod
     def from_product(cls, product: Any, *, dtype: object = None) -> CurvatureLinearOperator:
@@ -194,4 +195,5 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         Raises:
             TypeError: For an operator :meth:`from_product` whose product has no ``gradient``.
         """
-        return self._as_array(self._source.gradient())
+        with _outside_inference_mode():  # as the products (_numpy_edge)
+            return self._as_array(self._source.gradient())

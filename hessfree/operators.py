@@ -104,7 +104,7 @@ from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._graph_ops import twice_differentiable_weight_norm
 from ._model_data import _call_model, _check_model, _check_rows, _resolve_params, _shape
-from ._numpy_edge import _TorchLinearOperator
+from ._numpy_edge import _outside_inference_mode, _TorchLinearOperator
 from ._rng import _batch_seed
 from ._threads import limit_blas_threads
 from .curvature import (
@@ -449,17 +449,17 @@ class JacobianLinearOperator(_TorchLinearOperator):
         _check_rows(inputs, "inputs")
         if isinstance(inputs, Tensor):
             inputs = inputs.to(layout.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), _outside_inference_mode():  # as the products (_numpy_edge)
             try:
                 outputs = _call_model(model, inputs)
             except (TypeError, AttributeError) as err:
                 if not _batches_like(inputs):
                     raise
                 raise _batches_error(inputs, err) from err
+            self._jacobian = JacobianProduct(outputs, params)
+            if not _depends_on([outputs], params):  # here, not silently zero products later
+                raise unreached_params_error("model(inputs)", len(params))
         self.params = params
-        self._jacobian = JacobianProduct(outputs, params)
-        if not _depends_on([outputs], params):  # here, not silently zero products later
-            raise unreached_params_error("model(inputs)", len(params))
         #: The shape of ``model(inputs)``; rows of the operator are its entries in order.
         self.output_shape = tuple(outputs.shape)
         self._versions = ParamVersions(params)

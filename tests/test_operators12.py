@@ -178,6 +178,35 @@ def test_operators12_diagonal_standard_error_survives_a_dominant_diagonal() -> N
     np.testing.assert_allclose(est.estimate, samples.mean(axis=1), rtol=1e-15)
 
 
+@pytest.mark.parametrize("built_inside", [False, True])
+def test_operators12_operators_work_inside_inference_mode(built_inside: bool) -> None:
+    # main: under torch.inference_mode() (an evaluation loop's) a Jacobian's products failed
+    # with "'NoneType' object has no attribute 'next_functions'", uncached and batched
+    # operators with "`loss` has no autograd graph", and building a cached one too
+    model, (x, y) = _mlp(), _data()
+    dense = _dense_hessian(model, x, y, {})
+    J_out = JacobianLinearOperator(model, x) @ np.eye(26)
+    makers = {
+        "cached": lambda: HessianLinearOperator(model, nn.MSELoss(), (x, y)),
+        "uncached": lambda: HessianLinearOperator(model, nn.MSELoss(), (x, y), cache_graph=False),
+        "batches": lambda: HessianLinearOperator(
+            model, nn.MSELoss(), [(x[:4], y[:4]), (x[4:], y[4:])]
+        ),
+    }
+    for name, make in makers.items():
+        op = None if built_inside else make()
+        with torch.inference_mode():
+            op = make() if op is None else op
+            products, g = _full(op), op.gradient()
+        np.testing.assert_allclose(products, dense, rtol=0, atol=1e-13, err_msg=name)
+        assert np.isfinite(g).all()
+    J = None if built_inside else JacobianLinearOperator(model, x)
+    with torch.inference_mode():
+        J = JacobianLinearOperator(model, x) if J is None else J
+        np.testing.assert_array_equal(_full(J), J_out)
+        np.testing.assert_allclose(J.H @ np.eye(20), J_out.T, rtol=0, atol=1e-13)
+
+
 # --------------------------------------------------------------------------------------------
 # Guards: SciPy uses no earlier test made, right on main too
 # --------------------------------------------------------------------------------------------
