@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from scipy.sparse import issparse
 from scipy.sparse.linalg import LinearOperator, aslinearoperator, eigsh
 from torch import Tensor
 
@@ -106,17 +107,20 @@ class DiagonalEstimate(NamedTuple):
 def _as_operator(A: object) -> LinearOperator:
     """A square ``LinearOperator`` for ``A`` (operator, product with ``matvec``, or matrix)."""
     if isinstance(A, Tensor):
-        A = A.detach().cpu().numpy()
+        A = A.detach().cpu()
+        # numpy has no bfloat16: widen it (exactly) to float32, as numpy has no cheaper peer
+        A = (A.float() if A.dtype == torch.bfloat16 else A).numpy()
     if isinstance(A, LinearOperator):
         op = A
-    elif isinstance(A, np.ndarray):
+    elif isinstance(A, np.ndarray) or issparse(A):
         op = aslinearoperator(A)
     elif callable(getattr(A, "matvec", None)) and hasattr(A, "shape"):
         op = CurvatureLinearOperator.from_product(A)
     else:
         raise TypeError(
             "`A` must be a scipy LinearOperator, a product with `matvec` and `shape` (e.g. "
-            f"hessfree.GGNProduct) or a matrix, got {type(A).__name__}."
+            "hessfree.GGNProduct) or a matrix (numpy, scipy.sparse or a tensor), got "
+            f"{type(A).__name__}."
         )
     if len(op.shape) != 2 or op.shape[0] != op.shape[1]:
         raise ValueError(f"`A` must be square, got shape {op.shape}.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.sparse
 import scipy.sparse.linalg as sla
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from hessfree import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
-from hessfree.spectral import hutchinson_diagonal
+from hessfree.spectral import hutchinson_diagonal, hutchinson_trace, top_eigenpairs
 
 
 def _mlp(*layers: nn.Module) -> nn.Module:
@@ -205,6 +206,19 @@ def test_operators12_operators_work_inside_inference_mode(built_inside: bool) ->
         J = JacobianLinearOperator(model, x) if J is None else J
         np.testing.assert_array_equal(_full(J), J_out)
         np.testing.assert_allclose(J.H @ np.eye(20), J_out.T, rtol=0, atol=1e-13)
+
+
+def test_operators12_spectral_takes_sparse_matrices_and_bfloat16_tensors() -> None:
+    # main: a scipy.sparse matrix was refused ("got csr_matrix") and a bfloat16 tensor failed
+    # in numpy ("Got unsupported ScalarType BFloat16")
+    dense = (
+        np.diag([1.0, 2.0, 3.0, 4.0]) + np.diag([0.5, 0.5, 0.5], 1) + np.diag([0.5, 0.5, 0.5], -1)
+    )
+    top = np.linalg.eigvalsh(dense)[-1]
+    assert top_eigenpairs(scipy.sparse.csr_array(dense)).values[0] == pytest.approx(top, rel=1e-12)
+    est = hutchinson_trace(torch.tensor(dense, dtype=torch.bfloat16), num_probes=16, seed=0)
+    exact = hutchinson_trace(dense, num_probes=16, seed=0)  # 0.5 and 1..4 are exact in bfloat16
+    assert est.estimate == exact.estimate
 
 
 # --------------------------------------------------------------------------------------------
