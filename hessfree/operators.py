@@ -183,8 +183,8 @@ class HessianLinearOperator(CurvatureLinearOperator):
         if not isinstance(x, Tensor) or not x.is_floating_point():
             kind = f"tensor of dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
             raise TypeError(f"`x` must be a floating-point tensor, got {kind}.")
-        z = x.detach().reshape(-1).clone().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), _outside_inference_mode():  # as the products (_numpy_edge)
+            z = x.detach().reshape(-1).clone().requires_grad_(True)
             with twice_differentiable_weight_norm():  # torch's fused kernel: wrong Hessian
                 loss = check_scalar_loss("f(x)", f(z.view_as(x)))
             product = HessianProduct(loss, [z])

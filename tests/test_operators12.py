@@ -183,7 +183,8 @@ def test_operators12_diagonal_standard_error_survives_a_dominant_diagonal() -> N
 def test_operators12_operators_work_inside_inference_mode(built_inside: bool) -> None:
     # main: under torch.inference_mode() (an evaluation loop's) a Jacobian's products failed
     # with "'NoneType' object has no attribute 'next_functions'", uncached and batched
-    # operators with "`loss` has no autograd graph", and building a cached one too
+    # operators with "`loss` has no autograd graph", and building a cached one (or
+    # from_function) too
     model, (x, y) = _mlp(), _data()
     dense = _dense_hessian(model, x, y, {})
     J_out = JacobianLinearOperator(model, x) @ np.eye(26)
@@ -201,6 +202,11 @@ def test_operators12_operators_work_inside_inference_mode(built_inside: bool) ->
             products, g = _full(op), op.gradient()
         np.testing.assert_allclose(products, dense, rtol=0, atol=1e-13, err_msg=name)
         assert np.isfinite(g).all()
+    x0 = torch.tensor([0.5, 1.5, -0.3], dtype=torch.float64)
+    with torch.inference_mode():  # x0 an inference tensor when made here
+        x0 = x0.clone() if built_inside else x0
+        quartic = HessianLinearOperator.from_function(lambda z: (z**4).sum(), x0)
+        np.testing.assert_allclose(_full(quartic), np.diag(12 * x0.numpy() ** 2), atol=1e-15)
     J = None if built_inside else JacobianLinearOperator(model, x)
     with torch.inference_mode():
         J = JacobianLinearOperator(model, x) if J is None else J
