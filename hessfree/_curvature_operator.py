@@ -18,7 +18,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from ._checks import check_number
-from ._numpy_edge import _IdentityOperator, _TorchLinearOperator
+from ._numpy_edge import _IdentityOperator, _outside_inference_mode, _TorchLinearOperator
 from ._product_sources import _DataProducts, _FixedProduct
 from .curvature import CurvatureProduct
 
@@ -35,10 +35,14 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             along dimension 0).
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, e.g. ``nn.MSELoss()`` or
             ``F.cross_entropy``.
-        data: One ``(inputs, targets)`` batch (``inputs`` a tensor), or a re-iterable of
-            batches (a list, a ``DataLoader``; a generator is refused, and so is a
-            ``DataLoader`` that draws other examples on each pass, e.g. ``shuffle=True`` with
-            ``drop_last=True``). Tensors are moved to the parameters' device.
+        data: One ``(inputs, targets)`` batch (``inputs`` a tensor, or a tuple or dict of
+            them for a model of several inputs when ``targets`` is a tensor), or a
+            re-iterable of batches (a list, a ``DataLoader``; a generator is refused, and so
+            are an iterable whose ``__iter__`` returns the same iterator every time, a
+            ``DataLoader`` over such an ``IterableDataset``, and a ``DataLoader`` that draws
+            other examples on each pass, e.g. ``shuffle=True`` with ``drop_last=True``).
+            Tensors are moved to the parameters' device (those inside a tuple or dict of
+            inputs are not: put them there yourself).
         params: The tensors to differentiate with respect to; default: the trainable
             parameters of ``model`` in ``model.parameters()`` order (required when ``model``
             is not an ``nn.Module``).
@@ -53,7 +57,9 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             product (``False``: one forward pass per product, less memory held). Ignored for
             several batches, which always recompute per batch.
         progress: Show a tqdm progress bar over the batches of each product (needs tqdm).
-        allow_training_mode: Accept Dropout/BatchNorm modules in training mode.
+        allow_training_mode: Accept Dropout/BatchNorm modules in training mode (BatchNorm
+            then normalises each batch by its own statistics, and products leave the running
+            statistics as they were; see :mod:`hessfree.operators`).
         process_group: Sum the products over the ranks of this ``torch.distributed`` group
             (default: the default group when ``torch.distributed`` is initialised), each rank
             holding its own shard of the data: the operator is then the curvature over the
@@ -63,8 +69,10 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             and ``data`` are then ``None`` and ignored).
 
     Raises:
-        TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, or a
-            one-shot iterator as ``data``.
+        TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, a
+            ``data`` that can be iterated only once, a batch that is not an ``(inputs,
+            targets)`` pair (a dict batch: the message shows a ``collate_fn``), or numpy
+            targets.
         ValueError: If ``data`` is empty, a batch has zero rows, a ``DataLoader`` draws
             different examples on each pass (a random remainder dropped, a sampler with
             replacement or of a random subset), ``model`` fails on the
@@ -116,7 +124,8 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             share_power=self._share_power,
         )
         self._setup(source, dtype)
-        source.load(data)  # last, after the cheap checks: it may run a forward pass
+        with _outside_inference_mode():  # as the products (_numpy_edge)
+            source.load(data)  # last, after the cheap checks: it may run a forward pass
 
     @classmethod
     def from_product(cls, product: Any, *, dtype: object = None) -> CurvatureLinearOperator:
@@ -186,4 +195,5 @@ class CurvatureLinearOperator(_TorchLinearOperator):
         Raises:
             TypeError: For an operator :meth:`from_product` whose product has no ``gradient``.
         """
-        return self._as_array(self._source.gradient())
+        with _outside_inference_mode():  # as the products (_numpy_edge)
+            return self._as_array(self._source.gradient())

@@ -11,7 +11,8 @@ wording.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
-from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from ._checks import check_choice
 from ._flat import trainable
@@ -43,6 +50,17 @@ def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tens
 
 
 _MODAL = (_BatchNorm, _DropoutNd)  # the modules whose training mode _is_stochastic reads
+
+#: Models given to an operator with ``allow_training_mode=True``: the only ones whose model
+#: calls look for train-mode BatchNorm statistics to keep (:func:`_running_stats`), so that no
+#: other model pays for the module scan (1.5 µs a module) on every forward pass.
+_STATS_KEPT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _module_of(model: object) -> nn.Module | None:
+    """``model`` if it is a module, else the module its bound method belongs to, or ``None``."""
+    module = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
+    return module if isinstance(module, nn.Module) else None
 
 
 def _is_stochastic(module: nn.Module) -> bool:
@@ -68,10 +86,12 @@ def _check_model(model: object, allow_training_mode: bool) -> list[tuple[str, nn
     """
     if not callable(model):
         raise TypeError(f"`model` must be an nn.Module or a callable, got {type(model).__name__}.")
+    module = _module_of(model)
     if allow_training_mode:
+        if module is not None:
+            _STATS_KEPT.add(module)
         return []
-    module = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
-    if not isinstance(module, nn.Module):
+    if module is None:
         return []
     modes = [(name, m) for name, m in module.named_modules() if isinstance(m, _MODAL)]
     found = [f"{name or '<model>'} ({type(m).__name__})" for name, m in modes if _is_stochastic(m)]
@@ -160,7 +180,16 @@ def _as_pair(batch: object, where: str) -> tuple[Any, Any]:
             if isinstance(batch, (tuple, list))
             else type(batch).__name__
         )
-        raise TypeError(f"`{where}` must be an (inputs, targets) pair, got a {got}.")
+        # a Dataset of dicts (Hugging Face style) batches into dicts: say how to pair them
+        hint = (
+            f" A dict batch (keys {', '.join(map(repr, list(batch)[:4]))}) is not split "
+            "into inputs and targets for you: give the DataLoader a collate_fn that returns "
+            "the pair, e.g. collate_fn=lambda rows: (default_collate([r['x'] for r in rows]), "
+            "default_collate([r['y'] for r in rows]))."
+            if isinstance(batch, Mapping)
+            else ""
+        )
+        raise TypeError(f"`{where}` must be an (inputs, targets) pair, got a {got}.{hint}")
     return batch[0], batch[1]
 
 
@@ -173,8 +202,12 @@ def _single_batch(data: object) -> tuple[Any, Any] | None:
         )
     if isinstance(data, (tuple, list)):
         # an array is not a batch either: (array, targets) is one pair whose inputs the
-        # model call then refuses with the fix (a tensor), not "data[0] must be a pair"
-        if len(data) == 2 and isinstance(data[0], Tensor | np.ndarray):
+        # model call then refuses with the fix (a tensor), not "data[0] must be a pair";
+        # nor is a tensor of targets, so (inputs, targets) with inputs a tuple or dict (a
+        # model of several inputs) is one pair too, not two batches
+        if len(data) == 2 and (
+            isinstance(data[0], Tensor | np.ndarray) or isinstance(data[1], Tensor | np.ndarray)
+        ):
             return data[0], data[1]
         if len(data) == 1:
             return _as_pair(data[0], "data[0]")
@@ -193,6 +226,37 @@ def _single_batch(data: object) -> tuple[Any, Any] | None:
             f"`data` is a one-shot iterator ({type(data).__name__}); every product iterates over "
             "the data again, so pass a list of batches or a DataLoader."
         )
+    reason = _one_pass_reason(data)
+    if reason is not None:
+        raise TypeError(
+            f"`data` can be iterated only once: {reason}. Every product iterates over the data "
+            "again (and the constructor reads its first batch), so a second pass would see "
+            "what the first left: pass a list of batches, a DataLoader over a map-style "
+            "Dataset, or make __iter__ start a new pass on every call."
+        )
+    return None
+
+
+def _one_pass_reason(data: object) -> str | None:
+    """Why ``data`` hands out the same iterator on every pass, or ``None``.
+
+    A class whose ``__iter__`` returns one iterator made once (``return self.gen``), or a
+    ``DataLoader`` over an ``IterableDataset`` that does: every pass would continue where the
+    last stopped, so the first product silently misses the batch the constructor read and
+    later ones see no data. Two ``iter`` calls tell (a generator function's body does not
+    run until the first ``next``); a ``DataLoader`` is not asked itself, since one with
+    ``persistent_workers=True`` rightly returns its one iterator, reset.
+    """
+    if isinstance(data, DataLoader):
+        dataset = data.dataset
+        if isinstance(dataset, IterableDataset) and iter(dataset) is iter(dataset):
+            return (
+                f"it is a DataLoader over an IterableDataset ({type(dataset).__name__}) whose "
+                "__iter__ returns the same iterator on every call"
+            )
+        return None
+    if iter(data) is iter(data):  # type: ignore[call-overload]
+        return f"its __iter__ ({type(data).__name__}) returns the same iterator on every call"
     return None
 
 
@@ -261,8 +325,40 @@ def _import_tqdm() -> Callable[..., Any]:
 _INPUT_MISMATCH_HINT = "Check that the inputs match the model (features, dtype, device)."
 
 
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _running_stats(model: object) -> list[tuple[nn.Module, str, Tensor]]:
+    """The running-statistics buffers a forward pass of ``model`` would update in place.
+
+    Those of BatchNorm modules in training mode that track them, as ``(module, name,
+    buffer)``, in a model an operator accepted with ``allow_training_mode=True`` (others have
+    none in training mode: refused); for a callable that is not a module, of the module its
+    bound method belongs to.
+    """
+    module = _module_of(model)
+    if module is None or module not in _STATS_KEPT:
+        return []
+    return [
+        (m, name, getattr(m, name))
+        for m in module.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+        for name in _RUNNING_STATS
+        if getattr(m, name, None) is not None
+    ]
+
+
 def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
-    """``model(inputs)``, with a failure or a non-tensor result turned into a clear error."""
+    """``model(inputs)``, with a failure or a non-tensor result turned into a clear error.
+
+    A train-mode BatchNorm's running statistics are put back after the call: the operators
+    read the model, and each of their products runs forward passes (an ``eigsh`` hundreds),
+    which would otherwise drag the statistics its eval mode uses towards the batches'.
+    """
+    # The forward pass updates copies, which its graph may keep; the buffers stay as they were.
+    stats = _running_stats(model)
+    for module, name, buffer in stats:
+        setattr(module, name, buffer.clone())
     try:
         # products differentiate the backward pass
         with twice_differentiable_attention(), twice_differentiable_weight_norm():
@@ -285,6 +381,9 @@ def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
             f"`model` failed on `inputs` ({_shape(inputs)}): {err}. The model is called "
             f"as model(inputs) with `inputs` as given ({hint})."
         ) from err
+    finally:
+        for module, name, buffer in stats:
+            setattr(module, name, buffer)
     if isinstance(outputs, (tuple, list)):  # several heads
         raise TypeError(
             f"`model(inputs)` must return one tensor, got a {type(outputs).__name__} of "
@@ -309,6 +408,16 @@ def _call_loss(loss_fn: Callable[[Tensor, Any], Tensor], outputs: Tensor, target
         raise ValueError(
             f"`loss_fn` failed on outputs of shape {_shape(outputs)} and targets of shape "
             f"{_shape(targets)}: {err}."
+        ) from err
+    except TypeError as err:  # e.g. numpy targets: torch's own words are "'int' object ..."
+        hint = (
+            " The targets are a numpy array: pass a tensor, torch.from_numpy(targets)."
+            if isinstance(targets, np.ndarray)
+            else ""
+        )
+        raise TypeError(
+            f"`loss_fn` failed on outputs of shape {_shape(outputs)} and targets "
+            f"({_shape(targets)}): {err}.{hint}"
         ) from err
     if not isinstance(loss, Tensor):
         raise TypeError(

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -47,6 +48,18 @@ def _edge_dtype(dtype: object, compute: torch.dtype) -> np.dtype:
             f"`dtype` must be numpy.float32 or numpy.float64 (or None), got {dtype!r}."
         )
     return edge
+
+
+def _outside_inference_mode() -> contextlib.AbstractContextManager:
+    """Leave ``torch.inference_mode()`` (an evaluation loop's) for a product or a build.
+
+    Products are autograd, which inference mode turns off beyond ``enable_grad``'s reach.
+    Entering ``inference_mode(False)`` costs ~5 µs, so it is entered only when needed.
+    """
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 class _TorchLinearOperator(LinearOperator):
@@ -143,24 +156,29 @@ class _TorchLinearOperator(LinearOperator):
         self._check("X", X, self.shape[0], matrix=True)
         return super().rmatmat(X)
 
-    # ---- SciPy's hooks: (n,) or (n, 1) vectors, (n, k) blocks handed over as (k, n) rows
+    # ---- SciPy's hooks: (n,) or (n, 1) vectors, (n, k) blocks handed over as (k, n) rows.
+    # Each leaves torch.inference_mode() (_outside_inference_mode) before making the vectors.
     def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self._as_array(self._mv(self._as_tensor(x.reshape(-1))))
+        with _outside_inference_mode():
+            return self._as_array(self._mv(self._as_tensor(x.reshape(-1))))
 
     def _matmat(self, X: Any) -> np.ndarray:
         X = X.toarray() if issparse(X) else X
         if X.shape[1] == 0:  # no columns: nothing to multiply (autograd cannot batch 0 rows)
             return np.zeros((self.shape[0], 0), dtype=self.dtype)
-        return self._as_array(self._mm(self._as_tensor(X.T))).T
+        with _outside_inference_mode():
+            return self._as_array(self._mm(self._as_tensor(X.T))).T
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self._as_array(self._rmv(self._as_tensor(x.reshape(-1))))
+        with _outside_inference_mode():
+            return self._as_array(self._rmv(self._as_tensor(x.reshape(-1))))
 
     def _rmatmat(self, X: Any) -> np.ndarray:
         X = X.toarray() if issparse(X) else X
         if X.shape[1] == 0:
             return np.zeros((self.shape[1], 0), dtype=self.dtype)
-        return self._as_array(self._rmm(self._as_tensor(X.T))).T
+        with _outside_inference_mode():
+            return self._as_array(self._rmm(self._as_tensor(X.T))).T
 
     def _mv(self, v: Tensor) -> Tensor:
         raise NotImplementedError

@@ -55,6 +55,11 @@ numbers in :mod:`hessfree._threads`)::
 **Stochastic layers.** Dropout and train-mode BatchNorm change the function between forward
 passes, so products would not come from one matrix; the constructors refuse models with such
 modules in training mode (call ``model.eval()``, or pass ``allow_training_mode=True``).
+With ``allow_training_mode=True`` a train-mode BatchNorm normalises each batch by its own
+statistics: the operator is :math:`\sum_b w_b \nabla^2 \ell_b` of those per-batch losses, a
+fixed matrix that depends on how ``data`` is batched (with one batch, the curvature of the
+train-mode loss on all of it), and its forward passes leave the running statistics as they
+were (the operators read the model, they do not train it).
 Randomness inside ``forward`` that is not a module (``F.dropout(x, training=True)``) is not
 detected. (:class:`~hessfree.HessianFree` offers another way: with ``replay_rng=True``, its
 default, a step's model calls draw one set of random numbers and its trial calls another.)
@@ -99,7 +104,7 @@ from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._graph_ops import twice_differentiable_weight_norm
 from ._model_data import _call_model, _check_model, _check_rows, _resolve_params, _shape
-from ._numpy_edge import _TorchLinearOperator
+from ._numpy_edge import _outside_inference_mode, _TorchLinearOperator
 from ._rng import _batch_seed
 from ._threads import limit_blas_threads
 from .curvature import (
@@ -178,8 +183,8 @@ class HessianLinearOperator(CurvatureLinearOperator):
         if not isinstance(x, Tensor) or not x.is_floating_point():
             kind = f"tensor of dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
             raise TypeError(f"`x` must be a floating-point tensor, got {kind}.")
-        z = x.detach().reshape(-1).clone().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), _outside_inference_mode():  # as the products (_numpy_edge)
+            z = x.detach().reshape(-1).clone().requires_grad_(True)
             with twice_differentiable_weight_norm():  # torch's fused kernel: wrong Hessian
                 loss = check_scalar_loss("f(x)", f(z.view_as(x)))
             product = HessianProduct(loss, [z])
@@ -444,17 +449,17 @@ class JacobianLinearOperator(_TorchLinearOperator):
         _check_rows(inputs, "inputs")
         if isinstance(inputs, Tensor):
             inputs = inputs.to(layout.device)
-        with torch.enable_grad():
+        with torch.enable_grad(), _outside_inference_mode():  # as the products (_numpy_edge)
             try:
                 outputs = _call_model(model, inputs)
             except (TypeError, AttributeError) as err:
                 if not _batches_like(inputs):
                     raise
                 raise _batches_error(inputs, err) from err
+            self._jacobian = JacobianProduct(outputs, params)
+            if not _depends_on([outputs], params):  # here, not silently zero products later
+                raise unreached_params_error("model(inputs)", len(params))
         self.params = params
-        self._jacobian = JacobianProduct(outputs, params)
-        if not _depends_on([outputs], params):  # here, not silently zero products later
-            raise unreached_params_error("model(inputs)", len(params))
         #: The shape of ``model(inputs)``; rows of the operator are its entries in order.
         self.output_shape = tuple(outputs.shape)
         self._versions = ParamVersions(params)
