@@ -2296,6 +2296,7 @@ class HessianFree(torch.optim.Optimizer):
     def _start_step(self) -> _StepRun:
         state = self._global_state()
         params = self._params()
+        self._forget_other_layout(state)
         layout = ParamLayout(params)
         run = _StepRun(
             state=state,
@@ -2308,6 +2309,24 @@ class HessianFree(torch.optim.Optimizer):
         if self.settings.replay_rng:  # saved before the step's first closure call
             run.counter.stream = StepStream({p.device for p in params})
         return run
+
+    def _forget_other_layout(self, state: dict) -> None:
+        """Drop the flat state vectors (the warm start, Marquardt's running diagonal) when the
+        parameters they were laid out for are not the ones trained now.
+
+        Their entries follow the trained parameters in order, so their length alone does not
+        tell which parameters they belong to: with one layer frozen and another of the same
+        size unfrozen (training two blocks in turn), the frozen layer's last step became the
+        new one's warm start and its curvature diagonal the new one's metric ("unseen12").
+        ``state['trained']`` keeps the positions, in ``param_groups`` order, of the parameters
+        they cover; a state without it (saved before it existed) is taken as it is.
+        """
+        listed = (p for group in self.param_groups for p in group["params"])
+        trained = [i for i, p in enumerate(listed) if p.requires_grad]
+        if state.get("trained", trained) != trained:
+            state.pop("warm_start", None)
+            state.pop("damping_diagonal", None)
+        state["trained"] = trained
 
     def _evaluate_and_solve(
         self, closure: Closure, curvature_closure: Closure | None, run: _StepRun
