@@ -313,6 +313,31 @@ def _depends_on(tensors: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
     )
 
 
+def _reentrant_checkpoint(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether some tensor's autograd graph runs ``torch.utils.checkpoint(...,
+    use_reentrant=True)`` (a graph walk, no backward).
+
+    Its backward recomputes the wrapped function and calls ``torch.autograd.backward`` on it
+    without ``create_graph``, and the parameters used inside are no inputs of its graph node:
+    ``torch.autograd.grad`` does not reach them (a zero gradient) and a backward with
+    ``create_graph=True`` leaves their ``.grad`` without a graph, so every curvature product
+    has silently zero rows for them (measured in experiments/README.md, "unseen12").
+    """
+    reentrant = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+    if reentrant is None:  # a torch without it
+        return False
+    seen, stack = set(), [t.grad_fn for t in tensors if t is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if getattr(node, "_forward_cls", None) is reentrant:
+            return True
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
 # --------------------------------------------------------------------------------------------
 # base class
 # --------------------------------------------------------------------------------------------

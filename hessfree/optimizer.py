@@ -158,6 +158,7 @@ from .curvature import (
     StructurallyDampedGGN,
     _loss_node,
     _read_reduction,
+    _reentrant_checkpoint,
 )
 from .distributed import Averager
 from .preconditioning import (
@@ -3530,7 +3531,10 @@ class HessianFree(torch.optim.Optimizer):
         BatchNorm and Dropout modules (their autograd nodes cannot tell: CPU dropout is a plain
         ``MulBackward0`` and InstanceNorm uses the batch-norm kernel); one warning in all.
         Dropout alone is no reason to warn under ``replay_rng`` (one mask for the model calls,
-        one for the trials).
+        one for the trials). That first call's graph is also searched for a reentrant
+        ``torch.utils.checkpoint``, which is refused (a walk of the whole graph, ~6 % of a
+        gradient's time on an LSTM, so not at every step: a model that starts checkpointing
+        later goes unseen).
         """
         watch = role not in self._watched
         try:
@@ -3544,6 +3548,7 @@ class HessianFree(torch.optim.Optimizer):
                 f"The parameters are {layout.dtype} on {layout.device}."
             ) from err
         if watch:
+            _refuse_reentrant_checkpoint(evaluation, role)  # and looked for again next time
             self._watched.add(role)
             if self.settings.replay_rng:  # dropout draws one mask per step: one function
                 found = [kind for kind in found if issubclass(kind, _BatchNorm)]
@@ -3572,6 +3577,29 @@ class HessianFree(torch.optim.Optimizer):
                     stacklevel=_caller_level(),
                 )
         return evaluation
+
+
+def _refuse_reentrant_checkpoint(evaluation: _Evaluation, role: str) -> None:
+    """Refuse a graph through ``torch.utils.checkpoint(..., use_reentrant=True)``.
+
+    torch cannot differentiate its backward, and the parameters it wraps are not inputs of its
+    graph node: with a ``(loss, outputs)`` closure they got a zero gradient and zero curvature
+    and never moved; with an LBFGS-style closure their gradient was right but their Hessian
+    rows zero, so CG stepped along them with λ alone (accepted steps, silently off; "unseen12").
+    Raised before anything moves.
+    """
+    outputs = evaluation.outputs
+    tensors = [evaluation.loss, evaluation.hidden, *(evaluation.grads or ())]
+    tensors += list(outputs) if isinstance(outputs, tuple | list) else [outputs]
+    if _reentrant_checkpoint([t for t in tensors if isinstance(t, Tensor)]):
+        raise NotImplementedError(
+            f"The {role}'s graph runs torch.utils.checkpoint with use_reentrant=True, whose "
+            "backward torch cannot differentiate: the parameters inside the checkpointed "
+            "function would get no curvature (and, with a (loss, outputs) closure, no gradient), "
+            "silently. Pass use_reentrant=False to checkpoint (torch's recommended variant), "
+            "which HessianFree differentiates exactly, or drop the checkpoint. The parameters "
+            "are unchanged."
+        )
 
 
 @contextlib.contextmanager
