@@ -2312,21 +2312,23 @@ class HessianFree(torch.optim.Optimizer):
         return run
 
     def _forget_other_layout(self, state: dict) -> None:
-        """Drop the flat state vectors (the warm start, Marquardt's running diagonal) when the
-        parameters they were laid out for are not the ones trained now.
+        """Drop the warm start when the parameters it was laid out for are not the ones
+        trained now.
 
-        Their entries follow the trained parameters in order, so their length alone does not
-        tell which parameters they belong to: with one layer frozen and another of the same
-        size unfrozen (training two blocks in turn), the frozen layer's last step became the
-        new one's warm start and its curvature diagonal the new one's metric ("unseen12").
-        ``state['trained']`` keeps the positions, in ``param_groups`` order, of the parameters
-        they cover; a state without it (saved before it existed) is taken as it is.
+        Its entries follow the trained parameters in order, so its length alone does not tell
+        which parameters they belong to: with one block frozen and another of the same size
+        unfrozen (training two blocks in turn), the frozen block's last step became the new
+        one's warm start (§4.5 reuses the solution of the same quadratic). Dropping it: lower
+        loss at equal CPU time on 5-6 of 8 seeds ("unseen12"). Marquardt's running diagonal
+        is kept as before (checked by length): resetting it also resets the scale λ was
+        adapted to, worse on 7 of 8 seeds there. ``state['trained']`` keeps the positions, in
+        ``param_groups`` order, of the parameters trained; a state without it (saved before it
+        existed) is taken as it is.
         """
         listed = (p for group in self.param_groups for p in group["params"])
         trained = [i for i, p in enumerate(listed) if p.requires_grad]
         if state.get("trained", trained) != trained:
             state.pop("warm_start", None)
-            state.pop("damping_diagonal", None)
         state["trained"] = trained
 
     def _evaluate_and_solve(
