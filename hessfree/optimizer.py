@@ -1224,16 +1224,7 @@ class HessianFree(torch.optim.Optimizer):
             )
         super().__init__(params, defaults)  # checks each group (add_param_group)
         self._group_view = self._shared_group_values()
-        trained = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        if not trained:
-            raise ValueError(
-                "No parameter requires gradients; HessianFree has nothing to optimize."
-            )
-        if not any(p.numel() for p in trained):
-            raise ValueError(
-                f"Every parameter that requires gradients has zero elements (shapes "
-                f"{[tuple(p.shape) for p in trained]}); HessianFree has nothing to optimize."
-            )
+        _check_trainable(self._params())
         self.last_step: StepInfo | None = None
         self._closure_uses_autograd = False  # set once a closure is seen to need autograd
         self._generator: torch.Generator | None = None
@@ -2254,7 +2245,8 @@ class HessianFree(torch.optim.Optimizer):
                 give, the closure's first call fails because its data does not match the
                 parameters (dtype, device or features; torch's error is chained), or its loss
                 depends on none of the parameters (before any update; parameters it does not
-                use among others are fine and stay where they are).
+                use among others are fine and stay where they are), or if every parameter has
+                been frozen since the optimizer was built (``requires_grad_(False)``).
             FloatingPointError: After ``max_failures`` consecutive non-finite steps.
         """
         if not callable(closure):
@@ -2265,6 +2257,13 @@ class HessianFree(torch.optim.Optimizer):
             raise TypeError(
                 f"`curvature_closure` must be callable or None, got {curvature_closure!r}."
             )
+        # every parameter frozen since __init__ (requires_grad_(False)): torch's bare IndexError
+        _check_trainable(
+            self._params(),
+            " any more (all were frozen after the optimizer was built)",
+            ": unfreeze one, or skip opt.step() while the whole model is frozen (nothing was "
+            "changed)",
+        )
         loss0 = self._one_step(closure, curvature_closure)
         calls = self.last_step.closure_calls if self.last_step is not None else 0
         for _ in range(self.settings.max_iter - 1):  # as LBFGS ends its call on a tolerance
@@ -3579,6 +3578,20 @@ class HessianFree(torch.optim.Optimizer):
                     stacklevel=_caller_level(),
                 )
         return evaluation
+
+
+def _check_trainable(trained: list[Tensor], when: str = "", fix: str = "") -> None:
+    """Refuse a parameter list with nothing to optimize."""
+    if not trained:
+        raise ValueError(
+            f"No parameter requires gradients{when}; HessianFree has nothing to optimize{fix}."
+        )
+    if not any(p.numel() for p in trained):
+        raise ValueError(
+            f"Every parameter that requires gradients has zero elements (shapes "
+            f"{[tuple(p.shape) for p in trained]}){when}; HessianFree has nothing to "
+            f"optimize{fix}."
+        )
 
 
 def _refuse_reentrant_checkpoint(evaluation: _Evaluation, role: str) -> None:

@@ -228,3 +228,22 @@ def test_a_compiled_model_is_refused_with_the_uncompiled_module_named(style):
     with pytest.raises(NotImplementedError, match="_orig_mod"):
         opt.step(closure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+# ------------------------------------------------------------------ everything frozen
+
+
+def test_a_step_after_every_parameter_was_frozen_is_refused_by_name():
+    # main: IndexError "list index out of range" (the shared state lives under the first
+    # trained parameter); __init__ already refused such a list with this message
+    model = _mlp()
+    opt = HessianFree(model.parameters())
+    opt.step(_closure(model, opt, "outputs", reentrant=None))
+    model.requires_grad_(False)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="No parameter requires gradients any more"):
+        opt.step(_closure(model, opt, "outputs", reentrant=None))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    model.requires_grad_(True)  # and training goes on
+    opt.step(_closure(model, opt, "outputs", reentrant=None))
+    assert opt.last_step.accepted
