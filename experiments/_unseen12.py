@@ -423,6 +423,10 @@ def part_patterns() -> None:
                 opt.step(closure_of(opt, m, "lo"))
         elif kind == "float32 data":
             opt.step(closure_of(opt, m, "lo", x=X.float()))
+        elif kind == "every parameter frozen after step 1":
+            opt.step(closure_of(opt, m, "lo"))
+            m.requires_grad_(False)
+            opt.step(closure_of(opt, m, "lo"))
         elif kind == "LambdaLR warm-up from 0":
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: min(1.0, e / 3))
             out = []
@@ -433,7 +437,13 @@ def part_patterns() -> None:
             return ", ".join(out)
         return "ran"
 
-    for kind in ("listed twice", "inference_mode", "float32 data", "LambdaLR warm-up from 0"):
+    kinds = (
+        "listed twice",
+        "inference_mode",
+        "float32 data",
+        "every parameter frozen after step 1",
+    )
+    for kind in (*kinds, "LambdaLR warm-up from 0"):
         print(f"| {kind} | lo | {_outcome(lambda k=kind: misc(k))} | - |")
 
 
