@@ -115,6 +115,9 @@ def _grad(
 # "the derivative for '<op>_backward' is not implemented." (NotImplementedError)
 _NO_DERIVATIVE = re.compile(r"derivative for '?((?:aten::)?\w+?)(_backward)?'? is not implemented")
 
+# torch words it "torch.compile with aot_autograd does not currently support double backward"
+_COMPILED = re.compile(r"torch\.compile\b.*\bdouble backward")
+
 #: Ops torch differentiates only once, with the layer a user can write instead.
 _TWICE_DIFFERENTIABLE_INSTEAD = {
     "_embedding_bag": (
@@ -136,7 +139,8 @@ _TWICE_DIFFERENTIABLE_INSTEAD = {
 def _missing_second_derivative(
     err: RuntimeError | NotImplementedError,
 ) -> NotImplementedError | None:
-    """A worded error for torch's "derivative for aten::<op>_backward is not implemented".
+    """A worded error for torch's "derivative for aten::<op>_backward is not implemented"
+    (and for torch.compile's "does not currently support double backward").
 
     Curvature products differentiate a gradient once more; an op whose backward torch cannot
     differentiate (``F.ctc_loss``'s ``aten::_ctc_loss_backward``) stops them with torch's
@@ -144,6 +148,15 @@ def _missing_second_derivative(
     Fisher needs only first derivatives of the loss in the outputs, so it works when the op is
     in the loss (measured on CTC, ``experiments/README.md``, "unseen8").
     """
+    if _COMPILED.search(str(err)):
+        return NotImplementedError(
+            "A curvature product differentiates the model's backward once more, and part of "
+            "the closure runs under torch.compile, whose compiled graphs torch cannot "
+            "differentiate twice (every curvature needs it: Gauss-Newton, Hessian and the "
+            "Fisher's Jacobian products alike). Call the uncompiled module in the closure (a "
+            "compiled nn.Module keeps it as `._orig_mod`). The parameters are unchanged. "
+            f"(torch: {err})"
+        )
     match = _NO_DERIVATIVE.search(str(err))
     if match is None:
         return None
@@ -311,6 +324,31 @@ def _depends_on(tensors: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
         for t in tensors
         if t.requires_grad
     )
+
+
+def _reentrant_checkpoint(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether some tensor's autograd graph runs ``torch.utils.checkpoint(...,
+    use_reentrant=True)`` (a graph walk, no backward).
+
+    Its backward recomputes the wrapped function and calls ``torch.autograd.backward`` on it
+    without ``create_graph``, and the parameters used inside are no inputs of its graph node:
+    ``torch.autograd.grad`` does not reach them (a zero gradient) and a backward with
+    ``create_graph=True`` leaves their ``.grad`` without a graph, so every curvature product
+    has silently zero rows for them (measured in experiments/README.md, "unseen12").
+    """
+    reentrant = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+    if reentrant is None:  # a torch without it
+        return False
+    seen, stack = set(), [t.grad_fn for t in tensors if t is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if getattr(node, "_forward_cls", None) is reentrant:
+            return True
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -1018,7 +1056,8 @@ class JacobianProduct:
         try:
             out = _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx])
         except NotImplementedError as err:  # e.g. nn.Embedding(sparse=True)'s backward
-            if _NO_DERIVATIVE.search(str(err.__cause__)):  # worded by _grad already
+            cause = str(err.__cause__)
+            if _NO_DERIVATIVE.search(cause) or _COMPILED.search(cause):  # worded by _grad
                 raise
             raise NotImplementedError(
                 "A Jacobian-vector product (Gauss-Newton, Fisher or Jacobian curvature) needs "
