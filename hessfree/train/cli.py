@@ -6,8 +6,9 @@
 
 Exit codes: 0 done; 2 a bad config, override, data file or run directory (the message lists
 every problem, no traceback); 3 another rank of a data-parallel run crashed, hung or could not
-be reached (one line); 130 / 143 interrupted by SIGINT / SIGTERM (resumable); 1 an unexpected
-error (with its traceback).
+be reached (one line); 4 done, but an optimizer diverged (``summary.json``'s ``diverged``; the
+others' results are complete); 130 / 143 interrupted by SIGINT / SIGTERM (resumable); 1 an
+unexpected error (with its traceback).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ The run directory (default runs/<name>-<timestamp>/) receives config.yaml (resol
 overrides), metrics.jsonl (one line per evaluation), summary.json, loss_vs_seconds.png,
 loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
 checkpoints and exits with 130 / 143; --resume continues from there (bit-identical on CPU for
-step and epoch budgets; wall-clock budgets are not reproducible).
+step and epoch budgets; wall-clock budgets are not reproducible). An optimizer whose loss or
+weights stop being finite stops as 'diverged' while the others train on; its checkpoint keeps
+its last finite weights, summary.json lists it under 'diverged', and the exit code is 4.
 
 Data-parallel: 'torchrun --nproc_per_node=N -m hessfree run CONFIG.yaml' splits every batch
 into N equal slices (batch sizes must be multiples of N) and takes the same steps as one
@@ -59,7 +62,8 @@ config keys:
 
 exit codes:
   0 done · 2 bad config, override, data or run directory · 3 a peer rank failed or hung ·
-  130 SIGINT · 143 SIGTERM · 1 unexpected error"""
+  4 done, but an optimizer diverged (summary.json: diverged) · 130 SIGINT · 143 SIGTERM ·
+  1 unexpected error"""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:

@@ -27,6 +27,15 @@ or epoch budget the result is bit-identical on the CPU to an uninterrupted run. 
 budget (``budget.seconds``) or ``eval.every_seconds`` depends on the machine's speed and is
 not reproducible, resumed or not.
 
+An optimizer diverges when a step's batch loss, the training loss evaluated after it, or any
+entry of the weights it leaves (parameters and floating-point buffers) is not finite: it stops
+at once, its metrics record that step (losses ``null``), and its final checkpoint holds the
+last finite weights (those of the step before when the step left non-finite ones; the
+checkpoint's ``weights_step`` and the summary's ``checkpoint_step`` say which) with
+``diverged_at_step``. The other optimizers train on; the summary lists the diverged ones under
+``diverged`` and :attr:`RunResult.exit_code` is :data:`EXIT_DIVERGED` (4). Keeping those
+weights costs one copy of the model state per step.
+
 SIGINT (Ctrl-C) and SIGTERM finish the current step, write a checkpoint and a summary, and end
 the run with status ``interrupted`` (the CLI exits with 128 + the signal number: 130, 143). A
 second signal abandons the step at once; the previous checkpoint stays valid.
@@ -170,17 +179,31 @@ class RunResult:
         signal: The signal number that interrupted the run, else None.
         summary: The content of ``summary.json`` (empty on the ranks other than 0 of a
             data-parallel run, which write nothing).
+        diverged: The labels of the optimizers that diverged, in the config's order (on every
+            rank: the ranks agree on divergence).
     """
 
     run_dir: Path
     status: RunStatus
     signal: int | None
     summary: dict[str, Any]
+    diverged: tuple[str, ...] = ()
 
     @property
     def exit_code(self) -> int:
-        """0 when completed, 128 + the signal number when interrupted (130 for SIGINT)."""
-        return 0 if self.signal is None else 128 + self.signal
+        """128 + the signal number when interrupted (130 for SIGINT); else
+        :data:`EXIT_DIVERGED` when an optimizer diverged, 0 when none did.
+
+        A sweep that reads only the exit status would otherwise count a contender that blew up
+        as a finished comparison; the other contenders' results are complete either way.
+        """
+        if self.signal is not None:
+            return 128 + self.signal
+        return EXIT_DIVERGED if self.diverged else 0
+
+
+#: The exit status of a run that completed but in which an optimizer diverged.
+EXIT_DIVERGED = 4
 
 
 class _Interrupted(Exception):
@@ -296,6 +319,8 @@ class _Training:
     curvature_size: int | None = None
     replicated: bool = False
     bar: Any = None
+    diverged_at: int | None = None  # the step after which a non-finite value stopped it
+    weights_step: int | None = None  # the step whose weights its checkpoint holds (None: st.step)
 
     def use(self, leaf: OptimizerConfig, n: int, distributed: bool, step: int = 0) -> None:
         """Take the steps with ``leaf`` from now on, with its batch sizes of step ``step``
@@ -539,8 +564,11 @@ class Runner:
                             spec, RunStop.INTERRUPTED, self._current
                         )
                         break
+        diverged = tuple(
+            label for label, o in outcomes.items() if o["stop_reason"] == RunStop.DIVERGED.value
+        )
         if not writer:
-            return RunResult(self.run_dir, status, signum, {})
+            return RunResult(self.run_dir, status, signum, {}, diverged)
         summary = summarize(
             read_metrics(self.run_dir / "metrics.jsonl"),
             outcomes,
@@ -559,8 +587,13 @@ class Runner:
                 f"hessfree run --resume {self.run_dir}"
             )
         else:
+            if diverged:
+                self._say(
+                    f"\ndiverged: {', '.join(diverged)} (see diverged_at_step in summary.json); "
+                    f"the other optimizers' results are complete. Exit status {EXIT_DIVERGED}."
+                )
             self._say(f"\nrun directory: {self.run_dir}")
-        return RunResult(self.run_dir, status, signum, summary)
+        return RunResult(self.run_dir, status, signum, summary, diverged)
 
     def _plot(self) -> None:
         """Write the plots; without matplotlib, say so (stderr) instead of failing the run."""
@@ -571,13 +604,28 @@ class Runner:
         except ImportError as err:
             print(_no_plots_message(err), file=sys.stderr, flush=True)
 
-    def _outcome(self, spec: OptimizerConfig, reason: RunStop, st: Progress) -> dict[str, Any]:
+    def _outcome(
+        self,
+        spec: OptimizerConfig,
+        reason: RunStop,
+        st: Progress,
+        diverged_at: int | None = None,
+        weights_step: int | None = None,
+    ) -> dict[str, Any]:
+        """The loop's facts about one entry for the summary.
+
+        ``diverged_at_step`` is null unless it diverged; ``checkpoint_step`` is the step whose
+        weights ``checkpoints/<label>.pt`` holds (before the diverged step when that step
+        left non-finite weights).
+        """
         return {
             "name": spec.name,
             "stop_reason": reason.value,
             "steps": st.step,
             "epochs": st.cases / self.x_train.shape[0],
             "seconds": st.seconds,
+            "diverged_at_step": diverged_at if reason is RunStop.DIVERGED else None,
+            "checkpoint_step": st.step if weights_step is None else weights_step,
         }
 
     # -- one optimizer ---------------------------------------------------------------------
@@ -612,7 +660,17 @@ class Runner:
             f"    {spec.label}: stopped by {reason.value} after {t.st.step} steps, "
             f"{t.st.seconds:.3g} s of training"
         )
-        return self._outcome(spec, reason, t.st)
+        if t.diverged_at is not None:
+            kept = (
+                f"the weights after step {t.weights_step}, the last finite ones"
+                if t.weights_step is not None
+                else f"its (finite) weights after step {t.st.step}"
+            )
+            self._say(
+                f"    {spec.label}: diverged: a loss or weight was not finite after step "
+                f"{t.diverged_at}; checkpoints/{spec.label}.pt holds {kept}"
+            )
+        return self._outcome(spec, reason, t.st, t.diverged_at, t.weights_step)
 
     def _begin(
         self, index: int, spec: OptimizerConfig, ckpt: dict[str, Any] | None
@@ -649,7 +707,14 @@ class Runner:
                     f"[{index + 1}/{len(cfg.optimizers)}] {spec.label}: already finished "
                     f"({ckpt['stop_reason']}, {t.st.step} steps)"
                 )
-                return self._outcome(spec, RunStop(ckpt["stop_reason"]), t.st)
+                return self._outcome(
+                    spec,
+                    RunStop(ckpt["stop_reason"]),
+                    t.st,
+                    # written before these were recorded: the step it stopped at, as it held
+                    diverged_at=ckpt.get("diverged_at_step", t.st.step),
+                    weights_step=ckpt.get("weights_step", t.st.step),
+                )
         group.check_same(model.parameters())
         return t
 
@@ -720,6 +785,7 @@ class Runner:
         batch_loss = math.nan
         is_converged = False
         agreed_signal: int | None = None  # a data-parallel run stops on agreed signals only
+        kept: dict[str, Tensor] | None = None  # the (finite) state before the latest step
         while True:
             reason = budget_reason(budget, st, n)
             switch = False
@@ -748,7 +814,9 @@ class Runner:
             batch, curvature = self._next_batch(t)
             # L-BFGS on the whole set: a step that moves nothing has converged.
             watch = t.leaf.name == "lbfgs" and t.batch_size == n
-            before = [p.detach().clone() for p in model.parameters()] if watch else []
+            # Every earlier step left finite weights (checked below): if this one does not,
+            # the checkpoint gets these instead.
+            kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
             start = time.perf_counter()
             try:
                 batch_loss = take_step(
@@ -775,7 +843,10 @@ class Runner:
                     )
                 )
 
-            if not math.isfinite(batch_loss):
+            # Weights the step made non-finite are divergence at once, before the next step's
+            # loss would show it (and before they reach a checkpoint). The ranks hold the same
+            # weights, so they agree without a message.
+            if not math.isfinite(batch_loss) or not _finite_state(model):
                 reason = RunStop.DIVERGED
                 break
             if (every.every_steps is not None and st.step % every.every_steps == 0) or (
@@ -790,9 +861,7 @@ class Runner:
                 and st.step % cfg.output.checkpoint_every == 0
             ):
                 self._save(t)
-            unchanged = watch and all(
-                torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
-            )
+            unchanged = watch and all(torch.equal(kept[k], p) for k, p in model.named_parameters())
             if converged(t.leaf, t.optimizer, unchanged):
                 is_converged = True  # the entry stops, or its next phase begins
                 if not (spec.phases and st.phase + 1 < len(spec.phases)):
@@ -800,6 +869,14 @@ class Runner:
                     break
         if st.last_eval_step != st.step:
             self._log_eval(t, batch_loss)
+        if reason is RunStop.DIVERGED:
+            t.diverged_at = st.step
+            if kept is not None and not _finite_state(model):
+                # The metrics record the diverged step; the checkpoint keeps the last finite
+                # weights (the optimizer's state stays as it was: a diverged entry never
+                # resumes, and the state says what the step did).
+                model.load_state_dict(kept)
+                t.weights_step = st.step - 1
         self._save(t, finished=True, reason=reason)
         return reason
 
@@ -859,6 +936,8 @@ class Runner:
                 "label": t.spec.label,
                 "finished": finished,
                 "stop_reason": None if reason is None else reason.value,
+                "diverged_at_step": t.diverged_at,
+                "weights_step": t.st.step if t.weights_step is None else t.weights_step,
                 **t.st.to_checkpoint(),
                 "model": self.model.state_dict(),
                 "optimizer": t.optimizer.state_dict(),
@@ -896,6 +975,13 @@ class Runner:
             train=f"{record['train_loss']:.4g}", test=f"{record['test_loss']:.4g}", refresh=False
         )
         return math.isfinite(record["train_loss"])
+
+
+def _finite_state(model: torch.nn.Module) -> bool:
+    """Whether every floating-point entry of the model's parameters and buffers is finite
+    (one host sync for all of them)."""
+    flags = [torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _no_plots_message(err: BaseException | None = None) -> str:

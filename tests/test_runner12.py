@@ -1,0 +1,107 @@
+"""``hessfree run`` on inputs and events nobody had tried (runner12): a diverged contender, a run
+directory in use, and further probes. In process through the CLI's ``main`` (the exit status
+is the contract), except where a real signal or a fresh interpreter is the point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hessfree.train.checkpoint import load_checkpoint
+from hessfree.train.cli import main
+from hessfree.train.metrics import read_metrics
+
+
+def _regression(tmp_path: Path, wild_lr: float, **extra) -> Path:
+    """A linear least-squares config: SGD at ``wild_lr`` beside a tame SGD (float32)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    y = x.sum(1, keepdims=True)
+    np.savez(tmp_path / "reg.npz", x_train=x[:48], y_train=y[:48], x_test=x[48:], y_test=y[48:])
+    raw = {
+        "name": "reg",
+        "seed": 0,
+        "num_threads": 1,
+        "data": {"name": "npz", "path": str(tmp_path / "reg.npz")},
+        "model": {"name": "mlp", "hidden_sizes": []},
+        "loss": {"name": "mse"},
+        "optimizers": [
+            {"name": "sgd", "label": "wild", "lr": wild_lr, "momentum": 0.0},
+            {"name": "sgd", "label": "tame", "lr": 0.01},
+        ],
+        "budget": {"steps": 12},
+        "batch_size": 16,
+        "eval": {"every_steps": 50},  # only step 0 and the end: the weights must be caught
+        "output": {"checkpoint_every": 50, "plots": False},
+    }
+    raw.update(extra)
+    path = tmp_path / "reg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def test_runner12_a_step_leaving_inf_weights_keeps_the_last_finite_ones_and_exits_4(
+    tmp_path, capsys
+):
+    """main: SGD at lr 1e38 turns the weights to inf in step 1 from a finite loss; the runner
+    saw it only at step 2's batch loss, exited 0, and checkpoints/wild.pt held the inf weights.
+    """
+    run = tmp_path / "run"
+    assert main(["run", str(_regression(tmp_path, 1e38)), "--out", str(run), "--quiet"]) == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["diverged"] == ["wild"]
+    wild, tame = summary["optimizers"]["wild"], summary["optimizers"]["tame"]
+    assert wild["stop_reason"] == "diverged" and wild["diverged_at_step"] == 1
+    assert wild["checkpoint_step"] == 0  # step 1 left inf: the weights before it
+    assert tame["stop_reason"] == "steps" and tame["steps"] == 12
+    assert tame["diverged_at_step"] is None and tame["checkpoint_step"] == 12
+
+    ckpt = load_checkpoint(run / "checkpoints" / "wild.pt")
+    assert ckpt["diverged_at_step"] == 1 and ckpt["weights_step"] == 0
+    assert _finite(ckpt["model"])
+    # Oracle: the kept weights are the initial ones, whose mean squared error on the training
+    # set (numpy, float64) is the train loss the runner logged at step 0 (float32: 1e-5 rel).
+    data = np.load(tmp_path / "reg.npz")
+    w, b = (ckpt["model"][k].double().numpy() for k in ("net.0.weight", "net.0.bias"))
+    mse = float(np.mean((data["x_train"] @ w.T + b - data["y_train"]) ** 2))
+    step0 = next(r for r in read_metrics(run / "metrics.jsonl") if r["optimizer"] == "wild")
+    assert step0["step"] == 0 and step0["train_loss"] == pytest.approx(mse, rel=1e-5)
+    # The metrics record the diverged step itself.
+    last = [r for r in read_metrics(run / "metrics.jsonl") if r["optimizer"] == "wild"][-1]
+    assert last["step"] == 1 and last["train_loss"] is None
+
+
+def test_runner12_a_loss_overflowing_at_finite_weights_keeps_those_weights(tmp_path):
+    """main: exit 0 and no `diverged` in the summary. The weights after the diverged step are
+    finite (only the loss overflows), so the checkpoint holds them: `checkpoint_step` equals
+    `diverged_at_step`."""
+    run = tmp_path / "run"
+    assert main(["run", str(_regression(tmp_path, 100.0)), "--out", str(run), "--quiet"]) == 4
+    wild = json.loads((run / "summary.json").read_text())["optimizers"]["wild"]
+    assert wild["stop_reason"] == "diverged" and wild["diverged_at_step"] is not None
+    assert wild["checkpoint_step"] == wild["diverged_at_step"] == wild["steps"]
+    ckpt = load_checkpoint(run / "checkpoints" / "wild.pt")
+    assert _finite(ckpt["model"]) and ckpt["weights_step"] == ckpt["step"]
+
+
+def test_runner12_resuming_a_run_with_a_diverged_contender_keeps_its_record(tmp_path):
+    """main: the resumed run exited 0 and its summary had no `diverged`. A diverged entry is
+    finished: resuming (with a larger budget too) neither retrains it nor forgets it."""
+    run = tmp_path / "run"
+    config = _regression(tmp_path, 1e38)
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 4
+    assert main(["run", "--resume", str(run), "--quiet", "budget.steps=14"]) == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["diverged"] == ["wild"]
+    assert summary["optimizers"]["wild"]["diverged_at_step"] == 1
+    assert summary["optimizers"]["wild"]["checkpoint_step"] == 0
+    assert summary["optimizers"]["tame"]["steps"] == 14
