@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_train_robust import write_tiny
 
 from hessfree.train.checkpoint import load_checkpoint
 from hessfree.train.cli import main
 from hessfree.train.metrics import read_metrics
+
+fcntl = pytest.importorskip("fcntl")  # the run directory's lock is POSIX's flock
 
 
 def _regression(tmp_path: Path, wild_lr: float, **extra) -> Path:
@@ -105,3 +108,24 @@ def test_runner12_resuming_a_run_with_a_diverged_contender_keeps_its_record(tmp_
     assert summary["optimizers"]["wild"]["diverged_at_step"] == 1
     assert summary["optimizers"]["wild"]["checkpoint_step"] == 0
     assert summary["optimizers"]["tame"]["steps"] == 14
+
+
+def test_runner12_a_run_directory_in_use_exits_5_without_calling_the_config_invalid(
+    tmp_path, capsys
+):
+    """main: exit 2 and "Invalid config: run directory ... is in use" though the config was
+    fine; a script could not tell "fix the config" from "retry later"."""
+    run = tmp_path / "run"
+    config = write_tiny(tmp_path, budget={"steps": 2})
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    holder = open(run / ".lock", "a+")  # noqa: SIM115 - another process's lock
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert main(["run", "--resume", str(run), "--quiet"]) == 5
+        err = capsys.readouterr().err
+        assert err.startswith("hessfree: error: run directory") and "Invalid config" not in err
+        assert "in use by another hessfree process" in err and "Traceback" not in err
+    finally:
+        holder.close()
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0

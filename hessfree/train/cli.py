@@ -7,7 +7,8 @@
 Exit codes: 0 done; 2 a bad config, override, data file or run directory (the message lists
 every problem, no traceback); 3 another rank of a data-parallel run crashed, hung or could not
 be reached (one line); 4 done, but an optimizer diverged (``summary.json``'s ``diverged``; the
-others' results are complete); 130 / 143 interrupted by SIGINT / SIGTERM (resumable); 1 an
+others' results are complete); 5 the run directory is in use by another hessfree process
+(nothing done; retry when it ends); 130 / 143 interrupted by SIGINT / SIGTERM (resumable); 1 an
 unexpected error (with its traceback).
 """
 
@@ -62,8 +63,9 @@ config keys:
 
 exit codes:
   0 done · 2 bad config, override, data or run directory · 3 a peer rank failed or hung ·
-  4 done, but an optimizer diverged (summary.json: diverged) · 130 SIGINT · 143 SIGTERM ·
-  1 unexpected error"""
+  4 done, but an optimizer diverged (summary.json: diverged) · 5 run directory in use by
+  another hessfree process (retry when it ends) · 130 SIGINT · 143 SIGTERM · 1 unexpected
+  error"""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -271,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hessfree.train.data import DataError
     from hessfree.train.metrics import MetricsError
     from hessfree.train.parallel import PeerError
+    from hessfree.train.rundir import RunDirInUseError
 
     try:
         code = _run(args, run_parser)
@@ -280,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeerError as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         code = 3
+    except RunDirInUseError as err:  # the config is fine: its own status, not 2
+        print(f"hessfree: error: {err}", file=sys.stderr)
+        code = 5
     except KeyboardInterrupt:
         print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)
         code = 130

@@ -38,6 +38,7 @@ from hessfree.train.config import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "RunDirInUseError",
     "default_run_dir",
     "lock_run_dir",
     "partial_run_dir_message",
@@ -294,6 +295,11 @@ def partial_run_dir_message(run_dir: Path) -> str | None:
     )
 
 
+class RunDirInUseError(RuntimeError):
+    """Another process holds the run directory's lock: nothing is wrong with the config, and
+    the same command succeeds once that process ends (the CLI exits with its own status, 5)."""
+
+
 def lock_run_dir(run_dir: Path) -> Any:
     """Hold ``run_dir`` for this process's run: an exclusive ``flock`` on its ``.lock``.
 
@@ -308,7 +314,8 @@ def lock_run_dir(run_dir: Path) -> Any:
         The open lock file (close it to release), or ``None`` where locks are unavailable.
 
     Raises:
-        ConfigError: Another process holds the lock (the message gives its pid and host).
+        RunDirInUseError: Another process holds the lock (the message gives its pid and host).
+        ConfigError: The lock file cannot be opened (the directory is not writable).
     """
     try:
         import fcntl
@@ -327,14 +334,12 @@ def lock_run_dir(run_dir: Path) -> Any:
         f.seek(0)
         holder = " ".join(f.read(200).split()) or "unknown"
         f.close()
-        raise ConfigError(
-            [
-                f"run directory '{run_dir}' is in use by another hessfree process ({holder}): "
-                "the run, or a resume of it, is still going. Wait for it to end (SIGINT or "
-                f"SIGTERM make it checkpoint and stop), then resume with --resume {run_dir}; "
-                "two processes writing one run directory would interleave its metrics and "
-                "checkpoints."
-            ]
+        raise RunDirInUseError(
+            f"run directory '{run_dir}' is in use by another hessfree process ({holder}): "
+            "the run, or a resume of it, is still going, and nothing was read or written. "
+            f"Wait for it to end (SIGINT or SIGTERM make it checkpoint and stop), then resume "
+            f"with --resume {run_dir}; two processes writing one run directory would "
+            "interleave its metrics and checkpoints."
         ) from None
     f.seek(0)
     f.truncate()
