@@ -129,3 +129,43 @@ def test_runner12_a_run_directory_in_use_exits_5_without_calling_the_config_inva
     finally:
         holder.close()
     assert main(["run", "--resume", str(run), "--quiet"]) == 0
+
+
+_MERGED = """\
+optimizers:
+  - &base {name: adam, lr: 0.01, batch_size: 16}
+  - <<: *base
+    name: sgd
+    lr: 0.1
+  - {<<: [{lr: 0.3, momentum: 0.5}, *base], name: sgd, label: sgd2}
+"""
+
+
+def test_runner12_merge_keys_let_an_entry_override_what_it_merges(tmp_path, capsys):
+    """main: `<<: *base` then `lr: 0.1` was refused as "duplicate key 'lr'": the merged pairs
+    were counted as the entry's own. Oracle: PyYAML's own merge (``yaml.safe_load``), where
+    an own key overrides a merged one and the first of several merged mappings wins."""
+    from hessfree.train.config.yaml_io import safe_load_yaml
+
+    assert safe_load_yaml(_MERGED) == yaml.safe_load(_MERGED)
+    entries = safe_load_yaml(_MERGED)["optimizers"]
+    assert entries[1] == {"name": "sgd", "lr": 0.1, "batch_size": 16}
+    assert entries[2] == {
+        "name": "sgd",
+        "label": "sgd2",
+        "lr": 0.3,
+        "momentum": 0.5,
+        "batch_size": 16,
+    }
+    # An own key given twice is still refused, merged pairs or not.
+    with pytest.raises(yaml.YAMLError, match=r"duplicate key 'lr' \(line 6\)"):
+        safe_load_yaml(_MERGED.replace("    lr: 0.1\n", "    lr: 0.1\n    lr: 0.2\n"))
+
+    config = write_tiny(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw.pop("optimizers")
+    config.write_text(yaml.safe_dump(raw) + _MERGED)
+    assert main(["run", str(config), "--check"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)["optimizers"]
+    assert [(e["name"], e["lr"]) for e in resolved] == [("adam", 0.01), ("sgd", 0.1), ("sgd", 0.3)]
+    assert resolved[2]["momentum"] == 0.5
