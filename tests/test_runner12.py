@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_train_loop import tiny_npz
 from test_train_robust import write_tiny
 
 from hessfree.train.checkpoint import load_checkpoint
@@ -169,3 +170,31 @@ def test_runner12_merge_keys_let_an_entry_override_what_it_merges(tmp_path, caps
     resolved = yaml.safe_load(capsys.readouterr().out)["optimizers"]
     assert [(e["name"], e["lr"]) for e in resolved] == [("adam", 0.01), ("sgd", 0.1), ("sgd", 0.3)]
     assert resolved[2]["momentum"] == 0.5
+
+
+def test_runner12_a_relative_data_path_is_recorded_absolute_so_resume_reads_the_same_file(
+    tmp_path, monkeypatch
+):
+    """main: config.yaml kept `path: d.npz`, so `--resume` from another directory trained on
+    whatever d.npz was there (exit 0, other data, no word). Oracle: the same run uninterrupted
+    in the first directory, bitwise."""
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir(), other.mkdir()
+    tiny_npz(first / "d.npz", seed=0)
+    tiny_npz(other / "d.npz", seed=1)  # same name and shapes, other numbers
+    config = write_tiny(first, data={"name": "npz", "path": "d.npz"}, budget={"steps": 6})
+    monkeypatch.chdir(first)
+    assert main(["run", str(config), "--out", "whole", "--quiet"]) == 0
+    assert main(["run", str(config), "--out", "cut", "--quiet", "budget.steps=3"]) == 0
+    saved = yaml.safe_load((first / "cut" / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(first / "d.npz")
+    monkeypatch.chdir(other)
+    assert main(["run", "--resume", str(first / "cut"), "--quiet", "budget.steps=6"]) == 0
+    for label in ("adam", "sgd"):
+        whole = load_checkpoint(first / "whole" / "checkpoints" / f"{label}.pt")["model"]
+        cut = load_checkpoint(first / "cut" / "checkpoints" / f"{label}.pt")["model"]
+        assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    # The config file given again with --resume still matches the run (the path is the same
+    # file, spelt relative to the directory the run started in).
+    monkeypatch.chdir(first)
+    assert main(["run", str(config), "--resume", "cut", "--quiet", "budget.steps=7"]) == 0

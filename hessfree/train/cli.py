@@ -15,6 +15,7 @@ unexpected error (with its traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -192,7 +193,7 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
 
     if args.resume is not None:
         saved_path = args.resume / "config.yaml"
-        from hessfree.train.rundir import _exists, partial_run_dir_message
+        from hessfree.train.rundir import _exists, absolute_data_path, partial_run_dir_message
 
         if not _exists(saved_path):  # also a name too long to look up: not a run directory
             raise ConfigError(
@@ -207,13 +208,17 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
                 overrides = _inherit_budgets(config_to_dict(config), overrides)
             asked = load_config(files[0] if files else saved_path, overrides)
             # A different timeout (`distributed.*`) does not change the results, and a budget
-            # only when the run stops (a finished run is extended): allowed.
+            # only when the run stops (a finished run is extended): allowed. A relative
+            # `data.path` naming the file the run recorded is the same (the run keeps its own).
             changed = [
                 key
-                for key in _diff(config_to_dict(config), config_to_dict(asked))
+                for key in _diff(
+                    config_to_dict(absolute_data_path(config)),
+                    config_to_dict(absolute_data_path(asked)),
+                )
                 if not key.startswith("distributed.") and not is_budget_key(key)
             ]
-            config = asked
+            config = dataclasses.replace(asked, data=config.data)
             if changed:
                 raise ConfigError(
                     [
@@ -229,6 +234,9 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
     if args.check:
         if args.resume is None:
             from hessfree.train.loop import default_run_dir, run_dir_problems
+            from hessfree.train.rundir import absolute_data_path
+
+            config = absolute_data_path(config)  # as the run would record it
 
             out = args.out if args.out is not None else default_run_dir(config)
             problems = run_dir_problems(out, "output.dir" if args.out is None else "--out")

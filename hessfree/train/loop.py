@@ -62,6 +62,7 @@ import dataclasses
 import enum
 import importlib.util
 import math
+import os
 import signal
 import sys
 import threading
@@ -100,6 +101,7 @@ from hessfree.train.parallel import Group, process_group
 from hessfree.train.progress import Progress
 from hessfree.train.rundir import (
     CHECKPOINT_FORMAT,
+    absolute_data_path,
     default_run_dir,
     lock_run_dir,
     prepare_run_dir,
@@ -357,7 +359,8 @@ class Runner:
         on_step: Callable[[StepEvent], None] | None = None,
         config_header: str = "",
     ) -> None:
-        self.config = config
+        # A new run records its data file's absolute path; a resumed one keeps what it recorded.
+        self.config = config if resume else absolute_data_path(config)
         if resume and run_dir is None:
             raise ValueError("`run_dir` is required to resume a run.")
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
@@ -584,7 +587,7 @@ class Runner:
         if status is RunStatus.INTERRUPTED:
             self._say(
                 f"\ninterrupted by {signal.Signals(signum).name}; resume with: "
-                f"hessfree run --resume {self.run_dir}"
+                f"hessfree run --resume {os.path.abspath(self.run_dir)}"
             )
         else:
             if diverged:
@@ -592,7 +595,8 @@ class Runner:
                     f"\ndiverged: {', '.join(diverged)} (see diverged_at_step in summary.json); "
                     f"the other optimizers' results are complete. Exit status {EXIT_DIVERGED}."
                 )
-            self._say(f"\nrun directory: {self.run_dir}")
+            # absolute: output.dir and --out are relative to the working directory
+            self._say(f"\nrun directory: {os.path.abspath(self.run_dir)}")
         return RunResult(self.run_dir, status, signum, summary, diverged)
 
     def _plot(self) -> None:

@@ -9,6 +9,7 @@ skip an optimizer, and ``metrics.jsonl`` must hold at least what the latest one 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -39,6 +40,7 @@ from hessfree.train.config import (
 __all__ = [
     "CHECKPOINT_FORMAT",
     "RunDirInUseError",
+    "absolute_data_path",
     "default_run_dir",
     "lock_run_dir",
     "partial_run_dir_message",
@@ -70,6 +72,21 @@ def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Pa
         k += 1
         path = base.with_name(f"{base.name}-{k}")
     return path
+
+
+def absolute_data_path(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with a relative ``data.path`` made absolute against the working directory.
+
+    A relative path is read from the working directory (as documented), but a run directory's
+    ``config.yaml`` must name the file the run trained on: ``--resume`` from another directory
+    would otherwise read whatever file has that name there (or none). Lexical, as
+    :func:`os.path.abspath` (symbolic links are kept).
+    """
+    path = getattr(config.data, "path", None)
+    if not isinstance(path, str) or os.path.isabs(path):
+        return config
+    data = dataclasses.replace(config.data, path=os.path.abspath(path))
+    return dataclasses.replace(config, data=data)
 
 
 def _exists(path: Path) -> bool:
