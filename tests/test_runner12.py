@@ -198,3 +198,46 @@ def test_runner12_a_relative_data_path_is_recorded_absolute_so_resume_reads_the_
     # file, spelt relative to the directory the run started in).
     monkeypatch.chdir(first)
     assert main(["run", str(config), "--resume", "cut", "--quiet", "budget.steps=7"]) == 0
+
+
+def test_runner12_a_full_disk_mid_run_is_a_clear_error_and_the_run_resumes(
+    tmp_path, capsys, monkeypatch
+):
+    """main: the OSError (ENOSPC) of a checkpoint write ended the run with a traceback (exit
+    1). Now exit 2 naming the file and the cause, nothing half-written, and once the disk has
+    room `--resume` ends bitwise as an uninterrupted run (the oracle)."""
+    import errno
+    import os
+
+    config = write_tiny(tmp_path, budget={"steps": 6}, eval={"every_steps": 1})
+    assert main(["run", str(config), "--out", str(tmp_path / "whole"), "--quiet"]) == 0
+    real_fsync, calls = os.fsync, []
+
+    def full_after_four(fd: int) -> None:  # the 5th durable write finds the disk full
+        calls.append(fd)
+        if len(calls) > 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    run = tmp_path / "cut"
+    monkeypatch.setattr(os, "fsync", full_after_four)
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hessfree: error: cannot write '") and "Traceback" not in err
+    assert "No space left on device" in err and f"--resume {run}" in err
+    assert not list(run.rglob("*.tmp"))  # no temporary left behind
+    assert not (run / "summary.json").exists()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    for label in ("adam", "sgd"):
+        whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / f"{label}.pt")["model"]
+        cut = load_checkpoint(run / "checkpoints" / f"{label}.pt")["model"]
+        assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert read_metrics(run / "metrics.jsonl") == [
+        {**r, "seconds": r2["seconds"]}
+        for r, r2 in zip(
+            read_metrics(tmp_path / "whole" / "metrics.jsonl"),
+            read_metrics(run / "metrics.jsonl"),
+            strict=True,
+        )
+    ]

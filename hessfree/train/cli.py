@@ -5,11 +5,12 @@
 ``torchrun --nproc_per_node=N -m hessfree run ...`` (see :mod:`hessfree.train.parallel`).
 
 Exit codes: 0 done; 2 a bad config, override, data file or run directory (the message lists
-every problem, no traceback); 3 another rank of a data-parallel run crashed, hung or could not
-be reached (one line); 4 done, but an optimizer diverged (``summary.json``'s ``diverged``; the
-others' results are complete); 5 the run directory is in use by another hessfree process
-(nothing done; retry when it ends); 130 / 143 interrupted by SIGINT / SIGTERM (resumable); 1 an
-unexpected error (with its traceback).
+every problem, no traceback), or a write into the run directory failed during the run (a full
+disk: resumable from the latest checkpoints once fixed); 3 another rank of a data-parallel run
+crashed, hung or could not be reached (one line); 4 done, but an optimizer diverged
+(``summary.json``'s ``diverged``; the others' results are complete); 5 the run directory is in
+use by another hessfree process (nothing done; retry when it ends); 130 / 143 interrupted by
+SIGINT / SIGTERM (resumable); 1 an unexpected error (with its traceback).
 """
 
 from __future__ import annotations
@@ -281,11 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hessfree.train.data import DataError
     from hessfree.train.metrics import MetricsError
     from hessfree.train.parallel import PeerError
-    from hessfree.train.rundir import RunDirInUseError
+    from hessfree.train.rundir import RunDirInUseError, RunDirWriteError
 
     try:
         code = _run(args, run_parser)
-    except (ConfigError, DataError, CheckpointError, MetricsError) as err:
+    except (ConfigError, DataError, CheckpointError, MetricsError, RunDirWriteError) as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         code = 2
     except PeerError as err:

@@ -106,6 +106,7 @@ from hessfree.train.rundir import (
     lock_run_dir,
     prepare_run_dir,
     run_dir_problems,
+    writing,
 )
 from hessfree.train.stepping import batch_sizes, converged, describe_batches, take_step
 
@@ -580,7 +581,8 @@ class Runner:
             name=self.config.name,
             status=status.value,
         )
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        with writing(self.run_dir / "summary.json", self.run_dir):
+            write_json_atomic(self.run_dir / "summary.json", summary)
         if status is RunStatus.COMPLETED and plots:
             self._plot()
         self._say("\n" + format_table(summary))
@@ -604,7 +606,8 @@ class Runner:
         from hessfree.train.plots import plot_run
 
         try:
-            plot_run(self.run_dir)
+            with writing(self.run_dir, self.run_dir):
+                plot_run(self.run_dir)
         except ImportError as err:
             print(_no_plots_message(err), file=sys.stderr, flush=True)
 
@@ -931,28 +934,28 @@ class Runner:
         """Checkpoint ``t`` (rank 0): its progress, model, optimizer and RNG states."""
         if self.group.rank != 0:
             return
-        save_checkpoint(
-            self.run_dir / "checkpoints" / f"{t.spec.label}.pt",
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config_sha256": self.digest,
-                "training_sha256": self.training_digest,
-                "label": t.spec.label,
-                "finished": finished,
-                "stop_reason": None if reason is None else reason.value,
-                "diverged_at_step": t.diverged_at,
-                "weights_step": t.st.step if t.weights_step is None else t.weights_step,
-                **t.st.to_checkpoint(),
-                "model": self.model.state_dict(),
-                "optimizer": t.optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "data_rng": t.data_gen.get_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "metrics_bytes": self.log.tell(),
-                "metrics_sha256": self.log.sha256(),
-                "world_size": self.group.world_size,
-            },
-        )
+        path = self.run_dir / "checkpoints" / f"{t.spec.label}.pt"
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config_sha256": self.digest,
+            "training_sha256": self.training_digest,
+            "label": t.spec.label,
+            "finished": finished,
+            "stop_reason": None if reason is None else reason.value,
+            "diverged_at_step": t.diverged_at,
+            "weights_step": t.st.step if t.weights_step is None else t.weights_step,
+            **t.st.to_checkpoint(),
+            "model": self.model.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "data_rng": t.data_gen.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "metrics_bytes": self.log.tell(),
+            "metrics_sha256": self.log.sha256(),
+            "world_size": self.group.world_size,
+        }
+        with writing(path, self.run_dir):
+            save_checkpoint(path, state)
 
     def _log_eval(self, t: _Training, batch_loss: float | None) -> bool:
         """Log one evaluation record (rank 0); False if the training loss is no longer finite."""
@@ -974,7 +977,8 @@ class Runner:
         if spec.phases:  # which phase took the steps up to here (plots mark the switches)
             record["phase"] = st.phase
             record["phase_name"] = spec.phases[st.phase].name
-        self.log.append(record)
+        with writing(self.log.path, self.run_dir):
+            self.log.append(record)
         t.bar.set_postfix(
             train=f"{record['train_loss']:.4g}", test=f"{record['test_loss']:.4g}", refresh=False
         )

@@ -18,7 +18,8 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from hessfree.train.config import (
 __all__ = [
     "CHECKPOINT_FORMAT",
     "RunDirInUseError",
+    "RunDirWriteError",
     "absolute_data_path",
     "default_run_dir",
     "lock_run_dir",
@@ -315,6 +317,31 @@ def partial_run_dir_message(run_dir: Path) -> str | None:
 class RunDirInUseError(RuntimeError):
     """Another process holds the run directory's lock: nothing is wrong with the config, and
     the same command succeeds once that process ends (the CLI exits with its own status, 5)."""
+
+
+class RunDirWriteError(RuntimeError):
+    """Writing into the run directory failed during the run (a full disk, a directory made
+    read-only or removed meanwhile): the CLI exits with 2 and this message, not a traceback."""
+
+
+@contextmanager
+def writing(path: Path, run_dir: Path) -> Iterator[None]:
+    """Turn an :class:`OSError` while writing ``path`` into a :class:`RunDirWriteError` that
+    says what is still whole and how to go on.
+
+    Every file is replaced atomically and ``metrics.jsonl`` is cut back to what the latest
+    checkpoint recorded on ``--resume``, so a failed write leaves the run resumable from its
+    latest checkpoint once the cause is fixed.
+    """
+    try:
+        yield
+    except OSError as err:
+        raise RunDirWriteError(
+            f"cannot write '{path}': {err.strerror or err}. The run stopped here; the files "
+            "written before are whole (each is replaced atomically) and the latest checkpoint "
+            "of each optimizer is intact. Free space or make the directory writable, then "
+            f"continue with: hessfree run --resume {os.path.abspath(run_dir)}"
+        ) from None
 
 
 def lock_run_dir(run_dir: Path) -> Any:
