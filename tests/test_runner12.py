@@ -241,3 +241,28 @@ def test_runner12_a_full_disk_mid_run_is_a_clear_error_and_the_run_resumes(
             strict=True,
         )
     ]
+
+
+def test_runner12_the_plots_say_which_optimizer_diverged_and_where(tmp_path, monkeypatch):
+    """main: the legend said only "wild"; its line stopped at its one finite point, hidden
+    under the other optimizer's start, so the plots did not show that it diverged."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    legends, lines = [], []
+    savefig = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        for ax in fig.axes:
+            legends.append([t.get_text() for t in ax.get_legend().get_texts()])
+            lines.append([ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_linestyle() == ":"])
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    config = _regression(tmp_path, 1e38, output={"plots": True}, eval={"every_steps": 1})
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 4
+    assert len(legends) == 8  # 2 figures x 4 panels
+    assert all(legend == ["wild (diverged at step 1)", "tame"] for legend in legends)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    diverged = next(r for r in records if r["optimizer"] == "wild" and r["step"] == 1)
+    assert lines[:4] == [[diverged["seconds"]]] * 4 and lines[4:] == [[1]] * 4
