@@ -266,3 +266,38 @@ def test_runner12_the_plots_say_which_optimizer_diverged_and_where(tmp_path, mon
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     diverged = next(r for r in records if r["optimizer"] == "wild" and r["step"] == 1)
     assert lines[:4] == [[diverged["seconds"]]] * 4 and lines[4:] == [[1]] * 4
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([1.0, -2.0], True),
+        ([3e38, 3e38], True),  # finite entries whose float32 sum overflows: tested one by one
+        ([1.0, float("inf")], False),
+        ([float("inf"), float("-inf")], False),  # their sum is NaN
+        ([float("nan"), 0.0], False),
+    ],
+)
+def test_runner12_the_finiteness_test_agrees_with_numpy(values, finite):
+    """The divergence guard's fast test (sums first) against ``numpy.isfinite``."""
+    from hessfree.train.loop import _all_finite
+
+    tensors = [torch.tensor(values, dtype=torch.float32), torch.ones(3)]
+    assert bool(np.isfinite(np.array(values, dtype=np.float32)).all()) is finite
+    assert _all_finite(tensors) is finite
+
+
+def test_runner12_yaml_1_1_booleans_where_text_is_meant_say_to_quote(tmp_path, capsys):
+    """main: `label: on` said only "got True", `name: no` "got bool False": the user wrote
+    neither. Each is still refused (exit 2), now with why and the fix."""
+    config = tmp_path / "b.yaml"
+    config.write_text(
+        "name: no\nnum_threads: 1\ndata: {name: digits}\n"
+        "model: {name: mlp, hidden_sizes: [4], activation: off}\n"
+        "optimizers: [{name: adam, label: on, lr: yes}]\nbudget: {steps: 1}\n"
+    )
+    assert main(["run", str(config), "--check"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert len(lines) == 4 and all("as booleans" in line for line in lines)
+    assert sum("quote the word" in line for line in lines) == 3  # not for lr: a number
