@@ -301,3 +301,38 @@ def test_runner12_yaml_1_1_booleans_where_text_is_meant_say_to_quote(tmp_path, c
     lines = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(lines) == 4 and all("as booleans" in line for line in lines)
     assert sum("quote the word" in line for line in lines) == 3  # not for lr: a number
+
+
+def test_runner12_a_home_relative_data_path_is_recorded_expanded(tmp_path, monkeypatch):
+    """`~/d.npz` is expanded (as the loader does) before it is made absolute, not joined to
+    the working directory as a directory named '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_npz(tmp_path / "d.npz")
+    config = write_tiny(tmp_path, data={"name": "npz", "path": "~/d.npz"}, budget={"steps": 1})
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(config), "--out", "run", "--quiet"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(tmp_path / "d.npz")
+
+
+def test_runner12_resume_refuses_data_changed_since_the_run_started(tmp_path, capsys):
+    """main: the npz rewritten in place (same path, shapes and config) was resumed on, exit 0:
+    the second half trained on other data. Now exit 2 naming the checkpoint, nothing
+    changed in the run directory; the original data resumes."""
+    from test_train_robust import snapshot
+
+    config = write_tiny(tmp_path, budget={"steps": 2})
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+    data = tmp_path / "tiny.npz"
+    original = data.read_bytes()
+    tiny_npz(data, seed=5)  # same names and shapes, other numbers
+    assert data.read_bytes() != original
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "--quiet", "budget.steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "the training data is not what checkpoint" in err and "Traceback" not in err
+    assert snapshot(run) == before
+    data.write_bytes(original)
+    assert main(["run", "--resume", str(run), "--quiet", "budget.steps=4"]) == 0

@@ -436,6 +436,7 @@ class Runner:
         if "seed" in options and options["seed"] is None:
             options["seed"] = cfg.seed
         ds = load_dataset(cfg.data.name, **options)
+        self.data_sha256 = ds.sha256()
         self.objective = make_objective(cfg.task, cfg.loss.name, cfg.loss.reduction, cfg.data.name)
         problems = _data_problems(cfg, ds, self.objective, self.group.world_size)
         if problems:
@@ -487,6 +488,7 @@ class Runner:
             resume=self.resume,
             writer=writer,
             world_size=self.group.world_size,
+            data_sha256=self.data_sha256,
             config_header=self.config_header,
             say=self._say,
         )
@@ -954,6 +956,7 @@ class Runner:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "metrics_bytes": self.log.tell(),
             "metrics_sha256": self.log.sha256(),
+            "data_sha256": self.data_sha256,
             "world_size": self.group.world_size,
         }
         with writing(path, self.run_dir):

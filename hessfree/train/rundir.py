@@ -85,9 +85,9 @@ def absolute_data_path(config: ExperimentConfig) -> ExperimentConfig:
     :func:`os.path.abspath` (symbolic links are kept).
     """
     path = getattr(config.data, "path", None)
-    if not isinstance(path, str) or os.path.isabs(path):
+    if not isinstance(path, str) or os.path.isabs(path):  # ~ is relative until expanded
         return config
-    data = dataclasses.replace(config.data, path=os.path.abspath(path))
+    data = dataclasses.replace(config.data, path=os.path.abspath(os.path.expanduser(path)))
     return dataclasses.replace(config, data=data)
 
 
@@ -401,6 +401,7 @@ def prepare_run_dir(
     world_size: int,
     config_header: str = "",
     say: Callable[[str], None] = print,
+    data_sha256: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Create (or check, when resuming) the run directory; return existing checkpoints.
 
@@ -409,9 +410,12 @@ def prepare_run_dir(
             only read).
         world_size: The number of processes, which a resumed checkpoint must match.
         say: Prints a line (about leftovers of an interrupted write it removes).
+        data_sha256: The loaded data's :meth:`~hessfree.train.data.Dataset.sha256`, which a
+            resumed checkpoint that recorded one must match.
 
     Raises:
         ConfigError: The directory cannot be used (each message says why and what to do).
+        DataError: The data differs from what a checkpoint recorded.
     """
     ckpt_dir = run_dir / "checkpoints"
     digest, training = config_digest(config), training_digest(config)
@@ -482,6 +486,17 @@ def prepare_run_dir(
                         f"the same number (torchrun --nproc_per_node={written_by}), since "
                         "another one changes the rounding of every averaged quantity."
                     ]
+                )
+            recorded = ckpt.get("data_sha256")  # checkpoints from before 2026-12-03: none
+            if data_sha256 is not None and recorded is not None and recorded != data_sha256:
+                from hessfree.train.data import DataError
+
+                raise DataError(
+                    f"the training data is not what checkpoint '{path}' was trained on: its "
+                    f"arrays' SHA-256 is {data_sha256[:12]}..., the checkpoint recorded "
+                    f"{recorded[:12]}... (the data file was changed or replaced, or the "
+                    "generated data changed with a hessfree upgrade). Nothing was changed; "
+                    "restore the data the run started with, or start a new run."
                 )
             found[opt.label] = ckpt
     metrics = run_dir / "metrics.jsonl"
