@@ -336,3 +336,28 @@ def test_runner12_resume_refuses_data_changed_since_the_run_started(tmp_path, ca
     assert snapshot(run) == before
     data.write_bytes(original)
     assert main(["run", "--resume", str(run), "--quiet", "budget.steps=4"]) == 0
+
+
+def test_runner12_a_second_sigterm_exits_143_not_130(tmp_path, capsys, monkeypatch):
+    """main: the second signal abandoned the step as a bare KeyboardInterrupt, which the CLI
+    reported as SIGINT's 130 though both signals were SIGTERM. Signals sent to this process
+    from inside a step (the handlers run at once, in the main thread)."""
+    import os
+    import signal
+
+    from hessfree.train import loop
+
+    real_step = loop.take_step
+
+    def step_then_two_sigterms(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # finish this step, then checkpoint...
+        os.kill(os.getpid(), signal.SIGTERM)  # ...no: abandon it now
+        return loss
+
+    monkeypatch.setattr(loop, "take_step", step_then_two_sigterms)
+    config = write_tiny(tmp_path, budget={"steps": 4})
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 143
+    assert "interrupted; the last checkpoint (if any) is intact" in capsys.readouterr().err
+    monkeypatch.setattr(loop, "take_step", real_step)
+    assert main(["run", "--resume", str(tmp_path / "run"), "--quiet"]) == 0

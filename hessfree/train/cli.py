@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -295,9 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunDirInUseError as err:  # the config is fine: its own status, not 2
         print(f"hessfree: error: {err}", file=sys.stderr)
         code = 5
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # a second signal (Abandoned), or Ctrl-C outside the run
         print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)
-        code = 130
+        code = 128 + getattr(err, "signum", signal.SIGINT)
     from hessfree.train.parallel import group_outlives_destroy
 
     if group_outlives_destroy():

@@ -111,6 +111,7 @@ from hessfree.train.rundir import (
 from hessfree.train.stepping import batch_sizes, converged, describe_batches, take_step
 
 __all__ = [
+    "Abandoned",
     "Runner",
     "RunResult",
     "RunStatus",
@@ -207,6 +208,15 @@ class RunResult:
 
 #: The exit status of a run that completed but in which an optimizer diverged.
 EXIT_DIVERGED = 4
+
+
+class Abandoned(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM abandoned the step at once (the previous checkpoint stays
+    valid); ``signum`` is that signal, so the CLI exits with 128 + it, as for the first."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
 class _Interrupted(Exception):
@@ -388,7 +398,7 @@ class Runner:
 
     def _handle_signal(self, signum: int, frame: object) -> None:
         if self._stop_signal is not None:
-            raise KeyboardInterrupt  # second signal: abandon the step
+            raise Abandoned(signum)  # second signal: abandon the step
         self._stop_signal = signum
         if self.verbose:
             print(
