@@ -127,7 +127,6 @@ def probes() -> None:
         "lr -.inf": ["base.yaml", "optimizers.0.lr=-.inf", "--check"],
         "merge key, own key overrides": ["merge.yaml", "--check"],
         "two configs": ["base.yaml", "merge.yaml"],
-        "diverging sgd (lr 1e38)": ["base.yaml", "optimizers.1.lr=1e38", "--out", "div"],
     }
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     print("| case | exit | first line of stderr |")
@@ -140,7 +139,7 @@ def probes() -> None:
             text=True,
             env=env,
         )
-        first = (done.stderr.strip().splitlines() or [""])[0][:150].replace("|", "\\|")
+        first = (done.stderr.strip().splitlines() or [""])[0][:320].replace("|", "\\|")
         print(f"| {name} | {done.returncode} | {first} |")
 
 
