@@ -361,3 +361,20 @@ def test_runner12_a_second_sigterm_exits_143_not_130(tmp_path, capsys, monkeypat
     assert "interrupted; the last checkpoint (if any) is intact" in capsys.readouterr().err
     monkeypatch.setattr(loop, "take_step", real_step)
     assert main(["run", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+
+
+def test_runner12_run_directory_refusals_do_not_call_the_config_invalid(tmp_path, capsys):
+    """main: "Invalid config: '...' holds no config.yaml" and "Invalid config: '...metrics.jsonl'
+    has 10 bytes, fewer than ..." though no config was wrong; still exit 2, without it."""
+    config = write_tiny(tmp_path, budget={"steps": 2})
+    assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 2  # not a run directory
+    err = capsys.readouterr().err
+    assert "no config.yaml" in err and "Invalid config" not in err
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+    (run / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes()[:10])
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hessfree: error: '{run / 'metrics.jsonl'}' has 10 bytes, fewer")
+    assert "Invalid config" not in err and "Traceback" not in err

@@ -195,10 +195,15 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
 
     if args.resume is not None:
         saved_path = args.resume / "config.yaml"
-        from hessfree.train.rundir import _exists, absolute_data_path, partial_run_dir_message
+        from hessfree.train.rundir import (
+            RunDirError,
+            _exists,
+            absolute_data_path,
+            partial_run_dir_message,
+        )
 
         if not _exists(saved_path):  # also a name too long to look up: not a run directory
-            raise ConfigError(
+            raise RunDirError(
                 [
                     partial_run_dir_message(args.resume)
                     or f"'{args.resume}' is not a run directory (no config.yaml)."

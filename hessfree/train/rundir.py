@@ -40,6 +40,7 @@ from hessfree.train.config import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "RunDirError",
     "RunDirInUseError",
     "RunDirWriteError",
     "absolute_data_path",
@@ -63,6 +64,16 @@ PARTIAL_MAX_AGE_S = 3600.0
 
 # `.<name>.partial-<host>-<pid>-<random>`; versions before 2026-12-03: `.<name>.partial-<random>`
 _PARTIAL_NAME = re.compile(r"\..+\.partial-(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f]{8}")
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used as it is (edited, damaged, not a run directory, or
+    another config's): exit 2 like a config error, but the message does not call the config
+    invalid, since it may be fine."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        super().__init__(problems, source)
+        self.args = ("\n".join(self.problems),)
 
 
 def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Path:
@@ -369,7 +380,7 @@ def lock_run_dir(run_dir: Path) -> Any:
     try:
         f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
     except OSError as err:
-        raise ConfigError(
+        raise RunDirError(
             [f"cannot open the run directory's lock file '{path}': {err.strerror or err}."]
         ) from None
     try:
@@ -424,7 +435,7 @@ def prepare_run_dir(
             return {}
         remove_dead_partial_dirs(run_dir.parent, say)
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(
+            raise RunDirError(
                 [
                     partial_run_dir_message(run_dir)
                     or f"run directory '{run_dir}' is not empty; resume it with "
@@ -434,19 +445,19 @@ def prepare_run_dir(
         try:
             _create_run_dir(run_dir, dump_config(config, config_header))
         except OSError as err:
-            raise ConfigError(
+            raise RunDirError(
                 [f"cannot create the run directory '{run_dir}': {err.strerror or err}."]
             ) from None
         return {}
     if not (run_dir / "config.yaml").exists():
-        raise ConfigError(
+        raise RunDirError(
             [
                 partial_run_dir_message(run_dir)
                 or f"'{run_dir}' holds no config.yaml: not a run directory."
             ]
         )
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
-        raise ConfigError(
+        raise RunDirError(
             [
                 f"'{ckpt_dir}' is a file, not the run's checkpoint directory; the run "
                 "directory was edited. Move that file away (resuming then restarts every "
@@ -460,7 +471,7 @@ def prepare_run_dir(
         if not path.exists():
             gap = gap or path
         elif gap is not None:
-            raise ConfigError(
+            raise RunDirError(
                 [
                     f"'{gap}' is missing although a later optimizer's checkpoint "
                     f"'{path}' exists; the run directory was edited."
@@ -471,7 +482,7 @@ def prepare_run_dir(
             # The same config, or (checkpoints that record it) the same but for budgets.
             same = ckpt.get("config_sha256") == digest or (ckpt.get("training_sha256") == training)
             if ckpt.get("format") != CHECKPOINT_FORMAT or not same:
-                raise ConfigError(
+                raise RunDirError(
                     [
                         f"checkpoint '{path}' was written for a different config (or "
                         "format); resume with the run's own config.yaml."
@@ -479,7 +490,7 @@ def prepare_run_dir(
                 )
             written_by = int(ckpt.get("world_size", 1))
             if written_by != world_size:
-                raise ConfigError(
+                raise RunDirError(
                     [
                         f"checkpoint '{path}' was written by a run over {written_by} "
                         f"process(es), this one has {world_size}; resume with "
@@ -503,9 +514,9 @@ def prepare_run_dir(
     recorded = max((int(c.get("metrics_bytes", 0)) for c in found.values()), default=0)
     size = metrics.stat().st_size if metrics.is_file() else 0
     if metrics.exists() and not metrics.is_file():
-        raise ConfigError([f"'{metrics}' is not a file; the run directory was edited."])
+        raise RunDirError([f"'{metrics}' is not a file; the run directory was edited."])
     if size < recorded:
-        raise ConfigError(
+        raise RunDirError(
             [
                 f"'{metrics}' has {size} bytes, fewer than the {recorded} its latest "
                 "checkpoint recorded: the metrics file was truncated or replaced. Restore it, "
@@ -518,7 +529,7 @@ def prepare_run_dir(
         for label, c in found.items():
             digest_then, length = c.get("metrics_sha256"), int(c.get("metrics_bytes", 0))
             if digest_then is not None and hashlib.sha256(data[:length]).hexdigest() != digest_then:
-                raise ConfigError(
+                raise RunDirError(
                     [
                         f"'{metrics}' differs from what checkpoint '{ckpt_dir / label}.pt' "
                         f"recorded: its first {length} bytes fail the SHA-256 stored with "
