@@ -61,7 +61,7 @@ def test_unseen11_a_run_directory_in_use_is_refused_and_left_untouched(tmp_path,
     before = snapshot(run)
     holder = _hold(run)  # released by the finished run: another process can take it
     try:
-        assert main(["run", "--resume", str(run), "--quiet"]) == 2
+        assert main(["run", "--resume", str(run), "--quiet"]) == 5  # runner12: its own status
         err = capsys.readouterr().err
         assert "is in use by another hessfree process" in err and "Traceback" not in err
         assert snapshot(run) == before
@@ -81,7 +81,7 @@ def test_unseen11_a_diverged_model_reports_no_accuracy(tmp_path):
         budget={"steps": 20},
         eval={"every_steps": 1},
     )
-    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 4  # runner12: diverged
     records = read_metrics(run / "metrics.jsonl")
     diverged = [r for r in records if r["train_loss"] is None]
     assert diverged, "the run did not diverge; the test would be vacuous"

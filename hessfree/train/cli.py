@@ -5,15 +5,20 @@
 ``torchrun --nproc_per_node=N -m hessfree run ...`` (see :mod:`hessfree.train.parallel`).
 
 Exit codes: 0 done; 2 a bad config, override, data file or run directory (the message lists
-every problem, no traceback); 3 another rank of a data-parallel run crashed, hung or could not
-be reached (one line); 130 / 143 interrupted by SIGINT / SIGTERM (resumable); 1 an unexpected
-error (with its traceback).
+every problem, no traceback), or a write into the run directory failed during the run (a full
+disk: resumable from the latest checkpoints once fixed); 3 another rank of a data-parallel run
+crashed, hung or could not be reached (one line); 4 done, but an optimizer diverged
+(``summary.json``'s ``diverged``; the others' results are complete); 5 the run directory is in
+use by another hessfree process (nothing done; retry when it ends); 130 / 143 interrupted by
+SIGINT / SIGTERM (resumable); 1 an unexpected error (with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -37,7 +42,9 @@ The run directory (default runs/<name>-<timestamp>/) receives config.yaml (resol
 overrides), metrics.jsonl (one line per evaluation), summary.json, loss_vs_seconds.png,
 loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
 checkpoints and exits with 130 / 143; --resume continues from there (bit-identical on CPU for
-step and epoch budgets; wall-clock budgets are not reproducible).
+step and epoch budgets; wall-clock budgets are not reproducible). An optimizer whose loss or
+weights stop being finite stops as 'diverged' while the others train on; its checkpoint keeps
+its last finite weights, summary.json lists it under 'diverged', and the exit code is 4.
 
 Data-parallel: 'torchrun --nproc_per_node=N -m hessfree run CONFIG.yaml' splits every batch
 into N equal slices (batch sizes must be multiples of N) and takes the same steps as one
@@ -59,7 +66,9 @@ config keys:
 
 exit codes:
   0 done · 2 bad config, override, data or run directory · 3 a peer rank failed or hung ·
-  130 SIGINT · 143 SIGTERM · 1 unexpected error"""
+  4 done, but an optimizer diverged (summary.json: diverged) · 5 run directory in use by
+  another hessfree process (retry when it ends) · 130 SIGINT · 143 SIGTERM · 1 unexpected
+  error"""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -186,10 +195,15 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
 
     if args.resume is not None:
         saved_path = args.resume / "config.yaml"
-        from hessfree.train.rundir import _exists, partial_run_dir_message
+        from hessfree.train.rundir import (
+            RunDirError,
+            _exists,
+            absolute_data_path,
+            partial_run_dir_message,
+        )
 
         if not _exists(saved_path):  # also a name too long to look up: not a run directory
-            raise ConfigError(
+            raise RunDirError(
                 [
                     partial_run_dir_message(args.resume)
                     or f"'{args.resume}' is not a run directory (no config.yaml)."
@@ -201,13 +215,17 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
                 overrides = _inherit_budgets(config_to_dict(config), overrides)
             asked = load_config(files[0] if files else saved_path, overrides)
             # A different timeout (`distributed.*`) does not change the results, and a budget
-            # only when the run stops (a finished run is extended): allowed.
+            # only when the run stops (a finished run is extended): allowed. A relative
+            # `data.path` naming the file the run recorded is the same (the run keeps its own).
             changed = [
                 key
-                for key in _diff(config_to_dict(config), config_to_dict(asked))
+                for key in _diff(
+                    config_to_dict(absolute_data_path(config)),
+                    config_to_dict(absolute_data_path(asked)),
+                )
                 if not key.startswith("distributed.") and not is_budget_key(key)
             ]
-            config = asked
+            config = dataclasses.replace(asked, data=config.data)
             if changed:
                 raise ConfigError(
                     [
@@ -223,6 +241,9 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
     if args.check:
         if args.resume is None:
             from hessfree.train.loop import default_run_dir, run_dir_problems
+            from hessfree.train.rundir import absolute_data_path
+
+            config = absolute_data_path(config)  # as the run would record it
 
             out = args.out if args.out is not None else default_run_dir(config)
             problems = run_dir_problems(out, "output.dir" if args.out is None else "--out")
@@ -267,18 +288,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hessfree.train.data import DataError
     from hessfree.train.metrics import MetricsError
     from hessfree.train.parallel import PeerError
+    from hessfree.train.rundir import RunDirInUseError, RunDirWriteError
 
     try:
         code = _run(args, run_parser)
-    except (ConfigError, DataError, CheckpointError, MetricsError) as err:
+    except (ConfigError, DataError, CheckpointError, MetricsError, RunDirWriteError) as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         code = 2
     except PeerError as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         code = 3
-    except KeyboardInterrupt:
+    except RunDirInUseError as err:  # the config is fine: its own status, not 2
+        print(f"hessfree: error: {err}", file=sys.stderr)
+        code = 5
+    except KeyboardInterrupt as err:  # a second signal (Abandoned), or Ctrl-C outside the run
         print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)
-        code = 130
+        code = 128 + getattr(err, "signum", signal.SIGINT)
     from hessfree.train.parallel import group_outlives_destroy
 
     if group_outlives_destroy():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import inspect
 import math
 import pickle
@@ -95,6 +96,19 @@ class Dataset:
         if self.y_train is None:
             return None
         return "values" if self.y_train.is_floating_point() else "labels"
+
+    def sha256(self) -> str:
+        """SHA-256 of the arrays' dtypes, shapes and bytes (CPU tensors): what a checkpoint
+        records, so that a resumed run refuses data that changed since it started (a file
+        edited in place, a generator changed by an upgrade) instead of training on it."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            if t is None:
+                h.update(b"none;")
+                continue
+            h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+            h.update(memoryview(t.detach().cpu().contiguous().numpy()).cast("B"))
+        return h.hexdigest()
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None

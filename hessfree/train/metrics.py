@@ -150,8 +150,8 @@ def summarize(
 
     Args:
         records: The metrics records.
-        outcomes: Per optimizer label, facts from the loop (``name``, ``stop_reason``, ...),
-            in the config's order.
+        outcomes: Per optimizer label, facts from the loop (``name``, ``stop_reason``,
+            ``diverged_at_step``, ``checkpoint_step``, ...), in the config's order.
         metric: The task metric's name (``accuracy``, ...).
         higher_is_better: Its direction.
         name: The experiment's name.
@@ -163,6 +163,8 @@ def summarize(
         "status": status,
         "metric": metric,
         "higher_is_better": higher_is_better,
+        # who diverged, at a glance (each entry's `diverged_at_step` says when)
+        "diverged": [k for k, o in outcomes.items() if o.get("stop_reason") == "diverged"],
         "optimizers": {},
     }
     for label, outcome in outcomes.items():

@@ -44,14 +44,21 @@ def plot_metrics(
     *,
     metric: str | None = None,
     title: str = "",
+    diverged: Mapping[str, int] | None = None,
 ) -> list[Path]:
     """Write ``loss_vs_seconds.png`` and ``loss_vs_steps.png`` from metrics records.
+
+    A diverged optimizer's losses end in ``null`` (not finite), which draws nothing: its line
+    would just stop (after one point it is hidden under the others'). Its legend entry says
+    where it diverged and a dotted vertical line marks the place.
 
     Args:
         records: ``metrics.jsonl`` records.
         out_dir: Where to write the PNGs.
         metric: The task metric (``accuracy``, ...) for the second row; None: loss only.
         title: Figure title.
+        diverged: The step at which each diverged optimizer stopped (``summary.json``'s
+            ``diverged_at_step``), by label.
 
     Returns:
         list[Path]: the files written.
@@ -61,6 +68,7 @@ def plot_metrics(
 
     out_dir = Path(out_dir)
     labels = list(dict.fromkeys(r["optimizer"] for r in records))
+    diverged = dict(diverged or {})
     rows = [("loss", "loss")] + ([(metric, metric.replace("_", " "))] if metric else [])
     written = []
     for x_key, x_label, name in (
@@ -87,9 +95,15 @@ def plot_metrics(
                     mine = [r for r in records if r["optimizer"] == label]
                     points = [(r[x_key], r.get(f"{split}_{key}")) for r in mine]
                     points = [(x, y) for x, y in points if isinstance(y, (int, float))]
+                    shown = label
+                    if label in diverged:
+                        shown = f"{label} (diverged at step {diverged[label]})"
                     if points:
                         xs, ys = zip(*points, strict=True)
-                        (line,) = ax.plot(xs, ys, marker="." if len(xs) < 60 else None, label=label)
+                        (line,) = ax.plot(xs, ys, marker="." if len(xs) < 60 else None, label=shown)
+                        at = [r[x_key] for r in mine if r["step"] == diverged.get(label)]
+                        if at:
+                            ax.axvline(at[-1], color=line.get_color(), linestyle=":", alpha=0.8)
                         positive &= min(ys) > 0
                         # an entry with phases: a dashed vertical line where it switched
                         for x, phase in phase_switches(mine, x_key):
@@ -125,10 +139,20 @@ def plot_metrics(
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Plot a run directory's ``metrics.jsonl`` next to it (metric name from ``summary.json``)."""
     run_dir = Path(run_dir)
-    metric = None
+    metric, diverged = None, {}
     summary = run_dir / "summary.json"
     if summary.exists():
-        metric = json.loads(summary.read_text()).get("metric")
+        content = json.loads(summary.read_text())
+        metric = content.get("metric")
+        diverged = {
+            label: entry["diverged_at_step"]
+            for label, entry in content.get("optimizers", {}).items()
+            if isinstance(entry.get("diverged_at_step"), int)
+        }
     return plot_metrics(
-        read_metrics(run_dir / "metrics.jsonl"), run_dir, metric=metric, title=run_dir.name
+        read_metrics(run_dir / "metrics.jsonl"),
+        run_dir,
+        metric=metric,
+        title=run_dir.name,
+        diverged=diverged,
     )

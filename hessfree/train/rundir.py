@@ -9,6 +9,7 @@ skip an optimizer, and ``metrics.jsonl`` must hold at least what the latest one 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -17,7 +18,8 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,10 @@ from hessfree.train.config import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "RunDirError",
+    "RunDirInUseError",
+    "RunDirWriteError",
+    "absolute_data_path",
     "default_run_dir",
     "lock_run_dir",
     "partial_run_dir_message",
@@ -60,6 +66,16 @@ PARTIAL_MAX_AGE_S = 3600.0
 _PARTIAL_NAME = re.compile(r"\..+\.partial-(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f]{8}")
 
 
+class RunDirError(ConfigError):
+    """The run directory cannot be used as it is (edited, damaged, not a run directory, or
+    another config's): exit 2 like a config error, but the message does not call the config
+    invalid, since it may be fine."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        super().__init__(problems, source)
+        self.args = ("\n".join(self.problems),)
+
+
 def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Path:
     """``<output.dir>/<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... if that exists."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
@@ -69,6 +85,21 @@ def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Pa
         k += 1
         path = base.with_name(f"{base.name}-{k}")
     return path
+
+
+def absolute_data_path(config: ExperimentConfig) -> ExperimentConfig:
+    """``config`` with a relative ``data.path`` made absolute against the working directory.
+
+    A relative path is read from the working directory (as documented), but a run directory's
+    ``config.yaml`` must name the file the run trained on: ``--resume`` from another directory
+    would otherwise read whatever file has that name there (or none). Lexical, as
+    :func:`os.path.abspath` (symbolic links are kept).
+    """
+    path = getattr(config.data, "path", None)
+    if not isinstance(path, str) or os.path.isabs(path):  # ~ is relative until expanded
+        return config
+    data = dataclasses.replace(config.data, path=os.path.abspath(os.path.expanduser(path)))
+    return dataclasses.replace(config, data=data)
 
 
 def _exists(path: Path) -> bool:
@@ -294,6 +325,36 @@ def partial_run_dir_message(run_dir: Path) -> str | None:
     )
 
 
+class RunDirInUseError(RuntimeError):
+    """Another process holds the run directory's lock: nothing is wrong with the config, and
+    the same command succeeds once that process ends (the CLI exits with its own status, 5)."""
+
+
+class RunDirWriteError(RuntimeError):
+    """Writing into the run directory failed during the run (a full disk, a directory made
+    read-only or removed meanwhile): the CLI exits with 2 and this message, not a traceback."""
+
+
+@contextmanager
+def writing(path: Path, run_dir: Path) -> Iterator[None]:
+    """Turn an :class:`OSError` while writing ``path`` into a :class:`RunDirWriteError` that
+    says what is still whole and how to go on.
+
+    Every file is replaced atomically and ``metrics.jsonl`` is cut back to what the latest
+    checkpoint recorded on ``--resume``, so a failed write leaves the run resumable from its
+    latest checkpoint once the cause is fixed.
+    """
+    try:
+        yield
+    except OSError as err:
+        raise RunDirWriteError(
+            f"cannot write '{path}': {err.strerror or err}. The run stopped here; the files "
+            "written before are whole (each is replaced atomically) and the latest checkpoint "
+            "of each optimizer is intact. Free space or make the directory writable, then "
+            f"continue with: hessfree run --resume {os.path.abspath(run_dir)}"
+        ) from None
+
+
 def lock_run_dir(run_dir: Path) -> Any:
     """Hold ``run_dir`` for this process's run: an exclusive ``flock`` on its ``.lock``.
 
@@ -308,7 +369,8 @@ def lock_run_dir(run_dir: Path) -> Any:
         The open lock file (close it to release), or ``None`` where locks are unavailable.
 
     Raises:
-        ConfigError: Another process holds the lock (the message gives its pid and host).
+        RunDirInUseError: Another process holds the lock (the message gives its pid and host).
+        ConfigError: The lock file cannot be opened (the directory is not writable).
     """
     try:
         import fcntl
@@ -318,7 +380,7 @@ def lock_run_dir(run_dir: Path) -> Any:
     try:
         f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
     except OSError as err:
-        raise ConfigError(
+        raise RunDirError(
             [f"cannot open the run directory's lock file '{path}': {err.strerror or err}."]
         ) from None
     try:
@@ -327,14 +389,12 @@ def lock_run_dir(run_dir: Path) -> Any:
         f.seek(0)
         holder = " ".join(f.read(200).split()) or "unknown"
         f.close()
-        raise ConfigError(
-            [
-                f"run directory '{run_dir}' is in use by another hessfree process ({holder}): "
-                "the run, or a resume of it, is still going. Wait for it to end (SIGINT or "
-                f"SIGTERM make it checkpoint and stop), then resume with --resume {run_dir}; "
-                "two processes writing one run directory would interleave its metrics and "
-                "checkpoints."
-            ]
+        raise RunDirInUseError(
+            f"run directory '{run_dir}' is in use by another hessfree process ({holder}): "
+            "the run, or a resume of it, is still going, and nothing was read or written. "
+            f"Wait for it to end (SIGINT or SIGTERM make it checkpoint and stop), then resume "
+            f"with --resume {run_dir}; two processes writing one run directory would "
+            "interleave its metrics and checkpoints."
         ) from None
     f.seek(0)
     f.truncate()
@@ -352,6 +412,7 @@ def prepare_run_dir(
     world_size: int,
     config_header: str = "",
     say: Callable[[str], None] = print,
+    data_sha256: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Create (or check, when resuming) the run directory; return existing checkpoints.
 
@@ -360,9 +421,12 @@ def prepare_run_dir(
             only read).
         world_size: The number of processes, which a resumed checkpoint must match.
         say: Prints a line (about leftovers of an interrupted write it removes).
+        data_sha256: The loaded data's :meth:`~hessfree.train.data.Dataset.sha256`, which a
+            resumed checkpoint that recorded one must match.
 
     Raises:
         ConfigError: The directory cannot be used (each message says why and what to do).
+        DataError: The data differs from what a checkpoint recorded.
     """
     ckpt_dir = run_dir / "checkpoints"
     digest, training = config_digest(config), training_digest(config)
@@ -371,7 +435,7 @@ def prepare_run_dir(
             return {}
         remove_dead_partial_dirs(run_dir.parent, say)
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(
+            raise RunDirError(
                 [
                     partial_run_dir_message(run_dir)
                     or f"run directory '{run_dir}' is not empty; resume it with "
@@ -381,19 +445,19 @@ def prepare_run_dir(
         try:
             _create_run_dir(run_dir, dump_config(config, config_header))
         except OSError as err:
-            raise ConfigError(
+            raise RunDirError(
                 [f"cannot create the run directory '{run_dir}': {err.strerror or err}."]
             ) from None
         return {}
     if not (run_dir / "config.yaml").exists():
-        raise ConfigError(
+        raise RunDirError(
             [
                 partial_run_dir_message(run_dir)
                 or f"'{run_dir}' holds no config.yaml: not a run directory."
             ]
         )
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
-        raise ConfigError(
+        raise RunDirError(
             [
                 f"'{ckpt_dir}' is a file, not the run's checkpoint directory; the run "
                 "directory was edited. Move that file away (resuming then restarts every "
@@ -407,7 +471,7 @@ def prepare_run_dir(
         if not path.exists():
             gap = gap or path
         elif gap is not None:
-            raise ConfigError(
+            raise RunDirError(
                 [
                     f"'{gap}' is missing although a later optimizer's checkpoint "
                     f"'{path}' exists; the run directory was edited."
@@ -418,7 +482,7 @@ def prepare_run_dir(
             # The same config, or (checkpoints that record it) the same but for budgets.
             same = ckpt.get("config_sha256") == digest or (ckpt.get("training_sha256") == training)
             if ckpt.get("format") != CHECKPOINT_FORMAT or not same:
-                raise ConfigError(
+                raise RunDirError(
                     [
                         f"checkpoint '{path}' was written for a different config (or "
                         "format); resume with the run's own config.yaml."
@@ -426,7 +490,7 @@ def prepare_run_dir(
                 )
             written_by = int(ckpt.get("world_size", 1))
             if written_by != world_size:
-                raise ConfigError(
+                raise RunDirError(
                     [
                         f"checkpoint '{path}' was written by a run over {written_by} "
                         f"process(es), this one has {world_size}; resume with "
@@ -434,14 +498,25 @@ def prepare_run_dir(
                         "another one changes the rounding of every averaged quantity."
                     ]
                 )
+            recorded = ckpt.get("data_sha256")  # checkpoints from before 2026-12-03: none
+            if data_sha256 is not None and recorded is not None and recorded != data_sha256:
+                from hessfree.train.data import DataError
+
+                raise DataError(
+                    f"the training data is not what checkpoint '{path}' was trained on: its "
+                    f"arrays' SHA-256 is {data_sha256[:12]}..., the checkpoint recorded "
+                    f"{recorded[:12]}... (the data file was changed or replaced, or the "
+                    "generated data changed with a hessfree upgrade). Nothing was changed; "
+                    "restore the data the run started with, or start a new run."
+                )
             found[opt.label] = ckpt
     metrics = run_dir / "metrics.jsonl"
     recorded = max((int(c.get("metrics_bytes", 0)) for c in found.values()), default=0)
     size = metrics.stat().st_size if metrics.is_file() else 0
     if metrics.exists() and not metrics.is_file():
-        raise ConfigError([f"'{metrics}' is not a file; the run directory was edited."])
+        raise RunDirError([f"'{metrics}' is not a file; the run directory was edited."])
     if size < recorded:
-        raise ConfigError(
+        raise RunDirError(
             [
                 f"'{metrics}' has {size} bytes, fewer than the {recorded} its latest "
                 "checkpoint recorded: the metrics file was truncated or replaced. Restore it, "
@@ -454,7 +529,7 @@ def prepare_run_dir(
         for label, c in found.items():
             digest_then, length = c.get("metrics_sha256"), int(c.get("metrics_bytes", 0))
             if digest_then is not None and hashlib.sha256(data[:length]).hexdigest() != digest_then:
-                raise ConfigError(
+                raise RunDirError(
                     [
                         f"'{metrics}' differs from what checkpoint '{ckpt_dir / label}.pt' "
                         f"recorded: its first {length} bytes fail the SHA-256 stored with "

@@ -161,6 +161,14 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _bool_note(value: object, text: bool = False) -> str:
+    """Why a boolean came where text or a number was meant: YAML 1.1's unquoted words."""
+    if not isinstance(value, bool):
+        return ""
+    quote = "; quote the word to mean the text, e.g. 'no'" if text else ""
+    return f" (YAML reads unquoted yes/no/on/off/true/false, any case, as booleans{quote})"
+
+
 def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: list[str]) -> Any:
     """Check ``value`` against a type hint and a :class:`_Spec`; return it converted."""
     origin = typing.get_origin(hint)
@@ -199,16 +207,25 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
         if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT_FLOAT_INT:
             value = int(value)  # 1e4 in YAML is a float; accept it for a count
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"`{path}` must be an integer, got {_type_name(value)} {_show(value)}.")
+            problems.append(
+                f"`{path}` must be an integer, got {_type_name(value)} {_show(value)}"
+                f"{_bool_note(value)}."
+            )
             return _INVALID
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"`{path}` must be a number, got {_type_name(value)} {_show(value)}.")
+            problems.append(
+                f"`{path}` must be a number, got {_type_name(value)} {_show(value)}"
+                f"{_bool_note(value)}."
+            )
             return _INVALID
         value = float(value)
     elif hint is str:
         if not isinstance(value, str):
-            problems.append(f"`{path}` must be a string, got {_type_name(value)} {_show(value)}.")
+            problems.append(
+                f"`{path}` must be a string, got {_type_name(value)} {_show(value)}"
+                f"{_bool_note(value, text=True)}."
+            )
             return _INVALID
         if "\0" in value:  # file names cannot hold it; the OS refuses it with a ValueError
             problems.append(f"`{path}` must not contain a NUL character, got {_show(value)}.")
@@ -291,7 +308,7 @@ def _check_label(label: Any, default: str, path: str, problems: list[str]) -> st
     if not isinstance(label, str) or not _LABEL.match(label):
         problems.append(
             f"`{path}.label` must be a name of letters, digits and _.+- "
-            f"(it names files), got {_show(label)}."
+            f"(it names files), got {_show(label)}{_bool_note(label, text=True)}."
         )
         return default
     return label

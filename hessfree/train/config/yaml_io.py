@@ -36,15 +36,27 @@ _SafeLoader.add_implicit_resolver(
 
 
 def _construct_mapping(loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose own keys are unique; keys merged in by ``<<: *anchor`` are not its own.
+
+    ``flatten_mapping`` puts the merged pairs first (ordered so that the first merged mapping
+    wins), then the mapping's own: an own key overrides a merged one, which is what merge keys
+    are for (``<<: *common`` then ``lr: 0.1``), and only an own key given twice is refused.
+    """
+    merge_keys = sum(k.tag == "tag:yaml.org,2002:merge" for k, _ in node.value)
+    own = len(node.value) - merge_keys
     loader.flatten_mapping(node)
+    merged = len(node.value) - own
     mapping: dict = {}
-    for key_node, value_node in node.value:
+    seen: set = set()
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            line = key_node.start_mark.line + 1
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
-            )
+        if i >= merged:
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
+                )
+            seen.add(key)
         mapping[key] = loader.construct_object(value_node, deep=deep)
     return mapping
 
