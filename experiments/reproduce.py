@@ -35,6 +35,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import save_png, save_text  # noqa: E402
 
+from hessfree.train.loop import EXIT_DIVERGED  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CURVES_CONFIG = REPO / "configs" / "curves_autoencoder.yaml"
 ADDITION_CONFIG = REPO / "configs" / "rnn_addition.yaml"
@@ -70,7 +72,9 @@ def run(config: Path, out: Path, overrides: list[str]) -> None:
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, check=False)
-    if done.returncode != 0:
+    if done.returncode == EXIT_DIVERGED:  # a contender that blew up is a result to report
+        print("  completed; an optimizer diverged (summary.json: diverged)", flush=True)
+    elif done.returncode != 0:
         raise SystemExit(f"reproduce: `{' '.join(cmd[1:])}` exited with {done.returncode}")
     print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
 
