@@ -49,7 +49,7 @@ from ._model_data import (
     _resolve_reduction,
     _single_batch,
 )
-from .curvature import CurvatureProduct, _read_reduction
+from .curvature import CurvatureProduct, _read_reduction, _reentrant_checkpoint
 from .distributed import Averager
 
 #: ``(loss, outputs, index) -> product`` for batch ``index`` (its place in ``data``; a product
@@ -70,6 +70,25 @@ def _product_gradient(product: Any) -> Tensor:
     if not hasattr(product, "gradient"):
         raise TypeError(f"{type(product).__name__} has no `gradient`.")
     return product.gradient
+
+
+def refuse_reentrant_checkpoint(tensors: Sequence[object], name: str) -> None:
+    """Refuse a graph that runs ``torch.utils.checkpoint(..., use_reentrant=True)``.
+
+    Its backward is not differentiable and the parameters inside the checkpointed function
+    are no inputs of its graph node, so every product would have silently zero rows for them
+    (a GGN and a Hessian operator 0.43 and 0.45 relative error against the dense matrices:
+    experiments/README.md, "unseen12"). The walk runs once per operator, at its first graph,
+    so a model that starts checkpointing later goes unseen.
+    """
+    if _reentrant_checkpoint([t for t in tensors if isinstance(t, Tensor)]):
+        raise NotImplementedError(
+            f"{name}: the model's graph runs torch.utils.checkpoint with use_reentrant=True, "
+            "whose backward torch cannot differentiate: the parameters inside the checkpointed "
+            "function would get zero rows and columns in every product, silently. Pass "
+            "use_reentrant=False to checkpoint (torch's recommended variant), which the "
+            "operators differentiate exactly, or drop the checkpoint."
+        )
 
 
 class _FixedProduct:
@@ -138,6 +157,7 @@ class _DataProducts:
             reduction is None and getattr(loss_fn, "reduction", None) is None and keyword is None
         )
         self.cache_graph = bool(cache_graph)
+        self._checkpoint_unchecked = True  # the first graph is searched for a reentrant one
         self._model, self._loss_fn, self._make_product = model, loss_fn, make_product
         self._name = name
         self._tqdm = _import_tqdm() if progress else None
@@ -189,6 +209,9 @@ class _DataProducts:
             if self._unchecked_default:
                 self._unchecked_default = False
                 self._check_default_reduction(loss, outputs)
+            if self._checkpoint_unchecked:  # one graph walk, at the first graph built
+                refuse_reentrant_checkpoint([loss, outputs], self._name)
+                self._checkpoint_unchecked = False
             product = self._make_product(loss, outputs, index)
         rows = outputs.shape[0] if outputs.dim() else 1
         return product, _batch_count(self._loss_fn, outputs, targets), rows

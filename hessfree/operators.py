@@ -105,6 +105,7 @@ from ._flat import ParamLayout
 from ._graph_ops import twice_differentiable_weight_norm
 from ._model_data import _call_model, _check_model, _check_rows, _resolve_params, _shape
 from ._numpy_edge import _outside_inference_mode, _TorchLinearOperator
+from ._product_sources import refuse_reentrant_checkpoint
 from ._rng import _batch_seed
 from ._threads import limit_blas_threads
 from .curvature import (
@@ -187,6 +188,7 @@ class HessianLinearOperator(CurvatureLinearOperator):
             z = x.detach().reshape(-1).clone().requires_grad_(True)
             with twice_differentiable_weight_norm():  # torch's fused kernel: wrong Hessian
                 loss = check_scalar_loss("f(x)", f(z.view_as(x)))
+            refuse_reentrant_checkpoint([loss], "HessianLinearOperator.from_function")
             product = HessianProduct(loss, [z])
         return cls.from_product(product, dtype=dtype)
 
@@ -459,6 +461,7 @@ class JacobianLinearOperator(_TorchLinearOperator):
             self._jacobian = JacobianProduct(outputs, params)
             if not _depends_on([outputs], params):  # here, not silently zero products later
                 raise unreached_params_error("model(inputs)", len(params))
+            refuse_reentrant_checkpoint([outputs], "JacobianLinearOperator")
         self.params = params
         #: The shape of ``model(inputs)``; rows of the operator are its entries in order.
         self.output_shape = tuple(outputs.shape)
