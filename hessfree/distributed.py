@@ -8,8 +8,10 @@ identical numbers and take identical steps.
 
 Weighting: with a ``'mean'`` loss on each rank, the average of the ranks' means equals the mean
 over the union of the shards only when the shards have equal size. With unequal shards every
-*rank* gets weight :math:`1/R`, i.e. an example on a small shard counts more; pass
-``weight=`` (e.g. the shard size) to :class:`Averager` to weight ranks by their share instead.
+*rank* gets weight :math:`1/R`, i.e. an example on a small shard counts more. To weight ranks
+by their share instead, give the optimizer ``process_group=Averager(weight=n)`` with ``n`` this
+rank's number of examples: the averages are then :math:`\sum_r n_r m_r / \sum_r n_r`, the mean
+over the union. (The curvature operators need no weight: they sum each rank's share of the loss.)
 
 Hangs: a rank that dies makes its peers' next collective fail (gloo: connection closed) or wait
 until the process group's ``timeout`` (set it with ``init_process_group(timeout=...)``); the
@@ -17,6 +19,8 @@ runner sets it from the config, so a crashed or hung rank never blocks the other
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -31,15 +35,34 @@ class Averager:
     Args:
         group: A process group; ``None`` means the default group when ``torch.distributed``
             is initialised, else no averaging.
-        weight: This rank's weight in the average (default 1: plain mean over ranks); e.g. its
-            number of examples, for unequal shards.
+        weight: This rank's weight in the average, a finite number > 0, e.g. its number of
+            examples, for unequal shards (default: the plain mean over the ranks). When one
+            rank gives a weight, every rank must give its own: the total is one collective.
 
     Example:
         >>> Averager().mean(torch.tensor([1.0, 2.0]))  # not initialised: identity
         tensor([1., 2.])
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, weight: float = 1.0) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, *, weight: float | None = None
+    ) -> None:
+        if isinstance(group, Averager):
+            raise TypeError(
+                "Got an Averager where a process group is expected (the curvature operators "
+                "weight each rank by its share of the loss themselves); pass its process "
+                "group, `averager.group`."
+            )
+        if weight is not None and not (
+            isinstance(weight, (int, float))
+            and not isinstance(weight, bool)
+            and math.isfinite(weight)
+            and weight > 0
+        ):
+            raise ValueError(
+                f"Averager `weight` must be a finite number > 0 (e.g. this rank's number of "
+                f"examples), got {weight!r}."
+            )
         self.active = dist.is_available() and dist.is_initialized()
         # None stands for the default group, which torch looks up at each collective: holding
         # `dist.group.WORLD` would keep a destroyed group alive as long as this object (an
@@ -52,8 +75,11 @@ class Averager:
             )
         self.world_size = dist.get_world_size(self.group) if self.active else 1
         self.rank = dist.get_rank(self.group) if self.active else 0
-        self.weight = float(weight)
-        self._total_weight: float | None = None if self.weight != 1.0 else float(self.world_size)
+        # weighted as soon as a weight is given, even 1.0: another rank may give another, and
+        # skipping the total's collective here would put this rank's collectives out of step
+        self.weighted = weight is not None
+        self.weight = 1.0 if weight is None else float(weight)
+        self._total_weight: float | None = None if self.weighted else float(self.world_size)
 
     @property
     def total_weight(self) -> float:
@@ -75,10 +101,13 @@ class Averager:
         """The (weighted) mean of ``t`` over the ranks, in place where possible; one collective."""
         if not self.active or self.world_size == 1:
             return t
-        if self.weight != 1.0:
+        if self.weighted:
+            total = self.total_weight  # its own collective, before the data's, on every rank
             t = t * self.weight
+            dist.all_reduce(t, group=self.group)
+            return t.div_(total)
         dist.all_reduce(t, group=self.group)
-        return t.div_(self.total_weight)
+        return t.div_(float(self.world_size))
 
     def sum(self, t: Tensor) -> Tensor:
         """The sum of ``t`` over the ranks, in place; one collective (identity without a group)."""

@@ -1044,8 +1044,10 @@ class HessianFree(torch.optim.Optimizer):
         process_group: Average over this ``torch.distributed`` group (default: the default
             group when ``torch.distributed`` is initialised): the loss, the gradient, every
             curvature product, the preconditioner statistics and every trial loss are averaged
-            with one collective each, so all ranks take the same step (see
-            :mod:`hessfree.distributed` for the weighting of unequal shards).
+            with one collective each, so all ranks take the same step. Every rank counts
+            equally; for unequal shards pass ``Averager(group, weight=n)`` (this rank's
+            number of examples) instead of the group, to average as over the union (see
+            :mod:`hessfree.distributed`).
         curvature_batch: ``'sharded'`` (each rank's curvature closure sees its own shard, so
             every product is averaged with one collective) or ``'replicated'`` (every rank's
             ``curvature_closure`` evaluates the same batch, so the products are equal on all
@@ -1212,7 +1214,9 @@ class HessianFree(torch.optim.Optimizer):
         # precond='kfac' and 'auto': the nn.Linear calls of the last graph-building closure call
         self._linear_pass: _LinearPass | None = None
         self._auto_kfac_off = False  # 'auto' found the closure unfit for K-FAC: stop recording
-        self._avg = Averager(process_group)
+        self._avg = (
+            process_group if isinstance(process_group, Averager) else Averager(process_group)
+        )
         # Every plain hyperparameter lives in the defaults, as in LBFGS, so state_dict() carries
         # them; all but lr and weight_decay are one per optimizer (one quadratic model).
         defaults = self.settings.group_values()

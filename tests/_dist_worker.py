@@ -1,14 +1,16 @@
 """Worker for tests/test_distributed.py: one rank of a data-parallel HF run (gloo, loopback).
 
 Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS
-[crash|operator|replicated|somedraw|mcfisher]
+[crash|operator|replicated|somedraw|mcfisher|weighted]
 With WORLD=1 it runs the single-process reference on the full batch. ``operator`` computes
 SciPy-operator products over the rank's shard instead of training. ``replicated`` gives every
 rank the same curvature batch (the first 40 examples) with ``curvature_batch='replicated'`` and
 records the all_reduce calls of each step. ``somedraw``: rank 0's closure draws a random number
 (adding 0 × it to the loss), the other ranks' do not. ``mcfisher``: ``curvature='fisher_mc'`` on
 sharded batches; each rank saves (to OUT_FILE.RANK) its parameters and, per step, the state of
-the generator its Monte-Carlo labels were drawn from.
+the generator its Monte-Carlo labels were drawn from. ``weighted``: unequal shards (1 and 63
+of the 64 examples), trained once with ``process_group=Averager(weight=shard size)`` ("final")
+and once, from the same start, with the plain mean over the ranks ("unweighted").
 """
 
 from __future__ import annotations
@@ -119,12 +121,44 @@ def _mc_fisher_steps(model, Xs, ys, rank: int, out_file: str, steps: int) -> Non
     torch.save({"final": final, "states": states}, f"{out_file}.{rank}")
 
 
+def _weighted_steps(model, Xs, ys, rank: int, out_file: str, steps: int) -> None:
+    """HF on this rank's shard with each rank weighted by its shard size, then from the same
+    start with every rank weighted equally; rank 0 saves both results."""
+    from hessfree.distributed import Averager
+
+    start = [p.detach().clone() for p in model.parameters()]
+    results = {}
+    for key, group in (("final", Averager(weight=len(ys))), ("unweighted", None)):
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), start, strict=True):
+                p.copy_(p0)
+        opt = HessianFree(
+            model.parameters(),
+            damping=0.5,
+            cg_max_iter=20,
+            precond=EmpiricalFisherDiagonal(num_probes=None),  # exact: rank-independent
+            process_group=group,
+        )
+
+        def closure():
+            out = model(Xs)
+            return F.cross_entropy(out, ys), out
+
+        for _ in range(steps):
+            opt.step(closure)
+        results[key] = [p.detach().clone() for p in model.parameters()]
+    if rank == 0:
+        torch.save(results, out_file)
+
+
 def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
     crash = mode == "crash"
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(64, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (64,), generator=gen)
     shard = slice(rank * 64 // world, (rank + 1) * 64 // world)
+    if mode == "weighted" and world == 2:
+        shard = slice(0, 1) if rank == 0 else slice(1, 64)
     Xs, ys = X[shard], y[shard]
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -154,6 +188,9 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
         return
     if mode == "mcfisher":
         _mc_fisher_steps(model, Xs, ys, rank, out_file, steps)
+        return
+    if mode == "weighted":
+        _weighted_steps(model, Xs, ys, rank, out_file, steps)
         return
     replicated = mode == "replicated"
     opt = HessianFree(

@@ -104,6 +104,29 @@ def test_scipy_operators_sum_over_ranks(tmp_path):
         torch.testing.assert_close(dp[key], single[key], rtol=1e-10, atol=1e-12)
 
 
+def test_ranks_weighted_by_shard_size_equal_the_union(tmp_path):
+    """Shards of 1 and 63 examples: with `process_group=Averager(weight=shard size)` two
+    ranks take the single process's steps on all 64 examples; with the plain mean over the
+    ranks (the lone example counts 63 times as much as each other) they do not. A weight of
+    exactly 1 once passed for 'unweighted' on its rank, which then skipped the collective
+    that sums the weights: the ranks' collectives went out of step."""
+    dp, single = _run_against_single(tmp_path, 3, "weighted")
+    for a, b in zip(dp["final"], single["final"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
+    apart = max(
+        float((a - b).abs().max()) for a, b in zip(dp["unweighted"], single["final"], strict=True)
+    )
+    assert apart > 1e-3, "the unweighted run matched too: the test could not fail"
+
+
+def test_averager_weight_is_validated():
+    for bad in (0, -2.0, float("nan"), float("inf"), True, "3"):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            Averager(weight=bad)
+    with pytest.raises(TypeError, match="pass its process group"):
+        Averager(Averager())
+
+
 def test_averager_is_identity_without_process_group():
     a = Averager()
     t = torch.tensor([1.0, 2.0])
