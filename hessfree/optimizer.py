@@ -633,7 +633,27 @@ class _AtChosen:
 def _create_graph_backward(
     original, tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
 ):
-    return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
+    try:
+        return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
+    except RuntimeError as err:
+        # DistributedDataParallel's gradient buckets take the gradient in place, which a
+        # gradient that carries its own graph does not allow: torch's message names neither
+        if not (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and "leaf Variable that requires grad is being used in an in-place" in str(err)
+        ):
+            raise
+        raise RuntimeError(
+            f"The closure's backward() failed ({err}) while HessianFree made it build the "
+            "gradient's graph for Hessian products. A model wrapped in "
+            "torch.nn.parallel.DistributedDataParallel does this: its gradient reduction "
+            "cannot take such a gradient. Return `(loss, outputs)` from the closure without "
+            "calling backward() (DDP's forward then works, Gauss-Newton curvature), or give "
+            "HessianFree the unwrapped module's parameters and its process group "
+            "(`process_group=`): it averages the gradient and every product over the ranks "
+            "itself."
+        ) from err
 
 
 def _retaining_grad(original, *args, **kwargs):

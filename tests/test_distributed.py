@@ -163,6 +163,49 @@ def test_live_optimizer_and_operator_do_not_keep_a_destroyed_group_alive(tmp_pat
     assert op.shape == (8, 8) and opt.last_step is not None  # both still alive here
 
 
+def test_ddp_model_with_lbfgs_closure_gets_a_message_and_keeps_its_parameters(tmp_path):
+    """DistributedDataParallel cannot reduce a gradient that carries its graph, which an
+    LBFGS-style closure's backward() builds for Hessian products: torch said only that 'a leaf
+    Variable ... is used in an in-place operation'. The message names DDP and the two ways
+    out, the parameters are untouched, and the `(loss, outputs)` closure trains the same DDP
+    model. One in-process rank."""
+    import torch._dynamo  # noqa: F401  (see the test above: keeps no group alive)
+    import torch.nn.functional as F
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        ).double()
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        x, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
+        opt = HessianFree(model.parameters(), cg_max_iter=5)
+        before = [p.detach().clone() for p in net.parameters()]
+
+        def lbfgs_style():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+            opt.step(lbfgs_style)
+        for p, p0 in zip(net.parameters(), before, strict=True):
+            assert torch.equal(p, p0)
+
+        model = torch.nn.parallel.DistributedDataParallel(net)  # the failed one is spent
+        opt = HessianFree(model.parameters(), cg_max_iter=5)
+        with torch.no_grad():
+            loss0 = float(F.cross_entropy(net(x), y))
+        for _ in range(3):
+            opt.step(lambda: (F.cross_entropy(out := model(x), y), out))
+        with torch.no_grad():
+            assert float(F.cross_entropy(net(x), y)) < 0.9 * loss0
+    finally:
+        dist.destroy_process_group()
+
+
 def test_replicated_curvature_batch_reduces_no_products(tmp_path):
     """Every rank computes the products on the same 40 examples: the step equals the one
     process run and each step's all_reduces are the loss, the gradient, replay_rng's
