@@ -137,7 +137,10 @@ class Averager:
                 f"Parameters differ across the {self.world_size} ranks "
                 f"(fingerprint max {hi.tolist()} "
                 f"vs min {lo.tolist()}); initialise every rank from the same seed or broadcast "
-                "rank 0's parameters before the first step."
+                "rank 0's parameters before the first step. If the ranks train separate "
+                "models, give each its own group instead of the default one: "
+                "`group, _ = torch.distributed.new_subgroups(group_size=1)` on every rank, "
+                "then `process_group=group`."
             )
 
     def check_replicated(self, what: str, value: Tensor, *, rtol: float = 1e-5) -> None:

@@ -1,7 +1,7 @@
 """Worker for tests/test_distributed.py: one rank of a data-parallel HF run (gloo, loopback).
 
 Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS
-[crash|operator|replicated|somedraw|mcfisher|weighted]
+[crash|operator|replicated|somedraw|mcfisher|weighted|separate]
 With WORLD=1 it runs the single-process reference on the full batch. ``operator`` computes
 SciPy-operator products over the rank's shard instead of training. ``replicated`` gives every
 rank the same curvature batch (the first 40 examples) with ``curvature_batch='replicated'`` and
@@ -11,6 +11,9 @@ sharded batches; each rank saves (to OUT_FILE.RANK) its parameters and, per step
 the generator its Monte-Carlo labels were drawn from. ``weighted``: unequal shards (1 and 63
 of the 64 examples), trained once with ``process_group=Averager(weight=shard size)`` ("final")
 and once, from the same start, with the plain mean over the ranks ("unweighted").
+``separate``: each rank its own model (seed 1 + rank) on its shard; a step with the default
+group must refuse (the message is saved), then each rank trains alone in its own group from
+``new_subgroups(group_size=1)``.
 """
 
 from __future__ import annotations
@@ -151,12 +154,41 @@ def _weighted_steps(model, Xs, ys, rank: int, out_file: str, steps: int) -> None
         torch.save(results, out_file)
 
 
+def _separate_steps(Xs, ys, rank: int, world: int, out_file: str, steps: int) -> None:
+    """Rank r trains its own model (seed 1 + r): refused in the default group, then alone in
+    its own one-rank group; rank 0 saves the refusal's message and its parameters."""
+    torch.manual_seed(1 + rank)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+    def closure():
+        out = model(Xs)
+        return F.cross_entropy(out, ys), out
+
+    message = ""
+    own = None
+    if world > 1:
+        try:
+            HessianFree(model.parameters(), damping=0.5, precond=None).step(closure)
+        except ValueError as err:
+            message = str(err)
+        own, _ = dist.new_subgroups(group_size=1)
+    opt = HessianFree(model.parameters(), damping=0.5, precond=None, process_group=own)
+    for _ in range(steps):
+        opt.step(closure)
+    if rank == 0:
+        torch.save(
+            {"message": message, "final": [p.detach() for p in model.parameters()]}, out_file
+        )
+
+
 def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
     crash = mode == "crash"
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(64, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (64,), generator=gen)
     shard = slice(rank * 64 // world, (rank + 1) * 64 // world)
+    if mode == "separate" and world == 1:
+        shard = slice(0, 32)  # rank 0's shard of the two-rank run
     if mode == "weighted" and world == 2:
         shard = slice(0, 1) if rank == 0 else slice(1, 64)
     Xs, ys = X[shard], y[shard]
@@ -191,6 +223,9 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
         return
     if mode == "weighted":
         _weighted_steps(model, Xs, ys, rank, out_file, steps)
+        return
+    if mode == "separate":
+        _separate_steps(Xs, ys, rank, world, out_file, steps)
         return
     replicated = mode == "replicated"
     opt = HessianFree(

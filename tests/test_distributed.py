@@ -119,6 +119,18 @@ def test_ranks_weighted_by_shard_size_equal_the_union(tmp_path):
     assert apart > 1e-3, "the unweighted run matched too: the test could not fail"
 
 
+def test_ranks_training_separate_models_are_refused_then_train_in_their_own_groups(tmp_path):
+    """Each rank its own model: in the default group the first step refuses (the parameters
+    differ across the ranks; nothing averaged) and says how to opt out; in one-rank groups
+    from `new_subgroups(group_size=1)` rank 0 then trains exactly as a process of its own
+    on the same shard."""
+    dp, alone = _run_against_single(tmp_path, 3, "separate")  # alone: rank 0's shard
+    assert "Parameters differ across the 2 ranks" in dp["message"]
+    assert "new_subgroups(group_size=1)" in dp["message"]
+    for a, b in zip(dp["final"], alone["final"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_averager_weight_is_validated():
     for bad in (0, -2.0, float("nan"), float("inf"), True, "3"):
         with pytest.raises(ValueError, match="finite number > 0"):
