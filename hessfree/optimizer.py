@@ -2769,6 +2769,17 @@ class HessianFree(torch.optim.Optimizer):
         if callable(watch):  # e.g. CGPairPreconditioner: CG's own products become its pairs
             damped = watch(damped)
         x0 = self._warm_start(product, g, run.state, run.layout)
+        keep = _hook_mask(run.params, g, run.layout)
+        if keep is not None:
+            # a gradient hook (a pruning mask: w.register_hook(lambda g: g * mask)) zeroes the
+            # gradient's and curvature's rows, so CG stays on the hooked entries the gradient
+            # reaches, except through a preconditioner that mixes entries (K-FAC's factors see
+            # the layer's activations and output gradients, not the hook) or a warm start from
+            # before the mask: pruned weights moved 0.33 in 5 steps ("unseen13")
+            if callable(precond):
+                precond = _masked_precond(precond, keep)
+            if x0 is not None:
+                x0.mul_(keep)
         b = -g
         scale = None
         if run.metric is not None:
@@ -3890,6 +3901,32 @@ def _decay_reached(x0: Tensor, g: Tensor, layout: ParamLayout, decay: float) -> 
     norms = torch.stack(torch._foreach_norm(g.split_with_sizes(layout.numels), ord=1))
     keep = (norms != 0).to(x0.dtype)  # a NaN norm keeps the block
     torch._foreach_mul_(list(x0.split_with_sizes(layout.numels)), list(keep.unbind()))
+
+
+def _hook_mask(params: list[Tensor], g: Tensor, layout: ParamLayout) -> Tensor | None:
+    """1 where a parameter with a tensor gradient hook (``register_hook``) has a nonzero
+    gradient entry, 0 where it has a zero one, 1 on parameters without hooks; ``None`` when
+    no parameter has a hook (nothing is masked, and the step is bitwise as before)."""
+    hooked = [bool(getattr(p, "_backward_hooks", None)) for p in params]
+    if not any(hooked):
+        return None
+    blocks = g.split_with_sizes(layout.numels)
+    return torch.cat(
+        [
+            (b != 0).to(g.dtype) if h else torch.ones_like(b)
+            for b, h in zip(blocks, hooked, strict=True)
+        ]
+    )
+
+
+def _masked_precond(precond: MatVec, keep: Tensor) -> MatVec:
+    """``precond`` followed by the gradient hooks' mask (:func:`_hook_mask`): still symmetric
+    positive semidefinite, and definite on the entries CG can reach."""
+
+    def masked(r: Tensor) -> Tensor:
+        return precond(r) * keep
+
+    return masked
 
 
 def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
