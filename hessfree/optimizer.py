@@ -157,6 +157,7 @@ from .curvature import (
     MCFisherProduct,
     StructurallyDampedGGN,
     _loss_node,
+    _once_differentiable,
     _read_reduction,
     _reentrant_checkpoint,
 )
@@ -3532,6 +3533,38 @@ class HessianFree(torch.optim.Optimizer):
         )
         return self._finish(run, status)
 
+    def _refuse_once_differentiable(self, evaluation: _Evaluation, role: str) -> None:
+        """Refuse a graph through a ``torch.autograd.Function`` whose backward is
+        ``@once_differentiable`` where a curvature product differentiates it again: anywhere
+        for Gauss-Newton and the Hessian, in the model (not the loss) for the empirical Fisher,
+        which needs only the loss's first derivative. Its second derivative came out zero
+        without an error (:func:`~hessfree.curvature._once_differentiable`). Raised before
+        anything moves."""
+        outputs = evaluation.outputs
+        tensors = [evaluation.hidden, *(evaluation.grads or ())]
+        tensors += list(outputs) if isinstance(outputs, tuple | list) else [outputs]
+        fisher = self.settings.curvature in ("fisher", "fisher_mc") and outputs is not None
+        if not fisher:
+            tensors.append(evaluation.loss)
+        found = _once_differentiable([t for t in tensors if isinstance(t, Tensor)])
+        if found is None:
+            return
+        where = "the model (before the outputs)" if fisher else "the loss or the model"
+        raise NotImplementedError(
+            f"The {role}'s graph runs {found.__module__}.{found.__qualname__}, a "
+            "torch.autograd.Function whose backward is marked @once_differentiable, in "
+            f"{where}: curvature products differentiate its backward once more and torch "
+            "silently gives zero there, so the steps would be wrong. Write its backward with "
+            "differentiable torch operations and drop @once_differentiable"
+            + (
+                "; if it is in the loss only, curvature='fisher' with a (loss, outputs) closure "
+                "needs no second derivative there"
+                if not fisher
+                else ""
+            )
+            + ". The parameters are unchanged."
+        )
+
     def _first_call(
         self, closure: Closure, role: str, counter: _Counter, layout: ParamLayout
     ) -> _Evaluation:
@@ -3561,6 +3594,7 @@ class HessianFree(torch.optim.Optimizer):
             ) from err
         if watch:
             _refuse_reentrant_checkpoint(evaluation, role)  # and looked for again next time
+            self._refuse_once_differentiable(evaluation, role)
             self._watched.add(role)
             if self.settings.replay_rng:  # dropout draws one mask per step: one function
                 found = [kind for kind in found if issubclass(kind, _BatchNorm)]

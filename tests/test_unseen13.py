@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.functional import hessian
+from torch.func import functional_call
 
 from hessfree import HessianFree
 
@@ -93,3 +95,109 @@ def test_gradient_hook_mask_grown_midrun_keeps_new_zeros() -> None:
     for _ in range(3):
         opt.step(closure)
     assert torch.equal(model[0].weight.detach() * (1 - mask), torch.zeros(5, 4, dtype=X.dtype))
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh with a first-order-only backward, as extensions often write them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return (1 - y * y) * g
+
+
+class _OnceSquare(torch.autograd.Function):
+    """x² with a first-order-only backward (a custom loss)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_once_differentiable_curvature_is_not_zero_there() -> None:
+    # the oracle for why it is refused: along the hidden layer's weights the Hessian of the
+    # model with torch.tanh has entries the tanh's second derivative makes, which a backward
+    # run under no_grad cannot give
+    X, Y = _data()
+    model = _mlp()
+    names = [n for n, _ in model.named_parameters()]
+
+    def f(*flat: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, dict(zip(names, flat, strict=True)), (X,)), Y)
+
+    H = hessian(f, tuple(p.detach() for p in model.parameters()))
+    assert H[0][0].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("curvature", ["auto", "hessian", "fisher"])
+def test_once_differentiable_in_model_refused(curvature: str) -> None:
+    # main 7a90377: accepted steps, 3 of them 0.75 (Gauss-Newton), 1.16 (Hessian), 0.04
+    # (Fisher) max |parameter| off the same model with torch.tanh; now refused, worded,
+    # before anything moves
+    X, Y = _data()
+    model = _mlp()
+    before = _snapshot(model)
+    opt = HessianFree(model.parameters(), curvature=curvature)
+
+    def closure():
+        out = model[2](_OnceTanh.apply(model[0](X)))
+        return F.cross_entropy(out, Y), out
+
+    with pytest.raises(NotImplementedError, match="_OnceTanh.*once_differentiable"):
+        opt.step(closure)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+
+
+def test_once_differentiable_in_loss_refused_lbfgs_closure() -> None:
+    X, _ = _data()
+    target = torch.randn(64, 3, generator=torch.Generator().manual_seed(5), dtype=X.dtype)
+    model = _mlp()
+    before = _snapshot(model)
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = _OnceSquare.apply(model(X) - target).mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(NotImplementedError, match="_OnceSquare.*curvature='fisher'"):
+        opt.step(closure)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+
+
+def test_once_differentiable_in_loss_fisher_steps_as_plain_loss() -> None:
+    # guard: the empirical Fisher needs only the loss's first derivative, which the custom
+    # Function gives exactly: same steps as the loss written with torch's own square
+    X, _ = _data()
+    target = torch.randn(64, 3, generator=torch.Generator().manual_seed(5), dtype=X.dtype)
+    result = []
+    for square in (_OnceSquare.apply, torch.square):
+        model = _mlp()
+        opt = HessianFree(model.parameters(), curvature="fisher")
+
+        def closure(model=model, square=square):
+            out = model(X)
+            return square(out - target).mean(), out
+
+        for _ in range(3):
+            opt.step(closure)
+        result.append(_snapshot(model))
+    for a, b in zip(*result, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)  # same maths, same order
