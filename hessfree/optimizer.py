@@ -3938,7 +3938,16 @@ def _unpack(
             outputs = tuple(outputs)
         for name, t in (("outputs", outputs), ("hidden states", hidden)):
             if t is not None and not isinstance(t, (Tensor, tuple)):
-                raise TypeError(f"The closure's {name} must be a tensor, got {type(t).__name__}.")
+                raise TypeError(
+                    f"The closure's {name} must be a tensor, got {type(t).__name__}"
+                    + (
+                        "; return the tensor the loss is computed from (e.g. (loss, "
+                        "out['logits']) or (loss, out.logits) for a model returning a mapping "
+                        "or a dataclass)."
+                        if name == "outputs"
+                        else "."
+                    )
+                )
     if not isinstance(result, Tensor) or result.numel() != 1:
         shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
         hint = ""

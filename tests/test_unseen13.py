@@ -284,3 +284,16 @@ def test_sibling_blocks_and_hessian_curvature_still_run() -> None:
 
     opt.step(named_closure)
     assert opt.last_step.status == "accepted"
+
+
+def test_dict_outputs_get_the_fix_in_the_message() -> None:
+    X, Y = _data()
+    model = _mlp()
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        out = model(X)
+        return F.cross_entropy(out, Y), {"logits": out}
+
+    with pytest.raises(TypeError, match=r"got dict; return the tensor .*out\['logits'\]"):
+        opt.step(closure)
