@@ -351,6 +351,41 @@ def _reentrant_checkpoint(tensors: Sequence[Tensor | None]) -> bool:
     return False
 
 
+#: The code object of every ``@once_differentiable`` backward (torch wraps each in one closure
+#: of this code; ``functools.wraps`` copies the name, not the code).
+_ONCE_DIFFERENTIABLE_CODE = getattr(
+    torch.autograd.function.once_differentiable(lambda ctx: None), "__code__", None
+)
+
+
+def _once_differentiable(tensors: Sequence[Tensor | None]) -> type | None:
+    """The first ``torch.autograd.Function`` in the tensors' autograd graphs whose backward is
+    marked ``@once_differentiable``, or ``None`` (a graph walk, no backward).
+
+    torch runs such a backward under ``no_grad`` and attaches its "differentiate twice" error
+    only where the incoming gradient requires grad. A curvature product's second derivative
+    passes through it with a gradient that often does not (the loss's constant seed; the
+    Jacobian products' double-backward trick on many graphs), and then gets zero from it with
+    no error: an activation of this kind in an MLP moved the parameters 0.75 (Gauss-Newton),
+    1.16 (Hessian) and 0.04 (Fisher) off the same model with ``torch.tanh`` in 3 steps
+    (experiments/README.md, "unseen13").
+    """
+    if _ONCE_DIFFERENTIABLE_CODE is None:
+        return None
+    seen, stack = set(), [t.grad_fn for t in tensors if t is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        cls = getattr(node, "_forward_cls", None)
+        backward = getattr(cls, "backward", None)
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
+            return cls
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # base class
 # --------------------------------------------------------------------------------------------
