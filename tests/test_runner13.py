@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import yaml
 from test_train_loop import tiny_npz
-from test_train_robust import refused
+from test_train_robust import refused, write_tiny
 
+from hessfree.train.checkpoint import load_checkpoint
 from hessfree.train.cli import main
-from hessfree.train.config import load_config
+from hessfree.train.config import ConfigError, load_config
+from hessfree.train.loop import Runner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,3 +79,45 @@ def test_runner13_an_override_of_an_x_key_is_refused_since_it_would_change_nothi
     err = refused(["run", str(_anchored(tmp_path)), "--check", "x-common.lr=0.5"], capsys)
     assert "x-common.lr=0.5" in err and "would change nothing" in err
     assert "optimizers.0.lr" in err
+
+
+def _quiet(config, run_dir, **options) -> Runner:
+    return Runner(config, run_dir, verbose=False, progress=False, **options)
+
+
+def test_runner13_python_resume_with_a_relative_data_path_is_the_same_run(tmp_path, monkeypatch):
+    """main: `Runner(load_config(c.yaml), DIR, resume=True)` with `data.path: d.npz` was
+    refused ("checkpoint ... written for a different config"): the run recorded the path
+    absolute, the config read again has it relative. The CLI resumed. Oracle: the same run
+    uninterrupted, bitwise, through the Python API and the CLI alike."""
+    tiny_npz(tmp_path / "d.npz")
+    config = write_tiny(tmp_path, data={"name": "npz", "path": "d.npz"}, budget={"steps": 6})
+    monkeypatch.chdir(tmp_path)
+    assert _quiet(load_config(config), "whole").run().exit_code == 0
+    for cut in ("py", "cli"):
+        assert _quiet(load_config(config, ["budget.steps=3"]), cut).run().exit_code == 0
+    assert _quiet(load_config(config), "py", resume=True).run().exit_code == 0
+    assert main(["run", str(config), "--resume", "cli", "--quiet"]) == 0
+    for cut in ("py", "cli"):
+        for label in ("adam", "sgd"):
+            whole = load_checkpoint(tmp_path / "whole" / "checkpoints" / f"{label}.pt")
+            got = load_checkpoint(tmp_path / cut / "checkpoints" / f"{label}.pt")
+            assert got["step"] == whole["step"] == 6
+            assert all(
+                np.array_equal(whole["model"][k].numpy(), got["model"][k].numpy())
+                for k in whole["model"]
+            ), (cut, label)
+
+
+def test_runner13_python_resume_with_another_config_names_the_keys(tmp_path):
+    """main: the Python API refused a changed config only through the checkpoint's digest
+    ("written for a different config"), not saying which key; the CLI named the keys. Both
+    now name them (and an interrupted run without a checkpoint yet is refused alike)."""
+    config = write_tiny(tmp_path, budget={"steps": 4})
+    assert _quiet(load_config(config, ["budget.steps=2"]), tmp_path / "run").run().exit_code == 0
+    other = load_config(config, ["optimizers.1.lr=0.5", "seed=3"])
+    with pytest.raises(ConfigError) as info:
+        _quiet(other, tmp_path / "run", resume=True).run()
+    message = str(info.value)
+    assert "these keys differ" in message and "seed, optimizers.1.lr" in message
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "sgd.pt")["step"] == 2  # untouched

@@ -105,6 +105,7 @@ from hessfree.train.rundir import (
     default_run_dir,
     lock_run_dir,
     prepare_run_dir,
+    resumed_config,
     run_dir_problems,
     writing,
 )
@@ -429,6 +430,8 @@ class Runner:
     # -- setup -----------------------------------------------------------------------------
 
     def _setup(self) -> None:
+        if self.resume:  # the run's own config, as the CLI resumes it (relative data path too)
+            self.config = resumed_config(self.run_dir, self.config)
         cfg = self.config
         if not self.resume and self.group.rank == 0:
             key = "output.dir" if self.default_dir else "--out"
