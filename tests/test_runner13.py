@@ -121,3 +121,22 @@ def test_runner13_python_resume_with_another_config_names_the_keys(tmp_path):
     message = str(info.value)
     assert "these keys differ" in message and "seed, optimizers.1.lr" in message
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "sgd.pt")["step"] == 2  # untouched
+
+
+def test_runner13_an_empty_test_set_is_named_as_such(tmp_path, capsys):
+    """main: an npz with zero test cases and integer labels was refused with "npz train:
+    integer labels need `num_classes`" (the count is inferred from both splits), blaming the
+    train labels and a key the user never needed. Now the empty split is named."""
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "e.npz",
+        x_train=rng.normal(size=(40, 3)).astype(np.float32),
+        y_train=rng.integers(0, 2, 40),
+        x_test=np.zeros((0, 3), np.float32),
+        y_test=np.zeros(0, np.int64),
+    )
+    config = write_tiny(tmp_path, data={"name": "npz", "path": str(tmp_path / "e.npz")})
+    err = refused(["run", str(config), "--quiet", "--out", str(tmp_path / "r")], capsys)
+    assert "npz test inputs" in err and "at least one case, got (0, 3)" in err
+    assert "num_classes" not in err
+    assert not (tmp_path / "r").exists()
