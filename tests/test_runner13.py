@@ -140,3 +140,41 @@ def test_runner13_an_empty_test_set_is_named_as_such(tmp_path, capsys):
     assert "npz test inputs" in err and "at least one case, got (0, 3)" in err
     assert "num_classes" not in err
     assert not (tmp_path / "r").exists()
+
+
+#: Per shipped config: smaller generated data (the sizes' checks still pass), so one step of
+#: every entry takes seconds. mnist_autoencoder reads a file the repository does not ship.
+SHRINK = {
+    "curves_adam_then_hf": ["data.num_train=300", "data.num_test=50"],
+    "curves_autoencoder": [
+        "data.num_train=300",
+        "data.num_test=50",
+        "optimizers.0.phases.2.batch_size=250",
+        "optimizers.0.phases.2.batch_max=300",
+    ],
+    "digits_mlp": [],
+    "mnist1d_mlp": ["data.num_samples=400"],
+    "quickstart": [],
+    "rnn_addition": ["data.num_train=1000", "data.num_test=50"],
+}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_runner13_every_shipped_config_takes_a_step(path, tmp_path, capsys):
+    """Each shipped config runs one step of every entry (every phase entry's first phase) to
+    the end: summary and checkpoints written, exit 0. A missing MNIST file is exit 2."""
+    pytest.importorskip("hessfree.optimizer")
+    out = tmp_path / "run"
+    argv = ["run", str(path), "--out", str(out), "--quiet", "budget.steps=1"]
+    argv += ["output.plots=false", "eval.every_steps=1", "eval.every_seconds=null", "num_threads=1"]
+    if path.stem not in SHRINK:
+        assert path.stem == "mnist_autoencoder", "a new shipped config: add it to SHRINK"
+        if not (REPO / "data").exists():
+            err = refused([*argv, f"data.path={tmp_path / 'none.pkl.gz'}"], capsys)
+            assert "MNIST not found" in err
+            return
+    code = main(argv + SHRINK.get(path.stem, []))
+    assert code == 0, capsys.readouterr().err
+    config = load_config(out / "config.yaml")
+    for entry in config.optimizers:
+        assert load_checkpoint(out / "checkpoints" / f"{entry.label}.pt")["step"] == 1
