@@ -6,6 +6,7 @@ point."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,39 @@ def test_runner13_every_shipped_config_takes_a_step(path, tmp_path, capsys):
     config = load_config(out / "config.yaml")
     for entry in config.optimizers:
         assert load_checkpoint(out / "checkpoints" / f"{entry.label}.pt")["step"] == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX symlinks")
+def test_runner13_a_symlink_to_an_empty_directory_is_a_run_directory(tmp_path, capsys):
+    """main: `--out LINK` (LINK -> an empty directory) passed the check, loaded the data, then
+    failed to create the run ("cannot create the run directory 'LINK': Not a directory", exit
+    2): the finished directory is renamed into place, and a directory cannot replace the link.
+    Now the run lands in the linked directory (the link stays and leads to it), with the same
+    checkpoints as a run in a plain directory (the oracle), and resumes through the link."""
+    config = write_tiny(tmp_path, budget={"steps": 4})
+    (tmp_path / "target").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "target", target_is_directory=True)
+    assert main(["run", str(config), "--out", str(tmp_path / "plain"), "--quiet"]) == 0
+    assert main(["run", str(config), "--out", str(link), "--quiet", "budget.steps=2"]) == 0
+    assert link.is_symlink() and (tmp_path / "target" / "config.yaml").is_file()
+    assert main(["run", "--resume", str(link), "--quiet", "budget.steps=4"]) == 0
+    for label in ("adam", "sgd"):
+        plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / f"{label}.pt")["model"]
+        linked = load_checkpoint(tmp_path / "target" / "checkpoints" / f"{label}.pt")["model"]
+        assert all(np.array_equal(plain[k].numpy(), linked[k].numpy()) for k in plain)
+    assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX symlinks")
+def test_runner13_a_dangling_symlink_as_run_directory_is_named_at_check(tmp_path, capsys):
+    """main: "cannot create the run directory 'LINK' (in '.'): File exists" - the probe's
+    mkdir on the dangling link. Now the link and its missing target are named, at --check
+    and before a run loads anything; nothing is created."""
+    config = write_tiny(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    for extra in (["--check"], ["--quiet"]):
+        err = refused(["run", str(config), "--out", str(link), *extra], capsys)
+        assert "symbolic link to" in err and "nowhere" in err and "does not exist" in err
+    assert not (tmp_path / "nowhere").exists() and link.is_symlink()

@@ -189,6 +189,12 @@ def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
 
 
 def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
+    if run_dir.is_symlink() and not run_dir.exists():
+        return [
+            f"`{key}`: the run directory '{run_dir}' is a symbolic link to "
+            f"'{os.readlink(run_dir)}', which does not exist; create that directory (an empty "
+            "one behind a link is used), or choose another."
+        ]
     if run_dir.exists() and not run_dir.is_dir():
         return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
     if run_dir.is_dir() and any(run_dir.iterdir()):  # as prepare_run_dir, but before any work
@@ -258,8 +264,12 @@ def _create_run_dir(run_dir: Path, config_text: str) -> None:
     directory removes: :func:`remove_dead_partial_dirs`), never the ``checkpoints/``
     without ``config.yaml`` that creating the two in turn could leave, which neither a new
     run (not empty) nor ``--resume`` (no config) accepts. An existing empty ``run_dir`` is
-    replaced.
+    replaced; behind a symbolic link, the directory it points to (a rename onto the link
+    itself fails: a directory cannot replace a non-directory), so the link stays and leads
+    to the run.
     """
+    if run_dir.is_symlink():
+        run_dir = Path(os.path.realpath(run_dir))
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # host and pid in the name: a later run on this host can tell that its maker is dead
     tag = f"{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
