@@ -215,3 +215,32 @@ def test_runner13_a_dangling_symlink_as_run_directory_is_named_at_check(tmp_path
         err = refused(["run", str(config), "--out", str(link), *extra], capsys)
         assert "symbolic link to" in err and "nowhere" in err and "does not exist" in err
     assert not (tmp_path / "nowhere").exists() and link.is_symlink()
+
+
+def test_runner13_a_resume_with_another_thread_count_says_it_is_not_bitwise(tmp_path):
+    """The promise is bitwise continuation on the same arithmetic. main resumed a run started
+    under 2 threads with 1 (config `num_threads: null`, torch's setting) without a word;
+    now each checkpoint records torch's and hessfree's versions, the thread count and the
+    kernels, and a resume that differs warns naming what changed. The same resume again,
+    under the same arithmetic, is silent."""
+    import warnings
+
+    import torch
+
+    config = write_tiny(tmp_path, num_threads=None, budget={"steps": 2})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _quiet(load_config(config), tmp_path / "run").run().exit_code == 0
+        torch.set_num_threads(1)
+        longer = load_config(config, ["budget.steps=3"])
+        with pytest.warns(RuntimeWarning, match=r"num_threads 2 -> 1.*not bit-identically"):
+            assert _quiet(longer, tmp_path / "run", resume=True).run().exit_code == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            longest = load_config(config, ["budget.steps=4"])
+            assert _quiet(longest, tmp_path / "run", resume=True).run().exit_code == 0
+    finally:
+        torch.set_num_threads(threads)
+    recorded = load_checkpoint(tmp_path / "run" / "checkpoints" / "adam.pt")["arithmetic"]
+    assert recorded["num_threads"] == 1 and recorded["torch"] == str(torch.__version__)

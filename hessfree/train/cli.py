@@ -41,7 +41,8 @@ The run directory (default runs/<name>-<timestamp>/) receives config.yaml (resol
 overrides), metrics.jsonl (one line per evaluation), summary.json, loss_vs_seconds.png,
 loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
 checkpoints and exits with 130 / 143; --resume continues from there (bit-identical on CPU for
-step and epoch budgets; wall-clock budgets are not reproducible). An optimizer whose loss or
+step and epoch budgets under the same torch, hessfree, thread count and CPU, else with a
+warning; wall-clock budgets are not reproducible). An optimizer whose loss or
 weights stop being finite stops as 'diverged' while the others train on; its checkpoint keeps
 its last finite weights, summary.json lists it under 'diverged', and the exit code is 4.
 

@@ -441,6 +441,7 @@ class Runner:
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = self.group.device
+        self.arithmetic = _arithmetic(self.device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         self.digest = config_digest(cfg)
         self.training_digest = training_digest(cfg)
@@ -767,6 +768,20 @@ class Runner:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            recorded = ckpt.get("arithmetic")  # checkpoints before 2026-12-04: none
+            changed = [
+                f"{key} {recorded.get(key)} -> {now}"
+                for key, now in self.arithmetic.items()
+                if isinstance(recorded, dict) and recorded.get(key) != now
+            ]
+            if changed:
+                warnings.warn(
+                    f"checkpoint '{path}' was written with other arithmetic "
+                    f"({', '.join(changed)}): {spec.label} resumes, but not bit-identically "
+                    "to an uninterrupted run (each of these can change the rounding).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             torch.set_rng_state(ckpt["torch_rng"])
             data_gen.set_state(ckpt["data_rng"])
             if self.device.type == "cuda" and ckpt.get("cuda_rng"):
@@ -971,6 +986,7 @@ class Runner:
             "metrics_sha256": self.log.sha256(),
             "data_sha256": self.data_sha256,
             "world_size": self.group.world_size,
+            "arithmetic": self.arithmetic,
         }
         with writing(path, self.run_dir):
             save_checkpoint(path, state)
@@ -1001,6 +1017,32 @@ class Runner:
             train=f"{record['train_loss']:.4g}", test=f"{record['test_loss']:.4g}", refresh=False
         )
         return math.isfinite(record["train_loss"])
+
+
+def _arithmetic(device: torch.device) -> dict[str, Any]:
+    """What a run's rounding depends on besides its config and checkpoint.
+
+    A resumed run retraces the uninterrupted one bit for bit only where these are the same
+    (another torch or hessfree version may pick other kernels or orders of summation; another
+    thread count splits reductions differently; another CPU capability or GPU picks other
+    kernels), so each checkpoint records them and a resume that differs says so.
+    """
+    try:
+        from importlib.metadata import version
+
+        hessfree_version = version("hessfree")
+    except Exception:  # not installed: running from a checkout
+        hessfree_version = "unknown"
+    if device.type == "cuda":
+        kernels = torch.cuda.get_device_name(device)
+    else:
+        kernels = torch.backends.cpu.get_cpu_capability()
+    return {
+        "torch": str(torch.__version__),  # a TorchVersion, which weights_only refuses
+        "hessfree": hessfree_version,
+        "num_threads": torch.get_num_threads(),
+        "kernels": kernels,
+    }
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
