@@ -244,3 +244,35 @@ def test_runner13_a_resume_with_another_thread_count_says_it_is_not_bitwise(tmp_
         torch.set_num_threads(threads)
     recorded = load_checkpoint(tmp_path / "run" / "checkpoints" / "adam.pt")["arithmetic"]
     assert recorded["num_threads"] == 1 and recorded["torch"] == str(torch.__version__)
+
+
+def test_runner13_runs_started_in_the_same_second_take_distinct_default_directories(
+    tmp_path, monkeypatch
+):
+    """main: two runs started in the same second name the same default directory
+    (`<output.dir>/<name>-<time>`); the second was refused after loading its data ("not
+    empty", or "cannot create ...: Directory not empty" when both passed the check), exit 2 -
+    seen with three `hessfree run` started at once. Now it takes the next free name. Both
+    moments are replayed: the name taken before the check, and between check and creation."""
+    import hessfree.train.loop as loop
+
+    config = write_tiny(tmp_path)
+    first = _quiet(load_config(config), None)
+    assert _quiet(load_config(config), first.run_dir).run().exit_code == 0  # takes its name
+    assert first.run().exit_code == 0
+    assert first.run_dir.name.endswith("-2") and (first.run_dir / "summary.json").is_file()
+
+    real, raced = loop.prepare_run_dir, []
+
+    def taken_meanwhile(run_dir, *args, **kwargs):
+        if not raced:  # another run creates the directory after this one's check
+            raced.append(run_dir)
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.yaml").write_text("name: other\n")
+        return real(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "prepare_run_dir", taken_meanwhile)
+    second = _quiet(load_config(config), None)
+    assert second.run().exit_code == 0
+    assert second.run_dir != raced[0] and (second.run_dir / "summary.json").is_file()
+    assert (raced[0] / "config.yaml").read_text() == "name: other\n"  # the other's, untouched

@@ -101,6 +101,8 @@ from hessfree.train.parallel import Group, process_group
 from hessfree.train.progress import Progress
 from hessfree.train.rundir import (
     CHECKPOINT_FORMAT,
+    RunDirError,
+    _exists,
     absolute_data_path,
     default_run_dir,
     lock_run_dir,
@@ -139,6 +141,10 @@ class RunStop(enum.Enum):
 
 #: The name :class:`RunStop` had before; kept so that existing imports work.
 StopReason = RunStop
+
+#: Names a new run tries for its default directory (``<name>-<time>``, then ``-2``, ``-3``...)
+#: while other runs started in the same second take them first.
+_DEFAULT_DIR_TRIES = 20
 
 #: Stop reasons a larger budget on ``--resume`` lifts (the others are outcomes of training).
 _BUDGET_REASONS = ("steps", "epochs", "seconds")
@@ -434,6 +440,8 @@ class Runner:
             self.config = resumed_config(self.run_dir, self.config)
         cfg = self.config
         if not self.resume and self.group.rank == 0:
+            if self.default_dir and _exists(self.run_dir):  # taken since __init__ named it
+                self.run_dir = default_run_dir(cfg)
             key = "output.dir" if self.default_dir else "--out"
             problems = run_dir_problems(self.run_dir, key)
             if problems:
@@ -496,16 +504,26 @@ class Runner:
         writer = self.group.rank == 0
         if writer and self.resume and (self.run_dir / "config.yaml").is_file():
             self._lock = lock_run_dir(self.run_dir)
-        found = prepare_run_dir(
-            self.run_dir,
-            self.config,
-            resume=self.resume,
-            writer=writer,
-            world_size=self.group.world_size,
-            data_sha256=self.data_sha256,
-            config_header=self.config_header,
-            say=self._say,
-        )
+        for attempt in range(_DEFAULT_DIR_TRIES):
+            try:
+                found = prepare_run_dir(
+                    self.run_dir,
+                    self.config,
+                    resume=self.resume,
+                    writer=writer,
+                    world_size=self.group.world_size,
+                    data_sha256=self.data_sha256,
+                    config_header=self.config_header,
+                    say=self._say,
+                )
+                break
+            except RunDirError:
+                # Runs started in the same second share a default name: whichever creates it
+                # first keeps it, the others take the next free one (never an existing one).
+                taken = self.default_dir and not self.resume and _exists(self.run_dir)
+                if not (writer and taken) or attempt == _DEFAULT_DIR_TRIES - 1:
+                    raise
+                self.run_dir = default_run_dir(self.config)
         if writer and not self.resume:
             self._lock = lock_run_dir(self.run_dir)
         return found
