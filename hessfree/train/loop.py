@@ -358,7 +358,9 @@ class Runner:
         config: The validated config.
         run_dir: The run directory; None: :func:`default_run_dir`. Must be new or empty
             unless ``resume``.
-        resume: Continue the run in ``run_dir`` from its checkpoints.
+        resume: Continue the run in ``run_dir`` from its checkpoints. ``config`` must be the
+            run's own but for budgets and timeouts (a relative ``data.path`` naming the file
+            the run recorded is the same): :func:`~hessfree.train.rundir.resumed_config`.
         progress: Show progress bars; None: as ``output.progress`` says.
         verbose: Print start/stop lines and the summary table.
         on_step: Called after every step with a :class:`StepEvent` (it may call
