@@ -16,7 +16,6 @@ SIGINT / SIGTERM (resumable); 1 an unexpected error (with its traceback).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
@@ -42,7 +41,8 @@ The run directory (default runs/<name>-<timestamp>/) receives config.yaml (resol
 overrides), metrics.jsonl (one line per evaluation), summary.json, loss_vs_seconds.png,
 loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
 checkpoints and exits with 130 / 143; --resume continues from there (bit-identical on CPU for
-step and epoch budgets; wall-clock budgets are not reproducible). An optimizer whose loss or
+step and epoch budgets under the same torch, hessfree, thread count and CPU, else with a
+warning; wall-clock budgets are not reproducible). An optimizer whose loss or
 weights stop being finite stops as 'diverged' while the others train on; its checkpoint keeps
 its last finite weights, summary.json lists it under 'diverged', and the exit code is 4.
 
@@ -137,19 +137,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _diff(a: object, b: object, path: str = "") -> list[str]:
-    """Dotted paths at which two plain config trees differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in list(a) + [k for k in b if k not in a]:
-            out += _diff(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-        return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        pairs = enumerate(zip(a, b, strict=True))
-        return [d for i, (x, y) in pairs for d in _diff(x, y, f"{path}.{i}")]
-    return [] if a == b else [path or "<top>"]
-
-
 def _inherit_budgets(saved: dict, overrides: list[str]) -> list[str]:
     """Pass a global ``budget.KEY=v`` on to the entries whose saved budget inherited it.
 
@@ -175,7 +162,6 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
         ConfigError,
         config_to_dict,
         dump_config,
-        is_budget_key,
         load_config,
     )
     from hessfree.train.loop import Runner
@@ -198,8 +184,8 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
         from hessfree.train.rundir import (
             RunDirError,
             _exists,
-            absolute_data_path,
             partial_run_dir_message,
+            resumed_config,
         )
 
         if not _exists(saved_path):  # also a name too long to look up: not a run directory
@@ -213,28 +199,9 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
         if files or overrides:
             if not files:
                 overrides = _inherit_budgets(config_to_dict(config), overrides)
-            asked = load_config(files[0] if files else saved_path, overrides)
-            # A different timeout (`distributed.*`) does not change the results, and a budget
-            # only when the run stops (a finished run is extended): allowed. A relative
-            # `data.path` naming the file the run recorded is the same (the run keeps its own).
-            changed = [
-                key
-                for key in _diff(
-                    config_to_dict(absolute_data_path(config)),
-                    config_to_dict(absolute_data_path(asked)),
-                )
-                if not key.startswith("distributed.") and not is_budget_key(key)
-            ]
-            config = dataclasses.replace(asked, data=config.data)
-            if changed:
-                raise ConfigError(
-                    [
-                        f"resuming needs the run's own config; these keys differ from "
-                        f"{saved_path}: {', '.join(changed)}. Only budget.* and "
-                        "distributed.* may change on resume; drop CONFIG and the other "
-                        "overrides to resume as saved, or start a new run."
-                    ]
-                )
+            config = resumed_config(
+                args.resume, load_config(files[0] if files else saved_path, overrides)
+            )
     else:
         config = load_config(files[0], overrides)
 

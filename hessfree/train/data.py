@@ -137,13 +137,17 @@ def check_dataset(ds: Dataset) -> Dataset:
     Raises:
         DataError: Naming the array and what is wrong with it.
     """
-    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
-        where = f"{ds.name} {split}"
+    splits = (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test))
+    # Both splits' sizes first: an empty test set leaves the labels' count unknown to a loader
+    # that infers it from both, which must not be reported as the train labels' fault.
+    for split, x, _ in splits:
         if x.dim() < 2 or x.shape[0] == 0:
             raise DataError(
-                f"{where} inputs must have shape (cases, ...) with at least one case, "
+                f"{ds.name} {split} inputs must have shape (cases, ...) with at least one case, "
                 f"got {tuple(x.shape)}."
             )
+    for split, x, y in splits:
+        where = f"{ds.name} {split}"
         if not x.is_floating_point():
             raise DataError(f"{where} inputs must be floating point, got {x.dtype}.")
         if not bool(torch.isfinite(x).all()):

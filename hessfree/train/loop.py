@@ -101,10 +101,13 @@ from hessfree.train.parallel import Group, process_group
 from hessfree.train.progress import Progress
 from hessfree.train.rundir import (
     CHECKPOINT_FORMAT,
+    RunDirError,
+    _exists,
     absolute_data_path,
     default_run_dir,
     lock_run_dir,
     prepare_run_dir,
+    resumed_config,
     run_dir_problems,
     writing,
 )
@@ -138,6 +141,10 @@ class RunStop(enum.Enum):
 
 #: The name :class:`RunStop` had before; kept so that existing imports work.
 StopReason = RunStop
+
+#: Names a new run tries for its default directory (``<name>-<time>``, then ``-2``, ``-3``...)
+#: while other runs started in the same second take them first.
+_DEFAULT_DIR_TRIES = 20
 
 #: Stop reasons a larger budget on ``--resume`` lifts (the others are outcomes of training).
 _BUDGET_REASONS = ("steps", "epochs", "seconds")
@@ -351,7 +358,9 @@ class Runner:
         config: The validated config.
         run_dir: The run directory; None: :func:`default_run_dir`. Must be new or empty
             unless ``resume``.
-        resume: Continue the run in ``run_dir`` from its checkpoints.
+        resume: Continue the run in ``run_dir`` from its checkpoints. ``config`` must be the
+            run's own but for budgets and timeouts (a relative ``data.path`` naming the file
+            the run recorded is the same): :func:`~hessfree.train.rundir.resumed_config`.
         progress: Show progress bars; None: as ``output.progress`` says.
         verbose: Print start/stop lines and the summary table.
         on_step: Called after every step with a :class:`StepEvent` (it may call
@@ -429,8 +438,12 @@ class Runner:
     # -- setup -----------------------------------------------------------------------------
 
     def _setup(self) -> None:
+        if self.resume:  # the run's own config, as the CLI resumes it (relative data path too)
+            self.config = resumed_config(self.run_dir, self.config)
         cfg = self.config
         if not self.resume and self.group.rank == 0:
+            if self.default_dir and _exists(self.run_dir):  # taken since __init__ named it
+                self.run_dir = default_run_dir(cfg)
             key = "output.dir" if self.default_dir else "--out"
             problems = run_dir_problems(self.run_dir, key)
             if problems:
@@ -438,6 +451,7 @@ class Runner:
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = self.group.device
+        self.arithmetic = _arithmetic(self.device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         self.digest = config_digest(cfg)
         self.training_digest = training_digest(cfg)
@@ -492,16 +506,26 @@ class Runner:
         writer = self.group.rank == 0
         if writer and self.resume and (self.run_dir / "config.yaml").is_file():
             self._lock = lock_run_dir(self.run_dir)
-        found = prepare_run_dir(
-            self.run_dir,
-            self.config,
-            resume=self.resume,
-            writer=writer,
-            world_size=self.group.world_size,
-            data_sha256=self.data_sha256,
-            config_header=self.config_header,
-            say=self._say,
-        )
+        for attempt in range(_DEFAULT_DIR_TRIES):
+            try:
+                found = prepare_run_dir(
+                    self.run_dir,
+                    self.config,
+                    resume=self.resume,
+                    writer=writer,
+                    world_size=self.group.world_size,
+                    data_sha256=self.data_sha256,
+                    config_header=self.config_header,
+                    say=self._say,
+                )
+                break
+            except RunDirError:
+                # Runs started in the same second share a default name: whichever creates it
+                # first keeps it, the others take the next free one (never an existing one).
+                taken = self.default_dir and not self.resume and _exists(self.run_dir)
+                if not (writer and taken) or attempt == _DEFAULT_DIR_TRIES - 1:
+                    raise
+                self.run_dir = default_run_dir(self.config)
         if writer and not self.resume:
             self._lock = lock_run_dir(self.run_dir)
         return found
@@ -764,6 +788,20 @@ class Runner:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            recorded = ckpt.get("arithmetic")  # checkpoints before 2026-12-04: none
+            changed = [
+                f"{key} {recorded.get(key)} -> {now}"
+                for key, now in self.arithmetic.items()
+                if isinstance(recorded, dict) and recorded.get(key) != now
+            ]
+            if changed:
+                warnings.warn(
+                    f"checkpoint '{path}' was written with other arithmetic "
+                    f"({', '.join(changed)}): {spec.label} resumes, but not bit-identically "
+                    "to an uninterrupted run (each of these can change the rounding).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             torch.set_rng_state(ckpt["torch_rng"])
             data_gen.set_state(ckpt["data_rng"])
             if self.device.type == "cuda" and ckpt.get("cuda_rng"):
@@ -968,6 +1006,7 @@ class Runner:
             "metrics_sha256": self.log.sha256(),
             "data_sha256": self.data_sha256,
             "world_size": self.group.world_size,
+            "arithmetic": self.arithmetic,
         }
         with writing(path, self.run_dir):
             save_checkpoint(path, state)
@@ -998,6 +1037,32 @@ class Runner:
             train=f"{record['train_loss']:.4g}", test=f"{record['test_loss']:.4g}", refresh=False
         )
         return math.isfinite(record["train_loss"])
+
+
+def _arithmetic(device: torch.device) -> dict[str, Any]:
+    """What a run's rounding depends on besides its config and checkpoint.
+
+    A resumed run retraces the uninterrupted one bit for bit only where these are the same
+    (another torch or hessfree version may pick other kernels or orders of summation; another
+    thread count splits reductions differently; another CPU capability or GPU picks other
+    kernels), so each checkpoint records them and a resume that differs says so.
+    """
+    try:
+        from importlib.metadata import version
+
+        hessfree_version = version("hessfree")
+    except Exception:  # not installed: running from a checkout
+        hessfree_version = "unknown"
+    if device.type == "cuda":
+        kernels = torch.cuda.get_device_name(device)
+    else:
+        kernels = torch.backends.cpu.get_cpu_capability()
+    return {
+        "torch": str(torch.__version__),  # a TorchVersion, which weights_only refuses
+        "hessfree": hessfree_version,
+        "num_threads": torch.get_num_threads(),
+        "kernels": kernels,
+    }
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

@@ -34,7 +34,10 @@ from hessfree.train.config import (
     ConfigError,
     ExperimentConfig,
     config_digest,
+    config_to_dict,
     dump_config,
+    is_budget_key,
+    load_config,
     training_digest,
 )
 
@@ -49,6 +52,7 @@ __all__ = [
     "partial_run_dir_message",
     "prepare_run_dir",
     "remove_dead_partial_dirs",
+    "resumed_config",
     "run_dir_problems",
 ]
 
@@ -102,6 +106,62 @@ def absolute_data_path(config: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(config, data=data)
 
 
+def _diff(a: object, b: object, path: str = "") -> list[str]:
+    """Dotted paths at which two plain config trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += _diff(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in _diff(x, y, f"{path}.{i}")]
+    return [] if a == b else [path or "<top>"]
+
+
+def resumed_config(run_dir: Path, asked: ExperimentConfig) -> ExperimentConfig:
+    """The config that resumes ``run_dir``, given the one the caller asked for.
+
+    A run directory's ``config.yaml`` is the run's config, with ``data.path`` made absolute
+    when the run started (:func:`absolute_data_path`). A config read again from the same file
+    with a relative path names the same data, so the ``hessfree`` command and
+    :class:`~hessfree.train.loop.Runner` alike compare both with relative paths made absolute,
+    and resume with ``asked`` but the data the run recorded. A different timeout
+    (``distributed.*``) does not change the results, and a budget only when the run stops (a
+    finished run is extended): allowed. Anything else is another experiment.
+
+    Returns:
+        ExperimentConfig: ``asked`` with the saved ``data``; ``asked`` itself when the
+        directory has no ``config.yaml`` (:func:`prepare_run_dir` refuses it).
+
+    Raises:
+        ConfigError: ``config.yaml`` is unreadable, or other keys differ (listed).
+    """
+    saved_path = Path(run_dir) / "config.yaml"
+    if not _exists(saved_path):
+        return asked
+    saved = load_config(saved_path)
+    changed = [
+        key
+        for key in _diff(
+            config_to_dict(absolute_data_path(saved)), config_to_dict(absolute_data_path(asked))
+        )
+        if not key.startswith("distributed.") and not is_budget_key(key)
+    ]
+    if changed:
+        raise ConfigError(
+            [
+                f"resuming needs the run's own config; the run in '{run_dir}' was written "
+                f"for a different config, and these keys differ from {saved_path}: "
+                f"{', '.join(changed)}. Only budget.* and distributed.* may change on "
+                "resume; resume with the saved config (`hessfree run --resume "
+                "DIR` without CONFIG or other overrides; from Python, "
+                "load_config(DIR/config.yaml)), or start a new run."
+            ]
+        )
+    return dataclasses.replace(asked, data=saved.data)
+
+
 def _exists(path: Path) -> bool:
     """``path.exists()``, but ``False`` where the OS cannot even look (a name too long)."""
     try:
@@ -129,6 +189,12 @@ def run_dir_problems(run_dir: Path, key: str = "output.dir") -> list[str]:
 
 
 def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
+    if run_dir.is_symlink() and not run_dir.exists():
+        return [
+            f"`{key}`: the run directory '{run_dir}' is a symbolic link to "
+            f"'{os.readlink(run_dir)}', which does not exist; create that directory (an empty "
+            "one behind a link is used), or choose another."
+        ]
     if run_dir.exists() and not run_dir.is_dir():
         return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
     if run_dir.is_dir() and any(run_dir.iterdir()):  # as prepare_run_dir, but before any work
@@ -198,8 +264,12 @@ def _create_run_dir(run_dir: Path, config_text: str) -> None:
     directory removes: :func:`remove_dead_partial_dirs`), never the ``checkpoints/``
     without ``config.yaml`` that creating the two in turn could leave, which neither a new
     run (not empty) nor ``--resume`` (no config) accepts. An existing empty ``run_dir`` is
-    replaced.
+    replaced; behind a symbolic link, the directory it points to (a rename onto the link
+    itself fails: a directory cannot replace a non-directory), so the link stays and leads
+    to the run.
     """
+    if run_dir.is_symlink():
+        run_dir = Path(os.path.realpath(run_dir))
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # host and pid in the name: a later run on this host can tell that its maker is dead
     tag = f"{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

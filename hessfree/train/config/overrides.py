@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from hessfree.train.config.schema import ConfigError, _show, _type_name
+from hessfree.train.config.schema import ConfigError, _is_extension_key, _show, _type_name
 from hessfree.train.config.yaml_io import safe_load_yaml
 
 
@@ -58,6 +58,16 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
             parts, value = parse_override(text)
         except ConfigError as err:
             problems.extend(err.problems)
+            continue
+        if _is_extension_key(parts[0]):
+            # The file's aliases were expanded when it was read: a new value here reaches
+            # nothing, which would pass silently.
+            problems.append(
+                f"Override {text!r}: `{parts[0]}` is ignored by the config (a top-level `x-` key "
+                "only holds YAML anchors, and the entries merged them when the file was read), "
+                "so this would change nothing; override the key where it is used, e.g. "
+                "optimizers.0.lr=0.1."
+            )
             continue
         node = out
         for depth, part in enumerate(parts):

@@ -28,6 +28,7 @@ from hessfree.train.config.schema import (
     _build,
     _check_label,
     _convert,
+    _is_extension_key,
     _schema_fields,
     _show,
     _Spec,
@@ -340,6 +341,13 @@ def _parse_optimizer(
     )
 
 
+#: Appended to an unknown top-level key's message: where YAML anchors may live.
+_EXTENSION_NOTE = (
+    "; a top-level key starting with `x-` is ignored (e.g. `x-common: &c {lr: 0.1}` to hold "
+    "YAML anchors that entries merge with `<<: *c`)."
+)
+
+
 def parse_config(
     raw: Any, *, default_name: str = "experiment", source: str | None = None
 ) -> ExperimentConfig:
@@ -389,8 +397,10 @@ def parse_config(
     }
     elsewhere["lr"] = "optimizers.0.lr"
     for key in raw:
+        if _is_extension_key(key):
+            continue
         if key not in _TOP_KEYS:
-            problems.append(_unknown_key("", key, _TOP_KEYS, elsewhere))
+            problems.append(_unknown_key("", key, _TOP_KEYS, elsewhere)[:-1] + _EXTENSION_NOTE)
     top = _build(
         _TopLevel, {k: v for k, v in raw.items() if k in _schema_fields(_TopLevel)}, "", problems
     )

@@ -157,6 +157,18 @@ def _unknown_key(
     return f"Unknown key `{shown}`; {_suggest(key, allowed, elsewhere)}allowed keys: {listed}."
 
 
+def _is_extension_key(key: object) -> bool:
+    """A top-level ``x-...`` key, which the config ignores.
+
+    YAML anchors must be defined in the document before an alias repeats them, and a config
+    has no section for values shared by several entries; as in docker-compose files, a
+    top-level key starting with ``x-`` holds them (``x-common: &c {lr: 0.1}``, then
+    ``<<: *c`` in each optimizer). Only the top level: inside a section a misspelt key is
+    always an error.
+    """
+    return isinstance(key, str) and key.startswith("x-")
+
+
 def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
