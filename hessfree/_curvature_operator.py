@@ -41,8 +41,8 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             are an iterable whose ``__iter__`` returns the same iterator every time, a
             ``DataLoader`` over such an ``IterableDataset``, and a ``DataLoader`` that draws
             other examples on each pass, e.g. ``shuffle=True`` with ``drop_last=True``).
-            Tensors are moved to the parameters' device (those inside a tuple or dict of
-            inputs are not: put them there yourself).
+            Tensors are moved to the parameters' device, also those inside tuples, lists,
+            dicts, namedtuples and dataclasses of inputs or targets.
         params: The tensors to differentiate with respect to; default: the trainable
             parameters of ``model`` in ``model.parameters()`` order (required when ``model``
             is not an ``nn.Module``).

@@ -10,6 +10,8 @@ wording.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +38,40 @@ from ._graph_ops import twice_differentiable_attention, twice_differentiable_wei
 def _shape(x: object) -> object:
     """A short description of ``x`` for error messages: its shape, or its type."""
     return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    """``x`` with every tensor in it moved to ``device``, containers rebuilt as they were.
+
+    A model of several inputs takes them as a tuple, list, dict, namedtuple or dataclass
+    (nested as it likes); each tensor inside is moved, and a container is rebuilt (same type,
+    same keys or fields) only when something in it moved, so on the parameters' device the
+    model gets the very objects it was given. Other objects (a mapping that is not a dict, a
+    string) pass unchanged.
+    """
+    if isinstance(x, Tensor):
+        return x.to(device=device, non_blocking=True)
+    if isinstance(x, tuple | list):
+        items = [_to_device(v, device) for v in x]
+        if all(a is b for a, b in zip(items, x, strict=True)):
+            return x
+        if hasattr(x, "_fields"):  # a namedtuple: positional fields
+            return type(x)(*items)
+        return type(x)(items)
+    if isinstance(x, dict):
+        moved = {k: _to_device(v, device) for k, v in x.items()}
+        if all(moved[k] is v for k, v in x.items()):
+            return x
+        out = copy.copy(x)  # keeps a subclass (OrderedDict, defaultdict) and its extras
+        out.update(moved)
+        return out
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        fields = [f.name for f in dataclasses.fields(x) if f.init]
+        moved = {k: _to_device(getattr(x, k), device) for k in fields}
+        if all(moved[k] is getattr(x, k) for k in fields):
+            return x
+        return dataclasses.replace(x, **moved)
+    return x
 
 
 def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tensor]:

@@ -48,6 +48,7 @@ from ._model_data import (
     _resolve_params,
     _resolve_reduction,
     _single_batch,
+    _to_device,
 )
 from .curvature import CurvatureProduct, _read_reduction, _reentrant_checkpoint
 from .distributed import Averager
@@ -193,11 +194,7 @@ class _DataProducts:
     def _batch(self, batch: object, where: str) -> tuple[Any, Any]:
         inputs, targets = _as_pair(batch, where)
         _check_rows(inputs, f"{where} inputs")
-        move = functools.partial(torch.Tensor.to, device=self.device, non_blocking=True)
-        return (
-            move(inputs) if isinstance(inputs, Tensor) else inputs,
-            move(targets) if isinstance(targets, Tensor) else targets,
-        )
+        return _to_device(inputs, self.device), _to_device(targets, self.device)
 
     def _build(self, batch: tuple[Any, Any], index: int) -> tuple[CurvatureProduct, float, float]:
         """Batch ``index``'s product, its share :math:`N_b` of a ``'mean'`` and its rows

@@ -103,7 +103,14 @@ from ._checks import ParamVersions, check_int, check_scalar_loss, unreached_para
 from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._graph_ops import twice_differentiable_weight_norm
-from ._model_data import _call_model, _check_model, _check_rows, _resolve_params, _shape
+from ._model_data import (
+    _call_model,
+    _check_model,
+    _check_rows,
+    _resolve_params,
+    _shape,
+    _to_device,
+)
 from ._numpy_edge import _outside_inference_mode, _TorchLinearOperator
 from ._product_sources import refuse_reentrant_checkpoint
 from ._rng import _batch_seed
@@ -414,7 +421,8 @@ class JacobianLinearOperator(_TorchLinearOperator):
 
     Args:
         model: An ``nn.Module`` or a callable ``inputs -> outputs`` (a tensor).
-        inputs: The model inputs (moved to the parameters' device if a tensor).
+        inputs: The model inputs (their tensors moved to the parameters' device, also inside
+            tuples, lists, dicts, namedtuples and dataclasses).
         params: As :class:`CurvatureLinearOperator`.
         dtype: As :class:`CurvatureLinearOperator`.
         allow_training_mode: As :class:`CurvatureLinearOperator`.
@@ -449,8 +457,7 @@ class JacobianLinearOperator(_TorchLinearOperator):
         params = _resolve_params(model, params)
         layout = ParamLayout(params)
         _check_rows(inputs, "inputs")
-        if isinstance(inputs, Tensor):
-            inputs = inputs.to(layout.device)
+        inputs = _to_device(inputs, layout.device)
         with torch.enable_grad(), _outside_inference_mode():  # as the products (_numpy_edge)
             try:
                 outputs = _call_model(model, inputs)
