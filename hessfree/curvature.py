@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -306,7 +307,9 @@ def _keeps_cotangent(node: object) -> bool:
 def _accumulate_nodes(params: Sequence[Tensor]) -> set:
     """The ``AccumulateGrad`` (or producing) nodes through which a graph reaches ``params``."""
     nodes = set()
-    with torch.enable_grad():
+    # inference mode would give the view below no grad_fn (an AttributeError on None)
+    leave = torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
+    with torch.enable_grad(), leave:
         for p in params:
             if p.grad_fn is not None:
                 nodes.add(p.grad_fn)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hessfree import HessianLinearOperator, JacobianLinearOperator
+from hessfree.curvature import _depends_on
 
 Pair = collections.namedtuple("Pair", ["u", "v"])
 
@@ -85,3 +86,16 @@ def test_operators13_nested_inputs_on_the_device_are_passed_as_given() -> None:
 
     dense = torch.autograd.functional.hessian(loss, torch.cat([p.reshape(-1) for p in params]))
     np.testing.assert_allclose(H @ np.eye(24), dense.numpy(), rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. curvature._depends_on under inference mode (fails on main 7a90377: AttributeError)
+def test_operators13_depends_on_answers_inside_inference_mode() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    outside = model(torch.randn(3, 2))
+    with torch.inference_mode():
+        inside = model(torch.randn(3, 2))  # no graph: depends on nothing
+        assert _depends_on([outside], list(model.parameters())) is True
+        assert _depends_on([inside], list(model.parameters())) is False
+    assert _depends_on([outside], list(model.parameters())) is True
