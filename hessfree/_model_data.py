@@ -296,6 +296,33 @@ def _one_pass_reason(data: object) -> str | None:
     return None
 
 
+def _pass_count(data: Iterable[Any]) -> int | None:
+    """The batches in one pass over ``data``, having checked that a second pass starts.
+
+    A class whose ``__iter__`` makes a fresh generator over one shared one-shot source (an
+    iterator made once, a file read once) passes :func:`_one_pass_reason`'s test, but every
+    pass continues where the last stopped: the constructor's look at the first batch would
+    take it from the first product, and the next product would see none. One counting pass
+    (no forward passes; the batches are read and dropped) and the start of a second tell it,
+    at construction. ``None`` for a list or tuple of batches and a ``DataLoader`` over a
+    map-style ``Dataset``, which every pass reads from the start by construction.
+    """
+    if isinstance(data, list | tuple) or (
+        isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset)
+    ):
+        return None
+    count = sum(1 for _ in data)
+    if count and next(iter(data), None) is None:
+        raise TypeError(
+            f"`data` can be iterated only once: a first pass over it ({type(data).__name__}) "
+            f"yielded {count} batch(es), a second none (its __iter__ draws from one shared "
+            "source, e.g. an iterator or generator made once). Every product iterates over "
+            "the data again, so pass a list of batches, a DataLoader over a map-style Dataset, "
+            "or make __iter__ start a new pass over the source on every call."
+        )
+    return count
+
+
 def _redraw_reason(data: object) -> str | None:
     """Why a ``DataLoader`` draws a different multiset of examples on each pass, or ``None``.
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hessfree import HessianLinearOperator, JacobianLinearOperator
+from hessfree import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
 from hessfree.curvature import _depends_on
 
 Pair = collections.namedtuple("Pair", ["u", "v"])
@@ -99,3 +99,71 @@ def test_operators13_depends_on_answers_inside_inference_mode() -> None:
         assert _depends_on([outside], list(model.parameters())) is True
         assert _depends_on([inside], list(model.parameters())) is False
     assert _depends_on([outside], list(model.parameters())) is True
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Iterables over one shared one-shot source (fail on main 7a90377)
+def _batches(k: int = 3) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    return [
+        (
+            torch.randn(4, 3, generator=g, dtype=torch.float64),
+            torch.randn(4, 2, generator=g).double(),
+        )
+        for _ in range(k)
+    ]
+
+
+class _FreshGenerators:
+    """``__iter__`` makes a new generator on every call, over one iterator made once."""
+
+    def __init__(self, batches: list) -> None:
+        self.source = iter(batches)
+
+    def __iter__(self):  # noqa: ANN204
+        return (b for b in self.source)
+
+
+class _SharedStream(torch.utils.data.IterableDataset):
+    def __init__(self, batches: list) -> None:
+        self.source = iter([row for x, y in batches for row in zip(x, y, strict=True)])
+
+    def __iter__(self):  # noqa: ANN204
+        return (row for row in self.source)
+
+
+@pytest.mark.parametrize("kind", ["iterable", "dataloader"])
+def test_operators13_fresh_generators_over_one_source_are_refused(kind: str) -> None:
+    # main: built, then the first product missed the batch the constructor read (0.75 max abs
+    # off the Hessian of all the data) and the second found no batches
+    torch.manual_seed(0)
+    model, batches = nn.Linear(3, 2).double(), _batches()
+    if kind == "iterable":
+        data = _FreshGenerators(batches)
+    else:
+        data = torch.utils.data.DataLoader(_SharedStream(batches), batch_size=4)
+    with pytest.raises(TypeError, match=r"iterated only once: a first pass .* yielded 3 batch"):
+        HessianLinearOperator(model, nn.MSELoss(), data)
+
+
+class _Dwindling:
+    """Re-iterable, but drops its last batch once ``drop`` is set (a changing source)."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.drop = batches, False
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.batches[:-1] if self.drop else self.batches)
+
+
+def test_operators13_a_pass_with_fewer_batches_is_refused() -> None:
+    torch.manual_seed(0)
+    model, batches = nn.Linear(3, 2).double(), _batches()
+    data = _Dwindling(batches)
+    H = GGNLinearOperator(model, nn.MSELoss(), data)
+    reference = GGNLinearOperator(model, nn.MSELoss(), batches)
+    v = np.linspace(-1.0, 1.0, 8)
+    np.testing.assert_array_equal(H @ v, reference @ v)  # same batches, same sum
+    data.drop = True  # main: silently the GGN of 2 of the 3 batches
+    with pytest.raises(RuntimeError, match=r"yielded 2 batch\(es\) in this pass but 3"):
+        H @ v
