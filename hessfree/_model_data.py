@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -391,17 +392,13 @@ _INPUT_MISMATCH_HINT = "Check that the inputs match the model (features, dtype, 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _running_stats(model: object) -> list[tuple[nn.Module, str, Tensor]]:
-    """The running-statistics buffers a forward pass of ``model`` would update in place.
+def _running_stats(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """The running-statistics buffers a forward pass of ``module`` would update in place.
 
     Those of BatchNorm modules in training mode that track them, as ``(module, name,
     buffer)``, in a model an operator accepted with ``allow_training_mode=True`` (others have
-    none in training mode: refused); for a callable that is not a module, of the module its
-    bound method belongs to.
+    none in training mode: refused).
     """
-    module = _module_of(model)
-    if module is None or module not in _STATS_KEPT:
-        return []
     return [
         (m, name, getattr(m, name))
         for m in module.modules()
@@ -411,15 +408,47 @@ def _running_stats(model: object) -> list[tuple[nn.Module, str, Tensor]]:
     ]
 
 
+#: One lock per model in :data:`_STATS_KEPT`, held over a forward pass and its buffer swap.
+_FORWARD_LOCKS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_FORWARD_LOCKS_GUARD = threading.Lock()
+
+
+def _forward_lock(module: nn.Module) -> threading.RLock:
+    """The lock that serialises ``module``'s forward passes under :func:`_call_model`.
+
+    The buffer swap assumes no other forward pass of the module runs meanwhile: two threads
+    (a ``ThreadPool`` of ``eigsh`` calls on two operators over one model) that overlap out
+    of order would leave one's clone, with that batch's statistics, in the module
+    (experiments/README.md, "operators13"). Re-entrant, for a forward pass that calls the
+    model again; the products' backward passes still run in parallel.
+    """
+    with _FORWARD_LOCKS_GUARD:
+        lock = _FORWARD_LOCKS.get(module)
+        if lock is None:
+            lock = _FORWARD_LOCKS[module] = threading.RLock()
+    return lock
+
+
 def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
     """``model(inputs)``, with a failure or a non-tensor result turned into a clear error.
 
     A train-mode BatchNorm's running statistics are put back after the call: the operators
     read the model, and each of their products runs forward passes (an ``eigsh`` hundreds),
-    which would otherwise drag the statistics its eval mode uses towards the batches'.
+    which would otherwise drag the statistics its eval mode uses towards the batches'. Only
+    a model accepted with ``allow_training_mode=True`` is scanned for them, under its lock.
     """
+    module = _module_of(model)
+    if module is None or module not in _STATS_KEPT:
+        return _call_model_keeping(model, inputs, [])
+    with _forward_lock(module):
+        return _call_model_keeping(model, inputs, _running_stats(module))
+
+
+def _call_model_keeping(
+    model: Callable[[Any], Tensor], inputs: Any, stats: list[tuple[nn.Module, str, Tensor]]
+) -> Tensor:
+    """:func:`_call_model` with the ``stats`` buffers swapped for clones over the call."""
     # The forward pass updates copies, which its graph may keep; the buffers stay as they were.
-    stats = _running_stats(model)
     for module, name, buffer in stats:
         setattr(module, name, buffer.clone())
     try:

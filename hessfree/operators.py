@@ -59,7 +59,8 @@ With ``allow_training_mode=True`` a train-mode BatchNorm normalises each batch b
 statistics: the operator is :math:`\sum_b w_b \nabla^2 \ell_b` of those per-batch losses, a
 fixed matrix that depends on how ``data`` is batched (with one batch, the curvature of the
 train-mode loss on all of it), and its forward passes leave the running statistics as they
-were (the operators read the model, they do not train it).
+were (the operators read the model, they do not train it; the forward passes of such a
+model take a per-model lock, so operators over it used from several threads keep that too).
 Randomness inside ``forward`` that is not a module (``F.dropout(x, training=True)``) is not
 detected. (:class:`~hessfree.HessianFree` offers another way: with ``replay_rng=True``, its
 default, a step's model calls draw one set of random numbers and its trial calls another.)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -167,3 +168,57 @@ def test_operators13_a_pass_with_fewer_batches_is_refused() -> None:
     data.drop = True  # main: silently the GGN of 2 of the 3 batches
     with pytest.raises(RuntimeError, match=r"yielded 2 batch\(es\) in this pass but 3"):
         H @ v
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Two threads, two operators, one train-mode BatchNorm model (fails on main 7a90377)
+def test_operators13_threads_overlapping_out_of_order_leave_running_statistics_alone() -> None:
+    """Thread a's first forward pass waits (after BatchNorm) for thread b's to start; b's
+    waits for a's to return. On main that order left a's clone, with a's batch statistics,
+    in the module (running_mean moved 0.041, num_batches_tracked 1). With the lock b cannot
+    start until a's forward returns: a's wait ends by its timeout (a deadlock guard, not a
+    measurement) and the order becomes a-then-b, whose outcome is the same on any machine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    batches = _batches(2)
+    role = threading.local()
+    a_inside, b_inside, a_returned = threading.Event(), threading.Event(), threading.Event()
+
+    def after_batchnorm(module: nn.Module, inputs: object) -> None:
+        who = getattr(role, "name", None)
+        if who == "a" and not a_inside.is_set():
+            a_inside.set()
+            b_inside.wait(0.5)
+        elif who == "b" and not b_inside.is_set():
+            b_inside.set()
+            a_returned.wait(30.0)
+
+    def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
+        if getattr(role, "name", None) == "a":
+            a_returned.set()  # a's model call has returned (and put its buffers back)
+        return nn.functional.mse_loss(outputs, targets)
+
+    ops = {
+        name: GGNLinearOperator(model, loss_fn, batches, allow_training_mode=True) for name in "ab"
+    }
+    v = np.linspace(-1.0, 1.0, ops["a"].shape[1])
+    expected = ops["a"] @ v  # one thread: the products asked of both
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    model[2].register_forward_pre_hook(after_batchnorm)
+    results: dict[str, np.ndarray] = {}
+
+    def run(name: str) -> None:
+        role.name = name
+        results[name] = ops[name] @ v
+
+    a = threading.Thread(target=run, args=("a",))
+    a.start()
+    assert a_inside.wait(30.0)
+    b = threading.Thread(target=run, args=("b",))
+    b.start()
+    a.join(60.0)
+    b.join(60.0)
+    for k, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, before[k], rtol=0, atol=0)
+    for name in "ab":  # train mode: batch statistics, so the products are the same
+        np.testing.assert_allclose(results[name], expected, rtol=1e-12, atol=1e-14)
