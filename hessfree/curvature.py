@@ -1519,7 +1519,10 @@ class FisherProduct(GGNProduct):
 
         def fisher(w: Tensor) -> Tensor:
             ex_dims = tuple(range(w.dim() - G.dim() + 1, w.dim()))
-            s = (G * w).sum(ex_dims, keepdim=True) if ex_dims else G * w
+            # complex outputs: <ĝ, w> is the real inner product of C as R^2, Re(conj(ĝ) w)
+            # (torch's gradient of a real loss is ĝ = ∂L/∂Re o + i ∂L/∂Im o)
+            Gw = (G.conj() * w).real if G.is_complex() else G * w
+            s = Gw.sum(ex_dims, keepdim=True) if ex_dims else Gw
             return G * s * scale
 
         return fisher

@@ -17,7 +17,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hessfree import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
+from hessfree import (
+    FisherLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    JacobianLinearOperator,
+)
 from hessfree.curvature import _depends_on
 
 Pair = collections.namedtuple("Pair", ["u", "v"])
@@ -222,3 +227,79 @@ def test_operators13_threads_overlapping_out_of_order_leave_running_statistics_a
         torch.testing.assert_close(buffer, before[k], rtol=0, atol=0)
     for name in "ab":  # train mode: batch statistics, so the products are the same
         np.testing.assert_allclose(results[name], expected, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------
+# Complex outputs and parameters (fail on main 7a90377)
+class _ComplexHead(nn.Module):
+    """Real parameters, complex outputs ``l(x) + 2i tanh(l(x))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.lin(x)
+        return torch.complex(z, 2 * torch.tanh(z))
+
+
+def _complex_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    return (outputs - targets).abs().pow(2).mean()
+
+
+def _flat_call(model: nn.Module, theta: Tensor, x: Tensor) -> Tensor:
+    named = dict(model.named_parameters())
+    parts = theta.split([p.numel() for p in named.values()])
+    state = {k: t.view(p.shape) for (k, p), t in zip(named.items(), parts, strict=True)}
+    return torch.func.functional_call(model, state, (x,))
+
+
+def test_operators13_fisher_of_complex_outputs_matches_per_example_gradients() -> None:
+    # main: 3.88 max abs off (entries up to 7.7): ⟨ĝ, Jv⟩ took the complex product, not Re(ĝ* Jv)
+    model = _ComplexHead()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(10, 3, generator=g).double(), torch.randn(10, 2, generator=g).double()
+    F = FisherLinearOperator(model, _complex_loss, (x, y))
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    grads = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda t, i=i: _complex_loss(_flat_call(model, t, x[i : i + 1]), y[i : i + 1]),
+                theta,
+            )
+            for i in range(10)
+        ]
+    ).numpy()
+    dense = grads.T @ grads / 10  # 'mean': (1/N) sum_i g_i g_i^T
+    np.testing.assert_allclose(F @ np.eye(8), dense, rtol=1e-12, atol=1e-13)
+    G = GGNLinearOperator(model, _complex_loss, (x, y))  # already right on main: a guard
+    jac = torch.autograd.functional.jacobian(
+        lambda t: torch.view_as_real(_flat_call(model, t, x)).reshape(-1), theta
+    )
+    loss_hessian = torch.autograd.functional.hessian(
+        lambda r: _complex_loss(torch.view_as_complex(r.view(10, 2, 2)), y),
+        torch.view_as_real(model(x)).detach().reshape(-1),
+    )
+    np.testing.assert_allclose(
+        G @ np.eye(8), (jac.T @ loss_hessian @ jac).numpy(), rtol=1e-12, atol=1e-13
+    )
+
+
+def test_operators13_complex_outputs_and_parameters_are_refused_by_the_real_operators() -> None:
+    # main: the Jacobian's products dropped the imaginary part (9.5 off the complex J v, a
+    # ComplexWarning only); complex parameters gave real float64 products of a complex matrix
+    model = _ComplexHead()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(4)).double()
+    with pytest.raises(TypeError, match=r"complex \(torch.complex128\).*view_as_real"):
+        JacobianLinearOperator(model, x)
+    J = JacobianLinearOperator(lambda t: torch.view_as_real(model(t)), x, params=model.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    dense = torch.autograd.functional.jacobian(
+        lambda t: torch.view_as_real(_flat_call(model, t, x)).reshape(-1), theta
+    )
+    np.testing.assert_allclose(J @ np.eye(8), dense.numpy(), rtol=1e-12, atol=1e-14)
+    w = torch.randn(3, 2, dtype=torch.complex128).requires_grad_()
+    data = (x.to(torch.complex128), torch.zeros(5, 2))
+    with pytest.raises(TypeError, match=r"complex128: the operators are real"):
+        HessianLinearOperator(lambda t: t @ w, _complex_loss, data, params=[w], dtype=np.float64)
