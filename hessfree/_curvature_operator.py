@@ -73,7 +73,8 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             and ``data`` are then ``None`` and ignored).
 
     Raises:
-        TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, a
+        TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type
+            (complex ``params`` too: the operators are real), a
             ``data`` that can be iterated only once, a batch that is not an ``(inputs,
             targets)`` pair (a dict batch: the message shows a ``collate_fn``), or numpy
             targets.

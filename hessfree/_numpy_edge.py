@@ -32,6 +32,13 @@ _TORCH_OF = {np.dtype(v): k for k, v in _NUMPY_OF.items()}
 
 def _edge_dtype(dtype: object, compute: torch.dtype) -> np.dtype:
     """The numpy dtype the operator presents: ``dtype`` if given, else the parameters'."""
+    if compute.is_complex:  # a real edge dtype would drop the products' imaginary parts
+        raise TypeError(
+            f"The parameters have dtype {compute}: the operators are real matrices over real "
+            "parameters, and a complex product presented as float would lose its imaginary "
+            "part silently. Keep each complex parameter as a real one of twice the size and "
+            "make it complex in forward (torch.view_as_complex of a (..., 2) real tensor)."
+        )
     if dtype is None:
         if compute not in _NUMPY_OF:
             raise TypeError(

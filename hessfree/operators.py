@@ -429,9 +429,10 @@ class JacobianLinearOperator(_TorchLinearOperator):
         allow_training_mode: As :class:`CurvatureLinearOperator`.
 
     Raises:
-        TypeError: For a ``model``, ``params`` or ``dtype`` of the wrong type, if the model
-            does not return a tensor, or if it fails on ``inputs`` given as a list, tuple or
-            ``DataLoader`` (the message says what ``inputs`` may be).
+        TypeError: For a ``model``, ``params`` or ``dtype`` of the wrong type, complex
+            ``params``, if the model does not return a tensor or returns a complex one (the
+            message shows ``torch.view_as_real``), or if it fails on ``inputs`` given as a
+            list, tuple or ``DataLoader`` (the message says what ``inputs`` may be).
         ValueError: If ``inputs`` has zero rows, ``model`` fails on them, its outputs depend
             on none of ``params`` (some unused ones are fine: zero columns), or it has
             stochastic modules in training mode.
@@ -466,6 +467,13 @@ class JacobianLinearOperator(_TorchLinearOperator):
                 if not _batches_like(inputs):
                     raise
                 raise _batches_error(inputs, err) from err
+            if outputs.is_complex():  # the edge is real: J v would lose its imaginary part
+                raise TypeError(
+                    f"`model(inputs)` is complex ({outputs.dtype}); JacobianLinearOperator is a "
+                    "real operator (its products would drop the imaginary parts). Pass "
+                    "lambda x: torch.view_as_real(model(x)) as the model: the Jacobian of the "
+                    "real and imaginary parts, interleaved along a last dimension of 2."
+                )
             self._jacobian = JacobianProduct(outputs, params)
             if not _depends_on([outputs], params):  # here, not silently zero products later
                 raise unreached_params_error("model(inputs)", len(params))
