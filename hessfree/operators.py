@@ -97,7 +97,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from ._checks import ParamVersions, check_int, check_scalar_loss, unreached_params_error
@@ -112,7 +111,7 @@ from ._model_data import (
     _shape,
     _to_device,
 )
-from ._numpy_edge import _outside_inference_mode, _TorchLinearOperator
+from ._numpy_edge import _AdjointOperator, _outside_inference_mode, _TorchLinearOperator
 from ._product_sources import refuse_reentrant_checkpoint
 from ._rng import _batch_seed
 from ._threads import limit_blas_threads
@@ -509,16 +508,8 @@ class JacobianLinearOperator(_TorchLinearOperator):
         except (RuntimeError, NotImplementedError):
             return torch.stack([self._rmv(u) for u in U])
 
-    def _adjoint(self) -> LinearOperator:
+    def _adjoint(self) -> _AdjointOperator:
         """:math:`J^\\top` (VJP), whose own adjoint is :math:`J` again."""
-        m, n = self.shape
-        return LinearOperator(
-            (n, m),
-            matvec=self._rmatvec,
-            rmatvec=self._matvec,
-            matmat=self._rmatmat,
-            rmatmat=self._matmat,
-            dtype=self.dtype,
-        )
+        return _AdjointOperator(self)
 
     _transpose = _adjoint

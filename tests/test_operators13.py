@@ -303,3 +303,29 @@ def test_operators13_complex_outputs_and_parameters_are_refused_by_the_real_oper
     data = (x.to(torch.complex128), torch.zeros(5, 2))
     with pytest.raises(TypeError, match=r"complex128: the operators are real"):
         HessianLinearOperator(lambda t: t @ w, _complex_loss, data, params=[w], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# SciPy's operator protocol: shape errors named also for 0-d arrays and the Jacobian's adjoint
+def test_operators13_zero_dimensional_and_adjoint_shape_errors_are_named() -> None:
+    # main: SciPy's "dimension mismatch", and "expected 1-d or 2-d array or matrix, got
+    # array(...)" printing the whole array
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(5)).double()
+    J = JacobianLinearOperator(model, x)
+    with pytest.raises(ValueError, match=r"`x` must have shape \(10,\) or \(10, 1\) .* got \(5,\)"):
+        J.T @ np.ones(5)
+    with pytest.raises(ValueError, match=r"shape \(10,\) or \(10, k\) .* got \(10, 2, 2\)"):
+        J.H @ np.ones((10, 2, 2))
+    with pytest.raises(ValueError, match=r"shape \(26,\) or \(26, k\) .* got \(\)"):
+        J @ np.array(1.0)
+    assert J.T.T is J and J.H.H is J
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    dense = torch.autograd.functional.jacobian(
+        lambda t: _flat_call(model, t, x).reshape(-1), theta
+    ).numpy()
+    u = np.linspace(-1.0, 1.0, 10)
+    np.testing.assert_allclose(J.T @ u, dense.T @ u, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(J.H.T @ np.ones(26), dense.sum(1), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(J.T @ np.eye(10), dense.T, rtol=1e-12, atol=1e-14)
