@@ -51,7 +51,8 @@ def _to_device(x: Any, device: torch.device) -> Any:
     string) pass unchanged.
     """
     if isinstance(x, Tensor):
-        return x.to(device=device, non_blocking=True)
+        # the check costs 0.8 µs, a Tensor.to that returns x itself 4.7 (operators13)
+        return x if x.device == device else x.to(device=device, non_blocking=True)
     if isinstance(x, tuple | list):
         items = [_to_device(v, device) for v in x]
         if all(a is b for a, b in zip(items, x, strict=True)):
