@@ -39,10 +39,14 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             them for a model of several inputs when ``targets`` is a tensor), or a
             re-iterable of batches (a list, a ``DataLoader``; a generator is refused, and so
             are an iterable whose ``__iter__`` returns the same iterator every time, a
-            ``DataLoader`` over such an ``IterableDataset``, and a ``DataLoader`` that draws
-            other examples on each pass, e.g. ``shuffle=True`` with ``drop_last=True``).
-            Tensors are moved to the parameters' device (those inside a tuple or dict of
-            inputs are not: put them there yourself).
+            ``DataLoader`` over such an ``IterableDataset``, one whose passes draw from one
+            shared source, and a ``DataLoader`` that draws other examples on each pass, e.g.
+            ``shuffle=True`` with ``drop_last=True``). Other than a list, a tuple or a
+            ``DataLoader`` over a map-style ``Dataset``, ``data`` is read through once at
+            construction to count its batches (no forward passes), and a product whose pass
+            yields another count raises ``RuntimeError``.
+            Tensors are moved to the parameters' device, also those inside tuples, lists,
+            dicts, namedtuples and dataclasses of inputs or targets.
         params: The tensors to differentiate with respect to; default: the trainable
             parameters of ``model`` in ``model.parameters()`` order (required when ``model``
             is not an ``nn.Module``).
@@ -69,7 +73,8 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             and ``data`` are then ``None`` and ignored).
 
     Raises:
-        TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type, a
+        TypeError: For a ``model``, ``data``, ``params`` or ``dtype`` of the wrong type
+            (complex ``params`` too: the operators are real), a
             ``data`` that can be iterated only once, a batch that is not an ``(inputs,
             targets)`` pair (a dict batch: the message shows a ``collate_fn``), or numpy
             targets.
@@ -80,7 +85,8 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             return a scalar, ``reduction`` is not ``'mean'``/``'sum'``, or the model has
             stochastic modules in training mode.
         RuntimeError: From a product or :meth:`gradient` of a cached graph, if ``params``
-            changed in place since construction (build a new operator at the new parameters).
+            changed in place since construction (build a new operator at the new parameters),
+            or if a pass over ``data`` yields another number of batches than at construction.
     """
 
     #: How the matrix scales with the loss: 1 (Hessian, GGN: linear), 2 (the Fisher: quadratic

@@ -10,7 +10,10 @@ wording.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -36,6 +39,41 @@ from ._graph_ops import twice_differentiable_attention, twice_differentiable_wei
 def _shape(x: object) -> object:
     """A short description of ``x`` for error messages: its shape, or its type."""
     return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    """``x`` with every tensor in it moved to ``device``, containers rebuilt as they were.
+
+    A model of several inputs takes them as a tuple, list, dict, namedtuple or dataclass
+    (nested as it likes); each tensor inside is moved, and a container is rebuilt (same type,
+    same keys or fields) only when something in it moved, so on the parameters' device the
+    model gets the very objects it was given. Other objects (a mapping that is not a dict, a
+    string) pass unchanged.
+    """
+    if isinstance(x, Tensor):
+        # the check costs 0.8 µs, a Tensor.to that returns x itself 4.7 (operators13)
+        return x if x.device == device else x.to(device=device, non_blocking=True)
+    if isinstance(x, tuple | list):
+        items = [_to_device(v, device) for v in x]
+        if all(a is b for a, b in zip(items, x, strict=True)):
+            return x
+        if hasattr(x, "_fields"):  # a namedtuple: positional fields
+            return type(x)(*items)
+        return type(x)(items)
+    if isinstance(x, dict):
+        moved = {k: _to_device(v, device) for k, v in x.items()}
+        if all(moved[k] is v for k, v in x.items()):
+            return x
+        out = copy.copy(x)  # keeps a subclass (OrderedDict, defaultdict) and its extras
+        out.update(moved)
+        return out
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        fields = [f.name for f in dataclasses.fields(x) if f.init]
+        moved = {k: _to_device(getattr(x, k), device) for k in fields}
+        if all(moved[k] is getattr(x, k) for k in fields):
+            return x
+        return dataclasses.replace(x, **moved)
+    return x
 
 
 def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tensor]:
@@ -260,6 +298,33 @@ def _one_pass_reason(data: object) -> str | None:
     return None
 
 
+def _pass_count(data: Iterable[Any]) -> int | None:
+    """The batches in one pass over ``data``, having checked that a second pass starts.
+
+    A class whose ``__iter__`` makes a fresh generator over one shared one-shot source (an
+    iterator made once, a file read once) passes :func:`_one_pass_reason`'s test, but every
+    pass continues where the last stopped: the constructor's look at the first batch would
+    take it from the first product, and the next product would see none. One counting pass
+    (no forward passes; the batches are read and dropped) and the start of a second tell it,
+    at construction. ``None`` for a list or tuple of batches and a ``DataLoader`` over a
+    map-style ``Dataset``, which every pass reads from the start by construction.
+    """
+    if isinstance(data, list | tuple) or (
+        isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset)
+    ):
+        return None
+    count = sum(1 for _ in data)
+    if count and next(iter(data), None) is None:
+        raise TypeError(
+            f"`data` can be iterated only once: a first pass over it ({type(data).__name__}) "
+            f"yielded {count} batch(es), a second none (its __iter__ draws from one shared "
+            "source, e.g. an iterator or generator made once). Every product iterates over "
+            "the data again, so pass a list of batches, a DataLoader over a map-style Dataset, "
+            "or make __iter__ start a new pass over the source on every call."
+        )
+    return count
+
+
 def _redraw_reason(data: object) -> str | None:
     """Why a ``DataLoader`` draws a different multiset of examples on each pass, or ``None``.
 
@@ -328,17 +393,13 @@ _INPUT_MISMATCH_HINT = "Check that the inputs match the model (features, dtype, 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _running_stats(model: object) -> list[tuple[nn.Module, str, Tensor]]:
-    """The running-statistics buffers a forward pass of ``model`` would update in place.
+def _running_stats(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """The running-statistics buffers a forward pass of ``module`` would update in place.
 
     Those of BatchNorm modules in training mode that track them, as ``(module, name,
     buffer)``, in a model an operator accepted with ``allow_training_mode=True`` (others have
-    none in training mode: refused); for a callable that is not a module, of the module its
-    bound method belongs to.
+    none in training mode: refused).
     """
-    module = _module_of(model)
-    if module is None or module not in _STATS_KEPT:
-        return []
     return [
         (m, name, getattr(m, name))
         for m in module.modules()
@@ -348,15 +409,47 @@ def _running_stats(model: object) -> list[tuple[nn.Module, str, Tensor]]:
     ]
 
 
+#: One lock per model in :data:`_STATS_KEPT`, held over a forward pass and its buffer swap.
+_FORWARD_LOCKS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_FORWARD_LOCKS_GUARD = threading.Lock()
+
+
+def _forward_lock(module: nn.Module) -> threading.RLock:
+    """The lock that serialises ``module``'s forward passes under :func:`_call_model`.
+
+    The buffer swap assumes no other forward pass of the module runs meanwhile: two threads
+    (a ``ThreadPool`` of ``eigsh`` calls on two operators over one model) that overlap out
+    of order would leave one's clone, with that batch's statistics, in the module
+    (experiments/README.md, "operators13"). Re-entrant, for a forward pass that calls the
+    model again; the products' backward passes still run in parallel.
+    """
+    with _FORWARD_LOCKS_GUARD:
+        lock = _FORWARD_LOCKS.get(module)
+        if lock is None:
+            lock = _FORWARD_LOCKS[module] = threading.RLock()
+    return lock
+
+
 def _call_model(model: Callable[[Any], Tensor], inputs: Any) -> Tensor:
     """``model(inputs)``, with a failure or a non-tensor result turned into a clear error.
 
     A train-mode BatchNorm's running statistics are put back after the call: the operators
     read the model, and each of their products runs forward passes (an ``eigsh`` hundreds),
-    which would otherwise drag the statistics its eval mode uses towards the batches'.
+    which would otherwise drag the statistics its eval mode uses towards the batches'. Only
+    a model accepted with ``allow_training_mode=True`` is scanned for them, under its lock.
     """
+    module = _module_of(model)
+    if module is None or module not in _STATS_KEPT:
+        return _call_model_keeping(model, inputs, [])
+    with _forward_lock(module):
+        return _call_model_keeping(model, inputs, _running_stats(module))
+
+
+def _call_model_keeping(
+    model: Callable[[Any], Tensor], inputs: Any, stats: list[tuple[nn.Module, str, Tensor]]
+) -> Tensor:
+    """:func:`_call_model` with the ``stats`` buffers swapped for clones over the call."""
     # The forward pass updates copies, which its graph may keep; the buffers stay as they were.
-    stats = _running_stats(model)
     for module, name, buffer in stats:
         setattr(module, name, buffer.clone())
     try:

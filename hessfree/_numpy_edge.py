@@ -32,6 +32,13 @@ _TORCH_OF = {np.dtype(v): k for k, v in _NUMPY_OF.items()}
 
 def _edge_dtype(dtype: object, compute: torch.dtype) -> np.dtype:
     """The numpy dtype the operator presents: ``dtype`` if given, else the parameters'."""
+    if compute.is_complex:  # a real edge dtype would drop the products' imaginary parts
+        raise TypeError(
+            f"The parameters have dtype {compute}: the operators are real matrices over real "
+            "parameters, and a complex product presented as float would lose its imaginary "
+            "part silently. Keep each complex parameter as a real one of twice the size and "
+            "make it complex in forward (torch.view_as_complex of a (..., 2) real tensor)."
+        )
     if dtype is None:
         if compute not in _NUMPY_OF:
             raise TypeError(
@@ -132,8 +139,9 @@ class _TorchLinearOperator(LinearOperator):
             )
 
     def dot(self, x: Any) -> Any:
-        """``self @ x``; an array of 3 or more dimensions is refused by its shape alone."""
-        if isinstance(x, np.ndarray) and x.ndim > 2:
+        """``self @ x``; an array of 0 or 3 and more dimensions is refused by its shape alone
+        (SciPy's message would print the whole array)."""
+        if isinstance(x, np.ndarray) and x.ndim not in (1, 2):
             raise ValueError(
                 f"`x` must have shape ({self.shape[1]},) or ({self.shape[1]}, k) for an operator "
                 f"of shape {self.shape}, got {x.shape}."
@@ -191,6 +199,36 @@ class _TorchLinearOperator(LinearOperator):
 
     def _rmm(self, U: Tensor) -> Tensor:
         raise NotImplementedError
+
+
+class _AdjointOperator(_TorchLinearOperator):
+    """The adjoint of a non-symmetric :class:`_TorchLinearOperator` (``J.H``, ``J.T``).
+
+    Real, so adjoint and transpose agree. A view of ``parent``'s torch products, with the
+    edge's shape checks and messages (SciPy's own adjoint says "dimension mismatch").
+    """
+
+    def __init__(self, parent: _TorchLinearOperator) -> None:
+        self._parent = parent
+        m, n = parent.shape
+        super().__init__((n, m), parent._compute, parent.device, parent.dtype)
+
+    def _mv(self, v: Tensor) -> Tensor:
+        return self._parent._rmv(v)
+
+    def _mm(self, V: Tensor) -> Tensor:
+        return self._parent._rmm(V)
+
+    def _rmv(self, u: Tensor) -> Tensor:
+        return self._parent._mv(u)
+
+    def _rmm(self, U: Tensor) -> Tensor:
+        return self._parent._mm(U)
+
+    def _adjoint(self) -> _TorchLinearOperator:
+        return self._parent
+
+    _transpose = _adjoint
 
 
 class _IdentityOperator(LinearOperator):

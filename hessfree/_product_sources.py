@@ -45,9 +45,11 @@ from ._model_data import (
     _check_rows,
     _check_same_examples,
     _import_tqdm,
+    _pass_count,
     _resolve_params,
     _resolve_reduction,
     _single_batch,
+    _to_device,
 )
 from .curvature import CurvatureProduct, _read_reduction, _reentrant_checkpoint
 from .distributed import Averager
@@ -168,12 +170,14 @@ class _DataProducts:
         self._versions: ParamVersions | None = None  # of the cached product's parameters
         self._size: float = 0
         self._rows: float = 0
+        self._num_batches: int | None = None  # a pass's batches, where not fixed by the type
 
     def load(self, data: tuple[Any, Any] | Iterable[Sequence[Any]]) -> None:
         """Check ``data`` (shapes and the loss on its first batch); cache one batch's graph."""
         single = _single_batch(data)
         if single is None:
             _check_same_examples(data)
+            self._num_batches = _pass_count(data)
         self._data = [single] if single is not None else data
         if single is not None and self.cache_graph:
             # One forward pass, here; every product reuses its graph.
@@ -193,11 +197,7 @@ class _DataProducts:
     def _batch(self, batch: object, where: str) -> tuple[Any, Any]:
         inputs, targets = _as_pair(batch, where)
         _check_rows(inputs, f"{where} inputs")
-        move = functools.partial(torch.Tensor.to, device=self.device, non_blocking=True)
-        return (
-            move(inputs) if isinstance(inputs, Tensor) else inputs,
-            move(targets) if isinstance(targets, Tensor) else targets,
-        )
+        return _to_device(inputs, self.device), _to_device(targets, self.device)
 
     def _build(self, batch: tuple[Any, Any], index: int) -> tuple[CurvatureProduct, float, float]:
         """Batch ``index``'s product, its share :math:`N_b` of a ``'mean'`` and its rows
@@ -254,8 +254,9 @@ class _DataProducts:
         """:math:`\\sum_b w_b r_b` over the batches of ``per_batch(batch, b) -> (r_b, N_b, R_b)``
         (:math:`N_b` the batch's share of a ``'mean'`` loss, :func:`_batch_count`; :math:`R_b`
         its rows), ``power`` 1 for products linear in the loss, 2 for the Fisher."""
-        total, count, rows = None, 0, 0
+        total, count, rows, num_batches = None, 0, 0, 0
         for i, batch in enumerate(self._batches()):
+            num_batches += 1
             try:
                 r, size, n = per_batch(batch, i)
             except (ValueError, TypeError) as err:
@@ -270,6 +271,14 @@ class _DataProducts:
             total = r.mul_(w) if total is None else total.add_(r, alpha=w)
             count += size
             rows += n
+        if self._num_batches is not None and num_batches != self._num_batches:
+            # a pass over other data: the products would not come from one matrix
+            raise RuntimeError(
+                f"`data` yielded {num_batches} batch(es) in this pass but "
+                f"{self._num_batches} when the operator was built: it does not give the same "
+                "batches on every pass (an iterable over a shared or changing source). "
+                "Pass a list of batches or a DataLoader over a map-style Dataset."
+            )
         if total is None:
             raise ValueError(
                 "`data` yielded no batches (or only batches whose targets are all the loss's "

@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -306,7 +307,9 @@ def _keeps_cotangent(node: object) -> bool:
 def _accumulate_nodes(params: Sequence[Tensor]) -> set:
     """The ``AccumulateGrad`` (or producing) nodes through which a graph reaches ``params``."""
     nodes = set()
-    with torch.enable_grad():
+    # inference mode would give the view below no grad_fn (an AttributeError on None)
+    leave = torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
+    with torch.enable_grad(), leave:
         for p in params:
             if p.grad_fn is not None:
                 nodes.add(p.grad_fn)
@@ -1551,7 +1554,10 @@ class FisherProduct(GGNProduct):
 
         def fisher(w: Tensor) -> Tensor:
             ex_dims = tuple(range(w.dim() - G.dim() + 1, w.dim()))
-            s = (G * w).sum(ex_dims, keepdim=True) if ex_dims else G * w
+            # complex outputs: <ĝ, w> is the real inner product of C as R^2, Re(conj(ĝ) w)
+            # (torch's gradient of a real loss is ĝ = ∂L/∂Re o + i ∂L/∂Im o)
+            Gw = (G.conj() * w).real if G.is_complex() else G * w
+            s = Gw.sum(ex_dims, keepdim=True) if ex_dims else Gw
             return G * s * scale
 
         return fisher

@@ -59,7 +59,8 @@ With ``allow_training_mode=True`` a train-mode BatchNorm normalises each batch b
 statistics: the operator is :math:`\sum_b w_b \nabla^2 \ell_b` of those per-batch losses, a
 fixed matrix that depends on how ``data`` is batched (with one batch, the curvature of the
 train-mode loss on all of it), and its forward passes leave the running statistics as they
-were (the operators read the model, they do not train it).
+were (the operators read the model, they do not train it; the forward passes of such a
+model take a per-model lock, so operators over it used from several threads keep that too).
 Randomness inside ``forward`` that is not a module (``F.dropout(x, training=True)``) is not
 detected. (:class:`~hessfree.HessianFree` offers another way: with ``replay_rng=True``, its
 default, a step's model calls draw one set of random numbers and its trial calls another.)
@@ -96,15 +97,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from ._checks import ParamVersions, check_int, check_scalar_loss, unreached_params_error
 from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._graph_ops import twice_differentiable_weight_norm
-from ._model_data import _call_model, _check_model, _check_rows, _resolve_params, _shape
-from ._numpy_edge import _outside_inference_mode, _TorchLinearOperator
+from ._model_data import (
+    _call_model,
+    _check_model,
+    _check_rows,
+    _resolve_params,
+    _shape,
+    _to_device,
+)
+from ._numpy_edge import _AdjointOperator, _outside_inference_mode, _TorchLinearOperator
 from ._product_sources import refuse_reentrant_checkpoint
 from ._rng import _batch_seed
 from ._threads import limit_blas_threads
@@ -414,15 +421,17 @@ class JacobianLinearOperator(_TorchLinearOperator):
 
     Args:
         model: An ``nn.Module`` or a callable ``inputs -> outputs`` (a tensor).
-        inputs: The model inputs (moved to the parameters' device if a tensor).
+        inputs: The model inputs (their tensors moved to the parameters' device, also inside
+            tuples, lists, dicts, namedtuples and dataclasses).
         params: As :class:`CurvatureLinearOperator`.
         dtype: As :class:`CurvatureLinearOperator`.
         allow_training_mode: As :class:`CurvatureLinearOperator`.
 
     Raises:
-        TypeError: For a ``model``, ``params`` or ``dtype`` of the wrong type, if the model
-            does not return a tensor, or if it fails on ``inputs`` given as a list, tuple or
-            ``DataLoader`` (the message says what ``inputs`` may be).
+        TypeError: For a ``model``, ``params`` or ``dtype`` of the wrong type, complex
+            ``params``, if the model does not return a tensor or returns a complex one (the
+            message shows ``torch.view_as_real``), or if it fails on ``inputs`` given as a
+            list, tuple or ``DataLoader`` (the message says what ``inputs`` may be).
         ValueError: If ``inputs`` has zero rows, ``model`` fails on them, its outputs depend
             on none of ``params`` (some unused ones are fine: zero columns), or it has
             stochastic modules in training mode.
@@ -449,8 +458,7 @@ class JacobianLinearOperator(_TorchLinearOperator):
         params = _resolve_params(model, params)
         layout = ParamLayout(params)
         _check_rows(inputs, "inputs")
-        if isinstance(inputs, Tensor):
-            inputs = inputs.to(layout.device)
+        inputs = _to_device(inputs, layout.device)
         with torch.enable_grad(), _outside_inference_mode():  # as the products (_numpy_edge)
             try:
                 outputs = _call_model(model, inputs)
@@ -458,6 +466,13 @@ class JacobianLinearOperator(_TorchLinearOperator):
                 if not _batches_like(inputs):
                     raise
                 raise _batches_error(inputs, err) from err
+            if outputs.is_complex():  # the edge is real: J v would lose its imaginary part
+                raise TypeError(
+                    f"`model(inputs)` is complex ({outputs.dtype}); JacobianLinearOperator is a "
+                    "real operator (its products would drop the imaginary parts). Pass "
+                    "lambda x: torch.view_as_real(model(x)) as the model: the Jacobian of the "
+                    "real and imaginary parts, interleaved along a last dimension of 2."
+                )
             self._jacobian = JacobianProduct(outputs, params)
             if not _depends_on([outputs], params):  # here, not silently zero products later
                 raise unreached_params_error("model(inputs)", len(params))
@@ -493,16 +508,8 @@ class JacobianLinearOperator(_TorchLinearOperator):
         except (RuntimeError, NotImplementedError):
             return torch.stack([self._rmv(u) for u in U])
 
-    def _adjoint(self) -> LinearOperator:
+    def _adjoint(self) -> _AdjointOperator:
         """:math:`J^\\top` (VJP), whose own adjoint is :math:`J` again."""
-        m, n = self.shape
-        return LinearOperator(
-            (n, m),
-            matvec=self._rmatvec,
-            rmatvec=self._matvec,
-            matmat=self._rmatmat,
-            rmatmat=self._matmat,
-            dtype=self.dtype,
-        )
+        return _AdjointOperator(self)
 
     _transpose = _adjoint
