@@ -92,6 +92,9 @@ class CurvatureLinearOperator(_TorchLinearOperator):
     #: How the matrix scales with the loss: 1 (Hessian, GGN: linear), 2 (the Fisher: quadratic
     #: in the gradients), which sets how batches holding unequal shares of a mean combine.
     _share_power = 1
+    #: Whether the products take the loss's second derivative (Hessian, GGN) or only its first
+    #: (the Fishers), which decides where a once-differentiable Function is refused.
+    _loss_twice = True
 
     def __init__(
         self,
@@ -128,6 +131,7 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             allow_training_mode=allow_training_mode,
             process_group=process_group,
             share_power=self._share_power,
+            loss_twice=self._loss_twice,
         )
         self._setup(source, dtype)
         with _outside_inference_mode():  # as the products (_numpy_edge)

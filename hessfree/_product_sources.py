@@ -51,7 +51,12 @@ from ._model_data import (
     _single_batch,
     _to_device,
 )
-from .curvature import CurvatureProduct, _read_reduction, _reentrant_checkpoint
+from .curvature import (
+    CurvatureProduct,
+    _once_differentiable,
+    _read_reduction,
+    _reentrant_checkpoint,
+)
 from .distributed import Averager
 
 #: ``(loss, outputs, index) -> product`` for batch ``index`` (its place in ``data``; a product
@@ -90,6 +95,27 @@ def refuse_reentrant_checkpoint(tensors: Sequence[object], name: str) -> None:
             "function would get zero rows and columns in every product, silently. Pass "
             "use_reentrant=False to checkpoint (torch's recommended variant), which the "
             "operators differentiate exactly, or drop the checkpoint."
+        )
+
+
+def refuse_once_differentiable(tensors: Sequence[object], name: str, where: str) -> None:
+    """Refuse a graph through a ``torch.autograd.Function`` whose backward is marked
+    ``@once_differentiable`` where a product differentiates that backward again.
+
+    torch gives zero there without an error when the incoming gradient needs none (a
+    curvature product's constant seed): a custom tanh of this kind in a 3-4-2 MLP made the
+    Hessian, GGN, Fisher and Jacobian operators 0.58, 0.34, 0.38 and 0.71 off (largest entry,
+    relative) the dense matrices of the same model with ``torch.tanh`` (experiments/README.md,
+    "lead, stop 42"). One walk, at the first graph, like :func:`refuse_reentrant_checkpoint`.
+    """
+    found = _once_differentiable([t for t in tensors if isinstance(t, Tensor)])
+    if found is not None:
+        raise NotImplementedError(
+            f"{name}: {where} runs {found.__module__}.{found.__qualname__}, a "
+            "torch.autograd.Function whose backward is marked @once_differentiable; the "
+            "products differentiate its backward once more, and torch silently gives zero "
+            "there, so the operator would be wrong. Write its backward with differentiable "
+            "torch operations and drop @once_differentiable."
         )
 
 
@@ -140,12 +166,14 @@ class _DataProducts:
         allow_training_mode: bool,
         process_group: object | None,
         share_power: int = 1,
+        loss_twice: bool = True,
     ) -> None:
         # Dropout/BatchNorm: refused in training mode now, and checked again per product
         self._modes = _check_model(model, allow_training_mode)
         self._ranks = Averager(process_group)
         self._global_counts: tuple[float, float] | None = None  # (N, R) over all the ranks
         self._share_power = share_power  # 1: H, G (linear in the loss); 2: the Fisher
+        self._loss_twice = loss_twice  # the loss's second derivative is taken (H, G)
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
         self.params = _resolve_params(model, params)
@@ -211,6 +239,10 @@ class _DataProducts:
                 self._check_default_reduction(loss, outputs)
             if self._checkpoint_unchecked:  # one graph walk, at the first graph built
                 refuse_reentrant_checkpoint([loss, outputs], self._name)
+                if self._loss_twice:
+                    refuse_once_differentiable([loss, outputs], self._name, "the loss or model")
+                else:  # the Fishers take the loss's first derivative only
+                    refuse_once_differentiable([outputs], self._name, "the model")
                 self._checkpoint_unchecked = False
             product = self._make_product(loss, outputs, index)
         rows = outputs.shape[0] if outputs.dim() else 1

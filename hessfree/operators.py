@@ -112,7 +112,7 @@ from ._model_data import (
     _to_device,
 )
 from ._numpy_edge import _AdjointOperator, _outside_inference_mode, _TorchLinearOperator
-from ._product_sources import refuse_reentrant_checkpoint
+from ._product_sources import refuse_once_differentiable, refuse_reentrant_checkpoint
 from ._rng import _batch_seed
 from ._threads import limit_blas_threads
 from .curvature import (
@@ -196,6 +196,7 @@ class HessianLinearOperator(CurvatureLinearOperator):
             with twice_differentiable_weight_norm():  # torch's fused kernel: wrong Hessian
                 loss = check_scalar_loss("f(x)", f(z.view_as(x)))
             refuse_reentrant_checkpoint([loss], "HessianLinearOperator.from_function")
+            refuse_once_differentiable([loss], "HessianLinearOperator.from_function", "f")
             product = HessianProduct(loss, [z])
         return cls.from_product(product, dtype=dtype)
 
@@ -249,6 +250,7 @@ class FisherLinearOperator(CurvatureLinearOperator):
     # Quadratic in the loss: over batches with unequal shares of a mean (class weights,
     # ignore_index), each batch's Fisher is weighted by its share squared (_product_sources).
     _share_power = 2
+    _loss_twice = False
 
     def _make_product(self, loss: Tensor, outputs: Tensor) -> CurvatureProduct:
         return FisherProduct(loss, outputs, self.params, reduction=self.reduction)
@@ -354,6 +356,8 @@ class MCFisherLinearOperator(CurvatureLinearOperator):
     References:
         Martens (2020), New insights and perspectives on the natural gradient method, JMLR.
     """
+
+    _loss_twice = False  # sampled labels' gradients: the loss's first derivative only
 
     def __init__(
         self,
@@ -477,6 +481,7 @@ class JacobianLinearOperator(_TorchLinearOperator):
             if not _depends_on([outputs], params):  # here, not silently zero products later
                 raise unreached_params_error("model(inputs)", len(params))
             refuse_reentrant_checkpoint([outputs], "JacobianLinearOperator")
+            refuse_once_differentiable([outputs], "JacobianLinearOperator", "the model")
         self.params = params
         #: The shape of ``model(inputs)``; rows of the operator are its entries in order.
         self.output_shape = tuple(outputs.shape)
