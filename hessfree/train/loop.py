@@ -59,6 +59,7 @@ optimizer, the curvature batch), :mod:`hessfree.train.evaluation`; this module h
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import importlib.util
 import math
@@ -383,7 +384,11 @@ class Runner:
         self.config = config if resume else absolute_data_path(config)
         if resume and run_dir is None:
             raise ValueError("`run_dir` is required to resume a run.")
-        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+        # a default name taken meanwhile by another run gets -2, -3... on this same time stamp
+        self._named_at = datetime.datetime.now()
+        self.run_dir = (
+            Path(run_dir) if run_dir is not None else default_run_dir(config, self._named_at)
+        )
         self.default_dir = run_dir is None
         self.resume = resume
         if progress is None:
@@ -443,7 +448,7 @@ class Runner:
         cfg = self.config
         if not self.resume and self.group.rank == 0:
             if self.default_dir and _exists(self.run_dir):  # taken since __init__ named it
-                self.run_dir = default_run_dir(cfg)
+                self.run_dir = default_run_dir(cfg, self._named_at)
             key = "output.dir" if self.default_dir else "--out"
             problems = run_dir_problems(self.run_dir, key)
             if problems:
@@ -525,7 +530,7 @@ class Runner:
                 taken = self.default_dir and not self.resume and _exists(self.run_dir)
                 if not (writer and taken) or attempt == _DEFAULT_DIR_TRIES - 1:
                     raise
-                self.run_dir = default_run_dir(self.config)
+                self.run_dir = default_run_dir(self.config, self._named_at)
         if writer and not self.resume:
             self._lock = lock_run_dir(self.run_dir)
         return found
