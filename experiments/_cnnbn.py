@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 import hessfree
-import hessfree.optimizer as optimizer_module
+import hessfree._damping_control as damping_control
 
 torch.set_num_threads(1)
 
 CHECKS: list[dict] = []
 
 
-def _z(losses: list[float], w: int = optimizer_module._RISE_WINDOW) -> float:
+def _z(losses: list[float], w: int = damping_control._RISE_WINDOW) -> float:
     if len(losses) < 2 * w:
         return math.nan
     a, b = losses[-2 * w : -w], losses[-w:]
@@ -60,7 +60,7 @@ def _instrument() -> tuple:
             dict(
                 step=state["step"],
                 z=_z(state.get("recent_losses", [])),
-                overshoot=ov is not None and state["step"] - ov <= optimizer_module._RISE_WINDOW,
+                overshoot=ov is not None and state["step"] - ov <= damping_control._RISE_WINDOW,
                 fired=bool(out),
                 scale_before=state.get("damping_scale", math.nan),
             )
@@ -163,14 +163,14 @@ def variant(mods: list[str]):
         out = stale0(state)
         if out and two:
             ks = state.get("overshot_steps", [])
-            out = sum(state["step"] - k <= optimizer_module._RISE_WINDOW for k in ks) >= 2
+            out = sum(state["step"] - k <= damping_control._RISE_WINDOW for k in ks) >= 2
             if CHECKS and CHECKS[-1]["step"] == state["step"]:
                 CHECKS[-1]["fired"] = out
         scale = state.get("damping_scale", 0.0)
         ov = state.get("overshot_step")
         calm = ov is None or state["step"] - ov > quiet  # quiet:Q: no overshoot in Q steps
         if not out and half > 0 and scale > first > 0 and calm:
-            f = 2.0 ** (-optimizer_module._FLOOR_EVERY / half)
+            f = 2.0 ** (-damping_control._FLOOR_EVERY / half)
             state["damping_scale"] = first * (scale / first) ** f
         return out
 
@@ -254,7 +254,7 @@ def summary(r: dict, lo: int = 120) -> str:
     late = [c for c in r["checks"] if c["step"] >= lo]
     fired = [c for c in late if c["fired"]]
     raised = [c for c in late if c.get("raised")]
-    rises = [c for c in late if c["z"] > optimizer_module._RISE_Z]
+    rises = [c for c in late if c["z"] > damping_control._RISE_Z]
     st = r["steps"]
     over = [s["k"] for s in st if s["k"] >= lo and not (s["rho"] >= 0.25)]
     out = (

@@ -116,7 +116,7 @@ def _per_example_fisher(model, x, y, per_example, scale):
 def item4_summed_fisher() -> None:
     """curvature='fisher' with hand-written losses against the per-example oracle."""
     print("## 4 curvature='fisher', hand-written losses (ratio to the oracle; 1 = right)")
-    from hessfree.optimizer import _reduction_of
+    from hessfree._closure import _reduction_of
 
     torch.manual_seed(1)
     n = 8

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _gnquad as Q  # noqa: E402
 
 import hessfree  # noqa: E402
+import hessfree._damping_control
 from hessfree import HessianFree  # noqa: E402
 from hessfree.cg import relative_forcing_term  # noqa: E402
 
@@ -197,7 +198,8 @@ class _Entry(HessianFree):
             state["entry_fresh"] = True
             if self.lam_share and share > 0:
                 state["damping"] = max(
-                    state["damping"], state["damping"] * hessfree.optimizer._NEWTON_SHARE / share
+                    state["damping"],
+                    state["damping"] * hessfree._damping_control._NEWTON_SHARE / share,
                 )
 
     def _finish(self, run, status, *, accepted=False, loss_after=None):  # noqa: ANN001, ANN202

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _unseen3 as U  # noqa: E402
 
 import hessfree  # noqa: E402
-from hessfree import optimizer as hf_optimizer  # noqa: E402
+import hessfree._damping_control as damping_control  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -148,13 +148,13 @@ def make_runs(prob: Problem, init: dict, variants: dict[str, dict]) -> list[Run]
                     out = m(prob.x)
                     return prob.loss(out, prob.y), out
 
-                saved = hf_optimizer._MARQUARDT_EXACT_OUTPUTS
+                saved = damping_control._MARQUARDT_EXACT_OUTPUTS
                 if exact is not None:
-                    hf_optimizer._MARQUARDT_EXACT_OUTPUTS = exact
+                    damping_control._MARQUARDT_EXACT_OUTPUTS = exact
                 try:
                     opt.step(closure)
                 finally:
-                    hf_optimizer._MARQUARDT_EXACT_OUTPUTS = saved
+                    damping_control._MARQUARDT_EXACT_OUTPUTS = saved
 
         runs.append(Run(name, m, step, opt))
     return runs

@@ -38,7 +38,7 @@ import _unseen  # noqa: E402
 import _unseenmb  # noqa: E402
 
 import hessfree  # noqa: E402
-import hessfree.optimizer as hfopt  # noqa: E402
+import hessfree._precond_choice as precond_choice  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -65,12 +65,12 @@ def problem(name: str) -> tuple:
 @contextlib.contextmanager
 def conv_in_auto(on: bool):
     """``precond='auto'``'s and ``'kfac'``'s K-FAC with convolutions (on) or without (main's)."""
-    saved = hfopt._AUTO_KFAC_CONV, hfopt._KFAC_CONV
-    hfopt._AUTO_KFAC_CONV = hfopt._KFAC_CONV = on
+    saved = precond_choice._AUTO_KFAC_CONV, precond_choice._KFAC_CONV
+    precond_choice._AUTO_KFAC_CONV = precond_choice._KFAC_CONV = on
     try:
         yield
     finally:
-        hfopt._AUTO_KFAC_CONV, hfopt._KFAC_CONV = saved
+        precond_choice._AUTO_KFAC_CONV, precond_choice._KFAC_CONV = saved
 
 
 class Run:

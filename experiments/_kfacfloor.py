@@ -29,14 +29,14 @@ import time
 import torch
 
 import hessfree
-import hessfree.optimizer as hopt
+import hessfree._damping_control as damping_control
 
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
 
 
 def _early(self, state: dict) -> bool:
-    return len(state.get("recent_losses", [])) < 2 * hopt._RISE_WINDOW
+    return len(state.get("recent_losses", [])) < 2 * damping_control._RISE_WINDOW
 
 
 #: name: (whether a K-FAC step re-measures the scale, the most a raise multiplies it by).
@@ -44,16 +44,16 @@ def _early(self, state: dict) -> bool:
 RULES = {
     "main": (lambda self, st: True, math.inf),  # cnnmb: every _FLOOR_EVERY-th step
     "none": (lambda self, st: False, math.inf),  # before cnnmb: the first step's scale
-    "rise": (lambda self, st: hopt._loss_rose(st.get("recent_losses", [])), math.inf),
+    "rise": (lambda self, st: damping_control._loss_rose(st.get("recent_losses", [])), math.inf),
     "stale": (lambda self, st: self._floor_stale(st), math.inf),
-    "rise x2": (lambda self, st: hopt._loss_rose(st.get("recent_losses", [])), 2.0),
-    "rise x4": (lambda self, st: hopt._loss_rose(st.get("recent_losses", [])), 4.0),
+    "rise x2": (lambda self, st: damping_control._loss_rose(st.get("recent_losses", [])), 2.0),
+    "rise x4": (lambda self, st: damping_control._loss_rose(st.get("recent_losses", [])), 4.0),
     "always x2": (lambda self, st: True, 2.0),
     "early": (_early, math.inf),  # the first 2 _RISE_WINDOW steps only
     "early+stale": (lambda self, st: _early(self, st) or self._floor_stale(st), math.inf),
 }
 RULES["early+rise"] = (
-    lambda self, st: _early(self, st) or hopt._loss_rose(st.get("recent_losses", [])),
+    lambda self, st: _early(self, st) or damping_control._loss_rose(st.get("recent_losses", [])),
     math.inf,
 )
 RULES["adopted"] = RULES["early+stale"]  # the library's rule from this branch on

@@ -37,7 +37,7 @@ import time
 import torch
 
 import hessfree
-import hessfree.optimizer as hopt
+import hessfree._damping_control as damping_control
 
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
@@ -46,7 +46,7 @@ TUNED = "250/62, cg≤2, K-FAC rank 32 refresh 2, λ≥0.3"
 
 
 def _early(state: dict) -> bool:
-    return len(state.get("recent_losses", [])) < 2 * hopt._RISE_WINDOW
+    return len(state.get("recent_losses", [])) < 2 * damping_control._RISE_WINDOW
 
 
 #: name: (floor_due replacement or None, raise_floor replacement or None)
@@ -125,7 +125,7 @@ def race(
                 gs, info = opt._global_state(), opt.last_step
                 scale = gs.get("damping_scale", math.nan)
                 raised = rec.get("checked", False) and scale > before
-                if raised and c["n"] > 2 * hopt._RISE_WINDOW:
+                if raised and c["n"] > 2 * damping_control._RISE_WINDOW:
                     c["fires"].append((c["n"], round(c["cpu"], 1), before, scale))
                 row = dict(
                     seed=seed, run=c["name"], step=c["n"], cpu=round(c["cpu"], 3),
@@ -188,7 +188,9 @@ def analyze(paths: list[str]) -> None:
         rows = [json.loads(line) for line in open(path)]  # noqa: SIM115
         for name in dict.fromkeys(r["run"] for r in rows):
             run = [r for r in rows if r["run"] == name]
-            raises = [r for r in run if r["raised"] and r["step"] > 2 * hopt._RISE_WINDOW]
+            raises = [
+                r for r in run if r["raised"] and r["step"] > 2 * damping_control._RISE_WINDOW
+            ]
             first = raises[0]["step"] if raises else None
             after = [r for r in run if first is not None and r["step"] > first]
             pinned = [r for r in after if r["lam"] <= r["floor"] * (1 + 1e-6)]

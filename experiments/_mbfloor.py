@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 import hessfree
-import hessfree.optimizer as optimizer_module
+import hessfree._damping_control as damping_control
 
 torch.set_num_threads(1)
 
@@ -100,7 +100,7 @@ def fresh_rise(f0: list[float], m: int = M) -> float:
 def _loss_fell(losses: list[float], window: int = 8, z: float = 1.0) -> bool:
     """The mirror of ``optimizer._loss_rose``: the last ``window`` losses' mean *below* the
     ``window`` before's by more than ``z`` standard errors."""
-    return optimizer_module._loss_rose([-v for v in losses], window, z, share=0.0)
+    return damping_control._loss_rose([-v for v in losses], window, z, share=0.0)
 
 
 def _down_rule(rule: str, arg: str):
@@ -126,14 +126,14 @@ def _down_rule(rule: str, arg: str):
         first = state.setdefault("mb_first_scale", state.get("damping_scale", 0.0))
         losses = state.get("recent_losses", [])
         half, _, z = arg.partition("/")  # decay:H/Z: half-life H, rise test at Z s.e.
-        rose = optimizer_module._loss_rose(losses, z=float(z) if z else 1.0, share=0.0)
+        rose = damping_control._loss_rose(losses, z=float(z) if z else 1.0, share=0.0)
         if rule == "rel" and rose:  # and by more than R of the level (a large effect)
             before = statistics.fmean(losses[-16:-8])
             rose = statistics.fmean(losses[-8:]) - before > float(half) * abs(before)
         scale = state.get("damping_scale", 0.0)
         if rule == "decay" and scale > first > 0:
             h = float(half) if half else 100.0
-            scale = first * (scale / first) ** (2.0 ** (-optimizer_module._FLOOR_EVERY / h))
+            scale = first * (scale / first) ** (2.0 ** (-damping_control._FLOOR_EVERY / h))
         if rule == "win":
             k = float(arg) if arg else 64.0
             self._mb_win = [
@@ -228,21 +228,21 @@ def rule_mode(rule: str):
         yield
         return
     if rule in ("gated", "old", "overshot", "rise:z") or rule.startswith("lib:z"):
-        saved_rose, saved_need = optimizer_module._loss_rose, optimizer_module._RISE_NEEDS_OVERSHOOT
+        saved_rose, saved_need = damping_control._loss_rose, damping_control._RISE_NEEDS_OVERSHOOT
         if rule == "gated":
-            optimizer_module._loss_rose = lambda *a, **k: False
+            damping_control._loss_rose = lambda *a, **k: False
         elif rule == "old":  # the rise alone (mbfloor)
-            optimizer_module._loss_rose = functools.partial(saved_rose, share=0.0)
-            optimizer_module._RISE_NEEDS_OVERSHOOT = False
+            damping_control._loss_rose = functools.partial(saved_rose, share=0.0)
+            damping_control._RISE_NEEDS_OVERSHOOT = False
         elif rule == "overshot":  # an overshoot in the window alone, no rise test
-            optimizer_module._loss_rose = lambda losses, *a, **k: len(losses) >= 16
+            damping_control._loss_rose = lambda losses, *a, **k: len(losses) >= 16
         else:  # lib:zZ: the library's rule with the rise test at Z s.e.
-            optimizer_module._loss_rose = functools.partial(saved_rose, z=float(rule[5:]))
+            damping_control._loss_rose = functools.partial(saved_rose, z=float(rule[5:]))
         try:
             yield
         finally:
-            optimizer_module._loss_rose = saved_rose
-            optimizer_module._RISE_NEEDS_OVERSHOOT = saved_need
+            damping_control._loss_rose = saved_rose
+            damping_control._RISE_NEEDS_OVERSHOOT = saved_need
         return
     hf = hessfree.HessianFree
     saved = hf._raise_floor, hf._kfac_in_use, hf._cg_max_iter

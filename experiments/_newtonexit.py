@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _gnentry as E  # noqa: E402
 import _unseen5 as U  # noqa: E402
 
+import hessfree._damping_control as damping_control  # noqa: E402
 import hessfree.optimizer as O  # noqa: E402
 from hessfree import HessianFree  # noqa: E402
 
@@ -153,10 +154,14 @@ class _Rule(HessianFree):
             state["nx_block"] -= 1
             state.pop("newton_streak", None)
             return
-        if not was and self.entry_slow and state.get("newton_streak", 0) + 1 >= O._NEWTON_STEPS:
-            hist = state.get("nx_hist", [])[-O._NEWTON_STEPS :]
+        if (
+            not was
+            and self.entry_slow
+            and state.get("newton_streak", 0) + 1 >= damping_control._NEWTON_STEPS
+        ):
+            hist = state.get("nx_hist", [])[-damping_control._NEWTON_STEPS :]
             ds = [h[0] for h in hist]
-            slowing = len(ds) == O._NEWTON_STEPS and all(
+            slowing = len(ds) == damping_control._NEWTON_STEPS and all(
                 b < a for a, b in zip(ds, ds[1:], strict=False)
             )
             if not (abs(rho - 1) <= 0.1 and slowing):

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _newtonexit as N  # noqa: E402
 import _quadentry as Q  # noqa: E402
 
-import hessfree.optimizer as O  # noqa: E402
+import hessfree._damping_control as damping_control  # noqa: E402
 from hessfree import GGNProduct  # noqa: E402
 
 torch.set_num_threads(1)
@@ -70,7 +70,7 @@ def _probe(prob, m: torch.nn.Module):  # noqa: ANN001, ANN202
         else:
             out = m(prob.x)
             loss = prob.loss(out, prob.y)
-        return O._loss_probe(GGNProduct(loss, out, params))
+        return damping_control._loss_probe(GGNProduct(loss, out, params))
 
 
 def measure(key: str, seeds: list[int], steps: int, seconds: float) -> list[dict]:
@@ -96,7 +96,7 @@ def measure(key: str, seeds: list[int], steps: int, seconds: float) -> list[dict
             dtheta = float(torch.linalg.vector_norm(_flat(m) - theta0))
             change = math.nan
             if was and i.accepted and dtheta > 0:
-                change = O._probe_change(probe0, _probe(prob, m))
+                change = damping_control._probe_change(probe0, _probe(prob, m))
             passes = N.cost(i)
             speed = math.log(gap0 / gap1) / passes if gap0 > 0 and gap1 > 0 else math.nan
             rows.append(

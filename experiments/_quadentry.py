@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _newtonexit as N  # noqa: E402
 
+import hessfree._damping_control as damping_control  # noqa: E402
 import hessfree.optimizer as O  # noqa: E402
 from hessfree import GGNProduct  # noqa: E402
 
@@ -137,7 +138,7 @@ def probe() -> None:
         "(o - y).pow(4).mean()": (lambda o: (o - y).pow(4).mean(), False),
     }
     print(f"## probe (load {load()})\n")
-    tau = O._PROBE_ULPS * torch.finfo(torch.float64).eps
+    tau = damping_control._PROBE_ULPS * torch.finfo(torch.float64).eps
     print("| loss | quadratic (formula) | change of H_l u between two points | detector | agree |")
     print("|---|---|---|---|---|")
     for name, (fn, quad) in losses.items():
@@ -146,8 +147,8 @@ def probe() -> None:
             x = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
             p = w.clone().requires_grad_()
             out = x @ p
-            sigs.append(O._loss_probe(GGNProduct(fn(out), out, [p])))
-        change = O._probe_change(*sigs)
+            sigs.append(damping_control._loss_probe(GGNProduct(fn(out), out, [p])))
+        change = damping_control._probe_change(*sigs)
         same = change <= tau
         print(
             f"| {name} | {quad} | {change:.2g} | {same} | {'yes' if same == quad else '**NO**'} |"
@@ -237,10 +238,10 @@ class _Change(O.HessianFree):
 
     def _solve(self, curvature, product, evaluation, g, run, closure):  # noqa: ANN001, ANN202
         out = super()._solve(curvature, product, evaluation, g, run, closure)
-        probe = O._loss_probe(product)
+        probe = damping_control._loss_probe(product)
         before, self._seen = getattr(self, "_seen", None), probe
         if probe is not None and before is not None:
-            self.change = O._probe_change(before, probe)
+            self.change = damping_control._probe_change(before, probe)
         return out
 
 

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _unseen import Run, interleave, time_to  # noqa: E402
 
 import hessfree  # noqa: E402
+import hessfree._damping_control
 
 torch.set_num_threads(1)
 
@@ -313,12 +314,12 @@ def make_run(name: str, prob: Problem, hf_kwargs: dict | None = None) -> Run:
 
     def step() -> Any:
         if tag and tag.group(1) == "f32floor":
-            share = hessfree.optimizer._precision_share
-            hessfree.optimizer._precision_share = lambda dtype: 1.0
+            share = hessfree._damping_control._precision_share
+            hessfree._damping_control._precision_share = lambda dtype: 1.0
             try:
                 return opt.step(closure)
             finally:
-                hessfree.optimizer._precision_share = share
+                hessfree._damping_control._precision_share = share
         return opt.step(closure)
 
     return Run(name, step, evaluate, opt)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -236,3 +238,17 @@ class ParamVersions:
                 f"`params` {how}. The operator holds the graph of the parameters it was built "
                 f"at, so its products would mix old and new values. {fix}"
             )
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH_OPTIM = os.path.dirname(os.path.abspath(torch.optim.__file__))
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the caller of this function point at
+    the first frame outside hessfree and torch.optim (the user's ``opt.step(...)`` line),
+    however deep in the step it is issued."""
+    level, frame = 2, sys._getframe(2)  # 2: the frame that calls warnings.warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith((_HERE, _TORCH_OPTIM)):
+        level, frame = level + 1, frame.f_back
+    return level

@@ -98,6 +98,14 @@ for such modules and a warning says so once, as the SciPy operators refuse them.
 ``replay_rng=True`` (the default) the model calls share one random draw and the trials another
 (:mod:`hessfree._rng`), and Dropout alone is not warned about.
 
+Where the parts live: this module holds :class:`HessianFree`'s interface (arguments, param
+groups, state dict) and the step's phases (evaluate, solve, backtrack, line search); its mixins
+hold the rest, each with the constants it reads: :mod:`hessfree._closure` (calling the
+closure, reading its styles, the first call's checks), :mod:`hessfree._precond_choice` (which
+preconditioner CG runs with, and its state), :mod:`hessfree._damping_control` (λ, its floors,
+the local phase and the trust radius); :mod:`hessfree._step_types` holds :class:`StepInfo`,
+:class:`StepStatus` and the step's own records.
+
 References:
     Martens (2010), Deep learning via Hessian-free optimization, ICML, §4.
     Nocedal & Wright (2006), Numerical Optimization, 2nd ed., §3.1 (Armijo), §4 (trust region)
@@ -110,33 +118,31 @@ References:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import enum
 import math
-import numbers
-import os
-import re
-import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import damping as _damping
-from ._autograd_hooks import AutogradHook
-from ._checks import check_number, check_reaches_params, closest_name
+from ._checks import caller_stacklevel, check_number, check_reaches_params, closest_name
+from ._closure import Closure, _bounded_outer_gradient, _ClosureCalls
+from ._damping_control import _DampingControl, _loss_probe, _structural_weight
 from ._flat import LOW_PRECISION, ParamLayout, dot
-from ._graph_ops import twice_differentiable_attention, twice_differentiable_weight_norm
 from ._line_search import armijo, backtrack
 from ._line_search import extrapolate as _extrapolate
-from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
+from ._precond_choice import (
+    _BUILT_IN_PRECONDS,
+    _discovering_kfac,
+    _hook_mask,
+    _masked_precond,
+    _PreconditionerChoice,
+    _same,
+)
 from ._rng import StepStream, _batch_seed
 from ._settings import (
     _AUTO_CG_MAX_ITER,
@@ -145,22 +151,28 @@ from ._settings import (
     _SD_CG_MAX_ITER,
     HFSettings,
 )
+from ._step_types import (
+    _ENDS_A_CALL,
+    _NON_FINITE,
+    Convergence,
+    StepInfo,
+    StepStatus,
+    _AtChosen,
+    _Evaluation,
+    _Solution,
+    _StepRun,
+)
 from ._types import MatVec
 from .acceleration import ProductPolicy, accelerate
-from .cg import CGResult, CGStop, _low_precision_product, cg, forcing_term, relative_forcing_term
+from .cg import CGResult, CGStop, cg, forcing_term, relative_forcing_term
 from .curvature import (
     CurvatureProduct,
     FisherProduct,
     GGNProduct,
     HessianProduct,
-    JacobianProduct,
     MCFisherProduct,
     StructurallyDampedGGN,
-    _loss_node,
-    _once_differentiable,
-    _reaches,
     _read_reduction,
-    _reentrant_checkpoint,
 )
 from .distributed import Averager
 from .preconditioning import (
@@ -168,7 +180,6 @@ from .preconditioning import (
     KFACPreconditioner,
     NystromPreconditioner,
     PrecondContext,
-    _Linear,
     _LinearPass,
 )
 
@@ -179,166 +190,10 @@ __all__ = ["Convergence", "HessianFree", "StepInfo", "StepStatus"]
 #: ρ ≈ 1 the trials failed and cost an evaluation each), at most this many times.
 _EXTRAPOLATE_RHO = 1.05
 _EXTRAPOLATE_MAX = 10
-#: On a deterministic objective (Nielsen's rule, adapted λ), a step whose ρ is within
-#: ``_STREAK_RHO`` of 1 extends a streak of such steps; the s-th consecutive one lowers λ by
-#: ``_STREAK_DECREASE`` ** (s − 1) beyond Nielsen's ⅓ (⅓, ⅑, 1/27, ... in all), and any other
-#: step ends the streak (ours; the increase side of Nielsen's ν doubling, mirrored). From
-#: λ₀ = gᵀCg/gᵀg, ⅓ a step had spent whole time budgets with ρ ≈ 1 on every step
-#: (``experiments/README.md``, "unseenfb" and "fblam").
-_STREAK_RHO = 0.1
-_STREAK_DECREASE = 1.0 / 3.0
-#: ``cg_max_iter``/``cg_rtol`` ``'auto'`` on a deterministic objective with positive
-#: semidefinite curvature (Gauss-Newton, Fisher): the local (Newton) phase begins after
-#: ``_NEWTON_STEPS`` consecutive accepted steps at rate 1 (no line-search cut, no
-#: extrapolation) whose :math:`\rho` is within ``_NEWTON_RHO`` of 1 and where :math:`\lambda`'s
-#: share of the step's curvature, :math:`\lambda\|p\|^2 / p^\top C p`, is at most
-#: ``_NEWTON_SHARE``: the model is accurate and the damping no longer shapes the step, the
-#: Gauss-Newton regime of Levenberg-Marquardt (with ``HessianFree._quad_entry``, off by
-#: default, also only for an outer loss quadratic in the outputs: "quadentry"). From there CG is
-#: unpreconditioned (``'auto'``'s K-FAC is dropped), capped at 250 and
-#: :math:`\eta \le \|g_k\|/\|g_1\|`, until a step does not move or moved the loss's Hessian too
-#: far (``_PHASE_RANGE``) (ours; experiments/README.md,
-#: gnquad: on MNIST-1D and digits full batch no rate-1 step had a share below 6.1e-3 and the
-#: late steps extrapolate, ρ 1.2-1.3; on a small-residual fit the share fell below 1e-3 with
-#: ρ ≈ 1 while K-FAC's 5-iteration steps converged linearly).
-_NEWTON_STEPS = 3
-_NEWTON_RHO = 0.25
-_NEWTON_SHARE = 1e-3
-#: The local phase ends where the outer loss's Hessian :math:`H_\ell` changed by more than
-#: this (relative, along a fixed random output-space direction) over the phase's own step
-#: (``HessianFree._check_phase_range``; ours). Measured over the phase's first steps
-#: (experiments/README.md, "phaserule"): 0 on squared-error fits and PINN residual blocks,
-#: 6e-4-1.5e-2 on small realizable soft-target CE/BCE fits, where the phase reaches 1e-13,
-#: and 0.1-1.2 on the decoder, two-head, mixture and tied-LM models, where it costs.
-_PHASE_RANGE = 1.0 / 32.0
-#: ``trust_radius``: a full step with :math:`|\rho - 1| \le` ``_RADIUS_LIFT_RHO`` that ended
-#: inside the ball, while CG has met no negative curvature, lifts :math:`\Delta` (ours; negdelta).
-_RADIUS_LIFT_RHO = 0.1
-#: Relative difference below which the closure's objective at the start of a step counts as
-#: the previous step's ``loss_after`` (float roundoff of a reordered sum stays far below).
-_SAME_OBJECTIVE_RTOL = 1e-5
-#: After a mismatch, this many consecutive matches make the objective deterministic again
-#: (a growing batch that has reached the whole training set; measured on MNIST-1D in
-#: ``experiments/README.md``).
-_SAME_OBJECTIVE_AGAIN = 3
-#: ``relative_min_damping='auto'``: the fraction of the curvature scale on a stochastic
-#: objective (CURVES: λ ≥ 0.28; ``experiments/README.md``, "lamfloor").
-_AUTO_RELATIVE_MIN_DAMPING = 0.01
-#: ``damping_metric='marquardt'``: diag(G) exactly where the outputs have at most this many
-#: entries in all, else from ``_MARQUARDT_PROBES`` Rademacher probes in the outputs' space
-#: (ours: the exact diagonal costs two batched backward passes per output entry).
-_MARQUARDT_EXACT_OUTPUTS = 1024
-_MARQUARDT_PROBES = 8
-
-
-def _precision_share(dtype: torch.dtype) -> float:
-    r"""``min_damping='auto'``'s floor in the gradient's precision, as a share of float32's:
-    1 for float32 and the 16-bit types, :math:`\epsilon_{64}/\epsilon_{32} \approx 1.9
-    \times 10^{-9}` for float64 (ours). 1e-8 of the curvature scale is below float32's
-    resolution, but in float64 it capped the condition number a step resolves at ~1e8: a
-    float64 polynomial least-squares problem stalled at f - f* = 1.5e-6 after 150 steps,
-    where it reaches 3e-17 in 50 with the floor at eps's share (``experiments/README.md``,
-    "unseenfb").
-
-    Example:
-        >>> _precision_share(torch.float32), _precision_share(torch.bfloat16)
-        (1.0, 1.0)
-        >>> round(_precision_share(torch.float64) * 1e9, 2)
-        1.86
-    """
-    return min(1.0, torch.finfo(dtype).eps / torch.finfo(torch.float32).eps)
-
-
-#: On a stochastic objective the relative floor's scale is re-measured (one product along g)
-#: at most every this many steps (``HessianFree._raise_floor``): on K-FAC steps, in the first
-#: ``2 _RISE_WINDOW`` steps (``experiments/README.md``, "cnnmb", "kfacfloor"), and then, as on
-#: plain-CG steps, where the floor is stale (``HessianFree._floor_stale``).
-_FLOOR_EVERY = 4
-#: On plain-CG steps of a stochastic objective (and K-FAC steps after the first 2 windows)
-#: the scale is re-measured at those steps only where the closure's loss, each step's on a
-#: fresh batch, rose: the mean of the last ``_RISE_WINDOW`` steps' above that of the
-#: ``_RISE_WINDOW`` before by more than ``_RISE_Z`` standard errors (``_loss_rose``). A
-#: growing curvature scale then means steps that fit their own batch; without the rise it is
-#: batch noise (``experiments/README.md``, "mbfloor": GRU/LSTM regressions bitwise, CE
-#: classifiers 2-6x lower loss). And only where a step of the window overshot
-#: (``_RISE_NEEDS_OVERSHOOT``, "ratchet2").
-_RISE_WINDOW = 8
-_RISE_Z = 1.0
-#: A step held below the float resolution counts as kept short by λ (and λ is lowered) only
-#: where λ‖p‖² exceeds this many times pᵀCp. At 1 the verdict was rounding's: a first CG step
-#: along g under λ₀ = gᵀCg/gᵀg has λ‖p‖² = pᵀCp exactly, and the float32 comparison flipped
-#: between CPUs (a test passed on one x86 machine and failed on another).
-_DAMPING_DOMINATES = 2.0
-#: A rise must also exceed this share of the earlier window's mean (``_loss_rose``). Off (0):
-#: 0.35 bounded the GRU/LSTM regressions' cost at 400 steps (1.075x the floor without the
-#: rise test vs 1.35x) but cut the GRU classifier's gain on its second seed (0.70x vs 0.215x):
-#: a tie on the five problems' geometric mean (0.71 vs 0.69), with a share fitted to them
-#: (experiments/README.md, "mbratchet"; ``experiments/_mbfloor.py`` passes it).
-_RISE_SHARE = 0.0
-#: A rise re-measures the scale only where a step of the same window overshot its model on
-#: its own batch: ρ below this (``HessianFree._floor_stale``). Off (False): the rise alone
-#: ("mbfloor"'s rule, which ratcheted the floor over long runs: "mbratchet", "ratchet2").
-_RISE_NEEDS_OVERSHOOT = True
-_OVERSHOT_RHO = 0.25
-
-
-def _loss_rose(
-    losses: list[float],
-    window: int = _RISE_WINDOW,
-    z: float = _RISE_Z,
-    share: float = _RISE_SHARE,
-) -> bool:
-    r"""Whether the last ``window`` losses' mean exceeds the ``window`` before's by more than
-    ``z`` standard errors and by more than ``share`` of the earlier mean's magnitude,
-    :math:`\bar b - \bar a > \max(z \sqrt{(s_a^2 + s_b^2)/w},\ \mathrm{share}\,|\bar a|)`
-    (sample variances; ``False`` with fewer than ``2 window`` losses).
-
-    On mini-batches each step's starting loss is on a batch its step was not fitted to, so a
-    rise is evidence from other data that the steps fit their own batches (the relative
-    floor's scale is stale, :meth:`HessianFree._raise_floor`); a curvature scale that only
-    fluctuates with the batch leaves it falling. No product, no host sync: floats the steps
-    already read.
-
-    Example:
-        >>> _loss_rose([1.0, 1.1] * 4 + [2.0, 2.1] * 4), _loss_rose([2.0, 2.1] * 4 + [1.0] * 8)
-        (True, False)
-        >>> rise = [1.0, 1.1] * 4 + [1.2, 1.3] * 4  # 7 s.e., 19 % of the level
-        >>> _loss_rose(rise), _loss_rose(rise, share=0.35)
-        (True, False)
-    """
-    if len(losses) < 2 * window:
-        return False
-    a, b = losses[-2 * window : -window], losses[-window:]
-    before = statistics.fmean(a)
-    rise = statistics.fmean(b) - before
-    spread = math.sqrt((statistics.variance(a) + statistics.variance(b)) / window)
-    return rise > max(z * spread, share * abs(before))
-
-
 #: ``structural_damping='auto'``: μ where the curvature closure returns hidden states (Martens &
 #: Sutskever 2011, §3.3, and ``configs/rnn_addition.yaml``).
 _AUTO_STRUCTURAL_DAMPING = 0.03
 
-#: Preconditioners whose failure on NaN/Inf curvature leaves the step to CG's own check.
-_BUILT_IN_PRECONDS = (NystromPreconditioner, KFACPreconditioner)
-#: ``precond='kfac'`` (and ``'auto'``'s K-FAC): the settings of the scorecard's tuned CURVES
-#: row (``experiments/README.md``, "kfacauto").
-_KFAC_SETTINGS = dict(rank=32, refresh=2)
-#: ``precond='auto'``'s K-FAC only where its ``nn.Linear`` layers hold at least this share of
-#: the optimizer's parameters (ours): K-FAC's mini-batch regime caps CG at 2 iterations, which
-#: left a GRU or LSTM whose head (1% of the parameters) was the only layer nearly
-#: unpreconditioned and 4× behind precond=None (experiments/README.md, "unseen").
-_KFAC_MIN_COVERAGE = 0.5
-#: ``precond='auto'``'s and ``'kfac'``'s K-FAC take ``nn.Conv1d``/``nn.Conv2d`` layers too
-#: (KFC): off, measured worse than K-FAC on the ``nn.Linear`` layers alone on three digits CNNs
-#: (experiments/README.md, "kfacconv"); ``KFACPreconditioner(model, include_conv=True)`` opts in.
-_AUTO_KFAC_CONV = False
-_KFAC_CONV = False
-#: A built-in preconditioner's state before its first step.
-_EMPTY_PRECOND_STATE = {
-    NystromPreconditioner: {"U": None, "eigenvalues": None, "calls": 0},
-    KFACPreconditioner: {"factors": None, "eigen": None, "calls": 0},
-}
 #: Other torch optimizers' hyperparameters: in a param group they would be silently ignored
 #: (``add_param_group``) or mark another optimizer's state dict (``load_state_dict``). Any other
 #: extra key (a user's tag, a scheduler's ``initial_lr`` or ``swa_lr``) is kept, as torch does.
@@ -351,86 +206,6 @@ _FOREIGN_GROUP_KEYS = frozenset(
         "decoupled_weight_decay",
     )
 )
-
-Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
-# torch's messages for data that does not match the parameters (dtype, device, features)
-_MISMATCH = re.compile(
-    r"dtype|scalar type|should be the same|same device|two devices|shapes cannot be multiplied"
-)
-
-
-class StepStatus(str, enum.Enum):
-    """What one :meth:`HessianFree.step` did; each member equals its string value.
-
-    ``StepStatus.CONVERGED == "converged"`` holds and ``str``/``format`` give the value, so
-    code that compares ``StepInfo.status`` with strings keeps working.
-    """
-
-    #: The parameters moved by the accepted step.
-    ACCEPTED = "accepted"
-    #: ``torch.optim.LBFGS``'s tests: :math:`\max_i |g_i| \le` ``tolerance_grad`` at the start
-    #: (returned after one closure call, nothing moved), or no progress: the accepted step
-    #: changed the objective by less than ``tolerance_change`` or every parameter by at most
-    #: ``tolerance_change`` (it was still applied), or a rejected step whose full length
-    #: (× ``lr``) was at most ``tolerance_change`` in every parameter; or a step whose actual
-    #: and predicted changes were below the objective's float resolution (not taken).
-    #: ``StepInfo.converged_by`` says which (a :class:`Convergence`).
-    CONVERGED = "converged"
-    #: No rate passed the line search, or the step was not a descent direction, or the step
-    #: was below the objective's float resolution only because :math:`\lambda` dominated it
-    #: (:math:`\lambda` is then lowered as after :math:`\rho = 1`); nothing moved.
-    LINE_SEARCH_FAILED = "line_search_failed"
-    #: Every group's ``lr`` is 0 (e.g. a scheduler's ``eta_min=0``); one closure call,
-    #: nothing moved, :math:`\lambda` unchanged.
-    ZERO_LR = "zero_lr"
-    #: The closure's loss at the start was NaN or infinite.
-    NON_FINITE_LOSS = "non_finite_loss"
-    #: The gradient at the start had a NaN or infinite entry.
-    NON_FINITE_GRADIENT = "non_finite_gradient"
-    #: A curvature product (or the preconditioner) gave a NaN or infinite value inside CG.
-    NON_FINITE_CURVATURE = "non_finite_curvature"
-    #: No trial point was accepted and one of the trial losses (CG backtracking or line
-    #: search) was NaN or infinite.
-    NON_FINITE_TRIAL_LOSS = "non_finite_trial_loss"
-    #: The first step under ``curvature='auto'`` with a ``(loss, outputs)`` closure: the
-    #: exact Hessian had no positive curvature along the Gauss-Newton step CG found
-    #: (:math:`x^\top H x \le 0 < x^\top G x`, a large-residual fit), so the step was not
-    #: taken (parameters bit-identical, :math:`\lambda` unchanged) and, if the objective is
-    #: then seen deterministic, the next step starts over from here with exact Hessian
-    #: products; on mini-batches Gauss-Newton continues.
-    GAUSS_NEWTON_WITHDRAWN = "gauss_newton_withdrawn"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Convergence(str, enum.Enum):
-    """Which test made a step ``'converged'`` (``StepInfo.converged_by``); equals its string."""
-
-    #: :math:`\max_i |g_i| \le` ``tolerance_grad`` at the start; nothing moved.
-    TOLERANCE_GRAD = "tolerance_grad"
-    #: The objective changed by less than ``tolerance_change``, or every parameter by at most
-    #: that (an accepted step, applied), or a rejected step's full length was at most that.
-    TOLERANCE_CHANGE = "tolerance_change"
-    #: The backtracked step's actual and predicted changes of the objective were both below its
-    #: float resolution (:func:`hessfree.damping.below_resolution`): the step was not taken and
-    #: :math:`\lambda` is unchanged (a float32 loss at its floor; about two closure calls).
-    FLOAT_RESOLUTION = "float_resolution"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-_NON_FINITE = frozenset(
-    {
-        StepStatus.NON_FINITE_LOSS,
-        StepStatus.NON_FINITE_GRADIENT,
-        StepStatus.NON_FINITE_CURVATURE,
-        StepStatus.NON_FINITE_TRIAL_LOSS,
-    }
-)
-
-
 #: ``torch.optim.LBFGS``'s arguments that HessianFree has no use for, and why (the rest of
 #: LBFGS's, ``lr``, ``max_iter``, ``max_eval`` and the tolerances, mean the same here).
 _LBFGS_ONLY = {
@@ -439,20 +214,6 @@ _LBFGS_ONLY = {
     "line_search_fn": "LBFGS's line search; HessianFree backtracks over CG's iterates, then "
     "runs its own (`line_search='armijo'`, the default, or None)",
 }
-
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_TORCH_OPTIM = os.path.dirname(os.path.abspath(torch.optim.__file__))
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` that makes a warning issued by the caller of this function point at
-    the first frame outside hessfree and torch.optim (the user's ``opt.step(...)`` line),
-    however deep in the step it is issued."""
-    level, frame = 2, sys._getframe(2)  # 2: the frame that calls warnings.warn's caller
-    while frame is not None and frame.f_code.co_filename.startswith((_HERE, _TORCH_OPTIM)):
-        level, frame = level + 1, frame.f_back
-    return level
 
 
 def _unknown_argument_message(key: str, value: object) -> str:
@@ -470,225 +231,7 @@ def _unknown_argument_message(key: str, value: object) -> str:
     )
 
 
-#: The steps after which a :meth:`HessianFree.step` call with ``max_iter`` > 1 takes no further
-#: step (LBFGS ends its call on its tolerances too).
-_ENDS_A_CALL = (StepStatus.CONVERGED, StepStatus.ZERO_LR)
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    r"""Diagnostics of one :meth:`HessianFree.step`.
-
-    Attributes:
-        loss: Objective at the start (closure loss plus the L2 term).
-        loss_after: Objective at the accepted point (``loss`` if nothing moved).
-        accepted: Whether the parameters changed (an accepted step, or a ``'converged'`` one
-            whose tiny step was still applied).
-        status: A :class:`StepStatus`; compares equal to its string (``'accepted'``,
-            ``'converged'``, ``'line_search_failed'``, ``'zero_lr'``, ``'non_finite_loss'``,
-            ``'non_finite_gradient'``, ``'non_finite_curvature'``, ``'non_finite_trial_loss'``).
-        rho: Reduction ratio :math:`\rho` of the backtracked step at its full length (rate 1,
-            before the line search): NaN if not computed or the model predicted no decrease;
-            ``-inf`` (Martens' reference code) when that full step increased the objective or
-            gave a non-finite value, *even if the line search then found a decrease at a
-            smaller rate and the step was accepted* (``adapt_damping`` raised :math:`\lambda`).
-        damping: :math:`\lambda` used in this step's CG.
-        next_damping: :math:`\lambda` after the Levenberg-Marquardt update.
-        damping_floor: The lower bound on :math:`\lambda` in effect this step: ``min_damping``,
-            or ``relative_min_damping`` times the curvature scale if that is larger.
-        predicted_change: :math:`q(p) - q(0)` of the undamped model for the backtracked step
-            (:math:`\rho`'s denominator; NaN if not computed).
-        converged_by: For a ``'converged'`` step, which test (a :class:`Convergence`:
-            ``'tolerance_grad'``, ``'tolerance_change'``, ``'float_resolution'``), else None.
-        cg_iters: CG iterations; ``cg_reason`` why CG stopped (a :class:`hessfree.CGStop`
-            value; ``'monitor'``: the objective rose at a stored iterate,
-            ``cg_stop_on_increase``); ``cg_matvecs`` products; ``cg_rtol`` the relative
-            residual tolerance :math:`\eta` CG ran with (NaN if it did not run).
-        precond_matvecs: Curvature products the preconditioner spent this step (a
-            :class:`NystromPreconditioner`'s sketch: ``rank`` on the steps that refresh it).
-        backtrack_iter: CG iteration of the chosen (backtracked) iterate.
-        step_rate: Accepted rate (0 if rejected): the Armijo rate, or a power of 2 above 1
-            when ``extrapolate`` doubled the full step.
-        grad_norm: :math:`\|g\|`.
-        closure_calls: Closure evaluations in this step (curvature closure included).
-        time_products: Seconds spent in curvature products (on CUDA: launch time, async).
-        time_total: Seconds for the whole step.
-        time_phases: Seconds per phase of the step, for profiling: ``'evaluate'`` (the first
-            closure call and the objective), ``'curvature'`` (gradient, curvature closure,
-            product set-up, ``damping='auto'``'s calibration, preconditioner), ``'solve'``
-            (CG), ``'backtrack'`` and ``'line_search'`` (with the parameter update); phases the
-            step did not reach are absent. Host time (on CUDA: launch time, async).
-    """
-
-    loss: float
-    loss_after: float
-    accepted: bool
-    status: StepStatus
-    rho: float = math.nan
-    damping: float = math.nan
-    next_damping: float = math.nan
-    damping_floor: float = math.nan
-    predicted_change: float = math.nan
-    converged_by: Convergence | None = None
-    cg_iters: int = 0
-    cg_reason: str = ""
-    cg_matvecs: int = 0
-    precond_matvecs: int = 0
-    cg_rtol: float = math.nan
-    backtrack_iter: int = 0
-    step_rate: float = 0.0
-    grad_norm: float = math.nan
-    closure_calls: int = 0
-    time_products: float = 0.0
-    time_total: float = 0.0
-    time_phases: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _Evaluation:
-    """The closure's result at the current point, with whatever graph it carries."""
-
-    loss: Tensor
-    outputs: Tensor | None
-    grads: list[Tensor | None] | None  # set when the closure itself called backward()
-    hidden: Tensor | None = None  # for structural damping
-
-
-@dataclass
-class _Counter:
-    calls: int = 0
-    product_time: float = 0.0
-    # replay_rng: every closure call of the step draws the first call's random numbers
-    stream: StepStream | None = None
-
-
-@dataclass
-class _StepRun:
-    """What one step carries from phase to phase (no autograd graph) and reports at its end."""
-
-    state: dict  # the optimizer's global state (λ, step count, failures, warm start)
-    params: list[Tensor]
-    layout: ParamLayout
-    l2: float | Tensor  # κ, a float or per entry
-    lr: float | Tensor
-    damping: float  # λ of this step's CG (NaN until damping='auto' is calibrated)
-    counter: _Counter = field(default_factory=_Counter)
-    t_start: float = field(default_factory=time.perf_counter)
-    t_lap: float = field(init=False)
-    times: dict[str, float] = field(default_factory=dict)  # StepInfo.time_phases
-    loss0: Tensor | None = None  # the closure's loss at θ0, returned by step()
-    f0: float = math.nan  # the objective at θ0 (L2 term included)
-    f_base: float = math.nan  # f(θ0) as the trials see it: f0, or under replay_rng's trial draw
-    uses_backward: bool = False  # the closure calls backward() itself (LBFGS style)
-    report: dict = field(default_factory=dict)  # StepInfo fields known so far
-    bounded: bool = False  # CG's step was bounded by the trust radius (trust_radius)
-    semidefinite: bool = False  # the curvature is positive semidefinite (Gauss-Newton, Fisher)
-    loss_probe: Tensor | tuple[Tensor, ...] | None = None  # H_ℓu, fixed u (_loss_quadratic)
-    trials: dict[int, float] = field(default_factory=dict)  # f at CG iterates, by iteration
-    structural_damping: float = 0.0  # μ in effect (structural_damping='auto' resolved)
-    damped_change: float = math.nan  # ½λpᵀDp (+ structural energy) at the chosen iterate
-    metric: Tensor | None = None  # damping_metric='marquardt': D, flat (None: D = I)
-    at_chosen: _AtChosen | None = None  # phases 4-5's scalars at the chosen iterate (one read)
-    scaled_grad_norm: float = math.nan  # damping_metric='marquardt': ‖D^{-1/2} g‖
-    mask_noise: float = math.nan  # replay_rng: RMS of f(θ0; m1) − f(θ0; m2) over recent steps
-
-    def __post_init__(self) -> None:
-        self.t_lap = self.t_start
-
-    def lap(self, phase: str) -> None:
-        """Add the time since the previous lap to ``phase``."""
-        now = time.perf_counter()
-        self.times[phase] = self.times.get(phase, 0.0) + now - self.t_lap
-        self.t_lap = now
-
-
-@dataclass
-class _Solution:
-    """CG's answer: what phases 3-5 need; detached from every graph but ``structural``'s."""
-
-    g: Tensor  # the gradient (L2 term included)
-    result: CGResult
-    # Structural damping's product, its curvature graph kept until phase 4 takes the energy of
-    # the one iterate backtracking chose (then dropped); None without structural damping.
-    structural: StructurallyDampedGGN | None = None
-
-
-@dataclass(frozen=True)
-class _AtChosen:
-    """Phases 4-5's scalars at the chosen iterate :math:`p`, read to the host together."""
-
-    phi: float  # CG's φ(p), damped model
-    pDp: float  # pᵀDp (D = I, or the Marquardt metric)
-    slope: float  # gᵀp
-    full_change: float  # max |lr · p|: LBFGS' tolerance_change test on a parameter
-
-    @classmethod
-    def read(cls, g: Tensor, result: CGResult, chosen: int, run: _StepRun) -> _AtChosen:
-        """One host read (each is a device sync) instead of one per scalar. Each value is
-        widened to float64 before the stack, exactly, so it equals its own ``float()``."""
-        p = result.iterates[chosen]
-        pDp = dot(p, p) if run.metric is None else dot(p * run.metric, p)
-        values = [result.iterate_phi[chosen], pDp, dot(g, p), (p.abs() * run.lr).max()]
-        return cls(*torch.stack([v.to(torch.float64) for v in values]).tolist())
-
-
-def _create_graph_backward(
-    original, tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
-):
-    try:
-        return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
-    except RuntimeError as err:
-        # DistributedDataParallel's gradient buckets take the gradient in place, which a
-        # gradient that carries its own graph does not allow: torch's message names neither
-        if not (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and "leaf Variable that requires grad is being used in an in-place" in str(err)
-        ):
-            raise
-        raise RuntimeError(
-            f"The closure's backward() failed ({err}) while HessianFree made it build the "
-            "gradient's graph for Hessian products. A model wrapped in "
-            "torch.nn.parallel.DistributedDataParallel does this: its gradient reduction "
-            "cannot take such a gradient. Return `(loss, outputs)` from the closure without "
-            "calling backward() (DDP's forward then works, Gauss-Newton curvature), or give "
-            "HessianFree the unwrapped module's parameters and its process group "
-            "(`process_group=`): it averages the gradient and every product over the ranks "
-            "itself."
-        ) from err
-
-
-def _retaining_grad(original, *args, **kwargs):
-    # A closure's own torch.autograd.grad (e.g. LBFGS style, assigning p.grad by hand) would
-    # free the loss's graph that the curvature products differentiate: keep it (values alike).
-    if len(args) > 3:
-        args = (*args[:3], True, *args[4:])
-    else:
-        kwargs["retain_graph"] = True
-    return original(*args, **kwargs)
-
-
-# Hooks for closure parsing (_autograd_hooks: other threads' calls pass through untouched).
-_GRAD_CALLS = AutogradHook("grad", _retaining_grad)
-_GRAPH_BACKWARD = AutogradHook("backward", _create_graph_backward)
-
-
-def _watch_grad() -> contextlib.AbstractContextManager[list[bool]]:
-    """Record whether this thread calls ``torch.autograd.grad`` inside the block (and make
-    those calls retain their graph)."""
-    return _GRAD_CALLS.active()
-
-
-@contextlib.contextmanager
-def _backward_builds_graph() -> Iterator[list[bool]]:
-    """Make this thread's ``Tensor.backward()`` use ``create_graph=True`` inside the block."""
-    with _GRAPH_BACKWARD.active() as called, warnings.catch_warnings():
-        # The parameter <-> .grad reference cycle it warns about is broken right after.
-        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-        yield called
-
-
-class HessianFree(torch.optim.Optimizer):
+class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.optim.Optimizer):
     r"""Hessian-free optimization (Martens 2010) with a ``torch.optim`` interface.
 
     Args:
@@ -1224,9 +767,7 @@ class HessianFree(torch.optim.Optimizer):
         builders = {
             "martens": EmpiricalFisherDiagonal,
             "nystrom": NystromPreconditioner,
-            "kfac": lambda: KFACPreconditioner._discovering(
-                **_KFAC_SETTINGS, include_conv=_KFAC_CONV
-            ),
+            "kfac": lambda: _discovering_kfac(auto=False),
         }
         self.precond = (
             builders[precond]() if isinstance(precond, str) and precond in builders else precond
@@ -1343,24 +884,6 @@ class HessianFree(torch.optim.Optimizer):
                     f"`{key}` to HessianFree instead of per group."
                 )
 
-    def _stateful_precond(self, create: str | None = None) -> object | None:
-        """The built-in preconditioner whose state persists across steps, if any.
-
-        K-FAC's running factors and Nyström's sketch (``precond='nystrom'`` or ``'kfac'``, or
-        ``'auto'``'s, built on first use, or here with ``create``, the kind's class name) are
-        refreshed every few steps and averaged over all of them: a resumed run continues
-        identically only if they travel with the optimizer's state.
-        """
-        if isinstance(self.precond, _BUILT_IN_PRECONDS):
-            return self.precond
-        if self.precond == "auto" and self._auto_precond is None and create is not None:
-            self._auto_precond = (
-                KFACPreconditioner._discovering(**_KFAC_SETTINGS, include_conv=_AUTO_KFAC_CONV)
-                if create == KFACPreconditioner.__name__
-                else NystromPreconditioner()
-            )
-        return self._auto_precond if self.precond == "auto" else None
-
     def state_dict(self) -> dict:
         """As ``torch.optim.Optimizer.state_dict``, plus ``'precond'``: a built-in
         preconditioner's state (K-FAC's factors and spectra, Nyström's sketch, their step
@@ -1469,58 +992,6 @@ class HessianFree(torch.optim.Optimizer):
         self._current_settings()  # validate what was loaded
         for hook in post_hooks:
             hook(self)
-
-    def _precond_loader(self, saved: object) -> Callable[[], None]:
-        """Check a saved preconditioner state now; return what installs it (after the rest)."""
-        kind = saved.get("type") if isinstance(saved, Mapping) else type(saved).__name__
-        precond = self._stateful_precond(create=None if saved is None else kind)
-        if precond is None:
-            if saved is not None:
-                kind = saved.get("type") if isinstance(saved, Mapping) else type(saved).__name__
-                raise ValueError(
-                    f"`state_dict['precond']` holds a {kind} state, but this optimizer's "
-                    f"precond is {self.precond!r}; build it with the same preconditioner."
-                )
-            return lambda: None
-        fresh = copy.copy(precond)  # loaded and checked here, installed by the caller
-        if saved is None:  # no state saved: start afresh, as a new preconditioner would
-            fresh.load_state_dict(_EMPTY_PRECOND_STATE[type(precond)])
-        else:
-            kind = saved.get("type") if isinstance(saved, Mapping) else None
-            if kind != type(precond).__name__ or "state" not in saved:
-                raise ValueError(
-                    f"`state_dict['precond']` must be {{'type': {type(precond).__name__!r}, "
-                    f"'state': ...}} for this optimizer's {type(precond).__name__}, got "
-                    f"{kind!r}."
-                )
-            if getattr(precond, "_discovered", False):
-                fresh.layers = self._saved_layers(saved["state"])
-            fresh.load_state_dict(saved["state"])
-        return lambda: precond.__dict__.update(fresh.__dict__)
-
-    def _saved_layers(self, state: object) -> list[_Linear]:
-        """``precond='kfac'``'s layers from a saved state's parameter indices."""
-        params = self._params()
-        layers = state.get("layers", []) if isinstance(state, Mapping) else []
-        if layers is None:
-            return []
-        out = []
-        for k, pair in enumerate(layers if isinstance(layers, list | tuple) else [layers]):
-            ok = isinstance(pair, list | tuple) and len(pair) == 2
-            iw, ib = pair if ok else (None, None)
-            ok = ok and all(
-                i is None or (isinstance(i, int) and 0 <= i < len(params)) for i in (iw, ib)
-            )
-            if not ok or iw is None or params[iw].dim() not in (2, 3, 4):
-                raise ValueError(
-                    f"`state_dict['precond']['state']['layers'][{k}]` must be [weight index, "
-                    f"bias index or None] into this optimizer's {len(params)} parameters (a "
-                    f"2-D weight, or a 3-D/4-D convolution's), got {pair!r}: saved for another "
-                    "model?"
-                )
-            kind = "Linear" if params[iw].dim() == 2 else f"Conv{params[iw].dim() - 2}d"
-            out.append(_Linear(params[iw], None if ib is None else params[ib], kind))
-        return out
 
     def __getattr__(self, name: str) -> object:
         """Read a hyperparameter as an attribute (``opt.cg_max_iter``).
@@ -1659,151 +1130,6 @@ class HessianFree(torch.optim.Optimizer):
         )
 
     # ------------------------------------------------------------------------------ closures
-    def _call(
-        self, closure: Closure, counter: _Counter, *, build_graph: bool, uses_backward: bool
-    ) -> _Evaluation:
-        """Evaluate ``closure``; with ``build_graph`` capture what curvature products need.
-
-        Evaluation-only calls run under ``torch.no_grad()`` unless the closure needs autograd
-        itself: when it called ``backward()`` (``uses_backward``) or ``torch.autograd.grad`` (seen
-        during a graph-building call, e.g. a physics-informed residual differentiating the
-        network with respect to its inputs), or when a ``no_grad`` call failed with an autograd
-        error (a closure that imported ``grad`` under another name); the call is then repeated
-        with gradients enabled and later evaluations keep them.
-        """
-        counter.calls += 1
-        stream = counter.stream
-        if stream is not None:
-            stream.before_call(trial=not build_graph)
-        params = self._params()
-        versions = [(p._version, p.data_ptr()) for p in params]
-        try:
-            # every call, not only graph-building ones: f(θ) and the trial losses from one kernel
-            with twice_differentiable_attention(), twice_differentiable_weight_norm():
-                evaluation = self._call_once(closure, build_graph, uses_backward, stream)
-        finally:
-            if stream is not None:
-                stream.after_call()
-        self._check_unmodified(params, versions)
-        return evaluation
-
-    def _check_unmodified(self, params: list[Tensor], versions: list[tuple[int, int]]) -> None:
-        """Refuse a closure that wrote into a parameter (``p.add_``, ``p.clamp_``, ...).
-
-        HessianFree calls the closure at θ and at trial points θ + t·p and compares the losses;
-        a closure that moves the parameters itself makes every comparison wrong and the step
-        lands nowhere the quadratic model meant (measured: accepted steps that drifted by the
-        closure's own change per call, "unseen8"). A write bumps the tensor's version counter.
-        A cuDNN RNN re-homing its weights into one buffer (``flatten_parameters``) bumps it too
-        but moves the storage, so only a write into the same memory counts. A write through
-        ``p.data`` bypasses the counter and goes unseen.
-        """
-        for p, (v, ptr) in zip(params, versions, strict=True):
-            if p._version == v or p.data_ptr() != ptr:
-                continue
-            name = self._param_name(p)
-            raise ValueError(
-                f"The closure modified {name} (shape {tuple(p.shape)}) in place (its version "
-                f"counter went {v} -> {p._version}). HessianFree.step calls the closure at the "
-                "current parameters and at trial points and needs it to only compute the loss "
-                "there; move the update out of the closure (e.g. clamp or project after "
-                "opt.step(closure)). A module that renormalizes its weight in its forward "
-                "writes too (nn.Embedding(max_norm=...)): drop max_norm and renormalize after "
-                "each step (torch.embedding_renorm_ under torch.no_grad()). The parameters keep "
-                "the closure's change; the step made none."
-            )
-
-    def _param_name(self, p: Tensor) -> str:
-        for gi, group in enumerate(self.param_groups):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    return f"`param_groups[{gi}]['params'][{pi}]`"
-        return "a parameter"
-
-    def _call_once(
-        self,
-        closure: Closure,
-        build_graph: bool,
-        uses_backward: bool,
-        stream: StepStream | None,
-    ) -> _Evaluation:
-        if build_graph:
-            # precond='kfac' (or 'auto'): the nn.Linear calls of this call, for K-FAC's factors
-            self._linear_pass = None
-            record = self._records_linears()
-            # convolutions only where measured to help (_AUTO_KFAC_CONV, _KFAC_CONV)
-            conv = _AUTO_KFAC_CONV if self.precond == "auto" else _KFAC_CONV
-            linears = _LinearPass(self._params(), conv=conv) if record else None
-            with (
-                torch.enable_grad(),
-                _backward_builds_graph() as called,
-                _watch_grad() as used,
-                linears.recording() if record else contextlib.nullcontext(),
-            ):
-                result = closure()
-            loss, outputs, hidden = _unpack(self._backward_value(result, bool(called)))
-            self._linear_pass = linears
-            if used:
-                self._closure_uses_autograd = True
-            grads = None
-            if called:
-                params = self._params()
-                grads = [p.grad for p in params]
-                for p in params:  # break the parameter <-> graph-carrying .grad cycle
-                    if p.grad is not None:
-                        p.grad = p.grad.detach()
-            return _Evaluation(loss, outputs, grads, hidden)
-        if uses_backward or self._closure_uses_autograd:
-            with torch.enable_grad():
-                loss, _, _ = _unpack(self._backward_value(closure(), uses_backward))
-            return _Evaluation(loss.detach(), None, None)
-        try:
-            with torch.no_grad():
-                loss, _, _ = _unpack(closure())
-        except (RuntimeError, TypeError):
-            # e.g. "element 0 of tensors does not require grad": retry with autograd on
-            if stream is not None:  # from the same random numbers
-                stream.before_call(trial=True)
-            with torch.enable_grad():
-                loss, _, _ = _unpack(closure())
-            self._closure_uses_autograd = True
-        return _Evaluation(loss.detach(), None, None)
-
-    def _backward_value(self, result: object, called_backward: bool) -> object:
-        """A closure that called ``backward()`` may return ``loss.item()``, as
-        ``torch.optim.LBFGS`` takes ``float(closure())``: the value as a 0-d tensor of the
-        parameters' dtype (the gradient and the Hessian come from ``.grad``)."""
-        if called_backward and isinstance(result, numbers.Real) and not isinstance(result, bool):
-            p = self._params()[0]
-            return torch.tensor(float(result), dtype=p.dtype, device=p.device)
-        return result
-
-    def _objective_at(
-        self,
-        closure: Closure,
-        counter: _Counter,
-        theta0: list[Tensor],
-        d: list[Tensor],
-        t: float,
-        uses_backward: bool,
-        l2: float | Tensor,
-    ) -> float:
-        """:math:`f(\\theta_0 + t d)` including the L2 term; ``inf`` if not finite."""
-        params = self._params()
-        with torch.no_grad():
-            torch._foreach_copy_(params, theta0)
-            torch._foreach_add_(params, d, alpha=t)
-        loss = self._call(closure, counter, build_graph=False, uses_backward=uses_backward).loss
-        f = self._avg.mean_scalar(float(loss), loss) + self._l2(params, l2)
-        return f if math.isfinite(f) else math.inf
-
-    def _l2(self, params: list[Tensor], l2: float | Tensor) -> float:
-        if isinstance(l2, float):
-            if l2 == 0.0:
-                return 0.0
-            return 0.5 * l2 * float(sum(p.detach().square().sum() for p in params))
-        flat = torch.cat([p.detach().reshape(-1) for p in params])
-        return 0.5 * float((l2 * flat.square()).sum())
 
     # ------------------------------------------------------------------------------ curvature
     def _curvature_product(
@@ -1993,22 +1319,6 @@ class HessianFree(torch.optim.Optimizer):
         state["gn_first_step"] = True
         return True
 
-    def _warn_unread_reduction(self) -> None:
-        """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean."""
-        if self._reduction_warned:
-            return
-        self._reduction_warned = True
-        warnings.warn(
-            "curvature='fisher' cannot tell from the loss's autograd graph whether it sums or "
-            "averages the per-example losses (it reads torch losses' `reduction`, and a loss "
-            "that ends in .sum() or .mean() over the examples, times a constant), so it takes "
-            "it for a mean over dimension 0 of the outputs: F = (1/N) sum_i g_i g_i^T. If the "
-            "loss is a sum over the examples, that Fisher is N times too large; pass "
-            "curvature=lambda loss, outputs, params: FisherProduct(loss, outputs, params, "
-            "reduction='sum').matvec, or end the loss in .sum().",
-            stacklevel=_caller_level(),
-        )
-
     def _gradient(
         self, evaluation: _Evaluation, product: object, layout: ParamLayout, params: list[Tensor]
     ) -> Tensor:
@@ -2021,186 +1331,6 @@ class HessianFree(torch.optim.Optimizer):
             )
         check_reaches_params("loss", grads, len(params))  # zero blocks for some, not all
         return layout.cat([None if g is None else g.detach() for g in grads])
-
-    def _records_linears(self) -> bool:
-        """Whether graph-building closure calls record their ``nn.Linear`` calls (K-FAC found
-        by the optimizer: ``precond='kfac'``, or ``'auto'`` until the closure proved unfit)."""
-        if self.precond == "auto":  # under damping_metric='marquardt' 'auto' is Jacobi's
-            return not self._auto_kfac_off and self.settings.damping_metric == "identity"
-        return getattr(self.precond, "_discovered", False)
-
-    def _auto_kfac(self, evaluation: _Evaluation, product: object) -> KFACPreconditioner | None:
-        """``precond='auto'``'s K-FAC, where it applies: one process, float32/64 parameters,
-        one outputs tensor,
-        Gauss-Newton curvature (not Fisher), no hidden states (structural damping) and at least one
-        ``nn.Linear`` of the optimizer's that ran once in the recorded closure call; else
-        ``None``, and no more recording."""
-        kfac = self._auto_precond if isinstance(self._auto_precond, KFACPreconditioner) else None
-        fit = (
-            not self._auto_kfac_off
-            # K-FAC's probes are drawn per rank: two ranks would not take one process's steps
-            and self._avg.world_size == 1
-            # 16-bit parameters: eigh has no float16 kernel on CPU, and K-FAC is unmeasured there
-            and all(p.dtype in (torch.float32, torch.float64) for p in self._params())
-            and isinstance(evaluation.outputs, Tensor)
-            and evaluation.hidden is None
-            and isinstance(product, GGNProduct)
-            and not isinstance(product, FisherProduct | StructurallyDampedGGN)
-            and self._linear_pass is not None
-            and bool(
-                kfac.layers if kfac is not None else self._linear_pass.layers(skip_shared=True)
-            )
-            and (kfac is not None or self._kfac_coverage() >= _KFAC_MIN_COVERAGE)
-        )
-        if not fit:
-            self._auto_kfac_off = True
-            self._linear_pass = None
-            return None
-        if kfac is None:
-            kfac = self._auto_precond = KFACPreconditioner._discovering(
-                **_KFAC_SETTINGS, include_conv=_AUTO_KFAC_CONV
-            )
-        return kfac
-
-    def _kfac_coverage(self) -> float:
-        """The share of the optimizer's parameter entries in the recorded ``nn.Linear`` layers
-        (those that ran once), which ``precond='auto'``'s K-FAC would precondition."""
-        params = self._params()
-        own = {id(p) for p in params}
-        covered = sum(
-            p.numel()
-            for m in self._linear_pass.layers(skip_shared=True)
-            for p in (m.weight, m.bias)
-            if p is not None and id(p) in own
-        )
-        return covered / max(sum(p.numel() for p in params), 1)
-
-    def _preconditioner(
-        self,
-        evaluation: _Evaluation,
-        product: object,
-        params: list[Tensor],
-        lam: float,
-        shift: float | Tensor,
-        *,
-        curv: MatVec,
-        g: Tensor,
-        run: _StepRun,
-    ) -> Tensor | MatVec | None:
-        precond = self.precond
-        lam_diag, shift_diag = lam, shift
-        if run.metric is not None:
-            if precond == "auto":
-                # none: CG runs in Moré's scaled variables, diagonally preconditioned by D
-                # already. K-FAC (and Nyström) see the scalar λ·mean(D) only: under Marquardt
-                # K-FAC ended a scaled-input and a well-scaled MLP fit at 5.8× and 1.8× the
-                # defaults' loss; Jacobi's diag(G) + λD + κ lost to none on 2 of 3 problems
-                # (experiments/README.md, "jacscale")
-                return None
-            # Marquardt's λD: scalar-damped preconditioners (K-FAC, Nyström) get λ·mean(D); a
-            # diagonal one the exact λD, as damping + shift = λ·mean(D) + κ + λ(D − mean(D))
-            mean = float(run.metric.mean())
-            lam_diag, shift_diag = lam * mean, shift + lam * (run.metric - mean)
-            lam = lam_diag
-        if precond == "auto":  # Nyström for residual blocks' Gauss-Newton, K-FAC, or none
-            if isinstance(evaluation.outputs, tuple) and isinstance(product, GGNProduct):
-                if self._auto_precond is None:
-                    self._auto_precond = NystromPreconditioner()
-                ctx = self._curvature_context(product, lam, shift, curv, g, run)
-                return self._auto_precond(ctx)
-            precond = self._auto_kfac(evaluation, product)
-            if precond is None:
-                return None
-            try:
-                return self._outputs_preconditioner(
-                    precond, evaluation, product, params, lam_diag, shift_diag
-                )
-            except ValueError as err:  # a default never raises: K-FAC off from here on
-                self._auto_kfac_off, self._auto_precond = True, None
-                warnings.warn(
-                    f"HessianFree: precond='auto' turned K-FAC off ({err}); pass precond='kfac' "
-                    "to get the error, or precond=None to silence this.",
-                    UserWarning,
-                    stacklevel=_caller_level(),
-                )
-                return None
-        if precond is None:
-            return None
-        if not getattr(precond, "needs_outputs", True):  # curvature products only
-            ctx = self._curvature_context(product, lam, shift, curv, g, run)
-            return _user_precond(precond, ctx)
-        return self._outputs_preconditioner(
-            precond, evaluation, product, params, lam_diag, shift_diag
-        )
-
-    def _outputs_preconditioner(
-        self,
-        precond: object,
-        evaluation: _Evaluation,
-        product: object,
-        params: list[Tensor],
-        lam: float,
-        shift: float | Tensor,
-    ) -> Tensor | MatVec | None:
-        """A preconditioner from the outputs' Jacobian and gradient (K-FAC, Martens' diagonal,
-        a callable), with the layers ``precond='kfac'`` recorded handed over first."""
-        if getattr(precond, "_discovered", False):
-            recorded, self._linear_pass = self._linear_pass, None
-            if recorded is not None:  # None: no graph-building call (cannot happen in step)
-                precond._observe(recorded, skip_shared=self.precond == "auto")
-                recorded.release()
-            if not precond.layers:
-                convs = " (nor nn.Conv1d/nn.Conv2d with groups=1 and zero padding)"
-                raise ValueError(
-                    f"precond='kfac' found no nn.Linear layer{convs if _KFAC_CONV else ''} "
-                    "whose weight is among the optimizer's parameters in the closure's forward "
-                    "pass; pass another precond ('auto', None, 'martens', 'nystrom')"
-                    + (
-                        ""
-                        if _KFAC_CONV
-                        else ", or KFACPreconditioner(model, include_conv=True) for convolutions"
-                    )
-                    + "."
-                )
-        fisher = "The diagonal empirical-Fisher preconditioner"
-        what = (
-            fisher
-            if isinstance(precond, EmpiricalFisherDiagonal)
-            else "K-FAC"
-            if isinstance(precond, KFACPreconditioner)
-            else f"`precond` {precond!r} (a callable without needs_outputs=False)"
-        )
-        if evaluation.outputs is None:
-            raise ValueError(
-                f"{what} needs per-example information: make the closure return "
-                "(loss, outputs), give the callable a `needs_outputs = False` attribute to get "
-                "PrecondContext.curvature and .gradient instead, or pass precond=None."
-            )
-        if isinstance(evaluation.outputs, tuple):
-            raise ValueError(
-                f"{what if isinstance(precond, KFACPreconditioner) else fisher} needs one "
-                "outputs tensor with "
-                "examples along dimension 0, but the closure returned residual blocks "
-                "(loss, (r_1, ..., r_K)); pass precond=None."
-            )
-        if product is not None and product.jacobian is not None:
-            jac, go = product.jacobian, product.output_grad
-        else:
-            jac = JacobianProduct(evaluation.outputs, params)
-            (go,) = torch.autograd.grad(evaluation.loss, evaluation.outputs, retain_graph=True)
-        ctx = PrecondContext(
-            jacobian=jac,
-            output_grad=go,
-            reduction=_reduction_of(evaluation.loss, evaluation.outputs),
-            damping=lam,
-            shift=shift,
-            generator=self._rng(go.device),
-            average=self._avg.mean if self._sharded(product) else _same,
-            loss_hessian=product.loss_hessian
-            if isinstance(product, GGNProduct) and not isinstance(product, FisherProduct)
-            else None,
-        )
-        return _user_precond(precond, ctx)
 
     def _curvature_context(
         self,
@@ -2371,10 +1501,7 @@ class HessianFree(torch.optim.Optimizer):
         run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
         run.lap("evaluate")
         self._observe_objective(state, run.f0)
-        if math.isfinite(run.f0):  # for _loss_rose: the fresh batches' losses
-            recent = state.setdefault("recent_losses", [])
-            recent.append(run.f0)
-            del recent[: -2 * _RISE_WINDOW]
+        self._record_loss(state, run.f0)
         self._track_unfloored(state, run)
         floor = self._relative_floor(state)
         if run.damping < floor:  # the floor rose since the last step (an edit, or 'auto')
@@ -2423,8 +1550,7 @@ class HessianFree(torch.optim.Optimizer):
         elif (
             state.get("deterministic") is False
             and self._relative_fraction(state) > 0
-            and state["step"] % _FLOOR_EVERY == 0
-            and self._floor_due(state)
+            and self._floor_remeasured(state)
         ):  # mini-batches: the floor follows a growing curvature scale ("mbfloor", "cnnmb")
             self._raise_floor(curvature, product, g, g_norm, run)
 
@@ -2469,277 +1595,6 @@ class HessianFree(torch.optim.Optimizer):
         # the structural term is damping, left out of ρ's model: its energy at the chosen
         # iterate only (phase 4), not at every stored one (experiments/README.md, rnnstep)
         return _Solution(g, result, product if run.structural_damping > 0 else None)
-
-    @staticmethod
-    def _observe_objective(state: dict, f0: float) -> None:
-        """Whether the objective is deterministic: the closure's value at the start of this step
-        against the previous step's at the same parameters (``extrapolate='auto'``).
-
-        A mismatch (mini-batches, dropout, parameters changed between steps) switches
-        extrapolation off; a match switches it on if no mismatch was ever seen, else only the
-        ``_SAME_OBJECTIVE_AGAIN``-th consecutive one (a batch that grew to the full set).
-        """
-        previous = state.pop("objective_after", None)
-        if previous is None:
-            return
-        same = math.isclose(f0, previous, rel_tol=_SAME_OBJECTIVE_RTOL, abs_tol=0.0)
-        if not same:
-            state["deterministic"], state["matches"] = False, 0
-            state.pop("newton", None)  # the local phase is for one function (_track_newton)
-            state.pop("newton_streak", None)
-            state.pop("newton_reentry_grad_norm", None)  # _check_phase_range's, for that one
-        elif state.get("deterministic") is False:
-            state["matches"] = state.get("matches", 0) + 1
-            if state["matches"] >= _SAME_OBJECTIVE_AGAIN:
-                state["deterministic"] = True
-        else:
-            state["deterministic"] = True
-
-    def _extrapolating(self, state: dict) -> bool:
-        """Whether an accepted full step may be extended by doubling (``extrapolate``)."""
-        on = self.settings.extrapolate
-        return state.get("deterministic") is True if on == "auto" else on
-
-    def _marquardt_metric(self, product: object, g: Tensor, run: _StepRun) -> Tensor:
-        r"""``damping_metric='marquardt'``: this step's :math:`D`, Moré's running maximum of
-        :math:`\mathrm{diag}(G)` (:func:`hessfree.damping.marquardt_metric`), kept as
-        ``state['damping_diagonal']``; a non-finite diagonal leaves it as it was (the step
-        is then rejected at CG's first product)."""
-        if not isinstance(product, GGNProduct) or isinstance(
-            product, FisherProduct | StructurallyDampedGGN
-        ):
-            raise ValueError(
-                "damping_metric='marquardt' needs Gauss-Newton curvature, but the closure "
-                "returned the loss alone (curvature='auto' is then the Hessian, whose diagonal "
-                "need not be positive); make the closure return (loss, outputs) or "
-                "(loss, (r_1, ..., r_K)), or use damping_metric='identity'."
-            )
-        total = product.jacobian.shape[0]
-        probes = None if total <= _MARQUARDT_EXACT_OUTPUTS else _MARQUARDT_PROBES
-        with torch.enable_grad():
-            diagonal = product.diagonal(num_probes=probes, generator=self._rng(g.device))
-        if self.settings.curvature_batch != "replicated":
-            diagonal = self._avg.mean(diagonal)
-        state = run.state
-        previous = state.get("damping_diagonal")
-        if previous is not None:
-            previous = previous.to(device=g.device, dtype=g.dtype)
-        if not bool(torch.isfinite(diagonal).all()):
-            return (
-                torch.ones_like(g) if previous is None else _damping.marquardt_metric(previous)[0]
-            )
-        metric, state["damping_diagonal"] = _damping.marquardt_metric(diagonal, previous)
-        return metric
-
-    def _calibrate_damping(
-        self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
-    ) -> None:
-        """The curvature scale :math:`|g^\\top C g| / g^\\top D g` (one product), with
-        :math:`D = I + (\\mu/N) J_h^\\top J_h` the metric that :math:`\\lambda` multiplies
-        (:math:`D = I` without structural damping; with it, one more batched Jacobian pass):
-        :math:`\\lambda_0` for ``damping='auto'``, and what ``relative_min_damping`` is a
-        fraction of (kept as ``state['damping_scale']``)."""
-        gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
-        scale = abs(gCg) / gDg if gDg > 0 else math.nan
-        run.state["damping_scale"] = scale if math.isfinite(scale) else 0.0
-        # min_damping='auto' keeps this first scale: the running maximum of _raise_floor raised
-        # MNIST-1D's whole-batch floor 7x and its final loss 3x ("lamscale"); in float64 at
-        # eps's share of it (_precision_share)
-        share = _precision_share(g.dtype)
-        run.state["min_damping_scale"] = run.state["damping_scale"] * share
-        policy = self._damping_policy(run.state)
-        unfloored = self.settings.damping_policy(run.state["min_damping_scale"])
-        if math.isnan(run.damping):
-            lam, shadow = policy.initial(gCg, gDg), unfloored.initial(gCg, gDg)
-        else:  # a given damping, raised to the relative floor if below it
-            lam, shadow = policy.clip(run.damping), unfloored.clip(run.damping)
-        run.damping = run.state["damping"] = lam
-        if self._relative_fraction(run.state) > 0:
-            run.state["damping_unfloored"] = shadow
-        if run.structural_damping > 0:
-            product.weight = _structural_weight(lam, run.structural_damping, product.hidden)
-
-    def _raise_floor(
-        self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
-    ) -> None:
-        r"""The relative floor's scale raised to this step's :math:`|g^\top C g| / g^\top D g`
-        where that is larger (one product along :math:`g`), and :math:`\lambda` to the floor.
-
-        Why: the scale of the first step is a poor one where the curvature grows by orders of
-        magnitude as the network trains. A ReLU CNN on digits at batch 100 (cross-entropy,
-        ``experiments/README.md``, "cnnmb"): the quotient grew 0.2 → 359 in 50 steps, so the
-        floor fixed at the first step let :math:`\lambda` fall to 1e-5 of it; Gauss-Newton
-        steps that fit each 100-case batch then grew the weights' norm 3.4 → 200 and the
-        training-set loss went up. A running maximum, not the latest value, since a
-        mini-batch's quotient along its own noisy gradient jumps from step to step, and the
-        floor is there for the largest curvature the steps meet. When it is measured:
-        :meth:`_floor_due`.
-        """
-        gCg, gDg = self._curvature_along(curvature, product, g, g_norm, run)
-        scale = abs(gCg) / gDg if gDg > 0 else math.nan
-        state = run.state
-        if not (math.isfinite(scale) and scale > state.get("damping_scale", 0.0)):
-            return
-        state["damping_scale"] = scale
-        lam = self._damping_policy(state).clip(run.damping)
-        if lam != run.damping:
-            run.damping = state["damping"] = lam
-            if run.structural_damping > 0:
-                product.weight = _structural_weight(lam, run.structural_damping, product.hidden)
-
-    def _curvature_along(
-        self, curvature: MatVec, product: object, g: Tensor, g_norm: float, run: _StepRun
-    ) -> tuple[float, float]:
-        r""":math:`(g^\top C g, g^\top D g)` (one product; see :meth:`_calibrate_damping`).
-
-        Under ``damping_metric='marquardt'`` along :math:`v = D^{-1}g` instead, CG's first
-        direction in Moré's scaled variables: :math:`(v^\top C v, v^\top D v)`, whose
-        quotient is invariant under a rescaling of the parameters (:math:`g^\top C g` is not).
-        """
-        settings = self.settings
-        v = g if run.metric is None else g / run.metric
-        with torch.enable_grad():
-            if v.dtype in LOW_PRECISION:  # as CG runs it: in float16 on v rescaled, into float32
-                Cv = _low_precision_product(curvature, v, "curvature")(v.float())
-            else:
-                Cv = curvature(v)
-            if settings.curvature_batch != "replicated":
-                Cv = self._avg.mean(Cv)
-            # vᵀCv, κvᵀv, then vᵀDv = gᵀD⁻¹g and ‖J_h g‖² where needed: one host read
-            values = [dot(v, Cv), dot(run.l2 * v, v)]  # C includes the L2 term κ
-            if run.metric is not None:
-                values.append(dot(g, v))
-            if run.structural_damping > 0:
-                # ‖J_h g‖²: the structural term's share of λ's metric along g (same averaging)
-                energy = product.hidden_energy(g.unsqueeze(0))[0] / _examples(product.hidden)
-                if settings.curvature_batch != "replicated":
-                    energy = self._avg.mean(energy)
-                values.append(energy)
-        # widened to float64 first, exactly: each value equals its own float()
-        vCv, l2_vv, *rest = torch.stack([t.to(torch.float64) for t in values]).tolist()
-        gDg = g_norm**2 if run.metric is None else rest.pop(0)
-        if run.structural_damping > 0:
-            gDg += run.structural_damping * rest.pop(0)
-        return vCv + l2_vv, gDg
-
-    def _relative_fraction(self, state: dict) -> float:
-        """``relative_min_damping`` in effect: ``'auto'`` is ``_AUTO_RELATIVE_MIN_DAMPING``
-        on a stochastic objective (:meth:`_observe_objective`) with ``adapt_damping``, and 0
-        otherwise."""
-        c = self.settings.relative_min_damping
-        if c == "auto":  # a fixed λ (adapt_damping=False) is the caller's: not floored
-            stochastic = state.get("deterministic") is False and self.settings.adapt_damping
-            # structural damping (the last step's μ: the floor is set before this step's
-            # closure output resolves it) already damps the steps the floor is there for; on
-            # RNN addition the floor held λ on the plateau (experiments/README.md, "add50d")
-            structural = state.get("structurally_damped", False)
-            c = _AUTO_RELATIVE_MIN_DAMPING if stochastic and not structural else 0.0
-        return c
-
-    def _track_unfloored(self, state: dict, run: _StepRun) -> None:
-        r"""Start, keep or release the :math:`\lambda` the rule would have without the relative
-        floor (``state['damping_unfloored']``, updated by :meth:`_adapt_damping`).
-
-        While the floor is on (``relative_min_damping`` > 0 in effect), the unfloored
-        :math:`\lambda` follows every change the floored one gets, from the same :math:`\rho`
-        but clipped to ``min_damping`` only. When the floor lifts (``'auto'`` on an objective
-        seen deterministic again: a growing batch that became the whole set) :math:`\lambda`
-        drops to it: the floor's steps told the rule that the model was good, and without the
-        release :math:`\lambda` would start from the floor and come down by at most Nielsen's
-        1/3 a step (MNIST-1D's growing batch: ``experiments/README.md``, "release").
-        """
-        if self._relative_fraction(state) > 0:
-            if "damping_unfloored" not in state and not math.isnan(run.damping):
-                state["damping_unfloored"] = run.damping
-        elif "damping_unfloored" in state:
-            self._release_floor(state, run, state.pop("damping_unfloored"))
-
-    @staticmethod
-    def _release_floor(state: dict, run: _StepRun, unfloored: float) -> None:
-        r"""The relative floor lifted: :math:`\lambda` = the unfloored one, if lower."""
-        if unfloored < run.damping:
-            run.damping = state["damping"] = unfloored
-
-    def _adapt_damping(
-        self, state: dict, lam: float, change: Callable[[_damping.DampingPolicy, float], float]
-    ) -> None:
-        r"""``state['damping'] = change(policy, lam)`` under the floored policy, and the same
-        change to the unfloored :math:`\lambda` if one is tracked (:meth:`_track_unfloored`)."""
-        state["damping"] = change(self._damping_policy(state), lam)
-        if "damping_unfloored" in state:
-            shadow = state["damping_unfloored"]
-            new = change(self.settings.damping_policy(state.get("min_damping_scale", 0.0)), shadow)
-            # ρ ≈ 1 of a two-iteration K-FAC step (cg_max_iter='auto' on mini-batches) says the
-            # model is good along that short step, not for the 250-iteration solves that follow
-            # the release: lowered on each, λ reached 1e-8 and MNIST-1D's first whole-batch
-            # steps took 4-18 s (experiments/README.md, "kfac2"); raised, it is kept
-            state["damping_unfloored"] = max(new, shadow) if state.get("cg_capped") else new
-
-    def _floor_due(self, state: dict) -> bool:
-        r"""Whether this ``_FLOOR_EVERY``-th step of a stochastic objective re-measures the
-        relative floor's scale (:meth:`_raise_floor`): where the floor is stale
-        (:meth:`_floor_stale`: the fresh batches' loss rose and a step overshot), and on
-        K-FAC steps also in the first ``2 _RISE_WINDOW`` steps (before :func:`_loss_rose`
-        can judge). Counted in steps, not in the fresh losses kept: a state dict without
-        them (saved before ``recent_losses`` was kept) at step 20 re-entered the window for
-        16 more steps (the same as before wherever at most one of the first 16 losses was
-        non-finite: ``recent_losses`` holds finite ones only).
-
-        Why the first steps: the scale of the first step, at the initial weights, is a poor
-        one where the curvature jumps as soon as training starts. On the mini-batch ReLU CNN
-        of "cnnmb" (``experiments/README.md``) the quotient went 0.2 → 30 by the 4th step, and
-        that one raise is the whole fix there (the scale then stayed put for 90 steps). Why not
-        later, as cnnmb's running maximum did at every 4th step: on CURVES' autoencoder at
-        batch 250 the quotient along the mini-batch gradient grows 28 → 6,000 over 400 steps
-        while the fresh batches' loss falls and λ ≈ 0.3 stays right (ρ ≈ 1); the ratchet held
-        λ at 1 % of it (22 at step 300) and the train error at 21.5 where the fixed floor
-        reached 12 ("kfacfloor"). After the first steps K-FAC steps follow plain CG's rule.
-        """
-        if self._kfac_in_use() and state["step"] < 2 * _RISE_WINDOW:
-            return True
-        return self._floor_stale(state)
-
-    @staticmethod
-    def _floor_stale(state: dict) -> bool:
-        r"""Whether a mini-batch step (on K-FAC: after the first ones) should re-measure the
-        relative floor's scale: the fresh batches' loss rose (:func:`_loss_rose`) *and* one
-        of the last ``_RISE_WINDOW`` steps overshot on its own batch (:math:`\rho < 1/4` or
-        NaN, unless held as mask noise: ``state['overshot_step']``; a step rejected before
-        :math:`\rho`, on a non-finite value, does not count).
-
-        Two pieces of evidence on different data. The rise compares batches a step was not
-        fitted to, so batch-to-batch noise passes it now and then (16 % of checks at 1 s.e.);
-        :math:`\rho` compares one batch before and after its own step (paired: the batch's
-        level cancels), and a step that overshoots its model is what a floor below the
-        curvature lets through. On the GRU/LSTM regressions (6 runs of 400 steps under the
-        fixed floor) none of the 63 rises had an overshoot in its window (0-5 overshoots a
-        run, all before step 14); on the GRU classifier and bag of words 112 of 123 did, on
-        CNN-BN 14 of 37 (``experiments/README.md``, "ratchet2"). ¼ is the
-        Levenberg-Marquardt / trust-region threshold of a poor model (Martens 2010, §4.1;
-        Nocedal & Wright, Algorithm 4.1), not fitted here.
-        """
-        if not _loss_rose(state.get("recent_losses", [])):
-            return False
-        if not _RISE_NEEDS_OVERSHOOT:
-            return True
-        overshot = state.get("overshot_step")
-        return overshot is not None and state["step"] - overshot <= _RISE_WINDOW
-
-    def _relative_floor(self, state: dict) -> float:
-        """``relative_min_damping`` × the curvature scale (0 until that is known), at most
-        ``max_damping``."""
-        floor = self._relative_fraction(state) * state.get("damping_scale", 0.0)
-        return min(floor, self.settings.max_damping)
-
-    def _damping_policy(self, state: dict) -> _damping.DampingPolicy:
-        """:meth:`HFSettings.damping_policy` with its lower bound raised to the relative
-        floor (:meth:`_relative_floor`) where that is higher; ``min_damping='auto'`` is
-        relative to the same curvature scale (:meth:`HFSettings.min_damping_at`)."""
-        policy = self.settings.damping_policy(state.get("min_damping_scale", 0.0))
-        floor = self._relative_floor(state)
-        if floor > policy.min_damping:
-            policy = dataclasses.replace(policy, min_damping=floor)
-        return policy
 
     def _solve(
         self,
@@ -2902,12 +1757,6 @@ class HessianFree(torch.optim.Optimizer):
         run.report["cg_rtol"] = rtol
         return rtol
 
-    def _kfac_in_use(self) -> bool:
-        """Whether CG is preconditioned by K-FAC (``'kfac'``, ``'auto'``'s, or an instance)."""
-        if self.precond == "auto":
-            return isinstance(self._auto_precond, KFACPreconditioner) and not self._auto_kfac_off
-        return isinstance(self.precond, KFACPreconditioner)
-
     def _cg_max_iter(self, run: _StepRun, *, kfac: bool = False) -> int:
         """CG's iteration cap (``cg_max_iter``): ``'auto'`` is 250, 25 on a structurally
         damped step, and on a K-FAC-preconditioned step 2 where the objective is seen
@@ -3062,7 +1911,7 @@ class HessianFree(torch.optim.Optimizer):
                 run.lap("line_search")
                 damped = at.phi - predicted  # ½λ‖p‖² (+ structural)
                 half_pCp = predicted - at.slope
-                if damped > _DAMPING_DOMINATES * half_pCp:  # λ‖p‖² > 2pᵀCp: λ kept p short
+                if self._damping_dominates(damped, half_pCp):  # λ kept p short
                     # not the floor of the loss but of a step λ dominates (a large given or
                     # climbed λ): λ stays too and nothing ever moves; lower it as after ρ = 1
                     self._adapt_damping(
@@ -3074,8 +1923,7 @@ class HessianFree(torch.optim.Optimizer):
             rho = _damping.reduction_ratio(f_chosen - run.f_base, predicted)
             # replay_rng: a poor ρ within the mask noise does not raise λ (dropdefault)
             hold = self._inconclusive(state, run, f_chosen - run.f_base, predicted, rho)
-            if not (rho >= _OVERSHOT_RHO or hold):  # for _floor_stale ("ratchet2")
-                state["overshot_step"] = state["step"]
+            self._note_overshoot(state, rho, hold)  # for _floor_stale ("ratchet2")
 
             def after_step(pol: _damping.DampingPolicy, lam: float) -> float:
                 new = pol.after_step(lam, rho)
@@ -3147,8 +1995,6 @@ class HessianFree(torch.optim.Optimizer):
             run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
 
-    #: ``_STREAK_DECREASE`` (a class attribute so that experiments can compare against 1).
-    _streak_decrease = _STREAK_DECREASE
     #: replay_rng: hold λ on a poor step within the mask noise (a class attribute so that
     #: experiments can compare against replay without it, "dropdefault").
     _hold_within_noise = True
@@ -3194,242 +2040,6 @@ class HessianFree(torch.optim.Optimizer):
         if not (self._hold_within_noise and math.isfinite(run.mask_noise)):
             return False
         return abs(actual - predicted) <= run.mask_noise
-
-    #: The local phase (_NEWTON_STEPS) on or off: a class attribute for experiments/_gnquad.py's
-    #: comparison with the code before it (``False``); not a setting.
-    _newton_phase: ClassVar[bool] = True
-
-    def _track_newton(
-        self, state: dict, run: _StepRun, rho: float, rate: float, share: float
-    ) -> None:
-        r"""Phase 5, an accepted step: whether the local (Newton) phase of a deterministic
-        objective has begun (``state['newton']``; ``_NEWTON_STEPS``), where ``'auto'`` solves
-        with plain CG, a cap of 250 and :math:`\eta \le \|g_k\|/\|g_1\|` (``cg_max_iter``,
-        ``cg_rtol``): inexact Newton with :math:`\eta_k = O(\|g_k\|)`, which converges locally
-        as fast as the exact Gauss-Newton iteration (quadratically on a zero-residual fit;
-        Dembo, Eisenstat & Steihaug 1982, §3). The phase lasts until a step does not move
-        (:meth:`_finish`), the objective changes (:meth:`_observe_objective`) or a phase step
-        changed the loss's Hessian by more than ``_PHASE_RANGE`` (:meth:`_check_phase_range`,
-        which also bounds ‖g‖ for the next start). A growing
-        batch is seen deterministic only after it has been the whole set on
-        ``_SAME_OBJECTIVE_AGAIN`` consecutive steps, so the phase cannot begin while it is
-        partial."""
-        state["newton_share"] = share
-        if state.get("newton"):
-            return
-        accurate = (
-            self._newton_phase
-            and state.get("deterministic") is True  # a grown batch once seen whole again
-            and run.structural_damping == 0
-            and run.semidefinite
-            and not run.bounded
-            and rate == 1.0
-            and abs(rho - 1.0) <= _NEWTON_RHO
-            and share <= _NEWTON_SHARE  # NaN: no
-            and self._loss_quadratic(run)
-            # after a phase left for its range (_check_phase_range): only once ‖g‖ has fallen
-            # by the factor that brings the change over a Newton step within the bound
-            and run.report["grad_norm"] <= state.get("newton_reentry_grad_norm", math.inf)
-        )
-        if not accurate:
-            state.pop("newton_streak", None)
-            return
-        state["newton_streak"] = streak = state.get("newton_streak", 0) + 1
-        if streak >= _NEWTON_STEPS:
-            state["newton"] = True
-
-    #: The local phase's range test (:meth:`_check_phase_range`) on or off, and its bound:
-    #: class attributes for experiments/_phaserule.py (``False``: the phase before it).
-    _phase_exit: ClassVar[bool] = True
-    _phase_range: ClassVar[float] = _PHASE_RANGE
-
-    def _check_phase_range(self, product: object, run: _StepRun) -> None:
-        r"""Phase 2 of a step in the local phase: end the phase if the loss's curvature moved
-        too far over the phase's previous step (``_PHASE_RANGE``; ours).
-
-        :math:`\delta = \|H_\ell(\theta_k) u - H_\ell(\theta_{k-1}) u\|_\infty / \|H_\ell
-        (\theta_{k-1}) u\|_\infty` for the fixed random output-space :math:`u` of
-        :func:`_loss_probe`, between the starts of two consecutive phase steps: the relative
-        change of the outer loss's Hessian over a Newton step, the quantity Newton's local
-        theory asks to be small (Kantorovich: :math:`\|H(\theta + p) - H(\theta)\| \ll \|H\|`
-        over the Newton step :math:`p`; Nocedal & Wright 2006, Thm. 3.5). A sum of squares has
-        :math:`\delta = 0` (the phase is unchanged there); cross-entropy, BCE or a mixture
-        likelihood have :math:`\delta` of the order of the step's change of the outputs.
-        Above the bound the phase ends before this step's solve, and it may begin again only
-        once :math:`\|g\|` has fallen to :math:`\|g_k\|\,` ``_PHASE_RANGE`` :math:`/\delta`
-        (near a minimum the Newton step, and with it :math:`\delta`, shrinks with
-        :math:`\|g\|`). One output-space product and one scalar per phase step (averaged
-        over the ranks, so that all leave together); none for other curvatures (no probe)."""
-        state, g_norm = run.state, run.report["grad_norm"]
-        probe = _loss_probe(product)
-        # in the state, so that a run resumed from state_dict() (or a pickled copy) decides as
-        # the uninterrupted one
-        before = state.pop("phase_probe", None)
-        if probe is not None:
-            state["phase_probe"] = (state["step"], probe, g_norm)
-        if probe is None or before is None or before[0] != state["step"] - 1:
-            return  # the phase's first step, or a curvature without H_ℓ
-        like = probe[0] if isinstance(probe, tuple) else probe
-        change = self._avg.mean_scalar(_probe_change(before[1], probe), like)
-        if change <= self._phase_range:
-            return
-        for key in ("newton", "newton_streak", "warm_start"):
-            # the warm start too: the phase's long solution is the range just found too far,
-            # and K-FAC's 5-iteration solves from it stayed there (ρ = −∞ for ~10 steps)
-            state.pop(key, None)
-        # ‖g‖ where that Newton step was computed (the step's end can have a larger one)
-        bound = before[2] * self._phase_range / change if math.isfinite(change) else 0.0
-        state["newton_reentry_grad_norm"] = bound
-        state.pop("phase_probe", None)
-
-    #: Whether the local phase also needs :meth:`_loss_quadratic` (off: main's entry). Built
-    #: and measured in "quadentry", not adopted: it gained on the deconvolution decoder
-    #: (0.65-0.89× the gap to the teacher at 4-12 s), the two-head and the mixture-density
-    #: models, but a tiny soft-target cross-entropy fit (3-6-4 tanh, realizable) that main's
-    #: phase solves to ~1e-13 stayed at 1e-7-1e-6 under K-FAC's capped steps (1.8-5e5× worse on
-    #: 11 of 12 runs): a full-batch fit where L-BFGS is the incumbent, which the default must
-    #: not give up for a smaller loss where HF loses to Adam either way.
-    _quad_entry: ClassVar[bool] = False
-
-    #: :meth:`_loss_quadratic`'s bound on the relative change of :math:`H_\ell u` from one
-    #: measured step to the next; ``None``: rounding, ``_PROBE_ULPS`` ε of the outputs' dtype
-    #: (a sum of squares gives exactly 0 on CPU). A class attribute for
-    #: experiments/_quadentry.py: a tolerance of 2e-2 let the deconvolution decoder (3e-2-7e-2
-    #: a step at main's entry) into the phase later, as its steps shrank, and lost what the
-    #: exact test gained there ("quadentry").
-    _loss_change_max: ClassVar[float | None] = None
-
-    def _loss_quadratic(self, run: _StepRun) -> bool:
-        r"""Whether the outer loss looks quadratic in the outputs (its Hessian :math:`H_\ell`
-        independent of them), the condition for the local phase besides the streak
-        (:meth:`_track_newton`): :math:`H_\ell u` for one fixed random output-space :math:`u`
-        (:func:`_loss_probe`) equals, to rounding, its value at the previous step where it was
-        measured. For a sum of squares (MSE, a PINN's weighted residual blocks) the
-        Gauss-Newton model is then the exact loss of the linearised network and stays accurate
-        over the phase's long solves; for cross-entropy, BCE or a mixture likelihood
-        :math:`H_\ell` moves with the outputs and the phase's long solves paid off on none of
-        the fits measured (ours; experiments/README.md, "newtonexit", "quadentry"). True where
-        no probe exists (other curvatures: entry as before) or at the first measurement."""
-        probe = run.loss_probe
-        if probe is None:
-            return True
-        before, self._loss_probe_seen = getattr(self, "_loss_probe_seen", None), probe
-        limit = self._loss_change_max
-        if limit is None:
-            dtype = (probe[0] if isinstance(probe, tuple) else probe).dtype
-            limit = _PROBE_ULPS * torch.finfo(dtype).eps
-        return before is None or _probe_change(before, probe) <= limit
-
-    def _good_streak(self, state: dict, rho: float, share: float) -> int:
-        r"""Phase 4: the number of consecutive steps, this one included, whose :math:`\rho`
-        is within ``_STREAK_RHO`` of 1 and whose damping dominated the model
-        (``share`` = :math:`\lambda\|p\|^2 / p^\top C p > 1`), on a deterministic objective
-        under Nielsen's adapted rule (``state['good_streak']``); 0, and the streak ends, on
-        any other step.
-
-        Only a deterministic objective: there :math:`\rho` compares the model with the very
-        function it approximates, so :math:`\rho \approx 1` on steps that :math:`\lambda`
-        kept short is evidence that :math:`\lambda`, not the model, limits them; on
-        mini-batches a good :math:`\rho` measures one batch only. Only while :math:`\lambda`
-        dominates: on a GELU regression a streak that went on once :math:`\lambda` was 4 % of
-        the step's curvature cut :math:`\lambda` 81-fold and the next five steps failed
-        (``experiments/README.md``, "fblam").
-        """
-        settings = self.settings
-        eligible = (
-            state.get("deterministic") is True
-            and settings.adapt_damping
-            and settings.damping_rule == "nielsen"
-            and not state.get("structurally_damped", False)
-            and self._streak_decrease < 1.0
-        )
-        if not (eligible and abs(rho - 1.0) <= _STREAK_RHO and share > 1.0):
-            state.pop("good_streak", None)
-            return 0
-        state["good_streak"] = streak = state.get("good_streak", 0) + 1
-        return streak
-
-    #: Trust-radius rules as class attributes, so that experiments can compare them with main's
-    #: (``experiments/_negdelta.py``, ``_negdelta2.py``): Δ₀ from the curvature scale, the lift
-    #: inside the ball, and Δ after a failed line search. All on: to targets Δ₀ and the lift
-    #: cost 0.79-0.92× on a saddle, 0.91-0.97× on a deep linear net, 0.90-1.12× on the PINN;
-    #: convex Hessian closures are unchanged. They were off because the PINN's loss after 80
-    #: steps ended higher on 3 of 4 seeds; over 20 runs (4 seeds × λ₀ × 0.98-1.02) it is lower,
-    #: gmean 0.63×: a 1 % change of λ₀ alone moves that loss 1.5× (experiments/README.md,
-    #: negdelta and negdelta2).
-    _radius_initial = True
-    _radius_lift = True
-    _radius_after_failure = True
-
-    def _initial_radius(self, state: dict, g: Tensor) -> None:
-        r"""Phase 2, first step with ``trust_radius``: :math:`\Delta_0 = \|g\| / s` with
-        :math:`s = |g^\top C g| / g^\top g` the curvature along :math:`g` measured for
-        ``damping='auto'`` and the relative floor (``state['damping_scale']``; :math:`\lambda_0
-        = s`): the length of the step :math:`-g/s`, scale-free (ours). Left infinite where
-        :math:`s` was not measured or is 0. From a start near a saddle with
-        :math:`\Delta_0 = \infty`, CG's steps along nearly flat directions were ~1e14 long and
-        the first four line searches failed after 61 closure calls each; on a convex problem
-        the first step, :math:`\|(C + \lambda_0 I)^{-1} g\| \le \|g\|/\lambda_0`, ends
-        inside the ball and with :math:`\rho \approx 1` lifts it (``_update_radius``)
-        (experiments/README.md, negcurv and negdelta)."""
-        scale = state.get("damping_scale", 0.0)
-        if self._radius_initial and scale > 0.0:
-            radius = float(g.norm()) / scale
-            if 0.0 < radius < math.inf:
-                state["trust_radius"] = radius
-
-    def _update_radius(
-        self,
-        state: dict,
-        result: CGResult,
-        chosen: int,
-        p: Tensor,
-        rho: float,
-        rate: float,
-        smallest: float = 1.0,
-    ) -> None:
-        r"""Phases 4-5: the trust radius for the next CG (``trust_radius``), from the
-        step's line-search ``rate`` (0: failed, after trying rates down to ``smallest``),
-        :math:`\rho` and where CG stopped. :math:`\Delta = \infty` (``math.inf`` in
-        ``state['trust_radius']``) bounds nothing."""
-        radius = state.get("trust_radius", math.inf)
-        if result.reason is CGStop.NEGATIVE_CURVATURE:
-            state["radius_negative_seen"] = True
-        if 0.0 < rate < 1.0:
-            # the line search walked back along p as backtracking does along CG's path: the
-            # model is trusted as far as the step taken (ours). Without it Δ stayed infinite
-            # through a negative-curvature phase, whose steps the line search cut 5-100×
-            # (experiments/README.md, negcurv)
-            state["trust_radius"] = rate * float(p.norm())
-        elif (
-            rate == 0.0
-            and self._radius_after_failure
-            and state.get("deterministic") is not False
-            and float(p.norm()) > 0.0
-        ):
-            # no rate down to `smallest` decreased f enough: the model is not trusted that far
-            # (ours; main kept Δ: at a saddle with Δ = ∞ four searches failed, 61 calls each).
-            # Not where the objective is seen stochastic: there a search fails on noise, and a
-            # radius of 0.8⁵⁹‖p‖ that only doubles per step froze a noisy quadratic 0.74 from
-            # its minimiser (tests/test_rng.py, noise dominating the gradient)
-            state["trust_radius"] = smallest * float(p.norm())
-        elif chosen < len(result.iterates) - 1:  # backtracking walked back: the model overshot
-            state["trust_radius"] = 2.0 * float(p.norm())
-        elif (
-            self._radius_lift
-            and abs(rho - 1.0) <= _RADIUS_LIFT_RHO
-            and rate >= 1.0
-            and result.reason is not CGStop.TRUST_RADIUS
-            and not state.get("radius_negative_seen", False)
-        ):
-            # the model held where CG stopped of itself, on curvature positive so far (a
-            # convex problem's first step ends inside Δ₀): Δ bounds nothing useful, and
-            # doubling it per step held a convex quadratic's steps to the sphere while λ fell
-            # 3-27× a step. After negative curvature the lift cost the PINN 1.13×
-            # (experiments/README.md, negdelta)
-            state["trust_radius"] = math.inf
-        elif result.reason is CGStop.TRUST_RADIUS and rho > 0.75:
-            state["trust_radius"] = 2.0 * radius
 
     @staticmethod
     def _predicted_change(solution: _Solution, chosen: int, run: _StepRun) -> float:
@@ -3554,102 +2164,9 @@ class HessianFree(torch.optim.Optimizer):
             f"HessianFree: non-finite value in {what}; step rejected, parameters unchanged, "
             f"{raised}.",
             RuntimeWarning,
-            stacklevel=_caller_level(),
+            stacklevel=caller_stacklevel(),
         )
         return self._finish(run, status)
-
-    def _refuse_once_differentiable(self, evaluation: _Evaluation, role: str) -> None:
-        """Refuse a graph through a ``torch.autograd.Function`` whose backward is
-        ``@once_differentiable`` where a curvature product differentiates it again: anywhere
-        for Gauss-Newton and the Hessian, in the model (not the loss) for the empirical Fisher,
-        which needs only the loss's first derivative. Its second derivative came out zero
-        without an error (:func:`~hessfree.curvature._once_differentiable`). Raised before
-        anything moves."""
-        outputs = evaluation.outputs
-        tensors = [evaluation.hidden, *(evaluation.grads or ())]
-        tensors += list(outputs) if isinstance(outputs, tuple | list) else [outputs]
-        fisher = self.settings.curvature in ("fisher", "fisher_mc") and outputs is not None
-        if not fisher:
-            tensors.append(evaluation.loss)
-        found = _once_differentiable([t for t in tensors if isinstance(t, Tensor)])
-        if found is None:
-            return
-        where = "the model (before the outputs)" if fisher else "the loss or the model"
-        raise NotImplementedError(
-            f"The {role}'s graph runs {found.__module__}.{found.__qualname__}, a "
-            "torch.autograd.Function whose backward is marked @once_differentiable, in "
-            f"{where}: curvature products differentiate its backward once more and torch "
-            "silently gives zero there, so the steps would be wrong. Write its backward with "
-            "differentiable torch operations and drop @once_differentiable"
-            + (
-                "; if it is in the loss only, curvature='fisher' with a (loss, outputs) closure "
-                "needs no second derivative there"
-                if not fisher
-                else ""
-            )
-            + ". The parameters are unchanged."
-        )
-
-    def _first_call(
-        self, closure: Closure, role: str, counter: _Counter, layout: ParamLayout
-    ) -> _Evaluation:
-        """A step's graph-building call of ``closure``, with two checks around it.
-
-        Data whose dtype (or device, or features) does not match the parameters gets the
-        operators' hint instead of torch's bare message. The first call of each closure role
-        over the optimizer's life runs with a global forward pre-hook that records train-mode
-        BatchNorm and Dropout modules (their autograd nodes cannot tell: CPU dropout is a plain
-        ``MulBackward0`` and InstanceNorm uses the batch-norm kernel); one warning in all.
-        Dropout alone is no reason to warn under ``replay_rng`` (one mask for the model calls,
-        one for the trials). That first call's graph is also searched for a reentrant
-        ``torch.utils.checkpoint``, which is refused (a walk of the whole graph, ~6 % of a
-        gradient's time on an LSTM, so not at every step: a model that starts checkpointing
-        later goes unseen).
-        """
-        watch = role not in self._watched
-        try:
-            with _stochastic_modules() if watch else contextlib.nullcontext([]) as found:
-                evaluation = self._call(closure, counter, build_graph=True, uses_backward=False)
-        except RuntimeError as err:
-            if isinstance(err, torch.OutOfMemoryError) or not _MISMATCH.search(str(err)):
-                raise
-            raise ValueError(
-                f"The {role} passed to HessianFree.step failed: {err}. {_INPUT_MISMATCH_HINT} "
-                f"The parameters are {layout.dtype} on {layout.device}."
-            ) from err
-        if watch:
-            _refuse_reentrant_checkpoint(evaluation, role)  # and looked for again next time
-            self._refuse_once_differentiable(evaluation, role)
-            if self.settings.curvature in ("auto", "ggn"):  # the blocks' Gauss-Newton matrix
-                _refuse_dependent_blocks(evaluation, role)
-            self._watched.add(role)
-            if self.settings.replay_rng:  # dropout draws one mask per step: one function
-                found = [kind for kind in found if issubclass(kind, _BatchNorm)]
-            if found and not self._warned_stochastic:
-                self._warned_stochastic = True
-                names = [kind.__name__ for kind in found]
-                running = any(issubclass(kind, _BatchNorm) for kind in found)
-                dropout = not all(issubclass(kind, _BatchNorm) for kind in found)
-                warnings.warn(
-                    f"HessianFree: the {role} ran {_stochastic_modules_message(names)}"
-                    + (
-                        ", and every trial evaluation (backtracking, line search) updates "
-                        "BatchNorm's running statistics"
-                        if running
-                        else ""
-                    )
-                    + ". Call model.eval() for the curvature (before step(), or inside a "
-                    "`curvature_closure`)"
-                    + (
-                        ", or pass replay_rng=True (one dropout mask for the model, one for the "
-                        "trials)."
-                        if dropout
-                        else "."
-                    ),
-                    UserWarning,
-                    stacklevel=_caller_level(),
-                )
-        return evaluation
 
 
 def _check_trainable(trained: list[Tensor], when: str = "", fix: str = "") -> None:
@@ -3664,74 +2181,6 @@ def _check_trainable(trained: list[Tensor], when: str = "", fix: str = "") -> No
             f"{[tuple(p.shape) for p in trained]}){when}; HessianFree has nothing to "
             f"optimize{fix}."
         )
-
-
-def _refuse_reentrant_checkpoint(evaluation: _Evaluation, role: str) -> None:
-    """Refuse a graph through ``torch.utils.checkpoint(..., use_reentrant=True)``.
-
-    torch cannot differentiate its backward, and the parameters it wraps are not inputs of its
-    graph node: with a ``(loss, outputs)`` closure they got a zero gradient and zero curvature
-    and never moved; with an LBFGS-style closure their gradient was right but their Hessian
-    rows zero, so CG stepped along them with λ alone (accepted steps, silently off; "unseen12").
-    Raised before anything moves.
-    """
-    outputs = evaluation.outputs
-    tensors = [evaluation.loss, evaluation.hidden, *(evaluation.grads or ())]
-    tensors += list(outputs) if isinstance(outputs, tuple | list) else [outputs]
-    if _reentrant_checkpoint([t for t in tensors if isinstance(t, Tensor)]):
-        raise NotImplementedError(
-            f"The {role}'s graph runs torch.utils.checkpoint with use_reentrant=True, whose "
-            "backward torch cannot differentiate: the parameters inside the checkpointed "
-            "function would get no curvature (and, with a (loss, outputs) closure, no gradient), "
-            "silently. Pass use_reentrant=False to checkpoint (torch's recommended variant), "
-            "which HessianFree differentiates exactly, or drop the checkpoint. The parameters "
-            "are unchanged."
-        )
-
-
-def _refuse_dependent_blocks(evaluation: _Evaluation, role: str) -> None:
-    """Refuse residual blocks one of which is computed from another (Gauss-Newton only).
-
-    A tuple after the loss (a NamedTuple a model returns, ``(logits, features)``, too) is read
-    as residual blocks with :math:`G = J^\\top H_\\ell J` over all of them jointly; autograd's
-    derivative of the loss in an ancestor block runs through its descendant, so the shared
-    path is counted again: 1.26 max |err| / max |entry| against the Gauss-Newton matrix of the
-    logits alone on a 4-5-3 MLP, with accepted steps ("unseen13"). Raised before anything moves.
-    """
-    blocks = evaluation.outputs
-    if not isinstance(blocks, tuple) or len(blocks) < 2:
-        return
-    nodes = [b.grad_fn for b in blocks]
-    for i, node in enumerate(nodes):
-        for j, other in enumerate(nodes):
-            # a multi-output op (split, unbind) gives sibling blocks one node: no ancestor
-            if node is None or other is None or other is node:
-                continue
-            if any(_reaches(n, {other}, set()) for n, _ in node.next_functions):
-                raise ValueError(
-                    f"The {role} returned (loss, blocks) with block {i} computed from block "
-                    f"{j}: a tuple after the loss (a NamedTuple of model outputs too) is read as "
-                    "residual blocks of one Gauss-Newton matrix, and blocks that depend on each "
-                    "other count their shared path twice (wrong curvature, silently). Return the "
-                    "tensor the loss is computed from, e.g. (loss, out.logits), or blocks none "
-                    "of which is computed from another. The parameters are unchanged."
-                )
-
-
-@contextlib.contextmanager
-def _stochastic_modules() -> Iterator[list[type]]:
-    """Record (by class) the train-mode BatchNorm/Dropout modules run inside the block."""
-    found: list[type] = []
-
-    def hook(module: torch.nn.Module, args: object) -> None:
-        if _is_stochastic(module) and type(module) not in found:
-            found.append(type(module))
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
-        yield found
-    finally:
-        handle.remove()
 
 
 # what ``opt.<name>`` reads from the settings (``__getattr__``) and refuses to assign
@@ -3752,85 +2201,9 @@ def _hooks_held(optimizer: torch.optim.Optimizer, name: str) -> Iterator[list[Ca
         setattr(optimizer, name, hooks)
 
 
-#: _loss_probe's u: a generator of its own (no other stream moves), the same u every step
-_PROBE_SEED = 20261203
-#: _loss_quadratic: a relative change of H_ℓu up to this many ε(dtype) is rounding (a margin
-#: for reduction order off the CPU; a quadratic loss gives the same bits there)
-_PROBE_ULPS = 64
-
-
-#: Losses whose gradient in the outputs is bounded whatever the targets (softmax or sigmoid
-#: minus a target: cross-entropy, NLL, BCE with logits). ``_first_step_curvature`` skips them:
-#: the term that makes H indefinite where G is not, the outputs' gradient times the model's
-#: second derivatives, grows with the residuals only for losses like a sum of squares; on the
-#: classifiers and the autoencoder measured xᵀHx / xᵀGx was 0.91-1.18 at step 0, and the
-#: Hessian product cost their first step 1.4-1.7× its CPU time (ours; experiments/README.md,
-#: "first0").
-_BOUNDED_GRADIENT_LOSSES = frozenset(
-    {"NllLossBackward0", "NllLoss2DBackward0", "BinaryCrossEntropyWithLogitsBackward0"}
-)
-
-
-def _bounded_outer_gradient(loss: Tensor, outputs: Tensor) -> bool:
-    """Whether ``loss`` is one of :data:`_BOUNDED_GRADIENT_LOSSES` of ``outputs`` (up to
-    constant factors and reshapes; :func:`hessfree.curvature._loss_node`)."""
-    peeled = _loss_node(loss, outputs)
-    return peeled is not None and type(peeled[0]).__name__ in _BOUNDED_GRADIENT_LOSSES
-
-
-def _loss_probe(product: object) -> Tensor | tuple[Tensor, ...] | None:
-    r""":math:`H_\ell u` of a Gauss-Newton product for a fixed random :math:`u` shaped like its
-    outputs (blocks too), or ``None`` for any other curvature. One output-space product: a
-    closed form, or a double backward through the outputs-to-loss graph only."""
-    if type(product) is not GGNProduct:
-        return None
-    outputs = product.outputs
-    seq = isinstance(outputs, (tuple, list))
-    blocks = tuple(outputs) if seq else (outputs,)
-    gen = torch.Generator(device=blocks[0].device).manual_seed(_PROBE_SEED)
-    u = tuple(torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in blocks)
-    hu = product.loss_hessian(u if seq else u[0])
-    return tuple(t.detach() for t in hu) if isinstance(hu, tuple) else hu.detach()
-
-
-def _probe_change(a: Tensor | tuple[Tensor, ...], b: Tensor | tuple[Tensor, ...]) -> float:
-    r"""The relative change :math:`\max_k \|b_k - a_k\|_\infty / \|a_k\|_\infty` between two
-    :func:`_loss_probe` results (blocks :math:`k`): 0 for a quadratic loss (the same bits on
-    CPU), infinite if the shapes differ."""
-    a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
-        return math.inf
-    change = 0.0
-    for x, y in zip(a, b, strict=True):
-        diff = float((y - x).abs().max()) if x.numel() else 0.0
-        if diff > 0.0:
-            change = max(change, diff / max(float(x.abs().max()), torch.finfo(x.dtype).tiny))
-    return change
-
-
-def _same(t: Tensor) -> Tensor:
-    return t
-
-
 def _copied(state: Mapping) -> dict:
     """A per-parameter state dict with its tensors copied (the step updates some in place)."""
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
-
-
-def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | None:
-    """``precond(ctx)``; a callable's type or attribute error is worded (the usual cause: one
-    written ``r -> M^{-1} r``, as :func:`hessfree.cg`'s ``precond`` is, gets the context)."""
-    if isinstance(precond, EmpiricalFisherDiagonal | KFACPreconditioner | NystromPreconditioner):
-        return precond(ctx)
-    try:
-        return precond(ctx)
-    except (TypeError, AttributeError) as err:
-        raise TypeError(
-            f"`precond` {precond!r} failed on the hessfree.PrecondContext it is called with: "
-            f"{err}. HessianFree calls a precond callable with a PrecondContext and takes the "
-            "diagonal of M (a flat tensor) or a function r -> M^-1 r back; to pass r -> M^-1 r "
-            "itself (as to hessfree.cg), write precond=lambda ctx: apply."
-        ) from err
 
 
 def _scaled_system(
@@ -3886,18 +2259,6 @@ def _checked_curvature(matvec: object) -> MatVec:
     return product
 
 
-def _structural_weight(damping: float, mu: float, hidden: Tensor) -> float:
-    """:math:`\\lambda\\mu/N` of the structural term (0 while ``damping='auto'`` is NaN)."""
-    if math.isnan(damping):
-        return 0.0
-    return damping * mu / _examples(hidden)
-
-
-def _examples(hidden: Tensor) -> int:
-    """:math:`N`, the examples (dimension 0) of the recorded hidden states."""
-    return hidden.shape[0] if hidden.dim() > 0 else 1
-
-
 def _with_weight_decay(
     g: Tensor, l2: float | Tensor, layout: ParamLayout, params: list[Tensor]
 ) -> Tensor:
@@ -3927,67 +2288,6 @@ def _move(
                 torch._foreach_add_(params, layout.split(p * lr), alpha=rate)
 
 
-def _unpack(
-    result: object,
-) -> tuple[Tensor, Tensor | tuple[Tensor, ...] | None, Tensor | None]:
-    """Split a closure's return into ``(loss, outputs or residual blocks or None, hidden)``."""
-    outputs = hidden = None
-    if isinstance(result, (tuple, list)):
-        if len(result) not in (2, 3):
-            raise TypeError(
-                "The closure must return a loss, (loss, outputs), (loss, (r_1, ..., r_K)) or "
-                f"(loss, outputs, hidden), got a {type(result).__name__} of length {len(result)}."
-            )
-        result, outputs, *rest = result
-        hidden = rest[0] if rest else None
-        if (
-            isinstance(result, Tensor)
-            and result.numel() > 1
-            and isinstance(outputs, Tensor)
-            and outputs.numel() == 1
-        ):
-            raise TypeError(
-                f"The closure returned a tensor of shape {tuple(result.shape)} first and a "
-                "scalar second; the order is (loss, outputs): return the loss first."
-            )
-        if isinstance(outputs, (tuple, list)):
-            if not outputs:
-                raise TypeError("The closure's residual blocks must be a non-empty tuple.")
-            for k, r in enumerate(outputs):
-                if not isinstance(r, Tensor):
-                    raise TypeError(
-                        f"The closure's residual block {k} must be a tensor, got "
-                        f"{type(r).__name__}."
-                    )
-            outputs = tuple(outputs)
-        for name, t in (("outputs", outputs), ("hidden states", hidden)):
-            if t is not None and not isinstance(t, (Tensor, tuple)):
-                raise TypeError(
-                    f"The closure's {name} must be a tensor, got {type(t).__name__}"
-                    + (
-                        "; return the tensor the loss is computed from (e.g. (loss, "
-                        "out['logits']) or (loss, out.logits) for a model returning a mapping "
-                        "or a dataclass)."
-                        if name == "outputs"
-                        else "."
-                    )
-                )
-    if not isinstance(result, Tensor) or result.numel() != 1:
-        shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
-        hint = ""
-        if isinstance(result, numbers.Real):
-            hint = (
-                " (a number such as loss.item() only from a closure that calls loss.backward(), "
-                "torch.optim.LBFGS style)"
-            )
-        elif isinstance(result, Tensor) and result.numel() > 1:
-            hint = " (a loss per entry? reduce it: .mean(), or the loss's reduction='mean')"
-        raise TypeError(
-            f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}{hint}."
-        )
-    return (result if result.dim() == 0 else result.reshape(())), outputs, hidden
-
-
 def _decay_reached(x0: Tensor, g: Tensor, layout: ParamLayout, decay: float) -> None:
     """``x0 *= decay`` on the parameters whose block of ``g`` is nonzero, ``x0 *= 0`` on the
     others (in place; one foreach 1-norm of ``g``, one foreach product by 0 or 1).
@@ -4000,42 +2300,3 @@ def _decay_reached(x0: Tensor, g: Tensor, layout: ParamLayout, decay: float) -> 
     norms = torch.stack(torch._foreach_norm(g.split_with_sizes(layout.numels), ord=1))
     keep = (norms != 0).to(x0.dtype)  # a NaN norm keeps the block
     torch._foreach_mul_(list(x0.split_with_sizes(layout.numels)), list(keep.unbind()))
-
-
-def _hook_mask(params: list[Tensor], g: Tensor, layout: ParamLayout) -> Tensor | None:
-    """1 where a parameter with a tensor gradient hook (``register_hook``) has a nonzero
-    gradient entry, 0 where it has a zero one, 1 on parameters without hooks; ``None`` when
-    no parameter has a hook (nothing is masked, and the step is bitwise as before)."""
-    hooked = [bool(getattr(p, "_backward_hooks", None)) for p in params]
-    if not any(hooked):
-        return None
-    blocks = g.split_with_sizes(layout.numels)
-    return torch.cat(
-        [
-            (b != 0).to(g.dtype) if h else torch.ones_like(b)
-            for b, h in zip(blocks, hooked, strict=True)
-        ]
-    )
-
-
-def _masked_precond(precond: MatVec, keep: Tensor) -> MatVec:
-    """``precond`` followed by the gradient hooks' mask (:func:`_hook_mask`): still symmetric
-    positive semidefinite, and definite on the entries CG can reach."""
-
-    def masked(r: Tensor) -> Tensor:
-        return precond(r) * keep
-
-    return masked
-
-
-def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
-    """How the loss combines the examples (:func:`~hessfree.curvature._read_reduction`), and
-    'mean' (PyTorch losses' default) where the graph does not say.
-
-    A torch loss on the outputs (or their ``log_softmax``), also with class ``weight``,
-    ``ignore_index`` or ``pos_weight``, or a hand-written ``.sum()``/``.mean()`` over the
-    examples, each times a constant. Requiring a closed-form loss Hessian here once took a
-    summed weighted cross-entropy for a mean, and reading the top node alone a hand-written
-    ``.sum()`` or ``0.5 * mse_loss(..., reduction='sum')``: their Fisher was N times too large.
-    """
-    return _read_reduction(loss, outputs) or "mean"

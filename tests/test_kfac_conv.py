@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from test_kfac import _context  # the same PrecondContext of a GGN as the linear tests'
 from torch import nn
 
-import hessfree.optimizer
+import hessfree._precond_choice
 from hessfree import HessianFree, KFACPreconditioner
 
 DTYPE = torch.float64
@@ -31,7 +31,7 @@ def _one_thread(one_thread):
 @pytest.fixture
 def kfac_conv(monkeypatch):
     """precond='kfac' with convolutions (off by default: "kfacconv" measured them worse)."""
-    monkeypatch.setattr(hessfree.optimizer, "_KFAC_CONV", True)
+    monkeypatch.setattr(hessfree._precond_choice, "_KFAC_CONV", True)
 
 
 def _dense_ggn(model, x, y, loss_fn) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessfree import GGNProduct, HessianFree
-from hessfree.optimizer import _PROBE_SEED, _loss_probe, _probe_change
+from hessfree._damping_control import _PROBE_SEED, _loss_probe, _probe_change
 
 DTYPE = torch.float64
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessfree import HessianFree
-from hessfree.optimizer import _PHASE_RANGE, _PROBE_SEED
+from hessfree._damping_control import _PHASE_RANGE, _PROBE_SEED
 
 DTYPE = torch.float64
 

@@ -1917,7 +1917,7 @@ def test_relative_min_damping_follows_the_largest_rayleigh_quotient_under_kfac()
     # _FLOOR_EVERY-th one of the first 2 _RISE_WINDOW, each from a closed-form gradient and
     # Hessian at that step's start; without K-FAC (precond=None) it stays the first step's
     # (no loss rise: the test after the first steps, below).
-    from hessfree.optimizer import _FLOOR_EVERY, _RISE_WINDOW
+    from hessfree._damping_control import _FLOOR_EVERY, _RISE_WINDOW
 
     gen = torch.Generator().manual_seed(5)
     scales = [1.0, 2.0, 1.5, 4.0, 5.0, 3.0, 10.0, 6.0, 12.0, 2.0]
@@ -1972,7 +1972,7 @@ def test_relative_min_damping_follows_growing_curvature_where_the_loss_rose_and_
     # plain CG before "ratchet2" (rise alone) raised it on rising-no-overshoot too, K-FAC
     # before "kfacfloor" (cnnmb's running maximum at every 4th step) on all three, the
     # steadily falling loss included (CURVES' defaults: 21.5 train error vs 12).
-    from hessfree.optimizer import _FLOOR_EVERY, _RISE_WINDOW, _RISE_Z
+    from hessfree._damping_control import _FLOOR_EVERY, _RISE_WINDOW, _RISE_Z
 
     steps, w_ = 36, _RISE_WINDOW
     gen = torch.Generator().manual_seed(7)

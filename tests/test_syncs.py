@@ -125,7 +125,7 @@ def test_chosen_scalars_read_together_equal_each_own_read(dtype):
     from types import SimpleNamespace
 
     from hessfree._flat import dot
-    from hessfree.optimizer import _AtChosen
+    from hessfree._step_types import _AtChosen
 
     gen = torch.Generator().manual_seed(0)
     p, g, metric = (torch.randn(50, generator=gen, dtype=torch.float64) for _ in range(3))

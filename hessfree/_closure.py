@@ -1,0 +1,521 @@
+"""How :class:`hessfree.HessianFree` calls a closure and reads what it returns.
+
+The closure styles (``(loss, outputs)``, residual blocks, a bare loss, ``torch.optim.LBFGS``'s
+``backward()`` inside) are told apart here: ``backward()`` and ``torch.autograd.grad`` are
+hooked for the duration of a graph-building call, evaluation-only calls run without a graph
+where they can, and the first call of each closure role is checked for what would make the
+curvature silently wrong (a reentrant checkpoint, a once-differentiable Function, residual
+blocks computed from each other, train-mode BatchNorm or Dropout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import re
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._autograd_hooks import AutogradHook
+from ._checks import caller_stacklevel
+from ._flat import ParamLayout
+from ._graph_ops import twice_differentiable_attention, twice_differentiable_weight_norm
+from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
+from ._rng import StepStream
+from ._step_types import _Counter, _Evaluation
+from .curvature import (
+    _loss_node,
+    _once_differentiable,
+    _reaches,
+    _read_reduction,
+    _reentrant_checkpoint,
+)
+from .preconditioning import (
+    _LinearPass,
+)
+
+Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
+# torch's messages for data that does not match the parameters (dtype, device, features)
+_MISMATCH = re.compile(
+    r"dtype|scalar type|should be the same|same device|two devices|shapes cannot be multiplied"
+)
+
+
+def _create_graph_backward(
+    original, tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
+):
+    try:
+        return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
+    except RuntimeError as err:
+        # DistributedDataParallel's gradient buckets take the gradient in place, which a
+        # gradient that carries its own graph does not allow: torch's message names neither
+        if not (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and "leaf Variable that requires grad is being used in an in-place" in str(err)
+        ):
+            raise
+        raise RuntimeError(
+            f"The closure's backward() failed ({err}) while HessianFree made it build the "
+            "gradient's graph for Hessian products. A model wrapped in "
+            "torch.nn.parallel.DistributedDataParallel does this: its gradient reduction "
+            "cannot take such a gradient. Return `(loss, outputs)` from the closure without "
+            "calling backward() (DDP's forward then works, Gauss-Newton curvature), or give "
+            "HessianFree the unwrapped module's parameters and its process group "
+            "(`process_group=`): it averages the gradient and every product over the ranks "
+            "itself."
+        ) from err
+
+
+def _retaining_grad(original, *args, **kwargs):
+    # A closure's own torch.autograd.grad (e.g. LBFGS style, assigning p.grad by hand) would
+    # free the loss's graph that the curvature products differentiate: keep it (values alike).
+    if len(args) > 3:
+        args = (*args[:3], True, *args[4:])
+    else:
+        kwargs["retain_graph"] = True
+    return original(*args, **kwargs)
+
+
+# Hooks for closure parsing (_autograd_hooks: other threads' calls pass through untouched).
+_GRAD_CALLS = AutogradHook("grad", _retaining_grad)
+_GRAPH_BACKWARD = AutogradHook("backward", _create_graph_backward)
+
+
+def _watch_grad() -> contextlib.AbstractContextManager[list[bool]]:
+    """Record whether this thread calls ``torch.autograd.grad`` inside the block (and make
+    those calls retain their graph)."""
+    return _GRAD_CALLS.active()
+
+
+@contextlib.contextmanager
+def _backward_builds_graph() -> Iterator[list[bool]]:
+    """Make this thread's ``Tensor.backward()`` use ``create_graph=True`` inside the block."""
+    with _GRAPH_BACKWARD.active() as called, warnings.catch_warnings():
+        # The parameter <-> .grad reference cycle it warns about is broken right after.
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        yield called
+
+
+def _refuse_reentrant_checkpoint(evaluation: _Evaluation, role: str) -> None:
+    """Refuse a graph through ``torch.utils.checkpoint(..., use_reentrant=True)``.
+
+    torch cannot differentiate its backward, and the parameters it wraps are not inputs of its
+    graph node: with a ``(loss, outputs)`` closure they got a zero gradient and zero curvature
+    and never moved; with an LBFGS-style closure their gradient was right but their Hessian
+    rows zero, so CG stepped along them with λ alone (accepted steps, silently off; "unseen12").
+    Raised before anything moves.
+    """
+    outputs = evaluation.outputs
+    tensors = [evaluation.loss, evaluation.hidden, *(evaluation.grads or ())]
+    tensors += list(outputs) if isinstance(outputs, tuple | list) else [outputs]
+    if _reentrant_checkpoint([t for t in tensors if isinstance(t, Tensor)]):
+        raise NotImplementedError(
+            f"The {role}'s graph runs torch.utils.checkpoint with use_reentrant=True, whose "
+            "backward torch cannot differentiate: the parameters inside the checkpointed "
+            "function would get no curvature (and, with a (loss, outputs) closure, no gradient), "
+            "silently. Pass use_reentrant=False to checkpoint (torch's recommended variant), "
+            "which HessianFree differentiates exactly, or drop the checkpoint. The parameters "
+            "are unchanged."
+        )
+
+
+def _refuse_dependent_blocks(evaluation: _Evaluation, role: str) -> None:
+    """Refuse residual blocks one of which is computed from another (Gauss-Newton only).
+
+    A tuple after the loss (a NamedTuple a model returns, ``(logits, features)``, too) is read
+    as residual blocks with :math:`G = J^\\top H_\\ell J` over all of them jointly; autograd's
+    derivative of the loss in an ancestor block runs through its descendant, so the shared
+    path is counted again: 1.26 max |err| / max |entry| against the Gauss-Newton matrix of the
+    logits alone on a 4-5-3 MLP, with accepted steps ("unseen13"). Raised before anything moves.
+    """
+    blocks = evaluation.outputs
+    if not isinstance(blocks, tuple) or len(blocks) < 2:
+        return
+    nodes = [b.grad_fn for b in blocks]
+    for i, node in enumerate(nodes):
+        for j, other in enumerate(nodes):
+            # a multi-output op (split, unbind) gives sibling blocks one node: no ancestor
+            if node is None or other is None or other is node:
+                continue
+            if any(_reaches(n, {other}, set()) for n, _ in node.next_functions):
+                raise ValueError(
+                    f"The {role} returned (loss, blocks) with block {i} computed from block "
+                    f"{j}: a tuple after the loss (a NamedTuple of model outputs too) is read as "
+                    "residual blocks of one Gauss-Newton matrix, and blocks that depend on each "
+                    "other count their shared path twice (wrong curvature, silently). Return the "
+                    "tensor the loss is computed from, e.g. (loss, out.logits), or blocks none "
+                    "of which is computed from another. The parameters are unchanged."
+                )
+
+
+@contextlib.contextmanager
+def _stochastic_modules() -> Iterator[list[type]]:
+    """Record (by class) the train-mode BatchNorm/Dropout modules run inside the block."""
+    found: list[type] = []
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        if _is_stochastic(module) and type(module) not in found:
+            found.append(type(module))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
+#: Losses whose gradient in the outputs is bounded whatever the targets (softmax or sigmoid
+#: minus a target: cross-entropy, NLL, BCE with logits). ``_first_step_curvature`` skips them:
+#: the term that makes H indefinite where G is not, the outputs' gradient times the model's
+#: second derivatives, grows with the residuals only for losses like a sum of squares; on the
+#: classifiers and the autoencoder measured xᵀHx / xᵀGx was 0.91-1.18 at step 0, and the
+#: Hessian product cost their first step 1.4-1.7× its CPU time (ours; experiments/README.md,
+#: "first0").
+_BOUNDED_GRADIENT_LOSSES = frozenset(
+    {"NllLossBackward0", "NllLoss2DBackward0", "BinaryCrossEntropyWithLogitsBackward0"}
+)
+
+
+def _bounded_outer_gradient(loss: Tensor, outputs: Tensor) -> bool:
+    """Whether ``loss`` is one of :data:`_BOUNDED_GRADIENT_LOSSES` of ``outputs`` (up to
+    constant factors and reshapes; :func:`hessfree.curvature._loss_node`)."""
+    peeled = _loss_node(loss, outputs)
+    return peeled is not None and type(peeled[0]).__name__ in _BOUNDED_GRADIENT_LOSSES
+
+
+def _unpack(
+    result: object,
+) -> tuple[Tensor, Tensor | tuple[Tensor, ...] | None, Tensor | None]:
+    """Split a closure's return into ``(loss, outputs or residual blocks or None, hidden)``."""
+    outputs = hidden = None
+    if isinstance(result, (tuple, list)):
+        if len(result) not in (2, 3):
+            raise TypeError(
+                "The closure must return a loss, (loss, outputs), (loss, (r_1, ..., r_K)) or "
+                f"(loss, outputs, hidden), got a {type(result).__name__} of length {len(result)}."
+            )
+        result, outputs, *rest = result
+        hidden = rest[0] if rest else None
+        if (
+            isinstance(result, Tensor)
+            and result.numel() > 1
+            and isinstance(outputs, Tensor)
+            and outputs.numel() == 1
+        ):
+            raise TypeError(
+                f"The closure returned a tensor of shape {tuple(result.shape)} first and a "
+                "scalar second; the order is (loss, outputs): return the loss first."
+            )
+        if isinstance(outputs, (tuple, list)):
+            if not outputs:
+                raise TypeError("The closure's residual blocks must be a non-empty tuple.")
+            for k, r in enumerate(outputs):
+                if not isinstance(r, Tensor):
+                    raise TypeError(
+                        f"The closure's residual block {k} must be a tensor, got "
+                        f"{type(r).__name__}."
+                    )
+            outputs = tuple(outputs)
+        for name, t in (("outputs", outputs), ("hidden states", hidden)):
+            if t is not None and not isinstance(t, (Tensor, tuple)):
+                raise TypeError(
+                    f"The closure's {name} must be a tensor, got {type(t).__name__}"
+                    + (
+                        "; return the tensor the loss is computed from (e.g. (loss, "
+                        "out['logits']) or (loss, out.logits) for a model returning a mapping "
+                        "or a dataclass)."
+                        if name == "outputs"
+                        else "."
+                    )
+                )
+    if not isinstance(result, Tensor) or result.numel() != 1:
+        shape = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+        hint = ""
+        if isinstance(result, numbers.Real):
+            hint = (
+                " (a number such as loss.item() only from a closure that calls loss.backward(), "
+                "torch.optim.LBFGS style)"
+            )
+        elif isinstance(result, Tensor) and result.numel() > 1:
+            hint = " (a loss per entry? reduce it: .mean(), or the loss's reduction='mean')"
+        raise TypeError(
+            f"The closure must return a scalar loss tensor (or (loss, outputs)), got {shape}{hint}."
+        )
+    return (result if result.dim() == 0 else result.reshape(())), outputs, hidden
+
+
+def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
+    """How the loss combines the examples (:func:`~hessfree.curvature._read_reduction`), and
+    'mean' (PyTorch losses' default) where the graph does not say.
+
+    A torch loss on the outputs (or their ``log_softmax``), also with class ``weight``,
+    ``ignore_index`` or ``pos_weight``, or a hand-written ``.sum()``/``.mean()`` over the
+    examples, each times a constant. Requiring a closed-form loss Hessian here once took a
+    summed weighted cross-entropy for a mean, and reading the top node alone a hand-written
+    ``.sum()`` or ``0.5 * mse_loss(..., reduction='sum')``: their Fisher was N times too large.
+    """
+    return _read_reduction(loss, outputs) or "mean"
+
+
+class _ClosureCalls:
+    """The optimizer's closure calls (a mixin of :class:`hessfree.HessianFree`)."""
+
+    def _call(
+        self, closure: Closure, counter: _Counter, *, build_graph: bool, uses_backward: bool
+    ) -> _Evaluation:
+        """Evaluate ``closure``; with ``build_graph`` capture what curvature products need.
+
+        Evaluation-only calls run under ``torch.no_grad()`` unless the closure needs autograd
+        itself: when it called ``backward()`` (``uses_backward``) or ``torch.autograd.grad`` (seen
+        during a graph-building call, e.g. a physics-informed residual differentiating the
+        network with respect to its inputs), or when a ``no_grad`` call failed with an autograd
+        error (a closure that imported ``grad`` under another name); the call is then repeated
+        with gradients enabled and later evaluations keep them.
+        """
+        counter.calls += 1
+        stream = counter.stream
+        if stream is not None:
+            stream.before_call(trial=not build_graph)
+        params = self._params()
+        versions = [(p._version, p.data_ptr()) for p in params]
+        try:
+            # every call, not only graph-building ones: f(θ) and the trial losses from one kernel
+            with twice_differentiable_attention(), twice_differentiable_weight_norm():
+                evaluation = self._call_once(closure, build_graph, uses_backward, stream)
+        finally:
+            if stream is not None:
+                stream.after_call()
+        self._check_unmodified(params, versions)
+        return evaluation
+
+    def _check_unmodified(self, params: list[Tensor], versions: list[tuple[int, int]]) -> None:
+        """Refuse a closure that wrote into a parameter (``p.add_``, ``p.clamp_``, ...).
+
+        HessianFree calls the closure at θ and at trial points θ + t·p and compares the losses;
+        a closure that moves the parameters itself makes every comparison wrong and the step
+        lands nowhere the quadratic model meant (measured: accepted steps that drifted by the
+        closure's own change per call, "unseen8"). A write bumps the tensor's version counter.
+        A cuDNN RNN re-homing its weights into one buffer (``flatten_parameters``) bumps it too
+        but moves the storage, so only a write into the same memory counts. A write through
+        ``p.data`` bypasses the counter and goes unseen.
+        """
+        for p, (v, ptr) in zip(params, versions, strict=True):
+            if p._version == v or p.data_ptr() != ptr:
+                continue
+            name = self._param_name(p)
+            raise ValueError(
+                f"The closure modified {name} (shape {tuple(p.shape)}) in place (its version "
+                f"counter went {v} -> {p._version}). HessianFree.step calls the closure at the "
+                "current parameters and at trial points and needs it to only compute the loss "
+                "there; move the update out of the closure (e.g. clamp or project after "
+                "opt.step(closure)). A module that renormalizes its weight in its forward "
+                "writes too (nn.Embedding(max_norm=...)): drop max_norm and renormalize after "
+                "each step (torch.embedding_renorm_ under torch.no_grad()). The parameters keep "
+                "the closure's change; the step made none."
+            )
+
+    def _param_name(self, p: Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    return f"`param_groups[{gi}]['params'][{pi}]`"
+        return "a parameter"
+
+    def _call_once(
+        self,
+        closure: Closure,
+        build_graph: bool,
+        uses_backward: bool,
+        stream: StepStream | None,
+    ) -> _Evaluation:
+        if build_graph:
+            # precond='kfac' (or 'auto'): the nn.Linear calls of this call, for K-FAC's factors
+            self._linear_pass = None
+            record = self._records_linears()
+            conv = self._kfac_takes_conv()
+            linears = _LinearPass(self._params(), conv=conv) if record else None
+            with (
+                torch.enable_grad(),
+                _backward_builds_graph() as called,
+                _watch_grad() as used,
+                linears.recording() if record else contextlib.nullcontext(),
+            ):
+                result = closure()
+            loss, outputs, hidden = _unpack(self._backward_value(result, bool(called)))
+            self._linear_pass = linears
+            if used:
+                self._closure_uses_autograd = True
+            grads = None
+            if called:
+                params = self._params()
+                grads = [p.grad for p in params]
+                for p in params:  # break the parameter <-> graph-carrying .grad cycle
+                    if p.grad is not None:
+                        p.grad = p.grad.detach()
+            return _Evaluation(loss, outputs, grads, hidden)
+        if uses_backward or self._closure_uses_autograd:
+            with torch.enable_grad():
+                loss, _, _ = _unpack(self._backward_value(closure(), uses_backward))
+            return _Evaluation(loss.detach(), None, None)
+        try:
+            with torch.no_grad():
+                loss, _, _ = _unpack(closure())
+        except (RuntimeError, TypeError):
+            # e.g. "element 0 of tensors does not require grad": retry with autograd on
+            if stream is not None:  # from the same random numbers
+                stream.before_call(trial=True)
+            with torch.enable_grad():
+                loss, _, _ = _unpack(closure())
+            self._closure_uses_autograd = True
+        return _Evaluation(loss.detach(), None, None)
+
+    def _backward_value(self, result: object, called_backward: bool) -> object:
+        """A closure that called ``backward()`` may return ``loss.item()``, as
+        ``torch.optim.LBFGS`` takes ``float(closure())``: the value as a 0-d tensor of the
+        parameters' dtype (the gradient and the Hessian come from ``.grad``)."""
+        if called_backward and isinstance(result, numbers.Real) and not isinstance(result, bool):
+            p = self._params()[0]
+            return torch.tensor(float(result), dtype=p.dtype, device=p.device)
+        return result
+
+    def _objective_at(
+        self,
+        closure: Closure,
+        counter: _Counter,
+        theta0: list[Tensor],
+        d: list[Tensor],
+        t: float,
+        uses_backward: bool,
+        l2: float | Tensor,
+    ) -> float:
+        """:math:`f(\\theta_0 + t d)` including the L2 term; ``inf`` if not finite."""
+        params = self._params()
+        with torch.no_grad():
+            torch._foreach_copy_(params, theta0)
+            torch._foreach_add_(params, d, alpha=t)
+        loss = self._call(closure, counter, build_graph=False, uses_backward=uses_backward).loss
+        f = self._avg.mean_scalar(float(loss), loss) + self._l2(params, l2)
+        return f if math.isfinite(f) else math.inf
+
+    def _l2(self, params: list[Tensor], l2: float | Tensor) -> float:
+        if isinstance(l2, float):
+            if l2 == 0.0:
+                return 0.0
+            return 0.5 * l2 * float(sum(p.detach().square().sum() for p in params))
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        return 0.5 * float((l2 * flat.square()).sum())
+
+    def _warn_unread_reduction(self) -> None:
+        """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean."""
+        if self._reduction_warned:
+            return
+        self._reduction_warned = True
+        warnings.warn(
+            "curvature='fisher' cannot tell from the loss's autograd graph whether it sums or "
+            "averages the per-example losses (it reads torch losses' `reduction`, and a loss "
+            "that ends in .sum() or .mean() over the examples, times a constant), so it takes "
+            "it for a mean over dimension 0 of the outputs: F = (1/N) sum_i g_i g_i^T. If the "
+            "loss is a sum over the examples, that Fisher is N times too large; pass "
+            "curvature=lambda loss, outputs, params: FisherProduct(loss, outputs, params, "
+            "reduction='sum').matvec, or end the loss in .sum().",
+            stacklevel=caller_stacklevel(),
+        )
+
+    def _refuse_once_differentiable(self, evaluation: _Evaluation, role: str) -> None:
+        """Refuse a graph through a ``torch.autograd.Function`` whose backward is
+        ``@once_differentiable`` where a curvature product differentiates it again: anywhere
+        for Gauss-Newton and the Hessian, in the model (not the loss) for the empirical Fisher,
+        which needs only the loss's first derivative. Its second derivative came out zero
+        without an error (:func:`~hessfree.curvature._once_differentiable`). Raised before
+        anything moves."""
+        outputs = evaluation.outputs
+        tensors = [evaluation.hidden, *(evaluation.grads or ())]
+        tensors += list(outputs) if isinstance(outputs, tuple | list) else [outputs]
+        fisher = self.settings.curvature in ("fisher", "fisher_mc") and outputs is not None
+        if not fisher:
+            tensors.append(evaluation.loss)
+        found = _once_differentiable([t for t in tensors if isinstance(t, Tensor)])
+        if found is None:
+            return
+        where = "the model (before the outputs)" if fisher else "the loss or the model"
+        raise NotImplementedError(
+            f"The {role}'s graph runs {found.__module__}.{found.__qualname__}, a "
+            "torch.autograd.Function whose backward is marked @once_differentiable, in "
+            f"{where}: curvature products differentiate its backward once more and torch "
+            "silently gives zero there, so the steps would be wrong. Write its backward with "
+            "differentiable torch operations and drop @once_differentiable"
+            + (
+                "; if it is in the loss only, curvature='fisher' with a (loss, outputs) closure "
+                "needs no second derivative there"
+                if not fisher
+                else ""
+            )
+            + ". The parameters are unchanged."
+        )
+
+    def _first_call(
+        self, closure: Closure, role: str, counter: _Counter, layout: ParamLayout
+    ) -> _Evaluation:
+        """A step's graph-building call of ``closure``, with two checks around it.
+
+        Data whose dtype (or device, or features) does not match the parameters gets the
+        operators' hint instead of torch's bare message. The first call of each closure role
+        over the optimizer's life runs with a global forward pre-hook that records train-mode
+        BatchNorm and Dropout modules (their autograd nodes cannot tell: CPU dropout is a plain
+        ``MulBackward0`` and InstanceNorm uses the batch-norm kernel); one warning in all.
+        Dropout alone is no reason to warn under ``replay_rng`` (one mask for the model calls,
+        one for the trials). That first call's graph is also searched for a reentrant
+        ``torch.utils.checkpoint``, which is refused (a walk of the whole graph, ~6 % of a
+        gradient's time on an LSTM, so not at every step: a model that starts checkpointing
+        later goes unseen).
+        """
+        watch = role not in self._watched
+        try:
+            with _stochastic_modules() if watch else contextlib.nullcontext([]) as found:
+                evaluation = self._call(closure, counter, build_graph=True, uses_backward=False)
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError) or not _MISMATCH.search(str(err)):
+                raise
+            raise ValueError(
+                f"The {role} passed to HessianFree.step failed: {err}. {_INPUT_MISMATCH_HINT} "
+                f"The parameters are {layout.dtype} on {layout.device}."
+            ) from err
+        if watch:
+            _refuse_reentrant_checkpoint(evaluation, role)  # and looked for again next time
+            self._refuse_once_differentiable(evaluation, role)
+            if self.settings.curvature in ("auto", "ggn"):  # the blocks' Gauss-Newton matrix
+                _refuse_dependent_blocks(evaluation, role)
+            self._watched.add(role)
+            if self.settings.replay_rng:  # dropout draws one mask per step: one function
+                found = [kind for kind in found if issubclass(kind, _BatchNorm)]
+            if found and not self._warned_stochastic:
+                self._warned_stochastic = True
+                names = [kind.__name__ for kind in found]
+                running = any(issubclass(kind, _BatchNorm) for kind in found)
+                dropout = not all(issubclass(kind, _BatchNorm) for kind in found)
+                warnings.warn(
+                    f"HessianFree: the {role} ran {_stochastic_modules_message(names)}"
+                    + (
+                        ", and every trial evaluation (backtracking, line search) updates "
+                        "BatchNorm's running statistics"
+                        if running
+                        else ""
+                    )
+                    + ". Call model.eval() for the curvature (before step(), or inside a "
+                    "`curvature_closure`)"
+                    + (
+                        ", or pass replay_rng=True (one dropout mask for the model, one for the "
+                        "trials)."
+                        if dropout
+                        else "."
+                    ),
+                    UserWarning,
+                    stacklevel=caller_stacklevel(),
+                )
+        return evaluation
