@@ -21,6 +21,7 @@ runner sets it from the config, so a crashed or hung rank never blocks the other
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -53,8 +54,10 @@ class Averager:
                 "weight each rank by its share of the loss themselves); pass its process "
                 "group, `averager.group`."
             )
+        if isinstance(weight, Tensor) and weight.numel() == 1 and weight.dtype != torch.bool:
+            weight = weight.item()  # e.g. mask.sum(); once, at construction
         if weight is not None and not (
-            isinstance(weight, (int, float))
+            isinstance(weight, numbers.Real)  # numpy's scalars too (a shard's len, np.sum)
             and not isinstance(weight, bool)
             and math.isfinite(weight)
             and weight > 0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -132,9 +133,17 @@ def test_ranks_training_separate_models_are_refused_then_train_in_their_own_grou
 
 
 def test_averager_weight_is_validated():
-    for bad in (0, -2.0, float("nan"), float("inf"), True, "3"):
+    for bad in (0, -2.0, float("nan"), float("inf"), True, "3", np.bool_(True), np.int64(0)):
         with pytest.raises(ValueError, match="finite number > 0"):
             Averager(weight=bad)
+    for bad in (torch.tensor(True), torch.tensor(1j), torch.tensor([2.0, 3.0])):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            Averager(weight=bad)
+    # a shard size as numpy or torch computes it (len of an index array, mask.sum())
+    for good, value in ((np.int64(63), 63.0), (np.float32(2.5), 2.5), (torch.tensor(7), 7.0)):
+        averager = Averager(weight=good)
+        assert averager.weighted and averager.weight == value
+        assert type(averager.weight) is float
     with pytest.raises(TypeError, match="pass its process group"):
         Averager(Averager())
 
