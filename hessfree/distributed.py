@@ -125,16 +125,32 @@ class Averager:
         return float(self.mean(torch.tensor([x], dtype=torch.float64, device=like.device)))
 
     def check_same(self, flat: Tensor) -> None:
-        """Raise if ``flat`` (e.g. the parameters) differs across ranks; two small collectives."""
+        """Raise if ``flat`` (e.g. the parameters) differs across ranks, or if some ranks gave a
+        ``weight`` and others did not; two small collectives.
+
+        The weights' flag rides along because a rank without a weight skips the collective
+        that sums them: its next average would meet the others' sum of weights (two 1-element
+        buffers: no error from the backend, the objective silently summed with a weight).
+        """
         if not self.active or self.world_size == 1:
             return
         n = flat.numel()
         ramp = torch.arange(1, n + 1, dtype=torch.float64, device=flat.device).div_(n)
         x = flat.detach().to(torch.float64)
-        fp = torch.stack([x.sum(), (x * ramp).sum(), x.square().sum()])
+        weighted = torch.tensor(float(self.weighted), dtype=torch.float64, device=flat.device)
+        fp = torch.stack([x.sum(), (x * ramp).sum(), x.square().sum(), weighted])
         hi, lo = fp.clone(), fp.clone()
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
+        if hi[3] != lo[3]:
+            raise ValueError(
+                f"Some of the {self.world_size} ranks gave the Averager a `weight` and others "
+                f"did not (this rank: {'weight=' + repr(self.weight) if self.weighted else 'none'}"
+                "); give every rank its own weight (e.g. its number of examples: "
+                "`process_group=Averager(group, weight=n)`), or none for the plain mean over the "
+                "ranks."
+            )
+        hi, lo = hi[:3], lo[:3]
         if not torch.equal(hi, lo):
             raise ValueError(
                 f"Parameters differ across the {self.world_size} ranks "

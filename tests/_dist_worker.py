@@ -150,6 +150,18 @@ def _weighted_steps(model, Xs, ys, rank: int, out_file: str, steps: int) -> None
         for _ in range(steps):
             opt.step(closure)
         results[key] = [p.detach().clone() for p in model.parameters()]
+    results["mixed"] = ""
+    if dist.is_initialized() and dist.get_world_size() > 1:  # rank 0 weighted, rank 1 not
+        group = Averager(weight=len(ys)) if rank == 0 else None
+        opt = HessianFree(model.parameters(), damping=0.5, process_group=group)
+        try:
+            opt.step(lambda: (F.cross_entropy(model(Xs), ys), model(Xs)))
+        except ValueError as err:
+            results["mixed"] = str(err)
+        results["moved"] = any(
+            not torch.equal(p, q)
+            for p, q in zip(model.parameters(), results["unweighted"], strict=True)
+        )
     if rank == 0:
         torch.save(results, out_file)
 

@@ -118,6 +118,10 @@ def test_ranks_weighted_by_shard_size_equal_the_union(tmp_path):
         float((a - b).abs().max()) for a, b in zip(dp["unweighted"], single["final"], strict=True)
     )
     assert apart > 1e-3, "the unweighted run matched too: the test could not fail"
+    # a weight on rank 0 only: refused on the first step on both ranks (before: the ranks'
+    # collectives went out of step and gloo timed out after 60 s waiting for a recv)
+    assert "Some of the 2 ranks gave the Averager a `weight`" in dp["mixed"]
+    assert "this rank: weight=1.0" in dp["mixed"] and not dp["moved"]
 
 
 def test_ranks_training_separate_models_are_refused_then_train_in_their_own_groups(tmp_path):
