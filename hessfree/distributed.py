@@ -76,6 +76,15 @@ class Averager:
             raise ValueError(
                 "A `process_group` was given but torch.distributed is not initialised."
             )
+        if self.active and group is not None and dist.get_rank(group) < 0:
+            # torch skips a collective on a group this process is not in, with a warning, and
+            # reports a world size of -1: every average came back negated (an ascent step)
+            raise ValueError(
+                f"This process (global rank {dist.get_rank()}) is not a member of the given "
+                "`process_group`: torch would skip its collectives, and the averages here "
+                "would come back negated. Pass a group only on its member ranks; give the "
+                "others a group of their own (`torch.distributed.new_subgroups`) or None."
+            )
         self.world_size = dist.get_world_size(self.group) if self.active else 1
         self.rank = dist.get_rank(self.group) if self.active else 0
         # weighted as soon as a weight is given, even 1.0: another rank may give another, and

@@ -184,6 +184,15 @@ def _separate_steps(Xs, ys, rank: int, world: int, out_file: str, steps: int) ->
         except ValueError as err:
             message = str(err)
         own, _ = dist.new_subgroups(group_size=1)
+        rank0_only = dist.new_group(ranks=[0])  # every rank creates it; rank 1 is outside
+        if rank == 1:
+            try:
+                HessianFree(model.parameters(), process_group=rank0_only)
+                outside = "accepted"
+            except ValueError as err:
+                outside = str(err)
+            with open(out_file + ".outside", "w") as f:
+                f.write(outside)
     opt = HessianFree(model.parameters(), damping=0.5, precond=None, process_group=own)
     for _ in range(steps):
         opt.step(closure)

@@ -132,6 +132,10 @@ def test_ranks_training_separate_models_are_refused_then_train_in_their_own_grou
     dp, alone = _run_against_single(tmp_path, 3, "separate")  # alone: rank 0's shard
     assert "Parameters differ across the 2 ranks" in dp["message"]
     assert "new_subgroups(group_size=1)" in dp["message"]
+    # a group rank 1 is not in: refused there (torch skipped the collectives with a warning
+    # and reported a world size of -1: every average came back negated, an ascent step)
+    outside = (tmp_path / "params-2.pt.outside").read_text()
+    assert "global rank 1) is not a member of the given `process_group`" in outside
     for a, b in zip(dp["final"], alone["final"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
