@@ -44,7 +44,7 @@ _KFAC_DETERMINISTIC_CG_MAX_ITER = 5
 #: has measured it, else this absolute value (the former default ``min_damping=1e-8``; ours).
 #: A fraction keeps the floor where it was for a loss of scale ~1 and moves it with the loss
 #: (``experiments/README.md``, "lamscale"). In float64 the optimizer passes the scale times
-#: eps64/eps32 (``optimizer._precision_share``; "unseenfb").
+#: eps64/eps32 (``_damping_control._precision_share``; "unseenfb").
 AUTO_MIN_DAMPING = 1e-8
 
 
