@@ -15,8 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessfree import (
+    FisherProduct,
     GGNProduct,
+    HessianProduct,
+    JacobianProduct,
+    MCFisherProduct,
+    ParamLayout,
+    StructurallyDampedGGN,
     cg,
+    hvp,
+    trainable,
 )
 
 D = torch.float64
@@ -59,3 +67,84 @@ def test_cg_refuses_a_product_that_modifies_its_argument():
     # CONVERGED tests the recurrence's r against rtol‖b‖; the true residual differs by rounding
     # (~1e-15 on this κ = 6 system), so twice rtol leaves room for it
     assert torch.linalg.vector_norm(A @ plain.x - b) <= 2e-12 * torch.linalg.vector_norm(b)
+
+
+# ---- products: a frozen parameter is named, not autograd's "One of the differentiated ..." ----
+_PRODUCTS = {
+    "hessian": lambda loss, out, h, params: HessianProduct(loss, params),
+    "ggn": lambda loss, out, h, params: GGNProduct(loss, out, params),
+    "fisher": lambda loss, out, h, params: FisherProduct(loss, out, params),
+    "mc_fisher": lambda loss, out, h, params: MCFisherProduct(
+        loss, out, params, generator=torch.Generator().manual_seed(0)
+    ),
+    "jacobian": lambda loss, out, h, params: JacobianProduct(out, params),
+    "structural": lambda loss, out, h, params: StructurallyDampedGGN(
+        loss, out, h, params, weight=0.5
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(_PRODUCTS))
+def test_products_name_a_frozen_parameter(kind):
+    model, x = _mlp()
+    model[0].bias.requires_grad_(False)
+    h = torch.tanh(model[0](x))
+    out = model[2](h)
+    loss = F.mse_loss(out, torch.zeros_like(out))
+    with pytest.raises(ValueError, match=r"`params\[1\]` \(shape \(4,\)\) does not require grad"):
+        _PRODUCTS[kind](loss, out, h, list(model.parameters()))
+    # the fix the message names gives the product over the trained parameters
+    P = _PRODUCTS[kind](loss, out, h, trainable(model))
+    n = sum(p.numel() for p in trainable(model))
+    assert (P.shape[1] if kind == "jacobian" else P.shape[0]) == n
+
+
+def test_structurally_damped_ggn_refuses_residual_blocks():
+    model, x = _mlp()
+    h = torch.tanh(model[0](x))
+    out = model[2](h)
+    loss = F.mse_loss(out, torch.zeros_like(out))
+    params = list(model.parameters())
+    with pytest.raises(TypeError, match="`outputs` must be one tensor for StructurallyDampedGGN"):
+        StructurallyDampedGGN(loss, (out,), h, params, weight=0.5)
+    with pytest.raises(TypeError, match="`weight` must be a real number, got str"):
+        StructurallyDampedGGN(loss, out, h, params, weight="0.5")
+
+
+def test_structurally_damped_ggn_matches_its_formula():
+    """(J_oᵀ H_ℓ J_o + w J_hᵀ J_h) v against Jacobians from torch.func.jacrev, in float64."""
+    model, x = _mlp()
+    params = list(model.parameters())
+    layout = ParamLayout(params)
+    names = [name for name, _ in model.named_parameters()]
+    theta = layout.cat([p.detach() for p in params])
+
+    def trajectory(th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = dict(zip(names, layout.split(th), strict=True))
+        hidden = torch.tanh(F.linear(x, p["0.weight"], p["0.bias"]))
+        return F.linear(hidden, p["2.weight"], p["2.bias"]), hidden
+
+    J_o = torch.func.jacrev(lambda th: trajectory(th)[0])(theta).reshape(-1, theta.numel())
+    J_h = torch.func.jacrev(lambda th: trajectory(th)[1])(theta).reshape(-1, theta.numel())
+    H_l = 2.0 * torch.eye(J_o.shape[0], dtype=D) / J_o.shape[0]  # mse_loss, mean over entries
+    w = 0.7
+    dense = J_o.T @ H_l @ J_o + w * J_h.T @ J_h
+    h = torch.tanh(model[0](x))
+    out = model[2](h)
+    P = StructurallyDampedGGN(F.mse_loss(out, torch.zeros_like(out)), out, h, params, weight=w)
+    V = torch.randn(3, theta.numel(), generator=torch.Generator().manual_seed(1), dtype=D)
+    torch.testing.assert_close(P(V[0]), dense @ V[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(P.matmat(V), V @ dense, rtol=1e-10, atol=1e-12)
+
+
+# ---- hvp: a list for x is named as such ----
+def test_hvp_names_a_list_argument():
+    a, c = torch.ones(2, dtype=D), torch.ones(3, dtype=D)
+
+    def f(a, c):
+        return (a**2).sum() * c.sum()
+
+    with pytest.raises(TypeError, match=r"`x` must be a tensor or a tuple of tensors, got list"):
+        hvp(f, [a, c], (a, c))
+    with pytest.raises(TypeError, match=r"got list; pass tuple\(v\)"):
+        hvp(f, (a, c), [a, c])
