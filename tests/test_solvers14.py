@@ -148,3 +148,37 @@ def test_hvp_names_a_list_argument():
         hvp(f, [a, c], (a, c))
     with pytest.raises(TypeError, match=r"got list; pass tuple\(v\)"):
         hvp(f, (a, c), [a, c])
+
+
+# ---- ParamLayout: cat checks what it flattens; split what it views ----
+def test_param_layout_cat_refuses_misshapen_entries():
+    layout = ParamLayout([torch.zeros(2, 3, dtype=D), torch.zeros(3, dtype=D)])
+    with pytest.raises(ValueError, match=r"`tensors\[0\]` must have shape \(2, 3\).*got \(3, 2\)"):
+        layout.cat([torch.zeros(3, 2, dtype=D), torch.zeros(3, dtype=D)])  # a transposed W
+    with pytest.raises(ValueError, match=r"`tensors\[0\]` must have shape \(2, 3\).*got \(7,\)"):
+        layout.cat([torch.zeros(7, dtype=D), torch.zeros(3, dtype=D)])
+    with pytest.raises(ValueError, match="must hold 2 entries, one per parameter"):
+        layout.cat([torch.zeros(2, 3, dtype=D)])
+    with pytest.raises(TypeError, match=r"`tensors\[1\]` must have dtype torch.float64"):
+        layout.cat([torch.zeros(2, 3, dtype=D), torch.zeros(3)])
+    with pytest.raises(ValueError, match=r"`vec` must be a flat vector of shape \(9,\)"):
+        layout.split(torch.zeros(8, dtype=D))
+    with pytest.raises(ValueError, match=r"got shape \(9, 1\)"):
+        layout.split(torch.zeros(9, 1, dtype=D))
+
+
+def test_param_layout_round_trips_strided_parameters():
+    """channels_last, transposed and 0-element parameters flatten in logical row-major order."""
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.randn(2, 3, 4, 5, generator=gen, dtype=D).to(memory_format=torch.channels_last)
+    params = [conv, torch.randn(5, 4, generator=gen, dtype=D).T, torch.zeros(0, 3, dtype=D)]
+    layout = ParamLayout(params)
+    flat = layout.cat(params)
+    torch.testing.assert_close(flat, torch.cat([p.reshape(-1) for p in params]), rtol=0, atol=0)
+    back = layout.split(flat)
+    assert [t.shape for t in back] == [p.shape for p in params]
+    for t, p in zip(back, params, strict=True):
+        assert torch.equal(t, p)
+    # a strided flat vector splits too (a column of a batch of vectors)
+    batch = torch.stack([flat, -flat], dim=1)
+    assert torch.equal(layout.split(batch[:, 1])[0], -conv)
