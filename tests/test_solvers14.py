@@ -15,15 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from hessfree import (
+    EmpiricalFisherDiagonal,
     FisherProduct,
     GGNProduct,
     HessianProduct,
     JacobianProduct,
+    KFACPreconditioner,
     MCFisherProduct,
+    NystromPreconditioner,
     ParamLayout,
+    PrecondContext,
     StructurallyDampedGGN,
     cg,
     hvp,
+    nystrom_sketch,
     trainable,
 )
 
@@ -182,3 +187,61 @@ def test_param_layout_round_trips_strided_parameters():
     # a strided flat vector splits too (a column of a batch of vectors)
     batch = torch.stack([flat, -flat], dim=1)
     assert torch.equal(layout.split(batch[:, 1])[0], -conv)
+
+
+# ---- Nyström ----
+def test_nystrom_sketch_recovers_a_low_rank_psd_matrix():
+    """Rank-3 PSD matrix, sketch of rank 5: the three eigenvalues, then zeros; U spans them."""
+    gen = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=D)).Q
+    lam = torch.tensor([5.0, 3.0, 1.0, 0, 0, 0, 0, 0], dtype=D)
+    A = Q @ torch.diag(lam) @ Q.T
+    U, est = nystrom_sketch(lambda V: V @ A, 8, 5, generator=torch.Generator().manual_seed(1))
+    # shift ν = √n ε ‖Y‖_F: exact up to a few hundred ulps of the largest eigenvalue
+    torch.testing.assert_close(est, lam[:5], rtol=0, atol=1e-12)
+    torch.testing.assert_close(U[:, :3] @ torch.diag(est[:3]) @ U[:, :3].T, A, rtol=0, atol=1e-12)
+
+
+def test_nystrom_preconditioner_refuses_zero_damping():
+    """A rank above the curvature's leaves zero eigenvalues: μ = 0 gave 0/0, a NaN P⁻¹r."""
+    model, x = _mlp()
+    G = _ggn(model, x)  # 6 examples x 2 outputs: rank <= 12 of 26 parameters
+    ctx = PrecondContext(None, None, "mean", 1e-3, 0.0, curvature=G.matmat, gradient=G.gradient)
+    P = NystromPreconditioner(rank=20)
+    apply = P(ctx)
+    assert float(P.eigenvalues[-1]) == 0.0  # the premise: a zero sketched eigenvalue
+    assert torch.isfinite(apply(G.gradient)).all()
+    for mu in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(
+            ValueError, match=r"NystromPreconditioner needs a positive damping \(finite"
+        ):
+            P.apply_with(mu)
+
+
+# ---- K-FAC used standalone ----
+def test_kfac_operator_checks_its_vector_and_damping():
+    model, x = _mlp()
+    K = KFACPreconditioner(model)
+    G = _ggn(model, x)
+    ctx = PrecondContext(G.jacobian, G.output_grad, "mean", 1e-3, 0.0)
+    apply = K(ctx)
+    assert apply(G.gradient).shape == G.gradient.shape
+    with pytest.raises(ValueError, match=r"`r` must be a flat vector of shape \(26,\).*\(5,\)"):
+        apply(torch.ones(5, dtype=D))
+    with pytest.raises(ValueError, match=r"positive damping \(finite, > 0\), got inf"):
+        K.apply_with(list(model.parameters()), float("inf"))  # gave z = 0 for every r
+    K.remove()
+
+
+# ---- contexts ----
+def test_precond_context_refuses_an_unknown_reduction():
+    with pytest.raises(ValueError, match=r"Unknown `reduction` 'avg'; expected one of"):
+        PrecondContext(None, None, "avg", 1.0, 0.0)
+
+
+def test_empirical_fisher_diagonal_needs_the_outputs():
+    model, x = _mlp()
+    G = _ggn(model, x)
+    ctx = PrecondContext(None, None, "mean", 1e-3, 0.0, curvature=G.matmat, gradient=G.gradient)
+    with pytest.raises(ValueError, match="needs the outputs' Jacobian and output gradient"):
+        EmpiricalFisherDiagonal()(ctx)
