@@ -137,7 +137,17 @@ class ParamLayout:
         self.device = params[0].device
 
     def split(self, vec: Tensor) -> list[Tensor]:
-        """Views of ``vec`` shaped like the parameters (no copy)."""
+        """Views of ``vec`` shaped like the parameters (no copy).
+
+        Raises:
+            ValueError: If ``vec`` is not a 1-D tensor of :attr:`numel` entries (a ``(n, 1)``
+                column was split along its rows, and a short one failed inside torch).
+        """
+        if vec.dim() != 1 or vec.shape[0] != self.numel:
+            raise ValueError(
+                f"`vec` must be a flat vector of shape ({self.numel},), one entry per "
+                f"parameter entry, got shape {tuple(vec.shape)}."
+            )
         # split_with_sizes: Tensor.split's Python wrapper costs as much as the views here
         parts = vec.split_with_sizes(self.numels)
         return [c.view(s) for c, s in zip(parts, self.shapes, strict=True)]
@@ -148,7 +158,38 @@ class ParamLayout:
         ``None`` entries (parameters an expression does not depend on) become zeros; sparse
         ones (``nn.Embedding(sparse=True)``'s gradients) are made dense, as
         ``torch.optim.LBFGS`` does.
+
+        Raises:
+            ValueError: If there is not one entry per parameter, or an entry's shape differs
+                from its parameter's (flattening it would shift every later entry silently).
+            TypeError: If an entry's dtype differs from the parameters' (``torch.cat`` would
+                promote, or return another dtype, silently).
+
+        Example:
+            >>> layout = ParamLayout([torch.zeros(2, 3), torch.zeros(3)])
+            >>> layout.cat([torch.ones(3, 2), None])
+            Traceback (most recent call last):
+            ...
+            ValueError: `tensors[0]` must have shape (2, 3) like params[0], got (3, 2).
         """
+        if len(tensors) != len(self.shapes):
+            raise ValueError(
+                f"`tensors` must hold {len(self.shapes)} entries, one per parameter (None for "
+                f"zeros), got {len(tensors)}."
+            )
+        for i, (t, shape) in enumerate(zip(tensors, self.shapes, strict=True)):
+            if t is None:
+                continue
+            if t.shape != shape:
+                raise ValueError(
+                    f"`tensors[{i}]` must have shape {tuple(shape)} like params[{i}], "
+                    f"got {tuple(t.shape)}."
+                )
+            if t.dtype != self.dtype:
+                raise TypeError(
+                    f"`tensors[{i}]` must have dtype {self.dtype} like the parameters, "
+                    f"got {t.dtype}."
+                )
         parts = [
             torch.zeros(n, dtype=self.dtype, device=self.device)
             if t is None

@@ -228,7 +228,8 @@ def cg(
         rtol: Relative residual tolerance, a finite real >= 0.
         atol: Absolute residual tolerance, a finite real >= 0.
         precond: :math:`M^{-1}` for a symmetric positive-definite :math:`M`: ``None``
-            (no preconditioning), a callable :math:`r \mapsto M^{-1} r`, or a 1-D tensor
+            (no preconditioning), a callable :math:`r \mapsto M^{-1} r` that must not modify
+            its argument (it may return it: the identity), or a 1-D tensor
             ``d`` like ``b`` holding the (positive) diagonal of :math:`M`, so
             :math:`z = r / d`.
         progress_tol: :math:`\epsilon` of the relative-progress test, a finite real > 0;
@@ -262,7 +263,8 @@ def cg(
         ValueError: If a number argument is out of range, ``b`` is not 1-D, ``x0`` or a
             diagonal ``precond`` differs from ``b`` in shape or device, ``x0`` is not
             finite, the diagonal is not positive and finite, or ``matvec``/``precond``
-            returns a tensor of the wrong shape or device.
+            returns a tensor of the wrong shape or device or modifies its argument in place
+            (checked on the first call of each).
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -1038,8 +1040,20 @@ def _low_precision_product(fn: MatVec, b: Tensor, name: str) -> MatVec:
 
 
 def _checked_product(fn: MatVec, v: Tensor, b: Tensor, name: str) -> Tensor:
-    """``fn(v)`` detached, checked once to be a tensor like ``b``."""
+    """``fn(v)`` detached, checked once to be a tensor like ``b`` and to leave ``v`` alone.
+
+    CG keeps using the vector it passes (``p`` after ``Ap``, ``r`` after ``z = M^{-1} r``): a
+    product that scales it in place (``v.mul_(2)``) left ``r`` and ``x`` inconsistent, and CG
+    reported ``CONVERGED`` at a residual of 1.4 on a 6 x 6 system. The check reads autograd's
+    version counter (bumped by every in-place write; inference tensors have none).
+    """
+    version = None if v.is_inference() else v._version
     out = fn(v)
+    if version is not None and v._version != version:
+        raise ValueError(
+            f"`{name}` modified its argument in place; it must return a new tensor and leave "
+            f"its input alone (e.g. `2 * v`, not `v.mul_(2)`): CG uses that vector again."
+        )
     if not isinstance(out, Tensor):
         raise TypeError(f"`{name}` must return a torch.Tensor, got {type(out).__name__}.")
     if out.shape != b.shape or out.device != b.device:

@@ -57,6 +57,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -392,6 +393,22 @@ def _once_differentiable(tensors: Sequence[Tensor | None]) -> type | None:
 # --------------------------------------------------------------------------------------------
 # base class
 # --------------------------------------------------------------------------------------------
+def _check_trained(params: Sequence[Tensor]) -> None:
+    """Refuse a parameter that does not require grad, before autograd's unnamed error.
+
+    A frozen tensor (``requires_grad=False``) is a constant of the loss: there is no derivative
+    with respect to it, and ``torch.autograd.grad`` fails with "One of the differentiated
+    Tensors does not require grad", naming neither the tensor nor the fix.
+    """
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            raise ValueError(
+                f"`params[{i}]` (shape {tuple(p.shape)}) does not require grad: a frozen tensor "
+                "is a constant of the loss, with no curvature to take. Pass only the trained "
+                "parameters, e.g. hessfree.trainable(model)."
+            )
+
+
 class CurvatureProduct:
     """A linear map :math:`v \\mapsto Cv` on flat parameter vectors at a fixed point.
 
@@ -487,7 +504,8 @@ class HessianProduct(CurvatureProduct):
     ``allow_unused``); a loss that uses none of them is refused.
 
     Raises:
-        ValueError: If ``loss`` is not a scalar, has no graph, or depends on none of ``params``.
+        ValueError: If ``loss`` is not a scalar, has no graph, or depends on none of ``params``,
+            or a parameter does not require grad (a frozen one: pass ``trainable(model)``).
         TypeError: If ``loss`` is not a tensor.
 
     Example:
@@ -506,6 +524,7 @@ class HessianProduct(CurvatureProduct):
     ) -> None:
         self.params = list(params)
         self.layout = ParamLayout(self.params)
+        _check_trained(self.params)
         if grads is None:
             loss = check_scalar_loss("loss", loss)
             if fused_weight_norm_in(loss):
@@ -574,6 +593,10 @@ def hvp(
         True
     """
     is_tuple = isinstance(x, tuple)
+    if not is_tuple and not isinstance(x, Tensor):
+        # a list would otherwise be read as one x and named `x[0]`: "got list"
+        fix = "; pass tuple(x)" if isinstance(x, list) else ""
+        raise TypeError(f"`x` must be a tensor or a tuple of tensors, got {type(x).__name__}{fix}.")
     xs = x if is_tuple else (x,)
     for i, xi in enumerate(xs):
         if not isinstance(xi, Tensor) or not xi.is_floating_point():
@@ -608,7 +631,8 @@ def hvp(
             )
             raise ValueError(f"`v` must have shape {want}, got {tuple(v.shape)}.")
     else:
-        raise TypeError(f"`v` must be a tensor or a tuple of tensors, got {type(v).__name__}.")
+        fix = "; pass tuple(v)" if isinstance(v, list) else ""
+        raise TypeError(f"`v` must be a tensor or a tuple of tensors, got {type(v).__name__}{fix}.")
     check_vector("v", flat_v, layout.numel, layout.dtype, layout.device)  # no host sync
     with torch.enable_grad(), twice_differentiable_weight_norm():  # torch's fused one is wrong
         loss = f(*prims)
@@ -997,7 +1021,8 @@ class JacobianProduct:
 
     Raises:
         TypeError: If ``outputs`` is not a tensor or a sequence of tensors.
-        ValueError: If no output has an autograd graph; on the first product, if the outputs
+        ValueError: If no output has an autograd graph or a parameter does not require grad
+            (a frozen one: pass ``trainable(model)``); on the first product, if the outputs
             depend on none of ``params`` (parameters they do not use give zero columns).
 
     Example:
@@ -1036,6 +1061,7 @@ class JacobianProduct:
         self.outputs = outputs
         self.params = list(params)
         self.layout = ParamLayout(self.params)
+        _check_trained(self.params)
         self._u_blocks: list[int] = []  # blocks k with a linear seed u_k in the R-op graph
         self._us: list[Tensor] = []
         self._jtu: list[torch.autograd.graph.GradientEdge] = []
@@ -1189,8 +1215,8 @@ class GGNProduct(CurvatureProduct):
     Raises:
         ValueError: If ``loss`` is not a scalar, has no graph, does not depend on ``outputs``,
             or depends on none of ``params`` (parameters it does not use give zero rows and
-            columns), ``loss_hessian`` is neither ``'exact'`` nor ``'absolute'``, or
-            ``max_block`` is not ``None`` or an int >= 1.
+            columns), a parameter does not require grad, ``loss_hessian`` is neither
+            ``'exact'`` nor ``'absolute'``, or ``max_block`` is not ``None`` or an int >= 1.
 
     Example:
         >>> X = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
@@ -1425,6 +1451,11 @@ class StructurallyDampedGGN(GGNProduct):
         weight: :math:`w \ge 0`; the optimizer uses :math:`\lambda\mu/N` (:math:`N` = examples).
         loss_hessian: As :class:`GGNProduct`'s (the optimizer passes ``'absolute'``).
 
+    Raises:
+        TypeError: If ``outputs`` is not one tensor or ``weight`` is not a real number.
+        ValueError: If ``hidden`` has no graph, ``weight`` is negative or NaN, or as
+            :class:`GGNProduct`.
+
     Example:
         >>> W = torch.tensor([[0.5]], requires_grad=True)
         >>> h = torch.tanh(torch.ones(3, 1) @ W.T)
@@ -1445,8 +1476,16 @@ class StructurallyDampedGGN(GGNProduct):
         weight: float,
         loss_hessian: str = "exact",
     ) -> None:
+        if not isinstance(outputs, Tensor):
+            # the joint (outputs, hidden) graph below is built for one outputs tensor
+            raise TypeError(
+                "`outputs` must be one tensor for StructurallyDampedGGN, got "
+                f"{type(outputs).__name__}; residual blocks (a sequence) are GGNProduct's."
+            )
         if not isinstance(hidden, Tensor) or not hidden.requires_grad:
             raise ValueError("`hidden` must be a tensor with an autograd graph to the parameters.")
+        if isinstance(weight, bool) or not isinstance(weight, (numbers.Real, Tensor)):
+            raise TypeError(f"`weight` must be a real number, got {type(weight).__name__}.")
         if not weight >= 0:
             raise ValueError(f"`weight` must be >= 0, got {weight!r}.")
         self.hidden, self.weight = hidden, float(weight)

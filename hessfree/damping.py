@@ -197,7 +197,8 @@ def update_damping(
     \lambda\max(1/3, 1 - (2\rho - 1)^3)`; :math:`\rho \le 0` or NaN: :math:`\lambda
     \leftarrow 2\lambda`. ``increase`` and ``decrease`` are not used.
 
-    The result is clipped to ``[min_damping, max_damping]``.
+    The result is clipped to ``[min_damping, max_damping]``. A NaN ``damping`` (the
+    optimizer's ``damping='auto'`` before its calibration) is returned as NaN.
 
     Example:
         >>> update_damping(1.0, 0.9)
@@ -208,6 +209,8 @@ def update_damping(
         1.0
         >>> update_damping(1.0, 0.5, rule="nielsen"), update_damping(1.0, -1.0, rule="nielsen")
         (1.0, 2.0)
+        >>> update_damping(float("nan"), 0.9)
+        nan
     """
     if not (isinstance(damping, float) and math.isnan(damping)):  # NaN: not calibrated yet
         check_number("damping", damping, low=0.0, high=math.inf)

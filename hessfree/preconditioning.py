@@ -94,6 +94,9 @@ class PrecondContext:
         loss_hessian: :math:`w \\mapsto H_\\ell w`, the Hessian of the loss with respect to the
             outputs (shaped like them; a leading batch dimension is allowed), where the
             curvature is Gauss-Newton; ``None`` otherwise.
+
+    Raises:
+        ValueError: If ``reduction`` is neither ``'mean'`` nor ``'sum'``.
     """
 
     jacobian: JacobianProduct | None
@@ -106,6 +109,14 @@ class PrecondContext:
     curvature: Callable[[Tensor], Tensor] | None = None
     gradient: Tensor | None = None
     loss_hessian: Callable[[Tensor], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        # Read as "anything but 'mean' is a sum" by the Fisher scalings: a typo ('avg') would
+        # silently drop the factor N from EmpiricalFisherDiagonal's and K-FAC's statistics.
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"Unknown `reduction` {self.reduction!r}; expected one of 'mean', 'sum'."
+            )
 
 
 class EmpiricalFisherDiagonal:
@@ -135,7 +146,18 @@ class EmpiricalFisherDiagonal:
         return f"{type(self).__name__}(exponent={self.exponent!r}, num_probes={self.num_probes!r})"
 
     def fisher_diagonal(self, ctx: PrecondContext) -> Tensor:
-        r"""Estimate (or compute) :math:`\mathrm{diag}(F)` of the empirical Fisher."""
+        r"""Estimate (or compute) :math:`\mathrm{diag}(F)` of the empirical Fisher.
+
+        Raises:
+            ValueError: If ``ctx`` has no ``jacobian`` or ``output_grad`` (a context built
+                from curvature products alone, as for :class:`NystromPreconditioner`).
+        """
+        if ctx.jacobian is None or ctx.output_grad is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the outputs' Jacobian and output gradient "
+                "(PrecondContext.jacobian and .output_grad, e.g. a GGNProduct's .jacobian and "
+                ".output_grad); got None."
+            )
         G = ctx.output_grad
         n = G.shape[0] if G.dim() > 0 else 1
         scale = float(n) if ctx.reduction == "mean" else 1.0  # F = (1/c) Σ_i (J_iᵀ ĝ_i)(·)ᵀ
@@ -330,9 +352,20 @@ class NystromPreconditioner:
         return self.apply_with(ctx.damping)
 
     def apply_with(self, mu: float) -> Callable[[Tensor], Tensor]:
-        r""":math:`r \mapsto P^{-1}r` for damping :math:`\mu` with the current sketch."""
+        r""":math:`r \mapsto P^{-1}r` for damping :math:`\mu` with the current sketch.
+
+        Raises:
+            RuntimeError: If there is no sketch yet.
+            ValueError: If ``mu`` is not positive and finite.
+        """
         if self.U is None or self.eigenvalues is None:
             raise RuntimeError("NystromPreconditioner: no sketch yet; call it with a context.")
+        # Frangella et al.'s P is defined for μ > 0: with μ = 0 a zero sketched eigenvalue (a
+        # rank above the curvature's) gives 0/0 in `scale`, and μ < 0 an indefinite P.
+        if not (math.isfinite(mu) and mu > 0):
+            raise ValueError(
+                f"NystromPreconditioner needs a positive damping (finite, > 0), got {mu!r}."
+            )
         U, lam = self.U, self.eigenvalues
         scale = (lam[-1] + mu) / (lam + mu) - 1.0  # (λ̂_s + μ)/(λ̂_i + μ) − 1, one per column
 
@@ -476,7 +509,8 @@ class KFACPreconditioner:
             a grouped or non-zero-padded convolution, or a number is out of range; when
             called, if a layer ran in no graph-building forward pass, ran more than once in one
             call of ``model`` (shared weights: detected when ``model`` is a module), or its
-            parameters are not the optimizer's, or the damping is not positive.
+            parameters are not the optimizer's, or the damping is not positive and finite;
+            when applied, if ``r`` is not a flat vector of the parameters' size.
         FloatingPointError: When called, if the new statistics (dense or diagonal factors) are
             NaN or infinite; the factors keep their previous values and
             :class:`~hessfree.HessianFree` rejects the step as ``non_finite_curvature``.
@@ -1010,8 +1044,10 @@ class KFACPreconditioner:
         ``params`` gives the flat vector's layout (the optimizer's parameters, in order)."""
         if self.eigen is None:
             raise RuntimeError("KFACPreconditioner: no factors yet; call it with a context.")
-        if not mu > 0:
-            raise ValueError(f"KFACPreconditioner needs a positive damping, got {mu!r}.")
+        if not (mu > 0 and math.isfinite(mu)):  # μ = inf: z = 0, a solve that went nowhere
+            raise ValueError(
+                f"KFACPreconditioner needs a positive damping (finite, > 0), got {mu!r}."
+            )
         offsets = [0]
         for p in params:
             offsets.append(offsets[-1] + p.numel())
@@ -1044,7 +1080,14 @@ class KFACPreconditioner:
 
         work = self.eigen[0][0][1].dtype if self.eigen else None  # the factors' dtype
 
+        n = offsets[-1]
+
         def apply(r: Tensor) -> Tensor:
+            if r.shape != (n,):  # else a view deep inside fails, naming no argument
+                raise ValueError(
+                    f"`r` must be a flat vector of shape ({n},), one entry per entry of "
+                    f"`params`, got shape {tuple(r.shape)}."
+                )
             # 16-bit vectors are solved in the factors' float32 and returned in their dtype
             given, r = r, r.to(work)
             # the weights and the bias of [W, b] are solved in place, without concatenation
