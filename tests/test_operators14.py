@@ -214,3 +214,78 @@ def test_mc_fisher_on_the_real_view_the_message_suggests_estimates_the_ggn():
     ]
     err = np.abs(np.mean(draws, axis=0) - G).max() / np.abs(G).max()
     assert err < 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# hessfree.spectral
+# --------------------------------------------------------------------------------------------
+
+
+def _dead_relu_ggn() -> GGNLinearOperator:
+    """The GGN over the first layer of a net whose ReLUs are all dead (bias -100 on inputs of
+    size ~1): the loss reaches the weight in the graph, but every product is exactly zero."""
+    torch.manual_seed(7)
+    first, second = nn.Linear(3, 4).double(), nn.Linear(4, 1).double()
+    nn.init.constant_(first.bias, -100.0)
+    model = nn.Sequential(first, nn.ReLU(), second)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    return GGNLinearOperator(model, nn.MSELoss(), (x, y), params=[first.weight])
+
+
+@pytest.mark.parametrize("which", ["top", "bottom"])
+def test_eigenpairs_of_a_zero_operator_say_it_is_zero(which):
+    """On main: scipy's ArpackError "ARPACK error -9: Starting vector is zero"."""
+    from hessfree.spectral import bottom_eigenpairs, top_eigenpairs
+
+    G = _dead_relu_ggn()
+    assert not np.any(G @ np.eye(12))  # the oracle: the dense matrix is zero
+    find = top_eigenpairs if which == "top" else bottom_eigenpairs
+    with pytest.raises(ValueError, match=r"product\(s\) of `A` .* exactly zero.*zero matrix"):
+        find(G, k=2)
+
+
+def test_eigenpairs_of_a_rank_one_operator_still_run():
+    """The zero check reads only ARPACK's failure: a rank-one PSD matrix (most products
+    nonzero, most eigenvalues 0) gives numpy.linalg.eigvalsh's extremes."""
+    from hessfree.spectral import bottom_eigenpairs, top_eigenpairs
+
+    u = np.arange(1.0, 7.0)
+    A = np.outer(u, u)
+    dense = np.linalg.eigvalsh(A)
+    np.testing.assert_allclose(top_eigenpairs(A, k=1).values, dense[-1:], rtol=1e-12)
+    np.testing.assert_allclose(bottom_eigenpairs(A, k=2).values, dense[:2], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda sp, A: sp.top_eigenpairs(A, seed=-1),
+        lambda sp, A: sp.hutchinson_trace(A, seed=-1),
+        lambda sp, A: sp.hutchpp_trace(A, seed=np.int64(-2)),
+        lambda sp, A: sp.hutchinson_diagonal(A, seed=-1),
+    ],
+)
+def test_spectral_negative_seed_is_named(call):
+    """On main: numpy's "expected non-negative integer", which names no argument."""
+    from hessfree import spectral
+
+    with pytest.raises(ValueError, match=r"`seed` must be an int >= 0, got -"):
+        call(spectral, np.diag(np.arange(1.0, 7.0)))
+
+
+@pytest.mark.parametrize("name", ["hutchinson_trace", "hutchpp_trace", "hutchinson_diagonal"])
+def test_spectral_estimators_refuse_a_complex_matrix_by_name(name):
+    """On main: numpy's einsum cast error ("could not be cast from dtype('complex128')")."""
+    from hessfree import spectral
+
+    A = np.diag(np.arange(1.0, 7.0)) * (1 + 1j)
+    with pytest.raises(TypeError, match=r"`A` is complex \(complex128\)"):
+        getattr(spectral, name)(A, 6, seed=0)
+
+
+def test_top_eigenpairs_of_a_complex_hermitian_matrix_still_run():
+    """eigsh takes a Hermitian matrix; the complex refusal is the estimators' only."""
+    from hessfree.spectral import top_eigenpairs
+
+    A = np.array([[2.0, 1j, 0.0], [-1j, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(top_eigenpairs(A, k=1).values, [3.0], rtol=1e-12)
