@@ -78,13 +78,50 @@ def _to_device(x: Any, device: torch.device) -> Any:
 
 def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tensor]:
     if params is not None:
-        return trainable(params)
+        resolved = trainable(params)
+        _check_no_shared_memory(resolved)
+        return resolved
     if isinstance(model, nn.Module):
         return trainable(model)
     raise TypeError(
         f"`params` is required when `model` is not an nn.Module (got {type(model).__name__}); "
         "pass the tensors to differentiate with respect to."
     )
+
+
+def _byte_span(p: Tensor) -> tuple[int, int]:
+    """The bytes ``[start, stop)`` of ``p``'s storage its elements lie within (torch's strides
+    are never negative)."""
+    size, start = p.element_size(), p.storage_offset()
+    extent = 1 + sum((n - 1) * s for n, s in zip(p.shape, p.stride(), strict=True))
+    return start * size, (start + extent) * size
+
+
+def _check_no_shared_memory(params: list[Tensor]) -> None:
+    """Refuse two ``params`` over the same memory (a tensor and a view of it, two views).
+
+    ``ParamLayout`` refuses a tensor given twice; a view (``w.view(-1)``, ``w[0]``) is another
+    tensor object, so it passed, and its rows and columns of every operator were silently zero
+    (the model uses ``w``, not the view; operators14). Spans are compared, so two interleaved
+    but disjoint views (``w[:, 0]``, ``w[:, 1]``) are refused too: the model never reads those.
+    """
+    spans: dict[int, list[tuple[int, int, int]]] = {}
+    for i, p in enumerate(params):
+        if p.numel() == 0 or p.layout != torch.strided:  # no bytes, or no one span of them
+            continue
+        start, stop = _byte_span(p)
+        seen = spans.setdefault(p.untyped_storage().data_ptr(), [])
+        for j, s0, s1 in seen:
+            # the same tensor twice is ParamLayout's to refuse, in its own words
+            if start < s1 and s0 < stop and params[j] is not p:
+                raise ValueError(
+                    f"`params[{i}]` (shape {tuple(p.shape)}) shares memory with `params[{j}]` "
+                    f"(shape {tuple(params[j].shape)}): one is a view of the other or both view "
+                    "one tensor. The model computes with one of them only, so the other's "
+                    "rows and columns of the operator would be zero: pass each parameter once, "
+                    "as the tensor the model uses (model.parameters() does)."
+                )
+        seen.append((i, start, stop))
 
 
 _MODAL = (_BatchNorm, _DropoutNd)  # the modules whose training mode _is_stochastic reads

@@ -380,6 +380,15 @@ class MCFisherLinearOperator(CurvatureLinearOperator):
         super().__init__(model, loss_fn, data, **kwargs)
 
     def _make_batch_product(self, loss: Tensor, outputs: Tensor, index: int) -> CurvatureProduct:
+        if outputs.is_complex():  # else MCFisherProduct names the loss's autograd node only
+            raise ValueError(
+                f"MCFisherLinearOperator got complex outputs ({outputs.dtype}, shape "
+                f"{tuple(outputs.shape)}); it samples real labels from the predictive "
+                "distribution of a real loss. Pass lambda x: torch.view_as_real(model(x)) as "
+                "the model and torch.nn.MSELoss on torch.view_as_real(targets) (a circular "
+                "Gaussian: real and imaginary parts, each variance ½), or use "
+                "GGNLinearOperator, exact for complex outputs (the matrix it estimates)."
+            )
         rank = self._source._ranks.rank if self._source._ranks.active else 0
         generator = torch.Generator().manual_seed(_batch_seed(self.seed, index, rank))
         return MCFisherProduct(

@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from scipy.sparse import issparse
-from scipy.sparse.linalg import LinearOperator, aslinearoperator, eigsh
+from scipy.sparse.linalg import ArpackError, LinearOperator, aslinearoperator, eigsh
 from torch import Tensor
 
 from ._checks import check_int, check_number
@@ -130,8 +130,11 @@ def _as_operator(A: object) -> LinearOperator:
 def _rng(seed: Seed) -> np.random.Generator | torch.Generator:
     if isinstance(seed, (np.random.Generator, torch.Generator)):
         return seed
-    if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)):
-        return np.random.default_rng(seed)
+    if seed is None:
+        return np.random.default_rng()
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        # numpy's own refusal of a negative seed is "expected non-negative integer"
+        return np.random.default_rng(check_int("seed", seed, low=0))
     raise TypeError(
         "`seed` must be an int, a numpy.random.Generator, a torch.Generator or None, got "
         f"{type(seed).__name__}."
@@ -155,6 +158,14 @@ def _draw(
 
 
 def _probe_dtype(A: LinearOperator) -> np.dtype:
+    """The probes' dtype: ``A``'s, at least float32. A complex ``A`` is refused here, by name:
+    the real quadratic forms' einsum would fail with numpy's cast error."""
+    if np.issubdtype(A.dtype, np.complexfloating):
+        raise TypeError(
+            f"`A` is complex ({A.dtype}); the trace and diagonal estimators take a real matrix. "
+            "Estimate the real and imaginary parts separately (for a Hermitian A, the trace "
+            "is that of A.real)."
+        )
     return np.result_type(A.dtype, np.float32)
 
 
@@ -204,28 +215,46 @@ def _extreme_eigenpairs(
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter, low=1)
     # A seeded Gaussian start: reproducible, and almost surely not orthogonal to any eigenvector.
-    v0 = _draw(_rng(seed), n, 1, _probe_dtype(op), gaussian=True)[:, 0]
-    values, vectors = eigsh(
-        _finite_products(op), k=int(k), which=which, v0=v0, tol=tol, maxiter=max_iter
-    )
+    v0 = _draw(_rng(seed), n, 1, np.result_type(op.dtype, np.float32), gaussian=True)[:, 0]
+    checked = _FiniteProducts(op)
+    try:
+        values, vectors = eigsh(checked, k=int(k), which=which, v0=v0, tol=tol, maxiter=max_iter)
+    except ArpackError as err:
+        if checked.any_nonzero:
+            raise
+        raise ValueError(
+            f"The {checked.count} product(s) of `A` ARPACK asked for (the first with the seeded "
+            "Gaussian start vector) were exactly zero, so A is almost surely the zero matrix: "
+            "all its eigenvalues are 0 and ARPACK stops (its error -9). A zero curvature matrix "
+            "means the model's outputs or the loss do not vary with the parameters here (e.g. "
+            "every ReLU dead); "
+            "check hutchinson_trace(A) or A @ v for a few v before asking for eigenpairs."
+        ) from err
     order = np.argsort(values)
     order = order[::-1] if which == "LA" else order
     return Eigenpairs(values[order], vectors[:, order])
 
 
-def _finite_products(op: LinearOperator) -> LinearOperator:
-    """``op`` with each product checked for NaN/Inf (else ARPACK fails with error -9999)."""
+class _FiniteProducts(LinearOperator):
+    """``op`` with each product checked for NaN/Inf (else ARPACK fails with error -9999),
+    counting the products and whether any was nonzero (all zero: ARPACK's error -9)."""
 
-    def matvec(v: np.ndarray) -> np.ndarray:
-        y = op.matvec(v)
+    def __init__(self, op: LinearOperator) -> None:
+        super().__init__(op.dtype, op.shape)
+        self._op, self.count, self.any_nonzero = op, 0, False
+
+    def _matvec(self, v: np.ndarray) -> np.ndarray:
+        y = self._op.matvec(v)
         if not np.isfinite(y).all():
             raise FloatingPointError(
                 "A product A @ v had a NaN or infinite entry, so A has no eigenpairs to find; "
                 "check the model, data and damping for NaN/Inf."
             )
+        self.count += 1
+        self.any_nonzero = self.any_nonzero or bool(np.any(y))
         return y
 
-    return LinearOperator(op.shape, matvec=matvec, rmatvec=matvec, dtype=op.dtype)
+    _rmatvec = _matvec
 
 
 def top_eigenpairs(
@@ -248,7 +277,8 @@ def top_eigenpairs(
         Eigenpairs: ``values`` in decreasing order, ``vectors`` ``(n, k)``.
 
     Raises:
-        ValueError: If ``k`` is not in ``[1, n - 1]`` or ``A`` is not square.
+        ValueError: If ``k`` is not in ``[1, n - 1]``, ``A`` is not square, ``seed`` is a
+            negative int, or every product of ``A`` is zero (almost surely the zero matrix).
         TypeError: For an ``A`` or ``seed`` of an unsupported type.
         scipy.sparse.linalg.ArpackNoConvergence: If ARPACK does not converge in ``max_iter``.
         FloatingPointError: If a product of ``A`` has a NaN or infinite entry.
@@ -305,8 +335,8 @@ def hutchinson_trace(
         TraceEstimate: ``estimate``, ``std_error`` and ``num_matvecs`` (:math:`= m`).
 
     Raises:
-        ValueError: If ``num_probes < 1`` or ``batch_size < 1``.
-        TypeError: For an ``A`` or ``seed`` of an unsupported type.
+        ValueError: If ``num_probes < 1``, ``batch_size < 1`` or ``seed`` is a negative int.
+        TypeError: For an ``A`` or ``seed`` of an unsupported type, or a complex ``A``.
 
     Example:
         >>> A = np.array([[2.0, 1.0], [1.0, 3.0]])
@@ -349,8 +379,8 @@ def hutchpp_trace(
         sketched part is exact); ``num_matvecs`` (:math:`= m`).
 
     Raises:
-        ValueError: If ``num_matvecs < 3`` or ``batch_size < 1``.
-        TypeError: For an ``A`` or ``seed`` of an unsupported type.
+        ValueError: If ``num_matvecs < 3``, ``batch_size < 1`` or ``seed`` is a negative int.
+        TypeError: For an ``A`` or ``seed`` of an unsupported type, or a complex ``A``.
 
     Example:
         >>> A = np.outer([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0])  # rank one, trace 30
@@ -387,8 +417,8 @@ def hutchinson_diagonal(
         DiagonalEstimate: ``estimate`` and ``std_error`` (float64, ``(n,)``), ``num_matvecs``.
 
     Raises:
-        ValueError: If ``num_probes < 1`` or ``batch_size < 1``.
-        TypeError: For an ``A`` or ``seed`` of an unsupported type.
+        ValueError: If ``num_probes < 1``, ``batch_size < 1`` or ``seed`` is a negative int.
+        TypeError: For an ``A`` or ``seed`` of an unsupported type, or a complex ``A``.
 
     Example:
         >>> hutchinson_diagonal(np.diag([1.0, -2.0, 5.0]), num_probes=4, seed=0).estimate
