@@ -81,9 +81,12 @@ class RunDirError(ConfigError):
 
 
 def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Path:
-    """``<output.dir>/<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... if that exists."""
+    """``<output.dir>/<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... if that exists.
+
+    A leading ``~`` in ``output.dir`` is the home directory, as in ``data.path``.
+    """
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    base = Path(config.output.dir) / f"{config.name}-{stamp}"
+    base = Path(config.output.dir).expanduser() / f"{config.name}-{stamp}"
     path, k = base, 1
     while _exists(path):
         k += 1
