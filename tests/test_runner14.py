@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-from test_train_robust import write_tiny
+import yaml
+from test_train_robust import refused, write_tiny
 
 from hessfree.train.checkpoint import load_checkpoint
 from hessfree.train.cli import main
@@ -60,3 +62,45 @@ def test_runner14_a_home_directory_in_output_dir_and_out_is_expanded(tmp_path, c
     assert load_checkpoint(home / "x" / "checkpoints" / "sgd.pt")["step"] == 2
     assert not (work / "~").exists() and not (tmp_path / "~").exists()
     assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("output.dir", "$HOME/runs"), ("output.dir", "${TMPDIR}/runs"), ("data.path", "$PWD/d.npz")],
+)
+def test_runner14_an_environment_variable_in_a_path_is_refused_at_check(
+    tmp_path, capsys, monkeypatch, key, value
+):
+    """A config is not a shell script: main took `output.dir: $HOME/runs` literally,
+    passed `--check` and made a directory named '$HOME' in the working directory (and
+    `data.path: $PWD/d.npz` was "not found: '/cwd/$PWD/d.npz'" only after the check). Now
+    refused at `--check` naming the key, with the override the shell expands."""
+    monkeypatch.chdir(tmp_path)
+    section, field = key.split(".")
+    config = write_tiny(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw[section][field] = value
+    config.write_text(yaml.safe_dump(raw))
+    for argv in (["--check"], ["--quiet"]):
+        err = refused(["run", str(config), *argv], capsys)
+        assert f"`{key}` = '{value}' refers to an environment variable" in err
+        assert f"{key}=$HOME/..." in err
+    assert not (tmp_path / "$HOME").exists() and not (tmp_path / "${TMPDIR}").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runner14_labels_that_differ_only_in_case_are_refused(tmp_path, capsys):
+    """`label: A` and `label: a` passed as distinct on main: on a file system that ignores
+    case (macOS, Windows) checkpoints/A.pt and checkpoints/a.pt are one file, so the second
+    entry overwrote the first's checkpoint and a resume gave both the same state."""
+    config = write_tiny(
+        tmp_path,
+        optimizers=[
+            {"name": "adam", "label": "Fast"},
+            {"name": "sgd", "label": "slow"},
+            {"name": "sgd", "lr": 0.5, "label": "FAST"},
+        ],
+    )
+    err = refused(["run", str(config), "--check"], capsys)
+    assert "'Fast' (optimizers.0), 'FAST' (optimizers.2) differ only in case" in err
+    assert "slow" not in err
