@@ -104,3 +104,22 @@ def test_runner14_labels_that_differ_only_in_case_are_refused(tmp_path, capsys):
     err = refused(["run", str(config), "--check"], capsys)
     assert "'Fast' (optimizers.0), 'FAST' (optimizers.2) differ only in case" in err
     assert "slow" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "quoted"),
+    [
+        ("name: 2026-12-04\n", "`name`", "'2026-12-04'"),
+        ("optimizers: [{name: adam, label: 2026-12-04}]\n", "`optimizers.0.label`", "'2026-12-04'"),
+    ],
+)
+def test_runner14_an_unquoted_date_is_named_as_yaml_reads_it(tmp_path, capsys, text, key, quoted):
+    """`name: 2026-12-04` (a run named by its day) is a date to YAML 1.1; main said only
+    "must be a string, got date datetime.date(2026, 12, 4)". The refusal now says why and
+    how to quote it, as it does for yes/no/on/off (runner12)."""
+    config = write_tiny(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw.pop(text.split(":")[0])
+    config.write_text(yaml.safe_dump(raw) + text)
+    err = refused(["run", str(config), "--check"], capsys)
+    assert key in err and f"YAML reads an unquoted date as a date: quote it, e.g. {quoted}" in err
