@@ -123,3 +123,20 @@ def test_runner14_an_unquoted_date_is_named_as_yaml_reads_it(tmp_path, capsys, t
     config.write_text(yaml.safe_dump(raw) + text)
     err = refused(["run", str(config), "--check"], capsys)
     assert key in err and f"YAML reads an unquoted date as a date: quote it, e.g. {quoted}" in err
+
+
+def test_runner14_a_changed_display_key_on_resume_names_the_way_out(tmp_path, capsys):
+    """Decided: `output.plots` and `output.progress` stay part of the run's config (every
+    checkpoint records its digest), so changing them on resume is refused as any key but
+    budget.* and distributed.*; main's refusal left the user there. It now says what to do
+    instead (--progress / --no-progress; plot_run afterwards), and the run is untouched."""
+    config = write_tiny(tmp_path, budget={"steps": 1})
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = ["run", "--resume", str(out), "output.progress=always", "output.plots=true"]
+    err = refused(argv, capsys)
+    assert "these keys differ from" in err and "output.plots, output.progress" in err
+    assert "pass --progress or --no-progress to this command instead" in err
+    assert "hessfree.train.plots.plot_run(RUN_DIR)" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

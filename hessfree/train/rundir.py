@@ -160,9 +160,20 @@ def resumed_config(run_dir: Path, asked: ExperimentConfig) -> ExperimentConfig:
                 "resume; resume with the saved config (`hessfree run --resume "
                 "DIR` without CONFIG or other overrides; from Python, "
                 "load_config(DIR/config.yaml)), or start a new run."
+                + "".join(_DISPLAY_NOTES.get(key, "") for key in changed)
             ]
         )
     return dataclasses.replace(asked, data=saved.data)
+
+
+#: How to get a display key's effect on resume without changing the run's config (whose
+#: digest every checkpoint records: a key outside budget.* and distributed.* cannot change).
+_DISPLAY_NOTES = {
+    "output.progress": " For progress bars, pass --progress or --no-progress to this command "
+    "instead: they apply to this invocation only.",
+    "output.plots": " Plots are drawn from metrics.jsonl when the run completes; to have them "
+    "for a run without, call hessfree.train.plots.plot_run(RUN_DIR) afterwards.",
+}
 
 
 def _exists(path: Path) -> bool:
