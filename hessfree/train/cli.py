@@ -19,7 +19,9 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -174,6 +176,10 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
         )
     if not files and args.resume is None:
         run_parser.error("give a CONFIG.yaml to run (or --resume DIR)")
+    # A shell leaves '~' as it is in '--out=~/x' or a quoted '~/x': the home directory, as in
+    # the config's paths.
+    args.out = args.out.expanduser() if args.out is not None else None
+    args.resume = args.resume.expanduser() if args.resume is not None else None
     if args.resume is not None and args.out is not None:
         run_parser.error(
             "--out and --resume exclude each other: a resumed run stays in its directory"
@@ -234,6 +240,25 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
     return runner.run().exit_code
 
 
+@contextmanager
+def _plain_warnings() -> Iterator[None]:
+    """Show the warnings of a run as ``hessfree: warning: ...`` lines on stderr.
+
+    Python's default shows a warning with the file and line that issued it (a line of
+    ``loop.py`` for a resume that will not be bit-identical), which tells a command-line user
+    nothing; every other message of the command is one ``hessfree: ...`` line. The filters
+    (``-W``, ``PYTHONWARNINGS``, once per location) apply as before; only the display changes,
+    and only while the command runs.
+    """
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"hessfree: warning: {message}", file=sys.stderr if file is None else file)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hessfree`` console script and ``python -m hessfree``.
 
@@ -258,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hessfree.train.rundir import RunDirInUseError, RunDirWriteError
 
     try:
-        code = _run(args, run_parser)
+        with _plain_warnings():
+            code = _run(args, run_parser)
     except (ConfigError, DataError, CheckpointError, MetricsError, RunDirWriteError) as err:
         print(f"hessfree: error: {err}", file=sys.stderr)
         code = 2

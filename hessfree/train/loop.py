@@ -116,6 +116,7 @@ from hessfree.train.stepping import batch_sizes, converged, describe_batches, ta
 
 __all__ = [
     "Abandoned",
+    "ResumeWarning",
     "Runner",
     "RunResult",
     "RunStatus",
@@ -225,6 +226,13 @@ class Abandoned(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = int(signum)
+
+
+class ResumeWarning(RuntimeWarning):
+    """A resumed entry will not retrace the uninterrupted run bit for bit (a checkpoint from
+    an older version, or other arithmetic). A :class:`RuntimeWarning`, so filters and
+    ``pytest.warns(RuntimeWarning)`` written before it existed still catch it; the CLI shows
+    it as a ``hessfree: warning:`` line rather than with this module's file and line."""
 
 
 class _Interrupted(Exception):
@@ -790,7 +798,7 @@ class Runner:
                     f"checkpoint '{path}' holds no preconditioner state (written by an older "
                     f"version): {spec.label}'s preconditioner restarts from scratch, so the "
                     "resumed run will not retrace the uninterrupted one.",
-                    RuntimeWarning,
+                    ResumeWarning,
                     stacklevel=2,
                 )
             recorded = ckpt.get("arithmetic")  # checkpoints before 2026-12-04: none
@@ -804,7 +812,7 @@ class Runner:
                     f"checkpoint '{path}' was written with other arithmetic "
                     f"({', '.join(changed)}): {spec.label} resumes, but not bit-identically "
                     "to an uninterrupted run (each of these can change the rounding).",
-                    RuntimeWarning,
+                    ResumeWarning,
                     stacklevel=2,
                 )
             torch.set_rng_state(ckpt["torch_rng"])

@@ -67,7 +67,12 @@ def plot_metrics(
     from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
-    labels = list(dict.fromkeys(r["optimizer"] for r in records))
+    # Each optimizer's records once: a long run's 10^5 records were filtered again for every
+    # panel of both figures (24 passes for 3 optimizers; experiments/_runner14.py).
+    by_label: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        by_label.setdefault(r["optimizer"], []).append(r)
+    labels = list(by_label)
     diverged = dict(diverged or {})
     rows = [("loss", "loss")] + ([(metric, metric.replace("_", " "))] if metric else [])
     written = []
@@ -87,13 +92,19 @@ def plot_metrics(
         )
         FigureCanvasAgg(fig)
         axes = fig.subplots(len(rows), 2, squeeze=False)
+        # Where each diverged optimizer stopped, and where entries switched phase: per figure.
+        stops = {
+            label: [r[x_key] for r in mine if r["step"] == diverged[label]]
+            for label, mine in by_label.items()
+            if label in diverged
+        }
+        switches = {label: phase_switches(mine, x_key) for label, mine in by_label.items()}
         for row, (key, y_label) in enumerate(rows):
             for col, split in enumerate(("train", "test")):
                 ax = axes[row][col]
                 positive = True
                 for k, label in enumerate(labels):
-                    mine = [r for r in records if r["optimizer"] == label]
-                    points = [(r[x_key], r.get(f"{split}_{key}")) for r in mine]
+                    points = [(r[x_key], r.get(f"{split}_{key}")) for r in by_label[label]]
                     points = [(x, y) for x, y in points if isinstance(y, (int, float))]
                     shown = label
                     if label in diverged:
@@ -101,12 +112,12 @@ def plot_metrics(
                     if points:
                         xs, ys = zip(*points, strict=True)
                         (line,) = ax.plot(xs, ys, marker="." if len(xs) < 60 else None, label=shown)
-                        at = [r[x_key] for r in mine if r["step"] == diverged.get(label)]
+                        at = stops.get(label)
                         if at:
                             ax.axvline(at[-1], color=line.get_color(), linestyle=":", alpha=0.8)
                         positive &= min(ys) > 0
                         # an entry with phases: a dashed vertical line where it switched
-                        for x, phase in phase_switches(mine, x_key):
+                        for x, phase in switches[label]:
                             ax.axvline(x, color=line.get_color(), linestyle="--", alpha=0.6)
                             ax.annotate(
                                 f"→ {phase}",

@@ -81,9 +81,12 @@ class RunDirError(ConfigError):
 
 
 def default_run_dir(config: ExperimentConfig, now: datetime | None = None) -> Path:
-    """``<output.dir>/<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... if that exists."""
+    """``<output.dir>/<name>-<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``... if that exists.
+
+    A leading ``~`` in ``output.dir`` is the home directory, as in ``data.path``.
+    """
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    base = Path(config.output.dir) / f"{config.name}-{stamp}"
+    base = Path(config.output.dir).expanduser() / f"{config.name}-{stamp}"
     path, k = base, 1
     while _exists(path):
         k += 1
@@ -157,9 +160,20 @@ def resumed_config(run_dir: Path, asked: ExperimentConfig) -> ExperimentConfig:
                 "resume; resume with the saved config (`hessfree run --resume "
                 "DIR` without CONFIG or other overrides; from Python, "
                 "load_config(DIR/config.yaml)), or start a new run."
+                + "".join(_DISPLAY_NOTES.get(key, "") for key in changed)
             ]
         )
     return dataclasses.replace(asked, data=saved.data)
+
+
+#: How to get a display key's effect on resume without changing the run's config (whose
+#: digest every checkpoint records: a key outside budget.* and distributed.* cannot change).
+_DISPLAY_NOTES = {
+    "output.progress": " For progress bars, pass --progress or --no-progress to this command "
+    "instead: they apply to this invocation only.",
+    "output.plots": " Plots are drawn from metrics.jsonl when the run completes; to have them "
+    "for a run without, call hessfree.train.plots.plot_run(RUN_DIR) afterwards.",
+}
 
 
 def _exists(path: Path) -> bool:

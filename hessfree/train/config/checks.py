@@ -286,6 +286,9 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
         )
 
 
+#: ``$NAME`` or ``${NAME}``: a shell variable the user expected to be expanded.
+_ENV_REFERENCE = re.compile(r"\$\{?[A-Za-z_]")
+
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
@@ -358,6 +361,32 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
         problems.append(
             f"Optimizer label {label!r} is used by {where}; give each a distinct `label`."
         )
+    # Distinct labels that name one file where names ignore case (macOS, Windows defaults):
+    # the second entry would overwrite the first's checkpoint, and a resume load it for both.
+    folded: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        folded.setdefault(label.casefold(), []).append(i)
+    for where in folded.values():
+        if len({labels[i] for i in where}) > 1:
+            named = ", ".join(f"{labels[i]!r} (optimizers.{i})" for i in where)
+            problems.append(
+                f"Optimizer labels {named} differ only in case; each names its checkpoint "
+                "file checkpoints/<label>.pt, and on a file system that ignores case (macOS, "
+                "Windows) they would be one file. Give each a label that differs in more "
+                "than case."
+            )
+    for key, path in (
+        ("output.dir", cfg.output.dir),
+        ("data.path", getattr(cfg.data, "path", None)),
+    ):
+        if isinstance(path, str) and _ENV_REFERENCE.search(path):
+            problems.append(
+                f"`{key}` = {path!r} refers to an environment variable, which a config does "
+                "not expand (the run directory records the path the run used, not a "
+                "variable's value of the day); write the path out ('~' is expanded), or give "
+                f"it as an override on the command line, where the shell expands it: "
+                f"{key}=$HOME/..."
+            )
     for i, opt in enumerate(cfg.optimizers):
         b = opt.budget
         # An invalid budget value was already reported; "no budget" would only echo it.

@@ -20,6 +20,7 @@ dependency the package does not otherwise have. So the validator stays hand-writ
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import re
 import types
@@ -173,8 +174,11 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _bool_note(value: object, text: bool = False) -> str:
-    """Why a boolean came where text or a number was meant: YAML 1.1's unquoted words."""
+def _yaml_note(value: object, text: bool = False) -> str:
+    """Why a boolean or a date came where text or a number was meant: YAML 1.1 reads the
+    unquoted words yes/no/on/off as booleans and ``2026-12-04`` as a date."""
+    if isinstance(value, datetime.date) and text:  # a datetime is a date too
+        return f"; YAML reads an unquoted date as a date: quote it, e.g. '{value.isoformat()}'"
     if not isinstance(value, bool):
         return ""
     quote = "; quote the word to mean the text, e.g. 'no'" if text else ""
@@ -221,14 +225,14 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(
                 f"`{path}` must be an integer, got {_type_name(value)} {_show(value)}"
-                f"{_bool_note(value)}."
+                f"{_yaml_note(value)}."
             )
             return _INVALID
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(
                 f"`{path}` must be a number, got {_type_name(value)} {_show(value)}"
-                f"{_bool_note(value)}."
+                f"{_yaml_note(value)}."
             )
             return _INVALID
         value = float(value)
@@ -236,7 +240,7 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
         if not isinstance(value, str):
             problems.append(
                 f"`{path}` must be a string, got {_type_name(value)} {_show(value)}"
-                f"{_bool_note(value, text=True)}."
+                f"{_yaml_note(value, text=True)}."
             )
             return _INVALID
         if "\0" in value:  # file names cannot hold it; the OS refuses it with a ValueError
@@ -320,7 +324,7 @@ def _check_label(label: Any, default: str, path: str, problems: list[str]) -> st
     if not isinstance(label, str) or not _LABEL.match(label):
         problems.append(
             f"`{path}.label` must be a name of letters, digits and _.+- "
-            f"(it names files), got {_show(label)}{_bool_note(label, text=True)}."
+            f"(it names files), got {_show(label)}{_yaml_note(label, text=True)}."
         )
         return default
     return label
