@@ -140,3 +140,29 @@ def test_runner14_a_changed_display_key_on_resume_names_the_way_out(tmp_path, ca
     assert "pass --progress or --no-progress to this command instead" in err
     assert "hessfree.train.plots.plot_run(RUN_DIR)" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_cli_keeps_other_libraries_warnings_in_pythons_format(capsys):
+    """Only the package's own warnings become 'hessfree: warning:' lines: torch's or numpy's
+    keep their source file and category (they were shown as hessfree's)."""
+    import warnings
+
+    import hessfree.damping as inside
+    from hessfree.train import cli
+
+    # a function compiled as part of the package issues one warning, pointing past itself
+    code = (
+        "def _issue():\n    import warnings\n    warnings.warn('ours', UserWarning, stacklevel=2)\n"
+    )
+    exec(compile(code, inside.__file__, "exec"), namespace := {})
+    shown = []  # Python's display, as the CLI finds it
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, *args, **kwargs: shown.append(
+            f"{category.__name__}: {message}"
+        )
+        with cli._plain_warnings():
+            warnings.warn("theirs", DeprecationWarning, stacklevel=1)
+            namespace["_issue"]()
+    assert capsys.readouterr().err == "hessfree: warning: ours\n"
+    assert shown == ["DeprecationWarning: theirs"]

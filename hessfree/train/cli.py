@@ -246,12 +246,28 @@ def _plain_warnings() -> Iterator[None]:
 
     Python's default shows a warning with the file and line that issued it (a line of
     ``loop.py`` for a resume that will not be bit-identical), which tells a command-line user
-    nothing; every other message of the command is one ``hessfree: ...`` line. The filters
+    nothing; every other message of the command is one ``hessfree: ...`` line. Warnings issued
+    outside the package (torch's, numpy's) keep Python's format, naming their source. The filters
     (``-W``, ``PYTHONWARNINGS``, once per location) apply as before; only the display changes,
     and only while the command runs.
     """
 
+    package = str(Path(__file__).resolve().parents[1])
+    default = warnings.showwarning
+
+    def issued_here() -> bool:
+        # the frame that called warnings.warn (a warning's filename is where its stacklevel
+        # points: HessianFree's point past the package, at the caller of the step)
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_code.co_filename.endswith("warnings.py"):
+            frame = frame.f_back
+        return frame is not None and frame.f_code.co_filename.startswith(package)
+
     def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issued_here():
+            # another library's warning (torch's, numpy's) keeps its source: not ours to word
+            default(message, category, filename, lineno, file, line)
+            return
         print(f"hessfree: warning: {message}", file=sys.stderr if file is None else file)
 
     with warnings.catch_warnings():
