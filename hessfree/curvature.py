@@ -65,6 +65,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function
 
 from ._checks import check_int, check_reaches_params, check_scalar_loss, check_vector
 from ._flat import ParamLayout
@@ -87,6 +88,11 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+_engine_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
+#: ``_grad``'s direct call of autograd's engine (False: ``torch.autograd.grad``, for comparison).
+_FAST_GRAD = _engine_run_backward is not None
+
+
 def _grad(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
@@ -95,8 +101,32 @@ def _grad(
     create_graph: bool = False,
     batched: bool = False,
 ) -> tuple[Tensor | None, ...]:
-    """``torch.autograd.grad`` keeping the graph and allowing unused inputs."""
+    """``torch.autograd.grad`` keeping the graph and allowing unused inputs.
+
+    Every caller builds ``grad_outputs`` shaped like ``outputs`` (views of a checked flat
+    vector), so the unbatched call goes to autograd's engine directly, past
+    ``torch.autograd.grad``'s per-call validation of those shapes: on a small model's Hessian
+    product that validation was ~10 % of the step (experiments/README.md, "lead, stop 43").
+    Tensor subclasses that override torch functions take the public path.
+    """
     try:
+        outputs = tuple(outputs)
+        if (
+            _FAST_GRAD
+            and not batched
+            and not has_torch_function(
+                (*inputs, *grad_outputs, *(o for o in outputs if isinstance(o, Tensor)))
+            )
+        ):
+            return _engine_run_backward(
+                outputs,
+                tuple(grad_outputs),
+                True,  # retain_graph
+                create_graph,
+                tuple(inputs),
+                True,  # allow_unused
+                accumulate_grad=False,
+            )
         return torch.autograd.grad(
             outputs,
             inputs,

@@ -695,3 +695,57 @@ def test_fisher_of_a_masked_loss_counts_every_row_unless_given_the_masked_rows()
     for v in _vectors(fisher.shape[0]):
         torch.testing.assert_close(counted(v), fisher @ v, **EXACT)
         torch.testing.assert_close(every_row(v), 12 / 4 * (fisher @ v), **EXACT)
+
+
+def test_engine_fast_path_equals_torch_autograd_grad(monkeypatch):
+    """``_grad``'s direct engine call (unbatched products) gives torch.autograd.grad's bits,
+    for the Hessian, Gauss-Newton and Jacobian products, and a tensor subclass that overrides
+    torch functions takes the public path."""
+    import hessfree.curvature as curvature_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    model = model.double()
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    u = torch.randn(10, 3, dtype=torch.float64)
+
+    def products() -> list[torch.Tensor]:
+        out = model(X)
+        loss = torch.nn.functional.mse_loss(out, y)
+        J = JacobianProduct(out, params)
+        return [
+            HessianProduct(loss, params).matvec(v),
+            GGNProduct(loss, out, params).matvec(v),
+            J.jvp(v),
+            J.vjp(u),
+        ]
+
+    calls = []
+    engine = curvature_module._engine_run_backward
+    monkeypatch.setattr(
+        curvature_module,
+        "_engine_run_backward",
+        lambda *a, **k: calls.append(1) or engine(*a, **k),
+    )
+    fast = products()
+    assert calls, "the fast path was not taken: the comparison would be vacuous"
+    monkeypatch.setattr(curvature_module, "_FAST_GRAD", False)
+    public = products()
+    for a, b in zip(fast, public, strict=True):
+        assert torch.equal(a, b)
+
+    class Logged(torch.Tensor):  # overrides torch functions: must not reach the engine directly
+        pass
+
+    monkeypatch.setattr(curvature_module, "_FAST_GRAD", True)
+    calls.clear()
+    w = torch.randn(3, dtype=torch.float64).as_subclass(Logged).requires_grad_()
+    H = HessianProduct((w**3).sum(), [w])
+    dense = torch.diag(6 * w.detach().as_subclass(torch.Tensor))
+    torch.testing.assert_close(
+        H.matvec(torch.ones(3, dtype=torch.float64)).as_subclass(torch.Tensor),
+        dense @ torch.ones(3, dtype=torch.float64),
+    )
+    assert not calls
