@@ -218,6 +218,13 @@ _LBFGS_ONLY = {
 
 def _unknown_argument_message(key: str, value: object) -> str:
     """The TypeError for a keyword argument HessianFree does not take."""
+    if key == "maximize":
+        # torch's optimizers take it; the closest name, `max_iter`, is no fix ("unseen14")
+        return (
+            f"HessianFree got `maximize`={value!r}, which torch.optim's first-order optimizers "
+            "take: HessianFree always minimizes. Drop the argument, and to maximize an "
+            "objective make the closure return its negative (e.g. a negative log-likelihood)."
+        )
     if key in _LBFGS_ONLY:
         return (
             f"HessianFree got torch.optim.LBFGS's `{key}`={value!r}: {_LBFGS_ONLY[key]}. "
