@@ -324,8 +324,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             \approx 1.9 \times 10^{-17}` instead (a float64 least-squares fit had stalled on
             the float32 fraction; "unseenfb"). A given ``damping`` must still be >=
             :math:`10^{-8}` under ``'auto'``.
-        max_damping: Upper bound on :math:`\lambda`, > ``min_damping`` (> :math:`10^{-8}`
-            under ``'auto'``; the floor never exceeds it).
+        max_damping: Upper bound on :math:`\lambda`: a number > ``min_damping`` (>
+            :math:`10^{-8}` under ``'auto'``; the floor never exceeds it), or ``'auto'``
+            (default): :math:`10^{10}\,|g^\top C g| / g^\top D g`, the curvature scale above
+            (the latest measured, ``relative_min_damping``'s), where the optimizer has measured
+            it, else the absolute :math:`10^{10}`. The absolute :math:`10^{10}` (the default
+            before "unseen14") clipped :math:`\lambda` of a loss multiplied by
+            :math:`2^{33}` or more and bent its trajectory (the parameters 0.05-3.2 relative
+            from the unscaled run's after 30 steps, bitwise equal up to :math:`2^{30}`).
         relative_min_damping: A lower bound on :math:`\lambda` relative to the problem's own
             curvature scale, a fraction :math:`c \in [0, 1]`: :math:`\lambda \ge
             c\,|g_0^\top C g_0| / g_0^\top D g_0`, the Rayleigh quotient of
@@ -694,7 +700,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         damping_increase: float = 1.5,
         damping_decrease: float = 2.0 / 3.0,
         min_damping: float | str = "auto",
-        max_damping: float = 1e10,
+        max_damping: float | str = "auto",
         relative_min_damping: float | str = "auto",
         weight_decay: float = 0.0,
         structural_damping: float | str = "auto",

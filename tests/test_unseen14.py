@@ -19,3 +19,52 @@ def test_maximize_is_refused_with_the_negated_loss_as_the_fix(value):
     x = torch.zeros(2, requires_grad=True)
     with pytest.raises(TypeError, match=r"`maximize`.*always minimizes.*return its negative"):
         HessianFree([x], maximize=value)
+
+
+def _noisy_classes() -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels that no 5-8-3 MLP separates (a fifth drawn at random): the loss stays > 0."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+    flip = torch.rand(64, generator=g) < 0.2
+    return X, torch.where(flip, torch.randint(0, 3, (64,), generator=g), y)
+
+
+def _scaled_run(scale: float, style: str) -> tuple[torch.Tensor, list[float]]:
+    X, y = _noisy_classes()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+    # the tolerances are absolute, as in torch.optim.LBFGS: off, so that only the scale acts
+    kwargs = {"tolerance_grad": 0.0, "tolerance_change": 0.0}
+    opt = HessianFree(
+        model.parameters(), curvature="auto" if style == "lo" else "hessian", **kwargs
+    )
+
+    def closure():
+        opt.zero_grad()
+        out = model(X)
+        loss = torch.nn.functional.cross_entropy(out, y) * scale
+        if style == "lo":
+            return loss, out
+        loss.backward()
+        return loss
+
+    damping = []
+    for _ in range(5):
+        opt.step(closure)
+        damping.append(opt.last_step.damping / scale)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), damping
+
+
+@pytest.mark.parametrize("style", ["lo", "lbfgs"])
+def test_a_loss_times_two_to_the_40_steps_bitwise_as_the_unscaled_loss(style):
+    # A power of two scales the loss, the gradient, every product and λ exactly, and the
+    # defaults are relative, so the run is the same bit for bit. main: λ0 = 0.40 × 2^40 was
+    # clipped to the absolute max_damping=1e10 and the parameters ended 0.4-1.3 (relative)
+    # from the unscaled run's.
+    params, damping = _scaled_run(1.0, style)
+    scaled_params, scaled_damping = _scaled_run(2.0**40, style)
+    assert scaled_damping == damping
+    assert torch.equal(scaled_params, params)
