@@ -888,6 +888,13 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     "needs real floating-point parameters: keep the real and imaginary parts "
                     "as two real parameters (torch.complex(re, im) in the model)."
                 )
+            if p.is_meta:  # torch.optim accepts it; the first step met "Tensor.item() ... meta"
+                raise ValueError(
+                    f"`param_groups[{i}]['params'][{j}]` (shape {tuple(p.shape)}) is on the "
+                    "meta device, which holds no values: materialize the model first (e.g. "
+                    "model.to_empty(device='cpu'), then initialize its weights) and build the "
+                    "optimizer from its parameters."
+                )
         reference = self.param_groups[0] if i > 0 else self.defaults
         for key in HFSettings.GROUP_KEYS:
             if key not in HFSettings.PER_GROUP and group[key] != reference[key]:

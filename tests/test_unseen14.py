@@ -68,3 +68,15 @@ def test_a_loss_times_two_to_the_40_steps_bitwise_as_the_unscaled_loss(style):
     scaled_params, scaled_damping = _scaled_run(2.0**40, style)
     assert scaled_damping == damping
     assert torch.equal(scaled_params, params)
+
+
+def test_a_parameter_on_the_meta_device_is_refused_with_how_to_materialize_it():
+    # main: accepted, and the first step raised "Tensor.item() cannot be called on meta tensors"
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    with pytest.raises(
+        ValueError, match=r"\['params'\]\[0\]` \(shape \(2, 3\)\) is on the meta.*to_empty"
+    ):
+        HessianFree(model.parameters())
+    model.to_empty(device="cpu")
+    HessianFree(model.parameters())  # materialized: accepted
