@@ -812,6 +812,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         # Closure roles whose first call was watched for train-mode BatchNorm/Dropout.
         self._watched: set[str] = set()
         self._warned_stochastic = False
+        self._warned_buffers = False  # a closure's forward wrote module buffers (_buffer_writes)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group as ``torch.optim.Optimizer`` does, after checking it.
