@@ -297,7 +297,7 @@ class _DampingControl:
         share = _precision_share(g.dtype)
         run.state["min_damping_scale"] = run.state["damping_scale"] * share
         policy = self._damping_policy(run.state)
-        unfloored = self.settings.damping_policy(run.state["min_damping_scale"])
+        unfloored = self._unfloored_policy(run.state)
         if math.isnan(run.damping):
             lam, shadow = policy.initial(gCg, gDg), unfloored.initial(gCg, gDg)
         else:  # a given damping, raised to the relative floor if below it
@@ -417,7 +417,7 @@ class _DampingControl:
         state["damping"] = change(self._damping_policy(state), lam)
         if "damping_unfloored" in state:
             shadow = state["damping_unfloored"]
-            new = change(self.settings.damping_policy(state.get("min_damping_scale", 0.0)), shadow)
+            new = change(self._unfloored_policy(state), shadow)
             # ρ ≈ 1 of a two-iteration K-FAC step (cg_max_iter='auto' on mini-batches) says the
             # model is good along that short step, not for the 250-iteration solves that follow
             # the release: lowered on each, λ reached 1e-8 and MNIST-1D's first whole-batch
@@ -504,14 +504,21 @@ class _DampingControl:
     def _relative_floor(self, state: dict) -> float:
         """``relative_min_damping`` × the curvature scale (0 until that is known), at most
         ``max_damping``."""
-        floor = self._relative_fraction(state) * state.get("damping_scale", 0.0)
-        return min(floor, self.settings.max_damping)
+        scale = state.get("damping_scale", 0.0)
+        return min(self._relative_fraction(state) * scale, self.settings.max_damping_at(scale))
+
+    def _unfloored_policy(self, state: dict) -> _damping.DampingPolicy:
+        """:meth:`HFSettings.damping_policy` at this state's curvature scales (the first, for
+        ``min_damping='auto'``; the latest, for ``max_damping='auto'``)."""
+        return self.settings.damping_policy(
+            state.get("min_damping_scale", 0.0), state.get("damping_scale", 0.0)
+        )
 
     def _damping_policy(self, state: dict) -> _damping.DampingPolicy:
         """:meth:`HFSettings.damping_policy` with its lower bound raised to the relative
         floor (:meth:`_relative_floor`) where that is higher; ``min_damping='auto'`` is
         relative to the same curvature scale (:meth:`HFSettings.min_damping_at`)."""
-        policy = self.settings.damping_policy(state.get("min_damping_scale", 0.0))
+        policy = self._unfloored_policy(state)
         floor = self._relative_floor(state)
         if floor > policy.min_damping:
             policy = dataclasses.replace(policy, min_damping=floor)

@@ -46,6 +46,12 @@ _KFAC_DETERMINISTIC_CG_MAX_ITER = 5
 #: (``experiments/README.md``, "lamscale"). In float64 the optimizer passes the scale times
 #: eps64/eps32 (``_damping_control._precision_share``; "unseenfb").
 AUTO_MIN_DAMPING = 1e-8
+#: ``max_damping='auto'``: the upper bound on :math:`\lambda` as this multiple of the curvature
+#: scale :math:`|g_0^\top C g_0| / g_0^\top D g_0` where the optimizer has measured it, else
+#: this absolute value (the former default ``max_damping=1e10``). Absolute, the cap bent the
+#: trajectory of a loss multiplied by :math:`2^{33}` or more, whose :math:`\lambda` it clipped
+#: while every other quantity scaled exactly (``experiments/README.md``, "unseen14").
+AUTO_MAX_DAMPING = 1e10
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ class HFSettings:
     damping_increase: float = 1.5
     damping_decrease: float = 2.0 / 3.0
     min_damping: float | str = "auto"
-    max_damping: float = 1e10
+    max_damping: float | str = "auto"
     relative_min_damping: float | str = "auto"
     weight_decay: float = 0.0
     structural_damping: float | str = "auto"
@@ -218,7 +224,7 @@ class HFSettings:
         """The values stored in each param group (:attr:`GROUP_KEYS`)."""
         return {k: getattr(self, k) for k in self.GROUP_KEYS}
 
-    def damping_policy(self, scale: float = 0.0) -> DampingPolicy:
+    def damping_policy(self, scale: float = 0.0, curvature: float = 0.0) -> DampingPolicy:
         """The rule that changes :math:`\\lambda` from step to step, with its bounds.
 
         Args:
@@ -226,6 +232,9 @@ class HFSettings:
                 measured (``state['damping_scale']``), or 0 where it has none: the lower
                 bound of ``min_damping='auto'`` is ``AUTO_MIN_DAMPING`` times it where it is
                 finite and > 0, else ``AUTO_MIN_DAMPING`` itself; a number is absolute.
+            curvature: The curvature scale itself (``state['damping_scale']``; ``scale`` is
+                its first measurement times a precision share), or 0: the upper bound of
+                ``max_damping='auto'`` is ``AUTO_MAX_DAMPING`` times it (:meth:`max_damping_at`).
 
         Example:
             >>> HFSettings().damping_policy(scale=300.0).min_damping
@@ -241,7 +250,7 @@ class HFSettings:
             increase=self.damping_increase,
             decrease=self.damping_decrease,
             min_damping=self.min_damping_at(scale),
-            max_damping=self.max_damping,
+            max_damping=self.max_damping_at(curvature),
         )
 
     def min_damping_at(self, scale: float = 0.0) -> float:
@@ -250,7 +259,25 @@ class HFSettings:
         if not isinstance(self.min_damping, str):
             return self.min_damping
         known = math.isfinite(scale) and scale > 0
-        return min(AUTO_MIN_DAMPING * scale if known else AUTO_MIN_DAMPING, self.max_damping)
+        low = AUTO_MIN_DAMPING * scale if known else AUTO_MIN_DAMPING
+        return low if isinstance(self.max_damping, str) else min(low, self.max_damping)
+
+    def max_damping_at(self, curvature: float = 0.0) -> float:
+        """The upper bound on :math:`\\lambda` for the curvature scale ``curvature`` (0:
+        unknown): ``AUTO_MAX_DAMPING`` times it under ``'auto'`` (at least a given
+        ``min_damping``), a number as it is.
+
+        Example:
+            >>> HFSettings().max_damping_at(300.0)
+            3000000000000.0
+            >>> HFSettings().max_damping_at()  # no scale measured
+            10000000000.0
+        """
+        if not isinstance(self.max_damping, str):
+            return self.max_damping
+        known = math.isfinite(curvature) and curvature > 0
+        high = AUTO_MAX_DAMPING * curvature if known else AUTO_MAX_DAMPING
+        return high if isinstance(self.min_damping, str) else max(high, self.min_damping)
 
     @property
     def initial_damping(self) -> float:
@@ -344,14 +371,23 @@ def _validated(s: HFSettings) -> dict[str, Any]:
     else:
         low = out["min_damping"] = check_number("min_damping", s.min_damping, low=0.0)
         shown = repr(low)
-    high = out["max_damping"] = check_number(
-        "max_damping",
-        s.max_damping,
-        low=low,
-        high=math.inf,
-        low_open=True,
-        hint=f"(`min_damping` is {shown}; `max_damping` must exceed it)",
-    )
+    if isinstance(s.max_damping, str):
+        if s.max_damping != "auto":
+            raise ValueError(
+                f"`max_damping` must be 'auto' or a number > min_damping, got {s.max_damping!r}."
+            )
+        # 'auto' is AUTO_MAX_DAMPING × the curvature scale, or AUTO_MAX_DAMPING where that is
+        # unknown (at least a given min_damping): a given `damping` is checked against the latter
+        high = max(AUTO_MAX_DAMPING, low)
+    else:
+        high = out["max_damping"] = check_number(
+            "max_damping",
+            s.max_damping,
+            low=low,
+            high=math.inf,
+            low_open=True,
+            hint=f"(`min_damping` is {shown}; `max_damping` must exceed it)",
+        )
     if isinstance(s.relative_min_damping, str):
         check_choice("relative_min_damping", s.relative_min_damping, ("auto",))
     else:

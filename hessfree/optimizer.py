@@ -218,6 +218,13 @@ _LBFGS_ONLY = {
 
 def _unknown_argument_message(key: str, value: object) -> str:
     """The TypeError for a keyword argument HessianFree does not take."""
+    if key == "maximize":
+        # torch's optimizers take it; the closest name, `max_iter`, is no fix ("unseen14")
+        return (
+            f"HessianFree got `maximize`={value!r}, which torch.optim's first-order optimizers "
+            "take: HessianFree always minimizes. Drop the argument, and to maximize an "
+            "objective make the closure return its negative (e.g. a negative log-likelihood)."
+        )
     if key in _LBFGS_ONLY:
         return (
             f"HessianFree got torch.optim.LBFGS's `{key}`={value!r}: {_LBFGS_ONLY[key]}. "
@@ -317,8 +324,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             \approx 1.9 \times 10^{-17}` instead (a float64 least-squares fit had stalled on
             the float32 fraction; "unseenfb"). A given ``damping`` must still be >=
             :math:`10^{-8}` under ``'auto'``.
-        max_damping: Upper bound on :math:`\lambda`, > ``min_damping`` (> :math:`10^{-8}`
-            under ``'auto'``; the floor never exceeds it).
+        max_damping: Upper bound on :math:`\lambda`: a number > ``min_damping`` (>
+            :math:`10^{-8}` under ``'auto'``; the floor never exceeds it), or ``'auto'``
+            (default): :math:`10^{10}\,|g^\top C g| / g^\top D g`, the curvature scale above
+            (the latest measured, ``relative_min_damping``'s), where the optimizer has measured
+            it, else the absolute :math:`10^{10}`. The absolute :math:`10^{10}` (the default
+            before "unseen14") clipped :math:`\lambda` of a loss multiplied by
+            :math:`2^{33}` or more and bent its trajectory (the parameters 0.05-3.2 relative
+            from the unscaled run's after 30 steps, bitwise equal up to :math:`2^{30}`).
         relative_min_damping: A lower bound on :math:`\lambda` relative to the problem's own
             curvature scale, a fraction :math:`c \in [0, 1]`: :math:`\lambda \ge
             c\,|g_0^\top C g_0| / g_0^\top D g_0`, the Rayleigh quotient of
@@ -687,7 +700,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         damping_increase: float = 1.5,
         damping_decrease: float = 2.0 / 3.0,
         min_damping: float | str = "auto",
-        max_damping: float = 1e10,
+        max_damping: float | str = "auto",
         relative_min_damping: float | str = "auto",
         weight_decay: float = 0.0,
         structural_damping: float | str = "auto",
@@ -799,6 +812,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         # Closure roles whose first call was watched for train-mode BatchNorm/Dropout.
         self._watched: set[str] = set()
         self._warned_stochastic = False
+        self._warned_buffers = False  # a closure's forward wrote module buffers (_buffer_writes)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group as ``torch.optim.Optimizer`` does, after checking it.
@@ -874,6 +888,13 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     f"`param_groups[{i}]['params'][{j}]` is complex ({p.dtype}); HessianFree "
                     "needs real floating-point parameters: keep the real and imaginary parts "
                     "as two real parameters (torch.complex(re, im) in the model)."
+                )
+            if p.is_meta:  # torch.optim accepts it; the first step met "Tensor.item() ... meta"
+                raise ValueError(
+                    f"`param_groups[{i}]['params'][{j}]` (shape {tuple(p.shape)}) is on the "
+                    "meta device, which holds no values: materialize the model first (e.g. "
+                    "model.to_empty(device='cpu'), then initialize its weights) and build the "
+                    "optimizer from its parameters."
                 )
         reference = self.param_groups[0] if i > 0 else self.defaults
         for key in HFSettings.GROUP_KEYS:
