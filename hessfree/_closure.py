@@ -36,9 +36,7 @@ from .curvature import (
     _read_reduction,
     _reentrant_checkpoint,
 )
-from .preconditioning import (
-    _LinearPass,
-)
+from .preconditioning import _LinearPass
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
 # torch's messages for data that does not match the parameters (dtype, device, features)

@@ -24,11 +24,7 @@ from ._flat import LOW_PRECISION, dot
 from ._step_types import _StepRun
 from ._types import MatVec
 from .cg import CGResult, CGStop, _low_precision_product
-from .curvature import (
-    FisherProduct,
-    GGNProduct,
-    StructurallyDampedGGN,
-)
+from .curvature import FisherProduct, GGNProduct, StructurallyDampedGGN
 
 #: On a deterministic objective (Nielsen's rule, adapted λ), a step whose ρ is within
 #: ``_STREAK_RHO`` of 1 extends a streak of such steps; the s-th consecutive one lowers λ by

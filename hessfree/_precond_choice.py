@@ -21,12 +21,7 @@ from ._closure import _reduction_of
 from ._flat import ParamLayout
 from ._step_types import _Evaluation, _StepRun
 from ._types import MatVec
-from .curvature import (
-    FisherProduct,
-    GGNProduct,
-    JacobianProduct,
-    StructurallyDampedGGN,
-)
+from .curvature import FisherProduct, GGNProduct, JacobianProduct, StructurallyDampedGGN
 from .preconditioning import (
     EmpiricalFisherDiagonal,
     KFACPreconditioner,

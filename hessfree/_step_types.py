@@ -18,9 +18,7 @@ from torch import Tensor
 from ._flat import ParamLayout, dot
 from ._rng import StepStream
 from .cg import CGResult
-from .curvature import (
-    StructurallyDampedGGN,
-)
+from .curvature import StructurallyDampedGGN
 
 
 class StepStatus(str, enum.Enum):
