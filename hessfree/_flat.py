@@ -180,6 +180,20 @@ class ParamLayout:
                 f"`tensors` must hold {len(self.shapes)} entries, one per parameter (None for "
                 f"zeros), got {len(tensors)}."
             )
+        # one pass, checks inline: a product's every call comes here (36 -> 32 us for six
+        # tensors against 25 us unchecked, on this repo's CPU machine; "lead, stop 44")
+        dtype, parts = self.dtype, []
+        for t, shape, n in zip(tensors, self.shapes, self.numels, strict=True):
+            if t is None:
+                parts.append(torch.zeros(n, dtype=dtype, device=self.device))
+            elif t.shape != shape or t.dtype != dtype:
+                self._refuse(tensors)
+            else:
+                parts.append(t.to_dense().reshape(-1) if t.is_sparse else t.reshape(-1))
+        return torch.cat(parts)
+
+    def _refuse(self, tensors: Sequence[Tensor | None]) -> None:
+        """Raise for the first entry of ``tensors`` whose shape or dtype is not its parameter's."""
         for i, (t, shape) in enumerate(zip(tensors, self.shapes, strict=True)):
             if t is None:
                 continue
@@ -193,13 +207,6 @@ class ParamLayout:
                     f"`tensors[{i}]` must have dtype {self.dtype} like the parameters, "
                     f"got {t.dtype}."
                 )
-        parts = [
-            torch.zeros(n, dtype=self.dtype, device=self.device)
-            if t is None
-            else (t.to_dense() if t.is_sparse else t).reshape(-1)
-            for t, n in zip(tensors, self.numels, strict=True)
-        ]
-        return torch.cat(parts)
 
     def zeros(self) -> Tensor:
         """A flat zero vector of the parameters' dtype and device."""
