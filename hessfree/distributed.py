@@ -20,8 +20,10 @@ runner sets it from the config, so a crashed or hung rank never blocks the other
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -133,13 +135,17 @@ class Averager:
             return x
         return float(self.mean(torch.tensor([x], dtype=torch.float64, device=like.device)))
 
-    def check_same(self, flat: Tensor) -> None:
-        """Raise if ``flat`` (e.g. the parameters) differs across ranks, or if some ranks gave a
-        ``weight`` and others did not; two small collectives.
+    def check_same(self, flat: Tensor, settings: Mapping[str, object] | None = None) -> None:
+        """Raise if ``flat`` (e.g. the parameters) differs across ranks, if some ranks gave a
+        ``weight`` and others did not, or if ``settings`` differ; two small collectives (a
+        third, gathering the settings, only to name the ones that differ).
 
         The weights' flag rides along because a rank without a weight skips the collective
         that sums them: its next average would meet the others' sum of weights (two 1-element
         buffers: no error from the backend, the objective silently summed with a weight).
+        ``settings`` (plain values: numbers, strings, tuples) ride along as a digest because
+        ranks whose settings differ take different numbers of collectives (another CG budget,
+        another line search) and hang until the group's timeout, or take different steps.
         """
         if not self.active or self.world_size == 1:
             return
@@ -147,7 +153,8 @@ class Averager:
         ramp = torch.arange(1, n + 1, dtype=torch.float64, device=flat.device).div_(n)
         x = flat.detach().to(torch.float64)
         weighted = torch.tensor(float(self.weighted), dtype=torch.float64, device=flat.device)
-        fp = torch.stack([x.sum(), (x * ramp).sum(), x.square().sum(), weighted])
+        digest = torch.tensor(_digest(settings), dtype=torch.float64, device=flat.device)
+        fp = torch.stack([x.sum(), (x * ramp).sum(), x.square().sum(), weighted, digest])
         hi, lo = fp.clone(), fp.clone()
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
@@ -159,17 +166,38 @@ class Averager:
                 "`process_group=Averager(group, weight=n)`), or none for the plain mean over the "
                 "ranks."
             )
+        if hi[4] != lo[4]:
+            self._name_different_settings(dict(settings or {}))
         hi, lo = hi[:3], lo[:3]
         if not torch.equal(hi, lo):
             raise ValueError(
                 f"Parameters differ across the {self.world_size} ranks "
                 f"(fingerprint max {hi.tolist()} "
                 f"vs min {lo.tolist()}); initialise every rank from the same seed or broadcast "
-                "rank 0's parameters before the first step. If the ranks train separate "
+                "rank 0's parameters before the first step (after loading a checkpoint: load "
+                "the same one on every rank). If the ranks train separate "
                 "models, give each its own group instead of the default one: "
                 "`group, _ = torch.distributed.new_subgroups(group_size=1)` on every rank, "
                 "then `process_group=group`."
             )
+
+    def _name_different_settings(self, settings: dict[str, object]) -> None:
+        """Gather every rank's ``settings`` and raise naming those that differ (every rank
+        calls this together: the digests disagreed on all of them)."""
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, settings, group=self.group)
+        keys = sorted({k for s in everyone for k in s}, key=str)
+        differ = [k for k in keys if len({repr(s.get(k)) for s in everyone}) > 1]  # NaN == NaN
+        shown = "; ".join(
+            f"`{k}`: " + ", ".join(f"rank {r} {s.get(k)!r}" for r, s in enumerate(everyone))
+            for k in differ[:3]
+        )
+        raise ValueError(
+            f"The optimizer's settings differ across the {self.world_size} ranks ({shown}"
+            f"{'; ...' if len(differ) > 3 else ''}); data-parallel ranks must run one "
+            "optimizer: give every rank the same arguments (settings that differ put the "
+            "ranks' collectives out of step, a hang until the group's timeout)."
+        )
 
     def check_replicated(self, what: str, value: Tensor, *, rtol: float = 1e-5) -> None:
         """Raise if the scalar ``value`` differs across ranks by more than ``rtol``; two small
@@ -188,3 +216,12 @@ class Averager:
                 f"{high!r}); give every rank the same curvature_closure batch, or use "
                 "curvature_batch='sharded'."
             )
+
+
+def _digest(settings: Mapping[str, object] | None) -> float:
+    """A float64 (exact: 48 bits) digest of plain settings, the same in every process (Python's
+    ``hash`` of a string is salted per process)."""
+    if not settings:
+        return 0.0
+    text = repr(sorted((str(k), repr(v)) for k, v in settings.items()))
+    return float(int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big"))

@@ -1011,6 +1011,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             for key in HFSettings.GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
         self._current_settings()  # validate what was loaded
+        self._ranks_checked = False  # every rank must have loaded the same: the next step checks
         for hook in post_hooks:
             hook(self)
 
@@ -1087,6 +1088,22 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             self.settings = self.settings.replace(**values)
             self._group_view = values
         return self.settings
+
+    def _rank_settings(self) -> dict[str, object]:
+        """What must be equal on every data-parallel rank, as plain values: the settings (an
+        object such as a preconditioner or a curvature function by its type or name; not the
+        callback, which may log on one rank only, nor the process group), each group's lr and
+        weight_decay, and the step count (ranks resumed from different checkpoints)."""
+        out: dict[str, object] = {
+            f.name: _plain(getattr(self.settings, f.name))
+            for f in dataclasses.fields(self.settings)
+            if f.name not in ("callback", "process_group")
+        }
+        for i, group in enumerate(self.param_groups):
+            for key in HFSettings.PER_GROUP:
+                out[f"param_groups[{i}][{key!r}]"] = _plain(group[key])
+        out["step"] = self._global_state().get("step", 0)
+        return out
 
     # ------------------------------------------------------------------------------ state
     def _params(self) -> list[Tensor]:
@@ -1517,8 +1534,9 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         evaluation = self._first_call(closure, "closure", run.counter, layout)
         run.uses_backward = evaluation.grads is not None
         run.loss0 = evaluation.loss.detach()
-        if state["step"] == 0:
-            self._avg.check_same(layout.cat([p.detach() for p in params]))
+        if not getattr(self, "_ranks_checked", False):  # this object's first step, or a load's
+            self._avg.check_same(layout.cat([p.detach() for p in params]), self._rank_settings())
+            self._ranks_checked = True
         run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
         run.lap("evaluate")
         self._observe_objective(state, run.f0)
@@ -2321,3 +2339,21 @@ def _decay_reached(x0: Tensor, g: Tensor, layout: ParamLayout, decay: float) -> 
     norms = torch.stack(torch._foreach_norm(g.split_with_sizes(layout.numels), ord=1))
     keep = (norms != 0).to(x0.dtype)  # a NaN norm keeps the block
     torch._foreach_mul_(list(x0.split_with_sizes(layout.numels)), list(keep.unbind()))
+
+
+def _plain(value: object) -> object:
+    """``value`` as plain, picklable data that reads the same in every process: numbers,
+    strings, tuples, a :class:`ProductPolicy` by its fields; any other object by its type's (or
+    a function's) qualified name, never its ``repr`` (which may hold a memory address) nor its
+    state (a preconditioner's statistics are per rank until averaged)."""
+    if isinstance(value, ProductPolicy):
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, list | tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _plain(v)) for k, v in value.items()))
+    return getattr(value, "__qualname__", None) or type(value).__qualname__

@@ -162,8 +162,42 @@ def _weighted_steps(model, Xs, ys, rank: int, out_file: str, steps: int) -> None
             not torch.equal(p, q)
             for p, q in zip(model.parameters(), results["unweighted"], strict=True)
         )
+        results["settings"], results["resumed"] = _settings_and_resume(model, Xs, ys, rank)
     if rank == 0:
         torch.save(results, out_file)
+
+
+def _settings_and_resume(model, Xs, ys, rank: int) -> tuple[str, str]:
+    """Two refusals at a first step, on both ranks: settings that differ across the ranks
+    (another CG budget: before, the ranks' collectives went out of step, a hang until the
+    group's timeout), and a resume where rank 1 loaded other parameters than rank 0 (before:
+    only a state's step 0 was checked, so the ranks trained on mixed averages)."""
+
+    def closure():
+        out = model(Xs)
+        return F.cross_entropy(out, ys), out
+
+    messages = []
+    opt = HessianFree(model.parameters(), damping=0.5, precond=None, cg_max_iter=20 + rank)
+    try:
+        opt.step(closure)
+        messages.append("")
+    except ValueError as err:
+        messages.append(str(err))
+    opt = HessianFree(model.parameters(), damping=0.5, precond=None, cg_max_iter=20)
+    opt.step(closure)  # together: the ranks' parameters stay equal
+    saved = opt.state_dict()
+    if rank == 1:
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)  # "another checkpoint"
+    resumed = HessianFree(model.parameters(), damping=0.5, precond=None, cg_max_iter=20)
+    resumed.load_state_dict(saved)
+    try:
+        resumed.step(closure)
+        messages.append("")
+    except ValueError as err:
+        messages.append(str(err))
+    return messages[0], messages[1]
 
 
 def _separate_steps(Xs, ys, rank: int, world: int, out_file: str, steps: int) -> None:

@@ -122,6 +122,14 @@ def test_ranks_weighted_by_shard_size_equal_the_union(tmp_path):
     # collectives went out of step and gloo timed out after 60 s waiting for a recv)
     assert "Some of the 2 ranks gave the Averager a `weight`" in dp["mixed"]
     assert "this rank: weight=1.0" in dp["mixed"] and not dp["moved"]
+    # settings that differ across the ranks: refused at the first step, naming them (before:
+    # one rank ran another CG budget, its collectives out of step: a hang until the timeout)
+    assert "settings differ across the 2 ranks" in dp["settings"]
+    assert "`cg_max_iter`: rank 0 20, rank 1 21" in dp["settings"]
+    # ranks resumed from different parameters: refused at the first step after the load
+    # (before: only state step 0 was checked; the ranks trained on mixed averages)
+    assert "Parameters differ across the 2 ranks" in dp["resumed"]
+    assert "load the same one on every rank" in dp["resumed"]
 
 
 def test_ranks_training_separate_models_are_refused_then_train_in_their_own_groups(tmp_path):
