@@ -195,8 +195,9 @@ class Averager:
         raise ValueError(
             f"The optimizer's settings differ across the {self.world_size} ranks ({shown}"
             f"{'; ...' if len(differ) > 3 else ''}); data-parallel ranks must run one "
-            "optimizer: give every rank the same arguments (settings that differ put the "
-            "ranks' collectives out of step, a hang until the group's timeout)."
+            "optimizer on one model: give every rank the same arguments and the same "
+            "parameters (settings that differ put the ranks' collectives out of step, a hang "
+            "until the group's timeout)."
         )
 
     def check_replicated(self, what: str, value: Tensor, *, rtol: float = 1e-5) -> None:

@@ -1089,12 +1089,15 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             self._group_view = values
         return self.settings
 
-    def _rank_settings(self) -> dict[str, object]:
+    def _rank_settings(self, layout: ParamLayout) -> dict[str, object]:
         """What must be equal on every data-parallel rank, as plain values: the settings (an
         object such as a preconditioner or a curvature function by its type or name; not the
         callback, which may log on one rank only, nor the process group), each group's lr and
-        weight_decay, and the step count (ranks resumed from different checkpoints)."""
-        out: dict[str, object] = {
+        weight_decay, the step count (ranks resumed from different checkpoints), and the
+        parameters' count and dtype (a float32 and a float64 rank reduce buffers of different
+        byte sizes: gloo fails or hangs in the gradient's collective)."""
+        out: dict[str, object] = {"parameters": f"{layout.numel} entries of {layout.dtype}"}
+        out |= {
             f.name: _plain(getattr(self.settings, f.name))
             for f in dataclasses.fields(self.settings)
             if f.name not in ("callback", "process_group")
@@ -1535,7 +1538,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         run.uses_backward = evaluation.grads is not None
         run.loss0 = evaluation.loss.detach()
         if not getattr(self, "_ranks_checked", False):  # this object's first step, or a load's
-            self._avg.check_same(layout.cat([p.detach() for p in params]), self._rank_settings())
+            flat = layout.cat([p.detach() for p in params])
+            self._avg.check_same(flat, self._rank_settings(layout))
             self._ranks_checked = True
         run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
         run.lap("evaluate")

@@ -18,6 +18,7 @@ group must refuse (the message is saved), then each rank trains alone in its own
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import sys
@@ -197,7 +198,18 @@ def _settings_and_resume(model, Xs, ys, rank: int) -> tuple[str, str]:
         messages.append("")
     except ValueError as err:
         messages.append(str(err))
-    return messages[0], messages[1]
+    twin = copy.deepcopy(model).to(torch.float32 if rank == 1 else torch.float64)
+
+    def twin_closure():
+        out = twin(Xs.to(next(twin.parameters()).dtype))
+        return F.cross_entropy(out, ys), out
+
+    try:  # a float32 rank beside a float64 one: named as such, not as "parameters differ"
+        HessianFree(twin.parameters(), damping=0.5, precond=None).step(twin_closure)
+        messages.append("")
+    except ValueError as err:
+        messages.append(str(err))
+    return messages[0], messages[1] + "\n" + messages[2]
 
 
 def _separate_steps(Xs, ys, rank: int, world: int, out_file: str, steps: int) -> None:

@@ -130,6 +130,11 @@ def test_ranks_weighted_by_shard_size_equal_the_union(tmp_path):
     # (before: only state step 0 was checked; the ranks trained on mixed averages)
     assert "Parameters differ across the 2 ranks" in dp["resumed"]
     assert "load the same one on every rank" in dp["resumed"]
+    # a float32 rank beside a float64 one: the parameters' dtype named, rank by rank
+    assert (
+        "rank 0 '75 entries of torch.float64', rank 1 '75 entries of torch.float32'"
+        in (dp["resumed"])
+    )
 
 
 def test_ranks_training_separate_models_are_refused_then_train_in_their_own_groups(tmp_path):
