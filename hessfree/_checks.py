@@ -43,18 +43,18 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}.")
     value = float(value)
-    lo = "-inf" if low is None else repr(low)
-    hi = "inf" if high is None else repr(high)
-    left = "(" if low_open or low is None else "["
-    right = ")" if high_open or high is None else "]"
-    interval = f"{left}{lo}, {hi}{right}"
     bad = math.isnan(value) or (low is None and value == -math.inf)
     bad |= high is None and value == math.inf
     if low is not None:
         bad |= value <= low if low_open else value < low
     if high is not None:
         bad |= value >= high if high_open else value > high
-    if bad:
+    if bad:  # the message only now: the optimizer checks ~20 numbers per step
+        lo = "-inf" if low is None else repr(low)
+        hi = "inf" if high is None else repr(high)
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
+        interval = f"{left}{lo}, {hi}{right}"
         raise ValueError(
             f"`{name}` must be in {interval}, got {value!r}.{(' ' + hint) if hint else ''}"
         )
