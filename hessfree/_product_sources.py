@@ -79,6 +79,49 @@ def _product_gradient(product: Any) -> Tensor:
     return product.gradient
 
 
+class _BuiltAt:
+    """The parameters a cached graph was built at: version counters, tensors and values.
+
+    :class:`~hessfree._checks.ParamVersions` sees ``optimizer.step()`` and ``p.data = ...``,
+    but a write through ``p.data`` (``p.data.add_(...)``, a hand-rolled update loop) bumps
+    the version counter of the ``.data`` alias only: a cached Hessian then went on at a mixed
+    point, its graph reading new weights (saved by reference) and old activations, 0.78 and
+    3.2 max abs off the dense Hessians at the old and the new parameters (experiments/README.md,
+    "operators15"). So a copy of the values is kept and compared on every product: one read
+    of the parameters, against a product's forward-sized backward passes.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._versions = ParamVersions(params)
+        # meta tensors (a stand-in device in tests) have no values to compare
+        self._values = [None if p.is_meta else p.detach().clone() for p in params]
+
+    def check(self, fix: str) -> None:
+        """Raise ``RuntimeError`` if ``params`` changed since construction, saying ``fix``."""
+        self._versions.check(fix)
+        params = self._versions.params
+        changed = [
+            i for i, (p, v) in enumerate(zip(params, self._values, strict=True)) if _moved(p, v)
+        ]
+        if changed:
+            i = changed[0]
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            raise RuntimeError(
+                f"`params` changed value since the operator was built: parameter {i} (shape "
+                f"{tuple(params[i].shape)}){more}, without a version change (a write through "
+                "p.data, e.g. p.data.add_(...)). The operator holds the graph of the "
+                f"parameters it was built at, so its products would mix old and new values. {fix}"
+            )
+
+
+def _moved(p: Tensor, held: Tensor | None) -> bool:
+    """Whether ``p``'s values differ from ``held`` (NaN in the same places counts as equal)."""
+    p = p.detach()
+    if held is None or torch.equal(p, held):
+        return False
+    return not bool(((p == held) | (p.isnan() & held.isnan())).all())
+
+
 def refuse_reentrant_checkpoint(tensors: Sequence[object], name: str) -> None:
     """Refuse a graph that runs ``torch.utils.checkpoint(..., use_reentrant=True)``.
 
@@ -195,7 +238,7 @@ class _DataProducts:
         self.shape, self.dtype, self.device = (n, n), self.layout.dtype, self.layout.device
         self._data: Iterable[Sequence[Any]] = []
         self._product: CurvatureProduct | None = None
-        self._versions: ParamVersions | None = None  # of the cached product's parameters
+        self._built_at: _BuiltAt | None = None  # the cached product's parameters
         self._size: float = 0
         self._rows: float = 0
         self._num_batches: int | None = None  # a pass's batches, where not fixed by the type
@@ -210,7 +253,7 @@ class _DataProducts:
         if single is not None and self.cache_graph:
             # One forward pass, here; every product reuses its graph.
             self._product, self._size, self._rows = self._build(self._batch(single, "data"), 0)
-            self._versions = ParamVersions(self.params)
+            self._built_at = _BuiltAt(self.params)
             return
         first = next(iter(self._data), None)  # validate shapes and the loss on one batch
         if first is None:
@@ -342,8 +385,8 @@ class _DataProducts:
 
     # ---- the source's interface
     def _check_cache(self) -> None:
-        if self._versions is not None:
-            self._versions.check(
+        if self._built_at is not None:
+            self._built_at.check(
                 "Build a new operator at the new parameters, or pass cache_graph=False for "
                 "products at the current ones."
             )

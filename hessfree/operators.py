@@ -33,8 +33,10 @@ every product is autograd on the products of :mod:`hessfree.curvature`.
 **Graphs.** With one batch the first-order graph is built once, at construction, and every
 product reuses it (one forward pass in all); ``cache_graph=False`` trades that memory for a
 forward pass per product. A cached graph (and the Jacobian's, always cached) belongs to the
-parameters it was built at: once they change in place (``optimizer.step()``), its products
-raise ``RuntimeError``; the uncached products follow the current parameters. With several
+parameters it was built at: once they change (``optimizer.step()``, ``load_state_dict``,
+``p.data = ...``, or a write through ``p.data``, seen by comparing the values with a copy
+taken at construction, one read of the parameters per product), its products raise
+``RuntimeError``; the uncached products follow the current parameters. With several
 batches each product runs one forward pass per batch (``progress=True`` shows a tqdm bar).
 ``matmat`` (``lobpcg``, probes in :mod:`hessfree.spectral`) goes through the batched products
 (``is_grads_batched``).
@@ -99,7 +101,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import ParamVersions, check_int, check_scalar_loss, unreached_params_error
+from ._checks import check_int, check_scalar_loss, unreached_params_error
 from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._graph_ops import twice_differentiable_weight_norm
@@ -112,7 +114,11 @@ from ._model_data import (
     _to_device,
 )
 from ._numpy_edge import _AdjointOperator, _outside_inference_mode, _TorchLinearOperator
-from ._product_sources import refuse_once_differentiable, refuse_reentrant_checkpoint
+from ._product_sources import (
+    _BuiltAt,
+    refuse_once_differentiable,
+    refuse_reentrant_checkpoint,
+)
 from ._rng import _batch_seed
 from ._threads import limit_blas_threads
 from .curvature import (
@@ -494,11 +500,11 @@ class JacobianLinearOperator(_TorchLinearOperator):
         self.params = params
         #: The shape of ``model(inputs)``; rows of the operator are its entries in order.
         self.output_shape = tuple(outputs.shape)
-        self._versions = ParamVersions(params)
+        self._built_at = _BuiltAt(params)
         super().__init__((outputs.numel(), layout.numel), layout.dtype, layout.device, dtype)
 
     def _check_fresh(self) -> None:
-        self._versions.check("Build a new JacobianLinearOperator at the new parameters.")
+        self._built_at.check("Build a new JacobianLinearOperator at the new parameters.")
 
     def _mv(self, v: Tensor) -> Tensor:
         self._check_fresh()

@@ -1,0 +1,116 @@
+"""The SciPy operators and ``hessfree.spectral`` under uses no earlier round tried (operators15).
+
+Oracles: explicit float64 Hessians and Jacobians from ``torch.autograd.functional`` on a flat
+parameter vector (through ``torch.func.functional_call``), per-example gradients for the
+empirical Fisher, and ``numpy.linalg.eigh`` of those matrices. Every test is seeded and
+deterministic; float64 throughout, so 1e-12 bounds the rounding of these small products.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.autograd.functional import hessian, jacobian
+from torch.func import functional_call
+
+from hessfree import (
+    FisherLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    JacobianLinearOperator,
+)
+from hessfree.spectral import bottom_eigenpairs, top_eigenpairs
+
+
+def _flat_fn(model: nn.Module, fn: Callable[[dict[str, Tensor]], Tensor]) -> Callable:
+    """``fn`` of the model's parameters as one flat vector (``model.parameters()`` order)."""
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def flat_fn(theta: Tensor) -> Tensor:
+        params, i = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            params[name] = theta[i : i + shape.numel()].view(shape)
+            i += shape.numel()
+        return fn(params)
+
+    return flat_fn
+
+
+def _theta(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _dense_hessian(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor) -> np.ndarray:
+    f = _flat_fn(model, lambda ps: loss_fn(functional_call(model, ps, (x,)), y))
+    return hessian(f, _theta(model)).numpy()
+
+
+def _dense_jacobian(model: nn.Module, x: Tensor) -> np.ndarray:
+    f = _flat_fn(model, lambda ps: functional_call(model, ps, (x,)).reshape(-1))
+    return jacobian(f, _theta(model)).numpy()
+
+
+def _mlp_data(outputs: int = 1) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, outputs)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    return model, x, torch.randn(8, outputs, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# writes through p.data after building: refused by the cached graphs, followed by the uncached
+# --------------------------------------------------------------------------------------------
+
+
+def test_cached_operators_refuse_a_write_through_p_data():
+    """``p.data.add_`` bumps no version counter of ``p``: a cached graph went on at a mixed
+    point (new weights saved by reference, old activations), off the dense Hessians at both
+    points. Now refused; the uncached operator gives the new point's Hessian."""
+    model, x, y = _mlp_data()
+    loss_fn = nn.MSELoss()
+    n = sum(p.numel() for p in model.parameters())
+    cached = [
+        HessianLinearOperator(model, loss_fn, (x, y)),
+        GGNLinearOperator(model, loss_fn, (x, y)),
+        FisherLinearOperator(model, loss_fn, (x, y)),
+        JacobianLinearOperator(model, x),
+    ]
+    uncached = HessianLinearOperator(model, loss_fn, (x, y), cache_graph=False)
+    for p in model.parameters():
+        p.data.add_(0.3)
+    for op in cached:
+        with pytest.raises(RuntimeError, match=r"changed value .* parameter 0 \(shape \(4, 3\)\)"):
+            op @ np.ones(n)
+        if op.shape[0] == op.shape[1]:
+            with pytest.raises(RuntimeError, match="p.data"):
+                op.gradient()
+    with pytest.raises(RuntimeError, match="changed value"):
+        cached[-1].H @ np.ones(8)
+    dense = _dense_hessian(model, loss_fn, x, y)
+    np.testing.assert_allclose(uncached @ np.eye(n), dense, rtol=0, atol=1e-12)
+
+
+def test_cached_operator_at_its_own_values_again_still_runs():
+    """Values written back bit for bit (a probe step undone) are the graph's point: the
+    products run and equal the dense Hessian there; NaN parameters are not a change."""
+    model, x, y = _mlp_data()
+    H = HessianLinearOperator(model, nn.MSELoss(), (x, y))
+    n = H.shape[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.data.add_(0.5)
+    for p, b in zip(model.parameters(), before, strict=True):
+        p.data.copy_(b)
+    np.testing.assert_allclose(
+        H @ np.eye(n), _dense_hessian(model, nn.MSELoss(), x, y), rtol=0, atol=1e-12
+    )
+    with torch.no_grad():
+        model[0].weight.data[0, 0] = float("nan")
+    G = GGNLinearOperator(model, nn.MSELoss(), (x, y))
+    assert np.isnan(G @ np.ones(n)).any()  # NaN products, not "changed value"
