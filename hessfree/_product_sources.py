@@ -38,6 +38,7 @@ from ._flat import ParamLayout
 from ._model_data import (
     _as_pair,
     _batch_count,
+    _BufferWatch,
     _call_loss,
     _call_model,
     _check_model,
@@ -213,6 +214,7 @@ class _DataProducts:
     ) -> None:
         # Dropout/BatchNorm: refused in training mode now, and checked again per product
         self._modes = _check_model(model, allow_training_mode)
+        self._buffers = _BufferWatch(model, allow_training_mode)  # buffer writes, per pass
         self._ranks = Averager(process_group)
         self._global_counts: tuple[float, float] | None = None  # (N, R) over all the ranks
         self._share_power = share_power  # 1: H, G (linear in the loss); 2: the Fisher
@@ -245,6 +247,11 @@ class _DataProducts:
 
     def load(self, data: tuple[Any, Any] | Iterable[Sequence[Any]]) -> None:
         """Check ``data`` (shapes and the loss on its first batch); cache one batch's graph."""
+        before = self._buffers.versions()
+        self._load(data)
+        self._buffers.refuse_written(before, at_construction=True)
+
+    def _load(self, data: tuple[Any, Any] | Iterable[Sequence[Any]]) -> None:
         single = _single_batch(data)
         if single is None:
             _check_same_examples(data)
@@ -413,7 +420,10 @@ class _DataProducts:
             product, size, rows = self._build(batch, index)
             return _product_rows(product, V), size, rows  # the batch's graph is freed on return
 
-        return self._weighted_sum(per_batch, power)
+        before = self._buffers.versions()
+        out = self._weighted_sum(per_batch, power)
+        self._buffers.refuse_written(before, at_construction=False)
+        return out
 
     def gradient(self) -> Tensor:
         """Free with a cached graph; else one forward and backward pass per batch."""
@@ -437,4 +447,7 @@ class _DataProducts:
             rows = outputs.shape[0] if outputs.dim() else 1
             return self.layout.cat(g), _batch_count(self._loss_fn, outputs, targets), rows
 
-        return self._weighted_sum(per_batch, 1)
+        before = self._buffers.versions()
+        g = self._weighted_sum(per_batch, 1)
+        self._buffers.refuse_written(before, at_construction=False)
+        return g

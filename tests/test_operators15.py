@@ -114,3 +114,88 @@ def test_cached_operator_at_its_own_values_again_still_runs():
         model[0].weight.data[0, 0] = float("nan")
     G = GGNLinearOperator(model, nn.MSELoss(), (x, y))
     assert np.isnan(G @ np.ones(n)).any()  # NaN products, not "changed value"
+
+
+# --------------------------------------------------------------------------------------------
+# forward passes that write module buffers (train-mode spectral_norm)
+# --------------------------------------------------------------------------------------------
+
+
+def _spectral_model(old_style: bool = False) -> nn.Module:
+    torch.manual_seed(2)
+    layer = nn.Linear(3, 4).double()
+    if old_style:
+        layer = nn.utils.spectral_norm(layer)
+    else:
+        layer = nn.utils.parametrizations.spectral_norm(layer)
+    return nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 1)).double()
+
+
+@pytest.mark.parametrize("old_style", [False, True])
+def test_train_mode_spectral_norm_is_refused_naming_the_module(old_style):
+    """Its power iteration writes ``_u``/``_v`` in every forward pass: uncached products drifted
+    and the operators wrote to the model. Refused at construction, naming the buffer, the
+    module and model.eval(); accepted in eval mode and with allow_training_mode=True."""
+    model = _spectral_model(old_style)
+    torch.manual_seed(3)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    kind = "Linear" if old_style else "_SpectralNorm"  # the old one: a hook on the Linear
+    match = rf"writes to its buffers: \S*_u .*{kind}.*model\.eval\(\)"
+    for build in (
+        lambda: HessianLinearOperator(model, nn.MSELoss(), (x, y)),
+        lambda: GGNLinearOperator(model, nn.MSELoss(), (x, y), cache_graph=False),
+        lambda: HessianLinearOperator(model, nn.MSELoss(), [(x[:4], y[:4]), (x[4:], y[4:])]),
+        lambda: JacobianLinearOperator(model, x),
+    ):
+        with pytest.raises(ValueError, match=match):
+            build()
+    HessianLinearOperator(model, nn.MSELoss(), (x, y), allow_training_mode=True)
+    model.eval()
+    u = [b.clone() for b in model.buffers()]
+    H = HessianLinearOperator(model, nn.MSELoss(), (x, y), cache_graph=False)
+    n = H.shape[0]
+    first = H @ np.eye(n)
+    np.testing.assert_array_equal(H @ np.eye(n), first)  # one matrix
+    assert all(torch.equal(a, b) for a, b in zip(u, model.buffers(), strict=True))
+    np.testing.assert_allclose(first, first.T, rtol=0, atol=1e-12)
+
+
+def test_product_refuses_buffer_writes_after_model_train():
+    """Built in eval mode, then model.train(): the uncached product's forward passes write the
+    buffers again, and the product says so instead of drifting."""
+    model = _spectral_model().eval()
+    torch.manual_seed(3)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    H = HessianLinearOperator(model, nn.MSELoss(), (x, y), cache_graph=False)
+    G = GGNLinearOperator(model, nn.MSELoss(), [(x[:3], y[:3]), (x[3:], y[3:])])
+    n = H.shape[0]
+    model.train()
+    for op in (H, G):
+        with pytest.raises(RuntimeError, match=r"writes to its buffers.*model\.train\(\) since"):
+            op @ np.ones(n)
+        with pytest.raises(RuntimeError, match="writes to its buffers"):
+            op.gradient()
+    # a training step's writes between products are the caller's, not the operator's
+    model.eval()
+    model(x)
+    H @ np.ones(n)
+
+
+def test_any_buffer_written_by_forward_is_refused():
+    """Not only spectral_norm: a module that keeps a running average in a buffer."""
+
+    class RunningMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("avg", torch.zeros(3, dtype=torch.float64))
+
+        def forward(self, x: Tensor) -> Tensor:
+            with torch.no_grad():
+                self.avg.mul_(0.9).add_(x.mean(0), alpha=0.1)
+            return x - self.avg
+
+    torch.manual_seed(4)
+    model = nn.Sequential(RunningMean(), nn.Linear(3, 1)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"0\.avg \(in 0, RunningMean\)"):
+        FisherLinearOperator(model, nn.MSELoss(), (x, y))
