@@ -199,3 +199,37 @@ def test_any_buffer_written_by_forward_is_refused():
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"0\.avg \(in 0, RunningMean\)"):
         FisherLinearOperator(model, nn.MSELoss(), (x, y))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.autograd.set_detect_anomaly(True): blocks row by row, no failed batched attempts
+# --------------------------------------------------------------------------------------------
+
+
+def test_matmat_under_detect_anomaly_is_exact_and_warns_nothing():
+    """Anomaly mode's NaN check calls .item(), which vmap cannot batch: every batched product
+    failed once (a wasted backward pass and a warning with a traceback) before falling back.
+    A float32 model whose loss is taken in float64 (the lead's case) and a float64 one."""
+    model, x, _ = _mlp_data(outputs=3)
+    targets = torch.tensor([0, 2, 1, 1, 0, 2, 2, 0])
+
+    def loss_fn(outputs: Tensor, t: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(outputs.double(), t)
+
+    n = sum(p.numel() for p in model.parameters())
+    dense_h = _dense_hessian(model, loss_fn, x, targets)
+    dense_j = _dense_jacobian(model, x)
+    model32 = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.autograd.set_detect_anomaly(True):
+            H = HessianLinearOperator(model, loss_fn, (x, targets))
+            J = JacobianLinearOperator(model, x)
+            np.testing.assert_allclose(H.matmat(np.eye(n)), dense_h, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(J.matmat(np.eye(n)), dense_j, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(J.H.matmat(np.eye(24)), dense_j.T, rtol=0, atol=1e-12)
+            G32 = GGNLinearOperator(model32, loss_fn, (x.float(), targets))
+            rows = np.stack([G32 @ e for e in np.eye(G32.shape[0], dtype=np.float32)], axis=1)
+            block = G32.matmat(np.eye(G32.shape[0], dtype=np.float32))
+    assert not [str(w.message)[:60] for w in caught]
+    np.testing.assert_array_equal(block, rows)  # the same products, one per column
