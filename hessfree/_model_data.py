@@ -255,10 +255,18 @@ class _BufferWatch:
 
 
 def _resolve_reduction(loss_fn: object, reduction: str | None) -> str:
-    """``loss_fn.reduction`` (or a ``functools.partial``'s keyword), else ``reduction``."""
+    """``loss_fn.reduction`` (or a ``functools.partial``'s keyword), else ``reduction``.
+
+    ``nn.KLDivLoss``'s ``'batchmean'`` (the sum over a batch divided by its examples, the
+    divergence torch recommends) is a mean over the examples, which is all ``'mean'`` means
+    here (batch weights :math:`N_b/N`, the Fisher's :math:`1/N`); it was refused as an
+    unknown reduction, and ``reduction='mean'`` then as disagreeing with it.
+    """
     own = getattr(loss_fn, "reduction", None)
     if own is None and isinstance(loss_fn, functools.partial):
         own = loss_fn.keywords.get("reduction")
+    if own == "batchmean":
+        own = "mean"
     if own is None:
         return check_choice(
             "reduction", "mean" if reduction is None else reduction, ("mean", "sum")

@@ -233,3 +233,37 @@ def test_matmat_under_detect_anomaly_is_exact_and_warns_nothing():
             block = G32.matmat(np.eye(G32.shape[0], dtype=np.float32))
     assert not [str(w.message)[:60] for w in caught]
     np.testing.assert_array_equal(block, rows)  # the same products, one per column
+
+
+# --------------------------------------------------------------------------------------------
+# nn.KLDivLoss(reduction='batchmean')
+# --------------------------------------------------------------------------------------------
+
+
+def test_kl_div_batchmean_is_the_mean_over_examples():
+    """'batchmean' (torch's recommended KL reduction) was refused as an unknown reduction, and
+    reduction='mean' then as disagreeing. It is the mean over examples: the Hessian over
+    uneven batches and the empirical Fisher against the dense oracles of all the data."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.LogSoftmax(1))
+    model = model.double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    target = torch.log_softmax(torch.randn(10, 3, dtype=torch.float64), 1)
+    loss_fn = nn.KLDivLoss(reduction="batchmean", log_target=True)
+    n = sum(p.numel() for p in model.parameters())
+    batches = [(x[:4], target[:4]), (x[4:8], target[4:8]), (x[8:], target[8:])]
+    H = HessianLinearOperator(model, loss_fn, batches, reduction="mean")
+    assert H.reduction == "mean"
+    np.testing.assert_allclose(
+        H @ np.eye(n), _dense_hessian(model, loss_fn, x, target), rtol=0, atol=1e-12
+    )
+    grads = []
+    for i in range(10):
+        f = _flat_fn(
+            model,
+            lambda ps, i=i: loss_fn(functional_call(model, ps, (x[i : i + 1],)), target[i : i + 1]),
+        )
+        grads.append(jacobian(f, _theta(model)).numpy())
+    g = np.stack(grads)
+    F = FisherLinearOperator(model, loss_fn, (x, target))
+    np.testing.assert_allclose(F @ np.eye(n), g.T @ g / 10, rtol=0, atol=1e-12)
