@@ -267,3 +267,38 @@ def test_kl_div_batchmean_is_the_mean_over_examples():
     g = np.stack(grads)
     F = FisherLinearOperator(model, loss_fn, (x, target))
     np.testing.assert_allclose(F @ np.eye(n), g.T @ g / 10, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# spectral: the whole spectrum (k = n), a 1x1 operator
+# --------------------------------------------------------------------------------------------
+
+
+def test_eigenpairs_of_a_one_parameter_operator():
+    """k = 1 of a 1x1 operator was refused with the empty range "[1, 0]"."""
+    model = nn.Linear(1, 1, bias=False).double()
+    x = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    H = HessianLinearOperator(model, nn.MSELoss(reduction="sum"), (x, torch.zeros_like(x)))
+    for pairs in (top_eigenpairs(H), bottom_eigenpairs(H, k=1)):
+        np.testing.assert_allclose(pairs.values, [10.0], rtol=1e-15)  # 2 (1 + 4)
+        np.testing.assert_allclose(np.abs(pairs.vectors), [[1.0]], rtol=1e-15)
+    with pytest.raises(ValueError, match=r"`k` must be in \[1, 1\] .* got 2"):
+        top_eigenpairs(H, k=2)
+
+
+def test_whole_spectrum_matches_dense_eigh():
+    """k = n gives every eigenpair, ordered, against numpy.linalg.eigh of the dense Hessian;
+    NaN products are refused as for ARPACK's path."""
+    model, x, y = _mlp_data()
+    H = HessianLinearOperator(model, nn.MSELoss(), (x, y))
+    n = H.shape[0]
+    values, vectors = np.linalg.eigh(_dense_hessian(model, nn.MSELoss(), x, y))
+    top, bottom = top_eigenpairs(H, k=n), bottom_eigenpairs(H, k=n)
+    np.testing.assert_allclose(top.values, values[::-1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(bottom.values, values, rtol=0, atol=1e-12)
+    # eigenvectors up to sign (the eigenvalues here are distinct)
+    gaps = np.diff(values).min()
+    assert gaps > 1e-6
+    np.testing.assert_allclose(np.abs(bottom.vectors.T @ vectors), np.eye(n), atol=1e-8)
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        top_eigenpairs(np.array([[1.0, np.nan], [np.nan, 1.0]]), k=2)
