@@ -198,9 +198,9 @@ class _BufferWatch:
     A train-mode ``spectral_norm`` (``parametrizations`` or the older hook) runs a step of
     power iteration in every forward pass, writing its ``_u``/``_v`` buffers in place; a
     custom module may keep a running average the same way. Each forward pass then computes
-    another function, so uncached products drift (an uncached train-mode spectral-norm
-    Hessian moved its largest entry by 6.8e-5 over one more pass of 12 products:
-    experiments/README.md, "operators14"), and reading the curvature writes to the model.
+    another function, so uncached products drift (two ``H @ I`` of an uncached Hessian over a
+    fresh spectral-norm layer 0.017 apart) and reading the curvature writes to the model
+    (building a cached one moved ``_u`` by 0.031: experiments/README.md, "operators15").
     :func:`_check_model` knows only Dropout and BatchNorm by type; this sees any such module
     by what its forward pass did: each pass of the operator's own forward passes is bracketed
     by :meth:`versions` and :meth:`refuse_written` (a read of each buffer's version counter,

@@ -75,7 +75,7 @@ def _batching_breaks() -> bool:
     ``.item()``, which vmap cannot batch ("Batching rule not implemented for aten::item").
     The products fell back to one backward pass per row anyway, each failed attempt first
     spending a backward pass and issuing anomaly mode's "Error detected in ..." warning with
-    a traceback (11 of them for five operators' ``matmat`` and a ``hutchinson_trace``:
+    a traceback (7 of them for five operators' ``matmat`` and a ``hutchinson_trace``:
     experiments/README.md, "operators15"); a block then goes row by row from the start.
     """
     return torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -80,6 +81,9 @@ def _product_gradient(product: Any) -> Tensor:
     return product.gradient
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 class _BuiltAt:
     """The parameters a cached graph was built at: version counters, tensors and values.
 
@@ -116,9 +120,19 @@ class _BuiltAt:
 
 
 def _moved(p: Tensor, held: Tensor | None) -> bool:
-    """Whether ``p``'s values differ from ``held`` (NaN in the same places counts as equal)."""
+    """Whether ``p``'s values differ from ``held`` (NaN in the same places counts as equal).
+
+    On CPU numpy compares: ``torch.equal`` took 1.2 ms for a 256x784 float32 weight,
+    ``numpy.array_equal`` 48 µs (one thread; experiments/README.md, "operators15").
+    """
     p = p.detach()
-    if held is None or torch.equal(p, held):
+    if held is None:
+        return False
+    if p.device.type == "cpu" and p.dtype in _NUMPY_FLOATS:
+        same = bool(np.array_equal(p.numpy(), held.numpy()))
+    else:
+        same = torch.equal(p, held)
+    if same:
         return False
     return not bool(((p == held) | (p.isnan() & held.isnan())).all())
 
