@@ -594,7 +594,19 @@ def _call_model_keeping(
             "which take several output blocks."
         )
     if not isinstance(outputs, Tensor):
-        raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")
+        hint = ""
+        if isinstance(outputs, Mapping):  # e.g. {"logits": ...}, a Hugging Face ModelOutput
+            key = next((k for k in outputs if isinstance(outputs[k], Tensor)), None)
+            keys = ", ".join(map(repr, list(outputs)[:4]))
+            hint = (
+                f" with keys {keys}: pass lambda x: model(x)[{key!r}] as the model, with "
+                "params=list(model.parameters())"
+                if key is not None
+                else f" with keys {keys} and no tensor among them"
+            )
+        raise TypeError(
+            f"`model(inputs)` must return a tensor, got {type(outputs).__name__}{hint}."
+        )
     return outputs
 
 

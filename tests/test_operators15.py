@@ -302,3 +302,38 @@ def test_whole_spectrum_matches_dense_eigh():
     np.testing.assert_allclose(np.abs(bottom.vectors.T @ vectors), np.eye(n), atol=1e-8)
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
         top_eigenpairs(np.array([[1.0, np.nan], [np.nan, 1.0]]), k=2)
+
+
+# --------------------------------------------------------------------------------------------
+# a model returning a dict
+# --------------------------------------------------------------------------------------------
+
+
+def test_dict_outputs_are_refused_with_the_fix_that_works():
+    """The refusal named only "got dict"; it now shows the lambda (and params=) that the
+    operators need, and that fix gives the dense Hessian."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor) -> dict[str, object]:
+            return {"logits": self.body(x), "note": "aux"}
+
+    torch.manual_seed(6)
+    model = Heads().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    match = r"got dict with keys 'logits', 'note': pass lambda x: model\(x\)\['logits'\]"
+    with pytest.raises(TypeError, match=match):
+        HessianLinearOperator(model, nn.MSELoss(), (x, y))
+    with pytest.raises(TypeError, match=match):
+        JacobianLinearOperator(model, x)
+    H = HessianLinearOperator(
+        lambda inputs: model(inputs)["logits"],
+        nn.MSELoss(),
+        (x, y),
+        params=list(model.parameters()),
+    )
+    dense = _dense_hessian(model.body, nn.MSELoss(), x, y)
+    np.testing.assert_allclose(H @ np.eye(H.shape[0]), dense, rtol=0, atol=1e-12)
