@@ -82,11 +82,13 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             different examples on each pass (a random remainder dropped, a sampler with
             replacement or of a random subset), ``model`` fails on the
             inputs, ``loss_fn`` does not
-            return a scalar, ``reduction`` is not ``'mean'``/``'sum'``, or the model has
-            stochastic modules in training mode.
+            return a scalar, ``reduction`` is not ``'mean'``/``'sum'``, the model has
+            stochastic modules in training mode, or its forward pass writes to its buffers
+            (a train-mode ``spectral_norm``).
         RuntimeError: From a product or :meth:`gradient` of a cached graph, if ``params``
             changed in place since construction (build a new operator at the new parameters),
-            or if a pass over ``data`` yields another number of batches than at construction.
+            if a pass over ``data`` yields another number of batches than at construction,
+            or if a product's forward passes wrote to the model's buffers.
     """
 
     #: How the matrix scales with the loss: 1 (Hessian, GGN: linear), 2 (the Fisher: quadratic

@@ -192,11 +192,81 @@ def _check_modes_kept(modes: list[tuple[str, nn.Module]]) -> None:
         )
 
 
+class _BufferWatch:
+    """The model's buffers and their version counters, to catch forward passes that write them.
+
+    A train-mode ``spectral_norm`` (``parametrizations`` or the older hook) runs a step of
+    power iteration in every forward pass, writing its ``_u``/``_v`` buffers in place; a
+    custom module may keep a running average the same way. Each forward pass then computes
+    another function, so uncached products drift (two ``H @ I`` of an uncached Hessian over a
+    fresh spectral-norm layer 0.017 apart) and reading the curvature writes to the model
+    (building a cached one moved ``_u`` by 0.031: experiments/README.md, "operators15").
+    :func:`_check_model` knows only Dropout and BatchNorm by type; this sees any such module
+    by what its forward pass did: each pass of the operator's own forward passes is bracketed
+    by :meth:`versions` and :meth:`refuse_written` (a read of each buffer's version counter,
+    no module walk). Writes
+    between products (a training loop's) are the caller's and are not counted. Nothing is
+    watched with ``allow_training_mode=True`` (a train-mode BatchNorm's statistics are kept
+    by :func:`_call_model` on clones, which leave the buffers' counters as they were).
+    """
+
+    def __init__(self, model: object, allow_training_mode: bool) -> None:
+        module = _module_of(model)
+        self._module = module
+        self._buffers = (
+            [] if allow_training_mode or module is None else list(module.named_buffers())
+        )
+
+    def versions(self) -> list[int]:
+        """The buffers' version counters now."""
+        return [b._version for _, b in self._buffers]
+
+    def refuse_written(self, before: list[int], at_construction: bool) -> None:
+        """Raise if a buffer's counter moved since ``before`` (``ValueError`` while building
+        the operator, ``RuntimeError`` from a product), naming the buffers and their modules."""
+        written = [
+            name for (name, b), v in zip(self._buffers, before, strict=True) if b._version != v
+        ]
+        if not written:
+            return
+        assert self._module is not None  # buffers are only watched on a module
+        owners = []
+        for name in written[:3]:
+            owner = name.rpartition(".")[0]
+            kind = type(self._module.get_submodule(owner)).__name__
+            owners.append(f"{name} (in {owner or '<model>'}, {kind})")
+        more = f" and {len(written) - 3} more" if len(written) > 3 else ""
+        what = (
+            f"`model`'s forward pass writes to its buffers: {', '.join(owners)}{more}. A module "
+            "that updates state on every call (a train-mode spectral_norm's power iteration, a "
+            "running average) computes another function in each forward pass, so products "
+            "would not come from one matrix, and reading the curvature would change the model. "
+        )
+        if at_construction:
+            raise ValueError(
+                what + "Call model.eval() before building the operator, or pass "
+                "allow_training_mode=True if the updates are intended."
+            )
+        raise RuntimeError(
+            what + "It did not when the operator was built (model.train() since?): call "
+            "model.eval() before using the operator (and model.train() after), or build it "
+            "with allow_training_mode=True if the updates are intended."
+        )
+
+
 def _resolve_reduction(loss_fn: object, reduction: str | None) -> str:
-    """``loss_fn.reduction`` (or a ``functools.partial``'s keyword), else ``reduction``."""
+    """``loss_fn.reduction`` (or a ``functools.partial``'s keyword), else ``reduction``.
+
+    ``nn.KLDivLoss``'s ``'batchmean'`` (the sum over a batch divided by its examples, the
+    divergence torch recommends) is a mean over the examples, which is all ``'mean'`` means
+    here (batch weights :math:`N_b/N`, the Fisher's :math:`1/N`); it was refused as an
+    unknown reduction, and ``reduction='mean'`` then as disagreeing with it.
+    """
     own = getattr(loss_fn, "reduction", None)
     if own is None and isinstance(loss_fn, functools.partial):
         own = loss_fn.keywords.get("reduction")
+    if own == "batchmean":
+        own = "mean"
     if own is None:
         return check_choice(
             "reduction", "mean" if reduction is None else reduction, ("mean", "sum")
@@ -524,7 +594,19 @@ def _call_model_keeping(
             "which take several output blocks."
         )
     if not isinstance(outputs, Tensor):
-        raise TypeError(f"`model(inputs)` must return a tensor, got {type(outputs).__name__}.")
+        hint = ""
+        if isinstance(outputs, Mapping):  # e.g. {"logits": ...}, a Hugging Face ModelOutput
+            key = next((k for k in outputs if isinstance(outputs[k], Tensor)), None)
+            keys = ", ".join(map(repr, list(outputs)[:4]))
+            hint = (
+                f" with keys {keys}: pass lambda x: model(x)[{key!r}] as the model, with "
+                "params=list(model.parameters())"
+                if key is not None
+                else f" with keys {keys} and no tensor among them"
+            )
+        raise TypeError(
+            f"`model(inputs)` must return a tensor, got {type(outputs).__name__}{hint}."
+        )
     return outputs
 
 

@@ -69,6 +69,18 @@ def _outside_inference_mode() -> contextlib.AbstractContextManager:
 _NO_CONTEXT = contextlib.nullcontext()
 
 
+def _batching_breaks() -> bool:
+    """Whether autograd's batched backward fails for every graph now: under
+    ``torch.autograd.set_detect_anomaly(True)`` torch checks each gradient for NaN with a
+    ``.item()``, which vmap cannot batch ("Batching rule not implemented for aten::item").
+    The products fell back to one backward pass per row anyway, each failed attempt first
+    spending a backward pass and issuing anomaly mode's "Error detected in ..." warning with
+    a traceback (7 of them for five operators' ``matmat`` and a ``hutchinson_trace``:
+    experiments/README.md, "operators15"); a block then goes row by row from the start.
+    """
+    return torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()
+
+
 class _TorchLinearOperator(LinearOperator):
     """Arrays in, torch products on the parameters' device and dtype, arrays out.
 
@@ -175,7 +187,10 @@ class _TorchLinearOperator(LinearOperator):
         if X.shape[1] == 0:  # no columns: nothing to multiply (autograd cannot batch 0 rows)
             return np.zeros((self.shape[0], 0), dtype=self.dtype)
         with _outside_inference_mode():
-            return self._as_array(self._mm(self._as_tensor(X.T))).T
+            V = self._as_tensor(X.T)
+            if _batching_breaks():
+                return self._as_array(torch.stack([self._mv(v) for v in V])).T
+            return self._as_array(self._mm(V)).T
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
         with _outside_inference_mode():
@@ -186,7 +201,10 @@ class _TorchLinearOperator(LinearOperator):
         if X.shape[1] == 0:
             return np.zeros((self.shape[1], 0), dtype=self.dtype)
         with _outside_inference_mode():
-            return self._as_array(self._rmm(self._as_tensor(X.T))).T
+            U = self._as_tensor(X.T)
+            if _batching_breaks():
+                return self._as_array(torch.stack([self._rmv(u) for u in U])).T
+            return self._as_array(self._rmm(U)).T
 
     def _mv(self, v: Tensor) -> Tensor:
         raise NotImplementedError

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -38,6 +39,7 @@ from ._flat import ParamLayout
 from ._model_data import (
     _as_pair,
     _batch_count,
+    _BufferWatch,
     _call_loss,
     _call_model,
     _check_model,
@@ -77,6 +79,62 @@ def _product_gradient(product: Any) -> Tensor:
     if not hasattr(product, "gradient"):
         raise TypeError(f"{type(product).__name__} has no `gradient`.")
     return product.gradient
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+class _BuiltAt:
+    """The parameters a cached graph was built at: version counters, tensors and values.
+
+    :class:`~hessfree._checks.ParamVersions` sees ``optimizer.step()`` and ``p.data = ...``,
+    but a write through ``p.data`` (``p.data.add_(...)``, a hand-rolled update loop) bumps
+    the version counter of the ``.data`` alias only: a cached Hessian then went on at a mixed
+    point, its graph reading new weights (saved by reference) and old activations, 0.78 and
+    3.2 max abs off the dense Hessians at the old and the new parameters (experiments/README.md,
+    "operators15"). So a copy of the values is kept and compared on every product: one read
+    of the parameters, against a product's forward-sized backward passes.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._versions = ParamVersions(params)
+        # meta tensors (a stand-in device in tests) have no values to compare
+        self._values = [None if p.is_meta else p.detach().clone() for p in params]
+
+    def check(self, fix: str) -> None:
+        """Raise ``RuntimeError`` if ``params`` changed since construction, saying ``fix``."""
+        self._versions.check(fix)
+        params = self._versions.params
+        changed = [
+            i for i, (p, v) in enumerate(zip(params, self._values, strict=True)) if _moved(p, v)
+        ]
+        if changed:
+            i = changed[0]
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            raise RuntimeError(
+                f"`params` changed value since the operator was built: parameter {i} (shape "
+                f"{tuple(params[i].shape)}){more}, without a version change (a write through "
+                "p.data, e.g. p.data.add_(...)). The operator holds the graph of the "
+                f"parameters it was built at, so its products would mix old and new values. {fix}"
+            )
+
+
+def _moved(p: Tensor, held: Tensor | None) -> bool:
+    """Whether ``p``'s values differ from ``held`` (NaN in the same places counts as equal).
+
+    On CPU numpy compares: ``torch.equal`` took 1.2 ms for a 256x784 float32 weight,
+    ``numpy.array_equal`` 48 µs (one thread; experiments/README.md, "operators15").
+    """
+    p = p.detach()
+    if held is None:
+        return False
+    if p.device.type == "cpu" and p.dtype in _NUMPY_FLOATS:
+        same = bool(np.array_equal(p.numpy(), held.numpy()))
+    else:
+        same = torch.equal(p, held)
+    if same:
+        return False
+    return not bool(((p == held) | (p.isnan() & held.isnan())).all())
 
 
 def refuse_reentrant_checkpoint(tensors: Sequence[object], name: str) -> None:
@@ -170,6 +228,7 @@ class _DataProducts:
     ) -> None:
         # Dropout/BatchNorm: refused in training mode now, and checked again per product
         self._modes = _check_model(model, allow_training_mode)
+        self._buffers = _BufferWatch(model, allow_training_mode)  # buffer writes, per pass
         self._ranks = Averager(process_group)
         self._global_counts: tuple[float, float] | None = None  # (N, R) over all the ranks
         self._share_power = share_power  # 1: H, G (linear in the loss); 2: the Fisher
@@ -195,13 +254,18 @@ class _DataProducts:
         self.shape, self.dtype, self.device = (n, n), self.layout.dtype, self.layout.device
         self._data: Iterable[Sequence[Any]] = []
         self._product: CurvatureProduct | None = None
-        self._versions: ParamVersions | None = None  # of the cached product's parameters
+        self._built_at: _BuiltAt | None = None  # the cached product's parameters
         self._size: float = 0
         self._rows: float = 0
         self._num_batches: int | None = None  # a pass's batches, where not fixed by the type
 
     def load(self, data: tuple[Any, Any] | Iterable[Sequence[Any]]) -> None:
         """Check ``data`` (shapes and the loss on its first batch); cache one batch's graph."""
+        before = self._buffers.versions()
+        self._load(data)
+        self._buffers.refuse_written(before, at_construction=True)
+
+    def _load(self, data: tuple[Any, Any] | Iterable[Sequence[Any]]) -> None:
         single = _single_batch(data)
         if single is None:
             _check_same_examples(data)
@@ -210,7 +274,7 @@ class _DataProducts:
         if single is not None and self.cache_graph:
             # One forward pass, here; every product reuses its graph.
             self._product, self._size, self._rows = self._build(self._batch(single, "data"), 0)
-            self._versions = ParamVersions(self.params)
+            self._built_at = _BuiltAt(self.params)
             return
         first = next(iter(self._data), None)  # validate shapes and the loss on one batch
         if first is None:
@@ -342,8 +406,8 @@ class _DataProducts:
 
     # ---- the source's interface
     def _check_cache(self) -> None:
-        if self._versions is not None:
-            self._versions.check(
+        if self._built_at is not None:
+            self._built_at.check(
                 "Build a new operator at the new parameters, or pass cache_graph=False for "
                 "products at the current ones."
             )
@@ -370,7 +434,10 @@ class _DataProducts:
             product, size, rows = self._build(batch, index)
             return _product_rows(product, V), size, rows  # the batch's graph is freed on return
 
-        return self._weighted_sum(per_batch, power)
+        before = self._buffers.versions()
+        out = self._weighted_sum(per_batch, power)
+        self._buffers.refuse_written(before, at_construction=False)
+        return out
 
     def gradient(self) -> Tensor:
         """Free with a cached graph; else one forward and backward pass per batch."""
@@ -394,4 +461,7 @@ class _DataProducts:
             rows = outputs.shape[0] if outputs.dim() else 1
             return self.layout.cat(g), _batch_count(self._loss_fn, outputs, targets), rows
 
-        return self._weighted_sum(per_batch, 1)
+        before = self._buffers.versions()
+        g = self._weighted_sum(per_batch, 1)
+        self._buffers.refuse_written(before, at_construction=False)
+        return g

@@ -33,8 +33,10 @@ every product is autograd on the products of :mod:`hessfree.curvature`.
 **Graphs.** With one batch the first-order graph is built once, at construction, and every
 product reuses it (one forward pass in all); ``cache_graph=False`` trades that memory for a
 forward pass per product. A cached graph (and the Jacobian's, always cached) belongs to the
-parameters it was built at: once they change in place (``optimizer.step()``), its products
-raise ``RuntimeError``; the uncached products follow the current parameters. With several
+parameters it was built at: once they change (``optimizer.step()``, ``load_state_dict``,
+``p.data = ...``, or a write through ``p.data``, seen by comparing the values with a copy
+taken at construction, one read of the parameters per product), its products raise
+``RuntimeError``; the uncached products follow the current parameters. With several
 batches each product runs one forward pass per batch (``progress=True`` shows a tqdm bar).
 ``matmat`` (``lobpcg``, probes in :mod:`hessfree.spectral`) goes through the batched products
 (``is_grads_batched``).
@@ -61,9 +63,14 @@ fixed matrix that depends on how ``data`` is batched (with one batch, the curvat
 train-mode loss on all of it), and its forward passes leave the running statistics as they
 were (the operators read the model, they do not train it; the forward passes of such a
 model take a per-model lock, so operators over it used from several threads keep that too).
-Randomness inside ``forward`` that is not a module (``F.dropout(x, training=True)``) is not
-detected. (:class:`~hessfree.HessianFree` offers another way: with ``replay_rng=True``, its
-default, a step's model calls draw one set of random numbers and its trial calls another.)
+Any other module whose forward pass writes to its buffers (a train-mode ``spectral_norm``'s
+power iteration, a running average) is refused the same way, by what the operator's own
+forward passes did: at construction (``ValueError``), or from a product after
+``model.train()`` (``RuntimeError``); writes between products (a training loop's) are
+not the operator's and pass. Randomness inside ``forward`` that is not a module
+(``F.dropout(x, training=True)``) is not detected. (:class:`~hessfree.HessianFree` offers
+another way: with ``replay_rng=True``, its default, a step's model calls draw one set of
+random numbers and its trial calls another.)
 
 **Where the code lives.** This module: the public operators. The numpy edge and the identity
 of ``damped``: :mod:`hessfree._numpy_edge`; checks on ``(model, loss_fn, data)`` and the model
@@ -99,11 +106,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import ParamVersions, check_int, check_scalar_loss, unreached_params_error
+from ._checks import check_int, check_scalar_loss, unreached_params_error
 from ._curvature_operator import CurvatureLinearOperator
 from ._flat import ParamLayout
 from ._graph_ops import twice_differentiable_weight_norm
 from ._model_data import (
+    _BufferWatch,
     _call_model,
     _check_model,
     _check_rows,
@@ -112,7 +120,11 @@ from ._model_data import (
     _to_device,
 )
 from ._numpy_edge import _AdjointOperator, _outside_inference_mode, _TorchLinearOperator
-from ._product_sources import refuse_once_differentiable, refuse_reentrant_checkpoint
+from ._product_sources import (
+    _BuiltAt,
+    refuse_once_differentiable,
+    refuse_reentrant_checkpoint,
+)
 from ._rng import _batch_seed
 from ._threads import limit_blas_threads
 from .curvature import (
@@ -447,8 +459,8 @@ class JacobianLinearOperator(_TorchLinearOperator):
             list, tuple or ``DataLoader`` (the message says what ``inputs`` may be).
         ValueError: If ``inputs`` has zero rows, ``model`` fails on them, its outputs depend
             on none of ``params`` (some unused ones are fine: zero columns), or it has
-            stochastic modules in training mode.
-        RuntimeError: From a product, if ``params`` changed in place since construction.
+            stochastic modules in training mode or a forward pass that writes to its buffers.
+        RuntimeError: From a product, if ``params`` changed since construction.
 
     Example:
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
@@ -468,17 +480,20 @@ class JacobianLinearOperator(_TorchLinearOperator):
         allow_training_mode: bool = False,
     ) -> None:
         _check_model(model, allow_training_mode)
+        buffers = _BufferWatch(model, allow_training_mode)
         params = _resolve_params(model, params)
         layout = ParamLayout(params)
         _check_rows(inputs, "inputs")
         inputs = _to_device(inputs, layout.device)
         with torch.enable_grad(), _outside_inference_mode():  # as the products (_numpy_edge)
+            before = buffers.versions()
             try:
                 outputs = _call_model(model, inputs)
             except (TypeError, AttributeError) as err:
                 if not _batches_like(inputs):
                     raise
                 raise _batches_error(inputs, err) from err
+            buffers.refuse_written(before, at_construction=True)
             if outputs.is_complex():  # the edge is real: J v would lose its imaginary part
                 raise TypeError(
                     f"`model(inputs)` is complex ({outputs.dtype}); JacobianLinearOperator is a "
@@ -494,11 +509,11 @@ class JacobianLinearOperator(_TorchLinearOperator):
         self.params = params
         #: The shape of ``model(inputs)``; rows of the operator are its entries in order.
         self.output_shape = tuple(outputs.shape)
-        self._versions = ParamVersions(params)
+        self._built_at = _BuiltAt(params)
         super().__init__((outputs.numel(), layout.numel), layout.dtype, layout.device, dtype)
 
     def _check_fresh(self) -> None:
-        self._versions.check("Build a new JacobianLinearOperator at the new parameters.")
+        self._built_at.check("Build a new JacobianLinearOperator at the new parameters.")
 
     def _mv(self, v: Tensor) -> Tensor:
         self._check_fresh()

@@ -205,15 +205,13 @@ def _extreme_eigenpairs(
     n = op.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"`k` must be an int, got {type(k).__name__} {k!r}.")
-    if not 1 <= k < n:
-        raise ValueError(
-            f"`k` must be in [1, {n - 1}] for an operator of size {n} (ARPACK needs k < n), got "
-            f"{k!r}; for the whole spectrum of a small operator use "
-            "numpy.linalg.eigh(A @ np.eye(n))."
-        )
+    if not 1 <= k <= n:
+        raise ValueError(f"`k` must be in [1, {n}] for an operator of size {n}, got {k!r}.")
     tol = check_number("tol", tol, low=0.0)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter, low=1)
+    if k == n:
+        return _all_eigenpairs(op, which)
     # A seeded Gaussian start: reproducible, and almost surely not orthogonal to any eigenvector.
     v0 = _draw(_rng(seed), n, 1, np.result_type(op.dtype, np.float32), gaussian=True)[:, 0]
     checked = _FiniteProducts(op)
@@ -230,6 +228,26 @@ def _extreme_eigenpairs(
             "every ReLU dead); "
             "check hutchinson_trace(A) or A @ v for a few v before asking for eigenpairs."
         ) from err
+    order = np.argsort(values)
+    order = order[::-1] if which == "LA" else order
+    return Eigenpairs(values[order], vectors[:, order])
+
+
+def _all_eigenpairs(op: LinearOperator, which: str) -> Eigenpairs:
+    """Every eigenpair of ``op``, from the ``n`` products ``op @ I`` and a dense ``eigh``.
+
+    ARPACK needs ``k < n``, so the whole spectrum (any ``k`` of a 1x1 operator, a curvature
+    over one parameter) was refused, with the range ``[1, 0]`` for ``n = 1``; ``n`` products
+    are fewer than Lanczos would take for it, and the result is exact to rounding.
+    """
+    n = op.shape[0]
+    M = np.asarray(op.matmat(np.eye(n, dtype=np.result_type(op.dtype, np.float32))))
+    if not np.isfinite(M).all():
+        raise FloatingPointError(
+            "A product A @ v had a NaN or infinite entry, so A has no eigenpairs to find; "
+            "check the model, data and damping for NaN/Inf."
+        )
+    values, vectors = np.linalg.eigh((M + M.conj().T) / 2)  # symmetric up to rounding
     order = np.argsort(values)
     order = order[::-1] if which == "LA" else order
     return Eigenpairs(values[order], vectors[:, order])
@@ -268,7 +286,8 @@ def top_eigenpairs(
     Args:
         A: A symmetric ``LinearOperator``, a product with ``matvec`` and ``shape`` (e.g.
             :class:`~hessfree.HessianProduct`) or a dense matrix.
-        k: How many eigenpairs, ``1 <= k < n``.
+        k: How many eigenpairs, ``1 <= k <= n`` (``k = n``, the whole spectrum, from the
+            ``n`` products ``A @ I`` and :func:`numpy.linalg.eigh`: ARPACK needs ``k < n``).
         tol: ARPACK's relative accuracy; ``0`` means machine precision of ``A``'s dtype.
         max_iter: ARPACK restarts allowed (``None``: SciPy's default, ``10 n``).
         seed: Seed for the start vector (int, numpy or torch generator).
@@ -277,7 +296,7 @@ def top_eigenpairs(
         Eigenpairs: ``values`` in decreasing order, ``vectors`` ``(n, k)``.
 
     Raises:
-        ValueError: If ``k`` is not in ``[1, n - 1]``, ``A`` is not square, ``seed`` is a
+        ValueError: If ``k`` is not in ``[1, n]``, ``A`` is not square, ``seed`` is a
             negative int, or every product of ``A`` is zero (almost surely the zero matrix).
         TypeError: For an ``A`` or ``seed`` of an unsupported type.
         scipy.sparse.linalg.ArpackNoConvergence: If ARPACK does not converge in ``max_iter``.

@@ -112,9 +112,9 @@ def test_eigenpairs_are_reproducible_for_a_seed():
 
 def test_eigenpairs_reject_bad_arguments():
     A = np.diag(np.arange(1.0, 6.0))
-    with pytest.raises(ValueError, match=r"`k` must be in \[1, 4\].*got 5"):
-        top_eigenpairs(A, k=5)
-    with pytest.raises(ValueError, match=r"`k` must be in \[1, 4\].*got 0"):
+    with pytest.raises(ValueError, match=r"`k` must be in \[1, 5\].*got 6"):
+        top_eigenpairs(A, k=6)
+    with pytest.raises(ValueError, match=r"`k` must be in \[1, 5\].*got 0"):
         bottom_eigenpairs(A, k=0)
     with pytest.raises(TypeError, match="`k` must be an int"):
         top_eigenpairs(A, k=1.5)
