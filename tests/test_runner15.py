@@ -1,0 +1,86 @@
+"""runner15: `hessfree run` under inputs and events nobody had tried (experiments/README.md,
+runner15).
+
+YAML 1.1's numbers that YAML 1.2 reads otherwise, ... Each test of a fix fails on main
+bc2d33f (see the commits).
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from test_train_robust import refused, write_tiny
+
+from hessfree.train.cli import main
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "shown", "yaml11"),
+    [
+        ("budget: {seconds: 1:30}", "budget.seconds", "1:30", 90),
+        ("budget: {steps: 1:30}", "budget.steps", "1:30", 90),
+        ("seed: 017", "seed", "017", 15),
+        ("seed: -017", "seed", "-017", -15),
+        ("optimizers: [{name: adam, lr: 1:30.5}]", "optimizers.0.lr", "1:30.5", 90.5),
+        ("optimizers: [{name: adam, label: '1', betas: [0.9, 1:59]}]", "optimizers.0.betas.1",
+         "1:59", 119),
+    ],
+)  # fmt: skip
+def test_runner15_yaml11_base60_and_octal_numbers_are_refused_naming_the_key(
+    tmp_path, capsys, line, key, shown, yaml11
+):
+    """PyYAML (YAML 1.1) reads `1:30` as 90 (base 60) and `017` as 15 (octal); YAML 1.2 and a
+    reader take the text '1:30' and 17. main ran them silently as 90 (a 90-step or 90-second
+    budget, lr 5430.5) and seed 15. Now refused at `--check`, naming the key, the text as
+    written, the YAML 1.1 reading (oracle: `yaml.safe_load`) and what to write; nothing is
+    created."""
+    config = write_tiny(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw.pop(line.partition(":")[0], None)  # the line replaces the section
+    config.write_text(yaml.safe_dump(raw) + line + "\n")
+    # the oracle: PyYAML's own YAML 1.1 reading of the same line
+    node = yaml.safe_load(line)
+    for part in key.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    assert node == yaml11
+    err = refused(["run", str(config), "--check"], capsys)
+    assert f"`{key}` = {shown} is read by YAML 1.1" in err, err
+    assert f"as {yaml11!r}" in err and "YAML 1.2" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runner15_a_leading_zero_that_changes_nothing_and_underscores_still_run(tmp_path, capsys):
+    """`007` is 7 under YAML 1.1 and 1.2 alike, `1_000` is 1000 as Python reads it: both keep
+    running (a guard: the refusal above is only for readings that differ)."""
+    config = write_tiny(tmp_path)
+    config.write_text(config.read_text() + "seed: 007\n")  # write_tiny sets no seed
+    assert main(["run", str(config), "--check", "eval.max_cases=1_000"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 7\n" in out and "max_cases: 1000" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "note"),
+    [
+        ("seed=0o17", "`seed` must be an integer, got str '0o17' (text, not a number: write 15"),
+        ("seed=08", "got str '08' (text, not a number: write 8 unquoted"),
+        ("optimizers.0.lr=.5e3", "got str '.5e3' (text, not a number: write 500.0 unquoted"),
+        ("budget.seconds=5m", "got str '5m' (seconds are a plain number: write 300 for '5m')"),
+        ("eval.every_seconds=2 min", "(seconds are a plain number: write 120 for '2 min')"),
+        ("data.name=off", "`data.name` = False (YAML reads unquoted yes/no/on/off/true/false"),
+        ("optimizers.0.name=hessianfree", None),
+    ],
+)
+def test_runner15_numbers_yaml11_leaves_as_text_and_booleans_say_why(
+    tmp_path, capsys, override, note
+):
+    """main refused these with the bare type ("got str '0o17'", "Unknown dataset `data.name`
+    = False", "`precond` ... got bool"), the value YAML made of them and not why; each message
+    now says how YAML read it and what to write."""
+    config = write_tiny(tmp_path)
+    if note is None:  # an HF entry: `precond: off` is the boolean False
+        err = refused(["run", str(config), "--check", override, "optimizers.0.precond=off"], capsys)
+        note = "`optimizers.0.precond` = False (YAML reads unquoted yes/no/on/off/true/false"
+    else:
+        err = refused(["run", str(config), "--check", override], capsys)
+    assert note in err, err
