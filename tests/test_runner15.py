@@ -7,11 +7,18 @@ bc2d33f (see the commits).
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import yaml
 from test_train_robust import refused, write_tiny
 
 from hessfree.train.cli import main
+from hessfree.train.config import load_config
+from hessfree.train.loop import Runner
+from hessfree.train.rundir import RunDirError
 
 
 @pytest.mark.parametrize(
@@ -84,3 +91,41 @@ def test_runner15_numbers_yaml11_leaves_as_text_and_booleans_say_why(
     else:
         err = refused(["run", str(config), "--check", override], capsys)
     assert note in err, err
+
+
+def _immutable(paths: list[Path], on: bool) -> bool:
+    """`chattr +i` (or -i): read-only even to root, where permission bits do not bind."""
+    if shutil.which("chattr") is None:
+        return False
+    flag = "+i" if on else "-i"
+    done = subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_runner15_resume_in_a_read_only_run_directory_is_refused_before_work(tmp_path, capsys):
+    """main loaded the data and then died with a traceback (exit 1) at its first write:
+    `PermissionError` at `metrics.jsonl`'s touch for a finished run, at `config.yaml`'s
+    rewrite under a raised budget. Now `--resume` (and `--check`, and the Python API's
+    Runner) refuse it with exit 2 naming the directory, before the data is loaded; every
+    file is unchanged. Made read-only by `chattr +i`, which binds root too (the suite runs
+    as root here); skipped where chattr is unavailable."""
+    config = write_tiny(tmp_path, budget={"steps": 1})
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    locked = [out, out / "checkpoints", out / "metrics.jsonl"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if not _immutable(locked, on=True):
+        pytest.skip("chattr +i is not available here")
+    try:
+        for extra in ([], ["budget.steps=2"], ["budget.steps=2", "--check"]):
+            err = refused(["run", "--resume", str(out), *extra], capsys)
+            assert f"cannot resume '{out}': no file can be created in '{out}'" in err, err
+        _immutable([out, out / "checkpoints"], on=False)  # only metrics.jsonl stays read-only
+        err = refused(["run", "--resume", str(out), "budget.steps=2"], capsys)
+        assert f"'{out / 'metrics.jsonl'}' cannot be opened for appending" in err, err
+        cfg = load_config(out / "config.yaml", ["budget.steps=2"])
+        with pytest.raises(RunDirError, match="cannot be opened for appending"):
+            Runner(cfg, out, resume=True, verbose=False, progress=False).run()
+    finally:
+        _immutable(locked, on=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

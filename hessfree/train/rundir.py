@@ -243,6 +243,43 @@ def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
     return []
 
 
+def resume_dir_problems(run_dir: Path) -> list[str]:
+    """Why a resume could not write in the run directory ``run_dir`` (empty: it can).
+
+    A resume appends to ``metrics.jsonl`` and replaces the checkpoints, ``summary.json`` and
+    (under new budgets) ``config.yaml`` by renames in ``run_dir`` and ``checkpoints/``; in a
+    read-only directory (an archived run, a read-only mount) the first of those writes failed
+    with a traceback, after the data was loaded. Found by trying, as :func:`run_dir_problems`
+    does (``os.access`` passes what only the attempt refuses): a probe file is made and
+    removed in each directory (named as a temporary, so a kill's leftover is cleaned up like
+    one), and ``metrics.jsonl`` is opened for appending, with nothing written.
+    """
+    for directory in (run_dir, run_dir / "checkpoints"):
+        if not directory.is_dir():
+            continue
+        try:
+            fd, name = tempfile.mkstemp(prefix=".hessfree-check-", suffix=TMP_SUFFIX, dir=directory)
+            os.close(fd)
+            Path(name).unlink(missing_ok=True)
+        except OSError as err:
+            return [_read_only(run_dir, f"no file can be created in '{directory}'", err)]
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        try:
+            open(metrics, "ab").close()  # noqa: SIM115 -- opened and closed: nothing written
+        except OSError as err:
+            return [_read_only(run_dir, f"'{metrics}' cannot be opened for appending", err)]
+    return []
+
+
+def _read_only(run_dir: Path, what: str, err: OSError) -> str:
+    return (
+        f"cannot resume '{run_dir}': {what} ({err.strerror or err}); a resume appends to "
+        "metrics.jsonl and rewrites the checkpoints and summary.json there. Nothing was "
+        "read or changed; make the run directory writable, or copy it and resume the copy."
+    )
+
+
 def _try_creating(run_dir: Path, existing: Path) -> str | None:
     """Create the directories from ``existing`` down to ``run_dir`` and remove them again.
 
@@ -540,6 +577,8 @@ def prepare_run_dir(
                 or f"'{run_dir}' holds no config.yaml: not a run directory."
             ]
         )
+    if writer and (problems := resume_dir_problems(run_dir)):
+        raise RunDirError(problems)
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise RunDirError(
             [
