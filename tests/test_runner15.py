@@ -129,3 +129,24 @@ def test_runner15_resume_in_a_read_only_run_directory_is_refused_before_work(tmp
     finally:
         _immutable(locked, on=False)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_runner15_a_label_too_long_for_a_file_name_is_refused_at_check(tmp_path, capsys):
+    """A label names `checkpoints/<label>.pt`, written through `.<label>.pt.<pid>.<8 hex>.tmp`.
+    main accepted a 240-character label: the first contender trained to the end, then the
+    second's first checkpoint failed ("File name too long", exit 2 after the work). Now
+    refused at `--check` above 230 characters, where the temporary's name reaches 255 bytes
+    with a 7-digit pid (the oracle: this file system refuses 256 bytes, takes 255)."""
+    longest = f".{'a' * 230}.pt.4194304.{'0' * 8}.tmp"
+    assert len(longest) == 255
+    (tmp_path / longest).touch()
+    with pytest.raises(OSError, match="too long"):
+        (tmp_path / ("b" + longest)).touch()
+    config = write_tiny(tmp_path)
+    err = refused(["run", str(config), "--check", f"optimizers.1.label={'a' * 231}"], capsys)
+    assert "`optimizers.1.label` has 231 characters, more than the 230" in err, err
+    out = tmp_path / "run"
+    label = "a" * 230
+    argv = ["run", str(config), "--out", str(out), "--quiet", f"optimizers.1.label={label}"]
+    assert main([*argv, "budget.steps=1"]) == 0
+    assert (out / "checkpoints" / f"{label}.pt").is_file()

@@ -350,6 +350,10 @@ def _build(cls: type, raw: Any, path: str, problems: list[str], *, skip: Sequenc
 
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+#: The longest label: ``checkpoints/<label>.pt`` is written through the temporary
+#: ``.<label>.pt.<pid>.<8 hex>.tmp`` (25 more characters with a 7-digit pid, Linux's
+#: largest), and file systems take names of at most 255 bytes (Linux, macOS, Windows).
+_MAX_LABEL = 255 - 25
 
 
 def _check_label(label: Any, default: str, path: str, problems: list[str]) -> str:
@@ -358,6 +362,13 @@ def _check_label(label: Any, default: str, path: str, problems: list[str]) -> st
         problems.append(
             f"`{path}.label` must be a name of letters, digits and _.+- "
             f"(it names files), got {_show(label)}{_yaml_note(label, text=True)}."
+        )
+        return default
+    if len(label) > _MAX_LABEL:
+        problems.append(
+            f"`{path}.label` has {len(label)} characters, more than the {_MAX_LABEL} a "
+            f"checkpoint's file name allows (checkpoints/<label>.pt), got {_show(label)}; "
+            "use a shorter label."
         )
         return default
     return label
