@@ -15,10 +15,11 @@ import pytest
 import yaml
 from test_train_robust import refused, write_tiny
 
+from hessfree.train.checkpoint import load_checkpoint, save_checkpoint
 from hessfree.train.cli import main
 from hessfree.train.config import load_config
 from hessfree.train.loop import Runner
-from hessfree.train.rundir import RunDirError
+from hessfree.train.rundir import CHECKPOINT_FORMAT, RunDirError
 
 
 @pytest.mark.parametrize(
@@ -150,3 +151,25 @@ def test_runner15_a_label_too_long_for_a_file_name_is_refused_at_check(tmp_path,
     argv = ["run", str(config), "--out", str(out), "--quiet", f"optimizers.1.label={label}"]
     assert main([*argv, "budget.steps=1"]) == 0
     assert (out / "checkpoints" / f"{label}.pt").is_file()
+
+
+@pytest.mark.parametrize(("written", "way"), [(2, "upgrade hessfree"), (0, "version that wrote")])
+def test_runner15_a_checkpoint_of_another_format_names_the_format_and_the_writer(
+    tmp_path, capsys, written, way
+):
+    """main refused a checkpoint of another format with "was written for a different config
+    (or format); resume with the run's own config.yaml", which sends the user to the config
+    when the package differs. Now it names the format found, the hessfree version recorded
+    in the checkpoint, the format this one reads and which side to change."""
+    config = write_tiny(tmp_path, budget={"steps": 1})
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    path = out / "checkpoints" / "adam.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["format"] = written
+    ckpt["arithmetic"] = {**ckpt["arithmetic"], "hessfree": "9.9.9"}
+    save_checkpoint(path, ckpt)
+    err = refused(["run", "--resume", str(out), "budget.steps=2"], capsys)
+    assert f"'{path}' has checkpoint format {written}, written by hessfree 9.9.9" in err, err
+    assert f"reads format {CHECKPOINT_FORMAT} only" in err and way in err
+    assert "different config" not in err

@@ -40,6 +40,7 @@ from hessfree.train.config import (
     load_config,
     training_digest,
 )
+from hessfree.train.config.schema import _show
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -524,6 +525,32 @@ def lock_run_dir(run_dir: Path) -> Any:
     return f
 
 
+def _format_problem(path: Path, ckpt: dict[str, Any]) -> str:
+    """A checkpoint of another format: which one, the hessfree that wrote it (when recorded),
+    and which side to change. Before, it read "written for a different config (or format)",
+    which sent the user to the config when the package was what differed."""
+    written = ckpt.get("format")
+    arithmetic = ckpt.get("arithmetic")
+    by = arithmetic.get("hessfree") if isinstance(arithmetic, dict) else None
+    try:
+        from importlib.metadata import version
+
+        ours = f"hessfree {version('hessfree')}"
+    except Exception:  # noqa: BLE001 -- running from a checkout
+        ours = "this hessfree"
+    newer = type(written) is int and written > CHECKPOINT_FORMAT
+    way = (
+        "upgrade hessfree to resume it (a newer version wrote it)"
+        if newer
+        else "resume it with the hessfree version that wrote it"
+    )
+    return (
+        f"checkpoint '{path}' has checkpoint format {_show(written)}"
+        f"{f', written by hessfree {by}' if by else ''}; {ours} reads format "
+        f"{CHECKPOINT_FORMAT} only. Nothing was changed; {way}, or start a new run."
+    )
+
+
 def prepare_run_dir(
     run_dir: Path,
     config: ExperimentConfig,
@@ -602,13 +629,15 @@ def prepare_run_dir(
             )
         else:
             ckpt = load_checkpoint(path, map_location="cpu")  # CheckpointError if damaged
+            if ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise RunDirError([_format_problem(path, ckpt)])
             # The same config, or (checkpoints that record it) the same but for budgets.
             same = ckpt.get("config_sha256") == digest or (ckpt.get("training_sha256") == training)
-            if ckpt.get("format") != CHECKPOINT_FORMAT or not same:
+            if not same:
                 raise RunDirError(
                     [
-                        f"checkpoint '{path}' was written for a different config (or "
-                        "format); resume with the run's own config.yaml."
+                        f"checkpoint '{path}' was written for a different config; resume "
+                        "with the run's own config.yaml."
                     ]
                 )
             written_by = int(ckpt.get("world_size", 1))
