@@ -7,6 +7,7 @@ bc2d33f (see the commits).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from hessfree.train.checkpoint import load_checkpoint, save_checkpoint
 from hessfree.train.cli import main
 from hessfree.train.config import load_config
 from hessfree.train.loop import Runner
-from hessfree.train.rundir import CHECKPOINT_FORMAT, RunDirError
+from hessfree.train.rundir import CHECKPOINT_FORMAT, RunDirError, lock_run_dir
 
 
 @pytest.mark.parametrize(
@@ -173,3 +174,25 @@ def test_runner15_a_checkpoint_of_another_format_names_the_format_and_the_writer
     assert f"'{path}' has checkpoint format {written}, written by hessfree 9.9.9" in err, err
     assert f"reads format {CHECKPOINT_FORMAT} only" in err and way in err
     assert "different config" not in err
+
+
+def test_runner15_a_new_run_on_a_directory_another_process_writes_says_so(tmp_path, capsys):
+    """Two `hessfree run --out same` started together: the one that lost the race was told
+    "not empty; resume it with --resume same" while the other was still writing (and that
+    resume would then be refused as in use). Now both the check and the run name the process
+    that holds the directory's lock (here this test's own lock, taken as a run takes it) and
+    say to choose another directory or wait; once released, the old advice returns."""
+    config = write_tiny(tmp_path, budget={"steps": 1})
+    out = tmp_path / "same"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    held = lock_run_dir(out)
+    try:
+        for extra in (["--check"], ["--quiet"]):
+            err = refused(["run", str(config), "--out", str(out), *extra], capsys)
+            assert (
+                f"'{out}' is being written by another hessfree process (pid {os.getpid()} on" in err
+            )
+    finally:
+        held.close()
+    err = refused(["run", str(config), "--out", str(out)], capsys)
+    assert f"'{out}' is not empty; resume it with --resume {out}" in err, err

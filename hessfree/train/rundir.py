@@ -214,12 +214,7 @@ def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
         return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
     if run_dir.is_dir() and any(run_dir.iterdir()):  # as prepare_run_dir, but before any work
         partial = partial_run_dir_message(run_dir)
-        return [
-            f"`{key}`: {partial}"
-            if partial
-            else f"`{key}`: the run directory '{run_dir}' is not empty; resume it with "
-            f"--resume {run_dir} or choose another directory."
-        ]
+        return [f"`{key}`: {partial or _not_empty_message(run_dir, 'directory')}"]
     parent = run_dir
     while not parent.exists():
         if parent.parent == parent:
@@ -477,6 +472,42 @@ def writing(path: Path, run_dir: Path) -> Iterator[None]:
         ) from None
 
 
+def _not_empty_message(run_dir: Path, other: str) -> str:
+    """Why a new run cannot use the non-empty ``run_dir``: a run in it, or another process
+    writing it now (two runs started on one ``--out`` at once: the one that lost the race
+    was told to ``--resume`` a run still going)."""
+    holder = _lock_holder(run_dir)
+    if holder is not None:
+        return (
+            f"run directory '{run_dir}' is being written by another hessfree process "
+            f"({holder}), which started on it first; choose another {other}, or wait for that "
+            f"run to end and continue it with --resume {run_dir}."
+        )
+    return (
+        f"run directory '{run_dir}' is not empty; resume it with --resume {run_dir} or choose "
+        f"another {other}."
+    )
+
+
+def _lock_holder(run_dir: Path) -> str | None:
+    """Who holds ``run_dir``'s lock (:func:`lock_run_dir`), read from its file; None if no
+    process does, or where locks are unavailable. Takes no lock that outlives the call."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        with open(run_dir / LOCK_NAME, encoding="utf-8") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return " ".join(f.read(200).split()) or "unknown"
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except OSError:  # no lock file: no run holds it
+        return None
+    return None
+
+
 def lock_run_dir(run_dir: Path) -> Any:
     """Hold ``run_dir`` for this process's run: an exclusive ``flock`` on its ``.lock``.
 
@@ -584,15 +615,14 @@ def prepare_run_dir(
         remove_dead_partial_dirs(run_dir.parent, say)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise RunDirError(
-                [
-                    partial_run_dir_message(run_dir)
-                    or f"run directory '{run_dir}' is not empty; resume it with "
-                    f"--resume {run_dir} or choose another --out."
-                ]
+                [partial_run_dir_message(run_dir) or _not_empty_message(run_dir, "--out")]
             )
         try:
             _create_run_dir(run_dir, dump_config(config, config_header))
         except OSError as err:
+            if _exists(run_dir) and run_dir.is_dir() and any(run_dir.iterdir()):
+                # made since the check above: another run started on it at the same time
+                raise RunDirError([_not_empty_message(run_dir, "--out")]) from None
             raise RunDirError(
                 [f"cannot create the run directory '{run_dir}': {err.strerror or err}."]
             ) from None
