@@ -214,7 +214,7 @@ def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
         return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
     if run_dir.is_dir() and any(run_dir.iterdir()):  # as prepare_run_dir, but before any work
         partial = partial_run_dir_message(run_dir)
-        return [f"`{key}`: {partial or _not_empty_message(run_dir, 'directory')}"]
+        return [f"`{key}`: {partial or _not_empty_message(run_dir, 'directory', 'the ')}"]
     parent = run_dir
     while not parent.exists():
         if parent.parent == parent:
@@ -472,20 +472,20 @@ def writing(path: Path, run_dir: Path) -> Iterator[None]:
         ) from None
 
 
-def _not_empty_message(run_dir: Path, other: str) -> str:
+def _not_empty_message(run_dir: Path, other: str, article: str = "") -> str:
     """Why a new run cannot use the non-empty ``run_dir``: a run in it, or another process
     writing it now (two runs started on one ``--out`` at once: the one that lost the race
     was told to ``--resume`` a run still going)."""
     holder = _lock_holder(run_dir)
     if holder is not None:
         return (
-            f"run directory '{run_dir}' is being written by another hessfree process "
+            f"{article}run directory '{run_dir}' is being written by another hessfree process "
             f"({holder}), which started on it first; choose another {other}, or wait for that "
             f"run to end and continue it with --resume {run_dir}."
         )
     return (
-        f"run directory '{run_dir}' is not empty; resume it with --resume {run_dir} or choose "
-        f"another {other}."
+        f"{article}run directory '{run_dir}' is not empty; resume it with --resume {run_dir} or "
+        f"choose another {other}."
     )
 
 
