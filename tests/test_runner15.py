@@ -1,8 +1,10 @@
 """runner15: `hessfree run` under inputs and events nobody had tried (experiments/README.md,
 runner15).
 
-YAML 1.1's numbers that YAML 1.2 reads otherwise, ... Each test of a fix fails on main
-bc2d33f (see the commits).
+YAML 1.1's numbers that YAML 1.2 reads otherwise, strings where numbers go, a read-only run
+directory on resume, a label too long for a file name, a checkpoint of another format, a new
+run on a directory another process writes. Each test of a fix fails on main bc2d33f (see the
+commits); the `007`/`1_000` test is a guard.
 """
 
 from __future__ import annotations
