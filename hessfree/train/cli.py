@@ -191,6 +191,7 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
             RunDirError,
             _exists,
             partial_run_dir_message,
+            resume_dir_problems,
             resumed_config,
         )
 
@@ -208,6 +209,9 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
             config = resumed_config(
                 args.resume, load_config(files[0] if files else saved_path, overrides)
             )
+        problems = resume_dir_problems(args.resume)  # before the data is loaded
+        if problems:
+            raise RunDirError(problems)
     else:
         config = load_config(files[0], overrides)
 

@@ -40,6 +40,7 @@ from hessfree.train.config import (
     load_config,
     training_digest,
 )
+from hessfree.train.config.schema import _show
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -213,12 +214,7 @@ def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
         return [f"`{key}`: the run directory '{run_dir}' exists and is a file; choose another."]
     if run_dir.is_dir() and any(run_dir.iterdir()):  # as prepare_run_dir, but before any work
         partial = partial_run_dir_message(run_dir)
-        return [
-            f"`{key}`: {partial}"
-            if partial
-            else f"`{key}`: the run directory '{run_dir}' is not empty; resume it with "
-            f"--resume {run_dir} or choose another directory."
-        ]
+        return [f"`{key}`: {partial or _not_empty_message(run_dir, 'directory', 'the ')}"]
     parent = run_dir
     while not parent.exists():
         if parent.parent == parent:
@@ -241,6 +237,43 @@ def _run_dir_problems(run_dir: Path, key: str) -> list[str]:
             "choose a directory you can write to."
         ]
     return []
+
+
+def resume_dir_problems(run_dir: Path) -> list[str]:
+    """Why a resume could not write in the run directory ``run_dir`` (empty: it can).
+
+    A resume appends to ``metrics.jsonl`` and replaces the checkpoints, ``summary.json`` and
+    (under new budgets) ``config.yaml`` by renames in ``run_dir`` and ``checkpoints/``; in a
+    read-only directory (an archived run, a read-only mount) the first of those writes failed
+    with a traceback, after the data was loaded. Found by trying, as :func:`run_dir_problems`
+    does (``os.access`` passes what only the attempt refuses): a probe file is made and
+    removed in each directory (named as a temporary, so a kill's leftover is cleaned up like
+    one), and ``metrics.jsonl`` is opened for appending, with nothing written.
+    """
+    for directory in (run_dir, run_dir / "checkpoints"):
+        if not directory.is_dir():
+            continue
+        try:
+            fd, name = tempfile.mkstemp(prefix=".hessfree-check-", suffix=TMP_SUFFIX, dir=directory)
+            os.close(fd)
+            Path(name).unlink(missing_ok=True)
+        except OSError as err:
+            return [_read_only(run_dir, f"no file can be created in '{directory}'", err)]
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        try:
+            open(metrics, "ab").close()  # noqa: SIM115 -- opened and closed: nothing written
+        except OSError as err:
+            return [_read_only(run_dir, f"'{metrics}' cannot be opened for appending", err)]
+    return []
+
+
+def _read_only(run_dir: Path, what: str, err: OSError) -> str:
+    return (
+        f"cannot resume '{run_dir}': {what} ({err.strerror or err}); a resume appends to "
+        "metrics.jsonl and rewrites the checkpoints and summary.json there. Nothing was "
+        "read or changed; make the run directory writable, or copy it and resume the copy."
+    )
 
 
 def _try_creating(run_dir: Path, existing: Path) -> str | None:
@@ -439,6 +472,42 @@ def writing(path: Path, run_dir: Path) -> Iterator[None]:
         ) from None
 
 
+def _not_empty_message(run_dir: Path, other: str, article: str = "") -> str:
+    """Why a new run cannot use the non-empty ``run_dir``: a run in it, or another process
+    writing it now (two runs started on one ``--out`` at once: the one that lost the race
+    was told to ``--resume`` a run still going)."""
+    holder = _lock_holder(run_dir)
+    if holder is not None:
+        return (
+            f"{article}run directory '{run_dir}' is being written by another hessfree process "
+            f"({holder}), which started on it first; choose another {other}, or wait for that "
+            f"run to end and continue it with --resume {run_dir}."
+        )
+    return (
+        f"{article}run directory '{run_dir}' is not empty; resume it with --resume {run_dir} or "
+        f"choose another {other}."
+    )
+
+
+def _lock_holder(run_dir: Path) -> str | None:
+    """Who holds ``run_dir``'s lock (:func:`lock_run_dir`), read from its file; None if no
+    process does, or where locks are unavailable. Takes no lock that outlives the call."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        with open(run_dir / LOCK_NAME, encoding="utf-8") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return " ".join(f.read(200).split()) or "unknown"
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except OSError:  # no lock file: no run holds it
+        return None
+    return None
+
+
 def lock_run_dir(run_dir: Path) -> Any:
     """Hold ``run_dir`` for this process's run: an exclusive ``flock`` on its ``.lock``.
 
@@ -487,6 +556,32 @@ def lock_run_dir(run_dir: Path) -> Any:
     return f
 
 
+def _format_problem(path: Path, ckpt: dict[str, Any]) -> str:
+    """A checkpoint of another format: which one, the hessfree that wrote it (when recorded),
+    and which side to change. Before, it read "written for a different config (or format)",
+    which sent the user to the config when the package was what differed."""
+    written = ckpt.get("format")
+    arithmetic = ckpt.get("arithmetic")
+    by = arithmetic.get("hessfree") if isinstance(arithmetic, dict) else None
+    try:
+        from importlib.metadata import version
+
+        ours = f"hessfree {version('hessfree')}"
+    except Exception:  # noqa: BLE001 -- running from a checkout
+        ours = "this hessfree"
+    newer = type(written) is int and written > CHECKPOINT_FORMAT
+    way = (
+        "upgrade hessfree to resume it (a newer version wrote it)"
+        if newer
+        else "resume it with the hessfree version that wrote it"
+    )
+    return (
+        f"checkpoint '{path}' has checkpoint format {_show(written)}"
+        f"{f', written by hessfree {by}' if by else ''}; {ours} reads format "
+        f"{CHECKPOINT_FORMAT} only. Nothing was changed; {way}, or start a new run."
+    )
+
+
 def prepare_run_dir(
     run_dir: Path,
     config: ExperimentConfig,
@@ -520,15 +615,14 @@ def prepare_run_dir(
         remove_dead_partial_dirs(run_dir.parent, say)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise RunDirError(
-                [
-                    partial_run_dir_message(run_dir)
-                    or f"run directory '{run_dir}' is not empty; resume it with "
-                    f"--resume {run_dir} or choose another --out."
-                ]
+                [partial_run_dir_message(run_dir) or _not_empty_message(run_dir, "--out")]
             )
         try:
             _create_run_dir(run_dir, dump_config(config, config_header))
         except OSError as err:
+            if _exists(run_dir) and run_dir.is_dir() and any(run_dir.iterdir()):
+                # made since the check above: another run started on it at the same time
+                raise RunDirError([_not_empty_message(run_dir, "--out")]) from None
             raise RunDirError(
                 [f"cannot create the run directory '{run_dir}': {err.strerror or err}."]
             ) from None
@@ -540,6 +634,8 @@ def prepare_run_dir(
                 or f"'{run_dir}' holds no config.yaml: not a run directory."
             ]
         )
+    if writer and (problems := resume_dir_problems(run_dir)):
+        raise RunDirError(problems)
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise RunDirError(
             [
@@ -563,13 +659,15 @@ def prepare_run_dir(
             )
         else:
             ckpt = load_checkpoint(path, map_location="cpu")  # CheckpointError if damaged
+            if ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise RunDirError([_format_problem(path, ckpt)])
             # The same config, or (checkpoints that record it) the same but for budgets.
             same = ckpt.get("config_sha256") == digest or (ckpt.get("training_sha256") == training)
-            if ckpt.get("format") != CHECKPOINT_FORMAT or not same:
+            if not same:
                 raise RunDirError(
                     [
-                        f"checkpoint '{path}' was written for a different config (or "
-                        "format); resume with the run's own config.yaml."
+                        f"checkpoint '{path}' was written for a different config; resume "
+                        "with the run's own config.yaml."
                     ]
                 )
             written_by = int(ckpt.get("world_size", 1))

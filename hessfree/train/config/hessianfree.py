@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hessfree.train.config.schema import _path, _show, _unknown_key
+from hessfree.train.config.schema import _path, _show, _unknown_key, _yaml_note
 from hessfree.train.config.sections import _ENTRY_KEYS
 
 
@@ -75,8 +75,10 @@ def check_hessianfree(raw: Mapping[str, Any], path: str, problems: list[str]) ->
 
     bad = False
     for key, value in given.items():
+        # `precond: off` is the boolean False to YAML 1.1; say so where no boolean is meant.
+        note = _yaml_note(value) if not isinstance(defaults[key], bool) else ""
         for _, message in settings.problems({key: value}):
-            problems.append(f"`{_path(path, key)}` = {_show(value)}: {message}")
+            problems.append(f"`{_path(path, key)}` = {_show(value)}{note}: {message}")
             bad = True
     if not bad and given:
         for _, message in settings.problems(given):

@@ -35,6 +35,7 @@ from hessfree.train.config.schema import (
     _suggest,
     _type_name,
     _unknown_key,
+    _yaml_note,
 )
 from hessfree.train.config.sections import (
     _ENTRY_KEYS,
@@ -51,7 +52,7 @@ from hessfree.train.config.sections import (
     OutputConfig,
     _TopLevel,
 )
-from hessfree.train.config.yaml_io import read_yaml_file
+from hessfree.train.config.yaml_io import _yaml11_problems, read_yaml_file
 
 
 def _pick_name(
@@ -72,7 +73,8 @@ def _pick_name(
     if not isinstance(name, str) or name not in names:
         hint = _suggest(name, list(names)) if isinstance(name, str) else ""
         problems.append(
-            f"Unknown {what} `{path}.name` = {_show(name)}; {hint}expected one of {choices}."
+            f"Unknown {what} `{path}.name` = {_show(name)}{_yaml_note(name)}; {hint}expected "
+            f"one of {choices}."
         )
         return None
     return name
@@ -385,6 +387,9 @@ def parse_config(
         raise ConfigError(
             [f"the top level must be a mapping of keys to values, got {_type_name(raw)}."], source
         )
+    ambiguous = _yaml11_problems(raw)
+    if ambiguous:  # refused alone: the markers would only add confusing type errors
+        raise ConfigError(ambiguous, source)
     # A section's key written at the top level (`steps: 100`) is pointed to its section.
     elsewhere = {
         name: f"{section}.{name}"

@@ -174,11 +174,44 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _yaml_note(value: object, text: bool = False) -> str:
-    """Why a boolean or a date came where text or a number was meant: YAML 1.1 reads the
-    unquoted words yes/no/on/off as booleans and ``2026-12-04`` as a date."""
+#: A duration with a unit, as users write one where seconds are meant (``5m``, ``300 s``).
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]*)?)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hours?)")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _number_in_text(text: str) -> int | float | None:
+    """The number a string spells in Python's or YAML 1.2's syntax (``0o17``, ``08``,
+    ``.5e3``, ``'1e-3'``), which YAML 1.1 (or quoting) left a string; None if it spells none."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        pass
+    if re.fullmatch(r"[-+]?[0-9_]*\.?[0-9_]*(?:[eE][-+]?[0-9]+)?", text) and any(
+        c.isdigit() for c in text
+    ):
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return int(value) if value.is_integer() and re.fullmatch(r"[-+]?[0-9_]+", text) else value
+    return None
+
+
+def _yaml_note(value: object, text: bool = False, path: str = "") -> str:
+    """Why a boolean, a date or a string came where text or a number was meant: YAML 1.1 reads
+    the unquoted words yes/no/on/off as booleans, ``2026-12-04`` as a date, and ``0o17``,
+    ``08`` or ``5m`` as text; ``path`` (a key ending in ``seconds``) allows the duration hint."""
     if isinstance(value, datetime.date) and text:  # a datetime is a date too
         return f"; YAML reads an unquoted date as a date: quote it, e.g. '{value.isoformat()}'"
+    if isinstance(value, str) and not text:
+        number = _number_in_text(value)
+        if number is not None:
+            return f" (text, not a number: write {number!r} unquoted to mean the number)"
+        duration = _DURATION.fullmatch(value.strip())
+        if duration and path.endswith("seconds"):
+            seconds = float(duration.group(1)) * _UNIT_SECONDS[duration.group(2)[0]]
+            return f" (seconds are a plain number: write {seconds:g} for {value!r})"
+        return ""
     if not isinstance(value, bool):
         return ""
     quote = "; quote the word to mean the text, e.g. 'no'" if text else ""
@@ -225,14 +258,14 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(
                 f"`{path}` must be an integer, got {_type_name(value)} {_show(value)}"
-                f"{_yaml_note(value)}."
+                f"{_yaml_note(value, path=path)}."
             )
             return _INVALID
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(
                 f"`{path}` must be a number, got {_type_name(value)} {_show(value)}"
-                f"{_yaml_note(value)}."
+                f"{_yaml_note(value, path=path)}."
             )
             return _INVALID
         value = float(value)
@@ -317,6 +350,10 @@ def _build(cls: type, raw: Any, path: str, problems: list[str], *, skip: Sequenc
 
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+#: The longest label: ``checkpoints/<label>.pt`` is written through the temporary
+#: ``.<label>.pt.<pid>.<8 hex>.tmp`` (25 more characters with a 7-digit pid, Linux's
+#: largest), and file systems take names of at most 255 bytes (Linux, macOS, Windows).
+_MAX_LABEL = 255 - 25
 
 
 def _check_label(label: Any, default: str, path: str, problems: list[str]) -> str:
@@ -325,6 +362,13 @@ def _check_label(label: Any, default: str, path: str, problems: list[str]) -> st
         problems.append(
             f"`{path}.label` must be a name of letters, digits and _.+- "
             f"(it names files), got {_show(label)}{_yaml_note(label, text=True)}."
+        )
+        return default
+    if len(label) > _MAX_LABEL:
+        problems.append(
+            f"`{path}.label` has {len(label)} characters, more than the {_MAX_LABEL} a "
+            f"checkpoint's file name allows (checkpoints/<label>.pt), got {_show(label)}; "
+            "use a shorter label."
         )
         return default
     return label

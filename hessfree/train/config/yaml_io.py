@@ -35,6 +35,95 @@ _SafeLoader.add_implicit_resolver(
 )
 
 
+class _Yaml11Number:
+    """A scalar that only YAML 1.1 reads as this number, kept with the text the user wrote.
+
+    PyYAML implements YAML 1.1, which reads ``1:30`` as 90 (base 60) and ``017`` as 15
+    (octal); YAML 1.2, most other tools and a reader take them as the text ``'1:30'`` and
+    the number 17. A config value must mean what its author wrote, so the loader keeps such
+    a scalar as this marker and :func:`_yaml11_problems` refuses it, naming the key. A leading
+    zero that changes nothing (``007``) is read as the number.
+    """
+
+    __slots__ = ("text", "value")
+
+    def __init__(self, text: str, value: int | float) -> None:
+        self.text, self.value = text, value
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def __deepcopy__(self, memo: dict) -> _Yaml11Number:  # immutable: overrides copy the tree
+        return self
+
+    def problem(self, path: str) -> str:
+        """The refusal: the key, the text, both readings and what to write instead."""
+        quoted = f"quote it ('{self.text}') for the text"
+        if ":" in self.text:
+            return (
+                f"`{path}` = {self.text} is read by YAML 1.1 (PyYAML, this loader) as "
+                f"{self.value!r}, a base-60 number, and by YAML 1.2 as the text "
+                f"'{self.text}'; write the number you mean (e.g. {self.value!r}) or {quoted}."
+            )
+        decimal = int(self.text.replace("_", ""), 10)
+        sign = "-" if self.text.startswith("-") else ""
+        return (
+            f"`{path}` = {self.text} is read by YAML 1.1 (PyYAML, this loader) as {self.value} "
+            f"(a leading 0 means octal) and by YAML 1.2 as {decimal}; write {decimal} without "
+            f"the leading 0 (or {sign}0o{self.text.lstrip('+-0_')} for octal), or {quoted}."
+        )
+
+
+def _leading_zero(text: str) -> bool:
+    return bool(re.fullmatch(r"[-+]?0[0-9_]+", text))
+
+
+def _construct_int(loader: _SafeLoader, node: yaml.ScalarNode) -> int | _Yaml11Number:
+    """An integer, or a :class:`_Yaml11Number` for base 60 and for octal that changes it."""
+    value = yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+    text = str(node.value)
+    if ":" in text or (_leading_zero(text) and value != int(text.replace("_", ""), 10)):
+        return _Yaml11Number(text, value)
+    return value
+
+
+def _construct_float(loader: _SafeLoader, node: yaml.ScalarNode) -> float | _Yaml11Number:
+    """A float, or a :class:`_Yaml11Number` for a base-60 one (``1:30.5``)."""
+    value = yaml.constructor.SafeConstructor.construct_yaml_float(loader, node)
+    return _Yaml11Number(str(node.value), value) if ":" in str(node.value) else value
+
+
+_SafeLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_SafeLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def _yaml11_problems(raw: Any, path: str = "") -> list[str]:
+    """Refusals for every :class:`_Yaml11Number` in a parsed document, with dotted paths.
+
+    The top level's ``x-`` keys are skipped: they only hold anchors, and what an entry merges
+    from them is found in the entry.
+
+    Example:
+        >>> _yaml11_problems(safe_load_yaml("budget: {seconds: 1:30}\\nseed: 007"))[0][:40]
+        '`budget.seconds` = 1:30 is read by YAML '
+    """
+    problems: list[str] = []
+    stack = [(raw, path)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, _Yaml11Number):
+            problems.append(value.problem(where or "<top>"))
+        elif isinstance(value, Mapping):
+            stack.extend(
+                (v, f"{where}.{k}" if where else str(k))
+                for k, v in reversed(list(value.items()))
+                if where or not (isinstance(k, str) and k.startswith("x-"))
+            )
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}.{i}") for i, v in reversed(list(enumerate(value))))
+    return problems
+
+
 def _construct_mapping(loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     """A mapping whose own keys are unique; keys merged in by ``<<: *anchor`` are not its own.
 
