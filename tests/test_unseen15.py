@@ -211,3 +211,26 @@ def test_a_pruning_hook_on_an_embedding_still_holds():
     before = torch.nn.Embedding(50, 4).weight.detach()[:10].clone()
     theta = _embedding_run("mask")
     assert torch.equal(theta[:40].view(10, 4), before)
+
+
+@pytest.mark.parametrize("curvature", ["auto", "hessian"])
+def test_an_lbfgs_closure_with_retain_graph_false_steps_as_the_default(curvature):
+    # main: the explicit retain_graph=False freed the graph the Hessian products use, and
+    # the first product failed with torch's "Trying to backward through the graph a second
+    # time"; torch.optim.LBFGS takes such a closure
+    X, y = _classes()
+    thetas = []
+    for retain in (None, False):
+        model = _mlp()
+        opt = HessianFree(model.parameters(), curvature=curvature)
+
+        def closure(model=model, opt=opt, retain=retain):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(X), y)
+            loss.backward(retain_graph=retain)
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        thetas.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(thetas[0], thetas[1])
