@@ -72,7 +72,23 @@ def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | N
     """``precond(ctx)``; a callable's type or attribute error is worded (the usual cause: one
     written ``r -> M^{-1} r``, as :func:`hessfree.cg`'s ``precond`` is, gets the context)."""
     if isinstance(precond, EmpiricalFisherDiagonal | KFACPreconditioner | NystromPreconditioner):
-        return precond(ctx)
+        try:
+            return precond(ctx)
+        except RuntimeError as err:
+            # per-example rows are batched backward passes (vmap), which run the parameters'
+            # tensor hooks on batched gradients: a hook that reads a value (float(g.norm()),
+            # g.item()) raised torch's bare "Batching rule not implemented for aten::item"
+            params = ctx.jacobian.params if ctx.jacobian is not None else []
+            hooked = [p for p in params if getattr(p, "_backward_hooks", None)]
+            if not hooked or "Batching rule not implemented" not in str(err):
+                raise
+            raise RuntimeError(
+                f"{type(precond).__name__} failed inside a batched (vmap) backward pass, which "
+                f"also runs the tensor hooks of {len(hooked)} parameter(s) (register_hook): "
+                f"{err} A hook that reads a value (.item(), float(), a branch on it) cannot "
+                "run batched: keep the tensor (grad.detach()) and read it later, or use "
+                "precond='auto', 'kfac', 'nystrom' or None."
+            ) from err
     try:
         return precond(ctx)
     except (TypeError, AttributeError) as err:

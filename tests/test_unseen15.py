@@ -234,3 +234,23 @@ def test_an_lbfgs_closure_with_retain_graph_false_steps_as_the_default(curvature
             opt.step(closure)
         thetas.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(thetas[0], thetas[1])
+
+
+def test_a_value_reading_hook_under_martens_gets_a_worded_error():
+    # main: torch's bare "Batching rule not implemented for aten::item" from the diagonal's
+    # batched (vmap) per-example backward, which runs the parameters' tensor hooks
+    X, y = _classes()
+    model = _mlp()
+    norms = []
+    for p in model.parameters():
+        p.register_hook(lambda grad: norms.append(float(grad.detach().norm())))
+    opt = HessianFree(model.parameters(), precond="martens")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        out = model(X)
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    with pytest.raises(RuntimeError, match=r"EmpiricalFisherDiagonal.*hooks.*grad\.detach\(\)"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
