@@ -85,9 +85,9 @@ def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | N
             raise RuntimeError(
                 f"{type(precond).__name__} failed inside a batched (vmap) backward pass, which "
                 f"also runs the tensor hooks of {len(hooked)} parameter(s) (register_hook): "
-                f"{err} A hook that reads a value (.item(), float(), a branch on it) cannot "
-                "run batched: keep the tensor (grad.detach()) and read it later, or use "
-                "precond='auto', 'kfac', 'nystrom' or None."
+                f"{err} A hook that reads or detaches its gradient (.item(), float(), "
+                ".detach()) cannot run batched: use precond='auto', 'kfac', 'nystrom' or "
+                "None (unbatched products), or remove the hook while HessianFree steps."
             ) from err
     try:
         return precond(ctx)
