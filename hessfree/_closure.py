@@ -48,8 +48,12 @@ _MISMATCH = re.compile(
 def _create_graph_backward(
     original, tensors, grad_tensors=None, retain_graph=None, create_graph=False, *args, **kwargs
 ):
+    # retain_graph too: an LBFGS closure's explicit `loss.backward(retain_graph=False)` freed
+    # the graph the Hessian products differentiate, and the first product failed with
+    # torch's "Trying to backward through the graph a second time" ("unseen15"); None, the
+    # default, already follows create_graph=True
     try:
-        return original(tensors, grad_tensors, retain_graph, True, *args, **kwargs)
+        return original(tensors, grad_tensors, True, True, *args, **kwargs)
     except RuntimeError as err:
         # DistributedDataParallel's gradient buckets take the gradient in place, which a
         # gradient that carries its own graph does not allow: torch's message names neither

@@ -341,8 +341,31 @@ class _DampingControl:
         direction in Moré's scaled variables: :math:`(v^\top C v, v^\top D v)`, whose
         quotient is invariant under a rescaling of the parameters (:math:`g^\top C g` is not).
         """
-        settings = self.settings
         v = g if run.metric is None else g / run.metric
+        vCv, l2_vv, vDv, energy = self._along(curvature, product, g, v, 1.0, run)
+        if not math.isfinite(vCv + l2_vv):
+            # a float32 loss of scale ~2^48 or more: vᵀCv grows as the loss's cube and overflows
+            # (the product itself from ~2^64) though g is finite, and λ was calibrated from an
+            # infinite scale: every step accepted, but 6.2 in relative distance from the
+            # unscaled run after 8 steps, 5-8-3 MLP ("unseen15"). Along v·2^-e (v's largest
+            # entry below 1) every value scales exactly by a power of two, so the quotient is
+            # the one an unbounded float32 would give (nothing changes where it did not overflow)
+            largest = float(v.abs().max())
+            if math.isfinite(largest) and largest > 1.0:
+                c = 2.0 ** -math.frexp(largest)[1]
+                vCv, l2_vv, vDv, energy = self._along(curvature, product, g, v * c, c, run)
+        gDg = g_norm**2 if run.metric is None else vDv
+        if run.structural_damping > 0:
+            gDg += run.structural_damping * energy
+        return vCv + l2_vv, gDg
+
+    def _along(
+        self, curvature: MatVec, product: object, g: Tensor, v: Tensor, c: float, run: _StepRun
+    ) -> tuple[float, float, float, float]:
+        r"""For :meth:`_curvature_along`, along ``v`` = :math:`c\,v_0`: :math:`v_0^\top C
+        v_0`, :math:`\kappa v_0^\top v_0`, :math:`v_0^\top D v_0` (Marquardt's, else nan)
+        and :math:`\|J_h g\|^2` (structural damping's, else nan), as float64 numbers."""
+        settings = self.settings
         with torch.enable_grad():
             if v.dtype in LOW_PRECISION:  # as CG runs it: in float16 on v rescaled, into float32
                 Cv = _low_precision_product(curvature, v, "curvature")(v.float())
@@ -362,10 +385,9 @@ class _DampingControl:
                 values.append(energy)
         # widened to float64 first, exactly: each value equals its own float()
         vCv, l2_vv, *rest = torch.stack([t.to(torch.float64) for t in values]).tolist()
-        gDg = g_norm**2 if run.metric is None else rest.pop(0)
-        if run.structural_damping > 0:
-            gDg += run.structural_damping * rest.pop(0)
-        return vCv + l2_vv, gDg
+        vDv = rest.pop(0) / c if run.metric is not None else math.nan
+        energy = rest.pop(0) if run.structural_damping > 0 else math.nan
+        return vCv / (c * c), l2_vv / (c * c), vDv, energy
 
     def _relative_fraction(self, state: dict) -> float:
         """``relative_min_damping`` in effect: ``'auto'`` is ``_AUTO_RELATIVE_MIN_DAMPING``

@@ -9,8 +9,10 @@ Constants are read only in this module (studies patch them here).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
@@ -70,7 +72,23 @@ def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | N
     """``precond(ctx)``; a callable's type or attribute error is worded (the usual cause: one
     written ``r -> M^{-1} r``, as :func:`hessfree.cg`'s ``precond`` is, gets the context)."""
     if isinstance(precond, EmpiricalFisherDiagonal | KFACPreconditioner | NystromPreconditioner):
-        return precond(ctx)
+        try:
+            return precond(ctx)
+        except RuntimeError as err:
+            # per-example rows are batched backward passes (vmap), which run the parameters'
+            # tensor hooks on batched gradients: a hook that reads a value (float(g.norm()),
+            # g.item()) raised torch's bare "Batching rule not implemented for aten::item"
+            params = ctx.jacobian.params if ctx.jacobian is not None else []
+            hooked = [p for p in params if getattr(p, "_backward_hooks", None)]
+            if not hooked or "Batching rule not implemented" not in str(err):
+                raise
+            raise RuntimeError(
+                f"{type(precond).__name__} failed inside a batched (vmap) backward pass, which "
+                f"also runs the tensor hooks of {len(hooked)} parameter(s) (register_hook): "
+                f"{err} A hook that reads or detaches its gradient (.item(), float(), "
+                ".detach()) cannot run batched: use precond='auto', 'kfac', 'nystrom' or "
+                "None (unbatched products), or remove the hook while HessianFree steps."
+            ) from err
     try:
         return precond(ctx)
     except (TypeError, AttributeError) as err:
@@ -82,11 +100,45 @@ def _user_precond(precond: Callable, ctx: PrecondContext) -> Tensor | MatVec | N
         ) from err
 
 
+#: Tensor hooks found to return ``None`` (observers: logging, gradient statistics), by hook.
+_OBSERVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _observer(hook: Callable, p: Tensor) -> bool:
+    """Whether the tensor hook ``hook`` on ``p`` returns ``None`` (leaves the gradient as it
+    is), asked once per hook: called on a tensor of ones shaped like ``p``.
+
+    Any hook was taken for a pruning mask: a logging hook (``w.register_hook(lambda g:
+    log.append(g.norm()))``) zeroed the warm start and the preconditioner's output on every
+    entry whose gradient happened to be 0 this step, the rows of an ``nn.Embedding`` absent
+    from a mini-batch: 3.7 max |Δθ| from the run without it after 10 steps, and 0.111
+    against 0.069 training-set loss ("unseen15"). A hook is called at every product anyway
+    (each backward runs it); one more call, on ones, decides. A hook that fails on the probe
+    keeps the mask (as before).
+    """
+    try:
+        return _OBSERVERS[hook]
+    except (KeyError, TypeError):  # not asked yet, or a hook that takes no weak reference
+        pass
+    try:
+        with torch.no_grad():
+            answer = hook(torch.ones_like(p)) is None
+    except Exception:  # noqa: BLE001 - a probe only: such a hook keeps the mask
+        answer = False
+    with contextlib.suppress(TypeError):
+        _OBSERVERS[hook] = answer
+    return answer
+
+
 def _hook_mask(params: list[Tensor], g: Tensor, layout: ParamLayout) -> Tensor | None:
-    """1 where a parameter with a tensor gradient hook (``register_hook``) has a nonzero
-    gradient entry, 0 where it has a zero one, 1 on parameters without hooks; ``None`` when
-    no parameter has a hook (nothing is masked, and the step is bitwise as before)."""
-    hooked = [bool(getattr(p, "_backward_hooks", None)) for p in params]
+    """1 where a parameter with a tensor gradient hook (``register_hook``) that can change
+    its gradient has a nonzero gradient entry, 0 where it has a zero one, 1 on the other
+    parameters; ``None`` when no parameter has such a hook (nothing is masked, and the step
+    is bitwise as before). Hooks that return ``None`` (:func:`_observer`) do not count."""
+    hooked = [
+        any(not _observer(h, p) for h in (getattr(p, "_backward_hooks", None) or {}).values())
+        for p in params
+    ]
     if not any(hooked):
         return None
     blocks = g.split_with_sizes(layout.numels)
