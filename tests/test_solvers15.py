@@ -1,0 +1,78 @@
+"""The public building blocks used on their own, without HessianFree (solvers15).
+
+What solvers14 left, then probed further: a singular preconditioner, an indefinite matrix
+given to the Nyström sketch, a parameter listed with a view of itself. Oracles: dense float64
+solves (``numpy.linalg``), eigendecompositions and ``torch.autograd.functional`` Hessians.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hessfree import (
+    CGStop,
+    cg,
+)
+
+D = torch.float64
+
+
+def _spd(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SPD matrix with eigenvalues 1 to 100 and a right-hand side."""
+    gen = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=D)).Q
+    A = Q @ torch.diag(torch.logspace(0, 2, n, dtype=D)) @ Q.T
+    return A, torch.randn(n, generator=gen, dtype=D)
+
+
+# ---- cg: a singular preconditioner is named, not reported as relative progress ----
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("check_every", [1, 7])
+def test_cg_names_a_singular_preconditioner(dtype, check_every):
+    """M^{-1} = diag(d), d_1 = 0: CG only solves on the other coordinates. main ended with
+    RELATIVE_PROGRESS after 18 iterations at relative residual 0.64."""
+    A, b = _spd(12)
+    d = torch.ones(12, dtype=D)
+    d[1] = 0.0
+    A, b, d = A.to(dtype), b.to(dtype), d.to(dtype)
+    result = cg(lambda v: A @ v, b, precond=lambda r: d * r, rtol=1e-10, check_every=check_every)
+    assert result.reason is CGStop.SINGULAR_PRECONDITIONER
+    # CG over span{e_j : d_j != 0} minimises phi there: x_S solves A_SS x_S = b_S (dense oracle).
+    keep = np.flatnonzero(d.double().numpy())
+    A64, b64 = A.double().numpy(), b.double().numpy()
+    x_S = np.linalg.solve(A64[np.ix_(keep, keep)], b64[keep])
+    x = result.x.double().numpy()
+    assert x[1] == 0.0
+    # float64: the stop fires when M^{-1}'s Rayleigh quotient fell 1/eps (residual inside the
+    # range ~ sqrt(eps) relative); float32 the same at its eps, on a condition number of 100.
+    tol = 1e-6 if dtype == torch.float64 else 1e-2
+    assert np.abs(x[keep] - x_S).max() <= tol * np.abs(x_S).max()
+
+
+def test_cg_singular_preconditioner_at_the_start():
+    """r_0 in M^{-1}'s null space (z_0 = 0): main reported NEGATIVE_CURVATURE (p = 0) on an
+    SPD matrix; now no iteration, x = x_0, with the reason named."""
+    A, _ = _spd(5)
+    b = torch.zeros(5, dtype=D)
+    b[2] = 1.0
+    d = torch.ones(5, dtype=D)
+    d[2] = 0.0
+    result = cg(lambda v: A @ v, b, precond=lambda r: d * r)
+    assert result.reason is CGStop.SINGULAR_PRECONDITIONER
+    assert result.num_iter == 0 and torch.equal(result.x, torch.zeros(5, dtype=D))
+
+
+def test_cg_ill_conditioned_definite_preconditioner_is_not_singular():
+    """A positive diagonal of condition number 1e12 (float64) is no singular M: the solve goes
+    to CONVERGED, as on main; so do plain CG and a negative-definite M^{-1} (-I), whose sign
+    cancels in alpha and beta."""
+    A, b = _spd(12, seed=1)
+    d = torch.logspace(0, 12, 12, dtype=D)
+    x_star = torch.linalg.solve(A, b)
+    for precond in (d, lambda r: r / d, None, lambda r: -r):
+        result = cg(lambda v: A @ v, b, precond=precond, rtol=1e-10, max_iter=500)
+        assert result.reason is CGStop.CONVERGED
+        # ||A x - b|| <= 1e-10 ||b|| and cond(A) = 100: x within ~1e-8 of the dense solve
+        assert torch.allclose(result.x, x_star, rtol=0, atol=1e-7)
