@@ -7,13 +7,18 @@ solves (``numpy.linalg``), eigendecompositions and ``torch.autograd.functional``
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from hessfree import (
     CGStop,
+    NystromPreconditioner,
+    PrecondContext,
     cg,
+    nystrom_sketch,
 )
 
 D = torch.float64
@@ -76,3 +81,46 @@ def test_cg_ill_conditioned_definite_preconditioner_is_not_singular():
         assert result.reason is CGStop.CONVERGED
         # ||A x - b|| <= 1e-10 ||b|| and cond(A) = 100: x within ~1e-8 of the dense solve
         assert torch.allclose(result.x, x_star, rtol=0, atol=1e-7)
+
+
+# ---- nystrom_sketch: an indefinite matrix is named ----
+def _indefinite() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=D)).Q
+    ev = torch.tensor([3.0, 1.0, -1.0, -2.0, 0.5, 0.2, 0.1, 0.05, 0.01, 0.0], dtype=D)
+    return Q @ torch.diag(ev) @ Q.T
+
+
+@pytest.mark.parametrize("rank", [5, 10])
+def test_nystrom_sketch_refuses_an_indefinite_matrix(rank):
+    """main returned a top eigenvalue of 1.3e15 for this matrix (eigenvalues 3 to -2)."""
+    C = _indefinite()
+    gen = torch.Generator().manual_seed(1)
+    with pytest.raises(ValueError, match="positive semi-definite") as info:
+        nystrom_sketch(lambda V: V @ C, 10, rank, generator=gen)
+    if rank == 10:  # the full sketch: Omega^T C Omega is C rotated, its lowest eigenvalue -2
+        assert "eigenvalue -2 " in str(info.value)
+
+
+def test_nystrom_preconditioner_warns_once_on_an_indefinite_curvature():
+    """HessianFree(curvature='hessian', precond='nystrom') ran through the fallback: it keeps
+    running (results as before) and is told once."""
+    C = _indefinite()
+    pre = NystromPreconditioner(rank=5, refresh=1)
+    ctx = PrecondContext(
+        jacobian=None,
+        output_grad=None,
+        reduction="mean",
+        shift=0.0,
+        gradient=torch.ones(10, dtype=D),
+        damping=0.1,
+        curvature=lambda V: V @ C,
+        generator=torch.Generator().manual_seed(1),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pre(ctx)
+        pre(ctx)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "positive semi-definite" in messages[0]
+    assert pre.eigenvalues is not None and torch.isfinite(pre.eigenvalues).all()
