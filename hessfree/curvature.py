@@ -70,6 +70,7 @@ from torch.overrides import has_torch_function
 from ._checks import check_int, check_reaches_params, check_scalar_loss, check_vector
 from ._flat import ParamLayout
 from ._graph_ops import fused_weight_norm_in, twice_differentiable_weight_norm
+from ._model_data import _check_no_shared_memory
 from ._types import MatVec
 
 __all__ = [
@@ -423,12 +424,16 @@ def _once_differentiable(tensors: Sequence[Tensor | None]) -> type | None:
 # --------------------------------------------------------------------------------------------
 # base class
 # --------------------------------------------------------------------------------------------
-def _check_trained(params: Sequence[Tensor]) -> None:
-    """Refuse a parameter that does not require grad, before autograd's unnamed error.
+def _check_trained(params: list[Tensor]) -> None:
+    """Refuse a parameter that does not require grad, or two over the same memory.
 
     A frozen tensor (``requires_grad=False``) is a constant of the loss: there is no derivative
     with respect to it, and ``torch.autograd.grad`` fails with "One of the differentiated
-    Tensors does not require grad", naming neither the tensor nor the fix.
+    Tensors does not require grad", naming neither the tensor nor the fix. A tensor and a view
+    of it (``[w, w.view(-1)]``) passed silently: the loss is computed from ``w``, so the view's
+    rows of every product were zero (as the operators refuse since operators14). Only where a
+    parameter is a view (``_base`` set): the spans' comparison costs ~25 us a parameter, and
+    :class:`~hessfree.HessianFree` builds products every step from leaves (0.1 us a parameter).
     """
     for i, p in enumerate(params):
         if not p.requires_grad:
@@ -437,6 +442,8 @@ def _check_trained(params: Sequence[Tensor]) -> None:
                 "is a constant of the loss, with no curvature to take. Pass only the trained "
                 "parameters, e.g. hessfree.trainable(model)."
             )
+    if any(p._base is not None for p in params):
+        _check_no_shared_memory(params)
 
 
 class CurvatureProduct:

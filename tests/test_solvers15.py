@@ -12,9 +12,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hessfree import (
     CGStop,
+    FisherProduct,
+    GGNProduct,
+    HessianProduct,
+    JacobianProduct,
+    MCFisherProduct,
     NystromPreconditioner,
     PrecondContext,
     cg,
@@ -124,3 +130,46 @@ def test_nystrom_preconditioner_warns_once_on_an_indefinite_curvature():
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "positive semi-definite" in messages[0]
     assert pre.eigenvalues is not None and torch.isfinite(pre.eigenvalues).all()
+
+
+# ---- products: a parameter and a view of it are refused at construction ----
+def _view_case():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 3, generator=gen, dtype=D, requires_grad=True)
+    x = torch.randn(5, 3, generator=gen, dtype=D)
+    out = x @ w.T
+    return w, out, out.tanh().square().sum()
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher", "mcfisher", "jacobian"])
+def test_products_refuse_a_parameter_and_its_view(kind):
+    """main built all five; the view's rows of every product were zero."""
+    w, out, loss = _view_case()
+    params = [w, w.view(-1)]
+    make = {
+        "hessian": lambda: HessianProduct(loss, params),
+        "ggn": lambda: GGNProduct(loss, out, params),
+        "fisher": lambda: FisherProduct(loss, out, params),
+        "mcfisher": lambda: MCFisherProduct(F.mse_loss(out, torch.zeros_like(out)), out, params),
+        "jacobian": lambda: JacobianProduct(out, params),
+    }[kind]
+    with pytest.raises(ValueError, match=r"`params\[1\]` \(shape \(6,\)\) shares memory"):
+        make()
+
+
+def test_products_accept_disjoint_views_the_loss_uses():
+    """Two rows of one tensor, each used by the loss, are two independent inputs: exact
+    against the dense Hessian of the same function of (w0, w1)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 3, generator=gen, dtype=D, requires_grad=True)
+    w0, w1 = w[0], w[1]
+
+    def f(a, c):
+        return (a * c).sin().sum() + a.square().sum() * c.sum()
+
+    H = HessianProduct(f(w0, w1), [w0, w1])
+    dense = torch.autograd.functional.hessian(f, (w0.detach(), w1.detach()))
+    full = torch.cat([torch.cat([dense[i][j] for j in range(2)], 1) for i in range(2)], 0)
+    eye = torch.eye(6, dtype=D)
+    got = torch.stack([H(e) for e in eye], 1)
+    assert torch.allclose(got, full, rtol=0, atol=1e-13)  # a few roundings of O(1) entries
