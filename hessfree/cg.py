@@ -1053,9 +1053,17 @@ def _result(
 
 @functools.lru_cache(maxsize=64)  # every cg() call asks again: ~50 us of Fraction arithmetic
 def _grid(start: int, ratio: float, max_iter: int) -> frozenset[int]:
-    """Iterations ceil(start * ratio**j), j >= 0, up to max_iter (Martens' code: 5, 1.3)."""
+    """Iterations ceil(start * ratio**j), j >= 0, up to max_iter (Martens' code: 5, 1.3).
+
+    Where every step ``value * (ratio - 1)`` up to ``max_iter`` is below 1, each integer from
+    ``start`` on is hit: returned without the ``log(max_iter / start) / log(ratio)`` exact
+    multiplications, whose rationals grow a few digits each (``store_ratio=1.0001`` took
+    minutes, ``1.0000001`` hours, inside the first :func:`cg` call).
+    """
     # Exact rationals from the decimal value avoid float ceil errors (10 * 1.1 -> 12).
     exact_ratio = Fraction(repr(float(ratio)))
+    if max_iter * (exact_ratio - 1) < 1:
+        return frozenset(range(start, max_iter + 1))
     grid, value = set(), Fraction(start)
     while value <= max_iter:
         grid.add(math.ceil(value))

@@ -8,6 +8,7 @@ solves (``numpy.linalg``), eigendecompositions and ``torch.autograd.functional``
 from __future__ import annotations
 
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from hessfree import (
     cg,
     nystrom_sketch,
 )
+from hessfree.cg import _grid
 
 D = torch.float64
 
@@ -173,3 +175,30 @@ def test_products_accept_disjoint_views_the_loss_uses():
     eye = torch.eye(6, dtype=D)
     got = torch.stack([H(e) for e in eye], 1)
     assert torch.allclose(got, full, rtol=0, atol=1e-13)  # a few roundings of O(1) entries
+
+
+# ---- cg: a store_ratio near 1 ----
+def _grid_oracle(start: int, ratio: str, max_iter: int) -> list[int]:
+    """ceil(start * ratio**j) <= max_iter in exact rationals, j = 0, 1, ..."""
+    out, value, r = set(), Fraction(start), Fraction(ratio)
+    while value <= max_iter:
+        out.add(-(-value.numerator // value.denominator))
+        value *= r
+    return sorted(out)
+
+
+@pytest.mark.parametrize("ratio", ["1.3", "1.1", "1.02", "1.005", "1.004", "1.0039"])
+def test_cg_store_grid_matches_exact_rationals(ratio):
+    """The grid (with its shortcut where steps are below 1: 250 * 0.004 = 1 is not) against
+    ceil(start * ratio**j) in exact rationals."""
+    assert sorted(_grid(5, float(ratio), 250)) == _grid_oracle(5, ratio, 250)
+
+
+def test_cg_store_ratio_near_one_stores_every_iterate():
+    """store_ratio = 1 + 1e-7: every iterate from store_start on is kept. main multiplied
+    exact rationals ~4e7 times for the grid first (1.0001 had not finished in 5 min)."""
+    A, b = _spd(40, seed=2)
+    result = cg(lambda v: A @ v, b, rtol=1e-12, store_ratio=1.0000001, max_iter=10_000)
+    assert result.iterations == list(range(5, result.num_iter + 1))
+    plain = cg(lambda v: A @ v, b, rtol=1e-12, max_iter=10_000)
+    assert torch.equal(result.x, plain.x)  # storing changes no arithmetic
