@@ -25,6 +25,7 @@ from hessfree import (
     NystromPreconditioner,
     PrecondContext,
     cg,
+    hvp,
     nystrom_sketch,
 )
 from hessfree.cg import _grid
@@ -202,3 +203,59 @@ def test_cg_store_ratio_near_one_stores_every_iterate():
     assert result.iterations == list(range(5, result.num_iter + 1))
     plain = cg(lambda v: A @ v, b, rtol=1e-12, max_iter=10_000)
     assert torch.equal(result.x, plain.x)  # storing changes no arithmetic
+
+
+# ---- products built and used inside torch.inference_mode() ----
+def _tiny_net():
+    """A 3-4-3 tanh MLP (31 parameters) as a function of its flat parameters, with CE data."""
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(31, generator=gen, dtype=D) * 0.5
+    x = torch.randn(6, 3, generator=gen, dtype=D)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def net(t):
+        W1, b1, W2, b2 = t[:12].view(4, 3), t[12:16], t[16:28].view(3, 4), t[28:]
+        return torch.tanh(x @ W1.T + b1) @ W2.T + b2
+
+    return theta, net, y
+
+
+def test_products_built_inside_inference_mode_are_exact():
+    """main: HessianProduct built inside inference_mode returned zeros (1.4 max |error|),
+    GGNProduct / FisherProduct / JacobianProduct raised AttributeError ('next_functions')."""
+    theta, net, y = _tiny_net()
+    loss_of = lambda t: F.cross_entropy(net(t), y)  # noqa: E731
+    H_dense = torch.autograd.functional.hessian(loss_of, theta)
+    J_dense = torch.autograd.functional.jacobian(net, theta).reshape(18, 31)
+    out0 = net(theta)
+    HL = torch.autograd.functional.hessian(
+        lambda o: F.cross_entropy(o.view(6, 3), y), out0.reshape(-1)
+    )
+    G_dense = J_dense.T @ HL @ J_dense
+    p = theta.clone().requires_grad_(True)
+    out = net(p)
+    loss = F.cross_entropy(out, y)
+    eye = torch.eye(31, dtype=D)
+    with torch.inference_mode():
+        H = HessianProduct(loss, [p])
+        G = GGNProduct(loss, out, [p])
+        J = JacobianProduct(out, [p])
+        H_got = torch.stack([H(e) for e in eye], 1)
+        G_got = torch.stack([G(e) for e in eye], 1)
+        J_got = torch.stack([J.jvp(e).reshape(-1) for e in eye], 1)
+    # float64, entries O(1): a few roundings
+    assert torch.allclose(H_got, H_dense, rtol=0, atol=1e-13)
+    assert torch.allclose(G_got, G_dense, rtol=0, atol=1e-13)
+    assert torch.allclose(J_got, J_dense, rtol=0, atol=1e-14)
+
+
+def test_hvp_inside_inference_mode_and_on_an_inference_tensor():
+    """hvp of sum(x^3) is 6 x v. main: zeros inside inference_mode, and torch's "Setting
+    requires_grad=True on inference tensor" for an x made there."""
+    v = torch.tensor([1.0, -2.0], dtype=D)
+    with torch.inference_mode():
+        x = torch.tensor([1.0, 2.0], dtype=D)
+        inside = hvp(lambda t: (t**3).sum(), x, v)
+    outside = hvp(lambda t: (t**3).sum(), x, v)
+    expected = 6 * torch.tensor([1.0, 2.0], dtype=D) * v
+    assert torch.equal(inside, expected) and torch.equal(outside, expected)
