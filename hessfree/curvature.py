@@ -476,6 +476,10 @@ class CurvatureProduct:
     What :class:`~hessfree.HessianFree` reads besides the products (the product protocol):
     :attr:`positive_semidefinite`, and :attr:`gradient`, :attr:`jacobian` and
     :attr:`output_grad` where the set-up computed them (else ``None``).
+
+    Products are not differentiable: :math:`Cv` comes back without a graph (a third
+    derivative, e.g. the gradient of :math:`\\|Hv\\|`, is ``torch.func``'s to take). They can be
+    built and applied inside ``torch.inference_mode()``.
     """
 
     layout: ParamLayout
@@ -637,7 +641,8 @@ def hvp(
             with ``x``'s total number of entries.
 
     Returns:
-        :math:`Hv` shaped like ``x``.
+        :math:`Hv` shaped like ``x``, detached (no third derivatives; works inside
+        ``torch.inference_mode()``, on an ``x`` made there too).
 
     Raises:
         TypeError: If ``x`` or ``v`` is not a (tuple of) floating tensor(s), or dtypes differ.
@@ -758,7 +763,8 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
 
     Returns:
         The map, or ``None`` if the loss is not recognised (callers then double-backward
-        through the loss, which is exact too).
+        through the loss, which is exact too), also for probability targets and where
+        ``outputs`` is a leaf tensor (no autograd node to match; a model's outputs never are).
 
     Example:
         >>> o = torch.randn(4, 3, requires_grad=True) * 1.0  # outputs: a non-leaf tensor
