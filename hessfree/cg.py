@@ -206,6 +206,10 @@ def cg(
       path's only crossing. A start outside the ball returns :math:`x_0`;
     - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``; with
       ``descent_stop`` and a nonzero ``x0``, only where also :math:`\phi(x_i) < 0`);
+    - with ``precond``, :math:`M^{-1}` shows itself singular (``SINGULAR_PRECONDITIONER``):
+      :math:`|r_i^\top z_i| / r_i^\top r_i` fell below :math:`\epsilon` (the dtype's) times its
+      value at :math:`r_0` while :math:`r_i \ne 0` (CG then reduces :math:`r` only inside
+      :math:`M^{-1}`'s range), or :math:`r_0^\top z_0 = 0` (no iteration);
     - the relative-progress test of Martens (2010, §4.4) holds (``RELATIVE_PROGRESS``):
       :math:`i > k`, :math:`\phi(x_i) < 0` and
       :math:`(\phi(x_i) - \phi(x_{i-k}))/\phi(x_i) < k\epsilon` with
