@@ -121,8 +121,9 @@ class CGStop(enum.Enum):
     #: The preconditioner is (numerically) singular: :math:`z = M^{-1} r` is (nearly)
     #: orthogonal to a nonzero :math:`r`, :math:`|r_i^\top z_i| / r_i^\top r_i \le
     #: \epsilon\,|r_0^\top z_0| / r_0^\top r_0` (:math:`\epsilon` the machine epsilon of CG's
-    #: dtype), or :math:`r_0^\top z_0 = 0`. CG then only reduces the residual inside
-    #: :math:`M^{-1}`'s range; the rest of :math:`r` stays. ``x`` is :math:`x_i`.
+    #: dtype, float32's for bfloat16), or :math:`r_0^\top z_0 = 0`. CG then only reduces the
+    #: residual inside :math:`M^{-1}`'s range; the rest of :math:`r` stays. ``x`` is
+    #: :math:`x_i`.
     SINGULAR_PRECONDITIONER = "singular_preconditioner"
 
 
@@ -982,17 +983,20 @@ def _singular_threshold(rz0: float, r_norm0: float, dtype: torch.dtype) -> float
     :math:`r^\top M^{-1} r / r^\top r` is a Rayleigh quotient of :math:`M^{-1}`, so for an SPD
     :math:`M` it stays within :math:`M^{-1}`'s spectrum whatever CG does to :math:`r`. With
     :math:`t = \epsilon\,|r_0^\top z_0| / r_0^\top r_0` (:math:`\epsilon` the dtype's machine
-    epsilon) it fires only where the quotient fell more than :math:`1/\epsilon` below its start:
-    :math:`M` is singular in that precision. A singular PSD :math:`M^{-1}` (a diagonal or
-    Kronecker factor with exact zeros, a projector) lets CG solve only inside its range: the
-    quotient falls to :math:`\epsilon^2` there (12 x 12 case: 1e-22 at iteration 11) while
-    :math:`\|r\|` stays, and the relative-progress test used to end the solve as if it were
-    done. ``inf`` when :math:`r_0^\top z_0 = 0` (stop at once); a negative-definite
-    :math:`M^{-1}` (whose sign cancels in CG's :math:`\alpha`, :math:`\beta`) is not flagged.
+    epsilon, float32's for bfloat16) it fires only where the quotient fell more than
+    :math:`1/\epsilon` below its start: :math:`M` is singular in that precision. A singular
+    PSD :math:`M^{-1}` (a diagonal or Kronecker factor with exact zeros, a projector) lets CG
+    solve only inside its range: the quotient falls to :math:`\epsilon^2` there (12 x 12
+    case: 1e-22 at iteration 11) while :math:`\|r\|` stays, and the relative-progress test
+    used to end the solve as if it were done. ``inf`` when :math:`r_0^\top z_0 = 0` (stop at
+    once); a negative-definite :math:`M^{-1}` (whose sign cancels in CG's :math:`\alpha`,
+    :math:`\beta`) is not flagged.
     """
     if rz0 == 0:
         return math.inf
-    return torch.finfo(dtype).eps * (abs(rz0) / r_norm0 / r_norm0)  # no r_norm0**2 underflow
+    # at most float32's eps: bfloat16's own (7.8e-3) would flag a definite M of condition > 128
+    eps = min(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    return eps * (abs(rz0) / r_norm0 / r_norm0)  # no r_norm0**2 underflow
 
 
 def _progress_gap(i: int) -> int:
