@@ -94,7 +94,7 @@ def _check_max_iter(name: str, value: object) -> int:
 
 # Columns of the per-iteration flag table that the host reads back (see `_decode`).
 _FINITE_PAP, _POSITIVE_PAP, _FINITE_ALPHA, _FINITE_AFTER, _CONVERGED, _PROGRESS = range(6)
-_INSIDE = 6
+_INSIDE, _SINGULAR = 6, 7
 
 
 class CGStop(enum.Enum):
@@ -118,6 +118,13 @@ class CGStop(enum.Enum):
     NON_FINITE = "non_finite"
     #: ``monitor`` returned True at a stored iterate (e.g. the objective rose there).
     MONITOR = "monitor"
+    #: The preconditioner is (numerically) singular: :math:`z = M^{-1} r` is (nearly)
+    #: orthogonal to a nonzero :math:`r`, :math:`|r_i^\top z_i| / r_i^\top r_i \le
+    #: \epsilon\,|r_0^\top z_0| / r_0^\top r_0` (:math:`\epsilon` the machine epsilon of CG's
+    #: dtype, float32's for bfloat16), or :math:`r_0^\top z_0 = 0`. CG then only reduces the
+    #: residual inside :math:`M^{-1}`'s range; the rest of :math:`r` stays. ``x`` is
+    #: :math:`x_i`.
+    SINGULAR_PRECONDITIONER = "singular_preconditioner"
 
 
 #: Former name of :class:`CGStop`, kept so existing imports work.
@@ -200,6 +207,10 @@ def cg(
       path's only crossing. A start outside the ball returns :math:`x_0`;
     - :math:`\|r_i\| \le \max(\mathrm{rtol}\,\|b\|, \mathrm{atol})` (``CONVERGED``; with
       ``descent_stop`` and a nonzero ``x0``, only where also :math:`\phi(x_i) < 0`);
+    - with ``precond``, :math:`M^{-1}` shows itself singular (``SINGULAR_PRECONDITIONER``):
+      :math:`|r_i^\top z_i| / r_i^\top r_i` fell below :math:`\epsilon` (the dtype's) times its
+      value at :math:`r_0` while :math:`r_i \ne 0` (CG then reduces :math:`r` only inside
+      :math:`M^{-1}`'s range), or :math:`r_0^\top z_0 = 0` (no iteration);
     - the relative-progress test of Martens (2010, §4.4) holds (``RELATIVE_PROGRESS``):
       :math:`i > k`, :math:`\phi(x_i) < 0` and
       :math:`(\phi(x_i) - \phi(x_{i-k}))/\phi(x_i) < k\epsilon` with
@@ -345,15 +356,21 @@ def cg(
     if descent_stop and opts.x0_nonzero:
         b_zero = torch.linalg.vector_norm(b) == 0
         downhill = b_zero | (history[0] < 0)
-    finite0, converged0 = torch.stack(
+    finite0, converged0, rz0, r_norm0 = torch.stack(
         [
-            torch.isfinite(rz) & torch.isfinite(history[0]) & torch.isfinite(r_norm),
-            (r_norm <= tol) if downhill is None else (r_norm <= tol) & downhill,
+            (torch.isfinite(rz) & torch.isfinite(history[0]) & torch.isfinite(r_norm)).to(dtype),
+            ((r_norm <= tol) if downhill is None else (r_norm <= tol) & downhill).to(dtype),
+            rz,
+            r_norm,
         ]
     ).tolist()
     if not finite0 or converged0:
         reason = CGStop.CONVERGED if finite0 else CGStop.NON_FINITE
         return _result(x, [], history, 0, num_matvec, reason, out_dtype)
+    # r_0 != 0 here; M^{-1} r_0 orthogonal to it: M is singular (see _singular_threshold)
+    singular = None if z is r else _singular_threshold(rz0, r_norm0, dtype)
+    if singular == math.inf:
+        return _result(x, [], history, 0, num_matvec, CGStop.SINGULAR_PRECONDITIONER, out_dtype)
 
     # ---- iterations 1..max_iter; the stop tests on the host or on the device ----
     grid = _grid(opts.store_start, opts.store_ratio, max_iter)
@@ -368,11 +385,11 @@ def cg(
     # On CPU a read every iteration costs no wait: the scalar work in host floats (bitwise).
     if _HOST_SCALARS and device.type == "cpu" and not mask_vectors and dtype in _HOST_DTYPES:
         tests: _HostTests | _DeviceTests = _HostTests(
-            history, tol_sq, b_zero, x, radius_sq, progress_tol, min_iter
+            history, tol_sq, b_zero, x, radius_sq, progress_tol, min_iter, singular
         )
     else:
         tests = _DeviceTests(
-            history, tol_sq, b_zero, x, radius_sq, progress_tol, min_iter, max_iter
+            history, tol_sq, b_zero, x, radius_sq, progress_tol, min_iter, max_iter, singular
         )
     pAp_first = zero
     for i in range(1, max_iter + 1):
@@ -531,15 +548,19 @@ class _DeviceTests:
         progress_tol: float | None,
         min_iter: int,
         max_iter: int,
+        singular: float | None,
     ) -> None:
         device = history.device
         self.history, self.tol_sq, self.b_zero = history, tol_sq, b_zero
+        self.singular = (
+            None if singular is None else torch.tensor(singular, dtype=history.dtype, device=device)
+        )
         self.radius_sq, self.progress_tol, self.min_iter = radius_sq, progress_tol, min_iter
         self.xx = None if radius_sq is None else torch.dot(x, x)
         self.zero = torch.zeros((), dtype=history.dtype, device=device)
         self.no = torch.zeros((), dtype=torch.bool, device=device)
         self.go = self.running = torch.ones((), dtype=torch.bool, device=device)
-        self.flags = torch.empty(max_iter + 1, 7, dtype=torch.bool, device=device)
+        self.flags = torch.empty(max_iter + 1, 8, dtype=torch.bool, device=device)
         self.first_unread = 1
 
     def step_length(self, rz: Tensor, pAp: Tensor, x: Tensor, p: Tensor) -> Tensor:
@@ -578,6 +599,10 @@ class _DeviceTests:
         if self.b_zero is not None:
             converged = converged & (self.b_zero | (phi < 0))
         progress = _progress(phi, self.history, i, self.progress_tol, self.min_iter, self.no)
+        if self.singular is None or skip:
+            singular = self.no
+        else:  # |r^T z| <= threshold * r^T r, as _HostTests rounds it
+            singular = rz_next.abs() <= self.singular * rr
         torch.stack(
             [
                 self.finite_pAp,
@@ -587,10 +612,11 @@ class _DeviceTests:
                 converged,
                 progress,
                 self.inside,
+                singular,
             ],
             out=self.flags[i],
         )
-        self.running = self.go & finite_after & ~converged & ~progress
+        self.running = self.go & finite_after & ~converged & ~progress & ~singular
         return torch.where(self.running, rz_next / rz, 1.0)
 
     def read(self, i: int) -> tuple[int, CGStop] | None:
@@ -626,10 +652,12 @@ class _HostTests:
         radius_sq: float | None,
         progress_tol: float | None,
         min_iter: int,
+        singular: float | None,
     ) -> None:
         self.dtype, self.device = history.dtype, history.device
         f = _float32_rounding() if self.dtype == torch.float32 else float
         self.round = f
+        self.singular = None if singular is None else f(singular)
         self.phi = [history[0].item()]
         self.tol_sq = tol_sq.item()
         self.b_zero = None if b_zero is None else bool(b_zero)
@@ -678,8 +706,9 @@ class _HostTests:
         if self.b_zero is not None:
             converged = converged and (self.b_zero or phi < 0)
         progress = _host_progress(f, self.phi, i, self.progress_tol, self.min_iter)
-        self.row += [finite_after, converged, progress, self.inside]  # _decode's columns
-        self.running = self.go and finite_after and not converged and not progress
+        singular = self.singular is not None and not skip and abs(rz_h) <= f(self.singular * rr_h)
+        self.row += [finite_after, converged, progress, self.inside, singular]  # _decode's
+        self.running = self.go and finite_after and not (converged or progress or singular)
         return rz_next / rz if self.running else self.one
 
     def read(self, i: int) -> tuple[int, CGStop] | None:
@@ -948,6 +977,28 @@ def _to_boundary(
     return i + 1
 
 
+def _singular_threshold(rz0: float, r_norm0: float, dtype: torch.dtype) -> float:
+    r"""The preconditioner's singularity test: :math:`|r_i^\top z_i| \le t\, r_i^\top r_i`.
+
+    :math:`r^\top M^{-1} r / r^\top r` is a Rayleigh quotient of :math:`M^{-1}`, so for an SPD
+    :math:`M` it stays within :math:`M^{-1}`'s spectrum whatever CG does to :math:`r`. With
+    :math:`t = \epsilon\,|r_0^\top z_0| / r_0^\top r_0` (:math:`\epsilon` the dtype's machine
+    epsilon, float32's for bfloat16) it fires only where the quotient fell more than
+    :math:`1/\epsilon` below its start: :math:`M` is singular in that precision. A singular
+    PSD :math:`M^{-1}` (a diagonal or Kronecker factor with exact zeros, a projector) lets CG
+    solve only inside its range: the quotient falls to :math:`\epsilon^2` there (12 x 12
+    case: 1e-22 at iteration 11) while :math:`\|r\|` stays, and the relative-progress test
+    used to end the solve as if it were done. ``inf`` when :math:`r_0^\top z_0 = 0` (stop at
+    once); a negative-definite :math:`M^{-1}` (whose sign cancels in CG's :math:`\alpha`,
+    :math:`\beta`) is not flagged.
+    """
+    if rz0 == 0:
+        return math.inf
+    # at most float32's eps: bfloat16's own (7.8e-3) would flag a definite M of condition > 128
+    eps = min(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    return eps * (abs(rz0) / r_norm0 / r_norm0)  # no r_norm0**2 underflow
+
+
 def _progress_gap(i: int) -> int:
     """The gap k = max(10, ceil(0.1 i)) of the §4.4 test, in integers (0.1 * 110 > 11)."""
     return max(_PROGRESS_MIN_GAP, -(-i // _PROGRESS_GAP_DIVISOR))
@@ -971,6 +1022,8 @@ def _decode(rows: list[list[bool]], first: int) -> tuple[int, CGStop] | None:
             return i, CGStop.NON_FINITE
         if row[_CONVERGED]:
             return i, CGStop.CONVERGED
+        if row[_SINGULAR]:
+            return i, CGStop.SINGULAR_PRECONDITIONER
         if row[_PROGRESS]:
             return i, CGStop.RELATIVE_PROGRESS
     return None
@@ -1008,9 +1061,17 @@ def _result(
 
 @functools.lru_cache(maxsize=64)  # every cg() call asks again: ~50 us of Fraction arithmetic
 def _grid(start: int, ratio: float, max_iter: int) -> frozenset[int]:
-    """Iterations ceil(start * ratio**j), j >= 0, up to max_iter (Martens' code: 5, 1.3)."""
+    """Iterations ceil(start * ratio**j), j >= 0, up to max_iter (Martens' code: 5, 1.3).
+
+    Where every step ``value * (ratio - 1)`` up to ``max_iter`` is below 1, each integer from
+    ``start`` on is hit: returned without the ``log(max_iter / start) / log(ratio)`` exact
+    multiplications, whose rationals grow a few digits each (``store_ratio=1.0001`` took
+    minutes, ``1.0000001`` hours, inside the first :func:`cg` call).
+    """
     # Exact rationals from the decimal value avoid float ceil errors (10 * 1.1 -> 12).
     exact_ratio = Fraction(repr(float(ratio)))
+    if max_iter * (exact_ratio - 1) < 1:
+        return frozenset(range(start, max_iter + 1))
     grid, value = set(), Fraction(start)
     while value <= max_iter:
         grid.add(math.ceil(value))

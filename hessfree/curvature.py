@@ -56,6 +56,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -70,6 +71,7 @@ from torch.overrides import has_torch_function
 from ._checks import check_int, check_reaches_params, check_scalar_loss, check_vector
 from ._flat import ParamLayout
 from ._graph_ops import fused_weight_norm_in, twice_differentiable_weight_norm
+from ._model_data import _check_no_shared_memory
 from ._types import MatVec
 
 __all__ = [
@@ -420,15 +422,41 @@ def _once_differentiable(tensors: Sequence[Tensor | None]) -> type | None:
     return None
 
 
+def _outside_inference_mode(fn: Callable) -> Callable:
+    """Run ``fn`` outside ``torch.inference_mode()`` (an evaluation loop's), as the operators do.
+
+    Inference mode turns autograd off beyond ``torch.enable_grad``'s reach: a product built
+    there from a graph made outside it had no second-order graph, so ``HessianProduct`` returned
+    zeros (1.4 max |error| on a 31-parameter MLP) and ``hvp`` zeros, silently, while the
+    Gauss-Newton, Fisher and Jacobian products failed with torch's ``AttributeError: 'NoneType'
+    object has no attribute 'next_functions'``. For construction and the Jacobian's ``jvp`` /
+    ``vjp``; a curvature product's ``matvec`` needs no autograd mode. One flag read per call
+    outside inference mode.
+    """
+
+    @functools.wraps(fn)
+    def leave(*args: object, **kwargs: object) -> object:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return leave
+
+
 # --------------------------------------------------------------------------------------------
 # base class
 # --------------------------------------------------------------------------------------------
-def _check_trained(params: Sequence[Tensor]) -> None:
-    """Refuse a parameter that does not require grad, before autograd's unnamed error.
+def _check_trained(params: list[Tensor]) -> None:
+    """Refuse a parameter that does not require grad, or two over the same memory.
 
     A frozen tensor (``requires_grad=False``) is a constant of the loss: there is no derivative
     with respect to it, and ``torch.autograd.grad`` fails with "One of the differentiated
-    Tensors does not require grad", naming neither the tensor nor the fix.
+    Tensors does not require grad", naming neither the tensor nor the fix. A tensor and a view
+    of it (``[w, w.view(-1)]``) passed silently: the loss is computed from ``w``, so the view's
+    rows of every product were zero (as the operators refuse since operators14). Only where a
+    parameter is a view (``_base`` set): the spans' comparison costs ~25 us a parameter, and
+    :class:`~hessfree.HessianFree` builds products every step from leaves (0.1 us a parameter).
     """
     for i, p in enumerate(params):
         if not p.requires_grad:
@@ -437,6 +465,8 @@ def _check_trained(params: Sequence[Tensor]) -> None:
                 "is a constant of the loss, with no curvature to take. Pass only the trained "
                 "parameters, e.g. hessfree.trainable(model)."
             )
+    if any(p._base is not None for p in params):
+        _check_no_shared_memory(params)
 
 
 class CurvatureProduct:
@@ -446,6 +476,10 @@ class CurvatureProduct:
     What :class:`~hessfree.HessianFree` reads besides the products (the product protocol):
     :attr:`positive_semidefinite`, and :attr:`gradient`, :attr:`jacobian` and
     :attr:`output_grad` where the set-up computed them (else ``None``).
+
+    Products are not differentiable: :math:`Cv` comes back without a graph (a third
+    derivative, e.g. the gradient of :math:`\\|Hv\\|`, is ``torch.func``'s to take). They can be
+    built and applied inside ``torch.inference_mode()``.
     """
 
     layout: ParamLayout
@@ -545,6 +579,7 @@ class HessianProduct(CurvatureProduct):
         tensor([ 6., 12.])
     """
 
+    @_outside_inference_mode
     def __init__(
         self,
         loss: Tensor | None,
@@ -591,6 +626,7 @@ class HessianProduct(CurvatureProduct):
         return _batched_cat(self.layout, out, V.shape[0])
 
 
+@_outside_inference_mode
 def hvp(
     f: Callable[..., Tensor],
     x: Tensor | tuple[Tensor, ...],
@@ -605,7 +641,8 @@ def hvp(
             with ``x``'s total number of entries.
 
     Returns:
-        :math:`Hv` shaped like ``x``.
+        :math:`Hv` shaped like ``x``, detached (no third derivatives; works inside
+        ``torch.inference_mode()``, on an ``x`` made there too).
 
     Raises:
         TypeError: If ``x`` or ``v`` is not a (tuple of) floating tensor(s), or dtypes differ.
@@ -634,7 +671,8 @@ def hvp(
                 type(xi).__name__ if not isinstance(xi, Tensor) else f"tensor of dtype {xi.dtype}"
             )
             raise TypeError(f"`x[{i}]` must be a floating-point tensor, got {kind}.")
-    prims = [xi.detach().requires_grad_(True) for xi in xs]
+    # an inference tensor (made in inference mode) cannot require grad: copy it out first
+    prims = [(xi.clone() if xi.is_inference() else xi.detach()).requires_grad_(True) for xi in xs]
     layout = ParamLayout(prims)
     if isinstance(v, tuple):
         if not is_tuple or len(v) != len(xs):
@@ -725,7 +763,8 @@ def loss_hessian_product(loss: Tensor, outputs: Tensor) -> MatVec | None:
 
     Returns:
         The map, or ``None`` if the loss is not recognised (callers then double-backward
-        through the loss, which is exact too).
+        through the loss, which is exact too), also for probability targets and where
+        ``outputs`` is a leaf tensor (no autograd node to match; a model's outputs never are).
 
     Example:
         >>> o = torch.randn(4, 3, requires_grad=True) * 1.0  # outputs: a non-leaf tensor
@@ -1066,6 +1105,7 @@ class JacobianProduct:
         (tensor([1., 0.]), tensor([1., 0.]))
     """
 
+    @_outside_inference_mode
     def __init__(self, outputs: Tensor | Sequence[Tensor], params: Sequence[Tensor]) -> None:
         self.is_sequence = not isinstance(outputs, Tensor)
         if self.is_sequence:
@@ -1134,6 +1174,7 @@ class JacobianProduct:
     def _blocks(self, u: Tensor | Sequence[Tensor]) -> list[Tensor]:
         return list(u) if self.is_sequence else [u]
 
+    @_outside_inference_mode
     def jvp(self, v: Tensor) -> Tensor | tuple[Tensor, ...]:
         """:math:`Jv` for a flat ``v``; a tensor (tuple of tensors) shaped like ``outputs``."""
         n = self.layout.numel
@@ -1172,6 +1213,7 @@ class JacobianProduct:
         out = _grad(self._jtu, self._us, [vs[i] for i in self._jtu_idx], batched=True)
         return self._structure(out, (k,))
 
+    @_outside_inference_mode
     def vjp(self, u: Tensor | Sequence[Tensor]) -> Tensor:
         """:math:`J^\\top u` for ``u`` shaped like ``outputs``; returns a flat vector."""
         us = self._blocks(u)
@@ -1265,6 +1307,7 @@ class GGNProduct(CurvatureProduct):
     _absolute = False
     _max_block: int | None = None
 
+    @_outside_inference_mode
     def __init__(
         self,
         loss: Tensor,
@@ -1496,6 +1539,7 @@ class StructurallyDampedGGN(GGNProduct):
         True
     """
 
+    @_outside_inference_mode
     def __init__(
         self,
         loss: Tensor,
@@ -1601,6 +1645,7 @@ class FisherProduct(GGNProduct):
         ValueError: For a bad ``reduction`` or as :class:`GGNProduct`.
     """
 
+    @_outside_inference_mode
     def __init__(
         self, loss: Tensor, outputs: Tensor, params: Sequence[Tensor], *, reduction: str = "mean"
     ) -> None:
@@ -1814,6 +1859,7 @@ class MCFisherProduct(GGNProduct):
         approximate curvature, ICML (targets sampled from the model's distribution).
     """
 
+    @_outside_inference_mode
     def __init__(
         self,
         loss: Tensor,

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -212,8 +213,14 @@ def nystrom_sketch(
         eigenvalue estimates in decreasing order (>= 0).
 
     Raises:
-        ValueError: If ``n < 1``, ``rank`` is not in ``[1, n]`` or ``matmat`` returns another
-            shape.
+        ValueError: If ``n < 1``, ``rank`` is not in ``[1, n]``, ``matmat`` returns another
+            shape, or the sketch shows :math:`C` indefinite: :math:`\Omega^\top C\Omega` has
+            an eigenvalue below :math:`-\nu`, beyond rounding (by interlacing,
+            :math:`\lambda_{\min}(C)` is at most that). Checked only where the Cholesky
+            factorisation fails, at no cost otherwise; an indefinite :math:`C` whose negative
+            directions the sketch misses is not seen. (Tropp's shifted algorithm on such a
+            :math:`C` returned a top "eigenvalue" of 1.3e15 for a 10 x 10 matrix of
+            eigenvalues 3 to -2.)
         FloatingPointError: If a product has a NaN or infinite entry.
 
     Example:
@@ -222,6 +229,35 @@ def nystrom_sketch(
         >>> torch.allclose(lam, torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64))
         True
     """
+    U, lam, negative = _nystrom(matmat, n, rank, dtype=dtype, device=device, generator=generator)
+    if negative is not None:
+        raise ValueError(_indefinite_message("nystrom_sketch", negative))
+    return U, lam
+
+
+def _indefinite_message(who: str, negative: tuple[float, float]) -> str:
+    low, high = negative
+    return (
+        f"{who} needs a positive semi-definite matrix C, but the sketch's core "
+        f"Omega^T C Omega has eigenvalue {low:.6g} (its largest {high:.6g}): C is indefinite, "
+        f"with an eigenvalue <= {low:.6g} (e.g. the Hessian of a non-convex loss). Sketch a "
+        "Gauss-Newton or Fisher matrix, or C + sigma I with sigma above -lambda_min(C)."
+    )
+
+
+def _nystrom(
+    matmat: Callable[[Tensor], Tensor],
+    n: int,
+    rank: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, tuple[float, float] | None]:
+    r""":func:`nystrom_sketch`'s ``(U, lam)``, and ``(lowest, highest)`` eigenvalue of
+    :math:`\Omega^\top C\Omega` where the sketch shows :math:`C` indefinite (else ``None``):
+    the caller raises (the function) or warns (:class:`NystromPreconditioner`, which keeps
+    its results under Hessian curvature as they were)."""
     n = check_int("n", n, low=1)
     rank = check_int("rank", rank, low=1, high=n)
     omega = torch.randn(n, rank, generator=generator, dtype=dtype, device=device)
@@ -242,15 +278,21 @@ def nystrom_sketch(
     core = omega.T @ Y
     core = 0.5 * (core + core.T)
     L, info = torch.linalg.cholesky_ex(core)
+    negative = None
     if int(info) != 0:  # not numerically PD (e.g. an indefinite C): fall back on an eig-shift
         w = torch.linalg.eigvalsh(core)
+        low, high = float(w[0]), float(w[-1])
+        # core = Omega^T C Omega + nu I: for a PSD C its eigenvalues are >= nu up to rounding
+        # (far below nu, which is sqrt(n) eps ||Y||_F); below 0 after the shift, C is not PSD.
+        if low < 0:
+            negative = (low - nu, high - nu)
         L = torch.linalg.cholesky(
-            core + (abs(float(w[0])) + nu) * torch.eye(rank, dtype=dtype, device=Y.device)
+            core + (abs(low) + nu) * torch.eye(rank, dtype=dtype, device=Y.device)
         )
     B = torch.linalg.solve_triangular(L, Y.T, upper=False).T  # Y L^{-T}
     U, sigma, _ = torch.linalg.svd(B, full_matrices=False)
     lam = (sigma.square() - nu).clamp_min(0.0)
-    return U, lam
+    return U, lam, negative
 
 
 class NystromPreconditioner:
@@ -284,6 +326,7 @@ class NystromPreconditioner:
         self.U: Tensor | None = None
         self.eigenvalues: Tensor | None = None
         self._calls = 0
+        self._warned_indefinite = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank!r}, refresh={self.refresh!r})"
@@ -332,7 +375,7 @@ class NystromPreconditioner:
             )
         like = ctx.gradient
         n = like.numel()
-        self.U, self.eigenvalues = nystrom_sketch(
+        self.U, self.eigenvalues, negative = _nystrom(
             ctx.curvature,
             n,
             min(self.rank, n),
@@ -340,6 +383,17 @@ class NystromPreconditioner:
             device=like.device,
             generator=ctx.generator,
         )
+        if negative is not None and not self._warned_indefinite:
+            # HessianFree(curvature='hessian', precond='nystrom') ran this way before the check:
+            # told once, its steps unchanged (the shifted sketch is kept).
+            self._warned_indefinite = True
+            warnings.warn(
+                _indefinite_message(type(self).__name__, negative)
+                + " The preconditioner goes on with a shifted sketch whose top eigenvalue "
+                f"({float(self.eigenvalues[0]):.3g}) is meaningless; told once per instance.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __call__(self, ctx: PrecondContext) -> Callable[[Tensor], Tensor]:
         r""":math:`r \mapsto P^{-1}r` at the damping of ``ctx``, for :func:`hessfree.cg`."""
