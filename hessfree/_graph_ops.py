@@ -177,3 +177,16 @@ def fused_weight_norm_in(root: Tensor) -> bool:
         seen.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return False
+
+
+def batching_breaks() -> bool:
+    """Whether autograd's batched backward fails for every graph now: under
+    ``torch.autograd.set_detect_anomaly(True)`` torch checks each gradient for NaN with a
+    ``.item()``, which vmap cannot batch ("Batching rule not implemented for aten::item").
+    The products fell back to one backward pass per row anyway, each failed attempt first
+    spending a backward pass and issuing anomaly mode's "Error detected in ..." warning with
+    a traceback (7 of them for five operators' ``matmat`` and a ``hutchinson_trace``:
+    experiments/README.md, "operators15"); a block then goes row by row from the start (the
+    operators' numpy edge and :meth:`hessfree.curvature.CurvatureProduct.matmat`).
+    """
+    return torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()

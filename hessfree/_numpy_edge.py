@@ -26,6 +26,8 @@ from scipy.sparse import issparse
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
+from ._graph_ops import batching_breaks as _batching_breaks
+
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _TORCH_OF = {np.dtype(v): k for k, v in _NUMPY_OF.items()}
 
@@ -67,18 +69,6 @@ def _outside_inference_mode() -> contextlib.AbstractContextManager:
 
 
 _NO_CONTEXT = contextlib.nullcontext()
-
-
-def _batching_breaks() -> bool:
-    """Whether autograd's batched backward fails for every graph now: under
-    ``torch.autograd.set_detect_anomaly(True)`` torch checks each gradient for NaN with a
-    ``.item()``, which vmap cannot batch ("Batching rule not implemented for aten::item").
-    The products fell back to one backward pass per row anyway, each failed attempt first
-    spending a backward pass and issuing anomaly mode's "Error detected in ..." warning with
-    a traceback (7 of them for five operators' ``matmat`` and a ``hutchinson_trace``:
-    experiments/README.md, "operators15"); a block then goes row by row from the start.
-    """
-    return torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled()
 
 
 class _TorchLinearOperator(LinearOperator):

@@ -70,7 +70,11 @@ from torch.overrides import has_torch_function
 
 from ._checks import check_int, check_reaches_params, check_scalar_loss, check_vector
 from ._flat import ParamLayout
-from ._graph_ops import fused_weight_norm_in, twice_differentiable_weight_norm
+from ._graph_ops import (
+    batching_breaks,
+    fused_weight_norm_in,
+    twice_differentiable_weight_norm,
+)
 from ._model_data import _check_no_shared_memory
 from ._types import MatVec
 
@@ -527,6 +531,8 @@ class CurvatureProduct:
             )
         if V.shape[0] == 0:  # autograd cannot batch zero rows
             return torch.zeros((0, n), dtype=self.layout.dtype, device=self.layout.device)
+        if batching_breaks():  # anomaly mode: the batched attempt would fail, and warn
+            return torch.stack([self.matvec(v) for v in V])
         try:
             return self._matmat(V)
         except (RuntimeError, NotImplementedError):

@@ -235,6 +235,36 @@ def test_matmat_under_detect_anomaly_is_exact_and_warns_nothing():
     np.testing.assert_array_equal(block, rows)  # the same products, one per column
 
 
+def test_product_matmat_under_detect_anomaly_is_exact_and_warns_nothing():
+    """The products' own matmat (hessfree.curvature) took the same failed batched attempt
+    under anomaly mode (one wasted backward pass and a warning with a traceback) before its
+    row-by-row fallback; now it goes row by row at once. Oracle: the dense float64 GGN."""
+    from hessfree.curvature import GGNProduct
+
+    model, x, _ = _mlp_data(outputs=3)
+    targets = torch.tensor([0, 2, 1, 1, 0, 2, 2, 0])
+    loss_fn = nn.functional.cross_entropy
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    names = [k for k, _ in model.named_parameters()]
+
+    def outputs_of(*flat: Tensor) -> Tensor:
+        return functional_call(model, dict(zip(names, flat, strict=True)), (x,))
+
+    out = model(x)
+    J = torch.cat([j.reshape(out.numel(), -1) for j in jacobian(outputs_of, tuple(params))], dim=1)
+    H_out = hessian(lambda o: loss_fn(o.view_as(out), targets), out.detach().reshape(-1))
+    dense = (J.T @ H_out @ J).numpy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.autograd.set_detect_anomaly(True):
+            out = model(x)
+            product = GGNProduct(loss_fn(out, targets), out, params)
+            block = product.matmat(torch.eye(n, dtype=torch.float64))
+    assert not [str(w.message)[:60] for w in caught]
+    np.testing.assert_allclose(block.numpy(), dense, rtol=0, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # nn.KLDivLoss(reduction='batchmean')
 # --------------------------------------------------------------------------------------------
