@@ -152,6 +152,31 @@ class Task:
     seed_families: tuple[str, ...] = SEED_FAMILIES
 
 
+def on_model(t: Tensor, m: nn.Module) -> Tensor:
+    """``t`` on the device of ``m``'s parameters, moved once per device and kept.
+
+    The tasks' error, accuracy and loss closures hold their data as made, on the CPU, while
+    :func:`run_task` moves the model and the training tensors to ``--device``; without this a
+    CUDA scorecard failed at its first evaluation ("Expected all tensors to be on the same
+    device"). The cache keeps ``t`` itself, so its ``id`` cannot be reused while cached.
+
+    >>> x = torch.ones(2)
+    >>> on_model(x, nn.Linear(2, 1)) is x
+    True
+    """
+    dev = next(m.parameters()).device
+    if t.device == dev:
+        return t
+    key = (id(t), dev)
+    hit = _MOVED.get(key)
+    if hit is None or hit[0] is not t:
+        hit = _MOVED[key] = (t, t.to(dev))
+    return hit[1]
+
+
+_MOVED: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+
 def bce_sum_per_case(z: Tensor, t: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(z, t, reduction="sum") / z.shape[0]
 
@@ -181,7 +206,7 @@ def make_curves_task(quick: bool) -> Task:
 
     @torch.no_grad()
     def sq_error(m: nn.Module) -> float:
-        return float((torch.sigmoid(m(x)) - flat).square().sum() / n)
+        return float((torch.sigmoid(m(on_model(x, m))) - on_model(flat, m)).square().sum() / n)
 
     hf = {
         f"full/{n // 4}, cg≤50": dict(batch=n, curvature_batch=n // 4, kw=dict(cg_max_iter=50)),
@@ -311,11 +336,11 @@ def _classifier(key: str, quick: bool) -> Task:
 
     @torch.no_grad()
     def loss(m: nn.Module) -> float:
-        return float(F.cross_entropy(m(x), y))
+        return float(F.cross_entropy(m(on_model(x, m)), on_model(y, m)))
 
     @torch.no_grad()
     def accuracy(m: nn.Module) -> float:
-        return float((m(x).argmax(1) == y).float().mean())
+        return float((m(on_model(x, m)).argmax(1) == on_model(y, m)).float().mean())
 
     hf = {
         "full batch, cg≤50": dict(batch=n, curvature_batch=n, kw=dict(cg_max_iter=50)),
@@ -431,7 +456,7 @@ def make_swap_task(quick: bool) -> Task:
 
     @torch.no_grad()
     def loss(m: nn.Module) -> float:
-        return float(F.mse_loss(m(x), y))
+        return float(F.mse_loss(m(on_model(x, m)), on_model(y, m)))
 
     hf = {
         "defaults": dict(batch=256, curvature_batch=256, closure="lbfgs", kw={}),
@@ -521,7 +546,7 @@ def make_addition_task(length: int, seconds: float, seed: int = 0) -> Task:
 
     @torch.no_grad()
     def error_rate(m: nn.Module) -> float:
-        return float(((m(xt) - yt).abs() > ADDITION_TOL).float().mean())
+        return float(((m(on_model(xt, m)) - on_model(yt, m)).abs() > ADDITION_TOL).float().mean())
 
     return Task(
         f"addition{length}",
