@@ -9,14 +9,17 @@ only to the products: CG's vectors (:math:`x, r, p`) and scalars (:math:`\alpha,
 \phi`) stay in the dtype of :math:`b` (float32 or float64), and a product's output is cast
 back to that dtype.
 
-Fall-backs: a CUDA graph needs the product on a CUDA device, static shapes and no host
-synchronisation inside it. :func:`accelerate` captures on the first call; where capture is
-impossible (CPU tensors, a product that reads a value back or otherwise fails to capture) it
-warns once and runs the product eagerly, and a vector of another shape, dtype or device than
-the captured one is multiplied eagerly too.
+Fall-backs: a CUDA graph needs the product on a CUDA device, static shapes, no host
+synchronisation inside it, and, for a product that differentiates an autograd graph, that graph
+built on a side stream (autograd runs backward ops on their forward's stream; the capture runs
+on that stream, :func:`capture_stream`). :func:`accelerate` captures on the first call; where
+capture is impossible (CPU tensors, a product that reads a value back or otherwise fails to
+capture) it warns once and runs the product eagerly, and a vector of another shape, dtype or
+device than the captured one is multiplied eagerly too. A failed capture leaves CUDA's random
+generator usable (:func:`_release_generators`).
 
 Measured accuracy of bf16 products (CPU, ``experiments/bench_precision.py``): see
-``experiments/results/``; TF32 is a CUDA-only mode and is unmeasured without a GPU.
+``experiments/results/``; on a GPU (capture, TF32): ``experiments/gpu_check.py``.
 
 References:
     NVIDIA, CUDA C++ Programming Guide, "CUDA Graphs".
@@ -36,7 +39,7 @@ from torch import Tensor
 from ._checks import check_choice, check_int
 from ._types import MatVec
 
-__all__ = ["PRECISIONS", "ProductPolicy", "accelerate"]
+__all__ = ["PRECISIONS", "ProductPolicy", "accelerate", "capture_stream"]
 
 #: ``'highest'``: the products' dtype as is; ``'tf32'``: TF32 matrix products on CUDA (no
 #: effect on a CPU); ``'bf16'``: products under ``torch.autocast`` with bfloat16.
@@ -148,18 +151,89 @@ class _Replayed:
 
 
 def _capture(matvec: MatVec, like: Tensor, warmup: int) -> _Replayed:
-    """Record ``matvec`` in a CUDA graph (warm-up on a side stream, as PyTorch's docs do)."""
+    """Record ``matvec`` in a CUDA graph, on the current stream unless that is the default one.
+
+    Autograd runs each backward op on the stream its forward op ran on, so a product that
+    differentiates a graph built on stream ``S`` launches onto ``S`` wherever it is called:
+    captured on another stream, those launches invalidate the capture (every capture of a
+    Gauss-Newton product built on the default stream failed so on an H200, torch 2.11). So
+    the capture runs on the current stream when it is a side stream (:meth:`HessianFree.step`
+    runs a step with ``cuda_graph=True`` on one, :func:`capture_stream`), else on a fresh side
+    stream (enough for a product that differentiates nothing). ``capture_begin`` and
+    ``capture_end`` are called directly: ``torch.cuda.graph`` would also run a full garbage
+    collection and empty the allocator's cache at every capture, once per HF step.
+    """
+    dev = like.device
     static_in = like.detach().clone()
-    side = torch.cuda.Stream(device=like.device)
-    side.wait_stream(torch.cuda.current_stream(like.device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            matvec(static_in)
-    torch.cuda.current_stream(like.device).wait_stream(side)
+    current = torch.cuda.current_stream(dev)
+    stream = current if current != torch.cuda.default_stream(dev) else torch.cuda.Stream(dev)
+    stream.wait_stream(current)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = matvec(static_in)
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):  # lazy initialisation (cuBLAS workspaces) stays out of it
+            matvec(static_in)
+        try:
+            graph.capture_begin()
+            try:
+                static_out = matvec(static_in)
+            finally:
+                graph.capture_end()
+        except BaseException:
+            del graph
+            _release_generators(dev)
+            raise
+    current.wait_stream(stream)
     return _Replayed(matvec, static_in, static_out, graph.replay)
+
+
+def _release_generators(device: torch.device) -> None:
+    """Put the device's default CUDA generator back out of capture after a failed capture.
+
+    ``capture_begin`` marks the generator as capturing and only a capture that ends cleanly
+    unmarks it: after a failure every later random draw on the device raised "Offset
+    increment outside graph capture encountered unexpectedly" (H200, torch 2.11: a failed
+    capture in one test broke ``torch.randn`` in the next). A capture of nothing that ends
+    cleanly unmarks it.
+    """
+    try:
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "The CUDA Graph is empty": it is
+            graph.capture_begin()
+            graph.capture_end()
+    except Exception:  # noqa: BLE001, S110 - best effort; the original error is re-raised
+        pass
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+@contextlib.contextmanager
+def capture_stream(policy: ProductPolicy, device: torch.device) -> Iterator[None]:
+    """Run the enclosed code on a side stream when ``policy`` captures products on ``device``.
+
+    A product captured in a CUDA graph must differentiate an autograd graph built on the
+    capture stream (:func:`_capture`): :meth:`HessianFree.step` evaluates its closures and
+    runs CG inside this. The side stream waits for the current one first and the current
+    one for it at the end, so the step is ordered with the caller's work as before. On the
+    CPU, without ``cuda_graph``, or already on a side stream: nothing changes.
+    """
+    if not (policy.cuda_graph and device.type == "cuda" and torch.cuda.is_available()):
+        yield
+        return
+    current = torch.cuda.current_stream(device)
+    if current != torch.cuda.default_stream(device):
+        yield
+        return
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        current.wait_stream(side)
 
 
 def _on_cuda(like: Tensor) -> bool:
@@ -202,7 +276,10 @@ class Accelerated:
                 self.fallback_reason = f"capture failed: {type(err).__name__}: {err}"
                 warnings.warn(
                     f"hessfree: the curvature product could not be captured in a CUDA graph "
-                    f"({self.fallback_reason}); running it eagerly.",
+                    f"({self.fallback_reason}); running it eagerly. A product that "
+                    "differentiates an autograd graph is captured only on the stream the graph "
+                    "was built on: build it under `with torch.cuda.stream(s):` with a side "
+                    "stream `s` (HessianFree.step does so itself).",
                     RuntimeWarning,
                     stacklevel=2,
                 )

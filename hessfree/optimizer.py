@@ -164,7 +164,7 @@ from ._step_types import (
     _StepRun,
 )
 from ._types import MatVec
-from .acceleration import ProductPolicy, accelerate
+from .acceleration import ProductPolicy, accelerate, capture_stream
 from .cg import CGResult, CGStop, cg, forcing_term, relative_forcing_term
 from .curvature import (
     CurvatureProduct,
@@ -1481,12 +1481,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         # Phases 1-2 hold every autograd graph of the step; they are freed on return, but
         # structural damping's curvature graph, which phase 4 reads once (_Solution).
         try:
-            try:
-                solution = self._evaluate_and_solve(closure, curvature_closure, run)
-            finally:
-                self._linear_pass = None  # the recorded layers' graph, if CG did not consume it
-            if solution is not None:  # else the step ended before or inside CG (StepInfo recorded)
-                self._backtrack_and_search(closure, solution, run)  # phases 3-5
+            # cuda_graph: the closures' graphs on the stream the products are captured on
+            with capture_stream(self.settings.products, run.params[0].device):
+                try:
+                    solution = self._evaluate_and_solve(closure, curvature_closure, run)
+                finally:
+                    self._linear_pass = None  # the recorded layers' graph, if CG left it
+                if solution is not None:  # else the step ended before or inside CG (recorded)
+                    self._backtrack_and_search(closure, solution, run)  # phases 3-5
         except BaseException:
             if run.state["step"] == undo.step:  # raised before _finish: nothing was taken
                 undo.restore()

@@ -134,23 +134,85 @@ def test_hf_step_with_cuda_graph_requested_on_cpu_equals_the_default_step():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.cuda
-def test_cuda_graph_replay_matches_the_eager_product_on_cuda():
-    """Unverified in the session that wrote it (no GPU): capture either succeeds and replays
-    the eager product's values, or falls back with a warning and the same values."""
-    torch.manual_seed(0)
+def _cuda_ggn(seed: int = 0) -> tuple[nn.Module, GGNProduct]:
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(20, 40), nn.Sigmoid(), nn.Linear(40, 10)).cuda()
     x, y = torch.randn(64, 20, device="cuda"), torch.randn(64, 10, device="cuda")
     out = model(x)
-    G = GGNProduct(F.mse_loss(out, y), out, list(model.parameters()))
+    return model, GGNProduct(F.mse_loss(out, y), out, list(model.parameters()))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_matches_the_eager_product_on_cuda():
+    """A product whose graph was built on a side stream is captured there and replays the
+    eager product's values; built on the default stream it cannot be (autograd launches its
+    backward ops onto that stream): the capture fails, the product runs eagerly, and CUDA's
+    random generator still works (a failed capture left it marked as capturing: every later
+    ``torch.randn`` on the device raised, H200, torch 2.11)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _, G = _cuda_ggn()
+        mv = accelerate(G.matvec, G.gradient, ProductPolicy(cuda_graph=True))
+        vs = [torch.randn(G.layout.numel, device="cuda") for _ in range(3)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fall-back here
+            outs = [mv(v) for v in vs]
+        assert mv.mode == "cuda_graph" and mv.fallback_reason is None
+        for v, o in zip(vs, outs, strict=True):
+            torch.testing.assert_close(o, G.matvec(v), rtol=1e-5, atol=1e-6)
+    torch.cuda.current_stream().wait_stream(side)
+
+    _, G = _cuda_ggn(1)  # on the default stream
     mv = accelerate(G.matvec, G.gradient, ProductPolicy(cuda_graph=True))
-    vs = [torch.randn(G.layout.numel, device="cuda") for _ in range(3)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a failed capture is allowed here
-        outs = [mv(v) for v in vs]
-    for v, o in zip(vs, outs, strict=True):
-        torch.testing.assert_close(o, G.matvec(v), rtol=1e-5, atol=1e-6)
-    assert mv.mode == "cuda_graph" or mv.fallback_reason
+    v = torch.randn(G.layout.numel, device="cuda")
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        out = mv(v)
+    assert mv.mode == "eager"
+    torch.testing.assert_close(out, G.matvec(v), rtol=1e-5, atol=1e-6)
+    torch.randn(3, device="cuda")  # raised "Offset increment outside graph capture" before
+
+
+@pytest.mark.cuda
+def test_a_product_that_syncs_falls_back_and_leaves_the_generator_usable():
+    A = torch.randn(5, 5, device="cuda")
+
+    def syncing(v):
+        return A @ v * float(v.sum() != 0)  # a host read: not allowed under capture
+
+    mv = accelerate(syncing, torch.ones(5, device="cuda"), ProductPolicy(cuda_graph=True))
+    v = torch.randn(5, device="cuda")
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        torch.testing.assert_close(mv(v), A @ v)
+    torch.randn(3, device="cuda")
+    good = accelerate(lambda u: A @ u, v, ProductPolicy(cuda_graph=True))  # a later capture
+    torch.testing.assert_close(good(v), A @ v)
+    assert good.mode == "cuda_graph"
+
+
+@pytest.mark.cuda
+def test_hf_steps_with_cuda_graph_capture_and_equal_the_eager_steps_on_cuda():
+    """``HessianFree.step`` evaluates its closures on the capture stream, so its products are
+    captured (no fall-back warning) and the steps are the eager steps."""
+
+    def run(products):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 4)).cuda().double()
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(128, 12, generator=gen, dtype=torch.float64).cuda()
+        y = torch.randint(0, 4, (128,), generator=gen).cuda()
+        opt = HessianFree(model.parameters(), cg_max_iter=20, products=products)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for _ in range(3):
+                opt.step(lambda: (F.cross_entropy(out := model(x), y), out))
+        torch.randn(3, device="cuda")
+        return [p.detach() for p in model.parameters()], opt.last_step.cg_iters
+
+    (eager, it_e), (graphed, it_g) = run(None), run({"cuda_graph": True})
+    assert it_e == it_g > 1
+    for a, b in zip(eager, graphed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize(
