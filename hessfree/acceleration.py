@@ -246,6 +246,8 @@ class Accelerated:
     Attributes:
         mode: ``'eager'`` or ``'cuda_graph'`` (after the first call).
         fallback_reason: Why a requested CUDA graph is not used, or ``None``.
+        capture_failed: Whether a capture was tried and failed (not merely impossible, as on
+            a CPU).
     """
 
     def __init__(self, matvec: MatVec, like: Tensor, policy: ProductPolicy) -> None:
@@ -254,6 +256,7 @@ class Accelerated:
         self._replayed: _Replayed | None = None
         self.mode = "eager"
         self.fallback_reason: str | None = None
+        self.capture_failed = False
         if policy.cuda_graph and not _on_cuda(like):
             self.fallback_reason = (
                 f"CUDA graphs need a CUDA device; the product is on {like.device}"
@@ -273,6 +276,7 @@ class Accelerated:
                 self.mode = "cuda_graph"
                 return self._replayed(v)
             except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
+                self.capture_failed = True
                 self.fallback_reason = f"capture failed: {type(err).__name__}: {err}"
                 warnings.warn(
                     f"hessfree: the curvature product could not be captured in a CUDA graph "

@@ -164,7 +164,7 @@ from ._step_types import (
     _StepRun,
 )
 from ._types import MatVec
-from .acceleration import ProductPolicy, accelerate, capture_stream
+from .acceleration import Accelerated, ProductPolicy, accelerate, capture_stream
 from .cg import CGResult, CGStop, cg, forcing_term, relative_forcing_term
 from .curvature import (
     CurvatureProduct,
@@ -1482,7 +1482,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         # structural damping's curvature graph, which phase 4 reads once (_Solution).
         try:
             # cuda_graph: the closures' graphs on the stream the products are captured on
-            with capture_stream(self.settings.products, run.params[0].device):
+            with capture_stream(self._product_policy(), run.params[0].device):
                 try:
                     solution = self._evaluate_and_solve(closure, curvature_closure, run)
                 finally:
@@ -1496,7 +1496,31 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         finally:
             if run.counter.stream is not None:  # also on an error (_finish did it otherwise)
                 run.counter.stream.leave()
+            self._note_failed_capture()
         return run.loss0
+
+    def _product_policy(self) -> ProductPolicy:
+        """``products`` as given, without ``cuda_graph`` once this optimizer's product failed to
+        capture: it would fail again every step (the same closure builds the same graph), each
+        time paying ``warmup`` eager products, a failed capture and a warning."""
+        policy = self.settings.products
+        if policy.cuda_graph and getattr(self, "_capture_failure", None):
+            return dataclasses.replace(policy, cuda_graph=False)
+        return policy
+
+    def _accelerate(self, curvature: MatVec, g: Tensor) -> MatVec:
+        """:func:`accelerate` under :meth:`_product_policy`, the wrapper kept for
+        :meth:`_note_failed_capture`."""
+        out = accelerate(curvature, g, self._product_policy())
+        self._accelerated = out if isinstance(out, Accelerated) else None
+        return out
+
+    def _note_failed_capture(self) -> None:
+        """Remember a failed CUDA-graph capture of this step's product (see
+        :meth:`_product_policy`); its reason is kept in ``_capture_failure``."""
+        acc, self._accelerated = getattr(self, "_accelerated", None), None
+        if acc is not None and acc.mode == "eager" and acc.capture_failed:
+            self._capture_failure = acc.fallback_reason
 
     def _undo_record(self) -> _UndoRecord:
         """What a step that raises must put back (:meth:`_one_step`).
@@ -1626,7 +1650,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             self._avg.check_replicated(
                 "curvature_batch='replicated'", curvature_evaluation.loss.detach()
             )
-        curvature = accelerate(curvature, g, settings.products)  # CUDA graph / low precision
+        curvature = self._accelerate(curvature, g)  # CUDA graph / low precision
         if settings.damping_metric == "marquardt":
             run.metric = self._marquardt_metric(product, g, run)
         if math.isnan(run.damping) or (
@@ -1660,7 +1684,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             state["loss_not_convex"] = True
             with torch.enable_grad():
                 curvature, product = self._curvature_product(curvature_evaluation, params, run)
-            curvature = accelerate(curvature, g, settings.products)
+            curvature = self._accelerate(curvature, g)
             result = self._solve(curvature, product, evaluation, g, run, closure)
         run.report.update(
             cg_iters=result.num_iter, cg_reason=result.reason.value, cg_matvecs=result.num_matvec

@@ -226,3 +226,36 @@ def test_hf_steps_with_cuda_graph_capture_and_equal_the_eager_steps_on_cuda():
 def test_accelerate_names_a_bad_argument_even_with_the_default_policy(matvec, like, match):
     with pytest.raises(TypeError, match=match):
         accelerate(matvec, like)
+
+
+def test_hf_stops_trying_to_capture_after_a_failed_capture(monkeypatch):
+    """A product that failed to capture fails again every step (the same closure builds the
+    same graph): the optimizer captures once, then runs its products eagerly, with one
+    warning, and the steps equal the default policy's."""
+    monkeypatch.setattr(acceleration, "_on_cuda", lambda like: True)
+    calls = []
+
+    def capture(matvec, like, warmup):
+        calls.append(warmup)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(acceleration, "_capture", capture)
+
+    def run(products):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(32, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,))
+        opt = HessianFree(model.parameters(), damping=0.5, cg_max_iter=10, products=products)
+        for _ in range(4):
+            opt.step(lambda: (F.cross_entropy(out := model(x), y), out))
+        return [p.detach() for p in model.parameters()], opt
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        graphed, opt = run({"cuda_graph": True})
+    assert calls == [2]  # one capture, in the first step
+    assert len([w for w in caught if "could not be captured" in str(w.message)]) == 1
+    assert "not permitted" in opt._capture_failure
+    for a, b in zip(run(None)[0], graphed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
