@@ -12,7 +12,8 @@ Three parts, each time-boxed so that a hang in one cannot spend the lease:
    (``ProductPolicy(cuda_graph=True)``) and under TF32, and of a Hessian product, interleaved;
    with each fast product's relative error against a float64 product on the same device.
 2. **steps**: ``HessianFree`` steps on 20,000 images, curvature on 5,000, eager and with the
-   CUDA-graph policy from the same weights: median step time, and whether the two runs agree.
+   CUDA-graph policy (and its warm-up at 1, and without K-FAC) from the same weights: median
+   step time, host time per phase, and whether the eager and the graph runs agree.
 3. **race**: CURVES on 20,000 images at equal wall-clock from the same initial weights,
    interleaved in slices: Adam and SGD-momentum over learning rate and batch size (large
    batches: on the GPU a step costs the same at 5,000 cases as at 20), HF at its defaults and
@@ -142,9 +143,18 @@ def steps(device: str, n: int, c: int, count: int) -> dict:
     model, x, flat = curves(n, device)
     out: dict = {}
     finals = {}
-    for name, pol in (("eager", None), ("CUDA graph", {"cuda_graph": True})):
+    # where an HF step's time goes on the GPU (stop 45: products replayed, the solve still
+    # 38 ms for ~3 products of 1.4 ms): a capture's warm-up products, and K-FAC (the default
+    # preconditioner of a (loss, outputs) closure: eigendecompositions at each refresh)
+    variants = {
+        "eager": dict(products=None),
+        "CUDA graph": dict(products={"cuda_graph": True}),
+        "CUDA graph, warmup 1": dict(products={"cuda_graph": True, "warmup": 1}),
+        "CUDA graph, precond None": dict(products={"cuda_graph": True}, precond=None),
+    }
+    for name, kw in variants.items():
         m = copy.deepcopy(model)
-        opt = HessianFree(m.parameters(), cg_max_iter=50, products=pol)
+        opt = HessianFree(m.parameters(), cg_max_iter=50, **kw)
 
         def closure(m=m) -> tuple:
             o = m(x)
