@@ -272,6 +272,8 @@ def part_swap(steps: int = 580) -> None:
     finally:
         HessianFree.step = original
     floor = [s for s in seen if s.converged_by == "float_resolution"]
+    kinds = [f"{s.status}/{s.converged_by}" if s.converged_by else s.status for s in seen]
+    print(f"statuses: {_counts(kinds)}\n")
     print("| steps | products | time (s) | floor steps | their products | their time (s) |")
     print("|---|---|---|---|---|---|")
     print(
