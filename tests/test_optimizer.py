@@ -2179,6 +2179,30 @@ def test_hessian_step_that_lambda0_keeps_below_resolution_is_not_a_float_floor()
     assert loss64() < 0.2 * f0  # 2.33e13 → 8.7e11 by step 60 (float64 HF: 9.0e11)
 
 
+def test_convex_step_that_lambda0_keeps_below_resolution_goes_on_to_the_closed_form_minimum():
+    # ½xᵀAx − bᵀx + 1000 in float32, A = diag(1e4, 3e3, 1, 1e-2): λ₀ = gᵀAg/gᵀg ≈ 1e4 and one CG
+    # iteration predict 3.7e-5, under the resolution δ = 8 ε · 1000 = 9.5e-4, though the
+    # Newton decrement ½bᵀA⁻¹b = 5.1e-3 is 5.4 δ (the low-curvature directions). Main froze at
+    # x = 0 ('float_resolution' on every step, f − f* = 5.4 δ); the check's solve at λ's floor
+    # predicts the decrement, so the steps go on, to the closed-form minimiser b/a within δ
+    a, b = np.array([1e4, 3e3, 1.0, 1e-2]), np.array([1.0, 0.3, 1e-2, 1e-2])
+    A32 = torch.tensor(np.diag(a), dtype=torch.float32)
+    b32 = torch.tensor(b, dtype=torch.float32)
+    x = torch.zeros(4, requires_grad=True)
+    opt = HessianFree([x])
+    statuses = []
+    for _ in range(40):
+        opt.step(lambda: 0.5 * x @ A32 @ x - b32 @ x + 1000.0)
+        statuses.append(opt.last_step.converged_by)
+    assert statuses[0] is None and statuses[-1] == "float_resolution"
+
+    def f64(v: np.ndarray) -> float:
+        return 0.5 * v @ (a * v) - b @ v + 1000.0
+
+    gap = f64(x.detach().double().numpy()) - f64(b / a)
+    assert gap <= 8 * 2.0**-23 * 1000.0  # was 5.1e-3 at x = 0
+
+
 def test_float32_rosenbrock_floor_stays_converged_with_damping_unchanged():
     # a genuine floor under the Hessian: the model at λ's floor is positive definite there
     # and its Newton decrement is below float32's resolution of f = 1 + rosen, so the check
