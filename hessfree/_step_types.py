@@ -212,6 +212,7 @@ class _StepRun:
     damped_change: float = math.nan  # ½λpᵀDp (+ structural energy) at the chosen iterate
     metric: Tensor | None = None  # damping_metric='marquardt': D, flat (None: D = I)
     at_chosen: _AtChosen | None = None  # phases 4-5's scalars at the chosen iterate (one read)
+    at_last: _AtChosen | None = None  # the same at CG's last iterate, if _floor_check read them
     scaled_grad_norm: float = math.nan  # damping_metric='marquardt': ‖D^{-1/2} g‖
     mask_noise: float = math.nan  # replay_rng: RMS of f(θ0; m1) − f(θ0; m2) over recent steps
 

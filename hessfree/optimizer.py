@@ -44,9 +44,12 @@ phases named as the methods that run them:
    the curvature's, :math:`\tfrac12 p^\top C p`: then :math:`\lambda`, not the loss's floor,
    kept the step that short, so :math:`\lambda` is lowered as after :math:`\rho = 1` and the
    step is ``'line_search_failed'`` (a large given or climbed :math:`\lambda` would otherwise
-   never move again); with ``trust_radius``, :math:`\Delta \leftarrow t\|p\|` after phase 5
-   accepted a rate :math:`t < 1`, the smallest rate tried times :math:`\|p\|` after it failed,
-   else :math:`2\|p\|` when backtracking walked back, doubled after a step on the sphere with
+   never move again); and unless the model at :math:`\lambda`'s floor, solved without the
+   forcing term or trust radius, finds negative curvature or a decrease above the resolution
+   (``_floor_check``, once per point): then the step is taken as after :math:`\rho = 1`;
+   with ``trust_radius``, :math:`\Delta \leftarrow t\|p\|` after phase 5 accepted a rate
+   :math:`t < 1`, the smallest rate tried times :math:`\|p\|` after it failed, else
+   :math:`2\|p\|` when backtracking walked back, doubled after a step on the sphere with
    :math:`\rho > 3/4`, lifted (:math:`\infty`) after a full step inside the ball with
    :math:`|\rho - 1| \le 0.1` before any negative curvature (:math:`\Delta_0 = \|g\|/s`).
 5. *Line search* (``_line_search``, :func:`hessfree._line_search.armijo`): Armijo backtracking
@@ -1700,6 +1703,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     f"{g.dtype}{_overflow_fix(g.dtype)}"
                 )
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, what)
+        result = self._floor_check(curvature, product, evaluation, g, run, closure, result)
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
         if result.reason is CGStop.NEGATIVE_CURVATURE and type(product) is GGNProduct:
             # the same on every rank: CG's scalars come from averaged products (bigblock)
@@ -1711,6 +1715,74 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         # the structural term is damping, left out of ρ's model: its energy at the chosen
         # iterate only (phase 4), not at every stored one (experiments/README.md, rnnstep)
         return _Solution(g, result, product if run.structural_damping > 0 else None)
+
+    def _floor_check(
+        self,
+        curvature: MatVec,
+        product: object,
+        evaluation: _Evaluation,
+        g: Tensor,
+        run: _StepRun,
+        closure: Closure,
+        result: CGResult,
+    ) -> CGResult:
+        r"""Phase 2, where CG's step predicts a change below the objective's float resolution
+        :math:`\delta` (:func:`hessfree.damping.resolution`) and :math:`\lambda` does not
+        dominate it (phase 4 lowers :math:`\lambda` there): whether the model itself, not
+        this step's :math:`\lambda`, truncation or trust radius, puts every decrease below
+        :math:`\delta` (``state['floor_checked']``: True, a floor; False, not one).
+
+        Phase 4 calls such a step float precision's floor (``'float_resolution'``: nothing
+        moves, :math:`\lambda` stays), and the next steps repeat it. But a step held short
+        by :math:`\lambda` (a first step under :math:`\lambda_0 = |g^\top C g|/g^\top g`
+        ties the damping's share with the curvature's), by the forcing term's early stop or
+        by the trust radius is not the loss's floor: a float32 tanh MLP on raw-unit targets
+        (loss 2.3e13, Hessian curvature) predicted 9e4 against :math:`\delta` = 2.2e7 from the
+        first step on and never moved, while the same network in float64 took those steps
+        with :math:`\rho` = 0.99-1.01 and reached 9e11 in 60 steps ("floor16"). So CG runs
+        again from zero with :math:`\lambda` at its floor (``min_damping``), without the
+        forcing-term stop, trust radius, preconditioner or objective checks: a floor only
+        where that solve ends on positive curvature with a predicted decrease within
+        :math:`\delta` too, i.e. the Newton decrement :math:`\tfrac12 g^\top C^{-1} g` over
+        the Krylov space is below the resolution (Boyd & Vandenberghe 2004, §9.5.1, stop on
+        the decrement; here at the float tolerance). Negative curvature there says the point
+        is no minimum of the model: not a floor either (phase 4 then takes the step). The
+        step itself stays this CG's (result, warm start, trials); the check runs once per
+        point, not again until a step is accepted (a step that moves nothing would repeat
+        it). Only on objectives not seen stochastic and without structural damping (its
+        λ has its own metric).
+        """
+        state = run.state
+        if (
+            "floor_checked" in state
+            or state.get("deterministic") is False
+            or run.structural_damping > 0
+        ):
+            return result
+        lam = run.damping
+        low = min(lam, self._damping_policy(state).min_damping)
+        last = len(result.iterates) - 1
+        at = run.at_last = _AtChosen.read(g, result, last, run)  # phase 4 reuses it
+        damped = 0.5 * lam * at.pDp
+        predicted = at.phi - damped
+        eps = torch.finfo(run.loss0.dtype).eps
+        delta = _damping.resolution(run.f_base, eps)
+        if not abs(predicted) <= delta or self._damping_dominates(damped, predicted - at.slope):
+            return result
+        trials = dict(run.trials)
+        run.damping = low
+        try:
+            checked = self._solve(curvature, product, evaluation, g, run, closure, check=True)
+        finally:
+            run.damping = lam
+            run.trials.clear()
+            run.trials.update(trials)
+        floor = checked.reason not in (CGStop.NON_FINITE, CGStop.NEGATIVE_CURVATURE)
+        if floor:
+            at_check = _AtChosen.read(g, checked, len(checked.iterates) - 1, run)
+            floor = abs(at_check.phi - 0.5 * low * at_check.pDp) <= delta
+        state["floor_checked"] = floor
+        return dataclasses.replace(result, num_matvec=result.num_matvec + checked.num_matvec)
 
     @staticmethod
     def _curvature_overflowed(curvature: MatVec, g: Tensor, g_max: float) -> bool:
@@ -1736,8 +1808,12 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         g: Tensor,
         run: _StepRun,
         closure: Closure,
+        *,
+        check: bool = False,
     ) -> CGResult:
-        """Phase 2: truncated preconditioned CG on the damped system (§4.4, §4.5, §4.7)."""
+        """Phase 2: truncated preconditioned CG on the damped system (§4.4, §4.5, §4.7);
+        with ``check`` (:meth:`_floor_check`) plain CG from zero, without the forcing term's
+        stop or a trust radius."""
         settings, counter = self.settings, run.counter
         # κ + λD: a float, or per entry (per-group weight decay, Marquardt's D)
         shift = run.l2 + (run.damping if run.metric is None else run.damping * run.metric)
@@ -1749,9 +1825,9 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             counter.product_time += time.perf_counter() - t0
             return out.add_(v, alpha=shift) if isinstance(shift, float) else out.addcmul_(shift, v)
 
-        if run.state.get("newton") and self._phase_exit:
+        if run.state.get("newton") and self._phase_exit and not check:
             self._check_phase_range(product, run)  # may end the phase before this solve
-        plain = (  # the local phase (_NEWTON_STEPS): plain CG on the damped Gauss-Newton system
+        plain = check or (  # the local phase (_NEWTON_STEPS): plain CG on the damped GN system
             run.state.get("newton") and self.precond == "auto"
         )
         try:
@@ -1779,9 +1855,11 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         if isinstance(self.precond, EmpiricalFisherDiagonal) and isinstance(precond, Tensor):
             precond = precond.nan_to_num(nan=1.0, posinf=1.0, neginf=1.0)  # likewise; no sync
         watch = getattr(self.precond, "watch", None)
-        if callable(watch):  # e.g. CGPairPreconditioner: CG's own products become its pairs
+        if (
+            callable(watch) and not check
+        ):  # e.g. CGPairPreconditioner: CG's own products become its pairs
             damped = watch(damped)
-        x0 = self._warm_start(product, g, run.state, run.layout)
+        x0 = None if check else self._warm_start(product, g, run.state, run.layout)
         keep = _hook_mask(run.params, g, run.layout)
         if keep is not None:
             # a gradient hook (a pruning mask: w.register_hook(lambda g: g * mask)) zeroes the
@@ -1801,7 +1879,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             scale = run.metric.rsqrt()
             damped, b, x0, precond = _scaled_system(scale, damped, b, x0, precond)
             run.scaled_grad_norm = float(torch.linalg.vector_norm(b))
-        rtol = self._cg_rtol(run)
+        rtol = 0.0 if check else self._cg_rtol(run)
         run.bounded = self._trust_radius(product)
         run.semidefinite = product is not None and product.positive_semidefinite
         if self._quad_entry and run.state.get("deterministic") is True:
@@ -1809,13 +1887,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 run.loss_probe = _loss_probe(product)
         if run.bounded and "trust_radius" not in run.state:
             self._initial_radius(run.state, g)
-        radius = run.state.get("trust_radius", math.inf) if run.bounded else math.inf
+        radius = run.state.get("trust_radius", math.inf) if run.bounded and not check else math.inf
         run.lap("curvature")
 
         max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
 
         def solve(start: Tensor | None) -> CGResult:
-            monitor = self._objective_monitor(closure, run) if self._stop_on_increase(run) else None
+            checks = self._stop_on_increase(run) and not check
+            monitor = self._objective_monitor(closure, run) if checks else None
             if monitor is not None and scale is not None:
                 monitor = _scaled_monitor(monitor, scale)
             result = cg(
@@ -2030,7 +2109,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 # autograd's version check): back to θ0 from the last trial point first
                 with torch.no_grad():
                     torch._foreach_copy_(params, theta0)
-            at = run.at_chosen = _AtChosen.read(solution.g, result, chosen, run)
+            at = run.at_last if chosen == len(iterations) - 1 else None
+            at = run.at_chosen = at or _AtChosen.read(solution.g, result, chosen, run)
             predicted = self._predicted_change(solution, chosen, run)
             run.report["predicted_change"] = predicted
             eps = torch.finfo(run.loss0.dtype).eps
@@ -2043,12 +2123,25 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 run.lap("line_search")
                 damped = at.phi - predicted  # ½λ‖p‖² (+ structural)
                 half_pCp = predicted - at.slope
-                if self._damping_dominates(damped, half_pCp):  # λ kept p short
+                not_floor = state.get("floor_checked") is False  # _floor_check's verdict
+                if not_floor or self._damping_dominates(damped, half_pCp):  # λ kept p short
                     # not the floor of the loss but of a step λ dominates (a large given or
-                    # climbed λ): λ stays too and nothing ever moves; lower it as after ρ = 1
+                    # climbed λ) or one the model at λ's floor would not keep below δ: λ
+                    # stays too and nothing ever moves; lower it as after ρ = 1
                     self._adapt_damping(
                         state, run.damping, lambda pol, lam: pol.after_step(lam, 1.0)
                     )
+                    if not_floor:
+                        # _floor_check: no floor here. The step is taken, as after ρ = 1 (Δ
+                        # too): its trial changed f by at most δ, and float64 measures ρ ≈ 1
+                        # on such steps ("floor16"); ρ itself is not measured (NaN)
+                        if run.bounded:
+                            self._update_radius(state, result, chosen, p, 1.0, 1.0)
+                        _move(params, theta0, layout, p, 1.0, run.lr)
+                        run.report.update(rho=math.nan, step_rate=1.0)
+                        return self._finish(
+                            run, StepStatus.ACCEPTED, accepted=True, loss_after=f_chosen
+                        )
                     return self._finish(run, StepStatus.LINE_SEARCH_FAILED)
                 run.report["converged_by"] = Convergence.FLOAT_RESOLUTION  # λ stays
                 return self._finish(run, StepStatus.CONVERGED)
@@ -2242,6 +2335,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             state.pop("good_streak", None)  # a step that did not move ends a streak of good ones
             for key in ("newton", "newton_streak"):
                 state.pop(key, None)
+        else:
+            state.pop("floor_checked", None)  # a new point: _floor_check runs there afresh
         info = StepInfo(
             loss=run.f0,
             loss_after=run.f0 if loss_after is None else loss_after,

@@ -2137,6 +2137,102 @@ def test_bfloat16_step_resolvable_in_bfloat16_is_taken_not_frozen():
     assert gap <= 2 * 2.0**-7 * c  # within bf16's resolution of f (was 4 % of f at x0)
 
 
+def _raw_unit_regression() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float32 4-16-1 tanh MLP on raw units (features ×1-1000, targets ~3e5): with
+    ``reduction='sum'`` the loss is 2.33e13, whose float32 resolution is 2.2e7."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 4, generator=g) * torch.tensor([1.0, 10.0, 100.0, 1000.0])
+    y = (3e5 + 1e5 * torch.tanh(X[:, :1]) + 200.0 * X[:, 1:2] + 0.3 * X[:, 3:4]).abs()
+    y = y + 1e4 * torch.randn(256, 1, generator=g)
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)), X, y
+
+
+def test_hessian_step_that_lambda0_keeps_below_resolution_is_not_a_float_floor():
+    # λ₀ = |gᵀHg|/gᵀg = 3.1e11 and one CG iteration predict a decrease of 9e4, under float32's
+    # resolution of f = 2.33e13 (2.2e7), but the model at λ's floor meets negative curvature:
+    # no floor. Main returned 'converged'/'float_resolution' at f0 on every step and never
+    # moved; the same network in float64 takes these steps with ρ ≈ 1 and L-BFGS reaches
+    # 8.5e11. Oracle: the loss of the final parameters recomputed in float64.
+    model, X, y = _raw_unit_regression()
+    opt = HessianFree(model.parameters(), curvature="hessian")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(X), y, reduction="sum")
+        loss.backward()
+        return loss
+
+    def loss64() -> float:
+        with torch.no_grad():
+            return float(F.mse_loss(model.double()(X.double()), y.double(), reduction="sum"))
+
+    f0 = loss64()
+    model.float()
+    first = []
+    for k in range(40):
+        opt.step(closure)
+        if k < 10:
+            first.append(opt.last_step.converged_by)
+    assert "float_resolution" not in first
+    assert opt.last_step.status == "accepted"
+    assert loss64() < 0.2 * f0  # 2.33e13 → 8.7e11 by step 60 (float64 HF: 9.0e11)
+
+
+def test_convex_step_that_lambda0_keeps_below_resolution_goes_on_to_the_closed_form_minimum():
+    # ½xᵀAx − bᵀx + 1000 in float32, A = diag(1e4, 3e3, 1, 1e-2): λ₀ = gᵀAg/gᵀg ≈ 1e4 and one CG
+    # iteration predict 3.7e-5, under the resolution δ = 8 ε · 1000 = 9.5e-4, though the
+    # Newton decrement ½bᵀA⁻¹b = 5.1e-3 is 5.4 δ (the low-curvature directions). Main froze at
+    # x = 0 ('float_resolution' on every step, f − f* = 5.4 δ); the check's solve at λ's floor
+    # predicts the decrement, so the steps go on, to the closed-form minimiser b/a within δ
+    a, b = np.array([1e4, 3e3, 1.0, 1e-2]), np.array([1.0, 0.3, 1e-2, 1e-2])
+    A32 = torch.tensor(np.diag(a), dtype=torch.float32)
+    b32 = torch.tensor(b, dtype=torch.float32)
+    x = torch.zeros(4, requires_grad=True)
+    opt = HessianFree([x])
+    statuses = []
+    for _ in range(40):
+        opt.step(lambda: 0.5 * x @ A32 @ x - b32 @ x + 1000.0)
+        statuses.append(opt.last_step.converged_by)
+    assert statuses[0] is None and statuses[-1] == "float_resolution"
+
+    def f64(v: np.ndarray) -> float:
+        return 0.5 * v @ (a * v) - b @ v + 1000.0
+
+    gap = f64(x.detach().double().numpy()) - f64(b / a)
+    assert gap <= 8 * 2.0**-23 * 1000.0  # was 5.1e-3 at x = 0
+
+
+def test_float32_rosenbrock_floor_stays_converged_with_damping_unchanged():
+    # a genuine floor under the Hessian: the model at λ's floor is positive definite there
+    # and its Newton decrement is below float32's resolution of f = 1 + rosen, so the check
+    # confirms the floor: nothing moves, λ stays, and the point is scipy's minimiser
+    # (float64 BFGS) to within that resolution
+    start = np.array([-1.2, 1.0, -1.2, 1.0])
+    ref = minimize(_rosen_np, start, method="BFGS", options=dict(gtol=1e-10))
+    x = torch.tensor(start, dtype=torch.float32, requires_grad=True)
+
+    def f():
+        return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum() + 1.0
+
+    opt = HessianFree([x], curvature="hessian")
+    for _ in range(60):
+        opt.step(f)
+    assert opt.last_step.converged_by == "float_resolution"
+    held, lam = x.detach().clone(), opt.damping
+    for _ in range(3):
+        opt.step(f)
+        info = opt.last_step
+        assert info.converged_by == "float_resolution" and info.next_damping == lam
+        assert torch.equal(x.detach(), held)
+    gap = _rosen_np(x.detach().double().numpy()) - ref.fun
+    assert gap <= 8 * 2.0**-23 * ref.fun  # ref.fun ≈ 1: f includes the + 1
+
+
+def _rosen_np(v: np.ndarray) -> float:
+    return float(np.sum(100 * (v[1:] - v[:-1] ** 2) ** 2 + (1 - v[:-1]) ** 2)) + 1.0
+
+
 def test_predicted_change_matches_the_float64_quadratic_model_far_from_the_floor():
     # ordinary float64 quadratic: one damped Newton step d = −(A + λI)⁻¹g, accepted at rate 1,
     # with predicted q(d) − q(0) = gᵀd + ½dᵀAd and ρ = actual / predicted (numpy oracles)
