@@ -119,18 +119,21 @@ def test_bf16_products_engage_and_stay_accurate():
     assert float((x16.double() - x64).norm() / x64.norm()) < 5e-2
 
 
-def test_hf_step_with_cuda_graph_requested_on_cpu_equals_the_default_step():
-    def run(products):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-        gen = torch.Generator().manual_seed(0)
-        x, y = torch.randn(32, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,))
-        opt = HessianFree(model.parameters(), damping=0.5, cg_max_iter=10, products=products)
-        for _ in range(2):
-            opt.step(lambda: (F.cross_entropy(out := model(x), y), out))
-        return [p.detach() for p in model.parameters()]
+def _hf_steps(products, steps: int) -> tuple[list[torch.Tensor], HessianFree]:
+    """``steps`` HF steps of a small float64 classifier; its parameters and the optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,))
+    opt = HessianFree(model.parameters(), damping=0.5, cg_max_iter=10, products=products)
+    for _ in range(steps):
+        opt.step(lambda: (F.cross_entropy(out := model(x), y), out))
+    return [p.detach() for p in model.parameters()], opt
 
-    for a, b in zip(run(None), run({"cuda_graph": True}), strict=True):
+
+def test_hf_step_with_cuda_graph_requested_on_cpu_equals_the_default_step():
+    eager, graphed = _hf_steps(None, 2)[0], _hf_steps({"cuda_graph": True}, 2)[0]
+    for a, b in zip(eager, graphed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -241,21 +244,11 @@ def test_hf_stops_trying_to_capture_after_a_failed_capture(monkeypatch):
 
     monkeypatch.setattr(acceleration, "_capture", capture)
 
-    def run(products):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-        gen = torch.Generator().manual_seed(0)
-        x, y = torch.randn(32, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,))
-        opt = HessianFree(model.parameters(), damping=0.5, cg_max_iter=10, products=products)
-        for _ in range(4):
-            opt.step(lambda: (F.cross_entropy(out := model(x), y), out))
-        return [p.detach() for p in model.parameters()], opt
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        graphed, opt = run({"cuda_graph": True})
+        graphed, opt = _hf_steps({"cuda_graph": True}, 4)
     assert calls == [2]  # one capture, in the first step
     assert len([w for w in caught if "could not be captured" in str(w.message)]) == 1
     assert "not permitted" in opt._capture_failure
-    for a, b in zip(run(None)[0], graphed, strict=True):
+    for a, b in zip(_hf_steps(None, 4)[0], graphed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
