@@ -129,3 +129,10 @@ def test_steps_lower_the_training_loss_of_a_small_autoencoder():
     assert hf.mode == "eager"  # on a CPU: no capture
     with torch.no_grad():
         assert float(gs.bce_loss(model(x), x)) < 0.9 * start
+
+
+def test_an_unknown_race_contender_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit) as err:
+        gs.main(["--device", "cpu", "--quick", "--runs", "adam5000,adam500"])
+    assert err.value.code == 2
+    assert "adam500" in capsys.readouterr().err
