@@ -1,0 +1,138 @@
+"""The SciPy operators and ``hessfree.spectral`` under uses no earlier round tried (operators16).
+
+Oracles: explicit float64 Hessians from ``torch.autograd.functional`` on a flat parameter
+vector (through ``torch.func.functional_call``), central differences of the gradient where
+the dense oracle would go through the same double backward as the operator, ``scipy.linalg``
+and ``numpy.linalg``. Every test is seeded and deterministic: the "other thread" of the race
+tests is started and joined inside the model's forward pass, so the interleaving is fixed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.autograd.functional import hessian
+from torch.func import functional_call
+
+from hessfree import (
+    CurvatureLinearOperator,
+)
+
+# float64 products of these small models round to ~1e-16 of entries of order 1.
+EXACT = dict(rtol=0, atol=1e-12)
+
+
+def _dense_hessian(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor) -> np.ndarray:
+    """The Hessian over ``model.parameters()`` (each Parameter once, tied ones too)."""
+    names = [name for name, _ in model.named_parameters()]  # a tied Parameter: its first name
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(t: Tensor) -> Tensor:
+        params, i = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            params[name] = t[i : i + shape.numel()].view(shape)
+            i += shape.numel()
+        return loss_fn(functional_call(model, params, (x,)), y)
+
+    return hessian(f, theta, vectorize=True).numpy()
+
+
+class _Hooked(nn.Module):
+    """A 3-4-1 tanh MLP whose forward pass calls ``hook(call number)`` first, and which holds
+    a buffer added to its output (so a write to it changes the function)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4).double(), nn.Linear(4, 1).double()
+        self.register_buffer("shift", torch.zeros(1, dtype=torch.float64))
+        self.calls = 0
+        self.hook: Callable[[int], None] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if self.hook is not None:
+            self.hook(self.calls)
+        return self.b(torch.tanh(self.a(x))) + self.shift
+
+
+def _in_other_thread(fn: Callable[[], None]) -> None:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    thread.join()
+
+
+def _hooked_data() -> tuple[_Hooked, list[tuple[Tensor, Tensor]]]:
+    torch.manual_seed(0)
+    model = _Hooked()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    return model, [(x[:4], y[:4]), (x[4:], y[4:])]
+
+
+# --------------------------------------------------------------------------------------------
+# from_product: what the user's product declares and returns is checked
+# --------------------------------------------------------------------------------------------
+
+
+class _Product:
+    """A product object of the documented protocol: 2 I on vectors of 3 entries."""
+
+    def __init__(self, **attrs: object) -> None:
+        self.shape, self.dtype, self.device = (3, 3), torch.float64, torch.device("cpu")
+        self.result: Callable[[Tensor], object] = lambda v: 2 * v
+        self.__dict__.update(attrs)
+
+    def matvec(self, v: Tensor) -> object:
+        return self.result(v)
+
+
+@pytest.mark.parametrize(
+    "attrs, error, match",
+    [
+        (dict(shape=(3, 4)), ValueError, r"must be \(n, n\).*got \(3, 4\)"),
+        (dict(shape=(3,)), ValueError, r"must be \(n, n\)"),
+        (dict(shape=(3.0, 3.0)), ValueError, r"must be \(n, n\)"),
+        (dict(dtype=np.float64), TypeError, "must be a torch dtype.*numpy.float64"),
+        (dict(dtype=torch.int64), TypeError, "floating torch dtype.*torch.int64"),
+        (dict(device="nowhere"), TypeError, "device.*'nowhere'"),
+    ],
+    ids=["non-square", "one-dim", "float-dims", "numpy-dtype", "int-dtype", "bad-device"],
+)
+def test_from_product_refuses_bad_declarations_at_construction(attrs, error, match):
+    """Main built all six (a non-square one failed in numpy's reshape at the first product, a
+    numpy dtype in an AttributeError, an int dtype as 'the parameters have dtype')."""
+    with pytest.raises(error, match=match):
+        CurvatureLinearOperator.from_product(_Product(**attrs))
+
+
+@pytest.mark.parametrize(
+    "result, error, match",
+    [
+        (lambda v: 2 * v.numpy(), TypeError, "returned ndarray, not a tensor"),
+        (lambda v: None, TypeError, "returned NoneType"),
+        (lambda v: v[:, None], ValueError, r"shape \(3, 1\) for a torch.float64 input"),
+        (lambda v: v[:2], ValueError, r"shape \(2,\)"),
+        (lambda v: v.float(), ValueError, "torch.float32 tensor"),
+    ],
+    ids=["numpy", "none", "column", "short", "float32"],
+)
+def test_from_product_refuses_bad_products_at_the_first_matvec(result, error, match):
+    """Main: AttributeError for the first two, silently accepted for the others (a (3, 1)
+    result flattened, a float32 one presented as float64)."""
+    op = CurvatureLinearOperator.from_product(_Product(result=result))
+    with pytest.raises(error, match=match):
+        op @ np.ones(3)
+
+
+def test_from_product_refuses_rows_of_the_wrong_length_in_a_block():
+    """A matvec dropping an entry gave main's ``A @ I`` as a (2, 3) array for a 3x3 operator."""
+    op = CurvatureLinearOperator.from_product(_Product(result=lambda v: v[:2]))
+    with pytest.raises(ValueError, match=r"matvec` \(stacked over the rows\) returned"):
+        op @ np.eye(3)
+    good = CurvatureLinearOperator.from_product(_Product())
+    np.testing.assert_array_equal(good @ np.eye(3), 2 * np.eye(3))
