@@ -277,6 +277,43 @@ def _real_dtype(dtype: object, name: str) -> torch.dtype:
     return dtype
 
 
+class _ParamStamps:
+    """The parameters' version counters and storages at the start of an uncached product.
+
+    An uncached product runs one forward pass per batch at the parameters of that moment,
+    so a training step taken meanwhile by another thread (``optimizer.step()``,
+    ``load_state_dict``, ``p.data = ...``) gave a sum of batches taken at two points, no
+    curvature matrix, silently: the 2-batch Hessian of a 3-4-1 tanh MLP (largest entry 2.0)
+    0.53 and 2.5 off the dense Hessians at the old and the new parameters (experiments/README.md,
+    "operators16"). Comparing the counters and
+    ``data_ptr`` after the product sees that, for a read of two integers per parameter; a
+    write through ``p.data`` (no counter) stays unseen, as documented.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._params = params
+        self._stamps = self._read()
+
+    def _read(self) -> list[tuple[int, int]]:
+        return [(p._version, p.data_ptr()) for p in self._params]
+
+    def refuse_moved(self, name: str) -> None:
+        """Raise ``RuntimeError`` if a parameter changed while the product ran."""
+        now = self._read()
+        if now == self._stamps:
+            return
+        i = next(i for i, (a, b) in enumerate(zip(now, self._stamps, strict=True)) if a != b)
+        raise RuntimeError(
+            f"{name}: `params` changed while this product ran (parameter {i}, shape "
+            f"{tuple(self._params[i].shape)}): another thread stepped or reloaded the model "
+            "(optimizer.step(), load_state_dict) between the forward passes of the product's "
+            "batches, so they were taken at different parameters and the sum is no curvature "
+            "matrix; the result is discarded. Products of an uncached operator run forward "
+            "passes at the current parameters: hold one lock around both the products and the "
+            "training steps of a model shared between threads."
+        )
+
+
 class _DataProducts:
     """Products of the loss over ``(model, loss_fn, data)``; arguments as the operator's.
 
@@ -509,8 +546,9 @@ class _DataProducts:
             product, size, rows = self._build(batch, index)
             return _product_rows(product, V), size, rows  # the batch's graph is freed on return
 
-        before = self._buffers.versions()
+        before, stamps = self._buffers.versions(), _ParamStamps(self.params)
         out = self._weighted_sum(per_batch, power)
+        stamps.refuse_moved(self._name)
         self._buffers.refuse_written(before, at_construction=False)
         return out
 
@@ -536,7 +574,8 @@ class _DataProducts:
             rows = outputs.shape[0] if outputs.dim() else 1
             return self.layout.cat(g), _batch_count(self._loss_fn, outputs, targets), rows
 
-        before = self._buffers.versions()
+        before, stamps = self._buffers.versions(), _ParamStamps(self.params)
         g = self._weighted_sum(per_batch, 1)
+        stamps.refuse_moved(self._name)
         self._buffers.refuse_written(before, at_construction=False)
         return g

@@ -21,6 +21,8 @@ from torch.func import functional_call
 
 from hessfree import (
     CurvatureLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
 )
 
 # float64 products of these small models round to ~1e-16 of entries of order 1.
@@ -72,6 +74,47 @@ def _hooked_data() -> tuple[_Hooked, list[tuple[Tensor, Tensor]]]:
     model = _Hooked()
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
     return model, [(x[:4], y[:4]), (x[4:], y[4:])]
+
+
+# --------------------------------------------------------------------------------------------
+# another thread's training step during an uncached product (operators15 left it)
+# --------------------------------------------------------------------------------------------
+
+
+def _step(model: nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3)
+
+
+@pytest.mark.parametrize("what", ["product", "gradient"])
+def test_uncached_product_refuses_parameters_stepped_meanwhile(what):
+    """A step taken by another thread between the batches' forward passes gave a sum of
+    batches at two points (main: a 2-batch Hessian 0.53 and 2.5 off the dense Hessians at
+    the old and new parameters, silently); now a RuntimeError naming the other thread."""
+    model, data = _hooked_data()
+    H = HessianLinearOperator(model, nn.MSELoss(), data)
+    model.calls = 0  # the 2nd forward pass of the product is the 2nd batch's
+    model.hook = lambda call: _in_other_thread(lambda: _step(model)) if call == 2 else None
+    with pytest.raises(RuntimeError, match="changed while this product ran.*another thread"):
+        H @ np.eye(H.shape[0]) if what == "product" else H.gradient()
+    model.hook = None  # without the race the same operator is the dense Hessian (now stepped)
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    np.testing.assert_allclose(
+        H @ np.eye(H.shape[0]), _dense_hessian(model, nn.MSELoss(), x, y), **EXACT
+    )
+
+
+def test_buffer_writes_of_another_thread_are_named():
+    """The buffer watch reads version counters, which all threads share: another thread's
+    write during an uncached product is counted as the product's. The message now says so
+    (main blamed ``model.train()`` alone)."""
+    model, data = _hooked_data()
+    G = GGNLinearOperator(model, nn.MSELoss(), data)
+    model.hook = lambda call: _in_other_thread(lambda: model.shift.add_(0.5))
+    with pytest.raises(RuntimeError, match="another thread ran a forward pass"):
+        G @ np.ones(G.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
