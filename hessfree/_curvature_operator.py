@@ -150,7 +150,11 @@ class CurvatureLinearOperator(_TorchLinearOperator):
             dtype: As for the constructor.
 
         Raises:
-            TypeError: If ``product`` lacks one of those attributes.
+            TypeError: If ``product`` lacks one of those attributes, its ``dtype`` is not a
+                floating torch dtype or its ``device`` no device; from a product, if
+                ``matvec`` (or ``matmat``) returns something other than a tensor.
+            ValueError: If ``shape`` is not ``(n, n)`` of ints; from a product, if the result
+                does not have the input's shape and ``dtype``.
         """
         return cls(None, None, None, dtype=dtype, _product=_FixedProduct(product))
 

@@ -204,10 +204,15 @@ class _BufferWatch:
     :func:`_check_model` knows only Dropout and BatchNorm by type; this sees any such module
     by what its forward pass did: each pass of the operator's own forward passes is bracketed
     by :meth:`versions` and :meth:`refuse_written` (a read of each buffer's version counter,
-    no module walk). Writes
-    between products (a training loop's) are the caller's and are not counted. Nothing is
-    watched with ``allow_training_mode=True`` (a train-mode BatchNorm's statistics are kept
-    by :func:`_call_model` on clones, which leave the buffers' counters as they were).
+    no module walk). Writes between products (a training loop's) are the caller's and are not
+    counted. The counters are shared by all threads, so a forward pass of the same model that
+    another thread runs during a product (a training step) is counted as the product's; the
+    message says so, since such writes change the function under the product's passes as
+    much as its own (telling the threads apart would need a per-thread dispatch hook on every
+    operation; the parameters are checked the same way, :class:`_ParamStamps` in
+    :mod:`hessfree._product_sources`). Nothing is watched with
+    ``allow_training_mode=True`` (a train-mode BatchNorm's statistics are kept by
+    :func:`_call_model` on clones, which leave the buffers' counters as they were).
     """
 
     def __init__(self, model: object, allow_training_mode: bool) -> None:
@@ -242,15 +247,22 @@ class _BufferWatch:
             "running average) computes another function in each forward pass, so products "
             "would not come from one matrix, and reading the curvature would change the model. "
         )
+        # The counters are the tensors', shared by all threads: another thread's forward pass
+        # of this model during ours (a training step) is counted too, and is named below.
+        threads = (
+            " If another thread ran a forward pass of this model meanwhile (a training step), "
+            "the writes may be its: they change the function under the operator's passes too, "
+            "so hold one lock around the operator's use and that thread's steps."
+        )
         if at_construction:
             raise ValueError(
                 what + "Call model.eval() before building the operator, or pass "
-                "allow_training_mode=True if the updates are intended."
+                "allow_training_mode=True if the updates are intended." + threads
             )
         raise RuntimeError(
             what + "It did not when the operator was built (model.train() since?): call "
             "model.eval() before using the operator (and model.train() after), or build it "
-            "with allow_training_mode=True if the updates are intended."
+            "with allow_training_mode=True if the updates are intended." + threads
         )
 
 

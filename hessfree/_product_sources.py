@@ -178,7 +178,16 @@ def refuse_once_differentiable(tensors: Sequence[object], name: str, where: str)
 
 
 class _FixedProduct:
-    """One product object (``matvec``, ``shape``, ``dtype``, ``device``), assumed symmetric."""
+    """One product object (``matvec``, ``shape``, ``dtype``, ``device``), assumed symmetric.
+
+    The object is the user's, so what it declares is checked here and what its products
+    return on every call (a ``shape``, ``isinstance`` and ``dtype`` read, nothing per entry):
+    unchecked, a non-square ``shape`` failed in numpy's reshape ("cannot reshape array of
+    size 4 into shape (3,)"), a numpy ``dtype`` or an array returned by ``matvec`` in an
+    ``AttributeError``, and a ``matmat`` returning too few columns came back as a ``(2, 3)``
+    "product" of a 3x3 operator and an identity, silently (experiments/README.md,
+    "operators16").
+    """
 
     reduction = None
     cache_graph = True
@@ -191,15 +200,118 @@ class _FixedProduct:
                 "object with matvec, shape, dtype and device like hessfree.HessianProduct."
             )
         self.product = product
+        self._name = type(product).__name__
         self.params = list(getattr(product, "params", []))
-        self.shape = tuple(product.shape)
-        self.dtype, self.device = product.dtype, product.device
+        self.shape = _square_shape(product.shape, self._name)
+        self.dtype = _real_dtype(product.dtype, self._name)
+        try:
+            self.device = torch.device(product.device)
+        except (TypeError, RuntimeError, ValueError) as err:
+            raise TypeError(
+                f"`{self._name}.device` must be a torch.device or a device string such as "
+                f"'cpu', got {product.device!r} ({err})."
+            ) from err
 
     def apply(self, V: Tensor) -> Tensor:
-        return _product_rows(self.product, V)
+        out = _product_rows(self.product, V)
+        batched = V.dim() == 2 and hasattr(self.product, "matmat")
+        what = f"`{self._name}.matmat`" if batched else f"`{self._name}.matvec`"
+        if V.dim() == 2 and not batched:
+            what += " (stacked over the rows)"
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"{what} returned {type(out).__name__}, not a tensor; a product maps a flat "
+                f"torch tensor of {self.shape[0]} entries to one (numpy arrays: wrap them with "
+                "scipy.sparse.linalg.aslinearoperator instead)."
+            )
+        if out.shape != V.shape or out.dtype != self.dtype:
+            raise ValueError(
+                f"{what} returned a {out.dtype} tensor of shape {tuple(out.shape)} for a "
+                f"{V.dtype} input of shape {tuple(V.shape)}; it declares shape {self.shape} "
+                f"and dtype {self.dtype}, so the result must have the input's shape and that "
+                "dtype."
+            )
+        return out
 
     def gradient(self) -> Tensor:
         return _product_gradient(self.product)
+
+
+def _square_shape(shape: object, name: str) -> tuple[int, int]:
+    """``shape`` as ``(n, n)``, or a ``ValueError`` naming it (``from_product`` is symmetric)."""
+    try:
+        dims = tuple(shape)  # type: ignore[call-overload]
+    except TypeError:
+        dims = None
+    ints = dims is not None and all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims
+    )
+    if not ints or len(dims) != 2 or dims[0] != dims[1] or dims[0] < 0:
+        raise ValueError(
+            f"`{name}.shape` must be (n, n): from_product builds a symmetric operator, got "
+            f"{shape!r}. For a non-square map use JacobianLinearOperator, or "
+            "scipy.sparse.linalg.LinearOperator with your own matvec and rmatvec."
+        )
+    return (int(dims[0]), int(dims[1]))
+
+
+def _dtype_name(dtype: object) -> str:
+    """``numpy.float64`` for a class, the ``repr`` of anything else."""
+    if isinstance(dtype, type):
+        return f"{dtype.__module__}.{dtype.__qualname__}"
+    return repr(dtype)
+
+
+def _real_dtype(dtype: object, name: str) -> torch.dtype:
+    """``dtype`` if a real floating torch dtype, else a ``TypeError`` naming it."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"`{name}.dtype` must be a torch dtype such as torch.float64 (the dtype its "
+            f"products run in), got {_dtype_name(dtype)}."
+        )
+    if not dtype.is_floating_point and not dtype.is_complex:
+        raise TypeError(
+            f"`{name}.dtype` must be a floating torch dtype (torch.float32, torch.float64, ...), "
+            f"got {dtype}."
+        )
+    return dtype
+
+
+class _ParamStamps:
+    """The parameters' version counters and storages at the start of an uncached product.
+
+    An uncached product runs one forward pass per batch at the parameters of that moment,
+    so a training step taken meanwhile by another thread (``optimizer.step()``,
+    ``load_state_dict``, ``p.data = ...``) gave a sum of batches taken at two points, no
+    curvature matrix, silently: the 2-batch Hessian of a 3-4-1 tanh MLP (largest entry 2.0)
+    0.53 and 2.5 off the dense Hessians at the old and the new parameters (experiments/README.md,
+    "operators16"). Comparing the counters and
+    ``data_ptr`` after the product sees that, for a read of two integers per parameter; a
+    write through ``p.data`` (no counter) stays unseen, as documented.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._params = params
+        self._stamps = self._read()
+
+    def _read(self) -> list[tuple[int, int]]:
+        return [(p._version, p.data_ptr()) for p in self._params]
+
+    def refuse_moved(self, name: str) -> None:
+        """Raise ``RuntimeError`` if a parameter changed while the product ran."""
+        now = self._read()
+        if now == self._stamps:
+            return
+        i = next(i for i, (a, b) in enumerate(zip(now, self._stamps, strict=True)) if a != b)
+        raise RuntimeError(
+            f"{name}: `params` changed while this product ran (parameter {i}, shape "
+            f"{tuple(self._params[i].shape)}): another thread stepped or reloaded the model "
+            "(optimizer.step(), load_state_dict) between the forward passes of the product's "
+            "batches, so they were taken at different parameters and the sum is no curvature "
+            "matrix; the result is discarded. Products of an uncached operator run forward "
+            "passes at the current parameters: hold one lock around both the products and the "
+            "training steps of a model shared between threads."
+        )
 
 
 class _DataProducts:
@@ -434,8 +546,9 @@ class _DataProducts:
             product, size, rows = self._build(batch, index)
             return _product_rows(product, V), size, rows  # the batch's graph is freed on return
 
-        before = self._buffers.versions()
+        before, stamps = self._buffers.versions(), _ParamStamps(self.params)
         out = self._weighted_sum(per_batch, power)
+        stamps.refuse_moved(self._name)
         self._buffers.refuse_written(before, at_construction=False)
         return out
 
@@ -461,7 +574,8 @@ class _DataProducts:
             rows = outputs.shape[0] if outputs.dim() else 1
             return self.layout.cat(g), _batch_count(self._loss_fn, outputs, targets), rows
 
-        before = self._buffers.versions()
+        before, stamps = self._buffers.versions(), _ParamStamps(self.params)
         g = self._weighted_sum(per_batch, 1)
+        stamps.refuse_moved(self._name)
         self._buffers.refuse_written(before, at_construction=False)
         return g

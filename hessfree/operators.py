@@ -54,6 +54,28 @@ numbers in :mod:`hessfree._threads`)::
     with limit_blas_threads(1):
         x, info = scipy.sparse.linalg.cg(G.damped(lam), b)
 
+Several threads may share one operator, but not with a training step of the same model:
+an uncached product whose parameters another thread changes between its batches' forward
+passes (``optimizer.step()``, ``load_state_dict``) raises ``RuntimeError`` rather than sum
+batches taken at two points, and buffer writes made by another thread's forward pass during
+a product are refused like the product's own (the version counters they are seen by are
+shared by all threads); hold one lock around the products and the steps.
+
+**Shift-invert and the matrix exponential.** ``eigsh(A, sigma=s)`` inverts
+:math:`A - sI` with SciPy's own GMRES when ``A`` is an operator, which can stall on an
+indefinite curvature: for the Hessian of a 43-parameter MLP it failed ("gmres_loose did not
+converge") after 22 s on one draw of the data and converged after 266 s on another, where
+MINRES took 24 s (load 12; experiments/README.md, "operators16"). Pass the inverse as
+``OPinv``, by MINRES, which takes a symmetric indefinite :math:`A - sI` (its ``shift``)::
+
+    def solve(b):
+        return scipy.sparse.linalg.minres(H, b, shift=s, rtol=1e-12)[0]
+    OPinv = scipy.sparse.linalg.LinearOperator(H.shape, matvec=solve, dtype=H.dtype)
+    values = scipy.sparse.linalg.eigsh(H, k=2, sigma=s, OPinv=OPinv, return_eigenvectors=False)
+
+``scipy.sparse.linalg.expm_multiply(-G, v)`` works as is; pass ``traceA`` (e.g. from
+:func:`hessfree.spectral.hutchinson_trace`) to spare SciPy its estimate and its warning.
+
 **Stochastic layers.** Dropout and train-mode BatchNorm change the function between forward
 passes, so products would not come from one matrix; the constructors refuse models with such
 modules in training mode (call ``model.eval()``, or pass ``allow_training_mode=True``).
