@@ -1882,8 +1882,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
         rtol = 0.0 if check else self._cg_rtol(run)
         if not check and self._exact_solve(run, max_iter):
-            rtol = min(rtol, math.sqrt(torch.finfo(run.layout.dtype).eps))
-            run.report["cg_rtol"] = rtol
+            rtol = run.report["cg_rtol"] = math.sqrt(torch.finfo(run.layout.dtype).eps)
         run.bounded = self._trust_radius(product)
         run.semidefinite = product is not None and product.positive_semidefinite
         if self._quad_entry and run.state.get("deterministic") is True:
@@ -1976,10 +1975,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
 
     def _exact_solve(self, run: _StepRun, max_iter: int) -> bool:
         r"""Whether ``cg_rtol='auto'`` solves this step to working precision,
-        :math:`\eta = \min(\eta_k, \sqrt{\epsilon})` with :math:`\eta_k` the forcing term
-        and :math:`\epsilon` the parameters' dtype's: on a deterministic objective with no more
-        parameters :math:`n` than CG's cap (ours); never looser than the forcing term (in
-        float32 :math:`\sqrt{\epsilon}` is 3.5e-4).
+        :math:`\eta = \sqrt{\epsilon}` of the parameters' dtype instead of the forcing term:
+        on a deterministic objective with no more parameters :math:`n` than CG's cap (ours).
 
         Why: there such a solve costs about :math:`n` products (CG's finite termination,
         Nocedal & Wright 2006, Thm. 5.1; a few more in floating point), while the forcing
