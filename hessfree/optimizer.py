@@ -1879,10 +1879,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             scale = run.metric.rsqrt()
             damped, b, x0, precond = _scaled_system(scale, damped, b, x0, precond)
             run.scaled_grad_norm = float(torch.linalg.vector_norm(b))
-        max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
         rtol = 0.0 if check else self._cg_rtol(run)
-        if not check and self._exact_solve(run, max_iter):
-            rtol = run.report["cg_rtol"] = math.sqrt(torch.finfo(run.layout.dtype).eps)
         run.bounded = self._trust_radius(product)
         run.semidefinite = product is not None and product.positive_semidefinite
         if self._quad_entry and run.state.get("deterministic") is True:
@@ -1892,6 +1889,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             self._initial_radius(run.state, g)
         radius = run.state.get("trust_radius", math.inf) if run.bounded and not check else math.inf
         run.lap("curvature")
+
+        max_iter = self._cg_max_iter(run, kfac=precond is not None and self._kfac_in_use())
 
         def solve(start: Tensor | None) -> CGResult:
             checks = self._stop_on_increase(run) and not check
@@ -1968,36 +1967,6 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 rtol = 0.0
         run.report["cg_rtol"] = rtol
         return rtol
-
-    #: :meth:`_exact_solve` on or off: a class attribute for experiments/_fullbatch16.py's
-    #: comparison with the forcing term on small problems (``False``: main's rule).
-    _exact_small: ClassVar[bool] = True
-
-    def _exact_solve(self, run: _StepRun, max_iter: int) -> bool:
-        r"""Whether ``cg_rtol='auto'`` solves this step to working precision,
-        :math:`\eta = \sqrt{\epsilon}` of the parameters' dtype instead of the forcing term:
-        on a deterministic objective with no more parameters :math:`n` than CG's cap (ours).
-
-        Why: there such a solve costs about :math:`n` products (CG's finite termination,
-        Nocedal & Wright 2006, Thm. 5.1; a few more in floating point), while the forcing
-        term's early stop can resolve only the stiff directions of an ill-conditioned
-        Hessian: NIST Rat42 (3 parameters) took 20 steps at :math:`\rho = 1` and rate 1,
-        :math:`\lambda` down to 1e-11, 1-2 CG iterations each, the loss falling ~10 % a step
-        (``experiments/README.md``, "fullbatch16"). Why :math:`\sqrt{\epsilon}`: an iterate
-        with :math:`\|r\| \le \eta\|g\|` has the model's decrease to :math:`\kappa\eta^2`
-        relative (:math:`\kappa` the damped matrix's condition), the float resolution of
-        :math:`f` where :math:`\kappa` is moderate; :math:`\eta = 0` ran on rounding until
-        §4.4's rule or an objective check stopped CG (Rat42: 7 products and one more closure
-        call a step for the same iterates). Not under structural damping (its own cap and
-        stop rule).
-        """
-        return (
-            self._exact_small
-            and self.settings.cg_rtol == "auto"
-            and run.state.get("deterministic") is True
-            and run.structural_damping == 0
-            and run.layout.numel <= max_iter
-        )
 
     def _cg_max_iter(self, run: _StepRun, *, kfac: bool = False) -> int:
         """CG's iteration cap (``cg_max_iter``): ``'auto'`` is 250, 25 on a structurally
