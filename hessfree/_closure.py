@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 import re
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -299,6 +301,23 @@ def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
     return _read_reduction(loss, outputs) or "mean"
 
 
+def _autograd_refused(err: RuntimeError) -> bool:
+    """Whether ``err`` was raised by autograd's engine (its innermost frame is in
+    ``torch.autograd``): a ``backward()`` or ``torch.autograd.grad`` that found no graph,
+    as under ``torch.no_grad()``.
+
+    Only such an error means the closure needs autograd. Any error once sent it through a
+    second call with gradients on: a transient error of the user's (a data loader's, a shape
+    error in a trial call) was swallowed when the repeat succeeded, and every later
+    evaluation of the optimizer built a graph ("unseen16").
+    """
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and os.path.dirname(os.path.abspath(frames[-1].filename)) == _AUTOGRAD_DIR
+
+
+_AUTOGRAD_DIR = os.path.dirname(os.path.abspath(torch.autograd.__file__))
+
+
 class _ClosureCalls:
     """The optimizer's closure calls (a mixin of :class:`hessfree.HessianFree`)."""
 
@@ -402,8 +421,11 @@ class _ClosureCalls:
         try:
             with torch.no_grad():
                 loss, _, _ = _unpack(closure())
-        except (RuntimeError, TypeError):
-            # e.g. "element 0 of tensors does not require grad": retry with autograd on
+        except RuntimeError as err:
+            # e.g. "element 0 of tensors does not require grad": retry with autograd on, but
+            # only where autograd's engine refused; any other error is the closure's own
+            if not _autograd_refused(err):
+                raise
             if stream is not None:  # from the same random numbers
                 stream.before_call(trial=True)
             with torch.enable_grad():
