@@ -123,6 +123,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import time
 import warnings
@@ -1458,6 +1459,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             raise TypeError(
                 f"`curvature_closure` must be callable or None, got {curvature_closure!r}."
             )
+        _check_params_assigned(self.param_groups)
         # every parameter frozen since __init__ (requires_grad_(False)): torch's bare IndexError
         _check_trainable(
             self._params(),
@@ -1538,9 +1540,19 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         start, which the step decays in place, and Marquardt's diagonal) and lists; a
         built-in preconditioner's attributes by reference (its refresh rebinds them, out of
         place). About 30 us a step, 1 % of a 3 ms step of that MLP.
+
+        A user's preconditioner object is recorded too, its attributes with lists, dicts and
+        sets copied one level deep: :class:`~hessfree.CGPairPreconditioner` appends the
+        failed step's CG products to its pairs, and the retried step ran from them (0.27 max
+        |Δθ| two steps later on that MLP, "unseen16"). A tensor it writes in place is not
+        copied (that would cost a copy of every such tensor at every step).
         """
         state = self._global_state()
         precond = self._stateful_precond()
+        attrs = None if precond is None else dict(vars(precond))
+        if precond is None and _holds_state(self.precond):
+            precond = self.precond
+            attrs = {k: _shallow(v) for k, v in vars(precond).items()}
         return _UndoRecord(
             optimizer=self,
             state=state,
@@ -1548,7 +1560,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             step=state["step"],
             auto=(self._auto_precond, self._auto_kfac_off),
             precond=precond,
-            precond_attrs=None if precond is None else dict(vars(precond)),
+            precond_attrs=attrs,
         )
 
     def _start_step(self) -> _StepRun:
@@ -2405,6 +2417,41 @@ def _overflow_fix(dtype: torch.dtype) -> str:
     )
 
 
+def _check_params_assigned(groups: list[dict]) -> None:
+    """Refuse a group whose ``'params'`` the user replaced by something other than a list of
+    leaf tensors (``add_param_group`` checked and listed what the constructor got).
+
+    ``opt.param_groups[0]['params'] = model.parameters()`` (a generator, which the first read
+    of a step used up) ended in a bare ``IndexError``, a tensor (iterated by its rows) in a
+    ``KeyError: 'step'``, a module in torch's ``AttributeError`` ("unseen16").
+    """
+    for i, group in enumerate(groups):
+        params = group["params"]
+        if isinstance(params, list | tuple) and all(
+            isinstance(p, Tensor) and (p.is_leaf or p.retains_grad) for p in params
+        ):
+            continue
+        if not isinstance(params, list | tuple):
+            raise TypeError(
+                f"`param_groups[{i}]['params']` was replaced by a {type(params).__name__}; it "
+                "must be a list of tensors: assign a list, e.g. list(model.parameters()) or "
+                "[weight] (a generator is used up by its first read)."
+            )
+        for j, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"`param_groups[{i}]['params'][{j}]` is a {type(p).__name__}; the list "
+                    "must hold tensors, e.g. list(model.parameters())."
+                )
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError(
+                    f"`param_groups[{i}]['params'][{j}]` (shape {tuple(p.shape)}) is a non-leaf "
+                    f"tensor (grad_fn={type(p.grad_fn).__name__}): a step would write into a "
+                    "computed copy, not the model. Assign the parameters themselves, e.g. "
+                    "list(model.parameters())."
+                )
+
+
 def _check_trainable(trained: list[Tensor], when: str = "", fix: str = "") -> None:
     """Refuse a parameter list with nothing to optimize."""
     if not trained:
@@ -2465,6 +2512,22 @@ class _UndoRecord:
             attrs.clear()
             attrs.update(self.precond_attrs)
         opt._generator = None
+
+
+def _holds_state(precond: object) -> bool:
+    """Whether a ``precond=`` object may carry state from step to step: an instance with
+    attributes (not a string, a function or a tensor)."""
+    return (
+        precond is not None
+        and not isinstance(precond, str | Tensor)
+        and not inspect.isroutine(precond)
+        and bool(getattr(precond, "__dict__", None))
+    )
+
+
+def _shallow(value: object) -> object:
+    """``value`` with a list, dict or set copied (its items by reference), else itself."""
+    return copy.copy(value) if isinstance(value, list | dict | set) else value
 
 
 def _copied(state: Mapping) -> dict:
