@@ -1,0 +1,103 @@
+"""runner16: `hessfree run` under inputs and events nobody had tried (experiments/README.md,
+runner16).
+
+A config file named `.yaml`, the source a refusal names, config files in UTF-16 / UTF-32 /
+with tabs / empty, a checkpoint this torch cannot read, SIGHUP (a closed terminal). Each test
+of a fix fails on main 7f8abd2 (see the commits).
+"""
+
+from __future__ import annotations
+
+import codecs
+
+import pytest
+import yaml
+from test_train_robust import refused, write_tiny
+
+from hessfree.train.cli import main
+
+
+def _nameless(tmp_path, filename: str, **extra):
+    """The tiny config without `name`, saved as ``filename``: the run is named after it."""
+    raw = yaml.safe_load(write_tiny(tmp_path, **extra).read_text())
+    del raw["name"]
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(("filename", "name"), [(".yaml", "yaml"), (".tuned.yaml", "tuned")])
+def test_runner16_a_dotted_config_file_names_a_visible_run_directory(
+    tmp_path, capsys, filename, name
+):
+    """main: `name: .yaml` and a run directory `.yaml-<time>` that `ls` does not show."""
+    config = _nameless(tmp_path, filename, budget={"steps": 1})
+    assert main(["run", str(config), "--check"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["name"] == name
+    assert main(["run", str(config), "--quiet"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith(f"{name}-") and (run / "summary.json").is_file()
+
+
+def test_runner16_a_name_the_config_sets_is_kept_as_written(tmp_path, capsys):
+    """Guard: only the default taken from the file's stem loses its dots."""
+    config = write_tiny(tmp_path, name=".hidden-on-purpose")
+    assert main(["run", str(config), "--check"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["name"] == ".hidden-on-purpose"
+
+
+def test_runner16_the_run_and_check_name_the_config_file_alike(tmp_path, capsys):
+    """main: the run said "Invalid config in tiny:" (the config's name), `--check` "in
+    .../tiny.yaml" for the same `--out` refusal."""
+    config = write_tiny(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    argv = ["run", str(config), "--out", str(tmp_path / "afile"), "--quiet"]
+    checked = refused([*argv, "--check"], capsys)
+    ran = refused(argv, capsys)
+    assert ran == checked
+    assert f"Invalid config in {config}: `--out`" in ran
+
+
+def test_runner16_a_utf16_config_with_its_byte_order_mark_runs_as_utf8(tmp_path, capsys):
+    """main: "the file is not UTF-8 text (byte 0xff at offset 0)". YAML 1.1 §5.2 and PyYAML
+    read UTF-16 behind a byte-order mark; the resolved config is the UTF-8 file's."""
+    config = write_tiny(tmp_path)
+    assert main(["run", str(config), "--check"]) == 0
+    expected = capsys.readouterr().out
+    for codec in ("utf-16", "utf-16-be"):
+        bom = codecs.BOM_UTF16_BE if codec.endswith("be") else b""
+        wide = tmp_path / "tiny.yaml"
+        wide.write_bytes(bom + config.read_text().encode(codec))
+        assert main(["run", str(wide), "--check"]) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == expected
+        config.write_text(expected)  # back to UTF-8 for the next round
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (codecs.BOM_UTF32_LE + "seed: 1\n".encode("utf-32-le"), "a UTF-32 byte-order mark"),
+        ("seed: 1\n".encode("utf-16-le"), "NUL bytes, as in UTF-16 or UTF-32 text without"),
+        (b"data:\n\tname: digits\n", "line 2 has a tab there: YAML indents with spaces only"),
+        (b"", "the file holds no YAML document (it is empty, or only comments)"),
+        (b"# only a comment\n", "the file holds no YAML document"),
+    ],
+    ids=["utf32", "utf16-no-bom", "tab", "empty", "comment"],
+)
+def test_runner16_unreadable_config_files_say_why(tmp_path, capsys, content, match):
+    """main: UTF-32 and UTF-16 without a mark said only "not UTF-8 text (byte 0xff ...)", a
+    tab "found character that cannot start any token", an empty file listed three missing
+    sections."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    assert match in refused(["run", str(path), "--check"], capsys)
+
+
+def test_runner16_an_empty_config_completed_by_overrides_still_runs(tmp_path, capsys):
+    """Guard: the empty-file refusal leaves a config given wholly as overrides alone."""
+    raw = yaml.safe_load(write_tiny(tmp_path).read_text())
+    (tmp_path / "empty.yaml").write_text("")
+    overrides = [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in raw.items()
+    ]
+    assert main(["run", str(tmp_path / "empty.yaml"), *overrides, "--check"]) == 0
