@@ -240,6 +240,7 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
         progress=False if args.quiet else args.progress,
         verbose=not args.quiet,
         config_header=header,
+        source=files[0] if files else str(args.resume / "config.yaml"),
     )
     return runner.run().exit_code
 

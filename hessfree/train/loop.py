@@ -375,6 +375,8 @@ class Runner:
         on_step: Called after every step with a :class:`StepEvent` (it may call
             :meth:`request_stop`).
         config_header: Comment lines opening the saved ``config.yaml``.
+        source: Where ``config`` came from (its file), named by a refusal as ``--check``
+            names it ("Invalid config in configs/x.yaml: ..."); None: the config's ``name``.
     """
 
     def __init__(
@@ -387,6 +389,7 @@ class Runner:
         verbose: bool = True,
         on_step: Callable[[StepEvent], None] | None = None,
         config_header: str = "",
+        source: str | None = None,
     ) -> None:
         # A new run records its data file's absolute path; a resumed one keeps what it recorded.
         self.config = config if resume else absolute_data_path(config)
@@ -407,6 +410,7 @@ class Runner:
         self.verbose = verbose
         self.on_step = on_step
         self.config_header = config_header
+        self.source = source if source is not None else config.name
         self._stop_signal: int | None = None
         self.group = Group()
         self._lock: Any = None  # the run directory's lock while this process writes it
@@ -460,7 +464,7 @@ class Runner:
             key = "output.dir" if self.default_dir else "--out"
             problems = run_dir_problems(self.run_dir, key)
             if problems:
-                raise ConfigError(problems, cfg.name)
+                raise ConfigError(problems, self.source)
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = self.group.device
@@ -477,7 +481,7 @@ class Runner:
         self.objective = make_objective(cfg.task, cfg.loss.name, cfg.loss.reduction, cfg.data.name)
         problems = _data_problems(cfg, ds, self.objective, self.group.world_size)
         if problems:
-            raise ConfigError(problems, f"{cfg.name} (after loading {cfg.data.name!r})")
+            raise ConfigError(problems, f"{self.source} (after loading {cfg.data.name!r})")
 
         model_options = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "name"}
         torch.manual_seed(cfg.seed)
@@ -489,7 +493,7 @@ class Runner:
                 **model_options,
             )
         except ValueError as err:
-            raise ConfigError([f"`model`: {err}"], cfg.name) from None
+            raise ConfigError([f"`model`: {err}"], self.source) from None
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
