@@ -9,11 +9,17 @@ of a fix fails on main 7f8abd2 (see the commits).
 from __future__ import annotations
 
 import codecs
+import fractions
+import io
+import json
+import zipfile
 
 import pytest
+import torch
 import yaml
 from test_train_robust import refused, write_tiny
 
+from hessfree.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hessfree.train.cli import main
 
 
@@ -101,3 +107,63 @@ def test_runner16_an_empty_config_completed_by_overrides_still_runs(tmp_path, ca
         f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in raw.items()
     ]
     assert main(["run", str(tmp_path / "empty.yaml"), *overrides, "--check"]) == 0
+
+
+_MAGIC = b"hessfree checkpoint "  # how the note opens (the archive comment's first bytes)
+
+
+def _with_comment(archive: bytes, comment: bytes) -> bytes:
+    """A zip archive with ``comment``: written by hand from the zip format's end record (its
+    last 2 bytes are the comment's length), independently of the code under test."""
+    assert archive[-22:-18] == b"PK\x05\x06" and archive[-2:] == b"\0\0"
+    return archive[:-2] + len(comment).to_bytes(2, "little") + comment
+
+
+def _foreign_checkpoint(path, torch_version: str) -> None:
+    """A file this torch cannot unpickle (a type ``weights_only`` refuses, as a newer torch's
+    would be), noted as written by ``torch_version``."""
+    buffer = io.BytesIO()
+    torch.save({"sha256": "0" * 64, "payload": fractions.Fraction(1, 3)}, buffer)
+    note = {"torch": torch_version, "hessfree": "9.9.9", "format": 2, "sha256": "0" * 64}
+    path.write_bytes(_with_comment(buffer.getvalue(), _MAGIC + json.dumps(note).encode()))
+
+
+def test_runner16_a_checkpoint_another_torch_wrote_names_that_torch(tmp_path, capsys):
+    """main: "cannot be read as a checkpoint (truncated or overwritten)" for a file a newer
+    torch wrote; the versions are now noted in the zip's comment, outside the pickle."""
+    config = write_tiny(tmp_path, budget={"steps": 2})
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run), "--quiet", "budget.steps=1"]) == 0
+    _foreign_checkpoint(run / "checkpoints" / "adam.pt", "99.1.0")
+    err = refused(["run", "--resume", str(run), "--quiet"], capsys)
+    assert (
+        f"checkpoint '{run / 'checkpoints' / 'adam.pt'}' was written by torch 99.1.0, "
+        f"hessfree 9.9.9, and this torch {torch.__version__} cannot read it" in err
+    )
+    assert "pip install torch==99.1.0" in err and "truncated" not in err
+    # the same file noted as this torch's is damaged, as before
+    _foreign_checkpoint(tmp_path / "same.pt", str(torch.__version__))
+    with pytest.raises(CheckpointError, match=r"damaged: it cannot be read as a checkpoint \("):
+        load_checkpoint(tmp_path / "same.pt")
+
+
+def test_runner16_the_checkpoint_note_is_written_and_verified(tmp_path):
+    """The note (read with zipfile) holds this torch's version, the state's format and the
+    payload's digest; torch reads the noted archive; a note moved onto another payload is
+    refused. main: no note (zipfile reads an empty comment)."""
+    state = {"format": 1, "w": torch.arange(6.0)}
+    save_checkpoint(tmp_path / "a.pt", state)
+    save_checkpoint(tmp_path / "b.pt", {"format": 1, "w": torch.zeros(6)})
+    comment = zipfile.ZipFile(tmp_path / "a.pt").comment
+    assert comment.startswith(_MAGIC)
+    note = json.loads(comment[len(_MAGIC) :])
+    assert (note["torch"], note["format"]) == (str(torch.__version__), 1)
+    outer = torch.load(tmp_path / "a.pt", weights_only=True)  # torch skips the comment
+    assert note["sha256"] == outer["sha256"]
+    assert torch.equal(load_checkpoint(tmp_path / "a.pt")["w"], state["w"])
+    b = (tmp_path / "b.pt").read_bytes()
+    own = len(zipfile.ZipFile(tmp_path / "b.pt").comment)
+    plain = b[:-own][:-2] + b"\0\0"  # b.pt without its note: the archive torch.save wrote
+    (tmp_path / "b.pt").write_bytes(_with_comment(plain, comment))
+    with pytest.raises(CheckpointError, match="zip comment belong to another content"):
+        load_checkpoint(tmp_path / "b.pt")
