@@ -12,7 +12,14 @@ import codecs
 import fractions
 import io
 import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +174,61 @@ def test_runner16_the_checkpoint_note_is_written_and_verified(tmp_path):
     (tmp_path / "b.pt").write_bytes(_with_comment(plain, comment))
     with pytest.raises(CheckpointError, match="zip comment belong to another content"):
         load_checkpoint(tmp_path / "b.pt")
+
+
+def _wait_for(predicate, what: str, proc: subprocess.Popen, limit: float = 120.0) -> None:
+    """Poll ``predicate`` (a file the child writes) until true; fail, naming ``what``, if the
+    child ends first or ``limit`` seconds pass (a hang, not a timing assumption)."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {limit} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("terminal", ["pty", "pipe"])
+def test_runner16_sighup_checkpoints_and_ends_past_a_closed_terminal(tmp_path, terminal):
+    """main: SIGHUP (a closed terminal, or `| tee` closed with it) killed the run at once
+    (returncode -1), losing up to `checkpoint_every` steps. Now as SIGTERM: it finishes the
+    step, checkpoints, writes the summary and exits 129, though every line it prints after
+    the signal goes to a terminal that hung up (EIO) or a pipe nobody reads (EPIPE); the
+    run then resumes. Synchronised on metrics.jsonl (written inside the signal handlers'
+    scope), never on a sleep."""
+    config = write_tiny(
+        tmp_path,
+        budget={"steps": 10**6},
+        eval={"every_steps": 1},
+        output={"checkpoint_every": 10**6, "plots": False, "progress": "always"},
+    )
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = [sys.executable, "-m", "hessfree", "run", str(config), "--out", str(run)]
+    if terminal == "pty":
+        parent, child = pty.openpty()
+        streams = {"stdout": child, "stderr": child}
+    else:
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, **streams)
+    try:
+        if terminal == "pty":
+            os.close(child)
+        metrics = run / "metrics.jsonl"
+        _wait_for(lambda: metrics.is_file() and metrics.read_bytes().count(b"\n") >= 3,
+                  "third metrics line", proc)  # fmt: skip
+        if terminal == "pty":
+            os.close(parent)  # the terminal's window closes: the child's writes now fail
+        else:
+            proc.stdout.close()
+            proc.stderr.close()
+        os.kill(proc.pid, signal.SIGHUP)
+        assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    steps = load_checkpoint(run / "checkpoints" / "adam.pt")["step"]
+    assert steps >= 3  # the checkpoint the signal wrote (checkpoint_every never came)
+    assert main(["run", "--resume", str(run), "--quiet", f"budget.steps={steps + 1}"]) == 0
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"

@@ -9,8 +9,8 @@ every problem, no traceback), or a write into the run directory failed during th
 disk: resumable from the latest checkpoints once fixed); 3 another rank of a data-parallel run
 crashed, hung or could not be reached (one line); 4 done, but an optimizer diverged
 (``summary.json``'s ``diverged``; the others' results are complete); 5 the run directory is in
-use by another hessfree process (nothing done; retry when it ends); 130 / 143 interrupted by
-SIGINT / SIGTERM (resumable); 1 an unexpected error (with its traceback).
+use by another hessfree process (nothing done; retry when it ends); 130 / 143 / 129 interrupted
+by SIGINT / SIGTERM / SIGHUP (resumable); 1 an unexpected error (with its traceback).
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ out-of-range value is reported at once with its dotted path (exit code 2).
 
 The run directory (default runs/<name>-<timestamp>/) receives config.yaml (resolved, with
 overrides), metrics.jsonl (one line per evaluation), summary.json, loss_vs_seconds.png,
-loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
-checkpoints and exits with 130 / 143; --resume continues from there (bit-identical on CPU for
-step and epoch budgets under the same torch, hessfree, thread count and CPU, else with a
-warning; wall-clock budgets are not reproducible). An optimizer whose loss or
-weights stop being finite stops as 'diverged' while the others train on; its checkpoint keeps
-its last finite weights, summary.json lists it under 'diverged', and the exit code is 4.
+loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed)
+finishes the current step, checkpoints and exits with 130 / 143 / 129; --resume continues from
+there (bit-identical on CPU for step and epoch budgets under the same torch, hessfree, thread
+count and CPU, else with a warning; wall-clock budgets are not reproducible). An optimizer
+whose loss or weights stop being finite stops as 'diverged' while the others train on; its
+checkpoint keeps its last finite weights, summary.json lists it under 'diverged', and the
+exit code is 4.
 
 Data-parallel: 'torchrun --nproc_per_node=N -m hessfree run CONFIG.yaml' splits every batch
 into N equal slices (batch sizes must be multiples of N) and takes the same steps as one
@@ -69,8 +70,8 @@ config keys:
 exit codes:
   0 done · 2 bad config, override, data or run directory · 3 a peer rank failed or hung ·
   4 done, but an optimizer diverged (summary.json: diverged) · 5 run directory in use by
-  another hessfree process (retry when it ends) · 130 SIGINT · 143 SIGTERM · 1 unexpected
-  error"""
+  another hessfree process (retry when it ends) · 130 SIGINT · 143 SIGTERM · 129 SIGHUP ·
+  1 unexpected error"""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
