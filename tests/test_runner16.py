@@ -232,3 +232,32 @@ def test_runner16_sighup_checkpoints_and_ends_past_a_closed_terminal(tmp_path, t
     assert steps >= 3  # the checkpoint the signal wrote (checkpoint_every never came)
     assert main(["run", "--resume", str(run), "--quiet", f"budget.steps={steps + 1}"]) == 0
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_runner16_a_contender_without_a_finite_loss_stays_in_the_plot_legend(tmp_path, monkeypatch):
+    """main: an optimizer that diverged at its first evaluation (every loss null) vanished
+    from every panel and legend; one with a single point is drawn (a marker)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from hessfree.train.plots import plot_metrics
+
+    records = [
+        {"optimizer": "adam", "step": 0, "seconds": 0.0, "train_loss": 1.0, "test_loss": 1.1},
+        {"optimizer": "adam", "step": 5, "seconds": 0.5, "train_loss": 0.5, "test_loss": 0.6},
+        {"optimizer": "sgd", "step": 0, "seconds": 0.0, "train_loss": None, "test_loss": None},
+        {"optimizer": "hf", "step": 0, "seconds": 0.0, "train_loss": 0.9, "test_loss": 0.9},
+    ]
+    legends = []
+    real = matplotlib.axes.Axes.legend
+
+    def spy(self, *args, **kwargs):
+        legend = real(self, *args, **kwargs)
+        legends.append([text.get_text() for text in legend.get_texts()])
+        return legend
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", spy)
+    written = plot_metrics(records, tmp_path, diverged={"sgd": 0})
+    assert len(written) == 2 and len(legends) == 4  # 2 figures x (train, test)
+    for entries, split in zip(legends, ["train", "test"] * 2, strict=True):
+        assert entries == ["adam", f"sgd (diverged at step 0): no finite {split} loss", "hf"]
