@@ -261,3 +261,16 @@ def test_runner16_a_contender_without_a_finite_loss_stays_in_the_plot_legend(tmp
     assert len(written) == 2 and len(legends) == 4  # 2 figures x (train, test)
     for entries, split in zip(legends, ["train", "test"] * 2, strict=True):
         assert entries == ["adam", f"sgd (diverged at step 0): no finite {split} loss", "hf"]
+
+
+def test_runner16_a_directory_or_several_configs_say_a_run_takes_one(tmp_path, capsys):
+    """main: "cannot read the config file: Is a directory." and "expected one CONFIG.yaml"
+    without the way to run several (one run per command: a shell loop)."""
+    config = write_tiny(tmp_path)
+    err = refused(["run", str(tmp_path), "--check"], capsys)
+    assert f"Is a directory; give one config file such as '{config}'" in err
+    assert f'for c in {tmp_path}/*.yaml; do hessfree run "$c"; done' in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(config), str(config), "--check"])
+    assert exit_.value.code == 2
+    assert 'to run several, for c in ...; do hessfree run "$c"; done' in capsys.readouterr().err

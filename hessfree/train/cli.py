@@ -173,7 +173,8 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
     files = [item for item in args.items if "=" not in item]
     if len(files) > 1:
         run_parser.error(
-            f"expected one CONFIG.yaml, got {', '.join(files)} (overrides look like key=value)"
+            f"expected one CONFIG.yaml, got {', '.join(files)} (overrides look like key=value; "
+            'a run takes one config: to run several, for c in ...; do hessfree run "$c"; done)'
         )
     if not files and args.resume is None:
         run_parser.error("give a CONFIG.yaml to run (or --resume DIR)")

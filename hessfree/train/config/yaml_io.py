@@ -175,7 +175,8 @@ def read_yaml_file(path: Path) -> Any:
         data = path.read_bytes()
     except OSError as err:
         raise ConfigError(
-            [f"cannot read the config file: {err.strerror or err}."], str(path)
+            [f"cannot read the config file: {err.strerror or err}{_directory_hint(path)}."],
+            str(path),
         ) from None
     try:
         text = _decode(data)
@@ -201,6 +202,18 @@ def read_yaml_file(path: Path) -> Any:
         ) from None
     _check_expansion(raw, str(path))
     return raw
+
+
+def _directory_hint(path: Path) -> str:
+    """For a directory given as the config: one run takes one file; name one, and the loop."""
+    if not path.is_dir():
+        return ""
+    configs = sorted(p.name for p in path.glob("*.yaml"))
+    example = f" such as '{path / configs[0]}'" if configs else ""
+    return (
+        f"; give one config file{example} (a run takes one; to run several: "
+        f'for c in {path}/*.yaml; do hessfree run "$c"; done)'
+    )
 
 
 def _decode(data: bytes) -> str:
