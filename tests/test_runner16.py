@@ -274,3 +274,19 @@ def test_runner16_a_directory_or_several_configs_say_a_run_takes_one(tmp_path, c
         main(["run", str(config), str(config), "--check"])
     assert exit_.value.code == 2
     assert 'to run several, for c in ...; do hessfree run "$c"; done' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["CONFIG", "--out", ""], ["--resume", ""], ["CONFIG", "--out", " "], [""]],
+    ids=["out", "resume", "out-blank", "config"],
+)
+def test_runner16_an_empty_path_argument_is_a_usage_error(tmp_path, capsys, monkeypatch, argv):
+    """main: `--out ""` (an unset `$RUN`) was the working directory ("'.' is not empty;
+    resume it with --resume ."), `--resume ""` resumed the run in it, `run ""` read '.'."""
+    config = write_tiny(tmp_path)
+    monkeypatch.chdir(tmp_path)  # not empty: holds tiny.yaml
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", *[str(config) if a == "CONFIG" else a for a in argv], "--check"])
+    assert exit_.value.code == 2
+    assert "(an unset shell variable?)" in capsys.readouterr().err

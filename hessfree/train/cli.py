@@ -101,13 +101,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument(
         "--out",
         metavar="DIR",
-        type=Path,
+        type=_directory_argument,
         help="run directory to create (default: <output.dir>/<name>-<timestamp>)",
     )
     run.add_argument(
         "--resume",
         metavar="DIR",
-        type=Path,
+        type=_directory_argument,
         help="continue the interrupted run in DIR with its saved config.yaml; a CONFIG or "
         "overrides given too must resolve to that same config",
     )
@@ -129,6 +129,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     run.add_argument("--quiet", action="store_true", help="print only errors")
     return parser, run
+
+
+def _directory_argument(text: str) -> Path:
+    """``--out`` / ``--resume``: a path; an empty one is refused (usage error, exit 2).
+
+    ``Path("")`` is ``.``, so ``--out "$RUN"`` with ``RUN`` unset named the working directory
+    ("'.' is not empty; resume it with --resume .") and ``--resume ""`` resumed whatever run
+    it holds.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is an empty path (an unset shell variable?); give a directory, "
+            "e.g. runs/try (or . for the working directory)"
+        )
+    return Path(text)
 
 
 def _version() -> str:
@@ -176,6 +191,8 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
             f"expected one CONFIG.yaml, got {', '.join(files)} (overrides look like key=value; "
             'a run takes one config: to run several, for c in ...; do hessfree run "$c"; done)'
         )
+    if any(not f.strip() for f in files):
+        run_parser.error("an empty CONFIG.yaml argument (an unset shell variable?); give a file")
     if not files and args.resume is None:
         run_parser.error("give a CONFIG.yaml to run (or --resume DIR)")
     # A shell leaves '~' as it is in '--out=~/x' or a quoted '~/x': the home directory, as in
