@@ -208,7 +208,7 @@ def _directory_hint(path: Path) -> str:
     """For a directory given as the config: one run takes one file; name one, and the loop."""
     if not path.is_dir():
         return ""
-    configs = sorted(p.name for p in path.glob("*.yaml"))
+    configs = sorted(p.name for p in path.glob("*.yaml") if not p.name.startswith("."))
     example = f" such as '{path / configs[0]}'" if configs else ""
     return (
         f"; give one config file{example} (a run takes one; to run several: "
