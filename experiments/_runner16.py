@@ -97,7 +97,8 @@ def probes() -> None:
         config = _tiny(root)
         for name, argv in _cases(root, config).items():
             code, last = _probe(argv)
-            print(f"| {name} | {code} | {last.replace(tmp, '<tmp>')[:400]} |")
+            shown = last.replace(tmp, "<tmp>").replace("|", "\\|")[:400]  # a table cell
+            print(f"| {name} | {code} | {shown} |")
 
 
 if __name__ == "__main__":
