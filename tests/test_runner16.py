@@ -176,7 +176,7 @@ def test_runner16_the_checkpoint_note_is_written_and_verified(tmp_path):
         load_checkpoint(tmp_path / "b.pt")
 
 
-def _wait_for(predicate, what: str, proc: subprocess.Popen, limit: float = 120.0) -> None:
+def _wait_for(predicate, what: str, proc: subprocess.Popen, limit: float = 600.0) -> None:
     """Poll ``predicate`` (a file the child writes) until true; fail, naming ``what``, if the
     child ends first or ``limit`` seconds pass (a hang, not a timing assumption)."""
     deadline = time.monotonic() + limit
@@ -221,7 +221,7 @@ def test_runner16_sighup_checkpoints_and_ends_past_a_closed_terminal(tmp_path, t
             proc.stdout.close()
             proc.stderr.close()
         os.kill(proc.pid, signal.SIGHUP)
-        assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+        assert proc.wait(timeout=600) == 128 + signal.SIGHUP  # a bound for a hang only
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -229,7 +229,9 @@ def test_runner16_sighup_checkpoints_and_ends_past_a_closed_terminal(tmp_path, t
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     steps = load_checkpoint(run / "checkpoints" / "adam.pt")["step"]
-    assert steps >= 3  # the checkpoint the signal wrote (checkpoint_every never came)
+    # the checkpoint the signal wrote (checkpoint_every never came): the third line is step
+    # 2's evaluation, and the signal may land before step 3 starts
+    assert steps >= 2
     assert main(["run", "--resume", str(run), "--quiet", f"budget.steps={steps + 1}"]) == 0
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
