@@ -9,8 +9,8 @@ every problem, no traceback), or a write into the run directory failed during th
 disk: resumable from the latest checkpoints once fixed); 3 another rank of a data-parallel run
 crashed, hung or could not be reached (one line); 4 done, but an optimizer diverged
 (``summary.json``'s ``diverged``; the others' results are complete); 5 the run directory is in
-use by another hessfree process (nothing done; retry when it ends); 130 / 143 interrupted by
-SIGINT / SIGTERM (resumable); 1 an unexpected error (with its traceback).
+use by another hessfree process (nothing done; retry when it ends); 130 / 143 / 129 interrupted
+by SIGINT / SIGTERM / SIGHUP (resumable); 1 an unexpected error (with its traceback).
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ out-of-range value is reported at once with its dotted path (exit code 2).
 
 The run directory (default runs/<name>-<timestamp>/) receives config.yaml (resolved, with
 overrides), metrics.jsonl (one line per evaluation), summary.json, loss_vs_seconds.png,
-loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
-checkpoints and exits with 130 / 143; --resume continues from there (bit-identical on CPU for
-step and epoch budgets under the same torch, hessfree, thread count and CPU, else with a
-warning; wall-clock budgets are not reproducible). An optimizer whose loss or
-weights stop being finite stops as 'diverged' while the others train on; its checkpoint keeps
-its last finite weights, summary.json lists it under 'diverged', and the exit code is 4.
+loss_vs_steps.png and checkpoints/. Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed)
+finishes the current step, checkpoints and exits with 130 / 143 / 129; --resume continues from
+there (bit-identical on CPU for step and epoch budgets under the same torch, hessfree, thread
+count and CPU, else with a warning; wall-clock budgets are not reproducible). An optimizer
+whose loss or weights stop being finite stops as 'diverged' while the others train on; its
+checkpoint keeps its last finite weights, summary.json lists it under 'diverged', and the
+exit code is 4.
 
 Data-parallel: 'torchrun --nproc_per_node=N -m hessfree run CONFIG.yaml' splits every batch
 into N equal slices (batch sizes must be multiples of N) and takes the same steps as one
@@ -69,8 +70,8 @@ config keys:
 exit codes:
   0 done · 2 bad config, override, data or run directory · 3 a peer rank failed or hung ·
   4 done, but an optimizer diverged (summary.json: diverged) · 5 run directory in use by
-  another hessfree process (retry when it ends) · 130 SIGINT · 143 SIGTERM · 1 unexpected
-  error"""
+  another hessfree process (retry when it ends) · 130 SIGINT · 143 SIGTERM · 129 SIGHUP ·
+  1 unexpected error"""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -100,13 +101,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument(
         "--out",
         metavar="DIR",
-        type=Path,
+        type=_directory_argument,
         help="run directory to create (default: <output.dir>/<name>-<timestamp>)",
     )
     run.add_argument(
         "--resume",
         metavar="DIR",
-        type=Path,
+        type=_directory_argument,
         help="continue the interrupted run in DIR with its saved config.yaml; a CONFIG or "
         "overrides given too must resolve to that same config",
     )
@@ -128,6 +129,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     run.add_argument("--quiet", action="store_true", help="print only errors")
     return parser, run
+
+
+def _directory_argument(text: str) -> Path:
+    """``--out`` / ``--resume``: a path; an empty one is refused (usage error, exit 2).
+
+    ``Path("")`` is ``.``, so ``--out "$RUN"`` with ``RUN`` unset named the working directory
+    ("'.' is not empty; resume it with --resume .") and ``--resume ""`` resumed whatever run
+    it holds.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is an empty path (an unset shell variable?); give a directory, "
+            "e.g. runs/try (or . for the working directory)"
+        )
+    return Path(text)
 
 
 def _version() -> str:
@@ -172,8 +188,11 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
     files = [item for item in args.items if "=" not in item]
     if len(files) > 1:
         run_parser.error(
-            f"expected one CONFIG.yaml, got {', '.join(files)} (overrides look like key=value)"
+            f"expected one CONFIG.yaml, got {', '.join(files)} (overrides look like key=value; "
+            'a run takes one config: to run several, for c in ...; do hessfree run "$c"; done)'
         )
+    if any(not f.strip() for f in files):
+        run_parser.error("an empty CONFIG.yaml argument (an unset shell variable?); give a file")
     if not files and args.resume is None:
         run_parser.error("give a CONFIG.yaml to run (or --resume DIR)")
     # A shell leaves '~' as it is in '--out=~/x' or a quoted '~/x': the home directory, as in
@@ -240,6 +259,7 @@ def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
         progress=False if args.quiet else args.progress,
         verbose=not args.quiet,
         config_header=header,
+        source=files[0] if files else str(args.resume / "config.yaml"),
     )
     return runner.run().exit_code
 

@@ -36,9 +36,11 @@ checkpoint's ``weights_step`` and the summary's ``checkpoint_step`` say which) w
 ``diverged`` and :attr:`RunResult.exit_code` is :data:`EXIT_DIVERGED` (4). Keeping those
 weights costs one copy of the model state per step.
 
-SIGINT (Ctrl-C) and SIGTERM finish the current step, write a checkpoint and a summary, and end
-the run with status ``interrupted`` (the CLI exits with 128 + the signal number: 130, 143). A
-second signal abandons the step at once; the previous checkpoint stays valid.
+SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) finish the current step, write a
+checkpoint and a summary, and end the run with status ``interrupted`` (the CLI exits with 128 +
+the signal number: 130, 143, 129). A second signal abandons the step at once; the previous
+checkpoint stays valid. After SIGHUP, output to a terminal that has hung up or to a pipe whose
+reader has gone (``| tee`` closed with the terminal) is dropped, so the run still ends cleanly.
 
 Under ``torchrun --nproc_per_node=N`` the run is data-parallel (:mod:`hessfree.train.parallel`):
 every rank takes an equal slice of each batch (batch sizes must be multiples of N; a growing
@@ -61,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import errno
 import importlib.util
 import math
 import os
@@ -375,6 +378,8 @@ class Runner:
         on_step: Called after every step with a :class:`StepEvent` (it may call
             :meth:`request_stop`).
         config_header: Comment lines opening the saved ``config.yaml``.
+        source: Where ``config`` came from (its file), named by a refusal as ``--check``
+            names it ("Invalid config in configs/x.yaml: ..."); None: the config's ``name``.
     """
 
     def __init__(
@@ -387,6 +392,7 @@ class Runner:
         verbose: bool = True,
         on_step: Callable[[StepEvent], None] | None = None,
         config_header: str = "",
+        source: str | None = None,
     ) -> None:
         # A new run records its data file's absolute path; a resumed one keeps what it recorded.
         self.config = config if resume else absolute_data_path(config)
@@ -407,7 +413,10 @@ class Runner:
         self.verbose = verbose
         self.on_step = on_step
         self.config_header = config_header
+        self.source = source if source is not None else config.name
         self._stop_signal: int | None = None
+        self._hung_up = False  # SIGHUP came: output whose reader is gone is dropped
+        self._bar: Any = None  # the progress bar of the entry training now
         self.group = Group()
         self._lock: Any = None  # the run directory's lock while this process writes it
 
@@ -419,15 +428,19 @@ class Runner:
             self._stop_signal = int(signum)
 
     def _handle_signal(self, signum: int, frame: object) -> None:
+        if signum == _SIGHUP:
+            self._hung_up = True
+            _drop_hung_up_terminal()
+            if self._bar is not None:  # its writes bypass _print: no more of them
+                self._bar.disable = True
         if self._stop_signal is not None:
             raise Abandoned(signum)  # second signal: abandon the step
         self._stop_signal = signum
         if self.verbose:
-            print(
+            self._print(
                 f"\n{signal.Signals(signum).name}: finishing the current step, then checkpointing "
                 "(signal again to abort without a checkpoint).",
-                file=sys.stderr,
-                flush=True,
+                sys.stderr,
             )
 
     @contextmanager
@@ -435,9 +448,8 @@ class Runner:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {
-            s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)
-        }
+        stopping = (signal.SIGINT, signal.SIGTERM) + ((_SIGHUP,) if _SIGHUP else ())
+        previous = {s: signal.signal(s, self._handle_signal) for s in stopping}
         try:
             yield
         finally:
@@ -446,7 +458,17 @@ class Runner:
 
     def _say(self, text: str) -> None:
         if self.verbose:
-            print(text, flush=True)
+            self._print(text, sys.stdout)
+
+    def _print(self, text: str, stream: Any) -> None:
+        """``print``; after SIGHUP, a stream whose reader has gone (EPIPE, EIO) is pointed at
+        /dev/null instead of failing the run's last writes (checkpoint and summary go first)."""
+        try:
+            print(text, file=stream, flush=True)
+        except OSError:
+            if not self._hung_up:
+                raise
+            _to_devnull(stream)
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -460,7 +482,7 @@ class Runner:
             key = "output.dir" if self.default_dir else "--out"
             problems = run_dir_problems(self.run_dir, key)
             if problems:
-                raise ConfigError(problems, cfg.name)
+                raise ConfigError(problems, self.source)
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = self.group.device
@@ -477,7 +499,7 @@ class Runner:
         self.objective = make_objective(cfg.task, cfg.loss.name, cfg.loss.reduction, cfg.data.name)
         problems = _data_problems(cfg, ds, self.objective, self.group.world_size)
         if problems:
-            raise ConfigError(problems, f"{cfg.name} (after loading {cfg.data.name!r})")
+            raise ConfigError(problems, f"{self.source} (after loading {cfg.data.name!r})")
 
         model_options = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "name"}
         torch.manual_seed(cfg.seed)
@@ -489,7 +511,7 @@ class Runner:
                 **model_options,
             )
         except ValueError as err:
-            raise ConfigError([f"`model`: {err}"], cfg.name) from None
+            raise ConfigError([f"`model`: {err}"], self.source) from None
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
@@ -703,11 +725,12 @@ class Runner:
             total=spec.budget.steps,
             initial=t.st.step,
             desc=spec.label,
-            disable=not self.progress,
             dynamic_ncols=True,
             file=sys.stdout,
             leave=True,
+            disable=not self.progress,
         )
+        self._bar = t.bar
         try:
             reason = self._steps(t, fresh=ckpt is None)
         finally:
@@ -1050,6 +1073,49 @@ class Runner:
             train=f"{record['train_loss']:.4g}", test=f"{record['test_loss']:.4g}", refresh=False
         )
         return math.isfinite(record["train_loss"])
+
+
+#: SIGHUP where the platform has it (not on Windows).
+_SIGHUP: int | None = getattr(signal, "SIGHUP", None)
+
+
+def _to_devnull(stream: Any) -> None:
+    """Point ``stream``'s descriptor at /dev/null (a stream without one is left alone), and
+    empty its buffer there, so that later writes and the interpreter's final flush succeed."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _drop_hung_up_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal that has hung up.
+
+    SIGHUP comes when the terminal closes (its window, an ssh connection); every write to it
+    then fails with EIO, as does its ``tcgetattr``, which tells it from a live terminal (kept:
+    ``kill -HUP`` from elsewhere), a file or a pipe (ENOTTY: kept, a pipe is handled when a
+    write to it fails). Without this, the progress bar's last refresh, the summary and the
+    interpreter's final flush would fail after the checkpoint, ending the run with a traceback.
+    """
+    import termios  # POSIX, as SIGHUP
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            termios.tcgetattr(stream.fileno())
+        except termios.error as err:
+            if err.args[0] == errno.EIO:
+                _to_devnull(stream)
+        except (AttributeError, OSError, ValueError):
+            pass  # no descriptor (captured output)
 
 
 def _arithmetic(device: torch.device) -> dict[str, Any]:

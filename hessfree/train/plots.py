@@ -50,7 +50,8 @@ def plot_metrics(
 
     A diverged optimizer's losses end in ``null`` (not finite), which draws nothing: its line
     would just stop (after one point it is hidden under the others'). Its legend entry says
-    where it diverged and a dotted vertical line marks the place.
+    where it diverged and a dotted vertical line marks the place; one with no finite value at
+    all (diverged at its first evaluation) is listed all the same ("no finite train loss").
 
     Args:
         records: ``metrics.jsonl`` records.
@@ -128,6 +129,13 @@ def plot_metrics(
                                 fontsize="x-small",
                                 color=line.get_color(),
                             )
+                    else:
+                        # nothing finite (diverged at its first evaluation): it would vanish
+                        # from the panel and its legend; listed, with its dotted stop line
+                        (line,) = ax.plot([], [], label=f"{shown}: no finite {split} {y_label}")
+                        at = stops.get(label)
+                        if at:
+                            ax.axvline(at[-1], color=line.get_color(), linestyle=":", alpha=0.8)
                 if key == "loss" and positive and records:
                     ax.set_yscale("log")
                 ax.set_xlabel(x_label)

@@ -477,8 +477,29 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     """
     path = Path(path)
     raw = read_yaml_file(path)
+    empty = raw is None
     raw = apply_overrides(raw, overrides)
     try:
-        return parse_config(raw, default_name=path.stem, source=str(path))
+        return parse_config(raw, default_name=_default_name(path), source=str(path))
     except ConfigError as err:
+        if empty:  # say why every section is missing (a config made of overrides alone runs)
+            err = ConfigError(
+                ["the file holds no YAML document (it is empty, or only comments)", *err.problems],
+                err.source,
+            )
         raise blame_overrides(err, overrides, str(path)) from None
+
+
+def _default_name(path: Path) -> str:
+    """The run's name when the config sets none: the file's stem, without leading dots.
+
+    A stem such as ``.yaml`` (the file ``.yaml``) or ``.hidden`` would name a hidden run
+    directory (``.yaml-<time>``) that ``ls`` and file browsers do not show; the dots say the
+    *config file* is hidden, not that its runs should be. A ``name`` the config sets is kept as
+    written.
+
+    Example:
+        >>> _default_name(Path("configs/.yaml")), _default_name(Path(".tuned.v2.yaml"))
+        ('yaml', 'tuned.v2')
+    """
+    return path.stem.lstrip(".") or "experiment"

@@ -8,6 +8,7 @@ SHA-256 is what a checkpoint must match to be resumed.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import re
@@ -174,22 +175,26 @@ def read_yaml_file(path: Path) -> Any:
         data = path.read_bytes()
     except OSError as err:
         raise ConfigError(
-            [f"cannot read the config file: {err.strerror or err}."], str(path)
+            [f"cannot read the config file: {err.strerror or err}{_directory_hint(path)}."],
+            str(path),
         ) from None
     try:
-        text = data.decode("utf-8")
+        text = _decode(data)
     except UnicodeDecodeError as err:
         raise ConfigError(
             [
-                f"the file is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
-                f"{err.start}); save it as UTF-8, or check it is the YAML config you meant."
+                f"the file is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}"
+                f"{_encoding_hint(data)}); save it as UTF-8, or check it is the YAML config "
+                "you meant."
             ],
             str(path),
         ) from None
     try:
         raw = safe_load_yaml(text)
     except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {_cut(str(err))}"], str(path)) from None
+        raise ConfigError(
+            [f"not valid YAML: {_cut(str(err))}{_tab_hint(err, text)}"], str(path)
+        ) from None
     except (ValueError, TypeError, OverflowError, RecursionError) as err:
         # PyYAML's constructors raise these for e.g. an impossible date or a 5,000-digit int.
         raise ConfigError(
@@ -197,6 +202,58 @@ def read_yaml_file(path: Path) -> Any:
         ) from None
     _check_expansion(raw, str(path))
     return raw
+
+
+def _directory_hint(path: Path) -> str:
+    """For a directory given as the config: one run takes one file; name one, and the loop."""
+    if not path.is_dir():
+        return ""
+    configs = sorted(p.name for p in path.glob("*.yaml") if not p.name.startswith("."))
+    example = f" such as '{path / configs[0]}'" if configs else ""
+    return (
+        f"; give one config file{example} (a run takes one; to run several: "
+        f'for c in {path}/*.yaml; do hessfree run "$c"; done)'
+    )
+
+
+def _decode(data: bytes) -> str:
+    """The file's text: UTF-8 (a byte-order mark is dropped), or UTF-16 behind its mark.
+
+    YAML 1.1 (§5.2) allows UTF-16 when the stream starts with a byte-order mark, and Windows
+    editors save "Unicode" text that way; PyYAML reads it too, so it means what it says. A
+    UTF-32 mark (which starts like UTF-16's little-endian one) and anything else are decoded
+    as UTF-8, which refuses them.
+    """
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not data.startswith(
+        codecs.BOM_UTF32_LE
+    ):
+        return data.decode("utf-16")
+    nul = data.find(b"\x00")
+    if nul >= 0:  # valid UTF-8, but never YAML: UTF-16/32 text of ASCII characters
+        raise UnicodeDecodeError("utf-8", data, nul, nul + 1, "a NUL byte")
+    return data.decode("utf-8").removeprefix("\ufeff")
+
+
+def _encoding_hint(data: bytes) -> str:
+    """Name the encoding an undecodable file announces (UTF-32's mark, or UTF-16 without one)."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return ": the file starts with a UTF-32 byte-order mark"
+    if b"\x00" in data:
+        return ": NUL bytes, as in UTF-16 or UTF-32 text without a byte-order mark"
+    return ""
+
+
+def _tab_hint(err: yaml.YAMLError, text: str) -> str:
+    """Say why when PyYAML stops at a tab: YAML indents with spaces only (§5.5), and its own
+    message ("found character that cannot start any token") does not name the character."""
+    mark = getattr(err, "problem_mark", None)
+    index = getattr(mark, "index", None)
+    if not isinstance(index, int) or not 0 <= index < len(text) or text[index] != "\t":
+        return ""
+    return (
+        f" (line {mark.line + 1} has a tab there: YAML indents with spaces only; replace the "
+        "tabs with spaces)"
+    )
 
 
 def _cut(text: str) -> str:
