@@ -1541,7 +1541,11 @@ class CGPairPreconditioner:
     def __call__(self, ctx: PrecondContext) -> Callable[[Tensor], Tensor] | None:
         r""":math:`r \mapsto Hr` from the pairs recorded since the last call, at ``ctx.damping``."""
         if self._recorded:  # the last CG run's pairs, taken at that step's damping
-            self._pairs, self._damping = self._recorded, self._step_damping
+            if _any_usable(self._recorded):
+                self._pairs, self._damping = self._recorded, self._step_damping
+            # else (all non-finite or of non-positive curvature, e.g. a step rejected for a
+            # NaN curvature batch) the previous step's pairs stay: adopting them left the next
+            # step unpreconditioned
             self._recorded = []
         self._step_damping = ctx.damping
         return self.apply_with(ctx.damping)
@@ -1549,6 +1553,12 @@ class CGPairPreconditioner:
     def apply_with(self, damping: float) -> Callable[[Tensor], Tensor] | None:
         """The two-loop operator for damping ``damping`` (``None`` without usable pairs)."""
         return two_loop(self._pairs, shift=damping - self._damping)
+
+
+def _any_usable(pairs: Sequence[tuple[Tensor, Tensor]]) -> bool:
+    """Whether :func:`two_loop` would use at least one of ``pairs`` (unshifted): one host read."""
+    sy = torch.stack([s @ y for s, y in pairs])
+    return bool((torch.isfinite(sy) & (sy > 0)).any())
 
 
 def two_loop(

@@ -378,6 +378,28 @@ def test_cg_pairs_cut_iterations_on_related_systems():
     assert sum(pair_iters[1:]) < 0.9 * sum(plain_iters[1:]), (pair_iters, plain_iters)
 
 
+def test_cg_pairs_of_a_non_finite_run_keep_the_previous_pairs():
+    """A CG run whose products were all NaN (a step rejected for a NaN curvature batch) gives
+    no usable pair: the next step is preconditioned by the pairs before it (the dense BFGS
+    inverse of those, shifted by the damping's change), not left unpreconditioned."""
+    A, _ = _spd(n=12, decay=0.8)
+    good = _pairs_of(A, 4, seed=6)
+    pre = CGPairPreconditioner(history=4)
+    ctx = lambda lam: PrecondContext(None, None, "mean", damping=lam, shift=0.0)  # noqa: E731
+    assert pre(ctx(0.1)) is None  # no pairs yet
+    watched = pre.watch(lambda v: torch.from_numpy(A) @ v)
+    for s, _ in good:
+        watched(s)
+    pre(ctx(0.2))  # adopts the four pairs, taken at λ = 0.1
+    nan = pre.watch(lambda v: torch.full_like(v, float("nan")))
+    for s, _ in good:
+        nan(s)
+    M = pre(ctx(0.05))
+    assert M is not None
+    expected = _dense_bfgs_inverse([(s, y - 0.05 * s) for s, y in good])  # λ 0.1 -> 0.05
+    np.testing.assert_allclose(_as_matrix(M, 12), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_cg_pair_preconditioner_in_the_optimizer():
     """Recorded pairs are products of the damped Gauss-Newton matrix (closed form for least
     squares: G = 2XᵀX/N, plus λ), and the optimizer reaches the least-squares solution."""
