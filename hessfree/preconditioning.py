@@ -1493,8 +1493,9 @@ class CGPairPreconditioner:
     :math:`\gamma = s^\top y / y^\top y` of the newest pair. Between steps only the damping is
     known to change, so each pair's :math:`y` gets :math:`(\lambda_{\mathrm{new}} -
     \lambda_{\mathrm{old}})\,s` (exact if :math:`C` did not move). Pairs with
-    :math:`s^\top y \le 0` or non-finite values are skipped. The first step (no pairs) runs
-    unpreconditioned.
+    :math:`s^\top y \le 0` or non-finite values are skipped; a CG run with none usable (a step
+    rejected for a non-finite curvature) keeps the previous run's pairs. The first step (no
+    pairs) runs unpreconditioned.
 
     The optimizer hands its damped product to :meth:`watch`, which records the pairs; the
     pairs are not part of ``state_dict()`` (a resumed run starts one step unpreconditioned).
