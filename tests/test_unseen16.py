@@ -142,6 +142,20 @@ def test_a_failed_step_puts_back_a_user_preconditioners_pairs(fail_step, fail_ca
 # ---------------------------------------------------------------- param groups edited
 
 
+def _stepped_once():
+    """An MLP classifier, its HessianFree and closure, after one step."""
+    X, y = _classes()
+    model = _mlp()
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        out = model(X)
+        return F.cross_entropy(out, y), out
+
+    opt.step(closure)
+    return model, opt, closure
+
+
 @pytest.mark.parametrize(
     ("replace", "error", "match"),
     [
@@ -154,15 +168,7 @@ def test_a_failed_step_puts_back_a_user_preconditioners_pairs(fail_step, fail_ca
     ids=["generator", "tensor", "module", "non-leaf", "number"],
 )
 def test_param_groups_params_replaced_by_the_user_is_checked(replace, error, match):
-    X, y = _classes()
-    model = _mlp()
-    opt = HessianFree(model.parameters())
-
-    def closure():
-        out = model(X)
-        return F.cross_entropy(out, y), out
-
-    opt.step(closure)
+    model, opt, closure = _stepped_once()
     opt.param_groups[0]["params"] = replace(model)
     before = _flat(model)
     with pytest.raises(error, match=match):
@@ -171,19 +177,11 @@ def test_param_groups_params_replaced_by_the_user_is_checked(replace, error, mat
 
 
 def test_param_groups_params_replaced_by_a_list_steps():
-    X, y = _classes()
-    model = _mlp()
-    opt = HessianFree(model.parameters())
-
-    def closure():
-        out = model(X)
-        return F.cross_entropy(out, y), out
-
-    opt.step(closure)
+    model, opt, closure = _stepped_once()
     opt.param_groups[0]["params"] = tuple(model.parameters())
     loss = opt.step(closure)
     with torch.no_grad():
-        assert float(F.cross_entropy(model(X), y)) < float(loss)
+        assert float(closure()[0]) < float(loss)
 
 
 # ---------------------------------------------------------------- exact steps, new models
