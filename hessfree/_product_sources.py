@@ -269,10 +269,17 @@ def _real_dtype(dtype: object, name: str) -> torch.dtype:
             f"`{name}.dtype` must be a torch dtype such as torch.float64 (the dtype its "
             f"products run in), got {_dtype_name(dtype)}."
         )
-    if not dtype.is_floating_point and not dtype.is_complex:
+    if not dtype.is_floating_point:
+        why = (
+            ": the operators are real symmetric matrices (SciPy's real solvers and eigsh), so a "
+            "complex Hermitian product would lose its imaginary part; present it as the real "
+            "symmetric [[Re, -Im], [Im, Re]] of twice the size"
+            if dtype.is_complex
+            else ""
+        )
         raise TypeError(
-            f"`{name}.dtype` must be a floating torch dtype (torch.float32, torch.float64, ...), "
-            f"got {dtype}."
+            f"`{name}.dtype` must be a real floating torch dtype (torch.float32, torch.float64, "
+            f"...), got {dtype}{why}."
         )
     return dtype
 

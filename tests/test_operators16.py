@@ -148,13 +148,24 @@ class _Product:
         (dict(shape=(3.0, 3.0)), ValueError, r"must be \(n, n\)"),
         (dict(dtype=np.float64), TypeError, "must be a torch dtype.*numpy.float64"),
         (dict(dtype=torch.int64), TypeError, "floating torch dtype.*torch.int64"),
+        (dict(dtype=torch.complex128), TypeError, r"real floating.*complex128.*\[\[Re, -Im\]"),
         (dict(device="nowhere"), TypeError, "device.*'nowhere'"),
     ],
-    ids=["non-square", "one-dim", "float-dims", "numpy-dtype", "int-dtype", "bad-device"],
+    ids=[
+        "non-square",
+        "one-dim",
+        "float-dims",
+        "numpy-dtype",
+        "int-dtype",
+        "complex-dtype",
+        "bad-device",
+    ],
 )
 def test_from_product_refuses_bad_declarations_at_construction(attrs, error, match):
-    """Main built all six (a non-square one failed in numpy's reshape at the first product, a
-    numpy dtype in an AttributeError, an int dtype as 'the parameters have dtype')."""
+    """Stop 46's main built all six but the complex one (a non-square one failed in numpy's
+    reshape at the first product, a numpy dtype in an AttributeError, an int dtype as 'the
+    parameters have dtype'); a complex dtype passed this check and was refused later as 'the
+    parameters have dtype', though a product has no parameters."""
     with pytest.raises(error, match=match):
         CurvatureLinearOperator.from_product(_Product(**attrs))
 
