@@ -227,9 +227,17 @@ def _extreme_eigenpairs(
         return _all_eigenpairs(op, which)
     # A seeded Gaussian start: reproducible, and almost surely not orthogonal to any eigenvector.
     v0 = _draw(_rng(seed), n, 1, np.result_type(op.dtype, np.float32), gaussian=True)[:, 0]
-    checked = _FiniteProducts(op)
+    # Clustered ends (a Gauss-Newton matrix's bottom: relative gaps ~1e-6) stall ARPACK for
+    # all its 10 n restarts; by default it gets the n products A @ I would cost, and then the
+    # dense path answers exactly, where that matrix is small (ours; experiments/README.md,
+    # spectral17: 43 parameters, 7,332 products and no answer -> 86 products, exact).
+    budget = n if max_iter is None and n <= _DENSE_FALLBACK_MAX_N else None
+    checked = _FiniteProducts(op, budget)
     try:
         values, vectors = eigsh(checked, k=int(k), which=which, v0=v0, tol=tol, maxiter=max_iter)
+    except _OverBudget:
+        pairs = _all_eigenpairs(op, which)
+        return Eigenpairs(pairs.values[:k], pairs.vectors[:, :k])
     except ArpackError as err:
         if checked.any_nonzero:
             raise
@@ -254,7 +262,8 @@ def _all_eigenpairs(op: LinearOperator, which: str) -> Eigenpairs:
     are fewer than Lanczos would take for it, and the result is exact to rounding.
     """
     n = op.shape[0]
-    M = np.asarray(op.matmat(np.eye(n, dtype=np.result_type(op.dtype, np.float32))))
+    I = np.eye(n, dtype=np.result_type(op.dtype, np.float32))
+    M = np.asarray(_matmat(op, I, 32))  # 32 columns a call: batched products' memory
     if not np.isfinite(M).all():
         raise FloatingPointError(
             "A product A @ v had a NaN or infinite entry, so A has no eigenpairs to find; "
@@ -266,15 +275,25 @@ def _all_eigenpairs(op: LinearOperator, which: str) -> Eigenpairs:
     return Eigenpairs(values[order], vectors[:, order])
 
 
+_DENSE_FALLBACK_MAX_N = 2048  # A @ I in float64: 32 MiB, and eigh in about a second
+
+
+class _OverBudget(Exception):
+    """ARPACK asked for more products than its budget (internal: caught, never raised out)."""
+
+
 class _FiniteProducts(LinearOperator):
     """``op`` with each product checked for NaN/Inf (else ARPACK fails with error -9999),
-    counting the products and whether any was nonzero (all zero: ARPACK's error -9)."""
+    counting the products and whether any was nonzero (all zero: ARPACK's error -9); past
+    ``budget`` products (``None``: no limit), :class:`_OverBudget` stops ARPACK."""
 
-    def __init__(self, op: LinearOperator) -> None:
+    def __init__(self, op: LinearOperator, budget: int | None = None) -> None:
         super().__init__(op.dtype, op.shape)
-        self._op, self.count, self.any_nonzero = op, 0, False
+        self._op, self.count, self.any_nonzero, self.budget = op, 0, False, budget
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:
+        if self.budget is not None and self.count >= self.budget:
+            raise _OverBudget
         y = self._op.matvec(v)
         if not np.isfinite(y).all():
             raise FloatingPointError(
@@ -294,7 +313,12 @@ def top_eigenpairs(
     r"""The ``k`` largest (algebraic) eigenvalues of a symmetric ``A`` and their eigenvectors.
 
     Lanczos via :func:`scipy.sparse.linalg.eigsh` (``which='LA'``), started from a seeded
-    Gaussian vector so the result is reproducible.
+    Gaussian vector so the result is reproducible. By default (``max_iter=None``) an operator
+    of :math:`n \le 2048` gets ARPACK for the :math:`n` products that the dense ``A @ I``
+    costs; past them, the whole spectrum is taken from ``A @ I`` and
+    :func:`numpy.linalg.eigh` (exact, at most :math:`2n` products in all). ARPACK can stall
+    for all its :math:`10n` restarts on a clustered end, a Gauss-Newton matrix's bottom
+    above all (:func:`bottom_eigenpairs`).
 
     Args:
         A: A symmetric ``LinearOperator``, a product with ``matvec`` and ``shape`` (e.g.
@@ -302,7 +326,8 @@ def top_eigenpairs(
         k: How many eigenpairs, ``1 <= k <= n`` (``k = n``, the whole spectrum, from the
             ``n`` products ``A @ I`` and :func:`numpy.linalg.eigh`: ARPACK needs ``k < n``).
         tol: ARPACK's relative accuracy; ``0`` means machine precision of ``A``'s dtype.
-        max_iter: ARPACK restarts allowed (``None``: SciPy's default, ``10 n``).
+        max_iter: ARPACK restarts allowed (``None``: SciPy's default, ``10 n``, and the dense
+            path above for :math:`n \le 2048`; an int: ARPACK alone, as asked).
         seed: Seed for the start vector (int, numpy or torch generator).
 
     Returns:
@@ -329,9 +354,24 @@ def bottom_eigenpairs(
     r"""The ``k`` smallest (algebraic) eigenvalues of a symmetric ``A`` and their eigenvectors.
 
     As :func:`top_eigenpairs` with ``which='SA'``; the most negative eigenvalues of an
-    indefinite Hessian, or the flattest directions of a Gauss-Newton matrix. Without
-    shift-invert, Lanczos converges slowly when the bottom of the spectrum is clustered:
-    raise ``max_iter`` or ``tol`` then.
+    indefinite Hessian, or the flattest directions of a Gauss-Newton matrix. Lanczos converges
+    at a rate set by the relative gap :math:`(\lambda_2 - \lambda_1)/(\lambda_n - \lambda_1)`,
+    often :math:`10^{-6}` at a Gauss-Newton matrix's bottom: there ARPACK stalls, and neither
+    ``tol``, ``max_iter`` nor a shift :math:`A + cI` helps (the Krylov spaces are the same).
+    Up to :math:`n = 2048` the default falls back to the dense ``A @ I``
+    (:func:`top_eigenpairs`). Beyond, use shift-invert with a shift :math:`s` just below the
+    bottom (for a PSD :math:`G`, :math:`s = -c` with :math:`c` about the size of the smallest
+    eigenvalues) and MINRES for the inner solves (SciPy's default GMRES can stall)::
+
+        solve = lambda b: scipy.sparse.linalg.minres(A, b, shift=s, rtol=1e-12)[0]
+        inverse = scipy.sparse.linalg.LinearOperator(A.shape, matvec=solve, dtype=A.dtype)
+        values = scipy.sparse.linalg.eigsh(A, k, sigma=s, OPinv=inverse)[0]
+
+    On a 43-parameter Gauss-Newton matrix (smallest eigenvalues 4.5e-7, 1.9e-6; largest 1.5)
+    where ARPACK stopped after 7,332 products, this took 2,696 products for
+    :math:`s = -1.5 \cdot 10^{-6}` and 42,912 for :math:`s = -1.5 \cdot 10^{-3}` (1.9e-15 and
+    2.0e-12 off :func:`numpy.linalg.eigvalsh`); the dense path 43 (experiments/README.md,
+    spectral17).
 
     Returns:
         Eigenpairs: ``values`` in increasing order, ``vectors`` ``(n, k)``.

@@ -307,3 +307,51 @@ def test_an_indefinite_hessian_operator_passes_the_symmetry_check(dtype):
     np.testing.assert_allclose(
         _per_probe(sd, lambda t: t), np.einsum("ij,ij->j", Z, H @ Z), rtol=rtol, atol=rtol
     )
+
+
+# ------------------------------------------------------------------------------ bottom_eigenpairs
+class _Counting(LinearOperator):
+    def __init__(self, op: LinearOperator) -> None:
+        super().__init__(op.dtype, op.shape)
+        self.op, self.count = op, 0
+
+    def _matvec(self, v):
+        self.count += 1
+        return self.op.matvec(v)
+
+    def _matmat(self, X):
+        self.count += X.shape[1]
+        return self.op.matmat(X)
+
+
+def _bce_ggn() -> tuple[LinearOperator, np.ndarray]:
+    """49 parameters; its GGN's two smallest eigenvalues are 1e-6 of the largest apart from
+    each other, and ARPACK spends its 10 n restarts (6,881 products) on the bottom one."""
+    model, x, y, loss_fn = BY_NAME["mlp_sigmoid_bce_sum"].build()
+    return GGNLinearOperator(model, loss_fn, (x, y)), dense(model, x, y, loss_fn).G.numpy()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_bottom_eigenpairs_of_a_clustered_ggn_answer_from_the_dense_matrix(k):
+    """On main: ArpackNoConvergence after 10 n restarts (5,851-6,881 products)."""
+    from hessfree.spectral import bottom_eigenpairs
+
+    op, G = _bce_ggn()
+    counted = _Counting(op)
+    pairs = bottom_eigenpairs(counted, k=k)
+    want = np.linalg.eigvalsh(G)[:k]
+    scale = np.abs(np.linalg.eigvalsh(G)).max()
+    np.testing.assert_allclose(pairs.values, want, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(G @ pairs.vectors, pairs.vectors * pairs.values, atol=1e-12 * scale)
+    assert counted.count <= 2 * G.shape[0]  # n for ARPACK, n for A @ I
+
+
+def test_bottom_eigenpairs_with_max_iter_is_arpack_alone():
+    """A guard: an explicit ``max_iter`` keeps ARPACK's own outcome (no dense fallback)."""
+    from scipy.sparse.linalg import ArpackNoConvergence
+
+    from hessfree.spectral import bottom_eigenpairs
+
+    op, _ = _bce_ggn()
+    with pytest.raises(ArpackNoConvergence):
+        bottom_eigenpairs(op, k=1, max_iter=20)
