@@ -649,8 +649,9 @@ def spectral_density(
 
     Each Lanczos vector is reorthogonalised against all earlier ones of its probe (classical
     Gram-Schmidt, twice): stable for the few dozen steps such densities use, at
-    :math:`O(k^2 n)` flops and ``batch_size`` :math:`\cdot\, k \cdot n` float64s of memory per
-    block of probes (no ghost copies of converged Ritz values, as plain Lanczos would give).
+    :math:`O(k^2 n)` flops a probe and ``batch_size`` :math:`\cdot\, k \cdot n` float64s of
+    memory per block of probes (no ghost copies of converged Ritz values, as plain Lanczos
+    would give).
     A step whose new vector vanishes (:math:`\beta_j \le 100\,\epsilon \|T\|`, :math:`\epsilon`
     of ``A``'s dtype) has found an invariant subspace: that probe stops with fewer nodes and
     its rule is exact, e.g. after as many steps as ``A`` has distinct eigenvalues. At most
