@@ -668,7 +668,9 @@ def spectral_density(
             ``'gaussian'`` (a standard normal vector rescaled to norm :math:`\sqrt n`, i.e.
             uniform on that sphere; :math:`\mathbb{E}[zz^\top] = I` as well).
         seed: int, ``numpy.random.Generator``, ``torch.Generator`` or ``None``.
-        batch_size: Probes run together, one ``matmat`` of the block per Lanczos step.
+        batch_size: Probes run together, one ``matmat`` of the block per Lanczos step; their
+            bases take ``batch_size`` :math:`\cdot\, k \cdot n \cdot 8` bytes (2.4 GB for 10
+            probes, 30 steps and a million parameters): lower it for a large model.
 
     Returns:
         SpectralDensity: ``nodes``, ``weights`` and ``num_nodes`` per probe, ``num_matvecs``;
