@@ -1,4 +1,4 @@
-r"""Spectral summaries of curvature from products alone: extreme eigenpairs, trace, diagonal.
+r"""Spectral summaries of curvature from products alone: eigenpairs, traces, diagonal, density.
 
 Notation: :math:`A \in \mathbb{R}^{n \times n}` a symmetric matrix seen only through products
 :math:`v \mapsto Av` (a SciPy ``LinearOperator`` such as
@@ -22,6 +22,12 @@ probe (independent entries, :math:`\mathbb{E}[zz^\top] = I`);
 * **Diagonal** (Hutchinson-style, Bekas, Kokiopoulou & Saad 2007):
   :math:`\operatorname{diag} A \approx \tfrac1m \sum_j z_j \odot A z_j`, entry :math:`i` with
   variance :math:`\sum_{k \ne i} A_{ik}^2 / m`.
+* **Stochastic Lanczos quadrature** (Ubaru, Chen & Saad 2017): :math:`k` Lanczos steps from
+  each probe give a :math:`k`-point Gauss quadrature of :math:`z^\top f(A) z`, nodes the Ritz
+  values :math:`\theta_i`, weights :math:`\|z\|^2 u_{1i}^2`; averaged over probes, an estimate
+  of :math:`\operatorname{tr} f(A)` (:math:`\log\det(G + \lambda I)` with ``np.log``,
+  :math:`\operatorname{tr} A^p`) and, smoothed by a Gaussian kernel, the spectral density
+  (Ghorbani, Krishnan & Xiao 2019).
 
 Probes go through ``matmat`` in blocks of ``batch_size`` columns, so the operators of
 :mod:`hessfree.operators` evaluate them with batched autograd. Every random draw comes from
@@ -47,16 +53,21 @@ References:
     recommendations, The American Statistician (the pairwise update, for the diagonal's
     standard error).
     Lehoucq, Sorensen & Yang (1998), ARPACK Users' Guide, SIAM.
+    Ubaru, Chen & Saad (2017), Fast estimation of tr(f(A)) via stochastic Lanczos quadrature,
+    SIAM J. Matrix Anal. Appl.
+    Ghorbani, Krishnan & Xiao (2019), An investigation into neural net optimization via Hessian
+    eigenvalue density, ICML.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 from scipy.sparse import issparse
 from scipy.sparse.linalg import ArpackError, LinearOperator, aslinearoperator, eigsh
 from torch import Tensor
@@ -73,6 +84,8 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "hutchinson_diagonal",
+    "SpectralDensity",
+    "spectral_density",
 ]
 
 Seed = int | np.random.Generator | torch.Generator | None
@@ -214,9 +227,17 @@ def _extreme_eigenpairs(
         return _all_eigenpairs(op, which)
     # A seeded Gaussian start: reproducible, and almost surely not orthogonal to any eigenvector.
     v0 = _draw(_rng(seed), n, 1, np.result_type(op.dtype, np.float32), gaussian=True)[:, 0]
-    checked = _FiniteProducts(op)
+    # Clustered ends (a Gauss-Newton matrix's bottom: relative gaps ~1e-6) stall ARPACK for
+    # all its 10 n restarts; by default it gets the n products A @ I would cost, and then the
+    # dense path answers exactly, where that matrix is small (ours; experiments/README.md,
+    # spectral17: 43 parameters, 7,332 products and no answer -> 86 products, exact).
+    budget = n if max_iter is None and n <= _DENSE_FALLBACK_MAX_N else None
+    checked = _FiniteProducts(op, budget)
     try:
         values, vectors = eigsh(checked, k=int(k), which=which, v0=v0, tol=tol, maxiter=max_iter)
+    except _OverBudget:
+        pairs = _all_eigenpairs(op, which)
+        return Eigenpairs(pairs.values[:k], pairs.vectors[:, :k])
     except ArpackError as err:
         if checked.any_nonzero:
             raise
@@ -241,7 +262,8 @@ def _all_eigenpairs(op: LinearOperator, which: str) -> Eigenpairs:
     are fewer than Lanczos would take for it, and the result is exact to rounding.
     """
     n = op.shape[0]
-    M = np.asarray(op.matmat(np.eye(n, dtype=np.result_type(op.dtype, np.float32))))
+    I = np.eye(n, dtype=np.result_type(op.dtype, np.float32))
+    M = np.asarray(_matmat(op, I, 32))  # 32 columns a call: batched products' memory
     if not np.isfinite(M).all():
         raise FloatingPointError(
             "A product A @ v had a NaN or infinite entry, so A has no eigenpairs to find; "
@@ -253,15 +275,25 @@ def _all_eigenpairs(op: LinearOperator, which: str) -> Eigenpairs:
     return Eigenpairs(values[order], vectors[:, order])
 
 
+_DENSE_FALLBACK_MAX_N = 2048  # A @ I in float64: 32 MiB, and eigh in about a second
+
+
+class _OverBudget(Exception):
+    """ARPACK asked for more products than its budget (internal: caught, never raised out)."""
+
+
 class _FiniteProducts(LinearOperator):
     """``op`` with each product checked for NaN/Inf (else ARPACK fails with error -9999),
-    counting the products and whether any was nonzero (all zero: ARPACK's error -9)."""
+    counting the products and whether any was nonzero (all zero: ARPACK's error -9); past
+    ``budget`` products (``None``: no limit), :class:`_OverBudget` stops ARPACK."""
 
-    def __init__(self, op: LinearOperator) -> None:
+    def __init__(self, op: LinearOperator, budget: int | None = None) -> None:
         super().__init__(op.dtype, op.shape)
-        self._op, self.count, self.any_nonzero = op, 0, False
+        self._op, self.count, self.any_nonzero, self.budget = op, 0, False, budget
 
     def _matvec(self, v: np.ndarray) -> np.ndarray:
+        if self.budget is not None and self.count >= self.budget:
+            raise _OverBudget
         y = self._op.matvec(v)
         if not np.isfinite(y).all():
             raise FloatingPointError(
@@ -281,7 +313,12 @@ def top_eigenpairs(
     r"""The ``k`` largest (algebraic) eigenvalues of a symmetric ``A`` and their eigenvectors.
 
     Lanczos via :func:`scipy.sparse.linalg.eigsh` (``which='LA'``), started from a seeded
-    Gaussian vector so the result is reproducible.
+    Gaussian vector so the result is reproducible. By default (``max_iter=None``) an operator
+    of :math:`n \le 2048` gets ARPACK for the :math:`n` products that the dense ``A @ I``
+    costs; past them, the whole spectrum is taken from ``A @ I`` and
+    :func:`numpy.linalg.eigh` (exact, at most :math:`2n` products in all). ARPACK can stall
+    for all its :math:`10n` restarts on a clustered end, a Gauss-Newton matrix's bottom
+    above all (:func:`bottom_eigenpairs`).
 
     Args:
         A: A symmetric ``LinearOperator``, a product with ``matvec`` and ``shape`` (e.g.
@@ -289,7 +326,8 @@ def top_eigenpairs(
         k: How many eigenpairs, ``1 <= k <= n`` (``k = n``, the whole spectrum, from the
             ``n`` products ``A @ I`` and :func:`numpy.linalg.eigh`: ARPACK needs ``k < n``).
         tol: ARPACK's relative accuracy; ``0`` means machine precision of ``A``'s dtype.
-        max_iter: ARPACK restarts allowed (``None``: SciPy's default, ``10 n``).
+        max_iter: ARPACK restarts allowed (``None``: SciPy's default, ``10 n``, and the dense
+            path above for :math:`n \le 2048`; an int: ARPACK alone, as asked).
         seed: Seed for the start vector (int, numpy or torch generator).
 
     Returns:
@@ -316,9 +354,24 @@ def bottom_eigenpairs(
     r"""The ``k`` smallest (algebraic) eigenvalues of a symmetric ``A`` and their eigenvectors.
 
     As :func:`top_eigenpairs` with ``which='SA'``; the most negative eigenvalues of an
-    indefinite Hessian, or the flattest directions of a Gauss-Newton matrix. Without
-    shift-invert, Lanczos converges slowly when the bottom of the spectrum is clustered:
-    raise ``max_iter`` or ``tol`` then.
+    indefinite Hessian, or the flattest directions of a Gauss-Newton matrix. Lanczos converges
+    at a rate set by the relative gap :math:`(\lambda_2 - \lambda_1)/(\lambda_n - \lambda_1)`,
+    often :math:`10^{-6}` at a Gauss-Newton matrix's bottom: there ARPACK stalls, and neither
+    ``tol``, ``max_iter`` nor a shift :math:`A + cI` helps (the Krylov spaces are the same).
+    Up to :math:`n = 2048` the default falls back to the dense ``A @ I``
+    (:func:`top_eigenpairs`). Beyond, use shift-invert with a shift :math:`s` just below the
+    bottom (for a PSD :math:`G`, :math:`s = -c` with :math:`c` about the size of the smallest
+    eigenvalues) and MINRES for the inner solves (SciPy's default GMRES can stall)::
+
+        solve = lambda b: scipy.sparse.linalg.minres(A, b, shift=s, rtol=1e-12)[0]
+        inverse = scipy.sparse.linalg.LinearOperator(A.shape, matvec=solve, dtype=A.dtype)
+        values = scipy.sparse.linalg.eigsh(A, k, sigma=s, OPinv=inverse)[0]
+
+    On a 43-parameter Gauss-Newton matrix (smallest eigenvalues 4.5e-7, 1.9e-6; largest 1.5)
+    where ARPACK stopped after 7,332 products, this took 2,696 products for
+    :math:`s = -1.5 \cdot 10^{-6}` and 42,912 for :math:`s = -1.5 \cdot 10^{-3}` (1.9e-15 and
+    2.0e-12 off :func:`numpy.linalg.eigvalsh`); the dense path 43 (experiments/README.md,
+    spectral17).
 
     Returns:
         Eigenpairs: ``values`` in increasing order, ``vectors`` ``(n, k)``.
@@ -466,3 +519,329 @@ def hutchinson_diagonal(
     else:
         std_error = np.full(n, math.nan)
     return DiagonalEstimate(mean, std_error, m)
+
+
+# --------------------------------------------------------------------------------------------
+# spectral density and tr f(A): stochastic Lanczos quadrature
+# --------------------------------------------------------------------------------------------
+class SpectralDensity(NamedTuple):
+    r"""Gauss quadrature rules from stochastic Lanczos quadrature, one per probe.
+
+    Probe :math:`j`'s rule has nodes :math:`\theta_{ji}` (the Ritz values of its Lanczos
+    tridiagonal :math:`T_j`) and weights :math:`w_{ji} = \|z_j\|^2 u_{ji}^2` (:math:`u_{ji}` the
+    first entry of the :math:`i`-th unit eigenvector of :math:`T_j`), so that
+    :math:`\sum_i w_{ji} f(\theta_{ji}) \approx z_j^\top f(A) z_j`, exactly for every
+    polynomial :math:`f` of degree below :math:`2 k_j` (:math:`k_j` the probe's Lanczos steps).
+    Every probe has :math:`\|z_j\|^2 = n`, so each row of ``weights`` sums to :math:`n`.
+    """
+
+    nodes: np.ndarray  #: ``(m, num_steps)`` float64; NaN after a probe's ``num_nodes[j]`` nodes
+    weights: np.ndarray  #: ``(m, num_steps)`` float64; 0 after a probe's ``num_nodes[j]`` nodes
+    num_nodes: np.ndarray  #: ``(m,)`` int: Lanczos steps per probe (fewer on early breakdown)
+    num_matvecs: int  #: products with the matrix spent (``num_nodes.sum()``)
+
+    def _valid(self) -> np.ndarray:
+        """``(m, num_steps)``: True where probe ``j`` has its ``i``-th node."""
+        return np.arange(self.nodes.shape[1]) < np.asarray(self.num_nodes)[:, None]
+
+    def trace(self, f: Callable[[np.ndarray], np.ndarray]) -> TraceEstimate:
+        r"""Estimate :math:`\operatorname{tr} f(A) = \sum_i f(\lambda_i)` by the quadrature.
+
+        The mean over probes of :math:`\sum_i w_{ji} f(\theta_{ji})`; ``std_error`` is the
+        sample standard deviation of those per-probe values over :math:`\sqrt m` (the probes'
+        spread, not the quadrature's error, which is zero for a polynomial of degree below
+        :math:`2k` and otherwise shrinks with more Lanczos steps).
+
+        Args:
+            f: Vectorised and real: called once on a 1-D float64 array of every node, it must
+                return an array of that shape (``np.log``, ``np.exp``,
+                ``lambda t: t**2``). The nodes lie in :math:`[\lambda_{\min},
+                \lambda_{\max}]`, so ``np.log`` needs a positive definite :math:`A` (damp a
+                Gauss-Newton matrix: ``G.damped(lam)``).
+
+        Returns:
+            TraceEstimate: ``estimate``, ``std_error`` (NaN for one probe), ``num_matvecs``.
+
+        Raises:
+            ValueError: If ``f`` returns another shape.
+            TypeError: If ``f`` is not callable or returns a non-real array.
+        """
+        if not callable(f):
+            raise TypeError(f"`f` must be a vectorised callable, got {type(f).__name__}.")
+        valid = self._valid()
+        theta = self.nodes[valid]
+        values = np.asarray(f(theta))  # theta is a copy (boolean indexing): f may write in it
+        if values.shape != theta.shape:
+            raise ValueError(
+                f"`f` must return one value per node: called on shape {theta.shape}, it returned "
+                f"shape {values.shape}; write it elementwise (np.log, lambda t: t**2), and for "
+                "a scalar function use np.vectorize(f)."
+            )
+        if np.issubdtype(values.dtype, np.complexfloating):
+            raise TypeError(
+                f"`f` must return real numbers, got dtype {values.dtype}; tr f(A) of a "
+                "symmetric A with a real f is real (take the real and imaginary parts apart)."
+            )
+        if not np.issubdtype(values.dtype, np.number):
+            raise TypeError(f"`f` must return real numbers, got dtype {values.dtype}.")
+        fw = np.zeros_like(self.weights)
+        fw[valid] = self.weights[valid] * values.astype(np.float64, copy=False)
+        samples = fw.sum(axis=1)
+        return TraceEstimate(float(samples.mean()), _std_error(samples), self.num_matvecs)
+
+    def density(self, grid: object, width: float) -> np.ndarray:
+        r"""The spectral density smoothed by a Gaussian kernel, evaluated on ``grid``.
+
+        :math:`\phi(t) = \tfrac{1}{nm} \sum_{j,i} w_{ji}\, g_\sigma(t - \theta_{ji})` with
+        :math:`g_\sigma(s) = e^{-s^2/2\sigma^2} / (\sigma\sqrt{2\pi})`: a probability density
+        over :math:`\mathbb{R}` (it integrates to 1, and its mean is the quadrature's estimate
+        of :math:`\operatorname{tr}(A)/n`), the smoothed eigenvalue histogram of Lin, Saad &
+        Yang (2016, §3). A ``grid`` that misses part of the spectrum (``nodes`` shows where
+        it lies) integrates to less.
+
+        Args:
+            grid: Points :math:`t` (any shape, real).
+            width: :math:`\sigma > 0`, the kernel's standard deviation; about the spacing
+                of the grid or wider, or the curve shows single nodes as spikes.
+
+        Returns:
+            np.ndarray: :math:`\phi(t)`, float64, ``grid``'s shape.
+
+        Raises:
+            ValueError: If ``width`` is not a finite number > 0, or ``grid`` is not finite.
+        """
+        width = check_number("width", width, low=0.0, low_open=True)
+        t = np.asarray(grid, dtype=np.float64)
+        if not np.isfinite(t).all():
+            raise ValueError("`grid` must be finite, got a NaN or infinite point.")
+        valid = self._valid()
+        theta, w = self.nodes[valid], self.weights[valid] / self.weights[valid].sum()
+        w = w / (width * math.sqrt(2 * math.pi))
+        shape, t = t.shape, t.ravel()
+        phi = np.empty_like(t)
+        rows = max(1, 2**22 // theta.size)  # grid points per chunk: ~32 MiB of kernel values
+        for i in range(0, t.size, rows):
+            s = (t[i : i + rows, None] - theta) / width
+            phi[i : i + rows] = np.exp(-0.5 * s**2) @ w
+        return phi.reshape(shape)
+
+
+def spectral_density(
+    A: object,
+    num_probes: int = 10,
+    num_steps: int = 30,
+    *,
+    probes: str = "rademacher",
+    seed: Seed = None,
+    batch_size: int = 32,
+) -> SpectralDensity:
+    r"""Stochastic Lanczos quadrature: the spectral density and :math:`\operatorname{tr} f(A)`.
+
+    For each probe :math:`z_j` (:math:`\|z_j\|^2 = n`), :math:`k` steps of Lanczos from
+    :math:`z_j / \|z_j\|` give a tridiagonal :math:`T_j = U_j \Theta_j U_j^\top`, and
+    :math:`z_j^\top f(A) z_j \approx \|z_j\|^2 e_1^\top f(T_j) e_1
+    = \sum_i \|z_j\|^2 (U_j)_{1i}^2 f(\theta_{ji})`, the :math:`k`-point Gauss quadrature of
+    the probe's spectral measure (Golub & Meurant 2010, §6.2), exact for polynomials of degree
+    below :math:`2k`. Averaged over probes (Hutchinson), it estimates
+    :math:`\operatorname{tr} f(A) = \sum_i f(\lambda_i)` (Ubaru, Chen & Saad 2017), and the
+    nodes and weights, smoothed, the density of the eigenvalues (Ghorbani, Krishnan & Xiao
+    2019; Papyan 2019).
+
+    Each Lanczos vector is reorthogonalised against all earlier ones of its probe (classical
+    Gram-Schmidt, twice): stable for the few dozen steps such densities use, at
+    :math:`O(k^2 n)` flops a probe and ``batch_size`` :math:`\cdot\, k \cdot n` float64s of
+    memory per block of probes (no ghost copies of converged Ritz values, as plain Lanczos
+    would give).
+    A step whose new vector vanishes (:math:`\beta_j \le 100\,\epsilon \|T\|`, :math:`\epsilon`
+    of ``A``'s dtype) has found an invariant subspace: that probe stops with fewer nodes and
+    its rule is exact, e.g. after as many steps as ``A`` has distinct eigenvalues. At most
+    :math:`n` steps are taken, so ``num_steps >= n`` makes every probe's rule exact.
+
+    Args:
+        A: A symmetric ``LinearOperator`` (e.g. :class:`~hessfree.GGNLinearOperator`,
+            ``G.damped(lam)``), a product with ``matvec`` and ``shape``, or a dense matrix
+            (checked symmetric; an operator is checked as Lanczos runs, at no extra product:
+            :math:`v_l^\top A v_i` against :math:`v_i^\top A v_l`, which the recurrence knows).
+        num_probes: :math:`m`, the number of probes.
+        num_steps: :math:`k \ge 1`, Lanczos steps (products) per probe; capped at :math:`n`.
+        probes: ``'rademacher'`` (entries :math:`\pm 1`, as the module's other estimators) or
+            ``'gaussian'`` (a standard normal vector rescaled to norm :math:`\sqrt n`, i.e.
+            uniform on that sphere; :math:`\mathbb{E}[zz^\top] = I` as well).
+        seed: int, ``numpy.random.Generator``, ``torch.Generator`` or ``None``.
+        batch_size: Probes run together, one ``matmat`` of the block per Lanczos step; their
+            bases take ``batch_size`` :math:`\cdot\, k \cdot n \cdot 8` bytes (2.4 GB for 10
+            probes, 30 steps and a million parameters): lower it for a large model.
+
+    Returns:
+        SpectralDensity: ``nodes``, ``weights`` and ``num_nodes`` per probe, ``num_matvecs``;
+        ``.trace(f)`` and ``.density(grid, width)``.
+
+    Raises:
+        ValueError: If ``num_probes < 1``, ``num_steps < 1``, ``batch_size < 1``, ``probes`` is
+            unknown, ``seed`` is a negative int, ``A`` is not square, or ``A`` is not
+            symmetric (a dense one; an operator as soon as Lanczos shows it, to
+            :math:`\sqrt\epsilon \|A\|`).
+        TypeError: For an ``A`` or ``seed`` of an unsupported type, or a complex ``A``.
+        FloatingPointError: If a product of ``A`` has a NaN or infinite entry.
+
+    Example:
+        >>> A = np.diag([1.0, 2.0, 2.0, 4.0])  # three distinct eigenvalues: three nodes suffice
+        >>> sd = spectral_density(A, num_probes=2, num_steps=4, seed=0)
+        >>> sd.num_nodes, round(sd.trace(np.log).estimate, 10), round(math.log(16.0), 10)
+        (array([3, 3]), 2.7725887222, 2.7725887222)
+        >>> grid = np.linspace(-1.0, 6.0, 701)
+        >>> float(np.trapezoid(sd.density(grid, width=0.1), grid).round(8))
+        1.0
+
+    References:
+        Ubaru, Chen & Saad (2017), Fast estimation of tr(f(A)) via stochastic Lanczos
+        quadrature, SIAM J. Matrix Anal. Appl., §3 (Algorithm 1).
+        Golub & Meurant (2010), Matrices, Moments and Quadrature with Applications, Princeton,
+        §6.2 (Gauss quadrature from the Lanczos tridiagonal).
+        Golub & Welsch (1969), Calculation of Gauss quadrature rules, Math. Comp.
+        Giraud, Langou, Rozložník & van den Eshof (2005), Rounding error analysis of the
+        classical Gram-Schmidt orthogonalization process, Numer. Math. (twice is enough).
+        Lin, Saad & Yang (2016), Approximating spectral densities of large matrices, SIAM
+        Review, §3 (the Gaussian-smoothed density).
+        Ghorbani, Krishnan & Xiao (2019), An investigation into neural net optimization via
+        Hessian eigenvalue density, ICML, §2.
+        Papyan (2019), Measurements of three-level hierarchical structure in the outliers in
+        the spectrum of deepnet Hessians, ICML.
+    """
+    m, batch_size = _check_counts(num_probes, "num_probes", 1, batch_size)
+    k = check_int("num_steps", num_steps, low=1)
+    if probes not in ("rademacher", "gaussian"):
+        raise ValueError(f"Unknown `probes` {probes!r}; expected one of 'rademacher', 'gaussian'.")
+    op = _as_operator(A)
+    rng, n, dtype = _rng(seed), op.shape[0], _probe_dtype(op)
+    _check_symmetric(A)
+    k = min(k, n)  # Lanczos has found an invariant subspace by step n
+    nodes, weights = np.full((m, k), np.nan), np.zeros((m, k))
+    num_nodes, start = np.zeros(m, dtype=np.int64), 0
+    for b in _blocks(m, batch_size):
+        Z = _draw(rng, n, b, np.float64, gaussian=probes == "gaussian")
+        alpha, beta, steps = _lanczos(op, Z / np.linalg.norm(Z, axis=0), k, dtype)
+        for j in range(b):
+            s = steps[j]
+            # Golub & Welsch (1969): the Gauss rule of T is its eigenvalues and the squared
+            # first components of its unit eigenvectors
+            theta, U = eigh_tridiagonal(alpha[j, :s], beta[j, : s - 1])
+            nodes[start + j, :s], weights[start + j, :s] = theta, n * U[0] ** 2
+            num_nodes[start + j] = s
+        start += b
+    return SpectralDensity(nodes, weights, num_nodes, int(num_nodes.sum()))
+
+
+def _lanczos(
+    op: LinearOperator, V0: np.ndarray, k: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lanczos on each unit column of ``V0`` ``(n, b)`` with full reorthogonalisation.
+
+    Returns the tridiagonals' diagonals ``alpha`` ``(b, k)``, off-diagonals ``beta`` ``(b, k)``
+    (``beta[:, i]`` couples steps ``i`` and ``i + 1``) and the steps taken per column.
+    """
+    n, b = V0.shape
+    V = np.zeros((b, k, n))  # V[j, i]: probe j's i-th Lanczos vector
+    V[:, 0] = V0.T
+    alpha, beta = np.zeros((b, k)), np.zeros((b, k))
+    steps, scale = np.full(b, k), np.zeros(b)
+    tiny, skew_tol = 100 * np.finfo(dtype).eps, math.sqrt(np.finfo(dtype).eps)
+    active = np.arange(b)
+    for i in range(k):
+        # rows of V[active, i] are contiguous: .T hands torch an F-ordered (n, a) block
+        AV = op.matmat(V[active, i].T.astype(dtype, copy=False))
+        W = np.ascontiguousarray(np.asarray(AV).T, dtype=np.float64)  # row r: A v_i, probe r
+        if not np.isfinite(W).all():
+            raise FloatingPointError(
+                f"A product A @ v (Lanczos step {i + 1}) had a NaN or infinite entry, so no "
+                "quadrature of A exists; check the model, data and damping for NaN/Inf."
+            )
+        C = np.empty((active.size, i + 1))  # v_l^T A v_i for l <= i
+        for r, j in enumerate(active):
+            # w <- w - V (V^T w), twice: the three-term recurrence's α v_i + β v_{i-1} is part
+            # of it, and the second pass restores orthogonality to rounding (Giraud et al.
+            # 2005). One probe at a time: BLAS gemv on a view, 7x faster than a batched einsum
+            Vj, w = V[j, : i + 1], W[r]
+            C[r] = Vj @ w
+            w -= C[r] @ Vj
+            w -= (Vj @ w) @ Vj
+        alpha[active, i] = C[:, i]
+        if i > 0:
+            _refuse_asymmetry(C, beta[active, i - 1], scale[active], i, skew_tol)
+        if i == k - 1:
+            break
+        norms = np.linalg.norm(W, axis=1)
+        # ‖T‖ ≥ a row's |α| + β's (Gershgorin's bound, from below); β under ~ε‖T‖ is rounding
+        scale[active] = np.maximum(
+            scale[active], np.abs(alpha[active, i]) + norms + beta[active, i - 1] * (i > 0)
+        )
+        done = norms <= tiny * scale[active]
+        steps[active[done]] = i + 1
+        go, W, norms = active[~done], W[~done], norms[~done]
+        beta[go, i] = norms
+        V[go, i + 1] = W / norms[:, None]
+        active = go
+        if active.size == 0:
+            break
+    return alpha, beta, steps
+
+
+def _refuse_asymmetry(
+    C: np.ndarray, beta_prev: np.ndarray, scale: np.ndarray, i: int, skew_tol: float
+) -> None:
+    r"""Refuse an operator that Lanczos shows is not symmetric, at no extra product.
+
+    For a symmetric :math:`A`, :math:`v_l^\top A v_i = v_i^\top A v_l`, which the recurrence
+    has already computed: :math:`\beta_{i-1}` for :math:`l = i - 1` and 0 for :math:`l < i - 1`.
+    A gap over :math:`\sqrt\epsilon \|T\|` cannot be rounding (Lanczos itself would build
+    :math:`T` from one triangle of a matrix that has two).
+    """
+    expected = np.zeros_like(C[:, :i])
+    expected[:, i - 1] = beta_prev
+    skew = np.abs(C[:, :i] - expected).max(axis=1)
+    bad = np.flatnonzero(skew > skew_tol * scale)
+    if bad.size:
+        j = bad[0]
+        raise ValueError(
+            f"`A` is not symmetric: at Lanczos step {i + 1}, u^T (A v) and v^T (A u) for two "
+            f"of its vectors differ by {skew[j]:.3g}, against a scale |A| >= {scale[j]:.3g}. "
+            "Lanczos quadrature needs a symmetric matrix (the Hessian, GGN and Fisher operators "
+            "are); check a product of your own against its transpose."
+        )
+
+
+def _check_symmetric(A: object) -> None:
+    """Refuse a dense ``A`` (numpy, tensor, scipy.sparse) that is not symmetric.
+
+    The quadrature assumes it and would return a plausible-looking wrong answer. Asymmetry up
+    to :math:`\\sqrt\\epsilon` of the largest entry passes: a Hessian from a double backward
+    is symmetric only to rounding.
+    """
+    if isinstance(A, Tensor):
+        A = A.detach().cpu()
+        A = (A.float() if A.dtype == torch.bfloat16 else A).numpy()
+    if issparse(A):
+        if A.ndim != 2 or A.shape[0] != A.shape[1]:
+            return  # _as_operator names the shape
+        diff = abs(A - A.T).max() if A.nnz else 0.0
+        size = abs(A).max() if A.nnz else 0.0
+        where = None
+    elif isinstance(A, np.ndarray):
+        if A.ndim != 2 or A.shape[0] != A.shape[1] or not np.issubdtype(A.dtype, np.number):
+            return
+        A = A.astype(np.result_type(A.dtype, np.float32), copy=False)  # no unsigned wrap-around
+        D = np.abs(A - A.T)
+        if D.size == 0:
+            return
+        where = np.unravel_index(np.argmax(D), D.shape)
+        diff, size = D[where], np.abs(A).max()
+    else:
+        return
+    eps = np.finfo(np.result_type(A.dtype, np.float32)).eps
+    if diff > math.sqrt(eps) * size:
+        at = f" at {tuple(int(i) for i in where)}" if where is not None else ""
+        raise ValueError(
+            f"`A` must be symmetric: max |A - A^T| = {float(diff):.3g}{at}, against "
+            f"max |A| = {float(size):.3g}. Lanczos quadrature needs a symmetric matrix; if the "
+            "asymmetry is rounding, pass (A + A.T) / 2."
+        )

@@ -93,6 +93,26 @@ def test_readme_eigsh_example_finds_the_top_hessian_eigenvalues(one_thread):
     assert printed.strip().startswith("[")
 
 
+def test_readme_slq_example_matches_slogdet(one_thread):
+    """The estimate against slogdet of the dense float64 GGN, within four of the estimator's
+    exact standard deviations (Hutchinson's, from the dense log(G + λI)); seeded."""
+    ns, printed = _run(_example("spectral_density("))
+    logits, theta = _outputs_of_theta(ns["model"], ns["x"])
+    J = torch.autograd.functional.jacobian(logits, theta).reshape(-1, theta.numel())
+    prob = torch.softmax(logits(theta).detach(), dim=1)
+    H = (torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]) / prob.shape[0]
+    B = (J.T @ torch.block_diag(*H) @ J).numpy() + 1e-2 * np.eye(theta.numel())
+    lam, Q = np.linalg.eigh(B)
+    M = (Q * np.log(lam)) @ Q.T
+    sigma = np.sqrt(2 * (np.sum(M**2) - np.sum(np.diag(M) ** 2)) / 20)
+    estimate = ns["logdet"].estimate
+    assert abs(estimate - np.linalg.slogdet(B)[1]) <= 4 * sigma
+    assert abs(estimate - np.linalg.slogdet(B)[1]) < 0.01 * abs(np.linalg.slogdet(B)[1])
+    grid = np.linspace(-0.05, 0.7, 751)  # the spectrum of G + 0.01 I lies in [0.01, 0.62]
+    assert np.trapezoid(ns["density"], grid) == pytest.approx(1.0, abs=1e-3)
+    assert printed.startswith("log det(G + 0.01 I) = ")
+
+
 @pytest.mark.slow
 def test_readme_pinn_example_learns_poisson():
     ns, printed = _run(_example("r_interior"))
