@@ -95,9 +95,10 @@ Closure styles, fastest first:
   pass through unchanged), and evaluation calls run the closure's backward too, which costs one
   backward pass per evaluation that the other styles avoid.
 
-Dropout and train-mode BatchNorm make every closure call a different function (and each trial
-evaluation updates BatchNorm's running statistics); the first call of each closure is watched
-for such modules and a warning says so once, as the SciPy operators refuse them. Under
+Dropout and train-mode BatchNorm make every closure call a different function; the first call
+of each closure is watched for such modules and a warning says so once, as the SciPy operators
+refuse them. BatchNorm's running statistics move once per step, in the closure's call at
+:math:`\theta`: trial evaluations and a ``curvature_closure`` leave them as they found them. Under
 ``replay_rng=True`` (the default) the model calls share one random draw and the trials another
 (:mod:`hessfree._rng`), and Dropout alone is not warned about.
 
