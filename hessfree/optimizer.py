@@ -221,6 +221,9 @@ _LBFGS_ONLY = {
     "runs its own (`line_search='armijo'`, the default, or None)",
 }
 
+#: Whether torch.compile is tracing this call (torch >= 2.3; never before)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
 
 def _unknown_argument_message(key: str, value: object) -> str:
     """The TypeError for a keyword argument HessianFree does not take."""
@@ -1452,6 +1455,16 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 been frozen since the optimizer was built (``requires_grad_(False)``).
             FloatingPointError: After ``max_failures`` consecutive non-finite steps.
         """
+        if _is_compiling():
+            # torch.compile traced into the step (opt.step(closure) inside a compiled
+            # function): Dynamo failed deep inside CG after ~14 s of tracing ("SymInt object
+            # has no attribute 'numerator'", "unseen17"). The step's host-side decisions and
+            # its closure calls are eager code, so it runs eagerly, as a graph break.
+            return torch.compiler.disable(self._step)(closure, curvature_closure)
+        return self._step(closure, curvature_closure)
+
+    def _step(self, closure: Closure, curvature_closure: Closure | None) -> Tensor:
+        """:meth:`step`'s body (eager)."""
         if not callable(closure):
             raise TypeError(
                 f"HessianFree.step needs a closure that re-evaluates the loss, got {closure!r}."

@@ -237,3 +237,31 @@ def test_an_inactive_clip_and_micro_batch_accumulation_are_not_warned_and_step_a
                 opt.step(closure)
         finals.append(_flat(model))
     assert torch.equal(finals[0], finals[1])  # the inactive clip is the plain run, bit for bit
+
+
+# ---------------------------------------------------------------- opt.step inside torch.compile
+
+
+def test_a_step_inside_a_compiled_function_runs_eagerly_and_steps_as_the_plain_loop():
+    # `torch.compile(train_step)` with opt.step(closure) inside: Dynamo traced into the step
+    # and failed deep in CG ("'SymInt' object has no attribute 'numerator'") after ~14 s.
+    # Now the step is a graph break that runs eagerly: bitwise the uncompiled loop's steps.
+    X, y = _classes()
+    finals = []
+    for compiled in (False, True):
+        model = _mlp()
+        opt = HessianFree(model.parameters())
+
+        def closure(model=model):
+            out = model(X)
+            return F.cross_entropy(out, y), out
+
+        def train_step(opt=opt, closure=closure):
+            opt.step(closure)
+            return opt.last_step.loss
+
+        fn = torch.compile(train_step, backend="eager") if compiled else train_step
+        for _ in range(3):
+            fn()
+        finals.append(_flat(model))
+    assert torch.equal(finals[0], finals[1])
