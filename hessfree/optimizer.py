@@ -1077,6 +1077,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         preconditioner and random generator must come along for the copy to step on.
         """
         hooks = [k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")]
+        hooks.append("_grads_left")  # weak references to this process's .grad tensors
         return {k: v for k, v in self.__dict__.items() if k not in hooks}
 
     def _shared_group_values(self) -> dict:

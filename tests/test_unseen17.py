@@ -9,6 +9,7 @@ eager run of the same loop.
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -265,3 +266,54 @@ def test_a_step_inside_a_compiled_function_runs_eagerly_and_steps_as_the_plain_l
             fn()
         finals.append(_flat(model))
     assert torch.equal(finals[0], finals[1])
+
+
+# ---------------------------------------------------------------- gradients left uncleared
+
+
+def _lbfgs_loop(where: str, max_iter: int, steps: int):
+    X, y = _classes()
+    model = _mlp()
+    opt = HessianFree(model.parameters(), max_iter=max_iter)
+
+    def closure():
+        if where == "inside":
+            opt.zero_grad()
+        loss = F.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        if where == "outside":
+            opt.zero_grad()
+        opt.step(closure)
+    return model, opt, closure
+
+
+@pytest.mark.parametrize(
+    ("where", "max_iter"), [("nowhere", 1), ("outside", 3)], ids=["no_zero_grad", "max_iter3"]
+)
+def test_a_closure_that_adds_to_the_gradients_of_earlier_calls_is_refused(where, max_iter):
+    # HessianFree's trial evaluations run an LBFGS-style closure's backward() too; a closure
+    # that never clears .grad, or one cleared only before opt.step with max_iter > 1, then
+    # added the trial points' gradients to the next step's (10 steps: loss 0.90 against 0.52)
+    model, opt, closure = _lbfgs_loop(where, max_iter, steps=1 if max_iter == 1 else 0)
+    if where == "outside":
+        opt.zero_grad()
+    before = _flat(model)
+    with pytest.raises(ValueError, match=r"previous closure call left in \.grad.*zero_grad"):
+        opt.step(closure)
+    if max_iter == 1:
+        assert torch.equal(_flat(model), before)
+
+
+def test_zero_grad_before_step_with_max_iter_one_is_the_closures_own_run_and_copies_work():
+    # Guard: the common loop (zero_grad before opt.step, one step per call) clears what the
+    # previous step's trials left: it is the zero_grad-inside run, bit for bit; and an
+    # optimizer that recorded the gradients a call left still deep-copies and pickles
+    runs = [_lbfgs_loop(where, 1, steps=3) for where in ("inside", "outside")]
+    assert torch.equal(_flat(runs[0][0]), _flat(runs[1][0]))
+    model, opt, closure = runs[0]
+    twin = copy.deepcopy(opt)
+    assert "_grads_left" not in twin.__dict__  # weak references: neither copied nor pickled
+    pickle.loads(pickle.dumps(opt))
