@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 import warnings
 
 import pytest
@@ -120,6 +121,31 @@ def test_batchnorm_statistics_passed_to_functional_call_move_once_and_the_module
         assert torch.equal(stats[f"1.{name}"], want)
     for got, want in zip(_stats(model), own, strict=True):
         assert torch.equal(got, want)
+
+
+def test_another_threads_batchnorm_run_during_a_trial_call_keeps_its_update():
+    # Guard for the trial calls' hook, which is global: a forward pass another thread runs
+    # meanwhile (here started and joined inside each closure call) updates its statistics
+    X, y = _classes()
+    model, other = _bn_mlp(), _bn_mlp()
+    opt = HessianFree(model.parameters())
+
+    def run_other():
+        with torch.no_grad():
+            other(X)
+
+    def closure():
+        worker = threading.Thread(target=run_other)
+        worker.start()
+        worker.join()
+        out = model(X)
+        return F.cross_entropy(out, y), out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(closure)
+    assert opt.last_step.closure_calls > 1
+    assert int(other[1].num_batches_tracked) == opt.last_step.closure_calls
 
 
 def test_a_non_finite_trial_leaves_batchnorm_statistics_finite_and_the_eval_model_usable():
