@@ -343,3 +343,21 @@ def test_zero_grad_before_step_with_max_iter_one_is_the_closures_own_run_and_cop
     twin = copy.deepcopy(opt)
     assert "_grads_left" not in twin.__dict__  # weak references: neither copied nor pickled
     pickle.loads(pickle.dumps(opt))
+
+
+def test_a_warning_from_a_step_inside_a_compiled_function_points_at_the_users_line():
+    # the eager fallback runs through torch/_dynamo's frames, where the warning had stopped
+    X, y = _classes()
+    model = _bn_mlp()
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        out = model(X)
+        return F.cross_entropy(out, y), out
+
+    def train_step():
+        opt.step(closure)
+
+    with pytest.warns(UserWarning, match="BatchNorm1d") as rec:
+        torch.compile(train_step, backend="eager")()
+    assert [w.filename for w in rec if "BatchNorm1d" in str(w.message)] == [__file__]
