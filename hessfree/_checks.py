@@ -242,13 +242,18 @@ class ParamVersions:
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TORCH_OPTIM = os.path.dirname(os.path.abspath(torch.optim.__file__))
+#: torch.compile's eager fallback, through which a step inside a compiled function runs
+#: (named by path: torch._dynamo is not imported for it)
+_TORCH_DYNAMO = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "_dynamo")
+_NOT_THE_CALLER = (_HERE, _TORCH_OPTIM, _TORCH_DYNAMO)
 
 
 def caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning issued by the caller of this function point at
-    the first frame outside hessfree and torch.optim (the user's ``opt.step(...)`` line),
-    however deep in the step it is issued."""
+    the first frame outside hessfree, torch.optim and torch._dynamo (the user's
+    ``opt.step(...)`` line, also inside a ``torch.compile``'d function), however deep in the
+    step it is issued."""
     level, frame = 2, sys._getframe(2)  # 2: the frame that calls warnings.warn's caller
-    while frame is not None and frame.f_code.co_filename.startswith((_HERE, _TORCH_OPTIM)):
+    while frame is not None and frame.f_code.co_filename.startswith(_NOT_THE_CALLER):
         level, frame = level + 1, frame.f_back
     return level

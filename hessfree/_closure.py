@@ -16,8 +16,10 @@ import math
 import numbers
 import os
 import re
+import threading
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -29,7 +31,12 @@ from ._autograd_hooks import AutogradHook
 from ._checks import caller_stacklevel
 from ._flat import ParamLayout
 from ._graph_ops import twice_differentiable_attention, twice_differentiable_weight_norm
-from ._model_data import _INPUT_MISMATCH_HINT, _is_stochastic, _stochastic_modules_message
+from ._model_data import (
+    _INPUT_MISMATCH_HINT,
+    _RUNNING_STATS,
+    _is_stochastic,
+    _stochastic_modules_message,
+)
 from ._rng import StepStream
 from ._step_types import _Counter, _Evaluation
 from .curvature import (
@@ -55,8 +62,11 @@ def _create_graph_backward(
     # the graph the Hessian products differentiate, and the first product failed with
     # torch's "Trying to backward through the graph a second time" ("unseen15"); None, the
     # default, already follows create_graph=True
+    note = getattr(_AFTER_BACKWARD, "note", None)
+    if note is not None:
+        note(before=True)
     try:
-        return original(tensors, grad_tensors, True, True, *args, **kwargs)
+        result = original(tensors, grad_tensors, True, True, *args, **kwargs)
     except RuntimeError as err:
         # DistributedDataParallel's gradient buckets take the gradient in place, which a
         # gradient that carries its own graph does not allow: torch's message names neither
@@ -76,6 +86,84 @@ def _create_graph_backward(
             "(`process_group=`): it averages the gradient and every product over the ranks "
             "itself."
         ) from err
+    if note is not None:
+        note(before=False)
+    return result
+
+
+#: This thread's :func:`_gradients_as_left` record, called around each hooked ``backward()``.
+_AFTER_BACKWARD = threading.local()
+
+
+@contextlib.contextmanager
+def _gradients_as_left(
+    params: list[Tensor], earlier: list[tuple[weakref.ref, int] | None] | None
+) -> Iterator[tuple[list[object], list[int]]]:
+    """Record the ``.grad`` of ``params`` as each hooked ``backward()`` inside the block left
+    them: the tensors, their version counters and the dense ones' norms (one fused
+    reduction, read only by :func:`_gradients_changed`); the last ``backward()`` wins
+    (micro-batches accumulate). Also the positions whose ``.grad`` the first ``backward()``
+    met exactly as the optimizer's previous closure call left it (``earlier``, from
+    :func:`_gradients_left`): not cleared, so the new gradient is added to it."""
+    record: list[object] = []
+    stale: list[int] = []
+    first = [True]
+
+    def note(before: bool) -> None:
+        if before:
+            if first[0] and earlier is not None:
+                stale[:] = [
+                    i
+                    for i, (p, left) in enumerate(zip(params, earlier, strict=True))
+                    if left is not None
+                    and p.grad is not None
+                    and p.grad is left[0]()
+                    and p.grad._version == left[1]
+                ]
+            first[0] = False
+            return
+        grads = [p.grad for p in params]
+        dense = [i for i, g in enumerate(grads) if g is not None and not g.is_sparse]
+        norms = torch._foreach_norm([grads[i].detach() for i in dense]) if dense else []
+        versions = [None if g is None else g._version for g in grads]
+        record[:] = [grads, versions, dict(zip(dense, norms, strict=True))]
+
+    outer = getattr(_AFTER_BACKWARD, "note", None)
+    _AFTER_BACKWARD.note = note
+    try:
+        yield record, stale
+    finally:
+        _AFTER_BACKWARD.note = outer
+
+
+def _gradients_left(params: list[Tensor]) -> list[tuple[weakref.ref, int] | None]:
+    """Each parameter's ``.grad`` (by weak reference) and its version, as a call left them."""
+    return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
+
+
+def _gradients_changed(params: list[Tensor], record: list[object]) -> list[int]:
+    """The positions of ``params`` whose ``.grad`` the closure changed after its last
+    ``backward()`` (:func:`_gradients_as_left`).
+
+    A tensor replaced, or written in place (its version counter moved) to other values:
+    ``torch.nn.utils.clip_grad_norm_`` multiplies every gradient in place, by exactly 1 when
+    the bound is not reached, which is no change (the norms are compared, on the host, only
+    where a version moved).
+    """
+    if not record:
+        return []
+    grads, versions, norms = record
+    changed, moved = [], []
+    for i, (p, g, v) in enumerate(zip(params, grads, versions, strict=True)):
+        if p.grad is not g:
+            changed.append(i)
+        elif g is not None and g._version != v:
+            (moved if i in norms else changed).append(i)
+    if moved:
+        now = torch.stack(torch._foreach_norm([params[i].grad.detach() for i in moved]))
+        differ = (now != torch.stack([norms[i] for i in moved])).tolist()
+        changed += [i for i, d in zip(moved, differ, strict=True) if d]
+    return sorted(changed)
 
 
 def _retaining_grad(original, *args, **kwargs):
@@ -231,6 +319,54 @@ def _buffer_writes() -> Iterator[list[str]]:
                     written.append(f"{type(module).__name__}.{name}")
 
 
+@contextlib.contextmanager
+def _running_statistics_kept() -> Iterator[None]:
+    """Leave the running statistics of the train-mode BatchNorm modules this thread runs
+    inside the block as they were.
+
+    A forward pre-hook swaps each such module's ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` for clones at its first call in the block (the forward pass
+    updates the clones, as :func:`hessfree._model_data._call_model` does for the operators)
+    and the originals go back at the end, also on an error. The optimizer runs its trial
+    evaluations (backtracking, the line search, ρ, the replayed f(θ₀)) and a
+    ``curvature_closure`` inside it, so the statistics move once per step, in the closure's
+    call at θ, as after one first-order step. Before, each trial point moved them too:
+    ``num_batches_tracked`` rose by 3-5 a step, and one non-finite trial (rejected, the
+    parameters kept bit for bit) left NaN in ``running_mean`` for good, so the eval-mode
+    model returned NaN ("unseen17"). Other threads' forward passes are left alone.
+    """
+    owner = threading.get_ident()
+    kept: dict[int, tuple[_BatchNorm, list[tuple[str, Tensor, Tensor]]]] = {}
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        if (
+            not isinstance(module, _BatchNorm)
+            or not (module.training and module.track_running_stats)
+            or id(module) in kept
+            or threading.get_ident() != owner
+        ):
+            return
+        swapped = []
+        for name in _RUNNING_STATS:
+            buffer = getattr(module, name, None)
+            if buffer is not None:
+                clone = buffer.clone()
+                setattr(module, name, clone)
+                swapped.append((name, buffer, clone))
+        kept[id(module)] = (module, swapped)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for module, swapped in kept.values():
+            for name, buffer, clone in swapped:
+                # only our clone: torch.func.functional_call puts its own tensors back itself
+                if getattr(module, name) is clone:
+                    setattr(module, name, buffer)
+
+
 #: Losses whose gradient in the outputs is bounded whatever the targets (softmax or sigmoid
 #: minus a target: cross-entropy, NLL, BCE with logits). ``_first_step_curvature`` skips them:
 #: the term that makes H indefinite where G is not, the outputs' gradient times the model's
@@ -345,9 +481,19 @@ class _ClosureCalls:
     """The optimizer's closure calls (a mixin of :class:`hessfree.HessianFree`)."""
 
     def _call(
-        self, closure: Closure, counter: _Counter, *, build_graph: bool, uses_backward: bool
+        self,
+        closure: Closure,
+        counter: _Counter,
+        *,
+        build_graph: bool,
+        uses_backward: bool,
+        moves_statistics: bool | None = None,
     ) -> _Evaluation:
         """Evaluate ``closure``; with ``build_graph`` capture what curvature products need.
+
+        Only a call with ``moves_statistics`` (by default the graph-building ones; the
+        optimizer passes False for a ``curvature_closure``) leaves train-mode BatchNorm's
+        running statistics updated (:func:`_running_statistics_kept`).
 
         Evaluation-only calls run under ``torch.no_grad()`` unless the closure needs autograd
         itself: when it called ``backward()`` (``uses_backward``) or ``torch.autograd.grad`` (seen
@@ -364,12 +510,18 @@ class _ClosureCalls:
         versions = [(p._version, p.data_ptr()) for p in params]
         try:
             # every call, not only graph-building ones: f(θ) and the trial losses from one kernel
-            with twice_differentiable_attention(), twice_differentiable_weight_norm():
+            kept = build_graph if moves_statistics is None else moves_statistics
+            with (
+                twice_differentiable_attention(),
+                twice_differentiable_weight_norm(),
+                contextlib.nullcontext() if kept else _running_statistics_kept(),
+            ):
                 evaluation = self._call_once(closure, build_graph, uses_backward, stream)
         finally:
             if stream is not None:
                 stream.after_call()
         self._check_unmodified(params, versions)
+        self._left_by_last_call = _gradients_left(params)
         return evaluation
 
     def _check_unmodified(self, params: list[Tensor], versions: list[tuple[int, int]]) -> None:
@@ -418,9 +570,11 @@ class _ClosureCalls:
             record = self._records_linears()
             conv = self._kfac_takes_conv()
             linears = _LinearPass(self._params(), conv=conv) if record else None
+            params = self._params()
             with (
                 torch.enable_grad(),
                 _backward_builds_graph() as called,
+                _gradients_as_left(params, self._left_by_last_call) as (left, stale),
                 _watch_grad() as used,
                 linears.recording() if record else contextlib.nullcontext(),
             ):
@@ -431,11 +585,13 @@ class _ClosureCalls:
                 self._closure_uses_autograd = True
             grads = None
             if called:
-                params = self._params()
+                changed = _gradients_changed(params, left)
                 grads = [p.grad for p in params]
                 for p in params:  # break the parameter <-> graph-carrying .grad cycle
                     if p.grad is not None:
                         p.grad = p.grad.detach()
+                self._refuse_stale_gradients(params, stale)
+                self._warn_changed_gradients(params, changed)
             return _Evaluation(loss, outputs, grads, hidden)
         if uses_backward or self._closure_uses_autograd:
             with torch.enable_grad():
@@ -455,6 +611,71 @@ class _ClosureCalls:
                 loss, _, _ = _unpack(closure())
             self._closure_uses_autograd = True
         return _Evaluation(loss.detach(), None, None)
+
+    @property
+    def _left_by_last_call(self) -> list[tuple[weakref.ref, int] | None] | None:
+        """The gradients this optimizer's previous closure call left (:func:`_gradients_left`;
+        None before the first, and after a copy or a load)."""
+        return self.__dict__.get("_grads_left")
+
+    @_left_by_last_call.setter
+    def _left_by_last_call(self, left: list[tuple[weakref.ref, int] | None]) -> None:
+        self.__dict__["_grads_left"] = left
+
+    def _refuse_stale_gradients(self, params: list[Tensor], stale: list[int]) -> None:
+        """Refuse a closure whose ``backward()`` added to the gradients the optimizer's
+        previous closure call left in ``.grad``, uncleared.
+
+        HessianFree calls the closure at θ and at trial points, and ``max_iter`` steps per
+        :meth:`step`; a closure without ``zero_grad()`` (or one called only before
+        ``opt.step``, with ``max_iter`` > 1) then added the trial points' gradients to the
+        next step's: ``max_iter=3`` with ``zero_grad`` outside the closure ended 3 calls at
+        loss 0.884 against 0.581 ("unseen17"). ``torch.optim.LBFGS`` requires the closure to
+        clear them too. Raised before anything moves.
+        """
+        if not stale:
+            return
+        names = ", ".join(self._param_name(params[i]) for i in stale[:3])
+        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        raise ValueError(
+            f"The closure's backward() added to the gradient of {names}{more} that "
+            "HessianFree's previous closure call left in .grad: HessianFree calls the closure "
+            "at trial points too, and max_iter steps per step() call, so without clearing "
+            "the gradients each step's gradient would include other points'. Call "
+            "opt.zero_grad() at the top of the closure, as torch.optim.LBFGS requires. This "
+            "step changed nothing."
+        )
+
+    def _warn_changed_gradients(self, params: list[Tensor], changed: list[int]) -> None:
+        r"""Once per optimizer: the closure changed gradients after its ``backward()``.
+
+        The Hessian products differentiate the gradient's graph, which an in-place change
+        under ``no_grad`` (``clip_grad_norm_``, ``clip_grad_value_``, a ``GradScaler``'s
+        ``unscale_``) bypasses: the step solves :math:`(H + \lambda I)p = -g'` with the
+        changed :math:`g'` and the unchanged :math:`H`, and ρ compares the loss against that
+        mismatched model. A clipped gradient shortens the Newton step in proportion and
+        judges it by the wrong model (a 5-16-2 regression MLP clipped at norm 1 ended 30 steps
+        at 2.8x the unclipped run's loss, "unseen17"); torch cannot tell it from
+        ``.grad`` alone ("unseen16"), so the gradient's tensors and norms are recorded after
+        each ``backward()``.
+        """
+        if not changed or getattr(self, "_warned_gradients", False):
+            return
+        self._warned_gradients = True
+        names = ", ".join(self._param_name(params[i]) for i in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        warnings.warn(
+            f"HessianFree: the closure changed the gradient of {names}{more} after its "
+            "backward() (e.g. torch.nn.utils.clip_grad_norm_ or clip_grad_value_, or a "
+            "GradScaler's unscale_). The Hessian products come from the gradient's graph, "
+            "which the change bypasses, so the step pairs the changed gradient with the "
+            "unchanged curvature and misjudges its own reduction (a clipped gradient shortens "
+            "the Newton step). HessianFree bounds its steps itself (damping, trust radius, "
+            "line search): drop the clipping from the closure; to scale the gradient, scale "
+            "the loss (gradient and curvature then change alike).",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
     def _backward_value(self, result: object, called_backward: bool) -> object:
         """A closure that called ``backward()`` may return ``loss.item()``, as
@@ -563,7 +784,13 @@ class _ClosureCalls:
                 _stochastic_modules() if watch else contextlib.nullcontext([]) as found,
                 _buffer_writes() if watch else contextlib.nullcontext([]) as written,
             ):
-                evaluation = self._call(closure, counter, build_graph=True, uses_backward=False)
+                evaluation = self._call(
+                    closure,
+                    counter,
+                    build_graph=True,
+                    uses_backward=False,
+                    moves_statistics=role == "closure",
+                )
         except RuntimeError as err:
             if _autograd_refused(err) and "does not require grad" in str(err):
                 # an LBFGS-style closure's own backward() on a loss without a graph: torch's
@@ -599,8 +826,8 @@ class _ClosureCalls:
                 warnings.warn(
                     f"HessianFree: the {role} ran {_stochastic_modules_message(names)}"
                     + (
-                        ", and every trial evaluation (backtracking, line search) updates "
-                        "BatchNorm's running statistics"
+                        " (its running statistics move once per step, in the closure's call "
+                        "at the current parameters; trial evaluations leave them as they were)"
                         if running
                         else ""
                     )

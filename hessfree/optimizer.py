@@ -95,9 +95,10 @@ Closure styles, fastest first:
   pass through unchanged), and evaluation calls run the closure's backward too, which costs one
   backward pass per evaluation that the other styles avoid.
 
-Dropout and train-mode BatchNorm make every closure call a different function (and each trial
-evaluation updates BatchNorm's running statistics); the first call of each closure is watched
-for such modules and a warning says so once, as the SciPy operators refuse them. Under
+Dropout and train-mode BatchNorm make every closure call a different function; the first call
+of each closure is watched for such modules and a warning says so once, as the SciPy operators
+refuse them. BatchNorm's running statistics move once per step, in the closure's call at
+:math:`\theta`: trial evaluations and a ``curvature_closure`` leave them as they found them. Under
 ``replay_rng=True`` (the default) the model calls share one random draw and the trials another
 (:mod:`hessfree._rng`), and Dropout alone is not warned about.
 
@@ -219,6 +220,9 @@ _LBFGS_ONLY = {
     "line_search_fn": "LBFGS's line search; HessianFree backtracks over CG's iterates, then "
     "runs its own (`line_search='armijo'`, the default, or None)",
 }
+
+#: Whether torch.compile is tracing this call (torch >= 2.3; never before)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 def _unknown_argument_message(key: str, value: object) -> str:
@@ -1073,6 +1077,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         preconditioner and random generator must come along for the copy to step on.
         """
         hooks = [k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")]
+        hooks.append("_grads_left")  # weak references to this process's .grad tensors
         return {k: v for k, v in self.__dict__.items() if k not in hooks}
 
     def _shared_group_values(self) -> dict:
@@ -1451,6 +1456,16 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 been frozen since the optimizer was built (``requires_grad_(False)``).
             FloatingPointError: After ``max_failures`` consecutive non-finite steps.
         """
+        if _is_compiling():
+            # torch.compile traced into the step (opt.step(closure) inside a compiled
+            # function): Dynamo failed deep inside CG after ~14 s of tracing ("SymInt object
+            # has no attribute 'numerator'", "unseen17"). The step's host-side decisions and
+            # its closure calls are eager code, so it runs eagerly, as a graph break.
+            return torch.compiler.disable(self._step)(closure, curvature_closure)
+        return self._step(closure, curvature_closure)
+
+    def _step(self, closure: Closure, curvature_closure: Closure | None) -> Tensor:
+        """:meth:`step`'s body (eager)."""
         if not callable(closure):
             raise TypeError(
                 f"HessianFree.step needs a closure that re-evaluates the loss, got {closure!r}."
