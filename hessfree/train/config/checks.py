@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hessfree.train.config.schema import _show
+from hessfree.train.config.schema import _show, windows_reserved
 from hessfree.train.config.sections import (
     _DATA_TASK,
     _IMAGE_DATA,
@@ -304,6 +304,16 @@ def _check_name(name: str, problems: list[str]) -> None:
         problems.append(
             f"`name` is {len(name.encode('utf-8', errors='replace'))} bytes long; a run "
             "directory name must stay under the file system's 255: use at most 200."
+        )
+    elif windows_reserved(f"{name}-<time>"):
+        # Only with a dot: the time stamp follows the name (`con-<time>` is not reserved).
+        base = name.partition(".")[0]
+        problems.append(
+            f"`name` = {_show(name)} names the run directory '{name}-<time>', and Windows "
+            f"reserves every file name whose part before the first dot is {base.strip()!r} "
+            "(a device: CON, PRN, AUX, NUL, COM1-9, LPT1-9, in any case): the run directory "
+            f"could not be copied to or written on Windows. Use another name, e.g. "
+            f"{base.strip() + '-1' + name[len(base) :]!r}."
         )
 
 

@@ -354,6 +354,23 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 #: ``.<label>.pt.<pid>.<8 hex>.tmp`` (25 more characters with a 7-digit pid, Linux's
 #: largest), and file systems take names of at most 255 bytes (Linux, macOS, Windows).
 _MAX_LABEL = 255 - 25
+#: Names Windows keeps for devices: a file named so (any case, any extension: ``aux.txt``,
+#: ``CON.pt``) cannot be created, copied or unzipped there. Python's own list
+#: (``pathlib.PureWindowsPath.is_reserved`` up to 3.12) less what a label cannot spell.
+WINDOWS_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL"} | {f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10)}
+)
+
+
+def windows_reserved(file_name: str) -> bool:
+    """Whether Windows reserves ``file_name`` for a device: its part before the first dot,
+    trailing spaces dropped, is one of :data:`WINDOWS_RESERVED` in any case.
+
+    Example:
+        >>> [windows_reserved(n) for n in ("con.pt", "aux.txt.pt", "console.pt", "com10.pt")]
+        [True, True, False, False]
+    """
+    return file_name.partition(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED
 
 
 def _check_label(label: Any, default: str, path: str, problems: list[str]) -> str:
@@ -369,6 +386,18 @@ def _check_label(label: Any, default: str, path: str, problems: list[str]) -> st
             f"`{path}.label` has {len(label)} characters, more than the {_MAX_LABEL} a "
             f"checkpoint's file name allows (checkpoints/<label>.pt), got {_show(label)}; "
             "use a shorter label."
+        )
+        return default
+    if windows_reserved(f"{label}.pt"):
+        # Refused everywhere, as labels differing only in case are: a run directory copied to
+        # (or written on) Windows would lack this checkpoint.
+        base = label.partition(".")[0]
+        problems.append(
+            f"`{path}.label` = {label!r} names the checkpoint checkpoints/{label}.pt, and "
+            f"Windows reserves the file name {base.upper()!r} for a device (CON, PRN, AUX, NUL, "
+            "COM1-9, LPT1-9, in any case and with any extension): the run directory could not "
+            f"be copied to or written on Windows. Use another label, e.g. "
+            f"{base + '-1' + label[len(base) :]!r}."
         )
         return default
     return label
