@@ -41,6 +41,8 @@ checkpoint and a summary, and end the run with status ``interrupted`` (the CLI e
 the signal number: 130, 143, 129). A second signal abandons the step at once; the previous
 checkpoint stays valid. After SIGHUP, output to a terminal that has hung up or to a pipe whose
 reader has gone (``| tee`` closed with the terminal) is dropped, so the run still ends cleanly.
+A stdout whose reader ends without a signal (``| head``, a pager that quit) is dropped too,
+with one warning on stderr, and the run goes on: its results are the run directory.
 
 Under ``torchrun --nproc_per_node=N`` the run is data-parallel (:mod:`hessfree.train.parallel`):
 every rank takes an equal slice of each batch (batch sizes must be multiples of N; a growing
@@ -461,14 +463,25 @@ class Runner:
             self._print(text, sys.stdout)
 
     def _print(self, text: str, stream: Any) -> None:
-        """``print``; after SIGHUP, a stream whose reader has gone (EPIPE, EIO) is pointed at
-        /dev/null instead of failing the run's last writes (checkpoint and summary go first)."""
+        """``print``; a stream whose reader has gone is pointed at /dev/null instead of failing
+        the run: after SIGHUP (EPIPE, EIO), so the run's last writes (checkpoint and summary
+        go first) succeed, and whenever it is a pipe whose reader ended (EPIPE: ``| head``),
+        which is said once on stderr and the run goes on (its results are the run directory;
+        stopping it would cut a comparison short where a script reads only the pipe's end)."""
         try:
             print(text, file=stream, flush=True)
-        except OSError:
-            if not self._hung_up:
+        except OSError as err:
+            reader_gone = err.errno == errno.EPIPE
+            if not (self._hung_up or reader_gone):
                 raise
             _to_devnull(stream)
+            if reader_gone and not self._hung_up and stream is sys.stdout:
+                self._print(
+                    "hessfree: warning: stdout's reader has gone (a pipe into `head`, or a "
+                    "pager that quit); the run goes on without printing, and writes its results "
+                    f"to {os.path.abspath(self.run_dir)} (summary.json, metrics.jsonl).",
+                    sys.stderr,
+                )
 
     # -- setup -----------------------------------------------------------------------------
 
