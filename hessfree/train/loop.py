@@ -92,6 +92,7 @@ from hessfree.train.config import (
     training_digest,
 )
 from hessfree.train.config.checks import (
+    _physical_memory,
     curvature_batch_fits,
     full_steps_problem,
     leaves,
@@ -304,6 +305,7 @@ def _data_problems(
                     f"step equals a one-process step on the whole batch. Use "
                     f"{key}={low or world_size} or {low + world_size}, or another process count."
                 )
+    problems += _probe_memory_problems(cfg, ds, objective)
     kind = ds.target_kind
     if objective.task != "reconstruction":
         if kind is None:
@@ -327,6 +329,31 @@ def _data_problems(
             problems.append(
                 f"`loss.name` = 'bce_with_logits' reconstructs inputs in [0, 1]; "
                 f"{ds.name!r} inputs range over [{lo:.3g}, {hi:.3g}]; use 'mse'."
+            )
+    return problems
+
+
+def _probe_memory_problems(cfg: ExperimentConfig, ds: Dataset, objective: Objective) -> list[str]:
+    """K-FAC's ``num_probes``: each refresh draws a (probes, curvature batch, outputs) tensor,
+    which a large count makes larger than the machine (int64's largest overflowed torch's
+    storage size at the first step, a traceback after the run directory was written)."""
+    problems = []
+    n = ds.x_train.shape[0]
+    outputs = _num_outputs(objective, ds) or math.prod(ds.input_shape)
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    for path, leaf in leaves(cfg):
+        precond = leaf.hyperparameters.get("precond") if leaf.name == "hessianfree" else None
+        probes = precond.get("num_probes") if isinstance(precond, dict) else None
+        if not probes:
+            continue
+        cases = min(leaf.curvature_batch_size or leaf.batch_max or leaf.batch_size or n, n)
+        size = probes * cases * outputs * itemsize
+        if size > _physical_memory():
+            problems.append(
+                f"`{path}.precond.num_probes` = {probes} ({leaf.label}): each K-FAC refresh "
+                f"draws {probes:,} x {cases:,} cases x {outputs:,} outputs, {size / 1e9:,.1f} GB "
+                f"as {cfg.dtype}, more than this machine's {_physical_memory() / 1e9:,.1f} GB of "
+                "memory; use a few probes (the default is 1)."
             )
     return problems
 

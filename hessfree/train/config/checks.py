@@ -189,6 +189,8 @@ def _known_data(data: Any, problems: list[str]) -> _KnownData:
         return _KnownData(data.num_train, data.image_size**2, None)
     if name == "addition":
         return _KnownData(data.num_train, 2 * data.length, 1)
+    if name == "npz":  # the file decides the rest; `num_classes` sizes the output layer
+        return _KnownData(None, None, getattr(data, "num_classes", None))
     return _KnownData(None, 784 if name == "mnist" else None, 10 if name == "mnist" else None)
 
 
@@ -274,15 +276,26 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
             f"more than this machine's {_gigabytes(have)} of memory; use fewer cases."
         )
     elif need > have:
-        key = {"mlp": "hidden_sizes", "autoencoder": "layer_sizes", "cnn": "channels"}.get(
-            cfg.model.name, "hidden_size"
-        )
+        key = "model." + {
+            "mlp": "hidden_sizes",
+            "autoencoder": "layer_sizes",
+            "cnn": "channels",
+        }.get(cfg.model.name, "hidden_size")
+        fix = "use smaller layers or less data"
+        one_output = dataclasses.replace(known, num_outputs=None)
+        if cfg.data.name == "npz" and 3 * _num_parameters(cfg.model, one_output) * itemsize < have:
+            # an npz file's `num_classes` alone makes the output layer too wide
+            key = "data.num_classes"
+            fix = (
+                f"it is {cfg.data.num_classes:,} outputs; use the labels' number of classes "
+                "(null: max label + 1)"
+            )
         problems.append(
-            f"`model.{key}`: the model would have at least {params:,} parameters "
+            f"`{key}`: the model would have at least {params:,} parameters "
             f"({_gigabytes(params * itemsize)} as {cfg.dtype}; training needs about "
             f"{_gigabytes(need)} with gradients, optimizer state and "
             f"{_gigabytes(data_values * itemsize)} of data), more than this machine's "
-            f"{_gigabytes(have)} of memory; use smaller layers or less data."
+            f"{_gigabytes(have)} of memory; {fix}."
         )
 
 
