@@ -109,7 +109,8 @@ def test_runner17_a_float_count_past_2_53_says_why_it_is_no_integer(tmp_path, ca
 
 
 def test_runner17_hessianfree_seed_outside_manual_seeds_range_is_refused(tmp_path, capsys):
-    """main: `HessianFree(seed=2**64)` was built, and its first step raised torch's "Overflow
+    """main: `HessianFree(seed=2**64)` was built, and its first step that draws random numbers
+    (precond 'nystrom', checked on main; 'fisher_mc', K-FAC's probes) raised torch's "Overflow
     when unpacking long long" (ValueError; in a run, a traceback after the run directory was
     written). The oracle is torch's own range for Generator.manual_seed, [-2**63, 2**64 - 1]."""
     from hessfree import HessianFree
