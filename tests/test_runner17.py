@@ -441,6 +441,33 @@ def test_runner17_a_full_disk_at_the_resumed_config_is_a_worded_error(
     _assert_bitwise(run, ref)
 
 
+def test_runner17_a_checkpoint_replaced_while_it_is_read_is_not_called_damaged(
+    tmp_path, monkeypatch
+):
+    """main: load_checkpoint opened the file twice (the payload, then the note in the zip
+    comment); a run replacing it between the two (atomically, as every checkpoint write) made
+    a whole file read as "damaged: the versions noted in its zip comment belong to another
+    content". Found by this file's torchrun test, which polls rank 0's checkpoint as the
+    SIGINT test of test_train_distributed does (1 failure in its first 9 runs). Deterministic
+    here: the newer checkpoint replaces the file right after the first torch.load."""
+    from hessfree.train import checkpoint
+
+    path, newer = tmp_path / "adam.pt", tmp_path / "newer.pt"
+    checkpoint.save_checkpoint(path, {"step": 1})
+    checkpoint.save_checkpoint(newer, {"step": 2})
+    real_load = torch.load
+
+    def load_then_replace(f, *args, **kwargs):
+        out = real_load(f, *args, **kwargs)
+        if newer.exists():
+            os.replace(newer, path)  # the run's next checkpoint lands now
+        return out
+
+    monkeypatch.setattr(torch, "load", load_then_replace)
+    assert checkpoint.load_checkpoint(path)["step"] == 1  # the file as it was when opened
+    assert checkpoint.load_checkpoint(path)["step"] == 2
+
+
 # -- SIGHUP under torchrun ----------------------------------------------------------------------
 
 
