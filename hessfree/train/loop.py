@@ -498,17 +498,22 @@ class Runner:
         try:
             print(text, file=stream, flush=True)
         except OSError as err:
-            reader_gone = err.errno == errno.EPIPE
-            if not (self._hung_up or reader_gone):
-                raise
-            _to_devnull(stream)
-            if reader_gone and not self._hung_up and stream is sys.stdout:
-                self._print(
-                    "hessfree: warning: stdout's reader has gone (a pipe into `head`, or a "
-                    "pager that quit); the run goes on without printing, and writes its results "
-                    f"to {os.path.abspath(self.run_dir)} (summary.json, metrics.jsonl).",
-                    sys.stderr,
-                )
+            self._drop(stream, err)
+
+    def _drop(self, stream: Any, err: OSError) -> None:
+        """Point ``stream``, whose write failed with ``err``, at /dev/null where its reader has
+        gone (:meth:`_print`); re-raise ``err`` for any other failure."""
+        reader_gone = err.errno == errno.EPIPE
+        if not (self._hung_up or reader_gone):
+            raise err
+        _to_devnull(stream)
+        if reader_gone and not self._hung_up and stream is sys.stdout:
+            self._print(
+                "hessfree: warning: stdout's reader has gone (a pipe into `head`, or a "
+                "pager that quit); the run goes on without printing, and writes its results "
+                f"to {os.path.abspath(self.run_dir)} (summary.json, metrics.jsonl).",
+                sys.stderr,
+            )
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -766,7 +771,7 @@ class Runner:
             initial=t.st.step,
             desc=spec.label,
             dynamic_ncols=True,
-            file=sys.stdout,
+            file=_BarStream(self),
             leave=True,
             disable=not self.progress,
         )
@@ -1113,6 +1118,31 @@ class Runner:
             train=f"{record['train_loss']:.4g}", test=f"{record['test_loss']:.4g}", refresh=False
         )
         return math.isfinite(record["train_loss"])
+
+
+class _BarStream:
+    """The progress bars' stdout: a write that finds its reader gone (``| head`` exited while
+    a bar was drawn) drops the stream as the runner's own lines do (:meth:`Runner._drop`)
+    instead of raising out of the step loop; tqdm itself only swallows EIO."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except OSError as err:
+            self._runner._drop(sys.stdout, err)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except OSError as err:
+            self._runner._drop(sys.stdout, err)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding: stdout's
+        return getattr(sys.stdout, name)
 
 
 #: SIGHUP where the platform has it (not on Windows).
