@@ -315,6 +315,36 @@ def test_runner17_a_run_piped_into_head_goes_on_when_head_exits(tmp_path, monkey
     _assert_bitwise(tmp_path / "run", tmp_path / "ref")
 
 
+def test_runner17_a_progress_bar_whose_reader_has_gone_does_not_stop_the_run(
+    tmp_path, monkeypatch, capsys
+):
+    """main: with bars on and stdout a pipe (`--progress | head`), the first write after head
+    exited was the bar's, which raised BrokenPipeError out of the step loop (tqdm swallows
+    only EIO): the run died mid-entry. Now the bar's stream is dropped as the runner's lines
+    are, and the run completes bitwise as an uninterrupted one. Deterministic: the pipe's
+    reader closes at the first step (writes before it fill the pipe, never block)."""
+    config = load_config(write_tiny(tmp_path))
+    read, write = os.pipe()
+    stdout = open(write, "w", encoding="utf-8")  # noqa: SIM115 -- closed below
+    monkeypatch.setattr(sys, "stdout", stdout)
+
+    def head_exits(event):
+        nonlocal read
+        if read is not None:
+            os.close(read)
+            read = None
+
+    try:
+        runner = Runner(config, tmp_path / "run", progress=True, verbose=False, on_step=head_exits)
+        assert runner.run().exit_code == 0
+    finally:
+        monkeypatch.undo()
+        stdout.close()
+    assert capsys.readouterr().err.count("stdout's reader has gone") == 1
+    Runner(config, tmp_path / "ref", progress=False, verbose=False).run()
+    _assert_bitwise(tmp_path / "run", tmp_path / "ref")
+
+
 def test_runner17_an_error_line_to_a_dead_stderr_keeps_its_status(
     tmp_path, monkeypatch, dead_stderr
 ):
