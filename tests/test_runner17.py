@@ -1,9 +1,11 @@
 """runner17: `hessfree run` against what users do to it next (experiments/README.md, runner17).
 
-Labels and names Windows reserves, the command's last line on a stderr nobody reads, a full
-disk at the writes no round had tried (the run directory's lock, the metrics line, the
-rewritten config of a resume), and SIGHUP under torchrun. Each test of a fix fails on main
-c370515; the guards say so.
+Counts past int64 (and the memory checks that missed npz classes and K-FAC probes), labels
+and names Windows reserves, complex YAML keys, an override into an unset list, the command's
+last line on a stderr nobody reads and a stdout whose reader has gone (`| head`, the bars
+too), a full disk at the writes no round had tried (the run directory's lock, a metrics
+line, the rewritten config of a resume), a checkpoint read while the run replaces it, and
+SIGHUP under torchrun. Each test of a fix fails on main c370515; the guards say so.
 """
 
 from __future__ import annotations
