@@ -458,7 +458,9 @@ def _validated(s: HFSettings) -> dict[str, Any]:
         out["max_eval"] = check_int("max_eval", s.max_eval, low=1)
     if s.callback is not None and not callable(s.callback):
         raise TypeError(f"`callback` must be callable or None, got {type(s.callback).__name__}.")
-    out["seed"] = check_int("seed", s.seed)
+    # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; past it the first random draw
+    # (nystrom, fisher_mc, K-FAC probes) raised
+    out["seed"] = check_int("seed", s.seed, low=-(2**63), high=2**64 - 1)
     out["products"] = ProductPolicy.of(s.products)
     check_choice("curvature_batch", s.curvature_batch, ("sharded", "replicated"))
     _check_bool("replay_rng", s.replay_rng)

@@ -126,14 +126,11 @@ def _with_note(archive: bytes, comment: bytes) -> bytes:
     return archive[:-2] + len(comment).to_bytes(2, "little") + comment
 
 
-def _read_note(path: str | Path) -> dict[str, Any] | None:
-    """The note :func:`save_checkpoint` left in the archive's comment, without unpickling
-    anything; None if there is none or it cannot be read."""
+def _read_note(data: bytes) -> dict[str, Any] | None:
+    """The note :func:`save_checkpoint` left in the archive's comment (``data`` is the whole
+    file), without unpickling anything; None if there is none or it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _END_SIZE - 0xFFFF))
-            tail = f.read()
+        tail = data[-(_END_SIZE + 0xFFFF) :]
         at = tail.rfind(_END_SIGNATURE)
         if at < 0:
             return None
@@ -142,7 +139,7 @@ def _read_note(path: str | Path) -> dict[str, Any] | None:
         if len(comment) != length or not comment.startswith(_NOTE_MAGIC):
             return None
         note = json.loads(comment[len(_NOTE_MAGIC) :])
-    except (OSError, ValueError):
+    except ValueError:
         return None
     return note if isinstance(note, dict) else None
 
@@ -154,13 +151,13 @@ def _damaged(path: str | Path, why: str) -> CheckpointError:
     )
 
 
-def _unreadable(path: str | Path, err: Exception, fallback: str) -> CheckpointError:
+def _unreadable(path: str | Path, data: bytes, err: Exception, fallback: str) -> CheckpointError:
     """A file torch failed to unpickle: another torch's, when its note says so, else damaged.
 
     The note is outside the pickle, so it names the torch that wrote the file even when this
     one cannot read a byte of the payload (a newer torch's types or protocol).
     """
-    note = _read_note(path)
+    note = _read_note(data)
     written = note.get("torch") if note else None
     if not isinstance(written, str) or written == str(torch.__version__):
         return _damaged(path, fallback)
@@ -182,14 +179,23 @@ def load_checkpoint(
         CheckpointError: The file is unreadable, truncated, not a checkpoint, or its content
             does not match the digest stored with it (the message names the file).
     """
+    # One read: the run replaces its checkpoints (atomically) while others may read them, and
+    # a payload and a note read from two opens could come from two files ("damaged").
     try:
-        outer = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            whole = f.read()
     except FileNotFoundError:
         raise
+    except OSError as err:  # a directory, no permission: as torch.load(path) said before
+        raise _unreadable(
+            path, b"", err, "it cannot be read as a checkpoint (truncated or overwritten)"
+        ) from None
+    try:
+        outer = torch.load(io.BytesIO(whole), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 -- torch raises several types for a corrupt file
         # torch's own text suggests weights_only=False, which would run pickled code: not shown.
         raise _unreadable(
-            path, err, "it cannot be read as a checkpoint (truncated or overwritten)"
+            path, whole, err, "it cannot be read as a checkpoint (truncated or overwritten)"
         ) from None
     if not isinstance(outer, dict):
         raise _damaged(path, f"it holds a {type(outer).__name__}, not a checkpoint")
@@ -207,13 +213,15 @@ def load_checkpoint(
         raise _damaged(
             path, "its content does not match the SHA-256 digest stored with it (changed on disk)"
         )
-    note = _read_note(path)
+    note = _read_note(whole)
     if note is not None and note.get("sha256") != digest:
         raise _damaged(path, "the versions noted in its zip comment belong to another content")
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 -- the digest matched: another torch's, or damaged
-        raise _unreadable(path, err, f"its verified content cannot be read ({err})") from None
+        raise _unreadable(
+            path, whole, err, f"its verified content cannot be read ({err})"
+        ) from None
     if not isinstance(state, dict):
         raise _damaged(path, f"it holds a {type(state).__name__}, not a checkpoint")
     return state

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -299,6 +300,28 @@ def _plain_warnings() -> Iterator[None]:
         yield
 
 
+def _settle(stream: Any) -> None:
+    """Flush ``stream``; one whose reader has gone (a pipe closed with its terminal, EPIPE; a
+    hung-up terminal, EIO) is pointed at /dev/null instead, so that the interpreter's own
+    final flush cannot turn the exit status into 120 or add a traceback."""
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        from hessfree.train.loop import _to_devnull
+
+        _to_devnull(stream)
+
+
+def _tell(text: str) -> None:
+    """Print the command's last line on stderr. Where nobody reads stderr any more (after
+    SIGHUP, a second signal's line goes to the pipe of a `| tee` that closed with the
+    terminal), the line is dropped: the exit status still says what happened."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        _settle(sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hessfree`` console script and ``python -m hessfree``.
 
@@ -326,16 +349,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _plain_warnings():
             code = _run(args, run_parser)
     except (ConfigError, DataError, CheckpointError, MetricsError, RunDirWriteError) as err:
-        print(f"hessfree: error: {err}", file=sys.stderr)
+        _tell(f"hessfree: error: {err}")
         code = 2
     except PeerError as err:
-        print(f"hessfree: error: {err}", file=sys.stderr)
+        _tell(f"hessfree: error: {err}")
         code = 3
     except RunDirInUseError as err:  # the config is fine: its own status, not 2
-        print(f"hessfree: error: {err}", file=sys.stderr)
+        _tell(f"hessfree: error: {err}")
         code = 5
     except KeyboardInterrupt as err:  # a second signal (Abandoned), or Ctrl-C outside the run
-        print("hessfree: interrupted; the last checkpoint (if any) is intact.", file=sys.stderr)
+        _tell("hessfree: interrupted; the last checkpoint (if any) is intact.")
         code = 128 + getattr(err, "signum", signal.SIGINT)
     from hessfree.train.parallel import group_outlives_destroy
 
@@ -343,9 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A group still alive (kept by torch, or left undestroyed after a peer failed) would be
         # torn down during interpreter finalisation, which can wait on a dead peer or abort the
         # process (-6 instead of this exit code): flush and leave before that.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _settle(sys.stdout)
+        _settle(sys.stderr)
         os._exit(code)
+    _settle(sys.stdout)
+    _settle(sys.stderr)
     return code
 
 

@@ -41,6 +41,8 @@ checkpoint and a summary, and end the run with status ``interrupted`` (the CLI e
 the signal number: 130, 143, 129). A second signal abandons the step at once; the previous
 checkpoint stays valid. After SIGHUP, output to a terminal that has hung up or to a pipe whose
 reader has gone (``| tee`` closed with the terminal) is dropped, so the run still ends cleanly.
+A stdout whose reader ends without a signal (``| head``, a pager that quit) is dropped too,
+with one warning on stderr, and the run goes on: its results are the run directory.
 
 Under ``torchrun --nproc_per_node=N`` the run is data-parallel (:mod:`hessfree.train.parallel`):
 every rank takes an equal slice of each batch (batch sizes must be multiples of N; a growing
@@ -90,6 +92,7 @@ from hessfree.train.config import (
     training_digest,
 )
 from hessfree.train.config.checks import (
+    _physical_memory,
     curvature_batch_fits,
     full_steps_problem,
     leaves,
@@ -302,6 +305,7 @@ def _data_problems(
                     f"step equals a one-process step on the whole batch. Use "
                     f"{key}={low or world_size} or {low + world_size}, or another process count."
                 )
+    problems += _probe_memory_problems(cfg, ds, objective)
     kind = ds.target_kind
     if objective.task != "reconstruction":
         if kind is None:
@@ -325,6 +329,31 @@ def _data_problems(
             problems.append(
                 f"`loss.name` = 'bce_with_logits' reconstructs inputs in [0, 1]; "
                 f"{ds.name!r} inputs range over [{lo:.3g}, {hi:.3g}]; use 'mse'."
+            )
+    return problems
+
+
+def _probe_memory_problems(cfg: ExperimentConfig, ds: Dataset, objective: Objective) -> list[str]:
+    """K-FAC's ``num_probes``: each refresh draws a (probes, curvature batch, outputs) tensor,
+    which a large count makes larger than the machine (int64's largest overflowed torch's
+    storage size at the first step, a traceback after the run directory was written)."""
+    problems = []
+    n = ds.x_train.shape[0]
+    outputs = _num_outputs(objective, ds) or math.prod(ds.input_shape)
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    for path, leaf in leaves(cfg):
+        precond = leaf.hyperparameters.get("precond") if leaf.name == "hessianfree" else None
+        probes = precond.get("num_probes") if isinstance(precond, dict) else None
+        if not probes:
+            continue
+        cases = min(leaf.curvature_batch_size or leaf.batch_max or leaf.batch_size or n, n)
+        size = probes * cases * outputs * itemsize
+        if size > _physical_memory():
+            problems.append(
+                f"`{path}.precond.num_probes` = {probes} ({leaf.label}): each K-FAC refresh "
+                f"draws {probes:,} x {cases:,} cases x {outputs:,} outputs, {size / 1e9:,.1f} GB "
+                f"as {cfg.dtype}, more than this machine's {_physical_memory() / 1e9:,.1f} GB of "
+                "memory; use a few probes (the default is 1)."
             )
     return problems
 
@@ -461,14 +490,30 @@ class Runner:
             self._print(text, sys.stdout)
 
     def _print(self, text: str, stream: Any) -> None:
-        """``print``; after SIGHUP, a stream whose reader has gone (EPIPE, EIO) is pointed at
-        /dev/null instead of failing the run's last writes (checkpoint and summary go first)."""
+        """``print``; a stream whose reader has gone is pointed at /dev/null instead of failing
+        the run: after SIGHUP (EPIPE, EIO), so the run's last writes (checkpoint and summary
+        go first) succeed, and whenever it is a pipe whose reader ended (EPIPE: ``| head``),
+        which is said once on stderr and the run goes on (its results are the run directory;
+        stopping it would cut a comparison short where a script reads only the pipe's end)."""
         try:
             print(text, file=stream, flush=True)
-        except OSError:
-            if not self._hung_up:
-                raise
-            _to_devnull(stream)
+        except OSError as err:
+            self._drop(stream, err)
+
+    def _drop(self, stream: Any, err: OSError) -> None:
+        """Point ``stream``, whose write failed with ``err``, at /dev/null where its reader has
+        gone (:meth:`_print`); re-raise ``err`` for any other failure."""
+        reader_gone = err.errno == errno.EPIPE
+        if not (self._hung_up or reader_gone):
+            raise err
+        _to_devnull(stream)
+        if reader_gone and not self._hung_up and stream is sys.stdout:
+            self._print(
+                "hessfree: warning: stdout's reader has gone (a pipe into `head`, or a "
+                "pager that quit); the run goes on without printing, and writes its results "
+                f"to {os.path.abspath(self.run_dir)} (summary.json, metrics.jsonl).",
+                sys.stderr,
+            )
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -726,7 +771,7 @@ class Runner:
             initial=t.st.step,
             desc=spec.label,
             dynamic_ncols=True,
-            file=sys.stdout,
+            file=_BarStream(self),
             leave=True,
             disable=not self.progress,
         )
@@ -1073,6 +1118,31 @@ class Runner:
             train=f"{record['train_loss']:.4g}", test=f"{record['test_loss']:.4g}", refresh=False
         )
         return math.isfinite(record["train_loss"])
+
+
+class _BarStream:
+    """The progress bars' stdout: a write that finds its reader gone (``| head`` exited while
+    a bar was drawn) drops the stream as the runner's own lines do (:meth:`Runner._drop`)
+    instead of raising out of the step loop; tqdm itself only swallows EIO."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except OSError as err:
+            self._runner._drop(sys.stdout, err)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except OSError as err:
+            self._runner._drop(sys.stdout, err)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding: stdout's
+        return getattr(sys.stdout, name)
 
 
 #: SIGHUP where the platform has it (not on Windows).

@@ -85,7 +85,14 @@ class MetricsLog:
         return self._sha256.hexdigest()
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            # The record whose flush failed (a full disk) is still buffered, and closing
+            # retries it and fails again: that error would replace the worded one the failed
+            # append raised. The record was never counted (tell, sha256); --resume cuts the file
+            # to what the latest checkpoint recorded. The descriptor is closed either way.
+            pass
 
     def __enter__(self) -> MetricsLog:
         return self

@@ -549,11 +549,31 @@ def lock_run_dir(run_dir: Path) -> Any:
             f"with --resume {run_dir}; two processes writing one run directory would "
             "interleave its metrics and checkpoints."
         ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+    except OSError as err:  # a full disk: the first write of a new run after config.yaml
+        try:
+            f.close()
+        except OSError:
+            pass  # the unwritten line is dropped with the file object
+        raise RunDirError(
+            [
+                f"cannot write the run directory's lock file '{path}': "
+                f"{err.strerror or err}. Nothing was trained or changed; free space (or make "
+                f"the directory writable), then {_again(run_dir)}."
+            ]
+        ) from None
     return f
+
+
+def _again(run_dir: Path) -> str:
+    """How to go on in ``run_dir`` once a write can succeed: resume it if it holds a run."""
+    if (run_dir / "config.yaml").is_file():
+        return f"continue with: hessfree run --resume {os.path.abspath(run_dir)}"
+    return "run the command again"
 
 
 def _format_problem(path: Path, ckpt: dict[str, Any]) -> str:
@@ -723,10 +743,11 @@ def prepare_run_dir(
     if writer and any(c.get("config_sha256") != digest for c in found.values()):
         # Resumed under other budgets: the run directory describes the run as it goes on.
         header = config_header or "Resolved by hessfree"
-        write_text_atomic(
-            run_dir / "config.yaml",
-            dump_config(config, f"{header}\nBudgets changed on resume."),
-        )
+        with writing(run_dir / "config.yaml", run_dir):  # atomic: the old one stays whole
+            write_text_atomic(
+                run_dir / "config.yaml",
+                dump_config(config, f"{header}\nBudgets changed on resume."),
+            )
     if writer:
         # Only now that every check passed: the leftovers of a write killed mid-way.
         for stale in remove_stale_temporaries(ckpt_dir) + remove_stale_temporaries(run_dir):

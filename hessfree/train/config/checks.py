@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hessfree.train.config.schema import _show
+from hessfree.train.config.schema import _show, windows_reserved
 from hessfree.train.config.sections import (
     _DATA_TASK,
     _IMAGE_DATA,
@@ -189,6 +189,8 @@ def _known_data(data: Any, problems: list[str]) -> _KnownData:
         return _KnownData(data.num_train, data.image_size**2, None)
     if name == "addition":
         return _KnownData(data.num_train, 2 * data.length, 1)
+    if name == "npz":  # the file decides the rest; `num_classes` sizes the output layer
+        return _KnownData(None, None, getattr(data, "num_classes", None))
     return _KnownData(None, 784 if name == "mnist" else None, 10 if name == "mnist" else None)
 
 
@@ -274,15 +276,26 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
             f"more than this machine's {_gigabytes(have)} of memory; use fewer cases."
         )
     elif need > have:
-        key = {"mlp": "hidden_sizes", "autoencoder": "layer_sizes", "cnn": "channels"}.get(
-            cfg.model.name, "hidden_size"
-        )
+        key = "model." + {
+            "mlp": "hidden_sizes",
+            "autoencoder": "layer_sizes",
+            "cnn": "channels",
+        }.get(cfg.model.name, "hidden_size")
+        fix = "use smaller layers or less data"
+        one_output = dataclasses.replace(known, num_outputs=None)
+        if cfg.data.name == "npz" and 3 * _num_parameters(cfg.model, one_output) * itemsize < have:
+            # an npz file's `num_classes` alone makes the output layer too wide
+            key = "data.num_classes"
+            fix = (
+                f"it is {cfg.data.num_classes:,} outputs; use the labels' number of classes "
+                "(null: max label + 1)"
+            )
         problems.append(
-            f"`model.{key}`: the model would have at least {params:,} parameters "
+            f"`{key}`: the model would have at least {params:,} parameters "
             f"({_gigabytes(params * itemsize)} as {cfg.dtype}; training needs about "
             f"{_gigabytes(need)} with gradients, optimizer state and "
             f"{_gigabytes(data_values * itemsize)} of data), more than this machine's "
-            f"{_gigabytes(have)} of memory; use smaller layers or less data."
+            f"{_gigabytes(have)} of memory; {fix}."
         )
 
 
@@ -304,6 +317,16 @@ def _check_name(name: str, problems: list[str]) -> None:
         problems.append(
             f"`name` is {len(name.encode('utf-8', errors='replace'))} bytes long; a run "
             "directory name must stay under the file system's 255: use at most 200."
+        )
+    elif windows_reserved(f"{name}-<time>"):
+        # Only with a dot: the time stamp follows the name (`con-<time>` is not reserved).
+        base = name.partition(".")[0]
+        problems.append(
+            f"`name` = {_show(name)} names the run directory '{name}-<time>', and Windows "
+            f"reserves every file name whose part before the first dot is {base.strip()!r} "
+            "(a device: CON, PRN, AUX, NUL, COM1-9, LPT1-9, in any case): the run directory "
+            f"could not be copied to or written on Windows. Use another name, e.g. "
+            f"{base.strip() + '-1' + name[len(base) :]!r}."
         )
 
 

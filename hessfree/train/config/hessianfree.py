@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hessfree.train.config.schema import _path, _show, _unknown_key, _yaml_note
+from hessfree.train.config.schema import _path, _show, _unknown_key, _yaml_note, beyond_int64
 from hessfree.train.config.sections import _ENTRY_KEYS
 
 
@@ -75,6 +75,9 @@ def check_hessianfree(raw: Mapping[str, Any], path: str, problems: list[str]) ->
 
     bad = False
     for key, value in given.items():
+        if beyond_int64(value, _path(path, key), problems):  # seed: manual_seed's C long
+            bad = True
+            continue
         # `precond: off` is the boolean False to YAML 1.1; say so where no boolean is meant.
         note = _yaml_note(value) if not isinstance(defaults[key], bool) else ""
         for _, message in settings.problems({key: value}):
@@ -136,6 +139,9 @@ def check_kfac(value: Any, path: str, problems: list[str]) -> dict[str, Any] | N
     for key, v in options.items():
         nullable = key in ("num_probes", "rank")
         message = None
+        if beyond_int64(v, _path(path, key), problems):
+            bad = True
+            continue
         if isinstance(v, bool) or not (v is None or isinstance(v, (int, float))):
             message = f"must be a number{' or null' if nullable else ''}."
         elif v is None and not nullable:

@@ -88,6 +88,15 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
                 if last:
                     node[part] = value
                 else:
+                    if node.get(part) is None and parts[depth + 1].lstrip("-").isdigit():
+                        # `betas.0=0.95` where the file leaves `betas` to its default: a
+                        # mapping {'0': 0.95} would be refused as "must be a list, got dict"
+                        problems.append(
+                            f"Override {text!r}: `{where}` is not set in the config (its "
+                            f"default applies), so it has no item {parts[depth + 1]} to "
+                            f"change; give the whole value, e.g. {where}=[...]."
+                        )
+                        break
                     if node.get(part) is None:
                         node[part] = {}
                     node = node[part]

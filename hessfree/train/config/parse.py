@@ -36,6 +36,7 @@ from hessfree.train.config.schema import (
     _type_name,
     _unknown_key,
     _yaml_note,
+    beyond_int64,
 )
 from hessfree.train.config.sections import (
     _ENTRY_KEYS,
@@ -133,7 +134,7 @@ def _schedule(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             null = " or null" if key == "batch_max" else ""
             refuse(key, f"must be an integer >= 1{null} ({meaning})")
-        else:
+        elif not beyond_int64(v, f"{path}.{key}", problems):
             out[key] = v
     if "curvature_fraction" in raw and raw["curvature_fraction"] is not None:
         f = raw["curvature_fraction"]
@@ -162,6 +163,8 @@ def _schedule(
             v = int(v)
         if name != "hessianfree":
             problems.append(f"`{path}.{key}` only applies to 'hessianfree', not {name!r}.")
+        elif beyond_int64(v, f"{path}.{key}", problems):
+            pass
         elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
             refuse(
                 key,

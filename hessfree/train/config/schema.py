@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import decimal
 import difflib
 import re
 import types
@@ -39,6 +40,8 @@ _MAX_THREADS = 1024
 _MAX_TIMEOUT = 2_000_000.0
 #: Floats larger than this are not exact integers; a count given as one is refused.
 _MAX_EXACT_FLOAT_INT = 2**53
+#: The largest int64, what torch and NumPy count in (:func:`beyond_int64`).
+_INT64_MAX = 2**63 - 1
 #: Longest echo of a value in a message, and the most values a document may expand to
 #: (YAML aliases can make a few hundred bytes expand to millions of values).
 _MAX_SHOWN = 200
@@ -218,6 +221,41 @@ def _yaml_note(value: object, text: bool = False, path: str = "") -> str:
     return f" (YAML reads unquoted yes/no/on/off/true/false, any case, as booleans{quote})"
 
 
+def _inexact_note(value: object) -> str:
+    """Why ``1e19`` is no count: YAML reads it as a float, and floats above 2**53 skip integers."""
+    if not (isinstance(value, float) and value.is_integer()):
+        return ""
+    exact = int(decimal.Decimal(repr(value)))  # 1e30 is 10**30 as written, not the float's
+    if abs(exact) > _INT64_MAX:
+        return f" (beyond the 64-bit integers torch and NumPy count in: at most {_INT64_MAX})"
+    return (
+        f" (YAML reads {value!r} as a float, and a float above 2**53 is not an exact integer:"
+        f" write the digits, {exact})"
+    )
+
+
+def beyond_int64(value: object, path: str, problems: list[str]) -> bool:
+    """Whether ``value`` is an integer outside int64 (appending why to ``problems``).
+
+    Every count of a run is a Python integer, but torch's tensors, NumPy's arrays and C
+    ``long`` arguments (``torch.Generator.manual_seed``, tensor shapes) hold int64: a value
+    past it that reaches one fails with an overflow after the run has started, and one that
+    never does bounds nothing a run could reach (2**63 steps of 1 ns each are 292 years).
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or -_INT64_MAX - 1 <= value <= _INT64_MAX
+    ):
+        return False
+    problems.append(
+        f"`{path}` = {_show(value)} is outside the 64-bit integers torch and NumPy count in "
+        f"(at most {_INT64_MAX} = 2**63 - 1); use a smaller value (a budget no run reaches "
+        "bounds nothing: remove it, or set another budget)."
+    )
+    return True
+
+
 def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: list[str]) -> Any:
     """Check ``value`` against a type hint and a :class:`_Spec`; return it converted."""
     origin = typing.get_origin(hint)
@@ -258,7 +296,7 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(
                 f"`{path}` must be an integer, got {_type_name(value)} {_show(value)}"
-                f"{_yaml_note(value, path=path)}."
+                f"{_yaml_note(value, path=path)}{_inexact_note(value)}."
             )
             return _INVALID
     elif hint is float:
@@ -283,7 +321,7 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
         raise AssertionError(f"unsupported type hint {hint!r} at {path}")
 
     if spec is None:
-        return value
+        return _INVALID if hint is int and beyond_int64(value, path, problems) else value
     if spec.choices is not None and value not in spec.choices:
         listed = ", ".join(repr(c) for c in spec.choices)
         close = (
@@ -315,6 +353,8 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
         except (TypeError, ValueError) as err:
             problems.append(str(err))
             return _INVALID
+    if hint is int and beyond_int64(value, path, problems):  # after a tighter range's message
+        return _INVALID
     return value
 
 
@@ -354,6 +394,23 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 #: ``.<label>.pt.<pid>.<8 hex>.tmp`` (25 more characters with a 7-digit pid, Linux's
 #: largest), and file systems take names of at most 255 bytes (Linux, macOS, Windows).
 _MAX_LABEL = 255 - 25
+#: Names Windows keeps for devices: a file named so (any case, any extension: ``aux.txt``,
+#: ``CON.pt``) cannot be created, copied or unzipped there. Python's own list
+#: (``pathlib.PureWindowsPath.is_reserved`` up to 3.12) less what a label cannot spell.
+WINDOWS_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL"} | {f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10)}
+)
+
+
+def windows_reserved(file_name: str) -> bool:
+    """Whether Windows reserves ``file_name`` for a device: its part before the first dot,
+    trailing spaces dropped, is one of :data:`WINDOWS_RESERVED` in any case.
+
+    Example:
+        >>> [windows_reserved(n) for n in ("con.pt", "aux.txt.pt", "console.pt", "com10.pt")]
+        [True, True, False, False]
+    """
+    return file_name.partition(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED
 
 
 def _check_label(label: Any, default: str, path: str, problems: list[str]) -> str:
@@ -369,6 +426,18 @@ def _check_label(label: Any, default: str, path: str, problems: list[str]) -> st
             f"`{path}.label` has {len(label)} characters, more than the {_MAX_LABEL} a "
             f"checkpoint's file name allows (checkpoints/<label>.pt), got {_show(label)}; "
             "use a shorter label."
+        )
+        return default
+    if windows_reserved(f"{label}.pt"):
+        # Refused everywhere, as labels differing only in case are: a run directory copied to
+        # (or written on) Windows would lack this checkpoint.
+        base = label.partition(".")[0]
+        problems.append(
+            f"`{path}.label` = {label!r} names the checkpoint checkpoints/{label}.pt, and "
+            f"Windows reserves the file name {base.upper()!r} for a device (CON, PRN, AUX, NUL, "
+            "COM1-9, LPT1-9, in any case and with any extension): the run directory could not "
+            f"be copied to or written on Windows. Use another label, e.g. "
+            f"{base + '-1' + label[len(base) :]!r}."
         )
         return default
     return label

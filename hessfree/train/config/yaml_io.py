@@ -12,13 +12,19 @@ import codecs
 import dataclasses
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hessfree.train.config.schema import _MAX_PROBLEM_CHARS, _MAX_VALUES, ConfigError
+from hessfree.train.config.schema import (
+    _MAX_PROBLEM_CHARS,
+    _MAX_VALUES,
+    ConfigError,
+    _show,
+    _type_name,
+)
 from hessfree.train.config.sections import ExperimentConfig, OptimizerConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +145,17 @@ def _construct_mapping(loader: _SafeLoader, node: yaml.MappingNode, deep: bool =
     mapping: dict = {}
     seen: set = set()
     for i, (key_node, value_node) in enumerate(node.value):
-        key = loader.construct_object(key_node, deep=deep)
+        key = loader.construct_object(key_node, deep=True)  # a list key whole, for its message
+        if not isinstance(key, Hashable):  # `? [a, b] : 1`: a dict cannot hold it
+            line = key_node.start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"a key must be a single value (a name or a number), got the "
+                f"{_type_name(key)} {_show(key)} as a key (line {line}); a `?` starts a "
+                "complex key in YAML, which a config has no use for",
+                key_node.start_mark,
+            )
         if i >= merged:
             if key in seen:
                 line = key_node.start_mark.line + 1
