@@ -274,6 +274,19 @@ def make_curves_task(quick: bool) -> Task:
             kw=dict(cg_max_iter=2, min_damping=0.3, relative_min_damping=0.0),
             kfac=dict(rank=32, refresh=2),
         )
+        # the λ ≥ 0.3 row with its batch grown 0.07 % a step (250 → ~500 by step 1,000),
+        # curvature on a quarter of it: on a CPU 3.4x faster than run27's the 90 s reach the
+        # late phase where 250-case steps are noise and the fixed row flattens (run30: 1.19x
+        # Adam). Quiet, interleaved, 90 s (experiments/README.md, "lead, stop 47"): 4.75
+        # against Adam b 20's 5.65 and the fixed row's 6.18; growth 0.15 % a step 6.10, a fixed
+        # 500/125 5.48 against Adam's 5.10 in another run, λ ≥ 1 and ≥ 3 worse
+        hf["250×1.0007/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥0.3"] = dict(
+            batch=250,
+            growth=1.0007,
+            curvature_batch=0.25,
+            kw=dict(cg_max_iter=2, min_damping=0.3, relative_min_damping=0.0),
+            kfac=dict(rank=32, refresh=2),
+        )
         # no arguments at 500/125: since precond='auto' gives K-FAC to (loss, outputs) closures,
         # this is auto K-FAC with cg_max_iter='auto' (2 on its stochastic steps), not cg≤250;
         # the rows above without a K-FAC entry get auto K-FAC too, under their own CG cap
