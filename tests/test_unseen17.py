@@ -48,6 +48,14 @@ def _stats(model: nn.Module) -> list[torch.Tensor]:
     return [getattr(bn, name).clone() for name in _STATS]
 
 
+def _one_pass_stats(model: nn.Module, X: torch.Tensor) -> list[torch.Tensor]:
+    """The oracle: the statistics after one train-mode forward pass of a copy at theta."""
+    oracle = copy.deepcopy(model)
+    with torch.no_grad():
+        oracle(X)
+    return _stats(oracle)
+
+
 def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -84,12 +92,10 @@ def test_batchnorm_statistics_move_once_per_step_as_one_forward_pass_at_theta(st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the train-mode BatchNorm warning (tested elsewhere)
         for _ in range(3):
-            oracle = copy.deepcopy(model)
-            with torch.no_grad():
-                oracle(X)
+            want_stats = _one_pass_stats(model, X)
             opt.step(closure, **extra)
             calls += opt.last_step.closure_calls
-            for got, want in zip(_stats(model), _stats(oracle), strict=True):
+            for got, want in zip(_stats(model), want_stats, strict=True):
                 assert torch.equal(got, want)
     assert calls > 3  # the steps did evaluate trial points
     assert int(model[1].num_batches_tracked) == 3
@@ -110,14 +116,12 @@ def test_batchnorm_statistics_passed_to_functional_call_move_once_and_the_module
         out = functional_call(model, {**params, **stats}, (X,))
         return F.cross_entropy(out, y), out
 
-    oracle = copy.deepcopy(model)
-    with torch.no_grad():
-        oracle(X)
+    want_stats = _one_pass_stats(model, X)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt.step(closure)
     assert opt.last_step.closure_calls > 1
-    for name, want in zip(_STATS, _stats(oracle), strict=True):
+    for name, want in zip(_STATS, want_stats, strict=True):
         assert torch.equal(stats[f"1.{name}"], want)
     for got, want in zip(_stats(model), own, strict=True):
         assert torch.equal(got, want)
@@ -164,14 +168,12 @@ def test_a_non_finite_trial_leaves_batchnorm_statistics_finite_and_the_eval_mode
         out = model(x)
         return F.cross_entropy(out, y), out
 
-    oracle = copy.deepcopy(model)
-    with torch.no_grad():
-        oracle(X)
+    want_stats = _one_pass_stats(model, X)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt.step(closure)
     assert calls[0] >= 2
-    for got, want in zip(_stats(model), _stats(oracle), strict=True):
+    for got, want in zip(_stats(model), want_stats, strict=True):
         assert torch.equal(got, want)
     model.eval()
     with torch.no_grad():
