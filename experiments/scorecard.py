@@ -724,6 +724,9 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
     full_steps = [0]  # steps taken on the whole training set
     # Byrd et al. (2012): grow the batch once it is noise
     test = _NormTest(**regime["norm_test"]) if "norm_test" in regime else None
+    # or grow it when its steps' gains stop reaching unseen cases
+    transfer = _TransferTest(**regime["transfer_test"]) if "transfer_test" in regime else None
+    held_gen = torch.Generator().manual_seed(2)
     steps = [0]
     curvature_gen = torch.Generator().manual_seed(1)
 
@@ -761,7 +764,18 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
                 # on the whole set ``xb[:c]`` would be the same c cases every step: draw them
                 pick = torch.randperm(len(xb), generator=curvature_gen)[:c].to(xb.device)
                 curvature = lambda: forward(xb[pick], yb[pick])  # noqa: E731
+            probe = transfer and idx is not None and steps[0] % transfer.every == 0
+            if probe:
+                held = transfer.draw(idx, len(task.x), held_gen)
+                with torch.no_grad():
+                    before = float(task.loss(m(task.x[held]), task.y[held]))
             opt.step(lambda: forward(xb, yb), curvature)
+            if probe:
+                with torch.no_grad():
+                    after = float(task.loss(m(task.x[held]), task.y[held]))
+                info = opt.last_step
+                size = transfer.next_size(before - after, info.loss - info.loss_after, batches.size)
+                batches.size = min(size, float(len(task.x)))
         s = opt.last_step.status
         run.statuses[s] = run.statuses.get(s, 0) + 1
 
@@ -895,6 +909,78 @@ class _NormTest:
         return max(size, min(want, size * self.max_growth))
 
 
+class _TransferTest:
+    r"""Grow the batch when a step's gain stops transferring from its batch to unseen cases.
+
+    Byrd et al.'s norm test reads the gradient's noise in the Euclidean norm; a damped
+    Gauss-Newton step divides by the curvature, so it amplifies the directions where the cases
+    disagree, and on CURVES a 250-case step whose gradient passes the norm test at θ = 0.9 (it
+    asks for 10-150 cases) cut its own batch's loss by 1.2-2.5 late while the whole set's fell
+    by 2 % of that or rose (``experiments/README.md``, "lead, stop 48"). Every ``every`` steps
+    this test takes the loss of ``held`` cases outside the step's batch before and after the
+    step: the transfer is their drop over the batch's drop (ratio of exponential averages
+    with weight ``smooth`` over the tests since the last growth). Below ``tau`` after at least
+    ``min_tests`` tests, the batch grows by ``growth``; the averages then start afresh. The
+    size never shrinks. Scale-free (a ratio of two drops of one loss) and read from the run's
+    state, not from its step count or clock.
+
+    >>> t = _TransferTest(tau=0.5, min_tests=2, smooth=0.0, growth=1.5)
+    >>> t.next_size(0.1, 1.0, 250.0)  # one test: too few to act on
+    250.0
+    >>> t.next_size(0.2, 1.0, 250.0)  # 0.2 / 1.0 < 0.5: grow, and forget
+    375.0
+    >>> t.next_size(0.9, 1.0, 375.0), t.next_size(0.8, 1.0, 375.0)
+    (375.0, 375.0)
+    """
+
+    def __init__(
+        self,
+        tau: float = 0.5,
+        every: int = 5,
+        held: int = 250,
+        smooth: float = 0.7,
+        growth: float = 1.25,
+        min_tests: int = 3,
+    ) -> None:
+        if not (0.0 < tau < 1.0):
+            raise ValueError(f"transfer test `tau` must be in (0, 1), got {tau!r}.")
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"transfer test `every` must be an integer >= 1, got {every!r}.")
+        if not (isinstance(held, int) and held >= 1):
+            raise ValueError(f"transfer test `held` must be an integer >= 1, got {held!r}.")
+        if not 0.0 <= smooth < 1.0:
+            raise ValueError(f"transfer test `smooth` must be in [0, 1), got {smooth!r}.")
+        if not growth > 1.0:
+            raise ValueError(f"transfer test `growth` must be > 1, got {growth!r}.")
+        if not (isinstance(min_tests, int) and min_tests >= 1):
+            raise ValueError(
+                f"transfer test `min_tests` must be an integer >= 1, got {min_tests!r}."
+            )
+        self.tau, self.every, self.held, self.smooth = tau, every, held, smooth
+        self.growth, self.min_tests = growth, min_tests
+        self.tests, self.held_drop, self.batch_drop = 0, 0.0, 0.0
+
+    def next_size(self, held_drop: float, batch_drop: float, size: float) -> float:
+        """Fold in one test's two drops (the held-out cases', the batch's); the new size."""
+        if not (math.isfinite(held_drop) and math.isfinite(batch_drop)) or batch_drop <= 0:
+            return size  # a rejected or non-finite step says nothing about the transfer
+        a = self.smooth if self.tests else 0.0
+        self.held_drop = a * self.held_drop + (1 - a) * held_drop
+        self.batch_drop = a * self.batch_drop + (1 - a) * batch_drop
+        self.tests += 1
+        if self.tests < self.min_tests or self.held_drop >= self.tau * self.batch_drop:
+            return size
+        self.tests = 0
+        return size * self.growth
+
+    def draw(self, batch: Tensor, n: int, gen: torch.Generator) -> Tensor:
+        """``held`` random cases of ``n`` outside ``batch`` (fewer if the batch leaves fewer)."""
+        out = torch.ones(n, dtype=torch.bool)
+        out[batch.cpu()] = False
+        rest = out.nonzero().flatten()
+        return rest[torch.randperm(len(rest), generator=gen)[: self.held]].to(batch.device)
+
+
 def _curvature_size(regime: dict, batch: int, n: int, full_steps: int = 0) -> int:
     """The curvature batch of a step on ``batch`` cases: fixed, or (a growing regime) the
     fraction ``curvature_batch`` of the gradient batch and all of it once that is full — after
@@ -908,7 +994,7 @@ def _curvature_size(regime: dict, batch: int, n: int, full_steps: int = 0) -> in
     >>> [_curvature_size(late, 4000, 4000, k) for k in (1, 4, 5)]
     [1000, 1000, 4000]
     """
-    if "norm_test" in regime:
+    if "norm_test" in regime or "transfer_test" in regime:
         c = regime["curvature_batch"]
         if batch >= n and "full_curvature_batch" in regime:  # the batch grown to the whole set
             c = regime["full_curvature_batch"]
@@ -960,6 +1046,15 @@ def _regime_text(regime: dict) -> str:
         return (
             f"batch {regime['batch']} grown by Byrd et al.'s norm test (θ = {t['theta']:g}, "
             f"every {t.get('every', 5)} steps{extra}), curvature batch {curv}{late}; {kw}{early}"
+        )
+    if "transfer_test" in regime:
+        t = _TransferTest(**regime["transfer_test"])
+        c = regime["curvature_batch"]
+        curv = f"{c:g} of it" if isinstance(c, float) else str(c)
+        return (
+            f"batch {regime['batch']} grown ×{t.growth:g} when its steps' drop on {t.held} unseen "
+            f"cases falls below {t.tau:g} of the batch's (every {t.every} steps, averaged with "
+            f"weight {t.smooth:g} over ≥ {t.min_tests} tests), curvature batch {curv}; {kw}"
         )
     return f"batch {regime['batch']}, curvature batch {regime['curvature_batch']}; {kw}"
 

@@ -445,3 +445,97 @@ def test_addition_defaults_verdict_is_the_time_to_solve(default_curve, verdict, 
         if v[1] == "`HessianFree(params)` within 1.5× of tuned HF"
     ]
     assert row[3] == verdict and row[2].startswith(value), row
+
+
+def test_transfer_test_matches_the_exponential_average_closed_form():
+    # oracle: numpy's exponential averages of the held-out and batch drops since the last
+    # growth (the first test after a growth unweighted); grown ×growth when, after at least
+    # min_tests tests, held < tau · batch; non-finite or non-positive batch drops skipped
+    rng = np.random.default_rng(5)
+    held, batch = rng.uniform(-0.5, 1.0, 40), rng.uniform(0.1, 1.0, 40)
+    batch[[7, 19]] = [-0.2, math.nan]
+    tau, a, growth, least = 0.4, 0.6, 1.3, 2
+    test = scorecard._TransferTest(tau=tau, smooth=a, growth=growth, min_tests=least)
+    h_avg = b_avg = 0.0
+    count, size, grew = 0, 100.0, 0
+    for k in range(40):
+        want = size
+        if math.isfinite(batch[k]) and batch[k] > 0:
+            w = a if count else 0.0
+            h_avg, b_avg = w * h_avg + (1 - w) * held[k], w * b_avg + (1 - w) * batch[k]
+            count += 1
+            if count >= least and h_avg < tau * b_avg:
+                want, count, grew = size * growth, 0, grew + 1
+        got = test.next_size(float(held[k]), float(batch[k]), size)
+        assert got == pytest.approx(want, rel=1e-12), k
+        size = got
+    assert 0 < grew < 20  # the draws exercise both branches
+
+
+def test_transfer_test_held_cases_lie_outside_the_batch():
+    test = scorecard._TransferTest(held=30)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randperm(100, generator=torch.Generator().manual_seed(1))[:80]
+    held = test.draw(batch, 100, gen)
+    assert len(held) == 20 and len(set(held.tolist())) == 20  # only 20 cases are left
+    assert not set(held.tolist()) & set(batch.tolist())
+    small = test.draw(batch[:10], 100, gen)
+    assert len(small) == 30 and not set(small.tolist()) & set(batch[:10].tolist())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(tau=1.0), "tau"),
+        (dict(tau=0.0), "tau"),
+        (dict(every=0), "every"),
+        (dict(held=0), "held"),
+        (dict(smooth=1.0), "smooth"),
+        (dict(growth=1.0), "growth"),
+        (dict(min_tests=0), "min_tests"),
+    ],
+)
+def test_transfer_test_settings_out_of_range_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        scorecard._TransferTest(**kwargs)
+
+
+def _transfer_sizes(d: int, batch: int, steps: int) -> list[float]:
+    """A linear least-squares task with noisy targets, its batch under the transfer test."""
+    g = torch.Generator().manual_seed(11)
+    n = 400
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(d, 1, generator=g, dtype=torch.float64) + torch.randn(
+        n, 1, generator=g, dtype=torch.float64
+    )
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    task = scorecard.Task(
+        "t", "t", model, x, y, scorecard.mse_sum_per_case, None, "", 1.0, 1.0, [], [], {}
+    )
+    regime = dict(
+        batch=batch,
+        curvature_batch=1.0,
+        kw=dict(cg_max_iter=50, damping=1e-6, min_damping=1e-8, relative_min_damping=0.0),
+        transfer_test=dict(tau=0.5, every=1, held=100, smooth=0.0, growth=2.0, min_tests=1),
+    )
+    run = scorecard.hf_run(task, "tt", "HF", regime)
+    cells = {type(c.cell_contents).__name__: c.cell_contents for c in run.step.__closure__}
+    sizes = []
+    for _ in range(steps):
+        run.step()
+        sizes.append(cells["_Batches"].size)
+    return sizes
+
+
+def test_transfer_test_grows_a_batch_that_its_steps_overfit_and_not_one_they_do_not():
+    # 10 cases of a 30-parameter least-squares fit: a Newton step interpolates them and the
+    # held-out loss rises, so the batch doubles until its steps' gains transfer (320 of the
+    # 400 cases here; at least past the 30 parameters), then stays; 100 cases of a
+    # 2-parameter fit from far away: the first step's gain transfers, no growth
+    over = _transfer_sizes(30, 10, 6)
+    assert over[:3] == [20.0, 40.0, 80.0]
+    assert over[-1] == over[-2] >= 40.0  # grown, then held
+    assert over == sorted(over)  # never shrinks
+    assert _transfer_sizes(2, 100, 1) == [100.0]
