@@ -223,8 +223,12 @@ def _extreme_eigenpairs(
     tol = check_number("tol", tol, low=0.0)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter, low=1)
-    if k == n:
-        return _all_eigenpairs(op, which)
+    _check_symmetric(A, "eigsh (Lanczos)")
+    # ARPACK's Hermitian path for complex A is its general one, which needs k < n - 1 (SciPy
+    # then tries a dense eig, which it refuses for a LinearOperator)
+    if k == n or (np.iscomplexobj(np.empty(0, op.dtype)) and k >= n - 1):
+        pairs = _all_eigenpairs(op, which)
+        return Eigenpairs(pairs.values[:k], pairs.vectors[:, :k])
     # A seeded Gaussian start: reproducible, and almost surely not orthogonal to any eigenvector.
     v0 = _draw(_rng(seed), n, 1, np.result_type(op.dtype, np.float32), gaussian=True)[:, 0]
     # Clustered ends (a Gauss-Newton matrix's bottom: relative gaps ~1e-6) stall ARPACK for
@@ -322,7 +326,11 @@ def top_eigenpairs(
 
     Args:
         A: A symmetric ``LinearOperator``, a product with ``matvec`` and ``shape`` (e.g.
-            :class:`~hessfree.HessianProduct`) or a dense matrix.
+            :class:`~hessfree.HessianProduct`) or a dense matrix. A dense matrix is checked
+            (:math:`\|A - A^\top\|_F \le \sqrt\epsilon \|A\|_F`; complex: Hermitian);
+            an operator is trusted: ARPACK's Lanczos reads only its products, and a
+            non-symmetric one gives wrong eigenpairs without a sign (the operators of
+            :mod:`hessfree.operators` are symmetric by construction).
         k: How many eigenpairs, ``1 <= k <= n`` (``k = n``, the whole spectrum, from the
             ``n`` products ``A @ I`` and :func:`numpy.linalg.eigh`: ARPACK needs ``k < n``).
         tol: ARPACK's relative accuracy; ``0`` means machine precision of ``A``'s dtype.
@@ -334,7 +342,8 @@ def top_eigenpairs(
         Eigenpairs: ``values`` in decreasing order, ``vectors`` ``(n, k)``.
 
     Raises:
-        ValueError: If ``k`` is not in ``[1, n]``, ``A`` is not square, ``seed`` is a
+        ValueError: If ``k`` is not in ``[1, n]``, ``A`` is not square, a dense ``A`` is not
+            symmetric (naming the largest gap :math:`|A_{ij} - A_{ji}|`), ``seed`` is a
             negative int, or every product of ``A`` is zero (almost surely the zero matrix).
         TypeError: For an ``A`` or ``seed`` of an unsupported type.
         scipy.sparse.linalg.ArpackNoConvergence: If ARPACK does not converge in ``max_iter``.
@@ -395,7 +404,10 @@ def hutchinson_trace(
     r"""Hutchinson's (1989) trace estimate :math:`\tfrac1m \sum_j z_j^\top A z_j`.
 
     Unbiased with Rademacher probes; the standard error shrinks as :math:`1/\sqrt m`. For a
-    matrix with a few dominant eigenvalues prefer :func:`hutchpp_trace`.
+    matrix with a few dominant eigenvalues prefer :func:`hutchpp_trace`. ``A`` need not be
+    symmetric: :math:`z^\top A z = z^\top S z` with :math:`S = (A + A^\top)/2`, which has
+    the same trace, so the estimate is that of :math:`S` (and the variance above is
+    :math:`S`'s).
 
     Args:
         A: A ``LinearOperator``, a product with ``matvec`` and ``shape``, or a dense matrix.
@@ -438,7 +450,9 @@ def hutchpp_trace(
     :math:`\operatorname{tr}(Q^\top A Q) + \tfrac{1}{m_G}\sum_j g_j^\top P_\perp A P_\perp g_j`,
     :math:`P_\perp = I - QQ^\top`.
     The paper splits :math:`m` into equal thirds; capping :math:`s` at :math:`n` (where the
-    sketch is already exact) and giving the remainder to the probes is ours.
+    sketch is already exact) and giving the remainder to the probes is ours. Unbiased for any
+    square ``A`` (:math:`\operatorname{tr}(Q^\top A Q) + \operatorname{tr}(P_\perp A P_\perp)
+    = \operatorname{tr} A`); the paper's error bound is for a PSD ``A``.
 
     Args:
         A: A ``LinearOperator``, a product with ``matvec`` and ``shape``, or a dense matrix.
@@ -477,7 +491,8 @@ def hutchinson_diagonal(
     r"""Estimate the diagonal: :math:`\operatorname{diag} A \approx \tfrac1m \sum_j z_j \odot Az_j`.
 
     Unbiased: :math:`(z \odot Az)_i = A_{ii} + \sum_{k \ne i} A_{ik} z_i z_k`, so entry
-    :math:`i` has variance :math:`\sum_{k \ne i} A_{ik}^2 / m` (Bekas, Kokiopoulou & Saad 2007).
+    :math:`i` has variance :math:`\sum_{k \ne i} A_{ik}^2 / m` (Bekas, Kokiopoulou & Saad 2007);
+    symmetry is not needed (row :math:`i` of a non-symmetric ``A`` gives entry :math:`i`'s).
 
     Args:
         A: A ``LinearOperator``, a product with ``matvec`` and ``shape``, or a dense matrix.
@@ -714,7 +729,7 @@ def spectral_density(
         raise ValueError(f"Unknown `probes` {probes!r}; expected one of 'rademacher', 'gaussian'.")
     op = _as_operator(A)
     rng, n, dtype = _rng(seed), op.shape[0], _probe_dtype(op)
-    _check_symmetric(A)
+    _check_symmetric(A, "Lanczos quadrature")
     k = min(k, n)  # Lanczos has found an invariant subspace by step n
     nodes, weights = np.full((m, k), np.nan), np.zeros((m, k))
     num_nodes, start = np.zeros(m, dtype=np.int64), 0
@@ -810,38 +825,51 @@ def _refuse_asymmetry(
         )
 
 
-def _check_symmetric(A: object) -> None:
-    """Refuse a dense ``A`` (numpy, tensor, scipy.sparse) that is not symmetric.
+def _check_symmetric(A: object, purpose: str) -> None:
+    r"""Refuse a dense ``A`` (numpy, tensor, scipy.sparse) that is not symmetric (Hermitian).
 
-    The quadrature assumes it and would return a plausible-looking wrong answer. Asymmetry up
-    to :math:`\\sqrt\\epsilon` of the largest entry passes: a Hessian from a double backward
-    is symmetric only to rounding.
+    ARPACK's ``eigsh`` and Lanczos quadrature assume it and return plausible-looking wrong
+    answers otherwise. The test is relative to the matrix's norm:
+    :math:`\|A - A^H\|_F \le \sqrt\epsilon\, \|A\|_F` with :math:`\epsilon` of ``A``'s
+    dtype (at least float32's). A Hessian or GGN formed by ``A @ I`` of a float32 operator is
+    symmetric to 1e-7-4e-7 of its norm (451-1,994 parameters; experiments/README.md,
+    spectral18), 1,000x inside float32's threshold of 3.5e-4; an entry off by 1 % of the
+    norm is refused, naming the largest offending entry. An operator cannot be checked without
+    extra products and is trusted (:func:`spectral_density` checks one as Lanczos runs).
     """
     if isinstance(A, Tensor):
         A = A.detach().cpu()
         A = (A.float() if A.dtype == torch.bfloat16 else A).numpy()
     if issparse(A):
-        if A.ndim != 2 or A.shape[0] != A.shape[1]:
-            return  # _as_operator names the shape
-        diff = abs(A - A.T).max() if A.nnz else 0.0
-        size = abs(A).max() if A.nnz else 0.0
-        where = None
+        if A.ndim != 2 or A.shape[0] != A.shape[1] or not A.nnz:
+            return  # _as_operator names the shape; no stored entry is the zero matrix
+        A = A.astype(np.result_type(A.dtype, np.float32)).tocsr()  # no unsigned wrap-around
+        A.sum_duplicates()
+        D = abs(A - A.conj().T).tocoo()
+        if not D.nnz:
+            return
+        i = int(np.argmax(D.data))
+        where, diff = (int(D.row[i]), int(D.col[i])), float(D.data[i])
+        gap = float(np.sqrt((D.data.astype(np.float64) ** 2).sum()))
+        size = float(np.sqrt((np.abs(A.data).astype(np.float64) ** 2).sum()))
     elif isinstance(A, np.ndarray):
-        if A.ndim != 2 or A.shape[0] != A.shape[1] or not np.issubdtype(A.dtype, np.number):
+        numeric = np.issubdtype(A.dtype, np.number) or A.dtype == np.bool_
+        if A.ndim != 2 or A.shape[0] != A.shape[1] or A.size == 0 or not numeric:
             return
         A = A.astype(np.result_type(A.dtype, np.float32), copy=False)  # no unsigned wrap-around
-        D = np.abs(A - A.T)
-        if D.size == 0:
-            return
-        where = np.unravel_index(np.argmax(D), D.shape)
-        diff, size = D[where], np.abs(A).max()
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN passes, the products name it
+            D = np.abs(A - A.conj().T)
+        where = tuple(int(i) for i in np.unravel_index(np.argmax(D), D.shape))
+        diff, gap, size = float(D[where]), float(np.linalg.norm(D)), float(np.linalg.norm(A))
     else:
         return
     eps = np.finfo(np.result_type(A.dtype, np.float32)).eps
-    if diff > math.sqrt(eps) * size:
-        at = f" at {tuple(int(i) for i in where)}" if where is not None else ""
+    if gap > math.sqrt(eps) * size:  # NaN passes: the products' own check names it
+        i, j = where
         raise ValueError(
-            f"`A` must be symmetric: max |A - A^T| = {float(diff):.3g}{at}, against "
-            f"max |A| = {float(size):.3g}. Lanczos quadrature needs a symmetric matrix; if the "
-            "asymmetry is rounding, pass (A + A.T) / 2."
+            f"`A` must be symmetric{' (Hermitian)' if np.iscomplexobj(A) else ''}: "
+            f"||A - A^T||_F = {gap:.3g} against ||A||_F = {size:.3g} (allowed: "
+            f"{math.sqrt(eps):.2g} of it, rounding in {np.dtype(A.dtype).name}); the largest "
+            f"gap is at ({i}, {j}): |A[{i}, {j}] - A[{j}, {i}]| = {diff:.3g}. {purpose} needs a "
+            "symmetric matrix; if the asymmetry is rounding, pass (A + A.T) / 2."
         )

@@ -1,0 +1,115 @@
+"""``hessfree.spectral`` on the inputs users give it next (experiments/README.md, spectral18).
+
+Oracles: ``numpy.linalg.eigvalsh``/``eigh``/``slogdet`` of explicit float64 matrices (the
+small MLPs' GGN and Hessian from ``torch.autograd.functional`` in ``cases.dense``), the
+symmetric part :math:`(A + A^\\top)/2` of a non-symmetric matrix (whose quadratic forms are
+the same numbers), and the estimators' exact standard deviations from the dense matrix.
+Every random draw is seeded; statistical claims have margins checked to refuse a wrong answer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+
+from cases import CASES, dense
+from hessfree.operators import GGNLinearOperator, HessianLinearOperator
+from hessfree.spectral import (
+    bottom_eigenpairs,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    top_eigenpairs,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny products on a shared 2-core machine
+BY_NAME = {c.name: c for c in CASES}
+
+
+def _nonsymmetric(n: int = 12, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, n))
+    A = X @ X.T / n + np.eye(n)
+    A[0, 5] += 0.3  # one entry off: a product of the user's own with a bug
+    return A
+
+
+# ------------------------------------------------------------------------------ symmetry
+@pytest.mark.parametrize("kind", ["numpy", "tensor", "sparse", "float32"])
+@pytest.mark.parametrize("which", [top_eigenpairs, bottom_eigenpairs], ids=["top", "bottom"])
+def test_eigenpairs_refuse_a_non_symmetric_matrix_naming_the_entry(kind, which):
+    """On main: eigsh's Lanczos read the matrix as if symmetric and returned eigenvalues of
+    neither A nor its symmetric part, silently."""
+    A = _nonsymmetric()
+    M = {
+        "numpy": A,
+        "tensor": torch.from_numpy(A),
+        "sparse": scipy.sparse.csr_array(A),
+        "float32": A.astype(np.float32),
+    }[kind]
+    with pytest.raises(ValueError, match=r"must be symmetric.*\|A\[0, 5\] - A\[5, 0\]\| = 0\.3"):
+        which(M, k=2)
+
+
+def test_float32_curvature_matrices_pass_the_symmetry_check():
+    """A guard for the threshold: ``H @ I`` and ``G @ I`` of float32 operators are symmetric only
+    to rounding (1e-7 of their norm), and pass; their eigenvalues are the float64 dense ones."""
+    case = BY_NAME["mlp_relu_ce"]
+    model, x, y, loss_fn = case.build(dtype=torch.float32)
+    D = dense(*case.build())
+    for Op, M64 in ((HessianLinearOperator, D.H), (GGNLinearOperator, D.G)):
+        M = Op(model, loss_fn, (x, y)) @ np.eye(M64.shape[0], dtype=np.float32)
+        assert M.dtype == np.float32 and not np.array_equal(M, M.T)  # rounding-level gaps
+        want = np.linalg.eigvalsh(M64.numpy())
+        scale = np.abs(want).max()
+        got = top_eigenpairs(M, k=2).values
+        np.testing.assert_allclose(got, want[::-1][:2], atol=1e-5 * scale)  # float32 smoke
+        got = bottom_eigenpairs(M, k=2).values
+        np.testing.assert_allclose(got, want[:2], atol=1e-5 * scale)
+
+
+def test_a_nan_matrix_is_refused_for_its_nan_not_as_asymmetric():
+    """A guard: the symmetry check lets NaN through to the products' own message."""
+    A = np.diag([1.0, 2.0, 3.0, 4.0])
+    A[1, 2] = np.nan
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        top_eigenpairs(A)
+
+
+def test_complex_hermitian_with_k_one_below_n():
+    """On main: SciPy's "Cannot use scipy.linalg.eig for LinearOperator A with k >= N - 1"
+    (ARPACK's complex path needs k < n - 1)."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((4, 4)) + 1j * rng.standard_normal((4, 4))
+    A = X @ X.conj().T
+    want = np.linalg.eigvalsh(A)
+    np.testing.assert_allclose(top_eigenpairs(A, k=3).values, want[::-1][:3], rtol=1e-12)
+    pairs = bottom_eigenpairs(A[:2, :2], k=1)
+    np.testing.assert_allclose(pairs.values, np.linalg.eigvalsh(A[:2, :2])[:1], rtol=1e-12)
+    np.testing.assert_allclose(A[:2, :2] @ pairs.vectors, pairs.vectors * pairs.values, atol=1e-12)
+
+
+def test_trace_estimators_take_a_non_symmetric_matrix_as_its_symmetric_part():
+    """A guard for not refusing it: z^T A z = z^T S z with S = (A + A^T)/2, so the same probes
+    give the same estimate to rounding (tr A = tr S), and Hutch++ with a full sketch is exact."""
+    A = _nonsymmetric(20, 1)
+    S = (A + A.T) / 2
+    a, s = hutchinson_trace(A, 50, seed=4), hutchinson_trace(S, 50, seed=4)
+    np.testing.assert_allclose(a, s, rtol=1e-12)
+    np.testing.assert_allclose(hutchpp_trace(A, 3 * 20, seed=1).estimate, np.trace(A), rtol=1e-12)
+
+
+def test_diagonal_estimator_of_a_non_symmetric_matrix_uses_its_rows():
+    """A guard: entry i's standard deviation is sqrt(sum_{k != i} A_ik^2 / m) (its row, not the
+    symmetric part's), checked against the estimate within 5 of them; the margin refuses the
+    symmetric part's diagonal shifted by 1 (the test can fail)."""
+    rng = np.random.default_rng(5)
+    A = np.triu(rng.standard_normal((15, 15))) + np.diag(np.arange(15.0))  # far from symmetric
+    m = 400
+    est = hutchinson_diagonal(A, m, seed=2)
+    sigma = np.sqrt((np.sum(A**2, axis=1) - np.diag(A) ** 2) / m)
+    assert np.all(np.abs(est.estimate - np.diag(A)) <= 5 * sigma + 1e-12)  # last row: exact
+    assert np.any(np.abs(est.estimate - (np.diag(A) + 1)) > 5 * sigma)
+    np.testing.assert_allclose(est.std_error, sigma, rtol=0.25)  # 400 probes: ~4 % spread
