@@ -113,3 +113,101 @@ def test_diagonal_estimator_of_a_non_symmetric_matrix_uses_its_rows():
     assert np.all(np.abs(est.estimate - np.diag(A)) <= 5 * sigma + 1e-12)  # last row: exact
     assert np.any(np.abs(est.estimate - (np.diag(A) + 1)) > 5 * sigma)
     np.testing.assert_allclose(est.std_error, sigma, rtol=0.25)  # 400 probes: ~4 % spread
+
+
+# ------------------------------------------------------------------------------ operators' inputs
+def _mlp_case(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    return model.to(dtype), x.to(dtype), y.to(dtype), torch.nn.MSELoss()
+
+
+def test_a_frozen_tensor_listed_in_params_is_refused_by_index():
+    """On main: dropped, so the operator had 17 columns for a list of 37 entries, silently (the
+    products already refused it). The model's own trainable parameters are still the default,
+    and ``hessfree.trainable`` of the list gives the operator over the rest (dense Hessian)."""
+    from hessfree import trainable
+
+    model, x, y, loss_fn = _mlp_case()
+    model[0].weight.requires_grad_(False)
+    for Op in (HessianLinearOperator, GGNLinearOperator):
+        with pytest.raises(
+            ValueError,
+            match=r"`params\[0\]` \(shape \(5, 4\)\) does not require.*17 columns, not 37",
+        ):
+            Op(model, loss_fn, (x, y), params=model.parameters())
+    H = HessianLinearOperator(model, loss_fn, (x, y), params=trainable(list(model.parameters())))
+    w, rest = model[0].weight.detach(), [p.detach() for p in model.parameters()][1:]
+    sizes = [p.numel() for p in rest]
+
+    def loss_of(theta):
+        b0, w2, b2 = (t.view(p.shape) for t, p in zip(theta.split(sizes), rest, strict=True))
+        return loss_fn(torch.tanh(x @ w.T + b0) @ w2.T + b2, y)
+
+    Hd = torch.autograd.functional.hessian(loss_of, torch.cat([p.reshape(-1) for p in rest]))
+    np.testing.assert_allclose(H @ np.eye(17), Hd.numpy(), rtol=1e-10, atol=1e-12)
+    assert HessianLinearOperator(model, loss_fn, (x, y)).shape == (17, 17)
+
+
+def test_products_of_a_meta_model_are_refused_with_the_fix():
+    """On main: torch's "Cannot copy out of meta tensor; no data!" from the numpy edge (building
+    works and stays: the shapes and devices are there, the tests of operators13 use it)."""
+    model, x, y, loss_fn = _mlp_case()
+    model.to("meta")
+    H = HessianLinearOperator(model, loss_fn, (x, y))
+    assert H.shape == (37, 37)
+    for use in (
+        lambda: H @ np.ones(37),
+        lambda: H @ np.ones((37, 2)),
+        lambda: H.gradient(),
+        lambda: top_eigenpairs(H),
+    ):
+        with pytest.raises(RuntimeError, match=r"'meta' device.*to_empty"):
+            use()
+
+
+@pytest.mark.parametrize("kind", ["float64", "int", "column", "strided", "fortran-block"])
+def test_scipy_solvers_on_a_float32_operator_take_any_real_vector(kind):
+    """A guard: cg, minres, expm_multiply and a 2-D block product of a float32 GGN match SciPy's
+    own results on the dense float64 matrix to float32 rounding, whatever real array comes in."""
+    from scipy.linalg import expm
+    from scipy.sparse.linalg import cg, minres
+
+    model, x, y, loss_fn = _mlp_case(torch.float32)
+    G = GGNLinearOperator(model, loss_fn, (x, y))
+    # the oracle: G = J^T H_l J with J from torch.autograd.functional, H_l = 2/32 I (MSE mean)
+    model64 = _mlp_case()[0]
+    params = [p.detach() for p in model64.parameters()]
+    sizes = [p.numel() for p in params]
+
+    def outputs(theta):
+        w0, b0, w2, b2 = (t.view(p.shape) for t, p in zip(theta.split(sizes), params, strict=True))
+        return (torch.tanh(x.double() @ w0.T + b0) @ w2.T + b2).reshape(-1)
+
+    Jd = torch.autograd.functional.jacobian(outputs, torch.cat([p.reshape(-1) for p in params]))
+    Gd = (2 / 32) * (Jd.T @ Jd).numpy()
+    lam, rng = 0.1, np.random.default_rng(1)
+    b = {
+        "float64": rng.standard_normal(37),
+        "int": np.arange(37) % 5 - 2,
+        "column": rng.standard_normal((37, 1)),
+        "strided": rng.standard_normal(74)[::2],
+        "fortran-block": np.asfortranarray(rng.standard_normal((37, 3))),
+    }[kind]
+    if b.ndim == 2 and b.shape[1] > 1:
+        got = G @ b
+        assert got.dtype == np.float32 and got.shape == b.shape
+        np.testing.assert_allclose(got, Gd @ b, rtol=1e-5, atol=1e-5 * np.abs(Gd @ b).max())
+        return
+    want = np.linalg.solve(Gd + lam * np.eye(37), b.ravel().astype(np.float64))
+    scale = np.abs(want).max()
+    for x_ in (cg(G.damped(lam), b, rtol=1e-6)[0], minres(G, b, shift=-lam, rtol=1e-6)[0]):
+        assert x_.shape == (37,)
+        np.testing.assert_allclose(x_, want, atol=1e-4 * scale)  # float32 products
+    from scipy.sparse.linalg import expm_multiply
+
+    e = expm_multiply(-G.damped(lam), b, traceA=1.0)
+    want_e = expm(-(Gd + lam * np.eye(37))) @ b
+    assert e.shape == b.shape
+    np.testing.assert_allclose(e, want_e, atol=1e-5 * np.abs(want_e).max())
