@@ -548,12 +548,17 @@ class SpectralDensity(NamedTuple):
     :math:`\sum_i w_{ji} f(\theta_{ji}) \approx z_j^\top f(A) z_j`, exactly for every
     polynomial :math:`f` of degree below :math:`2 k_j` (:math:`k_j` the probe's Lanczos steps).
     Every probe has :math:`\|z_j\|^2 = n`, so each row of ``weights`` sums to :math:`n`.
+
+    With ``num_deflated`` :math:`= d > 0` each row starts with the :math:`d` deflated
+    eigenvalues, weight 1 each (exact), followed by the rule of the probe's Lanczos on the
+    deflated matrix, whose weights sum to :math:`n - d`: rows still sum to :math:`n`.
     """
 
-    nodes: np.ndarray  #: ``(m, num_steps)`` float64; NaN after a probe's ``num_nodes[j]`` nodes
-    weights: np.ndarray  #: ``(m, num_steps)`` float64; 0 after a probe's ``num_nodes[j]`` nodes
-    num_nodes: np.ndarray  #: ``(m,)`` int: Lanczos steps per probe (fewer on early breakdown)
-    num_matvecs: int  #: products with the matrix spent (``num_nodes.sum()``)
+    nodes: np.ndarray  #: ``(m, d + num_steps)`` float64; NaN after a probe's ``num_nodes[j]``
+    weights: np.ndarray  #: ``(m, d + num_steps)`` float64; 0 after a probe's ``num_nodes[j]``
+    num_nodes: np.ndarray  #: ``(m,)`` int: :math:`d` + Lanczos steps (fewer on early breakdown)
+    num_matvecs: int  #: products with the matrix spent (ARPACK's for the deflation included)
+    num_deflated: int = 0  #: :math:`d`, the top eigenpairs taken exactly (first in each row)
 
     def _valid(self) -> np.ndarray:
         """``(m, num_steps)``: True where probe ``j`` has its ``i``-th node."""
@@ -646,9 +651,10 @@ def spectral_density(
     num_probes: int = 10,
     num_steps: int = 30,
     *,
-    probes: str = "rademacher",
+    probes: str | None = None,
     seed: Seed = None,
     batch_size: int = 32,
+    num_deflated: int = 0,
 ) -> SpectralDensity:
     r"""Stochastic Lanczos quadrature: the spectral density and :math:`\operatorname{tr} f(A)`.
 
@@ -672,6 +678,18 @@ def spectral_density(
     its rule is exact, e.g. after as many steps as ``A`` has distinct eigenvalues. At most
     :math:`n` steps are taken, so ``num_steps >= n`` makes every probe's rule exact.
 
+    **Deflation** (``num_deflated`` :math:`= d > 0`): the top :math:`d` eigenpairs
+    :math:`(\Lambda, V)` are computed first (:func:`top_eigenpairs`, ARPACK to machine
+    precision) and their part of :math:`\operatorname{tr} f(A)` is taken exactly,
+    :math:`\sum_{i \le d} f(\lambda_i)`; the probes run Lanczos on
+    :math:`P A P`, :math:`P = I - VV^\top`, from :math:`P z_j`, which estimates
+    :math:`\operatorname{tr}(P f(A) P)`, the rest (:math:`V` spans an invariant subspace, so
+    :math:`f(A) = V f(\Lambda) V^\top + P f(A) P`). The spread over probes is then that of
+    the complement alone: for :math:`\log\det(G + \lambda I)` of a Gauss-Newton matrix
+    whose top eigenvalues stand far above :math:`\lambda`, those carry most of it
+    (experiments/README.md, spectral18). ARPACK's products count in ``num_matvecs``; each
+    Lanczos step costs :math:`O(dn)` flops more.
+
     Args:
         A: A symmetric ``LinearOperator`` (e.g. :class:`~hessfree.GGNLinearOperator`,
             ``G.damped(lam)``), a product with ``matvec`` and ``shape``, or a dense matrix
@@ -681,18 +699,23 @@ def spectral_density(
         num_steps: :math:`k \ge 1`, Lanczos steps (products) per probe; capped at :math:`n`.
         probes: ``'rademacher'`` (entries :math:`\pm 1`, as the module's other estimators) or
             ``'gaussian'`` (a standard normal vector rescaled to norm :math:`\sqrt n`, i.e.
-            uniform on that sphere; :math:`\mathbb{E}[zz^\top] = I` as well).
+            uniform on that sphere; :math:`\mathbb{E}[zz^\top] = I` as well); ``None``:
+            Rademacher, or Gaussian when deflating (the only kind that can be: :math:`Pg`
+            normalised is uniform on the deflated sphere, weights :math:`(n - d) u_{1i}^2`).
         seed: int, ``numpy.random.Generator``, ``torch.Generator`` or ``None``.
         batch_size: Probes run together, one ``matmat`` of the block per Lanczos step; their
             bases take ``batch_size`` :math:`\cdot\, k \cdot n \cdot 8` bytes (2.4 GB for 10
             probes, 30 steps and a million parameters): lower it for a large model.
+        num_deflated: :math:`d \ge 0`, the top (largest algebraic) eigenpairs to take out
+            exactly, :math:`d < n`; Lanczos then takes at most :math:`n - d` steps.
 
     Returns:
         SpectralDensity: ``nodes``, ``weights`` and ``num_nodes`` per probe, ``num_matvecs``;
         ``.trace(f)`` and ``.density(grid, width)``.
 
     Raises:
-        ValueError: If ``num_probes < 1``, ``num_steps < 1``, ``batch_size < 1``, ``probes`` is
+        ValueError: If ``num_probes < 1``, ``num_steps < 1``, ``batch_size < 1``,
+            ``num_deflated`` is not in :math:`[0, n - 1]`, ``probes`` is
             unknown, ``seed`` is a negative int, ``A`` is not square, or ``A`` is not
             symmetric (a dense one; an operator as soon as Lanczos shows it, to
             :math:`\sqrt\epsilon \|A\|`).
@@ -725,32 +748,119 @@ def spectral_density(
     """
     m, batch_size = _check_counts(num_probes, "num_probes", 1, batch_size)
     k = check_int("num_steps", num_steps, low=1)
-    if probes not in ("rademacher", "gaussian"):
-        raise ValueError(f"Unknown `probes` {probes!r}; expected one of 'rademacher', 'gaussian'.")
+    if probes not in (None, "rademacher", "gaussian"):
+        raise ValueError(
+            f"Unknown `probes` {probes!r}; expected one of 'rademacher', 'gaussian' (or None)."
+        )
     op = _as_operator(A)
     rng, n, dtype = _rng(seed), op.shape[0], _probe_dtype(op)
+    d = check_int("num_deflated", num_deflated, low=0)
+    if d >= n:
+        raise ValueError(
+            f"`num_deflated` must be in [0, {n - 1}] for an operator of size {n}, got {d!r}; "
+            f"for the whole spectrum take top_eigenpairs(A, k={n}) (exact, {n} products)."
+        )
+    if d and probes == "rademacher":
+        raise ValueError(
+            "`probes='rademacher'` cannot be deflated without bias: P z / ||P z|| of a sign "
+            "vector is not uniform on the deflated sphere, and P z unnormalised adds the spread "
+            "of ||P z||^2 (times f near the bottom of the spectrum, e.g. log λ) to every "
+            "estimate. Leave `probes` out (None: Gaussian when deflating) or pass 'gaussian'."
+        )
+    gaussian = probes == "gaussian" or (probes is None and d > 0)
     _check_symmetric(A, "Lanczos quadrature")
-    k = min(k, n)  # Lanczos has found an invariant subspace by step n
-    nodes, weights = np.full((m, k), np.nan), np.zeros((m, k))
-    num_nodes, start = np.zeros(m, dtype=np.int64), 0
+    spent, lanczos_op, norm_floor = 0, op, 0.0
+    if d:
+        counted = _Counted(op)
+        top = _extreme_eigenpairs(counted, d, "LA", 0.0, None, rng)
+        spent, lanczos_op = counted.count, _Deflated(op, top.vectors)
+        # the rest's Lanczos breaks down at rounding of ||A||, not of the rest's own size
+        # (with λI left, a step later it returned nodes at 1e-19 with weights 1e-32: log NaN)
+        norm_floor = float(np.abs(top.values).max())
+    k = min(k, n - d)  # Lanczos has found an invariant subspace by step n - d
+    nodes, weights = np.full((m, d + k), np.nan), np.zeros((m, d + k))
+    if d:
+        nodes[:, :d], weights[:, :d] = top.values, 1.0  # exact: f(λ_i) once each
+    num_nodes, start = np.full(m, d, dtype=np.int64), 0
     for b in _blocks(m, batch_size):
-        Z = _draw(rng, n, b, np.float64, gaussian=probes == "gaussian")
-        alpha, beta, steps = _lanczos(op, Z / np.linalg.norm(Z, axis=0), k, dtype)
+        Z = _draw(rng, n, b, np.float64, gaussian=gaussian)
+        if d:
+            Z -= top.vectors @ (top.vectors.T @ Z)  # P g: Gaussian on the range of P
+        # a Rademacher z has ||z||^2 = n; P g / ||P g|| is uniform on the unit sphere of the
+        # range of P (n - d dimensions), so (n - d) E[u u^T] = P: the rule below is unbiased
+        # and a constant part of f on the rest of the spectrum has no spread at all
+        V0 = Z / np.linalg.norm(Z, axis=0)
+        project = None if not d else lanczos_op.project_rows
+        alpha, beta, steps = _lanczos(lanczos_op, V0, k, dtype, norm_floor, project)
         for j in range(b):
             s = steps[j]
             # Golub & Welsch (1969): the Gauss rule of T is its eigenvalues and the squared
             # first components of its unit eigenvectors
             theta, U = eigh_tridiagonal(alpha[j, :s], beta[j, : s - 1])
-            nodes[start + j, :s], weights[start + j, :s] = theta, n * U[0] ** 2
-            num_nodes[start + j] = s
+            row = start + j
+            nodes[row, d : d + s], weights[row, d : d + s] = theta, (n - d) * U[0] ** 2
+            num_nodes[row] = d + s
         start += b
-    return SpectralDensity(nodes, weights, num_nodes, int(num_nodes.sum()))
+    lanczos_steps = int(num_nodes.sum()) - m * d
+    return SpectralDensity(nodes, weights, num_nodes, spent + lanczos_steps, d)
+
+
+class _Counted(LinearOperator):
+    """``op``, counting the products (a block's columns count one each)."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        super().__init__(op.dtype, op.shape)
+        self._op, self.count = op, 0
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        self.count += 1
+        return self._op.matvec(x)
+
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        self.count += X.shape[1]
+        return self._op.matmat(X)
+
+    _rmatvec = _matvec
+
+
+class _Deflated(LinearOperator):
+    r""":math:`P A P` with :math:`P = I - VV^\top` (``V``: orthonormal columns), in float64.
+
+    Lanczos from :math:`Pz` stays in the range of :math:`P` in exact arithmetic when ``V``
+    spans an invariant subspace; projecting on both sides keeps it there to rounding too
+    (ARPACK's eigenvectors are invariant only to its tolerance).
+    """
+
+    def __init__(self, op: LinearOperator, V: np.ndarray) -> None:
+        super().__init__(np.dtype(np.float64), op.shape)
+        self._op, self._V = op, np.asarray(V, dtype=np.float64)
+
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        V = self._V
+        Y = np.asarray(self._op.matmat(X - V @ (V.T @ X)), dtype=np.float64)
+        return Y - V @ (V.T @ Y)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matmat(x.reshape(-1, 1)).ravel()
+
+    def project_rows(self, W: np.ndarray) -> np.ndarray:
+        """:math:`P` applied to each row of ``W`` ``(b, n)``."""
+        return W - (W @ self._V) @ self._V.T
 
 
 def _lanczos(
-    op: LinearOperator, V0: np.ndarray, k: int, dtype: np.dtype
+    op: LinearOperator,
+    V0: np.ndarray,
+    k: int,
+    dtype: np.dtype,
+    norm_floor: float = 0.0,
+    project: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lanczos on each unit column of ``V0`` ``(n, b)`` with full reorthogonalisation.
+    r"""Lanczos on each unit column of ``V0`` ``(n, b)`` with full reorthogonalisation.
+
+    ``norm_floor`` is a known lower bound on :math:`\|A\|` that the tridiagonal may never
+    see: a deflated operator's products carry the rounding of the full :math:`A` (whose top
+    was taken out), so breakdown is judged against it, not against the rest's own size.
 
     Returns the tridiagonals' diagonals ``alpha`` ``(b, k)``, off-diagonals ``beta`` ``(b, k)``
     (``beta[:, i]`` couples steps ``i`` and ``i + 1``) and the steps taken per column.
@@ -759,7 +869,7 @@ def _lanczos(
     V = np.zeros((b, k, n))  # V[j, i]: probe j's i-th Lanczos vector
     V[:, 0] = V0.T
     alpha, beta = np.zeros((b, k)), np.zeros((b, k))
-    steps, scale = np.full(b, k), np.zeros(b)
+    steps, scale = np.full(b, k), np.full(b, float(norm_floor))
     tiny, skew_tol = 100 * np.finfo(dtype).eps, math.sqrt(np.finfo(dtype).eps)
     active = np.arange(b)
     for i in range(k):
@@ -785,6 +895,8 @@ def _lanczos(
             _refuse_asymmetry(C, beta[active, i - 1], scale[active], i, skew_tol)
         if i == k - 1:
             break
+        if project is not None:  # a deflated operator: keep the next vector off span V
+            W = project(W)
         norms = np.linalg.norm(W, axis=1)
         # ‖T‖ ≥ a row's |α| + β's (Gershgorin's bound, from below); β under ~ε‖T‖ is rounding
         scale[active] = np.maximum(

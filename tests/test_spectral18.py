@@ -9,6 +9,8 @@ Every random draw is seeded; statistical claims have margins checked to refuse a
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -21,6 +23,7 @@ from hessfree.spectral import (
     hutchinson_diagonal,
     hutchinson_trace,
     hutchpp_trace,
+    spectral_density,
     top_eigenpairs,
 )
 
@@ -211,3 +214,90 @@ def test_scipy_solvers_on_a_float32_operator_take_any_real_vector(kind):
     want_e = expm(-(Gd + lam * np.eye(37))) @ b
     assert e.shape == b.shape
     np.testing.assert_allclose(e, want_e, atol=1e-5 * np.abs(want_e).max())
+
+
+# ------------------------------------------------------------------------------ deflated SLQ
+@functools.cache
+def _low_rank_ggn() -> tuple[np.ndarray, float]:
+    """A 6-16-3 tanh MLP, cross-entropy on 20 examples: a 163-parameter GGN of rank 40 (two per
+    example), dense from torch.autograd.functional; λ = 1e-3 of its largest eigenvalue."""
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    G = dense(model.double(), x.double(), y, torch.nn.functional.cross_entropy).G.numpy()
+    return G, 1e-3 * np.linalg.eigvalsh(G)[-1]
+
+
+def _sphere_sd(mu: np.ndarray) -> float:
+    """Exact standard deviation of r u^T f(A) u, u uniform on the unit sphere of an r-dimensional
+    invariant subspace where f(A) has eigenvalues mu: sqrt(2 (r tr M² - (tr M)²) / (r + 2))."""
+    r, t1, t2 = mu.size, mu.sum(), (mu**2).sum()
+    return float(np.sqrt(max(0.0, 2 * (r * t2 - t1**2) / (r + 2))))
+
+
+def test_deflated_logdet_has_a_smaller_standard_error():
+    """The deflated estimate of log det(G + λI) against slogdet: within five exact standard
+    deviations (the sphere's formula on the 163 - d smallest eigenvalues; the quadrature is
+    exact at 45 > 41 distinct eigenvalues), its reported error near the exact one, and both
+    about 4x smaller than Hutchinson's at d = 20 for a few more products."""
+    G, lam = _low_rank_ggn()
+    n, m = G.shape[0], 40
+    A = G + lam * np.eye(n)
+    mu = np.log(np.linalg.eigvalsh(A))[::-1]  # log-eigenvalues, largest first
+    logdet = np.linalg.slogdet(A)[1]
+    M = (lambda w, Q: (Q * np.log(w)) @ Q.T)(*np.linalg.eigh(A))
+    sd_plain = np.sqrt(2 * (np.sum(M**2) - np.sum(np.diag(M) ** 2)))  # Hutchinson, per probe
+    plain = spectral_density(A, num_probes=m, num_steps=45, seed=3)
+    defl = spectral_density(A, num_probes=m, num_steps=45, seed=3, num_deflated=20)
+    sd_defl = _sphere_sd(mu[20:])
+    assert sd_defl < sd_plain / 3  # the exact spreads: 4.3x apart here
+    for sd, sigma in ((plain, sd_plain), (defl, sd_defl)):
+        est = sd.trace(np.log)
+        assert abs(est.estimate - logdet) <= 5 * sigma / np.sqrt(m)
+        assert 0.6 < est.std_error / (sigma / np.sqrt(m)) < 1.6
+    assert defl.trace(np.log).std_error < plain.trace(np.log).std_error / 3
+    assert defl.num_deflated == 20 and defl.num_matvecs <= plain.num_matvecs + 2 * n
+    top = np.broadcast_to(np.linalg.eigvalsh(A)[::-1][:20], (m, 20))
+    np.testing.assert_allclose(defl.nodes[:, :20], top, rtol=1e-12)
+    np.testing.assert_allclose(defl.weights.sum(axis=1), n, rtol=1e-12)  # d + (n - d)
+
+
+def test_deflating_past_the_rank_leaves_a_multiple_of_the_identity_exactly():
+    """Beyond rank 40 the rest is λI: one Lanczos step per probe, and log det is slogdet's to
+    rounding with a standard error of 0."""
+    G, lam = _low_rank_ggn()
+    A = G + lam * np.eye(G.shape[0])
+    sd = spectral_density(A, num_probes=5, num_steps=30, seed=0, num_deflated=45)
+    est = sd.trace(np.log)
+    np.testing.assert_allclose(est.estimate, np.linalg.slogdet(A)[1], rtol=1e-10)
+    assert est.std_error < 1e-9 * abs(est.estimate)
+    np.testing.assert_array_equal(sd.num_nodes, 45 + 1)
+    grid = np.linspace(-0.1, 1.2 * np.linalg.eigvalsh(A)[-1], 4001)
+    assert abs(np.trapezoid(sd.density(grid, width=0.01), grid) - 1) < 1e-3
+
+
+def test_deflation_on_a_ggn_operator_counts_arpacks_products():
+    G, lam = _low_rank_ggn()
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    op = GGNLinearOperator(model.double(), torch.nn.CrossEntropyLoss(), (x.double(), y))
+    sd = spectral_density(op.damped(lam), num_probes=4, num_steps=10, seed=1, num_deflated=5)
+    lanczos = int(sd.num_nodes.sum()) - 4 * 5
+    assert lanczos == 40 and sd.num_matvecs > lanczos  # ARPACK's products are counted too
+    want = np.linalg.eigvalsh(G + lam * np.eye(163))[::-1][:5]
+    np.testing.assert_allclose(sd.nodes[0, :5], want, rtol=1e-10)
+
+
+def test_bad_deflation_is_refused_by_name():
+    A = np.diag(np.arange(1.0, 6.0))
+    with pytest.raises(ValueError, match=r"`num_deflated` must be in \[0, 4\].*got 5.*k=5"):
+        spectral_density(A, num_deflated=5)
+    with pytest.raises(ValueError, match=r"`num_deflated` must be an int >= 0, got -1"):
+        spectral_density(A, num_deflated=-1)
+    with pytest.raises(ValueError, match=r"probes='rademacher'.*cannot be deflated"):
+        spectral_density(A, probes="rademacher", num_deflated=2)
+    # the default and 'gaussian' deflate; without deflation None is Rademacher, bit for bit
+    a = spectral_density(A, 3, 4, seed=0)
+    b = spectral_density(A, 3, 4, seed=0, probes="rademacher")
+    np.testing.assert_array_equal(a.weights, b.weights)
