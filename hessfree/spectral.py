@@ -279,7 +279,10 @@ def _all_eigenpairs(op: LinearOperator, which: str) -> Eigenpairs:
     return Eigenpairs(values[order], vectors[:, order])
 
 
-_DENSE_FALLBACK_MAX_N = 2048  # A @ I in float64: 32 MiB, and eigh in about a second
+# A @ I in float64: 128 MiB at 4096; eigh with vectors 6.7 s at n = 3,110 and 16 s at 4,096 on
+# one loaded core, where ARPACK on a GGN's clustered bottom had no answer after 20 n products
+# (62,200, 37 s; its default 10 n restarts are ~18 products each) (spectral18; was 2048)
+_DENSE_FALLBACK_MAX_N = 4096
 
 
 class _OverBudget(Exception):
@@ -318,7 +321,7 @@ def top_eigenpairs(
 
     Lanczos via :func:`scipy.sparse.linalg.eigsh` (``which='LA'``), started from a seeded
     Gaussian vector so the result is reproducible. By default (``max_iter=None``) an operator
-    of :math:`n \le 2048` gets ARPACK for the :math:`n` products that the dense ``A @ I``
+    of :math:`n \le 4096` gets ARPACK for the :math:`n` products that the dense ``A @ I``
     costs; past them, the whole spectrum is taken from ``A @ I`` and
     :func:`numpy.linalg.eigh` (exact, at most :math:`2n` products in all). ARPACK can stall
     for all its :math:`10n` restarts on a clustered end, a Gauss-Newton matrix's bottom
@@ -335,7 +338,7 @@ def top_eigenpairs(
             ``n`` products ``A @ I`` and :func:`numpy.linalg.eigh`: ARPACK needs ``k < n``).
         tol: ARPACK's relative accuracy; ``0`` means machine precision of ``A``'s dtype.
         max_iter: ARPACK restarts allowed (``None``: SciPy's default, ``10 n``, and the dense
-            path above for :math:`n \le 2048`; an int: ARPACK alone, as asked).
+            path above for :math:`n \le 4096`; an int: ARPACK alone, as asked).
         seed: Seed for the start vector (int, numpy or torch generator).
 
     Returns:
@@ -367,7 +370,7 @@ def bottom_eigenpairs(
     at a rate set by the relative gap :math:`(\lambda_2 - \lambda_1)/(\lambda_n - \lambda_1)`,
     often :math:`10^{-6}` at a Gauss-Newton matrix's bottom: there ARPACK stalls, and neither
     ``tol``, ``max_iter`` nor a shift :math:`A + cI` helps (the Krylov spaces are the same).
-    Up to :math:`n = 2048` the default falls back to the dense ``A @ I``
+    Up to :math:`n = 4096` the default falls back to the dense ``A @ I``
     (:func:`top_eigenpairs`). Beyond, use shift-invert with a shift :math:`s` just below the
     bottom (for a PSD :math:`G`, :math:`s = -c` with :math:`c` about the size of the smallest
     eigenvalues) and MINRES for the inner solves (SciPy's default GMRES can stall)::
@@ -380,7 +383,12 @@ def bottom_eigenpairs(
     where ARPACK stopped after 7,332 products, this took 2,696 products for
     :math:`s = -1.5 \cdot 10^{-6}` and 42,912 for :math:`s = -1.5 \cdot 10^{-3}` (1.9e-15 and
     2.0e-12 off :func:`numpy.linalg.eigvalsh`); the dense path 43 (experiments/README.md,
-    spectral17).
+    spectral17). The shift must be known to about the gap :math:`\lambda_2 - \lambda_1`: on a
+    3,110-parameter Gauss-Newton matrix (smallest 7.6e-7, 9.1e-7; largest 0.53) a shift from a
+    short Lanczos run (its smallest Ritz value, 3.7e-5 after 50 steps, 4.1e-6 after 200) had
+    no answer after 62,200 products, nor had ARPACK on :math:`\lambda_{\max} I - G`;
+    ``scipy.sparse.linalg.lobpcg`` stopped after 4,006 products 40 % off :math:`\lambda_1`
+    (experiments/README.md, spectral18).
 
     Returns:
         Eigenpairs: ``values`` in increasing order, ``vectors`` ``(n, k)``.
