@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hessfree import GGNLinearOperator, HessianLinearOperator
-from hessfree.spectral import spectral_density
+from hessfree.spectral import bottom_eigenpairs, spectral_density
 
 
 class _Counted(sla.LinearOperator):
@@ -206,6 +206,10 @@ def bottom() -> None:
             tol=1e-10,
             maxiter=2000,
         )[0],
+    )
+    run(
+        "bottom_eigenpairs(G, k=2) (ARPACK for n products, then A @ I)",
+        lambda c: bottom_eigenpairs(c, k=k).values,
     )
     print("| method | products | s | result |")
     print("|---|---|---|---|")

@@ -27,7 +27,8 @@ probe (independent entries, :math:`\mathbb{E}[zz^\top] = I`);
   values :math:`\theta_i`, weights :math:`\|z\|^2 u_{1i}^2`; averaged over probes, an estimate
   of :math:`\operatorname{tr} f(A)` (:math:`\log\det(G + \lambda I)` with ``np.log``,
   :math:`\operatorname{tr} A^p`) and, smoothed by a Gaussian kernel, the spectral density
-  (Ghorbani, Krishnan & Xiao 2019).
+  (Ghorbani, Krishnan & Xiao 2019); optionally with the top eigenpairs deflated (taken
+  exactly, the probes run on the rest), which removes their share of the probes' spread.
 
 Probes go through ``matmat`` in blocks of ``batch_size`` columns, so the operators of
 :mod:`hessfree.operators` evaluate them with batched autograd. Every random draw comes from
