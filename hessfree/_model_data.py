@@ -78,6 +78,9 @@ def _to_device(x: Any, device: torch.device) -> Any:
 
 def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tensor]:
     if params is not None:
+        if isinstance(params, Iterable) and not isinstance(params, (Tensor, nn.Module)):
+            params = list(params)  # a generator is read once, here
+            _refuse_frozen(params)
         resolved = trainable(params)
         _check_no_shared_memory(resolved)
         return resolved
@@ -87,6 +90,23 @@ def _resolve_params(model: object, params: Iterable[Tensor] | None) -> list[Tens
         f"`params` is required when `model` is not an nn.Module (got {type(model).__name__}); "
         "pass the tensors to differentiate with respect to."
     )
+
+
+def _refuse_frozen(params: list[Any]) -> None:
+    """Refuse a listed tensor that does not require grad, as the products do
+    (``curvature._check_trained``): ``trainable`` dropped it, and the operator came out with
+    fewer columns than the list has entries, silently (spectral18)."""
+    tensors = [p for p in params if isinstance(p, Tensor)]
+    for i, p in enumerate(params):
+        if isinstance(p, Tensor) and not p.requires_grad:
+            kept = sum(q.numel() for q in tensors if q.requires_grad)
+            raise ValueError(
+                f"`params[{i}]` (shape {tuple(p.shape)}) does not require grad: a frozen tensor "
+                f"is a constant of the loss, with no curvature to take (the operator would "
+                f"have {kept} columns, not {sum(q.numel() for q in tensors)}). Pass only the "
+                "trained ones, hessfree.trainable(params), or leave `params` out for the "
+                "model's trainable parameters; requires_grad_(True) includes it."
+            )
 
 
 def _byte_span(p: Tensor) -> tuple[int, int]:

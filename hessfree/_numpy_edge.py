@@ -106,8 +106,21 @@ class _TorchLinearOperator(LinearOperator):
         )
 
     # ---- conversions
+    def _refuse_meta(self) -> None:
+        """A model on ``meta`` has shapes and no values: an operator over it builds (shapes,
+        devices), but a product has no numbers to return; torch's own refusal comes from deep
+        inside ("Cannot copy out of meta tensor; no data!")."""
+        if self.device.type == "meta":
+            raise RuntimeError(
+                "The operator's parameters are on the 'meta' device (shapes, no values), so its "
+                "products have no numbers to return. Materialise the model first, e.g. "
+                "model.to_empty(device='cpu') and then load_state_dict(...), and build the "
+                "operator from it."
+            )
+
     def _as_tensor(self, x: np.ndarray) -> Tensor:
         """``x`` as a tensor in the compute dtype on the device; shares memory when it can."""
+        self._refuse_meta()
         if np.iscomplexobj(x):
             raise TypeError(
                 f"`x` is complex ({x.dtype}) but the operator is real; apply it to x.real and "
@@ -123,6 +136,7 @@ class _TorchLinearOperator(LinearOperator):
         return t.to(device=self.device, dtype=self._compute)
 
     def _as_array(self, t: Tensor) -> np.ndarray:
+        self._refuse_meta()  # gradient() reaches here without _as_tensor
         return t.detach().to(dtype=self._edge).cpu().numpy()
 
     # ---- shape checks with messages that name the argument
