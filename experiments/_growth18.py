@@ -1,19 +1,20 @@
-"""Why a fixed geometric batch growth beat Byrd et al.'s norm test on CURVES (#14, stop 48).
+r"""Why a fixed geometric batch growth beat Byrd et al.'s norm test on CURVES (#14, stop 48).
 
 run31's tuned HF row grows its batch 0.07 % a step ("250×1.0007/step, curvature ¼, cg≤2, K-FAC
-rank 32 refresh 2, λ≥0.3"); the scorecard's norm-test rows (θ 0.9 smoothed, and θ 0.7 with a
-whole-set phase) lost to it in run31's sweep. The two rows differ in three things at once:
-the growth rule, the curvature batch (a quarter of the gradient batch against a fixed 62) and
-the damping floor (an absolute λ ≥ 0.3 against the default relative floor). This script
-separates them, on ``_curves_late``'s harness (the scorecard's CURVES task, same initial weights
-and data order, interleaved turns, 1 torch thread), and prints per slice each run's batch size
-and, off the clock, the gradient noise at the parameters reached, from which the size the norm
-test would ask for follows: :math:`|S| \\approx 250\\,r/\\theta^2` with
-:math:`r = E\\|g_{250} - g\\|^2/\\|g\\|^2`.
+rank 32 refresh 2, λ≥0.3"); the scorecard's norm-test rows lost to it. The rows differ in the
+growth rule, the curvature batch (a quarter against a fixed 62) and the λ floor (0.3 against
+'auto'). ``variants()`` separates them and adds rules that grow on a step's transfer to unseen
+cases (``scorecard._TransferTest``), raced on ``_curves_late``'s harness (the scorecard's
+CURVES task, same initial weights and data order, interleaved turns, 1 torch thread) against
+Adam lr 1e-3 b 20; per slice it prints each run's batch and, off the clock, the gradient
+noise :math:`r = E\|g_{250} - g\|^2/\|g\|^2` from which the norm test's size follows,
+:math:`|S| \approx 250\,r/\theta^2`. ``transfer`` and ``window`` measure, at the fixed
+row's weights, where one step's and n steps' gains go. Findings: experiments/README.md,
+"lead, stop 48".
 
     OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py BUDGET name[,name...] [--slices N]
-
-Names: ``variants()``'s keys; ``adam`` (lr 1e-3, b 20: run31's best baseline) always runs.
+    OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py transfer 200,500,1000 250,500,1000
+    OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py window 500,1000 250x20,1000x8
 """
 
 from __future__ import annotations
@@ -57,6 +58,21 @@ def variants() -> dict[str, dict]:
         # batch's (scorecard._TransferTest)
         "tt": k | dict(curvature_batch=0.25, kw=floor, transfer_test=dict(tau=0.5)),
         "tt.3": k | dict(curvature_batch=0.25, kw=floor, transfer_test=dict(tau=0.3)),
+        # the batch sized for the whole set's drop per second: √(b* b₀), b₀ = 265 cases
+        # (CURVES's step here: 31 ms + 0.118 ms a case), grown ×1.25 a test at most
+        "eff": k | dict(curvature_batch=0.25, kw=floor, transfer_test=dict(overhead=265.0)),
+        "eff-slow": k
+        | dict(curvature_batch=0.25, kw=floor, transfer_test=dict(overhead=265.0, growth=1.1)),
+        # both at most 1,000 cases (the best of 250/1,000/2,000 at equal time in `window`)
+        "eff-1000": k
+        | dict(
+            curvature_batch=0.25,
+            kw=floor,
+            transfer_test=dict(overhead=265.0),
+            max_batch=1000,
+        ),
+        "geo.15-1000": k
+        | dict(growth=1.0015, curvature_batch=0.25, kw=floor, max_batch=1000, hold=10**9),
         # the fixed row run30 tuned (no growth)
         "fixed": k | dict(curvature_batch=62, kw=floor),
     }
@@ -106,13 +122,14 @@ def main() -> None:
 
 
 def transfer(checkpoints: list[int], sizes: list[int], draws: int = 3) -> None:
-    """Where a 250-case step's gain goes: at the weights the fixed λ ≥ 0.3 row reaches after
+    """Where a 250-case step's gain goes. At the weights the fixed λ ≥ 0.3 row reaches after
     each of ``checkpoints`` steps (the scorecard's data order, on the step count, not the
-    clock), take one more step (and restore the model's and the optimizer's state dicts after it:
-    λ, warm start, K-FAC factors) on ``draws`` random batches of each of ``sizes`` cases (curvature on a
-    quarter), and print the step's loss drop on its own batch, on the whole training set, and
-    their ratio (the transfer); beside it the Euclidean gradient noise at 250 cases that the
-    norm test reads. Deterministic, off any clock.
+    clock), take one more step on ``draws`` random batches of each of ``sizes`` cases
+    (curvature on a quarter; the model's and the optimizer's state dicts, with λ, the warm
+    start and the K-FAC factors, restored after each), and print the step's loss drop on its
+    own batch, on the whole training set, and their ratio (the transfer); beside it the
+    Euclidean gradient noise at 250 cases that the norm test reads. Deterministic, off any
+    clock.
     """
     task = sc.make_curves_task(False)
     m = copy.deepcopy(task.model)
@@ -169,9 +186,73 @@ def transfer(checkpoints: list[int], sizes: list[int], draws: int = 3) -> None:
         print(" ".join(cells), flush=True)
 
 
+def window(checkpoints: list[int], plan: list[tuple[int, int]], draws: int = 2) -> None:
+    """Is a run of cheap steps worth more than the sum of their one-step gains? At the same
+    weights as :func:`transfer`, for each ``(b, n)`` of ``plan`` take ``n`` steps on fresh
+    random ``b``-case batches (about equal time for the plan's pairs: a step costs about
+    b₀ + b cases, b₀ ≈ 265 here) and print the whole set's drop after them, beside ``n`` times
+    the set's drop of one such step from the start (the one-step transfer's forecast).
+    """
+    task = sc.make_curves_task(False)
+    m = copy.deepcopy(task.model)
+    opt = HessianFree(
+        m.parameters(),
+        cg_max_iter=2,
+        min_damping=0.3,
+        relative_min_damping=0.0,
+        precond=KFACPreconditioner(m, rank=32, refresh=2),
+    )
+    batches = sc._Batches(len(task.x), 250, task.x.device)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor, c: int) -> None:
+        def f() -> tuple:
+            out = m(xb)
+            return task.loss(out, yb), out
+
+        def g() -> tuple:
+            out = m(xb[:c])
+            return task.loss(out, yb[:c]), out
+
+        opt.step(f, g)
+
+    def set_loss() -> float:
+        with torch.no_grad():
+            return float(task.loss(m(task.x), task.y))
+
+    gen = torch.Generator().manual_seed(9)
+    print("steps  set-loss | per (b, n): set drop after n steps, n x one step's set drop")
+    done = 0
+    for k in checkpoints:
+        while done < k:
+            idx = batches.next()
+            step(task.x[idx], task.y[idx], 62)
+            done += 1
+        full0 = set_loss()
+        saved = (copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()))
+        cells = [f"{k:5d}  {full0:8.3f} |"]
+        for b, n in plan:
+            runs, ones = [], []
+            for _ in range(draws):
+                for j in range(n):
+                    idx = torch.randperm(len(task.x), generator=gen)[:b]
+                    step(task.x[idx], task.y[idx], b // 4)
+                    if j == 0:
+                        ones.append(full0 - set_loss())
+                runs.append(full0 - set_loss())
+                m.load_state_dict(saved[0])
+                opt.load_state_dict(copy.deepcopy(saved[1]))
+            one = statistics.mean(ones)
+            cells.append(f" b{b}×{n}: {statistics.mean(runs):6.3f} vs {n * one:6.3f}")
+        print(" ".join(cells), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "transfer":
         torch.set_num_threads(1)
         transfer([int(k) for k in sys.argv[2].split(",")], [int(b) for b in sys.argv[3].split(",")])
+    elif sys.argv[1] == "window":
+        torch.set_num_threads(1)
+        pairs = [tuple(int(v) for v in p.split("x")) for p in sys.argv[3].split(",")]
+        window([int(k) for k in sys.argv[2].split(",")], pairs)
     else:
         main()

@@ -775,7 +775,8 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
                     after = float(task.loss(m(task.x[held]), task.y[held]))
                 info = opt.last_step
                 size = transfer.next_size(before - after, info.loss - info.loss_after, batches.size)
-                batches.size = min(size, float(len(task.x)))
+                cap = float(min(len(task.x), regime.get("max_batch") or len(task.x)))
+                batches.size = min(size, cap)
         s = opt.last_step.status
         run.statuses[s] = run.statuses.get(s, 0) + 1
 
@@ -924,6 +925,13 @@ class _TransferTest:
     size never shrinks. Scale-free (a ratio of two drops of one loss) and read from the run's
     state, not from its step count or clock.
 
+    With ``overhead`` (a step's fixed cost in cases: :math:`t(b) \approx c(b_0 + b)`, 265 for
+    CURVES's K-FAC row on a CPU) the test sizes the batch for the whole set's drop per second
+    instead of a transfer threshold: with a transfer :math:`\tau(b) = b/(b + b_*)` (the noise
+    scale :math:`b_*` read off the averaged transfer at the current size) the drop per second
+    :math:`\propto b/((b + b_*)(b_0 + b))` peaks at :math:`b = \sqrt{b_* b_0}`; the batch
+    grows towards it by at most ``growth`` a test.
+
     >>> t = _TransferTest(tau=0.5, min_tests=2, smooth=0.0, growth=1.5)
     >>> t.next_size(0.1, 1.0, 250.0)  # one test: too few to act on
     250.0
@@ -931,6 +939,11 @@ class _TransferTest:
     375.0
     >>> t.next_size(0.9, 1.0, 375.0), t.next_size(0.8, 1.0, 375.0)
     (375.0, 375.0)
+    >>> e = _TransferTest(overhead=100.0, min_tests=1, smooth=0.0, growth=4.0)
+    >>> e.next_size(0.2, 1.0, 100.0)  # b* = 100 · 0.8/0.2 = 400: √(400 · 100) = 200
+    200.0
+    >>> e.next_size(0.9, 1.0, 200.0)  # b* = 22: √(22 · 100) < 200, never shrinks
+    200.0
     """
 
     def __init__(
@@ -941,7 +954,12 @@ class _TransferTest:
         smooth: float = 0.7,
         growth: float = 1.25,
         min_tests: int = 3,
+        overhead: float | None = None,
     ) -> None:
+        if overhead is not None and not (math.isfinite(overhead) and overhead > 0):
+            raise ValueError(
+                f"transfer test `overhead` must be a finite number > 0 or None, got {overhead!r}."
+            )
         if not (0.0 < tau < 1.0):
             raise ValueError(f"transfer test `tau` must be in (0, 1), got {tau!r}.")
         if not (isinstance(every, int) and every >= 1):
@@ -957,7 +975,7 @@ class _TransferTest:
                 f"transfer test `min_tests` must be an integer >= 1, got {min_tests!r}."
             )
         self.tau, self.every, self.held, self.smooth = tau, every, held, smooth
-        self.growth, self.min_tests = growth, min_tests
+        self.growth, self.min_tests, self.overhead = growth, min_tests, overhead
         self.tests, self.held_drop, self.batch_drop = 0, 0.0, 0.0
 
     def next_size(self, held_drop: float, batch_drop: float, size: float) -> float:
@@ -968,7 +986,17 @@ class _TransferTest:
         self.held_drop = a * self.held_drop + (1 - a) * held_drop
         self.batch_drop = a * self.batch_drop + (1 - a) * batch_drop
         self.tests += 1
-        if self.tests < self.min_tests or self.held_drop >= self.tau * self.batch_drop:
+        if self.tests < self.min_tests:
+            return size
+        if self.overhead is not None:
+            share = min(max(self.held_drop / self.batch_drop, 0.01), 1.0)
+            noise = size * (1.0 - share) / share  # b*: the transfer is b / (b + b*)
+            want = min(math.sqrt(noise * self.overhead), size * self.growth)
+            if want <= size:
+                return size
+            self.tests = 0
+            return want
+        if self.held_drop >= self.tau * self.batch_drop:
             return size
         self.tests = 0
         return size * self.growth

@@ -472,6 +472,21 @@ def test_transfer_test_matches_the_exponential_average_closed_form():
     assert 0 < grew < 20  # the draws exercise both branches
 
 
+def test_transfer_test_with_an_overhead_sizes_the_batch_at_the_drop_per_second_optimum():
+    # oracle: the maximiser of b / ((b + b*)(b0 + b)) over a fine grid (numpy), b* read off
+    # the averaged transfer τ = b/(b + b*) at the current size; the batch moves towards it by
+    # at most ×growth a test and never shrinks
+    b0, growth = 265.0, 1.5
+    grid = np.linspace(1.0, 1e5, 2_000_001)
+    for share, size in [(0.5, 250.0), (0.12, 250.0), (0.05, 1000.0), (0.9, 400.0)]:
+        test = scorecard._TransferTest(overhead=b0, min_tests=1, smooth=0.0, growth=growth)
+        noise = size * (1 - share) / share
+        best = grid[np.argmax(grid / ((grid + noise) * (b0 + grid)))]
+        want = max(size, min(best, growth * size))
+        got = test.next_size(share, 1.0, size)
+        assert got == pytest.approx(want, rel=1e-4), (share, size)
+
+
 def test_transfer_test_held_cases_lie_outside_the_batch():
     test = scorecard._TransferTest(held=30)
     gen = torch.Generator().manual_seed(0)
@@ -493,6 +508,8 @@ def test_transfer_test_held_cases_lie_outside_the_batch():
         (dict(smooth=1.0), "smooth"),
         (dict(growth=1.0), "growth"),
         (dict(min_tests=0), "min_tests"),
+        (dict(overhead=0.0), "overhead"),
+        (dict(overhead=math.inf), "overhead"),
     ],
 )
 def test_transfer_test_settings_out_of_range_are_refused(kwargs, match):
