@@ -1311,7 +1311,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         switch = state.pop("gn_first_step", False) is True
         info = self.last_step
         if self._gn_fallback and info is not None:
-            failed = info.rho < 0.0 and info.next_damping > info.damping
+            failed = info.rho_full < 0.0 and info.next_damping > info.damping
             recent = state.setdefault("gn_recent", [])
             recent.append(failed)
             del recent[: -self._GN_FAIL_WINDOW]
@@ -2223,7 +2223,12 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             with torch.no_grad():
                 torch._foreach_copy_(params, theta0)
             raise
-        run.report.update(rho=rho, backtrack_iter=result.iterations[chosen], step_rate=rate)
+        run.report.update(
+            rho=_rho_taken(rho, rate, f_new - run.f_base, slope, half_pCp),
+            rho_full=rho,
+            backtrack_iter=result.iterations[chosen],
+            step_rate=rate,
+        )
         # LBFGS' no-progress tests, on the largest change of a parameter and of the objective
         full_change = at.full_change
         tolerance_change = settings.tolerance_change
@@ -2421,6 +2426,28 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             stacklevel=caller_stacklevel(),
         )
         return self._finish(run, status)
+
+
+def _rho_taken(rho: float, rate: float, actual: float, slope: float, half_pCp: float) -> float:
+    r"""Phase 5: :math:`\rho` of the step as taken, :math:`\theta_0 + t p` at the accepted rate
+    :math:`t` (``StepInfo.rho``).
+
+    Phase 4's :math:`\rho` (``rho``, which :math:`\lambda`'s update reads) is the full
+    backtracked step's, ``-inf`` where that step raised the objective (Martens' reference
+    code), also when the line search then accepted a smaller rate with a decrease: a log
+    reader took those accepted steps for non-finite losses ("unseen16", "unseen18"). At
+    :math:`t \ne 1` the undamped model predicts :math:`q(tp) - q(0) = t\,g^\top p +
+    t^2\,\tfrac12 p^\top C p` (no product: both scalars are phase 4's), and ``actual`` is
+    :math:`f(\theta_0 + tp) - f(\theta_0)`, the objective the line search measured; at
+    :math:`t = 1` and on a rejected step (:math:`t = 0`, nothing taken) ``rho`` itself.
+
+    Example:
+        >>> _rho_taken(-math.inf, 0.5, -0.1875, -1.0, 0.5)  # q(p/2) - q(0) = -0.5 + 0.125
+        0.5
+    """
+    if rate in (0.0, 1.0):
+        return rho
+    return _damping.reduction_ratio(actual, rate * slope + rate * rate * half_pCp)
 
 
 def _overflow_fix(dtype: torch.dtype) -> str:
