@@ -20,7 +20,7 @@ import threading
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -49,6 +49,7 @@ from .curvature import (
 from .preconditioning import _LinearPass
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
+_RUNNING_STATS_SET = frozenset(_RUNNING_STATS)
 # torch's messages for data that does not match the parameters (dtype, device, features)
 _MISMATCH = re.compile(
     r"dtype|scalar type|should be the same|same device|two devices|shapes cannot be multiplied"
@@ -293,10 +294,12 @@ def _buffer_writes() -> Iterator[list[str]]:
 
     BatchNorm's are left to :func:`_stochastic_modules`' warning. A forward that writes its
     module's state (``parametrizations.spectral_norm``'s power iteration, a running average
-    of the user's) makes every closure call, each trial evaluation included, a different
+    of the user's) made every closure call, each trial evaluation included, a different
     function: on a spectral-norm MLP 244 closure calls in 20 steps and 3 failed line
     searches, against 41 and none with the iteration run once per step outside the closure
-    (``experiments/README.md``, "unseen14").
+    (``experiments/README.md``, "unseen14"). The trials now leave such buffers as the step's
+    call left them (:func:`_running_statistics_kept`), but still update them once for their
+    own loss, so the warning stays ("unseen18").
     """
     seen: dict[int, tuple[torch.nn.Module, dict[str, tuple[Tensor, int]]]] = {}
     written: list[str] = []
@@ -319,10 +322,86 @@ def _buffer_writes() -> Iterator[list[str]]:
                     written.append(f"{type(module).__name__}.{name}")
 
 
+def _written_names(module: torch.nn.Module, learned: Mapping) -> frozenset[str] | set[str]:
+    """The buffers of ``module`` its forward writes, as far as known: a train-mode BatchNorm's
+    running statistics, and those :func:`_buffers_saved` saw a graph-building call write."""
+    if isinstance(module, _BatchNorm):
+        tracked = module.training and module.track_running_stats
+        return _RUNNING_STATS_SET if tracked else frozenset()
+    return learned.get(module, frozenset())
+
+
 @contextlib.contextmanager
-def _running_statistics_kept() -> Iterator[None]:
+def _buffers_saved(
+    learned: weakref.WeakKeyDictionary, counter: _Counter, *, everything: bool = False
+) -> Iterator[None]:
+    """Save, in ``counter.buffers``, the buffers that the block's forward passes in this
+    thread are known to write (:func:`_written_names`; with ``everything``, all their
+    buffers) as they were before it, and learn, in ``learned``, the others it writes (a moved
+    version counter, or a new tensor); ``counter.writes_buffers`` says whether any besides
+    BatchNorm's statistics were written.
+
+    The optimizer runs a step's graph-building call at θ inside it (``everything`` at the
+    optimizer's first, where nothing is learned yet): that call's writes are kept
+    (BatchNorm's statistics move once per step, as after one first-order step), but a step
+    that raises, or whose loss at θ is not finite, puts them back (:func:`_restore_buffers`).
+    Before, such a step kept the call's update, a retried step added another, and a
+    non-finite batch left NaN in ``running_mean`` for good ("unseen18"). One clone of each
+    such buffer per step (a BatchNorm layer's 2C + 1 numbers).
+    """
+    owner = threading.get_ident()
+    seen: dict[int, tuple[torch.nn.Module, dict[str, tuple[Tensor, int]]]] = {}
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        if id(module) in seen or not module._buffers or threading.get_ident() != owner:
+            return
+        known = _written_names(module, learned)
+        norm = isinstance(module, _BatchNorm)
+        watched = {}
+        for name, buffer in module._buffers.items():
+            if buffer is None:
+                continue
+            if everything or name in known:
+                # BatchNorm's kernel updates its statistics without moving their version
+                version = None if norm else buffer._version
+                counter.buffers.append((buffer, buffer.detach().clone(), version))
+            if not norm:
+                watched[name] = (buffer, buffer._version)
+        seen[id(module)] = (module, watched)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        # what this call wrote is what the next trial calls keep (a module since put in eval
+        # mode drops out)
+        for module, watched in seen.values():
+            for name, (before, version) in watched.items():
+                now = module._buffers.get(name)
+                if now is not before or now._version != version:
+                    learned.setdefault(module, set()).add(name)
+                    counter.writes_buffers = True
+                elif name in learned.get(module, ()):
+                    learned[module].discard(name)
+
+
+def _restore_buffers(saved: list[tuple[Tensor, Tensor, int | None]]) -> None:
+    """Write the values :func:`_buffers_saved` saved back into the buffers written since (a
+    moved version; BatchNorm's always), in place: the module, its ``state_dict`` and a
+    data-parallel wrapper keep the same tensors. A forward that rebound its buffer to a new
+    tensor is not undone."""
+    with torch.no_grad():
+        for buffer, copy, version in reversed(saved):
+            if version is None or buffer._version != version:
+                buffer.copy_(copy)
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(learned: Mapping | None = None) -> Iterator[None]:
     """Leave the running statistics of the train-mode BatchNorm modules this thread runs
-    inside the block as they were.
+    inside the block as they were, and the other buffers their forward writes in place
+    (``learned``: :func:`_buffers_saved`).
 
     A forward pre-hook swaps each such module's ``running_mean``, ``running_var`` and
     ``num_batches_tracked`` for clones at its first call in the block (the forward pass
@@ -334,20 +413,26 @@ def _running_statistics_kept() -> Iterator[None]:
     ``num_batches_tracked`` rose by 3-5 a step, and one non-finite trial (rejected, the
     parameters kept bit for bit) left NaN in ``running_mean`` for good, so the eval-mode
     model returned NaN ("unseen17"). Other threads' forward passes are left alone.
+
+    The same swap keeps the buffers other forwards write once a graph-building call has
+    been seen to write them (``parametrizations.spectral_norm``'s power iteration, a user's
+    running average updated in place): each trial call then starts from the buffers of the
+    step's call at θ, so the trials are one function of the parameters, as the curvature
+    products (one graph) are. Before, each trial advanced them ("unseen14", "unseen18"). A
+    forward that rebinds its buffer to a new tensor (``self.avg = ...``) is not undone.
     """
     owner = threading.get_ident()
-    kept: dict[int, tuple[_BatchNorm, list[tuple[str, Tensor, Tensor]]]] = {}
+    kept: dict[int, tuple[torch.nn.Module, list[tuple[str, Tensor, Tensor]]]] = {}
+    learned = {} if learned is None else learned
 
     def hook(module: torch.nn.Module, args: object) -> None:
-        if (
-            not isinstance(module, _BatchNorm)
-            or not (module.training and module.track_running_stats)
-            or id(module) in kept
-            or threading.get_ident() != owner
-        ):
+        if id(module) in kept or threading.get_ident() != owner:
+            return
+        names = _written_names(module, learned)
+        if not names:
             return
         swapped = []
-        for name in _RUNNING_STATS:
+        for name in _RUNNING_STATS if isinstance(module, _BatchNorm) else sorted(names):
             buffer = getattr(module, name, None)
             if buffer is not None:
                 clone = buffer.clone()
@@ -488,12 +573,15 @@ class _ClosureCalls:
         build_graph: bool,
         uses_backward: bool,
         moves_statistics: bool | None = None,
+        save_all_buffers: bool = False,
     ) -> _Evaluation:
         """Evaluate ``closure``; with ``build_graph`` capture what curvature products need.
 
         Only a call with ``moves_statistics`` (by default the graph-building ones; the
         optimizer passes False for a ``curvature_closure``) leaves train-mode BatchNorm's
-        running statistics updated (:func:`_running_statistics_kept`).
+        running statistics updated, and the buffers other forwards write in place
+        (:func:`_running_statistics_kept`); what it writes is saved for a step that raises
+        (:func:`_buffers_saved`; every buffer with ``save_all_buffers``).
 
         Evaluation-only calls run under ``torch.no_grad()`` unless the closure needs autograd
         itself: when it called ``backward()`` (``uses_backward``) or ``torch.autograd.grad`` (seen
@@ -511,10 +599,13 @@ class _ClosureCalls:
         try:
             # every call, not only graph-building ones: f(θ) and the trial losses from one kernel
             kept = build_graph if moves_statistics is None else moves_statistics
+            learned = self._written_buffers
             with (
                 twice_differentiable_attention(),
                 twice_differentiable_weight_norm(),
-                contextlib.nullcontext() if kept else _running_statistics_kept(),
+                _buffers_saved(learned, counter, everything=save_all_buffers)
+                if kept
+                else _running_statistics_kept(learned if self._keep_trial_buffers else {}),
             ):
                 evaluation = self._call_once(closure, build_graph, uses_backward, stream)
         finally:
@@ -611,6 +702,12 @@ class _ClosureCalls:
                 loss, _, _ = _unpack(closure())
             self._closure_uses_autograd = True
         return _Evaluation(loss.detach(), None, None)
+
+    @property
+    def _written_buffers(self) -> weakref.WeakKeyDictionary:
+        """The buffers, by module, that graph-building calls have been seen to write
+        (:func:`_buffers_saved`); not copied with the optimizer (weak references)."""
+        return self.__dict__.setdefault("_buffers_written", weakref.WeakKeyDictionary())
 
     @property
     def _left_by_last_call(self) -> list[tuple[weakref.ref, int] | None] | None:
@@ -790,6 +887,7 @@ class _ClosureCalls:
                     build_graph=True,
                     uses_backward=False,
                     moves_statistics=role == "closure",
+                    save_all_buffers=watch,
                 )
         except RuntimeError as err:
             if _autograd_refused(err) and "does not require grad" in str(err):
@@ -846,12 +944,17 @@ class _ClosureCalls:
                 self._warned_buffers = True
                 warnings.warn(
                     f"HessianFree: the {role}'s forward wrote the buffer(s) "
-                    f"{', '.join(dict.fromkeys(written))}, so every closure call (the step's "
-                    "and each trial evaluation: backtracking, the line search, rho) computes a "
-                    "different function. Update them once per step outside the closure, e.g. "
-                    "model.train(); with torch.no_grad(): model(x); then model.eval() before "
-                    "step() (torch.nn.utils.parametrizations.spectral_norm's power iteration "
-                    "runs in training mode only).",
+                    f"{', '.join(dict.fromkeys(written))}. They move once per step, in the "
+                    "call at the current parameters; each trial evaluation (backtracking, the "
+                    "line search, rho) starts from them and leaves them as they were (if "
+                    "written in place), but updates them once more for its own loss, so the "
+                    "trials are not the function the step's gradient and curvature come from, "
+                    "and each step makes one extra closure call to measure f(theta) as the "
+                    "trials see it. Updating them once per step outside the closure is exact "
+                    "and cheaper: model.train(); with torch.no_grad(): model(x); then "
+                    "model.eval() before step() "
+                    "(torch.nn.utils.parametrizations.spectral_norm's power iteration runs in "
+                    "training mode only).",
                     UserWarning,
                     stacklevel=caller_stacklevel(),
                 )

@@ -191,6 +191,10 @@ class _Counter:
     product_time: float = 0.0
     # replay_rng: every closure call of the step draws the first call's random numbers
     stream: StepStream | None = None
+    # (buffer, copy): what the step's graph-building call wrote, as before it (a step that
+    # raises puts them back; _closure._buffers_saved)
+    buffers: list[tuple[Tensor, Tensor, int | None]] = field(default_factory=list)  # version
+    writes_buffers: bool = False  # ... among them buffers other than BatchNorm's statistics
 
 
 @dataclass

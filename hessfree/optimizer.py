@@ -98,7 +98,10 @@ Closure styles, fastest first:
 Dropout and train-mode BatchNorm make every closure call a different function; the first call
 of each closure is watched for such modules and a warning says so once, as the SciPy operators
 refuse them. BatchNorm's running statistics move once per step, in the closure's call at
-:math:`\theta`: trial evaluations and a ``curvature_closure`` leave them as they found them. Under
+:math:`\theta`: trial evaluations and a ``curvature_closure`` leave them as they found them,
+and a step that raises, or whose loss at :math:`\theta` is not finite, puts that call's update
+back; other buffers a forward writes in place (``spectral_norm``'s power iteration) likewise,
+with :math:`f(\theta)` measured once more as the trials see it (warned). Under
 ``replay_rng=True`` (the default) the model calls share one random draw and the trials another
 (:mod:`hessfree._rng`), and Dropout alone is not warned about.
 
@@ -136,7 +139,7 @@ from torch import Tensor
 
 from . import damping as _damping
 from ._checks import caller_stacklevel, check_number, check_reaches_params, closest_name
-from ._closure import Closure, _bounded_outer_gradient, _ClosureCalls
+from ._closure import Closure, _bounded_outer_gradient, _ClosureCalls, _restore_buffers
 from ._damping_control import _DampingControl, _loss_probe, _structural_weight
 from ._flat import LOW_PRECISION, ParamLayout, dot
 from ._line_search import armijo, backtrack
@@ -1078,6 +1081,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         """
         hooks = [k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")]
         hooks.append("_grads_left")  # weak references to this process's .grad tensors
+        hooks.append("_buffers_written")  # weak references to modules
         return {k: v for k, v in self.__dict__.items() if k not in hooks}
 
     def _shared_group_values(self) -> dict:
@@ -1512,6 +1516,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         except BaseException:
             if run.state["step"] == undo.step:  # raised before _finish: nothing was taken
                 undo.restore()
+                _restore_buffers(run.counter.buffers)  # BatchNorm's statistics, ...
             raise
         finally:
             if run.counter.stream is not None:  # also on an error (_finish did it otherwise)
@@ -1638,6 +1643,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         if run.damping < floor:  # the floor rose since the last step (an edit, or 'auto')
             run.damping = state["damping"] = floor
         if not math.isfinite(run.f0):
+            # the call's buffer writes (BatchNorm's statistics) came from that batch: put back
+            _restore_buffers(run.counter.buffers)
             return self._reject(run, StepStatus.NON_FINITE_LOSS, "the loss")
         curvature = product = None
         with torch.enable_grad():  # the products differentiate graphs, whatever the caller's mode
@@ -1703,6 +1710,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
             run.f_base = f_base if math.isfinite(f_base) else run.f0
             self._observe_mask_noise(state, run)
+        elif run.counter.writes_buffers and self._trial_baseline:
+            # the trials start from the buffers this step's call wrote, and update them once
+            # more (kept, _running_statistics_kept): f(θ0) as they see it is their baseline
+            loss = self._call(
+                closure, run.counter, build_graph=False, uses_backward=run.uses_backward
+            ).loss
+            f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
+            run.f_base = f_base if math.isfinite(f_base) else run.f0
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
         result = self._solve(curvature, product, evaluation, g, run, closure)
         if (
@@ -2251,6 +2266,11 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             status = StepStatus.CONVERGED
             run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
+
+    #: study switches ("unseen18"): trial calls keep the buffers a forward writes; f(θ0)
+    #: re-evaluated as a trial where the step's call wrote such buffers
+    _keep_trial_buffers = True
+    _trial_baseline = True
 
     #: replay_rng: hold λ on a poor step within the mask noise (a class attribute so that
     #: experiments can compare against replay without it, "dropdefault").

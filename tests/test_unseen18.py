@@ -67,3 +67,166 @@ def test_rho_of_a_full_step_is_unchanged_and_equals_rho_full():
     info = opt.last_step
     assert info.step_rate == 1.0 and info.rho == pytest.approx(1.0, abs=1e-12)
     assert getattr(info, "rho_full", info.rho) == info.rho
+
+
+# ---- buffers written in the forward: a step that raises, a non-finite batch, trial calls ----
+
+
+def _bn_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+    x = torch.randn(64, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    return model, x, y
+
+
+def _buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def _one_forward(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Oracle: the buffers a copy of the model has after one training-mode forward."""
+    copy_ = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        copy_(x)
+    return _buffers(copy_)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2], ids=["first_call_after_forward", "trial_call"])
+def test_step_that_raises_leaves_batchnorm_statistics_as_at_its_start(fail_at):
+    # Fails on main: the first call's update of the statistics stayed after the raise.
+    model, x, y = _bn_setup()
+    opt = HessianFree(model.parameters())
+    calls = [0]
+
+    def closure(fail: bool = False):
+        calls[0] += 1
+        out = model(x)
+        if fail and calls[0] == fail_at:
+            raise RuntimeError("data loader hiccup")
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        opt.step(closure)
+    start, params = _buffers(model), [p.detach().clone() for p in model.parameters()]
+    calls[0] = 0
+    with pytest.raises(RuntimeError, match="hiccup"):
+        opt.step(lambda: closure(fail=True))
+    assert _same(_buffers(model), start)
+    assert _same([p.detach() for p in model.parameters()], params)
+    # the retried step moves them once, as one forward at the step's start does
+    oracle = _one_forward(model, x)
+    opt.step(closure)
+    assert _same(_buffers(model), oracle)
+
+
+def test_non_finite_batch_leaves_batchnorm_statistics_finite():
+    # Fails on main: the rejected step's call put NaN in running_mean for good, and the
+    # eval-mode model returned NaN for every input.
+    model, x, y = _bn_setup()
+    opt = HessianFree(model.parameters())
+    bad = x.clone()
+    bad[0, 0] = math.nan
+
+    def closure(data=x):
+        out = model(data)
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        opt.step(closure)
+    before = _buffers(model)
+    with pytest.warns(RuntimeWarning, match="non-finite value in the loss"):
+        opt.step(lambda: closure(bad))
+    assert opt.last_step.status == "non_finite_loss"
+    assert _same(_buffers(model), before)
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+class _RunningMean(torch.nn.Module):
+    """A user's running mean of its inputs, updated in place in the forward (unseen14's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(5, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return x - self.mean
+
+
+def _writer(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "spectral_norm":
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        model = torch.nn.Sequential(
+            sn(torch.nn.Linear(5, 8)), torch.nn.Tanh(), sn(torch.nn.Linear(8, 3))
+        )
+    else:
+        model = torch.nn.Sequential(
+            _RunningMean(), torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        )
+    return model.double()
+
+
+@pytest.mark.parametrize("kind", ["spectral_norm", "running_mean"])
+def test_trial_calls_leave_written_buffers_as_the_steps_call_left_them(kind):
+    # Fails on main: every trial call (backtracking, line search) advanced the buffers.
+    # Oracle: a copy of the model run once in training mode at the step's start; and the
+    # accepted loss is the trials' function there: one more forward from those buffers.
+    model = _writer(kind)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    with pytest.warns(UserWarning, match="wrote the buffer"):
+        opt.step(closure)
+    for _ in range(2):
+        oracle = _one_forward(model, x)
+        opt.step(closure)
+        info = opt.last_step
+        assert _same(_buffers(model), oracle)
+        assert info.closure_calls >= 3  # the step's call, f(θ0) as a trial, a trial
+        trial = __import__("copy").deepcopy(model)
+        with torch.no_grad():
+            f = float(torch.nn.functional.cross_entropy(trial(x), y))
+        if info.accepted:
+            assert info.loss_after == f
+
+
+def test_step_that_raises_puts_spectral_norm_vectors_back():
+    # Fails on main: the raised step's calls kept their power iterations.
+    model = _writer("spectral_norm")
+    x = torch.randn(64, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    opt = HessianFree(model.parameters())
+    calls = [0]
+
+    def closure(fail: bool = False):
+        calls[0] += 1
+        if fail and calls[0] == 2:  # a trial call
+            raise KeyboardInterrupt
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    with pytest.warns(UserWarning, match="wrote the buffer"):
+        opt.step(closure)
+    start = _buffers(model)
+    calls[0] = 0
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: closure(fail=True))
+    assert calls[0] == 2 and _same(_buffers(model), start)
