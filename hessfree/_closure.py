@@ -99,28 +99,35 @@ _AFTER_BACKWARD = threading.local()
 @contextlib.contextmanager
 def _gradients_as_left(
     params: list[Tensor], earlier: list[tuple[weakref.ref, int] | None] | None
-) -> Iterator[tuple[list[object], list[int]]]:
+) -> Iterator[tuple[list[object], list[int], list[object]]]:
     """Record the ``.grad`` of ``params`` as each hooked ``backward()`` inside the block left
     them: the tensors, their version counters and the dense ones' norms (one fused
     reduction, read only by :func:`_gradients_changed`); the last ``backward()`` wins
     (micro-batches accumulate). Also the positions whose ``.grad`` the first ``backward()``
     met exactly as the optimizer's previous closure call left it (``earlier``, from
-    :func:`_gradients_left`): not cleared, so the new gradient is added to it."""
+    :func:`_gradients_left`): not cleared, so the new gradient is added to it; and, as
+    ``(positions, nonzero)`` with ``nonzero`` a boolean tensor read later, the others it met
+    holding a gradient (put there by the user's code or another optimizer)."""
     record: list[object] = []
     stale: list[int] = []
+    foreign: list[object] = []
     first = [True]
 
     def note(before: bool) -> None:
         if before:
-            if first[0] and earlier is not None:
-                stale[:] = [
-                    i
-                    for i, (p, left) in enumerate(zip(params, earlier, strict=True))
-                    if left is not None
-                    and p.grad is not None
-                    and p.grad is left[0]()
-                    and p.grad._version == left[1]
-                ]
+            if first[0]:
+                earlier_ = earlier or [None] * len(params)
+                for i, (p, left) in enumerate(zip(params, earlier_, strict=True)):
+                    if p.grad is None:
+                        continue
+                    if left is not None and p.grad is left[0]() and p.grad._version == left[1]:
+                        stale.append(i)
+                    else:
+                        foreign.append(i)
+                if foreign:  # zeros (zero_grad(set_to_none=False)) add nothing: allowed
+                    held = [params[i].grad.detach() for i in foreign]
+                    held = [g.coalesce().values() if g.is_sparse else g for g in held]
+                    foreign[:] = [list(foreign), torch.stack([g.ne(0).any() for g in held])]
             first[0] = False
             return
         grads = [p.grad for p in params]
@@ -132,7 +139,7 @@ def _gradients_as_left(
     outer = getattr(_AFTER_BACKWARD, "note", None)
     _AFTER_BACKWARD.note = note
     try:
-        yield record, stale
+        yield record, stale, foreign
     finally:
         _AFTER_BACKWARD.note = outer
 
@@ -665,7 +672,7 @@ class _ClosureCalls:
             with (
                 torch.enable_grad(),
                 _backward_builds_graph() as called,
-                _gradients_as_left(params, self._left_by_last_call) as (left, stale),
+                _gradients_as_left(params, self._left_by_last_call) as (left, stale, foreign),
                 _watch_grad() as used,
                 linears.recording() if record else contextlib.nullcontext(),
             ):
@@ -682,6 +689,7 @@ class _ClosureCalls:
                     if p.grad is not None:
                         p.grad = p.grad.detach()
                 self._refuse_stale_gradients(params, stale)
+                self._refuse_foreign_gradients(params, foreign)
                 self._warn_changed_gradients(params, changed)
             return _Evaluation(loss, outputs, grads, hidden)
         if uses_backward or self._closure_uses_autograd:
@@ -741,6 +749,39 @@ class _ClosureCalls:
             "the gradients each step's gradient would include other points'. Call "
             "opt.zero_grad() at the top of the closure, as torch.optim.LBFGS requires. This "
             "step changed nothing."
+        )
+
+    def _refuse_foreign_gradients(self, params: list[Tensor], foreign: list[object]) -> None:
+        """Refuse a closure whose ``backward()`` added to gradients that something other than
+        this optimizer's previous closure call put in ``.grad`` (:func:`_gradients_as_left`):
+        a regularizer's ``backward()`` before ``opt.step``, a ``backward()`` for logging, or
+        another optimizer's last step, not cleared.
+
+        ``torch.optim.LBFGS`` sums them into its step (its first direction is the summed
+        gradient). HessianFree would too, but its curvature comes from the closure's graph
+        and its trial losses (ρ, backtracking, the line search) from the closure alone, so
+        the step would be judged on another function than the one it models ("unseen18":
+        unseen17's check saw only what HessianFree's own calls left). Zeros are allowed
+        (``zero_grad(set_to_none=False)``). Raised before anything moves; one host read, and
+        only where the first ``backward()`` met a gradient.
+        """
+        if not foreign:
+            return
+        positions, nonzero = foreign
+        held = [i for i, n in zip(positions, nonzero.tolist(), strict=True) if n]
+        if not held:
+            return
+        names = ", ".join(self._param_name(params[i]) for i in held[:3])
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise ValueError(
+            f"The closure's backward() added to a gradient already in .grad of {names}{more}, "
+            "not left by HessianFree's previous closure call (e.g. a regularizer's backward() "
+            "before opt.step, a backward() for logging, or another optimizer's last step). "
+            "torch.optim.LBFGS would sum it into its step; HessianFree's curvature and its "
+            "trial losses (rho, backtracking, line search) come from the closure alone, so the "
+            "step would be judged on another function. Add such a term to the loss inside "
+            "the closure (its gradient and curvature then count exactly), or call "
+            "opt.zero_grad() at the top of the closure. This step changed nothing."
         )
 
     def _warn_changed_gradients(self, params: list[Tensor], changed: list[int]) -> None:

@@ -230,3 +230,68 @@ def test_step_that_raises_puts_spectral_norm_vectors_back():
     with pytest.raises(KeyboardInterrupt):
         opt.step(lambda: closure(fail=True))
     assert calls[0] == 2 and _same(_buffers(model), start)
+
+
+# ---- gradients left in .grad before an LBFGS-style step ----
+
+
+def _mlp_lbfgs(zero_inside: bool):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+
+    def closure():
+        if zero_inside:
+            opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt = HessianFree(model.parameters())
+    return model, opt, closure
+
+
+def test_gradient_added_before_the_step_is_refused_with_the_fix():
+    # Fails on main: a regularizer's gradient put in .grad before opt.step was summed into g
+    # (as torch.optim.LBFGS sums it), while the curvature and the trial losses ignored it.
+    model, opt, closure = _mlp_lbfgs(zero_inside=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    (0.1 * sum(p.square().sum() for p in model.parameters())).backward()
+    with pytest.raises(ValueError, match=r"already in \.grad.*inside the closure.*zero_grad"):
+        opt.step(closure)
+    assert _same([p.detach() for p in model.parameters()], before)
+
+
+def test_zeroed_gradients_before_the_step_are_allowed():
+    # Guard: zero_grad(set_to_none=False) leaves zeros, which add nothing: the step is
+    # bitwise the one after zero_grad() (None).
+    finals = []
+    for set_to_none in (True, False):
+        model, opt, closure = _mlp_lbfgs(zero_inside=False)
+        for _ in range(2):
+            opt.zero_grad(set_to_none=set_to_none)
+            opt.step(closure)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert _same(*finals)
+
+
+def test_outputs_closure_ignores_gradients_left_in_grad():
+    # Guard: a (loss, outputs) closure's gradient is HessianFree's own; what .grad holds
+    # (an Adam phase's last gradient) neither enters the step nor is refused.
+    finals = []
+    for leftover in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+        if leftover:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt = HessianFree(model.parameters())
+
+        def closure(model=model, x=x, y=y):
+            out = model(x)
+            return torch.nn.functional.cross_entropy(out, y), out
+
+        opt.step(closure)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert _same(*finals)
