@@ -967,9 +967,9 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
 
         Raises:
             ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
-                optimizer's group keys), holds a value out of range, or a preconditioner state
-                that does not fit this optimizer's preconditioner (another kind, other layers
-                or shapes, NaN/Inf).
+                optimizer's group keys), holds a value out of range, a warm start for other
+                parameter shapes, or a preconditioner state that does not fit this optimizer's
+                preconditioner (another kind, other layers or shapes, NaN/Inf).
             TypeError: If a value has the wrong type.
         """
         if isinstance(state_dict, Mapping):
@@ -999,6 +999,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     f"but {len(group['params'])} here: it was saved for another model or group "
                     "layout."
                 )
+        self._check_saved_layout(state_dict["state"])
         for i, saved in enumerate(groups):
             foreign = sorted(set(saved) & _FOREIGN_GROUP_KEYS) if isinstance(saved, Mapping) else []
             if foreign:
@@ -1026,6 +1027,45 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         self._ranks_checked = False  # every rank must have loaded the same: the next step checks
         for hook in post_hooks:
             hook(self)
+
+    def _check_saved_layout(self, saved_state: object) -> None:
+        """Refuse a state whose warm start does not fit these parameters' shapes.
+
+        The group check above compares counts only: a state saved for a model of as many
+        parameters with other shapes (a wider hidden layer) loaded, and its warm start, a
+        vector laid out for the old shapes, was dropped or misread at the next step, silently
+        ("unseen18"; torch's own optimizers check counts only too). The warm start's length
+        must be the number of entries of the parameters at the positions it was saved for
+        (``'trained'``; all trainable ones if absent). Positions beyond these parameters (a
+        state adapted by a load pre-hook for fewer parameters) are let through: the next step
+        drops such a warm start (:meth:`_forget_other_layout`).
+        """
+        if not isinstance(saved_state, Mapping):
+            return
+        held = next(
+            (s for s in saved_state.values() if isinstance(s, Mapping) and "damping" in s), None
+        )
+        x0 = None if held is None else held.get("warm_start")
+        if not isinstance(x0, Tensor):
+            return
+        listed = [p for group in self.param_groups for p in group["params"]]
+        positions = held.get("trained")
+        if positions is None:  # saved before 'trained' existed: taken as it is (the step's rule)
+            positions = [i for i, p in enumerate(listed) if p.requires_grad]
+        elif not isinstance(positions, list) or any(
+            not isinstance(i, int) or not 0 <= i < len(listed) for i in positions
+        ):
+            return  # positions that are not these parameters': the next step drops it
+        unique = list({id(listed[i]): listed[i] for i in positions}.values())
+        entries = sum(p.numel() for p in unique)
+        if x0.numel() != entries:
+            shapes = [tuple(p.shape) for p in unique]
+            raise ValueError(
+                f"`state_dict`'s warm start has {x0.numel()} entries, but the parameters it "
+                f"belongs to have {entries} here (shapes {shapes}): it was saved for another "
+                "model with as many parameters of other shapes. Load a state saved for this "
+                "model, or start this optimizer afresh (no load). Nothing was loaded."
+            )
 
     def __getattr__(self, name: str) -> object:
         """Read a hyperparameter as an attribute (``opt.cg_max_iter``).

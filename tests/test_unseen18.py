@@ -295,3 +295,51 @@ def test_outputs_closure_ignores_gradients_left_in_grad():
         opt.step(closure)
         finals.append([p.detach().clone() for p in model.parameters()])
     assert _same(*finals)
+
+
+# ---- load_state_dict from another parameter layout ----
+
+
+def _trained_state(hidden: int, freeze_first: bool = False) -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 3)
+    )
+    if freeze_first:
+        model[0].requires_grad_(False)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    opt = HessianFree(model.parameters(), precond=None)
+
+    def closure():
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    for _ in range(2):
+        opt.step(closure)
+    return opt.state_dict()
+
+
+def test_state_of_other_parameter_shapes_is_refused_and_nothing_loaded():
+    # Fails on main: as many parameters of other shapes (hidden 8 → 16) loaded silently.
+    saved = _trained_state(8)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = HessianFree(model.parameters(), precond=None)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=r"warm start has 75 entries.*147 here.*\(16, 5\)"):
+        opt.load_state_dict(saved)
+    assert opt.state_dict() == before
+
+
+@pytest.mark.parametrize("frozen_when", ["saved", "loaded"])
+def test_state_of_the_same_model_with_a_frozen_layer_still_loads(frozen_when):
+    # Guard: the warm start's length is checked against the parameters it was saved for
+    # (state['trained']), not those trained now.
+    saved = _trained_state(8, freeze_first=frozen_when == "saved")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    if frozen_when == "loaded":
+        model[0].requires_grad_(False)
+    opt = HessianFree(model.parameters(), precond=None)
+    opt.load_state_dict(saved)
+    held = [s for s in opt.state_dict()["state"].values() if "step" in s]
+    assert len(held) == 1 and held[0]["step"] == 2
