@@ -201,6 +201,116 @@ def variants(steps: int = 20, seeds: int = 5) -> None:
     hessfree.HessianFree._trial_baseline = True
 
 
+_NEWTON = dict(  # λ fixed, CG to convergence, no backtracking or line search (unseen16's)
+    adapt_damping=False,
+    cg_max_iter=500,
+    cg_rtol=1e-13,
+    cg_progress_tol=1e-300,
+    backtrack=False,
+    line_search=None,
+    precond=None,
+    trust_radius=False,
+)
+
+
+class _Attention(nn.Module):
+    """Tokens (B, T, 4) → self-attention (``nn.MultiheadAttention``) or a
+    ``TransformerEncoderLayer`` (2 heads, dropout 0) → mean over T → Linear(4, 3)."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        if layer == "mha":
+            self.mix = nn.MultiheadAttention(4, 2, batch_first=True)
+        else:
+            self.mix = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (
+            self.mix(x, x, x, need_weights=False)[0]
+            if isinstance(self.mix, nn.MultiheadAttention)
+            else self.mix(x)
+        )
+        return self.out(h.mean(1))
+
+
+def attention() -> None:
+    """The step against the dense solve −(C + λI)⁻¹g with C the float64 Hessian, Gauss-Newton
+    matrix or empirical Fisher of an attention model, in training and eval mode."""
+    from torch.func import functional_call, jacrev, vmap
+
+    g_ = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, 4, generator=g_, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g_)
+    print(
+        "| layer | mode | curvature | n | relative max error of the step |\n|---|---|---|---|---|"
+    )
+    for layer in ("mha", "transformer"):
+        for mode in ("train", "eval"):
+            for curvature in ("hessian", "ggn", "fisher"):
+                torch.manual_seed(0)
+                model = _Attention(layer).double().train(mode == "train")
+                names = [n for n, _ in model.named_parameters()]
+                params = [p.detach().clone() for p in model.parameters()]
+                shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+                theta = torch.cat([p.reshape(-1) for p in params])
+
+                def values(t, names=names, sizes=sizes, shapes=shapes):
+                    views = [c.view(s) for c, s in zip(t.split(sizes), shapes, strict=True)]
+                    return dict(zip(names, views, strict=True))
+
+                def outputs(t, model=model):
+                    return functional_call(model, values(t), (x,))
+
+                def loss(t):
+                    return nn.functional.cross_entropy(outputs(t), y)
+
+                # the oracle through SDPA's plain-math kernel (forward AD has no flash path)
+                math_kernel = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+                math_kernel.__enter__()
+                g = torch.func.grad(loss)(theta)
+                if curvature == "hessian":
+                    # reverse over reverse: torch.func.hessian (forward over reverse) is off
+                    # by 0.08 of max|H| through MultiheadAttention → LayerNorm (torch 2.13;
+                    # finite differences side with reverse over reverse, to 1.5e-8)
+                    C = torch.autograd.functional.hessian(loss, theta)
+                    off = float((torch.func.hessian(loss)(theta) - C).abs().max())
+                    print(
+                        f"|   forward-over-reverse Hessian off by {off:.2g} (max|H| "
+                        f"{float(C.abs().max()):.2g}) |"
+                    )
+                elif curvature == "ggn":
+                    J = jacrev(outputs)(theta).reshape(-1, theta.numel())
+                    out = outputs(theta).detach()
+                    HL = torch.func.hessian(lambda o: nn.functional.cross_entropy(o.view(8, 3), y))(
+                        out.reshape(-1)
+                    )
+                    C = J.T @ HL @ J
+                else:  # (1/N) Σ g_i g_iᵀ of the per-example losses
+
+                    def one(t, xi, yi, model=model):
+                        o = functional_call(model, values(t), (xi[None],))
+                        return nn.functional.cross_entropy(o, yi[None])
+
+                    G = vmap(torch.func.grad(one), in_dims=(None, 0, 0))(theta, x, y)
+                    C = G.T @ G / len(y)
+                math_kernel.__exit__(None, None, None)
+                lam = max(1.0, 1.0 - float(torch.linalg.eigvalsh(C)[0]))
+                expected = -torch.linalg.solve(C + lam * torch.eye(len(g), dtype=C.dtype), g)
+                opt = hessfree.HessianFree(
+                    model.parameters(), damping=lam, curvature=curvature, **_NEWTON
+                )
+
+                def closure(model=model):
+                    out = model(x)
+                    return nn.functional.cross_entropy(out, y), out
+
+                opt.step(closure)
+                now = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+                gap = float(((now - theta) - expected).abs().max() / expected.abs().max())
+                print(f"| {layer} | {mode} | {curvature} | {len(g)} | {gap:.1e} |")
+
+
 def grad() -> None:
     """A regulariser's gradient added to .grad before an LBFGS-style step whose closure does
     not clear the gradients: LBFGS (the oracle) against HessianFree."""
@@ -230,4 +340,6 @@ def grad() -> None:
 
 if __name__ == "__main__":
     for which in sys.argv[1:] or ["bn", "spectral", "grad"]:
-        {"bn": bn, "spectral": spectral, "grad": grad, "variants": variants}[which]()
+        parts = {"bn": bn, "spectral": spectral, "grad": grad, "variants": variants}
+        parts["attention"] = attention
+        parts[which]()

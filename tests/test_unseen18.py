@@ -14,6 +14,8 @@ import torch
 
 from hessfree import HessianFree
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared 2-core machine
+
 
 def _gauss_newton_overshoot() -> tuple[torch.nn.Parameter, object]:
     """f(w) = ½(w² − y)² with y = −4 from w = 1: the residual never vanishes, so the
@@ -343,3 +345,87 @@ def test_state_of_the_same_model_with_a_frozen_layer_still_loads(frozen_when):
     opt.load_state_dict(saved)
     held = [s for s in opt.state_dict()["state"].values() if "step" in s]
     assert len(held) == 1 and held[0]["step"] == 2
+
+
+# ---- a TransformerEncoderLayer (eval mode: torch's fast path in no_grad calls) ----
+
+
+class _Encoder(torch.nn.Module):
+    """Tokens (B, T, 2) → ``TransformerEncoderLayer`` (2 heads, dropout 0) → mean over T →
+    Linear(2, 3): 63 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = torch.nn.TransformerEncoderLayer(2, 2, 4, dropout=0.0, batch_first=True)
+        self.out = torch.nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mix(x).mean(1))
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "fisher"])
+def test_transformer_layer_step_is_the_dense_damped_newton_step(curvature):
+    # Guard (passes on main): λ fixed, CG to convergence, no line search: the step is
+    # −(C + λI)⁻¹g with C the float64 Hessian (reverse over reverse: torch.func.hessian,
+    # forward over reverse, is off by 0.08 through attention → LayerNorm in torch 2.13), the
+    # Gauss-Newton matrix JᵀH_ℓJ or the empirical Fisher (1/N) Σ g_i g_iᵀ.
+    from torch.func import functional_call, jacrev, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g_ = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 2, generator=g_, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=g_)
+    torch.manual_seed(0)
+    model = _Encoder().double().eval()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def outputs(t, inputs=x):
+        parts = t.split([s.numel() for s in shapes])
+        parts = [c.view(s) for c, s in zip(parts, shapes, strict=True)]
+        return functional_call(model, dict(zip(names, parts, strict=True)), (inputs,))
+
+    def loss(t):
+        return torch.nn.functional.cross_entropy(outputs(t), y)
+
+    def one(t, xi, yi):
+        return torch.nn.functional.cross_entropy(outputs(t, xi[None]), yi[None])
+
+    with sdpa_kernel(SDPBackend.MATH):  # the kernel torch differentiates twice
+        g = torch.autograd.functional.jacobian(loss, theta)
+        if curvature == "hessian":
+            C = torch.autograd.functional.hessian(loss, theta)
+        elif curvature == "ggn":
+            out = outputs(theta).detach()
+            J = jacrev(outputs)(theta).reshape(-1, theta.numel())
+            HL = torch.autograd.functional.hessian(
+                lambda o: torch.nn.functional.cross_entropy(o.view_as(out), y), out.reshape(-1)
+            )
+            C = J.T @ HL @ J
+        else:
+            G = vmap(torch.func.grad(one), in_dims=(None, 0, 0))(theta, x, y)
+            C = G.T @ G / len(y)
+    lam = max(1.0, 1.0 - float(torch.linalg.eigvalsh(C)[0]))
+    expected = -torch.linalg.solve(C + lam * torch.eye(len(g), dtype=C.dtype), g)
+    opt = HessianFree(
+        model.parameters(),
+        damping=lam,
+        curvature=curvature,
+        adapt_damping=False,
+        cg_max_iter=500,
+        cg_rtol=1e-13,
+        cg_progress_tol=1e-300,
+        backtrack=False,
+        line_search=None,
+        precond=None,
+        trust_radius=False,
+    )
+
+    def closure():
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    opt.step(closure)
+    step = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - theta
+    assert float((step - expected).abs().max() / expected.abs().max()) < 1e-10
