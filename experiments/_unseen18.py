@@ -89,6 +89,19 @@ def bn() -> None:
         f"{_diff(_stats(model), before):.3g}, eval-mode outputs finite: {finite}"
     )
 
+    # the same batch with max_failures=1: the step raises FloatingPointError
+    opt = hessfree.HessianFree(model.parameters(), max_failures=1)
+    opt.step(closure)
+    before = _stats(model)
+    try:
+        opt.step(lambda: (nn.functional.cross_entropy(model(xn), y), model(xn)))
+    except FloatingPointError:
+        pass
+    print(
+        f"bn NaN batch, max_failures=1 (raised): max |stats - before| "
+        f"{_diff(_stats(model), before):.3g}"
+    )
+
 
 def spectral(steps: int = 20) -> None:
     """Train-mode ``spectral_norm`` MLP, 20 steps: closure calls, failed line searches, the

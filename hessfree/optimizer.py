@@ -1750,7 +1750,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
             run.f_base = f_base if math.isfinite(f_base) else run.f0
             self._observe_mask_noise(state, run)
-        elif run.counter.writes_buffers and self._trial_baseline:
+        elif self._trial_baseline and self._any_rank_wrote(run.counter.writes_buffers, g):
             # the trials start from the buffers this step's call wrote, and update them once
             # more (kept, _running_statistics_kept): f(θ0) as they see it is their baseline
             loss = self._call(
@@ -2326,6 +2326,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         if self._avg.world_size == 1:
             return stream.drew
         return self._avg.mean_scalar(float(stream.drew), like) > 0.0
+
+    def _any_rank_wrote(self, wrote: bool, like: Tensor) -> bool:
+        """Whether the step's graph call wrote buffers other than BatchNorm's, on this rank or,
+        data parallel, on any (the extra f(θ0) call averages over the ranks, so every rank
+        makes it or none; as :meth:`_any_rank_drew`). No collective in one process."""
+        if self._avg.world_size == 1:
+            return wrote
+        return self._avg.mean_scalar(float(wrote), like) > 0.0
 
     @staticmethod
     def _observe_mask_noise(state: dict, run: _StepRun) -> None:
