@@ -127,7 +127,8 @@ def _gradients_as_left(
                 if foreign:  # zeros (zero_grad(set_to_none=False)) add nothing: allowed
                     held = [params[i].grad.detach() for i in foreign]
                     held = [g.coalesce().values() if g.is_sparse else g for g in held]
-                    foreign[:] = [list(foreign), torch.stack([g.ne(0).any() for g in held])]
+                    nonzero = [g.ne(0).any().to(held[0].device) for g in held]  # any devices
+                    foreign[:] = [list(foreign), torch.stack(nonzero)]
             first[0] = False
             return
         grads = [p.grad for p in params]
