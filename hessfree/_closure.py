@@ -20,11 +20,11 @@ import threading
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.utils import parametrize as _parametrize
 
 from ._autograd_hooks import AutogradHook
@@ -49,6 +49,7 @@ from .curvature import (
 from .preconditioning import _LinearPass
 
 Closure = Callable[[], "Tensor | tuple[Tensor, Tensor | tuple[Tensor, ...]]"]
+_RUNNING_STATS_SET = frozenset(_RUNNING_STATS)
 # torch's messages for data that does not match the parameters (dtype, device, features)
 _MISMATCH = re.compile(
     r"dtype|scalar type|should be the same|same device|two devices|shapes cannot be multiplied"
@@ -98,28 +99,36 @@ _AFTER_BACKWARD = threading.local()
 @contextlib.contextmanager
 def _gradients_as_left(
     params: list[Tensor], earlier: list[tuple[weakref.ref, int] | None] | None
-) -> Iterator[tuple[list[object], list[int]]]:
+) -> Iterator[tuple[list[object], list[int], list[object]]]:
     """Record the ``.grad`` of ``params`` as each hooked ``backward()`` inside the block left
     them: the tensors, their version counters and the dense ones' norms (one fused
     reduction, read only by :func:`_gradients_changed`); the last ``backward()`` wins
     (micro-batches accumulate). Also the positions whose ``.grad`` the first ``backward()``
     met exactly as the optimizer's previous closure call left it (``earlier``, from
-    :func:`_gradients_left`): not cleared, so the new gradient is added to it."""
+    :func:`_gradients_left`): not cleared, so the new gradient is added to it; and, as
+    ``(positions, nonzero)`` with ``nonzero`` a boolean tensor read later, the others it met
+    holding a gradient (put there by the user's code or another optimizer)."""
     record: list[object] = []
     stale: list[int] = []
+    foreign: list[object] = []
     first = [True]
 
     def note(before: bool) -> None:
         if before:
-            if first[0] and earlier is not None:
-                stale[:] = [
-                    i
-                    for i, (p, left) in enumerate(zip(params, earlier, strict=True))
-                    if left is not None
-                    and p.grad is not None
-                    and p.grad is left[0]()
-                    and p.grad._version == left[1]
-                ]
+            if first[0]:
+                earlier_ = earlier or [None] * len(params)
+                for i, (p, left) in enumerate(zip(params, earlier_, strict=True)):
+                    if p.grad is None:
+                        continue
+                    if left is not None and p.grad is left[0]() and p.grad._version == left[1]:
+                        stale.append(i)
+                    else:
+                        foreign.append(i)
+                if foreign:  # zeros (zero_grad(set_to_none=False)) add nothing: allowed
+                    held = [params[i].grad.detach() for i in foreign]
+                    held = [g.coalesce().values() if g.is_sparse else g for g in held]
+                    nonzero = [g.ne(0).any().to(held[0].device) for g in held]  # any devices
+                    foreign[:] = [list(foreign), torch.stack(nonzero)]
             first[0] = False
             return
         grads = [p.grad for p in params]
@@ -131,7 +140,7 @@ def _gradients_as_left(
     outer = getattr(_AFTER_BACKWARD, "note", None)
     _AFTER_BACKWARD.note = note
     try:
-        yield record, stale
+        yield record, stale, foreign
     finally:
         _AFTER_BACKWARD.note = outer
 
@@ -293,16 +302,18 @@ def _buffer_writes() -> Iterator[list[str]]:
 
     BatchNorm's are left to :func:`_stochastic_modules`' warning. A forward that writes its
     module's state (``parametrizations.spectral_norm``'s power iteration, a running average
-    of the user's) makes every closure call, each trial evaluation included, a different
+    of the user's) made every closure call, each trial evaluation included, a different
     function: on a spectral-norm MLP 244 closure calls in 20 steps and 3 failed line
     searches, against 41 and none with the iteration run once per step outside the closure
-    (``experiments/README.md``, "unseen14").
+    (``experiments/README.md``, "unseen14"). The trials now leave such buffers as the step's
+    call left them (:func:`_running_statistics_kept`), but still update them once for their
+    own loss, so the warning stays ("unseen18").
     """
     seen: dict[int, tuple[torch.nn.Module, dict[str, tuple[Tensor, int]]]] = {}
     written: list[str] = []
 
     def hook(module: torch.nn.Module, args: object) -> None:
-        if id(module) in seen or isinstance(module, _BatchNorm) or not module._buffers:
+        if id(module) in seen or isinstance(module, _NormBase) or not module._buffers:
             return
         buffers = {k: (b, b._version) for k, b in module._buffers.items() if b is not None}
         seen[id(module)] = (module, buffers)
@@ -319,10 +330,92 @@ def _buffer_writes() -> Iterator[list[str]]:
                     written.append(f"{type(module).__name__}.{name}")
 
 
+def _written_names(module: torch.nn.Module, learned: Mapping) -> frozenset[str] | set[str]:
+    """The buffers of ``module`` its forward writes, as far as known: a train-mode BatchNorm's
+    (or InstanceNorm's) running statistics, and those :func:`_buffers_saved` saw a
+    graph-building call write.
+
+    InstanceNorm with ``track_running_stats=True`` is a ``_NormBase`` as BatchNorm is and
+    updates its statistics in training mode without reading them, as BatchNorm does: the
+    same treatment, without the extra f(θ₀) call other buffer writes need (3 → 2 closure
+    calls a step on a Conv1d-InstanceNorm model, "unseen18")."""
+    if isinstance(module, _NormBase):
+        tracked = module.training and module.track_running_stats
+        return _RUNNING_STATS_SET if tracked else frozenset()
+    return learned.get(module, frozenset())
+
+
 @contextlib.contextmanager
-def _running_statistics_kept() -> Iterator[None]:
+def _buffers_saved(
+    learned: weakref.WeakKeyDictionary, counter: _Counter, *, everything: bool = False
+) -> Iterator[None]:
+    """Save, in ``counter.buffers``, the buffers that the block's forward passes in this
+    thread are known to write (:func:`_written_names`; with ``everything``, all their
+    buffers) as they were before it, and learn, in ``learned``, the others it writes (a moved
+    version counter, or a new tensor); ``counter.writes_buffers`` says whether any besides
+    BatchNorm's statistics were written.
+
+    The optimizer runs a step's graph-building call at θ inside it (``everything`` at the
+    optimizer's first, where nothing is learned yet): that call's writes are kept
+    (BatchNorm's statistics move once per step, as after one first-order step), but a step
+    that raises, or whose loss at θ is not finite, puts them back (:func:`_restore_buffers`).
+    Before, such a step kept the call's update, a retried step added another, and a
+    non-finite batch left NaN in ``running_mean`` for good ("unseen18"). One clone of each
+    such buffer per step (a BatchNorm layer's 2C + 1 numbers).
+    """
+    owner = threading.get_ident()
+    seen: dict[int, tuple[torch.nn.Module, dict[str, tuple[Tensor, int]]]] = {}
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        if id(module) in seen or not module._buffers or threading.get_ident() != owner:
+            return
+        known = _written_names(module, learned)
+        norm = isinstance(module, _NormBase)
+        watched = {}
+        for name, buffer in module._buffers.items():
+            if buffer is None:
+                continue
+            if everything or name in known:
+                # BatchNorm's kernel updates its statistics without moving their version
+                version = None if norm else buffer._version
+                counter.buffers.append((buffer, buffer.detach().clone(), version))
+            if not norm:
+                watched[name] = (buffer, buffer._version)
+        seen[id(module)] = (module, watched)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        # what this call wrote is what the next trial calls keep (a module since put in eval
+        # mode drops out)
+        for module, watched in seen.values():
+            for name, (before, version) in watched.items():
+                now = module._buffers.get(name)
+                if now is not before or now._version != version:
+                    learned.setdefault(module, set()).add(name)
+                    counter.writes_buffers = True
+                elif name in learned.get(module, ()):
+                    learned[module].discard(name)
+
+
+def _restore_buffers(saved: list[tuple[Tensor, Tensor, int | None]]) -> None:
+    """Write the values :func:`_buffers_saved` saved back into the buffers written since (a
+    moved version; BatchNorm's always), in place: the module, its ``state_dict`` and a
+    data-parallel wrapper keep the same tensors. A forward that rebound its buffer to a new
+    tensor is not undone."""
+    with torch.no_grad():
+        for buffer, copy, version in reversed(saved):
+            if version is None or buffer._version != version:
+                buffer.copy_(copy)
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(learned: Mapping | None = None) -> Iterator[None]:
     """Leave the running statistics of the train-mode BatchNorm modules this thread runs
-    inside the block as they were.
+    inside the block as they were, and the other buffers their forward writes in place
+    (``learned``: :func:`_buffers_saved`).
 
     A forward pre-hook swaps each such module's ``running_mean``, ``running_var`` and
     ``num_batches_tracked`` for clones at its first call in the block (the forward pass
@@ -334,20 +427,26 @@ def _running_statistics_kept() -> Iterator[None]:
     ``num_batches_tracked`` rose by 3-5 a step, and one non-finite trial (rejected, the
     parameters kept bit for bit) left NaN in ``running_mean`` for good, so the eval-mode
     model returned NaN ("unseen17"). Other threads' forward passes are left alone.
+
+    The same swap keeps the buffers other forwards write once a graph-building call has
+    been seen to write them (``parametrizations.spectral_norm``'s power iteration, a user's
+    running average updated in place): each trial call then starts from the buffers of the
+    step's call at θ, so the trials are one function of the parameters, as the curvature
+    products (one graph) are. Before, each trial advanced them ("unseen14", "unseen18"). A
+    forward that rebinds its buffer to a new tensor (``self.avg = ...``) is not undone.
     """
     owner = threading.get_ident()
-    kept: dict[int, tuple[_BatchNorm, list[tuple[str, Tensor, Tensor]]]] = {}
+    kept: dict[int, tuple[torch.nn.Module, list[tuple[str, Tensor, Tensor]]]] = {}
+    learned = {} if learned is None else learned
 
     def hook(module: torch.nn.Module, args: object) -> None:
-        if (
-            not isinstance(module, _BatchNorm)
-            or not (module.training and module.track_running_stats)
-            or id(module) in kept
-            or threading.get_ident() != owner
-        ):
+        if id(module) in kept or threading.get_ident() != owner:
+            return
+        names = _written_names(module, learned)
+        if not names:
             return
         swapped = []
-        for name in _RUNNING_STATS:
+        for name in _RUNNING_STATS if isinstance(module, _NormBase) else sorted(names):
             buffer = getattr(module, name, None)
             if buffer is not None:
                 clone = buffer.clone()
@@ -488,12 +587,15 @@ class _ClosureCalls:
         build_graph: bool,
         uses_backward: bool,
         moves_statistics: bool | None = None,
+        save_all_buffers: bool = False,
     ) -> _Evaluation:
         """Evaluate ``closure``; with ``build_graph`` capture what curvature products need.
 
         Only a call with ``moves_statistics`` (by default the graph-building ones; the
         optimizer passes False for a ``curvature_closure``) leaves train-mode BatchNorm's
-        running statistics updated (:func:`_running_statistics_kept`).
+        running statistics updated, and the buffers other forwards write in place
+        (:func:`_running_statistics_kept`); what it writes is saved for a step that raises
+        (:func:`_buffers_saved`; every buffer with ``save_all_buffers``).
 
         Evaluation-only calls run under ``torch.no_grad()`` unless the closure needs autograd
         itself: when it called ``backward()`` (``uses_backward``) or ``torch.autograd.grad`` (seen
@@ -511,10 +613,13 @@ class _ClosureCalls:
         try:
             # every call, not only graph-building ones: f(θ) and the trial losses from one kernel
             kept = build_graph if moves_statistics is None else moves_statistics
+            learned = self._written_buffers
             with (
                 twice_differentiable_attention(),
                 twice_differentiable_weight_norm(),
-                contextlib.nullcontext() if kept else _running_statistics_kept(),
+                _buffers_saved(learned, counter, everything=save_all_buffers)
+                if kept
+                else _running_statistics_kept(learned if self._keep_trial_buffers else {}),
             ):
                 evaluation = self._call_once(closure, build_graph, uses_backward, stream)
         finally:
@@ -574,7 +679,7 @@ class _ClosureCalls:
             with (
                 torch.enable_grad(),
                 _backward_builds_graph() as called,
-                _gradients_as_left(params, self._left_by_last_call) as (left, stale),
+                _gradients_as_left(params, self._left_by_last_call) as (left, stale, foreign),
                 _watch_grad() as used,
                 linears.recording() if record else contextlib.nullcontext(),
             ):
@@ -591,6 +696,7 @@ class _ClosureCalls:
                     if p.grad is not None:
                         p.grad = p.grad.detach()
                 self._refuse_stale_gradients(params, stale)
+                self._refuse_foreign_gradients(params, foreign)
                 self._warn_changed_gradients(params, changed)
             return _Evaluation(loss, outputs, grads, hidden)
         if uses_backward or self._closure_uses_autograd:
@@ -611,6 +717,12 @@ class _ClosureCalls:
                 loss, _, _ = _unpack(closure())
             self._closure_uses_autograd = True
         return _Evaluation(loss.detach(), None, None)
+
+    @property
+    def _written_buffers(self) -> weakref.WeakKeyDictionary:
+        """The buffers, by module, that graph-building calls have been seen to write
+        (:func:`_buffers_saved`); not copied with the optimizer (weak references)."""
+        return self.__dict__.setdefault("_buffers_written", weakref.WeakKeyDictionary())
 
     @property
     def _left_by_last_call(self) -> list[tuple[weakref.ref, int] | None] | None:
@@ -644,6 +756,39 @@ class _ClosureCalls:
             "the gradients each step's gradient would include other points'. Call "
             "opt.zero_grad() at the top of the closure, as torch.optim.LBFGS requires. This "
             "step changed nothing."
+        )
+
+    def _refuse_foreign_gradients(self, params: list[Tensor], foreign: list[object]) -> None:
+        """Refuse a closure whose ``backward()`` added to gradients that something other than
+        this optimizer's previous closure call put in ``.grad`` (:func:`_gradients_as_left`):
+        a regularizer's ``backward()`` before ``opt.step``, a ``backward()`` for logging, or
+        another optimizer's last step, not cleared.
+
+        ``torch.optim.LBFGS`` sums them into its step (its first direction is the summed
+        gradient). HessianFree would too, but its curvature comes from the closure's graph
+        and its trial losses (ρ, backtracking, the line search) from the closure alone, so
+        the step would be judged on another function than the one it models ("unseen18":
+        unseen17's check saw only what HessianFree's own calls left). Zeros are allowed
+        (``zero_grad(set_to_none=False)``). Raised before anything moves; one host read, and
+        only where the first ``backward()`` met a gradient.
+        """
+        if not foreign:
+            return
+        positions, nonzero = foreign
+        held = [i for i, n in zip(positions, nonzero.tolist(), strict=True) if n]
+        if not held:
+            return
+        names = ", ".join(self._param_name(params[i]) for i in held[:3])
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise ValueError(
+            f"The closure's backward() added to a gradient already in .grad of {names}{more}, "
+            "not left by HessianFree's previous closure call (e.g. a regularizer's backward() "
+            "before opt.step, a backward() for logging, or another optimizer's last step). "
+            "torch.optim.LBFGS would sum it into its step; HessianFree's curvature and its "
+            "trial losses (rho, backtracking, line search) come from the closure alone, so the "
+            "step would be judged on another function. Add such a term to the loss inside "
+            "the closure (its gradient and curvature then count exactly), or call "
+            "opt.zero_grad() at the top of the closure. This step changed nothing."
         )
 
     def _warn_changed_gradients(self, params: list[Tensor], changed: list[int]) -> None:
@@ -790,6 +935,7 @@ class _ClosureCalls:
                     build_graph=True,
                     uses_backward=False,
                     moves_statistics=role == "closure",
+                    save_all_buffers=watch,
                 )
         except RuntimeError as err:
             if _autograd_refused(err) and "does not require grad" in str(err):
@@ -846,12 +992,17 @@ class _ClosureCalls:
                 self._warned_buffers = True
                 warnings.warn(
                     f"HessianFree: the {role}'s forward wrote the buffer(s) "
-                    f"{', '.join(dict.fromkeys(written))}, so every closure call (the step's "
-                    "and each trial evaluation: backtracking, the line search, rho) computes a "
-                    "different function. Update them once per step outside the closure, e.g. "
-                    "model.train(); with torch.no_grad(): model(x); then model.eval() before "
-                    "step() (torch.nn.utils.parametrizations.spectral_norm's power iteration "
-                    "runs in training mode only).",
+                    f"{', '.join(dict.fromkeys(written))}. They move once per step, in the "
+                    "call at the current parameters; each trial evaluation (backtracking, the "
+                    "line search, rho) starts from them and leaves them as they were (if "
+                    "written in place), but updates them once more for its own loss, so the "
+                    "trials are not the function the step's gradient and curvature come from, "
+                    "and each step makes one extra closure call to measure f(theta) as the "
+                    "trials see it. Updating them once per step outside the closure is exact "
+                    "and cheaper: model.train(); with torch.no_grad(): model(x); then "
+                    "model.eval() before step() "
+                    "(torch.nn.utils.parametrizations.spectral_norm's power iteration runs in "
+                    "training mode only).",
                     UserWarning,
                     stacklevel=caller_stacklevel(),
                 )

@@ -110,11 +110,18 @@ class StepInfo:
         status: A :class:`StepStatus`; compares equal to its string (``'accepted'``,
             ``'converged'``, ``'line_search_failed'``, ``'zero_lr'``, ``'non_finite_loss'``,
             ``'non_finite_gradient'``, ``'non_finite_curvature'``, ``'non_finite_trial_loss'``).
-        rho: Reduction ratio :math:`\rho` of the backtracked step at its full length (rate 1,
-            before the line search): NaN if not computed or the model predicted no decrease;
+        rho: Reduction ratio :math:`\rho` of the step as taken: :math:`(f(\theta + tp) -
+            f(\theta)) / (q(tp) - q(0))` at the accepted rate :math:`t` (``step_rate``, as
+            ``loss_after``), so an accepted step whose full length raised the objective reports
+            the ratio at the rate the line search accepted; on a rejected step the full step's
+            (``rho_full``). NaN if not computed or the model predicted no decrease; ``-inf``
+            when the objective went up or was not finite.
+        rho_full: :math:`\rho` of the backtracked step at its full length (rate 1, before the
+            line search), the one the Levenberg-Marquardt update of :math:`\lambda` reads:
             ``-inf`` (Martens' reference code) when that full step increased the objective or
-            gave a non-finite value, *even if the line search then found a decrease at a
-            smaller rate and the step was accepted* (``adapt_damping`` raised :math:`\lambda`).
+            gave a non-finite value, even if the line search then accepted a smaller rate
+            (``adapt_damping`` raised :math:`\lambda`); equal to ``rho`` when ``step_rate`` is
+            0 or 1.
         damping: :math:`\lambda` used in this step's CG.
         next_damping: :math:`\lambda` after the Levenberg-Marquardt update.
         damping_floor: The lower bound on :math:`\lambda` in effect this step: ``min_damping``,
@@ -148,6 +155,7 @@ class StepInfo:
     accepted: bool
     status: StepStatus
     rho: float = math.nan
+    rho_full: float = math.nan
     damping: float = math.nan
     next_damping: float = math.nan
     damping_floor: float = math.nan
@@ -183,6 +191,10 @@ class _Counter:
     product_time: float = 0.0
     # replay_rng: every closure call of the step draws the first call's random numbers
     stream: StepStream | None = None
+    # (buffer, copy): what the step's graph-building call wrote, as before it (a step that
+    # raises puts them back; _closure._buffers_saved)
+    buffers: list[tuple[Tensor, Tensor, int | None]] = field(default_factory=list)  # version
+    writes_buffers: bool = False  # ... among them buffers other than BatchNorm's statistics
 
 
 @dataclass

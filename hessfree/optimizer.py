@@ -98,7 +98,10 @@ Closure styles, fastest first:
 Dropout and train-mode BatchNorm make every closure call a different function; the first call
 of each closure is watched for such modules and a warning says so once, as the SciPy operators
 refuse them. BatchNorm's running statistics move once per step, in the closure's call at
-:math:`\theta`: trial evaluations and a ``curvature_closure`` leave them as they found them. Under
+:math:`\theta`: trial evaluations and a ``curvature_closure`` leave them as they found them,
+and a step that raises, or whose loss at :math:`\theta` is not finite, puts that call's update
+back; other buffers a forward writes in place (``spectral_norm``'s power iteration) likewise,
+with :math:`f(\theta)` measured once more as the trials see it (warned). Under
 ``replay_rng=True`` (the default) the model calls share one random draw and the trials another
 (:mod:`hessfree._rng`), and Dropout alone is not warned about.
 
@@ -136,7 +139,7 @@ from torch import Tensor
 
 from . import damping as _damping
 from ._checks import caller_stacklevel, check_number, check_reaches_params, closest_name
-from ._closure import Closure, _bounded_outer_gradient, _ClosureCalls
+from ._closure import Closure, _bounded_outer_gradient, _ClosureCalls, _restore_buffers
 from ._damping_control import _DampingControl, _loss_probe, _structural_weight
 from ._flat import LOW_PRECISION, ParamLayout, dot
 from ._line_search import armijo, backtrack
@@ -964,9 +967,9 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
 
         Raises:
             ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
-                optimizer's group keys), holds a value out of range, or a preconditioner state
-                that does not fit this optimizer's preconditioner (another kind, other layers
-                or shapes, NaN/Inf).
+                optimizer's group keys), holds a value out of range, a warm start for other
+                parameter shapes, or a preconditioner state that does not fit this optimizer's
+                preconditioner (another kind, other layers or shapes, NaN/Inf).
             TypeError: If a value has the wrong type.
         """
         if isinstance(state_dict, Mapping):
@@ -996,6 +999,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     f"but {len(group['params'])} here: it was saved for another model or group "
                     "layout."
                 )
+        self._check_saved_layout(state_dict["state"])
         for i, saved in enumerate(groups):
             foreign = sorted(set(saved) & _FOREIGN_GROUP_KEYS) if isinstance(saved, Mapping) else []
             if foreign:
@@ -1023,6 +1027,45 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         self._ranks_checked = False  # every rank must have loaded the same: the next step checks
         for hook in post_hooks:
             hook(self)
+
+    def _check_saved_layout(self, saved_state: object) -> None:
+        """Refuse a state whose warm start does not fit these parameters' shapes.
+
+        The group check above compares counts only: a state saved for a model of as many
+        parameters with other shapes (a wider hidden layer) loaded, and its warm start, a
+        vector laid out for the old shapes, was dropped or misread at the next step, silently
+        ("unseen18"; torch's own optimizers check counts only too). The warm start's length
+        must be the number of entries of the parameters at the positions it was saved for
+        (``'trained'``; all trainable ones if absent). Positions beyond these parameters (a
+        state adapted by a load pre-hook for fewer parameters) are let through: the next step
+        drops such a warm start (:meth:`_forget_other_layout`).
+        """
+        if not isinstance(saved_state, Mapping):
+            return
+        held = next(
+            (s for s in saved_state.values() if isinstance(s, Mapping) and "damping" in s), None
+        )
+        x0 = None if held is None else held.get("warm_start")
+        if not isinstance(x0, Tensor):
+            return
+        listed = [p for group in self.param_groups for p in group["params"]]
+        positions = held.get("trained")
+        if positions is None:  # saved before 'trained' existed: taken as it is (the step's rule)
+            positions = [i for i, p in enumerate(listed) if p.requires_grad]
+        elif not isinstance(positions, list) or any(
+            not isinstance(i, int) or not 0 <= i < len(listed) for i in positions
+        ):
+            return  # positions that are not these parameters': the next step drops it
+        unique = list({id(listed[i]): listed[i] for i in positions}.values())
+        entries = sum(p.numel() for p in unique)
+        if x0.numel() != entries:
+            shapes = [tuple(p.shape) for p in unique]
+            raise ValueError(
+                f"`state_dict`'s warm start has {x0.numel()} entries, but the parameters it "
+                f"belongs to have {entries} here (shapes {shapes}): it was saved for another "
+                "model with as many parameters of other shapes. Load a state saved for this "
+                "model, or start this optimizer afresh (no load). Nothing was loaded."
+            )
 
     def __getattr__(self, name: str) -> object:
         """Read a hyperparameter as an attribute (``opt.cg_max_iter``).
@@ -1078,6 +1121,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         """
         hooks = [k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("_hooks")]
         hooks.append("_grads_left")  # weak references to this process's .grad tensors
+        hooks.append("_buffers_written")  # weak references to modules
         return {k: v for k, v in self.__dict__.items() if k not in hooks}
 
     def _shared_group_values(self) -> dict:
@@ -1311,7 +1355,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         switch = state.pop("gn_first_step", False) is True
         info = self.last_step
         if self._gn_fallback and info is not None:
-            failed = info.rho < 0.0 and info.next_damping > info.damping
+            failed = info.rho_full < 0.0 and info.next_damping > info.damping
             recent = state.setdefault("gn_recent", [])
             recent.append(failed)
             del recent[: -self._GN_FAIL_WINDOW]
@@ -1512,6 +1556,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         except BaseException:
             if run.state["step"] == undo.step:  # raised before _finish: nothing was taken
                 undo.restore()
+                _restore_buffers(run.counter.buffers)  # BatchNorm's statistics, ...
             raise
         finally:
             if run.counter.stream is not None:  # also on an error (_finish did it otherwise)
@@ -1638,6 +1683,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         if run.damping < floor:  # the floor rose since the last step (an edit, or 'auto')
             run.damping = state["damping"] = floor
         if not math.isfinite(run.f0):
+            # the call's buffer writes (BatchNorm's statistics) came from that batch: put back
+            _restore_buffers(run.counter.buffers)
             return self._reject(run, StepStatus.NON_FINITE_LOSS, "the loss")
         curvature = product = None
         with torch.enable_grad():  # the products differentiate graphs, whatever the caller's mode
@@ -1703,6 +1750,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
             run.f_base = f_base if math.isfinite(f_base) else run.f0
             self._observe_mask_noise(state, run)
+        elif self._trial_baseline and self._any_rank_wrote(run.counter.writes_buffers, g):
+            # the trials start from the buffers this step's call wrote, and update them once
+            # more (kept, _running_statistics_kept): f(θ0) as they see it is their baseline
+            loss = self._call(
+                closure, run.counter, build_graph=False, uses_backward=run.uses_backward
+            ).loss
+            f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
+            run.f_base = f_base if math.isfinite(f_base) else run.f0
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
         result = self._solve(curvature, product, evaluation, g, run, closure)
         if (
@@ -2223,7 +2278,12 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             with torch.no_grad():
                 torch._foreach_copy_(params, theta0)
             raise
-        run.report.update(rho=rho, backtrack_iter=result.iterations[chosen], step_rate=rate)
+        run.report.update(
+            rho=_rho_taken(rho, rate, f_new - run.f_base, slope, half_pCp),
+            rho_full=rho,
+            backtrack_iter=result.iterations[chosen],
+            step_rate=rate,
+        )
         # LBFGS' no-progress tests, on the largest change of a parameter and of the objective
         full_change = at.full_change
         tolerance_change = settings.tolerance_change
@@ -2247,6 +2307,11 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
 
+    #: study switches ("unseen18"): trial calls keep the buffers a forward writes; f(θ0)
+    #: re-evaluated as a trial where the step's call wrote such buffers
+    _keep_trial_buffers = True
+    _trial_baseline = True
+
     #: replay_rng: hold λ on a poor step within the mask noise (a class attribute so that
     #: experiments can compare against replay without it, "dropdefault").
     _hold_within_noise = True
@@ -2261,6 +2326,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         if self._avg.world_size == 1:
             return stream.drew
         return self._avg.mean_scalar(float(stream.drew), like) > 0.0
+
+    def _any_rank_wrote(self, wrote: bool, like: Tensor) -> bool:
+        """Whether the step's graph call wrote buffers other than BatchNorm's, on this rank or,
+        data parallel, on any (the extra f(θ0) call averages over the ranks, so every rank
+        makes it or none; as :meth:`_any_rank_drew`). No collective in one process."""
+        if self._avg.world_size == 1:
+            return wrote
+        return self._avg.mean_scalar(float(wrote), like) > 0.0
 
     @staticmethod
     def _observe_mask_noise(state: dict, run: _StepRun) -> None:
@@ -2421,6 +2494,28 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             stacklevel=caller_stacklevel(),
         )
         return self._finish(run, status)
+
+
+def _rho_taken(rho: float, rate: float, actual: float, slope: float, half_pCp: float) -> float:
+    r"""Phase 5: :math:`\rho` of the step as taken, :math:`\theta_0 + t p` at the accepted rate
+    :math:`t` (``StepInfo.rho``).
+
+    Phase 4's :math:`\rho` (``rho``, which :math:`\lambda`'s update reads) is the full
+    backtracked step's, ``-inf`` where that step raised the objective (Martens' reference
+    code), also when the line search then accepted a smaller rate with a decrease: a log
+    reader took those accepted steps for non-finite losses ("unseen16", "unseen18"). At
+    :math:`t \ne 1` the undamped model predicts :math:`q(tp) - q(0) = t\,g^\top p +
+    t^2\,\tfrac12 p^\top C p` (no product: both scalars are phase 4's), and ``actual`` is
+    :math:`f(\theta_0 + tp) - f(\theta_0)`, the objective the line search measured; at
+    :math:`t = 1` and on a rejected step (:math:`t = 0`, nothing taken) ``rho`` itself.
+
+    Example:
+        >>> _rho_taken(-math.inf, 0.5, -0.1875, -1.0, 0.5)  # q(p/2) - q(0) = -0.5 + 0.125
+        0.5
+    """
+    if rate in (0.0, 1.0):
+        return rho
+    return _damping.reduction_ratio(actual, rate * slope + rate * rate * half_pCp)
 
 
 def _overflow_fix(dtype: torch.dtype) -> str:

@@ -1310,9 +1310,10 @@ def test_nan_in_trial_losses_counts_toward_max_failures_and_warns():
     assert torch.equal(w.detach(), before)
 
 
-def test_accepted_step_after_a_failed_full_step_reports_rho_minus_inf():
-    # Documented convention: ρ is of the full step. The curvature 0.01 I (the true one is I)
-    # makes p = −100 x, which overshoots; the line search then accepts a smaller rate.
+def test_accepted_step_after_a_failed_full_step_reports_rho_of_the_accepted_rate():
+    # Documented convention: `rho_full` is of the full step (-inf: it raised f; λ's update
+    # reads it), `rho` of the step taken ("unseen18"). The curvature 0.01 I (the true one is
+    # I) makes p = −x/(0.01 + λ), which overshoots; the line search accepts a smaller rate t.
     x = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
     opt = HessianFree(
         [x], curvature=lambda loss, out, params: lambda v: 0.01 * v, damping=1e-8, backtrack=False
@@ -1320,7 +1321,13 @@ def test_accepted_step_after_a_failed_full_step_reports_rho_minus_inf():
     opt.step(lambda: 0.5 * (x**2).sum())
     info = opt.last_step
     assert info.accepted and info.loss_after < info.loss and 0 < info.step_rate < 1
-    assert info.rho == -math.inf and opt.damping > 1e-8
+    assert info.rho_full == -math.inf and opt.damping > 1e-8
+    # closed form: f = ½‖x‖², g = x0, p = −x0/(0.01 + 1e-8), q(tp) − q(0) = t gᵀp + ½t² 0.01‖p‖²
+    t, x0 = info.step_rate, torch.tensor([1.0, -1.0], dtype=torch.float64)
+    p = -x0 / (0.01 + 1e-8)
+    actual = 0.5 * float(((x0 + t * p) ** 2).sum()) - 1.0
+    predicted = t * float(x0 @ p) + 0.5 * t * t * 0.01 * float(p @ p)
+    assert info.rho == pytest.approx(actual / predicted, rel=1e-9)
 
 
 def test_status_is_an_enum_that_equals_its_string():
