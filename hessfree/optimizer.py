@@ -1742,7 +1742,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             self._raise_floor(curvature, product, g, g_norm, run)
 
         run.f_base = run.f0
-        if run.counter.stream is not None and self._any_rank_drew(run.counter.stream, g):
+        drew, wrote = self._any_rank_drew_or_wrote(run, g)
+        if drew:
             # replay_rng: the trials share one fresh draw; f(θ0) under it is their baseline
             loss = self._call(
                 closure, run.counter, build_graph=False, uses_backward=run.uses_backward
@@ -1750,7 +1751,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
             run.f_base = f_base if math.isfinite(f_base) else run.f0
             self._observe_mask_noise(state, run)
-        elif self._trial_baseline and self._any_rank_wrote(run.counter.writes_buffers, g):
+        elif wrote:
             # the trials start from the buffers this step's call wrote, and update them once
             # more (kept, _running_statistics_kept): f(θ0) as they see it is their baseline
             loss = self._call(
@@ -2316,24 +2317,23 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
     #: experiments can compare against replay without it, "dropdefault").
     _hold_within_noise = True
 
-    def _any_rank_drew(self, stream: StepStream, like: Tensor) -> bool:
-        r"""replay_rng: whether the first call drew random numbers on this rank or, data
-        parallel, on any rank. The extra :math:`f(\theta_0; m_2)` evaluation averages over the
-        ranks (a collective), so every rank makes it or none: a rank whose closure draws
-        nothing evaluates its (deterministic) loss once more. One scalar collective per step in
-        a data-parallel run with replay on, none in one process; without it a closure drawing
-        on some ranks only left the ranks' collectives out of step."""
-        if self._avg.world_size == 1:
-            return stream.drew
-        return self._avg.mean_scalar(float(stream.drew), like) > 0.0
-
-    def _any_rank_wrote(self, wrote: bool, like: Tensor) -> bool:
-        """Whether the step's graph call wrote buffers other than BatchNorm's, on this rank or,
-        data parallel, on any (the extra f(θ0) call averages over the ranks, so every rank
-        makes it or none; as :meth:`_any_rank_drew`). No collective in one process."""
-        if self._avg.world_size == 1:
-            return wrote
-        return self._avg.mean_scalar(float(wrote), like) > 0.0
+    def _any_rank_drew_or_wrote(self, run: _StepRun, like: Tensor) -> tuple[bool, bool]:
+        r"""Whether the step's first call, on this rank or, data parallel, on any rank, drew
+        random numbers under replay_rng, and whether it wrote buffers other than BatchNorm's
+        (with ``_trial_baseline``). Either makes the extra :math:`f(\theta_0)` evaluation,
+        which averages over the ranks (a collective), so every rank makes it or none: a rank
+        whose closure draws nothing evaluates its (deterministic) loss once more. Without the
+        agreement a closure drawing on some ranks only left the ranks' collectives out of
+        step. One collective on both flags per step in a data-parallel run, none in one
+        process."""
+        stream = run.counter.stream
+        drew = stream is not None and stream.drew
+        wrote = self._trial_baseline and run.counter.writes_buffers
+        if not self._avg.active or self._avg.world_size == 1:
+            return drew, wrote
+        flags = torch.tensor([float(drew), float(wrote)], dtype=torch.float64, device=like.device)
+        any_drew, any_wrote = (bool(v > 0.0) for v in self._avg.sum(flags).tolist())
+        return stream is not None and any_drew, any_wrote
 
     @staticmethod
     def _observe_mask_noise(state: dict, run: _StepRun) -> None:
