@@ -14,7 +14,7 @@ row's weights, where one step's and n steps' gains go. Findings: experiments/REA
 
     OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py BUDGET name[,name...] [--slices N]
     OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py transfer 200,500,1000 250,500,1000
-    OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py window 500,1000 250x20,1000x8
+    OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py window 500 250x20,1000x8 [--growth G]
 """
 
 from __future__ import annotations
@@ -186,12 +186,16 @@ def transfer(checkpoints: list[int], sizes: list[int], draws: int = 3) -> None:
         print(" ".join(cells), flush=True)
 
 
-def window(checkpoints: list[int], plan: list[tuple[int, int]], draws: int = 2) -> None:
+def window(
+    checkpoints: list[int], plan: list[tuple[int, int]], draws: int = 2, growth: float = 1.0
+) -> None:
     """Is a run of cheap steps worth more than the sum of their one-step gains? At the same
     weights as :func:`transfer`, for each ``(b, n)`` of ``plan`` take ``n`` steps on fresh
     random ``b``-case batches (about equal time for the plan's pairs: a step costs about
     b₀ + b cases, b₀ ≈ 265 here) and print the whole set's drop after them, beside ``n`` times
     the set's drop of one such step from the start (the one-step transfer's forecast).
+    ``growth`` > 1: at the weights of the row whose batch grows that much a step (curvature
+    ¼) instead of the fixed 250/62 row's.
     """
     task = sc.make_curves_task(False)
     m = copy.deepcopy(task.model)
@@ -202,7 +206,7 @@ def window(checkpoints: list[int], plan: list[tuple[int, int]], draws: int = 2) 
         relative_min_damping=0.0,
         precond=KFACPreconditioner(m, rank=32, refresh=2),
     )
-    batches = sc._Batches(len(task.x), 250, task.x.device)
+    batches = sc._Batches(len(task.x), 250, task.x.device, growth)
 
     def step(xb: torch.Tensor, yb: torch.Tensor, c: int) -> None:
         def f() -> tuple:
@@ -225,7 +229,7 @@ def window(checkpoints: list[int], plan: list[tuple[int, int]], draws: int = 2) 
     for k in checkpoints:
         while done < k:
             idx = batches.next()
-            step(task.x[idx], task.y[idx], 62)
+            step(task.x[idx], task.y[idx], 62 if growth == 1.0 else round(len(idx) / 4))
             done += 1
         full0 = set_loss()
         saved = (copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()))
@@ -253,6 +257,7 @@ if __name__ == "__main__":
     elif sys.argv[1] == "window":
         torch.set_num_threads(1)
         pairs = [tuple(int(v) for v in p.split("x")) for p in sys.argv[3].split(",")]
-        window([int(k) for k in sys.argv[2].split(",")], pairs)
+        grow = float(sys.argv[sys.argv.index("--growth") + 1]) if "--growth" in sys.argv else 1.0
+        window([int(k) for k in sys.argv[2].split(",")], pairs, growth=grow)
     else:
         main()
