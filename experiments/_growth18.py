@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -250,6 +251,50 @@ def window(
         print(" ".join(cells), flush=True)
 
 
+def fork(k: int, budget: float, sizes: list[int], slices: int = 6) -> None:
+    """A longer horizon than :func:`window`: the geometric row's weights after ``k`` steps,
+    then, interleaved for ``budget`` seconds each, fresh optimizers of that row's settings
+    (K-FAC rank 32 refresh 2, cg≤2, λ ≥ 0.3, curvature ¼) on the geometric row's batch
+    continued (×1.0007 a step from its size at ``k``) and on fixed batches of ``sizes``.
+    """
+    task = sc.make_curves_task(False)
+    m = copy.deepcopy(task.model)
+    opt = HessianFree(
+        m.parameters(),
+        cg_max_iter=2,
+        min_damping=0.3,
+        relative_min_damping=0.0,
+        precond=KFACPreconditioner(m, rank=32, refresh=2),
+    )
+    batches = sc._Batches(len(task.x), 250, task.x.device, 1.0007)
+    for _ in range(k):
+        idx = batches.next()
+        xb, yb, c = task.x[idx], task.y[idx], round(len(idx) / 4)
+
+        def f(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> tuple:
+            out = m(xb)
+            return task.loss(out, yb), out
+
+        def g(xb: torch.Tensor = xb, yb: torch.Tensor = yb, c: int = c) -> tuple:
+            out = m(xb[:c])
+            return task.loss(out, yb[:c]), out
+
+        opt.step(f, g)
+    here = replace(task, model=m)
+    row = dict(kw=variants()["geo"]["kw"], kfac=dict(rank=32, refresh=2), curvature_batch=0.25)
+    size = round(batches.size)
+    runs = [sc.hf_run(here, f"geo from {size}", "HF", row | dict(batch=size, growth=1.0007))]
+    runs += [
+        sc.hf_run(here, f"fixed {b}", "HF", row | dict(batch=b, curvature_batch=b // 4))
+        for b in sizes
+    ]
+    print(f"k {k}: batch {size}, load {os.getloadavg()}", flush=True)
+    sc.interleave(runs, here, budget, slices, "cpu")
+    for r in runs:
+        curve = " ".join(f"{x:.2f}" for _, x in r.curve)
+        print(f"  {r.name:16s} steps {r.steps:5d} | {curve}", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "transfer":
         torch.set_num_threads(1)
@@ -259,5 +304,10 @@ if __name__ == "__main__":
         pairs = [tuple(int(v) for v in p.split("x")) for p in sys.argv[3].split(",")]
         grow = float(sys.argv[sys.argv.index("--growth") + 1]) if "--growth" in sys.argv else 1.0
         window([int(k) for k in sys.argv[2].split(",")], pairs, growth=grow)
+    elif sys.argv[1] == "fork":
+        torch.set_num_threads(1)
+        sizes = [int(b) for b in sys.argv[4].split(",")]
+        for k in sys.argv[2].split(","):
+            fork(int(k), float(sys.argv[3]), sizes)
     else:
         main()
