@@ -382,6 +382,7 @@ class _Training:
     bar: Any = None
     diverged_at: int | None = None  # the step after which a non-finite value stopped it
     weights_step: int | None = None  # the step whose weights its checkpoint holds (None: st.step)
+    cut_steps: int = 0  # L-BFGS steps a budget or a second signal ended at an evaluation
 
     def use(self, leaf: OptimizerConfig, n: int, distributed: bool, step: int = 0) -> None:
         """Take the steps with ``leaf`` from now on, with its batch sizes of step ``step``
@@ -444,6 +445,8 @@ class Runner:
         self.config_header = config_header
         self.source = source if source is not None else config.name
         self._stop_signal: int | None = None
+        self._lbfgs_running = False  # inside an L-BFGS step: a second signal ends it (cut)
+        self._cut_signal: int | None = None  # the second signal, which ends the L-BFGS step
         self._hung_up = False  # SIGHUP came: output whose reader is gone is dropped
         self._bar: Any = None  # the progress bar of the entry training now
         self.group = Group()
@@ -462,13 +465,29 @@ class Runner:
             _drop_hung_up_terminal()
             if self._bar is not None:  # its writes bypass _print: no more of them
                 self._bar.disable = True
+        name = signal.Signals(signum).name
         if self._stop_signal is not None:
+            if self._lbfgs_running and self._cut_signal is None:
+                # An L-BFGS step may run for ever (a huge max_iter): its closure ends it at
+                # the next evaluation with a consistent state, which is then checkpointed.
+                self._cut_signal = signum
+                if self.verbose:
+                    self._print(
+                        f"\n{name} again: ending the L-BFGS step at its next evaluation, then "
+                        "checkpointing (signal a third time to abort without a checkpoint).",
+                        sys.stderr,
+                    )
+                return
             raise Abandoned(signum)  # second signal: abandon the step
         self._stop_signal = signum
         if self.verbose:
+            again = (
+                "signal again to end this L-BFGS step at its next evaluation and checkpoint"
+                if self._lbfgs_running
+                else "signal again to abort without a checkpoint"
+            )
             self._print(
-                f"\n{signal.Signals(signum).name}: finishing the current step, then checkpointing "
-                "(signal again to abort without a checkpoint).",
+                f"\n{name}: finishing the current step, then checkpointing ({again}).",
                 sys.stderr,
             )
 
@@ -780,9 +799,14 @@ class Runner:
             reason = self._steps(t, fresh=ckpt is None)
         finally:
             t.bar.close()
+        cut = (
+            f" (the last L-BFGS step ended at an evaluation by the {reason.value} budget)"
+            if t.cut_steps and reason is RunStop.SECONDS
+            else ""
+        )
         self._say(
             f"    {spec.label}: stopped by {reason.value} after {t.st.step} steps, "
-            f"{t.st.seconds:.3g} s of training"
+            f"{t.st.seconds:.3g} s of training{cut}"
         )
         if t.diverged_at is not None:
             kept = (
@@ -956,13 +980,17 @@ class Runner:
             # the checkpoint gets these instead.
             before.keep()
             start = time.perf_counter()
+            cut = self._lbfgs_cut(t, start) if t.leaf.name == "lbfgs" else None
+            self._lbfgs_running = cut is not None
             try:
                 batch_loss = take_step(
-                    t.leaf, t.optimizer, model, self.objective, group, batch, curvature
+                    t.leaf, t.optimizer, model, self.objective, group, batch, curvature, cut
                 )
             except FloatingPointError as err:  # HF gives up after repeated non-finite steps
                 self._say(f"    {spec.label}: {err}")
                 batch_loss = math.nan
+            finally:
+                self._lbfgs_running = False
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             batch_loss, seconds, agreed_signal = group.agree_step(
@@ -1019,6 +1047,28 @@ class Runner:
                 t.weights_step = st.step - 1
         self._save(t, finished=True, reason=reason)
         return reason
+
+    def _lbfgs_cut(self, t: _Training, start: float) -> Callable[[], bool]:
+        """Whether the L-BFGS step begun at ``start`` (``time.perf_counter``) must end at its
+        next evaluation (:func:`~hessfree.train.stepping._lbfgs_step`): the entry's (or its
+        phase's) ``budget.seconds`` is spent, or a second signal came during the step. Budgets
+        are otherwise checked between steps, and one L-BFGS step of ``max_iter`` iterations
+        can outlast any budget. Agreed by all ranks at every evaluation it is asked about."""
+        left = [
+            budget.seconds - done.seconds
+            for budget, done in ((t.spec.budget, t.st), (t.leaf.budget, t.st.in_phase()))
+            if budget.seconds is not None
+        ]
+        deadline = start + min(left) if left else math.inf
+
+        def cut() -> bool:
+            mine = self._cut_signal is not None or time.perf_counter() >= deadline
+            if self.group.agree_any(mine):
+                t.cut_steps += 1
+                return True
+            return False
+
+        return cut
 
     def _next_phase(self, t: _Training) -> None:
         """Start the entry's next phase: a fresh optimizer on the same weights."""

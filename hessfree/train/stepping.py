@@ -10,6 +10,7 @@ data-parallel run the gradients of the latter two (and L-BFGS's loss) are averag
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn, optim
@@ -193,13 +194,18 @@ def take_step(
     group: Group,
     batch: tuple[Tensor, Tensor],
     curvature: tuple[Tensor, Tensor] | None,
+    cut: Callable[[], bool] | None = None,
 ) -> float:
     """One step of ``optimizer`` on ``batch`` (this rank's slice) and, for HF, the curvature
-    batch; returns the batch loss before the step."""
+    batch; returns the batch loss before the step.
+
+    ``cut`` (L-BFGS only) is asked before each evaluation of the step but its first; True ends
+    the step there (:func:`_lbfgs_step`). It must answer alike on every rank.
+    """
     if spec.name == "hessianfree":
         return _hessianfree_step(optimizer, model, objective, batch, curvature)
     if spec.name == "lbfgs":
-        return _lbfgs_step(optimizer, model, objective, group, batch)
+        return _lbfgs_step(optimizer, model, objective, group, batch, cut)
     xb, tb = batch
     optimizer.zero_grad(set_to_none=True)
     loss = objective.loss(model(xb), tb)
@@ -250,12 +256,30 @@ def _lbfgs_step(
     objective: Objective,
     group: Group,
     batch: tuple[Tensor, Tensor],
+    cut: Callable[[], bool] | None = None,
 ) -> float:
+    """One ``torch.optim.LBFGS`` step; ``cut`` can end it at an iteration's evaluation.
+
+    A step runs up to ``max_iter`` iterations, each one or more evaluations of the closure
+    (one without a line search: the loss and gradient where the iteration moved). Budgets and
+    signals are checked between the runner's steps, so ``max_iter: 9223372036854775807`` would
+    make a step no budget could end. When ``cut()`` says so, the closure skips the evaluation,
+    leaves zero gradients and returns :math:`-\\infty`: L-BFGS takes that as optimal
+    (``max |g| <= tolerance_grad``, which the config keeps >= 0) and leaves its loop through
+    its own exit, storing the direction, step length and history of the iterations taken. The
+    state is then that of a step with ``max_iter`` equal to the iterations taken: the weights
+    where the last iteration moved them (fixed step ``lr``, or the line search's current trial
+    point, accepted at once: a loss of :math:`-\\infty` passes Armijo's test, a zero gradient
+    the curvature test), whose loss the next step's first evaluation computes. Nothing else
+    changes: while ``cut()`` is False the step is bitwise the uncut one.
+    """
     xb, tb = batch
     first: list[Tensor] = []
 
     def closure() -> Tensor:
         optimizer.zero_grad()
+        if first and cut is not None and cut():
+            return torch.tensor(-math.inf, dtype=first[0].dtype)
         loss = objective.loss(model(xb), tb)
         loss.backward()
         if not first:

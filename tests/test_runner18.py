@@ -1,0 +1,215 @@
+"""runner18: `hessfree run` against what users do to it next (experiments/README.md, runner18).
+
+An L-BFGS step that no budget could end (``max_iter`` at 2**63 - 1) and the signals during it,
+...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_robust import refused, write_tiny
+
+from hessfree.train.checkpoint import load_checkpoint
+from hessfree.train.cli import main
+from hessfree.train.parallel import Group
+from hessfree.train.stepping import _lbfgs_step
+
+REPO = Path(__file__).resolve().parents[1]
+_INT64_MAX = 2**63 - 1
+
+
+# -- an L-BFGS step ended at an evaluation ---------------------------------------------------
+
+
+class _MeanSquare:
+    def loss(self, outputs, targets):
+        return ((outputs - targets) ** 2).mean()
+
+
+def _lbfgs(max_iter: int, line_search_fn: str | None):
+    """A float64 MLP on fixed data and an L-BFGS with tolerances that never stop it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(32, 1, generator=gen, dtype=torch.float64)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    ).double()
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        max_iter=max_iter,
+        max_eval=_INT64_MAX,  # not max_iter's 5/4: the cut and the reference share it
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        history_size=4,
+        line_search_fn=line_search_fn,
+    )
+    return model, optimizer, (x, y)
+
+
+def _step(max_iter: int, line_search_fn: str | None = None, cut_at: int | None = None):
+    """One runner L-BFGS step; ``cut_at``: cut() says True from its ``cut_at``-th question."""
+    model, optimizer, batch = _lbfgs(max_iter, line_search_fn)
+    asked = []
+
+    def cut() -> bool:
+        asked.append(1)
+        return len(asked) >= cut_at
+
+    loss = _lbfgs_step(
+        optimizer, model, _MeanSquare(), Group(), batch, None if cut_at is None else cut
+    )
+    params = [p.detach().clone() for p in model.parameters()]
+    return loss, params, optimizer.state[optimizer._params[0]]
+
+
+_HISTORY = ("d", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("k", [1, 2, 7])
+def test_runner18_lbfgs_cut_is_the_step_of_that_many_iterations(k):
+    """Fails on main (``_lbfgs_step`` takes no cut). A step of ``max_iter`` 2**63 - 1 ended at
+    the evaluation of iteration ``k`` leaves bitwise the weights and L-BFGS state of a step
+    with ``max_iter: k`` (torch's own step as the oracle), but ``func_evals``, which counts the
+    skipped evaluation; its loss is the first evaluation's, as the uncut step's."""
+    loss, params, state = _step(_INT64_MAX, cut_at=k)
+    want_loss, want_params, want = _step(k)
+    assert loss == want_loss
+    assert all(torch.equal(p, q) for p, q in zip(params, want_params, strict=True))
+    for key in (*_HISTORY, "t", "n_iter"):
+        assert _same(state[key], want[key]), key
+    assert state["n_iter"] == k and state["func_evals"] == want["func_evals"] + 1
+
+
+@pytest.mark.parametrize("cut_at", [1, 2, 6, 15])
+def test_runner18_lbfgs_cut_in_a_line_search_accepts_its_trial_point(cut_at):
+    """Fails on main. With ``line_search_fn: strong_wolfe`` every evaluation is a trial point
+    of iteration ``k``'s line search: the cut ends the step there, the history and direction
+    those of a step with ``max_iter: k`` (oracle: torch's), the weights the step with ``max_iter:
+    k - 1`` plus the trial step ``t d`` (L-BFGS's own update, as torch applies it)."""
+    _, params, state = _step(_INT64_MAX, "strong_wolfe", cut_at=cut_at)
+    k = state["n_iter"]
+    _, _, want = _step(k, "strong_wolfe")
+    for key in _HISTORY:
+        assert _same(state[key], want[key]), key
+    if k > 1:
+        before = _step(k - 1, "strong_wolfe")[1]
+    else:
+        model, _, _ = _lbfgs(1, None)
+        before = [p.detach().clone() for p in model.parameters()]
+    offset = 0
+    for p, x in zip(params, before, strict=True):
+        d = state["d"][offset : offset + x.numel()].view_as(x)
+        assert torch.equal(p, x.add(d, alpha=state["t"]))
+        offset += x.numel()
+    assert all(math.isfinite(float(p.abs().max())) for p in params)
+
+
+def test_runner18_lbfgs_uncut_step_is_bitwise_unchanged():
+    """A cut that never says True changes nothing: every runner L-BFGS step now asks one, so
+    this is the default path (oracle: the step without a cut). Fails on main only because
+    ``_lbfgs_step`` takes no ``cut`` there; ``experiments/_runner18.py lbfgs`` compares whole
+    runs of main and branch bitwise."""
+    loss, params, state = _step(9, cut_at=10**9)
+    want_loss, want_params, want = _step(9)
+    assert loss == want_loss
+    assert all(torch.equal(p, q) for p, q in zip(params, want_params, strict=True))
+    for key in (*_HISTORY, "t", "n_iter", "func_evals"):
+        assert _same(state[key], want[key]), key
+
+
+def _endless_lbfgs(tmp_path: Path, **extra) -> Path:
+    """A config whose L-BFGS step would never end: 2**63 - 1 iterations, zero tolerances."""
+    lbfgs = {
+        "name": "lbfgs",
+        "max_iter": _INT64_MAX,
+        "tolerance_grad": 0.0,
+        "tolerance_change": 0.0,
+        "history_size": 5,
+    }
+    return write_tiny(tmp_path, optimizers=[lbfgs], batch_size=None, **extra)
+
+
+@pytest.mark.timeout(60)
+def test_runner18_endless_lbfgs_is_checked_and_bounded_by_seconds(tmp_path, capsys):
+    """Fails on main (hangs: pytest-timeout ends it). ``--check`` took a probe L-BFGS step
+    with the config's ``max_iter``, which never ended; the run's one step would outlast any
+    budget. Now the check answers, ``budget.seconds`` ends the step at an evaluation (exit 0,
+    stopped by seconds after 1 step, finite weights), and a resume under a larger budget takes
+    the checkpointed state on (another step, also ended by the budget)."""
+    config = _endless_lbfgs(tmp_path, budget={"seconds": 0.3})
+    assert main(["run", str(config), "--check"]) == 0
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--quiet", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())["optimizers"]["lbfgs"]
+    assert summary["stop_reason"] == "seconds" and summary["steps"] == 1
+    ckpt = load_checkpoint(run / "checkpoints" / "lbfgs.pt")
+    assert ckpt["finished"] and ckpt["step"] == 1
+    state = ckpt["optimizer"]["state"][0]
+    assert state["n_iter"] >= 1 and len(state["old_dirs"]) <= 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    more = f"budget.seconds={summary['seconds'] + 0.3!r}"  # whatever the first step took
+    assert main(["run", "--resume", str(run), "--quiet", more]) == 0
+    resumed = load_checkpoint(run / "checkpoints" / "lbfgs.pt")
+    assert resumed["finished"] and resumed["step"] == 2
+    assert resumed["optimizer"]["state"][0]["n_iter"] > state["n_iter"]
+    capsys.readouterr()
+
+
+@pytest.mark.timeout(60)
+def test_runner18_second_signal_ends_an_lbfgs_step_and_checkpoints(tmp_path, monkeypatch, capsys):
+    """Fails on main (the second SIGINT abandoned the step: no checkpoint after step 0, exit
+    130 from the abandon path). The first SIGINT during an L-BFGS step lets it finish, as for
+    any step (an ordinary step's resume stays bitwise); the second ends it at its next
+    evaluation: exit 130, a checkpoint after step 1 whose L-BFGS state is that of 8 iterations
+    (the signals came during evaluations 5 and 8: iterations 4 and 7), and the lines say what
+    each signal does. A third signal would abandon."""
+    import hessfree.train.loop as loop  # noqa: PLC0415
+
+    calls = []
+    step = loop.take_step
+
+    class Signalling:
+        def __init__(self, objective):
+            self.objective = objective
+
+        def loss(self, outputs, targets):
+            calls.append(1)
+            if len(calls) in (5, 8):
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.objective.loss(outputs, targets)
+
+    def take_step(spec, optimizer, model, objective, *args):
+        return step(spec, optimizer, model, Signalling(objective), *args)
+
+    monkeypatch.setattr(loop, "take_step", take_step)
+    config = _endless_lbfgs(tmp_path, budget={"steps": 3})
+    run = tmp_path / "run"
+    handlers = signal.getsignal(signal.SIGINT)
+    assert main(["run", str(config), "--out", str(run)]) == 130
+    assert signal.getsignal(signal.SIGINT) == handlers
+    err = capsys.readouterr().err
+    assert "signal again to end this L-BFGS step at its next evaluation and checkpoint" in err
+    assert "SIGINT again: ending the L-BFGS step at its next evaluation" in err
+    assert "Traceback" not in err
+    ckpt = load_checkpoint(run / "checkpoints" / "lbfgs.pt")
+    assert ckpt["step"] == 1 and not ckpt["finished"]
+    assert ckpt["optimizer"]["state"][0]["n_iter"] == 8
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
