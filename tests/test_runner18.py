@@ -213,3 +213,52 @@ def test_runner18_second_signal_ends_an_lbfgs_step_and_checkpoints(tmp_path, mon
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted"
+
+
+# -- plots: a line per contender -------------------------------------------------------------
+
+
+def test_runner18_every_contender_has_its_own_line_in_every_panel(tmp_path, monkeypatch):
+    """Fails on main (matplotlib's 10-colour cycle and one line style: contenders 0 and 10,
+    1 and 11, ... drew the same line). 45 contenders (past the 40 the default colours and four
+    line styles give): read back from the Line2D objects of each of the 8 panels (2 figures x
+    train/test x loss/accuracy), no two contenders share a colour (as RGBA) and line style,
+    and each contender's is the same in every panel."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes  # noqa: PLC0415
+    from matplotlib.colors import to_rgba  # noqa: PLC0415
+
+    from hessfree.train.plots import plot_metrics  # noqa: PLC0415
+
+    labels = [f"c{k}" for k in range(45)]
+    records = [
+        {
+            "optimizer": label,
+            "step": step,
+            "seconds": 0.1 * step,
+            "train_loss": 1.0 / (1 + k + step),
+            "test_loss": 1.1 / (1 + k + step),
+            "train_accuracy": 0.5,
+            "test_accuracy": 0.5,
+        }
+        for k, label in enumerate(labels)
+        for step in (0, 5)
+    ]
+    panels = []
+    real = matplotlib.axes.Axes.legend
+
+    def spy(self, *args, **kwargs):
+        lines = [line for line in self.get_lines() if not line.get_label().startswith("_")]
+        panels.append(
+            {ln.get_label(): (to_rgba(ln.get_color()), ln.get_linestyle()) for ln in lines}
+        )
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", spy)
+    plot_metrics(records, tmp_path, metric="accuracy")
+    assert len(panels) == 8
+    first = panels[0]
+    assert list(first) == labels
+    assert len(set(first.values())) == len(labels)  # distinct colour and line style
+    assert first["c0"] != first["c10"]
+    assert all(panel == first for panel in panels)
