@@ -262,3 +262,54 @@ def test_runner18_every_contender_has_its_own_line_in_every_panel(tmp_path, monk
     assert len(set(first.values())) == len(labels)  # distinct colour and line style
     assert first["c0"] != first["c10"]
     assert all(panel == first for panel in panels)
+
+
+# -- names Windows reserves: the rest of the list ------------------------------------------
+
+
+def _python_reserved_names() -> frozenset[str]:
+    """Python's own list: ``ntpath._reserved_names`` (3.13+) or pathlib's flavour (to 3.12)."""
+    import ntpath  # noqa: PLC0415
+    import pathlib  # noqa: PLC0415
+
+    names = getattr(ntpath, "_reserved_names", None)
+    if names is None:
+        names = getattr(getattr(pathlib, "_WindowsFlavour", None), "reserved_names", None)
+    if names is None:  # pragma: no cover - another Python's internals
+        pytest.skip("this Python keeps its list of Windows' reserved names elsewhere")
+    return frozenset(names)
+
+
+def test_runner18_windows_reserved_has_python_list_and_com0_lpt0():
+    """Fails on main (the superscript forms, CONIN$ and CONOUT$, COM0 and LPT0 were missing).
+    Oracle: Python's own list (30 names, ``COM¹``... included), each as a file name in two
+    cases with an extension; plus COM0 and LPT0, which Microsoft's naming page lists and
+    Python does not; near misses stay allowed."""
+    from hessfree.train.config.schema import windows_reserved  # noqa: PLC0415
+
+    python = _python_reserved_names()
+    assert len(python) == 30 and "COM\u00b9" in python
+    for name in sorted(python | {"COM0", "LPT0"}):
+        for spelled in (f"{name}.pt", f"{name.lower()}.v2.pt", f"{name} .x"):
+            assert windows_reserved(spelled), spelled
+    for near in ("COM10", "LPT\u2074", "COM\u2070", "CONIN", "CONOUT", "CON$", "COM-1"):
+        assert not windows_reserved(f"{near}.pt"), near
+
+
+@pytest.mark.parametrize(
+    ("override", "word"),
+    [
+        ("optimizers.0.label=COM0", "'COM0'"),
+        ("optimizers.1.label=lpt0.b", "'LPT0'"),
+        ("name=COM\u00b9.v2", "'COM\u00b9'"),
+        ("name=lpt\u00b3.x", "'lpt\u00b3'"),
+        ("name=conout$.x", "'conout$'"),
+    ],
+)
+def test_runner18_com0_and_superscript_names_are_refused(tmp_path, capsys, override, word):
+    """Fails on main (``--check`` 0). Exit 2 at the check naming the key, the reserved word
+    and a name that works."""
+    key = override.partition("=")[0]
+    err = refused(["run", str(write_tiny(tmp_path)), "--check", override], capsys)
+    assert f"`{key}` = " in err and word in err
+    assert "Windows reserve" in err and "-1" in err

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hessfree.train.config.schema import _show, windows_reserved
+from hessfree.train.config.schema import WINDOWS_RESERVED_TEXT, _show, windows_reserved
 from hessfree.train.config.sections import (
     _DATA_TASK,
     _IMAGE_DATA,
@@ -324,7 +324,7 @@ def _check_name(name: str, problems: list[str]) -> None:
         problems.append(
             f"`name` = {_show(name)} names the run directory '{name}-<time>', and Windows "
             f"reserves every file name whose part before the first dot is {base.strip()!r} "
-            "(a device: CON, PRN, AUX, NUL, COM1-9, LPT1-9, in any case): the run directory "
+            f"(a device: {WINDOWS_RESERVED_TEXT}, in any case): the run directory "
             f"could not be copied to or written on Windows. Use another name, e.g. "
             f"{base.strip() + '-1' + name[len(base) :]!r}."
         )
