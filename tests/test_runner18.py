@@ -313,3 +313,39 @@ def test_runner18_com0_and_superscript_names_are_refused(tmp_path, capsys, overr
     err = refused(["run", str(write_tiny(tmp_path)), "--check", override], capsys)
     assert f"`{key}` = " in err and word in err
     assert "Windows reserve" in err and "-1" in err
+
+
+# -- the summary table tells where each optimizer stopped -----------------------------------
+
+
+def test_runner18_summary_table_shows_the_stop_and_marks_earlier_losses(tmp_path, capsys):
+    """Fails on main (the table's steps were the last evaluation's: 4 for a run stopped and
+    checkpointed at step 5). Oracles: ``summary.json``'s counts (the loop's) and the last
+    record of ``metrics.jsonl``; a completed run's table carries no mark."""
+    from hessfree.train.config import load_config  # noqa: PLC0415
+    from hessfree.train.loop import Runner  # noqa: PLC0415
+
+    config = write_tiny(tmp_path, budget={"steps": 9}, eval={"every_steps": 4})
+    run = tmp_path / "run"
+
+    def stop(event):
+        if event.label == "adam" and event.step == 5:
+            runner.request_stop()
+
+    runner = Runner(load_config(config), run, progress=False, on_step=stop)
+    assert runner.run().exit_code == 130
+    out = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())["optimizers"]["adam"]
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["steps"] == 5 and last["step"] == 4
+    row = next(line.split() for line in out.splitlines() if line.startswith("adam "))
+    assert row[1:3] == ["interrupted", "5"]
+    assert row[5] == f"{last['train_loss']:.4g}*" and row[6] == f"{last['test_loss']:.4g}*"
+    assert "* the last evaluation's, before the stop: adam's at step 4." in out
+
+    assert main(["run", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("optimizer ") :]
+    assert "*" not in table
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:] if line.strip()}
+    assert rows["adam"][1:3] == ["steps", "9"] and rows["sgd"][1:3] == ["steps", "9"]
