@@ -275,9 +275,16 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, problems)
     if origin is tuple:
-        (item,) = typing.get_args(hint)[:1]
+        args = typing.get_args(hint)
+        (item,) = args[:1]
         if not isinstance(value, (list, tuple)):
             problems.append(f"`{path}` must be a list, got {_type_name(value)} {_show(value)}.")
+            return _INVALID
+        if Ellipsis not in args and len(value) != len(args):
+            # tuple[float, float]: Adam's betas (an empty list raised IndexError in the probe)
+            problems.append(
+                f"`{path}` must be a list of {len(args)} values, got {len(value)}: {_show(value)}."
+            )
             return _INVALID
         items = [_convert(v, item, spec, _path(path, i), problems) for i, v in enumerate(value)]
         return _INVALID if any(v is _INVALID for v in items) else tuple(items)
