@@ -205,7 +205,7 @@ def test_runner18_second_signal_ends_an_lbfgs_step_and_checkpoints(tmp_path, mon
     assert signal.getsignal(signal.SIGINT) == handlers
     err = capsys.readouterr().err
     assert "signal again to end this L-BFGS step at its next evaluation and checkpoint" in err
-    assert "SIGINT again: ending the L-BFGS step at its next evaluation" in err
+    assert "SIGINT again: ending this L-BFGS step at its next evaluation, then" in err
     assert "Traceback" not in err
     ckpt = load_checkpoint(run / "checkpoints" / "lbfgs.pt")
     assert ckpt["step"] == 1 and not ckpt["finished"]
@@ -400,3 +400,87 @@ def test_runner18_fuzzed_configs_run_or_are_refused(tmp_path):
 def test_runner18_fuzzed_configs_run_or_are_refused_many(tmp_path):
     """As above, 1,000 examples (~30 s; 53 ran, 947 were refused)."""
     _fuzz(tmp_path, 1000)
+
+
+# -- an HF call of max_iter HF steps ended between two of them -------------------------------
+
+
+def _hf_call(max_iter: int, cut_after: int | None = None):
+    """One runner HF step (a ``step()`` call of up to ``max_iter`` HF steps) on a float64 MLP;
+    the callback ends the call after HF step ``cut_after`` as the runner's does."""
+    from hessfree import HessianFree  # noqa: PLC0415
+    from hessfree.train.stepping import StepCut, _hessianfree_step  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(32, 1, generator=gen, dtype=torch.float64)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    ).double()
+    seen = []
+
+    def callback(info):
+        seen.append(info.loss)
+        if cut_after is not None and len(seen) == cut_after:
+            raise StepCut(seen[0])
+
+    optimizer = HessianFree(
+        model.parameters(),
+        max_iter=max_iter,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        callback=callback,
+    )
+    loss = _hessianfree_step(optimizer, model, _MeanSquare(), (x, y), None)
+    state = optimizer.state_dict()
+    return loss, [p.detach().clone() for p in model.parameters()], state, len(seen)
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(u, v) for u, v in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b or (a != a and b != b)  # NaN
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_runner18_hf_call_cut_after_k_steps_is_the_call_of_k(k):
+    """Fails on main (no ``StepCut``). An HF ``step()`` call of ``max_iter`` 2**63 - 1 ended
+    by the callback after HF step ``k`` leaves bitwise the weights and ``state_dict`` of a call
+    with ``max_iter: k`` (the optimizer's own loop as the oracle), and returns its first loss."""
+    loss, params, state, calls = _hf_call(_INT64_MAX, cut_after=k)
+    want_loss, want_params, want, want_calls = _hf_call(k)
+    assert calls == want_calls == k and loss == want_loss
+    assert all(torch.equal(p, q) for p, q in zip(params, want_params, strict=True))
+    assert state["param_groups"][0].pop("max_iter") == _INT64_MAX  # the one difference
+    assert want["param_groups"][0].pop("max_iter") == k
+    assert _same_state(state, want)
+
+
+@pytest.mark.timeout(60)
+def test_runner18_endless_hf_call_is_bounded_by_seconds_and_resumes(tmp_path, capsys):
+    """Fails on main (hangs: SIGTERM from `timeout` waited for the call for ever). HF with
+    ``max_iter`` 2**63 - 1 and zero tolerances: ``budget.seconds`` ends its call between two
+    HF steps, the run exits 0 stopped by seconds after 1 runner step, and a resume under a
+    larger budget goes on from the checkpointed state."""
+    hf = {"name": "hessianfree", "max_iter": _INT64_MAX, "tolerance_grad": 0.0}
+    config = write_tiny(
+        tmp_path, optimizers=[hf | {"tolerance_change": 0.0}], budget={"seconds": 0.3}
+    )
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--quiet", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())["optimizers"]["hessianfree"]
+    assert summary["stop_reason"] == "seconds" and summary["steps"] == 1
+    ckpt = load_checkpoint(run / "checkpoints" / "hessianfree.pt")
+    hf_steps = ckpt["optimizer"]["state"][0]["step"]  # HF steps the one call took
+    assert ckpt["finished"] and ckpt["step"] == 1 and hf_steps >= 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    more = f"budget.seconds={summary['seconds'] + 0.3!r}"
+    assert main(["run", "--resume", str(run), "--quiet", more]) == 0
+    resumed = load_checkpoint(run / "checkpoints" / "hessianfree.pt")
+    assert resumed["step"] == 2 and resumed["optimizer"]["state"][0]["step"] > hf_steps
+    capsys.readouterr()

@@ -118,7 +118,13 @@ from hessfree.train.rundir import (
     run_dir_problems,
     writing,
 )
-from hessfree.train.stepping import batch_sizes, converged, describe_batches, take_step
+from hessfree.train.stepping import (
+    StepCut,
+    batch_sizes,
+    converged,
+    describe_batches,
+    take_step,
+)
 
 __all__ = [
     "Abandoned",
@@ -445,8 +451,12 @@ class Runner:
         self.config_header = config_header
         self.source = source if source is not None else config.name
         self._stop_signal: int | None = None
-        self._lbfgs_running = False  # inside an L-BFGS step: a second signal ends it (cut)
-        self._cut_signal: int | None = None  # the second signal, which ends the L-BFGS step
+        # Inside a step that can end early (L-BFGS; HF of max_iter > 1): what ends it and how
+        # the first signal's line says so; a second signal then ends it (cut).
+        self._cuttable: str | None = None
+        self._cut_signal: int | None = None  # the second signal, which ends that step
+        self._cut: Callable[[], bool] | None = None  # this step's test (HF's callback asks it)
+        self._first_loss: float | None = None  # the HF call's first loss, which a cut returns
         self._hung_up = False  # SIGHUP came: output whose reader is gone is dropped
         self._bar: Any = None  # the progress bar of the entry training now
         self.group = Group()
@@ -467,14 +477,15 @@ class Runner:
                 self._bar.disable = True
         name = signal.Signals(signum).name
         if self._stop_signal is not None:
-            if self._lbfgs_running and self._cut_signal is None:
-                # An L-BFGS step may run for ever (a huge max_iter): its closure ends it at
-                # the next evaluation with a consistent state, which is then checkpointed.
+            if self._cuttable is not None and self._cut_signal is None:
+                # An L-BFGS step or an HF call of many steps may run for ever (a huge
+                # max_iter): it ends at its next evaluation or HF step with a consistent state,
+                # which is then checkpointed.
                 self._cut_signal = signum
                 if self.verbose:
                     self._print(
-                        f"\n{name} again: ending the L-BFGS step at its next evaluation, then "
-                        "checkpointing (signal a third time to abort without a checkpoint).",
+                        f"\n{name} again: ending {self._cuttable}, then checkpointing (signal "
+                        "a third time to abort without a checkpoint).",
                         sys.stderr,
                     )
                 return
@@ -482,8 +493,8 @@ class Runner:
         self._stop_signal = signum
         if self.verbose:
             again = (
-                "signal again to end this L-BFGS step at its next evaluation and checkpoint"
-                if self._lbfgs_running
+                f"signal again to end {self._cuttable} and checkpoint"
+                if self._cuttable is not None
                 else "signal again to abort without a checkpoint"
             )
             self._print(
@@ -800,7 +811,7 @@ class Runner:
         finally:
             t.bar.close()
         cut = (
-            f" (the last L-BFGS step ended at an evaluation by the {reason.value} budget)"
+            f" (the last step ended early by the {reason.value} budget)"
             if t.cut_steps and reason is RunStop.SECONDS
             else ""
         )
@@ -830,7 +841,7 @@ class Runner:
         leaf = spec.leaves[phase]
         model.load_state_dict(self.initial_state)
         model.train()
-        optimizer = build_optimizer(leaf, model.parameters(), model)
+        optimizer = self._build(leaf)
         torch.manual_seed(cfg.seed)
         data_gen = torch.Generator().manual_seed(cfg.seed)
         t = _Training(index, spec, leaf, optimizer, data_gen, Progress())
@@ -980,17 +991,25 @@ class Runner:
             # the checkpoint gets these instead.
             before.keep()
             start = time.perf_counter()
-            cut = self._lbfgs_cut(t, start) if t.leaf.name == "lbfgs" else None
-            self._lbfgs_running = cut is not None
+            self._cuttable = _cuttable(t.leaf)
+            self._cut = self._step_cut(t, start) if self._cuttable else None
+            self._first_loss = None
             try:
                 batch_loss = take_step(
-                    t.leaf, t.optimizer, model, self.objective, group, batch, curvature, cut
+                    t.leaf,
+                    t.optimizer,
+                    model,
+                    self.objective,
+                    group,
+                    batch,
+                    curvature,
+                    self._cut if t.leaf.name == "lbfgs" else None,
                 )
             except FloatingPointError as err:  # HF gives up after repeated non-finite steps
                 self._say(f"    {spec.label}: {err}")
                 batch_loss = math.nan
             finally:
-                self._lbfgs_running = False
+                self._cuttable = self._cut = None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             batch_loss, seconds, agreed_signal = group.agree_step(
@@ -1048,12 +1067,14 @@ class Runner:
         self._save(t, finished=True, reason=reason)
         return reason
 
-    def _lbfgs_cut(self, t: _Training, start: float) -> Callable[[], bool]:
-        """Whether the L-BFGS step begun at ``start`` (``time.perf_counter``) must end at its
-        next evaluation (:func:`~hessfree.train.stepping._lbfgs_step`): the entry's (or its
-        phase's) ``budget.seconds`` is spent, or a second signal came during the step. Budgets
-        are otherwise checked between steps, and one L-BFGS step of ``max_iter`` iterations
-        can outlast any budget. Agreed by all ranks at every evaluation it is asked about."""
+    def _step_cut(self, t: _Training, start: float) -> Callable[[], bool]:
+        """Whether the step begun at ``start`` (``time.perf_counter``) must end early: the
+        entry's (or its phase's) ``budget.seconds`` is spent, or a second signal came during
+        the step. Budgets are otherwise checked between steps, and one L-BFGS step of
+        ``max_iter`` iterations, or one HF call of ``max_iter`` HF steps, can outlast any
+        budget. L-BFGS asks at each evaluation
+        (:func:`~hessfree.train.stepping._lbfgs_step`), HF after each of its steps
+        (:meth:`_hf_callback`). Agreed by all ranks each time it is asked."""
         left = [
             budget.seconds - done.seconds
             for budget, done in ((t.spec.budget, t.st), (t.leaf.budget, t.st.in_phase()))
@@ -1070,6 +1091,22 @@ class Runner:
 
         return cut
 
+    def _hf_callback(self, info: Any) -> None:
+        """HessianFree's ``callback`` for an entry of ``max_iter`` > 1: after each HF step of
+        a ``step()`` call, end the call there (:class:`StepCut`) when :meth:`_step_cut` says
+        so. That HF step has ended and recorded its state (the callback is its last act), so
+        the call stops between two whole HF steps; while the test says no, nothing changes."""
+        if self._first_loss is None:
+            self._first_loss = float(info.loss)
+        if self._cut is not None and self._cut():
+            raise StepCut(self._first_loss)
+
+    def _build(self, leaf: OptimizerConfig) -> torch.optim.Optimizer:
+        """``leaf``'s optimizer over the model; HF with ``max_iter`` > 1 gets the callback
+        that can end its call between HF steps (with 1, the default, none: nothing to end)."""
+        callback = self._hf_callback if _cuttable(leaf) and leaf.name == "hessianfree" else None
+        return build_optimizer(leaf, self.model.parameters(), self.model, callback)
+
     def _next_phase(self, t: _Training) -> None:
         """Start the entry's next phase: a fresh optimizer on the same weights."""
         st, spec = t.st, t.spec
@@ -1077,7 +1114,7 @@ class Runner:
         st.phase_start = (st.step, st.cases, st.seconds)
         st.hf = {}
         t.use(spec.phases[st.phase], self.x_train.shape[0], self.group.active)
-        t.optimizer = build_optimizer(t.leaf, self.model.parameters(), self.model)
+        t.optimizer = self._build(t.leaf)
         self._save(t)
         self._say(
             f"    {spec.label}: phase {st.phase + 1}/{len(spec.phases)} "
@@ -1197,6 +1234,16 @@ class _BarStream:
 
 #: SIGHUP where the platform has it (not on Windows).
 _SIGHUP: int | None = getattr(signal, "SIGHUP", None)
+
+
+def _cuttable(leaf: OptimizerConfig) -> str | None:
+    """How a step of ``leaf`` can end early, in words (None: it cannot, nor needs to)."""
+    if leaf.name == "lbfgs":
+        return "this L-BFGS step at its next evaluation"
+    max_iter = leaf.hyperparameters.get("max_iter", 1)
+    if leaf.name == "hessianfree" and isinstance(max_iter, int) and max_iter > 1:
+        return "this call of HF steps (max_iter) after its current HF step"
+    return None
 
 
 def _to_devnull(stream: Any) -> None:

@@ -19,7 +19,24 @@ from hessfree.train.config import OptimizerConfig
 from hessfree.train.objectives import Objective
 from hessfree.train.parallel import Group
 
-__all__ = ["batch_sizes", "converged", "describe_batches", "grown_batch_size", "take_step"]
+__all__ = [
+    "StepCut",
+    "batch_sizes",
+    "converged",
+    "describe_batches",
+    "grown_batch_size",
+    "take_step",
+]
+
+
+class StepCut(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by the runner's HessianFree ``callback`` after an HF step to end a ``step()``
+    call of ``max_iter`` > 1 HF steps there (the step has ended: its state is recorded);
+    ``loss`` is the call's first loss, which the call would have returned."""
+
+    def __init__(self, loss: float) -> None:
+        super().__init__(loss)
+        self.loss = loss
 
 
 def grown_batch_size(start: int, growth: float, step: int, largest: int, multiple: int = 1) -> int:
@@ -247,7 +264,10 @@ def _hessianfree_step(
         def curvature_closure() -> tuple[Tensor, ...]:
             return evaluate(*curvature)
 
-    return _scalar(optimizer.step(closure, curvature_closure))
+    try:
+        return _scalar(optimizer.step(closure, curvature_closure))
+    except StepCut as cut:  # between two HF steps of one call: each one complete
+        return cut.loss
 
 
 def _lbfgs_step(
