@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -484,3 +485,45 @@ def test_runner18_endless_hf_call_is_bounded_by_seconds_and_resumes(tmp_path, ca
     resumed = load_checkpoint(run / "checkpoints" / "hessianfree.pt")
     assert resumed["step"] == 2 and resumed["optimizer"]["state"][0]["step"] > hf_steps
     capsys.readouterr()
+
+
+# -- standard streams closed -----------------------------------------------------------------
+
+
+def _closed(*fds: int):
+    def close() -> None:
+        for fd in fds:
+            os.close(fd)
+
+    return close
+
+
+@pytest.mark.parametrize("fds", [(1,), (0, 1, 2)], ids=["stdout", "all"])
+def test_runner18_a_run_with_closed_standard_streams_runs(tmp_path, fds):
+    """Fails on main for a closed stdout (``hessfree run c.yaml >&-``: AttributeError from
+    ``sys.stdout.isatty()``, a traceback, exit 1, no run). Now the run completes (exit 0, its
+    summary and metrics whole), and a refused config still exits 2."""
+    import subprocess  # noqa: PLC0415
+
+    config = write_tiny(tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "hessfree", "run", str(config), "--out", str(run)]
+    stderr = subprocess.DEVNULL if 2 in fds else subprocess.PIPE
+    done = subprocess.run(
+        cmd, env=env, stderr=stderr, preexec_fn=_closed(*fds), timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and set(summary["optimizers"]) == {"adam", "sgd"}
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["optimizer"] in ("adam", "sgd") for line in lines)
+    bad = subprocess.run(
+        [*cmd[:-2], "--check", "seed=-5"],
+        env=env,
+        preexec_fn=_closed(*fds),
+        timeout=120,
+        stderr=stderr,
+        check=False,
+    )
+    assert bad.returncode == 2
