@@ -6,6 +6,7 @@ An L-BFGS step that no budget could end (``max_iter`` at 2**63 - 1) and the sign
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -527,3 +528,56 @@ def test_runner18_a_run_with_closed_standard_streams_runs(tmp_path, fds):
         check=False,
     )
     assert bad.returncode == 2
+
+
+# -- a run written by an older hessfree --------------------------------------------------------
+
+
+def test_runner18_resume_of_a_run_an_older_version_wrote_names_the_new_keys(tmp_path, capsys):
+    """Fails on main ("written for a different config; resume with the run's own config.yaml",
+    although it was). A run as a hessfree of 2026-11-30 (bdc8dd2~1) left it: its config.yaml
+    without keys HF gained since (``damping_metric``, ``replay_rng``), its checkpoints stamped
+    with that file's digests (SHA-256 of it as written, computed here as that version did;
+    the message checked by hand on a run of that commit). Now exit 2 naming the new keys with
+    their defaults and the way on; nothing changed. A run of this version still resumes."""
+    import yaml  # noqa: PLC0415
+
+    from hessfree.train.checkpoint import save_checkpoint  # noqa: PLC0415
+
+    def digests(plain):  # config_digest and training_digest of a plain config, by hand
+        dump = {"sort_keys": False, "default_flow_style": None, "width": 100}
+        plain = {k: v for k, v in plain.items() if k != "distributed"}
+        whole = hashlib.sha256(yaml.safe_dump(plain, **dump).encode()).hexdigest()
+        plain = {k: v for k, v in plain.items() if k != "budget"}
+        plain["optimizers"] = [
+            {k: v for k, v in e.items() if k != "budget"} for e in plain["optimizers"]
+        ]
+        return whole, hashlib.sha256(yaml.safe_dump(plain, **dump).encode()).hexdigest()
+
+    config = write_tiny(tmp_path, optimizers=[{"name": "adam"}, {"name": "hessianfree"}])
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--quiet", "--out", str(run)]) == 0
+    plain = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("damping_metric", "replay_rng"):
+        del plain["optimizers"][1][key]
+    (run / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    whole, training = digests(plain)
+    for label in ("adam", "hessianfree"):
+        path = run / "checkpoints" / f"{label}.pt"
+        ckpt = load_checkpoint(path)
+        ckpt.update(config_sha256=whole, training_sha256=training)
+        save_checkpoint(path, ckpt)
+    before = {
+        p.name: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
+    err = refused(["run", "--resume", str(run), "--quiet", "budget.steps=5"], capsys)
+    assert "as the hessfree that wrote it" in err
+    assert "optimizers.1.damping_metric ('identity'), optimizers.1.replay_rng (True)" in err
+    assert "resume it with the hessfree version that wrote it, or start a new run" in err
+    assert {
+        p.name: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"
+    } == before
+
+    other = tmp_path / "other"  # written by this version: resumes under a larger budget
+    assert main(["run", str(config), "--quiet", "--out", str(other)]) == 0
+    assert main(["run", "--resume", str(other), "--quiet", "budget.steps=5"]) == 0
