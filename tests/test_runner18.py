@@ -581,3 +581,37 @@ def test_runner18_resume_of_a_run_an_older_version_wrote_names_the_new_keys(tmp_
     other = tmp_path / "other"  # written by this version: resumes under a larger budget
     assert main(["run", str(config), "--quiet", "--out", str(other)]) == 0
     assert main(["run", "--resume", str(other), "--quiet", "budget.steps=5"]) == 0
+
+
+# -- data-parallel: the ranks end an endless step together ------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_runner18_two_ranks_end_endless_lbfgs_and_hf_steps_together(tmp_path):
+    """Fails on main (hangs). Two gloo ranks, L-BFGS and HF with ``max_iter`` 2**63 - 1 and
+    zero tolerances, ``budget.seconds: 0.5`` each: every cut is agreed (one ``all_reduce`` per
+    question), so neither rank waits in a collective the other left; both exit 0, rank 0's
+    summary says each stopped by seconds, and its checkpoints hold finite weights."""
+    from test_train_distributed import finish, launch, write_config  # noqa: PLC0415
+
+    endless = {"max_iter": _INT64_MAX, "tolerance_grad": 0.0, "tolerance_change": 0.0}
+    config = write_config(
+        tmp_path,
+        optimizers=[
+            {"name": "lbfgs", "history_size": 5} | endless,
+            {"name": "hessianfree", "cg_max_iter": 10, "precond": None} | endless,
+        ],
+        budget={"seconds": 0.5},
+        batch_size=None,
+    )
+    ranks = [tmp_path / "rank0", tmp_path / "rank1"]
+    for code, err in finish(launch(config, ranks, "--out", "run"), timeout=240):
+        assert code == 0, err
+    summary = json.loads((ranks[0] / "run" / "summary.json").read_text())["optimizers"]
+    assert {e["stop_reason"] for e in summary.values()} == {"seconds"}
+    for label in ("lbfgs", "hessianfree"):
+        ckpt = load_checkpoint(ranks[0] / "run" / "checkpoints" / f"{label}.pt")
+        assert ckpt["finished"] and ckpt["world_size"] == 2
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (ranks[1] / "run").exists()  # rank 1 writes nothing
