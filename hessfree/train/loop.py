@@ -39,7 +39,11 @@ weights costs one copy of the model state per step.
 SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) finish the current step, write a
 checkpoint and a summary, and end the run with status ``interrupted`` (the CLI exits with 128 +
 the signal number: 130, 143, 129). A second signal abandons the step at once; the previous
-checkpoint stays valid. After SIGHUP, output to a terminal that has hung up or to a pipe whose
+checkpoint stays valid. An L-BFGS step (``max_iter`` iterations) and an HF call of ``max_iter``
+> 1 HF steps can outlast any budget checked between steps: a second signal during one ends it
+at its next evaluation (L-BFGS) or after its current HF step, with a consistent state, and
+checkpoints (a third abandons), and ``budget.seconds`` ends one the same way
+(:meth:`Runner._step_cut`). After SIGHUP, output to a terminal that has hung up or to a pipe whose
 reader has gone (``| tee`` closed with the terminal) is dropped, so the run still ends cleanly.
 A stdout whose reader ends without a signal (``| head``, a pager that quit) is dropped too,
 with one warning on stderr, and the run goes on: its results are the run directory.
