@@ -152,23 +152,24 @@ def test_runner18_endless_lbfgs_is_checked_and_bounded_by_seconds(tmp_path, caps
     """Fails on main (hangs: pytest-timeout ends it). ``--check`` took a probe L-BFGS step
     with the config's ``max_iter``, which never ended; the run's one step would outlast any
     budget. Now the check answers, ``budget.seconds`` ends the step at an evaluation (exit 0,
-    stopped by seconds after 1 step, finite weights), and a resume under a larger budget takes
-    the checkpointed state on (another step, also ended by the budget)."""
+    stopped by seconds, finite weights), and a resume under a larger budget takes the
+    checkpointed state on (more steps, ended by the budget)."""
     config = _endless_lbfgs(tmp_path, budget={"seconds": 0.3})
     assert main(["run", str(config), "--check"]) == 0
     run = tmp_path / "run"
     assert main(["run", str(config), "--quiet", "--out", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())["optimizers"]["lbfgs"]
-    assert summary["stop_reason"] == "seconds" and summary["steps"] == 1
+    # 1 step unless L-BFGS stalls on its own in float32 (gtd >= 0 ends its step): by seconds
+    assert summary["stop_reason"] == "seconds" and summary["steps"] >= 1
     ckpt = load_checkpoint(run / "checkpoints" / "lbfgs.pt")
-    assert ckpt["finished"] and ckpt["step"] == 1
+    assert ckpt["finished"] and ckpt["step"] == summary["steps"]
     state = ckpt["optimizer"]["state"][0]
     assert state["n_iter"] >= 1 and len(state["old_dirs"]) <= 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     more = f"budget.seconds={summary['seconds'] + 0.3!r}"  # whatever the first step took
     assert main(["run", "--resume", str(run), "--quiet", more]) == 0
     resumed = load_checkpoint(run / "checkpoints" / "lbfgs.pt")
-    assert resumed["finished"] and resumed["step"] == 2
+    assert resumed["finished"] and resumed["step"] > ckpt["step"]
     assert resumed["optimizer"]["state"][0]["n_iter"] > state["n_iter"]
     capsys.readouterr()
 
@@ -467,8 +468,8 @@ def test_runner18_hf_call_cut_after_k_steps_is_the_call_of_k(k):
 def test_runner18_endless_hf_call_is_bounded_by_seconds_and_resumes(tmp_path, capsys):
     """Fails on main (hangs: SIGTERM from `timeout` waited for the call for ever). HF with
     ``max_iter`` 2**63 - 1 and zero tolerances: ``budget.seconds`` ends its call between two
-    HF steps, the run exits 0 stopped by seconds after 1 runner step, and a resume under a
-    larger budget goes on from the checkpointed state."""
+    HF steps, the run exits 0 stopped by seconds, and a resume under a larger budget goes on
+    from the checkpointed state."""
     hf = {"name": "hessianfree", "max_iter": _INT64_MAX, "tolerance_grad": 0.0}
     config = write_tiny(
         tmp_path, optimizers=[hf | {"tolerance_change": 0.0}], budget={"seconds": 0.3}
@@ -476,15 +477,16 @@ def test_runner18_endless_hf_call_is_bounded_by_seconds_and_resumes(tmp_path, ca
     run = tmp_path / "run"
     assert main(["run", str(config), "--quiet", "--out", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())["optimizers"]["hessianfree"]
-    assert summary["stop_reason"] == "seconds" and summary["steps"] == 1
+    # 1 runner step unless an HF step converges by float resolution (which ends a call)
+    assert summary["stop_reason"] == "seconds" and summary["steps"] >= 1
     ckpt = load_checkpoint(run / "checkpoints" / "hessianfree.pt")
-    hf_steps = ckpt["optimizer"]["state"][0]["step"]  # HF steps the one call took
-    assert ckpt["finished"] and ckpt["step"] == 1 and hf_steps >= 1
+    hf_steps = ckpt["optimizer"]["state"][0]["step"]  # HF steps the calls took
+    assert ckpt["finished"] and ckpt["step"] == summary["steps"] and hf_steps >= ckpt["step"]
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     more = f"budget.seconds={summary['seconds'] + 0.3!r}"
     assert main(["run", "--resume", str(run), "--quiet", more]) == 0
     resumed = load_checkpoint(run / "checkpoints" / "hessianfree.pt")
-    assert resumed["step"] == 2 and resumed["optimizer"]["state"][0]["step"] > hf_steps
+    assert resumed["step"] > ckpt["step"] and resumed["optimizer"]["state"][0]["step"] > hf_steps
     capsys.readouterr()
 
 
