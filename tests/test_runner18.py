@@ -368,6 +368,7 @@ def test_runner18_adam_betas_of_another_length_are_refused(tmp_path, capsys, bet
 
 
 def _fuzz(tmp_path: Path, max_examples: int) -> None:
+    pytest.importorskip("hypothesis")  # a test dependency (pyproject's `test` extra)
     from _config_fuzz import cases, key_paths, outcome  # noqa: PLC0415
     from hypothesis import HealthCheck, given, settings  # noqa: PLC0415
 

@@ -286,12 +286,14 @@ def _lbfgs_step(
     make a step no budget could end. When ``cut()`` says so, the closure skips the evaluation,
     leaves zero gradients and returns :math:`-\\infty`: L-BFGS takes that as optimal
     (``max |g| <= tolerance_grad``, which the config keeps >= 0) and leaves its loop through
-    its own exit, storing the direction, step length and history of the iterations taken. The
-    state is then that of a step with ``max_iter`` equal to the iterations taken: the weights
-    where the last iteration moved them (fixed step ``lr``, or the line search's current trial
-    point, accepted at once: a loss of :math:`-\\infty` passes Armijo's test, a zero gradient
-    the curvature test), whose loss the next step's first evaluation computes. Nothing else
-    changes: while ``cut()`` is False the step is bitwise the uncut one.
+    its own exit, storing the direction, step length and history of the iterations taken.
+    Without a line search the weights and state are bitwise those of a step with ``max_iter``
+    equal to the iterations taken (``func_evals`` aside, which counts the skipped evaluation);
+    with ``strong_wolfe`` the line search accepts its current trial point at once (a loss of
+    :math:`-\\infty` passes Armijo's test, a zero gradient the curvature test), so the history
+    and direction are those of a step of as many iterations and the weights that trial point. The
+    next step's first evaluation computes their loss. While ``cut()`` is False the step is
+    bitwise the uncut one.
     """
     xb, tb = batch
     first: list[Tensor] = []
