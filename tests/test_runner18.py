@@ -618,3 +618,25 @@ def test_runner18_two_ranks_end_endless_lbfgs_and_hf_steps_together(tmp_path):
         assert ckpt["finished"] and ckpt["world_size"] == 2
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (ranks[1] / "run").exists()  # rank 1 writes nothing
+
+
+# -- a config that is no YAML config -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["binary", "npy", "python", "png-name"])
+def test_runner18_a_file_that_is_no_yaml_config_is_refused(tmp_path, capsys, kind):
+    """Guard (passes on main). A binary file, a NumPy array, a Python module and a PNG given
+    as the config: exit 2 with a worded message naming the file, never a traceback."""
+    import numpy as np  # noqa: PLC0415
+
+    path = tmp_path / {"npy": "a.npy", "python": "m.py", "png-name": "loss.png"}.get(kind, "b.yaml")
+    if kind == "binary":
+        path.write_bytes(bytes(range(256)) * 2)
+    elif kind == "npy":
+        np.save(path, np.zeros(3))
+    elif kind == "python":
+        path.write_text((REPO / "hessfree" / "__main__.py").read_text())
+    else:  # a plot of a run, PNG bytes
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    err = refused(["run", str(path), "--check"], capsys)
+    assert f"Invalid config in {path}" in err
