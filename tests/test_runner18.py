@@ -197,8 +197,8 @@ def test_runner18_second_signal_ends_an_lbfgs_step_and_checkpoints(tmp_path, mon
                 os.kill(os.getpid(), signal.SIGINT)
             return self.objective.loss(outputs, targets)
 
-    def take_step(spec, optimizer, model, objective, *args):
-        return step(spec, optimizer, model, Signalling(objective), *args)
+    def take_step(spec, optimizer, model, objective, *args, **kwargs):
+        return step(spec, optimizer, model, Signalling(objective), *args, **kwargs)
 
     monkeypatch.setattr(loop, "take_step", take_step)
     config = _endless_lbfgs(tmp_path, budget={"steps": 3})

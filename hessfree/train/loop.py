@@ -998,16 +998,12 @@ class Runner:
             self._cuttable = _cuttable(t.leaf)
             self._cut = self._step_cut(t, start) if self._cuttable else None
             self._first_loss = None
+            # `cut` only where it is asked (L-BFGS): a step patched in by a test or a user
+            # with take_step's earlier signature keeps working for the other optimizers.
+            extra = {"cut": self._cut} if t.leaf.name == "lbfgs" else {}
             try:
                 batch_loss = take_step(
-                    t.leaf,
-                    t.optimizer,
-                    model,
-                    self.objective,
-                    group,
-                    batch,
-                    curvature,
-                    self._cut if t.leaf.name == "lbfgs" else None,
+                    t.leaf, t.optimizer, model, self.objective, group, batch, curvature, **extra
                 )
             except FloatingPointError as err:  # HF gives up after repeated non-finite steps
                 self._say(f"    {spec.label}: {err}")
