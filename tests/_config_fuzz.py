@@ -5,7 +5,8 @@ and ``experiments/_runner18.py fuzz`` (a long sweep). A case is a list of ``(dot
 value)`` replacements of the base config (:func:`base_config`): its keys, as ``--check``
 resolves them (every optimizer's hyperparameters included), and a few unknown ones; values
 of every YAML type, at and past the edges (2**63, NaN, NUL, Unicode, nested containers).
-:func:`outcome` runs one case through the CLI in-process with a one-step budget.
+:func:`outcome` runs one case through the CLI in-process with a one-step budget, every
+budget's ``seconds`` capped at :data:`SECONDS` (a valid config may ask for 2**31 steps).
 """
 
 from __future__ import annotations
@@ -112,9 +113,13 @@ def cases(paths: list[str]) -> st.SearchStrategy[list[tuple[str, Any]]]:
 
 
 def _set(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Replace ``path``'s value; a path an earlier replacement made impossible (a name under
+    what is now a list) is skipped."""
     node: Any = raw
     parts = path.split(".")
     for part in parts[:-1]:
+        if isinstance(node, list) and not part.isdigit():
+            return
         key: Any = int(part) if isinstance(node, list) else part
         if isinstance(node, list):
             if key >= len(node):
@@ -127,10 +132,36 @@ def _set(raw: dict[str, Any], path: str, value: Any) -> None:
         node = node[key]
     last: Any = parts[-1]
     if isinstance(node, list):
-        if int(last) < len(node):
+        if last.isdigit() and int(last) < len(node):
             node[int(last)] = value
     else:
         node[last] = value
+
+
+#: Seconds each budget is capped at: a valid config may ask for 2**31 steps or an L-BFGS step
+#: of 2**63 - 1 iterations, which would run on; a number past the cap is lowered to it.
+SECONDS = 2.0
+
+
+def _bound(raw: dict[str, Any]) -> None:
+    """Cap every budget's ``seconds`` (top level, entries, phases) at :data:`SECONDS`; a
+    value that is not a number is left for the config to refuse."""
+    budgets = [raw.get("budget")]
+    entries = raw.get("optimizers")
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict):
+            budgets.append(entry.get("budget"))
+            phases = entry.get("phases")
+            for phase in phases if isinstance(phases, list) else ():
+                if isinstance(phase, dict):
+                    budgets.append(phase.get("budget"))
+    for budget in budgets:
+        if not isinstance(budget, dict):
+            continue
+        seconds = budget.get("seconds")
+        number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+        if seconds is None or (number and seconds > SECONDS):
+            budget["seconds"] = SECONDS
 
 
 def outcome(root: Path, case: list[tuple[str, Any]], index: int) -> tuple[str, str]:
@@ -140,6 +171,7 @@ def outcome(root: Path, case: list[tuple[str, Any]], index: int) -> tuple[str, s
     raw = base_config(root)
     for path, value in case:
         _set(raw, path, value)
+    _bound(raw)
     try:
         text = yaml.safe_dump(raw, allow_unicode=True)
     except yaml.YAMLError:  # a value YAML cannot write: nothing a user could give
