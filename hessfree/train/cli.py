@@ -322,6 +322,29 @@ def _tell(text: str) -> None:
         _settle(sys.stderr)
 
 
+def _open_standard_streams() -> None:
+    """Point a closed standard descriptor (``>&-``, ``2>&-``, a daemon's) at /dev/null, and
+    give Python a stream on it.
+
+    Python starts with ``sys.stdout`` None when descriptor 1 is closed: the runner's first
+    ``sys.stdout.isatty()`` raised AttributeError (a traceback, exit 1, no run), and the first
+    file the run opened took descriptor 1 or 2, where C code's writes (torch's warnings go to
+    descriptor 2) would have landed in it.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        if getattr(sys, name) is None:
+            stream = open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+            setattr(sys, name, stream)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hessfree`` console script and ``python -m hessfree``.
 
@@ -330,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         group is still alive (:func:`hessfree.train.parallel.group_outlives_destroy`) does not
         return: it flushes and ends the process with that code (``os._exit``).
     """
+    _open_standard_streams()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, run_parser = build_parser()
     if argv[:1] == ["run"]:

@@ -39,7 +39,11 @@ weights costs one copy of the model state per step.
 SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) finish the current step, write a
 checkpoint and a summary, and end the run with status ``interrupted`` (the CLI exits with 128 +
 the signal number: 130, 143, 129). A second signal abandons the step at once; the previous
-checkpoint stays valid. After SIGHUP, output to a terminal that has hung up or to a pipe whose
+checkpoint stays valid. An L-BFGS step (``max_iter`` iterations) and an HF call of ``max_iter``
+> 1 HF steps can outlast any budget checked between steps: a second signal during one ends it
+at its next evaluation (L-BFGS) or after its current HF step, with a consistent state, and
+checkpoints (a third abandons), and ``budget.seconds`` ends one the same way
+(:meth:`Runner._step_cut`). After SIGHUP, output to a terminal that has hung up or to a pipe whose
 reader has gone (``| tee`` closed with the terminal) is dropped, so the run still ends cleanly.
 A stdout whose reader ends without a signal (``| head``, a pager that quit) is dropped too,
 with one warning on stderr, and the run goes on: its results are the run directory.
@@ -118,7 +122,13 @@ from hessfree.train.rundir import (
     run_dir_problems,
     writing,
 )
-from hessfree.train.stepping import batch_sizes, converged, describe_batches, take_step
+from hessfree.train.stepping import (
+    StepCut,
+    batch_sizes,
+    converged,
+    describe_batches,
+    take_step,
+)
 
 __all__ = [
     "Abandoned",
@@ -382,6 +392,7 @@ class _Training:
     bar: Any = None
     diverged_at: int | None = None  # the step after which a non-finite value stopped it
     weights_step: int | None = None  # the step whose weights its checkpoint holds (None: st.step)
+    cut_steps: int = 0  # L-BFGS steps a budget or a second signal ended at an evaluation
 
     def use(self, leaf: OptimizerConfig, n: int, distributed: bool, step: int = 0) -> None:
         """Take the steps with ``leaf`` from now on, with its batch sizes of step ``step``
@@ -444,6 +455,12 @@ class Runner:
         self.config_header = config_header
         self.source = source if source is not None else config.name
         self._stop_signal: int | None = None
+        # Inside a step that can end early (L-BFGS; HF of max_iter > 1): what ends it and how
+        # the first signal's line says so; a second signal then ends it (cut).
+        self._cuttable: str | None = None
+        self._cut_signal: int | None = None  # the second signal, which ends that step
+        self._cut: Callable[[], bool] | None = None  # this step's test (HF's callback asks it)
+        self._first_loss: float | None = None  # the HF call's first loss, which a cut returns
         self._hung_up = False  # SIGHUP came: output whose reader is gone is dropped
         self._bar: Any = None  # the progress bar of the entry training now
         self.group = Group()
@@ -462,13 +479,30 @@ class Runner:
             _drop_hung_up_terminal()
             if self._bar is not None:  # its writes bypass _print: no more of them
                 self._bar.disable = True
+        name = signal.Signals(signum).name
         if self._stop_signal is not None:
+            if self._cuttable is not None and self._cut_signal is None:
+                # An L-BFGS step or an HF call of many steps may run for ever (a huge
+                # max_iter): it ends at its next evaluation or HF step with a consistent state,
+                # which is then checkpointed.
+                self._cut_signal = signum
+                if self.verbose:
+                    self._print(
+                        f"\n{name} again: ending {self._cuttable}, then checkpointing (signal "
+                        "a third time to abort without a checkpoint).",
+                        sys.stderr,
+                    )
+                return
             raise Abandoned(signum)  # second signal: abandon the step
         self._stop_signal = signum
         if self.verbose:
+            again = (
+                f"signal again to end {self._cuttable} and checkpoint"
+                if self._cuttable is not None
+                else "signal again to abort without a checkpoint"
+            )
             self._print(
-                f"\n{signal.Signals(signum).name}: finishing the current step, then checkpointing "
-                "(signal again to abort without a checkpoint).",
+                f"\n{name}: finishing the current step, then checkpointing ({again}).",
                 sys.stderr,
             )
 
@@ -780,9 +814,14 @@ class Runner:
             reason = self._steps(t, fresh=ckpt is None)
         finally:
             t.bar.close()
+        cut = (
+            f" (the last step ended early by the {reason.value} budget)"
+            if t.cut_steps and reason is RunStop.SECONDS
+            else ""
+        )
         self._say(
             f"    {spec.label}: stopped by {reason.value} after {t.st.step} steps, "
-            f"{t.st.seconds:.3g} s of training"
+            f"{t.st.seconds:.3g} s of training{cut}"
         )
         if t.diverged_at is not None:
             kept = (
@@ -806,7 +845,7 @@ class Runner:
         leaf = spec.leaves[phase]
         model.load_state_dict(self.initial_state)
         model.train()
-        optimizer = build_optimizer(leaf, model.parameters(), model)
+        optimizer = self._build(leaf)
         torch.manual_seed(cfg.seed)
         data_gen = torch.Generator().manual_seed(cfg.seed)
         t = _Training(index, spec, leaf, optimizer, data_gen, Progress())
@@ -956,13 +995,21 @@ class Runner:
             # the checkpoint gets these instead.
             before.keep()
             start = time.perf_counter()
+            self._cuttable = _cuttable(t.leaf)
+            self._cut = self._step_cut(t, start) if self._cuttable else None
+            self._first_loss = None
+            # `cut` only where it is asked (L-BFGS): a step patched in by a test or a user
+            # with take_step's earlier signature keeps working for the other optimizers.
+            extra = {"cut": self._cut} if t.leaf.name == "lbfgs" else {}
             try:
                 batch_loss = take_step(
-                    t.leaf, t.optimizer, model, self.objective, group, batch, curvature
+                    t.leaf, t.optimizer, model, self.objective, group, batch, curvature, **extra
                 )
             except FloatingPointError as err:  # HF gives up after repeated non-finite steps
                 self._say(f"    {spec.label}: {err}")
                 batch_loss = math.nan
+            finally:
+                self._cuttable = self._cut = None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             batch_loss, seconds, agreed_signal = group.agree_step(
@@ -1020,6 +1067,46 @@ class Runner:
         self._save(t, finished=True, reason=reason)
         return reason
 
+    def _step_cut(self, t: _Training, start: float) -> Callable[[], bool]:
+        """Whether the step begun at ``start`` (``time.perf_counter``) must end early: the
+        entry's (or its phase's) ``budget.seconds`` is spent, or a second signal came during
+        the step. Budgets are otherwise checked between steps, and one L-BFGS step of
+        ``max_iter`` iterations, or one HF call of ``max_iter`` HF steps, can outlast any
+        budget. L-BFGS asks at each evaluation
+        (:func:`~hessfree.train.stepping._lbfgs_step`), HF after each of its steps
+        (:meth:`_hf_callback`). Agreed by all ranks each time it is asked."""
+        left = [
+            budget.seconds - done.seconds
+            for budget, done in ((t.spec.budget, t.st), (t.leaf.budget, t.st.in_phase()))
+            if budget.seconds is not None
+        ]
+        deadline = start + min(left) if left else math.inf
+
+        def cut() -> bool:
+            mine = self._cut_signal is not None or time.perf_counter() >= deadline
+            if self.group.agree_any(mine):
+                t.cut_steps += 1
+                return True
+            return False
+
+        return cut
+
+    def _hf_callback(self, info: Any) -> None:
+        """HessianFree's ``callback`` for an entry of ``max_iter`` > 1: after each HF step of
+        a ``step()`` call, end the call there (:class:`StepCut`) when :meth:`_step_cut` says
+        so. That HF step has ended and recorded its state (the callback is its last act), so
+        the call stops between two whole HF steps; while the test says no, nothing changes."""
+        if self._first_loss is None:
+            self._first_loss = float(info.loss)
+        if self._cut is not None and self._cut():
+            raise StepCut(self._first_loss)
+
+    def _build(self, leaf: OptimizerConfig) -> torch.optim.Optimizer:
+        """``leaf``'s optimizer over the model; HF with ``max_iter`` > 1 gets the callback
+        that can end its call between HF steps (with 1, the default, none: nothing to end)."""
+        callback = self._hf_callback if _cuttable(leaf) and leaf.name == "hessianfree" else None
+        return build_optimizer(leaf, self.model.parameters(), self.model, callback)
+
     def _next_phase(self, t: _Training) -> None:
         """Start the entry's next phase: a fresh optimizer on the same weights."""
         st, spec = t.st, t.spec
@@ -1027,7 +1114,7 @@ class Runner:
         st.phase_start = (st.step, st.cases, st.seconds)
         st.hf = {}
         t.use(spec.phases[st.phase], self.x_train.shape[0], self.group.active)
-        t.optimizer = build_optimizer(t.leaf, self.model.parameters(), self.model)
+        t.optimizer = self._build(t.leaf)
         self._save(t)
         self._say(
             f"    {spec.label}: phase {st.phase + 1}/{len(spec.phases)} "
@@ -1147,6 +1234,16 @@ class _BarStream:
 
 #: SIGHUP where the platform has it (not on Windows).
 _SIGHUP: int | None = getattr(signal, "SIGHUP", None)
+
+
+def _cuttable(leaf: OptimizerConfig) -> str | None:
+    """How a step of ``leaf`` can end early, in words (None: it cannot, nor needs to)."""
+    if leaf.name == "lbfgs":
+        return "this L-BFGS step at its next evaluation"
+    max_iter = leaf.hyperparameters.get("max_iter", 1)
+    if leaf.name == "hessianfree" and isinstance(max_iter, int) and max_iter > 1:
+        return "this call of HF steps (max_iter) after its current HF step"
+    return None
 
 
 def _to_devnull(stream: Any) -> None:

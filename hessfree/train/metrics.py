@@ -200,7 +200,22 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
-    """A plain-text table of a :func:`summarize` result, one row per optimizer."""
+    """A plain-text table of a :func:`summarize` result, one row per optimizer.
+
+    Steps, epochs and seconds are where the optimizer stopped (the loop's counts); the losses
+    and metric are its last evaluation's. Where that evaluation came before the stop (an
+    interrupted run checkpoints its last step without evaluating it), they carry a ``*`` and a
+    line under the table says at which step they were taken.
+
+    Example:
+        >>> entry = {"stop_reason": "interrupted", "steps": 45, "epochs": 0.9, "seconds": 2.0,
+        ...          "final": {"step": 40, "epoch": 0.8, "seconds": 1.8, "train_loss": 0.5,
+        ...                    "test_loss": 0.6, "test_accuracy": 0.9}, "best": {}}
+        >>> lines = format_table({"metric": "accuracy", "optimizers": {"adam": entry}})
+        >>> print("\\n".join(" ".join(line.split()) for line in lines.splitlines()[2:]))
+        adam interrupted 45 0.9 2 0.5* 0.6* 0.9* -
+        * the last evaluation's, before the stop: adam's at step 40.
+    """
     metric = summary["metric"]
     head = [
         "optimizer",
@@ -214,19 +229,26 @@ def format_table(summary: Mapping[str, Any]) -> str:
         "best test loss @ s",
     ]
     rows = [head]
+    earlier = []  # (label, step of its last evaluation) where that came before its stop
     for label, entry in summary["optimizers"].items():
         final = entry.get("final") or {}
         best = (entry.get("best") or {}).get("test_loss")
+        # the stop's counts (a summary written before they were recorded: the evaluation's)
+        steps = entry.get("steps", final.get("step"))
+        mark = ""
+        if final and final.get("step") != steps:
+            mark = "*"
+            earlier.append((label, final.get("step")))
         rows.append(
             [
                 label,
                 _fmt(entry.get("stop_reason")),
-                _fmt(final.get("step")),
-                _fmt(final.get("epoch"), 3),
-                _fmt(final.get("seconds"), 3),
-                _fmt(final.get("train_loss")),
-                _fmt(final.get("test_loss")),
-                _fmt(final.get(f"test_{metric}")),
+                _fmt(steps),
+                _fmt(entry.get("epochs", final.get("epoch")), 3),
+                _fmt(entry.get("seconds", final.get("seconds")), 3),
+                _fmt(final.get("train_loss")) + mark,
+                _fmt(final.get("test_loss")) + mark,
+                _fmt(final.get(f"test_{metric}")) + mark,
                 f"{_fmt(best['value'])} @ {_fmt(best['seconds'], 3)}" if best else "-",
             ]
         )
@@ -239,4 +261,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         for r in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if earlier:
+        where = ", ".join(f"{label}'s at step {step}" for label, step in earlier)
+        lines.append(f"* the last evaluation's, before the stop: {where}.")
     return "\n".join(lines)

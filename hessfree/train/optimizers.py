@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -35,13 +35,17 @@ _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def build_optimizer(
-    spec: OptimizerConfig, params: Iterable[Tensor], model: torch.nn.Module | None = None
+    spec: OptimizerConfig,
+    params: Iterable[Tensor],
+    model: torch.nn.Module | None = None,
+    callback: Callable[[Any], None] | None = None,
 ) -> torch.optim.Optimizer:
     """Construct the optimizer of one config entry over ``params``.
 
     ``precond: {name: kfac, ...}`` (checked by the config) builds a
     :class:`hessfree.KFACPreconditioner` on ``model``'s ``nn.Linear`` layers with the given
-    options.
+    options. ``callback`` (HessianFree only; YAML cannot give one) is called after each HF step
+    of a ``step()`` call: the runner's way to end a call of ``max_iter`` > 1 steps between them.
 
     Raises:
         ValueError: Unknown optimizer name; K-FAC without a ``model`` or on a model without
@@ -55,6 +59,8 @@ def build_optimizer(
         if isinstance(precond, Mapping) and precond.get("name") == "kfac":
             kwargs["precond"] = _kfac(precond, model)
             _HOOKED[model] = kwargs["precond"]
+        if callback is not None:
+            kwargs["callback"] = callback
         return hessianfree_class()(params, **kwargs)
     if spec.name == "adam":
         kwargs["betas"] = tuple(kwargs["betas"])

@@ -170,6 +170,15 @@ class Group:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
+    def agree_any(self, flag: bool) -> bool:
+        """Whether ``flag`` is True on any rank, on every rank (one ``all_reduce`` of one
+        number): an L-BFGS step that one rank's clock or signal ends ends on all of them."""
+        if not self.active:
+            return flag
+        t = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def agree_start(self, error: Exception | None, payload: Any) -> Any:
         """Raise on every rank if any rank failed to start; return rank 0's ``payload``.
 

@@ -16,7 +16,48 @@ from typing import Any
 from hessfree.train.checkpoint import atomic_write
 from hessfree.train.metrics import read_metrics
 
-__all__ = ["plot_metrics", "plot_run", "phase_switches"]
+__all__ = ["contender_style", "plot_metrics", "plot_run", "phase_switches"]
+
+#: matplotlib's default colour cycle ("tab10"), as its "C0".."C9" name them.
+_TAB10 = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+_LINESTYLES = ("-", "--", "-.", ":")
+#: The golden ratio's fractional part: hues k * it (mod 1) never repeat and spread evenly.
+_GOLDEN = 0.6180339887498949
+
+
+def contender_style(k: int) -> dict[str, Any]:
+    """The colour and line style of the ``k``-th contender (from 0, in the config's order).
+
+    The first 40 take matplotlib's 10 default colours with a solid, dashed, dash-dotted, then
+    dotted line (a plain cycle gave contenders 0 and 10 the same line); from 40 on the hue is
+    :math:`k\\varphi \\bmod 1` (:math:`\\varphi` the golden ratio's fractional part, whose
+    multiples never repeat) with the four line styles in turn. A function of ``k`` alone, so a
+    contender keeps its line in every figure, panel and resumed run; no two are the same.
+
+    Example:
+        >>> contender_style(0), contender_style(10)
+        ({'color': '#1f77b4', 'linestyle': '-'}, {'color': '#1f77b4', 'linestyle': '--'})
+        >>> len({str(contender_style(k)) for k in range(1000)})
+        1000
+    """
+    if k < len(_TAB10) * len(_LINESTYLES):
+        return {"color": _TAB10[k % len(_TAB10)], "linestyle": _LINESTYLES[k // len(_TAB10)]}
+    import colorsys  # noqa: PLC0415
+
+    hue = (k * _GOLDEN) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, 0.85 if k % 2 else 0.6, 0.8 if k % 3 else 0.6)
+    return {"color": rgb, "linestyle": _LINESTYLES[k % len(_LINESTYLES)]}
 
 
 def phase_switches(records: Sequence[Mapping[str, Any]], x_key: str) -> list[tuple[float, str]]:
@@ -112,7 +153,13 @@ def plot_metrics(
                         shown = f"{label} (diverged at step {diverged[label]})"
                     if points:
                         xs, ys = zip(*points, strict=True)
-                        (line,) = ax.plot(xs, ys, marker="." if len(xs) < 60 else None, label=shown)
+                        (line,) = ax.plot(
+                            xs,
+                            ys,
+                            marker="." if len(xs) < 60 else None,
+                            label=shown,
+                            **contender_style(k),
+                        )
                         at = stops.get(label)
                         if at:
                             ax.axvline(at[-1], color=line.get_color(), linestyle=":", alpha=0.8)
@@ -132,7 +179,12 @@ def plot_metrics(
                     else:
                         # nothing finite (diverged at its first evaluation): it would vanish
                         # from the panel and its legend; listed, with its dotted stop line
-                        (line,) = ax.plot([], [], label=f"{shown}: no finite {split} {y_label}")
+                        (line,) = ax.plot(
+                            [],
+                            [],
+                            label=f"{shown}: no finite {split} {y_label}",
+                            **contender_style(k),
+                        )
                         at = stops.get(label)
                         if at:
                             ax.axvline(at[-1], color=line.get_color(), linestyle=":", alpha=0.8)

@@ -24,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from hessfree.train.checkpoint import (
     TMP_SUFFIX,
     load_checkpoint,
@@ -41,6 +43,7 @@ from hessfree.train.config import (
     training_digest,
 )
 from hessfree.train.config.schema import _show
+from hessfree.train.config.yaml_io import plain_digests
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -602,6 +605,60 @@ def _format_problem(path: Path, ckpt: dict[str, Any]) -> str:
     )
 
 
+def _leaf_values(plain: Any, path: str = "") -> dict[str, Any]:
+    """Every dotted key of a plain config with its value (lists of entries by index)."""
+    if isinstance(plain, dict):
+        out: dict[str, Any] = {}
+        for key, value in plain.items():
+            out.update(_leaf_values(value, f"{path}{key}."))
+        return out
+    if isinstance(plain, list) and plain and all(isinstance(v, dict) for v in plain):
+        out = {}
+        for i, value in enumerate(plain):
+            out.update(_leaf_values(value, f"{path}{i}."))
+        return out
+    return {path.rstrip("."): plain}
+
+
+def _other_config_problem(
+    path: Path, ckpt: dict[str, Any], run_dir: Path, config: ExperimentConfig
+) -> str:
+    """Why a checkpoint's config digest does not match this run's.
+
+    A run written by an older hessfree whose config schema lacked keys this one adds (with
+    their defaults: HF's ``damping_metric``, ``replay_rng``... since 2026-11-30) matches its
+    own ``config.yaml`` as that version resolved it, read back as written, not as this version
+    resolves it. That case is named (which keys are new, and that their defaults may not be
+    what that version did); "a different config; resume with the run's own config.yaml" sent
+    the user to a file they had not changed.
+    """
+    try:
+        written = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        written = None
+    if isinstance(written, dict):
+        whole, training = plain_digests(written)
+        if ckpt.get("config_sha256") == whole or ckpt.get("training_sha256") == training:
+            old = _leaf_values(written)
+            new = {k: v for k, v in _leaf_values(config_to_dict(config)).items() if k not in old}
+            shown = ", ".join(f"{k} ({_show(v)})" for k, v in list(new.items())[:6])
+            more = f" and {len(new) - 6} more" if len(new) > 6 else ""
+            arithmetic = ckpt.get("arithmetic")
+            by = arithmetic.get("hessfree") if isinstance(arithmetic, dict) else None
+            return (
+                f"checkpoint '{path}' belongs to this run's config.yaml as the hessfree that "
+                f"wrote it{f' ({by})' if by else ''} resolved it, but this version resolves "
+                f"that file with keys the older one did not have: {shown or 'none'}{more}. "
+                "Their defaults need not do what the older version did, so the run would not "
+                "go on as it started. Nothing was changed; resume it with the hessfree version "
+                "that wrote it, or start a new run."
+            )
+    return (
+        f"checkpoint '{path}' was written for a different config; resume with the run's own "
+        "config.yaml."
+    )
+
+
 def prepare_run_dir(
     run_dir: Path,
     config: ExperimentConfig,
@@ -684,12 +741,7 @@ def prepare_run_dir(
             # The same config, or (checkpoints that record it) the same but for budgets.
             same = ckpt.get("config_sha256") == digest or (ckpt.get("training_sha256") == training)
             if not same:
-                raise RunDirError(
-                    [
-                        f"checkpoint '{path}' was written for a different config; resume "
-                        "with the run's own config.yaml."
-                    ]
-                )
+                raise RunDirError([_other_config_problem(path, ckpt, run_dir, config)])
             written_by = int(ckpt.get("world_size", 1))
             if written_by != world_size:
                 raise RunDirError(

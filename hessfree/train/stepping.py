@@ -10,6 +10,7 @@ data-parallel run the gradients of the latter two (and L-BFGS's loss) are averag
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn, optim
@@ -18,7 +19,24 @@ from hessfree.train.config import OptimizerConfig
 from hessfree.train.objectives import Objective
 from hessfree.train.parallel import Group
 
-__all__ = ["batch_sizes", "converged", "describe_batches", "grown_batch_size", "take_step"]
+__all__ = [
+    "StepCut",
+    "batch_sizes",
+    "converged",
+    "describe_batches",
+    "grown_batch_size",
+    "take_step",
+]
+
+
+class StepCut(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by the runner's HessianFree ``callback`` after an HF step to end a ``step()``
+    call of ``max_iter`` > 1 HF steps there (the step has ended: its state is recorded);
+    ``loss`` is the call's first loss, which the call would have returned."""
+
+    def __init__(self, loss: float) -> None:
+        super().__init__(loss)
+        self.loss = loss
 
 
 def grown_batch_size(start: int, growth: float, step: int, largest: int, multiple: int = 1) -> int:
@@ -193,13 +211,18 @@ def take_step(
     group: Group,
     batch: tuple[Tensor, Tensor],
     curvature: tuple[Tensor, Tensor] | None,
+    cut: Callable[[], bool] | None = None,
 ) -> float:
     """One step of ``optimizer`` on ``batch`` (this rank's slice) and, for HF, the curvature
-    batch; returns the batch loss before the step."""
+    batch; returns the batch loss before the step.
+
+    ``cut`` (L-BFGS only) is asked before each evaluation of the step but its first; True ends
+    the step there (:func:`_lbfgs_step`). It must answer alike on every rank.
+    """
     if spec.name == "hessianfree":
         return _hessianfree_step(optimizer, model, objective, batch, curvature)
     if spec.name == "lbfgs":
-        return _lbfgs_step(optimizer, model, objective, group, batch)
+        return _lbfgs_step(optimizer, model, objective, group, batch, cut)
     xb, tb = batch
     optimizer.zero_grad(set_to_none=True)
     loss = objective.loss(model(xb), tb)
@@ -241,7 +264,10 @@ def _hessianfree_step(
         def curvature_closure() -> tuple[Tensor, ...]:
             return evaluate(*curvature)
 
-    return _scalar(optimizer.step(closure, curvature_closure))
+    try:
+        return _scalar(optimizer.step(closure, curvature_closure))
+    except StepCut as cut:  # between two HF steps of one call: each one complete
+        return cut.loss
 
 
 def _lbfgs_step(
@@ -250,12 +276,32 @@ def _lbfgs_step(
     objective: Objective,
     group: Group,
     batch: tuple[Tensor, Tensor],
+    cut: Callable[[], bool] | None = None,
 ) -> float:
+    """One ``torch.optim.LBFGS`` step; ``cut`` can end it at an iteration's evaluation.
+
+    A step runs up to ``max_iter`` iterations, each one or more evaluations of the closure
+    (one without a line search: the loss and gradient where the iteration moved). Budgets and
+    signals are checked between the runner's steps, so ``max_iter: 9223372036854775807`` would
+    make a step no budget could end. When ``cut()`` says so, the closure skips the evaluation,
+    leaves zero gradients and returns :math:`-\\infty`: L-BFGS takes that as optimal
+    (``max |g| <= tolerance_grad``, which the config keeps >= 0) and leaves its loop through
+    its own exit, storing the direction, step length and history of the iterations taken.
+    Without a line search the weights and state are bitwise those of a step with ``max_iter``
+    equal to the iterations taken (``func_evals`` aside, which counts the skipped evaluation);
+    with ``strong_wolfe`` the line search accepts its current trial point at once (a loss of
+    :math:`-\\infty` passes Armijo's test, a zero gradient the curvature test), so the history
+    and direction are those of a step of as many iterations and the weights that trial point. The
+    next step's first evaluation computes their loss. While ``cut()`` is False the step is
+    bitwise the uncut one.
+    """
     xb, tb = batch
     first: list[Tensor] = []
 
     def closure() -> Tensor:
         optimizer.zero_grad()
+        if first and cut is not None and cut():
+            return torch.tensor(-math.inf, dtype=first[0].dtype)
         loss = objective.loss(model(xb), tb)
         loss.backward()
         if not first:

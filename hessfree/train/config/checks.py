@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hessfree.train.config.schema import _show, windows_reserved
+from hessfree.train.config.schema import WINDOWS_RESERVED_TEXT, _show, windows_reserved
 from hessfree.train.config.sections import (
     _DATA_TASK,
     _IMAGE_DATA,
@@ -324,7 +324,7 @@ def _check_name(name: str, problems: list[str]) -> None:
         problems.append(
             f"`name` = {_show(name)} names the run directory '{name}-<time>', and Windows "
             f"reserves every file name whose part before the first dot is {base.strip()!r} "
-            "(a device: CON, PRN, AUX, NUL, COM1-9, LPT1-9, in any case): the run directory "
+            f"(a device: {WINDOWS_RESERVED_TEXT}, in any case): the run directory "
             f"could not be copied to or written on Windows. Use another name, e.g. "
             f"{base.strip() + '-1' + name[len(base) :]!r}."
         )
@@ -443,12 +443,19 @@ def _probe_step(name: str, hyperparameters: Mapping[str, Any], dtype: Any) -> st
     the constructor's own checks (SGD's ``nesterov`` needs momentum and no dampening) and the
     step's (an ``lr`` beyond float32's range cannot scale float32 parameters; L-BFGS allocates
     ``history_size`` entries) are the ones the run would meet after its directory was written.
+    L-BFGS's step is capped at 4 iterations and 10 evaluations: with ``max_iter: 2**63 - 1``
+    and zero tolerances the probe's own step never ended, so ``--check`` hung before any work.
     """
     import torch  # noqa: PLC0415
 
     kwargs = dict(hyperparameters)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
+    if name == "lbfgs":
+        for key, cap in (("max_iter", 4), ("max_eval", 10)):
+            value = kwargs.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+                kwargs[key] = cap
     p = torch.ones(2, dtype=dtype, requires_grad=True)
     scale = torch.tensor([1.0, 4.0], dtype=dtype)
     try:

@@ -275,9 +275,16 @@ def _convert(value: Any, hint: Any, spec: _Spec | None, path: str, problems: lis
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, problems)
     if origin is tuple:
-        (item,) = typing.get_args(hint)[:1]
+        args = typing.get_args(hint)
+        (item,) = args[:1]
         if not isinstance(value, (list, tuple)):
             problems.append(f"`{path}` must be a list, got {_type_name(value)} {_show(value)}.")
+            return _INVALID
+        if Ellipsis not in args and len(value) != len(args):
+            # tuple[float, float]: Adam's betas (an empty list raised IndexError in the probe)
+            problems.append(
+                f"`{path}` must be a list of {len(args)} values, got {len(value)}: {_show(value)}."
+            )
             return _INVALID
         items = [_convert(v, item, spec, _path(path, i), problems) for i, v in enumerate(value)]
         return _INVALID if any(v is _INVALID for v in items) else tuple(items)
@@ -396,10 +403,16 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _MAX_LABEL = 255 - 25
 #: Names Windows keeps for devices: a file named so (any case, any extension: ``aux.txt``,
 #: ``CON.pt``) cannot be created, copied or unzipped there. Python's own list
-#: (``pathlib.PureWindowsPath.is_reserved`` up to 3.12) less what a label cannot spell.
+#: (``pathlib.PureWindowsPath.is_reserved`` up to 3.12, ``os.path.isreserved`` from 3.13:
+#: COM1-9 and LPT1-9 with the superscripts ¹ ² ³, which a run ``name`` can spell, CONIN$ and
+#: CONOUT$) and COM0 and LPT0, which Microsoft's "Naming Files, Paths, and Namespaces" page
+#: lists too.
 WINDOWS_RESERVED = frozenset(
-    {"CON", "PRN", "AUX", "NUL"} | {f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10)}
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{d}{i}" for d in ("COM", "LPT") for i in "0123456789\u00b9\u00b2\u00b3"}
 )
+#: How the refusals name them.
+WINDOWS_RESERVED_TEXT = "CON, PRN, AUX, NUL, CONIN$, CONOUT$, COM0-9, LPT0-9, COM¹²³, LPT¹²³"
 
 
 def windows_reserved(file_name: str) -> bool:
@@ -409,6 +422,8 @@ def windows_reserved(file_name: str) -> bool:
     Example:
         >>> [windows_reserved(n) for n in ("con.pt", "aux.txt.pt", "console.pt", "com10.pt")]
         [True, True, False, False]
+        >>> [windows_reserved(n) for n in ("COM0.pt", "lpt\u00b3.x", "com\u2074.x", "conin$.pt")]
+        [True, True, False, True]
     """
     return file_name.partition(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED
 
@@ -434,9 +449,9 @@ def _check_label(label: Any, default: str, path: str, problems: list[str]) -> st
         base = label.partition(".")[0]
         problems.append(
             f"`{path}.label` = {label!r} names the checkpoint checkpoints/{label}.pt, and "
-            f"Windows reserves the file name {base.upper()!r} for a device (CON, PRN, AUX, NUL, "
-            "COM1-9, LPT1-9, in any case and with any extension): the run directory could not "
-            f"be copied to or written on Windows. Use another label, e.g. "
+            f"Windows reserves the file name {base.upper()!r} for a device "
+            f"({WINDOWS_RESERVED_TEXT}, in any case and with any extension): the run directory "
+            "could not be copied to or written on Windows. Use another label, e.g. "
             f"{base + '-1' + label[len(base) :]!r}."
         )
         return default

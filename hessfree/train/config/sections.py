@@ -326,7 +326,7 @@ class DistributedConfig:
 @dataclass(frozen=True)
 class _AdamHyperparameters:
     lr: float = _field(1e-3, "learning rate", low=0.0, low_open=True)
-    betas: tuple[float, ...] = _field(
+    betas: tuple[float, float] = _field(
         (0.9, 0.999), "moment decay rates, each in [0, 1)", low=0.0, high=1.0, high_open=True
     )
     eps: float = _field(1e-8, "denominator offset", low=0.0, low_open=True)

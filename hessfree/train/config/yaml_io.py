@@ -9,6 +9,7 @@ SHA-256 is what a checkpoint must match to be resumed.
 from __future__ import annotations
 
 import codecs
+import copy
 import dataclasses
 import hashlib
 import re
@@ -369,9 +370,24 @@ def config_digest(cfg: ExperimentConfig) -> str:
     The ``distributed`` section is left out: a timeout does not change the results, and runs
     written before the section existed keep their digest.
     """
-    plain = config_to_dict(cfg)
-    del plain["distributed"]
-    return hashlib.sha256(_yaml(plain).encode()).hexdigest()
+    return plain_digests(config_to_dict(cfg))[0]
+
+
+def plain_digests(plain: dict[str, Any]) -> tuple[str, str]:
+    """:func:`config_digest` and :func:`training_digest` of a resolved config as a plain dict
+    (:func:`config_to_dict`'s, or a run's ``config.yaml`` as the version that wrote it resolved
+    it, read back with ``yaml.safe_load``). ``plain`` is not changed."""
+    plain = copy.deepcopy(plain)
+    plain.pop("distributed", None)
+    whole = hashlib.sha256(_yaml(plain).encode()).hexdigest()
+    plain.pop("budget", None)
+    for entry in plain.get("optimizers") or ():
+        if isinstance(entry, dict):
+            entry.pop("budget", None)
+            for phase in entry.get("phases") or ():
+                if isinstance(phase, dict):
+                    phase.pop("budget", None)
+    return whole, hashlib.sha256(_yaml(plain).encode()).hexdigest()
 
 
 def training_digest(cfg: ExperimentConfig) -> str:
@@ -380,10 +396,4 @@ def training_digest(cfg: ExperimentConfig) -> str:
     Two configs with equal training digests take the same steps; only when they stop differs,
     so a run may be resumed with a larger (or smaller) budget.
     """
-    plain = config_to_dict(cfg)
-    del plain["distributed"], plain["budget"]
-    for entry in plain["optimizers"]:
-        entry.pop("budget", None)
-        for phase in entry.get("phases", ()):
-            phase.pop("budget", None)
-    return hashlib.sha256(_yaml(plain).encode()).hexdigest()
+    return plain_digests(config_to_dict(cfg))[1]
