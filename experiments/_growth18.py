@@ -122,6 +122,35 @@ def main() -> None:
             print("\n".join(_curves_late.slice_rows(p)))
 
 
+def _kfac_like(task: sc.Task) -> tuple[torch.nn.Module, HessianFree]:
+    """A copy of the task's model and the λ ≥ 0.3 rows' optimizer on it (cg≤2, K-FAC rank 32
+    refresh 2)."""
+    m = copy.deepcopy(task.model)
+    opt = HessianFree(
+        m.parameters(),
+        cg_max_iter=2,
+        min_damping=0.3,
+        relative_min_damping=0.0,
+        precond=KFACPreconditioner(m, rank=32, refresh=2),
+    )
+    return m, opt
+
+
+def _step(task: sc.Task, m: torch.nn.Module, opt: HessianFree, idx: torch.Tensor, c: int) -> None:
+    """One HF step on the cases ``idx``, curvature on their first ``c``."""
+    xb, yb = task.x[idx], task.y[idx]
+
+    def f() -> tuple:
+        out = m(xb)
+        return task.loss(out, yb), out
+
+    def g() -> tuple:
+        out = m(xb[:c])
+        return task.loss(out, yb[:c]), out
+
+    opt.step(f, g)
+
+
 def transfer(checkpoints: list[int], sizes: list[int], draws: int = 3) -> None:
     """Where a 250-case step's gain goes. At the weights the fixed λ ≥ 0.3 row reaches after
     each of ``checkpoints`` steps (the scorecard's data order, on the step count, not the
@@ -133,35 +162,14 @@ def transfer(checkpoints: list[int], sizes: list[int], draws: int = 3) -> None:
     clock.
     """
     task = sc.make_curves_task(False)
-    m = copy.deepcopy(task.model)
-    opt = HessianFree(
-        m.parameters(),
-        cg_max_iter=2,
-        min_damping=0.3,
-        relative_min_damping=0.0,
-        precond=KFACPreconditioner(m, rank=32, refresh=2),
-    )
+    m, opt = _kfac_like(task)
     batches = sc._Batches(len(task.x), 250, task.x.device)
-
-    def closure(xb: torch.Tensor, yb: torch.Tensor, c: int):
-        def f() -> tuple:
-            out = m(xb)
-            return task.loss(out, yb), out
-
-        def g() -> tuple:
-            out = m(xb[:c])
-            return task.loss(out, yb[:c]), out
-
-        return f, g
-
     gen = torch.Generator().manual_seed(7)
     print("steps  full-loss  noise(250)  | per batch size: batch drop, full drop, transfer")
     done = 0
     for k in checkpoints:
         while done < k:
-            idx = batches.next()
-            f, g = closure(task.x[idx], task.y[idx], 62)
-            opt.step(f, g)
+            _step(task, m, opt, batches.next(), 62)
             done += 1
         with torch.no_grad():
             full0 = float(task.loss(m(task.x), task.y))
@@ -172,9 +180,7 @@ def transfer(checkpoints: list[int], sizes: list[int], draws: int = 3) -> None:
         for b in sizes:
             drops, fulls = [], []
             for _ in range(draws):
-                idx = torch.randperm(len(task.x), generator=gen)[:b]
-                f, g = closure(task.x[idx], task.y[idx], b // 4)
-                opt.step(f, g)
+                _step(task, m, opt, torch.randperm(len(task.x), generator=gen)[:b], b // 4)
                 info = opt.last_step
                 with torch.no_grad():
                     full1 = float(task.loss(m(task.x), task.y))
@@ -199,26 +205,8 @@ def window(
     ¼) instead of the fixed 250/62 row's.
     """
     task = sc.make_curves_task(False)
-    m = copy.deepcopy(task.model)
-    opt = HessianFree(
-        m.parameters(),
-        cg_max_iter=2,
-        min_damping=0.3,
-        relative_min_damping=0.0,
-        precond=KFACPreconditioner(m, rank=32, refresh=2),
-    )
+    m, opt = _kfac_like(task)
     batches = sc._Batches(len(task.x), 250, task.x.device, growth)
-
-    def step(xb: torch.Tensor, yb: torch.Tensor, c: int) -> None:
-        def f() -> tuple:
-            out = m(xb)
-            return task.loss(out, yb), out
-
-        def g() -> tuple:
-            out = m(xb[:c])
-            return task.loss(out, yb[:c]), out
-
-        opt.step(f, g)
 
     def set_loss() -> float:
         with torch.no_grad():
@@ -230,7 +218,7 @@ def window(
     for k in checkpoints:
         while done < k:
             idx = batches.next()
-            step(task.x[idx], task.y[idx], 62 if growth == 1.0 else round(len(idx) / 4))
+            _step(task, m, opt, idx, 62 if growth == 1.0 else round(len(idx) / 4))
             done += 1
         full0 = set_loss()
         saved = (copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()))
@@ -239,8 +227,7 @@ def window(
             runs, ones = [], []
             for _ in range(draws):
                 for j in range(n):
-                    idx = torch.randperm(len(task.x), generator=gen)[:b]
-                    step(task.x[idx], task.y[idx], b // 4)
+                    _step(task, m, opt, torch.randperm(len(task.x), generator=gen)[:b], b // 4)
                     if j == 0:
                         ones.append(full0 - set_loss())
                 runs.append(full0 - set_loss())
@@ -258,28 +245,11 @@ def fork(k: int, budget: float, sizes: list[int], slices: int = 6) -> None:
     continued (×1.0007 a step from its size at ``k``) and on fixed batches of ``sizes``.
     """
     task = sc.make_curves_task(False)
-    m = copy.deepcopy(task.model)
-    opt = HessianFree(
-        m.parameters(),
-        cg_max_iter=2,
-        min_damping=0.3,
-        relative_min_damping=0.0,
-        precond=KFACPreconditioner(m, rank=32, refresh=2),
-    )
+    m, opt = _kfac_like(task)
     batches = sc._Batches(len(task.x), 250, task.x.device, 1.0007)
     for _ in range(k):
         idx = batches.next()
-        xb, yb, c = task.x[idx], task.y[idx], round(len(idx) / 4)
-
-        def f(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> tuple:
-            out = m(xb)
-            return task.loss(out, yb), out
-
-        def g(xb: torch.Tensor = xb, yb: torch.Tensor = yb, c: int = c) -> tuple:
-            out = m(xb[:c])
-            return task.loss(out, yb[:c]), out
-
-        opt.step(f, g)
+        _step(task, m, opt, idx, round(len(idx) / 4))
     here = replace(task, model=m)
     row = dict(kw=variants()["geo"]["kw"], kfac=dict(rank=32, refresh=2), curvature_batch=0.25)
     size = round(batches.size)
