@@ -1556,7 +1556,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         except BaseException:
             if run.state["step"] == undo.step:  # raised before _finish: nothing was taken
                 undo.restore()
-                _restore_buffers(run.counter.buffers)  # BatchNorm's statistics, ...
+                _restore_buffers(run.counter)  # BatchNorm's statistics, ...
             raise
         finally:
             if run.counter.stream is not None:  # also on an error (_finish did it otherwise)
@@ -1684,7 +1684,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             run.damping = state["damping"] = floor
         if not math.isfinite(run.f0):
             # the call's buffer writes (BatchNorm's statistics) came from that batch: put back
-            _restore_buffers(run.counter.buffers)
+            _restore_buffers(run.counter)
             return self._reject(run, StepStatus.NON_FINITE_LOSS, "the loss")
         curvature = product = None
         with torch.enable_grad():  # the products differentiate graphs, whatever the caller's mode

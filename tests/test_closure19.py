@@ -1,0 +1,127 @@
+"""closure19: buffers a forward rebinds to a new tensor, a copied or loaded optimizer, and
+buffers written in special ways (experiments/README.md, "closure19")."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from hessfree import HessianFree
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared 2-core machine
+
+
+class _ReboundMean(torch.nn.Module):
+    """A running mean of the inputs kept by assigning a new tensor in the forward
+    (``self.mean = ...`` goes through ``Module.__setattr__`` into ``_buffers``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(5, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.mean = 0.9 * self.mean + 0.1 * x.detach().mean(0)
+        return x - self.mean
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        _ReboundMean(), torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    )
+    return net.double()
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64) + 0.5
+    return x, (x[:, 0] > 0.5).long() + (x[:, 1] > 0.5).long()
+
+
+def _one_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Oracle: the rebound buffer of a copy of the model after one training-mode forward."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin(x)
+    return twin[0].mean.clone()
+
+
+def _quiet_step(opt: HessianFree, closure) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the buffer-writer warning, tested elsewhere
+        opt.step(closure)
+
+
+def test_trial_calls_leave_a_rebound_buffer_as_the_steps_call_left_it():
+    # Fails on main: each trial call rebound the mean once more (the module kept the last
+    # trial's tensor). Oracle: a copy run forward once at the step's start (bitwise).
+    model = _model()
+    x, y = _data()
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    for _ in range(3):
+        oracle = _one_forward(model, x)
+        _quiet_step(opt, closure)
+        assert opt.last_step.closure_calls >= 3  # the step's call, f(θ0) as a trial, a trial
+        assert torch.equal(model[0].mean, oracle)
+        assert torch.equal(model[0].state_dict()["mean"], oracle)
+
+
+@pytest.mark.parametrize("fail_at", [1, 3], ids=["first_call_after_forward", "trial_call"])
+def test_step_that_raises_leaves_a_rebound_buffer_as_at_its_start(fail_at):
+    # Fails on main: the raised step kept its calls' rebinding. Oracle: the tensor (and its
+    # values) the module held at the step's start.
+    model = _model()
+    x, y = _data()
+    opt = HessianFree(model.parameters())
+    calls = [0]
+
+    def closure(fail: bool = False):
+        calls[0] += 1
+        out = model(x)
+        if fail and calls[0] == fail_at:
+            raise KeyboardInterrupt
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    _quiet_step(opt, closure)
+    start = model[0].mean
+    values = start.clone()
+    calls[0] = 0
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: closure(fail=True))
+    assert calls[0] == fail_at
+    assert model[0].mean is start and torch.equal(start, values)
+    # and a retried step moves it once, as one forward at the start would
+    oracle = _one_forward(model, x)
+    _quiet_step(opt, closure)
+    assert torch.equal(model[0].mean, oracle)
+
+
+def test_functional_call_keeps_its_own_tensor_and_the_module_its_buffer():
+    # Guard: torch.func.functional_call puts the caller's tensor in and the module's back
+    # itself (the forward's rebinding goes to the dict it was given, here a new one per
+    # call); neither the module's buffer nor the caller's tensor is touched.
+    model = _model()
+    x, y = _data()
+    opt = HessianFree(model.parameters())
+    own = model[0].mean
+    given = {"0.mean": torch.full((5,), 0.25, dtype=torch.float64)}
+
+    def closure():
+        params = dict(model.named_parameters())
+        out = functional_call(model, {**params, **given}, (x,))
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    for _ in range(2):
+        _quiet_step(opt, closure)
+    assert model[0].mean is own and torch.equal(own, torch.zeros(5, dtype=torch.float64))
+    assert torch.equal(given["0.mean"], torch.full((5,), 0.25, dtype=torch.float64))
