@@ -761,7 +761,10 @@ class _ClosureCalls:
     @property
     def _written_buffers(self) -> weakref.WeakKeyDictionary:
         """The buffers, by module, that graph-building calls have been seen to write
-        (:func:`_buffers_saved`); not copied with the optimizer (weak references)."""
+        (:func:`_buffers_saved`); not copied with the optimizer (weak references). A copy
+        learns them again in its first step's call at θ, before that step's trials, and saves
+        every buffer in that call as a new optimizer does (:meth:`_first_call`), so a raise
+        there puts them back ("closure19")."""
         return self.__dict__.setdefault("_buffers_written", weakref.WeakKeyDictionary())
 
     @property
@@ -964,6 +967,9 @@ class _ClosureCalls:
         later goes unseen).
         """
         watch = role not in self._watched
+        # a deep copy (or unpickled optimizer) has forgotten which buffers the forward writes
+        # (weak references) but not that its closure was watched: save them all once more
+        forgot = "_buffers_written" not in self.__dict__
         try:
             with (
                 _stochastic_modules() if watch else contextlib.nullcontext([]) as found,
@@ -975,7 +981,7 @@ class _ClosureCalls:
                     build_graph=True,
                     uses_backward=False,
                     moves_statistics=role == "closure",
-                    save_all_buffers=watch,
+                    save_all_buffers=watch or forgot,
                 )
         except RuntimeError as err:
             if _autograd_refused(err) and "does not require grad" in str(err):
@@ -1034,8 +1040,8 @@ class _ClosureCalls:
                     f"HessianFree: the {role}'s forward wrote the buffer(s) "
                     f"{', '.join(dict.fromkeys(written))}. They move once per step, in the "
                     "call at the current parameters; each trial evaluation (backtracking, the "
-                    "line search, rho) starts from them and leaves them as they were (if "
-                    "written in place), but updates them once more for its own loss, so the "
+                    "line search, rho) starts from them and leaves them as they were, but "
+                    "updates them once more for its own loss, so the "
                     "trials are not the function the step's gradient and curvature come from, "
                     "and each step makes one extra closure call to measure f(theta) as the "
                     "trials see it. Updating them once per step outside the closure is exact "

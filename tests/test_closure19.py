@@ -125,3 +125,58 @@ def test_functional_call_keeps_its_own_tensor_and_the_module_its_buffer():
         _quiet_step(opt, closure)
     assert model[0].mean is own and torch.equal(own, torch.zeros(5, dtype=torch.float64))
     assert torch.equal(given["0.mean"], torch.full((5,), 0.25, dtype=torch.float64))
+
+
+class _InPlaceMean(_ReboundMean):
+    """The same running mean, updated in place (unseen14's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return x - self.mean
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "load_state_dict"])
+@pytest.mark.parametrize("writer", [_InPlaceMean, _ReboundMean], ids=["in_place", "rebound"])
+def test_copied_optimizer_puts_buffers_back_when_its_first_step_raises(writer, how):
+    # Fails on main for deepcopy (in_place; rebound fails for either way of copying): a deep
+    # copy of the optimizer forgets which buffers the forward writes (weak references, not
+    # copied) but remembers that its closure was watched, so its first step saved none of
+    # them and a raise kept the step's update. A loaded optimizer is new and saves them all
+    # (guard). Oracle: the copied model's buffer at the step's start; then the original.
+    model = _model()
+    model[0] = writer().double()
+    x, y = _data()
+    opt = HessianFree(model.parameters())
+
+    def closure_of(net, fail=None):
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            out = net(x)
+            if calls[0] == fail:
+                raise KeyboardInterrupt
+            return torch.nn.functional.cross_entropy(out, y), out
+
+        return closure
+
+    _quiet_step(opt, closure_of(model))
+    if how == "deepcopy":
+        twin, twin_opt = copy.deepcopy((model, opt))
+    else:
+        twin = copy.deepcopy(model)
+        twin_opt = HessianFree(twin.parameters())
+        twin_opt.load_state_dict(opt.state_dict())
+    start = twin[0].mean.clone()
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a loaded optimizer warns again
+        twin_opt.step(closure_of(twin, fail=3))  # a trial call
+    assert torch.equal(twin[0].mean, start)
+    # the copy then steps as the original does from the same point (bitwise)
+    _quiet_step(twin_opt, closure_of(twin))
+    _quiet_step(opt, closure_of(model))
+    assert torch.equal(twin[0].mean, model[0].mean)
+    for p, q in zip(twin.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
