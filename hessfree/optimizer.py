@@ -1754,7 +1754,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
             run.f_base = f_base if math.isfinite(f_base) else run.f0
             self._observe_mask_noise(state, run)
-        elif wrote:
+        elif wrote and self._baseline_skips == 0:
             # the trials start from the buffers this step's call wrote, and update them once
             # more (kept, _running_statistics_kept): f(θ0) as they see it is their baseline
             loss = self._call(
@@ -1762,6 +1762,11 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             ).loss
             f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
             run.f_base = f_base if math.isfinite(f_base) else run.f0
+            # the same number (a step counter the loss does not read): skip it for a while
+            same = run.f_base == run.f0
+            self._baseline_skips = self._baseline_recheck - 1 if same else 0
+        elif wrote:  # f(θ0) as the trials see it was the step's own lately: that is f_base
+            self._baseline_skips -= 1
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
         result = self._solve(curvature, product, evaluation, g, run, closure)
         if (
@@ -2315,6 +2320,12 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
     #: re-evaluated as a trial where the step's call wrote such buffers
     _keep_trial_buffers = True
     _trial_baseline = True
+
+    #: buffers written: where that extra f(θ0) equalled the step's own f(θ0) bitwise (the
+    #: writes do not reach the loss: a forward counter), the next steps skip it, and every
+    #: ``_baseline_recheck``-th step measures it again ("closure19"); steps left to skip
+    _baseline_recheck = 10
+    _baseline_skips = 0
 
     #: replay_rng: hold λ on a poor step within the mask noise (a class attribute so that
     #: experiments can compare against replay without it, "dropdefault").

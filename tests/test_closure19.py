@@ -180,3 +180,73 @@ def test_copied_optimizer_puts_buffers_back_when_its_first_step_raises(writer, h
     assert torch.equal(twin[0].mean, model[0].mean)
     for p, q in zip(twin.parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+class _Counter(torch.nn.Module):
+    """A forward counter the loss never reads (``self.count += 1``: in place, then
+    ``__setattr__`` with the same tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.count += 1
+        return x
+
+
+class _Once(torch.nn.Module):
+    """Input scaling set from the first batch it sees, then never written again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(5, dtype=torch.float64))
+        self.register_buffer("ready", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.ready:
+            with torch.no_grad():
+                self.scale.copy_(x.std(0))
+                self.ready.fill_(True)
+        return x / self.scale
+
+
+def _trajectory(first: torch.nn.Module, steps: int) -> tuple[list[int], torch.Tensor]:
+    model = _model()
+    model[0] = first
+    x, y = _data()
+    opt = HessianFree(model.parameters())
+
+    def closure():
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out, y), out
+
+    calls = []
+    for _ in range(steps):
+        _quiet_step(opt, closure)
+        calls.append(opt.last_step.closure_calls)
+    return calls, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_counter_the_loss_never_reads_costs_the_extra_call_only_when_rechecked():
+    # Fails on main: every step made one extra f(θ0) call (13 steps: 13 extra calls). Oracle:
+    # the same model without the counter (bitwise the same parameters); the extra call now
+    # comes at step 0 and at each 10th step after (where it is measured again).
+    counted, theta = _trajectory(_Counter(), 13)
+    plain, oracle = _trajectory(torch.nn.Identity(), 13)
+    assert torch.equal(theta, oracle)
+    extra = [a - b for a, b in zip(counted, plain, strict=True)]
+    assert extra == [1] + [0] * 9 + [1, 0, 0]
+
+
+def test_buffer_written_once_costs_one_extra_call_and_no_other_change():
+    # Guard: written at the first call only, the buffer is learned at step 0 and forgotten at
+    # step 1. Oracle: the same model with the buffer set by one forward before the optimizer.
+    once, theta = _trajectory(_Once().double(), 6)
+    ready = _Once().double()
+    with torch.no_grad():
+        ready(_data()[0])
+    preset, oracle = _trajectory(ready, 6)
+    assert torch.equal(theta, oracle)
+    assert [a - b for a, b in zip(once, preset, strict=True)] == [1, 0, 0, 0, 0, 0]
