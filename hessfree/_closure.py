@@ -385,7 +385,8 @@ def _buffers_saved(
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
-        yield
+        with _rebinding_seen(owner) as assigned:
+            yield
     finally:
         handle.remove()
         # what this call wrote is what the next trial calls keep (a module since put in eval
@@ -396,19 +397,53 @@ def _buffers_saved(
                 if now is not before or now._version != version:
                     learned.setdefault(module, set()).add(name)
                     counter.writes_buffers = True
+                    if now is not before and _rebound(module, name, now, assigned):
+                        counter.rebound.append((module, name, before, now))
                 elif name in learned.get(module, ()):
                     learned[module].discard(name)
 
 
-def _restore_buffers(saved: list[tuple[Tensor, Tensor, int | None]]) -> None:
+@contextlib.contextmanager
+def _rebinding_seen(owner: int) -> Iterator[dict[tuple[int, str], Tensor]]:
+    """Record, by ``(id(module), name)``, the tensor last assigned to a module's buffer
+    through ``Module.__setattr__`` (``self.avg = 0.9 * self.avg + ...``) or
+    ``register_buffer`` by thread ``owner`` inside the block.
+
+    What tells a forward's rebinding from ``torch.func.functional_call``'s: that puts its
+    tensors in and the module's back by writing ``_buffers`` directly, without the buffer
+    registration hooks, so a buffer it restored was not assigned here."""
+    assigned: dict[tuple[int, str], Tensor] = {}
+
+    def hook(module: torch.nn.Module, name: str, tensor: Tensor | None) -> None:
+        if tensor is not None and threading.get_ident() == owner:
+            assigned[(id(module), name)] = tensor
+
+    handle = torch.nn.modules.module.register_module_buffer_registration_hook(hook)
+    try:
+        yield assigned
+    finally:
+        handle.remove()
+
+
+def _rebound(module: torch.nn.Module, name: str, now: Tensor | None, assigned: Mapping) -> bool:
+    """Whether ``module``'s buffer ``name`` holds ``now`` because the block's forward assigned
+    it (:func:`_rebinding_seen`), rather than ``functional_call`` putting its tensor back."""
+    return now is not None and assigned.get((id(module), name)) is now
+
+
+def _restore_buffers(counter: _Counter) -> None:
     """Write the values :func:`_buffers_saved` saved back into the buffers written since (a
     moved version; BatchNorm's always), in place: the module, its ``state_dict`` and a
-    data-parallel wrapper keep the same tensors. A forward that rebound its buffer to a new
-    tensor is not undone."""
+    data-parallel wrapper keep the same tensors. A buffer the forward rebound to a new tensor
+    (``self.avg = ...``) gets the tensor it held before the call back, where the module still
+    holds the call's ("closure19"; before, it kept the raised step's update)."""
     with torch.no_grad():
-        for buffer, copy, version in reversed(saved):
+        for buffer, copy, version in reversed(counter.buffers):
             if version is None or buffer._version != version:
                 buffer.copy_(copy)
+    for module, name, before, now in reversed(counter.rebound):
+        if module._buffers.get(name) is now:
+            setattr(module, name, before)
 
 
 @contextlib.contextmanager
@@ -433,7 +468,9 @@ def _running_statistics_kept(learned: Mapping | None = None) -> Iterator[None]:
     running average updated in place): each trial call then starts from the buffers of the
     step's call at θ, so the trials are one function of the parameters, as the curvature
     products (one graph) are. Before, each trial advanced them ("unseen14", "unseen18"). A
-    forward that rebinds its buffer to a new tensor (``self.avg = ...``) is not undone.
+    forward that rebinds its buffer to a new tensor (``self.avg = ...``) gets the step's
+    call's tensor back at the end (:func:`_rebinding_seen`; before, the module kept the last
+    trial's, "closure19").
     """
     owner = threading.get_ident()
     kept: dict[int, tuple[torch.nn.Module, list[tuple[str, Tensor, Tensor]]]] = {}
@@ -456,13 +493,16 @@ def _running_statistics_kept(learned: Mapping | None = None) -> Iterator[None]:
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
-        yield
+        with _rebinding_seen(owner) as assigned:
+            yield
     finally:
         handle.remove()
         for module, swapped in kept.values():
             for name, buffer, clone in swapped:
-                # only our clone: torch.func.functional_call puts its own tensors back itself
-                if getattr(module, name) is clone:
+                # our clone, or a tensor the forward assigned: torch.func.functional_call puts
+                # its own tensors back itself
+                now = getattr(module, name)
+                if now is clone or _rebound(module, name, now, assigned):
                     setattr(module, name, buffer)
 
 
@@ -721,7 +761,10 @@ class _ClosureCalls:
     @property
     def _written_buffers(self) -> weakref.WeakKeyDictionary:
         """The buffers, by module, that graph-building calls have been seen to write
-        (:func:`_buffers_saved`); not copied with the optimizer (weak references)."""
+        (:func:`_buffers_saved`); not copied with the optimizer (weak references). A copy
+        learns them again in its first step's call at θ, before that step's trials, and saves
+        every buffer in that call as a new optimizer does (:meth:`_first_call`), so a raise
+        there puts them back ("closure19")."""
         return self.__dict__.setdefault("_buffers_written", weakref.WeakKeyDictionary())
 
     @property
@@ -924,6 +967,9 @@ class _ClosureCalls:
         later goes unseen).
         """
         watch = role not in self._watched
+        # a deep copy (or unpickled optimizer) has forgotten which buffers the forward writes
+        # (weak references) but not that its closure was watched: save them all once more
+        forgot = "_buffers_written" not in self.__dict__
         try:
             with (
                 _stochastic_modules() if watch else contextlib.nullcontext([]) as found,
@@ -935,7 +981,7 @@ class _ClosureCalls:
                     build_graph=True,
                     uses_backward=False,
                     moves_statistics=role == "closure",
-                    save_all_buffers=watch,
+                    save_all_buffers=watch or forgot,
                 )
         except RuntimeError as err:
             if _autograd_refused(err) and "does not require grad" in str(err):
@@ -994,8 +1040,8 @@ class _ClosureCalls:
                     f"HessianFree: the {role}'s forward wrote the buffer(s) "
                     f"{', '.join(dict.fromkeys(written))}. They move once per step, in the "
                     "call at the current parameters; each trial evaluation (backtracking, the "
-                    "line search, rho) starts from them and leaves them as they were (if "
-                    "written in place), but updates them once more for its own loss, so the "
+                    "line search, rho) starts from them and leaves them as they were, but "
+                    "updates them once more for its own loss, so the "
                     "trials are not the function the step's gradient and curvature come from, "
                     "and each step makes one extra closure call to measure f(theta) as the "
                     "trials see it. Updating them once per step outside the closure is exact "

@@ -195,6 +195,8 @@ class _Counter:
     # raises puts them back; _closure._buffers_saved)
     buffers: list[tuple[Tensor, Tensor, int | None]] = field(default_factory=list)  # version
     writes_buffers: bool = False  # ... among them buffers other than BatchNorm's statistics
+    # (module, name, before, now): buffers that call rebound to a new tensor (self.avg = ...)
+    rebound: list[tuple[torch.nn.Module, str, Tensor, Tensor]] = field(default_factory=list)
 
 
 @dataclass

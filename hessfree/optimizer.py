@@ -100,8 +100,11 @@ of each closure is watched for such modules and a warning says so once, as the S
 refuse them. BatchNorm's running statistics move once per step, in the closure's call at
 :math:`\theta`: trial evaluations and a ``curvature_closure`` leave them as they found them,
 and a step that raises, or whose loss at :math:`\theta` is not finite, puts that call's update
-back; other buffers a forward writes in place (``spectral_norm``'s power iteration) likewise,
-with :math:`f(\theta)` measured once more as the trials see it (warned). Under
+back; other buffers a forward writes (``spectral_norm``'s power iteration in place, a running
+average rebound as ``self.avg = ...``) likewise, with :math:`f(\theta)` measured once more as
+the trials see it (warned). Which buffers those are is learned from each step's call at
+:math:`\theta`, by weak reference: a copy or a loaded optimizer learns them again in its first
+step's call, before that step's trials. Under
 ``replay_rng=True`` (the default) the model calls share one random draw and the trials another
 (:mod:`hessfree._rng`), and Dropout alone is not warned about.
 
@@ -1556,7 +1559,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         except BaseException:
             if run.state["step"] == undo.step:  # raised before _finish: nothing was taken
                 undo.restore()
-                _restore_buffers(run.counter.buffers)  # BatchNorm's statistics, ...
+                _restore_buffers(run.counter)  # BatchNorm's statistics, ...
             raise
         finally:
             if run.counter.stream is not None:  # also on an error (_finish did it otherwise)
@@ -1684,7 +1687,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             run.damping = state["damping"] = floor
         if not math.isfinite(run.f0):
             # the call's buffer writes (BatchNorm's statistics) came from that batch: put back
-            _restore_buffers(run.counter.buffers)
+            _restore_buffers(run.counter)
             return self._reject(run, StepStatus.NON_FINITE_LOSS, "the loss")
         curvature = product = None
         with torch.enable_grad():  # the products differentiate graphs, whatever the caller's mode
@@ -1751,7 +1754,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
             run.f_base = f_base if math.isfinite(f_base) else run.f0
             self._observe_mask_noise(state, run)
-        elif wrote:
+        elif wrote and self._baseline_skips == 0:
             # the trials start from the buffers this step's call wrote, and update them once
             # more (kept, _running_statistics_kept): f(θ0) as they see it is their baseline
             loss = self._call(
@@ -1759,6 +1762,11 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             ).loss
             f_base = self._avg.mean_scalar(float(loss), loss) + self._l2(params, run.l2)
             run.f_base = f_base if math.isfinite(f_base) else run.f0
+            # the same number (a step counter the loss does not read): skip it for a while
+            same = run.f_base == run.f0
+            self._baseline_skips = self._baseline_recheck - 1 if same else 0
+        elif wrote:  # f(θ0) as the trials see it was the step's own lately: that is f_base
+            self._baseline_skips -= 1
         # ---- 2. solve: CG on (C + κ + λ) p = -g from the decayed previous solution ----
         result = self._solve(curvature, product, evaluation, g, run, closure)
         if (
@@ -2312,6 +2320,12 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
     #: re-evaluated as a trial where the step's call wrote such buffers
     _keep_trial_buffers = True
     _trial_baseline = True
+
+    #: buffers written: where that extra f(θ0) equalled the step's own f(θ0) bitwise (the
+    #: writes do not reach the loss: a forward counter), the next steps skip it, and every
+    #: ``_baseline_recheck``-th step measures it again ("closure19"); steps left to skip
+    _baseline_recheck = 10
+    _baseline_skips = 0
 
     #: replay_rng: hold λ on a poor step within the mask noise (a class attribute so that
     #: experiments can compare against replay without it, "dropdefault").
