@@ -7,9 +7,11 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 import yaml
 from test_train_robust import refused, write_tiny
 
+import hessfree
 from hessfree.train.cli import main
 
 
@@ -32,3 +34,37 @@ def test_readme19_octal_refusal_offers_only_values_the_loader_accepts(
         assert f"seed: {int(value)}\n" in capsys.readouterr().out
         config.write_text(config.read_text().replace(f"seed: {value}", f"seed: {written}"))
     assert str(octal) in offered[0]
+
+
+def _residual_closure():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, xb = torch.rand(20, 2), torch.rand(8, 2)
+
+    def closure():
+        r_interior, r_boundary = net(x).squeeze(1) - 1.0, net(xb).squeeze(1)
+        return (r_interior**2).mean() + (r_boundary**2).mean(), (r_interior, r_boundary)
+
+    return net, closure
+
+
+def test_readme19_residual_blocks_refuse_a_users_preconditioner_by_its_own_name(one_thread):
+    """README ("Physics-informed networks"): with residual blocks CG needs a preconditioner, and
+    the default precond='auto' gives a Nystrom sketch. A user's callable preconditioner was
+    refused as "The diagonal empirical-Fisher preconditioner", and every refusal told the user
+    to drop preconditioning (precond=None) (fails on main). Now it names the callable, offers
+    'auto', and 'auto' trains the same closure (oracle: the step's own status)."""
+    net, closure = _residual_closure()
+
+    def identity_precond(context):
+        return lambda r: r
+
+    opt = hessfree.HessianFree(net.parameters(), precond=identity_precond)
+    with pytest.raises(ValueError, match="residual blocks") as refusal:
+        opt.step(closure)
+    message = str(refusal.value)
+    assert "identity_precond" in message and "empirical-Fisher" not in message, message
+    assert "precond='auto'" in message and "needs_outputs = False" in message
+    opt = hessfree.HessianFree(net.parameters(), precond="auto")
+    opt.step(closure)
+    assert opt.last_step.status == "accepted"
