@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -68,3 +69,44 @@ def test_readme19_residual_blocks_refuse_a_users_preconditioner_by_its_own_name(
     opt = hessfree.HessianFree(net.parameters(), precond="auto")
     opt.step(closure)
     assert opt.last_step.status == "accepted"
+
+
+def test_readme19_a_batch_of_several_inputs_reaches_forward_u_v_as_readme_says(one_thread):
+    """README ("Curvature products and SciPy operators"): a batch `((u, v), y)` is passed whole
+    as the model's one argument, so a `forward(u, v)` takes `lambda a: model(*a)` with
+    `params=hessfree.trainable(model)`. The README had said only that a batch may hold a tuple
+    of inputs "for a model of several inputs", which `forward(u, v)` refuses (the text was
+    fixed; this test is a guard, passing on main). Oracle: the dense float64 Gauss-Newton
+    matrix 2/(NK) JᵀJ of the mean squared error, J by torch.autograd.functional.jacobian."""
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)
+
+        def forward(self, u, v):
+            return torch.tanh(self.a(u)) * self.b(v)
+
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    u, v, y = torch.randn(6, 3).double(), torch.randn(6, 4).double(), torch.randn(6, 2).double()
+    with pytest.raises(TypeError, match="not unpacked"):
+        hessfree.GGNLinearOperator(model, torch.nn.MSELoss(), ((u, v), y))
+    params = hessfree.trainable(model)
+    G = hessfree.GGNLinearOperator(
+        lambda a: model(*a), torch.nn.MSELoss(), ((u, v), y), params=params
+    )
+    dense = G @ np.eye(G.shape[0])
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in params]
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def outputs(t):
+        tensors, i = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            tensors[name] = t[i : i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        return torch.func.functional_call(model, tensors, (u, v)).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(outputs, theta).numpy()
+    np.testing.assert_allclose(dense, 2 / J.shape[0] * J.T @ J, rtol=1e-10, atol=1e-12)
