@@ -392,11 +392,16 @@ class _PreconditionerChoice:
                 "PrecondContext.curvature and .gradient instead, or pass precond=None."
             )
         if isinstance(evaluation.outputs, tuple):
+            callable_fix = (
+                ", or give the callable a `needs_outputs = False` attribute"
+                if what not in (fisher, "K-FAC")
+                else ""
+            )
             raise ValueError(
-                f"{what if isinstance(precond, KFACPreconditioner) else fisher} needs one "
-                "outputs tensor with "
-                "examples along dimension 0, but the closure returned residual blocks "
-                "(loss, (r_1, ..., r_K)); pass precond=None."
+                f"{what} needs one outputs tensor with examples along dimension 0, but the "
+                "closure returned residual blocks (loss, (r_1, ..., r_K)); pass precond='auto' "
+                "(the default: a Nystrom sketch of the Gauss-Newton matrix for residual blocks) "
+                f"or precond=None{callable_fix}."
             )
         if product is not None and product.jacobian is not None:
             jac, go = product.jacobian, product.output_grad

@@ -74,11 +74,11 @@ class _Yaml11Number:
                 f"'{self.text}'; write the number you mean (e.g. {self.value!r}) or {quoted}."
             )
         decimal = int(self.text.replace("_", ""), 10)
-        sign = "-" if self.text.startswith("-") else ""
+        # not 0o17 for the octal reading: that is text to YAML 1.1, and refused as such
         return (
             f"`{path}` = {self.text} is read by YAML 1.1 (PyYAML, this loader) as {self.value} "
             f"(a leading 0 means octal) and by YAML 1.2 as {decimal}; write {decimal} without "
-            f"the leading 0 (or {sign}0o{self.text.lstrip('+-0_')} for octal), or {quoted}."
+            f"the leading 0 (or {self.value} for the octal value), or {quoted}."
         )
 
 
