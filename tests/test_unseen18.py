@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from test_unseen14 import _RunningMean  # a user's running mean, updated in place
 
 from hessfree import HessianFree
 
@@ -150,20 +151,6 @@ def test_non_finite_batch_leaves_batchnorm_statistics_finite():
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
-
-
-class _RunningMean(torch.nn.Module):
-    """A user's running mean of its inputs, updated in place in the forward (unseen14's)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(5, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
-        return x - self.mean
 
 
 def _writer(kind: str) -> torch.nn.Module:
