@@ -74,6 +74,11 @@ def variants() -> dict[str, dict]:
         ),
         "geo.15-1000": k
         | dict(growth=1.0015, curvature_batch=0.25, kw=floor, max_batch=1000, hold=10**9),
+        # λ's floor 0.3 × 250 / batch: a larger batch's steps may fit it more (stop 48's
+        # forks: from the geometric row's step 500, a fixed 1,000 batch at λ ≥ 0.03 reached
+        # 3.12 in 40 s, at λ ≥ 0.3 6.44, the geometric row 5.32)
+        "geo-lam/b": k | dict(growth=1.0007, curvature_batch=0.25, kw=floor, floor_cases=75.0),
+        "geo.15-lam/b": k | dict(growth=1.0015, curvature_batch=0.25, kw=floor, floor_cases=75.0),
         # the fixed row run30 tuned (no growth)
         "fixed": k | dict(curvature_batch=62, kw=floor),
     }
@@ -238,11 +243,12 @@ def window(
         print(" ".join(cells), flush=True)
 
 
-def fork(k: int, budget: float, sizes: list[int], slices: int = 6) -> None:
+def fork(k: int, budget: float, sizes: list[tuple[int, float]], slices: int = 6) -> None:
     """A longer horizon than :func:`window`: the geometric row's weights after ``k`` steps,
     then, interleaved for ``budget`` seconds each, fresh optimizers of that row's settings
     (K-FAC rank 32 refresh 2, cg≤2, λ ≥ 0.3, curvature ¼) on the geometric row's batch
-    continued (×1.0007 a step from its size at ``k``) and on fixed batches of ``sizes``.
+    continued (×1.0007 a step from its size at ``k``) and on fixed batches of ``sizes``
+    (``(cases, λ floor)`` pairs: the floor of the larger batch's steps may be lower).
     """
     task = sc.make_curves_task(False)
     m, opt = _kfac_like(task)
@@ -254,10 +260,10 @@ def fork(k: int, budget: float, sizes: list[int], slices: int = 6) -> None:
     row = dict(kw=variants()["geo"]["kw"], kfac=dict(rank=32, refresh=2), curvature_batch=0.25)
     size = round(batches.size)
     runs = [sc.hf_run(here, f"geo from {size}", "HF", row | dict(batch=size, growth=1.0007))]
-    runs += [
-        sc.hf_run(here, f"fixed {b}", "HF", row | dict(batch=b, curvature_batch=b // 4))
-        for b in sizes
-    ]
+    for b, floor in sizes:
+        kw = row["kw"] | dict(min_damping=floor)
+        name = f"fixed {b}, λ≥{floor:g}"
+        runs.append(sc.hf_run(here, name, "HF", row | dict(batch=b, curvature_batch=b // 4, kw=kw)))
     print(f"k {k}: batch {size}, load {os.getloadavg()}", flush=True)
     sc.interleave(runs, here, budget, slices, "cpu")
     for r in runs:
@@ -276,7 +282,11 @@ if __name__ == "__main__":
         window([int(k) for k in sys.argv[2].split(",")], pairs, growth=grow)
     elif sys.argv[1] == "fork":
         torch.set_num_threads(1)
-        sizes = [int(b) for b in sys.argv[4].split(",")]
+        # "1000" or "1000@0.1" (a λ floor of 0.1 instead of 0.3)
+        sizes = [
+            (int(b.split("@")[0]), float(b.split("@")[1]) if "@" in b else 0.3)
+            for b in sys.argv[4].split(",")
+        ]
         for k in sys.argv[2].split(","):
             fork(int(k), float(sys.argv[3]), sizes)
     else:

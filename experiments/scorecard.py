@@ -287,6 +287,20 @@ def make_curves_task(quick: bool) -> Task:
             kw=dict(cg_max_iter=2, min_damping=0.3, relative_min_damping=0.0),
             kfac=dict(rank=32, refresh=2),
         )
+        # its λ floor falling as the batch grows, 0.3 × 250 / batch (`floor_cases` = 75), and
+        # the growth doubled: the 0.3 floor capped what a larger batch's steps could do. From
+        # the growing row's step 500, 40 s each, a fixed 1,000 batch reached 6.44 at λ ≥ 0.3,
+        # 4.69 at 0.1, 3.12 at 0.03 (the growing row 5.32); quiet race, 90 s: this row 2.86,
+        # the same floor at 0.07 % 3.42, the row above 4.29, Adam b 20 4.57
+        # (experiments/README.md, "lead, stop 48")
+        hf["250×1.0015/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥75/batch"] = dict(
+            batch=250,
+            growth=1.0015,
+            curvature_batch=0.25,
+            kw=dict(cg_max_iter=2, min_damping=0.3, relative_min_damping=0.0),
+            kfac=dict(rank=32, refresh=2),
+            floor_cases=75.0,
+        )
         # no arguments at 500/125: since precond='auto' gives K-FAC to (loss, outputs) closures,
         # this is auto K-FAC with cg_max_iter='auto' (2 on its stochastic steps), not cg≤250;
         # the rows above without a K-FAC entry get auto K-FAC too, under their own CG cap
@@ -758,6 +772,8 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
             full_steps[0] += idx is None
             for key, value in early.items():
                 opt.param_groups[0][key] = value if idx is not None else later[key]
+            if "floor_cases" in regime:  # λ's floor falls as the batch grows: c / batch
+                opt.param_groups[0]["min_damping"] = regime["floor_cases"] / len(xb)
             c = min(_curvature_size(regime, len(xb), len(task.x), full_steps[0]), len(xb))
             curvature = None if c >= len(xb) else (lambda: forward(xb[:c], yb[:c]))
             if idx is None and curvature is not None and "full_curvature_batch" in regime:
@@ -1052,10 +1068,13 @@ def _regime_text(regime: dict) -> str:
         )
         early = ", ".join(f"{k}={v}" for k, v in regime.get("early_kw", {}).items())
         early = f"; {early} until the batch is full" if early else ""
+        floor = (
+            f"; λ floored at {regime['floor_cases']:g} / batch" if "floor_cases" in regime else ""
+        )
         return (
             f"batch {regime['batch']} growing ×{regime['growth']:g} per step to the full set"
             f"{held}, curvature batch {regime['curvature_batch']:g} of it {until}, then all; "
-            f"{kw}{early}"
+            f"{kw}{early}{floor}"
         )
     if "norm_test" in regime:
         t = regime["norm_test"]

@@ -556,3 +556,23 @@ def test_transfer_test_grows_a_batch_that_its_steps_overfit_and_not_one_they_do_
     assert over[-1] == over[-2] >= 40.0  # grown, then held
     assert over == sorted(over)  # never shrinks
     assert _transfer_sizes(2, 100, 1) == [100.0]
+
+
+def test_floor_cases_sets_lambdas_floor_to_c_over_each_steps_batch():
+    # closed form: the step on b cases runs with min_damping = floor_cases / b, the batch
+    # growing geometrically (the seen batch sizes read off the forward pre-hook)
+    task, model = _linear_task(400, 3, seed=4)
+    task.model, task.hidden = model, False
+    regime = dict(batch=20, growth=1.5, curvature_batch=0.25, kw={}, floor_cases=6.0)
+    run = scorecard.hf_run(task, "floor", "HF", regime)
+    cells = {type(c.cell_contents).__name__: c.cell_contents for c in run.step.__closure__}
+    opt = cells["HessianFree"]
+    sizes: list[int] = []
+    lin = next(m for m in run.model.modules() if isinstance(m, torch.nn.Linear))
+    lin.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+    for k in range(4):
+        sizes.clear()
+        run.step()
+        b = max(sizes)  # the gradient batch (the curvature batch is a quarter of it)
+        assert b == math.floor(20 * 1.5**k + 1e-9)
+        assert opt.param_groups[0]["min_damping"] == pytest.approx(6.0 / b, rel=1e-15)
