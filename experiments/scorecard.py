@@ -280,26 +280,22 @@ def make_curves_task(quick: bool) -> Task:
         # Adam). Quiet, interleaved, 90 s (experiments/README.md, "lead, stop 47"): 4.75
         # against Adam b 20's 5.65 and the fixed row's 6.18; growth 0.15 % a step 6.10, a fixed
         # 500/125 5.48 against Adam's 5.10 in another run, λ ≥ 1 and ≥ 3 worse
-        hf["250×1.0007/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥0.3"] = dict(
+        growing = dict(
             batch=250,
             growth=1.0007,
             curvature_batch=0.25,
             kw=dict(cg_max_iter=2, min_damping=0.3, relative_min_damping=0.0),
             kfac=dict(rank=32, refresh=2),
         )
+        hf["250×1.0007/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥0.3"] = growing
         # its λ floor falling as the batch grows, 0.3 × 250 / batch (`floor_cases` = 75), and
         # the growth doubled: the 0.3 floor capped what a larger batch's steps could do. From
         # the growing row's step 500, 40 s each, a fixed 1,000 batch reached 6.44 at λ ≥ 0.3,
         # 4.69 at 0.1, 3.12 at 0.03 (the growing row 5.32); quiet race, 90 s: this row 2.86,
         # the same floor at 0.07 % 3.42, the row above 4.29, Adam b 20 4.57
         # (experiments/README.md, "lead, stop 48")
-        hf["250×1.0015/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥75/batch"] = dict(
-            batch=250,
-            growth=1.0015,
-            curvature_batch=0.25,
-            kw=dict(cg_max_iter=2, min_damping=0.3, relative_min_damping=0.0),
-            kfac=dict(rank=32, refresh=2),
-            floor_cases=75.0,
+        hf["250×1.0015/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥75/batch"] = (
+            growing | dict(growth=1.0015, floor_cases=75.0)
         )
         # no arguments at 500/125: since precond='auto' gives K-FAC to (loss, outputs) closures,
         # this is auto K-FAC with cg_max_iter='auto' (2 on its stochastic steps), not cg≤250;
