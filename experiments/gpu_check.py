@@ -18,7 +18,9 @@ Three parts, each time-boxed so that a hang in one cannot spend the lease:
    interleaved in slices: Adam and SGD-momentum over learning rate and batch size (large
    batches: on the GPU a step costs the same at 5,000 cases as at 20), HF at its defaults and
    with replayed products. A short budget (``--race-seconds``,
-   45 by default): the issue's 100 s and 300 s do not fit one lease with a sweep.
+   45 by default): the issue's 100 s and 300 s do not fit one lease with a sweep. For the
+   100-s target in one call, ``--parts race --race-seconds 100 --race-rows target`` races
+   the first check's best Adam and SGD-momentum against the CPU's two best HF rows (~7 min).
 
 It writes ``<date>-<gpu>-gpu-check.md`` and a JSON of every number to ``--out``. On a CPU it
 runs too (``--device cpu --quick``: the same code on small sizes, to test the script here
@@ -195,7 +197,30 @@ def steps(device: str, n: int, c: int, count: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------- 3. race
-def race(device: str, n: int, seconds: float, slices: int) -> dict:
+#: ``--race-rows target``: the issue's GPU target at 100 s in one call (600 s at most): the
+#: first check's best Adam and SGD-momentum and the CPU's two best HF rows, 4 x 100 s
+TARGET_ROWS = (
+    "Adam lr=0.003 b=1000",
+    "SGD-m lr=0.01 b=1000",
+    "×1.0007/step",
+    "×1.0015/step",
+)
+
+
+def pick_rows(runs: list, rows: str) -> list:
+    """The race's runs named by ``rows``: 'all', 'target' (:data:`TARGET_ROWS`) or a
+    comma-separated list of parts of names; each part must be in some run's name."""
+    if rows == "all":
+        return runs
+    prefixes = TARGET_ROWS if rows == "target" else tuple(p.strip() for p in rows.split(","))
+    missing = [p for p in prefixes if not any(p in r.name for r in runs)]
+    if missing:
+        names = "; ".join(r.name for r in runs)
+        raise SystemExit(f"--race-rows: no race run's name holds {missing}; the runs are: {names}")
+    return [r for r in runs if any(p in r.name for p in prefixes)]
+
+
+def race(device: str, n: int, seconds: float, slices: int, rows: str = "all") -> dict:
     model, x, flat = curves(n, device)
 
     @torch.no_grad()
@@ -251,7 +276,13 @@ def race(device: str, n: int, seconds: float, slices: int) -> dict:
     hf[f"HF {b}×1.0007/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥0.3"] = kfac_like | dict(
         batch=b, growth=1.0007
     )
+    # stop 48's CPU row: 0.15 % a step with λ's floor falling as the batch grows, 0.3 at the
+    # first batch (on the CPU 75 / batch from 250 cases; here 0.3·b / batch from b cases)
+    hf[f"HF {b}×1.0015/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥{0.3 * b:g}/batch"] = (
+        kfac_like | dict(batch=b, growth=1.0015, floor_cases=0.3 * b)
+    )
     runs += [sc.hf_run(task, name, "HF", regime) for name, regime in hf.items()]
+    runs = pick_rows(runs, rows)
     t0 = time.perf_counter()
     sc.interleave(runs, task, seconds, slices, device)
     print(f"[race] {time.perf_counter() - t0:.0f} s")
@@ -315,6 +346,12 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="small sizes (a CPU test of the script)")
     ap.add_argument("--race-seconds", type=float, default=45.0)
+    ap.add_argument(
+        "--race-rows",
+        default="all",
+        help="'all', 'target' (best Adam, best SGD, two HF rows: 4 x --race-seconds) or "
+        "comma-separated parts of run names",
+    )
     ap.add_argument("--parts", default="products,steps,race")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -334,7 +371,9 @@ def main(argv: list[str] | None = None) -> Path:
             args.device, [64, 256] if q else [250, 1000, 5000], 2 if q else 6
         ),
         "steps": lambda: steps(args.device, 400 if q else 20000, 100 if q else 5000, 2 if q else 6),
-        "race": lambda: race(args.device, 400 if q else 20000, args.race_seconds, 3 if q else 9),
+        "race": lambda: race(
+            args.device, 400 if q else 20000, args.race_seconds, 3 if q else 9, args.race_rows
+        ),
     }
     for part in parts:
         try:

@@ -49,3 +49,32 @@ def test_on_model_moves_a_tensor_once_per_device_and_keeps_it():
     assert scorecard.on_model(x, m) is moved  # moved once, then the kept copy
     assert scorecard.on_model(y, m) is not moved  # another tensor, its own copy
     scorecard._MOVED.clear()
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_race_rows_pick_the_target_rows_and_refuse_a_name_no_run_holds():
+    runs = [
+        _Named(n)
+        for n in (
+            "Adam lr=0.003 b=1000",
+            "Adam lr=0.003 b=5000",
+            "SGD-m lr=0.01 b=1000",
+            "HF defaults, 500/125",
+            "HF 2000×1.0007/step, curvature ¼, λ≥0.3",
+            "HF 2000×1.0015/step, curvature ¼, λ≥600/batch",
+        )
+    ]
+    assert gpu_check.pick_rows(runs, "all") == runs
+    assert [r.name for r in gpu_check.pick_rows(runs, "target")] == [
+        runs[0].name,
+        runs[2].name,
+        runs[4].name,
+        runs[5].name,
+    ]
+    assert gpu_check.pick_rows(runs, "b=5000, defaults") == [runs[1], runs[3]]
+    with pytest.raises(SystemExit, match=r"holds \['lr=9'\].*Adam lr=0.003 b=1000"):
+        gpu_check.pick_rows(runs, "lr=9")
