@@ -13,6 +13,7 @@ row's weights, where one step's and n steps' gains go. Findings: experiments/REA
 "lead, stop 48".
 
     OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py BUDGET name[,name...] [--slices N]
+    OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py 90 geo@1.0015/75,geo@1.003/30
     OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py transfer 200,500,1000 250,500,1000
     OPENBLAS_NUM_THREADS=1 python experiments/_growth18.py window 500 250x20,1000x8 [--growth G]
 """
@@ -84,6 +85,15 @@ def variants() -> dict[str, dict]:
     }
 
 
+def grown(name: str) -> dict:
+    """``geo@G/C``: the geometric row growing ×G a step with λ ≥ C / batch (stop 49's grid
+    around "geo.15-lam/b" = ``geo@1.0015/75``)."""
+    if not name.startswith("geo@") or "/" not in name:
+        raise SystemExit(f"unknown variant {name!r}: one of {sorted(variants())} or geo@G/C")
+    g, c = name[4:].split("/")
+    return variants()["geo.15-lam/b"] | dict(growth=float(g), floor_cases=float(c))
+
+
 def main() -> None:
     torch.set_num_threads(1)
     budget = float(sys.argv[1])
@@ -94,7 +104,7 @@ def main() -> None:
     v = variants()
     probes = []
     for n in names:
-        r = sc.hf_run(task, n, "HF", v[n])
+        r = sc.hf_run(task, n, "HF", v[n] if n in v else grown(n))
         probes.append(_curves_late.Probe(r, budget, slices))
         runs.append(r)
     noise: dict[str, list[float]] = {r.name: [] for r in runs}
