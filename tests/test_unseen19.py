@@ -297,3 +297,82 @@ def test_kfac_sees_a_compiled_module_whose_first_call_is_the_steps(reset):
             kfac = opt._auto_precond  # K-FAC on in both, over both layers
             assert isinstance(kfac, KFACPreconditioner) and len(kfac.layers) == 2
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
+
+
+def test_eager_backend_jacobian_operator_is_the_dense_jacobian():
+    # Guard: the Jacobian's products (a JVP by the double-backward trick, a VJP) through
+    # dynamo's eager backend
+    model = _mlp()
+    net = torch.compile(model, backend="eager")
+    X, _ = _data()
+    J = JacobianLinearOperator(net, X, params=list(model.parameters())) @ np.eye(N_PARAMS)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    named = [(n, p.shape) for n, p in model.named_parameters()]
+
+    def outputs(t: Tensor) -> Tensor:
+        params, i = {}, 0
+        for name, shape in named:
+            params[name] = t[i : i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        return functional_call(model, params, (X,)).reshape(-1)
+
+    np.testing.assert_allclose(J, jacobian(outputs, theta).numpy(), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ models no round tried
+
+
+def _dense_hessian(model: nn.Module, loss_of) -> np.ndarray:
+    named = [(n, p.shape) for n, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(t: Tensor) -> Tensor:
+        params, i = {}, 0
+        for name, shape in named:
+            params[name] = t[i : i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        return loss_of(lambda *args: functional_call(model, params, args))
+
+    return hessian(f, theta).numpy()
+
+
+class _PackedGRU(nn.Module):
+    """A batch-first GRU over ragged sequences (``pack_padded_sequence``, unsorted lengths)
+    whose last hidden state feeds a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        _, h = self.gru(packed)
+        return self.head(h[-1])
+
+
+def test_prelu_and_a_packed_batch_first_gru_have_the_dense_hessian():
+    # Guards: PReLU's learned slope (a kink whose side depends on the data) and a GRU whose
+    # packed batch reorders the examples internally
+    torch.manual_seed(0)
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    prelu = nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 3)).double()
+    gru = _PackedGRU().double()
+    xs, ys = torch.randn(6, 7, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    lengths = torch.tensor([7, 3, 5, 1, 6, 2])
+    cases = [
+        (prelu, prelu, (X, y), lambda f: F.cross_entropy(f(X), y)),
+        (
+            gru,
+            lambda inp: gru(*inp),
+            ((xs, lengths), ys),
+            lambda f: F.cross_entropy(f(xs, lengths), ys),
+        ),
+    ]
+    for model, call, data, loss_of in cases:
+        n = sum(p.numel() for p in model.parameters())
+        params = list(model.parameters())
+        H = HessianLinearOperator(call, F.cross_entropy, data, params=params) @ np.eye(n)
+        np.testing.assert_allclose(H, _dense_hessian(model, loss_of), rtol=1e-10, atol=1e-13)
