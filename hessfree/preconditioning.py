@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int, check_number
-from .curvature import JacobianProduct
+from .curvature import JacobianProduct, _depends_on
 
 __all__ = [
     "CGPairPreconditioner",
@@ -1329,12 +1329,18 @@ class _LinearPass:
         # parameters of ours that another (not a layer) module of the pass holds directly:
         # a tied weight, e.g. an nn.Embedding's table reused as the output layer's weight
         self.elsewhere: set[int] = set()
-        # torch.compile's module wrappers that ran (their own call is eager, so seen)
-        self.compiled: list[torch.nn.Module] = []
+        # torch.compile's module wrappers that ran (their own call is eager, so seen), with
+        # their outputs
+        self.compiled: list[tuple[torch.nn.Module, Tensor]] = []
 
     def _hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
-        if _compiled_module(module) and torch.is_grad_enabled():
-            self.compiled.append(module._orig_mod)
+        if (
+            _compiled_module(module)
+            and torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+        ):
+            self.compiled.append((module._orig_mod, output))
         layer = _is_layer(module, self.conv)
         if not layer and torch.is_grad_enabled():
             for p in module.parameters(recurse=False):
@@ -1385,10 +1391,12 @@ class _LinearPass:
     def release(self) -> None:
         """Drop the recorded tensors (and so their graph)."""
         self.records.clear()
+        self.compiled.clear()
 
     def unseen_compiled(self) -> str | None:
         """Why K-FAC would miss layers, or ``None``: layers of ours inside a
-        ``torch.compile``'d module that ran while their own calls went unrecorded.
+        ``torch.compile``'d module that ran and used them (its output's graph reaches their
+        weight: a layer the forward skipped is no miss) while their calls went unrecorded.
 
         Dynamo does not guard on module hooks (``torch._dynamo.config.
         skip_nnmodule_hook_guards``): a module compiled before this hook was installed (a
@@ -1399,11 +1407,12 @@ class _LinearPass:
         """
         missed = [
             type(m).__name__
-            for wrapped in self.compiled
+            for wrapped, output in self.compiled
             for m in wrapped.modules()
             if _is_layer(m, self.conv)
             and id(m.weight) in self.param_ids
             and id(m.weight) not in self.counts
+            and _depends_on([output], [m.weight])
         ]
         if not missed:
             return None

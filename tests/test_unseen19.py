@@ -11,6 +11,8 @@ Oracles: the dense float64 Hessian, Gauss-Newton matrix and empirical Fisher fro
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -297,6 +299,32 @@ def test_kfac_sees_a_compiled_module_whose_first_call_is_the_steps(reset):
             kfac = opt._auto_precond  # K-FAC on in both, over both layers
             assert isinstance(kfac, KFACPreconditioner) and len(kfac.layers) == 2
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
+
+
+class _SpareHead(nn.Module):
+    """The MLP with a second head its forward does not call (used elsewhere, e.g. in eval)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _mlp()
+        self.spare = nn.Linear(5, 3).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def test_a_layer_the_compiled_forward_skips_is_no_blind_spot():
+    # Guard: the check counts a layer as missed only where the compiled module's output
+    # reaches its weight; K-FAC takes the two layers that ran, with no warning, as without
+    # compile (a layer the forward skips is left out there too).
+    model = _SpareHead()
+    net = torch.compile(model, backend="eager")
+    opt = HessianFree(model.parameters())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*turned K-FAC off")
+        opt.step(_closure(net, F.cross_entropy, opt, "outputs"))
+    kfac = opt._auto_precond
+    assert isinstance(kfac, KFACPreconditioner) and len(kfac.layers) == 2
 
 
 def test_eager_backend_jacobian_operator_is_the_dense_jacobian():
