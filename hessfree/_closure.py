@@ -40,6 +40,8 @@ from ._model_data import (
 from ._rng import StepStream
 from ._step_types import _Counter, _Evaluation
 from .curvature import (
+    _compiled_by_aot,
+    _compiled_message,
     _loss_node,
     _once_differentiable,
     _reaches,
@@ -934,6 +936,17 @@ class _ClosureCalls:
         if found is None:
             return
         where = "the model (before the outputs)" if fisher else "the loss or the model"
+        if _compiled_by_aot(found):  # torch.compile ("unseen19")
+            raise NotImplementedError(
+                _compiled_message(f"The {role}'s graph, in {where},")
+                + (
+                    "; if only the loss is compiled, curvature='fisher' with a (loss, outputs) "
+                    "closure needs no second derivative there"
+                    if not fisher
+                    else ""
+                )
+                + ". The parameters are unchanged."
+            )
         raise NotImplementedError(
             f"The {role}'s graph runs {found.__module__}.{found.__qualname__}, a "
             "torch.autograd.Function whose backward is marked @once_differentiable, in "

@@ -253,6 +253,15 @@ class _PreconditionerChoice:
         ``nn.Linear`` of the optimizer's that ran once in the recorded closure call; else
         ``None``, and no more recording."""
         kfac = self._auto_precond if isinstance(self._auto_precond, KFACPreconditioner) else None
+        blind = None if self._linear_pass is None else self._linear_pass.unseen_compiled()
+        if blind is not None and not self._auto_kfac_off:  # torch.compile ("unseen19")
+            self._auto_kfac_off, self._auto_precond, self._linear_pass = True, None, None
+            warnings.warn(
+                f"HessianFree: precond='auto' turned K-FAC off ({blind}).",
+                UserWarning,
+                stacklevel=caller_stacklevel(),
+            )
+            return None
         fit = (
             not self._auto_kfac_off
             # K-FAC's probes are drawn per rank: two ranks would not take one process's steps
@@ -362,6 +371,10 @@ class _PreconditionerChoice:
         if getattr(precond, "_discovered", False):
             recorded, self._linear_pass = self._linear_pass, None
             if recorded is not None:  # None: no graph-building call (cannot happen in step)
+                blind = recorded.unseen_compiled()
+                if blind is not None:
+                    recorded.release()
+                    raise ValueError(f"precond='kfac': {blind}.")
                 precond._observe(recorded, skip_shared=self.precond == "auto")
                 recorded.release()
             if not precond.layers:

@@ -55,6 +55,8 @@ from ._model_data import (
 )
 from .curvature import (
     CurvatureProduct,
+    _compiled_by_aot,
+    _compiled_message,
     _once_differentiable,
     _read_reduction,
     _reentrant_checkpoint,
@@ -167,6 +169,8 @@ def refuse_once_differentiable(tensors: Sequence[object], name: str, where: str)
     "lead, stop 42"). One walk, at the first graph, like :func:`refuse_reentrant_checkpoint`.
     """
     found = _once_differentiable([t for t in tensors if isinstance(t, Tensor)])
+    if found is not None and _compiled_by_aot(found):  # torch.compile ("unseen19")
+        raise NotImplementedError(_compiled_message(f"{name}: {where}") + ".")
     if found is not None:
         raise NotImplementedError(
             f"{name}: {where} runs {found.__module__}.{found.__qualname__}, a "

@@ -189,10 +189,11 @@ def _missing_second_derivative(
     if _COMPILED.search(str(err)):
         return NotImplementedError(
             "A curvature product differentiates the model's backward once more, and part of "
-            "the closure runs under torch.compile, whose compiled graphs torch cannot "
-            "differentiate twice (every curvature needs it: Gauss-Newton, Hessian and the "
-            "Fisher's Jacobian products alike). Call the uncompiled module in the closure (a "
-            "compiled nn.Module keeps it as `._orig_mod`). The parameters are unchanged. "
+            "the closure (or of an operator's model or loss) runs under torch.compile, whose "
+            "compiled graphs torch cannot differentiate twice (every curvature needs it: "
+            "Gauss-Newton, Hessian and the Fisher's Jacobian products alike). Call the "
+            "uncompiled module instead (a compiled nn.Module keeps it as `._orig_mod`), or "
+            "compile with backend='eager'. The parameters are unchanged. "
             f"(torch: {err})"
         )
     match = _NO_DERIVATIVE.search(str(err))
@@ -398,9 +399,41 @@ _ONCE_DIFFERENTIABLE_CODE = getattr(
 )
 
 
+def _compiled_by_aot(cls: object) -> bool:
+    """Whether ``cls`` is the ``torch.autograd.Function`` that ``torch.compile``'s
+    aot_autograd wraps a compiled region in (every backend but ``'eager'``: ``'inductor'``,
+    the default, and ``'aot_eager'``).
+
+    Its backward runs the compiled backward graph, which torch cannot differentiate again:
+    torch raises ("does not currently support double backward") where the second derivative
+    passes through an input the region saved, and gives zero without an error where the
+    region saved only its own intermediates. A compiled ``F.cross_entropy`` is the second
+    kind: the Hessian operator came out with relative error 1.0 (the Jᵀ H_ℓ J part missing)
+    and three LBFGS-style steps moved the parameters 1.6 off the uncompiled run's
+    (experiments/README.md, "unseen19").
+    """
+    module = getattr(cls, "__module__", None) or ""
+    return "aot_autograd" in module and getattr(cls, "__name__", "") == "CompiledFunction"
+
+
+def _compiled_message(where: str) -> str:
+    """The shared wording for a graph through a compiled region (:func:`_compiled_by_aot`)."""
+    return (
+        f"{where} runs a torch.compile'd region (aot_autograd's CompiledFunction), whose "
+        "compiled backward torch cannot differentiate again: curvature products differentiate "
+        "it once more, and torch either raises there or silently gives zero (a compiled loss), "
+        "so the products would be wrong. Call the uncompiled module or function instead (a "
+        "compiled nn.Module keeps it as `._orig_mod`, a compiled function as "
+        "`._torchdynamo_orig_callable`), or compile with backend='eager', which keeps torch's "
+        "ordinary autograd graph (products and steps bitwise those of the uncompiled model, "
+        "as measured)"
+    )
+
+
 def _once_differentiable(tensors: Sequence[Tensor | None]) -> type | None:
     """The first ``torch.autograd.Function`` in the tensors' autograd graphs whose backward is
-    marked ``@once_differentiable``, or ``None`` (a graph walk, no backward).
+    marked ``@once_differentiable``, or that holds a ``torch.compile``'d region
+    (:func:`_compiled_by_aot`), or ``None`` (a graph walk, no backward).
 
     torch runs such a backward under ``no_grad`` and attaches its "differentiate twice" error
     only where the incoming gradient requires grad. A curvature product's second derivative
@@ -410,8 +443,6 @@ def _once_differentiable(tensors: Sequence[Tensor | None]) -> type | None:
     1.16 (Hessian) and 0.04 (Fisher) off the same model with ``torch.tanh`` in 3 steps
     (experiments/README.md, "unseen13").
     """
-    if _ONCE_DIFFERENTIABLE_CODE is None:
-        return None
     seen, stack = set(), [t.grad_fn for t in tensors if t is not None]
     while stack:
         node = stack.pop()
@@ -419,7 +450,8 @@ def _once_differentiable(tensors: Sequence[Tensor | None]) -> type | None:
             continue
         cls = getattr(node, "_forward_cls", None)
         backward = getattr(cls, "backward", None)
-        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE:
+        code = getattr(backward, "__code__", None)
+        if (code is not None and code is _ONCE_DIFFERENTIABLE_CODE) or _compiled_by_aot(cls):
             return cls
         seen.add(node)
         stack.extend(n for n, _ in node.next_functions)

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int, check_number
-from .curvature import JacobianProduct
+from .curvature import JacobianProduct, _depends_on
 
 __all__ = [
     "CGPairPreconditioner",
@@ -1242,6 +1242,14 @@ def _unsupported(module: torch.nn.Module) -> str | None:
     return None
 
 
+def _compiled_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is ``torch.compile``'s wrapper (``OptimizedModule``), told by name
+    and its ``._orig_mod`` so that torch._dynamo need not be imported."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(
+        getattr(module, "_orig_mod", None), torch.nn.Module
+    )
+
+
 def _is_layer(module: torch.nn.Module, conv: bool = True) -> bool:
     """Whether K-FAC takes ``module``: an ``nn.Linear``, or (with ``conv``) an ``nn.Conv1d``
     or ``nn.Conv2d`` with groups=1 and zero padding."""
@@ -1321,8 +1329,18 @@ class _LinearPass:
         # parameters of ours that another (not a layer) module of the pass holds directly:
         # a tied weight, e.g. an nn.Embedding's table reused as the output layer's weight
         self.elsewhere: set[int] = set()
+        # torch.compile's module wrappers that ran (their own call is eager, so seen), with
+        # their outputs
+        self.compiled: list[tuple[torch.nn.Module, Tensor]] = []
 
     def _hook(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        if (
+            _compiled_module(module)
+            and torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+        ):
+            self.compiled.append((module._orig_mod, output))
         layer = _is_layer(module, self.conv)
         if not layer and torch.is_grad_enabled():
             for p in module.parameters(recurse=False):
@@ -1373,6 +1391,40 @@ class _LinearPass:
     def release(self) -> None:
         """Drop the recorded tensors (and so their graph)."""
         self.records.clear()
+        self.compiled.clear()
+
+    def unseen_compiled(self) -> str | None:
+        """Why K-FAC would miss layers, or ``None``: layers of ours inside a
+        ``torch.compile``'d module that ran and used them (its output's graph reaches their
+        weight: a layer the forward skipped is no miss) while their calls went unrecorded.
+
+        Dynamo does not guard on module hooks (``torch._dynamo.config.
+        skip_nnmodule_hook_guards``): a module compiled before this hook was installed (a
+        first call outside ``step``, an evaluation) runs code that never calls it, so the
+        layers inside are invisible. Unseen, ``precond='auto'`` turned K-FAC off silently
+        (three steps of a compiled MLP 0.95 off the uncompiled run's) and ``'kfac'`` said it
+        found no ``nn.Linear`` (experiments/README.md, "unseen19").
+        """
+        missed = [
+            type(m).__name__
+            for wrapped, output in self.compiled
+            for m in wrapped.modules()
+            if _is_layer(m, self.conv)
+            and id(m.weight) in self.param_ids
+            and id(m.weight) not in self.counts
+            and _depends_on([output], [m.weight])
+        ]
+        if not missed:
+            return None
+        return (
+            f"the closure ran a torch.compile'd module whose {len(missed)} layer(s) "
+            f"({', '.join(sorted(set(missed)))}) K-FAC's forward hook did not see: dynamo "
+            "compiled that module before HessianFree's hook was installed (e.g. at a first call "
+            "outside step) and does not guard on module hooks, so its compiled code never calls "
+            "the hook. Call the uncompiled module in the closure (a compiled nn.Module keeps it "
+            "as `._orig_mod`), or let step() make its first call (torch.compiler.reset() drops "
+            "what dynamo compiled)"
+        )
 
 
 def _item(seq: object, k: int) -> object:
