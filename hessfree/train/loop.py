@@ -98,6 +98,7 @@ from hessfree.train.config import (
 from hessfree.train.config.checks import (
     _physical_memory,
     curvature_batch_fits,
+    damping_floor_problems,
     full_steps_problem,
     leaves,
     loss_fits_targets,
@@ -127,6 +128,7 @@ from hessfree.train.stepping import (
     batch_sizes,
     converged,
     describe_batches,
+    set_damping_floor,
     take_step,
 )
 
@@ -284,6 +286,8 @@ def _data_problems(
             )
         if (why := full_steps_problem(path, opt, n)) is not None:
             problems.append(why)
+        if opt.batch_size is None:  # a given batch_size's first floor was checked on parse
+            problems += damping_floor_problems(path, opt, n)
         if not curvature_batch_fits(opt, n):
             problems.append(
                 f"`{path}` ({opt.label}): curvature_batch_size "
@@ -989,6 +993,7 @@ class Runner:
                 raise _Interrupted(signum)
 
             batch, curvature = self._next_batch(t)
+            set_damping_floor(t.leaf, t.optimizer, t.batch_size)  # min_damping_cases / batch
             # L-BFGS on the whole set: a step that moves nothing has converged.
             watch = t.leaf.name == "lbfgs" and t.batch_size == n
             # Every earlier step left finite weights (checked below): if this one does not,
