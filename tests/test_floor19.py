@@ -323,3 +323,105 @@ def test_floor19_two_ranks_take_the_floor_of_the_global_batch(tmp_path):
     sizes = [exact_size(8, Fraction("1.25"), k, 48, 2) for k in range(8)]
     assert sizes == [8, 10, 12, 14, 18, 24, 30, 38]
     assert floors == [(b, 2.0 / b) for b in sizes]
+
+
+# -- a resume after a step cut short says so -----------------------------------------------------
+
+_INT64_MAX = 2**63 - 1
+NOTE = "was ended early (by budget.seconds or a second signal"
+
+
+@pytest.mark.timeout(60)
+def test_floor19_resume_after_a_step_cut_by_seconds_notes_it(tmp_path, capsys):
+    """Fails on main (the resume said nothing: runner18's "Noticed, left" (c)). An endless HF
+    call (``max_iter`` 2**63 - 1) ended by ``budget.seconds``: the checkpoint records the cut
+    step, and the resume under a larger budget prints one ``hessfree: warning:`` line naming
+    it; the resume's own cut is recorded in turn."""
+    hf = {"name": "hessianfree", "max_iter": _INT64_MAX, "tolerance_grad": 0.0,
+          "tolerance_change": 0.0}  # fmt: skip
+    config = write_tiny(tmp_path, optimizers=[hf], budget={"seconds": 0.3})
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--quiet", "--out", str(run)]) == 0
+    assert NOTE not in capsys.readouterr().err
+    ckpt = load_checkpoint(run / "checkpoints" / "hessianfree.pt")
+    assert ckpt["stop_reason"] == "seconds" and ckpt["step"] >= 1
+    summary = json.loads((run / "summary.json").read_text())["optimizers"]["hessianfree"]
+    more = f"budget.seconds={summary['seconds'] + 0.3!r}"
+    assert main(["run", "--resume", str(run), "--quiet", more]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if NOTE in line]
+    assert lines == [
+        f"hessfree: warning: hessianfree's step {ckpt['step']} was ended early (by "
+        "budget.seconds or a second signal: L-BFGS at an evaluation, HF between the steps of "
+        "its call), so it continues from that step's consistent state, but not bit-identically "
+        f"to a run whose step {ckpt['step']} ran whole."
+    ], err
+    assert ckpt["last_cut_step"] == ckpt["step"]
+    again = load_checkpoint(run / "checkpoints" / "hessianfree.pt")
+    assert again["step"] > ckpt["step"] and again["last_cut_step"] == again["step"]
+
+
+@pytest.mark.timeout(60)
+def test_floor19_resume_after_a_step_cut_by_a_second_signal_notes_it(tmp_path, monkeypatch, capsys):
+    """Fails on main (no note). runner18's endless L-BFGS step, cut by a second SIGINT at
+    its 8th evaluation (exit 130, checkpoint after step 1): the checkpoint records step 1 as
+    cut and the resume says so once; a finished run resumed again (nothing to continue) and
+    a step that was not cut say nothing."""
+    import os
+    import signal
+
+    calls = []
+    step = loop.take_step
+
+    class Signalling:
+        def __init__(self, objective):
+            self.objective = objective
+
+        def loss(self, outputs, targets):
+            calls.append(1)
+            if len(calls) in (5, 8):
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.objective.loss(outputs, targets)
+
+    def take_step(spec, optimizer, model, objective, *args, **kwargs):
+        return step(spec, optimizer, model, Signalling(objective), *args, **kwargs)
+
+    monkeypatch.setattr(loop, "take_step", take_step)
+    lbfgs = {"name": "lbfgs", "max_iter": _INT64_MAX, "tolerance_grad": 0.0,
+             "tolerance_change": 0.0, "history_size": 5}  # fmt: skip
+    config = write_tiny(tmp_path, optimizers=[lbfgs], batch_size=None, budget={"steps": 3})
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run)]) == 130
+    capsys.readouterr()
+    ckpt = load_checkpoint(run / "checkpoints" / "lbfgs.pt")
+    assert ckpt["step"] == 1
+    monkeypatch.setattr(loop, "take_step", step)
+    # the resumed steps are endless too: a small seconds budget ends the second step
+    assert main(["run", "--resume", str(run), "--quiet", "budget.seconds=0.3"]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if NOTE in line] == [
+        f"hessfree: warning: lbfgs's step 1 {NOTE}: L-BFGS at an evaluation, HF between the "
+        "steps of its call), so it continues from that step's consistent state, but not "
+        "bit-identically to a run whose step 1 ran whole."
+    ], err
+    assert ckpt["last_cut_step"] == 1
+    assert main(["run", "--resume", str(run), "--quiet", "budget.seconds=0.3"]) == 0
+    assert NOTE not in capsys.readouterr().err  # finished: nothing continues
+
+
+def test_floor19_resume_after_whole_steps_gives_no_note(tmp_path):
+    """A guard (passes on main): an ordinary interrupted run, every step whole, resumes with
+    no ResumeWarning (a note there would be false) and its checkpoint records no cut."""
+    import warnings
+
+    plain = {k: v for k, v in FLOORED.items() if k != "min_damping_cases"}
+    cfg = parse_config(raw_config(tmp_path, [plain]))
+    runner = Runner(cfg, tmp_path / "run", progress=False, verbose=False)
+    runner.on_step = lambda ev: ev.step == 5 and runner.request_stop()
+    assert runner.run().status is RunStatus.INTERRUPTED
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "floored.pt")
+    assert ckpt["step"] == 5 and ckpt.get("last_cut_step") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        resumed = Runner(cfg, tmp_path / "run", resume=True, progress=False, verbose=False)
+        assert resumed.run().status is RunStatus.COMPLETED

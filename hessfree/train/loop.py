@@ -248,7 +248,8 @@ class Abandoned(KeyboardInterrupt):
 
 class ResumeWarning(RuntimeWarning):
     """A resumed entry will not retrace the uninterrupted run bit for bit (a checkpoint from
-    an older version, or other arithmetic). A :class:`RuntimeWarning`, so filters and
+    an older version, other arithmetic, or a step ``budget.seconds`` or a second signal ended
+    early). A :class:`RuntimeWarning`, so filters and
     ``pytest.warns(RuntimeWarning)`` written before it existed still catch it; the CLI shows
     it as a ``hessfree: warning:`` line rather than with this module's file and line."""
 
@@ -882,6 +883,15 @@ class Runner:
                     diverged_at=ckpt.get("diverged_at_step", t.st.step),
                     weights_step=ckpt.get("weights_step", t.st.step),
                 )
+            if t.st.last_cut_step is not None and t.st.last_cut_step == t.st.step:
+                warnings.warn(
+                    f"{spec.label}'s step {t.st.step} was ended early (by budget.seconds or a "
+                    "second signal: L-BFGS at an evaluation, HF between the steps of its call), "
+                    "so it continues from that step's consistent state, but not bit-identically "
+                    f"to a run whose step {t.st.step} ran whole.",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
         group.check_same(model.parameters())
         return t
 
@@ -938,6 +948,11 @@ class Runner:
                     ("step", st.step, isinstance(st.step, int) and st.step >= 0),
                     ("position", st.position, isinstance(st.position, int) and 0 <= st.position),
                     ("finished", finished, isinstance(finished, bool)),
+                    (
+                        "last_cut_step",
+                        st.last_cut_step,
+                        st.last_cut_step is None or isinstance(st.last_cut_step, int),
+                    ),
                 )
                 if not ok
             ]
@@ -999,6 +1014,7 @@ class Runner:
             # Every earlier step left finite weights (checked below): if this one does not,
             # the checkpoint gets these instead.
             before.keep()
+            cuts_before = t.cut_steps
             start = time.perf_counter()
             self._cuttable = _cuttable(t.leaf)
             self._cut = self._step_cut(t, start) if self._cuttable else None
@@ -1022,6 +1038,8 @@ class Runner:
             )
             st.seconds += seconds
             st.step += 1
+            if t.cut_steps > cuts_before:  # recorded, so that a resume from here says so
+                st.last_cut_step = st.step
             st.cases += t.batch_size
             if t.leaf.name == "hessianfree":
                 st.hf = hf_diagnostics(t.optimizer)
