@@ -170,7 +170,8 @@ def set_damping_floor(leaf: OptimizerConfig, optimizer: optim.Optimizer, batch_s
 
 
 def describe_batches(leaf: OptimizerConfig, n: int) -> str:
-    """The batch schedule in words, for the runner's start line.
+    """The batch schedule in words (and a ``min_damping_cases`` floor), for the runner's start
+    line.
 
     Example:
         >>> from hessfree.train.config import BudgetConfig
@@ -183,6 +184,9 @@ def describe_batches(leaf: OptimizerConfig, n: int) -> str:
         >>> late = dataclasses.replace(grow, curvature_fraction_full_steps=4)
         >>> describe_batches(late, 4000).split(", ")[1]
         'curvature batch 0.25 of it until 4 steps on the whole set'
+        >>> floored = dataclasses.replace(grow, min_damping_cases=75.0)
+        >>> describe_batches(floored, 4000).split(", ")[2]
+        'λ floor 75 / batch (0.3 at 250)'
     """
     text = _describe_sizes(leaf, n)
     if leaf.min_damping_cases is not None:
