@@ -256,6 +256,31 @@ def test_floor19_a_damping_the_first_floor_contradicts_is_refused(
     parse_config(raw_config(tmp_path, [{**FLOORED, "damping": 0.25}]))
 
 
+def test_floor19_a_floor_beyond_float32_is_refused_not_a_traceback(tmp_path, capsys):
+    """Fails on main (found here). ``min_damping: 3.5e38`` on float32 parameters passed the
+    check and the run died at CG's first product (torch's RuntimeError "value cannot be
+    converted to type float without overflow": exit 1, a traceback); so would a
+    ``min_damping_cases`` floor beyond float32 (1e300 / 10). Both are refused now, naming the
+    dtype's limit; in float64 the same floor runs."""
+    plain = {k: v for k, v in FLOORED.items() if k != "min_damping_cases"}
+    err = _check(tmp_path, {**plain, "min_damping": 3.5e38}, capsys, dtype="float32")
+    assert (
+        "`optimizers.0.min_damping` = 3.5e+38: λ is at least it, and CG adds λv in float32, "
+        "which holds at most 3.403e+38" in err
+    ), err
+    err = _check(tmp_path, {**FLOORED, "min_damping_cases": 1e300}, capsys, dtype="float32")
+    assert (
+        "`optimizers.0.min_damping_cases` = 1e+300 (floored): the first step's λ floor "
+        "min_damping_cases / the first batch = 1e+300 / 10 = 1e+299 is beyond the parameters' "
+        "dtype (at most 3.403e+38)" in err
+    ), err
+    raw = raw_config(tmp_path, [{**FLOORED, "min_damping_cases": 1e300}], budget={"steps": 2})
+    path = tmp_path / "f64.yaml"
+    path.write_text(yaml.safe_dump(raw))  # float64 (raw_config's): 1e299 is in range
+    assert main(["run", str(path), "--quiet", "--out", str(tmp_path / "f64")]) == 0
+    capsys.readouterr()
+
+
 def test_floor19_a_whole_set_floor_is_checked_once_the_set_is_loaded(tmp_path):
     """Fails on main (unknown key). With batch_size null the first batch is the N loaded
     cases: damping 0.02 < 2.5 / 100 is refused by the runner's checks after loading."""

@@ -96,6 +96,7 @@ from hessfree.train.config import (
     training_digest,
 )
 from hessfree.train.config.checks import (
+    _dtype_max,
     _physical_memory,
     curvature_batch_fits,
     damping_floor_problems,
@@ -288,7 +289,7 @@ def _data_problems(
         if (why := full_steps_problem(path, opt, n)) is not None:
             problems.append(why)
         if opt.batch_size is None:  # a given batch_size's first floor was checked on parse
-            problems += damping_floor_problems(path, opt, n)
+            problems += damping_floor_problems(path, opt, n, _dtype_max(cfg.dtype))
         if not curvature_batch_fits(opt, n):
             problems.append(
                 f"`{path}` ({opt.label}): curvature_batch_size "

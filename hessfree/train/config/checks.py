@@ -55,11 +55,14 @@ def curvature_batch_fits(leaf: OptimizerConfig, n: int | None) -> bool:
     )
 
 
-def damping_floor_problems(path: str, leaf: OptimizerConfig, n: int | None) -> list[str]:
+def damping_floor_problems(
+    path: str, leaf: OptimizerConfig, n: int | None, largest: float = math.inf
+) -> list[str]:
     """Why HF would refuse ``leaf``'s first λ floor ``min_damping_cases`` / b₀ at its first
     step (b₀: the first gradient batch, ``batch_size`` or the ``n`` training cases; not known
-    yet: nothing to say): a given ``damping`` below it, a given ``max_damping`` not above it.
-    Batches never shrink, so the first step's floor is the highest.
+    yet: nothing to say): a given ``damping`` below it, a given ``max_damping`` not above it,
+    a floor beyond ``largest``, the parameters' dtype's range (λv would overflow in CG's
+    first product). Batches never shrink, so the first step's floor is the highest.
 
     Example:
         >>> from hessfree.train.config.sections import BudgetConfig
@@ -74,6 +77,12 @@ def damping_floor_problems(path: str, leaf: OptimizerConfig, n: int | None) -> l
     floor = c / b
     first = f"min_damping_cases / the first batch = {c:g} / {b} = {floor:.6g}"
     out = []
+    if floor > largest:
+        out.append(
+            f"`{path}.min_damping_cases` = {c!r} ({leaf.label}): the first step's λ floor "
+            f"{first} is beyond the parameters' dtype (at most {largest:.4g}), where CG's "
+            "products cannot hold it; use a smaller min_damping_cases."
+        )
     damping, top = leaf.hyperparameters.get("damping"), leaf.hyperparameters.get("max_damping")
     if isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping < floor:
         out.append(
@@ -260,6 +269,13 @@ def _physical_memory() -> int:
         return 2**40
 
 
+def _dtype_max(dtype: str) -> float:
+    """The largest finite value of the run's parameter dtype (``float32``, ``float64``)."""
+    import torch  # noqa: PLC0415
+
+    return float(torch.finfo(getattr(torch, dtype)).max)
+
+
 def _gigabytes(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
@@ -291,7 +307,7 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
             if (why := full_steps_problem(entry_path, opt, n)) is not None:
                 problems.append(why)
             if opt.batch_size is None:  # the whole set: its first floor is known now
-                problems += damping_floor_problems(entry_path, opt, n)
+                problems += damping_floor_problems(entry_path, opt, n, _dtype_max(cfg.dtype))
             if opt.batch_size is None and not curvature_batch_fits(opt, n):
                 problems.append(
                     f"`{entry_path}.curvature_batch_size` = {opt.curvature_batch_size} "
@@ -393,7 +409,8 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
                 f"states, got `model.name` = {cfg.model.name!r}; use model 'rnn' or set it to 0."
             )
     for where, leaf in leaves(cfg):
-        problems += damping_floor_problems(where, leaf, None)  # n unknown: batch_size given
+        # n unknown: only a given batch_size's floor
+        problems += damping_floor_problems(where, leaf, None, _dtype_max(cfg.dtype))
         precond = leaf.hyperparameters.get("precond") if leaf.name == "hessianfree" else None
         if (
             cfg.model.name == "rnn"
@@ -530,6 +547,16 @@ def _check_constructors(cfg: ExperimentConfig, problems: list[str]) -> None:
                     f"`{where}.lr` = {lr!r}: the step scales {cfg.dtype} parameters by it, and "
                     f"{cfg.dtype} holds at most {largest:.4g}; use a smaller lr (1 is HF's own "
                     "step) or dtype: float64."
+                )
+            low = hyper.get("min_damping")
+            finite = isinstance(low, (int, float)) and math.isfinite(low)  # inf: its own check
+            if finite and not isinstance(low, bool) and low > largest:
+                # λ is at least it from the first step, and CG's first product adds λv in the
+                # parameters' dtype: a RuntimeError from torch there (found by floor19)
+                problems.append(
+                    f"`{where}.min_damping` = {low!r}: λ is at least it, and CG adds λv in "
+                    f"{cfg.dtype}, which holds at most {largest:.4g}; use a smaller min_damping "
+                    "or dtype: float64."
                 )
             continue
         history = hyper.get("history_size", 0)
