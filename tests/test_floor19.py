@@ -235,6 +235,17 @@ def test_floor19_an_explicit_min_damping_beside_it_is_refused(tmp_path, capsys):
         parse_config(raw_config(tmp_path, [other]))
 
 
+def test_floor19_a_fixed_lambda_beside_it_is_refused(tmp_path, capsys):
+    """Fails on main (unknown key). With ``adapt_damping: false`` λ keeps its first value
+    (measured: λ 0.3 on every step while the floor fell 0.3 → 0.12), so the falling floor
+    would do nothing after the first step: refused, saying so."""
+    err = _check(tmp_path, {**FLOORED, "adapt_damping": False}, capsys)
+    assert (
+        "`optimizers.0.min_damping_cases` = 2.5 and `optimizers.0.adapt_damping` = false: λ is "
+        "not adapted" in err
+    ), err
+
+
 @pytest.mark.parametrize(
     ("key", "value", "text"),
     [

@@ -199,6 +199,12 @@ def _schedule(
                 f"({key} sets min_damping to {_show(c)} / the batch size before every step; "
                 "min_damping may stay 'auto' beside it)."
             )
+        elif raw.get("adapt_damping") is False:
+            problems.append(
+                f"`{path}.{key}` = {_show(c)} and `{path}.adapt_damping` = false: λ is not "
+                f"adapted, so it stays at its first value and the floor {key} lowers as the "
+                "batch grows would never apply; remove one (a fixed λ is `damping` alone)."
+            )
         else:
             out[key] = _positive_finite(c)
     if len(problems) > before:
