@@ -10,7 +10,9 @@ have been taken on it).
 With ``batch_growth`` > 1 the batch of step ``k`` of an entry (or phase) is ``batch_size *
 batch_growth**k`` cases, rounded down to a multiple of ``batch_multiple``, at most
 ``batch_max`` (:func:`~hessfree.train.stepping.batch_sizes`): a function of the step count,
-so resume and data-parallel runs take the same sizes as one uninterrupted process.
+so resume and data-parallel runs take the same sizes as one uninterrupted process. An HF
+entry's ``min_damping_cases`` c sets its ``min_damping`` to c / that size (the whole batch,
+all ranks' cases) before each step (:func:`~hessfree.train.stepping.set_damping_floor`).
 
 Run directory (default ``<output.dir>/<name>-<YYYYmmdd-HHMMSS>/``)::
 
