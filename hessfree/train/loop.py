@@ -10,7 +10,9 @@ have been taken on it).
 With ``batch_growth`` > 1 the batch of step ``k`` of an entry (or phase) is ``batch_size *
 batch_growth**k`` cases, rounded down to a multiple of ``batch_multiple``, at most
 ``batch_max`` (:func:`~hessfree.train.stepping.batch_sizes`): a function of the step count,
-so resume and data-parallel runs take the same sizes as one uninterrupted process.
+so resume and data-parallel runs take the same sizes as one uninterrupted process. An HF
+entry's ``min_damping_cases`` c sets its ``min_damping`` to c / that size (the whole batch,
+all ranks' cases) before each step (:func:`~hessfree.train.stepping.set_damping_floor`).
 
 Run directory (default ``<output.dir>/<name>-<YYYYmmdd-HHMMSS>/``)::
 
@@ -96,8 +98,10 @@ from hessfree.train.config import (
     training_digest,
 )
 from hessfree.train.config.checks import (
+    _dtype_max,
     _physical_memory,
     curvature_batch_fits,
+    damping_floor_problems,
     full_steps_problem,
     leaves,
     loss_fits_targets,
@@ -127,6 +131,7 @@ from hessfree.train.stepping import (
     batch_sizes,
     converged,
     describe_batches,
+    set_damping_floor,
     take_step,
 )
 
@@ -246,7 +251,8 @@ class Abandoned(KeyboardInterrupt):
 
 class ResumeWarning(RuntimeWarning):
     """A resumed entry will not retrace the uninterrupted run bit for bit (a checkpoint from
-    an older version, or other arithmetic). A :class:`RuntimeWarning`, so filters and
+    an older version, other arithmetic, or a step ``budget.seconds`` or a second signal ended
+    early). A :class:`RuntimeWarning`, so filters and
     ``pytest.warns(RuntimeWarning)`` written before it existed still catch it; the CLI shows
     it as a ``hessfree: warning:`` line rather than with this module's file and line."""
 
@@ -284,6 +290,8 @@ def _data_problems(
             )
         if (why := full_steps_problem(path, opt, n)) is not None:
             problems.append(why)
+        if opt.batch_size is None:  # a given batch_size's first floor was checked on parse
+            problems += damping_floor_problems(path, opt, n, _dtype_max(cfg.dtype))
         if not curvature_batch_fits(opt, n):
             problems.append(
                 f"`{path}` ({opt.label}): curvature_batch_size "
@@ -878,6 +886,15 @@ class Runner:
                     diverged_at=ckpt.get("diverged_at_step", t.st.step),
                     weights_step=ckpt.get("weights_step", t.st.step),
                 )
+            if t.st.last_cut_step is not None and t.st.last_cut_step == t.st.step:
+                warnings.warn(
+                    f"{spec.label}'s step {t.st.step} was ended early (by budget.seconds or a "
+                    "second signal: L-BFGS at an evaluation, HF between the steps of its call), "
+                    "so it continues from that step's consistent state, but not bit-identically "
+                    f"to a run whose step {t.st.step} ran whole.",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
         group.check_same(model.parameters())
         return t
 
@@ -934,6 +951,11 @@ class Runner:
                     ("step", st.step, isinstance(st.step, int) and st.step >= 0),
                     ("position", st.position, isinstance(st.position, int) and 0 <= st.position),
                     ("finished", finished, isinstance(finished, bool)),
+                    (
+                        "last_cut_step",
+                        st.last_cut_step,
+                        st.last_cut_step is None or isinstance(st.last_cut_step, int),
+                    ),
                 )
                 if not ok
             ]
@@ -989,11 +1011,13 @@ class Runner:
                 raise _Interrupted(signum)
 
             batch, curvature = self._next_batch(t)
+            set_damping_floor(t.leaf, t.optimizer, t.batch_size)  # min_damping_cases / batch
             # L-BFGS on the whole set: a step that moves nothing has converged.
             watch = t.leaf.name == "lbfgs" and t.batch_size == n
             # Every earlier step left finite weights (checked below): if this one does not,
             # the checkpoint gets these instead.
             before.keep()
+            cuts_before = t.cut_steps
             start = time.perf_counter()
             self._cuttable = _cuttable(t.leaf)
             self._cut = self._step_cut(t, start) if self._cuttable else None
@@ -1017,6 +1041,8 @@ class Runner:
             )
             st.seconds += seconds
             st.step += 1
+            if t.cut_steps > cuts_before:  # recorded, so that a resume from here says so
+                st.last_cut_step = st.step
             st.cases += t.batch_size
             if t.leaf.name == "hessianfree":
                 st.hf = hf_diagnostics(t.optimizer)

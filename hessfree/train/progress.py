@@ -38,6 +38,8 @@ class Progress:
     hf: dict[str, Any] = dataclasses.field(default_factory=dict)  # the last HF diagnostics
     phase: int = 0  # the running phase of an entry with `phases`
     phase_start: tuple[int, int, float] = (0, 0, 0.0)  # step, cases, seconds when it began
+    # the latest step that `budget.seconds` or a second signal ended early (None: none)
+    last_cut_step: int | None = None
 
     def in_phase(self) -> Progress:
         """Steps, cases and seconds since the running phase began (for its own budget)."""

@@ -25,6 +25,7 @@ __all__ = [
     "converged",
     "describe_batches",
     "grown_batch_size",
+    "set_damping_floor",
     "take_step",
 ]
 
@@ -137,8 +138,40 @@ def _full_since(leaf: OptimizerConfig, step: int, n: int, largest: int) -> bool:
     return grown_batch_size(start, leaf.batch_growth, back, largest, leaf.batch_multiple) >= n
 
 
+def set_damping_floor(leaf: OptimizerConfig, optimizer: optim.Optimizer, batch_size: int) -> None:
+    """Set HF's λ floor for the next step to ``min_damping_cases`` / ``batch_size`` (nothing
+    when the entry has no ``min_damping_cases``).
+
+    ``batch_size`` is the step's whole gradient batch, all ranks' cases in a data-parallel run,
+    so every rank sets the same floor. HessianFree re-reads ``min_damping`` from its param
+    groups at every step and saves them in its ``state_dict``; the floor is a function of the
+    step count, as the size is, so a resumed run sets the same one (the scorecard's
+    ``floor_cases`` does the same in its own loop). A mini-batch's noise in the gradient and
+    curvature falls as 1 / b, and so does the floor: ``min_damping_cases`` 75 keeps 250-case
+    steps at λ ≥ 0.3 and lets 1,000-case steps go to 0.075 (``experiments/README.md``, "lead,
+    stop 48").
+
+    Example:
+        >>> import torch
+        >>> from hessfree import HessianFree
+        >>> from hessfree.train.config import BudgetConfig
+        >>> leaf = OptimizerConfig("hessianfree", "hf", {}, 250, None, BudgetConfig(),
+        ...                        batch_growth=1.1, min_damping_cases=75.0)
+        >>> opt = HessianFree(torch.nn.Linear(2, 1).parameters())
+        >>> set_damping_floor(leaf, opt, 1000)
+        >>> opt.param_groups[0]["min_damping"]
+        0.075
+    """
+    if leaf.min_damping_cases is None:
+        return
+    floor = leaf.min_damping_cases / batch_size
+    for group in optimizer.param_groups:  # HF reads group 0's; the groups must agree
+        group["min_damping"] = floor
+
+
 def describe_batches(leaf: OptimizerConfig, n: int) -> str:
-    """The batch schedule in words, for the runner's start line.
+    """The batch schedule in words (and a ``min_damping_cases`` floor), for the runner's start
+    line.
 
     Example:
         >>> from hessfree.train.config import BudgetConfig
@@ -151,7 +184,19 @@ def describe_batches(leaf: OptimizerConfig, n: int) -> str:
         >>> late = dataclasses.replace(grow, curvature_fraction_full_steps=4)
         >>> describe_batches(late, 4000).split(", ")[1]
         'curvature batch 0.25 of it until 4 steps on the whole set'
+        >>> floored = dataclasses.replace(grow, min_damping_cases=75.0)
+        >>> describe_batches(floored, 4000).split(", ")[2]
+        'λ floor 75 / batch (0.3 at 250)'
     """
+    text = _describe_sizes(leaf, n)
+    if leaf.min_damping_cases is not None:
+        size = batch_sizes(leaf, n, False)[0]
+        c = leaf.min_damping_cases
+        text += f", λ floor {c:g} / batch ({c / size:.4g} at {size})"
+    return text
+
+
+def _describe_sizes(leaf: OptimizerConfig, n: int) -> str:
     size, curvature, _ = batch_sizes(leaf, n, False)
     if not leaf.growing:
         text = f"batch {size}"

@@ -23,7 +23,8 @@ Layout of a config (every key optional unless marked)::
          batch_growth: 1.1, batch_max: null,     # takes floor(250 * 1.1**k) cases, at most
          batch_multiple: 1,                      # batch_max (null: all), rounded down to a
          curvature_fraction: 0.25,               # multiple; curvature on 1/4 of each batch,
-         curvature_fraction_full_steps: 0}       # all of it from the first full-set step
+         curvature_fraction_full_steps: 0,       # all of it from the first full-set step;
+         min_damping_cases: 75}                  # λ >= 75 / the step's batch (0.3 at 250)
       - label: adam-then-hf           # phases: optimizers in sequence on the same weights,
         phases:                       # each phase's budget counted from its start; the
           - {name: adam, lr: 1.0e-3, budget: {steps: 500}}   # entry's budget (here the

@@ -2,9 +2,9 @@
 
 The loss is resolved from the model and the data (:func:`_resolve_loss`); model and data must
 fit each other; sizes a data section fixes (cases, classes, input size) bound the batch sizes
-and, with the model, the memory a run needs. Three rules are shared with the runner's checks
+and, with the model, the memory a run needs. Four rules are shared with the runner's checks
 after loading (``hessfree.train.loop._data_problems``): :func:`loss_fits_targets`,
-:func:`curvature_batch_fits` and :func:`full_steps_problem`.
+:func:`curvature_batch_fits`, :func:`full_steps_problem` and :func:`damping_floor_problems`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,49 @@ def curvature_batch_fits(leaf: OptimizerConfig, n: int | None) -> bool:
         or gradient_batch is None
         or leaf.curvature_batch_size <= gradient_batch
     )
+
+
+def damping_floor_problems(
+    path: str, leaf: OptimizerConfig, n: int | None, largest: float = math.inf
+) -> list[str]:
+    """Why HF would refuse ``leaf``'s first λ floor ``min_damping_cases`` / b₀ at its first
+    step (b₀: the first gradient batch, ``batch_size`` or the ``n`` training cases; not known
+    yet: nothing to say): a given ``damping`` below it, a given ``max_damping`` not above it,
+    a floor beyond ``largest``, the parameters' dtype's range (λv would overflow in CG's
+    first product). Batches never shrink, so the first step's floor is the highest.
+
+    Example:
+        >>> from hessfree.train.config.sections import BudgetConfig
+        >>> leaf = OptimizerConfig("hessianfree", "hf", {"damping": 0.1, "max_damping": "auto"},
+        ...                        250, None, BudgetConfig(), min_damping_cases=75.0)
+        >>> print(damping_floor_problems("optimizers.0", leaf, None)[0])  # doctest: +ELLIPSIS
+        `optimizers.0.damping` = 0.1 (hf) is below the first step's λ floor ... = 0.3; ...
+    """
+    c, b = leaf.min_damping_cases, leaf.batch_size or n
+    if c is None or not b:
+        return []
+    floor = c / b
+    first = f"min_damping_cases / the first batch = {c:g} / {b} = {floor:.6g}"
+    out = []
+    if floor > largest:
+        out.append(
+            f"`{path}.min_damping_cases` = {c!r} ({leaf.label}): the first step's λ floor "
+            f"{first} is beyond the parameters' dtype (at most {largest:.4g}), where CG's "
+            "products cannot hold it; use a smaller min_damping_cases."
+        )
+    damping, top = leaf.hyperparameters.get("damping"), leaf.hyperparameters.get("max_damping")
+    if isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping < floor:
+        out.append(
+            f"`{path}.damping` = {damping!r} ({leaf.label}) is below the first step's λ floor "
+            f"{first}; use damping >= {floor:.6g}, 'auto', or a smaller min_damping_cases."
+        )
+    if isinstance(top, (int, float)) and not isinstance(top, bool) and top <= floor:
+        out.append(
+            f"`{path}.max_damping` = {top!r} ({leaf.label}) does not exceed the first step's "
+            f"λ floor {first}; use max_damping > {floor:.6g}, 'auto', or a smaller "
+            "min_damping_cases."
+        )
+    return out
 
 
 def full_steps_problem(path: str, leaf: OptimizerConfig, n: int) -> str | None:
@@ -226,6 +269,13 @@ def _physical_memory() -> int:
         return 2**40
 
 
+def _dtype_max(dtype: str) -> float:
+    """The largest finite value of the run's parameter dtype (``float32``, ``float64``)."""
+    import torch  # noqa: PLC0415
+
+    return float(torch.finfo(getattr(torch, dtype)).max)
+
+
 def _gigabytes(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
@@ -256,6 +306,8 @@ def _check_sizes(cfg: ExperimentConfig, problems: list[str]) -> None:
                 )
             if (why := full_steps_problem(entry_path, opt, n)) is not None:
                 problems.append(why)
+            if opt.batch_size is None:  # the whole set: its first floor is known now
+                problems += damping_floor_problems(entry_path, opt, n, _dtype_max(cfg.dtype))
             if opt.batch_size is None and not curvature_batch_fits(opt, n):
                 problems.append(
                     f"`{entry_path}.curvature_batch_size` = {opt.curvature_batch_size} "
@@ -357,6 +409,8 @@ def _check_combinations(cfg: ExperimentConfig, problems: list[str]) -> None:
                 f"states, got `model.name` = {cfg.model.name!r}; use model 'rnn' or set it to 0."
             )
     for where, leaf in leaves(cfg):
+        # n unknown: only a given batch_size's floor
+        problems += damping_floor_problems(where, leaf, None, _dtype_max(cfg.dtype))
         precond = leaf.hyperparameters.get("precond") if leaf.name == "hessianfree" else None
         if (
             cfg.model.name == "rnn"
@@ -493,6 +547,16 @@ def _check_constructors(cfg: ExperimentConfig, problems: list[str]) -> None:
                     f"`{where}.lr` = {lr!r}: the step scales {cfg.dtype} parameters by it, and "
                     f"{cfg.dtype} holds at most {largest:.4g}; use a smaller lr (1 is HF's own "
                     "step) or dtype: float64."
+                )
+            low = hyper.get("min_damping")
+            finite = isinstance(low, (int, float)) and math.isfinite(low)  # inf: its own check
+            if finite and not isinstance(low, bool) and low > largest:
+                # λ is at least it from the first step, and CG's first product adds λv in the
+                # parameters' dtype: a RuntimeError from torch there (found by floor19)
+                problems.append(
+                    f"`{where}.min_damping` = {low!r}: λ is at least it, and CG adds λv in "
+                    f"{cfg.dtype}, which holds at most {largest:.4g}; use a smaller min_damping "
+                    "or dtype: float64."
                 )
             continue
         history = hyper.get("history_size", 0)

@@ -178,6 +178,35 @@ def _schedule(
             )
         else:
             out[key] = v
+    key = "min_damping_cases"
+    if key in raw and raw[key] is not None:
+        c = raw[key]
+        if name != "hessianfree":
+            problems.append(
+                f"`{path}.{key}` only applies to 'hessianfree' (it sets HF's λ floor "
+                f"min_damping), not {name!r}."
+            )
+        elif _positive_finite(c) is None:
+            refuse(
+                key,
+                "must be a finite number > 0, or null: before each step HF's min_damping is "
+                "it / the step's gradient batch size (75: 0.3 at 250 cases, 0.075 at 1000)",
+            )
+        elif raw.get("min_damping", "auto") != "auto":
+            problems.append(
+                f"`{path}.{key}` = {_show(c)} and `{path}.min_damping` = "
+                f"{_show(raw['min_damping'])} both set λ's floor; keep one "
+                f"({key} sets min_damping to {_show(c)} / the batch size before every step; "
+                "min_damping may stay 'auto' beside it)."
+            )
+        elif raw.get("adapt_damping") is False:
+            problems.append(
+                f"`{path}.{key}` = {_show(c)} and `{path}.adapt_damping` = false: λ is not "
+                f"adapted, so it stays at its first value and the floor {key} lowers as the "
+                "batch grows would never apply; remove one (a fixed λ is `damping` alone)."
+            )
+        else:
+            out[key] = _positive_finite(c)
     if len(problems) > before:
         return {}
     growth = out.get("batch_growth", 1.0)
@@ -210,6 +239,21 @@ def _schedule(
             )
     out.setdefault("curvature_batch_size", curvature_batch_size)
     return {} if len(problems) > before else out
+
+
+def _positive_finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number > 0 (not a bool), else None.
+
+    >>> _positive_finite(75), _positive_finite(0.5), _positive_finite(10**400), _positive_finite(0)
+    (75.0, 0.5, None, None)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past float's range
+        return None
+    return number if 0.0 < number < math.inf else None
 
 
 def _merge_budget(base: BudgetConfig, raw: Any, path: str, problems: list[str]) -> BudgetConfig:
@@ -285,6 +329,7 @@ def _parse_phased(
         batch_multiple=first.batch_multiple,
         curvature_fraction=first.curvature_fraction,
         curvature_fraction_full_steps=first.curvature_fraction_full_steps,
+        min_damping_cases=first.min_damping_cases,
     )
 
 

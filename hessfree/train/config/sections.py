@@ -368,6 +368,7 @@ _SCHEDULE_KEYS = (
     "batch_multiple",
     "curvature_fraction",
     "curvature_fraction_full_steps",
+    "min_damping_cases",
 )
 _ENTRY_KEYS = ("name", "label", "batch_size", "curvature_batch_size", *_SCHEDULE_KEYS, "budget")
 _PHASED_KEYS = ("phases", "label", "budget")
@@ -404,6 +405,11 @@ class OptimizerConfig:
             only: the first this many steps on the whole training set still take the fraction
             of it as their curvature batch (cheap products while λ is still large), the steps
             after them all of it; 0: all of it from the first full step.
+        min_damping_cases: HF only: :math:`c` of a λ floor that falls as the batch grows:
+            before each step HF's ``min_damping`` is :math:`c / b` for the step's gradient
+            batch of :math:`b` cases (all ranks' cases in a data-parallel run), so 75 is 0.3
+            at 250 cases and 0.075 at 1,000 (``experiments/README.md``, "lead, stop 48",
+            "floor19"); ``None``: ``min_damping`` as configured.
     """
 
     name: str
@@ -418,6 +424,7 @@ class OptimizerConfig:
     batch_multiple: int = 1
     curvature_fraction: float | None = None
     curvature_fraction_full_steps: int = 0
+    min_damping_cases: float | None = None
 
     @property
     def growing(self) -> bool:

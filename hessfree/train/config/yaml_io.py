@@ -350,6 +350,8 @@ def _entry(opt: OptimizerConfig, plain: Any) -> dict[str, Any]:
                 entry["curvature_fraction_full_steps"] = opt.curvature_fraction_full_steps
         else:
             entry["curvature_batch_size"] = opt.curvature_batch_size
+        if opt.min_damping_cases is not None:
+            entry["min_damping_cases"] = opt.min_damping_cases
     entry["budget"] = plain(opt.budget)
     return entry
 
