@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from test_train_robust import refused, write_tiny
 from torch import nn
 
 import hessfree
+from hessfree import spectral
 
 # --------------------------------------------------------------------------------------------
 # 1. state_dict -> load_state_dict -> state_dict keeps each entry's dtype and value
@@ -153,3 +156,111 @@ def test_leftovers19_yaml_products_typo_gets_the_suggestion(tmp_path, capsys):
     )
     err = refused(["run", str(config), "--check"], capsys)
     assert "Did you mean `cuda_graph`" in err
+
+
+# --------------------------------------------------------------------------------------------
+# 3. spectral_density deflates given eigenpairs: the bottom end, both ends, reused
+# --------------------------------------------------------------------------------------------
+
+
+def _indefinite(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A dense symmetric float64 matrix with a bulk in [-1, 1] and five outliers at each end
+    (a Hessian's shape away from a minimum), and its eigenvalues (``eigvalsh``)."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.concatenate(
+        [rng.uniform(-1, 1, n - 10), [50.0, 40, 30, 20, 10], [-60.0, -45, -35, -25, -12]]
+    )
+    A = (Q * lam) @ Q.T
+    A = (A + A.T) / 2
+    return A, np.linalg.eigvalsh(A)
+
+
+def _sphere_sd(mu: np.ndarray) -> float:
+    """Exact standard deviation of r z^T f(A) z for z uniform on the unit sphere of an
+    r-dimensional invariant subspace where f(A) has eigenvalues mu (spectral18's formula)."""
+    r = mu.size
+    return math.sqrt(2 * (r * (mu**2).sum() - mu.sum() ** 2) / (r + 2))
+
+
+def test_leftovers19_deflating_both_ends_takes_an_indefinite_matrixs_outliers(one_thread):
+    """``num_deflated`` takes the top end only; an indefinite matrix's negative outliers stayed
+    in the probes' spread (fails on main: no ``deflate``). Oracle: ``eigvalsh`` of the dense
+    float64 matrix; tr A and tr A^2 within five exact standard errors of the rest."""
+    A, ev = _indefinite()
+    m = 20
+    top, bottom = spectral.top_eigenpairs(A, 5), spectral.bottom_eigenpairs(A, 5)
+    sd = spectral.spectral_density(A, m, 20, seed=0, deflate=(top, bottom))
+    assert sd.num_deflated == 10 and sd.num_matvecs == 10 + int(sd.num_nodes.sum()) - m * 10
+    want = np.concatenate([ev[::-1][:5], ev[:5][::-1]])  # decreasing, as the rows hold them
+    np.testing.assert_allclose(sd.nodes[:, :10], np.tile(want, (m, 1)), rtol=0, atol=1e-10)
+    rest = ev[5:-5]
+    for f, exact in [(lambda t: t, ev.sum()), (np.square, (ev**2).sum())]:
+        got = sd.trace(f)
+        bound = 5 * _sphere_sd(f(rest)) / math.sqrt(m)
+        assert abs(got.estimate - exact) <= bound, (got.estimate, exact, bound)
+    plain = spectral.spectral_density(A, m, 20, seed=0, probes="gaussian")
+    only_top = spectral.spectral_density(A, m, 20, seed=0, num_deflated=5)
+    # the spread of tr A^2 left after each: the negative end was most of it
+    spreads = [x.trace(np.square).std_error for x in (plain, only_top, sd)]
+    assert spreads[2] < 0.01 * spreads[1] < spreads[0], spreads
+
+
+def test_leftovers19_pairs_computed_once_serve_several_shifts_for_log_det(one_thread):
+    """Eigenvectors of A are those of A + sI: one pair of ``Eigenpairs`` serves a log det at
+    each shift, the values taken again as v^T (A + sI) v (fails on main: no ``deflate``).
+    Oracle: ``numpy.linalg.slogdet`` and ``eigvalsh`` of the shifted dense matrix."""
+    A, ev = _indefinite()
+    n, m = A.shape[0], 20
+    pairs = (spectral.top_eigenpairs(A, 5), spectral.bottom_eigenpairs(A, 5))
+    for shift in (61.0, 80.0):
+        B = A + shift * np.eye(n)
+        sd = spectral.spectral_density(B, m, 25, seed=1, deflate=pairs)
+        want = np.concatenate([ev[::-1][:5], ev[:5][::-1]]) + shift
+        np.testing.assert_allclose(sd.nodes[0, :10], want, rtol=0, atol=1e-10)
+        exact = np.linalg.slogdet(B)[1]
+        bound = 5 * _sphere_sd(np.log(ev[5:-5] + shift)) / math.sqrt(m)
+        got = sd.trace(np.log).estimate
+        assert abs(got - exact) <= bound + 1e-9, (shift, got, exact, bound)
+
+
+def test_leftovers19_given_top_pairs_match_num_deflated(one_thread):
+    """A guard on the new path: deflate=top_eigenpairs(A, d) takes out the values
+    num_deflated=d does (``eigvalsh``'s top d), and its tr A^2 is as close to the dense one,
+    for d products instead of ARPACK's (num_deflated's draw ARPACK's start vector from the
+    seed, so the probes differ)."""
+    A, ev = _indefinite()
+    m, exact = 20, (ev**2).sum()
+    a = spectral.spectral_density(A, m, 15, seed=2, num_deflated=4)
+    b = spectral.spectral_density(A, m, 15, seed=2, deflate=spectral.top_eigenpairs(A, 4))
+    np.testing.assert_allclose(b.nodes[:, :4], a.nodes[:, :4], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(b.nodes[0, :4], ev[::-1][:4], rtol=0, atol=1e-10)
+    bound = 5 * _sphere_sd(ev[:-4] ** 2) / math.sqrt(m)
+    for sd in (a, b):
+        assert abs(sd.trace(np.square).estimate - exact) <= bound
+    assert b.num_matvecs == 4 + int(b.num_nodes.sum()) - m * 4 < a.num_matvecs
+
+
+def test_leftovers19_deflate_refuses_what_it_cannot_deflate_exactly(one_thread):
+    """Refusals in words (fail on main: no ``deflate``): another matrix's eigenpairs (their
+    residual), a pair given twice, both ways of deflating at once, a wrong length, too many."""
+    A, _ = _indefinite()
+    other, _ = _indefinite(seed=1)
+    with pytest.raises(ValueError, match="not an eigenvector of `A`"):
+        spectral.spectral_density(A, 2, 5, seed=0, deflate=spectral.top_eigenpairs(other, 3))
+    small = np.diag([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    twice = (spectral.top_eigenpairs(small, 2), spectral.top_eigenpairs(small, 2))
+    with pytest.raises(ValueError, match=r"must be orthonormal.*v_0\^T v_2.*given twice"):
+        spectral.spectral_density(small, 2, 2, seed=0, deflate=twice)
+    top = spectral.top_eigenpairs(A, 2)
+    with pytest.raises(ValueError, match="not both"):
+        spectral.spectral_density(A, 2, 5, num_deflated=2, deflate=top)
+    with pytest.raises(
+        ValueError, match=r"shape \(120, k >= 1\) for an operator of size 120, got \(6, 2\)"
+    ):
+        spectral.spectral_density(A, 2, 5, deflate=spectral.top_eigenpairs(small, 2))
+    with pytest.raises(TypeError, match="must be an Eigenpairs"):
+        spectral.spectral_density(A, 2, 5, deflate=top.vectors)
+    whole = spectral.top_eigenpairs(small, 6)
+    with pytest.raises(ValueError, match="at most 5 eigenpairs of an operator of size 6, got 6"):
+        spectral.spectral_density(small, 2, 2, deflate=whole)
