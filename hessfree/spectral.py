@@ -214,7 +214,13 @@ def _check_counts(num: int, name: str, low: int, batch_size: int) -> tuple[int, 
 # eigenpairs
 # --------------------------------------------------------------------------------------------
 def _extreme_eigenpairs(
-    A: object, k: int, which: str, tol: float, max_iter: int | None, seed: Seed
+    A: object,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int | None,
+    seed: Seed,
+    max_dense: int = 4096,
 ) -> Eigenpairs:
     op = _as_operator(A)
     n = op.shape[0]
@@ -225,6 +231,7 @@ def _extreme_eigenpairs(
     tol = check_number("tol", tol, low=0.0)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter, low=1)
+    max_dense = check_int("max_dense", max_dense, low=0)
     _check_symmetric(A, "eigsh (Lanczos)")
     # ARPACK's Hermitian path for complex A is its general one, which needs k < n - 1 (SciPy
     # then tries a dense eig, which it refuses for a LinearOperator)
@@ -237,7 +244,7 @@ def _extreme_eigenpairs(
     # all its 10 n restarts; by default it gets the n products A @ I would cost, and then the
     # dense path answers exactly, where that matrix is small (ours; experiments/README.md,
     # spectral17: 43 parameters, 7,332 products and no answer -> 86 products, exact).
-    budget = n if max_iter is None and n <= _DENSE_FALLBACK_MAX_N else None
+    budget = n if max_iter is None and n <= max_dense else None
     checked = _FiniteProducts(op, budget)
     try:
         values, vectors = eigsh(checked, k=int(k), which=which, v0=v0, tol=tol, maxiter=max_iter)
@@ -283,7 +290,12 @@ def _all_eigenpairs(op: LinearOperator, which: str) -> Eigenpairs:
 
 # A @ I in float64: 128 MiB at 4096; eigh with vectors 6.7 s at n = 3,110 and 16 s at 4,096 on
 # one loaded core, where ARPACK on a GGN's clustered bottom had no answer after 20 n products
-# (62,200, 37 s; its default 10 n restarts are ~18 products each) (spectral18; was 2048)
+# (62,200, 37 s; its default 10 n restarts are ~18 products each) (spectral18; was 2048).
+# A count, not bytes against free memory (leftovers19): eigh's time grows as n^3 and its memory
+# as n^2 (a peak of 4 n^2 float64s by tracemalloc at n = 1,024: I, A @ I, its symmetric part,
+# the vectors), so time binds first (8,192: 2 GiB but ~8x the 16 s), and a limit read from free
+# memory would send the same call down the dense path on one machine and ARPACK's on another.
+# ``max_dense`` moves it.
 _DENSE_FALLBACK_MAX_N = 4096
 
 
@@ -317,14 +329,20 @@ class _FiniteProducts(LinearOperator):
 
 
 def top_eigenpairs(
-    A: object, k: int = 1, *, tol: float = 0.0, max_iter: int | None = None, seed: Seed = 0
+    A: object,
+    k: int = 1,
+    *,
+    tol: float = 0.0,
+    max_iter: int | None = None,
+    seed: Seed = 0,
+    max_dense: int = _DENSE_FALLBACK_MAX_N,
 ) -> Eigenpairs:
     r"""The ``k`` largest (algebraic) eigenvalues of a symmetric ``A`` and their eigenvectors.
 
     Lanczos via :func:`scipy.sparse.linalg.eigsh` (``which='LA'``), started from a seeded
     Gaussian vector so the result is reproducible. By default (``max_iter=None``) an operator
-    of :math:`n \le 4096` gets ARPACK for the :math:`n` products that the dense ``A @ I``
-    costs; past them, the whole spectrum is taken from ``A @ I`` and
+    of :math:`n \le` ``max_dense`` (4096) gets ARPACK for the :math:`n` products that the
+    dense ``A @ I`` costs; past them, the whole spectrum is taken from ``A @ I`` and
     :func:`numpy.linalg.eigh` (exact, at most :math:`2n` products in all). ARPACK can stall
     for all its :math:`10n` restarts on a clustered end, a Gauss-Newton matrix's bottom
     above all (:func:`bottom_eigenpairs`).
@@ -340,16 +358,22 @@ def top_eigenpairs(
             ``n`` products ``A @ I`` and :func:`numpy.linalg.eigh`: ARPACK needs ``k < n``).
         tol: ARPACK's relative accuracy; ``0`` means machine precision of ``A``'s dtype.
         max_iter: ARPACK restarts allowed (``None``: SciPy's default, ``10 n``, and the dense
-            path above for :math:`n \le 4096`; an int: ARPACK alone, as asked).
+            path above for :math:`n \le` ``max_dense``; an int: ARPACK alone, as asked).
         seed: Seed for the start vector (int, numpy or torch generator).
+        max_dense: The largest :math:`n` given the dense path (``0``: never). A count, not
+            bytes: ``eigh``'s time grows as :math:`n^3` (16 s at 4,096 on one loaded core, so
+            about 8x that at twice :math:`n`), its memory as :math:`n^2` (a peak of
+            :math:`4n^2` float64s measured: 0.5 GiB at 4,096, 2 GiB at 8,192); raise it
+            where both can be spent.
 
     Returns:
         Eigenpairs: ``values`` in decreasing order, ``vectors`` ``(n, k)``.
 
     Raises:
-        ValueError: If ``k`` is not in ``[1, n]``, ``A`` is not square, a dense ``A`` is not
-            symmetric (naming the largest gap :math:`|A_{ij} - A_{ji}|`), ``seed`` is a
-            negative int, or every product of ``A`` is zero (almost surely the zero matrix).
+        ValueError: If ``k`` is not in ``[1, n]``, ``max_dense < 0``, ``A`` is not square, a
+            dense ``A`` is not symmetric (naming the largest gap :math:`|A_{ij} - A_{ji}|`),
+            ``seed`` is a negative int, or every product of ``A`` is zero (almost surely the
+            zero matrix).
         TypeError: For an ``A`` or ``seed`` of an unsupported type.
         scipy.sparse.linalg.ArpackNoConvergence: If ARPACK does not converge in ``max_iter``.
         FloatingPointError: If a product of ``A`` has a NaN or infinite entry.
@@ -359,11 +383,17 @@ def top_eigenpairs(
         >>> pairs.values.round(12), np.abs(pairs.vectors[:, 0]).round(6)
         (array([3.]), array([0.707107, 0.707107, 0.      ]))
     """
-    return _extreme_eigenpairs(A, k, "LA", tol, max_iter, seed)
+    return _extreme_eigenpairs(A, k, "LA", tol, max_iter, seed, max_dense)
 
 
 def bottom_eigenpairs(
-    A: object, k: int = 1, *, tol: float = 0.0, max_iter: int | None = None, seed: Seed = 0
+    A: object,
+    k: int = 1,
+    *,
+    tol: float = 0.0,
+    max_iter: int | None = None,
+    seed: Seed = 0,
+    max_dense: int = _DENSE_FALLBACK_MAX_N,
 ) -> Eigenpairs:
     r"""The ``k`` smallest (algebraic) eigenvalues of a symmetric ``A`` and their eigenvectors.
 
@@ -372,7 +402,7 @@ def bottom_eigenpairs(
     at a rate set by the relative gap :math:`(\lambda_2 - \lambda_1)/(\lambda_n - \lambda_1)`,
     often :math:`10^{-6}` at a Gauss-Newton matrix's bottom: there ARPACK stalls, and neither
     ``tol``, ``max_iter`` nor a shift :math:`A + cI` helps (the Krylov spaces are the same).
-    Up to :math:`n = 4096` the default falls back to the dense ``A @ I``
+    Up to :math:`n =` ``max_dense`` (4096) the default falls back to the dense ``A @ I``
     (:func:`top_eigenpairs`). Beyond, use shift-invert with a shift :math:`s` just below the
     bottom (for a PSD :math:`G`, :math:`s = -c` with :math:`c` about the size of the smallest
     eigenvalues) and MINRES for the inner solves (SciPy's default GMRES can stall)::
@@ -402,7 +432,7 @@ def bottom_eigenpairs(
         >>> bottom_eigenpairs(np.diag([-2.0, 0.5, 1.0, 3.0]), k=2).values
         array([-2. ,  0.5])
     """
-    return _extreme_eigenpairs(A, k, "SA", tol, max_iter, seed)
+    return _extreme_eigenpairs(A, k, "SA", tol, max_iter, seed, max_dense)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ leftovers19). Each test says whether it fails on main 9dd67be or is a guard."""
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import math
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator
 from test_train_robust import refused, write_tiny
 from torch import nn
 
@@ -264,3 +266,63 @@ def test_leftovers19_deflate_refuses_what_it_cannot_deflate_exactly(one_thread):
     whole = spectral.top_eigenpairs(small, 6)
     with pytest.raises(ValueError, match="at most 5 eigenpairs of an operator of size 6, got 6"):
         spectral.spectral_density(small, 2, 2, deflate=whole)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. the dense fallback's limit: a count the caller may move (max_dense)
+# --------------------------------------------------------------------------------------------
+
+
+class _CountedMatrix(LinearOperator):
+    def __init__(self, M: np.ndarray) -> None:
+        super().__init__(M.dtype, M.shape)
+        self.M, self.count = M, 0
+
+    def _matvec(self, x):
+        self.count += 1
+        return self.M @ x
+
+    def _matmat(self, X):
+        self.count += X.shape[1]
+        return self.M @ X
+
+
+def _clustered_bottom(n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """A rotated diagonal whose five smallest eigenvalues are 1e-7 (1 + 1e-3 i): relative gap
+    1e-10, where ARPACK's 'SA' stalls (as on a Gauss-Newton matrix's bottom)."""
+    rng = np.random.default_rng(0)
+    d = np.concatenate([1e-7 * (1 + 1e-3 * np.arange(5)), rng.uniform(0.1, 1.0, n - 5)])
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    M = (Q * d) @ Q.T
+    return (M + M.T) / 2, np.sort(d)
+
+
+def test_leftovers19_max_dense_moves_the_dense_fallbacks_limit(one_thread):
+    """The dense path's limit was the fixed n = 4096 (kept as the default: a count, not bytes,
+    see ``_DENSE_FALLBACK_MAX_N``); ``max_dense`` moves it (fails on main: no keyword). At
+    ``max_dense >= n`` the stalled bottom is exact in <= 2n products (oracle: the sorted
+    diagonal); below n ARPACK alone runs SciPy's default 10 n restarts and gives up."""
+    for fn in (spectral.top_eigenpairs, spectral.bottom_eigenpairs):
+        assert inspect.signature(fn).parameters["max_dense"].default == 4096
+    M, d = _clustered_bottom()
+    n = M.shape[0]
+    op = _CountedMatrix(M)
+    pairs = spectral.bottom_eigenpairs(op, 2, max_dense=n)
+    np.testing.assert_allclose(pairs.values, d[:2], rtol=0, atol=1e-15)
+    assert op.count <= 2 * n
+    op = _CountedMatrix(M)
+    with pytest.raises(ArpackNoConvergence):
+        spectral.bottom_eigenpairs(op, 2, max_dense=n - 1)
+    assert op.count > 2 * n
+    with pytest.raises(ValueError, match="`max_dense` must be"):
+        spectral.top_eigenpairs(M, 2, max_dense=-1)
+
+
+def test_leftovers19_the_default_limit_is_still_4096(one_thread):
+    """A guard: without ``max_dense`` the limit is the documented 4096; a 60-entry stalled
+    bottom takes the dense path (exact, <= 2n products)."""
+    assert spectral._DENSE_FALLBACK_MAX_N == 4096
+    M, d = _clustered_bottom()
+    op = _CountedMatrix(M)
+    np.testing.assert_allclose(spectral.bottom_eigenpairs(op, 2).values, d[:2], atol=1e-15)
+    assert op.count <= 2 * M.shape[0]
