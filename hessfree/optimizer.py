@@ -1040,9 +1040,11 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         tuples' and lists' included, to that parameter's floating dtype (its accumulators are
         assumed to be the parameters' own): the generator's ``'rng_state'`` (uint8) came back as
         float32 and a float64 ``'phase_probe'`` (:math:`H_\ell u` of float64 outputs under
-        float32 parameters) was rounded to float32 ("leftovers19"). The device torch chose (the
-        parameter's) is kept, except for ``'rng_state'``: a generator's state is a CPU tensor
-        whatever its device.
+        float32 parameters) was rounded to float32 ("leftovers19"). The vectors over the
+        parameters (:data:`_PARAMETER_SPACE_STATE`) keep torch's cast: a model converted between
+        float32 and float64 gets its warm start in its new dtype, as SGD's momentum buffers.
+        The device torch chose (the parameter's) is kept, except for ``'rng_state'``: a
+        generator's state is a CPU tensor whatever its device.
         """
         saved_groups = state_dict["param_groups"]
         ids = chain.from_iterable(
@@ -1056,7 +1058,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 continue
             loaded = self.state[param]
             for name, value in loaded.items():
-                if name in saved:
+                if name in saved and name not in _PARAMETER_SPACE_STATE:
                     cpu = name == "rng_state"
                     loaded[name] = _saved_dtypes(saved[name], value, cpu)
 
@@ -2681,6 +2683,11 @@ def _holds_state(precond: object) -> bool:
 def _shallow(value: object) -> object:
     """``value`` with a list, dict or set copied (its items by reference), else itself."""
     return copy.copy(value) if isinstance(value, list | dict | set) else value
+
+
+#: State tensors laid out like the parameters (flat), in their dtype: load_state_dict casts them
+#: to the parameters' dtype as torch does (its optimizers' buffers), all others keep their own.
+_PARAMETER_SPACE_STATE = frozenset({"warm_start", "damping_diagonal"})
 
 
 def _saved_dtypes(saved: object, loaded: object, cpu: bool = False) -> object:

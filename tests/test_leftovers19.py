@@ -98,6 +98,34 @@ def test_leftovers19_state_round_trip_keeps_every_entrys_dtype(one_thread, kw, d
     assert all(torch.equal(a, p) for a, p in zip(ahead, net.parameters(), strict=True))
 
 
+def test_leftovers19_a_converted_model_gets_parameter_space_state_in_its_dtype(one_thread):
+    """Between a float32 and a float64 model the vectors over the parameters (warm start,
+    Marquardt's diagonal) take the new dtype, as torch casts its optimizers' buffers (the
+    contract of test_optimizer_contract); the generator's state stays uint8 (fails on main:
+    float64). Oracle: the saved dict, cast by hand."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+
+    def closure():
+        out = net(x)
+        return F.mse_loss(out, y), out
+
+    kw = {"curvature": "ggn", "damping_metric": "marquardt"}
+    opt = hessfree.HessianFree(net.parameters(), **kw)
+    for _ in range(2):
+        opt.step(closure)
+    saved = opt.state_dict()["state"][0]
+    net.double()
+    fresh = _reloaded(opt, net.parameters(), **kw)
+    loaded = fresh.state_dict()["state"][0]
+    for key in ("warm_start", "damping_diagonal"):
+        assert loaded[key].dtype == torch.float64
+        assert torch.equal(loaded[key], saved[key].double())
+    assert loaded["rng_state"].dtype == torch.uint8
+    assert torch.equal(loaded["rng_state"], saved["rng_state"])
+
+
 def test_leftovers19_float64_loss_probe_survives_a_reload_under_float32_params(one_thread):
     """The local phase keeps H_l u of the outputs (``phase_probe``, a tuple holding a tensor)
     in the state. With float32 parameters and float64 outputs (``model(x).double()``) the
