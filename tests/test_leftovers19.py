@@ -7,6 +7,7 @@ import copy
 import inspect
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -354,3 +355,106 @@ def test_leftovers19_the_default_limit_is_still_4096(one_thread):
     op = _CountedMatrix(M)
     np.testing.assert_allclose(spectral.bottom_eigenpairs(op, 2).values, d[:2], atol=1e-15)
     assert op.count <= 2 * M.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# 6. a buffer a parent rebinds on a child it does not call
+# --------------------------------------------------------------------------------------------
+
+
+class _Holder(nn.Module):
+    """Holds a buffer and is never called: its parent reads and rebinds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("avg", torch.zeros(5, dtype=torch.float64))
+
+
+class _ParentRebinds(nn.Module):
+    """A running mean of the inputs kept on a child the parent does not call
+    (``self.stats.avg = ...`` in the parent's forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = _Holder()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.stats.avg = 0.9 * self.stats.avg + 0.1 * x.detach().mean(0)
+        return self.net(x - self.stats.avg)
+
+
+def _parent_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = _ParentRebinds().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64) + 0.5
+    return model, x, (x[:, 0] > 0.5).long() + (x[:, 1] > 0.5).long()
+
+
+def _one_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Oracle: the child's buffer in a copy of the model after one training-mode forward."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin(x)
+    return twin.stats.avg.clone()
+
+
+def _quiet_step(opt: hessfree.HessianFree, closure) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the buffer-writer warning
+        opt.step(closure)
+
+
+def test_leftovers19_trials_leave_a_buffer_rebound_on_an_uncalled_child(one_thread):
+    """The pre-hook watched modules as they are called, so the trial calls each rebound the
+    child's mean once more, and the first step did not warn of the write (fails on main).
+    Oracle: a deepcopy of the model run forward once at the step's start, bitwise, after each
+    of three steps."""
+    model, x, y = _parent_case()
+    opt = hessfree.HessianFree(model.parameters())
+
+    def closure():
+        out = model(x)
+        return F.cross_entropy(out, y), out
+
+    for i in range(3):
+        oracle = _one_forward(model, x)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            opt.step(closure)
+        if i == 0:  # named as a called module's buffer is (main: no warning)
+            assert any("wrote the buffer(s) _Holder.avg" in str(w.message) for w in seen)
+        assert opt.last_step.closure_calls >= 3  # the step's call, f(θ0) replayed, a trial
+        assert torch.equal(model.stats.avg, oracle)
+        assert torch.equal(model.state_dict()["stats.avg"], oracle)
+
+
+@pytest.mark.parametrize("fail_at", [1, 3], ids=["first_call_after_forward", "trial_call"])
+def test_leftovers19_a_raised_step_puts_back_an_uncalled_childs_buffer(one_thread, fail_at):
+    """A step that raises left the child's buffer rebound by its calls (fails on main).
+    Oracle: the tensor and values the child held at the step's start; a retried step then
+    moves it once, as one forward of a deepcopy does."""
+    model, x, y = _parent_case()
+    opt = hessfree.HessianFree(model.parameters())
+    calls = [0]
+
+    def closure(fail: bool = False):
+        calls[0] += 1
+        out = model(x)
+        if fail and calls[0] == fail_at:
+            raise KeyboardInterrupt
+        return F.cross_entropy(out, y), out
+
+    _quiet_step(opt, closure)
+    start = model.stats.avg
+    values = start.clone()
+    calls[0] = 0
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: closure(fail=True))
+    assert calls[0] == fail_at
+    assert model.stats.avg is start and torch.equal(start, values)
+    oracle = _one_forward(model, x)
+    _quiet_step(opt, closure)
+    assert torch.equal(model.stats.avg, oracle)
