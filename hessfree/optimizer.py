@@ -101,8 +101,10 @@ refuse them. BatchNorm's running statistics move once per step, in the closure's
 :math:`\theta`: trial evaluations and a ``curvature_closure`` leave them as they found them,
 and a step that raises, or whose loss at :math:`\theta` is not finite, puts that call's update
 back; other buffers a forward writes (``spectral_norm``'s power iteration in place, a running
-average rebound as ``self.avg = ...``) likewise, with :math:`f(\theta)` measured once more as
-the trials see it (warned). Which buffers those are is learned from each step's call at
+average rebound as ``self.avg = ...``, also by a parent on a child it does not call,
+``self.child.avg = ...``) likewise, with :math:`f(\theta)` measured once more as the trials
+see it (warned). A buffer written *in place* on a module no forward calls is not seen: the
+watch is a forward pre-hook, and only a rebinding passes torch's buffer-registration hook. Which buffers those are is learned from each step's call at
 :math:`\theta`, by weak reference: a copy or a loaded optimizer learns them again in its first
 step's call, before that step's trials. Under
 ``replay_rng=True`` (the default) the model calls share one random draw and the trials another
