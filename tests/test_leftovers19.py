@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, lsmr
 from test_train_robust import refused, write_tiny
 from torch import nn
 
@@ -458,3 +458,34 @@ def test_leftovers19_a_raised_step_puts_back_an_uncalled_childs_buffer(one_threa
     oracle = _one_forward(model, x)
     _quiet_step(opt, closure)
     assert torch.equal(model.stats.avg, oracle)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. lsmr with an integer right-hand side on a float32 operator
+# --------------------------------------------------------------------------------------------
+
+
+def _lsmr_warnings(A, b) -> tuple[np.ndarray, set[tuple[type, str]]]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = lsmr(A, b)
+    return result, {(w.category, str(w.message)) for w in seen}
+
+
+def test_leftovers19_lsmr_on_a_float32_operator_warns_as_scipys_float32_matrix(one_thread):
+    """A guard (passes on main; the behaviour is documented, not changed): ``lsmr(J, b)`` on a
+    float32 Jacobian operator warns numpy's "overflow encountered in cast" for an int ``b``
+    and a float64 one alike (lsmr's 1e100 start compared with float32 scalars). Oracle:
+    SciPy's own float32 dense matrix with a float32 ``b`` gives the same warning and iteration
+    count; the int ``b`` is read cleanly (iterates bitwise the float64 ``b``'s)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    J = hessfree.JacobianLinearOperator(net, torch.randn(20, 4))
+    dense = J @ np.eye(J.shape[1], dtype=np.float32)
+    b = np.arange(J.shape[0]) % 3 - 1
+    from_int, said = _lsmr_warnings(J, b)
+    from_float, said_float = _lsmr_warnings(J, b.astype(np.float64))
+    scipys, scipy_said = _lsmr_warnings(dense, b.astype(np.float32))
+    assert said <= {(RuntimeWarning, "overflow encountered in cast")}
+    assert said == said_float == scipy_said
+    assert np.array_equal(from_int[0], from_float[0]) and from_int[2] == scipys[2]
