@@ -256,10 +256,10 @@ def test_leftovers19_pairs_computed_once_serve_several_shifts_for_log_det(one_th
 
 
 def test_leftovers19_given_top_pairs_match_num_deflated(one_thread):
-    """A guard on the new path: deflate=top_eigenpairs(A, d) takes out the values
-    num_deflated=d does (``eigvalsh``'s top d), and its tr A^2 is as close to the dense one,
-    for d products instead of ARPACK's (num_deflated's draw ARPACK's start vector from the
-    seed, so the probes differ)."""
+    """The new path against the old (fails on main: no ``deflate``):
+    deflate=top_eigenpairs(A, d) takes out the values num_deflated=d does (``eigvalsh``'s top
+    d), and its tr A^2 is as close to the dense one, for d products instead of ARPACK's
+    (num_deflated draws ARPACK's start vector from the seed, so the probes differ)."""
     A, ev = _indefinite()
     m, exact = 20, (ev**2).sum()
     a = spectral.spectral_density(A, m, 15, seed=2, num_deflated=4)
