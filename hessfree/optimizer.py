@@ -104,9 +104,10 @@ back; other buffers a forward writes (``spectral_norm``'s power iteration in pla
 average rebound as ``self.avg = ...``, also by a parent on a child it does not call,
 ``self.child.avg = ...``) likewise, with :math:`f(\theta)` measured once more as the trials
 see it (warned). A buffer written *in place* on a module no forward calls is not seen: the
-watch is a forward pre-hook, and only a rebinding passes torch's buffer-registration hook. Which buffers those are is learned from each step's call at
-:math:`\theta`, by weak reference: a copy or a loaded optimizer learns them again in its first
-step's call, before that step's trials. Under
+watch is a forward pre-hook, and only a rebinding passes torch's buffer-registration hook.
+Which buffers those are is learned from each step's call at :math:`\theta`, by weak
+reference: a copy or a loaded optimizer learns them again in its first step's call, before
+that step's trials. Under
 ``replay_rng=True`` (the default) the model calls share one random draw and the trials another
 (:mod:`hessfree._rng`), and Dropout alone is not warned about.
 
