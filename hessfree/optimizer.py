@@ -970,7 +970,11 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         preconditioner (K-FAC, Nyström) gets the saved state, or starts afresh if there is none
         (a state dict of an older version). Pre-hooks (``register_load_state_dict_pre_hook``)
         run first, as torch runs them, so one may adapt a state dict saved for other
-        parameters before it is checked; post-hooks run once everything is loaded.
+        parameters before it is checked; post-hooks run once everything is loaded. The
+        vectors over the parameters (the warm start, Marquardt's diagonal) take the
+        parameters' dtype, as torch casts its optimizers' buffers; every other state tensor
+        keeps the dtype it was saved with (the generator's uint8 state, a loss probe in the
+        outputs' dtype), so ``state_dict()`` after a load equals the dict loaded.
 
         Raises:
             ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
