@@ -974,7 +974,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         vectors over the parameters (the warm start, Marquardt's diagonal) take the
         parameters' dtype, as torch casts its optimizers' buffers; every other state tensor
         keeps the dtype it was saved with (the generator's uint8 state, a loss probe in the
-        outputs' dtype), so ``state_dict()`` after a load equals the dict loaded.
+        outputs' dtype), so ``state_dict()`` after a load equals the dict loaded (into
+        parameters of the saved dtype).
 
         Raises:
             ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
