@@ -322,7 +322,8 @@ def _buffer_writes() -> Iterator[list[str]]:
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
-        yield written
+        with _rebinding_seen(threading.get_ident()) as assigned:
+            yield written
     finally:
         handle.remove()
         for module, buffers in seen.values():
@@ -330,6 +331,9 @@ def _buffer_writes() -> Iterator[list[str]]:
                 now = module._buffers.get(name)
                 if now is not before or now._version != version:
                     written.append(f"{type(module).__name__}.{name}")
+        for module, name, _ in assigned.uncalled(seen):  # a parent's self.child.avg = ...
+            if not isinstance(module, _NormBase):
+                written.append(f"{type(module).__name__}.{name}")
 
 
 def _written_names(module: torch.nn.Module, learned: Mapping) -> frozenset[str] | set[str]:
@@ -403,22 +407,55 @@ def _buffers_saved(
                         counter.rebound.append((module, name, before, now))
                 elif name in learned.get(module, ()):
                     learned[module].discard(name)
+        # a buffer rebound on a module no forward ran (a parent's self.child.avg = ...):
+        # learned and put back on a raise as a called module's rebinding is
+        for module, name, before in assigned.uncalled(seen):
+            learned.setdefault(module, set()).add(name)
+            counter.writes_buffers = True
+            counter.rebound.append((module, name, before, module._buffers.get(name)))
+
+
+class _Assigned(dict):
+    """:func:`_rebinding_seen`'s record: ``(id(module), name)`` -> the tensor last assigned;
+    ``first`` holds, per key, the module and the tensor its buffer held before the block's
+    first assignment (``None`` for a buffer registered anew)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: dict[tuple[int, str], tuple[torch.nn.Module, Tensor | None]] = {}
+
+    def uncalled(
+        self, called: Mapping[int, object]
+    ) -> Iterator[tuple[torch.nn.Module, str, Tensor]]:
+        """``(module, name, before)`` of the rebound buffers of modules not in ``called``
+        (a parent's ``self.child.avg = ...`` on a child it does not call), still holding the
+        tensor assigned last."""
+        for (key, name), (module, before) in self.first.items():
+            if key in called or before is None:
+                continue
+            if _rebound(module, name, module._buffers.get(name), self):
+                yield module, name, before
 
 
 @contextlib.contextmanager
-def _rebinding_seen(owner: int) -> Iterator[dict[tuple[int, str], Tensor]]:
+def _rebinding_seen(owner: int) -> Iterator[_Assigned]:
     """Record, by ``(id(module), name)``, the tensor last assigned to a module's buffer
     through ``Module.__setattr__`` (``self.avg = 0.9 * self.avg + ...``) or
-    ``register_buffer`` by thread ``owner`` inside the block.
+    ``register_buffer`` by thread ``owner`` inside the block, and the one it replaced first.
 
     What tells a forward's rebinding from ``torch.func.functional_call``'s: that puts its
     tensors in and the module's back by writing ``_buffers`` directly, without the buffer
-    registration hooks, so a buffer it restored was not assigned here."""
-    assigned: dict[tuple[int, str], Tensor] = {}
+    registration hooks, so a buffer it restored was not assigned here. The hook sees every
+    module's assignments, also those of a module the forward does not call (a parent's
+    ``self.child.avg = ...``), which the forward pre-hooks never see ("leftovers19")."""
+    assigned = _Assigned()
 
     def hook(module: torch.nn.Module, name: str, tensor: Tensor | None) -> None:
         if tensor is not None and threading.get_ident() == owner:
-            assigned[(id(module), name)] = tensor
+            key = (id(module), name)
+            if key not in assigned.first:  # torch stores the tensor after its hooks
+                assigned.first[key] = (module, module._buffers.get(name))
+            assigned[key] = tensor
 
     handle = torch.nn.modules.module.register_module_buffer_registration_hook(hook)
     try:
@@ -506,6 +543,12 @@ def _running_statistics_kept(learned: Mapping | None = None) -> Iterator[None]:
                 now = getattr(module, name)
                 if now is clone or _rebound(module, name, now, assigned):
                     setattr(module, name, buffer)
+        # a learned buffer rebound on a module the forward did not call (a parent's
+        # self.child.avg = ...; the child's pre-hook never ran, so nothing was swapped): its
+        # tensor from before the block, which the rebinding replaced and did not write
+        for module, name, before in list(assigned.uncalled(kept)):
+            if name in learned.get(module, ()):
+                setattr(module, name, before)
 
 
 #: Losses whose gradient in the outputs is bounded whatever the targets (softmax or sigmoid

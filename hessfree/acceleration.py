@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_int, closest_name
 from ._types import MatVec
 
 __all__ = ["PRECISIONS", "ProductPolicy", "accelerate", "capture_stream"]
@@ -87,11 +87,16 @@ class ProductPolicy:
         if isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {"cuda_graph", "precision", "warmup"})
+            fields = ("cuda_graph", "precision", "warmup")
+            unknown = sorted((k for k in value if k not in fields), key=repr)
             if unknown:
+                # the did-you-mean HessianFree's own keywords get ("leftovers19")
+                close = {k: closest_name(k, fields) for k in unknown if isinstance(k, str)}
+                hints = [f"`{c}` for {k!r}" for k, c in close.items() if c is not None]
+                hint = f" Did you mean {', '.join(hints)}?" if hints else ""
                 raise ValueError(
                     f"Unknown `products` key(s) {unknown}; expected 'cuda_graph', 'precision', "
-                    "'warmup'."
+                    f"'warmup'.{hint}"
                 )
             return cls(**value)
         raise TypeError(

@@ -464,7 +464,14 @@ class JacobianLinearOperator(_TorchLinearOperator):
 
     Shape ``(outputs.numel(), n)``, rows in ``outputs.reshape(-1)`` order. ``matvec`` is a
     JVP (double-backward R-op on a graph built once), ``rmatvec`` a VJP (one backward pass);
-    the adjoint ``J.H`` is the VJP operator. Suits ``lsqr`` and ``svds``.
+    the adjoint ``J.H`` is the VJP operator. Suits ``lsqr`` and ``svds``. On a float32 model
+    ``lsmr`` may warn numpy's "overflow encountered in cast", for an int or a float64
+    right-hand side alike: the products are float32 whatever the vector's dtype, and lsmr
+    compares its start value 1e100 with the float32 scalars they give (the comparison's
+    result is right). SciPy's own float32 dense matrix warns so with a float32 right-hand
+    side; with a float64 or int one it multiplies in float64 ("leftovers19").
+    ``dtype=numpy.float64`` presents the products as float64 (no warning, float32
+    accuracy still); float64 products need a float64 copy of the model.
 
     Args:
         model: An ``nn.Module`` or a callable ``inputs -> outputs`` (a tensor).

@@ -101,10 +101,13 @@ refuse them. BatchNorm's running statistics move once per step, in the closure's
 :math:`\theta`: trial evaluations and a ``curvature_closure`` leave them as they found them,
 and a step that raises, or whose loss at :math:`\theta` is not finite, puts that call's update
 back; other buffers a forward writes (``spectral_norm``'s power iteration in place, a running
-average rebound as ``self.avg = ...``) likewise, with :math:`f(\theta)` measured once more as
-the trials see it (warned). Which buffers those are is learned from each step's call at
-:math:`\theta`, by weak reference: a copy or a loaded optimizer learns them again in its first
-step's call, before that step's trials. Under
+average rebound as ``self.avg = ...``, also by a parent on a child it does not call,
+``self.child.avg = ...``) likewise, with :math:`f(\theta)` measured once more as the trials
+see it (warned). A buffer written *in place* on a module no forward calls is not seen: the
+watch is a forward pre-hook, and only a rebinding passes torch's buffer-registration hook.
+Which buffers those are is learned from each step's call at :math:`\theta`, by weak
+reference: a copy or a loaded optimizer learns them again in its first step's call, before
+that step's trials. Under
 ``replay_rng=True`` (the default) the model calls share one random draw and the trials another
 (:mod:`hessfree._rng`), and Dropout alone is not warned about.
 
@@ -135,6 +138,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -966,7 +970,12 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         preconditioner (K-FAC, Nyström) gets the saved state, or starts afresh if there is none
         (a state dict of an older version). Pre-hooks (``register_load_state_dict_pre_hook``)
         run first, as torch runs them, so one may adapt a state dict saved for other
-        parameters before it is checked; post-hooks run once everything is loaded.
+        parameters before it is checked; post-hooks run once everything is loaded. The
+        vectors over the parameters (the warm start, Marquardt's diagonal) take the
+        parameters' dtype, as torch casts its optimizers' buffers; every other state tensor
+        keeps the dtype it was saved with (the generator's uint8 state, a loss probe in the
+        outputs' dtype), so ``state_dict()`` after a load equals the dict loaded (into
+        parameters of the saved dtype).
 
         Raises:
             ValueError: If ``state_dict`` is not a HessianFree state dict (keys missing, another
@@ -1020,6 +1029,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             _hooks_held(self, "_optimizer_load_state_dict_post_hooks") as post_hooks,
         ):
             super().load_state_dict({k: v for k, v in state_dict.items() if k != "precond"})
+        self._undo_dtype_casts(state_dict)
         for key, value in self.state.items():  # torch's load keeps the caller's tensors
             self.state[key] = _copied(value)
         restore_precond()
@@ -1030,6 +1040,35 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         self._ranks_checked = False  # every rank must have loaded the same: the next step checks
         for hook in post_hooks:
             hook(self)
+
+    def _undo_dtype_casts(self, state_dict: dict) -> None:
+        r"""Give the loaded state's tensors back the dtypes and values they were saved with.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every tensor of a parameter's state,
+        tuples' and lists' included, to that parameter's floating dtype (its accumulators are
+        assumed to be the parameters' own): the generator's ``'rng_state'`` (uint8) came back as
+        float32 and a float64 ``'phase_probe'`` (:math:`H_\ell u` of float64 outputs under
+        float32 parameters) was rounded to float32 ("leftovers19"). The vectors over the
+        parameters (:data:`_PARAMETER_SPACE_STATE`) keep torch's cast: a model converted between
+        float32 and float64 gets its warm start in its new dtype, as SGD's momentum buffers.
+        The device torch chose (the parameter's) is kept, except for ``'rng_state'``: a
+        generator's state is a CPU tensor whatever its device.
+        """
+        saved_groups = state_dict["param_groups"]
+        ids = chain.from_iterable(
+            g.get("params", ()) if isinstance(g, Mapping) else () for g in saved_groups
+        )
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        by_id = dict(zip(ids, params, strict=False))
+        for key, saved in state_dict["state"].items():
+            param = by_id.get(key)
+            if param is None or not isinstance(saved, Mapping) or param not in self.state:
+                continue
+            loaded = self.state[param]
+            for name, value in loaded.items():
+                if name in saved and name not in _PARAMETER_SPACE_STATE:
+                    cpu = name == "rng_state"
+                    loaded[name] = _saved_dtypes(saved[name], value, cpu)
 
     def _check_saved_layout(self, saved_state: object) -> None:
         """Refuse a state whose warm start does not fit these parameters' shapes.
@@ -2652,6 +2691,30 @@ def _holds_state(precond: object) -> bool:
 def _shallow(value: object) -> object:
     """``value`` with a list, dict or set copied (its items by reference), else itself."""
     return copy.copy(value) if isinstance(value, list | dict | set) else value
+
+
+#: State tensors laid out like the parameters (flat), in their dtype: load_state_dict casts them
+#: to the parameters' dtype as torch does (its optimizers' buffers), all others keep their own.
+_PARAMETER_SPACE_STATE = frozenset({"warm_start", "damping_diagonal"})
+
+
+def _saved_dtypes(saved: object, loaded: object, cpu: bool = False) -> object:
+    """``loaded`` (torch's cast copy of ``saved``) with each tensor replaced by ``saved``'s, in
+    its own dtype, on ``loaded``'s device (the CPU with ``cpu``); lists, tuples and dicts are
+    walked as torch's loader walks them."""
+    if isinstance(saved, Tensor) and isinstance(loaded, Tensor):
+        if saved.dtype == loaded.dtype:
+            return loaded
+        return saved.to(device="cpu" if cpu else loaded.device, copy=True)
+    if isinstance(saved, Mapping) and isinstance(loaded, dict):
+        return {k: _saved_dtypes(saved[k], v, cpu) if k in saved else v for k, v in loaded.items()}
+    if (
+        isinstance(saved, list | tuple)
+        and type(saved) is type(loaded)
+        and len(saved) == len(loaded)
+    ):
+        return type(loaded)(_saved_dtypes(s, v, cpu) for s, v in zip(saved, loaded, strict=True))
+    return loaded
 
 
 def _copied(state: Mapping) -> dict:

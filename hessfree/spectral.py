@@ -27,8 +27,9 @@ probe (independent entries, :math:`\mathbb{E}[zz^\top] = I`);
   values :math:`\theta_i`, weights :math:`\|z\|^2 u_{1i}^2`; averaged over probes, an estimate
   of :math:`\operatorname{tr} f(A)` (:math:`\log\det(G + \lambda I)` with ``np.log``,
   :math:`\operatorname{tr} A^p`) and, smoothed by a Gaussian kernel, the spectral density
-  (Ghorbani, Krishnan & Xiao 2019); optionally with the top eigenpairs deflated (taken
-  exactly, the probes run on the rest), which removes their share of the probes' spread.
+  (Ghorbani, Krishnan & Xiao 2019); optionally with the top eigenpairs deflated, or given
+  ones from either end (taken exactly, the probes run on the rest), which removes their share
+  of the probes' spread.
 
 Probes go through ``matmat`` in blocks of ``batch_size`` columns, so the operators of
 :mod:`hessfree.operators` evaluate them with batched autograd. Every random draw comes from
@@ -63,7 +64,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -213,7 +214,13 @@ def _check_counts(num: int, name: str, low: int, batch_size: int) -> tuple[int, 
 # eigenpairs
 # --------------------------------------------------------------------------------------------
 def _extreme_eigenpairs(
-    A: object, k: int, which: str, tol: float, max_iter: int | None, seed: Seed
+    A: object,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int | None,
+    seed: Seed,
+    max_dense: int = 4096,
 ) -> Eigenpairs:
     op = _as_operator(A)
     n = op.shape[0]
@@ -224,6 +231,7 @@ def _extreme_eigenpairs(
     tol = check_number("tol", tol, low=0.0)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter, low=1)
+    max_dense = check_int("max_dense", max_dense, low=0)
     _check_symmetric(A, "eigsh (Lanczos)")
     # ARPACK's Hermitian path for complex A is its general one, which needs k < n - 1 (SciPy
     # then tries a dense eig, which it refuses for a LinearOperator)
@@ -236,7 +244,7 @@ def _extreme_eigenpairs(
     # all its 10 n restarts; by default it gets the n products A @ I would cost, and then the
     # dense path answers exactly, where that matrix is small (ours; experiments/README.md,
     # spectral17: 43 parameters, 7,332 products and no answer -> 86 products, exact).
-    budget = n if max_iter is None and n <= _DENSE_FALLBACK_MAX_N else None
+    budget = n if max_iter is None and n <= max_dense else None
     checked = _FiniteProducts(op, budget)
     try:
         values, vectors = eigsh(checked, k=int(k), which=which, v0=v0, tol=tol, maxiter=max_iter)
@@ -282,7 +290,12 @@ def _all_eigenpairs(op: LinearOperator, which: str) -> Eigenpairs:
 
 # A @ I in float64: 128 MiB at 4096; eigh with vectors 6.7 s at n = 3,110 and 16 s at 4,096 on
 # one loaded core, where ARPACK on a GGN's clustered bottom had no answer after 20 n products
-# (62,200, 37 s; its default 10 n restarts are ~18 products each) (spectral18; was 2048)
+# (62,200, 37 s; its default 10 n restarts are ~18 products each) (spectral18; was 2048).
+# A count, not bytes against free memory (leftovers19): eigh's time grows as n^3 and its memory
+# as n^2 (a peak of 4 n^2 float64s by tracemalloc at n = 1,024: I, A @ I, its symmetric part,
+# the vectors), so time binds first (8,192: 2 GiB but ~8x the 16 s), and a limit read from free
+# memory would send the same call down the dense path on one machine and ARPACK's on another.
+# ``max_dense`` moves it.
 _DENSE_FALLBACK_MAX_N = 4096
 
 
@@ -316,14 +329,20 @@ class _FiniteProducts(LinearOperator):
 
 
 def top_eigenpairs(
-    A: object, k: int = 1, *, tol: float = 0.0, max_iter: int | None = None, seed: Seed = 0
+    A: object,
+    k: int = 1,
+    *,
+    tol: float = 0.0,
+    max_iter: int | None = None,
+    seed: Seed = 0,
+    max_dense: int = _DENSE_FALLBACK_MAX_N,
 ) -> Eigenpairs:
     r"""The ``k`` largest (algebraic) eigenvalues of a symmetric ``A`` and their eigenvectors.
 
     Lanczos via :func:`scipy.sparse.linalg.eigsh` (``which='LA'``), started from a seeded
     Gaussian vector so the result is reproducible. By default (``max_iter=None``) an operator
-    of :math:`n \le 4096` gets ARPACK for the :math:`n` products that the dense ``A @ I``
-    costs; past them, the whole spectrum is taken from ``A @ I`` and
+    of :math:`n \le` ``max_dense`` (4096) gets ARPACK for the :math:`n` products that the
+    dense ``A @ I`` costs; past them, the whole spectrum is taken from ``A @ I`` and
     :func:`numpy.linalg.eigh` (exact, at most :math:`2n` products in all). ARPACK can stall
     for all its :math:`10n` restarts on a clustered end, a Gauss-Newton matrix's bottom
     above all (:func:`bottom_eigenpairs`).
@@ -339,16 +358,22 @@ def top_eigenpairs(
             ``n`` products ``A @ I`` and :func:`numpy.linalg.eigh`: ARPACK needs ``k < n``).
         tol: ARPACK's relative accuracy; ``0`` means machine precision of ``A``'s dtype.
         max_iter: ARPACK restarts allowed (``None``: SciPy's default, ``10 n``, and the dense
-            path above for :math:`n \le 4096`; an int: ARPACK alone, as asked).
+            path above for :math:`n \le` ``max_dense``; an int: ARPACK alone, as asked).
         seed: Seed for the start vector (int, numpy or torch generator).
+        max_dense: The largest :math:`n` given the dense path (``0``: never). A count, not
+            bytes: ``eigh``'s time grows as :math:`n^3` (16 s at 4,096 on one loaded core, so
+            about 8x that at twice :math:`n`), its memory as :math:`n^2` (a peak of
+            :math:`4n^2` float64s measured: 0.5 GiB at 4,096, 2 GiB at 8,192); raise it
+            where both can be spent.
 
     Returns:
         Eigenpairs: ``values`` in decreasing order, ``vectors`` ``(n, k)``.
 
     Raises:
-        ValueError: If ``k`` is not in ``[1, n]``, ``A`` is not square, a dense ``A`` is not
-            symmetric (naming the largest gap :math:`|A_{ij} - A_{ji}|`), ``seed`` is a
-            negative int, or every product of ``A`` is zero (almost surely the zero matrix).
+        ValueError: If ``k`` is not in ``[1, n]``, ``max_dense < 0``, ``A`` is not square, a
+            dense ``A`` is not symmetric (naming the largest gap :math:`|A_{ij} - A_{ji}|`),
+            ``seed`` is a negative int, or every product of ``A`` is zero (almost surely the
+            zero matrix).
         TypeError: For an ``A`` or ``seed`` of an unsupported type.
         scipy.sparse.linalg.ArpackNoConvergence: If ARPACK does not converge in ``max_iter``.
         FloatingPointError: If a product of ``A`` has a NaN or infinite entry.
@@ -358,11 +383,17 @@ def top_eigenpairs(
         >>> pairs.values.round(12), np.abs(pairs.vectors[:, 0]).round(6)
         (array([3.]), array([0.707107, 0.707107, 0.      ]))
     """
-    return _extreme_eigenpairs(A, k, "LA", tol, max_iter, seed)
+    return _extreme_eigenpairs(A, k, "LA", tol, max_iter, seed, max_dense)
 
 
 def bottom_eigenpairs(
-    A: object, k: int = 1, *, tol: float = 0.0, max_iter: int | None = None, seed: Seed = 0
+    A: object,
+    k: int = 1,
+    *,
+    tol: float = 0.0,
+    max_iter: int | None = None,
+    seed: Seed = 0,
+    max_dense: int = _DENSE_FALLBACK_MAX_N,
 ) -> Eigenpairs:
     r"""The ``k`` smallest (algebraic) eigenvalues of a symmetric ``A`` and their eigenvectors.
 
@@ -371,7 +402,7 @@ def bottom_eigenpairs(
     at a rate set by the relative gap :math:`(\lambda_2 - \lambda_1)/(\lambda_n - \lambda_1)`,
     often :math:`10^{-6}` at a Gauss-Newton matrix's bottom: there ARPACK stalls, and neither
     ``tol``, ``max_iter`` nor a shift :math:`A + cI` helps (the Krylov spaces are the same).
-    Up to :math:`n = 4096` the default falls back to the dense ``A @ I``
+    Up to :math:`n =` ``max_dense`` (4096) the default falls back to the dense ``A @ I``
     (:func:`top_eigenpairs`). Beyond, use shift-invert with a shift :math:`s` just below the
     bottom (for a PSD :math:`G`, :math:`s = -c` with :math:`c` about the size of the smallest
     eigenvalues) and MINRES for the inner solves (SciPy's default GMRES can stall)::
@@ -401,7 +432,7 @@ def bottom_eigenpairs(
         >>> bottom_eigenpairs(np.diag([-2.0, 0.5, 1.0, 3.0]), k=2).values
         array([-2. ,  0.5])
     """
-    return _extreme_eigenpairs(A, k, "SA", tol, max_iter, seed)
+    return _extreme_eigenpairs(A, k, "SA", tol, max_iter, seed, max_dense)
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,15 +590,16 @@ class SpectralDensity(NamedTuple):
     Every probe has :math:`\|z_j\|^2 = n`, so each row of ``weights`` sums to :math:`n`.
 
     With ``num_deflated`` :math:`= d > 0` each row starts with the :math:`d` deflated
-    eigenvalues, weight 1 each (exact), followed by the rule of the probe's Lanczos on the
-    deflated matrix, whose weights sum to :math:`n - d`: rows still sum to :math:`n`.
+    eigenvalues (in decreasing order), weight 1 each (exact), followed by the rule of the
+    probe's Lanczos on the deflated matrix, whose weights sum to :math:`n - d`: rows still
+    sum to :math:`n`.
     """
 
     nodes: np.ndarray  #: ``(m, d + num_steps)`` float64; NaN after a probe's ``num_nodes[j]``
     weights: np.ndarray  #: ``(m, d + num_steps)`` float64; 0 after a probe's ``num_nodes[j]``
     num_nodes: np.ndarray  #: ``(m,)`` int: :math:`d` + Lanczos steps (fewer on early breakdown)
     num_matvecs: int  #: products with the matrix spent (ARPACK's for the deflation included)
-    num_deflated: int = 0  #: :math:`d`, the top eigenpairs taken exactly (first in each row)
+    num_deflated: int = 0  #: :math:`d`, the eigenpairs taken exactly (first in each row)
 
     def _valid(self) -> np.ndarray:
         """``(m, num_steps)``: True where probe ``j`` has its ``i``-th node."""
@@ -664,6 +696,7 @@ def spectral_density(
     seed: Seed = None,
     batch_size: int = 32,
     num_deflated: int = 0,
+    deflate: Eigenpairs | Sequence[Eigenpairs] | None = None,
 ) -> SpectralDensity:
     r"""Stochastic Lanczos quadrature: the spectral density and :math:`\operatorname{tr} f(A)`.
 
@@ -699,6 +732,16 @@ def spectral_density(
     (experiments/README.md, spectral18). ARPACK's products count in ``num_matvecs``; each
     Lanczos step costs :math:`O(dn)` flops more.
 
+    ``deflate`` takes eigenpairs computed beforehand instead: the bottom end
+    (:func:`bottom_eigenpairs`: an indefinite Hessian's negative outliers), both ends
+    (``deflate=(top, bottom)``), or pairs computed once and reused over several densities
+    or shifts (an eigenvector of :math:`G` is one of ``G.damped(lam)``). Only their vectors
+    are used: each value is taken again as :math:`v_i^\top A v_i` of this ``A`` (:math:`d`
+    products, in ``num_matvecs``), and a pair whose residual :math:`\|Av_i - (v_i^\top A
+    v_i) v_i\|` exceeds :math:`\sqrt\epsilon\,\|A\|` (:math:`\|A\|` estimated by the
+    largest magnitude among those values and the nodes) is refused: the rule is unbiased
+    only where the vectors span an invariant subspace of ``A``.
+
     Args:
         A: A symmetric ``LinearOperator`` (e.g. :class:`~hessfree.GGNLinearOperator`,
             ``G.damped(lam)``), a product with ``matvec`` and ``shape``, or a dense matrix
@@ -717,6 +760,10 @@ def spectral_density(
             probes, 30 steps and a million parameters): lower it for a large model.
         num_deflated: :math:`d \ge 0`, the top (largest algebraic) eigenpairs to take out
             exactly, :math:`d < n`; Lanczos then takes at most :math:`n - d` steps.
+        deflate: Eigenpairs of ``A`` to take out instead of ``num_deflated``'s: an
+            :class:`Eigenpairs` (from :func:`top_eigenpairs` or :func:`bottom_eigenpairs`) or
+            a sequence of them (joined; their vectors must be orthonormal together, so the
+            two ends may not overlap), :math:`d < n` vectors in all.
 
     Returns:
         SpectralDensity: ``nodes``, ``weights`` and ``num_nodes`` per probe, ``num_matvecs``;
@@ -724,10 +771,12 @@ def spectral_density(
 
     Raises:
         ValueError: If ``num_probes < 1``, ``num_steps < 1``, ``batch_size < 1``,
-            ``num_deflated`` is not in :math:`[0, n - 1]`, ``probes`` is
-            unknown, ``seed`` is a negative int, ``A`` is not square, or ``A`` is not
-            symmetric (a dense one; an operator as soon as Lanczos shows it, to
-            :math:`\sqrt\epsilon \|A\|`).
+            ``num_deflated`` is not in :math:`[0, n - 1]`, ``deflate`` is given with
+            ``num_deflated`` > 0, holds vectors of another length, :math:`n` or more of them,
+            vectors that are not orthonormal or not finite, or pairs that are not ``A``'s
+            (their residual, above), ``probes`` is unknown, ``seed`` is a negative int, ``A``
+            is not square, or ``A`` is not symmetric (a dense one; an operator as soon as
+            Lanczos shows it, to :math:`\sqrt\epsilon \|A\|`).
         TypeError: For an ``A`` or ``seed`` of an unsupported type, or a complex ``A``.
         FloatingPointError: If a product of ``A`` has a NaN or infinite entry.
 
@@ -764,10 +813,19 @@ def spectral_density(
     op = _as_operator(A)
     rng, n, dtype = _rng(seed), op.shape[0], _probe_dtype(op)
     d = check_int("num_deflated", num_deflated, low=0)
+    given = None if deflate is None else _given_vectors(deflate, n, d, dtype)
+    if given is not None:
+        d = given.shape[1]
     if d >= n:
         raise ValueError(
-            f"`num_deflated` must be in [0, {n - 1}] for an operator of size {n}, got {d!r}; "
-            f"for the whole spectrum take top_eigenpairs(A, k={n}) (exact, {n} products)."
+            (
+                f"`deflate` must hold at most {n - 1} eigenpairs of an operator of size {n}, "
+                f"got {d!r}"
+                if given is not None
+                else f"`num_deflated` must be in [0, {n - 1}] for an operator of size {n}, "
+                f"got {d!r}"
+            )
+            + f"; for the whole spectrum take top_eigenpairs(A, k={n}) (exact, {n} products)."
         )
     if d and probes == "rademacher":
         raise ValueError(
@@ -779,7 +837,23 @@ def spectral_density(
     gaussian = probes == "gaussian" or (probes is None and d > 0)
     _check_symmetric(A, "Lanczos quadrature")
     spent, lanczos_op, norm_floor = 0, op, 0.0
-    if d:
+    if given is not None:
+        # this A's values of the given vectors (Rayleigh quotients) and their residuals
+        AV = np.asarray(_matmat(op, given.astype(op.dtype, copy=False), batch_size))
+        AV = AV.astype(np.float64, copy=False)
+        if not np.isfinite(AV).all():
+            raise FloatingPointError(
+                "A product A @ v of a deflated vector had a NaN or infinite entry; check the "
+                "model, data and damping for NaN/Inf."
+            )
+        values = np.einsum("ij,ij->j", given, AV)
+        residuals = np.linalg.norm(AV - given * values, axis=0)
+        order = np.argsort(values)[::-1]
+        top = Eigenpairs(values[order], given[:, order])
+        residuals = residuals[order]
+        spent, lanczos_op = d, _Deflated(op, top.vectors)
+        norm_floor = float(np.abs(top.values).max())
+    elif d:
         counted = _Counted(op)
         top = _extreme_eigenpairs(counted, d, "LA", 0.0, None, rng)
         spent, lanczos_op = counted.count, _Deflated(op, top.vectors)
@@ -810,8 +884,78 @@ def spectral_density(
             nodes[row, d : d + s], weights[row, d : d + s] = theta, (n - d) * U[0] ** 2
             num_nodes[row] = d + s
         start += b
+    if given is not None:
+        _refuse_non_invariant(top, residuals, nodes, dtype)
     lanczos_steps = int(num_nodes.sum()) - m * d
     return SpectralDensity(nodes, weights, num_nodes, spent + lanczos_steps, d)
+
+
+def _given_vectors(deflate: object, n: int, d: int, dtype: np.dtype) -> np.ndarray:
+    """``spectral_density``'s ``deflate``: the vectors of the given eigenpairs as one float64
+    ``(n, d)`` array with orthonormal columns, checked."""
+    if d:
+        raise ValueError(
+            f"Pass `deflate` (eigenpairs computed beforehand) or `num_deflated` (the top "
+            f"{d}, computed here), not both."
+        )
+    pairs = [deflate] if isinstance(deflate, Eigenpairs) else deflate
+    if not isinstance(pairs, list | tuple) or not pairs:
+        raise TypeError(
+            "`deflate` must be an Eigenpairs (top_eigenpairs(A, k) or bottom_eigenpairs(A, k)) "
+            f"or a non-empty list or tuple of them, got {type(deflate).__name__}."
+        )
+    blocks = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, Eigenpairs):
+            raise TypeError(
+                f"`deflate[{i}]` must be an Eigenpairs (from top_eigenpairs or "
+                f"bottom_eigenpairs), got {type(pair).__name__}."
+            )
+        V = np.asarray(pair.vectors)
+        if V.ndim != 2 or V.shape[0] != n or V.shape[1] < 1:
+            raise ValueError(
+                f"`deflate`'s vectors must have shape ({n}, k >= 1) for an operator of size "
+                f"{n}, got {V.shape}."
+            )
+        if np.iscomplexobj(V) or not np.issubdtype(V.dtype, np.number):
+            raise TypeError(f"`deflate`'s vectors must be real, got dtype {V.dtype}.")
+        blocks.append(V.astype(np.float64))
+    V = np.hstack(blocks)
+    if not np.isfinite(V).all():
+        raise ValueError("`deflate`'s vectors have a NaN or infinite entry.")
+    if V.shape[1] >= n:
+        return V  # the caller's count check words it
+    tol = math.sqrt(np.finfo(np.result_type(dtype, np.float32)).eps)
+    gram = V.T @ V - np.eye(V.shape[1])
+    worst = np.unravel_index(int(np.abs(gram).argmax()), gram.shape)
+    if abs(gram[worst]) > tol:
+        i, j = worst
+        raise ValueError(
+            f"`deflate`'s vectors must be orthonormal (to {tol:.1e}): v_{i}^T v_{j} "
+            f"{'- 1 ' if i == j else ''}is {gram[worst]:.3g}. Is a pair given twice, or do "
+            "the ends overlap (top and bottom eigenpairs sharing vectors)? Take fewer from "
+            "each end."
+        )
+    return V
+
+
+def _refuse_non_invariant(
+    pairs: Eigenpairs, residuals: np.ndarray, nodes: np.ndarray, dtype: np.dtype
+) -> None:
+    r"""Refuse given eigenpairs whose residual is above :math:`\sqrt\epsilon\,\|A\|`."""
+    finite = nodes[np.isfinite(nodes)]
+    norm = max(float(np.abs(pairs.values).max()), float(np.abs(finite).max(initial=0.0)))
+    tol = math.sqrt(np.finfo(np.result_type(dtype, np.float32)).eps) * norm
+    worst = int(residuals.argmax())
+    if residuals[worst] > tol:
+        raise ValueError(
+            f"`deflate` holds a vector that is not an eigenvector of `A`: "
+            f"||A v - (v^T A v) v|| = {residuals[worst]:.3g} for v^T A v = "
+            f"{pairs.values[worst]:.6g}, above {tol:.3g} (sqrt(eps) ||A||, ||A|| ~ {norm:.3g}). "
+            "Deflation is exact only for eigenpairs of this A (an eigenvector of G is one of "
+            "G.damped(lam), not of another model's or batch's matrix): compute them with "
+            "top_eigenpairs(A, k) / bottom_eigenpairs(A, k)."
+        )
 
 
 class _Counted(LinearOperator):
