@@ -57,7 +57,12 @@ phases named as the methods that run them:
    tries, none whose first-order decrease :math:`t|g^\top p|` is within the float resolution:
    ours), else the step is rejected; after an accepted full step with :math:`\rho > 1.05` on a
    deterministic objective, rates 2, 4, ... while the objective keeps falling
-   (``extrapolate``, ours). A step that changed the objective by less than
+   (``extrapolate``, ours). A search on an objective seen deterministic that failed down to
+   that resolution limit, where the smallest rate's deviation from the model shows the loss's
+   rounding noise :math:`\sigma > 2\delta` and the whole step predicts no more than
+   :math:`\sigma`, is ``'converged'`` (``converged_by='rounding_noise'``, ``_noise_floor``,
+   ours): nothing moves, :math:`\lambda` stays, and later steps at that point stop after their
+   first closure call. A step that changed the objective by less than
    ``tolerance_change``, or every parameter by at most that, is ``'converged'`` (LBFGS's
    no-progress tests; ours, not the paper's) and was still applied (``accepted``): LBFGS ends
    one ``step()`` call of up to ``max_iter`` iterations on them and goes on at the next.
@@ -615,7 +620,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             convergence should stop at a ``'converged'`` step that is not ``accepted`` (as
             ``hessfree run`` does). A step
             below the objective's float resolution is ``'converged'`` whatever the tolerances
-            (``StepInfo.converged_by``).
+            (``StepInfo.converged_by``), and so is a step whose line search failed inside the
+            loss's measured rounding noise (``'rounding_noise'``).
         max_iter: HF steps per :meth:`step` call, as ``torch.optim.LBFGS``'s ``max_iter`` is
             its iterations per call (so a loop that calls ``step`` once with
             ``max_iter=N``, as PINN codes do with LBFGS, trains for up to N steps). The
@@ -1718,6 +1724,13 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             return self._finish(run, StepStatus.CONVERGED)
         if not (run.lr.any() if isinstance(run.lr, Tensor) else run.lr):
             return self._finish(run, StepStatus.ZERO_LR)  # nothing could move
+        if state.pop("noise_floor", None) == [run.f0, g_norm, run.damping]:
+            # the point where a line search measured the loss's rounding noise above the
+            # whole step's prediction (_noise_floor): the same loss, gradient and λ give the
+            # same verdict; without a CG solve or line search ("noise19")
+            state["noise_floor"] = [run.f0, g_norm, run.damping]
+            run.report["converged_by"] = Convergence.ROUNDING_NOISE
+            return self._finish(run, StepStatus.CONVERGED)
         curvature_evaluation = evaluation
         if curvature_closure is not None:
             curvature_evaluation = self._first_call(
@@ -2245,6 +2258,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 new = pol.after_step(lam, rho)
                 return pol.clip(min(new, lam)) if hold else new
 
+            kept = {k: state[k] for k in ("damping", "damping_unfloored") if k in state}
+
             self._adapt_damping(state, run.damping, after_step)
             # λ's share of the step: ½λ‖p‖² over ½pᵀCp of the undamped model
             slope = at.slope
@@ -2258,11 +2273,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 self._adapt_damping(state, state["damping"], lambda pol, lam: pol.clip(lam * extra))
 
             # ---- 5. line search: Armijo along the backtracked step ----
-            smallest = [1.0]  # the smallest rate tried (a failed search's bound on Δ)
+            # the smallest rate tried (a failed search's bound on Δ) and f there
+            smallest = [1.0, f_chosen]
 
             def along(t: float) -> float:
-                smallest[0] = min(smallest[0], t)
-                return objective(p, t)
+                f_t = objective(p, t)
+                if t < smallest[0]:
+                    smallest[:] = t, f_t
+                return f_t
 
             rate, f_new = self._line_search(
                 along,
@@ -2279,7 +2297,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     self._adapt_damping(
                         state, state["damping"], lambda pol, lam: pol.clip(lam / rate)
                     )
-            if run.bounded:
+            noise = (
+                rate == 0.0
+                and not trial_non_finite
+                and self._noise_floor(run, slope, predicted, f_chosen, *smallest)
+            )
+            if noise:  # λ and Δ as they were: a step that cannot be measured says nothing
+                state.update(kept)
+            elif run.bounded:
                 self._update_radius(state, result, chosen, p, rho, rate, smallest[0])
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
@@ -2298,6 +2323,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         tolerance_change = settings.tolerance_change
         if rate == 0.0:
             state.pop("good_streak", None)
+            if noise:  # λ stays: a larger one would only shorten a step that cannot be measured
+                return self._finish(run, StepStatus.CONVERGED)
             if not hold:  # nor does a rejection within the mask noise
                 self._adapt_damping(
                     state, state["damping"], lambda pol, lam: pol.after_rejection(lam)
@@ -2315,6 +2342,73 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             status = StepStatus.CONVERGED
             run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
+
+    def _noise_floor(
+        self,
+        run: _StepRun,
+        slope: float,
+        predicted: float,
+        f_full: float,
+        t_min: float,
+        f_min: float,
+    ) -> bool:
+        r"""Phase 5, after no rate passed: whether the step failed in the objective's rounding
+        noise, not for want of a better model or :math:`\lambda` (ours, "noise19"). If so, the
+        step is ``'converged'`` (``converged_by='rounding_noise'``) and the point is remembered
+        in ``state['noise_floor']`` (loss, gradient norm, :math:`\lambda`): later steps there
+        stop after their first closure call.
+
+        The Armijo search tries no rate whose first-order change :math:`t|s|` is within the
+        float resolution :math:`\delta`; when it failed down to that limit
+        (:math:`\text{shrink}\cdot t_{\min}|s| \le \delta`), the smallest rate's
+        deviation from the undamped model along :math:`p`,
+
+        .. math:: \sigma = f(t_{\min}) - f_0 - q(t_{\min}),\qquad
+            q(t) = t s + t^2 (\Delta q - s),
+
+        is rounding noise where it exceeds :math:`2\delta` (a smooth :math:`f` rounded to a
+        few ulps stays within :math:`\delta` of a model whose change there is about
+        :math:`\delta`) **and** does not grow from :math:`t_{\min}` to the full step as a
+        model error does (as :math:`t^2` for Gauss-Newton's missing term, :math:`t^3` for the
+        Hessian's): the full step's deviation :math:`f(1) - f_0 - \Delta q` must be at most
+        :math:`\sigma / t_{\min}`. A whole step whose model decreases by at most
+        :math:`\sigma` (:math:`\max_{0 \le t \le 1} -q(t)`, :math:`-\Delta q` where the model
+        is convex along :math:`p` up to the full step) is then within the noise: no
+        evaluation of :math:`f` can confirm a decrease of that size, and raising
+        :math:`\lambda` (the rejection's answer) only shortens it. Measured on a badly scaled
+        float32 least-squares problem: ~178 failed line searches, :math:`\lambda` cycling
+        6e9-2e10, at a point whose float32 loss has rounding noise of ~700 :math:`\delta`
+        among its 1-ulp neighbours ("fullbatch16"); the first failed search there measures
+        :math:`\sigma` = 969 :math:`\delta` against a whole step of 11.7 :math:`\delta`. Only
+        on an objective seen deterministic (a mini-batch's changes are sampling, not
+        rounding), without structural damping or a replayed random draw.
+        """
+        state, settings = run.state, self.settings
+        if (
+            state.get("deterministic") is not True
+            or run.structural_damping > 0
+            or math.isfinite(run.mask_noise)
+            or settings.line_search is None
+            or not (slope < 0.0 and math.isfinite(predicted))
+        ):
+            return False
+        delta = _damping.resolution(run.f_base, torch.finfo(run.loss0.dtype).eps)
+        if not settings.line_search_shrink * t_min * -slope <= delta:
+            return False  # the search stopped at its try limit, not at the resolution
+        curvature = predicted - slope  # ½pᵀCp
+
+        def q(t: float) -> float:
+            return t * slope + t * t * curvature
+
+        sigma = f_min - run.f_base - q(t_min)
+        full = f_full - run.f_base - predicted
+        # the model's largest decrease along p for t in [0, 1] (Δq unless it turns up before 1)
+        best = q(min(1.0, -slope / (2.0 * curvature))) if curvature > 0.0 else predicted
+        if not (sigma > 2.0 * delta and full <= sigma / t_min and -best <= sigma):
+            return False
+        state["noise_floor"] = [run.f0, run.report["grad_norm"], run.damping]
+        run.report["converged_by"] = Convergence.ROUNDING_NOISE
+        return True
 
     #: study switches ("unseen18"): trial calls keep the buffers a forward writes; f(θ0)
     #: re-evaluated as a trial where the step's call wrote such buffers
@@ -2451,6 +2545,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 state.pop(key, None)
         else:
             state.pop("floor_checked", None)  # a new point: _floor_check runs there afresh
+            state.pop("noise_floor", None)
         info = StepInfo(
             loss=run.f0,
             loss_after=run.f0 if loss_after is None else loss_after,
