@@ -59,10 +59,12 @@ phases named as the methods that run them:
    deterministic objective, rates 2, 4, ... while the objective keeps falling
    (``extrapolate``, ours). A search on an objective seen deterministic that failed down to
    that resolution limit, where the smallest rate's deviation from the model shows the loss's
-   rounding noise :math:`\sigma > 2\delta` and the whole step predicts no more than
-   :math:`\sigma`, is ``'converged'`` (``converged_by='rounding_noise'``, ``_noise_floor``,
-   ours): nothing moves, :math:`\lambda` stays, and later steps at that point stop after their
-   first closure call. A step that changed the objective by less than
+   rounding noise :math:`\sigma > 2\delta` (``_measure_noise``, ours), has the next step at
+   that point solve the model at :math:`\lambda`'s floor after its own CG
+   (``_noise_check``): where that predicts no more than :math:`\sigma`, the step is
+   ``'converged'`` (``converged_by='rounding_noise'``) before phases 3-5, nothing moves,
+   :math:`\lambda` stays, and later steps at that point stop after their first closure call.
+   A step that changed the objective by less than
    ``tolerance_change``, or every parameter by at most that, is ``'converged'`` (LBFGS's
    no-progress tests; ours, not the paper's) and was still applied (``accepted``): LBFGS ends
    one ``step()`` call of up to ``max_iter`` iterations on them and goes on at the next.
@@ -1724,13 +1726,12 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             return self._finish(run, StepStatus.CONVERGED)
         if not (run.lr.any() if isinstance(run.lr, Tensor) else run.lr):
             return self._finish(run, StepStatus.ZERO_LR)  # nothing could move
-        if state.pop("noise_floor", None) == [run.f0, g_norm, run.damping]:
-            # the point where a line search measured the loss's rounding noise above the
-            # whole step's prediction (_noise_floor): the same loss, gradient and λ give the
-            # same verdict; without a CG solve or line search ("noise19")
-            state["noise_floor"] = [run.f0, g_norm, run.damping]
+        if state.get("noise_floor") == [run.f0, g_norm]:
+            # the point _noise_check found inside the loss's rounding noise: the same loss and
+            # gradient give the same verdict, without a CG solve or line search ("noise19")
             run.report["converged_by"] = Convergence.ROUNDING_NOISE
             return self._finish(run, StepStatus.CONVERGED)
+        state.pop("noise_floor", None)
         curvature_evaluation = evaluation
         if curvature_closure is not None:
             curvature_evaluation = self._first_call(
@@ -1808,6 +1809,10 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 )
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, what)
         result = self._floor_check(curvature, product, evaluation, g, run, closure, result)
+        if self._noise_check(curvature, product, evaluation, g, run, closure):
+            run.lap("solve")  # within the rounding noise: no line search, nothing moves
+            run.report["converged_by"] = Convergence.ROUNDING_NOISE
+            return self._finish(run, StepStatus.CONVERGED)
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
         if result.reason is CGStop.NEGATIVE_CURVATURE and type(product) is GGNProduct:
             # the same on every rank: CG's scalars come from averaged products (bigblock)
@@ -2258,8 +2263,6 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 new = pol.after_step(lam, rho)
                 return pol.clip(min(new, lam)) if hold else new
 
-            kept = {k: state[k] for k in ("damping", "damping_unfloored") if k in state}
-
             self._adapt_damping(state, run.damping, after_step)
             # λ's share of the step: ½λ‖p‖² over ½pᵀCp of the undamped model
             slope = at.slope
@@ -2297,14 +2300,9 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     self._adapt_damping(
                         state, state["damping"], lambda pol, lam: pol.clip(lam / rate)
                     )
-            noise = (
-                rate == 0.0
-                and not trial_non_finite
-                and self._noise_floor(run, slope, predicted, f_chosen, *smallest)
-            )
-            if noise:  # λ and Δ as they were: a step that cannot be measured says nothing
-                state.update(kept)
-            elif run.bounded:
+            if rate == 0.0 and not trial_non_finite:  # measures the noise for the next step
+                self._measure_noise(run, slope, predicted, f_chosen, *smallest)
+            if run.bounded:
                 self._update_radius(state, result, chosen, p, rho, rate, smallest[0])
             _move(params, theta0, layout, p, rate, run.lr)
             run.lap("line_search")
@@ -2323,8 +2321,6 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         tolerance_change = settings.tolerance_change
         if rate == 0.0:
             state.pop("good_streak", None)
-            if noise:  # λ stays: a larger one would only shorten a step that cannot be measured
-                return self._finish(run, StepStatus.CONVERGED)
             if not hold:  # nor does a rejection within the mask noise
                 self._adapt_damping(
                     state, state["damping"], lambda pol, lam: pol.after_rejection(lam)
@@ -2343,7 +2339,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
 
-    def _noise_floor(
+    def _measure_noise(
         self,
         run: _StepRun,
         slope: float,
@@ -2351,12 +2347,12 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         f_full: float,
         t_min: float,
         f_min: float,
-    ) -> bool:
-        r"""Phase 5, after no rate passed: whether the step failed in the objective's rounding
-        noise, not for want of a better model or :math:`\lambda` (ours, "noise19"). If so, the
-        step is ``'converged'`` (``converged_by='rounding_noise'``) and the point is remembered
-        in ``state['noise_floor']`` (loss, gradient norm, :math:`\lambda`): later steps there
-        stop after their first closure call.
+    ) -> None:
+        r"""Phase 5, after no rate passed: whether the search failed in the objective's rounding
+        noise :math:`\sigma`; if so, :math:`\sigma` is kept for the next step at this point
+        (``state['noise_sigma']``: loss, gradient norm, :math:`\sigma`), whose
+        :meth:`_noise_check` decides whether the point is a floor (ours, "noise19"). This
+        step itself ends as before (``line_search_failed``, :math:`\lambda` raised).
 
         The Armijo search tries no rate whose first-order change :math:`t|s|` is within the
         float resolution :math:`\delta`; when it failed down to that limit
@@ -2371,43 +2367,91 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         :math:`\delta`) **and** does not grow from :math:`t_{\min}` to the full step as a
         model error does (as :math:`t^2` for Gauss-Newton's missing term, :math:`t^3` for the
         Hessian's): the full step's deviation :math:`f(1) - f_0 - \Delta q` must be at most
-        :math:`\sigma / t_{\min}`. A whole step whose model decreases by at most
-        :math:`\sigma` (:math:`\max_{0 \le t \le 1} -q(t)`, :math:`-\Delta q` where the model
-        is convex along :math:`p` up to the full step) is then within the noise: no
-        evaluation of :math:`f` can confirm a decrease of that size, and raising
-        :math:`\lambda` (the rejection's answer) only shortens it. Measured on a badly scaled
-        float32 least-squares problem: ~178 failed line searches, :math:`\lambda` cycling
-        6e9-2e10, at a point whose float32 loss has rounding noise of ~700 :math:`\delta`
-        among its 1-ulp neighbours ("fullbatch16"); the first failed search there measures
-        :math:`\sigma` = 969 :math:`\delta` against a whole step of 11.7 :math:`\delta`. Only
-        on an objective seen deterministic (a mini-batch's changes are sampling, not
-        rounding), without structural damping or a replayed random draw.
+        :math:`\sigma / t_{\min}`. Kept only where the undamped model along the whole line
+        offers at most :math:`\sigma` too, :math:`-\min_t q(t) = s^2 / (2 p^\top C p) \le
+        \sigma` (beyond :math:`t = 1` where :math:`\lambda` shortened the step; not where
+        :math:`p^\top C p \le 0`), and once per point. Measured on a badly scaled float32
+        least-squares problem: ~178 failed line searches, :math:`\lambda` cycling 6e9-2e10,
+        at a point whose float32 loss has rounding noise of ~700 :math:`\delta` among its
+        1-ulp neighbours ("fullbatch16"); its first failed search measures :math:`\sigma` =
+        969 :math:`\delta` against a whole step of 11.7 :math:`\delta`. Only on an objective
+        seen deterministic (a mini-batch's changes are sampling, not rounding), without
+        structural damping or a replayed random draw.
         """
         state, settings = run.state, self.settings
+        point = [run.f0, run.report["grad_norm"]]
         if (
             state.get("deterministic") is not True
             or run.structural_damping > 0
             or math.isfinite(run.mask_noise)
             or settings.line_search is None
+            or state.get("noise_checked") == point
             or not (slope < 0.0 and math.isfinite(predicted))
         ):
-            return False
+            return
         delta = _damping.resolution(run.f_base, torch.finfo(run.loss0.dtype).eps)
         if not settings.line_search_shrink * t_min * -slope <= delta:
-            return False  # the search stopped at its try limit, not at the resolution
+            return  # the search stopped at its try limit, not at the resolution
         curvature = predicted - slope  # ½pᵀCp
-
-        def q(t: float) -> float:
-            return t * slope + t * t * curvature
-
-        sigma = f_min - run.f_base - q(t_min)
+        if not curvature > 0.0:
+            return  # the undamped model falls without bound along p: no floor to judge
+        sigma = f_min - run.f_base - (t_min * slope + t_min * t_min * curvature)
         full = f_full - run.f_base - predicted
-        # the model's largest decrease along p for t in [0, 1] (Δq unless it turns up before 1)
-        best = q(min(1.0, -slope / (2.0 * curvature))) if curvature > 0.0 else predicted
-        if not (sigma > 2.0 * delta and full <= sigma / t_min and -best <= sigma):
+        line_min = slope * slope / (4.0 * curvature)  # −min_t q(t), at t* = −s / 2(½pᵀCp)
+        if sigma > 2.0 * delta and full <= sigma / t_min and line_min <= sigma:
+            state["noise_sigma"] = [*point, sigma]
+
+    def _noise_check(
+        self,
+        curvature: MatVec,
+        product: object,
+        evaluation: _Evaluation,
+        g: Tensor,
+        run: _StepRun,
+        closure: Closure,
+    ) -> bool:
+        r"""Phase 2, at a point where the last step's failed search measured the rounding
+        noise :math:`\sigma` (:meth:`_measure_noise`): whether the model offers no decrease
+        above it, so that no evaluation of :math:`f` could confirm one (ours, "noise19").
+
+        As :meth:`_floor_check` with :math:`\sigma` for :math:`\delta`: CG runs from zero
+        with :math:`\lambda` at its floor (``min_damping``), rtol 0, no trust radius,
+        preconditioner or objective checks; a floor only where it ends on positive curvature
+        with a predicted decrease within :math:`\sigma` (the Newton decrement over the Krylov
+        space, Boyd & Vandenberghe 2004, §9.5.1, at the noise's tolerance). Not the step's
+        own :math:`p`: a step that :math:`\lambda`, the forcing term or the trust radius held
+        short offers less than the model does (a one-iteration, trust-radius-bound step 12,600
+        :math:`\delta` above the float64 optimum offered 20 :math:`\delta`). A floor is
+        ``'converged'`` (``converged_by='rounding_noise'``): nothing moves, :math:`\lambda`
+        and the trust radius stay, and the point (loss, gradient norm) is remembered in
+        ``state['noise_floor']``, so later steps there stop after their first closure call;
+        otherwise the step goes on as it would have, and the point is not checked again
+        (``state['noise_checked']``) until a step is accepted.
+        """
+        state = run.state
+        noted = state.pop("noise_sigma", None)
+        point = [run.f0, run.report["grad_norm"]]
+        if noted is None or noted[:2] != point or run.structural_damping > 0:
             return False
-        state["noise_floor"] = [run.f0, run.report["grad_norm"], run.damping]
-        run.report["converged_by"] = Convergence.ROUNDING_NOISE
+        sigma = noted[2]
+        state["noise_checked"] = point
+        lam = run.damping
+        low = min(lam, self._damping_policy(state).min_damping)
+        trials = dict(run.trials)
+        run.damping = low
+        try:
+            checked = self._solve(curvature, product, evaluation, g, run, closure, check=True)
+        finally:
+            run.damping = lam
+            run.trials.clear()
+            run.trials.update(trials)
+        run.report["cg_matvecs"] += checked.num_matvec
+        if checked.reason in (CGStop.NON_FINITE, CGStop.NEGATIVE_CURVATURE):
+            return False
+        at = _AtChosen.read(g, checked, len(checked.iterates) - 1, run)
+        if not abs(at.phi - 0.5 * low * at.pDp) <= sigma:
+            return False
+        state["noise_floor"] = point
         return True
 
     #: study switches ("unseen18"): trial calls keep the buffers a forward writes; f(θ0)
@@ -2545,7 +2589,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 state.pop(key, None)
         else:
             state.pop("floor_checked", None)  # a new point: _floor_check runs there afresh
-            state.pop("noise_floor", None)
+            for key in ("noise_floor", "noise_sigma", "noise_checked"):
+                state.pop(key, None)
         info = StepInfo(
             loss=run.f0,
             loss_after=run.f0 if loss_after is None else loss_after,
