@@ -36,7 +36,8 @@ class StepStatus(str, enum.Enum):
     #: ``tolerance_change`` (it was still applied), or a rejected step whose full length
     #: (× ``lr``) was at most ``tolerance_change`` in every parameter; or a step whose actual
     #: and predicted changes were below the objective's float resolution (not taken), or one
-    #: whose line search failed inside the loss's measured rounding noise (not taken).
+    #: at a point where the last line search failed inside the loss's measured rounding noise
+    #: and the model offers no more than that noise (not taken).
     #: ``StepInfo.converged_by`` says which (a :class:`Convergence`).
     CONVERGED = "converged"
     #: No rate passed the line search, or the step was not a descent direction, or the step
@@ -79,12 +80,12 @@ class Convergence(str, enum.Enum):
     #: float resolution (:func:`hessfree.damping.below_resolution`): the step was not taken and
     #: :math:`\lambda` is unchanged (a float32 loss at its floor; about two closure calls).
     FLOAT_RESOLUTION = "float_resolution"
-    #: A line search on an objective seen deterministic failed down to the rate whose
-    #: first-order change is the float resolution :math:`\delta`, where the objective differed
-    #: from the model by :math:`\sigma > 2\delta` (its rounding noise), and the whole step
-    #: predicted no more than :math:`\sigma`: nothing moved, :math:`\lambda` is unchanged, and
-    #: later steps at the same point (same loss, gradient norm and :math:`\lambda`) stop after
-    #: one closure call ("noise19").
+    #: The last step's line search, on an objective seen deterministic, failed down to the
+    #: rate whose first-order change is the float resolution :math:`\delta`, where the
+    #: objective differed from the model by :math:`\sigma > 2\delta` (its rounding noise), and
+    #: at the same point the model solved at :math:`\lambda`'s floor predicts no more than
+    #: :math:`\sigma`: nothing moved, :math:`\lambda` is unchanged, and later steps at that
+    #: point (same loss and gradient norm) stop after one closure call ("noise19").
     ROUNDING_NOISE = "rounding_noise"
 
     def __str__(self) -> str:

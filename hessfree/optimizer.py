@@ -622,8 +622,9 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             convergence should stop at a ``'converged'`` step that is not ``accepted`` (as
             ``hessfree run`` does). A step
             below the objective's float resolution is ``'converged'`` whatever the tolerances
-            (``StepInfo.converged_by``), and so is a step whose line search failed inside the
-            loss's measured rounding noise (``'rounding_noise'``).
+            (``StepInfo.converged_by``), and so is a step at a point where a failed line
+            search measured the loss's rounding noise above what the model offers
+            (``'rounding_noise'``).
         max_iter: HF steps per :meth:`step` call, as ``torch.optim.LBFGS``'s ``max_iter`` is
             its iterations per call (so a loop that calls ``step`` once with
             ``max_iter=N``, as PINN codes do with LBFGS, trains for up to N steps). The
@@ -1869,7 +1870,6 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         ):
             return result
         lam = run.damping
-        low = min(lam, self._damping_policy(state).min_damping)
         last = len(result.iterates) - 1
         at = run.at_last = _AtChosen.read(g, result, last, run)  # phase 4 reuses it
         damped = 0.5 * lam * at.pDp
@@ -1878,6 +1878,27 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         delta = _damping.resolution(run.f_base, eps)
         if not abs(predicted) <= delta or self._damping_dominates(damped, predicted - at.slope):
             return result
+        change, products = self._change_at_floor(curvature, product, evaluation, g, run, closure)
+        state["floor_checked"] = abs(change) <= delta
+        return dataclasses.replace(result, num_matvec=result.num_matvec + products)
+
+    def _change_at_floor(
+        self,
+        curvature: MatVec,
+        product: object,
+        evaluation: _Evaluation,
+        g: Tensor,
+        run: _StepRun,
+        closure: Closure,
+    ) -> tuple[float, int]:
+        r"""The undamped model's change at a plain CG solve with :math:`\lambda` at its floor
+        (``min_damping``): from zero, rtol 0 (§4.4's progress rule, negative curvature or
+        ``cg_max_iter`` stop it), no trust radius, preconditioner or objective checks; NaN
+        where it ends on negative curvature (no minimum of the model) or a non-finite value.
+        With the products it made. :meth:`_floor_check` and :meth:`_noise_check` compare it
+        with their tolerances; the step's own CG result, trials and :math:`\lambda` stay."""
+        lam = run.damping
+        low = min(lam, self._damping_policy(run.state).min_damping)
         trials = dict(run.trials)
         run.damping = low
         try:
@@ -1886,12 +1907,10 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             run.damping = lam
             run.trials.clear()
             run.trials.update(trials)
-        floor = checked.reason not in (CGStop.NON_FINITE, CGStop.NEGATIVE_CURVATURE)
-        if floor:
-            at_check = _AtChosen.read(g, checked, len(checked.iterates) - 1, run)
-            floor = abs(at_check.phi - 0.5 * low * at_check.pDp) <= delta
-        state["floor_checked"] = floor
-        return dataclasses.replace(result, num_matvec=result.num_matvec + checked.num_matvec)
+        if checked.reason in (CGStop.NON_FINITE, CGStop.NEGATIVE_CURVATURE):
+            return math.nan, checked.num_matvec
+        at = _AtChosen.read(g, checked, len(checked.iterates) - 1, run)
+        return at.phi - 0.5 * low * at.pDp, checked.num_matvec
 
     @staticmethod
     def _curvature_overflowed(curvature: MatVec, g: Tensor, g_max: float) -> bool:
@@ -2433,23 +2452,10 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         point = [run.f0, run.report["grad_norm"]]
         if noted is None or noted[:2] != point or run.structural_damping > 0:
             return False
-        sigma = noted[2]
         state["noise_checked"] = point
-        lam = run.damping
-        low = min(lam, self._damping_policy(state).min_damping)
-        trials = dict(run.trials)
-        run.damping = low
-        try:
-            checked = self._solve(curvature, product, evaluation, g, run, closure, check=True)
-        finally:
-            run.damping = lam
-            run.trials.clear()
-            run.trials.update(trials)
-        run.report["cg_matvecs"] += checked.num_matvec
-        if checked.reason in (CGStop.NON_FINITE, CGStop.NEGATIVE_CURVATURE):
-            return False
-        at = _AtChosen.read(g, checked, len(checked.iterates) - 1, run)
-        if not abs(at.phi - 0.5 * low * at.pDp) <= sigma:
+        change, products = self._change_at_floor(curvature, product, evaluation, g, run, closure)
+        run.report["cg_matvecs"] += products
+        if not abs(change) <= noted[2]:  # σ; NaN (negative curvature): no floor
             return False
         state["noise_floor"] = point
         return True
