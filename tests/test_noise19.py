@@ -1,12 +1,12 @@
 """A failed line search inside the loss's rounding noise ends the run ('noise19').
 
-``HessianFree._noise_floor``: after a line search that failed down to the float resolution δ
-on an objective seen deterministic, the smallest rate's deviation σ from the model is the
-loss's rounding noise where it exceeds 2δ and does not grow like a model error; a whole step
-predicting no more than σ is ``'converged'`` (``converged_by='rounding_noise'``), λ kept, and
-later steps at the same point stop after one closure call. Oracles: ``numpy.linalg.lstsq``,
-closed-form quadratic minima, ``scipy.optimize.rosen`` (minimum 0 at ones), all in float64.
-"""
+``HessianFree._measure_noise``: after a line search that failed down to the float resolution
+δ on an objective seen deterministic, the smallest rate's deviation σ from the model is the
+loss's rounding noise where it exceeds 2δ and does not grow like a model error; the next step
+at that point solves the model at λ's floor (``_noise_check``) and, where that predicts no
+more than σ, is ``'converged'`` (``converged_by='rounding_noise'``), λ kept; later steps there
+stop after one closure call. Oracles: ``numpy.linalg.lstsq``, closed-form quadratic minima,
+``scipy.optimize.rosen`` (minimum 0 at ones), all in float64."""
 
 from __future__ import annotations
 
