@@ -35,7 +35,9 @@ class StepStatus(str, enum.Enum):
     #: changed the objective by less than ``tolerance_change`` or every parameter by at most
     #: ``tolerance_change`` (it was still applied), or a rejected step whose full length
     #: (× ``lr``) was at most ``tolerance_change`` in every parameter; or a step whose actual
-    #: and predicted changes were below the objective's float resolution (not taken).
+    #: and predicted changes were below the objective's float resolution (not taken), or one
+    #: at a point where the last line search failed inside the loss's measured rounding noise
+    #: and the model offers no more than that noise (not taken).
     #: ``StepInfo.converged_by`` says which (a :class:`Convergence`).
     CONVERGED = "converged"
     #: No rate passed the line search, or the step was not a descent direction, or the step
@@ -78,6 +80,13 @@ class Convergence(str, enum.Enum):
     #: float resolution (:func:`hessfree.damping.below_resolution`): the step was not taken and
     #: :math:`\lambda` is unchanged (a float32 loss at its floor; about two closure calls).
     FLOAT_RESOLUTION = "float_resolution"
+    #: The last step's line search, on an objective seen deterministic, failed down to the
+    #: rate whose first-order change is the float resolution :math:`\delta`, where the
+    #: objective differed from the model by :math:`\sigma > 2\delta` (its rounding noise), and
+    #: at the same point the model solved at :math:`\lambda`'s floor predicts no more than
+    #: :math:`\sigma`: nothing moved, :math:`\lambda` is unchanged, and later steps at that
+    #: point (same loss and gradient norm) stop after one closure call ("noise19").
+    ROUNDING_NOISE = "rounding_noise"
 
     def __str__(self) -> str:
         return self.value
@@ -129,7 +138,8 @@ class StepInfo:
         predicted_change: :math:`q(p) - q(0)` of the undamped model for the backtracked step
             (:math:`\rho`'s denominator; NaN if not computed).
         converged_by: For a ``'converged'`` step, which test (a :class:`Convergence`:
-            ``'tolerance_grad'``, ``'tolerance_change'``, ``'float_resolution'``), else None.
+            ``'tolerance_grad'``, ``'tolerance_change'``, ``'float_resolution'``,
+            ``'rounding_noise'``), else None.
         cg_iters: CG iterations; ``cg_reason`` why CG stopped (a :class:`hessfree.CGStop`
             value; ``'monitor'``: the objective rose at a stored iterate,
             ``cg_stop_on_increase``); ``cg_matvecs`` products; ``cg_rtol`` the relative

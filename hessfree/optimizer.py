@@ -57,7 +57,14 @@ phases named as the methods that run them:
    tries, none whose first-order decrease :math:`t|g^\top p|` is within the float resolution:
    ours), else the step is rejected; after an accepted full step with :math:`\rho > 1.05` on a
    deterministic objective, rates 2, 4, ... while the objective keeps falling
-   (``extrapolate``, ours). A step that changed the objective by less than
+   (``extrapolate``, ours). A search on an objective seen deterministic that failed down to
+   that resolution limit, where the smallest rate's deviation from the model shows the loss's
+   rounding noise :math:`\sigma > 2\delta` (``_measure_noise``, ours), has the next step at
+   that point solve the model at :math:`\lambda`'s floor after its own CG
+   (``_noise_check``): where that predicts no more than :math:`\sigma`, the step is
+   ``'converged'`` (``converged_by='rounding_noise'``) before phases 3-5, nothing moves,
+   :math:`\lambda` stays, and later steps at that point stop after their first closure call.
+   A step that changed the objective by less than
    ``tolerance_change``, or every parameter by at most that, is ``'converged'`` (LBFGS's
    no-progress tests; ours, not the paper's) and was still applied (``accepted``): LBFGS ends
    one ``step()`` call of up to ``max_iter`` iterations on them and goes on at the next.
@@ -619,7 +626,9 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             convergence should stop at a ``'converged'`` step that is not ``accepted`` (as
             ``hessfree run`` does). A step
             below the objective's float resolution is ``'converged'`` whatever the tolerances
-            (``StepInfo.converged_by``).
+            (``StepInfo.converged_by``), and so is a step at a point where a failed line
+            search measured the loss's rounding noise above what the model offers
+            (``'rounding_noise'``).
         max_iter: HF steps per :meth:`step` call, as ``torch.optim.LBFGS``'s ``max_iter`` is
             its iterations per call (so a loop that calls ``step`` once with
             ``max_iter=N``, as PINN codes do with LBFGS, trains for up to N steps). The
@@ -1757,6 +1766,12 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             return self._finish(run, StepStatus.CONVERGED)
         if not (run.lr.any() if isinstance(run.lr, Tensor) else run.lr):
             return self._finish(run, StepStatus.ZERO_LR)  # nothing could move
+        if state.get("noise_floor") == [run.f0, g_norm]:
+            # the point _noise_check found inside the loss's rounding noise: the same loss and
+            # gradient give the same verdict, without a CG solve or line search ("noise19")
+            run.report["converged_by"] = Convergence.ROUNDING_NOISE
+            return self._finish(run, StepStatus.CONVERGED)
+        state.pop("noise_floor", None)
         curvature_evaluation = evaluation
         if curvature_closure is not None:
             curvature_evaluation = self._first_call(
@@ -1834,6 +1849,10 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 )
             return self._reject(run, StepStatus.NON_FINITE_CURVATURE, what)
         result = self._floor_check(curvature, product, evaluation, g, run, closure, result)
+        if self._noise_check(curvature, product, evaluation, g, run, closure):
+            run.lap("solve")  # within the rounding noise: no line search, nothing moves
+            run.report["converged_by"] = Convergence.ROUNDING_NOISE
+            return self._finish(run, StepStatus.CONVERGED)
         state["warm_start"] = result.x.detach()  # §4.5: the final, not the backtracked, iterate
         if result.reason is CGStop.NEGATIVE_CURVATURE and type(product) is GGNProduct:
             # the same on every rank: CG's scalars come from averaged products (bigblock)
@@ -1890,7 +1909,6 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         ):
             return result
         lam = run.damping
-        low = min(lam, self._damping_policy(state).min_damping)
         last = len(result.iterates) - 1
         at = run.at_last = _AtChosen.read(g, result, last, run)  # phase 4 reuses it
         damped = 0.5 * lam * at.pDp
@@ -1899,6 +1917,27 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         delta = _damping.resolution(run.f_base, eps)
         if not abs(predicted) <= delta or self._damping_dominates(damped, predicted - at.slope):
             return result
+        change, products = self._change_at_floor(curvature, product, evaluation, g, run, closure)
+        state["floor_checked"] = abs(change) <= delta
+        return dataclasses.replace(result, num_matvec=result.num_matvec + products)
+
+    def _change_at_floor(
+        self,
+        curvature: MatVec,
+        product: object,
+        evaluation: _Evaluation,
+        g: Tensor,
+        run: _StepRun,
+        closure: Closure,
+    ) -> tuple[float, int]:
+        r"""The undamped model's change at a plain CG solve with :math:`\lambda` at its floor
+        (``min_damping``): from zero, rtol 0 (§4.4's progress rule, negative curvature or
+        ``cg_max_iter`` stop it), no trust radius, preconditioner or objective checks; NaN
+        where it ends on negative curvature (no minimum of the model) or a non-finite value.
+        With the products it made. :meth:`_floor_check` and :meth:`_noise_check` compare it
+        with their tolerances; the step's own CG result, trials and :math:`\lambda` stay."""
+        lam = run.damping
+        low = min(lam, self._damping_policy(run.state).min_damping)
         trials = dict(run.trials)
         run.damping = low
         try:
@@ -1907,12 +1946,10 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             run.damping = lam
             run.trials.clear()
             run.trials.update(trials)
-        floor = checked.reason not in (CGStop.NON_FINITE, CGStop.NEGATIVE_CURVATURE)
-        if floor:
-            at_check = _AtChosen.read(g, checked, len(checked.iterates) - 1, run)
-            floor = abs(at_check.phi - 0.5 * low * at_check.pDp) <= delta
-        state["floor_checked"] = floor
-        return dataclasses.replace(result, num_matvec=result.num_matvec + checked.num_matvec)
+        if checked.reason in (CGStop.NON_FINITE, CGStop.NEGATIVE_CURVATURE):
+            return math.nan, checked.num_matvec
+        at = _AtChosen.read(g, checked, len(checked.iterates) - 1, run)
+        return at.phi - 0.5 * low * at.pDp, checked.num_matvec
 
     @staticmethod
     def _curvature_overflowed(curvature: MatVec, g: Tensor, g_max: float) -> bool:
@@ -2297,11 +2334,14 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 self._adapt_damping(state, state["damping"], lambda pol, lam: pol.clip(lam * extra))
 
             # ---- 5. line search: Armijo along the backtracked step ----
-            smallest = [1.0]  # the smallest rate tried (a failed search's bound on Δ)
+            # the smallest rate tried (a failed search's bound on Δ) and f there
+            smallest = [1.0, f_chosen]
 
             def along(t: float) -> float:
-                smallest[0] = min(smallest[0], t)
-                return objective(p, t)
+                f_t = objective(p, t)
+                if t < smallest[0]:
+                    smallest[:] = t, f_t
+                return f_t
 
             rate, f_new = self._line_search(
                 along,
@@ -2318,6 +2358,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     self._adapt_damping(
                         state, state["damping"], lambda pol, lam: pol.clip(lam / rate)
                     )
+            if rate == 0.0 and not trial_non_finite:  # measures the noise for the next step
+                self._measure_noise(run, slope, predicted, f_chosen, *smallest)
             if run.bounded:
                 self._update_radius(state, result, chosen, p, rho, rate, smallest[0])
             _move(params, theta0, layout, p, rate, run.lr)
@@ -2354,6 +2396,108 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             status = StepStatus.CONVERGED
             run.report["converged_by"] = Convergence.TOLERANCE_CHANGE
         return self._finish(run, status, accepted=True, loss_after=f_new)
+
+    def _measure_noise(
+        self,
+        run: _StepRun,
+        slope: float,
+        predicted: float,
+        f_full: float,
+        t_min: float,
+        f_min: float,
+    ) -> None:
+        r"""Phase 5, after no rate passed: whether the search failed in the objective's rounding
+        noise :math:`\sigma`; if so, :math:`\sigma` is kept for the next step at this point
+        (``state['noise_sigma']``: loss, gradient norm, :math:`\sigma`), whose
+        :meth:`_noise_check` decides whether the point is a floor (ours, "noise19"). This
+        step itself ends as before (``line_search_failed``, :math:`\lambda` raised).
+
+        The Armijo search tries no rate whose first-order change :math:`t|s|` is within the
+        float resolution :math:`\delta`; when it failed down to that limit
+        (:math:`\text{shrink}\cdot t_{\min}|s| \le \delta`), the smallest rate's
+        deviation from the undamped model along :math:`p`,
+
+        .. math:: \sigma = f(t_{\min}) - f_0 - q(t_{\min}),\qquad
+            q(t) = t s + t^2 (\Delta q - s),
+
+        is rounding noise where it exceeds :math:`2\delta` (a smooth :math:`f` rounded to a
+        few ulps stays within :math:`\delta` of a model whose change there is about
+        :math:`\delta`) **and** does not grow from :math:`t_{\min}` to the full step as a
+        model error does (as :math:`t^2` for Gauss-Newton's missing term, :math:`t^3` for the
+        Hessian's): the full step's deviation :math:`f(1) - f_0 - \Delta q` must be at most
+        :math:`\sigma / t_{\min}`. Kept only where the undamped model along the whole line
+        offers at most :math:`\sigma` too, :math:`-\min_t q(t) = s^2 / (2 p^\top C p) \le
+        \sigma` (beyond :math:`t = 1` where :math:`\lambda` shortened the step; not where
+        :math:`p^\top C p \le 0`), and once per point. Measured on a badly scaled float32
+        least-squares problem: ~178 failed line searches, :math:`\lambda` cycling 6e9-2e10,
+        at a point whose float32 loss has rounding noise of ~700 :math:`\delta` among its
+        1-ulp neighbours ("fullbatch16"); its first failed search measures :math:`\sigma` =
+        969 :math:`\delta` against a whole step of 11.7 :math:`\delta`. Only on an objective
+        seen deterministic (a mini-batch's changes are sampling, not rounding), without
+        structural damping or a replayed random draw.
+        """
+        state, settings = run.state, self.settings
+        point = [run.f0, run.report["grad_norm"]]
+        if (
+            state.get("deterministic") is not True
+            or run.structural_damping > 0
+            or math.isfinite(run.mask_noise)
+            or settings.line_search is None
+            or state.get("noise_checked") == point
+            or not (slope < 0.0 and math.isfinite(predicted))
+        ):
+            return
+        delta = _damping.resolution(run.f_base, torch.finfo(run.loss0.dtype).eps)
+        if not settings.line_search_shrink * t_min * -slope <= delta:
+            return  # the search stopped at its try limit, not at the resolution
+        curvature = predicted - slope  # ½pᵀCp
+        if not curvature > 0.0:
+            return  # the undamped model falls without bound along p: no floor to judge
+        sigma = f_min - run.f_base - (t_min * slope + t_min * t_min * curvature)
+        full = f_full - run.f_base - predicted
+        line_min = slope * slope / (4.0 * curvature)  # −min_t q(t), at t* = −s / 2(½pᵀCp)
+        if sigma > 2.0 * delta and full <= sigma / t_min and line_min <= sigma:
+            state["noise_sigma"] = [*point, sigma]
+
+    def _noise_check(
+        self,
+        curvature: MatVec,
+        product: object,
+        evaluation: _Evaluation,
+        g: Tensor,
+        run: _StepRun,
+        closure: Closure,
+    ) -> bool:
+        r"""Phase 2, at a point where the last step's failed search measured the rounding
+        noise :math:`\sigma` (:meth:`_measure_noise`): whether the model offers no decrease
+        above it, so that no evaluation of :math:`f` could confirm one (ours, "noise19").
+
+        As :meth:`_floor_check` with :math:`\sigma` for :math:`\delta`: CG runs from zero
+        with :math:`\lambda` at its floor (``min_damping``), rtol 0, no trust radius,
+        preconditioner or objective checks; a floor only where it ends on positive curvature
+        with a predicted decrease within :math:`\sigma` (the Newton decrement over the Krylov
+        space, Boyd & Vandenberghe 2004, §9.5.1, at the noise's tolerance). Not the step's
+        own :math:`p`: a step that :math:`\lambda`, the forcing term or the trust radius held
+        short offers less than the model does (a one-iteration, trust-radius-bound step 12,600
+        :math:`\delta` above the float64 optimum offered 20 :math:`\delta`). A floor is
+        ``'converged'`` (``converged_by='rounding_noise'``): nothing moves, :math:`\lambda`
+        and the trust radius stay, and the point (loss, gradient norm) is remembered in
+        ``state['noise_floor']``, so later steps there stop after their first closure call;
+        otherwise the step goes on as it would have, and the point is not checked again
+        (``state['noise_checked']``) until a step is accepted.
+        """
+        state = run.state
+        noted = state.pop("noise_sigma", None)
+        point = [run.f0, run.report["grad_norm"]]
+        if noted is None or noted[:2] != point or run.structural_damping > 0:
+            return False
+        state["noise_checked"] = point
+        change, products = self._change_at_floor(curvature, product, evaluation, g, run, closure)
+        run.report["cg_matvecs"] += products
+        if not abs(change) <= noted[2]:  # σ; NaN (negative curvature): no floor
+            return False
+        state["noise_floor"] = point
+        return True
 
     #: study switches ("unseen18"): trial calls keep the buffers a forward writes; f(θ0)
     #: re-evaluated as a trial where the step's call wrote such buffers
@@ -2490,6 +2634,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                 state.pop(key, None)
         else:
             state.pop("floor_checked", None)  # a new point: _floor_check runs there afresh
+            for key in ("noise_floor", "noise_sigma", "noise_checked"):
+                state.pop(key, None)
         info = StepInfo(
             loss=run.f0,
             loss_after=run.f0 if loss_after is None else loss_after,
