@@ -55,6 +55,9 @@ MODES: dict[str, dict[str, Any]] = {
         "curves": [
             "data.num_train=2000",
             "data.num_test=1000",
+            # the HF row's third phase starts at 2,978 cases, capped at 4,000: scaled to 2,000
+            "optimizers.0.phases.2.batch_size=1000",
+            "optimizers.0.phases.2.batch_max=2000",
             "budget.seconds=20",
             "eval.every_seconds=2",
         ],
