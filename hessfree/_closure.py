@@ -37,6 +37,7 @@ from ._model_data import (
     _is_stochastic,
     _stochastic_modules_message,
 )
+from ._module_hooks import BUFFER_REGISTRATION, FORWARD_PRE
 from ._rng import StepStream
 from ._step_types import _Counter, _Evaluation
 from .curvature import (
@@ -290,11 +291,8 @@ def _stochastic_modules() -> Iterator[list[type]]:
         if _is_stochastic(module) and type(module) not in found:
             found.append(type(module))
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
+    with FORWARD_PRE.installed(hook):
         yield found
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -320,12 +318,10 @@ def _buffer_writes() -> Iterator[list[str]]:
         buffers = {k: (b, b._version) for k, b in module._buffers.items() if b is not None}
         seen[id(module)] = (module, buffers)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
-        with _rebinding_seen(threading.get_ident()) as assigned:
+        with FORWARD_PRE.installed(hook), _rebinding_seen(threading.get_ident()) as assigned:
             yield written
     finally:
-        handle.remove()
         for module, buffers in seen.values():
             for name, (before, version) in buffers.items():
                 now = module._buffers.get(name)
@@ -389,12 +385,11 @@ def _buffers_saved(
                 watched[name] = (buffer, buffer._version)
         seen[id(module)] = (module, watched)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    assigned = _Assigned()
     try:
-        with _rebinding_seen(owner) as assigned:
+        with FORWARD_PRE.installed(hook), _rebinding_seen(owner, assigned):
             yield
     finally:
-        handle.remove()
         # what this call wrote is what the next trial calls keep (a module since put in eval
         # mode drops out)
         for module, watched in seen.values():
@@ -438,7 +433,7 @@ class _Assigned(dict):
 
 
 @contextlib.contextmanager
-def _rebinding_seen(owner: int) -> Iterator[_Assigned]:
+def _rebinding_seen(owner: int, assigned: _Assigned | None = None) -> Iterator[_Assigned]:
     """Record, by ``(id(module), name)``, the tensor last assigned to a module's buffer
     through ``Module.__setattr__`` (``self.avg = 0.9 * self.avg + ...``) or
     ``register_buffer`` by thread ``owner`` inside the block, and the one it replaced first.
@@ -447,8 +442,9 @@ def _rebinding_seen(owner: int) -> Iterator[_Assigned]:
     tensors in and the module's back by writing ``_buffers`` directly, without the buffer
     registration hooks, so a buffer it restored was not assigned here. The hook sees every
     module's assignments, also those of a module the forward does not call (a parent's
-    ``self.child.avg = ...``), which the forward pre-hooks never see ("leftovers19")."""
-    assigned = _Assigned()
+    ``self.child.avg = ...``), which the forward pre-hooks never see ("leftovers19"). The
+    record is ``assigned`` where given."""
+    assigned = _Assigned() if assigned is None else assigned
 
     def hook(module: torch.nn.Module, name: str, tensor: Tensor | None) -> None:
         if tensor is not None and threading.get_ident() == owner:
@@ -457,11 +453,8 @@ def _rebinding_seen(owner: int) -> Iterator[_Assigned]:
                 assigned.first[key] = (module, module._buffers.get(name))
             assigned[key] = tensor
 
-    handle = torch.nn.modules.module.register_module_buffer_registration_hook(hook)
-    try:
+    with BUFFER_REGISTRATION.installed(hook):
         yield assigned
-    finally:
-        handle.remove()
 
 
 def _rebound(module: torch.nn.Module, name: str, now: Tensor | None, assigned: Mapping) -> bool:
@@ -530,12 +523,11 @@ def _running_statistics_kept(learned: Mapping | None = None) -> Iterator[None]:
                 swapped.append((name, buffer, clone))
         kept[id(module)] = (module, swapped)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    assigned = _Assigned()
     try:
-        with _rebinding_seen(owner) as assigned:
+        with FORWARD_PRE.installed(hook), _rebinding_seen(owner, assigned):
             yield
     finally:
-        handle.remove()
         for module, swapped in kept.values():
             for name, buffer, clone in swapped:
                 # our clone, or a tensor the forward assigned: torch.func.functional_call puts
