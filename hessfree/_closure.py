@@ -938,11 +938,33 @@ class _ClosureCalls:
         flat = torch.cat([p.detach().reshape(-1) for p in params])
         return 0.5 * float((l2 * flat.square()).sum())
 
-    def _warn_unread_reduction(self) -> None:
-        """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean."""
+    def _warn_unread_reduction(self, loss: Tensor, outputs: Tensor) -> None:
+        """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean.
+
+        A ``torch.compile``'d loss (every backend but ``'eager'``) is one aot_autograd node
+        whose graph holds no reference to the loss or its ``reduction`` (a compiled function
+        takes it as an argument, gone once called), so the warning names the compile and the
+        ways to keep the loss's own node ("compile19"; before, it read as for a hand-written
+        loss, and a compiled ``reduction='sum'`` took an N times too large Fisher)."""
         if self._reduction_warned:
             return
         self._reduction_warned = True
+        peeled = _loss_node(loss, outputs)  # below constant factors and reshapes
+        node = loss.grad_fn if peeled is None else peeled[0]
+        if _compiled_by_aot(getattr(node, "_forward_cls", None)):
+            warnings.warn(
+                "curvature='fisher' cannot tell whether the loss sums or averages the "
+                "per-example losses: the loss is torch.compile'd (aot_autograd's "
+                "CompiledFunction, which hides torch's loss node and its `reduction`), so it "
+                "takes it for a mean over dimension 0 of the outputs: F = (1/N) sum_i g_i g_i^T, "
+                "N times too large for reduction='sum'. Call the uncompiled loss (a compiled "
+                "nn.Module keeps it as `._orig_mod`, a compiled function as "
+                "`._torchdynamo_orig_callable`), compile it with backend='eager' (torch's own "
+                "loss node, read), or pass curvature=lambda loss, outputs, params: "
+                "FisherProduct(loss, outputs, params, reduction='sum').matvec.",
+                stacklevel=caller_stacklevel(),
+            )
+            return
         warnings.warn(
             "curvature='fisher' cannot tell from the loss's autograd graph whether it sums or "
             "averages the per-example losses (it reads torch losses' `reduction`, and a loss "

@@ -1343,7 +1343,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             reduction = _read_reduction(evaluation.loss, evaluation.outputs)
             if reduction is None:
                 reduction = "mean"
-                self._warn_unread_reduction()
+                self._warn_unread_reduction(evaluation.loss, evaluation.outputs)
             product = FisherProduct(
                 evaluation.loss, evaluation.outputs, params, reduction=reduction
             )
