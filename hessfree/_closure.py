@@ -643,14 +643,15 @@ def _graph_kinds(evaluation: _Evaluation, limit: int = 8) -> tuple[str, ...]:
     changed.
 
     The walk runs at the first call of each closure role (0.04-1.6 % of a step: a 4-5-3 MLP,
-    a CURVES-shaped autoencoder, an LSTM over 50 steps); this look, ~1 µs, at every step. A
+    a CURVES-shaped autoencoder, an LSTM over 50 steps); this look, ~4 µs, at every step. A
     loss first compiled after the first step (aot_autograd's ``CompiledFunctionBackward`` in
     place of torch's loss node, also below a constant factor or beside a weight penalty) was
     silently wrong again: its second derivative zero ("unseen19", "compile19"). A region
     compiled deeper in the model after the first step goes unseen here; torch raises there
     (reworded by ``_missing_second_derivative``)."""
     kinds: list[str] = []
-    queue = [evaluation.loss.grad_fn] if isinstance(evaluation.loss, Tensor) else []
+    loss = evaluation.loss
+    queue = [loss.grad_fn] if isinstance(loss, Tensor) and loss.grad_fn is not None else []
     seen = 0
     while queue and seen < limit:
         node = queue.pop(0)
