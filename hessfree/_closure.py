@@ -37,6 +37,7 @@ from ._model_data import (
     _is_stochastic,
     _stochastic_modules_message,
 )
+from ._module_hooks import BUFFER_REGISTRATION, FORWARD_PRE
 from ._rng import StepStream
 from ._step_types import _Counter, _Evaluation
 from .curvature import (
@@ -290,11 +291,8 @@ def _stochastic_modules() -> Iterator[list[type]]:
         if _is_stochastic(module) and type(module) not in found:
             found.append(type(module))
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
+    with FORWARD_PRE.installed(hook):
         yield found
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -320,12 +318,10 @@ def _buffer_writes() -> Iterator[list[str]]:
         buffers = {k: (b, b._version) for k, b in module._buffers.items() if b is not None}
         seen[id(module)] = (module, buffers)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
-        with _rebinding_seen(threading.get_ident()) as assigned:
+        with FORWARD_PRE.installed(hook), _rebinding_seen(threading.get_ident()) as assigned:
             yield written
     finally:
-        handle.remove()
         for module, buffers in seen.values():
             for name, (before, version) in buffers.items():
                 now = module._buffers.get(name)
@@ -389,12 +385,11 @@ def _buffers_saved(
                 watched[name] = (buffer, buffer._version)
         seen[id(module)] = (module, watched)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    assigned = _Assigned()
     try:
-        with _rebinding_seen(owner) as assigned:
+        with FORWARD_PRE.installed(hook), _rebinding_seen(owner, assigned):
             yield
     finally:
-        handle.remove()
         # what this call wrote is what the next trial calls keep (a module since put in eval
         # mode drops out)
         for module, watched in seen.values():
@@ -438,7 +433,7 @@ class _Assigned(dict):
 
 
 @contextlib.contextmanager
-def _rebinding_seen(owner: int) -> Iterator[_Assigned]:
+def _rebinding_seen(owner: int, assigned: _Assigned | None = None) -> Iterator[_Assigned]:
     """Record, by ``(id(module), name)``, the tensor last assigned to a module's buffer
     through ``Module.__setattr__`` (``self.avg = 0.9 * self.avg + ...``) or
     ``register_buffer`` by thread ``owner`` inside the block, and the one it replaced first.
@@ -447,8 +442,9 @@ def _rebinding_seen(owner: int) -> Iterator[_Assigned]:
     tensors in and the module's back by writing ``_buffers`` directly, without the buffer
     registration hooks, so a buffer it restored was not assigned here. The hook sees every
     module's assignments, also those of a module the forward does not call (a parent's
-    ``self.child.avg = ...``), which the forward pre-hooks never see ("leftovers19")."""
-    assigned = _Assigned()
+    ``self.child.avg = ...``), which the forward pre-hooks never see ("leftovers19"). The
+    record is ``assigned`` where given."""
+    assigned = _Assigned() if assigned is None else assigned
 
     def hook(module: torch.nn.Module, name: str, tensor: Tensor | None) -> None:
         if tensor is not None and threading.get_ident() == owner:
@@ -457,11 +453,8 @@ def _rebinding_seen(owner: int) -> Iterator[_Assigned]:
                 assigned.first[key] = (module, module._buffers.get(name))
             assigned[key] = tensor
 
-    handle = torch.nn.modules.module.register_module_buffer_registration_hook(hook)
-    try:
+    with BUFFER_REGISTRATION.installed(hook):
         yield assigned
-    finally:
-        handle.remove()
 
 
 def _rebound(module: torch.nn.Module, name: str, now: Tensor | None, assigned: Mapping) -> bool:
@@ -530,12 +523,11 @@ def _running_statistics_kept(learned: Mapping | None = None) -> Iterator[None]:
                 swapped.append((name, buffer, clone))
         kept[id(module)] = (module, swapped)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    assigned = _Assigned()
     try:
-        with _rebinding_seen(owner) as assigned:
+        with FORWARD_PRE.installed(hook), _rebinding_seen(owner, assigned):
             yield
     finally:
-        handle.remove()
         for module, swapped in kept.values():
             for name, buffer, clone in swapped:
                 # our clone, or a tensor the forward assigned: torch.func.functional_call puts
@@ -642,6 +634,35 @@ def _reduction_of(loss: Tensor, outputs: Tensor) -> str:
     ``.sum()`` or ``0.5 * mse_loss(..., reduction='sum')``: their Fisher was N times too large.
     """
     return _read_reduction(loss, outputs) or "mean"
+
+
+def _graph_kinds(evaluation: _Evaluation, limit: int = 8) -> tuple[str, ...]:
+    """The autograd node types at the top of the loss's graph (breadth first, ``limit`` of
+    them) and of the outputs': what :meth:`_ClosureCalls._first_call` compares from step to
+    step to walk the graph again (:func:`~hessfree.curvature._once_differentiable`) when it
+    changed.
+
+    The walk runs at the first call of each closure role (0.04-1.6 % of a step: a 4-5-3 MLP,
+    a CURVES-shaped autoencoder, an LSTM over 50 steps); this look, ~4 µs, at every step. A
+    loss first compiled after the first step (aot_autograd's ``CompiledFunctionBackward`` in
+    place of torch's loss node, also below a constant factor or beside a weight penalty) was
+    silently wrong again: its second derivative zero ("unseen19", "compile19"). A region
+    compiled deeper in the model after the first step goes unseen here; torch raises there
+    (reworded by ``_missing_second_derivative``)."""
+    kinds: list[str] = []
+    loss = evaluation.loss
+    queue = [loss.grad_fn] if isinstance(loss, Tensor) and loss.grad_fn is not None else []
+    seen = 0
+    while queue and seen < limit:
+        node = queue.pop(0)
+        seen += 1
+        kinds.append(type(node).__name__)
+        queue.extend(n for n, _ in node.next_functions if n is not None)
+    outputs = evaluation.outputs
+    for t in (outputs if isinstance(outputs, tuple | list) else [outputs])[:limit]:
+        if isinstance(t, Tensor):
+            kinds.append("|" + type(t.grad_fn).__name__)
+    return tuple(kinds)
 
 
 def _autograd_refused(err: RuntimeError) -> bool:
@@ -946,11 +967,33 @@ class _ClosureCalls:
         flat = torch.cat([p.detach().reshape(-1) for p in params])
         return 0.5 * float((l2 * flat.square()).sum())
 
-    def _warn_unread_reduction(self) -> None:
-        """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean."""
+    def _warn_unread_reduction(self, loss: Tensor, outputs: Tensor) -> None:
+        """Once per optimizer: curvature='fisher' took a loss it cannot read for a mean.
+
+        A ``torch.compile``'d loss (every backend but ``'eager'``) is one aot_autograd node
+        whose graph holds no reference to the loss or its ``reduction`` (a compiled function
+        takes it as an argument, gone once called), so the warning names the compile and the
+        ways to keep the loss's own node ("compile19"; before, it read as for a hand-written
+        loss, and a compiled ``reduction='sum'`` took an N times too large Fisher)."""
         if self._reduction_warned:
             return
         self._reduction_warned = True
+        peeled = _loss_node(loss, outputs)  # below constant factors and reshapes
+        node = loss.grad_fn if peeled is None else peeled[0]
+        if _compiled_by_aot(getattr(node, "_forward_cls", None)):
+            warnings.warn(
+                "curvature='fisher' cannot tell whether the loss sums or averages the "
+                "per-example losses: the loss is torch.compile'd (aot_autograd's "
+                "CompiledFunction, which hides torch's loss node and its `reduction`), so it "
+                "takes it for a mean over dimension 0 of the outputs: F = (1/N) sum_i g_i g_i^T, "
+                "N times too large for reduction='sum'. Call the uncompiled loss (a compiled "
+                "nn.Module keeps it as `._orig_mod`, a compiled function as "
+                "`._torchdynamo_orig_callable`), compile it with backend='eager' (torch's own "
+                "loss node, read), or pass curvature=lambda loss, outputs, params: "
+                "FisherProduct(loss, outputs, params, reduction='sum').matvec.",
+                stacklevel=caller_stacklevel(),
+            )
+            return
         warnings.warn(
             "curvature='fisher' cannot tell from the loss's autograd graph whether it sums or "
             "averages the per-example losses (it reads torch losses' `reduction`, and a loss "
@@ -1064,6 +1107,15 @@ class _ClosureCalls:
             if self.settings.curvature in ("auto", "ggn"):  # the blocks' Gauss-Newton matrix
                 _refuse_dependent_blocks(evaluation, role)
             self._watched.add(role)
+            self.__dict__.setdefault("_graph_kinds", {})[role] = _graph_kinds(evaluation)
+        else:
+            kinds = _graph_kinds(evaluation)
+            if kinds != self.__dict__.setdefault("_graph_kinds", {}).get(role, kinds):
+                # the top of the graph changed since the walk (a loss compiled after the first
+                # step): walk again, once per change ("compile19")
+                self._refuse_once_differentiable(evaluation, role)
+                self._graph_kinds[role] = kinds
+        if watch:
             if self.settings.replay_rng:  # dropout draws one mask per step: one function
                 found = [kind for kind in found if issubclass(kind, _BatchNorm)]
             if found and not self._warned_stochastic:

@@ -1809,7 +1809,20 @@ def _sample_output_grads(
         draw = _sample_known(peeled[0], outputs, peeled[1], mc_samples, generator)
         if draw is not None:
             return draw
-    found = type(loss.grad_fn if peeled is None else peeled[0]).__name__
+    node = loss.grad_fn if peeled is None else peeled[0]
+    found = type(node).__name__
+    if _compiled_by_aot(getattr(node, "_forward_cls", None)):
+        # a torch.compile'd loss hides its kind and reduction in one CompiledFunction node;
+        # before, the refusal below named only the node ("unseen19", "compile19")
+        raise ValueError(
+            "The Monte-Carlo Fisher samples labels from the distribution the loss is the "
+            "negative log-likelihood of, and reads which loss that is from its autograd node; "
+            f"the loss is torch.compile'd ({found}: aot_autograd's CompiledFunction), which "
+            f"hides the loss's kind and reduction. It supports {MC_FISHER_LOSSES}: call the "
+            "uncompiled loss (a compiled nn.Module keeps it as `._orig_mod`, a compiled "
+            "function as `._torchdynamo_orig_callable`) or compile it with backend='eager', "
+            "which keeps torch's own loss node."
+        )
     raise ValueError(
         "The Monte-Carlo Fisher samples labels from the distribution the loss is the negative "
         f"log-likelihood of; it supports {MC_FISHER_LOSSES}, computed from `outputs` directly "

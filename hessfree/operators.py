@@ -305,6 +305,17 @@ def _check_mc_loss_fn(loss_fn: object) -> None:
     fn, options = loss_fn, {}
     if isinstance(loss_fn, functools.partial):
         fn, options = loss_fn.func, dict(loss_fn.keywords)
+    # a torch.compile'd loss: its original decides here (a compiled function copies the
+    # original's name and module, so F.cross_entropy compiled was refused as itself,
+    # "compile19"); the autograd node at the first product tells whether the compile hides it
+    if type(fn).__name__ == "OptimizedModule" and isinstance(
+        getattr(fn, "_orig_mod", None), nn.Module
+    ):
+        fn = fn._orig_mod
+    elif not isinstance(fn, nn.Module) and hasattr(fn, "_torchdynamo_orig_callable"):
+        fn = fn._torchdynamo_orig_callable
+        while fn not in _MC_FUNCTIONS and callable(getattr(fn, "__wrapped__", None)):
+            fn = fn.__wrapped__  # dynamo's frame around a torch function (wrap_inline)
     if isinstance(fn, nn.Module):
         if not isinstance(fn, nn.modules.loss._Loss):
             return  # a user's module: its autograd node decides

@@ -839,6 +839,8 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         self._reduction_warned = False  # curvature='fisher' warned of a loss it cannot read
         # Closure roles whose first call was watched for train-mode BatchNorm/Dropout.
         self._watched: set[str] = set()
+        # their graph's top node types, walked for once-differentiable and compiled regions
+        self._graph_kinds: dict[str, tuple[str, ...]] = {}
         self._warned_stochastic = False
         self._warned_buffers = False  # a closure's forward wrote module buffers (_buffer_writes)
 
@@ -1352,7 +1354,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             reduction = _read_reduction(evaluation.loss, evaluation.outputs)
             if reduction is None:
                 reduction = "mean"
-                self._warn_unread_reduction()
+                self._warn_unread_reduction(evaluation.loss, evaluation.outputs)
             product = FisherProduct(
                 evaluation.loss, evaluation.outputs, params, reduction=reduction
             )

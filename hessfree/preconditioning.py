@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_int, check_number
+from ._module_hooks import FORWARD
 from .curvature import JacobianProduct, _depends_on
 
 __all__ = [
@@ -1370,11 +1371,8 @@ class _LinearPass:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[_LinearPass]:
-        handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
-        try:
+        with FORWARD.installed(self._hook):
             yield self
-        finally:
-            handle.remove()
 
     def layers(self, *, skip_shared: bool = False) -> list[_Linear]:
         """The layers that ran, in order (with ``skip_shared``: without those that ran twice
