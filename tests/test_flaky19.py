@@ -39,9 +39,10 @@ def test_flaky19_a_port_for_rank_0_stays_reserved_until_its_store_listens():
 def test_flaky19_no_graph_check_counts_its_own_tensors_after_a_compiled_model():
     """Fails on main (``assert 26 == 65``; in two shuffled suite runs 353 == 385, 111 == 116
     and 279 == 284). lean_rop's check that HF steps keep no graphs alive counted every tensor
-    in the process; run after unseen19's refusal of an ``aot_eager``-compiled model, that model's FakeTensors (which torch
-    lets go lazily, during a later operation) died during the checked steps and the count
-    fell. The two tests in that order, in one test: the check now counts its own tensors."""
+    in the process; run after unseen19's refusal of an ``aot_eager``-compiled model, that
+    model's FakeTensors (which torch lets go lazily, during a later operation) died during the
+    checked steps and the count fell. The two tests in that order, in one test: the check now
+    counts its own tensors."""
     import test_lean_rop  # noqa: PLC0415 (modules, not their tests: pytest collects no copies)
     import test_unseen19  # noqa: PLC0415
     import torch  # noqa: PLC0415
