@@ -120,7 +120,9 @@ def launch(config: Path, cwds: list[Path], *args: str) -> list[subprocess.Popen]
     return procs
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[int, str]]:
+def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str]]:
+    """Each rank's exit code and stderr. ``timeout`` bounds a hang only: under a load of 5-9
+    on two cores a two-rank test took 20-30 s (flaky19), a quarter of the former 120 s."""
     out = []
     for p in procs:
         try:
