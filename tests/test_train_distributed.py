@@ -8,6 +8,7 @@ step up to rounding.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import os
@@ -72,10 +73,26 @@ def write_config(tmp_path: Path, **extra) -> Path:
     return path
 
 
+#: Sockets holding the ports :func:`free_port` handed out, open until the process exits.
+_HELD_PORTS: list[socket.socket] = []
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for rank 0's TCPStore that no other socket can take meanwhile.
+
+    Closing the probe socket at once (as before flaky19) freed the port for the seconds the
+    ranks spend importing torch, in which the kernel could hand it to any other socket on the
+    machine (a concurrent run's gloo connections draw from the same ephemeral range): rank 0
+    then failed to listen by chance. The socket stays bound, not listening, with
+    ``SO_REUSEADDR``: the kernel gives the port to no other bind or connect, while the
+    TCPStore, which binds with ``SO_REUSEADDR`` too, may still listen on it (Linux lets
+    sockets that all set it share a port while none of the others listens)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(s)
+    atexit.register(s.close)
+    return s.getsockname()[1]
 
 
 def launch(config: Path, cwds: list[Path], *args: str) -> list[subprocess.Popen]:
@@ -103,7 +120,9 @@ def launch(config: Path, cwds: list[Path], *args: str) -> list[subprocess.Popen]
     return procs
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[int, str]]:
+def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str]]:
+    """Each rank's exit code and stderr. ``timeout`` bounds a hang only: under a load of 5-9
+    on two cores a two-rank test took 20-30 s (flaky19), a quarter of the former 120 s."""
     out = []
     for p in procs:
         try:
