@@ -293,9 +293,12 @@ def make_curves_task(quick: bool) -> Task:
         # the growing row's step 500, 40 s each, a fixed 1,000 batch reached 6.44 at λ ≥ 0.3,
         # 4.69 at 0.1, 3.12 at 0.03 (the growing row 5.32); quiet race, 90 s: this row 2.86,
         # the same floor at 0.07 % 3.42, the row above 4.29, Adam b 20 4.57
-        # (experiments/README.md, "lead, stop 48")
-        hf["250×1.0015/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥75/batch"] = (
-            growing | dict(growth=1.0015, floor_cases=75.0)
+        # (experiments/README.md, "lead, stop 48"). Then (quiet, 90 s, stop 49) the grid
+        # around it: growth 0.3 % a step with λ ≥ 30 / batch 1.16 against Adam b 20's 4.67
+        # (0.25x), ahead at every 15-s slice; 0.15 % / 30 2.06, 0.15 % / 75 2.72, 0.3 % / 75
+        # 2.95, the row above 4.20: both the lower floor and the faster growth pay
+        hf["250×1.003/step, curvature ¼, cg≤2, K-FAC rank 32 refresh 2, λ≥30/batch"] = (
+            growing | dict(growth=1.003, floor_cases=30.0)
         )
         # no arguments at 500/125: since precond='auto' gives K-FAC to (loss, outputs) closures,
         # this is auto K-FAC with cg_max_iter='auto' (2 on its stochastic steps), not cg≤250;
