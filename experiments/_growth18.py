@@ -88,6 +88,10 @@ def variants() -> dict[str, dict]:
 def grown(name: str) -> dict:
     """``geo@G/C``: the geometric row growing ×G a step with λ ≥ C / batch (stop 49's grid
     around "geo.15-lam/b" = ``geo@1.0015/75``)."""
+    if name.startswith("def@") and "/" in name:  # the defaults, growth G, relative floor C / b
+        g, c = name[4:].split("/")
+        reg = dict(batch=250, growth=float(g), curvature_batch=0.25, kw={})
+        return reg | (dict(relative_cases=float(c)) if c != "auto" else {})
     if not name.startswith("geo@") or "/" not in name:
         raise SystemExit(f"unknown variant {name!r}: one of {sorted(variants())} or geo@G/C")
     g, c = name[4:].split("/")

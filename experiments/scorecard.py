@@ -773,6 +773,8 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
                 opt.param_groups[0][key] = value if idx is not None else later[key]
             if "floor_cases" in regime:  # λ's floor falls as the batch grows: c / batch
                 opt.param_groups[0]["min_damping"] = regime["floor_cases"] / len(xb)
+            if "relative_cases" in regime:  # the relative floor falls so: c / batch (stop 49)
+                opt.param_groups[0]["relative_min_damping"] = regime["relative_cases"] / len(xb)
             c = min(_curvature_size(regime, len(xb), len(task.x), full_steps[0]), len(xb))
             curvature = None if c >= len(xb) else (lambda: forward(xb[:c], yb[:c]))
             if idx is None and curvature is not None and "full_curvature_batch" in regime:
