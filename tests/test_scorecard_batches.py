@@ -558,12 +558,16 @@ def test_transfer_test_grows_a_batch_that_its_steps_overfit_and_not_one_they_do_
     assert _transfer_sizes(2, 100, 1) == [100.0]
 
 
-def test_floor_cases_sets_lambdas_floor_to_c_over_each_steps_batch():
-    # closed form: the step on b cases runs with min_damping = floor_cases / b, the batch
-    # growing geometrically (the seen batch sizes read off the forward pre-hook)
+@pytest.mark.parametrize(
+    "key, group_key", [("floor_cases", "min_damping"), ("relative_cases", "relative_min_damping")]
+)
+def test_floor_cases_sets_lambdas_floor_to_c_over_each_steps_batch(key, group_key):
+    # closed form: the step on b cases runs with min_damping (or relative_min_damping) =
+    # c / b, the batch growing geometrically (the seen batch sizes read off the forward
+    # pre-hook)
     task, model = _linear_task(400, 3, seed=4)
     task.model, task.hidden = model, False
-    regime = dict(batch=20, growth=1.5, curvature_batch=0.25, kw={}, floor_cases=6.0)
+    regime = dict(batch=20, growth=1.5, curvature_batch=0.25, kw={}) | {key: 6.0}
     run = scorecard.hf_run(task, "floor", "HF", regime)
     cells = {type(c.cell_contents).__name__: c.cell_contents for c in run.step.__closure__}
     opt = cells["HessianFree"]
@@ -575,4 +579,4 @@ def test_floor_cases_sets_lambdas_floor_to_c_over_each_steps_batch():
         run.step()
         b = max(sizes)  # the gradient batch (the curvature batch is a quarter of it)
         assert b == math.floor(20 * 1.5**k + 1e-9)
-        assert opt.param_groups[0]["min_damping"] == pytest.approx(6.0 / b, rel=1e-15)
+        assert opt.param_groups[0][group_key] == pytest.approx(6.0 / b, rel=1e-15)
