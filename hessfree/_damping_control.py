@@ -69,7 +69,9 @@ _SAME_OBJECTIVE_RTOL = 1e-5
 #: ``experiments/README.md``).
 _SAME_OBJECTIVE_AGAIN = 3
 #: ``relative_min_damping='auto'``: the fraction of the curvature scale on a stochastic
-#: objective (CURVES: λ ≥ 0.28; ``experiments/README.md``, "lamfloor").
+#: objective (CURVES: λ ≥ 0.28; ``experiments/README.md``, "lamfloor"), at the batch size
+#: where the floor first applied; it falls as b₀ / b with the step's batch b (``_cases``;
+#: a growing batch, "lead, stop 50").
 _AUTO_RELATIVE_MIN_DAMPING = 0.01
 #: ``damping_metric='marquardt'``: diag(G) exactly where the outputs have at most this many
 #: entries in all, else from ``_MARQUARDT_PROBES`` Rademacher probes in the outputs' space
@@ -204,6 +206,13 @@ def _structural_weight(damping: float, mu: float, hidden: Tensor) -> float:
     if math.isnan(damping):
         return 0.0
     return damping * mu / _examples(hidden)
+
+
+def _cases(outputs: object) -> int:
+    """The cases a closure's outputs hold: dimension 0 of ``outputs``, summed over residual
+    blocks; 0 where that is not known (a bare loss, 0-d outputs)."""
+    blocks = outputs if isinstance(outputs, tuple | list) else (outputs,)
+    return sum(b.shape[0] for b in blocks if isinstance(b, Tensor) and b.dim() > 0)
 
 
 def _examples(hidden: Tensor) -> int:
@@ -389,19 +398,50 @@ class _DampingControl:
         energy = rest.pop(0) if run.structural_damping > 0 else math.nan
         return vCv / (c * c), l2_vv / (c * c), vDv, energy
 
+    def _auto_floor_on(self, state: dict) -> bool:
+        """Whether ``relative_min_damping='auto'`` floors this step: a stochastic objective
+        (:meth:`_observe_objective`) with ``adapt_damping``, not structurally damped."""
+        # a fixed λ (adapt_damping=False) is the caller's: not floored
+        stochastic = state.get("deterministic") is False and self.settings.adapt_damping
+        # structural damping (the last step's μ: the floor is set before this step's closure
+        # output resolves it) already damps the steps the floor is there for; on RNN addition
+        # the floor held λ on the plateau (experiments/README.md, "add50d")
+        return stochastic and not state.get("structurally_damped", False)
+
     def _relative_fraction(self, state: dict) -> float:
         """``relative_min_damping`` in effect: ``'auto'`` is ``_AUTO_RELATIVE_MIN_DAMPING``
-        on a stochastic objective (:meth:`_observe_objective`) with ``adapt_damping``, and 0
-        otherwise."""
+        × b₀ / b (:meth:`_observe_cases`) where :meth:`_auto_floor_on`, and 0 otherwise."""
         c = self.settings.relative_min_damping
-        if c == "auto":  # a fixed λ (adapt_damping=False) is the caller's: not floored
-            stochastic = state.get("deterministic") is False and self.settings.adapt_damping
-            # structural damping (the last step's μ: the floor is set before this step's
-            # closure output resolves it) already damps the steps the floor is there for; on
-            # RNN addition the floor held λ on the plateau (experiments/README.md, "add50d")
-            structural = state.get("structurally_damped", False)
-            c = _AUTO_RELATIVE_MIN_DAMPING if stochastic and not structural else 0.0
+        if c == "auto":
+            if not self._auto_floor_on(state):
+                return 0.0
+            first, now = state.get("floor_cases0", 0), state.get("floor_cases", 0)
+            return _AUTO_RELATIVE_MIN_DAMPING * (first / now if first > 0 and now > 0 else 1.0)
         return c
+
+    def _observe_cases(self, state: dict, outputs: object, like: Tensor) -> None:
+        r"""The step's gradient batch b (:func:`_cases` of the closure's outputs, summed over
+        the ranks) as ``state['floor_cases']``, and the first one seen while the ``'auto'``
+        floor is on as ``state['floor_cases0']`` (b₀); nothing unless ``'auto'`` is on.
+
+        Why the floor falls as b₀ / b: it keeps CG from fitting the noise of the step's batch,
+        and the variance of a batch's gradient and curvature falls as 1 / b. Fixed at its
+        first value, it held CURVES' λ at 0.281 from step 100 to 500 of a batch growing 0.3 %
+        a step (250 → 1,100 cases), where the tuned floor 30 / b fell 0.12 → 0.027; the
+        defaults' error at equal time was 5.97x the tuned row's (run33; "lead, stop 50"). On
+        a fixed batch b = b₀ and the floor is as before, bitwise; a bare-loss closure (no
+        outputs, so no count) keeps b₀ / b = 1.
+        """
+        if self.settings.relative_min_damping != "auto" or not self._auto_floor_on(state):
+            return
+        n = _cases(outputs)
+        if self._avg.active and self._avg.world_size > 1:  # every rank takes it: same state
+            n = int(self._avg.sum(torch.tensor([n], dtype=torch.float64, device=like.device)))
+        if n <= 0:
+            state.pop("floor_cases", None)
+            return
+        state.setdefault("floor_cases0", n)
+        state["floor_cases"] = n
 
     def _track_unfloored(self, state: dict, run: _StepRun) -> None:
         r"""Start, keep or release the :math:`\lambda` the rule would have without the relative

@@ -1730,6 +1730,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         run.f0 = self._avg.mean_scalar(float(run.loss0), run.loss0) + self._l2(params, run.l2)
         run.lap("evaluate")
         self._observe_objective(state, run.f0)
+        self._observe_cases(state, evaluation.outputs, run.loss0)
         self._record_loss(state, run.f0)
         self._track_unfloored(state, run)
         floor = self._relative_floor(state)

@@ -1,7 +1,7 @@
 """Worker for tests/test_distributed.py: one rank of a data-parallel HF run (gloo, loopback).
 
 Usage: python _dist_worker.py RANK WORLD INIT_FILE OUT_FILE STEPS
-[crash|operator|replicated|somedraw|mcfisher|weighted|separate]
+[crash|operator|replicated|somedraw|mcfisher|weighted|growing|separate]
 With WORLD=1 it runs the single-process reference on the full batch. ``operator`` computes
 SciPy-operator products over the rank's shard instead of training. ``replicated`` gives every
 rank the same curvature batch (the first 40 examples) with ``curvature_batch='replicated'`` and
@@ -11,6 +11,10 @@ sharded batches; each rank saves (to OUT_FILE.RANK) its parameters and, per step
 the generator its Monte-Carlo labels were drawn from. ``weighted``: unequal shards (1 and 63
 of the 64 examples), trained once with ``process_group=Averager(weight=shard size)`` ("final")
 and once, from the same start, with the plain mean over the ranks ("unweighted").
+``growing``: a new batch each step whose size changes (24-64 of the 64 examples), split
+unevenly between the two ranks (rank 0's share changes too), with the default ``'auto'`` λ
+floor, which falls as b₀ / b with the global batch b; the single process takes the ranks' mean
+of their shard means on the whole batch. Every rank saves its floors (OUT_FILE.RANK).
 ``separate``: each rank its own model (seed 1 + rank) on its shard; a step with the default
 group must refuse (the message is saved), then each rank trains alone in its own group from
 ``new_subgroups(group_size=1)``.
@@ -168,6 +172,38 @@ def _weighted_steps(model, Xs, ys, rank: int, out_file: str, steps: int) -> None
         torch.save(results, out_file)
 
 
+def _growing_steps(model, X, y, rank: int, world: int, out_file: str, steps: int) -> None:
+    """:func:`work`'s ``growing`` mode: the floor's b is the batch over all ranks."""
+    sizes = [(32, 5), (32, 20), (48, 10), (40, 30), (64, 12), (24, 4)]  # (b, rank 0's cases)
+    gen = torch.Generator().manual_seed(5)
+    opt = HessianFree(model.parameters(), precond=None, cg_max_iter=10)
+    floors, cases = [], []
+    for s in range(steps):
+        n, k = sizes[s % len(sizes)]
+        idx = torch.randperm(64, generator=gen)[:n]
+        Xb, yb = X[idx], y[idx]
+        if world == 1:
+
+            def closure(Xb=Xb, yb=yb, k=k):
+                out = model(Xb)
+                halves = F.cross_entropy(out[:k], yb[:k]) + F.cross_entropy(out[k:], yb[k:])
+                return 0.5 * halves, out
+
+        else:
+            part = slice(0, k) if rank == 0 else slice(k, n)
+
+            def closure(Xb=Xb[part], yb=yb[part]):
+                out = model(Xb)
+                return F.cross_entropy(out, yb), out
+
+        opt.step(closure)
+        floors.append(opt.last_step.damping_floor)
+        state = opt._global_state()
+        cases.append((state.get("floor_cases0", 0), state.get("floor_cases", 0)))
+    final = [p.detach() for p in model.parameters()]
+    torch.save({"final": final, "floors": floors, "cases": cases}, f"{out_file}.{rank}")
+
+
 def _settings_and_resume(model, Xs, ys, rank: int) -> tuple[str, str]:
     """Two refusals at a first step, on both ranks: settings that differ across the ranks
     (another CG budget: before, the ranks' collectives went out of step, a hang until the
@@ -290,6 +326,9 @@ def work(rank: int, world: int, out_file: str, steps: int, mode: str) -> None:
         return
     if mode == "weighted":
         _weighted_steps(model, Xs, ys, rank, out_file, steps)
+        return
+    if mode == "growing":
+        _growing_steps(model, X, y, rank, world, out_file, steps)
         return
     if mode == "separate":
         _separate_steps(Xs, ys, rank, world, out_file, steps)

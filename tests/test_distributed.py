@@ -137,6 +137,26 @@ def test_ranks_weighted_by_shard_size_equal_the_union(tmp_path):
     )
 
 
+def test_auto_floor_falls_with_the_global_batch_on_every_rank(tmp_path):
+    """The default λ floor ('auto', 1 % of the curvature scale × b₀ / b) on batches of 32,
+    32, 48, 40, 64 and 24 cases split unevenly (5/27, 20/12, 10/38, ...): both ranks count
+    the batch over the ranks, so they keep the same floor as one process on the whole batch
+    and take its steps. With each rank's own count the floors differ by rank (rank 0's
+    cases go 5 → 20 → 10 while rank 1's go 27 → 12 → 38)."""
+    _wait_all(_launch(tmp_path, 2, 6, "growing") + _launch(tmp_path, 1, 6, "growing"))
+    single = torch.load(tmp_path / "params-1.pt.0", weights_only=True)
+    ranks = [torch.load(tmp_path / f"params-2.pt.{r}", weights_only=True) for r in (0, 1)]
+    # from step 1 (the objective is seen stochastic) b₀ = 32 and b is the whole batch
+    assert single["cases"][1:] == [(32, b) for b in (32, 48, 40, 64, 24)]
+    floors = np.array(single["floors"][1:])
+    np.testing.assert_allclose(floors * [32, 48, 40, 64, 24], floors[0] * 32, rtol=1e-12)
+    for dp in ranks:
+        assert dp["cases"] == single["cases"]
+        np.testing.assert_allclose(dp["floors"], single["floors"], rtol=1e-9)
+        for a, b in zip(dp["final"], single["final"], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
+
+
 def test_ranks_training_separate_models_are_refused_then_train_in_their_own_groups(tmp_path):
     """Each rank its own model: in the default group the first step refuses (the parameters
     differ across the ranks; nothing averaged) and says how to opt out; in one-rank groups

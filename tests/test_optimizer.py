@@ -1848,6 +1848,60 @@ def test_relative_min_damping_auto_floors_only_a_stochastic_objective():
     assert min(i.next_damping for i in same) < 0.01 * quotient
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_relative_min_damping_auto_falls_as_the_first_batch_over_this_one(blocks):
+    """'auto' on a (loss, outputs) closure: 1 % of the first quotient × b₀ / b, with b the
+    step's cases (summed over residual blocks) and b₀ the batch where the floor first applied
+    (step 1): it falls on a growing batch, rises on a smaller one, and is as before on a
+    batch of b₀ cases. The quotient: a dense float64 Hessian of the first batch (a linear
+    model's Gauss-Newton matrix is its Hessian)."""
+    X, y = _breast_cancer()
+    X, y = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
+    sizes = [64, 64, 128, 256, 64, 32, 100]
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randperm(len(X), generator=gen)[:n] for n in sizes]
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+
+    def closure(idx):
+        z = X[idx] @ w
+        if blocks == 1:
+            return F.binary_cross_entropy_with_logits(z, y[idx]), z
+        half = len(idx) // 2  # two blocks (Gauss-Newton of any loss of them): z split
+        parts = (z[:half], z[half:])
+        return F.binary_cross_entropy_with_logits(torch.cat(parts), y[idx]), parts
+
+    f = lambda v: F.binary_cross_entropy_with_logits(X[batches[0]] @ v, y[batches[0]])  # noqa: E731
+    H = torch.autograd.functional.hessian(f, w.detach())
+    g = torch.autograd.grad(f(w), w)[0]
+    quotient = float(g @ H @ g / (g @ g))
+    opt = HessianFree([w])
+    infos = []
+    for idx in batches:
+        opt.step(lambda idx=idx: closure(idx))
+        infos.append(opt.last_step)
+    assert infos[0].damping == pytest.approx(quotient, rel=1e-10)  # damping='auto'
+    assert infos[0].damping_floor == pytest.approx(AUTO64 * quotient, rel=1e-10)
+    for info, n in zip(infos[1:], sizes[1:], strict=True):
+        assert info.damping_floor == pytest.approx(0.01 * quotient * 64 / n, rel=1e-10)
+        assert info.next_damping >= info.damping_floor * (1 - 1e-12)
+
+
+def test_relative_min_damping_auto_on_a_bare_loss_does_not_see_the_batch():
+    # no outputs, no count: 1 % of the quotient on batches of 64 and 256 alike
+    X, y = _breast_cancer()
+    X, y = torch.tensor(X), torch.tensor(y, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randperm(len(X), generator=gen)[:n] for n in (64, 64, 256, 32)]
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = HessianFree([w])
+    floors = []
+    for idx in batches:
+        opt.step(lambda idx=idx: F.binary_cross_entropy_with_logits(X[idx] @ w, y[idx]))
+        floors.append(opt.last_step.damping_floor)
+    assert floors[1] == floors[2] == floors[3] and floors[1] > 100 * floors[0]
+    assert "floor_cases0" not in opt._global_state()
+
+
 def _nielsen(lam: float, rho: float) -> float:
     """Nielsen's rule written out (Madsen, Nielsen & Tingleff 2004, §3.2), ν = 2."""
     return lam * max(1 / 3, 1 - (2 * rho - 1) ** 3) if rho > 0 else 2 * lam
