@@ -142,6 +142,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -388,9 +389,10 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             the tuned floor 30/b fell to 0.027, and ``HessianFree(params)`` ended 5.97x the
             tuned row's error; falling as :math:`b_0/b`, 2.34x (``experiments/README.md``,
             "lead, stop 50"). On a fixed batch, and with a bare-loss closure, it is 0.01. It
-            is 0 on a deterministic objective, so full-batch training runs bitwise as with 0 (no product
-            either: ``damping='auto'`` computes the quotient anyway). When the floor lifts (a
-            batch grown to the whole training set) :math:`\lambda` drops to the value the
+            is 0 on a deterministic objective, so full-batch training runs bitwise as with 0
+            (no product either: ``damping='auto'`` computes the quotient anyway). When the
+            floor lifts (a batch grown to the whole training set) :math:`\lambda` drops to the
+            value the
             Levenberg-Marquardt rule would have reached without it, from the same
             :math:`\rho`. 0: no floor. What it is for: on mini-batches CG with
             :math:`\lambda` at ``min_damping`` fits the step's own batch, so late in a run the
@@ -934,6 +936,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     "model.to_empty(device='cpu'), then initialize its weights) and build the "
                     "optimizer from its parameters."
                 )
+            self._check_damping_fits(i, j, p)
         reference = self.param_groups[0] if i > 0 else self.defaults
         for key in HFSettings.GROUP_KEYS:
             if key not in HFSettings.PER_GROUP and group[key] != reference[key]:
@@ -941,6 +944,24 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
                     f"`param_groups[{i}][{key!r}]` is {group[key]!r} but `{key}` is "
                     f"{reference[key]!r}; all groups form one quadratic model, so pass "
                     f"`{key}` to HessianFree instead of per group."
+                )
+
+    def _check_damping_fits(self, i: int, j: int, p: Tensor) -> None:
+        """Refuse a numeric ``min_damping`` or ``damping`` above ``p``'s dtype's largest finite
+        value: λ is at least the first from the first step (the second is λ there), and CG's
+        first product adds λv in the parameters' dtype, where torch raised a RuntimeError
+        ("value cannot be converted to type float without overflow") at the first step."""
+        if not p.is_floating_point():
+            return
+        largest = torch.finfo(p.dtype).max
+        for key in ("min_damping", "damping"):
+            value = getattr(self.settings, key)
+            if isinstance(value, numbers.Real) and math.isfinite(value) and value > largest:
+                raise ValueError(
+                    f"`{key}` = {value!r}: λ is at least it from the first step, and CG adds λv "
+                    f"in the parameters' {p.dtype} (`param_groups[{i}]['params'][{j}]`), "
+                    f"which holds at most {largest:.4g}; use a smaller {key} or float64 "
+                    "parameters."
                 )
 
     def state_dict(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from collections.abc import Callable
 
@@ -2896,3 +2897,23 @@ def test_fisher_curvature_warns_once_of_a_loss_it_cannot_read():
         warnings.simplefilter("error")
         HessianFree(model.parameters(), curvature=summed, precond=capture).step(closure)
     torch.testing.assert_close(seen["C"], G.T @ G, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "largest"),
+    [(torch.float32, 3.5e38, "3.403e+38"), (torch.float16, 1e5, "6.55e+04")],
+)
+def test_min_damping_beyond_the_parameters_dtype_is_refused_at_construction(dtype, value, largest):
+    # λ ≥ min_damping from the first step, and CG adds λv in the parameters' dtype: torch
+    # raised a RuntimeError there ("cannot be converted ... without overflow"); now the
+    # constructor names the value, the dtype and the parameter
+    w64 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(3, dtype=dtype, requires_grad=True)
+    pattern = rf"`min_damping` = {re.escape(repr(value))}.*{dtype}.*at most {re.escape(largest)}"
+    with pytest.raises(ValueError, match=pattern):
+        HessianFree([w], min_damping=value)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\]"):
+        HessianFree([{"params": [w64]}, {"params": [w]}], min_damping=value)
+    opt = HessianFree([w64], min_damping=value)  # float64 holds it
+    opt.step(lambda: (w64 - 1).pow(2).sum())
+    assert opt.last_step.damping >= value and torch.isfinite(w64).all()
