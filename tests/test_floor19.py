@@ -461,3 +461,21 @@ def test_floor19_resume_after_whole_steps_gives_no_note(tmp_path):
         warnings.simplefilter("error", ResumeWarning)
         resumed = Runner(cfg, tmp_path / "run", resume=True, progress=False, verbose=False)
         assert resumed.run().status is RunStatus.COMPLETED
+
+
+def test_resume_warnings_come_from_rank_0_only(tmp_path):
+    """Every rank restores the same checkpoint: under torchrun each used to print the same
+    ResumeWarning (floor19's "Noticed, left"); rank 0 speaks for the run, as it does for the
+    progress lines."""
+    import warnings
+
+    from hessfree.train.parallel import Group
+
+    cfg = parse_config(raw_config(tmp_path, [FLOORED]))
+    runner = Runner(cfg, tmp_path / "run", progress=False, verbose=False)
+    for rank, expected in ((0, 1), (1, 0)):
+        runner.group = Group(rank=rank, world_size=2)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            runner._warn_resume("checkpoint 'x' was written with other arithmetic")
+        assert [w.category for w in seen] == [ResumeWarning] * expected

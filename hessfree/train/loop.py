@@ -887,16 +887,20 @@ class Runner:
                     weights_step=ckpt.get("weights_step", t.st.step),
                 )
             if t.st.last_cut_step is not None and t.st.last_cut_step == t.st.step:
-                warnings.warn(
+                self._warn_resume(
                     f"{spec.label}'s step {t.st.step} was ended early (by budget.seconds or a "
                     "second signal: L-BFGS at an evaluation, HF between the steps of its call), "
                     "so it continues from that step's consistent state, but not bit-identically "
-                    f"to a run whose step {t.st.step} ran whole.",
-                    ResumeWarning,
-                    stacklevel=2,
+                    f"to a run whose step {t.st.step} ran whole."
                 )
         group.check_same(model.parameters())
         return t
+
+    def _warn_resume(self, message: str) -> None:
+        """A :class:`ResumeWarning`, from rank 0 only: rank 0 speaks for a data-parallel run
+        (each rank restores the same checkpoint, so each would say the same)."""
+        if self.group.rank == 0:
+            warnings.warn(message, ResumeWarning, stacklevel=3)
 
     def _restore(
         self,
@@ -918,12 +922,10 @@ class Runner:
             optimizer.load_state_dict(ckpt["optimizer"])
             if "precond" in optimizer.state_dict() and "precond" not in ckpt["optimizer"]:
                 # written before preconditioner states were saved: resumable, not identically
-                warnings.warn(
+                self._warn_resume(
                     f"checkpoint '{path}' holds no preconditioner state (written by an older "
                     f"version): {spec.label}'s preconditioner restarts from scratch, so the "
-                    "resumed run will not retrace the uninterrupted one.",
-                    ResumeWarning,
-                    stacklevel=2,
+                    "resumed run will not retrace the uninterrupted one."
                 )
             recorded = ckpt.get("arithmetic")  # checkpoints before 2026-12-04: none
             changed = [
@@ -932,12 +934,10 @@ class Runner:
                 if isinstance(recorded, dict) and recorded.get(key) != now
             ]
             if changed:
-                warnings.warn(
+                self._warn_resume(
                     f"checkpoint '{path}' was written with other arithmetic "
                     f"({', '.join(changed)}): {spec.label} resumes, but not bit-identically "
-                    "to an uninterrupted run (each of these can change the rounding).",
-                    ResumeWarning,
-                    stacklevel=2,
+                    "to an uninterrupted run (each of these can change the rounding)."
                 )
             torch.set_rng_state(ckpt["torch_rng"])
             data_gen.set_state(ckpt["data_rng"])
