@@ -1330,6 +1330,22 @@ def best_at(curve: list[tuple[float, float]], t: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- one task
+#: A regime's keys that set optimizer arguments (tuning), dropped for ``HessianFree(params)``:
+#: the tuned row's K-FAC, its settings while the batch is partial, and the per-step λ floors
+#: (``floor_cases``, ``relative_cases``; until stop 50 the defaults' CURVES row kept the tuned
+#: row's λ ≥ 30 / batch, below the relative floor that bound there, so without effect).
+TUNING_KEYS = ("kfac", "early_kw", "floor_cases", "relative_cases")
+
+
+def defaults_in(regime: dict) -> dict:
+    """``regime``'s batch schedule with ``HessianFree(params)``: no arguments.
+
+    >>> defaults_in(dict(batch=250, growth=1.003, floor_cases=30.0, kw=dict(cg_max_iter=2)))
+    {'batch': 250, 'growth': 1.003, 'kw': {}}
+    """
+    return {k: v for k, v in regime.items() if k not in TUNING_KEYS} | {"kw": {}}
+
+
 def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     dev = torch.device(args.device)
     task.model.to(dev)
@@ -1389,15 +1405,13 @@ def run_task(task: Task, args: argparse.Namespace, log: Callable[[str], None]) -
     # precond='auto' builds its own K-FAC from the parameters where the closure returns
     # (loss, outputs) (experiments/README.md, "kfacauto")
     regime = task.hf_default_regime or tuned
-    # (early_kw too: settings while the batch is below the full set are tuning, not defaults)
-    default_regime = {k: v for k, v in regime.items() if k not in ("kfac", "early_kw")}
-    default_regime |= {"kw": {}}
+    default_regime = defaults_in(regime)
     makers.append(("HF default", lambda tk: hf_run(tk, "HF default", "HF default", default_regime)))
     # where the tuned row is HessianFree(params) in the defaults' regime (swap when the sweep
     # picks 'defaults'; addition's both rows, addcfg), the two runs would be the same run twice:
     # one runs, and the 'HF tuned' row reads it (:func:`_tuned_reads_default`)
     tuned_is_default = tuned == default_regime
-    same_regime = {k: v for k, v in tuned.items() if k not in ("kfac", "early_kw")} | {"kw": {}}
+    same_regime = defaults_in(tuned)
     if same_regime != default_regime:
         # the defaults in the tuned HF's batch schedule too: no arguments against the tuned
         # settings, where the row above also compares schedules (which a closure, not the

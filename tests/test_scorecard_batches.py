@@ -580,3 +580,25 @@ def test_floor_cases_sets_lambdas_floor_to_c_over_each_steps_batch(key, group_ke
         b = max(sizes)  # the gradient batch (the curvature batch is a quarter of it)
         assert b == math.floor(20 * 1.5**k + 1e-9)
         assert opt.param_groups[0][group_key] == pytest.approx(6.0 / b, rel=1e-15)
+
+
+def test_the_defaults_row_drops_the_tuned_rows_floors_and_kfac():
+    # HessianFree(params) runs the tuned row's batch schedule with no arguments: until stop 50
+    # the CURVES defaults' row kept the tuned row's per-step floor_cases (λ ≥ 30 / batch)
+    tuned = dict(
+        batch=250, growth=1.003, curvature_batch=0.25, floor_cases=30.0, relative_cases=2.5,
+        kfac=dict(rank=32, refresh=2), early_kw=dict(cg_max_iter=2), kw=dict(min_damping=0.3),
+    )  # fmt: skip
+    assert scorecard.defaults_in(tuned) == dict(
+        batch=250, growth=1.003, curvature_batch=0.25, kw={}
+    )
+    task, model = _linear_task(400, 3, seed=4)
+    task.model, task.hidden = model, False
+    run = scorecard.hf_run(task, "HF default", "HF default", scorecard.defaults_in(tuned))
+    opt = {type(c.cell_contents).__name__: c.cell_contents for c in run.step.__closure__}[
+        "HessianFree"
+    ]
+    for _ in range(3):
+        run.step()
+        assert opt.param_groups[0]["min_damping"] == "auto"
+        assert opt.param_groups[0]["relative_min_damping"] == "auto"
