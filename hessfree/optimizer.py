@@ -392,8 +392,7 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             is 0 on a deterministic objective, so full-batch training runs bitwise as with 0
             (no product either: ``damping='auto'`` computes the quotient anyway). When the
             floor lifts (a batch grown to the whole training set) :math:`\lambda` drops to the
-            value the
-            Levenberg-Marquardt rule would have reached without it, from the same
+            value the Levenberg-Marquardt rule would have reached without it, from the same
             :math:`\rho`. 0: no floor. What it is for: on mini-batches CG with
             :math:`\lambda` at ``min_damping`` fits the step's own batch, so late in a run the
             loss on the training set stalls or rises; the floor keeps those steps short. On
@@ -954,11 +953,11 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
         if not p.is_floating_point():
             return
         largest = torch.finfo(p.dtype).max
-        for key in ("min_damping", "damping"):
+        for key, role in (("min_damping", "at least it from"), ("damping", "it at")):
             value = getattr(self.settings, key)
             if isinstance(value, numbers.Real) and math.isfinite(value) and value > largest:
                 raise ValueError(
-                    f"`{key}` = {value!r}: λ is at least it from the first step, and CG adds λv "
+                    f"`{key}` = {value!r}: λ is {role} the first step, and CG adds λv "
                     f"in the parameters' {p.dtype} (`param_groups[{i}]['params'][{j}]`), "
                     f"which holds at most {largest:.4g}; use a smaller {key} or float64 "
                     "parameters."

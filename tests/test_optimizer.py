@@ -2917,3 +2917,7 @@ def test_min_damping_beyond_the_parameters_dtype_is_refused_at_construction(dtyp
     opt = HessianFree([w64], min_damping=value)  # float64 holds it
     opt.step(lambda: (w64 - 1).pow(2).sum())
     assert opt.last_step.damping >= value and torch.isfinite(w64).all()
+    # a starting damping as large (max_damping raised so that the settings allow it)
+    pattern = rf"`damping` = {re.escape(repr(value))}: λ is it at the first step.*{dtype}"
+    with pytest.raises(ValueError, match=pattern):
+        HessianFree([w], damping=value, max_damping=math.inf)
