@@ -90,10 +90,12 @@ def grown(name: str) -> dict:
     around "geo.15-lam/b" = ``geo@1.0015/75``)."""
     if name.startswith("def@") and "/" in name:  # the defaults, growth G, relative floor C / b
         g, c = name[4:].split("/")
+        c, _, p = c.partition("^")  # def@G/C^p: the floor C / b × (250 / b)^(p − 1)
         # a fixed batch (G = 1) takes a fixed curvature batch: the scorecard's 62 of 250
         fixed = float(g) == 1.0
         reg = dict(batch=250, growth=float(g), curvature_batch=62 if fixed else 0.25, kw={})
-        return reg | (dict(relative_cases=float(c)) if c != "auto" else {})
+        power = dict(relative_power=float(p)) if p else {}
+        return reg | (dict(relative_cases=float(c)) | power if c != "auto" else {})
     if not name.startswith("geo@") or "/" not in name:
         raise SystemExit(f"unknown variant {name!r}: one of {sorted(variants())} or geo@G/C")
     g, c = name[4:].split("/")

@@ -774,7 +774,12 @@ def hf_run(task: Task, name: str, family: str, regime: dict) -> Run:
             if "floor_cases" in regime:  # λ's floor falls as the batch grows: c / batch
                 opt.param_groups[0]["min_damping"] = regime["floor_cases"] / len(xb)
             if "relative_cases" in regime:  # the relative floor falls so: c / batch (stop 49)
-                opt.param_groups[0]["relative_min_damping"] = regime["relative_cases"] / len(xb)
+                # (× (first batch / batch)^(p − 1) with ``relative_power`` p: stop 51's grid)
+                power = regime.get("relative_power", 1.0) - 1.0
+                first = regime["batch"] if isinstance(regime["batch"], int) else len(xb)
+                opt.param_groups[0]["relative_min_damping"] = (
+                    regime["relative_cases"] / len(xb) * (first / len(xb)) ** power
+                )
             c = min(_curvature_size(regime, len(xb), len(task.x), full_steps[0]), len(xb))
             curvature = None if c >= len(xb) else (lambda: forward(xb[:c], yb[:c]))
             if idx is None and curvature is not None and "full_curvature_batch" in regime:

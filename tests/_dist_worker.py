@@ -13,8 +13,9 @@ of the 64 examples), trained once with ``process_group=Averager(weight=shard siz
 and once, from the same start, with the plain mean over the ranks ("unweighted").
 ``growing``: a new batch each step whose size changes (24-64 of the 64 examples), split
 unevenly between the two ranks (rank 0's share changes too), with the default ``'auto'`` λ
-floor, which falls as b₀ / b with the global batch b; the single process takes the ranks' mean
-of their shard means on the whole batch. Every rank saves its floors (OUT_FILE.RANK).
+floor, which moves with the global batch b ((b₀ / b)^1.5 above b₀, b₀ / b below); the single
+process takes the ranks' mean of their shard means on the whole batch. Every rank saves its
+floors (OUT_FILE.RANK).
 ``separate``: each rank its own model (seed 1 + rank) on its shard; a step with the default
 group must refuse (the message is saved), then each rank trains alone in its own group from
 ``new_subgroups(group_size=1)``.

@@ -138,7 +138,8 @@ def test_ranks_weighted_by_shard_size_equal_the_union(tmp_path):
 
 
 def test_auto_floor_falls_with_the_global_batch_on_every_rank(tmp_path):
-    """The default λ floor ('auto', 1 % of the curvature scale × b₀ / b) on batches of 32,
+    """The default λ floor ('auto', 1 % of the curvature scale × (b₀ / b)^1.5 on a larger
+    batch b, × b₀ / b on a smaller one) on batches of 32,
     32, 48, 40, 64 and 24 cases split unevenly (5/27, 20/12, 10/38, ...): both ranks count
     the batch over the ranks, so they keep the same floor as one process on the whole batch
     and take its steps. With each rank's own count the floors differ by rank (rank 0's
@@ -149,7 +150,8 @@ def test_auto_floor_falls_with_the_global_batch_on_every_rank(tmp_path):
     # from step 1 (the objective is seen stochastic) b₀ = 32 and b is the whole batch
     assert single["cases"][1:] == [(32, b) for b in (32, 48, 40, 64, 24)]
     floors = np.array(single["floors"][1:])
-    np.testing.assert_allclose(floors * [32, 48, 40, 64, 24], floors[0] * 32, rtol=1e-12)
+    ratios = [(32 / b) ** (1.5 if b > 32 else 1.0) for b in (32, 48, 40, 64, 24)]
+    np.testing.assert_allclose(floors / ratios, floors[0], rtol=1e-12)
     for dp in ranks:
         assert dp["cases"] == single["cases"]
         np.testing.assert_allclose(dp["floors"], single["floors"], rtol=1e-9)
