@@ -1337,9 +1337,10 @@ def best_at(curve: list[tuple[float, float]], t: float) -> float:
 # ---------------------------------------------------------------------------------- one task
 #: A regime's keys that set optimizer arguments (tuning), dropped for ``HessianFree(params)``:
 #: the tuned row's K-FAC, its settings while the batch is partial, and the per-step λ floors
-#: (``floor_cases``, ``relative_cases``; until stop 50 the defaults' CURVES row kept the tuned
-#: row's λ ≥ 30 / batch, below the relative floor that bound there, so without effect).
-TUNING_KEYS = ("kfac", "early_kw", "floor_cases", "relative_cases")
+#: (``floor_cases``, ``relative_cases`` and its ``relative_power``; until stop 50 the defaults'
+#: CURVES row kept the tuned row's λ ≥ 30 / batch, below the relative floor that bound there,
+#: so without effect).
+TUNING_KEYS = ("kfac", "early_kw", "floor_cases", "relative_cases", "relative_power")
 
 
 def defaults_in(regime: dict) -> dict:

@@ -437,11 +437,12 @@ class _DampingControl:
         defaults' error at equal time was 5.97x the tuned row's (run33; "lead, stop 50").
         Falling as b₀ / b it was 2.35x. A smaller batch (an epoch's short last one) raises it
         so, as the noise does. A growing batch lowers it faster, (b₀ / b)^1.5: measured, not
-        derived. Along CURVES' run the one-batch noise ratio ‖g_b − g‖² / ‖g‖² stayed near
-        0.05-0.2 while the batch grew 9-fold, so the noise alone would keep the floor level;
-        yet every lower floor there was faster, λ sat on it throughout, and the step's own
-        batch kept ρ ≈ 0.8-0.9: with two CG iterations a step (the mini-batch default) the
-        steps fit little noise, and the floor's cost is the step length it takes. Falling as
+        derived. Along CURVES' best run the noise ratio ‖g_b − g‖² / ‖g‖² at the step's
+        batch stayed 0.03-0.36 while the batch grew 9-fold: the noise alone would keep the
+        floor level; yet every lower floor there was faster, λ sat on it throughout, and the
+        step's own batch kept ρ ≈ 0.8-0.9: with two CG iterations a step (the mini-batch
+        default) the steps fit little noise, and the floor's cost is the step length it
+        takes. Falling as
         (b₀ / b)^1.5 CURVES' defaults reached 1.15x the tuned row, as (b₀ / b)² 0.82x, but
         on MNIST-1D's batch growing 10 % a step the square was 1.6x slower to the first loss
         target (its λ entered the whole-batch steps low and they overshot), where 1.5 was

@@ -559,15 +559,22 @@ def test_transfer_test_grows_a_batch_that_its_steps_overfit_and_not_one_they_do_
 
 
 @pytest.mark.parametrize(
-    "key, group_key", [("floor_cases", "min_damping"), ("relative_cases", "relative_min_damping")]
+    "key, group_key, power",
+    [
+        ("floor_cases", "min_damping", 1.0),
+        ("relative_cases", "relative_min_damping", 1.0),
+        ("relative_cases", "relative_min_damping", 1.5),
+    ],
 )
-def test_floor_cases_sets_lambdas_floor_to_c_over_each_steps_batch(key, group_key):
+def test_floor_cases_sets_lambdas_floor_to_c_over_each_steps_batch(key, group_key, power):
     # closed form: the step on b cases runs with min_damping (or relative_min_damping) =
     # c / b, the batch growing geometrically (the seen batch sizes read off the forward
-    # pre-hook)
+    # pre-hook); with relative_power p the relative one is c / b × (20 / b)^(p − 1)
     task, model = _linear_task(400, 3, seed=4)
     task.model, task.hidden = model, False
     regime = dict(batch=20, growth=1.5, curvature_batch=0.25, kw={}) | {key: 6.0}
+    if power != 1.0:
+        regime["relative_power"] = power
     run = scorecard.hf_run(task, "floor", "HF", regime)
     cells = {type(c.cell_contents).__name__: c.cell_contents for c in run.step.__closure__}
     opt = cells["HessianFree"]
@@ -579,7 +586,8 @@ def test_floor_cases_sets_lambdas_floor_to_c_over_each_steps_batch(key, group_ke
         run.step()
         b = max(sizes)  # the gradient batch (the curvature batch is a quarter of it)
         assert b == math.floor(20 * 1.5**k + 1e-9)
-        assert opt.param_groups[0][group_key] == pytest.approx(6.0 / b, rel=1e-15)
+        expected = 6.0 / b * (20 / b) ** (power - 1.0)
+        assert opt.param_groups[0][group_key] == pytest.approx(expected, rel=1e-14)
 
 
 def test_the_defaults_row_drops_the_tuned_rows_floors_and_kfac():
@@ -587,7 +595,8 @@ def test_the_defaults_row_drops_the_tuned_rows_floors_and_kfac():
     # the CURVES defaults' row kept the tuned row's per-step floor_cases (λ ≥ 30 / batch)
     tuned = dict(
         batch=250, growth=1.003, curvature_batch=0.25, floor_cases=30.0, relative_cases=2.5,
-        kfac=dict(rank=32, refresh=2), early_kw=dict(cg_max_iter=2), kw=dict(min_damping=0.3),
+        relative_power=1.5, kfac=dict(rank=32, refresh=2), early_kw=dict(cg_max_iter=2),
+        kw=dict(min_damping=0.3),
     )  # fmt: skip
     assert scorecard.defaults_in(tuned) == dict(
         batch=250, growth=1.003, curvature_batch=0.25, kw={}
