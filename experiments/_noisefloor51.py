@@ -67,19 +67,28 @@ def one_batch_estimate(
     return float(u.square().sum()), float(g.square().sum())
 
 
+def _flag(name: str, default: int) -> int:
+    """``--name N`` from the command line, else ``default``."""
+    return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+def _runs(task: sc.Task, names: list[str]):
+    """Per row name (``_growth18.grown``): the name, its scorecard run, optimizer and batches."""
+    for name in names:
+        run = sc.hf_run(task, name, "HF", _growth18.grown(name))
+        cells = {type(c.cell_contents).__name__: c.cell_contents for c in run.step.__closure__}
+        print(f"# {name}", flush=True)
+        yield name, run, cells["HessianFree"], cells["_Batches"]
+
+
 def main() -> None:
     torch.set_num_threads(1)
     steps = int(sys.argv[1])
     names = sys.argv[2].split(",")
-    every = int(sys.argv[sys.argv.index("--every") + 1]) if "--every" in sys.argv else 50
-    draws = int(sys.argv[sys.argv.index("--draws") + 1]) if "--draws" in sys.argv else 8
+    every, draws = _flag("--every", 50), _flag("--draws", 8)
     task = sc.make_curves_task(False)
-    for name in names:
-        run = sc.hf_run(task, name, "HF", _growth18.grown(name))
-        cells = {type(c.cell_contents).__name__: c.cell_contents for c in run.step.__closure__}
-        opt, batches = cells["HessianFree"], cells["_Batches"]
+    for _name, run, opt, batches in _runs(task, names):
         gen = torch.Generator().manual_seed(3)
-        print(f"# {name}", flush=True)
         print(
             " step  batch  error   scale     λ      floor  trΣ/b‖g‖²  r̂_b(1 batch)  λ/(scale·r_b)"
         )
@@ -113,13 +122,9 @@ def transfer_main() -> None:
     torch.set_num_threads(1)
     steps = int(sys.argv[2])
     names = sys.argv[3].split(",")
-    every = int(sys.argv[sys.argv.index("--every") + 1]) if "--every" in sys.argv else 50
+    every = _flag("--every", 50)
     task = sc.make_curves_task(False)
-    for name in names:
-        run = sc.hf_run(task, name, "HF", _growth18.grown(name))
-        cells = {type(c.cell_contents).__name__: c.cell_contents for c in run.step.__closure__}
-        opt, batches = cells["HessianFree"], cells["_Batches"]
-        print(f"# {name}", flush=True)
+    for _name, run, opt, batches in _runs(task, names):
         print(" step  batch  error     λ      own-drop   gap     transfer  ρ-med  rejected")
         infos = []
         for k in range(1, steps + 1):
