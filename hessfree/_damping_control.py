@@ -442,12 +442,12 @@ class _DampingControl:
         floor level; yet every lower floor there was faster, λ sat on it throughout, and the
         step's own batch kept ρ ≈ 0.8-0.9: with two CG iterations a step (the mini-batch
         default) the steps fit little noise, and the floor's cost is the step length it
-        takes. Falling as
-        (b₀ / b)^1.5 CURVES' defaults reached 1.15x the tuned row, as (b₀ / b)² 0.82x, but
-        on MNIST-1D's batch growing 10 % a step the square was 1.6x slower to the first loss
-        target (its λ entered the whole-batch steps low and they overshot), where 1.5 was
-        even with b₀ / b ("lead, stop 51"). On a fixed batch b = b₀ and the floor is as
-        before, bitwise; a bare-loss closure (no outputs, so no count) keeps b₀ / b = 1.
+        takes. Falling as (b₀ / b)^1.5 CURVES' defaults reached 1.15x the tuned row, as
+        (b₀ / b)² 0.82x, but on MNIST-1D's batch growing 10 % a step the square was 1.6x
+        slower to the first loss target (its λ entered the whole-batch steps low and they
+        overshot), where 1.5 was even with b₀ / b ("lead, stop 51"). On a fixed batch b = b₀
+        and the floor is as before, bitwise; a bare-loss closure (no outputs, so no count)
+        keeps b₀ / b = 1.
         """
         if self.settings.relative_min_damping != "auto" or not self._auto_floor_on(state):
             return

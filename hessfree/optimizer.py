@@ -392,9 +392,9 @@ class HessianFree(_ClosureCalls, _PreconditionerChoice, _DampingControl, torch.o
             :math:`(b_0/b)^2` at 0.82x; on MNIST-1D's batch growing 10 % a step the square
             reached the first loss target 1.6x later than the others (its first whole-batch
             steps overshot) (``experiments/README.md``, "lead, stop 50", "lead, stop 51").
-            On a fixed batch, and with a bare-loss closure, it is 0.01. It
-            is 0 on a deterministic objective, so full-batch training runs bitwise as with 0
-            (no product either: ``damping='auto'`` computes the quotient anyway). When the
+            On a fixed batch, and with a bare-loss closure, it is 0.01. It is 0 on a
+            deterministic objective, so full-batch training runs bitwise as with 0 (no
+            product either: ``damping='auto'`` computes the quotient anyway). When the
             floor lifts (a batch grown to the whole training set) :math:`\lambda` drops to the
             value the Levenberg-Marquardt rule would have reached without it, from the same
             :math:`\rho`. 0: no floor. What it is for: on mini-batches CG with
